@@ -1,0 +1,178 @@
+//! Runs a real istiod-lite CA (gRPC over TLS on loopback) inside the test
+//! process, with a clock the test controls.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use istiod_lite::ca::auth::{BootstrapTokens, NodeAuthorizer, StaticNodeIdentities};
+use istiod_lite::ca::{CaService, CaSource, CertificateAuthority, ServingCert, serve};
+use tokio::sync::oneshot;
+use ztunnel::ca::{CaClientConfig, IstioCaClient};
+use ztunnel::clock::Clock;
+use ztunnel::identity::Identity;
+
+pub const TRUST_DOMAIN: &str = "cluster.local";
+pub const SERVER_NAME: &str = "istiod.istio-system.svc";
+
+/// Counts node checks: one per CSR that got that far.
+pub struct Counting<A> {
+    pub inner: A,
+    pub calls: AtomicUsize,
+}
+
+impl<A: NodeAuthorizer> NodeAuthorizer for Counting<A> {
+    fn workload_on_node(&self, node: &str, identity: &Identity) -> bool {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        self.inner.workload_on_node(node, identity)
+    }
+}
+
+/// A CA serving on loopback. Dropping it stops the server.
+pub struct TestCa {
+    pub addr: SocketAddr,
+    pub ca: Arc<CertificateAuthority>,
+    pub authz: Arc<Counting<StaticNodeIdentities>>,
+    pub tokens: Vec<(String, String)>,
+    stop: Option<oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+/// `node-a` runs `default/app` and `default/web`; `node-b` runs `other/db`.
+pub fn default_placement() -> Vec<(String, Vec<Identity>)> {
+    let id = |ns: &str, sa: &str| Identity::new(TRUST_DOMAIN, ns, sa).expect("valid identity");
+    vec![
+        (
+            "node-a".into(),
+            vec![id("default", "app"), id("default", "web")],
+        ),
+        ("node-b".into(), vec![id("other", "db")]),
+    ]
+}
+
+pub fn token_for(node: &str) -> String {
+    format!("bootstrap-token-for-{node}-0123456789")
+}
+
+impl TestCa {
+    /// Starts a CA with a self-signed root kept in `dir`.
+    pub async fn start(dir: &Path, clock: Arc<dyn Clock>) -> TestCa {
+        Self::start_with(
+            CaSource::SelfSigned {
+                dir: dir.join("ca"),
+            },
+            clock,
+            "127.0.0.1:0".parse().expect("addr"),
+        )
+        .await
+    }
+
+    pub async fn start_with(source: CaSource, clock: Arc<dyn Clock>, bind: SocketAddr) -> TestCa {
+        ztunnel::tls::install_default_provider();
+        let ca = Arc::new(
+            CertificateAuthority::load(&source, TRUST_DOMAIN, None, clock).expect("CA loads"),
+        );
+        Self::serve(ca, bind).await
+    }
+
+    pub async fn serve(ca: Arc<CertificateAuthority>, bind: SocketAddr) -> TestCa {
+        let tokens: Vec<(String, String)> = ["node-a", "node-b"]
+            .iter()
+            .map(|n| (n.to_string(), token_for(n)))
+            .collect();
+        let authn = Arc::new(BootstrapTokens::new(tokens.clone()).expect("tokens"));
+        let authz = Arc::new(Counting {
+            inner: StaticNodeIdentities::new(default_placement()),
+            calls: AtomicUsize::new(0),
+        });
+        let serving =
+            ServingCert::issue(&ca, &[SERVER_NAME.to_string()], &[]).expect("serving cert");
+        let listener = bind_retrying(bind).await;
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = oneshot::channel::<()>();
+        let router = serve(&serving)
+            .expect("tls config")
+            .add_service(CaService::new(ca.clone(), authn, authz.clone()).into_server());
+        let done = tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            let _ = router
+                .serve_with_incoming_shutdown(incoming, async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        TestCa {
+            addr,
+            ca,
+            authz,
+            tokens,
+            stop: Some(stop),
+            done: Some(done),
+        }
+    }
+
+    /// Stops serving and waits until the port is closed.
+    pub async fn stop(mut self) {
+        self.shutdown().await;
+    }
+
+    async fn shutdown(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(d) = self.done.take() {
+            // Open HTTP/2 connections are closed by aborting the server task.
+            d.abort();
+            let _ = d.await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("https://{}", self.addr)
+    }
+
+    /// A ztunnel-side client for `node`.
+    pub fn client(&self, node: &str) -> IstioCaClient {
+        IstioCaClient::new(self.client_config(Some(token_for(node)))).expect("client")
+    }
+
+    pub fn client_config(&self, token: Option<String>) -> CaClientConfig {
+        CaClientConfig {
+            address: self.url(),
+            ca_root_pem: self.ca.root_bundle_pem().to_string(),
+            server_name: SERVER_NAME.to_string(),
+            token,
+            validity: Duration::ZERO,
+            request_timeout: Duration::from_secs(5),
+        }
+    }
+
+    pub fn node_checks(&self) -> usize {
+        self.authz.calls.load(Ordering::SeqCst)
+    }
+}
+
+impl Drop for TestCa {
+    fn drop(&mut self) {
+        if let Some(d) = self.done.take() {
+            d.abort();
+        }
+    }
+}
+
+// Re-binding the port a stopped CA used can briefly fail; retry a little.
+async fn bind_retrying(addr: SocketAddr) -> tokio::net::TcpListener {
+    let mut last = None;
+    for _ in 0..50 {
+        match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => return l,
+            Err(e) => {
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+    panic!("cannot bind {addr}: {last:?}");
+}

@@ -1,0 +1,4 @@
+//! Test harnesses for the end-to-end suite: real processes, real sockets,
+//! real TLS. (The network-namespace lab lands here too.)
+
+pub mod ca;

@@ -1,0 +1,49 @@
+//! Generated wire types. Package paths mirror the protobuf packages, so
+//! `istio.workload.Workload` is `mesh_proto::istio::workload::Workload`.
+
+#![allow(clippy::all, missing_docs)]
+
+pub mod istio {
+    pub mod workload {
+        tonic::include_proto!("istio.workload");
+        pub mod zds {
+            tonic::include_proto!("istio.workload.zds");
+        }
+    }
+    pub mod security {
+        tonic::include_proto!("istio.security");
+    }
+    pub mod ca {
+        tonic::include_proto!("istio.v1.auth");
+    }
+}
+
+pub mod envoy {
+    pub mod config {
+        pub mod core {
+            pub mod v3 {
+                tonic::include_proto!("envoy.config.core.v3");
+            }
+        }
+    }
+    pub mod service {
+        pub mod discovery {
+            pub mod v3 {
+                tonic::include_proto!("envoy.service.discovery.v3");
+            }
+        }
+    }
+}
+
+pub mod google {
+    pub mod rpc {
+        tonic::include_proto!("google.rpc");
+    }
+}
+
+/// xDS type URL of `istio.workload.Address` resources.
+pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
+/// xDS type URL of `istio.security.Authorization` resources.
+pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// Metadata key in a CSR request naming the identity a node proxy asks for.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
