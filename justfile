@@ -10,6 +10,7 @@ default:
 test:
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
+    cargo build --workspace --bins --locked
     cargo test --workspace --locked
 
 # Run what the mesh can do so far, end to end, with real processes.

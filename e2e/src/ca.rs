@@ -70,21 +70,34 @@ impl TestCa {
     }
 
     pub async fn start_with(source: CaSource, clock: Arc<dyn Clock>, bind: SocketAddr) -> TestCa {
+        Self::start_placed(source, clock, bind, default_placement()).await
+    }
+
+    /// A CA whose node check allows `placement` (node -> identities).
+    pub async fn start_placed(
+        source: CaSource,
+        clock: Arc<dyn Clock>,
+        bind: SocketAddr,
+        placement: Vec<(String, Vec<Identity>)>,
+    ) -> TestCa {
         ztunnel::tls::install_default_provider();
         let ca = Arc::new(
             CertificateAuthority::load(&source, TRUST_DOMAIN, None, clock).expect("CA loads"),
         );
-        Self::serve(ca, bind).await
+        Self::serve(ca, bind, placement).await
     }
 
-    pub async fn serve(ca: Arc<CertificateAuthority>, bind: SocketAddr) -> TestCa {
-        let tokens: Vec<(String, String)> = ["node-a", "node-b"]
-            .iter()
-            .map(|n| (n.to_string(), token_for(n)))
-            .collect();
+    pub async fn serve(
+        ca: Arc<CertificateAuthority>,
+        bind: SocketAddr,
+        placement: Vec<(String, Vec<Identity>)>,
+    ) -> TestCa {
+        let nodes: Vec<String> = placement.iter().map(|(n, _)| n.clone()).collect();
+        let tokens: Vec<(String, String)> =
+            nodes.iter().map(|n| (n.clone(), token_for(n))).collect();
         let authn = Arc::new(BootstrapTokens::new(tokens.clone()).expect("tokens"));
         let authz = Arc::new(Counting {
-            inner: StaticNodeIdentities::new(default_placement()),
+            inner: StaticNodeIdentities::new(placement),
             calls: AtomicUsize::new(0),
         });
         let serving =

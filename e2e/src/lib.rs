@@ -2,3 +2,4 @@
 //! real TLS. (The network-namespace lab lands here too.)
 
 pub mod ca;
+pub mod mesh;

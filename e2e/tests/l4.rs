@@ -1,0 +1,440 @@
+//! The ztunnel L4 data path with real processes, real sockets and real TLS:
+//! client -> ztunnel A (outbound) -> HBONE -> ztunnel B (inbound) -> server.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use e2e::ca::TestCa;
+use e2e::mesh::{
+    Echo, Pod, Subnet, Svc, Ztunnel, ZtunnelSpec, ca_for, echo_roundtrip, eventually, state_yaml,
+};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    _ca: TestCa,
+    net: Subnet,
+    client: Pod,
+    server: Pod,
+    echo: Echo,
+    za: Ztunnel,
+    zb: Ztunnel,
+    /// The client's captured path to the server.
+    out: SocketAddr,
+}
+
+const APP_PORT: u16 = 8080;
+
+fn allow_only(principal: &str) -> String {
+    format!(
+        "- name: allow-one\n  namespace: default\n  scope: NAMESPACE\n  action: ALLOW\n  rules:\n  - clauses:\n    - matches:\n      - principals: [{{exact: {principal}}}]\n"
+    )
+}
+
+const STRICT: &str = "- name: strict\n  namespace: istio-system\n  scope: GLOBAL\n  action: DENY\n  rules:\n  - clauses:\n    - matches:\n      - not_principals: [{presence: {}}]\n";
+
+async fn mesh(policies: &str, extra_b: &str) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Subnet::unique();
+    let client = Pod::new("client", "default", "client", net.ip(1), "node-a");
+    let server = Pod::new("server", "default", "server", net.ip(2), "node-b");
+    let ca = ca_for(dir.path(), &[&client, &server]).await;
+    let echo = Echo::start(net.addr(2, APP_PORT)).await;
+    let state = state_yaml(&[&client, &server], &[], policies);
+    let out = net.addr(1, 15001);
+    let za = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec {
+            name: "za",
+            node: "node-a",
+            ip: net.ip(10),
+            inbound_ips: vec![client.ip],
+            outbound: vec![(out, client.uid.clone(), net.addr(2, APP_PORT))],
+            plaintext: vec![],
+            state_yaml: state.clone(),
+            extra: "",
+        },
+    )
+    .await;
+    let zb = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec {
+            name: "zb",
+            node: "node-b",
+            ip: net.ip(11),
+            inbound_ips: vec![server.ip],
+            outbound: vec![],
+            plaintext: vec![(net.addr(2, 15006), net.addr(2, APP_PORT))],
+            state_yaml: state,
+            extra: extra_b,
+        },
+    )
+    .await;
+    Mesh {
+        _dir: dir,
+        _ca: ca,
+        net,
+        client,
+        server,
+        echo,
+        za,
+        zb,
+        out,
+    }
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 31 % 251) as u8).collect()
+}
+
+fn metric_sum(text: &str, name: &str, must_contain: &[&str]) -> u64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && must_contain.iter().all(|s| l.contains(s)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+#[tokio::test]
+async fn bytes_cross_the_mesh_both_ways_with_half_close() {
+    let m = mesh("", "").await;
+    for size in [1usize, 64 * 1024, 100 * 1024 * 1024] {
+        let payload = pattern(size);
+        let back = tokio::time::timeout(Duration::from_secs(120), echo_roundtrip(m.out, &payload))
+            .await
+            .expect("in time")
+            .expect("round trip");
+        assert_eq!(back.len(), payload.len(), "size {size}");
+        assert!(back == payload, "bytes differ for size {size}");
+    }
+    // Both sides saw it as mutual TLS between the two identities.
+    let text = m.zb.metrics_text().await;
+    let src = format!("source_principal=\"{}\"", m.client.identity());
+    let dst = format!("destination_principal=\"{}\"", m.server.identity());
+    let sent = metric_sum(
+        &text,
+        "istio_tcp_sent_bytes_total",
+        &[&src, &dst, "reporter=\"destination\"", "mutual_tls"],
+    );
+    assert!(sent >= 100 * 1024 * 1024, "sent bytes metric {sent}");
+    let log = m.za.log_text();
+    assert!(
+        log.contains("connection complete") && log.contains("bytes_sent=104857600"),
+        "access log:\n{log}"
+    );
+}
+
+#[tokio::test]
+async fn concurrent_connections_share_a_few_pooled_connections() {
+    let m = mesh("", "").await;
+    let mut held = Vec::new();
+    let mut opens = Vec::new();
+    for _ in 0..200 {
+        let out = m.out;
+        opens.push(tokio::spawn(async move {
+            let mut s = TcpStream::connect(out).await.unwrap();
+            s.write_all(b"x").await.unwrap();
+            let mut b = [0u8; 1];
+            s.read_exact(&mut b).await.unwrap();
+            s
+        }));
+    }
+    for o in opens {
+        held.push(o.await.unwrap());
+    }
+    let dump = m.za.config_dump().await;
+    let pooled = dump["pool"]["connections"].as_u64().unwrap();
+    assert!(
+        (2..=4).contains(&pooled),
+        "200 streams over {pooled} HTTP/2 connections"
+    );
+    let inbound = m.zb.config_dump().await["connections"]
+        .as_array()
+        .unwrap()
+        .len();
+    assert_eq!(inbound, 200);
+    drop(held);
+}
+
+#[tokio::test]
+async fn a_vip_spreads_connections_over_its_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Subnet::unique();
+    let svc = Svc {
+        name: "echo".into(),
+        namespace: "default".into(),
+        vip: net.ip(100),
+        port: 80,
+        target_port: APP_PORT,
+    };
+    let client = Pod::new("client", "default", "client", net.ip(1), "node-a");
+    let mut s1 = Pod::new("echo-1", "default", "echo", net.ip(2), "node-b");
+    let mut s2 = Pod::new("echo-2", "default", "echo", net.ip(3), "node-b");
+    s1.services.push((svc.key(), 80, APP_PORT));
+    s2.services.push((svc.key(), 80, APP_PORT));
+    let ca = ca_for(dir.path(), &[&client, &s1, &s2]).await;
+    let (e1, e2) = (
+        Echo::start(net.addr(2, APP_PORT)).await,
+        Echo::start(net.addr(3, APP_PORT)).await,
+    );
+    let state = state_yaml(&[&client, &s1, &s2], &[&svc], "");
+    let out = net.addr(1, 15001);
+    let _za = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec {
+            name: "za",
+            node: "node-a",
+            ip: net.ip(10),
+            inbound_ips: vec![],
+            outbound: vec![(out, client.uid.clone(), SocketAddr::new(svc.vip, 80))],
+            plaintext: vec![],
+            state_yaml: state.clone(),
+            extra: "",
+        },
+    )
+    .await;
+    let _zb = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec {
+            name: "zb",
+            node: "node-b",
+            ip: net.ip(11),
+            inbound_ips: vec![s1.ip, s2.ip],
+            outbound: vec![],
+            plaintext: vec![],
+            state_yaml: state,
+            extra: "",
+        },
+    )
+    .await;
+    for _ in 0..20 {
+        assert_eq!(echo_roundtrip(out, b"hello").await.unwrap(), b"hello");
+    }
+    assert_eq!(
+        (e1.count(), e2.count()),
+        (10, 10),
+        "round robin over two endpoints"
+    );
+}
+
+#[tokio::test]
+async fn a_denied_source_is_closed_with_401_and_a_deny_flag() {
+    let m = mesh(&allow_only("cluster.local/ns/default/sa/someone-else"), "").await;
+    let r = echo_roundtrip(m.out, b"secret").await;
+    assert!(
+        r.map(|b| b.is_empty()).unwrap_or(true),
+        "denied connection got data back"
+    );
+    assert_eq!(m.echo.count(), 0, "the app never saw the connection");
+    eventually(
+        "DENY flag on both sides",
+        Duration::from_secs(5),
+        || async {
+            let b = m.zb.metrics_text().await;
+            let a = m.za.log_text();
+            metric_sum(
+                &b,
+                "istio_tcp_connections_opened_total",
+                &["response_flags=\"DENY\""],
+            ) >= 1
+                && a.contains("401 Unauthorized")
+        },
+    )
+    .await;
+    let log = m.zb.log_text();
+    assert!(
+        log.contains("denied: no ALLOW policy matched (default/allow-one)"),
+        "{log}"
+    );
+}
+
+#[tokio::test]
+async fn an_allowed_principal_passes_and_strict_refuses_plaintext() {
+    let m = mesh(&allow_only("cluster.local/ns/default/sa/client"), "").await;
+    assert_eq!(echo_roundtrip(m.out, b"ok").await.unwrap(), b"ok");
+
+    // Plaintext from outside the mesh: no identity, so the ALLOW does not match.
+    let plain = m.net.addr(2, 15006);
+    assert!(
+        echo_roundtrip(plain, b"x")
+            .await
+            .map(|b| b.is_empty())
+            .unwrap_or(true)
+    );
+
+    // Without policies plaintext passes; with STRICT it is refused.
+    m.zb.write_state(&state_yaml(&[&m.client, &m.server], &[], ""));
+    eventually("policy removed", Duration::from_secs(5), || async {
+        echo_roundtrip(plain, b"plain")
+            .await
+            .map(|b| b == b"plain")
+            .unwrap_or(false)
+    })
+    .await;
+    m.zb.write_state(&state_yaml(&[&m.client, &m.server], &[], STRICT));
+    eventually("STRICT applied", Duration::from_secs(5), || async {
+        echo_roundtrip(plain, b"plain")
+            .await
+            .map(|b| b.is_empty())
+            .unwrap_or(true)
+    })
+    .await;
+    // mTLS traffic still passes under STRICT.
+    assert_eq!(echo_roundtrip(m.out, b"mtls").await.unwrap(), b"mtls");
+}
+
+#[tokio::test]
+async fn a_policy_change_closes_connections_it_now_denies() {
+    let m = mesh("", "").await;
+    let mut s = TcpStream::connect(m.out).await.unwrap();
+    s.write_all(b"1").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+
+    let deny = "- name: deny-client\n  namespace: default\n  scope: NAMESPACE\n  action: DENY\n  rules:\n  - clauses:\n    - matches:\n      - principals: [{suffix: /sa/client}]\n";
+    m.zb.write_state(&state_yaml(&[&m.client, &m.server], &[], deny));
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "connection stayed open: {n:?}");
+    eventually("revocation recorded", Duration::from_secs(5), || async {
+        m.zb.log_text()
+            .contains("now denied by DENY policy default/deny-client")
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn an_unknown_destination_passes_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Subnet::unique();
+    let client = Pod::new("client", "default", "client", net.ip(1), "node-a");
+    let ca = ca_for(dir.path(), &[&client]).await;
+    let outside = Echo::start(net.addr(50, 9000)).await;
+    let out = net.addr(1, 15001);
+    let za = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec {
+            name: "za",
+            node: "node-a",
+            ip: net.ip(10),
+            inbound_ips: vec![],
+            outbound: vec![(out, client.uid.clone(), outside.addr)],
+            plaintext: vec![],
+            state_yaml: state_yaml(&[&client], &[], ""),
+            extra: "",
+        },
+    )
+    .await;
+    assert_eq!(echo_roundtrip(out, b"out").await.unwrap(), b"out");
+    let text = za.metrics_text().await;
+    assert!(
+        metric_sum(
+            &text,
+            "istio_tcp_connections_opened_total",
+            &["connection_security_policy=\"unknown\""]
+        ) >= 1
+    );
+}
+
+#[tokio::test]
+async fn a_peer_with_the_wrong_identity_is_refused() {
+    let m = mesh("", "").await;
+    // ztunnel A now believes the server runs as another service account.
+    let mut impostor = m.server.clone();
+    impostor.service_account = "payments".into();
+    m.za.write_state(&state_yaml(&[&m.client, &impostor], &[], ""));
+    eventually("handshake refused", Duration::from_secs(5), || async {
+        echo_roundtrip(m.out, b"x")
+            .await
+            .map(|b| b.is_empty())
+            .unwrap_or(true)
+            && m.za.log_text().contains("is not one of the expected")
+    })
+    .await;
+    // From then on nothing reaches the app.
+    let before = m.echo.count();
+    assert!(
+        echo_roundtrip(m.out, b"y")
+            .await
+            .map(|b| b.is_empty())
+            .unwrap_or(true)
+    );
+    assert_eq!(m.echo.count(), before);
+}
+
+#[tokio::test]
+async fn killing_the_server_ztunnel_fails_only_its_streams() {
+    let mut m = mesh("", "").await;
+    // A long transfer in flight.
+    let out = m.out;
+    let long = tokio::spawn(async move {
+        let mut s = TcpStream::connect(out).await?;
+        let chunk = vec![7u8; 64 * 1024];
+        let mut buf = vec![0u8; 64 * 1024];
+        for _ in 0..100_000 {
+            s.write_all(&chunk).await?;
+            let n = s.read(&mut buf).await?;
+            if n == 0 {
+                return Err(std::io::Error::other("closed"));
+            }
+        }
+        Ok::<_, std::io::Error>(())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    m.zb.kill();
+    let r = tokio::time::timeout(Duration::from_secs(30), long)
+        .await
+        .expect("the stream fails promptly");
+    assert!(
+        r.unwrap().is_err(),
+        "the transfer should fail when its ztunnel dies"
+    );
+
+    m.zb.spawn().await;
+    eventually(
+        "new connections succeed",
+        Duration::from_secs(10),
+        || async {
+            echo_roundtrip(out, b"again")
+                .await
+                .map(|b| b == b"again")
+                .unwrap_or(false)
+        },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn sigterm_drains_then_exits_zero() {
+    let mut m = mesh("", "drain_timeout: 2s\n").await;
+    let mut s = TcpStream::connect(m.out).await.unwrap();
+    s.write_all(b"a").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+
+    m.zb.sigterm();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The established connection keeps working during the drain...
+    s.write_all(b"b").await.unwrap();
+    s.read_exact(&mut b).await.unwrap();
+    assert_eq!(&b, b"b");
+    // ...new ones are not accepted...
+    assert!(TcpStream::connect(m.net.addr(2, 15008)).await.is_err());
+    // ...and past the deadline the rest is closed and the process exits 0.
+    let status =
+        m.zb.wait_exit(Duration::from_secs(10))
+            .await
+            .expect("exited");
+    assert!(status.success(), "{status}");
+    let n = s.read(&mut [0u8; 4]).await;
+    assert!(matches!(n, Ok(0) | Err(_)));
+    let log = m.zb.log_text();
+    assert!(log.contains("drain deadline passed"), "{log}");
+}

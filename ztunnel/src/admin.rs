@@ -1,0 +1,150 @@
+//! The ztunnel's own HTTP endpoints: admin (`/config_dump`, localhost only),
+//! Prometheus metrics, and readiness.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, warn};
+
+use crate::proxy::Proxy;
+
+/// What must be true before the proxy reports ready.
+pub trait Readiness: Send + Sync + 'static {
+    /// `Err` names what is still missing.
+    fn check(&self) -> Result<(), String>;
+}
+
+fn respond(
+    status: StatusCode,
+    content_type: &str,
+    body: impl Into<Bytes>,
+) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(body.into()));
+    *r.status_mut() = status;
+    if let Ok(v) = content_type.parse() {
+        r.headers_mut().insert(header::CONTENT_TYPE, v);
+    }
+    r
+}
+
+/// Process facts for leak checks: live tokio tasks and open descriptors.
+pub fn process_stats() -> serde_json::Value {
+    let tasks = tokio::runtime::Handle::try_current()
+        .map(|h| h.metrics().num_alive_tasks())
+        .unwrap_or(0);
+    let fds = std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0);
+    json!({ "tasks": tasks, "open_fds": fds })
+}
+
+pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
+    let snap = proxy.state.snapshot();
+    let dump = snap.dump();
+    json!({
+        "node": proxy.cfg.node,
+        "workloads": dump.workloads,
+        "services": dump.services,
+        "policies": dump.policies,
+        "certificates": proxy.certs.status(),
+        "roots": proxy.certs.root_status(),
+        "connections": proxy.conns.list(),
+        "pool": { "connections": proxy.pool.connection_count() },
+        "process": process_stats(),
+    })
+}
+
+async fn serve<F>(listener: TcpListener, stop: CancellationToken, handler: F)
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let handler = Arc::new(handler);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            _ = stop.cancelled() => return,
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => { warn!(error = %e, "admin accept failed"); continue; }
+            },
+        };
+        let handler = handler.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let handler = handler.clone();
+                async move { Ok::<_, Infallible>(handler(&req)) }
+            });
+            if let Err(e) = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await
+            {
+                debug!(%peer, error = %e, "admin connection error");
+            }
+        });
+    }
+}
+
+/// Binds and serves the three endpoints; returns their bound addresses.
+pub async fn start(
+    proxy: Arc<Proxy>,
+    readiness: Arc<dyn Readiness>,
+    stop: CancellationToken,
+) -> std::io::Result<(SocketAddr, SocketAddr, SocketAddr)> {
+    let admin = TcpListener::bind(proxy.cfg.admin_addr).await?;
+    let metrics = TcpListener::bind(proxy.cfg.metrics_addr).await?;
+    let ready = TcpListener::bind(proxy.cfg.readiness_addr).await?;
+    let addrs = (
+        admin.local_addr()?,
+        metrics.local_addr()?,
+        ready.local_addr()?,
+    );
+
+    let p = proxy.clone();
+    tokio::spawn(serve(admin, stop.clone(), move |req| {
+        match req.uri().path() {
+            "/config_dump" => respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&config_dump(&p)).unwrap_or_default(),
+            ),
+            "/debug/process" => respond(
+                StatusCode::OK,
+                "application/json",
+                process_stats().to_string(),
+            ),
+            _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /config_dump\n"),
+        }
+    }));
+    let p = proxy.clone();
+    tokio::spawn(serve(metrics, stop.clone(), move |req| {
+        match req.uri().path() {
+            "/metrics" | "/stats/prometheus" => respond(
+                StatusCode::OK,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                p.metrics.encode(),
+            ),
+            _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /metrics\n"),
+        }
+    }));
+    tokio::spawn(serve(ready, stop, move |req| match req.uri().path() {
+        "/healthz/ready" => match readiness.check() {
+            Ok(()) => respond(StatusCode::OK, "text/plain", "ready\n"),
+            Err(why) => respond(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "text/plain",
+                format!("not ready: {why}\n"),
+            ),
+        },
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /healthz/ready\n"),
+    }));
+    Ok(addrs)
+}

@@ -1,0 +1,242 @@
+//! Wiring: config -> state source -> certificates -> proxy -> listeners ->
+//! admin endpoints, and the drain on SIGTERM.
+
+use std::collections::BTreeSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::admin::{self, Readiness};
+use crate::ca::{CaClientConfig, IstioCaClient};
+use crate::certs::{Backoff, CertState, CertificateManager};
+use crate::clock::SystemClock;
+use crate::config::{Config, HBONE_PORT};
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
+use crate::state::{LocalConfig, ProxyState};
+use crate::tls::TrustRoots;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{what}: {reason}")]
+    Start { what: String, reason: String },
+}
+
+fn start_err(what: impl Into<String>, reason: impl ToString) -> AppError {
+    AppError::Start {
+        what: what.into(),
+        reason: reason.to_string(),
+    }
+}
+
+struct Ready {
+    proxy: Arc<Proxy>,
+}
+
+impl Ready {
+    /// Identities of the workloads this proxy serves.
+    fn local_identities(&self) -> BTreeSet<Identity> {
+        let snap = self.proxy.state.snapshot();
+        let l = &self.proxy.cfg.listeners;
+        l.inbound_ips
+            .iter()
+            .filter_map(|ip| snap.workload_by_ip(&self.proxy.cfg.network, *ip))
+            .chain(l.outbound.iter().filter_map(|o| snap.workload(&o.source)))
+            .map(|w| w.identity.clone())
+            .collect()
+    }
+}
+
+impl Readiness for Ready {
+    fn check(&self) -> Result<(), String> {
+        if !self.proxy.state.has_config() {
+            return Err("no config yet".into());
+        }
+        let missing: Vec<String> = self
+            .proxy
+            .certs
+            .status()
+            .into_iter()
+            .filter(|s| s.state != CertState::Available)
+            .map(|s| format!("{} ({:?})", s.identity, s.state))
+            .collect();
+        let wanted = self.local_identities();
+        let have: BTreeSet<Identity> = self
+            .proxy
+            .certs
+            .status()
+            .into_iter()
+            .map(|s| s.identity)
+            .collect();
+        let unknown: Vec<String> = wanted.difference(&have).map(|i| i.to_string()).collect();
+        if missing.is_empty() && unknown.is_empty() {
+            Ok(())
+        } else {
+            Err(format!(
+                "certificates pending: {}",
+                [missing, unknown].concat().join(", ")
+            ))
+        }
+    }
+}
+
+/// A running ztunnel.
+pub struct App {
+    pub proxy: Arc<Proxy>,
+    pub admin_addr: std::net::SocketAddr,
+    pub metrics_addr: std::net::SocketAddr,
+    pub readiness_addr: std::net::SocketAddr,
+    stop_admin: CancellationToken,
+}
+
+fn load_state(cfg: &Config, state: &ProxyState) -> Result<(), AppError> {
+    let Some(path) = &cfg.state.local_file else {
+        return Ok(());
+    };
+    let local = LocalConfig::load(path).map_err(|e| start_err("local state", e))?;
+    let updates = local
+        .to_updates(&cfg.trust_domain, &path.display().to_string())
+        .map_err(|e| start_err("local state", e))?;
+    state.replace(updates);
+    Ok(())
+}
+
+/// Re-reads the local state file when it changes; a bad edit is reported and
+/// the last good state stays in force.
+async fn watch_local_file(cfg: Arc<Config>, state: ProxyState, stop: CancellationToken) {
+    let Some(path) = &cfg.state.local_file else {
+        return;
+    };
+    let mtime = |p: &std::path::Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
+    let mut last: Option<SystemTime> = mtime(path);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = tokio::time::sleep(Duration::from_millis(250)) => {}
+        }
+        let now = mtime(path);
+        if now != last {
+            last = now;
+            match load_state(&cfg, &state) {
+                Ok(()) => info!(path = %path.display(), "local state reloaded"),
+                Err(e) => {
+                    warn!(error = %e, "local state not reloaded; keeping the last good state")
+                }
+            }
+        }
+    }
+}
+
+impl App {
+    pub async fn start(cfg: Config) -> Result<App, AppError> {
+        crate::tls::install_default_provider();
+        let cfg = Arc::new(cfg);
+        let state = ProxyState::default();
+        load_state(&cfg, &state)?;
+
+        let root = std::fs::read_to_string(&cfg.ca.root_cert)
+            .map_err(|e| start_err(format!("CA root {}", cfg.ca.root_cert.display()), e))?;
+        let token = match &cfg.ca.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| start_err(format!("token {}", p.display()), e))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let ca = IstioCaClient::new(CaClientConfig {
+            address: cfg.ca.address.clone(),
+            ca_root_pem: root,
+            server_name: cfg.ca.server_name.clone(),
+            token,
+            validity: cfg.ca.validity,
+            request_timeout: Duration::from_secs(10),
+        })
+        .map_err(|e| start_err("CA client", e))?;
+        let certs = CertificateManager::new(
+            Arc::new(ca),
+            Arc::new(SystemClock),
+            TrustRoots::empty(),
+            Backoff::default(),
+        );
+        let metrics = Arc::new(Metrics::default());
+        let proxy = Proxy::new(cfg.clone(), state.clone(), certs.clone(), metrics);
+
+        let ready = Arc::new(Ready {
+            proxy: proxy.clone(),
+        });
+        for id in ready.local_identities() {
+            certs.prefetch(&id);
+        }
+        let stop_admin = CancellationToken::new();
+        tokio::spawn(watch_local_file(cfg.clone(), state, stop_admin.clone()));
+
+        for ip in &cfg.listeners.inbound_ips {
+            let addr = std::net::SocketAddr::new(*ip, HBONE_PORT);
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|e| start_err(format!("bind {addr}"), e))?;
+            info!(%addr, "serving HBONE");
+            tokio::spawn(inbound::serve(proxy.clone(), l));
+        }
+        for o in &cfg.listeners.outbound {
+            let l = TcpListener::bind(o.bind)
+                .await
+                .map_err(|e| start_err(format!("bind {}", o.bind), e))?;
+            info!(addr = %o.bind, source = o.source, "serving outbound");
+            tokio::spawn(outbound::serve(
+                proxy.clone(),
+                l,
+                o.source.clone(),
+                o.target,
+            ));
+        }
+        for p in &cfg.listeners.inbound_plaintext {
+            let l = TcpListener::bind(p.bind)
+                .await
+                .map_err(|e| start_err(format!("bind {}", p.bind), e))?;
+            info!(addr = %p.bind, "serving inbound plaintext");
+            tokio::spawn(inbound_plain::serve(proxy.clone(), l, p.target));
+        }
+        let (admin_addr, metrics_addr, readiness_addr) =
+            admin::start(proxy.clone(), ready, stop_admin.clone())
+                .await
+                .map_err(|e| start_err("admin endpoints", e))?;
+        info!(%admin_addr, %metrics_addr, %readiness_addr, "ztunnel started");
+        Ok(App {
+            proxy,
+            admin_addr,
+            metrics_addr,
+            readiness_addr,
+            stop_admin,
+        })
+    }
+
+    /// Stops accepting, drains open connections up to the configured
+    /// deadline, closes the rest.
+    pub async fn shutdown(self) {
+        self.proxy.drain(self.proxy.cfg.drain_timeout).await;
+        self.stop_admin.cancel();
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then drains.
+pub async fn run(cfg: Config) -> Result<(), AppError> {
+    let app = App::start(cfg).await?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| start_err("SIGTERM handler", e))?;
+    tokio::select! {
+        _ = term.recv() => info!("SIGTERM"),
+        r = tokio::signal::ctrl_c() => {
+            if let Err(e) = r { error!(error = %e, "signal handler failed"); }
+            info!("SIGINT");
+        }
+    }
+    app.shutdown().await;
+    Ok(())
+}

@@ -1,0 +1,37 @@
+//! The ztunnel binary.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Per-node L4 mesh proxy: HBONE over mTLS, L4 policy, telemetry"
+)]
+struct Args {
+    /// YAML configuration file.
+    #[arg(long, short, env = "ZTUNNEL_CONFIG")]
+    config: PathBuf,
+}
+
+#[tokio::main]
+async fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+    let args = Args::parse();
+    let cfg = match ztunnel::config::Config::load(&args.config) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!("{e}");
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = ztunnel::app::run(cfg).await {
+        tracing::error!("{e}");
+        std::process::exit(1);
+    }
+}

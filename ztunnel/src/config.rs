@@ -1,0 +1,269 @@
+//! The ztunnel's configuration: one typed struct, every default in one place.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Ports of the proxy itself; traffic addressed to them is never proxied.
+pub const OUTBOUND_PORT: u16 = 15001;
+pub const INBOUND_PLAINTEXT_PORT: u16 = 15006;
+pub const HBONE_PORT: u16 = 15008;
+pub const DNS_PORT: u16 = 15053;
+pub const ADMIN_PORT: u16 = 15000;
+pub const METRICS_PORT: u16 = 15020;
+pub const READINESS_PORT: u16 = 15021;
+pub const PROXY_PORTS: [u16; 7] = [
+    OUTBOUND_PORT,
+    INBOUND_PLAINTEXT_PORT,
+    HBONE_PORT,
+    DNS_PORT,
+    ADMIN_PORT,
+    METRICS_PORT,
+    READINESS_PORT,
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("{path}: {reason}")]
+    Parse { path: String, reason: String },
+    #[error("config: {0}")]
+    Invalid(String),
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The node this ztunnel serves.
+    pub node: String,
+    #[serde(default)]
+    pub network: String,
+    #[serde(default = "d::trust_domain")]
+    pub trust_domain: String,
+    /// Policies of scope GLOBAL live here.
+    #[serde(default = "d::root_namespace")]
+    pub root_namespace: String,
+    pub ca: CaConfig,
+    pub state: StateSource,
+    #[serde(default)]
+    pub listeners: Listeners,
+    #[serde(default = "d::admin")]
+    pub admin_addr: SocketAddr,
+    #[serde(default = "d::metrics")]
+    pub metrics_addr: SocketAddr,
+    #[serde(default = "d::readiness")]
+    pub readiness_addr: SocketAddr,
+    /// Mark on the proxy's own upstream sockets so redirect rules skip them.
+    #[serde(default)]
+    pub socket_mark: Option<u32>,
+    #[serde(default = "d::drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    #[serde(default = "d::connect", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "d::handshake", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub h2: H2Config,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CaConfig {
+    /// e.g. https://istiod.istio-system.svc:15012
+    pub address: String,
+    /// PEM root(s) that sign the CA's serving certificate.
+    pub root_cert: PathBuf,
+    #[serde(default = "d::ca_name")]
+    pub server_name: String,
+    /// File holding this node's bootstrap token.
+    pub token_file: Option<PathBuf>,
+    #[serde(default = "d::validity", with = "humantime_serde")]
+    pub validity: Duration,
+}
+
+/// Where workloads, services and policies come from.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StateSource {
+    /// A YAML file of workloads, services and policies, re-read on change.
+    pub local_file: Option<PathBuf>,
+}
+
+/// Where the proxy listens, outside node mode (where listeners open inside
+/// each pod's network namespace instead).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Listeners {
+    /// Workload IPs to serve HBONE (15008) on.
+    #[serde(default)]
+    pub inbound_ips: Vec<IpAddr>,
+    #[serde(default)]
+    pub outbound: Vec<OutboundListener>,
+    #[serde(default)]
+    pub inbound_plaintext: Vec<PlaintextListener>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutboundListener {
+    pub bind: SocketAddr,
+    /// uid of the workload whose traffic this listener captures.
+    pub source: String,
+    /// Fixed destination; when absent the original destination of the
+    /// redirected connection (SO_ORIGINAL_DST) is used.
+    pub target: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PlaintextListener {
+    pub bind: SocketAddr,
+    /// Fixed destination; when absent SO_ORIGINAL_DST.
+    pub target: Option<SocketAddr>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Streams per pooled HTTP/2 connection before another is opened.
+    #[serde(default = "d::max_streams")]
+    pub max_streams: usize,
+    #[serde(default = "d::idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            max_streams: d::max_streams(),
+            idle_timeout: d::idle(),
+        }
+    }
+}
+
+/// HTTP/2 settings of HBONE connections.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct H2Config {
+    #[serde(default = "d::stream_window")]
+    pub stream_window: u32,
+    #[serde(default = "d::conn_window")]
+    pub connection_window: u32,
+    #[serde(default = "d::frame_size")]
+    pub max_frame_size: u32,
+    #[serde(default = "d::keepalive", with = "humantime_serde")]
+    pub keepalive_interval: Duration,
+    #[serde(default = "d::keepalive_timeout", with = "humantime_serde")]
+    pub keepalive_timeout: Duration,
+    #[serde(default = "d::header_list")]
+    pub max_header_list_size: u32,
+}
+
+impl Default for H2Config {
+    fn default() -> Self {
+        H2Config {
+            stream_window: d::stream_window(),
+            connection_window: d::conn_window(),
+            max_frame_size: d::frame_size(),
+            keepalive_interval: d::keepalive(),
+            keepalive_timeout: d::keepalive_timeout(),
+            max_header_list_size: d::header_list(),
+        }
+    }
+}
+
+/// Defaults.
+mod d {
+    use super::*;
+    pub fn trust_domain() -> String {
+        "cluster.local".into()
+    }
+    pub fn root_namespace() -> String {
+        "istio-system".into()
+    }
+    pub fn ca_name() -> String {
+        "istiod.istio-system.svc".into()
+    }
+    pub fn validity() -> Duration {
+        Duration::from_secs(24 * 3600)
+    }
+    pub fn admin() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], ADMIN_PORT))
+    }
+    pub fn metrics() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], METRICS_PORT))
+    }
+    pub fn readiness() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], READINESS_PORT))
+    }
+    pub fn drain() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn connect() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn handshake() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn max_streams() -> usize {
+        100
+    }
+    pub fn idle() -> Duration {
+        Duration::from_secs(60)
+    }
+    // The public defaults: 4 MiB per stream, 16 MiB per connection.
+    pub fn stream_window() -> u32 {
+        4 * 1024 * 1024
+    }
+    pub fn conn_window() -> u32 {
+        16 * 1024 * 1024
+    }
+    pub fn frame_size() -> u32 {
+        1024 * 1024
+    }
+    pub fn keepalive() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn keepalive_timeout() -> Duration {
+        Duration::from_secs(20)
+    }
+    pub fn header_list() -> u32 {
+        16 * 1024
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let p = path.display().to_string();
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+            path: p.clone(),
+            reason: e.to_string(),
+        })?;
+        let cfg: Config = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: p,
+            reason: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node.is_empty() {
+            return Err(ConfigError::Invalid("node is required".into()));
+        }
+        if self.state.local_file.is_none() {
+            return Err(ConfigError::Invalid("state: give local_file".into()));
+        }
+        if self.pool.max_streams == 0 {
+            return Err(ConfigError::Invalid(
+                "pool.max_streams must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,55 @@
+//! Bidirectional copy with half-close, byte counting and buffers that grow
+//! with the flow: small for chatty connections, large for bulk.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+
+const START: usize = 16 * 1024;
+const MAX: usize = 256 * 1024;
+
+/// Bytes moved so far, readable while the copy runs.
+#[derive(Debug, Default)]
+pub struct Counters {
+    /// Client -> destination.
+    pub sent: AtomicU64,
+    /// Destination -> client.
+    pub received: AtomicU64,
+}
+
+async fn one_way<R, W>(mut r: R, mut w: W, count: &AtomicU64) -> std::io::Result<()>
+where
+    R: AsyncRead + Unpin,
+    W: AsyncWrite + Unpin,
+{
+    let mut buf = vec![0u8; START];
+    loop {
+        let n = r.read(&mut buf).await?;
+        if n == 0 {
+            // Half-close: the other side sees EOF, and may keep sending.
+            w.shutdown().await?;
+            return Ok(());
+        }
+        w.write_all(&buf[..n]).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        if n == buf.len() && buf.len() < MAX {
+            buf.resize(buf.len() * 2, 0);
+        }
+    }
+}
+
+/// Copies both ways until both directions have finished. An error in either
+/// direction ends both (dropping the streams resets them, so a reset on one
+/// side is seen on the other).
+pub async fn bidirectional<A, B>(a: A, b: B, counters: Arc<Counters>) -> std::io::Result<()>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    let (ar, aw) = tokio::io::split(a);
+    let (br, bw) = tokio::io::split(b);
+    let up = one_way(ar, bw, &counters.sent);
+    let down = one_way(br, aw, &counters.received);
+    tokio::try_join!(up, down).map(|_| ())
+}

@@ -1,0 +1,283 @@
+//! Inbound HBONE (15008): terminate mutual TLS as the destination workload,
+//! and for each CONNECT stream check the request and the policy, dial the
+//! app, then answer 200 and copy.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use bytes::Bytes;
+use http::{Request, Response, StatusCode};
+use http_body_util::Empty;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tracing::{debug, info, warn};
+
+use super::conns::{ConnInfo, Direction, Protocol};
+use super::copy::Counters;
+use super::outbound::run_copy;
+use super::{Finished, Proxy, socket};
+use crate::hbone::{self, FORWARDED};
+use crate::identity::Identity;
+use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
+use crate::state::policy::{self, Connection, Decision};
+use crate::state::{Snapshot, Workload};
+use crate::tls::{handshake_failure, peer_identity};
+
+/// Evaluates the destination's policies for a connection. The one decision
+/// function: inbound HBONE, inbound plaintext and policy revocation use it.
+pub fn authorize(
+    snap: &Snapshot,
+    root_namespace: &str,
+    dst: &Workload,
+    src_identity: Option<&Identity>,
+    src_ip: IpAddr,
+    target: SocketAddr,
+) -> Decision {
+    let policies = snap.policies_for(dst, root_namespace);
+    policy::evaluate(
+        policies.iter().map(|p| p.as_ref()),
+        &Connection {
+            src_identity,
+            src_ip,
+            dst_ip: target.ip(),
+            dst_port: target.port(),
+        },
+    )
+}
+
+/// Serves HBONE for the workload(s) at `listener`'s address.
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
+    loop {
+        let accepted = tokio::select! {
+            _ = proxy.draining.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((tcp, peer)) => {
+                tokio::spawn(handle_connection(proxy.clone(), tcp, peer));
+            }
+            Err(e) => warn!(error = %e, "HBONE accept failed"),
+        }
+    }
+}
+
+async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
+    let local = match tcp.local_addr() {
+        Ok(a) => a,
+        Err(e) => return warn!(%peer, error = %e, "no local address"),
+    };
+    let _ = tcp.set_nodelay(true);
+    // The certificate is chosen by destination IP: there is no SNI.
+    let Some(dst) = proxy
+        .state
+        .snapshot()
+        .workload_by_ip(&proxy.cfg.network, local.ip())
+        .cloned()
+    else {
+        return warn!(%peer, %local, "HBONE connection to an address with no workload; closing");
+    };
+    let accepted = tokio::time::timeout(proxy.cfg.handshake_timeout, async {
+        let cfg = proxy
+            .server_config(&dst.identity)
+            .await
+            .map_err(|e| e.to_string())?;
+        TlsAcceptor::from(cfg)
+            .accept(tcp)
+            .await
+            .map_err(|e| handshake_failure(&e))
+    })
+    .await;
+    let tls = match accepted {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(reason)) => return info!(%peer, %local, %reason, "HBONE handshake refused"),
+        Err(_) => {
+            return info!(%peer, %local, timeout = ?proxy.cfg.handshake_timeout, "HBONE handshake timed out");
+        }
+    };
+    let Some(src_identity) = peer_identity(tls.get_ref().1) else {
+        return warn!(%peer, "HBONE peer has no identity after handshake; closing");
+    };
+    debug!(%peer, %local, identity = %src_identity, "HBONE connection");
+    let svc = {
+        let proxy = proxy.clone();
+        let dst = dst.clone();
+        let src_identity = src_identity.clone();
+        service_fn(move |req| {
+            let proxy = proxy.clone();
+            let dst = dst.clone();
+            let src_identity = src_identity.clone();
+            async move {
+                Ok::<_, std::convert::Infallible>(
+                    handle_stream(proxy, req, peer, dst, src_identity).await,
+                )
+            }
+        })
+    };
+    let max_streams = u32::try_from(proxy.cfg.pool.max_streams).unwrap_or(u32::MAX);
+    let conn =
+        hbone::server_builder(&proxy.cfg.h2, max_streams).serve_connection(TokioIo::new(tls), svc);
+    tokio::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        _ = proxy.draining.cancelled() => {
+            // GOAWAY: no new streams; open ones finish.
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    };
+    if let Err(e) = result {
+        debug!(%peer, error = %e, "HBONE connection ended with an error");
+    }
+}
+
+fn reply(status: StatusCode) -> Response<Empty<Bytes>> {
+    let mut r = Response::new(Empty::new());
+    *r.status_mut() = status;
+    r
+}
+
+async fn handle_stream(
+    proxy: Arc<Proxy>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    dst: Arc<Workload>,
+    src_identity: Identity,
+) -> Response<Empty<Bytes>> {
+    let target = match hbone::parse_connect(&req) {
+        Ok(t) => t,
+        Err(e) => {
+            info!(%peer, identity = %src_identity, reason = %e, "HBONE request refused (400)");
+            return reply(StatusCode::BAD_REQUEST);
+        }
+    };
+    if !dst.addresses.contains(&target.ip()) {
+        info!(%peer, %target, workload = %dst.uid, "HBONE target is not the connection's destination workload (400)");
+        return reply(StatusCode::BAD_REQUEST);
+    }
+    let snap = proxy.state.snapshot();
+    let src_wl = snap.workload_by_ip(&proxy.cfg.network, peer.ip()).cloned();
+    let decision = authorize(
+        &snap,
+        &proxy.cfg.root_namespace,
+        &dst,
+        Some(&src_identity),
+        peer.ip(),
+        target,
+    );
+    drop(snap);
+    let counters = Arc::new(Counters::default());
+    let forwarded = req
+        .headers()
+        .get(FORWARDED)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let labels = TcpLabels::new(
+        Reporter::destination,
+        src_wl.as_deref(),
+        Some(&src_identity),
+        Some(&dst),
+        Some(&dst.identity),
+        None,
+        true,
+    );
+    let tracked = proxy.conns.track(ConnInfo {
+        direction: Direction::Inbound,
+        protocol: Protocol::Hbone,
+        src: peer,
+        dst: target,
+        hbone_peer: None,
+        src_identity: Some(src_identity.clone()),
+        dst_identity: Some(dst.identity.clone()),
+        src_workload: src_wl.as_ref().map(|w| w.name.clone()),
+        dst_workload: Some(dst.name.clone()),
+        local_uid: Some(dst.uid.clone()),
+        started: SystemTime::now(),
+        counters: counters.clone(),
+        close_reason: Default::default(),
+    });
+    if !decision.is_allowed() {
+        info!(%peer, %target, identity = %src_identity, %decision, forwarded = forwarded.as_deref().unwrap_or("-"), "HBONE connection denied (401)");
+        proxy.record(Finished {
+            labels,
+            info: &tracked.info,
+            flags: ResponseFlags::Deny,
+            error: Some(decision.to_string()),
+        });
+        return reply(hbone::status_for_denied());
+    }
+    // Dial first, then answer: 200 means the app accepted the connection.
+    let upstream = match socket::dial(
+        target,
+        None,
+        proxy.cfg.socket_mark,
+        proxy.cfg.connect_timeout,
+    )
+    .await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            info!(%peer, %target, error = %e, "upstream dial failed (503)");
+            proxy.record(Finished {
+                labels,
+                info: &tracked.info,
+                flags: ResponseFlags::Connect,
+                error: Some(format!("connect to {target}: {e}")),
+            });
+            return reply(hbone::status_for_dial_failure());
+        }
+    };
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(async move {
+        proxy.metrics.active_connections.inc();
+        let result = match on_upgrade.await {
+            Ok(up) => run_copy(&tracked.cancel, TokioIo::new(up), upstream, counters).await,
+            Err(e) => Err((ResponseFlags::None, format!("upgrade failed: {e}"))),
+        };
+        proxy.metrics.active_connections.dec();
+        let revoked = tracked.info.close_reason.get().cloned();
+        let (flags, error) = match (result, revoked) {
+            (Ok(()), _) => (ResponseFlags::None, None),
+            (Err(_), Some(reason)) if reason.contains("denied") => {
+                (ResponseFlags::Deny, Some(reason))
+            }
+            (Err((f, e)), _) => (f, Some(e)),
+        };
+        proxy.record(Finished {
+            labels,
+            info: &tracked.info,
+            flags,
+            error,
+        });
+    });
+    reply(StatusCode::OK)
+}
+
+/// Closes open inbound connections that a policy change now denies.
+pub async fn revoke_on_policy_change(proxy: Arc<Proxy>) {
+    let mut rx = proxy.state.subscribe_policies();
+    while rx.changed().await.is_ok() {
+        let snap = proxy.state.snapshot();
+        let n = proxy.conns.cancel_where(|c| {
+            if c.direction == Direction::Outbound {
+                return None;
+            }
+            let dst = snap.workload(c.local_uid.as_deref()?)?;
+            let d = authorize(
+                &snap,
+                &proxy.cfg.root_namespace,
+                dst,
+                c.src_identity.as_ref(),
+                c.src.ip(),
+                c.dst,
+            );
+            (!d.is_allowed()).then(|| format!("now {d}"))
+        });
+        if n > 0 {
+            info!(closed = n, "policy change closed connections it now denies");
+        }
+    }
+}

@@ -1,0 +1,127 @@
+//! Inbound plaintext (15006): connections from peers outside the mesh. They
+//! carry no identity, so policy sees none (STRICT mTLS denies them).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{info, warn};
+
+use super::conns::{ConnInfo, Direction, Protocol};
+use super::copy::Counters;
+use super::inbound::authorize;
+use super::outbound::run_copy;
+use super::{Finished, Proxy, socket};
+use crate::config::PROXY_PORTS;
+use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
+
+pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, fixed_target: Option<SocketAddr>) {
+    loop {
+        let accepted = tokio::select! {
+            _ = proxy.draining.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "plaintext accept failed");
+                continue;
+            }
+        };
+        let target = match fixed_target {
+            Some(t) => Ok(t),
+            None => socket::original_dst(&tcp),
+        };
+        let proxy = proxy.clone();
+        tokio::spawn(async move {
+            match target {
+                Ok(t) => handle(proxy, tcp, peer, t).await,
+                Err(e) => warn!(%peer, error = %e, "no original destination; closing"),
+            }
+        });
+    }
+}
+
+async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, target: SocketAddr) {
+    let _ = tcp.set_nodelay(true);
+    if PROXY_PORTS.contains(&target.port()) {
+        return info!(%peer, %target, "plaintext connection to a proxy port refused");
+    }
+    let snap = proxy.state.snapshot();
+    let Some(dst) = snap
+        .workload_by_ip(&proxy.cfg.network, target.ip())
+        .cloned()
+    else {
+        return warn!(%peer, %target, "plaintext connection to an address with no workload; closing");
+    };
+    let src_wl = snap.workload_by_ip(&proxy.cfg.network, peer.ip()).cloned();
+    let decision = authorize(
+        &snap,
+        &proxy.cfg.root_namespace,
+        &dst,
+        None,
+        peer.ip(),
+        target,
+    );
+    drop(snap);
+    let counters = Arc::new(Counters::default());
+    let labels = TcpLabels::new(
+        Reporter::destination,
+        src_wl.as_deref(),
+        None,
+        Some(&dst),
+        Some(&dst.identity),
+        None,
+        false,
+    );
+    let tracked = proxy.conns.track(ConnInfo {
+        direction: Direction::InboundPlaintext,
+        protocol: Protocol::Tcp,
+        src: peer,
+        dst: target,
+        hbone_peer: None,
+        src_identity: None,
+        dst_identity: Some(dst.identity.clone()),
+        src_workload: src_wl.as_ref().map(|w| w.name.clone()),
+        dst_workload: Some(dst.name.clone()),
+        local_uid: Some(dst.uid.clone()),
+        started: SystemTime::now(),
+        counters: counters.clone(),
+        close_reason: Default::default(),
+    });
+    if !decision.is_allowed() {
+        info!(%peer, %target, %decision, "plaintext connection denied");
+        return proxy.record(Finished {
+            labels,
+            info: &tracked.info,
+            flags: ResponseFlags::Deny,
+            error: Some(decision.to_string()),
+        });
+    }
+    proxy.metrics.active_connections.inc();
+    let result = match socket::dial(
+        target,
+        None,
+        proxy.cfg.socket_mark,
+        proxy.cfg.connect_timeout,
+    )
+    .await
+    {
+        Ok(up) => run_copy(&tracked.cancel, tcp, up, counters).await,
+        Err(e) => Err((ResponseFlags::Connect, format!("connect to {target}: {e}"))),
+    };
+    proxy.metrics.active_connections.dec();
+    let revoked = tracked.info.close_reason.get().cloned();
+    let (flags, error) = match (result, revoked) {
+        (Ok(()), _) => (ResponseFlags::None, None),
+        (Err(_), Some(reason)) if reason.contains("denied") => (ResponseFlags::Deny, Some(reason)),
+        (Err((f, e)), _) => (f, Some(e)),
+    };
+    proxy.record(Finished {
+        labels,
+        info: &tracked.info,
+        flags,
+        error,
+    });
+}

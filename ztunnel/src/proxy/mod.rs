@@ -1,0 +1,176 @@
+//! The data path. One [`Proxy`] holds what every connection needs; the
+//! listeners in `outbound`, `inbound` and `inbound_plain` run on it.
+//!
+//! app -> outbound (15001) -> route -> HBONE pool -> peer inbound (15008)
+//! -> L4 policy -> dial the app. Plaintext peers enter at 15006.
+
+pub mod conns;
+pub mod copy;
+pub mod inbound;
+pub mod inbound_plain;
+pub mod outbound;
+pub mod pool;
+pub mod socket;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use rustls::ServerConfig;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+
+use crate::certs::{CertError, CertificateManager};
+use crate::config::Config;
+use crate::identity::Identity;
+use crate::metrics::{Metrics, ResponseFlags, TcpLabels};
+use crate::state::ProxyState;
+use crate::tls::{TlsError, server_config};
+use conns::Registry;
+use pool::{Pool, PoolSettings};
+
+/// Shared by every listener and connection.
+pub struct Proxy {
+    pub cfg: Arc<Config>,
+    pub state: ProxyState,
+    pub certs: CertificateManager,
+    pub pool: Pool,
+    pub metrics: Arc<Metrics>,
+    pub conns: Registry,
+    /// Cancelled when the proxy stops accepting (drain).
+    pub draining: CancellationToken,
+    server_configs: Mutex<HashMap<Identity, (String, Arc<ServerConfig>)>>,
+}
+
+impl Proxy {
+    pub fn new(
+        cfg: Arc<Config>,
+        state: ProxyState,
+        certs: CertificateManager,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let pool = Pool::new(
+            certs.clone(),
+            PoolSettings {
+                h2: cfg.h2.clone(),
+                cfg: cfg.pool.clone(),
+                connect_timeout: cfg.connect_timeout,
+                handshake_timeout: cfg.handshake_timeout,
+                mark: cfg.socket_mark,
+            },
+            metrics.clone(),
+        );
+        let proxy = Arc::new(Proxy {
+            cfg,
+            state,
+            certs,
+            pool,
+            metrics,
+            conns: Registry::default(),
+            draining: CancellationToken::new(),
+            server_configs: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(inbound::revoke_on_policy_change(proxy.clone()));
+        proxy
+    }
+
+    /// The TLS server config presenting `identity`'s current certificate,
+    /// rebuilt only when the certificate changes.
+    pub async fn server_config(
+        &self,
+        identity: &Identity,
+    ) -> Result<Arc<ServerConfig>, ProxyError> {
+        let cert = self.certs.fetch(identity).await?;
+        let mut cache = self
+            .server_configs
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((serial, cfg)) = cache.get(identity)
+            && serial == cert.serial()
+        {
+            return Ok(cfg.clone());
+        }
+        let cfg = Arc::new(server_config(&cert, self.certs.roots().clone())?);
+        cache.insert(identity.clone(), (cert.serial().to_string(), cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// Stops accepting, waits up to `deadline` for open connections to
+    /// finish, then closes what is left.
+    pub async fn drain(&self, deadline: Duration) {
+        self.draining.cancel();
+        let open = self.conns.len();
+        info!(open, ?deadline, "draining");
+        if tokio::time::timeout(deadline, self.conns.wait_empty())
+            .await
+            .is_err()
+        {
+            info!(
+                left = self.conns.len(),
+                "drain deadline passed; closing the rest"
+            );
+            self.conns.cancel_all();
+            let _ = tokio::time::timeout(Duration::from_secs(1), self.conns.wait_empty()).await;
+        }
+        info!("drained");
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Records a finished connection: metrics and one access-log line.
+pub struct Finished<'a> {
+    pub labels: TcpLabels,
+    pub info: &'a conns::ConnInfo,
+    pub flags: ResponseFlags,
+    pub error: Option<String>,
+}
+
+impl Proxy {
+    pub fn record(&self, f: Finished<'_>) {
+        use std::sync::atomic::Ordering;
+        let mut labels = f.labels;
+        labels.response_flags = f.flags;
+        let sent = f.info.counters.sent.load(Ordering::Relaxed);
+        let received = f.info.counters.received.load(Ordering::Relaxed);
+        self.metrics.opened.get_or_create(&labels).inc();
+        self.metrics.closed.get_or_create(&labels).inc();
+        self.metrics.sent.get_or_create(&labels).inc_by(sent);
+        self.metrics
+            .received
+            .get_or_create(&labels)
+            .inc_by(received);
+        let duration = SystemTime::now()
+            .duration_since(f.info.started)
+            .unwrap_or_default();
+        let ident = |i: &Option<Identity>| {
+            i.as_ref()
+                .map(|i| i.to_string())
+                .unwrap_or_else(|| "-".into())
+        };
+        info!(
+            target: "access",
+            direction = ?f.info.direction,
+            protocol = ?f.info.protocol,
+            src.addr = %f.info.src,
+            src.workload = f.info.src_workload.as_deref().unwrap_or("-"),
+            src.identity = %ident(&f.info.src_identity),
+            dst.addr = %f.info.dst,
+            dst.hbone = %f.info.hbone_peer.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            dst.workload = f.info.dst_workload.as_deref().unwrap_or("-"),
+            dst.identity = %ident(&f.info.dst_identity),
+            bytes_sent = sent,
+            bytes_received = received,
+            duration_ms = duration.as_millis() as u64,
+            response_flags = f.flags.as_str(),
+            error = f.error.as_deref().unwrap_or("-"),
+            "connection complete"
+        );
+    }
+}

@@ -1,0 +1,372 @@
+//! Outbound: a captured connection from a local workload, routed to its
+//! destination over HBONE, directly, or passed through.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use serde::Serialize;
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
+
+use super::conns::{ConnInfo, Direction, Protocol};
+use super::copy::{self, Counters};
+use super::pool::PoolKey;
+use super::{Finished, Proxy, socket};
+use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::hbone::{ConnectHeaders, new_traceparent};
+use crate::identity::Identity;
+use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
+use crate::state::{GatewayDestination, ServiceEntry, Snapshot, TunnelProtocol, Workload};
+
+/// Where a connection goes.
+#[derive(Debug, Clone, Serialize)]
+pub enum Route {
+    /// Through an HBONE tunnel to `next_hop` (the destination pod, or a
+    /// waypoint), asking it for `target`.
+    Hbone {
+        next_hop: SocketAddr,
+        target: SocketAddr,
+        peer_identity: Identity,
+        dst_workload: Arc<Workload>,
+        via_waypoint: bool,
+        service: Option<String>,
+    },
+    /// Plain TCP to a known workload that is not in the mesh.
+    Direct {
+        addr: SocketAddr,
+        dst_workload: Arc<Workload>,
+        service: Option<String>,
+    },
+    /// Not a known address: plain TCP to the original destination.
+    Passthrough { addr: SocketAddr },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+pub enum RouteError {
+    #[error("destination port {0} is one of the proxy's own ports")]
+    ProxyPort(u16),
+    #[error("service {0} has no healthy endpoints")]
+    NoHealthyEndpoints(String),
+    #[error("waypoint {0} is not a known workload")]
+    UnknownWaypoint(String),
+}
+
+fn waypoint_route(
+    snap: &Snapshot,
+    src: &Workload,
+    wp: &crate::state::GatewayAddress,
+    target: SocketAddr,
+    service: Option<String>,
+) -> Option<Result<Route, RouteError>> {
+    let GatewayDestination::Address { network, ip } = &wp.destination else {
+        return Some(Err(RouteError::UnknownWaypoint(format!(
+            "{:?}",
+            wp.destination
+        ))));
+    };
+    // Traffic from the waypoint itself goes on to the destination.
+    if src.addresses.contains(ip) {
+        return None;
+    }
+    let Some(w) = snap.workload_by_ip(network, *ip) else {
+        return Some(Err(RouteError::UnknownWaypoint(ip.to_string())));
+    };
+    Some(Ok(Route::Hbone {
+        next_hop: SocketAddr::new(*ip, wp.hbone_port),
+        target,
+        peer_identity: w.identity.clone(),
+        dst_workload: w.clone(),
+        via_waypoint: true,
+        service,
+    }))
+}
+
+fn to_workload(w: Arc<Workload>, target: SocketAddr, service: Option<String>) -> Route {
+    match w.protocol {
+        TunnelProtocol::Hbone => Route::Hbone {
+            next_hop: SocketAddr::new(target.ip(), HBONE_PORT),
+            target,
+            peer_identity: w.identity.clone(),
+            dst_workload: w,
+            via_waypoint: false,
+            service,
+        },
+        TunnelProtocol::None => Route::Direct {
+            addr: target,
+            dst_workload: w,
+            service,
+        },
+    }
+}
+
+fn target_port(svc: &ServiceEntry, ep: &Workload, port: u16) -> u16 {
+    let key = svc.service.key();
+    ep.services
+        .get(&key)
+        .and_then(|ports| ports.iter().find(|p| p.service_port == port))
+        .or_else(|| svc.service.ports.iter().find(|p| p.service_port == port))
+        .map(|p| {
+            if p.target_port == 0 {
+                port
+            } else {
+                p.target_port
+            }
+        })
+        .unwrap_or(port)
+}
+
+/// Decides where a connection from `src` to `dst` goes.
+pub fn resolve(
+    snap: &Snapshot,
+    network: &str,
+    src: &Workload,
+    dst: SocketAddr,
+) -> Result<Route, RouteError> {
+    if let Some(svc) = snap.service_by_vip(network, dst.ip()) {
+        let key = svc.service.key();
+        if let Some(wp) = &svc.service.waypoint
+            && let Some(r) = waypoint_route(snap, src, wp, dst, Some(key.clone()))
+        {
+            return r;
+        }
+        let ep = snap
+            .pick_endpoint(svc)
+            .ok_or_else(|| RouteError::NoHealthyEndpoints(key.clone()))?;
+        let ip = ep
+            .addresses
+            .first()
+            .copied()
+            .ok_or_else(|| RouteError::NoHealthyEndpoints(key.clone()))?;
+        let target = SocketAddr::new(ip, target_port(svc, &ep, dst.port()));
+        return Ok(to_workload(ep, target, Some(key)));
+    }
+    if let Some(w) = snap.workload_by_ip(network, dst.ip()) {
+        if w.protocol == TunnelProtocol::Hbone
+            && [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&dst.port())
+        {
+            return Err(RouteError::ProxyPort(dst.port()));
+        }
+        if let Some(wp) = &w.waypoint
+            && let Some(r) = waypoint_route(snap, src, wp, dst, None)
+        {
+            return r;
+        }
+        return Ok(to_workload(w.clone(), dst, None));
+    }
+    Ok(Route::Passthrough { addr: dst })
+}
+
+/// W3C baggage describing the source, as Istio's peers expect.
+pub fn baggage(w: &Workload) -> String {
+    format!(
+        "k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+        w.namespace,
+        w.name,
+        if w.canonical_name.is_empty() {
+            &w.name
+        } else {
+            &w.canonical_name
+        },
+        if w.canonical_revision.is_empty() {
+            "latest"
+        } else {
+            &w.canonical_revision
+        }
+    )
+}
+
+/// Serves one outbound listener for the workload `source_uid`.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    source_uid: String,
+    fixed_target: Option<SocketAddr>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = proxy.draining.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                warn!(error = %e, "outbound accept failed");
+                continue;
+            }
+        };
+        let dst = match fixed_target {
+            Some(t) => Ok(t),
+            None => socket::original_dst(&tcp),
+        };
+        let proxy = proxy.clone();
+        let uid = source_uid.clone();
+        tokio::spawn(async move {
+            match dst {
+                Ok(dst) => handle(proxy, tcp, peer, dst, &uid).await,
+                Err(e) => warn!(%peer, error = %e, "no original destination; closing"),
+            }
+        });
+    }
+}
+
+async fn handle(
+    proxy: Arc<Proxy>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    dst: SocketAddr,
+    source_uid: &str,
+) {
+    let _ = tcp.set_nodelay(true);
+    let snap = proxy.state.snapshot();
+    let Some(src) = snap.workload(source_uid).cloned() else {
+        warn!(%peer, %dst, source = source_uid, "source workload unknown; closing");
+        return;
+    };
+    let route = resolve(&snap, &proxy.cfg.network, &src, dst);
+    drop(snap);
+    let counters = Arc::new(Counters::default());
+    let (protocol, hbone_peer, dst_identity, dst_workload, service) = match &route {
+        Ok(Route::Hbone {
+            next_hop,
+            peer_identity,
+            dst_workload,
+            service,
+            ..
+        }) => (
+            Protocol::Hbone,
+            Some(*next_hop),
+            Some(peer_identity.clone()),
+            Some(dst_workload.clone()),
+            service.clone(),
+        ),
+        Ok(Route::Direct {
+            dst_workload,
+            service,
+            ..
+        }) => (
+            Protocol::Tcp,
+            None,
+            None,
+            Some(dst_workload.clone()),
+            service.clone(),
+        ),
+        _ => (Protocol::Tcp, None, None, None, None),
+    };
+    let final_dst = match &route {
+        Ok(Route::Hbone { target, .. }) => *target,
+        Ok(Route::Direct { addr, .. }) | Ok(Route::Passthrough { addr }) => *addr,
+        Err(_) => dst,
+    };
+    let svc_parts = service.as_ref().and_then(|k| {
+        let (ns, host) = k.split_once('/')?;
+        Some((
+            host.to_string(),
+            ns.to_string(),
+            host.split('.').next().unwrap_or(host).to_string(),
+        ))
+    });
+    let labels = TcpLabels::new(
+        Reporter::source,
+        Some(&src),
+        Some(&src.identity),
+        dst_workload.as_deref(),
+        dst_identity.as_ref(),
+        svc_parts
+            .as_ref()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
+        protocol == Protocol::Hbone,
+    );
+    let tracked = proxy.conns.track(ConnInfo {
+        direction: Direction::Outbound,
+        protocol,
+        src: peer,
+        dst: final_dst,
+        hbone_peer,
+        src_identity: Some(src.identity.clone()),
+        dst_identity: dst_identity.clone(),
+        src_workload: Some(src.name.clone()),
+        dst_workload: dst_workload.as_ref().map(|w| w.name.clone()),
+        local_uid: Some(src.uid.clone()),
+        started: SystemTime::now(),
+        counters: counters.clone(),
+        close_reason: Default::default(),
+    });
+    proxy.metrics.active_connections.inc();
+    let src_ip = src.addresses.first().copied();
+    let result: Result<(), (ResponseFlags, String)> = async {
+        let route = route.map_err(|e| match e {
+            RouteError::NoHealthyEndpoints(_) => (ResponseFlags::NoHealthyUpstream, e.to_string()),
+            _ => (ResponseFlags::Connect, e.to_string()),
+        })?;
+        match route {
+            Route::Hbone {
+                next_hop,
+                target,
+                peer_identity,
+                ..
+            } => {
+                let key = PoolKey {
+                    src: src.identity.clone(),
+                    src_ip,
+                    dst: peer_identity,
+                    next_hop,
+                };
+                let headers = ConnectHeaders {
+                    baggage: Some(baggage(&src)),
+                    forwarded_for: Some(peer),
+                    traceparent: Some(new_traceparent()),
+                };
+                let (stream, _guard) = proxy
+                    .pool
+                    .connect(&key, target, &headers)
+                    .await
+                    .map_err(|e| (ResponseFlags::Connect, e.to_string()))?;
+                run_copy(&tracked.cancel, tcp, stream, counters.clone()).await
+            }
+            Route::Direct { addr, .. } | Route::Passthrough { addr } => {
+                let up = socket::dial(
+                    addr,
+                    src_ip,
+                    proxy.cfg.socket_mark,
+                    proxy.cfg.connect_timeout,
+                )
+                .await
+                .map_err(|e| (ResponseFlags::Connect, format!("connect to {addr}: {e}")))?;
+                run_copy(&tracked.cancel, tcp, up, counters.clone()).await
+            }
+        }
+    }
+    .await;
+    proxy.metrics.active_connections.dec();
+    let (flags, error) = match result {
+        Ok(()) => (ResponseFlags::None, None),
+        Err((f, e)) => {
+            debug!(%peer, %dst, error = %e, "outbound connection failed");
+            (f, Some(e))
+        }
+    };
+    proxy.record(Finished {
+        labels,
+        info: &tracked.info,
+        flags,
+        error,
+    });
+}
+
+/// Copies until done or cancelled (policy revocation, drain deadline).
+pub async fn run_copy<A, B>(
+    cancel: &tokio_util::sync::CancellationToken,
+    a: A,
+    b: B,
+    counters: Arc<Counters>,
+) -> Result<(), (ResponseFlags, String)>
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    tokio::select! {
+        r = copy::bidirectional(a, b, counters) => r.map_err(|e| (ResponseFlags::None, e.to_string())),
+        _ = cancel.cancelled() => Err((ResponseFlags::None, "closed by the proxy".to_string())),
+    }
+}

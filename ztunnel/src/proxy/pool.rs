@@ -1,0 +1,330 @@
+//! The outbound HBONE connection pool: HTTP/2 connections keyed by (source
+//! identity, source address, destination identity, next hop), each carrying
+//! up to `max_streams` CONNECT streams. A full connection makes room for a
+//! new one; a dead one fails only its own streams and is replaced; idle ones
+//! are closed after `idle_timeout`. HTTP/2 PINGs find dead peers.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::StatusCode;
+use http_body_util::Empty;
+use hyper::client::conn::http2::SendRequest;
+use hyper::upgrade::Upgraded;
+use hyper_util::rt::TokioIo;
+use rustls_pki_types::ServerName;
+use tokio_rustls::TlsConnector;
+use tracing::{debug, info, warn};
+
+use super::socket;
+use crate::certs::{CertError, CertificateManager};
+use crate::config::{H2Config, PoolConfig};
+use crate::hbone;
+use crate::identity::Identity;
+use crate::metrics::Metrics;
+use crate::tls::{TlsError, client_config, handshake_failure};
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq)]
+pub struct PoolKey {
+    pub src: Identity,
+    pub src_ip: Option<IpAddr>,
+    pub dst: Identity,
+    pub next_hop: SocketAddr,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum PoolError {
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    #[error("connect to {addr}: {reason}")]
+    Connect { addr: SocketAddr, reason: String },
+    #[error("TLS handshake with {addr}: {reason}")]
+    Handshake { addr: SocketAddr, reason: String },
+    #[error("HTTP/2 with {addr}: {reason}")]
+    H2 { addr: SocketAddr, reason: String },
+    #[error("peer answered {status} to CONNECT")]
+    Status { status: StatusCode },
+}
+
+struct Conn {
+    id: u64,
+    sender: SendRequest<Empty<Bytes>>,
+    streams: AtomicUsize,
+    last_used: Mutex<Instant>,
+}
+
+impl Conn {
+    fn try_acquire(&self, max: usize) -> bool {
+        self.streams
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    fn usable(&self) -> bool {
+        !self.sender.is_closed()
+    }
+}
+
+/// Holds a stream's slot on its connection; released on drop.
+pub struct StreamGuard {
+    conn: Arc<Conn>,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.conn.streams.fetch_sub(1, Ordering::AcqRel);
+        *self
+            .conn
+            .last_used
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = Instant::now();
+    }
+}
+
+struct Inner {
+    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    certs: CertificateManager,
+    h2: H2Config,
+    cfg: PoolConfig,
+    connect_timeout: Duration,
+    handshake_timeout: Duration,
+    mark: Option<u32>,
+    next_id: AtomicU64,
+    metrics: Arc<Metrics>,
+}
+
+#[derive(Clone)]
+pub struct Pool {
+    inner: Arc<Inner>,
+}
+
+/// Everything the pool needs to dial.
+pub struct PoolSettings {
+    pub h2: H2Config,
+    pub cfg: PoolConfig,
+    pub connect_timeout: Duration,
+    pub handshake_timeout: Duration,
+    pub mark: Option<u32>,
+}
+
+impl Pool {
+    pub fn new(certs: CertificateManager, s: PoolSettings, metrics: Arc<Metrics>) -> Self {
+        let pool = Pool {
+            inner: Arc::new(Inner {
+                conns: Mutex::new(HashMap::new()),
+                dialing: Mutex::new(HashMap::new()),
+                certs,
+                h2: s.h2,
+                cfg: s.cfg,
+                connect_timeout: s.connect_timeout,
+                handshake_timeout: s.handshake_timeout,
+                mark: s.mark,
+                next_id: AtomicU64::new(0),
+                metrics,
+            }),
+        };
+        let weak = Arc::downgrade(&pool.inner);
+        let period = (pool.inner.cfg.idle_timeout / 2).max(Duration::from_millis(100));
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(period);
+            loop {
+                tick.tick().await;
+                let Some(inner) = weak.upgrade() else { return };
+                Pool { inner }.evict_idle();
+            }
+        });
+        pool
+    }
+
+    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Arc<Conn>>>> {
+        self.inner.conns.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pooled connections now, per key (for tests and the admin view).
+    pub fn connection_count(&self) -> usize {
+        self.conns()
+            .values()
+            .map(|v| v.iter().filter(|c| c.usable()).count())
+            .sum()
+    }
+
+    fn evict_idle(&self) {
+        let idle = self.inner.cfg.idle_timeout;
+        let now = Instant::now();
+        let mut conns = self.conns();
+        for list in conns.values_mut() {
+            list.retain(|c| {
+                let idle_for =
+                    now.duration_since(*c.last_used.lock().unwrap_or_else(|p| p.into_inner()));
+                let keep = c.usable() && (c.streams.load(Ordering::Acquire) > 0 || idle_for < idle);
+                if !keep {
+                    debug!(conn = c.id, "closing idle or dead pooled connection");
+                }
+                keep
+            });
+        }
+        conns.retain(|_, v| !v.is_empty());
+    }
+
+    fn try_take(&self, key: &PoolKey) -> Option<Arc<Conn>> {
+        let max = self.inner.cfg.max_streams;
+        let mut conns = self.conns();
+        let list = conns.get_mut(key)?;
+        list.retain(|c| c.usable());
+        list.iter().find(|c| c.try_acquire(max)).cloned()
+    }
+
+    fn remove(&self, key: &PoolKey, id: u64) {
+        if let Some(list) = self.conns().get_mut(key) {
+            list.retain(|c| c.id != id);
+        }
+    }
+
+    async fn checkout(&self, key: &PoolKey) -> Result<Arc<Conn>, PoolError> {
+        if let Some(c) = self.try_take(key) {
+            return Ok(c);
+        }
+        // One dial per key at a time, so a burst shares the new connection.
+        let lock = self
+            .inner
+            .dialing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key.clone())
+            .or_default()
+            .clone();
+        let _dialing = lock.lock().await;
+        if let Some(c) = self.try_take(key) {
+            return Ok(c);
+        }
+        let conn = self.dial(key).await?;
+        conn.streams.store(1, Ordering::Release);
+        self.conns()
+            .entry(key.clone())
+            .or_default()
+            .push(conn.clone());
+        Ok(conn)
+    }
+
+    async fn dial(&self, key: &PoolKey) -> Result<Arc<Conn>, PoolError> {
+        let addr = key.next_hop;
+        let cert = self.inner.certs.fetch(&key.src).await?;
+        let cfg = client_config(
+            &cert,
+            self.inner.certs.roots().clone(),
+            vec![key.dst.clone()],
+        )?;
+        let tcp = socket::dial(
+            addr,
+            key.src_ip,
+            self.inner.mark,
+            self.inner.connect_timeout,
+        )
+        .await
+        .map_err(|e| PoolError::Connect {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let tls = tokio::time::timeout(
+            self.inner.handshake_timeout,
+            TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+        )
+        .await
+        .map_err(|_| PoolError::Handshake {
+            addr,
+            reason: "timed out".into(),
+        })?
+        .map_err(|e| PoolError::Handshake {
+            addr,
+            reason: handshake_failure(&e),
+        })?;
+        let (sender, conn) = hbone::client_builder(&self.inner.h2)
+            .handshake(TokioIo::new(tls))
+            .await
+            .map_err(|e| PoolError::H2 {
+                addr,
+                reason: e.to_string(),
+            })?;
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let gauge = self.inner.metrics.hbone_pool_connections.clone();
+        gauge.inc();
+        let (src, dst) = (key.src.clone(), key.dst.clone());
+        tokio::spawn(async move {
+            match conn.await {
+                Ok(()) => debug!(conn = id, %addr, "pooled connection closed"),
+                Err(e) => info!(conn = id, %addr, error = %e, "pooled connection failed"),
+            }
+            gauge.dec();
+        });
+        debug!(conn = id, %addr, %src, %dst, "new pooled HBONE connection");
+        Ok(Arc::new(Conn {
+            id,
+            sender,
+            streams: AtomicUsize::new(0),
+            last_used: Mutex::new(Instant::now()),
+        }))
+    }
+
+    /// Opens a CONNECT stream to `target` through the pool.
+    pub async fn connect(
+        &self,
+        key: &PoolKey,
+        target: SocketAddr,
+        headers: &hbone::ConnectHeaders,
+    ) -> Result<(TokioIo<Upgraded>, StreamGuard), PoolError> {
+        let mut last = None;
+        // A connection found dead when used is dropped and the stream is
+        // retried once on a fresh one.
+        for _ in 0..2 {
+            let conn = self.checkout(key).await?;
+            let guard = StreamGuard { conn: conn.clone() };
+            let mut sender = conn.sender.clone();
+            let req = hbone::connect_request(target, headers).map_err(|e| PoolError::H2 {
+                addr: key.next_hop,
+                reason: e.to_string(),
+            })?;
+            let sent = match sender.ready().await {
+                Ok(()) => sender.send_request(req).await,
+                Err(e) => Err(e),
+            };
+            match sent {
+                Ok(resp) if resp.status() == StatusCode::OK => {
+                    let up = hyper::upgrade::on(resp).await.map_err(|e| PoolError::H2 {
+                        addr: key.next_hop,
+                        reason: e.to_string(),
+                    })?;
+                    return Ok((TokioIo::new(up), guard));
+                }
+                Ok(resp) => {
+                    return Err(PoolError::Status {
+                        status: resp.status(),
+                    });
+                }
+                Err(e) if e.is_closed() || e.is_canceled() => {
+                    warn!(conn = conn.id, addr = %key.next_hop, error = %e, "pooled connection is gone; retrying on a new one");
+                    self.remove(key, conn.id);
+                    last = Some(e.to_string());
+                }
+                Err(e) => {
+                    return Err(PoolError::H2 {
+                        addr: key.next_hop,
+                        reason: e.to_string(),
+                    });
+                }
+            }
+        }
+        Err(PoolError::H2 {
+            addr: key.next_hop,
+            reason: last.unwrap_or_default(),
+        })
+    }
+}

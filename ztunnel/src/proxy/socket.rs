@@ -1,0 +1,60 @@
+//! Sockets: upstream dials with the proxy's mark and the source's address,
+//! and the original destination of a redirected connection.
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use socket2::SockRef;
+use tokio::net::{TcpSocket, TcpStream};
+
+/// Dials `addr`, from `bind_ip` when given (so the destination sees the
+/// workload's address), with `mark` on the socket (so redirect rules skip the
+/// proxy's own traffic).
+pub async fn dial(
+    addr: SocketAddr,
+    bind_ip: Option<IpAddr>,
+    mark: Option<u32>,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let sock = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    if let Some(m) = mark {
+        SockRef::from(&sock).set_mark(m)?;
+    }
+    if let Some(ip) = bind_ip
+        && ip.is_ipv4() == addr.is_ipv4()
+    {
+        sock.bind(SocketAddr::new(ip, 0))?;
+    }
+    let stream = tokio::time::timeout(timeout, sock.connect(addr))
+        .await
+        .map_err(|_| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("connect to {addr} timed out after {timeout:?}"),
+            )
+        })??;
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+/// The destination a redirect rule rewrote (SO_ORIGINAL_DST).
+pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
+    let sock = SockRef::from(s);
+    let local = s.local_addr()?;
+    let orig = if local.is_ipv4() {
+        sock.original_dst_v4()?
+    } else {
+        sock.original_dst_v6()?
+    };
+    orig.as_socket().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "original destination is not an IP address",
+        )
+    })
+}

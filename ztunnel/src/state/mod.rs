@@ -1,0 +1,334 @@
+//! The proxy state: workloads, services and authorization policies, keyed as
+//! the workload-discovery protocol keys them.
+//!
+//! Readers take an immutable [`Snapshot`] (an `Arc` load, no lock); writers
+//! apply a batch of updates to a copy and swap it in, so a batch from one xDS
+//! response is seen all at once or not at all.
+
+mod local;
+pub mod policy;
+mod types;
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use arc_swap::ArcSwap;
+use mesh_proto::istio::security as pb_security;
+use mesh_proto::istio::workload as pb;
+use serde::Serialize;
+use tokio::sync::watch;
+
+pub use local::{LocalConfig, LocalConfigError};
+pub use policy::{Authorization, Decision};
+pub use types::{
+    GatewayAddress, GatewayDestination, PortMapping, ResourceError, Service, TunnelProtocol,
+    Workload,
+};
+
+use policy::Scope;
+
+/// A service and its round-robin cursor.
+#[derive(Debug, Serialize)]
+pub struct ServiceEntry {
+    #[serde(flatten)]
+    pub service: Service,
+    #[serde(skip)]
+    cursor: AtomicUsize,
+}
+
+/// One consistent view of the state.
+#[derive(Debug, Default, Clone)]
+pub struct Snapshot {
+    workloads: HashMap<String, Arc<Workload>>,
+    workload_by_addr: HashMap<(String, IpAddr), Arc<Workload>>,
+    services: HashMap<String, Arc<ServiceEntry>>,
+    service_by_vip: HashMap<(String, IpAddr), Arc<ServiceEntry>>,
+    /// Service key -> backing workloads, by uid (ordered, for stable picks).
+    endpoints: HashMap<String, BTreeMap<String, Arc<Workload>>>,
+    policies: HashMap<String, Arc<Authorization>>,
+}
+
+/// One change in a batch.
+#[derive(Debug, Clone)]
+pub enum Update {
+    Workload(Workload),
+    Service(Service),
+    /// Removes the workload (by uid) or service ("namespace/hostname") of that name.
+    RemoveAddress(String),
+    Policy(Authorization),
+    RemovePolicy(String),
+}
+
+impl Update {
+    /// Converts an `istio.workload.Address` resource.
+    pub fn from_address(a: &pb::Address, trust_domain: &str) -> Result<Update, ResourceError> {
+        match &a.r#type {
+            Some(pb::address::Type::Workload(w)) => {
+                Ok(Update::Workload(Workload::from_proto(w, trust_domain)?))
+            }
+            Some(pb::address::Type::Service(s)) => Ok(Update::Service(Service::from_proto(s)?)),
+            None => Err(ResourceError::Envelope {
+                name: String::new(),
+                reason: "Address with neither workload nor service".into(),
+            }),
+        }
+    }
+
+    pub fn from_authorization(a: &pb_security::Authorization) -> Result<Update, ResourceError> {
+        Ok(Update::Policy(Authorization::from_proto(a)?))
+    }
+}
+
+impl Snapshot {
+    pub fn workload(&self, uid: &str) -> Option<&Arc<Workload>> {
+        self.workloads.get(uid)
+    }
+
+    pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
+        self.workload_by_addr.get(&(network.to_string(), ip))
+    }
+
+    pub fn service(&self, key: &str) -> Option<&Arc<ServiceEntry>> {
+        self.services.get(key)
+    }
+
+    pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
+        self.service_by_vip.get(&(network.to_string(), ip))
+    }
+
+    pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
+        self.workloads.values()
+    }
+
+    pub fn services(&self) -> impl Iterator<Item = &Arc<ServiceEntry>> {
+        self.services.values()
+    }
+
+    pub fn policies(&self) -> impl Iterator<Item = &Arc<Authorization>> {
+        self.policies.values()
+    }
+
+    /// Healthy workloads backing a service.
+    pub fn endpoints(&self, service_key: &str) -> impl Iterator<Item = &Arc<Workload>> {
+        self.endpoints
+            .get(service_key)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter(|w| w.healthy)
+    }
+
+    /// Picks the next healthy endpoint of `svc`, round robin.
+    pub fn pick_endpoint(&self, svc: &ServiceEntry) -> Option<Arc<Workload>> {
+        let eps: Vec<&Arc<Workload>> = self.endpoints(&svc.service.key()).collect();
+        if eps.is_empty() {
+            return None;
+        }
+        let i = svc.cursor.fetch_add(1, Ordering::Relaxed) % eps.len();
+        Some(eps[i].clone())
+    }
+
+    /// The policies that apply to `w`, sorted by key (so decisions are stable).
+    pub fn policies_for(&self, w: &Workload, root_namespace: &str) -> Vec<Arc<Authorization>> {
+        let mut out: Vec<Arc<Authorization>> = self
+            .policies
+            .values()
+            .filter(|p| match p.scope {
+                Scope::Global => p.namespace == root_namespace || p.namespace.is_empty(),
+                Scope::Namespace => p.namespace == w.namespace,
+                Scope::WorkloadSelector => w.authorization_policies.iter().any(|k| *k == p.key()),
+            })
+            .cloned()
+            .collect();
+        out.sort_by_key(|p| p.key());
+        out
+    }
+
+    fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
+        let old = self.workloads.remove(uid)?;
+        for ip in &old.addresses {
+            let key = (old.network.clone(), *ip);
+            if self
+                .workload_by_addr
+                .get(&key)
+                .is_some_and(|w| w.uid == old.uid)
+            {
+                self.workload_by_addr.remove(&key);
+            }
+        }
+        for svc in old.services.keys() {
+            if let Some(m) = self.endpoints.get_mut(svc) {
+                m.remove(uid);
+                if m.is_empty() {
+                    self.endpoints.remove(svc);
+                }
+            }
+        }
+        Some(old)
+    }
+
+    fn insert_workload(&mut self, w: Workload) {
+        self.remove_workload(&w.uid.clone());
+        let w = Arc::new(w);
+        for ip in &w.addresses {
+            self.workload_by_addr
+                .insert((w.network.clone(), *ip), w.clone());
+        }
+        for svc in w.services.keys() {
+            self.endpoints
+                .entry(svc.clone())
+                .or_default()
+                .insert(w.uid.clone(), w.clone());
+        }
+        self.workloads.insert(w.uid.clone(), w);
+    }
+
+    fn remove_service(&mut self, key: &str) -> bool {
+        let Some(old) = self.services.remove(key) else {
+            return false;
+        };
+        for (net, ip) in &old.service.vips {
+            let k = (net.clone(), *ip);
+            if self
+                .service_by_vip
+                .get(&k)
+                .is_some_and(|s| s.service.key() == key)
+            {
+                self.service_by_vip.remove(&k);
+            }
+        }
+        true
+    }
+
+    fn insert_service(&mut self, s: Service) {
+        let key = s.key();
+        self.remove_service(&key);
+        let entry = Arc::new(ServiceEntry {
+            service: s,
+            cursor: AtomicUsize::new(0),
+        });
+        for (net, ip) in &entry.service.vips {
+            self.service_by_vip
+                .insert((net.clone(), *ip), entry.clone());
+        }
+        self.services.insert(key, entry);
+    }
+
+    fn apply(&mut self, u: Update) {
+        match u {
+            Update::Workload(w) => self.insert_workload(w),
+            Update::Service(s) => self.insert_service(s),
+            Update::RemoveAddress(name) => {
+                if self.remove_workload(&name).is_none() {
+                    self.remove_service(&name);
+                }
+            }
+            Update::Policy(p) => {
+                self.policies.insert(p.key(), Arc::new(p));
+            }
+            Update::RemovePolicy(key) => {
+                self.policies.remove(&key);
+            }
+        }
+    }
+}
+
+/// The shared, swappable state.
+#[derive(Clone)]
+pub struct ProxyState {
+    current: Arc<ArcSwap<Snapshot>>,
+    /// Bumped on every applied batch; policy changes also bump `policy_epoch`.
+    version: watch::Sender<u64>,
+    policy_epoch: watch::Sender<u64>,
+}
+
+impl Default for ProxyState {
+    fn default() -> Self {
+        ProxyState {
+            current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            version: watch::Sender::new(0),
+            policy_epoch: watch::Sender::new(0),
+        }
+    }
+}
+
+impl ProxyState {
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
+    /// Applies a batch atomically.
+    pub fn apply(&self, batch: Vec<Update>) {
+        if batch.is_empty() {
+            return;
+        }
+        let touches_policy = batch
+            .iter()
+            .any(|u| matches!(u, Update::Policy(_) | Update::RemovePolicy(_)));
+        let mut next = Snapshot::clone(&self.current.load());
+        for u in batch {
+            next.apply(u);
+        }
+        self.current.store(Arc::new(next));
+        self.version.send_modify(|v| *v += 1);
+        if touches_policy {
+            self.policy_epoch.send_modify(|v| *v += 1);
+        }
+    }
+
+    /// Replaces everything with `batch` (a full resync).
+    pub fn replace(&self, batch: Vec<Update>) {
+        let mut next = Snapshot::default();
+        for u in batch {
+            next.apply(u);
+        }
+        self.current.store(Arc::new(next));
+        self.version.send_modify(|v| *v += 1);
+        self.policy_epoch.send_modify(|v| *v += 1);
+    }
+
+    /// Fires after every applied batch.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.version.subscribe()
+    }
+
+    /// Fires after every batch that touched policies.
+    pub fn subscribe_policies(&self) -> watch::Receiver<u64> {
+        self.policy_epoch.subscribe()
+    }
+
+    /// True once any config has been applied.
+    pub fn has_config(&self) -> bool {
+        *self.version.borrow() > 0
+    }
+}
+
+/// The destination address of `w` on `port`, on its first address.
+pub fn workload_addr(w: &Workload, port: u16) -> Option<SocketAddr> {
+    w.addresses.first().map(|ip| SocketAddr::new(*ip, port))
+}
+
+/// What the admin view shows of the state.
+#[derive(Debug, Serialize)]
+pub struct StateDump {
+    pub workloads: Vec<Arc<Workload>>,
+    pub services: Vec<Arc<ServiceEntry>>,
+    pub policies: Vec<Arc<Authorization>>,
+}
+
+impl Snapshot {
+    pub fn dump(&self) -> StateDump {
+        let mut workloads: Vec<_> = self.workloads.values().cloned().collect();
+        workloads.sort_by(|a, b| a.uid.cmp(&b.uid));
+        let mut services: Vec<_> = self.services.values().cloned().collect();
+        services.sort_by_key(|s| s.service.key());
+        let mut policies: Vec<_> = self.policies.values().cloned().collect();
+        policies.sort_by_key(|p| p.key());
+        StateDump {
+            workloads,
+            services,
+            policies,
+        }
+    }
+}

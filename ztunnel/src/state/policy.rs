@@ -1,0 +1,437 @@
+//! L4 authorization: the policy types and their evaluation.
+//!
+//! Semantics (Istio's): any matching DENY denies; with no ALLOW policy the
+//! connection is allowed; a matching ALLOW allows; otherwise it is denied.
+//! A policy matches when any rule matches; a rule when all its clauses match;
+//! a clause when any of its matches matches; a match when every populated
+//! field holds (one of its values) and no `not_` field does.
+
+use std::net::IpAddr;
+
+use mesh_proto::istio::security as pb;
+use serde::Serialize;
+
+use super::types::{ResourceError, ip_from_bytes};
+use crate::identity::Identity;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Scope {
+    Global,
+    Namespace,
+    WorkloadSelector,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum StringMatch {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    /// Any non-empty value.
+    Presence,
+}
+
+impl StringMatch {
+    fn matches(&self, v: &str) -> bool {
+        match self {
+            StringMatch::Exact(s) => v == s,
+            StringMatch::Prefix(s) => v.starts_with(s.as_str()),
+            StringMatch::Suffix(s) => v.ends_with(s.as_str()),
+            StringMatch::Presence => !v.is_empty(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Cidr {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Cidr {
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - self.len as u32).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Match {
+    pub namespaces: Vec<StringMatch>,
+    pub not_namespaces: Vec<StringMatch>,
+    pub principals: Vec<StringMatch>,
+    pub not_principals: Vec<StringMatch>,
+    pub source_ips: Vec<Cidr>,
+    pub not_source_ips: Vec<Cidr>,
+    pub destination_ips: Vec<Cidr>,
+    pub not_destination_ips: Vec<Cidr>,
+    pub destination_ports: Vec<u16>,
+    pub not_destination_ports: Vec<u16>,
+}
+
+/// What a connection is judged on.
+#[derive(Debug, Clone, Copy)]
+pub struct Connection<'a> {
+    /// None for plaintext (no mTLS) connections.
+    pub src_identity: Option<&'a Identity>,
+    pub src_ip: IpAddr,
+    pub dst_ip: IpAddr,
+    pub dst_port: u16,
+}
+
+// A field holds when its list is empty or one value matches.
+fn any_or_empty<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
+    list.is_empty() || list.iter().any(f)
+}
+
+impl Match {
+    pub fn matches(&self, c: &Connection<'_>) -> bool {
+        // Identity-based values never match a connection without an identity.
+        let ns = |m: &StringMatch| c.src_identity.is_some_and(|i| m.matches(i.namespace()));
+        let pr = |m: &StringMatch| c.src_identity.is_some_and(|i| m.matches(i.principal()));
+        any_or_empty(&self.namespaces, ns)
+            && !self.not_namespaces.iter().any(ns)
+            && any_or_empty(&self.principals, pr)
+            && !self.not_principals.iter().any(pr)
+            && any_or_empty(&self.source_ips, |n| n.contains(c.src_ip))
+            && !self.not_source_ips.iter().any(|n| n.contains(c.src_ip))
+            && any_or_empty(&self.destination_ips, |n| n.contains(c.dst_ip))
+            && !self
+                .not_destination_ips
+                .iter()
+                .any(|n| n.contains(c.dst_ip))
+            && any_or_empty(&self.destination_ports, |p| *p == c.dst_port)
+            && !self.not_destination_ports.contains(&c.dst_port)
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Authorization {
+    pub name: String,
+    pub namespace: String,
+    pub scope: Scope,
+    pub action: Action,
+    /// OR of rules; each rule an AND of clauses; each clause an OR of matches.
+    pub rules: Vec<Vec<Vec<Match>>>,
+}
+
+impl Authorization {
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    pub fn matches(&self, c: &Connection<'_>) -> bool {
+        self.rules.iter().any(|rule| {
+            rule.iter()
+                .all(|clause| clause.iter().any(|m| m.matches(c)))
+        })
+    }
+
+    pub fn from_proto(a: &pb::Authorization) -> Result<Self, ResourceError> {
+        let key = format!("{}/{}", a.namespace, a.name);
+        let fail = |reason: String| ResourceError::Policy {
+            key: key.clone(),
+            reason,
+        };
+        if a.name.is_empty() {
+            return Err(fail("no name".into()));
+        }
+        let scope = match pb::Scope::try_from(a.scope) {
+            Ok(pb::Scope::Global) => Scope::Global,
+            Ok(pb::Scope::Namespace) => Scope::Namespace,
+            Ok(pb::Scope::WorkloadSelector) => Scope::WorkloadSelector,
+            Err(_) => return Err(fail(format!("unknown scope {}", a.scope))),
+        };
+        let action = match pb::Action::try_from(a.action) {
+            Ok(pb::Action::Allow) => Action::Allow,
+            Ok(pb::Action::Deny) => Action::Deny,
+            Err(_) => return Err(fail(format!("unknown action {}", a.action))),
+        };
+        let rules = a
+            .rules
+            .iter()
+            .map(|r| {
+                r.clauses
+                    .iter()
+                    .map(|c| c.matches.iter().map(convert_match).collect())
+                    .collect()
+            })
+            .collect::<Result<Vec<Vec<Vec<Match>>>, String>>()
+            .map_err(fail)?;
+        Ok(Authorization {
+            name: a.name.clone(),
+            namespace: a.namespace.clone(),
+            scope,
+            action,
+            rules,
+        })
+    }
+}
+
+fn strings(list: &[pb::StringMatch]) -> Result<Vec<StringMatch>, String> {
+    use pb::string_match::MatchType;
+    list.iter()
+        .map(|m| match &m.match_type {
+            Some(MatchType::Exact(s)) => Ok(StringMatch::Exact(s.clone())),
+            Some(MatchType::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
+            Some(MatchType::Suffix(s)) => Ok(StringMatch::Suffix(s.clone())),
+            Some(MatchType::Presence(_)) => Ok(StringMatch::Presence),
+            None => Err("string match with no match type".to_string()),
+        })
+        .collect()
+}
+
+fn cidrs(list: &[pb::Address]) -> Result<Vec<Cidr>, String> {
+    list.iter()
+        .map(|a| {
+            let addr = ip_from_bytes(&a.address)?;
+            let max = if addr.is_ipv4() { 32 } else { 128 };
+            if a.length > max {
+                return Err(format!("prefix length {} too long for {addr}", a.length));
+            }
+            Ok(Cidr {
+                addr,
+                len: a.length as u8,
+            })
+        })
+        .collect()
+}
+
+fn port_list(list: &[u32]) -> Result<Vec<u16>, String> {
+    list.iter()
+        .map(|p| u16::try_from(*p).map_err(|_| format!("{p} is not a port")))
+        .collect()
+}
+
+fn convert_match(m: &pb::Match) -> Result<Match, String> {
+    Ok(Match {
+        namespaces: strings(&m.namespaces)?,
+        not_namespaces: strings(&m.not_namespaces)?,
+        principals: strings(&m.principals)?,
+        not_principals: strings(&m.not_principals)?,
+        source_ips: cidrs(&m.source_ips)?,
+        not_source_ips: cidrs(&m.not_source_ips)?,
+        destination_ips: cidrs(&m.destination_ips)?,
+        not_destination_ips: cidrs(&m.not_destination_ips)?,
+        destination_ports: port_list(&m.destination_ports)?,
+        not_destination_ports: port_list(&m.not_destination_ports)?,
+    })
+}
+
+/// The outcome of evaluating the policies that apply to a connection, and
+/// which policy decided it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub enum Decision {
+    /// No ALLOW policy applies and no DENY matched.
+    AllowNoPolicies,
+    /// This ALLOW policy matched.
+    Allowed { policy: String },
+    /// This DENY policy matched.
+    Denied { policy: String },
+    /// ALLOW policies apply and none matched.
+    NotAllowed { allow_policies: Vec<String> },
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::AllowNoPolicies | Decision::Allowed { .. })
+    }
+}
+
+impl std::fmt::Display for Decision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Decision::AllowNoPolicies => write!(f, "allowed: no ALLOW policy applies"),
+            Decision::Allowed { policy } => write!(f, "allowed by {policy}"),
+            Decision::Denied { policy } => write!(f, "denied by DENY policy {policy}"),
+            Decision::NotAllowed { allow_policies } => {
+                write!(
+                    f,
+                    "denied: no ALLOW policy matched ({})",
+                    allow_policies.join(", ")
+                )
+            }
+        }
+    }
+}
+
+/// Evaluates `policies` (those that apply to the destination) for `c`.
+pub fn evaluate<'p>(
+    policies: impl IntoIterator<Item = &'p Authorization>,
+    c: &Connection<'_>,
+) -> Decision {
+    let mut allows = Vec::new();
+    let mut allowed_by = None;
+    for p in policies {
+        match p.action {
+            Action::Deny if p.matches(c) => return Decision::Denied { policy: p.key() },
+            Action::Deny => {}
+            Action::Allow => {
+                if allowed_by.is_none() && p.matches(c) {
+                    allowed_by = Some(p.key());
+                }
+                allows.push(p.key());
+            }
+        }
+    }
+    match (allowed_by, allows.is_empty()) {
+        (Some(policy), _) => Decision::Allowed { policy },
+        (None, true) => Decision::AllowNoPolicies,
+        (None, false) => Decision::NotAllowed {
+            allow_policies: allows,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conn<'a>(id: Option<&'a Identity>, port: u16) -> Connection<'a> {
+        Connection {
+            src_identity: id,
+            src_ip: "10.0.1.5".parse().unwrap(),
+            dst_ip: "10.0.2.9".parse().unwrap(),
+            dst_port: port,
+        }
+    }
+
+    fn policy(name: &str, action: Action, m: Match) -> Authorization {
+        Authorization {
+            name: name.into(),
+            namespace: "ns".into(),
+            scope: Scope::Namespace,
+            action,
+            rules: vec![vec![vec![m]]],
+        }
+    }
+
+    #[test]
+    fn deny_first_then_allow_semantics() {
+        let app: Identity = "spiffe://cluster.local/ns/a/sa/app".parse().unwrap();
+        let web: Identity = "spiffe://cluster.local/ns/b/sa/web".parse().unwrap();
+        let allow_app = policy(
+            "allow-app",
+            Action::Allow,
+            Match {
+                principals: vec![StringMatch::Exact("cluster.local/ns/a/sa/app".into())],
+                ..Default::default()
+            },
+        );
+        let deny_9000 = policy(
+            "deny-9000",
+            Action::Deny,
+            Match {
+                destination_ports: vec![9000],
+                ..Default::default()
+            },
+        );
+        assert_eq!(
+            evaluate([], &conn(Some(&web), 80)),
+            Decision::AllowNoPolicies
+        );
+        assert!(evaluate([&allow_app], &conn(Some(&app), 80)).is_allowed());
+        assert_eq!(
+            evaluate([&allow_app], &conn(Some(&web), 80)),
+            Decision::NotAllowed {
+                allow_policies: vec!["ns/allow-app".into()]
+            }
+        );
+        // DENY wins even when an ALLOW matches.
+        assert_eq!(
+            evaluate([&allow_app, &deny_9000], &conn(Some(&app), 9000)),
+            Decision::Denied {
+                policy: "ns/deny-9000".into()
+            }
+        );
+        // A DENY that does not match leaves the rest to decide.
+        assert_eq!(
+            evaluate([&deny_9000], &conn(None, 80)),
+            Decision::AllowNoPolicies
+        );
+    }
+
+    #[test]
+    fn strict_mtls_is_a_deny_without_identity() {
+        let strict = policy(
+            "strict",
+            Action::Deny,
+            Match {
+                not_principals: vec![StringMatch::Presence],
+                ..Default::default()
+            },
+        );
+        let app: Identity = "spiffe://cluster.local/ns/a/sa/app".parse().unwrap();
+        assert!(!evaluate([&strict], &conn(None, 80)).is_allowed());
+        assert!(evaluate([&strict], &conn(Some(&app), 80)).is_allowed());
+    }
+
+    #[test]
+    fn fields_and_their_not_forms() {
+        let app: Identity = "spiffe://cluster.local/ns/a/sa/app".parse().unwrap();
+        let c = conn(Some(&app), 80);
+        let m = |m: Match| m.matches(&c);
+        assert!(m(Match {
+            namespaces: vec![StringMatch::Exact("a".into())],
+            ..Default::default()
+        }));
+        assert!(!m(Match {
+            not_namespaces: vec![StringMatch::Prefix("a".into())],
+            ..Default::default()
+        }));
+        assert!(m(Match {
+            principals: vec![StringMatch::Suffix("/sa/app".into())],
+            ..Default::default()
+        }));
+        let net = |s: &str, len| Cidr {
+            addr: s.parse().unwrap(),
+            len,
+        };
+        assert!(m(Match {
+            source_ips: vec![net("10.0.0.0", 16)],
+            destination_ips: vec![net("10.0.2.0", 24)],
+            ..Default::default()
+        }));
+        assert!(!m(Match {
+            not_source_ips: vec![net("10.0.1.5", 32)],
+            ..Default::default()
+        }));
+        assert!(!m(Match {
+            not_destination_ports: vec![80],
+            ..Default::default()
+        }));
+        // Identity-based values never match a plaintext connection, and
+        // their not_ forms then hold.
+        let plain = conn(None, 80);
+        assert!(
+            !Match {
+                namespaces: vec![StringMatch::Presence],
+                ..Default::default()
+            }
+            .matches(&plain)
+        );
+        assert!(
+            Match {
+                not_principals: vec![StringMatch::Exact("x".into())],
+                ..Default::default()
+            }
+            .matches(&plain)
+        );
+        assert!(net("0.0.0.0", 0).contains("1.2.3.4".parse().unwrap()));
+        assert!(!net("10.0.0.0", 8).contains("::1".parse().unwrap()));
+    }
+}
