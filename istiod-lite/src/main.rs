@@ -44,11 +44,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    ztunnel::init_logging();
     ztunnel::tls::install_default_provider();
     if let Err(e) = run(Args::parse()).await {
         error!("{e}");

@@ -17,3 +17,12 @@ pub mod metrics;
 pub mod proxy;
 pub mod state;
 pub mod tls;
+
+/// Logging for every binary of the mesh: `RUST_LOG` filters, default info.
+pub fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
+        )
+        .init();
+}

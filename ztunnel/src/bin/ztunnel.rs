@@ -17,11 +17,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
+    ztunnel::init_logging();
     let args = Args::parse();
     let cfg = match ztunnel::config::Config::load(&args.config) {
         Ok(c) => c,

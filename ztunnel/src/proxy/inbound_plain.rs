@@ -17,30 +17,7 @@ use crate::config::PROXY_PORTS;
 use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
 
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, fixed_target: Option<SocketAddr>) {
-    loop {
-        let accepted = tokio::select! {
-            _ = proxy.draining.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "plaintext accept failed");
-                continue;
-            }
-        };
-        let target = match fixed_target {
-            Some(t) => Ok(t),
-            None => socket::original_dst(&tcp),
-        };
-        let proxy = proxy.clone();
-        tokio::spawn(async move {
-            match target {
-                Ok(t) => handle(proxy, tcp, peer, t).await,
-                Err(e) => warn!(%peer, error = %e, "no original destination; closing"),
-            }
-        });
-    }
+    super::accept_captured(proxy, listener, fixed_target, handle).await
 }
 
 async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, target: SocketAddr) {
@@ -112,16 +89,5 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, target: Soc
         Err(e) => Err((ResponseFlags::Connect, format!("connect to {target}: {e}"))),
     };
     proxy.metrics.active_connections.dec();
-    let revoked = tracked.info.close_reason.get().cloned();
-    let (flags, error) = match (result, revoked) {
-        (Ok(()), _) => (ResponseFlags::None, None),
-        (Err(_), Some(reason)) if reason.contains("denied") => (ResponseFlags::Deny, Some(reason)),
-        (Err((f, e)), _) => (f, Some(e)),
-    };
-    proxy.record(Finished {
-        labels,
-        info: &tracked.info,
-        flags,
-        error,
-    });
+    proxy.finish(labels, &tracked.info, result);
 }

@@ -124,6 +124,43 @@ pub enum ProxyError {
     Tls(#[from] TlsError),
 }
 
+/// Accepts on a captured listener until the drain starts; each connection
+/// is handed to `handle` with its original destination (`fixed_target`, or
+/// SO_ORIGINAL_DST from the redirect).
+pub async fn accept_captured<F, Fut>(
+    proxy: Arc<Proxy>,
+    listener: tokio::net::TcpListener,
+    fixed_target: Option<std::net::SocketAddr>,
+    handle: F,
+) where
+    F: Fn(Arc<Proxy>, tokio::net::TcpStream, std::net::SocketAddr, std::net::SocketAddr) -> Fut,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let accepted = tokio::select! {
+            _ = proxy.draining.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                continue;
+            }
+        };
+        let dst = match fixed_target {
+            Some(t) => Ok(t),
+            None => socket::original_dst(&tcp),
+        };
+        match dst {
+            Ok(dst) => {
+                tokio::spawn(handle(proxy.clone(), tcp, peer, dst));
+            }
+            Err(e) => tracing::warn!(%peer, error = %e, "no original destination; closing"),
+        }
+    }
+}
+
 /// Records a finished connection: metrics and one access-log line.
 pub struct Finished<'a> {
     pub labels: TcpLabels,
@@ -133,6 +170,29 @@ pub struct Finished<'a> {
 }
 
 impl Proxy {
+    /// Records the end of a copied connection. A connection the proxy closed
+    /// because policy now denies it is flagged DENY.
+    pub fn finish(
+        &self,
+        labels: TcpLabels,
+        info: &conns::ConnInfo,
+        result: Result<(), (ResponseFlags, String)>,
+    ) {
+        let (flags, error) = match (result, info.close_reason.get()) {
+            (Ok(()), _) => (ResponseFlags::None, None),
+            (Err(_), Some(reason)) if reason.contains("denied") => {
+                (ResponseFlags::Deny, Some(reason.clone()))
+            }
+            (Err((f, e)), _) => (f, Some(e)),
+        };
+        self.record(Finished {
+            labels,
+            info,
+            flags,
+            error,
+        });
+    }
+
     pub fn record(&self, f: Finished<'_>) {
         use std::sync::atomic::Ordering;
         let mut labels = f.labels;

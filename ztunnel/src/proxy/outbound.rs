@@ -12,7 +12,7 @@ use tracing::{debug, warn};
 use super::conns::{ConnInfo, Direction, Protocol};
 use super::copy::{self, Counters};
 use super::pool::PoolKey;
-use super::{Finished, Proxy, socket};
+use super::{Proxy, socket};
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::hbone::{ConnectHeaders, new_traceparent};
 use crate::identity::Identity;
@@ -183,31 +183,17 @@ pub async fn serve(
     source_uid: String,
     fixed_target: Option<SocketAddr>,
 ) {
-    loop {
-        let accepted = tokio::select! {
-            _ = proxy.draining.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                warn!(error = %e, "outbound accept failed");
-                continue;
-            }
-        };
-        let dst = match fixed_target {
-            Some(t) => Ok(t),
-            None => socket::original_dst(&tcp),
-        };
-        let proxy = proxy.clone();
-        let uid = source_uid.clone();
-        tokio::spawn(async move {
-            match dst {
-                Ok(dst) => handle(proxy, tcp, peer, dst, &uid).await,
-                Err(e) => warn!(%peer, error = %e, "no original destination; closing"),
-            }
-        });
-    }
+    let uid: Arc<str> = source_uid.into();
+    super::accept_captured(
+        proxy,
+        listener,
+        fixed_target,
+        move |proxy, tcp, peer, dst| {
+            let uid = uid.clone();
+            async move { handle(proxy, tcp, peer, dst, &uid).await }
+        },
+    )
+    .await
 }
 
 async fn handle(
@@ -339,19 +325,10 @@ async fn handle(
     }
     .await;
     proxy.metrics.active_connections.dec();
-    let (flags, error) = match result {
-        Ok(()) => (ResponseFlags::None, None),
-        Err((f, e)) => {
-            debug!(%peer, %dst, error = %e, "outbound connection failed");
-            (f, Some(e))
-        }
-    };
-    proxy.record(Finished {
-        labels,
-        info: &tracked.info,
-        flags,
-        error,
-    });
+    if let Err((_, e)) = &result {
+        debug!(%peer, %dst, error = %e, "outbound connection failed");
+    }
+    proxy.finish(labels, &tracked.info, result);
 }
 
 /// Copies until done or cancelled (policy revocation, drain deadline).
