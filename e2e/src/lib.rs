@@ -2,4 +2,5 @@
 //! real TLS. (The network-namespace lab lands here too.)
 
 pub mod ca;
+pub mod envoy;
 pub mod mesh;

@@ -369,40 +369,107 @@ async fn a_peer_with_the_wrong_identity_is_refused() {
     assert_eq!(m.echo.count(), before);
 }
 
-#[tokio::test]
-async fn killing_the_server_ztunnel_fails_only_its_streams() {
-    let mut m = mesh("", "").await;
-    // A long transfer in flight.
-    let out = m.out;
-    let long = tokio::spawn(async move {
-        let mut s = TcpStream::connect(out).await?;
-        let chunk = vec![7u8; 64 * 1024];
-        let mut buf = vec![0u8; 64 * 1024];
-        for _ in 0..100_000 {
-            s.write_all(&chunk).await?;
+/// A stream that echoes 64 KiB chunks until told to stop; Err if it breaks.
+async fn long_stream(
+    addr: SocketAddr,
+    stop: tokio_util::sync::CancellationToken,
+) -> std::io::Result<()> {
+    let mut s = TcpStream::connect(addr).await?;
+    let chunk = vec![7u8; 64 * 1024];
+    let mut buf = vec![0u8; 64 * 1024];
+    for _ in 0..1_000_000 {
+        if stop.is_cancelled() {
+            return Ok(());
+        }
+        s.write_all(&chunk).await?;
+        let mut got = 0;
+        while got < chunk.len() {
             let n = s.read(&mut buf).await?;
             if n == 0 {
                 return Err(std::io::Error::other("closed"));
             }
+            got += n;
         }
-        Ok::<_, std::io::Error>(())
-    });
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn killing_the_server_ztunnel_fails_only_its_streams() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Subnet::unique();
+    let client = Pod::new("client", "default", "client", net.ip(1), "node-a");
+    let b = Pod::new("server-b", "default", "server", net.ip(2), "node-b");
+    let c = Pod::new("server-c", "default", "other", net.ip(3), "node-c");
+    let ca = ca_for(dir.path(), &[&client, &b, &c]).await;
+    let (_eb, _ec) = (
+        Echo::start(net.addr(2, APP_PORT)).await,
+        Echo::start(net.addr(3, APP_PORT)).await,
+    );
+    let state = state_yaml(&[&client, &b, &c], &[], "");
+    let (to_b, to_c) = (net.addr(1, 15001), net.addr(1, 15002));
+    let _za = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec {
+            name: "za",
+            node: "node-a",
+            ip: net.ip(10),
+            inbound_ips: vec![],
+            outbound: vec![
+                (to_b, client.uid.clone(), net.addr(2, APP_PORT)),
+                (to_c, client.uid.clone(), net.addr(3, APP_PORT)),
+            ],
+            plaintext: vec![],
+            state_yaml: state.clone(),
+            extra: "",
+        },
+    )
+    .await;
+    let node = |name: &'static str, node: &'static str, host: u8, pod: &Pod| ZtunnelSpec {
+        name,
+        node,
+        ip: net.ip(host),
+        inbound_ips: vec![pod.ip],
+        outbound: vec![],
+        plaintext: vec![],
+        state_yaml: state.clone(),
+        extra: "",
+    };
+    let mut zb = Ztunnel::start(dir.path(), &ca, node("zb", "node-b", 11, &b)).await;
+    let _zc = Ztunnel::start(dir.path(), &ca, node("zc", "node-c", 12, &c)).await;
+
+    let stop = tokio_util::sync::CancellationToken::new();
+    let stream_b = tokio::spawn(long_stream(to_b, stop.clone()));
+    let stream_c = tokio::spawn(long_stream(to_c, stop.clone()));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    m.zb.kill();
-    let r = tokio::time::timeout(Duration::from_secs(30), long)
+    zb.kill();
+
+    let r = tokio::time::timeout(Duration::from_secs(30), stream_b)
         .await
-        .expect("the stream fails promptly");
+        .expect("B's stream fails promptly");
     assert!(
         r.unwrap().is_err(),
-        "the transfer should fail when its ztunnel dies"
+        "the stream through the dead ztunnel should fail"
     );
+    // C's stream, through the same ztunnel A, is untouched.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        !stream_c.is_finished(),
+        "the stream to C should still be running"
+    );
+    stop.cancel();
+    stream_c
+        .await
+        .unwrap()
+        .expect("the stream to C never broke");
 
-    m.zb.spawn().await;
+    zb.spawn().await;
     eventually(
-        "new connections succeed",
+        "new connections to B succeed",
         Duration::from_secs(10),
         || async {
-            echo_roundtrip(out, b"again")
+            echo_roundtrip(to_b, b"again")
                 .await
                 .map(|b| b == b"again")
                 .unwrap_or(false)
@@ -437,4 +504,67 @@ async fn sigterm_drains_then_exits_zero() {
     assert!(matches!(n, Ok(0) | Err(_)));
     let log = m.zb.log_text();
     assert!(log.contains("drain deadline passed"), "{log}");
+}
+
+#[tokio::test]
+async fn a_reset_on_one_end_is_a_reset_on_the_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Subnet::unique();
+    let client = Pod::new("client", "default", "client", net.ip(1), "node-a");
+    let server = Pod::new("server", "default", "server", net.ip(2), "node-b");
+    let ca = ca_for(dir.path(), &[&client, &server]).await;
+    // An app that reads one byte and then aborts its connection (RST).
+    let app = tokio::net::TcpListener::bind(net.addr(2, APP_PORT))
+        .await
+        .unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = app.accept().await {
+            let mut b = [0u8; 1];
+            let _ = s.read_exact(&mut b).await;
+            let _ = socket2::SockRef::from(&s).set_linger(Some(Duration::ZERO));
+            drop(s);
+        }
+    });
+    let state = state_yaml(&[&client, &server], &[], "");
+    let out = net.addr(1, 15001);
+    let _za = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec {
+            name: "za",
+            node: "node-a",
+            ip: net.ip(10),
+            inbound_ips: vec![],
+            outbound: vec![(out, client.uid.clone(), net.addr(2, APP_PORT))],
+            plaintext: vec![],
+            state_yaml: state.clone(),
+            extra: "",
+        },
+    )
+    .await;
+    let _zb = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec {
+            name: "zb",
+            node: "node-b",
+            ip: net.ip(11),
+            inbound_ips: vec![server.ip],
+            outbound: vec![],
+            plaintext: vec![],
+            state_yaml: state,
+            extra: "",
+        },
+    )
+    .await;
+    let mut s = TcpStream::connect(out).await.unwrap();
+    s.write_all(b"x").await.unwrap();
+    let mut buf = [0u8; 8];
+    let r = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("in time");
+    match r {
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::ConnectionReset, "{e}"),
+        Ok(n) => panic!("expected a reset, got a clean read of {n} bytes"),
+    }
 }

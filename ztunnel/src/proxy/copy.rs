@@ -53,3 +53,22 @@ where
     let down = one_way(br, aw, &counters.received);
     tokio::try_join!(up, down).map(|_| ())
 }
+
+/// Copies until done or cancelled (policy revocation, drain deadline). The
+/// streams are borrowed so the caller can reset its TCP side after an error.
+pub async fn run<A, B>(
+    cancel: &tokio_util::sync::CancellationToken,
+    a: &mut A,
+    b: &mut B,
+    counters: Arc<Counters>,
+) -> Result<(), (crate::metrics::ResponseFlags, String)>
+where
+    A: AsyncRead + AsyncWrite + Unpin,
+    B: AsyncRead + AsyncWrite + Unpin,
+{
+    use crate::metrics::ResponseFlags;
+    tokio::select! {
+        r = bidirectional(a, b, counters) => r.map_err(|e| (ResponseFlags::None, e.to_string())),
+        _ = cancel.cancelled() => Err((ResponseFlags::None, "closed by the proxy".to_string())),
+    }
+}

@@ -6,21 +6,15 @@ use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use bytes::Bytes;
-use http::{Request, Response, StatusCode};
-use http_body_util::Empty;
-use hyper::body::Incoming;
-use hyper::service::service_fn;
-use hyper_util::rt::TokioIo;
+use http::{Request, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tracing::{debug, info, warn};
 
 use super::conns::{ConnInfo, Direction, Protocol};
-use super::copy::Counters;
-use super::outbound::run_copy;
+use super::copy::{self, Counters};
 use super::{Finished, Proxy, socket};
-use crate::hbone::{self, FORWARDED};
+use crate::hbone::{self, FORWARDED, Responder};
 use crate::identity::Identity;
 use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
 use crate::state::policy::{self, Connection, Decision};
@@ -102,61 +96,51 @@ async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) 
         return warn!(%peer, "HBONE peer has no identity after handshake; closing");
     };
     debug!(%peer, %local, identity = %src_identity, "HBONE connection");
-    let svc = {
-        let proxy = proxy.clone();
-        let dst = dst.clone();
-        let src_identity = src_identity.clone();
-        service_fn(move |req| {
-            let proxy = proxy.clone();
-            let dst = dst.clone();
-            let src_identity = src_identity.clone();
-            async move {
-                Ok::<_, std::convert::Infallible>(
-                    handle_stream(proxy, req, peer, dst, src_identity).await,
-                )
-            }
-        })
-    };
     let max_streams = u32::try_from(proxy.cfg.pool.max_streams).unwrap_or(u32::MAX);
-    let conn =
-        hbone::server_builder(&proxy.cfg.h2, max_streams).serve_connection(TokioIo::new(tls), svc);
-    tokio::pin!(conn);
-    let result = tokio::select! {
-        r = conn.as_mut() => r,
-        _ = proxy.draining.cancelled() => {
-            // GOAWAY: no new streams; open ones finish.
-            conn.as_mut().graceful_shutdown();
-            conn.await
+    let handler = {
+        let proxy = proxy.clone();
+        move |req: Request<()>, respond: Responder| {
+            handle_stream(
+                proxy.clone(),
+                req,
+                respond,
+                peer,
+                dst.clone(),
+                src_identity.clone(),
+            )
         }
     };
+    let result = hbone::serve_connection(
+        tls,
+        &proxy.cfg.h2,
+        max_streams,
+        proxy.draining.clone(),
+        handler,
+    )
+    .await;
     if let Err(e) = result {
         debug!(%peer, error = %e, "HBONE connection ended with an error");
     }
 }
 
-fn reply(status: StatusCode) -> Response<Empty<Bytes>> {
-    let mut r = Response::new(Empty::new());
-    *r.status_mut() = status;
-    r
-}
-
 async fn handle_stream(
     proxy: Arc<Proxy>,
-    mut req: Request<Incoming>,
+    req: Request<()>,
+    respond: Responder,
     peer: SocketAddr,
     dst: Arc<Workload>,
     src_identity: Identity,
-) -> Response<Empty<Bytes>> {
+) {
     let target = match hbone::parse_connect(&req) {
         Ok(t) => t,
         Err(e) => {
             info!(%peer, identity = %src_identity, reason = %e, "HBONE request refused (400)");
-            return reply(StatusCode::BAD_REQUEST);
+            return respond.refuse(StatusCode::BAD_REQUEST);
         }
     };
     if !dst.addresses.contains(&target.ip()) {
         info!(%peer, %target, workload = %dst.uid, "HBONE target is not the connection's destination workload (400)");
-        return reply(StatusCode::BAD_REQUEST);
+        return respond.refuse(StatusCode::BAD_REQUEST);
     }
     let snap = proxy.state.snapshot();
     let src_wl = snap.workload_by_ip(&proxy.cfg.network, peer.ip()).cloned();
@@ -207,10 +191,10 @@ async fn handle_stream(
             flags: ResponseFlags::Deny,
             error: Some(decision.to_string()),
         });
-        return reply(hbone::status_for_denied());
+        return respond.refuse(StatusCode::UNAUTHORIZED);
     }
     // Dial first, then answer: 200 means the app accepted the connection.
-    let upstream = match socket::dial(
+    let mut upstream = match socket::dial(
         target,
         None,
         proxy.cfg.socket_mark,
@@ -227,33 +211,21 @@ async fn handle_stream(
                 flags: ResponseFlags::Connect,
                 error: Some(format!("connect to {target}: {e}")),
             });
-            return reply(hbone::status_for_dial_failure());
+            return respond.refuse(StatusCode::SERVICE_UNAVAILABLE);
         }
     };
-    let on_upgrade = hyper::upgrade::on(&mut req);
-    tokio::spawn(async move {
-        proxy.metrics.active_connections.inc();
-        let result = match on_upgrade.await {
-            Ok(up) => run_copy(&tracked.cancel, TokioIo::new(up), upstream, counters).await,
-            Err(e) => Err((ResponseFlags::None, format!("upgrade failed: {e}"))),
-        };
-        proxy.metrics.active_connections.dec();
-        let revoked = tracked.info.close_reason.get().cloned();
-        let (flags, error) = match (result, revoked) {
-            (Ok(()), _) => (ResponseFlags::None, None),
-            (Err(_), Some(reason)) if reason.contains("denied") => {
-                (ResponseFlags::Deny, Some(reason))
-            }
-            (Err((f, e)), _) => (f, Some(e)),
-        };
-        proxy.record(Finished {
-            labels,
-            info: &tracked.info,
-            flags,
-            error,
-        });
-    });
-    reply(StatusCode::OK)
+    proxy.metrics.active_connections.inc();
+    let result = match respond.accept() {
+        Ok(mut tunnel) => copy::run(&tracked.cancel, &mut tunnel, &mut upstream, counters)
+            .await
+            .inspect_err(|_| {
+                tunnel.reset();
+                socket::reset(&upstream);
+            }),
+        Err(e) => Err((ResponseFlags::None, format!("answering CONNECT: {e}"))),
+    };
+    proxy.metrics.active_connections.dec();
+    proxy.finish(labels, &tracked.info, result);
 }
 
 /// Closes open inbound connections that a policy change now denies.

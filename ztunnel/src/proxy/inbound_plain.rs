@@ -9,9 +9,8 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{info, warn};
 
 use super::conns::{ConnInfo, Direction, Protocol};
-use super::copy::Counters;
+use super::copy::{self, Counters};
 use super::inbound::authorize;
-use super::outbound::run_copy;
 use super::{Finished, Proxy, socket};
 use crate::config::PROXY_PORTS;
 use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
@@ -20,7 +19,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, fixed_target: Optio
     super::accept_captured(proxy, listener, fixed_target, handle).await
 }
 
-async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, target: SocketAddr) {
+async fn handle(proxy: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr, target: SocketAddr) {
     let _ = tcp.set_nodelay(true);
     if PROXY_PORTS.contains(&target.port()) {
         return info!(%peer, %target, "plaintext connection to a proxy port refused");
@@ -85,7 +84,12 @@ async fn handle(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr, target: Soc
     )
     .await
     {
-        Ok(up) => run_copy(&tracked.cancel, tcp, up, counters).await,
+        Ok(mut up) => copy::run(&tracked.cancel, &mut tcp, &mut up, counters)
+            .await
+            .inspect_err(|_| {
+                socket::reset(&tcp);
+                socket::reset(&up);
+            }),
         Err(e) => Err((ResponseFlags::Connect, format!("connect to {target}: {e}"))),
     };
     proxy.metrics.active_connections.dec();

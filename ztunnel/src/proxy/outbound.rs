@@ -198,7 +198,7 @@ pub async fn serve(
 
 async fn handle(
     proxy: Arc<Proxy>,
-    tcp: TcpStream,
+    mut tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     source_uid: &str,
@@ -303,15 +303,20 @@ async fn handle(
                     forwarded_for: Some(peer),
                     traceparent: Some(new_traceparent()),
                 };
-                let (stream, _guard) = proxy
+                let (mut stream, _guard) = proxy
                     .pool
                     .connect(&key, target, &headers)
                     .await
                     .map_err(|e| (ResponseFlags::Connect, e.to_string()))?;
-                run_copy(&tracked.cancel, tcp, stream, counters.clone()).await
+                copy::run(&tracked.cancel, &mut tcp, &mut stream, counters.clone())
+                    .await
+                    .inspect_err(|_| {
+                        stream.reset();
+                        socket::reset(&tcp);
+                    })
             }
             Route::Direct { addr, .. } | Route::Passthrough { addr } => {
-                let up = socket::dial(
+                let mut up = socket::dial(
                     addr,
                     src_ip,
                     proxy.cfg.socket_mark,
@@ -319,7 +324,12 @@ async fn handle(
                 )
                 .await
                 .map_err(|e| (ResponseFlags::Connect, format!("connect to {addr}: {e}")))?;
-                run_copy(&tracked.cancel, tcp, up, counters.clone()).await
+                copy::run(&tracked.cancel, &mut tcp, &mut up, counters.clone())
+                    .await
+                    .inspect_err(|_| {
+                        socket::reset(&tcp);
+                        socket::reset(&up);
+                    })
             }
         }
     }
@@ -329,21 +339,4 @@ async fn handle(
         debug!(%peer, %dst, error = %e, "outbound connection failed");
     }
     proxy.finish(labels, &tracked.info, result);
-}
-
-/// Copies until done or cancelled (policy revocation, drain deadline).
-pub async fn run_copy<A, B>(
-    cancel: &tokio_util::sync::CancellationToken,
-    a: A,
-    b: B,
-    counters: Arc<Counters>,
-) -> Result<(), (ResponseFlags, String)>
-where
-    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-    B: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
-{
-    tokio::select! {
-        r = copy::bidirectional(a, b, counters) => r.map_err(|e| (ResponseFlags::None, e.to_string())),
-        _ = cancel.cancelled() => Err((ResponseFlags::None, "closed by the proxy".to_string())),
-    }
 }

@@ -10,12 +10,10 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use std::sync::atomic::AtomicBool;
+
 use bytes::Bytes;
-use http::StatusCode;
-use http_body_util::Empty;
-use hyper::client::conn::http2::SendRequest;
-use hyper::upgrade::Upgraded;
-use hyper_util::rt::TokioIo;
+use h2::client::SendRequest;
 use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
@@ -23,7 +21,7 @@ use tracing::{debug, info, warn};
 use super::socket;
 use crate::certs::{CertError, CertificateManager};
 use crate::config::{H2Config, PoolConfig};
-use crate::hbone;
+use crate::hbone::{self, H2Stream, OpenError};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
 use crate::tls::{TlsError, client_config, handshake_failure};
@@ -48,13 +46,19 @@ pub enum PoolError {
     Handshake { addr: SocketAddr, reason: String },
     #[error("HTTP/2 with {addr}: {reason}")]
     H2 { addr: SocketAddr, reason: String },
-    #[error("peer answered {status} to CONNECT")]
-    Status { status: StatusCode },
+    #[error("HBONE to {addr}: {source}")]
+    Open {
+        addr: SocketAddr,
+        #[source]
+        source: OpenError,
+    },
 }
 
 struct Conn {
     id: u64,
-    sender: SendRequest<Empty<Bytes>>,
+    sender: SendRequest<Bytes>,
+    /// Set by the connection's driver task when the connection ends.
+    closed: Arc<AtomicBool>,
     streams: AtomicUsize,
     last_used: Mutex<Instant>,
 }
@@ -69,7 +73,7 @@ impl Conn {
     }
 
     fn usable(&self) -> bool {
-        !self.sender.is_closed()
+        !self.closed.load(Ordering::Acquire)
     }
 }
 
@@ -247,8 +251,7 @@ impl Pool {
             addr,
             reason: handshake_failure(&e),
         })?;
-        let (sender, conn) = hbone::client_builder(&self.inner.h2)
-            .handshake(TokioIo::new(tls))
+        let (sender, driver) = hbone::client_handshake(tls, &self.inner.h2)
             .await
             .map_err(|e| PoolError::H2 {
                 addr,
@@ -257,18 +260,22 @@ impl Pool {
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let gauge = self.inner.metrics.hbone_pool_connections.clone();
         gauge.inc();
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed_flag = closed.clone();
         let (src, dst) = (key.src.clone(), key.dst.clone());
         tokio::spawn(async move {
-            match conn.await {
+            match driver.await {
                 Ok(()) => debug!(conn = id, %addr, "pooled connection closed"),
                 Err(e) => info!(conn = id, %addr, error = %e, "pooled connection failed"),
             }
+            closed_flag.store(true, Ordering::Release);
             gauge.dec();
         });
         debug!(conn = id, %addr, %src, %dst, "new pooled HBONE connection");
         Ok(Arc::new(Conn {
             id,
             sender,
+            closed,
             streams: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
         }))
@@ -280,51 +287,24 @@ impl Pool {
         key: &PoolKey,
         target: SocketAddr,
         headers: &hbone::ConnectHeaders,
-    ) -> Result<(TokioIo<Upgraded>, StreamGuard), PoolError> {
-        let mut last = None;
+    ) -> Result<(H2Stream, StreamGuard), PoolError> {
+        let addr = key.next_hop;
         // A connection found dead when used is dropped and the stream is
-        // retried once on a fresh one.
-        for _ in 0..2 {
+        // retried once on a fresh one; other errors belong to this stream.
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
             let conn = self.checkout(key).await?;
             let guard = StreamGuard { conn: conn.clone() };
-            let mut sender = conn.sender.clone();
-            let req = hbone::connect_request(target, headers).map_err(|e| PoolError::H2 {
-                addr: key.next_hop,
-                reason: e.to_string(),
-            })?;
-            let sent = match sender.ready().await {
-                Ok(()) => sender.send_request(req).await,
-                Err(e) => Err(e),
-            };
-            match sent {
-                Ok(resp) if resp.status() == StatusCode::OK => {
-                    let up = hyper::upgrade::on(resp).await.map_err(|e| PoolError::H2 {
-                        addr: key.next_hop,
-                        reason: e.to_string(),
-                    })?;
-                    return Ok((TokioIo::new(up), guard));
-                }
-                Ok(resp) => {
-                    return Err(PoolError::Status {
-                        status: resp.status(),
-                    });
-                }
-                Err(e) if e.is_closed() || e.is_canceled() => {
-                    warn!(conn = conn.id, addr = %key.next_hop, error = %e, "pooled connection is gone; retrying on a new one");
+            match hbone::open(&conn.sender, target, headers).await {
+                Ok(stream) => return Ok((stream, guard)),
+                Err(e) if attempt == 1 && e.connection_gone() => {
+                    warn!(conn = conn.id, %addr, error = %e, "pooled connection is gone; retrying on a new one");
+                    conn.closed.store(true, Ordering::Release);
                     self.remove(key, conn.id);
-                    last = Some(e.to_string());
                 }
-                Err(e) => {
-                    return Err(PoolError::H2 {
-                        addr: key.next_hop,
-                        reason: e.to_string(),
-                    });
-                }
+                Err(source) => return Err(PoolError::Open { addr, source }),
             }
         }
-        Err(PoolError::H2 {
-            addr: key.next_hop,
-            reason: last.unwrap_or_default(),
-        })
     }
 }

@@ -58,3 +58,8 @@ pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
         )
     })
 }
+
+/// Closes with RST rather than FIN, so a reset upstream is seen as a reset.
+pub fn reset(s: &TcpStream) {
+    let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
+}
