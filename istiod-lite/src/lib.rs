@@ -1,5 +1,9 @@
 //! istiod-lite: the mesh controller.
 //!
-//! Today: the CA (`ca`). The config model and Delta ADS push build on it.
+//! `config` (sources of Kubernetes objects) -> `model` (workloads, services,
+//! policies as xDS resources) -> `xds` (Delta ADS push); `ca` signs
+//! certificates, asking the model which identities run on a node.
 
 pub mod ca;
+pub mod config;
+pub mod model;

@@ -1,0 +1,264 @@
+//! The folder source: a directory of Kubernetes YAML (multi-document files
+//! allowed), re-read when a file changes. A file that does not parse, or an
+//! object that does not, is reported by name and skipped; the last good
+//! version of that object stays in force.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+use serde::{Deserialize, Serialize};
+
+use super::objects::{Change, Object, ObjectError, ObjectKey};
+
+/// One reported problem with the config.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ConfigIssue {
+    pub file: String,
+    /// "Kind/namespace/name" when the problem is in one object.
+    pub object: Option<String>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for ConfigIssue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.object {
+            Some(o) => write!(f, "{}: {}: {}", self.file, o, self.reason),
+            None => write!(f, "{}: {}", self.file, self.reason),
+        }
+    }
+}
+
+#[derive(Clone)]
+struct Entry {
+    object: Object,
+    raw: serde_json::Value,
+}
+
+#[derive(Default)]
+struct FileState {
+    mtime: Option<SystemTime>,
+    /// The last good version of every object the file defines.
+    objects: BTreeMap<ObjectKey, Entry>,
+    issues: Vec<ConfigIssue>,
+}
+
+pub struct FolderSource {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    /// What the model currently has, by key.
+    current: HashMap<ObjectKey, serde_json::Value>,
+    duplicates: Vec<ConfigIssue>,
+}
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+            out.push(p);
+        }
+    }
+}
+
+/// Kind/namespace/name as written in a raw document, for reporting an
+/// object that failed to parse.
+fn raw_label(v: &serde_json::Value) -> Option<String> {
+    let kind = v.get("kind")?.as_str()?;
+    let name = v.pointer("/metadata/name")?.as_str()?;
+    let ns = v
+        .pointer("/metadata/namespace")
+        .and_then(|x| x.as_str())
+        .unwrap_or("");
+    Some(if ns.is_empty() {
+        format!("{kind}/{name}")
+    } else {
+        format!("{kind}/{ns}/{name}")
+    })
+}
+
+impl FolderSource {
+    pub fn new(dir: impl Into<PathBuf>) -> Self {
+        FolderSource {
+            dir: dir.into(),
+            files: BTreeMap::new(),
+            current: HashMap::new(),
+            duplicates: Vec::new(),
+        }
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Every problem currently reported, by file.
+    pub fn issues(&self) -> Vec<ConfigIssue> {
+        self.files
+            .values()
+            .flat_map(|f| f.issues.iter().cloned())
+            .chain(self.duplicates.iter().cloned())
+            .collect()
+    }
+
+    fn load_file(path: &Path, prev: &FileState) -> FileState {
+        let file = path.display().to_string();
+        let mtime = std::fs::metadata(path).and_then(|m| m.modified()).ok();
+        let mut state = FileState {
+            mtime,
+            ..FileState::default()
+        };
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) => {
+                state.objects = prev.objects.clone();
+                state.issues.push(ConfigIssue {
+                    file,
+                    object: None,
+                    reason: format!("cannot read: {e}"),
+                });
+                return state;
+            }
+        };
+        // Parse every document first: a syntax error anywhere keeps the
+        // file's previous objects, since documents after it cannot be trusted.
+        let mut docs = Vec::new();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            match serde_json::Value::deserialize(doc) {
+                Ok(serde_json::Value::Null) => {}
+                Ok(v) => docs.push(v),
+                Err(e) => {
+                    state.objects = prev.objects.clone();
+                    state.issues.push(ConfigIssue {
+                        file,
+                        object: None,
+                        reason: format!("YAML syntax: {e}"),
+                    });
+                    return state;
+                }
+            }
+        }
+        for v in docs {
+            let label = raw_label(&v);
+            let raw_key = ObjectKey::of_raw(&v, "default");
+            let mut raw = v.clone();
+            match Object::parse(v) {
+                Ok(Some(mut obj)) => {
+                    obj.default_namespace("default");
+                    let key = obj.key();
+                    if let Some(m) = raw.get_mut("metadata").and_then(|m| m.as_object_mut()) {
+                        m.entry("namespace")
+                            .or_insert_with(|| key.namespace.clone().into());
+                    }
+                    if state.objects.contains_key(&key) {
+                        state.issues.push(ConfigIssue {
+                            file: file.clone(),
+                            object: Some(key.to_string()),
+                            reason: "duplicate object in this file; the first is used".into(),
+                        });
+                        continue;
+                    }
+                    state.objects.insert(key, Entry { object: obj, raw });
+                }
+                Ok(None) => {}
+                Err(e) => {
+                    // Keep the last good version of this object, if any.
+                    if let Some(k) = raw_key
+                        && let Some(old) = prev.objects.get(&k)
+                    {
+                        state.objects.insert(k, old.clone());
+                    }
+                    let (object, reason) = match &e {
+                        ObjectError::UnknownField { field, .. } => {
+                            (label, format!("unknown field {field:?}"))
+                        }
+                        ObjectError::Invalid { reason, .. } => (label, reason.clone()),
+                        other => (label, other.to_string()),
+                    };
+                    state.issues.push(ConfigIssue {
+                        file: file.clone(),
+                        object,
+                        reason,
+                    });
+                }
+            }
+        }
+        state
+    }
+
+    /// Re-reads changed, new and removed files and returns the resulting
+    /// changes for the model.
+    pub fn scan(&mut self) -> Vec<Change> {
+        let mut paths = Vec::new();
+        yaml_files(&self.dir, &mut paths);
+        paths.sort();
+        let mut dirty = false;
+        let gone: Vec<PathBuf> = self
+            .files
+            .keys()
+            .filter(|p| !paths.contains(p))
+            .cloned()
+            .collect();
+        for p in gone {
+            self.files.remove(&p);
+            dirty = true;
+        }
+        for p in &paths {
+            let mtime = std::fs::metadata(p).and_then(|m| m.modified()).ok();
+            let prev = self.files.get(p);
+            if prev.is_some_and(|f| f.mtime == mtime && mtime.is_some()) {
+                continue;
+            }
+            let empty = FileState::default();
+            let next = Self::load_file(p, prev.unwrap_or(&empty));
+            for i in &next.issues {
+                tracing::warn!("config: {i}");
+            }
+            self.files.insert(p.clone(), next);
+            dirty = true;
+        }
+        if !dirty {
+            return Vec::new();
+        }
+        // Merge files in path order; the first definition of a key wins.
+        let mut merged: BTreeMap<ObjectKey, (&Path, &Entry)> = BTreeMap::new();
+        self.duplicates.clear();
+        for (path, f) in &self.files {
+            for (k, e) in &f.objects {
+                if let Some((first, _)) = merged.get(k) {
+                    self.duplicates.push(ConfigIssue {
+                        file: path.display().to_string(),
+                        object: Some(k.to_string()),
+                        reason: format!(
+                            "duplicate of the object in {}; that one is used",
+                            first.display()
+                        ),
+                    });
+                    continue;
+                }
+                merged.insert(k.clone(), (path.as_path(), e));
+            }
+        }
+        let mut changes = Vec::new();
+        let removed: Vec<ObjectKey> = self
+            .current
+            .keys()
+            .filter(|k| !merged.contains_key(*k))
+            .cloned()
+            .collect();
+        for k in removed {
+            self.current.remove(&k);
+            changes.push(Change::Delete(k));
+        }
+        for (k, (_, e)) in merged {
+            if self.current.get(&k) != Some(&e.raw) {
+                self.current.insert(k, e.raw.clone());
+                changes.push(Change::Upsert(e.object.clone()));
+            }
+        }
+        changes
+    }
+}

@@ -1,0 +1,6 @@
+//! Config sources: what users write (Kubernetes objects), from a folder or
+//! the Kubernetes API, into one stream of changes.
+
+pub mod crds;
+pub mod folder;
+pub mod objects;

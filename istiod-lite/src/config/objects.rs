@@ -1,0 +1,284 @@
+//! The Kubernetes objects the controller reads, from either source, and how
+//! one document becomes one typed object (or a named error).
+
+use std::fmt;
+
+use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::httproutes::HttpRoute as HTTPRoute;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use serde::de::DeserializeOwned;
+
+use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication};
+
+/// One typed object.
+#[derive(Clone, Debug)]
+pub enum Object {
+    Namespace(Box<Namespace>),
+    Pod(Box<Pod>),
+    Service(Box<Service>),
+    EndpointSlice(Box<EndpointSlice>),
+    ServiceAccount(Box<ServiceAccount>),
+    Node(Box<Node>),
+    Gateway(Box<Gateway>),
+    HttpRoute(Box<HTTPRoute>),
+    AuthorizationPolicy(Box<AuthorizationPolicy>),
+    PeerAuthentication(Box<PeerAuthentication>),
+    DestinationRule(Box<DestinationRule>),
+}
+
+/// What identifies an object: kind, namespace (empty when cluster-scoped), name.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub struct ObjectKey {
+    pub kind: Kind,
+    pub namespace: String,
+    pub name: String,
+}
+
+impl fmt::Display for ObjectKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.namespace.is_empty() {
+            write!(f, "{:?}/{}", self.kind, self.name)
+        } else {
+            write!(f, "{:?}/{}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+pub enum Kind {
+    Namespace,
+    Pod,
+    Service,
+    EndpointSlice,
+    ServiceAccount,
+    Node,
+    Gateway,
+    HttpRoute,
+    AuthorizationPolicy,
+    PeerAuthentication,
+    DestinationRule,
+}
+
+impl Kind {
+    /// The kind from its Kubernetes name.
+    pub fn from_name(kind: &str) -> Option<Kind> {
+        Some(match kind {
+            "Namespace" => Kind::Namespace,
+            "Pod" => Kind::Pod,
+            "Service" => Kind::Service,
+            "EndpointSlice" => Kind::EndpointSlice,
+            "ServiceAccount" => Kind::ServiceAccount,
+            "Node" => Kind::Node,
+            "Gateway" => Kind::Gateway,
+            "HTTPRoute" => Kind::HttpRoute,
+            "AuthorizationPolicy" => Kind::AuthorizationPolicy,
+            "PeerAuthentication" => Kind::PeerAuthentication,
+            "DestinationRule" => Kind::DestinationRule,
+            _ => return None,
+        })
+    }
+
+    pub fn namespaced(self) -> bool {
+        !matches!(self, Kind::Namespace | Kind::Node)
+    }
+}
+
+impl ObjectKey {
+    /// The key read straight off a raw document (which may not parse), with
+    /// namespaced kinds defaulting to `default_ns`.
+    pub fn of_raw(v: &serde_json::Value, default_ns: &str) -> Option<ObjectKey> {
+        let kind = Kind::from_name(v.get("kind")?.as_str()?)?;
+        let name = v.pointer("/metadata/name")?.as_str()?.to_string();
+        let ns = v
+            .pointer("/metadata/namespace")
+            .and_then(|x| x.as_str())
+            .unwrap_or("");
+        let namespace = match (kind.namespaced(), ns) {
+            (false, _) => String::new(),
+            (true, "") => default_ns.to_string(),
+            (true, ns) => ns.to_string(),
+        };
+        Some(ObjectKey {
+            kind,
+            namespace,
+            name,
+        })
+    }
+}
+
+/// Why a document was not taken.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ObjectError {
+    #[error("not an object with apiVersion and kind")]
+    NotAnObject,
+    #[error("unknown kind {kind:?} (apiVersion {api_version:?})")]
+    UnknownKind { api_version: String, kind: String },
+    #[error("{kind} {name:?}: {reason}")]
+    Invalid {
+        kind: String,
+        name: String,
+        reason: String,
+    },
+    #[error("{kind} {name:?}: unknown field {field:?}")]
+    UnknownField {
+        kind: String,
+        name: String,
+        field: String,
+    },
+}
+
+/// Kinds a Kubernetes folder commonly holds that the controller has no use
+/// for: taken silently rather than reported.
+const IGNORED_KINDS: &[&str] = &[
+    "Deployment",
+    "ReplicaSet",
+    "StatefulSet",
+    "DaemonSet",
+    "Job",
+    "CronJob",
+    "ConfigMap",
+    "Secret",
+    "Endpoints",
+    "CustomResourceDefinition",
+];
+
+fn typed<T: DeserializeOwned>(
+    v: serde_json::Value,
+    kind: &str,
+    name: &str,
+) -> Result<T, ObjectError> {
+    let mut unknown = Vec::new();
+    // serde_ignored marks Option layers with "?"; users know paths without them.
+    let out: T =
+        serde_ignored::deserialize(v, |path| unknown.push(path.to_string().replace("?.", "")))
+            .map_err(|e| ObjectError::Invalid {
+                kind: kind.to_string(),
+                name: name.to_string(),
+                reason: e.to_string(),
+            })?;
+    // `status` is written by the cluster, and kinds evolve there: only spec
+    // and metadata fields must be ones we know.
+    // apiVersion and kind were checked when the type was chosen.
+    if let Some(field) = unknown
+        .into_iter()
+        .find(|p| !p.starts_with("status") && p != "apiVersion" && p != "kind")
+    {
+        return Err(ObjectError::UnknownField {
+            kind: kind.to_string(),
+            name: name.to_string(),
+            field,
+        });
+    }
+    Ok(out)
+}
+
+impl Object {
+    /// Parses one document. `Ok(None)` is a kind the controller ignores.
+    pub fn parse(v: serde_json::Value) -> Result<Option<Object>, ObjectError> {
+        let api_version = v
+            .get("apiVersion")
+            .and_then(|x| x.as_str())
+            .ok_or(ObjectError::NotAnObject)?
+            .to_string();
+        let kind = v
+            .get("kind")
+            .and_then(|x| x.as_str())
+            .ok_or(ObjectError::NotAnObject)?
+            .to_string();
+        let name = v
+            .pointer("/metadata/name")
+            .and_then(|x| x.as_str())
+            .unwrap_or_default()
+            .to_string();
+        let group = api_version.rsplit_once('/').map(|(g, _)| g).unwrap_or("");
+        let k = kind.as_str();
+        let obj = match (group, k) {
+            ("", "Namespace") => Object::Namespace(Box::new(typed(v, k, &name)?)),
+            ("", "Pod") => Object::Pod(Box::new(typed(v, k, &name)?)),
+            ("", "Service") => Object::Service(Box::new(typed(v, k, &name)?)),
+            ("", "ServiceAccount") => Object::ServiceAccount(Box::new(typed(v, k, &name)?)),
+            ("", "Node") => Object::Node(Box::new(typed(v, k, &name)?)),
+            ("discovery.k8s.io", "EndpointSlice") => {
+                Object::EndpointSlice(Box::new(typed(v, k, &name)?))
+            }
+            ("gateway.networking.k8s.io", "Gateway") => {
+                Object::Gateway(Box::new(typed(v, k, &name)?))
+            }
+            ("gateway.networking.k8s.io", "HTTPRoute") => {
+                Object::HttpRoute(Box::new(typed(v, k, &name)?))
+            }
+            ("security.istio.io", "AuthorizationPolicy") => {
+                Object::AuthorizationPolicy(Box::new(typed(v, k, &name)?))
+            }
+            ("security.istio.io", "PeerAuthentication") => {
+                Object::PeerAuthentication(Box::new(typed(v, k, &name)?))
+            }
+            ("networking.istio.io", "DestinationRule") => {
+                Object::DestinationRule(Box::new(typed(v, k, &name)?))
+            }
+            (_, k) if IGNORED_KINDS.contains(&k) => return Ok(None),
+            _ => return Err(ObjectError::UnknownKind { api_version, kind }),
+        };
+        if obj.key().name.is_empty() {
+            return Err(ObjectError::Invalid {
+                kind,
+                name,
+                reason: "metadata.name is required".into(),
+            });
+        }
+        Ok(Some(obj))
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        fn k(
+            kind: Kind,
+            m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta,
+        ) -> ObjectKey {
+            ObjectKey {
+                kind,
+                namespace: m.namespace.clone().unwrap_or_default(),
+                name: m.name.clone().unwrap_or_default(),
+            }
+        }
+        match self {
+            Object::Namespace(o) => k(Kind::Namespace, &o.metadata),
+            Object::Pod(o) => k(Kind::Pod, &o.metadata),
+            Object::Service(o) => k(Kind::Service, &o.metadata),
+            Object::EndpointSlice(o) => k(Kind::EndpointSlice, &o.metadata),
+            Object::ServiceAccount(o) => k(Kind::ServiceAccount, &o.metadata),
+            Object::Node(o) => k(Kind::Node, &o.metadata),
+            Object::Gateway(o) => k(Kind::Gateway, &o.metadata),
+            Object::HttpRoute(o) => k(Kind::HttpRoute, &o.metadata),
+            Object::AuthorizationPolicy(o) => k(Kind::AuthorizationPolicy, &o.metadata),
+            Object::PeerAuthentication(o) => k(Kind::PeerAuthentication, &o.metadata),
+            Object::DestinationRule(o) => k(Kind::DestinationRule, &o.metadata),
+        }
+    }
+
+    /// Namespaced kinds without a namespace land in `default`, as kubectl does.
+    pub fn default_namespace(&mut self, ns: &str) {
+        let m = match self {
+            Object::Namespace(_) | Object::Node(_) => return,
+            Object::Pod(o) => &mut o.metadata,
+            Object::Service(o) => &mut o.metadata,
+            Object::EndpointSlice(o) => &mut o.metadata,
+            Object::ServiceAccount(o) => &mut o.metadata,
+            Object::Gateway(o) => &mut o.metadata,
+            Object::HttpRoute(o) => &mut o.metadata,
+            Object::AuthorizationPolicy(o) => &mut o.metadata,
+            Object::PeerAuthentication(o) => &mut o.metadata,
+            Object::DestinationRule(o) => &mut o.metadata,
+        };
+        if m.namespace.as_deref().unwrap_or("").is_empty() {
+            m.namespace = Some(ns.to_string());
+        }
+    }
+}
+
+/// A change to the model's inputs.
+#[derive(Clone, Debug)]
+pub enum Change {
+    Upsert(Object),
+    Delete(ObjectKey),
+}

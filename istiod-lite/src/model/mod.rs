@@ -1,0 +1,461 @@
+//! The controller's model: Kubernetes objects in, xDS resources out.
+//!
+//! Inputs are kept by key. A change marks only the outputs it can affect (a
+//! pod marks its own workload; a service marks the pods of its namespace; a
+//! namespace label marks that namespace), those are recomputed, and the
+//! resulting [`Delta`] names the resources whose content changed. A
+//! resource's version is a hash of its bytes, so an unchanged resource keeps
+//! its version across restarts and a reconnecting proxy is not sent it again.
+
+mod authz;
+mod workload;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use mesh_proto::istio::security::Authorization;
+use mesh_proto::istio::workload::Address;
+use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use prost::Message;
+use serde::Serialize;
+use ztunnel::identity::Identity;
+
+use crate::config::crds::{AuthorizationPolicy, PeerAuthentication};
+use crate::config::objects::{Change, Kind, Object, ObjectKey};
+use gateway_api::apis::standard::gateways::Gateway;
+
+/// Namespace (and pod) label that enrolls workloads in the mesh.
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+/// Label naming the waypoint a namespace, service or pod uses.
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+/// Label on a waypoint Gateway: what traffic it serves.
+pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+
+#[derive(Debug, Clone)]
+pub struct ModelConfig {
+    pub trust_domain: String,
+    /// Cluster DNS suffix: services are `name.ns.svc.<suffix>`.
+    pub domain_suffix: String,
+    pub root_namespace: String,
+    pub cluster_id: String,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        ModelConfig {
+            trust_domain: "cluster.local".into(),
+            domain_suffix: "cluster.local".into(),
+            root_namespace: "istio-system".into(),
+            cluster_id: "Kubernetes".into(),
+        }
+    }
+}
+
+/// One xDS resource, encoded once and shared by every connection.
+#[derive(Debug, Serialize)]
+pub struct XdsResource {
+    pub name: String,
+    pub version: String,
+    #[serde(skip)]
+    pub any: prost_types::Any,
+    /// The resource as JSON, for the debug view.
+    pub json: serde_json::Value,
+}
+
+/// What an [`Model::apply`] changed, per type URL.
+#[derive(Debug, Default, Clone)]
+pub struct Delta {
+    pub changed: BTreeMap<&'static str, BTreeSet<String>>,
+    pub removed: BTreeMap<&'static str, BTreeSet<String>>,
+}
+
+impl Delta {
+    pub fn is_empty(&self) -> bool {
+        self.changed.values().all(|s| s.is_empty()) && self.removed.values().all(|s| s.is_empty())
+    }
+
+    pub fn merge(&mut self, other: Delta) {
+        for (t, names) in other.changed {
+            let removed = self.removed.entry(t).or_default();
+            for n in names {
+                removed.remove(&n);
+                self.changed.entry(t).or_default().insert(n);
+            }
+        }
+        for (t, names) in other.removed {
+            let changed = self.changed.entry(t).or_default();
+            for n in names {
+                changed.remove(&n);
+                self.removed.entry(t).or_default().insert(n);
+            }
+        }
+    }
+}
+
+/// A problem with the config the model noticed (not a parse error).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ModelIssue {
+    pub object: String,
+    pub reason: String,
+}
+
+type NsName = (String, String);
+
+#[derive(Default)]
+pub struct Model {
+    cfg: ModelConfig,
+    namespaces: BTreeMap<String, Namespace>,
+    pods: BTreeMap<NsName, Pod>,
+    services: BTreeMap<NsName, Service>,
+    slices: BTreeMap<NsName, EndpointSlice>,
+    gateways: BTreeMap<NsName, Gateway>,
+    authz_policies: BTreeMap<NsName, AuthorizationPolicy>,
+    peer_auths: BTreeMap<NsName, PeerAuthentication>,
+    others: BTreeMap<ObjectKey, Object>,
+    /// Node -> pods scheduled there, for the CA's node check.
+    pods_by_node: HashMap<String, BTreeSet<NsName>>,
+    /// Outputs, by type URL then resource name.
+    outputs: BTreeMap<&'static str, BTreeMap<String, Arc<XdsResource>>>,
+    /// Which output names each input produced, so a removal removes them.
+    produced: HashMap<Source, String>,
+    issues: BTreeMap<String, Vec<ModelIssue>>,
+}
+
+/// The input that produced an output.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+enum Source {
+    Pod(NsName),
+    Service(NsName),
+    Policy(NsName),
+    PeerAuth(NsName),
+}
+
+fn ns_name(k: &ObjectKey) -> NsName {
+    (k.namespace.clone(), k.name.clone())
+}
+
+fn version_of(bytes: &[u8]) -> String {
+    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
+    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn in_ns<V>(m: &BTreeMap<NsName, V>, ns: &str) -> Vec<NsName> {
+    m.range((ns.to_string(), String::new())..)
+        .take_while(|((n, _), _)| n == ns)
+        .map(|(k, _)| k.clone())
+        .collect()
+}
+
+/// What to recompute.
+#[derive(Default)]
+struct Dirty {
+    pods: BTreeSet<NsName>,
+    services: BTreeSet<NsName>,
+    policies: BTreeSet<NsName>,
+    peer_auths: bool,
+}
+
+impl Model {
+    pub fn new(cfg: ModelConfig) -> Self {
+        Model {
+            cfg,
+            ..Model::default()
+        }
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.cfg
+    }
+
+    /// Resources of one type, by name.
+    pub fn resources(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<XdsResource>>> {
+        self.outputs.get(type_url)
+    }
+
+    /// Problems the model noticed, by object.
+    pub fn issues(&self) -> Vec<ModelIssue> {
+        self.issues.values().flatten().cloned().collect()
+    }
+
+    /// True when a running pod with `identity` is scheduled on `node`.
+    pub fn identity_on_node(&self, node: &str, identity: &Identity) -> bool {
+        if identity.trust_domain() != self.cfg.trust_domain {
+            return false;
+        }
+        self.pods_by_node.get(node).is_some_and(|pods| {
+            pods.iter().any(|k| {
+                k.0 == identity.namespace()
+                    && self.pods.get(k).is_some_and(|p| {
+                        workload::running(p)
+                            && workload::service_account(p) == identity.service_account()
+                    })
+            })
+        })
+    }
+
+    /// Applies a batch of changes and reports what changed in the outputs.
+    pub fn apply(&mut self, changes: Vec<Change>) -> Delta {
+        let mut dirty = Dirty::default();
+        for c in changes {
+            self.apply_one(c, &mut dirty);
+        }
+        self.recompute(dirty)
+    }
+
+    fn mark_ns(&self, ns: &str, d: &mut Dirty) {
+        d.pods.extend(in_ns(&self.pods, ns));
+        d.services.extend(in_ns(&self.services, ns));
+    }
+
+    fn apply_one(&mut self, c: Change, d: &mut Dirty) {
+        let (key, obj) = match c {
+            Change::Upsert(o) => (o.key(), Some(o)),
+            Change::Delete(k) => (k, None),
+        };
+        let nn = ns_name(&key);
+        match key.kind {
+            Kind::Namespace => {
+                match obj {
+                    Some(Object::Namespace(n)) => self.namespaces.insert(key.name.clone(), *n),
+                    _ => self.namespaces.remove(&key.name),
+                };
+                self.mark_ns(&key.name, d);
+                d.policies.extend(in_ns(&self.authz_policies, &key.name));
+                d.peer_auths = true;
+            }
+            Kind::Pod => {
+                if let Some(old) = self.pods.get(&nn)
+                    && let Some(node) = old.spec.as_ref().and_then(|s| s.node_name.clone())
+                    && let Some(set) = self.pods_by_node.get_mut(&node)
+                {
+                    set.remove(&nn);
+                }
+                match obj {
+                    Some(Object::Pod(p)) => {
+                        if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                            self.pods_by_node
+                                .entry(node)
+                                .or_default()
+                                .insert(nn.clone());
+                        }
+                        self.pods.insert(nn.clone(), *p);
+                    }
+                    _ => {
+                        self.pods.remove(&nn);
+                    }
+                }
+                d.pods.insert(nn);
+            }
+            Kind::Service => {
+                match obj {
+                    Some(Object::Service(s)) => self.services.insert(nn.clone(), *s),
+                    _ => self.services.remove(&nn),
+                };
+                d.services.insert(nn.clone());
+                d.pods.extend(in_ns(&self.pods, &nn.0));
+            }
+            Kind::EndpointSlice => {
+                match obj {
+                    Some(Object::EndpointSlice(s)) => self.slices.insert(nn.clone(), *s),
+                    _ => self.slices.remove(&nn),
+                };
+                d.pods.extend(in_ns(&self.pods, &nn.0));
+            }
+            Kind::Gateway => {
+                match obj {
+                    Some(Object::Gateway(g)) => self.gateways.insert(nn.clone(), *g),
+                    _ => self.gateways.remove(&nn),
+                };
+                self.mark_ns(&nn.0, d);
+            }
+            Kind::AuthorizationPolicy => {
+                match obj {
+                    Some(Object::AuthorizationPolicy(p)) => {
+                        self.authz_policies.insert(nn.clone(), *p)
+                    }
+                    _ => self.authz_policies.remove(&nn),
+                };
+                d.policies.insert(nn.clone());
+                // Selector policies are listed on the workloads they select;
+                // in the root namespace they select across the mesh.
+                if nn.0 == self.cfg.root_namespace {
+                    d.pods.extend(self.pods.keys().cloned());
+                } else {
+                    d.pods.extend(in_ns(&self.pods, &nn.0));
+                }
+            }
+            Kind::PeerAuthentication => {
+                match obj {
+                    Some(Object::PeerAuthentication(p)) => self.peer_auths.insert(nn.clone(), *p),
+                    _ => self.peer_auths.remove(&nn),
+                };
+                d.peer_auths = true;
+                d.pods.extend(in_ns(&self.pods, &nn.0));
+            }
+            Kind::ServiceAccount | Kind::Node | Kind::HttpRoute | Kind::DestinationRule => {
+                match obj {
+                    Some(o) => self.others.insert(key, o),
+                    None => self.others.remove(&key),
+                };
+            }
+        }
+    }
+
+    fn set_output(
+        &mut self,
+        type_url: &'static str,
+        source: Source,
+        out: Option<(String, Vec<u8>, serde_json::Value)>,
+        delta: &mut Delta,
+    ) {
+        let old_name = self.produced.remove(&source);
+        if let Some(old) = &old_name
+            && out.as_ref().is_none_or(|(n, _, _)| n != old)
+            && self
+                .outputs
+                .entry(type_url)
+                .or_default()
+                .remove(old)
+                .is_some()
+        {
+            delta
+                .removed
+                .entry(type_url)
+                .or_default()
+                .insert(old.clone());
+        }
+        let Some((name, bytes, json)) = out else {
+            return;
+        };
+        let version = version_of(&bytes);
+        self.produced.insert(source, name.clone());
+        let outputs = self.outputs.entry(type_url).or_default();
+        if outputs.get(&name).is_some_and(|r| r.version == version) {
+            return;
+        }
+        outputs.insert(
+            name.clone(),
+            Arc::new(XdsResource {
+                name: name.clone(),
+                version,
+                any: prost_types::Any {
+                    type_url: type_url.to_string(),
+                    value: bytes,
+                },
+                json,
+            }),
+        );
+        if let Some(r) = delta.removed.get_mut(type_url) {
+            r.remove(&name);
+        }
+        delta.changed.entry(type_url).or_default().insert(name);
+    }
+
+    fn note(&mut self, object: String, reasons: Vec<String>) {
+        if reasons.is_empty() {
+            self.issues.remove(&object);
+        } else {
+            for r in &reasons {
+                tracing::warn!(%object, reason = %r, "config");
+            }
+            let issues = reasons
+                .into_iter()
+                .map(|reason| ModelIssue {
+                    object: object.clone(),
+                    reason,
+                })
+                .collect();
+            self.issues.insert(object, issues);
+        }
+    }
+
+    fn recompute(&mut self, d: Dirty) -> Delta {
+        let mut delta = Delta::default();
+        for key in d.pods {
+            let out = workload::workload(self, &key).map(|w| {
+                let name = w.uid.clone();
+                let json = workload::workload_json(&w);
+                let addr = Address {
+                    r#type: Some(mesh_proto::istio::workload::address::Type::Workload(w)),
+                };
+                (name, addr.encode_to_vec(), json)
+            });
+            self.set_output(ADDRESS_TYPE_URL, Source::Pod(key), out, &mut delta);
+        }
+        for key in d.services {
+            let out = workload::service(self, &key).map(|s| {
+                let name = format!("{}/{}", s.namespace, s.hostname);
+                let json = workload::service_json(&s);
+                let addr = Address {
+                    r#type: Some(mesh_proto::istio::workload::address::Type::Service(s)),
+                };
+                (name, addr.encode_to_vec(), json)
+            });
+            self.set_output(ADDRESS_TYPE_URL, Source::Service(key), out, &mut delta);
+        }
+        for key in d.policies {
+            let label = format!("AuthorizationPolicy/{}/{}", key.0, key.1);
+            let (out, reasons) = match self.authz_policies.get(&key) {
+                Some(p) => authz::convert(self, p),
+                None => (None, Vec::new()),
+            };
+            self.note(label, reasons);
+            let out = out.map(encode_authz);
+            self.set_output(AUTHORIZATION_TYPE_URL, Source::Policy(key), out, &mut delta);
+        }
+        if d.peer_auths {
+            let keys: Vec<NsName> = self
+                .produced
+                .keys()
+                .filter_map(|s| match s {
+                    Source::PeerAuth(k) => Some(k.clone()),
+                    _ => None,
+                })
+                .chain(self.peer_auths.keys().cloned())
+                .collect::<BTreeSet<_>>()
+                .into_iter()
+                .collect();
+            for key in keys {
+                let label = format!("PeerAuthentication/{}/{}", key.0, key.1);
+                let (out, reasons) = match self.peer_auths.get(&key) {
+                    Some(p) => authz::peer_authentication(self, p),
+                    None => (None, Vec::new()),
+                };
+                self.note(label, reasons);
+                let out = out.map(encode_authz);
+                self.set_output(
+                    AUTHORIZATION_TYPE_URL,
+                    Source::PeerAuth(key),
+                    out,
+                    &mut delta,
+                );
+            }
+        }
+        delta
+    }
+
+    /// Every resource as JSON, for the debug endpoint.
+    pub fn dump(&self) -> serde_json::Value {
+        let list = |t: &str| -> Vec<&serde_json::Value> {
+            self.outputs
+                .get(t)
+                .map(|m| m.values().map(|r| &r.json).collect())
+                .unwrap_or_default()
+        };
+        serde_json::json!({
+            "workloads": list(ADDRESS_TYPE_URL).into_iter().filter(|v| v.get("uid").is_some()).collect::<Vec<_>>(),
+            "services": list(ADDRESS_TYPE_URL).into_iter().filter(|v| v.get("hostname").is_some() && v.get("uid").is_none()).collect::<Vec<_>>(),
+            "authorizations": list(AUTHORIZATION_TYPE_URL),
+            "issues": self.issues(),
+        })
+    }
+}
+
+fn encode_authz(a: Authorization) -> (String, Vec<u8>, serde_json::Value) {
+    let name = format!("{}/{}", a.namespace, a.name);
+    let json = authz::authz_json(&a);
+    (name, a.encode_to_vec(), json)
+}

@@ -1,0 +1,374 @@
+//! The folder source and the model: what users write in, xDS resources out,
+//! and every bad input reported by name without losing the rest.
+
+use std::path::Path;
+
+use istiod_lite::config::folder::FolderSource;
+use istiod_lite::model::{Model, ModelConfig};
+use mesh_proto::istio::security::{Action, Authorization};
+use mesh_proto::istio::workload::{Address, TunnelProtocol, address};
+use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use prost::Message;
+
+const BASE: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: plain}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  containers: [{name: c, image: x, ports: [{name: http, containerPort: 8080}]}]
+status: {podIP: 10.0.1.5, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: db-1, namespace: plain, labels: {app: db}}
+spec: {nodeName: node-b, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.2.7, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: http}]}
+"#;
+
+struct Fixture {
+    dir: tempfile::TempDir,
+    src: FolderSource,
+    model: Model,
+}
+
+impl Fixture {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let src = FolderSource::new(dir.path());
+        Fixture {
+            dir,
+            src,
+            model: Model::new(ModelConfig::default()),
+        }
+    }
+
+    fn write(&self, name: &str, text: &str) {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        // Make sure the change is seen even within one mtime tick.
+        bump_mtime(&p);
+    }
+
+    fn sync(&mut self) -> istiod_lite::model::Delta {
+        let changes = self.src.scan();
+        self.model.apply(changes)
+    }
+
+    fn address(&self, name: &str) -> Option<address::Type> {
+        let r = self.model.resources(ADDRESS_TYPE_URL)?.get(name)?;
+        Address::decode(r.any.value.as_slice()).ok()?.r#type
+    }
+
+    fn authz(&self, name: &str) -> Option<Authorization> {
+        let r = self.model.resources(AUTHORIZATION_TYPE_URL)?.get(name)?;
+        Authorization::decode(r.any.value.as_slice()).ok()
+    }
+
+    fn issues(&self) -> Vec<String> {
+        let mut v: Vec<String> = self.src.issues().iter().map(|i| i.to_string()).collect();
+        v.extend(
+            self.model
+                .issues()
+                .iter()
+                .map(|i| format!("{}: {}", i.object, i.reason)),
+        );
+        v
+    }
+}
+
+fn bump_mtime(p: &Path) {
+    let t = std::time::SystemTime::now() + std::time::Duration::from_secs(fastrand_secs());
+    let f = std::fs::File::options().write(true).open(p).unwrap();
+    f.set_modified(t).unwrap();
+}
+
+fn fastrand_secs() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+const WEB: &str = "Kubernetes//Pod/shop/web-1";
+
+#[test]
+fn pods_and_services_become_workloads_and_services() {
+    let mut f = Fixture::new();
+    f.write("base.yaml", BASE);
+    f.sync();
+    let Some(address::Type::Workload(w)) = f.address(WEB) else {
+        panic!("no workload {WEB}")
+    };
+    assert_eq!(w.tunnel_protocol, TunnelProtocol::Hbone as i32);
+    assert_eq!(w.addresses, vec![vec![10, 0, 1, 5]]);
+    assert_eq!(
+        (w.service_account.as_str(), w.node.as_str()),
+        ("web", "node-a")
+    );
+    let ports = &w.services["shop/web.shop.svc.cluster.local"].ports;
+    assert_eq!(
+        (ports[0].service_port, ports[0].target_port),
+        (80, 8080),
+        "named targetPort resolved"
+    );
+    // A pod outside an ambient namespace is known, but not captured.
+    let Some(address::Type::Workload(db)) = f.address("Kubernetes//Pod/plain/db-1") else {
+        panic!()
+    };
+    assert_eq!(db.tunnel_protocol, TunnelProtocol::None as i32);
+    let Some(address::Type::Service(s)) = f.address("shop/web.shop.svc.cluster.local") else {
+        panic!()
+    };
+    assert_eq!(s.addresses[0].address, vec![10, 96, 0, 10]);
+    assert!(f.issues().is_empty(), "{:?}", f.issues());
+}
+
+#[test]
+fn a_pod_change_touches_only_that_pods_resources() {
+    let mut f = Fixture::new();
+    f.write("base.yaml", BASE);
+    f.sync();
+    f.write(
+        "base.yaml",
+        &BASE.replace("podIP: 10.0.1.5", "podIP: 10.0.1.6"),
+    );
+    let d = f.sync();
+    let changed: Vec<&String> = d.changed.values().flatten().collect();
+    assert_eq!(changed, vec![WEB], "{d:?}");
+    // Opting the pod out changes it to plain TCP, and nothing else.
+    f.write(
+        "base.yaml",
+        &BASE.replace(
+            "labels: {app: web}",
+            "labels: {app: web, istio.io/dataplane-mode: none}",
+        ),
+    );
+    let d = f.sync();
+    assert_eq!(d.changed.values().flatten().count(), 1);
+    let Some(address::Type::Workload(w)) = f.address(WEB) else {
+        panic!()
+    };
+    assert_eq!(w.tunnel_protocol, TunnelProtocol::None as i32);
+}
+
+#[test]
+fn a_pod_without_an_ip_appears_once_it_has_one() {
+    let mut f = Fixture::new();
+    f.write(
+        "base.yaml",
+        &BASE.replace(
+            "status: {podIP: 10.0.1.5, phase: Running}",
+            "status: {phase: Pending}",
+        ),
+    );
+    f.sync();
+    assert!(f.address(WEB).is_none());
+    f.write("base.yaml", BASE);
+    let d = f.sync();
+    assert!(d.changed[ADDRESS_TYPE_URL].contains(WEB));
+}
+
+#[test]
+fn a_yaml_syntax_error_is_reported_and_the_last_good_objects_stay() {
+    let mut f = Fixture::new();
+    f.write("base.yaml", BASE);
+    f.sync();
+    f.write(
+        "base.yaml",
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: [unclosed\n",
+    );
+    let d = f.sync();
+    assert!(d.is_empty(), "nothing changes: {d:?}");
+    assert!(f.address(WEB).is_some());
+    let issues = f.issues();
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.contains("base.yaml") && i.contains("YAML syntax")),
+        "{issues:?}"
+    );
+}
+
+#[test]
+fn an_unknown_field_or_kind_is_reported_by_name_and_skipped() {
+    let mut f = Fixture::new();
+    f.write("base.yaml", BASE);
+    f.sync();
+    let bad = BASE.replace("  nodeName: node-a", "  nodeName: node-a\n  nodeNmae: typo");
+    let bad =
+        format!("{bad}\n---\napiVersion: example.com/v1\nkind: Widget\nmetadata: {{name: w}}\n");
+    f.write("base.yaml", &bad);
+    f.sync();
+    let issues = f.issues();
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.contains("Pod/shop/web-1") && i.contains("spec.nodeNmae")),
+        "{issues:?}"
+    );
+    assert!(
+        issues.iter().any(|i| i.contains("unknown kind \"Widget\"")),
+        "{issues:?}"
+    );
+    // The last good version of the pod is still in force.
+    let Some(address::Type::Workload(w)) = f.address(WEB) else {
+        panic!()
+    };
+    assert_eq!(w.node, "node-a");
+}
+
+#[test]
+fn a_duplicate_object_is_reported_and_the_first_kept() {
+    let mut f = Fixture::new();
+    f.write("a.yaml", BASE);
+    f.write(
+        "b.yaml",
+        &BASE.replace("podIP: 10.0.1.5", "podIP: 10.9.9.9"),
+    );
+    f.sync();
+    let Some(address::Type::Workload(w)) = f.address(WEB) else {
+        panic!()
+    };
+    assert_eq!(w.addresses, vec![vec![10, 0, 1, 5]]);
+    let issues = f.issues();
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.contains("b.yaml") && i.contains("duplicate") && i.contains("a.yaml")),
+        "{issues:?}"
+    );
+}
+
+#[test]
+fn a_service_without_a_selector_takes_endpoints_from_slices() {
+    let mut f = Fixture::new();
+    let manual = r#"
+---
+apiVersion: v1
+kind: Service
+metadata: {name: legacy, namespace: shop}
+spec: {clusterIP: 10.96.0.20, ports: [{name: tcp, port: 9000}]}
+"#;
+    f.write("base.yaml", &format!("{BASE}{manual}"));
+    f.sync();
+    let Some(address::Type::Workload(w)) = f.address(WEB) else {
+        panic!()
+    };
+    assert!(
+        !w.services
+            .contains_key("shop/legacy.shop.svc.cluster.local")
+    );
+    assert!(f.address("shop/legacy.shop.svc.cluster.local").is_some());
+    let slice = r#"
+apiVersion: discovery.k8s.io/v1
+kind: EndpointSlice
+metadata: {name: legacy-1, namespace: shop, labels: {kubernetes.io/service-name: legacy}}
+addressType: IPv4
+endpoints: [{addresses: [10.0.1.5]}]
+ports: [{name: tcp, port: 9100}]
+"#;
+    f.write("slice.yaml", slice);
+    f.sync();
+    let Some(address::Type::Workload(w)) = f.address(WEB) else {
+        panic!()
+    };
+    let p = &w.services["shop/legacy.shop.svc.cluster.local"].ports[0];
+    assert_eq!((p.service_port, p.target_port), (9000, 9100));
+}
+
+#[test]
+fn policies_convert_with_their_issues_named() {
+    let mut f = Fixture::new();
+    let policies = r#"
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-frontend, namespace: shop}
+spec:
+  selector: {matchLabels: {app: web}}
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/shop/sa/frontend"], namespaces: ["ghost"]}}]
+    to: [{operation: {ports: ["8080"]}}]
+  - to: [{operation: {methods: ["GET"]}}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: shop}
+spec: {mtls: {mode: STRICT}}
+"#;
+    f.write("base.yaml", &format!("{BASE}{policies}"));
+    f.sync();
+    let a = f
+        .authz("shop/allow-frontend")
+        .unwrap_or_else(|| panic!("policy missing: {:?}", f.issues()));
+    assert_eq!(a.rules.len(), 1, "the L7 ALLOW rule is dropped");
+    assert_eq!(a.rules[0].clauses.len(), 2);
+    let issues = f.issues();
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.contains("namespace \"ghost\", which does not exist")),
+        "{issues:?}"
+    );
+    assert!(
+        issues.iter().any(|i| i.contains("rule 1 has L7 fields")),
+        "{issues:?}"
+    );
+    // The selector policy is listed on the workload it selects.
+    let Some(address::Type::Workload(w)) = f.address(WEB) else {
+        panic!()
+    };
+    assert_eq!(
+        w.authorization_policies,
+        vec!["shop/allow-frontend".to_string()]
+    );
+    // STRICT is a DENY of anything without a peer identity.
+    let s = f
+        .authz("shop/converted_peer_authentication_strict")
+        .expect("strict");
+    assert_eq!(s.action, Action::Deny as i32);
+    assert_eq!(s.rules[0].clauses[0].matches[0].not_principals.len(), 1);
+}
+
+#[test]
+fn the_node_check_reads_the_model() {
+    let mut f = Fixture::new();
+    f.write("base.yaml", BASE);
+    f.sync();
+    let web: ztunnel::identity::Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    assert!(f.model.identity_on_node("node-a", &web));
+    assert!(!f.model.identity_on_node("node-b", &web));
+    f.write(
+        "base.yaml",
+        &BASE.replace("nodeName: node-a", "nodeName: node-b"),
+    );
+    f.sync();
+    assert!(f.model.identity_on_node("node-b", &web));
+    assert!(!f.model.identity_on_node("node-a", &web));
+}
+
+#[test]
+fn removing_a_file_removes_its_objects() {
+    let mut f = Fixture::new();
+    f.write("base.yaml", BASE);
+    f.sync();
+    std::fs::remove_file(f.dir.path().join("base.yaml")).unwrap();
+    let d = f.sync();
+    assert!(d.removed[ADDRESS_TYPE_URL].contains(WEB));
+    assert!(f.address(WEB).is_none());
+}
