@@ -2,5 +2,6 @@
 //! real TLS. (The network-namespace lab lands here too.)
 
 pub mod ca;
+pub mod controller;
 pub mod envoy;
 pub mod mesh;

@@ -4,6 +4,8 @@
 //! policies as xDS resources) -> `xds` (Delta ADS push); `ca` signs
 //! certificates, asking the model which identities run on a node.
 
+pub mod app;
 pub mod ca;
 pub mod config;
 pub mod model;
+pub mod xds;

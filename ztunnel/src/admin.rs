@@ -24,7 +24,7 @@ pub trait Readiness: Send + Sync + 'static {
     fn check(&self) -> Result<(), String>;
 }
 
-fn respond(
+pub fn respond(
     status: StatusCode,
     content_type: &str,
     body: impl Into<Bytes>,
@@ -64,7 +64,9 @@ pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
     })
 }
 
-async fn serve<F>(listener: TcpListener, stop: CancellationToken, handler: F)
+/// Serves plain HTTP/1 GETs with `handler` until `stop`; shared by the
+/// controller's debug endpoint.
+pub async fn serve<F>(listener: TcpListener, stop: CancellationToken, handler: F)
 where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
 {

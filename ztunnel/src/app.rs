@@ -19,6 +19,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
 use crate::state::{LocalConfig, ProxyState};
 use crate::tls::TrustRoots;
+use crate::xds::{XdsClient, XdsConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -35,6 +36,7 @@ fn start_err(what: impl Into<String>, reason: impl ToString) -> AppError {
 
 struct Ready {
     proxy: Arc<Proxy>,
+    xds: Option<Arc<XdsClient>>,
 }
 
 impl Ready {
@@ -53,33 +55,49 @@ impl Ready {
 
 impl Readiness for Ready {
     fn check(&self) -> Result<(), String> {
+        if self.proxy.draining.is_cancelled() {
+            return Err("draining".into());
+        }
+        if let Some(x) = &self.xds
+            && !x.synced()
+        {
+            return Err("no config from the controller yet".into());
+        }
         if !self.proxy.state.has_config() {
             return Err("no config yet".into());
         }
-        let missing: Vec<String> = self
-            .proxy
-            .certs
-            .status()
+        let status = self.proxy.certs.status();
+        let pending: Vec<String> = self
+            .local_identities()
             .into_iter()
-            .filter(|s| s.state != CertState::Available)
-            .map(|s| format!("{} ({:?})", s.identity, s.state))
+            .filter(|id| {
+                !status
+                    .iter()
+                    .any(|s| &s.identity == id && s.state == CertState::Available)
+            })
+            .map(|id| id.to_string())
             .collect();
-        let wanted = self.local_identities();
-        let have: BTreeSet<Identity> = self
-            .proxy
-            .certs
-            .status()
-            .into_iter()
-            .map(|s| s.identity)
-            .collect();
-        let unknown: Vec<String> = wanted.difference(&have).map(|i| i.to_string()).collect();
-        if missing.is_empty() && unknown.is_empty() {
+        if pending.is_empty() {
             Ok(())
         } else {
-            Err(format!(
-                "certificates pending: {}",
-                [missing, unknown].concat().join(", ")
-            ))
+            Err(format!("certificates pending: {}", pending.join(", ")))
+        }
+    }
+}
+
+/// Keeps certificates for exactly the local workloads: fetched ahead of the
+/// first connection, dropped when a workload leaves.
+async fn keep_local_certificates(ready: Arc<Ready>, state: ProxyState, stop: CancellationToken) {
+    let mut rx = state.subscribe();
+    loop {
+        let wanted = ready.local_identities();
+        for id in &wanted {
+            ready.proxy.certs.prefetch(id);
+        }
+        ready.proxy.certs.retain(|id| wanted.contains(id));
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            r = rx.changed() => if r.is_err() { return },
         }
     }
 }
@@ -140,7 +158,7 @@ impl App {
 
         let root = std::fs::read_to_string(&cfg.ca.root_cert)
             .map_err(|e| start_err(format!("CA root {}", cfg.ca.root_cert.display()), e))?;
-        let token = match &cfg.ca.token_file {
+        let token: Option<String> = match &cfg.ca.token_file {
             Some(p) => Some(
                 std::fs::read_to_string(p)
                     .map_err(|e| start_err(format!("token {}", p.display()), e))?
@@ -149,6 +167,7 @@ impl App {
             ),
             None => None,
         };
+        let token_for_xds = token.clone();
         let ca = IstioCaClient::new(CaClientConfig {
             address: cfg.ca.address.clone(),
             ca_root_pem: root,
@@ -167,14 +186,42 @@ impl App {
         let metrics = Arc::new(Metrics::default());
         let proxy = Proxy::new(cfg.clone(), state.clone(), certs.clone(), metrics);
 
+        let stop_admin = CancellationToken::new();
+        let xds = match &cfg.state.xds_address {
+            Some(address) => {
+                let client = XdsClient::new(
+                    XdsConfig {
+                        address: address.clone(),
+                        ca_root_pem: std::fs::read_to_string(&cfg.ca.root_cert)
+                            .map_err(|e| start_err("CA root", e))?,
+                        server_name: cfg.ca.server_name.clone(),
+                        token: token_for_xds,
+                        proxy_id: format!("ztunnel~{}", cfg.node),
+                        trust_domain: cfg.trust_domain.clone(),
+                    },
+                    state.clone(),
+                );
+                tokio::spawn(client.clone().run(stop_admin.clone()));
+                Some(client)
+            }
+            None => {
+                tokio::spawn(watch_local_file(
+                    cfg.clone(),
+                    state.clone(),
+                    stop_admin.clone(),
+                ));
+                None
+            }
+        };
         let ready = Arc::new(Ready {
             proxy: proxy.clone(),
+            xds: xds.clone(),
         });
-        for id in ready.local_identities() {
-            certs.prefetch(&id);
-        }
-        let stop_admin = CancellationToken::new();
-        tokio::spawn(watch_local_file(cfg.clone(), state, stop_admin.clone()));
+        tokio::spawn(keep_local_certificates(
+            ready.clone(),
+            state,
+            stop_admin.clone(),
+        ));
 
         for ip in &cfg.listeners.inbound_ips {
             let addr = std::net::SocketAddr::new(*ip, HBONE_PORT);

@@ -92,6 +92,9 @@ pub struct CaConfig {
 pub struct StateSource {
     /// A YAML file of workloads, services and policies, re-read on change.
     pub local_file: Option<PathBuf>,
+    /// The controller's Delta ADS address (same TLS and token as the CA),
+    /// e.g. https://istiod.istio-system.svc:15012.
+    pub xds_address: Option<String>,
 }
 
 /// Where the proxy listens, outside node mode (where listeners open inside
@@ -256,8 +259,10 @@ impl Config {
         if self.node.is_empty() {
             return Err(ConfigError::Invalid("node is required".into()));
         }
-        if self.state.local_file.is_none() {
-            return Err(ConfigError::Invalid("state: give local_file".into()));
+        if self.state.local_file.is_some() == self.state.xds_address.is_some() {
+            return Err(ConfigError::Invalid(
+                "state: give exactly one of local_file and xds_address".into(),
+            ));
         }
         if self.pool.max_streams == 0 {
             return Err(ConfigError::Invalid(

@@ -17,6 +17,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod state;
 pub mod tls;
+pub mod xds;
 
 /// Logging for every binary of the mesh: `RUST_LOG` filters, default info.
 pub fn init_logging() {

@@ -65,14 +65,24 @@ async fn run() -> Result<(), Error> {
     let client_id: Identity = "spiffe://cluster.local/ns/shop/sa/frontend".parse()?;
     let server_id: Identity = "spiffe://cluster.local/ns/shop/sa/orders".parse()?;
     std::fs::write(dir.path().join("tokens.yaml"), format!("node-a: {token}\n"))?;
+    // The controller learns where workloads run from ordinary Kubernetes
+    // objects: here, two pods on node-a in an ambient namespace.
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config)?;
     std::fs::write(
-        dir.path().join("placement.yaml"),
-        format!("node-a:\n  - {client_id}\n  - {server_id}\n"),
+        config.join("shop.yaml"),
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: frontend-1, namespace: shop}\n\
+         spec: {nodeName: node-a, serviceAccountName: frontend, containers: [{name: app, image: frontend}]}\n\
+         status: {podIP: 10.0.1.10, phase: Running}\n---\n\
+         apiVersion: v1\nkind: Pod\nmetadata: {name: orders-1, namespace: shop}\n\
+         spec: {nodeName: node-a, serviceAccountName: orders, containers: [{name: app, image: orders}]}\n\
+         status: {podIP: 10.0.1.11, phase: Running}\n",
     )?;
     let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
     let addr = format!("127.0.0.1:{port}");
 
-    println!("== 1. Start istiod-lite (the CA) on {addr}");
+    println!("== 1. Start istiod-lite (CA, config model, xDS) on {addr}");
     let _controller = Controller(
         Command::new(sibling_binary("istiod-lite")?)
             .args(["--data-dir", &dir.path().display().to_string()])
@@ -81,10 +91,8 @@ async fn run() -> Result<(), Error> {
                 "--node-tokens",
                 &dir.path().join("tokens.yaml").display().to_string(),
             ])
-            .args([
-                "--node-identities",
-                &dir.path().join("placement.yaml").display().to_string(),
-            ])
+            .args(["--config-dir", &config.display().to_string()])
+            .args(["--debug-addr", "127.0.0.1:0"])
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .spawn()?,
@@ -192,7 +200,7 @@ async fn run() -> Result<(), Error> {
     }
 
     println!(
-        "\nNext: the HBONE data path (ztunnel), the config model and the lab land in later steps."
+        "\nNext: the network-namespace lab (pods, ztunnels, HBONE on the wire) lands with issue #5."
     );
     println!("Tests: just test");
     Ok(())

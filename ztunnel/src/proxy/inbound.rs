@@ -237,7 +237,9 @@ pub async fn revoke_on_policy_change(proxy: Arc<Proxy>) {
             if c.direction == Direction::Outbound {
                 return None;
             }
-            let dst = snap.workload(c.local_uid.as_deref()?)?;
+            let Some(dst) = snap.workload(c.local_uid.as_deref()?) else {
+                return Some("denied: the destination workload is gone".to_string());
+            };
             let d = authorize(
                 &snap,
                 &proxy.cfg.root_namespace,

@@ -215,20 +215,41 @@ impl Snapshot {
         self.services.insert(key, entry);
     }
 
-    fn apply(&mut self, u: Update) {
+    /// Applies one update; true when it can change a policy decision for
+    /// an open connection (so open connections must be re-checked).
+    fn apply(&mut self, u: Update) -> bool {
         match u {
-            Update::Workload(w) => self.insert_workload(w),
-            Update::Service(s) => self.insert_service(s),
+            Update::Workload(w) => {
+                let relevant = match self.workloads.get(&w.uid) {
+                    Some(old) => {
+                        old.authorization_policies != w.authorization_policies
+                            || old.namespace != w.namespace
+                            || old.identity != w.identity
+                            || old.addresses != w.addresses
+                    }
+                    None => false,
+                };
+                self.insert_workload(w);
+                relevant
+            }
+            Update::Service(s) => {
+                self.insert_service(s);
+                false
+            }
             Update::RemoveAddress(name) => {
-                if self.remove_workload(&name).is_none() {
-                    self.remove_service(&name);
+                if self.remove_workload(&name).is_some() {
+                    return true;
                 }
+                self.remove_service(&name);
+                false
             }
             Update::Policy(p) => {
                 self.policies.insert(p.key(), Arc::new(p));
+                true
             }
             Update::RemovePolicy(key) => {
                 self.policies.remove(&key);
+                true
             }
         }
     }
@@ -238,6 +259,8 @@ impl Snapshot {
 #[derive(Clone)]
 pub struct ProxyState {
     current: Arc<ArcSwap<Snapshot>>,
+    /// Serializes writers; readers never take it.
+    writer: Arc<std::sync::Mutex<()>>,
     /// Bumped on every applied batch; policy changes also bump `policy_epoch`.
     version: watch::Sender<u64>,
     policy_epoch: watch::Sender<u64>,
@@ -247,6 +270,7 @@ impl Default for ProxyState {
     fn default() -> Self {
         ProxyState {
             current: Arc::new(ArcSwap::from_pointee(Snapshot::default())),
+            writer: Arc::new(std::sync::Mutex::new(())),
             version: watch::Sender::new(0),
             policy_epoch: watch::Sender::new(0),
         }
@@ -263,12 +287,11 @@ impl ProxyState {
         if batch.is_empty() {
             return;
         }
-        let touches_policy = batch
-            .iter()
-            .any(|u| matches!(u, Update::Policy(_) | Update::RemovePolicy(_)));
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = Snapshot::clone(&self.current.load());
+        let mut touches_policy = false;
         for u in batch {
-            next.apply(u);
+            touches_policy |= next.apply(u);
         }
         self.current.store(Arc::new(next));
         self.version.send_modify(|v| *v += 1);
@@ -279,6 +302,7 @@ impl ProxyState {
 
     /// Replaces everything with `batch` (a full resync).
     pub fn replace(&self, batch: Vec<Update>) {
+        let _w = self.writer.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = Snapshot::default();
         for u in batch {
             next.apply(u);

@@ -1,0 +1,181 @@
+//! Wiring: folder source -> model hub -> (CA, Delta ADS) on one gRPC/TLS
+//! port, plus the debug endpoint.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::StatusCode;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use ztunnel::admin::respond;
+use ztunnel::clock::SystemClock;
+
+use crate::ca::auth::BootstrapTokens;
+use crate::ca::{CaService, CaSource, CertificateAuthority, ServingCert, serve};
+use crate::config::folder::{ConfigIssue, FolderSource};
+use crate::model::{Model, ModelConfig};
+use crate::xds::{AdsService, Hub};
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub config_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub model: ModelConfig,
+    pub grpc_addr: SocketAddr,
+    pub debug_addr: SocketAddr,
+    pub cacerts: Option<PathBuf>,
+    pub extra_roots: Option<PathBuf>,
+    pub node_tokens: PathBuf,
+    pub serving_dns: Vec<String>,
+    pub serving_ips: Vec<IpAddr>,
+    /// How often the folder is checked for changes.
+    pub poll: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AppError {
+    #[error("{0}: {1}")]
+    Start(&'static str, String),
+}
+
+/// A running controller.
+pub struct Running {
+    pub hub: Arc<Hub>,
+    pub grpc_addr: SocketAddr,
+    pub debug_addr: SocketAddr,
+    pub ca: Arc<CertificateAuthority>,
+    stop: CancellationToken,
+    server: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    pub async fn stop(self) {
+        self.stop.cancel();
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
+    }
+}
+
+pub async fn start(o: Options) -> Result<Running, AppError> {
+    ztunnel::tls::install_default_provider();
+    let source = match &o.cacerts {
+        Some(dir) => CaSource::Plugged { dir: dir.clone() },
+        None => CaSource::SelfSigned {
+            dir: o.data_dir.join("ca"),
+        },
+    };
+    let ca = Arc::new(
+        CertificateAuthority::load(
+            &source,
+            &o.model.trust_domain,
+            o.extra_roots.as_deref(),
+            Arc::new(SystemClock),
+        )
+        .map_err(|e| AppError::Start("CA", e.to_string()))?,
+    );
+    let bundle = o.data_dir.join("root-cert.pem");
+    std::fs::write(&bundle, ca.root_bundle_pem())
+        .map_err(|e| AppError::Start("root bundle", e.to_string()))?;
+    info!(path = %bundle.display(), "published the root bundle");
+
+    // Load the whole folder before serving, so the first push is complete.
+    let hub = Hub::new(Model::new(o.model.clone()));
+    let mut folder = FolderSource::new(&o.config_dir);
+    hub.apply(folder.scan());
+    let issues: Arc<Mutex<Vec<ConfigIssue>>> = Arc::new(Mutex::new(folder.issues()));
+    let stop = CancellationToken::new();
+    {
+        let (hub, issues, stop, poll) = (hub.clone(), issues.clone(), stop.clone(), o.poll);
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(poll) => {}
+                }
+                let changes = folder.scan();
+                if !changes.is_empty() {
+                    hub.apply(changes);
+                    *issues.lock().unwrap_or_else(|p| p.into_inner()) = folder.issues();
+                }
+            }
+        });
+    }
+
+    let mut dns = vec![
+        "istiod-lite.istio-system.svc".to_string(),
+        "istiod.istio-system.svc".to_string(),
+        "localhost".to_string(),
+    ];
+    dns.extend(o.serving_dns.iter().cloned());
+    let serving = ServingCert::issue(&ca, &dns, &o.serving_ips)
+        .map_err(|e| AppError::Start("serving certificate", e.to_string()))?;
+    let authn = Arc::new(
+        BootstrapTokens::load(&o.node_tokens)
+            .map_err(|e| AppError::Start("node tokens", e.to_string()))?,
+    );
+    let listener = TcpListener::bind(o.grpc_addr)
+        .await
+        .map_err(|e| AppError::Start("gRPC listener", e.to_string()))?;
+    let grpc_addr = listener
+        .local_addr()
+        .map_err(|e| AppError::Start("gRPC listener", e.to_string()))?;
+    let router = serve(&serving)
+        .map_err(|e| AppError::Start("TLS", e.to_string()))?
+        .add_service(CaService::new(ca.clone(), authn.clone(), hub.clone()).into_server())
+        .add_service(AdsService::new(hub.clone(), authn).into_server());
+    let server = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+            if let Err(e) = router
+                .serve_with_incoming_shutdown(incoming, stop.cancelled())
+                .await
+            {
+                tracing::error!(error = %e, "gRPC server failed");
+            }
+        })
+    };
+
+    let debug = TcpListener::bind(o.debug_addr)
+        .await
+        .map_err(|e| AppError::Start("debug listener", e.to_string()))?;
+    let debug_addr = debug
+        .local_addr()
+        .map_err(|e| AppError::Start("debug listener", e.to_string()))?;
+    {
+        let hub = hub.clone();
+        tokio::spawn(ztunnel::admin::serve(debug, stop.clone(), move |req| {
+            let json = |v: serde_json::Value| {
+                respond(
+                    StatusCode::OK,
+                    "application/json",
+                    serde_json::to_vec_pretty(&v).unwrap_or_default(),
+                )
+            };
+            match req.uri().path() {
+                "/debug/model" => json(hub.model().dump()),
+                "/debug/connections" => json(hub.connections()),
+                "/debug/config" => json(serde_json::json!({
+                    "issues": *issues.lock().unwrap_or_else(|p| p.into_inner()),
+                    "model_issues": hub.model().issues(),
+                })),
+                _ => respond(
+                    StatusCode::NOT_FOUND,
+                    "text/plain",
+                    "try /debug/model, /debug/connections, /debug/config\n",
+                ),
+            }
+        }));
+    }
+    info!(%grpc_addr, %debug_addr, "istiod-lite started");
+    Ok(Running {
+        hub,
+        grpc_addr,
+        debug_addr,
+        ca,
+        stop,
+        server,
+    })
+}

@@ -1,0 +1,451 @@
+//! Delta ADS: `envoy.service.discovery.v3.AggregatedDiscoveryService/
+//! DeltaAggregatedResources` for `istio.workload.Address` and
+//! `istio.security.Authorization`.
+//!
+//! Each connection tracks, per type, the version of every resource the proxy
+//! holds. A model change is broadcast as the set of changed names; each
+//! connection sends only those whose version differs from what the proxy
+//! holds, so the encoded resource (made once, in the model) is copied, never
+//! re-serialized, per proxy. A reconnecting proxy states its versions
+//! (`initial_resource_versions`) and is sent only the difference.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::SystemTime;
+
+use futures::Stream;
+use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
+    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
+};
+use mesh_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
+};
+use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use serde::Serialize;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{debug, info, warn};
+use ztunnel::identity::Identity;
+
+use crate::ca::auth::{Authenticator, NodeAuthorizer};
+use crate::config::objects::Change;
+use crate::model::{Delta, Model};
+
+pub const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
+
+/// The model plus everyone connected to it.
+pub struct Hub {
+    model: RwLock<Model>,
+    events: broadcast::Sender<Arc<Delta>>,
+    conns: Mutex<BTreeMap<u64, Arc<ConnView>>>,
+    next: AtomicU64,
+    pushes: AtomicU64,
+}
+
+/// What the debug endpoint shows of one proxy connection.
+#[derive(Debug, Serialize)]
+pub struct ConnView {
+    pub id: u64,
+    pub node: String,
+    pub proxy_id: String,
+    pub peer: Option<String>,
+    #[serde(serialize_with = "rfc3339")]
+    pub connected: SystemTime,
+    pub types: Mutex<BTreeMap<String, TypeView>>,
+}
+
+#[derive(Debug, Default, Clone, Serialize)]
+pub struct TypeView {
+    /// Resources the proxy holds, by our account.
+    pub resources: usize,
+    pub responses_sent: u64,
+    pub resources_sent: u64,
+    pub last_sent_nonce: Option<String>,
+    pub last_acked_nonce: Option<String>,
+    pub nacks: u64,
+    pub last_nack: Option<NackView>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct NackView {
+    pub nonce: String,
+    pub error: String,
+    #[serde(serialize_with = "rfc3339")]
+    pub at: SystemTime,
+}
+
+fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
+    s.serialize_str(
+        &time::OffsetDateTime::from(*t)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default(),
+    )
+}
+
+impl Hub {
+    pub fn new(model: Model) -> Arc<Hub> {
+        let (events, _) = broadcast::channel(256);
+        Arc::new(Hub {
+            model: RwLock::new(model),
+            events,
+            conns: Mutex::new(BTreeMap::new()),
+            next: AtomicU64::new(1),
+            pushes: AtomicU64::new(0),
+        })
+    }
+
+    pub fn model(&self) -> std::sync::RwLockReadGuard<'_, Model> {
+        self.model.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Applies changes and pushes what they changed to every connection.
+    pub fn apply(&self, changes: Vec<Change>) -> Delta {
+        if changes.is_empty() {
+            return Delta::default();
+        }
+        let delta = self
+            .model
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .apply(changes);
+        if !delta.is_empty() {
+            self.pushes.fetch_add(1, Ordering::Relaxed);
+            let n: usize = delta
+                .changed
+                .values()
+                .chain(delta.removed.values())
+                .map(|s| s.len())
+                .sum();
+            debug!(resources = n, "pushing");
+            let _ = self.events.send(Arc::new(delta.clone()));
+        }
+        delta
+    }
+
+    pub fn connections(&self) -> serde_json::Value {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        serde_json::json!({
+            "pushes": self.pushes.load(Ordering::Relaxed),
+            "connections": conns.values().map(|c| {
+                let types = c.types.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                serde_json::json!({
+                    "id": c.id, "node": c.node, "proxy_id": c.proxy_id, "peer": c.peer,
+                    "connected": time::OffsetDateTime::from(c.connected)
+                        .format(&time::format_description::well_known::Rfc3339).unwrap_or_default(),
+                    "types": types,
+                })
+            }).collect::<Vec<_>>(),
+        })
+    }
+}
+
+/// The CA's node check, answered by the live model.
+impl NodeAuthorizer for Hub {
+    fn workload_on_node(&self, node: &str, identity: &Identity) -> bool {
+        self.model().identity_on_node(node, identity)
+    }
+}
+
+/// Per-type subscription state of one connection.
+#[derive(Default)]
+struct Sub {
+    wildcard: bool,
+    names: BTreeSet<String>,
+    /// name -> version the proxy holds.
+    held: HashMap<String, String>,
+}
+
+impl Sub {
+    fn wants(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+}
+
+struct Conn {
+    hub: Arc<Hub>,
+    view: Arc<ConnView>,
+    subs: BTreeMap<String, Sub>,
+    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    nonce: u64,
+}
+
+impl Conn {
+    fn next_nonce(&mut self) -> String {
+        self.nonce += 1;
+        format!("{}-{}", self.view.id, self.nonce)
+    }
+
+    /// Sends what differs between the model and what the proxy holds,
+    /// limited to `names` when given. `always` sends even an empty response
+    /// (the answer to a subscription).
+    async fn push(
+        &mut self,
+        type_url: &str,
+        names: Option<&BTreeSet<String>>,
+        always: bool,
+    ) -> Result<(), ()> {
+        let (resources, removed) = {
+            let Some(sub) = self.subs.get(type_url) else {
+                return Ok(());
+            };
+            let model = self.hub.model();
+            let all = model.resources(type_url);
+            let mut resources = Vec::new();
+            let mut removed = Vec::new();
+            let mut consider = |name: &String| {
+                if !sub.wants(name) {
+                    return;
+                }
+                match all.and_then(|m| m.get(name)) {
+                    Some(r) if sub.held.get(name) != Some(&r.version) => resources.push(Resource {
+                        version: r.version.clone(),
+                        resource: Some(r.any.clone()),
+                        name: r.name.clone(),
+                        ..Default::default()
+                    }),
+                    Some(_) => {}
+                    None if sub.held.contains_key(name) => removed.push(name.clone()),
+                    None => {}
+                }
+            };
+            match names {
+                Some(n) => n.iter().for_each(&mut consider),
+                None => {
+                    all.into_iter()
+                        .flat_map(|m| m.keys())
+                        .for_each(&mut consider);
+                    let gone: Vec<String> = sub
+                        .held
+                        .keys()
+                        .filter(|k| all.is_none_or(|m| !m.contains_key(*k)))
+                        .cloned()
+                        .collect();
+                    gone.iter().for_each(&mut consider);
+                }
+            }
+            (resources, removed)
+        };
+        if resources.is_empty() && removed.is_empty() && !always {
+            return Ok(());
+        }
+        let nonce = self.next_nonce();
+        if let Some(sub) = self.subs.get_mut(type_url) {
+            for r in &resources {
+                sub.held.insert(r.name.clone(), r.version.clone());
+            }
+            for n in &removed {
+                sub.held.remove(n);
+            }
+            let mut types = self.view.types.lock().unwrap_or_else(|p| p.into_inner());
+            let t = types.entry(type_url.to_string()).or_default();
+            t.resources = sub.held.len();
+            t.responses_sent += 1;
+            t.resources_sent += resources.len() as u64;
+            t.last_sent_nonce = Some(nonce.clone());
+        }
+        let resp = DeltaDiscoveryResponse {
+            system_version_info: self.hub.pushes.load(Ordering::Relaxed).to_string(),
+            resources,
+            type_url: type_url.to_string(),
+            nonce,
+            removed_resources: removed,
+            ..Default::default()
+        };
+        self.tx.send(Ok(resp)).await.map_err(|_| ())
+    }
+
+    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
+        let t = req.type_url.clone();
+        if !TYPES.contains(&t.as_str()) {
+            warn!(node = %self.view.node, type_url = %t, "subscription to an unknown type ignored");
+            return Ok(());
+        }
+        if !req.response_nonce.is_empty() {
+            let mut types = self.view.types.lock().unwrap_or_else(|p| p.into_inner());
+            let tv = types.entry(t.clone()).or_default();
+            match &req.error_detail {
+                Some(err) => {
+                    warn!(node = %self.view.node, type_url = %t, nonce = %req.response_nonce, error = %err.message, "NACK");
+                    tv.nacks += 1;
+                    tv.last_nack = Some(NackView {
+                        nonce: req.response_nonce.clone(),
+                        error: err.message.clone(),
+                        at: SystemTime::now(),
+                    });
+                }
+                None => tv.last_acked_nonce = Some(req.response_nonce.clone()),
+            }
+        }
+        let first = !self.subs.contains_key(&t);
+        let sub = self.subs.entry(t.clone()).or_default();
+        if first {
+            sub.held = req.initial_resource_versions.clone().into_iter().collect();
+            // An empty first subscription is the legacy wildcard.
+            if req.resource_names_subscribe.is_empty() {
+                sub.wildcard = true;
+            }
+        }
+        let mut new_names = BTreeSet::new();
+        for n in &req.resource_names_subscribe {
+            if n == "*" {
+                sub.wildcard = true;
+            } else if sub.names.insert(n.clone()) {
+                new_names.insert(n.clone());
+            }
+        }
+        for n in &req.resource_names_unsubscribe {
+            if n == "*" {
+                sub.wildcard = false;
+            } else {
+                sub.names.remove(n);
+                sub.held.remove(n);
+            }
+        }
+        if first {
+            self.push(&t, None, true).await?;
+        } else if !new_names.is_empty() {
+            // A name subscribed again must be answered even if held.
+            if let Some(sub) = self.subs.get_mut(&t) {
+                for n in &new_names {
+                    sub.held.remove(n);
+                }
+            }
+            self.push(&t, Some(&new_names), true).await?;
+        }
+        Ok(())
+    }
+
+    async fn on_delta(&mut self, d: &Delta) -> Result<(), ()> {
+        for t in TYPES {
+            let mut names: BTreeSet<String> = BTreeSet::new();
+            names.extend(d.changed.get(t).into_iter().flatten().cloned());
+            names.extend(d.removed.get(t).into_iter().flatten().cloned());
+            if !names.is_empty() {
+                self.push(t, Some(&names), false).await?;
+            }
+        }
+        Ok(())
+    }
+
+    async fn run(mut self, mut stream: Streaming<DeltaDiscoveryRequest>) {
+        let mut events = self.hub.events.subscribe();
+        loop {
+            let done = tokio::select! {
+                msg = stream.message() => match msg {
+                    Ok(Some(req)) => self.on_request(req).await.is_err(),
+                    Ok(None) => true,
+                    Err(e) => {
+                        debug!(node = %self.view.node, error = %e, "stream error");
+                        true
+                    }
+                },
+                ev = events.recv() => match ev {
+                    Ok(d) => self.on_delta(&d).await.is_err(),
+                    Err(broadcast::error::RecvError::Lagged(n)) => {
+                        // Missed some deltas: diff everything instead.
+                        warn!(node = %self.view.node, missed = n, "push lagged; full resync");
+                        let mut failed = false;
+                        for t in TYPES {
+                            failed |= self.push(t, None, false).await.is_err();
+                        }
+                        failed
+                    }
+                    Err(broadcast::error::RecvError::Closed) => true,
+                },
+            };
+            if done {
+                break;
+            }
+        }
+        info!(node = %self.view.node, id = self.view.id, "xDS stream closed");
+        self.hub
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&self.view.id);
+    }
+}
+
+/// The gRPC service.
+#[derive(Clone)]
+pub struct AdsService {
+    hub: Arc<Hub>,
+    authn: Arc<dyn Authenticator>,
+}
+
+impl AdsService {
+    pub fn new(hub: Arc<Hub>, authn: Arc<dyn Authenticator>) -> Self {
+        AdsService { hub, authn }
+    }
+
+    pub fn into_server(self) -> AggregatedDiscoveryServiceServer<Self> {
+        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(4 * 1024 * 1024)
+    }
+}
+
+type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AggregatedDiscoveryService for AdsService {
+    type DeltaAggregatedResourcesStream = ResponseStream;
+
+    async fn delta_aggregated_resources(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+        let caller = self
+            .authn
+            .authenticate(request.metadata())
+            .map_err(|e| Status::unauthenticated(format!("caller not authenticated: {e}")))?;
+        let peer = request.remote_addr().map(|a| a.to_string());
+        let mut stream = request.into_inner();
+        // The first request names the proxy.
+        let first = stream
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
+        let proxy_id = first
+            .node
+            .as_ref()
+            .map(|n| n.id.clone())
+            .unwrap_or_default();
+        let id = self.hub.next.fetch_add(1, Ordering::Relaxed);
+        let view = Arc::new(ConnView {
+            id,
+            node: caller.node.clone(),
+            proxy_id,
+            peer,
+            connected: SystemTime::now(),
+            types: Mutex::new(BTreeMap::new()),
+        });
+        self.hub
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, view.clone());
+        info!(node = %caller.node, id, "xDS stream opened");
+        let (tx, rx) = mpsc::channel(16);
+        let mut conn = Conn {
+            hub: self.hub.clone(),
+            view,
+            subs: BTreeMap::new(),
+            tx,
+            nonce: 0,
+        };
+        tokio::spawn(async move {
+            if conn.on_request(first).await.is_ok() {
+                conn.run(stream).await;
+            } else {
+                conn.hub
+                    .conns
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&conn.view.id);
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}

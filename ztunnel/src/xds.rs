@@ -1,0 +1,256 @@
+//! The Delta ADS client: keeps the proxy state in step with the controller.
+//!
+//! Each response is applied to the state as one batch; resources that do
+//! not convert are left out and named in a NACK, the rest still apply. When
+//! the controller is gone the state stays as it was (traffic keeps flowing)
+//! and the client reconnects with backoff, telling the controller which
+//! versions it holds so only the difference is sent.
+
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_proto::envoy::config::core::v3::Node;
+use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_proto::google::rpc::Status as RpcStatus;
+use mesh_proto::istio::security::Authorization;
+use mesh_proto::istio::workload::Address;
+use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use prost::Message;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::MetadataValue;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+use tracing::{info, warn};
+
+use crate::certs::Backoff;
+use crate::state::{ProxyState, Update};
+
+pub const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
+
+#[derive(Debug, Clone)]
+pub struct XdsConfig {
+    /// e.g. https://istiod.istio-system.svc:15012
+    pub address: String,
+    pub ca_root_pem: String,
+    pub server_name: String,
+    pub token: Option<String>,
+    /// Proxy id sent in the Node.
+    pub proxy_id: String,
+    pub trust_domain: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum XdsError {
+    #[error("xDS address {0}: {1}")]
+    Config(String, String),
+    #[error("xDS connect: {0}")]
+    Connect(String),
+    #[error("xDS stream: {0}")]
+    Stream(#[from] tonic::Status),
+}
+
+/// Counters for tests and the admin view.
+#[derive(Debug, Default)]
+pub struct XdsStats {
+    pub responses: AtomicU64,
+    pub resources: AtomicU64,
+    pub nacks: AtomicU64,
+    pub connects: AtomicU64,
+}
+
+pub struct XdsClient {
+    cfg: XdsConfig,
+    state: ProxyState,
+    known: Mutex<HashMap<&'static str, HashMap<String, String>>>,
+    synced: watch::Sender<BTreeSet<&'static str>>,
+    pub stats: XdsStats,
+}
+
+fn type_of(t: &str) -> Option<&'static str> {
+    TYPES.into_iter().find(|x| *x == t)
+}
+
+impl XdsClient {
+    pub fn new(cfg: XdsConfig, state: ProxyState) -> Arc<Self> {
+        Arc::new(XdsClient {
+            cfg,
+            state,
+            known: Mutex::new(HashMap::new()),
+            synced: watch::Sender::new(BTreeSet::new()),
+            stats: XdsStats::default(),
+        })
+    }
+
+    /// Every type has had at least one response (since start; a reconnect
+    /// does not make the proxy unready, its state is still good).
+    pub fn synced(&self) -> bool {
+        self.synced.borrow().len() == TYPES.len()
+    }
+
+    pub async fn wait_synced(&self) {
+        let mut rx = self.synced.subscribe();
+        let _ = rx.wait_for(|s| s.len() == TYPES.len()).await;
+    }
+
+    /// Runs until `stop`, reconnecting with backoff.
+    pub async fn run(self: Arc<Self>, stop: CancellationToken) {
+        let backoff = Backoff {
+            initial: Duration::from_millis(200),
+            max: Duration::from_secs(15),
+        };
+        let mut failures = 0u32;
+        loop {
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.session() => r,
+            };
+            match result {
+                Ok(()) => {
+                    failures = 0;
+                    info!("xDS stream ended; reconnecting");
+                }
+                Err(e) => {
+                    failures += 1;
+                    warn!(error = %e, failures, "xDS stream failed; keeping the last good state");
+                }
+            }
+            let wait = backoff.delay(failures.max(1));
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    fn lock_known(
+        &self,
+    ) -> std::sync::MutexGuard<'_, HashMap<&'static str, HashMap<String, String>>> {
+        self.known.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn session(&self) -> Result<(), XdsError> {
+        let bad = |e: String| XdsError::Config(self.cfg.address.clone(), e);
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.cfg.ca_root_pem))
+            .domain_name(self.cfg.server_name.clone());
+        let channel = Endpoint::from_shared(self.cfg.address.clone())
+            .map_err(|e| bad(e.to_string()))?
+            .tls_config(tls)
+            .map_err(|e| bad(e.to_string()))?
+            .connect_timeout(Duration::from_secs(5))
+            .http2_keep_alive_interval(Duration::from_secs(10))
+            .keep_alive_timeout(Duration::from_secs(10))
+            .connect()
+            .await
+            .map_err(|e| XdsError::Connect(format!("{e}: {:?}", std::error::Error::source(&e))))?;
+        let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
+        for (i, t) in TYPES.iter().enumerate() {
+            let held = self.lock_known().get(t).cloned().unwrap_or_default();
+            let _ = tx
+                .send(DeltaDiscoveryRequest {
+                    node: (i == 0).then(|| Node {
+                        id: self.cfg.proxy_id.clone(),
+                        user_agent_name: "ztunnel".into(),
+                        ..Default::default()
+                    }),
+                    type_url: t.to_string(),
+                    resource_names_subscribe: vec!["*".into()],
+                    initial_resource_versions: held,
+                    ..Default::default()
+                })
+                .await;
+        }
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        if let Some(t) = &self.cfg.token {
+            let v: MetadataValue<_> = format!("Bearer {t}")
+                .parse()
+                .map_err(|_| bad("token is not a valid header value".into()))?;
+            req.metadata_mut().insert("authorization", v);
+        }
+        let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+            .max_decoding_message_size(64 * 1024 * 1024)
+            .delta_aggregated_resources(req)
+            .await?
+            .into_inner();
+        self.stats.connects.fetch_add(1, Ordering::Relaxed);
+        info!(address = %self.cfg.address, "xDS stream open");
+        while let Some(resp) = stream.message().await? {
+            let Some(t) = type_of(&resp.type_url) else {
+                warn!(type_url = %resp.type_url, "response for an unknown type ignored");
+                continue;
+            };
+            let mut updates =
+                Vec::with_capacity(resp.resources.len() + resp.removed_resources.len());
+            let mut accepted = Vec::new();
+            let mut errors = Vec::new();
+            for r in &resp.resources {
+                let converted = match (t, &r.resource) {
+                    (_, None) => Err("resource has no body".to_string()),
+                    (ADDRESS_TYPE_URL, Some(any)) => Address::decode(any.value.as_slice())
+                        .map_err(|e| e.to_string())
+                        .and_then(|a| {
+                            Update::from_address(&a, &self.cfg.trust_domain)
+                                .map_err(|e| e.to_string())
+                        }),
+                    (_, Some(any)) => Authorization::decode(any.value.as_slice())
+                        .map_err(|e| e.to_string())
+                        .and_then(|a| Update::from_authorization(&a).map_err(|e| e.to_string())),
+                };
+                match converted {
+                    Ok(u) => {
+                        updates.push(u);
+                        accepted.push((r.name.clone(), r.version.clone()));
+                    }
+                    Err(e) => errors.push(format!("{}: {e}", r.name)),
+                }
+            }
+            for name in &resp.removed_resources {
+                updates.push(match t {
+                    ADDRESS_TYPE_URL => Update::RemoveAddress(name.clone()),
+                    _ => Update::RemovePolicy(name.clone()),
+                });
+            }
+            self.state.apply(updates);
+            {
+                let mut known = self.lock_known();
+                let held = known.entry(t).or_default();
+                for (n, v) in accepted {
+                    held.insert(n, v);
+                }
+                for n in &resp.removed_resources {
+                    held.remove(n);
+                }
+            }
+            self.stats.responses.fetch_add(1, Ordering::Relaxed);
+            self.stats
+                .resources
+                .fetch_add(resp.resources.len() as u64, Ordering::Relaxed);
+            let error_detail = (!errors.is_empty()).then(|| {
+                self.stats.nacks.fetch_add(1, Ordering::Relaxed);
+                let message = errors.join("; ");
+                warn!(type_url = t, error = %message, "rejecting resources (NACK)");
+                RpcStatus {
+                    code: tonic::Code::InvalidArgument as i32,
+                    message,
+                    details: vec![],
+                }
+            });
+            let _ = tx
+                .send(DeltaDiscoveryRequest {
+                    type_url: t.to_string(),
+                    response_nonce: resp.nonce.clone(),
+                    error_detail,
+                    ..Default::default()
+                })
+                .await;
+            self.synced.send_modify(|s| {
+                s.insert(t);
+            });
+        }
+        Ok(())
+    }
+}
