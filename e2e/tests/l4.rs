@@ -234,14 +234,12 @@ async fn a_denied_source_is_closed_with_401_and_a_deny_flag() {
         "DENY flag on both sides",
         Duration::from_secs(5),
         || async {
+            let deny = ["response_flags=\"DENY\""];
             let b = m.zb.metrics_text().await;
-            let a = m.za.log_text();
-            metric_sum(
-                &b,
-                "istio_tcp_connections_opened_total",
-                &["response_flags=\"DENY\""],
-            ) >= 1
-                && a.contains("401 Unauthorized")
+            let a = m.za.metrics_text().await;
+            metric_sum(&b, "istio_tcp_connections_closed_total", &deny) >= 1
+                && metric_sum(&a, "istio_tcp_connections_closed_total", &deny) >= 1
+                && m.za.log_text().contains("401 Unauthorized")
         },
     )
     .await;

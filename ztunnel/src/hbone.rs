@@ -141,6 +141,8 @@ impl AsyncRead for H2Stream {
             match ready!(self.recv.poll_data(cx)) {
                 None => return Poll::Ready(Ok(())),
                 Some(Ok(b)) => self.buf = b,
+                // A peer may end its side with RST_STREAM(NO_ERROR).
+                Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(Ok(())),
                 Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
             }
         }
@@ -203,6 +205,8 @@ pub enum OpenError {
     Request(#[from] http::Error),
     #[error("peer answered {0} to CONNECT")]
     Status(StatusCode),
+    #[error("no answer to CONNECT within {0:?}")]
+    Timeout(Duration),
 }
 
 impl OpenError {
@@ -262,8 +266,19 @@ async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Dura
     }
 }
 
-/// Opens one CONNECT stream; succeeds only on 200.
+/// Opens one CONNECT stream; succeeds only on 200, within `timeout`.
 pub async fn open(
+    sender: &h2::client::SendRequest<Bytes>,
+    target: SocketAddr,
+    headers: &ConnectHeaders,
+    timeout: Duration,
+) -> Result<H2Stream, OpenError> {
+    tokio::time::timeout(timeout, open_inner(sender, target, headers))
+        .await
+        .map_err(|_| OpenError::Timeout(timeout))?
+}
+
+async fn open_inner(
     sender: &h2::client::SendRequest<Bytes>,
     target: SocketAddr,
     headers: &ConnectHeaders,
@@ -299,27 +314,36 @@ impl Responder {
 }
 
 /// Serves HTTP/2 on an accepted TLS connection, calling `handler` for each
-/// request stream. On `shutdown`, sends GOAWAY and lets open streams finish.
+/// request stream. The preface must arrive within `handshake_timeout`; a peer
+/// that stops answering PINGs is dropped. On `shutdown`, sends GOAWAY and
+/// lets open streams finish.
 pub async fn serve_connection<IO, F, Fut>(
     io: IO,
     cfg: &H2Config,
     max_streams: u32,
+    handshake_timeout: Duration,
     shutdown: CancellationToken,
     handler: F,
-) -> Result<(), h2::Error>
+) -> Result<(), io::Error>
 where
     IO: AsyncRead + AsyncWrite + Unpin,
     F: Fn(Request<()>, Responder) -> Fut,
     Fut: Future<Output = ()> + Send + 'static,
 {
-    let mut conn = h2::server::Builder::new()
+    let handshake = h2::server::Builder::new()
         .initial_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window)
         .max_frame_size(cfg.max_frame_size)
         .max_header_list_size(cfg.max_header_list_size)
         .max_concurrent_streams(max_streams)
-        .handshake(io)
-        .await?;
+        .handshake(io);
+    let mut conn = tokio::time::timeout(handshake_timeout, handshake)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface in time"))?
+        .map_err(h2_io_error)?;
+    let ping = conn.ping_pong();
+    let alive = keepalive(ping, cfg.keepalive_interval, cfg.keepalive_timeout);
+    tokio::pin!(alive);
     let mut closing = false;
     loop {
         tokio::select! {
@@ -328,9 +352,12 @@ where
                     let (parts, recv) = req.into_parts();
                     tokio::spawn(handler(Request::from_parts(parts, ()), Responder { respond, recv }));
                 }
-                Some(Err(e)) => return Err(e),
+                Some(Err(e)) => return Err(h2_io_error(e)),
                 None => return Ok(()),
             },
+            _ = &mut alive => {
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "peer stopped answering HTTP/2 PINGs"));
+            }
             _ = shutdown.cancelled(), if !closing => {
                 closing = true;
                 conn.graceful_shutdown();

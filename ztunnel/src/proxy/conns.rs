@@ -30,6 +30,24 @@ pub enum Protocol {
     Tcp,
 }
 
+/// Why the proxy itself closed a connection.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CloseReason {
+    /// Policy now denies it (or its workload is gone).
+    Denied(String),
+    /// Still open when the drain deadline passed.
+    Drained,
+}
+
+impl std::fmt::Display for CloseReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            CloseReason::Denied(r) => f.write_str(r),
+            CloseReason::Drained => f.write_str("drain deadline passed"),
+        }
+    }
+}
+
 #[derive(Debug, Serialize)]
 pub struct ConnInfo {
     pub direction: Direction,
@@ -52,7 +70,7 @@ pub struct ConnInfo {
     pub counters: Arc<Counters>,
     /// Set when the proxy closes the connection itself (policy, drain).
     #[serde(skip)]
-    pub close_reason: std::sync::OnceLock<String>,
+    pub close_reason: std::sync::OnceLock<CloseReason>,
 }
 
 fn rfc3339<S: serde::Serializer>(t: &SystemTime, s: S) -> Result<S::Ok, S::Error> {
@@ -156,14 +174,19 @@ impl Registry {
     }
 
     /// Cancels every connection for which `f` says so; returns how many.
+    /// `f` runs without the registry lock, so the data path is not held up.
     pub fn cancel_where(&self, f: impl Fn(&ConnInfo) -> Option<String>) -> usize {
-        let conns = self.lock();
+        let conns: Vec<(u64, Arc<ConnInfo>, CancellationToken)> = self
+            .lock()
+            .iter()
+            .map(|(id, e)| (*id, e.info.clone(), e.cancel.clone()))
+            .collect();
         let mut n = 0;
-        for (id, e) in conns.iter() {
-            if let Some(reason) = f(&e.info) {
-                tracing::info!(id, src = %e.info.src, dst = %e.info.dst, %reason, "closing connection");
-                let _ = e.info.close_reason.set(reason);
-                e.cancel.cancel();
+        for (id, info, cancel) in conns {
+            if let Some(reason) = f(&info) {
+                tracing::info!(id, src = %info.src, dst = %info.dst, %reason, "closing connection");
+                let _ = info.close_reason.set(CloseReason::Denied(reason));
+                cancel.cancel();
                 n += 1;
             }
         }
@@ -172,7 +195,7 @@ impl Registry {
 
     pub fn cancel_all(&self) {
         for e in self.lock().values() {
-            let _ = e.info.close_reason.set("drain deadline passed".into());
+            let _ = e.info.close_reason.set(CloseReason::Drained);
             e.cancel.cancel();
         }
     }

@@ -54,7 +54,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
             Ok((tcp, peer)) => {
                 tokio::spawn(handle_connection(proxy.clone(), tcp, peer));
             }
-            Err(e) => warn!(error = %e, "HBONE accept failed"),
+            Err(e) => super::accept_error(&e).await,
         }
     }
 }
@@ -65,6 +65,7 @@ async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) 
         Err(e) => return warn!(%peer, error = %e, "no local address"),
     };
     let _ = tcp.set_nodelay(true);
+    super::socket::keepalive(&tcp);
     // The certificate is chosen by destination IP: there is no SNI.
     let Some(dst) = proxy
         .state
@@ -114,6 +115,7 @@ async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) 
         tls,
         &proxy.cfg.h2,
         max_streams,
+        proxy.cfg.handshake_timeout,
         proxy.draining.clone(),
         handler,
     )
@@ -138,11 +140,21 @@ async fn handle_stream(
             return respond.refuse(StatusCode::BAD_REQUEST);
         }
     };
+    // Judge each stream on the workload as it is now: a pooled connection
+    // outlives policy bindings and even the workload itself.
+    let snap = proxy.state.snapshot();
+    let Some(dst) = snap
+        .workload(&dst.uid)
+        .filter(|w| w.identity == dst.identity)
+        .cloned()
+    else {
+        info!(%peer, %target, workload = %dst.uid, "destination workload is gone or changed identity (503)");
+        return respond.refuse(StatusCode::SERVICE_UNAVAILABLE);
+    };
     if !dst.addresses.contains(&target.ip()) {
         info!(%peer, %target, workload = %dst.uid, "HBONE target is not the connection's destination workload (400)");
         return respond.refuse(StatusCode::BAD_REQUEST);
     }
-    let snap = proxy.state.snapshot();
     let src_wl = snap.workload_by_ip(&proxy.cfg.network, peer.ip()).cloned();
     let decision = authorize(
         &snap,
@@ -183,6 +195,7 @@ async fn handle_stream(
         counters: counters.clone(),
         close_reason: Default::default(),
     });
+    proxy.opened(&labels);
     if !decision.is_allowed() {
         info!(%peer, %target, identity = %src_identity, %decision, forwarded = forwarded.as_deref().unwrap_or("-"), "HBONE connection denied (401)");
         proxy.record(Finished {
@@ -228,10 +241,15 @@ async fn handle_stream(
     proxy.finish(labels, &tracked.info, result);
 }
 
-/// Closes open inbound connections that a policy change now denies.
-pub async fn revoke_on_policy_change(proxy: Arc<Proxy>) {
-    let mut rx = proxy.state.subscribe_policies();
+/// Closes open inbound connections that a policy change now denies. Holds
+/// the proxy weakly, so it ends when the proxy is dropped.
+pub async fn revoke_on_policy_change(proxy: std::sync::Weak<Proxy>) {
+    let mut rx = match proxy.upgrade() {
+        Some(p) => p.state.subscribe_policies(),
+        None => return,
+    };
     while rx.changed().await.is_ok() {
+        let Some(proxy) = proxy.upgrade() else { return };
         let snap = proxy.state.snapshot();
         let n = proxy.conns.cancel_where(|c| {
             if c.direction == Direction::Outbound {

@@ -66,6 +66,7 @@ async fn handle(proxy: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr, target:
         counters: counters.clone(),
         close_reason: Default::default(),
     });
+    proxy.opened(&labels);
     if !decision.is_allowed() {
         info!(%peer, %target, %decision, "plaintext connection denied");
         return proxy.record(Finished {

@@ -70,7 +70,7 @@ impl Proxy {
             draining: CancellationToken::new(),
             server_configs: Mutex::new(HashMap::new()),
         });
-        tokio::spawn(inbound::revoke_on_policy_change(proxy.clone()));
+        tokio::spawn(inbound::revoke_on_policy_change(Arc::downgrade(&proxy)));
         proxy
     }
 
@@ -144,7 +144,7 @@ pub async fn accept_captured<F, Fut>(
         let (tcp, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
+                accept_error(&e).await;
                 continue;
             }
         };
@@ -161,6 +161,12 @@ pub async fn accept_captured<F, Fut>(
     }
 }
 
+/// Out of descriptors (or similar): back off rather than spin.
+pub async fn accept_error(e: &std::io::Error) {
+    tracing::warn!(error = %e, "accept failed; backing off");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
 /// Records a finished connection: metrics and one access-log line.
 pub struct Finished<'a> {
     pub labels: TcpLabels,
@@ -170,6 +176,11 @@ pub struct Finished<'a> {
 }
 
 impl Proxy {
+    /// Counts a connection as opened (Istio counts at open, flags "-").
+    pub fn opened(&self, labels: &TcpLabels) {
+        self.metrics.opened.get_or_create(labels).inc();
+    }
+
     /// Records the end of a copied connection. A connection the proxy closed
     /// because policy now denies it is flagged DENY.
     pub fn finish(
@@ -180,8 +191,11 @@ impl Proxy {
     ) {
         let (flags, error) = match (result, info.close_reason.get()) {
             (Ok(()), _) => (ResponseFlags::None, None),
-            (Err(_), Some(reason)) if reason.contains("denied") => {
-                (ResponseFlags::Deny, Some(reason.clone()))
+            (Err(_), Some(r @ conns::CloseReason::Denied(_))) => {
+                (ResponseFlags::Deny, Some(r.to_string()))
+            }
+            (Err(_), Some(r @ conns::CloseReason::Drained)) => {
+                (ResponseFlags::None, Some(r.to_string()))
             }
             (Err((f, e)), _) => (f, Some(e)),
         };
@@ -199,7 +213,6 @@ impl Proxy {
         labels.response_flags = f.flags;
         let sent = f.info.counters.sent.load(Ordering::Relaxed);
         let received = f.info.counters.received.load(Ordering::Relaxed);
-        self.metrics.opened.get_or_create(&labels).inc();
         self.metrics.closed.get_or_create(&labels).inc();
         self.metrics.sent.get_or_create(&labels).inc_by(sent);
         self.metrics

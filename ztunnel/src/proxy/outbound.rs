@@ -157,14 +157,30 @@ pub fn resolve(
     Ok(Route::Passthrough { addr: dst })
 }
 
-/// W3C baggage describing the source, as Istio's peers expect.
+/// A 401 from the peer is its policy saying no: DENY, not CONNECT.
+fn pool_error_flags(e: &super::pool::PoolError) -> ResponseFlags {
+    match e {
+        super::pool::PoolError::Open {
+            source: crate::hbone::OpenError::Status(s),
+            ..
+        } if *s == http::StatusCode::UNAUTHORIZED => ResponseFlags::Deny,
+        _ => ResponseFlags::Connect,
+    }
+}
+
+/// W3C baggage describing the source, in the keys Istio's peers read.
 pub fn baggage(w: &Workload) -> String {
+    let name = if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    };
     format!(
-        "k8s.namespace.name={},k8s.pod.name={},service.name={},service.version={}",
+        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.deployment.name={},service.name={},service.version={}",
         w.namespace,
-        w.name,
+        name,
         if w.canonical_name.is_empty() {
-            &w.name
+            name
         } else {
             &w.canonical_name
         },
@@ -278,6 +294,7 @@ async fn handle(
         counters: counters.clone(),
         close_reason: Default::default(),
     });
+    proxy.opened(&labels);
     proxy.metrics.active_connections.inc();
     let src_ip = src.addresses.first().copied();
     let result: Result<(), (ResponseFlags, String)> = async {
@@ -307,7 +324,7 @@ async fn handle(
                     .pool
                     .connect(&key, target, &headers)
                     .await
-                    .map_err(|e| (ResponseFlags::Connect, e.to_string()))?;
+                    .map_err(|e| (pool_error_flags(&e), e.to_string()))?;
                 copy::run(&tracked.cancel, &mut tcp, &mut stream, counters.clone())
                     .await
                     .inspect_err(|_| {

@@ -93,9 +93,19 @@ impl Drop for StreamGuard {
     }
 }
 
+/// One dial at a time per key; a failure is shared with whoever was
+/// waiting, so a dead peer costs one timeout, not one per queued stream.
+#[derive(Default)]
+struct DialSlot {
+    lock: tokio::sync::Mutex<Option<(Instant, String)>>,
+}
+
+/// How long a failed dial is reported to later callers without retrying.
+const DIAL_FAILURE_HOLD: Duration = Duration::from_millis(500);
+
 struct Inner {
     conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
-    dialing: Mutex<HashMap<PoolKey, Arc<tokio::sync::Mutex<()>>>>,
+    dialing: Mutex<HashMap<PoolKey, Arc<DialSlot>>>,
     certs: CertificateManager,
     h2: H2Config,
     cfg: PoolConfig,
@@ -198,7 +208,7 @@ impl Pool {
             return Ok(c);
         }
         // One dial per key at a time, so a burst shares the new connection.
-        let lock = self
+        let slot = self
             .inner
             .dialing
             .lock()
@@ -206,17 +216,43 @@ impl Pool {
             .entry(key.clone())
             .or_default()
             .clone();
-        let _dialing = lock.lock().await;
-        if let Some(c) = self.try_take(key) {
-            return Ok(c);
+        let result = {
+            let mut last_failure = slot.lock.lock().await;
+            if let Some(c) = self.try_take(key) {
+                Ok(c)
+            } else if let Some((at, reason)) = last_failure
+                .as_ref()
+                .filter(|(at, _)| at.elapsed() < DIAL_FAILURE_HOLD)
+            {
+                Err(PoolError::Connect {
+                    addr: key.next_hop,
+                    reason: format!("{reason} ({}ms ago)", at.elapsed().as_millis()),
+                })
+            } else {
+                match self.dial(key).await {
+                    Ok(conn) => {
+                        *last_failure = None;
+                        conn.streams.store(1, Ordering::Release);
+                        self.conns()
+                            .entry(key.clone())
+                            .or_default()
+                            .push(conn.clone());
+                        Ok(conn)
+                    }
+                    Err(e) => {
+                        *last_failure = Some((Instant::now(), e.to_string()));
+                        Err(e)
+                    }
+                }
+            }
+        };
+        // Drop the slot once no one else waits on it, so the map stays small
+        // (the held failure only matters to callers already queued).
+        let mut dialing = self.inner.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        if Arc::strong_count(&slot) == 2 {
+            dialing.remove(key);
         }
-        let conn = self.dial(key).await?;
-        conn.streams.store(1, Ordering::Release);
-        self.conns()
-            .entry(key.clone())
-            .or_default()
-            .push(conn.clone());
-        Ok(conn)
+        result
     }
 
     async fn dial(&self, key: &PoolKey) -> Result<Arc<Conn>, PoolError> {
@@ -296,7 +332,7 @@ impl Pool {
             attempt += 1;
             let conn = self.checkout(key).await?;
             let guard = StreamGuard { conn: conn.clone() };
-            match hbone::open(&conn.sender, target, headers).await {
+            match hbone::open(&conn.sender, target, headers, self.inner.connect_timeout).await {
                 Ok(stream) => return Ok((stream, guard)),
                 Err(e) if attempt == 1 && e.connection_gone() => {
                     warn!(conn = conn.id, %addr, error = %e, "pooled connection is gone; retrying on a new one");

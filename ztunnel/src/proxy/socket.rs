@@ -63,3 +63,13 @@ pub fn original_dst(s: &TcpStream) -> io::Result<SocketAddr> {
 pub fn reset(s: &TcpStream) {
     let _ = SockRef::from(s).set_linger(Some(Duration::ZERO));
 }
+
+/// TCP keepalive on accepted sockets, so a peer whose node vanished is
+/// noticed even when no HTTP/2 PING is outstanding.
+pub fn keepalive(s: &TcpStream) {
+    let ka = socket2::TcpKeepalive::new()
+        .with_time(Duration::from_secs(30))
+        .with_interval(Duration::from_secs(10))
+        .with_retries(3);
+    let _ = SockRef::from(s).set_tcp_keepalive(&ka);
+}

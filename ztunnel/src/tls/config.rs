@@ -22,6 +22,10 @@ pub fn server_config(
         .with_client_cert_verifier(Arc::new(verifier))
         .with_single_cert(cert.chain().to_vec(), cert.key())?;
     cfg.alpn_protocols = vec![ALPN_H2.to_vec()];
+    // No resumption: every connection's client chain is checked against the
+    // roots as they are now (they rotate).
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     Ok(cfg)
 }
 
