@@ -19,9 +19,18 @@ use crate::config::folder::{ConfigIssue, FolderSource};
 use crate::model::{Model, ModelConfig};
 use crate::xds::{AdsService, Hub};
 
+/// Where Kubernetes objects come from.
+#[derive(Debug, Clone)]
+pub enum ConfigSource {
+    /// A folder of YAML, polled for changes.
+    Folder(PathBuf),
+    /// The Kubernetes API (in-cluster config or KUBECONFIG).
+    Kube,
+}
+
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub config_dir: PathBuf,
+    pub source: ConfigSource,
     pub data_dir: PathBuf,
     pub model: ModelConfig,
     pub grpc_addr: SocketAddr,
@@ -80,27 +89,40 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
         .map_err(|e| AppError::Start("root bundle", e.to_string()))?;
     info!(path = %bundle.display(), "published the root bundle");
 
-    // Load the whole folder before serving, so the first push is complete.
     let hub = Hub::new(Model::new(o.model.clone()));
-    let mut folder = FolderSource::new(&o.config_dir);
-    hub.apply(folder.scan());
-    let issues: Arc<Mutex<Vec<ConfigIssue>>> = Arc::new(Mutex::new(folder.issues()));
+    let issues: Arc<Mutex<Vec<ConfigIssue>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
-    {
-        let (hub, issues, stop, poll) = (hub.clone(), issues.clone(), stop.clone(), o.poll);
-        tokio::spawn(async move {
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => return,
-                    _ = tokio::time::sleep(poll) => {}
+    match &o.source {
+        ConfigSource::Folder(dir) => {
+            // Load the whole folder before serving, so the first push is complete.
+            let mut folder = FolderSource::new(dir);
+            hub.apply(folder.scan());
+            *issues.lock().unwrap_or_else(|p| p.into_inner()) = folder.issues();
+            let (hub, issues, stop, poll) = (hub.clone(), issues.clone(), stop.clone(), o.poll);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(poll) => {}
+                    }
+                    let changes = folder.scan();
+                    if !changes.is_empty() {
+                        hub.apply(changes);
+                        *issues.lock().unwrap_or_else(|p| p.into_inner()) = folder.issues();
+                    }
                 }
-                let changes = folder.scan();
-                if !changes.is_empty() {
-                    hub.apply(changes);
-                    *issues.lock().unwrap_or_else(|p| p.into_inner()) = folder.issues();
-                }
-            }
-        });
+            });
+        }
+        ConfigSource::Kube => {
+            let client = kube::Client::try_default()
+                .await
+                .map_err(|e| AppError::Start("Kubernetes client", e.to_string()))?;
+            tokio::spawn(crate::config::kube::feed(
+                hub.clone(),
+                crate::config::kube::watch_all(client),
+                o.poll,
+            ));
+        }
     }
 
     let mut dns = vec![

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use istiod_lite::app::{Options, start};
+use istiod_lite::app::{ConfigSource, Options, start};
 use istiod_lite::model::ModelConfig;
 use tracing::{error, info};
 
@@ -16,8 +16,11 @@ use tracing::{error, info};
 )]
 struct Args {
     /// Folder of Kubernetes YAML to watch.
-    #[arg(long, env = "ISTIOD_CONFIG_DIR")]
-    config_dir: PathBuf,
+    #[arg(long, env = "ISTIOD_CONFIG_DIR", required_unless_present = "kube")]
+    config_dir: Option<PathBuf>,
+    /// Watch the Kubernetes API instead (in-cluster config or KUBECONFIG).
+    #[arg(long, conflicts_with = "config_dir")]
+    kube: bool,
     /// Where the CA keeps its root and the published root bundle.
     #[arg(long, env = "ISTIOD_DATA_DIR", default_value = "/var/lib/istiod-lite")]
     data_dir: PathBuf,
@@ -48,7 +51,8 @@ struct Args {
     /// IPs for the serving certificate.
     #[arg(long = "serving-ip")]
     serving_ips: Vec<IpAddr>,
-    /// How often the config folder is checked for changes, in milliseconds.
+    /// How often the config folder is checked for changes (and how long
+    /// Kubernetes events are batched into one push), in milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
 }
@@ -57,8 +61,12 @@ struct Args {
 async fn main() {
     ztunnel::init_logging();
     let a = Args::parse();
+    let source = match a.config_dir {
+        Some(dir) => ConfigSource::Folder(dir),
+        None => ConfigSource::Kube,
+    };
     let opts = Options {
-        config_dir: a.config_dir,
+        source,
         data_dir: a.data_dir,
         model: ModelConfig {
             trust_domain: a.trust_domain,

@@ -33,6 +33,7 @@ pub struct PolicyTargetReference {
     group = "security.istio.io",
     version = "v1",
     kind = "AuthorizationPolicy",
+    plural = "authorizationpolicies",
     namespaced,
     status = "PolicyStatus"
 )]

@@ -3,4 +3,5 @@
 
 pub mod crds;
 pub mod folder;
+pub mod kube;
 pub mod objects;

@@ -1,0 +1,130 @@
+//! The Kubernetes source: one `kube` watcher per kind, each turned into the
+//! same [`Change`]s the folder source produces, so the model cannot tell the
+//! two apart. A (re)list, including the one a 410 Gone forces, is diffed
+//! against what the watcher knew: objects that vanished meanwhile are deleted.
+
+use std::collections::BTreeSet;
+use std::fmt::Debug;
+
+use futures::StreamExt;
+use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::httproutes::HttpRoute;
+use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::mpsc;
+use tracing::{info, warn};
+
+use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication};
+use super::objects::{Change, Object, ObjectKey};
+
+async fn watch_kind<K>(
+    api: Api<K>,
+    wrap: fn(K) -> Object,
+    name: &'static str,
+    tx: mpsc::Sender<Vec<Change>>,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
+{
+    let mut stream = watcher::watcher(api, watcher::Config::default())
+        .default_backoff()
+        .boxed();
+    let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
+    let mut listing: Option<Vec<Object>> = None;
+    while let Some(ev) = stream.next().await {
+        let changes = match ev {
+            Ok(Event::Init) => {
+                listing = Some(Vec::new());
+                continue;
+            }
+            Ok(Event::InitApply(o)) => {
+                listing.get_or_insert_with(Vec::new).push(wrap(o));
+                continue;
+            }
+            Ok(Event::InitDone) => {
+                let objects = listing.take().unwrap_or_default();
+                let now: BTreeSet<ObjectKey> = objects.iter().map(Object::key).collect();
+                let mut changes: Vec<Change> = known
+                    .difference(&now)
+                    .cloned()
+                    .map(Change::Delete)
+                    .collect();
+                info!(
+                    kind = name,
+                    objects = objects.len(),
+                    removed = changes.len(),
+                    "listed"
+                );
+                changes.extend(objects.into_iter().map(Change::Upsert));
+                known = now;
+                changes
+            }
+            Ok(Event::Apply(o)) => {
+                let o = wrap(o);
+                known.insert(o.key());
+                vec![Change::Upsert(o)]
+            }
+            Ok(Event::Delete(o)) => {
+                let k = wrap(o).key();
+                known.remove(&k);
+                vec![Change::Delete(k)]
+            }
+            Err(e) => {
+                warn!(kind = name, error = %e, "watch failed; retrying with backoff");
+                continue;
+            }
+        };
+        if tx.send(changes).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Starts a watcher per kind the model uses; changes arrive on the returned
+/// channel.
+pub fn watch_all(client: Client) -> mpsc::Receiver<Vec<Change>> {
+    let (tx, rx) = mpsc::channel(64);
+    macro_rules! watch {
+        ($t:ty, $variant:ident, $name:literal) => {
+            tokio::spawn(watch_kind(
+                Api::<$t>::all(client.clone()),
+                |o| Object::$variant(Box::new(o)),
+                $name,
+                tx.clone(),
+            ));
+        };
+    }
+    watch!(Namespace, Namespace, "Namespace");
+    watch!(Pod, Pod, "Pod");
+    watch!(Service, Service, "Service");
+    watch!(EndpointSlice, EndpointSlice, "EndpointSlice");
+    watch!(Gateway, Gateway, "Gateway");
+    watch!(HttpRoute, HttpRoute, "HTTPRoute");
+    watch!(
+        AuthorizationPolicy,
+        AuthorizationPolicy,
+        "AuthorizationPolicy"
+    );
+    watch!(PeerAuthentication, PeerAuthentication, "PeerAuthentication");
+    watch!(DestinationRule, DestinationRule, "DestinationRule");
+    rx
+}
+
+/// Applies changes from a source to the hub, batching what arrives within
+/// `window` into one push (a debounce: a burst of events costs one push).
+pub async fn feed(
+    hub: std::sync::Arc<crate::xds::Hub>,
+    mut rx: mpsc::Receiver<Vec<Change>>,
+    window: std::time::Duration,
+) {
+    while let Some(mut batch) = rx.recv().await {
+        let deadline = tokio::time::Instant::now() + window;
+        while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+            batch.extend(more);
+        }
+        hub.apply(batch);
+    }
+}

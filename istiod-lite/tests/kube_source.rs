@@ -1,0 +1,229 @@
+//! The Kubernetes source without a cluster: `kube` watchers against an HTTP
+//! server that answers as the API server does (lists, then watch event
+//! streams, including a 410 Gone that forces a relist). The model they build
+//! must equal the one the folder source builds from the same objects.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use istiod_lite::config::folder::FolderSource;
+use istiod_lite::config::kube::{feed, watch_all};
+use istiod_lite::model::{Model, ModelConfig};
+use istiod_lite::xds::Hub;
+use serde_json::{Value, json};
+
+fn yaml_docs(text: &str) -> Vec<Value> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(text)
+        .map(|d| Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .collect()
+}
+
+fn ns(name: &str, ambient: bool) -> String {
+    let labels = if ambient {
+        "{istio.io/dataplane-mode: ambient}"
+    } else {
+        "{}"
+    };
+    format!("apiVersion: v1\nkind: Namespace\nmetadata: {{name: {name}, labels: {labels}}}\n")
+}
+
+fn pod(name: &str, ip: Option<&str>, node: &str) -> String {
+    let status = match ip {
+        Some(ip) => format!("{{podIP: {ip}, phase: Running}}"),
+        None => "{phase: Pending}".to_string(),
+    };
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: uid-{name}, labels: {{app: web}}}}\nspec: {{nodeName: {node}, serviceAccountName: web, containers: [{{name: c, image: x}}]}}\nstatus: {status}\n"
+    )
+}
+
+const SVC: &str = "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {selector: {app: web}, clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: 8080}]}\n";
+const POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: allow-web, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  rules: [{from: [{source: {namespaces: [shop]}}]}]\n";
+
+/// What the fake API server answers, per collection path.
+#[derive(Default)]
+struct Script {
+    /// Successive list responses (the last repeats).
+    lists: Vec<Vec<Value>>,
+    /// Successive watch streams: the events of each (a stream then stays open).
+    watches: Vec<Vec<Value>>,
+}
+
+type Scripts = Arc<Mutex<HashMap<String, (Script, usize, usize)>>>;
+
+fn list_body(path: &str, items: &[Value], rv: usize) -> Value {
+    let kind = match path.rsplit('/').next().unwrap_or("") {
+        "namespaces" => "NamespaceList",
+        "pods" => "PodList",
+        "services" => "ServiceList",
+        "endpointslices" => "EndpointSliceList",
+        "authorizationpolicies" => "AuthorizationPolicyList",
+        "peerauthentications" => "PeerAuthenticationList",
+        "destinationrules" => "DestinationRuleList",
+        "gateways" => "GatewayList",
+        "httproutes" => "HTTPRouteList",
+        _ => "List",
+    };
+    json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv.to_string()}, "items": items})
+}
+
+async fn serve_api(scripts: Scripts) -> std::net::SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let scripts = scripts.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let scripts = scripts.clone();
+                    async move {
+                        let path = req.uri().path().to_string();
+                        let watch = req.uri().query().unwrap_or("").contains("watch=true");
+                        let mut s = scripts.lock().unwrap();
+                        let (script, lists, watches) = s.entry(path.clone()).or_default();
+                        let body: BoxBody<Bytes, Infallible> = if !watch {
+                            let i = (*lists).min(script.lists.len().saturating_sub(1));
+                            *lists += 1;
+                            let items = script.lists.get(i).cloned().unwrap_or_default();
+                            let text = list_body(&path, &items, 10 * (*lists)).to_string();
+                            http_body_util::Full::new(Bytes::from(text)).boxed()
+                        } else {
+                            let events = script.watches.get(*watches).cloned().unwrap_or_default();
+                            *watches += 1;
+                            let frames = events
+                                .into_iter()
+                                .map(|e| Ok(Frame::data(Bytes::from(format!("{e}\n")))));
+                            let stream =
+                                futures::stream::iter(frames).chain(futures::stream::pending());
+                            BodyExt::boxed(StreamBody::new(stream))
+                        };
+                        let mut resp = hyper::Response::new(body);
+                        resp.headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+use futures::StreamExt;
+
+fn item(yaml: &str) -> Value {
+    yaml_docs(yaml).remove(0)
+}
+
+/// A watch event, as the API server sends it: every object carries the
+/// resourceVersion it was written at.
+fn event(kind: &str, yaml: &str, rv: u32) -> Value {
+    let mut o = item(yaml);
+    o["metadata"]["resourceVersion"] = json!(rv.to_string());
+    json!({"type": kind, "object": o})
+}
+
+#[tokio::test]
+async fn the_kube_source_builds_the_same_model_as_the_folder_source() {
+    ztunnel::tls::install_default_provider();
+    let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
+    let mut set = |path: &str, lists: Vec<Vec<Value>>, watches: Vec<Vec<Value>>| {
+        scripts.insert(path.to_string(), (Script { lists, watches }, 0, 0));
+    };
+    set(
+        "/api/v1/namespaces",
+        vec![vec![item(&ns("shop", true)), item(&ns("plain", false))]],
+        vec![],
+    );
+    set("/api/v1/services", vec![vec![item(SVC)]], vec![]);
+    set(
+        "/apis/security.istio.io/v1/authorizationpolicies",
+        vec![],
+        vec![vec![event("ADDED", POLICY, 11)]],
+    );
+    // Pods: the first list is stale; the watch answers 410 Gone, forcing a
+    // relist that shows the current state; then events continue.
+    let gone = json!({"type": "ERROR", "object": {"kind": "Status", "apiVersion": "v1", "metadata": {},
+        "status": "Failure", "message": "too old resource version: 10 (42)", "reason": "Expired", "code": 410}});
+    set(
+        "/api/v1/pods",
+        vec![
+            vec![
+                item(&pod("web-1", None, "node-a")),
+                item(&pod("db-1", Some("10.0.1.9"), "node-b")),
+            ],
+            vec![
+                item(&pod("web-1", Some("10.0.1.5"), "node-a")),
+                item(&pod("db-1", Some("10.0.1.9"), "node-b")),
+                item(&pod("web-2", Some("10.0.1.6"), "node-b")),
+            ],
+        ],
+        vec![
+            vec![gone],
+            vec![
+                event("ADDED", &pod("late-1", Some("10.0.1.7"), "node-a"), 43),
+                event("DELETED", &pod("db-1", Some("10.0.1.9"), "node-b"), 44),
+            ],
+        ],
+    );
+    let addr = serve_api(Arc::new(Mutex::new(scripts))).await;
+
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let client = kube::Client::try_from(config).unwrap();
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    tokio::spawn(feed(
+        hub.clone(),
+        watch_all(client),
+        Duration::from_millis(50),
+    ));
+
+    // The same objects, as a user would write them in a folder.
+    let dir = tempfile::tempdir().unwrap();
+    let all = [
+        ns("shop", true),
+        ns("plain", false),
+        SVC.to_string(),
+        POLICY.to_string(),
+        pod("web-1", Some("10.0.1.5"), "node-a"),
+        pod("web-2", Some("10.0.1.6"), "node-b"),
+        pod("late-1", Some("10.0.1.7"), "node-a"),
+    ]
+    .join("---\n");
+    std::fs::write(dir.path().join("all.yaml"), all).unwrap();
+    let mut folder = FolderSource::new(dir.path());
+    let mut expected = Model::new(ModelConfig::default());
+    expected.apply(folder.scan());
+    assert!(folder.issues().is_empty(), "{:?}", folder.issues());
+    let want = expected.dump();
+
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let got = hub.model().dump();
+        if got == want {
+            break;
+        }
+        if tokio::time::Instant::now() > deadline {
+            panic!(
+                "the kube-fed model never matched the folder model\nkube:   {}\nfolder: {}",
+                serde_json::to_string_pretty(&got).unwrap(),
+                serde_json::to_string_pretty(&want).unwrap()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // And it is what we meant: the stale pod state was replaced by the relist.
+    let workloads = want["workloads"].as_array().unwrap();
+    assert_eq!(workloads.len(), 3, "{want}");
+}
