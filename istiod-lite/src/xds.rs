@@ -36,6 +36,9 @@ use crate::model::{Delta, Model};
 
 pub const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
 
+/// Resources per response when a push is large.
+const PUSH_CHUNK: usize = 500;
+
 /// The model plus everyone connected to it.
 pub struct Hub {
     model: RwLock<Model>,
@@ -187,7 +190,7 @@ impl Conn {
         names: Option<&BTreeSet<String>>,
         always: bool,
     ) -> Result<(), ()> {
-        let (resources, removed) = {
+        let (resources, mut removed) = {
             let Some(sub) = self.subs.get(type_url) else {
                 return Ok(());
             };
@@ -231,30 +234,49 @@ impl Conn {
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }
-        let nonce = self.next_nonce();
-        if let Some(sub) = self.subs.get_mut(type_url) {
-            for r in &resources {
-                sub.held.insert(r.name.clone(), r.version.clone());
-            }
-            for n in &removed {
-                sub.held.remove(n);
-            }
-            let mut types = self.view.types.lock().unwrap_or_else(|p| p.into_inner());
-            let t = types.entry(type_url.to_string()).or_default();
-            t.resources = sub.held.len();
-            t.responses_sent += 1;
-            t.resources_sent += resources.len() as u64;
-            t.last_sent_nonce = Some(nonce.clone());
+        // Large pushes go out in chunks: the proxy starts applying sooner, and
+        // a connection never holds a whole-mesh response in memory at once.
+        let mut chunks: Vec<Vec<Resource>> = Vec::new();
+        let mut resources = resources.into_iter().peekable();
+        while resources.peek().is_some() {
+            chunks.push(resources.by_ref().take(PUSH_CHUNK).collect());
         }
-        let resp = DeltaDiscoveryResponse {
-            system_version_info: self.hub.pushes.load(Ordering::Relaxed).to_string(),
-            resources,
-            type_url: type_url.to_string(),
-            nonce,
-            removed_resources: removed,
-            ..Default::default()
-        };
-        self.tx.send(Ok(resp)).await.map_err(|_| ())
+        if chunks.is_empty() {
+            chunks.push(Vec::new());
+        }
+        let last = chunks.len() - 1;
+        for (i, chunk) in chunks.into_iter().enumerate() {
+            let removed = if i == last {
+                std::mem::take(&mut removed)
+            } else {
+                Vec::new()
+            };
+            let nonce = self.next_nonce();
+            if let Some(sub) = self.subs.get_mut(type_url) {
+                for r in &chunk {
+                    sub.held.insert(r.name.clone(), r.version.clone());
+                }
+                for n in &removed {
+                    sub.held.remove(n);
+                }
+                let mut types = self.view.types.lock().unwrap_or_else(|p| p.into_inner());
+                let t = types.entry(type_url.to_string()).or_default();
+                t.resources = sub.held.len();
+                t.responses_sent += 1;
+                t.resources_sent += chunk.len() as u64;
+                t.last_sent_nonce = Some(nonce.clone());
+            }
+            let resp = DeltaDiscoveryResponse {
+                system_version_info: self.hub.pushes.load(Ordering::Relaxed).to_string(),
+                resources: chunk,
+                type_url: type_url.to_string(),
+                nonce,
+                removed_resources: removed,
+                ..Default::default()
+            };
+            self.tx.send(Ok(resp)).await.map_err(|_| ())?;
+        }
+        Ok(())
     }
 
     async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {

@@ -32,7 +32,16 @@ impl std::fmt::Display for ConfigIssue {
 #[derive(Clone)]
 struct Entry {
     object: Object,
-    raw: serde_json::Value,
+    /// Hash of the document as read, to tell a changed object from an
+    /// unchanged one without keeping the document twice.
+    hash: u64,
+}
+
+fn doc_hash(v: &serde_json::Value) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
 }
 
 #[derive(Default)]
@@ -46,8 +55,8 @@ struct FileState {
 pub struct FolderSource {
     dir: PathBuf,
     files: BTreeMap<PathBuf, FileState>,
-    /// What the model currently has, by key.
-    current: HashMap<ObjectKey, serde_json::Value>,
+    /// What the model currently has, by key: the document hash.
+    current: HashMap<ObjectKey, u64>,
     duplicates: Vec<ConfigIssue>,
 }
 
@@ -161,7 +170,8 @@ impl FolderSource {
                         });
                         continue;
                     }
-                    state.objects.insert(key, Entry { object: obj, raw });
+                    let hash = doc_hash(&raw);
+                    state.objects.insert(key, Entry { object: obj, hash });
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -254,8 +264,8 @@ impl FolderSource {
             changes.push(Change::Delete(k));
         }
         for (k, (_, e)) in merged {
-            if self.current.get(&k) != Some(&e.raw) {
-                self.current.insert(k, e.raw.clone());
+            if self.current.get(&k) != Some(&e.hash) {
+                self.current.insert(k, e.hash);
                 changes.push(Change::Upsert(e.object.clone()));
             }
         }

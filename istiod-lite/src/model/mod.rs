@@ -61,8 +61,6 @@ pub struct XdsResource {
     pub version: String,
     #[serde(skip)]
     pub any: prost_types::Any,
-    /// The resource as JSON, for the debug view.
-    pub json: serde_json::Value,
 }
 
 /// What an [`Model::apply`] changed, per type URL.
@@ -308,12 +306,12 @@ impl Model {
         &mut self,
         type_url: &'static str,
         source: Source,
-        out: Option<(String, Vec<u8>, serde_json::Value)>,
+        out: Option<(String, Vec<u8>)>,
         delta: &mut Delta,
     ) {
         let old_name = self.produced.remove(&source);
         if let Some(old) = &old_name
-            && out.as_ref().is_none_or(|(n, _, _)| n != old)
+            && out.as_ref().is_none_or(|(n, _)| n != old)
             && self
                 .outputs
                 .entry(type_url)
@@ -327,7 +325,7 @@ impl Model {
                 .or_default()
                 .insert(old.clone());
         }
-        let Some((name, bytes, json)) = out else {
+        let Some((name, bytes)) = out else {
             return;
         };
         let version = version_of(&bytes);
@@ -345,7 +343,6 @@ impl Model {
                     type_url: type_url.to_string(),
                     value: bytes,
                 },
-                json,
             }),
         );
         if let Some(r) = delta.removed.get_mut(type_url) {
@@ -377,22 +374,20 @@ impl Model {
         for key in d.pods {
             let out = workload::workload(self, &key).map(|w| {
                 let name = w.uid.clone();
-                let json = workload::workload_json(&w);
                 let addr = Address {
                     r#type: Some(mesh_proto::istio::workload::address::Type::Workload(w)),
                 };
-                (name, addr.encode_to_vec(), json)
+                (name, addr.encode_to_vec())
             });
             self.set_output(ADDRESS_TYPE_URL, Source::Pod(key), out, &mut delta);
         }
         for key in d.services {
             let out = workload::service(self, &key).map(|s| {
                 let name = format!("{}/{}", s.namespace, s.hostname);
-                let json = workload::service_json(&s);
                 let addr = Address {
                     r#type: Some(mesh_proto::istio::workload::address::Type::Service(s)),
                 };
-                (name, addr.encode_to_vec(), json)
+                (name, addr.encode_to_vec())
             });
             self.set_output(ADDRESS_TYPE_URL, Source::Service(key), out, &mut delta);
         }
@@ -437,25 +432,45 @@ impl Model {
         delta
     }
 
-    /// Every resource as JSON, for the debug endpoint.
+    /// Every resource as JSON, for the debug endpoint (decoded on demand:
+    /// the model keeps only the encoded form).
     pub fn dump(&self) -> serde_json::Value {
-        let list = |t: &str| -> Vec<&serde_json::Value> {
-            self.outputs
-                .get(t)
-                .map(|m| m.values().map(|r| &r.json).collect())
-                .unwrap_or_default()
-        };
+        use mesh_proto::istio::workload::address::Type;
+        let mut workloads = Vec::new();
+        let mut services = Vec::new();
+        for r in self
+            .outputs
+            .get(ADDRESS_TYPE_URL)
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            match Address::decode(r.any.value.as_slice())
+                .ok()
+                .and_then(|a| a.r#type)
+            {
+                Some(Type::Workload(w)) => workloads.push(workload::workload_json(&w)),
+                Some(Type::Service(s)) => services.push(workload::service_json(&s)),
+                None => {}
+            }
+        }
+        let authorizations: Vec<serde_json::Value> = self
+            .outputs
+            .get(AUTHORIZATION_TYPE_URL)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|r| Authorization::decode(r.any.value.as_slice()).ok())
+            .map(|a| authz::authz_json(&a))
+            .collect();
         serde_json::json!({
-            "workloads": list(ADDRESS_TYPE_URL).into_iter().filter(|v| v.get("uid").is_some()).collect::<Vec<_>>(),
-            "services": list(ADDRESS_TYPE_URL).into_iter().filter(|v| v.get("hostname").is_some() && v.get("uid").is_none()).collect::<Vec<_>>(),
-            "authorizations": list(AUTHORIZATION_TYPE_URL),
+            "workloads": workloads,
+            "services": services,
+            "authorizations": authorizations,
             "issues": self.issues(),
         })
     }
 }
 
-fn encode_authz(a: Authorization) -> (String, Vec<u8>, serde_json::Value) {
+fn encode_authz(a: Authorization) -> (String, Vec<u8>) {
     let name = format!("{}/{}", a.namespace, a.name);
-    let json = authz::authz_json(&a);
-    (name, a.encode_to_vec(), json)
+    (name, a.encode_to_vec())
 }
