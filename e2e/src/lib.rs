@@ -5,3 +5,4 @@ pub mod ca;
 pub mod controller;
 pub mod envoy;
 pub mod mesh;
+pub mod netns;

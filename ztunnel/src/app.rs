@@ -15,6 +15,7 @@ use crate::certs::{Backoff, CertState, CertificateManager};
 use crate::clock::SystemClock;
 use crate::config::{Config, HBONE_PORT};
 use crate::identity::Identity;
+use crate::inpod::InPod;
 use crate::metrics::Metrics;
 use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
 use crate::state::{LocalConfig, ProxyState};
@@ -37,12 +38,24 @@ fn start_err(what: impl Into<String>, reason: impl ToString) -> AppError {
 struct Ready {
     proxy: Arc<Proxy>,
     xds: Option<Arc<XdsClient>>,
+    inpod: Option<Arc<InPod>>,
 }
 
 impl Ready {
     /// Identities of the workloads this proxy serves.
     fn local_identities(&self) -> BTreeSet<Identity> {
         let snap = self.proxy.state.snapshot();
+        if let Some(inpod) = &self.inpod {
+            let pods = inpod.pods();
+            return snap
+                .workloads()
+                .filter(|w| {
+                    pods.iter()
+                        .any(|(_, ns, name)| *ns == w.namespace && *name == w.name)
+                })
+                .map(|w| w.identity.clone())
+                .collect();
+        }
         let l = &self.proxy.cfg.listeners;
         l.inbound_ips
             .iter()
@@ -62,6 +75,11 @@ impl Readiness for Ready {
             && !x.synced()
         {
             return Err("no config from the controller yet".into());
+        }
+        if let Some(p) = &self.inpod
+            && !p.synced()
+        {
+            return Err("no pod snapshot from the node agent yet".into());
         }
         if !self.proxy.state.has_config() {
             return Err("no config yet".into());
@@ -95,9 +113,11 @@ async fn keep_local_certificates(ready: Arc<Ready>, state: ProxyState, stop: Can
             ready.proxy.certs.prefetch(id);
         }
         ready.proxy.certs.retain(|id| wanted.contains(id));
+        // State changes, and a periodic look for pods the agent added.
         tokio::select! {
             _ = stop.cancelled() => return,
             r = rx.changed() => if r.is_err() { return },
+            _ = tokio::time::sleep(Duration::from_millis(500)) => {}
         }
     }
 }
@@ -213,9 +233,15 @@ impl App {
                 None
             }
         };
+        let inpod = cfg.node_mode.as_ref().map(|nm| {
+            let inpod = InPod::new(proxy.clone());
+            tokio::spawn(inpod.clone().run(nm.zds_socket.clone(), stop_admin.clone()));
+            inpod
+        });
         let ready = Arc::new(Ready {
             proxy: proxy.clone(),
             xds: xds.clone(),
+            inpod: inpod.clone(),
         });
         tokio::spawn(keep_local_certificates(
             ready.clone(),

@@ -50,6 +50,9 @@ pub struct Config {
     pub state: StateSource,
     #[serde(default)]
     pub listeners: Listeners,
+    /// Node mode: take captured pods from the node agent over ZDS.
+    #[serde(default)]
+    pub node_mode: Option<NodeMode>,
     #[serde(default = "d::admin")]
     pub admin_addr: SocketAddr,
     #[serde(default = "d::metrics")]
@@ -95,6 +98,13 @@ pub struct StateSource {
     /// The controller's Delta ADS address (same TLS and token as the CA),
     /// e.g. https://istiod.istio-system.svc:15012.
     pub xds_address: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NodeMode {
+    /// The node agent's ZDS socket.
+    pub zds_socket: PathBuf,
 }
 
 /// Where the proxy listens, outside node mode (where listeners open inside
@@ -253,6 +263,13 @@ impl Config {
         })?;
         cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// The mark on the proxy's own sockets: node mode needs one (the pods'
+    /// redirect rules skip it), 1337 unless configured.
+    pub fn effective_mark(&self) -> Option<u32> {
+        self.socket_mark
+            .or(self.node_mode.as_ref().map(|_| crate::inpod::rules::MARK))
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {

@@ -210,8 +210,9 @@ async fn handle_stream(
     let mut upstream = match socket::dial(
         target,
         None,
-        proxy.cfg.socket_mark,
+        proxy.cfg.effective_mark(),
         proxy.cfg.connect_timeout,
+        proxy.netns.for_workload(&dst).as_deref(),
     )
     .await
     {

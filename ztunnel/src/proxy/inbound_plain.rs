@@ -80,8 +80,9 @@ async fn handle(proxy: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr, target:
     let result = match socket::dial(
         target,
         None,
-        proxy.cfg.socket_mark,
+        proxy.cfg.effective_mark(),
         proxy.cfg.connect_timeout,
+        proxy.netns.for_workload(&dst).as_deref(),
     )
     .await
     {

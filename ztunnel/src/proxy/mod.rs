@@ -39,6 +39,8 @@ pub struct Proxy {
     pub conns: Registry,
     /// Cancelled when the proxy stops accepting (drain).
     pub draining: CancellationToken,
+    /// Captured pods' network namespaces (node mode).
+    pub netns: crate::netns::NetnsRegistry,
     server_configs: Mutex<HashMap<Identity, (String, Arc<ServerConfig>)>>,
 }
 
@@ -56,7 +58,7 @@ impl Proxy {
                 cfg: cfg.pool.clone(),
                 connect_timeout: cfg.connect_timeout,
                 handshake_timeout: cfg.handshake_timeout,
-                mark: cfg.socket_mark,
+                mark: cfg.effective_mark(),
             },
             metrics.clone(),
         );
@@ -68,6 +70,7 @@ impl Proxy {
             metrics,
             conns: Registry::default(),
             draining: CancellationToken::new(),
+            netns: Default::default(),
             server_configs: Mutex::new(HashMap::new()),
         });
         tokio::spawn(inbound::revoke_on_policy_change(Arc::downgrade(&proxy)));

@@ -206,9 +206,19 @@ pub async fn serve(
         fixed_target,
         move |proxy, tcp, peer, dst| {
             let uid = uid.clone();
-            async move { handle(proxy, tcp, peer, dst, &uid).await }
+            async move { handle(proxy, tcp, peer, dst, Some(&uid)).await }
         },
     )
+    .await
+}
+
+/// Serves a pod's redirected outbound traffic (node mode): the source is the
+/// workload at the connection's peer address, the destination the original
+/// one (SO_ORIGINAL_DST).
+pub async fn serve_captured(proxy: Arc<Proxy>, listener: TcpListener) {
+    super::accept_captured(proxy, listener, None, |proxy, tcp, peer, dst| async move {
+        handle(proxy, tcp, peer, dst, None).await
+    })
     .await
 }
 
@@ -217,12 +227,16 @@ async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    source_uid: &str,
+    source_uid: Option<&str>,
 ) {
     let _ = tcp.set_nodelay(true);
     let snap = proxy.state.snapshot();
-    let Some(src) = snap.workload(source_uid).cloned() else {
-        warn!(%peer, %dst, source = source_uid, "source workload unknown; closing");
+    let src = match source_uid {
+        Some(uid) => snap.workload(uid),
+        None => snap.workload_by_ip(&proxy.cfg.network, peer.ip()),
+    };
+    let Some(src) = src.cloned() else {
+        warn!(%peer, %dst, source = ?source_uid, "source workload unknown; closing");
         return;
     };
     let route = resolve(&snap, &proxy.cfg.network, &src, dst);
@@ -297,6 +311,7 @@ async fn handle(
     proxy.opened(&labels);
     proxy.metrics.active_connections.inc();
     let src_ip = src.addresses.first().copied();
+    let src_netns = proxy.netns.for_workload(&src);
     let result: Result<(), (ResponseFlags, String)> = async {
         let route = route.map_err(|e| match e {
             RouteError::NoHealthyEndpoints(_) => (ResponseFlags::NoHealthyUpstream, e.to_string()),
@@ -322,7 +337,7 @@ async fn handle(
                 };
                 let (mut stream, _guard) = proxy
                     .pool
-                    .connect(&key, target, &headers)
+                    .connect(&key, target, &headers, src_netns.as_deref())
                     .await
                     .map_err(|e| (pool_error_flags(&e), e.to_string()))?;
                 copy::run(&tracked.cancel, &mut tcp, &mut stream, counters.clone())
@@ -336,8 +351,9 @@ async fn handle(
                 let mut up = socket::dial(
                     addr,
                     src_ip,
-                    proxy.cfg.socket_mark,
+                    proxy.cfg.effective_mark(),
                     proxy.cfg.connect_timeout,
+                    src_netns.as_deref(),
                 )
                 .await
                 .map_err(|e| (ResponseFlags::Connect, format!("connect to {addr}: {e}")))?;

@@ -203,7 +203,11 @@ impl Pool {
         }
     }
 
-    async fn checkout(&self, key: &PoolKey) -> Result<Arc<Conn>, PoolError> {
+    async fn checkout(
+        &self,
+        key: &PoolKey,
+        netns: Option<&crate::netns::Netns>,
+    ) -> Result<Arc<Conn>, PoolError> {
         if let Some(c) = self.try_take(key) {
             return Ok(c);
         }
@@ -229,7 +233,7 @@ impl Pool {
                     reason: format!("{reason} ({}ms ago)", at.elapsed().as_millis()),
                 })
             } else {
-                match self.dial(key).await {
+                match self.dial(key, netns).await {
                     Ok(conn) => {
                         *last_failure = None;
                         conn.streams.store(1, Ordering::Release);
@@ -255,7 +259,11 @@ impl Pool {
         result
     }
 
-    async fn dial(&self, key: &PoolKey) -> Result<Arc<Conn>, PoolError> {
+    async fn dial(
+        &self,
+        key: &PoolKey,
+        netns: Option<&crate::netns::Netns>,
+    ) -> Result<Arc<Conn>, PoolError> {
         let addr = key.next_hop;
         let cert = self.inner.certs.fetch(&key.src).await?;
         let cfg = client_config(
@@ -268,6 +276,7 @@ impl Pool {
             key.src_ip,
             self.inner.mark,
             self.inner.connect_timeout,
+            netns,
         )
         .await
         .map_err(|e| PoolError::Connect {
@@ -323,6 +332,7 @@ impl Pool {
         key: &PoolKey,
         target: SocketAddr,
         headers: &hbone::ConnectHeaders,
+        netns: Option<&crate::netns::Netns>,
     ) -> Result<(H2Stream, StreamGuard), PoolError> {
         let addr = key.next_hop;
         // A connection found dead when used is dropped and the stream is
@@ -330,7 +340,7 @@ impl Pool {
         let mut attempt = 0;
         loop {
             attempt += 1;
-            let conn = self.checkout(key).await?;
+            let conn = self.checkout(key, netns).await?;
             let guard = StreamGuard { conn: conn.clone() };
             match hbone::open(&conn.sender, target, headers, self.inner.connect_timeout).await {
                 Ok(stream) => return Ok((stream, guard)),

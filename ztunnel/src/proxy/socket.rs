@@ -16,11 +16,19 @@ pub async fn dial(
     bind_ip: Option<IpAddr>,
     mark: Option<u32>,
     timeout: Duration,
+    netns: Option<&crate::netns::Netns>,
 ) -> io::Result<TcpStream> {
-    let sock = if addr.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+    let new = || {
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    };
+    // In node mode the socket is made inside the workload's pod.
+    let sock = match netns {
+        Some(ns) => ns.run(new)??,
+        None => new()?,
     };
     if let Some(m) = mark {
         SockRef::from(&sock).set_mark(m)?;

@@ -1,0 +1,240 @@
+//! Node mode with real network namespaces: two pods joined by a veth pair,
+//! each on its own "node" (an agent plus a ztunnel in node mode). The agents
+//! hand the pods to the ztunnels over ZDS (netns fd over SCM_RIGHTS) and
+//! install nftables redirects inside the pods; traffic between the pods is
+//! HBONE on the wire, and a released pod's traffic is no longer captured.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::time::Duration;
+
+use e2e::mesh::{
+    Pod, Subnet, Ztunnel, ZtunnelSpec, binary, ca_for, eventually, http_get, state_yaml,
+};
+use e2e::netns::{Namespaces, capture, unique, veth};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use ztunnel::inpod::agent::{self, PodSpec, Request};
+use ztunnel::netns::Netns;
+
+struct Agent {
+    child: Child,
+    control: PathBuf,
+    zds: PathBuf,
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn agent(dir: &Path, node: &str) -> Agent {
+    let control = dir.join(format!("{node}-cni.sock"));
+    let zds = dir.join(format!("{node}-zds.sock"));
+    let log = std::fs::File::create(dir.join(format!("{node}-cni.log"))).unwrap();
+    let child = Command::new(binary("ztunnel-cni"))
+        .arg("--control-socket")
+        .arg(&control)
+        .arg("serve")
+        .arg("--zds-socket")
+        .arg(&zds)
+        .arg("--state-file")
+        .arg(dir.join(format!("{node}-pods.json")))
+        .env("RUST_LOG", "info")
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    for _ in 0..100 {
+        if control.exists() && zds.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Agent {
+        child,
+        control,
+        zds,
+    }
+}
+
+/// An echo server whose socket lives in `netns`.
+fn echo_in(netns: &Netns, addr: std::net::SocketAddr) -> tokio::task::JoinHandle<()> {
+    let std = netns
+        .run(|| {
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok::<_, std::io::Error>(l)
+        })
+        .unwrap()
+        .unwrap();
+    let l = tokio::net::TcpListener::from_std(std).unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                let (mut r, mut w) = s.split();
+                let _ = tokio::io::copy(&mut r, &mut w).await;
+                let _ = w.shutdown().await;
+            });
+        }
+    })
+}
+
+/// Connects from inside `netns` (as the pod's app would) and round-trips.
+async fn roundtrip_from(
+    netns: &Netns,
+    to: std::net::SocketAddr,
+    payload: &[u8],
+) -> std::io::Result<Vec<u8>> {
+    let sock = netns.run(tokio::net::TcpSocket::new_v4)??;
+    let mut s = tokio::time::timeout(Duration::from_secs(5), sock.connect(to)).await??;
+    s.write_all(payload).await?;
+    s.shutdown().await?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await??;
+    Ok(out)
+}
+
+#[tokio::test]
+async fn captured_pods_talk_hbone_and_released_pods_do_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spaces = Namespaces::default();
+    let (na, nb) = (unique("a"), unique("b"));
+    let netns_a = spaces.add(&na);
+    let netns_b = spaces.add(&nb);
+    let sub = (std::process::id() % 50 + 200) as u8;
+    let third = (e2e::mesh::Subnet::unique()
+        .ip(1)
+        .to_string()
+        .split('.')
+        .nth(2)
+        .unwrap()
+        .parse::<u8>()
+        .unwrap())
+        % 250;
+    let (ip_a, ip_b) = (format!("10.{sub}.{third}.1"), format!("10.{sub}.{third}.2"));
+    veth(&na, "eth0", &ip_a, &nb, "eth0", &ip_b);
+
+    let client = Pod::new(
+        "client",
+        "default",
+        "client",
+        ip_a.parse().unwrap(),
+        "node-a",
+    );
+    let server = Pod::new(
+        "server",
+        "default",
+        "server",
+        ip_b.parse().unwrap(),
+        "node-b",
+    );
+    let ca = ca_for(dir.path(), &[&client, &server]).await;
+    let state = state_yaml(&[&client, &server], &[], "");
+    let (agent_a, agent_b) = (
+        agent(dir.path(), "node-a").await,
+        agent(dir.path(), "node-b").await,
+    );
+    let lo = Subnet::unique();
+    let node = |name, node, host, agent: &Agent| ZtunnelSpec {
+        name,
+        node,
+        ip: lo.ip(host),
+        inbound_ips: vec![],
+        outbound: vec![],
+        plaintext: vec![],
+        state_yaml: state.clone(),
+        extra: Box::leak(
+            format!("node_mode: {{zds_socket: \"{}\"}}\n", agent.zds.display()).into_boxed_str(),
+        ),
+    };
+    // A node-mode ztunnel is ready only once it has the agent's snapshot.
+    let za = Ztunnel::start(dir.path(), &ca, node("za", "node-a", 10, &agent_a)).await;
+    let zb = Ztunnel::start(dir.path(), &ca, node("zb", "node-b", 11, &agent_b)).await;
+
+    let add = |pod: &Pod, ns: &str| {
+        Request::Add(PodSpec {
+            uid: format!("uid-{}", pod.name),
+            name: pod.name.clone(),
+            namespace: pod.namespace.clone(),
+            service_account: pod.service_account.clone(),
+            netns: format!("/var/run/netns/{ns}"),
+        })
+    };
+    agent::call(&agent_a.control, &add(&client, &na))
+        .await
+        .expect("capture client");
+    agent::call(&agent_b.control, &add(&server, &nb))
+        .await
+        .expect("capture server");
+    let _app = echo_in(&netns_b, format!("{ip_b}:8080").parse().unwrap());
+    for z in [&za, &zb] {
+        eventually(
+            "ready with its pod's certificate",
+            Duration::from_secs(10),
+            || async {
+                http_get(z.readiness, "/healthz/ready")
+                    .await
+                    .is_some_and(|(c, _)| c == 200)
+            },
+        )
+        .await;
+    }
+
+    // Traffic between the pods, captured on the server pod's interface.
+    let marker = b"PLAINTEXT-MARKER-7f3a";
+    let to = format!("{ip_b}:8080").parse().unwrap();
+    let netns_b = Arc::new(netns_b);
+    let cap = {
+        let n = netns_b.clone();
+        std::thread::spawn(move || capture(&n, "eth0", Duration::from_millis(1500), marker))
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..3 {
+        assert_eq!(roundtrip_from(&netns_a, to, marker).await.unwrap(), marker);
+    }
+    let seen = cap.join().unwrap().unwrap();
+    assert!(seen.hbone > 0, "no HBONE on the wire: {seen:?}");
+    assert_eq!(
+        seen.marker, 0,
+        "the application's bytes crossed the wire in the clear: {seen:?}"
+    );
+    let m = zb.metrics_text().await;
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/client\"")
+                && l.contains("reporter=\"destination\"")),
+        "{m}"
+    );
+
+    // Release the client pod: its traffic is no longer captured, and what it
+    // sends crosses the wire as it is (the server still accepts plaintext).
+    agent::call(
+        &agent_a.control,
+        &Request::Del {
+            uid: "uid-client".into(),
+        },
+    )
+    .await
+    .expect("release client");
+    let cap = {
+        let n = netns_b.clone();
+        std::thread::spawn(move || capture(&n, "eth0", Duration::from_millis(1500), marker))
+    };
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(roundtrip_from(&netns_a, to, marker).await.unwrap(), marker);
+    let seen = cap.join().unwrap().unwrap();
+    assert!(
+        seen.marker > 0,
+        "released traffic should be plain: {seen:?}"
+    );
+    assert_eq!(
+        seen.hbone, 0,
+        "released traffic should not be HBONE: {seen:?}"
+    );
+    drop((za, zb, agent_a, agent_b));
+    drop(spaces);
+}

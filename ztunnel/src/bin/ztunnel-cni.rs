@@ -1,0 +1,121 @@
+//! The node agent: serves ZDS to the node's ztunnel and captures pods.
+
+use std::path::PathBuf;
+
+use clap::{Parser, Subcommand};
+use tokio_util::sync::CancellationToken;
+use ztunnel::inpod::agent::{self, AgentConfig, PodSpec, Request};
+
+#[derive(Debug, Parser)]
+#[command(
+    version,
+    about = "Node agent: hands captured pods to the ztunnel (ZDS) and installs their redirect rules"
+)]
+struct Args {
+    /// The agent's control socket.
+    #[arg(
+        long,
+        env = "ZTUNNEL_CNI_CONTROL",
+        default_value = "/var/run/ztunnel/cni-control.sock"
+    )]
+    control_socket: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Debug, Subcommand)]
+enum Cmd {
+    /// Run the agent.
+    Serve {
+        #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
+        zds_socket: PathBuf,
+        #[arg(long, default_value = "/var/run/ztunnel/cni-pods.json")]
+        state_file: PathBuf,
+        /// Redirect pods' DNS to the ztunnel (15053).
+        #[arg(long)]
+        dns: bool,
+    },
+    /// Capture a pod (what the CNI plugin calls on ADD).
+    Add {
+        #[arg(long)]
+        uid: String,
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        namespace: String,
+        #[arg(long, default_value = "default")]
+        service_account: String,
+        /// Path of the pod's network namespace.
+        #[arg(long)]
+        netns: String,
+    },
+    /// Release a pod (CNI DEL, or the namespace left the mesh).
+    Del {
+        #[arg(long)]
+        uid: String,
+    },
+    /// List captured pods.
+    List,
+}
+
+#[tokio::main]
+async fn main() {
+    ztunnel::init_logging();
+    let a = Args::parse();
+    let req = match a.cmd {
+        Cmd::Serve {
+            zds_socket,
+            state_file,
+            dns,
+        } => {
+            let cfg = AgentConfig {
+                zds_socket,
+                control_socket: a.control_socket,
+                state_file,
+                dns,
+            };
+            let stop = CancellationToken::new();
+            let s = stop.clone();
+            tokio::spawn(async move {
+                let mut term =
+                    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                    {
+                        Ok(t) => t,
+                        Err(_) => return,
+                    };
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+                s.cancel();
+            });
+            if let Err(e) = agent::run(cfg, stop).await {
+                tracing::error!("{e}");
+                std::process::exit(1);
+            }
+            return;
+        }
+        Cmd::Add {
+            uid,
+            name,
+            namespace,
+            service_account,
+            netns,
+        } => Request::Add(PodSpec {
+            uid,
+            name,
+            namespace,
+            service_account,
+            netns,
+        }),
+        Cmd::Del { uid } => Request::Del { uid },
+        Cmd::List => Request::List,
+    };
+    match agent::call(&a.control_socket, &req).await {
+        Ok(v) => println!("{v}"),
+        Err(e) => {
+            eprintln!("error: {e}");
+            std::process::exit(1);
+        }
+    }
+}

@@ -1,0 +1,221 @@
+//! Node mode: one ztunnel serves every captured pod on its node.
+//!
+//! The node agent hands each pod over ZDS with its netns descriptor. For each
+//! pod the proxy opens its listeners inside the pod's netns (15001 outbound,
+//! 15006 inbound plaintext, 15008 HBONE) and serves them on the shared
+//! runtime; its upstream sockets are also made inside the pod's netns, so
+//! peers see the pod's address. Removing a pod closes its listeners and its
+//! connections.
+
+pub mod agent;
+pub mod rules;
+pub mod zds;
+
+use std::collections::{HashMap, HashSet};
+use std::net::{Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use mesh_proto::istio::workload::zds::{WorkloadInfo, workload_request::Payload};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+pub use crate::netns::Netns;
+use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
+
+struct Pod {
+    info: WorkloadInfo,
+    netns: Arc<Netns>,
+    stop: CancellationToken,
+}
+
+/// The pods this ztunnel serves, by ZDS uid.
+pub struct InPod {
+    proxy: Arc<Proxy>,
+    pods: Mutex<HashMap<String, Pod>>,
+    snapshot: tokio::sync::watch::Sender<bool>,
+}
+
+fn bind_in(netns: &Netns, port: u16) -> std::io::Result<TcpListener> {
+    let std = netns.run(|| {
+        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
+        s.set_reuse_address(true)?;
+        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
+        s.listen(1024)?;
+        s.set_nonblocking(true)?;
+        Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
+    })??;
+    TcpListener::from_std(std)
+}
+
+impl InPod {
+    pub fn new(proxy: Arc<Proxy>) -> Arc<InPod> {
+        Arc::new(InPod {
+            proxy,
+            pods: Mutex::new(HashMap::new()),
+            snapshot: tokio::sync::watch::Sender::new(false),
+        })
+    }
+
+    /// The agent's snapshot has been received and reconciled.
+    pub fn synced(&self) -> bool {
+        *self.snapshot.borrow()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Pod>> {
+        self.pods.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Pods served now: (uid, namespace, name).
+    pub fn pods(&self) -> Vec<(String, String, String)> {
+        self.lock()
+            .iter()
+            .map(|(uid, p)| (uid.clone(), p.info.namespace.clone(), p.info.name.clone()))
+            .collect()
+    }
+
+    fn add(&self, uid: &str, info: WorkloadInfo, netns: Netns) -> Result<(), String> {
+        if let Some(p) = self.lock().get(uid)
+            && p.netns.id() == netns.id()
+        {
+            return Ok(()); // already served: an agent restart re-sends it
+        }
+        self.del(uid);
+        let netns = Arc::new(netns);
+        let bind = |port| {
+            bind_in(&netns, port).map_err(|e| format!("listen on :{port} in the pod's netns: {e}"))
+        };
+        let (out, plain, hbone) = (
+            bind(OUTBOUND_PORT)?,
+            bind(INBOUND_PLAINTEXT_PORT)?,
+            bind(HBONE_PORT)?,
+        );
+        let stop = CancellationToken::new();
+        self.proxy
+            .netns
+            .insert(&info.namespace, &info.name, netns.clone());
+        let p = self.proxy.clone();
+        let s = stop.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = outbound::serve_captured(p.clone(), out) => {}
+            }
+        });
+        let (p, s) = (self.proxy.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = inbound_plain::serve(p.clone(), plain, None) => {}
+            }
+        });
+        let (p, s) = (self.proxy.clone(), stop.clone());
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = s.cancelled() => {}
+                _ = inbound::serve(p.clone(), hbone) => {}
+            }
+        });
+        info!(uid, namespace = %info.namespace, name = %info.name, "pod captured");
+        self.lock()
+            .insert(uid.to_string(), Pod { info, netns, stop });
+        Ok(())
+    }
+
+    fn del(&self, uid: &str) {
+        let Some(pod) = self.lock().remove(uid) else {
+            return;
+        };
+        pod.stop.cancel();
+        self.proxy.netns.remove(&pod.info.namespace, &pod.info.name);
+        // Its connections go with it.
+        let suffix = format!("/{}/{}", pod.info.namespace, pod.info.name);
+        self.proxy.conns.cancel_where(|c| {
+            c.local_uid
+                .as_deref()
+                .is_some_and(|u| u.ends_with(&suffix))
+                .then(|| "denied: the pod left the mesh".to_string())
+        });
+        info!(uid, namespace = %pod.info.namespace, name = %pod.info.name, "pod released");
+    }
+
+    /// Connects to the agent and serves its requests; reconnects when the
+    /// agent restarts. Pods stay served while the agent is away.
+    pub async fn run(self: Arc<Self>, path: PathBuf, stop: CancellationToken) {
+        loop {
+            let result = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = self.session(&path) => r,
+            };
+            if let Err(e) = result {
+                warn!(path = %path.display(), error = %e, "ZDS session ended; reconnecting");
+            }
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+            }
+        }
+    }
+
+    async fn session(&self, path: &std::path::Path) -> Result<(), zds::ZdsError> {
+        let sock = zds::connect(path).await?;
+        info!(path = %path.display(), "connected to the node agent");
+        let mut seen: HashSet<String> = HashSet::new();
+        let mut in_snapshot = true;
+        loop {
+            let got = zds::recv_request(&sock).await?;
+            let result = match got.request {
+                Payload::Add(add) => {
+                    let info = add.workload_info.unwrap_or_default();
+                    match got.netns.map(Netns::from_fd) {
+                        Some(Ok(ns)) => {
+                            seen.insert(add.uid.clone());
+                            self.add(&add.uid, info, ns)
+                        }
+                        Some(Err(e)) => Err(format!("netns descriptor unusable: {e}")),
+                        None => Err("AddWorkload without a netns descriptor".into()),
+                    }
+                }
+                Payload::Keep(k) => {
+                    seen.insert(k.uid.clone());
+                    if self.lock().contains_key(&k.uid) {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "KeepWorkload for {}, which this ztunnel does not hold",
+                            k.uid
+                        ))
+                    }
+                }
+                Payload::Del(d) => {
+                    self.del(&d.uid);
+                    Ok(())
+                }
+                Payload::SnapshotSent(_) => {
+                    if in_snapshot {
+                        in_snapshot = false;
+                        let stale: Vec<String> = self
+                            .lock()
+                            .keys()
+                            .filter(|u| !seen.contains(*u))
+                            .cloned()
+                            .collect();
+                        for uid in stale {
+                            self.del(&uid);
+                        }
+                        self.snapshot.send_replace(true);
+                        info!(pods = self.lock().len(), "ZDS snapshot reconciled");
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = &result {
+                warn!(error = %e, "ZDS request refused");
+            }
+            zds::send_ack(&sock, result.err()).await?;
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! Network namespaces: a pod's netns, held by its file descriptor, and a way
+//! to create sockets inside it.
+//!
+//! A socket belongs to the netns it was created in, whatever thread uses it
+//! later. So the proxy briefly switches the calling thread into the pod's
+//! netns (setns), creates the socket, and switches back, all synchronously:
+//! nothing else runs on the thread in between, and the socket is then used
+//! from the shared runtime like any other.
+
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::sync::OnceLock;
+
+/// A network namespace, kept alive by its descriptor.
+#[derive(Debug)]
+pub struct Netns {
+    fd: OwnedFd,
+    /// Device/inode of the namespace: its identity.
+    id: (u64, u64),
+}
+
+fn ns_id(fd: &OwnedFd) -> io::Result<(u64, u64)> {
+    let f = File::from(fd.try_clone()?);
+    let m = f.metadata()?;
+    use std::os::unix::fs::MetadataExt;
+    Ok((m.dev(), m.ino()))
+}
+
+/// The netns this process started in (where the node's own sockets live).
+fn host() -> io::Result<&'static Netns> {
+    static HOST: OnceLock<Netns> = OnceLock::new();
+    if let Some(n) = HOST.get() {
+        return Ok(n);
+    }
+    let n = Netns::open("/proc/self/ns/net")?;
+    Ok(HOST.get_or_init(|| n))
+}
+
+fn setns(fd: &OwnedFd) -> io::Result<()> {
+    // SAFETY: setns(2) with a valid netns descriptor and CLONE_NEWNET; it
+    // only changes the calling thread's network namespace.
+    let rc = unsafe { libc::setns(fd.as_raw_fd(), libc::CLONE_NEWNET) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+impl Netns {
+    /// Opens a netns by path (`/var/run/netns/<name>`, `/proc/<pid>/ns/net`).
+    pub fn open(path: &str) -> io::Result<Netns> {
+        let fd: OwnedFd = File::open(path)?.into();
+        Netns::from_fd(fd)
+    }
+
+    /// Takes a netns descriptor (as handed over by the node agent).
+    pub fn from_fd(fd: OwnedFd) -> io::Result<Netns> {
+        let id = ns_id(&fd)?;
+        Ok(Netns { fd, id })
+    }
+
+    pub fn id(&self) -> (u64, u64) {
+        self.id
+    }
+
+    pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// Runs `f` with the calling thread inside this netns, then returns the
+    /// thread to the host netns. `f` must not block or yield.
+    pub fn run<T>(&self, f: impl FnOnce() -> T) -> io::Result<T> {
+        let host = host()?;
+        if host.id == self.id {
+            return Ok(f());
+        }
+        setns(&self.fd)?;
+        let out = f();
+        // Failing to return would leave a runtime thread in a pod's netns:
+        // better to stop than to open later sockets in the wrong place.
+        if let Err(e) = setns(&host.fd) {
+            eprintln!("fatal: cannot return to the host network namespace: {e}");
+            std::process::abort();
+        }
+        Ok(out)
+    }
+}
+
+/// The netns of each captured pod, by namespace and name, so upstream
+/// sockets for a workload are made inside its pod.
+#[derive(Default)]
+pub struct NetnsRegistry {
+    pods: std::sync::RwLock<std::collections::HashMap<(String, String), std::sync::Arc<Netns>>>,
+}
+
+impl NetnsRegistry {
+    pub fn insert(&self, namespace: &str, name: &str, netns: std::sync::Arc<Netns>) {
+        self.pods
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((namespace.to_string(), name.to_string()), netns);
+    }
+
+    pub fn remove(&self, namespace: &str, name: &str) {
+        self.pods
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(namespace.to_string(), name.to_string()));
+    }
+
+    /// The netns of a captured workload; None outside node mode.
+    pub fn for_workload(&self, w: &crate::state::Workload) -> Option<std::sync::Arc<Netns>> {
+        let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
+        if pods.is_empty() {
+            return None;
+        }
+        pods.get(&(w.namespace.clone(), w.name.clone())).cloned()
+    }
+}
