@@ -15,10 +15,13 @@ test:
     # A tiny run of the benchmark harness, so it cannot rot.
     ./target/debug/bench --smoke --out-dir target/bench
 
-# Run what the mesh can do so far, end to end, with real processes.
+# A two-node ambient mesh on this machine (network namespaces), end to end.
 demo:
-    cargo build --locked -p istiod-lite -p e2e
-    cargo run --locked -q -p e2e --bin demo
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v nft >/dev/null; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2; fi
+    cargo build --locked --workspace --bins
+    ./target/debug/demo
 
 # Measure the mesh (release build): the controller at scale, so far.
 bench *ARGS:

@@ -4,5 +4,6 @@
 pub mod ca;
 pub mod controller;
 pub mod envoy;
+pub mod lab;
 pub mod mesh;
 pub mod netns;

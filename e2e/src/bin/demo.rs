@@ -1,207 +1,201 @@
-//! `just demo`: what the mesh can do so far, with real processes.
+//! `just demo`: a two-node ambient mesh on this machine, built by the lab
+//! from `manifests/demo/` with the production binaries.
 //!
-//! Starts the real `istiod-lite` binary, has a node's certificate manager get
-//! workload certificates from it over gRPC/TLS, shows a refusal, and runs a
-//! mutual-TLS handshake between two workloads that checks SPIFFE identities.
+//! Shows requests crossing the mesh with the identities each side saw, that
+//! the bytes on the wire are TLS, a policy refusing a caller, and where to
+//! look next; tears everything down on exit or Ctrl-C.
 
-use std::net::TcpListener as StdListener;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
+use std::path::Path;
 use std::time::Duration;
 
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector};
-use ztunnel::ca::{CaClientConfig, IstioCaClient};
-use ztunnel::certs::{Backoff, CertificateManager};
-use ztunnel::clock::SystemClock;
-use ztunnel::identity::Identity;
-use ztunnel::tls::{TrustRoots, client_config, peer_identity, server_config};
+use e2e::lab::{Lab, read_docs};
+use e2e::mesh::binary;
+use e2e::netns::capture;
+use ztunnel::netns::Netns;
 
-type Error = Box<dyn std::error::Error>;
+type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// Kills the controller we started when the demo ends, however it ends.
-struct Controller(Child);
-
-impl Drop for Controller {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+fn get(lab: &Lab, from: &str, url: &str) -> Result<String, Error> {
+    let bin = binary("labapp");
+    let out = lab.exec(from, &[bin.to_str().ok_or("path")?, "get", url])?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
+    } else {
+        Err(String::from_utf8_lossy(&out.stderr)
+            .trim()
+            .to_string()
+            .into())
     }
+}
+
+fn access_log_lines(lab: &Lab) -> Vec<String> {
+    let mut out = Vec::new();
+    for n in &lab.state.nodes {
+        let log =
+            std::fs::read_to_string(lab.dir.join("logs").join(format!("{}-ztunnel.log", n.name)))
+                .unwrap_or_default();
+        for l in log
+            .lines()
+            .filter(|l| l.contains("connection complete") && l.contains("direction=Inbound"))
+        {
+            let field = |k: &str| {
+                l.split_whitespace()
+                    .find_map(|w| w.strip_prefix(&format!("{k}=")))
+                    .unwrap_or("-")
+                    .to_string()
+            };
+            out.push(format!(
+                "   {}: {} -> {}  src.identity={}  dst.identity={}",
+                n.name,
+                field("src.addr"),
+                field("dst.addr"),
+                field("src.identity"),
+                field("dst.identity")
+            ));
+        }
+    }
+    out
+}
+
+async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
+    println!("== 1. Two nodes, istiod-lite, a ztunnel and node agent per node");
+    lab.start_mesh().await?;
+    lab.apply(read_docs(&manifests.join("shop.yaml"))?).await?;
+    for (k, p) in &lab.state.pods {
+        println!(
+            "   pod {k:<26} {:<14} on {}  {}",
+            p.ip,
+            p.node,
+            if p.captured {
+                "in the mesh (HBONE)"
+            } else {
+                "outside the mesh"
+            }
+        );
+    }
+    let vip = lab.state.services["shop/server"].vip.clone();
+    println!("   service shop/server VIP {vip}:80 -> 8080");
+
+    println!("\n== 2. shop/client calls the server through its VIP (captured, HBONE, mTLS)");
+    let url = format!("http://{vip}:80/");
+    let mut ok = false;
+    for _ in 0..60 {
+        if let Ok(body) = get(lab, "shop/client-0", &url) {
+            print!(
+                "{}",
+                body.lines()
+                    .take(2)
+                    .map(|l| format!("   {l}\n"))
+                    .collect::<String>()
+            );
+            ok = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if !ok {
+        return Err("the client never reached the server".into());
+    }
+    for _ in 0..3 {
+        get(lab, "shop/client-0", &url)?;
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    println!("   what the destination ztunnels recorded:");
+    for l in access_log_lines(lab).iter().take(4) {
+        println!("{l}");
+    }
+
+    println!("\n== 3. On the wire: TLS to 15008, never the application's bytes");
+    let server = lab.pod("shop/server-1").ok_or("no server-1")?.clone();
+    let netns = Netns::open(&format!("/var/run/netns/{}", server.netns))?;
+    let marker = b"GET /";
+    let cap =
+        std::thread::spawn(move || capture(&netns, "eth0", Duration::from_millis(1500), marker));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..4 {
+        get(lab, "shop/client-0", &format!("http://{}:8080/", server.ip))?;
+    }
+    let seen = cap.join().map_err(|_| "capture thread")??;
+    println!(
+        "   captured on {}'s interface: {} frames, {} to/from port 15008, {} containing \"GET /\"",
+        server.name, seen.frames, seen.hbone, seen.marker
+    );
+
+    println!("\n== 4. legacy/legacy-client (outside the mesh) calls the server in plaintext");
+    match get(lab, "legacy/legacy-client-0", &url) {
+        Ok(body) => println!("   allowed: {}", body.lines().next().unwrap_or("")),
+        Err(e) => println!("   refused ({e})"),
+    }
+    println!("   applying manifests/demo/deny-legacy.yaml (PeerAuthentication STRICT in shop)");
+    lab.apply(read_docs(&manifests.join("deny-legacy.yaml"))?)
+        .await?;
+    let mut refused = false;
+    for _ in 0..40 {
+        if let Err(e) = get(lab, "legacy/legacy-client-0", &url) {
+            println!("   refused now: the connection was closed by the server's ztunnel ({e})");
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    if !refused {
+        return Err("STRICT did not take effect".into());
+    }
+    println!(
+        "   and the mesh client still gets through: {}",
+        get(lab, "shop/client-0", &url)?
+            .lines()
+            .next()
+            .unwrap_or("")
+    );
+
+    let n1 = &lab.state.nodes[0];
+    println!("\n== Where to look next");
+    println!(
+        "   metrics:  ip netns exec {} labapp get http://{}:15020/metrics   (istio_tcp_*)",
+        n1.netns, n1.ip
+    );
+    println!(
+        "   admin:    ip netns exec {} labapp get http://127.0.0.1:15000/config_dump",
+        n1.netns
+    );
+    println!("   logs:     {}/logs/", lab.dir.display());
+    println!(
+        "   keep it:  cargo run -p e2e --bin lab -- up manifests/demo   (then lab exec / apply / down)"
+    );
+    Ok(())
 }
 
 #[tokio::main]
 async fn main() {
-    if let Err(e) = run().await {
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("the demo builds network namespaces and needs root");
+        std::process::exit(1);
+    }
+    let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/demo");
+    let dir = match tempfile::tempdir() {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(1);
+        }
+    };
+    let id = 101 + (std::process::id() % 50) as u8;
+    let mut lab = match Lab::create(dir.path(), id, 2) {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("demo failed: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = tokio::select! {
+        r = run(&mut lab, &manifests) => r,
+        _ = tokio::signal::ctrl_c() => Err("interrupted".into()),
+    };
+    lab.down();
+    println!("\nlab torn down");
+    if let Err(e) = result {
         eprintln!("demo failed: {e}");
         std::process::exit(1);
     }
-}
-
-fn sibling_binary(name: &str) -> Result<PathBuf, Error> {
-    let exe = std::env::current_exe()?;
-    let path = exe.parent().ok_or("no parent dir")?.join(name);
-    if !path.exists() {
-        return Err(format!("{} not built (run `just demo`)", path.display()).into());
-    }
-    Ok(path)
-}
-
-async fn wait_ready(addr: &str, bundle: &Path) -> Result<(), Error> {
-    for _ in 0..100 {
-        if bundle.exists() && TcpStream::connect(addr).await.is_ok() {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    Err(format!("istiod-lite did not come up on {addr}").into())
-}
-
-async fn run() -> Result<(), Error> {
-    ztunnel::tls::install_default_provider();
-    let dir = tempfile::tempdir()?;
-    let token = "demo-node-a-bootstrap-token-0001";
-    let client_id: Identity = "spiffe://cluster.local/ns/shop/sa/frontend".parse()?;
-    let server_id: Identity = "spiffe://cluster.local/ns/shop/sa/orders".parse()?;
-    std::fs::write(dir.path().join("tokens.yaml"), format!("node-a: {token}\n"))?;
-    // The controller learns where workloads run from ordinary Kubernetes
-    // objects: here, two pods on node-a in an ambient namespace.
-    let config = dir.path().join("config");
-    std::fs::create_dir(&config)?;
-    std::fs::write(
-        config.join("shop.yaml"),
-        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: frontend-1, namespace: shop}\n\
-         spec: {nodeName: node-a, serviceAccountName: frontend, containers: [{name: app, image: frontend}]}\n\
-         status: {podIP: 10.0.1.10, phase: Running}\n---\n\
-         apiVersion: v1\nkind: Pod\nmetadata: {name: orders-1, namespace: shop}\n\
-         spec: {nodeName: node-a, serviceAccountName: orders, containers: [{name: app, image: orders}]}\n\
-         status: {podIP: 10.0.1.11, phase: Running}\n",
-    )?;
-    let port = StdListener::bind("127.0.0.1:0")?.local_addr()?.port();
-    let addr = format!("127.0.0.1:{port}");
-
-    println!("== 1. Start istiod-lite (CA, config model, xDS) on {addr}");
-    let _controller = Controller(
-        Command::new(sibling_binary("istiod-lite")?)
-            .args(["--data-dir", &dir.path().display().to_string()])
-            .args(["--grpc-addr", &addr])
-            .args([
-                "--node-tokens",
-                &dir.path().join("tokens.yaml").display().to_string(),
-            ])
-            .args(["--config-dir", &config.display().to_string()])
-            .args(["--debug-addr", "127.0.0.1:0"])
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .spawn()?,
-    );
-    let bundle = dir.path().join("root-cert.pem");
-    wait_ready(&addr, &bundle).await?;
-    let root_pem = std::fs::read_to_string(&bundle)?;
-    println!("   root CA created and published at {}", bundle.display());
-
-    println!("\n== 2. node-a's certificate manager asks for its workloads' certificates");
-    let ca = IstioCaClient::new(CaClientConfig {
-        address: format!("https://{addr}"),
-        ca_root_pem: root_pem,
-        server_name: "istiod.istio-system.svc".into(),
-        token: Some(token.into()),
-        validity: Duration::ZERO,
-        request_timeout: Duration::from_secs(5),
-    })?;
-    let mgr = CertificateManager::new(
-        Arc::new(ca),
-        Arc::new(SystemClock),
-        TrustRoots::empty(),
-        Backoff::default(),
-    );
-    let client_cert = mgr.fetch(&client_id).await?;
-    let server_cert = mgr.fetch(&server_id).await?;
-    for s in mgr.status() {
-        println!(
-            "   {:<45} {:?}  serial {}  valid {} .. {}",
-            s.identity.to_string(),
-            s.state,
-            s.serial.unwrap_or_default(),
-            s.not_before.unwrap_or_default(),
-            s.not_after.unwrap_or_default()
-        );
-    }
-
-    println!("\n== 3. An identity with no workload on node-a is refused, with the reason");
-    let stranger: Identity = "spiffe://cluster.local/ns/payments/sa/ledger".parse()?;
-    match mgr.fetch(&stranger).await {
-        Ok(_) => return Err("the CA issued a certificate it should have refused".into()),
-        Err(e) => println!("   {e}"),
-    }
-
-    println!("\n== 4. Mutual TLS 1.3 between the two workloads, identities checked both ways");
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(&server_cert, mgr.roots().clone())?));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let server_addr = listener.local_addr()?;
-    let server = tokio::spawn(async move {
-        let (tcp, _) = listener.accept().await?;
-        let mut tls = acceptor.accept(tcp).await?;
-        let peer = peer_identity(tls.get_ref().1);
-        let mut buf = vec![0u8; 64];
-        let n = tls.read(&mut buf).await?;
-        tls.write_all(&buf[..n]).await?;
-        tls.shutdown().await?;
-        Ok::<_, std::io::Error>(peer)
-    });
-    let connector = TlsConnector::from(Arc::new(client_config(
-        &client_cert,
-        mgr.roots().clone(),
-        vec![server_id.clone()],
-    )?));
-    let mut tls = connector
-        .connect(
-            server_addr.ip().into(),
-            TcpStream::connect(server_addr).await?,
-        )
-        .await?;
-    let seen_server = peer_identity(tls.get_ref().1);
-    tls.write_all(b"hello over mTLS").await?;
-    let mut echo = Vec::new();
-    tls.read_to_end(&mut echo).await?;
-    let seen_client = server.await??;
-    println!(
-        "   client saw server identity: {}",
-        seen_server.map(|i| i.to_string()).unwrap_or_default()
-    );
-    println!(
-        "   server saw client identity: {}",
-        seen_client.map(|i| i.to_string()).unwrap_or_default()
-    );
-    println!("   echoed: {:?}", String::from_utf8_lossy(&echo));
-
-    println!("\n== 5. A client expecting a different identity refuses the same server");
-    let wrong = TlsConnector::from(Arc::new(client_config(
-        &client_cert,
-        mgr.roots().clone(),
-        vec![stranger],
-    )?));
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr2 = listener.local_addr()?;
-    let acceptor = TlsAcceptor::from(Arc::new(server_config(&server_cert, mgr.roots().clone())?));
-    tokio::spawn(async move {
-        if let Ok((tcp, _)) = listener.accept().await {
-            let _ = acceptor.accept(tcp).await;
-        }
-    });
-    match wrong
-        .connect(addr2.ip().into(), TcpStream::connect(addr2).await?)
-        .await
-    {
-        Ok(_) => return Err("handshake with the wrong identity succeeded".into()),
-        Err(e) => println!("   {}", ztunnel::tls::handshake_failure(&e)),
-    }
-
-    println!(
-        "\nNext: the network-namespace lab (pods, ztunnels, HBONE on the wire) lands with issue #5."
-    );
-    println!("Tests: just test");
-    Ok(())
 }

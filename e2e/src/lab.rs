@@ -1,0 +1,843 @@
+//! The lab: a multi-node mesh on one machine, out of network namespaces.
+//!
+//! The lab plays kubelet, CNI and kube-proxy, nothing more: every mesh
+//! program in it is the production binary with production config.
+//!
+//! ```text
+//!  switch netns: bridge br0 ── ctl netns (10.L.0.100: istiod-lite)
+//!                         ├── node-i netns (10.L.0.i: ztunnel + ztunnel-cni)
+//!                         │      bridge cbr0 10.L.i.1/24 ── pod netns 10.L.i.k
+//! ```
+//!
+//! Everything it creates is listed in `<dir>/lab.json`, so `lab down` (or a
+//! test's drop) removes it all, also after a crash.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+
+use crate::mesh::binary;
+
+pub type Error = Box<dyn std::error::Error + Send + Sync>;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NodeState {
+    pub name: String,
+    pub netns: String,
+    pub ip: String,
+    pub index: u8,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PodState {
+    pub name: String,
+    pub namespace: String,
+    pub node: String,
+    pub netns: String,
+    pub ip: String,
+    pub uid: String,
+    pub service_account: String,
+    pub labels: BTreeMap<String, String>,
+    pub args: Vec<String>,
+    pub pid: Option<u32>,
+    pub captured: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ServiceState {
+    pub name: String,
+    pub namespace: String,
+    pub vip: String,
+    pub selector: BTreeMap<String, String>,
+    /// (port, targetPort)
+    pub ports: Vec<(u16, u16)>,
+}
+
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct LabState {
+    pub id: u8,
+    pub prefix: String,
+    pub nodes: Vec<NodeState>,
+    pub pods: BTreeMap<String, PodState>,
+    pub services: BTreeMap<String, ServiceState>,
+    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
+    /// Every netns the lab made, in creation order.
+    pub netns: Vec<String>,
+    /// Every process the lab started.
+    pub pids: Vec<u32>,
+    pub next_vip: u8,
+}
+
+pub struct Lab {
+    pub dir: PathBuf,
+    pub state: LabState,
+}
+
+fn sh(args: &[&str]) -> Result<(), Error> {
+    let out = Command::new(args[0]).args(&args[1..]).output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into())
+    }
+}
+
+fn nft_in(netns: &str, script: &str) -> Result<(), Error> {
+    use std::io::Write;
+    let mut child = Command::new("ip")
+        .args(["netns", "exec", netns, "nft", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    if let Some(mut i) = child.stdin.take() {
+        i.write_all(script.as_bytes())?;
+    }
+    let out = child.wait_with_output()?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "nft in {netns}: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+        .into())
+    }
+}
+
+pub const CONTROL_IP_HOST: u8 = 100;
+
+impl Lab {
+    pub fn state_file(dir: &Path) -> PathBuf {
+        dir.join("lab.json")
+    }
+
+    pub fn load(dir: &Path) -> Result<Lab, Error> {
+        let text = std::fs::read_to_string(Self::state_file(dir))
+            .map_err(|e| format!("no lab at {}: {e}", dir.display()))?;
+        Ok(Lab {
+            dir: dir.to_path_buf(),
+            state: serde_json::from_str(&text)?,
+        })
+    }
+
+    fn save(&self) -> Result<(), Error> {
+        std::fs::write(
+            Self::state_file(&self.dir),
+            serde_json::to_vec_pretty(&self.state)?,
+        )?;
+        Ok(())
+    }
+
+    pub fn net(&self) -> String {
+        format!("10.{}", 100 + self.state.id as u32)
+    }
+
+    pub fn control_ip(&self) -> String {
+        format!("{}.0.{CONTROL_IP_HOST}", self.net())
+    }
+
+    fn ns_name(&self, tag: &str) -> String {
+        format!("{}{tag}", self.state.prefix)
+    }
+
+    fn add_netns(&mut self, name: &str) -> Result<(), Error> {
+        sh(&["ip", "netns", "add", name])?;
+        self.state.netns.push(name.to_string());
+        self.save()?;
+        sh(&["ip", "-n", name, "link", "set", "lo", "up"])
+    }
+
+    fn spawn_in(
+        &mut self,
+        netns: &str,
+        log: &str,
+        env: &[(&str, &str)],
+        cmd: &[String],
+    ) -> Result<u32, Error> {
+        let logf = std::fs::File::create(self.dir.join("logs").join(log))?;
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", netns]).args(cmd);
+        for (k, v) in env {
+            c.env(k, v);
+        }
+        let child = c
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .stdin(Stdio::null())
+            .spawn()?;
+        let pid = child.id();
+        // The lab outlives this handle: `lab down` ends the process by pid.
+        std::mem::forget(child);
+        self.state.pids.push(pid);
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Creates the network: switch, control netns, nodes. On failure,
+    /// whatever was made is removed again.
+    pub fn create(dir: &Path, id: u8, nodes: usize) -> Result<Lab, Error> {
+        if !(1..=150).contains(&id) {
+            return Err(format!(
+                "lab id {id} is out of range (1..=150: addresses are 10.(100+id).0.0/16)"
+            )
+            .into());
+        }
+        if !(1..=20).contains(&nodes) {
+            return Err(format!("{nodes} nodes: between 1 and 20").into());
+        }
+        let mut lab = Lab {
+            dir: dir.to_path_buf(),
+            state: LabState::default(),
+        };
+        match Self::build(dir, id, nodes, &mut lab) {
+            Ok(()) => Ok(lab),
+            Err(e) => {
+                lab.down();
+                Err(e)
+            }
+        }
+    }
+
+    fn build(dir: &Path, id: u8, nodes: usize, out: &mut Lab) -> Result<(), Error> {
+        std::fs::create_dir_all(dir.join("logs"))?;
+        std::fs::create_dir_all(dir.join("config"))?;
+        std::fs::create_dir_all(dir.join("data"))?;
+        let lab = Lab {
+            dir: dir.to_path_buf(),
+            state: LabState {
+                id,
+                prefix: format!("lab{id}-"),
+                next_vip: 1,
+                ..Default::default()
+            },
+        };
+        lab.save()?;
+        *out = Lab {
+            dir: lab.dir.clone(),
+            state: lab.state.clone(),
+        };
+        let lab = out;
+        let net = lab.net();
+        let sw = lab.ns_name("sw");
+        lab.add_netns(&sw)?;
+        sh(&["ip", "-n", &sw, "link", "add", "br0", "type", "bridge"])?;
+        sh(&["ip", "-n", &sw, "link", "set", "br0", "up"])?;
+        let attach = |ns: &str, port: &str, ip: &str| -> Result<(), Error> {
+            sh(&[
+                "ip", "link", "add", "eth0", "netns", ns, "type", "veth", "peer", port, "netns",
+                &sw,
+            ])?;
+            sh(&["ip", "-n", &sw, "link", "set", port, "master", "br0", "up"])?;
+            sh(&[
+                "ip",
+                "-n",
+                ns,
+                "addr",
+                "add",
+                &format!("{ip}/24"),
+                "dev",
+                "eth0",
+            ])?;
+            sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])
+        };
+        let ctl = lab.ns_name("ctl");
+        lab.add_netns(&ctl)?;
+        attach(&ctl, "ctl", &lab.control_ip())?;
+        for i in 1..=nodes as u8 {
+            let ns = lab.ns_name(&format!("n{i}"));
+            lab.add_netns(&ns)?;
+            let ip = format!("{net}.0.{i}");
+            attach(&ns, &format!("n{i}"), &ip)?;
+            sh(&["ip", "-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
+            sh(&[
+                "ip",
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{net}.{i}.1/24"),
+                "dev",
+                "cbr0",
+            ])?;
+            sh(&["ip", "-n", &ns, "link", "set", "cbr0", "up"])?;
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns,
+                "sysctl",
+                "-qw",
+                "net.ipv4.ip_forward=1",
+            ])?;
+            lab.state.nodes.push(NodeState {
+                name: format!("node-{i}"),
+                netns: ns,
+                ip,
+                index: i,
+            });
+        }
+        // Every node and the control netns reach every pod CIDR.
+        let nodes_copy = lab.state.nodes.clone();
+        for n in &nodes_copy {
+            for m in &nodes_copy {
+                if n.index != m.index {
+                    sh(&[
+                        "ip",
+                        "-n",
+                        &n.netns,
+                        "route",
+                        "add",
+                        &format!("{net}.{}.0/24", m.index),
+                        "via",
+                        &m.ip,
+                    ])?;
+                }
+            }
+            sh(&[
+                "ip",
+                "-n",
+                &ctl,
+                "route",
+                "add",
+                &format!("{net}.{}.0/24", n.index),
+                "via",
+                &n.ip,
+            ])?;
+        }
+        lab.save()
+    }
+
+    /// Starts istiod-lite, and an agent and a ztunnel per node.
+    pub async fn start_mesh(&mut self) -> Result<(), Error> {
+        let tokens: String = self
+            .state
+            .nodes
+            .iter()
+            .map(|n| {
+                format!(
+                    "{}: lab-token-{}-{}-0000000000\n",
+                    n.name, self.state.id, n.name
+                )
+            })
+            .collect();
+        std::fs::write(self.dir.join("tokens.yaml"), tokens)?;
+        let ctl = self.ns_name("ctl");
+        let cip = self.control_ip();
+        let cmd: Vec<String> = vec![
+            binary("istiod-lite").display().to_string(),
+            "--config-dir".into(),
+            self.dir.join("config").display().to_string(),
+            "--data-dir".into(),
+            self.dir.join("data").display().to_string(),
+            "--node-tokens".into(),
+            self.dir.join("tokens.yaml").display().to_string(),
+            "--grpc-addr".into(),
+            format!("{cip}:15012"),
+            "--debug-addr".into(),
+            format!("{cip}:15014"),
+            "--serving-ip".into(),
+            cip.clone(),
+        ];
+        self.spawn_in(&ctl, "istiod-lite.log", &[("RUST_LOG", "info")], &cmd)?;
+        let root = self.dir.join("data/root-cert.pem");
+        for _ in 0..200 {
+            if root.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        for n in self.state.nodes.clone() {
+            let zds = self.dir.join(format!("{}-zds.sock", n.name));
+            let control = self.dir.join(format!("{}-cni.sock", n.name));
+            let cmd = vec![
+                binary("ztunnel-cni").display().to_string(),
+                "--control-socket".into(),
+                control.display().to_string(),
+                "serve".into(),
+                "--zds-socket".into(),
+                zds.display().to_string(),
+                "--state-file".into(),
+                self.dir
+                    .join(format!("{}-pods.json", n.name))
+                    .display()
+                    .to_string(),
+            ];
+            self.spawn_in(
+                &n.netns,
+                &format!("{}-cni.log", n.name),
+                &[("RUST_LOG", "info")],
+                &cmd,
+            )?;
+            let token = self.dir.join(format!("{}.token", n.name));
+            std::fs::write(
+                &token,
+                format!("lab-token-{}-{}-0000000000", self.state.id, n.name),
+            )?;
+            let cfg = self.dir.join(format!("{}-ztunnel.yaml", n.name));
+            std::fs::write(
+                &cfg,
+                format!(
+                    "node: {node}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nstate:\n  xds_address: https://{cip}:15012\nnode_mode:\n  zds_socket: {zds}\nadmin_addr: \"127.0.0.1:15000\"\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\n",
+                    node = n.name,
+                    root = root.display(),
+                    token = token.display(),
+                    zds = zds.display(),
+                    ip = n.ip,
+                ),
+            )?;
+            for _ in 0..100 {
+                if zds.exists() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let cmd = vec![
+                binary("ztunnel").display().to_string(),
+                "--config".into(),
+                cfg.display().to_string(),
+            ];
+            self.spawn_in(
+                &n.netns,
+                &format!("{}-ztunnel.log", n.name),
+                &[("RUST_LOG", "info")],
+                &cmd,
+            )?;
+        }
+        self.save()
+    }
+
+    fn write_object(&self, file: &str, v: &Value) -> Result<(), Error> {
+        let path = self.dir.join("config").join(file);
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, serde_yaml::to_string(v)?)?;
+        std::fs::rename(tmp, path)?;
+        Ok(())
+    }
+
+    fn enrolled(&self, p: &PodState) -> bool {
+        match p.labels.get("istio.io/dataplane-mode").map(String::as_str) {
+            Some("none") => false,
+            Some("ambient") => true,
+            _ => self
+                .state
+                .namespaces
+                .get(&p.namespace)
+                .and_then(|l| l.get("istio.io/dataplane-mode"))
+                .is_some_and(|v| v == "ambient"),
+        }
+    }
+
+    /// Creates a pod: netns, address, Pod object for the controller, its app
+    /// process, and capture when its namespace is enrolled.
+    pub async fn add_pod(
+        &mut self,
+        namespace: &str,
+        name: &str,
+        service_account: &str,
+        labels: BTreeMap<String, String>,
+        args: Vec<String>,
+    ) -> Result<(), Error> {
+        let node = self.state.nodes[self.state.pods.len() % self.state.nodes.len()].clone();
+        let k = self
+            .state
+            .pods
+            .values()
+            .filter(|p| p.node == node.name)
+            .count() as u8
+            + 10;
+        let ns = self.ns_name(&format!("p{}", self.state.pods.len() + 1));
+        self.add_netns(&ns)?;
+        let ip = format!("{}.{}.{k}", self.net(), node.index);
+        let port = format!("p{k}");
+        sh(&[
+            "ip",
+            "link",
+            "add",
+            "eth0",
+            "netns",
+            &ns,
+            "type",
+            "veth",
+            "peer",
+            &port,
+            "netns",
+            &node.netns,
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &node.netns,
+            "link",
+            "set",
+            &port,
+            "master",
+            "cbr0",
+            "up",
+        ])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{ip}/24"),
+            "dev",
+            "eth0",
+        ])?;
+        sh(&["ip", "-n", &ns, "link", "set", "eth0", "up"])?;
+        sh(&[
+            "ip",
+            "-n",
+            &ns,
+            "route",
+            "add",
+            "default",
+            "via",
+            &format!("{}.{}.1", self.net(), node.index),
+        ])?;
+        let uid = format!("lab-{}-{namespace}-{name}", self.state.id);
+        let pod = PodState {
+            name: name.into(),
+            namespace: namespace.into(),
+            node: node.name.clone(),
+            netns: ns.clone(),
+            ip: ip.clone(),
+            uid: uid.clone(),
+            service_account: service_account.into(),
+            labels: labels.clone(),
+            args: args.clone(),
+            pid: None,
+            captured: false,
+        };
+        self.write_object(
+            &format!("pod-{namespace}-{name}.yaml"),
+            &json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels},
+                "spec": {"nodeName": node.name, "serviceAccountName": service_account,
+                         "containers": [{"name": "app", "image": "labapp", "args": args}]},
+                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            }),
+        )?;
+        let key = format!("{namespace}/{name}");
+        self.state.pods.insert(key.clone(), pod);
+        self.save()?;
+        if !args.is_empty() {
+            let mut cmd = vec![binary("labapp").display().to_string()];
+            cmd.extend(args);
+            let pid = self.spawn_in(
+                &ns,
+                &format!("pod-{namespace}-{name}.log"),
+                &[("POD_NAME", name)],
+                &cmd,
+            )?;
+            if let Some(p) = self.state.pods.get_mut(&key) {
+                p.pid = Some(pid);
+            }
+        }
+        self.reconcile_capture(&key).await
+    }
+
+    /// Captures or releases one pod to match its enrollment.
+    async fn reconcile_capture(&mut self, key: &str) -> Result<(), Error> {
+        let Some(p) = self.state.pods.get(key).cloned() else {
+            return Ok(());
+        };
+        let want = self.enrolled(&p);
+        if want == p.captured {
+            return Ok(());
+        }
+        let control = self.dir.join(format!("{}-cni.sock", p.node));
+        let req = if want {
+            ztunnel::inpod::agent::Request::Add(ztunnel::inpod::agent::PodSpec {
+                uid: p.uid.clone(),
+                name: p.name.clone(),
+                namespace: p.namespace.clone(),
+                service_account: p.service_account.clone(),
+                netns: format!("/var/run/netns/{}", p.netns),
+            })
+        } else {
+            ztunnel::inpod::agent::Request::Del { uid: p.uid.clone() }
+        };
+        // The ztunnel may still be connecting to its agent: retry briefly.
+        let mut last = String::new();
+        for _ in 0..100 {
+            match ztunnel::inpod::agent::call(&control, &req).await {
+                Ok(_) => {
+                    if let Some(pod) = self.state.pods.get_mut(key) {
+                        pod.captured = want;
+                    }
+                    return self.save();
+                }
+                Err(e) => last = e,
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("capturing {key}: {last}").into())
+    }
+
+    fn kube_proxy(&self) -> Result<(), Error> {
+        let mut rules = String::new();
+        for s in self.state.services.values() {
+            let eps: Vec<&PodState> = self
+                .state
+                .pods
+                .values()
+                .filter(|p| {
+                    p.namespace == s.namespace
+                        && !s.selector.is_empty()
+                        && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
+                })
+                .collect();
+            if eps.is_empty() {
+                continue;
+            }
+            for (port, target) in &s.ports {
+                let map: Vec<String> = eps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, p)| format!("{i} : {} . {target}", p.ip))
+                    .collect();
+                rules.push_str(&format!(
+                    "    ip daddr {} tcp dport {port} dnat ip to numgen inc mod {} map {{ {} }}\n",
+                    s.vip,
+                    eps.len(),
+                    map.join(", ")
+                ));
+            }
+        }
+        let script = format!(
+            "table ip lab-kube-proxy\ndelete table ip lab-kube-proxy\ntable ip lab-kube-proxy {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n{rules}  }}\n}}\n"
+        );
+        for n in &self.state.nodes {
+            nft_in(&n.netns, &script)?;
+        }
+        Ok(())
+    }
+
+    /// Applies Kubernetes objects: namespaces (labels, live), deployments and
+    /// pods (started), services (a VIP), and everything else handed to the
+    /// controller as it is.
+    pub async fn apply(&mut self, docs: Vec<Value>) -> Result<(), Error> {
+        let mut relabelled = Vec::new();
+        for d in docs {
+            let kind = d["kind"].as_str().unwrap_or_default().to_string();
+            let name = d["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let ns = d["metadata"]["namespace"]
+                .as_str()
+                .unwrap_or("default")
+                .to_string();
+            let labels: BTreeMap<String, String> =
+                serde_json::from_value(d["metadata"]["labels"].clone()).unwrap_or_default();
+            match kind.as_str() {
+                "Namespace" => {
+                    self.state.namespaces.insert(name.clone(), labels);
+                    self.write_object(&format!("namespace-{name}.yaml"), &d)?;
+                    relabelled.push(name);
+                }
+                "Deployment" => {
+                    let replicas = d["spec"]["replicas"].as_u64().unwrap_or(1);
+                    let tmpl = &d["spec"]["template"];
+                    let plabels: BTreeMap<String, String> =
+                        serde_json::from_value(tmpl["metadata"]["labels"].clone())
+                            .unwrap_or_default();
+                    let sa = tmpl["spec"]["serviceAccountName"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .to_string();
+                    let args: Vec<String> =
+                        serde_json::from_value(tmpl["spec"]["containers"][0]["args"].clone())
+                            .unwrap_or_default();
+                    for i in 0..replicas {
+                        let pname = format!("{name}-{i}");
+                        if !self.state.pods.contains_key(&format!("{ns}/{pname}")) {
+                            self.add_pod(&ns, &pname, &sa, plabels.clone(), args.clone())
+                                .await?;
+                        }
+                    }
+                }
+                "Pod" => {
+                    let sa = d["spec"]["serviceAccountName"]
+                        .as_str()
+                        .unwrap_or("default")
+                        .to_string();
+                    let args: Vec<String> =
+                        serde_json::from_value(d["spec"]["containers"][0]["args"].clone())
+                            .unwrap_or_default();
+                    let key = format!("{ns}/{name}");
+                    if let Some(p) = self.state.pods.get_mut(&key) {
+                        p.labels = labels;
+                        self.save()?;
+                        self.reconcile_capture(&key).await?;
+                    } else {
+                        self.add_pod(&ns, &name, &sa, labels, args).await?;
+                    }
+                }
+                "Service" => {
+                    let key = format!("{ns}/{name}");
+                    let vip = match self.state.services.get(&key) {
+                        Some(s) => s.vip.clone(),
+                        None => {
+                            let v = format!("{}.250.{}", self.net(), self.state.next_vip);
+                            self.state.next_vip += 1;
+                            v
+                        }
+                    };
+                    let selector: BTreeMap<String, String> =
+                        serde_json::from_value(d["spec"]["selector"].clone()).unwrap_or_default();
+                    let ports: Vec<(u16, u16)> = d["spec"]["ports"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .map(|p| {
+                            let port = p["port"].as_u64().unwrap_or(80) as u16;
+                            (
+                                port,
+                                p["targetPort"].as_u64().map(|t| t as u16).unwrap_or(port),
+                            )
+                        })
+                        .collect();
+                    let mut obj = d.clone();
+                    obj["metadata"]["namespace"] = json!(ns);
+                    obj["spec"]["clusterIP"] = json!(vip);
+                    self.write_object(&format!("service-{ns}-{name}.yaml"), &obj)?;
+                    self.state.services.insert(
+                        key,
+                        ServiceState {
+                            name,
+                            namespace: ns,
+                            vip,
+                            selector,
+                            ports,
+                        },
+                    );
+                    self.save()?;
+                }
+                _ => {
+                    let mut obj = d.clone();
+                    if obj["metadata"]["namespace"].is_null() && kind != "Namespace" {
+                        obj["metadata"]["namespace"] = json!(ns);
+                    }
+                    self.write_object(&format!("{}-{ns}-{name}.yaml", kind.to_lowercase()), &obj)?;
+                }
+            }
+        }
+        for ns in relabelled {
+            let keys: Vec<String> = self
+                .state
+                .pods
+                .values()
+                .filter(|p| p.namespace == ns)
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .collect();
+            for k in keys {
+                self.reconcile_capture(&k).await?;
+            }
+        }
+        self.kube_proxy()?;
+        self.save()
+    }
+
+    /// Removes an object the lab applied (a policy, say).
+    pub fn delete(&mut self, kind: &str, namespace: &str, name: &str) -> Result<(), Error> {
+        let _ = std::fs::remove_file(
+            self.dir
+                .join("config")
+                .join(format!("{}-{namespace}-{name}.yaml", kind.to_lowercase())),
+        );
+        Ok(())
+    }
+
+    /// Tears everything down: processes, then namespaces.
+    pub fn down(&mut self) {
+        for pid in self.state.pids.iter().rev() {
+            // SAFETY: kill(2) on processes this lab started (listed in its state).
+            unsafe {
+                libc::kill(*pid as i32, libc::SIGTERM);
+            }
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        while std::time::Instant::now() < deadline
+            && self
+                .state
+                .pids
+                .iter()
+                .any(|p| Path::new(&format!("/proc/{p}")).exists() && !zombie(*p))
+        {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        for pid in &self.state.pids {
+            // SAFETY: as above; the process did not stop on SIGTERM.
+            unsafe {
+                libc::kill(*pid as i32, libc::SIGKILL);
+            }
+        }
+        for ns in self.state.netns.iter().rev() {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        self.state.pids.clear();
+        self.state.netns.clear();
+        let _ = std::fs::remove_file(Self::state_file(&self.dir));
+    }
+
+    pub fn pod(&self, key: &str) -> Option<&PodState> {
+        self.state.pods.get(key)
+    }
+
+    /// Runs a command inside a pod's netns and returns its output.
+    pub fn exec(&self, key: &str, cmd: &[&str]) -> Result<std::process::Output, Error> {
+        let p = self.pod(key).ok_or_else(|| format!("no pod {key}"))?;
+        Ok(Command::new("ip")
+            .args(["netns", "exec", &p.netns])
+            .args(cmd)
+            .env("POD_NAME", &p.name)
+            .output()?)
+    }
+}
+
+fn zombie(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
+        .unwrap_or(true)
+}
+
+/// Reads every YAML document in a file or folder.
+pub fn read_docs(path: &Path) -> Result<Vec<Value>, Error> {
+    use serde::Deserialize;
+    let mut files = Vec::new();
+    if path.is_dir() {
+        for e in std::fs::read_dir(path)? {
+            let p = e?.path();
+            if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
+                files.push(p);
+            }
+        }
+        files.sort();
+    } else {
+        files.push(path.to_path_buf());
+    }
+    let mut out = Vec::new();
+    for f in files {
+        let text = std::fs::read_to_string(&f)?;
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v = Value::deserialize(doc).map_err(|e| format!("{}: {e}", f.display()))?;
+            if !v.is_null() {
+                out.push(v);
+            }
+        }
+    }
+    Ok(out)
+}
