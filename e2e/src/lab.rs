@@ -370,6 +370,7 @@ impl Lab {
                     .join(format!("{}-pods.json", n.name))
                     .display()
                     .to_string(),
+                "--dns".into(),
             ];
             self.spawn_in(
                 &n.netns,
@@ -386,7 +387,7 @@ impl Lab {
             std::fs::write(
                 &cfg,
                 format!(
-                    "node: {node}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nstate:\n  xds_address: https://{cip}:15012\nnode_mode:\n  zds_socket: {zds}\nadmin_addr: \"127.0.0.1:15000\"\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\n",
+                    "node: {node}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nstate:\n  xds_address: https://{cip}:15012\nnode_mode:\n  zds_socket: {zds}\n  dns: true\nadmin_addr: \"127.0.0.1:15000\"\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\n",
                     node = n.name,
                     root = root.display(),
                     token = token.display(),
@@ -504,6 +505,19 @@ impl Lab {
             "via",
             &format!("{}.{}.1", self.net(), node.index),
         ])?;
+        // `ip netns exec` mounts /etc/netns/<name>/resolv.conf over the
+        // pod's /etc/resolv.conf: the cluster's search path, as a kubelet
+        // writes it. Queries to port 53 are redirected to the ztunnel.
+        let etc = PathBuf::from("/etc/netns").join(&ns);
+        std::fs::create_dir_all(&etc)?;
+        std::fs::write(
+            etc.join("resolv.conf"),
+            format!(
+                "nameserver {}.{}.1\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
+                self.net(),
+                node.index
+            ),
+        )?;
         let uid = format!("lab-{}-{namespace}-{name}", self.state.id);
         let pod = PodState {
             name: name.into(),
@@ -787,6 +801,7 @@ impl Lab {
         }
         for ns in self.state.netns.iter().rev() {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(ns));
         }
         self.state.pids.clear();
         self.state.netns.clear();

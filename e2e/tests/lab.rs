@@ -112,8 +112,24 @@ async fn the_lab_runs_an_ambient_mesh() {
         assert!(seen.hbone > 0 && seen.marker == 0, "to {to_pod}: {seen:?}");
     }
 
-    // A service VIP reaches both endpoints.
+    // A service VIP reaches both endpoints, and its names resolve to it.
     let vip = lab.state.services["shop/echo"].vip.clone();
+    let labapp = e2e::mesh::binary("labapp");
+    let resolve = |name: &str| {
+        let out = lab
+            .exec(
+                "shop/client-0",
+                &[labapp.to_str().unwrap(), "resolve", name],
+            )
+            .unwrap();
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
+    };
+    for name in ["echo", "echo.shop", "echo.shop.svc.cluster.local"] {
+        assert_eq!(resolve(name).as_deref(), Some(vip.as_str()), "{name}");
+    }
+    assert_eq!(resolve("nope.shop.svc.cluster.local"), None);
     for _ in 0..4 {
         assert!(send(lab, "shop/client-0", &format!("{vip}:80"), "via-vip").is_some());
     }

@@ -234,7 +234,15 @@ impl App {
             }
         };
         let inpod = cfg.node_mode.as_ref().map(|nm| {
-            let inpod = InPod::new(proxy.clone());
+            let dns = nm.dns.then(|| {
+                let upstream = nm.dns_upstream.or_else(|| {
+                    crate::dns::upstream_from_resolv_conf(
+                        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
+                    )
+                });
+                crate::dns::DnsProxy::new(proxy.state.clone(), nm.dns_domain.clone(), upstream)
+            });
+            let inpod = InPod::new(proxy.clone(), dns);
             tokio::spawn(inpod.clone().run(nm.zds_socket.clone(), stop_admin.clone()));
             inpod
         });

@@ -105,6 +105,17 @@ pub struct StateSource {
 pub struct NodeMode {
     /// The node agent's ZDS socket.
     pub zds_socket: PathBuf,
+    /// Serve the DNS proxy on 15053 in each pod (the agent must redirect
+    /// port 53 to it).
+    #[serde(default)]
+    pub dns: bool,
+    /// Where names outside the mesh are forwarded; the node's resolv.conf
+    /// when absent.
+    #[serde(default)]
+    pub dns_upstream: Option<SocketAddr>,
+    /// The cluster DNS domain.
+    #[serde(default = "d::trust_domain")]
+    pub dns_domain: String,
 }
 
 /// Where the proxy listens, outside node mode (where listeners open inside

@@ -11,6 +11,7 @@ pub mod ca;
 pub mod certs;
 pub mod clock;
 pub mod config;
+pub mod dns;
 pub mod hbone;
 pub mod identity;
 pub mod inpod;

@@ -76,8 +76,11 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
     let vip = lab.state.services["shop/server"].vip.clone();
     println!("   service shop/server VIP {vip}:80 -> 8080");
 
-    println!("\n== 2. shop/client calls the server through its VIP (captured, HBONE, mTLS)");
-    let url = format!("http://{vip}:80/");
+    println!(
+        "\n== 2. shop/client calls http://server.shop/ (the ztunnel answers DNS with the VIP; HBONE, mTLS)"
+    );
+    let url = "http://server.shop/".to_string();
+    let plain_url = format!("http://{vip}:80/");
     let mut ok = false;
     for _ in 0..60 {
         if let Ok(body) = get(lab, "shop/client-0", &url) {
@@ -121,8 +124,8 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
         server.name, seen.frames, seen.hbone, seen.marker
     );
 
-    println!("\n== 4. legacy/legacy-client (outside the mesh) calls the server in plaintext");
-    match get(lab, "legacy/legacy-client-0", &url) {
+    println!("\n== 4. legacy/legacy-client (outside the mesh) calls {plain_url} in plaintext");
+    match get(lab, "legacy/legacy-client-0", &plain_url) {
         Ok(body) => println!("   allowed: {}", body.lines().next().unwrap_or("")),
         Err(e) => println!("   refused ({e})"),
     }
@@ -131,7 +134,7 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
         .await?;
     let mut refused = false;
     for _ in 0..40 {
-        if let Err(e) = get(lab, "legacy/legacy-client-0", &url) {
+        if let Err(e) = get(lab, "legacy/legacy-client-0", &plain_url) {
             println!("   refused now: the connection was closed by the server's ztunnel ({e})");
             refused = true;
             break;

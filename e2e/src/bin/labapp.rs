@@ -42,6 +42,8 @@ enum Cmd {
     },
     /// Send `text` over TCP to ip:port and print what comes back.
     Send { addr: SocketAddr, text: String },
+    /// Resolve a name with the system resolver and print its addresses.
+    Resolve { name: String },
     /// Do nothing (a pod that only runs `lab exec` commands).
     Sleep,
 }
@@ -116,6 +118,15 @@ async fn main() {
         Cmd::HttpEcho { port } => http_echo(port).await.map_err(Into::into),
         Cmd::Get { url, count } => get(&url, count).await,
         Cmd::Send { addr, text } => send(addr, &text).await,
+        Cmd::Resolve { name } => match tokio::net::lookup_host((name.as_str(), 0)).await {
+            Ok(addrs) => {
+                for a in addrs {
+                    println!("{}", a.ip());
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        },
         Cmd::Sleep => {
             std::future::pending::<()>().await;
             Ok(())

@@ -35,6 +35,7 @@ struct Pod {
 /// The pods this ztunnel serves, by ZDS uid.
 pub struct InPod {
     proxy: Arc<Proxy>,
+    dns: Option<Arc<crate::dns::DnsProxy>>,
     pods: Mutex<HashMap<String, Pod>>,
     snapshot: tokio::sync::watch::Sender<bool>,
 }
@@ -52,9 +53,10 @@ fn bind_in(netns: &Netns, port: u16) -> std::io::Result<TcpListener> {
 }
 
 impl InPod {
-    pub fn new(proxy: Arc<Proxy>) -> Arc<InPod> {
+    pub fn new(proxy: Arc<Proxy>, dns: Option<Arc<crate::dns::DnsProxy>>) -> Arc<InPod> {
         Arc::new(InPod {
             proxy,
+            dns,
             pods: Mutex::new(HashMap::new()),
             snapshot: tokio::sync::watch::Sender::new(false),
         })
@@ -93,7 +95,40 @@ impl InPod {
             bind(INBOUND_PLAINTEXT_PORT)?,
             bind(HBONE_PORT)?,
         );
+        // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053).
+        let dns = match &self.dns {
+            Some(d) => {
+                let (udp, tcp) = netns
+                    .run(|| {
+                        // Loopback, where an output-chain REDIRECT lands: a
+                        // wildcard-bound UDP socket would answer from the pod's
+                        // address, which the NAT entry does not expect.
+                        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::config::DNS_PORT));
+                        let u = std::net::UdpSocket::bind(addr)?;
+                        u.set_nonblocking(true)?;
+                        let t = std::net::TcpListener::bind(addr)?;
+                        t.set_nonblocking(true)?;
+                        Ok::<_, std::io::Error>((u, t))
+                    })
+                    .and_then(|r| r)
+                    .map_err(|e| format!("DNS listeners in the pod's netns: {e}"))?;
+                let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| e.to_string())?;
+                let tcp = TcpListener::from_std(tcp).map_err(|e| e.to_string())?;
+                Some((d.clone(), udp, tcp))
+            }
+            None => None,
+        };
         let stop = CancellationToken::new();
+        if let Some((d, udp, tcp)) = dns {
+            let s = stop.clone();
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = s.cancelled() => {}
+                    _ = d.clone().serve_udp(udp) => {}
+                    _ = d.serve_tcp(tcp) => {}
+                }
+            });
+        }
         self.proxy
             .netns
             .insert(&info.namespace, &info.name, netns.clone());
