@@ -57,8 +57,21 @@ pub struct ServiceState {
     pub ports: Vec<(u16, u16)>,
 }
 
+/// A process the lab runs, restartable by name.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcState {
+    pub netns: String,
+    pub cmd: Vec<String>,
+    pub log: String,
+    pub env: Vec<(String, String)>,
+    pub pid: Option<u32>,
+}
+
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 pub struct LabState {
+    /// Named processes: "istiod-lite", "<node>-ztunnel", "<node>-cni".
+    #[serde(default)]
+    pub procs: BTreeMap<String, ProcState>,
     pub id: u8,
     pub prefix: String,
     pub nodes: Vec<NodeState>,
@@ -180,6 +193,76 @@ impl Lab {
         self.state.pids.push(pid);
         self.save()?;
         Ok(pid)
+    }
+
+    /// Starts a named process (and remembers how, for restarts).
+    fn start_named(
+        &mut self,
+        name: &str,
+        netns: &str,
+        env: &[(&str, &str)],
+        cmd: Vec<String>,
+    ) -> Result<(), Error> {
+        let log = format!("{name}.log");
+        let pid = self.spawn_in(netns, &log, env, &cmd)?;
+        self.state.procs.insert(
+            name.to_string(),
+            ProcState {
+                netns: netns.to_string(),
+                cmd,
+                log,
+                env: env
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                pid: Some(pid),
+            },
+        );
+        self.save()
+    }
+
+    /// Stops a named process (SIGKILL with `kill`, else SIGTERM) and waits.
+    pub fn stop(&mut self, name: &str, kill: bool) -> Result<(), Error> {
+        let p = self
+            .state
+            .procs
+            .get_mut(name)
+            .ok_or_else(|| format!("no process {name}"))?;
+        if let Some(pid) = p.pid.take() {
+            let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
+            // SAFETY: kill(2) on a process this lab started.
+            unsafe {
+                libc::kill(pid as i32, sig);
+            }
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while std::time::Instant::now() < deadline
+                && Path::new(&format!("/proc/{pid}")).exists()
+                && !zombie(pid)
+            {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        self.save()
+    }
+
+    /// Starts a stopped named process again, as it was first started.
+    pub fn restart(&mut self, name: &str) -> Result<(), Error> {
+        let p = self
+            .state
+            .procs
+            .get(name)
+            .cloned()
+            .ok_or_else(|| format!("no process {name}"))?;
+        let env: Vec<(&str, &str)> = p
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
+        let pid = self.spawn_in(&p.netns, &p.log, &env, &p.cmd)?;
+        if let Some(p) = self.state.procs.get_mut(name) {
+            p.pid = Some(pid);
+        }
+        self.save()
     }
 
     /// Creates the network: switch, control netns, nodes. On failure,
@@ -347,7 +430,7 @@ impl Lab {
             "--serving-ip".into(),
             cip.clone(),
         ];
-        self.spawn_in(&ctl, "istiod-lite.log", &[("RUST_LOG", "info")], &cmd)?;
+        self.start_named("istiod-lite", &ctl, &[("RUST_LOG", "info")], cmd)?;
         let root = self.dir.join("data/root-cert.pem");
         for _ in 0..200 {
             if root.exists() {
@@ -372,11 +455,11 @@ impl Lab {
                     .to_string(),
                 "--dns".into(),
             ];
-            self.spawn_in(
+            self.start_named(
+                &format!("{}-cni", n.name),
                 &n.netns,
-                &format!("{}-cni.log", n.name),
                 &[("RUST_LOG", "info")],
-                &cmd,
+                cmd,
             )?;
             let token = self.dir.join(format!("{}.token", n.name));
             std::fs::write(
@@ -406,11 +489,11 @@ impl Lab {
                 "--config".into(),
                 cfg.display().to_string(),
             ];
-            self.spawn_in(
+            self.start_named(
+                &format!("{}-ztunnel", n.name),
                 &n.netns,
-                &format!("{}-ztunnel.log", n.name),
                 &[("RUST_LOG", "info")],
-                &cmd,
+                cmd,
             )?;
         }
         self.save()

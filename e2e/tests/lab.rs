@@ -176,3 +176,83 @@ async fn the_lab_runs_an_ambient_mesh() {
     .unwrap();
     assert!(!g.0.pod("legacy/lclient-0").unwrap().captured);
 }
+
+/// Round-trips `text` on an open connection.
+async fn echo_on(s: &mut tokio::net::TcpStream, text: &[u8]) -> std::io::Result<()> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    s.write_all(text).await?;
+    let mut buf = vec![0u8; text.len()];
+    tokio::time::timeout(Duration::from_secs(5), s.read_exact(&mut buf)).await??;
+    if buf != text {
+        return Err(std::io::Error::other("echo mismatch"));
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn the_mesh_rides_out_controller_and_ztunnel_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let id = 101 + (std::process::id() % 40) as u8;
+    let mut g = Guard(Lab::create(dir.path(), id, 2).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
+    );
+    docs.push_str(&deployment(
+        "shop",
+        "echo",
+        "echo",
+        2,
+        "[tcp-echo, --port, \"9000\"]",
+    )); // node-1, node-2
+    docs.push_str(&deployment("shop", "client", "client", 1, "[sleep]")); // node-1
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let echo1 = g.0.pod("shop/echo-1").unwrap().ip.clone();
+    let to = format!("{echo1}:9000");
+    eventually("the mesh is up", Duration::from_secs(30), || async {
+        send(&g.0, "shop/client-0", &to, "up").is_some()
+    })
+    .await;
+
+    // A long-lived connection from the client pod (its socket lives in the
+    // pod's netns, so it is captured like the app's would be).
+    let client_ns = Netns::open(&format!(
+        "/var/run/netns/{}",
+        g.0.pod("shop/client-0").unwrap().netns
+    ))
+    .unwrap();
+    let sock = client_ns
+        .run(tokio::net::TcpSocket::new_v4)
+        .unwrap()
+        .unwrap();
+    let mut long = sock.connect(to.parse().unwrap()).await.unwrap();
+    echo_on(&mut long, b"before").await.unwrap();
+
+    // The controller dies: established and new connections keep working.
+    g.0.stop("istiod-lite", true).unwrap();
+    echo_on(&mut long, b"during").await.unwrap();
+    assert!(send(&g.0, "shop/client-0", &to, "new-while-down").is_some());
+
+    // It comes back: the long-lived connection is still there.
+    g.0.restart("istiod-lite").unwrap();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    echo_on(&mut long, b"after").await.unwrap();
+    assert!(send(&g.0, "shop/client-0", &to, "new-after").is_some());
+
+    // A ztunnel restarts: it re-captures its pods from the agent's snapshot.
+    g.0.stop("node-2-ztunnel", false).unwrap();
+    g.0.restart("node-2-ztunnel").unwrap();
+    eventually(
+        "node-2's pods are captured again",
+        Duration::from_secs(30),
+        || async { send(&g.0, "shop/client-0", &to, "recaptured").is_some() },
+    )
+    .await;
+    let log = std::fs::read_to_string(dir.path().join("logs/node-2-ztunnel.log")).unwrap();
+    // The restarted ztunnel got its pod from the agent's snapshot.
+    assert!(log.contains("ZDS snapshot reconciled pods=1"), "{log}");
+    assert!(
+        !log.contains("HBONE connection to an address with no workload"),
+        "{log}"
+    );
+}

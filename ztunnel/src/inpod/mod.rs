@@ -180,6 +180,15 @@ impl InPod {
     /// Connects to the agent and serves its requests; reconnects when the
     /// agent restarts. Pods stay served while the agent is away.
     pub async fn run(self: Arc<Self>, path: PathBuf, stop: CancellationToken) {
+        // Take pods only once there is config to serve them with: a pod's
+        // listeners would otherwise refuse its first connections.
+        let mut config = self.proxy.state.subscribe();
+        while !self.proxy.state.has_config() {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                r = config.changed() => if r.is_err() { return },
+            }
+        }
         loop {
             let result = tokio::select! {
                 _ = stop.cancelled() => return,
