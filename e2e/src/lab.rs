@@ -277,6 +277,7 @@ impl Lab {
         if !(1..=20).contains(&nodes) {
             return Err(format!("{nodes} nodes: between 1 and 20").into());
         }
+        sweep(id);
         let mut lab = Lab {
             dir: dir.to_path_buf(),
             state: LabState::default(),
@@ -903,6 +904,35 @@ impl Lab {
             .args(cmd)
             .env("POD_NAME", &p.name)
             .output()?)
+    }
+}
+
+/// Removes what a crashed lab with this id left behind: its network
+/// namespaces (processes in them die with their last reference, the
+/// namespace's own sockets are gone) and their /etc/netns entries.
+pub fn sweep(id: u8) {
+    let prefix = format!("lab{id}-");
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let name = line.split_whitespace().next().unwrap_or_default();
+        if name.starts_with(&prefix) {
+            // Processes still inside (from a crashed run) are ended first.
+            if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+                for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                    if let Ok(pid) = pid.parse::<i32>() {
+                        // SAFETY: kill(2) on a process left inside a lab
+                        // namespace of this id, which only the lab creates.
+                        unsafe {
+                            libc::kill(pid, libc::SIGKILL);
+                        }
+                    }
+                }
+            }
+            let _ = Command::new("ip").args(["netns", "del", name]).status();
+            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(name));
+        }
     }
 }
 

@@ -249,10 +249,44 @@ async fn the_mesh_rides_out_controller_and_ztunnel_restarts() {
     )
     .await;
     let log = std::fs::read_to_string(dir.path().join("logs/node-2-ztunnel.log")).unwrap();
+    // The node agent restarts: it reloads its pods, the ztunnel re-syncs from
+    // its snapshot, and traffic is unaffected.
+    g.0.stop("node-2-cni", false).unwrap();
+    g.0.restart("node-2-cni").unwrap();
+    eventually(
+        "the ztunnel re-synced with the restarted agent",
+        Duration::from_secs(15),
+        || async {
+            std::fs::read_to_string(dir.path().join("logs/node-2-ztunnel.log"))
+                .unwrap_or_default()
+                .matches("ZDS snapshot reconciled pods=1")
+                .count()
+                >= 2
+        },
+    )
+    .await;
+    assert!(send(&g.0, "shop/client-0", &to, "after-agent-restart").is_some());
+
     // The restarted ztunnel got its pod from the agent's snapshot.
     assert!(log.contains("ZDS snapshot reconciled pods=1"), "{log}");
     assert!(
         !log.contains("HBONE connection to an address with no workload"),
         "{log}"
     );
+}
+
+#[test]
+fn a_crashed_labs_leftovers_are_swept() {
+    let id = 141 + (std::process::id() % 9) as u8;
+    for tag in ["sw", "n1", "p1"] {
+        e2e::netns::run(&["ip", "netns", "add", &format!("lab{id}-{tag}")]);
+    }
+    std::fs::create_dir_all(format!("/etc/netns/lab{id}-p1")).unwrap();
+    e2e::lab::sweep(id);
+    let left = std::process::Command::new("ip")
+        .args(["netns", "list"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&left.stdout).contains(&format!("lab{id}-")));
+    assert!(!std::path::Path::new(&format!("/etc/netns/lab{id}-p1")).exists());
 }

@@ -27,8 +27,12 @@ enum Cmd {
         #[arg(long, default_value_t = 1)]
         id: u8,
     },
-    /// Remove everything the lab made.
-    Down,
+    /// Remove everything the lab made (by its state file; without one, by
+    /// the lab number: what a crashed lab left).
+    Down {
+        #[arg(long, default_value_t = 1)]
+        id: u8,
+    },
     /// Run a command inside a pod (namespace/name).
     Exec {
         pod: String,
@@ -84,9 +88,11 @@ async fn main() {
                 lab.state.pods.len()
             );
         }
-        Cmd::Down => {
-            let mut lab = Lab::load(&a.dir).unwrap_or_else(|e| fail(e));
-            lab.down();
+        Cmd::Down { id } => {
+            match Lab::load(&a.dir) {
+                Ok(mut lab) => lab.down(),
+                Err(_) => e2e::lab::sweep(id),
+            }
             println!("lab down");
         }
         Cmd::Exec { pod, cmd } => {
