@@ -899,9 +899,15 @@ impl Lab {
     /// Runs a command inside a pod's netns and returns its output.
     pub fn exec(&self, key: &str, cmd: &[&str]) -> Result<std::process::Output, Error> {
         let p = self.pod(key).ok_or_else(|| format!("no pod {key}"))?;
+        // `labapp` is the lab's application binary: found without a PATH.
+        let first = match cmd.first() {
+            Some(&"labapp") => binary("labapp").display().to_string(),
+            Some(c) => c.to_string(),
+            None => return Err("no command".into()),
+        };
         Ok(Command::new("ip")
-            .args(["netns", "exec", &p.netns])
-            .args(cmd)
+            .args(["netns", "exec", &p.netns, &first])
+            .args(&cmd[1..])
             .env("POD_NAME", &p.name)
             .output()?)
     }
