@@ -152,20 +152,19 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
             .unwrap_or("")
     );
 
-    let n1 = &lab.state.nodes[0];
-    println!("\n== Where to look next");
+    println!("\n== Where to look next (this lab goes away now; keep one running with the lab CLI)");
     println!(
-        "   metrics:  ip netns exec {} labapp get http://{}:15020/metrics   (istio_tcp_*)",
-        n1.netns, n1.ip
+        "   ./target/debug/lab up manifests/demo/shop.yaml        # lab 1: 10.101.0.0/16, state in /tmp/mesh-lab"
+    );
+    println!("   ./target/debug/lab exec shop/client-0 -- labapp get http://server.shop/");
+    println!(
+        "   ip netns exec lab1-n1 ./target/debug/labapp get http://10.101.0.1:15020/metrics          # istio_tcp_*"
     );
     println!(
-        "   admin:    ip netns exec {} labapp get http://127.0.0.1:15000/config_dump",
-        n1.netns
+        "   ip netns exec lab1-n1 ./target/debug/labapp get http://127.0.0.1:15000/config_dump      # admin"
     );
-    println!("   logs:     {}/logs/", lab.dir.display());
-    println!(
-        "   keep it:  cargo run -p e2e --bin lab -- up manifests/demo   (then lab exec / apply / down)"
-    );
+    println!("   ./target/debug/lab apply manifests/demo/deny-legacy.yaml; ls /tmp/mesh-lab/logs/");
+    println!("   ./target/debug/lab down");
     Ok(())
 }
 
