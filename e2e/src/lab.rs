@@ -589,19 +589,7 @@ impl Lab {
             "via",
             &format!("{}.{}.1", self.net(), node.index),
         ])?;
-        // `ip netns exec` mounts /etc/netns/<name>/resolv.conf over the
-        // pod's /etc/resolv.conf: the cluster's search path, as a kubelet
-        // writes it. Queries to port 53 are redirected to the ztunnel.
-        let etc = PathBuf::from("/etc/netns").join(&ns);
-        std::fs::create_dir_all(&etc)?;
-        std::fs::write(
-            etc.join("resolv.conf"),
-            format!(
-                "nameserver {}.{}.1\nsearch {namespace}.svc.cluster.local svc.cluster.local cluster.local\noptions ndots:5\n",
-                self.net(),
-                node.index
-            ),
-        )?;
+
         let uid = format!("lab-{}-{namespace}-{name}", self.state.id);
         let pod = PodState {
             name: name.into(),
@@ -633,12 +621,13 @@ impl Lab {
         if !args.is_empty() {
             let mut cmd = vec![binary("labapp").display().to_string()];
             cmd.extend(args);
-            let pid = self.spawn_in(
-                &ns,
-                &format!("pod-{namespace}-{name}.log"),
-                &[("POD_NAME", name)],
-                &cmd,
-            )?;
+            let (ld, ro) = resolver_env(namespace);
+            let env = [
+                ("POD_NAME", name),
+                ("LOCALDOMAIN", ld.as_str()),
+                ("RES_OPTIONS", ro),
+            ];
+            let pid = self.spawn_in(&ns, &format!("pod-{namespace}-{name}.log"), &env, &cmd)?;
             if let Some(p) = self.state.pods.get_mut(&key) {
                 p.pid = Some(pid);
             }
@@ -905,12 +894,25 @@ impl Lab {
             Some(c) => c.to_string(),
             None => return Err("no command".into()),
         };
+        let (ld, ro) = resolver_env(&p.namespace);
         Ok(Command::new("ip")
             .args(["netns", "exec", &p.netns, &first])
             .args(&cmd[1..])
             .env("POD_NAME", &p.name)
+            .env("LOCALDOMAIN", ld)
+            .env("RES_OPTIONS", ro)
             .output()?)
     }
+}
+
+/// The pod's resolver search path, as a kubelet writes it into resolv.conf;
+/// given through the resolver's environment so the lab needs no /etc access.
+/// Whatever nameserver the host names, port 53 is redirected to the ztunnel.
+fn resolver_env(namespace: &str) -> (String, &'static str) {
+    (
+        format!("{namespace}.svc.cluster.local svc.cluster.local cluster.local"),
+        "ndots:5",
+    )
 }
 
 /// Removes what a crashed lab with this id left behind: its network

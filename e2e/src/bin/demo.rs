@@ -171,7 +171,10 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
 #[tokio::main]
 async fn main() {
     if unsafe { libc::geteuid() } != 0 {
-        eprintln!("the demo builds network namespaces and needs root");
+        eprintln!(
+            "the demo builds network namespaces and needs root; without root, the lab CLI runs in a user \
+             namespace of its own: cargo build --workspace --bins && ./target/debug/lab up manifests/demo/shop.yaml"
+        );
         std::process::exit(1);
     }
     let manifests = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/demo");

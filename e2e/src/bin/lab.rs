@@ -43,6 +43,146 @@ enum Cmd {
     Apply { file: PathBuf },
     /// Show nodes, pods and services.
     Status,
+    /// (internal) Hold the rootless lab's user and mount namespaces.
+    #[command(hide = true)]
+    Hold,
+}
+
+/// Rootless: without root, the lab lives in a user namespace of its own (as
+/// rootless container tools do). A holder process keeps that namespace (and
+/// a private mount namespace with its own /run/netns) alive; every lab
+/// command re-enters it with nsenter, where it is root over its own
+/// namespaces and nothing else.
+mod rootless {
+    use std::path::Path;
+    use std::process::{Command, Stdio};
+    use std::time::Duration;
+
+    fn holder_pid(dir: &Path) -> Option<u32> {
+        let pid: u32 = std::fs::read_to_string(dir.join("holder.pid"))
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        Path::new(&format!("/proc/{pid}")).exists().then_some(pid)
+    }
+
+    const NO_USERNS: &str = "this kernel does not let unprivileged users create user namespaces \
+        (check sysctl user.max_user_namespaces and kernel.unprivileged_userns_clone, or an AppArmor/SELinux \
+        restriction); run the lab as root, or enable unprivileged user namespaces";
+
+    /// Starts the holder for a new lab.
+    pub fn start_holder(dir: &Path) -> Result<u32, String> {
+        if let Some(pid) = holder_pid(dir) {
+            return Ok(pid);
+        }
+        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        let _ = std::fs::remove_file(dir.join("holder.ready"));
+        let log = std::fs::File::create(dir.join("holder.log")).map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let child = Command::new("unshare")
+            .args([
+                "--user",
+                "--map-root-user",
+                "--net",
+                "--mount",
+                "--propagation",
+                "private",
+                "--",
+            ])
+            .arg(exe)
+            .arg("--dir")
+            .arg(dir)
+            .arg("hold")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stderr(log)
+            .spawn()
+            .map_err(|e| format!("unshare: {e}"))?;
+        let pid = child.id();
+        std::mem::forget(child);
+        std::fs::write(dir.join("holder.pid"), pid.to_string()).map_err(|e| e.to_string())?;
+        for _ in 0..100 {
+            if dir.join("holder.ready").exists() {
+                return Ok(pid);
+            }
+            if !Path::new(&format!("/proc/{pid}")).exists() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let why = std::fs::read_to_string(dir.join("holder.log")).unwrap_or_default();
+        Err(format!("{NO_USERNS}\n{}", why.trim()))
+    }
+
+    /// Runs this same command inside the holder's namespaces; returns its exit code.
+    pub fn reenter(dir: &Path, pid: Option<u32>) -> i32 {
+        let Some(pid) = pid.or_else(|| holder_pid(dir)) else {
+            eprintln!("lab: no rootless lab at {} (lab up first)", dir.display());
+            return 1;
+        };
+        let exe = std::env::current_exe().expect("current exe");
+        let args: Vec<String> = std::env::args().skip(1).collect();
+        let status = Command::new("nsenter")
+            // The holder maps our uid to root inside and denies setgroups, so
+            // keep our credentials: inside they already are root.
+            // Entering a mount namespace resets the working directory;
+            // relative paths in the command must still mean what they meant.
+            .arg(format!(
+                "--wd={}",
+                std::env::current_dir()
+                    .map(|d| d.display().to_string())
+                    .unwrap_or_else(|_| "/".into())
+            ))
+            .args([
+                "-t",
+                &pid.to_string(),
+                "-U",
+                "-m",
+                "-n",
+                "--preserve-credentials",
+                "--",
+            ])
+            .arg(exe)
+            .args(args)
+            .env("LAB_ROOTLESS_INSIDE", "1")
+            .status();
+        match status {
+            Ok(s) => s.code().unwrap_or(1),
+            Err(e) => {
+                eprintln!("lab: nsenter: {e}");
+                1
+            }
+        }
+    }
+
+    pub fn stop_holder(dir: &Path) {
+        if let Some(pid) = holder_pid(dir) {
+            // SAFETY: kill(2) on the holder this lab started (its pid file).
+            unsafe {
+                libc::kill(pid as i32, libc::SIGTERM);
+            }
+        }
+        for f in ["holder.pid", "holder.ready"] {
+            let _ = std::fs::remove_file(dir.join(f));
+        }
+    }
+
+    /// The holder itself: a private /run (for /run/netns), then wait.
+    pub fn hold(dir: &Path) -> ! {
+        let mounted = Command::new("mount")
+            .args(["-t", "tmpfs", "tmpfs", "/run"])
+            .status();
+        if !mounted.is_ok_and(|s| s.success()) {
+            eprintln!("cannot mount a private /run inside the user namespace");
+            std::process::exit(1);
+        }
+        let _ = std::fs::create_dir_all("/run/netns");
+        let _ = std::fs::write(dir.join("holder.ready"), "");
+        loop {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
 }
 
 fn fail(e: impl std::fmt::Display) -> ! {
@@ -53,10 +193,31 @@ fn fail(e: impl std::fmt::Display) -> ! {
 #[tokio::main]
 async fn main() {
     let a = Args::parse();
-    if unsafe { libc::geteuid() } != 0 {
-        fail(
-            "the lab creates network namespaces and needs root (run it with sudo, or as root in a VM or container)",
-        );
+    if let Cmd::Hold = a.cmd {
+        rootless::hold(&a.dir);
+    }
+    // SAFETY: geteuid(2) has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root && std::env::var_os("LAB_ROOTLESS_INSIDE").is_none() {
+        let code = match &a.cmd {
+            Cmd::Up { .. } => match rootless::start_holder(&a.dir) {
+                Ok(pid) => {
+                    let code = rootless::reenter(&a.dir, Some(pid));
+                    if code != 0 {
+                        rootless::stop_holder(&a.dir);
+                    }
+                    code
+                }
+                Err(e) => fail(e),
+            },
+            Cmd::Down { .. } => {
+                let code = rootless::reenter(&a.dir, None);
+                rootless::stop_holder(&a.dir);
+                code
+            }
+            _ => rootless::reenter(&a.dir, None),
+        };
+        std::process::exit(code);
     }
     match a.cmd {
         Cmd::Up {
@@ -109,6 +270,7 @@ async fn main() {
             lab.apply(docs).await.unwrap_or_else(|e| fail(e));
             println!("applied {}", file.display());
         }
+        Cmd::Hold => unreachable!("handled above"),
         Cmd::Status => {
             let lab = Lab::load(&a.dir).unwrap_or_else(|e| fail(e));
             for n in &lab.state.nodes {

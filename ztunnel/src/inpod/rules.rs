@@ -4,7 +4,8 @@
 //! - other inbound TCP (from outside the pod) goes to 15006 (plaintext);
 //! - outbound TCP goes to 15001, DNS (53) to 15053;
 //! - the ztunnel's own sockets carry mark 1337 and are left alone, as is
-//!   traffic within the pod (loopback).
+//!   other traffic within the pod (loopback); DNS is redirected before that
+//!   exemption, so a loopback nameserver (127.0.0.53) is captured too.
 //!
 //! Applying replaces the whole table, so it is idempotent.
 
@@ -38,8 +39,8 @@ pub fn ruleset(dns: bool) -> String {
   chain output {{
     type nat hook output priority -100; policy accept;
     meta mark {MARK} accept
-    oifname \"lo\" accept
-{dns_rules}    meta l4proto tcp redirect to :{OUTBOUND_PORT}
+{dns_rules}    oifname \"lo\" accept
+    meta l4proto tcp redirect to :{OUTBOUND_PORT}
   }}
 }}
 "
