@@ -14,6 +14,9 @@ fn main() -> Result<(), Box<dyn Error>> {
     println!("cargo:rerun-if-changed=protos");
     let fds = protox::compile(FILES, ["protos"])?;
     tonic_prost_build::configure()
+        // Ordered maps: a message then always encodes to the same bytes, and
+        // the controller versions resources by a hash of their bytes.
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;

@@ -80,8 +80,9 @@ pub struct LabState {
     pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
     /// Every netns the lab made, in creation order.
     pub netns: Vec<String>,
-    /// Every process the lab started.
-    pub pids: Vec<u32>,
+    /// Every process the lab started, with its start time (clock ticks after
+    /// boot), so a pid the system has since reused is never signalled.
+    pub pids: Vec<(u32, u64)>,
     pub next_vip: u8,
 }
 
@@ -190,7 +191,7 @@ impl Lab {
         let pid = child.id();
         // The lab outlives this handle: `lab down` ends the process by pid.
         std::mem::forget(child);
-        self.state.pids.push(pid);
+        self.state.pids.push((pid, start_time(pid).unwrap_or(0)));
         self.save()?;
         Ok(pid)
     }
@@ -230,10 +231,20 @@ impl Lab {
             .ok_or_else(|| format!("no process {name}"))?;
         if let Some(pid) = p.pid.take() {
             let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
-            // SAFETY: kill(2) on a process this lab started.
-            unsafe {
-                libc::kill(pid as i32, sig);
+            let started = self
+                .state
+                .pids
+                .iter()
+                .find(|(p, _)| *p == pid)
+                .map(|(_, t)| *t);
+            if started.is_some_and(|t| start_time(pid) == Some(t)) {
+                // SAFETY: kill(2) on a process this lab started (same pid and
+                // start time, so not a reused pid).
+                unsafe {
+                    libc::kill(pid as i32, sig);
+                }
             }
+            self.state.pids.retain(|(p, _)| *p != pid);
             let deadline = std::time::Instant::now() + Duration::from_secs(10);
             while std::time::Instant::now() < deadline
                 && Path::new(&format!("/proc/{pid}")).exists()
@@ -618,6 +629,9 @@ impl Lab {
         let key = format!("{namespace}/{name}");
         self.state.pods.insert(key.clone(), pod);
         self.save()?;
+        // Captured before its app starts, as CNI does before the container
+        // runs: no early connection escapes the mesh.
+        self.reconcile_capture(&key).await?;
         if !args.is_empty() {
             let mut cmd = vec![binary("labapp").display().to_string()];
             cmd.extend(args);
@@ -632,7 +646,7 @@ impl Lab {
                 p.pid = Some(pid);
             }
         }
-        self.reconcile_capture(&key).await
+        self.save()
     }
 
     /// Captures or releases one pod to match its enrollment.
@@ -850,26 +864,34 @@ impl Lab {
 
     /// Tears everything down: processes, then namespaces.
     pub fn down(&mut self) {
-        for pid in self.state.pids.iter().rev() {
-            // SAFETY: kill(2) on processes this lab started (listed in its state).
+        // Only processes that are still the ones the lab started.
+        let ours: Vec<u32> = self
+            .state
+            .pids
+            .iter()
+            .filter(|(pid, t)| start_time(*pid) == Some(*t))
+            .map(|(pid, _)| *pid)
+            .collect();
+        for pid in ours.iter().rev() {
+            // SAFETY: kill(2) on processes this lab started (pid and start time match).
             unsafe {
                 libc::kill(*pid as i32, libc::SIGTERM);
             }
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(5);
         while std::time::Instant::now() < deadline
-            && self
-                .state
-                .pids
+            && ours
                 .iter()
                 .any(|p| Path::new(&format!("/proc/{p}")).exists() && !zombie(*p))
         {
             std::thread::sleep(Duration::from_millis(50));
         }
-        for pid in &self.state.pids {
-            // SAFETY: as above; the process did not stop on SIGTERM.
-            unsafe {
-                libc::kill(*pid as i32, libc::SIGKILL);
+        for pid in &ours {
+            if !zombie(*pid) {
+                // SAFETY: as above; the process did not stop on SIGTERM.
+                unsafe {
+                    libc::kill(*pid as i32, libc::SIGKILL);
+                }
             }
         }
         for ns in self.state.netns.iter().rev() {
@@ -878,6 +900,24 @@ impl Lab {
         }
         self.state.pids.clear();
         self.state.netns.clear();
+        // The run's config, CA data, agent state and sockets go too: a later
+        // `lab up` in the same directory starts clean.
+        for d in ["config", "data"] {
+            let _ = std::fs::remove_dir_all(self.dir.join(d));
+        }
+        if let Ok(entries) = std::fs::read_dir(&self.dir) {
+            for e in entries.flatten() {
+                let name = e.file_name().to_string_lossy().to_string();
+                if name.ends_with(".sock")
+                    || name.ends_with("-pods.json")
+                    || name.ends_with(".token")
+                    || name.ends_with("-ztunnel.yaml")
+                    || name == "tokens.yaml"
+                {
+                    let _ = std::fs::remove_file(e.path());
+                }
+            }
+        }
         let _ = std::fs::remove_file(Self::state_file(&self.dir));
     }
 
@@ -942,6 +982,14 @@ pub fn sweep(id: u8) {
             let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(name));
         }
     }
+}
+
+/// A process's start time (field 22 of /proc/<pid>/stat).
+fn start_time(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces; fields resume after its ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
 }
 
 fn zombie(pid: u32) -> bool {

@@ -45,7 +45,7 @@ fn send(lab: &Lab, from: &str, to: &str, text: &str) -> Option<String> {
 #[tokio::test]
 async fn the_lab_runs_an_ambient_mesh() {
     let dir = tempfile::tempdir().unwrap();
-    let id = 1 + (std::process::id() % 100) as u8;
+    let id = 10 + (std::process::id() % 40) as u8;
     let lab = Lab::create(dir.path(), id, 2).unwrap();
     let mut g = Guard(lab);
     g.0.start_mesh().await.unwrap();
@@ -192,7 +192,7 @@ async fn echo_on(s: &mut tokio::net::TcpStream, text: &[u8]) -> std::io::Result<
 #[tokio::test]
 async fn the_mesh_rides_out_controller_and_ztunnel_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let id = 101 + (std::process::id() % 40) as u8;
+    let id = 60 + (std::process::id() % 40) as u8;
     let mut g = Guard(Lab::create(dir.path(), id, 2).unwrap());
     g.0.start_mesh().await.unwrap();
     let mut docs = String::from(

@@ -97,6 +97,7 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
             // Load the whole folder before serving, so the first push is complete.
             let mut folder = FolderSource::new(dir);
             hub.apply(folder.scan());
+            hub.set_ready();
             *issues.lock().unwrap_or_else(|p| p.into_inner()) = folder.issues();
             let (hub, issues, stop, poll) = (hub.clone(), issues.clone(), stop.clone(), o.poll);
             tokio::spawn(async move {

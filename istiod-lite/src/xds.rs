@@ -41,6 +41,10 @@ const PUSH_CHUNK: usize = 500;
 
 /// The model plus everyone connected to it.
 pub struct Hub {
+    /// The model holds the whole config (initial folder scan, or every
+    /// Kubernetes kind listed). Until then the model is partial: serving it
+    /// would tell reconnecting proxies to delete what has not been listed yet.
+    ready: tokio::sync::watch::Sender<bool>,
     model: RwLock<Model>,
     events: broadcast::Sender<Arc<Delta>>,
     conns: Mutex<BTreeMap<u64, Arc<ConnView>>>,
@@ -92,12 +96,23 @@ impl Hub {
     pub fn new(model: Model) -> Arc<Hub> {
         let (events, _) = broadcast::channel(256);
         Arc::new(Hub {
+            ready: tokio::sync::watch::Sender::new(false),
             model: RwLock::new(model),
             events,
             conns: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
             pushes: AtomicU64::new(0),
         })
+    }
+
+    pub fn set_ready(&self) {
+        if !self.ready.send_replace(true) {
+            info!("config complete; serving proxies");
+        }
+    }
+
+    pub fn is_ready(&self) -> bool {
+        *self.ready.borrow()
     }
 
     pub fn model(&self) -> std::sync::RwLockReadGuard<'_, Model> {
@@ -234,12 +249,15 @@ impl Conn {
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }
-        // Large pushes go out in chunks: the proxy starts applying sooner, and
-        // a connection never holds a whole-mesh response in memory at once.
+        // The answer to a subscription is one response, so the proxy knows
+        // when it holds the whole initial state (Delta xDS has no other end
+        // marker). Later large pushes (a lagged connection's resync) go out in
+        // chunks, so they start applying sooner.
         let mut chunks: Vec<Vec<Resource>> = Vec::new();
+        let chunk = if always { usize::MAX } else { PUSH_CHUNK };
         let mut resources = resources.into_iter().peekable();
         while resources.peek().is_some() {
-            chunks.push(resources.by_ref().take(PUSH_CHUNK).collect());
+            chunks.push(resources.by_ref().take(chunk).collect());
         }
         if chunks.is_empty() {
             chunks.push(Vec::new());
@@ -352,8 +370,11 @@ impl Conn {
         Ok(())
     }
 
-    async fn run(mut self, mut stream: Streaming<DeltaDiscoveryRequest>) {
-        let mut events = self.hub.events.subscribe();
+    async fn run(
+        mut self,
+        mut stream: Streaming<DeltaDiscoveryRequest>,
+        mut events: broadcast::Receiver<Arc<Delta>>,
+    ) {
         loop {
             let done = tokio::select! {
                 msg = stream.message() => match msg {
@@ -422,6 +443,11 @@ impl AggregatedDiscoveryService for AdsService {
             .authn
             .authenticate(request.metadata())
             .map_err(|e| Status::unauthenticated(format!("caller not authenticated: {e}")))?;
+        if !self.hub.is_ready() {
+            return Err(Status::unavailable(
+                "the controller is still loading its config; retry",
+            ));
+        }
         let peer = request.remote_addr().map(|a| a.to_string());
         let mut stream = request.into_inner();
         // The first request names the proxy.
@@ -457,9 +483,12 @@ impl AggregatedDiscoveryService for AdsService {
             tx,
             nonce: 0,
         };
+        // Subscribe before the first push: a change landing while it is
+        // sent is then seen afterwards (and re-diffed), never lost.
+        let events = self.hub.events.subscribe();
         tokio::spawn(async move {
             if conn.on_request(first).await.is_ok() {
-                conn.run(stream).await;
+                conn.run(stream, events).await;
             } else {
                 conn.hub
                     .conns

@@ -210,6 +210,14 @@ async fn the_kube_source_builds_the_same_model_as_the_folder_source() {
 
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
+        if !hub.is_ready() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the hub never became ready"
+            );
+            continue;
+        }
         let got = hub.model().dump();
         if got == want {
             break;

@@ -372,3 +372,28 @@ fn removing_a_file_removes_its_objects() {
     assert!(d.removed[ADDRESS_TYPE_URL].contains(WEB));
     assert!(f.address(WEB).is_none());
 }
+
+#[test]
+fn versions_are_the_same_for_the_same_config() {
+    // A pod backing several services: its services map must encode the same
+    // way every time, or every recompute (and every restart) looks like a
+    // change to every proxy.
+    let mut extra = String::new();
+    for i in 0..8 {
+        extra.push_str(&format!(
+            "---\napiVersion: v1\nkind: Service\nmetadata: {{name: s{i}, namespace: shop}}\nspec: {{selector: {{app: web}}, clusterIP: 10.96.1.{i}, ports: [{{port: 80}}]}}\n"
+        ));
+    }
+    let versions = || {
+        let mut f = Fixture::new();
+        f.write("base.yaml", &format!("{BASE}{extra}"));
+        f.sync();
+        f.model.resources(ADDRESS_TYPE_URL).unwrap()[WEB]
+            .version
+            .clone()
+    };
+    let first = versions();
+    for _ in 0..5 {
+        assert_eq!(versions(), first);
+    }
+}

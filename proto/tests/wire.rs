@@ -2,7 +2,7 @@
 //! case checks both directions: our encoding equals the bytes, and the bytes
 //! decode to the expected value. A wrong field number or type fails here.
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 
 use mesh_proto::envoy::config::core::v3::Node;
 use mesh_proto::envoy::service::discovery::v3::{
@@ -57,7 +57,7 @@ fn certificate_request_and_response() {
 
 #[test]
 fn workload_address() {
-    let mut services = HashMap::new();
+    let mut services = BTreeMap::new();
     services.insert(
         "ns/h".to_string(),
         PortList {
@@ -144,7 +144,7 @@ fn authorization() {
 
 #[test]
 fn delta_discovery() {
-    let mut versions = HashMap::new();
+    let mut versions = BTreeMap::new();
     versions.insert("a".to_string(), "1".to_string());
     let req = DeltaDiscoveryRequest {
         node: Some(Node {

@@ -242,7 +242,7 @@ impl App {
                 });
                 crate::dns::DnsProxy::new(proxy.state.clone(), nm.dns_domain.clone(), upstream)
             });
-            let inpod = InPod::new(proxy.clone(), dns);
+            let inpod = InPod::new(proxy.clone(), dns, xds.clone());
             tokio::spawn(inpod.clone().run(nm.zds_socket.clone(), stop_admin.clone()));
             inpod
         });

@@ -287,6 +287,16 @@ impl Config {
         if self.node.is_empty() {
             return Err(ConfigError::Invalid("node is required".into()));
         }
+        if self.node_mode.is_some()
+            && let Some(m) = self.socket_mark
+            && m != crate::inpod::rules::MARK
+        {
+            return Err(ConfigError::Invalid(format!(
+                "socket_mark {m}: in node mode the pods' redirect rules exempt mark {}, so the proxy's own \
+                 traffic must carry it (leave socket_mark unset)",
+                crate::inpod::rules::MARK
+            )));
+        }
         if self.state.local_file.is_some() == self.state.xds_address.is_some() {
             return Err(ConfigError::Invalid(
                 "state: give exactly one of local_file and xds_address".into(),

@@ -1,14 +1,15 @@
 //! The DNS proxy (15053 in each captured pod): service hostnames
 //! (`name.ns.svc.<domain>`, and so the short forms a pod's search path
-//! expands to) are answered with the service VIPs from the proxy state; other
-//! names under the cluster domain get NXDOMAIN; everything else is forwarded
-//! to the node's resolver.
+//! expands to) are answered with the service VIPs from the proxy state;
+//! everything else is forwarded to the node's resolver (SERVFAIL when it
+//! cannot be reached).
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, ResponseCode};
+
 use hickory_proto::rr::rdata::{A, AAAA};
 use hickory_proto::rr::{RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};

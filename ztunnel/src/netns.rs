@@ -77,14 +77,19 @@ impl Netns {
             return Ok(f());
         }
         setns(&self.fd)?;
-        let out = f();
-        // Failing to return would leave a runtime thread in a pod's netns:
-        // better to stop than to open later sockets in the wrong place.
-        if let Err(e) = setns(&host.fd) {
-            eprintln!("fatal: cannot return to the host network namespace: {e}");
-            std::process::abort();
+        // Back to the host netns however `f` ends, a panic included: a runtime
+        // thread left in a pod's netns would open later sockets there.
+        struct Back(&'static Netns);
+        impl Drop for Back {
+            fn drop(&mut self) {
+                if let Err(e) = setns(&self.0.fd) {
+                    eprintln!("fatal: cannot return to the host network namespace: {e}");
+                    std::process::abort();
+                }
+            }
         }
-        Ok(out)
+        let _back = Back(host);
+        Ok(f())
     }
 }
 
@@ -103,11 +108,20 @@ impl NetnsRegistry {
             .insert((namespace.to_string(), name.to_string()), netns);
     }
 
-    pub fn remove(&self, namespace: &str, name: &str) {
-        self.pods
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(namespace.to_string(), name.to_string()));
+    /// Removes the entry only if it is still `netns`: a pod recreated under
+    /// the same name has registered its own by then.
+    pub fn remove(&self, namespace: &str, name: &str, netns: &std::sync::Arc<Netns>) -> bool {
+        let mut pods = self.pods.write().unwrap_or_else(|p| p.into_inner());
+        let key = (namespace.to_string(), name.to_string());
+        if pods
+            .get(&key)
+            .is_some_and(|n| std::sync::Arc::ptr_eq(n, netns))
+        {
+            pods.remove(&key);
+            true
+        } else {
+            false
+        }
     }
 
     /// The netns of a captured workload; None outside node mode.

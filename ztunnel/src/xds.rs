@@ -159,7 +159,7 @@ impl XdsClient {
                     }),
                     type_url: t.to_string(),
                     resource_names_subscribe: vec!["*".into()],
-                    initial_resource_versions: held,
+                    initial_resource_versions: held.into_iter().collect(),
                     ..Default::default()
                 })
                 .await;

@@ -185,7 +185,7 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let id = 101 + (std::process::id() % 50) as u8;
+    let id = 100 + (std::process::id() % 40) as u8;
     let mut lab = match Lab::create(dir.path(), id, 2) {
         Ok(l) => l,
         Err(e) => {

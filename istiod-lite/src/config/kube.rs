@@ -26,6 +26,7 @@ async fn watch_kind<K>(
     wrap: fn(K) -> Object,
     name: &'static str,
     tx: mpsc::Sender<Vec<Change>>,
+    listed: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
@@ -34,6 +35,7 @@ async fn watch_kind<K>(
         .boxed();
     let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
     let mut listing: Option<Vec<Object>> = None;
+    let mut first_list = true;
     while let Some(ev) = stream.next().await {
         let changes = match ev {
             Ok(Event::Init) => {
@@ -80,20 +82,35 @@ async fn watch_kind<K>(
         if tx.send(changes).await.is_err() {
             return;
         }
+        if first_list && listing.is_none() {
+            first_list = false;
+            listed.send_modify(|n| *n += 1);
+        }
     }
 }
 
-/// Starts a watcher per kind the model uses; changes arrive on the returned
-/// channel.
-pub fn watch_all(client: Client) -> mpsc::Receiver<Vec<Change>> {
+/// Changes from every watcher, and how many kinds have finished their first
+/// list (of `kinds`).
+pub struct Watchers {
+    pub changes: mpsc::Receiver<Vec<Change>>,
+    pub listed: tokio::sync::watch::Receiver<usize>,
+    pub kinds: usize,
+}
+
+/// Starts a watcher per kind the model uses.
+pub fn watch_all(client: Client) -> Watchers {
     let (tx, rx) = mpsc::channel(64);
+    let listed = std::sync::Arc::new(tokio::sync::watch::Sender::new(0usize));
+    let mut kinds = 0;
     macro_rules! watch {
         ($t:ty, $variant:ident, $name:literal) => {
+            kinds += 1;
             tokio::spawn(watch_kind(
                 Api::<$t>::all(client.clone()),
                 |o| Object::$variant(Box::new(o)),
                 $name,
                 tx.clone(),
+                listed.clone(),
             ));
         };
     }
@@ -110,21 +127,33 @@ pub fn watch_all(client: Client) -> mpsc::Receiver<Vec<Change>> {
     );
     watch!(PeerAuthentication, PeerAuthentication, "PeerAuthentication");
     watch!(DestinationRule, DestinationRule, "DestinationRule");
-    rx
+    Watchers {
+        changes: rx,
+        listed: listed.subscribe(),
+        kinds,
+    }
 }
 
 /// Applies changes from a source to the hub, batching what arrives within
 /// `window` into one push (a debounce: a burst of events costs one push).
-pub async fn feed(
-    hub: std::sync::Arc<crate::xds::Hub>,
-    mut rx: mpsc::Receiver<Vec<Change>>,
-    window: std::time::Duration,
-) {
+/// The hub becomes ready once every kind has listed and what they listed
+/// has been applied.
+pub async fn feed(hub: std::sync::Arc<crate::xds::Hub>, w: Watchers, window: std::time::Duration) {
+    let Watchers {
+        changes: mut rx,
+        listed,
+        kinds,
+    } = w;
     while let Some(mut batch) = rx.recv().await {
         let deadline = tokio::time::Instant::now() + window;
         while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
             batch.extend(more);
         }
         hub.apply(batch);
+        // Every kind's first list is sent before it counts as listed, so
+        // once all have counted and the channel is empty, all are applied.
+        if *listed.borrow() == kinds && rx.is_empty() {
+            hub.set_ready();
+        }
     }
 }

@@ -1,6 +1,6 @@
 //! Pods and Services to `istio.workload` resources.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use k8s_openapi::api::core::v1::{Pod, Service};
@@ -181,7 +181,7 @@ pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
     }
     let (ns, name) = key;
     let pl = labels(&p.metadata);
-    let mut services: HashMap<String, pb::PortList> = HashMap::new();
+    let mut services: BTreeMap<String, pb::PortList> = BTreeMap::new();
     for sk in in_ns(&model.services, ns) {
         let Some(svc) = model.services.get(&sk) else {
             continue;

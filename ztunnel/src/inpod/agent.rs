@@ -34,6 +34,9 @@ pub struct AgentConfig {
     pub dns: bool,
 }
 
+/// How long the ztunnel has to ack one request.
+const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// A pod as the CNI plugin describes it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PodSpec {
@@ -61,6 +64,10 @@ struct Pod {
 
 struct Agent {
     cfg: AgentConfig,
+    /// One add, delete or snapshot at a time: each is a ZDS exchange plus
+    /// rule changes, and they must not interleave (a delete overtaking the
+    /// add it cancels would leave the pod captured).
+    ops: Mutex<()>,
     pods: Mutex<BTreeMap<String, Pod>>,
     ztunnel: Mutex<Option<UnixSeqpacket>>,
 }
@@ -95,24 +102,44 @@ impl Agent {
             .map(|n| n.fd().try_clone_to_owned())
             .transpose()
             .map_err(|e| e.to_string())?;
-        match zds::request(sock, payload, fd.as_ref()).await {
-            Ok(()) => Ok(()),
-            Err(zds::ZdsError::Protocol(m)) => Err(m),
-            Err(e) => {
+        // A ztunnel that stops answering must not hold every CNI call: give
+        // up, and drop the connection (a late ack would pair with the wrong
+        // request otherwise).
+        match tokio::time::timeout(ZDS_TIMEOUT, zds::request(sock, payload, fd.as_ref())).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(zds::ZdsError::Protocol(m))) => Err(m),
+            Ok(Err(e)) => {
                 *slot = None;
                 Err(format!("lost the ztunnel: {e}"))
+            }
+            Err(_) => {
+                *slot = None;
+                Err(format!("the ztunnel did not answer within {ZDS_TIMEOUT:?}"))
             }
         }
     }
 
     async fn add(&self, spec: PodSpec) -> Result<(), String> {
+        let _op = self.ops.lock().await;
         let netns = Netns::open(&spec.netns).map_err(|e| format!("netns {}: {e}", spec.netns))?;
         let payload = Payload::Add(AddWorkload {
             uid: spec.uid.clone(),
             workload_info: Some(info_of(&spec)),
         });
         self.to_ztunnel(payload, Some(&netns)).await?;
-        rules::install(&netns, self.cfg.dns).map_err(|e| e.to_string())?;
+        if let Err(e) = rules::install(&netns, self.cfg.dns) {
+            // Undo the hand-over: the ztunnel must not hold a pod whose
+            // traffic nothing redirects (and that nobody would release).
+            let _ = self
+                .to_ztunnel(
+                    Payload::Del(DelWorkload {
+                        uid: spec.uid.clone(),
+                    }),
+                    None,
+                )
+                .await;
+            return Err(e.to_string());
+        }
         let mut pods = self.pods.lock().await;
         info!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), "pod captured");
         pods.insert(spec.uid.clone(), Pod { spec, netns });
@@ -121,6 +148,7 @@ impl Agent {
     }
 
     async fn del(&self, uid: &str) -> Result<(), String> {
+        let _op = self.ops.lock().await;
         let mut pods = self.pods.lock().await;
         let Some(pod) = pods.remove(uid) else {
             return Ok(()); // already gone: deletes are idempotent
@@ -144,6 +172,7 @@ impl Agent {
     /// A (re)connected ztunnel gets every pod, then SnapshotSent.
     async fn snapshot(&self, sock: UnixSeqpacket) -> Result<(), zds::ZdsError> {
         zds::recv_hello(&sock).await?;
+        let _op = self.ops.lock().await;
         let pods = self.pods.lock().await;
         for p in pods.values() {
             let fd = p.netns.fd().try_clone_to_owned()?;
@@ -196,6 +225,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     info!(zds = %cfg.zds_socket.display(), control = %cfg.control_socket.display(), pods = pods.len(), "node agent started");
     let agent = Arc::new(Agent {
         cfg,
+        ops: Mutex::new(()),
         pods: Mutex::new(pods),
         ztunnel: Mutex::new(None),
     });

@@ -35,6 +35,8 @@ struct Pod {
 /// The pods this ztunnel serves, by ZDS uid.
 pub struct InPod {
     proxy: Arc<Proxy>,
+    /// With xDS: pods are taken only once both types are in (policies too).
+    xds: Option<Arc<crate::xds::XdsClient>>,
     dns: Option<Arc<crate::dns::DnsProxy>>,
     pods: Mutex<HashMap<String, Pod>>,
     snapshot: tokio::sync::watch::Sender<bool>,
@@ -53,9 +55,14 @@ fn bind_in(netns: &Netns, port: u16) -> std::io::Result<TcpListener> {
 }
 
 impl InPod {
-    pub fn new(proxy: Arc<Proxy>, dns: Option<Arc<crate::dns::DnsProxy>>) -> Arc<InPod> {
+    pub fn new(
+        proxy: Arc<Proxy>,
+        dns: Option<Arc<crate::dns::DnsProxy>>,
+        xds: Option<Arc<crate::xds::XdsClient>>,
+    ) -> Arc<InPod> {
         Arc::new(InPod {
             proxy,
+            xds,
             dns,
             pods: Mutex::new(HashMap::new()),
             snapshot: tokio::sync::watch::Sender::new(false),
@@ -165,28 +172,46 @@ impl InPod {
             return;
         };
         pod.stop.cancel();
-        self.proxy.netns.remove(&pod.info.namespace, &pod.info.name);
-        // Its connections go with it.
-        let suffix = format!("/{}/{}", pod.info.namespace, pod.info.name);
-        self.proxy.conns.cancel_where(|c| {
-            c.local_uid
-                .as_deref()
-                .is_some_and(|u| u.ends_with(&suffix))
-                .then(|| "denied: the pod left the mesh".to_string())
-        });
+        // Only if the registry still holds this pod's netns: a pod recreated
+        // under the same name (a StatefulSet) must keep its own entry and
+        // its connections.
+        if self
+            .proxy
+            .netns
+            .remove(&pod.info.namespace, &pod.info.name, &pod.netns)
+        {
+            let suffix = format!("/{}/{}", pod.info.namespace, pod.info.name);
+            self.proxy.conns.cancel_where(|c| {
+                c.local_uid
+                    .as_deref()
+                    .is_some_and(|u| u.ends_with(&suffix))
+                    .then(|| "denied: the pod left the mesh".to_string())
+            });
+        }
         info!(uid, namespace = %pod.info.namespace, name = %pod.info.name, "pod released");
     }
 
     /// Connects to the agent and serves its requests; reconnects when the
     /// agent restarts. Pods stay served while the agent is away.
     pub async fn run(self: Arc<Self>, path: PathBuf, stop: CancellationToken) {
-        // Take pods only once there is config to serve them with: a pod's
-        // listeners would otherwise refuse its first connections.
-        let mut config = self.proxy.state.subscribe();
-        while !self.proxy.state.has_config() {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                r = config.changed() => if r.is_err() { return },
+        // Take pods only once the config is complete, workloads and
+        // policies alike: listeners opened earlier would refuse connections,
+        // or worse, allow what a policy not yet received denies.
+        match &self.xds {
+            Some(x) => {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = x.wait_synced() => {}
+                }
+            }
+            None => {
+                let mut config = self.proxy.state.subscribe();
+                while !self.proxy.state.has_config() {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        r = config.changed() => if r.is_err() { return },
+                    }
+                }
             }
         }
         loop {
