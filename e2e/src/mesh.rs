@@ -176,6 +176,42 @@ pub struct ZtunnelSpec<'a> {
     pub extra: &'a str,
 }
 
+impl<'a> ZtunnelSpec<'a> {
+    /// A ztunnel with no listeners; add what the test needs.
+    pub fn new(name: &'a str, node: &'a str, ip: IpAddr, state_yaml: String) -> Self {
+        ZtunnelSpec {
+            name,
+            node,
+            ip,
+            inbound_ips: Vec::new(),
+            outbound: Vec::new(),
+            plaintext: Vec::new(),
+            state_yaml,
+            extra: "",
+        }
+    }
+
+    pub fn inbound(mut self, ips: Vec<IpAddr>) -> Self {
+        self.inbound_ips = ips;
+        self
+    }
+
+    pub fn outbound(mut self, listeners: Vec<(SocketAddr, String, SocketAddr)>) -> Self {
+        self.outbound = listeners;
+        self
+    }
+
+    pub fn plaintext(mut self, listeners: Vec<(SocketAddr, SocketAddr)>) -> Self {
+        self.plaintext = listeners;
+        self
+    }
+
+    pub fn extra(mut self, extra: &'a str) -> Self {
+        self.extra = extra;
+        self
+    }
+}
+
 impl Ztunnel {
     pub async fn start(dir: &Path, ca: &TestCa, spec: ZtunnelSpec<'_>) -> Ztunnel {
         let root = dir.join("ca-root.pem");

@@ -31,16 +31,13 @@ async fn envoy_originates_hbone_into_our_ztunnel() {
     let zb = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "zb",
-            node: "node-b",
-            ip: net.ip(11),
-            inbound_ips: vec![server.ip],
-            outbound: vec![],
-            plaintext: vec![],
-            state_yaml: state_yaml(&[&envoy_pod, &server], &[], ""),
-            extra: "",
-        },
+        ZtunnelSpec::new(
+            "zb",
+            "node-b",
+            net.ip(11),
+            state_yaml(&[&envoy_pod, &server], &[], ""),
+        )
+        .inbound(vec![server.ip]),
     )
     .await;
     let cert = ca
@@ -142,16 +139,13 @@ async fn our_ztunnel_tunnels_into_an_envoy_terminator() {
     let za = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "za",
-            node: "node-a",
-            ip: net.ip(10),
-            inbound_ips: vec![],
-            outbound: vec![(out, client.uid.clone(), net.addr(3, 8080))],
-            plaintext: vec![],
-            state_yaml: state_yaml(&[&client, &envoy_pod], &[], ""),
-            extra: "",
-        },
+        ZtunnelSpec::new(
+            "za",
+            "node-a",
+            net.ip(10),
+            state_yaml(&[&client, &envoy_pod], &[], ""),
+        )
+        .outbound(vec![(out, client.uid.clone(), net.addr(3, 8080))]),
     )
     .await;
     let payload = pattern(1024 * 1024);

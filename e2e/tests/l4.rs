@@ -46,31 +46,18 @@ async fn mesh(policies: &str, extra_b: &str) -> Mesh {
     let za = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "za",
-            node: "node-a",
-            ip: net.ip(10),
-            inbound_ips: vec![client.ip],
-            outbound: vec![(out, client.uid.clone(), net.addr(2, APP_PORT))],
-            plaintext: vec![],
-            state_yaml: state.clone(),
-            extra: "",
-        },
+        ZtunnelSpec::new("za", "node-a", net.ip(10), state.clone())
+            .inbound(vec![client.ip])
+            .outbound(vec![(out, client.uid.clone(), net.addr(2, APP_PORT))]),
     )
     .await;
     let zb = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "zb",
-            node: "node-b",
-            ip: net.ip(11),
-            inbound_ips: vec![server.ip],
-            outbound: vec![],
-            plaintext: vec![(net.addr(2, 15006), net.addr(2, APP_PORT))],
-            state_yaml: state,
-            extra: extra_b,
-        },
+        ZtunnelSpec::new("zb", "node-b", net.ip(11), state)
+            .inbound(vec![server.ip])
+            .plaintext(vec![(net.addr(2, 15006), net.addr(2, APP_PORT))])
+            .extra(extra_b),
     )
     .await;
     Mesh {
@@ -184,31 +171,17 @@ async fn a_vip_spreads_connections_over_its_endpoints() {
     let _za = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "za",
-            node: "node-a",
-            ip: net.ip(10),
-            inbound_ips: vec![],
-            outbound: vec![(out, client.uid.clone(), SocketAddr::new(svc.vip, 80))],
-            plaintext: vec![],
-            state_yaml: state.clone(),
-            extra: "",
-        },
+        ZtunnelSpec::new("za", "node-a", net.ip(10), state.clone()).outbound(vec![(
+            out,
+            client.uid.clone(),
+            SocketAddr::new(svc.vip, 80),
+        )]),
     )
     .await;
     let _zb = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "zb",
-            node: "node-b",
-            ip: net.ip(11),
-            inbound_ips: vec![s1.ip, s2.ip],
-            outbound: vec![],
-            plaintext: vec![],
-            state_yaml: state,
-            extra: "",
-        },
+        ZtunnelSpec::new("zb", "node-b", net.ip(11), state).inbound(vec![s1.ip, s2.ip]),
     )
     .await;
     for _ in 0..20 {
@@ -318,16 +291,8 @@ async fn an_unknown_destination_passes_through() {
     let za = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "za",
-            node: "node-a",
-            ip: net.ip(10),
-            inbound_ips: vec![],
-            outbound: vec![(out, client.uid.clone(), outside.addr)],
-            plaintext: vec![],
-            state_yaml: state_yaml(&[&client], &[], ""),
-            extra: "",
-        },
+        ZtunnelSpec::new("za", "node-a", net.ip(10), state_yaml(&[&client], &[], ""))
+            .outbound(vec![(out, client.uid.clone(), outside.addr)]),
     )
     .await;
     assert_eq!(echo_roundtrip(out, b"out").await.unwrap(), b"out");
@@ -409,19 +374,10 @@ async fn killing_the_server_ztunnel_fails_only_its_streams() {
     let _za = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "za",
-            node: "node-a",
-            ip: net.ip(10),
-            inbound_ips: vec![],
-            outbound: vec![
-                (to_b, client.uid.clone(), net.addr(2, APP_PORT)),
-                (to_c, client.uid.clone(), net.addr(3, APP_PORT)),
-            ],
-            plaintext: vec![],
-            state_yaml: state.clone(),
-            extra: "",
-        },
+        ZtunnelSpec::new("za", "node-a", net.ip(10), state.clone()).outbound(vec![
+            (to_b, client.uid.clone(), net.addr(2, APP_PORT)),
+            (to_c, client.uid.clone(), net.addr(3, APP_PORT)),
+        ]),
     )
     .await;
     let node = |name: &'static str, node: &'static str, host: u8, pod: &Pod| ZtunnelSpec {
@@ -528,31 +484,17 @@ async fn a_reset_on_one_end_is_a_reset_on_the_other() {
     let _za = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "za",
-            node: "node-a",
-            ip: net.ip(10),
-            inbound_ips: vec![],
-            outbound: vec![(out, client.uid.clone(), net.addr(2, APP_PORT))],
-            plaintext: vec![],
-            state_yaml: state.clone(),
-            extra: "",
-        },
+        ZtunnelSpec::new("za", "node-a", net.ip(10), state.clone()).outbound(vec![(
+            out,
+            client.uid.clone(),
+            net.addr(2, APP_PORT),
+        )]),
     )
     .await;
     let _zb = Ztunnel::start(
         dir.path(),
         &ca,
-        ZtunnelSpec {
-            name: "zb",
-            node: "node-b",
-            ip: net.ip(11),
-            inbound_ips: vec![server.ip],
-            outbound: vec![],
-            plaintext: vec![],
-            state_yaml: state,
-            extra: "",
-        },
+        ZtunnelSpec::new("zb", "node-b", net.ip(11), state).inbound(vec![server.ip]),
     )
     .await;
     let mut s = TcpStream::connect(out).await.unwrap();
