@@ -96,21 +96,28 @@ async fn bytes_cross_the_mesh_both_ways_with_half_close() {
         assert_eq!(back.len(), payload.len(), "size {size}");
         assert!(back == payload, "bytes differ for size {size}");
     }
-    // Both sides saw it as mutual TLS between the two identities.
-    let text = m.zb.metrics_text().await;
+    // Both sides saw it as mutual TLS between the two identities. The
+    // proxies record a connection when they finish it, which may be just
+    // after the client has its bytes.
     let src = format!("source_principal=\"{}\"", m.client.identity());
     let dst = format!("destination_principal=\"{}\"", m.server.identity());
-    let sent = metric_sum(
-        &text,
-        "istio_tcp_sent_bytes_total",
-        &[&src, &dst, "reporter=\"destination\"", "mutual_tls"],
-    );
-    assert!(sent >= 100 * 1024 * 1024, "sent bytes metric {sent}");
-    let log = m.za.log_text();
-    assert!(
-        log.contains("connection complete") && log.contains("bytes_sent=104857600"),
-        "access log:\n{log}"
-    );
+    eventually(
+        "metrics and access log record the transfer",
+        Duration::from_secs(10),
+        || async {
+            let text = m.zb.metrics_text().await;
+            let sent = metric_sum(
+                &text,
+                "istio_tcp_sent_bytes_total",
+                &[&src, &dst, "reporter=\"destination\"", "mutual_tls"],
+            );
+            let log = m.za.log_text();
+            sent >= 100 * 1024 * 1024
+                && log.contains("connection complete")
+                && log.contains("bytes_sent=104857600")
+        },
+    )
+    .await;
 }
 
 #[tokio::test]
