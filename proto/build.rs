@@ -8,6 +8,7 @@ const FILES: &[&str] = &[
     "istio/authorization.proto",
     "istio/zds.proto",
     "envoy/discovery.proto",
+    "mesh/waypoint.proto",
 ];
 
 fn main() -> Result<(), Box<dyn Error>> {

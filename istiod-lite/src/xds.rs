@@ -22,7 +22,7 @@ use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_serv
 use mesh_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,7 +34,13 @@ use crate::ca::auth::{Authenticator, NodeAuthorizer};
 use crate::config::objects::Change;
 use crate::model::{Delta, Model};
 
-pub const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
+/// What the controller serves. Waypoint routes go only to proxies that
+/// subscribe to them; ztunnels never do.
+pub const TYPES: [&str; 3] = [
+    ADDRESS_TYPE_URL,
+    AUTHORIZATION_TYPE_URL,
+    SERVICE_ROUTES_TYPE_URL,
+];
 
 /// Resources per response when a push is large.
 const PUSH_CHUNK: usize = 500;

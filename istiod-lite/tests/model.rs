@@ -397,3 +397,101 @@ fn versions_are_the_same_for_the_same_config() {
         assert_eq!(versions(), first);
     }
 }
+
+const WAYPOINT: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: waypoint, namespace: shop}
+spec:
+  gatewayClassName: istio-waypoint
+  listeners: [{name: mesh, port: 15008, protocol: HBONE}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: waypoint, namespace: shop}
+spec: {clusterIP: 10.96.0.99, ports: [{port: 15008}]}
+"#;
+
+const WEB_ROUTE: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web, port: 80}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /api}}]
+    backendRefs: [{name: web, port: 80}]
+    timeouts: {request: 1s}
+  - matches: [{path: {type: PathPrefix, value: /broken}}]
+    backendRefs: [{name: web, port: 80}]
+    timeouts: {request: soon}
+"#;
+
+#[test]
+fn http_routes_reach_the_waypoint_only_for_services_that_have_one() {
+    use mesh_proto::SERVICE_ROUTES_TYPE_URL;
+    use mesh_proto::mesh::waypoint::ServiceRoutes;
+    const KEY: &str = "shop/web.shop.svc.cluster.local";
+    let routes = |f: &Fixture| -> Option<ServiceRoutes> {
+        let r = f.model.resources(SERVICE_ROUTES_TYPE_URL)?.get(KEY)?;
+        ServiceRoutes::decode(r.any.value.as_slice()).ok()
+    };
+
+    let mut f = Fixture::new();
+    f.write("base.yaml", BASE);
+    f.write("waypoint.yaml", WAYPOINT);
+    f.write("route.yaml", WEB_ROUTE);
+    f.sync();
+    // No use-waypoint label yet: the service pays nothing, no routes exist.
+    assert!(routes(&f).is_none());
+    // The bad rule is named; the good one is kept.
+    let issues = f.issues();
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.starts_with("HTTPRoute/shop/web: rule 1 left out: \"soon\"")),
+        "{issues:?}"
+    );
+
+    f.write(
+        "base.yaml",
+        &BASE.replace(
+            "metadata: {name: web, namespace: shop}",
+            "metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}",
+        ),
+    );
+    let delta = f.sync();
+    assert!(
+        delta
+            .changed
+            .get(SERVICE_ROUTES_TYPE_URL)
+            .is_some_and(|s| s.contains(KEY)),
+        "{delta:?}"
+    );
+    let r = routes(&f).expect("routes for web");
+    assert_eq!(r.routes.len(), 1, "{r:?}");
+    assert_eq!(r.routes[0].name, "shop/web/0");
+    assert_eq!(r.routes[0].request_timeout_ms, 1000);
+    assert_eq!(r.routes[0].backends[0].service, KEY);
+
+    // Fixing the route updates the resource; deleting it leaves the
+    // service with no routes (plain forwarding), not stale ones.
+    f.write("route.yaml", &WEB_ROUTE.replace("soon", "2s"));
+    f.sync();
+    assert_eq!(routes(&f).expect("routes").routes.len(), 2);
+    assert!(!f.issues().iter().any(|i| i.starts_with("HTTPRoute/")));
+    std::fs::remove_file(f.dir.path().join("route.yaml")).unwrap();
+    f.sync();
+    assert_eq!(routes(&f).expect("routes").routes.len(), 0);
+
+    // Removing the waypoint removes the resource.
+    std::fs::remove_file(f.dir.path().join("waypoint.yaml")).unwrap();
+    let delta = f.sync();
+    assert!(routes(&f).is_none());
+    assert!(
+        delta
+            .removed
+            .get(SERVICE_ROUTES_TYPE_URL)
+            .is_some_and(|s| s.contains(KEY))
+    );
+}

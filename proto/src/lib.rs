@@ -35,6 +35,13 @@ pub mod envoy {
     }
 }
 
+/// Our own resource types.
+pub mod mesh {
+    pub mod waypoint {
+        tonic::include_proto!("mesh.waypoint");
+    }
+}
+
 pub mod google {
     pub mod rpc {
         tonic::include_proto!("google.rpc");
@@ -45,5 +52,7 @@ pub mod google {
 pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 /// xDS type URL of `istio.security.Authorization` resources.
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
+/// xDS type URL of `mesh.waypoint.ServiceRoutes`: waypoint L7 config.
+pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.ServiceRoutes";
 /// Metadata key in a CSR request naming the identity a node proxy asks for.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";

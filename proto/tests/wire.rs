@@ -282,3 +282,45 @@ fn grpc_service_names() {
         "envoy.service.discovery.v3.AggregatedDiscoveryService"
     );
 }
+
+#[test]
+fn waypoint_service_routes() {
+    use mesh_proto::mesh::waypoint::{
+        Retry, Route, RouteMatch, ServiceRoutes, StringMatch, WeightedBackend, string_match,
+    };
+    let routes = ServiceRoutes {
+        hostname: "a".into(),
+        namespace: "n".into(),
+        routes: vec![Route {
+            name: "r".into(),
+            request_match: Some(RouteMatch {
+                path: Some(StringMatch {
+                    kind: Some(string_match::Kind::Prefix("/".into())),
+                }),
+                ..Default::default()
+            }),
+            backends: vec![WeightedBackend {
+                service: "s".into(),
+                port: 80,
+                weight: 90,
+                ..Default::default()
+            }],
+            request_timeout_ms: 500,
+            retry: Some(Retry {
+                attempts: 2,
+                codes: vec![503],
+                ..Default::default()
+            }),
+            ..Default::default()
+        }],
+        backend_policy: None,
+    };
+    let mut b = vec![0x0a, 0x01, b'a', 0x12, 0x01, b'n']; // hostname = 1, namespace = 2
+    b.extend([0x1a, 0x1e]); // routes = 3, 30 bytes
+    b.extend([0x0a, 0x01, b'r']); // name = 1
+    b.extend([0x12, 0x05, 0x0a, 0x03, 0x12, 0x01, b'/']); // request_match = 2: path = 1: prefix = 2
+    b.extend([0x22, 0x07, 0x0a, 0x01, b's', 0x10, 0x50, 0x18, 0x5a]); // backends = 4
+    b.extend([0x28, 0xf4, 0x03]); // request_timeout_ms = 5 (varint 500)
+    b.extend([0x3a, 0x06, 0x08, 0x02, 0x12, 0x02, 0xf7, 0x03]); // retry = 7, codes packed (varint 503)
+    check(&routes, &b);
+}

@@ -4,7 +4,8 @@
 use std::fmt;
 
 use gateway_api::apis::standard::gateways::Gateway;
-use gateway_api::apis::standard::httproutes::HttpRoute as HTTPRoute;
+// The experimental channel: a superset of standard that has `retry`.
+use gateway_api::apis::experimental::httproutes::HttpRoute as HTTPRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;

@@ -8,6 +8,7 @@
 //! its version across restarts and a reconnecting proxy is not sent it again.
 
 mod authz;
+pub mod routes;
 mod workload;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -17,13 +18,14 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_proto::istio::security::Authorization;
 use mesh_proto::istio::workload::Address;
-use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use prost::Message;
 use serde::Serialize;
 use ztunnel::identity::Identity;
 
 use crate::config::crds::{AuthorizationPolicy, PeerAuthentication};
 use crate::config::objects::{Change, Kind, Object, ObjectKey};
+use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 
 /// Namespace (and pod) label that enrolls workloads in the mesh.
@@ -112,6 +114,7 @@ pub struct Model {
     gateways: BTreeMap<NsName, Gateway>,
     authz_policies: BTreeMap<NsName, AuthorizationPolicy>,
     peer_auths: BTreeMap<NsName, PeerAuthentication>,
+    http_routes: BTreeMap<NsName, HttpRoute>,
     others: BTreeMap<ObjectKey, Object>,
     /// Node -> pods scheduled there, for the CA's node check.
     pods_by_node: HashMap<String, BTreeSet<NsName>>,
@@ -129,6 +132,7 @@ enum Source {
     Service(NsName),
     Policy(NsName),
     PeerAuth(NsName),
+    Routes(NsName),
 }
 
 fn ns_name(k: &ObjectKey) -> NsName {
@@ -153,6 +157,10 @@ struct Dirty {
     pods: BTreeSet<NsName>,
     services: BTreeSet<NsName>,
     policies: BTreeSet<NsName>,
+    /// Services whose waypoint routes to recompute (besides `services`).
+    routes: BTreeSet<NsName>,
+    /// HTTPRoutes to re-check (for their issues).
+    http_routes: BTreeSet<NsName>,
     peer_auths: bool,
 }
 
@@ -293,7 +301,19 @@ impl Model {
                 d.peer_auths = true;
                 d.pods.extend(in_ns(&self.pods, &nn.0));
             }
-            Kind::ServiceAccount | Kind::Node | Kind::HttpRoute | Kind::DestinationRule => {
+            Kind::HttpRoute => {
+                let old = match obj {
+                    Some(Object::HttpRoute(r)) => {
+                        d.routes.extend(routes::service_parents(&r));
+                        self.http_routes.insert(nn.clone(), *r)
+                    }
+                    _ => self.http_routes.remove(&nn),
+                };
+                d.routes
+                    .extend(old.iter().flat_map(routes::service_parents));
+                d.http_routes.insert(nn.clone());
+            }
+            Kind::ServiceAccount | Kind::Node | Kind::DestinationRule => {
                 match obj {
                     Some(o) => self.others.insert(key, o),
                     None => self.others.remove(&key),
@@ -381,7 +401,7 @@ impl Model {
             });
             self.set_output(ADDRESS_TYPE_URL, Source::Pod(key), out, &mut delta);
         }
-        for key in d.services {
+        for key in d.services.iter().cloned() {
             let out = workload::service(self, &key).map(|s| {
                 let name = format!("{}/{}", s.namespace, s.hostname);
                 let addr = Address {
@@ -390,6 +410,26 @@ impl Model {
                 (name, addr.encode_to_vec())
             });
             self.set_output(ADDRESS_TYPE_URL, Source::Service(key), out, &mut delta);
+        }
+        for key in &d.http_routes {
+            let label = format!("HTTPRoute/{}/{}", key.0, key.1);
+            let reasons = match self.http_routes.get(key) {
+                Some(r) => routes::convert(r, &self.cfg.domain_suffix).1,
+                None => Vec::new(),
+            };
+            self.note(label, reasons);
+        }
+        let route_keys: BTreeSet<NsName> = d.services.iter().chain(&d.routes).cloned().collect();
+        for key in route_keys {
+            let out = self
+                .service_routes(&key)
+                .map(|r| (format!("{}/{}", r.namespace, r.hostname), r.encode_to_vec()));
+            self.set_output(
+                SERVICE_ROUTES_TYPE_URL,
+                Source::Routes(key),
+                out,
+                &mut delta,
+            );
         }
         for key in d.policies {
             let label = format!("AuthorizationPolicy/{}/{}", key.0, key.1);
@@ -432,6 +472,43 @@ impl Model {
         delta
     }
 
+    /// The waypoint routes of a service, when it has a waypoint. Routes from
+    /// older HTTPRoutes come first among equally specific matches.
+    fn service_routes(&self, key: &NsName) -> Option<mesh_proto::mesh::waypoint::ServiceRoutes> {
+        let svc = workload::service(self, key)?;
+        svc.waypoint.as_ref()?;
+        let mut attached: Vec<&HttpRoute> = self
+            .http_routes
+            .values()
+            // Only producer routes (in the service's namespace): a consumer
+            // route applies to its own namespace's clients, which a
+            // waypoint on the server side cannot tell apart; reported below.
+            .filter(|r| r.metadata.namespace.as_deref() == Some(key.0.as_str()))
+            .filter(|r| routes::service_parents(r).contains(key))
+            .collect();
+        attached.sort_by(|a, b| {
+            (
+                &a.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                &a.metadata.name,
+            )
+                .cmp(&(
+                    &b.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                    &b.metadata.name,
+                ))
+        });
+        let mut out: Vec<_> = attached
+            .into_iter()
+            .flat_map(|r| routes::convert(r, &self.cfg.domain_suffix).0)
+            .collect();
+        routes::sort(&mut out);
+        Some(mesh_proto::mesh::waypoint::ServiceRoutes {
+            hostname: svc.hostname,
+            namespace: svc.namespace,
+            routes: out,
+            backend_policy: None,
+        })
+    }
+
     /// Every resource as JSON, for the debug endpoint (decoded on demand:
     /// the model keeps only the encoded form).
     pub fn dump(&self) -> serde_json::Value {
@@ -461,10 +538,27 @@ impl Model {
             .filter_map(|r| Authorization::decode(r.any.value.as_slice()).ok())
             .map(|a| authz::authz_json(&a))
             .collect();
+        // Route names only: enough to see which rules a waypoint was given.
+        let waypoint_routes: Vec<serde_json::Value> = self
+            .outputs
+            .get(SERVICE_ROUTES_TYPE_URL)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|r| {
+                mesh_proto::mesh::waypoint::ServiceRoutes::decode(r.any.value.as_slice()).ok()
+            })
+            .map(|s| {
+                serde_json::json!({
+                    "service": format!("{}/{}", s.namespace, s.hostname),
+                    "routes": s.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+                })
+            })
+            .collect();
         serde_json::json!({
             "workloads": workloads,
             "services": services,
             "authorizations": authorizations,
+            "waypointRoutes": waypoint_routes,
             "issues": self.issues(),
         })
     }

@@ -1,0 +1,635 @@
+//! HTTPRoutes (GAMMA: parentRef a Service) to the waypoint's route type,
+//! `mesh.waypoint.Route`. One output route per (rule, match), sorted in
+//! Gateway API precedence order, so a waypoint only walks a list.
+//!
+//! What cannot be carried is reported, never dropped silently: a rule with a
+//! filter we do not implement is left out whole (serving it without the
+//! filter would be a different route than the user wrote).
+
+use std::cmp::Ordering;
+
+use gateway_api::apis::experimental::httproutes::{
+    HttpRoute, HttpRouteRules, HttpRouteRulesFilters, HttpRouteRulesMatches,
+    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesMethod, HttpRouteRulesMatchesPathType,
+    HttpRouteRulesMatchesQueryParamsType,
+};
+use mesh_proto::mesh::waypoint as pb;
+use pb::string_match::Kind as SM;
+
+/// Default retry budget when a route asks for retries: retries in flight
+/// stay under 20% of requests in flight (Envoy's default budget), at least 3.
+const RETRY_BUDGET_PERCENT: u32 = 20;
+const MIN_RETRY_CONCURRENCY: u32 = 3;
+/// Gateway API's documented default when `retry.backoff` is unset is
+/// implementation-specific; 25 ms matches Envoy's base interval.
+const DEFAULT_BACKOFF_MS: u32 = 25;
+
+/// A Gateway API `Duration` (GEP-2257): 1 to 4 groups of up to 5 digits
+/// followed by h, m, s or ms, e.g. "1m30s", "500ms". Returns milliseconds.
+pub fn parse_duration(s: &str) -> Result<u64, String> {
+    let bad =
+        || format!("{s:?} is not a Gateway API duration (e.g. \"10s\", \"1m30s\", \"500ms\")");
+    let (mut rest, mut total, mut groups) = (s, 0u64, 0);
+    while !rest.is_empty() {
+        let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 || digits > 5 {
+            return Err(bad());
+        }
+        let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
+        rest = &rest[digits..];
+        let (unit, len) = if rest.starts_with("ms") {
+            (1, 2)
+        } else if rest.starts_with('h') {
+            (3_600_000, 1)
+        } else if rest.starts_with('m') {
+            (60_000, 1)
+        } else if rest.starts_with('s') {
+            (1_000, 1)
+        } else {
+            return Err(bad());
+        };
+        rest = &rest[len..];
+        total += n * unit;
+        groups += 1;
+    }
+    if groups == 0 || groups > 4 {
+        return Err(bad());
+    }
+    Ok(total)
+}
+
+/// The Services (namespace, name) an HTTPRoute attaches to.
+pub fn service_parents(route: &HttpRoute) -> Vec<(String, String)> {
+    let ns = route.metadata.namespace.as_deref().unwrap_or_default();
+    route
+        .spec
+        .parent_refs
+        .iter()
+        .flatten()
+        .filter(|p| {
+            p.kind.as_deref() == Some("Service") && p.group.as_deref().unwrap_or("").is_empty()
+        })
+        .map(|p| {
+            (
+                p.namespace.clone().unwrap_or_else(|| ns.to_string()),
+                p.name.clone(),
+            )
+        })
+        .collect()
+}
+
+fn string_match(kind: SM) -> pb::StringMatch {
+    pb::StringMatch { kind: Some(kind) }
+}
+
+fn method(m: &HttpRouteRulesMatchesMethod) -> &'static str {
+    use HttpRouteRulesMatchesMethod as M;
+    match m {
+        M::Get => "GET",
+        M::Head => "HEAD",
+        M::Post => "POST",
+        M::Put => "PUT",
+        M::Delete => "DELETE",
+        M::Connect => "CONNECT",
+        M::Options => "OPTIONS",
+        M::Trace => "TRACE",
+        M::Patch => "PATCH",
+    }
+}
+
+fn regex_ok(r: &str) -> Result<(), String> {
+    // The waypoint compiles with the same crate, so what passes here runs there.
+    regex::Regex::new(r)
+        .map(|_| ())
+        .map_err(|e| format!("regex {r:?} does not parse: {e}"))
+}
+
+fn name_value(name: String, value: &str, regex: bool) -> Result<pb::HeaderMatch, String> {
+    let kind = if regex {
+        regex_ok(value)?;
+        SM::Regex(value.into())
+    } else {
+        SM::Exact(value.into())
+    };
+    Ok(pb::HeaderMatch {
+        name,
+        value: Some(string_match(kind)),
+    })
+}
+
+fn request_match(m: &HttpRouteRulesMatches) -> Result<pb::RouteMatch, String> {
+    let path = match &m.path {
+        None => None,
+        Some(p) => {
+            let v = p.value.clone().unwrap_or_else(|| "/".into());
+            Some(string_match(
+                match p
+                    .r#type
+                    .as_ref()
+                    .unwrap_or(&HttpRouteRulesMatchesPathType::PathPrefix)
+                {
+                    HttpRouteRulesMatchesPathType::Exact => SM::Exact(v),
+                    HttpRouteRulesMatchesPathType::PathPrefix => {
+                        // "/a/" and "/a" match the same paths.
+                        let t = v.trim_end_matches('/');
+                        SM::Prefix(if t.is_empty() { "/".into() } else { t.into() })
+                    }
+                    HttpRouteRulesMatchesPathType::RegularExpression => {
+                        regex_ok(&v)?;
+                        SM::Regex(v)
+                    }
+                },
+            ))
+        }
+    };
+    // Header and query matches have distinct generated types of one shape.
+    macro_rules! name_values {
+        ($list:expr, $regex:path, $name:expr) => {
+            $list
+                .iter()
+                .flatten()
+                .map(|h| name_value($name(&h.name), &h.value, matches!(h.r#type, Some($regex))))
+                .collect::<Result<Vec<_>, _>>()?
+        };
+    }
+    let headers = name_values!(
+        m.headers,
+        HttpRouteRulesMatchesHeadersType::RegularExpression,
+        |n: &String| n.to_ascii_lowercase()
+    );
+    // Query parameter names are case-sensitive, unlike header names.
+    let query_params = name_values!(
+        m.query_params,
+        HttpRouteRulesMatchesQueryParamsType::RegularExpression,
+        String::clone
+    );
+    Ok(pb::RouteMatch {
+        path,
+        headers,
+        query_params,
+        method: m.method.as_ref().map(method).unwrap_or_default().into(),
+    })
+}
+
+fn headers<'a>(v: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<pb::Header> {
+    v.map(|(n, v)| pb::Header {
+        name: n.to_ascii_lowercase(),
+        value: v.into(),
+    })
+    .collect()
+}
+
+/// Builds a HeaderEdit from any of Gateway API's (structurally identical)
+/// header-modifier types.
+macro_rules! header_edit {
+    ($m:expr) => {{
+        let m = $m;
+        pb::HeaderEdit {
+            set: headers(
+                m.set
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.as_str(), h.value.as_str())),
+            ),
+            add: headers(
+                m.add
+                    .iter()
+                    .flatten()
+                    .map(|h| (h.name.as_str(), h.value.as_str())),
+            ),
+            remove: m
+                .remove
+                .iter()
+                .flatten()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
+        }
+    }};
+}
+
+macro_rules! path_modifier {
+    ($p:expr) => {{
+        let p = $p;
+        match (&p.replace_full_path, &p.replace_prefix_match) {
+            (Some(f), _) => Some(pb::PathModifier {
+                kind: Some(pb::path_modifier::Kind::ReplaceFullPath(f.clone())),
+            }),
+            (None, Some(x)) => Some(pb::PathModifier {
+                kind: Some(pb::path_modifier::Kind::ReplacePrefixMatch(x.clone())),
+            }),
+            (None, None) => None,
+        }
+    }};
+}
+
+/// A filter type as the user wrote it ("CORS", not the Rust variant).
+fn type_name(t: &impl serde::Serialize) -> String {
+    match serde_json::to_value(t) {
+        Ok(serde_json::Value::String(s)) => s,
+        _ => "(unknown)".into(),
+    }
+}
+
+fn filter(f: &HttpRouteRulesFilters) -> Result<pb::Filter, String> {
+    use pb::filter::Kind;
+    let kind = if let Some(m) = &f.request_header_modifier {
+        Kind::RequestHeaders(header_edit!(m))
+    } else if let Some(m) = &f.response_header_modifier {
+        Kind::ResponseHeaders(header_edit!(m))
+    } else if let Some(r) = &f.request_redirect {
+        let scheme = r
+            .scheme
+            .as_ref()
+            .map(|s| format!("{s:?}").to_ascii_lowercase())
+            .unwrap_or_default();
+        let status_code = match r.status_code.unwrap_or(302) {
+            c @ (301 | 302 | 303 | 307 | 308) => c as u32,
+            c => {
+                return Err(format!(
+                    "redirect status {c} is not 301, 302, 303, 307 or 308"
+                ));
+            }
+        };
+        Kind::Redirect(pb::Redirect {
+            scheme,
+            hostname: r.hostname.clone().unwrap_or_default(),
+            port: r.port.unwrap_or(0).max(0) as u32,
+            path: r.path.as_ref().and_then(|p| path_modifier!(p)),
+            status_code,
+        })
+    } else if let Some(r) = &f.url_rewrite {
+        Kind::Rewrite(pb::Rewrite {
+            hostname: r.hostname.clone().unwrap_or_default(),
+            path: r.path.as_ref().and_then(|p| path_modifier!(p)),
+        })
+    } else {
+        return Err(format!(
+            "filter type {} is not supported by the waypoint",
+            type_name(&f.r#type)
+        ));
+    };
+    Ok(pb::Filter { kind: Some(kind) })
+}
+
+fn backends(
+    rule: &HttpRouteRules,
+    route_ns: &str,
+    domain_suffix: &str,
+) -> Result<Vec<pb::WeightedBackend>, String> {
+    let mut out = Vec::new();
+    for b in rule.backend_refs.iter().flatten() {
+        if b.kind.as_deref().unwrap_or("Service") != "Service"
+            || !b.group.as_deref().unwrap_or("").is_empty()
+        {
+            return Err(format!(
+                "backendRef {} is a {}, only Services are supported",
+                b.name,
+                b.kind.as_deref().unwrap_or("Service")
+            ));
+        }
+        let Some(port) = b.port else {
+            return Err(format!("backendRef {} has no port", b.name));
+        };
+        let ns = b.namespace.as_deref().unwrap_or(route_ns);
+        let (mut req, mut resp) = (None, None);
+        for f in b.filters.iter().flatten() {
+            if let Some(m) = &f.request_header_modifier {
+                req = Some(header_edit!(m));
+            } else if let Some(m) = &f.response_header_modifier {
+                resp = Some(header_edit!(m));
+            } else {
+                return Err(format!(
+                    "backendRef {} filter {} is not supported by the waypoint",
+                    b.name,
+                    type_name(&f.r#type)
+                ));
+            }
+        }
+        out.push(pb::WeightedBackend {
+            service: format!("{ns}/{}.{ns}.svc.{domain_suffix}", b.name),
+            port: port.max(0) as u32,
+            weight: b.weight.unwrap_or(1).max(0) as u32,
+            request_headers: req,
+            response_headers: resp,
+        });
+    }
+    Ok(out)
+}
+
+fn rule_routes(
+    rule: &HttpRouteRules,
+    name: &str,
+    route_ns: &str,
+    domain_suffix: &str,
+) -> Result<Vec<pb::Route>, String> {
+    let filters = rule
+        .filters
+        .iter()
+        .flatten()
+        .map(filter)
+        .collect::<Result<Vec<_>, _>>()?;
+    let backends = backends(rule, route_ns, domain_suffix)?;
+    let ms = |s: &Option<String>| -> Result<u32, String> {
+        s.as_deref()
+            .map(parse_duration)
+            .transpose()
+            .map(|v| v.unwrap_or(0).min(u32::MAX as u64) as u32)
+    };
+    let (request_timeout_ms, per_try_timeout_ms) = match &rule.timeouts {
+        Some(t) => (ms(&t.request)?, ms(&t.backend_request)?),
+        None => (0, 0),
+    };
+    if request_timeout_ms != 0 && per_try_timeout_ms > request_timeout_ms {
+        return Err(format!(
+            "timeouts.backendRequest ({per_try_timeout_ms} ms) is longer than timeouts.request ({request_timeout_ms} ms)"
+        ));
+    }
+    let retry = match &rule.retry {
+        None => None,
+        Some(r) => {
+            let mut codes = Vec::new();
+            for c in r.codes.iter().flatten() {
+                if !(400..=599).contains(c) {
+                    return Err(format!("retry code {c} is not an HTTP error status"));
+                }
+                codes.push(*c as u32);
+            }
+            Some(pb::Retry {
+                attempts: r.attempts.unwrap_or(1).clamp(0, 10) as u32,
+                codes,
+                backoff_ms: match &r.backoff {
+                    Some(b) => parse_duration(b)?.min(u32::MAX as u64) as u32,
+                    None => DEFAULT_BACKOFF_MS,
+                },
+                budget_percent: RETRY_BUDGET_PERCENT,
+                min_retry_concurrency: MIN_RETRY_CONCURRENCY,
+            })
+        }
+    };
+    let base = pb::Route {
+        name: name.to_string(),
+        request_match: None,
+        filters,
+        backends,
+        request_timeout_ms,
+        per_try_timeout_ms,
+        retry,
+        fault: None,
+        mirror: None,
+    };
+    let matches = rule.matches.as_deref().unwrap_or_default();
+    if matches.is_empty() {
+        // No matches means a PathPrefix "/" match.
+        return Ok(vec![pb::Route {
+            request_match: Some(pb::RouteMatch {
+                path: Some(string_match(SM::Prefix("/".into()))),
+                ..Default::default()
+            }),
+            ..base
+        }]);
+    }
+    matches
+        .iter()
+        .map(|m| {
+            Ok(pb::Route {
+                request_match: Some(request_match(m)?),
+                ..base.clone()
+            })
+        })
+        .collect()
+}
+
+/// The routes one HTTPRoute contributes, with the reasons any rule was
+/// left out.
+pub fn convert(route: &HttpRoute, domain_suffix: &str) -> (Vec<pb::Route>, Vec<String>) {
+    let ns = route.metadata.namespace.as_deref().unwrap_or_default();
+    let rname = route.metadata.name.as_deref().unwrap_or_default();
+    let (mut out, mut issues) = (Vec::new(), Vec::new());
+    for (pns, pname) in service_parents(route) {
+        if pns != ns {
+            issues.push(format!(
+                "parentRef Service {pns}/{pname} is in another namespace; consumer routes are not supported, the route does not apply to it"
+            ));
+        }
+    }
+    for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
+        let name = format!("{ns}/{rname}/{i}");
+        match rule_routes(rule, &name, ns, domain_suffix) {
+            Ok(r) => out.extend(r),
+            Err(e) => issues.push(format!("rule {i} left out: {e}")),
+        }
+    }
+    (out, issues)
+}
+
+/// Gateway API precedence between two matches (most specific first).
+fn precedence(a: &pb::RouteMatch, b: &pb::RouteMatch) -> Ordering {
+    let path_rank = |m: &pb::RouteMatch| match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
+        Some(SM::Exact(p)) => (2, p.len()),
+        Some(SM::Prefix(p)) => (1, p.len()),
+        // Regex precedence is implementation-specific; rank it below exact
+        // and above prefix would surprise, so below both.
+        Some(SM::Regex(_)) => (0, 0),
+        None => (1, 1),
+    };
+    path_rank(b)
+        .cmp(&path_rank(a))
+        .then_with(|| (!b.method.is_empty()).cmp(&!a.method.is_empty()))
+        .then_with(|| b.headers.len().cmp(&a.headers.len()))
+        .then_with(|| b.query_params.len().cmp(&a.query_params.len()))
+}
+
+/// Sorts routes gathered from several HTTPRoutes. `routes` must be in
+/// (oldest route, route name) order already; the sort is stable, so that
+/// order breaks ties as Gateway API requires.
+pub fn sort(routes: &mut [pb::Route]) {
+    let none = pb::RouteMatch::default();
+    routes.sort_by(|a, b| {
+        precedence(
+            a.request_match.as_ref().unwrap_or(&none),
+            b.request_match.as_ref().unwrap_or(&none),
+        )
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(yaml: &str) -> HttpRoute {
+        serde_yaml::from_str(yaml).expect("test route parses")
+    }
+
+    const CANARY: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: reviews, port: 9080}]
+  rules:
+  - matches:
+    - headers: [{name: X-User, value: tester}]
+    backendRefs: [{name: reviews-v2, port: 9080}]
+    filters:
+    - type: RequestHeaderModifier
+      requestHeaderModifier: {set: [{name: X-Canary, value: "1"}], remove: [X-Debug]}
+  - backendRefs:
+    - {name: reviews-v1, port: 9080, weight: 90}
+    - {name: reviews-v2, port: 9080, weight: 10}
+    timeouts: {request: 2s, backendRequest: 500ms}
+    retry: {attempts: 3, codes: [503, 502], backoff: 100ms}
+"#;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("10s"), Ok(10_000));
+        assert_eq!(parse_duration("500ms"), Ok(500));
+        assert_eq!(parse_duration("1h1m1s1ms"), Ok(3_661_001));
+        for bad in ["", "10", "1d", "s", "1.5s", "123456s", "1s1s1s1s1s", "-1s"] {
+            let e = parse_duration(bad).expect_err(bad);
+            assert!(e.contains("not a Gateway API duration"), "{e}");
+        }
+    }
+
+    #[test]
+    fn canary_route_translates() {
+        let r = route(CANARY);
+        assert_eq!(
+            service_parents(&r),
+            vec![("shop".to_string(), "reviews".to_string())]
+        );
+        let (mut routes, issues) = convert(&r, "cluster.local");
+        assert!(issues.is_empty(), "{issues:?}");
+        sort(&mut routes);
+        assert_eq!(routes.len(), 2);
+
+        let header = &routes[0];
+        assert_eq!(header.name, "shop/reviews/0");
+        let m = header.request_match.as_ref().expect("match");
+        assert_eq!(m.headers[0].name, "x-user");
+        assert_eq!(
+            m.headers[0].value.as_ref().and_then(|v| v.kind.clone()),
+            Some(SM::Exact("tester".into()))
+        );
+        assert_eq!(header.backends.len(), 1);
+        assert_eq!(
+            header.backends[0].service,
+            "shop/reviews-v2.shop.svc.cluster.local"
+        );
+        let Some(pb::filter::Kind::RequestHeaders(edit)) = &header.filters[0].kind else {
+            panic!("header edit expected: {:?}", header.filters)
+        };
+        assert_eq!(edit.set[0].name, "x-canary");
+        assert_eq!(edit.remove, vec!["x-debug".to_string()]);
+
+        let split = &routes[1];
+        assert_eq!(
+            split
+                .backends
+                .iter()
+                .map(|b| (b.service.as_str(), b.weight))
+                .collect::<Vec<_>>(),
+            vec![
+                ("shop/reviews-v1.shop.svc.cluster.local", 90),
+                ("shop/reviews-v2.shop.svc.cluster.local", 10)
+            ]
+        );
+        assert_eq!(
+            (split.request_timeout_ms, split.per_try_timeout_ms),
+            (2000, 500)
+        );
+        let retry = split.retry.as_ref().expect("retry");
+        assert_eq!((retry.attempts, retry.backoff_ms), (3, 100));
+        assert_eq!(retry.codes, vec![503, 502]);
+        assert_eq!(retry.budget_percent, RETRY_BUDGET_PERCENT);
+    }
+
+    #[test]
+    fn precedence_orders_matches() {
+        let r = route(
+            r#"
+metadata: {name: r, namespace: ns}
+spec:
+  parentRefs: [{kind: Service, group: "", name: s}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /a}}]
+    backendRefs: [{name: prefix-short, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /a/b/}}]
+    backendRefs: [{name: prefix-long, port: 80}]
+  - matches: [{path: {type: Exact, value: /a}}]
+    backendRefs: [{name: exact, port: 80}]
+  - matches: [{path: {type: PathPrefix, value: /a}, method: POST}]
+    backendRefs: [{name: method, port: 80}]
+"#,
+        );
+        let (mut routes, issues) = convert(&r, "cluster.local");
+        assert!(issues.is_empty(), "{issues:?}");
+        sort(&mut routes);
+        let order: Vec<_> = routes
+            .iter()
+            .map(|r| {
+                r.backends[0]
+                    .service
+                    .split('/')
+                    .nth(1)
+                    .unwrap_or("")
+                    .split('.')
+                    .next()
+                    .unwrap_or("")
+            })
+            .collect();
+        assert_eq!(
+            order,
+            vec!["exact", "prefix-long", "method", "prefix-short"]
+        );
+        // The trailing slash is not part of the prefix.
+        let Some(SM::Prefix(p)) = routes[1]
+            .request_match
+            .as_ref()
+            .and_then(|m| m.path.as_ref())
+            .and_then(|p| p.kind.clone())
+        else {
+            panic!("prefix expected")
+        };
+        assert_eq!(p, "/a/b");
+    }
+
+    #[test]
+    fn unsupported_and_invalid_rules_are_reported_not_served() {
+        let r = route(
+            r#"
+metadata: {name: r, namespace: ns}
+spec:
+  parentRefs: [{kind: Service, group: "", name: s}]
+  rules:
+  - matches: [{path: {type: RegularExpression, value: "/(unclosed"}}]
+    backendRefs: [{name: a, port: 80}]
+  - backendRefs: [{name: b}]
+  - backendRefs: [{name: c, port: 80}]
+    timeouts: {request: 1s, backendRequest: 2s}
+  - backendRefs: [{name: d, port: 80}]
+    retry: {codes: [200]}
+  - backendRefs: [{name: e, port: 80}]
+    filters: [{type: CORS, cors: {allowOrigins: ["https://x"]}}]
+  - backendRefs: [{name: f, port: 80}]
+    timeouts: {request: 10 seconds}
+  - backendRefs: [{name: ok, port: 80}]
+"#,
+        );
+        let (routes, issues) = convert(&r, "cluster.local");
+        assert_eq!(routes.len(), 1, "{routes:?}");
+        assert_eq!(routes[0].name, "ns/r/6");
+        let want = [
+            "rule 0 left out: regex \"/(unclosed\" does not parse",
+            "rule 1 left out: backendRef b has no port",
+            "rule 2 left out: timeouts.backendRequest (2000 ms) is longer",
+            "rule 3 left out: retry code 200 is not an HTTP error status",
+            "rule 4 left out: filter type CORS is not supported",
+            "rule 5 left out: \"10 seconds\" is not a Gateway API duration",
+        ];
+        assert_eq!(issues.len(), want.len(), "{issues:?}");
+        for (got, want) in issues.iter().zip(want) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+        }
+    }
+}
