@@ -484,6 +484,40 @@ fn http_routes_reach_the_waypoint_only_for_services_that_have_one() {
     f.sync();
     assert_eq!(routes(&f).expect("routes").routes.len(), 0);
 
+    // A DestinationRule for the service becomes its backend policy; a bad
+    // field is named and the rest still applies.
+    f.write(
+        "dr.yaml",
+        r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool: {tcp: {maxConnections: 7, connectTimeout: later}}
+    outlierDetection: {consecutive5xxErrors: 2, baseEjectionTime: 5s}
+"#,
+    );
+    f.sync();
+    let p = routes(&f)
+        .and_then(|r| r.backend_policy)
+        .expect("backend policy");
+    assert_eq!((p.max_connections, p.connect_timeout_ms), (7, 0));
+    let od = p.outlier_detection.expect("outlier detection");
+    assert_eq!((od.consecutive_5xx, od.base_ejection_ms), (2, 5000));
+    let issues = f.issues();
+    assert!(
+        issues.iter().any(|i| i.starts_with(
+            "DestinationRule/shop/web: connectionPool.tcp.connectTimeout: \"later\" is not a duration"
+        )),
+        "{issues:?}"
+    );
+    std::fs::remove_file(f.dir.path().join("dr.yaml")).unwrap();
+    f.sync();
+    assert!(routes(&f).expect("routes").backend_policy.is_none());
+    assert!(!f.issues().iter().any(|i| i.starts_with("DestinationRule/")));
+
     // Removing the waypoint removes the resource.
     std::fs::remove_file(f.dir.path().join("waypoint.yaml")).unwrap();
     let delta = f.sync();

@@ -23,7 +23,7 @@ use prost::Message;
 use serde::Serialize;
 use ztunnel::identity::Identity;
 
-use crate::config::crds::{AuthorizationPolicy, PeerAuthentication};
+use crate::config::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication};
 use crate::config::objects::{Change, Kind, Object, ObjectKey};
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
@@ -115,6 +115,7 @@ pub struct Model {
     authz_policies: BTreeMap<NsName, AuthorizationPolicy>,
     peer_auths: BTreeMap<NsName, PeerAuthentication>,
     http_routes: BTreeMap<NsName, HttpRoute>,
+    dest_rules: BTreeMap<NsName, DestinationRule>,
     others: BTreeMap<ObjectKey, Object>,
     /// Node -> pods scheduled there, for the CA's node check.
     pods_by_node: HashMap<String, BTreeSet<NsName>>,
@@ -161,6 +162,8 @@ struct Dirty {
     routes: BTreeSet<NsName>,
     /// HTTPRoutes to re-check (for their issues).
     http_routes: BTreeSet<NsName>,
+    /// DestinationRules to re-check (for their issues).
+    dest_rules: BTreeSet<NsName>,
     peer_auths: bool,
 }
 
@@ -313,7 +316,20 @@ impl Model {
                     .extend(old.iter().flat_map(routes::service_parents));
                 d.http_routes.insert(nn.clone());
             }
-            Kind::ServiceAccount | Kind::Node | Kind::DestinationRule => {
+            Kind::DestinationRule => {
+                match obj {
+                    Some(Object::DestinationRule(r)) => self.dest_rules.insert(nn.clone(), *r),
+                    _ => self.dest_rules.remove(&nn),
+                };
+                // A rule in the root namespace can apply to any service.
+                if nn.0 == self.cfg.root_namespace {
+                    d.routes.extend(self.services.keys().cloned());
+                } else {
+                    d.routes.extend(in_ns(&self.services, &nn.0));
+                }
+                d.dest_rules.insert(nn.clone());
+            }
+            Kind::ServiceAccount | Kind::Node => {
                 match obj {
                     Some(o) => self.others.insert(key, o),
                     None => self.others.remove(&key),
@@ -419,6 +435,19 @@ impl Model {
             };
             self.note(label, reasons);
         }
+        for key in &d.dest_rules {
+            let label = format!("DestinationRule/{}/{}", key.0, key.1);
+            let reasons = match self.dest_rules.get(key) {
+                Some(r) => {
+                    match routes::destination_host(&r.spec.host, &key.0, &self.cfg.domain_suffix) {
+                        Ok(_) => routes::backend_policy(r).1,
+                        Err(e) => vec![e],
+                    }
+                }
+                None => Vec::new(),
+            };
+            self.note(label, reasons);
+        }
         let route_keys: BTreeSet<NsName> = d.services.iter().chain(&d.routes).cloned().collect();
         for key in route_keys {
             let out = self
@@ -501,12 +530,39 @@ impl Model {
             .flat_map(|r| routes::convert(r, &self.cfg.domain_suffix).0)
             .collect();
         routes::sort(&mut out);
+        let backend_policy = self
+            .destination_rule(&key.0, &svc.hostname)
+            .map(|r| routes::backend_policy(r).0);
         Some(mesh_proto::mesh::waypoint::ServiceRoutes {
             hostname: svc.hostname,
             namespace: svc.namespace,
             routes: out,
-            backend_policy: None,
+            backend_policy,
         })
+    }
+
+    /// The DestinationRule for a service: the oldest in its namespace naming
+    /// it, else the oldest in the root namespace (Istio's lookup order, less
+    /// the client's namespace, which a server-side waypoint does not have).
+    fn destination_rule(&self, ns: &str, hostname: &str) -> Option<&DestinationRule> {
+        let suffix = &self.cfg.domain_suffix;
+        let pick = |rule_ns: &str| {
+            self.dest_rules
+                .range((rule_ns.to_string(), String::new())..)
+                .take_while(|((n, _), _)| n == rule_ns)
+                .map(|(_, r)| r)
+                .filter(|r| {
+                    routes::destination_host(&r.spec.host, rule_ns, suffix).as_deref()
+                        == Ok(hostname)
+                })
+                .min_by_key(|r| {
+                    (
+                        r.metadata.creation_timestamp.as_ref().map(|t| t.0),
+                        r.metadata.name.clone(),
+                    )
+                })
+        };
+        pick(ns).or_else(|| pick(&self.cfg.root_namespace))
     }
 
     /// Every resource as JSON, for the debug endpoint (decoded on demand:

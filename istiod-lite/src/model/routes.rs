@@ -16,6 +16,8 @@ use gateway_api::apis::experimental::httproutes::{
 use mesh_proto::mesh::waypoint as pb;
 use pb::string_match::Kind as SM;
 
+use crate::config::crds::DestinationRule;
+
 /// Default retry budget when a route asks for retries: retries in flight
 /// stay under 20% of requests in flight (Envoy's default budget), at least 3.
 const RETRY_BUDGET_PERCENT: u32 = 20;
@@ -23,6 +25,21 @@ const MIN_RETRY_CONCURRENCY: u32 = 3;
 /// Gateway API's documented default when `retry.backoff` is unset is
 /// implementation-specific; 25 ms matches Envoy's base interval.
 const DEFAULT_BACKOFF_MS: u32 = 25;
+
+/// The unit at the start of `rest` (h, m, s or ms): milliseconds per unit
+/// and the unit's length.
+fn duration_unit(rest: &str) -> Option<(u64, usize)> {
+    if rest.starts_with("ms") {
+        Some((1, 2))
+    } else {
+        match rest.as_bytes().first()? {
+            b'h' => Some((3_600_000, 1)),
+            b'm' => Some((60_000, 1)),
+            b's' => Some((1_000, 1)),
+            _ => None,
+        }
+    }
+}
 
 /// A Gateway API `Duration` (GEP-2257): 1 to 4 groups of up to 5 digits
 /// followed by h, m, s or ms, e.g. "1m30s", "500ms". Returns milliseconds.
@@ -37,17 +54,7 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
         }
         let n: u64 = rest[..digits].parse().map_err(|_| bad())?;
         rest = &rest[digits..];
-        let (unit, len) = if rest.starts_with("ms") {
-            (1, 2)
-        } else if rest.starts_with('h') {
-            (3_600_000, 1)
-        } else if rest.starts_with('m') {
-            (60_000, 1)
-        } else if rest.starts_with('s') {
-            (1_000, 1)
-        } else {
-            return Err(bad());
-        };
+        let (unit, len) = duration_unit(rest).ok_or_else(bad)?;
         rest = &rest[len..];
         total += n * unit;
         groups += 1;
@@ -452,6 +459,107 @@ pub fn sort(routes: &mut [pb::Route]) {
     });
 }
 
+/// An Istio duration as DestinationRules carry them: Go's format limited to
+/// h, m, s and ms units with optional fractions ("30s", "1m30s", "0.5s").
+pub fn parse_istio_duration(s: &str) -> Result<u64, String> {
+    let bad = || format!("{s:?} is not a duration (e.g. \"30s\", \"1m\", \"0.5s\")");
+    let (mut rest, mut total) = (s, 0f64);
+    if rest.is_empty() {
+        return Err(bad());
+    }
+    while !rest.is_empty() {
+        let n = rest
+            .bytes()
+            .take_while(|b| b.is_ascii_digit() || *b == b'.')
+            .count();
+        let v: f64 = rest[..n].parse().map_err(|_| bad())?;
+        rest = &rest[n..];
+        let (unit, len) = duration_unit(rest).ok_or_else(bad)?;
+        rest = &rest[len..];
+        total += v * unit as f64;
+    }
+    if total > u32::MAX as f64 {
+        return Err(format!("{s:?} is too long"));
+    }
+    Ok(total.round() as u64)
+}
+
+/// Which service a DestinationRule `host` names: a short name is relative
+/// to the rule's namespace. Wildcard hosts are not supported (reported).
+pub fn destination_host(host: &str, dr_ns: &str, domain_suffix: &str) -> Result<String, String> {
+    if host.contains('*') {
+        return Err(format!(
+            "wildcard host {host:?} is not supported; name one service"
+        ));
+    }
+    Ok(if host.contains('.') {
+        host.to_string()
+    } else {
+        format!("{host}.{dr_ns}.svc.{domain_suffix}")
+    })
+}
+
+/// A DestinationRule's traffic policy as the waypoint's backend policy,
+/// with a reason for each field it could not take (that field is left at
+/// the waypoint's default; the others still apply).
+pub fn backend_policy(dr: &DestinationRule) -> (pb::BackendPolicy, Vec<String>) {
+    let mut out = pb::BackendPolicy::default();
+    let mut issues = Vec::new();
+    let Some(tp) = &dr.spec.traffic_policy else {
+        return (out, issues);
+    };
+    let mut ms = |field: &str, v: &Option<String>| -> u32 {
+        match v.as_deref().map(parse_istio_duration) {
+            None => 0,
+            Some(Ok(ms)) => ms as u32,
+            Some(Err(e)) => {
+                issues.push(format!("{field}: {e}"));
+                0
+            }
+        }
+    };
+    if let Some(cp) = &tp.connection_pool {
+        if let Some(tcp) = &cp.tcp {
+            out.max_connections = tcp.max_connections.unwrap_or(0);
+            out.connect_timeout_ms = ms("connectionPool.tcp.connectTimeout", &tcp.connect_timeout);
+        }
+        if let Some(h) = &cp.http {
+            out.max_pending_requests = h.http1_max_pending_requests.unwrap_or(0);
+            out.max_requests = h.http2_max_requests.unwrap_or(0);
+            out.max_requests_per_connection = h.max_requests_per_connection.unwrap_or(0);
+            out.max_retries = h.max_retries.unwrap_or(0);
+            out.idle_timeout_ms = ms("connectionPool.http.idleTimeout", &h.idle_timeout);
+        }
+    }
+    if let Some(od) = &tp.outlier_detection {
+        // Istio's defaults where the rule leaves a field out.
+        let or = |v: u32, d: u32| if v == 0 { d } else { v };
+        out.outlier_detection = Some(pb::OutlierDetection {
+            consecutive_5xx: od.consecutive_5xx_errors.unwrap_or(5),
+            interval_ms: or(ms("outlierDetection.interval", &od.interval), 10_000),
+            base_ejection_ms: or(
+                ms("outlierDetection.baseEjectionTime", &od.base_ejection_time),
+                30_000,
+            ),
+            max_ejection_percent: od.max_ejection_percent.unwrap_or(10).min(100),
+        });
+    }
+    if let Some(simple) = tp.load_balancer.as_ref().and_then(|l| l.simple.as_deref()) {
+        out.load_balancer = match simple {
+            "LEAST_REQUEST" | "UNSPECIFIED" => pb::LoadBalancer::LeastRequest,
+            "ROUND_ROBIN" => pb::LoadBalancer::RoundRobin,
+            "RANDOM" => pb::LoadBalancer::Random,
+            other => {
+                issues.push(format!(
+                    "loadBalancer.simple {other:?} is not supported (LEAST_REQUEST, ROUND_ROBIN, RANDOM); using LEAST_REQUEST"
+                ));
+                pb::LoadBalancer::LeastRequest
+            }
+        } as i32;
+    }
+    (out, issues)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -630,6 +738,59 @@ spec:
         assert_eq!(issues.len(), want.len(), "{issues:?}");
         for (got, want) in issues.iter().zip(want) {
             assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+        }
+    }
+
+    #[test]
+    fn destination_rules_become_backend_policies() {
+        let dr: DestinationRule = serde_yaml::from_str(
+            r#"
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: web, namespace: shop}
+spec:
+  host: web
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 10, connectTimeout: 0.5s}
+      http: {http1MaxPendingRequests: 5, maxRetries: 2, idleTimeout: 1m}
+    outlierDetection: {consecutive5xxErrors: 3, baseEjectionTime: 1m30s}
+    loadBalancer: {simple: PASSTHROUGH}
+"#,
+        )
+        .expect("parses");
+        assert_eq!(
+            destination_host(&dr.spec.host, "shop", "cluster.local"),
+            Ok("web.shop.svc.cluster.local".to_string())
+        );
+        assert!(destination_host("*.shop.svc.cluster.local", "shop", "x").is_err());
+        let (p, issues) = backend_policy(&dr);
+        assert_eq!(
+            (
+                p.max_connections,
+                p.connect_timeout_ms,
+                p.max_pending_requests
+            ),
+            (10, 500, 5)
+        );
+        assert_eq!((p.max_retries, p.idle_timeout_ms), (2, 60_000));
+        let od = p.outlier_detection.expect("outlier detection");
+        // Fields left out take Istio's defaults.
+        assert_eq!(
+            (
+                od.consecutive_5xx,
+                od.interval_ms,
+                od.base_ejection_ms,
+                od.max_ejection_percent
+            ),
+            (3, 10_000, 90_000, 10)
+        );
+        assert_eq!(p.load_balancer, pb::LoadBalancer::LeastRequest as i32);
+        assert_eq!(issues.len(), 1, "{issues:?}");
+        assert!(issues[0].contains("PASSTHROUGH"), "{issues:?}");
+
+        for bad in ["", "5", "1d", "s", "1..5s"] {
+            assert!(parse_istio_duration(bad).is_err(), "{bad:?}");
         }
     }
 }
