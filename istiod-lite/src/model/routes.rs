@@ -434,8 +434,8 @@ fn precedence(a: &pb::RouteMatch, b: &pb::RouteMatch) -> Ordering {
     let path_rank = |m: &pb::RouteMatch| match m.path.as_ref().and_then(|p| p.kind.as_ref()) {
         Some(SM::Exact(p)) => (2, p.len()),
         Some(SM::Prefix(p)) => (1, p.len()),
-        // Regex precedence is implementation-specific; rank it below exact
-        // and above prefix would surprise, so below both.
+        // Regex precedence is implementation-specific; ours ranks it below
+        // every exact and prefix match, so a regex never shadows them.
         Some(SM::Regex(_)) => (0, 0),
         None => (1, 1),
     };
