@@ -10,7 +10,7 @@ use std::time::Duration;
 use tokio_util::sync::CancellationToken;
 use ztunnel::ca::{CaClientConfig, IstioCaClient};
 use ztunnel::state::ProxyState;
-use ztunnel::xds::{XdsClient, XdsConfig};
+use ztunnel::xds::{StateSink, XdsClient, XdsConfig};
 
 use crate::ca::token_for;
 use crate::mesh::{binary, http_get};
@@ -133,9 +133,12 @@ impl Controller {
                 server_name: "istiod.istio-system.svc".into(),
                 token: Some(token_for(node)),
                 proxy_id: format!("ztunnel~{node}"),
-                trust_domain: "cluster.local".into(),
+                user_agent: "ztunnel".into(),
             },
-            state.clone(),
+            Arc::new(StateSink {
+                state: state.clone(),
+                trust_domain: "cluster.local".into(),
+            }),
         );
         let stop = CancellationToken::new();
         tokio::spawn(client.clone().run(stop.clone()));

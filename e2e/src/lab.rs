@@ -43,8 +43,42 @@ pub struct PodState {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub args: Vec<String>,
+    /// "labapp" (the lab's app, run with `args`) or "waypoint".
+    #[serde(default = "labapp")]
+    pub image: String,
     pub pid: Option<u32>,
     pub captured: bool,
+}
+
+fn labapp() -> String {
+    "labapp".into()
+}
+
+/// The Gateway class that declares a waypoint.
+pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// The label that ties a waypoint's pods and Service to its Gateway.
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// What a waypoint Gateway expands to, as istiod-lite's deployment
+/// controller makes it on Kubernetes: a Service on 15008 and a pod of the
+/// waypoint binary, outside the mesh's capture, running as its own
+/// service account.
+fn waypoint_objects(ns: &str, name: &str) -> Vec<Value> {
+    vec![
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": name, "namespace": ns, "labels": {GATEWAY_NAME_LABEL: name}},
+            "spec": {"selector": {GATEWAY_NAME_LABEL: name},
+                     "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008, "appProtocol": "all"}]},
+        }),
+        json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{name}-0"), "namespace": ns,
+                         "labels": {GATEWAY_NAME_LABEL: name, "istio.io/dataplane-mode": "none"}},
+            "spec": {"serviceAccountName": name,
+                     "containers": [{"name": "waypoint", "image": "waypoint"}]},
+        }),
+    ]
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -541,6 +575,7 @@ impl Lab {
         service_account: &str,
         labels: BTreeMap<String, String>,
         args: Vec<String>,
+        image: &str,
     ) -> Result<(), Error> {
         let node = self.state.nodes[self.state.pods.len() % self.state.nodes.len()].clone();
         let k = self
@@ -612,6 +647,7 @@ impl Lab {
             service_account: service_account.into(),
             labels: labels.clone(),
             args: args.clone(),
+            image: image.to_string(),
             pid: None,
             captured: false,
         };
@@ -621,7 +657,7 @@ impl Lab {
                 "apiVersion": "v1", "kind": "Pod",
                 "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels},
                 "spec": {"nodeName": node.name, "serviceAccountName": service_account,
-                         "containers": [{"name": "app", "image": "labapp", "args": args}]},
+                         "containers": [{"name": "app", "image": image, "args": args}]},
                 "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
                            "conditions": [{"type": "Ready", "status": "True"}]},
             }),
@@ -632,7 +668,12 @@ impl Lab {
         // Captured before its app starts, as CNI does before the container
         // runs: no early connection escapes the mesh.
         self.reconcile_capture(&key).await?;
-        if !args.is_empty() {
+        if image == "waypoint" {
+            let pid = self.start_waypoint(namespace, name, service_account, &node, &ip, &ns)?;
+            if let Some(p) = self.state.pods.get_mut(&key) {
+                p.pid = Some(pid);
+            }
+        } else if !args.is_empty() {
             let mut cmd = vec![binary("labapp").display().to_string()];
             cmd.extend(args);
             let (ld, ro) = resolver_env(namespace);
@@ -647,6 +688,41 @@ impl Lab {
             }
         }
         self.save()
+    }
+
+    /// Runs the waypoint binary in its pod, with the node's bootstrap token
+    /// (as the ztunnel has) to prove where it runs.
+    fn start_waypoint(
+        &mut self,
+        namespace: &str,
+        pod: &str,
+        service_account: &str,
+        node: &NodeState,
+        ip: &str,
+        netns: &str,
+    ) -> Result<u32, Error> {
+        let gateway = pod.strip_suffix("-0").unwrap_or(pod);
+        let cip = self.control_ip();
+        let cfg = self.dir.join(format!("waypoint-{namespace}-{pod}.yaml"));
+        std::fs::write(
+            &cfg,
+            format!(
+                "namespace: {namespace}\ngateway: {gateway}\npod_name: {pod}\nservice_account: {service_account}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nxds_address: https://{cip}:15012\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\n",
+                root = self.dir.join("data/root-cert.pem").display(),
+                token = self.dir.join(format!("{}.token", node.name)).display(),
+            ),
+        )?;
+        let cmd = vec![
+            binary("waypoint").display().to_string(),
+            "--config".into(),
+            cfg.display().to_string(),
+        ];
+        self.spawn_in(
+            netns,
+            &format!("pod-{namespace}-{pod}.log"),
+            &[("RUST_LOG", "info")],
+            &cmd,
+        )
     }
 
     /// Captures or releases one pod to match its enrollment.
@@ -731,6 +807,18 @@ impl Lab {
     /// controller as it is.
     pub async fn apply(&mut self, docs: Vec<Value>) -> Result<(), Error> {
         let mut relabelled = Vec::new();
+        let docs: Vec<Value> = docs
+            .into_iter()
+            .flat_map(|d| {
+                let mut out = vec![d.clone()];
+                if d["kind"] == "Gateway" && d["spec"]["gatewayClassName"] == WAYPOINT_CLASS {
+                    let ns = d["metadata"]["namespace"].as_str().unwrap_or("default");
+                    let name = d["metadata"]["name"].as_str().unwrap_or_default();
+                    out.extend(waypoint_objects(ns, name));
+                }
+                out
+            })
+            .collect();
         for d in docs {
             let kind = d["kind"].as_str().unwrap_or_default().to_string();
             let name = d["metadata"]["name"]
@@ -762,10 +850,14 @@ impl Lab {
                     let args: Vec<String> =
                         serde_json::from_value(tmpl["spec"]["containers"][0]["args"].clone())
                             .unwrap_or_default();
+                    let image = tmpl["spec"]["containers"][0]["image"]
+                        .as_str()
+                        .unwrap_or("labapp")
+                        .to_string();
                     for i in 0..replicas {
                         let pname = format!("{name}-{i}");
                         if !self.state.pods.contains_key(&format!("{ns}/{pname}")) {
-                            self.add_pod(&ns, &pname, &sa, plabels.clone(), args.clone())
+                            self.add_pod(&ns, &pname, &sa, plabels.clone(), args.clone(), &image)
                                 .await?;
                         }
                     }
@@ -778,13 +870,17 @@ impl Lab {
                     let args: Vec<String> =
                         serde_json::from_value(d["spec"]["containers"][0]["args"].clone())
                             .unwrap_or_default();
+                    let image = d["spec"]["containers"][0]["image"]
+                        .as_str()
+                        .unwrap_or("labapp")
+                        .to_string();
                     let key = format!("{ns}/{name}");
                     if let Some(p) = self.state.pods.get_mut(&key) {
                         p.labels = labels;
                         self.save()?;
                         self.reconcile_capture(&key).await?;
                     } else {
-                        self.add_pod(&ns, &name, &sa, labels, args).await?;
+                        self.add_pod(&ns, &name, &sa, labels, args, &image).await?;
                     }
                 }
                 "Service" => {
@@ -999,8 +1095,29 @@ fn zombie(pid: u32) -> bool {
 }
 
 /// Reads every YAML document in a file or folder.
-pub fn read_docs(path: &Path) -> Result<Vec<Value>, Error> {
+/// Parses a multi-document YAML text; empty documents are skipped.
+pub fn parse_docs(text: &str) -> Result<Vec<Value>, Error> {
     use serde::Deserialize;
+    let mut out = Vec::new();
+    for doc in serde_yaml::Deserializer::from_str(text) {
+        let v = Value::deserialize(doc)?;
+        if !v.is_null() {
+            out.push(v);
+        }
+    }
+    Ok(out)
+}
+
+/// A lab taken down when dropped (also when a test fails).
+pub struct Down(pub Lab);
+
+impl Drop for Down {
+    fn drop(&mut self) {
+        self.0.down();
+    }
+}
+
+pub fn read_docs(path: &Path) -> Result<Vec<Value>, Error> {
     let mut files = Vec::new();
     if path.is_dir() {
         for e in std::fs::read_dir(path)? {
@@ -1016,12 +1133,7 @@ pub fn read_docs(path: &Path) -> Result<Vec<Value>, Error> {
     let mut out = Vec::new();
     for f in files {
         let text = std::fs::read_to_string(&f)?;
-        for doc in serde_yaml::Deserializer::from_str(&text) {
-            let v = Value::deserialize(doc).map_err(|e| format!("{}: {e}", f.display()))?;
-            if !v.is_null() {
-                out.push(v);
-            }
-        }
+        out.extend(parse_docs(&text).map_err(|e| format!("{}: {e}", f.display()))?);
     }
     Ok(out)
 }

@@ -12,20 +12,10 @@ use e2e::netns::capture;
 use serde_json::Value;
 use ztunnel::netns::Netns;
 
-struct Guard(Lab);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        self.0.down();
-    }
-}
+use e2e::lab::Down as Guard;
 
 fn yaml(text: &str) -> Vec<Value> {
-    use serde::Deserialize;
-    serde_yaml::Deserializer::from_str(text)
-        .map(|d| Value::deserialize(d).unwrap())
-        .filter(|v| !v.is_null())
-        .collect()
+    e2e::lab::parse_docs(text).unwrap()
 }
 
 fn deployment(ns: &str, name: &str, sa: &str, replicas: u32, args: &str) -> String {

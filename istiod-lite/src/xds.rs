@@ -8,6 +8,13 @@
 //! holds, so the encoded resource (made once, in the model) is copied, never
 //! re-serialized, per proxy. A reconnecting proxy states its versions
 //! (`initial_resource_versions`) and is sent only the difference.
+//!
+//! `mesh.waypoint.ServiceRoutes` goes only to waypoints, and to each only
+//! the routes of the services it serves: a proxy is a waypoint when its
+//! Node.id is `waypoint~<namespace>~<pod>` and the model says that pod runs
+//! on the caller's (authenticated) node as a pod of a waypoint Gateway
+//! ([`Model::waypoint_of_proxy`]). Any other subscriber is refused: logged,
+//! and sent nothing of that type.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -34,7 +41,7 @@ use crate::ca::auth::{Authenticator, NodeAuthorizer};
 use crate::config::objects::Change;
 use crate::model::{Delta, Model};
 
-/// What the controller serves. Waypoint routes go only to proxies that
+/// What the controller serves. Waypoint routes go only to waypoints that
 /// subscribe to them; ztunnels never do.
 pub const TYPES: [&str; 3] = [
     ADDRESS_TYPE_URL,
@@ -180,11 +187,30 @@ struct Sub {
     names: BTreeSet<String>,
     /// name -> version the proxy holds.
     held: HashMap<String, String>,
+    /// ServiceRoutes only: the waypoint Gateway the proxy serves, or why it
+    /// is not a waypoint (then it is sent nothing). None for other types.
+    waypoint: Option<Result<(String, String), String>>,
+    /// A response has been sent: until then, the next push answers even
+    /// when empty (the proxy is waiting to know it is in sync).
+    answered: bool,
 }
 
 impl Sub {
     fn wants(&self, name: &str) -> bool {
         self.wildcard || self.names.contains(name)
+    }
+
+    /// Whether this proxy may hold resource `name` at all.
+    fn may_hold(&self, model: &Model, name: &str) -> bool {
+        match &self.waypoint {
+            None => true,
+            Some(Ok(gw)) => model.service_waypoint(name) == Some(gw),
+            Some(Err(_)) => false,
+        }
+    }
+
+    fn refused(&self) -> bool {
+        matches!(self.waypoint, Some(Err(_)))
     }
 }
 
@@ -223,7 +249,10 @@ impl Conn {
                 if !sub.wants(name) {
                     return;
                 }
-                match all.and_then(|m| m.get(name)) {
+                match all
+                    .and_then(|m| m.get(name))
+                    .filter(|_| sub.may_hold(&model, name))
+                {
                     Some(r) if sub.held.get(name) != Some(&r.version) => resources.push(Resource {
                         version: r.version.clone(),
                         resource: Some(r.any.clone()),
@@ -252,6 +281,13 @@ impl Conn {
             }
             (resources, removed)
         };
+        // A refused subscriber is never answered; at most it is told to
+        // drop what it was sent before it was refused.
+        let (refused, answered) = self
+            .subs
+            .get(type_url)
+            .map_or((false, true), |s| (s.refused(), s.answered));
+        let always = (always || !answered) && !refused;
         if resources.is_empty() && removed.is_empty() && !always {
             return Ok(());
         }
@@ -277,6 +313,7 @@ impl Conn {
             };
             let nonce = self.next_nonce();
             if let Some(sub) = self.subs.get_mut(type_url) {
+                sub.answered = true;
                 for r in &chunk {
                     sub.held.insert(r.name.clone(), r.version.clone());
                 }
@@ -326,9 +363,29 @@ impl Conn {
             }
         }
         let first = !self.subs.contains_key(&t);
+        let waypoint = (first && t == SERVICE_ROUTES_TYPE_URL).then(|| self.waypoint());
         let sub = self.subs.entry(t.clone()).or_default();
         if first {
             sub.held = req.initial_resource_versions.clone().into_iter().collect();
+            if let Some(w) = waypoint {
+                match &w {
+                    Ok((ns, gw)) => {
+                        info!(
+                            proxy = %self.view.proxy_id, node = %self.view.node,
+                            waypoint = %format!("{ns}/{gw}"), "waypoint subscribed to its routes"
+                        );
+                    }
+                    Err(why) => {
+                        warn!(
+                            proxy = %self.view.proxy_id, node = %self.view.node, reason = %why,
+                            "ServiceRoutes subscription refused: not a waypoint; nothing of that type is sent"
+                        );
+                        // What it claims to hold is not ours to answer.
+                        sub.held.clear();
+                    }
+                }
+                sub.waypoint = Some(w);
+            }
             // An empty first subscription is the legacy wildcard.
             if req.resource_names_subscribe.is_empty() {
                 sub.wildcard = true;
@@ -364,7 +421,50 @@ impl Conn {
         Ok(())
     }
 
+    /// Who this proxy is, for ServiceRoutes: the waypoint Gateway it serves.
+    fn waypoint(&self) -> Result<(String, String), String> {
+        self.hub
+            .model()
+            .waypoint_of_proxy(&self.view.node, &self.view.proxy_id)
+    }
+
+    /// Re-checks a ServiceRoutes subscriber after pods or Gateways changed.
+    /// True when the waypoint it serves changed (or it became, or stopped
+    /// being, one): then everything is diffed again.
+    fn recheck_waypoint(&mut self) -> bool {
+        if !self.subs.contains_key(SERVICE_ROUTES_TYPE_URL) {
+            return false;
+        }
+        let now = self.waypoint();
+        let Some(sub) = self.subs.get_mut(SERVICE_ROUTES_TYPE_URL) else {
+            return false;
+        };
+        let before = sub.waypoint.as_ref().and_then(|w| w.as_ref().ok()).cloned();
+        let changed = before.as_ref() != now.as_ref().ok();
+        match (&before, &now) {
+            (_, Ok((ns, gw))) if changed => {
+                info!(
+                    proxy = %self.view.proxy_id, node = %self.view.node,
+                    waypoint = %format!("{ns}/{gw}"), "proxy now serves this waypoint"
+                );
+            }
+            (Some(_), Err(why)) => {
+                warn!(
+                    proxy = %self.view.proxy_id, node = %self.view.node, reason = %why,
+                    "proxy is no longer a waypoint; its routes are withdrawn"
+                );
+            }
+            _ => {}
+        }
+        sub.waypoint = Some(now);
+        changed
+    }
+
     async fn on_delta(&mut self, d: &Delta) -> Result<(), ()> {
+        if d.waypoint_proxies && self.recheck_waypoint() {
+            // A proxy refused until now gets its first answer here.
+            self.push(SERVICE_ROUTES_TYPE_URL, None, false).await?;
+        }
         for t in TYPES {
             let mut names: BTreeSet<String> = BTreeSet::new();
             names.extend(d.changed.get(t).into_iter().flatten().cloned());
@@ -397,6 +497,7 @@ impl Conn {
                         // Missed some deltas: diff everything instead.
                         warn!(node = %self.view.node, missed = n, "push lagged; full resync");
                         let mut failed = false;
+                        self.recheck_waypoint();
                         for t in TYPES {
                             failed |= self.push(t, None, false).await.is_err();
                         }

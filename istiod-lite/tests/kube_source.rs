@@ -69,6 +69,7 @@ fn list_body(path: &str, items: &[Value], rv: usize) -> Value {
         "authorizationpolicies" => "AuthorizationPolicyList",
         "peerauthentications" => "PeerAuthenticationList",
         "destinationrules" => "DestinationRuleList",
+        "trafficpolicies" => "TrafficPolicyList",
         "gateways" => "GatewayList",
         "httproutes" => "HTTPRouteList",
         _ => "List",

@@ -529,3 +529,145 @@ spec:
             .is_some_and(|s| s.contains(KEY))
     );
 }
+
+#[test]
+fn waypoint_routes_follow_policies_and_traffic_policies() {
+    use mesh_proto::SERVICE_ROUTES_TYPE_URL;
+    use mesh_proto::mesh::waypoint::{PolicyAction, ServiceRoutes};
+    const KEY: &str = "shop/web.shop.svc.cluster.local";
+    let routes = |f: &Fixture| -> ServiceRoutes {
+        let r = f
+            .model
+            .resources(SERVICE_ROUTES_TYPE_URL)
+            .and_then(|m| m.get(KEY))
+            .expect("routes for web");
+        ServiceRoutes::decode(r.any.value.as_slice()).expect("decodes")
+    };
+    let has_issue = |f: &Fixture, prefix: &str| f.issues().iter().any(|i| i.starts_with(prefix));
+
+    let mut f = Fixture::new();
+    f.write(
+        "base.yaml",
+        &BASE.replace(
+            "metadata: {name: web, namespace: shop}",
+            "metadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: waypoint}}",
+        ),
+    );
+    f.write("waypoint.yaml", WAYPOINT);
+    f.write(
+        "route.yaml",
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{group: "", kind: Service, name: web}]
+  rules:
+  - backendRefs: [{name: web, port: 80}]
+    filters: [{type: ExtensionRef, extensionRef: {group: extensions.mesh.dev, kind: TrafficPolicy, name: chaos}}]
+"#,
+    );
+    f.sync();
+    // The port is named after nothing: sniffed.
+    let r = routes(&f);
+    assert_eq!(
+        (r.ports.len(), r.ports[0].port, r.ports[0].protocol),
+        (1, 80, 0)
+    );
+    // A missing TrafficPolicy leaves the rule out, named.
+    assert!(r.routes.is_empty(), "{r:?}");
+    assert!(
+        has_issue(
+            &f,
+            "HTTPRoute/shop/web: rule 0 left out: ExtensionRef TrafficPolicy chaos does not exist"
+        ),
+        "{:?}",
+        f.issues()
+    );
+
+    // Creating it brings the rule in with its fault.
+    let chaos = r#"
+apiVersion: extensions.mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: chaos, namespace: shop}
+spec: {fault: {abort: {httpStatus: 503, percentage: 10}}}
+"#;
+    f.write("chaos.yaml", chaos);
+    let d = f.sync();
+    assert!(d.changed[SERVICE_ROUTES_TYPE_URL].contains(KEY), "{d:?}");
+    let r = routes(&f);
+    let fault = r.routes[0].fault.as_ref().expect("fault");
+    assert_eq!(
+        (fault.abort_status, fault.abort_per_million),
+        (503, 100_000)
+    );
+    assert!(!has_issue(&f, "HTTPRoute/"), "{:?}", f.issues());
+
+    // An invalid one is reported by field, and the rule is out again.
+    f.write(
+        "chaos.yaml",
+        &chaos.replace("percentage: 10", "percentage: 110"),
+    );
+    f.sync();
+    assert!(routes(&f).routes.is_empty());
+    assert!(
+        has_issue(
+            &f,
+            "TrafficPolicy/shop/chaos: spec.fault.abort.percentage: 110 is not a percentage"
+        ),
+        "{:?}",
+        f.issues()
+    );
+    assert!(has_issue(
+        &f,
+        "HTTPRoute/shop/web: rule 0 left out: ExtensionRef TrafficPolicy chaos is invalid"
+    ));
+    // A typo in a field is refused when the object is read.
+    f.write("chaos.yaml", &chaos.replace("percentage", "percentge"));
+    f.sync();
+    assert!(
+        f.issues()
+            .iter()
+            .any(|i| i.contains("TrafficPolicy/shop/chaos")
+                && i.contains("spec.fault.abort.percentge")),
+        "{:?}",
+        f.issues()
+    );
+
+    // A policy attached to the waypoint reaches its routes, not ztunnels;
+    // what the waypoint cannot check is reported under the policy's name.
+    f.write(
+        "policy.yaml",
+        r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: shop}
+spec:
+  targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/admin*"]}}]
+    when: [{key: "request.auth.claims[role]", values: [guest]}]
+"#,
+    );
+    let d = f.sync();
+    assert!(d.changed[SERVICE_ROUTES_TYPE_URL].contains(KEY), "{d:?}");
+    let r = routes(&f);
+    assert_eq!(r.policies.len(), 1);
+    assert_eq!(r.policies[0].name, "shop/no-admin");
+    assert_eq!(r.policies[0].action, PolicyAction::Deny as i32);
+    assert!(r.policies[0].rules[0].when.is_empty());
+    assert!(f.authz("shop/no-admin").is_none());
+    assert!(
+        has_issue(
+            &f,
+            "AuthorizationPolicy/shop/no-admin: rule 0 is enforced at the waypoint without what it cannot check"
+        ),
+        "{:?}",
+        f.issues()
+    );
+    std::fs::remove_file(f.dir.path().join("policy.yaml")).unwrap();
+    f.sync();
+    assert!(routes(&f).policies.is_empty());
+    assert!(!has_issue(&f, "AuthorizationPolicy/"));
+}

@@ -286,7 +286,8 @@ fn grpc_service_names() {
 #[test]
 fn waypoint_service_routes() {
     use mesh_proto::mesh::waypoint::{
-        Retry, Route, RouteMatch, ServiceRoutes, StringMatch, WeightedBackend, string_match,
+        Policy, PolicyAction, PortProtocol, Protocol, Retry, Route, RouteMatch, ServiceRoutes,
+        StringMatch, WeightedBackend, string_match,
     };
     let routes = ServiceRoutes {
         hostname: "a".into(),
@@ -314,6 +315,15 @@ fn waypoint_service_routes() {
             ..Default::default()
         }],
         backend_policy: None,
+        ports: vec![PortProtocol {
+            port: 80,
+            protocol: Protocol::Http2 as i32,
+        }],
+        policies: vec![Policy {
+            name: "p".into(),
+            action: PolicyAction::Deny as i32,
+            rules: vec![],
+        }],
     };
     let mut b = vec![0x0a, 0x01, b'a', 0x12, 0x01, b'n']; // hostname = 1, namespace = 2
     b.extend([0x1a, 0x1e]); // routes = 3, 30 bytes
@@ -322,5 +332,7 @@ fn waypoint_service_routes() {
     b.extend([0x22, 0x07, 0x0a, 0x01, b's', 0x10, 0x50, 0x18, 0x5a]); // backends = 4
     b.extend([0x28, 0xf4, 0x03]); // request_timeout_ms = 5 (varint 500)
     b.extend([0x3a, 0x06, 0x08, 0x02, 0x12, 0x02, 0xf7, 0x03]); // retry = 7, codes packed (varint 503)
+    b.extend([0x2a, 0x04, 0x08, 0x50, 0x10, 0x02]); // ports = 5: port 80, HTTP2 = 2
+    b.extend([0x32, 0x05, 0x0a, 0x01, b'p', 0x10, 0x01]); // policies = 6: name, DENY = 1
     check(&routes, &b);
 }

@@ -101,38 +101,59 @@ pub async fn start(
     readiness: Arc<dyn Readiness>,
     stop: CancellationToken,
 ) -> std::io::Result<(SocketAddr, SocketAddr, SocketAddr)> {
-    let admin = TcpListener::bind(proxy.cfg.admin_addr).await?;
-    let metrics = TcpListener::bind(proxy.cfg.metrics_addr).await?;
-    let ready = TcpListener::bind(proxy.cfg.readiness_addr).await?;
+    let p = proxy.clone();
+    let admin = move |req: &Request<Incoming>| match req.uri().path() {
+        "/config_dump" => respond(
+            StatusCode::OK,
+            "application/json",
+            serde_json::to_vec_pretty(&config_dump(&p)).unwrap_or_default(),
+        ),
+        "/debug/process" => respond(
+            StatusCode::OK,
+            "application/json",
+            process_stats().to_string(),
+        ),
+        _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /config_dump\n"),
+    };
+    let cfg = &proxy.cfg;
+    endpoints(
+        (cfg.admin_addr, cfg.metrics_addr, cfg.readiness_addr),
+        admin,
+        proxy.metrics.clone(),
+        readiness,
+        stop,
+    )
+    .await
+}
+
+/// Binds a proxy's three endpoints (admin, metrics, readiness) and serves
+/// them until `stop`; the admin one with `admin`. Shared by the ztunnel and
+/// the waypoint. Returns the bound addresses.
+pub async fn endpoints<F>(
+    (admin_addr, metrics_addr, ready_addr): (SocketAddr, SocketAddr, SocketAddr),
+    admin: F,
+    metrics: Arc<crate::metrics::Metrics>,
+    readiness: Arc<dyn Readiness>,
+    stop: CancellationToken,
+) -> std::io::Result<(SocketAddr, SocketAddr, SocketAddr)>
+where
+    F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
+{
+    let admin_l = TcpListener::bind(admin_addr).await?;
+    let metrics_l = TcpListener::bind(metrics_addr).await?;
+    let ready = TcpListener::bind(ready_addr).await?;
     let addrs = (
-        admin.local_addr()?,
-        metrics.local_addr()?,
+        admin_l.local_addr()?,
+        metrics_l.local_addr()?,
         ready.local_addr()?,
     );
-
-    let p = proxy.clone();
-    tokio::spawn(serve(admin, stop.clone(), move |req| {
-        match req.uri().path() {
-            "/config_dump" => respond(
-                StatusCode::OK,
-                "application/json",
-                serde_json::to_vec_pretty(&config_dump(&p)).unwrap_or_default(),
-            ),
-            "/debug/process" => respond(
-                StatusCode::OK,
-                "application/json",
-                process_stats().to_string(),
-            ),
-            _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /config_dump\n"),
-        }
-    }));
-    let p = proxy.clone();
-    tokio::spawn(serve(metrics, stop.clone(), move |req| {
+    tokio::spawn(serve(admin_l, stop.clone(), admin));
+    tokio::spawn(serve(metrics_l, stop.clone(), move |req| {
         match req.uri().path() {
             "/metrics" | "/stats/prometheus" => respond(
                 StatusCode::OK,
                 "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                p.metrics.encode(),
+                metrics.encode(),
             ),
             _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /metrics\n"),
         }

@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
 use crate::state::{LocalConfig, ProxyState};
 use crate::tls::TrustRoots;
-use crate::xds::{XdsClient, XdsConfig};
+use crate::xds::{StateSink, XdsClient, XdsConfig};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AppError {
@@ -28,7 +28,8 @@ pub enum AppError {
     Start { what: String, reason: String },
 }
 
-fn start_err(what: impl Into<String>, reason: impl ToString) -> AppError {
+/// A start-up failure: what was being set up, and why it failed.
+pub fn start_err(what: impl Into<String>, reason: impl ToString) -> AppError {
     AppError::Start {
         what: what.into(),
         reason: reason.to_string(),
@@ -217,9 +218,12 @@ impl App {
                         server_name: cfg.ca.server_name.clone(),
                         token: token_for_xds,
                         proxy_id: format!("ztunnel~{}", cfg.node),
-                        trust_domain: cfg.trust_domain.clone(),
+                        user_agent: "ztunnel".into(),
                     },
-                    state.clone(),
+                    Arc::new(StateSink {
+                        state: state.clone(),
+                        trust_domain: cfg.trust_domain.clone(),
+                    }),
                 );
                 tokio::spawn(client.clone().run(stop_admin.clone()));
                 Some(client)
@@ -309,8 +313,16 @@ impl App {
 /// Runs until SIGTERM or SIGINT, then drains.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let app = App::start(cfg).await?;
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    shutdown_signal()
+        .await
         .map_err(|e| start_err("SIGTERM handler", e))?;
+    app.shutdown().await;
+    Ok(())
+}
+
+/// Waits for SIGTERM (the kubelet's stop) or SIGINT.
+pub async fn shutdown_signal() -> std::io::Result<()> {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
         _ = term.recv() => info!("SIGTERM"),
         r = tokio::signal::ctrl_c() => {
@@ -318,6 +330,5 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
             info!("SIGINT");
         }
     }
-    app.shutdown().await;
     Ok(())
 }

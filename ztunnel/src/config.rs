@@ -261,17 +261,22 @@ mod d {
     }
 }
 
+/// Reads a YAML config file into `T`; errors name the file.
+pub fn load_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let p = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
+        path: p.clone(),
+        reason: e.to_string(),
+    })?;
+    serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: p,
+        reason: e.to_string(),
+    })
+}
+
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let p = path.display().to_string();
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError::Read {
-            path: p.clone(),
-            reason: e.to_string(),
-        })?;
-        let cfg: Config = serde_yaml::from_str(&text).map_err(|e| ConfigError::Parse {
-            path: p,
-            reason: e.to_string(),
-        })?;
+        let cfg: Config = load_yaml(path)?;
         cfg.validate()?;
         Ok(cfg)
     }

@@ -12,8 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use mesh_proto::envoy::config::core::v3::Node;
-use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, Resource};
 use mesh_proto::google::rpc::Status as RpcStatus;
 use mesh_proto::istio::security::Authorization;
 use mesh_proto::istio::workload::Address;
@@ -29,7 +29,81 @@ use tracing::{info, warn};
 use crate::certs::Backoff;
 use crate::state::{ProxyState, Update};
 
+/// What a ztunnel subscribes to.
 pub const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
+
+/// Where a client's resources go. The client owns the protocol (nonces,
+/// versions, reconnects); the sink owns the meaning of each type.
+pub trait XdsSink: Send + Sync + 'static {
+    /// The types to subscribe to, all wildcard.
+    fn types(&self) -> &'static [&'static str];
+    /// Converts and applies one response as one batch. Returns the resources
+    /// it rejected, by name, with why; the others must still apply.
+    fn apply(
+        &self,
+        type_url: &str,
+        resources: &[Resource],
+        removed: &[String],
+    ) -> Vec<(String, String)>;
+}
+
+/// Converts `istio.workload.Address` and `istio.security.Authorization`
+/// resources into state updates; the rejected ones are returned by name.
+pub fn state_updates(
+    trust_domain: &str,
+    type_url: &str,
+    resources: &[Resource],
+    removed: &[String],
+) -> (Vec<Update>, Vec<(String, String)>) {
+    let mut updates = Vec::with_capacity(resources.len() + removed.len());
+    let mut rejected = Vec::new();
+    for r in resources {
+        let converted = match (type_url, &r.resource) {
+            (_, None) => Err("resource has no body".to_string()),
+            (ADDRESS_TYPE_URL, Some(any)) => Address::decode(any.value.as_slice())
+                .map_err(|e| e.to_string())
+                .and_then(|a| Update::from_address(&a, trust_domain).map_err(|e| e.to_string())),
+            (AUTHORIZATION_TYPE_URL, Some(any)) => Authorization::decode(any.value.as_slice())
+                .map_err(|e| e.to_string())
+                .and_then(|a| Update::from_authorization(&a).map_err(|e| e.to_string())),
+            (t, Some(_)) => Err(format!("type {t} is not a state type")),
+        };
+        match converted {
+            Ok(u) => updates.push(u),
+            Err(e) => rejected.push((r.name.clone(), e)),
+        }
+    }
+    for name in removed {
+        updates.push(match type_url {
+            ADDRESS_TYPE_URL => Update::RemoveAddress(name.clone()),
+            _ => Update::RemovePolicy(name.clone()),
+        });
+    }
+    (updates, rejected)
+}
+
+/// The ztunnel's sink: everything goes into its proxy state.
+pub struct StateSink {
+    pub state: ProxyState,
+    pub trust_domain: String,
+}
+
+impl XdsSink for StateSink {
+    fn types(&self) -> &'static [&'static str] {
+        &TYPES
+    }
+
+    fn apply(
+        &self,
+        type_url: &str,
+        resources: &[Resource],
+        removed: &[String],
+    ) -> Vec<(String, String)> {
+        let (updates, rejected) = state_updates(&self.trust_domain, type_url, resources, removed);
+        self.state.apply(updates);
+        rejected
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct XdsConfig {
@@ -40,7 +114,8 @@ pub struct XdsConfig {
     pub token: Option<String>,
     /// Proxy id sent in the Node.
     pub proxy_id: String,
-    pub trust_domain: String,
+    /// Sent as the Node's user agent, e.g. "ztunnel".
+    pub user_agent: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -64,21 +139,19 @@ pub struct XdsStats {
 
 pub struct XdsClient {
     cfg: XdsConfig,
-    state: ProxyState,
+    sink: Arc<dyn XdsSink>,
+    types: &'static [&'static str],
     known: Mutex<HashMap<&'static str, HashMap<String, String>>>,
     synced: watch::Sender<BTreeSet<&'static str>>,
     pub stats: XdsStats,
 }
 
-fn type_of(t: &str) -> Option<&'static str> {
-    TYPES.into_iter().find(|x| *x == t)
-}
-
 impl XdsClient {
-    pub fn new(cfg: XdsConfig, state: ProxyState) -> Arc<Self> {
+    pub fn new(cfg: XdsConfig, sink: Arc<dyn XdsSink>) -> Arc<Self> {
         Arc::new(XdsClient {
             cfg,
-            state,
+            types: sink.types(),
+            sink,
             known: Mutex::new(HashMap::new()),
             synced: watch::Sender::new(BTreeSet::new()),
             stats: XdsStats::default(),
@@ -88,12 +161,13 @@ impl XdsClient {
     /// Every type has had at least one response (since start; a reconnect
     /// does not make the proxy unready, its state is still good).
     pub fn synced(&self) -> bool {
-        self.synced.borrow().len() == TYPES.len()
+        self.synced.borrow().len() == self.types.len()
     }
 
     pub async fn wait_synced(&self) {
         let mut rx = self.synced.subscribe();
-        let _ = rx.wait_for(|s| s.len() == TYPES.len()).await;
+        let n = self.types.len();
+        let _ = rx.wait_for(|s| s.len() == n).await;
     }
 
     /// Runs until `stop`, reconnecting with backoff.
@@ -148,13 +222,13 @@ impl XdsClient {
             .await
             .map_err(|e| XdsError::Connect(format!("{e}: {:?}", std::error::Error::source(&e))))?;
         let (tx, rx) = mpsc::channel::<DeltaDiscoveryRequest>(16);
-        for (i, t) in TYPES.iter().enumerate() {
+        for (i, t) in self.types.iter().enumerate() {
             let held = self.lock_known().get(t).cloned().unwrap_or_default();
             let _ = tx
                 .send(DeltaDiscoveryRequest {
                     node: (i == 0).then(|| Node {
                         id: self.cfg.proxy_id.clone(),
-                        user_agent_name: "ztunnel".into(),
+                        user_agent_name: self.cfg.user_agent.clone(),
                         ..Default::default()
                     }),
                     type_url: t.to_string(),
@@ -179,42 +253,17 @@ impl XdsClient {
         self.stats.connects.fetch_add(1, Ordering::Relaxed);
         info!(address = %self.cfg.address, "xDS stream open");
         while let Some(resp) = stream.message().await? {
-            let Some(t) = type_of(&resp.type_url) else {
+            let Some(t) = self.types.iter().copied().find(|t| *t == resp.type_url) else {
                 warn!(type_url = %resp.type_url, "response for an unknown type ignored");
                 continue;
             };
-            let mut updates =
-                Vec::with_capacity(resp.resources.len() + resp.removed_resources.len());
-            let mut accepted = Vec::new();
-            let mut errors = Vec::new();
-            for r in &resp.resources {
-                let converted = match (t, &r.resource) {
-                    (_, None) => Err("resource has no body".to_string()),
-                    (ADDRESS_TYPE_URL, Some(any)) => Address::decode(any.value.as_slice())
-                        .map_err(|e| e.to_string())
-                        .and_then(|a| {
-                            Update::from_address(&a, &self.cfg.trust_domain)
-                                .map_err(|e| e.to_string())
-                        }),
-                    (_, Some(any)) => Authorization::decode(any.value.as_slice())
-                        .map_err(|e| e.to_string())
-                        .and_then(|a| Update::from_authorization(&a).map_err(|e| e.to_string())),
-                };
-                match converted {
-                    Ok(u) => {
-                        updates.push(u);
-                        accepted.push((r.name.clone(), r.version.clone()));
-                    }
-                    Err(e) => errors.push(format!("{}: {e}", r.name)),
-                }
-            }
-            for name in &resp.removed_resources {
-                updates.push(match t {
-                    ADDRESS_TYPE_URL => Update::RemoveAddress(name.clone()),
-                    _ => Update::RemovePolicy(name.clone()),
-                });
-            }
-            self.state.apply(updates);
+            let rejected = self.sink.apply(t, &resp.resources, &resp.removed_resources);
+            let errors: Vec<String> = rejected.iter().map(|(n, e)| format!("{n}: {e}")).collect();
+            let accepted = resp
+                .resources
+                .iter()
+                .filter(|r| !rejected.iter().any(|(n, _)| *n == r.name))
+                .map(|r| (r.name.clone(), r.version.clone()));
             {
                 let mut known = self.lock_known();
                 let held = known.entry(t).or_default();

@@ -1,8 +1,11 @@
 //! The application processes the lab runs inside pods: a TCP echo, an HTTP
 //! echo that reports who called and with which headers, and a client.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -33,12 +36,60 @@ enum Cmd {
     HttpEcho {
         #[arg(long, default_value_t = 8080)]
         port: u16,
+        /// Answer this share of requests (percent) with --fail-status;
+        /// changeable at run time with `GET /_fail?percent=N`.
+        #[arg(long, default_value_t = 0)]
+        fail_percent: u32,
+        #[arg(long, default_value_t = 503)]
+        fail_status: u16,
+        /// Wait this long before answering (`GET /_delay?ms=N` changes it).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// Send `requests` GETs over `concurrency` kept-alive connections and
+    /// print a JSON summary: statuses, the `x-pod` of each answer, latency.
+    Load {
+        url: String,
+        #[arg(long, default_value_t = 100)]
+        requests: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        /// Extra request headers, `name: value`.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+        #[arg(long, default_value = "GET")]
+        method: String,
+        /// Per-request timeout.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
     },
     /// GET a URL (http://ip:port/path) `count` times and print the answers.
     Get {
         url: String,
         #[arg(long, default_value_t = 1)]
         count: usize,
+        /// Extra request headers, `name: value`.
+        #[arg(long = "header")]
+        headers: Vec<String>,
+    },
+    /// Write raw bytes to ip:port (an HTTP request made by hand, possibly
+    /// malformed), optionally padded or sent slowly, and print the first
+    /// line of the answer, or "closed" when none came.
+    Raw {
+        addr: SocketAddr,
+        /// The request head; "\r\n" and "\n" escapes are turned into bytes.
+        head: String,
+        /// Add an `x-pad` header of this many bytes.
+        #[arg(long, default_value_t = 0)]
+        pad_header_bytes: usize,
+        /// Then send this many body bytes.
+        #[arg(long, default_value_t = 0)]
+        body_bytes: usize,
+        /// Send the head one byte at a time, this far apart (slowloris).
+        #[arg(long, default_value_t = 0)]
+        byte_delay_ms: u64,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
     },
     /// Send `text` over TCP to ip:port and print what comes back.
     Send { addr: SocketAddr, text: String },
@@ -60,19 +111,92 @@ async fn tcp_echo(port: u16) -> std::io::Result<()> {
     }
 }
 
-async fn http_echo(port: u16) -> std::io::Result<()> {
+/// The echo server's run-time knobs and its count of requests served.
+#[derive(Default)]
+struct EchoState {
+    fail_percent: AtomicU32,
+    delay_ms: AtomicU64,
+    served: AtomicU64,
+}
+
+fn query_num(uri: &hyper::Uri, key: &str) -> Option<u64> {
+    uri.query()?.split('&').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k == key).then(|| v.parse().ok()).flatten()
+    })
+}
+
+async fn http_echo(
+    port: u16,
+    fail_percent: u32,
+    fail_status: u16,
+    delay_ms: u64,
+) -> std::io::Result<()> {
     let l = TcpListener::bind(("0.0.0.0", port)).await?;
     let me = std::env::var("POD_NAME").unwrap_or_else(|_| "unknown".into());
+    let state = Arc::new(EchoState::default());
+    state.fail_percent.store(fail_percent, Ordering::Relaxed);
+    state.delay_ms.store(delay_ms, Ordering::Relaxed);
     loop {
         let (s, peer) = l.accept().await?;
         let me = me.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let svc = service_fn(move |req: hyper::Request<Incoming>| {
-                let mut body = format!("pod={me}\npeer={peer}\n{} {}\n", req.method(), req.uri());
-                for (k, v) in req.headers() {
-                    body.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                let me = me.clone();
+                let state = state.clone();
+                async move {
+                    let plain = |status: u16, body: String| {
+                        let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() =
+                            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
+                        if let Ok(v) = me.parse() {
+                            r.headers_mut().insert("x-pod", v);
+                        }
+                        r
+                    };
+                    match req.uri().path() {
+                        "/_fail" => {
+                            let p = query_num(req.uri(), "percent").unwrap_or(0) as u32;
+                            state.fail_percent.store(p, Ordering::Relaxed);
+                            return Ok::<_, Infallible>(plain(200, format!("fail_percent={p}\n")));
+                        }
+                        "/_delay" => {
+                            let ms = query_num(req.uri(), "ms").unwrap_or(0);
+                            state.delay_ms.store(ms, Ordering::Relaxed);
+                            return Ok(plain(200, format!("delay_ms={ms}\n")));
+                        }
+                        "/_stats" => {
+                            return Ok(plain(
+                                200,
+                                format!("served={}\n", state.served.load(Ordering::Relaxed)),
+                            ));
+                        }
+                        _ => {}
+                    }
+                    state.served.fetch_add(1, Ordering::Relaxed);
+                    let delay = state.delay_ms.load(Ordering::Relaxed);
+                    if delay > 0 {
+                        tokio::time::sleep(Duration::from_millis(delay)).await;
+                    }
+                    let fail = state.fail_percent.load(Ordering::Relaxed);
+                    let mut body =
+                        format!("pod={me}\npeer={peer}\n{} {}\n", req.method(), req.uri());
+                    for (k, v) in req.headers() {
+                        body.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
+                    }
+                    let n = req
+                        .into_body()
+                        .collect()
+                        .await
+                        .map(|b| b.to_bytes().len())
+                        .unwrap_or(0);
+                    body.push_str(&format!("body-bytes: {n}\n"));
+                    if fail > 0 && fastrand::u32(0..100) < fail {
+                        return Ok(plain(fail_status, body));
+                    }
+                    Ok(plain(200, body))
                 }
-                async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body)))) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(s), svc)
@@ -81,7 +205,134 @@ async fn http_echo(port: u16) -> std::io::Result<()> {
     }
 }
 
-async fn get(url: &str, count: usize) -> Result<(), Box<dyn std::error::Error>> {
+/// A load run's summary.
+#[derive(Default, serde::Serialize)]
+struct LoadSummary {
+    status: BTreeMap<u16, usize>,
+    by_pod: BTreeMap<String, usize>,
+    errors: usize,
+    first_error: Option<String>,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+}
+
+async fn load(
+    url: &str,
+    requests: usize,
+    concurrency: usize,
+    headers: &[String],
+    method: &str,
+    timeout: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let uri: hyper::Uri = url.parse()?;
+    let host = uri.host().ok_or("no host")?.to_string();
+    let port = uri.port_u16().unwrap_or(80);
+    let addr = format!("{host}:{port}");
+    let method: hyper::Method = method.parse()?;
+    let mut extra = Vec::new();
+    for h in headers {
+        let (k, v) = h.split_once(':').ok_or("header must be name: value")?;
+        extra.push((
+            hyper::header::HeaderName::from_bytes(k.trim().as_bytes())?,
+            hyper::header::HeaderValue::from_str(v.trim())?,
+        ));
+    }
+    let next = Arc::new(AtomicU64::new(0));
+    let results = Arc::new(std::sync::Mutex::new((
+        LoadSummary::default(),
+        Vec::<f64>::new(),
+    )));
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (next, results, uri, host, addr, method, extra) = (
+            next.clone(),
+            results.clone(),
+            uri.clone(),
+            host.clone(),
+            addr.clone(),
+            method.clone(),
+            extra.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut conn: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> = None;
+            while (next.fetch_add(1, Ordering::Relaxed) as usize) < requests {
+                let started = std::time::Instant::now();
+                let one = async {
+                    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+                        let tcp = TcpStream::connect(&addr).await?;
+                        let (s, c) =
+                            hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                        tokio::spawn(c);
+                        conn = Some(s);
+                    }
+                    let c = conn.as_mut().ok_or("no connection")?;
+                    c.ready().await?;
+                    let mut b = hyper::Request::builder()
+                        .method(method.clone())
+                        .uri(uri.clone())
+                        .header("host", &host);
+                    for (k, v) in &extra {
+                        b = b.header(k, v);
+                    }
+                    let resp = c.send_request(b.body(Empty::<Bytes>::new())?).await?;
+                    let status = resp.status().as_u16();
+                    let pod = resp
+                        .headers()
+                        .get("x-pod")
+                        .and_then(|v| v.to_str().ok())
+                        .map(str::to_string);
+                    resp.into_body().collect().await?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, pod))
+                };
+                let r = tokio::time::timeout(timeout, one).await;
+                let ms = started.elapsed().as_secs_f64() * 1000.0;
+                let mut g = results.lock().unwrap_or_else(|p| p.into_inner());
+                match r {
+                    Ok(Ok((status, pod))) => {
+                        *g.0.status.entry(status).or_default() += 1;
+                        if let Some(p) = pod {
+                            *g.0.by_pod.entry(p).or_default() += 1;
+                        }
+                        g.1.push(ms);
+                    }
+                    Ok(Err(e)) => {
+                        g.0.errors += 1;
+                        g.0.first_error.get_or_insert_with(|| e.to_string());
+                        conn = None;
+                    }
+                    Err(_) => {
+                        g.0.errors += 1;
+                        g.0.first_error.get_or_insert_with(|| "timed out".into());
+                        conn = None;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await?;
+    }
+    let (mut summary, mut lat) =
+        std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let q = |f: f64| {
+        lat.get(((lat.len() as f64 * f) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    summary.p50_ms = q(0.5);
+    summary.p99_ms = q(0.99);
+    summary.max_ms = lat.last().copied().unwrap_or(0.0);
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
+}
+
+async fn get(
+    url: &str,
+    count: usize,
+    headers: &[String],
+) -> Result<(), Box<dyn std::error::Error>> {
     let uri: hyper::Uri = url.parse()?;
     let host = uri.host().ok_or("no host")?.to_string();
     let port = uri.port_u16().unwrap_or(80);
@@ -90,13 +341,82 @@ async fn get(url: &str, count: usize) -> Result<(), Box<dyn std::error::Error>> 
         let tcp = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(&addr)).await??;
         let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
         tokio::spawn(conn);
-        let req = hyper::Request::get(uri.clone())
-            .header("host", &host)
-            .body(Empty::<Bytes>::new())?;
+        let mut b = hyper::Request::get(uri.clone()).header("host", &host);
+        for h in headers {
+            let (k, v) = h.split_once(':').ok_or("header must be name: value")?;
+            b = b.header(k.trim(), v.trim());
+        }
+        let req = b.body(Empty::<Bytes>::new())?;
         let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await??;
         let status = resp.status();
         let body = resp.into_body().collect().await?.to_bytes();
         println!("{status}\n{}", String::from_utf8_lossy(&body));
+    }
+    Ok(())
+}
+
+async fn raw(
+    addr: SocketAddr,
+    head: &str,
+    pad: usize,
+    body_bytes: usize,
+    byte_delay_ms: u64,
+    timeout: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    let mut head = head.replace("\\r", "\r").replace("\\n", "\n");
+    if pad > 0 {
+        // Before the blank line that ends the head.
+        let at = head.rfind("\r\n\r\n").map(|i| i + 2).unwrap_or(head.len());
+        head.insert_str(at, &format!("x-pad: {}\r\n", "a".repeat(pad)));
+    }
+    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
+    let work = async {
+        if byte_delay_ms > 0 {
+            for b in head.as_bytes() {
+                s.write_all(std::slice::from_ref(b)).await?;
+                tokio::time::sleep(Duration::from_millis(byte_delay_ms)).await;
+            }
+        } else {
+            s.write_all(head.as_bytes()).await?;
+        }
+        let chunk = vec![b'x'; 64 * 1024];
+        let mut left = body_bytes;
+        while left > 0 {
+            let n = left.min(chunk.len());
+            s.write_all(&chunk[..n]).await?;
+            left -= n;
+        }
+        Ok::<_, std::io::Error>(())
+    };
+    // The server may answer (and close) before everything is written.
+    let wrote = tokio::time::timeout(timeout, work).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(timeout, async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    out.extend_from_slice(&buf[..n]);
+                    if out.windows(2).any(|w| w == b"\r\n") {
+                        break;
+                    }
+                }
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out);
+    match text.lines().next().filter(|l| !l.is_empty()) {
+        Some(line) => println!("{line}"),
+        None => println!(
+            "closed ({})",
+            match wrote {
+                Ok(Ok(())) => "after the request was sent".to_string(),
+                Ok(Err(e)) => format!("while sending: {e}"),
+                Err(_) => "still sending at the timeout".to_string(),
+            }
+        ),
     }
     Ok(())
 }
@@ -115,8 +435,55 @@ async fn send(addr: SocketAddr, text: &str) -> Result<(), Box<dyn std::error::Er
 async fn main() {
     let r: Result<(), Box<dyn std::error::Error>> = match Args::parse().cmd {
         Cmd::TcpEcho { port } => tcp_echo(port).await.map_err(Into::into),
-        Cmd::HttpEcho { port } => http_echo(port).await.map_err(Into::into),
-        Cmd::Get { url, count } => get(&url, count).await,
+        Cmd::HttpEcho {
+            port,
+            fail_percent,
+            fail_status,
+            delay_ms,
+        } => http_echo(port, fail_percent, fail_status, delay_ms)
+            .await
+            .map_err(Into::into),
+        Cmd::Load {
+            url,
+            requests,
+            concurrency,
+            headers,
+            method,
+            timeout_ms,
+        } => {
+            load(
+                &url,
+                requests,
+                concurrency,
+                &headers,
+                &method,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+        }
+        Cmd::Get {
+            url,
+            count,
+            headers,
+        } => get(&url, count, &headers).await,
+        Cmd::Raw {
+            addr,
+            head,
+            pad_header_bytes,
+            body_bytes,
+            byte_delay_ms,
+            timeout_ms,
+        } => {
+            raw(
+                addr,
+                &head,
+                pad_header_bytes,
+                body_bytes,
+                byte_delay_ms,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+        }
         Cmd::Send { addr, text } => send(addr, &text).await,
         Cmd::Resolve { name } => match tokio::net::lookup_host((name.as_str(), 0)).await {
             Ok(addrs) => {

@@ -46,10 +46,25 @@ pub struct AuthorizationPolicySpec {
     /// Attaches the policy to a waypoint (Gateway) or Service instead.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub target_refs: Vec<PolicyTargetReference>,
+    /// The older, single form of `targetRefs`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target_ref: Option<PolicyTargetReference>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<AuthorizationAction>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<AuthorizationRule>,
+}
+
+impl AuthorizationPolicySpec {
+    /// What the policy is attached to: `targetRef` and `targetRefs` together.
+    /// Empty means a selector (or namespace-wide) policy, one for ztunnels.
+    pub fn targets(&self) -> impl Iterator<Item = &PolicyTargetReference> {
+        self.target_ref.iter().chain(&self.target_refs)
+    }
+
+    pub fn has_targets(&self) -> bool {
+        self.target_ref.is_some() || !self.target_refs.is_empty()
+    }
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
@@ -209,12 +224,12 @@ pub enum MtlsMode {
 pub struct DestinationRuleSpec {
     pub host: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub traffic_policy: Option<TrafficPolicy>,
+    pub traffic_policy: Option<DestinationTrafficPolicy>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "camelCase")]
-pub struct TrafficPolicy {
+pub struct DestinationTrafficPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub connection_pool: Option<ConnectionPool>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -276,4 +291,71 @@ pub struct LoadBalancer {
     /// ROUND_ROBIN, LEAST_REQUEST, RANDOM, PASSTHROUGH.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub simple: Option<String>,
+}
+
+/// The API group of our own CRDs.
+pub const EXTENSIONS_GROUP: &str = "extensions.mesh.dev";
+
+/// extensions.mesh.dev TrafficPolicy: what Gateway API has no field for,
+/// attached to an HTTPRoute rule by an `ExtensionRef` filter in the same
+/// namespace. Checked by the model (field by field, see
+/// `model::routes::route_extension`), since both sources must agree.
+#[derive(CustomResource, Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[kube(
+    group = "extensions.mesh.dev",
+    version = "v1alpha1",
+    kind = "TrafficPolicy",
+    plural = "trafficpolicies",
+    namespaced
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TrafficPolicySpec {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fault: Option<FaultInjection>,
+    /// Share of requests (0-100) the rule's RequestMirror filter mirrors.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mirror_percentage: Option<f64>,
+    /// Caps the rule's retries (only meaningful with `retry` on the rule).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultInjection {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delay: Option<FaultDelay>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub abort: Option<FaultAbort>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultDelay {
+    /// Duration, e.g. "2s", "500ms", "0.5s".
+    pub fixed_delay: String,
+    /// Share of requests delayed, 0-100; absent means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct FaultAbort {
+    /// Status returned instead of forwarding, 200-599.
+    pub http_status: u16,
+    /// Share of requests aborted, 0-100; absent means all.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percentage: Option<f64>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RetryBudget {
+    /// Retries in flight stay under this share (percent) of requests in flight.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub percent: Option<f64>,
+    /// Retries always allowed in flight, whatever the share.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_retry_concurrency: Option<u32>,
 }

@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
 use tracing::{info, warn};
 
-use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication};
+use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication, TrafficPolicy};
 use super::objects::{Change, Object, ObjectKey};
 
 async fn watch_kind<K>(
@@ -127,6 +127,7 @@ pub fn watch_all(client: Client) -> Watchers {
     );
     watch!(PeerAuthentication, PeerAuthentication, "PeerAuthentication");
     watch!(DestinationRule, DestinationRule, "DestinationRule");
+    watch!(TrafficPolicy, TrafficPolicy, "TrafficPolicy");
     Watchers {
         changes: rx,
         listed: listed.subscribe(),

@@ -10,7 +10,9 @@ use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 
-use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication};
+use super::crds::{
+    AuthorizationPolicy, DestinationRule, EXTENSIONS_GROUP, PeerAuthentication, TrafficPolicy,
+};
 
 /// One typed object.
 #[derive(Clone, Debug)]
@@ -26,6 +28,7 @@ pub enum Object {
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     PeerAuthentication(Box<PeerAuthentication>),
     DestinationRule(Box<DestinationRule>),
+    TrafficPolicy(Box<TrafficPolicy>),
 }
 
 /// What identifies an object: kind, namespace (empty when cluster-scoped), name.
@@ -59,6 +62,7 @@ pub enum Kind {
     AuthorizationPolicy,
     PeerAuthentication,
     DestinationRule,
+    TrafficPolicy,
 }
 
 impl Kind {
@@ -76,6 +80,7 @@ impl Kind {
             "AuthorizationPolicy" => Kind::AuthorizationPolicy,
             "PeerAuthentication" => Kind::PeerAuthentication,
             "DestinationRule" => Kind::DestinationRule,
+            "TrafficPolicy" => Kind::TrafficPolicy,
             _ => return None,
         })
     }
@@ -218,6 +223,9 @@ impl Object {
             ("networking.istio.io", "DestinationRule") => {
                 Object::DestinationRule(Box::new(typed(v, k, &name)?))
             }
+            (EXTENSIONS_GROUP, "TrafficPolicy") => {
+                Object::TrafficPolicy(Box::new(typed(v, k, &name)?))
+            }
             (_, k) if IGNORED_KINDS.contains(&k) => return Ok(None),
             _ => return Err(ObjectError::UnknownKind { api_version, kind }),
         };
@@ -254,6 +262,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => k(Kind::AuthorizationPolicy, &o.metadata),
             Object::PeerAuthentication(o) => k(Kind::PeerAuthentication, &o.metadata),
             Object::DestinationRule(o) => k(Kind::DestinationRule, &o.metadata),
+            Object::TrafficPolicy(o) => k(Kind::TrafficPolicy, &o.metadata),
         }
     }
 
@@ -270,6 +279,7 @@ impl Object {
             Object::AuthorizationPolicy(o) => &mut o.metadata,
             Object::PeerAuthentication(o) => &mut o.metadata,
             Object::DestinationRule(o) => &mut o.metadata,
+            Object::TrafficPolicy(o) => &mut o.metadata,
         };
         if m.namespace.as_deref().unwrap_or("").is_empty() {
             m.namespace = Some(ns.to_string());

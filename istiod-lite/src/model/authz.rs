@@ -4,7 +4,8 @@
 //! L7 fields (methods, paths, hosts, request principals, request headers)
 //! cannot be checked at L4: an ALLOW rule that carries them is dropped (it
 //! never matches at the ztunnel), and a DENY rule loses them (it denies more,
-//! never less). Both are reported.
+//! never less). Both are reported. Policies attached with `targetRefs` are
+//! the waypoint's (`waypoint.rs`).
 
 use mesh_proto::istio::security as pb;
 
@@ -222,8 +223,11 @@ pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Authorizat
             "namespace {ns:?} does not exist; the policy applies once it does"
         ));
     }
-    if !p.spec.target_refs.is_empty() {
-        // Attached to a waypoint: enforced there, not by ztunnels.
+    if p.spec.has_targets() {
+        // Attached to a waypoint: enforced there (`waypoint.rs`), not by
+        // ztunnels. Its issues are the waypoint's.
+        issues.extend(super::waypoint::target_issues(model, p));
+        issues.extend(super::waypoint::convert(p).1);
         return (None, issues);
     }
     let action = match p.spec.action.unwrap_or_default() {

@@ -9,6 +9,7 @@
 
 mod authz;
 pub mod routes;
+mod waypoint;
 mod workload;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
@@ -27,6 +28,7 @@ use crate::config::crds::{AuthorizationPolicy, DestinationRule, PeerAuthenticati
 use crate::config::objects::{Change, Kind, Object, ObjectKey};
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
+use routes::TrafficPolicies;
 
 /// Namespace (and pod) label that enrolls workloads in the mesh.
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -35,6 +37,11 @@ pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
 /// Label on a waypoint Gateway: what traffic it serves.
 pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
+/// Label on a waypoint's pods naming their Gateway (set by Gateway API
+/// implementations on what they deploy).
+pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// Node.id prefix of a waypoint proxy: `waypoint~<namespace>~<pod>`.
+pub const WAYPOINT_PROXY_PREFIX: &str = "waypoint";
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -70,14 +77,20 @@ pub struct XdsResource {
 pub struct Delta {
     pub changed: BTreeMap<&'static str, BTreeSet<String>>,
     pub removed: BTreeMap<&'static str, BTreeSet<String>>,
+    /// A waypoint pod or a Gateway changed: which proxy is which waypoint
+    /// may have too (see [`Model::waypoint_of_proxy`]).
+    pub waypoint_proxies: bool,
 }
 
 impl Delta {
     pub fn is_empty(&self) -> bool {
-        self.changed.values().all(|s| s.is_empty()) && self.removed.values().all(|s| s.is_empty())
+        self.changed.values().all(|s| s.is_empty())
+            && self.removed.values().all(|s| s.is_empty())
+            && !self.waypoint_proxies
     }
 
     pub fn merge(&mut self, other: Delta) {
+        self.waypoint_proxies |= other.waypoint_proxies;
         for (t, names) in other.changed {
             let removed = self.removed.entry(t).or_default();
             for n in names {
@@ -116,6 +129,7 @@ pub struct Model {
     peer_auths: BTreeMap<NsName, PeerAuthentication>,
     http_routes: BTreeMap<NsName, HttpRoute>,
     dest_rules: BTreeMap<NsName, DestinationRule>,
+    traffic_policies: TrafficPolicies,
     others: BTreeMap<ObjectKey, Object>,
     /// Node -> pods scheduled there, for the CA's node check.
     pods_by_node: HashMap<String, BTreeSet<NsName>>,
@@ -123,6 +137,8 @@ pub struct Model {
     outputs: BTreeMap<&'static str, BTreeMap<String, Arc<XdsResource>>>,
     /// Which output names each input produced, so a removal removes them.
     produced: HashMap<Source, String>,
+    /// The waypoint Gateway each ServiceRoutes resource (by name) is for.
+    route_waypoints: HashMap<String, NsName>,
     issues: BTreeMap<String, Vec<ModelIssue>>,
 }
 
@@ -164,7 +180,11 @@ struct Dirty {
     http_routes: BTreeSet<NsName>,
     /// DestinationRules to re-check (for their issues).
     dest_rules: BTreeSet<NsName>,
+    /// TrafficPolicies to re-check (for their issues).
+    traffic_policies: BTreeSet<NsName>,
     peer_auths: bool,
+    /// See [`Delta::waypoint_proxies`].
+    waypoint_proxies: bool,
 }
 
 impl Model {
@@ -205,6 +225,63 @@ impl Model {
         })
     }
 
+    /// The waypoint Gateway (namespace, name) a proxy serves, when it is a
+    /// waypoint: its id is `waypoint~<namespace>~<pod>`, that pod runs on
+    /// `node` (the node its caller proved) and carries
+    /// `gateway.networking.k8s.io/gateway-name: <gateway>`, and that Gateway
+    /// is of class `istio-waypoint`. Otherwise, why not.
+    pub fn waypoint_of_proxy(&self, node: &str, proxy_id: &str) -> Result<NsName, String> {
+        let mut parts = proxy_id.split('~');
+        let (Some(WAYPOINT_PROXY_PREFIX), Some(ns), Some(pod), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            return Err(format!(
+                "proxy id {proxy_id:?} is not {WAYPOINT_PROXY_PREFIX}~<namespace>~<pod>"
+            ));
+        };
+        let key = (ns.to_string(), pod.to_string());
+        let p = self
+            .pods
+            .get(&key)
+            .filter(|p| workload::running(p))
+            .ok_or_else(|| format!("no running pod {ns}/{pod}"))?;
+        let on = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.as_deref())
+            .unwrap_or_default();
+        if on != node {
+            return Err(format!(
+                "pod {ns}/{pod} runs on node {on:?}, not on the caller's node {node:?}"
+            ));
+        }
+        let gw = p
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(GATEWAY_NAME_LABEL))
+            .ok_or_else(|| format!("pod {ns}/{pod} has no {GATEWAY_NAME_LABEL} label"))?;
+        let gw_key = (ns.to_string(), gw.clone());
+        let g = self
+            .gateways
+            .get(&gw_key)
+            .ok_or_else(|| format!("no Gateway {ns}/{gw}"))?;
+        if g.spec.gateway_class_name != WAYPOINT_CLASS {
+            return Err(format!(
+                "Gateway {ns}/{gw} is of class {:?}, not {WAYPOINT_CLASS}",
+                g.spec.gateway_class_name
+            ));
+        }
+        Ok(gw_key)
+    }
+
+    /// The waypoint Gateway (namespace, name) serving a service, by its
+    /// key "namespace/hostname", as of the last recompute: the one its
+    /// ServiceRoutes resource is for. None when it has no waypoint.
+    pub fn service_waypoint(&self, service: &str) -> Option<&NsName> {
+        self.route_waypoints.get(service)
+    }
+
     /// Applies a batch of changes and reports what changed in the outputs.
     pub fn apply(&mut self, changes: Vec<Change>) -> Delta {
         let mut dirty = Dirty::default();
@@ -236,6 +313,14 @@ impl Model {
                 d.peer_auths = true;
             }
             Kind::Pod => {
+                let is_waypoint = |p: &Pod| {
+                    p.metadata
+                        .labels
+                        .as_ref()
+                        .is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL))
+                };
+                d.waypoint_proxies |= self.pods.get(&nn).is_some_and(is_waypoint)
+                    || matches!(&obj, Some(Object::Pod(p)) if is_waypoint(p));
                 if let Some(old) = self.pods.get(&nn)
                     && let Some(node) = old.spec.as_ref().and_then(|s| s.node_name.clone())
                     && let Some(set) = self.pods_by_node.get_mut(&node)
@@ -265,6 +350,11 @@ impl Model {
                 };
                 d.services.insert(nn.clone());
                 d.pods.extend(in_ns(&self.pods, &nn.0));
+                // A waypoint's Service (named as its Gateway) carries the
+                // address every service using that waypoint publishes.
+                if self.gateways.contains_key(&nn) {
+                    d.services.extend(in_ns(&self.services, &nn.0));
+                }
             }
             Kind::EndpointSlice => {
                 match obj {
@@ -279,15 +369,30 @@ impl Model {
                     _ => self.gateways.remove(&nn),
                 };
                 self.mark_ns(&nn.0, d);
+                d.waypoint_proxies = true;
             }
             Kind::AuthorizationPolicy => {
-                match obj {
+                let old = match obj {
                     Some(Object::AuthorizationPolicy(p)) => {
                         self.authz_policies.insert(nn.clone(), *p)
                     }
                     _ => self.authz_policies.remove(&nn),
                 };
                 d.policies.insert(nn.clone());
+                // A policy with targets (before or after) is in the waypoint
+                // routes of its namespace's services (every service's, from
+                // the root namespace).
+                if old
+                    .iter()
+                    .chain(self.authz_policies.get(&nn))
+                    .any(|p| p.spec.has_targets())
+                {
+                    if nn.0 == self.cfg.root_namespace {
+                        d.routes.extend(self.services.keys().cloned());
+                    } else {
+                        d.routes.extend(in_ns(&self.services, &nn.0));
+                    }
+                }
                 // Selector policies are listed on the workloads they select;
                 // in the root namespace they select across the mesh.
                 if nn.0 == self.cfg.root_namespace {
@@ -328,6 +433,24 @@ impl Model {
                     d.routes.extend(in_ns(&self.services, &nn.0));
                 }
                 d.dest_rules.insert(nn.clone());
+            }
+            Kind::TrafficPolicy => {
+                match obj {
+                    Some(Object::TrafficPolicy(t)) => self.traffic_policies.insert(nn.clone(), *t),
+                    _ => self.traffic_policies.remove(&nn),
+                };
+                // The routes whose rules reference it, and their issues.
+                for (rk, r) in self
+                    .http_routes
+                    .range((nn.0.clone(), String::new())..)
+                    .take_while(|((n, _), _)| *n == nn.0)
+                {
+                    if routes::extension_refs(r).any(|name| name == nn.1) {
+                        d.routes.extend(routes::service_parents(r));
+                        d.http_routes.insert(rk.clone());
+                    }
+                }
+                d.traffic_policies.insert(nn.clone());
             }
             Kind::ServiceAccount | Kind::Node => {
                 match obj {
@@ -406,7 +529,10 @@ impl Model {
     }
 
     fn recompute(&mut self, d: Dirty) -> Delta {
-        let mut delta = Delta::default();
+        let mut delta = Delta {
+            waypoint_proxies: d.waypoint_proxies,
+            ..Delta::default()
+        };
         for key in d.pods {
             let out = workload::workload(self, &key).map(|w| {
                 let name = w.uid.clone();
@@ -430,7 +556,7 @@ impl Model {
         for key in &d.http_routes {
             let label = format!("HTTPRoute/{}/{}", key.0, key.1);
             let reasons = match self.http_routes.get(key) {
-                Some(r) => routes::convert(r, &self.cfg.domain_suffix).1,
+                Some(r) => routes::convert(r, &self.cfg.domain_suffix, &self.traffic_policies).1,
                 None => Vec::new(),
             };
             self.note(label, reasons);
@@ -448,17 +574,40 @@ impl Model {
             };
             self.note(label, reasons);
         }
+        for key in &d.traffic_policies {
+            let label = format!("TrafficPolicy/{}/{}", key.0, key.1);
+            let reasons = match self.traffic_policies.get(key) {
+                Some(t) => routes::route_extension(t).err().unwrap_or_default(),
+                None => Vec::new(),
+            };
+            self.note(label, reasons);
+        }
         let route_keys: BTreeSet<NsName> = d.services.iter().chain(&d.routes).cloned().collect();
         for key in route_keys {
-            let out = self
-                .service_routes(&key)
-                .map(|r| (format!("{}/{}", r.namespace, r.hostname), r.encode_to_vec()));
+            let name = format!("{}/{}", key.0, workload::hostname(self, &key.0, &key.1));
+            let (out, gw) = match self.service_routes(&key) {
+                Some((r, gw)) => (Some((name.clone(), r.encode_to_vec())), Some(gw)),
+                None => (None, None),
+            };
             self.set_output(
                 SERVICE_ROUTES_TYPE_URL,
                 Source::Routes(key),
                 out,
                 &mut delta,
             );
+            // A service that moves to another waypoint changes for both
+            // waypoints even when its routes do not.
+            let old = match &gw {
+                Some(gw) => self.route_waypoints.insert(name.clone(), gw.clone()),
+                None => self.route_waypoints.remove(&name),
+            };
+            if old.is_some() && gw.is_some() && old != gw {
+                delta
+                    .changed
+                    .entry(SERVICE_ROUTES_TYPE_URL)
+                    .or_default()
+                    .insert(name);
+            }
         }
         for key in d.policies {
             let label = format!("AuthorizationPolicy/{}/{}", key.0, key.1);
@@ -501,11 +650,15 @@ impl Model {
         delta
     }
 
-    /// The waypoint routes of a service, when it has a waypoint. Routes from
-    /// older HTTPRoutes come first among equally specific matches.
-    fn service_routes(&self, key: &NsName) -> Option<mesh_proto::mesh::waypoint::ServiceRoutes> {
+    /// The waypoint routes of a service, when it has a waypoint, and that
+    /// waypoint's Gateway. Routes from older HTTPRoutes come first among
+    /// equally specific matches.
+    fn service_routes(
+        &self,
+        key: &NsName,
+    ) -> Option<(mesh_proto::mesh::waypoint::ServiceRoutes, NsName)> {
+        let gw = workload::service_waypoint(self, key)?;
         let svc = workload::service(self, key)?;
-        svc.waypoint.as_ref()?;
         let mut attached: Vec<&HttpRoute> = self
             .http_routes
             .values()
@@ -527,18 +680,29 @@ impl Model {
         });
         let mut out: Vec<_> = attached
             .into_iter()
-            .flat_map(|r| routes::convert(r, &self.cfg.domain_suffix).0)
+            .flat_map(|r| routes::convert(r, &self.cfg.domain_suffix, &self.traffic_policies).0)
             .collect();
         routes::sort(&mut out);
         let backend_policy = self
             .destination_rule(&key.0, &svc.hostname)
             .map(|r| routes::backend_policy(r).0);
-        Some(mesh_proto::mesh::waypoint::ServiceRoutes {
-            hostname: svc.hostname,
-            namespace: svc.namespace,
-            routes: out,
-            backend_policy,
-        })
+        let ports = self
+            .services
+            .get(key)
+            .map(waypoint::ports)
+            .unwrap_or_default();
+        let policies = waypoint::policies(self, key, &gw);
+        Some((
+            mesh_proto::mesh::waypoint::ServiceRoutes {
+                hostname: svc.hostname,
+                namespace: svc.namespace,
+                routes: out,
+                backend_policy,
+                ports,
+                policies,
+            },
+            gw,
+        ))
     }
 
     /// The DestinationRule for a service: the oldest in its namespace naming
@@ -604,9 +768,21 @@ impl Model {
                 mesh_proto::mesh::waypoint::ServiceRoutes::decode(r.any.value.as_slice()).ok()
             })
             .map(|s| {
+                let service = format!("{}/{}", s.namespace, s.hostname);
+                let waypoint = self
+                    .service_waypoint(&service)
+                    .map(|(ns, name)| format!("{ns}/{name}"));
                 serde_json::json!({
-                    "service": format!("{}/{}", s.namespace, s.hostname),
+                    "service": service,
+                    "waypoint": waypoint,
                     "routes": s.routes.iter().map(|r| r.name.as_str()).collect::<Vec<_>>(),
+                    "ports": s.ports.iter().map(|p| format!(
+                        "{}/{:?}",
+                        p.port,
+                        mesh_proto::mesh::waypoint::Protocol::try_from(p.protocol)
+                            .unwrap_or_default()
+                    )).collect::<Vec<_>>(),
+                    "policies": s.policies.iter().map(|p| p.name.as_str()).collect::<Vec<_>>(),
                 })
             })
             .collect();

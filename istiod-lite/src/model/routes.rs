@@ -5,18 +5,32 @@
 //! What cannot be carried is reported, never dropped silently: a rule with a
 //! filter we do not implement is left out whole (serving it without the
 //! filter would be a different route than the user wrote).
+//!
+//! What Gateway API has no field for (fault injection, the mirrored share,
+//! the retry budget) comes from our TrafficPolicy CRD, named by the rule's
+//! `ExtensionRef` filter.
 
 use std::cmp::Ordering;
+use std::collections::BTreeMap;
 
 use gateway_api::apis::experimental::httproutes::{
-    HttpRoute, HttpRouteRules, HttpRouteRulesFilters, HttpRouteRulesMatches,
-    HttpRouteRulesMatchesHeadersType, HttpRouteRulesMatchesMethod, HttpRouteRulesMatchesPathType,
+    HttpRoute, HttpRouteRules, HttpRouteRulesFilters, HttpRouteRulesFiltersExtensionRef,
+    HttpRouteRulesFiltersRequestMirror, HttpRouteRulesMatches, HttpRouteRulesMatchesHeadersType,
+    HttpRouteRulesMatchesMethod, HttpRouteRulesMatchesPathType,
     HttpRouteRulesMatchesQueryParamsType,
 };
 use mesh_proto::mesh::waypoint as pb;
 use pb::string_match::Kind as SM;
 
-use crate::config::crds::DestinationRule;
+use crate::config::crds::{DestinationRule, EXTENSIONS_GROUP, TrafficPolicy};
+
+/// TrafficPolicy objects by (namespace, name), where ExtensionRef filters
+/// look them up.
+pub type TrafficPolicies = BTreeMap<(String, String), TrafficPolicy>;
+
+const TRAFFIC_POLICY_KIND: &str = "TrafficPolicy";
+/// All requests, in the proto's per-million shares.
+const ALL: u32 = 1_000_000;
 
 /// Default retry budget when a route asks for retries: retries in flight
 /// stay under 20% of requests in flight (Envoy's default budget), at least 3.
@@ -278,6 +292,33 @@ fn filter(f: &HttpRouteRulesFilters) -> Result<pb::Filter, String> {
     Ok(pb::Filter { kind: Some(kind) })
 }
 
+/// A Service reference ("namespace/hostname", port), as backendRefs and
+/// mirror backendRefs both name one.
+fn service_ref(
+    group: Option<&str>,
+    kind: Option<&str>,
+    name: &str,
+    namespace: Option<&str>,
+    port: Option<i32>,
+    route_ns: &str,
+    domain_suffix: &str,
+) -> Result<(String, u32), String> {
+    if kind.unwrap_or("Service") != "Service" || !group.unwrap_or("").is_empty() {
+        return Err(format!(
+            "backendRef {name} is a {}, only Services are supported",
+            kind.unwrap_or("Service")
+        ));
+    }
+    let Some(port) = port else {
+        return Err(format!("backendRef {name} has no port"));
+    };
+    let ns = namespace.unwrap_or(route_ns);
+    Ok((
+        format!("{ns}/{name}.{ns}.svc.{domain_suffix}"),
+        port.max(0) as u32,
+    ))
+}
+
 fn backends(
     rule: &HttpRouteRules,
     route_ns: &str,
@@ -285,19 +326,15 @@ fn backends(
 ) -> Result<Vec<pb::WeightedBackend>, String> {
     let mut out = Vec::new();
     for b in rule.backend_refs.iter().flatten() {
-        if b.kind.as_deref().unwrap_or("Service") != "Service"
-            || !b.group.as_deref().unwrap_or("").is_empty()
-        {
-            return Err(format!(
-                "backendRef {} is a {}, only Services are supported",
-                b.name,
-                b.kind.as_deref().unwrap_or("Service")
-            ));
-        }
-        let Some(port) = b.port else {
-            return Err(format!("backendRef {} has no port", b.name));
-        };
-        let ns = b.namespace.as_deref().unwrap_or(route_ns);
+        let (service, port) = service_ref(
+            b.group.as_deref(),
+            b.kind.as_deref(),
+            &b.name,
+            b.namespace.as_deref(),
+            b.port,
+            route_ns,
+            domain_suffix,
+        )?;
         let (mut req, mut resp) = (None, None);
         for f in b.filters.iter().flatten() {
             if let Some(m) = &f.request_header_modifier {
@@ -313,8 +350,8 @@ fn backends(
             }
         }
         out.push(pb::WeightedBackend {
-            service: format!("{ns}/{}.{ns}.svc.{domain_suffix}", b.name),
-            port: port.max(0) as u32,
+            service,
+            port,
             weight: b.weight.unwrap_or(1).max(0) as u32,
             request_headers: req,
             response_headers: resp,
@@ -323,18 +360,236 @@ fn backends(
     Ok(out)
 }
 
+/// A share in percent (0-100, fractions allowed) in millionths.
+fn percent_per_million(field: &str, v: f64) -> Result<u32, String> {
+    if !v.is_finite() || !(0.0..=100.0).contains(&v) {
+        return Err(format!(
+            "{field}: {v} is not a percentage between 0 and 100"
+        ));
+    }
+    Ok((v * 10_000.0).round() as u32)
+}
+
+/// A RequestMirror filter: its backend, and its share in millionths when
+/// the filter sets one (`percent` or `fraction`).
+fn request_mirror(
+    m: &HttpRouteRulesFiltersRequestMirror,
+    route_ns: &str,
+    domain_suffix: &str,
+) -> Result<(pb::WeightedBackend, Option<u32>), String> {
+    let b = &m.backend_ref;
+    let (service, port) = service_ref(
+        b.group.as_deref(),
+        b.kind.as_deref(),
+        &b.name,
+        b.namespace.as_deref(),
+        b.port,
+        route_ns,
+        domain_suffix,
+    )
+    .map_err(|e| format!("RequestMirror {e}"))?;
+    let share = match (m.percent, &m.fraction) {
+        (Some(_), Some(_)) => {
+            return Err("RequestMirror sets both percent and fraction".into());
+        }
+        (Some(p), None) => Some(percent_per_million("RequestMirror percent", p as f64)?),
+        (None, Some(f)) => {
+            let d = f.denominator.unwrap_or(100);
+            if d <= 0 || f.numerator < 0 || f.numerator > d {
+                return Err(format!(
+                    "RequestMirror fraction {}/{d} is not between 0 and 1",
+                    f.numerator
+                ));
+            }
+            Some((f.numerator as u64 * ALL as u64 / d as u64) as u32)
+        }
+        (None, None) => None,
+    };
+    Ok((
+        pb::WeightedBackend {
+            service,
+            port,
+            weight: 1,
+            ..Default::default()
+        },
+        share,
+    ))
+}
+
+/// What a TrafficPolicy adds to the routes of a rule that references it.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct RouteExtension {
+    pub fault: Option<pb::Fault>,
+    /// Share of requests the rule's RequestMirror mirrors, in millionths.
+    pub mirror_per_million: Option<u32>,
+    /// (budget_percent, min_retry_concurrency) for the rule's retries.
+    pub retry_budget: Option<(u32, u32)>,
+}
+
+/// Checks a TrafficPolicy field by field: every problem is named by its
+/// path; any problem makes the whole object unusable.
+pub fn route_extension(tp: &TrafficPolicy) -> Result<RouteExtension, Vec<String>> {
+    /// A share that defaults to all requests.
+    fn pct(errs: &mut Vec<String>, field: &str, v: Option<f64>) -> u32 {
+        match v.map(|v| percent_per_million(field, v)) {
+            None => ALL,
+            Some(Ok(p)) => p,
+            Some(Err(e)) => {
+                errs.push(e);
+                0
+            }
+        }
+    }
+    let mut out = RouteExtension::default();
+    let mut errs = Vec::new();
+    if let Some(f) = &tp.spec.fault {
+        let mut fault = pb::Fault::default();
+        if let Some(d) = &f.delay {
+            fault.delay_per_million = pct(&mut errs, "spec.fault.delay.percentage", d.percentage);
+            match parse_istio_duration(&d.fixed_delay) {
+                Ok(ms) => fault.delay_ms = ms.min(u32::MAX as u64) as u32,
+                Err(e) => errs.push(format!("spec.fault.delay.fixedDelay: {e}")),
+            }
+        }
+        if let Some(a) = &f.abort {
+            fault.abort_per_million = pct(&mut errs, "spec.fault.abort.percentage", a.percentage);
+            if (200..=599).contains(&a.http_status) {
+                fault.abort_status = a.http_status as u32;
+            } else {
+                errs.push(format!(
+                    "spec.fault.abort.httpStatus: {} is not an HTTP status (200-599)",
+                    a.http_status
+                ));
+            }
+        }
+        if f.delay.is_none() && f.abort.is_none() {
+            errs.push("spec.fault: neither delay nor abort is set".into());
+        }
+        out.fault = Some(fault);
+    }
+    if let Some(m) = tp.spec.mirror_percentage {
+        out.mirror_per_million = Some(pct(&mut errs, "spec.mirrorPercentage", Some(m)));
+    }
+    if let Some(b) = &tp.spec.retry_budget {
+        let percent = match b.percent {
+            None => RETRY_BUDGET_PERCENT,
+            Some(p) if p.is_finite() && (0.0..=100.0).contains(&p) => {
+                // Whole percents; a share above zero never rounds to none.
+                let whole = p.round() as u32;
+                if p > 0.0 { whole.max(1) } else { 0 }
+            }
+            Some(p) => {
+                errs.push(format!(
+                    "spec.retryBudget.percent: {p} is not a percentage between 0 and 100"
+                ));
+                0
+            }
+        };
+        out.retry_budget = Some((
+            percent,
+            b.min_retry_concurrency.unwrap_or(MIN_RETRY_CONCURRENCY),
+        ));
+    }
+    if errs.is_empty() { Ok(out) } else { Err(errs) }
+}
+
+/// The TrafficPolicy names an HTTPRoute's rules reference, so a change to
+/// one recomputes the routes that use it.
+pub fn extension_refs(route: &HttpRoute) -> impl Iterator<Item = &str> {
+    route
+        .spec
+        .rules
+        .iter()
+        .flatten()
+        .flat_map(|r| r.filters.iter().flatten())
+        .filter_map(|f| f.extension_ref.as_ref())
+        .filter(|r| r.group == EXTENSIONS_GROUP && r.kind == TRAFFIC_POLICY_KIND)
+        .map(|r| r.name.as_str())
+}
+
+fn extension(
+    r: &HttpRouteRulesFiltersExtensionRef,
+    route_ns: &str,
+    exts: &TrafficPolicies,
+) -> Result<RouteExtension, String> {
+    if r.group != EXTENSIONS_GROUP || r.kind != TRAFFIC_POLICY_KIND {
+        return Err(format!(
+            "ExtensionRef to {}/{} {} is not supported (only {EXTENSIONS_GROUP}/{TRAFFIC_POLICY_KIND})",
+            r.group, r.kind, r.name
+        ));
+    }
+    let tp = exts
+        .get(&(route_ns.to_string(), r.name.clone()))
+        .ok_or_else(|| {
+            format!(
+                "ExtensionRef TrafficPolicy {} does not exist in namespace {route_ns}",
+                r.name
+            )
+        })?;
+    route_extension(tp).map_err(|e| {
+        format!(
+            "ExtensionRef TrafficPolicy {} is invalid: {}",
+            r.name,
+            e.join("; ")
+        )
+    })
+}
+
+/// The routes of one rule. Problems that leave the rule out are the error;
+/// settings that have no effect are noted in `notes` and the rule is kept.
 fn rule_routes(
     rule: &HttpRouteRules,
     name: &str,
     route_ns: &str,
     domain_suffix: &str,
+    exts: &TrafficPolicies,
+    notes: &mut Vec<String>,
 ) -> Result<Vec<pb::Route>, String> {
-    let filters = rule
-        .filters
-        .iter()
-        .flatten()
-        .map(filter)
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut filters = Vec::new();
+    let mut ext: Option<RouteExtension> = None;
+    let mut mirror: Option<(pb::WeightedBackend, Option<u32>)> = None;
+    for f in rule.filters.iter().flatten() {
+        if let Some(r) = &f.extension_ref {
+            if ext.is_some() {
+                return Err("more than one ExtensionRef filter".into());
+            }
+            ext = Some(extension(r, route_ns, exts)?);
+        } else if let Some(m) = &f.request_mirror {
+            if mirror.is_some() {
+                return Err(
+                    "more than one RequestMirror filter; the waypoint mirrors to one backend"
+                        .into(),
+                );
+            }
+            mirror = Some(request_mirror(m, route_ns, domain_suffix)?);
+        } else {
+            filters.push(filter(f)?);
+        }
+    }
+    let ext = ext.unwrap_or_default();
+    let mirror = match (mirror, ext.mirror_per_million) {
+        (Some((_, Some(_))), Some(_)) => {
+            return Err(
+                "both the RequestMirror filter and the TrafficPolicy's mirrorPercentage set the mirrored share"
+                    .into(),
+            );
+        }
+        (Some((backend, own)), from_ext) => Some(pb::Mirror {
+            backend: Some(backend),
+            per_million: own.or(from_ext).unwrap_or(ALL),
+        }),
+        (None, Some(_)) => {
+            notes.push(
+                "the TrafficPolicy sets mirrorPercentage but the rule has no RequestMirror filter; ignored"
+                    .into(),
+            );
+            None
+        }
+        (None, None) => None,
+    };
+    if ext.retry_budget.is_some() && rule.retry.is_none() {
+        notes.push("the TrafficPolicy sets retryBudget but the rule has no retry; ignored".into());
+    }
     let backends = backends(rule, route_ns, domain_suffix)?;
     let ms = |s: &Option<String>| -> Result<u32, String> {
         s.as_deref()
@@ -368,8 +623,8 @@ fn rule_routes(
                     Some(b) => parse_duration(b)?.min(u32::MAX as u64) as u32,
                     None => DEFAULT_BACKOFF_MS,
                 },
-                budget_percent: RETRY_BUDGET_PERCENT,
-                min_retry_concurrency: MIN_RETRY_CONCURRENCY,
+                budget_percent: ext.retry_budget.map_or(RETRY_BUDGET_PERCENT, |b| b.0),
+                min_retry_concurrency: ext.retry_budget.map_or(MIN_RETRY_CONCURRENCY, |b| b.1),
             })
         }
     };
@@ -381,8 +636,8 @@ fn rule_routes(
         request_timeout_ms,
         per_try_timeout_ms,
         retry,
-        fault: None,
-        mirror: None,
+        fault: ext.fault,
+        mirror,
     };
     let matches = rule.matches.as_deref().unwrap_or_default();
     if matches.is_empty() {
@@ -407,8 +662,12 @@ fn rule_routes(
 }
 
 /// The routes one HTTPRoute contributes, with the reasons any rule was
-/// left out.
-pub fn convert(route: &HttpRoute, domain_suffix: &str) -> (Vec<pb::Route>, Vec<String>) {
+/// left out (and settings that had no effect).
+pub fn convert(
+    route: &HttpRoute,
+    domain_suffix: &str,
+    exts: &TrafficPolicies,
+) -> (Vec<pb::Route>, Vec<String>) {
     let ns = route.metadata.namespace.as_deref().unwrap_or_default();
     let rname = route.metadata.name.as_deref().unwrap_or_default();
     let (mut out, mut issues) = (Vec::new(), Vec::new());
@@ -421,10 +680,12 @@ pub fn convert(route: &HttpRoute, domain_suffix: &str) -> (Vec<pb::Route>, Vec<S
     }
     for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
         let name = format!("{ns}/{rname}/{i}");
-        match rule_routes(rule, &name, ns, domain_suffix) {
+        let mut notes = Vec::new();
+        match rule_routes(rule, &name, ns, domain_suffix, exts, &mut notes) {
             Ok(r) => out.extend(r),
             Err(e) => issues.push(format!("rule {i} left out: {e}")),
         }
+        issues.extend(notes.into_iter().map(|n| format!("rule {i}: {n}")));
     }
     (out, issues)
 }
@@ -606,7 +867,7 @@ spec:
             service_parents(&r),
             vec![("shop".to_string(), "reviews".to_string())]
         );
-        let (mut routes, issues) = convert(&r, "cluster.local");
+        let (mut routes, issues) = convert(&r, "cluster.local", &TrafficPolicies::new());
         assert!(issues.is_empty(), "{issues:?}");
         sort(&mut routes);
         assert_eq!(routes.len(), 2);
@@ -670,7 +931,7 @@ spec:
     backendRefs: [{name: method, port: 80}]
 "#,
         );
-        let (mut routes, issues) = convert(&r, "cluster.local");
+        let (mut routes, issues) = convert(&r, "cluster.local", &TrafficPolicies::new());
         assert!(issues.is_empty(), "{issues:?}");
         sort(&mut routes);
         let order: Vec<_> = routes
@@ -724,7 +985,7 @@ spec:
   - backendRefs: [{name: ok, port: 80}]
 "#,
         );
-        let (routes, issues) = convert(&r, "cluster.local");
+        let (routes, issues) = convert(&r, "cluster.local", &TrafficPolicies::new());
         assert_eq!(routes.len(), 1, "{routes:?}");
         assert_eq!(routes[0].name, "ns/r/6");
         let want = [
@@ -739,6 +1000,167 @@ spec:
         for (got, want) in issues.iter().zip(want) {
             assert!(got.starts_with(want), "{got:?} should start with {want:?}");
         }
+    }
+
+    fn traffic_policies(yaml: &str) -> TrafficPolicies {
+        serde_yaml::Deserializer::from_str(yaml)
+            .map(|d| {
+                let tp: TrafficPolicy =
+                    serde::Deserialize::deserialize(d).expect("test TrafficPolicy parses");
+                (
+                    (
+                        tp.metadata.namespace.clone().unwrap_or_default(),
+                        tp.metadata.name.clone().unwrap_or_default(),
+                    ),
+                    tp,
+                )
+            })
+            .collect()
+    }
+
+    const EXTENSIONS: &str = r#"
+apiVersion: extensions.mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: chaos, namespace: shop}
+spec:
+  fault:
+    delay: {fixedDelay: 1.5s, percentage: 12.5}
+    abort: {httpStatus: 503}
+  mirrorPercentage: 0.1
+  retryBudget: {percent: 35, minRetryConcurrency: 1}
+---
+apiVersion: extensions.mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: bad, namespace: shop}
+spec:
+  fault: {delay: {fixedDelay: soon, percentage: 150}, abort: {httpStatus: 700}}
+  retryBudget: {percent: -1}
+"#;
+
+    #[test]
+    fn extension_ref_adds_fault_mirror_share_and_retry_budget() {
+        let r = route(
+            r#"
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: "", name: reviews}]
+  rules:
+  - backendRefs: [{name: reviews, port: 9080}]
+    retry: {attempts: 2}
+    filters:
+    - type: ExtensionRef
+      extensionRef: {group: extensions.mesh.dev, kind: TrafficPolicy, name: chaos}
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: shadow, port: 9080}}
+  - matches: [{path: {type: PathPrefix, value: /plain}}]
+    backendRefs: [{name: reviews, port: 9080}]
+    retry: {attempts: 1}
+    filters:
+    - type: RequestMirror
+      requestMirror: {backendRef: {name: shadow, port: 9080}, fraction: {numerator: 1, denominator: 4}}
+"#,
+        );
+        let exts = traffic_policies(EXTENSIONS);
+        assert_eq!(extension_refs(&r).collect::<Vec<_>>(), vec!["chaos"]);
+        let (mut routes, issues) = convert(&r, "cluster.local", &exts);
+        assert!(issues.is_empty(), "{issues:?}");
+        sort(&mut routes);
+        assert_eq!(routes.len(), 2);
+        let (plain, chaos) = (&routes[0], &routes[1]);
+        assert_eq!(chaos.name, "shop/r/0");
+
+        let fault = chaos.fault.as_ref().expect("fault");
+        assert_eq!(
+            (
+                fault.delay_ms,
+                fault.delay_per_million,
+                fault.abort_status,
+                fault.abort_per_million
+            ),
+            (1500, 125_000, 503, ALL),
+            "an abort without a percentage aborts every request"
+        );
+        let mirror = chaos.mirror.as_ref().expect("mirror");
+        assert_eq!(mirror.per_million, 1_000);
+        assert_eq!(
+            mirror
+                .backend
+                .as_ref()
+                .map(|b| (b.service.as_str(), b.port)),
+            Some(("shop/shadow.shop.svc.cluster.local", 9080))
+        );
+        // The mirror is no filter of its own: the route carries it.
+        assert!(chaos.filters.is_empty(), "{:?}", chaos.filters);
+        let retry = chaos.retry.as_ref().expect("retry");
+        assert_eq!((retry.budget_percent, retry.min_retry_concurrency), (35, 1));
+
+        // Without the extension: the filter's own share, default budget, no fault.
+        assert!(plain.fault.is_none());
+        assert_eq!(plain.mirror.as_ref().map(|m| m.per_million), Some(250_000));
+        let retry = plain.retry.as_ref().expect("retry");
+        assert_eq!(
+            (retry.budget_percent, retry.min_retry_concurrency),
+            (RETRY_BUDGET_PERCENT, MIN_RETRY_CONCURRENCY)
+        );
+    }
+
+    #[test]
+    fn a_missing_or_invalid_extension_leaves_the_rule_out() {
+        let r = route(
+            r#"
+metadata: {name: r, namespace: shop}
+spec:
+  parentRefs: [{kind: Service, group: "", name: reviews}]
+  rules:
+  - backendRefs: [{name: a, port: 80}]
+    filters: [{type: ExtensionRef, extensionRef: {group: extensions.mesh.dev, kind: TrafficPolicy, name: ghost}}]
+  - backendRefs: [{name: b, port: 80}]
+    filters: [{type: ExtensionRef, extensionRef: {group: extensions.mesh.dev, kind: TrafficPolicy, name: bad}}]
+  - backendRefs: [{name: c, port: 80}]
+    filters: [{type: ExtensionRef, extensionRef: {group: example.com, kind: Thing, name: chaos}}]
+  - backendRefs: [{name: d, port: 80}]
+    filters:
+    - {type: ExtensionRef, extensionRef: {group: extensions.mesh.dev, kind: TrafficPolicy, name: chaos}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}, percent: 50}}
+  - backendRefs: [{name: e, port: 80}]
+    filters: [{type: ExtensionRef, extensionRef: {group: extensions.mesh.dev, kind: TrafficPolicy, name: chaos}}]
+"#,
+        );
+        let exts = traffic_policies(EXTENSIONS);
+        let (routes, issues) = convert(&r, "cluster.local", &exts);
+        // Only the last rule is served; its unused settings are noted.
+        assert_eq!(routes.len(), 1, "{routes:?}");
+        assert_eq!(routes[0].name, "shop/r/4");
+        assert!(routes[0].fault.is_some() && routes[0].mirror.is_none());
+        let want = [
+            "rule 0 left out: ExtensionRef TrafficPolicy ghost does not exist in namespace shop",
+            "rule 1 left out: ExtensionRef TrafficPolicy bad is invalid: spec.fault.delay.percentage: 150 is not a percentage",
+            "rule 2 left out: ExtensionRef to example.com/Thing chaos is not supported",
+            "rule 3 left out: both the RequestMirror filter and the TrafficPolicy's mirrorPercentage",
+            "rule 4: the TrafficPolicy sets mirrorPercentage but the rule has no RequestMirror filter",
+            "rule 4: the TrafficPolicy sets retryBudget but the rule has no retry",
+        ];
+        assert_eq!(issues.len(), want.len(), "{issues:?}");
+        for (got, want) in issues.iter().zip(want) {
+            assert!(got.starts_with(want), "{got:?} should start with {want:?}");
+        }
+
+        // Every problem of the invalid object is named by its field path.
+        let errs =
+            route_extension(&exts[&("shop".to_string(), "bad".to_string())]).expect_err("invalid");
+        let fields: Vec<&str> = errs
+            .iter()
+            .map(|e| e.split(':').next().unwrap_or_default())
+            .collect();
+        assert_eq!(
+            fields,
+            vec![
+                "spec.fault.delay.percentage",
+                "spec.fault.delay.fixedDelay",
+                "spec.fault.abort.httpStatus",
+                "spec.retryBudget.percent"
+            ]
+        );
     }
 
     #[test]

@@ -86,9 +86,10 @@ pub fn enrolled(model: &Model, p: &Pod) -> bool {
     }
 }
 
-/// The waypoint named by `own` (or the namespace label), when its Gateway
-/// serves `kind` ("service" or "workload").
-fn waypoint(model: &Model, ns: &str, own: &Labels, kind: &str) -> Option<pb::GatewayAddress> {
+/// The waypoint Gateway named by `own` (or the namespace label), when it
+/// serves `kind` ("service" or "workload"), with the VIP of its Service,
+/// where it is reached. One lookup for addresses and waypoint routes alike.
+fn waypoint_gateway(model: &Model, ns: &str, own: &Labels, kind: &str) -> Option<(NsName, IpAddr)> {
     let ns_labels = model
         .namespaces
         .get(ns)
@@ -100,7 +101,8 @@ fn waypoint(model: &Model, ns: &str, own: &Labels, kind: &str) -> Option<pb::Gat
     if name == "none" {
         return None;
     }
-    let gw = model.gateways.get(&(ns.to_string(), name.clone()))?;
+    let key = (ns.to_string(), name.clone());
+    let gw = model.gateways.get(&key)?;
     if gw.spec.gateway_class_name != WAYPOINT_CLASS {
         return None;
     }
@@ -113,8 +115,13 @@ fn waypoint(model: &Model, ns: &str, own: &Labels, kind: &str) -> Option<pb::Gat
         return None;
     }
     // The waypoint is reached at its Service's VIP.
-    let svc = model.services.get(&(ns.to_string(), name.clone()))?;
+    let svc = model.services.get(&key)?;
     let vip: IpAddr = svc.spec.as_ref()?.cluster_ip.as_deref()?.parse().ok()?;
+    Some((key, vip))
+}
+
+fn waypoint(model: &Model, ns: &str, own: &Labels, kind: &str) -> Option<pb::GatewayAddress> {
+    let (_, vip) = waypoint_gateway(model, ns, own, kind)?;
     Some(pb::GatewayAddress {
         destination: Some(pb::gateway_address::Destination::Address(
             pb::NetworkAddress {
@@ -124,6 +131,13 @@ fn waypoint(model: &Model, ns: &str, own: &Labels, kind: &str) -> Option<pb::Gat
         )),
         hbone_mtls_port: 15008,
     })
+}
+
+/// The waypoint Gateway (namespace, name) that serves Service `key`: the
+/// one its published address points at.
+pub fn service_waypoint(model: &Model, key: &NsName) -> Option<NsName> {
+    let svc = model.services.get(key)?;
+    waypoint_gateway(model, &key.0, &labels(&svc.metadata), "service").map(|(gw, _)| gw)
 }
 
 fn target_port(tp: Option<&IntOrString>, port: i32, pod: &Pod) -> u32 {
@@ -141,7 +155,7 @@ fn target_port(tp: Option<&IntOrString>, port: i32, pod: &Pod) -> u32 {
     }
 }
 
-fn hostname(model: &Model, ns: &str, name: &str) -> String {
+pub fn hostname(model: &Model, ns: &str, name: &str) -> String {
     format!("{name}.{ns}.svc.{}", model.cfg.domain_suffix)
 }
 
@@ -262,7 +276,7 @@ pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
         .iter()
         .filter(|((pns, _), ap)| {
             (pns == ns || *pns == model.cfg.root_namespace)
-                && ap.spec.target_refs.is_empty()
+                && !ap.spec.has_targets()
                 && ap
                     .spec
                     .selector

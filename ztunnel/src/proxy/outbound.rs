@@ -69,14 +69,30 @@ fn waypoint_route(
     if src.addresses.contains(ip) {
         return None;
     }
-    let Some(w) = snap.workload_by_ip(network, *ip) else {
-        return Some(Err(RouteError::UnknownWaypoint(ip.to_string())));
+    // The waypoint is published as its Service's VIP (or, for a waypoint
+    // without one, its pod's address); a VIP resolves to one of its pods.
+    let w = if let Some(svc) = snap.service_by_vip(network, *ip) {
+        if src.services.contains_key(&svc.service.key()) {
+            return None;
+        }
+        match snap.pick_endpoint(svc) {
+            Some(w) => w,
+            None => return Some(Err(RouteError::NoHealthyEndpoints(svc.service.key()))),
+        }
+    } else {
+        match snap.workload_by_ip(network, *ip) {
+            Some(w) => w.clone(),
+            None => return Some(Err(RouteError::UnknownWaypoint(ip.to_string()))),
+        }
+    };
+    let Some(wp_ip) = w.addresses.first().copied() else {
+        return Some(Err(RouteError::UnknownWaypoint(w.uid.clone())));
     };
     Some(Ok(Route::Hbone {
-        next_hop: SocketAddr::new(*ip, wp.hbone_port),
+        next_hop: SocketAddr::new(wp_ip, wp.hbone_port),
         target,
         peer_identity: w.identity.clone(),
-        dst_workload: w.clone(),
+        dst_workload: w,
         via_waypoint: true,
         service,
     }))
@@ -100,7 +116,8 @@ fn to_workload(w: Arc<Workload>, target: SocketAddr, service: Option<String>) ->
     }
 }
 
-fn target_port(svc: &ServiceEntry, ep: &Workload, port: u16) -> u16 {
+/// The port on `ep` that service port `port` of `svc` leads to.
+pub fn target_port(svc: &ServiceEntry, ep: &Workload, port: u16) -> u16 {
     let key = svc.service.key();
     ep.services
         .get(&key)

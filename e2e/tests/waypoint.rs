@@ -1,0 +1,367 @@
+//! The waypoint in the lab: a namespace that asks for L7 gets it through
+//! its waypoint pod (the production binary), and one that does not never
+//! reaches a waypoint. Routing, weighted splits, retries under a budget,
+//! timeouts, outlier ejection, trace context, metrics and the access log
+//! are each checked from a client pod's point of view.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+use e2e::lab::Lab;
+use e2e::mesh::eventually;
+use serde_json::Value;
+
+use e2e::lab::Down as Guard;
+
+fn yaml(text: &str) -> Vec<Value> {
+    e2e::lab::parse_docs(text).unwrap()
+}
+
+/// An http-echo Deployment whose pods carry `labels` (and `app: name`).
+fn echo(ns: &str, name: &str, replicas: u32, labels: &str, args: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}{labels}}}}}\n    spec:\n      serviceAccountName: {name}\n      containers: [{{name: app, image: labapp, args: [http-echo, --port, \"8080\"{args}]}}]\n---\n"
+    )
+}
+
+fn service(ns: &str, name: &str, selector: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: {ns}}}\nspec: {{selector: {{{selector}}}, ports: [{{name: http, port: 80, targetPort: 8080}}]}}\n---\n"
+    )
+}
+
+#[derive(Debug, Default, serde::Deserialize)]
+struct Load {
+    status: BTreeMap<u16, usize>,
+    by_pod: BTreeMap<String, usize>,
+    errors: usize,
+    first_error: Option<String>,
+    max_ms: f64,
+}
+
+impl Load {
+    fn ok(&self) -> usize {
+        self.status.get(&200).copied().unwrap_or(0)
+    }
+}
+
+/// `labapp load` from a pod.
+fn load(
+    lab: &Lab,
+    from: &str,
+    url: &str,
+    requests: usize,
+    concurrency: usize,
+    extra: &[&str],
+) -> Load {
+    let n = requests.to_string();
+    let c = concurrency.to_string();
+    let mut cmd = vec!["labapp", "load", url, "--requests", &n, "--concurrency", &c];
+    cmd.extend_from_slice(extra);
+    let out = lab.exec(from, &cmd).unwrap();
+    assert!(
+        out.status.success(),
+        "load failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stdout)))
+}
+
+fn get(lab: &Lab, from: &str, url: &str, headers: &[&str]) -> String {
+    let mut cmd = vec!["labapp", "get", url];
+    for h in headers {
+        cmd.extend_from_slice(&["--header", h]);
+    }
+    let out = lab.exec(from, &cmd).unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// The echo pod's count of requests served, asked directly (pod IPs are
+/// not sent through the waypoint: it serves services).
+fn served(lab: &Lab, from: &str, pod: &str) -> u64 {
+    let ip = lab.pod(pod).unwrap().ip.clone();
+    let body = get(lab, from, &format!("http://{ip}:8080/_stats"), &[]);
+    body.lines()
+        .find_map(|l| l.strip_prefix("served="))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no count from {pod}: {body}"))
+}
+
+fn metrics(lab: &Lab, waypoint: &str) -> String {
+    let ip = lab.pod(waypoint).unwrap().ip.clone();
+    get(lab, waypoint, &format!("http://{ip}:15020/metrics"), &[])
+}
+
+/// The sum of `istio_requests_total` series whose labels contain all of `want`.
+fn requests_total(metrics: &str, want: &[&str]) -> u64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with("istio_requests_total{"))
+        .filter(|l| want.iter().all(|w| l.contains(w)))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum()
+}
+
+#[tokio::test]
+async fn a_waypoint_routes_splits_retries_times_out_and_ejects() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guard(Lab::create(dir.path(), 1, 2).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::new();
+    docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}\n---\n");
+    docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: plain, labels: {istio.io/dataplane-mode: ambient}}\n---\n");
+    docs.push_str("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n");
+    docs.push_str(&echo(
+        "shop",
+        "reviews-v1",
+        2,
+        ", svc: reviews, version: v1",
+        "",
+    ));
+    docs.push_str(&echo(
+        "shop",
+        "reviews-v2",
+        1,
+        ", svc: reviews, version: v2",
+        "",
+    ));
+    docs.push_str(&echo("shop", "flaky", 2, "", ", --fail-percent, \"30\""));
+    docs.push_str(&echo("shop", "slow", 1, "", ", --delay-ms, \"2000\""));
+    docs.push_str(&echo("shop", "eject", 2, "", ""));
+    docs.push_str(&echo("plain", "direct", 1, "", ""));
+    docs.push_str("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: client, namespace: shop}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: client}}\n  template:\n    metadata: {labels: {app: client}}\n    spec:\n      serviceAccountName: client\n      containers: [{name: app, image: labapp, args: [sleep]}]\n---\n");
+    docs.push_str(&service("shop", "reviews", "svc: reviews"));
+    docs.push_str(&service("shop", "reviews-v1", "version: v1"));
+    docs.push_str(&service("shop", "reviews-v2", "version: v2"));
+    docs.push_str(&service("shop", "flaky", "app: flaky"));
+    docs.push_str(&service("shop", "slow", "app: slow"));
+    docs.push_str(&service("shop", "eject", "app: eject"));
+    docs.push_str(&service("plain", "direct", "app: direct"));
+    docs.push_str(
+        "apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: reviews, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: reviews, port: 80}]
+  rules:
+  - matches: [{headers: [{name: x-version, value: v2}]}]
+    backendRefs: [{name: reviews-v2, port: 80}]
+  - backendRefs: [{name: reviews-v1, port: 80, weight: 90}, {name: reviews-v2, port: 80, weight: 10}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: flaky, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: flaky}]
+  rules:
+  - backendRefs: [{name: flaky, port: 80}]
+    retry: {attempts: 3, codes: [503], backoff: 5ms}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: slow, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: slow}]
+  rules:
+  - backendRefs: [{name: slow, port: 80}]
+    timeouts: {request: 300ms}
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: eject, namespace: shop}
+spec:
+  host: eject.shop.svc.cluster.local
+  trafficPolicy:
+    outlierDetection: {consecutive5xxErrors: 3, interval: 1s, baseEjectionTime: 3s, maxEjectionPercent: 50}
+",
+    );
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let lab = &g.0;
+    assert!(!lab.pod("shop/waypoint-0").unwrap().captured);
+    let client = "shop/client-0";
+
+    eventually(
+        "the waypoint serves reviews",
+        Duration::from_secs(60),
+        || async {
+            load(
+                lab,
+                client,
+                "http://reviews.shop/",
+                1,
+                1,
+                &["--header", "x-version: v2"],
+            )
+            .by_pod
+            .keys()
+            .any(|p| p.starts_with("reviews-v2"))
+        },
+    )
+    .await;
+
+    // A header match sends everything to v2.
+    let v2 = load(
+        lab,
+        client,
+        "http://reviews.shop/",
+        50,
+        4,
+        &["--header", "x-version: v2"],
+    );
+    assert_eq!(v2.ok(), 50, "{v2:?}");
+    assert!(
+        v2.by_pod.keys().all(|p| p.starts_with("reviews-v2")),
+        "{v2:?}"
+    );
+
+    // A 90/10 split over 10 000 requests lands within two points.
+    let split = load(lab, client, "http://reviews.shop/", 10_000, 16, &[]);
+    assert_eq!(split.errors, 0, "{:?}", split.first_error);
+    assert_eq!(split.ok(), 10_000, "{split:?}");
+    let to_v2: usize = split
+        .by_pod
+        .iter()
+        .filter(|(p, _)| p.starts_with("reviews-v2"))
+        .map(|(_, n)| n)
+        .sum();
+    let share = to_v2 as f64 / 100.0;
+    assert!((8.0..=12.0).contains(&share), "v2 got {share}%: {split:?}");
+    // Per request, not per connection: both v1 pods take a fair share.
+    for p in ["reviews-v1-0", "reviews-v1-1"] {
+        let n = split.by_pod.get(p).copied().unwrap_or(0);
+        assert!(n > 3000, "{p} got {n}: {split:?}");
+    }
+
+    // Retries turn a backend failing 30% of requests into near-total success.
+    // (Two at a time: the budget's floor of three concurrent retries is
+    // never the limit, so this measures the retries alone: 0.3^4 fail.)
+    let flaky = load(lab, client, "http://flaky.shop/", 300, 2, &[]);
+    assert!(flaky.ok() >= 290, "{flaky:?}");
+
+    // When it fails everything, the budget caps retries well below the
+    // three per request the route allows.
+    for p in ["shop/flaky-0", "shop/flaky-1"] {
+        let ip = lab.pod(p).unwrap().ip.clone();
+        get(
+            lab,
+            client,
+            &format!("http://{ip}:8080/_fail?percent=100"),
+            &[],
+        );
+    }
+    let before: u64 = ["shop/flaky-0", "shop/flaky-1"]
+        .iter()
+        .map(|p| served(lab, client, p))
+        .sum();
+    let failing = load(lab, client, "http://flaky.shop/", 400, 32, &[]);
+    let after: u64 = ["shop/flaky-0", "shop/flaky-1"]
+        .iter()
+        .map(|p| served(lab, client, p))
+        .sum();
+    assert_eq!(failing.status.get(&503).copied(), Some(400), "{failing:?}");
+    let attempts = after - before;
+    assert!(
+        (400..=640).contains(&attempts),
+        "{attempts} upstream attempts for 400 requests (1600 without a budget)"
+    );
+
+    // A request timeout answers 504 on time, not when the backend does.
+    let started = Instant::now();
+    let slow = load(lab, client, "http://slow.shop/", 3, 1, &[]);
+    assert_eq!(slow.status.get(&504).copied(), Some(3), "{slow:?}");
+    assert!(slow.max_ms < 1500.0, "{slow:?}");
+    assert!(started.elapsed() < Duration::from_secs(6));
+
+    // An endpoint failing in a row is ejected, and returns after its time.
+    let bad = lab.pod("shop/eject-0").unwrap().ip.clone();
+    get(
+        lab,
+        client,
+        &format!("http://{bad}:8080/_fail?percent=100"),
+        &[],
+    );
+    let ejecting = load(lab, client, "http://eject.shop/", 60, 1, &[]);
+    let to_bad = ejecting.by_pod.get("eject-0").copied().unwrap_or(0);
+    assert!((3..=4).contains(&to_bad), "{ejecting:?}");
+    assert_eq!(
+        ejecting.by_pod.get("eject-1").copied(),
+        Some(60 - to_bad),
+        "{ejecting:?}"
+    );
+    get(
+        lab,
+        client,
+        &format!("http://{bad}:8080/_fail?percent=0"),
+        &[],
+    );
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    let back = load(lab, client, "http://eject.shop/", 40, 1, &[]);
+    assert_eq!(back.ok(), 40, "{back:?}");
+    assert!(
+        back.by_pod.get("eject-0").copied().unwrap_or(0) > 5,
+        "{back:?}"
+    );
+
+    // The trace continues through the waypoint: same trace id, new parent.
+    let tp = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let body = get(
+        lab,
+        client,
+        "http://reviews.shop/",
+        &[&format!("traceparent: {tp}")],
+    );
+    let got = body
+        .lines()
+        .find_map(|l| l.strip_prefix("traceparent: "))
+        .unwrap_or_else(|| panic!("no traceparent at the backend: {body}"));
+    assert!(
+        got.starts_with("00-4bf92f3577b34da6a3ce929d0e0e4736-"),
+        "{got}"
+    );
+    assert!(!got.contains("00f067aa0ba902b7"), "{got}");
+
+    // A namespace without a waypoint pays nothing: its traffic never
+    // reaches the waypoint.
+    let direct = load(lab, client, "http://direct.plain/", 20, 2, &[]);
+    assert_eq!(direct.ok(), 20, "{direct:?}");
+
+    // Metrics and the access log show each of these.
+    let m = metrics(lab, "shop/waypoint-0");
+    let svc = |s: &str| format!("destination_service=\"{s}.shop.svc.cluster.local\"");
+    assert!(
+        requests_total(&m, &[&svc("reviews-v2"), "response_code=\"200\""]) >= 1000,
+        "{m}"
+    );
+    assert!(
+        requests_total(&m, &[&svc("flaky"), "response_flags=\"URX\""]) >= 1,
+        "{m}"
+    );
+    assert_eq!(
+        requests_total(
+            &m,
+            &[
+                &svc("slow"),
+                "response_code=\"504\"",
+                "response_flags=\"UT\""
+            ]
+        ),
+        3,
+        "{m}"
+    );
+    assert!(
+        requests_total(&m, &[&svc("eject"), "response_code=\"503\""]) >= 3,
+        "{m}"
+    );
+    assert!(m.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\""));
+    assert!(m.contains("reporter=\"waypoint\""));
+    assert!(m.contains("istio_request_duration_milliseconds_bucket"));
+    assert_eq!(requests_total(&m, &["direct.plain"]), 0, "{m}");
+    let log = std::fs::read_to_string(dir.path().join("logs/pod-shop-waypoint-0.log")).unwrap();
+    assert!(
+        log.contains("response_code=504 response_flags=\"UT\""),
+        "{log}"
+    );
+    assert!(log.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"));
+    assert!(!log.contains("direct.plain"));
+}

@@ -1,0 +1,344 @@
+//! Delta ADS over real gRPC (in-process, plaintext): waypoint routes go
+//! only to waypoints, and to each only the routes of its own services.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use istiod_lite::ca::auth::BootstrapTokens;
+use istiod_lite::config::objects::{Change, Object};
+use istiod_lite::model::{Model, ModelConfig};
+use istiod_lite::xds::{AdsService, Hub};
+use mesh_proto::envoy::config::core::v3::Node;
+use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
+use mesh_proto::mesh::waypoint::{Protocol, ServiceRoutes};
+use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp-a, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wp-a, namespace: shop}
+spec: {clusterIP: 10.96.0.100, ports: [{port: 15008}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp-b, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: wp-b, namespace: shop}
+spec: {clusterIP: 10.96.0.101, ports: [{port: 15008}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-a-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp-a}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.10, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-b-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp-b}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.11, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.12, phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: api, namespace: shop, labels: {istio.io/use-waypoint: wp-b}}
+spec: {clusterIP: 10.96.0.11, ports: [{port: 80}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec: {clusterIP: 10.96.0.12, ports: [{port: 80}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: web-get-only, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: "", name: web}]
+  rules: [{to: [{operation: {methods: [GET]}}]}]
+"#;
+
+fn web(waypoint: &str) -> String {
+    format!(
+        r#"
+apiVersion: v1
+kind: Service
+metadata: {{name: web, namespace: shop, labels: {{istio.io/use-waypoint: {waypoint}}}}}
+spec: {{selector: {{app: web}}, clusterIP: 10.96.0.10, ports: [{{name: http, port: 80}}, {{name: grpc-x, port: 90}}, {{port: 5432, appProtocol: tcp}}]}}
+"#
+    )
+}
+
+const WEB: &str = "shop/web.shop.svc.cluster.local";
+const API: &str = "shop/api.shop.svc.cluster.local";
+
+fn changes(yaml: &str) -> Vec<Change> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .map(|v| Change::Upsert(Object::parse(v).unwrap().unwrap()))
+        .collect()
+}
+
+fn token(node: &str) -> String {
+    format!("bootstrap-token-for-{node}-0123456789")
+}
+
+async fn serve(yaml: &str) -> (Arc<Hub>, SocketAddr) {
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    hub.apply(changes(yaml));
+    hub.set_ready();
+    let tokens = BootstrapTokens::new(
+        ["node-a", "node-b"]
+            .into_iter()
+            .map(|n| (n.to_string(), token(n))),
+    )
+    .unwrap();
+    let ads = AdsService::new(hub.clone(), Arc::new(tokens)).into_server();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(ads)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (hub, addr)
+}
+
+/// One proxy's stream: the first request carries its Node.
+struct Proxy {
+    tx: mpsc::Sender<DeltaDiscoveryRequest>,
+    rx: tonic::Streaming<DeltaDiscoveryResponse>,
+}
+
+fn subscribe(type_url: &str) -> DeltaDiscoveryRequest {
+    DeltaDiscoveryRequest {
+        type_url: type_url.into(),
+        resource_names_subscribe: vec!["*".into()],
+        ..Default::default()
+    }
+}
+
+impl Proxy {
+    /// Connects as `proxy_id` with `node`'s token and subscribes to `first`.
+    async fn connect(addr: SocketAddr, node: &str, proxy_id: &str, first: &str) -> Proxy {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        let (tx, rx) = mpsc::channel(16);
+        tx.send(DeltaDiscoveryRequest {
+            node: Some(Node {
+                id: proxy_id.into(),
+                ..Default::default()
+            }),
+            ..subscribe(first)
+        })
+        .await
+        .unwrap();
+        let mut req = tonic::Request::new(ReceiverStream::new(rx));
+        req.metadata_mut().insert(
+            "authorization",
+            format!("Bearer {}", token(node)).parse().unwrap(),
+        );
+        let rx = client
+            .delta_aggregated_resources(req)
+            .await
+            .unwrap()
+            .into_inner();
+        Proxy { tx, rx }
+    }
+
+    async fn send(&self, req: DeltaDiscoveryRequest) {
+        self.tx.send(req).await.unwrap();
+    }
+
+    async fn next(&mut self) -> DeltaDiscoveryResponse {
+        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .expect("a response within 5 s")
+            .unwrap()
+            .expect("stream open")
+    }
+
+    /// Nothing arrives within a short while.
+    async fn quiet(&mut self) {
+        if let Ok(m) = tokio::time::timeout(Duration::from_millis(300), self.rx.message()).await {
+            panic!("expected nothing, got {m:?}");
+        }
+    }
+
+    /// The next response must be ServiceRoutes: (names sent, names removed).
+    async fn routes(&mut self) -> (Vec<ServiceRoutes>, Vec<String>) {
+        let r = self.next().await;
+        assert_eq!(r.type_url, SERVICE_ROUTES_TYPE_URL, "{r:?}");
+        let sent = r
+            .resources
+            .iter()
+            .map(|r| {
+                let any = r.resource.as_ref().expect("body");
+                ServiceRoutes::decode(any.value.as_slice()).expect("decodes")
+            })
+            .collect();
+        (sent, r.removed_resources)
+    }
+}
+
+fn keys(routes: &[ServiceRoutes]) -> Vec<String> {
+    routes
+        .iter()
+        .map(|r| format!("{}/{}", r.namespace, r.hostname))
+        .collect()
+}
+
+#[tokio::test]
+async fn only_a_waypoint_gets_routes_and_only_for_its_own_services() {
+    let (hub, addr) = serve(&format!("{MESH}---\n{}", web("wp-a"))).await;
+
+    // A ztunnel that asks for routes is refused: the next response on its
+    // stream answers its next subscription, not that one.
+    let mut ztunnel =
+        Proxy::connect(addr, "node-a", "ztunnel~node-a", SERVICE_ROUTES_TYPE_URL).await;
+    ztunnel.send(subscribe(ADDRESS_TYPE_URL)).await;
+    assert_eq!(ztunnel.next().await.type_url, ADDRESS_TYPE_URL);
+
+    // So is a waypoint's pod claimed from another node, and a pod that is
+    // no waypoint.
+    let mut elsewhere = Proxy::connect(
+        addr,
+        "node-b",
+        "waypoint~shop~wp-a-1",
+        SERVICE_ROUTES_TYPE_URL,
+    )
+    .await;
+    elsewhere.send(subscribe(AUTHORIZATION_TYPE_URL)).await;
+    assert_eq!(elsewhere.next().await.type_url, AUTHORIZATION_TYPE_URL);
+    let mut impostor = Proxy::connect(
+        addr,
+        "node-a",
+        "waypoint~shop~web-1",
+        SERVICE_ROUTES_TYPE_URL,
+    )
+    .await;
+    impostor.send(subscribe(AUTHORIZATION_TYPE_URL)).await;
+    assert_eq!(impostor.next().await.type_url, AUTHORIZATION_TYPE_URL);
+
+    // Each waypoint gets exactly the services that use it.
+    let mut a = Proxy::connect(
+        addr,
+        "node-a",
+        "waypoint~shop~wp-a-1",
+        SERVICE_ROUTES_TYPE_URL,
+    )
+    .await;
+    let (sent, _) = a.routes().await;
+    assert_eq!(keys(&sent), vec![WEB]);
+    let web_routes = &sent[0];
+    let ports: Vec<(u32, i32)> = web_routes
+        .ports
+        .iter()
+        .map(|p| (p.port, p.protocol))
+        .collect();
+    assert_eq!(
+        ports,
+        vec![
+            (80, Protocol::Http1 as i32),
+            (90, Protocol::Http2 as i32),
+            (5432, Protocol::Tcp as i32)
+        ]
+    );
+    assert_eq!(
+        web_routes
+            .policies
+            .iter()
+            .map(|p| p.name.as_str())
+            .collect::<Vec<_>>(),
+        vec!["shop/web-get-only"]
+    );
+    let mut b = Proxy::connect(
+        addr,
+        "node-a",
+        "waypoint~shop~wp-b-1",
+        SERVICE_ROUTES_TYPE_URL,
+    )
+    .await;
+    let (sent, _) = b.routes().await;
+    assert_eq!(keys(&sent), vec![API]);
+
+    // web moves to wp-b: its routes are the same, yet it leaves wp-a and
+    // joins wp-b.
+    hub.apply(changes(&web("wp-b")));
+    let (sent, removed) = a.routes().await;
+    assert!(sent.is_empty(), "{sent:?}");
+    assert_eq!(removed, vec![WEB]);
+    let (sent, removed) = b.routes().await;
+    assert_eq!(keys(&sent), vec![WEB]);
+    assert!(removed.is_empty(), "{removed:?}");
+
+    // The refused got nothing of it (ztunnels do get the Address change).
+    assert_eq!(ztunnel.next().await.type_url, ADDRESS_TYPE_URL);
+    ztunnel.quiet().await;
+    elsewhere.quiet().await;
+    impostor.quiet().await;
+}
+
+#[tokio::test]
+async fn a_waypoint_refused_before_its_pod_is_known_is_served_once_it_is() {
+    let (hub, addr) = serve(&format!("{MESH}---\n{}", web("wp-a"))).await;
+    let mut early = Proxy::connect(
+        addr,
+        "node-b",
+        "waypoint~shop~wp-a-2",
+        SERVICE_ROUTES_TYPE_URL,
+    )
+    .await;
+    early.quiet().await;
+    hub.apply(changes(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-a-2, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp-a}}
+spec: {nodeName: node-b, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.20, phase: Running}
+"#,
+    ));
+    let (sent, _) = early.routes().await;
+    assert_eq!(keys(&sent), vec![WEB]);
+
+    // Its Gateway stops being a waypoint: its routes are withdrawn.
+    hub.apply(changes(
+        r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp-a, namespace: shop}
+spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTTP}]}
+"#,
+    ));
+    let (sent, removed) = early.routes().await;
+    assert!(sent.is_empty(), "{sent:?}");
+    assert_eq!(removed, vec![WEB]);
+}

@@ -1,0 +1,276 @@
+//! Wiring: config -> certificate for the waypoint's identity -> xDS
+//! (endpoints and routes) -> HBONE listener -> admin, metrics, readiness
+//! -> drain on SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::StatusCode;
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tracing::info;
+use ztunnel::admin::{Readiness, endpoints, process_stats, respond};
+use ztunnel::app::{AppError, start_err};
+use ztunnel::ca::{CaClientConfig, IstioCaClient};
+use ztunnel::certs::{Backoff, CertState, CertificateManager};
+use ztunnel::clock::SystemClock;
+use ztunnel::identity::Identity;
+use ztunnel::metrics::Metrics;
+use ztunnel::proxy::pool::{Pool, PoolSettings};
+use ztunnel::state::ProxyState;
+use ztunnel::tls::TrustRoots;
+use ztunnel::xds::{StateSink, XdsClient, XdsConfig};
+
+use crate::config::Config;
+use crate::proxy::Waypoint;
+use crate::routes::RouteTable;
+use crate::sink::WaypointSink;
+use crate::telemetry::{Exporter, HttpMetrics};
+use crate::upstream::Upstreams;
+
+/// A running waypoint.
+pub struct App {
+    pub waypoint: Arc<Waypoint>,
+    pub xds: Arc<XdsClient>,
+    pub hbone_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
+    pub readiness_addr: SocketAddr,
+    stop: CancellationToken,
+}
+
+struct Ready {
+    waypoint: Arc<Waypoint>,
+    xds: Arc<XdsClient>,
+}
+
+impl Readiness for Ready {
+    fn check(&self) -> Result<(), String> {
+        let wp = &self.waypoint;
+        if wp.draining.is_cancelled() {
+            return Err("draining".into());
+        }
+        if !self.xds.synced() {
+            return Err("no config from the controller yet".into());
+        }
+        let ok = wp
+            .certs
+            .status()
+            .iter()
+            .any(|s| s.identity == wp.identity && s.state == CertState::Available);
+        if !ok {
+            return Err(format!("certificate for {} pending", wp.identity));
+        }
+        Ok(())
+    }
+}
+
+fn config_dump(wp: &Waypoint, xds: &XdsClient) -> serde_json::Value {
+    let routes: serde_json::Map<String, serde_json::Value> = wp
+        .routes
+        .keys()
+        .into_iter()
+        .filter_map(|k| {
+            let s = wp.routes.get(&k)?;
+            Some((
+                k,
+                json!({
+                    "routes": s.routes.iter().map(|r| json!({
+                        "name": r.name,
+                        "backends": r.backends.iter().map(|b| format!("{}:{} weight {}", b.service, b.port, b.weight)).collect::<Vec<_>>(),
+                        "request_timeout": r.request_timeout.map(|d| format!("{d:?}")),
+                        "per_try_timeout": r.per_try_timeout.map(|d| format!("{d:?}")),
+                        "retry": r.retry.as_ref().map(|r| format!("{r:?}")),
+                        "fault": r.fault.as_ref().map(|f| format!("{f:?}")),
+                    })).collect::<Vec<_>>(),
+                    "policies": s.policies.iter().map(|p| p.name.clone()).collect::<Vec<_>>(),
+                    "ports": s.ports.iter().map(|(p, v)| (p.to_string(), json!(format!("{v:?}")))).collect::<serde_json::Map<_, _>>(),
+                    "backend": format!("{:?}", s.backend),
+                }),
+            ))
+        })
+        .collect();
+    let dump = wp.state.snapshot().dump();
+    json!({
+        "identity": wp.identity.to_string(),
+        "synced": xds.synced(),
+        "services": dump.services,
+        "workloads": dump.workloads,
+        "routes": routes,
+        "certificates": wp.certs.status(),
+        "upstream": {
+            "hbone_connections": wp.upstreams.pool().connection_count(),
+            "http_connections": wp.upstreams.connection_count(),
+        },
+        "process": process_stats(),
+    })
+}
+
+impl App {
+    pub async fn start(cfg: Config) -> Result<App, AppError> {
+        ztunnel::tls::install_default_provider();
+        let cfg = Arc::new(cfg);
+        let identity = Identity::new(&cfg.trust_domain, &cfg.namespace, &cfg.service_account)
+            .map_err(|e| start_err("identity", e))?;
+        let root = std::fs::read_to_string(&cfg.ca.root_cert)
+            .map_err(|e| start_err(format!("CA root {}", cfg.ca.root_cert.display()), e))?;
+        let token = match &cfg.ca.token_file {
+            Some(p) => Some(
+                std::fs::read_to_string(p)
+                    .map_err(|e| start_err(format!("token {}", p.display()), e))?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let ca = IstioCaClient::new(CaClientConfig {
+            address: cfg.ca.address.clone(),
+            ca_root_pem: root.clone(),
+            server_name: cfg.ca.server_name.clone(),
+            token: token.clone(),
+            validity: cfg.ca.validity,
+            request_timeout: Duration::from_secs(10),
+        })
+        .map_err(|e| start_err("CA client", e))?;
+        let certs = CertificateManager::new(
+            Arc::new(ca),
+            Arc::new(SystemClock),
+            TrustRoots::empty(),
+            Backoff::default(),
+        );
+        certs.prefetch(&identity);
+
+        let state = ProxyState::default();
+        let routes = RouteTable::default();
+        let stop = CancellationToken::new();
+        let xds = XdsClient::new(
+            XdsConfig {
+                address: cfg.xds_address.clone(),
+                ca_root_pem: root,
+                server_name: cfg.ca.server_name.clone(),
+                token,
+                proxy_id: cfg.proxy_id(),
+                user_agent: "waypoint".into(),
+            },
+            Arc::new(WaypointSink {
+                state: StateSink {
+                    state: state.clone(),
+                    trust_domain: cfg.trust_domain.clone(),
+                },
+                routes: routes.clone(),
+            }),
+        );
+        tokio::spawn(xds.clone().run(stop.clone()));
+
+        let mut metrics = Metrics::default();
+        let http_metrics = HttpMetrics::register(&mut metrics.registry);
+        let metrics = Arc::new(metrics);
+        let pool = Pool::new(
+            certs.clone(),
+            PoolSettings {
+                h2: cfg.h2.clone(),
+                cfg: cfg.pool.clone(),
+                connect_timeout: cfg.connect_timeout,
+                handshake_timeout: cfg.handshake_timeout,
+                mark: None,
+            },
+            metrics.clone(),
+        );
+        let exporter = match &cfg.otlp_endpoint {
+            Some(e) => Exporter::start(e.clone(), format!("{}.{}", cfg.gateway, cfg.namespace)),
+            None => Exporter::disabled(),
+        };
+        let waypoint = Waypoint::new(
+            cfg.clone(),
+            identity.clone(),
+            state,
+            routes,
+            certs,
+            Upstreams::new(pool, identity.clone(), cfg.connect_timeout),
+            http_metrics,
+            exporter,
+        );
+        // Idle upstream HTTP/1 connections and forgotten endpoints are swept.
+        let weak = Arc::downgrade(&waypoint);
+        let sweep_stop = stop.clone();
+        tokio::spawn(async move {
+            loop {
+                tokio::select! {
+                    _ = sweep_stop.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(5)) => {}
+                }
+                let Some(wp) = weak.upgrade() else { return };
+                wp.upstreams.evict_idle(Duration::from_secs(60));
+                let snap = wp.state.snapshot();
+                wp.balancer.retain(|uid| snap.workload(uid).is_some());
+            }
+        });
+
+        let hbone = TcpListener::bind(cfg.hbone_addr)
+            .await
+            .map_err(|e| start_err(format!("bind {}", cfg.hbone_addr), e))?;
+        let hbone_addr = hbone
+            .local_addr()
+            .map_err(|e| start_err("HBONE listener", e))?;
+        tokio::spawn(waypoint.clone().serve(hbone));
+
+        let (wp, x) = (waypoint.clone(), xds.clone());
+        let admin = move |req: &http::Request<hyper::body::Incoming>| match req.uri().path() {
+            "/config_dump" => respond(
+                StatusCode::OK,
+                "application/json",
+                serde_json::to_vec_pretty(&config_dump(&wp, &x)).unwrap_or_default(),
+            ),
+            _ => respond(StatusCode::NOT_FOUND, "text/plain", "try /config_dump\n"),
+        };
+        let (admin_addr, metrics_addr, readiness_addr) = endpoints(
+            (cfg.admin_addr, cfg.metrics_addr, cfg.readiness_addr),
+            admin,
+            metrics,
+            Arc::new(Ready {
+                waypoint: waypoint.clone(),
+                xds: xds.clone(),
+            }),
+            stop.clone(),
+        )
+        .await
+        .map_err(|e| start_err("admin endpoints", e))?;
+        info!(%hbone_addr, %admin_addr, %metrics_addr, %readiness_addr, identity = %waypoint.identity, "waypoint started");
+        Ok(App {
+            waypoint,
+            xds,
+            hbone_addr,
+            admin_addr,
+            metrics_addr,
+            readiness_addr,
+            stop,
+        })
+    }
+
+    /// Stops accepting, lets open connections finish (HTTP/2 clients get a
+    /// GOAWAY) up to the drain deadline.
+    pub async fn shutdown(self) {
+        let wp = &self.waypoint;
+        wp.draining.cancel();
+        let mut rx = wp.open.subscribe();
+        info!(open = *rx.borrow(), deadline = ?wp.cfg.drain_timeout, "draining");
+        let drained = tokio::time::timeout(wp.cfg.drain_timeout, rx.wait_for(|n| *n == 0)).await;
+        if drained.is_err() {
+            info!("drain deadline passed; closing the rest");
+        }
+        self.stop.cancel();
+        info!("drained");
+    }
+}
+
+/// Runs until SIGTERM or SIGINT, then drains.
+pub async fn run(cfg: Config) -> Result<(), AppError> {
+    let app = App::start(cfg).await?;
+    ztunnel::app::shutdown_signal()
+        .await
+        .map_err(|e| start_err("SIGTERM handler", e))?;
+    app.shutdown().await;
+    Ok(())
+}

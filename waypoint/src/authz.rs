@@ -1,0 +1,505 @@
+//! L7 authorization at the waypoint, with Istio's semantics: any matching
+//! DENY denies; with no ALLOW policy the request is allowed; otherwise a
+//! matching ALLOW allows and nothing else does.
+
+use std::fmt;
+use std::net::IpAddr;
+
+use http::HeaderMap;
+use mesh_proto::mesh::waypoint as pb;
+
+use crate::routes::RouteError;
+
+/// Istio's string glob: "abc" exact, "abc*" prefix, "*abc" suffix, "*" any
+/// non-empty value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Glob {
+    Exact(String),
+    Prefix(String),
+    Suffix(String),
+    Present,
+}
+
+impl Glob {
+    pub fn new(s: &str) -> Glob {
+        if s == "*" {
+            Glob::Present
+        } else if let Some(p) = s.strip_suffix('*') {
+            Glob::Prefix(p.to_string())
+        } else if let Some(p) = s.strip_prefix('*') {
+            Glob::Suffix(p.to_string())
+        } else {
+            Glob::Exact(s.to_string())
+        }
+    }
+
+    pub fn matches(&self, v: &str) -> bool {
+        match self {
+            Glob::Exact(s) => v == s,
+            Glob::Prefix(p) => v.starts_with(p.as_str()),
+            Glob::Suffix(p) => v.ends_with(p.as_str()),
+            Glob::Present => !v.is_empty(),
+        }
+    }
+
+    /// Hosts compare without case and without a port.
+    fn matches_host(&self, host: &str) -> bool {
+        let h = host.to_ascii_lowercase();
+        let bare = h.rsplit_once(':').map(|(h, _)| h).unwrap_or(&h);
+        let lower = |g: &Glob| match g {
+            Glob::Exact(s) => Glob::Exact(s.to_ascii_lowercase()),
+            Glob::Prefix(s) => Glob::Prefix(s.to_ascii_lowercase()),
+            Glob::Suffix(s) => Glob::Suffix(s.to_ascii_lowercase()),
+            Glob::Present => Glob::Present,
+        };
+        let g = lower(self);
+        g.matches(&h) || g.matches(bare)
+    }
+}
+
+fn globs(v: &[String]) -> Vec<Glob> {
+    v.iter().map(|s| Glob::new(s)).collect()
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct Cidr {
+    addr: IpAddr,
+    len: u8,
+}
+
+impl Cidr {
+    fn parse(s: &str) -> Option<Cidr> {
+        let (a, l) = match s.split_once('/') {
+            Some((a, l)) => (a, Some(l)),
+            None => (s, None),
+        };
+        let addr: IpAddr = a.parse().ok()?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let len = match l {
+            Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max)?,
+            None => max,
+        };
+        Some(Cidr { addr, len })
+    }
+
+    fn contains(&self, ip: IpAddr) -> bool {
+        match (self.addr, ip) {
+            (IpAddr::V4(n), IpAddr::V4(i)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
+                u32::from(n) & mask == u32::from(i) & mask
+            }
+            (IpAddr::V6(n), IpAddr::V6(i)) => {
+                let mask = u128::MAX
+                    .checked_shl(128 - u32::from(self.len))
+                    .unwrap_or(0);
+                u128::from(n) & mask == u128::from(i) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+fn cidrs(v: &[String], policy: &str) -> Result<Vec<Cidr>, RouteError> {
+    v.iter()
+        .map(|s| {
+            Cidr::parse(s).ok_or_else(|| RouteError::Policy {
+                policy: policy.to_string(),
+                reason: format!("{s:?} is not an address or CIDR"),
+            })
+        })
+        .collect()
+}
+
+#[derive(Debug, Clone, Default)]
+struct Source {
+    principals: Vec<Glob>,
+    not_principals: Vec<Glob>,
+    namespaces: Vec<Glob>,
+    not_namespaces: Vec<Glob>,
+    ip_blocks: Vec<Cidr>,
+    not_ip_blocks: Vec<Cidr>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Operation {
+    hosts: Vec<Glob>,
+    not_hosts: Vec<Glob>,
+    ports: Vec<u32>,
+    not_ports: Vec<u32>,
+    methods: Vec<Glob>,
+    not_methods: Vec<Glob>,
+    paths: Vec<Glob>,
+    not_paths: Vec<Glob>,
+}
+
+#[derive(Debug, Clone)]
+struct Condition {
+    key: String,
+    values: Vec<Glob>,
+    not_values: Vec<Glob>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Rule {
+    from: Vec<Source>,
+    to: Vec<Operation>,
+    when: Vec<Condition>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Action {
+    Allow,
+    Deny,
+}
+
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub name: String,
+    pub action: Action,
+    rules: Vec<Rule>,
+}
+
+/// What a request is judged on.
+pub struct RequestAttrs<'a> {
+    /// Principal without "spiffe://".
+    pub principal: Option<&'a str>,
+    pub namespace: Option<&'a str>,
+    pub source_ip: IpAddr,
+    pub host: &'a str,
+    pub port: u16,
+    pub method: &'a str,
+    pub path: &'a str,
+    pub headers: &'a HeaderMap,
+}
+
+/// The outcome and the policy that decided it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Allowed(Option<String>),
+    Denied(String),
+}
+
+impl Decision {
+    pub fn is_allowed(&self) -> bool {
+        matches!(self, Decision::Allowed(_))
+    }
+}
+
+impl fmt::Display for Decision {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Decision::Allowed(None) => write!(f, "allowed: no ALLOW policy applies"),
+            Decision::Allowed(Some(p)) => write!(f, "allowed by {p}"),
+            Decision::Denied(why) => write!(f, "denied: {why}"),
+        }
+    }
+}
+
+fn any_or_empty<T>(v: &[T], f: impl Fn(&T) -> bool) -> bool {
+    v.is_empty() || v.iter().any(f)
+}
+
+fn none<T>(v: &[T], f: impl Fn(&T) -> bool) -> bool {
+    !v.iter().any(f)
+}
+
+impl Source {
+    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
+        let p = r.principal.unwrap_or("");
+        let ns = r.namespace.unwrap_or("");
+        // A field that names identities never matches a caller without one.
+        (self.principals.is_empty()
+            || (r.principal.is_some() && self.principals.iter().any(|g| g.matches(p))))
+            && (self.not_principals.is_empty() || none(&self.not_principals, |g| g.matches(p)))
+            && (self.namespaces.is_empty()
+                || (r.namespace.is_some() && self.namespaces.iter().any(|g| g.matches(ns))))
+            && none(&self.not_namespaces, |g| g.matches(ns))
+            && any_or_empty(&self.ip_blocks, |c| c.contains(r.source_ip))
+            && none(&self.not_ip_blocks, |c| c.contains(r.source_ip))
+    }
+}
+
+/// Paths compare without the query string.
+fn bare_path(p: &str) -> &str {
+    p.split_once('?').map(|(p, _)| p).unwrap_or(p)
+}
+
+impl Operation {
+    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
+        let path = bare_path(r.path);
+        any_or_empty(&self.hosts, |g| g.matches_host(r.host))
+            && none(&self.not_hosts, |g| g.matches_host(r.host))
+            && any_or_empty(&self.ports, |p| *p == u32::from(r.port))
+            && none(&self.not_ports, |p| *p == u32::from(r.port))
+            && any_or_empty(&self.methods, |g| g.matches(r.method))
+            && none(&self.not_methods, |g| g.matches(r.method))
+            && any_or_empty(&self.paths, |g| g.matches(path))
+            && none(&self.not_paths, |g| g.matches(path))
+    }
+}
+
+impl Condition {
+    fn value<'a>(&self, r: &'a RequestAttrs<'a>) -> Vec<String> {
+        let k = self.key.as_str();
+        if let Some(h) = k
+            .strip_prefix("request.headers[")
+            .and_then(|s| s.strip_suffix(']'))
+        {
+            return r
+                .headers
+                .get_all(h)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .map(str::to_string)
+                .collect();
+        }
+        let one = match k {
+            "source.principal" => r.principal.unwrap_or("").to_string(),
+            "source.namespace" => r.namespace.unwrap_or("").to_string(),
+            "source.ip" | "remote.ip" => r.source_ip.to_string(),
+            "destination.port" => r.port.to_string(),
+            "request.method" => r.method.to_string(),
+            "request.path" => bare_path(r.path).to_string(),
+            "request.host" => r.host.to_string(),
+            _ => return Vec::new(),
+        };
+        vec![one]
+    }
+
+    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
+        let vals = self.value(r);
+        let is_ip = matches!(self.key.as_str(), "source.ip" | "remote.ip");
+        let m = |g: &Glob, v: &str| {
+            if is_ip && let Glob::Exact(s) = g {
+                return match (Cidr::parse(s), v.parse::<IpAddr>()) {
+                    (Some(c), Ok(ip)) => c.contains(ip),
+                    _ => false,
+                };
+            }
+            g.matches(v)
+        };
+        (self.values.is_empty() || vals.iter().any(|v| self.values.iter().any(|g| m(g, v))))
+            && !vals.iter().any(|v| self.not_values.iter().any(|g| m(g, v)))
+    }
+}
+
+impl Rule {
+    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
+        any_or_empty(&self.from, |s| s.matches(r))
+            && any_or_empty(&self.to, |o| o.matches(r))
+            && self.when.iter().all(|c| c.matches(r))
+    }
+}
+
+impl Policy {
+    pub fn compile(p: &pb::Policy) -> Result<Policy, RouteError> {
+        let name = p.name.as_str();
+        let action = match pb::PolicyAction::try_from(p.action) {
+            Ok(pb::PolicyAction::Allow) => Action::Allow,
+            Ok(pb::PolicyAction::Deny) => Action::Deny,
+            Err(_) => {
+                return Err(RouteError::Policy {
+                    policy: name.to_string(),
+                    reason: format!("unknown action {}", p.action),
+                });
+            }
+        };
+        let rules = p
+            .rules
+            .iter()
+            .map(|r| {
+                Ok(Rule {
+                    from: r
+                        .from
+                        .iter()
+                        .map(|s| {
+                            Ok(Source {
+                                principals: globs(&s.principals),
+                                not_principals: globs(&s.not_principals),
+                                namespaces: globs(&s.namespaces),
+                                not_namespaces: globs(&s.not_namespaces),
+                                ip_blocks: cidrs(&s.ip_blocks, name)?,
+                                not_ip_blocks: cidrs(&s.not_ip_blocks, name)?,
+                            })
+                        })
+                        .collect::<Result<_, RouteError>>()?,
+                    to: r
+                        .to
+                        .iter()
+                        .map(|o| Operation {
+                            hosts: globs(&o.hosts),
+                            not_hosts: globs(&o.not_hosts),
+                            ports: o.ports.clone(),
+                            not_ports: o.not_ports.clone(),
+                            methods: globs(&o.methods),
+                            not_methods: globs(&o.not_methods),
+                            paths: globs(&o.paths),
+                            not_paths: globs(&o.not_paths),
+                        })
+                        .collect(),
+                    when: r
+                        .when
+                        .iter()
+                        .map(|c| Condition {
+                            key: c.key.clone(),
+                            values: globs(&c.values),
+                            not_values: globs(&c.not_values),
+                        })
+                        .collect(),
+                })
+            })
+            .collect::<Result<_, RouteError>>()?;
+        Ok(Policy {
+            name: name.to_string(),
+            action,
+            rules,
+        })
+    }
+
+    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
+        self.rules.iter().any(|rule| rule.matches(r))
+    }
+}
+
+/// Judges a request against the policies that apply to its service.
+pub fn evaluate(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
+    if let Some(p) = policies
+        .iter()
+        .find(|p| p.action == Action::Deny && p.matches(r))
+    {
+        return Decision::Denied(format!("DENY policy {}", p.name));
+    }
+    let mut allows = policies
+        .iter()
+        .filter(|p| p.action == Action::Allow)
+        .peekable();
+    if allows.peek().is_none() {
+        return Decision::Allowed(None);
+    }
+    match allows.find(|p| p.matches(r)) {
+        Some(p) => Decision::Allowed(Some(p.name.clone())),
+        None => Decision::Denied("no ALLOW policy matches".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn attrs<'a>(method: &'a str, path: &'a str, h: &'a HeaderMap) -> RequestAttrs<'a> {
+        RequestAttrs {
+            principal: Some("cluster.local/ns/shop/sa/client"),
+            namespace: Some("shop"),
+            source_ip: "10.1.2.3".parse().expect("ip"),
+            host: "orders.shop.svc.cluster.local:80",
+            port: 80,
+            method,
+            path,
+            headers: h,
+        }
+    }
+
+    fn policy(name: &str, action: pb::PolicyAction, rules: Vec<pb::PolicyRule>) -> Policy {
+        Policy::compile(&pb::Policy {
+            name: name.into(),
+            action: action as i32,
+            rules,
+        })
+        .expect("compiles")
+    }
+
+    #[test]
+    fn allow_get_orders_refuses_post_admin() {
+        let p = policy(
+            "shop/orders",
+            pb::PolicyAction::Allow,
+            vec![pb::PolicyRule {
+                from: vec![pb::PolicySource {
+                    principals: vec!["cluster.local/ns/shop/*".into()],
+                    ..Default::default()
+                }],
+                to: vec![pb::PolicyOperation {
+                    methods: vec!["GET".into()],
+                    paths: vec!["/orders*".into()],
+                    ..Default::default()
+                }],
+                when: vec![],
+            }],
+        );
+        let h = HeaderMap::new();
+        let ps = [p];
+        assert_eq!(
+            evaluate(&ps, &attrs("GET", "/orders/1?x=1", &h)),
+            Decision::Allowed(Some("shop/orders".into()))
+        );
+        assert!(!evaluate(&ps, &attrs("POST", "/admin", &h)).is_allowed());
+        assert!(!evaluate(&ps, &attrs("GET", "/admin", &h)).is_allowed());
+    }
+
+    #[test]
+    fn deny_wins_and_conditions_read_headers() {
+        let deny = policy(
+            "shop/no-test",
+            pb::PolicyAction::Deny,
+            vec![pb::PolicyRule {
+                when: vec![pb::PolicyCondition {
+                    key: "request.headers[x-env]".into(),
+                    values: vec!["test".into()],
+                    not_values: vec![],
+                }],
+                ..Default::default()
+            }],
+        );
+        let allow_all = policy(
+            "shop/all",
+            pb::PolicyAction::Allow,
+            vec![pb::PolicyRule::default()],
+        );
+        let ps = [deny, allow_all];
+        let mut h = HeaderMap::new();
+        assert!(evaluate(&ps, &attrs("GET", "/", &h)).is_allowed());
+        h.insert("x-env", "test".parse().expect("value"));
+        assert_eq!(
+            evaluate(&ps, &attrs("GET", "/", &h)),
+            Decision::Denied("DENY policy shop/no-test".into())
+        );
+    }
+
+    #[test]
+    fn ip_blocks_and_hosts() {
+        let p = policy(
+            "shop/net",
+            pb::PolicyAction::Allow,
+            vec![pb::PolicyRule {
+                from: vec![pb::PolicySource {
+                    ip_blocks: vec!["10.1.0.0/16".into()],
+                    ..Default::default()
+                }],
+                to: vec![pb::PolicyOperation {
+                    hosts: vec!["Orders.shop.svc.cluster.local".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        );
+        let h = HeaderMap::new();
+        assert!(evaluate(std::slice::from_ref(&p), &attrs("GET", "/", &h)).is_allowed());
+        let mut a = attrs("GET", "/", &h);
+        a.source_ip = "10.2.0.1".parse().expect("ip");
+        assert!(!evaluate(&[p], &a).is_allowed());
+        assert!(
+            Policy::compile(&pb::Policy {
+                name: "x/bad".into(),
+                action: 0,
+                rules: vec![pb::PolicyRule {
+                    from: vec![pb::PolicySource {
+                        ip_blocks: vec!["10.0.0.0/99".into()],
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            })
+            .is_err()
+        );
+    }
+}

@@ -1,0 +1,182 @@
+//! The waypoint's configuration: one typed struct, every default in one
+//! place. The CA, pool and HTTP/2 settings are the ztunnel's own types.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+use ztunnel::config::{CaConfig, ConfigError, H2Config, PoolConfig, load_yaml};
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The waypoint Gateway's namespace and name.
+    pub namespace: String,
+    pub gateway: String,
+    /// This replica's pod name (the controller checks it is a pod of the
+    /// Gateway on this node before sending it routes).
+    pub pod_name: String,
+    /// The service account the waypoint runs as: its identity.
+    pub service_account: String,
+    #[serde(default = "d::trust_domain")]
+    pub trust_domain: String,
+    #[serde(default)]
+    pub network: String,
+    pub ca: CaConfig,
+    /// The controller's Delta ADS address (same TLS and token as the CA).
+    pub xds_address: String,
+    #[serde(default = "d::hbone")]
+    pub hbone_addr: SocketAddr,
+    #[serde(default = "d::admin")]
+    pub admin_addr: SocketAddr,
+    #[serde(default = "d::metrics")]
+    pub metrics_addr: SocketAddr,
+    #[serde(default = "d::readiness")]
+    pub readiness_addr: SocketAddr,
+    #[serde(default = "d::drain", with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    #[serde(default = "d::connect", with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    #[serde(default = "d::handshake", with = "humantime_serde")]
+    pub handshake_timeout: Duration,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub h2: H2Config,
+    #[serde(default)]
+    pub limits: Limits,
+    /// OTLP/HTTP collector base URL (e.g. http://10.0.0.5:4318); spans are
+    /// exported only when set.
+    #[serde(default)]
+    pub otlp_endpoint: Option<String>,
+}
+
+/// What one client may ask of the waypoint. Requests over a limit are
+/// refused with the status HTTP assigns to it; other clients are unaffected.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    /// Request line plus headers (HTTP/1) or header list (HTTP/2): 431 beyond.
+    #[serde(default = "d::max_header_bytes")]
+    pub max_header_bytes: usize,
+    /// Request body, buffered so it can be retried: 413 beyond.
+    #[serde(default = "d::max_body_bytes")]
+    pub max_body_bytes: usize,
+    /// Time for a client to send a request's headers (slowloris guard).
+    #[serde(default = "d::header_timeout", with = "humantime_serde")]
+    pub header_read_timeout: Duration,
+    /// Time for a client to send a request's body.
+    #[serde(default = "d::body_timeout", with = "humantime_serde")]
+    pub body_read_timeout: Duration,
+    /// A kept-alive downstream connection with no request is closed after this.
+    #[serde(default = "d::idle", with = "humantime_serde")]
+    pub idle_timeout: Duration,
+    /// How long to wait for a client's first bytes on a port that is sniffed.
+    #[serde(default = "d::sniff", with = "humantime_serde")]
+    pub sniff_timeout: Duration,
+    /// HTTP/2 streams per downstream connection.
+    #[serde(default = "d::max_streams")]
+    pub max_concurrent_streams: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_header_bytes: d::max_header_bytes(),
+            max_body_bytes: d::max_body_bytes(),
+            header_read_timeout: d::header_timeout(),
+            body_read_timeout: d::body_timeout(),
+            idle_timeout: d::idle(),
+            sniff_timeout: d::sniff(),
+            max_concurrent_streams: d::max_streams(),
+        }
+    }
+}
+
+mod d {
+    use super::*;
+    pub fn trust_domain() -> String {
+        "cluster.local".into()
+    }
+    pub fn hbone() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], ztunnel::config::HBONE_PORT))
+    }
+    pub fn admin() -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], ztunnel::config::ADMIN_PORT))
+    }
+    pub fn metrics() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], ztunnel::config::METRICS_PORT))
+    }
+    pub fn readiness() -> SocketAddr {
+        SocketAddr::from(([0, 0, 0, 0], ztunnel::config::READINESS_PORT))
+    }
+    pub fn drain() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn connect() -> Duration {
+        Duration::from_secs(5)
+    }
+    pub fn handshake() -> Duration {
+        Duration::from_secs(10)
+    }
+    // Envoy's default (max_request_headers_kb = 60).
+    pub fn max_header_bytes() -> usize {
+        60 * 1024
+    }
+    pub fn max_body_bytes() -> usize {
+        4 * 1024 * 1024
+    }
+    pub fn header_timeout() -> Duration {
+        Duration::from_secs(10)
+    }
+    pub fn body_timeout() -> Duration {
+        Duration::from_secs(30)
+    }
+    pub fn idle() -> Duration {
+        Duration::from_secs(60)
+    }
+    pub fn sniff() -> Duration {
+        Duration::from_millis(500)
+    }
+    pub fn max_streams() -> u32 {
+        100
+    }
+}
+
+impl Config {
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = load_yaml(path)?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        for (what, v) in [
+            ("namespace", &self.namespace),
+            ("gateway", &self.gateway),
+            ("pod_name", &self.pod_name),
+            ("service_account", &self.service_account),
+        ] {
+            if v.is_empty() {
+                return Err(ConfigError::Invalid(format!("{what} is required")));
+            }
+        }
+        if self.limits.max_header_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "limits.max_header_bytes must be at least 1024".into(),
+            ));
+        }
+        if self.pool.max_streams == 0 {
+            return Err(ConfigError::Invalid(
+                "pool.max_streams must be at least 1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The proxy id the controller recognises a waypoint replica by.
+    pub fn proxy_id(&self) -> String {
+        format!("waypoint~{}~{}", self.namespace, self.pod_name)
+    }
+}

@@ -1,0 +1,1419 @@
+//! The waypoint's data path.
+//!
+//! HBONE in (15008, mutual TLS as the waypoint's own identity) -> CONNECT
+//! target (a service VIP it serves) -> protocol (declared by the service
+//! port, else sniffed) -> per HTTP request: authorization -> route ->
+//! filters and faults -> backend and endpoint -> attempts with retries
+//! under a budget -> HBONE out to the endpoint's node with the waypoint's
+//! identity. Opaque TCP is copied to an endpoint of the service.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use bytes::{Bytes, BytesMut};
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_proto::mesh::waypoint as pb;
+use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use ztunnel::certs::CertificateManager;
+use ztunnel::hbone::{self, ConnectHeaders, Responder};
+use ztunnel::identity::Identity;
+use ztunnel::proxy::outbound::target_port;
+use ztunnel::proxy::pool::PoolKey;
+use ztunnel::state::{ProxyState, ServiceEntry, TunnelProtocol, Workload};
+use ztunnel::tls::{handshake_failure, peer_identity, server_config};
+
+use crate::authz::{self, RequestAttrs};
+use crate::body::{OnEnd, RespBody};
+use crate::config::Config;
+use crate::lb::Balancer;
+use crate::routes::{
+    Backend, BackendPolicy, PortProtocol, RequestView, Route, RouteTable, ServiceConfig, StrMatch,
+};
+use crate::telemetry::{Exporter, Flag, HttpMetrics, Reporter, RequestLabels, Span, TraceContext};
+use crate::upstream::{Dial, Limits as ConnLimits, Proto, UpstreamError, Upstreams};
+
+/// Shared by every connection.
+pub struct Waypoint {
+    pub cfg: Arc<Config>,
+    pub identity: Identity,
+    pub state: ProxyState,
+    pub routes: RouteTable,
+    pub certs: CertificateManager,
+    pub upstreams: Upstreams,
+    pub balancer: Balancer,
+    pub http_metrics: HttpMetrics,
+    pub exporter: Exporter,
+    pub draining: CancellationToken,
+    /// Open downstream HBONE connections, for the drain.
+    pub open: tokio::sync::watch::Sender<usize>,
+    tls: Mutex<Option<(String, Arc<ServerConfig>)>>,
+}
+
+/// Which connection a request came on.
+struct Downstream {
+    peer: SocketAddr,
+    src_identity: Identity,
+    src_workload: Option<Arc<Workload>>,
+    service_key: String,
+    target: SocketAddr,
+    protocol: &'static str,
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+}
+
+fn edit_headers(h: &mut HeaderMap, e: &pb::HeaderEdit) {
+    for kv in &e.set {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(kv.name.as_bytes()),
+            HeaderValue::from_str(&kv.value),
+        ) {
+            h.insert(n, v);
+        }
+    }
+    for kv in &e.add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(kv.name.as_bytes()),
+            HeaderValue::from_str(&kv.value),
+        ) {
+            h.append(n, v);
+        }
+    }
+    for n in &e.remove {
+        h.remove(n.as_str());
+    }
+}
+
+/// The rewritten path for a `ReplacePrefixMatch` or `ReplaceFullPath`.
+fn modify_path(path: &str, m: &pb::PathModifier, matched_prefix: Option<&str>) -> String {
+    match &m.kind {
+        Some(pb::path_modifier::Kind::ReplaceFullPath(p)) => p.clone(),
+        Some(pb::path_modifier::Kind::ReplacePrefixMatch(rep)) => {
+            let prefix = matched_prefix.unwrap_or("/").trim_end_matches('/');
+            let rest = path.strip_prefix(prefix).unwrap_or(path);
+            let rep = rep.trim_end_matches('/');
+            let joined = format!("{rep}{rest}");
+            if joined.is_empty() {
+                "/".into()
+            } else if joined.starts_with('/') {
+                joined
+            } else {
+                format!("/{joined}")
+            }
+        }
+        None => path.to_string(),
+    }
+}
+
+fn matched_prefix(route: &Route) -> Option<&str> {
+    match route.matcher.as_ref()?.path.as_ref()? {
+        StrMatch::Prefix(p) => Some(p.as_str()),
+        _ => None,
+    }
+}
+
+/// The connection limits of a backend's DestinationRule.
+fn conn_limits(policy: &BackendPolicy) -> ConnLimits {
+    ConnLimits {
+        max_connections: policy.max_connections,
+        max_pending: policy.max_pending_requests,
+        max_requests_per_connection: policy.max_requests_per_connection,
+        idle_timeout: policy.idle_timeout.unwrap_or(Duration::from_secs(60)),
+    }
+}
+
+fn chance(per_million: u32) -> bool {
+    per_million > 0 && fastrand::u32(0..1_000_000) < per_million
+}
+
+/// Jittered exponential backoff: base * 2^(n-1), between half and all of
+/// it, capped at ten times the base.
+fn backoff(base: Duration, retry: u32) -> Duration {
+    let exp = base.saturating_mul(1u32 << (retry.saturating_sub(1)).min(10));
+    let cap = base.saturating_mul(10);
+    exp.min(cap).mul_f64(0.5 + fastrand::f64() / 2.0)
+}
+
+/// The first bytes of an HTTP/2 connection.
+const H2_PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sniffed {
+    Http1,
+    Http2,
+    Tcp,
+}
+
+/// Classifies what a client sent first; `None` means read more.
+fn classify(buf: &[u8]) -> Option<Sniffed> {
+    let n = buf.len().min(H2_PREFACE.len());
+    if buf[..n] == H2_PREFACE[..n] {
+        return (buf.len() >= H2_PREFACE.len()).then_some(Sniffed::Http2);
+    }
+    // An HTTP/1 request line starts with a method token and a space.
+    for (i, b) in buf.iter().enumerate() {
+        match b {
+            b' ' if i > 0 => return Some(Sniffed::Http1),
+            b'A'..=b'Z' | b'-' | b'_' if i < 20 => {}
+            _ => return Some(Sniffed::Tcp),
+        }
+    }
+    (buf.len() >= 20).then_some(Sniffed::Tcp)
+}
+
+/// A stream with bytes already read put back in front.
+struct Rewind<S> {
+    prefix: Bytes,
+    inner: S,
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Rewind<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        if !self.prefix.is_empty() {
+            let n = self.prefix.len().min(buf.remaining());
+            let head = self.prefix.split_to(n);
+            buf.put_slice(&head);
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Counts open downstream connections while alive.
+struct OpenGuard(tokio::sync::watch::Sender<usize>);
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.send_modify(|n| *n = n.saturating_sub(1));
+    }
+}
+
+impl Waypoint {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        cfg: Arc<Config>,
+        identity: Identity,
+        state: ProxyState,
+        routes: RouteTable,
+        certs: CertificateManager,
+        upstreams: Upstreams,
+        http_metrics: HttpMetrics,
+        exporter: Exporter,
+    ) -> Arc<Waypoint> {
+        Arc::new(Waypoint {
+            cfg,
+            identity,
+            state,
+            routes,
+            certs,
+            upstreams,
+            balancer: Balancer::default(),
+            http_metrics,
+            exporter,
+            draining: CancellationToken::new(),
+            open: tokio::sync::watch::Sender::new(0),
+            tls: Mutex::new(None),
+        })
+    }
+
+    async fn server_config(&self) -> Result<Arc<ServerConfig>, String> {
+        let cert = self
+            .certs
+            .fetch(&self.identity)
+            .await
+            .map_err(|e| e.to_string())?;
+        let mut cache = self.tls.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((serial, cfg)) = cache.as_ref()
+            && serial == cert.serial()
+        {
+            return Ok(cfg.clone());
+        }
+        let cfg =
+            Arc::new(server_config(&cert, self.certs.roots().clone()).map_err(|e| e.to_string())?);
+        *cache = Some((cert.serial().to_string(), cfg.clone()));
+        Ok(cfg)
+    }
+
+    /// Accepts HBONE connections until the drain starts.
+    pub async fn serve(self: Arc<Self>, listener: TcpListener) {
+        loop {
+            let accepted = tokio::select! {
+                _ = self.draining.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    self.open.send_modify(|n| *n += 1);
+                    let guard = OpenGuard(self.open.clone());
+                    tokio::spawn(self.clone().connection(tcp, peer, guard));
+                }
+                Err(e) => ztunnel::proxy::accept_error(&e).await,
+            }
+        }
+    }
+
+    async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, _open: OpenGuard) {
+        let _ = tcp.set_nodelay(true);
+        let accepted = tokio::time::timeout(self.cfg.handshake_timeout, async {
+            let cfg = self.server_config().await?;
+            TlsAcceptor::from(cfg)
+                .accept(tcp)
+                .await
+                .map_err(|e| handshake_failure(&e))
+        })
+        .await;
+        let tls = match accepted {
+            Ok(Ok(t)) => t,
+            Ok(Err(reason)) => return info!(%peer, %reason, "HBONE handshake refused"),
+            Err(_) => return info!(%peer, "HBONE handshake timed out"),
+        };
+        let Some(src_identity) = peer_identity(tls.get_ref().1) else {
+            return warn!(%peer, "HBONE peer has no identity after handshake; closing");
+        };
+        let max_streams = u32::try_from(self.cfg.pool.max_streams).unwrap_or(u32::MAX);
+        let wp = self.clone();
+        let handler = move |req: Request<()>, respond: Responder| {
+            let wp = wp.clone();
+            let src = src_identity.clone();
+            async move { wp.stream(req, respond, peer, src).await }
+        };
+        if let Err(e) = hbone::serve_connection(
+            tls,
+            &self.cfg.h2,
+            max_streams,
+            self.cfg.handshake_timeout,
+            self.draining.clone(),
+            handler,
+        )
+        .await
+        {
+            debug!(%peer, error = %e, "HBONE connection ended with an error");
+        }
+    }
+
+    /// One CONNECT stream: one downstream TCP connection of a client.
+    async fn stream(
+        self: Arc<Self>,
+        req: Request<()>,
+        respond: Responder,
+        peer: SocketAddr,
+        src: Identity,
+    ) {
+        let target = match hbone::parse_connect(&req) {
+            Ok(t) => t,
+            Err(e) => {
+                info!(%peer, identity = %src, reason = %e, "HBONE request refused (400)");
+                return respond.refuse(StatusCode::BAD_REQUEST);
+            }
+        };
+        let snap = self.state.snapshot();
+        let Some(svc) = snap.service_by_vip(&self.cfg.network, target.ip()).cloned() else {
+            info!(%peer, %target, identity = %src, "HBONE target is not a service this waypoint serves (400)");
+            return respond.refuse(StatusCode::BAD_REQUEST);
+        };
+        let service_key = svc.service.key();
+        let src_workload = snap.workload_by_ip(&self.cfg.network, peer.ip()).cloned();
+        drop(snap);
+        let protocol = self
+            .routes
+            .get(&service_key)
+            .map(|s| s.protocol(target.port()))
+            .unwrap_or(PortProtocol::Sniff);
+        let mut tunnel = match respond.accept() {
+            Ok(t) => t,
+            Err(e) => return debug!(%peer, error = %e, "answering CONNECT failed"),
+        };
+        let limits = &self.cfg.limits;
+        // Sniff unless the port says TCP; a declared HTTP port still tells
+        // HTTP/1 from HTTP/2 by the preface.
+        let mut buf = BytesMut::with_capacity(64);
+        let sniffed = if protocol == PortProtocol::Tcp {
+            Sniffed::Tcp
+        } else {
+            let wait = if protocol == PortProtocol::Sniff {
+                limits.sniff_timeout
+            } else {
+                limits.header_read_timeout
+            };
+            let read = tokio::time::timeout(wait, async {
+                loop {
+                    if let Some(s) = classify(&buf) {
+                        return Ok(s);
+                    }
+                    if tunnel.read_buf(&mut buf).await? == 0 {
+                        return Ok::<_, std::io::Error>(Sniffed::Tcp);
+                    }
+                }
+            })
+            .await;
+            match read {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return debug!(%peer, error = %e, "client stream failed before its first bytes");
+                }
+                // Nothing yet: a server-first protocol, so opaque TCP.
+                Err(_) if protocol == PortProtocol::Sniff => Sniffed::Tcp,
+                Err(_) => {
+                    return info!(%peer, %target, "no request within the header timeout; closing");
+                }
+            }
+        };
+        let sniffed = match (protocol, sniffed) {
+            (PortProtocol::Http1 | PortProtocol::Http2, Sniffed::Tcp) => Sniffed::Http1,
+            (_, s) => s,
+        };
+        let io = Rewind {
+            prefix: buf.freeze(),
+            inner: tunnel,
+        };
+        let ds = Arc::new(Downstream {
+            peer,
+            src_identity: src,
+            src_workload,
+            service_key,
+            target,
+            protocol: match sniffed {
+                Sniffed::Http2 => "http2",
+                _ => "http",
+            },
+        });
+        match sniffed {
+            Sniffed::Tcp => self.tcp(io, ds, svc).await,
+            Sniffed::Http1 => {
+                let wp = self.clone();
+                let d = ds.clone();
+                let svc_fn = service_fn(move |req| wp.clone().request(d.clone(), req));
+                let r = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(limits.header_read_timeout)
+                    .max_buf_size(limits.max_header_bytes.max(8192))
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(io), svc_fn)
+                    .await;
+                if let Err(e) = r {
+                    debug!(peer = %ds.peer, error = %e, "HTTP/1 connection ended with an error");
+                }
+            }
+            Sniffed::Http2 => {
+                let wp = self.clone();
+                let d = ds.clone();
+                let svc_fn = service_fn(move |req| wp.clone().request(d.clone(), req));
+                let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .max_header_list_size(
+                        u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
+                    )
+                    .max_concurrent_streams(limits.max_concurrent_streams)
+                    .keep_alive_interval(Some(Duration::from_secs(30)))
+                    .serve_connection(TokioIo::new(io), svc_fn)
+                    .await;
+                if let Err(e) = r {
+                    debug!(peer = %ds.peer, error = %e, "HTTP/2 connection ended with an error");
+                }
+            }
+        }
+    }
+
+    /// Opaque TCP: one endpoint of the service, bytes copied both ways.
+    async fn tcp(
+        self: Arc<Self>,
+        mut io: Rewind<ztunnel::hbone::H2Stream>,
+        ds: Arc<Downstream>,
+        svc: Arc<ServiceEntry>,
+    ) {
+        let snap = self.state.snapshot();
+        let eps: Vec<Arc<Workload>> = snap.endpoints(&ds.service_key).cloned().collect();
+        let policy = self
+            .routes
+            .get(&ds.service_key)
+            .map(|s| s.backend.clone())
+            .unwrap_or_default();
+        let stats = self.balancer.backend(&ds.service_key);
+        let Some((ep, _)) = self.balancer.pick(&stats, &eps, &[], &policy) else {
+            io.inner.reset();
+            return info!(peer = %ds.peer, service = %ds.service_key, "TCP: no healthy endpoint");
+        };
+        let Some(ip) = ep.addresses.first().copied() else {
+            return;
+        };
+        let target = SocketAddr::new(ip, target_port(&svc, &ep, ds.target.port()));
+        let started = Instant::now();
+        let upstream: Result<Box<dyn crate::upstream::Io>, String> = match ep.protocol {
+            TunnelProtocol::Hbone => {
+                let key = PoolKey {
+                    src: self.identity.clone(),
+                    src_ip: None,
+                    dst: ep.identity.clone(),
+                    next_hop: SocketAddr::new(ip, ztunnel::config::HBONE_PORT),
+                };
+                let headers = ConnectHeaders {
+                    forwarded_for: Some(ds.peer),
+                    ..Default::default()
+                };
+                match self
+                    .upstreams
+                    .pool()
+                    .connect(&key, target, &headers, None)
+                    .await
+                {
+                    Ok((s, g)) => Ok(Box::new(crate::upstream::Guarded::new(s, g))),
+                    Err(e) => Err(e.to_string()),
+                }
+            }
+            TunnelProtocol::None => TcpStream::connect(target)
+                .await
+                .map(|s| Box::new(s) as Box<dyn crate::upstream::Io>)
+                .map_err(|e| e.to_string()),
+        };
+        let mut up = match upstream {
+            Ok(u) => u,
+            Err(e) => {
+                io.inner.reset();
+                return info!(peer = %ds.peer, %target, error = %e, "TCP: upstream connect failed");
+            }
+        };
+        let r = tokio::io::copy_bidirectional(&mut io, &mut up).await;
+        info!(
+            target: "access",
+            protocol = "tcp",
+            src.addr = %ds.peer,
+            src.identity = %ds.src_identity,
+            service = %ds.service_key,
+            dst.addr = %target,
+            dst.workload = %ep.name,
+            bytes_sent = r.as_ref().map(|(a, _)| *a).unwrap_or(0),
+            bytes_received = r.as_ref().map(|(_, b)| *b).unwrap_or(0),
+            duration_ms = started.elapsed().as_millis() as u64,
+            error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
+            "connection complete"
+        );
+    }
+
+    /// One HTTP request, start to finish.
+    async fn request(
+        self: Arc<Self>,
+        ds: Arc<Downstream>,
+        req: Request<Incoming>,
+    ) -> Result<Response<RespBody>, Infallible> {
+        let started = Instant::now();
+        let wall = SystemTime::now();
+        // A service the controller sent no routes for yet: defaults.
+        let svc = self
+            .routes
+            .get(&ds.service_key)
+            .unwrap_or_else(|| Arc::new(ServiceConfig::default_for(&ds.service_key)));
+        let trace = TraceContext::continue_or_start(
+            req.headers()
+                .get(hbone::TRACEPARENT)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let mut rec = Recorder::new(&self, &ds, &svc, &req, trace, started, wall);
+        let (mut parts, body) = req.into_parts();
+
+        // Authorization first: a refused request costs nothing upstream.
+        let host = rec.authority.clone();
+        let decision = authz::evaluate(
+            &svc.policies,
+            &RequestAttrs {
+                principal: Some(ds.src_identity.principal()),
+                namespace: Some(ds.src_identity.namespace()),
+                source_ip: ds.peer.ip(),
+                host: &host,
+                port: ds.target.port(),
+                method: parts.method.as_str(),
+                path: parts.uri.path(),
+                headers: &parts.headers,
+            },
+        );
+        if !decision.is_allowed() {
+            rec.detail = decision.to_string();
+            return Ok(rec.local(StatusCode::FORBIDDEN, Flag::RBAC, "RBAC: access denied\n"));
+        }
+
+        let route = svc
+            .route(&RequestView {
+                method: &parts.method,
+                path: parts.uri.path(),
+                query: parts.uri.query(),
+                headers: &parts.headers,
+            })
+            .clone();
+        rec.route = route.name.clone();
+
+        for f in &route.filters {
+            if let pb::filter::Kind::Redirect(r) = f {
+                return Ok(rec.redirect(r, &parts.uri, &host, matched_prefix(&route)));
+            }
+        }
+        if let Some(fault) = &route.fault {
+            if chance(fault.delay_per_million) && fault.delay_ms > 0 {
+                rec.flag = Flag::DI;
+                tokio::time::sleep(Duration::from_millis(u64::from(fault.delay_ms))).await;
+            }
+            if chance(fault.abort_per_million) {
+                let status = u16::try_from(fault.abort_status)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return Ok(rec.local(status, Flag::FI, "fault filter abort\n"));
+            }
+        }
+
+        // Buffered, so it can be retried and mirrored; bounded in size and time.
+        let limits = &self.cfg.limits;
+        let body = match tokio::time::timeout(
+            limits.body_read_timeout,
+            Limited::new(body, limits.max_body_bytes).collect(),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    rec.detail = format!("body over {} bytes", limits.max_body_bytes);
+                    return Ok(rec.local(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        Flag::None,
+                        "request body too large\n",
+                    ));
+                }
+                rec.detail = format!("reading the body: {e}");
+                return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::DC, "bad request body\n"));
+            }
+            Err(_) => {
+                rec.detail = "body not received in time".into();
+                return Ok(rec.local(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Flag::None,
+                    "request body timeout\n",
+                ));
+            }
+        };
+        rec.request_bytes = body.len() as u64;
+
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let mut path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let mut authority = host.clone();
+        let mut response_edits: Vec<pb::HeaderEdit> = Vec::new();
+        for f in &route.filters {
+            match f {
+                pb::filter::Kind::RequestHeaders(e) => edit_headers(&mut parts.headers, e),
+                pb::filter::Kind::ResponseHeaders(e) => response_edits.push(e.clone()),
+                pb::filter::Kind::Rewrite(r) => {
+                    if !r.hostname.is_empty() {
+                        authority = r.hostname.clone();
+                    }
+                    if let Some(m) = &r.path {
+                        let (p, q) = match path.split_once('?') {
+                            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+                            None => (path.clone(), None),
+                        };
+                        let np = modify_path(&p, m, matched_prefix(&route));
+                        path = match q {
+                            Some(q) => format!("{np}?{q}"),
+                            None => np,
+                        };
+                    }
+                }
+                pb::filter::Kind::Redirect(_) => {}
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&rec.trace.traceparent()) {
+            parts.headers.insert(hbone::TRACEPARENT, v);
+        }
+        if !parts.headers.contains_key("x-request-id") {
+            let id = format!("{:032x}", fastrand::u128(..));
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                parts.headers.insert("x-request-id", v);
+            }
+        }
+
+        let Some(backend) = route.pick_backend().cloned() else {
+            rec.detail = format!("route {} has no usable backend", route.name);
+            return Ok(rec.local(StatusCode::INTERNAL_SERVER_ERROR, Flag::NR, "no backend\n"));
+        };
+        if let Some(e) = &backend.request_headers {
+            edit_headers(&mut parts.headers, e);
+        }
+        if let Some(e) = &backend.response_headers {
+            response_edits.push(e.clone());
+        }
+        let proto =
+            if ds.protocol == "http2" || svc.protocol(ds.target.port()) == PortProtocol::Http2 {
+                Proto::Http2
+            } else {
+                Proto::Http1
+            };
+        let out = Outgoing {
+            method: parts.method.clone(),
+            path,
+            authority,
+            headers: parts.headers,
+            body,
+            proto,
+        };
+        if let Some((mirror, per_million)) = &route.mirror
+            && chance(*per_million)
+        {
+            let wp = self.clone();
+            let m = out.clone();
+            let mirror = mirror.clone();
+            let ds2 = ds.clone();
+            tokio::spawn(async move { wp.mirror(ds2, mirror, m).await });
+        }
+        let resp = self.forward(&ds, &route, &backend, out, &mut rec).await;
+        Ok(match resp {
+            Ok((resp, lease)) => {
+                let mut resp = rec.upstream(resp, lease);
+                for e in &response_edits {
+                    edit_headers(resp.headers_mut(), e);
+                }
+                resp
+            }
+            Err((status, flag, msg)) => rec.local(status, flag, msg),
+        })
+    }
+
+    /// Sends to the backend with timeouts and retries; the upstream response
+    /// or what to answer instead.
+    async fn forward(
+        &self,
+        ds: &Downstream,
+        route: &Route,
+        backend: &Backend,
+        out: Outgoing,
+        rec: &mut Recorder,
+    ) -> Result<
+        (
+            Response<Incoming>,
+            Option<(crate::upstream::Lease, ConnLimits)>,
+        ),
+        (StatusCode, Flag, &'static str),
+    > {
+        let snap = self.state.snapshot();
+        let Some(bsvc) = snap.service(&backend.service).cloned() else {
+            rec.detail = format!("backend service {} is unknown", backend.service);
+            return Err((
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Flag::NR,
+                "unknown backend service\n",
+            ));
+        };
+        let endpoints: Vec<Arc<Workload>> = snap.endpoints(&backend.service).cloned().collect();
+        drop(snap);
+        rec.set_destination_service(&bsvc);
+        if endpoints.is_empty() {
+            rec.detail = format!("{} has no healthy endpoints", backend.service);
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flag::UH,
+                "no healthy upstream\n",
+            ));
+        }
+        let policy = self
+            .routes
+            .get(&backend.service)
+            .map(|s| s.backend.clone())
+            .unwrap_or_default();
+        let stats = self.balancer.backend(&backend.service);
+        let Some(_admitted) = self.balancer.admit(&stats, &policy) else {
+            rec.detail = format!(
+                "{} is at max_requests {}",
+                backend.service, policy.max_requests
+            );
+            return Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flag::UO,
+                "upstream overflow\n",
+            ));
+        };
+        let conn_limits = conn_limits(&policy);
+        let port = if backend.port == 0 {
+            ds.target.port()
+        } else {
+            backend.port
+        };
+        let deadline = route.request_timeout.map(|t| rec.started + t);
+        let attempts = route.retry.as_ref().map(|r| r.attempts).unwrap_or(0) + 1;
+        let mut tried: Vec<String> = Vec::new();
+        let mut retry_slot = None;
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let Some((ep, ep_stats)) = self.balancer.pick(&stats, &endpoints, &tried, &policy)
+            else {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flag::UH,
+                    "no healthy upstream\n",
+                ));
+            };
+            tried.push(ep.uid.clone());
+            let Some(ip) = ep.addresses.first().copied() else {
+                return Err((
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    Flag::UH,
+                    "no healthy upstream\n",
+                ));
+            };
+            let target = SocketAddr::new(ip, target_port(&bsvc, &ep, port));
+            rec.set_destination_workload(&ep, target);
+            let now = Instant::now();
+            let remaining = deadline.map(|d| d.saturating_duration_since(now));
+            let per_try = match (route.per_try_timeout, remaining) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            ep_stats
+                .active
+                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            let headers = ConnectHeaders {
+                forwarded_for: Some(ds.peer),
+                traceparent: Some(rec.trace.traceparent()),
+                baggage: None,
+            };
+            let send = self.send_once(&backend.service, &conn_limits, &ep, target, &headers, &out);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, send).await.ok(),
+                None => Some(send.await),
+            };
+            ep_stats
+                .active
+                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            // What this attempt came to, and whether another may follow.
+            let (failure, retriable) = match result {
+                Some(Ok((lease, resp))) => {
+                    let status = resp.status();
+                    let failed = status.is_server_error();
+                    self.balancer
+                        .observe(&ep_stats, failed, policy.outlier.as_ref(), &endpoints);
+                    let retry_on = route
+                        .retry
+                        .as_ref()
+                        .is_some_and(|r| r.codes.contains(&status.as_u16()));
+                    let more = retry_on && attempt < attempts;
+                    if !more
+                        || !self.may_retry(
+                            route,
+                            &stats,
+                            &policy,
+                            deadline,
+                            attempt,
+                            &mut retry_slot,
+                        )
+                    {
+                        if retry_on && rec.flag == Flag::None {
+                            rec.flag = Flag::URX;
+                        }
+                        let lease = (out.proto == Proto::Http1).then_some((lease, conn_limits));
+                        return Ok((resp, lease));
+                    }
+                    rec.retries += 1;
+                    (None, true)
+                }
+                Some(Err(UpstreamError::Overflow(b))) => {
+                    rec.detail = format!("{b}: max pending requests");
+                    return Err((
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Flag::UO,
+                        "upstream overflow\n",
+                    ));
+                }
+                Some(Err(e)) => {
+                    self.balancer
+                        .observe(&ep_stats, true, policy.outlier.as_ref(), &endpoints);
+                    let flag = match e {
+                        UpstreamError::Connect(_) | UpstreamError::Handshake(_) => Flag::UF,
+                        _ => Flag::UR,
+                    };
+                    rec.detail = format!("{target}: {e}");
+                    (
+                        Some((
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            flag,
+                            "upstream connect error or reset\n",
+                        )),
+                        route.retry.is_some(),
+                    )
+                }
+                None => {
+                    let overall = deadline.is_some_and(|d| Instant::now() >= d);
+                    rec.detail = format!("{target}: no response within {per_try:?}");
+                    (
+                        Some((
+                            StatusCode::GATEWAY_TIMEOUT,
+                            Flag::UT,
+                            "upstream request timeout\n",
+                        )),
+                        route.retry.is_some() && !overall,
+                    )
+                }
+            };
+            if let Some(f) = failure {
+                let more = retriable && attempt < attempts;
+                if !more
+                    || !self.may_retry(route, &stats, &policy, deadline, attempt, &mut retry_slot)
+                {
+                    // A retriable failure that was not retried: the retry
+                    // limit or budget was reached.
+                    if retriable && route.retry.as_ref().is_some_and(|r| r.attempts > 0) {
+                        rec.flag_extra = Some(Flag::URX);
+                    }
+                    return Err(f);
+                }
+                rec.retries += 1;
+            }
+            let base = route
+                .retry
+                .as_ref()
+                .map(|r| r.backoff)
+                .unwrap_or(Duration::from_millis(25));
+            let wait = backoff(base, attempt);
+            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return Err((
+                    StatusCode::GATEWAY_TIMEOUT,
+                    Flag::UT,
+                    "upstream request timeout\n",
+                ));
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// One attempt: a connection to `target` (reused or new), the request
+    /// sent, the response head back.
+    async fn send_once(
+        &self,
+        backend: &str,
+        limits: &ConnLimits,
+        endpoint: &Workload,
+        target: SocketAddr,
+        headers: &ConnectHeaders,
+        out: &Outgoing,
+    ) -> Result<(crate::upstream::Lease, Response<Incoming>), UpstreamError> {
+        let mut lease = self
+            .upstreams
+            .checkout(
+                backend,
+                limits,
+                Dial {
+                    endpoint,
+                    target,
+                    proto: out.proto,
+                    headers,
+                },
+            )
+            .await?;
+        let resp = lease.send(out.request()).await?;
+        Ok((lease, resp))
+    }
+
+    /// Whether one more attempt is allowed: time left and room in the
+    /// retry budget (the slot is held through the retry).
+    fn may_retry(
+        &self,
+        route: &Route,
+        stats: &Arc<crate::lb::BackendStats>,
+        policy: &BackendPolicy,
+        deadline: Option<Instant>,
+        _attempt: u32,
+        slot: &mut Option<crate::lb::Held>,
+    ) -> bool {
+        let Some(r) = &route.retry else { return false };
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        if slot.is_some() {
+            return true;
+        }
+        match self.balancer.retry_slot(
+            stats,
+            r.budget_percent,
+            r.min_retry_concurrency,
+            policy.max_retries,
+        ) {
+            Some(s) => {
+                *slot = Some(s);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Fire and forget: a copy to the mirror backend, its answer dropped.
+    async fn mirror(self: Arc<Self>, ds: Arc<Downstream>, backend: Backend, mut out: Outgoing) {
+        let snap = self.state.snapshot();
+        let Some(bsvc) = snap.service(&backend.service).cloned() else {
+            return;
+        };
+        let eps: Vec<Arc<Workload>> = snap.endpoints(&backend.service).cloned().collect();
+        drop(snap);
+        let policy = self
+            .routes
+            .get(&backend.service)
+            .map(|s| s.backend.clone())
+            .unwrap_or_default();
+        let stats = self.balancer.backend(&backend.service);
+        let Some((ep, _)) = self.balancer.pick(&stats, &eps, &[], &policy) else {
+            return;
+        };
+        let Some(ip) = ep.addresses.first().copied() else {
+            return;
+        };
+        let port = if backend.port == 0 {
+            ds.target.port()
+        } else {
+            backend.port
+        };
+        let target = SocketAddr::new(ip, target_port(&bsvc, &ep, port));
+        // Envoy marks shadowed requests by suffixing the host.
+        out.authority = match out.authority.split_once(':') {
+            Some((h, p)) => format!("{h}-shadow:{p}"),
+            None => format!("{}-shadow", out.authority),
+        };
+        let limits = conn_limits(&policy);
+        let headers = ConnectHeaders::default();
+        let send = async {
+            let (lease, resp) = self
+                .send_once(&backend.service, &limits, &ep, target, &headers, &out)
+                .await?;
+            let _ = resp.into_body().collect().await;
+            lease.finish(&limits);
+            Ok::<_, UpstreamError>(())
+        };
+        match tokio::time::timeout(Duration::from_secs(30), send).await {
+            Ok(Ok(())) => debug!(%target, "mirrored request sent"),
+            Ok(Err(e)) => debug!(%target, error = %e, "mirrored request failed"),
+            Err(_) => debug!(%target, "mirrored request timed out"),
+        }
+    }
+}
+
+/// The request as it goes upstream (kept whole so it can be re-sent).
+#[derive(Clone)]
+struct Outgoing {
+    method: Method,
+    path: String,
+    authority: String,
+    headers: HeaderMap,
+    body: Bytes,
+    proto: Proto,
+}
+
+impl Outgoing {
+    fn request(&self) -> Request<Full<Bytes>> {
+        let uri = match self.proto {
+            Proto::Http1 => Uri::try_from(self.path.as_str()),
+            Proto::Http2 => Uri::try_from(format!("http://{}{}", self.authority, self.path)),
+        }
+        .unwrap_or_else(|_| Uri::from_static("/"));
+        let mut req = Request::new(Full::new(self.body.clone()));
+        *req.method_mut() = self.method.clone();
+        *req.uri_mut() = uri;
+        *req.headers_mut() = self.headers.clone();
+        match self.proto {
+            Proto::Http1 => {
+                *req.version_mut() = Version::HTTP_11;
+                if let Ok(v) = HeaderValue::from_str(&self.authority) {
+                    req.headers_mut().insert(header::HOST, v);
+                }
+            }
+            Proto::Http2 => {
+                *req.version_mut() = Version::HTTP_2;
+                req.headers_mut().remove(header::HOST);
+            }
+        }
+        req
+    }
+}
+
+/// Everything logged and counted about one request.
+struct Recorder {
+    wp: Arc<Waypoint>,
+    labels: RequestLabels,
+    method: String,
+    path: String,
+    authority: String,
+    protocol: &'static str,
+    src_addr: SocketAddr,
+    upstream: Option<SocketAddr>,
+    route: String,
+    flag: Flag,
+    flag_extra: Option<Flag>,
+    detail: String,
+    retries: u32,
+    request_bytes: u64,
+    trace: TraceContext,
+    started: Instant,
+    wall: SystemTime,
+}
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s.to_string()
+    }
+}
+
+fn workload_name(w: &Workload) -> &str {
+    if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    }
+}
+
+impl Recorder {
+    #[allow(clippy::too_many_arguments)]
+    fn new(
+        wp: &Arc<Waypoint>,
+        ds: &Downstream,
+        svc: &ServiceConfig,
+        req: &Request<Incoming>,
+        trace: TraceContext,
+        started: Instant,
+        wall: SystemTime,
+    ) -> Recorder {
+        let src = ds.src_workload.as_deref();
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let svc_name = svc.hostname.split('.').next().unwrap_or("").to_string();
+        Recorder {
+            wp: wp.clone(),
+            labels: RequestLabels {
+                reporter: Reporter::waypoint,
+                source_workload: or_unknown(src.map(workload_name).unwrap_or("")),
+                source_canonical_service: or_unknown(
+                    src.map(|w| w.canonical_name.as_str()).unwrap_or(""),
+                ),
+                source_canonical_revision: or_unknown(
+                    src.map(|w| w.canonical_revision.as_str()).unwrap_or(""),
+                ),
+                source_workload_namespace: ds.src_identity.namespace().to_string(),
+                source_principal: ds.src_identity.to_string(),
+                destination_service: or_unknown(&svc.hostname),
+                destination_service_namespace: or_unknown(&svc.namespace),
+                destination_service_name: or_unknown(&svc_name),
+                destination_workload: "unknown".into(),
+                destination_canonical_service: "unknown".into(),
+                destination_canonical_revision: "unknown".into(),
+                destination_workload_namespace: "unknown".into(),
+                destination_principal: "unknown".into(),
+                request_protocol: if ds.protocol == "http2"
+                    && req
+                        .headers()
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|c| c.starts_with("application/grpc"))
+                {
+                    "grpc".into()
+                } else {
+                    "http".into()
+                },
+                response_code: 0,
+                grpc_response_status: String::new(),
+                response_flags: Flag::None,
+                connection_security_policy: "mutual_tls".into(),
+            },
+            method: req.method().to_string(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into()),
+            authority,
+            protocol: if ds.protocol == "http2" {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+            src_addr: ds.peer,
+            upstream: None,
+            route: "-".into(),
+            flag: Flag::None,
+            flag_extra: None,
+            detail: String::new(),
+            retries: 0,
+            request_bytes: 0,
+            trace,
+            started,
+            wall,
+        }
+    }
+
+    fn set_destination_service(&mut self, s: &ServiceEntry) {
+        self.labels.destination_service = or_unknown(&s.service.hostname);
+        self.labels.destination_service_namespace = or_unknown(&s.service.namespace);
+        self.labels.destination_service_name = or_unknown(&s.service.name);
+    }
+
+    fn set_destination_workload(&mut self, w: &Workload, addr: SocketAddr) {
+        self.labels.destination_workload = or_unknown(workload_name(w));
+        self.labels.destination_canonical_service = or_unknown(&w.canonical_name);
+        self.labels.destination_canonical_revision = or_unknown(&w.canonical_revision);
+        self.labels.destination_workload_namespace = or_unknown(&w.namespace);
+        self.labels.destination_principal = w.identity.to_string();
+        self.upstream = Some(addr);
+    }
+
+    /// The closure that records the request once its response body ends.
+    fn finisher(self, status: StatusCode) -> OnEnd {
+        Box::new(move |bytes, complete| self.finish(status, bytes, complete))
+    }
+
+    fn finish(mut self, status: StatusCode, resp_bytes: u64, complete: bool) {
+        let mut flag = self.flag_extra.unwrap_or(self.flag);
+        if !complete && flag == Flag::None {
+            flag = Flag::DC;
+        }
+        self.labels.response_code = status.as_u16();
+        self.labels.response_flags = flag;
+        let duration = self.started.elapsed();
+        self.wp
+            .http_metrics
+            .record(&self.labels, duration, self.request_bytes, resp_bytes);
+        info!(
+            target: "access",
+            method = %self.method,
+            path = %self.path,
+            authority = %self.authority,
+            protocol = self.protocol,
+            response_code = status.as_u16(),
+            response_flags = flag.as_str(),
+            route = %self.route,
+            retries = self.retries,
+            src.addr = %self.src_addr,
+            src.identity = %self.labels.source_principal,
+            dst.service = %self.labels.destination_service,
+            dst.workload = %self.labels.destination_workload,
+            upstream = %self.upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            bytes_received = self.request_bytes,
+            bytes_sent = resp_bytes,
+            duration_ms = duration.as_millis() as u64,
+            trace_id = %self.trace.trace_id_hex(),
+            detail = if self.detail.is_empty() { "-" } else { self.detail.as_str() },
+            "request complete"
+        );
+        self.wp.exporter.export(Span {
+            ctx: self.trace.clone(),
+            name: format!("{} {}", self.labels.destination_service, self.method),
+            start: self.wall,
+            end: SystemTime::now(),
+            attributes: vec![
+                ("http.request.method", self.method.clone()),
+                ("url.path", self.path.clone()),
+                ("http.response.status_code", status.as_u16().to_string()),
+                ("istio.response_flags", flag.as_str().to_string()),
+                ("server.address", self.authority.clone()),
+            ],
+            error: status.is_server_error(),
+        });
+    }
+
+    /// A response the waypoint makes itself.
+    fn local(mut self, status: StatusCode, flag: Flag, body: &'static str) -> Response<RespBody> {
+        if flag != Flag::None {
+            self.flag = flag;
+        }
+        let mut r = Response::new(RespBody::local(body, Some(self.finisher(status))));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    }
+
+    fn redirect(
+        self,
+        r: &pb::Redirect,
+        uri: &Uri,
+        host: &str,
+        prefix: Option<&str>,
+    ) -> Response<RespBody> {
+        let (req_host, req_port) = match host.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => (h, p.parse::<u16>().ok()),
+            _ => (host, None),
+        };
+        let scheme = if r.scheme.is_empty() {
+            "http"
+        } else {
+            r.scheme.as_str()
+        };
+        let hostname = if r.hostname.is_empty() {
+            req_host
+        } else {
+            r.hostname.as_str()
+        };
+        let port = if r.port > 0 {
+            u16::try_from(r.port).ok()
+        } else if r.scheme.is_empty() {
+            req_port
+        } else {
+            None
+        };
+        let port = port.filter(|p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
+        let path = match &r.path {
+            Some(m) => modify_path(uri.path(), m, prefix),
+            None => uri.path().to_string(),
+        };
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let location = match port {
+            Some(p) => format!("{scheme}://{hostname}:{p}{path}{query}"),
+            None => format!("{scheme}://{hostname}{path}{query}"),
+        };
+        let status = u16::try_from(r.status_code)
+            .ok()
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .filter(|s| s.is_redirection())
+            .unwrap_or(StatusCode::FOUND);
+        let mut resp = Response::new(RespBody::local(Bytes::new(), Some(self.finisher(status))));
+        *resp.status_mut() = status;
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        resp
+    }
+
+    fn upstream(
+        self,
+        resp: Response<Incoming>,
+        lease: Option<(crate::upstream::Lease, ConnLimits)>,
+    ) -> Response<RespBody> {
+        let status = resp.status();
+        let (mut parts, body) = resp.into_parts();
+        strip_hop_by_hop(&mut parts.headers);
+        let body = RespBody::upstream(body, lease, self.finisher(status));
+        Response::from_parts(parts, body)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sniffing_tells_http1_h2_and_tcp_apart() {
+        assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Sniffed::Http1));
+        assert_eq!(classify(b"GE"), None);
+        assert_eq!(classify(H2_PREFACE), Some(Sniffed::Http2));
+        assert_eq!(classify(&H2_PREFACE[..10]), None);
+        assert_eq!(classify(b"\x16\x03\x01\x02"), Some(Sniffed::Tcp));
+        assert_eq!(classify(b"hello"), Some(Sniffed::Tcp));
+        assert_eq!(classify(b"PRIX"), None);
+        assert_eq!(classify(b"0123456789"), Some(Sniffed::Tcp));
+    }
+
+    #[test]
+    fn path_rewrites_follow_gateway_api() {
+        let prefix = |s: &str| pb::PathModifier {
+            kind: Some(pb::path_modifier::Kind::ReplacePrefixMatch(s.into())),
+        };
+        assert_eq!(
+            modify_path("/foo/bar", &prefix("/xyz"), Some("/foo")),
+            "/xyz/bar"
+        );
+        assert_eq!(modify_path("/foo/bar", &prefix("/"), Some("/foo")), "/bar");
+        assert_eq!(modify_path("/foo", &prefix("/"), Some("/foo")), "/");
+        assert_eq!(modify_path("/foo", &prefix("/xyz"), Some("/foo/")), "/xyz");
+        let full = pb::PathModifier {
+            kind: Some(pb::path_modifier::Kind::ReplaceFullPath("/new".into())),
+        };
+        assert_eq!(modify_path("/foo/bar", &full, Some("/foo")), "/new");
+    }
+
+    #[test]
+    fn backoff_is_jittered_and_capped() {
+        let base = Duration::from_millis(25);
+        for n in 1..20 {
+            let b = backoff(base, n);
+            assert!(b <= base * 10, "{b:?}");
+            assert!(b >= base / 2, "{b:?}");
+        }
+    }
+
+    #[test]
+    fn hop_by_hop_headers_do_not_travel() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-secret".parse().expect("v"));
+        h.insert("x-secret", "1".parse().expect("v"));
+        h.insert("transfer-encoding", "chunked".parse().expect("v"));
+        h.insert("x-keep", "1".parse().expect("v"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+}

@@ -1,0 +1,449 @@
+//! Upstream HTTP connections: each one is an HBONE stream (pooled HTTP/2
+//! over mutual TLS, from the ztunnel's pool) to the endpoint's node, or
+//! plain TCP to an endpoint outside the mesh, carrying HTTP/1.1 (kept
+//! alive and reused) or HTTP/2 (one connection multiplexed).
+//!
+//! Connections per backend are capped (`max_connections`); a request that
+//! finds none free waits as pending, up to `max_pending_requests`.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, Response};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::client::conn::{http1, http2};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
+use tracing::debug;
+use ztunnel::hbone::ConnectHeaders;
+use ztunnel::identity::Identity;
+use ztunnel::proxy::pool::{Pool, PoolError, PoolKey};
+use ztunnel::state::{TunnelProtocol, Workload};
+
+pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
+impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Proto {
+    Http1,
+    Http2,
+}
+
+/// Why an attempt got no response.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    #[error("connect: {0}")]
+    Connect(String),
+    #[error("too many pending requests for {0} (circuit open)")]
+    Overflow(String),
+    #[error("HTTP handshake: {0}")]
+    Handshake(String),
+    #[error("upstream reset: {0}")]
+    Reset(String),
+}
+
+impl From<PoolError> for UpstreamError {
+    fn from(e: PoolError) -> Self {
+        UpstreamError::Connect(e.to_string())
+    }
+}
+
+enum Sender {
+    H1(http1::SendRequest<Full<Bytes>>),
+    H2(http2::SendRequest<Full<Bytes>>),
+}
+
+struct Idle {
+    sender: http1::SendRequest<Full<Bytes>>,
+    since: Instant,
+    used: u32,
+}
+
+#[derive(Default)]
+struct EndpointConns {
+    idle: Vec<Idle>,
+    h2: Option<http2::SendRequest<Full<Bytes>>>,
+}
+
+/// Connections to one backend service, under its connection cap.
+struct BackendConns {
+    permits: Arc<Semaphore>,
+    limited: bool,
+    pending: AtomicU32,
+    freed: Notify,
+    by_endpoint: Mutex<HashMap<(SocketAddr, Proto), EndpointConns>>,
+}
+
+/// What a connection is opened with.
+pub struct Dial<'a> {
+    pub endpoint: &'a Workload,
+    pub target: SocketAddr,
+    pub proto: Proto,
+    pub headers: &'a ConnectHeaders,
+}
+
+/// Limits for one backend, from its DestinationRule.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_connections: u32,
+    pub max_pending: u32,
+    pub max_requests_per_connection: u32,
+    pub idle_timeout: Duration,
+}
+
+pub struct Upstreams {
+    pool: Pool,
+    identity: Identity,
+    connect_timeout: Duration,
+    backends: Mutex<HashMap<String, Arc<BackendConns>>>,
+}
+
+/// A connection checked out for one request. An HTTP/1 connection goes
+/// back to the idle list when the response is done (see [`Lease::finish`]).
+pub struct Lease {
+    sender: Sender,
+    backend: Arc<BackendConns>,
+    key: (SocketAddr, Proto),
+    used: u32,
+}
+
+impl Upstreams {
+    pub fn new(pool: Pool, identity: Identity, connect_timeout: Duration) -> Self {
+        Upstreams {
+            pool,
+            identity,
+            connect_timeout,
+            backends: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn pool(&self) -> &Pool {
+        &self.pool
+    }
+
+    fn backend(&self, key: &str, limits: &Limits) -> Arc<BackendConns> {
+        let mut m = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        let want = if limits.max_connections == 0 {
+            Semaphore::MAX_PERMITS
+        } else {
+            limits.max_connections as usize
+        };
+        let b = m.entry(key.to_string()).or_insert_with(|| {
+            Arc::new(BackendConns {
+                permits: Arc::new(Semaphore::new(want)),
+                limited: limits.max_connections > 0,
+                pending: AtomicU32::new(0),
+                freed: Notify::new(),
+                by_endpoint: Mutex::new(HashMap::new()),
+            })
+        });
+        // A changed cap takes effect for new connections.
+        if b.limited != (limits.max_connections > 0)
+            || (b.limited && b.permits.available_permits() > want)
+        {
+            *b = Arc::new(BackendConns {
+                permits: Arc::new(Semaphore::new(want)),
+                limited: limits.max_connections > 0,
+                pending: AtomicU32::new(0),
+                freed: Notify::new(),
+                by_endpoint: Mutex::new(HashMap::new()),
+            });
+        }
+        b.clone()
+    }
+
+    /// Number of idle and multiplexed upstream connections (admin view).
+    pub fn connection_count(&self) -> usize {
+        let m = self.backends.lock().unwrap_or_else(|p| p.into_inner());
+        m.values()
+            .map(|b| {
+                b.by_endpoint
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .values()
+                    .map(|e| e.idle.len() + usize::from(e.h2.is_some()))
+                    .sum::<usize>()
+            })
+            .sum()
+    }
+
+    /// A connection to `d.target`: a reused one, a new one under the cap,
+    /// or, at the cap, the next to free up (as a pending request).
+    pub async fn checkout(
+        &self,
+        backend_key: &str,
+        limits: &Limits,
+        d: Dial<'_>,
+    ) -> Result<Lease, UpstreamError> {
+        let backend = self.backend(backend_key, limits);
+        let key = (d.target, d.proto);
+        let mut pending: Option<PendingGuard> = None;
+        loop {
+            let waiter = backend.clone();
+            let freed = waiter.freed.notified();
+            tokio::pin!(freed);
+            freed.as_mut().enable();
+            if let Some((sender, used)) = take_reusable(&backend, key, limits) {
+                return Ok(Lease {
+                    sender,
+                    backend,
+                    key,
+                    used,
+                });
+            }
+            if let Ok(permit) = backend.permits.clone().try_acquire_owned() {
+                let sender = self.connect(&d, permit, backend.clone()).await?;
+                if let Sender::H2(s) = &sender {
+                    backend
+                        .by_endpoint
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .entry(key)
+                        .or_default()
+                        .h2 = Some(s.clone());
+                }
+                return Ok(Lease {
+                    sender,
+                    backend,
+                    key,
+                    used: 0,
+                });
+            }
+            if pending.is_none() {
+                let n = backend.pending.fetch_add(1, Ordering::AcqRel);
+                pending = Some(PendingGuard(backend.clone()));
+                if limits.max_pending > 0 && n >= limits.max_pending {
+                    return Err(UpstreamError::Overflow(backend_key.to_string()));
+                }
+            }
+            freed.await;
+        }
+    }
+
+    async fn connect(
+        &self,
+        d: &Dial<'_>,
+        permit: OwnedSemaphorePermit,
+        backend: Arc<BackendConns>,
+    ) -> Result<Sender, UpstreamError> {
+        let io: Box<dyn Io> = match d.endpoint.protocol {
+            TunnelProtocol::Hbone => {
+                let key = PoolKey {
+                    src: self.identity.clone(),
+                    src_ip: None,
+                    dst: d.endpoint.identity.clone(),
+                    next_hop: SocketAddr::new(d.target.ip(), ztunnel::config::HBONE_PORT),
+                };
+                let (stream, guard) = self.pool.connect(&key, d.target, d.headers, None).await?;
+                Box::new(Guarded {
+                    inner: stream,
+                    _guard: guard,
+                })
+            }
+            TunnelProtocol::None => {
+                let tcp = tokio::time::timeout(
+                    self.connect_timeout,
+                    tokio::net::TcpStream::connect(d.target),
+                )
+                .await
+                .map_err(|_| UpstreamError::Connect(format!("{}: timed out", d.target)))?
+                .map_err(|e| UpstreamError::Connect(format!("{}: {e}", d.target)))?;
+                let _ = tcp.set_nodelay(true);
+                Box::new(tcp)
+            }
+        };
+        let io = TokioIo::new(io);
+        let target = d.target;
+        let done = move || {
+            drop(permit);
+            backend.freed.notify_waiters();
+        };
+        match d.proto {
+            Proto::Http1 => {
+                let (sender, conn) = http1::Builder::new()
+                    .handshake(io)
+                    .await
+                    .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%target, error = %e, "upstream HTTP/1 connection ended");
+                    }
+                    done();
+                });
+                Ok(Sender::H1(sender))
+            }
+            Proto::Http2 => {
+                let (sender, conn) = http2::Builder::new(TokioExecutor::new())
+                    .timer(TokioTimer::new())
+                    .keep_alive_interval(Duration::from_secs(30))
+                    .handshake(io)
+                    .await
+                    .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        debug!(%target, error = %e, "upstream HTTP/2 connection ended");
+                    }
+                    done();
+                });
+                Ok(Sender::H2(sender))
+            }
+        }
+    }
+
+    /// Closes idle HTTP/1 connections older than `max_idle`.
+    pub fn evict_idle(&self, max_idle: Duration) {
+        let backends: Vec<Arc<BackendConns>> = self
+            .backends
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .cloned()
+            .collect();
+        for b in backends {
+            let mut m = b.by_endpoint.lock().unwrap_or_else(|p| p.into_inner());
+            for e in m.values_mut() {
+                e.idle
+                    .retain(|i| i.since.elapsed() < max_idle && !i.sender.is_closed());
+                if e.h2.as_ref().is_some_and(|s| s.is_closed()) {
+                    e.h2 = None;
+                }
+            }
+            m.retain(|_, e| !e.idle.is_empty() || e.h2.is_some());
+        }
+    }
+}
+
+struct PendingGuard(Arc<BackendConns>);
+
+impl Drop for PendingGuard {
+    fn drop(&mut self) {
+        self.0.pending.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn take_reusable(
+    b: &BackendConns,
+    key: (SocketAddr, Proto),
+    limits: &Limits,
+) -> Option<(Sender, u32)> {
+    let mut m = b.by_endpoint.lock().unwrap_or_else(|p| p.into_inner());
+    let e = m.get_mut(&key)?;
+    if let Some(h2) = &e.h2 {
+        if !h2.is_closed() {
+            return Some((Sender::H2(h2.clone()), 0));
+        }
+        e.h2 = None;
+    }
+    while let Some(i) = e.idle.pop() {
+        if !i.sender.is_closed() && i.since.elapsed() < limits.idle_timeout {
+            return Some((Sender::H1(i.sender), i.used));
+        }
+    }
+    None
+}
+
+impl Lease {
+    /// Sends one request. An HTTP/1 connection is busy until the response
+    /// body is read; the caller gives the lease back with [`Lease::finish`].
+    pub async fn send(
+        &mut self,
+        req: Request<Full<Bytes>>,
+    ) -> Result<Response<Incoming>, UpstreamError> {
+        self.used += 1;
+        let r = match &mut self.sender {
+            Sender::H1(s) => {
+                s.ready()
+                    .await
+                    .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+                s.send_request(req).await
+            }
+            Sender::H2(s) => {
+                s.ready()
+                    .await
+                    .map_err(|e| UpstreamError::Reset(e.to_string()))?;
+                s.send_request(req).await
+            }
+        };
+        r.map_err(|e| UpstreamError::Reset(e.to_string()))
+    }
+
+    /// Returns a kept-alive HTTP/1 connection to the idle list, unless it
+    /// has served `max_requests_per_connection`.
+    pub fn finish(self, limits: &Limits) {
+        if let Sender::H1(sender) = self.sender {
+            if sender.is_closed()
+                || (limits.max_requests_per_connection > 0
+                    && self.used >= limits.max_requests_per_connection)
+            {
+                return;
+            }
+            self.backend
+                .by_endpoint
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .entry(self.key)
+                .or_default()
+                .idle
+                .push(Idle {
+                    sender,
+                    since: Instant::now(),
+                    used: self.used,
+                });
+            self.backend.freed.notify_waiters();
+        }
+    }
+}
+
+/// An HBONE stream that keeps its pool slot for as long as it lives.
+pub struct Guarded<S> {
+    inner: S,
+    _guard: ztunnel::proxy::pool::StreamGuard,
+}
+
+impl<S> Guarded<S> {
+    pub fn new(inner: S, guard: ztunnel::proxy::pool::StreamGuard) -> Self {
+        Guarded {
+            inner,
+            _guard: guard,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &[u8],
+    ) -> std::task::Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
