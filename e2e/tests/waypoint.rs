@@ -88,6 +88,12 @@ fn served(lab: &Lab, from: &str, pod: &str) -> u64 {
         .unwrap_or_else(|| panic!("no count from {pod}: {body}"))
 }
 
+fn config_dump(lab: &Lab, waypoint: &str) -> Value {
+    let out = get(lab, waypoint, "http://127.0.0.1:15000/config_dump", &[]);
+    let json = out.split_once('\n').map(|(_, j)| j).unwrap_or("");
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
 fn metrics(lab: &Lab, waypoint: &str) -> String {
     let ip = lab.pod(waypoint).unwrap().ip.clone();
     get(lab, waypoint, &format!("http://{ip}:15020/metrics"), &[])
@@ -233,6 +239,21 @@ spec:
         assert!(n > 3000, "{p} got {n}: {split:?}");
     }
 
+    // Per request over reused connections: a handful of HBONE connections
+    // (one per destination identity and node), HTTP/1 kept alive.
+    let dump = config_dump(lab, "shop/waypoint-0");
+    let hbone = dump["upstream"]["hbone_connections"].as_u64().unwrap();
+    let http = dump["upstream"]["http_connections"].as_u64().unwrap();
+    assert!((1..=4).contains(&hbone), "{}", dump["upstream"]);
+    assert!(http <= 48, "{}", dump["upstream"]);
+    // The waypoint never serves its own Service.
+    let routes = dump["routes"].as_object().unwrap();
+    assert!(routes.contains_key("shop/reviews.shop.svc.cluster.local"));
+    assert!(
+        !routes.contains_key("shop/waypoint.shop.svc.cluster.local"),
+        "{routes:?}"
+    );
+
     // Retries turn a backend failing 30% of requests into near-total success.
     // (Two at a time: the budget's floor of three concurrent retries is
     // never the limit, so this measures the retries alone: 0.3^4 fail.)
@@ -364,4 +385,268 @@ spec:
     );
     assert!(log.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"));
     assert!(!log.contains("direct.plain"));
+}
+
+/// `labapp raw` / `labapp h2-abuse` from a pod: the first answer line.
+fn raw(lab: &Lab, from: &str, args: &[&str]) -> String {
+    let mut cmd = vec!["labapp"];
+    cmd.extend_from_slice(args);
+    let out = lab.exec(from, &cmd).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[tokio::test]
+async fn a_waypoint_enforces_l7_policy_breaks_circuits_injects_faults_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guard(Lab::create(dir.path(), 2, 2).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::new();
+    docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}\n---\n");
+    docs.push_str("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n");
+    docs.push_str(&echo("shop", "orders", 1, "", ""));
+    docs.push_str(&echo("shop", "cb", 1, "", ", --delay-ms, \"300\""));
+    docs.push_str(&echo("shop", "chaos", 1, "", ""));
+    docs.push_str(&echo("shop", "shadow", 1, "", ""));
+    for c in ["client", "other"] {
+        docs.push_str(&format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {c}, namespace: shop}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: {c}}}}}\n  template:\n    metadata: {{labels: {{app: {c}}}}}\n    spec:\n      serviceAccountName: {c}\n      containers: [{{name: app, image: labapp, args: [sleep]}}]\n---\n"));
+    }
+    for s in ["orders", "cb", "chaos", "shadow"] {
+        docs.push_str(&service("shop", s, &format!("app: {s}")));
+    }
+    docs.push_str(
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: orders-readers, namespace: shop}
+spec:
+  targetRefs: [{kind: Service, group: \"\", name: orders}]
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]
+    to: [{operation: {methods: [GET], paths: [/orders, /orders/*]}}]
+---
+apiVersion: networking.istio.io/v1
+kind: DestinationRule
+metadata: {name: cb, namespace: shop}
+spec:
+  host: cb.shop.svc.cluster.local
+  trafficPolicy:
+    connectionPool:
+      tcp: {maxConnections: 1}
+      http: {http1MaxPendingRequests: 1}
+---
+apiVersion: extensions.mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: chaos, namespace: shop}
+spec:
+  fault: {abort: {httpStatus: 418, percentage: 50}}
+  mirrorPercentage: 100
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: chaos, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: chaos}]
+  rules:
+  - backendRefs: [{name: chaos, port: 80}]
+    filters:
+    - {type: ExtensionRef, extensionRef: {group: extensions.mesh.dev, kind: TrafficPolicy, name: chaos}}
+    - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}
+",
+    );
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let lab = &g.0;
+    let client = "shop/client-0";
+    eventually(
+        "the waypoint serves orders",
+        Duration::from_secs(60),
+        || async { load(lab, client, "http://orders.shop/orders", 1, 1, &[]).ok() == 1 },
+    )
+    .await;
+
+    // L7 policy: GET /orders in, POST /admin refused with 403; another
+    // identity refused even for GET /orders.
+    assert_eq!(
+        load(lab, client, "http://orders.shop/orders/7", 10, 2, &[]).ok(),
+        10
+    );
+    let post = load(
+        lab,
+        client,
+        "http://orders.shop/admin",
+        5,
+        1,
+        &["--method", "POST"],
+    );
+    assert_eq!(post.status.get(&403).copied(), Some(5), "{post:?}");
+    let get_admin = load(lab, client, "http://orders.shop/admin", 5, 1, &[]);
+    assert_eq!(
+        get_admin.status.get(&403).copied(),
+        Some(5),
+        "{get_admin:?}"
+    );
+    let other = load(lab, "shop/other-0", "http://orders.shop/orders", 5, 1, &[]);
+    assert_eq!(other.status.get(&403).copied(), Some(5), "{other:?}");
+    assert_eq!(
+        served(lab, client, "shop/orders-0"),
+        11,
+        "refused requests never reach the backend"
+    );
+
+    // The circuit breaker: one connection, one pending; the rest fail fast.
+    let cb = load(lab, client, "http://cb.shop/", 20, 10, &[]);
+    let overflow = cb.status.get(&503).copied().unwrap_or(0);
+    assert!(overflow >= 10 && cb.ok() >= 2, "{cb:?}");
+
+    // Fault injection aborts about half; every request that gets through is
+    // mirrored to the shadow, whose answers are dropped.
+    let chaos = load(lab, client, "http://chaos.shop/", 400, 4, &[]);
+    let aborted = chaos.status.get(&418).copied().unwrap_or(0);
+    assert!((140..=260).contains(&aborted), "{chaos:?}");
+    assert_eq!(chaos.ok() + aborted, 400, "{chaos:?}");
+    assert!(
+        chaos.by_pod.keys().all(|p| p.starts_with("chaos")),
+        "{chaos:?}"
+    );
+    let through = chaos.ok() as u64;
+    eventually(
+        "the shadow saw the mirrored requests",
+        Duration::from_secs(10),
+        || async { served(lab, client, "shop/shadow-0") == through },
+    )
+    .await;
+
+    // Bad input, each refused with its status, through ztunnel and HBONE.
+    let vip = lab.state.services["shop/orders"].vip.clone();
+    let to = format!("{vip}:80");
+    let bad_line = raw(lab, client, &["raw", &to, "BAD REQUEST LINE\r\n\r\n"]);
+    assert!(bad_line.starts_with("HTTP/1.1 400"), "{bad_line}");
+    let big_head = raw(
+        lab,
+        client,
+        &[
+            "raw",
+            &to,
+            "GET /orders HTTP/1.1\r\nHost: orders\r\n\r\n",
+            "--pad-header-bytes",
+            "70000",
+        ],
+    );
+    assert!(big_head.starts_with("HTTP/1.1 431"), "{big_head}");
+    let big_body = raw(
+        lab,
+        client,
+        &[
+            "raw",
+            &to,
+            "GET /orders HTTP/1.1\r\nHost: orders\r\nContent-Length: 5000000\r\n\r\n",
+            "--body-bytes",
+            "5000000",
+        ],
+    );
+    assert!(big_body.starts_with("HTTP/1.1 413"), "{big_body}");
+    let before = served(lab, client, "shop/orders-0");
+    let smuggle = raw(
+        lab,
+        client,
+        &[
+            "raw",
+            &to,
+            "GET /orders HTTP/1.1\r\nHost: orders\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+        ],
+    );
+    assert!(smuggle.starts_with("HTTP/1.1 400"), "{smuggle}");
+    assert_eq!(
+        served(lab, client, "shop/orders-0"),
+        before,
+        "a conflicting request is never forwarded"
+    );
+    let window = raw(lab, client, &["h2-abuse", &to, "--mode", "window-overflow"]);
+    assert!(
+        window.contains("GOAWAY 3"),
+        "FLOW_CONTROL_ERROR expected: {window}"
+    );
+    let flood = raw(lab, client, &["h2-abuse", &to, "--mode", "data-flood"]);
+    assert!(
+        flood.contains("GOAWAY") || flood.contains("RST_STREAM"),
+        "{flood}"
+    );
+
+    // A slowloris client is cut off at the header timeout while others are
+    // served as usual.
+    let started = Instant::now();
+    let slow_head = "GET /orders HTTP/1.1\r\nHost: orders\r\nx-a: aaaaaaaaaaaaaaaaaaaa\r\n\r\n";
+    let loris = {
+        let bin = e2e::mesh::binary("labapp");
+        let netns = lab.pod(client).unwrap().netns.clone();
+        let (to, head) = (to.clone(), slow_head.to_string());
+        std::thread::spawn(move || {
+            let out = std::process::Command::new("ip")
+                .args(["netns", "exec", &netns])
+                .arg(bin)
+                .args([
+                    "raw",
+                    &to,
+                    &head,
+                    "--byte-delay-ms",
+                    "200",
+                    "--timeout-ms",
+                    "15000",
+                ])
+                .output()
+                .unwrap();
+            String::from_utf8_lossy(&out.stdout).trim().to_string()
+        })
+    };
+    let meanwhile = load(lab, client, "http://orders.shop/orders", 50, 2, &[]);
+    assert_eq!(meanwhile.ok(), 50, "{meanwhile:?}");
+    let cut = loris.join().unwrap();
+    assert!(
+        cut.starts_with("closed") || cut.starts_with("HTTP/1.1 408"),
+        "{cut}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "cut off after {:?}",
+        started.elapsed()
+    );
+
+    // And after all of it, ordinary traffic still flows.
+    assert_eq!(
+        load(lab, client, "http://orders.shop/orders", 20, 4, &[]).ok(),
+        20
+    );
+
+    let m = metrics(lab, "shop/waypoint-0");
+    let svc = |s: &str| format!("destination_service=\"{s}.shop.svc.cluster.local\"");
+    assert!(
+        requests_total(
+            &m,
+            &[
+                &svc("orders"),
+                "response_code=\"403\"",
+                "response_flags=\"RBAC\""
+            ]
+        ) >= 15,
+        "{m}"
+    );
+    assert!(
+        requests_total(
+            &m,
+            &[&svc("cb"), "response_code=\"503\"", "response_flags=\"UO\""]
+        ) >= 10,
+        "{m}"
+    );
+    assert!(
+        requests_total(
+            &m,
+            &[
+                &svc("chaos"),
+                "response_code=\"418\"",
+                "response_flags=\"FI\""
+            ]
+        ) >= 140,
+        "{m}"
+    );
+    let log = std::fs::read_to_string(dir.path().join("logs/pod-shop-waypoint-0.log")).unwrap();
+    assert!(log.contains("denied: no ALLOW policy matches"), "{log}");
 }

@@ -12,6 +12,7 @@ pub mod app;
 pub mod authz;
 pub mod body;
 pub mod config;
+pub mod h1guard;
 pub mod lb;
 pub mod proxy;
 pub mod routes;

@@ -39,6 +39,7 @@ use ztunnel::tls::{handshake_failure, peer_identity, server_config};
 use crate::authz::{self, RequestAttrs};
 use crate::body::{OnEnd, RespBody};
 use crate::config::Config;
+use crate::h1guard::{self, Framing, Scanner, Verdicts};
 use crate::lb::Balancer;
 use crate::routes::{
     Backend, BackendPolicy, PortProtocol, RequestView, Route, RouteTable, ServiceConfig, StrMatch,
@@ -440,7 +441,15 @@ impl Waypoint {
             Sniffed::Http1 => {
                 let wp = self.clone();
                 let d = ds.clone();
-                let svc_fn = service_fn(move |req| wp.clone().request(d.clone(), req));
+                let verdicts = Verdicts::default();
+                let io = h1guard::Guarded::new(
+                    io,
+                    Scanner::new(limits.max_header_bytes, verdicts.clone()),
+                );
+                let svc_fn = service_fn(move |req| {
+                    let framing = verdicts.next();
+                    wp.clone().request(d.clone(), req, framing)
+                });
                 let r = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
@@ -455,7 +464,7 @@ impl Waypoint {
             Sniffed::Http2 => {
                 let wp = self.clone();
                 let d = ds.clone();
-                let svc_fn = service_fn(move |req| wp.clone().request(d.clone(), req));
+                let svc_fn = service_fn(move |req| wp.clone().request(d.clone(), req, Framing::Ok));
                 let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_header_list_size(
@@ -552,6 +561,7 @@ impl Waypoint {
         self: Arc<Self>,
         ds: Arc<Downstream>,
         req: Request<Incoming>,
+        framing: Framing,
     ) -> Result<Response<RespBody>, Infallible> {
         let started = Instant::now();
         let wall = SystemTime::now();
@@ -567,6 +577,21 @@ impl Waypoint {
         );
         let mut rec = Recorder::new(&self, &ds, &svc, &req, trace, started, wall);
         let (mut parts, body) = req.into_parts();
+
+        // Content-Length with Transfer-Encoding is how requests are
+        // smuggled past a proxy: refused, and the connection closed, since
+        // where this request ends is now in doubt (RFC 9112 6.1).
+        if framing == Framing::Conflict {
+            rec.detail = "both Content-Length and Transfer-Encoding".into();
+            let mut r = rec.local(
+                StatusCode::BAD_REQUEST,
+                Flag::None,
+                "conflicting Content-Length and Transfer-Encoding\n",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(r);
+        }
 
         // Authorization first: a refused request costs nothing upstream.
         let host = rec.authority.clone();
@@ -619,6 +644,19 @@ impl Waypoint {
 
         // Buffered, so it can be retried and mirrored; bounded in size and time.
         let limits = &self.cfg.limits;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+            rec.detail = format!("content-length over {} bytes", limits.max_body_bytes);
+            return Ok(rec.local(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Flag::None,
+                "request body too large\n",
+            ));
+        }
         let body = match tokio::time::timeout(
             limits.body_read_timeout,
             Limited::new(body, limits.max_body_bytes).collect(),

@@ -95,6 +95,11 @@ fn waypoint_gateway(model: &Model, ns: &str, own: &Labels, kind: &str) -> Option
         .get(ns)
         .map(|n| labels(&n.metadata))
         .unwrap_or_default();
+    // A waypoint's own pods and Service are never sent through a waypoint
+    // (its namespace's label would otherwise point it at itself).
+    if own.contains_key(super::GATEWAY_NAME_LABEL) {
+        return None;
+    }
     let name = own
         .get(USE_WAYPOINT)
         .or_else(|| ns_labels.get(USE_WAYPOINT))?;
