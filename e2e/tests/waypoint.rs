@@ -402,7 +402,9 @@ async fn a_waypoint_enforces_l7_policy_breaks_circuits_injects_faults_and_refuse
     g.0.start_mesh().await.unwrap();
     let mut docs = String::new();
     docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}\n---\n");
-    docs.push_str("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n");
+    // For services and pods alike: the pod-IP requests below (the echo
+    // servers' counters) pass through it too.
+    docs.push_str("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop, labels: {istio.io/waypoint-for: all}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n");
     docs.push_str(&echo("shop", "orders", 1, "", ""));
     docs.push_str(&echo("shop", "cb", 1, "", ", --delay-ms, \"300\""));
     docs.push_str(&echo("shop", "chaos", 1, "", ""));
@@ -649,4 +651,5 @@ spec:
     );
     let log = std::fs::read_to_string(dir.path().join("logs/pod-shop-waypoint-0.log")).unwrap();
     assert!(log.contains("denied: no ALLOW policy matches"), "{log}");
+    assert!(log.contains("path=/_stats"), "pod-IP traffic goes through the waypoint too");
 }

@@ -43,6 +43,7 @@ use crate::h1guard::{self, Framing, Scanner, Verdicts};
 use crate::lb::Balancer;
 use crate::routes::{
     Backend, BackendPolicy, PortProtocol, RequestView, Route, RouteTable, ServiceConfig, StrMatch,
+    WORKLOAD_KEY,
 };
 use crate::telemetry::{Exporter, Flag, HttpMetrics, Reporter, RequestLabels, Span, TraceContext};
 use crate::upstream::{Dial, Limits as ConnLimits, Proto, UpstreamError, Upstreams};
@@ -62,6 +63,22 @@ pub struct Waypoint {
     /// Open downstream HBONE connections, for the drain.
     pub open: tokio::sync::watch::Sender<usize>,
     tls: Mutex<Option<(String, Arc<ServerConfig>)>>,
+}
+
+/// Where a backend key leads.
+struct Resolved {
+    endpoints: Vec<Arc<Workload>>,
+    /// The service, for port mapping and labels; `None` for a pod.
+    service: Option<Arc<ServiceEntry>>,
+}
+
+impl Resolved {
+    fn port_on(&self, ep: &Workload, port: u16) -> u16 {
+        match &self.service {
+            Some(s) => target_port(s, ep, port),
+            None => port,
+        }
+    }
 }
 
 /// Which connection a request came on.
@@ -366,11 +383,18 @@ impl Waypoint {
             }
         };
         let snap = self.state.snapshot();
-        let Some(svc) = snap.service_by_vip(&self.cfg.network, target.ip()).cloned() else {
-            info!(%peer, %target, identity = %src, "HBONE target is not a service this waypoint serves (400)");
+        // A service VIP, or a pod IP for a workload that uses this waypoint.
+        let service_key = if let Some(svc) = snap.service_by_vip(&self.cfg.network, target.ip()) {
+            svc.service.key()
+        } else if let Some(w) = snap
+            .workload_by_ip(&self.cfg.network, target.ip())
+            .filter(|w| w.waypoint.is_some())
+        {
+            format!("{WORKLOAD_KEY}{}", w.uid)
+        } else {
+            info!(%peer, %target, identity = %src, "HBONE target is not a service or workload this waypoint serves (400)");
             return respond.refuse(StatusCode::BAD_REQUEST);
         };
-        let service_key = svc.service.key();
         let src_workload = snap.workload_by_ip(&self.cfg.network, peer.ip()).cloned();
         drop(snap);
         let protocol = self
@@ -437,7 +461,7 @@ impl Waypoint {
             },
         });
         match sniffed {
-            Sniffed::Tcp => self.tcp(io, ds, svc).await,
+            Sniffed::Tcp => self.tcp(io, ds).await,
             Sniffed::Http1 => {
                 let wp = self.clone();
                 let d = ds.clone();
@@ -482,28 +506,26 @@ impl Waypoint {
     }
 
     /// Opaque TCP: one endpoint of the service, bytes copied both ways.
-    async fn tcp(
-        self: Arc<Self>,
-        mut io: Rewind<ztunnel::hbone::H2Stream>,
-        ds: Arc<Downstream>,
-        svc: Arc<ServiceEntry>,
-    ) {
-        let snap = self.state.snapshot();
-        let eps: Vec<Arc<Workload>> = snap.endpoints(&ds.service_key).cloned().collect();
+    async fn tcp(self: Arc<Self>, mut io: Rewind<ztunnel::hbone::H2Stream>, ds: Arc<Downstream>) {
+        let Some(dest) = self.resolve(&ds.service_key) else {
+            io.inner.reset();
+            return info!(peer = %ds.peer, service = %ds.service_key, "TCP: destination is gone");
+        };
+        let eps = &dest.endpoints;
         let policy = self
             .routes
             .get(&ds.service_key)
             .map(|s| s.backend.clone())
             .unwrap_or_default();
         let stats = self.balancer.backend(&ds.service_key);
-        let Some((ep, _)) = self.balancer.pick(&stats, &eps, &[], &policy) else {
+        let Some((ep, _)) = self.balancer.pick(&stats, eps, &[], &policy) else {
             io.inner.reset();
             return info!(peer = %ds.peer, service = %ds.service_key, "TCP: no healthy endpoint");
         };
         let Some(ip) = ep.addresses.first().copied() else {
             return;
         };
-        let target = SocketAddr::new(ip, target_port(&svc, &ep, ds.target.port()));
+        let target = SocketAddr::new(ip, dest.port_on(&ep, ds.target.port()));
         let started = Instant::now();
         let upstream: Result<Box<dyn crate::upstream::Io>, String> = match ep.protocol {
             TunnelProtocol::Hbone => {
@@ -793,8 +815,7 @@ impl Waypoint {
         ),
         (StatusCode, Flag, &'static str),
     > {
-        let snap = self.state.snapshot();
-        let Some(bsvc) = snap.service(&backend.service).cloned() else {
+        let Some(dest) = self.resolve(&backend.service) else {
             rec.detail = format!("backend service {} is unknown", backend.service);
             return Err((
                 StatusCode::INTERNAL_SERVER_ERROR,
@@ -802,9 +823,10 @@ impl Waypoint {
                 "unknown backend service\n",
             ));
         };
-        let endpoints: Vec<Arc<Workload>> = snap.endpoints(&backend.service).cloned().collect();
-        drop(snap);
-        rec.set_destination_service(&bsvc);
+        let endpoints = dest.endpoints.clone();
+        if let Some(svc) = &dest.service {
+            rec.set_destination_service(svc);
+        }
         if endpoints.is_empty() {
             rec.detail = format!("{} has no healthy endpoints", backend.service);
             return Err((
@@ -859,7 +881,7 @@ impl Waypoint {
                     "no healthy upstream\n",
                 ));
             };
-            let target = SocketAddr::new(ip, target_port(&bsvc, &ep, port));
+            let target = SocketAddr::new(ip, dest.port_on(&ep, port));
             rec.set_destination_workload(&ep, target);
             let now = Instant::now();
             let remaining = deadline.map(|d| d.saturating_duration_since(now));
@@ -1011,6 +1033,23 @@ impl Waypoint {
         Ok((lease, resp))
     }
 
+    /// A service's healthy endpoints, or the one workload a `workload:`
+    /// key names.
+    fn resolve(&self, key: &str) -> Option<Resolved> {
+        let snap = self.state.snapshot();
+        if let Some(uid) = key.strip_prefix(WORKLOAD_KEY) {
+            return snap.workload(uid).map(|w| Resolved {
+                endpoints: vec![w.clone()],
+                service: None,
+            });
+        }
+        let svc = snap.service(key)?.clone();
+        Some(Resolved {
+            endpoints: snap.endpoints(key).cloned().collect(),
+            service: Some(svc),
+        })
+    }
+
     /// Whether one more attempt is allowed: time left and room in the
     /// retry budget (the slot is held through the retry).
     fn may_retry(
@@ -1045,19 +1084,17 @@ impl Waypoint {
 
     /// Fire and forget: a copy to the mirror backend, its answer dropped.
     async fn mirror(self: Arc<Self>, ds: Arc<Downstream>, backend: Backend, mut out: Outgoing) {
-        let snap = self.state.snapshot();
-        let Some(bsvc) = snap.service(&backend.service).cloned() else {
+        let Some(dest) = self.resolve(&backend.service) else {
             return;
         };
-        let eps: Vec<Arc<Workload>> = snap.endpoints(&backend.service).cloned().collect();
-        drop(snap);
+        let eps = &dest.endpoints;
         let policy = self
             .routes
             .get(&backend.service)
             .map(|s| s.backend.clone())
             .unwrap_or_default();
         let stats = self.balancer.backend(&backend.service);
-        let Some((ep, _)) = self.balancer.pick(&stats, &eps, &[], &policy) else {
+        let Some((ep, _)) = self.balancer.pick(&stats, eps, &[], &policy) else {
             return;
         };
         let Some(ip) = ep.addresses.first().copied() else {
@@ -1068,7 +1105,7 @@ impl Waypoint {
         } else {
             backend.port
         };
-        let target = SocketAddr::new(ip, target_port(&bsvc, &ep, port));
+        let target = SocketAddr::new(ip, dest.port_on(&ep, port));
         // Envoy marks shadowed requests by suffixing the host.
         out.authority = match out.authority.split_once(':') {
             Some((h, p)) => format!("{h}-shadow:{p}"),

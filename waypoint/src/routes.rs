@@ -12,6 +12,10 @@ use regex::Regex;
 
 use crate::authz::Policy;
 
+/// The key a waypoint uses for traffic addressed to one pod (a workload
+/// that uses it), in place of a service key.
+pub const WORKLOAD_KEY: &str = "workload:";
+
 /// Why a ServiceRoutes resource was rejected.
 #[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
 pub enum RouteError {
@@ -350,7 +354,11 @@ impl ServiceConfig {
 
     /// A service with no routes, policies or backend policy of its own.
     pub fn default_for(key: &str) -> ServiceConfig {
-        let (namespace, hostname) = key.split_once('/').unwrap_or(("", key));
+        let (namespace, hostname) = if key.starts_with(WORKLOAD_KEY) {
+            ("", "")
+        } else {
+            key.split_once('/').unwrap_or(("", key))
+        };
         ServiceConfig {
             key: key.to_string(),
             hostname: hostname.to_string(),
