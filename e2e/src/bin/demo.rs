@@ -154,14 +154,19 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
     );
 
     println!("\n== 5. L7 where it is asked for: a waypoint for shop, with a canary route");
-    println!("   applying manifests/demo/waypoint.yaml (Gateway istio-waypoint, istio.io/use-waypoint, HTTPRoute 90/10 + header match)");
+    println!(
+        "   applying manifests/demo/waypoint.yaml (Gateway istio-waypoint, istio.io/use-waypoint, HTTPRoute 90/10 + header match)"
+    );
     lab.apply(read_docs(&manifests.join("waypoint.yaml"))?)
         .await?;
     let bin = binary("labapp");
     let bin = bin.to_str().ok_or("path")?;
     let mut via_waypoint = false;
     for _ in 0..80 {
-        let out = lab.exec("shop/client-0", &[bin, "get", &url, "--header", "x-version: v2"])?;
+        let out = lab.exec(
+            "shop/client-0",
+            &[bin, "get", &url, "--header", "x-version: v2"],
+        )?;
         if String::from_utf8_lossy(&out.stdout).contains("pod=server-v2-0") {
             via_waypoint = true;
             break;
@@ -174,13 +179,27 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
     println!("   with x-version: v2 -> pod=server-v2-0");
     let out = lab.exec(
         "shop/client-0",
-        &[bin, "load", &url, "--requests", "1000", "--concurrency", "8"],
+        &[
+            bin,
+            "load",
+            &url,
+            "--requests",
+            "1000",
+            "--concurrency",
+            "8",
+        ],
     )?;
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     println!("   1000 requests without it, by pod: {}", summary["by_pod"]);
     let log = std::fs::read_to_string(lab.dir.join("logs/pod-shop-waypoint-0.log"))?;
     if let Some(l) = log.lines().rev().find(|l| l.contains("request complete")) {
-        let keep = ["response_code", "route", "src.identity", "dst.workload", "duration_ms"];
+        let keep = [
+            "response_code",
+            "route",
+            "src.identity",
+            "dst.workload",
+            "duration_ms",
+        ];
         let fields: Vec<&str> = l
             .split_whitespace()
             .filter(|w| keep.iter().any(|k| w.starts_with(&format!("{k}="))))
