@@ -651,5 +651,8 @@ spec:
     );
     let log = std::fs::read_to_string(dir.path().join("logs/pod-shop-waypoint-0.log")).unwrap();
     assert!(log.contains("denied: no ALLOW policy matches"), "{log}");
-    assert!(log.contains("path=/_stats"), "pod-IP traffic goes through the waypoint too");
+    assert!(
+        log.contains("path=/_stats"),
+        "pod-IP traffic goes through the waypoint too"
+    );
 }
