@@ -8,6 +8,7 @@
 //! identity. Opaque TCP is copied to an endpoint of the service.
 
 use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -255,6 +256,85 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
     }
 }
 
+/// Closes an HTTP/1 connection the way servers must when a client may still
+/// be sending (an answer given before the body was read, such as 413, or a
+/// malformed request): on shutdown, end our side, then read and drop what
+/// keeps coming for a little while, so the client reads the answer instead
+/// of a reset that discards it.
+struct Linger<S> {
+    inner: S,
+    shut: bool,
+    until: Option<Pin<Box<tokio::time::Sleep>>>,
+    drained: usize,
+}
+
+const LINGER: Duration = Duration::from_secs(2);
+const LINGER_MAX_BYTES: usize = 16 * 1024 * 1024;
+
+impl<S> Linger<S> {
+    fn new(inner: S) -> Self {
+        Linger {
+            inner,
+            shut: false,
+            until: None,
+            drained: 0,
+        }
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Linger<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl<S: AsyncRead + AsyncWrite + Unpin> AsyncWrite for Linger<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let me = &mut *self;
+        if !me.shut {
+            std::task::ready!(Pin::new(&mut me.inner).poll_shutdown(cx))?;
+            me.shut = true;
+            me.until = Some(Box::pin(tokio::time::sleep(LINGER)));
+        }
+        let mut scratch = [0u8; 8192];
+        loop {
+            if me
+                .until
+                .as_mut()
+                .is_some_and(|u| u.as_mut().poll(cx).is_ready())
+            {
+                return Poll::Ready(Ok(()));
+            }
+            let mut rb = ReadBuf::new(&mut scratch);
+            match Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
+                Poll::Ready(Ok(())) if rb.filled().is_empty() => return Poll::Ready(Ok(())),
+                Poll::Ready(Ok(())) => {
+                    me.drained += rb.filled().len();
+                    if me.drained >= LINGER_MAX_BYTES {
+                        return Poll::Ready(Ok(()));
+                    }
+                }
+                Poll::Ready(Err(_)) => return Poll::Ready(Ok(())),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+}
+
 /// Counts open downstream connections while alive.
 struct OpenGuard(tokio::sync::watch::Sender<usize>);
 
@@ -479,7 +559,7 @@ impl Waypoint {
                     .header_read_timeout(limits.header_read_timeout)
                     .max_buf_size(limits.max_header_bytes.max(8192))
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(io), svc_fn)
+                    .serve_connection(TokioIo::new(Linger::new(io)), svc_fn)
                     .await;
                 if let Err(e) = r {
                     debug!(peer = %ds.peer, error = %e, "HTTP/1 connection ended with an error");
@@ -763,12 +843,25 @@ impl Waypoint {
         if let Some(e) = &backend.response_headers {
             response_edits.push(e.clone());
         }
-        let proto =
-            if ds.protocol == "http2" || svc.protocol(ds.target.port()) == PortProtocol::Http2 {
-                Proto::Http2
-            } else {
-                Proto::Http1
-            };
+        // Upstream speaks what the backend's port declares (an HTTP/2
+        // client may reach an HTTP/1-only app); a sniffed port, what the
+        // client spoke.
+        let bport = if backend.port == 0 {
+            ds.target.port()
+        } else {
+            backend.port
+        };
+        let declared = self
+            .routes
+            .get(&backend.service)
+            .map(|b| b.protocol(bport))
+            .unwrap_or_else(|| svc.protocol(ds.target.port()));
+        let proto = match declared {
+            PortProtocol::Http2 => Proto::Http2,
+            PortProtocol::Http1 => Proto::Http1,
+            PortProtocol::Sniff | PortProtocol::Tcp if ds.protocol == "http2" => Proto::Http2,
+            PortProtocol::Sniff | PortProtocol::Tcp => Proto::Http1,
+        };
         let out = Outgoing {
             method: parts.method.clone(),
             path,

@@ -75,7 +75,8 @@ struct EndpointConns {
 /// Connections to one backend service, under its connection cap.
 struct BackendConns {
     permits: Arc<Semaphore>,
-    limited: bool,
+    /// max_connections the permits were made for (0 = unlimited).
+    cap: u32,
     pending: AtomicU32,
     freed: Notify,
     by_endpoint: Mutex<HashMap<(SocketAddr, Proto), EndpointConns>>,
@@ -130,31 +131,24 @@ impl Upstreams {
 
     fn backend(&self, key: &str, limits: &Limits) -> Arc<BackendConns> {
         let mut m = self.backends.lock().unwrap_or_else(|p| p.into_inner());
-        let want = if limits.max_connections == 0 {
-            Semaphore::MAX_PERMITS
-        } else {
-            limits.max_connections as usize
-        };
-        let b = m.entry(key.to_string()).or_insert_with(|| {
+        let fresh = || {
             Arc::new(BackendConns {
-                permits: Arc::new(Semaphore::new(want)),
-                limited: limits.max_connections > 0,
+                permits: Arc::new(Semaphore::new(if limits.max_connections == 0 {
+                    Semaphore::MAX_PERMITS
+                } else {
+                    limits.max_connections as usize
+                })),
+                cap: limits.max_connections,
                 pending: AtomicU32::new(0),
                 freed: Notify::new(),
                 by_endpoint: Mutex::new(HashMap::new()),
             })
-        });
-        // A changed cap takes effect for new connections.
-        if b.limited != (limits.max_connections > 0)
-            || (b.limited && b.permits.available_permits() > want)
-        {
-            *b = Arc::new(BackendConns {
-                permits: Arc::new(Semaphore::new(want)),
-                limited: limits.max_connections > 0,
-                pending: AtomicU32::new(0),
-                freed: Notify::new(),
-                by_endpoint: Mutex::new(HashMap::new()),
-            });
+        };
+        let b = m.entry(key.to_string()).or_insert_with(fresh);
+        // A changed cap takes effect for new connections; the old ones
+        // finish on the permits they hold.
+        if b.cap != limits.max_connections {
+            *b = fresh();
         }
         b.clone()
     }
