@@ -34,6 +34,8 @@ fn service(ns: &str, name: &str, selector: &str) -> String {
 struct Load {
     status: BTreeMap<u16, usize>,
     by_pod: BTreeMap<String, usize>,
+    #[serde(default)]
+    by_proto: BTreeMap<String, usize>,
     errors: usize,
     first_error: Option<String>,
     max_ms: f64,
@@ -141,6 +143,7 @@ async fn a_waypoint_routes_splits_retries_times_out_and_ejects() {
     docs.push_str(&service("shop", "reviews-v1", "version: v1"));
     docs.push_str(&service("shop", "reviews-v2", "version: v2"));
     docs.push_str(&service("shop", "flaky", "app: flaky"));
+    docs.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: reviews-grpc, namespace: shop}\nspec: {selector: {version: v1}, ports: [{name: grpc, port: 80, targetPort: 8080}]}\n---\n");
     docs.push_str(&service("shop", "slow", "app: slow"));
     docs.push_str(&service("shop", "eject", "app: eject"));
     docs.push_str(&service("plain", "direct", "app: direct"));
@@ -238,6 +241,23 @@ spec:
         let n = split.by_pod.get(p).copied().unwrap_or(0);
         assert!(n > 3000, "{p} got {n}: {split:?}");
     }
+
+    // An HTTP/2 (h2c) client is served too; upstream speaks what the
+    // backend port declares: HTTP/1.1 for `http`, HTTP/2 for `grpc`.
+    let h2_to_h1 = load(lab, client, "http://reviews.shop/", 100, 4, &["--h2"]);
+    assert_eq!(h2_to_h1.ok(), 100, "{h2_to_h1:?}");
+    assert_eq!(
+        h2_to_h1.by_proto.get("HTTP/1.1").copied(),
+        Some(100),
+        "{h2_to_h1:?}"
+    );
+    let h2_to_h2 = load(lab, client, "http://reviews-grpc.shop/", 100, 4, &["--h2"]);
+    assert_eq!(h2_to_h2.ok(), 100, "{h2_to_h2:?}");
+    assert_eq!(
+        h2_to_h2.by_proto.get("HTTP/2.0").copied(),
+        Some(100),
+        "{h2_to_h2:?}"
+    );
 
     // Per request over reused connections: a handful of HBONE connections
     // (one per destination identity and node), HTTP/1 kept alive.

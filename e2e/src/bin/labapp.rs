@@ -47,7 +47,8 @@ enum Cmd {
         delay_ms: u64,
     },
     /// Send `requests` GETs over `concurrency` kept-alive connections and
-    /// print a JSON summary: statuses, the `x-pod` of each answer, latency.
+    /// print a JSON summary: statuses, the `x-pod` of each answer, latency
+    /// percentiles, and answered requests per second.
     Load {
         url: String,
         #[arg(long, default_value_t = 100)]
@@ -62,6 +63,9 @@ enum Cmd {
         /// Per-request timeout.
         #[arg(long, default_value_t = 10_000)]
         timeout_ms: u64,
+        /// HTTP/2 with prior knowledge (h2c), one connection per worker.
+        #[arg(long)]
+        h2: bool,
     },
     /// GET a URL (http://ip:port/path) `count` times and print the answers.
     Get {
@@ -155,8 +159,12 @@ async fn http_echo(
                 let me = me.clone();
                 let state = state.clone();
                 async move {
+                    let seen = format!("{:?}", req.version());
                     let plain = |status: u16, body: String| {
                         let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+                        if let Ok(v) = seen.parse() {
+                            r.headers_mut().insert("x-proto", v);
+                        }
                         *r.status_mut() =
                             hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
                         if let Ok(v) = me.parse() {
@@ -207,10 +215,52 @@ async fn http_echo(
                     Ok(plain(200, body))
                 }
             });
-            let _ = hyper::server::conn::http1::Builder::new()
+            // HTTP/2 with prior knowledge (h2c) or HTTP/1.1, by the preface.
+            let mut first = [0u8; 4];
+            let h2 = matches!(s.peek(&mut first).await, Ok(4) if &first == b"PRI ");
+            if h2 {
+                let _ = hyper::server::conn::http2::Builder::new(
+                    hyper_util::rt::TokioExecutor::new(),
+                )
                 .serve_connection(TokioIo::new(s), svc)
                 .await;
+            } else {
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(s), svc)
+                    .await;
+            }
         });
+    }
+}
+
+/// One load worker's connection.
+enum Client {
+    H1(hyper::client::conn::http1::SendRequest<Empty<Bytes>>),
+    H2(hyper::client::conn::http2::SendRequest<Empty<Bytes>>),
+}
+
+impl Client {
+    fn is_closed(&self) -> bool {
+        match self {
+            Client::H1(c) => c.is_closed(),
+            Client::H2(c) => c.is_closed(),
+        }
+    }
+
+    async fn send(
+        &mut self,
+        req: hyper::Request<Empty<Bytes>>,
+    ) -> Result<hyper::Response<Incoming>, hyper::Error> {
+        match self {
+            Client::H1(c) => {
+                c.ready().await?;
+                c.send_request(req).await
+            }
+            Client::H2(c) => {
+                c.ready().await?;
+                c.send_request(req).await
+            }
+        }
     }
 }
 
@@ -219,11 +269,18 @@ async fn http_echo(
 struct LoadSummary {
     status: BTreeMap<u16, usize>,
     by_pod: BTreeMap<String, usize>,
+    /// The HTTP version the server saw (its `x-proto`).
+    by_proto: BTreeMap<String, usize>,
     errors: usize,
     first_error: Option<String>,
     p50_ms: f64,
+    p90_ms: f64,
     p99_ms: f64,
+    p999_ms: f64,
     max_ms: f64,
+    /// Wall time of the whole run, and answered requests per second over it.
+    elapsed_ms: f64,
+    rps: f64,
 }
 
 async fn load(
@@ -233,6 +290,7 @@ async fn load(
     headers: &[String],
     method: &str,
     timeout: Duration,
+    h2: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let uri: hyper::Uri = url.parse()?;
     let host = uri.host().ok_or("no host")?.to_string();
@@ -248,6 +306,7 @@ async fn load(
         ));
     }
     let next = Arc::new(AtomicU64::new(0));
+    let run_started = std::time::Instant::now();
     let results = Arc::new(std::sync::Mutex::new((
         LoadSummary::default(),
         Vec::<f64>::new(),
@@ -264,44 +323,60 @@ async fn load(
             extra.clone(),
         );
         tasks.push(tokio::spawn(async move {
-            let mut conn: Option<hyper::client::conn::http1::SendRequest<Empty<Bytes>>> = None;
+            let mut conn: Option<Client> = None;
             while (next.fetch_add(1, Ordering::Relaxed) as usize) < requests {
                 let started = std::time::Instant::now();
                 let one = async {
                     if conn.as_ref().is_none_or(|c| c.is_closed()) {
                         let tcp = TcpStream::connect(&addr).await?;
-                        let (s, c) =
-                            hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-                        tokio::spawn(c);
-                        conn = Some(s);
+                        conn = Some(if h2 {
+                            let (s, c) = hyper::client::conn::http2::handshake(
+                                hyper_util::rt::TokioExecutor::new(),
+                                TokioIo::new(tcp),
+                            )
+                            .await?;
+                            tokio::spawn(c);
+                            Client::H2(s)
+                        } else {
+                            let (s, c) =
+                                hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                            tokio::spawn(c);
+                            Client::H1(s)
+                        });
                     }
                     let c = conn.as_mut().ok_or("no connection")?;
-                    c.ready().await?;
-                    let mut b = hyper::Request::builder()
-                        .method(method.clone())
-                        .uri(uri.clone())
-                        .header("host", &host);
+                    let mut b = hyper::Request::builder().method(method.clone());
+                    b = if h2 {
+                        b.uri(uri.clone())
+                    } else {
+                        b.uri(uri.clone()).header("host", &host)
+                    };
                     for (k, v) in &extra {
                         b = b.header(k, v);
                     }
-                    let resp = c.send_request(b.body(Empty::<Bytes>::new())?).await?;
+                    let resp = c.send(b.body(Empty::<Bytes>::new())?).await?;
                     let status = resp.status().as_u16();
-                    let pod = resp
-                        .headers()
-                        .get("x-pod")
-                        .and_then(|v| v.to_str().ok())
-                        .map(str::to_string);
+                    let header = |name: &str| {
+                        resp.headers()
+                            .get(name)
+                            .and_then(|v| v.to_str().ok())
+                            .map(str::to_string)
+                    };
+                    let (pod, proto) = (header("x-pod"), header("x-proto"));
                     resp.into_body().collect().await?;
-                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, pod))
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, pod, proto))
                 };
                 let r = tokio::time::timeout(timeout, one).await;
                 let ms = started.elapsed().as_secs_f64() * 1000.0;
                 let mut g = results.lock().unwrap_or_else(|p| p.into_inner());
                 match r {
-                    Ok(Ok((status, pod))) => {
+                    Ok(Ok((status, pod, proto))) => {
                         *g.0.status.entry(status).or_default() += 1;
                         if let Some(p) = pod {
                             *g.0.by_pod.entry(p).or_default() += 1;
+                        }
+                        if let Some(p) = proto {
+                            *g.0.by_proto.entry(p).or_default() += 1;
                         }
                         g.1.push(ms);
                     }
@@ -322,6 +397,7 @@ async fn load(
     for t in tasks {
         t.await?;
     }
+    let elapsed = run_started.elapsed().as_secs_f64();
     let (mut summary, mut lat) =
         std::mem::take(&mut *results.lock().unwrap_or_else(|p| p.into_inner()));
     lat.sort_by(|a, b| a.total_cmp(b));
@@ -331,8 +407,16 @@ async fn load(
             .unwrap_or(0.0)
     };
     summary.p50_ms = q(0.5);
+    summary.p90_ms = q(0.9);
     summary.p99_ms = q(0.99);
+    summary.p999_ms = q(0.999);
     summary.max_ms = lat.last().copied().unwrap_or(0.0);
+    summary.elapsed_ms = elapsed * 1000.0;
+    summary.rps = if elapsed > 0.0 {
+        lat.len() as f64 / elapsed
+    } else {
+        0.0
+    };
     println!("{}", serde_json::to_string(&summary)?);
     Ok(())
 }
@@ -540,6 +624,7 @@ async fn main() {
             headers,
             method,
             timeout_ms,
+            h2,
         } => {
             load(
                 &url,
@@ -548,6 +633,7 @@ async fn main() {
                 &headers,
                 &method,
                 Duration::from_millis(timeout_ms),
+                h2,
             )
             .await
         }
