@@ -219,11 +219,10 @@ async fn http_echo(
             let mut first = [0u8; 4];
             let h2 = matches!(s.peek(&mut first).await, Ok(4) if &first == b"PRI ");
             if h2 {
-                let _ = hyper::server::conn::http2::Builder::new(
-                    hyper_util::rt::TokioExecutor::new(),
-                )
-                .serve_connection(TokioIo::new(s), svc)
-                .await;
+                let _ =
+                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .serve_connection(TokioIo::new(s), svc)
+                        .await;
             } else {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
