@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use arc_swap::ArcSwap;
 use mesh_proto::istio::security as pb_security;
 use mesh_proto::istio::workload as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
 pub use local::{LocalConfig, LocalConfigError};
@@ -30,7 +30,7 @@ pub use types::{
 use policy::Scope;
 
 /// A service and its round-robin cursor.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct ServiceEntry {
     #[serde(flatten)]
     pub service: Service,
@@ -333,6 +333,41 @@ pub fn workload_addr(w: &Workload, port: u16) -> Option<SocketAddr> {
     w.addresses.first().map(|ip| SocketAddr::new(*ip, port))
 }
 
+/// Reads the state back from a `/config_dump` (its `workloads`,
+/// `services` and `policies`), so tools can run the proxy's own decision
+/// code on it. Lenient: an entry that does not parse (a dump from another
+/// version) is left out and named in the returned errors; unknown fields
+/// are ignored.
+pub fn updates_from_dump(dump: &serde_json::Value) -> (Vec<Update>, Vec<String>) {
+    let mut updates = Vec::new();
+    let mut errors = Vec::new();
+    let items = |k: &str| {
+        dump.get(k)
+            .and_then(|v| v.as_array())
+            .cloned()
+            .unwrap_or_default()
+    };
+    for (i, w) in items("workloads").into_iter().enumerate() {
+        match serde_json::from_value::<Workload>(w) {
+            Ok(w) => updates.push(Update::Workload(w)),
+            Err(e) => errors.push(format!("workloads[{i}]: {e}")),
+        }
+    }
+    for (i, s) in items("services").into_iter().enumerate() {
+        match serde_json::from_value::<Service>(s) {
+            Ok(s) => updates.push(Update::Service(s)),
+            Err(e) => errors.push(format!("services[{i}]: {e}")),
+        }
+    }
+    for (i, p) in items("policies").into_iter().enumerate() {
+        match serde_json::from_value::<Authorization>(p) {
+            Ok(p) => updates.push(Update::Policy(p)),
+            Err(e) => errors.push(format!("policies[{i}]: {e}")),
+        }
+    }
+    (updates, errors)
+}
+
 /// What the admin view shows of the state.
 #[derive(Debug, Serialize)]
 pub struct StateDump {
@@ -354,5 +389,51 @@ impl Snapshot {
             services,
             policies,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const LOCAL: &str = r#"
+workloads:
+- {uid: "c//Pod/shop/client", name: client, namespace: shop, addresses: [10.1.1.1], tunnel_protocol: HBONE, service_account: client, node: n1}
+- {uid: "c//Pod/shop/server", name: server, namespace: shop, addresses: [10.1.1.2], tunnel_protocol: HBONE, service_account: server, node: n2,
+   services: {"shop/server.shop.svc.cluster.local": [{service_port: 80, target_port: 8080}]},
+   waypoint: {address: 10.1.9.9}}
+services:
+- {name: server, namespace: shop, hostname: server.shop.svc.cluster.local, addresses: [10.2.0.1], ports: [{service_port: 80, target_port: 8080}]}
+policies:
+- name: only-client
+  namespace: shop
+  scope: NAMESPACE
+  action: ALLOW
+  rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/shop/sa/client}], destination_ports: [8080], source_ips: [10.1.0.0/16]}]}]}]
+"#;
+
+    #[test]
+    fn a_config_dump_reads_back_into_the_same_state() {
+        let local: LocalConfig = serde_yaml::from_str(LOCAL).expect("local config");
+        let state = ProxyState::default();
+        state.replace(local.to_updates("cluster.local", "test").expect("updates"));
+        let dump = serde_json::to_value(state.snapshot().dump()).expect("dump");
+        let (updates, errors) = updates_from_dump(&dump);
+        assert!(errors.is_empty(), "{errors:?}");
+        let again = ProxyState::default();
+        again.replace(updates);
+        assert_eq!(
+            serde_json::to_value(again.snapshot().dump()).expect("dump"),
+            dump
+        );
+        // A newer dump: an unknown field is ignored, an entry that no
+        // longer parses is named and left out.
+        let mut newer = dump.clone();
+        newer["workloads"][0]["future_field"] = serde_json::json!(1);
+        newer["services"][0]["ports"] = serde_json::json!("not a list");
+        let (updates, errors) = updates_from_dump(&newer);
+        assert_eq!(updates.len(), 3, "{errors:?}");
+        assert_eq!(errors.len(), 1);
+        assert!(errors[0].starts_with("services[0]"), "{errors:?}");
     }
 }

@@ -9,25 +9,25 @@
 use std::net::IpAddr;
 
 use mesh_proto::istio::security as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::types::{ResourceError, ip_from_bytes};
 use crate::identity::Identity;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Scope {
     Global,
     Namespace,
     WorkloadSelector,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Action {
     Allow,
     Deny,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StringMatch {
     Exact(String),
     Prefix(String),
@@ -47,7 +47,7 @@ impl StringMatch {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Cidr {
     pub addr: IpAddr,
     pub len: u8,
@@ -69,7 +69,7 @@ impl Cidr {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Match {
     pub namespaces: Vec<StringMatch>,
     pub not_namespaces: Vec<StringMatch>,
@@ -119,7 +119,7 @@ impl Match {
     }
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Authorization {
     pub name: String,
     pub namespace: String,

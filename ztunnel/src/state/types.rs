@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 
 use mesh_proto::istio::workload as pb;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::identity::{Identity, IdentityError};
 
@@ -23,7 +23,7 @@ pub enum ResourceError {
     Envelope { name: String, reason: String },
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum TunnelProtocol {
     /// Plain TCP.
     None,
@@ -32,26 +32,26 @@ pub enum TunnelProtocol {
 }
 
 /// Where a waypoint is reached.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayAddress {
     pub destination: GatewayDestination,
     pub hbone_port: u16,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum GatewayDestination {
     Address { network: String, ip: IpAddr },
     Hostname { namespace: String, hostname: String },
 }
 
 /// A port mapping: what clients dial and what the workload listens on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PortMapping {
     pub service_port: u16,
     pub target_port: u16,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Workload {
     pub uid: String,
     pub name: String,
@@ -73,7 +73,7 @@ pub struct Workload {
     pub native_tunnel: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Service {
     pub name: String,
     pub namespace: String,
