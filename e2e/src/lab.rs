@@ -264,30 +264,64 @@ impl Lab {
             .get_mut(name)
             .ok_or_else(|| format!("no process {name}"))?;
         if let Some(pid) = p.pid.take() {
-            let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
-            let started = self
-                .state
-                .pids
-                .iter()
-                .find(|(p, _)| *p == pid)
-                .map(|(_, t)| *t);
-            if started.is_some_and(|t| start_time(pid) == Some(t)) {
-                // SAFETY: kill(2) on a process this lab started (same pid and
-                // start time, so not a reused pid).
-                unsafe {
-                    libc::kill(pid as i32, sig);
-                }
-            }
-            self.state.pids.retain(|(p, _)| *p != pid);
-            let deadline = std::time::Instant::now() + Duration::from_secs(10);
-            while std::time::Instant::now() < deadline
-                && Path::new(&format!("/proc/{pid}")).exists()
-                && !zombie(pid)
-            {
-                std::thread::sleep(Duration::from_millis(20));
-            }
+            self.end_pid(pid, kill);
         }
         self.save()
+    }
+
+    /// Signals one process this lab started (SIGKILL with `kill`, else
+    /// SIGTERM), forgets it, and waits (bounded) until it is gone.
+    fn end_pid(&mut self, pid: u32, kill: bool) {
+        let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
+        let started = self
+            .state
+            .pids
+            .iter()
+            .find(|(p, _)| *p == pid)
+            .map(|(_, t)| *t);
+        if started.is_some_and(|t| start_time(pid) == Some(t)) {
+            // SAFETY: kill(2) on a process this lab started (same pid and
+            // start time, so not a reused pid).
+            unsafe {
+                libc::kill(pid as i32, sig);
+            }
+        }
+        self.state.pids.retain(|(p, _)| *p != pid);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < deadline
+            && Path::new(&format!("/proc/{pid}")).exists()
+            && !zombie(pid)
+        {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Replaces the process a pod runs (its app, or its waypoint) with
+    /// `cmd`, started in the pod's netns and ended with the lab like any
+    /// other. The old process gets SIGTERM and is waited for. (The bench puts
+    /// Envoy in a waypoint pod's place this way.) Returns the new pid.
+    pub fn replace_pod_process(
+        &mut self,
+        key: &str,
+        log: &str,
+        env: &[(&str, &str)],
+        cmd: &[String],
+    ) -> Result<u32, Error> {
+        let p = self
+            .state
+            .pods
+            .get(key)
+            .cloned()
+            .ok_or_else(|| format!("no pod {key}"))?;
+        if let Some(pid) = p.pid {
+            self.end_pid(pid, false);
+        }
+        let pid = self.spawn_in(&p.netns, log, env, cmd)?;
+        if let Some(pod) = self.state.pods.get_mut(key) {
+            pod.pid = Some(pid);
+        }
+        self.save()?;
+        Ok(pid)
     }
 
     /// Starts a stopped named process again, as it was first started.
@@ -1113,6 +1147,11 @@ pub struct Down(pub Lab);
 
 impl Drop for Down {
     fn drop(&mut self) {
+        // Another process (`lab apply`, meshctl) may have added pods since:
+        // take them down too.
+        if let Ok(l) = Lab::load(&self.0.dir) {
+            self.0 = l;
+        }
         self.0.down();
     }
 }

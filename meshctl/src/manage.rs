@@ -1,0 +1,209 @@
+//! Steering: enrolling namespaces and declaring waypoints. These write the
+//! same Kubernetes objects a user would (`Namespace` labels, a `Gateway` of
+//! class `istio-waypoint`); in a lab they are applied through the lab, which
+//! plays the API server, kubelet and CNI.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use crate::output::Table;
+use crate::source::{Mesh, SourceError};
+
+pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+pub const USE_WAYPOINT: &str = "istio.io/use-waypoint";
+pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
+
+/// A namespace's labels as the lab knows them.
+fn lab_namespace_labels(lab: &Path, ns: &str) -> Result<BTreeMap<String, String>, SourceError> {
+    let text = std::fs::read_to_string(lab.join("lab.json")).map_err(|e| SourceError::Lab {
+        dir: lab.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    let v: Value = serde_json::from_str(&text).map_err(|e| SourceError::Lab {
+        dir: lab.display().to_string(),
+        reason: e.to_string(),
+    })?;
+    Ok(serde_json::from_value(v["namespaces"][ns].clone()).unwrap_or_default())
+}
+
+/// The `lab` binary next to this one (both are built into the same target
+/// directory).
+fn lab_binary() -> PathBuf {
+    std::env::current_exe()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.join("lab")))
+        .filter(|p| p.exists())
+        .unwrap_or_else(|| PathBuf::from("lab"))
+}
+
+/// Applies objects through the lab (`lab --dir DIR apply FILE`).
+fn lab_apply(lab: &Path, docs: &[Value]) -> Result<(), SourceError> {
+    let yaml: Vec<String> = docs
+        .iter()
+        .map(|d| serde_yaml::to_string(d).unwrap_or_default())
+        .collect();
+    let file = lab.join(format!("meshctl-apply-{}.yaml", std::process::id()));
+    std::fs::write(&file, yaml.join("---\n"))
+        .map_err(|e| SourceError::Other(format!("{}: {e}", file.display())))?;
+    let out = std::process::Command::new(lab_binary())
+        .arg("--dir")
+        .arg(lab)
+        .arg("apply")
+        .arg(&file)
+        .output();
+    let _ = std::fs::remove_file(&file);
+    let out = out.map_err(|e| SourceError::Other(format!("running lab: {e}")))?;
+    if !out.status.success() {
+        return Err(SourceError::Other(format!(
+            "lab apply failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )));
+    }
+    Ok(())
+}
+
+fn namespace_doc(ns: &str, labels: &BTreeMap<String, String>) -> Value {
+    json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}})
+}
+
+fn need_lab(mesh: &Mesh, what: &str) -> Result<PathBuf, SourceError> {
+    mesh.lab.clone().ok_or_else(|| {
+        SourceError::Other(format!(
+            "{what} changes the cluster's objects: use --lab DIR (on Kubernetes: kubectl label / kubectl apply, as docs/operations.md shows)"
+        ))
+    })
+}
+
+/// `meshctl enroll NS` / `unenroll NS`: the namespace's dataplane-mode label.
+pub fn enroll(mesh: &Mesh, ns: &str, on: bool) -> Result<String, SourceError> {
+    let lab = need_lab(mesh, if on { "enroll" } else { "unenroll" })?;
+    let mut labels = lab_namespace_labels(&lab, ns)?;
+    if on {
+        labels.insert(DATAPLANE_MODE.into(), "ambient".into());
+    } else {
+        labels.remove(DATAPLANE_MODE);
+    }
+    lab_apply(&lab, &[namespace_doc(ns, &labels)])?;
+    Ok(format!(
+        "namespace {ns} {}\n",
+        if on {
+            "enrolled: its pods are captured and tunnelled (HBONE)"
+        } else {
+            "unenrolled: its pods are released from capture"
+        }
+    ))
+}
+
+/// `meshctl waypoint apply`: a Gateway of class istio-waypoint, and
+/// optionally the namespace label that sends its traffic through it.
+pub fn waypoint_apply(
+    mesh: &Mesh,
+    ns: &str,
+    name: &str,
+    serves: &str,
+    enroll_namespace: bool,
+) -> Result<String, SourceError> {
+    let lab = need_lab(mesh, "waypoint apply")?;
+    let mut docs = vec![json!({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": ns, "labels": {WAYPOINT_FOR: serves}},
+        "spec": {"gatewayClassName": "istio-waypoint",
+                 "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
+    })];
+    if enroll_namespace {
+        let mut labels = lab_namespace_labels(&lab, ns)?;
+        labels.insert(USE_WAYPOINT.into(), name.into());
+        docs.insert(0, namespace_doc(ns, &labels));
+    }
+    lab_apply(&lab, &docs)?;
+    Ok(format!(
+        "waypoint {ns}/{name} applied (for {serves}){}\n",
+        if enroll_namespace {
+            format!("; namespace {ns} now uses it ({USE_WAYPOINT}={name})")
+        } else {
+            format!(
+                "; send traffic through it with {USE_WAYPOINT}={name} on the namespace or a service"
+            )
+        }
+    ))
+}
+
+/// `meshctl waypoint delete`: the Gateway goes, and the namespace label
+/// pointing at it.
+pub fn waypoint_delete(mesh: &Mesh, ns: &str, name: &str) -> Result<String, SourceError> {
+    let lab = need_lab(mesh, "waypoint delete")?;
+    let file = lab.join("config").join(format!("gateway-{ns}-{name}.yaml"));
+    std::fs::remove_file(&file).map_err(|e| {
+        SourceError::Other(format!(
+            "no waypoint {ns}/{name} in the lab ({}: {e})",
+            file.display()
+        ))
+    })?;
+    let mut labels = lab_namespace_labels(&lab, ns)?;
+    if labels.get(USE_WAYPOINT).is_some_and(|v| v == name) {
+        labels.remove(USE_WAYPOINT);
+        lab_apply(&lab, &[namespace_doc(ns, &labels)])?;
+    }
+    Ok(format!(
+        "waypoint {ns}/{name} deleted; its services' traffic goes straight to their endpoints again\n"
+    ))
+}
+
+/// `meshctl waypoint list`: each waypoint, the services it serves, their
+/// routes and L7 policies (from the controller), and its replicas' readiness.
+pub async fn waypoint_list(mesh: &Mesh, ns: Option<&str>) -> Result<Vec<Table>, SourceError> {
+    let model = mesh.controller()?.get_json("/debug/model").await?;
+    let mut t =
+        Table::new(&["WAYPOINT", "SERVICE", "PORTS", "ROUTES", "POLICIES"]).titled("WAYPOINTS");
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    for r in model["waypointRoutes"].as_array().into_iter().flatten() {
+        let wp = r["waypoint"].as_str().unwrap_or("-").to_string();
+        if ns.is_some_and(|n| !wp.starts_with(&format!("{n}/"))) {
+            continue;
+        }
+        let list = |k: &str| {
+            let v: Vec<&str> = r[k]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|x| x.as_str())
+                .collect();
+            if v.is_empty() {
+                "-".to_string()
+            } else {
+                v.join(",")
+            }
+        };
+        rows.push(vec![
+            wp,
+            r["service"].as_str().unwrap_or("-").to_string(),
+            list("ports"),
+            list("routes"),
+            list("policies"),
+        ]);
+    }
+    rows.sort();
+    t.rows = rows;
+    let mut replicas = Table::new(&["REPLICA", "READY"]).titled("WAYPOINT REPLICAS");
+    for w in &mesh.waypoints {
+        if ns.is_some_and(|n| !w.name.starts_with(&format!("{n}/"))) {
+            continue;
+        }
+        let ready = match &w.readiness {
+            Some(r) => match r.get_any("/healthz/ready").await {
+                Ok((200, _)) => "ready".to_string(),
+                Ok((_, b)) => b.trim().to_string(),
+                Err(e) => e.to_string().lines().next().unwrap_or_default().to_string(),
+            },
+            None => "-".into(),
+        };
+        replicas.push(vec![w.name.clone(), ready]);
+    }
+    if mesh.waypoints.is_empty() {
+        return Ok(vec![t]);
+    }
+    Ok(vec![t, replicas])
+}

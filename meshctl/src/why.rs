@@ -1,0 +1,445 @@
+//! `meshctl why SRC DST[:PORT]`: one connection explained hop by hop, by
+//! running the ztunnel's own decision code (`outbound::resolve`,
+//! `inbound::authorize`) on the state from its `/config_dump`.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use serde::Serialize;
+use ztunnel::proxy::inbound::authorize;
+use ztunnel::proxy::outbound::{Route, resolve};
+use ztunnel::state::{ProxyState, Snapshot, TunnelProtocol, Workload, updates_from_dump};
+
+use crate::output::Table;
+use crate::source::{Dump, SourceError};
+
+/// One hop of the explanation.
+#[derive(Debug, Clone, Serialize)]
+pub struct Step {
+    pub step: String,
+    pub detail: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Explanation {
+    pub source: String,
+    pub destination: String,
+    pub steps: Vec<Step>,
+    /// "allowed", "denied" or "fails".
+    pub outcome: String,
+    /// The policy that decided, when one did.
+    pub decided_by: Option<String>,
+    /// Entries of the dump that could not be read (a newer version's).
+    pub skipped: Vec<String>,
+}
+
+impl Explanation {
+    pub fn table(&self) -> Table {
+        let mut t = Table::new(&["STEP", "DETAIL"]).titled(format!(
+            "why {} -> {}: {}{}",
+            self.source,
+            self.destination,
+            self.outcome.to_ascii_uppercase(),
+            self.decided_by
+                .as_ref()
+                .map(|p| format!(" (decided by {p})"))
+                .unwrap_or_default()
+        ));
+        for s in &self.steps {
+            t.push(vec![s.step.clone(), s.detail.clone()]);
+        }
+        t
+    }
+}
+
+/// The state of one ztunnel, rebuilt from its dump.
+pub fn snapshot_of(dump: &Dump) -> (Arc<Snapshot>, Vec<String>) {
+    let (updates, skipped) = updates_from_dump(&dump.value);
+    let state = ProxyState::default();
+    state.replace(updates);
+    (state.snapshot(), skipped)
+}
+
+fn find_workload(snap: &Snapshot, network: &str, what: &str) -> Option<Arc<Workload>> {
+    if let Ok(ip) = what.parse::<IpAddr>() {
+        return snap.workload_by_ip(network, ip).cloned();
+    }
+    let (ns, name) = what.split_once('/')?;
+    snap.workloads()
+        .find(|w| w.namespace == ns && w.name == name)
+        .cloned()
+}
+
+/// Splits "host[:port]" (port defaults to 80).
+fn host_port(dst: &str) -> Result<(String, u16), SourceError> {
+    if let Ok(sa) = dst.parse::<SocketAddr>() {
+        return Ok((sa.ip().to_string(), sa.port()));
+    }
+    match dst.rsplit_once(':') {
+        Some((h, p)) => p
+            .parse::<u16>()
+            .map(|p| (h.to_string(), p))
+            .map_err(|_| SourceError::Other(format!("{dst:?}: {p:?} is not a port"))),
+        None => Ok((dst.to_string(), 80)),
+    }
+}
+
+/// The destination address: an IP, a pod ("ns/name"), or a service name
+/// ("name", "name.ns", "name.ns.svc.<domain>", relative to the source's
+/// namespace).
+fn destination_ip(
+    snap: &Snapshot,
+    network: &str,
+    host: &str,
+    src_ns: &str,
+) -> Result<(IpAddr, String), SourceError> {
+    if let Ok(ip) = host.parse::<IpAddr>() {
+        return Ok((ip, host.to_string()));
+    }
+    if let Some(w) = find_workload(snap, network, host) {
+        let ip = w
+            .addresses
+            .first()
+            .copied()
+            .ok_or_else(|| SourceError::Other(format!("pod {host} has no address")))?;
+        return Ok((ip, format!("pod {host}")));
+    }
+    let parts: Vec<&str> = host.split('.').collect();
+    let (name, ns) = match parts.as_slice() {
+        [name] => (*name, src_ns),
+        [name, ns, ..] => (*name, *ns),
+        [] => return Err(SourceError::Other("empty destination".into())),
+    };
+    let svc = snap
+        .services()
+        .find(|s| s.service.name == name && s.service.namespace == ns)
+        .ok_or_else(|| {
+            SourceError::Other(format!(
+                "{host}: no service {ns}/{name} and no pod of that name in the ztunnel's state"
+            ))
+        })?;
+    let ip = svc
+        .service
+        .vips
+        .iter()
+        .find(|(n, _)| n == network)
+        .or(svc.service.vips.first())
+        .map(|(_, ip)| *ip)
+        .ok_or_else(|| SourceError::Other(format!("service {ns}/{name} has no VIP")))?;
+    Ok((ip, format!("service {ns}/{name}")))
+}
+
+fn who(snap: &Snapshot, network: &str, ip: IpAddr) -> String {
+    if let Some(w) = snap.workload_by_ip(network, ip) {
+        return format!("{}/{}", w.namespace, w.name);
+    }
+    if let Some(s) = snap.service_by_vip(network, ip) {
+        return format!("service {}/{}", s.service.namespace, s.service.name);
+    }
+    ip.to_string()
+}
+
+/// Explains a connection from `src` to `dst` on the ztunnel state in `dumps`
+/// (one per node; the source's node is used when there are several).
+///
+/// `l7` names the L7 policies each service's waypoint applies (service key
+/// -> policy names), when the controller could be asked.
+pub fn explain(
+    dumps: &[Dump],
+    src: &str,
+    dst: &str,
+    root_namespace: &str,
+    network: &str,
+    l7: Option<&std::collections::BTreeMap<String, Vec<String>>>,
+) -> Result<Explanation, SourceError> {
+    let first = dumps
+        .first()
+        .ok_or_else(|| SourceError::Other("no ztunnel state to explain with".into()))?;
+    let (snap, mut skipped) = snapshot_of(first);
+    let src_w = find_workload(&snap, network, src).ok_or_else(|| {
+        SourceError::Other(format!(
+            "source {src:?} is not a workload the ztunnel knows (give ns/pod or a pod IP)"
+        ))
+    })?;
+    // The source's own ztunnel holds the live view for it.
+    let (snap, src_w) = match dumps
+        .iter()
+        .find(|d| d.node == src_w.node && d.node != first.node)
+    {
+        Some(d) => {
+            let (s, sk) = snapshot_of(d);
+            skipped = sk;
+            let w = find_workload(&s, network, src).unwrap_or(src_w);
+            (s, w)
+        }
+        None => (snap, src_w),
+    };
+    let (host, port) = host_port(dst)?;
+    let (dst_ip, dst_desc) = destination_ip(&snap, network, &host, &src_w.namespace)?;
+    let target = SocketAddr::new(dst_ip, port);
+    let src_ip = src_w
+        .addresses
+        .first()
+        .copied()
+        .ok_or_else(|| SourceError::Other(format!("source {src} has no address")))?;
+    let mut steps = Vec::new();
+    let mut step = |s: &str, d: String| {
+        steps.push(Step {
+            step: s.to_string(),
+            detail: d,
+        })
+    };
+    let captured = src_w.protocol == TunnelProtocol::Hbone;
+    step(
+        "source",
+        format!(
+            "{}/{} ({src_ip}) on node {}",
+            src_w.namespace, src_w.name, src_w.node
+        ),
+    );
+    if captured {
+        step(
+            "capture",
+            format!(
+                "the ztunnel on {} captures it (in the mesh) and presents {}",
+                src_w.node, src_w.identity
+            ),
+        );
+    } else {
+        step(
+            "capture",
+            "not in the mesh: nothing captures it; it connects in plaintext, with no identity"
+                .into(),
+        );
+    }
+    step("destination", format!("{target} ({dst_desc})"));
+
+    let decide = |dst_w: &Workload, from: Option<&ztunnel::identity::Identity>, from_ip, t| {
+        authorize(&snap, root_namespace, dst_w, from, from_ip, t)
+    };
+    let mut outcome = "allowed".to_string();
+    let mut decided_by = None;
+    if !captured {
+        // Plaintext into the mesh: the destination pod's ztunnel takes it on
+        // 15006. A VIP reaches one endpoint (the cluster's service proxy
+        // picks); each is judged.
+        let (endpoints, service) = match snap.service_by_vip(network, dst_ip) {
+            Some(svc) => {
+                let key = svc.service.key();
+                (snap.endpoints(&key).cloned().collect::<Vec<_>>(), Some(key))
+            }
+            None => (
+                snap.workload_by_ip(network, dst_ip)
+                    .cloned()
+                    .into_iter()
+                    .collect(),
+                None,
+            ),
+        };
+        let mut denials = 0;
+        for d in &endpoints {
+            let Some(ip) = d.addresses.first().copied() else {
+                continue;
+            };
+            if d.protocol != TunnelProtocol::Hbone {
+                step(
+                    "path",
+                    format!(
+                        "{}/{}: plain TCP, outside the mesh: no proxy, no policy",
+                        d.namespace, d.name
+                    ),
+                );
+                continue;
+            }
+            let at = SocketAddr::new(ip, target_port(&snap, service.as_deref(), d, port));
+            let decision = decide(d, None, src_ip, at);
+            step(
+                "at destination",
+                format!(
+                    "{}/{} ({at}): the ztunnel on {} takes it on 15006 (plaintext, no identity): {decision}",
+                    d.namespace, d.name, d.node
+                ),
+            );
+            if !decision.is_allowed() {
+                denials += 1;
+                decided_by = decided_by.or(decision_policy(&decision));
+            }
+        }
+        if endpoints.is_empty() {
+            step(
+                "path",
+                "plain TCP to an address outside the mesh: no proxy, no policy".into(),
+            );
+        }
+        if denials > 0 && denials == endpoints.len() {
+            outcome = "denied".into();
+        } else {
+            decided_by = None;
+        }
+        return Ok(Explanation {
+            source: src.into(),
+            destination: dst.into(),
+            steps,
+            outcome,
+            decided_by,
+            skipped,
+        });
+    }
+
+    match resolve(&snap, network, &src_w, target) {
+        Err(e) => {
+            step("route", format!("refused by the source ztunnel: {e}"));
+            outcome = "fails".into();
+        }
+        Ok(Route::Passthrough { addr }) => {
+            step(
+                "route",
+                format!("{addr} is not a mesh address: passed through as plain TCP, no policy"),
+            );
+        }
+        Ok(Route::Direct {
+            addr, dst_workload, ..
+        }) => {
+            step(
+                "route",
+                format!(
+                    "{}/{} is not in the mesh: plain TCP to {addr}, no policy at the destination",
+                    dst_workload.namespace, dst_workload.name
+                ),
+            );
+        }
+        Ok(Route::Hbone {
+            next_hop,
+            target: t,
+            peer_identity,
+            dst_workload,
+            via_waypoint: true,
+            service,
+        }) => {
+            let why = match &service {
+                Some(s) => format!("service {s} has a waypoint (istio.io/use-waypoint)"),
+                None => format!(
+                    "pod {}/{} has a waypoint for workloads (istio.io/use-waypoint, waypoint-for workload|all)",
+                    dst_workload.namespace, dst_workload.name
+                ),
+            };
+            step(
+                "waypoint",
+                format!(
+                    "{why}: HBONE to {} at {next_hop} (expects {peer_identity}), :authority {t}",
+                    who(&snap, network, next_hop.ip())
+                ),
+            );
+            let policies = match (l7, &service) {
+                (Some(m), Some(k)) => match m.get(k) {
+                    Some(p) if !p.is_empty() => {
+                        format!("L7 policies {} apply per request", p.join(", "))
+                    }
+                    _ => "no L7 policy applies".into(),
+                },
+                _ => {
+                    "L7 policies and routes apply per request (`meshctl waypoint list` shows them)"
+                        .into()
+                }
+            };
+            step(
+                "at waypoint",
+                format!("{policies}; it sends on over HBONE as its own identity"),
+            );
+            // Past the waypoint: each endpoint's ztunnel sees the waypoint.
+            let endpoints: Vec<Arc<Workload>> = match &service {
+                Some(key) => snap.endpoints(key).cloned().collect(),
+                None => snap
+                    .workload_by_ip(network, dst_ip)
+                    .cloned()
+                    .into_iter()
+                    .collect(),
+            };
+            let mut all_denied = !endpoints.is_empty();
+            for ep in &endpoints {
+                let Some(ip) = ep.addresses.first().copied() else {
+                    continue;
+                };
+                let at = SocketAddr::new(ip, target_port(&snap, service.as_deref(), ep, port));
+                let d = decide(ep, Some(&peer_identity), next_hop.ip(), at);
+                step(
+                    "at destination",
+                    format!(
+                        "{}/{} ({at}) on {}: its ztunnel sees {peer_identity} (the waypoint): {d}",
+                        ep.namespace, ep.name, ep.node
+                    ),
+                );
+                if d.is_allowed() {
+                    all_denied = false;
+                } else if decided_by.is_none() {
+                    decided_by = decision_policy(&d);
+                }
+            }
+            if all_denied {
+                outcome = "denied".into();
+            } else {
+                decided_by = None;
+            }
+        }
+        Ok(Route::Hbone {
+            next_hop,
+            target: t,
+            peer_identity,
+            dst_workload,
+            service,
+            ..
+        }) => {
+            step(
+                "route",
+                format!(
+                    "HBONE (mTLS) to {}/{} via its ztunnel at {next_hop}, :authority {t}, expecting {peer_identity}{}",
+                    dst_workload.namespace,
+                    dst_workload.name,
+                    service
+                        .as_ref()
+                        .map(|s| format!(" (one endpoint of {s}, picked per connection)"))
+                        .unwrap_or_default()
+                ),
+            );
+            let d = decide(&dst_workload, Some(&src_w.identity), src_ip, t);
+            step(
+                "at destination",
+                format!(
+                    "the ztunnel on {} checks {} against {}/{}'s policies: {d}",
+                    dst_workload.node, src_w.identity, dst_workload.namespace, dst_workload.name
+                ),
+            );
+            if !d.is_allowed() {
+                outcome = "denied".into();
+            }
+            decided_by = decision_policy(&d);
+        }
+    }
+    Ok(Explanation {
+        source: src.into(),
+        destination: dst.into(),
+        steps,
+        outcome,
+        decided_by,
+        skipped,
+    })
+}
+
+fn target_port(snap: &Snapshot, service: Option<&str>, ep: &Workload, port: u16) -> u16 {
+    match service.and_then(|k| snap.service(k)) {
+        Some(svc) => ztunnel::proxy::outbound::target_port(svc, ep, port),
+        None => port,
+    }
+}
+
+fn decision_policy(d: &ztunnel::state::Decision) -> Option<String> {
+    use ztunnel::state::Decision;
+    match d {
+        Decision::Allowed { policy } | Decision::Denied { policy } => Some(policy.clone()),
+        Decision::NotAllowed { allow_policies } => Some(format!(
+            "no matching ALLOW among {}",
+            allow_policies.join(", ")
+        )),
+        Decision::AllowNoPolicies => None,
+    }
+}
