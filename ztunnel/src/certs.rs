@@ -250,6 +250,7 @@ impl CertificateManager {
     }
 
     /// The trusted roots, for the admin view.
+    /// The trusted roots, with times in RFC 3339 like the leaves'.
     pub fn root_status(&self) -> Vec<RootStatus> {
         self.inner
             .roots
@@ -261,8 +262,8 @@ impl CertificateManager {
                 Some(RootStatus {
                     subject: x.subject().to_string(),
                     serial: x.raw_serial_as_string(),
-                    not_before: x.validity().not_before.to_string(),
-                    not_after: x.validity().not_after.to_string(),
+                    not_before: asn1_rfc3339(x.validity().not_before),
+                    not_after: asn1_rfc3339(x.validity().not_after),
                 })
             })
             .collect()
@@ -369,4 +370,10 @@ mod tests {
         let late = b.delay(30);
         assert!(late >= Duration::from_secs(75), "{late:?}");
     }
+}
+
+fn asn1_rfc3339(t: x509_parser::time::ASN1Time) -> String {
+    t.to_datetime()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
 }
