@@ -354,6 +354,12 @@ fn rfc3339(t: SystemTime) -> String {
         .unwrap_or_else(|_| format!("{t:?}"))
 }
 
+fn asn1_rfc3339(t: x509_parser::time::ASN1Time) -> String {
+    t.to_datetime()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| t.to_string())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -370,10 +376,4 @@ mod tests {
         let late = b.delay(30);
         assert!(late >= Duration::from_secs(75), "{late:?}");
     }
-}
-
-fn asn1_rfc3339(t: x509_parser::time::ASN1Time) -> String {
-    t.to_datetime()
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
