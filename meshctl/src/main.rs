@@ -37,6 +37,13 @@ struct Args {
     /// A saved /config_dump to read instead of a live ztunnel.
     #[arg(long, global = true)]
     file: Option<PathBuf>,
+    /// A Kubernetes cluster (the current kubeconfig): proxies are reached
+    /// through the API server's pod port-forward.
+    #[arg(long, global = true)]
+    kube: bool,
+    /// Where the mesh is installed on Kubernetes.
+    #[arg(long, global = true, default_value = "istio-system")]
+    kube_namespace: String,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
     output: Format,
@@ -154,7 +161,15 @@ enum WaypointCmd {
     },
 }
 
-fn mesh(a: &Args) -> Result<Mesh, SourceError> {
+async fn mesh(a: &Args) -> Result<Mesh, SourceError> {
+    if a.kube {
+        let client = kube::Client::try_default().await.map_err(|e| {
+            SourceError::Other(format!(
+                "no Kubernetes client: {e}\n  check: KUBECONFIG or ~/.kube/config, as kubectl uses"
+            ))
+        })?;
+        return Mesh::from_kube(client, &a.kube_namespace).await;
+    }
     if let Some(f) = &a.file {
         return Mesh::from_file(f);
     }
@@ -190,7 +205,7 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
             address,
             direction,
         } => {
-            let m = mesh(&a)?;
+            let m = mesh(&a).await?;
             let dumps = m.dumps(node.as_deref()).await?;
             let f = Filters {
                 namespace: namespace.clone(),
@@ -226,7 +241,7 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
             dst,
             root_namespace,
         } => {
-            let m = mesh(&a)?;
+            let m = mesh(&a).await?;
             let dumps = m.dumps(None).await?;
             // Which L7 policies each waypoint applies, when the controller
             // is reachable (it is optional for `why`).
@@ -266,7 +281,7 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
             Ok((text, true))
         }
         Cmd::Top { once, interval } => {
-            let m = mesh(&a)?;
+            let m = mesh(&a).await?;
             let interval = Duration::from_secs_f64(interval.max(0.2));
             let mut stdout = std::io::stdout();
             top::run(&m, interval, *once, |t, live| {
@@ -282,10 +297,16 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
             .await?;
             Ok((String::new(), true))
         }
-        Cmd::Enroll { namespace } => Ok((manage::enroll(&mesh(&a)?, namespace, true)?, true)),
-        Cmd::Unenroll { namespace } => Ok((manage::enroll(&mesh(&a)?, namespace, false)?, true)),
+        Cmd::Enroll { namespace } => Ok((
+            manage::enroll(&mesh(&a).await?, namespace, true).await?,
+            true,
+        )),
+        Cmd::Unenroll { namespace } => Ok((
+            manage::enroll(&mesh(&a).await?, namespace, false).await?,
+            true,
+        )),
         Cmd::Waypoint { cmd } => {
-            let m = mesh(&a)?;
+            let m = mesh(&a).await?;
             match cmd {
                 WaypointCmd::Apply {
                     namespace,
@@ -299,7 +320,8 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
                         Serves::All => "all",
                     };
                     Ok((
-                        manage::waypoint_apply(&m, namespace, name, serves, *enroll_namespace)?,
+                        manage::waypoint_apply(&m, namespace, name, serves, *enroll_namespace)
+                            .await?,
                         true,
                     ))
                 }
@@ -308,14 +330,14 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
                     true,
                 )),
                 WaypointCmd::Delete { namespace, name } => {
-                    Ok((manage::waypoint_delete(&m, namespace, name)?, true))
+                    Ok((manage::waypoint_delete(&m, namespace, name).await?, true))
                 }
             }
         }
         Cmd::Check {
             expiry_warning_secs,
         } => {
-            let m = mesh(&a)?;
+            let m = mesh(&a).await?;
             let findings = check::run(&m, Duration::from_secs(*expiry_warning_secs)).await;
             let ok = findings.iter().all(|f| f.ok);
             Ok((tables(vec![check::table(&findings)]), ok))

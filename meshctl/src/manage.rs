@@ -68,24 +68,68 @@ fn namespace_doc(ns: &str, labels: &BTreeMap<String, String>) -> Value {
     json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns, "labels": labels}})
 }
 
-fn need_lab(mesh: &Mesh, what: &str) -> Result<PathBuf, SourceError> {
-    mesh.lab.clone().ok_or_else(|| {
+/// Where changes go: a lab (through `lab apply`) or a cluster's API server.
+enum Target<'a> {
+    Lab(PathBuf),
+    Kube(&'a kube::Client),
+}
+
+fn target<'a>(mesh: &'a Mesh, what: &str) -> Result<Target<'a>, SourceError> {
+    if let Some(c) = &mesh.kube {
+        return Ok(Target::Kube(c));
+    }
+    mesh.lab.clone().map(Target::Lab).ok_or_else(|| {
         SourceError::Other(format!(
-            "{what} changes the cluster's objects: use --lab DIR (on Kubernetes: kubectl label / kubectl apply, as docs/operations.md shows)"
+            "{what} changes the cluster's objects: use --lab DIR or --kube (a single ztunnel's --addr cannot)"
         ))
     })
 }
 
+fn kube_err(what: &str) -> impl Fn(kube::Error) -> SourceError + '_ {
+    move |e| SourceError::Other(format!("{what} through the API server: {e}"))
+}
+
+/// Merges `labels` (a null value removes one) into a namespace.
+async fn kube_label(client: &kube::Client, ns: &str, labels: Value) -> Result<(), SourceError> {
+    use k8s_openapi::api::core::v1::Namespace;
+    use kube::api::{Api, Patch, PatchParams};
+    let api: Api<Namespace> = Api::all(client.clone());
+    api.patch(
+        ns,
+        &PatchParams::default(),
+        &Patch::Merge(json!({"metadata": {"labels": labels}})),
+    )
+    .await
+    .map_err(kube_err(&format!("labelling namespace {ns}")))?;
+    Ok(())
+}
+
+fn gateways(client: &kube::Client, ns: &str) -> kube::Api<kube::api::DynamicObject> {
+    use kube::api::{ApiResource, GroupVersionKind};
+    let ar = ApiResource::from_gvk_with_plural(
+        &GroupVersionKind::gvk("gateway.networking.k8s.io", "v1", "Gateway"),
+        "gateways",
+    );
+    kube::Api::namespaced_with(client.clone(), ns, &ar)
+}
+
 /// `meshctl enroll NS` / `unenroll NS`: the namespace's dataplane-mode label.
-pub fn enroll(mesh: &Mesh, ns: &str, on: bool) -> Result<String, SourceError> {
-    let lab = need_lab(mesh, if on { "enroll" } else { "unenroll" })?;
-    let mut labels = lab_namespace_labels(&lab, ns)?;
-    if on {
-        labels.insert(DATAPLANE_MODE.into(), "ambient".into());
-    } else {
-        labels.remove(DATAPLANE_MODE);
+pub async fn enroll(mesh: &Mesh, ns: &str, on: bool) -> Result<String, SourceError> {
+    match target(mesh, if on { "enroll" } else { "unenroll" })? {
+        Target::Kube(c) => {
+            let v = if on { json!("ambient") } else { Value::Null };
+            kube_label(c, ns, json!({ DATAPLANE_MODE: v })).await?;
+        }
+        Target::Lab(lab) => {
+            let mut labels = lab_namespace_labels(&lab, ns)?;
+            if on {
+                labels.insert(DATAPLANE_MODE.into(), "ambient".into());
+            } else {
+                labels.remove(DATAPLANE_MODE);
+            }
+            lab_apply(&lab, &[namespace_doc(ns, &labels)])?;
+        }
     }
-    lab_apply(&lab, &[namespace_doc(ns, &labels)])?;
     Ok(format!(
         "namespace {ns} {}\n",
         if on {
@@ -98,27 +142,45 @@ pub fn enroll(mesh: &Mesh, ns: &str, on: bool) -> Result<String, SourceError> {
 
 /// `meshctl waypoint apply`: a Gateway of class istio-waypoint, and
 /// optionally the namespace label that sends its traffic through it.
-pub fn waypoint_apply(
+pub async fn waypoint_apply(
     mesh: &Mesh,
     ns: &str,
     name: &str,
     serves: &str,
     enroll_namespace: bool,
 ) -> Result<String, SourceError> {
-    let lab = need_lab(mesh, "waypoint apply")?;
-    let mut docs = vec![json!({
+    let gateway = json!({
         "apiVersion": "gateway.networking.k8s.io/v1",
         "kind": "Gateway",
         "metadata": {"name": name, "namespace": ns, "labels": {WAYPOINT_FOR: serves}},
         "spec": {"gatewayClassName": "istio-waypoint",
                  "listeners": [{"name": "mesh", "port": 15008, "protocol": "HBONE"}]},
-    })];
-    if enroll_namespace {
-        let mut labels = lab_namespace_labels(&lab, ns)?;
-        labels.insert(USE_WAYPOINT.into(), name.into());
-        docs.insert(0, namespace_doc(ns, &labels));
+    });
+    match target(mesh, "waypoint apply")? {
+        Target::Kube(c) => {
+            use kube::api::{Patch, PatchParams};
+            gateways(c, ns)
+                .patch(
+                    name,
+                    &PatchParams::apply("meshctl"),
+                    &Patch::Apply(&gateway),
+                )
+                .await
+                .map_err(kube_err(&format!("applying Gateway {ns}/{name}")))?;
+            if enroll_namespace {
+                kube_label(c, ns, json!({ USE_WAYPOINT: name })).await?;
+            }
+        }
+        Target::Lab(lab) => {
+            let mut docs = vec![gateway];
+            if enroll_namespace {
+                let mut labels = lab_namespace_labels(&lab, ns)?;
+                labels.insert(USE_WAYPOINT.into(), name.into());
+                docs.insert(0, namespace_doc(ns, &labels));
+            }
+            lab_apply(&lab, &docs)?;
+        }
     }
-    lab_apply(&lab, &docs)?;
     Ok(format!(
         "waypoint {ns}/{name} applied (for {serves}){}\n",
         if enroll_namespace {
@@ -133,19 +195,42 @@ pub fn waypoint_apply(
 
 /// `meshctl waypoint delete`: the Gateway goes, and the namespace label
 /// pointing at it.
-pub fn waypoint_delete(mesh: &Mesh, ns: &str, name: &str) -> Result<String, SourceError> {
-    let lab = need_lab(mesh, "waypoint delete")?;
-    let file = lab.join("config").join(format!("gateway-{ns}-{name}.yaml"));
-    std::fs::remove_file(&file).map_err(|e| {
-        SourceError::Other(format!(
-            "no waypoint {ns}/{name} in the lab ({}: {e})",
-            file.display()
-        ))
-    })?;
-    let mut labels = lab_namespace_labels(&lab, ns)?;
-    if labels.get(USE_WAYPOINT).is_some_and(|v| v == name) {
-        labels.remove(USE_WAYPOINT);
-        lab_apply(&lab, &[namespace_doc(ns, &labels)])?;
+pub async fn waypoint_delete(mesh: &Mesh, ns: &str, name: &str) -> Result<String, SourceError> {
+    match target(mesh, "waypoint delete")? {
+        Target::Kube(c) => {
+            use k8s_openapi::api::core::v1::Namespace;
+            gateways(c, ns)
+                .delete(name, &Default::default())
+                .await
+                .map_err(kube_err(&format!("deleting Gateway {ns}/{name}")))?;
+            let nsobj = kube::Api::<Namespace>::all(c.clone())
+                .get(ns)
+                .await
+                .map_err(kube_err(&format!("reading namespace {ns}")))?;
+            let uses = nsobj
+                .metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(USE_WAYPOINT))
+                .is_some_and(|v| v == name);
+            if uses {
+                kube_label(c, ns, json!({ USE_WAYPOINT: Value::Null })).await?;
+            }
+        }
+        Target::Lab(lab) => {
+            let file = lab.join("config").join(format!("gateway-{ns}-{name}.yaml"));
+            std::fs::remove_file(&file).map_err(|e| {
+                SourceError::Other(format!(
+                    "no waypoint {ns}/{name} in the lab ({}: {e})",
+                    file.display()
+                ))
+            })?;
+            let mut labels = lab_namespace_labels(&lab, ns)?;
+            if labels.get(USE_WAYPOINT).is_some_and(|v| v == name) {
+                labels.remove(USE_WAYPOINT);
+                lab_apply(&lab, &[namespace_doc(ns, &labels)])?;
+            }
+        }
     }
     Ok(format!(
         "waypoint {ns}/{name} deleted; its services' traffic goes straight to their endpoints again\n"

@@ -45,14 +45,43 @@ pub enum SourceError {
     Other(String),
 }
 
+/// How an endpoint's address is reached.
+#[derive(Clone)]
+pub enum Via {
+    /// From here.
+    Direct,
+    /// From inside this network namespace (a lab's node or pod).
+    Netns(PathBuf),
+    /// Through the Kubernetes API server's pod port-forward.
+    PortForward {
+        client: kube::Client,
+        namespace: String,
+        pod: String,
+    },
+}
+
+impl std::fmt::Debug for Via {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Via::Direct => write!(f, "direct"),
+            Via::Netns(p) => write!(f, "netns {}", p.display()),
+            Via::PortForward { namespace, pod, .. } => write!(f, "port-forward {namespace}/{pod}"),
+        }
+    }
+}
+
+/// A byte stream to an endpoint.
+pub trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin + 'static> Io for T {}
+
 /// An HTTP endpoint of a proxy or the controller.
 #[derive(Debug, Clone)]
 pub struct Endpoint {
     /// What it is, for messages: "ztunnel on node-1 (admin)".
     pub what: String,
+    /// Its address (for a port-forward, the pod's address and port).
     pub addr: SocketAddr,
-    /// The network namespace the address is reachable from, when not ours.
-    pub netns: Option<PathBuf>,
+    pub via: Via,
 }
 
 impl Endpoint {
@@ -60,31 +89,56 @@ impl Endpoint {
         Endpoint {
             what: what.into(),
             addr,
-            netns,
+            via: netns.map(Via::Netns).unwrap_or(Via::Direct),
         }
     }
 
     fn hint(&self) -> String {
-        match &self.netns {
-            Some(n) => format!(
+        match &self.via {
+            Via::Netns(n) => format!(
                 "reached from network namespace {}; as root, `ip netns exec {} ss -ltn` lists its listeners",
                 n.display(),
                 n.file_name().and_then(|f| f.to_str()).unwrap_or("?")
             ),
-            None => "admin listens on 127.0.0.1:15000 by default: use its node's address or a port-forward".into(),
+            Via::PortForward { namespace, pod, .. } => format!(
+                "through the API server's port-forward to pod {namespace}/{pod}; check `kubectl -n {namespace} get pod {pod}` and that you may create pods/portforward"
+            ),
+            Via::Direct => "admin listens on 127.0.0.1:15000 by default: use its node's address or a port-forward".into(),
         }
     }
 
-    async fn connect(&self) -> Result<tokio::net::TcpStream, SourceError> {
+    async fn connect(&self) -> Result<Box<dyn Io>, SourceError> {
         let unreachable = |reason: String| SourceError::Unreachable {
             what: self.what.clone(),
             addr: self.addr,
             reason,
             hint: self.hint(),
         };
-        let socket = match &self.netns {
+        let socket = match &self.via {
+            Via::PortForward {
+                client,
+                namespace,
+                pod,
+            } => {
+                let pods: kube::Api<k8s_openapi::api::core::v1::Pod> =
+                    kube::Api::namespaced(client.clone(), namespace);
+                let port = self.addr.port();
+                let mut pf =
+                    tokio::time::timeout(Duration::from_secs(10), pods.portforward(pod, &[port]))
+                        .await
+                        .map_err(|_| unreachable("port-forward: no answer within 10s".into()))?
+                        .map_err(|e| unreachable(format!("port-forward: {e}")))?;
+                let stream = pf
+                    .take_stream(port)
+                    .ok_or_else(|| unreachable("port-forward gave no stream".into()))?;
+                // The forwarder's task runs as long as the stream is used.
+                tokio::spawn(async move {
+                    let _ = pf.join().await;
+                });
+                return Ok(Box::new(stream));
+            }
             // The socket is made inside the namespace; it stays there.
-            Some(path) => {
+            Via::Netns(path) => {
                 let ns = ztunnel::netns::Netns::open(&path.display().to_string())
                     .map_err(|e| unreachable(format!("opening {}: {e}", path.display())))?;
                 let addr = self.addr;
@@ -98,17 +152,18 @@ impl Endpoint {
                 .map_err(|e| unreachable(format!("entering the namespace: {e}")))?
                 .map_err(|e| unreachable(e.to_string()))?
             }
-            None => if self.addr.is_ipv4() {
+            Via::Direct => if self.addr.is_ipv4() {
                 tokio::net::TcpSocket::new_v4()
             } else {
                 tokio::net::TcpSocket::new_v6()
             }
             .map_err(|e| unreachable(e.to_string()))?,
         };
-        tokio::time::timeout(Duration::from_secs(3), socket.connect(self.addr))
+        let tcp = tokio::time::timeout(Duration::from_secs(3), socket.connect(self.addr))
             .await
             .map_err(|_| unreachable("no answer within 3s".into()))?
-            .map_err(|e| unreachable(e.to_string()))
+            .map_err(|e| unreachable(e.to_string()))?;
+        Ok(Box::new(tcp))
     }
 
     /// GETs `path`; the body when the answer is 2xx.
@@ -184,7 +239,7 @@ pub struct Waypoint {
 }
 
 /// Everything meshctl can read.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct Mesh {
     pub ztunnels: Vec<Ztunnel>,
     pub waypoints: Vec<Waypoint>,
@@ -193,7 +248,14 @@ pub struct Mesh {
     pub file: Option<Value>,
     /// The lab's directory, when the mesh is a lab.
     pub lab: Option<PathBuf>,
+    /// The API server, when the mesh is a Kubernetes cluster.
+    pub kube: Option<kube::Client>,
 }
+
+/// Pods of waypoints carry their Gateway's name in this label.
+pub const WAYPOINT_POD_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+/// istiod-lite's debug port on Kubernetes.
+pub const CONTROLLER_DEBUG_PORT: u16 = 15014;
 
 /// A ztunnel's `/config_dump`, with the node it came from.
 #[derive(Debug, Clone)]
@@ -335,6 +397,123 @@ impl Mesh {
         if mesh.ztunnels.is_empty() {
             return Err(bad("lab.json lists no nodes".into()));
         }
+        Ok(mesh)
+    }
+
+    /// Kubernetes: the ztunnel DaemonSet's pods (label `app=ztunnel`) and
+    /// istiod-lite's (`app=istiod-lite`) in `namespace`, and every
+    /// waypoint's pods, each reached through the API server's port-forward.
+    pub async fn from_kube(client: kube::Client, namespace: &str) -> Result<Mesh, SourceError> {
+        use k8s_openapi::api::core::v1::Pod;
+        use kube::api::{Api, ListParams};
+        let failed = |what: &str, e: kube::Error| {
+            SourceError::Other(format!(
+                "listing {what} through the API server: {e}\n  check: `kubectl get pods` works with the same kubeconfig, and you may list pods"
+            ))
+        };
+        let list = |api: Api<Pod>, sel: &'static str| async move {
+            api.list(&ListParams::default().labels(sel)).await
+        };
+        let ns_api: Api<Pod> = Api::namespaced(client.clone(), namespace);
+        let ztunnels = list(ns_api.clone(), "app=ztunnel")
+            .await
+            .map_err(|e| failed("ztunnel pods", e))?;
+        let controllers = list(ns_api, "app=istiod-lite")
+            .await
+            .map_err(|e| failed("istiod-lite pods", e))?;
+        let waypoints = list(Api::all(client.clone()), WAYPOINT_POD_LABEL)
+            .await
+            .map_err(|e| failed("waypoint pods", e))?;
+        let pf = |pod: &Pod, port: u16, what: String| -> Option<Endpoint> {
+            let name = pod.metadata.name.clone()?;
+            let ns = pod
+                .metadata
+                .namespace
+                .clone()
+                .unwrap_or_else(|| namespace.to_string());
+            let ip = pod
+                .status
+                .as_ref()
+                .and_then(|s| s.pod_ip.as_deref())
+                .and_then(|ip| ip.parse().ok())
+                .unwrap_or(std::net::IpAddr::from([0, 0, 0, 0]));
+            Some(Endpoint {
+                what,
+                addr: SocketAddr::new(ip, port),
+                via: Via::PortForward {
+                    client: client.clone(),
+                    namespace: ns,
+                    pod: name,
+                },
+            })
+        };
+        let mut mesh = Mesh::default();
+        for p in &ztunnels.items {
+            let node = p
+                .spec
+                .as_ref()
+                .and_then(|s| s.node_name.clone())
+                .unwrap_or_default();
+            let Some(admin) = pf(
+                p,
+                ztunnel::config::ADMIN_PORT,
+                format!("ztunnel on {node} (admin)"),
+            ) else {
+                continue;
+            };
+            mesh.ztunnels.push(Ztunnel {
+                metrics: pf(
+                    p,
+                    ztunnel::config::METRICS_PORT,
+                    format!("ztunnel on {node} (metrics)"),
+                ),
+                readiness: pf(
+                    p,
+                    ztunnel::config::READINESS_PORT,
+                    format!("ztunnel on {node} (readiness)"),
+                ),
+                admin,
+                node,
+            });
+        }
+        for p in &waypoints.items {
+            let key = format!(
+                "{}/{}",
+                p.metadata.namespace.as_deref().unwrap_or_default(),
+                p.metadata.name.as_deref().unwrap_or_default()
+            );
+            let Some(admin) = pf(
+                p,
+                ztunnel::config::ADMIN_PORT,
+                format!("waypoint {key} (admin)"),
+            ) else {
+                continue;
+            };
+            mesh.waypoints.push(Waypoint {
+                metrics: pf(
+                    p,
+                    ztunnel::config::METRICS_PORT,
+                    format!("waypoint {key} (metrics)"),
+                ),
+                readiness: pf(
+                    p,
+                    ztunnel::config::READINESS_PORT,
+                    format!("waypoint {key} (readiness)"),
+                ),
+                admin,
+                name: key,
+            });
+        }
+        mesh.controller = controllers
+            .items
+            .first()
+            .and_then(|p| pf(p, CONTROLLER_DEBUG_PORT, "istiod-lite (debug)".into()));
+        if mesh.ztunnels.is_empty() {
+            return Err(SourceError::Other(format!(
+                "no ztunnel pods (label app=ztunnel) in namespace {namespace}: is the mesh installed there? (--kube-namespace)"
+            )));
+        }
+        mesh.kube = Some(client);
         Ok(mesh)
     }
 
