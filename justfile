@@ -23,9 +23,10 @@ demo:
     cargo build --locked --workspace --bins
     ./target/debug/demo
 
-# Measure the mesh (release build): the controller at scale, so far.
+# Measure the mesh (release build): the controller at scale, and the L7 path
+# (direct, our waypoint, Envoy as the waypoint). `--scenario l7` runs one.
 bench *ARGS:
-    cargo build --release --locked -p istiod-lite -p e2e
+    cargo build --release --locked --bins -p ztunnel -p istiod-lite -p waypoint -p e2e
     ./target/release/bench {{ARGS}}
 
 # Format the code.

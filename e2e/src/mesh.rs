@@ -137,13 +137,35 @@ pub fn state_yaml(pods: &[&Pod], services: &[&Svc], policies_yaml: &str) -> Stri
     s
 }
 
-/// Path of a binary built from this workspace.
+/// Path of a binary built from this workspace, from the same profile as the
+/// running program: next to it (a binary in `target/<profile>/`), or one up
+/// (a test in `target/<profile>/deps/`). So the release bench runs release
+/// binaries and the tests debug ones.
 pub fn binary(name: &str) -> PathBuf {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/debug");
-    let p = dir.join(name);
+    let profile = if cfg!(debug_assertions) {
+        "debug"
+    } else {
+        "release"
+    };
+    let beside = std::env::current_exe().ok().and_then(|exe| {
+        let dir = exe.parent()?;
+        let dir = if dir.file_name() == Some(std::ffi::OsStr::new("deps")) {
+            dir.parent()?
+        } else {
+            dir
+        };
+        Some(dir.join(name)).filter(|p| p.exists())
+    });
+    let p = beside.unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../target")
+            .join(profile)
+            .join(name)
+    });
     assert!(
         p.exists(),
-        "{} is not built; run `cargo build --workspace --bins` (just test does)",
+        "{} is not built; run `cargo build --workspace --bins` (just test does; \
+         `just bench` builds the release ones)",
         p.display()
     );
     p
