@@ -29,6 +29,10 @@ bench *ARGS:
     cargo build --release --locked --bins -p ztunnel -p istiod-lite -p waypoint -p e2e
     ./target/release/bench {{ARGS}}
 
+# Regenerate the CRDs in manifests/crds from the Rust types.
+manifests:
+    cargo run --locked -q -p istiod-lite --bin crdgen -- manifests/crds
+
 # Format the code.
 fmt:
     cargo fmt --all

@@ -7,5 +7,6 @@
 pub mod app;
 pub mod ca;
 pub mod config;
+pub mod crdgen;
 pub mod model;
 pub mod xds;

@@ -1,0 +1,118 @@
+//! Every manifest in `manifests/` is valid offline: Kubernetes kinds against
+//! the Kubernetes schemas (PyPI `kubernetes-validate`, strict: unknown
+//! fields fail), and our custom resources against the types the CRDs are
+//! generated from, read the way the controller reads them (unknown fields
+//! fail too).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use istiod_lite::config::objects::Object;
+
+/// The validator's version, pinned so a new release cannot turn CI red.
+const VALIDATOR: &str = "kubernetes-validate==1.37.0";
+
+/// The API groups whose kinds the mesh's CRDs define.
+const OUR_GROUPS: [&str; 4] = [
+    "gateway.networking.k8s.io",
+    "security.istio.io",
+    "networking.istio.io",
+    "extensions.mesh.dev",
+];
+
+fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap() {
+        let p = e.unwrap().path();
+        if p.is_dir() {
+            yaml_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "yaml")
+            && p.file_name().is_some_and(|n| n != "kustomization.yaml")
+        {
+            out.push(p);
+        }
+    }
+}
+
+fn validator() -> PathBuf {
+    let found = Command::new("sh")
+        .args(["-c", "command -v kubernetes-validate"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| PathBuf::from(String::from_utf8_lossy(&o.stdout).trim()));
+    if let Some(p) = found {
+        return p;
+    }
+    let ok = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            VALIDATOR,
+        ])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(ok, "installing {VALIDATOR} with pip failed");
+    let o = Command::new("sh")
+        .args(["-c", "command -v kubernetes-validate"])
+        .output()
+        .unwrap();
+    PathBuf::from(String::from_utf8_lossy(&o.stdout).trim())
+}
+
+#[test]
+fn every_manifest_validates_offline() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests");
+    let mut files = Vec::new();
+    yaml_files(&root, &mut files);
+    files.sort();
+    assert!(!files.is_empty());
+
+    // Our custom resources, parsed as the controller parses them.
+    let mut custom = 0;
+    for f in &files {
+        let text = std::fs::read_to_string(f).unwrap();
+        for doc in serde_yaml::Deserializer::from_str(&text) {
+            let v: serde_json::Value = serde::Deserialize::deserialize(doc).unwrap();
+            if v.is_null() {
+                continue;
+            }
+            let api = v["apiVersion"].as_str().unwrap_or_default();
+            let group = api.split_once('/').map(|(g, _)| g).unwrap_or("");
+            if OUR_GROUPS.contains(&group) {
+                custom += 1;
+                let kind = v["kind"].clone();
+                match Object::parse(v) {
+                    Ok(Some(_)) => {}
+                    Ok(None) => panic!("{}: {kind} is not a kind the mesh serves", f.display()),
+                    Err(e) => panic!("{}: {e}", f.display()),
+                }
+            }
+        }
+    }
+    assert!(custom > 0, "no custom resources found to check");
+
+    // Everything else against the Kubernetes schemas, strictly.
+    let out = Command::new(validator())
+        .arg("--strict")
+        .args(&files)
+        .output()
+        .unwrap();
+    let report = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{report}");
+    // The only warnings allowed are "no schema" for our own kinds.
+    for line in report.lines().filter(|l| l.starts_with("WARN")) {
+        assert!(
+            OUR_GROUPS
+                .iter()
+                .any(|g| line.contains(&format!("api version {g}/"))),
+            "{line}"
+        );
+    }
+}
