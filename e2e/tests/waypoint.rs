@@ -540,6 +540,12 @@ spec:
     // Bad input, each refused with its status, through ztunnel and HBONE.
     let vip = lab.state.services["shop/orders"].vip.clone();
     let to = format!("{vip}:80");
+    // A path that only looks like /orders is judged as the /admin it is.
+    for sneaky in ["/orders/../admin", "/orders/%2e%2e/admin", "//admin"] {
+        let head = format!("GET {sneaky} HTTP/1.1\r\nHost: orders\r\n\r\n");
+        let got = raw(lab, client, &["raw", &to, &head]);
+        assert!(got.starts_with("HTTP/1.1 403"), "{sneaky}: {got}");
+    }
     let bad_line = raw(lab, client, &["raw", &to, "BAD REQUEST LINE\r\n\r\n"]);
     assert!(bad_line.starts_with("HTTP/1.1 400"), "{bad_line}");
     let big_head = raw(

@@ -213,8 +213,17 @@ pub async fn run(mesh: &Mesh, warn: Duration) -> Vec<Finding> {
     for w in &mesh.waypoints {
         let who = format!("waypoint {}", w.name);
         readiness(&mut findings, &who, w.readiness.as_ref()).await;
-        if let Ok(d) = w.admin.get_json("/config_dump").await {
-            certificates(&mut findings, &who, &d, warn, now);
+        match w.admin.get_json("/config_dump").await {
+            Ok(d) => certificates(&mut findings, &who, &d, warn, now),
+            Err(e) => findings.push(Finding::fail(
+                "reachable",
+                who.clone(),
+                e.to_string().lines().next().unwrap_or_default().to_string(),
+                format!(
+                    "is the waypoint running? its admin listens on {}",
+                    w.admin.addr
+                ),
+            )),
         }
     }
     if let Some(ctl) = &mesh.controller {

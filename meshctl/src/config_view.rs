@@ -252,7 +252,8 @@ pub fn connections(dumps: &[Dump], f: &Filters) -> Table {
             {
                 continue;
             }
-            let inbound = direction.eq_ignore_ascii_case("inbound");
+            // Inbound over HBONE, or plaintext into the mesh (15006).
+            let inbound = direction.to_ascii_lowercase().starts_with("inbound");
             let (workload, local, remote, peer) = if inbound {
                 (&c["dst_workload"], &c["dst"], &c["src"], &c["src_identity"])
             } else {

@@ -355,11 +355,29 @@ pub fn explain(
                     .into_iter()
                     .collect(),
             };
+            if endpoints.is_empty() {
+                step(
+                    "at waypoint",
+                    "no healthy endpoint behind it: the waypoint answers 503 (UH)".into(),
+                );
+                outcome = "fails".into();
+            }
             let mut all_denied = !endpoints.is_empty();
             for ep in &endpoints {
                 let Some(ip) = ep.addresses.first().copied() else {
                     continue;
                 };
+                if ep.protocol != TunnelProtocol::Hbone {
+                    step(
+                        "at destination",
+                        format!(
+                            "{}/{} is not in the mesh: the waypoint connects in plain TCP, no policy there",
+                            ep.namespace, ep.name
+                        ),
+                    );
+                    all_denied = false;
+                    continue;
+                }
                 let at = SocketAddr::new(ip, target_port(&snap, service.as_deref(), ep, port));
                 let d = decide(ep, Some(&peer_identity), next_hop.ip(), at);
                 step(
@@ -377,7 +395,7 @@ pub fn explain(
             }
             if all_denied {
                 outcome = "denied".into();
-            } else {
+            } else if outcome != "fails" {
                 decided_by = None;
             }
         }
@@ -401,18 +419,57 @@ pub fn explain(
                         .unwrap_or_default()
                 ),
             );
-            let d = decide(&dst_workload, Some(&src_w.identity), src_ip, t);
-            step(
-                "at destination",
-                format!(
-                    "the ztunnel on {} checks {} against {}/{}'s policies: {d}",
-                    dst_workload.node, src_w.identity, dst_workload.namespace, dst_workload.name
-                ),
-            );
-            if !d.is_allowed() {
-                outcome = "denied".into();
+            // A service's connections go to any of its endpoints (picked per
+            // connection), and policies may differ between them: each is
+            // judged, the one picked first.
+            let mut judged: Vec<Arc<Workload>> = vec![dst_workload.clone()];
+            if let Some(key) = &service {
+                judged.extend(
+                    snap.endpoints(key)
+                        .filter(|e| {
+                            e.uid != dst_workload.uid && e.protocol == TunnelProtocol::Hbone
+                        })
+                        .cloned(),
+                );
             }
-            decided_by = decision_policy(&d);
+            let mut denials = 0;
+            for ep in &judged {
+                let at = if ep.uid == dst_workload.uid {
+                    t
+                } else {
+                    let Some(ip) = ep.addresses.first().copied() else {
+                        continue;
+                    };
+                    SocketAddr::new(ip, target_port(&snap, service.as_deref(), ep, port))
+                };
+                let d = decide(ep, Some(&src_w.identity), src_ip, at);
+                step(
+                    "at destination",
+                    format!(
+                        "the ztunnel on {} checks {} against {}/{}'s policies: {d}",
+                        ep.node, src_w.identity, ep.namespace, ep.name
+                    ),
+                );
+                if !d.is_allowed() {
+                    denials += 1;
+                    decided_by = decided_by.or(decision_policy(&d));
+                } else if judged.len() == 1 {
+                    decided_by = decision_policy(&d);
+                }
+            }
+            if denials > 0 && denials == judged.len() {
+                outcome = "denied".into();
+            } else if denials > 0 {
+                outcome = "allowed".into();
+                decided_by = None;
+                step(
+                    "note",
+                    format!(
+                        "{denials} of {} endpoints deny it: the outcome depends on the endpoint picked",
+                        judged.len()
+                    ),
+                );
+            }
         }
     }
     Ok(Explanation {

@@ -161,6 +161,11 @@ pub struct Policy {
 
 /// What a request is judged on.
 pub struct RequestAttrs<'a> {
+    /// False for opaque TCP: there is no method, path, host or header, so
+    /// a rule that needs them cannot match an ALLOW and matches a DENY
+    /// (deny more, never less: Istio's semantics for fields a proxy cannot
+    /// check).
+    pub http: bool,
     /// Principal without "spiffe://".
     pub principal: Option<&'a str>,
     pub namespace: Option<&'a str>,
@@ -225,12 +230,25 @@ fn bare_path(p: &str) -> &str {
 }
 
 impl Operation {
-    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
+    fn has_http_fields(&self) -> bool {
+        !(self.hosts.is_empty()
+            && self.not_hosts.is_empty()
+            && self.methods.is_empty()
+            && self.not_methods.is_empty()
+            && self.paths.is_empty()
+            && self.not_paths.is_empty())
+    }
+
+    fn matches(&self, r: &RequestAttrs<'_>, deny: bool) -> bool {
+        let ports = any_or_empty(&self.ports, |p| *p == u32::from(r.port))
+            && none(&self.not_ports, |p| *p == u32::from(r.port));
+        if !r.http && self.has_http_fields() {
+            return ports && deny;
+        }
         let path = bare_path(r.path);
-        any_or_empty(&self.hosts, |g| g.matches_host(r.host))
+        ports
+            && any_or_empty(&self.hosts, |g| g.matches_host(r.host))
             && none(&self.not_hosts, |g| g.matches_host(r.host))
-            && any_or_empty(&self.ports, |p| *p == u32::from(r.port))
-            && none(&self.not_ports, |p| *p == u32::from(r.port))
             && any_or_empty(&self.methods, |g| g.matches(r.method))
             && none(&self.not_methods, |g| g.matches(r.method))
             && any_or_empty(&self.paths, |g| g.matches(path))
@@ -239,35 +257,45 @@ impl Operation {
 }
 
 impl Condition {
-    fn value<'a>(&self, r: &'a RequestAttrs<'a>) -> Vec<String> {
+    /// The values of the key for this request; `None` when the key is not
+    /// one the waypoint can check here (unknown, or HTTP-only on TCP).
+    fn value(&self, r: &RequestAttrs<'_>) -> Option<Vec<String>> {
         let k = self.key.as_str();
         if let Some(h) = k
             .strip_prefix("request.headers[")
             .and_then(|s| s.strip_suffix(']'))
         {
-            return r
-                .headers
-                .get_all(h)
-                .iter()
-                .filter_map(|v| v.to_str().ok())
-                .map(str::to_string)
-                .collect();
+            if !r.http {
+                return None;
+            }
+            return Some(
+                r.headers
+                    .get_all(h)
+                    .iter()
+                    .filter_map(|v| v.to_str().ok())
+                    .map(str::to_string)
+                    .collect(),
+            );
         }
         let one = match k {
             "source.principal" => r.principal.unwrap_or("").to_string(),
             "source.namespace" => r.namespace.unwrap_or("").to_string(),
             "source.ip" | "remote.ip" => r.source_ip.to_string(),
             "destination.port" => r.port.to_string(),
-            "request.method" => r.method.to_string(),
-            "request.path" => bare_path(r.path).to_string(),
-            "request.host" => r.host.to_string(),
-            _ => return Vec::new(),
+            "request.method" if r.http => r.method.to_string(),
+            "request.path" if r.http => bare_path(r.path).to_string(),
+            "request.host" if r.http => r.host.to_string(),
+            _ => return None,
         };
-        vec![one]
+        Some(vec![one])
     }
 
-    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
-        let vals = self.value(r);
+    fn matches(&self, r: &RequestAttrs<'_>, deny: bool) -> bool {
+        // A condition that cannot be checked never lets an ALLOW match and
+        // always lets a DENY match.
+        let Some(vals) = self.value(r) else {
+            return deny;
+        };
         let is_ip = matches!(self.key.as_str(), "source.ip" | "remote.ip");
         let m = |g: &Glob, v: &str| {
             if is_ip && let Glob::Exact(s) = g {
@@ -284,10 +312,10 @@ impl Condition {
 }
 
 impl Rule {
-    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
+    fn matches(&self, r: &RequestAttrs<'_>, deny: bool) -> bool {
         any_or_empty(&self.from, |s| s.matches(r))
-            && any_or_empty(&self.to, |o| o.matches(r))
-            && self.when.iter().all(|c| c.matches(r))
+            && any_or_empty(&self.to, |o| o.matches(r, deny))
+            && self.when.iter().all(|c| c.matches(r, deny))
     }
 }
 
@@ -357,7 +385,8 @@ impl Policy {
     }
 
     fn matches(&self, r: &RequestAttrs<'_>) -> bool {
-        self.rules.iter().any(|rule| rule.matches(r))
+        let deny = self.action == Action::Deny;
+        self.rules.iter().any(|rule| rule.matches(r, deny))
     }
 }
 
@@ -388,6 +417,7 @@ mod tests {
 
     fn attrs<'a>(method: &'a str, path: &'a str, h: &'a HeaderMap) -> RequestAttrs<'a> {
         RequestAttrs {
+            http: true,
             principal: Some("cluster.local/ns/shop/sa/client"),
             namespace: Some("shop"),
             source_ip: "10.1.2.3".parse().expect("ip"),
@@ -463,6 +493,52 @@ mod tests {
             evaluate(&ps, &attrs("GET", "/", &h)),
             Decision::Denied("DENY policy shop/no-test".into())
         );
+    }
+
+    #[test]
+    fn on_tcp_http_fields_never_allow_and_always_deny() {
+        let allow_get = policy(
+            "shop/get",
+            pb::PolicyAction::Allow,
+            vec![pb::PolicyRule {
+                to: vec![pb::PolicyOperation {
+                    methods: vec!["GET".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        );
+        let deny_admin = policy(
+            "shop/no-admin",
+            pb::PolicyAction::Deny,
+            vec![pb::PolicyRule {
+                to: vec![pb::PolicyOperation {
+                    paths: vec!["/admin*".into()],
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+        );
+        let unknown_key = policy(
+            "shop/claims",
+            pb::PolicyAction::Deny,
+            vec![pb::PolicyRule {
+                when: vec![pb::PolicyCondition {
+                    key: "request.auth.claims[iss]".into(),
+                    values: vec!["x".into()],
+                    not_values: vec![],
+                }],
+                ..Default::default()
+            }],
+        );
+        let h = HeaderMap::new();
+        let mut tcp = attrs("", "", &h);
+        tcp.http = false;
+        assert!(!evaluate(std::slice::from_ref(&allow_get), &tcp).is_allowed());
+        assert!(!evaluate(std::slice::from_ref(&deny_admin), &tcp).is_allowed());
+        assert!(evaluate(std::slice::from_ref(&deny_admin), &attrs("GET", "/x", &h)).is_allowed());
+        // A condition the waypoint cannot check makes a DENY match.
+        assert!(!evaluate(&[unknown_key], &attrs("GET", "/x", &h)).is_allowed());
     }
 
     #[test]

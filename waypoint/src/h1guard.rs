@@ -60,8 +60,8 @@ enum State {
     Head(Vec<u8>),
     Fixed(u64),
     Chunked(Chunk),
-    /// Something hyper will refuse or that ends HTTP/1 framing (an upgrade,
-    /// a conflict, an oversized head): stop watching.
+    /// Something hyper will refuse (a conflict, an oversized or malformed
+    /// head): stop watching.
     Done,
 }
 
@@ -129,10 +129,10 @@ impl Scanner {
                             return (State::Done, used);
                         }
                         self.verdicts.push(Framing::Ok);
-                        let upgrade = has("upgrade") || req.method == Some("CONNECT");
-                        let next = if upgrade {
-                            State::Done
-                        } else if te {
+                        // An Upgrade is never answered 101 here (the header
+                        // is hop-by-hop and stripped), so the connection
+                        // stays HTTP/1 and is watched on.
+                        let next = if te {
                             State::Chunked(Chunk::Size(Vec::new()))
                         } else {
                             match cl {

@@ -33,6 +33,23 @@ impl EndpointStats {
     }
 }
 
+/// One request in flight to an endpoint (the least-request weight), for as
+/// long as it lives.
+pub struct InFlight(Arc<EndpointStats>);
+
+impl InFlight {
+    pub fn new(ep: Arc<EndpointStats>) -> InFlight {
+        ep.active.fetch_add(1, Ordering::AcqRel);
+        InFlight(ep)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.active.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
 /// Per backend service: what the circuit breaker and the retry budget count.
 #[derive(Debug, Default)]
 pub struct BackendStats {

@@ -114,8 +114,15 @@ fn strip_hop_by_hop(h: &mut HeaderMap) {
     for n in named {
         h.remove(n);
     }
+    // gRPC needs `te: trailers`; every other TE value is hop-by-hop.
+    let trailers = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
     for n in HOP_BY_HOP {
         h.remove(n);
+    }
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
     }
 }
 
@@ -139,6 +146,30 @@ fn edit_headers(h: &mut HeaderMap, e: &pb::HeaderEdit) {
     for n in &e.remove {
         h.remove(n.as_str());
     }
+}
+
+/// The path as policies and routes see it, and as it goes upstream:
+/// `%2e` decoded, dot segments resolved (RFC 3986 5.2.4) and repeated
+/// slashes merged, so `/x/../admin`, `//admin` and `/%2e%2e/admin` are all
+/// `/admin` (a server behind would read them so; a policy must too).
+fn normalize_path(path: &str) -> String {
+    let decoded = path.replace("%2e", ".").replace("%2E", ".");
+    let mut out: Vec<&str> = Vec::new();
+    for seg in decoded.split('/') {
+        match seg {
+            "" | "." => {}
+            ".." => {
+                out.pop();
+            }
+            s => out.push(s),
+        }
+    }
+    let trailing = decoded.ends_with('/') && !out.is_empty();
+    let mut p = format!("/{}", out.join("/"));
+    if (trailing || decoded.ends_with("/.") || decoded.ends_with("/..")) && !p.ends_with('/') {
+        p.push('/');
+    }
+    p
 }
 
 /// The rewritten path for a `ReplacePrefixMatch` or `ReplaceFullPath`.
@@ -177,6 +208,14 @@ fn conn_limits(policy: &BackendPolicy) -> ConnLimits {
         max_requests_per_connection: policy.max_requests_per_connection,
         idle_timeout: policy.idle_timeout.unwrap_or(Duration::from_secs(60)),
     }
+}
+
+/// Methods that may be sent twice without a second effect (RFC 9110 9.2.2).
+fn idempotent(m: &Method) -> bool {
+    matches!(
+        *m,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::TRACE | Method::PUT | Method::DELETE
+    )
 }
 
 fn chance(per_million: u32) -> bool {
@@ -591,6 +630,37 @@ impl Waypoint {
             io.inner.reset();
             return info!(peer = %ds.peer, service = %ds.service_key, "TCP: destination is gone");
         };
+        // The service's policies apply to opaque TCP too, on what TCP has.
+        if let Some(svc) = self.routes.get(&ds.service_key) {
+            let headers = HeaderMap::new();
+            let decision = authz::evaluate(
+                &svc.policies,
+                &RequestAttrs {
+                    http: false,
+                    principal: Some(ds.src_identity.principal()),
+                    namespace: Some(ds.src_identity.namespace()),
+                    source_ip: ds.peer.ip(),
+                    host: "",
+                    port: ds.target.port(),
+                    method: "",
+                    path: "",
+                    headers: &headers,
+                },
+            );
+            if !decision.is_allowed() {
+                io.inner.reset();
+                return info!(
+                    target: "access",
+                    protocol = "tcp",
+                    src.addr = %ds.peer,
+                    src.identity = %ds.src_identity,
+                    service = %ds.service_key,
+                    response_flags = "RBAC",
+                    detail = %decision,
+                    "connection refused"
+                );
+            }
+        }
         let eps = &dest.endpoints;
         let policy = self
             .routes
@@ -679,6 +749,29 @@ impl Waypoint {
         );
         let mut rec = Recorder::new(&self, &ds, &svc, &req, trace, started, wall);
         let (mut parts, body) = req.into_parts();
+        // One path for policy, routing and upstream.
+        let normalized = normalize_path(parts.uri.path());
+        if normalized != parts.uri.path() {
+            let pq = match parts.uri.query() {
+                Some(q) => format!("{normalized}?{q}"),
+                None => normalized.clone(),
+            };
+            let mut up = parts.uri.clone().into_parts();
+            match pq.parse() {
+                Ok(v) => up.path_and_query = Some(v),
+                Err(_) => {
+                    rec.detail = format!("path {:?} does not normalize", parts.uri.path());
+                    return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::None, "bad path\n"));
+                }
+            }
+            match Uri::from_parts(up) {
+                Ok(u) => parts.uri = u,
+                Err(_) => {
+                    rec.detail = format!("path {:?} does not normalize", parts.uri.path());
+                    return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::None, "bad path\n"));
+                }
+            }
+        }
 
         // Content-Length with Transfer-Encoding is how requests are
         // smuggled past a proxy: refused, and the connection closed, since
@@ -700,6 +793,7 @@ impl Waypoint {
         let decision = authz::evaluate(
             &svc.policies,
             &RequestAttrs {
+                http: true,
                 principal: Some(ds.src_identity.principal()),
                 namespace: Some(ds.src_identity.namespace()),
                 source_ip: ds.peer.ip(),
@@ -982,9 +1076,9 @@ impl Waypoint {
                 (Some(a), Some(b)) => Some(a.min(b)),
                 (a, b) => a.or(b),
             };
-            ep_stats
-                .active
-                .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+            // Held while the attempt runs, released even if the client goes
+            // away and this future is dropped.
+            let in_flight = crate::lb::InFlight::new(ep_stats.clone());
             let headers = ConnectHeaders {
                 forwarded_for: Some(ds.peer),
                 traceparent: Some(rec.trace.traceparent()),
@@ -995,9 +1089,7 @@ impl Waypoint {
                 Some(t) => tokio::time::timeout(t, send).await.ok(),
                 None => Some(send.await),
             };
-            ep_stats
-                .active
-                .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+            drop(in_flight);
             // What this attempt came to, and whether another may follow.
             let (failure, retriable) = match result {
                 Some(Ok((lease, resp))) => {
@@ -1020,7 +1112,7 @@ impl Waypoint {
                             &mut retry_slot,
                         )
                     {
-                        if retry_on && rec.flag == Flag::None {
+                        if retry_on && attempts > 1 && rec.flag == Flag::None {
                             rec.flag = Flag::URX;
                         }
                         let lease = (out.proto == Proto::Http1).then_some((lease, conn_limits));
@@ -1028,6 +1120,10 @@ impl Waypoint {
                     }
                     rec.retries += 1;
                     (None, true)
+                }
+                Some(Err(UpstreamError::BadRequest(why))) => {
+                    rec.detail = why;
+                    return Err((StatusCode::BAD_REQUEST, Flag::None, "bad request\n"));
                 }
                 Some(Err(UpstreamError::Overflow(b))) => {
                     rec.detail = format!("{b}: max pending requests");
@@ -1044,6 +1140,9 @@ impl Waypoint {
                         UpstreamError::Connect(_) | UpstreamError::Handshake(_) => Flag::UF,
                         _ => Flag::UR,
                     };
+                    // A reset may come after the backend acted on the
+                    // request: only idempotent methods are sent again.
+                    let safe_to_resend = flag == Flag::UF || idempotent(&out.method);
                     rec.detail = format!("{target}: {e}");
                     (
                         Some((
@@ -1051,7 +1150,7 @@ impl Waypoint {
                             flag,
                             "upstream connect error or reset\n",
                         )),
-                        route.retry.is_some(),
+                        route.retry.is_some() && safe_to_resend,
                     )
                 }
                 None => {
@@ -1063,7 +1162,7 @@ impl Waypoint {
                             Flag::UT,
                             "upstream request timeout\n",
                         )),
-                        route.retry.is_some() && !overall,
+                        route.retry.is_some() && !overall && idempotent(&out.method),
                     )
                 }
             };
@@ -1122,7 +1221,8 @@ impl Waypoint {
                 },
             )
             .await?;
-        let resp = lease.send(out.request()).await?;
+        let req = out.request().map_err(UpstreamError::BadRequest)?;
+        let resp = lease.send(req).await?;
         Ok((lease, resp))
     }
 
@@ -1234,12 +1334,14 @@ struct Outgoing {
 }
 
 impl Outgoing {
-    fn request(&self) -> Request<Full<Bytes>> {
+    /// The request to send; an error when its authority and path do not
+    /// make a URI (answered 400, never sent as something else).
+    fn request(&self) -> Result<Request<Full<Bytes>>, String> {
         let uri = match self.proto {
             Proto::Http1 => Uri::try_from(self.path.as_str()),
             Proto::Http2 => Uri::try_from(format!("http://{}{}", self.authority, self.path)),
         }
-        .unwrap_or_else(|_| Uri::from_static("/"));
+        .map_err(|e| format!("{}{}: {e}", self.authority, self.path))?;
         let mut req = Request::new(Full::new(self.body.clone()));
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
@@ -1256,7 +1358,7 @@ impl Outgoing {
                 req.headers_mut().remove(header::HOST);
             }
         }
-        req
+        Ok(req)
     }
 }
 
@@ -1561,6 +1663,16 @@ mod tests {
             kind: Some(pb::path_modifier::Kind::ReplaceFullPath("/new".into())),
         };
         assert_eq!(modify_path("/foo/bar", &full, Some("/foo")), "/new");
+    }
+
+    #[test]
+    fn paths_are_normalized_before_policy_and_routing() {
+        assert_eq!(normalize_path("/x/../admin"), "/admin");
+        assert_eq!(normalize_path("//admin"), "/admin");
+        assert_eq!(normalize_path("/%2e%2e/admin"), "/admin");
+        assert_eq!(normalize_path("/a/./b/"), "/a/b/");
+        assert_eq!(normalize_path("/../.."), "/");
+        assert_eq!(normalize_path("/orders"), "/orders");
     }
 
     #[test]

@@ -47,6 +47,8 @@ pub enum UpstreamError {
     Handshake(String),
     #[error("upstream reset: {0}")]
     Reset(String),
+    #[error("request cannot be sent: {0}")]
+    BadRequest(String),
 }
 
 impl From<PoolError> for UpstreamError {
@@ -227,6 +229,11 @@ impl Upstreams {
         permit: OwnedSemaphorePermit,
         backend: Arc<BackendConns>,
     ) -> Result<Sender, UpstreamError> {
+        // Dropped on any early return below: the slot is free again.
+        let slot = Slot {
+            _permit: permit,
+            backend,
+        };
         let io: Box<dyn Io> = match d.endpoint.protocol {
             TunnelProtocol::Hbone => {
                 let key = PoolKey {
@@ -255,10 +262,7 @@ impl Upstreams {
         };
         let io = TokioIo::new(io);
         let target = d.target;
-        let done = move || {
-            drop(permit);
-            backend.freed.notify_waiters();
-        };
+        let done = move || drop(slot);
         match d.proto {
             Proto::Http1 => {
                 let (sender, conn) = http1::Builder::new()
@@ -311,6 +315,19 @@ impl Upstreams {
             }
             m.retain(|_, e| !e.idle.is_empty() || e.h2.is_some());
         }
+    }
+}
+
+/// A connection slot: freeing it (the connection ended, or never came up)
+/// wakes requests waiting for one.
+struct Slot {
+    _permit: OwnedSemaphorePermit,
+    backend: Arc<BackendConns>,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.backend.freed.notify_waiters();
     }
 }
 
