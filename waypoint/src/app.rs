@@ -13,14 +13,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::info;
 use ztunnel::admin::{Readiness, endpoints, process_stats, respond};
 use ztunnel::app::{AppError, start_err};
-use ztunnel::ca::{CaClientConfig, IstioCaClient};
-use ztunnel::certs::{Backoff, CertState, CertificateManager};
-use ztunnel::clock::SystemClock;
+use ztunnel::certs::CertState;
 use ztunnel::identity::Identity;
 use ztunnel::metrics::Metrics;
 use ztunnel::proxy::pool::{Pool, PoolSettings};
 use ztunnel::state::ProxyState;
-use ztunnel::tls::TrustRoots;
 use ztunnel::xds::{StateSink, XdsClient, XdsConfig};
 
 use crate::config::Config;
@@ -114,32 +111,7 @@ impl App {
         let cfg = Arc::new(cfg);
         let identity = Identity::new(&cfg.trust_domain, &cfg.namespace, &cfg.service_account)
             .map_err(|e| start_err("identity", e))?;
-        let root = std::fs::read_to_string(&cfg.ca.root_cert)
-            .map_err(|e| start_err(format!("CA root {}", cfg.ca.root_cert.display()), e))?;
-        let token = match &cfg.ca.token_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|e| start_err(format!("token {}", p.display()), e))?
-                    .trim()
-                    .to_string(),
-            ),
-            None => None,
-        };
-        let ca = IstioCaClient::new(CaClientConfig {
-            address: cfg.ca.address.clone(),
-            ca_root_pem: root.clone(),
-            server_name: cfg.ca.server_name.clone(),
-            token: token.clone(),
-            validity: cfg.ca.validity,
-            request_timeout: Duration::from_secs(10),
-        })
-        .map_err(|e| start_err("CA client", e))?;
-        let certs = CertificateManager::new(
-            Arc::new(ca),
-            Arc::new(SystemClock),
-            TrustRoots::empty(),
-            Backoff::default(),
-        );
+        let (certs, root, token) = ztunnel::app::certificates(&cfg.ca)?;
         certs.prefetch(&identity);
 
         let state = ProxyState::default();

@@ -8,6 +8,34 @@
 //! (the data path) -> `app` (wiring). The HBONE, TLS, certificate, state
 //! and xDS pieces are the ztunnel's.
 
+/// Implements `AsyncWrite` for a stream wrapper `$ty<S>` by handing every
+/// call to its field `$field` (the wrappers here change reads, not writes).
+macro_rules! forward_async_write {
+    ($ty:ident, $field:tt) => {
+        impl<S: tokio::io::AsyncWrite + Unpin> tokio::io::AsyncWrite for $ty<S> {
+            fn poll_write(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+                buf: &[u8],
+            ) -> std::task::Poll<std::io::Result<usize>> {
+                std::pin::Pin::new(&mut self.$field).poll_write(cx, buf)
+            }
+            fn poll_flush(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_flush(cx)
+            }
+            fn poll_shutdown(
+                mut self: std::pin::Pin<&mut Self>,
+                cx: &mut std::task::Context<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::pin::Pin::new(&mut self.$field).poll_shutdown(cx)
+            }
+        }
+    };
+}
+
 pub mod app;
 pub mod authz;
 pub mod body;

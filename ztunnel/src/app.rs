@@ -123,6 +123,42 @@ async fn keep_local_certificates(ready: Arc<Ready>, state: ProxyState, stop: Can
     }
 }
 
+/// The certificate manager for a proxy's identities, from its CA settings:
+/// the CA's root (also what the controller's TLS is checked against) and
+/// the bootstrap token are read once. Returns the manager, the root PEM and
+/// the token. Shared by the ztunnel and the waypoint.
+pub fn certificates(
+    ca: &crate::config::CaConfig,
+) -> Result<(CertificateManager, String, Option<String>), AppError> {
+    let root = std::fs::read_to_string(&ca.root_cert)
+        .map_err(|e| start_err(format!("CA root {}", ca.root_cert.display()), e))?;
+    let token: Option<String> = match &ca.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .map_err(|e| start_err(format!("token {}", p.display()), e))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let client = IstioCaClient::new(CaClientConfig {
+        address: ca.address.clone(),
+        ca_root_pem: root.clone(),
+        server_name: ca.server_name.clone(),
+        token: token.clone(),
+        validity: ca.validity,
+        request_timeout: Duration::from_secs(10),
+    })
+    .map_err(|e| start_err("CA client", e))?;
+    let certs = CertificateManager::new(
+        Arc::new(client),
+        Arc::new(SystemClock),
+        TrustRoots::empty(),
+        Backoff::default(),
+    );
+    Ok((certs, root, token))
+}
+
 /// A running ztunnel.
 pub struct App {
     pub proxy: Arc<Proxy>,
@@ -177,33 +213,7 @@ impl App {
         let state = ProxyState::default();
         load_state(&cfg, &state)?;
 
-        let root = std::fs::read_to_string(&cfg.ca.root_cert)
-            .map_err(|e| start_err(format!("CA root {}", cfg.ca.root_cert.display()), e))?;
-        let token: Option<String> = match &cfg.ca.token_file {
-            Some(p) => Some(
-                std::fs::read_to_string(p)
-                    .map_err(|e| start_err(format!("token {}", p.display()), e))?
-                    .trim()
-                    .to_string(),
-            ),
-            None => None,
-        };
-        let token_for_xds = token.clone();
-        let ca = IstioCaClient::new(CaClientConfig {
-            address: cfg.ca.address.clone(),
-            ca_root_pem: root,
-            server_name: cfg.ca.server_name.clone(),
-            token,
-            validity: cfg.ca.validity,
-            request_timeout: Duration::from_secs(10),
-        })
-        .map_err(|e| start_err("CA client", e))?;
-        let certs = CertificateManager::new(
-            Arc::new(ca),
-            Arc::new(SystemClock),
-            TrustRoots::empty(),
-            Backoff::default(),
-        );
+        let (certs, root, token) = certificates(&cfg.ca)?;
         let metrics = Arc::new(Metrics::default());
         let proxy = Proxy::new(cfg.clone(), state.clone(), certs.clone(), metrics);
 
@@ -213,10 +223,9 @@ impl App {
                 let client = XdsClient::new(
                     XdsConfig {
                         address: address.clone(),
-                        ca_root_pem: std::fs::read_to_string(&cfg.ca.root_cert)
-                            .map_err(|e| start_err("CA root", e))?,
+                        ca_root_pem: root.clone(),
                         server_name: cfg.ca.server_name.clone(),
-                        token: token_for_xds,
+                        token: token.clone(),
                         proxy_id: format!("ztunnel~{}", cfg.node),
                         user_agent: "ztunnel".into(),
                     },
