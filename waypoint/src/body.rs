@@ -107,7 +107,9 @@ impl Drop for RespBody {
     fn drop(&mut self) {
         // A body hyper never polled to the end (HEAD, 204, or a client that
         // went away): recorded as it stands.
-        let complete = self.is_end_stream();
+        // A body of our own that was not polled was not needed (an answer
+        // to HEAD): it counts as sent.
+        let complete = self.is_end_stream() || matches!(self.inner, Inner::Local(_));
         self.end(complete);
     }
 }

@@ -1361,12 +1361,26 @@ struct Recorder {
     route: String,
     flag: Flag,
     flag_extra: Option<Flag>,
+    /// Recorded already (a request is recorded exactly once).
+    done: bool,
     detail: String,
     retries: u32,
     request_bytes: u64,
     trace: TraceContext,
     started: Instant,
     wall: SystemTime,
+}
+
+/// A request abandoned before any answer (the client went away while its
+/// body, a fault delay or the upstream was awaited) is still counted: code
+/// 0, flag DC, as Envoy reports it.
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if !self.done {
+            self.flag_extra = Some(Flag::DC);
+            self.finish(0, 0, false);
+        }
+    }
 }
 
 fn or_unknown(s: &str) -> String {
@@ -1463,6 +1477,7 @@ impl Recorder {
             route: "-".into(),
             flag: Flag::None,
             flag_extra: None,
+            done: false,
             detail: String::new(),
             retries: 0,
             request_bytes: 0,
@@ -1489,15 +1504,22 @@ impl Recorder {
 
     /// The closure that records the request once its response body ends.
     fn finisher(self, status: StatusCode) -> OnEnd {
-        Box::new(move |bytes, complete| self.finish(status, bytes, complete))
+        Box::new(move |bytes, complete| {
+            let mut r = self;
+            r.finish(status.as_u16(), bytes, complete)
+        })
     }
 
-    fn finish(mut self, status: StatusCode, resp_bytes: u64, complete: bool) {
+    /// Records the request: once, with the code sent (0 when none was).
+    fn finish(&mut self, code: u16, resp_bytes: u64, complete: bool) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
         let mut flag = self.flag_extra.unwrap_or(self.flag);
         if !complete && flag == Flag::None {
             flag = Flag::DC;
         }
-        self.labels.response_code = status.as_u16();
+        self.labels.response_code = code;
         self.labels.response_flags = flag;
         let duration = self.started.elapsed();
         self.wp
@@ -1509,7 +1531,7 @@ impl Recorder {
             path = %self.path,
             authority = %self.authority,
             protocol = self.protocol,
-            response_code = status.as_u16(),
+            response_code = code,
             response_flags = flag.as_str(),
             route = %self.route,
             retries = self.retries,
@@ -1533,11 +1555,11 @@ impl Recorder {
             attributes: vec![
                 ("http.request.method", self.method.clone()),
                 ("url.path", self.path.clone()),
-                ("http.response.status_code", status.as_u16().to_string()),
+                ("http.response.status_code", code.to_string()),
                 ("istio.response_flags", flag.as_str().to_string()),
                 ("server.address", self.authority.clone()),
             ],
-            error: status.is_server_error(),
+            error: code == 0 || code >= 500,
         });
     }
 
@@ -1611,6 +1633,14 @@ impl Recorder {
     ) -> Response<RespBody> {
         let status = resp.status();
         let (mut parts, body) = resp.into_parts();
+        // A connection the backend is closing must not go back to the pool
+        // (it may not look closed yet when the body ends).
+        let closing = parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        let lease = lease.filter(|_| !closing);
         strip_hop_by_hop(&mut parts.headers);
         let body = RespBody::upstream(body, lease, self.finisher(status));
         Response::from_parts(parts, body)
