@@ -593,9 +593,12 @@ spec:
         window.contains("GOAWAY 3"),
         "FLOW_CONTROL_ERROR expected: {window}"
     );
+    // A flood past the windows: refused with GOAWAY or RST_STREAM, or, when
+    // the waypoint has closed before the client read them, a closed
+    // connection (either way, ordinary traffic goes on, as checked below).
     let flood = raw(lab, client, &["h2-abuse", &to, "--mode", "data-flood"]);
     assert!(
-        flood.contains("GOAWAY") || flood.contains("RST_STREAM"),
+        flood.contains("GOAWAY") || flood.contains("RST_STREAM") || flood == "closed",
         "{flood}"
     );
 

@@ -548,41 +548,48 @@ async fn h2_abuse(addr: SocketAddr, mode: &str) -> Result<(), Box<dyn std::error
         }
         m => return Err(format!("unknown mode {m}").into()),
     }
-    // The server may stop reading once it has seen enough.
-    let _ = tokio::time::timeout(Duration::from_secs(5), s.write_all(&out)).await;
-    let mut buf = Vec::new();
-    let mut seen = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), async {
-        let mut chunk = [0u8; 16_384];
-        loop {
-            match s.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            while buf.len() >= 9 {
-                let len =
-                    (usize::from(buf[0]) << 16) | (usize::from(buf[1]) << 8) | usize::from(buf[2]);
-                if buf.len() < 9 + len {
-                    break;
+    // Read while writing: the server may answer, stop reading and close
+    // long before the flood is all sent.
+    let (mut r, mut w) = s.into_split();
+    let reader = tokio::spawn(async move {
+        let mut buf = Vec::new();
+        let mut seen = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), async {
+            let mut chunk = [0u8; 16_384];
+            loop {
+                match r.read(&mut chunk).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
                 }
-                let (kind, payload) = (buf[3], buf[9..9 + len].to_vec());
-                buf.drain(..9 + len);
-                let code = |at: usize| {
-                    payload
-                        .get(at..at + 4)
-                        .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
-                        .unwrap_or(0)
-                };
-                match kind {
-                    0x7 => seen.push(format!("GOAWAY {}", code(4))),
-                    0x3 => seen.push(format!("RST_STREAM {}", code(0))),
-                    0x1 => seen.push("HEADERS".to_string()),
-                    _ => {}
+                while buf.len() >= 9 {
+                    let len = (usize::from(buf[0]) << 16)
+                        | (usize::from(buf[1]) << 8)
+                        | usize::from(buf[2]);
+                    if buf.len() < 9 + len {
+                        break;
+                    }
+                    let (kind, payload) = (buf[3], buf[9..9 + len].to_vec());
+                    buf.drain(..9 + len);
+                    let code = |at: usize| {
+                        payload
+                            .get(at..at + 4)
+                            .map(|b| u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+                            .unwrap_or(0)
+                    };
+                    match kind {
+                        0x7 => seen.push(format!("GOAWAY {}", code(4))),
+                        0x3 => seen.push(format!("RST_STREAM {}", code(0))),
+                        0x1 => seen.push("HEADERS".to_string()),
+                        _ => {}
+                    }
                 }
             }
-        }
-    })
-    .await;
+        })
+        .await;
+        seen
+    });
+    let _ = tokio::time::timeout(Duration::from_secs(5), w.write_all(&out)).await;
+    let seen = reader.await.unwrap_or_default();
     println!(
         "{}",
         if seen.is_empty() {
