@@ -533,7 +533,7 @@ fn h2_frame(kind: u8, flags: u8, stream: u32, payload: &[u8]) -> Vec<u8> {
 }
 
 async fn h2_abuse(addr: SocketAddr, mode: &str) -> Result<(), Box<dyn std::error::Error>> {
-    let mut s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
+    let s = tokio::time::timeout(Duration::from_secs(5), TcpStream::connect(addr)).await??;
     let mut out = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
     out.extend(h2_frame(0x4, 0, 0, &[])); // SETTINGS
     // HEADERS, END_HEADERS: POST (static 3), http (6), / (4), :authority x.
