@@ -54,6 +54,19 @@ fn labapp() -> String {
     "labapp".into()
 }
 
+/// What the lab runs for a pod spec: its service account, and the first
+/// container's image ("labapp" or "waypoint") and args.
+fn pod_spec(spec: &Value) -> (String, Vec<String>, String) {
+    let sa = spec["serviceAccountName"]
+        .as_str()
+        .unwrap_or("default")
+        .to_string();
+    let c = &spec["containers"][0];
+    let args = serde_json::from_value(c["args"].clone()).unwrap_or_default();
+    let image = c["image"].as_str().unwrap_or("labapp").to_string();
+    (sa, args, image)
+}
+
 /// The Gateway class that declares a waypoint.
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 /// The label that ties a waypoint's pods and Service to its Gateway.
@@ -877,17 +890,7 @@ impl Lab {
                     let plabels: BTreeMap<String, String> =
                         serde_json::from_value(tmpl["metadata"]["labels"].clone())
                             .unwrap_or_default();
-                    let sa = tmpl["spec"]["serviceAccountName"]
-                        .as_str()
-                        .unwrap_or("default")
-                        .to_string();
-                    let args: Vec<String> =
-                        serde_json::from_value(tmpl["spec"]["containers"][0]["args"].clone())
-                            .unwrap_or_default();
-                    let image = tmpl["spec"]["containers"][0]["image"]
-                        .as_str()
-                        .unwrap_or("labapp")
-                        .to_string();
+                    let (sa, args, image) = pod_spec(&tmpl["spec"]);
                     for i in 0..replicas {
                         let pname = format!("{name}-{i}");
                         if !self.state.pods.contains_key(&format!("{ns}/{pname}")) {
@@ -897,17 +900,7 @@ impl Lab {
                     }
                 }
                 "Pod" => {
-                    let sa = d["spec"]["serviceAccountName"]
-                        .as_str()
-                        .unwrap_or("default")
-                        .to_string();
-                    let args: Vec<String> =
-                        serde_json::from_value(d["spec"]["containers"][0]["args"].clone())
-                            .unwrap_or_default();
-                    let image = d["spec"]["containers"][0]["image"]
-                        .as_str()
-                        .unwrap_or("labapp")
-                        .to_string();
+                    let (sa, args, image) = pod_spec(&d["spec"]);
                     let key = format!("{ns}/{name}");
                     if let Some(p) = self.state.pods.get_mut(&key) {
                         p.labels = labels;
