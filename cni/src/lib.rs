@@ -8,6 +8,11 @@
 //! `K8S_POD_NAME`, `K8S_POD_UID`), the network config on stdin (ours is a
 //! chained entry with `prevResult`); the result, or an error object the
 //! kubelet shows, goes to stdout.
+//!
+//! The same binary, run as `mesh-cni install`, is the DaemonSet container
+//! that puts the plugin on the node: see [`install`].
+
+pub mod install;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -42,15 +47,15 @@ pub struct NetConf {
     pub timeout_secs: u64,
 }
 
-fn default_agent() -> PathBuf {
+pub(crate) fn default_agent() -> PathBuf {
     PathBuf::from("/var/run/ztunnel/cni-control.sock")
 }
 
-fn default_excluded() -> Vec<String> {
+pub(crate) fn default_excluded() -> Vec<String> {
     vec!["kube-system".into(), "istio-system".into()]
 }
 
-fn default_timeout() -> u64 {
+pub(crate) fn default_timeout() -> u64 {
     30
 }
 

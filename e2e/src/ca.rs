@@ -156,7 +156,7 @@ impl TestCa {
             address: self.url(),
             ca_root_pem: self.ca.root_bundle_pem().to_string(),
             server_name: SERVER_NAME.to_string(),
-            token,
+            token: token.map(Into::into),
             validity: Duration::ZERO,
             request_timeout: Duration::from_secs(5),
         }

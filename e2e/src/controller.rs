@@ -131,7 +131,7 @@ impl Controller {
                 address: format!("https://{}", self.grpc),
                 ca_root_pem: self.root_pem(),
                 server_name: "istiod.istio-system.svc".into(),
-                token: Some(token_for(node)),
+                token: Some(token_for(node).into()),
                 proxy_id: format!("ztunnel~{node}"),
                 user_agent: "ztunnel".into(),
             },
@@ -154,7 +154,7 @@ impl Controller {
             address: format!("https://{}", self.grpc),
             ca_root_pem: self.root_pem(),
             server_name: "istiod.istio-system.svc".into(),
-            token: Some(token_for(node)),
+            token: Some(token_for(node).into()),
             validity: Duration::ZERO,
             request_timeout: Duration::from_secs(5),
         })

@@ -13,8 +13,11 @@ use tracing::info;
 use ztunnel::admin::respond;
 use ztunnel::clock::SystemClock;
 
-use crate::ca::auth::BootstrapTokens;
+use crate::ca::auth::{Authenticator, BootstrapTokens};
 use crate::ca::{CaService, CaSource, CertificateAuthority, ServingCert, serve};
+use crate::cluster::lease::{Elector, LeaseConfig};
+use crate::cluster::tokenreview::{ReviewConfig, TokenReviewer};
+use crate::cluster::writer::{Writer, WriterConfig};
 use crate::config::folder::{ConfigIssue, FolderSource};
 use crate::model::{Model, ModelConfig};
 use crate::xds::{AdsService, Hub};
@@ -24,8 +27,27 @@ use crate::xds::{AdsService, Hub};
 pub enum ConfigSource {
     /// A folder of YAML, polled for changes.
     Folder(PathBuf),
-    /// The Kubernetes API (in-cluster config or KUBECONFIG).
-    Kube,
+    /// The Kubernetes API (in-cluster config or KUBECONFIG), with cluster
+    /// mode's CA Secret, TokenReview, Lease and writes.
+    Kube(Box<ClusterOptions>),
+}
+
+/// Cluster mode's settings.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    /// Where the CA Secret and the Lease live (the controller's own).
+    pub namespace: String,
+    /// This replica, as the Lease's holder.
+    pub pod_name: String,
+    pub ca_secret: String,
+    pub lease_name: String,
+    pub token_audience: String,
+    /// namespace/name of the ztunnel's service account.
+    pub ztunnel_account: (String, String),
+    pub waypoint_image: String,
+    /// The CA/xDS address waypoints are given, and its certificate's name.
+    pub ca_address: String,
+    pub ca_server_name: String,
 }
 
 #[derive(Debug, Clone)]
@@ -37,7 +59,8 @@ pub struct Options {
     pub debug_addr: SocketAddr,
     pub cacerts: Option<PathBuf>,
     pub extra_roots: Option<PathBuf>,
-    pub node_tokens: PathBuf,
+    /// Bootstrap tokens per node (folder mode; cluster mode uses TokenReview).
+    pub node_tokens: Option<PathBuf>,
     pub serving_dns: Vec<String>,
     pub serving_ips: Vec<IpAddr>,
     /// How often the folder is checked for changes.
@@ -69,9 +92,31 @@ impl Running {
 
 pub async fn start(o: Options) -> Result<Running, AppError> {
     ztunnel::tls::install_default_provider();
-    let source = match &o.cacerts {
-        Some(dir) => CaSource::Plugged { dir: dir.clone() },
-        None => CaSource::SelfSigned {
+    let client = match &o.source {
+        ConfigSource::Kube(_) => Some(
+            kube::Client::try_default()
+                .await
+                .map_err(|e| AppError::Start("Kubernetes client", e.to_string()))?,
+        ),
+        ConfigSource::Folder(_) => None,
+    };
+    let source = match (&o.cacerts, &o.source, &client) {
+        (Some(dir), _, _) => CaSource::Plugged { dir: dir.clone() },
+        (None, ConfigSource::Kube(c), Some(client)) => {
+            let api = kube::Api::namespaced(client.clone(), &c.namespace);
+            let root = crate::cluster::ca_secret::load_or_create(
+                &api,
+                &c.ca_secret,
+                &o.model.trust_domain,
+            )
+            .await
+            .map_err(|e| AppError::Start("CA", e.to_string()))?;
+            CaSource::Root {
+                cert_pem: root.cert,
+                key_pem: root.key,
+            }
+        }
+        _ => CaSource::SelfSigned {
             dir: o.data_dir.join("ca"),
         },
     };
@@ -84,10 +129,13 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
         )
         .map_err(|e| AppError::Start("CA", e.to_string()))?,
     );
-    let bundle = o.data_dir.join("root-cert.pem");
-    std::fs::write(&bundle, ca.root_bundle_pem())
-        .map_err(|e| AppError::Start("root bundle", e.to_string()))?;
-    info!(path = %bundle.display(), "published the root bundle");
+    if client.is_none() {
+        // In a cluster the root is published in ConfigMaps instead.
+        let bundle = o.data_dir.join("root-cert.pem");
+        std::fs::write(&bundle, ca.root_bundle_pem())
+            .map_err(|e| AppError::Start("root bundle", e.to_string()))?;
+        info!(path = %bundle.display(), "published the root bundle");
+    }
 
     let hub = Hub::new(Model::new(o.model.clone()));
     let issues: Arc<Mutex<Vec<ConfigIssue>>> = Arc::new(Mutex::new(Vec::new()));
@@ -114,15 +162,16 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
                 }
             });
         }
-        ConfigSource::Kube => {
-            let client = kube::Client::try_default()
-                .await
-                .map_err(|e| AppError::Start("Kubernetes client", e.to_string()))?;
+        ConfigSource::Kube(c) => {
+            let Some(client) = client.clone() else {
+                return Err(AppError::Start("Kubernetes client", "none".into()));
+            };
             tokio::spawn(crate::config::kube::feed(
                 hub.clone(),
-                crate::config::kube::watch_all(client),
+                crate::config::kube::watch_all(client.clone()),
                 o.poll,
             ));
+            start_cluster_writes(client, c, &o, &ca, &hub, &stop);
         }
     }
 
@@ -131,13 +180,35 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
         "istiod.istio-system.svc".to_string(),
         "localhost".to_string(),
     ];
+    if let ConfigSource::Kube(c) = &o.source {
+        dns.push(format!("istiod-lite.{}.svc", c.namespace));
+        dns.push(c.ca_server_name.clone());
+    }
+    dns.dedup();
     dns.extend(o.serving_dns.iter().cloned());
     let serving = ServingCert::issue(&ca, &dns, &o.serving_ips)
         .map_err(|e| AppError::Start("serving certificate", e.to_string()))?;
-    let authn = Arc::new(
-        BootstrapTokens::load(&o.node_tokens)
-            .map_err(|e| AppError::Start("node tokens", e.to_string()))?,
-    );
+    let authn: Arc<dyn Authenticator> = match (&o.source, &client, &o.node_tokens) {
+        (ConfigSource::Kube(c), Some(client), _) => Arc::new(TokenReviewer::new(
+            client.clone(),
+            ReviewConfig {
+                audience: c.token_audience.clone(),
+                ztunnel_account: c.ztunnel_account.clone(),
+                trust_domain: o.model.trust_domain.clone(),
+            },
+            hub.clone(),
+        )),
+        (_, _, Some(path)) => Arc::new(
+            BootstrapTokens::load(path)
+                .map_err(|e| AppError::Start("node tokens", e.to_string()))?,
+        ),
+        _ => {
+            return Err(AppError::Start(
+                "node tokens",
+                "--node-tokens is required outside a cluster".into(),
+            ));
+        }
+    };
     let listener = TcpListener::bind(o.grpc_addr)
         .await
         .map_err(|e| AppError::Start("gRPC listener", e.to_string()))?;
@@ -178,6 +249,13 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
                 )
             };
             match req.uri().path() {
+                "/ready" if hub.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
+                "/ready" => respond(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "text/plain",
+                    "still loading the config\n",
+                ),
+                "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
                 "/debug/model" => json(hub.model().dump()),
                 "/debug/connections" => json(hub.connections()),
                 "/debug/config" => json(serde_json::json!({
@@ -201,4 +279,35 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
         stop,
         server,
     })
+}
+
+/// The Lease elector and the leader's writer.
+fn start_cluster_writes(
+    client: kube::Client,
+    c: &ClusterOptions,
+    o: &Options,
+    ca: &CertificateAuthority,
+    hub: &Arc<Hub>,
+    stop: &CancellationToken,
+) {
+    let elector = Elector::new(
+        kube::Api::namespaced(client.clone(), &c.namespace),
+        LeaseConfig::new(&c.lease_name, &c.pod_name),
+    );
+    let leader = elector.subscribe();
+    tokio::spawn(elector.run(stop.clone()));
+    let writer = Writer::new(
+        client,
+        WriterConfig {
+            waypoint_image: c.waypoint_image.clone(),
+            ca_address: c.ca_address.clone(),
+            ca_server_name: c.ca_server_name.clone(),
+            trust_domain: o.model.trust_domain.clone(),
+            token_audience: c.token_audience.clone(),
+            resync: Duration::from_secs(60),
+            min_interval: Duration::from_secs(1),
+        },
+        ca.root_bundle_pem().to_string(),
+    );
+    tokio::spawn(writer.run(hub.clone(), leader, stop.clone()));
 }

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
-use istiod_lite::app::{ConfigSource, Options, start};
+use istiod_lite::app::{ClusterOptions, ConfigSource, Options, start};
 use istiod_lite::model::ModelConfig;
 use tracing::{error, info};
 
@@ -42,9 +42,39 @@ struct Args {
     /// Further roots to publish and trust (root rotation).
     #[arg(long)]
     extra_roots: Option<PathBuf>,
-    /// YAML map of node name -> bootstrap token.
-    #[arg(long)]
-    node_tokens: PathBuf,
+    /// YAML map of node name -> bootstrap token (required with
+    /// --config-dir; in a cluster, callers present service-account tokens).
+    #[arg(long, required_unless_present = "kube")]
+    node_tokens: Option<PathBuf>,
+    /// Cluster mode: the controller's namespace (CA Secret, Lease).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+    namespace: String,
+    /// Cluster mode: this replica's name, as the Lease holder.
+    #[arg(long, env = "POD_NAME", default_value = "istiod-lite")]
+    pod_name: String,
+    /// Cluster mode: the Secret holding the self-signed root.
+    #[arg(long, default_value = "istio-ca-secret")]
+    ca_secret: String,
+    /// Cluster mode: the Lease that elects the replica that writes.
+    #[arg(long, default_value = "istiod-lite")]
+    lease_name: String,
+    /// Cluster mode: the audience callers' tokens must be for.
+    #[arg(long, default_value = "istio-ca")]
+    token_audience: String,
+    /// Cluster mode: namespace/name of the ztunnel's service account (its
+    /// callers may ask for any identity on their node).
+    #[arg(long, default_value = "istio-system/ztunnel")]
+    ztunnel_service_account: String,
+    /// Cluster mode: the image of waypoint Deployments.
+    #[arg(
+        long,
+        env = "WAYPOINT_IMAGE",
+        default_value = "ghcr.io/mesh-dev/waypoint:0.1.0"
+    )]
+    waypoint_image: String,
+    /// Cluster mode: the address waypoints reach the CA and xDS at.
+    #[arg(long, default_value = "https://istiod-lite.istio-system.svc:15012")]
+    ca_address: String,
     /// Extra DNS names for the serving certificate.
     #[arg(long = "serving-dns")]
     serving_dns: Vec<String>,
@@ -63,7 +93,33 @@ async fn main() {
     let a = Args::parse();
     let source = match a.config_dir {
         Some(dir) => ConfigSource::Folder(dir),
-        None => ConfigSource::Kube,
+        None => {
+            let Some((ns, sa)) = a.ztunnel_service_account.split_once('/') else {
+                error!(
+                    "--ztunnel-service-account {:?} is not namespace/name",
+                    a.ztunnel_service_account
+                );
+                std::process::exit(2);
+            };
+            let server_name = a
+                .ca_address
+                .trim_start_matches("https://")
+                .split(':')
+                .next()
+                .unwrap_or_default()
+                .to_string();
+            ConfigSource::Kube(Box::new(ClusterOptions {
+                namespace: a.namespace,
+                pod_name: a.pod_name,
+                ca_secret: a.ca_secret,
+                lease_name: a.lease_name,
+                token_audience: a.token_audience,
+                ztunnel_account: (ns.to_string(), sa.to_string()),
+                waypoint_image: a.waypoint_image,
+                ca_address: a.ca_address,
+                ca_server_name: server_name,
+            }))
+        }
     };
     let opts = Options {
         source,

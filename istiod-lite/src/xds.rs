@@ -63,6 +63,9 @@ pub struct Hub {
     conns: Mutex<BTreeMap<u64, Arc<ConnView>>>,
     next: AtomicU64,
     pushes: AtomicU64,
+    /// Bumped on every applied batch, whether or not an output changed
+    /// (cluster mode's writer also follows Gateways and statuses).
+    applied: tokio::sync::watch::Sender<u64>,
 }
 
 /// What the debug endpoint shows of one proxy connection.
@@ -115,6 +118,7 @@ impl Hub {
             conns: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
             pushes: AtomicU64::new(0),
+            applied: tokio::sync::watch::Sender::new(0),
         })
     }
 
@@ -124,8 +128,19 @@ impl Hub {
         }
     }
 
+    /// Returns once the model holds the whole config.
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready.subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
     pub fn is_ready(&self) -> bool {
         *self.ready.borrow()
+    }
+
+    /// Changes whenever a batch of config changes has been applied.
+    pub fn applied(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.applied.subscribe()
     }
 
     pub fn model(&self) -> std::sync::RwLockReadGuard<'_, Model> {
@@ -142,6 +157,7 @@ impl Hub {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .apply(changes);
+        self.applied.send_modify(|n| *n += 1);
         if !delta.is_empty() {
             self.pushes.fetch_add(1, Ordering::Relaxed);
             let n: usize = delta
@@ -549,6 +565,7 @@ impl AggregatedDiscoveryService for AdsService {
         let caller = self
             .authn
             .authenticate(request.metadata())
+            .await
             .map_err(|e| Status::unauthenticated(format!("caller not authenticated: {e}")))?;
         if !self.hub.is_ready() {
             return Err(Status::unavailable(

@@ -15,7 +15,9 @@ pub struct Config {
     pub namespace: String,
     pub gateway: String,
     /// This replica's pod name (the controller checks it is a pod of the
-    /// Gateway on this node before sending it routes).
+    /// Gateway on this node before sending it routes). A Deployment passes
+    /// it in POD_NAME instead; see the binary's --pod-name.
+    #[serde(default)]
     pub pod_name: String,
     /// The service account the waypoint runs as: its identity.
     pub service_account: String,

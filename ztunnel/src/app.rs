@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::admin::{self, Readiness};
-use crate::ca::{CaClientConfig, IstioCaClient};
+use crate::ca::{CaClientConfig, IstioCaClient, Token};
 use crate::certs::{Backoff, CertState, CertificateManager};
 use crate::clock::SystemClock;
 use crate::config::{Config, HBONE_PORT};
@@ -124,21 +124,22 @@ async fn keep_local_certificates(ready: Arc<Ready>, state: ProxyState, stop: Can
 }
 
 /// The certificate manager for a proxy's identities, from its CA settings:
-/// the CA's root (also what the controller's TLS is checked against) and
-/// the bootstrap token are read once. Returns the manager, the root PEM and
-/// the token. Shared by the ztunnel and the waypoint.
+/// the CA's root (also what the controller's TLS is checked against) is
+/// read once; the token file at every request (it may be rotated). Returns
+/// the manager, the root PEM and the token. Shared by the ztunnel and the
+/// waypoint.
 pub fn certificates(
     ca: &crate::config::CaConfig,
-) -> Result<(CertificateManager, String, Option<String>), AppError> {
+) -> Result<(CertificateManager, String, Option<Token>), AppError> {
     let root = std::fs::read_to_string(&ca.root_cert)
         .map_err(|e| start_err(format!("CA root {}", ca.root_cert.display()), e))?;
-    let token: Option<String> = match &ca.token_file {
-        Some(p) => Some(
+    let token = match &ca.token_file {
+        Some(p) => {
+            // Read once now so a missing file fails start-up, not later.
             std::fs::read_to_string(p)
-                .map_err(|e| start_err(format!("token {}", p.display()), e))?
-                .trim()
-                .to_string(),
-        ),
+                .map_err(|e| start_err(format!("token {}", p.display()), e))?;
+            Some(Token::File(p.clone()))
+        }
         None => None,
     };
     let client = IstioCaClient::new(CaClientConfig {

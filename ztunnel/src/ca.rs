@@ -30,6 +30,8 @@ pub enum CaError {
     Refused { code: tonic::Code, message: String },
     #[error("CA answer unusable: {0}")]
     BadAnswer(String),
+    #[error("bearer token: {0}")]
+    Token(String),
     #[error("CA answered a certificate for {got}, not the requested {want}")]
     WrongIdentity {
         got: Box<Identity>,
@@ -67,6 +69,35 @@ pub trait CaClient: Send + Sync + 'static {
 }
 
 /// Settings for [`IstioCaClient`].
+/// A bearer token for the controller: fixed, or read from a file at each
+/// use, because the kubelet rotates projected service-account tokens in
+/// place.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Token {
+    Fixed(String),
+    File(std::path::PathBuf),
+}
+
+impl From<String> for Token {
+    fn from(s: String) -> Self {
+        Token::Fixed(s)
+    }
+}
+
+impl Token {
+    /// The `authorization` header value, or why there is none.
+    pub fn header(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, String> {
+        let text = match self {
+            Token::Fixed(t) => t.clone(),
+            Token::File(p) => std::fs::read_to_string(p)
+                .map_err(|e| format!("token file {}: {e}", p.display()))?,
+        };
+        format!("Bearer {}", text.trim())
+            .parse()
+            .map_err(|_| "token is not a valid header value".to_string())
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct CaClientConfig {
     /// e.g. `https://127.0.0.1:15012`.
@@ -76,7 +107,7 @@ pub struct CaClientConfig {
     /// The name the CA's serving certificate carries.
     pub server_name: String,
     /// Sent as `authorization: Bearer <token>`; proves which node we are.
-    pub token: Option<String>,
+    pub token: Option<Token>,
     /// Requested leaf lifetime.
     pub validity: Duration,
     pub request_timeout: Duration,
@@ -86,7 +117,7 @@ pub struct CaClientConfig {
 #[derive(Clone)]
 pub struct IstioCaClient {
     client: IstioCertificateServiceClient<Channel>,
-    token: Option<MetadataValue<tonic::metadata::Ascii>>,
+    token: Option<Token>,
     validity: Duration,
 }
 
@@ -106,18 +137,13 @@ impl IstioCaClient {
             .timeout(cfg.request_timeout)
             .connect_timeout(cfg.request_timeout)
             .connect_lazy();
-        let token = cfg
-            .token
-            .as_ref()
-            .map(|t| {
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| bad("token is not a valid header value".into()))
-            })
-            .transpose()?;
+        if let Some(t) = &cfg.token {
+            // Fail at start-up on a token that cannot be sent at all.
+            t.header().map_err(bad)?;
+        }
         Ok(IstioCaClient {
             client: IstioCertificateServiceClient::new(channel),
-            token,
+            token: cfg.token.clone(),
             validity: cfg.validity,
         })
     }
@@ -132,7 +158,8 @@ impl IstioCaClient {
             metadata: Some(impersonate(identity)),
         });
         if let Some(t) = &self.token {
-            req.metadata_mut().insert("authorization", t.clone());
+            req.metadata_mut()
+                .insert("authorization", t.header().map_err(CaError::Token)?);
         }
         let resp = self
             .client
@@ -183,4 +210,25 @@ pub fn impersonate(identity: &Identity) -> Struct {
         },
     );
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Token;
+
+    #[test]
+    fn a_token_file_is_read_at_each_use() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("istio-token");
+        std::fs::write(&path, "first\n").expect("write");
+        let t = Token::File(path.clone());
+        assert_eq!(t.header().expect("header"), "Bearer first");
+        // The kubelet rotates the projected token in place.
+        std::fs::write(&path, "second").expect("write");
+        assert_eq!(t.header().expect("header"), "Bearer second");
+        std::fs::remove_file(&path).expect("remove");
+        let err = t.header().expect_err("gone");
+        assert!(err.contains("istio-token"), "{err}");
+        assert!(Token::Fixed("bad\nvalue".into()).header().is_err());
+    }
 }

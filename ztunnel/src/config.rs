@@ -37,7 +37,9 @@ pub enum ConfigError {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The node this ztunnel serves.
+    /// The node this ztunnel serves (a DaemonSet passes it in NODE_NAME
+    /// instead; see the binary's --node).
+    #[serde(default)]
     pub node: String,
     #[serde(default)]
     pub network: String,

@@ -22,7 +22,6 @@ use prost::Message;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
-use tonic::metadata::MetadataValue;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use tracing::{info, warn};
 
@@ -111,7 +110,7 @@ pub struct XdsConfig {
     pub address: String,
     pub ca_root_pem: String,
     pub server_name: String,
-    pub token: Option<String>,
+    pub token: Option<crate::ca::Token>,
     /// Proxy id sent in the Node.
     pub proxy_id: String,
     /// Sent as the Node's user agent, e.g. "ztunnel".
@@ -240,10 +239,8 @@ impl XdsClient {
         }
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(t) = &self.cfg.token {
-            let v: MetadataValue<_> = format!("Bearer {t}")
-                .parse()
-                .map_err(|_| bad("token is not a valid header value".into()))?;
-            req.metadata_mut().insert("authorization", v);
+            req.metadata_mut()
+                .insert("authorization", t.header().map_err(bad)?);
         }
         let mut stream = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024)

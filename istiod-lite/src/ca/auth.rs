@@ -9,6 +9,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 
+use futures::future::BoxFuture;
 use serde::Deserialize;
 use tonic::metadata::MetadataMap;
 use ztunnel::identity::Identity;
@@ -17,11 +18,41 @@ use ztunnel::identity::Identity;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caller {
     pub node: String,
+    /// When set, the caller is a workload that may ask only for its own
+    /// identity (a waypoint with its own token); when unset, a node proxy
+    /// that may ask for any identity running on its node.
+    pub only: Option<Identity>,
+}
+
+impl Caller {
+    /// A node proxy on `node`.
+    pub fn node(node: impl Into<String>) -> Self {
+        Caller {
+            node: node.into(),
+            only: None,
+        }
+    }
 }
 
 pub trait Authenticator: Send + Sync + 'static {
     /// Why authentication failed is returned as a message for the caller.
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, String>;
+    /// Asynchronous: the Kubernetes authenticator asks the API server.
+    fn authenticate<'a>(
+        &'a self,
+        metadata: &'a MetadataMap,
+    ) -> BoxFuture<'a, Result<Caller, String>>;
+}
+
+/// The bearer token of a request, or why there is none.
+pub fn bearer(metadata: &MetadataMap) -> Result<&str, String> {
+    let header = metadata
+        .get("authorization")
+        .ok_or("no authorization header (expected \"Bearer <token>\")")?
+        .to_str()
+        .map_err(|_| "authorization header is not ASCII")?;
+    Ok(header
+        .strip_prefix("Bearer ")
+        .ok_or("authorization header is not a Bearer token")?)
 }
 
 pub trait NodeAuthorizer: Send + Sync + 'static {
@@ -72,15 +103,17 @@ impl BootstrapTokens {
 }
 
 impl Authenticator for BootstrapTokens {
-    fn authenticate(&self, metadata: &MetadataMap) -> Result<Caller, String> {
-        let header = metadata
-            .get("authorization")
-            .ok_or("no authorization header (expected \"Bearer <node token>\")")?
-            .to_str()
-            .map_err(|_| "authorization header is not ASCII")?;
-        let token = header
-            .strip_prefix("Bearer ")
-            .ok_or("authorization header is not a Bearer token")?;
+    fn authenticate<'a>(
+        &'a self,
+        metadata: &'a MetadataMap,
+    ) -> BoxFuture<'a, Result<Caller, String>> {
+        Box::pin(std::future::ready(self.check(metadata)))
+    }
+}
+
+impl BootstrapTokens {
+    fn check(&self, metadata: &MetadataMap) -> Result<Caller, String> {
+        let token = bearer(metadata)?;
         // Compare against every token so timing does not reveal a prefix.
         let mut found = None;
         for (known, node) in &self.by_token {
@@ -89,7 +122,7 @@ impl Authenticator for BootstrapTokens {
             }
         }
         found
-            .map(|node| Caller { node: node.clone() })
+            .map(|node| Caller::node(node.clone()))
             .ok_or_else(|| "unknown bootstrap token".to_string())
     }
 }

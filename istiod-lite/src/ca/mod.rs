@@ -52,6 +52,8 @@ pub enum Refusal {
     BadImpersonation { requested: String, reason: String },
     #[error("ImpersonatedIdentity {requested} does not match the CSR's SAN {csr}")]
     ImpersonationMismatch { requested: Identity, csr: Identity },
+    #[error("a workload token for {own} cannot ask for identity {identity}")]
+    NotOwnIdentity { identity: Identity, own: Identity },
     #[error("no workload with identity {identity} runs on node {node:?}")]
     NotOnNode { identity: Identity, node: String },
     #[error("weak key: {0}")]
@@ -69,7 +71,7 @@ impl From<Refusal> for tonic::Status {
         use tonic::Code;
         let code = match &r {
             Refusal::Unauthenticated(_) => Code::Unauthenticated,
-            Refusal::NotOnNode { .. } => Code::PermissionDenied,
+            Refusal::NotOnNode { .. } | Refusal::NotOwnIdentity { .. } => Code::PermissionDenied,
             Refusal::Internal(_) => Code::Internal,
             _ => Code::InvalidArgument,
         };

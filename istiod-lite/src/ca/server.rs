@@ -43,13 +43,14 @@ impl CaService {
             .max_decoding_message_size(csr::MAX_CSR_BYTES + 4096)
     }
 
-    fn handle(
+    async fn handle(
         &self,
         req: &Request<IstioCertificateRequest>,
     ) -> Result<(String, Identity, Vec<String>), Refusal> {
         let caller = self
             .authn
             .authenticate(req.metadata())
+            .await
             .map_err(Refusal::Unauthenticated)?;
         let body = req.get_ref();
         let validity = CertificateAuthority::validity_for(body.validity_duration)?;
@@ -67,6 +68,14 @@ impl CaService {
             return Err(Refusal::ForeignTrustDomain {
                 identity,
                 trust_domain: self.ca.trust_domain().to_string(),
+            });
+        }
+        if let Some(own) = &caller.only
+            && *own != identity
+        {
+            return Err(Refusal::NotOwnIdentity {
+                identity,
+                own: own.clone(),
             });
         }
         if !self.authz.workload_on_node(&caller.node, &identity) {
@@ -113,7 +122,7 @@ impl IstioCertificateService for CaService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let peer = request.remote_addr();
-        match self.handle(&request) {
+        match self.handle(&request).await {
             Ok((node, identity, cert_chain)) => {
                 info!(%identity, node, ?peer, "certificate issued");
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))

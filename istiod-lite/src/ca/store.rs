@@ -29,6 +29,9 @@ pub enum CaSource {
     /// root or intermediate), `root-cert.pem`, and optionally `cert-chain.pem`
     /// (the signing CA up to the root).
     Plugged { dir: PathBuf },
+    /// A self-signed root already in hand (cluster mode: read from, or
+    /// just written to, the CA Secret).
+    Root { cert_pem: String, key_pem: String },
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +93,11 @@ impl CertificateAuthority {
         let (issuer, chain_pem, mut root_bundle) = match source {
             CaSource::SelfSigned { dir } => self_signed(dir, trust_domain, clock.as_ref())?,
             CaSource::Plugged { dir } => plugged(dir)?,
+            CaSource::Root { cert_pem, key_pem } => {
+                let issuer = Issuer::from_pem(cert_pem, key_pem)
+                    .map_err(|e| invalid(Path::new("CA Secret"), e))?;
+                (issuer, Vec::new(), cert_pem.clone())
+            }
         };
         if let Some(path) = extra_roots {
             let pem = read(path)?;

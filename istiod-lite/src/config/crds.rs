@@ -176,6 +176,12 @@ pub struct PolicyCondition {
     pub reason: String,
     #[serde(default)]
     pub message: String,
+    /// The policy's generation this condition was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// RFC 3339 time the status last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_transition_time: Option<String>,
 }
 
 /// security.istio.io PeerAuthentication.

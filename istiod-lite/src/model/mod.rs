@@ -8,6 +8,7 @@
 //! its version across restarts and a reconnecting proxy is not sent it again.
 
 mod authz;
+pub mod cluster;
 pub mod routes;
 mod waypoint;
 mod workload;

@@ -11,7 +11,7 @@ use super::{DATAPLANE_MODE, Model, NsName, USE_WAYPOINT, WAYPOINT_CLASS, WAYPOIN
 
 type Labels = BTreeMap<String, String>;
 
-fn labels(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Labels {
+pub(super) fn labels(m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Labels {
     m.labels.clone().unwrap_or_default()
 }
 

@@ -11,19 +11,33 @@ struct Args {
     /// YAML config (see docs/waypoint.md).
     #[arg(long, env = "WAYPOINT_CONFIG")]
     config: PathBuf,
+    /// This replica's pod name; overrides the config's `pod_name` (a
+    /// Deployment sets POD_NAME from metadata.name).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     ztunnel::init_logging();
     let args = Args::parse();
-    let cfg = match waypoint::config::Config::load(&args.config) {
+    let mut cfg = match waypoint::config::Config::load(&args.config) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "bad config");
             return ExitCode::from(2);
         }
     };
+    if let Some(p) = args.pod_name.filter(|p| !p.is_empty()) {
+        cfg.pod_name = p;
+    }
+    if cfg.pod_name.is_empty() {
+        tracing::error!(
+            config = %args.config.display(),
+            "no pod name: set `pod_name` in the config, or pass --pod-name / POD_NAME"
+        );
+        return ExitCode::from(2);
+    }
     match waypoint::app::run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {

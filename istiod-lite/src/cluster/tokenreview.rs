@@ -1,0 +1,175 @@
+//! Callers authenticated by projected service-account tokens (audience
+//! `istio-ca`), checked with the TokenReview API. A token is bound to the
+//! pod it was issued to; the pod's node (from the model, cross-checked with
+//! the node the API server names when it does) is the caller's node. The
+//! ztunnel's service account may ask for any identity on its node; any
+//! other caller (a waypoint) only for its own.
+//!
+//! Reviews are cached for a short while by a hash of the token: a ztunnel
+//! asks for certificates in bursts, and one review per burst is enough.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures::future::BoxFuture;
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
+use kube::api::PostParams;
+use kube::{Api, Client};
+use tonic::metadata::MetadataMap;
+use tracing::debug;
+use ztunnel::identity::Identity;
+
+use crate::ca::auth::{Authenticator, Caller, bearer};
+use crate::xds::Hub;
+
+pub const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
+pub const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
+pub const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
+const CACHE_FOR: Duration = Duration::from_secs(60);
+const CACHE_MAX: usize = 10_000;
+
+#[derive(Debug, Clone)]
+pub struct ReviewConfig {
+    pub audience: String,
+    /// namespace/name of the service account node proxies run as.
+    pub ztunnel_account: (String, String),
+    pub trust_domain: String,
+}
+
+pub struct TokenReviewer {
+    api: Api<TokenReview>,
+    cfg: ReviewConfig,
+    hub: Arc<Hub>,
+    cache: Mutex<HashMap<[u8; 32], (Instant, Caller)>>,
+}
+
+impl TokenReviewer {
+    pub fn new(client: Client, cfg: ReviewConfig, hub: Arc<Hub>) -> Self {
+        TokenReviewer {
+            api: Api::all(client),
+            cfg,
+            hub,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    async fn review(&self, token: &str) -> Result<Caller, String> {
+        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
+            .as_ref()
+            .try_into()
+            .map_err(|_| "token digest".to_string())?;
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some((at, caller)) = cache.get(&key)
+                && at.elapsed() < CACHE_FOR
+            {
+                return Ok(caller.clone());
+            }
+        }
+        let review = TokenReview {
+            spec: TokenReviewSpec {
+                token: token.to_string(),
+                audiences: Some(vec![self.cfg.audience.clone()]),
+            },
+            ..TokenReview::default()
+        };
+        let answer = self
+            .api
+            .create(&PostParams::default(), &review)
+            .await
+            .map_err(|e| format!("TokenReview failed: {e}"))?;
+        let status = answer
+            .status
+            .ok_or("the TokenReview came back without a status")?;
+        let caller = self.caller(&status)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= CACHE_MAX {
+            cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
+            if cache.len() >= CACHE_MAX {
+                cache.clear();
+            }
+        }
+        cache.insert(key, (Instant::now(), caller.clone()));
+        Ok(caller)
+    }
+
+    /// Who a reviewed token belongs to, or why it is not good enough.
+    fn caller(&self, status: &TokenReviewStatus) -> Result<Caller, String> {
+        if status.authenticated != Some(true) {
+            return Err(match status.error.as_deref() {
+                Some(e) if !e.is_empty() => format!("token rejected by the API server: {e}"),
+                _ => "token rejected by the API server".to_string(),
+            });
+        }
+        let audiences = status.audiences.as_deref().unwrap_or_default();
+        if !audiences.is_empty() && !audiences.contains(&self.cfg.audience) {
+            return Err(format!(
+                "token is not for audience {:?} (it is for {audiences:?})",
+                self.cfg.audience
+            ));
+        }
+        let user = status
+            .user
+            .as_ref()
+            .ok_or("the TokenReview names no user")?;
+        let username = user.username.as_deref().unwrap_or_default();
+        let (ns, sa) = username
+            .strip_prefix("system:serviceaccount:")
+            .and_then(|r| r.split_once(':'))
+            .ok_or_else(|| format!("{username:?} is not a service account"))?;
+        let extra = user.extra.as_ref();
+        let one = |k: &str| {
+            extra
+                .and_then(|e| e.get(k))
+                .and_then(|v| v.first())
+                .cloned()
+        };
+        let (Some(pod), Some(uid)) = (one(POD_NAME), one(POD_UID)) else {
+            return Err(format!(
+                "the token of {username} is not bound to a pod; use a projected service-account token"
+            ));
+        };
+        let known = self.hub.model().pod_node(ns, &pod, &uid);
+        let node = match (known, one(NODE_NAME)) {
+            (Some(m), Some(n)) if m != n => {
+                return Err(format!(
+                    "pod {ns}/{pod} runs on {m:?} but its token names node {n:?}"
+                ));
+            }
+            (Some(m), _) => m,
+            (None, Some(n)) => n,
+            (None, None) => {
+                return Err(format!(
+                    "pod {ns}/{pod} (uid {uid}) is not known (yet); its node cannot be proven"
+                ));
+            }
+        };
+        let only = if (ns, sa)
+            == (
+                self.cfg.ztunnel_account.0.as_str(),
+                self.cfg.ztunnel_account.1.as_str(),
+            ) {
+            None
+        } else {
+            Some(
+                Identity::new(&self.cfg.trust_domain, ns, sa)
+                    .map_err(|e| format!("service account {ns}/{sa}: {e}"))?,
+            )
+        };
+        debug!(%username, %pod, %node, "token reviewed");
+        Ok(Caller { node, only })
+    }
+}
+
+impl Authenticator for TokenReviewer {
+    fn authenticate<'a>(
+        &'a self,
+        metadata: &'a MetadataMap,
+    ) -> BoxFuture<'a, Result<Caller, String>> {
+        Box::pin(async move {
+            let token = bearer(metadata)?;
+            self.review(token).await
+        })
+    }
+}

@@ -1,0 +1,691 @@
+//! The leader's writes, reconciled from the model:
+//!
+//! - the root bundle in a ConfigMap `istio-ca-root-cert` (key `root-cert.pem`)
+//!   in the root namespace and every enrolled namespace;
+//! - for each waypoint Gateway, a ServiceAccount, a ConfigMap holding the
+//!   waypoint's config, a Deployment and a Service, all owned by the Gateway
+//!   (so Kubernetes removes them with it) and removed by us too when the
+//!   Gateway is gone or changes class;
+//! - Gateway status (Accepted, Programmed, addresses);
+//! - AuthorizationPolicy status (`ZtunnelAccepted` / `WaypointAccepted`,
+//!   with the warnings the model found, e.g. L7 rules a ztunnel drops).
+//!
+//! Writes are server-side apply with our field manager, so they are
+//! idempotent and leave fields other managers own alone. What was applied is
+//! remembered by content hash and not sent again until a periodic resync,
+//! which also repairs drift (an object deleted by hand). Status is written
+//! only when it differs from what the watch shows. An object of ours that
+//! exists but was not made by us is never taken over: the Gateway's status
+//! says so instead.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::{BTreeSet, HashMap};
+use std::fmt::Debug;
+use std::hash::{Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use gateway_api::apis::standard::gateways::Gateway;
+use k8s_openapi::api::apps::v1::Deployment;
+use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::{FIELD_MANAGER, MANAGED_BY, now_rfc3339};
+use crate::config::crds::{AuthorizationPolicy, PolicyCondition};
+use crate::model::cluster::{ClusterView, PolicyView, WaypointView};
+use crate::model::{DATAPLANE_MODE, GATEWAY_NAME_LABEL};
+use crate::xds::Hub;
+
+pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
+pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
+/// Where the waypoint's pod finds what it needs (matching the ztunnel's).
+const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+const ROOT_DIR: &str = "/var/run/secrets/istio";
+const CONFIG_DIR: &str = "/etc/waypoint";
+
+#[derive(Debug, Clone)]
+pub struct WriterConfig {
+    pub waypoint_image: String,
+    /// The CA and xDS address waypoints are given, and the name its
+    /// certificate is checked against.
+    pub ca_address: String,
+    pub ca_server_name: String,
+    pub trust_domain: String,
+    pub token_audience: String,
+    /// Forget what was applied and apply everything again this often.
+    pub resync: Duration,
+    /// At most one reconcile per this interval (a burst of changes costs one).
+    pub min_interval: Duration,
+}
+
+/// What one reconcile did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Report {
+    pub applied: usize,
+    pub deleted: usize,
+    pub statuses: usize,
+    pub errors: Vec<String>,
+}
+
+pub struct Writer {
+    client: Client,
+    cfg: WriterConfig,
+    root_pem: String,
+    /// Object key -> hash of what we last applied to it.
+    applied: HashMap<String, u64>,
+}
+
+fn hash_of(v: &Value) -> u64 {
+    let mut h = DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
+}
+
+fn managed_labels(gateway: Option<&str>) -> Value {
+    let mut l = json!({ MANAGED_BY.0: MANAGED_BY.1 });
+    if let Some(g) = gateway {
+        l[GATEWAY_NAME_LABEL] = json!(g);
+    }
+    l
+}
+
+impl Writer {
+    pub fn new(client: Client, cfg: WriterConfig, root_pem: String) -> Self {
+        Writer {
+            client,
+            cfg,
+            root_pem,
+            applied: HashMap::new(),
+        }
+    }
+
+    /// Server-side apply, skipped when the same content was applied before.
+    async fn apply<K>(
+        &mut self,
+        api: &Api<K>,
+        key: String,
+        name: &str,
+        obj: Value,
+        report: &mut Report,
+    ) -> Result<(), String>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug,
+    {
+        let h = hash_of(&obj);
+        if self.applied.get(&key) == Some(&h) {
+            return Ok(());
+        }
+        api.patch(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&obj),
+        )
+        .await
+        .map_err(|e| format!("applying {key}: {e}"))?;
+        self.applied.insert(key, h);
+        report.applied += 1;
+        Ok(())
+    }
+
+    pub async fn reconcile(&mut self, view: &ClusterView) -> Report {
+        let mut report = Report::default();
+        self.root_configmaps(view, &mut report).await;
+        let mut wanted = BTreeSet::new();
+        for wp in &view.waypoints {
+            let ns = wp.gateway.namespace().unwrap_or_default();
+            wanted.insert((ns, wp.gateway.name_any()));
+            let outcome = self.waypoint(wp, &mut report).await;
+            if let Err(e) = &outcome {
+                report.errors.push(e.clone());
+            }
+            if let Err(e) = self.gateway_status(wp, outcome.err(), &mut report).await {
+                report.errors.push(e);
+            }
+        }
+        self.remove_orphans(&wanted, &mut report).await;
+        for p in &view.policies {
+            if let Err(e) = self.policy_status(p, &mut report).await {
+                report.errors.push(e);
+            }
+        }
+        report
+    }
+
+    async fn root_configmaps(&mut self, view: &ClusterView, report: &mut Report) {
+        for ns in &view.root_cert_namespaces {
+            let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), ns);
+            let obj = json!({
+                "apiVersion": "v1",
+                "kind": "ConfigMap",
+                "metadata": {"name": ROOT_CONFIGMAP, "namespace": ns, "labels": managed_labels(None)},
+                "data": {ROOT_CONFIGMAP_KEY: self.root_pem},
+            });
+            let key = format!("ConfigMap/{ns}/{ROOT_CONFIGMAP}");
+            if let Err(e) = self.apply(&api, key, ROOT_CONFIGMAP, obj, report).await {
+                report.errors.push(e);
+            }
+        }
+    }
+
+    /// The ServiceAccount, config, Deployment and Service of one waypoint.
+    /// Err names why the Gateway cannot be programmed.
+    async fn waypoint(&mut self, wp: &WaypointView, report: &mut Report) -> Result<(), String> {
+        let g = &wp.gateway;
+        let ns = g.namespace().unwrap_or_default();
+        let name = g.name_any();
+        let uid = g
+            .uid()
+            .ok_or_else(|| format!("Gateway {ns}/{name} has no uid yet"))?;
+        let owner = json!([{
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "name": name,
+            "uid": uid,
+            "controller": true,
+            "blockOwnerDeletion": true,
+        }]);
+        let meta = |obj_name: &str| {
+            json!({
+                "name": obj_name,
+                "namespace": ns,
+                "labels": managed_labels(Some(&name)),
+                "ownerReferences": owner,
+            })
+        };
+        let config_name = format!("{name}-waypoint");
+        let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(&name)});
+        let cm = json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": meta(&config_name),
+            "data": {"config.yaml": self.waypoint_config(&ns, &name)},
+        });
+        let deploy = self.waypoint_deployment(g, meta(&name), &config_name);
+        let svc = json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": meta(&name),
+            "spec": {
+                "selector": {GATEWAY_NAME_LABEL: name},
+                "ports": service_ports(g),
+            },
+        });
+        let client = self.client.clone();
+        self.owned(
+            &Api::<ServiceAccount>::namespaced(client.clone(), &ns),
+            "ServiceAccount",
+            &ns,
+            &name,
+            sa,
+            report,
+        )
+        .await?;
+        self.owned(
+            &Api::<ConfigMap>::namespaced(client.clone(), &ns),
+            "ConfigMap",
+            &ns,
+            &config_name,
+            cm,
+            report,
+        )
+        .await?;
+        self.owned(
+            &Api::<Deployment>::namespaced(client.clone(), &ns),
+            "Deployment",
+            &ns,
+            &name,
+            deploy,
+            report,
+        )
+        .await?;
+        self.owned(
+            &Api::<Service>::namespaced(client, &ns),
+            "Service",
+            &ns,
+            &name,
+            svc,
+            report,
+        )
+        .await
+    }
+
+    /// Applies an object the Gateway owns, unless an object of that name
+    /// exists that we did not make.
+    async fn owned<K>(
+        &mut self,
+        api: &Api<K>,
+        kind: &str,
+        ns: &str,
+        name: &str,
+        obj: Value,
+        report: &mut Report,
+    ) -> Result<(), String>
+    where
+        K: Resource + Clone + DeserializeOwned + Debug,
+    {
+        let key = format!("{kind}/{ns}/{name}");
+        if self.applied.get(&key) == Some(&hash_of(&obj)) {
+            return Ok(());
+        }
+        let existing = api
+            .get_opt(name)
+            .await
+            .map_err(|e| format!("reading {key}: {e}"))?;
+        if let Some(o) = existing {
+            let ours = o.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1);
+            if !ours {
+                return Err(format!(
+                    "{kind} {ns}/{name} already exists and was not created by istiod-lite; rename the Gateway or delete the {kind}"
+                ));
+            }
+        }
+        self.apply(api, key, name, obj, report).await
+    }
+
+    fn waypoint_config(&self, ns: &str, name: &str) -> String {
+        // pod_name comes from the POD_NAME environment variable.
+        format!(
+            "namespace: {ns}\ngateway: {name}\nservice_account: {name}\ntrust_domain: {td}\n\
+             ca:\n  address: {addr}\n  server_name: {sn}\n  root_cert: {ROOT_DIR}/{ROOT_CONFIGMAP_KEY}\n  token_file: {TOKEN_DIR}/istio-token\n\
+             xds_address: {addr}\nhbone_addr: 0.0.0.0:15008\nadmin_addr: 127.0.0.1:15000\n\
+             metrics_addr: 0.0.0.0:15020\nreadiness_addr: 0.0.0.0:15021\n",
+            td = self.cfg.trust_domain,
+            addr = self.cfg.ca_address,
+            sn = self.cfg.ca_server_name,
+        )
+    }
+
+    fn waypoint_deployment(&self, g: &Gateway, metadata: Value, config_name: &str) -> Value {
+        let name = g.name_any();
+        // No `replicas`: an operator (or an autoscaler) owns the count.
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "Deployment",
+            "metadata": metadata,
+            "spec": {
+                "selector": {"matchLabels": {GATEWAY_NAME_LABEL: name}},
+                "template": {
+                    "metadata": {"labels": {
+                        GATEWAY_NAME_LABEL: name,
+                        // The waypoint speaks HBONE itself; the ztunnel
+                        // must not capture it.
+                        DATAPLANE_MODE: "none",
+                    }},
+                    "spec": {
+                        "serviceAccountName": name,
+                        "terminationGracePeriodSeconds": 35,
+                        "securityContext": {
+                            "runAsNonRoot": true,
+                            "runAsUser": 65532,
+                            "runAsGroup": 65532,
+                            "seccompProfile": {"type": "RuntimeDefault"},
+                        },
+                        "containers": [{
+                            "name": "waypoint",
+                            "image": self.cfg.waypoint_image,
+                            "args": [format!("--config={CONFIG_DIR}/config.yaml")],
+                            "env": [
+                                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            ],
+                            "ports": [
+                                {"name": "hbone", "containerPort": 15008},
+                                {"name": "metrics", "containerPort": 15020},
+                                {"name": "status", "containerPort": 15021},
+                            ],
+                            "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}},
+                            "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
+                            "securityContext": {
+                                "allowPrivilegeEscalation": false,
+                                "readOnlyRootFilesystem": true,
+                                "capabilities": {"drop": ["ALL"]},
+                            },
+                            "volumeMounts": [
+                                {"name": "config", "mountPath": CONFIG_DIR, "readOnly": true},
+                                {"name": "istio-token", "mountPath": TOKEN_DIR, "readOnly": true},
+                                {"name": "istio-root", "mountPath": ROOT_DIR, "readOnly": true},
+                            ],
+                        }],
+                        "volumes": [
+                            {"name": "config", "configMap": {"name": config_name}},
+                            {"name": "istio-token", "projected": {"sources": [{"serviceAccountToken": {
+                                "audience": self.cfg.token_audience, "expirationSeconds": 43200, "path": "istio-token"}}]}},
+                            {"name": "istio-root", "configMap": {"name": ROOT_CONFIGMAP}},
+                        ],
+                    },
+                },
+            },
+        })
+    }
+
+    /// Deletes what we made for Gateways that are gone (Kubernetes' garbage
+    /// collector does the same through the owner references; this covers
+    /// a Gateway that only changed class, and clusters where it lags).
+    async fn remove_orphans(&mut self, wanted: &BTreeSet<(String, String)>, report: &mut Report) {
+        let client = self.client.clone();
+        self.sweep(
+            Api::<Deployment>::all(client.clone()),
+            "Deployment",
+            wanted,
+            report,
+        )
+        .await;
+        self.sweep(
+            Api::<Service>::all(client.clone()),
+            "Service",
+            wanted,
+            report,
+        )
+        .await;
+        self.sweep(
+            Api::<ConfigMap>::all(client.clone()),
+            "ConfigMap",
+            wanted,
+            report,
+        )
+        .await;
+        self.sweep(
+            Api::<ServiceAccount>::all(client),
+            "ServiceAccount",
+            wanted,
+            report,
+        )
+        .await;
+    }
+
+    async fn sweep<K>(
+        &mut self,
+        all: Api<K>,
+        kind: &str,
+        wanted: &BTreeSet<(String, String)>,
+        report: &mut Report,
+    ) where
+        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
+            + Clone
+            + DeserializeOwned
+            + Debug,
+    {
+        let selector = format!("{}={},{GATEWAY_NAME_LABEL}", MANAGED_BY.0, MANAGED_BY.1);
+        let list = match all.list(&ListParams::default().labels(&selector)).await {
+            Ok(l) => l,
+            Err(e) => {
+                report.errors.push(format!("listing {kind}s: {e}"));
+                return;
+            }
+        };
+        for o in list.items {
+            let ns = o.namespace().unwrap_or_default();
+            let gw = o
+                .labels()
+                .get(GATEWAY_NAME_LABEL)
+                .cloned()
+                .unwrap_or_default();
+            if wanted.contains(&(ns.clone(), gw.clone())) {
+                continue;
+            }
+            let name = o.name_any();
+            let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
+            match api.delete(&name, &DeleteParams::background()).await {
+                Ok(_) => {
+                    info!(kind, namespace = %ns, name = %name, gateway = %gw, "removed: its waypoint Gateway is gone");
+                    self.applied.remove(&format!("{kind}/{ns}/{name}"));
+                    report.deleted += 1;
+                }
+                Err(e) if super::status_code(&e) == Some(404) => {}
+                Err(e) => report
+                    .errors
+                    .push(format!("deleting {kind} {ns}/{name}: {e}")),
+            }
+        }
+    }
+
+    async fn gateway_status(
+        &mut self,
+        wp: &WaypointView,
+        problem: Option<String>,
+        report: &mut Report,
+    ) -> Result<(), String> {
+        let g = &wp.gateway;
+        let ns = g.namespace().unwrap_or_default();
+        let name = g.name_any();
+        let generation = g.metadata.generation;
+        let (programmed, reason, message) = match (&problem, &wp.cluster_ip) {
+            (Some(p), _) => ("False", "Invalid", p.clone()),
+            (None, None) => (
+                "False",
+                "Pending",
+                format!("waiting for Service {ns}/{name} to get a cluster IP"),
+            ),
+            (None, Some(ip)) => (
+                "True",
+                "Programmed",
+                format!("deployed; reached at {ip}:15008 ({name}.{ns}.svc)"),
+            ),
+        };
+        let want = vec![
+            condition(
+                "Accepted",
+                "True",
+                "Accepted",
+                "accepted by istiod-lite",
+                generation,
+            ),
+            condition("Programmed", programmed, reason, &message, generation),
+        ];
+        let current = serde_json::to_value(&g.status).unwrap_or(Value::Null);
+        let current_conditions = current["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        let addresses: Vec<Value> = wp
+            .cluster_ip
+            .iter()
+            .map(|ip| json!({"type": "IPAddress", "value": ip}))
+            .collect();
+        let same_addresses =
+            current["addresses"].as_array().cloned().unwrap_or_default() == addresses;
+        if same_addresses && same_conditions(&current_conditions, &want) {
+            return Ok(());
+        }
+        let conditions = with_times(&current_conditions, want);
+        let mut status = json!({"conditions": conditions});
+        if !addresses.is_empty() {
+            status["addresses"] = json!(addresses);
+        }
+        let api: Api<Gateway> = Api::namespaced(self.client.clone(), &ns);
+        let patch = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "Gateway",
+            "metadata": {"name": name, "namespace": ns},
+            "status": status,
+        });
+        api.patch_status(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| format!("writing the status of Gateway {ns}/{name}: {e}"))?;
+        report.statuses += 1;
+        Ok(())
+    }
+
+    async fn policy_status(&mut self, p: &PolicyView, report: &mut Report) -> Result<(), String> {
+        let (ns, name) = &p.key;
+        let want = PolicyCondition {
+            observed_generation: p.generation,
+            ..p.want.clone()
+        };
+        let current: Vec<PolicyCondition> = p
+            .current
+            .as_ref()
+            .map(|s| s.conditions.clone())
+            .unwrap_or_default();
+        let held = current.iter().find(|c| c.type_ == want.type_);
+        let unchanged = held.is_some_and(|c| {
+            (
+                c.status.as_str(),
+                c.reason.as_str(),
+                c.message.as_str(),
+                c.observed_generation,
+            ) == (
+                want.status.as_str(),
+                want.reason.as_str(),
+                want.message.as_str(),
+                want.observed_generation,
+            )
+        });
+        if unchanged && current.len() == 1 {
+            return Ok(());
+        }
+        let since = held
+            .filter(|c| c.status == want.status)
+            .and_then(|c| c.last_transition_time.clone())
+            .unwrap_or_else(now_rfc3339);
+        let cond = PolicyCondition {
+            last_transition_time: Some(since),
+            ..want
+        };
+        if cond.reason != "Accepted" {
+            warn!(policy = %format!("{ns}/{name}"), condition = %cond.type_, reason = %cond.reason, message = %cond.message, "policy status");
+        }
+        let api: Api<AuthorizationPolicy> = Api::namespaced(self.client.clone(), ns);
+        let patch = json!({
+            "apiVersion": "security.istio.io/v1",
+            "kind": "AuthorizationPolicy",
+            "metadata": {"name": name, "namespace": ns},
+            "status": {"conditions": [cond]},
+        });
+        api.patch_status(
+            name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&patch),
+        )
+        .await
+        .map_err(|e| format!("writing the status of AuthorizationPolicy {ns}/{name}: {e}"))?;
+        report.statuses += 1;
+        Ok(())
+    }
+
+    /// The leader's loop: reconcile on every applied change (at most once
+    /// per `min_interval`) and on every resync; stop writing the moment the
+    /// Lease is lost, even mid-reconcile.
+    pub async fn run(
+        mut self,
+        hub: Arc<Hub>,
+        mut leader: watch::Receiver<bool>,
+        stop: CancellationToken,
+    ) {
+        let mut changes = hub.applied();
+        // A partial model would look like Gateways were deleted.
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = hub.wait_ready() => {}
+        }
+        loop {
+            while !*leader.borrow_and_update() {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    r = leader.changed() => if r.is_err() { return },
+                }
+            }
+            // A new term: what a previous leader (or term) applied may
+            // have changed since.
+            self.applied.clear();
+            let mut resync = tokio::time::Instant::now() + self.cfg.resync;
+            loop {
+                let view = hub.model().cluster_view();
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = leader.changed() => {}
+                    report = self.reconcile(&view) => {
+                        for e in &report.errors {
+                            warn!(error = %e, "cluster write");
+                        }
+                        if report.applied + report.deleted + report.statuses > 0 {
+                            info!(applied = report.applied, deleted = report.deleted, statuses = report.statuses, "reconciled");
+                        }
+                    }
+                }
+                if !*leader.borrow() {
+                    break;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = leader.changed() => {}
+                    r = changes.changed() => if r.is_err() { return },
+                    _ = tokio::time::sleep_until(resync) => {
+                        self.applied.clear();
+                        resync = tokio::time::Instant::now() + self.cfg.resync;
+                    }
+                }
+                if !*leader.borrow() {
+                    break;
+                }
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tokio::time::sleep(self.cfg.min_interval) => {}
+                }
+            }
+        }
+    }
+}
+
+fn service_ports(g: &Gateway) -> Value {
+    let mut ports: Vec<Value> = g
+        .spec
+        .listeners
+        .iter()
+        .map(|l| json!({"name": l.name, "port": l.port, "protocol": "TCP"}))
+        .collect();
+    if !g.spec.listeners.iter().any(|l| l.port == 15021) {
+        ports.push(json!({"name": "status-port", "port": 15021, "protocol": "TCP"}));
+    }
+    json!(ports)
+}
+
+fn condition(
+    type_: &str,
+    status: &str,
+    reason: &str,
+    message: &str,
+    generation: Option<i64>,
+) -> Value {
+    let mut c = json!({"type": type_, "status": status, "reason": reason, "message": message});
+    if let Some(g) = generation {
+        c["observedGeneration"] = json!(g);
+    }
+    c
+}
+
+fn same_conditions(current: &[Value], want: &[Value]) -> bool {
+    let strip = |c: &Value| {
+        let mut c = c.clone();
+        if let Some(o) = c.as_object_mut() {
+            o.remove("lastTransitionTime");
+        }
+        c
+    };
+    current.len() == want.len() && want.iter().all(|w| current.iter().any(|c| strip(c) == *w))
+}
+
+/// Sets lastTransitionTime: kept from the current condition of the same
+/// type when its status did not change, now otherwise.
+fn with_times(current: &[Value], want: Vec<Value>) -> Vec<Value> {
+    let now = now_rfc3339();
+    want.into_iter()
+        .map(|mut w| {
+            let kept = current
+                .iter()
+                .find(|c| c["type"] == w["type"] && c["status"] == w["status"])
+                .and_then(|c| c["lastTransitionTime"].as_str().map(str::to_string));
+            w["lastTransitionTime"] = json!(kept.unwrap_or_else(|| now.clone()));
+            w
+        })
+        .collect()
+}

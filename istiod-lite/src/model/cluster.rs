@@ -1,0 +1,158 @@
+//! What cluster mode writes back, read from the model: the namespaces that
+//! need the root ConfigMap, the waypoint Gateways to deploy, and each
+//! policy's status. A snapshot of owned data, so the writer holds no lock
+//! while it talks to the API server.
+
+use std::collections::BTreeSet;
+
+use gateway_api::apis::standard::gateways::Gateway;
+
+use super::workload::labels;
+use super::{DATAPLANE_MODE, Model, NsName, WAYPOINT_CLASS};
+use crate::config::crds::{PolicyCondition, PolicyStatus};
+
+/// Istio's condition types on an AuthorizationPolicy.
+pub const ZTUNNEL_ACCEPTED: &str = "ZtunnelAccepted";
+pub const WAYPOINT_ACCEPTED: &str = "WaypointAccepted";
+
+/// One waypoint Gateway and what its Service currently has.
+#[derive(Debug, Clone)]
+pub struct WaypointView {
+    pub gateway: Gateway,
+    /// The cluster IP of the Service named after the Gateway, once assigned.
+    pub cluster_ip: Option<String>,
+}
+
+/// A policy, the status it should have and the one it has.
+#[derive(Debug, Clone)]
+pub struct PolicyView {
+    pub key: NsName,
+    pub generation: Option<i64>,
+    pub want: PolicyCondition,
+    pub current: Option<PolicyStatus>,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct ClusterView {
+    pub root_namespace: String,
+    /// Namespaces labelled into the mesh, plus the root namespace.
+    pub root_cert_namespaces: BTreeSet<String>,
+    pub waypoints: Vec<WaypointView>,
+    pub policies: Vec<PolicyView>,
+}
+
+impl Model {
+    pub fn cluster_view(&self) -> ClusterView {
+        let mut root_cert_namespaces: BTreeSet<String> = self
+            .namespaces
+            .iter()
+            .filter(|(_, n)| {
+                labels(&n.metadata).get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+            })
+            .map(|(name, _)| name.clone())
+            .collect();
+        root_cert_namespaces.insert(self.cfg.root_namespace.clone());
+        let waypoints = self
+            .gateways
+            .iter()
+            .filter(|(_, g)| g.spec.gateway_class_name == WAYPOINT_CLASS)
+            .map(|(k, g)| WaypointView {
+                gateway: g.clone(),
+                cluster_ip: self
+                    .services
+                    .get(k)
+                    .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
+                    .filter(|ip| !ip.is_empty() && ip != "None"),
+            })
+            .collect();
+        let policies = self
+            .authz_policies
+            .iter()
+            .map(|(k, p)| {
+                let label = format!("AuthorizationPolicy/{}/{}", k.0, k.1);
+                let reasons: Vec<String> = self
+                    .issues
+                    .get(&label)
+                    .map(|v| v.iter().map(|i| i.reason.clone()).collect())
+                    .unwrap_or_default();
+                PolicyView {
+                    key: k.clone(),
+                    generation: p.metadata.generation,
+                    want: policy_condition(p.spec.has_targets(), &reasons),
+                    current: p.status.clone(),
+                }
+            })
+            .collect();
+        ClusterView {
+            root_namespace: self.cfg.root_namespace.clone(),
+            root_cert_namespaces,
+            waypoints,
+            policies,
+        }
+    }
+
+    /// The node a pod runs on, when the pod with that uid is known: how a
+    /// pod-bound service-account token is tied to its node.
+    pub fn pod_node(&self, namespace: &str, name: &str, uid: &str) -> Option<String> {
+        let p = self.pods.get(&(namespace.to_string(), name.to_string()))?;
+        if p.metadata.uid.as_deref() != Some(uid) {
+            return None;
+        }
+        p.spec.as_ref()?.node_name.clone()
+    }
+}
+
+/// The condition Istio writes: accepted, accepted with a warning (the
+/// ztunnel drops L7 rules of an ALLOW), or not accepted at all.
+fn policy_condition(for_waypoint: bool, reasons: &[String]) -> PolicyCondition {
+    let (type_, attached) = if for_waypoint {
+        (WAYPOINT_ACCEPTED, "attached to waypoint")
+    } else {
+        (ZTUNNEL_ACCEPTED, "attached to ztunnel")
+    };
+    let (status, reason, message) = if reasons.is_empty() {
+        ("True", "Accepted", attached.to_string())
+    } else if reasons
+        .iter()
+        .any(|r| r.contains("ignored") && r.contains("policy"))
+    {
+        ("False", "Invalid", reasons.join("; "))
+    } else {
+        ("True", "UnsupportedValue", reasons.join("; "))
+    };
+    PolicyCondition {
+        type_: type_.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message,
+        ..PolicyCondition::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn conditions_follow_the_issues() {
+        let ok = policy_condition(false, &[]);
+        assert_eq!(
+            (ok.type_.as_str(), ok.status.as_str()),
+            ("ZtunnelAccepted", "True")
+        );
+        let l7 = policy_condition(
+            false,
+            &["rule 0 has L7 fields a ztunnel cannot check; it never matches at the ztunnel (use a waypoint)".into()],
+        );
+        assert_eq!(l7.reason, "UnsupportedValue");
+        assert!(l7.message.contains("rule 0 has L7 fields"));
+        let bad = policy_condition(
+            true,
+            &["action Custom is not supported; the policy is ignored".into()],
+        );
+        assert_eq!(
+            (bad.type_.as_str(), bad.status.as_str(), bad.reason.as_str()),
+            ("WaypointAccepted", "False", "Invalid")
+        );
+    }
+}

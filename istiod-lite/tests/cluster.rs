@@ -1,0 +1,949 @@
+//! Cluster mode without a cluster: the CA Secret, the Lease, TokenReview and
+//! the leader's writes against an HTTP server that answers as the API server
+//! does (objects with resourceVersions; 404 NotFound, 409 AlreadyExists and
+//! 409 Conflict as Status objects; server-side apply; label selectors), with
+//! faults injected where a test needs the API server to refuse.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use hyper::service::service_fn;
+use hyper_util::rt::TokioIo;
+use istiod_lite::cluster::ca_secret::load_or_create;
+use istiod_lite::cluster::lease::{Elector, LeaseConfig};
+use istiod_lite::cluster::tokenreview::{ReviewConfig, TokenReviewer};
+use istiod_lite::cluster::writer::{Writer, WriterConfig};
+use istiod_lite::config::objects::{Change, Object};
+use istiod_lite::model::{Model, ModelConfig};
+use istiod_lite::xds::Hub;
+use serde_json::{Value, json};
+use tokio_util::sync::CancellationToken;
+
+/// One request as the fake saw it.
+#[derive(Debug, Clone)]
+struct Seen {
+    /// Which listener (replica) it came through.
+    via: &'static str,
+    method: String,
+    path: String,
+    status: u16,
+}
+
+/// A refusal to inject: requests matching `method` and `path_contains` (and,
+/// when set, whose body contains `body_contains`) get `status`, `times`
+/// times (None: always).
+#[derive(Debug, Clone)]
+struct Fault {
+    method: &'static str,
+    path_contains: String,
+    body_contains: Option<String>,
+    status: u16,
+    times: Option<usize>,
+}
+
+#[derive(Default)]
+struct State {
+    objects: BTreeMap<String, Value>,
+    rv: u64,
+    log: Vec<Seen>,
+    faults: Vec<Fault>,
+    /// token -> TokenReview status
+    reviews: BTreeMap<String, Value>,
+}
+
+type Shared = Arc<Mutex<State>>;
+
+fn status_body(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+           "message": message, "reason": reason, "code": code})
+}
+
+/// `/api/v1[/namespaces/NS]/PLURAL[/NAME[/status]]` or the same under
+/// `/apis/GROUP/VERSION`: (prefix, namespace, plural, name, status).
+fn parse(path: &str) -> (String, Option<String>, String, Option<String>, bool) {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let (prefix, rest) = if segs.first() == Some(&"api") {
+        (format!("/{}/{}", segs[0], segs[1]), &segs[2..])
+    } else {
+        (format!("/{}/{}/{}", segs[0], segs[1], segs[2]), &segs[3..])
+    };
+    let (ns, rest) = if rest.first() == Some(&"namespaces") && rest.len() >= 3 {
+        (Some(rest[1].to_string()), &rest[2..])
+    } else {
+        (None, rest)
+    };
+    (
+        prefix,
+        ns,
+        rest[0].to_string(),
+        rest.get(1).map(|s| s.to_string()),
+        rest.get(2) == Some(&"status"),
+    )
+}
+
+fn merge(into: &mut Value, patch: &Value) {
+    match (into, patch) {
+        (Value::Object(a), Value::Object(b)) => {
+            for (k, v) in b {
+                merge(a.entry(k.clone()).or_insert(Value::Null), v);
+            }
+        }
+        (a, b) => *a = b.clone(),
+    }
+}
+
+fn selects(selector: &str, labels: &Value) -> bool {
+    selector
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .all(|term| match term.split_once('=') {
+            Some((k, v)) => labels[k] == json!(v),
+            None => !labels[term].is_null(),
+        })
+}
+
+fn handle(st: &mut State, method: &str, path: &str, query: &str, body: &Value) -> (u16, Value) {
+    if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        let token = body["spec"]["token"].as_str().unwrap_or_default();
+        let status = st
+            .reviews
+            .get(token)
+            .cloned()
+            .unwrap_or(json!({"authenticated": false, "error": "invalid bearer token"}));
+        let mut out = body.clone();
+        out["status"] = status;
+        return (201, out);
+    }
+    let (prefix, ns, plural, name, status) = parse(path);
+    let coll = match &ns {
+        Some(ns) => format!("{prefix}/namespaces/{ns}/{plural}"),
+        None => format!("{prefix}/{plural}"),
+    };
+    st.rv += 1;
+    let rv = st.rv.to_string();
+    match (method, name) {
+        ("GET", None) => {
+            let selector = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("labelSelector="))
+                .map(|s| {
+                    s.replace("%3D", "=")
+                        .replace("%2C", ",")
+                        .replace("%2F", "/")
+                })
+                .unwrap_or_default();
+            let items: Vec<Value> = st
+                .objects
+                .iter()
+                .filter(|(k, _)| {
+                    let (p, kns, kplural, _, _) = parse(k);
+                    p == prefix && kplural == plural && (ns.is_none() || kns == ns)
+                })
+                .map(|(_, v)| v.clone())
+                .filter(|v| selects(&selector, &v["metadata"]["labels"]))
+                .collect();
+            (
+                200,
+                json!({"kind": "List", "apiVersion": "v1", "metadata": {"resourceVersion": rv}, "items": items}),
+            )
+        }
+        ("GET", Some(name)) => match st.objects.get(&format!("{coll}/{name}")) {
+            Some(o) => (200, o.clone()),
+            None => (
+                404,
+                status_body(404, "NotFound", &format!("{plural} \"{name}\" not found")),
+            ),
+        },
+        ("POST", None) => {
+            let name = body["metadata"]["name"]
+                .as_str()
+                .unwrap_or_default()
+                .to_string();
+            let key = format!("{coll}/{name}");
+            if st.objects.contains_key(&key) {
+                return (
+                    409,
+                    status_body(
+                        409,
+                        "AlreadyExists",
+                        &format!("{plural} \"{name}\" already exists"),
+                    ),
+                );
+            }
+            let mut o = body.clone();
+            o["metadata"]["resourceVersion"] = json!(rv);
+            o["metadata"]["uid"] = json!(format!("uid-{name}-{rv}"));
+            if let Some(ns) = &ns {
+                o["metadata"]["namespace"] = json!(ns);
+            }
+            st.objects.insert(key, o.clone());
+            (201, o)
+        }
+        ("PUT", Some(name)) => {
+            let key = format!("{coll}/{name}");
+            let Some(cur) = st.objects.get(&key) else {
+                return (
+                    404,
+                    status_body(404, "NotFound", &format!("{plural} \"{name}\" not found")),
+                );
+            };
+            if body["metadata"]["resourceVersion"] != cur["metadata"]["resourceVersion"] {
+                return (
+                    409,
+                    status_body(
+                        409,
+                        "Conflict",
+                        &format!(
+                            "Operation cannot be fulfilled on {plural} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                        ),
+                    ),
+                );
+            }
+            let mut o = body.clone();
+            o["metadata"]["resourceVersion"] = json!(rv);
+            st.objects.insert(key, o.clone());
+            (200, o)
+        }
+        ("PATCH", Some(name)) => {
+            let key = format!("{coll}/{name}");
+            let existing = st.objects.get(&key).cloned();
+            if status && existing.is_none() {
+                return (
+                    404,
+                    status_body(404, "NotFound", &format!("{plural} \"{name}\" not found")),
+                );
+            }
+            let mut o =
+                existing.unwrap_or(json!({"metadata": {"uid": format!("uid-{name}-{rv}")}}));
+            let mut patch = body.clone();
+            if status {
+                patch = json!({"status": body["status"]});
+            } else if let Some(m) = patch.get_mut("metadata").and_then(Value::as_object_mut) {
+                // Lists in metadata are replaced whole by this fake.
+                let _ = m;
+            }
+            merge(&mut o, &patch);
+            o["metadata"]["resourceVersion"] = json!(rv);
+            st.objects.insert(key, o.clone());
+            (200, o)
+        }
+        ("DELETE", Some(name)) => match st.objects.remove(&format!("{coll}/{name}")) {
+            Some(_) => (
+                200,
+                json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+            ),
+            None => (
+                404,
+                status_body(404, "NotFound", &format!("{plural} \"{name}\" not found")),
+            ),
+        },
+        _ => (
+            405,
+            status_body(405, "MethodNotAllowed", "not supported by the fake"),
+        ),
+    }
+}
+
+/// Serves the shared state on a new port, tagging requests with `via`.
+async fn serve(state: Shared, via: &'static str) -> kube::Client {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let state = state.clone();
+            tokio::spawn(async move {
+                let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
+                    let state = state.clone();
+                    async move {
+                        let method = req.method().to_string();
+                        let path = req.uri().path().to_string();
+                        let query = req.uri().query().unwrap_or("").to_string();
+                        let bytes = req
+                            .into_body()
+                            .collect()
+                            .await
+                            .map(|b| b.to_bytes())
+                            .unwrap_or_default();
+                        let body: Value = serde_json::from_slice(&bytes)
+                            .or_else(|_| serde_yaml::from_slice(&bytes))
+                            .unwrap_or(Value::Null);
+                        let mut st = state.lock().unwrap();
+                        let text = body.to_string();
+                        let fault = st.faults.iter_mut().find(|f| {
+                            f.method == method
+                                && path.contains(&f.path_contains)
+                                && f.body_contains
+                                    .as_ref()
+                                    .is_none_or(|b| text.contains(b.as_str()))
+                                && f.times != Some(0)
+                        });
+                        let (status, out) = match fault {
+                            Some(f) => {
+                                if let Some(n) = f.times.as_mut() {
+                                    *n -= 1;
+                                }
+                                let reason = match f.status {
+                                    404 => "NotFound",
+                                    409 => "Conflict",
+                                    _ => "InternalError",
+                                };
+                                (
+                                    f.status,
+                                    status_body(f.status, reason, "injected by the test"),
+                                )
+                            }
+                            None => handle(&mut st, &method, &path, &query, &body),
+                        };
+                        st.log.push(Seen {
+                            via,
+                            method,
+                            path,
+                            status,
+                        });
+                        let mut resp =
+                            hyper::Response::new(Full::new(Bytes::from(out.to_string())));
+                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        resp.headers_mut()
+                            .insert("content-type", "application/json".parse().unwrap());
+                        Ok::<_, Infallible>(resp)
+                    }
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(tcp), svc)
+                    .await;
+            });
+        }
+    });
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    kube::Client::try_from(config).unwrap()
+}
+
+fn writes(st: &State, via: &str) -> Vec<Seen> {
+    st.log
+        .iter()
+        .filter(|s| s.via == via && s.method != "GET" && !s.path.contains("/leases"))
+        .cloned()
+        .collect()
+}
+
+fn yaml(text: &str) -> Value {
+    serde_yaml::from_str(text).unwrap()
+}
+
+fn upsert(v: Value) -> Change {
+    Change::Upsert(Object::parse(v).unwrap().unwrap())
+}
+
+const SHOP_NS: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n";
+const GATEWAY: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: shop, uid: gw-uid-1, generation: 2}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n";
+const L7_POLICY: &str = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: get-only, namespace: shop, generation: 1}\nspec:\n  selector: {matchLabels: {app: web}}\n  action: ALLOW\n  rules: [{to: [{operation: {methods: [GET]}}]}]\n";
+
+fn writer_config() -> WriterConfig {
+    WriterConfig {
+        waypoint_image: "ghcr.io/mesh-dev/waypoint:test".into(),
+        ca_address: "https://istiod-lite.istio-system.svc:15012".into(),
+        ca_server_name: "istiod-lite.istio-system.svc".into(),
+        trust_domain: "cluster.local".into(),
+        token_audience: "istio-ca".into(),
+        resync: Duration::from_secs(3600),
+        min_interval: Duration::from_millis(20),
+    }
+}
+
+#[tokio::test]
+async fn replicas_racing_to_create_the_ca_secret_agree_on_one_root() {
+    ztunnel::tls::install_default_provider();
+    let state = Shared::default();
+    // Both replicas see no Secret, both create: one gets 409 AlreadyExists.
+    state.lock().unwrap().faults.push(Fault {
+        method: "GET",
+        path_contains: "/secrets/istio-ca-secret".into(),
+        body_contains: None,
+        status: 404,
+        times: Some(2),
+    });
+    let a = serve(state.clone(), "a").await;
+    let b = serve(state.clone(), "b").await;
+    let api_a = kube::Api::namespaced(a, "istio-system");
+    let api_b = kube::Api::namespaced(b, "istio-system");
+    let (ra, rb) = tokio::join!(
+        load_or_create(&api_a, "istio-ca-secret", "cluster.local"),
+        load_or_create(&api_b, "istio-ca-secret", "cluster.local"),
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert_eq!(ra, rb, "both replicas must sign with the same root");
+    {
+        let st = state.lock().unwrap();
+        let creates: Vec<u16> = st
+            .log
+            .iter()
+            .filter(|s| s.method == "POST")
+            .map(|s| s.status)
+            .collect();
+        assert_eq!(
+            creates.iter().filter(|c| **c == 201).count(),
+            1,
+            "{creates:?}"
+        );
+        assert!(creates.contains(&409), "{creates:?}");
+        let stored = &st.objects["/api/v1/namespaces/istio-system/secrets/istio-ca-secret"];
+        assert_eq!(stored["type"], "istio.io/ca-root");
+    }
+
+    // A restart reads the same root back.
+    let again = load_or_create(&api_a, "istio-ca-secret", "cluster.local")
+        .await
+        .unwrap();
+    assert_eq!(again, ra);
+}
+
+#[tokio::test]
+async fn a_damaged_ca_secret_is_reported_and_never_overwritten() {
+    ztunnel::tls::install_default_provider();
+    let state = Shared::default();
+    let cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
+    state.lock().unwrap().objects.insert(
+        "/api/v1/namespaces/istio-system/secrets/istio-ca-secret".into(),
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "istio-ca-secret", "namespace": "istio-system", "resourceVersion": "1"},
+               "data": {"ca-cert.pem": base64(cert)}}),
+    );
+    let client = serve(state.clone(), "a").await;
+    let api = kube::Api::namespaced(client, "istio-system");
+    let err = load_or_create(&api, "istio-ca-secret", "cluster.local")
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("ca-key.pem"), "{err}");
+    assert!(err.to_string().contains("istio-ca-secret"), "{err}");
+    let st = state.lock().unwrap();
+    assert!(st.log.iter().all(|s| s.method == "GET"), "{:?}", st.log);
+}
+
+fn base64(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16
+            | (*c.get(1).unwrap_or(&0) as u32) << 8
+            | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i) & 63) as usize] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
+
+fn quick_lease(identity: &str) -> LeaseConfig {
+    LeaseConfig {
+        lease_duration: Duration::from_millis(1200),
+        renew_every: Duration::from_millis(200),
+        renew_deadline: Duration::from_millis(800),
+        retry_every: Duration::from_millis(100),
+        ..LeaseConfig::new("istiod-lite", identity)
+    }
+}
+
+#[tokio::test]
+async fn a_lease_conflict_leaves_the_loser_a_follower() {
+    let state = Shared::default();
+    let a = serve(state.clone(), "a").await;
+    let b = serve(state.clone(), "b").await;
+    let mut ea = Elector::new(kube::Api::namespaced(a, "istio-system"), quick_lease("a"));
+    let mut eb = Elector::new(kube::Api::namespaced(b, "istio-system"), quick_lease("b"));
+    assert!(
+        ea.try_acquire_or_renew().await.unwrap(),
+        "the first replica creates the Lease"
+    );
+    assert!(
+        !eb.try_acquire_or_renew().await.unwrap(),
+        "the Lease is held"
+    );
+    // A renewal that races another writer gets 409 Conflict: not the leader.
+    state.lock().unwrap().faults.push(Fault {
+        method: "PUT",
+        path_contains: "/leases/istiod-lite".into(),
+        body_contains: None,
+        status: 409,
+        times: Some(1),
+    });
+    assert!(!ea.try_acquire_or_renew().await.unwrap());
+    assert!(
+        ea.try_acquire_or_renew().await.unwrap(),
+        "the next round renews"
+    );
+    let st = state.lock().unwrap();
+    let lease =
+        &st.objects["/apis/coordination.k8s.io/v1/namespaces/istio-system/leases/istiod-lite"];
+    assert_eq!(lease["spec"]["holderIdentity"], "a");
+}
+
+async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
+    for _ in 0..200 {
+        if f() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("timed out waiting for {what}");
+}
+
+/// Two replicas, each with its own model fed the same objects, electing
+/// through one Lease: only the leader writes; when it loses the Lease it
+/// stops writing and the other replica takes over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_leader_writes_and_a_replica_that_loses_the_lease_stops() {
+    ztunnel::tls::install_default_provider();
+    let state = Shared::default();
+    let stop = CancellationToken::new();
+    let mut replicas = Vec::new();
+    for via in ["a", "b"] {
+        let client = serve(state.clone(), via).await;
+        let hub = Hub::new(Model::new(ModelConfig::default()));
+        hub.apply(vec![upsert(yaml(SHOP_NS))]);
+        hub.set_ready();
+        let elector = Elector::new(
+            kube::Api::namespaced(client.clone(), "istio-system"),
+            quick_lease(via),
+        );
+        let leader = elector.subscribe();
+        tokio::spawn(elector.run(stop.clone()));
+        let writer = Writer::new(client, writer_config(), "ROOT PEM".into());
+        tokio::spawn(writer.run(hub.clone(), leader.clone(), stop.clone()));
+        replicas.push((via, hub, leader));
+    }
+    let leader_of = |r: &Vec<(&'static str, Arc<Hub>, tokio::sync::watch::Receiver<bool>)>| {
+        r.iter()
+            .filter(|(_, _, l)| *l.borrow())
+            .map(|(v, _, _)| *v)
+            .collect::<Vec<_>>()
+    };
+    wait_for("a leader", || leader_of(&replicas).len() == 1).await;
+    let first = leader_of(&replicas)[0];
+    let other = if first == "a" { "b" } else { "a" };
+    wait_for("the leader's root ConfigMaps", || {
+        let st = state.lock().unwrap();
+        st.objects
+            .contains_key("/api/v1/namespaces/shop/configmaps/istio-ca-root-cert")
+            && st
+                .objects
+                .contains_key("/api/v1/namespaces/istio-system/configmaps/istio-ca-root-cert")
+    })
+    .await;
+    {
+        let st = state.lock().unwrap();
+        assert!(!writes(&st, first).is_empty());
+        assert!(
+            writes(&st, other).is_empty(),
+            "a follower wrote: {:?}",
+            writes(&st, other)
+        );
+        let cm = &st.objects["/api/v1/namespaces/shop/configmaps/istio-ca-root-cert"];
+        assert_eq!(cm["data"]["root-cert.pem"], "ROOT PEM");
+    }
+
+    // The leader's renewals now fail with 409 (another writer got there):
+    // it steps down at once, and the other replica takes over once the
+    // Lease has not changed for its duration.
+    state.lock().unwrap().faults.push(Fault {
+        method: "PUT",
+        path_contains: "/leases/istiod-lite".into(),
+        body_contains: Some(format!("\"holderIdentity\":\"{first}\"")),
+        status: 409,
+        times: None,
+    });
+    let idx = |r: &Vec<(&'static str, Arc<Hub>, tokio::sync::watch::Receiver<bool>)>, v: &str| {
+        r.iter().position(|(x, _, _)| *x == v).unwrap()
+    };
+    let (fi, oi) = (idx(&replicas, first), idx(&replicas, other));
+    wait_for("the old leader to step down", || !*replicas[fi].2.borrow()).await;
+    let writes_before = writes(&state.lock().unwrap(), first).len();
+    wait_for("the other replica to take over", || {
+        *replicas[oi].2.borrow()
+    })
+    .await;
+
+    // A namespace joins the mesh: only the new leader writes its ConfigMap.
+    let late = "apiVersion: v1\nkind: Namespace\nmetadata: {name: late, labels: {istio.io/dataplane-mode: ambient}}\n";
+    for (_, hub, _) in &replicas {
+        hub.apply(vec![upsert(yaml(late))]);
+    }
+    wait_for("the new leader's write", || {
+        state
+            .lock()
+            .unwrap()
+            .objects
+            .contains_key("/api/v1/namespaces/late/configmaps/istio-ca-root-cert")
+    })
+    .await;
+    let st = state.lock().unwrap();
+    assert_eq!(
+        writes(&st, first).len(),
+        writes_before,
+        "the replica that lost the Lease kept writing"
+    );
+    assert!(
+        writes(&st, other)
+            .iter()
+            .any(|s| s.path.contains("/namespaces/late/"))
+    );
+    drop(st);
+    stop.cancel();
+}
+
+#[tokio::test]
+async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
+    ztunnel::tls::install_default_provider();
+    let state = Shared::default();
+    let review = |sa: &str, pod: &str, uid: &str, node: Option<&str>| {
+        let mut extra = json!({
+            "authentication.kubernetes.io/pod-name": [pod],
+            "authentication.kubernetes.io/pod-uid": [uid],
+        });
+        if let Some(n) = node {
+            extra["authentication.kubernetes.io/node-name"] = json!([n]);
+        }
+        json!({"authenticated": true, "audiences": ["istio-ca"],
+               "user": {"username": format!("system:serviceaccount:{sa}"), "extra": extra}})
+    };
+    {
+        let mut st = state.lock().unwrap();
+        st.reviews.insert(
+            "zt".into(),
+            review("istio-system:ztunnel", "ztunnel-x", "u-zt", None),
+        );
+        st.reviews.insert(
+            "wp".into(),
+            review("shop:wp", "wp-0", "u-wp", Some("node-2")),
+        );
+        st.reviews.insert(
+            "liar".into(),
+            review("shop:wp", "wp-0", "u-wp", Some("node-9")),
+        );
+        st.reviews
+            .insert("stale".into(), review("shop:wp", "wp-0", "u-old", None));
+        st.reviews.insert(
+            "unbound".into(),
+            json!({"authenticated": true, "audiences": ["istio-ca"],
+            "user": {"username": "system:serviceaccount:shop:wp"}}),
+        );
+        st.reviews.insert(
+            "human".into(),
+            json!({"authenticated": true, "audiences": ["istio-ca"],
+            "user": {"username": "alice@example.com"}}),
+        );
+        st.reviews.insert(
+            "other-aud".into(),
+            json!({"authenticated": true, "audiences": ["vault"],
+            "user": {"username": "system:serviceaccount:shop:wp"}}),
+        );
+    }
+    let client = serve(state.clone(), "a").await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    let pod = |ns: &str, name: &str, uid: &str, sa: &str, node: &str| {
+        yaml(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: {uid}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.0.0.{}}}\n",
+            name.len()
+        ))
+    };
+    hub.apply(vec![
+        upsert(pod(
+            "istio-system",
+            "ztunnel-x",
+            "u-zt",
+            "ztunnel",
+            "node-1",
+        )),
+        upsert(pod("shop", "wp-0", "u-wp", "wp", "node-2")),
+    ]);
+    let reviewer = TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        hub,
+    );
+    use istiod_lite::ca::auth::Authenticator;
+    let auth = |token: &str| {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        md
+    };
+    let zt = reviewer.authenticate(&auth("zt")).await.unwrap();
+    assert_eq!((zt.node.as_str(), zt.only.is_none()), ("node-1", true));
+    let wp = reviewer.authenticate(&auth("wp")).await.unwrap();
+    assert_eq!(wp.node, "node-2");
+    assert_eq!(
+        wp.only.unwrap().to_string(),
+        "spiffe://cluster.local/ns/shop/sa/wp"
+    );
+    for (token, says) in [
+        ("liar", "names node \"node-9\""),
+        ("stale", "is not known"),
+        ("unbound", "not bound to a pod"),
+        ("human", "not a service account"),
+        ("other-aud", "not for audience \"istio-ca\""),
+        ("nobody", "invalid bearer token"),
+    ] {
+        let err = reviewer.authenticate(&auth(token)).await.unwrap_err();
+        assert!(err.contains(says), "{token}: {err}");
+    }
+    let err = reviewer
+        .authenticate(&tonic::metadata::MetadataMap::new())
+        .await
+        .unwrap_err();
+    assert!(err.contains("no authorization header"), "{err}");
+    // A second call within the cache window costs no review.
+    let before = state.lock().unwrap().log.len();
+    reviewer.authenticate(&auth("zt")).await.unwrap();
+    assert_eq!(state.lock().unwrap().log.len(), before);
+}
+
+/// What the watch would deliver back to the model after our writes.
+fn reflect(state: &Shared, hub: &Hub, paths: &[&str]) {
+    let st = state.lock().unwrap();
+    let changes = paths
+        .iter()
+        .filter_map(|p| st.objects.get(*p).cloned())
+        .map(upsert)
+        .collect();
+    drop(st);
+    hub.apply(changes);
+}
+
+const GW_PATH: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/wp";
+const POLICY_PATH: &str =
+    "/apis/security.istio.io/v1/namespaces/shop/authorizationpolicies/get-only";
+
+#[tokio::test]
+async fn waypoint_gateways_get_owned_deployments_status_and_cleanup() {
+    ztunnel::tls::install_default_provider();
+    let state = Shared::default();
+    {
+        let mut st = state.lock().unwrap();
+        st.objects.insert(GW_PATH.into(), yaml(GATEWAY));
+        st.objects.insert(POLICY_PATH.into(), yaml(L7_POLICY));
+    }
+    let client = serve(state.clone(), "a").await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    hub.apply(vec![
+        upsert(yaml(SHOP_NS)),
+        upsert(yaml(GATEWAY)),
+        upsert(yaml(L7_POLICY)),
+    ]);
+    let mut writer = Writer::new(client, writer_config(), "ROOT PEM".into());
+
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    {
+        let st = state.lock().unwrap();
+        for (kind, name) in [
+            ("serviceaccounts", "wp"),
+            ("configmaps", "wp-waypoint"),
+            ("services", "wp"),
+        ] {
+            let o = &st.objects[&format!("/api/v1/namespaces/shop/{kind}/{name}")];
+            assert_eq!(
+                o["metadata"]["ownerReferences"][0]["uid"], "gw-uid-1",
+                "{kind}"
+            );
+            assert_eq!(o["metadata"]["ownerReferences"][0]["controller"], true);
+        }
+        let d = &st.objects["/apis/apps/v1/namespaces/shop/deployments/wp"];
+        assert_eq!(d["metadata"]["ownerReferences"][0]["kind"], "Gateway");
+        let pod = &d["spec"]["template"];
+        assert_eq!(
+            pod["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"],
+            "wp"
+        );
+        assert_eq!(pod["spec"]["serviceAccountName"], "wp");
+        assert_eq!(
+            pod["spec"]["containers"][0]["image"],
+            "ghcr.io/mesh-dev/waypoint:test"
+        );
+        let cfg =
+            st.objects["/api/v1/namespaces/shop/configmaps/wp-waypoint"]["data"]["config.yaml"]
+                .as_str()
+                .unwrap()
+                .to_string();
+        assert!(
+            cfg.contains("gateway: wp")
+                && cfg.contains("token_file: /var/run/secrets/tokens/istio-token"),
+            "{cfg}"
+        );
+        let svc = &st.objects["/api/v1/namespaces/shop/services/wp"];
+        assert_eq!(svc["spec"]["ports"][0]["port"], 15008);
+        // Server-side apply, as our field manager.
+        let apply = st
+            .log
+            .iter()
+            .find(|s| s.method == "PATCH" && s.path.ends_with("/deployments/wp"))
+            .unwrap();
+        assert_eq!(apply.status, 200);
+        // No cluster IP yet: accepted, not yet programmed.
+        let conds = &st.objects[GW_PATH]["status"]["conditions"];
+        let programmed = conds
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Programmed")
+            .unwrap();
+        assert_eq!(
+            (programmed["status"].as_str(), programmed["reason"].as_str()),
+            (Some("False"), Some("Pending"))
+        );
+        assert_eq!(programmed["observedGeneration"], 2);
+        // The L7 rule of an ALLOW policy is a warning the ztunnel cannot honour.
+        let pc = &st.objects[POLICY_PATH]["status"]["conditions"][0];
+        assert_eq!(pc["type"], "ZtunnelAccepted");
+        assert_eq!(pc["reason"], "UnsupportedValue");
+        assert!(
+            pc["message"].as_str().unwrap().contains("L7 fields"),
+            "{pc}"
+        );
+    }
+
+    // The Service gets its cluster IP (as the API server would assign);
+    // the watch brings the written status back; the Gateway is programmed.
+    {
+        let mut st = state.lock().unwrap();
+        let svc = st
+            .objects
+            .get_mut("/api/v1/namespaces/shop/services/wp")
+            .unwrap();
+        svc["spec"]["clusterIP"] = json!("10.96.7.7");
+    }
+    reflect(
+        &state,
+        &hub,
+        &["/api/v1/namespaces/shop/services/wp", GW_PATH, POLICY_PATH],
+    );
+    // The first status write meets a 409 (someone else wrote the status in
+    // between): reported, and the next round succeeds.
+    state.lock().unwrap().faults.push(Fault {
+        method: "PATCH",
+        path_contains: "/gateways/wp/status".into(),
+        body_contains: None,
+        status: 409,
+        times: Some(1),
+    });
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert_eq!(r.errors.len(), 1, "{:?}", r.errors);
+    assert!(r.errors[0].contains("Gateway shop/wp"), "{:?}", r.errors);
+    assert_eq!(r.applied, 0, "nothing changed, nothing re-applied");
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.statuses, 1);
+    {
+        let st = state.lock().unwrap();
+        let status = &st.objects[GW_PATH]["status"];
+        assert_eq!(status["addresses"][0]["value"], "10.96.7.7");
+        let programmed = status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Programmed")
+            .unwrap();
+        assert_eq!(programmed["status"], "True");
+    }
+    // Once the watch shows what we wrote, a reconcile writes nothing.
+    reflect(&state, &hub, &[GW_PATH, POLICY_PATH]);
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert_eq!((r.applied, r.statuses, r.deleted), (0, 0, 0), "{r:?}");
+
+    // A Gateway whose name is taken by someone else's Deployment: left
+    // alone, and the Gateway's status says why.
+    let taken = GATEWAY
+        .replace("name: wp,", "name: api,")
+        .replace("gw-uid-1", "gw-uid-2");
+    {
+        let mut st = state.lock().unwrap();
+        st.objects.insert(
+            "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/api".into(),
+            yaml(&taken),
+        );
+        st.objects.insert(
+            "/api/v1/namespaces/shop/serviceaccounts/api".into(),
+            json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "api", "namespace": "shop", "resourceVersion": "1"}}),
+        );
+    }
+    hub.apply(vec![upsert(yaml(&taken))]);
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert!(
+        r.errors
+            .iter()
+            .any(|e| e.contains("ServiceAccount shop/api already exists")),
+        "{:?}",
+        r.errors
+    );
+    {
+        let st = state.lock().unwrap();
+        assert!(
+            st.objects["/api/v1/namespaces/shop/serviceaccounts/api"]["metadata"]["labels"]
+                .is_null()
+        );
+        assert!(
+            !st.objects
+                .contains_key("/apis/apps/v1/namespaces/shop/deployments/api")
+        );
+        let conds = &st.objects["/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/api"]
+            ["status"]["conditions"];
+        let p = conds
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == "Programmed")
+            .unwrap();
+        assert_eq!(p["reason"], "Invalid");
+        assert!(
+            p["message"]
+                .as_str()
+                .unwrap()
+                .contains("not created by istiod-lite"),
+            "{p}"
+        );
+    }
+
+    // The Gateway is deleted: what was made for it goes too; someone
+    // else's ServiceAccount stays.
+    hub.apply(vec![
+        Change::Delete(Object::parse(yaml(GATEWAY)).unwrap().unwrap().key()),
+        Change::Delete(Object::parse(yaml(&taken)).unwrap().unwrap().key()),
+    ]);
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.deleted, 4, "{r:?}");
+    let st = state.lock().unwrap();
+    for path in [
+        "/apis/apps/v1/namespaces/shop/deployments/wp",
+        "/api/v1/namespaces/shop/services/wp",
+        "/api/v1/namespaces/shop/configmaps/wp-waypoint",
+        "/api/v1/namespaces/shop/serviceaccounts/wp",
+    ] {
+        assert!(!st.objects.contains_key(path), "{path} was not removed");
+    }
+    assert!(
+        st.objects
+            .contains_key("/api/v1/namespaces/shop/serviceaccounts/api")
+    );
+    assert!(
+        st.objects
+            .contains_key("/api/v1/namespaces/shop/configmaps/istio-ca-root-cert")
+    );
+}
