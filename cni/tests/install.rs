@@ -422,12 +422,31 @@ async fn shutdown_keeps_everything_while_the_daemonset_lives() {
 }
 
 #[tokio::test]
+async fn shutdown_uninstalls_when_the_mesh_credentials_are_gone() {
+    // `kubectl delete -k` removes the service account and role with the
+    // DaemonSet: the answer is 401 or 403, and a plugin left behind with a
+    // dead token would fail every new pod on the node.
+    for (code, reason) in [(401, "Unauthorized"), (403, "Forbidden")] {
+        let node = Node::new();
+        let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+            "reason": reason, "message": "no", "code": code});
+        let (api, _) = fake_api(code, refused).await;
+        let decision = install_then_stop(&node, Some(api)).await;
+        assert!(
+            matches!(decision, Decision::Uninstall(_)),
+            "{code}: {decision:?}"
+        );
+        assert_uninstalled(&node);
+    }
+}
+
+#[tokio::test]
 async fn shutdown_keeps_everything_when_the_api_cannot_answer() {
-    // Forbidden (RBAC missing) is not "gone".
+    // A server error is not "gone".
     let node = Node::new();
-    let forbidden = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-        "reason": "Forbidden", "message": "daemonsets.apps is forbidden", "code": 403});
-    let (api, _) = fake_api(403, forbidden).await;
+    let failing = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "InternalError", "message": "etcdserver: request timed out", "code": 500});
+    let (api, _) = fake_api(500, failing).await;
     let decision = install_then_stop(&node, Some(api)).await;
     assert!(matches!(decision, Decision::Keep(_)), "{decision:?}");
     assert_in_place(&node);

@@ -10,7 +10,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
+use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
+use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use istiod_lite::cluster::ca_secret::load_or_create;
@@ -249,7 +250,9 @@ fn handle(st: &mut State, method: &str, path: &str, query: &str, body: &Value) -
 }
 
 /// Serves the shared state on a new port, tagging requests with `via`.
-async fn serve(state: Shared, via: &'static str) -> kube::Client {
+/// A watch request gets a stream that stays open with no events (these
+/// tests change objects through the model, not through watches).
+async fn serve_addr(state: Shared, via: &'static str) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -258,59 +261,7 @@ async fn serve(state: Shared, via: &'static str) -> kube::Client {
             tokio::spawn(async move {
                 let svc = service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
                     let state = state.clone();
-                    async move {
-                        let method = req.method().to_string();
-                        let path = req.uri().path().to_string();
-                        let query = req.uri().query().unwrap_or("").to_string();
-                        let bytes = req
-                            .into_body()
-                            .collect()
-                            .await
-                            .map(|b| b.to_bytes())
-                            .unwrap_or_default();
-                        let body: Value = serde_json::from_slice(&bytes)
-                            .or_else(|_| serde_yaml::from_slice(&bytes))
-                            .unwrap_or(Value::Null);
-                        let mut st = state.lock().unwrap();
-                        let text = body.to_string();
-                        let fault = st.faults.iter_mut().find(|f| {
-                            f.method == method
-                                && path.contains(&f.path_contains)
-                                && f.body_contains
-                                    .as_ref()
-                                    .is_none_or(|b| text.contains(b.as_str()))
-                                && f.times != Some(0)
-                        });
-                        let (status, out) = match fault {
-                            Some(f) => {
-                                if let Some(n) = f.times.as_mut() {
-                                    *n -= 1;
-                                }
-                                let reason = match f.status {
-                                    404 => "NotFound",
-                                    409 => "Conflict",
-                                    _ => "InternalError",
-                                };
-                                (
-                                    f.status,
-                                    status_body(f.status, reason, "injected by the test"),
-                                )
-                            }
-                            None => handle(&mut st, &method, &path, &query, &body),
-                        };
-                        st.log.push(Seen {
-                            via,
-                            method,
-                            path,
-                            status,
-                        });
-                        let mut resp =
-                            hyper::Response::new(Full::new(Bytes::from(out.to_string())));
-                        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
-                        resp.headers_mut()
-                            .insert("content-type", "application/json".parse().unwrap());
-                        Ok::<_, Infallible>(resp)
-                    }
+                    async move { Ok::<_, Infallible>(answer(&state, via, req).await) }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
@@ -318,6 +269,80 @@ async fn serve(state: Shared, via: &'static str) -> kube::Client {
             });
         }
     });
+    addr
+}
+
+type Body = BoxBody<Bytes, Infallible>;
+
+async fn answer(
+    state: &Shared,
+    via: &'static str,
+    req: hyper::Request<hyper::body::Incoming>,
+) -> hyper::Response<Body> {
+    let method = req.method().to_string();
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().unwrap_or("").to_string();
+    let json_response = |status: u16, v: Value| {
+        let mut resp = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed());
+        *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        resp
+    };
+    if query.contains("watch=true") || query.contains("watch=1") {
+        let stream = futures::stream::pending::<Result<Frame<Bytes>, Infallible>>();
+        let mut resp = hyper::Response::new(BodyExt::boxed(StreamBody::new(stream)));
+        resp.headers_mut()
+            .insert("content-type", "application/json".parse().unwrap());
+        return resp;
+    }
+    let bytes = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let body: Value = serde_json::from_slice(&bytes)
+        .or_else(|_| serde_yaml::from_slice(&bytes))
+        .unwrap_or(Value::Null);
+    let mut st = state.lock().unwrap();
+    let text = body.to_string();
+    let fault = st.faults.iter_mut().find(|f| {
+        f.method == method
+            && path.contains(&f.path_contains)
+            && f.body_contains
+                .as_ref()
+                .is_none_or(|b| text.contains(b.as_str()))
+            && f.times != Some(0)
+    });
+    let (status, out) = match fault {
+        Some(f) => {
+            if let Some(n) = f.times.as_mut() {
+                *n -= 1;
+            }
+            let reason = match f.status {
+                404 => "NotFound",
+                409 => "Conflict",
+                _ => "InternalError",
+            };
+            (
+                f.status,
+                status_body(f.status, reason, "injected by the test"),
+            )
+        }
+        None => handle(&mut st, &method, &path, &query, &body),
+    };
+    st.log.push(Seen {
+        via,
+        method,
+        path,
+        status,
+    });
+    json_response(status, out)
+}
+
+async fn serve(state: Shared, via: &'static str) -> kube::Client {
+    let addr = serve_addr(state, via).await;
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     kube::Client::try_from(config).unwrap()
 }
@@ -946,4 +971,157 @@ async fn waypoint_gateways_get_owned_deployments_status_and_cleanup() {
         st.objects
             .contains_key("/api/v1/namespaces/shop/configmaps/istio-ca-root-cert")
     );
+}
+
+/// Kills the controller when the test ends, passing or not.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+async fn http_status(addr: &str, path: &str) -> Option<u16> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
+    s.write_all(format!("GET {path} HTTP/1.0\r\nhost: x\r\n\r\n").as_bytes())
+        .await
+        .ok()?;
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.ok()?;
+    String::from_utf8_lossy(&buf)
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The binary in cluster mode, wired end to end: it lists the cluster,
+/// creates its CA Secret, takes the Lease, publishes the root, and signs a
+/// certificate for a ztunnel that presents a service-account token, for a
+/// workload on that ztunnel's node only.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_controller_binary_runs_in_cluster_mode() {
+    use ztunnel::ca::{CaClient, CaClientConfig, IstioCaClient};
+    ztunnel::tls::install_default_provider();
+    let state = Shared::default();
+    let pod = |ns: &str, name: &str, sa: &str, node: &str, ip: &str| {
+        yaml(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: u-{name}}}\nspec: {{nodeName: {node}, serviceAccountName: {sa}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: {ip}}}\n"
+        ))
+    };
+    {
+        let mut st = state.lock().unwrap();
+        st.objects
+            .insert("/api/v1/namespaces/shop".into(), yaml(SHOP_NS));
+        st.objects.insert(
+            "/api/v1/namespaces/istio-system".into(),
+            yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n"),
+        );
+        for (ns, name, sa, node, ip) in [
+            ("istio-system", "ztunnel-x", "ztunnel", "node-1", "10.0.0.2"),
+            ("shop", "web-1", "web", "node-1", "10.0.0.5"),
+            ("shop", "db-1", "db", "node-2", "10.0.0.6"),
+        ] {
+            st.objects.insert(
+                format!("/api/v1/namespaces/{ns}/pods/{name}"),
+                pod(ns, name, sa, node, ip),
+            );
+        }
+        st.reviews.insert(
+            "zt".into(),
+            json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+                "username": "system:serviceaccount:istio-system:ztunnel",
+                "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x"],
+                          "authentication.kubernetes.io/pod-uid": ["u-ztunnel-x"]}}}),
+        );
+    }
+    let api = serve_addr(state.clone(), "a").await;
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"http://{api}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    let (grpc, debug) = (free_port(), free_port());
+    let _child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_istiod-lite"))
+            .args([
+                "--kube",
+                &format!("--grpc-addr=127.0.0.1:{grpc}"),
+                &format!("--debug-addr=127.0.0.1:{debug}"),
+                "--poll-ms=20",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAME", "istiod-a")
+            .env("POD_NAMESPACE", "istio-system")
+            .env("RUST_LOG", "info")
+            .spawn()
+            .unwrap(),
+    );
+    let debug_addr = format!("127.0.0.1:{debug}");
+    for i in 0..200 {
+        if http_status(&debug_addr, "/ready").await == Some(200) {
+            break;
+        }
+        assert!(i < 199, "the controller never became ready");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let root_cm = "/api/v1/namespaces/istio-system/configmaps/istio-ca-root-cert";
+    wait_for("the root ConfigMaps", || {
+        let st = state.lock().unwrap();
+        st.objects.contains_key(root_cm)
+            && st
+                .objects
+                .contains_key("/api/v1/namespaces/shop/configmaps/istio-ca-root-cert")
+    })
+    .await;
+    let (root, lease) = {
+        let st = state.lock().unwrap();
+        assert!(
+            st.objects
+                .contains_key("/api/v1/namespaces/istio-system/secrets/istio-ca-secret")
+        );
+        (
+            st.objects[root_cm]["data"]["root-cert.pem"]
+                .as_str()
+                .unwrap()
+                .to_string(),
+            st.objects["/apis/coordination.k8s.io/v1/namespaces/istio-system/leases/istiod-lite"]
+                .clone(),
+        )
+    };
+    assert_eq!(lease["spec"]["holderIdentity"], "istiod-a");
+    let client = |token: &str| {
+        IstioCaClient::new(CaClientConfig {
+            address: format!("https://127.0.0.1:{grpc}"),
+            ca_root_pem: root.clone(),
+            server_name: "istiod-lite.istio-system.svc".into(),
+            token: Some(token.to_string().into()),
+            validity: Duration::ZERO,
+            request_timeout: Duration::from_secs(5),
+        })
+        .unwrap()
+    };
+    let web: ztunnel::identity::Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    let db: ztunnel::identity::Identity = "spiffe://cluster.local/ns/shop/sa/db".parse().unwrap();
+    let cert = client("zt").fetch_certificate(&web).await.unwrap();
+    assert_eq!(cert.identity(), &web);
+    let err = client("zt").fetch_certificate(&db).await.unwrap_err();
+    assert!(err.to_string().contains("node-1"), "{err}");
+    let err = client("nobody").fetch_certificate(&web).await.unwrap_err();
+    assert!(err.to_string().contains("invalid bearer token"), "{err}");
 }

@@ -68,7 +68,6 @@ pub trait CaClient: Send + Sync + 'static {
     fn fetch_certificate<'a>(&'a self, identity: &'a Identity) -> CaFuture<'a>;
 }
 
-/// Settings for [`IstioCaClient`].
 /// A bearer token for the controller: fixed, or read from a file at each
 /// use, because the kubelet rotates projected service-account tokens in
 /// place.
@@ -98,6 +97,7 @@ impl Token {
     }
 }
 
+/// Settings for [`IstioCaClient`].
 #[derive(Debug, Clone)]
 pub struct CaClientConfig {
     /// e.g. `https://127.0.0.1:15012`.

@@ -278,7 +278,17 @@ pub fn load_yaml<T: serde::de::DeserializeOwned>(path: &Path) -> Result<T, Confi
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let cfg: Config = load_yaml(path)?;
+        Self::load_for_node(path, None)
+    }
+
+    /// Loads the config with `node` (when given and not empty) in place of
+    /// the file's own, before validating: a DaemonSet shares one config
+    /// file among all nodes and passes each its name.
+    pub fn load_for_node(path: &Path, node: Option<&str>) -> Result<Self, ConfigError> {
+        let mut cfg: Config = load_yaml(path)?;
+        if let Some(n) = node.filter(|n| !n.is_empty()) {
+            cfg.node = n.to_string();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -292,7 +302,9 @@ impl Config {
 
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node.is_empty() {
-            return Err(ConfigError::Invalid("node is required".into()));
+            return Err(ConfigError::Invalid(
+                "node is required: set `node`, or pass --node / NODE_NAME".into(),
+            ));
         }
         if self.node_mode.is_some()
             && let Some(m) = self.socket_mark

@@ -36,6 +36,15 @@ pub async fn decide(
         Err(_) => Decision::Keep(format!(
             "the API server did not answer about {what} within {timeout:?}"
         )),
+        // Our token or role is gone: only an uninstall deletes them (an
+        // upgrade leaves both), and a plugin left behind with a dead token
+        // would fail every new pod on the node.
+        Ok(Err(kube::Error::Api(s))) if s.code == 401 || s.code == 403 => {
+            Decision::Uninstall(format!(
+                "the API server refused to say ({} {}): the mesh's credentials are gone",
+                s.code, s.reason
+            ))
+        }
         Ok(Err(e)) => Decision::Keep(format!("reading {what} failed: {e}")),
         Ok(Ok(None)) => Decision::Uninstall(format!("{what} is gone")),
         Ok(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => {

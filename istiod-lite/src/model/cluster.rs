@@ -35,7 +35,8 @@ pub struct PolicyView {
 #[derive(Debug, Clone, Default)]
 pub struct ClusterView {
     pub root_namespace: String,
-    /// Namespaces labelled into the mesh, plus the root namespace.
+    /// Namespaces labelled into the mesh, the root namespace, and those
+    /// with a waypoint Gateway.
     pub root_cert_namespaces: BTreeSet<String>,
     pub waypoints: Vec<WaypointView>,
     pub policies: Vec<PolicyView>,
@@ -52,6 +53,14 @@ impl Model {
             .map(|(name, _)| name.clone())
             .collect();
         root_cert_namespaces.insert(self.cfg.root_namespace.clone());
+        // A waypoint's pods need the root wherever the Gateway is, enrolled
+        // or not.
+        root_cert_namespaces.extend(
+            self.gateways
+                .iter()
+                .filter(|(_, g)| g.spec.gateway_class_name == WAYPOINT_CLASS)
+                .map(|((ns, _), _)| ns.clone()),
+        );
         let waypoints = self
             .gateways
             .iter()

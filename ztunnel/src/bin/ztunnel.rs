@@ -23,23 +23,14 @@ struct Args {
 async fn main() {
     ztunnel::init_logging();
     let args = Args::parse();
-    let mut cfg = match ztunnel::config::Config::load(&args.config) {
+    let cfg = match ztunnel::config::Config::load_for_node(&args.config, args.node.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
             std::process::exit(2);
         }
     };
-    if let Some(node) = args.node.filter(|n| !n.is_empty()) {
-        cfg.node = node;
-    }
-    if cfg.node.is_empty() {
-        tracing::error!(
-            "{}: no node name: set `node` in the config, or pass --node / NODE_NAME",
-            args.config.display()
-        );
-        std::process::exit(2);
-    }
+
     if let Err(e) = ztunnel::app::run(cfg).await {
         tracing::error!("{e}");
         std::process::exit(1);
