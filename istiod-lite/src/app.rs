@@ -81,11 +81,17 @@ pub struct Running {
     pub ca: Arc<CertificateAuthority>,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
+    /// Cluster mode's writer and elector, awaited on stop so the Lease is
+    /// released (the next leader need not wait for it to expire).
+    cluster: Vec<tokio::task::JoinHandle<()>>,
 }
 
 impl Running {
     pub async fn stop(self) {
         self.stop.cancel();
+        for t in self.cluster {
+            let _ = tokio::time::timeout(Duration::from_secs(5), t).await;
+        }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.server).await;
     }
 }
@@ -140,6 +146,7 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
     let hub = Hub::new(Model::new(o.model.clone()));
     let issues: Arc<Mutex<Vec<ConfigIssue>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
+    let mut cluster = Vec::new();
     match &o.source {
         ConfigSource::Folder(dir) => {
             // Load the whole folder before serving, so the first push is complete.
@@ -171,7 +178,7 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
                 crate::config::kube::watch_all(client.clone()),
                 o.poll,
             ));
-            start_cluster_writes(client, c, &o, &ca, &hub, &stop);
+            cluster = start_cluster_writes(client, c, &o, &ca, &hub, &stop);
         }
     }
 
@@ -278,6 +285,7 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
         ca,
         stop,
         server,
+        cluster,
     })
 }
 
@@ -289,13 +297,13 @@ fn start_cluster_writes(
     ca: &CertificateAuthority,
     hub: &Arc<Hub>,
     stop: &CancellationToken,
-) {
+) -> Vec<tokio::task::JoinHandle<()>> {
     let elector = Elector::new(
         kube::Api::namespaced(client.clone(), &c.namespace),
         LeaseConfig::new(&c.lease_name, &c.pod_name),
     );
     let leader = elector.subscribe();
-    tokio::spawn(elector.run(stop.clone()));
+    let elector = tokio::spawn(elector.run(stop.clone()));
     let writer = Writer::new(
         client,
         WriterConfig {
@@ -309,5 +317,9 @@ fn start_cluster_writes(
         },
         ca.root_bundle_pem().to_string(),
     );
-    tokio::spawn(writer.run(hub.clone(), leader, stop.clone()));
+    // The writer first: it stops writing before the Lease is released.
+    vec![
+        tokio::spawn(writer.run(hub.clone(), leader, stop.clone())),
+        elector,
+    ]
 }

@@ -49,9 +49,10 @@ struct Args {
     /// Cluster mode: the controller's namespace (CA Secret, Lease).
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
     namespace: String,
-    /// Cluster mode: this replica's name, as the Lease holder.
-    #[arg(long, env = "POD_NAME", default_value = "istiod-lite")]
-    pod_name: String,
+    /// Cluster mode: this replica's name, as the Lease holder (must differ
+    /// between replicas; the host name when unset).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
     /// Cluster mode: the Secret holding the self-signed root.
     #[arg(long, default_value = "istio-ca-secret")]
     ca_secret: String,
@@ -108,9 +109,17 @@ async fn main() {
                 .next()
                 .unwrap_or_default()
                 .to_string();
+            let Some(pod_name) = a
+                .pod_name
+                .or_else(|| std::env::var("HOSTNAME").ok())
+                .filter(|n| !n.is_empty())
+            else {
+                error!("--kube needs this replica's name: set POD_NAME (or --pod-name)");
+                std::process::exit(2);
+            };
             ConfigSource::Kube(Box::new(ClusterOptions {
                 namespace: a.namespace,
-                pod_name: a.pod_name,
+                pod_name,
                 ca_secret: a.ca_secret,
                 lease_name: a.lease_name,
                 token_audience: a.token_audience,

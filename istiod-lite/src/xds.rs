@@ -39,7 +39,7 @@ use ztunnel::identity::Identity;
 
 use crate::ca::auth::{Authenticator, NodeAuthorizer};
 use crate::config::objects::Change;
-use crate::model::{Delta, Model};
+use crate::model::{Delta, Model, WAYPOINT_PROXY_PREFIX};
 
 /// What the controller serves. Waypoint routes go only to waypoints that
 /// subscribe to them; ztunnels never do.
@@ -584,6 +584,21 @@ impl AggregatedDiscoveryService for AdsService {
             .as_ref()
             .map(|n| n.id.clone())
             .unwrap_or_default();
+        // A workload token (a waypoint's) may only open its own pod's
+        // stream: any pod can hold a token of our audience, and the mesh's
+        // state is not for every pod to read.
+        if caller.only.is_some() {
+            let own = caller
+                .pod
+                .as_ref()
+                .map(|(ns, pod)| format!("{WAYPOINT_PROXY_PREFIX}~{ns}~{pod}"));
+            if own.as_deref() != Some(proxy_id.as_str()) {
+                return Err(Status::permission_denied(format!(
+                    "a workload token may subscribe only as its own waypoint pod ({}), not as {proxy_id:?}",
+                    own.as_deref().unwrap_or("no pod")
+                )));
+            }
+        }
         let id = self.hub.next.fetch_add(1, Ordering::Relaxed);
         let view = Arc::new(ConnView {
             id,

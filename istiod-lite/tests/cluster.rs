@@ -10,6 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full, StreamBody, combinators::BoxBody};
 use hyper::body::Frame;
 use hyper::service::service_fn;
@@ -31,12 +32,14 @@ struct Seen {
     via: &'static str,
     method: String,
     path: String,
+    query: String,
+    content_type: String,
     status: u16,
 }
 
 /// A refusal to inject: requests matching `method` and `path_contains` (and,
 /// when set, whose body contains `body_contains`) get `status`, `times`
-/// times (None: always).
+/// times (None: always). Status 0: no answer at all.
 #[derive(Debug, Clone)]
 struct Fault {
     method: &'static str,
@@ -282,6 +285,12 @@ async fn answer(
     let method = req.method().to_string();
     let path = req.uri().path().to_string();
     let query = req.uri().query().unwrap_or("").to_string();
+    let content_type = req
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_string();
     let json_response = |status: u16, v: Value| {
         let mut resp = hyper::Response::new(Full::new(Bytes::from(v.to_string())).boxed());
         *resp.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
@@ -305,6 +314,16 @@ async fn answer(
     let body: Value = serde_json::from_slice(&bytes)
         .or_else(|_| serde_yaml::from_slice(&bytes))
         .unwrap_or(Value::Null);
+    let stalled = {
+        let st = state.lock().unwrap();
+        st.faults
+            .iter()
+            .any(|f| f.status == 0 && f.method == method && path.contains(&f.path_contains))
+    };
+    if stalled {
+        // A stalled API server: the request is never answered.
+        futures::future::pending::<()>().await;
+    }
     let mut st = state.lock().unwrap();
     let text = body.to_string();
     let fault = st.faults.iter_mut().find(|f| {
@@ -336,6 +355,8 @@ async fn answer(
         via,
         method,
         path,
+        query,
+        content_type,
         status,
     });
     json_response(status, out)
@@ -511,6 +532,31 @@ async fn a_lease_conflict_leaves_the_loser_a_follower() {
     assert_eq!(lease["spec"]["holderIdentity"], "a");
 }
 
+/// An API server that stops answering must not keep a leader leading: it
+/// steps down by its renew deadline, before anyone else may take over.
+#[tokio::test]
+async fn a_leader_whose_api_server_stalls_steps_down_in_time() {
+    let state = Shared::default();
+    let client = serve(state.clone(), "a").await;
+    let elector = Elector::new(
+        kube::Api::namespaced(client, "istio-system"),
+        quick_lease("a"),
+    );
+    let leader = elector.subscribe();
+    let stop = CancellationToken::new();
+    tokio::spawn(elector.run(stop.clone()));
+    wait_for("leadership", || *leader.borrow()).await;
+    state.lock().unwrap().faults.push(Fault {
+        method: "GET",
+        path_contains: "/leases/istiod-lite".into(),
+        body_contains: None,
+        status: 0,
+        times: None,
+    });
+    wait_for("the stalled leader to step down", || !*leader.borrow()).await;
+    stop.cancel();
+}
+
 async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
     for _ in 0..200 {
         if f() {
@@ -670,6 +716,14 @@ async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
             json!({"authenticated": true, "audiences": ["vault"],
             "user": {"username": "system:serviceaccount:shop:wp"}}),
         );
+        // No audiences: valid for the API server only (a pod's API token).
+        st.reviews.insert(
+            "api-token".into(),
+            json!({"authenticated": true, "audiences": [], "user": {
+                "username": "system:serviceaccount:shop:wp",
+                "extra": {"authentication.kubernetes.io/pod-name": ["wp-0"],
+                          "authentication.kubernetes.io/pod-uid": ["u-wp"]}}}),
+        );
     }
     let client = serve(state.clone(), "a").await;
     let hub = Hub::new(Model::new(ModelConfig::default()));
@@ -718,6 +772,7 @@ async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
         ("unbound", "not bound to a pod"),
         ("human", "not a service account"),
         ("other-aud", "not for audience \"istio-ca\""),
+        ("api-token", "not for audience \"istio-ca\""),
         ("nobody", "invalid bearer token"),
     ] {
         let err = reviewer.authenticate(&auth(token)).await.unwrap_err();
@@ -802,10 +857,26 @@ async fn waypoint_gateways_get_owned_deployments_status_and_cleanup() {
                 .as_str()
                 .unwrap()
                 .to_string();
+        // The config the waypoint binary will read, as it reads it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, &cfg).unwrap();
+        let loaded = waypoint::config::Config::load_for_pod(&path, Some("wp-5d8f-x2")).unwrap();
+        assert_eq!(
+            (loaded.namespace.as_str(), loaded.gateway.as_str()),
+            ("shop", "wp")
+        );
+        assert_eq!(
+            (loaded.pod_name.as_str(), loaded.service_account.as_str()),
+            ("wp-5d8f-x2", "wp")
+        );
+        assert_eq!(
+            loaded.ca.token_file.as_deref(),
+            Some(std::path::Path::new("/var/run/secrets/tokens/istio-token"))
+        );
         assert!(
-            cfg.contains("gateway: wp")
-                && cfg.contains("token_file: /var/run/secrets/tokens/istio-token"),
-            "{cfg}"
+            waypoint::config::Config::load(&path).is_err(),
+            "pod_name must come from somewhere"
         );
         let svc = &st.objects["/api/v1/namespaces/shop/services/wp"];
         assert_eq!(svc["spec"]["ports"][0]["port"], 15008);
@@ -816,6 +887,12 @@ async fn waypoint_gateways_get_owned_deployments_status_and_cleanup() {
             .find(|s| s.method == "PATCH" && s.path.ends_with("/deployments/wp"))
             .unwrap();
         assert_eq!(apply.status, 200);
+        assert_eq!(apply.content_type, "application/apply-patch+yaml");
+        assert!(
+            apply.query.contains("fieldManager=istiod-lite") && apply.query.contains("force=true"),
+            "{}",
+            apply.query
+        );
         // No cluster IP yet: accepted, not yet programmed.
         let conds = &st.objects[GW_PATH]["status"]["conditions"];
         let programmed = conds
@@ -1038,6 +1115,17 @@ async fn the_controller_binary_runs_in_cluster_mode() {
                 pod(ns, name, sa, node, ip),
             );
         }
+        st.objects.insert(
+            "/api/v1/namespaces/shop/pods/wp-0".into(),
+            pod("shop", "wp-0", "wp", "node-1", "10.0.0.7"),
+        );
+        st.reviews.insert(
+            "wp".into(),
+            json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+                "username": "system:serviceaccount:shop:wp",
+                "extra": {"authentication.kubernetes.io/pod-name": ["wp-0"],
+                          "authentication.kubernetes.io/pod-uid": ["u-wp-0"]}}}),
+        );
         st.reviews.insert(
             "zt".into(),
             json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
@@ -1124,4 +1212,71 @@ async fn the_controller_binary_runs_in_cluster_mode() {
     assert!(err.to_string().contains("node-1"), "{err}");
     let err = client("nobody").fetch_certificate(&web).await.unwrap_err();
     assert!(err.to_string().contains("invalid bearer token"), "{err}");
+    // A waypoint's own token gets its own identity, and no other.
+    let wp: ztunnel::identity::Identity = "spiffe://cluster.local/ns/shop/sa/wp".parse().unwrap();
+    let cert = client("wp").fetch_certificate(&wp).await.unwrap();
+    assert_eq!(cert.identity(), &wp);
+    let err = client("wp").fetch_certificate(&web).await.unwrap_err();
+    assert!(err.to_string().contains("cannot ask for identity"), "{err}");
+    // ... and may subscribe to config only as its own pod.
+    for (token, proxy_id, allowed) in [
+        ("wp", "ztunnel~node-1", false),
+        ("wp", "waypoint~shop~db-1", false),
+        ("wp", "waypoint~shop~wp-0", true),
+        ("zt", "ztunnel~node-1", true),
+    ] {
+        let got = subscribe(grpc, &root, token, proxy_id).await;
+        match (allowed, got) {
+            (true, Ok(())) => {}
+            (false, Err(s)) => {
+                assert_eq!(
+                    s.code(),
+                    tonic::Code::PermissionDenied,
+                    "{token} as {proxy_id}: {s}"
+                );
+                assert!(s.message().contains("own waypoint pod"), "{s}");
+            }
+            (_, got) => panic!("{token} as {proxy_id}: {got:?}"),
+        }
+    }
+}
+
+/// Opens a Delta ADS stream as `proxy_id` with `token`: Ok once the
+/// controller accepts the stream.
+async fn subscribe(
+    grpc: u16,
+    root: &str,
+    token: &str,
+    proxy_id: &str,
+) -> Result<(), tonic::Status> {
+    use mesh_proto::envoy::config::core::v3::Node;
+    use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(root))
+        .domain_name("istiod-lite.istio-system.svc");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{grpc}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let first = DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: proxy_id.to_string(),
+            ..Default::default()
+        }),
+        type_url: mesh_proto::ADDRESS_TYPE_URL.to_string(),
+        ..Default::default()
+    };
+    // The stream stays open after the first request, as a proxy's does.
+    let requests = futures::stream::iter([first]).chain(futures::stream::pending());
+    let mut req = tonic::Request::new(requests);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(req)
+        .await
+        .map(|_| ())
 }

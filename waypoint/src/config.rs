@@ -148,7 +148,17 @@ mod d {
 
 impl Config {
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
-        let cfg: Config = load_yaml(path)?;
+        Self::load_for_pod(path, None)
+    }
+
+    /// Loads the config with `pod_name` (when given and not empty) in place
+    /// of the file's own, before validating: a Deployment's replicas share
+    /// one config file and each learns its name from POD_NAME.
+    pub fn load_for_pod(path: &Path, pod_name: Option<&str>) -> Result<Self, ConfigError> {
+        let mut cfg: Config = load_yaml(path)?;
+        if let Some(p) = pod_name.filter(|p| !p.is_empty()) {
+            cfg.pod_name = p.to_string();
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -161,7 +171,12 @@ impl Config {
             ("service_account", &self.service_account),
         ] {
             if v.is_empty() {
-                return Err(ConfigError::Invalid(format!("{what} is required")));
+                let hint = if what == "pod_name" {
+                    " (or pass --pod-name / POD_NAME)"
+                } else {
+                    ""
+                };
+                return Err(ConfigError::Invalid(format!("{what} is required{hint}")));
             }
         }
         if self.limits.max_header_bytes < 1024 {

@@ -22,6 +22,8 @@ pub struct Caller {
     /// identity (a waypoint with its own token); when unset, a node proxy
     /// that may ask for any identity running on its node.
     pub only: Option<Identity>,
+    /// The pod (namespace, name) the caller's token is bound to, when known.
+    pub pod: Option<(String, String)>,
 }
 
 impl Caller {
@@ -30,6 +32,7 @@ impl Caller {
         Caller {
             node: node.into(),
             only: None,
+            pod: None,
         }
     }
 }

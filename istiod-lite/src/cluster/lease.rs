@@ -82,7 +82,12 @@ impl Elector {
     }
 
     fn set_leader(&self, is: bool) {
-        if self.leader.send_replace(is) != is {
+        // Notify only on a change: the writer treats every notification as
+        // a possible loss and abandons what it is doing.
+        let changed = self
+            .leader
+            .send_if_modified(|v| std::mem::replace(v, is) != is);
+        if changed {
             if is {
                 info!(lease = %self.cfg.name, identity = %self.cfg.identity, "became the leader");
             } else {
@@ -214,22 +219,42 @@ impl Elector {
 
     /// Runs until `stop`, then releases the Lease if held.
     pub async fn run(mut self, stop: CancellationToken) {
+        let deadline = self.cfg.renew_deadline;
         let mut last_renew: Option<Instant> = None;
         loop {
-            match self.try_acquire_or_renew().await {
-                Ok(true) => {
-                    last_renew = Some(Instant::now());
+            let started = Instant::now();
+            // No round may outlast the moment a leader must step down: an
+            // API server that stalls or throttles must not keep a leader
+            // writing after a follower may have taken over.
+            let budget = match last_renew {
+                Some(t) if *self.leader.borrow() => deadline.saturating_sub(t.elapsed()),
+                _ => deadline,
+            };
+            let outcome = tokio::select! {
+                _ = stop.cancelled() => break,
+                r = tokio::time::timeout(budget, self.try_acquire_or_renew()) => r,
+            };
+            match outcome {
+                Ok(Ok(true)) => {
+                    // From when the request went out, as client-go counts.
+                    last_renew = Some(started);
                     self.set_leader(true);
                 }
-                Ok(false) => {
+                Ok(Ok(false)) => {
                     last_renew = None;
                     self.set_leader(false);
                 }
-                Err(e) => {
+                Ok(Err(e)) => {
                     warn!(error = %e, "leader election");
                     // Keep leading through short API outages, but never past
                     // the point where another replica may have taken over.
-                    if last_renew.is_none_or(|t| t.elapsed() >= self.cfg.renew_deadline) {
+                    if last_renew.is_none_or(|t| t.elapsed() >= deadline) {
+                        self.set_leader(false);
+                    }
+                }
+                Err(_) => {
+                    warn!(after = ?budget, "leader election: the API server did not answer in time");
+                    if last_renew.is_none_or(|t| t.elapsed() >= deadline) {
                         self.set_leader(false);
                     }
                 }
@@ -247,7 +272,7 @@ impl Elector {
         let was = *self.leader.borrow();
         self.set_leader(false);
         if was {
-            self.release().await;
+            let _ = tokio::time::timeout(Duration::from_secs(3), self.release()).await;
         }
     }
 }

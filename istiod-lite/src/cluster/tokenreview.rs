@@ -102,8 +102,10 @@ impl TokenReviewer {
                 _ => "token rejected by the API server".to_string(),
             });
         }
+        // An empty list means "the API server's own audience", not ours: a
+        // pod's ordinary API token must not pass.
         let audiences = status.audiences.as_deref().unwrap_or_default();
-        if !audiences.is_empty() && !audiences.contains(&self.cfg.audience) {
+        if !audiences.contains(&self.cfg.audience) {
             return Err(format!(
                 "token is not for audience {:?} (it is for {audiences:?})",
                 self.cfg.audience
@@ -157,8 +159,12 @@ impl TokenReviewer {
                     .map_err(|e| format!("service account {ns}/{sa}: {e}"))?,
             )
         };
-        debug!(%username, %pod, %node, "token reviewed");
-        Ok(Caller { node, only })
+        debug!(%username, pod = %pod, %node, "token reviewed");
+        Ok(Caller {
+            node,
+            only,
+            pod: Some((ns.to_string(), pod)),
+        })
     }
 }
 

@@ -79,6 +79,10 @@ pub struct Writer {
     root_pem: String,
     /// Object key -> hash of what we last applied to it.
     applied: HashMap<String, u64>,
+    /// The waypoint Gateways of the last clean sweep for orphans: the sweep
+    /// lists four kinds cluster-wide, so it runs only when this set changes
+    /// (and on every resync).
+    swept: Option<BTreeSet<(String, String)>>,
 }
 
 fn hash_of(v: &Value) -> u64 {
@@ -102,7 +106,14 @@ impl Writer {
             cfg,
             root_pem,
             applied: HashMap::new(),
+            swept: None,
         }
+    }
+
+    /// Forgets what was written, so the next reconcile checks everything.
+    fn forget(&mut self) {
+        self.applied.clear();
+        self.swept = None;
     }
 
     /// Server-side apply, skipped when the same content was applied before.
@@ -148,7 +159,13 @@ impl Writer {
                 report.errors.push(e);
             }
         }
-        self.remove_orphans(&wanted, &mut report).await;
+        if self.swept.as_ref() != Some(&wanted) {
+            let errors = report.errors.len();
+            self.remove_orphans(&wanted, &mut report).await;
+            if report.errors.len() == errors {
+                self.swept = Some(wanted);
+            }
+        }
         for p in &view.policies {
             if let Err(e) = self.policy_status(p, &mut report).await {
                 report.errors.push(e);
@@ -319,6 +336,9 @@ impl Writer {
                     }},
                     "spec": {
                         "serviceAccountName": name,
+                        // It talks to istiod-lite with its istio-ca token
+                        // only; no API token.
+                        "automountServiceAccountToken": false,
                         "terminationGracePeriodSeconds": 35,
                         "securityContext": {
                             "runAsNonRoot": true,
@@ -425,7 +445,12 @@ impl Writer {
                 .get(GATEWAY_NAME_LABEL)
                 .cloned()
                 .unwrap_or_default();
-            if wanted.contains(&(ns.clone(), gw.clone())) {
+            let owned_by_gateway = o.owner_references().iter().any(|r| {
+                r.kind == "Gateway"
+                    && r.api_version.starts_with("gateway.networking.k8s.io/")
+                    && r.controller == Some(true)
+            });
+            if !owned_by_gateway || wanted.contains(&(ns.clone(), gw.clone())) {
                 continue;
             }
             let name = o.name_any();
@@ -540,7 +565,7 @@ impl Writer {
                 want.observed_generation,
             )
         });
-        if unchanged && current.len() == 1 {
+        if unchanged {
             return Ok(());
         }
         let since = held
@@ -596,7 +621,7 @@ impl Writer {
             }
             // A new term: what a previous leader (or term) applied may
             // have changed since.
-            self.applied.clear();
+            self.forget();
             let mut resync = tokio::time::Instant::now() + self.cfg.resync;
             loop {
                 let view = hub.model().cluster_view();
@@ -620,7 +645,7 @@ impl Writer {
                     _ = leader.changed() => {}
                     r = changes.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep_until(resync) => {
-                        self.applied.clear();
+                        self.forget();
                         resync = tokio::time::Instant::now() + self.cfg.resync;
                     }
                 }
@@ -636,15 +661,30 @@ impl Writer {
     }
 }
 
+/// The Service's ports, one per distinct listener port. Listener names may
+/// be longer than a Service port name (a DNS label of at most 15
+/// characters), so those get `port-<n>`.
 fn service_ports(g: &Gateway) -> Value {
-    let mut ports: Vec<Value> = g
-        .spec
-        .listeners
-        .iter()
-        .map(|l| json!({"name": l.name, "port": l.port, "protocol": "TCP"}))
-        .collect();
-    if !g.spec.listeners.iter().any(|l| l.port == 15021) {
-        ports.push(json!({"name": "status-port", "port": 15021, "protocol": "TCP"}));
+    let mut seen = BTreeSet::new();
+    let mut ports = Vec::new();
+    let listeners = g.spec.listeners.iter().map(|l| (l.name.as_str(), l.port));
+    for (name, port) in listeners.chain([("status-port", 15021)]) {
+        if !seen.insert(port) {
+            continue;
+        }
+        let valid = !name.is_empty()
+            && name.len() <= 15
+            && name
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+            && !name.starts_with('-')
+            && !name.ends_with('-');
+        let name = if valid {
+            name.to_string()
+        } else {
+            format!("port-{port}")
+        };
+        ports.push(json!({"name": name, "port": port, "protocol": "TCP"}));
     }
     json!(ports)
 }
@@ -671,7 +711,8 @@ fn same_conditions(current: &[Value], want: &[Value]) -> bool {
         }
         c
     };
-    current.len() == want.len() && want.iter().all(|w| current.iter().any(|c| strip(c) == *w))
+    // Only the condition types we set: another controller's are its own.
+    want.iter().all(|w| current.iter().any(|c| strip(c) == *w))
 }
 
 /// Sets lastTransitionTime: kept from the current condition of the same

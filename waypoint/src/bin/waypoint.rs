@@ -21,23 +21,14 @@ struct Args {
 async fn main() -> ExitCode {
     ztunnel::init_logging();
     let args = Args::parse();
-    let mut cfg = match waypoint::config::Config::load(&args.config) {
+    let cfg = match waypoint::config::Config::load_for_pod(&args.config, args.pod_name.as_deref()) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!(error = %e, "bad config");
             return ExitCode::from(2);
         }
     };
-    if let Some(p) = args.pod_name.filter(|p| !p.is_empty()) {
-        cfg.pod_name = p;
-    }
-    if cfg.pod_name.is_empty() {
-        tracing::error!(
-            config = %args.config.display(),
-            "no pod name: set `pod_name` in the config, or pass --pod-name / POD_NAME"
-        );
-        return ExitCode::from(2);
-    }
+
     match waypoint::app::run(cfg).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
