@@ -6,8 +6,22 @@ set shell := ["bash", "-euo", "pipefail", "-c"]
 default:
     @just --list
 
+# Debian packages the tests use, installed when missing (as root):
+# nftables and iproute2 (the lab), redis-server (global rate limits).
+deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    need=()
+    command -v nft >/dev/null || need+=(nftables)
+    command -v ip >/dev/null || need+=(iproute2)
+    command -v redis-server >/dev/null || need+=(redis-server)
+    if [ ${#need[@]} -gt 0 ]; then
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
+    fi
+
 # Format check, lints, then every test.
-test:
+test: deps
     cargo fmt --all -- --check
     cargo clippy --workspace --all-targets --locked -- -D warnings
     cargo build --workspace --bins --locked

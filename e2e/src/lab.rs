@@ -43,7 +43,8 @@ pub struct PodState {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub args: Vec<String>,
-    /// "labapp" (the lab's app, run with `args`) or "waypoint".
+    /// "labapp" (the lab's app, run with `args`), "waypoint", or "redis"
+    /// (redis-server on the pod's IP, port 6379).
     #[serde(default = "labapp")]
     pub image: String,
     pub pid: Option<u32>,
@@ -76,22 +77,35 @@ pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// controller makes it on Kubernetes: a Service on 15008 and a pod of the
 /// waypoint binary, outside the mesh's capture, running as its own
 /// service account.
-fn waypoint_objects(ns: &str, name: &str) -> Vec<Value> {
-    vec![
-        json!({
-            "apiVersion": "v1", "kind": "Service",
-            "metadata": {"name": name, "namespace": ns, "labels": {GATEWAY_NAME_LABEL: name}},
-            "spec": {"selector": {GATEWAY_NAME_LABEL: name},
-                     "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008, "appProtocol": "all"}]},
-        }),
-        json!({
+fn waypoint_objects(ns: &str, name: &str, replicas: usize) -> Vec<Value> {
+    let mut out = vec![json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns, "labels": {GATEWAY_NAME_LABEL: name}},
+        "spec": {"selector": {GATEWAY_NAME_LABEL: name},
+                 "ports": [{"name": "mesh", "port": 15008, "targetPort": 15008, "appProtocol": "all"}]},
+    })];
+    for i in 0..replicas {
+        out.push(json!({
             "apiVersion": "v1", "kind": "Pod",
-            "metadata": {"name": format!("{name}-0"), "namespace": ns,
+            "metadata": {"name": format!("{name}-{i}"), "namespace": ns,
                          "labels": {GATEWAY_NAME_LABEL: name, "istio.io/dataplane-mode": "none"}},
             "spec": {"serviceAccountName": name,
                      "containers": [{"name": "waypoint", "image": "waypoint"}]},
-        }),
-    ]
+        }));
+    }
+    out
+}
+
+/// The lab's stand-in for scaling a waypoint's Deployment: the Gateway
+/// annotation `lab.mesh.dev/replicas` (1 to 4; default 1).
+pub const WAYPOINT_REPLICAS: &str = "lab.mesh.dev/replicas";
+
+fn waypoint_replicas(gateway: &Value) -> usize {
+    gateway["metadata"]["annotations"][WAYPOINT_REPLICAS]
+        .as_str()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(1)
+        .clamp(1, 4)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -720,6 +734,33 @@ impl Lab {
             if let Some(p) = self.state.pods.get_mut(&key) {
                 p.pid = Some(pid);
             }
+        } else if image == "redis" {
+            // A Redis-protocol store on the pod's IP (Debian's redis-server),
+            // for global rate limits.
+            let data = self.dir.join(format!("redis-{namespace}-{name}"));
+            std::fs::create_dir_all(&data)?;
+            let cmd: Vec<String> = [
+                "redis-server",
+                "--bind",
+                ip.as_str(),
+                "--port",
+                "6379",
+                "--protected-mode",
+                "no",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+            ]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([data.display().to_string()])
+            .collect();
+            let pid = self.spawn_in(&ns, &format!("pod-{namespace}-{name}.log"), &[], &cmd)?;
+            if let Some(p) = self.state.pods.get_mut(&key) {
+                p.pid = Some(pid);
+            }
         } else if !args.is_empty() {
             let mut cmd = vec![binary("labapp").display().to_string()];
             cmd.extend(args);
@@ -748,7 +789,8 @@ impl Lab {
         ip: &str,
         netns: &str,
     ) -> Result<u32, Error> {
-        let gateway = pod.strip_suffix("-0").unwrap_or(pod);
+        // Pods are <gateway>-<n>.
+        let gateway = pod.rsplit_once('-').map_or(pod, |(g, _)| g);
         let cip = self.control_ip();
         let cfg = self.dir.join(format!("waypoint-{namespace}-{pod}.yaml"));
         std::fs::write(
@@ -861,7 +903,7 @@ impl Lab {
                 if d["kind"] == "Gateway" && d["spec"]["gatewayClassName"] == WAYPOINT_CLASS {
                     let ns = d["metadata"]["namespace"].as_str().unwrap_or("default");
                     let name = d["metadata"]["name"].as_str().unwrap_or_default();
-                    out.extend(waypoint_objects(ns, name));
+                    out.extend(waypoint_objects(ns, name, waypoint_replicas(&d)));
                 }
                 out
             })

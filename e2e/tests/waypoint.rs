@@ -398,6 +398,23 @@ spec:
     assert!(m.contains("reporter=\"waypoint\""));
     assert!(m.contains("istio_request_duration_milliseconds_bucket"));
     assert_eq!(requests_total(&m, &["direct.plain"]), 0, "{m}");
+    assert!(
+        requests_total(
+            &m,
+            &[
+                &svc("limited"),
+                "response_code=\"429\"",
+                "response_flags=\"RL\""
+            ]
+        ) >= 89,
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "waypoint_rate_limited_requests_total{policy=\"shop/ten-per-second\",counted=\"local\"}"
+        ),
+        "{m}"
+    );
     let log = std::fs::read_to_string(dir.path().join("logs/pod-shop-waypoint-0.log")).unwrap();
     assert!(
         log.contains("response_code=504 response_flags=\"UT\""),
@@ -408,6 +425,115 @@ spec:
 }
 
 /// `labapp raw` / `labapp h2-abuse` from a pod: the first answer line.
+/// A 20 per second limit counted in Redis, shared by the two replicas of a
+/// waypoint: together they admit 20 of 100 requests; with the store gone,
+/// each falls back to its own bucket (fail open).
+async fn shared_limit_across_replicas(lab: &mut Lab, client: &str) {
+    let docs = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {{name: stores}}\n---\n\
+apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: redis, namespace: stores}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: redis}}}}\n  template:\n    metadata: {{labels: {{app: redis}}}}\n    spec:\n      containers: [{{name: redis, image: redis}}]\n---\n\
+apiVersion: v1\nkind: Namespace\nmetadata: {{name: shared, labels: {{istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}}}\n---\n\
+apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: shared, annotations: {{{}: \"2\"}}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n---\n{}{}",
+        e2e::lab::WAYPOINT_REPLICAS,
+        echo("shared", "api", 1, "", ""),
+        service("shared", "api", "app: api"),
+    );
+    lab.apply(yaml(&docs)).await.unwrap();
+    let store = lab.state.pods["stores/redis-0"].ip.clone();
+    let policy = format!(
+        "apiVersion: extensions.mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {{name: twenty-per-second, namespace: shared}}
+spec:
+  rateLimit: {{requests: 20, per: 1s, global: {{store: \"redis://{store}:6379\"}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {{name: api, namespace: shared}}
+spec:
+  parentRefs: [{{group: \"\", kind: Service, name: api}}]
+  rules:
+  - matches: [{{path: {{type: PathPrefix, value: /limited}}}}]
+    backendRefs: [{{name: api, port: 80}}]
+    filters:
+    - {{type: ExtensionRef, extensionRef: {{group: extensions.mesh.dev, kind: TrafficPolicy, name: twenty-per-second}}}}
+  - matches: [{{path: {{type: PathPrefix, value: /free}}}}]
+    backendRefs: [{{name: api, port: 80}}]
+"
+    );
+    lab.apply(yaml(&policy)).await.unwrap();
+    let lab = &*lab;
+    eventually(
+        "both replicas serve the shared service",
+        Duration::from_secs(60),
+        || async { load(lab, client, "http://api.shared/free", 40, 16, &[]).ok() == 40 },
+    )
+    .await;
+    let counted = |status: &str| -> u64 {
+        (0..2)
+            .map(|i| {
+                let m = metrics(lab, &format!("shared/waypoint-{i}"));
+                requests_total(
+                    &m,
+                    &[
+                        "destination_service=\"api.shared.svc.cluster.local\"",
+                        &format!("response_code=\"{status}\""),
+                    ],
+                )
+            })
+            .sum()
+    };
+    let per_replica = |i: usize| {
+        let m = metrics(lab, &format!("shared/waypoint-{i}"));
+        requests_total(
+            &m,
+            &["destination_service=\"api.shared.svc.cluster.local\""],
+        )
+    };
+    // The windows follow the clock: start just after a second begins, so
+    // the burst (well under a second) falls in one window.
+    let wait_for_second = || {
+        let ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_millis())
+            .unwrap_or(0);
+        Duration::from_millis(u64::from(1000 - ms) + 20)
+    };
+    let (ok_before, before) = (counted("200"), [per_replica(0), per_replica(1)]);
+    tokio::time::sleep(wait_for_second()).await;
+    let shared = load(lab, client, "http://api.shared/limited", 100, 16, &[]);
+    assert!((18..=22).contains(&shared.ok()), "{shared:?}");
+    assert_eq!(
+        shared.ok() + shared.status.get(&429).copied().unwrap_or(0),
+        100
+    );
+    assert_eq!(counted("200") - ok_before, shared.ok() as u64);
+    let after = [per_replica(0), per_replica(1)];
+    assert!(
+        after[0] > before[0] && after[1] > before[1],
+        "both replicas took part: {before:?} -> {after:?}"
+    );
+
+    // The store goes: each replica falls back to its own 20-token bucket.
+    let redis_pid = lab.state.pods["stores/redis-0"].pid.expect("redis runs");
+    // SAFETY: kill(2) on a process this lab started.
+    unsafe { libc::kill(redis_pid as i32, libc::SIGKILL) };
+    tokio::time::sleep(wait_for_second()).await;
+    let fallback = load(lab, client, "http://api.shared/limited", 100, 16, &[]);
+    assert!((20..=40).contains(&fallback.ok()), "{fallback:?}");
+    let failures: u64 = (0..2)
+        .map(|i| {
+            metrics(lab, &format!("shared/waypoint-{i}"))
+                .lines()
+                .filter(|l| l.starts_with("waypoint_rate_limit_store_failures_total{"))
+                .filter(|l| l.contains("outcome=\"local_fallback\""))
+                .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+                .sum::<f64>() as u64
+        })
+        .sum();
+    assert!(failures >= 1, "the fallback is counted");
+}
+
 fn raw(lab: &Lab, from: &str, args: &[&str]) -> String {
     let mut cmd = vec!["labapp"];
     cmd.extend_from_slice(args);
@@ -416,7 +542,8 @@ fn raw(lab: &Lab, from: &str, args: &[&str]) -> String {
 }
 
 #[tokio::test]
-async fn a_waypoint_enforces_l7_policy_breaks_circuits_injects_faults_and_refuses_bad_input() {
+async fn a_waypoint_enforces_l7_policy_breaks_circuits_injects_faults_limits_rates_and_refuses_bad_input()
+ {
     let dir = tempfile::tempdir().unwrap();
     let mut g = Guard(Lab::create(dir.path(), 2, 2).unwrap());
     g.0.start_mesh().await.unwrap();
@@ -429,10 +556,11 @@ async fn a_waypoint_enforces_l7_policy_breaks_circuits_injects_faults_and_refuse
     docs.push_str(&echo("shop", "cb", 1, "", ", --delay-ms, \"300\""));
     docs.push_str(&echo("shop", "chaos", 1, "", ""));
     docs.push_str(&echo("shop", "shadow", 1, "", ""));
+    docs.push_str(&echo("shop", "limited", 1, "", ""));
     for c in ["client", "other"] {
         docs.push_str(&format!("apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {c}, namespace: shop}}\nspec:\n  replicas: 1\n  selector: {{matchLabels: {{app: {c}}}}}\n  template:\n    metadata: {{labels: {{app: {c}}}}}\n    spec:\n      serviceAccountName: {c}\n      containers: [{{name: app, image: labapp, args: [sleep]}}]\n---\n"));
     }
-    for s in ["orders", "cb", "chaos", "shadow"] {
+    for s in ["orders", "cb", "chaos", "shadow", "limited"] {
         docs.push_str(&service("shop", s, &format!("app: {s}")));
     }
     docs.push_str(
@@ -473,20 +601,47 @@ spec:
     filters:
     - {type: ExtensionRef, extensionRef: {group: extensions.mesh.dev, kind: TrafficPolicy, name: chaos}}
     - {type: RequestMirror, requestMirror: {backendRef: {name: shadow, port: 80}}}
+---
+apiVersion: extensions.mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: ten-per-second, namespace: shop}
+spec:
+  rateLimit: {requests: 10, per: 1s}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: limited, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: limited}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /limited}}]
+    backendRefs: [{name: limited, port: 80}]
+    filters:
+    - {type: ExtensionRef, extensionRef: {group: extensions.mesh.dev, kind: TrafficPolicy, name: ten-per-second}}
+  - matches: [{path: {type: PathPrefix, value: /free}}]
+    backendRefs: [{name: limited, port: 80}]
 ",
     );
     g.0.apply(yaml(&docs)).await.unwrap();
     let lab = &g.0;
     let client = "shop/client-0";
+    // The controller reads the applied files as they land: wait until the
+    // waypoint has the orders service's policy, not just its endpoints.
     eventually(
-        "the waypoint serves orders",
+        "the waypoint serves orders under its policy",
         Duration::from_secs(60),
-        || async { load(lab, client, "http://orders.shop/orders", 1, 1, &[]).ok() == 1 },
+        || async {
+            load(lab, client, "http://orders.shop/orders", 1, 1, &[]).ok() == 1
+                && load(lab, client, "http://orders.shop/admin", 1, 1, &[])
+                    .status
+                    .contains_key(&403)
+        },
     )
     .await;
 
     // L7 policy: GET /orders in, POST /admin refused with 403; another
     // identity refused even for GET /orders.
+    let served_before = served(lab, client, "shop/orders-0");
     assert_eq!(
         load(lab, client, "http://orders.shop/orders/7", 10, 2, &[]).ok(),
         10
@@ -509,8 +664,8 @@ spec:
     let other = load(lab, "shop/other-0", "http://orders.shop/orders", 5, 1, &[]);
     assert_eq!(other.status.get(&403).copied(), Some(5), "{other:?}");
     assert_eq!(
-        served(lab, client, "shop/orders-0"),
-        11,
+        served(lab, client, "shop/orders-0") - served_before,
+        10,
         "refused requests never reach the backend"
     );
 
@@ -536,6 +691,49 @@ spec:
         || async { served(lab, client, "shop/shadow-0") == through },
     )
     .await;
+
+    // A 10 per second limit on one route: of 100 requests sent at once,
+    // 10 (one more if the burst straddles a refill) pass and the rest get
+    // 429 with retry-after; the route beside it is not limited.
+    eventually(
+        "the waypoint has the limited service's routes",
+        Duration::from_secs(30),
+        || async { load(lab, client, "http://limited.shop/free", 1, 1, &[]).ok() == 1 },
+    )
+    .await;
+    // Start on a fresh bucket: wait out any interval the probe above began.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let limited = load(lab, client, "http://limited.shop/limited", 100, 4, &[]);
+    let refused = limited.status.get(&429).copied().unwrap_or(0);
+    assert!((9..=11).contains(&limited.ok()), "{limited:?}");
+    assert_eq!(limited.ok() + refused, 100, "{limited:?}");
+    let free = load(lab, client, "http://limited.shop/free", 100, 4, &[]);
+    assert_eq!(free.ok(), 100, "{free:?}");
+    // Whatever the bucket holds by now, it is not 20 more: one of these
+    // is refused, and says when to come back.
+    let mut answer = String::new();
+    for _ in 0..20 {
+        let out = lab
+            .exec(
+                client,
+                &[
+                    "labapp",
+                    "get",
+                    "--show-headers",
+                    "http://limited.shop/limited",
+                ],
+            )
+            .unwrap();
+        answer = String::from_utf8_lossy(&out.stdout).to_string();
+        if answer.starts_with("429") {
+            break;
+        }
+    }
+    assert!(answer.starts_with("429"), "{answer}");
+    assert!(answer.contains("retry-after: 1\n"), "{answer}");
+
+    shared_limit_across_replicas(&mut g.0, client).await;
+    let lab = &g.0;
 
     // Bad input, each refused with its status, through ztunnel and HBONE.
     let vip = lab.state.services["shop/orders"].vip.clone();
@@ -676,6 +874,23 @@ spec:
                 "response_flags=\"FI\""
             ]
         ) >= 140,
+        "{m}"
+    );
+    assert!(
+        requests_total(
+            &m,
+            &[
+                &svc("limited"),
+                "response_code=\"429\"",
+                "response_flags=\"RL\""
+            ]
+        ) >= 89,
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "waypoint_rate_limited_requests_total{policy=\"shop/ten-per-second\",counted=\"local\"}"
+        ),
         "{m}"
     );
     let log = std::fs::read_to_string(dir.path().join("logs/pod-shop-waypoint-0.log")).unwrap();

@@ -324,6 +324,7 @@ fn waypoint_service_routes() {
             action: PolicyAction::Deny as i32,
             rules: vec![],
         }],
+        default_rate_limit: None,
     };
     let mut b = vec![0x0a, 0x01, b'a', 0x12, 0x01, b'n']; // hostname = 1, namespace = 2
     b.extend([0x1a, 0x1e]); // routes = 3, 30 bytes

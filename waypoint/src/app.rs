@@ -2,6 +2,7 @@
 //! (endpoints and routes) -> HBONE listener -> admin, metrics, readiness
 //! -> drain on SIGTERM.
 
+use crate::ratelimit::{RateLimitMetrics, RateLimiter};
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -138,6 +139,7 @@ impl App {
 
         let mut metrics = Metrics::default();
         let http_metrics = HttpMetrics::register(&mut metrics.registry);
+        let limiter = RateLimiter::new(RateLimitMetrics::register(&mut metrics.registry));
         let metrics = Arc::new(metrics);
         let pool = Pool::new(
             certs.clone(),
@@ -163,6 +165,7 @@ impl App {
             Upstreams::new(pool, identity.clone(), cfg.connect_timeout),
             http_metrics,
             exporter,
+            limiter,
         );
         // Idle upstream HTTP/1 connections and forgotten endpoints are swept.
         let weak = Arc::downgrade(&waypoint);

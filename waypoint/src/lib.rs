@@ -43,6 +43,7 @@ pub mod config;
 pub mod h1guard;
 pub mod lb;
 pub mod proxy;
+pub mod ratelimit;
 pub mod routes;
 pub mod sink;
 pub mod telemetry;

@@ -42,6 +42,7 @@ use crate::body::{OnEnd, RespBody};
 use crate::config::Config;
 use crate::h1guard::{self, Framing, Scanner, Verdicts};
 use crate::lb::Balancer;
+use crate::ratelimit::{RateLimiter, Verdict, retry_after_secs};
 use crate::routes::{
     Backend, BackendPolicy, PortProtocol, RequestView, Route, RouteTable, ServiceConfig, StrMatch,
     WORKLOAD_KEY,
@@ -60,6 +61,7 @@ pub struct Waypoint {
     pub balancer: Balancer,
     pub http_metrics: HttpMetrics,
     pub exporter: Exporter,
+    pub limiter: RateLimiter,
     pub draining: CancellationToken,
     /// Open downstream HBONE connections, for the drain.
     pub open: tokio::sync::watch::Sender<usize>,
@@ -380,6 +382,7 @@ impl Waypoint {
         upstreams: Upstreams,
         http_metrics: HttpMetrics,
         exporter: Exporter,
+        limiter: RateLimiter,
     ) -> Arc<Waypoint> {
         Arc::new(Waypoint {
             cfg,
@@ -391,6 +394,7 @@ impl Waypoint {
             balancer: Balancer::default(),
             http_metrics,
             exporter,
+            limiter,
             draining: CancellationToken::new(),
             open: tokio::sync::watch::Sender::new(0),
             tls: Mutex::new(None),
@@ -808,6 +812,22 @@ impl Waypoint {
         for f in &route.filters {
             if let pb::filter::Kind::Redirect(r) = f {
                 return Ok(rec.redirect(r, &parts.uri, &host, matched_prefix(&route)));
+            }
+        }
+        if let Some(limit) = &route.rate_limit {
+            let key = limit.key_of(ds.src_identity.principal(), &parts.headers);
+            if let Verdict::Limited { retry_after } = self.limiter.check(limit, &key).await {
+                rec.detail = format!("rate limit of {}", limit.source);
+                let mut r = rec.local(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Flag::RL,
+                    "local_rate_limited\n",
+                );
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_after)),
+                );
+                return Ok(r);
             }
         }
         if let Some(fault) = &route.fault {

@@ -11,6 +11,7 @@ use mesh_proto::mesh::waypoint as pb;
 use regex::Regex;
 
 use crate::authz::Policy;
+use crate::ratelimit::Limit;
 
 /// The key a waypoint uses for traffic addressed to one pod (a workload
 /// that uses it), in place of a service key.
@@ -168,6 +169,8 @@ pub struct Route {
     pub retry: Option<RetryPolicy>,
     pub fault: Option<pb::Fault>,
     pub mirror: Option<(Backend, u32)>,
+    /// Its own limit, else the namespace default; None costs nothing.
+    pub rate_limit: Option<Arc<Limit>>,
 }
 
 impl Route {
@@ -205,6 +208,7 @@ impl Route {
             retry: None,
             fault: None,
             mirror: None,
+            rate_limit: None,
         }
     }
 }
@@ -312,11 +316,27 @@ impl ServiceConfig {
         } else {
             name.to_string()
         };
-        let routes = s
+        let default_limit = s
+            .default_rate_limit
+            .as_ref()
+            .map(|l| Limit::compile(&format!("{key}#default"), l).map(Arc::new))
+            .transpose()
+            .map_err(|reason| RouteError::Invalid {
+                route: format!("{key} (namespace default rate limit)"),
+                reason,
+            })?;
+        let mut routes = s
             .routes
             .iter()
             .map(compile_route)
             .collect::<Result<Vec<_>, _>>()?;
+        for r in &mut routes {
+            if r.rate_limit.is_none() {
+                r.rate_limit = default_limit.clone();
+            }
+        }
+        let mut default_route = Route::default_for(&key);
+        default_route.rate_limit = default_limit;
         let ports = s
             .ports
             .iter()
@@ -337,7 +357,7 @@ impl ServiceConfig {
             .map(Policy::compile)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ServiceConfig {
-            default_route: Route::default_for(&key),
+            default_route,
             key,
             hostname: s.hostname.clone(),
             namespace: s.namespace.clone(),
@@ -489,6 +509,12 @@ fn compile_route(r: &pb::Route) -> Result<Route, RouteError> {
         }),
         fault: r.fault,
         mirror,
+        rate_limit: r
+            .rate_limit
+            .as_ref()
+            .map(|l| Limit::compile(name, l).map(Arc::new))
+            .transpose()
+            .map_err(invalid)?,
     })
 }
 

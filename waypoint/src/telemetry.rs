@@ -46,6 +46,8 @@ pub enum Flag {
     DC,
     /// Refused by authorization policy.
     RBAC,
+    /// Refused by a rate limit.
+    RL,
 }
 
 impl Flag {
@@ -63,6 +65,7 @@ impl Flag {
             Flag::FI => "FI",
             Flag::DC => "DC",
             Flag::RBAC => "RBAC",
+            Flag::RL => "RL",
         }
     }
 }

@@ -75,6 +75,9 @@ enum Cmd {
         /// Extra request headers, `name: value`.
         #[arg(long = "header")]
         headers: Vec<String>,
+        /// Print the response headers (`name: value`) after the status.
+        #[arg(long)]
+        show_headers: bool,
     },
     /// Write raw bytes to ip:port (an HTTP request made by hand, possibly
     /// malformed), optionally padded or sent slowly, and print the first
@@ -424,6 +427,7 @@ async fn get(
     url: &str,
     count: usize,
     headers: &[String],
+    show_headers: bool,
 ) -> Result<(), Box<dyn std::error::Error>> {
     let uri: hyper::Uri = url.parse()?;
     let host = uri.host().ok_or("no host")?.to_string();
@@ -441,8 +445,14 @@ async fn get(
         let req = b.body(Empty::<Bytes>::new())?;
         let resp = tokio::time::timeout(Duration::from_secs(5), send.send_request(req)).await??;
         let status = resp.status();
+        println!("{status}");
+        if show_headers {
+            for (k, v) in resp.headers() {
+                println!("{k}: {}", String::from_utf8_lossy(v.as_bytes()));
+            }
+        }
         let body = resp.into_body().collect().await?.to_bytes();
-        println!("{status}\n{}", String::from_utf8_lossy(&body));
+        println!("{}", String::from_utf8_lossy(&body));
     }
     Ok(())
 }
@@ -647,7 +657,8 @@ async fn main() {
             url,
             count,
             headers,
-        } => get(&url, count, &headers).await,
+            show_headers,
+        } => get(&url, count, &headers, show_headers).await,
         Cmd::Raw {
             addr,
             head,

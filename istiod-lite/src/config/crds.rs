@@ -327,6 +327,60 @@ pub struct TrafficPolicySpec {
     /// Caps the rule's retries (only meaningful with `retry` on the rule).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_budget: Option<RetryBudget>,
+    /// Limits the rule's request rate. The one of the TrafficPolicy named
+    /// `default` applies to every service of its namespace, for requests
+    /// whose rule sets none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Requests admitted per `per`.
+    pub requests: u32,
+    /// The window, e.g. "1s" (the default), "500ms", "1m".
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub per: Option<String>,
+    /// The most admitted at once after a quiet spell; defaults to `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+    /// What each bucket counts: the whole rule (the default), each calling
+    /// identity, or each value of `header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub by: Option<RateLimitBy>,
+    /// The request header for `by: Header`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub header: Option<String>,
+    /// Share the limit across the waypoint's replicas through a store.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub global: Option<GlobalRateLimitSpec>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum RateLimitBy {
+    #[default]
+    Route,
+    SourcePrincipal,
+    Header,
+}
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GlobalRateLimitSpec {
+    /// A Redis-protocol store, "redis://host:port[/db]".
+    pub store: String,
+    /// When the store cannot be reached: Open (the default) falls back to
+    /// each replica's own bucket; Closed refuses the requests.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub failure_mode: Option<FailureMode>,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub enum FailureMode {
+    #[default]
+    Open,
+    Closed,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize, JsonSchema)]

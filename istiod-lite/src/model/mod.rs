@@ -451,6 +451,10 @@ impl Model {
                         d.http_routes.insert(rk.clone());
                     }
                 }
+                // The namespace default applies to all its services.
+                if nn.1 == routes::DEFAULT_TRAFFIC_POLICY {
+                    d.routes.extend(in_ns(&self.services, &nn.0));
+                }
                 d.traffic_policies.insert(nn.clone());
             }
             Kind::ServiceAccount | Kind::Node => {
@@ -701,6 +705,7 @@ impl Model {
                 backend_policy,
                 ports,
                 policies,
+                default_rate_limit: routes::default_rate_limit(&key.0, &self.traffic_policies),
             },
             gw,
         ))

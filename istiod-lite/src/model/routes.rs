@@ -22,7 +22,9 @@ use gateway_api::apis::experimental::httproutes::{
 use mesh_proto::mesh::waypoint as pb;
 use pb::string_match::Kind as SM;
 
-use crate::config::crds::{DestinationRule, EXTENSIONS_GROUP, TrafficPolicy};
+use crate::config::crds::{
+    DestinationRule, EXTENSIONS_GROUP, FailureMode, RateLimitBy, RateLimitSpec, TrafficPolicy,
+};
 
 /// TrafficPolicy objects by (namespace, name), where ExtensionRef filters
 /// look them up.
@@ -424,6 +426,81 @@ pub struct RouteExtension {
     pub mirror_per_million: Option<u32>,
     /// (budget_percent, min_retry_concurrency) for the rule's retries.
     pub retry_budget: Option<(u32, u32)>,
+    pub rate_limit: Option<pb::RateLimit>,
+}
+
+/// The TrafficPolicy whose rateLimit is its namespace's default.
+pub const DEFAULT_TRAFFIC_POLICY: &str = "default";
+
+/// A TrafficPolicy's rateLimit as the waypoint applies it; errors by path.
+fn rate_limit(r: &RateLimitSpec, source: String, errs: &mut Vec<String>) -> pb::RateLimit {
+    let fill_interval_ms = match r.per.as_deref().map(parse_istio_duration) {
+        None => 1000,
+        Some(Ok(ms)) if (1..=u64::from(u32::MAX)).contains(&ms) => ms as u32,
+        Some(Ok(_)) => {
+            errs.push("spec.rateLimit.per: must be between 1ms and ~49 days".into());
+            1000
+        }
+        Some(Err(e)) => {
+            errs.push(format!("spec.rateLimit.per: {e}"));
+            1000
+        }
+    };
+    if r.requests == 0 {
+        errs.push("spec.rateLimit.requests: must be at least 1 (to refuse everything, use an AuthorizationPolicy)".into());
+    }
+    let max_tokens = r.burst.unwrap_or(r.requests);
+    if max_tokens == 0 {
+        errs.push("spec.rateLimit.burst: must be at least 1".into());
+    }
+    let by = r.by.unwrap_or_default();
+    let header = match (by, r.header.as_deref()) {
+        (RateLimitBy::Header, Some(h)) if http::HeaderName::from_bytes(h.as_bytes()).is_ok() => {
+            h.to_ascii_lowercase()
+        }
+        (RateLimitBy::Header, Some(h)) => {
+            errs.push(format!("spec.rateLimit.header: {h:?} is not a header name"));
+            String::new()
+        }
+        (RateLimitBy::Header, None) => {
+            errs.push("spec.rateLimit.header: required with by: Header".into());
+            String::new()
+        }
+        (_, Some(_)) => {
+            errs.push("spec.rateLimit.header: only meaningful with by: Header".into());
+            String::new()
+        }
+        (_, None) => String::new(),
+    };
+    let global = r.global.as_ref().map(|g| {
+        let ok = g
+            .store
+            .strip_prefix("redis://")
+            .is_some_and(|rest| !rest.is_empty());
+        if !ok {
+            errs.push(format!(
+                "spec.rateLimit.global.store: {:?} is not redis://host:port",
+                g.store
+            ));
+        }
+        pb::GlobalRateLimit {
+            store: g.store.clone(),
+            fail_closed: g.failure_mode == Some(FailureMode::Closed),
+        }
+    });
+    pb::RateLimit {
+        max_tokens,
+        tokens_per_fill: r.requests,
+        fill_interval_ms,
+        key: match by {
+            RateLimitBy::Route => pb::RateLimitKey::Route,
+            RateLimitBy::SourcePrincipal => pb::RateLimitKey::SourcePrincipal,
+            RateLimitBy::Header => pb::RateLimitKey::Header,
+        } as i32,
+        header,
+        global,
+        source,
+    }
 }
 
 /// Checks a TrafficPolicy field by field: every problem is named by its
@@ -490,7 +567,22 @@ pub fn route_extension(tp: &TrafficPolicy) -> Result<RouteExtension, Vec<String>
             b.min_retry_concurrency.unwrap_or(MIN_RETRY_CONCURRENCY),
         ));
     }
+    if let Some(r) = &tp.spec.rate_limit {
+        let source = format!(
+            "{}/{}",
+            tp.metadata.namespace.as_deref().unwrap_or_default(),
+            tp.metadata.name.as_deref().unwrap_or_default()
+        );
+        out.rate_limit = Some(rate_limit(r, source, &mut errs));
+    }
     if errs.is_empty() { Ok(out) } else { Err(errs) }
+}
+
+/// A namespace's default rate limit: the valid rateLimit of its
+/// TrafficPolicy named `default`.
+pub fn default_rate_limit(ns: &str, exts: &TrafficPolicies) -> Option<pb::RateLimit> {
+    let tp = exts.get(&(ns.to_string(), DEFAULT_TRAFFIC_POLICY.to_string()))?;
+    route_extension(tp).ok()?.rate_limit
 }
 
 /// The TrafficPolicy names an HTTPRoute's rules reference, so a change to
@@ -638,6 +730,7 @@ fn rule_routes(
         retry,
         fault: ext.fault,
         mirror,
+        rate_limit: ext.rate_limit,
     };
     let matches = rule.matches.as_deref().unwrap_or_default();
     if matches.is_empty() {
@@ -1036,6 +1129,63 @@ spec:
   fault: {delay: {fixedDelay: soon, percentage: 150}, abort: {httpStatus: 700}}
   retryBudget: {percent: -1}
 "#;
+
+    #[test]
+    fn rate_limits_convert_and_bad_ones_are_named() {
+        let exts = traffic_policies(
+            r#"
+apiVersion: extensions.mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: per-user, namespace: shop}
+spec:
+  rateLimit: {requests: 5, per: 500ms, burst: 20, by: Header, header: X-User,
+              global: {store: "redis://10.0.0.9:6379", failureMode: Closed}}
+---
+apiVersion: extensions.mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: default, namespace: shop}
+spec:
+  rateLimit: {requests: 100}
+---
+apiVersion: extensions.mesh.dev/v1alpha1
+kind: TrafficPolicy
+metadata: {name: bad, namespace: shop}
+spec:
+  rateLimit: {requests: 0, per: often, by: Header, global: {store: "http://x"}}
+"#,
+        );
+        let one = |name: &str| {
+            route_extension(&exts[&("shop".to_string(), name.to_string())])
+                .map(|e| e.rate_limit.expect("a rate limit"))
+        };
+        let rl = one("per-user").unwrap();
+        assert_eq!(
+            (rl.max_tokens, rl.tokens_per_fill, rl.fill_interval_ms),
+            (20, 5, 500)
+        );
+        assert_eq!(rl.key, pb::RateLimitKey::Header as i32);
+        assert_eq!(rl.header, "x-user");
+        assert_eq!(rl.source, "shop/per-user");
+        let g = rl.global.expect("global");
+        assert!(g.fail_closed);
+        assert_eq!(g.store, "redis://10.0.0.9:6379");
+        let d = default_rate_limit("shop", &exts).expect("the namespace default");
+        assert_eq!(
+            (d.max_tokens, d.tokens_per_fill, d.fill_interval_ms, d.key),
+            (100, 100, 1000, pb::RateLimitKey::Route as i32)
+        );
+        assert!(default_rate_limit("other", &exts).is_none());
+        let errs = one("bad").unwrap_err();
+        for want in [
+            "spec.rateLimit.per",
+            "spec.rateLimit.requests",
+            "spec.rateLimit.burst",
+            "spec.rateLimit.header: required",
+            "spec.rateLimit.global.store",
+        ] {
+            assert!(errs.iter().any(|e| e.contains(want)), "{want}: {errs:?}");
+        }
+    }
 
     #[test]
     fn extension_ref_adds_fault_mirror_share_and_retry_budget() {
