@@ -398,23 +398,6 @@ spec:
     assert!(m.contains("reporter=\"waypoint\""));
     assert!(m.contains("istio_request_duration_milliseconds_bucket"));
     assert_eq!(requests_total(&m, &["direct.plain"]), 0, "{m}");
-    assert!(
-        requests_total(
-            &m,
-            &[
-                &svc("limited"),
-                "response_code=\"429\"",
-                "response_flags=\"RL\""
-            ]
-        ) >= 89,
-        "{m}"
-    );
-    assert!(
-        m.contains(
-            "waypoint_rate_limited_requests_total{policy=\"shop/ten-per-second\",counted=\"local\"}"
-        ),
-        "{m}"
-    );
     let log = std::fs::read_to_string(dir.path().join("logs/pod-shop-waypoint-0.log")).unwrap();
     assert!(
         log.contains("response_code=504 response_flags=\"UT\""),
@@ -874,6 +857,23 @@ spec:
                 "response_flags=\"FI\""
             ]
         ) >= 140,
+        "{m}"
+    );
+    assert!(
+        requests_total(
+            &m,
+            &[
+                &svc("limited"),
+                "response_code=\"429\"",
+                "response_flags=\"RL\""
+            ]
+        ) >= 89,
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "waypoint_rate_limited_requests_total{policy=\"shop/ten-per-second\",counted=\"local\"}"
+        ),
         "{m}"
     );
     assert!(

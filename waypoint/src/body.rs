@@ -11,8 +11,9 @@ use hyper::body::{Body, Frame, Incoming, SizeHint};
 
 use crate::upstream::{Lease, Limits};
 
-/// Called once with the response body's size and whether it completed.
-pub type OnEnd = Box<dyn FnOnce(u64, bool) + Send>;
+/// Called once with the response body's size, whether it completed, and
+/// the `grpc-status` its trailers carried, if any.
+pub type OnEnd = Box<dyn FnOnce(u64, bool, Option<String>) + Send>;
 
 enum Inner {
     Local(Full<Bytes>),
@@ -25,6 +26,9 @@ pub struct RespBody {
     on_end: Option<OnEnd>,
     /// An HTTP/1 connection goes back to its pool once the body is read.
     lease: Option<(Lease, Limits)>,
+    grpc_status: Option<String>,
+    /// Released when the body is done with (a circuit breaker's request slot).
+    held: Option<crate::lb::Held>,
 }
 
 impl RespBody {
@@ -34,6 +38,8 @@ impl RespBody {
             bytes: 0,
             on_end,
             lease: None,
+            grpc_status: None,
+            held: None,
         }
     }
 
@@ -43,12 +49,20 @@ impl RespBody {
             bytes: 0,
             on_end: Some(on_end),
             lease,
+            grpc_status: None,
+            held: None,
         }
     }
 
+    /// Keeps `h` until the body has been sent (or abandoned).
+    pub fn hold(&mut self, h: crate::lb::Held) {
+        self.held = Some(h);
+    }
+
     fn end(&mut self, complete: bool) {
+        self.held = None;
         if let Some(f) = self.on_end.take() {
-            f(self.bytes, complete);
+            f(self.bytes, complete, self.grpc_status.take());
         }
         if let Some((lease, limits)) = self.lease.take()
             && complete
@@ -79,6 +93,10 @@ impl Body for RespBody {
             Poll::Ready(Some(Ok(f))) => {
                 if let Some(d) = f.data_ref() {
                     self.bytes += d.len() as u64;
+                } else if let Some(t) = f.trailers_ref()
+                    && let Some(v) = t.get("grpc-status")
+                {
+                    self.grpc_status = Some(String::from_utf8_lossy(v.as_bytes()).into_owned());
                 }
             }
             Poll::Ready(Some(Err(_))) => self.end(false),

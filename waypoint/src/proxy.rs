@@ -209,6 +209,7 @@ fn conn_limits(policy: &BackendPolicy) -> ConnLimits {
         max_pending: policy.max_pending_requests,
         max_requests_per_connection: policy.max_requests_per_connection,
         idle_timeout: policy.idle_timeout.unwrap_or(Duration::from_secs(60)),
+        connect_timeout: policy.connect_timeout,
     }
 }
 
@@ -667,33 +668,43 @@ impl Waypoint {
         };
         let target = SocketAddr::new(ip, dest.port_on(&ep, ds.target.port()));
         let started = Instant::now();
-        let upstream: Result<Box<dyn crate::upstream::Io>, String> = match ep.protocol {
-            TunnelProtocol::Hbone => {
-                let key = PoolKey {
-                    src: self.identity.clone(),
-                    src_ip: None,
-                    dst: ep.identity.clone(),
-                    next_hop: SocketAddr::new(ip, ztunnel::config::HBONE_PORT),
-                };
-                let headers = ConnectHeaders {
-                    forwarded_for: Some(ds.peer),
-                    ..Default::default()
-                };
-                match self
-                    .upstreams
-                    .pool()
-                    .connect(&key, target, &headers, None)
-                    .await
-                {
-                    Ok((s, g)) => Ok(Box::new(crate::upstream::Guarded::new(s, g))),
-                    Err(e) => Err(e.to_string()),
+        let within = policy.connect_timeout.unwrap_or(self.cfg.connect_timeout);
+        let connecting = async {
+            match ep.protocol {
+                TunnelProtocol::Hbone => {
+                    let key = PoolKey {
+                        src: self.identity.clone(),
+                        src_ip: None,
+                        dst: ep.identity.clone(),
+                        next_hop: SocketAddr::new(ip, ztunnel::config::HBONE_PORT),
+                    };
+                    let headers = ConnectHeaders {
+                        forwarded_for: Some(ds.peer),
+                        ..Default::default()
+                    };
+                    match self
+                        .upstreams
+                        .pool()
+                        .connect(&key, target, &headers, None)
+                        .await
+                    {
+                        Ok((s, g)) => Ok(Box::new(crate::upstream::Guarded::new(s, g))
+                            as Box<dyn crate::upstream::Io>),
+                        Err(e) => Err(e.to_string()),
+                    }
                 }
+                TunnelProtocol::None => TcpStream::connect(target)
+                    .await
+                    .map(|s| Box::new(s) as Box<dyn crate::upstream::Io>)
+                    .map_err(|e| e.to_string()),
             }
-            TunnelProtocol::None => TcpStream::connect(target)
-                .await
-                .map(|s| Box::new(s) as Box<dyn crate::upstream::Io>)
-                .map_err(|e| e.to_string()),
         };
+        // The backend's connectTimeout (DestinationRule), else the waypoint's.
+        let upstream: Result<Box<dyn crate::upstream::Io>, String> =
+            match tokio::time::timeout(within, connecting).await {
+                Ok(r) => r,
+                Err(_) => Err(format!("no connection within {within:?}")),
+            };
         let mut up = match upstream {
             Ok(u) => u,
             Err(e) => {
@@ -981,8 +992,9 @@ impl Waypoint {
         }
         let resp = self.forward(&ds, &route, &backend, out, &mut rec).await;
         Ok(match resp {
-            Ok((resp, lease)) => {
+            Ok((resp, lease, admitted)) => {
                 let mut resp = rec.upstream(resp, lease);
+                resp.body_mut().hold(admitted);
                 for e in &response_edits {
                     edit_headers(resp.headers_mut(), e);
                 }
@@ -1005,6 +1017,7 @@ impl Waypoint {
         (
             Response<Incoming>,
             Option<(crate::upstream::Lease, ConnLimits)>,
+            crate::lb::Held,
         ),
         (StatusCode, Flag, &'static str),
     > {
@@ -1034,7 +1047,9 @@ impl Waypoint {
             .map(|s| s.backend.clone())
             .unwrap_or_default();
         let stats = self.balancer.backend(&backend.service);
-        let Some(_admitted) = self.balancer.admit(&stats, &policy) else {
+        // The request's max_requests slot: held until its response body
+        // ends (the body carries it), not just until the headers.
+        let Some(admitted) = self.balancer.admit(&stats, &policy) else {
             rec.detail = format!(
                 "{} is at max_requests {}",
                 backend.service, policy.max_requests
@@ -1122,7 +1137,7 @@ impl Waypoint {
                             rec.flag = Flag::URX;
                         }
                         let lease = (out.proto == Proto::Http1).then_some((lease, conn_limits));
-                        return Ok((resp, lease));
+                        return Ok((resp, lease, admitted));
                     }
                     rec.retries += 1;
                     (None, true)
@@ -1524,8 +1539,19 @@ impl Recorder {
 
     /// The closure that records the request once its response body ends.
     fn finisher(self, status: StatusCode) -> OnEnd {
-        Box::new(move |bytes, complete| {
+        self.finisher_grpc(status, None)
+    }
+
+    /// As [`finisher`], with the `grpc-status` of a trailers-only answer
+    /// (in the headers); trailers, when they come, say it instead.
+    fn finisher_grpc(self, status: StatusCode, in_headers: Option<String>) -> OnEnd {
+        Box::new(move |bytes, complete, in_trailers| {
             let mut r = self;
+            if r.labels.request_protocol == "grpc"
+                && let Some(g) = in_trailers.or(in_headers)
+            {
+                r.labels.grpc_response_status = g;
+            }
             r.finish(status.as_u16(), bytes, complete)
         })
     }
@@ -1662,7 +1688,11 @@ impl Recorder {
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let lease = lease.filter(|_| !closing);
         strip_hop_by_hop(&mut parts.headers);
-        let body = RespBody::upstream(body, lease, self.finisher(status));
+        let grpc = parts
+            .headers
+            .get("grpc-status")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let body = RespBody::upstream(body, lease, self.finisher_grpc(status, grpc));
         Response::from_parts(parts, body)
     }
 }

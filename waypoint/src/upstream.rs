@@ -99,6 +99,8 @@ pub struct Limits {
     pub max_pending: u32,
     pub max_requests_per_connection: u32,
     pub idle_timeout: Duration,
+    /// The DestinationRule's connectTimeout; the waypoint's own otherwise.
+    pub connect_timeout: Option<Duration>,
 }
 
 pub struct Upstreams {
@@ -195,7 +197,18 @@ impl Upstreams {
                 });
             }
             if let Ok(permit) = backend.permits.clone().try_acquire_owned() {
-                let sender = self.connect(&d, permit, backend.clone()).await?;
+                // The whole setup (TCP or HBONE, then the HTTP handshake)
+                // within the backend's connect timeout.
+                let within = limits.connect_timeout.unwrap_or(self.connect_timeout);
+                let sender =
+                    tokio::time::timeout(within, self.connect(&d, permit, backend.clone()))
+                        .await
+                        .map_err(|_| {
+                            UpstreamError::Connect(format!(
+                                "{}: no connection within {within:?}",
+                                d.target
+                            ))
+                        })??;
                 if let Sender::H2(s) = &sender {
                     backend
                         .by_endpoint
