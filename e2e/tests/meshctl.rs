@@ -63,7 +63,18 @@ async fn meshctl_explains_lists_and_steers_a_live_lab() {
     })
     .await;
 
-    // Workloads and services, as the tunnel sees them.
+    // Workloads and services, as the tunnel sees them (once the ztunnels
+    // hold every pod: the legacy namespace's arrive on their own push).
+    eventually(
+        "every workload in the ztunnels",
+        Duration::from_secs(30),
+        || async {
+            let w = lab_ok(&dir, &["ztunnel-config", "workloads"]);
+            !rows_with(&w, &["legacy", "legacy-client-0"]).is_empty()
+                && !rows_with(&w, &["shop", "client-0", &client.ip]).is_empty()
+        },
+    )
+    .await;
     let w = lab_ok(&dir, &["ztunnel-config", "workloads"]);
     assert_eq!(
         rows_with(&w, &["shop", "client-0", &client.ip, "node-1", "HBONE"]).len(),
@@ -312,7 +323,16 @@ async fn meshctl_explains_lists_and_steers_a_live_lab() {
         1,
         "{listed}"
     );
-    let via = lab_ok(&dir, &["why", "shop/client-0", "server.shop"]);
+    // The waypoint's endpoint reaches the ztunnels on its own push.
+    let mut via = String::new();
+    for _ in 0..100 {
+        let (_, out, _) = meshctl(&["--lab", &dir, "why", "shop/client-0", "server.shop"]);
+        via = out;
+        if via.contains("has a waypoint") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert!(
         via.contains("has a waypoint") && via.contains("no L7 policy applies"),
         "{via}"

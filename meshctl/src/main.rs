@@ -242,7 +242,10 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
             root_namespace,
         } => {
             let m = mesh(&a).await?;
-            let dumps = m.dumps(None).await?;
+            let (dumps, unreachable) = m.reachable_dumps().await?;
+            for u in &unreachable {
+                eprintln!("meshctl why: ztunnel on {u} did not answer; reasoning from the others");
+            }
             // Which L7 policies each waypoint applies, when the controller
             // is reachable (it is optional for `why`).
             let l7 = match &m.controller {

@@ -552,6 +552,33 @@ impl Mesh {
         Ok(out)
     }
 
+    /// Like [`Mesh::dumps`], but a ztunnel that does not answer is named
+    /// rather than failing the whole read (every ztunnel holds the same
+    /// mesh-wide state, so one dump is enough to reason from). Fails only
+    /// when none answers.
+    pub async fn reachable_dumps(&self) -> Result<(Vec<Dump>, Vec<String>), SourceError> {
+        if self.file.is_some() {
+            return Ok((self.dumps(None).await?, Vec::new()));
+        }
+        let (mut out, mut failed, mut last) = (Vec::new(), Vec::new(), None);
+        for z in self.ztunnels(None)? {
+            match z.admin.get_json("/config_dump").await {
+                Ok(value) => {
+                    let node = value["node"].as_str().unwrap_or(&z.node).to_string();
+                    out.push(Dump { node, value });
+                }
+                Err(e) => {
+                    failed.push(format!("{}: {e}", z.node));
+                    last = Some(e);
+                }
+            }
+        }
+        match last {
+            Some(e) if out.is_empty() => Err(e),
+            _ => Ok((out, failed)),
+        }
+    }
+
     pub fn controller(&self) -> Result<&Endpoint, SourceError> {
         self.controller.as_ref().ok_or_else(|| {
             SourceError::Other(

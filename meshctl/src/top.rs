@@ -135,8 +135,17 @@ pub fn edges(samples: &[Sample]) -> BTreeMap<EdgeKey, Edge> {
     out
 }
 
-/// Scrapes every proxy's metrics once.
-pub async fn scrape(mesh: &Mesh) -> Result<Vec<Sample>, SourceError> {
+/// One scrape of every proxy: what answered, and who did not.
+pub struct Scrape {
+    pub samples: Vec<Sample>,
+    pub answered: std::collections::BTreeSet<String>,
+    pub failed: Vec<String>,
+    pub at: std::time::Instant,
+}
+
+/// Scrapes every proxy's metrics once. A proxy that does not answer is
+/// named in `failed`; only when none answers is it an error.
+pub async fn scrape(mesh: &Mesh) -> Result<Scrape, SourceError> {
     let mut endpoints: Vec<&Endpoint> = mesh
         .ztunnels
         .iter()
@@ -148,11 +157,30 @@ pub async fn scrape(mesh: &Mesh) -> Result<Vec<Sample>, SourceError> {
             "top needs the proxies' metrics: pass --metrics-addr ADDR (a ztunnel's :15020) or use --lab".into(),
         ));
     }
-    let mut out = Vec::new();
+    let at = std::time::Instant::now();
+    let mut out = Scrape {
+        samples: Vec::new(),
+        answered: Default::default(),
+        failed: Vec::new(),
+        at,
+    };
+    let mut last_err = None;
     for e in endpoints {
-        out.extend(parse_metrics(&e.get("/metrics").await?));
+        match e.get("/metrics").await {
+            Ok(text) => {
+                out.samples.extend(parse_metrics(&text));
+                out.answered.insert(e.what.clone());
+            }
+            Err(err) => {
+                out.failed.push(format!("{}: {err}", e.what));
+                last_err = Some(err);
+            }
+        }
     }
-    Ok(out)
+    match last_err {
+        Some(e) if out.answered.is_empty() => Err(e),
+        _ => Ok(out),
+    }
 }
 
 /// One frame: rates between `before` and `after`, `secs` apart.
@@ -217,6 +245,10 @@ fn human(bytes_per_s: f64) -> String {
 }
 
 /// Runs `top`: one frame (`once`) or refreshing in place until interrupted.
+/// Rates use the time measured between the two scrapes. A proxy that does
+/// not answer is reported; a frame is drawn only from two scrapes of the
+/// same proxies (a proxy coming back would otherwise count its whole
+/// history as one interval's traffic).
 pub async fn run(
     mesh: &Mesh,
     interval: Duration,
@@ -226,10 +258,27 @@ pub async fn run(
     let mut before = scrape(mesh).await?;
     loop {
         tokio::time::sleep(interval).await;
-        let after = scrape(mesh).await?;
-        show(&frame(&before, &after, interval.as_secs_f64()), !once);
-        if once {
-            return Ok(());
+        let after = match scrape(mesh).await {
+            Ok(a) => a,
+            Err(e) if !once => {
+                eprintln!("meshctl top: {e}; retrying");
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for f in &after.failed {
+            eprintln!("meshctl top: no answer from {f}");
+        }
+        if after.answered == before.answered {
+            let secs = after.at.duration_since(before.at).as_secs_f64();
+            show(&frame(&before.samples, &after.samples, secs), !once);
+            if once {
+                return Ok(());
+            }
+        } else if once {
+            return Err(SourceError::Other(
+                "the proxies that answered changed between the two scrapes; run again".into(),
+            ));
         }
         before = after;
     }

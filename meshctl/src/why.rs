@@ -70,10 +70,18 @@ fn find_workload(snap: &Snapshot, network: &str, what: &str) -> Option<Arc<Workl
         .cloned()
 }
 
-/// Splits "host[:port]" (port defaults to 80).
+/// Splits "host[:port]" (port defaults to 80). An IPv6 address takes a
+/// port only in brackets ("[fd00::1]:8080"); bare, it is all address.
 fn host_port(dst: &str) -> Result<(String, u16), SourceError> {
     if let Ok(sa) = dst.parse::<SocketAddr>() {
         return Ok((sa.ip().to_string(), sa.port()));
+    }
+    if let Ok(ip) = dst
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<IpAddr>()
+    {
+        return Ok((ip.to_string(), 80));
     }
     match dst.rsplit_once(':') {
         Some((h, p)) => p
@@ -498,5 +506,22 @@ fn decision_policy(d: &ztunnel::state::Decision) -> Option<String> {
             allow_policies.join(", ")
         )),
         Decision::AllowNoPolicies => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn host_port_reads_ipv6_with_and_without_a_port() {
+        let hp = |s: &str| host_port(s).map_err(|e| e.to_string());
+        assert_eq!(hp("fd00::5"), Ok(("fd00::5".into(), 80)));
+        assert_eq!(hp("[fd00::5]"), Ok(("fd00::5".into(), 80)));
+        assert_eq!(hp("[fd00::5]:8080"), Ok(("fd00::5".into(), 8080)));
+        assert_eq!(hp("10.0.0.1:9"), Ok(("10.0.0.1".into(), 9)));
+        assert_eq!(hp("web.shop"), Ok(("web.shop".into(), 80)));
+        assert_eq!(hp("web.shop:443"), Ok(("web.shop".into(), 443)));
+        assert!(hp("web:http").is_err());
     }
 }
