@@ -225,6 +225,10 @@ impl Upstreams {
                     used: 0,
                 });
             }
+            // At the cap: an idle kept-alive connection to another endpoint
+            // is worth less than this request; closing it frees its slot
+            // (the waiter below is woken when it has closed).
+            evict_oldest_idle_elsewhere(&backend, key);
             if pending.is_none() {
                 let n = backend.pending.fetch_add(1, Ordering::AcqRel);
                 pending = Some(PendingGuard(backend.clone()));
@@ -352,6 +356,33 @@ impl Drop for PendingGuard {
     }
 }
 
+/// Closes the longest-idle HTTP/1 connection of the backend to an endpoint
+/// other than `key`'s (dropping its sender ends it, which frees its slot).
+fn evict_oldest_idle_elsewhere(b: &BackendConns, key: (SocketAddr, Proto)) -> bool {
+    let mut m = b.by_endpoint.lock().unwrap_or_else(|p| p.into_inner());
+    let oldest = m
+        .iter()
+        .filter(|(k, _)| **k != key)
+        .flat_map(|(k, e)| {
+            e.idle
+                .iter()
+                .enumerate()
+                .map(move |(i, c)| (*k, i, c.since))
+        })
+        .min_by_key(|(_, _, since)| *since);
+    match oldest {
+        Some((k, i, _)) => {
+            if let Some(e) = m.get_mut(&k) {
+                let closed = e.idle.swap_remove(i);
+                debug!(endpoint = %k.0, "closing an idle connection: the backend is at max_connections");
+                drop(closed);
+            }
+            true
+        }
+        None => false,
+    }
+}
+
 fn take_reusable(
     b: &BackendConns,
     key: (SocketAddr, Proto),
@@ -451,3 +482,141 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
 }
 
 forward_async_write!(Guarded, inner);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    use ztunnel::ca::{CaClient, CaError, CaFuture};
+    use ztunnel::certs::{Backoff, CertificateManager};
+    use ztunnel::clock::SystemClock;
+    use ztunnel::tls::TrustRoots;
+
+    struct NoCa;
+    impl CaClient for NoCa {
+        fn fetch_certificate<'a>(&'a self, _: &'a Identity) -> CaFuture<'a> {
+            Box::pin(async { Err(CaError::Unreachable("no CA in this test".into())) })
+        }
+    }
+
+    fn upstreams() -> Upstreams {
+        let certs = CertificateManager::new(
+            Arc::new(NoCa),
+            Arc::new(SystemClock),
+            TrustRoots::empty(),
+            Backoff::default(),
+        );
+        let pool = Pool::new(
+            certs,
+            ztunnel::proxy::pool::PoolSettings {
+                h2: Default::default(),
+                cfg: Default::default(),
+                connect_timeout: Duration::from_secs(1),
+                handshake_timeout: Duration::from_secs(1),
+                mark: None,
+            },
+            Arc::new(ztunnel::metrics::Metrics::default()),
+        );
+        let identity: Identity = "spiffe://cluster.local/ns/ns/sa/wp"
+            .parse()
+            .expect("identity");
+        Upstreams::new(pool, identity, Duration::from_secs(1))
+    }
+
+    fn plain(addr: SocketAddr) -> Workload {
+        Workload {
+            uid: addr.to_string(),
+            name: "e".into(),
+            namespace: "ns".into(),
+            addresses: vec![addr.ip()],
+            network: String::new(),
+            protocol: TunnelProtocol::None,
+            identity: "spiffe://cluster.local/ns/ns/sa/e"
+                .parse()
+                .expect("identity"),
+            waypoint: None,
+            node: "n".into(),
+            canonical_name: String::new(),
+            canonical_revision: String::new(),
+            workload_name: String::new(),
+            services: Default::default(),
+            authorization_policies: vec![],
+            healthy: true,
+            native_tunnel: false,
+        }
+    }
+
+    /// An HTTP/1 server that answers 200 and counts connections.
+    async fn server() -> (SocketAddr, Arc<AtomicUsize>) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = l.local_addr().expect("addr");
+        let conns = Arc::new(AtomicUsize::new(0));
+        let c = conns.clone();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                c.fetch_add(1, Ordering::SeqCst);
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(|_req| async {
+                        Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
+                            "ok",
+                        ))))
+                    });
+                    let _ = hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc)
+                        .await;
+                });
+            }
+        });
+        (addr, conns)
+    }
+
+    async fn one_request(u: &Upstreams, limits: &Limits, ep: &Workload, to: SocketAddr) {
+        let headers = ConnectHeaders::default();
+        let d = Dial {
+            endpoint: ep,
+            target: to,
+            proto: Proto::Http1,
+            headers: &headers,
+        };
+        let mut lease = tokio::time::timeout(Duration::from_secs(5), u.checkout("svc", limits, d))
+            .await
+            .expect("a connection in time (not after the idle sweep)")
+            .expect("checkout");
+        let req = Request::get("/")
+            .body(Full::new(Bytes::new()))
+            .expect("request");
+        let resp = lease.send(req).await.expect("response");
+        let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
+        lease.finish(limits);
+    }
+
+    #[tokio::test]
+    async fn at_max_connections_an_idle_connection_elsewhere_makes_room() {
+        let u = upstreams();
+        let limits = Limits {
+            max_connections: 1,
+            max_pending: 10,
+            max_requests_per_connection: 0,
+            idle_timeout: Duration::from_secs(60),
+            connect_timeout: None,
+        };
+        let (a, a_conns) = server().await;
+        let (b, b_conns) = server().await;
+        let (ea, eb) = (plain(a), plain(b));
+        one_request(&u, &limits, &ea, a).await;
+        // A's connection now idles, holding the backend's only slot; B is
+        // served at once, not after A's idle timeout.
+        one_request(&u, &limits, &eb, b).await;
+        one_request(&u, &limits, &eb, b).await;
+        assert_eq!(a_conns.load(Ordering::SeqCst), 1);
+        assert_eq!(
+            b_conns.load(Ordering::SeqCst),
+            1,
+            "B's connection is reused"
+        );
+        assert_eq!(u.connection_count(), 1, "only B's connection is left");
+    }
+}
