@@ -197,9 +197,11 @@ impl RateLimitMetrics {
     }
 }
 
-/// A store connection, and until when it is not to be asked.
+/// A store connection (made on first use, and again after a failed first
+/// connect; once made, it reconnects by itself), and until when the store is
+/// not to be asked.
 struct Store {
-    conn: tokio::sync::OnceCell<Result<redis::aio::ConnectionManager, String>>,
+    conn: tokio::sync::Mutex<Option<redis::aio::ConnectionManager>>,
     down_until: Mutex<Option<Instant>>,
 }
 
@@ -308,7 +310,7 @@ impl RateLimiter {
             .entry(url.to_string())
             .or_insert_with(|| {
                 Arc::new(Store {
-                    conn: tokio::sync::OnceCell::new(),
+                    conn: tokio::sync::Mutex::new(None),
                     down_until: Mutex::new(None),
                 })
             })
@@ -342,16 +344,21 @@ impl RateLimiter {
         limit: &Limit,
         key: &str,
     ) -> Result<Verdict, String> {
-        let conn = store
-            .conn
-            .get_or_init(|| async {
-                let client = redis::Client::open(g.store.as_str()).map_err(|e| e.to_string())?;
-                redis::aio::ConnectionManager::new(client)
-                    .await
-                    .map_err(|e| e.to_string())
-            })
-            .await
-            .clone()?;
+        let conn = {
+            let mut slot = store.conn.lock().await;
+            match slot.as_ref() {
+                Some(c) => c.clone(),
+                None => {
+                    let client =
+                        redis::Client::open(g.store.as_str()).map_err(|e| e.to_string())?;
+                    let c = redis::aio::ConnectionManager::new(client)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    *slot = Some(c.clone());
+                    c
+                }
+            }
+        };
         // Windows are aligned to the wall clock, so every replica counts
         // the same window.
         let interval_ms = limit.fill_interval.as_millis().max(1);

@@ -22,6 +22,10 @@ impl Redis {
             .and_then(|l| l.local_addr())
             .map(|a| a.port())
             .expect("a free port");
+        Redis::start_on(port)
+    }
+
+    fn start_on(port: u16) -> Redis {
         let dir = tempfile::tempdir().expect("tempdir");
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
@@ -122,4 +126,35 @@ async fn replicas_share_a_global_limit_and_fall_back_when_the_store_goes() {
     );
     let closed = limit(redis.port, true);
     assert_ne!(b.check(&closed, "").await, Verdict::Admit);
+}
+
+/// A store that is down when the first request comes is used once it is up:
+/// a failed first connect is not remembered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_that_comes_up_later_is_used() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free port");
+    let r = replica();
+    let l = Limit {
+        max_tokens: 1,
+        tokens_per_fill: 1,
+        ..limit(port, true)
+    };
+    // Down: refused (fail closed).
+    assert_ne!(r.check(&l, "").await, Verdict::Admit);
+    let _redis = Redis::start_on(port);
+    // The failure backs the store off for a second; then it counts.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    assert_eq!(
+        r.check(&l, "").await,
+        Verdict::Admit,
+        "the store's first count"
+    );
+    assert_ne!(
+        r.check(&l, "").await,
+        Verdict::Admit,
+        "the store's second count"
+    );
 }
