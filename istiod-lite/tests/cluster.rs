@@ -783,9 +783,11 @@ async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
         .await
         .unwrap_err();
     assert!(err.contains("no authorization header"), "{err}");
-    // A second call within the cache window costs no review.
+    // A second call within the cache window costs no review, for a good
+    // token or a refused one.
     let before = state.lock().unwrap().log.len();
     reviewer.authenticate(&auth("zt")).await.unwrap();
+    reviewer.authenticate(&auth("nobody")).await.unwrap_err();
     assert_eq!(state.lock().unwrap().log.len(), before);
 }
 

@@ -27,6 +27,9 @@ pub const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 pub const POD_UID: &str = "authentication.kubernetes.io/pod-uid";
 pub const NODE_NAME: &str = "authentication.kubernetes.io/node-name";
 const CACHE_FOR: Duration = Duration::from_secs(60);
+/// A refused token is remembered briefly, so a client retrying a bad token
+/// does not cost a TokenReview per call.
+const REFUSAL_CACHE_FOR: Duration = Duration::from_secs(5);
 const CACHE_MAX: usize = 10_000;
 
 #[derive(Debug, Clone)]
@@ -41,8 +44,11 @@ pub struct TokenReviewer {
     api: Api<TokenReview>,
     cfg: ReviewConfig,
     hub: Arc<Hub>,
-    cache: Mutex<HashMap<[u8; 32], (Instant, Caller)>>,
+    cache: Mutex<HashMap<[u8; 32], Reviewed>>,
 }
+
+/// A review's answer and when it was had, by the token's SHA-256.
+type Reviewed = (Instant, Result<Caller, String>);
 
 impl TokenReviewer {
     pub fn new(client: Client, cfg: ReviewConfig, hub: Arc<Hub>) -> Self {
@@ -61,10 +67,15 @@ impl TokenReviewer {
             .map_err(|_| "token digest".to_string())?;
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, caller)) = cache.get(&key)
-                && at.elapsed() < CACHE_FOR
-            {
-                return Ok(caller.clone());
+            if let Some((at, answer)) = cache.get(&key) {
+                let ttl = if answer.is_ok() {
+                    CACHE_FOR
+                } else {
+                    REFUSAL_CACHE_FOR
+                };
+                if at.elapsed() < ttl {
+                    return answer.clone();
+                }
             }
         }
         let review = TokenReview {
@@ -74,24 +85,33 @@ impl TokenReviewer {
             },
             ..TokenReview::default()
         };
+        // An API server that cannot answer says nothing about the token:
+        // not remembered.
         let answer = self
             .api
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| format!("TokenReview failed: {e}"))?;
-        let status = answer
+        let answer = answer
             .status
-            .ok_or("the TokenReview came back without a status")?;
-        let caller = self.caller(&status)?;
+            .ok_or_else(|| "the TokenReview came back without a status".to_string())
+            .and_then(|status| self.caller(&status));
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_MAX {
-            cache.retain(|_, (at, _)| at.elapsed() < CACHE_FOR);
+            cache.retain(|_, (at, a)| {
+                at.elapsed()
+                    < if a.is_ok() {
+                        CACHE_FOR
+                    } else {
+                        REFUSAL_CACHE_FOR
+                    }
+            });
             if cache.len() >= CACHE_MAX {
                 cache.clear();
             }
         }
-        cache.insert(key, (Instant::now(), caller.clone()));
-        Ok(caller)
+        cache.insert(key, (Instant::now(), answer.clone()));
+        answer
     }
 
     /// Who a reviewed token belongs to, or why it is not good enough.
