@@ -450,3 +450,176 @@ static_resources:
         timeout = w.timeout_ms as f64 / 1000.0,
     )
 }
+
+/// The mark on an Envoy sidecar's own upstream sockets, which its capture
+/// rules let through (the ztunnel's in-pod rules skip the same mark).
+pub const SIDECAR_MARK: u32 = 1337;
+/// Where a sidecar's capture sends the pod's outbound TCP.
+pub const SIDECAR_OUTBOUND_PORT: u16 = 15001;
+
+/// The nftables script that makes an Envoy a sidecar in its pod's netns:
+/// every outbound TCP connection of the pod, except loopback and Envoy's
+/// own (marked) sockets, is redirected to [`SIDECAR_OUTBOUND_PORT`], where
+/// Envoy reads the original destination (`SO_ORIGINAL_DST`). Inbound is
+/// not captured: peers reach the sidecar on the pod's 15008 directly, as
+/// HBONE reaches a ztunnel.
+pub fn sidecar_capture_rules() -> String {
+    format!(
+        "table inet envoy-sidecar
+delete table inet envoy-sidecar
+table inet envoy-sidecar {{
+  chain output {{
+    type nat hook output priority -100; policy accept;
+    meta mark {SIDECAR_MARK} accept
+    oifname \"lo\" accept
+    meta l4proto tcp redirect to :{SIDECAR_OUTBOUND_PORT}
+  }}
+}}
+"
+    )
+}
+
+/// An Envoy sidecar's outbound half, doing the ztunnel's job for one pod:
+/// captured TCP in on [`SIDECAR_OUTBOUND_PORT`] (the original destination
+/// restored), HTTP/2 CONNECT to that `ip:port` over mutual TLS to the
+/// destination's `ip:15008`, the peer's URI SAN checked against
+/// `peer_san`. Upstream sockets are bound to the pod's IP and carry
+/// [`SIDECAR_MARK`].
+pub fn sidecar_outbound_config(
+    admin: SocketAddr,
+    pod_ip: IpAddr,
+    files: (&Path, &Path, &Path),
+    peer_san: &str,
+) -> String {
+    format!(
+        r#"admin:
+  address: {{socket_address: {{address: "{aip}", port_value: {aport}}}}}
+static_resources:
+  listeners:
+  - name: outbound
+    address: {{socket_address: {{address: "0.0.0.0", port_value: {SIDECAR_OUTBOUND_PORT}}}}}
+    listener_filters:
+    - name: envoy.filters.listener.original_dst
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.filters.listener.original_dst.v3.OriginalDst
+    filter_chains:
+    - filters:
+      - name: envoy.filters.network.tcp_proxy
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.tcp_proxy.v3.TcpProxy
+          stat_prefix: outbound
+          cluster: hbone
+          tunneling_config:
+            hostname: "%DOWNSTREAM_LOCAL_ADDRESS%"
+  clusters:
+  - name: hbone
+    type: ORIGINAL_DST
+    lb_policy: CLUSTER_PROVIDED
+    connect_timeout: 5s
+    original_dst_lb_config: {{upstream_port_override: 15008}}
+    upstream_bind_config:
+      source_address: {{address: "{pod_ip}", port_value: 0}}
+      socket_options:
+      - {{level: 1, name: 36, int_value: {SIDECAR_MARK}, state: STATE_PREBIND}}
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    transport_socket:
+      name: envoy.transport_sockets.tls
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
+        {tls}
+"#,
+        aip = admin.ip(),
+        aport = admin.port(),
+        tls = tls_common(files.0, files.1, files.2, peer_san),
+    )
+}
+
+/// An Envoy sidecar's inbound half: HBONE terminated on the pod's
+/// `ip:15008` (mutual TLS, clients whose URI SAN starts with
+/// `client_san_prefix`), each CONNECT to `pod_ip:port` for one of `ports`
+/// sent to that port of the pod; any other target has no route (404).
+pub fn sidecar_inbound_config(
+    admin: SocketAddr,
+    pod_ip: IpAddr,
+    ports: &[u16],
+    files: (&Path, &Path, &Path),
+    client_san_prefix: &str,
+) -> String {
+    let hosts: String = ports
+        .iter()
+        .map(|p| {
+            format!(
+                r#"            - name: app-{p}
+              domains: ["{pod_ip}:{p}"]
+              routes:
+              - match: {{connect_matcher: {{}}}}
+                route:
+                  cluster: app-{p}
+                  timeout: 0s
+                  upgrade_configs: [{{upgrade_type: CONNECT, connect_config: {{}}}}]
+"#
+            )
+        })
+        .collect();
+    let clusters: String = ports
+        .iter()
+        .map(|p| {
+            format!(
+                r#"  - name: app-{p}
+    type: STATIC
+    connect_timeout: 5s
+    load_assignment:
+      cluster_name: app-{p}
+      endpoints:
+      - lb_endpoints:
+        - endpoint: {{address: {{socket_address: {{address: "{pod_ip}", port_value: {p}}}}}}}
+"#
+            )
+        })
+        .collect();
+    let tls = tls_matching(
+        files.0,
+        files.1,
+        files.2,
+        &format!("prefix: \"{client_san_prefix}\""),
+    )
+    .replace("\n        ", "\n          ");
+    format!(
+        r#"admin:
+  address: {{socket_address: {{address: "{aip}", port_value: {aport}}}}}
+static_resources:
+  listeners:
+  - name: inbound
+    address: {{socket_address: {{address: "{pod_ip}", port_value: 15008}}}}
+    filter_chains:
+    - transport_socket:
+        name: envoy.transport_sockets.tls
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.DownstreamTlsContext
+          require_client_certificate: true
+          {tls}
+      filters:
+      - name: envoy.filters.network.http_connection_manager
+        typed_config:
+          "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
+          stat_prefix: inbound
+          codec_type: HTTP2
+          http2_protocol_options: {{allow_connect: true}}
+          upgrade_configs: [{{upgrade_type: CONNECT}}]
+          route_config:
+            name: inbound
+            virtual_hosts:
+{hosts}          http_filters:
+          - name: envoy.filters.http.router
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.router.v3.Router
+  clusters:
+{clusters}"#,
+        aip = admin.ip(),
+        aport = admin.port(),
+    )
+}

@@ -55,17 +55,27 @@ fn labapp() -> String {
     "labapp".into()
 }
 
-/// What the lab runs for a pod spec: its service account, and the first
-/// container's image ("labapp" or "waypoint") and args.
-fn pod_spec(spec: &Value) -> (String, Vec<String>, String) {
-    let sa = spec["serviceAccountName"]
-        .as_str()
-        .unwrap_or("default")
-        .to_string();
+/// What the lab runs for a pod spec.
+struct Spec {
+    service_account: String,
+    /// The first container's image ("labapp" or "waypoint") and args.
+    image: String,
+    args: Vec<String>,
+    /// `spec.nodeName`: the node it must run on, as a scheduler's binding.
+    node: Option<String>,
+}
+
+fn pod_spec(spec: &Value) -> Spec {
     let c = &spec["containers"][0];
-    let args = serde_json::from_value(c["args"].clone()).unwrap_or_default();
-    let image = c["image"].as_str().unwrap_or("labapp").to_string();
-    (sa, args, image)
+    Spec {
+        service_account: spec["serviceAccountName"]
+            .as_str()
+            .unwrap_or("default")
+            .to_string(),
+        image: c["image"].as_str().unwrap_or("labapp").to_string(),
+        args: serde_json::from_value(c["args"].clone()).unwrap_or_default(),
+        node: spec["nodeName"].as_str().map(str::to_string),
+    }
 }
 
 /// The Gateway class that declares a waypoint.
@@ -351,6 +361,31 @@ impl Lab {
         Ok(pid)
     }
 
+    /// Starts one more process in a pod's netns (a second container: the
+    /// bench's iperf3 or sockperf server, an Envoy beside the app), logged
+    /// to `<dir>/logs/<log>` and ended with the lab like the pod's own.
+    /// Returns its pid.
+    pub fn spawn_in_pod(
+        &mut self,
+        key: &str,
+        log: &str,
+        env: &[(&str, &str)],
+        cmd: &[String],
+    ) -> Result<u32, Error> {
+        let netns = self
+            .pod(key)
+            .map(|p| p.netns.clone())
+            .ok_or_else(|| format!("no pod {key}"))?;
+        self.spawn_in(&netns, log, env, cmd)
+    }
+
+    /// Ends one process [`Lab::spawn_in_pod`] started (SIGTERM, then waits,
+    /// bounded), before the lab goes.
+    pub fn end_process(&mut self, pid: u32) -> Result<(), Error> {
+        self.end_pid(pid, false);
+        self.save()
+    }
+
     /// Starts a stopped named process again, as it was first started.
     pub fn restart(&mut self, name: &str) -> Result<(), Error> {
         let p = self
@@ -628,17 +663,32 @@ impl Lab {
     }
 
     /// Creates a pod: netns, address, Pod object for the controller, its app
-    /// process, and capture when its namespace is enrolled.
-    pub async fn add_pod(
+    /// process, and capture when its namespace is enrolled. It runs on
+    /// `spec.node` when that is set, else the nodes take pods in turn.
+    async fn add_pod(
         &mut self,
         namespace: &str,
         name: &str,
-        service_account: &str,
         labels: BTreeMap<String, String>,
-        args: Vec<String>,
-        image: &str,
+        spec: Spec,
     ) -> Result<(), Error> {
-        let node = self.state.nodes[self.state.pods.len() % self.state.nodes.len()].clone();
+        let Spec {
+            service_account,
+            image,
+            args,
+            node,
+        } = spec;
+        let (service_account, image) = (service_account.as_str(), image.as_str());
+        let node = match node {
+            Some(n) => self
+                .state
+                .nodes
+                .iter()
+                .find(|x| x.name == n)
+                .cloned()
+                .ok_or_else(|| format!("pod {namespace}/{name}: no node {n}"))?,
+            None => self.state.nodes[self.state.pods.len() % self.state.nodes.len()].clone(),
+        };
         let k = self
             .state
             .pods
@@ -932,24 +982,23 @@ impl Lab {
                     let plabels: BTreeMap<String, String> =
                         serde_json::from_value(tmpl["metadata"]["labels"].clone())
                             .unwrap_or_default();
-                    let (sa, args, image) = pod_spec(&tmpl["spec"]);
                     for i in 0..replicas {
                         let pname = format!("{name}-{i}");
                         if !self.state.pods.contains_key(&format!("{ns}/{pname}")) {
-                            self.add_pod(&ns, &pname, &sa, plabels.clone(), args.clone(), &image)
+                            self.add_pod(&ns, &pname, plabels.clone(), pod_spec(&tmpl["spec"]))
                                 .await?;
                         }
                     }
                 }
                 "Pod" => {
-                    let (sa, args, image) = pod_spec(&d["spec"]);
                     let key = format!("{ns}/{name}");
                     if let Some(p) = self.state.pods.get_mut(&key) {
                         p.labels = labels;
                         self.save()?;
                         self.reconcile_capture(&key).await?;
                     } else {
-                        self.add_pod(&ns, &name, &sa, labels, args, &image).await?;
+                        self.add_pod(&ns, &name, labels, pod_spec(&d["spec"]))
+                            .await?;
                     }
                 }
                 "Service" => {

@@ -1,5 +1,6 @@
-//! `just bench`: measures the mesh. Two scenarios, run one after the other
-//! (`--scenario` picks one): the controller at scale, and the L7 path.
+//! `just bench`: measures the mesh. Three scenarios, run one after the
+//! other (`--scenario` picks one): the controller at scale, the L7 path, and
+//! the L4 data paths.
 //!
 //! Controller scenario: istiod-lite (the binary) reads a folder holding N
 //! pods, S services and P policies; C proxy clients connect over real
@@ -13,6 +14,11 @@
 //! pod on node-1 to an http-echo pod on node-2, directly (ztunnel to
 //! ztunnel), through our waypoint, and through Envoy in the waypoint's
 //! place, measured in the same run. See [`l7`].
+//!
+//! L4 scenario: a two-node lab; TCP from a client pod to a server pod on the
+//! other node and on the same node, plain, through our ztunnels, and through
+//! an Envoy sidecar pair, with iperf3, sockperf, wrk and `labapp hold`. See
+//! [`l4`].
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -31,6 +37,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
+
+/// In its own file: a crate root looks for modules beside it, and every
+/// `.rs` beside it is a binary of its own.
+#[path = "bench/l4.rs"]
+mod l4;
 
 #[derive(Debug, Parser)]
 #[command(about = "Measure the mesh")]
@@ -52,6 +63,15 @@ struct Args {
     /// of `--l7-requests` (each waits for the one before).
     #[arg(long, value_delimiter = ',', default_values_t = [16, 1])]
     l7_concurrency: Vec<usize>,
+    /// Seconds per L4 measurement (iperf3, sockperf, wrk).
+    #[arg(long, default_value_t = 2)]
+    l4_seconds: u64,
+    /// Seconds the L4 scenario 6 holds its connections open.
+    #[arg(long, default_value_t = 4)]
+    l4_hold_seconds: u64,
+    /// Connections the L4 scenario 6 holds open (at most 20 000).
+    #[arg(long, default_value_t = 1000)]
+    l4_connections: usize,
     /// Which scenario to run.
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     scenario: Scenario,
@@ -68,6 +88,7 @@ enum Scenario {
     All,
     Controller,
     L7,
+    L4,
 }
 
 impl Scenario {
@@ -77,6 +98,7 @@ impl Scenario {
             Scenario::All => "all",
             Scenario::Controller => "controller",
             Scenario::L7 => "l7",
+            Scenario::L4 => "l4",
         }
     }
 }
@@ -103,6 +125,22 @@ fn rss_kib(pid: u32) -> u64 {
                 .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
         })
         .unwrap_or(0)
+}
+
+/// Raises the open-file limit to its hard limit, for this process and the
+/// lab's processes it starts.
+fn raise_nofile() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
 }
 
 fn write_config(dir: &Path, a: &Args) -> std::io::Result<()> {
@@ -390,6 +428,9 @@ async fn main() {
         (a.l7_requests, a.l7_concurrency) = (200, vec![16]);
     }
     ztunnel::tls::install_default_provider();
+    // The lab's processes inherit it: 1 000 held connections are 2 000
+    // sockets in one ztunnel on one node.
+    raise_nofile();
     let machine = format!(
         "{} cores, kernel {}",
         std::thread::available_parallelism()
@@ -401,13 +442,14 @@ async fn main() {
     );
     let mut json = serde_json::json!({ "machine": machine });
     let scenarios: &[Scenario] = match a.scenario {
-        Scenario::All => &[Scenario::Controller, Scenario::L7],
+        Scenario::All => &[Scenario::Controller, Scenario::L7, Scenario::L4],
         ref one => std::slice::from_ref(one),
     };
     for s in scenarios {
         let result = match s {
             Scenario::Controller => controller(&a, &machine).await,
             Scenario::L7 => l7::run(&a, &machine).await,
+            Scenario::L4 => l4::run(&a, &machine).await,
             Scenario::All => continue,
         };
         match result {
@@ -571,7 +613,7 @@ mod l7 {
 
     /// Where the load generator is pinned: the last CPU, when there are two
     /// or more.
-    fn load_cpu() -> Option<usize> {
+    pub(super) fn load_cpu() -> Option<usize> {
         let n = std::thread::available_parallelism()
             .map(|n| n.get())
             .unwrap_or(1);
@@ -627,7 +669,7 @@ mod l7 {
     }
 
     /// `labapp get` from inside a pod: the status line and the body.
-    fn get(lab: &Lab, from: &str, url: &str) -> Result<String, Error> {
+    pub(super) fn get(lab: &Lab, from: &str, url: &str) -> Result<String, Error> {
         let labapp = binary("labapp").display().to_string();
         let out = lab.exec(from, &["timeout", "20", &labapp, "get", url])?;
         if !out.status.success() {
@@ -639,7 +681,7 @@ mod l7 {
     /// A GET to Envoy's admin inside its pod, with curl: `labapp get` sends
     /// the absolute form (`GET http://host/path`), which proxies take and
     /// Envoy's admin does not.
-    fn envoy_admin(lab: &Lab, pod: &str, path: &str) -> Result<String, Error> {
+    pub(super) fn envoy_admin(lab: &Lab, pod: &str, path: &str) -> Result<String, Error> {
         let url = format!("http://127.0.0.1:15000{path}");
         let out = lab.exec(pod, &["curl", "-sf", "--max-time", "10", &url])?;
         if !out.status.success() {
@@ -680,7 +722,7 @@ mod l7 {
     }
 
     /// utime + stime of a process, in clock ticks.
-    fn cpu_ticks(pid: u32) -> u64 {
+    pub(super) fn cpu_ticks(pid: u32) -> u64 {
         let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
             return 0;
         };
@@ -696,7 +738,7 @@ mod l7 {
         f.iter().sum()
     }
 
-    fn clock_ticks_per_second() -> f64 {
+    pub(super) fn clock_ticks_per_second() -> f64 {
         // SAFETY: sysconf(3) reads a constant of the system; no memory is
         // passed.
         let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
@@ -704,7 +746,7 @@ mod l7 {
     }
 
     /// A `/proc/PID/status` figure in MiB (VmRSS, VmHWM).
-    fn status_mib(pid: u32, field: &str) -> f64 {
+    pub(super) fn status_mib(pid: u32, field: &str) -> f64 {
         std::fs::read_to_string(format!("/proc/{pid}/status"))
             .ok()
             .and_then(|s| {
@@ -716,7 +758,7 @@ mod l7 {
             / 1024.0
     }
 
-    fn alive(pid: u32) -> bool {
+    pub(super) fn alive(pid: u32) -> bool {
         std::fs::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| {
                 let rest = s.rfind(')').map(|i| &s[i + 1..]).unwrap_or("");
@@ -860,11 +902,11 @@ mod l7 {
         ztunnel_cpu: f64,
     }
 
-    fn cell(s: (f64, f64, f64), decimals: usize) -> String {
+    pub(super) fn cell(s: (f64, f64, f64), decimals: usize) -> String {
         format!("{:.d$} ({:.d$}–{:.d$})", s.0, s.1, s.2, d = decimals)
     }
 
-    fn stat_json(s: (f64, f64, f64)) -> Value {
+    pub(super) fn stat_json(s: (f64, f64, f64)) -> Value {
         json!({"median": s.0, "min": s.1, "max": s.2})
     }
 

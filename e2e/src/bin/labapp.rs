@@ -46,6 +46,28 @@ enum Cmd {
         #[arg(long, default_value_t = 0)]
         delay_ms: u64,
     },
+    /// Answer every HTTP/1.1 request with 200 and the same small body: the
+    /// static server of the benchmarks (nothing per request but the answer).
+    HttpStatic {
+        #[arg(long, default_value_t = 8081)]
+        port: u16,
+        #[arg(long, default_value_t = 64)]
+        body_bytes: usize,
+    },
+    /// Open `connections` TCP connections to a TCP echo at ip:port, keep them
+    /// open for `seconds`, and send 8 bytes on each once a second (spread
+    /// over the second), waiting for the echo. Prints a JSON summary:
+    /// connections opened, pings answered, errors, round-trip percentiles.
+    Hold {
+        addr: SocketAddr,
+        #[arg(long, default_value_t = 1000)]
+        connections: usize,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Per connect and per ping.
+        #[arg(long, default_value_t = 5_000)]
+        timeout_ms: u64,
+    },
     /// Send `requests` GETs over `concurrency` kept-alive connections and
     /// print a JSON summary: statuses, the `x-pod` of each answer, latency
     /// percentiles, and answered requests per second.
@@ -233,6 +255,169 @@ async fn http_echo(
             }
         });
     }
+}
+
+async fn http_static(port: u16, body_bytes: usize) -> std::io::Result<()> {
+    let l = TcpListener::bind(("0.0.0.0", port)).await?;
+    let body = Bytes::from(vec![b'x'; body_bytes]);
+    loop {
+        let (s, _) = l.accept().await?;
+        let _ = s.set_nodelay(true);
+        let body = body.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |_req: hyper::Request<Incoming>| {
+                let body = body.clone();
+                async move { Ok::<_, Infallible>(hyper::Response::new(Full::new(body))) }
+            });
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(TokioIo::new(s), svc)
+                .await;
+        });
+    }
+}
+
+/// The most connections `hold` opens: a bound on what one command can ask.
+const HOLD_MAX_CONNECTIONS: usize = 20_000;
+/// The longest `hold` keeps them.
+const HOLD_MAX_SECONDS: u64 = 600;
+
+/// `hold`'s summary.
+#[derive(Default, serde::Serialize)]
+struct HoldSummary {
+    opened: usize,
+    connect_errors: usize,
+    first_error: Option<String>,
+    pings: usize,
+    ping_errors: usize,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    /// From the first connect until every connection was open.
+    open_ms: f64,
+}
+
+/// Raises this process's open-file limit to its hard limit (a thousand
+/// sockets need more than the usual soft 1024).
+fn raise_nofile() {
+    let mut l = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid pointer to a local struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+}
+
+async fn hold(
+    addr: SocketAddr,
+    connections: usize,
+    seconds: u64,
+    timeout: Duration,
+) -> Result<(), Box<dyn std::error::Error>> {
+    if connections > HOLD_MAX_CONNECTIONS || seconds > HOLD_MAX_SECONDS {
+        return Err(format!(
+            "at most {HOLD_MAX_CONNECTIONS} connections for {HOLD_MAX_SECONDS} s"
+        )
+        .into());
+    }
+    raise_nofile();
+    let mut summary = HoldSummary::default();
+    let started = std::time::Instant::now();
+    // Open them all, 64 connects in flight at a time.
+    let mut open = Vec::with_capacity(connections);
+    let mut left = connections;
+    while left > 0 {
+        let batch = left.min(64);
+        left -= batch;
+        let tries = (0..batch).map(|_| tokio::time::timeout(timeout, TcpStream::connect(addr)));
+        for r in futures::future::join_all(tries).await {
+            match r {
+                Ok(Ok(s)) => {
+                    let _ = s.set_nodelay(true);
+                    open.push(s);
+                }
+                Ok(Err(e)) => {
+                    summary.connect_errors += 1;
+                    summary.first_error.get_or_insert_with(|| e.to_string());
+                }
+                Err(_) => {
+                    summary.connect_errors += 1;
+                    summary.first_error.get_or_insert_with(|| "connect timed out".into());
+                }
+            }
+        }
+    }
+    summary.opened = open.len();
+    summary.open_ms = started.elapsed().as_secs_f64() * 1000.0;
+    // Each connection pings once a second, at its own offset in the second,
+    // until the deadline.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
+    let n = open.len().max(1) as u64;
+    let mut tasks = Vec::with_capacity(open.len());
+    for (i, mut s) in open.into_iter().enumerate() {
+        let offset = Duration::from_micros(i as u64 * 1_000_000 / n);
+        tasks.push(tokio::spawn(async move {
+            let mut rtts = Vec::new();
+            let mut errors = 0usize;
+            let mut first_error = None;
+            let mut tick = tokio::time::interval_at(
+                tokio::time::Instant::now() + offset,
+                Duration::from_secs(1),
+            );
+            loop {
+                tick.tick().await;
+                if tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                let t = std::time::Instant::now();
+                let ping = async {
+                    s.write_all(b"ping1234").await?;
+                    let mut back = [0u8; 8];
+                    s.read_exact(&mut back).await?;
+                    Ok::<_, std::io::Error>(())
+                };
+                match tokio::time::timeout(timeout, ping).await {
+                    Ok(Ok(())) => rtts.push(t.elapsed().as_secs_f64() * 1000.0),
+                    Ok(Err(e)) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| e.to_string());
+                        break;
+                    }
+                    Err(_) => {
+                        errors += 1;
+                        first_error.get_or_insert_with(|| "ping timed out".to_string());
+                        break;
+                    }
+                }
+            }
+            (rtts, errors, first_error)
+        }));
+    }
+    let mut lat = Vec::new();
+    for t in tasks {
+        let (rtts, errors, first) = t.await?;
+        lat.extend(rtts);
+        summary.ping_errors += errors;
+        if let Some(e) = first {
+            summary.first_error.get_or_insert(e);
+        }
+    }
+    lat.sort_by(|a, b| a.total_cmp(b));
+    let q = |f: f64| {
+        lat.get(((lat.len() as f64 * f) as usize).min(lat.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    summary.pings = lat.len();
+    summary.p50_ms = q(0.5);
+    summary.p99_ms = q(0.99);
+    summary.max_ms = lat.last().copied().unwrap_or(0.0);
+    println!("{}", serde_json::to_string(&summary)?);
+    Ok(())
 }
 
 /// One load worker's connection.
@@ -633,6 +818,15 @@ async fn main() {
         } => http_echo(port, fail_percent, fail_status, delay_ms)
             .await
             .map_err(Into::into),
+        Cmd::HttpStatic { port, body_bytes } => {
+            http_static(port, body_bytes).await.map_err(Into::into)
+        }
+        Cmd::Hold {
+            addr,
+            connections,
+            seconds,
+            timeout_ms,
+        } => hold(addr, connections, seconds, Duration::from_millis(timeout_ms)).await,
         Cmd::Load {
             url,
             requests,
