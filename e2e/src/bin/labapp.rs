@@ -319,10 +319,9 @@ async fn hold(
     timeout: Duration,
 ) -> Result<(), Box<dyn std::error::Error>> {
     if connections > HOLD_MAX_CONNECTIONS || seconds > HOLD_MAX_SECONDS {
-        return Err(format!(
-            "at most {HOLD_MAX_CONNECTIONS} connections for {HOLD_MAX_SECONDS} s"
-        )
-        .into());
+        return Err(
+            format!("at most {HOLD_MAX_CONNECTIONS} connections for {HOLD_MAX_SECONDS} s").into(),
+        );
     }
     raise_nofile();
     let mut summary = HoldSummary::default();
@@ -346,7 +345,9 @@ async fn hold(
                 }
                 Err(_) => {
                     summary.connect_errors += 1;
-                    summary.first_error.get_or_insert_with(|| "connect timed out".into());
+                    summary
+                        .first_error
+                        .get_or_insert_with(|| "connect timed out".into());
                 }
             }
         }
@@ -826,7 +827,15 @@ async fn main() {
             connections,
             seconds,
             timeout_ms,
-        } => hold(addr, connections, seconds, Duration::from_millis(timeout_ms)).await,
+        } => {
+            hold(
+                addr,
+                connections,
+                seconds,
+                Duration::from_millis(timeout_ms),
+            )
+            .await
+        }
         Cmd::Load {
             url,
             requests,

@@ -65,11 +65,10 @@ const ECHO_PORT: u16 = 9000;
 const SERVER_PORTS: [u16; 4] = [IPERF_PORT, SOCKPERF_PORT, HTTP_PORT, ECHO_PORT];
 /// Connections at a time in scenario 5.
 const NEW_CONN_CONCURRENCY: usize = 8;
-/// The tools the scenarios run, and the Debian package of each.
-const TOOLS: [(&str, &str); 6] = [
-    ("iperf3", "iperf3"),
-    ("sockperf", "sockperf"),
-    ("wrk", "wrk"),
+/// The tools every run needs, and the Debian package of each: `taskset`
+/// pins the load, `nft` installs the sidecar's capture, `curl` reads
+/// Envoy's admin.
+const TOOLS: [(&str, &str); 3] = [
     ("taskset", "util-linux"),
     ("nft", "nftables"),
     ("curl", "curl"),
@@ -106,11 +105,14 @@ impl Mesh {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-enum Placement {
+/// Where the server pod runs (`--l4-placements` picks some).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
+pub enum Placement {
     /// Client on node-1, server on node-2.
+    #[value(name = "cross-node")]
     Cross,
     /// Client and server on node-1.
+    #[value(name = "same-node")]
     Same,
 }
 
@@ -131,8 +133,9 @@ impl Placement {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Test {
+/// One L4 measurement (`--l4-tests` picks some; profiling runs one long).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Test {
     OneStreamUp,
     OneStreamDown,
     EightStreams,
@@ -180,21 +183,87 @@ const fn fig(
 }
 
 const FIGURES: [Figure; 15] = [
-    fig("s1_up_gbps", "1. one stream, client -> server", "Gbit/s", 2, true),
-    fig("s1_down_gbps", "1. one stream, server -> client", "Gbit/s", 2, true),
-    fig("s2_gbps", "2. 8 streams, client -> server", "Gbit/s", 2, true),
+    fig(
+        "s1_up_gbps",
+        "1. one stream, client -> server",
+        "Gbit/s",
+        2,
+        true,
+    ),
+    fig(
+        "s1_down_gbps",
+        "1. one stream, server -> client",
+        "Gbit/s",
+        2,
+        true,
+    ),
+    fig(
+        "s2_gbps",
+        "2. 8 streams, client -> server",
+        "Gbit/s",
+        2,
+        true,
+    ),
     fig("s3_p50_us", "3. 64 B ping-pong", "RTT p50 µs", 1, false),
     fig("s3_p99_us", "3. 64 B ping-pong", "RTT p99 µs", 1, false),
     fig("s3_p999_us", "3. 64 B ping-pong", "RTT p99.9 µs", 1, false),
-    fig("s4_c1_rps", "4. HTTP/1.1 keep-alive, 1 conn", "req/s", 0, true),
-    fig("s4_c1_p50_ms", "4. HTTP/1.1 keep-alive, 1 conn", "p50 ms", 3, false),
-    fig("s4_c1_p99_ms", "4. HTTP/1.1 keep-alive, 1 conn", "p99 ms", 3, false),
-    fig("s4_c32_rps", "4. HTTP/1.1 keep-alive, 32 conns", "req/s", 0, true),
-    fig("s4_c32_p50_ms", "4. HTTP/1.1 keep-alive, 32 conns", "p50 ms", 3, false),
-    fig("s4_c32_p99_ms", "4. HTTP/1.1 keep-alive, 32 conns", "p99 ms", 3, false),
+    fig(
+        "s4_c1_rps",
+        "4. HTTP/1.1 keep-alive, 1 conn",
+        "req/s",
+        0,
+        true,
+    ),
+    fig(
+        "s4_c1_p50_ms",
+        "4. HTTP/1.1 keep-alive, 1 conn",
+        "p50 ms",
+        3,
+        false,
+    ),
+    fig(
+        "s4_c1_p99_ms",
+        "4. HTTP/1.1 keep-alive, 1 conn",
+        "p99 ms",
+        3,
+        false,
+    ),
+    fig(
+        "s4_c32_rps",
+        "4. HTTP/1.1 keep-alive, 32 conns",
+        "req/s",
+        0,
+        true,
+    ),
+    fig(
+        "s4_c32_p50_ms",
+        "4. HTTP/1.1 keep-alive, 32 conns",
+        "p50 ms",
+        3,
+        false,
+    ),
+    fig(
+        "s4_c32_p99_ms",
+        "4. HTTP/1.1 keep-alive, 32 conns",
+        "p99 ms",
+        3,
+        false,
+    ),
     fig("s5_cps", "5. new connection per request", "conn/s", 0, true),
-    fig("s5_p50_ms", "5. new connection per request", "p50 ms", 3, false),
-    fig("s5_p99_ms", "5. new connection per request", "p99 ms", 3, false),
+    fig(
+        "s5_p50_ms",
+        "5. new connection per request",
+        "p50 ms",
+        3,
+        false,
+    ),
+    fig(
+        "s5_p99_ms",
+        "5. new connection per request",
+        "p99 ms",
+        3,
+        false,
+    ),
 ];
 
 fn figures() -> impl Iterator<Item = &'static Figure> {
@@ -221,6 +290,8 @@ struct Sample {
     cpu_per_gb: BTreeMap<usize, f64>,
     cpu_per_1000: BTreeMap<usize, f64>,
     rss_held: BTreeMap<usize, f64>,
+    /// The anonymous part of it (RssAnon: not the binary's mapped pages).
+    anon_held: BTreeMap<usize, f64>,
 }
 
 /// What every measurement needs.
@@ -322,8 +393,27 @@ fn on_path(name: &str) -> bool {
     })
 }
 
-fn check_tools() -> Result<(), Error> {
-    let missing: Vec<&str> = TOOLS
+impl Test {
+    /// The load generator it runs (which is also its Debian package).
+    fn tool(self) -> &'static str {
+        match self {
+            Test::OneStreamUp | Test::OneStreamDown | Test::EightStreams => "iperf3",
+            Test::PingPong => "sockperf",
+            Test::Http1 | Test::Http32 | Test::NewConnections => "wrk",
+            Test::Hold => "labapp",
+        }
+    }
+}
+
+/// The tools the chosen tests need are installed.
+fn check_tools(tests: &[Test]) -> Result<(), Error> {
+    let mut need: Vec<(&str, &str)> = TOOLS.to_vec();
+    for t in tests.iter().map(|t| t.tool()).filter(|t| *t != "labapp") {
+        if !need.iter().any(|(n, _)| *n == t) {
+            need.push((t, t));
+        }
+    }
+    let missing: Vec<&str> = need
         .iter()
         .filter(|(t, _)| !on_path(t))
         .map(|(_, p)| *p)
@@ -368,53 +458,66 @@ fn run_in(lab: &Lab, pod: &str, limit: u64, pinned: bool, cmd: &[&str]) -> Resul
     Ok(String::from_utf8_lossy(&out.stdout).to_string())
 }
 
-/// Starts the servers beside each server pod's static HTTP server: iperf3,
-/// sockperf and a TCP echo; ended with the lab.
-fn start_servers(lab: &mut Lab) -> Result<(), Error> {
-    let labapp = binary("labapp").display().to_string();
+/// The servers a test talks to, beside each server pod's static HTTP
+/// server (its app): the name, the port and the command.
+fn server_for(t: Test, ip: &str) -> (&'static str, u16, Vec<String>) {
+    let cmd = |c: &[&str]| c.iter().map(|s| s.to_string()).collect();
+    match t.tool() {
+        "iperf3" => (
+            "iperf3",
+            IPERF_PORT,
+            cmd(&["iperf3", "-s", "-p", &IPERF_PORT.to_string()]),
+        ),
+        "sockperf" => (
+            "sockperf",
+            SOCKPERF_PORT,
+            cmd(&[
+                "sockperf",
+                "server",
+                "--tcp",
+                "-i",
+                ip,
+                "-p",
+                &SOCKPERF_PORT.to_string(),
+            ]),
+        ),
+        "labapp" => (
+            "echo",
+            ECHO_PORT,
+            cmd(&[
+                &binary("labapp").display().to_string(),
+                "tcp-echo",
+                "--port",
+                &ECHO_PORT.to_string(),
+            ]),
+        ),
+        _ => ("http", HTTP_PORT, vec![]),
+    }
+}
+
+/// Starts the servers the tests need in every server pod (ended with the
+/// lab), and waits until they and the pod's HTTP server listen.
+async fn start_servers(lab: &mut Lab, tests: &[Test]) -> Result<(), Error> {
+    let mut ports = vec![HTTP_PORT];
     for m in MESHES {
         for p in [Placement::Cross, Placement::Same] {
             let key = p.server(m);
             let ip = lab.pod(&key).ok_or("no server pod")?.ip.clone();
             let tag = key.replace('/', "-");
-            let servers: [(&str, Vec<String>); 3] = [
-                (
-                    "iperf3",
-                    ["iperf3", "-s", "-p", &IPERF_PORT.to_string()]
-                        .map(String::from)
-                        .to_vec(),
-                ),
-                (
-                    "sockperf",
-                    [
-                        "sockperf",
-                        "server",
-                        "--tcp",
-                        "-i",
-                        &ip,
-                        "-p",
-                        &SOCKPERF_PORT.to_string(),
-                    ]
-                    .map(String::from)
-                    .to_vec(),
-                ),
-                (
-                    "echo",
-                    [&labapp, "tcp-echo", "--port", &ECHO_PORT.to_string()]
-                        .map(String::from)
-                        .to_vec(),
-                ),
-            ];
-            for (name, cmd) in servers {
+            let mut started = Vec::new();
+            for &t in tests {
+                let (name, port, cmd) = server_for(t, &ip);
+                if cmd.is_empty() || started.contains(&name) {
+                    continue;
+                }
+                started.push(name);
+                if !ports.contains(&port) {
+                    ports.push(port);
+                }
                 lab.spawn_in_pod(&key, &format!("pod-{tag}-{name}.log"), &[], &cmd)?;
             }
         }
     }
-    Ok(())
-}
-
-/// Waits until every server port listens in every server pod.
-async fn servers_listening(lab: &Lab) -> Result<(), Error> {
     let deadline = Instant::now() + Duration::from_secs(30);
     for m in MESHES {
         for p in [Placement::Cross, Placement::Same] {
@@ -423,13 +526,20 @@ async fn servers_listening(lab: &Lab) -> Result<(), Error> {
                 let ss = run_in(lab, &key, 10, false, &["ss", "-Hltn"])?;
                 let listening: Vec<u16> = ss
                     .lines()
-                    .filter_map(|l| l.split_whitespace().nth(3)?.rsplit(':').next()?.parse().ok())
+                    .filter_map(|l| {
+                        l.split_whitespace()
+                            .nth(3)?
+                            .rsplit(':')
+                            .next()?
+                            .parse()
+                            .ok()
+                    })
                     .collect();
-                if SERVER_PORTS.iter().all(|p| listening.contains(p)) {
+                if ports.iter().all(|p| listening.contains(p)) {
                     break;
                 }
                 if Instant::now() > deadline {
-                    return Err(format!("{key}: servers not listening: {ss}").into());
+                    return Err(format!("{key}: servers not listening on {ports:?}: {ss}").into());
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -643,8 +753,8 @@ fn iperf(
         cmd.push("-R");
     }
     let out = run_in(c.lab, &m.client(), c.secs + 30, true, &cmd)?;
-    let v: Value = serde_json::from_str(&out)
-        .map_err(|e| format!("iperf3 output: {e}: {}", out.trim()))?;
+    let v: Value =
+        serde_json::from_str(&out).map_err(|e| format!("iperf3 output: {e}: {}", out.trim()))?;
     if let Some(e) = v["error"].as_str() {
         return Err(format!("iperf3 {} {}: {e}", p.name(), m.name()).into());
     }
@@ -794,8 +904,8 @@ struct Held {
 }
 
 /// Scenario 6: holds the connections while sampling each proxy's RSS; the
-/// largest per proxy (MiB).
-fn hold(c: &Ctx<'_>, m: Mesh, p: Placement) -> Result<Vec<f64>, Error> {
+/// largest per proxy (MiB), total and anonymous.
+fn hold(c: &Ctx<'_>, m: Mesh, p: Placement) -> Result<Vec<(f64, f64)>, Error> {
     let ip = c.ip(&p.server(m))?;
     let addr = format!("{ip}:{ECHO_PORT}");
     let labapp = binary("labapp").display().to_string();
@@ -813,10 +923,11 @@ fn hold(c: &Ctx<'_>, m: Mesh, p: Placement) -> Result<Vec<f64>, Error> {
     ];
     let (out, peak) = std::thread::scope(|sc| {
         let h = sc.spawn(|| run_in(c.lab, &client, c.hold_secs + 60, true, &cmd));
-        let mut peak = vec![0.0f64; pids.len()];
+        let mut peak = vec![(0.0f64, 0.0f64); pids.len()];
         while !h.is_finished() {
             for (i, pid) in pids.iter().enumerate() {
-                peak[i] = peak[i].max(status_mib(*pid, "VmRSS:"));
+                peak[i].0 = peak[i].0.max(status_mib(*pid, "VmRSS:"));
+                peak[i].1 = peak[i].1.max(status_mib(*pid, "RssAnon:"));
             }
             std::thread::sleep(Duration::from_millis(100));
         }
@@ -917,17 +1028,29 @@ fn measure(c: &Ctx<'_>, t: Test, m: Mesh, p: Placement, s: &mut Sample) -> Resul
         }
         Test::Hold => {
             let peak = hold(c, m, p)?;
-            for (i, mib) in peak.iter().enumerate() {
-                s.rss_held.insert(i, *mib);
+            for (i, (total, anon)) in peak.iter().enumerate() {
+                s.rss_held.insert(i, *total);
+                s.anon_held.insert(i, *anon);
             }
             log(format!(
-                "{} conns held: proxy RSS {:?} MiB",
+                "{} conns held: proxy RSS (anon) {} MiB",
                 c.connections,
-                peak.iter().map(|m| (m * 10.0).round() / 10.0).collect::<Vec<_>>()
+                peak.iter()
+                    .map(|(t, a)| format!("{t:.1} ({a:.1})"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             ));
         }
     }
     Ok(())
+}
+
+/// One proxy's figures the goals are judged on (medians, MiB and CPU s).
+#[derive(Debug, Clone, Copy)]
+struct ProxyMedians {
+    idle: f64,
+    held: Option<f64>,
+    cpu_per_gb: Option<f64>,
 }
 
 /// Median (min, max) of a list, or None when it is empty.
@@ -939,17 +1062,28 @@ fn stats_of(v: Vec<f64>) -> Option<(f64, f64, f64)> {
 const MB: f64 = 1e6 / (1024.0 * 1024.0);
 
 pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
-    check_tools()?;
     let tests: Vec<Test> = if a.smoke {
         vec![Test::OneStreamUp]
-    } else {
+    } else if a.l4_tests.is_empty() {
         TESTS.to_vec()
+    } else {
+        TESTS
+            .iter()
+            .copied()
+            .filter(|t| a.l4_tests.contains(t))
+            .collect()
     };
     let placements: Vec<Placement> = if a.smoke {
         vec![Placement::Cross]
-    } else {
+    } else if a.l4_placements.is_empty() {
         vec![Placement::Cross, Placement::Same]
+    } else {
+        [Placement::Cross, Placement::Same]
+            .into_iter()
+            .filter(|p| a.l4_placements.contains(p))
+            .collect()
     };
+    check_tools(&tests)?;
     let secs = if a.smoke { 1 } else { a.l4_seconds.max(1) };
     let dir = a.out_dir.join("lab-l4");
     std::fs::create_dir_all(&dir)?;
@@ -974,10 +1108,9 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
             }
         }
     }
-    start_servers(lab)?;
+    start_servers(lab, &tests).await?;
     let envoys = start_envoys(lab).await?;
     let lab = &guard.0;
-    servers_listening(lab).await?;
     paths_ready(lab, &placements).await?;
     let ztunnels = [
         lab.state.procs.get("node-1-ztunnel").and_then(|p| p.pid),
@@ -1003,12 +1136,16 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
             .map(|d| d.display().to_string())
             .unwrap_or_default(),
     );
-    // Idle: after the readiness checks, before any load.
-    let mut idle: BTreeMap<String, f64> = BTreeMap::new();
+    // Idle: after the readiness checks, before any load; total and
+    // anonymous.
+    let mut idle: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for &p in &placements {
         for m in MESHES {
             for x in c.proxies(m, p) {
-                idle.insert(x.name.clone(), status_mib(x.pid, "VmRSS:"));
+                idle.insert(
+                    x.name.clone(),
+                    (status_mib(x.pid, "VmRSS:"), status_mib(x.pid, "RssAnon:")),
+                );
             }
         }
     }
@@ -1053,11 +1190,16 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
     eprintln!(
         "l4: ztunnels opened {z_seen} measured connections; Envoy tunnelled {e_seen} over {e_tls} TLS connections"
     );
-    let mut peak: BTreeMap<String, f64> = BTreeMap::new();
+    // Peak: VmHWM, and the anonymous RSS now (the kernel keeps no peak of
+    // that part alone).
+    let mut peak: BTreeMap<String, (f64, f64)> = BTreeMap::new();
     for &p in &placements {
         for m in MESHES {
             for x in c.proxies(m, p) {
-                peak.insert(x.name.clone(), status_mib(x.pid, "VmHWM:"));
+                peak.insert(
+                    x.name.clone(),
+                    (status_mib(x.pid, "VmHWM:"), status_mib(x.pid, "RssAnon:")),
+                );
             }
         }
     }
@@ -1069,7 +1211,9 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
         "\nL4: client pod (node-1) -> server pod (node-2 cross-node, node-1 same-node); {} runs of {secs} s per figure; {pin} ({machine})",
         a.runs
     );
-    println!("Each cell: median (min–max); x plain: the mesh's figure over plain's in the same run.");
+    println!(
+        "Each cell: median (min–max); x plain: the mesh's figure over plain's in the same run."
+    );
     let mut paths_json = Vec::new();
     for &p in &placements {
         println!("\n{}:\n", p.name());
@@ -1081,7 +1225,11 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
             let per = |m: Mesh| -> Vec<f64> {
                 samples
                     .get(&(p, m))
-                    .map(|v| v.iter().filter_map(|s| s.figures.get(f.key).copied()).collect())
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(|s| s.figures.get(f.key).copied())
+                            .collect()
+                    })
                     .unwrap_or_default()
             };
             let plain = per(Mesh::Plain);
@@ -1128,7 +1276,7 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
     }
 
     println!(
-        "\nPer proxy: RSS before any load, largest RSS while {} connections were open (scenario 6), peak RSS (VmHWM) after everything; CPU seconds per GB in scenario 1 up, per 1 000 requests in scenario 4 at 32 connections (7).\n",
+        "\nPer proxy: RSS before any load, largest RSS while {} connections were open (scenario 6), peak RSS (VmHWM) after everything, each with its anonymous part (RssAnon: without the binary's mapped pages) in brackets; CPU seconds per GB in scenario 1 up, per 1 000 requests in scenario 4 at 32 connections (7).\n",
         a.l4_connections
     );
     println!(
@@ -1137,9 +1285,8 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
     );
     println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
     let mut proxies_json = Vec::new();
-    // Per path, per proxy: (cpu/GB, cpu/1000, RSS held) medians, for the goals.
-    let mut medians: BTreeMap<(Placement, Mesh), Vec<(f64, Option<f64>, Option<f64>, Option<f64>)>> =
-        BTreeMap::new();
+    // Per path, per proxy, its medians: for the goals.
+    let mut medians: BTreeMap<(Placement, Mesh), Vec<ProxyMedians>> = BTreeMap::new();
     for &p in &placements {
         for m in [Mesh::Ztunnel, Mesh::Envoy] {
             let Some(v) = samples.get(&(p, m)) else {
@@ -1152,37 +1299,41 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
                 let gb = of(|s| &s.cpu_per_gb);
                 let k = of(|s| &s.cpu_per_1000);
                 let held = of(|s| &s.rss_held);
+                let held_anon = of(|s| &s.anon_held);
                 let show = |s: Option<(f64, f64, f64)>, d| {
                     s.map(|s| cell(s, d)).unwrap_or_else(|| "-".into())
                 };
-                let (i0, h0) = (
-                    idle.get(&x.name).copied().unwrap_or(0.0),
-                    peak.get(&x.name).copied().unwrap_or(0.0),
-                );
+                let (idle, idle_anon) = idle.get(&x.name).copied().unwrap_or_default();
+                let (top, top_anon) = peak.get(&x.name).copied().unwrap_or_default();
+                let held_cell = match (held, held_anon) {
+                    (Some(h), Some(a)) => format!("{} [{:.1}]", cell(h, 1), a.0),
+                    _ => "-".into(),
+                };
                 println!(
-                    "| {} {} | {} | {} | {i0:.1} | {} | {h0:.1} | {} | {} |",
+                    "| {} {} | {} | {} | {idle:.1} [{idle_anon:.1}] | {held_cell} | {top:.1} [{top_anon:.1}] | {} | {} |",
                     p.name(),
                     m.name(),
                     x.name,
                     x.side,
-                    show(held, 1),
                     show(gb, 3),
                     show(k, 3),
                 );
-                medians.entry((p, m)).or_default().push((
-                    i0,
-                    held.map(|s| s.0),
-                    gb.map(|s| s.0),
-                    k.map(|s| s.0),
-                ));
+                medians.entry((p, m)).or_default().push(ProxyMedians {
+                    idle,
+                    held: held.map(|s| s.0),
+                    cpu_per_gb: gb.map(|s| s.0),
+                });
                 proxies_json.push(json!({
                     "placement": p.name(),
                     "path": m.name(),
                     "proxy": x.name,
                     "side": x.side,
-                    "rss_idle_mib": i0,
+                    "rss_idle_mib": idle,
+                    "rss_anon_idle_mib": idle_anon,
                     "rss_held_mib": held.map(stat_json),
-                    "rss_peak_mib": h0,
+                    "rss_anon_held_mib": held_anon.map(stat_json),
+                    "rss_peak_mib": top,
+                    "rss_anon_peak_mib": top_anon,
                     "cpu_s_per_gb_up": gb.map(stat_json),
                     "cpu_s_per_1000_requests": k.map(stat_json),
                 }));
@@ -1249,28 +1400,33 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
             "< 35".into(),
             added.map(|a| a < 35.0),
         );
-        let z = medians.get(&(p, Mesh::Ztunnel)).cloned().unwrap_or_default();
+        let z = medians
+            .get(&(p, Mesh::Ztunnel))
+            .cloned()
+            .unwrap_or_default();
         let e = medians.get(&(p, Mesh::Envoy)).cloned().unwrap_or_default();
-        let max_of = |v: &[(f64, Option<f64>, Option<f64>, Option<f64>)],
-                      f: fn(&(f64, Option<f64>, Option<f64>, Option<f64>)) -> Option<f64>| {
+        let max_of = |v: &[ProxyMedians], f: fn(&ProxyMedians) -> Option<f64>| {
             v.iter().filter_map(f).reduce(f64::max)
         };
-        let idle_max = max_of(&z, |x| Some(x.0));
+        let idle_max = max_of(&z, |x| Some(x.idle));
         goal(
             "idle RSS per ztunnel (MiB)".into(),
             idle_max,
             format!("< 8 MB ({:.2} MiB)", 8.0 * MB),
             idle_max.map(|v| v < 8.0 * MB),
         );
-        let held_max = max_of(&z, |x| x.1);
+        let held_max = max_of(&z, |x| x.held);
         goal(
-            format!("RSS per ztunnel with {} connections (MiB)", a.l4_connections),
+            format!(
+                "RSS per ztunnel with {} connections (MiB)",
+                a.l4_connections
+            ),
             held_max,
             format!("< 20 MB ({:.2} MiB)", 20.0 * MB),
             held_max.map(|v| v < 20.0 * MB),
         );
         // The encrypting side of scenario 1 up is the client side's proxy.
-        let enc = z.first().and_then(|x| x.2);
+        let enc = z.first().and_then(|x| x.cpu_per_gb);
         goal(
             "CPU s / GB, encrypting ztunnel (scenario 1 up)".into(),
             enc,
@@ -1288,16 +1444,17 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
                 worse.push(format!("{} {}", f.scenario, f.unit));
             }
         }
-        let sum = |v: &[(f64, Option<f64>, Option<f64>, Option<f64>)],
-                   f: fn(&(f64, Option<f64>, Option<f64>, Option<f64>)) -> Option<f64>| {
+        let sum = |v: &[ProxyMedians], f: fn(&ProxyMedians) -> Option<f64>| {
             v.iter().filter_map(f).sum::<f64>()
         };
         for (what, zv, ev) in [
-            ("idle", sum(&z, |x| Some(x.0)), sum(&e, |x| Some(x.0))),
-            ("held", sum(&z, |x| x.1), sum(&e, |x| x.1)),
+            ("idle", sum(&z, |x| Some(x.idle)), sum(&e, |x| Some(x.idle))),
+            ("held", sum(&z, |x| x.held), sum(&e, |x| x.held)),
         ] {
             if zv > 0.0 && ev > 0.0 && zv >= ev {
-                worse.push(format!("RSS {what}: ztunnels {zv:.1} MiB, Envoys {ev:.1} MiB"));
+                worse.push(format!(
+                    "RSS {what}: ztunnels {zv:.1} MiB, Envoys {ev:.1} MiB"
+                ));
             }
         }
         let compared = figures().any(|f| median_of(p, Mesh::Envoy, f.key).is_some());
