@@ -189,3 +189,42 @@ async fn bind_retrying(addr: SocketAddr) -> tokio::net::TcpListener {
     }
     panic!("cannot bind {addr}: {last:?}");
 }
+
+/// Certificates for `identities` signed by a lab's own CA (the root it keeps
+/// under `<lab>/data/ca`), for peers the lab's controller does not serve
+/// (Envoy in the benchmarks): a CA on loopback for the moment it takes.
+pub async fn from_lab_ca(
+    lab_dir: &Path,
+    identities: &[Identity],
+) -> Result<Vec<ztunnel::tls::WorkloadCertificate>, String> {
+    let ca = CertificateAuthority::load(
+        &CaSource::SelfSigned {
+            dir: lab_dir.join("data/ca"),
+        },
+        TRUST_DOMAIN,
+        None,
+        Arc::new(ztunnel::clock::SystemClock),
+    )
+    .map_err(|e| format!("the lab's CA: {e}"))?;
+    let addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
+    let issuer = TestCa::serve(
+        Arc::new(ca),
+        addr,
+        vec![("lab".to_string(), identities.to_vec())],
+    )
+    .await;
+    let client = issuer.client("lab");
+    let mut out = Vec::new();
+    for id in identities {
+        use ztunnel::ca::CaClient;
+        match client.fetch_certificate(id).await {
+            Ok(c) => out.push(c),
+            Err(e) => {
+                issuer.stop().await;
+                return Err(format!("certificate for {id}: {e}"));
+            }
+        }
+    }
+    issuer.stop().await;
+    Ok(out)
+}

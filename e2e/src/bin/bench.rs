@@ -504,17 +504,13 @@ async fn main() {
 mod l7 {
     use std::collections::BTreeMap;
     use std::path::Path;
-    use std::sync::Arc;
     use std::time::{Duration, Instant};
 
-    use e2e::ca::{TRUST_DOMAIN, TestCa};
+    use e2e::ca::TRUST_DOMAIN;
     use e2e::envoy::{WaypointEnvoy, envoy_binary, waypoint_config, write_cert};
     use e2e::lab::{Down, Lab, parse_docs};
     use e2e::mesh::binary;
-    use istiod_lite::ca::{CaSource, CertificateAuthority};
     use serde_json::{Value, json};
-    use ztunnel::ca::CaClient;
-    use ztunnel::clock::SystemClock;
     use ztunnel::identity::Identity;
 
     use super::{Args, Error, stats};
@@ -781,26 +777,9 @@ mod l7 {
         let pod = lab.pod(&key).cloned().ok_or("no waypoint pod")?;
         let identity = Identity::new(TRUST_DOMAIN, &pod.namespace, &pod.service_account)
             .map_err(|e| e.to_string())?;
-        let ca = CertificateAuthority::load(
-            &CaSource::SelfSigned {
-                dir: lab.dir.join("data/ca"),
-            },
-            TRUST_DOMAIN,
-            None,
-            Arc::new(SystemClock),
-        )?;
-        let issuer = TestCa::serve(
-            Arc::new(ca),
-            "127.0.0.1:0".parse()?,
-            vec![(pod.node.clone(), vec![identity.clone()])],
-        )
-        .await;
-        let cert = issuer
-            .client(&pod.node)
-            .fetch_certificate(&identity)
-            .await
-            .map_err(|e| format!("certificate for {identity}: {e}"))?;
-        issuer.stop().await;
+        let cert = e2e::ca::from_lab_ca(&lab.dir, std::slice::from_ref(&identity))
+            .await?
+            .remove(0);
         let certs = lab.dir.join("envoy");
         std::fs::create_dir_all(&certs)?;
         let (chain, key_file, root) = write_cert(&certs, "waypoint", &cert);

@@ -33,20 +33,16 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use e2e::ca::{TRUST_DOMAIN, TestCa};
+use e2e::ca::TRUST_DOMAIN;
 use e2e::envoy::{
     ENVOY_PACKAGE, envoy_binary, sidecar_capture_rules, sidecar_inbound_config,
     sidecar_outbound_config, write_cert,
 };
 use e2e::lab::{Down, Lab, parse_docs};
 use e2e::mesh::binary;
-use istiod_lite::ca::{CaSource, CertificateAuthority};
 use serde_json::{Value, json};
-use ztunnel::ca::CaClient;
-use ztunnel::clock::SystemClock;
 use ztunnel::identity::Identity;
 
 use super::l7::{
@@ -556,30 +552,12 @@ async fn start_envoys(lab: &mut Lab) -> Result<BTreeMap<String, u32>, Error> {
     let m = Mesh::Envoy;
     let id = |sa: &str| Identity::new(TRUST_DOMAIN, m.ns(), sa).map_err(|e| e.to_string());
     let (client_id, server_id) = (id("client")?, id("server")?);
-    let ca = CertificateAuthority::load(
-        &CaSource::SelfSigned {
-            dir: lab.dir.join("data/ca"),
-        },
-        TRUST_DOMAIN,
-        None,
-        Arc::new(SystemClock),
-    )?;
-    // Both identities run on node-1 (the client and the local server).
-    let issuer = TestCa::serve(
-        Arc::new(ca),
-        "127.0.0.1:0".parse()?,
-        vec![(
-            "node-1".to_string(),
-            vec![client_id.clone(), server_id.clone()],
-        )],
-    )
-    .await;
-    let client = issuer.client("node-1");
-    let client_cert = client.fetch_certificate(&client_id).await;
-    let server_cert = client.fetch_certificate(&server_id).await;
-    issuer.stop().await;
-    let client_cert = client_cert.map_err(|e| format!("certificate for {client_id}: {e}"))?;
-    let server_cert = server_cert.map_err(|e| format!("certificate for {server_id}: {e}"))?;
+    let mut certs = e2e::ca::from_lab_ca(&lab.dir, &[client_id.clone(), server_id.clone()])
+        .await?
+        .into_iter();
+    let (Some(client_cert), Some(server_cert)) = (certs.next(), certs.next()) else {
+        return Err("the lab's CA issued fewer certificates than asked".into());
+    };
     let dir = lab.dir.join("envoy-l4");
     std::fs::create_dir_all(&dir)?;
     let (cc, ck, cr) = write_cert(&dir, "client", &client_cert);
