@@ -54,5 +54,7 @@ pub const ADDRESS_TYPE_URL: &str = "type.googleapis.com/istio.workload.Address";
 pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Authorization";
 /// xDS type URL of `mesh.waypoint.ServiceRoutes`: waypoint L7 config.
 pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.ServiceRoutes";
+/// xDS type URL of `mesh.waypoint.Ingress`: one ingress gateway's listeners.
+pub const INGRESS_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.Ingress";
 /// Metadata key in a CSR request naming the identity a node proxy asks for.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
