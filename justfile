@@ -17,6 +17,7 @@ deps:
     command -v ip >/dev/null || need+=(iproute2)
     command -v redis-server >/dev/null || need+=(redis-server)
     command -v iperf3 >/dev/null || need+=(iperf3)
+    command -v curl >/dev/null || need+=(curl ca-certificates)
     if [ ${#need[@]} -gt 0 ]; then
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"

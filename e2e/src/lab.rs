@@ -43,8 +43,9 @@ pub struct PodState {
     pub service_account: String,
     pub labels: BTreeMap<String, String>,
     pub args: Vec<String>,
-    /// "labapp" (the lab's app, run with `args`), "waypoint", or "redis"
-    /// (redis-server on the pod's IP, port 6379).
+    /// "labapp" (the lab's app, run with `args`), "waypoint", "ingress"
+    /// (the waypoint binary in its ingress role), or "redis" (redis-server
+    /// on the pod's IP, port 6379).
     #[serde(default = "labapp")]
     pub image: String,
     pub pid: Option<u32>,
@@ -106,6 +107,51 @@ fn waypoint_objects(ns: &str, name: &str, replicas: usize) -> Vec<Value> {
     out
 }
 
+/// The Gateway class that declares an ingress gateway.
+pub const INGRESS_CLASS: &str = "mesh-ingress";
+/// Gateway annotation pinning the loopback ports an ingress's listener
+/// ports are published on: "443=8443,80=8080". Unpinned ports get a free one.
+pub const LOOPBACK_PORTS: &str = "lab.mesh.dev/loopback-ports";
+
+/// The distinct listener ports of a Gateway.
+fn listener_ports(gateway: &Value) -> Vec<u16> {
+    let mut ports: Vec<u16> = gateway["spec"]["listeners"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|l| l["port"].as_u64().and_then(|p| u16::try_from(p).ok()))
+        .collect();
+    ports.sort_unstable();
+    ports.dedup();
+    ports
+}
+
+/// What an ingress Gateway expands to, as istiod-lite's deployment
+/// controller makes it on Kubernetes: a LoadBalancer Service on the
+/// listener ports and pods of the waypoint binary in its ingress role,
+/// outside the mesh's capture, running as their own service account.
+fn ingress_objects(ns: &str, name: &str, gateway: &Value) -> Vec<Value> {
+    let ports: Vec<Value> = listener_ports(gateway)
+        .into_iter()
+        .map(|p| json!({"name": format!("port-{p}"), "port": p, "targetPort": p}))
+        .collect();
+    let mut out = vec![json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": name, "namespace": ns, "labels": {GATEWAY_NAME_LABEL: name}},
+        "spec": {"type": "LoadBalancer", "selector": {GATEWAY_NAME_LABEL: name}, "ports": ports},
+    })];
+    for i in 0..waypoint_replicas(gateway) {
+        out.push(json!({
+            "apiVersion": "v1", "kind": "Pod",
+            "metadata": {"name": format!("{name}-{i}"), "namespace": ns,
+                         "labels": {GATEWAY_NAME_LABEL: name, "istio.io/dataplane-mode": "none"}},
+            "spec": {"serviceAccountName": name,
+                     "containers": [{"name": "ingress", "image": "ingress"}]},
+        }));
+    }
+    out
+}
+
 /// The lab's stand-in for scaling a waypoint's Deployment: the Gateway
 /// annotation `lab.mesh.dev/replicas` (1 to 4; default 1).
 pub const WAYPOINT_REPLICAS: &str = "lab.mesh.dev/replicas";
@@ -155,6 +201,10 @@ pub struct LabState {
     /// boot), so a pid the system has since reused is never signalled.
     pub pids: Vec<(u32, u64)>,
     pub next_vip: u8,
+    /// Ingress listener ports published on the machine's loopback, as a
+    /// cloud load balancer would: "namespace/gateway:port" -> "127.0.0.1:N".
+    #[serde(default)]
+    pub published: BTreeMap<String, String>,
 }
 
 pub struct Lab {
@@ -255,6 +305,24 @@ impl Lab {
             c.env(k, v);
         }
         let child = c
+            .stdout(logf.try_clone()?)
+            .stderr(logf)
+            .stdin(Stdio::null())
+            .spawn()?;
+        let pid = child.id();
+        // The lab outlives this handle: `lab down` ends the process by pid.
+        std::mem::forget(child);
+        self.state.pids.push((pid, start_time(pid).unwrap_or(0)));
+        self.save()?;
+        Ok(pid)
+    }
+
+    /// Starts a process in the machine's own netns (a published port's
+    /// forwarder), ended with the lab.
+    fn spawn(&mut self, log: &str, cmd: &[String]) -> Result<u32, Error> {
+        let logf = std::fs::File::create(self.dir.join("logs").join(log))?;
+        let child = Command::new(&cmd[0])
+            .args(&cmd[1..])
             .stdout(logf.try_clone()?)
             .stderr(logf)
             .stdin(Stdio::null())
@@ -779,8 +847,14 @@ impl Lab {
         // Captured before its app starts, as CNI does before the container
         // runs: no early connection escapes the mesh.
         self.reconcile_capture(&key).await?;
-        if image == "waypoint" {
-            let pid = self.start_waypoint(namespace, name, service_account, &node, &ip, &ns)?;
+        if image == "waypoint" || image == "ingress" {
+            let role = if image == "ingress" {
+                "ingress"
+            } else {
+                "waypoint"
+            };
+            let pid =
+                self.start_waypoint(namespace, name, service_account, &node, &ip, &ns, role)?;
             if let Some(p) = self.state.pods.get_mut(&key) {
                 p.pid = Some(pid);
             }
@@ -828,8 +902,10 @@ impl Lab {
         self.save()
     }
 
-    /// Runs the waypoint binary in its pod, with the node's bootstrap token
-    /// (as the ztunnel has) to prove where it runs.
+    /// Runs the waypoint binary in its pod (as a waypoint or an ingress),
+    /// with the node's bootstrap token (as the ztunnel has) to prove where
+    /// it runs.
+    #[allow(clippy::too_many_arguments)]
     fn start_waypoint(
         &mut self,
         namespace: &str,
@@ -838,6 +914,7 @@ impl Lab {
         node: &NodeState,
         ip: &str,
         netns: &str,
+        role: &str,
     ) -> Result<u32, Error> {
         // Pods are <gateway>-<n>.
         let gateway = pod.rsplit_once('-').map_or(pod, |(g, _)| g);
@@ -846,7 +923,7 @@ impl Lab {
         std::fs::write(
             &cfg,
             format!(
-                "namespace: {namespace}\ngateway: {gateway}\npod_name: {pod}\nservice_account: {service_account}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nxds_address: https://{cip}:15012\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\nlimits:\n  header_read_timeout: 2s\n",
+                "role: {role}\nnamespace: {namespace}\ngateway: {gateway}\npod_name: {pod}\nservice_account: {service_account}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nxds_address: https://{cip}:15012\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\nlimits:\n  header_read_timeout: 2s\n",
                 root = self.dir.join("data/root-cert.pem").display(),
                 token = self.dir.join(format!("{}.token", node.name)).display(),
             ),
@@ -946,14 +1023,22 @@ impl Lab {
     /// controller as it is.
     pub async fn apply(&mut self, docs: Vec<Value>) -> Result<(), Error> {
         let mut relabelled = Vec::new();
+        let ingresses: Vec<Value> = docs
+            .iter()
+            .filter(|d| d["kind"] == "Gateway" && d["spec"]["gatewayClassName"] == INGRESS_CLASS)
+            .cloned()
+            .collect();
         let docs: Vec<Value> = docs
             .into_iter()
             .flat_map(|d| {
                 let mut out = vec![d.clone()];
+                let ns = d["metadata"]["namespace"].as_str().unwrap_or("default");
+                let name = d["metadata"]["name"].as_str().unwrap_or_default();
                 if d["kind"] == "Gateway" && d["spec"]["gatewayClassName"] == WAYPOINT_CLASS {
-                    let ns = d["metadata"]["namespace"].as_str().unwrap_or("default");
-                    let name = d["metadata"]["name"].as_str().unwrap_or_default();
                     out.extend(waypoint_objects(ns, name, waypoint_replicas(&d)));
+                }
+                if d["kind"] == "Gateway" && d["spec"]["gatewayClassName"] == INGRESS_CLASS {
+                    out.extend(ingress_objects(ns, name, &d));
                 }
                 out
             })
@@ -1063,7 +1148,101 @@ impl Lab {
             }
         }
         self.kube_proxy()?;
+        for g in &ingresses {
+            self.publish(g)?;
+        }
         self.save()
+    }
+
+    /// Publishes an ingress Gateway's listener ports on the machine's
+    /// loopback (the lab's load balancer): one forwarder process per port,
+    /// spreading connections over the Gateway's pods.
+    fn publish(&mut self, gateway: &Value) -> Result<(), Error> {
+        let ns = gateway["metadata"]["namespace"]
+            .as_str()
+            .unwrap_or("default");
+        let name = gateway["metadata"]["name"].as_str().unwrap_or_default();
+        let pins: BTreeMap<u16, u16> = gateway["metadata"]["annotations"][LOOPBACK_PORTS]
+            .as_str()
+            .unwrap_or_default()
+            .split(',')
+            .filter_map(|kv| {
+                let (k, v) = kv.trim().split_once('=')?;
+                Some((k.trim().parse().ok()?, v.trim().parse().ok()?))
+            })
+            .collect();
+        let pods: Vec<PodState> = self
+            .state
+            .pods
+            .values()
+            .filter(|p| {
+                p.namespace == ns
+                    && p.labels.get(GATEWAY_NAME_LABEL).map(String::as_str) == Some(name)
+            })
+            .cloned()
+            .collect();
+        let Some(first) = pods.first() else {
+            return Ok(());
+        };
+        // Any node reaches every pod; the forwarder connects from the first
+        // pod's node.
+        let node_ns = self
+            .state
+            .nodes
+            .iter()
+            .find(|n| n.name == first.node)
+            .map(|n| n.netns.clone())
+            .ok_or_else(|| format!("node {} of {ns}/{name} is gone", first.node))?;
+        for port in listener_ports(gateway) {
+            let key = format!("{ns}/{name}:{port}");
+            if self.state.published.contains_key(&key) {
+                continue;
+            }
+            let listen = format!("127.0.0.1:{}", pins.get(&port).copied().unwrap_or(0));
+            let port_file = self.dir.join(format!("published-{ns}-{name}-{port}"));
+            let _ = std::fs::remove_file(&port_file);
+            let mut cmd = vec![
+                binary("lab").display().to_string(),
+                "forward".into(),
+                "--listen".into(),
+                listen,
+                "--netns".into(),
+                format!("/var/run/netns/{node_ns}"),
+                "--port-file".into(),
+                port_file.display().to_string(),
+            ];
+            for p in &pods {
+                cmd.push("--to".into());
+                cmd.push(format!("{}:{port}", p.ip));
+            }
+            self.spawn(&format!("forward-{ns}-{name}-{port}.log"), &cmd)?;
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            let addr = loop {
+                if let Ok(a) = std::fs::read_to_string(&port_file)
+                    && !a.trim().is_empty()
+                {
+                    break a.trim().to_string();
+                }
+                if std::time::Instant::now() > deadline {
+                    return Err(format!(
+                        "publishing {key}: the forwarder did not start (see its log)"
+                    )
+                    .into());
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            };
+            self.state.published.insert(key, addr);
+            self.save()?;
+        }
+        Ok(())
+    }
+
+    /// The loopback address an ingress listener port is published on.
+    pub fn published(&self, namespace: &str, gateway: &str, port: u16) -> Option<String> {
+        self.state
+            .published
+            .get(&format!("{namespace}/{gateway}:{port}"))
+            .cloned()
     }
 
     /// Removes an object the lab applied (a policy, say).
@@ -1172,6 +1351,49 @@ fn resolver_env(namespace: &str) -> (String, &'static str) {
 /// Removes what a crashed lab with this id left behind: its network
 /// namespaces (processes in them die with their last reference, the
 /// namespace's own sockets are gone) and their /etc/netns entries.
+/// The lab's load balancer for one published port: accepts on `listen`
+/// (the machine's loopback) and connects each client to the next of
+/// `targets` with a socket made in `netns` (a node, which reaches every
+/// pod), then copies both ways. Writes the bound address to `port_file`.
+pub async fn forward(
+    listen: &str,
+    netns: &Path,
+    targets: &[std::net::SocketAddr],
+    port_file: &Path,
+) -> Result<(), Error> {
+    let ns = std::sync::Arc::new(
+        ztunnel::netns::Netns::open(&netns.display().to_string())
+            .map_err(|e| format!("netns {}: {e}", netns.display()))?,
+    );
+    if targets.is_empty() {
+        return Err("no targets".into());
+    }
+    let l = tokio::net::TcpListener::bind(listen).await?;
+    std::fs::write(port_file, l.local_addr()?.to_string())?;
+    let mut next = 0usize;
+    loop {
+        let (mut client, peer) = l.accept().await?;
+        let to = targets[next % targets.len()];
+        next = next.wrapping_add(1);
+        let ns = ns.clone();
+        tokio::spawn(async move {
+            // The socket is made inside the node's netns; connecting and
+            // copying need no further switching.
+            let sock = match ns.run(tokio::net::TcpSocket::new_v4) {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) | Err(e) => return eprintln!("{peer}: socket: {e}"),
+            };
+            let mut up = match tokio::time::timeout(Duration::from_secs(5), sock.connect(to)).await
+            {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => return eprintln!("{peer} -> {to}: {e}"),
+                Err(_) => return eprintln!("{peer} -> {to}: connect timed out"),
+            };
+            let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
+        });
+    }
+}
+
 pub fn sweep(id: u8) {
     let prefix = format!("lab{id}-");
     let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {

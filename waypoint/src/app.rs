@@ -1,8 +1,10 @@
 //! Wiring: config -> certificate for the waypoint's identity -> xDS
-//! (endpoints and routes) -> HBONE listener -> admin, metrics, readiness
-//! -> drain on SIGTERM.
+//! (endpoints and routes, or the ingress's listeners) -> HBONE listener
+//! (waypoint) or the Gateway's listener ports (ingress) -> admin, metrics,
+//! readiness -> drain on SIGTERM.
 
 use crate::ratelimit::{RateLimitMetrics, RateLimiter};
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -11,7 +13,7 @@ use http::StatusCode;
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
-use tracing::info;
+use tracing::{info, warn};
 use ztunnel::admin::{Readiness, endpoints, process_stats, respond};
 use ztunnel::app::{AppError, start_err};
 use ztunnel::certs::CertState;
@@ -21,7 +23,8 @@ use ztunnel::proxy::pool::{Pool, PoolSettings};
 use ztunnel::state::ProxyState;
 use ztunnel::xds::{StateSink, XdsClient, XdsConfig};
 
-use crate::config::Config;
+use crate::config::{Config, Role};
+use crate::ingress::IngressTable;
 use crate::proxy::Waypoint;
 use crate::routes::RouteTable;
 use crate::sink::WaypointSink;
@@ -32,7 +35,8 @@ use crate::upstream::Upstreams;
 pub struct App {
     pub waypoint: Arc<Waypoint>,
     pub xds: Arc<XdsClient>,
-    pub hbone_addr: SocketAddr,
+    /// Waypoint role only.
+    pub hbone_addr: Option<SocketAddr>,
     pub admin_addr: SocketAddr,
     pub metrics_addr: SocketAddr,
     pub readiness_addr: SocketAddr,
@@ -91,8 +95,33 @@ fn config_dump(wp: &Waypoint, xds: &XdsClient) -> serde_json::Value {
         })
         .collect();
     let dump = wp.state.snapshot().dump();
+    let ing = wp.ingress.load();
+    let ingress: serde_json::Map<String, serde_json::Value> = ing
+        .ports
+        .iter()
+        .map(|(port, p)| {
+            (
+                port.to_string(),
+                json!({
+                    "protocol": if p.https { "HTTPS" } else { "HTTP" },
+                    "listeners": p.listeners.iter().map(|l| json!({
+                        "name": l.name,
+                        "hostname": l.hostname,
+                        // The Secret's name only, never the key.
+                        "certificate": l.certificate.as_ref().map(|c| c.source.clone()),
+                        "virtual_hosts": l.virtual_hosts.iter().map(|v| json!({
+                            "hostnames": v.hostnames,
+                            "routes": v.routes.routes.iter().map(|r| r.name.clone()).collect::<Vec<_>>(),
+                        })).collect::<Vec<_>>(),
+                    })).collect::<Vec<_>>(),
+                }),
+            )
+        })
+        .collect();
     json!({
         "identity": wp.identity.to_string(),
+        "role": format!("{:?}", wp.cfg.role).to_lowercase(),
+        "ingress": ingress,
         "synced": xds.synced(),
         "services": dump.services,
         "workloads": dump.workloads,
@@ -117,6 +146,7 @@ impl App {
 
         let state = ProxyState::default();
         let routes = RouteTable::default();
+        let ingress = IngressTable::default();
         let stop = CancellationToken::new();
         let xds = XdsClient::new(
             XdsConfig {
@@ -128,11 +158,14 @@ impl App {
                 user_agent: "waypoint".into(),
             },
             Arc::new(WaypointSink {
+                role: cfg.role,
                 state: StateSink {
                     state: state.clone(),
                     trust_domain: cfg.trust_domain.clone(),
                 },
                 routes: routes.clone(),
+                ingress: ingress.clone(),
+                gateway: format!("{}/{}", cfg.namespace, cfg.gateway),
             }),
         );
         tokio::spawn(xds.clone().run(stop.clone()));
@@ -166,6 +199,7 @@ impl App {
             http_metrics,
             exporter,
             limiter,
+            ingress.clone(),
         );
         // Idle upstream HTTP/1 connections and forgotten endpoints are swept.
         let weak = Arc::downgrade(&waypoint);
@@ -183,13 +217,22 @@ impl App {
             }
         });
 
-        let hbone = TcpListener::bind(cfg.hbone_addr)
-            .await
-            .map_err(|e| start_err(format!("bind {}", cfg.hbone_addr), e))?;
-        let hbone_addr = hbone
-            .local_addr()
-            .map_err(|e| start_err("HBONE listener", e))?;
-        tokio::spawn(waypoint.clone().serve(hbone));
+        let hbone_addr = match cfg.role {
+            Role::Waypoint => {
+                let hbone = TcpListener::bind(cfg.hbone_addr)
+                    .await
+                    .map_err(|e| start_err(format!("bind {}", cfg.hbone_addr), e))?;
+                let addr = hbone
+                    .local_addr()
+                    .map_err(|e| start_err("HBONE listener", e))?;
+                tokio::spawn(waypoint.clone().serve(hbone));
+                Some(addr)
+            }
+            Role::Ingress => {
+                tokio::spawn(ingress_ports(waypoint.clone(), stop.clone()));
+                None
+            }
+        };
 
         let (wp, x) = (waypoint.clone(), xds.clone());
         let admin = move |req: &http::Request<hyper::body::Incoming>| match req.uri().path() {
@@ -212,7 +255,7 @@ impl App {
         )
         .await
         .map_err(|e| start_err("admin endpoints", e))?;
-        info!(%hbone_addr, %admin_addr, %metrics_addr, %readiness_addr, identity = %waypoint.identity, "waypoint started");
+        info!(role = ?cfg.role, hbone_addr = ?hbone_addr, %admin_addr, %metrics_addr, %readiness_addr, identity = %waypoint.identity, "waypoint started");
         Ok(App {
             waypoint,
             xds,
@@ -237,6 +280,58 @@ impl App {
         }
         self.stop.cancel();
         info!("drained");
+    }
+}
+
+/// Ingress role: keeps one accepting socket per listener port of the
+/// Gateway, opening and closing them as the config changes. A port that
+/// cannot be bound is logged and tried again at the next change or after
+/// a few seconds; the other ports are served meanwhile.
+async fn ingress_ports(wp: Arc<Waypoint>, stop: CancellationToken) {
+    let mut open: BTreeMap<u16, CancellationToken> = BTreeMap::new();
+    let mut changed = wp.ingress.subscribe();
+    loop {
+        let cfg = wp.ingress.load();
+        open.retain(|port, token| {
+            let keep = cfg.ports.contains_key(port);
+            if !keep {
+                info!(port, "ingress port closed");
+                token.cancel();
+            }
+            keep
+        });
+        let mut failed = false;
+        for port in cfg.ports.keys() {
+            if open.contains_key(port) {
+                continue;
+            }
+            let addr = SocketAddr::new(wp.cfg.ingress_bind, *port);
+            match TcpListener::bind(addr).await {
+                Ok(l) => {
+                    info!(%addr, "ingress port open");
+                    let token = stop.child_token();
+                    tokio::spawn(wp.clone().serve_ingress(l, *port, token.clone()));
+                    open.insert(*port, token);
+                }
+                Err(e) => {
+                    warn!(%addr, error = %e, "cannot bind an ingress port; retrying");
+                    failed = true;
+                }
+            }
+        }
+        let retry = async {
+            if failed {
+                tokio::time::sleep(Duration::from_secs(2)).await
+            } else {
+                std::future::pending().await
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            _ = wp.draining.cancelled() => return,
+            r = changed.changed() => if r.is_err() { return },
+            _ = retry => {}
+        }
     }
 }
 

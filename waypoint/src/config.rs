@@ -1,17 +1,39 @@
 //! The waypoint's configuration: one typed struct, every default in one
 //! place. The CA, pool and HTTP/2 settings are the ztunnel's own types.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
 use serde::Deserialize;
 use ztunnel::config::{CaConfig, ConfigError, H2Config, PoolConfig, load_yaml};
 
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    #[default]
+    Waypoint,
+    Ingress,
+}
+
+impl Role {
+    /// The Node.id prefix the controller recognises the role by.
+    pub fn proxy_prefix(self) -> &'static str {
+        match self {
+            Role::Waypoint => "waypoint",
+            Role::Ingress => "ingress",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
-    /// The waypoint Gateway's namespace and name.
+    /// What this proxy is: a namespace's waypoint (HBONE in, the default),
+    /// or an ingress gateway (HTTP and HTTPS listeners from the outside).
+    #[serde(default)]
+    pub role: Role,
+    /// The Gateway's namespace and name.
     pub namespace: String,
     pub gateway: String,
     /// This replica's pod name (the controller checks it is a pod of the
@@ -28,8 +50,13 @@ pub struct Config {
     pub ca: CaConfig,
     /// The controller's Delta ADS address (same TLS and token as the CA).
     pub xds_address: String,
+    /// Waypoint only: where HBONE is accepted.
     #[serde(default = "d::hbone")]
     pub hbone_addr: SocketAddr,
+    /// Ingress only: the address listener ports are bound on (each
+    /// listener's port comes from the controller).
+    #[serde(default = "d::ingress_bind")]
+    pub ingress_bind: IpAddr,
     #[serde(default = "d::admin")]
     pub admin_addr: SocketAddr,
     #[serde(default = "d::metrics")]
@@ -100,6 +127,9 @@ mod d {
     use super::*;
     pub fn trust_domain() -> String {
         "cluster.local".into()
+    }
+    pub fn ingress_bind() -> IpAddr {
+        IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     }
     pub fn hbone() -> SocketAddr {
         SocketAddr::from(([0, 0, 0, 0], ztunnel::config::HBONE_PORT))
@@ -192,8 +222,14 @@ impl Config {
         Ok(())
     }
 
-    /// The proxy id the controller recognises a waypoint replica by.
+    /// The proxy id the controller recognises a replica by:
+    /// `<role>~<namespace>~<pod>`.
     pub fn proxy_id(&self) -> String {
-        format!("waypoint~{}~{}", self.namespace, self.pod_name)
+        format!(
+            "{}~{}~{}",
+            self.role.proxy_prefix(),
+            self.namespace,
+            self.pod_name
+        )
     }
 }

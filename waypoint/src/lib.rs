@@ -2,6 +2,9 @@
 //! identity, serves HTTP per request (routes, retries, timeouts, load
 //! balancing, outlier ejection, circuit breaking, L7 authorization,
 //! telemetry) and sends each request on over HBONE to the chosen endpoint.
+//! In its second role, the ingress gateway, it takes HTTP and HTTPS from
+//! outside the mesh on the listeners of its Gateway (`ingress`) and sends
+//! each request into the mesh the same way.
 //!
 //! Layering: `config`, `routes` and `authz` (what to do) -> `lb` and
 //! `upstream` (where and how to send) -> `telemetry`, `body` -> `proxy`
@@ -41,6 +44,7 @@ pub mod authz;
 pub mod body;
 pub mod config;
 pub mod h1guard;
+pub mod ingress;
 pub mod lb;
 pub mod proxy;
 pub mod ratelimit;

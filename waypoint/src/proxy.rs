@@ -41,6 +41,7 @@ use crate::authz::{self, RequestAttrs};
 use crate::body::{OnEnd, RespBody};
 use crate::config::Config;
 use crate::h1guard::{self, Framing, Scanner, Verdicts};
+use crate::ingress::{self, IngressTable};
 use crate::lb::Balancer;
 use crate::ratelimit::{RateLimiter, Verdict, retry_after_secs};
 use crate::routes::{
@@ -62,6 +63,8 @@ pub struct Waypoint {
     pub http_metrics: HttpMetrics,
     pub exporter: Exporter,
     pub limiter: RateLimiter,
+    /// Ingress role: the Gateway's listeners (empty for a waypoint).
+    pub ingress: IngressTable,
     pub draining: CancellationToken,
     /// Open downstream HBONE connections, for the drain.
     pub open: tokio::sync::watch::Sender<usize>,
@@ -87,11 +90,43 @@ impl Resolved {
 /// Which connection a request came on.
 struct Downstream {
     peer: SocketAddr,
-    src_identity: Identity,
+    /// The HBONE peer's identity; None for a client outside the mesh
+    /// (at an ingress).
+    src_identity: Option<Identity>,
     src_workload: Option<Arc<Workload>>,
+    /// The service (or workload) whose routes apply; at an ingress, the
+    /// port's key, and the routes come from `ingress`.
     service_key: String,
     target: SocketAddr,
     protocol: &'static str,
+    ingress: Option<IngressScope>,
+}
+
+/// Where an ingress connection came in. The port's config is looked up
+/// per request, so a keep-alive connection follows config changes; an
+/// HTTPS connection stays with the listener its SNI name chose, an HTTP
+/// request goes to the listener its Host names.
+struct IngressScope {
+    port: u16,
+    https: bool,
+    sni: Option<String>,
+}
+
+/// The TLS config of one ingress port: TLS 1.2 and 1.3 for clients outside
+/// the mesh, no client certificate, the certificate chosen by SNI.
+fn ingress_server_config(table: IngressTable, port: u16) -> Result<ServerConfig, rustls::Error> {
+    let mut cfg = ServerConfig::builder_with_provider(ztunnel::tls::provider())
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(ingress::SniResolver { table, port }));
+    cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+impl Downstream {
+    fn principal(&self) -> &str {
+        self.src_identity.as_ref().map_or("", |i| i.principal())
+    }
 }
 
 const HOP_BY_HOP: [&str; 8] = [
@@ -384,6 +419,7 @@ impl Waypoint {
         http_metrics: HttpMetrics,
         exporter: Exporter,
         limiter: RateLimiter,
+        ingress: IngressTable,
     ) -> Arc<Waypoint> {
         Arc::new(Waypoint {
             cfg,
@@ -396,6 +432,7 @@ impl Waypoint {
             http_metrics,
             exporter,
             limiter,
+            ingress,
             draining: CancellationToken::new(),
             open: tokio::sync::watch::Sender::new(0),
             tls: Mutex::new(None),
@@ -475,6 +512,142 @@ impl Waypoint {
         {
             debug!(%peer, error = %e, "HBONE connection ended with an error");
         }
+    }
+
+    /// Accepts on one ingress listener port until the port is closed (the
+    /// Gateway no longer has it) or the drain starts.
+    pub async fn serve_ingress(
+        self: Arc<Self>,
+        listener: TcpListener,
+        port: u16,
+        closed: CancellationToken,
+    ) {
+        let tls = match ingress_server_config(self.ingress.clone(), port) {
+            Ok(c) => Arc::new(c),
+            Err(e) => return warn!(port, error = %e, "ingress TLS config failed; port not served"),
+        };
+        loop {
+            let accepted = tokio::select! {
+                _ = self.draining.cancelled() => return,
+                _ = closed.cancelled() => return,
+                a = listener.accept() => a,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    self.open.send_modify(|n| *n += 1);
+                    let guard = OpenGuard(self.open.clone());
+                    tokio::spawn(self.clone().ingress_connection(
+                        tcp,
+                        peer,
+                        port,
+                        tls.clone(),
+                        guard,
+                    ));
+                }
+                Err(e) => ztunnel::proxy::accept_error(&e).await,
+            }
+        }
+    }
+
+    /// One client connection on an ingress port: TLS (HTTPS listeners) or
+    /// plain, then HTTP/1 or HTTP/2 (ALPN, or the h2c preface).
+    async fn ingress_connection(
+        self: Arc<Self>,
+        mut tcp: TcpStream,
+        peer: SocketAddr,
+        port: u16,
+        tls: Arc<ServerConfig>,
+        _open: OpenGuard,
+    ) {
+        let _ = tcp.set_nodelay(true);
+        let target = tcp
+            .local_addr()
+            .unwrap_or_else(|_| SocketAddr::new(self.cfg.ingress_bind, port));
+        let Some(p) = self.ingress.port(port) else {
+            return debug!(%peer, port, "port no longer configured; closing");
+        };
+        let service_key = format!("{}:{port}", self.ingress.load().gateway);
+        let ds = |protocol, sni| {
+            Arc::new(Downstream {
+                peer,
+                src_identity: None,
+                src_workload: None,
+                service_key: service_key.clone(),
+                target,
+                protocol,
+                ingress: Some(IngressScope {
+                    port,
+                    https: p.https,
+                    sni,
+                }),
+            })
+        };
+        if p.https {
+            let accepted = tokio::time::timeout(
+                self.cfg.handshake_timeout,
+                TlsAcceptor::from(tls).accept(tcp),
+            )
+            .await;
+            let stream = match accepted {
+                Ok(Ok(s)) => s,
+                Ok(Err(e)) => {
+                    return info!(%peer, port, reason = %e, "TLS handshake refused");
+                }
+                Err(_) => return info!(%peer, port, "TLS handshake timed out"),
+            };
+            let (_, conn) = stream.get_ref();
+            let sni = conn.server_name().map(str::to_string);
+            let h2 = conn.alpn_protocol() == Some(b"h2");
+            let ds = ds(if h2 { "http2" } else { "http" }, sni);
+            return self.serve_http(stream, ds, h2).await;
+        }
+        // Plain HTTP: HTTP/1, or HTTP/2 with prior knowledge (its preface).
+        let mut buf = BytesMut::with_capacity(64);
+        let read = tokio::time::timeout(self.cfg.limits.header_read_timeout, async {
+            loop {
+                if let Some(s) = classify(&buf) {
+                    return Ok(s);
+                }
+                if tcp.read_buf(&mut buf).await? == 0 {
+                    return Ok::<_, std::io::Error>(Sniffed::Tcp);
+                }
+            }
+        })
+        .await;
+        let h2 = match read {
+            Ok(Ok(Sniffed::Http2)) => true,
+            Ok(Ok(_)) => false,
+            Ok(Err(e)) => return debug!(%peer, error = %e, "client failed before its first bytes"),
+            Err(_) => return debug!(%peer, port, "no request within the header timeout; closing"),
+        };
+        let io = Rewind {
+            prefix: buf.freeze(),
+            inner: tcp,
+        };
+        let ds = ds(if h2 { "http2" } else { "http" }, None);
+        self.serve_http(io, ds, h2).await
+    }
+
+    /// The routes for a request at an ingress: the listener (by SNI for
+    /// HTTPS, by Host for HTTP), then its virtual host by Host. None: 404.
+    fn ingress_routes(
+        &self,
+        scope: &IngressScope,
+        req: &Request<Incoming>,
+    ) -> Option<Arc<ServiceConfig>> {
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+        })?;
+        let host = ingress::normalize_host(host);
+        let port = self.ingress.port(scope.port)?;
+        let listener = if scope.https {
+            port.listener_for(scope.sni.as_deref())?
+        } else {
+            port.listener_for(Some(&host))?
+        };
+        listener.routes_for(&host).cloned()
     }
 
     /// One CONNECT stream: one downstream TCP connection of a client.
@@ -561,7 +734,7 @@ impl Waypoint {
         };
         let ds = Arc::new(Downstream {
             peer,
-            src_identity: src,
+            src_identity: Some(src),
             src_workload,
             service_key,
             target,
@@ -569,10 +742,23 @@ impl Waypoint {
                 Sniffed::Http2 => "http2",
                 _ => "http",
             },
+            ingress: None,
         });
         match sniffed {
             Sniffed::Tcp => self.tcp(io, ds).await,
-            Sniffed::Http1 => {
+            Sniffed::Http1 => self.serve_http(io, ds, false).await,
+            Sniffed::Http2 => self.serve_http(io, ds, true).await,
+        }
+    }
+
+    /// Serves HTTP/1 or HTTP/2 on one downstream connection.
+    async fn serve_http<I>(self: Arc<Self>, io: I, ds: Arc<Downstream>, h2: bool)
+    where
+        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    {
+        let limits = &self.cfg.limits;
+        match h2 {
+            false => {
                 let wp = self.clone();
                 let d = ds.clone();
                 let verdicts = Verdicts::default();
@@ -589,13 +775,21 @@ impl Waypoint {
                     .header_read_timeout(limits.header_read_timeout)
                     .max_buf_size(limits.max_header_bytes.max(8192))
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(Linger::new(io)), svc_fn)
-                    .await;
+                    .serve_connection(TokioIo::new(Linger::new(io)), svc_fn);
+                tokio::pin!(r);
+                // Draining: the request in flight finishes, then it closes.
+                let r = tokio::select! {
+                    r = r.as_mut() => r,
+                    _ = self.draining.cancelled() => {
+                        r.as_mut().graceful_shutdown();
+                        r.await
+                    }
+                };
                 if let Err(e) = r {
                     debug!(peer = %ds.peer, error = %e, "HTTP/1 connection ended with an error");
                 }
             }
-            Sniffed::Http2 => {
+            true => {
                 let wp = self.clone();
                 let d = ds.clone();
                 let svc_fn = service_fn(move |req| wp.clone().request(d.clone(), req, Framing::Ok));
@@ -606,8 +800,16 @@ impl Waypoint {
                     )
                     .max_concurrent_streams(limits.max_concurrent_streams)
                     .keep_alive_interval(Some(Duration::from_secs(30)))
-                    .serve_connection(TokioIo::new(io), svc_fn)
-                    .await;
+                    .serve_connection(TokioIo::new(io), svc_fn);
+                tokio::pin!(r);
+                // Draining: a GOAWAY, then the streams in flight finish.
+                let r = tokio::select! {
+                    r = r.as_mut() => r,
+                    _ = self.draining.cancelled() => {
+                        r.as_mut().graceful_shutdown();
+                        r.await
+                    }
+                };
                 if let Err(e) = r {
                     debug!(peer = %ds.peer, error = %e, "HTTP/2 connection ended with an error");
                 }
@@ -628,8 +830,8 @@ impl Waypoint {
                 &svc.policies,
                 &RequestAttrs {
                     http: false,
-                    principal: Some(ds.src_identity.principal()),
-                    namespace: Some(ds.src_identity.namespace()),
+                    principal: ds.src_identity.as_ref().map(|i| i.principal()),
+                    namespace: ds.src_identity.as_ref().map(|i| i.namespace()),
                     source_ip: ds.peer.ip(),
                     host: "",
                     port: ds.target.port(),
@@ -644,7 +846,7 @@ impl Waypoint {
                     target: "access",
                     protocol = "tcp",
                     src.addr = %ds.peer,
-                    src.identity = %ds.src_identity,
+                    src.identity = %ds.principal(),
                     service = %ds.service_key,
                     response_flags = "RBAC",
                     detail = %decision,
@@ -717,7 +919,7 @@ impl Waypoint {
             target: "access",
             protocol = "tcp",
             src.addr = %ds.peer,
-            src.identity = %ds.src_identity,
+            src.identity = %ds.principal(),
             service = %ds.service_key,
             dst.addr = %target,
             dst.workload = %ep.name,
@@ -738,17 +940,31 @@ impl Waypoint {
     ) -> Result<Response<RespBody>, Infallible> {
         let started = Instant::now();
         let wall = SystemTime::now();
-        // A service the controller sent no routes for yet: defaults.
-        let svc = self
-            .routes
-            .get(&ds.service_key)
-            .unwrap_or_else(|| Arc::new(ServiceConfig::default_for(&ds.service_key)));
+        // At an ingress the request's host picks the routes; at a waypoint,
+        // the service it was sent to (one the controller sent no routes for
+        // yet gets the defaults).
+        let (svc, no_vhost) = match &ds.ingress {
+            Some(scope) => match self.ingress_routes(scope, &req) {
+                Some(s) => (s, false),
+                None => (Arc::new(ServiceConfig::default_for(&ds.service_key)), true),
+            },
+            None => (
+                self.routes
+                    .get(&ds.service_key)
+                    .unwrap_or_else(|| Arc::new(ServiceConfig::default_for(&ds.service_key))),
+                false,
+            ),
+        };
         let trace = TraceContext::continue_or_start(
             req.headers()
                 .get(hbone::TRACEPARENT)
                 .and_then(|v| v.to_str().ok()),
         );
         let mut rec = Recorder::new(&self, &ds, &svc, &req, trace, started, wall);
+        if no_vhost {
+            rec.detail = format!("no listener or virtual host for host {:?}", rec.authority);
+            return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route for this host\n"));
+        }
         let (mut parts, body) = req.into_parts();
         // One path for policy, routing and upstream.
         let normalized = normalize_path(parts.uri.path());
@@ -795,8 +1011,8 @@ impl Waypoint {
             &svc.policies,
             &RequestAttrs {
                 http: true,
-                principal: Some(ds.src_identity.principal()),
-                namespace: Some(ds.src_identity.namespace()),
+                principal: ds.src_identity.as_ref().map(|i| i.principal()),
+                namespace: ds.src_identity.as_ref().map(|i| i.namespace()),
                 source_ip: ds.peer.ip(),
                 host: &host,
                 port: ds.target.port(),
@@ -810,14 +1026,18 @@ impl Waypoint {
             return Ok(rec.local(StatusCode::FORBIDDEN, Flag::RBAC, "RBAC: access denied\n"));
         }
 
-        let route = svc
+        let Some(route) = svc
             .route(&RequestView {
                 method: &parts.method,
                 path: parts.uri.path(),
                 query: parts.uri.query(),
                 headers: &parts.headers,
             })
-            .clone();
+            .cloned()
+        else {
+            rec.detail = "no route matches".into();
+            return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route\n"));
+        };
         rec.route = route.name.clone();
 
         for f in &route.filters {
@@ -826,7 +1046,7 @@ impl Waypoint {
             }
         }
         if let Some(limit) = &route.rate_limit {
-            let key = limit.key_of(ds.src_identity.principal(), &parts.headers);
+            let key = limit.key_of(ds.principal(), &parts.headers);
             if let Verdict::Limited { retry_after } = self.limiter.check(limit, &key).await {
                 rec.detail = format!("rate limit of {}", limit.source);
                 let mut r = rec.local(
@@ -1461,7 +1681,11 @@ impl Recorder {
         Recorder {
             wp: wp.clone(),
             labels: RequestLabels {
-                reporter: Reporter::waypoint,
+                reporter: if ds.ingress.is_some() {
+                    Reporter::source
+                } else {
+                    Reporter::waypoint
+                },
                 source_workload: or_unknown(src.map(workload_name).unwrap_or("")),
                 source_canonical_service: or_unknown(
                     src.map(|w| w.canonical_name.as_str()).unwrap_or(""),
@@ -1469,8 +1693,13 @@ impl Recorder {
                 source_canonical_revision: or_unknown(
                     src.map(|w| w.canonical_revision.as_str()).unwrap_or(""),
                 ),
-                source_workload_namespace: ds.src_identity.namespace().to_string(),
-                source_principal: ds.src_identity.to_string(),
+                source_workload_namespace: or_unknown(
+                    ds.src_identity.as_ref().map_or("", |i| i.namespace()),
+                ),
+                source_principal: ds
+                    .src_identity
+                    .as_ref()
+                    .map_or_else(|| "unknown".into(), |i| i.to_string()),
                 destination_service: or_unknown(&svc.hostname),
                 destination_service_namespace: or_unknown(&svc.namespace),
                 destination_service_name: or_unknown(&svc_name),
@@ -1493,7 +1722,12 @@ impl Recorder {
                 response_code: 0,
                 grpc_response_status: String::new(),
                 response_flags: Flag::None,
-                connection_security_policy: "mutual_tls".into(),
+                // A client outside the mesh reached an ingress listener.
+                connection_security_policy: if ds.src_identity.is_some() {
+                    "mutual_tls".into()
+                } else {
+                    "unknown".into()
+                },
             },
             method: req.method().to_string(),
             path: req

@@ -303,7 +303,9 @@ pub struct ServiceConfig {
     pub hostname: String,
     pub namespace: String,
     pub routes: Vec<Route>,
-    pub default_route: Route,
+    /// For requests no route matches: the service itself (GAMMA); None at
+    /// an ingress, where they get 404.
+    pub default_route: Option<Route>,
     pub backend: BackendPolicy,
     pub ports: HashMap<u16, PortProtocol>,
     pub policies: Vec<Policy>,
@@ -337,27 +339,14 @@ impl ServiceConfig {
         }
         let mut default_route = Route::default_for(&key);
         default_route.rate_limit = default_limit;
-        let ports = s
-            .ports
-            .iter()
-            .filter_map(|p| {
-                let port = u16::try_from(p.port).ok()?;
-                let proto = match pb::Protocol::try_from(p.protocol) {
-                    Ok(pb::Protocol::Http1) => PortProtocol::Http1,
-                    Ok(pb::Protocol::Http2) => PortProtocol::Http2,
-                    Ok(pb::Protocol::Tcp) => PortProtocol::Tcp,
-                    _ => PortProtocol::Sniff,
-                };
-                Some((port, proto))
-            })
-            .collect();
+        let ports = compile_ports(&s.ports);
         let policies = s
             .policies
             .iter()
             .map(Policy::compile)
             .collect::<Result<Vec<_>, _>>()?;
         Ok(ServiceConfig {
-            default_route,
+            default_route: Some(default_route),
             key,
             hostname: s.hostname.clone(),
             namespace: s.namespace.clone(),
@@ -384,19 +373,51 @@ impl ServiceConfig {
             hostname: hostname.to_string(),
             namespace: namespace.to_string(),
             routes: vec![],
-            default_route: Route::default_for(key),
+            default_route: Some(Route::default_for(key)),
             backend: BackendPolicy::default(),
             ports: HashMap::new(),
             policies: vec![],
         }
     }
 
-    /// The first route that matches, else the service itself.
-    pub fn route(&self, r: &RequestView<'_>) -> &Route {
+    /// The first route that matches, else the default (if any).
+    pub fn route(&self, r: &RequestView<'_>) -> Option<&Route> {
         self.routes
             .iter()
             .find(|route| route.matcher.as_ref().is_none_or(|m| m.matches(r)))
-            .unwrap_or(&self.default_route)
+            .or(self.default_route.as_ref())
+    }
+
+    /// One virtual host of an ingress listener: its routes, no default.
+    pub fn compile_virtual_host(
+        key: String,
+        namespace: &str,
+        vh: &pb::VirtualHost,
+    ) -> Result<ServiceConfig, RouteError> {
+        Ok(ServiceConfig {
+            hostname: String::new(),
+            namespace: namespace.to_string(),
+            routes: vh
+                .routes
+                .iter()
+                .map(compile_route)
+                .collect::<Result<Vec<_>, _>>()?,
+            default_route: None,
+            backend: BackendPolicy::default(),
+            ports: HashMap::new(),
+            policies: vec![],
+            key,
+        })
+    }
+
+    /// A backend Service of an ingress: how its ports speak, its policy.
+    pub fn compile_backend_service(b: &pb::IngressBackend) -> ServiceConfig {
+        let mut s = ServiceConfig::default_for(&b.service);
+        s.ports = compile_ports(&b.ports);
+        if let Some(p) = &b.backend_policy {
+            s.backend = BackendPolicy::from_proto(p);
+        }
+        s
     }
 
     pub fn protocol(&self, port: u16) -> PortProtocol {
@@ -405,6 +426,22 @@ impl ServiceConfig {
             .copied()
             .unwrap_or(PortProtocol::Sniff)
     }
+}
+
+fn compile_ports(ports: &[pb::PortProtocol]) -> HashMap<u16, PortProtocol> {
+    ports
+        .iter()
+        .filter_map(|p| {
+            let port = u16::try_from(p.port).ok()?;
+            let proto = match pb::Protocol::try_from(p.protocol) {
+                Ok(pb::Protocol::Http1) => PortProtocol::Http1,
+                Ok(pb::Protocol::Http2) => PortProtocol::Http2,
+                Ok(pb::Protocol::Tcp) => PortProtocol::Tcp,
+                _ => PortProtocol::Sniff,
+            };
+            Some((port, proto))
+        })
+        .collect()
 }
 
 fn compile_backend(b: &pb::WeightedBackend, route: &str) -> Result<Backend, RouteError> {
@@ -563,6 +600,11 @@ mod tests {
         Some(pb::StringMatch { kind: Some(kind) })
     }
 
+    fn name_of(s: &ServiceConfig, r: &RequestView<'_>) -> String {
+        s.route(r)
+            .map_or_else(|| "<none>".into(), |r| r.name.clone())
+    }
+
     fn view<'a>(
         m: &'a Method,
         path: &'a str,
@@ -628,22 +670,20 @@ mod tests {
         let s = ServiceConfig::compile("shop/r.shop.svc.cluster.local", &routes).expect("compiles");
         let get = Method::GET;
         let mut h = HeaderMap::new();
-        assert_eq!(s.route(&view(&get, "/", None, &h)).name, "default");
+        assert_eq!(name_of(&s, &view(&get, "/", None, &h)), "default");
         h.insert("x-version", "v2".parse().expect("value"));
-        assert_eq!(s.route(&view(&get, "/", None, &h)).name, "shop/r/0");
+        assert_eq!(name_of(&s, &view(&get, "/", None, &h)), "shop/r/0");
         let h = HeaderMap::new();
         assert_eq!(
-            s.route(&view(&get, "/items/12", Some("a=b&debug=1"), &h))
-                .name,
+            name_of(&s, &view(&get, "/items/12", Some("a=b&debug=1"), &h)),
             "shop/r/1"
         );
         assert_eq!(
-            s.route(&view(&get, "/items/12x", Some("debug=1"), &h)).name,
+            name_of(&s, &view(&get, "/items/12x", Some("debug=1"), &h)),
             "default"
         );
         assert_eq!(
-            s.route(&view(&Method::POST, "/items/12", Some("debug=1"), &h))
-                .name,
+            name_of(&s, &view(&Method::POST, "/items/12", Some("debug=1"), &h)),
             "default"
         );
         // A route with no backends picks none (the caller answers 500).

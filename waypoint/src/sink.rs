@@ -1,37 +1,36 @@
 //! What the waypoint takes from the controller: workloads and services
 //! (its endpoints) into a ztunnel proxy state, and `ServiceRoutes` into the
-//! route table. A resource that does not compile is rejected by name; the
-//! rest of the response still applies.
+//! route table; in the ingress role, its Gateway's `Ingress` instead of
+//! routes. A resource that does not compile is rejected by name; the rest
+//! of the response still applies, and a rejected one keeps its last good
+//! version.
 
 use mesh_proto::envoy::service::discovery::v3::Resource;
-use mesh_proto::mesh::waypoint::ServiceRoutes;
-use mesh_proto::{ADDRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use mesh_proto::mesh::waypoint::{Ingress, ServiceRoutes};
+use mesh_proto::{ADDRESS_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use prost::Message;
+use tracing::info;
 use ztunnel::xds::{StateSink, XdsSink};
 
+use crate::config::Role;
+use crate::ingress::{self, IngressConfig, IngressTable};
 use crate::routes::{RouteTable, ServiceConfig};
 
-pub const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL];
+pub const WAYPOINT_TYPES: [&str; 2] = [ADDRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL];
+pub const INGRESS_TYPES: [&str; 2] = [ADDRESS_TYPE_URL, INGRESS_TYPE_URL];
 
 pub struct WaypointSink {
+    pub role: Role,
     pub state: StateSink,
     pub routes: RouteTable,
+    pub ingress: IngressTable,
+    /// Ingress only: "namespace/name" of our Gateway, the one resource of
+    /// the Ingress type we take.
+    pub gateway: String,
 }
 
-impl XdsSink for WaypointSink {
-    fn types(&self) -> &'static [&'static str] {
-        &TYPES
-    }
-
-    fn apply(
-        &self,
-        type_url: &str,
-        resources: &[Resource],
-        removed: &[String],
-    ) -> Vec<(String, String)> {
-        if type_url != SERVICE_ROUTES_TYPE_URL {
-            return self.state.apply(type_url, resources, removed);
-        }
+impl WaypointSink {
+    fn apply_routes(&self, resources: &[Resource], removed: &[String]) -> Vec<(String, String)> {
         let mut add = Vec::with_capacity(resources.len());
         let mut rejected = Vec::new();
         for r in resources {
@@ -48,5 +47,74 @@ impl XdsSink for WaypointSink {
         }
         self.routes.update(add, removed);
         rejected
+    }
+
+    fn apply_ingress(&self, resources: &[Resource], removed: &[String]) -> Vec<(String, String)> {
+        let mut rejected = Vec::new();
+        let mut next: Option<(IngressConfig, Vec<ServiceConfig>)> = None;
+        if removed.contains(&self.gateway) {
+            next = Some((IngressConfig::default(), Vec::new()));
+        }
+        for r in resources {
+            if r.name != self.gateway {
+                rejected.push((
+                    r.name.clone(),
+                    format!("not this gateway's ({})", self.gateway),
+                ));
+                continue;
+            }
+            let compiled = match &r.resource {
+                None => Err("resource has no body".to_string()),
+                Some(any) => Ingress::decode(any.value.as_slice())
+                    .map_err(|e| e.to_string())
+                    .and_then(|i| ingress::compile(&i)),
+            };
+            match compiled {
+                Ok(c) => next = Some(c),
+                Err(e) => rejected.push((r.name.clone(), e)),
+            }
+        }
+        if let Some((cfg, backends)) = next {
+            let old = self.ingress.load();
+            let gone: Vec<String> = old
+                .backends
+                .iter()
+                .filter(|k| !cfg.backends.contains(k))
+                .cloned()
+                .collect();
+            // Backends first: a listener never routes to a service whose
+            // ports and policy are not known yet.
+            self.routes.update(backends, &gone);
+            info!(
+                gateway = %self.gateway,
+                ports = ?cfg.ports.keys().collect::<Vec<_>>(),
+                listeners = cfg.ports.values().map(|p| p.listeners.len()).sum::<usize>(),
+                "ingress config applied"
+            );
+            self.ingress.store(cfg);
+        }
+        rejected
+    }
+}
+
+impl XdsSink for WaypointSink {
+    fn types(&self) -> &'static [&'static str] {
+        match self.role {
+            Role::Waypoint => &WAYPOINT_TYPES,
+            Role::Ingress => &INGRESS_TYPES,
+        }
+    }
+
+    fn apply(
+        &self,
+        type_url: &str,
+        resources: &[Resource],
+        removed: &[String],
+    ) -> Vec<(String, String)> {
+        match type_url {
+            SERVICE_ROUTES_TYPE_URL => self.apply_routes(resources, removed),
+            INGRESS_TYPE_URL => self.apply_ingress(resources, removed),
+            _ => self.state.apply(type_url, resources, removed),
+        }
     }
 }

@@ -17,6 +17,8 @@ use tracing::{debug, warn};
 #[allow(non_camel_case_types)]
 pub enum Reporter {
     waypoint,
+    /// An ingress gateway reports as the source side, as Istio's do.
+    source,
 }
 
 /// Envoy's response flags, as Istio reports them.

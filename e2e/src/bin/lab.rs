@@ -43,6 +43,18 @@ enum Cmd {
     Apply { file: PathBuf },
     /// Show nodes, pods and services.
     Status,
+    /// (internal) A published port's forwarder (the lab's load balancer).
+    #[command(hide = true)]
+    Forward {
+        #[arg(long)]
+        listen: String,
+        #[arg(long)]
+        netns: PathBuf,
+        #[arg(long, required = true)]
+        to: Vec<std::net::SocketAddr>,
+        #[arg(long)]
+        port_file: PathBuf,
+    },
     /// (internal) Hold the rootless lab's user and mount namespaces.
     #[command(hide = true)]
     Hold,
@@ -270,6 +282,16 @@ async fn main() {
             lab.apply(docs).await.unwrap_or_else(|e| fail(e));
             println!("applied {}", file.display());
         }
+        Cmd::Forward {
+            listen,
+            netns,
+            to,
+            port_file,
+        } => {
+            if let Err(e) = e2e::lab::forward(&listen, &netns, &to, &port_file).await {
+                fail(e);
+            }
+        }
         Cmd::Hold => unreachable!("handled above"),
         Cmd::Status => {
             let lab = Lab::load(&a.dir).unwrap_or_else(|e| fail(e));
@@ -286,6 +308,9 @@ async fn main() {
             }
             for (k, s) in &lab.state.services {
                 println!("service {k:<24} {} ports {:?}", s.vip, s.ports);
+            }
+            for (k, a) in &lab.state.published {
+                println!("published {k:<22} on {a}");
             }
         }
     }
