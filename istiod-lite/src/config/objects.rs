@@ -35,10 +35,12 @@ pub enum Object {
 impl fmt::Debug for Object {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            // Key material must not reach a log, even at debug level.
+            // Key material must not reach a log, even at debug level (nor
+            // metadata: kubectl's last-applied annotation holds the data).
             Object::Secret(s) => f
                 .debug_struct("Secret")
-                .field("metadata", &s.metadata)
+                .field("namespace", &s.metadata.namespace)
+                .field("name", &s.metadata.name)
                 .field("type", &s.type_)
                 .field(
                     "keys",
@@ -340,4 +342,32 @@ impl Object {
 pub enum Change {
     Upsert(Object),
     Delete(ObjectKey),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_merges_string_data_over_data_and_never_debug_prints_values() {
+        // "c2VjcmV0LWNydA==" is "secret-crt"; stringData wins for tls.key.
+        let v: serde_json::Value = serde_yaml::from_str(
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: cert, namespace: shop, annotations: {last-applied: secret-note}}\ntype: kubernetes.io/tls\n\
+             data: {tls.crt: c2VjcmV0LWNydA==, tls.key: b2xk}\nstringData: {tls.key: secret-key}\n",
+        )
+        .expect("yaml");
+        let Ok(Some(Object::Secret(s))) = Object::parse(v) else {
+            panic!("a Secret")
+        };
+        let data = s.data.as_ref().expect("data");
+        assert_eq!(data["tls.crt"].0, b"secret-crt");
+        assert_eq!(data["tls.key"].0, b"secret-key");
+        assert!(s.string_data.is_none());
+        let shown = format!("{:?}", Object::Secret(s));
+        assert!(shown.contains("tls.key"), "{shown}");
+        assert!(
+            !shown.contains("secret-") && !shown.contains("115, 101, 99"),
+            "{shown}"
+        );
+    }
 }

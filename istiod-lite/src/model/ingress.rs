@@ -703,3 +703,460 @@ pub fn ingress_json(i: &pb::Ingress) -> serde_json::Value {
         "backends": i.backends.iter().map(|b| b.service.as_str()).collect::<Vec<_>>(),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::objects::{Change, Object};
+    use mesh_proto::INGRESS_TYPE_URL;
+    use prost::Message;
+
+    #[test]
+    fn hostnames_intersect_as_gateway_api_says() {
+        let s = |v: &[&str]| v.iter().map(|h| h.to_string()).collect::<Vec<_>>();
+        let cases: &[(Option<&str>, &[&str], Option<&[&str]>)] = &[
+            // No hostname on either side: any host.
+            (None, &[], Some(&[])),
+            (Some(""), &[], Some(&[])),
+            // Only one side: that side's.
+            (None, &["Shop.Example.com"], Some(&["shop.example.com"])),
+            (Some("shop.example.com"), &[], Some(&["shop.example.com"])),
+            // Exact against exact.
+            (
+                Some("shop.example.com"),
+                &["shop.example.com"],
+                Some(&["shop.example.com"]),
+            ),
+            (Some("shop.example.com"), &["api.example.com"], None),
+            // A wildcard covers one or more labels, never the bare suffix.
+            (
+                Some("*.example.com"),
+                &["shop.example.com"],
+                Some(&["shop.example.com"]),
+            ),
+            (
+                Some("*.example.com"),
+                &["a.b.example.com"],
+                Some(&["a.b.example.com"]),
+            ),
+            (Some("*.example.com"), &["example.com"], None),
+            (Some("*.example.com"), &["shop.example.org"], None),
+            (
+                Some("shop.example.com"),
+                &["*.example.com"],
+                Some(&["shop.example.com"]),
+            ),
+            // Wildcard against wildcard: the narrower.
+            (
+                Some("*.example.com"),
+                &["*.shop.example.com"],
+                Some(&["*.shop.example.com"]),
+            ),
+            (
+                Some("*.shop.example.com"),
+                &["*.example.com"],
+                Some(&["*.shop.example.com"]),
+            ),
+            (
+                Some("*.example.com"),
+                &["*.example.com"],
+                Some(&["*.example.com"]),
+            ),
+            (Some("*.example.com"), &["*.example.org"], None),
+            // Only the hostnames that intersect are kept.
+            (
+                Some("*.example.com"),
+                &["shop.example.com", "shop.example.org", "api.example.com"],
+                Some(&["api.example.com", "shop.example.com"]),
+            ),
+        ];
+        for (l, r, want) in cases {
+            assert_eq!(
+                intersect(*l, &s(r)),
+                want.map(|w| s(w)),
+                "listener {l:?} route {r:?}"
+            );
+        }
+    }
+
+    fn model(docs: Vec<serde_json::Value>) -> Model {
+        let mut m = Model::new(super::super::ModelConfig::default());
+        let changes = docs
+            .into_iter()
+            .map(|v| Change::Upsert(Object::parse(v).expect("parses").expect("known kind")))
+            .collect();
+        m.apply(changes);
+        m
+    }
+
+    fn yaml(text: &str) -> Vec<serde_json::Value> {
+        serde_yaml::Deserializer::from_str(text)
+            .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
+            .filter(|v: &serde_json::Value| !v.is_null())
+            .collect()
+    }
+
+    fn ingress(m: &Model, name: &str) -> pb::Ingress {
+        let r = m
+            .resources(INGRESS_TYPE_URL)
+            .and_then(|r| r.get(name))
+            .unwrap_or_else(|| panic!("no Ingress {name}"));
+        pb::Ingress::decode(r.any.value.as_slice()).expect("decodes")
+    }
+
+    fn status<'a>(m: &'a Model, gw: &str, listener: &str) -> &'a ListenerStatus {
+        m.ingress_listeners
+            .get(&("shop".to_string(), gw.to_string()))
+            .and_then(|ls| ls.iter().find(|l| l.name == listener))
+            .unwrap_or_else(|| panic!("no status for {gw}/{listener}"))
+    }
+
+    fn condition<'a>(s: &'a ListenerStatus, t: &str) -> &'a ListenerCondition {
+        s.conditions
+            .iter()
+            .find(|c| c.type_ == t)
+            .unwrap_or_else(|| panic!("no {t} in {s:?}"))
+    }
+
+    fn tls_secret_doc(name: &str, type_: &str, crt: &str, key: &str) -> serde_json::Value {
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": name, "namespace": "shop"},
+            "type": type_,
+            "stringData": {"tls.crt": crt, "tls.key": key},
+        })
+    }
+
+    const GATEWAY: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: shop}
+spec:
+  gatewayClassName: mesh-ingress
+  listeners:
+  - {name: good, port: 443, protocol: HTTPS, hostname: good.example.com, tls: {certificateRefs: [{name: good-cert}]}}
+  - {name: bad, port: 443, protocol: HTTPS, hostname: bad.example.com, tls: {certificateRefs: [{name: bad-cert}]}}
+  - {name: http, port: 80, protocol: HTTP}
+  - {name: tcp, port: 9000, protocol: TCP}
+  - {name: passthrough, port: 8443, protocol: HTTPS, tls: {mode: Passthrough}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{name: edge}]
+  rules: [{backendRefs: [{name: web, port: 8080}]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {clusterIP: 10.96.0.20, ports: [{name: http, port: 8080}]}
+"#;
+
+    #[test]
+    fn a_bad_certificate_leaves_out_only_its_listener() {
+        let good =
+            rcgen::generate_simple_self_signed(vec!["good.example.com".into()]).expect("cert");
+        let other =
+            rcgen::generate_simple_self_signed(vec!["other.example.com".into()]).expect("cert");
+        let (crt, key) = (good.cert.pem(), good.signing_key.serialize_pem());
+        let other_key = other.signing_key.serialize_pem();
+        let bad_cases: Vec<(&str, Option<serde_json::Value>, &str)> = vec![
+            ("missing", None, "Secret shop/bad-cert not found"),
+            (
+                "wrong type",
+                Some(tls_secret_doc("bad-cert", "Opaque", &crt, &key)),
+                "is of type \"Opaque\", not kubernetes.io/tls",
+            ),
+            (
+                "mismatched key",
+                Some(tls_secret_doc(
+                    "bad-cert",
+                    TLS_SECRET_TYPE,
+                    &crt,
+                    &other_key,
+                )),
+                "tls.key does not match the first certificate in tls.crt",
+            ),
+            (
+                "garbage certificate",
+                Some(tls_secret_doc(
+                    "bad-cert",
+                    TLS_SECRET_TYPE,
+                    "not a certificate",
+                    &key,
+                )),
+                "no certificate in tls.crt",
+            ),
+            (
+                "garbage key",
+                Some(tls_secret_doc(
+                    "bad-cert",
+                    TLS_SECRET_TYPE,
+                    &crt,
+                    "-----BEGIN PRIVATE KEY-----\nzzzz\n",
+                )),
+                "tls.key is not valid PEM",
+            ),
+        ];
+        for (case, bad, want) in bad_cases {
+            let mut docs = yaml(GATEWAY);
+            docs.push(tls_secret_doc("good-cert", TLS_SECRET_TYPE, &crt, &key));
+            docs.extend(bad);
+            let m = model(docs);
+            let i = ingress(&m, "shop/edge");
+            let names: Vec<&str> = i.listeners.iter().map(|l| l.name.as_str()).collect();
+            assert_eq!(names, vec!["good", "http"], "{case}");
+            let served = &i.listeners[0];
+            assert_eq!(served.protocol, pb::ListenerProtocol::Https as i32);
+            let c = served.certificate.as_ref().expect("certificate");
+            assert_eq!(c.source, "shop/good-cert");
+            assert_eq!(
+                (c.cert_chain.as_str(), c.private_key.as_str()),
+                (crt.as_str(), key.as_str())
+            );
+            assert_eq!(served.virtual_hosts[0].hostnames, vec!["good.example.com"]);
+            assert_eq!(served.virtual_hosts[0].routes[0].name, "shop/web/0");
+            assert_eq!(i.backends.len(), 1);
+            assert_eq!(i.backends[0].service, "shop/web.shop.svc.cluster.local");
+            assert_eq!(i.backends[0].ports[0].port, 8080);
+
+            let bad = status(&m, "edge", "bad");
+            let r = condition(bad, "ResolvedRefs");
+            assert_eq!(
+                (r.status, r.reason),
+                (false, "InvalidCertificateRef"),
+                "{case}"
+            );
+            assert!(r.message.contains(want), "{case}: {}", r.message);
+            let p = condition(bad, "Programmed");
+            assert_eq!((p.status, p.reason), (false, "Invalid"), "{case}");
+            assert_eq!(bad.attached_routes, 1, "{case}");
+            let good = status(&m, "edge", "good");
+            assert!(condition(good, "Programmed").status, "{case}");
+            assert!(condition(good, "ResolvedRefs").status, "{case}");
+
+            let issues: Vec<_> = m
+                .issues()
+                .into_iter()
+                .filter(|i| i.object == "Gateway/shop/edge")
+                .collect();
+            assert!(
+                issues.iter().any(|i| i.reason.starts_with("listener bad: ")
+                    && i.reason.contains(want)
+                    && i.reason.contains("not served")),
+                "{case}: {issues:?}"
+            );
+            // Key material never shows in the debug dump.
+            let dump = m.dump().to_string();
+            assert!(!dump.contains("PRIVATE KEY"), "{case}");
+            assert!(dump.contains("shop/good-cert"), "{case}");
+        }
+    }
+
+    #[test]
+    fn unsupported_protocols_and_foreign_secrets_are_reported() {
+        let good = rcgen::generate_simple_self_signed(vec!["x".into()]).expect("cert");
+        let mut docs = yaml(GATEWAY);
+        docs.extend(yaml(
+            r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: foreign, namespace: shop}
+spec:
+  gatewayClassName: mesh-ingress
+  listeners:
+  - {name: https, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: cert, namespace: other}]}}
+"#,
+        ));
+        let mut secret = tls_secret_doc(
+            "cert",
+            TLS_SECRET_TYPE,
+            &good.cert.pem(),
+            &good.signing_key.serialize_pem(),
+        );
+        secret["metadata"]["namespace"] = "other".into();
+        docs.push(secret);
+        let m = model(docs);
+        for (l, want) in [
+            ("tcp", "protocol TCP is not supported"),
+            ("passthrough", "Passthrough"),
+        ] {
+            let s = status(&m, "edge", l);
+            let a = condition(s, "Accepted");
+            assert_eq!((a.status, a.reason), (false, "UnsupportedProtocol"));
+            assert!(a.message.contains(want), "{}", a.message);
+            assert!(!condition(s, "Programmed").status);
+        }
+        assert!(ingress(&m, "shop/foreign").listeners.is_empty());
+        let r = condition(status(&m, "foreign", "https"), "ResolvedRefs");
+        assert_eq!((r.status, r.reason), (false, "RefNotPermitted"));
+        assert!(r.message.contains("ReferenceGrant"), "{}", r.message);
+    }
+
+    const ROUTES: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: v1
+kind: Namespace
+metadata: {name: team, labels: {ingress: allowed}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: shop}
+spec:
+  gatewayClassName: mesh-ingress
+  listeners:
+  - {name: same, port: 80, protocol: HTTP, hostname: same.example.com}
+  - name: all
+    port: 80
+    protocol: HTTP
+    hostname: "*.example.com"
+    allowedRoutes: {namespaces: {from: All}}
+  - name: selected
+    port: 8080
+    protocol: HTTP
+    allowedRoutes: {namespaces: {from: Selector, selector: {matchLabels: {ingress: allowed}}}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: local, namespace: shop}
+spec:
+  parentRefs: [{name: edge}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: remote, namespace: team}
+spec:
+  parentRefs: [{name: edge, namespace: shop}]
+  hostnames: [api.example.com, same.example.com]
+  rules: [{backendRefs: [{name: api, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: pinned, namespace: shop}
+spec:
+  parentRefs: [{name: edge, sectionName: same}]
+  rules:
+  - matches: [{path: {type: PathPrefix, value: /pinned}}]
+    backendRefs: [{name: web, port: 80}, {name: api, namespace: team, port: 80}]
+"#;
+
+    fn vhosts(l: &pb::Listener) -> Vec<(Vec<String>, Vec<String>)> {
+        l.virtual_hosts
+            .iter()
+            .map(|v| {
+                (
+                    v.hostnames.clone(),
+                    v.routes.iter().map(|r| r.name.clone()).collect(),
+                )
+            })
+            .collect()
+    }
+
+    #[test]
+    fn routes_attach_by_parent_namespace_section_and_hostname() {
+        let m = model(yaml(ROUTES));
+        let i = ingress(&m, "shop/edge");
+        let by_name = |n: &str| {
+            i.listeners
+                .iter()
+                .find(|l| l.name == n)
+                .unwrap_or_else(|| panic!("listener {n}"))
+        };
+        let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        // Same (the default): only routes of the Gateway's namespace; the
+        // more specific path of the pinned route first.
+        assert_eq!(
+            vhosts(by_name("same")),
+            vec![(
+                s(&["same.example.com"]),
+                s(&["shop/pinned/0", "shop/local/0"])
+            )]
+        );
+        // All: the other namespace's route too, with its hostnames under
+        // the wildcard, ahead of the wildcard's own (the local route takes
+        // the listener's hostname); hosts with the same routes share a
+        // virtual host. The pinned route is not on this listener.
+        assert_eq!(
+            vhosts(by_name("all")),
+            vec![
+                (s(&["*.example.com"]), s(&["shop/local/0"])),
+                (
+                    s(&["api.example.com", "same.example.com"]),
+                    s(&["team/remote/0", "shop/local/0"])
+                ),
+            ]
+        );
+        // Selector: the labelled namespace only (not even the Gateway's own).
+        assert_eq!(
+            vhosts(by_name("selected")),
+            vec![(
+                s(&["api.example.com", "same.example.com"]),
+                s(&["team/remote/0"])
+            )]
+        );
+        assert_eq!(status(&m, "edge", "same").attached_routes, 2);
+        assert_eq!(status(&m, "edge", "all").attached_routes, 2);
+        assert_eq!(status(&m, "edge", "selected").attached_routes, 1);
+        // The backend in another namespace is left out and reported.
+        let pinned = &by_name("same").virtual_hosts[0].routes[0];
+        assert_eq!(
+            pinned
+                .backends
+                .iter()
+                .map(|b| b.service.as_str())
+                .collect::<Vec<_>>(),
+            vec!["shop/web.shop.svc.cluster.local"]
+        );
+        assert!(
+            m.issues().iter().any(|i| i.object == "Gateway/shop/edge"
+                && i.reason.contains("team/api.team.svc.cluster.local")
+                && i.reason.contains("ReferenceGrant")),
+            "{:?}",
+            m.issues()
+        );
+        let services: Vec<&str> = i.backends.iter().map(|b| b.service.as_str()).collect();
+        assert_eq!(
+            services,
+            vec![
+                "shop/web.shop.svc.cluster.local",
+                "team/api.team.svc.cluster.local"
+            ]
+        );
+    }
+
+    #[test]
+    fn a_change_to_a_route_or_secret_recomputes_the_ingress() {
+        let mut m = model(yaml(ROUTES));
+        let before = m
+            .resources(INGRESS_TYPE_URL)
+            .and_then(|r| r.get("shop/edge"))
+            .map(|r| r.version.clone());
+        let d = m.apply(vec![Change::Delete(crate::config::objects::ObjectKey {
+            kind: crate::config::objects::Kind::HttpRoute,
+            namespace: "team".into(),
+            name: "remote".into(),
+        })]);
+        assert!(d.changed[INGRESS_TYPE_URL].contains("shop/edge"));
+        let after = m
+            .resources(INGRESS_TYPE_URL)
+            .and_then(|r| r.get("shop/edge"))
+            .map(|r| r.version.clone());
+        assert_ne!(before, after);
+        // An unrelated Secret changes nothing in the output.
+        let d = m.apply(vec![Change::Upsert(
+            Object::parse(tls_secret_doc("unused", TLS_SECRET_TYPE, "x", "y"))
+                .expect("parses")
+                .expect("known"),
+        )]);
+        assert!(d.changed.get(INGRESS_TYPE_URL).is_none_or(|c| c.is_empty()));
+    }
+}
