@@ -251,6 +251,9 @@ impl NodeAuthorizer for Hub {
     }
 }
 
+/// The Gateway (namespace, name) a proxy serves, or why it serves none.
+type Served = Result<(String, String), String>;
+
 /// Per-type subscription state of one connection.
 #[derive(Default)]
 struct Sub {
@@ -261,7 +264,7 @@ struct Sub {
     /// Gated types only: which kind of Gateway's proxy may subscribe, and
     /// the Gateway this proxy serves, or why it serves none (then it is
     /// sent nothing). None for other types.
-    gateway: Option<(Gated, Result<(String, String), String>)>,
+    gateway: Option<(Gated, Served)>,
     /// A response has been sent: until then, the next push answers even
     /// when empty (the proxy is waiting to know it is in sync).
     answered: bool,
@@ -496,7 +499,7 @@ impl Conn {
     }
 
     /// Which Gateway this proxy serves as a proxy of kind `gated`.
-    fn gateway_of(&self, gated: Gated) -> Result<(String, String), String> {
+    fn gateway_of(&self, gated: Gated) -> Served {
         gated.gateway_of(&self.hub.model(), &self.view.node, &self.view.proxy_id)
     }
 

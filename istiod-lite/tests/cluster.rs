@@ -1102,7 +1102,8 @@ async fn ingress_gateways_get_a_load_balancer_and_listener_status() {
         upsert(yaml(route)),
     ]);
     let mut writer = Writer::new(client, writer_config(), "ROOT PEM".into());
-    let r = writer.reconcile(&hub.model().cluster_view()).await;
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     {
         let st = state.lock().unwrap();
@@ -1206,7 +1207,8 @@ async fn ingress_gateways_get_a_load_balancer_and_listener_status() {
         &hub,
         &["/api/v1/namespaces/shop/services/edge", INGRESS_GW_PATH],
     );
-    let r = writer.reconcile(&hub.model().cluster_view()).await;
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     assert_eq!(r.statuses, 1, "{r:?}");
     let since = {
@@ -1221,7 +1223,8 @@ async fn ingress_gateways_get_a_load_balancer_and_listener_status() {
     };
     // Once the watch shows what we wrote, nothing is written again.
     reflect(&state, &hub, &[INGRESS_GW_PATH]);
-    let r = writer.reconcile(&hub.model().cluster_view()).await;
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
     assert_eq!((r.applied, r.statuses, r.deleted), (0, 0, 0), "{r:?}");
 
     // The missing Secret appears: the bad listener is programmed; the
@@ -1233,7 +1236,8 @@ async fn ingress_gateways_get_a_load_balancer_and_listener_status() {
         "stringData": {"tls.crt": cert.cert.pem(), "tls.key": cert.signing_key.serialize_pem()},
     });
     hub.apply(vec![upsert(fixed)]);
-    let r = writer.reconcile(&hub.model().cluster_view()).await;
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
     assert!(r.errors.is_empty(), "{:?}", r.errors);
     let st = state.lock().unwrap();
     let status = &st.objects[INGRESS_GW_PATH]["status"];

@@ -714,7 +714,9 @@ mod tests {
     #[test]
     fn hostnames_intersect_as_gateway_api_says() {
         let s = |v: &[&str]| v.iter().map(|h| h.to_string()).collect::<Vec<_>>();
-        let cases: &[(Option<&str>, &[&str], Option<&[&str]>)] = &[
+        // (listener hostname, route hostnames, intersection)
+        type Case<'a> = (Option<&'a str>, &'a [&'a str], Option<&'a [&'a str]>);
+        let cases: &[Case] = &[
             // No hostname on either side: any host.
             (None, &[], Some(&[])),
             (Some(""), &[], Some(&[])),
@@ -773,7 +775,7 @@ mod tests {
         for (l, r, want) in cases {
             assert_eq!(
                 intersect(*l, &s(r)),
-                want.map(|w| s(w)),
+                want.map(s),
                 "listener {l:?} route {r:?}"
             );
         }
