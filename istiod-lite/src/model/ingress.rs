@@ -299,8 +299,8 @@ fn selected_by(route: &HttpRoute, gw: &NsName, l: &GatewayListeners) -> bool {
     })
 }
 
-/// The certificate of an HTTPS listener: the first ref that resolves, and
-/// what was wrong with the others. Err: (reason, message) when none did.
+/// The certificate of an HTTPS listener (the first ref that resolves), and
+/// the ResolvedRefs (reason, message) for the refs that did not, if any.
 fn certificate(
     model: &Model,
     gw_ns: &str,
