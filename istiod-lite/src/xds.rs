@@ -13,8 +13,11 @@
 //! the routes of the services it serves: a proxy is a waypoint when its
 //! Node.id is `waypoint~<namespace>~<pod>` and the model says that pod runs
 //! on the caller's (authenticated) node as a pod of a waypoint Gateway
-//! ([`Model::waypoint_of_proxy`]). Any other subscriber is refused: logged,
-//! and sent nothing of that type.
+//! ([`Model::waypoint_of_proxy`]). `mesh.waypoint.Ingress` likewise goes
+//! only to an ingress gateway's pod (`ingress~<namespace>~<pod>`,
+//! [`Model::ingress_of_proxy`]), and to it only its own Gateway's resource:
+//! it carries private keys. Any other subscriber is refused: logged, and
+//! sent nothing of that type.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -29,7 +32,9 @@ use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_serv
 use mesh_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
 };
-use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use mesh_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+};
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
@@ -39,15 +44,65 @@ use ztunnel::identity::Identity;
 
 use crate::ca::auth::{Authenticator, NodeAuthorizer};
 use crate::config::objects::Change;
-use crate::model::{Delta, Model, WAYPOINT_PROXY_PREFIX};
+use crate::model::{Delta, INGRESS_PROXY_PREFIX, Model, WAYPOINT_PROXY_PREFIX};
 
 /// What the controller serves. Waypoint routes go only to waypoints that
-/// subscribe to them; ztunnels never do.
-pub const TYPES: [&str; 3] = [
+/// subscribe to them, ingress resources only to ingress gateways; ztunnels
+/// subscribe to neither.
+pub const TYPES: [&str; 4] = [
     ADDRESS_TYPE_URL,
     AUTHORIZATION_TYPE_URL,
     SERVICE_ROUTES_TYPE_URL,
+    INGRESS_TYPE_URL,
 ];
+
+/// A type served only to the pods of one kind of Gateway, each only the
+/// resources of its own Gateway.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Gated {
+    /// ServiceRoutes: the services whose waypoint the Gateway is.
+    Waypoint,
+    /// Ingress: the Gateway's own resource.
+    Ingress,
+}
+
+impl Gated {
+    fn of(type_url: &str) -> Option<Gated> {
+        match type_url {
+            SERVICE_ROUTES_TYPE_URL => Some(Gated::Waypoint),
+            INGRESS_TYPE_URL => Some(Gated::Ingress),
+            _ => None,
+        }
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Gated::Waypoint => "waypoint",
+            Gated::Ingress => "ingress gateway",
+        }
+    }
+
+    /// The Gateway a proxy serves as this kind, or why it does not.
+    fn gateway_of(
+        self,
+        model: &Model,
+        node: &str,
+        proxy_id: &str,
+    ) -> Result<(String, String), String> {
+        match self {
+            Gated::Waypoint => model.waypoint_of_proxy(node, proxy_id),
+            Gated::Ingress => model.ingress_of_proxy(node, proxy_id),
+        }
+    }
+
+    /// Whether the proxy serving Gateway `gw` may hold resource `name`.
+    fn may_hold(self, model: &Model, gw: &(String, String), name: &str) -> bool {
+        match self {
+            Gated::Waypoint => model.service_waypoint(name) == Some(gw),
+            Gated::Ingress => name.split_once('/') == Some((gw.0.as_str(), gw.1.as_str())),
+        }
+    }
+}
 
 /// Resources per response when a push is large.
 const PUSH_CHUNK: usize = 500;
@@ -196,6 +251,9 @@ impl NodeAuthorizer for Hub {
     }
 }
 
+/// The Gateway (namespace, name) a proxy serves, or why it serves none.
+type Served = Result<(String, String), String>;
+
 /// Per-type subscription state of one connection.
 #[derive(Default)]
 struct Sub {
@@ -203,9 +261,10 @@ struct Sub {
     names: BTreeSet<String>,
     /// name -> version the proxy holds.
     held: HashMap<String, String>,
-    /// ServiceRoutes only: the waypoint Gateway the proxy serves, or why it
-    /// is not a waypoint (then it is sent nothing). None for other types.
-    waypoint: Option<Result<(String, String), String>>,
+    /// Gated types only: which kind of Gateway's proxy may subscribe, and
+    /// the Gateway this proxy serves, or why it serves none (then it is
+    /// sent nothing). None for other types.
+    gateway: Option<(Gated, Served)>,
     /// A response has been sent: until then, the next push answers even
     /// when empty (the proxy is waiting to know it is in sync).
     answered: bool,
@@ -218,15 +277,15 @@ impl Sub {
 
     /// Whether this proxy may hold resource `name` at all.
     fn may_hold(&self, model: &Model, name: &str) -> bool {
-        match &self.waypoint {
+        match &self.gateway {
             None => true,
-            Some(Ok(gw)) => model.service_waypoint(name) == Some(gw),
-            Some(Err(_)) => false,
+            Some((gated, Ok(gw))) => gated.may_hold(model, gw, name),
+            Some((_, Err(_))) => false,
         }
     }
 
     fn refused(&self) -> bool {
-        matches!(self.waypoint, Some(Err(_)))
+        matches!(self.gateway, Some((_, Err(_))))
     }
 }
 
@@ -379,28 +438,30 @@ impl Conn {
             }
         }
         let first = !self.subs.contains_key(&t);
-        let waypoint = (first && t == SERVICE_ROUTES_TYPE_URL).then(|| self.waypoint());
+        let gateway = Gated::of(&t)
+            .filter(|_| first)
+            .map(|g| (g, self.gateway_of(g)));
         let sub = self.subs.entry(t.clone()).or_default();
         if first {
             sub.held = req.initial_resource_versions.clone().into_iter().collect();
-            if let Some(w) = waypoint {
-                match &w {
-                    Ok((ns, gw)) => {
+            if let Some((gated, gw)) = gateway {
+                match &gw {
+                    Ok((ns, name)) => {
                         info!(
-                            proxy = %self.view.proxy_id, node = %self.view.node,
-                            waypoint = %format!("{ns}/{gw}"), "waypoint subscribed to its routes"
+                            proxy = %self.view.proxy_id, node = %self.view.node, type_url = %t,
+                            gateway = %format!("{ns}/{name}"), "{} subscribed", gated.what()
                         );
                     }
                     Err(why) => {
                         warn!(
-                            proxy = %self.view.proxy_id, node = %self.view.node, reason = %why,
-                            "ServiceRoutes subscription refused: not a waypoint; nothing of that type is sent"
+                            proxy = %self.view.proxy_id, node = %self.view.node, type_url = %t, reason = %why,
+                            "subscription refused: not a {}; nothing of that type is sent", gated.what()
                         );
                         // What it claims to hold is not ours to answer.
                         sub.held.clear();
                     }
                 }
-                sub.waypoint = Some(w);
+                sub.gateway = Some((gated, gw));
             }
             // An empty first subscription is the legacy wildcard.
             if req.resource_names_subscribe.is_empty() {
@@ -437,49 +498,64 @@ impl Conn {
         Ok(())
     }
 
-    /// Who this proxy is, for ServiceRoutes: the waypoint Gateway it serves.
-    fn waypoint(&self) -> Result<(String, String), String> {
-        self.hub
-            .model()
-            .waypoint_of_proxy(&self.view.node, &self.view.proxy_id)
+    /// Which Gateway this proxy serves as a proxy of kind `gated`.
+    fn gateway_of(&self, gated: Gated) -> Served {
+        gated.gateway_of(&self.hub.model(), &self.view.node, &self.view.proxy_id)
     }
 
-    /// Re-checks a ServiceRoutes subscriber after pods or Gateways changed.
-    /// True when the waypoint it serves changed (or it became, or stopped
-    /// being, one): then everything is diffed again.
-    fn recheck_waypoint(&mut self) -> bool {
-        if !self.subs.contains_key(SERVICE_ROUTES_TYPE_URL) {
-            return false;
-        }
-        let now = self.waypoint();
-        let Some(sub) = self.subs.get_mut(SERVICE_ROUTES_TYPE_URL) else {
-            return false;
-        };
-        let before = sub.waypoint.as_ref().and_then(|w| w.as_ref().ok()).cloned();
-        let changed = before.as_ref() != now.as_ref().ok();
-        match (&before, &now) {
-            (_, Ok((ns, gw))) if changed => {
-                info!(
-                    proxy = %self.view.proxy_id, node = %self.view.node,
-                    waypoint = %format!("{ns}/{gw}"), "proxy now serves this waypoint"
-                );
+    /// Re-checks the subscriber of each gated type after pods or Gateways
+    /// changed. Returns the types whose Gateway changed (or that it began,
+    /// or stopped, serving): those are diffed again in full.
+    fn recheck_gateways(&mut self) -> Vec<&'static str> {
+        let mut changed_types = Vec::new();
+        for t in TYPES {
+            let Some(gated) = self
+                .subs
+                .get(t)
+                .and_then(|s| s.gateway.as_ref())
+                .map(|(g, _)| *g)
+            else {
+                continue;
+            };
+            let now = self.gateway_of(gated);
+            let Some(sub) = self.subs.get_mut(t) else {
+                continue;
+            };
+            let before = sub
+                .gateway
+                .as_ref()
+                .and_then(|(_, w)| w.as_ref().ok())
+                .cloned();
+            let changed = before.as_ref() != now.as_ref().ok();
+            match (&before, &now) {
+                (_, Ok((ns, gw))) if changed => {
+                    info!(
+                        proxy = %self.view.proxy_id, node = %self.view.node, type_url = t,
+                        gateway = %format!("{ns}/{gw}"), "proxy now serves this {}", gated.what()
+                    );
+                }
+                (Some(_), Err(why)) => {
+                    warn!(
+                        proxy = %self.view.proxy_id, node = %self.view.node, type_url = t, reason = %why,
+                        "proxy is no longer a {}; its resources are withdrawn", gated.what()
+                    );
+                }
+                _ => {}
             }
-            (Some(_), Err(why)) => {
-                warn!(
-                    proxy = %self.view.proxy_id, node = %self.view.node, reason = %why,
-                    "proxy is no longer a waypoint; its routes are withdrawn"
-                );
+            sub.gateway = Some((gated, now));
+            if changed {
+                changed_types.push(t);
             }
-            _ => {}
         }
-        sub.waypoint = Some(now);
-        changed
+        changed_types
     }
 
     async fn on_delta(&mut self, d: &Delta) -> Result<(), ()> {
-        if d.waypoint_proxies && self.recheck_waypoint() {
-            // A proxy refused until now gets its first answer here.
-            self.push(SERVICE_ROUTES_TYPE_URL, None, false).await?;
+        if d.gateway_proxies {
+            for t in self.recheck_gateways() {
+                // A proxy refused until now gets its first answer here.
+                self.push(t, None, false).await?;
+            }
         }
         for t in TYPES {
             let mut names: BTreeSet<String> = BTreeSet::new();
@@ -513,7 +589,7 @@ impl Conn {
                         // Missed some deltas: diff everything instead.
                         warn!(node = %self.view.node, missed = n, "push lagged; full resync");
                         let mut failed = false;
-                        self.recheck_waypoint();
+                        self.recheck_gateways();
                         for t in TYPES {
                             failed |= self.push(t, None, false).await.is_err();
                         }
@@ -584,18 +660,26 @@ impl AggregatedDiscoveryService for AdsService {
             .as_ref()
             .map(|n| n.id.clone())
             .unwrap_or_default();
-        // A workload token (a waypoint's) may only open its own pod's
-        // stream: any pod can hold a token of our audience, and the mesh's
-        // state is not for every pod to read.
+        // A workload token (a waypoint's or an ingress gateway's) may only
+        // open its own pod's stream: any pod can hold a token of our
+        // audience, and the mesh's state is not for every pod to read.
         if caller.only.is_some() {
-            let own = caller
+            let own: Vec<String> = caller
                 .pod
-                .as_ref()
-                .map(|(ns, pod)| format!("{WAYPOINT_PROXY_PREFIX}~{ns}~{pod}"));
-            if own.as_deref() != Some(proxy_id.as_str()) {
+                .iter()
+                .flat_map(|(ns, pod)| {
+                    [WAYPOINT_PROXY_PREFIX, INGRESS_PROXY_PREFIX]
+                        .map(|prefix| format!("{prefix}~{ns}~{pod}"))
+                })
+                .collect();
+            if !own.contains(&proxy_id) {
                 return Err(Status::permission_denied(format!(
-                    "a workload token may subscribe only as its own waypoint pod ({}), not as {proxy_id:?}",
-                    own.as_deref().unwrap_or("no pod")
+                    "a workload token may subscribe only as its own waypoint pod or ingress pod ({}), not as {proxy_id:?}",
+                    if own.is_empty() {
+                        "no pod".to_string()
+                    } else {
+                        own.join(" or ")
+                    }
                 )));
             }
         }

@@ -1052,6 +1052,209 @@ async fn waypoint_gateways_get_owned_deployments_status_and_cleanup() {
     );
 }
 
+const INGRESS_GW_PATH: &str = "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/edge";
+
+fn ingress_gateway() -> String {
+    "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: shop, uid: gw-uid-9, generation: 3}\nspec:\n  gatewayClassName: mesh-ingress\n  listeners:\n  - {name: good, port: 443, protocol: HTTPS, tls: {certificateRefs: [{name: good-cert}]}}\n  - {name: bad, port: 8443, protocol: HTTPS, tls: {certificateRefs: [{name: missing-cert}]}}\n  - {name: plain-http-listener, port: 80, protocol: HTTP}\n".into()
+}
+
+fn listener<'a>(status: &'a Value, name: &str) -> &'a Value {
+    status["listeners"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["name"] == name)
+        .unwrap_or_else(|| panic!("no listener {name} in {status}"))
+}
+
+fn cond<'a>(conds: &'a Value, t: &str) -> &'a Value {
+    conds
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["type"] == t)
+        .unwrap_or_else(|| panic!("no {t} in {conds}"))
+}
+
+#[tokio::test]
+async fn ingress_gateways_get_a_load_balancer_and_listener_status() {
+    ztunnel::tls::install_default_provider();
+    let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
+    let secret = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "good-cert", "namespace": "shop"},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": cert.cert.pem(), "tls.key": cert.signing_key.serialize_pem()},
+    });
+    let route = "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  parentRefs: [{name: edge}]\n  rules: [{backendRefs: [{name: web, port: 80}]}]\n";
+    let state = Shared::default();
+    state
+        .lock()
+        .unwrap()
+        .objects
+        .insert(INGRESS_GW_PATH.into(), yaml(&ingress_gateway()));
+    let client = serve(state.clone(), "a").await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    hub.apply(vec![
+        upsert(yaml(SHOP_NS)),
+        upsert(yaml(&ingress_gateway())),
+        upsert(secret),
+        upsert(yaml(route)),
+    ]);
+    let mut writer = Writer::new(client, writer_config(), "ROOT PEM".into());
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    {
+        let st = state.lock().unwrap();
+        for (kind, name) in [
+            ("serviceaccounts", "edge"),
+            ("configmaps", "edge-waypoint"),
+            ("services", "edge"),
+        ] {
+            let o = &st.objects[&format!("/api/v1/namespaces/shop/{kind}/{name}")];
+            assert_eq!(
+                o["metadata"]["ownerReferences"][0]["uid"], "gw-uid-9",
+                "{kind}"
+            );
+        }
+        let cfg =
+            st.objects["/api/v1/namespaces/shop/configmaps/edge-waypoint"]["data"]["config.yaml"]
+                .as_str()
+                .unwrap();
+        assert!(cfg.contains("\nrole: ingress\n"), "{cfg}");
+        assert!(cfg.contains("gateway: edge\n"), "{cfg}");
+        let pod = &st.objects["/apis/apps/v1/namespaces/shop/deployments/edge"]["spec"]["template"];
+        assert_eq!(
+            pod["metadata"]["labels"]["gateway.networking.k8s.io/gateway-name"],
+            "edge"
+        );
+        assert_eq!(pod["spec"]["serviceAccountName"], "edge");
+        assert_eq!(
+            pod["spec"]["containers"][0]["image"],
+            "ghcr.io/mesh-dev/waypoint:test"
+        );
+        assert_eq!(
+            pod["spec"]["securityContext"]["sysctls"],
+            json!([{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}])
+        );
+        assert_eq!(pod["spec"]["securityContext"]["runAsNonRoot"], true);
+        let svc = &st.objects["/api/v1/namespaces/shop/services/edge"]["spec"];
+        assert_eq!(svc["type"], "LoadBalancer");
+        // One port per listener port; a name too long for a port gets port-<n>.
+        assert_eq!(
+            svc["ports"],
+            json!([
+                {"name": "good", "port": 443, "targetPort": 443, "protocol": "TCP"},
+                {"name": "bad", "port": 8443, "targetPort": 8443, "protocol": "TCP"},
+                {"name": "port-80", "port": 80, "targetPort": 80, "protocol": "TCP"},
+            ])
+        );
+        // No address yet: accepted (with a listener not served), pending.
+        let status = &st.objects[INGRESS_GW_PATH]["status"];
+        let accepted = cond(&status["conditions"], "Accepted");
+        assert_eq!(
+            (accepted["status"].as_str(), accepted["reason"].as_str()),
+            (Some("True"), Some("ListenersNotValid"))
+        );
+        assert_eq!(
+            cond(&status["conditions"], "Programmed")["reason"],
+            "Pending"
+        );
+        let bad = listener(status, "bad");
+        let refs = cond(&bad["conditions"], "ResolvedRefs");
+        assert_eq!(
+            (refs["status"].as_str(), refs["reason"].as_str()),
+            (Some("False"), Some("InvalidCertificateRef"))
+        );
+        assert!(
+            refs["message"]
+                .as_str()
+                .unwrap()
+                .contains("Secret shop/missing-cert not found"),
+            "{refs}"
+        );
+        assert_eq!(cond(&bad["conditions"], "Programmed")["status"], "False");
+        let good = listener(status, "good");
+        let programmed = cond(&good["conditions"], "Programmed");
+        assert_eq!(
+            (programmed["status"].as_str(), programmed["reason"].as_str()),
+            (Some("True"), Some("Programmed"))
+        );
+        assert_eq!(programmed["observedGeneration"], 3);
+        assert!(programmed["lastTransitionTime"].is_string());
+        assert_eq!(cond(&good["conditions"], "ResolvedRefs")["status"], "True");
+        assert_eq!(cond(&good["conditions"], "Accepted")["status"], "True");
+        assert_eq!(good["attachedRoutes"], 1);
+        assert_eq!(
+            good["supportedKinds"],
+            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}])
+        );
+    }
+
+    // The load balancer gets an address: the Gateway reports it, programmed.
+    {
+        let mut st = state.lock().unwrap();
+        let svc = st
+            .objects
+            .get_mut("/api/v1/namespaces/shop/services/edge")
+            .unwrap();
+        svc["spec"]["clusterIP"] = json!("10.96.8.8");
+        svc["status"] = json!({"loadBalancer": {"ingress": [{"ip": "203.0.113.7"}]}});
+    }
+    reflect(
+        &state,
+        &hub,
+        &["/api/v1/namespaces/shop/services/edge", INGRESS_GW_PATH],
+    );
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    assert_eq!(r.statuses, 1, "{r:?}");
+    let since = {
+        let st = state.lock().unwrap();
+        let status = &st.objects[INGRESS_GW_PATH]["status"];
+        assert_eq!(
+            status["addresses"],
+            json!([{"type": "IPAddress", "value": "203.0.113.7"}])
+        );
+        assert_eq!(cond(&status["conditions"], "Programmed")["status"], "True");
+        cond(&listener(status, "good")["conditions"], "Programmed")["lastTransitionTime"].clone()
+    };
+    // Once the watch shows what we wrote, nothing is written again.
+    reflect(&state, &hub, &[INGRESS_GW_PATH]);
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert_eq!((r.applied, r.statuses, r.deleted), (0, 0, 0), "{r:?}");
+
+    // The missing Secret appears: the bad listener is programmed; the
+    // good one's transition time is kept.
+    let fixed = json!({
+        "apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "missing-cert", "namespace": "shop"},
+        "type": "kubernetes.io/tls",
+        "stringData": {"tls.crt": cert.cert.pem(), "tls.key": cert.signing_key.serialize_pem()},
+    });
+    hub.apply(vec![upsert(fixed)]);
+    let view = hub.model().cluster_view();
+    let r = writer.reconcile(&view).await;
+    assert!(r.errors.is_empty(), "{:?}", r.errors);
+    let st = state.lock().unwrap();
+    let status = &st.objects[INGRESS_GW_PATH]["status"];
+    assert_eq!(
+        cond(&listener(status, "bad")["conditions"], "Programmed")["status"],
+        "True"
+    );
+    assert_eq!(
+        cond(&status["conditions"], "Accepted")["reason"],
+        "Accepted"
+    );
+    assert_eq!(
+        cond(&listener(status, "good")["conditions"], "Programmed")["lastTransitionTime"],
+        since
+    );
+}
+
 /// Kills the controller when the test ends, passing or not.
 struct Child(std::process::Child);
 
@@ -1225,6 +1428,9 @@ async fn the_controller_binary_runs_in_cluster_mode() {
         ("wp", "ztunnel~node-1", false),
         ("wp", "waypoint~shop~db-1", false),
         ("wp", "waypoint~shop~wp-0", true),
+        // The same rule for an ingress gateway's pod.
+        ("wp", "ingress~shop~db-1", false),
+        ("wp", "ingress~shop~wp-0", true),
         ("zt", "ztunnel~node-1", true),
     ] {
         let got = subscribe(grpc, &root, token, proxy_id).await;

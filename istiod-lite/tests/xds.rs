@@ -1,5 +1,6 @@
 //! Delta ADS over real gRPC (in-process, plaintext): waypoint routes go
-//! only to waypoints, and to each only the routes of its own services.
+//! only to waypoints, and to each only the routes of its own services;
+//! an ingress Gateway's resource only to that Gateway's pods.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -12,8 +13,10 @@ use istiod_lite::xds::{AdsService, Hub};
 use mesh_proto::envoy::config::core::v3::Node;
 use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_proto::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DeltaDiscoveryResponse};
-use mesh_proto::mesh::waypoint::{Protocol, ServiceRoutes};
-use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use mesh_proto::mesh::waypoint::{Ingress, Protocol, ServiceRoutes};
+use mesh_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+};
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -341,4 +344,162 @@ spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTT
     let (sent, removed) = early.routes().await;
     assert!(sent.is_empty(), "{sent:?}");
     assert_eq!(removed, vec![WEB]);
+}
+
+const INGRESS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: shop}
+spec:
+  gatewayClassName: mesh-ingress
+  listeners:
+  - {name: https, port: 443, protocol: HTTPS, hostname: shop.example.com, tls: {certificateRefs: [{name: shop-cert}]}}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge-2, namespace: shop}
+spec: {gatewayClassName: mesh-ingress, listeners: [{name: http, port: 80, protocol: HTTP}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{name: edge}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: edge-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: edge}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.30, phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: edge-2-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: edge-2}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.31, phase: Running}
+"#;
+
+fn tls_secret(cert: &rcgen::CertifiedKey<rcgen::KeyPair>) -> String {
+    let indent = |s: &str| s.lines().map(|l| format!("    {l}\n")).collect::<String>();
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata: {{name: shop-cert, namespace: shop}}\ntype: kubernetes.io/tls\nstringData:\n  tls.crt: |\n{}  tls.key: |\n{}",
+        indent(&cert.cert.pem()),
+        indent(&cert.signing_key.serialize_pem())
+    )
+}
+
+impl Proxy {
+    /// The next response must be Ingress: (resources sent, names removed).
+    async fn ingresses(&mut self) -> (Vec<Ingress>, Vec<String>) {
+        let r = self.next().await;
+        assert_eq!(r.type_url, INGRESS_TYPE_URL, "{r:?}");
+        let sent = r
+            .resources
+            .iter()
+            .map(|r| {
+                let any = r.resource.as_ref().expect("body");
+                Ingress::decode(any.value.as_slice()).expect("decodes")
+            })
+            .collect();
+        (sent, r.removed_resources)
+    }
+}
+
+#[tokio::test]
+async fn an_ingress_pod_gets_only_its_own_gateway_with_its_certificate() {
+    let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
+    let (hub, addr) = serve(&format!("{MESH}---\n{INGRESS}---\n{}", tls_secret(&cert))).await;
+
+    // Refused: a ztunnel, a waypoint, the ingress pod claimed from another
+    // node. The next response each sees answers its next subscription.
+    let mut refused = Vec::new();
+    for (node, id) in [
+        ("node-a", "ztunnel~node-a"),
+        ("node-a", "waypoint~shop~wp-a-1"),
+        ("node-b", "ingress~shop~edge-1"),
+        ("node-a", "ingress~shop~web-1"),
+    ] {
+        let mut p = Proxy::connect(addr, node, id, INGRESS_TYPE_URL).await;
+        p.send(subscribe(AUTHORIZATION_TYPE_URL)).await;
+        assert_eq!(p.next().await.type_url, AUTHORIZATION_TYPE_URL, "{id}");
+        refused.push(p);
+    }
+
+    // The Gateway's pod gets its Gateway, certificate and key included.
+    let mut edge = Proxy::connect(addr, "node-a", "ingress~shop~edge-1", INGRESS_TYPE_URL).await;
+    let (sent, _) = edge.ingresses().await;
+    assert_eq!(sent.len(), 1, "{sent:?}");
+    let i = &sent[0];
+    assert_eq!((i.namespace.as_str(), i.name.as_str()), ("shop", "edge"));
+    let l = &i.listeners[0];
+    assert_eq!((l.name.as_str(), l.port), ("https", 443));
+    let c = l.certificate.as_ref().expect("certificate");
+    assert_eq!(c.source, "shop/shop-cert");
+    assert_eq!(c.cert_chain, cert.cert.pem());
+    assert_eq!(c.private_key, cert.signing_key.serialize_pem());
+    assert_eq!(i.backends[0].service, WEB);
+
+    // A pod of another ingress Gateway gets that one only, even when it
+    // names this one.
+    let mut other = Proxy::connect(addr, "node-a", "ingress~shop~edge-2-1", INGRESS_TYPE_URL).await;
+    let (sent, _) = other.ingresses().await;
+    assert_eq!(
+        sent.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        vec!["edge-2"]
+    );
+    other
+        .send(DeltaDiscoveryRequest {
+            type_url: INGRESS_TYPE_URL.into(),
+            resource_names_subscribe: vec!["shop/edge".into()],
+            ..Default::default()
+        })
+        .await;
+    let (sent, _) = other.ingresses().await;
+    assert!(sent.is_empty(), "{sent:?}");
+
+    // A new certificate in the Secret is pushed to the pod, and to no one else.
+    let renewed = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
+    hub.apply(changes(&tls_secret(&renewed)));
+    let (sent, _) = edge.ingresses().await;
+    let c = sent[0].listeners[0]
+        .certificate
+        .as_ref()
+        .expect("certificate");
+    assert_eq!(c.cert_chain, renewed.cert.pem());
+    other.quiet().await;
+    for p in &mut refused {
+        p.quiet().await;
+    }
+
+    // The Secret goes: the listener is left out, the Gateway is still sent.
+    hub.apply(vec![Change::Delete(
+        Object::parse(serde_yaml::from_str(&tls_secret(&renewed)).unwrap())
+            .unwrap()
+            .unwrap()
+            .key(),
+    )]);
+    let (sent, _) = edge.ingresses().await;
+    assert!(sent[0].listeners.is_empty(), "{sent:?}");
+
+    // The pod is relabelled to another Gateway: it now gets that one.
+    hub.apply(changes(
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: edge-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: edge-2}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.30, phase: Running}
+"#,
+    ));
+    let (sent, removed) = edge.ingresses().await;
+    assert_eq!(
+        sent.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
+        vec!["edge-2"]
+    );
+    assert_eq!(removed, vec!["shop/edge"]);
 }

@@ -3,7 +3,9 @@
 //! pod it was issued to; the pod's node (from the model, cross-checked with
 //! the node the API server names when it does) is the caller's node. The
 //! ztunnel's service account may ask for any identity on its node; any
-//! other caller (a waypoint) only for its own.
+//! other caller (a waypoint, an ingress gateway) only for its own, and on
+//! xDS only as its own pod (`waypoint~<ns>~<pod>` or `ingress~<ns>~<pod>`,
+//! checked in [`crate::xds`]).
 //!
 //! Reviews are cached for a short while by a hash of the token: a ztunnel
 //! asks for certificates in bursts, and one review per burst is enough.

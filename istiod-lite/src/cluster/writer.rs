@@ -6,7 +6,11 @@
 //!   waypoint's config, a Deployment and a Service, all owned by the Gateway
 //!   (so Kubernetes removes them with it) and removed by us too when the
 //!   Gateway is gone or changes class;
-//! - Gateway status (Accepted, Programmed, addresses);
+//! - for each ingress Gateway (class `mesh-ingress`), the same, running the
+//!   waypoint binary in its ingress role, with a LoadBalancer Service on the
+//!   listeners' ports;
+//! - Gateway status (Accepted, Programmed, addresses; for ingresses, each
+//!   listener's too);
 //! - AuthorizationPolicy status (`ZtunnelAccepted` / `WaypointAccepted`,
 //!   with the warnings the model found, e.g. L7 rules a ztunnel drops).
 //!
@@ -38,7 +42,8 @@ use tracing::{info, warn};
 
 use super::{FIELD_MANAGER, MANAGED_BY, now_rfc3339};
 use crate::config::crds::{AuthorizationPolicy, PolicyCondition};
-use crate::model::cluster::{ClusterView, PolicyView, WaypointView};
+use crate::model::cluster::{ClusterView, IngressView, PolicyView};
+use crate::model::ingress::ListenerStatus;
 use crate::model::{DATAPLANE_MODE, GATEWAY_NAME_LABEL};
 use crate::xds::Hub;
 
@@ -89,6 +94,13 @@ fn hash_of(v: &Value) -> u64 {
     let mut h = DefaultHasher::new();
     v.to_string().hash(&mut h);
     h.finish()
+}
+
+/// What a Gateway's pods do: the same binary, told its role by its config.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Role {
+    Waypoint,
+    Ingress,
 }
 
 fn managed_labels(gateway: Option<&str>) -> Value {
@@ -150,12 +162,41 @@ impl Writer {
         let mut wanted = BTreeSet::new();
         for wp in &view.waypoints {
             let ns = wp.gateway.namespace().unwrap_or_default();
-            wanted.insert((ns, wp.gateway.name_any()));
-            let outcome = self.waypoint(wp, &mut report).await;
+            wanted.insert((ns.clone(), wp.gateway.name_any()));
+            let outcome = self.deploy(&wp.gateway, Role::Waypoint, &mut report).await;
             if let Err(e) = &outcome {
                 report.errors.push(e.clone());
             }
-            if let Err(e) = self.gateway_status(wp, outcome.err(), &mut report).await {
+            let name = wp.gateway.name_any();
+            let addresses: Vec<(String, String)> = wp
+                .cluster_ip
+                .iter()
+                .map(|ip| ("IPAddress".to_string(), ip.clone()))
+                .collect();
+            let reached = wp
+                .cluster_ip
+                .as_ref()
+                .map(|ip| format!("deployed; reached at {ip}:15008 ({name}.{ns}.svc)"));
+            let want = GatewayStatus {
+                problem: outcome.err(),
+                addresses,
+                reached,
+                listeners: None,
+            };
+            if let Err(e) = self.gateway_status(&wp.gateway, want, &mut report).await {
+                report.errors.push(e);
+            }
+        }
+        for ing in &view.ingresses {
+            wanted.insert((
+                ing.gateway.namespace().unwrap_or_default(),
+                ing.gateway.name_any(),
+            ));
+            let outcome = self.deploy(&ing.gateway, Role::Ingress, &mut report).await;
+            if let Err(e) = &outcome {
+                report.errors.push(e.clone());
+            }
+            if let Err(e) = self.ingress_status(ing, outcome.err(), &mut report).await {
                 report.errors.push(e);
             }
         }
@@ -190,10 +231,9 @@ impl Writer {
         }
     }
 
-    /// The ServiceAccount, config, Deployment and Service of one waypoint.
-    /// Err names why the Gateway cannot be programmed.
-    async fn waypoint(&mut self, wp: &WaypointView, report: &mut Report) -> Result<(), String> {
-        let g = &wp.gateway;
+    /// The ServiceAccount, config, Deployment and Service of one waypoint
+    /// or ingress Gateway. Err names why the Gateway cannot be programmed.
+    async fn deploy(&mut self, g: &Gateway, role: Role, report: &mut Report) -> Result<(), String> {
         let ns = g.namespace().unwrap_or_default();
         let name = g.name_any();
         let uid = g
@@ -215,23 +255,33 @@ impl Writer {
                 "ownerReferences": owner,
             })
         };
+        // One name for both roles: a Gateway that changes class keeps
+        // (and rewrites) its objects rather than leaving one behind.
         let config_name = format!("{name}-waypoint");
         let sa = json!({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": meta(&name)});
+        let mut config = self.waypoint_config(&ns, &name);
+        if role == Role::Ingress {
+            config.push_str("role: ingress\n");
+        }
         let cm = json!({
             "apiVersion": "v1",
             "kind": "ConfigMap",
             "metadata": meta(&config_name),
-            "data": {"config.yaml": self.waypoint_config(&ns, &name)},
+            "data": {"config.yaml": config},
         });
-        let deploy = self.waypoint_deployment(g, meta(&name), &config_name);
+        let deploy = self.waypoint_deployment(g, role, meta(&name), &config_name);
+        let mut svc_spec = json!({
+            "selector": {GATEWAY_NAME_LABEL: name},
+            "ports": service_ports(g, role),
+        });
+        if role == Role::Ingress {
+            svc_spec["type"] = json!("LoadBalancer");
+        }
         let svc = json!({
             "apiVersion": "v1",
             "kind": "Service",
             "metadata": meta(&name),
-            "spec": {
-                "selector": {GATEWAY_NAME_LABEL: name},
-                "ports": service_ports(g),
-            },
+            "spec": svc_spec,
         });
         let client = self.client.clone();
         self.owned(
@@ -318,8 +368,37 @@ impl Writer {
         )
     }
 
-    fn waypoint_deployment(&self, g: &Gateway, metadata: Value, config_name: &str) -> Value {
+    fn waypoint_deployment(
+        &self,
+        g: &Gateway,
+        role: Role,
+        metadata: Value,
+        config_name: &str,
+    ) -> Value {
         let name = g.name_any();
+        let mut ports = vec![
+            json!({"name": "hbone", "containerPort": 15008}),
+            json!({"name": "metrics", "containerPort": 15020}),
+            json!({"name": "status", "containerPort": 15021}),
+        ];
+        let mut pod_security = json!({
+            "runAsNonRoot": true,
+            "runAsUser": 65532,
+            "runAsGroup": 65532,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        });
+        if role == Role::Ingress {
+            let listener_ports: BTreeSet<i32> = g.spec.listeners.iter().map(|l| l.port).collect();
+            ports.extend(
+                listener_ports
+                    .into_iter()
+                    .map(|p| json!({"name": format!("port-{p}"), "containerPort": p})),
+            );
+            // Listeners on 80 and 443 without root or a capability: the
+            // sysctl is namespaced and in Kubernetes' safe set.
+            pod_security["sysctls"] =
+                json!([{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]);
+        }
         // No `replicas`: an operator (or an autoscaler) owns the count.
         json!({
             "apiVersion": "apps/v1",
@@ -340,12 +419,7 @@ impl Writer {
                         // only; no API token.
                         "automountServiceAccountToken": false,
                         "terminationGracePeriodSeconds": 35,
-                        "securityContext": {
-                            "runAsNonRoot": true,
-                            "runAsUser": 65532,
-                            "runAsGroup": 65532,
-                            "seccompProfile": {"type": "RuntimeDefault"},
-                        },
+                        "securityContext": pod_security,
                         "containers": [{
                             "name": "waypoint",
                             "image": self.cfg.waypoint_image,
@@ -353,11 +427,7 @@ impl Writer {
                             "env": [
                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
                             ],
-                            "ports": [
-                                {"name": "hbone", "containerPort": 15008},
-                                {"name": "metrics", "containerPort": 15020},
-                                {"name": "status", "containerPort": 15021},
-                            ],
+                            "ports": ports,
                             "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}},
                             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},
                             "securityContext": {
@@ -457,7 +527,7 @@ impl Writer {
             let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
             match api.delete(&name, &DeleteParams::background()).await {
                 Ok(_) => {
-                    info!(kind, namespace = %ns, name = %name, gateway = %gw, "removed: its waypoint Gateway is gone");
+                    info!(kind, namespace = %ns, name = %name, gateway = %gw, "removed: its Gateway is gone (or is no longer ours)");
                     self.applied.remove(&format!("{kind}/{ns}/{name}"));
                     report.deleted += 1;
                 }
@@ -469,35 +539,65 @@ impl Writer {
         }
     }
 
-    async fn gateway_status(
+    /// An ingress Gateway's status: its own conditions and addresses, and
+    /// each listener's.
+    async fn ingress_status(
         &mut self,
-        wp: &WaypointView,
+        ing: &IngressView,
         problem: Option<String>,
         report: &mut Report,
     ) -> Result<(), String> {
-        let g = &wp.gateway;
+        let generation = ing.gateway.metadata.generation;
+        let reached = (!ing.addresses.is_empty()).then(|| {
+            let at: Vec<&str> = ing.addresses.iter().map(|(_, v)| v.as_str()).collect();
+            format!("deployed; reached at {}", at.join(", "))
+        });
+        let listeners = ing
+            .listeners
+            .iter()
+            .map(|l| listener_status(l, generation))
+            .collect();
+        let want = GatewayStatus {
+            problem,
+            addresses: ing.addresses.clone(),
+            reached,
+            listeners: Some((listeners, not_valid(&ing.listeners))),
+        };
+        self.gateway_status(&ing.gateway, want, report).await
+    }
+
+    async fn gateway_status(
+        &mut self,
+        g: &Gateway,
+        want: GatewayStatus,
+        report: &mut Report,
+    ) -> Result<(), String> {
         let ns = g.namespace().unwrap_or_default();
         let name = g.name_any();
         let generation = g.metadata.generation;
-        let (programmed, reason, message) = match (&problem, &wp.cluster_ip) {
+        let (programmed, reason, message) = match (&want.problem, &want.reached) {
             (Some(p), _) => ("False", "Invalid", p.clone()),
             (None, None) => (
                 "False",
                 "Pending",
-                format!("waiting for Service {ns}/{name} to get a cluster IP"),
+                format!("waiting for Service {ns}/{name} to get an address"),
             ),
-            (None, Some(ip)) => (
-                "True",
-                "Programmed",
-                format!("deployed; reached at {ip}:15008 ({name}.{ns}.svc)"),
-            ),
+            (None, Some(m)) => ("True", "Programmed", m.clone()),
         };
-        let want = vec![
+        // Some listeners cannot be served: still accepted (the others are).
+        let (accepted_reason, accepted_message) = match want.listeners.as_ref().map(|l| &l.1) {
+            Some(Some(which)) => (
+                "ListenersNotValid",
+                format!("accepted by istiod-lite; listeners not served: {which}"),
+            ),
+            _ => ("Accepted", "accepted by istiod-lite".to_string()),
+        };
+        let conditions_want = vec![
             condition(
                 "Accepted",
                 "True",
-                "Accepted",
-                "accepted by istiod-lite",
+                accepted_reason,
+                &accepted_message,
                 generation,
             ),
             condition("Programmed", programmed, reason, &message, generation),
@@ -507,20 +607,44 @@ impl Writer {
             .as_array()
             .cloned()
             .unwrap_or_default();
-        let addresses: Vec<Value> = wp
-            .cluster_ip
+        let addresses: Vec<Value> = want
+            .addresses
             .iter()
-            .map(|ip| json!({"type": "IPAddress", "value": ip}))
+            .map(|(t, v)| json!({"type": t, "value": v}))
             .collect();
+        let current_listeners = current["listeners"].as_array().cloned().unwrap_or_default();
         let same_addresses =
             current["addresses"].as_array().cloned().unwrap_or_default() == addresses;
-        if same_addresses && same_conditions(&current_conditions, &want) {
+        let same_listeners = want
+            .listeners
+            .as_ref()
+            .is_none_or(|(l, _)| same_listeners(&current_listeners, l));
+        if same_addresses
+            && same_listeners
+            && same_conditions(&current_conditions, &conditions_want)
+        {
             return Ok(());
         }
-        let conditions = with_times(&current_conditions, want);
+        let conditions = with_times(&current_conditions, conditions_want);
         let mut status = json!({"conditions": conditions});
         if !addresses.is_empty() {
             status["addresses"] = json!(addresses);
+        }
+        if let Some((listeners, _)) = want.listeners {
+            let listeners: Vec<Value> = listeners
+                .into_iter()
+                .map(|mut l| {
+                    let held = current_listeners
+                        .iter()
+                        .find(|c| c["name"] == l["name"])
+                        .and_then(|c| c["conditions"].as_array().cloned())
+                        .unwrap_or_default();
+                    let want = l["conditions"].as_array().cloned().unwrap_or_default();
+                    l["conditions"] = json!(with_times(&held, want));
+                    l
+                })
+                .collect();
+            status["listeners"] = json!(listeners);
         }
         let api: Api<Gateway> = Api::namespaced(self.client.clone(), &ns);
         let patch = json!({
@@ -661,14 +785,87 @@ impl Writer {
     }
 }
 
+/// What a Gateway's status should say.
+struct GatewayStatus {
+    /// Why its objects could not be written.
+    problem: Option<String>,
+    /// (type, value) per address.
+    addresses: Vec<(String, String)>,
+    /// How it is reached, once it has an address.
+    reached: Option<String>,
+    /// Ingress only: each listener's status, and the listeners not served.
+    listeners: Option<(Vec<Value>, Option<String>)>,
+}
+
+/// The listeners that are not served, by name, if any.
+fn not_valid(listeners: &[ListenerStatus]) -> Option<String> {
+    let bad: Vec<&str> = listeners
+        .iter()
+        .filter(|l| {
+            l.conditions
+                .iter()
+                .any(|c| c.type_ == "Programmed" && !c.status)
+        })
+        .map(|l| l.name.as_str())
+        .collect();
+    (!bad.is_empty()).then(|| bad.join(", "))
+}
+
+/// One entry of `status.listeners`, without transition times.
+fn listener_status(l: &ListenerStatus, generation: Option<i64>) -> Value {
+    let kinds: Vec<Value> = if l.http_routes {
+        vec![json!({"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"})]
+    } else {
+        Vec::new()
+    };
+    let conditions: Vec<Value> = l
+        .conditions
+        .iter()
+        .map(|c| {
+            condition(
+                c.type_,
+                if c.status { "True" } else { "False" },
+                c.reason,
+                &c.message,
+                generation,
+            )
+        })
+        .collect();
+    json!({
+        "name": l.name,
+        "supportedKinds": kinds,
+        "attachedRoutes": l.attached_routes,
+        "conditions": conditions,
+    })
+}
+
+/// Whether the listeners' status already says what we want (ours are all
+/// the listeners there are: the Gateway has one controller).
+fn same_listeners(current: &[Value], want: &[Value]) -> bool {
+    current.len() == want.len()
+        && want.iter().all(|w| {
+            current.iter().any(|c| {
+                c["name"] == w["name"]
+                    && c["attachedRoutes"] == w["attachedRoutes"]
+                    && c["supportedKinds"] == w["supportedKinds"]
+                    && c["conditions"].as_array().is_some_and(|cc| {
+                        let wc = w["conditions"].as_array().cloned().unwrap_or_default();
+                        cc.len() == wc.len() && same_conditions(cc, &wc)
+                    })
+            })
+        })
+}
+
 /// The Service's ports, one per distinct listener port. Listener names may
 /// be longer than a Service port name (a DNS label of at most 15
-/// characters), so those get `port-<n>`.
-fn service_ports(g: &Gateway) -> Value {
+/// characters), so those get `port-<n>`. A waypoint's also has its status
+/// port; an ingress's LoadBalancer only the listeners'.
+fn service_ports(g: &Gateway, role: Role) -> Value {
     let mut seen = BTreeSet::new();
     let mut ports = Vec::new();
     let listeners = g.spec.listeners.iter().map(|l| (l.name.as_str(), l.port));
-    for (name, port) in listeners.chain([("status-port", 15021)]) {
+    let status = (role == Role::Waypoint).then_some(("status-port", 15021));
+    for (name, port) in listeners.chain(status) {
         if !seen.insert(port) {
             continue;
         }
@@ -684,7 +881,11 @@ fn service_ports(g: &Gateway) -> Value {
         } else {
             format!("port-{port}")
         };
-        ports.push(json!({"name": name, "port": port, "protocol": "TCP"}));
+        let mut p = json!({"name": name, "port": port, "protocol": "TCP"});
+        if role == Role::Ingress {
+            p["targetPort"] = json!(port);
+        }
+        ports.push(p);
     }
     json!(ports)
 }

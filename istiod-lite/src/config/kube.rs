@@ -9,7 +9,7 @@ use std::fmt::Debug;
 use futures::StreamExt;
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
@@ -19,10 +19,12 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication, TrafficPolicy};
-use super::objects::{Change, Object, ObjectKey};
+use super::objects::{Change, Object, ObjectKey, merge_string_data};
+use crate::model::ingress::TLS_SECRET_TYPE;
 
 async fn watch_kind<K>(
     api: Api<K>,
+    config: watcher::Config,
     wrap: fn(K) -> Object,
     name: &'static str,
     tx: mpsc::Sender<Vec<Change>>,
@@ -30,9 +32,7 @@ async fn watch_kind<K>(
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let mut stream = watcher::watcher(api, watcher::Config::default())
-        .default_backoff()
-        .boxed();
+    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
     let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
     let mut listing: Option<Vec<Object>> = None;
     let mut first_list = true;
@@ -104,10 +104,14 @@ pub fn watch_all(client: Client) -> Watchers {
     let mut kinds = 0;
     macro_rules! watch {
         ($t:ty, $variant:ident, $name:literal) => {
+            watch!($t, $variant, $name, watcher::Config::default(), |o| o)
+        };
+        ($t:ty, $variant:ident, $name:literal, $config:expr, $prepare:expr) => {
             kinds += 1;
             tokio::spawn(watch_kind(
                 Api::<$t>::all(client.clone()),
-                |o| Object::$variant(Box::new(o)),
+                $config,
+                |o| Object::$variant(Box::new($prepare(o))),
                 $name,
                 tx.clone(),
                 listed.clone(),
@@ -128,6 +132,15 @@ pub fn watch_all(client: Client) -> Watchers {
     watch!(PeerAuthentication, PeerAuthentication, "PeerAuthentication");
     watch!(DestinationRule, DestinationRule, "DestinationRule");
     watch!(TrafficPolicy, TrafficPolicy, "TrafficPolicy");
+    // Only TLS Secrets (the ingress's certificates): the controller has no
+    // business holding any other Secret in memory.
+    watch!(
+        Secret,
+        Secret,
+        "Secret",
+        watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
+        merge_string_data
+    );
     Watchers {
         changes: rx,
         listed: listed.subscribe(),

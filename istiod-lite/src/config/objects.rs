@@ -6,7 +6,7 @@ use std::fmt;
 use gateway_api::apis::standard::gateways::Gateway;
 // The experimental channel: a superset of standard that has `retry`.
 use gateway_api::apis::experimental::httproutes::HttpRoute as HTTPRoute;
-use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Service, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use serde::de::DeserializeOwned;
 
@@ -14,8 +14,8 @@ use super::crds::{
     AuthorizationPolicy, DestinationRule, EXTENSIONS_GROUP, PeerAuthentication, TrafficPolicy,
 };
 
-/// One typed object.
-#[derive(Clone, Debug)]
+/// One typed object. Its Debug form never shows a Secret's values.
+#[derive(Clone)]
 pub enum Object {
     Namespace(Box<Namespace>),
     Pod(Box<Pod>),
@@ -29,6 +29,52 @@ pub enum Object {
     PeerAuthentication(Box<PeerAuthentication>),
     DestinationRule(Box<DestinationRule>),
     TrafficPolicy(Box<TrafficPolicy>),
+    Secret(Box<Secret>),
+}
+
+impl fmt::Debug for Object {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            // Key material must not reach a log, even at debug level (nor
+            // metadata: kubectl's last-applied annotation holds the data).
+            Object::Secret(s) => f
+                .debug_struct("Secret")
+                .field("namespace", &s.metadata.namespace)
+                .field("name", &s.metadata.name)
+                .field("type", &s.type_)
+                .field(
+                    "keys",
+                    &s.data.iter().flat_map(|d| d.keys()).collect::<Vec<_>>(),
+                )
+                .finish_non_exhaustive(),
+            Object::Namespace(o) => f.debug_tuple("Namespace").field(o).finish(),
+            Object::Pod(o) => f.debug_tuple("Pod").field(o).finish(),
+            Object::Service(o) => f.debug_tuple("Service").field(o).finish(),
+            Object::EndpointSlice(o) => f.debug_tuple("EndpointSlice").field(o).finish(),
+            Object::ServiceAccount(o) => f.debug_tuple("ServiceAccount").field(o).finish(),
+            Object::Node(o) => f.debug_tuple("Node").field(o).finish(),
+            Object::Gateway(o) => f.debug_tuple("Gateway").field(o).finish(),
+            Object::HttpRoute(o) => f.debug_tuple("HttpRoute").field(o).finish(),
+            Object::AuthorizationPolicy(o) => {
+                f.debug_tuple("AuthorizationPolicy").field(o).finish()
+            }
+            Object::PeerAuthentication(o) => f.debug_tuple("PeerAuthentication").field(o).finish(),
+            Object::DestinationRule(o) => f.debug_tuple("DestinationRule").field(o).finish(),
+            Object::TrafficPolicy(o) => f.debug_tuple("TrafficPolicy").field(o).finish(),
+        }
+    }
+}
+
+/// Merges `stringData` into `data` as the API server does on write (a key
+/// in both takes the `stringData` value), so both sources yield the same.
+pub fn merge_string_data(mut s: Secret) -> Secret {
+    if let Some(sd) = s.string_data.take() {
+        let data = s.data.get_or_insert_with(Default::default);
+        for (k, v) in sd {
+            data.insert(k, k8s_openapi::ByteString(v.into_bytes()));
+        }
+    }
+    s
 }
 
 /// What identifies an object: kind, namespace (empty when cluster-scoped), name.
@@ -63,6 +109,7 @@ pub enum Kind {
     PeerAuthentication,
     DestinationRule,
     TrafficPolicy,
+    Secret,
 }
 
 impl Kind {
@@ -81,6 +128,7 @@ impl Kind {
             "PeerAuthentication" => Kind::PeerAuthentication,
             "DestinationRule" => Kind::DestinationRule,
             "TrafficPolicy" => Kind::TrafficPolicy,
+            "Secret" => Kind::Secret,
             _ => return None,
         })
     }
@@ -144,7 +192,6 @@ const IGNORED_KINDS: &[&str] = &[
     "Job",
     "CronJob",
     "ConfigMap",
-    "Secret",
     "Endpoints",
     "CustomResourceDefinition",
 ];
@@ -204,6 +251,7 @@ impl Object {
             ("", "Pod") => Object::Pod(Box::new(typed(v, k, &name)?)),
             ("", "Service") => Object::Service(Box::new(typed(v, k, &name)?)),
             ("", "ServiceAccount") => Object::ServiceAccount(Box::new(typed(v, k, &name)?)),
+            ("", "Secret") => Object::Secret(Box::new(merge_string_data(typed(v, k, &name)?))),
             ("", "Node") => Object::Node(Box::new(typed(v, k, &name)?)),
             ("discovery.k8s.io", "EndpointSlice") => {
                 Object::EndpointSlice(Box::new(typed(v, k, &name)?))
@@ -263,6 +311,7 @@ impl Object {
             Object::PeerAuthentication(o) => k(Kind::PeerAuthentication, &o.metadata),
             Object::DestinationRule(o) => k(Kind::DestinationRule, &o.metadata),
             Object::TrafficPolicy(o) => k(Kind::TrafficPolicy, &o.metadata),
+            Object::Secret(o) => k(Kind::Secret, &o.metadata),
         }
     }
 
@@ -280,6 +329,7 @@ impl Object {
             Object::PeerAuthentication(o) => &mut o.metadata,
             Object::DestinationRule(o) => &mut o.metadata,
             Object::TrafficPolicy(o) => &mut o.metadata,
+            Object::Secret(o) => &mut o.metadata,
         };
         if m.namespace.as_deref().unwrap_or("").is_empty() {
             m.namespace = Some(ns.to_string());
@@ -292,4 +342,32 @@ impl Object {
 pub enum Change {
     Upsert(Object),
     Delete(ObjectKey),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_secret_merges_string_data_over_data_and_never_debug_prints_values() {
+        // "c2VjcmV0LWNydA==" is "secret-crt"; stringData wins for tls.key.
+        let v: serde_json::Value = serde_yaml::from_str(
+            "apiVersion: v1\nkind: Secret\nmetadata: {name: cert, namespace: shop, annotations: {last-applied: secret-note}}\ntype: kubernetes.io/tls\n\
+             data: {tls.crt: c2VjcmV0LWNydA==, tls.key: b2xk}\nstringData: {tls.key: secret-key}\n",
+        )
+        .expect("yaml");
+        let Ok(Some(Object::Secret(s))) = Object::parse(v) else {
+            panic!("a Secret")
+        };
+        let data = s.data.as_ref().expect("data");
+        assert_eq!(data["tls.crt"].0, b"secret-crt");
+        assert_eq!(data["tls.key"].0, b"secret-key");
+        assert!(s.string_data.is_none());
+        let shown = format!("{:?}", Object::Secret(s));
+        assert!(shown.contains("tls.key"), "{shown}");
+        assert!(
+            !shown.contains("secret-") && !shown.contains("115, 101, 99"),
+            "{shown}"
+        );
+    }
 }

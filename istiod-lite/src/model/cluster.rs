@@ -1,14 +1,15 @@
 //! What cluster mode writes back, read from the model: the namespaces that
-//! need the root ConfigMap, the waypoint Gateways to deploy, and each
-//! policy's status. A snapshot of owned data, so the writer holds no lock
+//! need the root ConfigMap, the waypoint and ingress Gateways to deploy
+//! (with the ingresses' listener status), and each policy's status. A snapshot of owned data, so the writer holds no lock
 //! while it talks to the API server.
 
 use std::collections::BTreeSet;
 
 use gateway_api::apis::standard::gateways::Gateway;
 
+use super::ingress::ListenerStatus;
 use super::workload::labels;
-use super::{DATAPLANE_MODE, Model, NsName, WAYPOINT_CLASS};
+use super::{DATAPLANE_MODE, INGRESS_CLASS, Model, NsName, WAYPOINT_CLASS};
 use crate::config::crds::{PolicyCondition, PolicyStatus};
 
 /// Istio's condition types on an AuthorizationPolicy.
@@ -21,6 +22,16 @@ pub struct WaypointView {
     pub gateway: Gateway,
     /// The cluster IP of the Service named after the Gateway, once assigned.
     pub cluster_ip: Option<String>,
+}
+
+/// One ingress Gateway, its Service's addresses and its listeners' status.
+#[derive(Debug, Clone)]
+pub struct IngressView {
+    pub gateway: Gateway,
+    /// (Gateway API address type, value) of the Service named after the
+    /// Gateway: its load balancer's when assigned, else its cluster IP.
+    pub addresses: Vec<(String, String)>,
+    pub listeners: Vec<ListenerStatus>,
 }
 
 /// A policy, the status it should have and the one it has.
@@ -39,6 +50,7 @@ pub struct ClusterView {
     /// with a waypoint Gateway.
     pub root_cert_namespaces: BTreeSet<String>,
     pub waypoints: Vec<WaypointView>,
+    pub ingresses: Vec<IngressView>,
     pub policies: Vec<PolicyView>,
 }
 
@@ -53,12 +65,14 @@ impl Model {
             .map(|(name, _)| name.clone())
             .collect();
         root_cert_namespaces.insert(self.cfg.root_namespace.clone());
-        // A waypoint's pods need the root wherever the Gateway is, enrolled
-        // or not.
+        // A waypoint's (or an ingress's) pods need the root wherever the
+        // Gateway is, enrolled or not.
         root_cert_namespaces.extend(
             self.gateways
                 .iter()
-                .filter(|(_, g)| g.spec.gateway_class_name == WAYPOINT_CLASS)
+                .filter(|(_, g)| {
+                    [WAYPOINT_CLASS, INGRESS_CLASS].contains(&g.spec.gateway_class_name.as_str())
+                })
                 .map(|((ns, _), _)| ns.clone()),
         );
         let waypoints = self
@@ -72,6 +86,16 @@ impl Model {
                     .get(k)
                     .and_then(|s| s.spec.as_ref()?.cluster_ip.clone())
                     .filter(|ip| !ip.is_empty() && ip != "None"),
+            })
+            .collect();
+        let ingresses = self
+            .gateways
+            .iter()
+            .filter(|(_, g)| g.spec.gateway_class_name == INGRESS_CLASS)
+            .map(|(k, g)| IngressView {
+                gateway: g.clone(),
+                addresses: self.services.get(k).map(addresses).unwrap_or_default(),
+                listeners: self.ingress_listeners.get(k).cloned().unwrap_or_default(),
             })
             .collect();
         let policies = self
@@ -96,6 +120,7 @@ impl Model {
             root_namespace: self.cfg.root_namespace.clone(),
             root_cert_namespaces,
             waypoints,
+            ingresses,
             policies,
         }
     }
@@ -109,6 +134,33 @@ impl Model {
         }
         p.spec.as_ref()?.node_name.clone()
     }
+}
+
+/// A Service's addresses as a Gateway reports them: its load balancer's
+/// when assigned, else its cluster IP.
+fn addresses(svc: &k8s_openapi::api::core::v1::Service) -> Vec<(String, String)> {
+    let lb: Vec<(String, String)> = svc
+        .status
+        .as_ref()
+        .and_then(|s| s.load_balancer.as_ref())
+        .and_then(|l| l.ingress.as_ref())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| match (&i.ip, &i.hostname) {
+            (Some(ip), _) if !ip.is_empty() => Some(("IPAddress".to_string(), ip.clone())),
+            (_, Some(h)) if !h.is_empty() => Some(("Hostname".to_string(), h.clone())),
+            _ => None,
+        })
+        .collect();
+    if !lb.is_empty() {
+        return lb;
+    }
+    svc.spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.clone())
+        .filter(|ip| !ip.is_empty() && ip != "None")
+        .map(|ip| vec![("IPAddress".to_string(), ip)])
+        .unwrap_or_default()
 }
 
 /// The condition Istio writes: accepted, accepted with a warning (the

@@ -9,6 +9,7 @@
 
 mod authz;
 pub mod cluster;
+pub mod ingress;
 pub mod routes;
 mod waypoint;
 mod workload;
@@ -20,7 +21,9 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_proto::istio::security::Authorization;
 use mesh_proto::istio::workload::Address;
-use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
+use mesh_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+};
 use prost::Message;
 use serde::Serialize;
 use ztunnel::identity::Identity;
@@ -43,6 +46,10 @@ pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 /// Node.id prefix of a waypoint proxy: `waypoint~<namespace>~<pod>`.
 pub const WAYPOINT_PROXY_PREFIX: &str = "waypoint";
+/// Class of an ingress Gateway (see [`ingress`]).
+pub const INGRESS_CLASS: &str = "mesh-ingress";
+/// Node.id prefix of an ingress gateway proxy: `ingress~<namespace>~<pod>`.
+pub const INGRESS_PROXY_PREFIX: &str = "ingress";
 
 #[derive(Debug, Clone)]
 pub struct ModelConfig {
@@ -78,20 +85,21 @@ pub struct XdsResource {
 pub struct Delta {
     pub changed: BTreeMap<&'static str, BTreeSet<String>>,
     pub removed: BTreeMap<&'static str, BTreeSet<String>>,
-    /// A waypoint pod or a Gateway changed: which proxy is which waypoint
-    /// may have too (see [`Model::waypoint_of_proxy`]).
-    pub waypoint_proxies: bool,
+    /// A Gateway's pod or a Gateway changed: which proxy serves which
+    /// Gateway may have too (see [`Model::waypoint_of_proxy`] and
+    /// [`Model::ingress_of_proxy`]).
+    pub gateway_proxies: bool,
 }
 
 impl Delta {
     pub fn is_empty(&self) -> bool {
         self.changed.values().all(|s| s.is_empty())
             && self.removed.values().all(|s| s.is_empty())
-            && !self.waypoint_proxies
+            && !self.gateway_proxies
     }
 
     pub fn merge(&mut self, other: Delta) {
-        self.waypoint_proxies |= other.waypoint_proxies;
+        self.gateway_proxies |= other.gateway_proxies;
         for (t, names) in other.changed {
             let removed = self.removed.entry(t).or_default();
             for n in names {
@@ -131,6 +139,10 @@ pub struct Model {
     http_routes: BTreeMap<NsName, HttpRoute>,
     dest_rules: BTreeMap<NsName, DestinationRule>,
     traffic_policies: TrafficPolicies,
+    /// Secrets as listener certificates: checked once, when they change.
+    secrets: BTreeMap<NsName, ingress::TlsSecret>,
+    /// Each ingress Gateway's listener status, as of the last recompute.
+    ingress_listeners: BTreeMap<NsName, Vec<ingress::ListenerStatus>>,
     others: BTreeMap<ObjectKey, Object>,
     /// Node -> pods scheduled there, for the CA's node check.
     pods_by_node: HashMap<String, BTreeSet<NsName>>,
@@ -151,6 +163,7 @@ enum Source {
     Policy(NsName),
     PeerAuth(NsName),
     Routes(NsName),
+    Ingress(NsName),
 }
 
 fn ns_name(k: &ObjectKey) -> NsName {
@@ -184,8 +197,10 @@ struct Dirty {
     /// TrafficPolicies to re-check (for their issues).
     traffic_policies: BTreeSet<NsName>,
     peer_auths: bool,
-    /// See [`Delta::waypoint_proxies`].
-    waypoint_proxies: bool,
+    /// Every ingress Gateway (they depend on most kinds; there are few).
+    ingresses: bool,
+    /// See [`Delta::gateway_proxies`].
+    gateway_proxies: bool,
 }
 
 impl Model {
@@ -232,14 +247,35 @@ impl Model {
     /// `gateway.networking.k8s.io/gateway-name: <gateway>`, and that Gateway
     /// is of class `istio-waypoint`. Otherwise, why not.
     pub fn waypoint_of_proxy(&self, node: &str, proxy_id: &str) -> Result<NsName, String> {
+        self.gateway_of_proxy(node, proxy_id, WAYPOINT_PROXY_PREFIX, WAYPOINT_CLASS)
+    }
+
+    /// The ingress Gateway a proxy serves, as [`Model::waypoint_of_proxy`]
+    /// with id `ingress~<namespace>~<pod>` and class `mesh-ingress`.
+    pub fn ingress_of_proxy(&self, node: &str, proxy_id: &str) -> Result<NsName, String> {
+        self.gateway_of_proxy(node, proxy_id, INGRESS_PROXY_PREFIX, INGRESS_CLASS)
+    }
+
+    fn gateway_of_proxy(
+        &self,
+        node: &str,
+        proxy_id: &str,
+        prefix: &str,
+        class: &str,
+    ) -> Result<NsName, String> {
         let mut parts = proxy_id.split('~');
-        let (Some(WAYPOINT_PROXY_PREFIX), Some(ns), Some(pod), None) =
+        let (Some(p), Some(ns), Some(pod), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err(format!(
-                "proxy id {proxy_id:?} is not {WAYPOINT_PROXY_PREFIX}~<namespace>~<pod>"
+                "proxy id {proxy_id:?} is not {prefix}~<namespace>~<pod>"
             ));
         };
+        if p != prefix {
+            return Err(format!(
+                "proxy id {proxy_id:?} is not {prefix}~<namespace>~<pod>"
+            ));
+        }
         let key = (ns.to_string(), pod.to_string());
         let p = self
             .pods
@@ -267,9 +303,9 @@ impl Model {
             .gateways
             .get(&gw_key)
             .ok_or_else(|| format!("no Gateway {ns}/{gw}"))?;
-        if g.spec.gateway_class_name != WAYPOINT_CLASS {
+        if g.spec.gateway_class_name != class {
             return Err(format!(
-                "Gateway {ns}/{gw} is of class {:?}, not {WAYPOINT_CLASS}",
+                "Gateway {ns}/{gw} is of class {:?}, not {class}",
                 g.spec.gateway_class_name
             ));
         }
@@ -312,16 +348,18 @@ impl Model {
                 self.mark_ns(&key.name, d);
                 d.policies.extend(in_ns(&self.authz_policies, &key.name));
                 d.peer_auths = true;
+                // Namespace labels decide which routes an ingress admits.
+                d.ingresses = true;
             }
             Kind::Pod => {
-                let is_waypoint = |p: &Pod| {
+                let is_gateway = |p: &Pod| {
                     p.metadata
                         .labels
                         .as_ref()
                         .is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL))
                 };
-                d.waypoint_proxies |= self.pods.get(&nn).is_some_and(is_waypoint)
-                    || matches!(&obj, Some(Object::Pod(p)) if is_waypoint(p));
+                d.gateway_proxies |= self.pods.get(&nn).is_some_and(is_gateway)
+                    || matches!(&obj, Some(Object::Pod(p)) if is_gateway(p));
                 if let Some(old) = self.pods.get(&nn)
                     && let Some(node) = old.spec.as_ref().and_then(|s| s.node_name.clone())
                     && let Some(set) = self.pods_by_node.get_mut(&node)
@@ -356,6 +394,7 @@ impl Model {
                 if self.gateways.contains_key(&nn) {
                     d.services.extend(in_ns(&self.services, &nn.0));
                 }
+                d.ingresses = true;
             }
             Kind::EndpointSlice => {
                 match obj {
@@ -370,7 +409,8 @@ impl Model {
                     _ => self.gateways.remove(&nn),
                 };
                 self.mark_ns(&nn.0, d);
-                d.waypoint_proxies = true;
+                d.gateway_proxies = true;
+                d.ingresses = true;
             }
             Kind::AuthorizationPolicy => {
                 let old = match obj {
@@ -421,6 +461,7 @@ impl Model {
                 d.routes
                     .extend(old.iter().flat_map(routes::service_parents));
                 d.http_routes.insert(nn.clone());
+                d.ingresses = true;
             }
             Kind::DestinationRule => {
                 match obj {
@@ -434,6 +475,7 @@ impl Model {
                     d.routes.extend(in_ns(&self.services, &nn.0));
                 }
                 d.dest_rules.insert(nn.clone());
+                d.ingresses = true;
             }
             Kind::TrafficPolicy => {
                 match obj {
@@ -456,6 +498,17 @@ impl Model {
                     d.routes.extend(in_ns(&self.services, &nn.0));
                 }
                 d.traffic_policies.insert(nn.clone());
+                d.ingresses = true;
+            }
+            Kind::Secret => {
+                // Only the verdict and what a listener serves are kept.
+                match obj {
+                    Some(Object::Secret(s)) => {
+                        self.secrets.insert(nn.clone(), ingress::tls_secret(&s))
+                    }
+                    _ => self.secrets.remove(&nn),
+                };
+                d.ingresses = true;
             }
             Kind::ServiceAccount | Kind::Node => {
                 match obj {
@@ -535,7 +588,7 @@ impl Model {
 
     fn recompute(&mut self, d: Dirty) -> Delta {
         let mut delta = Delta {
-            waypoint_proxies: d.waypoint_proxies,
+            gateway_proxies: d.gateway_proxies,
             ..Delta::default()
         };
         for key in d.pods {
@@ -614,6 +667,9 @@ impl Model {
                     .insert(name);
             }
         }
+        if d.ingresses {
+            self.recompute_ingresses(&mut delta);
+        }
         for key in d.policies {
             let label = format!("AuthorizationPolicy/{}/{}", key.0, key.1);
             let (out, reasons) = match self.authz_policies.get(&key) {
@@ -653,6 +709,47 @@ impl Model {
             }
         }
         delta
+    }
+
+    /// Every ingress Gateway's resource, listener status and issues; and
+    /// the removal of those of Gateways no longer ingresses.
+    fn recompute_ingresses(&mut self, delta: &mut Delta) {
+        let keys: BTreeSet<NsName> = self
+            .produced
+            .keys()
+            .filter_map(|s| match s {
+                Source::Ingress(k) => Some(k.clone()),
+                _ => None,
+            })
+            .chain(self.ingress_listeners.keys().cloned())
+            .chain(
+                self.gateways
+                    .iter()
+                    .filter(|(_, g)| g.spec.gateway_class_name == INGRESS_CLASS)
+                    .map(|(k, _)| k.clone()),
+            )
+            .collect();
+        for key in keys {
+            let label = format!("Gateway/{}/{}", key.0, key.1);
+            let built = self
+                .gateways
+                .get(&key)
+                .filter(|g| g.spec.gateway_class_name == INGRESS_CLASS)
+                .map(|g| ingress::build(self, &key, g));
+            let out = match built {
+                Some(b) => {
+                    self.note(label, b.issues);
+                    self.ingress_listeners.insert(key.clone(), b.listeners);
+                    Some((format!("{}/{}", key.0, key.1), b.ingress.encode_to_vec()))
+                }
+                None => {
+                    self.note(label, Vec::new());
+                    self.ingress_listeners.remove(&key);
+                    None
+                }
+            };
+            self.set_output(INGRESS_TYPE_URL, Source::Ingress(key), out, delta);
+        }
     }
 
     /// The waypoint routes of a service, when it has a waypoint, and that
@@ -792,11 +889,23 @@ impl Model {
                 })
             })
             .collect();
+        // Listener shapes and route names; never the certificates' keys.
+        let ingresses: Vec<serde_json::Value> = self
+            .outputs
+            .get(INGRESS_TYPE_URL)
+            .into_iter()
+            .flat_map(|m| m.values())
+            .filter_map(|r| {
+                mesh_proto::mesh::waypoint::Ingress::decode(r.any.value.as_slice()).ok()
+            })
+            .map(|i| ingress::ingress_json(&i))
+            .collect();
         serde_json::json!({
             "workloads": workloads,
             "services": services,
             "authorizations": authorizations,
             "waypointRoutes": waypoint_routes,
+            "ingresses": ingresses,
             "issues": self.issues(),
         })
     }
