@@ -298,31 +298,25 @@ impl Lab {
         env: &[(&str, &str)],
         cmd: &[String],
     ) -> Result<u32, Error> {
-        let logf = std::fs::File::create(self.dir.join("logs").join(log))?;
         let mut c = Command::new("ip");
         c.args(["netns", "exec", netns]).args(cmd);
         for (k, v) in env {
             c.env(k, v);
         }
-        let child = c
-            .stdout(logf.try_clone()?)
-            .stderr(logf)
-            .stdin(Stdio::null())
-            .spawn()?;
-        let pid = child.id();
-        // The lab outlives this handle: `lab down` ends the process by pid.
-        std::mem::forget(child);
-        self.state.pids.push((pid, start_time(pid).unwrap_or(0)));
-        self.save()?;
-        Ok(pid)
+        self.spawn_command(c, log)
     }
 
     /// Starts a process in the machine's own netns (a published port's
     /// forwarder), ended with the lab.
     fn spawn(&mut self, log: &str, cmd: &[String]) -> Result<u32, Error> {
+        let mut c = Command::new(&cmd[0]);
+        c.args(&cmd[1..]);
+        self.spawn_command(c, log)
+    }
+
+    fn spawn_command(&mut self, mut c: Command, log: &str) -> Result<u32, Error> {
         let logf = std::fs::File::create(self.dir.join("logs").join(log))?;
-        let child = Command::new(&cmd[0])
-            .args(&cmd[1..])
+        let child = c
             .stdout(logf.try_clone()?)
             .stderr(logf)
             .stdin(Stdio::null())

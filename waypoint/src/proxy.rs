@@ -296,6 +296,19 @@ fn classify(buf: &[u8]) -> Option<Sniffed> {
 }
 
 /// A stream with bytes already read put back in front.
+/// Reads until the first bytes say what the client speaks (end of stream:
+/// opaque TCP). What was read stays in `buf`, to be replayed.
+async fn sniff<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> std::io::Result<Sniffed> {
+    loop {
+        if let Some(s) = classify(buf) {
+            return Ok(s);
+        }
+        if io.read_buf(buf).await? == 0 {
+            return Ok(Sniffed::Tcp);
+        }
+    }
+}
+
 struct Rewind<S> {
     prefix: Bytes,
     inner: S,
@@ -603,16 +616,10 @@ impl Waypoint {
         }
         // Plain HTTP: HTTP/1, or HTTP/2 with prior knowledge (its preface).
         let mut buf = BytesMut::with_capacity(64);
-        let read = tokio::time::timeout(self.cfg.limits.header_read_timeout, async {
-            loop {
-                if let Some(s) = classify(&buf) {
-                    return Ok(s);
-                }
-                if tcp.read_buf(&mut buf).await? == 0 {
-                    return Ok::<_, std::io::Error>(Sniffed::Tcp);
-                }
-            }
-        })
+        let read = tokio::time::timeout(
+            self.cfg.limits.header_read_timeout,
+            sniff(&mut tcp, &mut buf),
+        )
         .await;
         let h2 = match read {
             Ok(Ok(Sniffed::Http2)) => true,
@@ -701,17 +708,7 @@ impl Waypoint {
             } else {
                 limits.header_read_timeout
             };
-            let read = tokio::time::timeout(wait, async {
-                loop {
-                    if let Some(s) = classify(&buf) {
-                        return Ok(s);
-                    }
-                    if tunnel.read_buf(&mut buf).await? == 0 {
-                        return Ok::<_, std::io::Error>(Sniffed::Tcp);
-                    }
-                }
-            })
-            .await;
+            let read = tokio::time::timeout(wait, sniff(&mut tunnel, &mut buf)).await;
             match read {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
