@@ -107,6 +107,9 @@ fn waypoint_objects(ns: &str, name: &str, replicas: usize) -> Vec<Value> {
     out
 }
 
+/// Environment variable whose YAML is added to every ztunnel's config.
+pub const LAB_ZTUNNEL_EXTRA: &str = "LAB_ZTUNNEL_EXTRA";
+
 /// The Gateway class that declares an ingress gateway.
 pub const INGRESS_CLASS: &str = "mesh-ingress";
 /// Gateway annotation pinning the loopback ports an ingress's listener
@@ -671,10 +674,13 @@ impl Lab {
                 format!("lab-token-{}-{}-0000000000", self.state.id, n.name),
             )?;
             let cfg = self.dir.join(format!("{}-ztunnel.yaml", n.name));
+            // For experiments (the benchmark's A/B runs): YAML appended to
+            // every ztunnel's config, e.g. "pool: {connections_per_destination: 1}".
+            let extra = std::env::var(LAB_ZTUNNEL_EXTRA).unwrap_or_default();
             std::fs::write(
                 &cfg,
                 format!(
-                    "node: {node}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nstate:\n  xds_address: https://{cip}:15012\nnode_mode:\n  zds_socket: {zds}\n  dns: true\nadmin_addr: \"127.0.0.1:15000\"\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\n",
+                    "{extra}\nnode: {node}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nstate:\n  xds_address: https://{cip}:15012\nnode_mode:\n  zds_socket: {zds}\n  dns: true\nadmin_addr: \"127.0.0.1:15000\"\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\n",
                     node = n.name,
                     root = root.display(),
                     token = token.display(),

@@ -260,11 +260,12 @@ spec:
     );
 
     // Per request over reused connections: a handful of HBONE connections
-    // (one per destination identity and node), HTTP/1 kept alive.
+    // (up to pool.connections_per_destination, the CPU count, per
+    // destination identity and node), HTTP/1 kept alive.
     let dump = config_dump(lab, "shop/waypoint-0");
     let hbone = dump["upstream"]["hbone_connections"].as_u64().unwrap();
     let http = dump["upstream"]["http_connections"].as_u64().unwrap();
-    assert!((1..=4).contains(&hbone), "{}", dump["upstream"]);
+    assert!((1..=8).contains(&hbone), "{}", dump["upstream"]);
     assert!(http <= 48, "{}", dump["upstream"]);
     // The waypoint never serves its own Service.
     let routes = dump["routes"].as_object().unwrap();

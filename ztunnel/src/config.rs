@@ -159,6 +159,12 @@ pub struct PoolConfig {
     /// Streams per pooled HTTP/2 connection before another is opened.
     #[serde(default = "d::max_streams")]
     pub max_streams: usize,
+    /// HTTP/2 connections a busy destination gets before its streams share
+    /// them: each connection is driven by one task, so one connection would
+    /// keep a destination's encryption on one runtime thread. Default: the
+    /// number of CPUs, at most 4.
+    #[serde(default = "d::connections_per_destination")]
+    pub connections_per_destination: usize,
     #[serde(default = "d::idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
 }
@@ -167,6 +173,7 @@ impl Default for PoolConfig {
     fn default() -> Self {
         PoolConfig {
             max_streams: d::max_streams(),
+            connections_per_destination: d::connections_per_destination(),
             idle_timeout: d::idle(),
         }
     }
@@ -238,6 +245,9 @@ mod d {
     }
     pub fn max_streams() -> usize {
         100
+    }
+    pub fn connections_per_destination() -> usize {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
     }
     pub fn idle() -> Duration {
         Duration::from_secs(60)
@@ -319,6 +329,11 @@ impl Config {
         if self.state.local_file.is_some() == self.state.xds_address.is_some() {
             return Err(ConfigError::Invalid(
                 "state: give exactly one of local_file and xds_address".into(),
+            ));
+        }
+        if self.pool.connections_per_destination == 0 {
+            return Err(ConfigError::Invalid(
+                "pool.connections_per_destination must be at least 1".into(),
             ));
         }
         if self.pool.max_streams == 0 {

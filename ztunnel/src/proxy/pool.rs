@@ -189,12 +189,24 @@ impl Pool {
         conns.retain(|_, v| !v.is_empty());
     }
 
+    /// A stream slot on the least busy connection to `key`; None when a new
+    /// connection should be dialled: all are full, or every one is busy and
+    /// the destination has fewer than `connections_per_destination`.
     fn try_take(&self, key: &PoolKey) -> Option<Arc<Conn>> {
-        let max = self.inner.cfg.max_streams;
+        let cfg = &self.inner.cfg;
         let mut conns = self.conns();
         let list = conns.get_mut(key)?;
         list.retain(|c| c.usable());
-        list.iter().find(|c| c.try_acquire(max)).cloned()
+        let mut by_load: Vec<&Arc<Conn>> = list.iter().collect();
+        by_load.sort_by_key(|c| c.streams.load(Ordering::Acquire));
+        let least = by_load.first()?.streams.load(Ordering::Acquire);
+        if least > 0 && list.len() < cfg.connections_per_destination {
+            return None;
+        }
+        by_load
+            .into_iter()
+            .find(|c| c.try_acquire(cfg.max_streams))
+            .cloned()
     }
 
     fn remove(&self, key: &PoolKey, id: u64) {
