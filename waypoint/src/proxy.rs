@@ -22,6 +22,7 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulConnection;
 use mesh_proto::mesh::waypoint as pb;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, ReadBuf};
@@ -296,6 +297,23 @@ fn classify(buf: &[u8]) -> Option<Sniffed> {
 }
 
 /// A stream with bytes already read put back in front.
+/// Serves a connection to its end. When the drain starts it is told to
+/// finish first: HTTP/1 after the request in flight, HTTP/2 with a GOAWAY
+/// and the streams in flight.
+async fn until_drained<C: GracefulConnection>(
+    conn: C,
+    draining: &CancellationToken,
+) -> Result<(), C::Error> {
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => r,
+        _ = draining.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            conn.await
+        }
+    }
+}
+
 /// Reads until the first bytes say what the client speaks (end of stream:
 /// opaque TCP). What was read stays in `buf`, to be replayed.
 async fn sniff<R: AsyncRead + Unpin>(io: &mut R, buf: &mut BytesMut) -> std::io::Result<Sniffed> {
@@ -773,15 +791,7 @@ impl Waypoint {
                     .max_buf_size(limits.max_header_bytes.max(8192))
                     .keep_alive(true)
                     .serve_connection(TokioIo::new(Linger::new(io)), svc_fn);
-                tokio::pin!(r);
-                // Draining: the request in flight finishes, then it closes.
-                let r = tokio::select! {
-                    r = r.as_mut() => r,
-                    _ = self.draining.cancelled() => {
-                        r.as_mut().graceful_shutdown();
-                        r.await
-                    }
-                };
+                let r = until_drained(r, &self.draining).await;
                 if let Err(e) = r {
                     debug!(peer = %ds.peer, error = %e, "HTTP/1 connection ended with an error");
                 }
@@ -798,15 +808,7 @@ impl Waypoint {
                     .max_concurrent_streams(limits.max_concurrent_streams)
                     .keep_alive_interval(Some(Duration::from_secs(30)))
                     .serve_connection(TokioIo::new(io), svc_fn);
-                tokio::pin!(r);
-                // Draining: a GOAWAY, then the streams in flight finish.
-                let r = tokio::select! {
-                    r = r.as_mut() => r,
-                    _ = self.draining.cancelled() => {
-                        r.as_mut().graceful_shutdown();
-                        r.await
-                    }
-                };
+                let r = until_drained(r, &self.draining).await;
                 if let Err(e) = r {
                     debug!(peer = %ds.peer, error = %e, "HTTP/2 connection ended with an error");
                 }
