@@ -190,6 +190,21 @@ async fn an_outside_client_reaches_a_mesh_service_through_the_ingress_gateway() 
         !direct.contains("pod=web-0"),
         "direct caller got through: {direct}"
     );
+    // ... by the policy: the destination ztunnel closed it with DENY.
+    eventually(
+        "the direct caller's connection denied",
+        Duration::from_secs(10),
+        || {
+            let m = get(lab, "shop/direct", &format!("http://{node2}:15020/metrics"));
+            let denied = m.lines().any(|l| {
+                l.starts_with("istio_tcp_connections_closed_total")
+                    && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/direct\"")
+                    && l.contains("response_flags=\"DENY\"")
+            });
+            async move { denied }
+        },
+    )
+    .await;
 
     // A name no listener has: the handshake ends with an alert.
     let r = curl(&[
