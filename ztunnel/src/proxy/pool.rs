@@ -197,14 +197,20 @@ impl Pool {
         let mut conns = self.conns();
         let list = conns.get_mut(key)?;
         list.retain(|c| c.usable());
-        let mut by_load: Vec<&Arc<Conn>> = list.iter().collect();
-        by_load.sort_by_key(|c| c.streams.load(Ordering::Acquire));
-        let least = by_load.first()?.streams.load(Ordering::Acquire);
-        if least > 0 && list.len() < cfg.connections_per_destination {
+        // No allocation here: this runs for every new stream.
+        let least = list
+            .iter()
+            .min_by_key(|c| c.streams.load(Ordering::Acquire))?;
+        if least.streams.load(Ordering::Acquire) > 0 && list.len() < cfg.connections_per_destination
+        {
             return None;
         }
-        by_load
-            .into_iter()
+        if least.try_acquire(cfg.max_streams) {
+            return Some(least.clone());
+        }
+        // The least busy one is full, so all are (slots are only given back
+        // concurrently): one more look, then dial.
+        list.iter()
             .find(|c| c.try_acquire(cfg.max_streams))
             .cloned()
     }
