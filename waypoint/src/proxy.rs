@@ -537,6 +537,7 @@ impl Waypoint {
             max_streams,
             self.cfg.handshake_timeout,
             self.draining.clone(),
+            hbone::StreamTasks::Spawn,
             handler,
         )
         .await

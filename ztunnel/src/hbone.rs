@@ -11,10 +11,15 @@ use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::task::{Context, Poll, ready};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::task::{Context, Poll, Waker, ready};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use futures::task::AtomicWaker;
 use h2::{Reason, RecvStream, SendStream};
 use http::{Method, Request, Response, StatusCode, Version};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
@@ -216,41 +221,200 @@ impl OpenError {
     }
 }
 
+/// A future run inside an HTTP/2 connection's own task (see [`StreamRunner`]).
+type StreamJob = Pin<Box<dyn Future<Output = ()> + Send>>;
+
+/// Runs a stream's copy inside the task that drives its HTTP/2 connection.
+/// Each byte of a tunnelled request otherwise wakes two tasks per side (the
+/// stream's copy and the connection's driver), often on different runtime
+/// threads; in one task the read, the framing, TLS and the write happen in
+/// one turn, as in an event-loop proxy (`just bench`, scenario 4).
+#[derive(Clone)]
+pub struct StreamRunner {
+    tx: tokio::sync::mpsc::UnboundedSender<StreamJob>,
+}
+
+/// The connection's task ended while a stream it ran was still going.
+#[derive(Debug, thiserror::Error)]
+#[error("the HBONE connection's task ended before the stream did")]
+pub struct RunnerGone;
+
+impl StreamRunner {
+    /// Runs `fut` on the connection's task and waits for its result. When
+    /// that task has already ended, `fut` runs here instead.
+    pub async fn run<T: Send + 'static>(
+        &self,
+        fut: impl Future<Output = T> + Send + 'static,
+    ) -> Result<T, RunnerGone> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let job: StreamJob = Box::pin(async move {
+            let _ = tx.send(fut.await);
+        });
+        if let Err(tokio::sync::mpsc::error::SendError(job)) = self.tx.send(job) {
+            job.await;
+        }
+        rx.await.map_err(|_| RunnerGone)
+    }
+}
+
+/// The waker a connection's task hands to everything it polls. A wake that
+/// comes from inside the task's own turn (a stream wrote data the connection
+/// must send; the connection read data a stream must copy) only asks for
+/// another pass of the turn. Woken through the runtime instead, the task
+/// would be queued again as a yield and another worker thread woken to
+/// steal it: a futex wake and a context switch per hop, which made 64-byte
+/// ping-pong 30 µs slower (`just bench`, scenario 3).
+struct Turn {
+    task: AtomicWaker,
+    in_turn: AtomicBool,
+    woken: AtomicBool,
+}
+
+impl std::task::Wake for Turn {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::SeqCst);
+        if !self.in_turn.load(Ordering::SeqCst) {
+            self.task.wake();
+        }
+    }
+}
+
+/// At most this many passes in one turn before yielding to the runtime.
+const MAX_PASSES: usize = 16;
+
+impl Turn {
+    fn new() -> (Arc<Self>, Waker) {
+        let turn = Arc::new(Turn {
+            task: AtomicWaker::new(),
+            in_turn: AtomicBool::new(false),
+            woken: AtomicBool::new(false),
+        });
+        let waker = Waker::from(turn.clone());
+        (turn, waker)
+    }
+
+    /// Runs `pass` with this turn's waker until nothing it polled woke it
+    /// again (or the task's cooperative budget is spent).
+    fn poll<T>(
+        &self,
+        waker: &Waker,
+        cx: &mut Context<'_>,
+        mut pass: impl FnMut(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        self.task.register(cx.waker());
+        let mut inner = Context::from_waker(waker);
+        for _ in 0..MAX_PASSES {
+            self.woken.store(false, Ordering::SeqCst);
+            self.in_turn.store(true, Ordering::SeqCst);
+            let r = pass(&mut inner);
+            self.in_turn.store(false, Ordering::SeqCst);
+            if r.is_ready() {
+                return r;
+            }
+            if !self.woken.load(Ordering::SeqCst) {
+                return Poll::Pending;
+            }
+            if !tokio::task::coop::has_budget_remaining() {
+                break;
+            }
+        }
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+/// Polls every ready stream job once more; returns when none is ready.
+fn poll_jobs(jobs: &mut FuturesUnordered<StreamJob>, cx: &mut Context<'_>) {
+    while let Poll::Ready(Some(())) = jobs.poll_next_unpin(cx) {}
+}
+
 /// Client side: HTTP/2 over an established TLS connection. Returns the
-/// request handle and the connection driver to spawn; the driver also sends
-/// PINGs and gives up on a peer that stops answering them.
-pub async fn client_handshake<IO>(
+/// request handle, the [`StreamRunner`] for the streams opened on it, and
+/// the connection's driver to spawn. The driver sends PINGs and gives up on
+/// a peer that stops answering them; when the connection ends it calls
+/// `on_closed`, then runs the streams it holds to their end (they see the
+/// connection's error) before it returns.
+pub async fn client_handshake<IO, C>(
     io: IO,
     cfg: &H2Config,
+    on_closed: C,
 ) -> Result<
     (
         h2::client::SendRequest<Bytes>,
-        impl Future<Output = Result<(), io::Error>> + Send + use<IO>,
+        StreamRunner,
+        impl Future<Output = ()> + Send + use<IO, C>,
     ),
     h2::Error,
 >
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    C: FnOnce(Result<(), io::Error>) + Send + 'static,
 {
-    let (send, mut conn) = h2::client::Builder::new()
+    let (send, conn) = h2::client::Builder::new()
         .initial_window_size(cfg.stream_window)
         .initial_connection_window_size(cfg.connection_window)
         .max_frame_size(cfg.max_frame_size)
         .max_header_list_size(cfg.max_header_list_size)
         .handshake(io)
         .await?;
-    let ping = conn.ping_pong();
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<StreamJob>();
     let (interval, timeout) = (cfg.keepalive_interval, cfg.keepalive_timeout);
     let driver = async move {
-        tokio::select! {
-            r = &mut conn => r.map_err(h2_io_error),
-            _ = keepalive(ping, interval, timeout) => Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "peer stopped answering HTTP/2 PINGs",
-            )),
-        }
+        let mut conn = Some(conn);
+        let ping = conn.as_mut().and_then(|c| c.ping_pong());
+        let alive = keepalive(ping, interval, timeout);
+        tokio::pin!(alive);
+        let mut on_closed = Some(on_closed);
+        let mut jobs = FuturesUnordered::<StreamJob>::new();
+        let mut no_more_jobs = false;
+        let (turn, waker) = Turn::new();
+        std::future::poll_fn(|cx| {
+            turn.poll(&waker, cx, |cx| {
+                loop {
+                    while !no_more_jobs {
+                        match rx.poll_recv(cx) {
+                            Poll::Ready(Some(job)) => jobs.push(job),
+                            Poll::Ready(None) => no_more_jobs = true,
+                            Poll::Pending => break,
+                        }
+                    }
+                    poll_jobs(&mut jobs, cx);
+                    if let Some(c) = conn.as_mut() {
+                        let ended = match Pin::new(c).poll(cx) {
+                            Poll::Ready(r) => Some(r.map_err(h2_io_error)),
+                            Poll::Pending => alive.as_mut().poll(cx).is_ready().then(|| {
+                                Err(io::Error::new(
+                                    io::ErrorKind::TimedOut,
+                                    "peer stopped answering HTTP/2 PINGs",
+                                ))
+                            }),
+                        };
+                        if let Some(r) = ended {
+                            // Dropping the connection fails its open streams.
+                            conn = None;
+                            rx.close();
+                            if let Some(f) = on_closed.take() {
+                                f(r);
+                            }
+                            continue;
+                        }
+                        // Data just read may have woken streams: run them now.
+                        poll_jobs(&mut jobs, cx);
+                    }
+                    if conn.is_none() && no_more_jobs && jobs.is_empty() {
+                        return Poll::Ready(());
+                    }
+                    return Poll::Pending;
+                }
+            })
+        })
+        .await
     };
-    Ok((send, driver))
+    Ok((send, StreamRunner { tx }, driver))
 }
 
 async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
@@ -313,6 +477,17 @@ impl Responder {
     }
 }
 
+/// Where the handler of each request stream runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamTasks {
+    /// In the connection's own task (see [`StreamRunner`] for why): for
+    /// streams that only copy bytes.
+    Inline,
+    /// A task of its own per stream: for handlers with heavy work of their
+    /// own (the waypoint's HTTP processing).
+    Spawn,
+}
+
 /// Serves HTTP/2 on an accepted TLS connection, calling `handler` for each
 /// request stream. The preface must arrive within `handshake_timeout`; a peer
 /// that stops answering PINGs is dropped. On `shutdown`, sends GOAWAY and
@@ -323,6 +498,7 @@ pub async fn serve_connection<IO, F, Fut>(
     max_streams: u32,
     handshake_timeout: Duration,
     shutdown: CancellationToken,
+    tasks: StreamTasks,
     handler: F,
 ) -> Result<(), io::Error>
 where
@@ -337,31 +513,76 @@ where
         .max_header_list_size(cfg.max_header_list_size)
         .max_concurrent_streams(max_streams)
         .handshake(io);
-    let mut conn = tokio::time::timeout(handshake_timeout, handshake)
+    let conn = tokio::time::timeout(handshake_timeout, handshake)
         .await
         .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface in time"))?
         .map_err(h2_io_error)?;
-    let ping = conn.ping_pong();
+    let mut conn = Some(conn);
+    let ping = conn.as_mut().and_then(|c| c.ping_pong());
     let alive = keepalive(ping, cfg.keepalive_interval, cfg.keepalive_timeout);
     tokio::pin!(alive);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
     let mut closing = false;
-    loop {
-        tokio::select! {
-            next = conn.accept() => match next {
-                Some(Ok((req, respond))) => {
-                    let (parts, recv) = req.into_parts();
-                    tokio::spawn(handler(Request::from_parts(parts, ()), Responder { respond, recv }));
+    let mut jobs = FuturesUnordered::<StreamJob>::new();
+    let mut result = None;
+    let (turn, waker) = Turn::new();
+    std::future::poll_fn(|cx| {
+        turn.poll(&waker, cx, |cx| {
+            loop {
+                if !closing
+                    && cancelled.as_mut().poll(cx).is_ready()
+                    && let Some(c) = conn.as_mut()
+                {
+                    closing = true;
+                    c.graceful_shutdown();
                 }
-                Some(Err(e)) => return Err(h2_io_error(e)),
-                None => return Ok(()),
-            },
-            _ = &mut alive => {
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "peer stopped answering HTTP/2 PINGs"));
+                poll_jobs(&mut jobs, cx);
+                if let Some(c) = conn.as_mut() {
+                    let next = {
+                        let accept = c.accept();
+                        tokio::pin!(accept);
+                        accept.poll(cx)
+                    };
+                    let ended = match next {
+                        Poll::Ready(Some(Ok((req, respond)))) => {
+                            let (parts, recv) = req.into_parts();
+                            let job = handler(
+                                Request::from_parts(parts, ()),
+                                Responder { respond, recv },
+                            );
+                            match tasks {
+                                StreamTasks::Inline => jobs.push(Box::pin(job)),
+                                StreamTasks::Spawn => {
+                                    tokio::spawn(job);
+                                }
+                            }
+                            continue;
+                        }
+                        Poll::Ready(Some(Err(e))) => Some(Err(h2_io_error(e))),
+                        Poll::Ready(None) => Some(Ok(())),
+                        Poll::Pending => alive.as_mut().poll(cx).is_ready().then(|| {
+                            Err(io::Error::new(
+                                io::ErrorKind::TimedOut,
+                                "peer stopped answering HTTP/2 PINGs",
+                            ))
+                        }),
+                    };
+                    if let Some(r) = ended {
+                        // Dropping the connection fails its open streams, which
+                        // then end here.
+                        conn = None;
+                        result = Some(r);
+                        continue;
+                    }
+                    poll_jobs(&mut jobs, cx);
+                }
+                if conn.is_none() && jobs.is_empty() {
+                    return Poll::Ready(result.take().unwrap_or(Ok(())));
+                }
+                return Poll::Pending;
             }
-            _ = shutdown.cancelled(), if !closing => {
-                closing = true;
-                conn.graceful_shutdown();
-            }
-        }
-    }
+        })
+    })
+    .await
 }

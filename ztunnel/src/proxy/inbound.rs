@@ -117,6 +117,7 @@ async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) 
         max_streams,
         proxy.cfg.handshake_timeout,
         proxy.draining.clone(),
+        hbone::StreamTasks::Inline,
         handler,
     )
     .await;

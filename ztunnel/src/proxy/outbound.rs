@@ -352,17 +352,27 @@ async fn handle(
                     forwarded_for: Some(peer),
                     traceparent: Some(new_traceparent()),
                 };
-                let (mut stream, _guard) = proxy
+                let (mut stream, guard) = proxy
                     .pool
                     .connect(&key, target, &headers, src_netns.as_deref())
                     .await
                     .map_err(|e| (pool_error_flags(&e), e.to_string()))?;
-                copy::run(&tracked.cancel, &mut tcp, &mut stream, counters.clone())
+                let (cancel, counters) = (tracked.cancel.clone(), counters.clone());
+                let copy = async move {
+                    copy::run(&cancel, &mut tcp, &mut stream, counters)
+                        .await
+                        .inspect_err(|_| {
+                            stream.reset();
+                            socket::reset(&tcp);
+                        })
+                };
+                let result = guard
+                    .runner()
+                    .run(copy)
                     .await
-                    .inspect_err(|_| {
-                        stream.reset();
-                        socket::reset(&tcp);
-                    })
+                    .map_err(|e| (ResponseFlags::None, e.to_string()))?;
+                drop(guard);
+                result
             }
             Route::Direct { addr, .. } | Route::Passthrough { addr } => {
                 let mut up = socket::dial(

@@ -57,6 +57,7 @@ pub enum PoolError {
 struct Conn {
     id: u64,
     sender: SendRequest<Bytes>,
+    runner: hbone::StreamRunner,
     /// Set by the connection's driver task when the connection ends.
     closed: Arc<AtomicBool>,
     streams: AtomicUsize,
@@ -80,6 +81,13 @@ impl Conn {
 /// Holds a stream's slot on its connection; released on drop.
 pub struct StreamGuard {
     conn: Arc<Conn>,
+}
+
+impl StreamGuard {
+    /// Runs the stream's copy on its connection's task.
+    pub fn runner(&self) -> &hbone::StreamRunner {
+        &self.conn.runner
+    }
 }
 
 impl Drop for StreamGuard {
@@ -314,30 +322,35 @@ impl Pool {
             addr,
             reason: handshake_failure(&e),
         })?;
-        let (sender, driver) = hbone::client_handshake(tls, &self.inner.h2)
+        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
+        let gauge = self.inner.metrics.hbone_pool_connections.clone();
+        let closed = Arc::new(AtomicBool::new(false));
+        let closed_flag = closed.clone();
+        let on_closed = {
+            let gauge = gauge.clone();
+            move |r: Result<(), std::io::Error>| {
+                match r {
+                    Ok(()) => debug!(conn = id, %addr, "pooled connection closed"),
+                    Err(e) => info!(conn = id, %addr, error = %e, "pooled connection failed"),
+                }
+                closed_flag.store(true, Ordering::Release);
+                gauge.dec();
+            }
+        };
+        let (sender, runner, driver) = hbone::client_handshake(tls, &self.inner.h2, on_closed)
             .await
             .map_err(|e| PoolError::H2 {
                 addr,
                 reason: e.to_string(),
             })?;
-        let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
-        let gauge = self.inner.metrics.hbone_pool_connections.clone();
         gauge.inc();
-        let closed = Arc::new(AtomicBool::new(false));
-        let closed_flag = closed.clone();
         let (src, dst) = (key.src.clone(), key.dst.clone());
-        tokio::spawn(async move {
-            match driver.await {
-                Ok(()) => debug!(conn = id, %addr, "pooled connection closed"),
-                Err(e) => info!(conn = id, %addr, error = %e, "pooled connection failed"),
-            }
-            closed_flag.store(true, Ordering::Release);
-            gauge.dec();
-        });
+        tokio::spawn(driver);
         debug!(conn = id, %addr, %src, %dst, "new pooled HBONE connection");
         Ok(Arc::new(Conn {
             id,
             sender,
+            runner,
             closed,
             streams: AtomicUsize::new(0),
             last_used: Mutex::new(Instant::now()),
