@@ -284,7 +284,7 @@ impl std::task::Wake for Turn {
 }
 
 /// At most this many passes in one turn before yielding to the runtime.
-const MAX_PASSES: usize = 16;
+const MAX_PASSES: usize = 2;
 
 impl Turn {
     fn new() -> (Arc<Self>, Waker) {
