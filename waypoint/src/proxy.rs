@@ -511,7 +511,7 @@ impl Waypoint {
         let accepted = tokio::time::timeout(self.cfg.handshake_timeout, async {
             let cfg = self.server_config().await?;
             TlsAcceptor::from(cfg)
-                .accept(tcp)
+                .accept(ztunnel::proxy::socket::tls_io(tcp))
                 .await
                 .map_err(|e| handshake_failure(&e))
         })

@@ -81,7 +81,7 @@ async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) 
             .await
             .map_err(|e| e.to_string())?;
         TlsAcceptor::from(cfg)
-            .accept(tcp)
+            .accept(super::socket::tls_io(tcp))
             .await
             .map_err(|e| handshake_failure(&e))
     })

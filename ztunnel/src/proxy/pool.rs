@@ -311,7 +311,8 @@ impl Pool {
         })?;
         let tls = tokio::time::timeout(
             self.inner.handshake_timeout,
-            TlsConnector::from(Arc::new(cfg)).connect(ServerName::IpAddress(addr.ip().into()), tcp),
+            TlsConnector::from(Arc::new(cfg))
+                .connect(ServerName::IpAddress(addr.ip().into()), socket::tls_io(tcp)),
         )
         .await
         .map_err(|_| PoolError::Handshake {

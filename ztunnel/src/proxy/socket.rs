@@ -81,3 +81,16 @@ pub fn keepalive(s: &TcpStream) {
         .with_retries(3);
     let _ = SockRef::from(s).set_tcp_keepalive(&ka);
 }
+
+/// How much of a TLS socket is read at once. rustls asks for 4 KiB per
+/// read, so a bulk flow cost a `read` syscall (and a readiness round) per
+/// 4 KiB; reading ahead into this buffer takes one per 64 KiB.
+pub const TLS_READ_AHEAD: usize = 64 * 1024;
+
+/// The socket under a TLS session: reads ahead, writes straight through.
+pub type TlsIo = tokio::io::BufReader<TcpStream>;
+
+/// Wraps an HBONE socket for TLS (see [`TLS_READ_AHEAD`]).
+pub fn tls_io(tcp: TcpStream) -> TlsIo {
+    tokio::io::BufReader::with_capacity(TLS_READ_AHEAD, tcp)
+}
