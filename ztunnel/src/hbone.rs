@@ -234,26 +234,13 @@ pub struct StreamRunner {
     tx: tokio::sync::mpsc::UnboundedSender<StreamJob>,
 }
 
-/// The connection's task ended while a stream it ran was still going.
-#[derive(Debug, thiserror::Error)]
-#[error("the HBONE connection's task ended before the stream did")]
-pub struct RunnerGone;
-
 impl StreamRunner {
-    /// Runs `fut` on the connection's task and waits for its result. When
-    /// that task has already ended, `fut` runs here instead.
-    pub async fn run<T: Send + 'static>(
-        &self,
-        fut: impl Future<Output = T> + Send + 'static,
-    ) -> Result<T, RunnerGone> {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        let job: StreamJob = Box::pin(async move {
-            let _ = tx.send(fut.await);
-        });
-        if let Err(tokio::sync::mpsc::error::SendError(job)) = self.tx.send(job) {
-            job.await;
+    /// Runs `fut` on the connection's task; when that task has already
+    /// ended, on a task of its own.
+    pub fn spawn(&self, fut: impl Future<Output = ()> + Send + 'static) {
+        if let Err(tokio::sync::mpsc::error::SendError(job)) = self.tx.send(Box::pin(fut)) {
+            tokio::spawn(job);
         }
-        rx.await.map_err(|_| RunnerGone)
     }
 }
 

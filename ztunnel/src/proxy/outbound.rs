@@ -329,7 +329,8 @@ async fn handle(
     proxy.metrics.active_connections.inc();
     let src_ip = src.addresses.first().copied();
     let src_netns = proxy.netns.for_workload(&src);
-    let result: Result<(), (ResponseFlags, String)> = async {
+    // Connect first; the copy then runs where it is cheapest.
+    let connected: Result<Upstream, (ResponseFlags, String)> = async {
         let route = route.map_err(|e| match e {
             RouteError::NoHealthyEndpoints(_) => (ResponseFlags::NoHealthyUpstream, e.to_string()),
             _ => (ResponseFlags::Connect, e.to_string()),
@@ -352,51 +353,69 @@ async fn handle(
                     forwarded_for: Some(peer),
                     traceparent: Some(new_traceparent()),
                 };
-                let (mut stream, guard) = proxy
+                let (stream, guard) = proxy
                     .pool
                     .connect(&key, target, &headers, src_netns.as_deref())
                     .await
                     .map_err(|e| (pool_error_flags(&e), e.to_string()))?;
-                let (cancel, counters) = (tracked.cancel.clone(), counters.clone());
-                let copy = async move {
-                    copy::run(&cancel, &mut tcp, &mut stream, counters)
-                        .await
-                        .inspect_err(|_| {
-                            stream.reset();
-                            socket::reset(&tcp);
-                        })
-                };
-                let result = guard
-                    .runner()
-                    .run(copy)
-                    .await
-                    .map_err(|e| (ResponseFlags::None, e.to_string()))?;
-                drop(guard);
-                result
+                Ok(Upstream::Hbone(stream, guard))
             }
-            Route::Direct { addr, .. } | Route::Passthrough { addr } => {
-                let mut up = socket::dial(
-                    addr,
-                    src_ip,
-                    proxy.cfg.effective_mark(),
-                    proxy.cfg.connect_timeout,
-                    src_netns.as_deref(),
-                )
-                .await
-                .map_err(|e| (ResponseFlags::Connect, format!("connect to {addr}: {e}")))?;
-                copy::run(&tracked.cancel, &mut tcp, &mut up, counters.clone())
-                    .await
-                    .inspect_err(|_| {
-                        socket::reset(&tcp);
-                        socket::reset(&up);
-                    })
-            }
+            Route::Direct { addr, .. } | Route::Passthrough { addr } => socket::dial(
+                addr,
+                src_ip,
+                proxy.cfg.effective_mark(),
+                proxy.cfg.connect_timeout,
+                src_netns.as_deref(),
+            )
+            .await
+            .map(Upstream::Tcp)
+            .map_err(|e| (ResponseFlags::Connect, format!("connect to {addr}: {e}"))),
         }
     }
     .await;
-    proxy.metrics.active_connections.dec();
-    if let Err((_, e)) = &result {
-        debug!(%peer, %dst, error = %e, "outbound connection failed");
+    match connected {
+        Err(e) => {
+            debug!(%peer, %dst, error = %e.1, "outbound connection failed");
+            proxy.metrics.active_connections.dec();
+            proxy.finish(labels, &tracked.info, Err(e));
+        }
+        Ok(Upstream::Tcp(mut up)) => {
+            let result = copy::run(&tracked.cancel, &mut tcp, &mut up, counters)
+                .await
+                .inspect_err(|_| {
+                    socket::reset(&tcp);
+                    socket::reset(&up);
+                });
+            proxy.metrics.active_connections.dec();
+            if let Err((_, e)) = &result {
+                debug!(%peer, %dst, error = %e, "outbound connection failed");
+            }
+            proxy.finish(labels, &tracked.info, result);
+        }
+        Ok(Upstream::Hbone(mut stream, guard)) => {
+            // The rest of the connection's life runs on the HBONE
+            // connection's task; this one ends here, and its memory with it.
+            let runner = guard.runner().clone();
+            runner.spawn(async move {
+                let result = copy::run(&tracked.cancel, &mut tcp, &mut stream, counters)
+                    .await
+                    .inspect_err(|_| {
+                        stream.reset();
+                        socket::reset(&tcp);
+                    });
+                drop(guard);
+                proxy.metrics.active_connections.dec();
+                if let Err((_, e)) = &result {
+                    debug!(%peer, %dst, error = %e, "outbound connection failed");
+                }
+                proxy.finish(labels, &tracked.info, result);
+            });
+        }
     }
-    proxy.finish(labels, &tracked.info, result);
+}
+
+/// A connected upstream, before the copy.
+enum Upstream {
+    Hbone(crate::hbone::H2Stream, super::pool::StreamGuard),
+    Tcp(TcpStream),
 }
