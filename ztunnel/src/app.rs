@@ -323,6 +323,8 @@ impl App {
 /// Runs until SIGTERM or SIGINT, then drains.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let app = App::start(cfg).await?;
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tokio::spawn(trim_heap());
     shutdown_signal()
         .await
         .map_err(|e| start_err("SIGTERM handler", e))?;
@@ -341,4 +343,27 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// How often freed heap memory is handed back to the kernel.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// glibc keeps what a burst freed (HTTP/2 receive buffers of bulk flows, a
+/// thousand connections' state) in its per-thread arenas for the life of the
+/// process, so a node proxy's RSS would stay at its largest burst
+/// (`just bench`, scenario 6 after the bulk scenarios). Every few seconds the
+/// free pages go back to the kernel; with nothing to free this costs a walk
+/// of the free lists and no syscall.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+async fn trim_heap() {
+    let mut tick = tokio::time::interval(HEAP_TRIM_INTERVAL);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        // SAFETY: malloc_trim only releases the allocator's own free pages.
+        unsafe {
+            libc::malloc_trim(0);
+        }
+    }
 }
