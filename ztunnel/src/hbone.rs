@@ -121,6 +121,83 @@ impl H2Stream {
     pub fn reset(&mut self) {
         self.send.send_reset(Reason::CONNECT_ERROR);
     }
+
+    /// The two directions, to run at once.
+    pub fn split(&mut self) -> (H2Send<'_>, H2Recv<'_>) {
+        let H2Stream {
+            send,
+            recv,
+            buf,
+            write_closed,
+        } = self;
+        (H2Send { send, write_closed }, H2Recv { recv, buf })
+    }
+}
+
+/// The sending half of an [`H2Stream`], for copies that hand over whole
+/// buffers instead of copying them through `AsyncWrite`.
+pub struct H2Send<'a> {
+    send: &'a mut SendStream<Bytes>,
+    write_closed: &'a mut bool,
+}
+
+impl H2Send<'_> {
+    /// Sends `data` as DATA frames as the peer's window allows.
+    pub async fn send_bytes(&mut self, mut data: Bytes) -> io::Result<()> {
+        while !data.is_empty() {
+            self.send.reserve_capacity(data.len());
+            let n = match std::future::poll_fn(|cx| self.send.poll_capacity(cx)).await {
+                None => return Err(io::ErrorKind::BrokenPipe.into()),
+                Some(Err(e)) => return Err(h2_io_error(e)),
+                Some(Ok(0)) => continue,
+                Some(Ok(n)) => n.min(data.len()),
+            };
+            self.send
+                .send_data(data.split_to(n), false)
+                .map_err(h2_io_error)?;
+        }
+        Ok(())
+    }
+
+    /// Ends this side of the tunnel (END_STREAM): a half-close.
+    pub fn send_end(&mut self) -> io::Result<()> {
+        if !*self.write_closed {
+            *self.write_closed = true;
+            self.send
+                .send_data(Bytes::new(), true)
+                .map_err(h2_io_error)?;
+        }
+        Ok(())
+    }
+}
+
+/// The receiving half of an [`H2Stream`].
+pub struct H2Recv<'a> {
+    recv: &'a mut RecvStream,
+    buf: &'a mut Bytes,
+}
+
+impl H2Recv<'_> {
+    /// The next received bytes as they arrived; None at the end of the
+    /// stream. The window opens again only on [`H2Recv::release`], once
+    /// the bytes are passed on: backpressure.
+    pub async fn recv_bytes(&mut self) -> io::Result<Option<Bytes>> {
+        if !self.buf.is_empty() {
+            return Ok(Some(std::mem::take(self.buf)));
+        }
+        match self.recv.data().await {
+            None => Ok(None),
+            Some(Ok(b)) => Ok(Some(b)),
+            // A peer may end its side with RST_STREAM(NO_ERROR).
+            Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => Ok(None),
+            Some(Err(e)) => Err(h2_io_error(e)),
+        }
+    }
+
+    /// Gives back `n` bytes of receive window.
+    pub fn release(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
 }
 
 fn h2_io_error(e: h2::Error) -> io::Error {

@@ -1,5 +1,7 @@
 //! Bidirectional copy with half-close, byte counting and buffers that grow
-//! with the flow: small for chatty connections, large for bulk.
+//! with the flow: small for chatty connections, large for bulk. Between a
+//! TCP socket and an HBONE stream ([`run_hbone`]) the bytes are not copied
+//! in user space at all, and an idle connection holds no buffer.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +59,83 @@ where
     let up = one_way(ar, bw, &counters.sent);
     let down = one_way(br, aw, &counters.received);
     tokio::try_join!(up, down).map(|_| ())
+}
+
+/// TCP -> HBONE without a copy in user space: each read lands in a fresh
+/// buffer that becomes the DATA frame. The buffer is let go whenever the
+/// socket is drained, so an idle connection holds none.
+async fn tcp_to_h2(
+    mut r: tokio::net::tcp::ReadHalf<'_>,
+    mut w: crate::hbone::H2Send<'_>,
+    count: &AtomicU64,
+) -> std::io::Result<()> {
+    use futures::FutureExt;
+    let mut want = START;
+    loop {
+        r.readable().await?;
+        let mut buf = bytes::BytesMut::with_capacity(want);
+        // One poll of `read_buf`, not `try_read_buf`: a short read marks
+        // the socket drained, so the next wait costs no EAGAIN read.
+        let n = match r.read_buf(&mut buf).now_or_never() {
+            None => continue,
+            Some(Ok(0)) => return w.send_end(),
+            Some(Ok(n)) => n,
+            Some(Err(e)) => return Err(e),
+        };
+        w.send_bytes(buf.freeze()).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        if n >= want && want < MAX {
+            want *= 2;
+        }
+    }
+}
+
+/// HBONE -> TCP: received DATA is written as it came, with no buffer of
+/// our own; its window is given back once the socket took it.
+async fn h2_to_tcp(
+    mut r: crate::hbone::H2Recv<'_>,
+    w: &mut tokio::net::tcp::WriteHalf<'_>,
+    count: &AtomicU64,
+) -> std::io::Result<()> {
+    while let Some(data) = r.recv_bytes().await? {
+        w.write_all(&data).await?;
+        r.release(data.len());
+        count.fetch_add(data.len() as u64, Ordering::Relaxed);
+    }
+    w.shutdown().await
+}
+
+/// Which end of a proxied connection the TCP socket is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TcpSide {
+    /// The client (outbound: the app that connected).
+    Client,
+    /// The destination (inbound: the app dialed for the tunnel).
+    Destination,
+}
+
+/// [`run`] for a TCP socket and an HBONE stream, with the copy-free loops
+/// above.
+pub async fn run_hbone(
+    cancel: &tokio_util::sync::CancellationToken,
+    tcp: &mut tokio::net::TcpStream,
+    stream: &mut crate::hbone::H2Stream,
+    side: TcpSide,
+    counters: Arc<Counters>,
+) -> Result<(), (crate::metrics::ResponseFlags, String)> {
+    use crate::metrics::ResponseFlags;
+    let (tcp_in, tcp_out) = match side {
+        TcpSide::Client => (&counters.sent, &counters.received),
+        TcpSide::Destination => (&counters.received, &counters.sent),
+    };
+    let (r, mut w) = tcp.split();
+    let (send, recv) = stream.split();
+    let copy =
+        async { tokio::try_join!(tcp_to_h2(r, send, tcp_in), h2_to_tcp(recv, &mut w, tcp_out)) };
+    tokio::select! {
+        r = copy => r.map(|_| ()).map_err(|e| (ResponseFlags::None, e.to_string())),
+        _ = cancel.cancelled() => Err((ResponseFlags::None, "closed by the proxy".to_string())),
+    }
 }
 
 /// Copies until done or cancelled (policy revocation, drain deadline). The

@@ -397,12 +397,18 @@ async fn handle(
             // connection's task; this one ends here, and its memory with it.
             let runner = guard.runner().clone();
             runner.spawn(async move {
-                let result = copy::run(&tracked.cancel, &mut tcp, &mut stream, counters)
-                    .await
-                    .inspect_err(|_| {
-                        stream.reset();
-                        socket::reset(&tcp);
-                    });
+                let result = copy::run_hbone(
+                    &tracked.cancel,
+                    &mut tcp,
+                    &mut stream,
+                    copy::TcpSide::Client,
+                    counters,
+                )
+                .await
+                .inspect_err(|_| {
+                    stream.reset();
+                    socket::reset(&tcp);
+                });
                 drop(guard);
                 proxy.metrics.active_connections.dec();
                 if let Err((_, e)) = &result {
