@@ -450,12 +450,7 @@ where
                     if let Some(c) = conn.as_mut() {
                         let ended = match Pin::new(c).poll(cx) {
                             Poll::Ready(r) => Some(r.map_err(h2_io_error)),
-                            Poll::Pending => alive.as_mut().poll(cx).is_ready().then(|| {
-                                Err(io::Error::new(
-                                    io::ErrorKind::TimedOut,
-                                    "peer stopped answering HTTP/2 PINGs",
-                                ))
-                            }),
+                            Poll::Pending => keepalive_lapsed(alive.as_mut(), cx),
                         };
                         if let Some(r) = ended {
                             // Dropping the connection fails its open streams.
@@ -479,6 +474,19 @@ where
         .await
     };
     Ok((send, StreamRunner { tx }, driver))
+}
+
+/// The connection's end when its PING keepalive has given up.
+fn keepalive_lapsed(
+    alive: Pin<&mut impl Future<Output = ()>>,
+    cx: &mut Context<'_>,
+) -> Option<Result<(), io::Error>> {
+    alive.poll(cx).is_ready().then(|| {
+        Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "peer stopped answering HTTP/2 PINGs",
+        ))
+    })
 }
 
 async fn keepalive(ping: Option<h2::PingPong>, interval: Duration, timeout: Duration) {
@@ -625,12 +633,7 @@ where
                         }
                         Poll::Ready(Some(Err(e))) => Some(Err(h2_io_error(e))),
                         Poll::Ready(None) => Some(Ok(())),
-                        Poll::Pending => alive.as_mut().poll(cx).is_ready().then(|| {
-                            Err(io::Error::new(
-                                io::ErrorKind::TimedOut,
-                                "peer stopped answering HTTP/2 PINGs",
-                            ))
-                        }),
+                        Poll::Pending => keepalive_lapsed(alive.as_mut(), cx),
                     };
                     if let Some(r) = ended {
                         // Dropping the connection fails its open streams, which

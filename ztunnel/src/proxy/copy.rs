@@ -115,7 +115,7 @@ pub enum TcpSide {
 }
 
 /// [`run`] for a TCP socket and an HBONE stream, with the copy-free loops
-/// above.
+/// above. After an error both sides are reset, so each far end sees one.
 pub async fn run_hbone(
     cancel: &tokio_util::sync::CancellationToken,
     tcp: &mut tokio::net::TcpStream,
@@ -132,10 +132,15 @@ pub async fn run_hbone(
     let (send, recv) = stream.split();
     let copy =
         async { tokio::try_join!(tcp_to_h2(r, send, tcp_in), h2_to_tcp(recv, &mut w, tcp_out)) };
-    tokio::select! {
+    let result = tokio::select! {
         r = copy => r.map(|_| ()).map_err(|e| (ResponseFlags::None, e.to_string())),
         _ = cancel.cancelled() => Err((ResponseFlags::None, "closed by the proxy".to_string())),
+    };
+    if result.is_err() {
+        stream.reset();
+        super::socket::reset(tcp);
     }
+    result
 }
 
 /// Copies until done or cancelled (policy revocation, drain deadline). The

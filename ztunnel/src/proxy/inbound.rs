@@ -231,18 +231,16 @@ async fn handle_stream(
     };
     proxy.metrics.active_connections.inc();
     let result = match respond.accept() {
-        Ok(mut tunnel) => copy::run_hbone(
-            &tracked.cancel,
-            &mut upstream,
-            &mut tunnel,
-            copy::TcpSide::Destination,
-            counters,
-        )
-        .await
-        .inspect_err(|_| {
-            tunnel.reset();
-            socket::reset(&upstream);
-        }),
+        Ok(mut tunnel) => {
+            copy::run_hbone(
+                &tracked.cancel,
+                &mut upstream,
+                &mut tunnel,
+                copy::TcpSide::Destination,
+                counters,
+            )
+            .await
+        }
         Err(e) => Err((ResponseFlags::None, format!("answering CONNECT: {e}"))),
     };
     proxy.metrics.active_connections.dec();

@@ -404,11 +404,7 @@ async fn handle(
                     copy::TcpSide::Client,
                     counters,
                 )
-                .await
-                .inspect_err(|_| {
-                    stream.reset();
-                    socket::reset(&tcp);
-                });
+                .await;
                 drop(guard);
                 proxy.metrics.active_connections.dec();
                 if let Err((_, e)) = &result {
