@@ -653,3 +653,84 @@ where
     })
     .await
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    const WAIT: Duration = Duration::from_secs(10);
+
+    /// Real h2 over an in-memory pipe: an echo stream runs on the client
+    /// connection's task and on the server connection's task, the driver
+    /// reports the connection's end, and a runner whose connection is gone
+    /// still runs what it is handed.
+    #[tokio::test]
+    async fn streams_run_on_their_connection_and_after_it() {
+        let (a, b) = tokio::io::duplex(64 * 1024);
+        let server = tokio::spawn(async move {
+            serve_connection(
+                b,
+                &H2Config::default(),
+                10,
+                WAIT,
+                CancellationToken::new(),
+                StreamTasks::Inline,
+                |_req, respond: Responder| async move {
+                    let mut t = respond.accept().expect("answer 200");
+                    let mut got = Vec::new();
+                    t.read_to_end(&mut got).await.expect("read the request");
+                    t.write_all(&got).await.expect("echo");
+                    t.shutdown().await.expect("end");
+                },
+            )
+            .await
+        });
+        let (closed_tx, closed_rx) = tokio::sync::oneshot::channel();
+        let (send, runner, driver) = client_handshake(a, &H2Config::default(), move |r| {
+            let _ = closed_tx.send(r.is_ok());
+        })
+        .await
+        .expect("handshake");
+        let driver = tokio::spawn(driver);
+        let target: SocketAddr = "10.1.2.3:8080".parse().expect("addr");
+        let mut s = open(&send, target, &ConnectHeaders::default(), WAIT)
+            .await
+            .expect("CONNECT");
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        runner.spawn(async move {
+            s.write_all(b"ping over HBONE").await.expect("write");
+            s.shutdown().await.expect("half-close");
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.expect("read the echo");
+            let _ = tx.send(out);
+        });
+        let echoed = tokio::time::timeout(WAIT, rx).await.expect("in time");
+        assert_eq!(echoed.expect("the stream ran"), b"ping over HBONE");
+
+        // No handle and no stream left: the connection closes cleanly and
+        // the driver returns.
+        drop(send);
+        let clean = tokio::time::timeout(WAIT, closed_rx)
+            .await
+            .expect("in time");
+        assert_eq!(clean.ok(), Some(true));
+        tokio::time::timeout(WAIT, driver)
+            .await
+            .expect("driver ends")
+            .expect("driver did not panic");
+        let served = tokio::time::timeout(WAIT, server)
+            .await
+            .expect("server ends");
+        assert!(served.expect("no panic").is_ok());
+
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        runner.spawn(async move {
+            let _ = tx.send(());
+        });
+        tokio::time::timeout(WAIT, rx)
+            .await
+            .expect("in time")
+            .expect("ran on a task of its own");
+    }
+}
