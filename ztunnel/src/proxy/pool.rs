@@ -259,7 +259,10 @@ impl Pool {
                     reason: format!("{reason} ({}ms ago)", at.elapsed().as_millis()),
                 })
             } else {
-                match self.dial(key, netns).await {
+                // Boxed: the dial's state (TLS and HTTP/2 handshakes, ~4 KiB)
+                // would otherwise be part of every stream's connect future,
+                // and a burst of new connections queues here.
+                match Box::pin(self.dial(key, netns)).await {
                     Ok(conn) => {
                         *last_failure = None;
                         conn.streams.store(1, Ordering::Release);
