@@ -322,6 +322,8 @@ impl App {
 
 /// Runs until SIGTERM or SIGINT, then drains.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    tune_heap();
     let app = App::start(cfg).await?;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(trim_heap());
@@ -343,6 +345,22 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// A bulk flow reads into a fresh buffer of up to 256 KiB per read
+/// (`copy::tcp_to_h2`). With glibc's defaults, a free that leaves more than
+/// the trim threshold on top of an arena hands those pages back at once, so
+/// the next buffer faults them in and zeroes them again: 6% of the ztunnels'
+/// time in scenario 1 went to page faults. Freed memory now stays in the
+/// arenas until [`trim_heap`] returns it, and buffers below 4 MiB never get
+/// a mapping of their own.
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+fn tune_heap() {
+    // SAFETY: mallopt only changes the allocator's thresholds.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
 }
 
 /// How often freed heap memory is handed back to the kernel.
