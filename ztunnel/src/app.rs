@@ -322,8 +322,6 @@ impl App {
 
 /// Runs until SIGTERM or SIGINT, then drains.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    tune_heap();
     let app = App::start(cfg).await?;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     tokio::spawn(trim_heap());
@@ -357,9 +355,11 @@ pub async fn shutdown_signal() -> std::io::Result<()> {
 /// top of the main arena only: with a trim threshold this high, the top of
 /// a per-thread arena would keep a bulk flow's buffers for good (50 MiB in
 /// scenario 6 after the bulk scenarios). Small allocations still come from
-/// each thread's cache without the arena's lock.
+/// each thread's cache without the arena's lock. Called by the binary
+/// before any other thread starts: a thread that has allocated keeps the
+/// arena it got.
 #[cfg(all(target_os = "linux", target_env = "gnu"))]
-fn tune_heap() {
+pub fn tune_heap() {
     // SAFETY: mallopt only changes the allocator's thresholds.
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 1);

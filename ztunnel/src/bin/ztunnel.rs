@@ -19,8 +19,24 @@ struct Args {
     node: Option<String>,
 }
 
-#[tokio::main]
-async fn main() {
+fn main() {
+    // Before the runtime's threads exist (see tune_heap).
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    ztunnel::app::tune_heap();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    runtime.block_on(run());
+}
+
+async fn run() {
     ztunnel::init_logging();
     let args = Args::parse();
     let cfg = match ztunnel::config::Config::load_for_node(&args.config, args.node.as_deref()) {
