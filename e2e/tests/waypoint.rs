@@ -260,8 +260,8 @@ spec:
     );
 
     // Per request over reused connections: a handful of HBONE connections
-    // (up to pool.connections_per_destination, the CPU count, per
-    // destination identity and node), HTTP/1 kept alive.
+    // (up to pool.connections_per_destination, twice the CPU count and at
+    // most 4, per destination identity and node), HTTP/1 kept alive.
     let dump = config_dump(lab, "shop/waypoint-0");
     let hbone = dump["upstream"]["hbone_connections"].as_u64().unwrap();
     let http = dump["upstream"]["http_connections"].as_u64().unwrap();

@@ -161,8 +161,9 @@ pub struct PoolConfig {
     pub max_streams: usize,
     /// HTTP/2 connections a busy destination gets before its streams share
     /// them: each connection is driven by one task, so one connection would
-    /// keep a destination's encryption on one runtime thread. Default: the
-    /// number of CPUs, at most 4.
+    /// keep a destination's encryption on one runtime thread, and a task
+    /// running many streams makes each wait for the others' turn. Default:
+    /// twice the number of CPUs, at most 4.
     #[serde(default = "d::connections_per_destination")]
     pub connections_per_destination: usize,
     #[serde(default = "d::idle", with = "humantime_serde")]
@@ -247,7 +248,7 @@ mod d {
         100
     }
     pub fn connections_per_destination() -> usize {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(4))
+        std::thread::available_parallelism().map_or(2, |n| (2 * n.get()).min(4))
     }
     pub fn idle() -> Duration {
         Duration::from_secs(60)
