@@ -32,16 +32,10 @@ pub fn init_logging() {
     use std::io::IsTerminal;
     use tracing_subscriber::layer::SubscriberExt;
     use tracing_subscriber::util::SubscriberInitExt;
-    let info = || tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO);
-    let filter = match std::env::var("RUST_LOG") {
-        Ok(spec) if !spec.trim().is_empty() => spec.parse().unwrap_or_else(|e| {
-            eprintln!(
-                "RUST_LOG={spec:?} is not a list of target=level filters ({e}); logging at info"
-            );
-            info()
-        }),
-        _ => info(),
-    };
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref()).unwrap_or_else(|e| {
+        eprintln!("{e}; logging at info");
+        log_filter(None).unwrap_or_default()
+    });
     tracing_subscriber::registry()
         .with(
             tracing_subscriber::fmt::layer()
@@ -53,4 +47,46 @@ pub fn init_logging() {
         )
         .with(filter)
         .init();
+}
+
+/// The log filter for a `RUST_LOG` value: info when unset or blank, an
+/// error naming the value when it does not parse.
+pub fn log_filter(spec: Option<&str>) -> Result<tracing_subscriber::filter::Targets, String> {
+    match spec.map(str::trim) {
+        None | Some("") => {
+            Ok(tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO))
+        }
+        Some(spec) => spec
+            .parse()
+            .map_err(|e| format!("RUST_LOG={spec:?} is not a list of target=level filters ({e})")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::log_filter;
+    use tracing::Level;
+
+    #[test]
+    fn log_filter_reads_levels_per_target() {
+        let f = log_filter(Some("warn,ztunnel::proxy=debug")).unwrap();
+        assert!(f.would_enable("ztunnel::proxy::pool", &Level::DEBUG));
+        assert!(!f.would_enable("ztunnel::proxy::pool", &Level::TRACE));
+        assert!(f.would_enable("ztunnel::xds", &Level::WARN));
+        assert!(!f.would_enable("ztunnel::xds", &Level::INFO));
+        let f = log_filter(Some("warn,access=info")).unwrap();
+        assert!(f.would_enable("access", &Level::INFO));
+        assert!(!f.would_enable("h2::codec", &Level::INFO));
+    }
+
+    #[test]
+    fn log_filter_defaults_to_info_and_names_a_bad_value() {
+        for unset in [None, Some(""), Some("  ")] {
+            let f = log_filter(unset).unwrap();
+            assert!(f.would_enable("ztunnel", &Level::INFO), "{unset:?}");
+            assert!(!f.would_enable("ztunnel", &Level::DEBUG), "{unset:?}");
+        }
+        let e = log_filter(Some("ztunnel=verbose")).unwrap_err();
+        assert!(e.contains("ztunnel=verbose"), "{e}");
+    }
 }
