@@ -34,7 +34,7 @@ pub fn init_logging() {
     use tracing_subscriber::util::SubscriberInitExt;
     let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref()).unwrap_or_else(|e| {
         eprintln!("{e}; logging at info");
-        log_filter(None).unwrap_or_default()
+        info_filter()
     });
     tracing_subscriber::registry()
         .with(
@@ -53,13 +53,15 @@ pub fn init_logging() {
 /// error naming the value when it does not parse.
 pub fn log_filter(spec: Option<&str>) -> Result<tracing_subscriber::filter::Targets, String> {
     match spec.map(str::trim) {
-        None | Some("") => {
-            Ok(tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO))
-        }
+        None | Some("") => Ok(info_filter()),
         Some(spec) => spec
             .parse()
             .map_err(|e| format!("RUST_LOG={spec:?} is not a list of target=level filters ({e})")),
     }
+}
+
+fn info_filter() -> tracing_subscriber::filter::Targets {
+    tracing_subscriber::filter::Targets::new().with_default(tracing::Level::INFO)
 }
 
 #[cfg(test)]
