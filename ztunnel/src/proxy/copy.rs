@@ -69,23 +69,43 @@ async fn tcp_to_h2(
     mut w: crate::hbone::H2Send<'_>,
     count: &AtomicU64,
 ) -> std::io::Result<()> {
-    use futures::FutureExt;
     let mut want = START;
+    loop {
+        let buf = read_fresh(&mut r, want).await?;
+        let n = buf.len();
+        if n == 0 {
+            return w.send_end();
+        }
+        w.send_bytes(buf.freeze()).await?;
+        count.fetch_add(n as u64, Ordering::Relaxed);
+        if n >= want && want < MAX {
+            want *= 2;
+        }
+    }
+}
+
+/// Waits until `r` is readable, then reads once into a fresh buffer of
+/// `want` bytes (empty at end of stream). The buffer exists only once there
+/// is something to read, so a connection waiting for data holds none.
+async fn read_fresh(
+    r: &mut tokio::net::tcp::ReadHalf<'_>,
+    want: usize,
+) -> std::io::Result<bytes::BytesMut> {
+    use futures::FutureExt;
     loop {
         r.readable().await?;
         let mut buf = bytes::BytesMut::with_capacity(want);
         // One poll of `read_buf`, not `try_read_buf`: a short read marks
         // the socket drained, so the next wait costs no EAGAIN read.
-        let n = match r.read_buf(&mut buf).now_or_never() {
-            None => continue,
-            Some(Ok(0)) => return w.send_end(),
-            Some(Ok(n)) => n,
-            Some(Err(e)) => return Err(e),
-        };
-        w.send_bytes(buf.freeze()).await?;
-        count.fetch_add(n as u64, Ordering::Relaxed);
-        if n >= want && want < MAX {
-            want *= 2;
+        match r.read_buf(&mut buf).now_or_never() {
+            Some(r) => return r.map(|_| buf),
+            // Either the readiness was stale (the read saw EAGAIN and
+            // cleared it, so `readable` waits again), or the task's
+            // cooperative budget is spent: then the read declined without
+            // touching the socket and woke no one, and `readable` would
+            // answer at once, forever. Give the turn back first. That spin
+            // once froze a 100 MiB echo through the mesh in CI.
+            None => tokio::task::coop::consume_budget().await,
         }
     }
 }
@@ -159,5 +179,55 @@ where
     tokio::select! {
         r = bidirectional(a, b, counters) => r.map_err(|e| (ResponseFlags::None, e.to_string())),
         _ = cancel.cancelled() => Err((ResponseFlags::None, "closed by the proxy".to_string())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+    use tokio::io::AsyncWriteExt;
+
+    /// A read attempted when the task's cooperative budget is spent must
+    /// give the turn back, not spin: `readable` does not count against the
+    /// budget, and the read declines without registering a waker.
+    #[test]
+    fn a_read_with_the_budget_spent_yields_instead_of_spinning() {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        // On a thread of its own: the bug this guards against never returns.
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let got = rt.block_on(async {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+                let mut client = tokio::net::TcpStream::connect(listener.local_addr()?).await?;
+                let (mut server, _) = listener.accept().await?;
+                client.write_all(b"hello").await?;
+                let (mut r, _w) = server.split();
+                r.readable().await?;
+                let read = read_fresh(&mut r, 64);
+                tokio::pin!(read);
+                let mut first = true;
+                std::future::poll_fn(|cx| {
+                    // Spend the budget in the poll that reads, as a busy
+                    // connection task's other streams do.
+                    while std::mem::take(&mut first) && tokio::task::coop::has_budget_remaining() {
+                        let spend = tokio::task::coop::consume_budget();
+                        tokio::pin!(spend);
+                        let _ = spend.poll(cx);
+                        first = true;
+                    }
+                    read.as_mut().poll(cx)
+                })
+                .await
+            });
+            let _ = done_tx.send(got.map(|b| b.to_vec()));
+        });
+        let got = done_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the read spun instead of yielding when the budget was spent");
+        assert_eq!(got.expect("read"), b"hello");
     }
 }
