@@ -393,6 +393,54 @@ impl Ztunnel {
         serde_json::from_str(&body).expect("config_dump is JSON")
     }
 
+    /// What a failed test should print about this ztunnel: its connection
+    /// and pool view (when the admin port still answers), its threads' CPU
+    /// time (a spinning worker shows), and the end of its log.
+    pub async fn diagnosis(&self) -> String {
+        let dump =
+            tokio::time::timeout(Duration::from_secs(5), http_get(self.admin, "/config_dump"))
+                .await
+                .ok()
+                .flatten()
+                .map_or_else(
+                    || "(admin port did not answer)".to_string(),
+                    |(_, body)| {
+                        serde_json::from_str::<serde_json::Value>(&body)
+                            .map(|v| {
+                                format!("connections: {}\npool: {}", v["connections"], v["pool"])
+                            })
+                            .unwrap_or(body)
+                    },
+                );
+        let threads = self.pid().map_or_else(String::new, |pid| {
+            let dir = format!("/proc/{pid}/task");
+            let mut out = Vec::new();
+            for t in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
+                // After the command's closing parenthesis: utime is the 12th field, stime the 13th.
+                let rest: Vec<&str> = stat
+                    .rsplit_once(')')
+                    .map_or(vec![], |(_, r)| r.split_whitespace().collect());
+                let ticks = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                out.push(format!(
+                    "{} state {} cpu ticks {}",
+                    t.file_name().to_string_lossy(),
+                    rest.first().unwrap_or(&"?"),
+                    ticks(11) + ticks(12)
+                ));
+            }
+            out.join("; ")
+        });
+        let log = self.log_text();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        format!(
+            "--- {} (pid {:?})\n{dump}\nthreads: {threads}\nlog tail:\n{}",
+            self.name,
+            self.pid(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n")
+        )
+    }
+
     pub async fn process(&self) -> (u64, u64) {
         let (_, body) = http_get(self.admin, "/debug/process")
             .await

@@ -89,10 +89,17 @@ async fn bytes_cross_the_mesh_both_ways_with_half_close() {
     let m = mesh("", "").await;
     for size in [1usize, 64 * 1024, 100 * 1024 * 1024] {
         let payload = pattern(size);
-        let back = tokio::time::timeout(Duration::from_secs(120), echo_roundtrip(m.out, &payload))
-            .await
-            .expect("in time")
-            .expect("round trip");
+        let back =
+            match tokio::time::timeout(Duration::from_secs(120), echo_roundtrip(m.out, &payload))
+                .await
+            {
+                Ok(r) => r.expect("round trip"),
+                Err(_) => panic!(
+                    "{size} bytes did not come back within 120 s\n{}\n{}",
+                    m.za.diagnosis().await,
+                    m.zb.diagnosis().await
+                ),
+            };
         assert_eq!(back.len(), payload.len(), "size {size}");
         assert!(back == payload, "bytes differ for size {size}");
     }
