@@ -38,13 +38,58 @@ pub struct ServiceEntry {
     cursor: AtomicUsize,
 }
 
+/// Entries by (network, IP), looked up without building a key: every new
+/// connection looks up its source and destination here. Addresses are
+/// almost never reused across networks, so each IP holds one entry.
+#[derive(Debug)]
+struct ByAddress<T>(HashMap<IpAddr, Vec<(String, Arc<T>)>>);
+
+impl<T> Default for ByAddress<T> {
+    fn default() -> Self {
+        ByAddress(HashMap::new())
+    }
+}
+
+impl<T> Clone for ByAddress<T> {
+    fn clone(&self) -> Self {
+        ByAddress(self.0.clone())
+    }
+}
+
+impl<T> ByAddress<T> {
+    fn get(&self, network: &str, ip: IpAddr) -> Option<&Arc<T>> {
+        self.0
+            .get(&ip)?
+            .iter()
+            .find_map(|(n, v)| (n == network).then_some(v))
+    }
+
+    fn insert(&mut self, network: &str, ip: IpAddr, v: Arc<T>) {
+        let list = self.0.entry(ip).or_default();
+        match list.iter_mut().find(|(n, _)| n == network) {
+            Some(slot) => slot.1 = v,
+            None => list.push((network.to_string(), v)),
+        }
+    }
+
+    /// Removes the entry at (network, ip) if `owned` says it is the caller's.
+    fn remove_if(&mut self, network: &str, ip: IpAddr, owned: impl Fn(&T) -> bool) {
+        if let Some(list) = self.0.get_mut(&ip) {
+            list.retain(|(n, v)| !(n == network && owned(v)));
+            if list.is_empty() {
+                self.0.remove(&ip);
+            }
+        }
+    }
+}
+
 /// One consistent view of the state.
 #[derive(Debug, Default, Clone)]
 pub struct Snapshot {
     workloads: HashMap<String, Arc<Workload>>,
-    workload_by_addr: HashMap<(String, IpAddr), Arc<Workload>>,
+    workload_by_addr: ByAddress<Workload>,
     services: HashMap<String, Arc<ServiceEntry>>,
-    service_by_vip: HashMap<(String, IpAddr), Arc<ServiceEntry>>,
+    service_by_vip: ByAddress<ServiceEntry>,
     /// Service key -> backing workloads, by uid (ordered, for stable picks).
     endpoints: HashMap<String, BTreeMap<String, Arc<Workload>>>,
     policies: HashMap<String, Arc<Authorization>>,
@@ -87,7 +132,7 @@ impl Snapshot {
     }
 
     pub fn workload_by_ip(&self, network: &str, ip: IpAddr) -> Option<&Arc<Workload>> {
-        self.workload_by_addr.get(&(network.to_string(), ip))
+        self.workload_by_addr.get(network, ip)
     }
 
     pub fn service(&self, key: &str) -> Option<&Arc<ServiceEntry>> {
@@ -95,7 +140,7 @@ impl Snapshot {
     }
 
     pub fn service_by_vip(&self, network: &str, ip: IpAddr) -> Option<&Arc<ServiceEntry>> {
-        self.service_by_vip.get(&(network.to_string(), ip))
+        self.service_by_vip.get(network, ip)
     }
 
     pub fn workloads(&self) -> impl Iterator<Item = &Arc<Workload>> {
@@ -148,14 +193,8 @@ impl Snapshot {
     fn remove_workload(&mut self, uid: &str) -> Option<Arc<Workload>> {
         let old = self.workloads.remove(uid)?;
         for ip in &old.addresses {
-            let key = (old.network.clone(), *ip);
-            if self
-                .workload_by_addr
-                .get(&key)
-                .is_some_and(|w| w.uid == old.uid)
-            {
-                self.workload_by_addr.remove(&key);
-            }
+            self.workload_by_addr
+                .remove_if(&old.network, *ip, |w| w.uid == old.uid);
         }
         for svc in old.services.keys() {
             if let Some(m) = self.endpoints.get_mut(svc) {
@@ -172,8 +211,7 @@ impl Snapshot {
         self.remove_workload(&w.uid.clone());
         let w = Arc::new(w);
         for ip in &w.addresses {
-            self.workload_by_addr
-                .insert((w.network.clone(), *ip), w.clone());
+            self.workload_by_addr.insert(&w.network, *ip, w.clone());
         }
         for svc in w.services.keys() {
             self.endpoints
@@ -189,14 +227,8 @@ impl Snapshot {
             return false;
         };
         for (net, ip) in &old.service.vips {
-            let k = (net.clone(), *ip);
-            if self
-                .service_by_vip
-                .get(&k)
-                .is_some_and(|s| s.service.key() == key)
-            {
-                self.service_by_vip.remove(&k);
-            }
+            self.service_by_vip
+                .remove_if(net, *ip, |s| s.service.key() == key);
         }
         true
     }
@@ -209,8 +241,7 @@ impl Snapshot {
             cursor: AtomicUsize::new(0),
         });
         for (net, ip) in &entry.service.vips {
-            self.service_by_vip
-                .insert((net.clone(), *ip), entry.clone());
+            self.service_by_vip.insert(net, *ip, entry.clone());
         }
         self.services.insert(key, entry);
     }
@@ -411,6 +442,50 @@ policies:
   action: ALLOW
   rules: [{clauses: [{matches: [{principals: [{exact: cluster.local/ns/shop/sa/client}], destination_ports: [8080], source_ips: [10.1.0.0/16]}]}]}]
 "#;
+
+    fn updates(yaml: &str) -> Vec<Update> {
+        let local: LocalConfig = serde_yaml::from_str(yaml).expect("local config");
+        local.to_updates("cluster.local", "test").expect("updates")
+    }
+
+    /// Lookups by address follow the network, an address that moved to a
+    /// new workload stays with it when the old one goes, and a service's
+    /// VIP goes with the service.
+    #[test]
+    fn addresses_resolve_per_network_and_follow_their_owner() {
+        let ip: IpAddr = "10.1.1.1".parse().expect("ip");
+        let state = ProxyState::default();
+        state.replace(updates(
+            r#"
+workloads:
+- {uid: "c//Pod/a/old", name: old, namespace: a, addresses: [10.1.1.1], service_account: a, node: n1}
+- {uid: "c//Pod/a/other-net", name: far, namespace: a, addresses: [10.1.1.1], network: east, service_account: a, node: n1}
+services:
+- {name: s, namespace: a, hostname: s.a.svc.cluster.local, addresses: [10.2.0.1], ports: [{service_port: 80, target_port: 8080}]}
+"#,
+        ));
+        let snap = state.snapshot();
+        let uid = |net: &str| snap.workload_by_ip(net, ip).map(|w| w.uid.clone());
+        assert_eq!(uid("").as_deref(), Some("c//Pod/a/old"));
+        assert_eq!(uid("east").as_deref(), Some("c//Pod/a/other-net"));
+        assert_eq!(uid("west"), None);
+        let vip: IpAddr = "10.2.0.1".parse().expect("ip");
+        assert!(snap.service_by_vip("", vip).is_some());
+        assert!(snap.service_by_vip("east", vip).is_none());
+
+        // The address moves to a new pod; then the old pod is deleted.
+        let mut batch = updates(
+            "workloads:\n- {uid: \"c//Pod/a/new\", name: new, namespace: a, addresses: [10.1.1.1], service_account: a, node: n1}\n",
+        );
+        batch.push(Update::RemoveAddress("c//Pod/a/old".into()));
+        batch.push(Update::RemoveAddress("a/s.a.svc.cluster.local".into()));
+        state.apply(batch);
+        let snap = state.snapshot();
+        let uid = |net: &str| snap.workload_by_ip(net, ip).map(|w| w.uid.clone());
+        assert_eq!(uid("").as_deref(), Some("c//Pod/a/new"));
+        assert_eq!(uid("east").as_deref(), Some("c//Pod/a/other-net"));
+        assert!(snap.service_by_vip("", vip).is_none());
+    }
 
     #[test]
     fn a_config_dump_reads_back_into_the_same_state() {
