@@ -139,6 +139,24 @@ async fn the_cni_plugin_captures_before_the_pod_starts_and_releases_on_delete() 
                       "agent_socket": socket, "kubeconfig": kubeconfig, "prevResult": prev});
     let netns = |p: &e2e::lab::PodState| format!("/var/run/netns/{}", p.netns);
 
+    // The node's ztunnel connects to its agent once it has config; until
+    // then an ADD fails (and the kubelet would retry it).
+    let mut connected = Value::Null;
+    for _ in 0..200 {
+        connected = serde_json::from_str::<Value>(&agent_pods(&socket))
+            .map(|v| v["ztunnel_connected"].clone())
+            .unwrap_or(Value::Null);
+        if connected == Value::Bool(true) {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        connected,
+        Value::Bool(true),
+        "the node's ztunnel never connected to its agent"
+    );
+
     // ADD for a pod of an enrolled namespace: captured when it returns.
     let (code, out) = cni(
         "ADD",

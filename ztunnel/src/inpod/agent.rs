@@ -268,8 +268,11 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
                 Err(e) => serde_json::json!({"error": e}),
             },
             Ok(Request::List) => {
+                // Whether an add would reach a ztunnel now (taken before the
+                // pods, never both at once: adds hold this lock).
+                let connected = agent.ztunnel.lock().await.is_some();
                 let pods = agent.pods.lock().await;
-                serde_json::json!({"ok": true, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
+                serde_json::json!({"ok": true, "ztunnel_connected": connected, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
             }
         };
         if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
