@@ -1422,16 +1422,12 @@ pub fn sweep(id: u8) {
 
 /// A process's start time (field 22 of /proc/<pid>/stat).
 fn start_time(pid: u32) -> Option<u64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name may hold spaces; fields resume after its ')'.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    rest.split_whitespace().nth(19)?.parse().ok()
+    crate::procfs::pid_stat(pid)?.get(19)?.parse().ok()
 }
 
+/// A zombie, or gone.
 fn zombie(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.split_whitespace().nth(2) == Some("Z"))
-        .unwrap_or(true)
+    crate::procfs::pid_stat(pid).is_none_or(|f| f.first().map(String::as_str) == Some("Z"))
 }
 
 /// Reads every YAML document in a file or folder.

@@ -7,3 +7,4 @@ pub mod envoy;
 pub mod lab;
 pub mod mesh;
 pub mod netns;
+pub mod procfs;

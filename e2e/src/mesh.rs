@@ -416,17 +416,12 @@ impl Ztunnel {
             let dir = format!("/proc/{pid}/task");
             let mut out = Vec::new();
             for t in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
-                let stat = std::fs::read_to_string(t.path().join("stat")).unwrap_or_default();
-                // After the command's closing parenthesis: utime is the 12th field, stime the 13th.
-                let rest: Vec<&str> = stat
-                    .rsplit_once(')')
-                    .map_or(vec![], |(_, r)| r.split_whitespace().collect());
-                let ticks = |i: usize| rest.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
+                let f = crate::procfs::stat_fields(t.path().join("stat")).unwrap_or_default();
                 out.push(format!(
                     "{} state {} cpu ticks {}",
                     t.file_name().to_string_lossy(),
-                    rest.first().unwrap_or(&"?"),
-                    ticks(11) + ticks(12)
+                    f.first().map_or("?", String::as_str),
+                    crate::procfs::cpu_ticks(&f)
                 ));
             }
             out.join("; ")

@@ -725,19 +725,7 @@ mod l7 {
 
     /// utime + stime of a process, in clock ticks.
     pub(super) fn cpu_ticks(pid: u32) -> u64 {
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            return 0;
-        };
-        // Fields resume after the command name's ')': state is field 3,
-        // utime 14, stime 15.
-        let rest = stat.rfind(')').map(|i| &stat[i + 1..]).unwrap_or("");
-        let f: Vec<u64> = rest
-            .split_whitespace()
-            .skip(11)
-            .take(2)
-            .filter_map(|v| v.parse().ok())
-            .collect();
-        f.iter().sum()
+        e2e::procfs::pid_stat(pid).map_or(0, |f| e2e::procfs::cpu_ticks(&f))
     }
 
     pub(super) fn clock_ticks_per_second() -> f64 {
@@ -761,12 +749,7 @@ mod l7 {
     }
 
     pub(super) fn alive(pid: u32) -> bool {
-        std::fs::read_to_string(format!("/proc/{pid}/stat"))
-            .map(|s| {
-                let rest = s.rfind(')').map(|i| &s[i + 1..]).unwrap_or("");
-                rest.split_whitespace().next() != Some("Z")
-            })
-            .unwrap_or(false)
+        e2e::procfs::pid_stat(pid).is_some_and(|f| f.first().map(String::as_str) != Some("Z"))
     }
 
     /// Stops our waypoint in the envoy namespace's waypoint pod and starts
