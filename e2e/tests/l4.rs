@@ -522,3 +522,167 @@ async fn a_reset_on_one_end_is_a_reset_on_the_other() {
         Ok(n) => panic!("expected a reset, got a clean read of {n} bytes"),
     }
 }
+
+/// Client and server served by one ztunnel (node-a holds both).
+async fn same_node(extra: &str) -> Mesh {
+    let dir = tempfile::tempdir().unwrap();
+    let net = Subnet::unique();
+    let client = Pod::new("client", "default", "client", net.ip(1), "node-a");
+    let server = Pod::new("server", "default", "server", net.ip(2), "node-a");
+    let ca = ca_for(dir.path(), &[&client, &server]).await;
+    let echo = Echo::start(net.addr(2, APP_PORT)).await;
+    let state = state_yaml(&[&client, &server], &[], "");
+    let out = net.addr(1, 15001);
+    let za = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec::new("za", "node-a", net.ip(10), state.clone())
+            .inbound(vec![client.ip, server.ip])
+            .outbound(vec![(out, client.uid.clone(), net.addr(2, APP_PORT))])
+            .extra(extra),
+    )
+    .await;
+    // The second node serves nobody here; `Mesh` wants one.
+    let zb = Ztunnel::start(
+        dir.path(),
+        &ca,
+        ZtunnelSpec::new("zb", "node-b", net.ip(11), state),
+    )
+    .await;
+    Mesh {
+        _dir: dir,
+        _ca: ca,
+        net,
+        client,
+        server,
+        echo,
+        za,
+        zb,
+        out,
+    }
+}
+
+/// (direction, protocol) of each connection the ztunnel holds.
+async fn held_connections(z: &Ztunnel) -> Vec<(String, String)> {
+    let dump = z.config_dump().await;
+    let mut v: Vec<(String, String)> = dump["connections"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            (
+                c["direction"].as_str().unwrap_or("?").to_string(),
+                c["protocol"].as_str().unwrap_or("?").to_string(),
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+async fn open_held(out: SocketAddr) -> TcpStream {
+    let mut s = TcpStream::connect(out).await.unwrap();
+    s.write_all(b"1").await.unwrap();
+    let mut b = [0u8; 1];
+    s.read_exact(&mut b).await.unwrap();
+    s
+}
+
+#[tokio::test]
+async fn a_same_node_connection_skips_the_tunnel_and_keeps_policy_and_telemetry() {
+    let m = same_node("").await;
+    let payload = pattern(4 * 1024 * 1024);
+    let back = tokio::time::timeout(Duration::from_secs(60), echo_roundtrip(m.out, &payload))
+        .await
+        .expect("in time")
+        .expect("round trip");
+    assert!(back == payload, "bytes differ");
+
+    // Held open: an outbound and an inbound half, no tunnel, no pool.
+    let mut s = open_held(m.out).await;
+    let conns = held_connections(&m.za).await;
+    assert_eq!(
+        conns,
+        vec![
+            ("inbound".to_string(), "LOCAL".to_string()),
+            ("outbound".to_string(), "LOCAL".to_string())
+        ]
+    );
+    assert_eq!(m.za.config_dump().await["pool"]["connections"], 0);
+
+    // Both reporters saw mutual identities and the bytes.
+    let src = format!("source_principal=\"{}\"", m.client.identity());
+    let dst = format!("destination_principal=\"{}\"", m.server.identity());
+    eventually("both halves recorded", Duration::from_secs(10), || async {
+        let text = m.za.metrics_text().await;
+        [Reporter::Source, Reporter::Destination].iter().all(|r| {
+            metric_sum(
+                &text,
+                "istio_tcp_sent_bytes_total",
+                &[&src, &dst, r.label(), "mutual_tls"],
+            ) >= payload.len() as u64
+        })
+    })
+    .await;
+
+    // A policy that now denies the source closes the held connection...
+    let deny = "- name: deny-client\n  namespace: default\n  scope: NAMESPACE\n  action: DENY\n  rules:\n  - clauses:\n    - matches:\n      - principals: [{suffix: /sa/client}]\n";
+    m.za.write_state(&state_yaml(&[&m.client, &m.server], &[], deny));
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "connection stayed open: {n:?}");
+    // ...and refuses new ones before the app sees them, flagged DENY.
+    let seen = m.echo.count();
+    let r = echo_roundtrip(m.out, b"secret").await;
+    assert!(r.map(|b| b.is_empty()).unwrap_or(true), "denied, got data");
+    assert_eq!(m.echo.count(), seen, "the app saw a denied connection");
+    eventually("DENY on both halves", Duration::from_secs(5), || async {
+        let text = m.za.metrics_text().await;
+        [Reporter::Source, Reporter::Destination].iter().all(|r| {
+            metric_sum(
+                &text,
+                "istio_tcp_connections_closed_total",
+                &["response_flags=\"DENY\"", r.label()],
+            ) >= 1
+        })
+    })
+    .await;
+    let log = m.za.log_text();
+    assert!(
+        log.contains("now denied by DENY policy default/deny-client"),
+        "{log}"
+    );
+    assert!(log.contains("same-node connection denied"), "{log}");
+    assert!(held_connections(&m.za).await.is_empty());
+}
+
+#[tokio::test]
+async fn with_the_fast_path_off_same_node_connections_use_hbone() {
+    let m = same_node("same_node_fast_path: false\n").await;
+    assert_eq!(echo_roundtrip(m.out, b"hi").await.unwrap(), b"hi");
+    let _s = open_held(m.out).await;
+    assert_eq!(
+        held_connections(&m.za).await,
+        vec![
+            ("inbound".to_string(), "HBONE".to_string()),
+            ("outbound".to_string(), "HBONE".to_string())
+        ]
+    );
+    assert_eq!(m.za.config_dump().await["pool"]["connections"], 1);
+}
+
+enum Reporter {
+    Source,
+    Destination,
+}
+
+impl Reporter {
+    fn label(&self) -> &'static str {
+        match self {
+            Reporter::Source => "reporter=\"source\"",
+            Reporter::Destination => "reporter=\"destination\"",
+        }
+    }
+}

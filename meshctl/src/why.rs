@@ -170,7 +170,7 @@ pub fn explain(
         ))
     })?;
     // The source's own ztunnel holds the live view for it.
-    let (snap, src_w) = match dumps
+    let (snap, src_w, src_dump) = match dumps
         .iter()
         .find(|d| d.node == src_w.node && d.node != first.node)
     {
@@ -178,10 +178,14 @@ pub fn explain(
             let (s, sk) = snapshot_of(d);
             skipped = sk;
             let w = find_workload(&s, network, src).unwrap_or(src_w);
-            (s, w)
+            (s, w, d)
         }
-        None => (snap, src_w),
+        None => (snap, src_w, first),
     };
+    // Only a ztunnel that says so hands same-node connections over in
+    // memory (an older one, or Istio's, always tunnels).
+    let fast_path = src_dump.node == src_w.node
+        && src_dump.value["same_node_fast_path"].as_bool() == Some(true);
     let (host, port) = host_port(dst)?;
     let (dst_ip, dst_desc) = destination_ip(&snap, network, &host, &src_w.namespace)?;
     let target = SocketAddr::new(dst_ip, port);
@@ -415,18 +419,27 @@ pub fn explain(
             service,
             ..
         }) => {
-            step(
-                "route",
-                format!(
-                    "HBONE (mTLS) to {}/{} via its ztunnel at {next_hop}, :authority {t}, expecting {peer_identity}{}",
-                    dst_workload.namespace,
-                    dst_workload.name,
-                    service
-                        .as_ref()
-                        .map(|s| format!(" (one endpoint of {s}, picked per connection)"))
-                        .unwrap_or_default()
-                ),
-            );
+            let picked = service
+                .as_ref()
+                .map(|s| format!(" (one endpoint of {s}, picked per connection)"))
+                .unwrap_or_default();
+            if fast_path && dst_workload.node == src_w.node {
+                step(
+                    "route",
+                    format!(
+                        "same node: the ztunnel on {} hands it to its own inbound side for {}/{} at {t}{picked}, with no tunnel (same_node_fast_path); {peer_identity} is the destination identity",
+                        src_w.node, dst_workload.namespace, dst_workload.name,
+                    ),
+                );
+            } else {
+                step(
+                    "route",
+                    format!(
+                        "HBONE (mTLS) to {}/{} via its ztunnel at {next_hop}, :authority {t}, expecting {peer_identity}{picked}",
+                        dst_workload.namespace, dst_workload.name,
+                    ),
+                );
+            }
             // A service's connections go to any of its endpoints (picked per
             // connection), and policies may differ between them: each is
             // judged, the one picked first.

@@ -53,6 +53,7 @@ pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
     let dump = snap.dump();
     json!({
         "node": proxy.cfg.node,
+        "same_node_fast_path": proxy.cfg.same_node_fast_path,
         "workloads": dump.workloads,
         "services": dump.services,
         "policies": dump.policies,

@@ -74,6 +74,13 @@ pub struct Config {
     pub pool: PoolConfig,
     #[serde(default)]
     pub h2: H2Config,
+    /// A connection between two workloads this ztunnel serves skips the
+    /// tunnel: the outbound side hands it to the inbound side in memory,
+    /// which checks policy and dials the app as for HBONE. No byte leaves
+    /// the node, and this process holds both identities' keys, so TLS to
+    /// itself would add cost and no protection.
+    #[serde(default = "d::yes")]
+    pub same_node_fast_path: bool,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -213,6 +220,9 @@ impl Default for H2Config {
 
 /// Defaults.
 mod d {
+    pub fn yes() -> bool {
+        true
+    }
     use super::*;
     pub fn trust_domain() -> String {
         "cluster.local".into()

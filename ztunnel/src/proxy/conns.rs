@@ -28,6 +28,10 @@ pub enum Protocol {
     Hbone,
     #[serde(rename = "TCP")]
     Tcp,
+    /// Between two workloads of this ztunnel, handed over in memory (see
+    /// `same_node_fast_path`).
+    #[serde(rename = "LOCAL")]
+    Local,
 }
 
 /// Why the proxy itself closed a connection.
@@ -128,9 +132,18 @@ impl Registry {
     }
 
     pub fn track(&self, info: ConnInfo) -> Tracked {
+        self.track_with(info, CancellationToken::new())
+    }
+
+    /// Tracks the other half of a connection `linked` already tracks (the
+    /// inbound side of a same-node hand-over): closing either closes both.
+    pub fn track_linked(&self, info: ConnInfo, linked: &Tracked) -> Tracked {
+        self.track_with(info, linked.cancel.clone())
+    }
+
+    fn track_with(&self, info: ConnInfo, cancel: CancellationToken) -> Tracked {
         let id = self.inner.next.fetch_add(1, Ordering::Relaxed);
         let info = Arc::new(info);
-        let cancel = CancellationToken::new();
         self.lock().insert(
             id,
             Entry {

@@ -182,6 +182,37 @@ where
     }
 }
 
+/// [`run`] for two TCP sockets: each split into halves that need no lock
+/// between them. After an error both sockets are reset, so each far end
+/// sees one.
+pub async fn run_tcp(
+    cancel: &tokio_util::sync::CancellationToken,
+    a: &mut tokio::net::TcpStream,
+    b: &mut tokio::net::TcpStream,
+    counters: Arc<Counters>,
+) -> Result<(), (crate::metrics::ResponseFlags, String)> {
+    use crate::metrics::ResponseFlags;
+    let result = {
+        let (ar, aw) = a.split();
+        let (br, bw) = b.split();
+        let copy = async {
+            tokio::try_join!(
+                one_way(ar, bw, &counters.sent),
+                one_way(br, aw, &counters.received)
+            )
+        };
+        tokio::select! {
+            r = copy => r.map(|_| ()).map_err(|e| (ResponseFlags::None, e.to_string())),
+            _ = cancel.cancelled() => Err((ResponseFlags::None, "closed by the proxy".to_string())),
+        }
+    };
+    if result.is_err() {
+        super::socket::reset(a);
+        super::socket::reset(b);
+    }
+    result
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -3,11 +3,13 @@
 //!
 //! app -> outbound (15001) -> route -> HBONE pool -> peer inbound (15008)
 //! -> L4 policy -> dial the app. Plaintext peers enter at 15006.
+//! Between two pods of one ztunnel, `local` replaces the tunnel.
 
 pub mod conns;
 pub mod copy;
 pub mod inbound;
 pub mod inbound_plain;
+pub mod local;
 pub mod outbound;
 pub mod pool;
 pub mod socket;

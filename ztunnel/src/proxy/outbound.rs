@@ -259,6 +259,16 @@ async fn handle(
     let route = resolve(&snap, &proxy.cfg.network, &src, dst);
     drop(snap);
     let counters = Arc::new(Counters::default());
+    // A destination this ztunnel serves itself takes the same-node path.
+    let local = match &route {
+        Ok(Route::Hbone {
+            via_waypoint: false,
+            dst_workload,
+            target,
+            ..
+        }) => super::local::served_here(&proxy, dst_workload, target.ip()),
+        _ => None,
+    };
     let (protocol, hbone_peer, dst_identity, dst_workload, service) = match &route {
         Ok(Route::Hbone {
             next_hop,
@@ -267,8 +277,12 @@ async fn handle(
             service,
             ..
         }) => (
-            Protocol::Hbone,
-            Some(*next_hop),
+            if local.is_some() {
+                Protocol::Local
+            } else {
+                Protocol::Hbone
+            },
+            local.is_none().then_some(*next_hop),
             Some(peer_identity.clone()),
             Some(dst_workload.clone()),
             service.clone(),
@@ -308,7 +322,7 @@ async fn handle(
         svc_parts
             .as_ref()
             .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
-        protocol == Protocol::Hbone,
+        protocol != Protocol::Tcp,
     );
     let tracked = proxy.conns.track(ConnInfo {
         direction: Direction::Outbound,
@@ -340,8 +354,23 @@ async fn handle(
                 next_hop,
                 target,
                 peer_identity,
+                dst_workload,
                 ..
             } => {
+                if let Some(dst_netns) = local {
+                    return super::local::deliver(
+                        &proxy,
+                        &tracked,
+                        &src,
+                        peer,
+                        &dst_workload,
+                        target,
+                        dst_netns.as_deref(),
+                        counters.clone(),
+                    )
+                    .await
+                    .map(|d| Upstream::Local(Box::new(d)));
+                }
                 let key = PoolKey {
                     src: src.identity.clone(),
                     src_ip,
@@ -379,13 +408,21 @@ async fn handle(
             proxy.metrics.active_connections.dec();
             proxy.finish(labels, &tracked.info, Err(e));
         }
+        Ok(Upstream::Local(mut inbound)) => {
+            // Both halves are open, as an HBONE pair would be.
+            proxy.metrics.active_connections.inc();
+            let result =
+                copy::run_tcp(&tracked.cancel, &mut tcp, &mut inbound.upstream, counters).await;
+            proxy.metrics.active_connections.dec();
+            proxy.metrics.active_connections.dec();
+            if let Err((_, e)) = &result {
+                debug!(%peer, %dst, error = %e, "same-node connection failed");
+            }
+            proxy.finish(inbound.labels, &inbound.tracked.info, result.clone());
+            proxy.finish(labels, &tracked.info, result);
+        }
         Ok(Upstream::Tcp(mut up)) => {
-            let result = copy::run(&tracked.cancel, &mut tcp, &mut up, counters)
-                .await
-                .inspect_err(|_| {
-                    socket::reset(&tcp);
-                    socket::reset(&up);
-                });
+            let result = copy::run_tcp(&tracked.cancel, &mut tcp, &mut up, counters).await;
             proxy.metrics.active_connections.dec();
             if let Err((_, e)) = &result {
                 debug!(%peer, %dst, error = %e, "outbound connection failed");
@@ -420,4 +457,6 @@ async fn handle(
 enum Upstream {
     Hbone(crate::hbone::H2Stream, super::pool::StreamGuard),
     Tcp(TcpStream),
+    /// The inbound half of a same-node connection.
+    Local(Box<super::local::Delivered>),
 }

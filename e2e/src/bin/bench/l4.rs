@@ -297,6 +297,9 @@ struct Ctx<'a> {
     hold_secs: u64,
     connections: usize,
     ztunnels: [u32; 2],
+    /// Whether the ztunnels hand same-node connections over in memory
+    /// (their `same_node_fast_path`, as configured in the lab).
+    fast_path: bool,
     /// Envoy pids by pod key.
     envoys: BTreeMap<String, u32>,
     tck: f64,
@@ -1097,7 +1100,12 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
     let [Some(z1), Some(z2)] = ztunnels else {
         return Err("the lab's ztunnels run nowhere".into());
     };
+    let cfg_path = lab.dir.join("node-1-ztunnel.yaml");
+    let fast_path = ztunnel::config::Config::load_for_node(&cfg_path, None)
+        .map_err(|e| format!("the lab's ztunnel config: {e}"))?
+        .same_node_fast_path;
     let c = Ctx {
+        fast_path,
         lab,
         secs,
         hold_secs: a.l4_hold_seconds.max(2),
@@ -1195,6 +1203,11 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
     let mut paths_json = Vec::new();
     for &p in &placements {
         println!("\n{}:\n", p.name());
+        if p == Placement::Same && c.fast_path {
+            println!(
+                "(ztunnel: one ztunnel serves both pods and hands each connection from its outbound side to its inbound side in memory: no tunnel, no TLS; `same_node_fast_path`)\n"
+            );
+        }
         println!(
             "| scenario | figure | plain | ztunnel | envoy | ztunnel x plain | envoy x plain |"
         );
@@ -1403,10 +1416,15 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
             format!("< 20 MB ({:.2} MiB)", 20.0 * MB),
             held_max.map(|v| v < 20.0 * MB),
         );
-        // The encrypting side of scenario 1 up is the client side's proxy.
+        // The encrypting side of scenario 1 up is the client side's proxy;
+        // a same-node hand-over encrypts nothing.
         let enc = z.first().and_then(|x| x.cpu_per_gb);
         goal(
-            "CPU s / GB, encrypting ztunnel (scenario 1 up)".into(),
+            if p == Placement::Same && c.fast_path {
+                "CPU s / GB, ztunnel (scenario 1 up; same-node hand-over, no encryption)".into()
+            } else {
+                "CPU s / GB, encrypting ztunnel (scenario 1 up)".into()
+            },
             enc,
             "< 0.5".into(),
             enc.map(|v| v < 0.5),
@@ -1479,6 +1497,7 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
         "new_connection_concurrency": NEW_CONN_CONCURRENCY,
         "load_cpu": load_cpu(),
         "envoy": ENVOY_PACKAGE,
+        "same_node_fast_path": c.fast_path,
         "figures": paths_json,
         "proxies": proxies_json,
         "goals": goals,

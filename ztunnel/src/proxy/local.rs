@@ -1,0 +1,146 @@
+//! The same-node fast path. A connection from one workload this ztunnel
+//! serves to another skips the tunnel: the outbound side hands it to the
+//! inbound side in memory. The inbound side then does what it does for an
+//! HBONE stream: checks the destination's policy against the source's
+//! identity, dials the app inside the destination's pod, and records its
+//! own half (reporter destination). Metrics, access logs, policy
+//! revocation, pod removal and the admin view read as for a tunnelled
+//! connection, with protocol `LOCAL`.
+//!
+//! Why it is safe: both identities' keys are in this process already, and
+//! the bytes never leave the node. TLS from the ztunnel to itself would
+//! protect them only from someone with root on the node, who can read the
+//! keys anyway.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+use std::time::SystemTime;
+
+use tokio::net::TcpStream;
+use tracing::info;
+
+use super::conns::{ConnInfo, Direction, Protocol, Tracked};
+use super::copy::Counters;
+use super::{Finished, Proxy, inbound, socket};
+use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
+use crate::netns::Netns;
+use crate::state::Workload;
+
+/// Where the inbound half dials from, when this ztunnel serves `dst` (at
+/// `target`) itself and the fast path is on: `Some(Some(netns))` for a
+/// captured pod (node mode), `Some(None)` when `target`'s IP is one of the
+/// configured HBONE listeners, `None` when the destination is elsewhere.
+pub fn served_here(proxy: &Proxy, dst: &Workload, target: IpAddr) -> Option<Option<Arc<Netns>>> {
+    if !proxy.cfg.same_node_fast_path {
+        return None;
+    }
+    if let Some(ns) = proxy.netns.for_workload(dst) {
+        return Some(Some(ns));
+    }
+    proxy
+        .cfg
+        .listeners
+        .inbound_ips
+        .contains(&target)
+        .then_some(None)
+}
+
+/// The inbound half, connected to the app.
+pub struct Delivered {
+    pub upstream: TcpStream,
+    pub tracked: Tracked,
+    pub labels: TcpLabels,
+}
+
+/// The inbound half of a same-node connection: policy, then the dial.
+/// `outbound` is the outbound half; closing either half closes both.
+#[allow(clippy::too_many_arguments)]
+pub async fn deliver(
+    proxy: &Proxy,
+    outbound: &Tracked,
+    src: &Workload,
+    peer: SocketAddr,
+    dst: &Arc<Workload>,
+    target: SocketAddr,
+    dst_netns: Option<&Netns>,
+    counters: Arc<Counters>,
+) -> Result<Delivered, (ResponseFlags, String)> {
+    let decision = {
+        let snap = proxy.state.snapshot();
+        inbound::authorize(
+            &snap,
+            &proxy.cfg.root_namespace,
+            dst,
+            Some(&src.identity),
+            peer.ip(),
+            target,
+        )
+    };
+    // The identity is the one this ztunnel authenticated the source pod
+    // as, exactly what an HBONE peer's certificate would carry.
+    let labels = TcpLabels::new(
+        Reporter::destination,
+        Some(src),
+        Some(&src.identity),
+        Some(dst),
+        Some(&dst.identity),
+        None,
+        true,
+    );
+    let tracked = proxy.conns.track_linked(
+        ConnInfo {
+            direction: Direction::Inbound,
+            protocol: Protocol::Local,
+            src: peer,
+            dst: target,
+            hbone_peer: None,
+            src_identity: Some(src.identity.clone()),
+            dst_identity: Some(dst.identity.clone()),
+            src_workload: Some(src.name.clone()),
+            dst_workload: Some(dst.name.clone()),
+            local_uid: Some(dst.uid.clone()),
+            started: SystemTime::now(),
+            counters,
+            close_reason: Default::default(),
+        },
+        outbound,
+    );
+    proxy.opened(&labels);
+    if !decision.is_allowed() {
+        info!(%peer, %target, identity = %src.identity, %decision, "same-node connection denied");
+        let reason = decision.to_string();
+        proxy.record(Finished {
+            labels,
+            info: &tracked.info,
+            flags: ResponseFlags::Deny,
+            error: Some(reason.clone()),
+        });
+        return Err((ResponseFlags::Deny, reason));
+    }
+    match socket::dial(
+        target,
+        None,
+        proxy.cfg.effective_mark(),
+        proxy.cfg.connect_timeout,
+        dst_netns,
+    )
+    .await
+    {
+        Ok(upstream) => Ok(Delivered {
+            upstream,
+            tracked,
+            labels,
+        }),
+        Err(e) => {
+            let reason = format!("connect to {target}: {e}");
+            info!(%peer, %target, error = %e, "same-node dial failed");
+            proxy.record(Finished {
+                labels,
+                info: &tracked.info,
+                flags: ResponseFlags::Connect,
+                error: Some(reason.clone()),
+            });
+            Err((ResponseFlags::Connect, reason))
+        }
+    }
+}
