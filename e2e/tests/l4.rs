@@ -35,28 +35,46 @@ fn allow_only(principal: &str) -> String {
 const STRICT: &str = "- name: strict\n  namespace: istio-system\n  scope: GLOBAL\n  action: DENY\n  rules:\n  - clauses:\n    - matches:\n      - not_principals: [{presence: {}}]\n";
 
 async fn mesh(policies: &str, extra_b: &str) -> Mesh {
+    build(policies, "", extra_b, false).await
+}
+
+/// Client on node-a; the server on node-b, or with `same_node` on node-a
+/// too, where node-a's ztunnel serves both (node-b's then serves nobody).
+async fn build(policies: &str, extra_a: &str, extra_b: &str, same_node: bool) -> Mesh {
     let dir = tempfile::tempdir().unwrap();
     let net = Subnet::unique();
+    let server_node = if same_node { "node-a" } else { "node-b" };
     let client = Pod::new("client", "default", "client", net.ip(1), "node-a");
-    let server = Pod::new("server", "default", "server", net.ip(2), "node-b");
+    let server = Pod::new("server", "default", "server", net.ip(2), server_node);
     let ca = ca_for(dir.path(), &[&client, &server]).await;
     let echo = Echo::start(net.addr(2, APP_PORT)).await;
     let state = state_yaml(&[&client, &server], &[], policies);
     let out = net.addr(1, 15001);
+    let (a_serves, b_serves) = if same_node {
+        (vec![client.ip, server.ip], vec![])
+    } else {
+        (vec![client.ip], vec![server.ip])
+    };
+    let b_plain = if same_node {
+        vec![]
+    } else {
+        vec![(net.addr(2, 15006), net.addr(2, APP_PORT))]
+    };
     let za = Ztunnel::start(
         dir.path(),
         &ca,
         ZtunnelSpec::new("za", "node-a", net.ip(10), state.clone())
-            .inbound(vec![client.ip])
-            .outbound(vec![(out, client.uid.clone(), net.addr(2, APP_PORT))]),
+            .inbound(a_serves)
+            .outbound(vec![(out, client.uid.clone(), net.addr(2, APP_PORT))])
+            .extra(extra_a),
     )
     .await;
     let zb = Ztunnel::start(
         dir.path(),
         &ca,
         ZtunnelSpec::new("zb", "node-b", net.ip(11), state)
-            .inbound(vec![server.ip])
-            .plaintext(vec![(net.addr(2, 15006), net.addr(2, APP_PORT))])
+            .inbound(b_serves)
+            .plaintext(b_plain)
             .extra(extra_b),
     )
     .await;
@@ -524,42 +542,8 @@ async fn a_reset_on_one_end_is_a_reset_on_the_other() {
 }
 
 /// Client and server served by one ztunnel (node-a holds both).
-async fn same_node(extra: &str) -> Mesh {
-    let dir = tempfile::tempdir().unwrap();
-    let net = Subnet::unique();
-    let client = Pod::new("client", "default", "client", net.ip(1), "node-a");
-    let server = Pod::new("server", "default", "server", net.ip(2), "node-a");
-    let ca = ca_for(dir.path(), &[&client, &server]).await;
-    let echo = Echo::start(net.addr(2, APP_PORT)).await;
-    let state = state_yaml(&[&client, &server], &[], "");
-    let out = net.addr(1, 15001);
-    let za = Ztunnel::start(
-        dir.path(),
-        &ca,
-        ZtunnelSpec::new("za", "node-a", net.ip(10), state.clone())
-            .inbound(vec![client.ip, server.ip])
-            .outbound(vec![(out, client.uid.clone(), net.addr(2, APP_PORT))])
-            .extra(extra),
-    )
-    .await;
-    // The second node serves nobody here; `Mesh` wants one.
-    let zb = Ztunnel::start(
-        dir.path(),
-        &ca,
-        ZtunnelSpec::new("zb", "node-b", net.ip(11), state),
-    )
-    .await;
-    Mesh {
-        _dir: dir,
-        _ca: ca,
-        net,
-        client,
-        server,
-        echo,
-        za,
-        zb,
-        out,
-    }
+async fn same_node(extra_a: &str) -> Mesh {
+    build("", extra_a, "", true).await
 }
 
 /// (direction, protocol) of each connection the ztunnel holds.
