@@ -94,10 +94,14 @@ impl Netns {
 }
 
 /// The netns of each captured pod, by namespace and name, so upstream
-/// sockets for a workload are made inside its pod.
+/// sockets for a workload are made inside its pod. Nested by namespace so a
+/// lookup (several per connection) borrows the workload's names instead of
+/// building a key.
 #[derive(Default)]
 pub struct NetnsRegistry {
-    pods: std::sync::RwLock<std::collections::HashMap<(String, String), std::sync::Arc<Netns>>>,
+    pods: std::sync::RwLock<
+        std::collections::HashMap<String, std::collections::HashMap<String, std::sync::Arc<Netns>>>,
+    >,
 }
 
 impl NetnsRegistry {
@@ -105,31 +109,65 @@ impl NetnsRegistry {
         self.pods
             .write()
             .unwrap_or_else(|p| p.into_inner())
-            .insert((namespace.to_string(), name.to_string()), netns);
+            .entry(namespace.to_string())
+            .or_default()
+            .insert(name.to_string(), netns);
     }
 
     /// Removes the entry only if it is still `netns`: a pod recreated under
     /// the same name has registered its own by then.
     pub fn remove(&self, namespace: &str, name: &str, netns: &std::sync::Arc<Netns>) -> bool {
         let mut pods = self.pods.write().unwrap_or_else(|p| p.into_inner());
-        let key = (namespace.to_string(), name.to_string());
-        if pods
-            .get(&key)
+        let Some(names) = pods.get_mut(namespace) else {
+            return false;
+        };
+        if !names
+            .get(name)
             .is_some_and(|n| std::sync::Arc::ptr_eq(n, netns))
         {
-            pods.remove(&key);
-            true
-        } else {
-            false
+            return false;
         }
+        names.remove(name);
+        if names.is_empty() {
+            pods.remove(namespace);
+        }
+        true
     }
 
     /// The netns of a captured workload; None outside node mode.
     pub fn for_workload(&self, w: &crate::state::Workload) -> Option<std::sync::Arc<Netns>> {
+        self.get(&w.namespace, &w.name)
+    }
+
+    pub fn get(&self, namespace: &str, name: &str) -> Option<std::sync::Arc<Netns>> {
         let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
-        if pods.is_empty() {
-            return None;
-        }
-        pods.get(&(w.namespace.clone(), w.name.clone())).cloned()
+        pods.get(namespace)?.get(name).cloned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    /// A pod recreated under the same name keeps its own entry when the
+    /// old pod's removal arrives late; the last pod of a namespace takes
+    /// the namespace with it.
+    #[test]
+    fn a_recreated_pod_keeps_its_entry_and_removal_cleans_up() {
+        let own = || Arc::new(Netns::open("/proc/self/ns/net").expect("own netns"));
+        let reg = NetnsRegistry::default();
+        let (old, new) = (own(), own());
+        reg.insert("shop", "db-0", old.clone());
+        reg.insert("shop", "web", own());
+        reg.insert("shop", "db-0", new.clone());
+        assert!(!reg.remove("shop", "db-0", &old), "stale removal");
+        assert!(Arc::ptr_eq(&reg.get("shop", "db-0").expect("kept"), &new));
+        assert!(reg.get("other", "db-0").is_none());
+        assert!(reg.remove("shop", "db-0", &new));
+        assert!(reg.get("shop", "db-0").is_none());
+        let web = reg.get("shop", "web").expect("web");
+        assert!(reg.remove("shop", "web", &web));
+        assert!(reg.pods.read().expect("lock").is_empty());
     }
 }
