@@ -644,7 +644,13 @@ async fn a_same_node_connection_skips_the_tunnel_and_keeps_policy_and_telemetry(
 
 #[tokio::test]
 async fn with_the_fast_path_off_same_node_connections_use_hbone() {
-    let m = same_node("same_node_fast_path: false\n").await;
+    // One runtime thread as well: both ends of the tunnel then share it.
+    let m = same_node("same_node_fast_path: false\nworker_threads: 1\n").await;
+    assert_eq!(
+        m.za.config_dump().await["process"]["worker_threads"],
+        1,
+        "the runtime has the configured threads"
+    );
     assert_eq!(echo_roundtrip(m.out, b"hi").await.unwrap(), b"hi");
     let _s = open_held(m.out).await;
     assert_eq!(

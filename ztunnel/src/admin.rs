@@ -39,13 +39,13 @@ pub fn respond(
 
 /// Process facts for leak checks: live tokio tasks and open descriptors.
 pub fn process_stats() -> serde_json::Value {
-    let tasks = tokio::runtime::Handle::try_current()
-        .map(|h| h.metrics().num_alive_tasks())
-        .unwrap_or(0);
+    let (tasks, workers) = tokio::runtime::Handle::try_current()
+        .map(|h| (h.metrics().num_alive_tasks(), h.metrics().num_workers()))
+        .unwrap_or((0, 0));
     let fds = std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0);
-    json!({ "tasks": tasks, "open_fds": fds })
+    json!({ "tasks": tasks, "open_fds": fds, "worker_threads": workers })
 }
 
 pub fn config_dump(proxy: &Proxy) -> serde_json::Value {

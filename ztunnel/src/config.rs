@@ -81,6 +81,12 @@ pub struct Config {
     /// itself would add cost and no protection.
     #[serde(default = "d::yes")]
     pub same_node_fast_path: bool,
+    /// Threads of the async runtime that carries all traffic. Unset: one
+    /// per CPU the process may use. A node's ztunnel shares the node with
+    /// its pods, so it is sized to the share it should take (Istio's
+    /// ztunnel defaults to 2).
+    #[serde(default)]
+    pub worker_threads: Option<usize>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -347,11 +353,51 @@ impl Config {
                 "pool.connections_per_destination must be at least 1".into(),
             ));
         }
+        if self.worker_threads == Some(0) {
+            return Err(ConfigError::Invalid(
+                "worker_threads must be at least 1 (leave it unset for one per CPU)".into(),
+            ));
+        }
         if self.pool.max_streams == 0 {
             return Err(ConfigError::Invalid(
                 "pool.max_streams must be at least 1".into(),
             ));
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(extra: &str) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        let path = dir.path().join("ztunnel.yaml");
+        let text = format!(
+            "node: n1\nca: {{address: 'https://127.0.0.1:15012', root_cert: /dev/null}}\n\
+             state: {{local_file: /dev/null}}\n{extra}"
+        );
+        std::fs::write(&path, text).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Config::load(&path)
+    }
+
+    #[test]
+    fn worker_threads_default_to_the_cpus_and_zero_is_refused() {
+        let cfg = load("").expect("a minimal config loads");
+        assert_eq!(cfg.worker_threads, None);
+        assert!(cfg.same_node_fast_path);
+        assert_eq!(
+            load("worker_threads: 1\n").expect("loads").worker_threads,
+            Some(1)
+        );
+        let err = load("worker_threads: 0\n").expect_err("0 threads is refused");
+        assert!(err.to_string().contains("worker_threads"), "{err}");
+    }
+
+    #[test]
+    fn an_unknown_key_is_named() {
+        let err = load("worker_thread: 2\n").expect_err("a misspelt key is refused");
+        assert!(err.to_string().contains("worker_thread"), "{err}");
     }
 }

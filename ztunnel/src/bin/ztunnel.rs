@@ -23,22 +23,9 @@ fn main() {
     // Before the runtime's threads exist (see tune_heap).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     ztunnel::app::tune_heap();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("cannot start the async runtime: {e}");
-            std::process::exit(1);
-        }
-    };
-    runtime.block_on(run());
-}
-
-async fn run() {
     ztunnel::init_logging();
     let args = Args::parse();
+    // The config first: it says how many threads the runtime gets.
     let cfg = match ztunnel::config::Config::load_for_node(&args.config, args.node.as_deref()) {
         Ok(c) => c,
         Err(e) => {
@@ -46,8 +33,18 @@ async fn run() {
             std::process::exit(2);
         }
     };
-
-    if let Err(e) = ztunnel::app::run(cfg).await {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    if let Some(n) = cfg.worker_threads {
+        builder.worker_threads(n);
+    }
+    let runtime = match builder.enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!("cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = runtime.block_on(ztunnel::app::run(cfg)) {
         tracing::error!("{e}");
         std::process::exit(1);
     }

@@ -300,6 +300,8 @@ struct Ctx<'a> {
     /// Whether the ztunnels hand same-node connections over in memory
     /// (their `same_node_fast_path`, as configured in the lab).
     fast_path: bool,
+    /// Runtime threads per ztunnel, and workers per Envoy.
+    workers: usize,
     /// Envoy pids by pod key.
     envoys: BTreeMap<String, u32>,
     tck: f64,
@@ -551,7 +553,7 @@ async fn start_servers(lab: &mut Lab, tests: &[Test]) -> Result<(), Error> {
 /// the capture rules) and an inbound one in each of its server pods, with
 /// certificates from the lab's CA for the pods' identities. Returns their
 /// pids by pod key.
-async fn start_envoys(lab: &mut Lab) -> Result<BTreeMap<String, u32>, Error> {
+async fn start_envoys(lab: &mut Lab, workers: usize) -> Result<BTreeMap<String, u32>, Error> {
     let m = Mesh::Envoy;
     let id = |sa: &str| Identity::new(TRUST_DOMAIN, m.ns(), sa).map_err(|e| e.to_string());
     let (client_id, server_id) = (id("client")?, id("server")?);
@@ -566,11 +568,7 @@ async fn start_envoys(lab: &mut Lab) -> Result<BTreeMap<String, u32>, Error> {
     let (cc, ck, cr) = write_cert(&dir, "client", &client_cert);
     let (sc, sk, sr) = write_cert(&dir, "server", &server_cert);
     let admin = "127.0.0.1:15000".parse()?;
-    // As many workers as cores, as the ztunnel's runtime has.
-    let workers = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(2)
-        .to_string();
+    let workers = workers.to_string();
 
     let mut configs = Vec::new();
     let ckey = m.client();
@@ -1090,7 +1088,15 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
         }
     }
     start_servers(lab, &tests).await?;
-    let envoys = start_envoys(lab).await?;
+    let zcfg = ztunnel::config::Config::load_for_node(&lab.dir.join("node-1-ztunnel.yaml"), None)
+        .map_err(|e| format!("the lab's ztunnel config: {e}"))?;
+    // Each Envoy gets as many workers as each ztunnel's runtime has threads.
+    let workers = zcfg.worker_threads.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(2)
+    });
+    let envoys = start_envoys(lab, workers).await?;
     let lab = &guard.0;
     paths_ready(lab, &placements).await?;
     let ztunnels = [
@@ -1100,12 +1106,9 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
     let [Some(z1), Some(z2)] = ztunnels else {
         return Err("the lab's ztunnels run nowhere".into());
     };
-    let cfg_path = lab.dir.join("node-1-ztunnel.yaml");
-    let fast_path = ztunnel::config::Config::load_for_node(&cfg_path, None)
-        .map_err(|e| format!("the lab's ztunnel config: {e}"))?
-        .same_node_fast_path;
     let c = Ctx {
-        fast_path,
+        fast_path: zcfg.same_node_fast_path,
+        workers,
         lab,
         secs,
         hold_secs: a.l4_hold_seconds.max(2),
@@ -1198,7 +1201,8 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
         a.runs
     );
     println!(
-        "Each cell: median (min–max); x plain: the mesh's figure over plain's in the same run."
+        "{} runtime threads per ztunnel, --concurrency {} per Envoy. Each cell: median (min–max); x plain: the mesh's figure over plain's in the same run.",
+        c.workers, c.workers
     );
     let mut paths_json = Vec::new();
     for &p in &placements {
@@ -1498,6 +1502,7 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
         "load_cpu": load_cpu(),
         "envoy": ENVOY_PACKAGE,
         "same_node_fast_path": c.fast_path,
+        "worker_threads": c.workers,
         "figures": paths_json,
         "proxies": proxies_json,
         "goals": goals,
