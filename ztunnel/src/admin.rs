@@ -37,7 +37,8 @@ pub fn respond(
     r
 }
 
-/// Process facts for leak checks: live tokio tasks and open descriptors.
+/// Process facts: live tokio tasks and open descriptors (for leak checks),
+/// and the runtime's threads.
 pub fn process_stats() -> serde_json::Value {
     let (tasks, workers) = tokio::runtime::Handle::try_current()
         .map(|h| (h.metrics().num_alive_tasks(), h.metrics().num_workers()))

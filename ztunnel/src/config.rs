@@ -395,9 +395,34 @@ mod tests {
         assert!(err.to_string().contains("worker_threads"), "{err}");
     }
 
+    /// The config the Kubernetes install ships must load as the ztunnel
+    /// loads it: unknown keys are refused, so a typo there would stop every
+    /// node's ztunnel.
+    #[test]
+    fn the_install_manifests_config_loads() {
+        use serde::Deserialize as _;
+        let manifest =
+            Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/install/ztunnel.yaml");
+        let text = std::fs::read_to_string(&manifest).expect("the install manifest");
+        let config = serde_yaml::Deserializer::from_str(&text)
+            .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
+            .find(|v| v["kind"] == "ConfigMap" && v["metadata"]["name"] == "ztunnel-config")
+            .and_then(|v| v["data"]["config.yaml"].as_str().map(str::to_owned))
+            .expect("ConfigMap ztunnel-config with data.config.yaml");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("config.yaml");
+        std::fs::write(&path, config).expect("write");
+        let cfg = Config::load_for_node(&path, Some("node-a")).expect("the shipped config loads");
+        assert_eq!(cfg.worker_threads, Some(2));
+        assert!(cfg.node_mode.is_some());
+    }
+
     #[test]
     fn an_unknown_key_is_named() {
         let err = load("worker_thread: 2\n").expect_err("a misspelt key is refused");
-        assert!(err.to_string().contains("worker_thread"), "{err}");
+        assert!(
+            err.to_string().contains("unknown field `worker_thread`"),
+            "{err}"
+        );
     }
 }
