@@ -298,13 +298,8 @@ async fn a_policy_change_closes_connections_it_now_denies() {
     let mut b = [0u8; 1];
     s.read_exact(&mut b).await.unwrap();
 
-    let deny = "- name: deny-client\n  namespace: default\n  scope: NAMESPACE\n  action: DENY\n  rules:\n  - clauses:\n    - matches:\n      - principals: [{suffix: /sa/client}]\n";
-    m.zb.write_state(&state_yaml(&[&m.client, &m.server], &[], deny));
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .expect("closed in time");
-    assert!(matches!(n, Ok(0) | Err(_)), "connection stayed open: {n:?}");
+    m.zb.write_state(&state_yaml(&[&m.client, &m.server], &[], DENY_CLIENT));
+    assert_closed(&mut s).await;
     eventually("revocation recorded", Duration::from_secs(5), || async {
         m.zb.log_text()
             .contains("now denied by DENY policy default/deny-client")
@@ -546,6 +541,18 @@ async fn same_node(extra_a: &str) -> Mesh {
     build("", extra_a, "", true).await
 }
 
+/// A DENY policy for the client's identity, in the destination's namespace.
+const DENY_CLIENT: &str = "- name: deny-client\n  namespace: default\n  scope: NAMESPACE\n  action: DENY\n  rules:\n  - clauses:\n    - matches:\n      - principals: [{suffix: /sa/client}]\n";
+
+/// Waits (at most 5 s) for the mesh to close `s`: EOF or a reset.
+async fn assert_closed(s: &mut TcpStream) {
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
+        .await
+        .expect("closed in time");
+    assert!(matches!(n, Ok(0) | Err(_)), "connection stayed open: {n:?}");
+}
+
 /// (direction, protocol) of each connection the ztunnel holds.
 async fn held_connections(z: &Ztunnel) -> Vec<(String, String)> {
     let dump = z.config_dump().await;
@@ -610,13 +617,8 @@ async fn a_same_node_connection_skips_the_tunnel_and_keeps_policy_and_telemetry(
     .await;
 
     // A policy that now denies the source closes the held connection...
-    let deny = "- name: deny-client\n  namespace: default\n  scope: NAMESPACE\n  action: DENY\n  rules:\n  - clauses:\n    - matches:\n      - principals: [{suffix: /sa/client}]\n";
-    m.za.write_state(&state_yaml(&[&m.client, &m.server], &[], deny));
-    let mut buf = [0u8; 16];
-    let n = tokio::time::timeout(Duration::from_secs(5), s.read(&mut buf))
-        .await
-        .expect("closed in time");
-    assert!(matches!(n, Ok(0) | Err(_)), "connection stayed open: {n:?}");
+    m.za.write_state(&state_yaml(&[&m.client, &m.server], &[], DENY_CLIENT));
+    assert_closed(&mut s).await;
     // ...and refuses new ones before the app sees them, flagged DENY.
     let seen = m.echo.count();
     let r = echo_roundtrip(m.out, b"secret").await;
