@@ -3,6 +3,8 @@
 //! hand the pods to the ztunnels over ZDS (netns fd over SCM_RIGHTS) and
 //! install nftables redirects inside the pods; traffic between the pods is
 //! HBONE on the wire, and a released pod's traffic is no longer captured.
+//! Node A's ztunnel runs sharded: each pod listener is bound once per
+//! shard, and a released pod's listeners close on every shard.
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -138,7 +140,7 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
         agent(dir.path(), "node-b").await,
     );
     let lo = Subnet::unique();
-    let node = |name, node, host, agent: &Agent| ZtunnelSpec {
+    let node = |name, node, host, agent: &Agent, runtime: &str| ZtunnelSpec {
         name,
         node,
         ip: lo.ip(host),
@@ -147,12 +149,29 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
         plaintext: vec![],
         state_yaml: state.clone(),
         extra: Box::leak(
-            format!("node_mode: {{zds_socket: \"{}\"}}\n", agent.zds.display()).into_boxed_str(),
+            format!(
+                "node_mode: {{zds_socket: \"{}\"}}\n{runtime}",
+                agent.zds.display()
+            )
+            .into_boxed_str(),
         ),
     };
     // A node-mode ztunnel is ready only once it has the agent's snapshot.
-    let za = Ztunnel::start(dir.path(), &ca, node("za", "node-a", 10, &agent_a)).await;
-    let zb = Ztunnel::start(dir.path(), &ca, node("zb", "node-b", 11, &agent_b)).await;
+    let sharded = "runtime: sharded\nworker_threads: 2\n";
+    let za = Ztunnel::start(dir.path(), &ca, node("za", "node-a", 10, &agent_a, sharded)).await;
+    let zb = Ztunnel::start(
+        dir.path(),
+        &ca,
+        node("zb", "node-b", 11, &agent_b, "runtime: work_stealing\n"),
+    )
+    .await;
+    let process = za.config_dump().await["process"].clone();
+    assert_eq!(process["runtime"], "sharded", "{process}");
+    assert_eq!(process["worker_threads"], 2, "{process}");
+    assert_eq!(
+        zb.config_dump().await["process"]["runtime"],
+        "work_stealing"
+    );
 
     let add = |pod: &Pod, ns: &str| {
         Request::Add(PodSpec {
@@ -192,7 +211,10 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
         std::thread::spawn(move || capture(&n, "eth0", Duration::from_millis(1500), marker))
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    for _ in 0..3 {
+    // Enough connections that the kernel hands some to each of node A's
+    // shards (all on one: 1 in 2^11): a shard not serving its listener
+    // would leave them unanswered.
+    for _ in 0..12 {
         assert_eq!(roundtrip_from(&netns_a, to, marker).await.unwrap(), marker);
     }
     let seen = cap.join().unwrap().unwrap();
@@ -220,6 +242,22 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
     )
     .await
     .expect("release client");
+    // Its listeners close on both shards: one left open would take every
+    // new connection to its port.
+    for port in [15001, 15006, 15008] {
+        let at = format!("127.0.0.1:{port}").parse().unwrap();
+        eventually(
+            "the released pod's listener closed",
+            Duration::from_secs(5),
+            || async {
+                let sock = netns_a.run(tokio::net::TcpSocket::new_v4).unwrap().unwrap();
+                sock.connect(at)
+                    .await
+                    .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionRefused)
+            },
+        )
+        .await;
+    }
     let cap = {
         let n = netns_b.clone();
         std::thread::spawn(move || capture(&n, "eth0", Duration::from_millis(1500), marker))

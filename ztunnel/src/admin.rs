@@ -16,6 +16,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
+use crate::config::RuntimeKind;
 use crate::proxy::Proxy;
 
 /// What must be true before the proxy reports ready.
@@ -38,15 +39,31 @@ pub fn respond(
 }
 
 /// Process facts: live tokio tasks and open descriptors (for leak checks),
-/// and the runtime's threads.
+/// the runtime's model and threads, and with shards each shard's live tasks
+/// (an uneven spread of connections shows there).
 pub fn process_stats() -> serde_json::Value {
-    let (tasks, workers) = tokio::runtime::Handle::try_current()
-        .map(|h| (h.metrics().num_alive_tasks(), h.metrics().num_workers()))
-        .unwrap_or((0, 0));
     let fds = std::fs::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0);
-    json!({ "tasks": tasks, "open_fds": fds, "worker_threads": workers })
+    if tokio::runtime::Handle::try_current().is_err() {
+        return json!({ "tasks": 0, "open_fds": fds, "worker_threads": 0 });
+    }
+    let shards = crate::shards::current();
+    let mut v = json!({
+        "tasks": shards.alive_tasks(),
+        "open_fds": fds,
+        "worker_threads": shards.threads(),
+        "runtime": if shards.is_sharded() {
+            RuntimeKind::Sharded
+        } else {
+            RuntimeKind::WorkStealing
+        }
+        .as_str(),
+    });
+    if shards.is_sharded() {
+        v["shard_tasks"] = json!(shards.shard_tasks());
+    }
+    v
 }
 
 pub fn config_dump(proxy: &Proxy) -> serde_json::Value {

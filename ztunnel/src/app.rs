@@ -5,7 +5,6 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
@@ -271,32 +270,34 @@ impl App {
             stop_admin.clone(),
         ));
 
+        // Each listener once per shard (one shard unless the runtime is
+        // sharded): a connection stays on the thread that accepted it.
+        let shards = crate::shards::current();
         for ip in &cfg.listeners.inbound_ips {
             let addr = std::net::SocketAddr::new(*ip, HBONE_PORT);
-            let l = TcpListener::bind(addr)
-                .await
+            let p = proxy.clone();
+            shards
+                .serve_each(addr, None, move |l| inbound::serve(p.clone(), l))
                 .map_err(|e| start_err(format!("bind {addr}"), e))?;
             info!(%addr, "serving HBONE");
-            tokio::spawn(inbound::serve(proxy.clone(), l));
         }
         for o in &cfg.listeners.outbound {
-            let l = TcpListener::bind(o.bind)
-                .await
+            let (p, source, target) = (proxy.clone(), o.source.clone(), o.target);
+            shards
+                .serve_each(o.bind, None, move |l| {
+                    outbound::serve(p.clone(), l, source.clone(), target)
+                })
                 .map_err(|e| start_err(format!("bind {}", o.bind), e))?;
             info!(addr = %o.bind, source = o.source, "serving outbound");
-            tokio::spawn(outbound::serve(
-                proxy.clone(),
-                l,
-                o.source.clone(),
-                o.target,
-            ));
         }
-        for p in &cfg.listeners.inbound_plaintext {
-            let l = TcpListener::bind(p.bind)
-                .await
-                .map_err(|e| start_err(format!("bind {}", p.bind), e))?;
-            info!(addr = %p.bind, "serving inbound plaintext");
-            tokio::spawn(inbound_plain::serve(proxy.clone(), l, p.target));
+        for b in &cfg.listeners.inbound_plaintext {
+            let (p, target) = (proxy.clone(), b.target);
+            shards
+                .serve_each(b.bind, None, move |l| {
+                    inbound_plain::serve(p.clone(), l, target)
+                })
+                .map_err(|e| start_err(format!("bind {}", b.bind), e))?;
+            info!(addr = %b.bind, "serving inbound plaintext");
         }
         let (admin_addr, metrics_addr, readiness_addr) =
             admin::start(proxy.clone(), ready, stop_admin.clone())

@@ -81,12 +81,37 @@ pub struct Config {
     /// itself would add cost and no protection.
     #[serde(default = "d::yes")]
     pub same_node_fast_path: bool,
-    /// Threads of the async runtime that carries all traffic. Unset: one
-    /// per CPU the process may use. A node's ztunnel shares the node with
+    /// Threads that carry the traffic (shards, or the work-stealing
+    /// runtime's workers). Unset: one per CPU the process may use. A node's ztunnel shares the node with
     /// its pods, so it is sized to the share it should take (Istio's
     /// ztunnel defaults to 2).
     #[serde(default)]
     pub worker_threads: Option<usize>,
+    /// How those threads share the work (see `crate::shards`).
+    #[serde(default)]
+    pub runtime: RuntimeKind,
+}
+
+/// The async runtime's model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RuntimeKind {
+    /// One tokio runtime whose threads steal each other's tasks.
+    WorkStealing,
+    /// One single-threaded runtime per thread, each with its own listeners
+    /// and pool; a connection never leaves the thread that accepted it.
+    #[default]
+    Sharded,
+}
+
+impl RuntimeKind {
+    /// As written in the config.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RuntimeKind::WorkStealing => "work_stealing",
+            RuntimeKind::Sharded => "sharded",
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -386,6 +411,16 @@ mod tests {
     fn worker_threads_default_to_the_cpus_and_zero_is_refused() {
         let cfg = load("").expect("a minimal config loads");
         assert_eq!(cfg.worker_threads, None);
+        assert_eq!(cfg.runtime, RuntimeKind::Sharded);
+        assert_eq!(
+            load("runtime: work_stealing\n").expect("loads").runtime,
+            RuntimeKind::WorkStealing
+        );
+        let err = load("runtime: fibers\n").expect_err("an unknown model is refused");
+        assert!(
+            err.to_string().contains("unknown variant `fibers`"),
+            "{err}"
+        );
         assert!(cfg.same_node_fast_path);
         assert_eq!(
             load("worker_threads: 1\n").expect("loads").worker_threads,

@@ -3,7 +3,7 @@
 //!
 //! Layering (a module only uses those listed before it):
 //! `identity` -> `clock` -> `tls` -> `ca` -> `certs` -> `config` -> `state`
-//! -> `metrics` -> `hbone` -> `proxy` -> `admin` -> `app`.
+//! -> `metrics` -> `hbone` -> `shards` -> `proxy` -> `admin` -> `app`.
 
 pub mod admin;
 pub mod app;
@@ -18,6 +18,7 @@ pub mod inpod;
 pub mod metrics;
 pub mod netns;
 pub mod proxy;
+pub mod shards;
 pub mod state;
 pub mod tls;
 pub mod xds;

@@ -33,11 +33,22 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let mut builder = tokio::runtime::Builder::new_multi_thread();
-    if let Some(n) = cfg.worker_threads {
-        builder.worker_threads(n);
-    }
-    let runtime = match builder.enable_all().build() {
+    let runtime = match cfg.runtime {
+        ztunnel::config::RuntimeKind::WorkStealing => {
+            let mut builder = tokio::runtime::Builder::new_multi_thread();
+            if let Some(n) = cfg.worker_threads {
+                builder.worker_threads(n);
+            }
+            builder.enable_all().build()
+        }
+        ztunnel::config::RuntimeKind::Sharded => {
+            let n = cfg
+                .worker_threads
+                .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
+            ztunnel::shards::start(n)
+        }
+    };
+    let runtime = match runtime {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("cannot start the async runtime: {e}");

@@ -26,6 +26,9 @@ use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 pub use crate::netns::Netns;
 use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
 
+/// A pod listener's accept loop.
+type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+
 struct Pod {
     info: WorkloadInfo,
     netns: Arc<Netns>,
@@ -40,18 +43,6 @@ pub struct InPod {
     dns: Option<Arc<crate::dns::DnsProxy>>,
     pods: Mutex<HashMap<String, Pod>>,
     snapshot: tokio::sync::watch::Sender<bool>,
-}
-
-fn bind_in(netns: &Netns, port: u16) -> std::io::Result<TcpListener> {
-    let std = netns.run(|| {
-        let s = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)?;
-        s.set_reuse_address(true)?;
-        s.bind(&SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)).into())?;
-        s.listen(1024)?;
-        s.set_nonblocking(true)?;
-        Ok::<_, std::io::Error>(std::net::TcpListener::from(s))
-    })??;
-    TcpListener::from_std(std)
 }
 
 impl InPod {
@@ -94,14 +85,6 @@ impl InPod {
         }
         self.del(uid);
         let netns = Arc::new(netns);
-        let bind = |port| {
-            bind_in(&netns, port).map_err(|e| format!("listen on :{port} in the pod's netns: {e}"))
-        };
-        let (out, plain, hbone) = (
-            bind(OUTBOUND_PORT)?,
-            bind(INBOUND_PLAINTEXT_PORT)?,
-            bind(HBONE_PORT)?,
-        );
         // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053).
         let dns = match &self.dns {
             Some(d) => {
@@ -136,31 +119,43 @@ impl InPod {
                 }
             });
         }
+        // Each listener once per shard; all of them end with the pod.
+        let shards = crate::shards::current();
+        let serve = |port: u16, f: fn(Arc<Proxy>, TcpListener) -> ServeFuture| {
+            let (p, s) = (self.proxy.clone(), stop.clone());
+            shards
+                .serve_each(
+                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+                    Some(&netns),
+                    move |l| {
+                        let (p, s) = (p.clone(), s.clone());
+                        async move {
+                            tokio::select! {
+                                _ = s.cancelled() => {}
+                                _ = f(p, l) => {}
+                            }
+                        }
+                    },
+                )
+                .map_err(|e| format!("listen on :{port} in the pod's netns: {e}"))
+        };
+        let served = serve(OUTBOUND_PORT, |p, l| {
+            Box::pin(outbound::serve_captured(p, l))
+        })
+        .and_then(|_| {
+            serve(INBOUND_PLAINTEXT_PORT, |p, l| {
+                Box::pin(inbound_plain::serve(p, l, None))
+            })
+        })
+        .and_then(|_| serve(HBONE_PORT, |p, l| Box::pin(inbound::serve(p, l))));
+        if let Err(e) = served {
+            // Whatever was bound closes with the token.
+            stop.cancel();
+            return Err(e);
+        }
         self.proxy
             .netns
             .insert(&info.namespace, &info.name, netns.clone());
-        let p = self.proxy.clone();
-        let s = stop.clone();
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = s.cancelled() => {}
-                _ = outbound::serve_captured(p.clone(), out) => {}
-            }
-        });
-        let (p, s) = (self.proxy.clone(), stop.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = s.cancelled() => {}
-                _ = inbound_plain::serve(p.clone(), plain, None) => {}
-            }
-        });
-        let (p, s) = (self.proxy.clone(), stop.clone());
-        tokio::spawn(async move {
-            tokio::select! {
-                _ = s.cancelled() => {}
-                _ = inbound::serve(p.clone(), hbone) => {}
-            }
-        });
         info!(uid, namespace = %info.namespace, name = %info.name, "pod captured");
         self.lock()
             .insert(uid.to_string(), Pod { info, netns, stop });

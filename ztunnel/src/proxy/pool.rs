@@ -111,9 +111,15 @@ struct DialSlot {
 /// How long a failed dial is reported to later callers without retrying.
 const DIAL_FAILURE_HOLD: Duration = Duration::from_millis(500);
 
+type Conns = HashMap<PoolKey, Vec<Arc<Conn>>>;
+
 struct Inner {
-    conns: Mutex<HashMap<PoolKey, Vec<Arc<Conn>>>>,
-    dialing: Mutex<HashMap<PoolKey, Arc<DialSlot>>>,
+    /// One pool per runtime shard (see `crate::shards`): a stream only uses
+    /// connections its own thread drives.
+    conns: Vec<Mutex<Conns>>,
+    dialing: Vec<Mutex<HashMap<PoolKey, Arc<DialSlot>>>>,
+    /// `connections_per_destination`, split over the shards.
+    per_shard: usize,
     certs: CertificateManager,
     h2: H2Config,
     cfg: PoolConfig,
@@ -140,10 +146,12 @@ pub struct PoolSettings {
 
 impl Pool {
     pub fn new(certs: CertificateManager, s: PoolSettings, metrics: Arc<Metrics>) -> Self {
+        let shards = crate::shards::current().len();
         let pool = Pool {
             inner: Arc::new(Inner {
-                conns: Mutex::new(HashMap::new()),
-                dialing: Mutex::new(HashMap::new()),
+                conns: (0..shards).map(|_| Mutex::default()).collect(),
+                dialing: (0..shards).map(|_| Mutex::default()).collect(),
+                per_shard: s.cfg.connections_per_destination.div_ceil(shards).max(1),
                 certs,
                 h2: s.h2,
                 cfg: s.cfg,
@@ -167,22 +175,46 @@ impl Pool {
         pool
     }
 
-    fn conns(&self) -> std::sync::MutexGuard<'_, HashMap<PoolKey, Vec<Arc<Conn>>>> {
-        self.inner.conns.lock().unwrap_or_else(|p| p.into_inner())
+    fn shard(&self) -> usize {
+        crate::shards::index().min(self.inner.conns.len() - 1)
     }
 
-    /// Pooled connections now, per key (for tests and the admin view).
+    /// This thread's shard's connections.
+    fn conns(&self) -> std::sync::MutexGuard<'_, Conns> {
+        self.inner.conns[self.shard()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn each_shard(&self) -> impl Iterator<Item = std::sync::MutexGuard<'_, Conns>> {
+        self.inner
+            .conns
+            .iter()
+            .map(|m| m.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Pooled connections now, over all shards (for tests and the admin
+    /// view).
     pub fn connection_count(&self) -> usize {
-        self.conns()
-            .values()
-            .map(|v| v.iter().filter(|c| c.usable()).count())
+        self.each_shard()
+            .map(|conns| {
+                conns
+                    .values()
+                    .map(|v| v.iter().filter(|c| c.usable()).count())
+                    .sum::<usize>()
+            })
             .sum()
     }
 
     fn evict_idle(&self) {
         let idle = self.inner.cfg.idle_timeout;
         let now = Instant::now();
-        let mut conns = self.conns();
+        for mut conns in self.each_shard() {
+            Self::evict_from(&mut conns, idle, now);
+        }
+    }
+
+    fn evict_from(conns: &mut Conns, idle: Duration, now: Instant) {
         for list in conns.values_mut() {
             list.retain(|c| {
                 let idle_for =
@@ -209,8 +241,7 @@ impl Pool {
         let least = list
             .iter()
             .min_by_key(|c| c.streams.load(Ordering::Acquire))?;
-        if least.streams.load(Ordering::Acquire) > 0 && list.len() < cfg.connections_per_destination
-        {
+        if least.streams.load(Ordering::Acquire) > 0 && list.len() < self.inner.per_shard {
             return None;
         }
         if least.try_acquire(cfg.max_streams) {
@@ -238,9 +269,7 @@ impl Pool {
             return Ok(c);
         }
         // One dial per key at a time, so a burst shares the new connection.
-        let slot = self
-            .inner
-            .dialing
+        let slot = self.inner.dialing[self.shard()]
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .entry(key.clone())
@@ -281,7 +310,9 @@ impl Pool {
         };
         // Drop the slot once no one else waits on it, so the map stays small
         // (the held failure only matters to callers already queued).
-        let mut dialing = self.inner.dialing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut dialing = self.inner.dialing[self.shard()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         if Arc::strong_count(&slot) == 2 {
             dialing.remove(key);
         }

@@ -302,6 +302,8 @@ struct Ctx<'a> {
     fast_path: bool,
     /// Runtime threads per ztunnel, and workers per Envoy.
     workers: usize,
+    /// The ztunnels' runtime model, as configured in the lab.
+    runtime: &'static str,
     /// Envoy pids by pod key.
     envoys: BTreeMap<String, u32>,
     tck: f64,
@@ -1109,6 +1111,7 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
     let c = Ctx {
         fast_path: zcfg.same_node_fast_path,
         workers,
+        runtime: zcfg.runtime.as_str(),
         lab,
         secs,
         hold_secs: a.l4_hold_seconds.max(2),
@@ -1201,8 +1204,8 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
         a.runs
     );
     println!(
-        "{} runtime threads per ztunnel, --concurrency {} per Envoy. Each cell: median (min–max); x plain: the mesh's figure over plain's in the same run.",
-        c.workers, c.workers
+        "{} runtime threads per ztunnel ({}), --concurrency {} per Envoy. Each cell: median (min–max); x plain: the mesh's figure over plain's in the same run.",
+        c.workers, c.runtime, c.workers
     );
     let mut paths_json = Vec::new();
     for &p in &placements {
@@ -1503,6 +1506,7 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
         "envoy": ENVOY_PACKAGE,
         "same_node_fast_path": c.fast_path,
         "worker_threads": c.workers,
+        "runtime": c.runtime,
         "figures": paths_json,
         "proxies": proxies_json,
         "goals": goals,
