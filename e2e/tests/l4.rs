@@ -147,7 +147,10 @@ async fn bytes_cross_the_mesh_both_ways_with_half_close() {
 
 #[tokio::test]
 async fn concurrent_connections_share_a_few_pooled_connections() {
-    let m = mesh("", "").await;
+    // Two shards, whatever the machine: the pool's 4 connections per
+    // destination are split over them, 2 each.
+    let m = build("", "worker_threads: 2\n", "", false).await;
+    assert_eq!(m.za.config_dump().await["process"]["runtime"], "sharded");
     let mut held = Vec::new();
     let mut opens = Vec::new();
     for _ in 0..200 {
