@@ -172,6 +172,16 @@ async fn concurrent_connections_share_a_few_pooled_connections() {
         (2..=4).contains(&pooled),
         "200 streams over {pooled} HTTP/2 connections"
     );
+    // Each shard dialled its own: a stream never rides a connection that
+    // another thread drives (all on one shard: 1 in 2^199).
+    let per_shard = dump["pool"]["per_shard"].as_array().unwrap();
+    assert_eq!(per_shard.len(), 2, "{dump}");
+    assert!(
+        per_shard
+            .iter()
+            .all(|n| (1..=2).contains(&n.as_u64().unwrap())),
+        "pooled connections per shard: {per_shard:?}"
+    );
     let inbound = m.zb.config_dump().await["connections"]
         .as_array()
         .unwrap()
@@ -607,16 +617,12 @@ async fn a_same_node_connection_skips_the_tunnel_and_keeps_policy_and_telemetry(
     // Both reporters saw mutual identities and the bytes.
     let src = format!("source_principal=\"{}\"", m.client.identity());
     let dst = format!("destination_principal=\"{}\"", m.server.identity());
-    eventually("both halves recorded", Duration::from_secs(10), || async {
-        let text = m.za.metrics_text().await;
-        [Reporter::Source, Reporter::Destination].iter().all(|r| {
-            metric_sum(
-                &text,
-                "istio_tcp_sent_bytes_total",
-                &[&src, &dst, r.label(), "mutual_tls"],
-            ) >= payload.len() as u64
-        })
-    })
+    on_both_reporters(
+        &m.za,
+        "istio_tcp_sent_bytes_total",
+        &[&src, &dst, "mutual_tls"],
+        payload.len() as u64,
+    )
     .await;
 
     // A policy that now denies the source closes the held connection...
@@ -627,16 +633,12 @@ async fn a_same_node_connection_skips_the_tunnel_and_keeps_policy_and_telemetry(
     let r = echo_roundtrip(m.out, b"secret").await;
     assert!(r.map(|b| b.is_empty()).unwrap_or(true), "denied, got data");
     assert_eq!(m.echo.count(), seen, "the app saw a denied connection");
-    eventually("DENY on both halves", Duration::from_secs(5), || async {
-        let text = m.za.metrics_text().await;
-        [Reporter::Source, Reporter::Destination].iter().all(|r| {
-            metric_sum(
-                &text,
-                "istio_tcp_connections_closed_total",
-                &["response_flags=\"DENY\"", r.label()],
-            ) >= 1
-        })
-    })
+    on_both_reporters(
+        &m.za,
+        "istio_tcp_connections_closed_total",
+        &["response_flags=\"DENY\""],
+        1,
+    )
     .await;
     let log = m.za.log_text();
     assert!(
@@ -666,6 +668,25 @@ async fn with_the_fast_path_off_same_node_connections_use_hbone() {
         ]
     );
     assert_eq!(m.za.config_dump().await["pool"]["connections"], 1);
+}
+
+/// Waits (at most 10 s) until `metric`, summed over the series with all
+/// of `labels`, reaches `min` for the source and the destination reporter
+/// alike: one ztunnel reports both halves of a same-node connection.
+async fn on_both_reporters(z: &Ztunnel, metric: &str, labels: &[&str], min: u64) {
+    eventually(
+        &format!("{metric} >= {min} for both reporters"),
+        Duration::from_secs(10),
+        || async {
+            let text = z.metrics_text().await;
+            [Reporter::Source, Reporter::Destination].iter().all(|r| {
+                let mut with = labels.to_vec();
+                with.push(r.label());
+                metric_sum(&text, metric, &with) >= min
+            })
+        },
+    )
+    .await;
 }
 
 enum Reporter {

@@ -78,7 +78,10 @@ pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
         "certificates": proxy.certs.status(),
         "roots": proxy.certs.root_status(),
         "connections": proxy.conns.list(),
-        "pool": { "connections": proxy.pool.connection_count() },
+        "pool": {
+            "connections": proxy.pool.connection_count(),
+            "per_shard": proxy.pool.connections_per_shard(),
+        },
         "process": process_stats(),
     })
 }

@@ -196,14 +196,19 @@ impl Pool {
     /// Pooled connections now, over all shards (for tests and the admin
     /// view).
     pub fn connection_count(&self) -> usize {
+        self.connections_per_shard().iter().sum()
+    }
+
+    /// Pooled connections now, per shard (the admin view).
+    pub fn connections_per_shard(&self) -> Vec<usize> {
         self.each_shard()
             .map(|conns| {
                 conns
                     .values()
                     .map(|v| v.iter().filter(|c| c.usable()).count())
-                    .sum::<usize>()
+                    .sum()
             })
-            .sum()
+            .collect()
     }
 
     fn evict_idle(&self) {
