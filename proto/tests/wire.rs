@@ -11,7 +11,7 @@ use mesh_proto::envoy::service::discovery::v3::{
 use mesh_proto::google::rpc::Status;
 use mesh_proto::istio::ca::{IstioCertificateRequest, IstioCertificateResponse};
 use mesh_proto::istio::security::{
-    self, Authorization, Clause, Match, Rule, StringMatch, string_match,
+    self, Authorization, Clause, Match, Rule, ServiceAccountMatch, StringMatch, string_match,
 };
 use mesh_proto::istio::workload::zds::{self, WorkloadRequest, WorkloadResponse, workload_request};
 use mesh_proto::istio::workload::{
@@ -132,6 +132,7 @@ fn authorization() {
                 }],
             }],
         }],
+        dry_run: false,
     };
     let mut b = vec![0x0a, 0x01, b'p', 0x12, 0x02, b'n', b's']; // name = 1, namespace = 2
     b.extend([0x18, 0x01, 0x20, 0x01]); // scope = 3 NAMESPACE, action = 4 DENY
@@ -139,6 +140,38 @@ fn authorization() {
     b.extend([0x1a, 0x03, 0x0a, 0x01, b'a']); // principals = 3 > exact = 1
     b.extend([0x32, 0x08, 0x0a, 0x04, 10, 0, 0, 0, 0x10, 0x08]); // not_source_ips = 6
     b.extend([0x4a, 0x01, 0x50]); // destination_ports = 9, packed
+    check(&a, &b);
+}
+
+/// Istio's newer fields: `dry_run` (6) on the policy, `service_accounts`
+/// (11) and `not_service_accounts` (12) on a match. A control plane's match
+/// that uses only service accounts must decode as that, never as an empty
+/// match.
+#[test]
+fn authorization_dry_run_and_service_accounts() {
+    let sa = |ns: &str, name: &str| ServiceAccountMatch {
+        namespace: ns.into(),
+        service_account: name.into(),
+    };
+    let a = Authorization {
+        name: "p".into(),
+        dry_run: true,
+        rules: vec![Rule {
+            clauses: vec![Clause {
+                matches: vec![Match {
+                    service_accounts: vec![sa("a", "b")],
+                    not_service_accounts: vec![sa("c", "d")],
+                    ..Default::default()
+                }],
+            }],
+        }],
+        ..Default::default()
+    };
+    let mut b = vec![0x0a, 0x01, b'p']; // name = 1
+    b.extend([0x2a, 0x14, 0x0a, 0x12, 0x12, 0x10]); // rules = 5 > clauses = 1 > matches = 2
+    b.extend([0x5a, 0x06, 0x0a, 0x01, b'a', 0x12, 0x01, b'b']); // service_accounts = 11
+    b.extend([0x62, 0x06, 0x0a, 0x01, b'c', 0x12, 0x01, b'd']); // not_service_accounts = 12
+    b.extend([0x30, 0x01]); // dry_run = 6
     check(&a, &b);
 }
 
@@ -323,6 +356,7 @@ fn waypoint_service_routes() {
             name: "p".into(),
             action: PolicyAction::Deny as i32,
             rules: vec![],
+            dry_run: true,
         }],
         default_rate_limit: None,
     };
@@ -334,6 +368,6 @@ fn waypoint_service_routes() {
     b.extend([0x28, 0xf4, 0x03]); // request_timeout_ms = 5 (varint 500)
     b.extend([0x3a, 0x06, 0x08, 0x02, 0x12, 0x02, 0xf7, 0x03]); // retry = 7, codes packed (varint 503)
     b.extend([0x2a, 0x04, 0x08, 0x50, 0x10, 0x02]); // ports = 5: port 80, HTTP2 = 2
-    b.extend([0x32, 0x05, 0x0a, 0x01, b'p', 0x10, 0x01]); // policies = 6: name, DENY = 1
+    b.extend([0x32, 0x07, 0x0a, 0x01, b'p', 0x10, 0x01, 0x20, 0x01]); // policies = 6: name, DENY = 1, dry_run = 4
     check(&routes, &b);
 }

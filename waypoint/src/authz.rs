@@ -157,6 +157,8 @@ pub struct Policy {
     pub name: String,
     pub action: Action,
     rules: Vec<Rule>,
+    /// Evaluated and logged, never enforced.
+    pub dry_run: bool,
 }
 
 /// What a request is judged on.
@@ -381,6 +383,7 @@ impl Policy {
             name: name.to_string(),
             action,
             rules,
+            dry_run: p.dry_run,
         })
     }
 
@@ -392,16 +395,14 @@ impl Policy {
 
 /// Judges a request against the policies that apply to its service.
 pub fn evaluate(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
-    if let Some(p) = policies
-        .iter()
-        .find(|p| p.action == Action::Deny && p.matches(r))
-    {
+    for p in policies.iter().filter(|p| p.dry_run && p.matches(r)) {
+        tracing::info!(policy = %p.name, action = ?p.action, path = %r.path, "dry-run policy matched (not enforced)");
+    }
+    let enforced = || policies.iter().filter(|p| !p.dry_run);
+    if let Some(p) = enforced().find(|p| p.action == Action::Deny && p.matches(r)) {
         return Decision::Denied(format!("DENY policy {}", p.name));
     }
-    let mut allows = policies
-        .iter()
-        .filter(|p| p.action == Action::Allow)
-        .peekable();
+    let mut allows = enforced().filter(|p| p.action == Action::Allow).peekable();
     if allows.peek().is_none() {
         return Decision::Allowed(None);
     }
@@ -434,6 +435,7 @@ mod tests {
             name: name.into(),
             action: action as i32,
             rules,
+            dry_run: false,
         })
         .expect("compiles")
     }
@@ -574,6 +576,7 @@ mod tests {
                     }],
                     ..Default::default()
                 }],
+                dry_run: false,
             })
             .is_err()
         );

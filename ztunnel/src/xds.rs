@@ -62,9 +62,31 @@ pub fn state_updates(
             (ADDRESS_TYPE_URL, Some(any)) => Address::decode(any.value.as_slice())
                 .map_err(|e| e.to_string())
                 .and_then(|a| Update::from_address(&a, trust_domain).map_err(|e| e.to_string())),
-            (AUTHORIZATION_TYPE_URL, Some(any)) => Authorization::decode(any.value.as_slice())
-                .map_err(|e| e.to_string())
-                .and_then(|a| Update::from_authorization(&a).map_err(|e| e.to_string())),
+            (AUTHORIZATION_TYPE_URL, Some(any)) => {
+                let decoded = Authorization::decode(any.value.as_slice());
+                match decoded
+                    .as_ref()
+                    .map_err(|e| e.to_string())
+                    .and_then(|a| Update::from_authorization(a).map_err(|e| e.to_string()))
+                {
+                    Ok(u) => Ok(u),
+                    Err(e) => {
+                        // Fail closed: a policy that cannot be read is
+                        // enforced as its stand-in, never simply absent
+                        // (a missing DENY denies nothing, a missing ALLOW
+                        // allows what it was meant to limit).
+                        warn!(policy = %r.name, error = %e, "policy refused; enforcing its fail-closed stand-in");
+                        updates.push(Update::Policy(
+                            crate::state::Authorization::fail_closed_from_proto(
+                                &r.name,
+                                decoded.as_ref().ok(),
+                                e.clone(),
+                            ),
+                        ));
+                        Err(e)
+                    }
+                }
+            }
             (t, Some(_)) => Err(format!("type {t} is not a state type")),
         };
         match converted {

@@ -35,61 +35,60 @@ fn strings(v: &[String]) -> Vec<pb::StringMatch> {
     v.iter().map(|s| string_match(s)).collect()
 }
 
-/// "ns/sa" service accounts become principal suffix matches.
-fn service_accounts(v: &[String], issues: &mut Vec<String>) -> Vec<pb::StringMatch> {
+/// `serviceAccounts` entries ("namespace/name") as Istio's
+/// `ServiceAccountMatch`; anything else cannot be enforced.
+fn service_accounts(field: &str, v: &[String]) -> Result<Vec<pb::ServiceAccountMatch>, String> {
     v.iter()
-        .filter_map(|s| match s.split_once('/') {
-            Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() => Some(pb::StringMatch {
-                match_type: Some(pb::string_match::MatchType::Suffix(format!(
-                    "/ns/{ns}/sa/{sa}"
-                ))),
-            }),
-            _ => {
-                issues.push(format!(
-                    "serviceAccounts entry {s:?} is not namespace/name; ignored"
-                ));
-                None
+        .map(|s| match s.split_once('/') {
+            Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+                Ok(pb::ServiceAccountMatch {
+                    namespace: ns.to_string(),
+                    service_account: sa.to_string(),
+                })
             }
+            _ => Err(format!("{field}: {s:?} is not namespace/name")),
         })
         .collect()
 }
 
-fn cidrs(v: &[String], issues: &mut Vec<String>) -> Vec<pb::Address> {
-    v.iter()
-        .filter_map(|s| {
-            let (ip, len) = match s.split_once('/') {
-                Some((ip, l)) => (ip, l.parse::<u32>().ok()),
-                None => (s.as_str(), None),
-            };
-            match ip.parse::<std::net::IpAddr>() {
-                Ok(addr) => {
-                    let max = if addr.is_ipv4() { 32 } else { 128 };
-                    let bytes = match addr {
-                        std::net::IpAddr::V4(a) => a.octets().to_vec(),
-                        std::net::IpAddr::V6(a) => a.octets().to_vec(),
-                    };
-                    Some(pb::Address {
-                        address: bytes,
-                        length: len.unwrap_or(max).min(max),
-                    })
-                }
-                Err(_) => {
-                    issues.push(format!("IP block {s:?} does not parse; ignored"));
-                    None
-                }
+/// An address or CIDR, strictly: `10.0.0.0/8x` or `10.0.0.0/33` is an
+/// error, never a narrower block than written.
+pub fn parse_cidr(s: &str) -> Option<pb::Address> {
+    let (ip, len) = match s.split_once('/') {
+        Some((ip, l)) => {
+            if l.is_empty() || !l.bytes().all(|b| b.is_ascii_digit()) || l.len() > 3 {
+                return None;
             }
+            (ip, Some(l.parse::<u32>().ok()?))
+        }
+        None => (s, None),
+    };
+    let addr = ip.parse::<std::net::IpAddr>().ok()?;
+    let max = if addr.is_ipv4() { 32 } else { 128 };
+    let length = len.unwrap_or(max);
+    if length > max {
+        return None;
+    }
+    let address = match addr {
+        std::net::IpAddr::V4(a) => a.octets().to_vec(),
+        std::net::IpAddr::V6(a) => a.octets().to_vec(),
+    };
+    Some(pb::Address { address, length })
+}
+
+fn cidrs(field: &str, v: &[String]) -> Result<Vec<pb::Address>, String> {
+    v.iter()
+        .map(|s| {
+            parse_cidr(s).ok_or_else(|| format!("{field}: {s:?} is not an IP address or CIDR"))
         })
         .collect()
 }
 
-fn ports(v: &[String], issues: &mut Vec<String>) -> Vec<u32> {
+fn ports(field: &str, v: &[String]) -> Result<Vec<u32>, String> {
     v.iter()
-        .filter_map(|p| match p.parse::<u16>() {
-            Ok(n) => Some(n as u32),
-            Err(_) => {
-                issues.push(format!("port {p:?} is not a port number; ignored"));
-                None
-            }
+        .map(|p| match p.parse::<u16>() {
+            Ok(n) if n != 0 && !p.starts_with('+') => Ok(n as u32),
+            _ => Err(format!("{field}: {p:?} is not a port number")),
         })
         .collect()
 }
@@ -122,32 +121,41 @@ fn has_l7(rule: &AuthorizationRule) -> bool {
         || rule.when.iter().any(|c| !L4_KEYS.contains(&c.key.as_str()))
 }
 
-fn source_match(s: &Source, issues: &mut Vec<String>) -> pb::Match {
-    let mut principals = strings(&s.principals);
-    principals.extend(service_accounts(&s.service_accounts, issues));
-    let mut not_principals = strings(&s.not_principals);
-    not_principals.extend(service_accounts(&s.not_service_accounts, issues));
-    let mut source_ips = cidrs(&s.ip_blocks, issues);
-    source_ips.extend(cidrs(&s.remote_ip_blocks, issues));
-    let mut not_source_ips = cidrs(&s.not_ip_blocks, issues);
-    not_source_ips.extend(cidrs(&s.not_remote_ip_blocks, issues));
-    pb::Match {
+fn source_match(at: &str, s: &Source) -> Result<pb::Match, String> {
+    let mut source_ips = cidrs(&format!("{at}.ipBlocks"), &s.ip_blocks)?;
+    source_ips.extend(cidrs(&format!("{at}.remoteIpBlocks"), &s.remote_ip_blocks)?);
+    let mut not_source_ips = cidrs(&format!("{at}.notIpBlocks"), &s.not_ip_blocks)?;
+    not_source_ips.extend(cidrs(
+        &format!("{at}.notRemoteIpBlocks"),
+        &s.not_remote_ip_blocks,
+    )?);
+    Ok(pb::Match {
         namespaces: strings(&s.namespaces),
         not_namespaces: strings(&s.not_namespaces),
-        principals,
-        not_principals,
+        principals: strings(&s.principals),
+        not_principals: strings(&s.not_principals),
+        service_accounts: service_accounts(&format!("{at}.serviceAccounts"), &s.service_accounts)?,
+        not_service_accounts: service_accounts(
+            &format!("{at}.notServiceAccounts"),
+            &s.not_service_accounts,
+        )?,
         source_ips,
         not_source_ips,
         ..Default::default()
-    }
+    })
 }
 
-fn condition_match(c: &Condition, issues: &mut Vec<String>) -> Option<pb::Match> {
+/// A `when` condition on an L4 key, or None for a key a ztunnel cannot
+/// check (the caller has already handled those rules).
+fn condition_match(at: &str, c: &Condition) -> Result<Option<pb::Match>, String> {
+    if c.values.is_empty() && c.not_values.is_empty() {
+        return Err(format!("{at}: neither values nor notValues"));
+    }
     let mut m = pb::Match::default();
     match c.key.as_str() {
         "source.ip" | "remote.ip" => {
-            m.source_ips = cidrs(&c.values, issues);
-            m.not_source_ips = cidrs(&c.not_values, issues);
+            m.source_ips = cidrs(at, &c.values)?;
+            m.not_source_ips = cidrs(at, &c.not_values)?;
         }
         "source.namespace" => {
             m.namespaces = strings(&c.values);
@@ -158,48 +166,66 @@ fn condition_match(c: &Condition, issues: &mut Vec<String>) -> Option<pb::Match>
             m.not_principals = strings(&c.not_values);
         }
         "destination.ip" => {
-            m.destination_ips = cidrs(&c.values, issues);
-            m.not_destination_ips = cidrs(&c.not_values, issues);
+            m.destination_ips = cidrs(at, &c.values)?;
+            m.not_destination_ips = cidrs(at, &c.not_values)?;
         }
         "destination.port" => {
-            m.destination_ports = ports(&c.values, issues);
-            m.not_destination_ports = ports(&c.not_values, issues);
+            m.destination_ports = ports(at, &c.values)?;
+            m.not_destination_ports = ports(at, &c.not_values)?;
         }
-        _ => return None,
+        _ => return Ok(None),
     }
-    Some(m)
+    Ok(Some(m))
 }
 
-fn convert_rule(rule: &AuthorizationRule, issues: &mut Vec<String>) -> pb::Rule {
+/// One clause from the `from` or `to` entries. Every match of the result
+/// has a field set (Istio's ztunnel skips an empty match). An entry whose
+/// fields are all L7 (only in a DENY rule, whose L7 fields are dropped)
+/// holds for any connection, so the whole clause does: None.
+fn clause(matches: Vec<pb::Match>) -> Option<pb::Clause> {
+    if matches.iter().any(|m| *m == pb::Match::default()) {
+        return None;
+    }
+    Some(pb::Clause { matches })
+}
+
+/// The ztunnel form of one rule, or why a value in it cannot be enforced.
+fn convert_rule(rule: &AuthorizationRule) -> Result<pb::Rule, String> {
     let mut clauses = Vec::new();
     if !rule.from.is_empty() {
-        clauses.push(pb::Clause {
-            matches: rule
-                .from
-                .iter()
-                .map(|f| source_match(&f.source, issues))
-                .collect(),
-        });
+        let mut matches = Vec::new();
+        for (i, f) in rule.from.iter().enumerate() {
+            let at = format!("from[{i}].source");
+            let m = source_match(&at, &f.source)?;
+            if m == pb::Match::default() && !has_l7_source(&f.source) {
+                return Err(format!("{at} is empty"));
+            }
+            matches.push(m);
+        }
+        clauses.extend(clause(matches));
     }
     if !rule.to.is_empty() {
-        clauses.push(pb::Clause {
-            matches: rule
-                .to
-                .iter()
-                .map(|t| pb::Match {
-                    destination_ports: ports(&t.operation.ports, issues),
-                    not_destination_ports: ports(&t.operation.not_ports, issues),
-                    ..Default::default()
-                })
-                .collect(),
-        });
+        let mut matches = Vec::new();
+        for (i, t) in rule.to.iter().enumerate() {
+            let at = format!("to[{i}].operation");
+            let m = pb::Match {
+                destination_ports: ports(&format!("{at}.ports"), &t.operation.ports)?,
+                not_destination_ports: ports(&format!("{at}.notPorts"), &t.operation.not_ports)?,
+                ..Default::default()
+            };
+            if m == pb::Match::default() && !has_l7_operation(&t.operation) {
+                return Err(format!("{at} is empty"));
+            }
+            matches.push(m);
+        }
+        clauses.extend(clause(matches));
     }
-    for c in &rule.when {
-        if let Some(m) = condition_match(c, issues) {
+    for (i, c) in rule.when.iter().enumerate() {
+        if let Some(m) = condition_match(&format!("when[{i}]"), c)? {
             clauses.push(pb::Clause { matches: vec![m] });
         }
     }
-    pb::Rule { clauses }
+    Ok(pb::Rule { clauses })
 }
 
 fn scope(model: &Model, ns: &str, has_selector: bool) -> pb::Scope {
@@ -266,7 +292,19 @@ pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Authorizat
                 )),
             }
         }
-        rules.push(convert_rule(rule, &mut issues));
+        // Fail closed: a value that cannot be enforced never widens access.
+        match (convert_rule(rule), action) {
+            (Ok(r), _) => rules.push(r),
+            (Err(why), pb::Action::Allow) => {
+                issues.push(format!("rule {i} never matches (fail closed): {why}"))
+            }
+            (Err(why), pb::Action::Deny) => {
+                issues.push(format!(
+                    "rule {i} denies every connection in the policy's scope (fail closed): {why}"
+                ));
+                rules.push(pb::Rule { clauses: vec![] });
+            }
+        }
     }
     let has_selector = p
         .spec
@@ -280,9 +318,22 @@ pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Authorizat
             scope: scope(model, &ns, has_selector) as i32,
             action: action as i32,
             rules,
+            dry_run: dry_run(p),
         }),
         issues,
     )
+}
+
+/// Istio's dry-run annotation: the policy is evaluated and logged, never
+/// enforced.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+pub fn dry_run(p: &AuthorizationPolicy) -> bool {
+    p.metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(DRY_RUN_ANNOTATION))
+        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
 }
 
 pub fn peer_auth_policy_name(name: &str) -> String {
@@ -343,6 +394,7 @@ pub fn peer_authentication(
                     matches: vec![deny_plaintext],
                 }],
             }],
+            dry_run: false,
         }),
         issues,
     )
@@ -378,14 +430,18 @@ pub fn authz_json(a: &pb::Authorization) -> serde_json::Value {
             "sourceIps": m.source_ips.iter().map(ip).collect::<Vec<_>>(),
             "notSourceIps": m.not_source_ips.iter().map(ip).collect::<Vec<_>>(),
             "destinationIps": m.destination_ips.iter().map(ip).collect::<Vec<_>>(),
+            "notDestinationIps": m.not_destination_ips.iter().map(ip).collect::<Vec<_>>(),
             "destinationPorts": m.destination_ports,
             "notDestinationPorts": m.not_destination_ports,
+            "serviceAccounts": m.service_accounts.iter().map(|s| format!("{}/{}", s.namespace, s.service_account)).collect::<Vec<_>>(),
+            "notServiceAccounts": m.not_service_accounts.iter().map(|s| format!("{}/{}", s.namespace, s.service_account)).collect::<Vec<_>>(),
         })
     };
     serde_json::json!({
         "name": a.name, "namespace": a.namespace,
         "scope": format!("{:?}", pb::Scope::try_from(a.scope).unwrap_or(pb::Scope::Global)),
         "action": format!("{:?}", pb::Action::try_from(a.action).unwrap_or(pb::Action::Allow)),
+        "dryRun": a.dry_run,
         "rules": a.rules.iter().map(|r| r.clauses.iter().map(|c| c.matches.iter().map(m).collect::<Vec<_>>()).collect::<Vec<_>>()).collect::<Vec<_>>(),
     })
 }

@@ -10,9 +10,12 @@
 //! The waypoint checks L7 fields, but not everything Istio has: request
 //! principals (JWT) and condition keys outside [`CONDITION_KEYS`] it cannot
 //! check, and a value that does not parse it cannot either. Such a field is
-//! treated as Istio's ztunnel treats L7 fields: an ALLOW rule that has one
-//! is dropped (it never matches), a DENY rule is kept without it (it denies
-//! more, never less). Both are reported.
+//! enforced fail closed: an ALLOW rule that has one is dropped (it never
+//! matches). A DENY rule is kept without a field the waypoint cannot check
+//! (it denies more, as Istio's ztunnel treats L7 fields), and becomes a
+//! rule that matches every request in the policy's scope when a value is
+//! invalid (does not parse, or is refused by Istio's validation, such as an
+//! empty `source` or `operation`). All are reported.
 
 use std::net::IpAddr;
 
@@ -193,17 +196,23 @@ fn parse_port(s: &str) -> Option<u32> {
 }
 
 /// Converts one rule. A field the waypoint cannot check (or that does not
-/// parse) is left empty and named in `problems`.
+/// parse) is left empty and named in `problems`; a value that does not
+/// parse (or that Istio's validation refuses) also sets `invalid`.
 struct RuleConverter {
     problems: Vec<String>,
+    invalid: bool,
 }
 
 impl RuleConverter {
+    fn bad(&mut self, problem: String) {
+        self.invalid = true;
+        self.problems.push(problem);
+    }
+
     fn ip_blocks(&mut self, field: &str, v: &[String]) -> Vec<String> {
         match v.iter().find(|s| !valid_ip_block(s)) {
             Some(bad) => {
-                self.problems
-                    .push(format!("{field}: {bad:?} is not an IP address or CIDR"));
+                self.bad(format!("{field}: {bad:?} is not an IP address or CIDR"));
                 Vec::new()
             }
             None => v.to_vec(),
@@ -214,8 +223,7 @@ impl RuleConverter {
         let parsed: Option<Vec<u32>> = v.iter().map(|s| parse_port(s)).collect();
         parsed.unwrap_or_else(|| {
             if let Some(bad) = v.iter().find(|s| parse_port(s).is_none()) {
-                self.problems
-                    .push(format!("{field}: {bad:?} is not a port number"));
+                self.bad(format!("{field}: {bad:?} is not a port number"));
             }
             Vec::new()
         })
@@ -243,8 +251,7 @@ impl RuleConverter {
             return out;
         }
         if !principals.is_empty() {
-            self.problems
-                .push(format!("{accounts_field} cannot be combined with {field}"));
+            self.bad(format!("{accounts_field} cannot be combined with {field}"));
             return out;
         }
         for a in accounts {
@@ -253,8 +260,7 @@ impl RuleConverter {
                     out.push(format!("*/ns/{ns}/sa/{sa}"))
                 }
                 _ => {
-                    self.problems
-                        .push(format!("{accounts_field}: {a:?} is not namespace/name"));
+                    self.bad(format!("{accounts_field}: {a:?} is not namespace/name"));
                     return Vec::new();
                 }
             }
@@ -274,14 +280,16 @@ impl RuleConverter {
             (_, true) => self.ip_blocks(field, blocks),
             (true, false) => self.ip_blocks(remote_field, remote),
             (false, false) => {
-                self.problems
-                    .push(format!("{remote_field} cannot be combined with {field}"));
+                self.bad(format!("{remote_field} cannot be combined with {field}"));
                 self.ip_blocks(field, blocks)
             }
         }
     }
 
     fn source(&mut self, at: &str, s: &Source) -> pb::PolicySource {
+        if *s == Source::default() {
+            self.bad(format!("{at} is empty"));
+        }
         self.unsupported(&format!("{at}.requestPrincipals"), &s.request_principals);
         self.unsupported(
             &format!("{at}.notRequestPrincipals"),
@@ -318,6 +326,9 @@ impl RuleConverter {
     }
 
     fn operation(&mut self, at: &str, o: &Operation) -> pb::PolicyOperation {
+        if *o == Operation::default() {
+            self.bad(format!("{at} is empty"));
+        }
         pb::PolicyOperation {
             hosts: o.hosts.clone(),
             not_hosts: o.not_hosts.clone(),
@@ -350,7 +361,7 @@ impl RuleConverter {
             },
         };
         if c.values.is_empty() && c.not_values.is_empty() {
-            self.problems.push(format!(
+            self.bad(format!(
                 "{at}: {:?} has neither values nor notValues",
                 c.key
             ));
@@ -425,6 +436,7 @@ pub fn convert(p: &AuthorizationPolicy) -> (Option<pb::Policy>, Vec<String>) {
     for (i, r) in p.spec.rules.iter().enumerate() {
         let mut c = RuleConverter {
             problems: Vec::new(),
+            invalid: false,
         };
         let rule = c.rule(r);
         if c.problems.is_empty() {
@@ -436,6 +448,13 @@ pub fn convert(p: &AuthorizationPolicy) -> (Option<pb::Policy>, Vec<String>) {
             pb::PolicyAction::Allow => issues.push(format!(
                 "rule {i} never matches at the waypoint (left out): {problems}"
             )),
+            pb::PolicyAction::Deny if c.invalid => {
+                issues.push(format!(
+                    "rule {i} denies every request in the policy's scope at the waypoint (fail closed): {problems}"
+                ));
+                // An empty rule matches every request.
+                rules.push(pb::PolicyRule::default());
+            }
             pb::PolicyAction::Deny => {
                 issues.push(format!(
                     "rule {i} is enforced at the waypoint without what it cannot check (it denies more): {problems}"
@@ -449,6 +468,7 @@ pub fn convert(p: &AuthorizationPolicy) -> (Option<pb::Policy>, Vec<String>) {
             name: format!("{ns}/{name}"),
             action: action as i32,
             rules,
+            dry_run: super::authz::dry_run(p),
         }),
         issues,
     )
@@ -721,24 +741,23 @@ spec:
         let (out, issues) = convert(&p);
         let out = out.expect("policy");
         assert_eq!(out.action, pb::PolicyAction::Deny as i32);
-        // Every rule is kept, without the field the waypoint cannot check.
         assert_eq!(out.rules.len(), 5, "{out:?}");
+        // Unsupported fields are dropped: the rest of the rule still holds.
         let r0 = &out.rules[0].from[0];
         assert_eq!(r0.namespaces, vec!["shop"]);
         assert!(r0.principals.is_empty());
-        let r1 = &out.rules[1].to[0];
-        assert!(r1.ports.is_empty());
-        assert_eq!(r1.methods, vec!["POST"]);
         let r2 = &out.rules[2].when;
         assert_eq!(r2.len(), 1);
         assert_eq!(r2[0].key, "request.method");
-        assert!(out.rules[3].from[0].ip_blocks.is_empty());
+        // An invalid value (a port name, a /33) makes the rule match every
+        // request (fail closed), not just the rest of its fields.
+        assert_eq!(out.rules[1], pb::PolicyRule::default(), "{out:?}");
+        assert_eq!(out.rules[3], pb::PolicyRule::default(), "{out:?}");
+        assert_ne!(out.rules[4], pb::PolicyRule::default());
         assert_eq!(issues.len(), 4, "{issues:?}");
-        assert!(
-            issues
-                .iter()
-                .all(|i| i.contains("without what it cannot check (it denies more)")),
-            "{issues:?}"
-        );
+        let more = |i: &String| i.contains("without what it cannot check (it denies more)");
+        let all = |i: &String| i.contains("denies every request in the policy's scope");
+        assert!(more(&issues[0]) && more(&issues[2]), "{issues:?}");
+        assert!(all(&issues[1]) && all(&issues[3]), "{issues:?}");
     }
 }

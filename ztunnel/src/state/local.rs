@@ -343,6 +343,7 @@ impl LocalPolicy {
                             .iter()
                             .map(|p| *p as u32)
                             .collect(),
+                        ..Default::default()
                     });
                 }
                 clauses.push(sec::Clause { matches });
@@ -355,6 +356,7 @@ impl LocalPolicy {
             scope: scope as i32,
             action: action as i32,
             rules,
+            dry_run: false,
         })
     }
 }

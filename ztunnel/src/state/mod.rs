@@ -183,6 +183,11 @@ impl Snapshot {
                 Scope::Global => p.namespace == root_namespace || p.namespace.is_empty(),
                 Scope::Namespace => p.namespace == w.namespace,
                 Scope::WorkloadSelector => w.authorization_policies.iter().any(|k| *k == p.key()),
+                Scope::Unknown => {
+                    p.namespace == w.namespace
+                        || p.namespace == root_namespace
+                        || p.namespace.is_empty()
+                }
             })
             .cloned()
             .collect();

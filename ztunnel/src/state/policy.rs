@@ -1,10 +1,17 @@
 //! L4 authorization: the policy types and their evaluation.
 //!
-//! Semantics (Istio's): any matching DENY denies; with no ALLOW policy the
-//! connection is allowed; a matching ALLOW allows; otherwise it is denied.
-//! A policy matches when any rule matches; a rule when all its clauses match;
-//! a clause when any of its matches matches; a match when every populated
-//! field holds (one of its values) and no `not_` field does.
+//! Semantics (Istio's ztunnel): any matching DENY denies; with no ALLOW
+//! policy the connection is allowed; a matching ALLOW allows; otherwise it
+//! is denied. A policy matches when any rule matches (so a policy with no
+//! rules matches nothing); a rule when all its clauses match (so a rule with
+//! no clauses matches everything); a clause when any of its non-empty matches
+//! matches, or when it has no matches at all; a match (with at least one
+//! field set) when every populated field holds (one of its values) and no
+//! `not_` field does. Dry-run policies are evaluated and logged, never
+//! enforced.
+//!
+//! A policy this proxy cannot read is never simply absent: `fail_closed`
+//! builds the stand-in that is enforced instead (see `xds.rs`).
 
 use std::net::IpAddr;
 
@@ -19,6 +26,10 @@ pub enum Scope {
     Global,
     Namespace,
     WorkloadSelector,
+    /// The stand-in for a policy whose scope could not be read: it covers
+    /// its namespace's workloads, and every workload when it is in the root
+    /// namespace (the widest the original can have been).
+    Unknown,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -69,6 +80,20 @@ impl Cidr {
     }
 }
 
+/// A Kubernetes service account: the peer's namespace and name, whatever
+/// its trust domain.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceAccount {
+    pub namespace: String,
+    pub name: String,
+}
+
+impl ServiceAccount {
+    fn matches(&self, id: &Identity) -> bool {
+        id.namespace() == self.namespace && id.service_account() == self.name
+    }
+}
+
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Match {
     pub namespaces: Vec<StringMatch>,
@@ -81,6 +106,10 @@ pub struct Match {
     pub not_destination_ips: Vec<Cidr>,
     pub destination_ports: Vec<u16>,
     pub not_destination_ports: Vec<u16>,
+    #[serde(default)]
+    pub service_accounts: Vec<ServiceAccount>,
+    #[serde(default)]
+    pub not_service_accounts: Vec<ServiceAccount>,
 }
 
 /// What a connection is judged on.
@@ -99,11 +128,34 @@ fn any_or_empty<T>(list: &[T], f: impl Fn(&T) -> bool) -> bool {
 }
 
 impl Match {
+    /// No field set: such a match is skipped (it matches nothing).
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty()
+            && self.not_namespaces.is_empty()
+            && self.principals.is_empty()
+            && self.not_principals.is_empty()
+            && self.source_ips.is_empty()
+            && self.not_source_ips.is_empty()
+            && self.destination_ips.is_empty()
+            && self.not_destination_ips.is_empty()
+            && self.destination_ports.is_empty()
+            && self.not_destination_ports.is_empty()
+            && self.service_accounts.is_empty()
+            && self.not_service_accounts.is_empty()
+    }
+
+    /// Whether every populated field holds. An empty match never matches.
     pub fn matches(&self, c: &Connection<'_>) -> bool {
+        if self.is_empty() {
+            return false;
+        }
         // Identity-based values never match a connection without an identity.
         let ns = |m: &StringMatch| c.src_identity.is_some_and(|i| m.matches(i.namespace()));
         let pr = |m: &StringMatch| c.src_identity.is_some_and(|i| m.matches(i.principal()));
-        any_or_empty(&self.namespaces, ns)
+        let sa = |m: &ServiceAccount| c.src_identity.is_some_and(|i| m.matches(i));
+        any_or_empty(&self.service_accounts, sa)
+            && !self.not_service_accounts.iter().any(sa)
+            && any_or_empty(&self.namespaces, ns)
             && !self.not_namespaces.iter().any(ns)
             && any_or_empty(&self.principals, pr)
             && !self.not_principals.iter().any(pr)
@@ -127,6 +179,12 @@ pub struct Authorization {
     pub action: Action,
     /// OR of rules; each rule an AND of clauses; each clause an OR of matches.
     pub rules: Vec<Vec<Vec<Match>>>,
+    /// Evaluated and logged, never enforced.
+    #[serde(default)]
+    pub dry_run: bool,
+    /// Set on the stand-in for a policy this proxy could not read: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fail_closed: Option<String>,
 }
 
 impl Authorization {
@@ -137,8 +195,37 @@ impl Authorization {
     pub fn matches(&self, c: &Connection<'_>) -> bool {
         self.rules.iter().any(|rule| {
             rule.iter()
-                .all(|clause| clause.iter().any(|m| m.matches(c)))
+                .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(c)))
         })
+    }
+
+    /// The policy enforced in place of one that could not be read (`name`
+    /// is the resource's name, `namespace/name`): an ALLOW that matches
+    /// nothing, or, when even the action is unknown, a DENY of everything in
+    /// its scope. Either way it never grants what the original might not.
+    pub fn fail_closed(
+        name: &str,
+        action: Option<Action>,
+        scope: Option<Scope>,
+        why: String,
+    ) -> Authorization {
+        let (namespace, short) = name.split_once('/').unwrap_or(("", name));
+        let action = action.unwrap_or(Action::Deny);
+        Authorization {
+            name: short.to_string(),
+            namespace: namespace.to_string(),
+            scope: scope.unwrap_or(Scope::Unknown),
+            action,
+            rules: match action {
+                // No rule: this ALLOW matches nothing, yet it is an ALLOW
+                // policy, so what no other ALLOW grants is denied.
+                Action::Allow => vec![],
+                // One rule with no clauses: matches every connection.
+                Action::Deny => vec![vec![]],
+            },
+            dry_run: false,
+            fail_closed: Some(why),
+        }
     }
 
     pub fn from_proto(a: &pb::Authorization) -> Result<Self, ResourceError> {
@@ -178,7 +265,33 @@ impl Authorization {
             scope,
             action,
             rules,
+            dry_run: a.dry_run,
+            fail_closed: None,
         })
+    }
+
+    /// Reads what can still be read of a policy that `from_proto` refused,
+    /// and builds its fail-closed stand-in (`fail_closed`).
+    pub fn fail_closed_from_proto(
+        name: &str,
+        a: Option<&pb::Authorization>,
+        why: String,
+    ) -> Authorization {
+        let action = a.and_then(|a| match pb::Action::try_from(a.action) {
+            Ok(pb::Action::Allow) => Some(Action::Allow),
+            Ok(pb::Action::Deny) => Some(Action::Deny),
+            Err(_) => None,
+        });
+        let scope = a.and_then(|a| match pb::Scope::try_from(a.scope) {
+            Ok(pb::Scope::Global) => Some(Scope::Global),
+            Ok(pb::Scope::Namespace) => Some(Scope::Namespace),
+            Ok(pb::Scope::WorkloadSelector) => Some(Scope::WorkloadSelector),
+            Err(_) => None,
+        });
+        // A dry-run policy decides nothing, so its stand-in decides nothing.
+        let mut p = Authorization::fail_closed(name, action, scope, why);
+        p.dry_run = a.is_some_and(|a| a.dry_run);
+        p
     }
 }
 
@@ -217,8 +330,27 @@ fn port_list(list: &[u32]) -> Result<Vec<u16>, String> {
         .collect()
 }
 
+fn service_accounts(list: &[pb::ServiceAccountMatch]) -> Result<Vec<ServiceAccount>, String> {
+    list.iter()
+        .map(|m| {
+            if m.namespace.is_empty() || m.service_account.is_empty() {
+                return Err(format!(
+                    "service account match {:?}/{:?} is incomplete",
+                    m.namespace, m.service_account
+                ));
+            }
+            Ok(ServiceAccount {
+                namespace: m.namespace.clone(),
+                name: m.service_account.clone(),
+            })
+        })
+        .collect()
+}
+
 fn convert_match(m: &pb::Match) -> Result<Match, String> {
     Ok(Match {
+        service_accounts: service_accounts(&m.service_accounts)?,
+        not_service_accounts: service_accounts(&m.not_service_accounts)?,
         namespaces: strings(&m.namespaces)?,
         not_namespaces: strings(&m.not_namespaces)?,
         principals: strings(&m.principals)?,
@@ -277,6 +409,18 @@ pub fn evaluate<'p>(
     let mut allows = Vec::new();
     let mut allowed_by = None;
     for p in policies {
+        if p.dry_run {
+            if p.matches(c) {
+                tracing::info!(
+                    policy = %p.key(),
+                    action = ?p.action,
+                    src_ip = %c.src_ip,
+                    dst = %std::net::SocketAddr::new(c.dst_ip, c.dst_port),
+                    "dry-run policy matched (not enforced)"
+                );
+            }
+            continue;
+        }
         match p.action {
             Action::Deny if p.matches(c) => return Decision::Denied { policy: p.key() },
             Action::Deny => {}
@@ -317,6 +461,8 @@ mod tests {
             scope: Scope::Namespace,
             action,
             rules: vec![vec![vec![m]]],
+            dry_run: false,
+            fail_closed: None,
         }
     }
 
