@@ -208,6 +208,11 @@ pub struct LabState {
     /// cloud load balancer would: "namespace/gateway:port" -> "127.0.0.1:N".
     #[serde(default)]
     pub published: BTreeMap<String, String>,
+    /// The mesh's `pathNormalization`, written into every waypoint's and
+    /// ingress's config as istiod-lite's `--path-normalization` is on
+    /// Kubernetes; unset, the waypoint's default (BASE).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_normalization: Option<String>,
 }
 
 pub struct Lab {
@@ -920,10 +925,14 @@ impl Lab {
         let gateway = pod.rsplit_once('-').map_or(pod, |(g, _)| g);
         let cip = self.control_ip();
         let cfg = self.dir.join(format!("waypoint-{namespace}-{pod}.yaml"));
+        let mesh = match &self.state.path_normalization {
+            Some(p) => format!("path_normalization: {p}\n"),
+            None => String::new(),
+        };
         std::fs::write(
             &cfg,
             format!(
-                "role: {role}\nnamespace: {namespace}\ngateway: {gateway}\npod_name: {pod}\nservice_account: {service_account}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nxds_address: https://{cip}:15012\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\nlimits:\n  header_read_timeout: 2s\n",
+                "{mesh}role: {role}\nnamespace: {namespace}\ngateway: {gateway}\npod_name: {pod}\nservice_account: {service_account}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nxds_address: https://{cip}:15012\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\nlimits:\n  header_read_timeout: 2s\n",
                 root = self.dir.join("data/root-cert.pem").display(),
                 token = self.dir.join(format!("{}.token", node.name)).display(),
             ),

@@ -266,6 +266,30 @@ async fn an_outside_client_reaches_a_mesh_service_through_the_ingress_gateway() 
         r.stdout,
         r.stderr
     );
+    // Paths are normalized as at a waypoint (the mesh's default, BASE):
+    // the app gets the path the routes saw; a NUL is refused.
+    let r = curl(&[
+        "--path-as-is",
+        "-H",
+        "Host: shop.example.test",
+        &format!("http://{http}/%70lain/./x/%2E%2e/y?q=/../z"),
+    ]);
+    assert!(
+        r.stdout.contains("GET /plain/y?q=/../z\n"),
+        "{} {}",
+        r.stdout,
+        r.stderr
+    );
+    let r = curl(&[
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-H",
+        "Host: shop.example.test",
+        &format!("http://{http}/a%00b"),
+    ]);
+    assert_eq!(r.stdout, "400", "{}", r.stderr);
     let r = curl(&[
         "-o",
         "/dev/null",

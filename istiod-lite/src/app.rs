@@ -48,6 +48,9 @@ pub struct ClusterOptions {
     /// The CA/xDS address waypoints are given, and its certificate's name.
     pub ca_address: String,
     pub ca_server_name: String,
+    /// The mesh's `pathNormalization` (NONE, BASE, MERGE_SLASHES,
+    /// DECODE_AND_MERGE_SLASHES), given to every waypoint.
+    pub path_normalization: String,
 }
 
 #[derive(Debug, Clone)]
@@ -312,6 +315,7 @@ fn start_cluster_writes(
             ca_server_name: c.ca_server_name.clone(),
             trust_domain: o.model.trust_domain.clone(),
             token_audience: c.token_audience.clone(),
+            path_normalization: c.path_normalization.clone(),
             resync: Duration::from_secs(60),
             min_interval: Duration::from_secs(1),
         },

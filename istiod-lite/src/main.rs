@@ -76,6 +76,15 @@ struct Args {
     /// Cluster mode: the address waypoints reach the CA and xDS at.
     #[arg(long, default_value = "https://istiod-lite.istio-system.svc:15012")]
     ca_address: String,
+    /// Cluster mode: Istio's mesh-wide `pathNormalization`, written into
+    /// every waypoint's and ingress's config: how request paths are
+    /// normalized before policy and routing (docs/waypoint.md).
+    #[arg(
+        long,
+        default_value = "BASE",
+        value_parser = ["NONE", "BASE", "MERGE_SLASHES", "DECODE_AND_MERGE_SLASHES"]
+    )]
+    path_normalization: String,
     /// Extra DNS names for the serving certificate.
     #[arg(long = "serving-dns")]
     serving_dns: Vec<String>,
@@ -127,6 +136,7 @@ async fn main() {
                 waypoint_image: a.waypoint_image,
                 ca_address: a.ca_address,
                 ca_server_name: server_name,
+                path_normalization: a.path_normalization,
             }))
         }
     };

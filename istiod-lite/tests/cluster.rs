@@ -395,6 +395,7 @@ fn writer_config() -> WriterConfig {
         ca_server_name: "istiod-lite.istio-system.svc".into(),
         trust_domain: "cluster.local".into(),
         token_audience: "istio-ca".into(),
+        path_normalization: "MERGE_SLASHES".into(),
         resync: Duration::from_secs(3600),
         min_interval: Duration::from_millis(20),
     }
@@ -875,6 +876,11 @@ async fn waypoint_gateways_get_owned_deployments_status_and_cleanup() {
         assert_eq!(
             loaded.ca.token_file.as_deref(),
             Some(std::path::Path::new("/var/run/secrets/tokens/istio-token"))
+        );
+        // The mesh's path normalization reaches every waypoint.
+        assert_eq!(
+            loaded.path_normalization,
+            waypoint::normalize::PathNormalization::MergeSlashes
         );
         assert!(
             waypoint::config::Config::load(&path).is_err(),

@@ -255,7 +255,7 @@ impl App {
         )
         .await
         .map_err(|e| start_err("admin endpoints", e))?;
-        info!(role = ?cfg.role, hbone_addr = ?hbone_addr, %admin_addr, %metrics_addr, %readiness_addr, identity = %waypoint.identity, "waypoint started");
+        info!(role = ?cfg.role, hbone_addr = ?hbone_addr, %admin_addr, %metrics_addr, %readiness_addr, identity = %waypoint.identity, path_normalization = cfg.path_normalization.as_str(), "waypoint started");
         Ok(App {
             waypoint,
             xds,

@@ -5,7 +5,7 @@
 use std::fmt;
 use std::net::IpAddr;
 
-use http::HeaderMap;
+use http::{HeaderMap, HeaderName};
 use mesh_proto::mesh::waypoint as pb;
 
 use crate::routes::RouteError;
@@ -135,8 +135,47 @@ struct Operation {
 #[derive(Debug, Clone)]
 struct Condition {
     key: String,
+    /// For `request.headers[name]`: the name, parsed (so compared without
+    /// case); `Some(None)` when it is not a header name at all.
+    header: Option<Option<HeaderName>>,
     values: Vec<Glob>,
     not_values: Vec<Glob>,
+}
+
+impl Condition {
+    fn new(c: &pb::PolicyCondition) -> Condition {
+        let header = c
+            .key
+            .strip_prefix("request.headers[")
+            .and_then(|s| s.strip_suffix(']'))
+            .map(|h| HeaderName::from_bytes(h.as_bytes()).ok());
+        Condition {
+            key: c.key.clone(),
+            header,
+            values: globs(&c.values),
+            not_values: globs(&c.not_values),
+        }
+    }
+}
+
+/// A header's values as a condition judges them. Repeats are joined with
+/// commas, as Istio does (`x: a` and `x: b` are `a,b`); a DENY also judges
+/// each one alone, since a backend may read only one of them (fail closed:
+/// more DENY matches, never fewer).
+fn header_values(headers: &HeaderMap, name: &HeaderName, deny: bool) -> Vec<String> {
+    let each: Vec<String> = headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        .collect();
+    if each.len() < 2 {
+        return each;
+    }
+    let mut out = vec![each.join(",")];
+    if deny {
+        out.extend(each);
+    }
+    out
 }
 
 #[derive(Debug, Clone, Default)]
@@ -261,24 +300,14 @@ impl Operation {
 impl Condition {
     /// The values of the key for this request; `None` when the key is not
     /// one the waypoint can check here (unknown, or HTTP-only on TCP).
-    fn value(&self, r: &RequestAttrs<'_>) -> Option<Vec<String>> {
-        let k = self.key.as_str();
-        if let Some(h) = k
-            .strip_prefix("request.headers[")
-            .and_then(|s| s.strip_suffix(']'))
-        {
+    fn value(&self, r: &RequestAttrs<'_>, deny: bool) -> Option<Vec<String>> {
+        if let Some(name) = &self.header {
             if !r.http {
                 return None;
             }
-            return Some(
-                r.headers
-                    .get_all(h)
-                    .iter()
-                    .filter_map(|v| v.to_str().ok())
-                    .map(str::to_string)
-                    .collect(),
-            );
+            return Some(header_values(r.headers, name.as_ref()?, deny));
         }
+        let k = self.key.as_str();
         let one = match k {
             "source.principal" => r.principal.unwrap_or("").to_string(),
             "source.namespace" => r.namespace.unwrap_or("").to_string(),
@@ -295,7 +324,7 @@ impl Condition {
     fn matches(&self, r: &RequestAttrs<'_>, deny: bool) -> bool {
         // A condition that cannot be checked never lets an ALLOW match and
         // always lets a DENY match.
-        let Some(vals) = self.value(r) else {
+        let Some(vals) = self.value(r, deny) else {
             return deny;
         };
         let is_ip = matches!(self.key.as_str(), "source.ip" | "remote.ip");
@@ -308,8 +337,21 @@ impl Condition {
             }
             g.matches(v)
         };
-        (self.values.is_empty() || vals.iter().any(|v| self.values.iter().any(|g| m(g, v))))
-            && !vals.iter().any(|v| self.not_values.iter().any(|g| m(g, v)))
+        let holds = |v: &str| {
+            (self.values.is_empty() || self.values.iter().any(|g| m(g, v)))
+                && !self.not_values.iter().any(|g| m(g, v))
+        };
+        if vals.is_empty() {
+            // An absent header: no value to match, none to exclude.
+            return self.values.is_empty();
+        }
+        // One value except for a repeated header: a DENY matches on any of
+        // its readings, an ALLOW on the joined one (the only one it gets).
+        if deny {
+            vals.iter().any(|v| holds(v))
+        } else {
+            vals.iter().all(|v| holds(v))
+        }
     }
 }
 
@@ -367,15 +409,7 @@ impl Policy {
                             not_paths: globs(&o.not_paths),
                         })
                         .collect(),
-                    when: r
-                        .when
-                        .iter()
-                        .map(|c| Condition {
-                            key: c.key.clone(),
-                            values: globs(&c.values),
-                            not_values: globs(&c.not_values),
-                        })
-                        .collect(),
+                    when: r.when.iter().map(Condition::new).collect(),
                 })
             })
             .collect::<Result<_, RouteError>>()?;
@@ -495,6 +529,96 @@ mod tests {
             evaluate(&ps, &attrs("GET", "/", &h)),
             Decision::Denied("DENY policy shop/no-test".into())
         );
+    }
+
+    fn when(action: pb::PolicyAction, key: &str, values: &[&str], not: &[&str]) -> Policy {
+        policy(
+            "shop/h",
+            action,
+            vec![pb::PolicyRule {
+                when: vec![pb::PolicyCondition {
+                    key: key.into(),
+                    values: values.iter().map(|v| v.to_string()).collect(),
+                    not_values: not.iter().map(|v| v.to_string()).collect(),
+                }],
+                ..Default::default()
+            }],
+        )
+    }
+
+    fn allowed(p: Policy, h: &HeaderMap) -> bool {
+        evaluate(&[p], &attrs("GET", "/", h)).is_allowed()
+    }
+
+    #[test]
+    fn header_conditions_ignore_name_case_and_join_repeats() {
+        use pb::PolicyAction::{Allow, Deny};
+        let mut h = HeaderMap::new();
+        h.append("x-role", "admin".parse().expect("value"));
+        // The name in the key compares without case.
+        assert!(allowed(
+            when(Allow, "request.headers[X-Role]", &["admin"], &[]),
+            &h
+        ));
+        assert!(!allowed(
+            when(Deny, "request.headers[X-ROLE]", &["admin"], &[]),
+            &h
+        ));
+        // Repeats are one value joined with commas, as Istio does.
+        h.append("x-role", "guest".parse().expect("value"));
+        assert!(!allowed(
+            when(Allow, "request.headers[X-Role]", &["admin"], &[]),
+            &h
+        ));
+        assert!(allowed(
+            when(Allow, "request.headers[x-role]", &["admin,guest"], &[]),
+            &h
+        ));
+        assert!(allowed(
+            when(Allow, "request.headers[x-role]", &["admin*"], &[]),
+            &h
+        ));
+        assert!(!allowed(
+            when(Allow, "request.headers[x-role]", &["*"], &["*guest"]),
+            &h
+        ));
+        assert!(!allowed(
+            when(Deny, "request.headers[x-role]", &["admin,guest"], &[]),
+            &h
+        ));
+        // A DENY also judges each repeat alone (a backend may read just one).
+        assert!(!allowed(
+            when(Deny, "request.headers[x-role]", &["guest"], &[]),
+            &h
+        ));
+        assert!(!allowed(
+            when(Deny, "request.headers[x-role]", &[], &["admin"]),
+            &h
+        ));
+        assert!(allowed(
+            when(Deny, "request.headers[x-role]", &["root"], &[]),
+            &h
+        ));
+        // Absent: no value matches, none is excluded.
+        let none = HeaderMap::new();
+        assert!(!allowed(
+            when(Allow, "request.headers[x-role]", &["*"], &[]),
+            &none
+        ));
+        assert!(!allowed(
+            when(Deny, "request.headers[x-role]", &[], &["admin"]),
+            &none
+        ));
+        // A key that names no header can never be checked: ALLOW never
+        // matches, DENY always does.
+        assert!(!allowed(
+            when(Allow, "request.headers[x role]", &[], &["a"]),
+            &h
+        ));
+        assert!(!allowed(
+            when(Deny, "request.headers[x role]", &["a"], &[]),
+            &h
+        ));
     }
 
     #[test]

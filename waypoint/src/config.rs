@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::Deserialize;
 use ztunnel::config::{CaConfig, ConfigError, H2Config, PoolConfig, load_yaml};
 
+use crate::normalize::PathNormalization;
+
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Role {
@@ -75,6 +77,11 @@ pub struct Config {
     pub h2: H2Config,
     #[serde(default)]
     pub limits: Limits,
+    /// Istio's mesh-wide `pathNormalization`: how request paths are
+    /// normalized before policy and routing, and as sent on (`NONE`,
+    /// `BASE` (the default), `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES`).
+    #[serde(default)]
+    pub path_normalization: PathNormalization,
     /// OTLP/HTTP collector base URL (e.g. http://10.0.0.5:4318); spans are
     /// exported only when set.
     #[serde(default)]

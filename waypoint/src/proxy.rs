@@ -44,6 +44,7 @@ use crate::config::Config;
 use crate::h1guard::{self, Framing, Scanner, Verdicts};
 use crate::ingress::{self, IngressTable};
 use crate::lb::Balancer;
+use crate::normalize;
 use crate::ratelimit::{RateLimiter, Verdict, retry_after_secs};
 use crate::routes::{
     Backend, BackendPolicy, PortProtocol, RequestView, Route, RouteTable, ServiceConfig, StrMatch,
@@ -184,30 +185,6 @@ fn edit_headers(h: &mut HeaderMap, e: &pb::HeaderEdit) {
     for n in &e.remove {
         h.remove(n.as_str());
     }
-}
-
-/// The path as policies and routes see it, and as it goes upstream:
-/// `%2e` decoded, dot segments resolved (RFC 3986 5.2.4) and repeated
-/// slashes merged, so `/x/../admin`, `//admin` and `/%2e%2e/admin` are all
-/// `/admin` (a server behind would read them so; a policy must too).
-fn normalize_path(path: &str) -> String {
-    let decoded = path.replace("%2e", ".").replace("%2E", ".");
-    let mut out: Vec<&str> = Vec::new();
-    for seg in decoded.split('/') {
-        match seg {
-            "" | "." => {}
-            ".." => {
-                out.pop();
-            }
-            s => out.push(s),
-        }
-    }
-    let trailing = decoded.ends_with('/') && !out.is_empty();
-    let mut p = format!("/{}", out.join("/"));
-    if (trailing || decoded.ends_with("/.") || decoded.ends_with("/..")) && !p.ends_with('/') {
-        p.push('/');
-    }
-    p
 }
 
 /// The rewritten path for a `ReplacePrefixMatch` or `ReplaceFullPath`.
@@ -966,28 +943,11 @@ impl Waypoint {
             return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route for this host\n"));
         }
         let (mut parts, body) = req.into_parts();
-        // One path for policy, routing and upstream.
-        let normalized = normalize_path(parts.uri.path());
-        if normalized != parts.uri.path() {
-            let pq = match parts.uri.query() {
-                Some(q) => format!("{normalized}?{q}"),
-                None => normalized.clone(),
-            };
-            let mut up = parts.uri.clone().into_parts();
-            match pq.parse() {
-                Ok(v) => up.path_and_query = Some(v),
-                Err(_) => {
-                    rec.detail = format!("path {:?} does not normalize", parts.uri.path());
-                    return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::None, "bad path\n"));
-                }
-            }
-            match Uri::from_parts(up) {
-                Ok(u) => parts.uri = u,
-                Err(_) => {
-                    rec.detail = format!("path {:?} does not normalize", parts.uri.path());
-                    return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::None, "bad path\n"));
-                }
-            }
+        // One path for policy, routing and upstream, normalized as Istio
+        // does; what Istio refuses is refused here.
+        if let Err(e) = normalize::request(&mut parts, self.cfg.path_normalization) {
+            rec.detail = e.to_string();
+            return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::None, "bad request\n"));
         }
 
         // Content-Length with Transfer-Encoding is how requests are
@@ -1963,16 +1923,6 @@ mod tests {
             kind: Some(pb::path_modifier::Kind::ReplaceFullPath("/new".into())),
         };
         assert_eq!(modify_path("/foo/bar", &full, Some("/foo")), "/new");
-    }
-
-    #[test]
-    fn paths_are_normalized_before_policy_and_routing() {
-        assert_eq!(normalize_path("/x/../admin"), "/admin");
-        assert_eq!(normalize_path("//admin"), "/admin");
-        assert_eq!(normalize_path("/%2e%2e/admin"), "/admin");
-        assert_eq!(normalize_path("/a/./b/"), "/a/b/");
-        assert_eq!(normalize_path("/../.."), "/");
-        assert_eq!(normalize_path("/orders"), "/orders");
     }
 
     #[test]

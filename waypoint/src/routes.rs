@@ -630,6 +630,31 @@ mod tests {
     }
 
     #[test]
+    fn header_matches_ignore_name_case_and_join_repeats() {
+        let routes = pb::ServiceRoutes {
+            routes: vec![pb::Route {
+                name: "shop/r/0".into(),
+                request_match: Some(pb::RouteMatch {
+                    headers: vec![pb::HeaderMatch {
+                        name: "X-Version".into(),
+                        value: sm(pb::string_match::Kind::Exact("v1,v2".into())),
+                    }],
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let s = ServiceConfig::compile("shop/r.shop.svc.cluster.local", &routes).expect("compiles");
+        let get = Method::GET;
+        let mut h = HeaderMap::new();
+        h.append("x-version", "v1".parse().expect("value"));
+        assert_eq!(name_of(&s, &view(&get, "/", None, &h)), "default");
+        h.append("x-version", "v2".parse().expect("value"));
+        assert_eq!(name_of(&s, &view(&get, "/", None, &h)), "shop/r/0");
+    }
+
+    #[test]
     fn first_matching_route_wins_and_unmatched_go_to_the_service() {
         let routes = pb::ServiceRoutes {
             hostname: "r.shop.svc.cluster.local".into(),

@@ -63,6 +63,8 @@ pub struct WriterConfig {
     pub ca_server_name: String,
     pub trust_domain: String,
     pub token_audience: String,
+    /// The mesh's `pathNormalization`, written into every waypoint config.
+    pub path_normalization: String,
     /// Forget what was applied and apply everything again this often.
     pub resync: Duration,
     /// At most one reconcile per this interval (a burst of changes costs one).
@@ -361,8 +363,10 @@ impl Writer {
             "namespace: {ns}\ngateway: {name}\nservice_account: {name}\ntrust_domain: {td}\n\
              ca:\n  address: {addr}\n  server_name: {sn}\n  root_cert: {ROOT_DIR}/{ROOT_CONFIGMAP_KEY}\n  token_file: {TOKEN_DIR}/istio-token\n\
              xds_address: {addr}\nhbone_addr: 0.0.0.0:15008\nadmin_addr: 127.0.0.1:15000\n\
-             metrics_addr: 0.0.0.0:15020\nreadiness_addr: 0.0.0.0:15021\n",
+             metrics_addr: 0.0.0.0:15020\nreadiness_addr: 0.0.0.0:15021\n\
+             path_normalization: {pn}\n",
             td = self.cfg.trust_domain,
+            pn = self.cfg.path_normalization,
             addr = self.cfg.ca_address,
             sn = self.cfg.ca_server_name,
         )
