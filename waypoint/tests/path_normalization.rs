@@ -147,6 +147,7 @@ fn deny(paths: Vec<String>) -> Policy {
             }],
             ..Default::default()
         }],
+        dry_run: false,
     })
     .expect("compiles")
 }
