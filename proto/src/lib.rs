@@ -56,5 +56,10 @@ pub const AUTHORIZATION_TYPE_URL: &str = "type.googleapis.com/istio.security.Aut
 pub const SERVICE_ROUTES_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.ServiceRoutes";
 /// xDS type URL of `mesh.waypoint.Ingress`: one ingress gateway's listeners.
 pub const INGRESS_TYPE_URL: &str = "type.googleapis.com/mesh.waypoint.Ingress";
+/// Name prefix of the `ServiceRoutes` resource a waypoint gets for its own
+/// Gateway (`gateway:<namespace>/<name>`): the policies attached to the
+/// Gateway, which apply to everything it serves, pod-addressed traffic
+/// included.
+pub const WAYPOINT_GATEWAY_PREFIX: &str = "gateway:";
 /// Metadata key in a CSR request naming the identity a node proxy asks for.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";

@@ -421,6 +421,19 @@ impl Policy {
         })
     }
 
+    /// The policy enforced in place of one that does not compile: an ALLOW
+    /// that matches nothing (what no other ALLOW grants is denied), or a
+    /// DENY of every request. Never absent, so never wider than the original.
+    pub fn fail_closed(p: &pb::Policy) -> Policy {
+        let allow = pb::PolicyAction::try_from(p.action) == Ok(pb::PolicyAction::Allow);
+        Policy {
+            name: p.name.clone(),
+            action: if allow { Action::Allow } else { Action::Deny },
+            rules: if allow { vec![] } else { vec![Rule::default()] },
+            dry_run: p.dry_run,
+        }
+    }
+
     fn matches(&self, r: &RequestAttrs<'_>) -> bool {
         let deny = self.action == Action::Deny;
         self.rules.iter().any(|rule| rule.matches(r, deny))

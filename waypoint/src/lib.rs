@@ -40,6 +40,7 @@ macro_rules! forward_async_write {
 }
 
 pub mod app;
+pub mod attach;
 pub mod authz;
 pub mod body;
 pub mod config;

@@ -38,6 +38,7 @@ use ztunnel::proxy::pool::PoolKey;
 use ztunnel::state::{ProxyState, ServiceEntry, TunnelProtocol, Workload};
 use ztunnel::tls::{handshake_failure, peer_identity, server_config};
 
+use crate::attach;
 use crate::authz::{self, RequestAttrs};
 use crate::body::{OnEnd, RespBody};
 use crate::config::Config;
@@ -669,17 +670,13 @@ impl Waypoint {
             }
         };
         let snap = self.state.snapshot();
-        // A service VIP, or a pod IP for a workload that uses this waypoint.
-        let service_key = if let Some(svc) = snap.service_by_vip(&self.cfg.network, target.ip()) {
-            svc.service.key()
-        } else if let Some(w) = snap
-            .workload_by_ip(&self.cfg.network, target.ip())
-            .filter(|w| w.waypoint.is_some())
-        {
-            format!("{WORKLOAD_KEY}{}", w.uid)
-        } else {
-            info!(%peer, %target, identity = %src, "HBONE target is not a service or workload this waypoint serves (400)");
-            return respond.refuse(StatusCode::BAD_REQUEST);
+        // Only a destination that names this waypoint (attach.rs).
+        let service_key = match attach::serves(&snap, &self.routes, &self.cfg, target.ip()) {
+            Ok(k) => k,
+            Err(refusal) => {
+                info!(%peer, %target, identity = %src, reason = %refusal, "HBONE target refused ({})", refusal.status().as_u16());
+                return respond.refuse(refusal.status());
+            }
         };
         let src_workload = snap.workload_by_ip(&self.cfg.network, peer.ip()).cloned();
         drop(snap);
@@ -800,8 +797,9 @@ impl Waypoint {
             io.inner.reset();
             return info!(peer = %ds.peer, service = %ds.service_key, "TCP: destination is gone");
         };
-        // The service's policies apply to opaque TCP too, on what TCP has.
-        if let Some(svc) = self.routes.get(&ds.service_key) {
+        // The destination's policies apply to opaque TCP too, on what TCP has.
+        {
+            let svc = attach::config(&self.routes, &self.cfg, &ds.service_key);
             let headers = HeaderMap::new();
             let decision = authz::evaluate(
                 &svc.policies,
@@ -926,9 +924,7 @@ impl Waypoint {
                 None => (Arc::new(ServiceConfig::default_for(&ds.service_key)), true),
             },
             None => (
-                self.routes
-                    .get(&ds.service_key)
-                    .unwrap_or_else(|| Arc::new(ServiceConfig::default_for(&ds.service_key))),
+                attach::config(&self.routes, &self.cfg, &ds.service_key),
                 false,
             ),
         };

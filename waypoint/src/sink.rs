@@ -1,17 +1,21 @@
 //! What the waypoint takes from the controller: workloads and services
 //! (its endpoints) into a ztunnel proxy state, and `ServiceRoutes` into the
 //! route table; in the ingress role, its Gateway's `Ingress` instead of
-//! routes. A resource that does not compile is rejected by name; the rest
-//! of the response still applies, and a rejected one keeps its last good
-//! version.
+//! routes. A resource that does not compile is rejected by name (NACK); the
+//! rest of the response still applies. A rejected one never leaves stale or
+//! missing policies behind: a policy that does not compile is enforced as
+//! its fail-closed stand-in (`Policy::fail_closed`), routes that do not
+//! compile keep their last good version beside the new policies, and a
+//! resource that does not even decode denies every request for its service.
 
 use mesh_proto::envoy::service::discovery::v3::Resource;
 use mesh_proto::mesh::waypoint::{Ingress, ServiceRoutes};
 use mesh_proto::{ADDRESS_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use prost::Message;
-use tracing::info;
+use tracing::{info, warn};
 use ztunnel::xds::{StateSink, XdsSink};
 
+use crate::authz::Policy;
 use crate::config::Role;
 use crate::ingress::{self, IngressConfig, IngressTable};
 use crate::routes::{RouteTable, ServiceConfig};
@@ -34,16 +38,12 @@ impl WaypointSink {
         let mut add = Vec::with_capacity(resources.len());
         let mut rejected = Vec::new();
         for r in resources {
-            let compiled = match &r.resource {
-                None => Err("resource has no body".to_string()),
-                Some(any) => ServiceRoutes::decode(any.value.as_slice())
-                    .map_err(|e| e.to_string())
-                    .and_then(|s| ServiceConfig::compile(&r.name, &s).map_err(|e| e.to_string())),
-            };
-            match compiled {
-                Ok(c) => add.push(c),
-                Err(e) => rejected.push((r.name.clone(), e)),
+            let (config, error) = compile_fail_closed(r, self.routes.get(&r.name).as_deref());
+            if let Some(e) = error {
+                warn!(resource = %r.name, error = %e, "routes refused; enforcing fail closed");
+                rejected.push((r.name.clone(), e));
             }
+            add.push(config);
         }
         self.routes.update(add, removed);
         rejected
@@ -95,6 +95,59 @@ impl WaypointSink {
         }
         rejected
     }
+}
+
+/// A `ServiceRoutes` resource as the waypoint will enforce it, and why it
+/// was refused if it was. `previous` is what the waypoint holds for it.
+fn compile_fail_closed(
+    r: &Resource,
+    previous: Option<&ServiceConfig>,
+) -> (ServiceConfig, Option<String>) {
+    let base = |policies: Vec<Policy>| {
+        let mut c = previous
+            .cloned()
+            .unwrap_or_else(|| ServiceConfig::default_for(&r.name));
+        c.policies = policies;
+        c
+    };
+    let decoded = match &r.resource {
+        None => Err("resource has no body".to_string()),
+        Some(any) => ServiceRoutes::decode(any.value.as_slice()).map_err(|e| e.to_string()),
+    };
+    let mut s = match decoded {
+        Ok(s) => s,
+        Err(e) => {
+            // Nothing of the new version is known: deny every request.
+            let deny = Policy::fail_closed(&mesh_proto::mesh::waypoint::Policy {
+                name: format!("{} (unreadable)", r.name),
+                action: mesh_proto::mesh::waypoint::PolicyAction::Deny as i32,
+                ..Default::default()
+            });
+            return (base(vec![deny]), Some(e));
+        }
+    };
+    let mut errors = Vec::new();
+    let policies: Vec<Policy> = std::mem::take(&mut s.policies)
+        .iter()
+        .map(|p| {
+            Policy::compile(p).unwrap_or_else(|e| {
+                errors.push(e.to_string());
+                Policy::fail_closed(p)
+            })
+        })
+        .collect();
+    let config = match ServiceConfig::compile(&r.name, &s) {
+        Ok(mut c) => {
+            c.policies = policies;
+            c
+        }
+        Err(e) => {
+            errors.push(e.to_string());
+            base(policies)
+        }
+    };
+    let error = (!errors.is_empty()).then(|| errors.join("; "));
+    (config, error)
 }
 
 impl XdsSink for WaypointSink {

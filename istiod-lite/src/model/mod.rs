@@ -164,6 +164,8 @@ enum Source {
     PeerAuth(NsName),
     Routes(NsName),
     Ingress(NsName),
+    /// A waypoint Gateway's own `ServiceRoutes` (its policies).
+    Waypoint(NsName),
 }
 
 fn ns_name(k: &ObjectKey) -> NsName {
@@ -199,6 +201,8 @@ struct Dirty {
     peer_auths: bool,
     /// Every ingress Gateway (they depend on most kinds; there are few).
     ingresses: bool,
+    /// Every waypoint Gateway's own resource (its policies; there are few).
+    waypoints: bool,
     /// See [`Delta::gateway_proxies`].
     gateway_proxies: bool,
 }
@@ -348,6 +352,7 @@ impl Model {
                 self.mark_ns(&key.name, d);
                 d.policies.extend(in_ns(&self.authz_policies, &key.name));
                 d.peer_auths = true;
+                d.waypoints = true;
                 // Namespace labels decide which routes an ingress admits.
                 d.ingresses = true;
             }
@@ -393,6 +398,7 @@ impl Model {
                 // address every service using that waypoint publishes.
                 if self.gateways.contains_key(&nn) {
                     d.services.extend(in_ns(&self.services, &nn.0));
+                    d.waypoints = true;
                 }
                 d.ingresses = true;
             }
@@ -411,6 +417,7 @@ impl Model {
                 self.mark_ns(&nn.0, d);
                 d.gateway_proxies = true;
                 d.ingresses = true;
+                d.waypoints = true;
             }
             Kind::AuthorizationPolicy => {
                 let old = match obj {
@@ -420,6 +427,7 @@ impl Model {
                     _ => self.authz_policies.remove(&nn),
                 };
                 d.policies.insert(nn.clone());
+                d.waypoints = true;
                 // A policy with targets (before or after) is in the waypoint
                 // routes of its namespace's services (every service's, from
                 // the root namespace).
@@ -670,6 +678,9 @@ impl Model {
         if d.ingresses {
             self.recompute_ingresses(&mut delta);
         }
+        if d.waypoints {
+            self.recompute_waypoint_gateways(&mut delta);
+        }
         for key in d.policies {
             let label = format!("AuthorizationPolicy/{}/{}", key.0, key.1);
             let (out, reasons) = match self.authz_policies.get(&key) {
@@ -709,6 +720,49 @@ impl Model {
             }
         }
         delta
+    }
+
+    /// Every waypoint Gateway's own resource: the policies attached to the
+    /// Gateway (and, from the root namespace, to every waypoint), which
+    /// the waypoint applies to what it serves by pod address. Gated like a
+    /// service's routes: only that Gateway's pods receive it.
+    fn recompute_waypoint_gateways(&mut self, delta: &mut Delta) {
+        let keys: BTreeSet<NsName> = self
+            .produced
+            .keys()
+            .filter_map(|s| match s {
+                Source::Waypoint(k) => Some(k.clone()),
+                _ => None,
+            })
+            .chain(
+                self.gateways
+                    .iter()
+                    .filter(|(_, g)| g.spec.gateway_class_name == WAYPOINT_CLASS)
+                    .map(|(k, _)| k.clone()),
+            )
+            .collect();
+        for key in keys {
+            let name = format!("{}{}/{}", mesh_proto::WAYPOINT_GATEWAY_PREFIX, key.0, key.1);
+            let is_waypoint = self
+                .gateways
+                .get(&key)
+                .is_some_and(|g| g.spec.gateway_class_name == WAYPOINT_CLASS);
+            let out = is_waypoint.then(|| {
+                let r = mesh_proto::mesh::waypoint::ServiceRoutes {
+                    hostname: workload::hostname(self, &key.0, &key.1),
+                    namespace: key.0.clone(),
+                    policies: waypoint::gateway_policies(self, &key),
+                    ..Default::default()
+                };
+                (name.clone(), r.encode_to_vec())
+            });
+            if out.is_some() {
+                self.route_waypoints.insert(name, key.clone());
+            } else {
+                self.route_waypoints.remove(&name);
+            }
+            self.set_output(SERVICE_ROUTES_TYPE_URL, Source::Waypoint(key), out, delta);
+        }
     }
 
     /// Every ingress Gateway's resource, listener status and issues; and

@@ -100,9 +100,13 @@ fn attached(model: &Model, p_ns: &str, p: &AuthorizationPolicy, svc: &NsName, gw
 /// by name ("namespace/name"). Policies that cannot be served (AUDIT,
 /// CUSTOM) are left out; their issues are reported with the policy.
 pub fn policies(model: &Model, svc: &NsName, gw: &NsName) -> Vec<pb::Policy> {
-    let mut namespaces = vec![svc.0.as_str()];
-    if model.cfg.root_namespace != svc.0 {
-        namespaces.push(model.cfg.root_namespace.as_str());
+    // Policies attach in their own namespace: the Gateway's, the
+    // Service's, or the root namespace (GatewayClass-wide).
+    let mut namespaces = vec![gw.0.as_str()];
+    for ns in [svc.0.as_str(), model.cfg.root_namespace.as_str()] {
+        if !ns.is_empty() && !namespaces.contains(&ns) {
+            namespaces.push(ns);
+        }
     }
     let mut out: Vec<pb::Policy> = namespaces
         .into_iter()
@@ -117,6 +121,16 @@ pub fn policies(model: &Model, svc: &NsName, gw: &NsName) -> Vec<pb::Policy> {
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
+}
+
+/// The policies attached to waypoint Gateway `gw` itself (targetRefs to
+/// the Gateway, or from the root namespace to the waypoint GatewayClass),
+/// sorted by name: what applies to everything the waypoint serves, pod-
+/// addressed traffic included. Service-targeted policies are not here.
+pub fn gateway_policies(model: &Model, gw: &NsName) -> Vec<pb::Policy> {
+    // No Service has an empty namespace, so no Service target matches.
+    let none: NsName = (String::new(), String::new());
+    policies(model, &none, gw)
 }
 
 /// Problems with what a policy is attached to (only for policies that
