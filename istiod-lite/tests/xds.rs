@@ -134,6 +134,9 @@ async fn serve(yaml: &str) -> (Arc<Hub>, SocketAddr) {
 struct Proxy {
     tx: mpsc::Sender<DeltaDiscoveryRequest>,
     rx: tonic::Streaming<DeltaDiscoveryResponse>,
+    /// Names of the waypoint Gateway resources (`gateway:ns/name`) this
+    /// proxy holds, kept apart from the services' routes.
+    gateways: std::collections::BTreeSet<String>,
 }
 
 fn subscribe(type_url: &str) -> DeltaDiscoveryRequest {
@@ -173,7 +176,11 @@ impl Proxy {
             .await
             .unwrap()
             .into_inner();
-        Proxy { tx, rx }
+        Proxy {
+            tx,
+            rx,
+            gateways: Default::default(),
+        }
     }
 
     async fn send(&self, req: DeltaDiscoveryRequest) {
@@ -195,19 +202,30 @@ impl Proxy {
         }
     }
 
-    /// The next response must be ServiceRoutes: (names sent, names removed).
+    /// The next response must be ServiceRoutes: (services' routes sent,
+    /// their names removed). The Gateway's own resource goes to `gateways`.
     async fn routes(&mut self) -> (Vec<ServiceRoutes>, Vec<String>) {
         let r = self.next().await;
         assert_eq!(r.type_url, SERVICE_ROUTES_TYPE_URL, "{r:?}");
-        let sent = r
-            .resources
-            .iter()
-            .map(|r| {
-                let any = r.resource.as_ref().expect("body");
-                ServiceRoutes::decode(any.value.as_slice()).expect("decodes")
-            })
-            .collect();
-        (sent, r.removed_resources)
+        let gw = |n: &str| n.starts_with(mesh_proto::WAYPOINT_GATEWAY_PREFIX);
+        let mut sent = Vec::new();
+        for res in &r.resources {
+            if gw(&res.name) {
+                self.gateways.insert(res.name.clone());
+                continue;
+            }
+            let any = res.resource.as_ref().expect("body");
+            sent.push(ServiceRoutes::decode(any.value.as_slice()).expect("decodes"));
+        }
+        let mut removed = Vec::new();
+        for n in r.removed_resources {
+            if gw(&n) {
+                self.gateways.remove(&n);
+            } else {
+                removed.push(n);
+            }
+        }
+        (sent, removed)
     }
 }
 
@@ -260,6 +278,11 @@ async fn only_a_waypoint_gets_routes_and_only_for_its_own_services() {
     .await;
     let (sent, _) = a.routes().await;
     assert_eq!(keys(&sent), vec![WEB]);
+    // And its own Gateway's resource, no other Gateway's.
+    assert_eq!(
+        a.gateways.iter().collect::<Vec<_>>(),
+        vec!["gateway:shop/wp-a"]
+    );
     let web_routes = &sent[0];
     let ports: Vec<(u32, i32)> = web_routes
         .ports
@@ -344,6 +367,7 @@ spec: {gatewayClassName: istio, listeners: [{name: http, port: 80, protocol: HTT
     let (sent, removed) = early.routes().await;
     assert!(sent.is_empty(), "{sent:?}");
     assert_eq!(removed, vec![WEB]);
+    assert!(early.gateways.is_empty(), "{:?}", early.gateways);
 }
 
 const INGRESS: &str = r#"
