@@ -44,8 +44,14 @@ impl Glob {
 
     /// Hosts compare without case and without a port.
     fn matches_host(&self, host: &str) -> bool {
+        // `Host.` and `Host` name the same host.
         let h = host.to_ascii_lowercase();
         let bare = h.rsplit_once(':').map(|(h, _)| h).unwrap_or(&h);
+        let bare = bare.strip_suffix('.').unwrap_or(bare);
+        let h = match h.rsplit_once(':') {
+            Some((n, p)) if n.ends_with('.') => format!("{}:{p}", &n[..n.len() - 1]),
+            _ => h.strip_suffix('.').unwrap_or(&h).to_string(),
+        };
         let lower = |g: &Glob| match g {
             Glob::Exact(s) => Glob::Exact(s.to_ascii_lowercase()),
             Glob::Prefix(s) => Glob::Prefix(s.to_ascii_lowercase()),
@@ -699,6 +705,19 @@ mod tests {
         );
         let h = HeaderMap::new();
         assert!(evaluate(std::slice::from_ref(&p), &attrs("GET", "/", &h)).is_allowed());
+        // A trailing dot names the same host (with or without a port).
+        for host in [
+            "orders.shop.svc.cluster.local.",
+            "orders.shop.svc.cluster.local.:80",
+            "ORDERS.shop.svc.cluster.local",
+        ] {
+            let mut a = attrs("GET", "/", &h);
+            a.host = host;
+            assert!(
+                evaluate(std::slice::from_ref(&p), &a).is_allowed(),
+                "{host}"
+            );
+        }
         let mut a = attrs("GET", "/", &h);
         a.source_ip = "10.2.0.1".parse().expect("ip");
         assert!(!evaluate(&[p], &a).is_allowed());

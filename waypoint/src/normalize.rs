@@ -70,6 +70,10 @@ pub enum RequestError {
     MethodCase(String),
     #[error("path {path:?} normalizes to {normalized:?}, which is not a request target")]
     Unusable { path: String, normalized: String },
+    #[error("host {0:?} is not a host[:port] (no userinfo, path, query or fragment)")]
+    BadHost(String),
+    #[error("more than one Host header")]
+    HostRepeated,
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -145,7 +149,18 @@ fn decode(path: &str, slashes: bool) -> Vec<u8> {
             i += 3;
             continue;
         }
-        out.push(if c == b'\\' { b'/' } else { c });
+        if c >= 0x80 {
+            // A raw non-ASCII byte is spelled as its escape, so a policy on
+            // the encoded form holds for the raw one (the backend decodes
+            // both to the same path).
+            out.extend_from_slice(&[
+                b'%',
+                HEX_UPPER[(c >> 4) as usize],
+                HEX_UPPER[(c & 15) as usize],
+            ]);
+        } else {
+            out.push(if c == b'\\' { b'/' } else { c });
+        }
         i += 1;
     }
     out
@@ -195,6 +210,31 @@ fn merge_slashes(mut p: Vec<u8>) -> Vec<u8> {
     p
 }
 
+/// The host a request names (the URI's authority, else its one Host
+/// header) is a plain `host[:port]`: a Host like `orders/admin#` would be
+/// judged as host plus path here yet rebuilt upstream as another path, and
+/// userinfo (`u@host`) hides the host from `hosts` matches.
+fn check_host(parts: &Parts) -> Result<(), RequestError> {
+    let mut headers = parts.headers.get_all(http::header::HOST).iter();
+    let header = headers.next();
+    if headers.next().is_some() {
+        return Err(RequestError::HostRepeated);
+    }
+    let host = match (parts.uri.authority(), header) {
+        (Some(a), _) => a.as_str(),
+        (None, Some(h)) => h
+            .to_str()
+            .map_err(|_| RequestError::BadHost(String::from_utf8_lossy(h.as_bytes()).into()))?,
+        (None, None) => return Ok(()),
+    };
+    let bad = || RequestError::BadHost(host.to_string());
+    let parsed: http::uri::Authority = host.parse().map_err(|_| bad())?;
+    if host.contains('@') || parsed.as_str() != host || parsed.host().is_empty() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
 /// The path as `how` normalizes it, or why the request is refused.
 pub fn normalize_path(path: &str, how: PathNormalization) -> Result<Cow<'_, str>, RequestError> {
     check_escapes(path)?;
@@ -230,6 +270,7 @@ pub fn request(parts: &mut Parts, how: PathNormalization) -> Result<(), RequestE
     if method.bytes().any(|b| b.is_ascii_lowercase()) {
         return Err(RequestError::MethodCase(method.to_string()));
     }
+    check_host(parts)?;
     let path = parts.uri.path();
     let normalized = normalize_path(path, how)?;
     if normalized == path {
@@ -403,6 +444,52 @@ mod tests {
             request(&mut p, None),
             Err(RequestError::Nul { .. })
         ));
+    }
+
+    #[test]
+    fn a_host_is_a_plain_authority() {
+        let with_host = |h: &[&str]| {
+            let mut p = parts("GET", "/public");
+            for v in h {
+                p.headers
+                    .append(http::header::HOST, v.parse().expect("value"));
+            }
+            request(&mut p, Base)
+        };
+        assert!(with_host(&["orders.shop"]).is_ok());
+        assert!(with_host(&["orders.shop:8080"]).is_ok());
+        assert!(with_host(&["[fd00::1]:80"]).is_ok());
+        assert!(with_host(&[]).is_ok());
+        // A path, query or fragment in the Host would move into the path of
+        // the URI rebuilt upstream; userinfo hides the host.
+        for bad in [
+            "orders/admin#",
+            "orders?x",
+            "orders#/x",
+            "u@orders",
+            "",
+            ":80",
+        ] {
+            assert!(
+                matches!(with_host(&[bad]), Err(RequestError::BadHost(_))),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(with_host(&["a", "b"]), Err(RequestError::HostRepeated));
+        let mut p = parts("GET", "http://u@orders.shop/x");
+        assert!(matches!(
+            request(&mut p, Base),
+            Err(RequestError::BadHost(_))
+        ));
+    }
+
+    #[test]
+    fn raw_non_ascii_is_spelled_as_its_escape() {
+        // http accepts raw UTF-8 in a path; a policy on /caf%C3%A9 must
+        // hold for it as for the escaped form.
+        let raw = "/caf\u{e9}";
+        assert_eq!(n(raw, Base), "/caf%C3%A9");
+        assert_eq!(n("/caf%c3%a9", Base), "/caf%C3%A9");
     }
 
     #[test]

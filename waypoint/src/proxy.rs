@@ -1535,8 +1535,14 @@ impl Outgoing {
     /// make a URI (answered 400, never sent as something else).
     fn request(&self) -> Result<Request<Full<Bytes>>, String> {
         let uri = match self.proto {
-            Proto::Http1 => Uri::try_from(self.path.as_str()),
-            Proto::Http2 => Uri::try_from(format!("http://{}{}", self.authority, self.path)),
+            Proto::Http1 => Uri::try_from(self.path.as_str()).map_err(http::Error::from),
+            // Built from its parts, never by pasting strings: an authority
+            // can never move into the path.
+            Proto::Http2 => Uri::builder()
+                .scheme("http")
+                .authority(self.authority.as_str())
+                .path_and_query(self.path.as_str())
+                .build(),
         }
         .map_err(|e| format!("{}{}: {e}", self.authority, self.path))?;
         let mut req = Request::new(Full::new(self.body.clone()));
