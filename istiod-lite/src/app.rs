@@ -13,7 +13,8 @@ use tracing::info;
 use ztunnel::admin::respond;
 use ztunnel::clock::SystemClock;
 
-use crate::ca::auth::{Authenticator, BootstrapTokens};
+use crate::ca::auth::Authenticator;
+use crate::ca::tokens_file::TokensFile;
 use crate::ca::{CaService, CaSource, CertificateAuthority, ServingCert, serve};
 use crate::cluster::lease::{Elector, LeaseConfig};
 use crate::cluster::tokenreview::{ReviewConfig, TokenReviewer};
@@ -206,7 +207,7 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
             hub.clone(),
         )),
         (_, _, Some(path)) => Arc::new(
-            BootstrapTokens::load(path)
+            TokensFile::load(path, hub.clone())
                 .map_err(|e| AppError::Start("node tokens", e.to_string()))?,
         ),
         _ => {
