@@ -632,8 +632,10 @@ impl Lab {
             self.dir.join("tokens.yaml").display().to_string(),
             "--grpc-addr".into(),
             format!("{cip}:15012"),
+            // Loopback in the control netns: `meshctl --lab` and
+            // `Lab::controller_debug` read it from inside.
             "--debug-addr".into(),
-            format!("{cip}:15014"),
+            "127.0.0.1:15014".into(),
             "--serving-ip".into(),
             cip.clone(),
         ];
@@ -1347,6 +1349,18 @@ impl Lab {
 
     pub fn pod(&self, key: &str) -> Option<&PodState> {
         self.state.pods.get(key)
+    }
+
+    /// GET `path` on the controller's debug endpoint (loopback in the
+    /// control netns), as `labapp get` prints it: the status line, then
+    /// the body.
+    pub fn controller_debug(&self, path: &str) -> Result<String, Error> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns_name("ctl")])
+            .arg(binary("labapp"))
+            .args(["get", &format!("http://127.0.0.1:15014{path}")])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
     /// Runs a command inside a pod's netns and returns its output.

@@ -11,5 +11,6 @@ pub mod ca;
 pub mod cluster;
 pub mod config;
 pub mod crdgen;
+pub mod debug;
 pub mod model;
 pub mod xds;
