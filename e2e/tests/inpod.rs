@@ -131,7 +131,7 @@ struct TwoNodes {
     netns_b: Arc<Netns>,
     ip_b: String,
     extra_ips: Vec<String>,
-    spaces: Namespaces,
+    _spaces: Namespaces,
 }
 
 async fn two_nodes(extra: &[&str]) -> TwoNodes {
@@ -269,7 +269,7 @@ async fn two_nodes(extra: &[&str]) -> TwoNodes {
         netns_b: Arc::new(netns_b),
         ip_b,
         extra_ips,
-        spaces,
+        _spaces: spaces,
     }
 }
 

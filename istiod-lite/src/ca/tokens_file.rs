@@ -16,11 +16,14 @@ use super::auth::{AuthConfigError, Authenticator, BootstrapTokens, Caller, PodDi
 
 /// What identifies one version of the file: inode, size and mtime.
 type Stamp = (u64, u64, i64, i64);
+/// The tokens as last read (or why they did not load), and from which
+/// version of the file.
+type Loaded = (Option<Stamp>, Result<Arc<BootstrapTokens>, String>);
 
 pub struct TokensFile {
     path: PathBuf,
     pods: Arc<dyn PodDirectory>,
-    current: Mutex<(Option<Stamp>, Result<Arc<BootstrapTokens>, String>)>,
+    current: Mutex<Loaded>,
 }
 
 fn stamp(path: &Path) -> std::io::Result<Stamp> {
