@@ -637,8 +637,10 @@ impl Lab {
             self.dir.join("tokens.yaml").display().to_string(),
             "--grpc-addr".into(),
             format!("{cip}:15012"),
+            // Loopback in the control netns: `meshctl --lab` and
+            // `Lab::controller_debug` read it from inside.
             "--debug-addr".into(),
-            format!("{cip}:15014"),
+            "127.0.0.1:15014".into(),
             "--serving-ip".into(),
             cip.clone(),
         ];
@@ -907,9 +909,11 @@ impl Lab {
         self.save()
     }
 
-    /// Runs the waypoint binary in its pod (as a waypoint or an ingress),
-    /// with the node's bootstrap token (as the ztunnel has) to prove where
-    /// it runs.
+    /// Runs the waypoint binary in its pod (as a waypoint or an ingress).
+    /// A waypoint proves where it runs with the node's bootstrap token (as
+    /// the ztunnel has); an ingress gateway with a token of its own, added
+    /// to the controller's token file as `<namespace>/<pod>`: its Gateway's
+    /// private keys go to no node token.
     #[allow(clippy::too_many_arguments)]
     fn start_waypoint(
         &mut self,
@@ -924,6 +928,11 @@ impl Lab {
         // Pods are <gateway>-<n>.
         let gateway = pod.rsplit_once('-').map_or(pod, |(g, _)| g);
         let cip = self.control_ip();
+        let token = if role == "ingress" {
+            self.pod_token(namespace, pod)?
+        } else {
+            self.dir.join(format!("{}.token", node.name))
+        };
         let cfg = self.dir.join(format!("waypoint-{namespace}-{pod}.yaml"));
         let mesh = match &self.state.path_normalization {
             Some(p) => format!("path_normalization: {p}\n"),
@@ -934,7 +943,7 @@ impl Lab {
             format!(
                 "{mesh}role: {role}\nnamespace: {namespace}\ngateway: {gateway}\npod_name: {pod}\nservice_account: {service_account}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nxds_address: https://{cip}:15012\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\nlimits:\n  header_read_timeout: 2s\n",
                 root = self.dir.join("data/root-cert.pem").display(),
-                token = self.dir.join(format!("{}.token", node.name)).display(),
+                token = token.display(),
             ),
         )?;
         let cmd = vec![
@@ -948,6 +957,30 @@ impl Lab {
             &[("RUST_LOG", "info")],
             &cmd,
         )
+    }
+
+    /// A pod's own token: written to `<dir>/pod-<ns>-<pod>.token` and added
+    /// to the controller's token file (replaced whole, so the controller,
+    /// which re-reads it when it changes, never sees half of it).
+    fn pod_token(&self, namespace: &str, pod: &str) -> Result<PathBuf, Error> {
+        let token = format!(
+            "lab-pod-token-{}-{namespace}-{pod}-0000000000",
+            self.state.id
+        );
+        let file = self.dir.join(format!("pod-{namespace}-{pod}.token"));
+        std::fs::write(&file, &token)?;
+        let tokens = self.dir.join("tokens.yaml");
+        let key = format!("{namespace}/{pod}:");
+        let mut text: String = std::fs::read_to_string(&tokens)?
+            .lines()
+            .filter(|l| !l.starts_with(&key))
+            .map(|l| format!("{l}\n"))
+            .collect();
+        text.push_str(&format!("{key} {token}\n"));
+        let tmp = self.dir.join("tokens.yaml.tmp");
+        std::fs::write(&tmp, text)?;
+        std::fs::rename(&tmp, &tokens)?;
+        Ok(file)
     }
 
     /// Captures or releases one pod to match its enrollment.
@@ -1325,6 +1358,18 @@ impl Lab {
 
     pub fn pod(&self, key: &str) -> Option<&PodState> {
         self.state.pods.get(key)
+    }
+
+    /// GET `path` on the controller's debug endpoint (loopback in the
+    /// control netns), as `labapp get` prints it: the status line, then
+    /// the body.
+    pub fn controller_debug(&self, path: &str) -> Result<String, Error> {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.ns_name("ctl")])
+            .arg(binary("labapp"))
+            .args(["get", &format!("http://127.0.0.1:15014{path}")])
+            .output()?;
+        Ok(String::from_utf8_lossy(&out.stdout).to_string())
     }
 
     /// Runs a command inside a pod's netns and returns its output.

@@ -227,11 +227,7 @@ async fn an_outside_client_reaches_a_mesh_service_through_the_ingress_gateway() 
         assert_eq!(r.code, Some(35), "{host}: {} {}", r.stdout, r.stderr);
     }
     // ... and named in the controller's report of the Gateway.
-    let model = get(
-        lab,
-        "shop/direct",
-        &format!("http://{}:15014/debug/model", lab.control_ip()),
-    );
+    let model = lab.controller_debug("/debug/model").unwrap();
     let json = model.split_once('\n').map(|(_, j)| j).unwrap_or("");
     let model: Value = serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {model}"));
     let issues: Vec<String> = model["issues"]

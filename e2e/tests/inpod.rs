@@ -90,7 +90,20 @@ async fn roundtrip_from(
     to: std::net::SocketAddr,
     payload: &[u8],
 ) -> std::io::Result<Vec<u8>> {
+    roundtrip_bound(netns, None, to, payload).await
+}
+
+/// As [`roundtrip_from`], from source address `from` when given.
+async fn roundtrip_bound(
+    netns: &Netns,
+    from: Option<std::net::IpAddr>,
+    to: std::net::SocketAddr,
+    payload: &[u8],
+) -> std::io::Result<Vec<u8>> {
     let sock = netns.run(tokio::net::TcpSocket::new_v4)??;
+    if let Some(ip) = from {
+        sock.bind(std::net::SocketAddr::new(ip, 0))?;
+    }
     let mut s = tokio::time::timeout(Duration::from_secs(5), sock.connect(to)).await??;
     s.write_all(payload).await?;
     s.shutdown().await?;
@@ -99,8 +112,29 @@ async fn roundtrip_from(
     Ok(out)
 }
 
-#[tokio::test]
-async fn captured_pods_talk_hbone_and_released_pods_do_not() {
+/// Two nodes, each with one captured pod joined by a veth pair: the client
+/// on node A (whose ztunnel runs sharded), the server (a TCP echo on 8080)
+/// on node B. `extra` names further pods on node A (service account of the
+/// same name), captured too, each in its own netns joined to the server's
+/// by a veth pair of its own /24; their addresses are in `extra_ips`.
+struct TwoNodes {
+    // Dropped in this order: the ztunnels and agents before the netns.
+    za: Ztunnel,
+    zb: Ztunnel,
+    agent_a: Agent,
+    _agent_b: Agent,
+    _app: tokio::task::JoinHandle<()>,
+    _ca: e2e::ca::TestCa,
+    _dir: tempfile::TempDir,
+    na: String,
+    netns_a: Netns,
+    netns_b: Arc<Netns>,
+    ip_b: String,
+    extra_ips: Vec<String>,
+    _spaces: Namespaces,
+}
+
+async fn two_nodes(extra: &[&str]) -> TwoNodes {
     let dir = tempfile::tempdir().unwrap();
     let mut spaces = Namespaces::default();
     let (na, nb) = (unique("a"), unique("b"));
@@ -133,8 +167,31 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
         ip_b.parse().unwrap(),
         "node-b",
     );
-    let ca = ca_for(dir.path(), &[&client, &server]).await;
-    let state = state_yaml(&[&client, &server], &[], "");
+    let mut extra_ns = Vec::new();
+    let mut extra_ips = Vec::new();
+    for i in 0..extra.len() {
+        let (n, third) = (unique("x"), (third as usize + 1 + i) % 250);
+        let ip = format!("10.{sub}.{third}.2");
+        spaces.add(&n);
+        let gw = format!("10.{sub}.{third}.1");
+        veth(&n, "eth0", &ip, &nb, &format!("eth{}", i + 1), &gw);
+        let ok = Command::new("ip")
+            .args(["-n", &n, "route", "add", "default", "via", &gw])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "default route in {n}");
+        extra_ns.push(n);
+        extra_ips.push(ip);
+    }
+    let extra: Vec<Pod> = extra
+        .iter()
+        .zip(&extra_ips)
+        .map(|(name, ip)| Pod::new(name, "default", name, ip.parse().unwrap(), "node-a"))
+        .collect();
+    let mut pods = vec![&client, &server];
+    pods.extend(extra.iter());
+    let ca = ca_for(dir.path(), &pods).await;
+    let state = state_yaml(&pods, &[], "");
     let (agent_a, agent_b) = (
         agent(dir.path(), "node-a").await,
         agent(dir.path(), "node-b").await,
@@ -165,13 +222,6 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
         node("zb", "node-b", 11, &agent_b, "runtime: work_stealing\n"),
     )
     .await;
-    let process = za.config_dump().await["process"].clone();
-    assert_eq!(process["runtime"], "sharded", "{process}");
-    assert_eq!(process["worker_threads"], 2, "{process}");
-    assert_eq!(
-        zb.config_dump().await["process"]["runtime"],
-        "work_stealing"
-    );
 
     let add = |pod: &Pod, ns: &str| {
         Request::Add(PodSpec {
@@ -188,7 +238,12 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
     agent::call(&agent_b.control, &add(&server, &nb))
         .await
         .expect("capture server");
-    let _app = echo_in(&netns_b, format!("{ip_b}:8080").parse().unwrap());
+    for (p, n) in extra.iter().zip(&extra_ns) {
+        agent::call(&agent_a.control, &add(p, n))
+            .await
+            .expect("capture an extra pod");
+    }
+    let app = echo_in(&netns_b, format!("{ip_b}:8080").parse().unwrap());
     for z in [&za, &zb] {
         eventually(
             "ready with its pod's certificate",
@@ -201,11 +256,38 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
         )
         .await;
     }
+    TwoNodes {
+        za,
+        zb,
+        agent_a,
+        _agent_b: agent_b,
+        _app: app,
+        _ca: ca,
+        _dir: dir,
+        na,
+        netns_a,
+        netns_b: Arc::new(netns_b),
+        ip_b,
+        extra_ips,
+        _spaces: spaces,
+    }
+}
+
+#[tokio::test]
+async fn captured_pods_talk_hbone_and_released_pods_do_not() {
+    let t = two_nodes(&[]).await;
+    let (za, zb, netns_a, netns_b) = (&t.za, &t.zb, &t.netns_a, &t.netns_b);
+    let process = za.config_dump().await["process"].clone();
+    assert_eq!(process["runtime"], "sharded", "{process}");
+    assert_eq!(process["worker_threads"], 2, "{process}");
+    assert_eq!(
+        zb.config_dump().await["process"]["runtime"],
+        "work_stealing"
+    );
 
     // Traffic between the pods, captured on the server pod's interface.
     let marker = b"PLAINTEXT-MARKER-7f3a";
-    let to = format!("{ip_b}:8080").parse().unwrap();
-    let netns_b = Arc::new(netns_b);
+    let to = format!("{}:8080", t.ip_b).parse().unwrap();
     let cap = {
         let n = netns_b.clone();
         std::thread::spawn(move || capture(&n, "eth0", Duration::from_millis(1500), marker))
@@ -215,7 +297,7 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
     // shards (all on one: 1 in 2^11): a shard not serving its listener
     // would leave them unanswered.
     for _ in 0..12 {
-        assert_eq!(roundtrip_from(&netns_a, to, marker).await.unwrap(), marker);
+        assert_eq!(roundtrip_from(netns_a, to, marker).await.unwrap(), marker);
     }
     let seen = cap.join().unwrap().unwrap();
     assert!(seen.hbone > 0, "no HBONE on the wire: {seen:?}");
@@ -235,7 +317,7 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
     // Release the client pod: its traffic is no longer captured, and what it
     // sends crosses the wire as it is (the server still accepts plaintext).
     agent::call(
-        &agent_a.control,
+        &t.agent_a.control,
         &Request::Del {
             uid: "uid-client".into(),
         },
@@ -263,7 +345,7 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
         std::thread::spawn(move || capture(&n, "eth0", Duration::from_millis(1500), marker))
     };
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(roundtrip_from(&netns_a, to, marker).await.unwrap(), marker);
+    assert_eq!(roundtrip_from(netns_a, to, marker).await.unwrap(), marker);
     let seen = cap.join().unwrap().unwrap();
     assert!(
         seen.marker > 0,
@@ -273,6 +355,58 @@ async fn captured_pods_talk_hbone_and_released_pods_do_not() {
         seen.hbone, 0,
         "released traffic should not be HBONE: {seen:?}"
     );
-    drop((za, zb, agent_a, agent_b));
-    drop(spaces);
+}
+
+/// A captured pod's outbound traffic gets that pod's identity, whatever
+/// source address it sends from: a connection from another workload's
+/// address (a spoofed source, or an address the pod should no longer have)
+/// is refused, never sent with the other workload's identity.
+#[tokio::test]
+async fn a_pod_sending_from_another_workloads_address_does_not_get_its_identity() {
+    // The victim: another captured pod on the client's node.
+    let t = two_nodes(&["victim"]).await;
+    let victim_ip = t.extra_ips[0].clone();
+    let to = format!("{}:8080", t.ip_b).parse().unwrap();
+    // The client, as itself: served.
+    assert_eq!(
+        roundtrip_from(&t.netns_a, to, b"as-myself").await.unwrap(),
+        b"as-myself"
+    );
+    // The client adds the victim's address and sends from it.
+    let out = Command::new("ip")
+        .args([
+            "-n",
+            &t.na,
+            "addr",
+            "add",
+            &format!("{victim_ip}/32"),
+            "dev",
+            "eth0",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let got = roundtrip_bound(
+        &t.netns_a,
+        Some(victim_ip.parse().unwrap()),
+        to,
+        b"as-the-victim",
+    )
+    .await;
+    assert!(
+        !matches!(&got, Ok(b) if b.as_slice() == b"as-the-victim"),
+        "a connection from the victim's address was carried: {got:?}"
+    );
+    let m = t.zb.metrics_text().await;
+    assert!(
+        !m.contains("source_principal=\"spiffe://cluster.local/ns/default/sa/victim\""),
+        "the server's ztunnel saw the victim's identity:\n{m}"
+    );
+    // Refused where it was captured, and logged there.
+    let log = std::fs::read_to_string(&t.za.log).unwrap_or_default();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("WARN") && l.contains("not this pod's")),
+        "{log}"
+    );
 }

@@ -1,24 +1,25 @@
 //! Wiring: folder source -> model hub -> (CA, Delta ADS) on one gRPC/TLS
-//! port, plus the debug endpoint.
+//! port, plus the debug endpoint (and, when asked for, a health listener
+//! for probes: see [`crate::debug`]).
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use http::StatusCode;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-use ztunnel::admin::respond;
 use ztunnel::clock::SystemClock;
 
-use crate::ca::auth::{Authenticator, BootstrapTokens};
+use crate::ca::auth::Authenticator;
+use crate::ca::tokens_file::TokensFile;
 use crate::ca::{CaService, CaSource, CertificateAuthority, ServingCert, serve};
 use crate::cluster::lease::{Elector, LeaseConfig};
 use crate::cluster::tokenreview::{ReviewConfig, TokenReviewer};
 use crate::cluster::writer::{Writer, WriterConfig};
 use crate::config::folder::{ConfigIssue, FolderSource};
+use crate::debug::{DebugAccess, debug_handler, health_handler};
 use crate::model::{Model, ModelConfig};
 use crate::xds::{AdsService, Hub};
 
@@ -59,7 +60,12 @@ pub struct Options {
     pub data_dir: PathBuf,
     pub model: ModelConfig,
     pub grpc_addr: SocketAddr,
+    /// The debug endpoint: loopback unless `debug_token_file` is given.
     pub debug_addr: SocketAddr,
+    /// The bearer token callers off loopback must present for `/debug/*`.
+    pub debug_token_file: Option<PathBuf>,
+    /// A listener for probes: `/ready` and `/healthz` only.
+    pub health_addr: Option<SocketAddr>,
     pub cacerts: Option<PathBuf>,
     pub extra_roots: Option<PathBuf>,
     /// Bootstrap tokens per node (folder mode; cluster mode uses TokenReview).
@@ -81,6 +87,7 @@ pub struct Running {
     pub hub: Arc<Hub>,
     pub grpc_addr: SocketAddr,
     pub debug_addr: SocketAddr,
+    pub health_addr: Option<SocketAddr>,
     pub ca: Arc<CertificateAuthority>,
     stop: CancellationToken,
     server: tokio::task::JoinHandle<()>,
@@ -101,6 +108,10 @@ impl Running {
 
 pub async fn start(o: Options) -> Result<Running, AppError> {
     ztunnel::tls::install_default_provider();
+    // Before anything else: an exposed debug port without a token is a
+    // configuration error, not something to find out later.
+    let debug_access = DebugAccess::new(o.debug_addr, o.debug_token_file.as_deref())
+        .map_err(|e| AppError::Start("debug endpoint", e.to_string()))?;
     let client = match &o.source {
         ConfigSource::Kube(_) => Some(
             kube::Client::try_default()
@@ -209,7 +220,7 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
             hub.clone(),
         )),
         (_, _, Some(path)) => Arc::new(
-            BootstrapTokens::load(path)
+            TokensFile::load(path, hub.clone())
                 .map_err(|e| AppError::Start("node tokens", e.to_string()))?,
         ),
         _ => {
@@ -242,54 +253,55 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
         })
     };
 
-    let debug = TcpListener::bind(o.debug_addr)
-        .await
-        .map_err(|e| AppError::Start("debug listener", e.to_string()))?;
-    let debug_addr = debug
-        .local_addr()
-        .map_err(|e| AppError::Start("debug listener", e.to_string()))?;
-    {
-        let hub = hub.clone();
-        tokio::spawn(ztunnel::admin::serve(debug, stop.clone(), move |req| {
-            let json = |v: serde_json::Value| {
-                respond(
-                    StatusCode::OK,
-                    "application/json",
-                    serde_json::to_vec_pretty(&v).unwrap_or_default(),
-                )
-            };
-            match req.uri().path() {
-                "/ready" if hub.is_ready() => respond(StatusCode::OK, "text/plain", "ready\n"),
-                "/ready" => respond(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "text/plain",
-                    "still loading the config\n",
-                ),
-                "/healthz" => respond(StatusCode::OK, "text/plain", "ok\n"),
-                "/debug/model" => json(hub.model().dump()),
-                "/debug/connections" => json(hub.connections()),
-                "/debug/config" => json(serde_json::json!({
-                    "issues": *issues.lock().unwrap_or_else(|p| p.into_inner()),
-                    "model_issues": hub.model().issues(),
-                })),
-                _ => respond(
-                    StatusCode::NOT_FOUND,
-                    "text/plain",
-                    "try /debug/model, /debug/connections, /debug/config\n",
-                ),
-            }
-        }));
-    }
-    info!(%grpc_addr, %debug_addr, "istiod-lite started");
+    let debug_addr = serve_http(
+        o.debug_addr,
+        "debug listener",
+        &stop,
+        debug_handler(hub.clone(), issues, debug_access),
+    )
+    .await?;
+    let health_addr = match o.health_addr {
+        Some(addr) => {
+            Some(serve_http(addr, "health listener", &stop, health_handler(hub.clone())).await?)
+        }
+        None => None,
+    };
+    info!(%grpc_addr, %debug_addr, ?health_addr, "istiod-lite started");
     Ok(Running {
         hub,
         grpc_addr,
         debug_addr,
+        health_addr,
         ca,
         stop,
         server,
         cluster,
     })
+}
+
+/// Binds `addr` and serves `handler` on it until `stop`; the bound address.
+async fn serve_http<F>(
+    addr: SocketAddr,
+    what: &'static str,
+    stop: &CancellationToken,
+    handler: F,
+) -> Result<SocketAddr, AppError>
+where
+    F: Fn(
+            &http::Request<hyper::body::Incoming>,
+        ) -> http::Response<http_body_util::Full<bytes::Bytes>>
+        + Send
+        + Sync
+        + 'static,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| AppError::Start(what, format!("{addr}: {e}")))?;
+    let bound = listener
+        .local_addr()
+        .map_err(|e| AppError::Start(what, e.to_string()))?;
+    tokio::spawn(ztunnel::admin::serve(listener, stop.clone(), handler));
+    Ok(bound)
 }
 
 /// The Lease elector and the leader's writer.

@@ -33,9 +33,20 @@ struct Args {
     /// gRPC (CA and xDS) listen address.
     #[arg(long, default_value = "0.0.0.0:15012")]
     grpc_addr: SocketAddr,
-    /// Debug HTTP endpoint (model, connections, config issues).
+    /// Debug HTTP endpoint (model, connections, config issues). Loopback
+    /// unless --debug-token-file is given.
     #[arg(long, default_value = "127.0.0.1:15014")]
     debug_addr: SocketAddr,
+    /// File holding a bearer token (at least 16 characters) that callers
+    /// from anywhere but loopback must present for /debug/*. Required to
+    /// bind --debug-addr off loopback.
+    #[arg(long)]
+    debug_token_file: Option<PathBuf>,
+    /// A listener serving only /ready and /healthz, for probes from the
+    /// node (e.g. 0.0.0.0:15021). None by default: both are on the debug
+    /// endpoint too.
+    #[arg(long)]
+    health_addr: Option<SocketAddr>,
     /// Use an operator's CA (Istio cacerts layout) instead of a self-signed root.
     #[arg(long)]
     cacerts: Option<PathBuf>,
@@ -151,6 +162,8 @@ async fn main() {
         },
         grpc_addr: a.grpc_addr,
         debug_addr: a.debug_addr,
+        debug_token_file: a.debug_token_file,
+        health_addr: a.health_addr,
         cacerts: a.cacerts,
         extra_roots: a.extra_roots,
         node_tokens: a.node_tokens,

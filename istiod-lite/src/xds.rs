@@ -16,8 +16,9 @@
 //! ([`Model::waypoint_of_proxy`]). `mesh.waypoint.Ingress` likewise goes
 //! only to an ingress gateway's pod (`ingress~<namespace>~<pod>`,
 //! [`Model::ingress_of_proxy`]), and to it only its own Gateway's resource:
-//! it carries private keys. Any other subscriber is refused: logged, and
-//! sent nothing of that type.
+//! it carries private keys, so the caller must also be that pod itself
+//! (its own token, never a node's: [`crate::access`]). Any other subscriber
+//! is refused: logged, and sent nothing of that type.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::pin::Pin;
@@ -42,9 +43,9 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 use ztunnel::identity::Identity;
 
-use crate::ca::auth::{Authenticator, NodeAuthorizer};
+use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory};
 use crate::config::objects::Change;
-use crate::model::{Delta, INGRESS_PROXY_PREFIX, Model, WAYPOINT_PROXY_PREFIX};
+use crate::model::{Delta, Model};
 
 /// What the controller serves. Waypoint routes go only to waypoints that
 /// subscribe to them, ingress resources only to ingress gateways; ztunnels
@@ -86,12 +87,16 @@ impl Gated {
     fn gateway_of(
         self,
         model: &Model,
-        node: &str,
+        caller: &Caller,
         proxy_id: &str,
     ) -> Result<(String, String), String> {
         match self {
-            Gated::Waypoint => model.waypoint_of_proxy(node, proxy_id),
-            Gated::Ingress => model.ingress_of_proxy(node, proxy_id),
+            Gated::Waypoint => model.waypoint_of_proxy(&caller.node, proxy_id),
+            Gated::Ingress => {
+                let gw = model.ingress_of_proxy(&caller.node, proxy_id)?;
+                crate::access::own_ingress_pod(caller, model, proxy_id)?;
+                Ok(gw)
+            }
         }
     }
 
@@ -251,6 +256,13 @@ impl NodeAuthorizer for Hub {
     }
 }
 
+/// Folder mode's pod tokens, tied to their pods by the live model.
+impl PodDirectory for Hub {
+    fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), String> {
+        self.model().pod_identity(namespace, name)
+    }
+}
+
 /// The Gateway (namespace, name) a proxy serves, or why it serves none.
 type Served = Result<(String, String), String>;
 
@@ -292,6 +304,8 @@ impl Sub {
 struct Conn {
     hub: Arc<Hub>,
     view: Arc<ConnView>,
+    /// Who opened the stream, as authenticated.
+    caller: Caller,
     subs: BTreeMap<String, Sub>,
     tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     nonce: u64,
@@ -500,7 +514,7 @@ impl Conn {
 
     /// Which Gateway this proxy serves as a proxy of kind `gated`.
     fn gateway_of(&self, gated: Gated) -> Served {
-        gated.gateway_of(&self.hub.model(), &self.view.node, &self.view.proxy_id)
+        gated.gateway_of(&self.hub.model(), &self.caller, &self.view.proxy_id)
     }
 
     /// Re-checks the subscriber of each gated type after pods or Gateways
@@ -660,28 +674,14 @@ impl AggregatedDiscoveryService for AdsService {
             .as_ref()
             .map(|n| n.id.clone())
             .unwrap_or_default();
-        // A workload token (a waypoint's or an ingress gateway's) may only
-        // open its own pod's stream: any pod can hold a token of our
-        // audience, and the mesh's state is not for every pod to read.
-        if caller.only.is_some() {
-            let own: Vec<String> = caller
-                .pod
-                .iter()
-                .flat_map(|(ns, pod)| {
-                    [WAYPOINT_PROXY_PREFIX, INGRESS_PROXY_PREFIX]
-                        .map(|prefix| format!("{prefix}~{ns}~{pod}"))
-                })
-                .collect();
-            if !own.contains(&proxy_id) {
-                return Err(Status::permission_denied(format!(
-                    "a workload token may subscribe only as its own waypoint pod or ingress pod ({}), not as {proxy_id:?}",
-                    if own.is_empty() {
-                        "no pod".to_string()
-                    } else {
-                        own.join(" or ")
-                    }
-                )));
-            }
+        // A workload token opens only its own pod's stream; a node token
+        // never an ingress gateway's (its keys are the pod's alone).
+        if let Err(why) = crate::access::may_open(&caller, &proxy_id) {
+            warn!(
+                node = %caller.node, pod = ?caller.pod, proxy = %proxy_id, peer = ?peer, reason = %why,
+                "xDS stream refused"
+            );
+            return Err(Status::permission_denied(why));
         }
         let id = self.hub.next.fetch_add(1, Ordering::Relaxed);
         let view = Arc::new(ConnView {
@@ -702,6 +702,7 @@ impl AggregatedDiscoveryService for AdsService {
         let mut conn = Conn {
             hub: self.hub.clone(),
             view,
+            caller,
             subs: BTreeMap::new(),
             tx,
             nonce: 0,

@@ -1294,6 +1294,83 @@ async fn http_status(addr: &str, path: &str) -> Option<u16> {
         .ok()
 }
 
+/// The controller binary in cluster mode against the fake API server, up
+/// and ready with its CA Secret, Lease and root ConfigMaps; its log goes to
+/// `dir/istiod-lite.log`.
+struct Binary {
+    _child: Child,
+    grpc: u16,
+    root: String,
+    log: std::path::PathBuf,
+}
+
+async fn start_binary(state: &Shared, dir: &std::path::Path) -> Binary {
+    let api = serve_addr(state.clone(), "a").await;
+    let kubeconfig = dir.join("kubeconfig");
+    std::fs::write(
+        &kubeconfig,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"http://{api}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
+        ),
+    )
+    .unwrap();
+    let log = dir.join("istiod-lite.log");
+    let (grpc, debug) = (free_port(), free_port());
+    let child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_istiod-lite"))
+            .args([
+                "--kube",
+                &format!("--grpc-addr=127.0.0.1:{grpc}"),
+                &format!("--debug-addr=127.0.0.1:{debug}"),
+                "--poll-ms=20",
+            ])
+            .env("KUBECONFIG", &kubeconfig)
+            .env("POD_NAME", "istiod-a")
+            .env("POD_NAMESPACE", "istio-system")
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let debug_addr = format!("127.0.0.1:{debug}");
+    for i in 0..200 {
+        if http_status(&debug_addr, "/ready").await == Some(200) {
+            break;
+        }
+        assert!(
+            i < 199,
+            "the controller never became ready:\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let root_cm = "/api/v1/namespaces/istio-system/configmaps/istio-ca-root-cert";
+    wait_for("the root ConfigMaps", || {
+        let st = state.lock().unwrap();
+        st.objects.contains_key(root_cm)
+            && st
+                .objects
+                .contains_key("/api/v1/namespaces/shop/configmaps/istio-ca-root-cert")
+    })
+    .await;
+    let st = state.lock().unwrap();
+    assert!(
+        st.objects
+            .contains_key("/api/v1/namespaces/istio-system/secrets/istio-ca-secret")
+    );
+    let root = st.objects[root_cm]["data"]["root-cert.pem"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    Binary {
+        _child: child,
+        grpc,
+        root,
+        log,
+    }
+}
+
 /// The binary in cluster mode, wired end to end: it lists the cluster,
 /// creates its CA Secret, takes the Lease, publishes the root, and signs a
 /// certificate for a ztunnel that presents a service-account token, for a
@@ -1345,64 +1422,12 @@ async fn the_controller_binary_runs_in_cluster_mode() {
                           "authentication.kubernetes.io/pod-uid": ["u-ztunnel-x"]}}}),
         );
     }
-    let api = serve_addr(state.clone(), "a").await;
     let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\nclusters: [{{name: c, cluster: {{server: \"http://{api}\"}}}}]\nusers: [{{name: u, user: {{}}}}]\ncontexts: [{{name: x, context: {{cluster: c, user: u}}}}]\ncurrent-context: x\n"
-        ),
-    )
-    .unwrap();
-    let (grpc, debug) = (free_port(), free_port());
-    let _child = Child(
-        std::process::Command::new(env!("CARGO_BIN_EXE_istiod-lite"))
-            .args([
-                "--kube",
-                &format!("--grpc-addr=127.0.0.1:{grpc}"),
-                &format!("--debug-addr=127.0.0.1:{debug}"),
-                "--poll-ms=20",
-            ])
-            .env("KUBECONFIG", &kubeconfig)
-            .env("POD_NAME", "istiod-a")
-            .env("POD_NAMESPACE", "istio-system")
-            .env("RUST_LOG", "info")
-            .spawn()
-            .unwrap(),
-    );
-    let debug_addr = format!("127.0.0.1:{debug}");
-    for i in 0..200 {
-        if http_status(&debug_addr, "/ready").await == Some(200) {
-            break;
-        }
-        assert!(i < 199, "the controller never became ready");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let root_cm = "/api/v1/namespaces/istio-system/configmaps/istio-ca-root-cert";
-    wait_for("the root ConfigMaps", || {
-        let st = state.lock().unwrap();
-        st.objects.contains_key(root_cm)
-            && st
-                .objects
-                .contains_key("/api/v1/namespaces/shop/configmaps/istio-ca-root-cert")
-    })
-    .await;
-    let (root, lease) = {
-        let st = state.lock().unwrap();
-        assert!(
-            st.objects
-                .contains_key("/api/v1/namespaces/istio-system/secrets/istio-ca-secret")
-        );
-        (
-            st.objects[root_cm]["data"]["root-cert.pem"]
-                .as_str()
-                .unwrap()
-                .to_string(),
-            st.objects["/apis/coordination.k8s.io/v1/namespaces/istio-system/leases/istiod-lite"]
-                .clone(),
-        )
-    };
+    let running = start_binary(&state, dir.path()).await;
+    let (grpc, root) = (running.grpc, running.root.clone());
+    let lease = state.lock().unwrap().objects
+        ["/apis/coordination.k8s.io/v1/namespaces/istio-system/leases/istiod-lite"]
+        .clone();
     assert_eq!(lease["spec"]["holderIdentity"], "istiod-a");
     let client = |token: &str| {
         IstioCaClient::new(CaClientConfig {
@@ -1493,4 +1518,171 @@ async fn subscribe(
         .delta_aggregated_resources(req)
         .await
         .map(|_| ())
+}
+
+/// An ingress gateway's keys go to its pod's own service-account token,
+/// never to a ztunnel's node token (which may ask for any identity on its
+/// node, but not for a Gateway's private keys), nor to a token of another
+/// service account. The refusal is logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_ingress_pods_own_token_gets_its_gateways_keys() {
+    ztunnel::tls::install_default_provider();
+    let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
+    let state = Shared::default();
+    let pod = |ns: &str, name: &str, sa: &str, labels: &str| {
+        yaml(&format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: u-{name}, labels: {{{labels}}}}}\nspec: {{nodeName: node-1, serviceAccountName: {sa}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.0.0.{}}}\n",
+            name.len()
+        ))
+    };
+    let review = |sa: &str, pod: &str| {
+        json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+            "username": format!("system:serviceaccount:{sa}"),
+            "extra": {"authentication.kubernetes.io/pod-name": [pod],
+                      "authentication.kubernetes.io/pod-uid": [format!("u-{pod}")]}}})
+    };
+    {
+        let mut st = state.lock().unwrap();
+        st.objects
+            .insert("/api/v1/namespaces/shop".into(), yaml(SHOP_NS));
+        st.objects.insert(
+            "/api/v1/namespaces/istio-system".into(),
+            yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: istio-system}\n"),
+        );
+        for (ns, name, sa, labels) in [
+            ("istio-system", "ztunnel-x", "ztunnel", ""),
+            (
+                "shop",
+                "edge-0",
+                "edge",
+                "gateway.networking.k8s.io/gateway-name: edge",
+            ),
+            ("shop", "web-1", "web", ""),
+        ] {
+            st.objects.insert(
+                format!("/api/v1/namespaces/{ns}/pods/{name}"),
+                pod(ns, name, sa, labels),
+            );
+        }
+        st.objects
+            .insert(INGRESS_GW_PATH.into(), yaml(&ingress_gateway()));
+        st.objects.insert(
+            "/api/v1/namespaces/shop/secrets/good-cert".into(),
+            json!({
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "good-cert", "namespace": "shop"},
+                "type": "kubernetes.io/tls",
+                "stringData": {"tls.crt": cert.cert.pem(), "tls.key": cert.signing_key.serialize_pem()},
+            }),
+        );
+        st.reviews
+            .insert("zt".into(), review("istio-system:ztunnel", "ztunnel-x"));
+        st.reviews
+            .insert("edge".into(), review("shop:edge", "edge-0"));
+        st.reviews.insert("web".into(), review("shop:web", "web-1"));
+        // Bound to the gateway's pod but of another service account: the
+        // API server would never say so; the controller checks anyway.
+        st.reviews
+            .insert("mismatch".into(), review("shop:web", "edge-0"));
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let running = start_binary(&state, dir.path()).await;
+    let (grpc, root) = (running.grpc, running.root.clone());
+    let me = "ingress~shop~edge-0";
+
+    // The ztunnel on the gateway's node: refused, and logged.
+    let err = ingress_keys(grpc, &root, "zt", me).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    assert!(err.message().contains("own"), "{err}");
+    eventually_logged(&running.log, "refused").await;
+    // Another workload's token: refused (its own pod only).
+    let err = ingress_keys(grpc, &root, "web", me).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
+    // A token of another service account: no keys.
+    let got = ingress_keys(grpc, &root, "mismatch", me).await;
+    assert!(matches!(&got, Ok(k) if k.is_empty()), "{got:?}");
+    // The gateway's own token: its Gateway, key included.
+    let keys = ingress_keys(grpc, &root, "edge", me).await.unwrap();
+    assert_eq!(keys, vec![cert.signing_key.serialize_pem()]);
+}
+
+async fn eventually_logged(log: &std::path::Path, what: &str) {
+    for _ in 0..100 {
+        if std::fs::read_to_string(log)
+            .is_ok_and(|l| l.lines().any(|l| l.contains(what) && l.contains("WARN")))
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!(
+        "no WARN line with {what:?}:\n{}",
+        std::fs::read_to_string(log).unwrap_or_default()
+    );
+}
+
+/// Subscribes to the Ingress type as `proxy_id` with `token`, then to
+/// Address (whose answer ends the wait): the private keys of the Ingress
+/// resources received before it. Err when the stream is refused.
+async fn ingress_keys(
+    grpc: u16,
+    root: &str,
+    token: &str,
+    proxy_id: &str,
+) -> Result<Vec<String>, tonic::Status> {
+    use mesh_proto::envoy::config::core::v3::Node;
+    use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    use prost::Message;
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(root))
+        .domain_name("istiod-lite.istio-system.svc");
+    let channel = tonic::transport::Endpoint::from_shared(format!("https://127.0.0.1:{grpc}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let sub = |t: &str| DeltaDiscoveryRequest {
+        type_url: t.to_string(),
+        resource_names_subscribe: vec!["*".into()],
+        ..Default::default()
+    };
+    let first = DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: proxy_id.to_string(),
+            ..Default::default()
+        }),
+        ..sub(mesh_proto::INGRESS_TYPE_URL)
+    };
+    let requests = futures::stream::iter([first, sub(mesh_proto::ADDRESS_TYPE_URL)])
+        .chain(futures::stream::pending());
+    let mut req = tonic::Request::new(requests);
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let mut rx = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(req)
+        .await?
+        .into_inner();
+    let mut keys = Vec::new();
+    loop {
+        let r = tokio::time::timeout(Duration::from_secs(5), rx.message())
+            .await
+            .expect("a response within 5 s")?
+            .expect("stream open");
+        if r.type_url == mesh_proto::ADDRESS_TYPE_URL {
+            return Ok(keys);
+        }
+        for res in r.resources {
+            let any = res.resource.expect("body");
+            let i = mesh_proto::mesh::waypoint::Ingress::decode(any.value.as_slice()).unwrap();
+            keys.extend(
+                i.listeners
+                    .iter()
+                    .filter_map(|l| l.certificate.as_ref())
+                    .map(|c| c.private_key.clone()),
+            );
+        }
+    }
 }

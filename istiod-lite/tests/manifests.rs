@@ -116,3 +116,43 @@ fn every_manifest_validates_offline() {
         );
     }
 }
+
+/// The controller's debug port (the whole model, every proxy connection)
+/// listens on loopback in the shipped manifest; the kubelet's probes reach
+/// a health listener that serves only `/ready` and `/healthz`.
+#[test]
+fn the_installed_controller_keeps_its_debug_port_on_loopback() {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/install/istiod-lite.yaml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    let deployment = serde_yaml::Deserializer::from_str(&text)
+        .map(|d| <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap())
+        .find(|v| v["kind"] == "Deployment")
+        .expect("a Deployment");
+    let c = &deployment["spec"]["template"]["spec"]["containers"][0];
+    let args: Vec<&str> = c["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    let flag = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .map(|v| v.parse::<std::net::SocketAddr>().unwrap())
+    };
+    // The binary's default, when the flag is left out.
+    let debug = flag("debug-addr").unwrap_or_else(|| "127.0.0.1:15014".parse().unwrap());
+    assert!(debug.ip().is_loopback(), "--debug-addr={debug}");
+    assert!(
+        !args.iter().any(|a| a.starts_with("--debug-token-file")),
+        "{args:?}"
+    );
+    let health = flag("health-addr").expect("--health-addr for the probes");
+    for probe in ["readinessProbe", "livenessProbe"] {
+        assert_eq!(
+            c[probe]["httpGet"]["port"].as_u64(),
+            Some(u64::from(health.port())),
+            "{probe}"
+        );
+    }
+}

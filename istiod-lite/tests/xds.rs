@@ -109,6 +109,13 @@ fn token(node: &str) -> String {
     format!("bootstrap-token-for-{node}-0123456789")
 }
 
+/// A pod's own token ("namespace/pod"), as an ingress gateway's pod holds.
+fn pod_token(pod: &str) -> String {
+    format!("pod-token-for-{}-0123456789", pod.replace('/', "-"))
+}
+
+const PODS_WITH_TOKENS: [&str; 3] = ["shop/edge-1", "shop/edge-2-1", "shop/web-1"];
+
 async fn serve(yaml: &str) -> (Arc<Hub>, SocketAddr) {
     let hub = Hub::new(Model::new(ModelConfig::default()));
     hub.apply(changes(yaml));
@@ -116,9 +123,11 @@ async fn serve(yaml: &str) -> (Arc<Hub>, SocketAddr) {
     let tokens = BootstrapTokens::new(
         ["node-a", "node-b"]
             .into_iter()
-            .map(|n| (n.to_string(), token(n))),
+            .map(|n| (n.to_string(), token(n)))
+            .chain(PODS_WITH_TOKENS.map(|p| (p.to_string(), pod_token(p)))),
     )
-    .unwrap();
+    .unwrap()
+    .with_pods(hub.clone());
     let ads = AdsService::new(hub.clone(), Arc::new(tokens)).into_server();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -150,6 +159,26 @@ fn subscribe(type_url: &str) -> DeltaDiscoveryRequest {
 impl Proxy {
     /// Connects as `proxy_id` with `node`'s token and subscribes to `first`.
     async fn connect(addr: SocketAddr, node: &str, proxy_id: &str, first: &str) -> Proxy {
+        Proxy::connect_with(addr, &token(node), proxy_id, first)
+            .await
+            .unwrap()
+    }
+
+    /// Connects as `proxy_id` with `pod`'s own token ("namespace/pod").
+    async fn as_pod(addr: SocketAddr, pod: &str, proxy_id: &str, first: &str) -> Proxy {
+        Proxy::connect_with(addr, &pod_token(pod), proxy_id, first)
+            .await
+            .unwrap()
+    }
+
+    /// Connects as `proxy_id` with `bearer` and subscribes to `first`: Err
+    /// when the controller refuses the stream.
+    async fn connect_with(
+        addr: SocketAddr,
+        bearer: &str,
+        proxy_id: &str,
+        first: &str,
+    ) -> Result<Proxy, tonic::Status> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -167,20 +196,14 @@ impl Proxy {
         .await
         .unwrap();
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
-        req.metadata_mut().insert(
-            "authorization",
-            format!("Bearer {}", token(node)).parse().unwrap(),
-        );
-        let rx = client
-            .delta_aggregated_resources(req)
-            .await
-            .unwrap()
-            .into_inner();
-        Proxy {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {bearer}").parse().unwrap());
+        let rx = client.delta_aggregated_resources(req).await?.into_inner();
+        Ok(Proxy {
             tx,
             rx,
             gateways: Default::default(),
-        }
+        })
     }
 
     async fn send(&self, req: DeltaDiscoveryRequest) {
@@ -439,23 +462,32 @@ async fn an_ingress_pod_gets_only_its_own_gateway_with_its_certificate() {
     let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
     let (hub, addr) = serve(&format!("{MESH}---\n{INGRESS}---\n{}", tls_secret(&cert))).await;
 
-    // Refused: a ztunnel, a waypoint, the ingress pod claimed from another
-    // node. The next response each sees answers its next subscription.
-    let mut refused = Vec::new();
-    for (node, id) in [
-        ("node-a", "ztunnel~node-a"),
-        ("node-a", "waypoint~shop~wp-a-1"),
-        ("node-b", "ingress~shop~edge-1"),
-        ("node-a", "ingress~shop~web-1"),
-    ] {
-        let mut p = Proxy::connect(addr, node, id, INGRESS_TYPE_URL).await;
+    // Refused: a ztunnel, a waypoint, a pod of no Gateway with its own
+    // token. The next response each sees answers its next subscription.
+    let mut refused = vec![
+        Proxy::connect(addr, "node-a", "ztunnel~node-a", INGRESS_TYPE_URL).await,
+        Proxy::connect(addr, "node-a", "waypoint~shop~wp-a-1", INGRESS_TYPE_URL).await,
+        Proxy::as_pod(addr, "shop/web-1", "ingress~shop~web-1", INGRESS_TYPE_URL).await,
+    ];
+    for p in &mut refused {
         p.send(subscribe(AUTHORIZATION_TYPE_URL)).await;
-        assert_eq!(p.next().await.type_url, AUTHORIZATION_TYPE_URL, "{id}");
-        refused.push(p);
+        assert_eq!(p.next().await.type_url, AUTHORIZATION_TYPE_URL);
     }
+    // One gateway pod's token does not open another's stream.
+    let err = Proxy::connect_with(
+        addr,
+        &pod_token("shop/edge-2-1"),
+        "ingress~shop~edge-1",
+        INGRESS_TYPE_URL,
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
 
     // The Gateway's pod gets its Gateway, certificate and key included.
-    let mut edge = Proxy::connect(addr, "node-a", "ingress~shop~edge-1", INGRESS_TYPE_URL).await;
+    let mut edge =
+        Proxy::as_pod(addr, "shop/edge-1", "ingress~shop~edge-1", INGRESS_TYPE_URL).await;
     let (sent, _) = edge.ingresses().await;
     assert_eq!(sent.len(), 1, "{sent:?}");
     let i = &sent[0];
@@ -470,7 +502,13 @@ async fn an_ingress_pod_gets_only_its_own_gateway_with_its_certificate() {
 
     // A pod of another ingress Gateway gets that one only, even when it
     // names this one.
-    let mut other = Proxy::connect(addr, "node-a", "ingress~shop~edge-2-1", INGRESS_TYPE_URL).await;
+    let mut other = Proxy::as_pod(
+        addr,
+        "shop/edge-2-1",
+        "ingress~shop~edge-2-1",
+        INGRESS_TYPE_URL,
+    )
+    .await;
     let (sent, _) = other.ingresses().await;
     assert_eq!(
         sent.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
@@ -526,4 +564,38 @@ status: {podIP: 10.0.0.30, phase: Running}
         vec!["edge-2"]
     );
     assert_eq!(removed, vec!["shop/edge"]);
+}
+
+/// A ztunnel's node token may not open an ingress gateway's stream, even for
+/// a gateway pod on its own node: the Ingress resource carries private keys,
+/// and only the gateway pod's own credential gets them.
+#[tokio::test]
+async fn a_node_token_never_gets_an_ingress_gateways_keys() {
+    let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
+    let (_hub, addr) = serve(&format!("{MESH}---\n{INGRESS}---\n{}", tls_secret(&cert))).await;
+    for first in [INGRESS_TYPE_URL, ADDRESS_TYPE_URL] {
+        match Proxy::connect_with(addr, &token("node-a"), "ingress~shop~edge-1", first).await {
+            Err(s) => {
+                assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s}");
+                assert!(s.message().contains("own"), "{s}");
+            }
+            Ok(mut p) => {
+                let r = p.next().await;
+                panic!(
+                    "a node token opened the ingress pod's stream and got {} resource(s) of {}",
+                    r.resources.len(),
+                    r.type_url
+                );
+            }
+        }
+    }
+    // The pod's own token gets them.
+    let mut edge =
+        Proxy::as_pod(addr, "shop/edge-1", "ingress~shop~edge-1", INGRESS_TYPE_URL).await;
+    let (sent, _) = edge.ingresses().await;
+    let c = sent[0].listeners[0]
+        .certificate
+        .as_ref()
+        .expect("certificate");
+    assert_eq!(c.private_key, cert.signing_key.serialize_pem());
 }

@@ -86,8 +86,13 @@ pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
     })
 }
 
+/// The address a request came from, in its extensions (what [`serve`]'s
+/// handlers see of the connection).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer(pub SocketAddr);
+
 /// Serves plain HTTP/1 GETs with `handler` until `stop`; shared by the
-/// controller's debug endpoint.
+/// controller's debug endpoint. Each request carries its [`Peer`].
 pub async fn serve<F>(listener: TcpListener, stop: CancellationToken, handler: F)
 where
     F: Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static,
@@ -103,7 +108,8 @@ where
         };
         let handler = handler.clone();
         tokio::spawn(async move {
-            let svc = service_fn(move |req: Request<Incoming>| {
+            let svc = service_fn(move |mut req: Request<Incoming>| {
+                req.extensions_mut().insert(Peer(peer));
                 let handler = handler.clone();
                 async move { Ok::<_, Infallible>(handler(&req)) }
             });

@@ -8,6 +8,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
+use std::sync::Arc;
 
 use futures::future::BoxFuture;
 use serde::Deserialize;
@@ -63,10 +64,42 @@ pub trait NodeAuthorizer: Send + Sync + 'static {
     fn workload_on_node(&self, node: &str, identity: &Identity) -> bool;
 }
 
-/// Per-node bootstrap tokens, handed to each node's ztunnel out of band.
-#[derive(Debug, Clone, Default)]
+/// Who a bootstrap token belongs to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Holder {
+    /// A node's proxies (its ztunnel; in the lab, its waypoints too).
+    Node(String),
+    /// One pod (namespace, name), as itself: a pod's own credential, as a
+    /// pod-bound service-account token is in a cluster.
+    Pod(String, String),
+}
+
+/// Where a pod runs and as whom, from the config model: how a pod's own
+/// token is tied to its node and identity.
+pub trait PodDirectory: Send + Sync + 'static {
+    /// The node of a running pod and its service account's identity, or
+    /// why it has none.
+    fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), String>;
+}
+
+/// Bootstrap tokens, handed out of band: one per node (its ztunnel's), and
+/// optionally one per pod that must prove it is itself (an ingress
+/// gateway's: its keys go to no node proxy). A pod's token is tied to its
+/// node and identity through the [`PodDirectory`]; without one, pod tokens
+/// are refused.
+#[derive(Clone, Default)]
 pub struct BootstrapTokens {
-    by_token: HashMap<String, String>,
+    by_token: HashMap<String, Holder>,
+    pods: Option<Arc<dyn PodDirectory>>,
+}
+
+impl std::fmt::Debug for BootstrapTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BootstrapTokens")
+            .field("tokens", &self.by_token.len())
+            .field("pods", &self.pods.is_some())
+            .finish()
+    }
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -76,20 +109,41 @@ pub enum AuthConfigError {
 }
 
 impl BootstrapTokens {
-    /// `node -> token` pairs.
+    /// `holder -> token` pairs: a node's name, or `<namespace>/<pod>` for a
+    /// pod's own token (a node name never holds a `/`).
     pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
         let mut by_token = HashMap::new();
-        for (node, token) in pairs {
+        for (holder, token) in pairs {
             if token.len() < 16 {
                 return Err(format!(
-                    "token for node {node:?} is shorter than 16 characters"
+                    "token for {holder:?} is shorter than 16 characters"
                 ));
             }
-            if let Some(other) = by_token.insert(token, node.clone()) {
-                return Err(format!("nodes {other:?} and {node:?} share a token"));
+            let h = match holder.split_once('/') {
+                None if !holder.is_empty() => Holder::Node(holder.clone()),
+                Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => {
+                    Holder::Pod(ns.to_string(), pod.to_string())
+                }
+                _ => {
+                    return Err(format!(
+                        "{holder:?} is neither a node name nor <namespace>/<pod>"
+                    ));
+                }
+            };
+            if by_token.insert(token, h).is_some() {
+                return Err(format!("{holder:?} shares its token with another entry"));
             }
         }
-        Ok(BootstrapTokens { by_token })
+        Ok(BootstrapTokens {
+            by_token,
+            pods: None,
+        })
+    }
+
+    /// Pod tokens are tied to their pods through `pods`.
+    pub fn with_pods(mut self, pods: Arc<dyn PodDirectory>) -> Self {
+        self.pods = Some(pods);
+        self
     }
 
     /// A YAML map of node name to token.
@@ -103,6 +157,15 @@ impl BootstrapTokens {
             serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
         Self::new(map).map_err(err)
     }
+
+    /// How many entries there are (nodes and pods).
+    pub fn len(&self) -> usize {
+        self.by_token.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_token.is_empty()
+    }
 }
 
 impl Authenticator for BootstrapTokens {
@@ -115,22 +178,36 @@ impl Authenticator for BootstrapTokens {
 }
 
 impl BootstrapTokens {
-    fn check(&self, metadata: &MetadataMap) -> Result<Caller, String> {
+    pub(crate) fn check(&self, metadata: &MetadataMap) -> Result<Caller, String> {
         let token = bearer(metadata)?;
         // Compare against every token so timing does not reveal a prefix.
         let mut found = None;
-        for (known, node) in &self.by_token {
+        for (known, holder) in &self.by_token {
             if constant_time_eq(known.as_bytes(), token.as_bytes()) {
-                found = Some(node);
+                found = Some(holder);
             }
         }
-        found
-            .map(|node| Caller::node(node.clone()))
-            .ok_or_else(|| "unknown bootstrap token".to_string())
+        match found.ok_or("unknown bootstrap token")? {
+            Holder::Node(node) => Ok(Caller::node(node.clone())),
+            Holder::Pod(ns, pod) => {
+                let pods = self
+                    .pods
+                    .as_ref()
+                    .ok_or("pod tokens are not accepted here (no config model)")?;
+                let (node, identity) = pods
+                    .pod_identity(ns, pod)
+                    .map_err(|e| format!("the token of pod {ns}/{pod}: {e}"))?;
+                Ok(Caller {
+                    node,
+                    only: Some(identity),
+                    pod: Some((ns.clone(), pod.clone())),
+                })
+            }
+        }
     }
 }
 
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+pub(crate) fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 

@@ -5,6 +5,7 @@ pub mod auth;
 pub mod csr;
 mod server;
 mod store;
+pub mod tokens_file;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};

@@ -2,10 +2,11 @@
 //! `istio-ca`), checked with the TokenReview API. A token is bound to the
 //! pod it was issued to; the pod's node (from the model, cross-checked with
 //! the node the API server names when it does) is the caller's node. The
-//! ztunnel's service account may ask for any identity on its node; any
-//! other caller (a waypoint, an ingress gateway) only for its own, and on
-//! xDS only as its own pod (`waypoint~<ns>~<pod>` or `ingress~<ns>~<pod>`,
-//! checked in [`crate::xds`]).
+//! ztunnel's service account may ask for any identity on its node, but
+//! never for an ingress gateway's keys; any other caller (a waypoint, an
+//! ingress gateway) only for its own identity, and on xDS only as its own
+//! pod (`waypoint~<ns>~<pod>` or `ingress~<ns>~<pod>`, checked in
+//! [`crate::access`]).
 //!
 //! Reviews are cached for a short while by a hash of the token: a ztunnel
 //! asks for certificates in bursts, and one review per burst is enough.

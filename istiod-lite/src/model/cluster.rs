@@ -6,6 +6,7 @@
 use std::collections::BTreeSet;
 
 use gateway_api::apis::standard::gateways::Gateway;
+use ztunnel::identity::Identity;
 
 use super::ingress::ListenerStatus;
 use super::workload::labels;
@@ -133,6 +134,33 @@ impl Model {
             return None;
         }
         p.spec.as_ref()?.node_name.clone()
+    }
+
+    /// The node of a running pod and its service account's identity: how
+    /// a pod's own token (folder mode) is tied to the pod.
+    pub fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), String> {
+        let p = self
+            .pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .filter(|p| super::workload::running(p))
+            .ok_or_else(|| format!("no running pod {namespace}/{name} is known (yet)"))?;
+        let node = p
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
+            .filter(|n| !n.is_empty())
+            .ok_or_else(|| format!("pod {namespace}/{name} is not scheduled on a node"))?;
+        let sa = super::workload::service_account(p);
+        let identity = Identity::new(&self.cfg.trust_domain, namespace, sa)
+            .map_err(|e| format!("pod {namespace}/{name}'s service account {sa:?}: {e}"))?;
+        Ok((node, identity))
+    }
+
+    /// The service account a known pod runs as.
+    pub fn pod_service_account(&self, namespace: &str, name: &str) -> Option<&str> {
+        self.pods
+            .get(&(namespace.to_string(), name.to_string()))
+            .map(super::workload::service_account)
     }
 }
 

@@ -28,6 +28,8 @@ use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
 
 /// A pod listener's accept loop.
 type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
+/// What serves one of a pod's listeners.
+type Serve = Arc<dyn Fn(Arc<Proxy>, TcpListener) -> ServeFuture + Send + Sync>;
 
 struct Pod {
     info: WorkloadInfo,
@@ -121,14 +123,14 @@ impl InPod {
         }
         // Each listener once per shard; all of them end with the pod.
         let shards = crate::shards::current();
-        let serve = |port: u16, f: fn(Arc<Proxy>, TcpListener) -> ServeFuture| {
+        let serve = |port: u16, f: Serve| {
             let (p, s) = (self.proxy.clone(), stop.clone());
             shards
                 .serve_each(
                     SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
                     Some(&netns),
                     move |l| {
-                        let (p, s) = (p.clone(), s.clone());
+                        let (p, s, f) = (p.clone(), s.clone(), f.clone());
                         async move {
                             tokio::select! {
                                 _ = s.cancelled() => {}
@@ -139,15 +141,24 @@ impl InPod {
                 )
                 .map_err(|e| format!("listen on :{port} in the pod's netns: {e}"))
         };
-        let served = serve(OUTBOUND_PORT, |p, l| {
-            Box::pin(outbound::serve_captured(p, l))
-        })
+        // The outbound listener knows its pod: the source of what it
+        // accepts is that pod, never whoever owns the peer address.
+        let pod = Arc::new(outbound::CapturedPod {
+            uid: uid.to_string(),
+            namespace: info.namespace.clone(),
+            name: info.name.clone(),
+        });
+        let served = serve(
+            OUTBOUND_PORT,
+            Arc::new(move |p, l| Box::pin(outbound::serve_captured(p, l, pod.clone()))),
+        )
         .and_then(|_| {
-            serve(INBOUND_PLAINTEXT_PORT, |p, l| {
-                Box::pin(inbound_plain::serve(p, l, None))
-            })
+            serve(
+                INBOUND_PLAINTEXT_PORT,
+                Arc::new(|p, l| Box::pin(inbound_plain::serve(p, l, None))),
+            )
         })
-        .and_then(|_| serve(HBONE_PORT, |p, l| Box::pin(inbound::serve(p, l))));
+        .and_then(|_| serve(HBONE_PORT, Arc::new(|p, l| Box::pin(inbound::serve(p, l)))));
         if let Err(e) = served {
             // Whatever was bound closes with the token.
             stop.cancel();

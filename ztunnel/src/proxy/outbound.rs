@@ -223,20 +223,80 @@ pub async fn serve(
         fixed_target,
         move |proxy, tcp, peer, dst| {
             let uid = uid.clone();
-            async move { handle(proxy, tcp, peer, dst, Some(&uid)).await }
+            async move { handle(proxy, tcp, peer, dst, Source::Uid(&uid)).await }
         },
     )
     .await
 }
 
-/// Serves a pod's redirected outbound traffic (node mode): the source is the
-/// workload at the connection's peer address, the destination the original
-/// one (SO_ORIGINAL_DST).
-pub async fn serve_captured(proxy: Arc<Proxy>, listener: TcpListener) {
-    super::accept_captured(proxy, listener, None, |proxy, tcp, peer, dst| async move {
-        handle(proxy, tcp, peer, dst, None).await
+/// The pod whose network namespace a node-mode listener was opened in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CapturedPod {
+    /// The node agent's (ZDS) uid.
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+/// Serves a pod's redirected outbound traffic (node mode): the source is
+/// `pod`, the pod whose netns the listener lives in, and its workload's
+/// identity; the destination the original one (SO_ORIGINAL_DST). A
+/// connection from an address that is not one of that pod's own is refused:
+/// another workload's address (spoofed, or stale) never lends its identity.
+pub async fn serve_captured(proxy: Arc<Proxy>, listener: TcpListener, pod: Arc<CapturedPod>) {
+    super::accept_captured(proxy, listener, None, move |proxy, tcp, peer, dst| {
+        let pod = pod.clone();
+        async move { handle(proxy, tcp, peer, dst, Source::Pod(&pod)).await }
     })
     .await
+}
+
+/// Whose traffic a listener carries.
+#[derive(Debug, Clone, Copy)]
+enum Source<'a> {
+    /// A configured listener's workload, by uid.
+    Uid(&'a str),
+    /// The pod a node-mode listener was opened in.
+    Pod(&'a CapturedPod),
+}
+
+/// The workload of `pod` that sent from `peer`, or why there is none:
+/// the workload at the peer address must be that very pod's.
+pub fn pod_source(
+    snap: &Snapshot,
+    network: &str,
+    pod: &CapturedPod,
+    peer: SocketAddr,
+) -> Result<Arc<Workload>, String> {
+    let w = snap
+        .workload_by_ip(network, peer.ip())
+        .ok_or_else(|| format!("no workload has the source address {}", peer.ip()))?;
+    if w.namespace != pod.namespace || w.name != pod.name {
+        return Err(format!(
+            "source address {} is workload {}/{}'s, not this pod's ({}/{})",
+            peer.ip(),
+            w.namespace,
+            w.name,
+            pod.namespace,
+            pod.name
+        ));
+    }
+    Ok(w.clone())
+}
+
+fn source_workload(
+    snap: &Snapshot,
+    network: &str,
+    source: Source<'_>,
+    peer: SocketAddr,
+) -> Result<Arc<Workload>, String> {
+    match source {
+        Source::Uid(uid) => snap
+            .workload(uid)
+            .cloned()
+            .ok_or_else(|| format!("no workload {uid}")),
+        Source::Pod(pod) => pod_source(snap, network, pod, peer),
+    }
 }
 
 async fn handle(
@@ -244,17 +304,16 @@ async fn handle(
     mut tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
-    source_uid: Option<&str>,
+    source: Source<'_>,
 ) {
     let _ = tcp.set_nodelay(true);
     let snap = proxy.state.snapshot();
-    let src = match source_uid {
-        Some(uid) => snap.workload(uid),
-        None => snap.workload_by_ip(&proxy.cfg.network, peer.ip()),
-    };
-    let Some(src) = src.cloned() else {
-        warn!(%peer, %dst, source = ?source_uid, "source workload unknown; closing");
-        return;
+    let src = match source_workload(&snap, &proxy.cfg.network, source, peer) {
+        Ok(w) => w,
+        Err(why) => {
+            warn!(%peer, %dst, ?source, reason = %why, "source workload unknown; closing");
+            return;
+        }
     };
     let route = resolve(&snap, &proxy.cfg.network, &src, dst);
     drop(snap);
@@ -459,4 +518,43 @@ enum Upstream {
     Tcp(TcpStream),
     /// The inbound half of a same-node connection.
     Local(Box<super::local::Delivered>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::{LocalConfig, ProxyState};
+
+    #[test]
+    fn a_pods_source_is_that_pod_from_its_own_addresses_only() {
+        let local: LocalConfig = serde_yaml::from_str(
+            r#"
+workloads:
+- {uid: "c//Pod/shop/client", name: client, namespace: shop, addresses: [10.1.1.1, 10.1.1.5], tunnel_protocol: HBONE, service_account: client, node: n1}
+- {uid: "c//Pod/shop/victim", name: victim, namespace: shop, addresses: [10.1.1.2], tunnel_protocol: HBONE, service_account: victim, node: n1}
+"#,
+        )
+        .expect("local config");
+        let state = ProxyState::default();
+        state.replace(local.to_updates("cluster.local", "test").expect("updates"));
+        let snap = state.snapshot();
+        let pod = CapturedPod {
+            uid: "uid-1".into(),
+            namespace: "shop".into(),
+            name: "client".into(),
+        };
+        let from =
+            |ip: &str| pod_source(&snap, "", &pod, SocketAddr::new(ip.parse().unwrap(), 40000));
+        for own in ["10.1.1.1", "10.1.1.5"] {
+            let w = from(own).expect(own);
+            assert_eq!(
+                w.identity.to_string(),
+                "spiffe://cluster.local/ns/shop/sa/client"
+            );
+        }
+        let err = from("10.1.1.2").unwrap_err();
+        assert!(err.contains("shop/victim's, not this pod's"), "{err}");
+        let err = from("10.9.9.9").unwrap_err();
+        assert!(err.contains("no workload has the source address"), "{err}");
+    }
 }
