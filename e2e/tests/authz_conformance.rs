@@ -189,14 +189,14 @@ fn policy_docs(case: &Case) -> String {
     let mut out = String::new();
     for (i, spec) in case.specs.iter().enumerate() {
         let mut v: serde_yaml::Mapping = serde_yaml::from_str(spec).expect("spec parses");
-        let dry = v
-            .remove("dryRun")
-            .and_then(|d| d.as_bool())
-            .unwrap_or(false);
-        let annotations = if dry {
-            "annotations: {istio.io/dry-run: \"true\"}"
-        } else {
-            "annotations: {}"
+        let annotations = match v.remove("dryRun") {
+            Some(serde_yaml::Value::Bool(true)) => {
+                "annotations: {istio.io/dry-run: \"true\"}".to_string()
+            }
+            Some(serde_yaml::Value::String(s)) => {
+                format!("annotations: {{istio.io/dry-run: \"{s}\"}}")
+            }
+            _ => "annotations: {}".to_string(),
         };
         for (name, target) in [
             (format!("zt{i}"), "selector: {matchLabels: {app: server}}"),
@@ -430,8 +430,9 @@ fn cases() -> Vec<Case> {
         c("ref: DENY by ipBlocks", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req(), D, D),
         c("ref: DENY notIpBlocks, inside passes", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req(), A, A),
         c("ref: DENY notIpBlocks, outside denied", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("10.7.0.1"), D, D),
-        c("security: remoteIpBlocks is the source address (no forwarding header is trusted)", &["{action: ALLOW, rules: [{from: [{source: {remoteIpBlocks: [10.1.0.5]}}]}]}"], req(), A, A),
-        c("security: notRemoteIpBlocks is the source address", &["{action: ALLOW, rules: [{from: [{source: {notRemoteIpBlocks: [10.1.0.5]}}]}]}"], req(), D, D),
+        c("ambient-l4: remoteIpBlocks is L7 (the original client): an ALLOW rule with it never matches at the ztunnel; the waypoint takes the source address (security: no forwarding header is trusted)", &["{action: ALLOW, rules: [{from: [{source: {remoteIpBlocks: [10.1.0.5]}}]}]}"], req(), D, A),
+        c("ambient-l4: a DENY on remoteIpBlocks denies on its L4 fields alone at the ztunnel", &["{action: DENY, rules: [{from: [{source: {remoteIpBlocks: [10.7.0.0/16]}}]}]}"], req(), D, A),
+        c("security: notRemoteIpBlocks is the source address at the waypoint", &["{action: ALLOW, rules: [{from: [{source: {notRemoteIpBlocks: [10.1.0.5]}}]}]}"], req(), D, D),
         c("ref: an IPv6 block never holds an IPv4 source", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [\"fd00::/8\"]}}]}]}"], req(), D, D),
         c("ref: 0.0.0.0/0 holds every IPv4 source", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [0.0.0.0/0]}}]}]}"], req(), A, A),
         // ports
@@ -457,7 +458,7 @@ fn cases() -> Vec<Case> {
         c("ref: when destination.port", &["{action: ALLOW, rules: [{when: [{key: destination.port, values: [\"8080\"]}]}]}"], req(), A, A),
         c("ref: when destination.port, another port fails", &["{action: ALLOW, rules: [{when: [{key: destination.port, values: [\"9090\"]}]}]}"], req(), D, D),
         c("ref: DENY when destination.port notValues, the port passes", &["{action: DENY, rules: [{when: [{key: destination.port, notValues: [\"8080\"]}]}]}"], req(), A, A),
-        c("security: when remote.ip is the source address", &["{action: ALLOW, rules: [{when: [{key: remote.ip, values: [10.1.0.5]}]}]}"], req(), A, A),
+        c("ambient-l4: when remote.ip is L7: never matches an ALLOW at the ztunnel; the source address at the waypoint", &["{action: ALLOW, rules: [{when: [{key: remote.ip, values: [10.1.0.5]}]}]}"], req(), D, A),
         c("ambient-l7: destination.ip is an L4 key; the waypoint cannot check it, so the ALLOW rule never matches there", &["{action: ALLOW, rules: [{when: [{key: destination.ip, values: [10.1.0.9]}]}]}"], req(), A, D),
         // L7 fields: the waypoint checks them; the ztunnel cannot.
         c("ambient-l4: an ALLOW rule with L7 fields never matches at the ztunnel", &["{action: ALLOW, rules: [{to: [{operation: {methods: [GET]}}]}]}"], req(), D, A),
@@ -511,10 +512,20 @@ fn cases() -> Vec<Case> {
         c("security: an empty operation is invalid (Istio validation)", &["{action: ALLOW, rules: [{to: [{operation: {}}]}]}"], req(), D, D),
         c("security: a condition without values is invalid", &["{action: ALLOW, rules: [{when: [{key: source.ip}]}]}"], req(), D, D),
         c("security: a DENY condition with an invalid IP denies everything", &["{action: DENY, rules: [{when: [{key: source.ip, values: [bad]}]}]}"], req(), D, D),
+        c("security: a wildcard in serviceAccounts is invalid: the DENY denies everything", &["{action: DENY, rules: [{from: [{source: {serviceAccounts: [\"*/admin\"]}}]}]}"], req(), D, D),
+        c("security: a path template is not checked: the ALLOW rule never matches", &["{action: ALLOW, rules: [{to: [{operation: {paths: [\"/orders/{*}\"]}}]}]}"], req().path("/orders/1"), D, D),
+        c("security: a path template is not checked: the DENY denies more", &["{action: DENY, rules: [{to: [{operation: {paths: [\"/admin/{**}\"]}}]}]}"], req().path("/public"), D, D),
+        c("ref: `*` on a header means present, an empty value included", &["{action: DENY, rules: [{when: [{key: \"request.headers[x-debug]\", values: [\"*\"]}]}]}"], req().header("x-debug", ""), D, D),
+        c("ref: `*` on a header: an absent header is not present", &["{action: DENY, rules: [{when: [{key: \"request.headers[x-debug]\", values: [\"*\"]}]}]}"], req(), D, A),
+        c("ref: destination.port values are numbers (080 is 80)", &["{action: DENY, rules: [{when: [{key: destination.port, values: [\"08080\"]}]}]}"], req(), D, D),
+        c("ref: hosts: a trailing dot names the same host", &["{action: DENY, rules: [{to: [{operation: {hosts: [server.shop.svc.cluster.local]}}]}]}"], req().host("server.shop.svc.cluster.local."), D, D),
         // Dry run.
         c("ref: dry-run (istio.io/dry-run) DENY is not enforced", &["{action: DENY, rules: [{}], dryRun: true}"], req(), A, A),
         c("ref: a dry-run ALLOW does not make other traffic denied", &["{action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/other/sa/web]}}]}], dryRun: true}"], req(), A, A),
         c("ref: a dry-run policy beside an enforced one", &["{action: DENY, rules: [{}], dryRun: true}", "{action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/other/sa/web]}}]}]}"], req(), D, D),
+        c("ref: dry-run annotation read as Go's ParseBool (\"1\" is true)", &["{action: DENY, rules: [{}], dryRun: \"1\"}"], req(), A, A),
+        c("security: an unreadable dry-run annotation: a DENY is enforced", &["{action: DENY, rules: [{}], dryRun: \"maybe\"}"], req(), D, D),
+        c("security: an unreadable dry-run annotation: an ALLOW grants nothing", &["{action: ALLOW, rules: [{}], dryRun: \"maybe\"}"], req(), D, D),
         // Targeting.
         raw("ref: a policy in the root namespace applies to every workload (ztunnel); without targetRefs it is not a waypoint's", ZT_ROOT_ALLOW_W, req(), D, A),
         raw("ambient-l7: targetRefs to the istio-waypoint GatewayClass from the root namespace covers every waypoint", CLASS_DENY_ALL, req(), A, D),

@@ -334,7 +334,13 @@ impl Condition {
             return deny;
         };
         let is_ip = matches!(self.key.as_str(), "source.ip" | "remote.ip");
+        let is_header = self.header.is_some();
         let m = |g: &Glob, v: &str| {
+            // `*` on a header means present, even with an empty value (as
+            // Envoy's present_match): `x-debug:` cannot dodge a DENY.
+            if is_header && *g == Glob::Present {
+                return true;
+            }
             if is_ip && let Glob::Exact(s) = g {
                 return match (Cidr::parse(s), v.parse::<IpAddr>()) {
                     (Some(c), Ok(ip)) => c.contains(ip),

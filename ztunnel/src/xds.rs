@@ -28,6 +28,9 @@ use tracing::{info, warn};
 use crate::certs::Backoff;
 use crate::state::{ProxyState, Update};
 
+/// The version a refused resource is held under (see `run_stream`).
+pub const NACKED_VERSION: &str = "nacked";
+
 /// What a ztunnel subscribes to.
 pub const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
 
@@ -288,6 +291,13 @@ impl XdsClient {
                 let held = known.entry(t).or_default();
                 for (n, v) in accepted {
                     held.insert(n, v);
+                }
+                // A refused resource is held too (as its fail-closed
+                // stand-in), under a version no server sends: on reconnect
+                // the server then resends it, or removes it if it is gone,
+                // so a stand-in never outlives its resource.
+                for (n, _) in &rejected {
+                    held.insert(n.clone(), NACKED_VERSION.to_string());
                 }
                 for n in &resp.removed_resources {
                     held.remove(n);

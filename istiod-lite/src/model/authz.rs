@@ -40,7 +40,11 @@ fn strings(v: &[String]) -> Vec<pb::StringMatch> {
 fn service_accounts(field: &str, v: &[String]) -> Result<Vec<pb::ServiceAccountMatch>, String> {
     v.iter()
         .map(|s| match s.split_once('/') {
-            Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+            // No wildcard: a literal `*` matches no real account, so a DENY
+            // naming one would deny nothing.
+            Some((ns, sa))
+                if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') && !s.contains('*') =>
+            {
                 Ok(pb::ServiceAccountMatch {
                     namespace: ns.to_string(),
                     service_account: sa.to_string(),
@@ -93,8 +97,14 @@ fn ports(field: &str, v: &[String]) -> Result<Vec<u32>, String> {
         .collect()
 }
 
+/// Request principals, and remote IPs (the original client behind an
+/// ingress or waypoint, which only an L7 proxy knows), as Istio's ambient
+/// controller treats them.
 fn has_l7_source(s: &Source) -> bool {
-    !s.request_principals.is_empty() || !s.not_request_principals.is_empty()
+    !s.request_principals.is_empty()
+        || !s.not_request_principals.is_empty()
+        || !s.remote_ip_blocks.is_empty()
+        || !s.not_remote_ip_blocks.is_empty()
 }
 
 fn has_l7_operation(o: &Operation) -> bool {
@@ -108,7 +118,6 @@ fn has_l7_operation(o: &Operation) -> bool {
 
 const L4_KEYS: &[&str] = &[
     "source.ip",
-    "remote.ip",
     "source.namespace",
     "source.principal",
     "destination.ip",
@@ -122,23 +131,44 @@ fn has_l7(rule: &AuthorizationRule) -> bool {
 }
 
 fn source_match(at: &str, s: &Source) -> Result<pb::Match, String> {
-    let mut source_ips = cidrs(&format!("{at}.ipBlocks"), &s.ip_blocks)?;
-    source_ips.extend(cidrs(&format!("{at}.remoteIpBlocks"), &s.remote_ip_blocks)?);
-    let mut not_source_ips = cidrs(&format!("{at}.notIpBlocks"), &s.not_ip_blocks)?;
-    not_source_ips.extend(cidrs(
-        &format!("{at}.notRemoteIpBlocks"),
-        &s.not_remote_ip_blocks,
-    )?);
+    let source_ips = cidrs(&format!("{at}.ipBlocks"), &s.ip_blocks)?;
+    let not_source_ips = cidrs(&format!("{at}.notIpBlocks"), &s.not_ip_blocks)?;
+    // Remote IPs are L7 here (see `has_l7_source`), yet a value that does
+    // not parse is still an invalid value.
+    cidrs(&format!("{at}.remoteIpBlocks"), &s.remote_ip_blocks)?;
+    cidrs(&format!("{at}.notRemoteIpBlocks"), &s.not_remote_ip_blocks)?;
+    let accounts = service_accounts(&format!("{at}.serviceAccounts"), &s.service_accounts)?;
+    let not_accounts =
+        service_accounts(&format!("{at}.notServiceAccounts"), &s.not_service_accounts)?;
+    // Beside Istio's service-account fields, the same accounts as principal
+    // suffixes when no principals are set: a ztunnel that predates fields
+    // 11 and 12 then still matches them (it would otherwise read an empty
+    // match), and a current one reads both as the same constraint.
+    let legacy = |list: &[pb::ServiceAccountMatch]| -> Vec<pb::StringMatch> {
+        list.iter()
+            .map(|a| pb::StringMatch {
+                match_type: Some(pb::string_match::MatchType::Suffix(format!(
+                    "/ns/{}/sa/{}",
+                    a.namespace, a.service_account
+                ))),
+            })
+            .collect()
+    };
+    let principals = match s.principals.is_empty() {
+        true => legacy(&accounts),
+        false => strings(&s.principals),
+    };
+    let not_principals = match s.not_principals.is_empty() {
+        true => legacy(&not_accounts),
+        false => strings(&s.not_principals),
+    };
     Ok(pb::Match {
         namespaces: strings(&s.namespaces),
         not_namespaces: strings(&s.not_namespaces),
-        principals: strings(&s.principals),
-        not_principals: strings(&s.not_principals),
-        service_accounts: service_accounts(&format!("{at}.serviceAccounts"), &s.service_accounts)?,
-        not_service_accounts: service_accounts(
-            &format!("{at}.notServiceAccounts"),
-            &s.not_service_accounts,
-        )?,
+        principals,
+        not_principals,
+        service_accounts: accounts,
+        not_service_accounts: not_accounts,
         source_ips,
         not_source_ips,
         ..Default::default()
@@ -153,7 +183,7 @@ fn condition_match(at: &str, c: &Condition) -> Result<Option<pb::Match>, String>
     }
     let mut m = pb::Match::default();
     match c.key.as_str() {
-        "source.ip" | "remote.ip" => {
+        "source.ip" => {
             m.source_ips = cidrs(at, &c.values)?;
             m.not_source_ips = cidrs(at, &c.not_values)?;
         }
@@ -306,6 +336,13 @@ pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Authorizat
             }
         }
     }
+    if let Err(why) = dry_run_value(p) {
+        issues.push(why);
+        if action == pb::Action::Allow {
+            // Meant as a trial, perhaps: it may restrict, never grant.
+            rules.clear();
+        }
+    }
     let has_selector = p
         .spec
         .selector
@@ -328,12 +365,31 @@ pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Authorizat
 /// enforced.
 pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
-pub fn dry_run(p: &AuthorizationPolicy) -> bool {
-    p.metadata
+/// The annotation's value read as Istio reads it (Go's `ParseBool`): Ok
+/// false when absent, Err when it is not a boolean.
+pub fn dry_run_value(p: &AuthorizationPolicy) -> Result<bool, String> {
+    let Some(v) = p
+        .metadata
         .annotations
         .as_ref()
         .and_then(|a| a.get(DRY_RUN_ANNOTATION))
-        .is_some_and(|v| v.eq_ignore_ascii_case("true"))
+    else {
+        return Ok(false);
+    };
+    match v.as_str() {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
+        other => Err(format!(
+            "annotation {DRY_RUN_ANNOTATION}: {other:?} is not true or false; the policy is enforced"
+        )),
+    }
+}
+
+/// Whether the policy is dry-run. An unreadable annotation is not: the
+/// policy is enforced (callers make an enforced ALLOW match nothing, so a
+/// policy meant as a trial never grants anything).
+pub fn dry_run(p: &AuthorizationPolicy) -> bool {
+    dry_run_value(p).unwrap_or(false)
 }
 
 pub fn peer_auth_policy_name(name: &str) -> String {

@@ -121,8 +121,9 @@ fn method(m: &HttpRouteRulesMatchesMethod) -> &'static str {
 }
 
 fn regex_ok(r: &str) -> Result<(), String> {
-    // The waypoint compiles with the same crate, so what passes here runs there.
-    regex::Regex::new(r)
+    // The waypoint compiles with the same crate and the same whole-string
+    // wrapping, so what passes here runs there.
+    regex::Regex::new(&format!("^(?:{r})$"))
         .map(|_| ())
         .map_err(|e| format!("regex {r:?} does not parse: {e}"))
 }

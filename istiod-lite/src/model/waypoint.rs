@@ -270,7 +270,12 @@ impl RuleConverter {
         }
         for a in accounts {
             match a.split_once('/') {
-                Some((ns, sa)) if !ns.is_empty() && !sa.is_empty() && !sa.contains('/') => {
+                Some((ns, sa))
+                    if !ns.is_empty()
+                        && !sa.is_empty()
+                        && !sa.contains('/')
+                        && !a.contains('*') =>
+                {
                     out.push(format!("*/ns/{ns}/sa/{sa}"))
                 }
                 _ => {
@@ -343,6 +348,23 @@ impl RuleConverter {
         if *o == Operation::default() {
             self.bad(format!("{at} is empty"));
         }
+        // Istio's path templates (`{*}`, `{**}`) are not matched here; read
+        // literally they would never match, so they count as unchecked.
+        let template = |v: &[String]| v.iter().any(|p| p.contains('{') || p.contains('}'));
+        let (paths, not_paths) = (
+            if template(&o.paths) {
+                self.unsupported(&format!("{at}.paths (a path template)"), &o.paths);
+                vec![]
+            } else {
+                o.paths.clone()
+            },
+            if template(&o.not_paths) {
+                self.unsupported(&format!("{at}.notPaths (a path template)"), &o.not_paths);
+                vec![]
+            } else {
+                o.not_paths.clone()
+            },
+        );
         pb::PolicyOperation {
             hosts: o.hosts.clone(),
             not_hosts: o.not_hosts.clone(),
@@ -350,8 +372,8 @@ impl RuleConverter {
             not_ports: self.ports(&format!("{at}.notPorts"), &o.not_ports),
             methods: o.methods.clone(),
             not_methods: o.not_methods.clone(),
-            paths: o.paths.clone(),
-            not_paths: o.not_paths.clone(),
+            paths,
+            not_paths,
         }
     }
 
@@ -388,10 +410,13 @@ impl RuleConverter {
                 self.ip_blocks(&format!("{at}.notValues"), &c.not_values),
             ),
             "destination.port" => {
-                // Checked, then carried as written (the proto holds strings).
-                self.ports(&format!("{at}.values"), &c.values);
-                self.ports(&format!("{at}.notValues"), &c.not_values);
-                (c.values.clone(), c.not_values.clone())
+                // Carried as the number's canonical string ("080" is 80),
+                // since the waypoint compares strings.
+                let canon = |v: Vec<u32>| v.iter().map(u32::to_string).collect::<Vec<_>>();
+                (
+                    canon(self.ports(&format!("{at}.values"), &c.values)),
+                    canon(self.ports(&format!("{at}.notValues"), &c.not_values)),
+                )
             }
             _ => (c.values.clone(), c.not_values.clone()),
         };
@@ -475,6 +500,12 @@ pub fn convert(p: &AuthorizationPolicy) -> (Option<pb::Policy>, Vec<String>) {
                 ));
                 rules.push(rule);
             }
+        }
+    }
+    if let Err(why) = super::authz::dry_run_value(p) {
+        issues.push(why);
+        if action == pb::PolicyAction::Allow {
+            rules.clear();
         }
     }
     (
