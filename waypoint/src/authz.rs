@@ -325,7 +325,7 @@ impl Policy {
         let action = match pb::PolicyAction::try_from(p.action) {
             Ok(pb::PolicyAction::Allow) => Action::Allow,
             Ok(pb::PolicyAction::Deny) => Action::Deny,
-            Err(_) => {
+            Ok(pb::PolicyAction::Custom) | Err(_) => {
                 return Err(RouteError::Policy {
                     policy: name.to_string(),
                     reason: format!("unknown action {}", p.action),
