@@ -144,7 +144,10 @@ async fn main() {
                 for field in &m.unused {
                     warn!(%field, "mesh config field not used by istiod-lite");
                 }
-                info!(providers = m.extension_providers.len(), "mesh config loaded");
+                info!(
+                    providers = m.extension_providers.len(),
+                    "mesh config loaded"
+                );
                 m
             }
             Err(e) => {

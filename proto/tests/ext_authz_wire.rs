@@ -9,11 +9,11 @@ use mesh_proto::envoy::config::core::v3::{
     Address, HeaderValue, HeaderValueOption, QueryParameter, SocketAddress, address,
     header_value_option::HeaderAppendAction, socket_address,
 };
-use mesh_proto::envoy::r#type::v3::{HttpStatus, StatusCode};
 use mesh_proto::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
     attribute_context, authorization_server, check_response,
 };
+use mesh_proto::envoy::r#type::v3::{HttpStatus, StatusCode};
 use mesh_proto::google::rpc::Status;
 use prost::Message;
 
@@ -83,7 +83,9 @@ fn check_request() {
     http.extend([0x2a, 0x01, b'h']); // host = 5
     http.extend([0x32, 0x04, b'h', b't', b't', b'p']); // scheme = 6
     // size = 9, int64 -1: ten-byte varint.
-    http.extend([0x48, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01]);
+    http.extend([
+        0x48, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+    ]);
     http.extend([0x52, 0x06]); // protocol = 10
     http.extend(b"HTTP/2");
     let request = field(0x12, &http); // Request.http = 2
@@ -121,7 +123,9 @@ fn denied_response() {
     let mut b = vec![0x0a, 0x02, 0x08, 0x07]; // status = 1 { code = 1: 7 }
     let mut denied = vec![0x0a, 0x03, 0x08, 0x91, 0x03]; // status = 1 { code = 1: 401 }
     // headers = 2 { header = 1 {key = 1, value = 2}, append = 2 (BoolValue false: empty) }
-    denied.extend([0x12, 0x0a, 0x0a, 0x06, 0x0a, 0x01, b'k', 0x12, 0x01, b'v', 0x12, 0x00]);
+    denied.extend([
+        0x12, 0x0a, 0x0a, 0x06, 0x0a, 0x01, b'k', 0x12, 0x01, b'v', 0x12, 0x00,
+    ]);
     denied.extend([0x1a, 0x02, b'n', b'o']); // body = 3
     b.extend(field(0x12, &denied)); // denied_response = 2
     check(&resp, &b);
@@ -160,7 +164,9 @@ fn ok_response() {
     };
     let mut b = vec![0x0a, 0x00]; // status = 1, present and empty (code OK)
     // headers = 2 { header = 1 {key, value}, append_action = 3: 2 }
-    let mut ok = vec![0x12, 0x0a, 0x0a, 0x06, 0x0a, 0x01, b'x', 0x12, 0x01, b'1', 0x18, 0x02];
+    let mut ok = vec![
+        0x12, 0x0a, 0x0a, 0x06, 0x0a, 0x01, b'x', 0x12, 0x01, b'1', 0x18, 0x02,
+    ];
     ok.extend([0x2a, 0x01, b'y']); // headers_to_remove = 5
     // response_headers_to_add = 6 { header = 1 {key = 1, raw_value = 3} }
     ok.extend([0x32, 0x08, 0x0a, 0x06, 0x0a, 0x01, b'z', 0x1a, 0x01, b'2']);

@@ -286,8 +286,8 @@ fn grpc_service_names() {
 #[test]
 fn waypoint_service_routes() {
     use mesh_proto::mesh::waypoint::{
-        ExtAuthzProvider, Policy, PolicyAction, PortProtocol, Protocol, Retry, Route, RouteMatch, ServiceRoutes,
-        StringMatch, WeightedBackend, string_match,
+        ExtAuthzProvider, Policy, PolicyAction, PortProtocol, Protocol, Retry, Route, RouteMatch,
+        ServiceRoutes, StringMatch, WeightedBackend, string_match,
     };
     let routes = ServiceRoutes {
         hostname: "a".into(),

@@ -122,7 +122,10 @@ impl MeshConfig {
             let Some(m) = entry.as_object() else {
                 return Err(shape(format!("extensionProviders[{i}] is not a map")));
             };
-            let Some(name) = m.get("name").and_then(Value::as_str).filter(|n| !n.is_empty())
+            let Some(name) = m
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.is_empty())
             else {
                 return Err(shape(format!("extensionProviders[{i}] has no name")));
             };
@@ -210,7 +213,11 @@ fn ext_authz_grpc(v: &Value) -> Result<ExtAuthzGrpc, String> {
         Some(Value::String(s)) => {
             parse_duration(s).ok_or_else(|| format!("timeout {s:?} is not a duration"))?
         }
-        Some(other) => return Err(format!("timeout {other} is not a duration such as \"0.5s\"")),
+        Some(other) => {
+            return Err(format!(
+                "timeout {other} is not a duration such as \"0.5s\""
+            ));
+        }
     };
     let fail_open = match m.get("failOpen") {
         None | Some(Value::Null) => false,
@@ -334,7 +341,10 @@ extensionProviders:
         let want = [
             ("http", "envoyExtAuthzHttp is not supported"),
             ("body", "includeRequestBodyInCheck is not supported"),
-            ("headers", "includeRequestHeadersInCheck is a field of envoyExtAuthzHttp"),
+            (
+                "headers",
+                "includeRequestHeadersInCheck is a field of envoyExtAuthzHttp",
+            ),
             ("typo", "unknown field \"failopen\""),
             ("noport", "port is required"),
             ("badtimeout", "timeout \"soon\" is not a duration"),

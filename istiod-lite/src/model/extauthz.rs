@@ -83,7 +83,14 @@ fn address(model: &Model, name: &str, g: &ExtAuthzGrpc, issues: &mut Vec<String>
         .map_or(g.service.as_str(), |(_, h)| h);
     let vip = service_key(model, &g.service)
         .and_then(|k| model.services.get(&k))
-        .and_then(|s| s.spec.as_ref()?.cluster_ip.as_deref()?.parse::<IpAddr>().ok());
+        .and_then(|s| {
+            s.spec
+                .as_ref()?
+                .cluster_ip
+                .as_deref()?
+                .parse::<IpAddr>()
+                .ok()
+        });
     match vip {
         Some(IpAddr::V4(ip)) => format!("{ip}:{}", g.port),
         Some(IpAddr::V6(ip)) => format!("[{ip}]:{}", g.port),
@@ -278,9 +285,16 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
         assert!(open.fail_open);
         assert_eq!(open.status_on_error, 503);
         assert_eq!(open.timeout_ms, 600_000);
-        assert!(issues_of(&m, "ext").is_empty(), "{:?}", issues_of(&m, "ext"));
+        assert!(
+            issues_of(&m, "ext").is_empty(),
+            "{:?}",
+            issues_of(&m, "ext")
+        );
         // Nothing for ztunnels: the waypoint enforces it.
-        assert!(m.resources(mesh_proto::AUTHORIZATION_TYPE_URL).is_none_or(|r| r.is_empty()));
+        assert!(
+            m.resources(mesh_proto::AUTHORIZATION_TYPE_URL)
+                .is_none_or(|r| r.is_empty())
+        );
     }
 
     #[test]
@@ -291,7 +305,9 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
         assert_eq!(p.address, "authz.example.com:9000");
         let issues = issues_of(&m, "ext");
         assert!(
-            issues.iter().any(|i| i.contains("resolves \"authz.example.com\" by DNS")),
+            issues
+                .iter()
+                .any(|i| i.contains("resolves \"authz.example.com\" by DNS")),
             "{issues:?}"
         );
     }
@@ -312,7 +328,10 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
             assert_eq!(p.rules, vec![pb::PolicyRule::default()], "{p:?}");
         }
         for (name, why) in [
-            ("unknown", "\"nope\" is not among the mesh config's extensionProviders"),
+            (
+                "unknown",
+                "\"nope\" is not among the mesh config's extensionProviders",
+            ),
             ("http", "envoyExtAuthzHttp is not supported"),
             ("none", "names no provider"),
         ] {
@@ -337,7 +356,11 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
 
     #[test]
     fn a_custom_policy_without_a_waypoint_is_a_deny_of_its_l4_match_at_the_ztunnel() {
-        let m = model(&custom("ext", "authz", "selector: {matchLabels: {app: reviews}}"));
+        let m = model(&custom(
+            "ext",
+            "authz",
+            "selector: {matchLabels: {app: reviews}}",
+        ));
         let a = ztunnel_policy(&m, "ext");
         assert_eq!(a.action, l4::Action::Deny as i32);
         // The rule's L4 part (port 80) is kept; its path cannot be checked.
@@ -354,7 +377,11 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
 
     #[test]
     fn a_custom_policy_without_a_usable_provider_denies_its_whole_scope_at_the_ztunnel() {
-        let m = model(&custom("ext", "nope", "selector: {matchLabels: {app: reviews}}"));
+        let m = model(&custom(
+            "ext",
+            "nope",
+            "selector: {matchLabels: {app: reviews}}",
+        ));
         let a = ztunnel_policy(&m, "ext");
         assert_eq!(a.action, l4::Action::Deny as i32);
         assert_eq!(a.rules, vec![l4::Rule::default()], "{a:?}");
@@ -371,7 +398,10 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
         let (without_provider, _) = OBJECTS
             .split_once("---\napiVersion: v1\nkind: Service\nmetadata: {name: ext-authz")
             .expect("the provider's Service is last");
-        let text = format!("{without_provider}---\n{}", custom("ext", "authz", ON_WAYPOINT));
+        let text = format!(
+            "{without_provider}---\n{}",
+            custom("ext", "authz", ON_WAYPOINT)
+        );
         m.apply(parse(&text));
         let before = waypoint_policies(&m);
         assert_eq!(
@@ -382,7 +412,8 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
             "apiVersion: v1\nkind: Service\nmetadata: {name: ext-authz, namespace: authz}\nspec: {clusterIP: 10.96.0.9, ports: [{name: grpc, port: 9000}]}\n",
         ));
         assert!(
-            delta.changed[mesh_proto::SERVICE_ROUTES_TYPE_URL].contains("shop/reviews.shop.svc.cluster.local"),
+            delta.changed[mesh_proto::SERVICE_ROUTES_TYPE_URL]
+                .contains("shop/reviews.shop.svc.cluster.local"),
             "{delta:?}"
         );
         let after = waypoint_policies(&m);
@@ -390,6 +421,10 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
             after[0].provider.as_ref().map(|p| p.address.as_str()),
             Some("10.96.0.9:9000")
         );
-        assert!(issues_of(&m, "ext").is_empty(), "{:?}", issues_of(&m, "ext"));
+        assert!(
+            issues_of(&m, "ext").is_empty(),
+            "{:?}",
+            issues_of(&m, "ext")
+        );
     }
 }
