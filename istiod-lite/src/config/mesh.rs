@@ -254,7 +254,7 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
         Duration::from_millis(ms.parse().ok()?)
     } else if let Some(secs) = s.strip_suffix('s') {
         let f: f64 = secs.parse().ok()?;
-        if !f.is_finite() || f < 0.0 || f > 1e9 {
+        if !(0.0..=1e9).contains(&f) {
             return None;
         }
         Duration::from_secs_f64(f)
