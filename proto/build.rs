@@ -8,6 +8,7 @@ const FILES: &[&str] = &[
     "istio/authorization.proto",
     "istio/zds.proto",
     "envoy/discovery.proto",
+    "envoy/auth.proto",
     "mesh/waypoint.proto",
 ];
 

@@ -107,6 +107,11 @@ fn waypoint_objects(ns: &str, name: &str, replicas: usize) -> Vec<Value> {
     out
 }
 
+/// istiod-lite's `--mesh-config` file in the lab's directory: written
+/// before `start_mesh` (and before a restart of istiod-lite) to set
+/// mesh-wide settings.
+pub const MESH_CONFIG: &str = "mesh.yaml";
+
 /// Environment variable whose YAML is added to every ztunnel's config.
 pub const LAB_ZTUNNEL_EXTRA: &str = "LAB_ZTUNNEL_EXTRA";
 
@@ -627,7 +632,7 @@ impl Lab {
         std::fs::write(self.dir.join("tokens.yaml"), tokens)?;
         let ctl = self.ns_name("ctl");
         let cip = self.control_ip();
-        let cmd: Vec<String> = vec![
+        let mut cmd: Vec<String> = vec![
             binary("istiod-lite").display().to_string(),
             "--config-dir".into(),
             self.dir.join("config").display().to_string(),
@@ -644,6 +649,11 @@ impl Lab {
             "--serving-ip".into(),
             cip.clone(),
         ];
+        // Mesh-wide settings (extension providers), when a test wrote them.
+        let mesh = self.dir.join(MESH_CONFIG);
+        if mesh.exists() {
+            cmd.extend(["--mesh-config".into(), mesh.display().to_string()]);
+        }
         self.start_named("istiod-lite", &ctl, &[("RUST_LOG", "info")], cmd)?;
         let root = self.dir.join("data/root-cert.pem");
         for _ in 0..200 {

@@ -4,6 +4,7 @@
 pub mod ca;
 pub mod controller;
 pub mod envoy;
+pub mod extauthz;
 pub mod lab;
 pub mod mesh;
 pub mod netns;

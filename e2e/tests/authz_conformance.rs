@@ -68,6 +68,13 @@ metadata: {name: wp, namespace: shop}
 spec: {clusterIP: 10.96.0.99, ports: [{port: 15008}]}
 "#;
 
+/// One external authorization provider, for CUSTOM policies.
+const MESH: &str = r#"
+extensionProviders:
+- name: authz
+  envoyExtAuthzGrpc: {service: ext-authz.shop.svc.cluster.local, port: 9000}
+"#;
+
 const SERVER_IP: &str = "10.1.0.9";
 const SERVICE_KEY: &str = "shop/server.shop.svc.cluster.local";
 const HOST: &str = "server.shop.svc.cluster.local";
@@ -223,7 +230,11 @@ fn model(case: &Case) -> Model {
     std::fs::write(dir.path().join("base.yaml"), BASE).expect("write");
     std::fs::write(dir.path().join("policies.yaml"), policy_docs(case)).expect("write");
     let mut src = FolderSource::new(dir.path());
-    let mut model = Model::new(ModelConfig::default());
+    let mesh = istiod_lite::config::mesh::MeshConfig::parse(MESH).expect("mesh config");
+    let mut model = Model::new(ModelConfig {
+        mesh,
+        ..ModelConfig::default()
+    });
     model.apply(src.scan());
     model
 }
@@ -519,6 +530,14 @@ fn cases() -> Vec<Case> {
         c("ref: `*` on a header: an absent header is not present", &["{action: DENY, rules: [{when: [{key: \"request.headers[x-debug]\", values: [\"*\"]}]}]}"], req(), D, A),
         c("ref: destination.port values are numbers (080 is 80)", &["{action: DENY, rules: [{when: [{key: destination.port, values: [\"08080\"]}]}]}"], req(), D, D),
         c("ref: hosts: a trailing dot names the same host", &["{action: DENY, rules: [{to: [{operation: {hosts: [server.shop.svc.cluster.local]}}]}]}"], req().host("server.shop.svc.cluster.local."), D, D),
+        // CUSTOM (the waypoint's evaluator here is the one that asks no
+        // provider: a matching CUSTOM policy denies; waypoint/tests/extauthz.rs
+        // and e2e/tests/extauthz.rs ask real ones).
+        c("ref: CUSTOM is evaluated first: a matching CUSTOM policy whose provider has not allowed denies", &["{action: CUSTOM, provider: {name: authz}, rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]}"], req().path("/admin"), D, D),
+        c("ref: a CUSTOM policy that does not match decides nothing (at the ztunnel: a DENY of its L4 match)", &["{action: CUSTOM, provider: {name: authz}, rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]}"], req().path("/public"), D, A),
+        c("ref: a CUSTOM policy is not an ALLOW policy", &["{action: CUSTOM, provider: {name: authz}, rules: [{from: [{source: {principals: [cluster.local/ns/other/sa/web]}}]}]}"], req(), A, A),
+        c("security: CUSTOM with an unknown provider denies everything in its scope", &["{action: CUSTOM, provider: {name: nobody}, rules: [{to: [{operation: {paths: [\"/admin*\"]}}]}]}"], req().path("/public"), D, D),
+        c("ref: a dry-run CUSTOM policy is not enforced", &["{action: CUSTOM, provider: {name: authz}, rules: [{}], dryRun: true}"], req(), A, A),
         // Dry run.
         c("ref: dry-run (istio.io/dry-run) DENY is not enforced", &["{action: DENY, rules: [{}], dryRun: true}"], req(), A, A),
         c("ref: a dry-run ALLOW does not make other traffic denied", &["{action: ALLOW, rules: [{from: [{source: {principals: [cluster.local/ns/other/sa/web]}}]}], dryRun: true}"], req(), A, A),

@@ -6,8 +6,9 @@ use std::time::Duration;
 
 use clap::Parser;
 use istiod_lite::app::{ClusterOptions, ConfigSource, Options, start};
+use istiod_lite::config::mesh::MeshConfig;
 use istiod_lite::model::ModelConfig;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -30,6 +31,12 @@ struct Args {
     domain_suffix: String,
     #[arg(long, default_value = "istio-system")]
     root_namespace: String,
+    /// Mesh-wide settings in Istio's MeshConfig YAML (what Istio keeps
+    /// under the `mesh` key of its `istio` ConfigMap). Only
+    /// `extensionProviders` is used: the external authorization servers
+    /// CUSTOM AuthorizationPolicies name. Read once at start.
+    #[arg(long, env = "MESH_CONFIG")]
+    mesh_config: Option<PathBuf>,
     /// gRPC (CA and xDS) listen address.
     #[arg(long, default_value = "0.0.0.0:15012")]
     grpc_addr: SocketAddr,
@@ -151,6 +158,25 @@ async fn main() {
             }))
         }
     };
+    let mesh = match &a.mesh_config {
+        None => MeshConfig::default(),
+        Some(path) => match MeshConfig::load(path) {
+            Ok(m) => {
+                for field in &m.unused {
+                    warn!(%field, "mesh config field not used by istiod-lite");
+                }
+                info!(
+                    providers = m.extension_providers.len(),
+                    "mesh config loaded"
+                );
+                m
+            }
+            Err(e) => {
+                error!("--mesh-config: {e}");
+                std::process::exit(2);
+            }
+        },
+    };
     let opts = Options {
         source,
         data_dir: a.data_dir,
@@ -158,6 +184,7 @@ async fn main() {
             trust_domain: a.trust_domain,
             domain_suffix: a.domain_suffix,
             root_namespace: a.root_namespace,
+            mesh,
             ..ModelConfig::default()
         },
         grpc_addr: a.grpc_addr,

@@ -319,8 +319,8 @@ fn grpc_service_names() {
 #[test]
 fn waypoint_service_routes() {
     use mesh_proto::mesh::waypoint::{
-        Policy, PolicyAction, PortProtocol, Protocol, Retry, Route, RouteMatch, ServiceRoutes,
-        StringMatch, WeightedBackend, string_match,
+        ExtAuthzProvider, Policy, PolicyAction, PortProtocol, Protocol, Retry, Route, RouteMatch,
+        ServiceRoutes, StringMatch, WeightedBackend, string_match,
     };
     let routes = ServiceRoutes {
         hostname: "a".into(),
@@ -352,12 +352,27 @@ fn waypoint_service_routes() {
             port: 80,
             protocol: Protocol::Http2 as i32,
         }],
-        policies: vec![Policy {
-            name: "p".into(),
-            action: PolicyAction::Deny as i32,
-            rules: vec![],
-            dry_run: true,
-        }],
+        policies: vec![
+            Policy {
+                name: "p".into(),
+                action: PolicyAction::Deny as i32,
+                rules: vec![],
+                provider: None,
+                dry_run: true,
+            },
+            Policy {
+                name: "c".into(),
+                action: PolicyAction::Custom as i32,
+                rules: vec![],
+                provider: Some(ExtAuthzProvider {
+                    name: "x".into(),
+                    address: "a:1".into(),
+                    fail_open: true,
+                    ..Default::default()
+                }),
+                dry_run: false,
+            },
+        ],
         default_rate_limit: None,
     };
     let mut b = vec![0x0a, 0x01, b'a', 0x12, 0x01, b'n']; // hostname = 1, namespace = 2
@@ -369,5 +384,8 @@ fn waypoint_service_routes() {
     b.extend([0x3a, 0x06, 0x08, 0x02, 0x12, 0x02, 0xf7, 0x03]); // retry = 7, codes packed (varint 503)
     b.extend([0x2a, 0x04, 0x08, 0x50, 0x10, 0x02]); // ports = 5: port 80, HTTP2 = 2
     b.extend([0x32, 0x07, 0x0a, 0x01, b'p', 0x10, 0x01, 0x20, 0x01]); // policies = 6: name, DENY = 1, dry_run = 4
+    // policies = 6: name, CUSTOM = 2, provider = 5 {name = 1, address = 2, fail_open = 4}
+    b.extend([0x32, 0x11, 0x0a, 0x01, b'c', 0x10, 0x02, 0x2a, 0x0a]);
+    b.extend([0x0a, 0x01, b'x', 0x12, 0x03, b'a', b':', b'1', 0x20, 0x01]);
     check(&routes, &b);
 }

@@ -3,6 +3,7 @@
 //! (waypoint) or the Gateway's listener ports (ingress) -> admin, metrics,
 //! readiness -> drain on SIGTERM.
 
+use crate::extauthz::{ExtAuthz, ExtAuthzMetrics};
 use crate::ratelimit::{RateLimitMetrics, RateLimiter};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -173,6 +174,7 @@ impl App {
         let mut metrics = Metrics::default();
         let http_metrics = HttpMetrics::register(&mut metrics.registry);
         let limiter = RateLimiter::new(RateLimitMetrics::register(&mut metrics.registry));
+        let ext_authz = ExtAuthz::new(ExtAuthzMetrics::register(&mut metrics.registry));
         let metrics = Arc::new(metrics);
         let pool = Pool::new(
             certs.clone(),
@@ -199,6 +201,7 @@ impl App {
             http_metrics,
             exporter,
             limiter,
+            ext_authz,
             ingress.clone(),
         );
         // Idle upstream HTTP/1 connections and forgotten endpoints are swept.

@@ -1,9 +1,11 @@
-//! L7 authorization at the waypoint, with Istio's semantics: any matching
-//! DENY denies; with no ALLOW policy the request is allowed; otherwise a
-//! matching ALLOW allows and nothing else does.
+//! L7 authorization at the waypoint, with Istio's semantics and order:
+//! every matching CUSTOM policy's provider is asked first (`extauthz.rs`);
+//! then any matching DENY denies; with no ALLOW policy the request is
+//! allowed; otherwise a matching ALLOW allows and nothing else does.
 
 use std::fmt;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
 use mesh_proto::mesh::waypoint as pb;
@@ -195,6 +197,8 @@ struct Rule {
 pub enum Action {
     Allow,
     Deny,
+    /// Decided by an external authorization server.
+    Custom,
 }
 
 #[derive(Debug, Clone)]
@@ -204,6 +208,8 @@ pub struct Policy {
     rules: Vec<Rule>,
     /// Evaluated and logged, never enforced.
     pub dry_run: bool,
+    /// CUSTOM only: the server to ask.
+    pub provider: Option<Arc<pb::ExtAuthzProvider>>,
 }
 
 /// What a request is judged on.
@@ -381,6 +387,7 @@ impl Policy {
         let action = match pb::PolicyAction::try_from(p.action) {
             Ok(pb::PolicyAction::Allow) => Action::Allow,
             Ok(pb::PolicyAction::Deny) => Action::Deny,
+            Ok(pb::PolicyAction::Custom) => Action::Custom,
             Err(_) => {
                 return Err(RouteError::Policy {
                     policy: name.to_string(),
@@ -425,11 +432,22 @@ impl Policy {
                 })
             })
             .collect::<Result<_, RouteError>>()?;
+        let provider = match (action, &p.provider) {
+            (Action::Custom, Some(pr)) if !pr.address.is_empty() => Some(Arc::new(pr.clone())),
+            (Action::Custom, _) => {
+                return Err(RouteError::Policy {
+                    policy: name.to_string(),
+                    reason: "CUSTOM without a provider address".into(),
+                });
+            }
+            _ => None,
+        };
         Ok(Policy {
             name: name.to_string(),
             action,
             rules,
             dry_run: p.dry_run,
+            provider,
         })
     }
 
@@ -443,17 +461,46 @@ impl Policy {
             action: if allow { Action::Allow } else { Action::Deny },
             rules: if allow { vec![] } else { vec![Rule::default()] },
             dry_run: p.dry_run,
+            provider: None,
         }
     }
 
+    /// A field that cannot be checked matches a DENY (it denies more) and
+    /// a CUSTOM (its provider is asked more), never an ALLOW.
     fn matches(&self, r: &RequestAttrs<'_>) -> bool {
-        let deny = self.action == Action::Deny;
+        let deny = self.action != Action::Allow;
         self.rules.iter().any(|rule| rule.matches(r, deny))
     }
 }
 
-/// Judges a request against the policies that apply to its service.
+/// The CUSTOM policies whose rules match the request, in order: their
+/// providers are to be asked before anything else.
+pub fn custom_matches<'a>(
+    policies: &'a [Policy],
+    r: &RequestAttrs<'_>,
+) -> impl Iterator<Item = &'a Policy> {
+    policies
+        .iter()
+        .filter(move |p| p.action == Action::Custom && !p.dry_run && p.matches(r))
+}
+
+/// Judges a request without asking any provider: a matching CUSTOM policy
+/// denies (fail closed). The proxy asks them (`extauthz.rs`), then calls
+/// [`evaluate_checked`].
 pub fn evaluate(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
+    if let Some(p) = custom_matches(policies, r).next() {
+        return Decision::Denied(format!(
+            "CUSTOM policy {}: its provider was not asked",
+            p.name
+        ));
+    }
+    evaluate_checked(policies, r)
+}
+
+/// DENY, then ALLOW policies, for a request whose CUSTOM policies' providers
+/// have allowed it (CUSTOM policies are not ALLOW policies). Dry-run
+/// policies are logged when they match, never enforced.
+pub fn evaluate_checked(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
     for p in policies.iter().filter(|p| p.dry_run && p.matches(r)) {
         tracing::info!(policy = %p.name, action = ?p.action, path = %r.path, "dry-run policy matched (not enforced)");
     }
@@ -495,8 +542,81 @@ mod tests {
             action: action as i32,
             rules,
             dry_run: false,
+            provider: None,
         })
         .expect("compiles")
+    }
+
+    fn admin_paths() -> Vec<pb::PolicyRule> {
+        vec![pb::PolicyRule {
+            to: vec![pb::PolicyOperation {
+                paths: vec!["/admin*".into()],
+                ..Default::default()
+            }],
+            ..Default::default()
+        }]
+    }
+
+    fn custom(name: &str, rules: Vec<pb::PolicyRule>) -> Policy {
+        Policy::compile(&pb::Policy {
+            name: name.into(),
+            action: pb::PolicyAction::Custom as i32,
+            rules,
+            provider: Some(pb::ExtAuthzProvider {
+                name: "authz".into(),
+                address: "10.0.0.9:9000".into(),
+                ..Default::default()
+            }),
+            dry_run: false,
+        })
+        .expect("compiles")
+    }
+
+    #[test]
+    fn a_matching_custom_policy_whose_provider_was_not_asked_denies() {
+        let ps = [
+            custom("shop/ext", admin_paths()),
+            policy(
+                "shop/all",
+                pb::PolicyAction::Allow,
+                vec![pb::PolicyRule::default()],
+            ),
+        ];
+        let h = HeaderMap::new();
+        // Its rules do not match: ALLOW decides.
+        assert!(evaluate(&ps, &attrs("GET", "/orders", &h)).is_allowed());
+        // They match: only the provider could allow it.
+        assert!(!evaluate(&ps, &attrs("GET", "/admin/users", &h)).is_allowed());
+        let asked: Vec<&str> = custom_matches(&ps, &attrs("GET", "/admin/users", &h))
+            .map(|p| p.name.as_str())
+            .collect();
+        assert_eq!(asked, vec!["shop/ext"]);
+        assert_eq!(custom_matches(&ps, &attrs("GET", "/orders", &h)).count(), 0);
+        // Once the provider allowed it, DENY and ALLOW decide; a CUSTOM
+        // policy is not an ALLOW policy.
+        assert!(evaluate_checked(&ps, &attrs("GET", "/admin/users", &h)).is_allowed());
+        let only_custom = [custom("shop/ext", admin_paths())];
+        assert_eq!(
+            evaluate_checked(&only_custom, &attrs("GET", "/admin/users", &h)),
+            Decision::Allowed(None)
+        );
+        // On TCP a path cannot be checked: the provider is asked.
+        let mut tcp = attrs("", "", &h);
+        tcp.http = false;
+        assert_eq!(custom_matches(&ps, &tcp).count(), 1);
+        // A CUSTOM policy must say whom to ask.
+        for provider in [None, Some(pb::ExtAuthzProvider::default())] {
+            assert!(
+                Policy::compile(&pb::Policy {
+                    name: "x/custom".into(),
+                    action: pb::PolicyAction::Custom as i32,
+                    rules: admin_paths(),
+                    provider,
+                    dry_run: false,
+                })
+                .is_err()
+            );
+        }
     }
 
     #[test]
@@ -739,6 +859,7 @@ mod tests {
                     ..Default::default()
                 }],
                 dry_run: false,
+                provider: None,
             })
             .is_err()
         );

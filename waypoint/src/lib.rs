@@ -6,7 +6,7 @@
 //! outside the mesh on the listeners of its Gateway (`ingress`) and sends
 //! each request into the mesh the same way.
 //!
-//! Layering: `config`, `normalize`, `routes` and `authz` (what to do) -> `lb` and
+//! Layering: `config`, `normalize`, `routes`, `authz` and `extauthz` (what to do) -> `lb` and
 //! `upstream` (where and how to send) -> `telemetry`, `body` -> `proxy`
 //! (the data path) -> `app` (wiring). The HBONE, TLS, certificate, state
 //! and xDS pieces are the ztunnel's.
@@ -44,6 +44,7 @@ pub mod attach;
 pub mod authz;
 pub mod body;
 pub mod config;
+pub mod extauthz;
 pub mod h1guard;
 pub mod ingress;
 pub mod lb;

@@ -39,9 +39,9 @@ use ztunnel::state::{ProxyState, ServiceEntry, TunnelProtocol, Workload};
 use ztunnel::tls::{handshake_failure, peer_identity, server_config};
 
 use crate::attach;
-use crate::authz::{self, RequestAttrs};
 use crate::body::{OnEnd, RespBody};
 use crate::config::Config;
+use crate::extauthz::{self, ExtAuthz, Subject};
 use crate::h1guard::{self, Framing, Scanner, Verdicts};
 use crate::ingress::{self, IngressTable};
 use crate::lb::Balancer;
@@ -66,6 +66,8 @@ pub struct Waypoint {
     pub http_metrics: HttpMetrics,
     pub exporter: Exporter,
     pub limiter: RateLimiter,
+    /// Providers of CUSTOM policies.
+    pub ext_authz: ExtAuthz,
     /// Ingress role: the Gateway's listeners (empty for a waypoint).
     pub ingress: IngressTable,
     pub draining: CancellationToken,
@@ -428,6 +430,7 @@ impl Waypoint {
         http_metrics: HttpMetrics,
         exporter: Exporter,
         limiter: RateLimiter,
+        ext_authz: ExtAuthz,
         ingress: IngressTable,
     ) -> Arc<Waypoint> {
         Arc::new(Waypoint {
@@ -441,6 +444,7 @@ impl Waypoint {
             http_metrics,
             exporter,
             limiter,
+            ext_authz,
             ingress,
             draining: CancellationToken::new(),
             open: tokio::sync::watch::Sender::new(0),
@@ -800,22 +804,14 @@ impl Waypoint {
         // The destination's policies apply to opaque TCP too, on what TCP has.
         {
             let svc = attach::config(&self.routes, &self.cfg, &ds.service_key);
-            let headers = HeaderMap::new();
-            let decision = authz::evaluate(
-                &svc.policies,
-                &RequestAttrs {
-                    http: false,
-                    principal: ds.src_identity.as_ref().map(|i| i.principal()),
-                    namespace: ds.src_identity.as_ref().map(|i| i.namespace()),
-                    source_ip: ds.peer.ip(),
-                    host: "",
-                    port: ds.target.port(),
-                    method: "",
-                    path: "",
-                    headers: &headers,
-                },
-            );
-            if !decision.is_allowed() {
+            let subject = Subject {
+                source: ds.src_identity.as_ref(),
+                source_addr: ds.peer,
+                destination_addr: ds.target,
+                waypoint: &self.identity,
+                host: "",
+            };
+            if let Err(decision) = self.ext_authz.authorize_tcp(&svc.policies, &subject).await {
                 io.inner.reset();
                 return info!(
                     target: "access",
@@ -961,26 +957,28 @@ impl Waypoint {
             return Ok(r);
         }
 
-        // Authorization first: a refused request costs nothing upstream.
+        // Authorization first (CUSTOM, DENY, ALLOW): a refused request
+        // costs nothing upstream.
         let host = rec.authority.clone();
-        let decision = authz::evaluate(
-            &svc.policies,
-            &RequestAttrs {
-                http: true,
-                principal: ds.src_identity.as_ref().map(|i| i.principal()),
-                namespace: ds.src_identity.as_ref().map(|i| i.namespace()),
-                source_ip: ds.peer.ip(),
-                host: &host,
-                port: ds.target.port(),
-                method: parts.method.as_str(),
-                path: parts.uri.path(),
-                headers: &parts.headers,
-            },
-        );
-        if !decision.is_allowed() {
-            rec.detail = decision.to_string();
-            return Ok(rec.local(StatusCode::FORBIDDEN, Flag::RBAC, "RBAC: access denied\n"));
-        }
+        let subject = Subject {
+            source: ds.src_identity.as_ref(),
+            source_addr: ds.peer,
+            destination_addr: ds.target,
+            waypoint: &self.identity,
+            host: &host,
+        };
+        let authz = self
+            .ext_authz
+            .authorize_http(&svc.policies, &subject, &mut parts);
+        let ext_edits = match authz.await {
+            extauthz::Verdict::Allowed(edits) => edits,
+            extauthz::Verdict::Denied(d) => {
+                rec.detail = d.detail;
+                let mut r = rec.local(d.status, d.flag, d.body);
+                r.headers_mut().extend(d.headers);
+                return Ok(r);
+            }
+        };
 
         let Some(route) = svc
             .route(&RequestView {
@@ -1174,6 +1172,7 @@ impl Waypoint {
                 for e in &response_edits {
                     edit_headers(resp.headers_mut(), e);
                 }
+                ext_edits.apply(resp.headers_mut());
                 resp
             }
             Err((status, flag, msg)) => rec.local(status, flag, msg),
@@ -1806,7 +1805,12 @@ impl Recorder {
     }
 
     /// A response the waypoint makes itself.
-    fn local(mut self, status: StatusCode, flag: Flag, body: &'static str) -> Response<RespBody> {
+    fn local(
+        mut self,
+        status: StatusCode,
+        flag: Flag,
+        body: impl Into<Bytes>,
+    ) -> Response<RespBody> {
         if flag != Flag::None {
             self.flag = flag;
         }

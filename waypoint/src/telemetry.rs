@@ -48,6 +48,8 @@ pub enum Flag {
     DC,
     /// Refused by authorization policy.
     RBAC,
+    /// Refused by an external authorization server (a CUSTOM policy).
+    UAEX,
     /// Refused by a rate limit.
     RL,
 }
@@ -67,6 +69,7 @@ impl Flag {
             Flag::FI => "FI",
             Flag::DC => "DC",
             Flag::RBAC => "RBAC",
+            Flag::UAEX => "UAEX",
             Flag::RL => "RL",
         }
     }

@@ -148,6 +148,7 @@ fn deny(paths: Vec<String>) -> Policy {
             ..Default::default()
         }],
         dry_run: false,
+        provider: None,
     })
     .expect("compiles")
 }

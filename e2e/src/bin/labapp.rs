@@ -135,6 +135,12 @@ enum Cmd {
     Resolve { name: String },
     /// Do nothing (a pod that only runs `lab exec` commands).
     Sleep,
+    /// An external authorization server (Envoy's ext_authz gRPC API; see
+    /// `e2e::extauthz`): allows requests with `x-ext-authz: allow`.
+    ExtAuthz {
+        #[arg(long, default_value_t = 9000)]
+        port: u16,
+    },
 }
 
 async fn tcp_echo(port: u16) -> std::io::Result<()> {
@@ -811,6 +817,11 @@ async fn send(addr: SocketAddr, text: &str) -> Result<(), Box<dyn std::error::Er
 async fn main() {
     let r: Result<(), Box<dyn std::error::Error>> = match Args::parse().cmd {
         Cmd::TcpEcho { port } => tcp_echo(port).await.map_err(Into::into),
+        Cmd::ExtAuthz { port } => {
+            let pod = std::env::var("POD_NAME").unwrap_or_default();
+            let addr = SocketAddr::from(([0, 0, 0, 0], port));
+            e2e::extauthz::serve(addr, pod).await.map_err(Into::into)
+        }
         Cmd::HttpEcho {
             port,
             fail_percent,

@@ -51,8 +51,18 @@ pub struct AuthorizationPolicySpec {
     pub target_ref: Option<PolicyTargetReference>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub action: Option<AuthorizationAction>,
+    /// With `action: CUSTOM`: the mesh config's extension provider (an
+    /// external authorization server) that decides what the rules match.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub provider: Option<ExtensionProviderRef>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub rules: Vec<AuthorizationRule>,
+}
+
+/// Names an entry of the mesh config's `extensionProviders`.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ExtensionProviderRef {
+    pub name: String,
 }
 
 impl AuthorizationPolicySpec {

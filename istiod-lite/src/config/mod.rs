@@ -4,4 +4,5 @@
 pub mod crds;
 pub mod folder;
 pub mod kube;
+pub mod mesh;
 pub mod objects;

@@ -283,12 +283,18 @@ pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Authorizat
         // Attached to a waypoint: enforced there (`waypoint.rs`), not by
         // ztunnels. Its issues are the waypoint's.
         issues.extend(super::waypoint::target_issues(model, p));
-        issues.extend(super::waypoint::convert(p).1);
+        issues.extend(super::waypoint::convert(model, p).1);
         return (None, issues);
     }
+    // CUSTOM: a ztunnel cannot ask the provider (`extauthz.rs`).
+    let mut deny_all = false;
     let action = match p.spec.action.unwrap_or_default() {
         AuthorizationAction::Allow => pb::Action::Allow,
         AuthorizationAction::Deny => pb::Action::Deny,
+        AuthorizationAction::Custom => {
+            deny_all = !super::extauthz::at_ztunnel(model, p, &mut issues);
+            pb::Action::Deny
+        }
         other => {
             issues.push(format!(
                 "action {other:?} is not supported; the policy is ignored"
@@ -342,6 +348,9 @@ pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Authorizat
             // Meant as a trial, perhaps: it may restrict, never grant.
             rules.clear();
         }
+    }
+    if deny_all {
+        rules = vec![pb::Rule::default()];
     }
     let has_selector = p
         .spec

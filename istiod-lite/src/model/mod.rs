@@ -9,6 +9,7 @@
 
 mod authz;
 pub mod cluster;
+mod extauthz;
 pub mod ingress;
 pub mod routes;
 mod waypoint;
@@ -58,6 +59,8 @@ pub struct ModelConfig {
     pub domain_suffix: String,
     pub root_namespace: String,
     pub cluster_id: String,
+    /// Mesh-wide settings (`--mesh-config`): the extension providers.
+    pub mesh: crate::config::mesh::MeshConfig,
 }
 
 impl Default for ModelConfig {
@@ -67,6 +70,7 @@ impl Default for ModelConfig {
             domain_suffix: "cluster.local".into(),
             root_namespace: "istio-system".into(),
             cluster_id: "Kubernetes".into(),
+            mesh: Default::default(),
         }
     }
 }
@@ -394,6 +398,7 @@ impl Model {
                 };
                 d.services.insert(nn.clone());
                 d.pods.extend(in_ns(&self.pods, &nn.0));
+                extauthz::mark_provider_service(self, &nn, d);
                 // A waypoint's Service (named as its Gateway) carries the
                 // address every service using that waypoint publishes.
                 if self.gateways.contains_key(&nn) {

@@ -117,7 +117,7 @@ pub fn policies(model: &Model, svc: &NsName, gw: &NsName) -> Vec<pb::Policy> {
                 .take_while(move |((n, _), _)| n == ns)
         })
         .filter(|((ns, _), p)| attached(model, ns, p, svc, gw))
-        .filter_map(|(_, p)| convert(p).0)
+        .filter_map(|(_, p)| convert(model, p).0)
         .collect();
     out.sort_by(|a, b| a.name.cmp(&b.name));
     out
@@ -455,14 +455,36 @@ impl RuleConverter {
 }
 
 /// The waypoint form of a policy (named "namespace/name"), with the
-/// issues found; None when the waypoint cannot serve its action.
-pub fn convert(p: &AuthorizationPolicy) -> (Option<pb::Policy>, Vec<String>) {
+/// issues found; None when the waypoint cannot serve its action. A CUSTOM
+/// policy carries its provider; without a usable one it is a DENY of every
+/// request (`extauthz.rs`).
+pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Policy>, Vec<String>) {
     let ns = p.metadata.namespace.as_deref().unwrap_or_default();
     let name = p.metadata.name.as_deref().unwrap_or_default();
     let mut issues = Vec::new();
+    let mut provider = None;
     let action = match p.spec.action.unwrap_or_default() {
         AuthorizationAction::Allow => pb::PolicyAction::Allow,
         AuthorizationAction::Deny => pb::PolicyAction::Deny,
+        AuthorizationAction::Custom => match super::extauthz::resolve(model, p) {
+            Ok((resolved, more)) => {
+                issues.extend(more);
+                provider = Some(resolved);
+                pb::PolicyAction::Custom
+            }
+            Err(why) => {
+                issues.push(format!(
+                    "{why}; the policy denies every request it applies to (fail closed)"
+                ));
+                return (
+                    Some(super::extauthz::deny_all(
+                        format!("{ns}/{name}"),
+                        super::authz::dry_run(p),
+                    )),
+                    issues,
+                );
+            }
+        },
         other => {
             issues.push(format!(
                 "action {} is not supported at the waypoint; the policy is ignored",
@@ -471,6 +493,9 @@ pub fn convert(p: &AuthorizationPolicy) -> (Option<pb::Policy>, Vec<String>) {
             return (None, issues);
         }
     };
+    if provider.is_none() && p.spec.provider.is_some() {
+        issues.push("provider is ignored: the action is not CUSTOM".into());
+    }
     let mut rules = Vec::new();
     for (i, r) in p.spec.rules.iter().enumerate() {
         let mut c = RuleConverter {
@@ -500,6 +525,12 @@ pub fn convert(p: &AuthorizationPolicy) -> (Option<pb::Policy>, Vec<String>) {
                 ));
                 rules.push(rule);
             }
+            pb::PolicyAction::Custom => {
+                issues.push(format!(
+                    "rule {i} is enforced at the waypoint without what it cannot check (the provider is asked about more requests): {problems}"
+                ));
+                rules.push(rule);
+            }
         }
     }
     if let Err(why) = super::authz::dry_run_value(p) {
@@ -514,6 +545,7 @@ pub fn convert(p: &AuthorizationPolicy) -> (Option<pb::Policy>, Vec<String>) {
             action: action as i32,
             rules,
             dry_run: super::authz::dry_run(p),
+            provider,
         }),
         issues,
     )
@@ -721,7 +753,7 @@ spec:
     - {key: destination.port, values: ["9080"]}
 "#,
         );
-        let (out, issues) = convert(&p);
+        let (out, issues) = convert(&Model::default(), &p);
         assert!(issues.is_empty(), "{issues:?}");
         let out = out.expect("policy");
         assert_eq!(out.name, "shop/p");
@@ -761,7 +793,7 @@ spec:
         let p = policy(&format!(
             "metadata: {{name: p, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: reviews}}]\n  action: ALLOW\n{UNSUPPORTED_RULES}"
         ));
-        let (out, issues) = convert(&p);
+        let (out, issues) = convert(&Model::default(), &p);
         let out = out.expect("policy");
         // Only the rule with nothing unsupported is left.
         assert_eq!(out.rules.len(), 1, "{out:?}");
@@ -783,7 +815,7 @@ spec:
         let p = policy(&format!(
             "metadata: {{name: p, namespace: shop}}\nspec:\n  targetRefs: [{{kind: Service, group: \"\", name: reviews}}]\n  action: DENY\n{UNSUPPORTED_RULES}"
         ));
-        let (out, issues) = convert(&p);
+        let (out, issues) = convert(&Model::default(), &p);
         let out = out.expect("policy");
         assert_eq!(out.action, pb::PolicyAction::Deny as i32);
         assert_eq!(out.rules.len(), 5, "{out:?}");
