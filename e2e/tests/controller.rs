@@ -231,3 +231,49 @@ async fn the_ca_issues_only_identities_running_on_the_callers_node() {
     .await;
     assert!(c.ca_client("node-a").fetch_certificate(&web).await.is_err());
 }
+
+/// Fail closed, end to end: a real istiod-lite converts an ALLOW whose only
+/// ports are invalid, the production xDS client carries it, and the
+/// ztunnel's decision function denies what that ALLOW was meant to limit;
+/// the controller names the problem on the policy.
+#[tokio::test]
+async fn an_allow_with_only_invalid_ports_denies_and_is_reported() {
+    let dir = tempfile::tempdir().unwrap();
+    let c = Controller::start(dir.path(), &["node-a"]).await;
+    c.write("ns.yaml", &ambient_namespace("shop"));
+    c.write(
+        "web.yaml",
+        &pod("shop", "web-1", "web", "10.1.0.5", "node-a"),
+    );
+    c.write(
+        "policy.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: web-http, namespace: shop}\nspec: {action: ALLOW, rules: [{to: [{operation: {ports: [http]}}]}]}\n",
+    );
+    let s = c.xds_client("node-a");
+    eventually(
+        "the pod and its policy",
+        Duration::from_secs(10),
+        || async { has(&s, WEB) && s.state.snapshot().policies().any(|p| p.name == "web-http") },
+    )
+    .await;
+    let snap = s.state.snapshot();
+    let web = snap.workload(WEB).cloned().unwrap();
+    let client: ztunnel::identity::Identity =
+        "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
+    let ip: std::net::IpAddr = "10.1.0.5".parse().unwrap();
+    let decision = ztunnel::proxy::inbound::authorize(
+        &snap,
+        "istio-system",
+        &web,
+        Some(&client),
+        "10.1.0.7".parse().unwrap(),
+        std::net::SocketAddr::new(ip, 8080),
+    );
+    assert!(!decision.is_allowed(), "{decision}");
+    let config = c.debug_json("/debug/config").await;
+    let issues = config["model_issues"].to_string();
+    assert!(
+        issues.contains("web-http") && issues.contains("never matches (fail closed)"),
+        "{issues}"
+    );
+}
