@@ -184,16 +184,23 @@ pub fn owner_of(id: u8) -> Result<Option<Owner>, ClaimError> {
     }
 }
 
-/// The network namespaces named for lab `id`.
+/// The network namespaces named for lab `id` (an error when they cannot be
+/// listed: an id is never taken blind).
 pub fn namespaces_of(id: u8) -> Result<Vec<String>, ClaimError> {
+    let failed = |source| ClaimError::Io {
+        what: "running",
+        path: "ip netns list".into(),
+        source,
+    };
     let out = Command::new("ip")
         .args(["netns", "list"])
         .output()
-        .map_err(|source| ClaimError::Io {
-            what: "running",
-            path: "ip netns list".into(),
-            source,
-        })?;
+        .map_err(failed)?;
+    if !out.status.success() {
+        return Err(failed(std::io::Error::other(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )));
+    }
     let prefix = format!("lab{id}-");
     Ok(String::from_utf8_lossy(&out.stdout)
         .lines()
