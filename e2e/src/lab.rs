@@ -22,6 +22,14 @@ use serde_json::{Value, json};
 
 use crate::mesh::binary;
 
+mod claim;
+mod forward;
+pub use claim::{
+    ALL_IDS, BENCH_IDS, ClaimError, DEFAULT_ID, DEMO_IDS, Keeper, Owner, PEOPLE_IDS, TEST_IDS,
+    claim, claim_free, namespaces_of, owner_of, record, release, sweep, sweep_unheld,
+};
+pub use forward::forward;
+
 pub type Error = Box<dyn std::error::Error + Send + Sync>;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -112,8 +120,24 @@ fn waypoint_objects(ns: &str, name: &str, replicas: usize) -> Vec<Value> {
 /// mesh-wide settings.
 pub const MESH_CONFIG: &str = "mesh.yaml";
 
-/// Environment variable whose YAML is added to every ztunnel's config.
+/// The workspace's programs the lab runs (found with [`binary`]).
+pub const PROGRAMS: &[&str] = &[
+    "lab",
+    "labapp",
+    "istiod-lite",
+    "ztunnel",
+    "ztunnel-cni",
+    "waypoint",
+];
+
+/// Environment variable whose YAML is added to every ztunnel's config by
+/// the `lab` CLI and the benchmark (into [`LabState::ztunnel_extra`]).
 pub const LAB_ZTUNNEL_EXTRA: &str = "LAB_ZTUNNEL_EXTRA";
+
+/// [`LAB_ZTUNNEL_EXTRA`]'s value, or nothing.
+pub fn ztunnel_extra_from_env() -> String {
+    std::env::var(LAB_ZTUNNEL_EXTRA).unwrap_or_default()
+}
 
 /// The Gateway class that declares an ingress gateway.
 pub const INGRESS_CLASS: &str = "mesh-ingress";
@@ -218,6 +242,13 @@ pub struct LabState {
     /// Kubernetes; unset, the waypoint's default (BASE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_normalization: Option<String>,
+    /// Ties the lab to its id's record (see [`Owner`]).
+    #[serde(default)]
+    pub claim: String,
+    /// YAML added to every ztunnel's config (experiments: the `lab` CLI and
+    /// the benchmark take it from `LAB_ZTUNNEL_EXTRA`; tests never do).
+    #[serde(default)]
+    pub ztunnel_extra: String,
 }
 
 pub struct Lab {
@@ -262,6 +293,14 @@ fn nft_in(netns: &str, script: &str) -> Result<(), Error> {
 }
 
 pub const CONTROL_IP_HOST: u8 = 100;
+
+fn check_nodes(nodes: usize) -> Result<(), Error> {
+    if (1..=20).contains(&nodes) {
+        Ok(())
+    } else {
+        Err(format!("{nodes} nodes: between 1 and 20").into())
+    }
+}
 
 impl Lab {
     pub fn state_file(dir: &Path) -> PathBuf {
@@ -481,24 +520,43 @@ impl Lab {
         self.save()
     }
 
-    /// Creates the network: switch, control netns, nodes. On failure,
-    /// whatever was made is removed again.
+    /// Creates the network: switch, control netns, nodes, as lab `id`, kept
+    /// by this process (taken down by it; debris once it is gone). An id
+    /// someone else holds is refused, never swept. On failure, whatever was
+    /// made is removed again.
     pub fn create(dir: &Path, id: u8, nodes: usize) -> Result<Lab, Error> {
-        if !(1..=150).contains(&id) {
-            return Err(format!(
-                "lab id {id} is out of range (1..=150: addresses are 10.(100+id).0.0/16)"
-            )
-            .into());
-        }
-        if !(1..=20).contains(&nodes) {
-            return Err(format!("{nodes} nodes: between 1 and 20").into());
-        }
-        sweep(id);
+        Self::create_kept(dir, id, nodes, Keeper::Process)
+    }
+
+    /// [`Lab::create`], with what keeps the lab said.
+    pub fn create_kept(dir: &Path, id: u8, nodes: usize, keeper: Keeper) -> Result<Lab, Error> {
+        check_nodes(nodes)?;
+        let owner = claim::claim(id, dir, keeper)?;
+        Self::create_claimed(dir, owner, nodes)
+    }
+
+    /// [`Lab::create`] with the first free id of `ids` (the tests take
+    /// theirs from [`TEST_IDS`]).
+    pub fn create_in(
+        dir: &Path,
+        ids: std::ops::RangeInclusive<u8>,
+        nodes: usize,
+    ) -> Result<Lab, Error> {
+        check_nodes(nodes)?;
+        let owner = claim::claim_free(ids, dir, Keeper::Process)?;
+        Self::create_claimed(dir, owner, nodes)
+    }
+
+    fn create_claimed(dir: &Path, owner: Owner, nodes: usize) -> Result<Lab, Error> {
         let mut lab = Lab {
             dir: dir.to_path_buf(),
-            state: LabState::default(),
+            state: LabState {
+                id: owner.id,
+                claim: owner.token.clone(),
+                ..Default::default()
+            },
         };
-        match Self::build(dir, id, nodes, &mut lab) {
+        match Self::build(dir, &owner, nodes, &mut lab) {
             Ok(()) => Ok(lab),
             Err(e) => {
                 lab.down();
@@ -507,14 +565,16 @@ impl Lab {
         }
     }
 
-    fn build(dir: &Path, id: u8, nodes: usize, out: &mut Lab) -> Result<(), Error> {
+    fn build(dir: &Path, owner: &Owner, nodes: usize, out: &mut Lab) -> Result<(), Error> {
         std::fs::create_dir_all(dir.join("logs"))?;
         std::fs::create_dir_all(dir.join("config"))?;
         std::fs::create_dir_all(dir.join("data"))?;
+        let id = owner.id;
         let lab = Lab {
             dir: dir.to_path_buf(),
             state: LabState {
                 id,
+                claim: owner.token.clone(),
                 prefix: format!("lab{id}-"),
                 next_vip: 1,
                 ..Default::default()
@@ -693,7 +753,7 @@ impl Lab {
             let cfg = self.dir.join(format!("{}-ztunnel.yaml", n.name));
             // For experiments (the benchmark's A/B runs): YAML appended to
             // every ztunnel's config, e.g. "pool: {connections_per_destination: 1}".
-            let extra = std::env::var(LAB_ZTUNNEL_EXTRA).unwrap_or_default();
+            let extra = &self.state.ztunnel_extra;
             std::fs::write(
                 &cfg,
                 format!(
@@ -1345,6 +1405,7 @@ impl Lab {
         }
         self.state.pids.clear();
         self.state.netns.clear();
+        claim::release(self.state.id, &self.state.claim);
         // The run's config, CA data, agent state and sockets go too: a later
         // `lab up` in the same directory starts clean.
         for d in ["config", "data"] {
@@ -1410,78 +1471,6 @@ fn resolver_env(namespace: &str) -> (String, &'static str) {
         format!("{namespace}.svc.cluster.local svc.cluster.local cluster.local"),
         "ndots:5",
     )
-}
-
-/// Removes what a crashed lab with this id left behind: its network
-/// namespaces (processes in them die with their last reference, the
-/// namespace's own sockets are gone) and their /etc/netns entries.
-/// The lab's load balancer for one published port: accepts on `listen`
-/// (the machine's loopback) and connects each client to the next of
-/// `targets` with a socket made in `netns` (a node, which reaches every
-/// pod), then copies both ways. Writes the bound address to `port_file`.
-pub async fn forward(
-    listen: &str,
-    netns: &Path,
-    targets: &[std::net::SocketAddr],
-    port_file: &Path,
-) -> Result<(), Error> {
-    let ns = std::sync::Arc::new(
-        ztunnel::netns::Netns::open(&netns.display().to_string())
-            .map_err(|e| format!("netns {}: {e}", netns.display()))?,
-    );
-    if targets.is_empty() {
-        return Err("no targets".into());
-    }
-    let l = tokio::net::TcpListener::bind(listen).await?;
-    std::fs::write(port_file, l.local_addr()?.to_string())?;
-    let mut next = 0usize;
-    loop {
-        let (mut client, peer) = l.accept().await?;
-        let to = targets[next % targets.len()];
-        next = next.wrapping_add(1);
-        let ns = ns.clone();
-        tokio::spawn(async move {
-            // The socket is made inside the node's netns; connecting and
-            // copying need no further switching.
-            let sock = match ns.run(tokio::net::TcpSocket::new_v4) {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) | Err(e) => return eprintln!("{peer}: socket: {e}"),
-            };
-            let mut up = match tokio::time::timeout(Duration::from_secs(5), sock.connect(to)).await
-            {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => return eprintln!("{peer} -> {to}: {e}"),
-                Err(_) => return eprintln!("{peer} -> {to}: connect timed out"),
-            };
-            let _ = tokio::io::copy_bidirectional(&mut client, &mut up).await;
-        });
-    }
-}
-
-pub fn sweep(id: u8) {
-    let prefix = format!("lab{id}-");
-    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
-        return;
-    };
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let name = line.split_whitespace().next().unwrap_or_default();
-        if name.starts_with(&prefix) {
-            // Processes still inside (from a crashed run) are ended first.
-            if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
-                for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
-                    if let Ok(pid) = pid.parse::<i32>() {
-                        // SAFETY: kill(2) on a process left inside a lab
-                        // namespace of this id, which only the lab creates.
-                        unsafe {
-                            libc::kill(pid, libc::SIGKILL);
-                        }
-                    }
-                }
-            }
-            let _ = Command::new("ip").args(["netns", "del", name]).status();
-            let _ = std::fs::remove_dir_all(PathBuf::from("/etc/netns").join(name));
-        }
-    }
 }
 
 /// A process's start time (field 22 of /proc/<pid>/stat).

@@ -1,6 +1,7 @@
 //! Test harnesses for the end-to-end suite: real processes, real sockets,
 //! real TLS. (The network-namespace lab lands here too.)
 
+pub mod as_user;
 pub mod ca;
 pub mod controller;
 pub mod envoy;

@@ -142,6 +142,18 @@ pub fn state_yaml(pods: &[&Pod], services: &[&Svc], policies_yaml: &str) -> Stri
 /// (a test in `target/<profile>/deps/`). So the release bench runs release
 /// binaries and the tests debug ones.
 pub fn binary(name: &str) -> PathBuf {
+    let p = locate(name);
+    assert!(
+        p.exists(),
+        "{} is not built; run `cargo build --workspace --bins` (just test does; \
+         `just bench` builds the release ones)",
+        p.display()
+    );
+    p
+}
+
+/// Where [`binary`] looks for a binary (which may not be built).
+pub fn locate(name: &str) -> PathBuf {
     let profile = if cfg!(debug_assertions) {
         "debug"
     } else {
@@ -156,19 +168,12 @@ pub fn binary(name: &str) -> PathBuf {
         };
         Some(dir.join(name)).filter(|p| p.exists())
     });
-    let p = beside.unwrap_or_else(|| {
+    beside.unwrap_or_else(|| {
         Path::new(env!("CARGO_MANIFEST_DIR"))
             .join("../target")
             .join(profile)
             .join(name)
-    });
-    assert!(
-        p.exists(),
-        "{} is not built; run `cargo build --workspace --bins` (just test does; \
-         `just bench` builds the release ones)",
-        p.display()
-    );
-    p
+    })
 }
 
 /// One real ztunnel process.

@@ -111,7 +111,7 @@ fn agent_pods(socket: &std::path::Path) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_cni_plugin_captures_before_the_pod_starts_and_releases_on_delete() {
     let tmp = tempfile::tempdir().unwrap();
-    let mut g = Down(Lab::create(tmp.path(), 5, 1).unwrap());
+    let mut g = Down(Lab::create_in(tmp.path(), e2e::lab::TEST_IDS, 1).unwrap());
     g.0.start_mesh().await.unwrap();
     // The lab itself does not enroll these namespaces: the plugin decides,
     // from what the API server says.

@@ -10,7 +10,6 @@ use std::time::Duration;
 use e2e::lab::{Down as Guard, Lab, MESH_CONFIG};
 use e2e::mesh::eventually;
 
-const LAB_ID: u8 = 131;
 const CLIENT: &str = "shop/client-0";
 const PRIVATE: &str = "http://orders.shop/private/report";
 
@@ -122,7 +121,7 @@ fn checks(lab: &Lab, result: &str) -> u64 {
 #[tokio::test]
 async fn a_custom_policy_asks_the_ext_authz_server_at_the_waypoint() {
     let dir = tempfile::tempdir().unwrap();
-    let mut g = Guard(Lab::create(dir.path(), LAB_ID, 2).unwrap());
+    let mut g = Guard(Lab::create_in(dir.path(), e2e::lab::TEST_IDS, 2).unwrap());
     std::fs::write(g.0.dir.join(MESH_CONFIG), mesh_config(false)).unwrap();
     g.0.start_mesh().await.unwrap();
     g.0.apply(e2e::lab::parse_docs(DOCS).unwrap())

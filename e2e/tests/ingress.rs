@@ -10,12 +10,10 @@
 use std::process::Command;
 use std::time::{Duration, SystemTime};
 
-use e2e::lab::{Down, Lab};
+use e2e::lab::{Down, Lab, TEST_IDS};
 use e2e::mesh::eventually;
 use serde_json::Value;
 
-/// Lab id 6: addresses 10.106.0.0/16.
-const LAB_ID: u8 = 6;
 const GATEWAY_ID: &str = "spiffe://cluster.local/ns/edge/sa/public";
 
 /// A CA of the example.test organisation and a server certificate from it
@@ -87,7 +85,7 @@ async fn an_outside_client_reaches_a_mesh_service_through_the_ingress_gateway() 
     // bad.example.test's certificate with shop's key: they do not match.
     let (bad_cert, _) = &leaves[1];
 
-    let mut g = Down(Lab::create(dir.path(), LAB_ID, 2).unwrap());
+    let mut g = Down(Lab::create_in(dir.path(), TEST_IDS, 2).unwrap());
     g.0.start_mesh().await.unwrap();
     let mut docs = String::new();
     docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n");

@@ -6,7 +6,7 @@
 
 use std::time::Duration;
 
-use e2e::lab::Lab;
+use e2e::lab::{Lab, TEST_IDS};
 use e2e::mesh::eventually;
 use e2e::netns::capture;
 use serde_json::Value;
@@ -35,8 +35,7 @@ fn send(lab: &Lab, from: &str, to: &str, text: &str) -> Option<String> {
 #[tokio::test]
 async fn the_lab_runs_an_ambient_mesh() {
     let dir = tempfile::tempdir().unwrap();
-    let id = 10 + (std::process::id() % 40) as u8;
-    let lab = Lab::create(dir.path(), id, 2).unwrap();
+    let lab = Lab::create_in(dir.path(), TEST_IDS, 2).unwrap();
     let mut g = Guard(lab);
     g.0.start_mesh().await.unwrap();
     let mut docs = String::new();
@@ -190,8 +189,7 @@ async fn echo_on(s: &mut tokio::net::TcpStream, text: &[u8]) -> std::io::Result<
 #[tokio::test]
 async fn the_mesh_rides_out_controller_and_ztunnel_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let id = 60 + (std::process::id() % 40) as u8;
-    let mut g = Guard(Lab::create(dir.path(), id, 2).unwrap());
+    let mut g = Guard(Lab::create_in(dir.path(), TEST_IDS, 2).unwrap());
     g.0.start_mesh().await.unwrap();
     let mut docs = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
@@ -273,18 +271,99 @@ async fn the_mesh_rides_out_controller_and_ztunnel_restarts() {
     );
 }
 
-#[test]
-fn a_crashed_labs_leftovers_are_swept() {
-    let id = 141 + (std::process::id() % 9) as u8;
-    for tag in ["sw", "n1", "p1"] {
-        e2e::netns::run(&["ip", "netns", "add", &format!("lab{id}-{tag}")]);
+/// Sweeps a lab id when dropped (what this test made of it).
+struct Sweep(u8);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        e2e::lab::sweep(self.0);
     }
-    std::fs::create_dir_all(format!("/etc/netns/lab{id}-p1")).unwrap();
-    e2e::lab::sweep(id);
-    let left = std::process::Command::new("ip")
-        .args(["netns", "list"])
-        .output()
+}
+
+#[test]
+fn a_crashed_tests_lab_is_swept_and_nobody_elses_is() {
+    use e2e::lab::{Keeper, Owner, claim, claim_free, release};
+    let tmp = tempfile::tempdir().unwrap();
+    let ours = claim_free(TEST_IDS, &tmp.path().join("a"), Keeper::Process).unwrap();
+    let id = ours.id;
+    let _sweep = Sweep(id);
+    let ns = |tag: &str| format!("lab{id}-{tag}");
+
+    let lab_down_id = || {
+        std::process::Command::new(e2e::mesh::binary("lab"))
+            .arg("--dir")
+            .arg(tmp.path().join("none"))
+            .args(["down", "--id", &id.to_string()])
+            .output()
+            .unwrap()
+    };
+
+    // While this process runs, its id is refused, naming it, and `lab down
+    // --id` leaves it alone.
+    let why = Lab::create(&tmp.path().join("b"), id, 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(why.contains("which is still running"), "{why}");
+    let down = lab_down_id();
+    let why = String::from_utf8_lossy(&down.stderr);
+    assert!(
+        !down.status.success() && why.contains("which is still running"),
+        "{why}"
+    );
+
+    // What a crashed test run leaves: namespaces, a process inside, and a
+    // record naming a process that is gone.
+    for tag in ["sw", "n1"] {
+        e2e::netns::run(&["ip", "netns", "add", &ns(tag)]);
+    }
+    std::fs::create_dir_all(format!("/etc/netns/{}", ns("n1"))).unwrap();
+    let mut inside = std::process::Command::new("ip")
+        .args(["netns", "exec", &ns("n1"), "sleep", "600"])
+        .spawn()
         .unwrap();
-    assert!(!String::from_utf8_lossy(&left.stdout).contains(&format!("lab{id}-")));
-    assert!(!std::path::Path::new(&format!("/etc/netns/lab{id}-p1")).exists());
+    let mut gone = std::process::Command::new("sleep")
+        .arg("0.1")
+        .spawn()
+        .unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", gone.id())).unwrap();
+    let start: u64 = stat[stat.rfind(')').unwrap() + 1..]
+        .split_whitespace()
+        .nth(19)
+        .unwrap()
+        .parse()
+        .unwrap();
+    gone.wait().unwrap();
+    release(id, &ours.token);
+    let crashed = Owner {
+        pid: gone.id(),
+        start,
+        ..ours.clone()
+    };
+    assert!(e2e::lab::record(&crashed).unwrap());
+
+    // The next lab of the id sweeps it.
+    drop(Guard(Lab::create(&tmp.path().join("c"), id, 1).unwrap()));
+    let ended = (0..50).any(|_| {
+        std::thread::sleep(Duration::from_millis(100));
+        inside.try_wait().unwrap().is_some()
+    });
+    assert!(ended, "the crashed run's process is still running");
+    assert!(!std::path::Path::new(&format!("/etc/netns/{}", ns("n1"))).exists());
+
+    // Namespaces no lab recorded making are left alone...
+    let held = claim(id, &tmp.path().join("d"), Keeper::Process).unwrap();
+    e2e::netns::run(&["ip", "netns", "add", &ns("sw")]);
+    release(id, &held.token);
+    let why = Lab::create(&tmp.path().join("e"), id, 1)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(why.contains("no lab recorded making them"), "{why}");
+    assert_eq!(e2e::lab::namespaces_of(id).unwrap(), vec![ns("sw")]);
+
+    // ...until `lab down --id` is asked to remove them.
+    let down = lab_down_id();
+    assert!(down.status.success(), "{down:?}");
+    assert!(e2e::lab::namespaces_of(id).unwrap().is_empty());
 }

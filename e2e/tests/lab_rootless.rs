@@ -1,40 +1,47 @@
 //! The lab without root: as an unprivileged user (nobody) the lab CLI runs
 //! inside a user namespace of its own, held between commands, and leaves
 //! nothing behind on `lab down`.
+//!
+//! Nobody reaches nothing of the checkout (it may live in a private
+//! directory), so the test gives it copies of the programs and a home of
+//! its own ([`e2e::as_user`]).
 
-use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-fn as_nobody(dir: &Path, args: &[&str]) -> Output {
-    Command::new("setpriv")
-        .args([
-            "--reuid",
-            "65534",
-            "--regid",
-            "65534",
-            "--clear-groups",
-            "env",
-            "HOME=/tmp",
-        ])
-        .arg(e2e::mesh::binary("lab"))
+use e2e::as_user::AsUser;
+
+const NOBODY: u32 = 65534;
+
+fn as_nobody(nobody: &AsUser, dir: &Path, args: &[&str]) -> Output {
+    nobody
+        .command("lab")
         .arg("--dir")
         .arg(dir)
         .args(args)
-        .current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."))
         .output()
-        .expect("setpriv runs")
+        .unwrap_or_else(|e| panic!("running {} as nobody: {e}", nobody.program("lab").display()))
 }
 
 #[test]
 fn an_unprivileged_user_runs_the_lab_in_its_own_user_namespace() {
-    let tmp = tempfile::tempdir().unwrap();
-    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
-    let dir = tmp.path().join("lab");
-    // Its namespaces are private to it, so no other lab can collide.
-    let id = "150".to_string();
-    let up = as_nobody(&dir, &["up", "manifests/demo/shop.yaml", "--id", &id]);
+    let nobody = AsUser::new(NOBODY, NOBODY, e2e::lab::PROGRAMS).unwrap_or_else(|e| panic!("{e}"));
+    let manifest = nobody
+        .give(
+            &Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/demo/shop.yaml"),
+            "shop.yaml",
+        )
+        .unwrap_or_else(|e| panic!("{e}"));
+    let dir = nobody.home().join("lab");
+    // Its namespaces are private to it, so no other lab can collide; a test
+    // id still, so that a leak would show as a test's.
+    let id = e2e::lab::TEST_IDS.end().to_string();
+    let up = as_nobody(
+        &nobody,
+        &dir,
+        &["up", manifest.to_str().unwrap(), "--id", &id],
+    );
     let stderr = String::from_utf8_lossy(&up.stderr).to_string();
     assert!(up.status.success(), "lab up as nobody failed: {stderr}");
     let holder: u32 = std::fs::read_to_string(dir.join("holder.pid"))
@@ -51,6 +58,7 @@ fn an_unprivileged_user_runs_the_lab_in_its_own_user_namespace() {
     let mut answer = String::new();
     for _ in 0..60 {
         let out = as_nobody(
+            &nobody,
             &dir,
             &[
                 "exec",
@@ -72,7 +80,7 @@ fn an_unprivileged_user_runs_the_lab_in_its_own_user_namespace() {
         "{answer}"
     );
 
-    let down = as_nobody(&dir, &["down"]);
+    let down = as_nobody(&nobody, &dir, &["down"]);
     assert!(
         down.status.success(),
         "{}",

@@ -13,9 +13,16 @@ fn yaml(text: &str) -> Vec<Value> {
     e2e::lab::parse_docs(text).unwrap()
 }
 
-/// Runs meshctl; (exit code, stdout, stderr).
+/// Runs meshctl; (exit code, stdout, stderr). Only with the sources the test
+/// names: none of the caller's MESHCTL_* defaults (they name their mesh).
 fn meshctl(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(binary("meshctl")).args(args).output().unwrap();
+    let out = Command::new(binary("meshctl"))
+        .env_remove("MESHCTL_ADDR")
+        .env_remove("MESHCTL_CONTROLLER")
+        .env_remove("MESHCTL_LAB")
+        .args(args)
+        .output()
+        .unwrap();
     (
         out.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -45,7 +52,7 @@ async fn meshctl_explains_lists_and_steers_a_live_lab() {
     let tmp = tempfile::tempdir().unwrap();
     let dir_path = tmp.path().join("lab");
     let dir = dir_path.to_str().unwrap().to_string();
-    let mut g = Down(Lab::create(&dir_path, 4, 2).unwrap());
+    let mut g = Down(Lab::create_in(&dir_path, e2e::lab::TEST_IDS, 2).unwrap());
     g.0.start_mesh().await.unwrap();
     let manifests =
         std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/demo/shop.yaml");

@@ -114,7 +114,7 @@ fn requests_total(metrics: &str, want: &[&str]) -> u64 {
 #[tokio::test]
 async fn a_waypoint_routes_splits_retries_times_out_and_ejects() {
     let dir = tempfile::tempdir().unwrap();
-    let mut g = Guard(Lab::create(dir.path(), 1, 2).unwrap());
+    let mut g = Guard(Lab::create_in(dir.path(), e2e::lab::TEST_IDS, 2).unwrap());
     g.0.start_mesh().await.unwrap();
     let mut docs = String::new();
     docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}\n---\n");
@@ -587,7 +587,7 @@ async fn path_normalization(lab: &Lab, client: &str) {
 async fn a_waypoint_enforces_l7_policy_breaks_circuits_injects_faults_limits_rates_and_refuses_bad_input()
  {
     let dir = tempfile::tempdir().unwrap();
-    let mut g = Guard(Lab::create(dir.path(), 2, 2).unwrap());
+    let mut g = Guard(Lab::create_in(dir.path(), e2e::lab::TEST_IDS, 2).unwrap());
     // The mesh asks waypoints to merge slashes (Istio's MERGE_SLASHES).
     g.0.state.path_normalization = Some("MERGE_SLASHES".into());
     g.0.start_mesh().await.unwrap();

@@ -508,15 +508,13 @@ mod l7 {
 
     use e2e::ca::TRUST_DOMAIN;
     use e2e::envoy::{WaypointEnvoy, envoy_binary, waypoint_config, write_cert};
-    use e2e::lab::{Down, Lab, parse_docs};
+    use e2e::lab::{BENCH_IDS, Down, Lab, parse_docs, ztunnel_extra_from_env};
     use e2e::mesh::binary;
     use serde_json::{Value, json};
     use ztunnel::identity::Identity;
 
     use super::{Args, Error, stats};
 
-    /// Lab ids 1 and 2 are the waypoint tests'; 10 and up other tests'.
-    const LAB_ID: u8 = 3;
     const CLIENT: &str = "l7-direct/client-0";
     /// The route's prefix, and the path every request asks for.
     const PREFIX: &str = "/api";
@@ -883,9 +881,10 @@ mod l7 {
         let dir = a.out_dir.join("lab-l7");
         std::fs::create_dir_all(&dir)?;
         let dir = std::fs::canonicalize(&dir)?;
-        let mut guard = Down(Lab::create(&dir, LAB_ID, 2)?);
+        let mut guard = Down(Lab::create_in(&dir, BENCH_IDS, 2)?);
         let started = Instant::now();
         let lab = &mut guard.0;
+        lab.state.ztunnel_extra = ztunnel_extra_from_env();
         lab.start_mesh().await?;
         lab.apply(parse_docs(&docs())?).await?;
         for (key, node) in [

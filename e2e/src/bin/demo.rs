@@ -240,8 +240,7 @@ async fn main() {
             std::process::exit(1);
         }
     };
-    let id = 100 + (std::process::id() % 40) as u8;
-    let mut lab = match Lab::create(dir.path(), id, 2) {
+    let mut lab = match Lab::create_in(dir.path(), e2e::lab::DEMO_IDS, 2) {
         Ok(l) => l,
         Err(e) => {
             eprintln!("demo failed: {e}");

@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use e2e::lab::{Lab, read_docs};
+use e2e::lab::{Keeper, Lab, read_docs};
 
 #[derive(Debug, Parser)]
 #[command(about = "A mesh lab of network-namespace nodes and pods")]
@@ -23,14 +23,16 @@ enum Cmd {
         manifests: PathBuf,
         #[arg(long, default_value_t = 2)]
         nodes: usize,
-        /// Lab number (its addresses are 10.(100+id).0.0/16).
-        #[arg(long, default_value_t = 1)]
+        /// Lab number (its addresses are 10.(100+id).0.0/16): 1 to 99 are
+        /// people's; 100 and up the demo's, the benchmark's and the tests'.
+        /// An id another lab holds is refused, never taken over.
+        #[arg(long, default_value_t = e2e::lab::DEFAULT_ID)]
         id: u8,
     },
     /// Remove everything the lab made (by its state file; without one, by
-    /// the lab number: what a crashed lab left).
+    /// the lab number: what a crashed lab left, unless a live lab holds it).
     Down {
-        #[arg(long, default_value_t = 1)]
+        #[arg(long, default_value_t = e2e::lab::DEFAULT_ID)]
         id: u8,
     },
     /// Run a command inside a pod (namespace/name).
@@ -244,7 +246,10 @@ async fn main() {
                 ));
             }
             let docs = read_docs(&manifests).unwrap_or_else(|e| fail(e));
-            let mut lab = Lab::create(&a.dir, id, nodes).unwrap_or_else(|e| fail(e));
+            // The lab outlives this command: only `lab down` ends it.
+            let mut lab =
+                Lab::create_kept(&a.dir, id, nodes, Keeper::Command).unwrap_or_else(|e| fail(e));
+            lab.state.ztunnel_extra = e2e::lab::ztunnel_extra_from_env();
             let r = async {
                 lab.start_mesh().await?;
                 lab.apply(docs).await
@@ -264,7 +269,8 @@ async fn main() {
         Cmd::Down { id } => {
             match Lab::load(&a.dir) {
                 Ok(mut lab) => lab.down(),
-                Err(_) => e2e::lab::sweep(id),
+                // A crashed lab's leftovers, unless a live lab holds the id.
+                Err(_) => e2e::lab::sweep_unheld(id).unwrap_or_else(|e| fail(e)),
             }
             println!("lab down");
         }

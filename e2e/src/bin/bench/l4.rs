@@ -40,7 +40,7 @@ use e2e::envoy::{
     ENVOY_PACKAGE, envoy_binary, sidecar_capture_rules, sidecar_inbound_config,
     sidecar_outbound_config, write_cert,
 };
-use e2e::lab::{Down, Lab, parse_docs};
+use e2e::lab::{BENCH_IDS, Down, Lab, parse_docs, ztunnel_extra_from_env};
 use e2e::mesh::binary;
 use serde_json::{Value, json};
 use ztunnel::identity::Identity;
@@ -51,9 +51,6 @@ use super::l7::{
 };
 use super::{Args, Error, stats};
 
-/// Ids 1 to 5, 10 to 49, 60 to 99 and 101 to 150 are the tests' and the
-/// demo's; 3 is the L7 bench's.
-const LAB_ID: u8 = 7;
 const IPERF_PORT: u16 = 5201;
 const SOCKPERF_PORT: u16 = 11111;
 const HTTP_PORT: u16 = 8081;
@@ -1069,9 +1066,10 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
     let dir = a.out_dir.join("lab-l4");
     std::fs::create_dir_all(&dir)?;
     let dir = std::fs::canonicalize(&dir)?;
-    let mut guard = Down(Lab::create(&dir, LAB_ID, 2)?);
+    let mut guard = Down(Lab::create_in(&dir, BENCH_IDS, 2)?);
     let started = Instant::now();
     let lab = &mut guard.0;
+    lab.state.ztunnel_extra = ztunnel_extra_from_env();
     lab.start_mesh().await?;
     lab.apply(parse_docs(&docs())?).await?;
     for m in MESHES {
