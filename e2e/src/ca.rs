@@ -228,3 +228,54 @@ pub async fn from_lab_ca(
     issuer.stop().await;
     Ok(out)
 }
+
+/// PEM files for one identity signed by a lab's own CA, for a client made
+/// by hand inside the lab (`labapp hbone --cert --key --root`).
+#[derive(Debug, Clone)]
+pub struct CertFiles {
+    /// The leaf, then any intermediates.
+    pub chain: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub root: std::path::PathBuf,
+}
+
+/// Writes `<name>-chain.pem`, `<name>-key.pem` and `<name>-root.pem` under
+/// the lab's dir: a certificate for `identity` from the lab's CA (see
+/// [`from_lab_ca`]).
+pub async fn write_lab_cert(
+    lab_dir: &Path,
+    identity: &Identity,
+    name: &str,
+) -> Result<CertFiles, String> {
+    let certs = from_lab_ca(lab_dir, std::slice::from_ref(identity)).await?;
+    let cert = certs
+        .first()
+        .ok_or_else(|| format!("no certificate for {identity}"))?;
+    let pems = |tag: &str, ders: &[rustls_pki_types::CertificateDer<'_>]| -> String {
+        ders.iter()
+            .map(|d| pem::encode(&pem::Pem::new(tag, d.to_vec())))
+            .collect()
+    };
+    let key = cert.key();
+    let tag = match &key {
+        rustls_pki_types::PrivateKeyDer::Pkcs8(_) => "PRIVATE KEY",
+        rustls_pki_types::PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
+        rustls_pki_types::PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
+        _ => return Err(format!("the key for {identity} is of an unknown kind")),
+    };
+    let files = CertFiles {
+        chain: lab_dir.join(format!("{name}-chain.pem")),
+        key: lab_dir.join(format!("{name}-key.pem")),
+        root: lab_dir.join(format!("{name}-root.pem")),
+    };
+    let write = |path: &Path, text: String| {
+        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+    };
+    write(&files.chain, pems("CERTIFICATE", cert.chain()))?;
+    write(
+        &files.key,
+        pem::encode(&pem::Pem::new(tag, key.secret_der().to_vec())),
+    )?;
+    write(&files.root, pems("CERTIFICATE", cert.roots()))?;
+    Ok(files)
+}

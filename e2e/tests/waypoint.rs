@@ -13,6 +13,9 @@ use serde_json::Value;
 
 use e2e::lab::Down as Guard;
 
+#[path = "waypoint/attach.rs"]
+mod attach;
+
 fn yaml(text: &str) -> Vec<Value> {
     e2e::lab::parse_docs(text).unwrap()
 }
@@ -410,6 +413,22 @@ spec:
     );
     assert!(log.contains("trace_id=4bf92f3577b34da6a3ce929d0e0e4736"));
     assert!(!log.contains("direct.plain"));
+
+    // A mesh identity by hand, through this waypoint, reaches its service
+    // but not a service (or pod) without a waypoint.
+    let intruder = attach::Intruder::new(lab, client, "shop", "client").await;
+    let reviews = format!("{}:80", lab.state.services["shop/reviews"].vip);
+    let direct_vip = format!("{}:80", lab.state.services["plain/direct"].vip);
+    let direct_pod = format!("{}:8080", lab.pod("plain/direct-0").unwrap().ip);
+    intruder.reaches_only_its_own(
+        lab,
+        "shop/waypoint-0",
+        (&reviews, "reviews"),
+        &[
+            (&direct_vip, "plain/direct-0"),
+            (&direct_pod, "plain/direct-0"),
+        ],
+    );
 }
 
 /// `labapp raw` / `labapp h2-abuse` from a pod: the first answer line.
@@ -970,5 +989,19 @@ spec:
     assert!(
         log.contains("path=/_stats"),
         "pod-IP traffic goes through the waypoint too"
+    );
+
+    attach::gateway_policy_holds_for_pod_ips(&mut g.0, client).await;
+    // Nor does it reach a service (or pod) of another waypoint.
+    let lab = &g.0;
+    let intruder = attach::Intruder::new(lab, client, "shop", "client").await;
+    let vault = format!("{}:80", lab.state.services["shop/vault"].vip);
+    let api_vip = format!("{}:80", lab.state.services["shared/api"].vip);
+    let api_pod = format!("{}:8080", lab.pod("shared/api-0").unwrap().ip);
+    intruder.reaches_only_its_own(
+        lab,
+        "shop/waypoint-0",
+        (&vault, "vault"),
+        &[(&api_vip, "shared/api-0"), (&api_pod, "shared/api-0")],
     );
 }
