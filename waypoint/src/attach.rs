@@ -21,7 +21,7 @@ use std::sync::Arc;
 use http::StatusCode;
 use mesh_proto::WAYPOINT_GATEWAY_PREFIX;
 use mesh_proto::mesh::waypoint as pb;
-use ztunnel::state::{GatewayDestination, Snapshot};
+use ztunnel::state::{GatewayDestination, Snapshot, Workload};
 
 use crate::authz::Policy;
 use crate::config::Config;
@@ -97,8 +97,18 @@ pub fn serves(
     let gw = routes
         .get(&gateway_key(cfg))
         .ok_or(Refusal::NoGatewayConfig)?;
+    if names(snap, &gw, w) {
+        Ok(format!("{WORKLOAD_KEY}{}", w.uid))
+    } else {
+        Err(Refusal::NotOurWorkload(w.uid.clone()))
+    }
+}
+
+/// Whether workload `w`'s waypoint address is this waypoint's own Service
+/// (`gw`, this waypoint's Gateway resource).
+fn names(snap: &Snapshot, gw: &ServiceConfig, w: &Workload) -> bool {
     let own_key = format!("{}/{}", gw.namespace, gw.hostname);
-    let ours = match w.waypoint.as_ref().map(|g| &g.destination) {
+    match w.waypoint.as_ref().map(|g| &g.destination) {
         Some(GatewayDestination::Address { network, ip }) => {
             snap.service(&own_key).is_some_and(|own| {
                 own.service
@@ -112,24 +122,22 @@ pub fn serves(
             hostname,
         }) => *namespace == gw.namespace && *hostname == gw.hostname,
         None => false,
-    };
-    if ours {
-        Ok(format!("{WORKLOAD_KEY}{}", w.uid))
-    } else {
-        Err(Refusal::NotOurWorkload(w.uid.clone()))
     }
 }
 
 /// The config a request or connection for `key` is served with, looked up
 /// afresh each time (policies change under long connections). A workload
-/// gets the defaults and its Gateway's policies; a destination whose config
-/// is gone meanwhile gets a DENY of everything.
-pub fn config(routes: &RouteTable, cfg: &Config, key: &str) -> Arc<ServiceConfig> {
-    if key.starts_with(WORKLOAD_KEY) {
+/// gets the defaults and its Gateway's policies while it still names this
+/// waypoint; a destination whose config is gone meanwhile, or a workload
+/// that no longer names it, gets a DENY of everything.
+pub fn config(snap: &Snapshot, routes: &RouteTable, cfg: &Config, key: &str) -> Arc<ServiceConfig> {
+    if let Some(uid) = key.strip_prefix(WORKLOAD_KEY) {
         let mut c = ServiceConfig::default_for(key);
-        c.policies = match routes.get(&gateway_key(cfg)) {
-            Some(gw) => gw.policies.clone(),
-            None => vec![deny_all(key)],
+        // Still ours? A workload that moved to another waypoint (or to
+        // none) under a kept-alive connection is no longer served.
+        c.policies = match (routes.get(&gateway_key(cfg)), snap.workload(uid)) {
+            (Some(gw), Some(w)) if names(snap, &gw, w) => gw.policies.clone(),
+            _ => vec![deny_all(key)],
         };
         return Arc::new(c);
     }

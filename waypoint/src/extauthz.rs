@@ -400,7 +400,18 @@ impl ExtAuthz {
                         response.extend(r);
                         continue;
                     }
-                    Err(e) => format!("its answer cannot be applied: {e}"),
+                    // The provider was reached and answered: an answer
+                    // that cannot be applied is refused whatever failOpen
+                    // says (failOpen covers only "could not ask").
+                    Err(e) => {
+                        let mut closed = (*p).clone();
+                        closed.fail_open = false;
+                        let why = format!("its answer cannot be applied: {e}");
+                        if let Some(d) = self.failed(&policy, &closed, &why) {
+                            return Verdict::Denied(d);
+                        }
+                        continue;
+                    }
                 },
                 Answer::Denied(code, d) => {
                     self.count(&p.name, "denied");

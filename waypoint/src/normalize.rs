@@ -74,6 +74,12 @@ pub enum RequestError {
     BadHost(String),
     #[error("more than one Host header")]
     HostRepeated,
+    #[error("Host {header:?} is not the request's authority {authority:?}")]
+    HostMismatch { header: String, authority: String },
+    #[error("no host: the request names neither an authority nor a Host")]
+    NoHost,
+    #[error("request target {0:?} is not a path (origin or absolute form)")]
+    NotAPath(String),
 }
 
 fn hex(b: u8) -> Option<u8> {
@@ -221,11 +227,24 @@ fn check_host(parts: &Parts) -> Result<(), RequestError> {
         return Err(RequestError::HostRepeated);
     }
     let host = match (parts.uri.authority(), header) {
-        (Some(a), _) => a.as_str(),
+        (Some(a), Some(h)) => {
+            // RFC 9112 3.2.2, RFC 9113 8.3.1: they must name the same host,
+            // or policy could read one and the backend the other.
+            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+                return Err(RequestError::HostMismatch {
+                    header: String::from_utf8_lossy(h.as_bytes()).into(),
+                    authority: a.as_str().to_string(),
+                });
+            }
+            a.as_str()
+        }
+        (Some(a), None) => a.as_str(),
         (None, Some(h)) => h
             .to_str()
             .map_err(|_| RequestError::BadHost(String::from_utf8_lossy(h.as_bytes()).into()))?,
-        (None, None) => return Ok(()),
+        // Only HTTP/1.0 may name no host.
+        (None, None) if parts.version <= http::Version::HTTP_10 => return Ok(()),
+        (None, None) => return Err(RequestError::NoHost),
     };
     let bad = || RequestError::BadHost(host.to_string());
     let parsed: http::uri::Authority = host.parse().map_err(|_| bad())?;
@@ -269,6 +288,11 @@ pub fn request(parts: &mut Parts, how: PathNormalization) -> Result<(), RequestE
     let method = parts.method.as_str();
     if method.bytes().any(|b| b.is_ascii_lowercase()) {
         return Err(RequestError::MethodCase(method.to_string()));
+    }
+    // An authority-form target (`GET orders:80`) has no path: judged as ""
+    // yet sent as "/", so it is refused, as is CONNECT at L7.
+    if !parts.uri.path().starts_with('/') || parts.method == http::Method::CONNECT {
+        return Err(RequestError::NotAPath(parts.uri.to_string()));
     }
     check_host(parts)?;
     let path = parts.uri.path();
@@ -410,10 +434,13 @@ mod tests {
         }
     }
 
+    /// A request as HTTP/1.0 (which may name no host), so each test adds
+    /// only the host it is about.
     fn parts(method: &str, uri: &str) -> Parts {
         let (p, ()) = http::Request::builder()
             .method(method)
             .uri(uri)
+            .version(http::Version::HTTP_10)
             .body(())
             .expect("request")
             .into_parts();
@@ -481,6 +508,40 @@ mod tests {
             request(&mut p, Base),
             Err(RequestError::BadHost(_))
         ));
+    }
+
+    #[test]
+    fn the_target_is_a_path_and_the_host_is_one() {
+        // Authority form: judged as "" yet sent as "/".
+        let mut p = parts("GET", "orders:80");
+        assert!(matches!(
+            request(&mut p, Base),
+            Err(RequestError::NotAPath(_))
+        ));
+        let mut p = parts("CONNECT", "orders:80");
+        assert!(matches!(
+            request(&mut p, Base),
+            Err(RequestError::NotAPath(_))
+        ));
+        // The Host must name the authority.
+        let mut p = parts("GET", "http://admin.shop/x");
+        p.headers
+            .insert(http::header::HOST, "public.shop".parse().expect("v"));
+        assert!(matches!(
+            request(&mut p, Base),
+            Err(RequestError::HostMismatch { .. })
+        ));
+        let mut p = parts("GET", "http://admin.shop/x");
+        p.headers
+            .insert(http::header::HOST, "Admin.Shop".parse().expect("v"));
+        assert!(request(&mut p, Base).is_ok());
+        // HTTP/1.1 and HTTP/2 name a host; HTTP/1.0 may not.
+        let mut p = parts("GET", "/x");
+        p.version = http::Version::HTTP_11;
+        assert_eq!(request(&mut p, Base), Err(RequestError::NoHost));
+        let mut p = parts("GET", "/x");
+        p.version = http::Version::HTTP_10;
+        assert!(request(&mut p, Base).is_ok());
     }
 
     #[test]

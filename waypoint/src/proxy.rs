@@ -803,7 +803,12 @@ impl Waypoint {
         };
         // The destination's policies apply to opaque TCP too, on what TCP has.
         {
-            let svc = attach::config(&self.routes, &self.cfg, &ds.service_key);
+            let svc = attach::config(
+                &self.state.snapshot(),
+                &self.routes,
+                &self.cfg,
+                &ds.service_key,
+            );
             let subject = Subject {
                 source: ds.src_identity.as_ref(),
                 source_addr: ds.peer,
@@ -920,7 +925,12 @@ impl Waypoint {
                 None => (Arc::new(ServiceConfig::default_for(&ds.service_key)), true),
             },
             None => (
-                attach::config(&self.routes, &self.cfg, &ds.service_key),
+                attach::config(
+                    &self.state.snapshot(),
+                    &self.routes,
+                    &self.cfg,
+                    &ds.service_key,
+                ),
                 false,
             ),
         };
@@ -941,6 +951,9 @@ impl Waypoint {
             rec.detail = e.to_string();
             return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::None, "bad request\n"));
         }
+        // Hop-by-hop headers (and those `Connection` names) go before
+        // anything judges the request: what is judged is what is sent.
+        strip_hop_by_hop(&mut parts.headers);
 
         // Content-Length with Transfer-Encoding is how requests are
         // smuggled past a proxy: refused, and the connection closed, since

@@ -160,7 +160,31 @@ pub fn target_issues(model: &Model, p: &AuthorizationPolicy) -> Vec<String> {
             continue;
         }
         match (t.group.as_str(), t.kind.as_str()) {
-            (GATEWAY_GROUP, "Gateway") | ("", "Service") => {}
+            (GATEWAY_GROUP, "Gateway") => {
+                let key = (ns.to_string(), t.name.clone());
+                match model.gateways.get(&key) {
+                    None => issues.push(format!(
+                        "{what} does not exist: the policy is enforced nowhere until it does"
+                    )),
+                    Some(g) if g.spec.gateway_class_name != WAYPOINT_CLASS => issues.push(format!(
+                        "{what} is of class {:?}, not a waypoint ({WAYPOINT_CLASS}): the policy is enforced nowhere",
+                        g.spec.gateway_class_name
+                    )),
+                    Some(_) => {}
+                }
+            }
+            ("", "Service") => {
+                let key = (ns.to_string(), t.name.clone());
+                if !model.services.contains_key(&key) {
+                    issues.push(format!(
+                        "{what} does not exist: the policy is enforced nowhere until it does"
+                    ));
+                } else if super::workload::service_waypoint(model, &key).is_none() {
+                    issues.push(format!(
+                        "{what} uses no waypoint: the policy is enforced nowhere (targetRefs apply at a waypoint)"
+                    ));
+                }
+            }
             (GATEWAY_GROUP, "GatewayClass") => {
                 if ns != model.cfg.root_namespace {
                     issues.push(format!(
@@ -685,6 +709,65 @@ spec:
   targetRefs: [{group: gateway.networking.k8s.io, kind: Gateway, name: waypoint}]
   action: AUDIT
 "#;
+
+    #[test]
+    fn a_target_that_no_waypoint_serves_is_reported() {
+        let m = model(
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: shop}
+spec: {gatewayClassName: mesh-ingress, listeners: [{name: http, port: 80, protocol: HTTP}]}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: plain, namespace: shop}
+spec: {clusterIP: 10.96.0.5, ports: [{port: 80}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: at-edge, namespace: shop}
+spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: edge}], action: DENY, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: at-ghost, namespace: shop}
+spec: {targetRefs: [{kind: Gateway, group: gateway.networking.k8s.io, name: ghost}], action: DENY, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: at-plain, namespace: shop}
+spec: {targetRefs: [{kind: Service, group: "", name: plain}], action: DENY, rules: [{}]}
+"#,
+        );
+        let issue = |name: &str| {
+            m.issues()
+                .into_iter()
+                .filter(|i| i.object == format!("AuthorizationPolicy/shop/{name}"))
+                .map(|i| i.reason)
+                .collect::<Vec<_>>()
+                .join("; ")
+        };
+        assert!(
+            issue("at-edge").contains("not a waypoint"),
+            "{}",
+            issue("at-edge")
+        );
+        assert!(
+            issue("at-ghost").contains("does not exist"),
+            "{}",
+            issue("at-ghost")
+        );
+        assert!(
+            issue("at-plain").contains("uses no waypoint"),
+            "{}",
+            issue("at-plain")
+        );
+    }
 
     #[test]
     fn only_policies_attached_to_the_waypoint_or_service_apply() {
