@@ -471,8 +471,10 @@ impl Conn {
                             proxy = %self.view.proxy_id, node = %self.view.node, type_url = %t, reason = %why,
                             "subscription refused: not a {}; nothing of that type is sent", gated.what()
                         );
-                        // What it claims to hold is not ours to answer.
-                        sub.held.clear();
+                        // What it claims to hold it may not hold: the push
+                        // below removes every such name (a waypoint that
+                        // reconnects after losing its Gateway drops its
+                        // routes rather than serving stale policies).
                     }
                 }
                 sub.gateway = Some((gated, gw));

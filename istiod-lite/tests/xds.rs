@@ -179,6 +179,18 @@ impl Proxy {
         proxy_id: &str,
         first: &str,
     ) -> Result<Proxy, tonic::Status> {
+        Proxy::connect_holding(addr, bearer, proxy_id, first, &[]).await
+    }
+
+    /// As `connect_with`, claiming to hold `held` (name, version) already,
+    /// as a proxy that reconnects does.
+    async fn connect_holding(
+        addr: SocketAddr,
+        bearer: &str,
+        proxy_id: &str,
+        first: &str,
+        held: &[(&str, &str)],
+    ) -> Result<Proxy, tonic::Status> {
         let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect()
@@ -191,6 +203,10 @@ impl Proxy {
                 id: proxy_id.into(),
                 ..Default::default()
             }),
+            initial_resource_versions: held
+                .iter()
+                .map(|(n, v)| (n.to_string(), v.to_string()))
+                .collect(),
             ..subscribe(first)
         })
         .await
@@ -290,6 +306,21 @@ async fn only_a_waypoint_gets_routes_and_only_for_its_own_services() {
     .await;
     impostor.send(subscribe(AUTHORIZATION_TYPE_URL)).await;
     assert_eq!(impostor.next().await.type_url, AUTHORIZATION_TYPE_URL);
+    // A refused proxy that reconnects claiming routes (a waypoint whose
+    // Gateway went away while it was disconnected) is told to drop them,
+    // so it never serves on with stale policies.
+    let mut stale = Proxy::connect_holding(
+        addr,
+        &token("node-a"),
+        "waypoint~shop~web-1",
+        SERVICE_ROUTES_TYPE_URL,
+        &[(WEB, "old")],
+    )
+    .await
+    .unwrap();
+    let (sent, removed) = stale.routes().await;
+    assert!(sent.is_empty(), "{sent:?}");
+    assert_eq!(removed, vec![WEB]);
 
     // Each waypoint gets exactly the services that use it.
     let mut a = Proxy::connect(

@@ -228,9 +228,14 @@ fn check_host(parts: &Parts) -> Result<(), RequestError> {
     }
     let host = match (parts.uri.authority(), header) {
         (Some(a), Some(h)) => {
-            // RFC 9112 3.2.2, RFC 9113 8.3.1: they must name the same host,
-            // or policy could read one and the backend the other.
-            if !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes()) {
+            // An absolute-form target's authority is the host, and the Host
+            // header is ignored (RFC 9112 3.2.2); over HTTP/2 a Host naming
+            // another host than :authority is malformed (RFC 9113 8.3.1).
+            // Either way nothing after this reads a Host other than the
+            // authority (`request` overwrites it).
+            if parts.version == http::Version::HTTP_2
+                && !h.as_bytes().eq_ignore_ascii_case(a.as_str().as_bytes())
+            {
                 return Err(RequestError::HostMismatch {
                     header: String::from_utf8_lossy(h.as_bytes()).into(),
                     authority: a.as_str().to_string(),
@@ -295,6 +300,13 @@ pub fn request(parts: &mut Parts, how: PathNormalization) -> Result<(), RequestE
         return Err(RequestError::NotAPath(parts.uri.to_string()));
     }
     check_host(parts)?;
+    // One host for everything after this: the authority, when there is one.
+    if let Some(a) = parts.uri.authority()
+        && parts.headers.contains_key(http::header::HOST)
+        && let Ok(v) = http::HeaderValue::from_str(a.as_str())
+    {
+        parts.headers.insert(http::header::HOST, v);
+    }
     let path = parts.uri.path();
     let normalized = normalize_path(path, how)?;
     if normalized == path {
@@ -523,8 +535,16 @@ mod tests {
             request(&mut p, Base),
             Err(RequestError::NotAPath(_))
         ));
-        // The Host must name the authority.
+        // HTTP/1: an absolute-form target's authority wins; the Host is
+        // overwritten, so policy and backend read the same host.
         let mut p = parts("GET", "http://admin.shop/x");
+        p.headers
+            .insert(http::header::HOST, "public.shop".parse().expect("v"));
+        assert!(request(&mut p, Base).is_ok());
+        assert_eq!(p.headers[http::header::HOST], "admin.shop");
+        // HTTP/2: a host header that disagrees with :authority is malformed.
+        let mut p = parts("GET", "http://admin.shop/x");
+        p.version = http::Version::HTTP_2;
         p.headers
             .insert(http::header::HOST, "public.shop".parse().expect("v"));
         assert!(matches!(
