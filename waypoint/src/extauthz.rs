@@ -47,6 +47,9 @@ use crate::telemetry::Flag;
 /// Istio's default check timeout, for a provider that gives none.
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(600);
 
+/// How long connecting to a provider may take, whatever its check timeout.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct CheckLabels {
     pub provider: String,
@@ -321,7 +324,9 @@ impl ExtAuthz {
         }
         let c = Endpoint::from_shared(format!("http://{address}"))
             .map_err(|e| format!("address {address:?}: {e}"))?
-            .connect_timeout(timeout)
+            // The check's own timeout can be long (Istio's default is
+            // 600 s); an unreachable provider is known sooner.
+            .connect_timeout(timeout.min(CONNECT_TIMEOUT))
             .tcp_nodelay(true)
             .connect_lazy();
         m.insert(address.to_string(), c.clone());

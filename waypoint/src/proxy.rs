@@ -261,6 +261,18 @@ enum Sniffed {
 
 /// Classifies what a client sent first; `None` means read more.
 fn classify(buf: &[u8]) -> Option<Sniffed> {
+    // Servers skip empty lines before a request line (RFC 9112 2.2), so a
+    // request behind them is HTTP, not opaque bytes nobody judges.
+    let skip = buf
+        .iter()
+        .take_while(|b| matches!(b, b'\r' | b'\n'))
+        .count();
+    if skip > 0 {
+        if skip >= 64 {
+            return Some(Sniffed::Tcp);
+        }
+        return classify(&buf[skip..]);
+    }
     let n = buf.len().min(H2_PREFACE.len());
     if buf[..n] == H2_PREFACE[..n] {
         return (buf.len() >= H2_PREFACE.len()).then_some(Sniffed::Http2);
@@ -1924,6 +1936,13 @@ mod tests {
         assert_eq!(classify(b"hello"), Some(Sniffed::Tcp));
         assert_eq!(classify(b"PRIX"), None);
         assert_eq!(classify(b"0123456789"), Some(Sniffed::Tcp));
+        // Empty lines before a request line are skipped, as servers do.
+        assert_eq!(
+            classify(b"\r\nGET /admin HTTP/1.1\r\n"),
+            Some(Sniffed::Http1)
+        );
+        assert_eq!(classify(b"\r\n\r\n"), None);
+        assert_eq!(classify(&[b'\n'; 64]), Some(Sniffed::Tcp));
     }
 
     #[test]
