@@ -6,6 +6,7 @@ pub mod ca;
 pub mod controller;
 pub mod envoy;
 pub mod extauthz;
+pub mod fake_ads;
 pub mod lab;
 pub mod mesh;
 pub mod netns;

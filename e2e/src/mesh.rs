@@ -199,7 +199,12 @@ pub struct ZtunnelSpec<'a> {
     pub outbound: Vec<(SocketAddr, String, SocketAddr)>,
     /// (bind, fixed target)
     pub plaintext: Vec<(SocketAddr, SocketAddr)>,
+    /// The local state file; unused (not written) when `xds_address` is set.
     pub state_yaml: String,
+    /// Take state from this Delta ADS server instead of the file (the
+    /// config's `state: {xds_address: ...}`); the ztunnel reaches it with
+    /// the CA's root, server name and token (see `crate::fake_ads`).
+    pub xds_address: Option<String>,
     pub extra: &'a str,
 }
 
@@ -214,8 +219,15 @@ impl<'a> ZtunnelSpec<'a> {
             outbound: Vec::new(),
             plaintext: Vec::new(),
             state_yaml,
+            xds_address: None,
             extra: "",
         }
+    }
+
+    /// State from a Delta ADS server at `url` instead of the local file.
+    pub fn xds(mut self, url: String) -> Self {
+        self.xds_address = Some(url);
+        self
     }
 
     pub fn inbound(mut self, ips: Vec<IpAddr>) -> Self {
@@ -246,7 +258,13 @@ impl Ztunnel {
         let token = dir.join(format!("{}.token", spec.name));
         std::fs::write(&token, token_for(spec.node)).expect("write token");
         let state = dir.join(format!("{}.state.yaml", spec.name));
-        std::fs::write(&state, &spec.state_yaml).expect("write state");
+        let source = match &spec.xds_address {
+            Some(url) => format!("xds_address: \"{url}\""),
+            None => {
+                std::fs::write(&state, &spec.state_yaml).expect("write state");
+                format!("local_file: {}", state.display())
+            }
+        };
         let mut listeners = String::from("listeners:\n  inbound_ips: [");
         listeners.push_str(
             &spec
@@ -271,12 +289,11 @@ impl Ztunnel {
         std::fs::write(
             &config,
             format!(
-                "node: {node}\nca:\n  address: {ca}\n  root_cert: {root}\n  token_file: {token}\nstate:\n  local_file: {state}\n{listeners}admin_addr: \"{ip}:0\"\nmetrics_addr: \"{ip}:0\"\nreadiness_addr: \"{ip}:0\"\n{extra}",
+                "node: {node}\nca:\n  address: {ca}\n  root_cert: {root}\n  token_file: {token}\nstate:\n  {source}\n{listeners}admin_addr: \"{ip}:0\"\nmetrics_addr: \"{ip}:0\"\nreadiness_addr: \"{ip}:0\"\n{extra}",
                 node = spec.node,
                 ca = ca.url(),
                 root = root.display(),
                 token = token.display(),
-                state = state.display(),
                 extra = spec.extra,
             ),
         )

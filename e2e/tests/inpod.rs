@@ -205,6 +205,7 @@ async fn two_nodes(extra: &[&str]) -> TwoNodes {
         outbound: vec![],
         plaintext: vec![],
         state_yaml: state.clone(),
+        xds_address: None,
         extra: Box::leak(
             format!(
                 "node_mode: {{zds_socket: \"{}\"}}\n{runtime}",

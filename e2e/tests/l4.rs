@@ -428,6 +428,7 @@ async fn killing_the_server_ztunnel_fails_only_its_streams() {
         outbound: vec![],
         plaintext: vec![],
         state_yaml: state.clone(),
+        xds_address: None,
         extra: "",
     };
     let mut zb = Ztunnel::start(dir.path(), &ca, node("zb", "node-b", 11, &b)).await;
