@@ -34,8 +34,7 @@ use ztunnel::certs::CertificateManager;
 use ztunnel::hbone::{self, ConnectHeaders, Responder};
 use ztunnel::identity::Identity;
 use ztunnel::proxy::outbound::target_port;
-use ztunnel::proxy::pool::PoolKey;
-use ztunnel::state::{ProxyState, ServiceEntry, TunnelProtocol, Workload};
+use ztunnel::state::{ProxyState, ServiceEntry, Workload};
 use ztunnel::tls::{handshake_failure, peer_identity, server_config};
 
 use crate::attach;
@@ -54,8 +53,10 @@ use crate::routes::{
 use crate::telemetry::{Exporter, Flag, HttpMetrics, TraceContext};
 use crate::upstream::{Dial, Limits as ConnLimits, Proto, UpstreamError, Upstreams};
 
+mod mirror;
 mod record;
 mod sniff;
+mod tcp;
 
 use record::Recorder;
 use sniff::{Rewind, Sniffed, sniff};
@@ -737,113 +738,6 @@ impl Waypoint {
         }
     }
 
-    /// Opaque TCP: one endpoint of the service, bytes copied both ways.
-    async fn tcp(self: Arc<Self>, mut io: Rewind<ztunnel::hbone::H2Stream>, ds: Arc<Downstream>) {
-        let Some(dest) = self.resolve(&ds.service_key) else {
-            io.inner.reset();
-            return info!(peer = %ds.peer, service = %ds.service_key, "TCP: destination is gone");
-        };
-        // The destination's policies apply to opaque TCP too, on what TCP has.
-        {
-            let svc = attach::config(&self.routes, &self.cfg, &ds.service_key);
-            let subject = Subject {
-                source: ds.src_identity.as_ref(),
-                source_addr: ds.peer,
-                destination_addr: ds.target,
-                waypoint: &self.identity,
-                host: "",
-            };
-            if let Err(decision) = self.ext_authz.authorize_tcp(&svc.policies, &subject).await {
-                io.inner.reset();
-                return info!(
-                    target: "access",
-                    protocol = "tcp",
-                    src.addr = %ds.peer,
-                    src.identity = %ds.principal(),
-                    service = %ds.service_key,
-                    response_flags = "RBAC",
-                    detail = %decision,
-                    "connection refused"
-                );
-            }
-        }
-        let eps = &dest.endpoints;
-        let policy = self
-            .routes
-            .get(&ds.service_key)
-            .map(|s| s.backend.clone())
-            .unwrap_or_default();
-        let stats = self.balancer.backend(&ds.service_key);
-        let Some((ep, _)) = self.balancer.pick(&stats, eps, &[], &policy) else {
-            io.inner.reset();
-            return info!(peer = %ds.peer, service = %ds.service_key, "TCP: no healthy endpoint");
-        };
-        let Some(ip) = ep.addresses.first().copied() else {
-            return;
-        };
-        let target = SocketAddr::new(ip, dest.port_on(&ep, ds.target.port()));
-        let started = Instant::now();
-        let within = policy.connect_timeout.unwrap_or(self.cfg.connect_timeout);
-        let connecting = async {
-            match ep.protocol {
-                TunnelProtocol::Hbone => {
-                    let key = PoolKey {
-                        src: self.identity.clone(),
-                        src_ip: None,
-                        dst: ep.identity.clone(),
-                        next_hop: SocketAddr::new(ip, ztunnel::config::HBONE_PORT),
-                    };
-                    let headers = ConnectHeaders {
-                        forwarded_for: Some(ds.peer),
-                        ..Default::default()
-                    };
-                    match self
-                        .upstreams
-                        .pool()
-                        .connect(&key, target, &headers, None)
-                        .await
-                    {
-                        Ok((s, g)) => Ok(Box::new(crate::upstream::Guarded::new(s, g))
-                            as Box<dyn crate::upstream::Io>),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                TunnelProtocol::None => TcpStream::connect(target)
-                    .await
-                    .map(|s| Box::new(s) as Box<dyn crate::upstream::Io>)
-                    .map_err(|e| e.to_string()),
-            }
-        };
-        // The backend's connectTimeout (DestinationRule), else the waypoint's.
-        let upstream: Result<Box<dyn crate::upstream::Io>, String> =
-            match tokio::time::timeout(within, connecting).await {
-                Ok(r) => r,
-                Err(_) => Err(format!("no connection within {within:?}")),
-            };
-        let mut up = match upstream {
-            Ok(u) => u,
-            Err(e) => {
-                io.inner.reset();
-                return info!(peer = %ds.peer, %target, error = %e, "TCP: upstream connect failed");
-            }
-        };
-        let r = tokio::io::copy_bidirectional(&mut io, &mut up).await;
-        info!(
-            target: "access",
-            protocol = "tcp",
-            src.addr = %ds.peer,
-            src.identity = %ds.principal(),
-            service = %ds.service_key,
-            dst.addr = %target,
-            dst.workload = %ep.name,
-            bytes_sent = r.as_ref().map(|(a, _)| *a).unwrap_or(0),
-            bytes_received = r.as_ref().map(|(_, b)| *b).unwrap_or(0),
-            duration_ms = started.elapsed().as_millis() as u64,
-            error = r.as_ref().err().map(|e| e.to_string()).unwrap_or_else(|| "-".into()),
-            "connection complete"
-        );
-    }
-
     /// One HTTP request, start to finish.
     async fn request(
         self: Arc<Self>,
@@ -1410,52 +1304,6 @@ impl Waypoint {
                 true
             }
             None => false,
-        }
-    }
-
-    /// Fire and forget: a copy to the mirror backend, its answer dropped.
-    async fn mirror(self: Arc<Self>, ds: Arc<Downstream>, backend: Backend, mut out: Outgoing) {
-        let Some(dest) = self.resolve(&backend.service) else {
-            return;
-        };
-        let eps = &dest.endpoints;
-        let policy = self
-            .routes
-            .get(&backend.service)
-            .map(|s| s.backend.clone())
-            .unwrap_or_default();
-        let stats = self.balancer.backend(&backend.service);
-        let Some((ep, _)) = self.balancer.pick(&stats, eps, &[], &policy) else {
-            return;
-        };
-        let Some(ip) = ep.addresses.first().copied() else {
-            return;
-        };
-        let port = if backend.port == 0 {
-            ds.target.port()
-        } else {
-            backend.port
-        };
-        let target = SocketAddr::new(ip, dest.port_on(&ep, port));
-        // Envoy marks shadowed requests by suffixing the host.
-        out.authority = match out.authority.split_once(':') {
-            Some((h, p)) => format!("{h}-shadow:{p}"),
-            None => format!("{}-shadow", out.authority),
-        };
-        let limits = conn_limits(&policy);
-        let headers = ConnectHeaders::default();
-        let send = async {
-            let (lease, resp) = self
-                .send_once(&backend.service, &limits, &ep, target, &headers, &out)
-                .await?;
-            let _ = resp.into_body().collect().await;
-            lease.finish(&limits);
-            Ok::<_, UpstreamError>(())
-        };
-        match tokio::time::timeout(Duration::from_secs(30), send).await {
-            Ok(Ok(())) => debug!(%target, "mirrored request sent"),
-            Ok(Err(e)) => debug!(%target, error = %e, "mirrored request failed"),
-            Err(_) => debug!(%target, "mirrored request timed out"),
         }
     }
 }
