@@ -9,7 +9,8 @@ use http_body_util::BodyExt;
 use tracing::debug;
 use ztunnel::hbone::ConnectHeaders;
 
-use super::{Downstream, Outgoing, Waypoint, conn_limits};
+use super::forward::{Outgoing, conn_limits};
+use super::{Downstream, Waypoint};
 use crate::routes::Backend;
 use crate::upstream::UpstreamError;
 
