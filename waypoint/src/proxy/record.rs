@@ -14,7 +14,8 @@ use mesh_proto::mesh::waypoint as pb;
 use tracing::info;
 use ztunnel::state::{ServiceEntry, Workload};
 
-use super::{Downstream, Waypoint, modify_path, strip_hop_by_hop};
+use super::request::{modify_path, strip_hop_by_hop};
+use super::{Downstream, Waypoint};
 use crate::body::{OnEnd, RespBody};
 use crate::routes::ServiceConfig;
 use crate::telemetry::{Flag, Reporter, RequestLabels, Span, TraceContext};

@@ -1,0 +1,457 @@
+//! One HTTP request, start to finish: the routes that apply, the path
+//! normalized, framing checked, authorization, the route, its redirect,
+//! rate limit and faults, the body read, the route's and backend's header
+//! and path rewrites, and then forwarding and the response.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::header::{self, HeaderName, HeaderValue};
+use http::{HeaderMap, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use mesh_proto::mesh::waypoint as pb;
+use ztunnel::hbone;
+
+use super::forward::Outgoing;
+use super::record::Recorder;
+use super::{Downstream, IngressScope, Waypoint};
+use crate::attach;
+use crate::body::RespBody;
+use crate::extauthz::{self, Subject};
+use crate::h1guard::Framing;
+use crate::ingress;
+use crate::normalize;
+use crate::ratelimit::{Verdict, retry_after_secs};
+use crate::routes::{PortProtocol, RequestView, Route, ServiceConfig, StrMatch};
+use crate::telemetry::{Flag, TraceContext};
+use crate::upstream::Proto;
+
+impl Waypoint {
+    /// The routes for a request at an ingress: the listener (by SNI for
+    /// HTTPS, by Host for HTTP), then its virtual host by Host. None: 404.
+    fn ingress_routes(
+        &self,
+        scope: &IngressScope,
+        req: &Request<Incoming>,
+    ) -> Option<Arc<ServiceConfig>> {
+        let host = req.uri().authority().map(|a| a.as_str()).or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+        })?;
+        let host = ingress::normalize_host(host);
+        let port = self.ingress.port(scope.port)?;
+        let listener = if scope.https {
+            port.listener_for(scope.sni.as_deref())?
+        } else {
+            port.listener_for(Some(&host))?
+        };
+        listener.routes_for(&host).cloned()
+    }
+
+    /// One HTTP request, start to finish.
+    pub(super) async fn request(
+        self: Arc<Self>,
+        ds: Arc<Downstream>,
+        req: Request<Incoming>,
+        framing: Framing,
+    ) -> Result<Response<RespBody>, Infallible> {
+        let started = Instant::now();
+        let wall = SystemTime::now();
+        // At an ingress the request's host picks the routes; at a waypoint,
+        // the service it was sent to (one the controller sent no routes for
+        // yet gets the defaults).
+        let (svc, no_vhost) = match &ds.ingress {
+            Some(scope) => match self.ingress_routes(scope, &req) {
+                Some(s) => (s, false),
+                None => (Arc::new(ServiceConfig::default_for(&ds.service_key)), true),
+            },
+            None => (
+                attach::config(&self.routes, &self.cfg, &ds.service_key),
+                false,
+            ),
+        };
+        let trace = TraceContext::continue_or_start(
+            req.headers()
+                .get(hbone::TRACEPARENT)
+                .and_then(|v| v.to_str().ok()),
+        );
+        let mut rec = Recorder::new(&self, &ds, &svc, &req, trace, started, wall);
+        if no_vhost {
+            rec.detail = format!("no listener or virtual host for host {:?}", rec.authority);
+            return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route for this host\n"));
+        }
+        let (mut parts, body) = req.into_parts();
+        // One path for policy, routing and upstream, normalized as Istio
+        // does; what Istio refuses is refused here.
+        if let Err(e) = normalize::request(&mut parts, self.cfg.path_normalization) {
+            rec.detail = e.to_string();
+            return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::None, "bad request\n"));
+        }
+
+        // Content-Length with Transfer-Encoding is how requests are
+        // smuggled past a proxy: refused, and the connection closed, since
+        // where this request ends is now in doubt (RFC 9112 6.1).
+        if framing == Framing::Conflict {
+            rec.detail = "both Content-Length and Transfer-Encoding".into();
+            let mut r = rec.local(
+                StatusCode::BAD_REQUEST,
+                Flag::None,
+                "conflicting Content-Length and Transfer-Encoding\n",
+            );
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return Ok(r);
+        }
+
+        // Authorization first (CUSTOM, DENY, ALLOW): a refused request
+        // costs nothing upstream.
+        let host = rec.authority.clone();
+        let subject = Subject {
+            source: ds.src_identity.as_ref(),
+            source_addr: ds.peer,
+            destination_addr: ds.target,
+            waypoint: &self.identity,
+            host: &host,
+        };
+        let authz = self
+            .ext_authz
+            .authorize_http(&svc.policies, &subject, &mut parts);
+        let ext_edits = match authz.await {
+            extauthz::Verdict::Allowed(edits) => edits,
+            extauthz::Verdict::Denied(d) => {
+                rec.detail = d.detail;
+                let mut r = rec.local(d.status, d.flag, d.body);
+                r.headers_mut().extend(d.headers);
+                return Ok(r);
+            }
+        };
+
+        let Some(route) = svc
+            .route(&RequestView {
+                method: &parts.method,
+                path: parts.uri.path(),
+                query: parts.uri.query(),
+                headers: &parts.headers,
+            })
+            .cloned()
+        else {
+            rec.detail = "no route matches".into();
+            return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route\n"));
+        };
+        rec.route = route.name.clone();
+
+        for f in &route.filters {
+            if let pb::filter::Kind::Redirect(r) = f {
+                return Ok(rec.redirect(r, &parts.uri, &host, matched_prefix(&route)));
+            }
+        }
+        if let Some(limit) = &route.rate_limit {
+            let key = limit.key_of(ds.principal(), &parts.headers);
+            if let Verdict::Limited { retry_after } = self.limiter.check(limit, &key).await {
+                rec.detail = format!("rate limit of {}", limit.source);
+                let mut r = rec.local(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Flag::RL,
+                    "local_rate_limited\n",
+                );
+                r.headers_mut().insert(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_after)),
+                );
+                return Ok(r);
+            }
+        }
+        if let Some(fault) = &route.fault {
+            if chance(fault.delay_per_million) && fault.delay_ms > 0 {
+                rec.flag = Flag::DI;
+                tokio::time::sleep(Duration::from_millis(u64::from(fault.delay_ms))).await;
+            }
+            if chance(fault.abort_per_million) {
+                let status = u16::try_from(fault.abort_status)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return Ok(rec.local(status, Flag::FI, "fault filter abort\n"));
+            }
+        }
+
+        // Buffered, so it can be retried and mirrored; bounded in size and time.
+        let limits = &self.cfg.limits;
+        let declared = parts
+            .headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+            rec.detail = format!("content-length over {} bytes", limits.max_body_bytes);
+            return Ok(rec.local(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Flag::None,
+                "request body too large\n",
+            ));
+        }
+        let body = match tokio::time::timeout(
+            limits.body_read_timeout,
+            Limited::new(body, limits.max_body_bytes).collect(),
+        )
+        .await
+        {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(e)) => {
+                if e.downcast_ref::<http_body_util::LengthLimitError>()
+                    .is_some()
+                {
+                    rec.detail = format!("body over {} bytes", limits.max_body_bytes);
+                    return Ok(rec.local(
+                        StatusCode::PAYLOAD_TOO_LARGE,
+                        Flag::None,
+                        "request body too large\n",
+                    ));
+                }
+                rec.detail = format!("reading the body: {e}");
+                return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::DC, "bad request body\n"));
+            }
+            Err(_) => {
+                rec.detail = "body not received in time".into();
+                return Ok(rec.local(
+                    StatusCode::REQUEST_TIMEOUT,
+                    Flag::None,
+                    "request body timeout\n",
+                ));
+            }
+        };
+        rec.request_bytes = body.len() as u64;
+
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let mut path = parts
+            .uri
+            .path_and_query()
+            .map(|p| p.as_str().to_string())
+            .unwrap_or_else(|| "/".into());
+        let mut authority = host.clone();
+        let mut response_edits: Vec<pb::HeaderEdit> = Vec::new();
+        for f in &route.filters {
+            match f {
+                pb::filter::Kind::RequestHeaders(e) => edit_headers(&mut parts.headers, e),
+                pb::filter::Kind::ResponseHeaders(e) => response_edits.push(e.clone()),
+                pb::filter::Kind::Rewrite(r) => {
+                    if !r.hostname.is_empty() {
+                        authority = r.hostname.clone();
+                    }
+                    if let Some(m) = &r.path {
+                        let (p, q) = match path.split_once('?') {
+                            Some((p, q)) => (p.to_string(), Some(q.to_string())),
+                            None => (path.clone(), None),
+                        };
+                        let np = modify_path(&p, m, matched_prefix(&route));
+                        path = match q {
+                            Some(q) => format!("{np}?{q}"),
+                            None => np,
+                        };
+                    }
+                }
+                pb::filter::Kind::Redirect(_) => {}
+            }
+        }
+        if let Ok(v) = HeaderValue::from_str(&rec.trace.traceparent()) {
+            parts.headers.insert(hbone::TRACEPARENT, v);
+        }
+        if !parts.headers.contains_key("x-request-id") {
+            let id = format!("{:032x}", fastrand::u128(..));
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                parts.headers.insert("x-request-id", v);
+            }
+        }
+
+        let Some(backend) = route.pick_backend().cloned() else {
+            rec.detail = format!("route {} has no usable backend", route.name);
+            return Ok(rec.local(StatusCode::INTERNAL_SERVER_ERROR, Flag::NR, "no backend\n"));
+        };
+        if let Some(e) = &backend.request_headers {
+            edit_headers(&mut parts.headers, e);
+        }
+        if let Some(e) = &backend.response_headers {
+            response_edits.push(e.clone());
+        }
+        // Upstream speaks what the backend's port declares (an HTTP/2
+        // client may reach an HTTP/1-only app); a sniffed port, what the
+        // client spoke.
+        let bport = if backend.port == 0 {
+            ds.target.port()
+        } else {
+            backend.port
+        };
+        let declared = self
+            .routes
+            .get(&backend.service)
+            .map(|b| b.protocol(bport))
+            .unwrap_or_else(|| svc.protocol(ds.target.port()));
+        let proto = match declared {
+            PortProtocol::Http2 => Proto::Http2,
+            PortProtocol::Http1 => Proto::Http1,
+            PortProtocol::Sniff | PortProtocol::Tcp if ds.protocol == "http2" => Proto::Http2,
+            PortProtocol::Sniff | PortProtocol::Tcp => Proto::Http1,
+        };
+        let out = Outgoing {
+            method: parts.method.clone(),
+            path,
+            authority,
+            headers: parts.headers,
+            body,
+            proto,
+        };
+        if let Some((mirror, per_million)) = &route.mirror
+            && chance(*per_million)
+        {
+            let wp = self.clone();
+            let m = out.clone();
+            let mirror = mirror.clone();
+            let ds2 = ds.clone();
+            tokio::spawn(async move { wp.mirror(ds2, mirror, m).await });
+        }
+        let resp = self.forward(&ds, &route, &backend, out, &mut rec).await;
+        Ok(match resp {
+            Ok((resp, lease, admitted)) => {
+                let mut resp = rec.upstream(resp, lease);
+                resp.body_mut().hold(admitted);
+                for e in &response_edits {
+                    edit_headers(resp.headers_mut(), e);
+                }
+                ext_edits.apply(resp.headers_mut());
+                resp
+            }
+            Err((status, flag, msg)) => rec.local(status, flag, msg),
+        })
+    }
+}
+
+const HOP_BY_HOP: [&str; 8] = [
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "http2-settings",
+];
+
+pub(super) fn strip_hop_by_hop(h: &mut HeaderMap) {
+    let named: Vec<HeaderName> = h
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|n| HeaderName::from_bytes(n.trim().as_bytes()).ok())
+        .collect();
+    for n in named {
+        h.remove(n);
+    }
+    // gRPC needs `te: trailers`; every other TE value is hop-by-hop.
+    let trailers = h
+        .get(header::TE)
+        .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"trailers"));
+    for n in HOP_BY_HOP {
+        h.remove(n);
+    }
+    if trailers {
+        h.insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+}
+
+fn edit_headers(h: &mut HeaderMap, e: &pb::HeaderEdit) {
+    for kv in &e.set {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(kv.name.as_bytes()),
+            HeaderValue::from_str(&kv.value),
+        ) {
+            h.insert(n, v);
+        }
+    }
+    for kv in &e.add {
+        if let (Ok(n), Ok(v)) = (
+            HeaderName::from_bytes(kv.name.as_bytes()),
+            HeaderValue::from_str(&kv.value),
+        ) {
+            h.append(n, v);
+        }
+    }
+    for n in &e.remove {
+        h.remove(n.as_str());
+    }
+}
+
+/// The rewritten path for a `ReplacePrefixMatch` or `ReplaceFullPath`.
+pub(super) fn modify_path(
+    path: &str,
+    m: &pb::PathModifier,
+    matched_prefix: Option<&str>,
+) -> String {
+    match &m.kind {
+        Some(pb::path_modifier::Kind::ReplaceFullPath(p)) => p.clone(),
+        Some(pb::path_modifier::Kind::ReplacePrefixMatch(rep)) => {
+            let prefix = matched_prefix.unwrap_or("/").trim_end_matches('/');
+            let rest = path.strip_prefix(prefix).unwrap_or(path);
+            let rep = rep.trim_end_matches('/');
+            let joined = format!("{rep}{rest}");
+            if joined.is_empty() {
+                "/".into()
+            } else if joined.starts_with('/') {
+                joined
+            } else {
+                format!("/{joined}")
+            }
+        }
+        None => path.to_string(),
+    }
+}
+
+fn matched_prefix(route: &Route) -> Option<&str> {
+    match route.matcher.as_ref()?.path.as_ref()? {
+        StrMatch::Prefix(p) => Some(p.as_str()),
+        _ => None,
+    }
+}
+
+fn chance(per_million: u32) -> bool {
+    per_million > 0 && fastrand::u32(0..1_000_000) < per_million
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_rewrites_follow_gateway_api() {
+        let prefix = |s: &str| pb::PathModifier {
+            kind: Some(pb::path_modifier::Kind::ReplacePrefixMatch(s.into())),
+        };
+        assert_eq!(
+            modify_path("/foo/bar", &prefix("/xyz"), Some("/foo")),
+            "/xyz/bar"
+        );
+        assert_eq!(modify_path("/foo/bar", &prefix("/"), Some("/foo")), "/bar");
+        assert_eq!(modify_path("/foo", &prefix("/"), Some("/foo")), "/");
+        assert_eq!(modify_path("/foo", &prefix("/xyz"), Some("/foo/")), "/xyz");
+        let full = pb::PathModifier {
+            kind: Some(pb::path_modifier::Kind::ReplaceFullPath("/new".into())),
+        };
+        assert_eq!(modify_path("/foo/bar", &full, Some("/foo")), "/new");
+    }
+
+    #[test]
+    fn hop_by_hop_headers_do_not_travel() {
+        let mut h = HeaderMap::new();
+        h.insert("connection", "close, x-secret".parse().expect("v"));
+        h.insert("x-secret", "1".parse().expect("v"));
+        h.insert("transfer-encoding", "chunked".parse().expect("v"));
+        h.insert("x-keep", "1".parse().expect("v"));
+        strip_hop_by_hop(&mut h);
+        assert_eq!(h.len(), 1);
+        assert!(h.contains_key("x-keep"));
+    }
+}
