@@ -15,10 +15,11 @@ use ztunnel::hbone::ConnectHeaders;
 use ztunnel::state::Workload;
 
 use super::record::Recorder;
-use super::{Downstream, Waypoint};
+use super::{Downstream, Resolved, Waypoint};
+use crate::lb::{BackendStats, Held};
 use crate::routes::{Backend, BackendPolicy, Route};
 use crate::telemetry::Flag;
-use crate::upstream::{Dial, Limits as ConnLimits, Proto, UpstreamError};
+use crate::upstream::{Dial, Lease, Limits as ConnLimits, Proto, UpstreamError};
 
 impl Waypoint {
     /// Sends to the backend with timeouts and retries; the upstream response
@@ -30,14 +31,119 @@ impl Waypoint {
         backend: &Backend,
         out: Outgoing,
         rec: &mut Recorder,
-    ) -> Result<
-        (
-            Response<Incoming>,
-            Option<(crate::upstream::Lease, ConnLimits)>,
-            crate::lb::Held,
-        ),
-        (StatusCode, Flag, &'static str),
-    > {
+    ) -> Result<Forwarded, Failure> {
+        let (up, admitted) = self.upstream(ds, backend, rec)?;
+        let mut at = Attempts {
+            deadline: route.request_timeout.map(|t| rec.started + t),
+            max: route.retry.as_ref().map(|r| r.attempts).unwrap_or(0) + 1,
+            made: 0,
+            tried: Vec::new(),
+            retry_slot: None,
+        };
+        loop {
+            at.made += 1;
+            let endpoints = &up.dest.endpoints;
+            let Some((ep, ep_stats)) = self
+                .balancer
+                .pick(&up.stats, endpoints, &at.tried, &up.policy)
+            else {
+                return Err(NO_HEALTHY);
+            };
+            at.tried.push(ep.uid.clone());
+            let Some(ip) = ep.addresses.first().copied() else {
+                return Err(NO_HEALTHY);
+            };
+            let target = SocketAddr::new(ip, up.dest.port_on(&ep, up.port));
+            rec.set_destination_workload(&ep, target);
+            let now = Instant::now();
+            let remaining = at.deadline.map(|d| d.saturating_duration_since(now));
+            let per_try = match (route.per_try_timeout, remaining) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            // Held while the attempt runs, released even if the client goes
+            // away and this future is dropped.
+            let in_flight = crate::lb::InFlight::new(ep_stats.clone());
+            let headers = ConnectHeaders {
+                forwarded_for: Some(ds.peer),
+                traceparent: Some(rec.trace.traceparent()),
+                baggage: None,
+            };
+            let send = self.send_once(&backend.service, &up.limits, &ep, target, &headers, &out);
+            let result = match per_try {
+                Some(t) => tokio::time::timeout(t, send).await.ok(),
+                None => Some(send.await),
+            };
+            drop(in_flight);
+            // What this attempt came to, and whether another may follow.
+            let (failure, retriable) = match result {
+                Some(Ok((lease, resp))) => {
+                    let status = resp.status();
+                    let failed = status.is_server_error();
+                    self.balancer
+                        .observe(&ep_stats, failed, up.policy.outlier.as_ref(), endpoints);
+                    let retry_on = route
+                        .retry
+                        .as_ref()
+                        .is_some_and(|r| r.codes.contains(&status.as_u16()));
+                    if !self.may_retry(route, &up, &mut at, retry_on) {
+                        if retry_on && at.max > 1 && rec.flag == Flag::None {
+                            rec.flag = Flag::URX;
+                        }
+                        let lease = (out.proto == Proto::Http1).then_some((lease, up.limits));
+                        return Ok((resp, lease, admitted));
+                    }
+                    rec.retries += 1;
+                    (None, true)
+                }
+                Some(Err(e)) => {
+                    let (f, resend) = upstream_failure(e, target, &out.method, rec)?;
+                    self.balancer
+                        .observe(&ep_stats, true, up.policy.outlier.as_ref(), endpoints);
+                    (Some(f), route.retry.is_some() && resend)
+                }
+                None => {
+                    let overall = at.deadline.is_some_and(|d| Instant::now() >= d);
+                    rec.detail = format!("{target}: no response within {per_try:?}");
+                    (
+                        Some(TIMED_OUT),
+                        route.retry.is_some() && !overall && idempotent(&out.method),
+                    )
+                }
+            };
+            if let Some(f) = failure {
+                if !self.may_retry(route, &up, &mut at, retriable) {
+                    // A retriable failure that was not retried: the retry
+                    // limit or budget was reached.
+                    if retriable && route.retry.as_ref().is_some_and(|r| r.attempts > 0) {
+                        rec.flag_extra = Some(Flag::URX);
+                    }
+                    return Err(f);
+                }
+                rec.retries += 1;
+            }
+            let base = route
+                .retry
+                .as_ref()
+                .map(|r| r.backoff)
+                .unwrap_or(Duration::from_millis(25));
+            let wait = backoff(base, at.made);
+            if at.deadline.is_some_and(|d| Instant::now() + wait >= d) {
+                return Err(TIMED_OUT);
+            }
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    /// The backend a request goes to: its endpoints, policy and counters,
+    /// and the request's max_requests slot; or what to answer when there is
+    /// no such backend, no endpoint, or no room.
+    fn upstream(
+        &self,
+        ds: &Downstream,
+        backend: &Backend,
+        rec: &mut Recorder,
+    ) -> Result<(Upstream, Held), Failure> {
         let Some(dest) = self.resolve(&backend.service) else {
             rec.detail = format!("backend service {} is unknown", backend.service);
             return Err((
@@ -46,17 +152,12 @@ impl Waypoint {
                 "unknown backend service\n",
             ));
         };
-        let endpoints = dest.endpoints.clone();
         if let Some(svc) = &dest.service {
             rec.set_destination_service(svc);
         }
-        if endpoints.is_empty() {
+        if dest.endpoints.is_empty() {
             rec.detail = format!("{} has no healthy endpoints", backend.service);
-            return Err((
-                StatusCode::SERVICE_UNAVAILABLE,
-                Flag::UH,
-                "no healthy upstream\n",
-            ));
+            return Err(NO_HEALTHY);
         }
         let policy = self
             .routes
@@ -77,162 +178,20 @@ impl Waypoint {
                 "upstream overflow\n",
             ));
         };
-        let conn_limits = conn_limits(&policy);
+        let limits = conn_limits(&policy);
         let port = if backend.port == 0 {
             ds.target.port()
         } else {
             backend.port
         };
-        let deadline = route.request_timeout.map(|t| rec.started + t);
-        let attempts = route.retry.as_ref().map(|r| r.attempts).unwrap_or(0) + 1;
-        let mut tried: Vec<String> = Vec::new();
-        let mut retry_slot = None;
-        let mut attempt = 0;
-        loop {
-            attempt += 1;
-            let Some((ep, ep_stats)) = self.balancer.pick(&stats, &endpoints, &tried, &policy)
-            else {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Flag::UH,
-                    "no healthy upstream\n",
-                ));
-            };
-            tried.push(ep.uid.clone());
-            let Some(ip) = ep.addresses.first().copied() else {
-                return Err((
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    Flag::UH,
-                    "no healthy upstream\n",
-                ));
-            };
-            let target = SocketAddr::new(ip, dest.port_on(&ep, port));
-            rec.set_destination_workload(&ep, target);
-            let now = Instant::now();
-            let remaining = deadline.map(|d| d.saturating_duration_since(now));
-            let per_try = match (route.per_try_timeout, remaining) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
-            // Held while the attempt runs, released even if the client goes
-            // away and this future is dropped.
-            let in_flight = crate::lb::InFlight::new(ep_stats.clone());
-            let headers = ConnectHeaders {
-                forwarded_for: Some(ds.peer),
-                traceparent: Some(rec.trace.traceparent()),
-                baggage: None,
-            };
-            let send = self.send_once(&backend.service, &conn_limits, &ep, target, &headers, &out);
-            let result = match per_try {
-                Some(t) => tokio::time::timeout(t, send).await.ok(),
-                None => Some(send.await),
-            };
-            drop(in_flight);
-            // What this attempt came to, and whether another may follow.
-            let (failure, retriable) = match result {
-                Some(Ok((lease, resp))) => {
-                    let status = resp.status();
-                    let failed = status.is_server_error();
-                    self.balancer
-                        .observe(&ep_stats, failed, policy.outlier.as_ref(), &endpoints);
-                    let retry_on = route
-                        .retry
-                        .as_ref()
-                        .is_some_and(|r| r.codes.contains(&status.as_u16()));
-                    let more = retry_on && attempt < attempts;
-                    if !more
-                        || !self.may_retry(
-                            route,
-                            &stats,
-                            &policy,
-                            deadline,
-                            attempt,
-                            &mut retry_slot,
-                        )
-                    {
-                        if retry_on && attempts > 1 && rec.flag == Flag::None {
-                            rec.flag = Flag::URX;
-                        }
-                        let lease = (out.proto == Proto::Http1).then_some((lease, conn_limits));
-                        return Ok((resp, lease, admitted));
-                    }
-                    rec.retries += 1;
-                    (None, true)
-                }
-                Some(Err(UpstreamError::BadRequest(why))) => {
-                    rec.detail = why;
-                    return Err((StatusCode::BAD_REQUEST, Flag::None, "bad request\n"));
-                }
-                Some(Err(UpstreamError::Overflow(b))) => {
-                    rec.detail = format!("{b}: max pending requests");
-                    return Err((
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Flag::UO,
-                        "upstream overflow\n",
-                    ));
-                }
-                Some(Err(e)) => {
-                    self.balancer
-                        .observe(&ep_stats, true, policy.outlier.as_ref(), &endpoints);
-                    let flag = match e {
-                        UpstreamError::Connect(_) | UpstreamError::Handshake(_) => Flag::UF,
-                        _ => Flag::UR,
-                    };
-                    // A reset may come after the backend acted on the
-                    // request: only idempotent methods are sent again.
-                    let safe_to_resend = flag == Flag::UF || idempotent(&out.method);
-                    rec.detail = format!("{target}: {e}");
-                    (
-                        Some((
-                            StatusCode::SERVICE_UNAVAILABLE,
-                            flag,
-                            "upstream connect error or reset\n",
-                        )),
-                        route.retry.is_some() && safe_to_resend,
-                    )
-                }
-                None => {
-                    let overall = deadline.is_some_and(|d| Instant::now() >= d);
-                    rec.detail = format!("{target}: no response within {per_try:?}");
-                    (
-                        Some((
-                            StatusCode::GATEWAY_TIMEOUT,
-                            Flag::UT,
-                            "upstream request timeout\n",
-                        )),
-                        route.retry.is_some() && !overall && idempotent(&out.method),
-                    )
-                }
-            };
-            if let Some(f) = failure {
-                let more = retriable && attempt < attempts;
-                if !more
-                    || !self.may_retry(route, &stats, &policy, deadline, attempt, &mut retry_slot)
-                {
-                    // A retriable failure that was not retried: the retry
-                    // limit or budget was reached.
-                    if retriable && route.retry.as_ref().is_some_and(|r| r.attempts > 0) {
-                        rec.flag_extra = Some(Flag::URX);
-                    }
-                    return Err(f);
-                }
-                rec.retries += 1;
-            }
-            let base = route
-                .retry
-                .as_ref()
-                .map(|r| r.backoff)
-                .unwrap_or(Duration::from_millis(25));
-            let wait = backoff(base, attempt);
-            if deadline.is_some_and(|d| Instant::now() + wait >= d) {
-                return Err((
-                    StatusCode::GATEWAY_TIMEOUT,
-                    Flag::UT,
-                    "upstream request timeout\n",
-                ));
-            }
-            tokio::time::sleep(wait).await;
-        }
+        let up = Upstream {
+            dest,
+            policy,
+            stats,
+            limits,
+            port,
+        };
+        Ok((up, admitted))
     }
 
     /// One attempt: a connection to `target` (reused or new), the request
@@ -264,35 +223,118 @@ impl Waypoint {
         Ok((lease, resp))
     }
 
-    /// Whether one more attempt is allowed: time left and room in the
-    /// retry budget (the slot is held through the retry).
-    fn may_retry(
-        &self,
-        route: &Route,
-        stats: &Arc<crate::lb::BackendStats>,
-        policy: &BackendPolicy,
-        deadline: Option<Instant>,
-        _attempt: u32,
-        slot: &mut Option<crate::lb::Held>,
-    ) -> bool {
-        let Some(r) = &route.retry else { return false };
-        if deadline.is_some_and(|d| Instant::now() >= d) {
+    /// Whether one more attempt is allowed after one that `wants` another:
+    /// attempts left, time left and room in the retry budget (the slot is
+    /// held through the retry).
+    fn may_retry(&self, route: &Route, up: &Upstream, at: &mut Attempts, wants: bool) -> bool {
+        if !wants || at.made >= at.max {
             return false;
         }
-        if slot.is_some() {
+        let Some(r) = &route.retry else { return false };
+        if at.deadline.is_some_and(|d| Instant::now() >= d) {
+            return false;
+        }
+        if at.retry_slot.is_some() {
             return true;
         }
         match self.balancer.retry_slot(
-            stats,
+            &up.stats,
             r.budget_percent,
             r.min_retry_concurrency,
-            policy.max_retries,
+            up.policy.max_retries,
         ) {
             Some(s) => {
-                *slot = Some(s);
+                at.retry_slot = Some(s);
                 true
             }
             None => false,
+        }
+    }
+}
+
+/// What [`Waypoint::forward`] brings back: the upstream response head, the
+/// HTTP/1 connection to return to its pool when the body ends, and the
+/// request's max_requests slot (the body holds it until it ends).
+pub(super) type Forwarded = (Response<Incoming>, Option<(Lease, ConnLimits)>, Held);
+
+/// What to answer instead of an upstream response.
+pub(super) type Failure = (StatusCode, Flag, &'static str);
+
+const NO_HEALTHY: Failure = (
+    StatusCode::SERVICE_UNAVAILABLE,
+    Flag::UH,
+    "no healthy upstream\n",
+);
+
+const TIMED_OUT: Failure = (
+    StatusCode::GATEWAY_TIMEOUT,
+    Flag::UT,
+    "upstream request timeout\n",
+);
+
+/// One backend as a request's attempts see it.
+struct Upstream {
+    dest: Resolved,
+    policy: BackendPolicy,
+    stats: Arc<BackendStats>,
+    limits: ConnLimits,
+    /// The port the request was for (mapped per endpoint).
+    port: u16,
+}
+
+/// Where a request's attempts stand.
+struct Attempts {
+    /// The route's overall timeout.
+    deadline: Option<Instant>,
+    /// How many may be made, the first one included.
+    max: u32,
+    /// How many have been made.
+    made: u32,
+    /// The endpoints tried already (by uid).
+    tried: Vec<String>,
+    /// The retry budget's slot, once a retry has taken it.
+    retry_slot: Option<Held>,
+}
+
+/// An attempt that failed without a response: what to answer if no other
+/// attempt follows, and whether the request may be sent again; `Err` when
+/// it must be answered now.
+fn upstream_failure(
+    e: UpstreamError,
+    target: SocketAddr,
+    method: &Method,
+    rec: &mut Recorder,
+) -> Result<(Failure, bool), Failure> {
+    match e {
+        UpstreamError::BadRequest(why) => {
+            rec.detail = why;
+            Err((StatusCode::BAD_REQUEST, Flag::None, "bad request\n"))
+        }
+        UpstreamError::Overflow(b) => {
+            rec.detail = format!("{b}: max pending requests");
+            Err((
+                StatusCode::SERVICE_UNAVAILABLE,
+                Flag::UO,
+                "upstream overflow\n",
+            ))
+        }
+        e => {
+            let flag = match e {
+                UpstreamError::Connect(_) | UpstreamError::Handshake(_) => Flag::UF,
+                _ => Flag::UR,
+            };
+            // A reset may come after the backend acted on the request: only
+            // idempotent methods are sent again.
+            let safe_to_resend = flag == Flag::UF || idempotent(method);
+            rec.detail = format!("{target}: {e}");
+            Ok((
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    flag,
+                    "upstream connect error or reset\n",
+                ),
+                safe_to_resend,
+            ))
         }
     }
 }
