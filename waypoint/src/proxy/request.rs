@@ -7,7 +7,9 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
+use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
@@ -19,12 +21,13 @@ use super::record::Recorder;
 use super::{Downstream, IngressScope, Waypoint};
 use crate::attach;
 use crate::body::RespBody;
+use crate::config::Limits;
 use crate::extauthz::{self, Subject};
 use crate::h1guard::Framing;
 use crate::ingress;
 use crate::normalize;
 use crate::ratelimit::{Verdict, retry_after_secs};
-use crate::routes::{PortProtocol, RequestView, Route, ServiceConfig, StrMatch};
+use crate::routes::{Backend, PortProtocol, RequestView, Route, ServiceConfig, StrMatch};
 use crate::telemetry::{Flag, TraceContext};
 use crate::upstream::Proto;
 
@@ -60,19 +63,7 @@ impl Waypoint {
     ) -> Result<Response<RespBody>, Infallible> {
         let started = Instant::now();
         let wall = SystemTime::now();
-        // At an ingress the request's host picks the routes; at a waypoint,
-        // the service it was sent to (one the controller sent no routes for
-        // yet gets the defaults).
-        let (svc, no_vhost) = match &ds.ingress {
-            Some(scope) => match self.ingress_routes(scope, &req) {
-                Some(s) => (s, false),
-                None => (Arc::new(ServiceConfig::default_for(&ds.service_key)), true),
-            },
-            None => (
-                attach::config(&self.routes, &self.cfg, &ds.service_key),
-                false,
-            ),
-        };
+        let (svc, no_vhost) = self.service_config(&ds, &req);
         let trace = TraceContext::continue_or_start(
             req.headers()
                 .get(hbone::TRACEPARENT)
@@ -84,49 +75,9 @@ impl Waypoint {
             return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route for this host\n"));
         }
         let (mut parts, body) = req.into_parts();
-        // One path for policy, routing and upstream, normalized as Istio
-        // does; what Istio refuses is refused here.
-        if let Err(e) = normalize::request(&mut parts, self.cfg.path_normalization) {
-            rec.detail = e.to_string();
-            return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::None, "bad request\n"));
-        }
-
-        // Content-Length with Transfer-Encoding is how requests are
-        // smuggled past a proxy: refused, and the connection closed, since
-        // where this request ends is now in doubt (RFC 9112 6.1).
-        if framing == Framing::Conflict {
-            rec.detail = "both Content-Length and Transfer-Encoding".into();
-            let mut r = rec.local(
-                StatusCode::BAD_REQUEST,
-                Flag::None,
-                "conflicting Content-Length and Transfer-Encoding\n",
-            );
-            r.headers_mut()
-                .insert(header::CONNECTION, HeaderValue::from_static("close"));
-            return Ok(r);
-        }
-
-        // Authorization first (CUSTOM, DENY, ALLOW): a refused request
-        // costs nothing upstream.
-        let host = rec.authority.clone();
-        let subject = Subject {
-            source: ds.src_identity.as_ref(),
-            source_addr: ds.peer,
-            destination_addr: ds.target,
-            waypoint: &self.identity,
-            host: &host,
-        };
-        let authz = self
-            .ext_authz
-            .authorize_http(&svc.policies, &subject, &mut parts);
-        let ext_edits = match authz.await {
-            extauthz::Verdict::Allowed(edits) => edits,
-            extauthz::Verdict::Denied(d) => {
-                rec.detail = d.detail;
-                let mut r = rec.local(d.status, d.flag, d.body);
-                r.headers_mut().extend(d.headers);
-                return Ok(r);
-            }
+        let ext_edits = match self.screen(&ds, &svc, &mut parts, framing, &mut rec).await {
+            Ok(edits) => edits,
+            Err(local) => return Ok(local.answer(rec)),
         };
 
         let Some(route) = svc
@@ -145,164 +96,14 @@ impl Waypoint {
 
         for f in &route.filters {
             if let pb::filter::Kind::Redirect(r) = f {
+                let host = rec.authority.clone();
                 return Ok(rec.redirect(r, &parts.uri, &host, matched_prefix(&route)));
             }
         }
-        if let Some(limit) = &route.rate_limit {
-            let key = limit.key_of(ds.principal(), &parts.headers);
-            if let Verdict::Limited { retry_after } = self.limiter.check(limit, &key).await {
-                rec.detail = format!("rate limit of {}", limit.source);
-                let mut r = rec.local(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    Flag::RL,
-                    "local_rate_limited\n",
-                );
-                r.headers_mut().insert(
-                    header::RETRY_AFTER,
-                    HeaderValue::from(retry_after_secs(retry_after)),
-                );
-                return Ok(r);
-            }
-        }
-        if let Some(fault) = &route.fault {
-            if chance(fault.delay_per_million) && fault.delay_ms > 0 {
-                rec.flag = Flag::DI;
-                tokio::time::sleep(Duration::from_millis(u64::from(fault.delay_ms))).await;
-            }
-            if chance(fault.abort_per_million) {
-                let status = u16::try_from(fault.abort_status)
-                    .ok()
-                    .and_then(|s| StatusCode::from_u16(s).ok())
-                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
-                return Ok(rec.local(status, Flag::FI, "fault filter abort\n"));
-            }
-        }
-
-        // Buffered, so it can be retried and mirrored; bounded in size and time.
-        let limits = &self.cfg.limits;
-        let declared = parts
-            .headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
-            rec.detail = format!("content-length over {} bytes", limits.max_body_bytes);
-            return Ok(rec.local(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                Flag::None,
-                "request body too large\n",
-            ));
-        }
-        let body = match tokio::time::timeout(
-            limits.body_read_timeout,
-            Limited::new(body, limits.max_body_bytes).collect(),
-        )
-        .await
-        {
-            Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(e)) => {
-                if e.downcast_ref::<http_body_util::LengthLimitError>()
-                    .is_some()
-                {
-                    rec.detail = format!("body over {} bytes", limits.max_body_bytes);
-                    return Ok(rec.local(
-                        StatusCode::PAYLOAD_TOO_LARGE,
-                        Flag::None,
-                        "request body too large\n",
-                    ));
-                }
-                rec.detail = format!("reading the body: {e}");
-                return Ok(rec.local(StatusCode::BAD_REQUEST, Flag::DC, "bad request body\n"));
-            }
-            Err(_) => {
-                rec.detail = "body not received in time".into();
-                return Ok(rec.local(
-                    StatusCode::REQUEST_TIMEOUT,
-                    Flag::None,
-                    "request body timeout\n",
-                ));
-            }
-        };
-        rec.request_bytes = body.len() as u64;
-
-        strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::CONTENT_LENGTH);
-        let mut path = parts
-            .uri
-            .path_and_query()
-            .map(|p| p.as_str().to_string())
-            .unwrap_or_else(|| "/".into());
-        let mut authority = host.clone();
-        let mut response_edits: Vec<pb::HeaderEdit> = Vec::new();
-        for f in &route.filters {
-            match f {
-                pb::filter::Kind::RequestHeaders(e) => edit_headers(&mut parts.headers, e),
-                pb::filter::Kind::ResponseHeaders(e) => response_edits.push(e.clone()),
-                pb::filter::Kind::Rewrite(r) => {
-                    if !r.hostname.is_empty() {
-                        authority = r.hostname.clone();
-                    }
-                    if let Some(m) = &r.path {
-                        let (p, q) = match path.split_once('?') {
-                            Some((p, q)) => (p.to_string(), Some(q.to_string())),
-                            None => (path.clone(), None),
-                        };
-                        let np = modify_path(&p, m, matched_prefix(&route));
-                        path = match q {
-                            Some(q) => format!("{np}?{q}"),
-                            None => np,
-                        };
-                    }
-                }
-                pb::filter::Kind::Redirect(_) => {}
-            }
-        }
-        if let Ok(v) = HeaderValue::from_str(&rec.trace.traceparent()) {
-            parts.headers.insert(hbone::TRACEPARENT, v);
-        }
-        if !parts.headers.contains_key("x-request-id") {
-            let id = format!("{:032x}", fastrand::u128(..));
-            if let Ok(v) = HeaderValue::from_str(&id) {
-                parts.headers.insert("x-request-id", v);
-            }
-        }
-
-        let Some(backend) = route.pick_backend().cloned() else {
-            rec.detail = format!("route {} has no usable backend", route.name);
-            return Ok(rec.local(StatusCode::INTERNAL_SERVER_ERROR, Flag::NR, "no backend\n"));
-        };
-        if let Some(e) = &backend.request_headers {
-            edit_headers(&mut parts.headers, e);
-        }
-        if let Some(e) = &backend.response_headers {
-            response_edits.push(e.clone());
-        }
-        // Upstream speaks what the backend's port declares (an HTTP/2
-        // client may reach an HTTP/1-only app); a sniffed port, what the
-        // client spoke.
-        let bport = if backend.port == 0 {
-            ds.target.port()
-        } else {
-            backend.port
-        };
-        let declared = self
-            .routes
-            .get(&backend.service)
-            .map(|b| b.protocol(bport))
-            .unwrap_or_else(|| svc.protocol(ds.target.port()));
-        let proto = match declared {
-            PortProtocol::Http2 => Proto::Http2,
-            PortProtocol::Http1 => Proto::Http1,
-            PortProtocol::Sniff | PortProtocol::Tcp if ds.protocol == "http2" => Proto::Http2,
-            PortProtocol::Sniff | PortProtocol::Tcp => Proto::Http1,
-        };
-        let out = Outgoing {
-            method: parts.method.clone(),
-            path,
-            authority,
-            headers: parts.headers,
-            body,
-            proto,
+        let prepared = self.prepare(&ds, &svc, &route, parts, body, &mut rec);
+        let (out, backend, response_edits) = match prepared.await {
+            Ok(p) => p,
+            Err(local) => return Ok(local.answer(rec)),
         };
         if let Some((mirror, per_million)) = &route.mirror
             && chance(*per_million)
@@ -327,6 +128,331 @@ impl Waypoint {
             Err((status, flag, msg)) => rec.local(status, flag, msg),
         })
     }
+
+    /// The routes that apply, and whether an ingress has no listener or
+    /// virtual host for the request's host (a 404).
+    fn service_config(
+        &self,
+        ds: &Downstream,
+        req: &Request<Incoming>,
+    ) -> (Arc<ServiceConfig>, bool) {
+        // At an ingress the request's host picks the routes; at a waypoint,
+        // the service it was sent to (one the controller sent no routes for
+        // yet gets the defaults).
+        match &ds.ingress {
+            Some(scope) => match self.ingress_routes(scope, req) {
+                Some(s) => (s, false),
+                None => (Arc::new(ServiceConfig::default_for(&ds.service_key)), true),
+            },
+            None => (
+                attach::config(&self.routes, &self.cfg, &ds.service_key),
+                false,
+            ),
+        }
+    }
+
+    /// What is checked before a request is routed: its path, its framing
+    /// and its authorization. The response edits a provider asked for, or
+    /// the answer instead.
+    async fn screen(
+        &self,
+        ds: &Downstream,
+        svc: &ServiceConfig,
+        parts: &mut Parts,
+        framing: Framing,
+        rec: &mut Recorder,
+    ) -> Result<extauthz::ResponseEdits, Local> {
+        // One path for policy, routing and upstream, normalized as Istio
+        // does; what Istio refuses is refused here.
+        if let Err(e) = normalize::request(parts, self.cfg.path_normalization) {
+            rec.detail = e.to_string();
+            return Err(Local::new(
+                StatusCode::BAD_REQUEST,
+                Flag::None,
+                "bad request\n",
+            ));
+        }
+
+        // Content-Length with Transfer-Encoding is how requests are
+        // smuggled past a proxy: refused, and the connection closed, since
+        // where this request ends is now in doubt (RFC 9112 6.1).
+        if framing == Framing::Conflict {
+            rec.detail = "both Content-Length and Transfer-Encoding".into();
+            return Err(Local::new(
+                StatusCode::BAD_REQUEST,
+                Flag::None,
+                "conflicting Content-Length and Transfer-Encoding\n",
+            )
+            .with(header::CONNECTION, HeaderValue::from_static("close")));
+        }
+
+        // Authorization first (CUSTOM, DENY, ALLOW): a refused request
+        // costs nothing upstream.
+        let host = rec.authority.clone();
+        let subject = Subject {
+            source: ds.src_identity.as_ref(),
+            source_addr: ds.peer,
+            destination_addr: ds.target,
+            waypoint: &self.identity,
+            host: &host,
+        };
+        let authz = self
+            .ext_authz
+            .authorize_http(&svc.policies, &subject, parts);
+        match authz.await {
+            extauthz::Verdict::Allowed(edits) => Ok(edits),
+            extauthz::Verdict::Denied(d) => {
+                rec.detail = d.detail;
+                Err(Local {
+                    status: d.status,
+                    flag: d.flag,
+                    body: d.body,
+                    headers: d.headers,
+                })
+            }
+        }
+    }
+
+    /// From the route to the request as it goes upstream: rate limit and
+    /// faults, the body, the route's rewrites, the backend and its edits,
+    /// and the protocol to speak. With it, the backend and the response
+    /// header edits to make on the way back.
+    async fn prepare(
+        &self,
+        ds: &Downstream,
+        svc: &ServiceConfig,
+        route: &Route,
+        mut parts: Parts,
+        body: Incoming,
+        rec: &mut Recorder,
+    ) -> Result<(Outgoing, Backend, Vec<pb::HeaderEdit>), Local> {
+        self.limit_and_fault(ds, route, &parts.headers, rec).await?;
+        let body = read_body(&self.cfg.limits, &parts.headers, body, rec).await?;
+        rec.request_bytes = body.len() as u64;
+
+        strip_hop_by_hop(&mut parts.headers);
+        parts.headers.remove(header::CONTENT_LENGTH);
+        let (path, authority, mut response_edits) = rewrite(route, &mut parts, &rec.authority);
+        if let Ok(v) = HeaderValue::from_str(&rec.trace.traceparent()) {
+            parts.headers.insert(hbone::TRACEPARENT, v);
+        }
+        if !parts.headers.contains_key("x-request-id") {
+            let id = format!("{:032x}", fastrand::u128(..));
+            if let Ok(v) = HeaderValue::from_str(&id) {
+                parts.headers.insert("x-request-id", v);
+            }
+        }
+
+        let Some(backend) = route.pick_backend().cloned() else {
+            rec.detail = format!("route {} has no usable backend", route.name);
+            return Err(Local::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                Flag::NR,
+                "no backend\n",
+            ));
+        };
+        if let Some(e) = &backend.request_headers {
+            edit_headers(&mut parts.headers, e);
+        }
+        if let Some(e) = &backend.response_headers {
+            response_edits.push(e.clone());
+        }
+        let out = Outgoing {
+            method: parts.method.clone(),
+            path,
+            authority,
+            headers: parts.headers,
+            body,
+            proto: self.upstream_proto(ds, svc, &backend),
+        };
+        Ok((out, backend, response_edits))
+    }
+
+    /// The route's rate limit, then its faults (a delay, an abort).
+    async fn limit_and_fault(
+        &self,
+        ds: &Downstream,
+        route: &Route,
+        headers: &HeaderMap,
+        rec: &mut Recorder,
+    ) -> Result<(), Local> {
+        if let Some(limit) = &route.rate_limit {
+            let key = limit.key_of(ds.principal(), headers);
+            if let Verdict::Limited { retry_after } = self.limiter.check(limit, &key).await {
+                rec.detail = format!("rate limit of {}", limit.source);
+                return Err(Local::new(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    Flag::RL,
+                    "local_rate_limited\n",
+                )
+                .with(
+                    header::RETRY_AFTER,
+                    HeaderValue::from(retry_after_secs(retry_after)),
+                ));
+            }
+        }
+        if let Some(fault) = &route.fault {
+            if chance(fault.delay_per_million) && fault.delay_ms > 0 {
+                rec.flag = Flag::DI;
+                tokio::time::sleep(Duration::from_millis(u64::from(fault.delay_ms))).await;
+            }
+            if chance(fault.abort_per_million) {
+                let status = u16::try_from(fault.abort_status)
+                    .ok()
+                    .and_then(|s| StatusCode::from_u16(s).ok())
+                    .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                return Err(Local::new(status, Flag::FI, "fault filter abort\n"));
+            }
+        }
+        Ok(())
+    }
+
+    /// Upstream speaks what the backend's port declares (an HTTP/2 client
+    /// may reach an HTTP/1-only app); a sniffed port, what the client spoke.
+    fn upstream_proto(&self, ds: &Downstream, svc: &ServiceConfig, backend: &Backend) -> Proto {
+        let bport = if backend.port == 0 {
+            ds.target.port()
+        } else {
+            backend.port
+        };
+        let declared = self
+            .routes
+            .get(&backend.service)
+            .map(|b| b.protocol(bport))
+            .unwrap_or_else(|| svc.protocol(ds.target.port()));
+        match declared {
+            PortProtocol::Http2 => Proto::Http2,
+            PortProtocol::Http1 => Proto::Http1,
+            PortProtocol::Sniff | PortProtocol::Tcp if ds.protocol == "http2" => Proto::Http2,
+            PortProtocol::Sniff | PortProtocol::Tcp => Proto::Http1,
+        }
+    }
+}
+
+/// An answer the waypoint gives itself instead of forwarding the request
+/// (why, for the access log, is set on the recorder).
+struct Local {
+    status: StatusCode,
+    flag: Flag,
+    body: Bytes,
+    /// Set on the answer after its own (a provider's may replace them).
+    headers: HeaderMap,
+}
+
+impl Local {
+    fn new(status: StatusCode, flag: Flag, body: &'static str) -> Local {
+        Local {
+            status,
+            flag,
+            body: Bytes::from(body),
+            headers: HeaderMap::new(),
+        }
+    }
+
+    fn with(mut self, name: HeaderName, value: HeaderValue) -> Local {
+        self.headers.insert(name, value);
+        self
+    }
+
+    /// The response, recorded as the request's answer.
+    fn answer(self, rec: Recorder) -> Response<RespBody> {
+        let mut r = rec.local(self.status, self.flag, self.body);
+        r.headers_mut().extend(self.headers);
+        r
+    }
+}
+
+/// The request body, buffered so it can be retried and mirrored; bounded
+/// in size and time.
+async fn read_body(
+    limits: &Limits,
+    headers: &HeaderMap,
+    body: Incoming,
+    rec: &mut Recorder,
+) -> Result<Bytes, Local> {
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
+        rec.detail = format!("content-length over {} bytes", limits.max_body_bytes);
+        return Err(Local::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Flag::None,
+            "request body too large\n",
+        ));
+    }
+    match tokio::time::timeout(
+        limits.body_read_timeout,
+        Limited::new(body, limits.max_body_bytes).collect(),
+    )
+    .await
+    {
+        Ok(Ok(b)) => Ok(b.to_bytes()),
+        Ok(Err(e)) => {
+            if e.downcast_ref::<http_body_util::LengthLimitError>()
+                .is_some()
+            {
+                rec.detail = format!("body over {} bytes", limits.max_body_bytes);
+                return Err(Local::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    Flag::None,
+                    "request body too large\n",
+                ));
+            }
+            rec.detail = format!("reading the body: {e}");
+            Err(Local::new(
+                StatusCode::BAD_REQUEST,
+                Flag::DC,
+                "bad request body\n",
+            ))
+        }
+        Err(_) => {
+            rec.detail = "body not received in time".into();
+            Err(Local::new(
+                StatusCode::REQUEST_TIMEOUT,
+                Flag::None,
+                "request body timeout\n",
+            ))
+        }
+    }
+}
+
+/// The route's filters on what goes upstream: request header edits, the
+/// host and path rewrites. The path and authority to send, and the
+/// response header edits to make on the way back.
+fn rewrite(route: &Route, parts: &mut Parts, host: &str) -> (String, String, Vec<pb::HeaderEdit>) {
+    let mut path = parts
+        .uri
+        .path_and_query()
+        .map(|p| p.as_str().to_string())
+        .unwrap_or_else(|| "/".into());
+    let mut authority = host.to_string();
+    let mut response_edits: Vec<pb::HeaderEdit> = Vec::new();
+    for f in &route.filters {
+        match f {
+            pb::filter::Kind::RequestHeaders(e) => edit_headers(&mut parts.headers, e),
+            pb::filter::Kind::ResponseHeaders(e) => response_edits.push(e.clone()),
+            pb::filter::Kind::Rewrite(r) => {
+                if !r.hostname.is_empty() {
+                    authority = r.hostname.clone();
+                }
+                if let Some(m) = &r.path {
+                    let (p, q) = match path.split_once('?') {
+                        Some((p, q)) => (p.to_string(), Some(q.to_string())),
+                        None => (path.clone(), None),
+                    };
+                    let np = modify_path(&p, m, matched_prefix(route));
+                    path = match q {
+                        Some(q) => format!("{np}?{q}"),
+                        None => np,
+                    };
+                }
+            }
+            pb::filter::Kind::Redirect(_) => {}
+        }
+    }
+    (path, authority, response_edits)
 }
 
 const HOP_BY_HOP: [&str; 8] = [
