@@ -31,6 +31,7 @@ mod listen;
 mod mirror;
 mod record;
 mod request;
+mod rewrite;
 mod sniff;
 mod tcp;
 

@@ -14,7 +14,7 @@ use mesh_proto::mesh::waypoint as pb;
 use tracing::info;
 use ztunnel::state::{ServiceEntry, Workload};
 
-use super::request::{modify_path, strip_hop_by_hop};
+use super::rewrite::{modify_path, strip_hop_by_hop};
 use super::{Downstream, Waypoint};
 use crate::body::{OnEnd, RespBody};
 use crate::routes::ServiceConfig;
