@@ -6,6 +6,14 @@
 //! filters and faults -> backend and endpoint -> attempts with retries
 //! under a budget -> HBONE out to the endpoint's node with the waypoint's
 //! identity. Opaque TCP is copied to an endpoint of the service.
+//!
+//! One file per stage, each using only those before it: this file (the
+//! [`Waypoint`] every connection shares, `Downstream`, endpoint
+//! resolution), `sniff` (what a client speaks), `rewrite` (header and path
+//! edits), `record` (metrics, access log, span), `forward` (attempts,
+//! retries, timeouts), `mirror`, `request` (one HTTP request, start to
+//! finish), `tcp` (opaque TCP), `listen` (accept loops, TLS, the HBONE
+//! stream entry, HTTP serving).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
