@@ -8,8 +8,10 @@
 //!
 //! Layering: `config`, `normalize`, `routes`, `authz` and `extauthz` (what to do) -> `lb` and
 //! `upstream` (where and how to send) -> `telemetry`, `body` -> `proxy`
-//! (the data path) -> `app` (wiring). The HBONE, TLS, certificate, state
-//! and xDS pieces are the ztunnel's.
+//! (the data path, one file per stage in `proxy/`: `sniff` and `rewrite` ->
+//! `record` -> `forward` -> `mirror` -> `request` and `tcp` -> `listen`, over
+//! the shared types in `proxy/mod.rs`) -> `app` (wiring). The HBONE, TLS,
+//! certificate, state and xDS pieces are the ztunnel's.
 
 /// Implements `AsyncWrite` for a stream wrapper `$ty<S>` by handing every
 /// call to its field `$field` (the wrappers here change reads, not writes).

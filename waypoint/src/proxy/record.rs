@@ -1,0 +1,355 @@
+//! What is recorded about each request: Istio's request metrics, the access
+//! log line and the trace span, once per request, when its response ends
+//! (or when it is abandoned).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use hyper::body::Incoming;
+use mesh_proto::mesh::waypoint as pb;
+use tracing::info;
+use ztunnel::state::{ServiceEntry, Workload};
+
+use super::rewrite::{modify_path, strip_hop_by_hop};
+use super::{Downstream, Waypoint};
+use crate::body::{OnEnd, RespBody};
+use crate::routes::ServiceConfig;
+use crate::telemetry::{Flag, Reporter, RequestLabels, Span, TraceContext};
+use crate::upstream::Limits as ConnLimits;
+
+/// Everything logged and counted about one request.
+pub(super) struct Recorder {
+    wp: Arc<Waypoint>,
+    labels: RequestLabels,
+    method: String,
+    path: String,
+    pub(super) authority: String,
+    protocol: &'static str,
+    src_addr: SocketAddr,
+    upstream: Option<SocketAddr>,
+    pub(super) route: String,
+    pub(super) flag: Flag,
+    pub(super) flag_extra: Option<Flag>,
+    /// Recorded already (a request is recorded exactly once).
+    done: bool,
+    pub(super) detail: String,
+    pub(super) retries: u32,
+    pub(super) request_bytes: u64,
+    pub(super) trace: TraceContext,
+    pub(super) started: Instant,
+    wall: SystemTime,
+}
+
+/// A request abandoned before any answer (the client went away while its
+/// body, a fault delay or the upstream was awaited) is still counted: code
+/// 0, flag DC, as Envoy reports it.
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        if !self.done {
+            self.flag_extra = Some(Flag::DC);
+            self.finish(0, 0, false);
+        }
+    }
+}
+
+fn or_unknown(s: &str) -> String {
+    if s.is_empty() {
+        "unknown".into()
+    } else {
+        s.to_string()
+    }
+}
+
+fn workload_name(w: &Workload) -> &str {
+    if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    }
+}
+
+impl Recorder {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn new(
+        wp: &Arc<Waypoint>,
+        ds: &Downstream,
+        svc: &ServiceConfig,
+        req: &Request<Incoming>,
+        trace: TraceContext,
+        started: Instant,
+        wall: SystemTime,
+    ) -> Recorder {
+        let src = ds.src_workload.as_deref();
+        let authority = req
+            .uri()
+            .authority()
+            .map(|a| a.to_string())
+            .or_else(|| {
+                req.headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .map(str::to_string)
+            })
+            .unwrap_or_default();
+        let svc_name = svc.hostname.split('.').next().unwrap_or("").to_string();
+        Recorder {
+            wp: wp.clone(),
+            labels: RequestLabels {
+                reporter: if ds.ingress.is_some() {
+                    Reporter::source
+                } else {
+                    Reporter::waypoint
+                },
+                source_workload: or_unknown(src.map(workload_name).unwrap_or("")),
+                source_canonical_service: or_unknown(
+                    src.map(|w| w.canonical_name.as_str()).unwrap_or(""),
+                ),
+                source_canonical_revision: or_unknown(
+                    src.map(|w| w.canonical_revision.as_str()).unwrap_or(""),
+                ),
+                source_workload_namespace: or_unknown(
+                    ds.src_identity.as_ref().map_or("", |i| i.namespace()),
+                ),
+                source_principal: ds
+                    .src_identity
+                    .as_ref()
+                    .map_or_else(|| "unknown".into(), |i| i.to_string()),
+                destination_service: or_unknown(&svc.hostname),
+                destination_service_namespace: or_unknown(&svc.namespace),
+                destination_service_name: or_unknown(&svc_name),
+                destination_workload: "unknown".into(),
+                destination_canonical_service: "unknown".into(),
+                destination_canonical_revision: "unknown".into(),
+                destination_workload_namespace: "unknown".into(),
+                destination_principal: "unknown".into(),
+                request_protocol: if ds.protocol == "http2"
+                    && req
+                        .headers()
+                        .get(header::CONTENT_TYPE)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|c| c.starts_with("application/grpc"))
+                {
+                    "grpc".into()
+                } else {
+                    "http".into()
+                },
+                response_code: 0,
+                grpc_response_status: String::new(),
+                response_flags: Flag::None,
+                // A client outside the mesh reached an ingress listener.
+                connection_security_policy: if ds.src_identity.is_some() {
+                    "mutual_tls".into()
+                } else {
+                    "unknown".into()
+                },
+            },
+            method: req.method().to_string(),
+            path: req
+                .uri()
+                .path_and_query()
+                .map(|p| p.as_str().to_string())
+                .unwrap_or_else(|| "/".into()),
+            authority,
+            protocol: if ds.protocol == "http2" {
+                "HTTP/2"
+            } else {
+                "HTTP/1.1"
+            },
+            src_addr: ds.peer,
+            upstream: None,
+            route: "-".into(),
+            flag: Flag::None,
+            flag_extra: None,
+            done: false,
+            detail: String::new(),
+            retries: 0,
+            request_bytes: 0,
+            trace,
+            started,
+            wall,
+        }
+    }
+
+    pub(super) fn set_destination_service(&mut self, s: &ServiceEntry) {
+        self.labels.destination_service = or_unknown(&s.service.hostname);
+        self.labels.destination_service_namespace = or_unknown(&s.service.namespace);
+        self.labels.destination_service_name = or_unknown(&s.service.name);
+    }
+
+    pub(super) fn set_destination_workload(&mut self, w: &Workload, addr: SocketAddr) {
+        self.labels.destination_workload = or_unknown(workload_name(w));
+        self.labels.destination_canonical_service = or_unknown(&w.canonical_name);
+        self.labels.destination_canonical_revision = or_unknown(&w.canonical_revision);
+        self.labels.destination_workload_namespace = or_unknown(&w.namespace);
+        self.labels.destination_principal = w.identity.to_string();
+        self.upstream = Some(addr);
+    }
+
+    /// The closure that records the request once its response body ends.
+    fn finisher(self, status: StatusCode) -> OnEnd {
+        self.finisher_grpc(status, None)
+    }
+
+    /// As [`finisher`], with the `grpc-status` of a trailers-only answer
+    /// (in the headers); trailers, when they come, say it instead.
+    fn finisher_grpc(self, status: StatusCode, in_headers: Option<String>) -> OnEnd {
+        Box::new(move |bytes, complete, in_trailers| {
+            let mut r = self;
+            if r.labels.request_protocol == "grpc"
+                && let Some(g) = in_trailers.or(in_headers)
+            {
+                r.labels.grpc_response_status = g;
+            }
+            r.finish(status.as_u16(), bytes, complete)
+        })
+    }
+
+    /// Records the request: once, with the code sent (0 when none was).
+    fn finish(&mut self, code: u16, resp_bytes: u64, complete: bool) {
+        if std::mem::replace(&mut self.done, true) {
+            return;
+        }
+        let mut flag = self.flag_extra.unwrap_or(self.flag);
+        if !complete && flag == Flag::None {
+            flag = Flag::DC;
+        }
+        self.labels.response_code = code;
+        self.labels.response_flags = flag;
+        let duration = self.started.elapsed();
+        self.wp
+            .http_metrics
+            .record(&self.labels, duration, self.request_bytes, resp_bytes);
+        info!(
+            target: "access",
+            method = %self.method,
+            path = %self.path,
+            authority = %self.authority,
+            protocol = self.protocol,
+            response_code = code,
+            response_flags = flag.as_str(),
+            route = %self.route,
+            retries = self.retries,
+            src.addr = %self.src_addr,
+            src.identity = %self.labels.source_principal,
+            dst.service = %self.labels.destination_service,
+            dst.workload = %self.labels.destination_workload,
+            upstream = %self.upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+            bytes_received = self.request_bytes,
+            bytes_sent = resp_bytes,
+            duration_ms = duration.as_millis() as u64,
+            trace_id = %self.trace.trace_id_hex(),
+            detail = if self.detail.is_empty() { "-" } else { self.detail.as_str() },
+            "request complete"
+        );
+        self.wp.exporter.export(Span {
+            ctx: self.trace.clone(),
+            name: format!("{} {}", self.labels.destination_service, self.method),
+            start: self.wall,
+            end: SystemTime::now(),
+            attributes: vec![
+                ("http.request.method", self.method.clone()),
+                ("url.path", self.path.clone()),
+                ("http.response.status_code", code.to_string()),
+                ("istio.response_flags", flag.as_str().to_string()),
+                ("server.address", self.authority.clone()),
+            ],
+            error: code == 0 || code >= 500,
+        });
+    }
+
+    /// A response the waypoint makes itself.
+    pub(super) fn local(
+        mut self,
+        status: StatusCode,
+        flag: Flag,
+        body: impl Into<Bytes>,
+    ) -> Response<RespBody> {
+        if flag != Flag::None {
+            self.flag = flag;
+        }
+        let mut r = Response::new(RespBody::local(body, Some(self.finisher(status))));
+        *r.status_mut() = status;
+        r.headers_mut()
+            .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    }
+
+    pub(super) fn redirect(
+        self,
+        r: &pb::Redirect,
+        uri: &Uri,
+        host: &str,
+        prefix: Option<&str>,
+    ) -> Response<RespBody> {
+        let (req_host, req_port) = match host.rsplit_once(':') {
+            Some((h, p)) if p.parse::<u16>().is_ok() => (h, p.parse::<u16>().ok()),
+            _ => (host, None),
+        };
+        let scheme = if r.scheme.is_empty() {
+            "http"
+        } else {
+            r.scheme.as_str()
+        };
+        let hostname = if r.hostname.is_empty() {
+            req_host
+        } else {
+            r.hostname.as_str()
+        };
+        let port = if r.port > 0 {
+            u16::try_from(r.port).ok()
+        } else if r.scheme.is_empty() {
+            req_port
+        } else {
+            None
+        };
+        let port = port.filter(|p| !matches!((scheme, p), ("http", 80) | ("https", 443)));
+        let path = match &r.path {
+            Some(m) => modify_path(uri.path(), m, prefix),
+            None => uri.path().to_string(),
+        };
+        let query = uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+        let location = match port {
+            Some(p) => format!("{scheme}://{hostname}:{p}{path}{query}"),
+            None => format!("{scheme}://{hostname}{path}{query}"),
+        };
+        let status = u16::try_from(r.status_code)
+            .ok()
+            .and_then(|s| StatusCode::from_u16(s).ok())
+            .filter(|s| s.is_redirection())
+            .unwrap_or(StatusCode::FOUND);
+        let mut resp = Response::new(RespBody::local(Bytes::new(), Some(self.finisher(status))));
+        *resp.status_mut() = status;
+        if let Ok(v) = HeaderValue::from_str(&location) {
+            resp.headers_mut().insert(header::LOCATION, v);
+        }
+        resp
+    }
+
+    pub(super) fn upstream(
+        self,
+        resp: Response<Incoming>,
+        lease: Option<(crate::upstream::Lease, ConnLimits)>,
+    ) -> Response<RespBody> {
+        let status = resp.status();
+        let (mut parts, body) = resp.into_parts();
+        // A connection the backend is closing must not go back to the pool
+        // (it may not look closed yet when the body ends).
+        let closing = parts
+            .headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
+        let lease = lease.filter(|_| !closing);
+        strip_hop_by_hop(&mut parts.headers);
+        let grpc = parts
+            .headers
+            .get("grpc-status")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let body = RespBody::upstream(body, lease, self.finisher_grpc(status, grpc));
+        Response::from_parts(parts, body)
+    }
+}
