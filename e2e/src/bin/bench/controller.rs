@@ -1,0 +1,317 @@
+//! The controller scenario: istiod-lite (the binary) reads a folder holding
+//! N pods, S services and P policies; C thin Delta ADS clients connect over
+//! real gRPC/TLS at once (see the crate's documentation).
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+use tokio::sync::{Mutex, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+use crate::common::stats;
+use crate::{Args, Error};
+
+struct Controller {
+    child: Child,
+    grpc: SocketAddr,
+    root: String,
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn write_config(dir: &Path, a: &Args) -> std::io::Result<()> {
+    use std::fmt::Write;
+    let namespaces = 20;
+    let mut s = String::new();
+    for n in 0..namespaces {
+        let _ = write!(
+            s,
+            "apiVersion: v1\nkind: Namespace\nmetadata: {{name: ns-{n}, labels: {{istio.io/dataplane-mode: ambient}}}}\n---\n"
+        );
+    }
+    for i in 0..a.services {
+        let _ = write!(
+            s,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: ns-{}}}\nspec: {{selector: {{app: app-{i}}}, clusterIP: 10.96.{}.{}, ports: [{{port: 80, targetPort: 8080}}]}}\n---\n",
+            i % namespaces,
+            i / 250,
+            i % 250 + 1
+        );
+    }
+    for p in 0..a.policies {
+        let _ = write!(
+            s,
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: pol-{p}, namespace: ns-{}}}\nspec: {{selector: {{matchLabels: {{app: app-{p}}}}}, rules: [{{from: [{{source: {{namespaces: [ns-{}]}}}}]}}]}}\n---\n",
+            p % namespaces,
+            (p + 1) % namespaces
+        );
+    }
+    std::fs::write(dir.join("base.yaml"), s)?;
+    for i in 0..a.pods {
+        write_pod(dir, a, i, 0)?;
+    }
+    Ok(())
+}
+
+fn write_pod(dir: &Path, a: &Args, i: usize, generation: usize) -> std::io::Result<()> {
+    let svc = i % a.services.max(1);
+    let ns = svc % 20;
+    let text = format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: pod-{i}, namespace: ns-{ns}, labels: {{app: app-{svc}}}}}\nspec: {{nodeName: node-{}, serviceAccountName: sa-{svc}, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: 10.{}.{}.{}, phase: Running}}\n",
+        i % 100,
+        10 + generation,
+        i / 250,
+        i % 250 + 1
+    );
+    // One file per pod: a change touches one file, as a real pod update does.
+    let tmp = dir.join(format!(".pod-{i}.tmp"));
+    std::fs::write(&tmp, text)?;
+    std::fs::rename(tmp, dir.join(format!("pod-{i}.yaml")))
+}
+
+fn sibling(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("exe");
+    exe.parent().expect("dir").join(name)
+}
+
+async fn start_controller(dir: &Path, proxies: usize) -> Result<Controller, Error> {
+    let tokens: String = (0..proxies)
+        .map(|i| format!("node-{i}: bench-token-for-node-{i}-000000\n"))
+        .collect();
+    std::fs::write(dir.join("tokens.yaml"), tokens)?;
+    let grpc: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let data = dir.join("data");
+    std::fs::create_dir_all(&data)?;
+    let child = Command::new(sibling("istiod-lite"))
+        .arg("--config-dir")
+        .arg(dir.join("config"))
+        .arg("--data-dir")
+        .arg(&data)
+        .arg("--node-tokens")
+        .arg(dir.join("tokens.yaml"))
+        .args([
+            "--grpc-addr",
+            &grpc.to_string(),
+            "--debug-addr",
+            "127.0.0.1:0",
+            "--poll-ms",
+            "50",
+        ])
+        .env("RUST_LOG", "warn")
+        .spawn()?;
+    let mut c = Controller {
+        child,
+        grpc,
+        root: String::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        if let Ok(root) = std::fs::read_to_string(data.join("root-cert.pem"))
+            && tokio::net::TcpStream::connect(grpc).await.is_ok()
+        {
+            c.root = root;
+            return Ok(c);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    Err("istiod-lite did not start".into())
+}
+
+/// A thin Delta ADS client: subscribes to both types, ACKs, and keeps the
+/// version of every resource it holds.
+struct Client {
+    held: Arc<Mutex<HashMap<String, String>>>,
+}
+
+async fn connect(
+    c: &Controller,
+    node: usize,
+    total_seen: Arc<AtomicUsize>,
+) -> Result<Client, Error> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&c.root))
+        .domain_name("istiod.istio-system.svc");
+    let ch = Endpoint::from_shared(format!("https://{}", c.grpc))?
+        .tls_config(tls)?
+        .connect()
+        .await?;
+    let (tx, rx) = mpsc::channel(16);
+    for t in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
+        tx.send(DeltaDiscoveryRequest {
+            type_url: t.into(),
+            resource_names_subscribe: vec!["*".into()],
+            ..Default::default()
+        })
+        .await?;
+    }
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer bench-token-for-node-{node}-000000").parse()?,
+    );
+    let mut stream = AggregatedDiscoveryServiceClient::new(ch)
+        .max_decoding_message_size(256 * 1024 * 1024)
+        .delta_aggregated_resources(req)
+        .await?
+        .into_inner();
+    let held = Arc::new(Mutex::new(HashMap::new()));
+    let h = held.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(resp)) = stream.message().await {
+            let mut held = h.lock().await;
+            for r in resp.resources {
+                if held.insert(r.name, r.version).is_none() {
+                    total_seen.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            for n in resp.removed_resources {
+                held.remove(&n);
+            }
+            drop(held);
+            let _ = tx
+                .send(DeltaDiscoveryRequest {
+                    type_url: resp.type_url,
+                    response_nonce: resp.nonce,
+                    ..Default::default()
+                })
+                .await;
+        }
+    });
+    Ok(Client { held })
+}
+
+struct Run {
+    first_push: Duration,
+    change: Duration,
+    rss_mib: f64,
+}
+
+async fn run_once(a: &Args) -> Result<Run, Error> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config)?;
+    write_config(&config, a)?;
+    let c = start_controller(dir.path(), a.proxies).await?;
+    let expected = a.pods + a.services + a.policies;
+
+    let seen = Arc::new(AtomicUsize::new(0));
+    let t0 = Instant::now();
+    let mut clients = Vec::with_capacity(a.proxies);
+    for i in 0..a.proxies {
+        clients.push(connect(&c, i, seen.clone()).await?);
+    }
+    let deadline = t0 + Duration::from_secs(600);
+    while seen.load(Ordering::Relaxed) < expected * a.proxies {
+        if Instant::now() > deadline {
+            return Err(format!(
+                "first push incomplete: {} of {}",
+                seen.load(Ordering::Relaxed),
+                expected * a.proxies
+            )
+            .into());
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let first_push = t0.elapsed();
+
+    // One pod moves to a new IP: time until every client holds the new version.
+    let name = "Kubernetes//Pod/ns-0/pod-0".to_string();
+    let mut before = Vec::new();
+    for cl in &clients {
+        before.push(cl.held.lock().await.get(&name).cloned());
+    }
+    let t1 = Instant::now();
+    write_pod(&config, a, 0, 1)?;
+    let deadline = t1 + Duration::from_secs(60);
+    'wait: loop {
+        if Instant::now() > deadline {
+            return Err("the pod change did not reach every client".into());
+        }
+        for (cl, old) in clients.iter().zip(&before) {
+            if cl.held.lock().await.get(&name) == old.as_ref() {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+                continue 'wait;
+            }
+        }
+        break;
+    }
+    let change = t1.elapsed();
+    let rss_mib = rss_kib(c.child.id()) as f64 / 1024.0;
+    Ok(Run {
+        first_push,
+        change,
+        rss_mib,
+    })
+}
+
+/// The controller scenario: runs, then its table; its JSON object.
+pub(crate) async fn run(a: &Args, machine: &str) -> Result<serde_json::Value, Error> {
+    let mut runs = Vec::new();
+    for i in 0..a.runs {
+        let r = run_once(a).await?;
+        eprintln!(
+            "run {}: first push {:.0} ms, change {:.1} ms, RSS {:.1} MiB",
+            i + 1,
+            r.first_push.as_secs_f64() * 1e3,
+            r.change.as_secs_f64() * 1e3,
+            r.rss_mib
+        );
+        runs.push(r);
+    }
+    let fp = stats(
+        runs.iter()
+            .map(|r| r.first_push.as_secs_f64() * 1e3)
+            .collect(),
+    );
+    let ch = stats(runs.iter().map(|r| r.change.as_secs_f64() * 1e3).collect());
+    let rss = stats(runs.iter().map(|r| r.rss_mib).collect());
+    println!(
+        "\nController at scale: {} pods, {} services, {} policies, {} proxies ({machine})",
+        a.pods, a.services, a.policies, a.proxies
+    );
+    println!("| figure | median | min | max |");
+    println!("| --- | --- | --- | --- |");
+    println!(
+        "| first full push to all proxies (ms) | {:.0} | {:.0} | {:.0} |",
+        fp.0, fp.1, fp.2
+    );
+    println!(
+        "| one pod change to all proxies (ms) | {:.1} | {:.1} | {:.1} |",
+        ch.0, ch.1, ch.2
+    );
+    println!(
+        "| controller RSS (MiB) | {:.1} | {:.1} | {:.1} |",
+        rss.0, rss.1, rss.2
+    );
+    Ok(serde_json::json!({
+        "pods": a.pods, "services": a.services, "policies": a.policies, "proxies": a.proxies, "runs": a.runs,
+        "first_push_ms": {"median": fp.0, "min": fp.1, "max": fp.2},
+        "pod_change_ms": {"median": ch.0, "min": ch.1, "max": ch.2},
+        "rss_mib": {"median": rss.0, "min": rss.1, "max": rss.2},
+    }))
+}
