@@ -3,7 +3,7 @@
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Dirty, GATEWAY_NAME_LABEL, Model, extauthz, in_ns, ingress, ns_name, routes};
+use super::{Dirty, GATEWAY_NAME_LABEL, Model, NsName, extauthz, in_ns, ingress, ns_name, routes};
 use crate::config::objects::{Change, Kind, Object};
 
 impl Model {
@@ -31,37 +31,7 @@ impl Model {
                 // Namespace labels decide which routes an ingress admits.
                 d.ingresses = true;
             }
-            Kind::Pod => {
-                let is_gateway = |p: &Pod| {
-                    p.metadata
-                        .labels
-                        .as_ref()
-                        .is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL))
-                };
-                d.gateway_proxies |= self.pods.get(&nn).is_some_and(is_gateway)
-                    || matches!(&obj, Some(Object::Pod(p)) if is_gateway(p));
-                if let Some(old) = self.pods.get(&nn)
-                    && let Some(node) = old.spec.as_ref().and_then(|s| s.node_name.clone())
-                    && let Some(set) = self.pods_by_node.get_mut(&node)
-                {
-                    set.remove(&nn);
-                }
-                match obj {
-                    Some(Object::Pod(p)) => {
-                        if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
-                            self.pods_by_node
-                                .entry(node)
-                                .or_default()
-                                .insert(nn.clone());
-                        }
-                        self.pods.insert(nn.clone(), *p);
-                    }
-                    _ => {
-                        self.pods.remove(&nn);
-                    }
-                }
-                d.pods.insert(nn);
-            }
+            Kind::Pod => self.apply_pod(nn, obj, d),
             Kind::Service => {
                 match obj {
                     Some(Object::Service(s)) => self.services.insert(nn.clone(), *s),
@@ -95,37 +65,7 @@ impl Model {
                 d.ingresses = true;
                 d.waypoints = true;
             }
-            Kind::AuthorizationPolicy => {
-                let old = match obj {
-                    Some(Object::AuthorizationPolicy(p)) => {
-                        self.authz_policies.insert(nn.clone(), *p)
-                    }
-                    _ => self.authz_policies.remove(&nn),
-                };
-                d.policies.insert(nn.clone());
-                d.waypoints = true;
-                // A policy with targets (before or after) is in the waypoint
-                // routes of its namespace's services (every service's, from
-                // the root namespace).
-                if old
-                    .iter()
-                    .chain(self.authz_policies.get(&nn))
-                    .any(|p| p.spec.has_targets())
-                {
-                    if nn.0 == self.cfg.root_namespace {
-                        d.routes.extend(self.services.keys().cloned());
-                    } else {
-                        d.routes.extend(in_ns(&self.services, &nn.0));
-                    }
-                }
-                // Selector policies are listed on the workloads they select;
-                // in the root namespace they select across the mesh.
-                if nn.0 == self.cfg.root_namespace {
-                    d.pods.extend(self.pods.keys().cloned());
-                } else {
-                    d.pods.extend(in_ns(&self.pods, &nn.0));
-                }
-            }
+            Kind::AuthorizationPolicy => self.apply_authz_policy(nn, obj, d),
             Kind::PeerAuthentication => {
                 match obj {
                     Some(Object::PeerAuthentication(p)) => self.peer_auths.insert(nn.clone(), *p),
@@ -161,29 +101,7 @@ impl Model {
                 d.dest_rules.insert(nn.clone());
                 d.ingresses = true;
             }
-            Kind::TrafficPolicy => {
-                match obj {
-                    Some(Object::TrafficPolicy(t)) => self.traffic_policies.insert(nn.clone(), *t),
-                    _ => self.traffic_policies.remove(&nn),
-                };
-                // The routes whose rules reference it, and their issues.
-                for (rk, r) in self
-                    .http_routes
-                    .range((nn.0.clone(), String::new())..)
-                    .take_while(|((n, _), _)| *n == nn.0)
-                {
-                    if routes::extension_refs(r).any(|name| name == nn.1) {
-                        d.routes.extend(routes::service_parents(r));
-                        d.http_routes.insert(rk.clone());
-                    }
-                }
-                // The namespace default applies to all its services.
-                if nn.1 == routes::DEFAULT_TRAFFIC_POLICY {
-                    d.routes.extend(in_ns(&self.services, &nn.0));
-                }
-                d.traffic_policies.insert(nn.clone());
-                d.ingresses = true;
-            }
+            Kind::TrafficPolicy => self.apply_traffic_policy(nn, obj, d),
             Kind::Secret => {
                 // Only the verdict and what a listener serves are kept.
                 match obj {
@@ -201,5 +119,96 @@ impl Model {
                 };
             }
         }
+    }
+
+    /// A Pod: its workload, and the node index the CA checks.
+    fn apply_pod(&mut self, nn: NsName, obj: Option<Object>, d: &mut Dirty) {
+        let is_gateway = |p: &Pod| {
+            p.metadata
+                .labels
+                .as_ref()
+                .is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL))
+        };
+        d.gateway_proxies |= self.pods.get(&nn).is_some_and(is_gateway)
+            || matches!(&obj, Some(Object::Pod(p)) if is_gateway(p));
+        if let Some(old) = self.pods.get(&nn)
+            && let Some(node) = old.spec.as_ref().and_then(|s| s.node_name.clone())
+            && let Some(set) = self.pods_by_node.get_mut(&node)
+        {
+            set.remove(&nn);
+        }
+        match obj {
+            Some(Object::Pod(p)) => {
+                if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+                    self.pods_by_node
+                        .entry(node)
+                        .or_default()
+                        .insert(nn.clone());
+                }
+                self.pods.insert(nn.clone(), *p);
+            }
+            _ => {
+                self.pods.remove(&nn);
+            }
+        }
+        d.pods.insert(nn);
+    }
+
+    /// An AuthorizationPolicy: its own output, the waypoint routes that list it
+    /// and the workloads it selects.
+    fn apply_authz_policy(&mut self, nn: NsName, obj: Option<Object>, d: &mut Dirty) {
+        let old = match obj {
+            Some(Object::AuthorizationPolicy(p)) => self.authz_policies.insert(nn.clone(), *p),
+            _ => self.authz_policies.remove(&nn),
+        };
+        d.policies.insert(nn.clone());
+        d.waypoints = true;
+        // A policy with targets (before or after) is in the waypoint
+        // routes of its namespace's services (every service's, from
+        // the root namespace).
+        if old
+            .iter()
+            .chain(self.authz_policies.get(&nn))
+            .any(|p| p.spec.has_targets())
+        {
+            if nn.0 == self.cfg.root_namespace {
+                d.routes.extend(self.services.keys().cloned());
+            } else {
+                d.routes.extend(in_ns(&self.services, &nn.0));
+            }
+        }
+        // Selector policies are listed on the workloads they select;
+        // in the root namespace they select across the mesh.
+        if nn.0 == self.cfg.root_namespace {
+            d.pods.extend(self.pods.keys().cloned());
+        } else {
+            d.pods.extend(in_ns(&self.pods, &nn.0));
+        }
+    }
+
+    /// A TrafficPolicy: the routes that reference it (or all its namespace's,
+    /// for the namespace default).
+    fn apply_traffic_policy(&mut self, nn: NsName, obj: Option<Object>, d: &mut Dirty) {
+        match obj {
+            Some(Object::TrafficPolicy(t)) => self.traffic_policies.insert(nn.clone(), *t),
+            _ => self.traffic_policies.remove(&nn),
+        };
+        // The routes whose rules reference it, and their issues.
+        for (rk, r) in self
+            .http_routes
+            .range((nn.0.clone(), String::new())..)
+            .take_while(|((n, _), _)| *n == nn.0)
+        {
+            if routes::extension_refs(r).any(|name| name == nn.1) {
+                d.routes.extend(routes::service_parents(r));
+                d.http_routes.insert(rk.clone());
+            }
+        }
+        // The namespace default applies to all its services.
+        if nn.1 == routes::DEFAULT_TRAFFIC_POLICY {
+            d.routes.extend(in_ns(&self.services, &nn.0));
+        }
+        d.traffic_policies.insert(nn.clone());
+        d.ingresses = true;
     }
 }
