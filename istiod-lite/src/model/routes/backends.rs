@@ -1,0 +1,133 @@
+//! An HTTPRoute rule's backends: weighted Services and the mirror backend.
+
+use gateway_api::apis::experimental::httproutes::{
+    HttpRouteRules, HttpRouteRulesFiltersRequestMirror,
+};
+use mesh_proto::mesh::waypoint as pb;
+
+use super::ALL;
+use super::filters::{headers, type_name};
+
+/// A Service reference ("namespace/hostname", port), as backendRefs and
+/// mirror backendRefs both name one.
+fn service_ref(
+    group: Option<&str>,
+    kind: Option<&str>,
+    name: &str,
+    namespace: Option<&str>,
+    port: Option<i32>,
+    route_ns: &str,
+    domain_suffix: &str,
+) -> Result<(String, u32), String> {
+    if kind.unwrap_or("Service") != "Service" || !group.unwrap_or("").is_empty() {
+        return Err(format!(
+            "backendRef {name} is a {}, only Services are supported",
+            kind.unwrap_or("Service")
+        ));
+    }
+    let Some(port) = port else {
+        return Err(format!("backendRef {name} has no port"));
+    };
+    let ns = namespace.unwrap_or(route_ns);
+    Ok((
+        format!("{ns}/{name}.{ns}.svc.{domain_suffix}"),
+        port.max(0) as u32,
+    ))
+}
+
+pub(super) fn backends(
+    rule: &HttpRouteRules,
+    route_ns: &str,
+    domain_suffix: &str,
+) -> Result<Vec<pb::WeightedBackend>, String> {
+    let mut out = Vec::new();
+    for b in rule.backend_refs.iter().flatten() {
+        let (service, port) = service_ref(
+            b.group.as_deref(),
+            b.kind.as_deref(),
+            &b.name,
+            b.namespace.as_deref(),
+            b.port,
+            route_ns,
+            domain_suffix,
+        )?;
+        let (mut req, mut resp) = (None, None);
+        for f in b.filters.iter().flatten() {
+            if let Some(m) = &f.request_header_modifier {
+                req = Some(header_edit!(m));
+            } else if let Some(m) = &f.response_header_modifier {
+                resp = Some(header_edit!(m));
+            } else {
+                return Err(format!(
+                    "backendRef {} filter {} is not supported by the waypoint",
+                    b.name,
+                    type_name(&f.r#type)
+                ));
+            }
+        }
+        out.push(pb::WeightedBackend {
+            service,
+            port,
+            weight: b.weight.unwrap_or(1).max(0) as u32,
+            request_headers: req,
+            response_headers: resp,
+        });
+    }
+    Ok(out)
+}
+
+/// A share in percent (0-100, fractions allowed) in millionths.
+pub(super) fn percent_per_million(field: &str, v: f64) -> Result<u32, String> {
+    if !v.is_finite() || !(0.0..=100.0).contains(&v) {
+        return Err(format!(
+            "{field}: {v} is not a percentage between 0 and 100"
+        ));
+    }
+    Ok((v * 10_000.0).round() as u32)
+}
+
+/// A RequestMirror filter: its backend, and its share in millionths when
+/// the filter sets one (`percent` or `fraction`).
+pub(super) fn request_mirror(
+    m: &HttpRouteRulesFiltersRequestMirror,
+    route_ns: &str,
+    domain_suffix: &str,
+) -> Result<(pb::WeightedBackend, Option<u32>), String> {
+    let b = &m.backend_ref;
+    let (service, port) = service_ref(
+        b.group.as_deref(),
+        b.kind.as_deref(),
+        &b.name,
+        b.namespace.as_deref(),
+        b.port,
+        route_ns,
+        domain_suffix,
+    )
+    .map_err(|e| format!("RequestMirror {e}"))?;
+    let share = match (m.percent, &m.fraction) {
+        (Some(_), Some(_)) => {
+            return Err("RequestMirror sets both percent and fraction".into());
+        }
+        (Some(p), None) => Some(percent_per_million("RequestMirror percent", p as f64)?),
+        (None, Some(f)) => {
+            let d = f.denominator.unwrap_or(100);
+            if d <= 0 || f.numerator < 0 || f.numerator > d {
+                return Err(format!(
+                    "RequestMirror fraction {}/{d} is not between 0 and 1",
+                    f.numerator
+                ));
+            }
+            Some((f.numerator as u64 * ALL as u64 / d as u64) as u32)
+        }
+        (None, None) => None,
+    };
+    Ok((
+        pb::WeightedBackend {
+            service,
+            port,
+            weight: 1,
+            ..Default::default()
+        },
+        share,
+    ))
+}
