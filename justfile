@@ -56,9 +56,9 @@ bench *ARGS:
     cargo build --release --locked --bins -p ztunnel -p istiod-lite -p waypoint -p e2e
     ./target/release/bench {{ARGS}}
 
-# Regenerate the CRDs in manifests/crds from the Rust types.
+# Regenerate the CRDs in manifests/crds and manifests/gateway-api from the Rust types.
 manifests:
-    cargo run --locked -q -p istiod-lite --bin crdgen -- manifests/crds
+    cargo run --locked -q -p istiod-lite --bin crdgen -- manifests
 
 # Format the code.
 fmt:
