@@ -189,7 +189,7 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
             };
             tokio::spawn(crate::config::kube::feed(
                 hub.clone(),
-                crate::config::kube::watch_all(client.clone()),
+                crate::config::kube::watch_all(client.clone(), hub.sources().clone()),
                 o.poll,
             ));
             cluster = start_cluster_writes(client, c, &o, &ca, &hub, &stop);
