@@ -120,6 +120,9 @@ async fn serve_api(scripts: Scripts) -> std::net::SocketAddr {
                         let mut s = scripts.lock().unwrap();
                         let (script, lists, watches) = s.entry(path.clone()).or_default();
                         if let Some(code) = script.fail {
+                            if !watch {
+                                *lists += 1;
+                            }
                             return Ok::<_, Infallible>(refusal(code));
                         }
                         let body: BoxBody<Bytes, Infallible> = if !watch {
@@ -238,11 +241,10 @@ async fn the_kube_source_builds_the_same_model_as_the_folder_source() {
     let addr = serve_api(Arc::new(Mutex::new(scripts))).await;
 
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-    let client = kube::Client::try_from(config).unwrap();
     let hub = Hub::new(Model::new(ModelConfig::default()));
     tokio::spawn(feed(
         hub.clone(),
-        watch_all(client, hub.sources().clone()),
+        watch_all(config, hub.sources().clone()).unwrap(),
         Duration::from_millis(50),
     ));
 
@@ -354,13 +356,11 @@ async fn a_kind_that_is_not_served_is_reported_and_the_rest_is_served() {
     }
     let scripts = Arc::new(Mutex::new(scripts));
     let addr = serve_api(scripts.clone()).await;
-    let client =
-        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
-            .unwrap();
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     let hub = Hub::new(Model::new(ModelConfig::default()));
     tokio::spawn(feed(
         hub.clone(),
-        watch_all(client, hub.sources().clone()),
+        watch_all(config, hub.sources().clone()).unwrap(),
         Duration::from_millis(20),
     ));
 
@@ -437,13 +437,11 @@ async fn a_policy_kind_that_cannot_be_read_holds_the_mesh_back() {
     scripts.insert("/api/v1/secrets".into(), failing(403));
     let scripts = Arc::new(Mutex::new(scripts));
     let addr = serve_api(scripts.clone()).await;
-    let client =
-        kube::Client::try_from(kube::Config::new(format!("http://{addr}").parse().unwrap()))
-            .unwrap();
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
     let hub = Hub::new(Model::new(ModelConfig::default()));
     tokio::spawn(feed(
         hub.clone(),
-        watch_all(client, hub.sources().clone()),
+        watch_all(config, hub.sources().clone()).unwrap(),
         Duration::from_millis(20),
     ));
     eventually("both kinds refused", 10, || {
@@ -458,5 +456,54 @@ async fn a_policy_kind_that_cannot_be_read_holds_the_mesh_back() {
     assert!(
         waiting[0].starts_with("AuthorizationPolicy: forbidden"),
         "{waiting:?}"
+    );
+}
+
+/// An API server that fails (503) is reported, and asked with a growing
+/// backoff, not in a tight loop; once it answers again the kind is listed
+/// within the longest wait (2 s).
+#[tokio::test]
+async fn a_failing_api_server_is_retried_with_backoff_and_reported() {
+    ztunnel::tls::install_default_provider();
+    let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
+    scripts.insert("/api/v1/pods".into(), failing(503));
+    let scripts = Arc::new(Mutex::new(scripts));
+    let addr = serve_api(scripts.clone()).await;
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    tokio::spawn(feed(
+        hub.clone(),
+        watch_all(config, hub.sources().clone()).unwrap(),
+        Duration::from_millis(20),
+    ));
+    eventually("Pod reported failing", 5, || {
+        hub.sources().get("Pod").map(|k| k.state) == Some(State::Failing)
+    })
+    .await;
+    assert!(!hub.is_ready());
+    let asked = |s: &Scripts| s.lock().unwrap()["/api/v1/pods"].1;
+    let before = asked(&scripts);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = asked(&scripts) - before;
+    // 0.2 + 0.4 + 0.8 + 1.6 + 2 + 2 ...: about 4 requests in 4 s.
+    assert!(during <= 6, "{during} lists in 4 s");
+    // Back: listed within the longest wait.
+    scripts.lock().unwrap().insert(
+        "/api/v1/pods".into(),
+        (
+            Script {
+                lists: vec![vec![item(&pod("web-1", Some("10.0.1.5"), "node-a"))]],
+                ..Script::default()
+            },
+            0,
+            0,
+        ),
+    );
+    let back = tokio::time::Instant::now();
+    eventually("ready once the API server answers", 5, || hub.is_ready()).await;
+    assert!(
+        back.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        back.elapsed()
     );
 }

@@ -54,14 +54,19 @@ enum Trouble {
     Failing(String),
 }
 
+/// "404 page not found", "403 forbidden: ...": the code once.
+fn status_detail(code: u16, message: &str) -> String {
+    let m = message.trim();
+    if m.starts_with(&code.to_string()) {
+        m.to_string()
+    } else {
+        format!("{code} {m}").trim().to_string()
+    }
+}
+
 fn api_detail(e: &kube::Error) -> (Option<u16>, String) {
     match e {
-        kube::Error::Api(s) => (
-            Some(s.code),
-            format!("{} {}", s.code, s.message.trim())
-                .trim()
-                .to_string(),
-        ),
+        kube::Error::Api(s) => (Some(s.code), status_detail(s.code, &s.message)),
         other => (None, other.to_string()),
     }
 }
@@ -71,7 +76,7 @@ fn classify(e: &watcher::Error) -> Trouble {
         watcher::Error::InitialListFailed(k)
         | watcher::Error::WatchStartFailed(k)
         | watcher::Error::WatchFailed(k) => api_detail(k),
-        watcher::Error::WatchError(s) => (Some(s.code), format!("{} {}", s.code, s.message)),
+        watcher::Error::WatchError(s) => (Some(s.code), status_detail(s.code, &s.message)),
         watcher::Error::NoResourceVersion => (None, e.to_string()),
     };
     match code {
@@ -126,10 +131,18 @@ where
         let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
         let mut listing: Option<Vec<Object>> = None;
         let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+        // Failures since the last success: a listed kind's first one (an
+        // ended watch, a CRD being deleted) is retried before it is news.
+        let mut failures = 0u32;
         while let Some(ev) = stream.next().await {
             let changes = match ev {
                 Ok(ev) => {
-                    backoff.reset();
+                    // A fresh watcher says Init before it asks anything:
+                    // only an answer is a success.
+                    if !matches!(ev, Event::Init) {
+                        backoff.reset();
+                        failures = 0;
+                    }
                     match self.event(ev, &mut known, &mut listing) {
                         Some(c) => c,
                         None => continue,
@@ -157,7 +170,16 @@ where
                             return;
                         }
                     }
-                    self.sources.set(self.kind, state, Some(detail));
+                    failures += 1;
+                    let listed = self
+                        .sources
+                        .get(self.kind)
+                        .is_some_and(|k| k.state == State::Listed);
+                    if state == State::Failing && listed && failures == 1 {
+                        debug!(kind = self.kind, error = %detail, "watch failed; listing again");
+                    } else {
+                        self.sources.set(self.kind, state, Some(detail));
+                    }
                     let go_on = match wait {
                         None => self.until_served().await,
                         Some(w) => tokio::select! {
@@ -249,7 +271,13 @@ pub struct Watchers {
 }
 
 /// Starts a watcher per kind the model uses, each registered in `sources`.
-pub fn watch_all(client: Client, sources: Arc<Sources>) -> Watchers {
+/// The watchers' client is made from `config` without the client's own
+/// retries (of 429 and 503, up to minutes): the watchers retry by their own
+/// backoff, which a success resets.
+pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers, kube::Error> {
+    let mut config = config;
+    config.default_retry = false;
+    let client = Client::try_from(config)?;
     let (tx, rx) = mpsc::channel(64);
     macro_rules! watch {
         ($t:ty, $variant:ident, $name:literal, $narrows:expr) => {
@@ -312,7 +340,7 @@ pub fn watch_all(client: Client, sources: Arc<Sources>) -> Watchers {
         watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
         merge_string_data
     );
-    Watchers { changes: rx }
+    Ok(Watchers { changes: rx })
 }
 
 /// Applies changes from a source to the hub, batching what arrives within
@@ -365,6 +393,10 @@ mod tests {
         assert_eq!(
             classify(&watcher::Error::InitialListFailed(api_error(404))),
             Trouble::Missing("404 msg".into())
+        );
+        assert_eq!(
+            status_detail(404, "404 page not found\n"),
+            "404 page not found"
         );
         assert_eq!(
             classify(&watcher::Error::WatchStartFailed(api_error(403))),
