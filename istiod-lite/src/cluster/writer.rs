@@ -655,6 +655,8 @@ impl Writer {
         stop: CancellationToken,
     ) {
         let mut changes = hub.applied();
+        // A kind appearing (GatewayClass served) is news even with no objects.
+        let mut kinds = hub.sources().subscribe();
         // A partial model would look like Gateways were deleted.
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -696,6 +698,7 @@ impl Writer {
                     _ = stop.cancelled() => return,
                     _ = leader.changed() => {}
                     r = changes.changed() => if r.is_err() { return },
+                    r = kinds.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep_until(resync) => {
                         self.forget();
                         resync = tokio::time::Instant::now() + self.cfg.resync;

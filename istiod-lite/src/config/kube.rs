@@ -39,8 +39,6 @@ use crate::model::ingress::TLS_SECRET_TYPE;
 /// kinds are listed again within this of the API server's return.
 const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(2);
-/// How often a refused kind is tried again (RBAC changes are rare).
-const FORBIDDEN_RETRY: Duration = Duration::from_secs(10);
 /// How often a kind that is not served is probed for (its CRD appearing).
 const MISSING_PROBE: Duration = Duration::from_secs(3);
 
@@ -155,7 +153,13 @@ where
                             continue;
                         }
                         Trouble::Missing(d) => (State::Missing, d, None),
-                        Trouble::Forbidden(d) => (State::Forbidden, d, Some(FORBIDDEN_RETRY)),
+                        // Refusals are not always lasting: a restarted API
+                        // server refuses everything (403) for a moment,
+                        // until its RBAC authorizer has the bindings. So
+                        // the same backoff as any failure.
+                        Trouble::Forbidden(d) => {
+                            (State::Forbidden, d, Some(backoff.next(RETRY_MAX)))
+                        }
                         Trouble::Failing(d) => (State::Failing, d, Some(backoff.next(RETRY_MAX))),
                     };
                     listing = None;
