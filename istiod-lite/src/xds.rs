@@ -45,6 +45,7 @@ use ztunnel::identity::Identity;
 
 use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory};
 use crate::config::objects::Change;
+use crate::config::sources::Sources;
 use crate::model::{Delta, Model};
 
 /// What the controller serves. Waypoint routes go only to waypoints that
@@ -126,6 +127,8 @@ pub struct Hub {
     /// Bumped on every applied batch, whether or not an output changed
     /// (cluster mode's writer also follows Gateways and statuses).
     applied: tokio::sync::watch::Sender<u64>,
+    /// How each watched kind stands (cluster mode; empty for a folder).
+    sources: Arc<Sources>,
 }
 
 /// What the debug endpoint shows of one proxy connection.
@@ -179,7 +182,13 @@ impl Hub {
             next: AtomicU64::new(1),
             pushes: AtomicU64::new(0),
             applied: tokio::sync::watch::Sender::new(0),
+            sources: Arc::new(Sources::default()),
         })
+    }
+
+    /// Each watched kind's state (see [`Sources`]).
+    pub fn sources(&self) -> &Arc<Sources> {
+        &self.sources
     }
 
     pub fn set_ready(&self) {

@@ -785,11 +785,83 @@ async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
         .unwrap_err();
     assert!(err.contains("no authorization header"), "{err}");
     // A second call within the cache window costs no review, for a good
-    // token or a refused one.
+    // token that names its expiry or a refused one.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let real = jwt(now + 3600);
+    let zt_review = state.lock().unwrap().reviews["zt"].clone();
+    state
+        .lock()
+        .unwrap()
+        .reviews
+        .insert(real.clone(), zt_review);
+    reviewer.authenticate(&auth(&real)).await.unwrap();
     let before = state.lock().unwrap().log.len();
-    reviewer.authenticate(&auth("zt")).await.unwrap();
+    reviewer.authenticate(&auth(&real)).await.unwrap();
     reviewer.authenticate(&auth("nobody")).await.unwrap_err();
     assert_eq!(state.lock().unwrap().log.len(), before);
+    // A token that names no expiry is reviewed every time.
+    reviewer.authenticate(&auth("zt")).await.unwrap();
+    assert_eq!(state.lock().unwrap().log.len(), before + 1);
+}
+
+/// A token shaped as the API server issues them (a JWT), expiring at `exp`.
+fn jwt(exp: u64) -> String {
+    let url = |s: &str| {
+        base64(s)
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    };
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        url(r#"{"alg":"RS256","kid":"k"}"#),
+        url(&format!(
+            r#"{{"aud":["istio-ca"],"exp":{exp},"sub":"system:serviceaccount:istio-system:ztunnel"}}"#
+        ))
+    )
+}
+
+/// A reviewed token is remembered, but never past its own expiry: once it
+/// has expired it is reviewed again (and the API server refuses it).
+#[tokio::test]
+async fn a_reviewed_token_is_not_remembered_past_its_expiry() {
+    ztunnel::tls::install_default_provider();
+    let state = Shared::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let token = jwt(now + 2);
+    let good = json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+        "username": "system:serviceaccount:istio-system:ztunnel",
+        "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x"],
+                  "authentication.kubernetes.io/pod-uid": ["u-zt"],
+                  "authentication.kubernetes.io/node-name": ["node-1"]}}});
+    state.lock().unwrap().reviews.insert(token.clone(), good);
+    let client = serve(state.clone(), "a").await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    let reviewer = TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        hub,
+    );
+    use istiod_lite::ca::auth::Authenticator;
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    reviewer.authenticate(&md).await.unwrap();
+    // The API server stops accepting it once it expires.
+    state.lock().unwrap().reviews.remove(&token);
+    reviewer.authenticate(&md).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3100)).await;
+    let err = reviewer.authenticate(&md).await.unwrap_err();
+    assert!(err.contains("invalid bearer token"), "{err}");
 }
 
 /// What the watch would deliver back to the model after our writes.

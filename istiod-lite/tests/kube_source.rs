@@ -15,6 +15,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use istiod_lite::config::folder::FolderSource;
 use istiod_lite::config::kube::{feed, watch_all};
+use istiod_lite::config::sources::State;
 use istiod_lite::model::{Model, ModelConfig};
 use istiod_lite::xds::Hub;
 use serde_json::{Value, json};
@@ -56,6 +57,9 @@ struct Script {
     lists: Vec<Vec<Value>>,
     /// Successive watch streams: the events of each (a stream then stays open).
     watches: Vec<Vec<Value>>,
+    /// Answer every request with this status instead (404: the kind is not
+    /// served, as for a CRD that is not installed; 403: RBAC refuses).
+    fail: Option<u16>,
 }
 
 type Scripts = Arc<Mutex<HashMap<String, (Script, usize, usize)>>>;
@@ -77,6 +81,30 @@ fn list_body(path: &str, items: &[Value], rv: usize) -> Value {
     json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv.to_string()}, "items": items})
 }
 
+/// What the API server answers for a resource it does not serve (a plain
+/// text 404, as for a CRD that is not installed) or refuses (a 403 Status).
+fn refusal(code: u16) -> hyper::Response<BoxBody<Bytes, Infallible>> {
+    let (ctype, body) = if code == 404 {
+        (
+            "text/plain; charset=utf-8",
+            "404 page not found\n".to_string(),
+        )
+    } else {
+        (
+            "application/json",
+            json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                   "message": "forbidden: User \"system:serviceaccount:istio-system:istiod-lite\" cannot list resource",
+                   "reason": "Forbidden", "code": code})
+            .to_string(),
+        )
+    };
+    let mut resp = hyper::Response::new(http_body_util::Full::new(Bytes::from(body)).boxed());
+    *resp.status_mut() = hyper::StatusCode::from_u16(code).unwrap();
+    resp.headers_mut()
+        .insert("content-type", ctype.parse().unwrap());
+    resp
+}
+
 async fn serve_api(scripts: Scripts) -> std::net::SocketAddr {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -91,6 +119,12 @@ async fn serve_api(scripts: Scripts) -> std::net::SocketAddr {
                         let watch = req.uri().query().unwrap_or("").contains("watch=true");
                         let mut s = scripts.lock().unwrap();
                         let (script, lists, watches) = s.entry(path.clone()).or_default();
+                        if let Some(code) = script.fail {
+                            if !watch {
+                                *lists += 1;
+                            }
+                            return Ok::<_, Infallible>(refusal(code));
+                        }
                         let body: BoxBody<Bytes, Infallible> = if !watch {
                             let i = (*lists).min(script.lists.len().saturating_sub(1));
                             *lists += 1;
@@ -103,8 +137,22 @@ async fn serve_api(scripts: Scripts) -> std::net::SocketAddr {
                             let frames = events
                                 .into_iter()
                                 .map(|e| Ok(Frame::data(Bytes::from(format!("{e}\n")))));
-                            let stream =
-                                futures::stream::iter(frames).chain(futures::stream::pending());
+                            // Open until the resource stops being served
+                            // (as the API server ends watches of a deleted CRD).
+                            let (watched, p) = (scripts.clone(), path.clone());
+                            let open = futures::stream::unfold((), move |()| {
+                                let (watched, p) = (watched.clone(), p.clone());
+                                async move {
+                                    loop {
+                                        tokio::time::sleep(Duration::from_millis(50)).await;
+                                        let s = watched.lock().unwrap();
+                                        if s.get(&p).is_some_and(|(s, _, _)| s.fail.is_some()) {
+                                            return None::<(Result<Frame<Bytes>, Infallible>, ())>;
+                                        }
+                                    }
+                                }
+                            });
+                            let stream = futures::stream::iter(frames).chain(open);
                             BodyExt::boxed(StreamBody::new(stream))
                         };
                         let mut resp = hyper::Response::new(body);
@@ -141,7 +189,18 @@ async fn the_kube_source_builds_the_same_model_as_the_folder_source() {
     ztunnel::tls::install_default_provider();
     let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
     let mut set = |path: &str, lists: Vec<Vec<Value>>, watches: Vec<Vec<Value>>| {
-        scripts.insert(path.to_string(), (Script { lists, watches }, 0, 0));
+        scripts.insert(
+            path.to_string(),
+            (
+                Script {
+                    lists,
+                    watches,
+                    fail: None,
+                },
+                0,
+                0,
+            ),
+        );
     };
     set(
         "/api/v1/namespaces",
@@ -182,11 +241,10 @@ async fn the_kube_source_builds_the_same_model_as_the_folder_source() {
     let addr = serve_api(Arc::new(Mutex::new(scripts))).await;
 
     let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
-    let client = kube::Client::try_from(config).unwrap();
     let hub = Hub::new(Model::new(ModelConfig::default()));
     tokio::spawn(feed(
         hub.clone(),
-        watch_all(client),
+        watch_all(config, hub.sources().clone()).unwrap(),
         Duration::from_millis(50),
     ));
 
@@ -235,4 +293,217 @@ async fn the_kube_source_builds_the_same_model_as_the_folder_source() {
     // And it is what we meant: the stale pod state was replaced by the relist.
     let workloads = want["workloads"].as_array().unwrap();
     assert_eq!(workloads.len(), 3, "{want}");
+}
+
+const GATEWAYS: &str = "/apis/gateway.networking.k8s.io/v1/gateways";
+const HTTPROUTES: &str = "/apis/gateway.networking.k8s.io/v1/httproutes";
+const PEER_AUTHS: &str = "/apis/security.istio.io/v1/peerauthentications";
+const WAYPOINT: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: shop}\nspec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n";
+
+fn failing(code: u16) -> (Script, usize, usize) {
+    (
+        Script {
+            fail: Some(code),
+            ..Script::default()
+        },
+        0,
+        0,
+    )
+}
+
+async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
+    while !f() {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {secs} s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Kinds whose CRDs are not installed (the API server answers 404) do not
+/// hold the mesh back: the rest is listed and served, and a kind is picked
+/// up once its CRD appears.
+#[tokio::test]
+async fn a_kind_that_is_not_served_is_reported_and_the_rest_is_served() {
+    ztunnel::tls::install_default_provider();
+    let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
+    scripts.insert(
+        "/api/v1/namespaces".into(),
+        (
+            Script {
+                lists: vec![vec![item(&ns("shop", true))]],
+                ..Script::default()
+            },
+            0,
+            0,
+        ),
+    );
+    scripts.insert(
+        "/api/v1/pods".into(),
+        (
+            Script {
+                lists: vec![vec![item(&pod("web-1", Some("10.0.1.5"), "node-a"))]],
+                ..Script::default()
+            },
+            0,
+            0,
+        ),
+    );
+    for path in [GATEWAYS, HTTPROUTES, PEER_AUTHS] {
+        scripts.insert(path.into(), failing(404));
+    }
+    let scripts = Arc::new(Mutex::new(scripts));
+    let addr = serve_api(scripts.clone()).await;
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    tokio::spawn(feed(
+        hub.clone(),
+        watch_all(config, hub.sources().clone()).unwrap(),
+        Duration::from_millis(20),
+    ));
+
+    eventually(
+        "ready without Gateway, HTTPRoute, PeerAuthentication",
+        10,
+        || hub.is_ready(),
+    )
+    .await;
+    let workloads = hub.model().dump()["workloads"].as_array().unwrap().len();
+    assert_eq!(workloads, 1);
+    let sources = hub.sources().snapshot();
+    for kind in ["Gateway", "HTTPRoute", "PeerAuthentication"] {
+        assert_eq!(sources[kind].state, State::Missing, "{kind}: {sources:?}");
+        assert!(sources[kind].fix.is_some(), "{kind}");
+    }
+    assert_eq!(sources["Pod"].state, State::Listed);
+    let not_listed = hub.sources().not_listed();
+    assert_eq!(not_listed.len(), 3, "{not_listed:?}");
+
+    // The Gateway CRD is installed: the kind is picked up, with its objects.
+    {
+        let mut s = scripts.lock().unwrap();
+        s.insert(
+            GATEWAYS.into(),
+            (
+                Script {
+                    lists: vec![vec![item(WAYPOINT)]],
+                    ..Script::default()
+                },
+                0,
+                0,
+            ),
+        );
+    }
+    eventually("the Gateway kind picked up when it appears", 10, || {
+        hub.sources().get("Gateway").map(|k| k.state) == Some(State::Listed)
+    })
+    .await;
+    eventually("the waypoint Gateway in the model", 5, || {
+        hub.model().cluster_view().waypoints.len() == 1
+    })
+    .await;
+
+    // And removed again (the API server deletes a CRD's objects with it):
+    // the kind's objects go, the rest stays served.
+    scripts
+        .lock()
+        .unwrap()
+        .insert(GATEWAYS.into(), failing(404));
+    // The open watch ends as the API server drops the resource.
+    eventually("the Gateway kind reported missing again", 20, || {
+        hub.sources().get("Gateway").map(|k| k.state) == Some(State::Missing)
+    })
+    .await;
+    eventually("the waypoint Gateway gone from the model", 5, || {
+        hub.model().cluster_view().waypoints.is_empty()
+    })
+    .await;
+    assert!(hub.is_ready());
+}
+
+/// A policy kind that RBAC refuses is never served as "no policies": the
+/// mesh waits for it (fail closed), and says why. Another kind refused is
+/// served without.
+#[tokio::test]
+async fn a_policy_kind_that_cannot_be_read_holds_the_mesh_back() {
+    ztunnel::tls::install_default_provider();
+    let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
+    scripts.insert(
+        "/apis/security.istio.io/v1/authorizationpolicies".into(),
+        failing(403),
+    );
+    scripts.insert("/api/v1/secrets".into(), failing(403));
+    let scripts = Arc::new(Mutex::new(scripts));
+    let addr = serve_api(scripts.clone()).await;
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    tokio::spawn(feed(
+        hub.clone(),
+        watch_all(config, hub.sources().clone()).unwrap(),
+        Duration::from_millis(20),
+    ));
+    eventually("both kinds refused", 10, || {
+        let s = hub.sources().snapshot();
+        s["AuthorizationPolicy"].state == State::Forbidden && s["Secret"].state == State::Forbidden
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!hub.is_ready(), "served without its policies");
+    let waiting = hub.sources().unsettled();
+    assert_eq!(waiting.len(), 1, "{waiting:?}");
+    assert!(
+        waiting[0].starts_with("AuthorizationPolicy: forbidden"),
+        "{waiting:?}"
+    );
+}
+
+/// An API server that fails (503) is reported, and asked with a growing
+/// backoff, not in a tight loop; once it answers again the kind is listed
+/// within the longest wait (2 s).
+#[tokio::test]
+async fn a_failing_api_server_is_retried_with_backoff_and_reported() {
+    ztunnel::tls::install_default_provider();
+    let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
+    scripts.insert("/api/v1/pods".into(), failing(503));
+    let scripts = Arc::new(Mutex::new(scripts));
+    let addr = serve_api(scripts.clone()).await;
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    tokio::spawn(feed(
+        hub.clone(),
+        watch_all(config, hub.sources().clone()).unwrap(),
+        Duration::from_millis(20),
+    ));
+    eventually("Pod reported failing", 5, || {
+        hub.sources().get("Pod").map(|k| k.state) == Some(State::Failing)
+    })
+    .await;
+    assert!(!hub.is_ready());
+    let asked = |s: &Scripts| s.lock().unwrap()["/api/v1/pods"].1;
+    let before = asked(&scripts);
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let during = asked(&scripts) - before;
+    // 0.2 + 0.4 + 0.8 + 1.6 + 2 + 2 ...: about 4 requests in 4 s.
+    assert!(during <= 6, "{during} lists in 4 s");
+    // Back: listed within the longest wait.
+    scripts.lock().unwrap().insert(
+        "/api/v1/pods".into(),
+        (
+            Script {
+                lists: vec![vec![item(&pod("web-1", Some("10.0.1.5"), "node-a"))]],
+                ..Script::default()
+            },
+            0,
+            0,
+        ),
+    );
+    let back = tokio::time::Instant::now();
+    eventually("ready once the API server answers", 5, || hub.is_ready()).await;
+    assert!(
+        back.elapsed() < Duration::from_millis(2500),
+        "{:?}",
+        back.elapsed()
+    );
 }

@@ -182,6 +182,55 @@ pub fn acknowledged(findings: &mut Vec<Finding>, conns: &Value) {
     }
 }
 
+/// The controller's config sources, from its `/debug/config`: one finding
+/// per watched kind that is not listed (a CRD not installed, RBAC refusing,
+/// the API server failing), with the controller's fix; one for all when
+/// every kind is listed. Nothing for a controller that watches no API.
+pub fn sources(findings: &mut Vec<Finding>, config: &Value) {
+    let Some(kinds) = config["sources"].as_object().filter(|k| !k.is_empty()) else {
+        return;
+    };
+    let mut listed = 0;
+    for (kind, s) in kinds {
+        let state = s["state"].as_str().unwrap_or("?");
+        if state == "listed" {
+            listed += 1;
+            continue;
+        }
+        let what = match state {
+            "missing" => "not served by the API server (CRD not installed?)",
+            "forbidden" => "refused by RBAC",
+            "failing" => "the API server fails",
+            "listing" => "not listed yet",
+            _ => state,
+        };
+        let held_back =
+            s["narrows_access"] == true && s["listed_once"] != true && state != "missing";
+        let mut detail = match s["detail"].as_str() {
+            Some(d) => format!("{what}: {d}"),
+            None => what.to_string(),
+        };
+        detail.push_str(if held_back {
+            "; the mesh is not served until it can be read"
+        } else {
+            "; the rest of the mesh is served without it"
+        });
+        findings.push(Finding::fail(
+            "source",
+            format!("istiod-lite: {kind}"),
+            detail,
+            s["fix"].as_str().unwrap_or("see istiod-lite's log"),
+        ));
+    }
+    if listed == kinds.len() {
+        findings.push(Finding::ok(
+            "source",
+            "istiod-lite",
+            format!("all {listed} kinds listed and watched"),
+        ));
+    }
+}
+
 /// Runs every check the mesh's sources allow.
 pub async fn run(mesh: &Mesh, warn: Duration) -> Vec<Finding> {
     let mut findings = Vec::new();
@@ -254,6 +303,9 @@ pub async fn run(mesh: &Mesh, warn: Duration) -> Vec<Finding> {
                 format!("is istiod-lite running? its debug endpoint is {}", ctl.addr),
             )),
         }
+        if let Ok(c) = ctl.get_json("/debug/config").await {
+            sources(&mut findings, &c);
+        }
     }
     findings
 }
@@ -282,6 +334,41 @@ mod tests {
         assert!(f[0].ok && !f[1].ok && !f[2].ok, "{f:?}");
         assert!(f[2].detail.contains("CA refused"));
         assert!(!f[1].fix.is_empty());
+    }
+
+    #[test]
+    fn a_kind_the_controller_cannot_watch_fails_with_its_fix() {
+        let config = serde_json::json!({"sources": {
+            "Pod": {"state": "listed", "listed_once": true, "narrows_access": false},
+            "Gateway": {"state": "missing", "detail": "404 page not found", "fix": "install the Gateway API CRDs",
+                        "listed_once": false, "narrows_access": false},
+            "AuthorizationPolicy": {"state": "forbidden", "detail": "403", "fix": "grant list",
+                        "listed_once": false, "narrows_access": true},
+        }});
+        let mut f = Vec::new();
+        sources(&mut f, &config);
+        assert_eq!(f.len(), 2, "{f:?}");
+        let gw = f
+            .iter()
+            .find(|x| x.target.ends_with("Gateway"))
+            .expect("Gateway");
+        assert!(!gw.ok && gw.detail.contains("404") && gw.detail.contains("served without it"));
+        assert_eq!(gw.fix, "install the Gateway API CRDs");
+        let ap = f
+            .iter()
+            .find(|x| x.target.ends_with("AuthorizationPolicy"))
+            .expect("policy");
+        assert!(ap.detail.contains("not served until"), "{ap:?}");
+        // All listed: one line says so; a folder controller: nothing.
+        let mut f = Vec::new();
+        sources(
+            &mut f,
+            &serde_json::json!({"sources": {"Pod": {"state": "listed"}}}),
+        );
+        assert!(f.len() == 1 && f[0].ok, "{f:?}");
+        let mut f = Vec::new();
+        sources(&mut f, &serde_json::json!({"issues": []}));
+        assert!(f.is_empty());
     }
 
     #[test]

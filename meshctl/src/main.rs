@@ -184,8 +184,19 @@ async fn mesh(a: &Args) -> Result<Mesh, SourceError> {
         }
         return Ok(m);
     }
+    // The controller alone (its connections, config problems and sources).
+    if let Some(c) = a.controller {
+        return Ok(Mesh {
+            ztunnels: Vec::new(),
+            waypoints: Vec::new(),
+            controller: Some(meshctl::source::Endpoint::new("istiod-lite debug", c, None)),
+            file: None,
+            lab: None,
+            kube: None,
+        });
+    }
     Err(SourceError::Other(format!(
-        "no mesh to read: give --addr (a ztunnel's admin address), --lab DIR, or --file DUMP (no lab at {DEFAULT_LAB})"
+        "no mesh to read: give --addr (a ztunnel's admin address), --controller ADDR, --lab DIR, or --file DUMP (no lab at {DEFAULT_LAB})"
     )))
 }
 

@@ -114,10 +114,23 @@ impl RuntimeKind {
     }
 }
 
+/// Where the controller is and the mesh's root namespace, given outside the
+/// file (the binary's flags or environment): each, when set, replaces the
+/// file's.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub ca_address: Option<String>,
+    pub ca_server_name: Option<String>,
+    pub xds_address: Option<String>,
+    pub root_namespace: Option<String>,
+}
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CaConfig {
-    /// e.g. https://istiod.istio-system.svc:15012
+    /// e.g. https://istiod.istio-system.svc:15012. Required, here or from
+    /// the environment ([`Overrides`]).
+    #[serde(default)]
     pub address: String,
     /// PEM root(s) that sign the CA's serving certificate.
     pub root_cert: PathBuf,
@@ -337,9 +350,32 @@ impl Config {
     /// the file's own, before validating: a DaemonSet shares one config
     /// file among all nodes and passes each its name.
     pub fn load_for_node(path: &Path, node: Option<&str>) -> Result<Self, ConfigError> {
+        Self::load_with(path, node, &Overrides::default())
+    }
+
+    /// The file, then what the environment says about the controller (a
+    /// DaemonSet names it for its own namespace, so the file need not).
+    pub fn load_with(
+        path: &Path,
+        node: Option<&str>,
+        over: &Overrides,
+    ) -> Result<Self, ConfigError> {
         let mut cfg: Config = load_yaml(path)?;
         if let Some(n) = node.filter(|n| !n.is_empty()) {
             cfg.node = n.to_string();
+        }
+        let set = |v: &Option<String>| v.as_ref().filter(|v| !v.is_empty()).cloned();
+        if let Some(v) = set(&over.ca_address) {
+            cfg.ca.address = v;
+        }
+        if let Some(v) = set(&over.ca_server_name) {
+            cfg.ca.server_name = v;
+        }
+        if let Some(v) = set(&over.xds_address) {
+            cfg.state.xds_address = Some(v);
+        }
+        if let Some(v) = set(&over.root_namespace) {
+            cfg.root_namespace = v;
         }
         cfg.validate()?;
         Ok(cfg)
@@ -353,6 +389,11 @@ impl Config {
     }
 
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.ca.address.is_empty() {
+            return Err(ConfigError::Invalid(
+                "ca.address is required: set it, or pass --ca-address / CA_ADDRESS".into(),
+            ));
+        }
         if self.node.is_empty() {
             return Err(ConfigError::Invalid(
                 "node is required: set `node`, or pass --node / NODE_NAME".into(),
@@ -447,9 +488,47 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("config.yaml");
         std::fs::write(&path, config).expect("write");
-        let cfg = Config::load_for_node(&path, Some("node-a")).expect("the shipped config loads");
+        // With what the DaemonSet's ztunnel container sets in its
+        // environment, for a namespace the install was moved to.
+        let env = serde_yaml::Deserializer::from_str(&text)
+            .filter_map(|doc| serde_yaml::Value::deserialize(doc).ok())
+            .find(|v| v["kind"] == "DaemonSet")
+            .and_then(|d| {
+                d["spec"]["template"]["spec"]["containers"]
+                    .as_sequence()?
+                    .iter()
+                    .find(|c| c["name"] == "ztunnel")
+                    .map(|c| c["env"].clone())
+            })
+            .expect("the ztunnel container's env");
+        let var = |name: &str| {
+            env.as_sequence()?
+                .iter()
+                .find(|e| e["name"] == name)?
+                .get("value")?
+                .as_str()
+                .map(|v| v.replace("$(POD_NAMESPACE)", "mesh"))
+        };
+        let over = Overrides {
+            ca_address: var("CA_ADDRESS"),
+            ca_server_name: var("CA_SERVER_NAME"),
+            xds_address: var("XDS_ADDRESS"),
+            root_namespace: var("ROOT_NAMESPACE"),
+        };
+        let cfg =
+            Config::load_with(&path, Some("node-a"), &over).expect("the shipped config loads");
         assert_eq!(cfg.worker_threads, Some(2));
         assert!(cfg.node_mode.is_some());
+        assert_eq!(cfg.ca.address, "https://istiod-lite.mesh.svc:15012");
+        assert_eq!(cfg.ca.server_name, "istiod-lite.mesh.svc");
+        assert_eq!(
+            cfg.state.xds_address.as_deref(),
+            Some("https://istiod-lite.mesh.svc:15012")
+        );
+        assert_eq!(cfg.root_namespace, "mesh");
+        // And without them it names what is missing.
+        let err = Config::load_for_node(&path, Some("node-a")).expect_err("no controller named");
+        assert!(err.to_string().contains("CA_ADDRESS"), "{err}");
     }
 
     #[test]

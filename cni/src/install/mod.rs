@@ -164,6 +164,11 @@ impl Args {
                 reason: "empty (is KUBERNETES_SERVICE_HOST set?)".into(),
             });
         }
+        // By default kube-system and the mesh's own namespace (this
+        // DaemonSet's, wherever it was installed).
+        let exclude_namespaces = self
+            .exclude_namespaces
+            .unwrap_or_else(|| vec!["kube-system".into(), self.namespace.clone()]);
         Ok(InstallConfig {
             cni_bin_dir: self.cni_bin_dir,
             cni_conf_dir: self.cni_conf_dir,
@@ -178,9 +183,7 @@ impl Args {
             // Well inside the pod's 35s termination grace period.
             api_timeout: Duration::from_secs(10),
             agent_socket: self.agent_socket.unwrap_or_else(crate::default_agent),
-            exclude_namespaces: self
-                .exclude_namespaces
-                .unwrap_or_else(crate::default_excluded),
+            exclude_namespaces,
             timeout_secs: self.timeout_secs.unwrap_or_else(crate::default_timeout),
         })
     }
@@ -393,6 +396,11 @@ mod tests {
         .unwrap();
         let cfg = args.into_config().unwrap();
         assert_eq!(cfg.exclude_namespaces, ["a", "b"]);
+        // Installed in another namespace, that one is never captured.
+        let args =
+            Args::try_parse_from(["install", "--kube-host=10.96.0.1", "--namespace=mesh"]).unwrap();
+        let cfg = args.into_config().unwrap();
+        assert_eq!(cfg.exclude_namespaces, ["kube-system", "mesh"]);
         // The default plugin binary is this (test) executable.
         assert!(cfg.plugin_binary.exists());
     }

@@ -10,6 +10,8 @@
 //! - [`writer`]: the leader's reconcile loop.
 
 pub mod ca_secret;
+pub mod conditions;
+pub mod jwt;
 pub mod lease;
 pub mod tokenreview;
 pub mod writer;

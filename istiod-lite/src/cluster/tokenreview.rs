@@ -9,7 +9,9 @@
 //! [`crate::access`]).
 //!
 //! Reviews are cached for a short while by a hash of the token: a ztunnel
-//! asks for certificates in bursts, and one review per burst is enough.
+//! asks for certificates in bursts, and one review per burst is enough. A
+//! good review is never remembered past the token's own expiry (its `exp`),
+//! and not at all for a token that names none.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -50,8 +52,24 @@ pub struct TokenReviewer {
     cache: Mutex<HashMap<[u8; 32], Reviewed>>,
 }
 
-/// A review's answer and when it was had, by the token's SHA-256.
+/// A review's answer and until when it holds, by the token's SHA-256.
 type Reviewed = (Instant, Result<Caller, String>);
+
+/// How long a review's answer may be remembered: a refusal briefly; a good
+/// answer for [`CACHE_FOR`], but never past the token's expiry, and not at
+/// all when the token names none.
+fn remember_for(token: &str, answer: &Result<Caller, String>) -> Duration {
+    if answer.is_err() {
+        return REFUSAL_CACHE_FOR;
+    }
+    match super::jwt::expiry(token) {
+        Some(exp) => exp
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .min(CACHE_FOR),
+        None => Duration::ZERO,
+    }
+}
 
 impl TokenReviewer {
     pub fn new(client: Client, cfg: ReviewConfig, hub: Arc<Hub>) -> Self {
@@ -70,15 +88,10 @@ impl TokenReviewer {
             .map_err(|_| "token digest".to_string())?;
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((at, answer)) = cache.get(&key) {
-                let ttl = if answer.is_ok() {
-                    CACHE_FOR
-                } else {
-                    REFUSAL_CACHE_FOR
-                };
-                if at.elapsed() < ttl {
-                    return answer.clone();
-                }
+            if let Some((until, answer)) = cache.get(&key)
+                && Instant::now() < *until
+            {
+                return answer.clone();
             }
         }
         let review = TokenReview {
@@ -99,21 +112,19 @@ impl TokenReviewer {
             .status
             .ok_or_else(|| "the TokenReview came back without a status".to_string())
             .and_then(|status| self.caller(&status));
+        let ttl = remember_for(token, &answer);
+        if ttl.is_zero() {
+            return answer;
+        }
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if cache.len() >= CACHE_MAX {
-            cache.retain(|_, (at, a)| {
-                at.elapsed()
-                    < if a.is_ok() {
-                        CACHE_FOR
-                    } else {
-                        REFUSAL_CACHE_FOR
-                    }
-            });
+            let now = Instant::now();
+            cache.retain(|_, (until, _)| now < *until);
             if cache.len() >= CACHE_MAX {
                 cache.clear();
             }
         }
-        cache.insert(key, (Instant::now(), answer.clone()));
+        cache.insert(key, (Instant::now() + ttl, answer.clone()));
         answer
     }
 

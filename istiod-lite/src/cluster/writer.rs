@@ -32,7 +32,7 @@ use std::time::Duration;
 use gateway_api::apis::standard::gateways::Gateway;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Service, ServiceAccount};
-use kube::api::{DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Patch, PatchParams};
 use kube::{Api, Client, Resource, ResourceExt};
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
@@ -40,12 +40,17 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use super::conditions::{
+    condition, listener_status, not_valid, same_conditions, same_listeners, with_times,
+};
 use super::{FIELD_MANAGER, MANAGED_BY, now_rfc3339};
 use crate::config::crds::{AuthorizationPolicy, PolicyCondition};
 use crate::model::cluster::{ClusterView, IngressView, PolicyView};
-use crate::model::ingress::ListenerStatus;
 use crate::model::{DATAPLANE_MODE, GATEWAY_NAME_LABEL};
 use crate::xds::Hub;
+
+mod classes;
+mod orphans;
 
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
@@ -161,6 +166,7 @@ impl Writer {
     pub async fn reconcile(&mut self, view: &ClusterView) -> Report {
         let mut report = Report::default();
         self.root_configmaps(view, &mut report).await;
+        self.gateway_classes(view, &mut report).await;
         let mut wanted = BTreeSet::new();
         for wp in &view.waypoints {
             let ns = wp.gateway.namespace().unwrap_or_default();
@@ -457,92 +463,6 @@ impl Writer {
         })
     }
 
-    /// Deletes what we made for Gateways that are gone (Kubernetes' garbage
-    /// collector does the same through the owner references; this covers
-    /// a Gateway that only changed class, and clusters where it lags).
-    async fn remove_orphans(&mut self, wanted: &BTreeSet<(String, String)>, report: &mut Report) {
-        let client = self.client.clone();
-        self.sweep(
-            Api::<Deployment>::all(client.clone()),
-            "Deployment",
-            wanted,
-            report,
-        )
-        .await;
-        self.sweep(
-            Api::<Service>::all(client.clone()),
-            "Service",
-            wanted,
-            report,
-        )
-        .await;
-        self.sweep(
-            Api::<ConfigMap>::all(client.clone()),
-            "ConfigMap",
-            wanted,
-            report,
-        )
-        .await;
-        self.sweep(
-            Api::<ServiceAccount>::all(client),
-            "ServiceAccount",
-            wanted,
-            report,
-        )
-        .await;
-    }
-
-    async fn sweep<K>(
-        &mut self,
-        all: Api<K>,
-        kind: &str,
-        wanted: &BTreeSet<(String, String)>,
-        report: &mut Report,
-    ) where
-        K: Resource<DynamicType = (), Scope = kube::core::NamespaceResourceScope>
-            + Clone
-            + DeserializeOwned
-            + Debug,
-    {
-        let selector = format!("{}={},{GATEWAY_NAME_LABEL}", MANAGED_BY.0, MANAGED_BY.1);
-        let list = match all.list(&ListParams::default().labels(&selector)).await {
-            Ok(l) => l,
-            Err(e) => {
-                report.errors.push(format!("listing {kind}s: {e}"));
-                return;
-            }
-        };
-        for o in list.items {
-            let ns = o.namespace().unwrap_or_default();
-            let gw = o
-                .labels()
-                .get(GATEWAY_NAME_LABEL)
-                .cloned()
-                .unwrap_or_default();
-            let owned_by_gateway = o.owner_references().iter().any(|r| {
-                r.kind == "Gateway"
-                    && r.api_version.starts_with("gateway.networking.k8s.io/")
-                    && r.controller == Some(true)
-            });
-            if !owned_by_gateway || wanted.contains(&(ns.clone(), gw.clone())) {
-                continue;
-            }
-            let name = o.name_any();
-            let api: Api<K> = Api::namespaced(self.client.clone(), &ns);
-            match api.delete(&name, &DeleteParams::background()).await {
-                Ok(_) => {
-                    info!(kind, namespace = %ns, name = %name, gateway = %gw, "removed: its Gateway is gone (or is no longer ours)");
-                    self.applied.remove(&format!("{kind}/{ns}/{name}"));
-                    report.deleted += 1;
-                }
-                Err(e) if super::status_code(&e) == Some(404) => {}
-                Err(e) => report
-                    .errors
-                    .push(format!("deleting {kind} {ns}/{name}: {e}")),
-            }
-        }
-    }
-
     /// An ingress Gateway's status: its own conditions and addresses, and
     /// each listener's.
     async fn ingress_status(
@@ -735,6 +655,8 @@ impl Writer {
         stop: CancellationToken,
     ) {
         let mut changes = hub.applied();
+        // A kind appearing (GatewayClass served) is news even with no objects.
+        let mut kinds = hub.sources().subscribe();
         // A partial model would look like Gateways were deleted.
         tokio::select! {
             _ = stop.cancelled() => return,
@@ -752,7 +674,11 @@ impl Writer {
             self.forget();
             let mut resync = tokio::time::Instant::now() + self.cfg.resync;
             loop {
-                let view = hub.model().cluster_view();
+                let mut view = hub.model().cluster_view();
+                view.gateway_class_served = hub
+                    .sources()
+                    .get("GatewayClass")
+                    .is_some_and(|k| k.state == crate::config::sources::State::Listed);
                 tokio::select! {
                     _ = stop.cancelled() => return,
                     _ = leader.changed() => {}
@@ -772,6 +698,7 @@ impl Writer {
                     _ = stop.cancelled() => return,
                     _ = leader.changed() => {}
                     r = changes.changed() => if r.is_err() { return },
+                    r = kinds.changed() => if r.is_err() { return },
                     _ = tokio::time::sleep_until(resync) => {
                         self.forget();
                         resync = tokio::time::Instant::now() + self.cfg.resync;
@@ -799,65 +726,6 @@ struct GatewayStatus {
     reached: Option<String>,
     /// Ingress only: each listener's status, and the listeners not served.
     listeners: Option<(Vec<Value>, Option<String>)>,
-}
-
-/// The listeners that are not served, by name, if any.
-fn not_valid(listeners: &[ListenerStatus]) -> Option<String> {
-    let bad: Vec<&str> = listeners
-        .iter()
-        .filter(|l| {
-            l.conditions
-                .iter()
-                .any(|c| c.type_ == "Programmed" && !c.status)
-        })
-        .map(|l| l.name.as_str())
-        .collect();
-    (!bad.is_empty()).then(|| bad.join(", "))
-}
-
-/// One entry of `status.listeners`, without transition times.
-fn listener_status(l: &ListenerStatus, generation: Option<i64>) -> Value {
-    let kinds: Vec<Value> = if l.http_routes {
-        vec![json!({"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"})]
-    } else {
-        Vec::new()
-    };
-    let conditions: Vec<Value> = l
-        .conditions
-        .iter()
-        .map(|c| {
-            condition(
-                c.type_,
-                if c.status { "True" } else { "False" },
-                c.reason,
-                &c.message,
-                generation,
-            )
-        })
-        .collect();
-    json!({
-        "name": l.name,
-        "supportedKinds": kinds,
-        "attachedRoutes": l.attached_routes,
-        "conditions": conditions,
-    })
-}
-
-/// Whether the listeners' status already says what we want (ours are all
-/// the listeners there are: the Gateway has one controller).
-fn same_listeners(current: &[Value], want: &[Value]) -> bool {
-    current.len() == want.len()
-        && want.iter().all(|w| {
-            current.iter().any(|c| {
-                c["name"] == w["name"]
-                    && c["attachedRoutes"] == w["attachedRoutes"]
-                    && c["supportedKinds"] == w["supportedKinds"]
-                    && c["conditions"].as_array().is_some_and(|cc| {
-                        let wc = w["conditions"].as_array().cloned().unwrap_or_default();
-                        cc.len() == wc.len() && same_conditions(cc, &wc)
-                    })
-            })
-        })
 }
 
 /// The Service's ports, one per distinct listener port. Listener names may
@@ -892,46 +760,4 @@ fn service_ports(g: &Gateway, role: Role) -> Value {
         ports.push(p);
     }
     json!(ports)
-}
-
-fn condition(
-    type_: &str,
-    status: &str,
-    reason: &str,
-    message: &str,
-    generation: Option<i64>,
-) -> Value {
-    let mut c = json!({"type": type_, "status": status, "reason": reason, "message": message});
-    if let Some(g) = generation {
-        c["observedGeneration"] = json!(g);
-    }
-    c
-}
-
-fn same_conditions(current: &[Value], want: &[Value]) -> bool {
-    let strip = |c: &Value| {
-        let mut c = c.clone();
-        if let Some(o) = c.as_object_mut() {
-            o.remove("lastTransitionTime");
-        }
-        c
-    };
-    // Only the condition types we set: another controller's are its own.
-    want.iter().all(|w| current.iter().any(|c| strip(c) == *w))
-}
-
-/// Sets lastTransitionTime: kept from the current condition of the same
-/// type when its status did not change, now otherwise.
-fn with_times(current: &[Value], want: Vec<Value>) -> Vec<Value> {
-    let now = now_rfc3339();
-    want.into_iter()
-        .map(|mut w| {
-            let kept = current
-                .iter()
-                .find(|c| c["type"] == w["type"] && c["status"] == w["status"])
-                .and_then(|c| c["lastTransitionTime"].as_str().map(str::to_string));
-            w["lastTransitionTime"] = json!(kept.unwrap_or_else(|| now.clone()));
-            w
-        })
-        .collect()
 }

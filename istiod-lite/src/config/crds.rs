@@ -211,8 +211,21 @@ pub struct PeerAuthenticationSpec {
     pub selector: Option<WorkloadSelector>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtls: Option<MutualTls>,
+    /// By port number. JSON keys are strings, so the schema is a map of
+    /// any key (a structural schema has no `patternProperties`); a key that
+    /// is not a port number fails when the object is read.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    #[schemars(schema_with = "port_map_schema")]
     pub port_level_mtls: BTreeMap<u32, MutualTls>,
+}
+
+/// `portLevelMtls` as the API server accepts it: an object whose values are
+/// [`MutualTls`].
+fn port_map_schema(g: &mut schemars::SchemaGenerator) -> schemars::Schema {
+    schemars::json_schema!({
+        "type": "object",
+        "additionalProperties": g.subschema_for::<MutualTls>(),
+    })
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]

@@ -2,51 +2,235 @@
 //! same [`Change`]s the folder source produces, so the model cannot tell the
 //! two apart. A (re)list, including the one a 410 Gone forces, is diffed
 //! against what the watcher knew: objects that vanished meanwhile are deleted.
+//!
+//! Degrade, never stall ([`super::sources`]): a kind the API server does not
+//! serve (404: its CRD is not installed) has no objects, and is probed
+//! quietly until it appears; one that RBAC refuses (403) keeps what it last
+//! listed. Neither holds the rest of the mesh back (but see the fail-closed
+//! rule for policy kinds there). After any other failure the kind is
+//! listed afresh once the API server answers, with a backoff that a success
+//! resets, so a long outage leaves no long wait behind. A 410 relist is not
+//! a failure.
 
 use std::collections::BTreeSet;
 use std::fmt::Debug;
+use std::sync::Arc;
+use std::time::Duration;
 
 use futures::StreamExt;
+use futures::stream::BoxStream;
 use gateway_api::apis::experimental::httproutes::HttpRoute;
+use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
-use tracing::{info, warn};
+use tracing::{debug, info};
 
 use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication, TrafficPolicy};
 use super::objects::{Change, Object, ObjectKey, merge_string_data};
+use super::sources::{Backoff, Sources, State};
 use crate::model::ingress::TLS_SECRET_TYPE;
 
-async fn watch_kind<K>(
+/// The first wait after a failure, and the longest: after an outage the
+/// kinds are listed again within this of the API server's return.
+const RETRY_FIRST: Duration = Duration::from_millis(200);
+const RETRY_MAX: Duration = Duration::from_secs(2);
+/// How often a kind that is not served is probed for (its CRD appearing).
+const MISSING_PROBE: Duration = Duration::from_secs(3);
+
+/// What a failed list or watch means.
+#[derive(Debug, PartialEq, Eq)]
+enum Trouble {
+    /// 410 Gone: the watcher lists again at once; not a failure.
+    Expired,
+    Missing(String),
+    Forbidden(String),
+    Failing(String),
+}
+
+/// "404 page not found", "403 forbidden: ...": the code once.
+fn status_detail(code: u16, message: &str) -> String {
+    let m = message.trim();
+    if m.starts_with(&code.to_string()) {
+        m.to_string()
+    } else {
+        format!("{code} {m}").trim().to_string()
+    }
+}
+
+fn api_detail(e: &kube::Error) -> (Option<u16>, String) {
+    match e {
+        kube::Error::Api(s) => (Some(s.code), status_detail(s.code, &s.message)),
+        other => (None, other.to_string()),
+    }
+}
+
+fn classify(e: &watcher::Error) -> Trouble {
+    let (code, detail) = match e {
+        watcher::Error::InitialListFailed(k)
+        | watcher::Error::WatchStartFailed(k)
+        | watcher::Error::WatchFailed(k) => api_detail(k),
+        watcher::Error::WatchError(s) => (Some(s.code), status_detail(s.code, &s.message)),
+        watcher::Error::NoResourceVersion => (None, e.to_string()),
+    };
+    match code {
+        Some(410) => Trouble::Expired,
+        Some(404) => Trouble::Missing(detail),
+        Some(403) => Trouble::Forbidden(detail),
+        _ => Trouble::Failing(detail),
+    }
+}
+
+/// One watched kind.
+struct Watch<K: Resource + Clone + DeserializeOwned + Debug + Send + 'static> {
     api: Api<K>,
     config: watcher::Config,
     wrap: fn(K) -> Object,
-    name: &'static str,
+    kind: &'static str,
     tx: mpsc::Sender<Vec<Change>>,
-    listed: std::sync::Arc<tokio::sync::watch::Sender<usize>>,
-) where
+    sources: Arc<Sources>,
+    client: Client,
+}
+
+impl<K> Watch<K>
+where
     K: Resource + Clone + DeserializeOwned + Debug + Send + 'static,
 {
-    let mut stream = watcher::watcher(api, config).default_backoff().boxed();
-    let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
-    let mut listing: Option<Vec<Object>> = None;
-    let mut first_list = true;
-    while let Some(ev) = stream.next().await {
-        let changes = match ev {
-            Ok(Event::Init) => {
-                listing = Some(Vec::new());
-                continue;
+    fn fresh(&self) -> BoxStream<'static, watcher::Result<Event<K>>> {
+        watcher::watcher(self.api.clone(), self.config.clone()).boxed()
+    }
+
+    /// Waits until the kind is served, asking quietly (a raw request: no
+    /// log line per probe). Returns false when the receiver is gone.
+    async fn until_served(&self) -> bool {
+        loop {
+            tokio::select! {
+                _ = self.tx.closed() => return false,
+                _ = tokio::time::sleep(MISSING_PROBE) => {}
             }
-            Ok(Event::InitApply(o)) => {
+            let url = format!("{}?limit=1", self.api.resource_url());
+            let Ok(req) = http::Request::get(url).body(Vec::new()) else {
+                return true;
+            };
+            match self.client.send(req.map(Into::into)).await {
+                Ok(r) if r.status() == http::StatusCode::NOT_FOUND => {}
+                // Served now, or some other answer: the watcher decides.
+                _ => return true,
+            }
+        }
+    }
+
+    async fn run(self) {
+        let mut stream = self.fresh();
+        let mut known: BTreeSet<ObjectKey> = BTreeSet::new();
+        let mut listing: Option<Vec<Object>> = None;
+        let mut backoff = Backoff::new(RETRY_FIRST, RETRY_MAX);
+        // Failures since the last success: a listed kind's first one (an
+        // ended watch, a CRD being deleted) is retried before it is news.
+        let mut failures = 0u32;
+        while let Some(ev) = stream.next().await {
+            let changes = match ev {
+                Ok(ev) => {
+                    // A fresh watcher says Init before it asks anything:
+                    // only an answer is a success.
+                    if !matches!(ev, Event::Init) {
+                        backoff.reset();
+                        failures = 0;
+                    }
+                    match self.event(ev, &mut known, &mut listing) {
+                        Some(c) => c,
+                        None => continue,
+                    }
+                }
+                Err(e) => {
+                    let (state, detail, wait) = match classify(&e) {
+                        Trouble::Expired => {
+                            debug!(kind = self.kind, "resource version expired; listing again");
+                            continue;
+                        }
+                        Trouble::Missing(d) => (State::Missing, d, None),
+                        // Refusals are not always lasting: a restarted API
+                        // server refuses everything (403) for a moment,
+                        // until its RBAC authorizer has the bindings. So
+                        // the same backoff as any failure.
+                        Trouble::Forbidden(d) => {
+                            (State::Forbidden, d, Some(backoff.next(RETRY_MAX)))
+                        }
+                        Trouble::Failing(d) => (State::Failing, d, Some(backoff.next(RETRY_MAX))),
+                    };
+                    listing = None;
+                    if state == State::Missing {
+                        // Nothing of a kind that is not served exists (the
+                        // API server deletes a CRD's objects with it).
+                        let gone: Vec<Change> = std::mem::take(&mut known)
+                            .into_iter()
+                            .map(Change::Delete)
+                            .collect();
+                        if !gone.is_empty() && self.tx.send(gone).await.is_err() {
+                            return;
+                        }
+                    }
+                    failures += 1;
+                    let listed = self
+                        .sources
+                        .get(self.kind)
+                        .is_some_and(|k| k.state == State::Listed);
+                    if state == State::Failing && listed && failures == 1 {
+                        debug!(kind = self.kind, error = %detail, "watch failed; listing again");
+                    } else {
+                        self.sources.set(self.kind, state, Some(detail));
+                    }
+                    let go_on = match wait {
+                        None => self.until_served().await,
+                        Some(w) => tokio::select! {
+                            _ = self.tx.closed() => false,
+                            _ = tokio::time::sleep(w) => true,
+                        },
+                    };
+                    if !go_on {
+                        return;
+                    }
+                    // Listed afresh: the next success is a whole list, so
+                    // the kind is known to be current again.
+                    stream = self.fresh();
+                    continue;
+                }
+            };
+            let listed = matches!(changes, Step::Listed(_));
+            let batch = match changes {
+                Step::Listed(c) | Step::Changed(c) => c,
+            };
+            if self.tx.send(batch).await.is_err() {
+                return;
+            }
+            if listed {
+                self.sources.set(self.kind, State::Listed, None);
+            }
+        }
+    }
+
+    /// The changes one event makes, once a list is complete.
+    fn event(
+        &self,
+        ev: Event<K>,
+        known: &mut BTreeSet<ObjectKey>,
+        listing: &mut Option<Vec<Object>>,
+    ) -> Option<Step> {
+        let wrap = self.wrap;
+        match ev {
+            Event::Init => {
+                *listing = Some(Vec::new());
+                None
+            }
+            Event::InitApply(o) => {
                 listing.get_or_insert_with(Vec::new).push(wrap(o));
-                continue;
+                None
             }
-            Ok(Event::InitDone) => {
+            Event::InitDone => {
                 let objects = listing.take().unwrap_or_default();
                 let now: BTreeSet<ObjectKey> = objects.iter().map(Object::key).collect();
                 let mut changes: Vec<Change> = known
@@ -55,119 +239,176 @@ async fn watch_kind<K>(
                     .map(Change::Delete)
                     .collect();
                 info!(
-                    kind = name,
+                    kind = self.kind,
                     objects = objects.len(),
                     removed = changes.len(),
                     "listed"
                 );
                 changes.extend(objects.into_iter().map(Change::Upsert));
-                known = now;
-                changes
+                *known = now;
+                Some(Step::Listed(changes))
             }
-            Ok(Event::Apply(o)) => {
+            Event::Apply(o) => {
                 let o = wrap(o);
                 known.insert(o.key());
-                vec![Change::Upsert(o)]
+                Some(Step::Changed(vec![Change::Upsert(o)]))
             }
-            Ok(Event::Delete(o)) => {
+            Event::Delete(o) => {
                 let k = wrap(o).key();
                 known.remove(&k);
-                vec![Change::Delete(k)]
+                Some(Step::Changed(vec![Change::Delete(k)]))
             }
-            Err(e) => {
-                warn!(kind = name, error = %e, "watch failed; retrying with backoff");
-                continue;
-            }
-        };
-        if tx.send(changes).await.is_err() {
-            return;
-        }
-        if first_list && listing.is_none() {
-            first_list = false;
-            listed.send_modify(|n| *n += 1);
         }
     }
 }
 
-/// Changes from every watcher, and how many kinds have finished their first
-/// list (of `kinds`).
+/// A batch of changes: a whole list, or one event.
+enum Step {
+    Listed(Vec<Change>),
+    Changed(Vec<Change>),
+}
+
+/// Changes from every watcher; each kind's state is in the hub's
+/// [`Sources`].
 pub struct Watchers {
     pub changes: mpsc::Receiver<Vec<Change>>,
-    pub listed: tokio::sync::watch::Receiver<usize>,
-    pub kinds: usize,
 }
 
-/// Starts a watcher per kind the model uses.
-pub fn watch_all(client: Client) -> Watchers {
+/// Starts a watcher per kind the model uses, each registered in `sources`.
+/// The watchers' client is made from `config` without the client's own
+/// retries (of 429 and 503, up to minutes): the watchers retry by their own
+/// backoff, which a success resets.
+pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers, kube::Error> {
+    let mut config = config;
+    config.default_retry = false;
+    let client = Client::try_from(config)?;
     let (tx, rx) = mpsc::channel(64);
-    let listed = std::sync::Arc::new(tokio::sync::watch::Sender::new(0usize));
-    let mut kinds = 0;
     macro_rules! watch {
-        ($t:ty, $variant:ident, $name:literal) => {
-            watch!($t, $variant, $name, watcher::Config::default(), |o| o)
-        };
-        ($t:ty, $variant:ident, $name:literal, $config:expr, $prepare:expr) => {
-            kinds += 1;
-            tokio::spawn(watch_kind(
-                Api::<$t>::all(client.clone()),
-                $config,
-                |o| Object::$variant(Box::new($prepare(o))),
+        ($t:ty, $variant:ident, $name:literal, $narrows:expr) => {
+            watch!(
+                $t,
+                $variant,
                 $name,
-                tx.clone(),
-                listed.clone(),
-            ));
+                $narrows,
+                watcher::Config::default(),
+                |o| o
+            )
+        };
+        ($t:ty, $variant:ident, $name:literal, $narrows:expr, $config:expr, $prepare:expr) => {
+            let api = Api::<$t>::all(client.clone());
+            sources.register($name, api.resource_url().to_string(), $narrows);
+            tokio::spawn(
+                Watch {
+                    api,
+                    config: $config,
+                    wrap: |o| Object::$variant(Box::new($prepare(o))),
+                    kind: $name,
+                    tx: tx.clone(),
+                    sources: sources.clone(),
+                    client: client.clone(),
+                }
+                .run(),
+            );
         };
     }
-    watch!(Namespace, Namespace, "Namespace");
-    watch!(Pod, Pod, "Pod");
-    watch!(Service, Service, "Service");
-    watch!(EndpointSlice, EndpointSlice, "EndpointSlice");
-    watch!(Gateway, Gateway, "Gateway");
-    watch!(HttpRoute, HttpRoute, "HTTPRoute");
+    watch!(Namespace, Namespace, "Namespace", false);
+    watch!(Pod, Pod, "Pod", false);
+    watch!(Service, Service, "Service", false);
+    watch!(EndpointSlice, EndpointSlice, "EndpointSlice", false);
+    watch!(GatewayClass, GatewayClass, "GatewayClass", false);
+    watch!(Gateway, Gateway, "Gateway", false);
+    watch!(HttpRoute, HttpRoute, "HTTPRoute", false);
+    // Policies narrow access: never served without them while they may
+    // exist (see `sources`).
     watch!(
         AuthorizationPolicy,
         AuthorizationPolicy,
-        "AuthorizationPolicy"
+        "AuthorizationPolicy",
+        true
     );
-    watch!(PeerAuthentication, PeerAuthentication, "PeerAuthentication");
-    watch!(DestinationRule, DestinationRule, "DestinationRule");
-    watch!(TrafficPolicy, TrafficPolicy, "TrafficPolicy");
+    watch!(
+        PeerAuthentication,
+        PeerAuthentication,
+        "PeerAuthentication",
+        true
+    );
+    watch!(DestinationRule, DestinationRule, "DestinationRule", false);
+    watch!(TrafficPolicy, TrafficPolicy, "TrafficPolicy", false);
     // Only TLS Secrets (the ingress's certificates): the controller has no
     // business holding any other Secret in memory.
     watch!(
         Secret,
         Secret,
         "Secret",
+        false,
         watcher::Config::default().fields(&format!("type={TLS_SECRET_TYPE}")),
         merge_string_data
     );
-    Watchers {
-        changes: rx,
-        listed: listed.subscribe(),
-        kinds,
-    }
+    Ok(Watchers { changes: rx })
 }
 
 /// Applies changes from a source to the hub, batching what arrives within
 /// `window` into one push (a debounce: a burst of events costs one push).
-/// The hub becomes ready once every kind has listed and what they listed
-/// has been applied.
-pub async fn feed(hub: std::sync::Arc<crate::xds::Hub>, w: Watchers, window: std::time::Duration) {
-    let Watchers {
-        changes: mut rx,
-        listed,
-        kinds,
-    } = w;
-    while let Some(mut batch) = rx.recv().await {
-        let deadline = tokio::time::Instant::now() + window;
-        while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-            batch.extend(more);
+/// The hub becomes ready once every kind is settled (listed, or reported
+/// as not served: see [`Sources`]) and what they listed has been applied.
+pub async fn feed(hub: Arc<crate::xds::Hub>, w: Watchers, window: Duration) {
+    let Watchers { changes: mut rx } = w;
+    let sources = hub.sources().clone();
+    let mut states = sources.subscribe();
+    loop {
+        tokio::select! {
+            batch = rx.recv() => {
+                let Some(mut batch) = batch else { return };
+                let deadline = tokio::time::Instant::now() + window;
+                while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
+                    batch.extend(more);
+                }
+                hub.apply(batch);
+            }
+            r = states.changed() => if r.is_err() { return },
         }
-        hub.apply(batch);
-        // Every kind's first list is sent before it counts as listed, so
-        // once all have counted and the channel is empty, all are applied.
-        if *listed.borrow() == kinds && rx.is_empty() {
+        // A kind's list is sent before it counts as listed, so once all
+        // are settled and the channel is empty, all are applied.
+        if !hub.is_ready() && rx.is_empty() && sources.all_settled() {
             hub.set_ready();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn api_error(code: u16) -> kube::Error {
+        kube::Error::Api(Box::new(kube::core::Status {
+            code,
+            message: "msg\n".into(),
+            ..Default::default()
+        }))
+    }
+
+    #[test]
+    fn a_410_is_no_failure_and_404_403_are_named() {
+        let gone = watcher::Error::WatchError(Box::new(kube::core::Status {
+            code: 410,
+            ..Default::default()
+        }));
+        assert_eq!(classify(&gone), Trouble::Expired);
+        assert_eq!(
+            classify(&watcher::Error::InitialListFailed(api_error(404))),
+            Trouble::Missing("404 msg".into())
+        );
+        assert_eq!(
+            status_detail(404, "404 page not found\n"),
+            "404 page not found"
+        );
+        assert_eq!(
+            classify(&watcher::Error::WatchStartFailed(api_error(403))),
+            Trouble::Forbidden("403 msg".into())
+        );
+        assert!(matches!(
+            classify(&watcher::Error::InitialListFailed(api_error(503))),
+            Trouble::Failing(_)
+        ));
     }
 }

@@ -6,3 +6,4 @@ pub mod folder;
 pub mod kube;
 pub mod mesh;
 pub mod objects;
+pub mod sources;

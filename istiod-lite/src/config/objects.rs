@@ -3,6 +3,7 @@
 
 use std::fmt;
 
+use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 // The experimental channel: a superset of standard that has `retry`.
 use gateway_api::apis::experimental::httproutes::HttpRoute as HTTPRoute;
@@ -23,6 +24,7 @@ pub enum Object {
     EndpointSlice(Box<EndpointSlice>),
     ServiceAccount(Box<ServiceAccount>),
     Node(Box<Node>),
+    GatewayClass(Box<GatewayClass>),
     Gateway(Box<Gateway>),
     HttpRoute(Box<HTTPRoute>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
@@ -53,6 +55,7 @@ impl fmt::Debug for Object {
             Object::EndpointSlice(o) => f.debug_tuple("EndpointSlice").field(o).finish(),
             Object::ServiceAccount(o) => f.debug_tuple("ServiceAccount").field(o).finish(),
             Object::Node(o) => f.debug_tuple("Node").field(o).finish(),
+            Object::GatewayClass(o) => f.debug_tuple("GatewayClass").field(o).finish(),
             Object::Gateway(o) => f.debug_tuple("Gateway").field(o).finish(),
             Object::HttpRoute(o) => f.debug_tuple("HttpRoute").field(o).finish(),
             Object::AuthorizationPolicy(o) => {
@@ -103,6 +106,7 @@ pub enum Kind {
     EndpointSlice,
     ServiceAccount,
     Node,
+    GatewayClass,
     Gateway,
     HttpRoute,
     AuthorizationPolicy,
@@ -122,6 +126,7 @@ impl Kind {
             "EndpointSlice" => Kind::EndpointSlice,
             "ServiceAccount" => Kind::ServiceAccount,
             "Node" => Kind::Node,
+            "GatewayClass" => Kind::GatewayClass,
             "Gateway" => Kind::Gateway,
             "HTTPRoute" => Kind::HttpRoute,
             "AuthorizationPolicy" => Kind::AuthorizationPolicy,
@@ -134,7 +139,7 @@ impl Kind {
     }
 
     pub fn namespaced(self) -> bool {
-        !matches!(self, Kind::Namespace | Kind::Node)
+        !matches!(self, Kind::Namespace | Kind::Node | Kind::GatewayClass)
     }
 }
 
@@ -256,6 +261,9 @@ impl Object {
             ("discovery.k8s.io", "EndpointSlice") => {
                 Object::EndpointSlice(Box::new(typed(v, k, &name)?))
             }
+            ("gateway.networking.k8s.io", "GatewayClass") => {
+                Object::GatewayClass(Box::new(typed(v, k, &name)?))
+            }
             ("gateway.networking.k8s.io", "Gateway") => {
                 Object::Gateway(Box::new(typed(v, k, &name)?))
             }
@@ -305,6 +313,7 @@ impl Object {
             Object::EndpointSlice(o) => k(Kind::EndpointSlice, &o.metadata),
             Object::ServiceAccount(o) => k(Kind::ServiceAccount, &o.metadata),
             Object::Node(o) => k(Kind::Node, &o.metadata),
+            Object::GatewayClass(o) => k(Kind::GatewayClass, &o.metadata),
             Object::Gateway(o) => k(Kind::Gateway, &o.metadata),
             Object::HttpRoute(o) => k(Kind::HttpRoute, &o.metadata),
             Object::AuthorizationPolicy(o) => k(Kind::AuthorizationPolicy, &o.metadata),
@@ -318,7 +327,7 @@ impl Object {
     /// Namespaced kinds without a namespace land in `default`, as kubectl does.
     pub fn default_namespace(&mut self, ns: &str) {
         let m = match self {
-            Object::Namespace(_) | Object::Node(_) => return,
+            Object::Namespace(_) | Object::Node(_) | Object::GatewayClass(_) => return,
             Object::Pod(o) => &mut o.metadata,
             Object::Service(o) => &mut o.metadata,
             Object::EndpointSlice(o) => &mut o.metadata,

@@ -112,7 +112,7 @@ impl Model {
                 };
                 d.ingresses = true;
             }
-            Kind::ServiceAccount | Kind::Node => {
+            Kind::ServiceAccount | Kind::Node | Kind::GatewayClass => {
                 match obj {
                     Some(o) => self.others.insert(key, o),
                     None => self.others.remove(&key),

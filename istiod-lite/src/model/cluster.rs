@@ -5,6 +5,7 @@
 
 use std::collections::BTreeSet;
 
+use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 use ztunnel::identity::Identity;
 
@@ -12,6 +13,7 @@ use super::ingress::ListenerStatus;
 use super::workload::labels;
 use super::{DATAPLANE_MODE, INGRESS_CLASS, Model, NsName, WAYPOINT_CLASS};
 use crate::config::crds::{PolicyCondition, PolicyStatus};
+use crate::config::objects::Object;
 
 /// Istio's condition types on an AuthorizationPolicy.
 pub const ZTUNNEL_ACCEPTED: &str = "ZtunnelAccepted";
@@ -53,6 +55,11 @@ pub struct ClusterView {
     pub waypoints: Vec<WaypointView>,
     pub ingresses: Vec<IngressView>,
     pub policies: Vec<PolicyView>,
+    /// Every GatewayClass, as watched.
+    pub gateway_classes: Vec<GatewayClass>,
+    /// Whether the cluster serves GatewayClass at all (the model cannot
+    /// tell "none" from "not served"; the writer sets it from the watch).
+    pub gateway_class_served: bool,
 }
 
 impl Model {
@@ -123,6 +130,15 @@ impl Model {
             waypoints,
             ingresses,
             policies,
+            gateway_classes: self
+                .others
+                .values()
+                .filter_map(|o| match o {
+                    Object::GatewayClass(c) => Some((**c).clone()),
+                    _ => None,
+                })
+                .collect(),
+            gateway_class_served: false,
         }
     }
 

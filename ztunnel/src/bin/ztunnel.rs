@@ -17,6 +17,20 @@ struct Args {
     /// DaemonSet sets NODE_NAME from spec.nodeName).
     #[arg(long, env = "NODE_NAME")]
     node: Option<String>,
+    /// The controller's CA address; overrides the config's `ca.address`
+    /// (the DaemonSet names istiod-lite in its own namespace).
+    #[arg(long, env = "CA_ADDRESS")]
+    ca_address: Option<String>,
+    /// The name the CA's certificate is checked against; overrides
+    /// `ca.server_name`.
+    #[arg(long, env = "CA_SERVER_NAME")]
+    ca_server_name: Option<String>,
+    /// The controller's xDS address; overrides `state.xds_address`.
+    #[arg(long, env = "XDS_ADDRESS")]
+    xds_address: Option<String>,
+    /// Where mesh-wide policies live; overrides `root_namespace`.
+    #[arg(long, env = "ROOT_NAMESPACE")]
+    root_namespace: Option<String>,
 }
 
 fn main() {
@@ -26,7 +40,13 @@ fn main() {
     ztunnel::init_logging();
     let args = Args::parse();
     // The config first: it says how many threads the runtime gets.
-    let cfg = match ztunnel::config::Config::load_for_node(&args.config, args.node.as_deref()) {
+    let over = ztunnel::config::Overrides {
+        ca_address: args.ca_address,
+        ca_server_name: args.ca_server_name,
+        xds_address: args.xds_address,
+        root_namespace: args.root_namespace,
+    };
+    let cfg = match ztunnel::config::Config::load_with(&args.config, args.node.as_deref(), &over) {
         Ok(c) => c,
         Err(e) => {
             tracing::error!("{e}");
