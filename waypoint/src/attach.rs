@@ -137,13 +137,13 @@ pub fn config(snap: &Snapshot, routes: &RouteTable, cfg: &Config, key: &str) -> 
         // none) under a kept-alive connection is no longer served.
         c.policies = match (routes.get(&gateway_key(cfg)), snap.workload(uid)) {
             (Some(gw), Some(w)) if names(snap, &gw, w) => gw.policies.clone(),
-            _ => vec![deny_all(key)],
+            _ => Arc::from([deny_all(key)]),
         };
         return Arc::new(c);
     }
     routes.get(key).unwrap_or_else(|| {
         let mut c = ServiceConfig::default_for(key);
-        c.policies = vec![deny_all(key)];
+        c.policies = Arc::from([deny_all(key)]);
         Arc::new(c)
     })
 }

@@ -308,7 +308,8 @@ pub struct ServiceConfig {
     pub default_route: Option<Route>,
     pub backend: BackendPolicy,
     pub ports: HashMap<u16, PortProtocol>,
-    pub policies: Vec<Policy>,
+    /// Shared: a pod-addressed request takes its Gateway's without a copy.
+    pub policies: Arc<[Policy]>,
 }
 
 impl ServiceConfig {
@@ -357,7 +358,7 @@ impl ServiceConfig {
                 .map(BackendPolicy::from_proto)
                 .unwrap_or_default(),
             ports,
-            policies,
+            policies: policies.into(),
         })
     }
 
@@ -376,7 +377,7 @@ impl ServiceConfig {
             default_route: Some(Route::default_for(key)),
             backend: BackendPolicy::default(),
             ports: HashMap::new(),
-            policies: vec![],
+            policies: Arc::from([]),
         }
     }
 
@@ -405,7 +406,7 @@ impl ServiceConfig {
             default_route: None,
             backend: BackendPolicy::default(),
             ports: HashMap::new(),
-            policies: vec![],
+            policies: Arc::from([]),
             key,
         })
     }

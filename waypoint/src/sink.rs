@@ -107,7 +107,7 @@ fn compile_fail_closed(
         let mut c = previous
             .cloned()
             .unwrap_or_else(|| ServiceConfig::default_for(&r.name));
-        c.policies = policies;
+        c.policies = policies.into();
         c
     };
     let decoded = match &r.resource {
@@ -138,7 +138,7 @@ fn compile_fail_closed(
         .collect();
     let config = match ServiceConfig::compile(&r.name, &s) {
         Ok(mut c) => {
-            c.policies = policies;
+            c.policies = policies.into();
             c
         }
         Err(e) => {
