@@ -58,7 +58,8 @@ async fn the_lab_runs_an_ambient_mesh() {
         1,
         "[tcp-echo, --port, \"9000\"]",
     )); // node-2
-    docs.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: shop}\nspec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}\n");
+    docs.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: shop}\nspec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}\n---\n");
+    docs.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: echo-peers, namespace: shop}\nspec: {clusterIP: None, selector: {app: echo}, ports: [{port: 9000}]}\n");
     g.0.apply(yaml(&docs)).await.unwrap();
     let lab = &g.0;
     let ip = |k: &str| lab.pod(k).unwrap().ip.clone();
@@ -127,6 +128,21 @@ async fn the_lab_runs_an_ambient_mesh() {
         assert_eq!(resolve(name).as_deref(), Some(vip.as_str()), "{name}");
     }
     assert_eq!(resolve("nope.shop.svc.cluster.local"), None);
+    // A headless Service resolves to its endpoints, and each endpoint by its
+    // per-pod name under it (a StatefulSet's peers find each other so).
+    let mut peers: Vec<String> = resolve("echo-peers")
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect();
+    peers.sort();
+    let mut want = vec![echo0.clone(), echo1.clone()];
+    want.sort();
+    assert_eq!(peers, want, "echo-peers");
+    assert_eq!(
+        resolve("echo-1.echo-peers").as_deref(),
+        Some(echo1.as_str())
+    );
     for _ in 0..4 {
         assert!(send(lab, "shop/client-0", &format!("{vip}:80"), "via-vip").is_some());
     }

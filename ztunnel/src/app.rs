@@ -248,12 +248,20 @@ impl App {
         };
         let inpod = cfg.node_mode.as_ref().map(|nm| {
             let dns = nm.dns.then(|| {
-                let upstream = nm.dns_upstream.or_else(|| {
-                    crate::dns::upstream_from_resolv_conf(
+                let upstreams = if nm.dns_upstream.is_empty() {
+                    crate::dns::nameservers_from_resolv_conf(
                         &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
                     )
-                });
-                crate::dns::DnsProxy::new(proxy.state.clone(), nm.dns_domain.clone(), upstream)
+                } else {
+                    nm.dns_upstream.clone()
+                };
+                crate::dns::DnsProxy::new(
+                    proxy.state.clone(),
+                    nm.dns_domain.clone(),
+                    &upstreams,
+                    proxy.metrics.dns.clone(),
+                    nm.dns_limits.limits(),
+                )
             });
             let inpod = InPod::new(proxy.clone(), dns, xds.clone());
             tokio::spawn(inpod.clone().run(nm.zds_socket.clone(), stop_admin.clone()));

@@ -162,13 +162,68 @@ pub struct NodeMode {
     /// port 53 to it).
     #[serde(default)]
     pub dns: bool,
-    /// Where names outside the mesh are forwarded; the node's resolv.conf
-    /// when absent.
-    #[serde(default)]
-    pub dns_upstream: Option<SocketAddr>,
+    /// Where names outside the mesh are forwarded: one `ip:port` or a list,
+    /// tried in turn; every nameserver of the node's resolv.conf when absent.
+    #[serde(default, deserialize_with = "one_or_many")]
+    pub dns_upstream: Vec<SocketAddr>,
     /// The cluster DNS domain.
     #[serde(default = "d::trust_domain")]
     pub dns_domain: String,
+    /// Each pod's share of the DNS proxy.
+    #[serde(default)]
+    pub dns_limits: DnsLimits,
+}
+
+/// `node_mode.dns_limits`: what one pod may hold of the DNS proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DnsLimits {
+    /// UDP queries answered at once; more are dropped (the client retries).
+    pub udp_in_flight: usize,
+    /// Open TCP connections; more are closed at accept.
+    pub tcp_connections: usize,
+    /// A TCP connection idle this long is closed.
+    #[serde(with = "humantime_serde")]
+    pub tcp_idle: Duration,
+}
+
+impl Default for DnsLimits {
+    fn default() -> Self {
+        let d = crate::dns::Limits::default();
+        DnsLimits {
+            udp_in_flight: d.udp_in_flight,
+            tcp_connections: d.tcp_connections,
+            tcp_idle: d.tcp_idle,
+        }
+    }
+}
+
+impl DnsLimits {
+    pub fn limits(&self) -> crate::dns::Limits {
+        crate::dns::Limits {
+            udp_in_flight: self.udp_in_flight,
+            tcp_connections: self.tcp_connections,
+            tcp_idle: self.tcp_idle,
+        }
+    }
+}
+
+/// One value or a list of them.
+fn one_or_many<'de, D, T>(d: D) -> Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany<T> {
+        One(T),
+        Many(Vec<T>),
+    }
+    Ok(match OneOrMany::deserialize(d)? {
+        OneOrMany::One(t) => vec![t],
+        OneOrMany::Many(v) => v,
+    })
 }
 
 /// Where the proxy listens, outside node mode (where listeners open inside

@@ -10,6 +10,9 @@ use serde_json::{Value, json};
 use super::pods::pod_spec;
 use super::{Error, Lab, ServiceState};
 
+/// `spec.clusterIP` of a headless Service, kept as the lab's VIP.
+pub const HEADLESS: &str = "None";
+
 /// The Gateway class that declares a waypoint.
 pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 
@@ -176,9 +179,13 @@ impl Lab {
                 }
                 "Service" => {
                     let key = format!("{ns}/{name}");
+                    // A headless Service (`clusterIP: None`) has no VIP: its
+                    // name resolves to its endpoints.
+                    let headless = d["spec"]["clusterIP"].as_str() == Some(HEADLESS);
                     let vip = match self.state.services.get(&key) {
-                        Some(s) => s.vip.clone(),
-                        None => {
+                        _ if headless => HEADLESS.to_string(),
+                        Some(s) if s.vip != HEADLESS => s.vip.clone(),
+                        _ => {
                             let v = format!("{}.250.{}", self.net(), self.state.next_vip);
                             self.state.next_vip += 1;
                             v

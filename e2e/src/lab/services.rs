@@ -48,7 +48,7 @@ impl Lab {
                         && s.selector.iter().all(|(k, v)| p.labels.get(k) == Some(v))
                 })
                 .collect();
-            if eps.is_empty() {
+            if eps.is_empty() || s.vip == super::objects::HEADLESS {
                 continue;
             }
             for (port, target) in &s.ports {

@@ -1,0 +1,40 @@
+//! The DNS proxy's counters, on Istio's ztunnel names where it has them.
+
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Default)]
+pub struct DnsMetrics {
+    pub requests: Counter,
+    pub upstream_requests: Counter,
+    pub upstream_failures: Counter,
+    /// Queries and connections refused by a pod's limits.
+    pub dropped: Counter,
+}
+
+impl DnsMetrics {
+    pub fn register(registry: &mut Registry) -> DnsMetrics {
+        let m = DnsMetrics::default();
+        registry.register(
+            "istio_dns_requests",
+            "DNS queries received",
+            m.requests.clone(),
+        );
+        registry.register(
+            "istio_dns_upstream_requests",
+            "DNS queries forwarded to the node's nameservers",
+            m.upstream_requests.clone(),
+        );
+        registry.register(
+            "istio_dns_upstream_failures",
+            "Forwarded DNS queries no nameserver answered",
+            m.upstream_failures.clone(),
+        );
+        registry.register(
+            "ztunnel_dns_dropped",
+            "DNS queries and connections dropped by a pod's limits",
+            m.dropped.clone(),
+        );
+        m
+    }
+}

@@ -1,0 +1,174 @@
+//! The DNS proxy (15053 in each captured pod).
+//!
+//! - A and AAAA queries for the mesh's names are answered from the proxy
+//!   state (`local`): Service VIPs, a headless Service's ready endpoints, and
+//!   the per-pod names under a headless Service.
+//! - Everything else goes to the node's nameservers (`forward`): all of
+//!   them, with retries, TCP when an answer is truncated, and a cache.
+//! - Each pod's listeners have their own limits (`serve`).
+
+mod forward;
+mod local;
+mod metrics;
+mod serve;
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
+use hickory_proto::rr::rdata::{A, AAAA};
+use hickory_proto::rr::{RData, Record, RecordType};
+use tracing::{debug, warn};
+
+pub use forward::{Forwarder, ForwarderError, nameservers_from_resolv_conf};
+pub use local::{Local, lookup};
+pub use metrics::DnsMetrics;
+pub use serve::Limits;
+
+use crate::state::ProxyState;
+
+/// TTL of the mesh's own answers: short, since endpoints move.
+const TTL: u32 = 30;
+/// The largest UDP answer we send when the client advertises more (the
+/// DNS flag day's figure; larger answers are truncated and retried on TCP).
+const MAX_UDP_PAYLOAD: u16 = 1232;
+
+pub struct DnsProxy {
+    state: ProxyState,
+    /// e.g. "cluster.local".
+    domain: String,
+    forwarder: Option<Forwarder>,
+    metrics: DnsMetrics,
+    limits: Limits,
+}
+
+/// The skeleton of a response to `query`: same id, opcode and question,
+/// recursion flags, and an OPT record when the query had one.
+fn response_to(query: &Message) -> Message {
+    let mut resp = Message::response(query.metadata.id, query.metadata.op_code);
+    resp.metadata.recursion_desired = query.metadata.recursion_desired;
+    resp.metadata.recursion_available = true;
+    resp.queries = query.queries.clone();
+    if query.edns.is_some() {
+        let mut edns = Edns::new();
+        edns.set_max_payload(MAX_UDP_PAYLOAD);
+        resp.set_edns(edns);
+    }
+    resp
+}
+
+impl DnsProxy {
+    /// `upstreams` empty: names outside the mesh get SERVFAIL (reported once
+    /// here).
+    pub fn new(
+        state: ProxyState,
+        domain: impl Into<String>,
+        upstreams: &[SocketAddr],
+        metrics: DnsMetrics,
+        limits: Limits,
+    ) -> Arc<Self> {
+        let forwarder = match Forwarder::new(upstreams) {
+            Ok(f) => Some(f),
+            Err(e) => {
+                warn!(error = %e, "DNS proxy: names outside the mesh will get SERVFAIL");
+                None
+            }
+        };
+        Arc::new(DnsProxy {
+            state,
+            domain: domain.into().to_ascii_lowercase(),
+            forwarder,
+            metrics,
+            limits,
+        })
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    /// The mesh's answer to an A or AAAA query, or None when the name is not
+    /// the mesh's.
+    pub fn local_answer(&self, query: &Message) -> Option<Message> {
+        let q = query.queries.first()?;
+        let qtype = q.query_type();
+        if !matches!(qtype, RecordType::A | RecordType::AAAA) {
+            return None;
+        }
+        let name = q.name().to_lowercase().to_ascii();
+        let name = name.trim_end_matches('.');
+        let mut resp = response_to(query);
+        resp.metadata.authoritative = true;
+        match lookup(&self.state.snapshot(), &self.domain, name) {
+            Local::Unknown => return None,
+            Local::NoSuchName => resp.metadata.response_code = ResponseCode::NXDomain,
+            Local::Addresses(ips) => {
+                for ip in ips {
+                    let rdata = match (ip, qtype) {
+                        (IpAddr::V4(v4), RecordType::A) => RData::A(A(v4)),
+                        (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(v6)),
+                        _ => continue,
+                    };
+                    resp.add_answer(Record::from_rdata(q.name().clone(), TTL, rdata));
+                }
+            }
+        }
+        Some(resp)
+    }
+
+    /// The response to one query message: None for what is not a query (no
+    /// answer is sent to garbage or to a response).
+    pub async fn respond(&self, raw: &[u8]) -> Option<Message> {
+        let query = match Message::from_vec(raw) {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(error = %e, "DNS query does not parse; dropped");
+                return None;
+            }
+        };
+        if query.metadata.message_type != MessageType::Query {
+            return None;
+        }
+        self.metrics.requests.inc();
+        let fail = |code| {
+            let mut r = response_to(&query);
+            r.metadata.response_code = code;
+            r
+        };
+        if query.metadata.op_code != OpCode::Query {
+            return Some(fail(ResponseCode::NotImp));
+        }
+        let [q] = query.queries.as_slice() else {
+            return Some(fail(ResponseCode::FormErr));
+        };
+        if let Some(resp) = self.local_answer(&query) {
+            return Some(resp);
+        }
+        let Some(fwd) = &self.forwarder else {
+            return Some(fail(ResponseCode::ServFail));
+        };
+        self.metrics.upstream_requests.inc();
+        let resp = fwd.answer(&query, q.name(), q.query_type()).await;
+        if resp.metadata.response_code == ResponseCode::ServFail {
+            self.metrics.upstream_failures.inc();
+        }
+        Some(resp)
+    }
+
+    /// The wire form of `resp`, truncated (TC set, records dropped) when it
+    /// is longer than `limit` bytes.
+    pub fn encode(resp: &Message, limit: Option<usize>) -> Option<Vec<u8>> {
+        let bytes = resp.to_vec().ok()?;
+        match limit {
+            Some(max) if bytes.len() > max => resp.truncate().to_vec().ok(),
+            _ => Some(bytes),
+        }
+    }
+
+    /// The largest UDP answer `query`'s sender accepts.
+    pub fn udp_limit(raw_query: &[u8]) -> usize {
+        Message::from_vec(raw_query)
+            .map(|q| q.max_payload().min(MAX_UDP_PAYLOAD))
+            .unwrap_or(512) as usize
+    }
+}
