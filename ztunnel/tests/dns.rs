@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
-use hickory_proto::rr::rdata::{A, SOA};
+use hickory_proto::rr::rdata::{A, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
@@ -37,7 +37,7 @@ fn state(extra_workloads: &str) -> ProxyState {
 
 /// A nameserver on loopback, UDP and TCP on one port. `big.example.` is
 /// too large for UDP (answered truncated there), `nx.example.` does not
-/// exist, `slow.example.` takes a second; every question it gets is logged.
+/// exist, `slow*.example.` take a second; every question it gets is logged.
 struct Upstream {
     addr: SocketAddr,
     log: Arc<Mutex<Vec<String>>>,
@@ -61,8 +61,26 @@ fn upstream_answer(query: &Message, udp: bool) -> Message {
         "big.example." => {
             resp.add_answers((1..=60).map(a));
         }
-        "one.example." | "slow.example." => {
+        n if n == "one.example." || n.starts_with("slow") => {
             resp.add_answer(a(1));
+        }
+        // 2 KiB of TXT: 8 strings of 255 bytes and one of 8.
+        "txt.example." if udp => resp.metadata.truncation = true,
+        "txt.example." => {
+            let strings: Vec<String> = (0..9)
+                .map(|i| {
+                    if i < 8 {
+                        "t".repeat(255)
+                    } else {
+                        "t".repeat(8)
+                    }
+                })
+                .collect();
+            resp.add_answer(Record::from_rdata(
+                q.name().clone(),
+                60,
+                RData::TXT(TXT::new(strings)),
+            ));
         }
         _ => {
             resp.metadata.response_code = ResponseCode::NXDomain;
@@ -108,7 +126,7 @@ async fn upstream() -> Upstream {
             l.lock().expect("log").push(format!("udp {name}"));
             let udp = udp.clone();
             tokio::spawn(async move {
-                if name == "slow.example." {
+                if name.starts_with("slow") {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 let bytes = upstream_answer(&q, true).to_vec().expect("encode");
@@ -380,4 +398,82 @@ async fn a_pods_share_of_the_proxy_is_bounded() {
         2,
         "one TCP connection and one UDP query dropped"
     );
+}
+
+/// A 2 KiB TXT record: truncated by the upstream over UDP, fetched over
+/// TCP, and carried whole to a pod that asks over TCP.
+#[tokio::test]
+async fn a_2_kib_txt_answer_comes_over_tcp() {
+    let up = upstream().await;
+    let p = proxy(state(""), &[up.addr], Limits::default()).await;
+    let r = ask_tcp(p.addr, &query("txt.example.", RecordType::TXT, false)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    let len: usize = r
+        .answers
+        .iter()
+        .filter_map(|a| match &a.data {
+            RData::TXT(t) => Some(t.txt_data.iter().map(|d| d.len()).sum::<usize>()),
+            _ => None,
+        })
+        .sum();
+    assert_eq!(len, 8 * 255 + 8);
+}
+
+/// One pod sends 10 000 queries within about a second (names that take
+/// the upstream a second each, so they pile up); another pod on the same
+/// proxy still gets its answers, and so does the flooding pod afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_pod_does_not_starve_the_others() {
+    let up = upstream().await;
+    let metrics = DnsMetrics::default();
+    let dns = DnsProxy::new(
+        state(""),
+        "cluster.local",
+        &[up.addr],
+        metrics.clone(),
+        Limits::default(),
+    );
+    let mut socks = Vec::new();
+    for _ in 0..2 {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+        socks.push(sock.local_addr().expect("addr"));
+        tokio::spawn(dns.clone().serve_udp(sock));
+    }
+    let (flooded, quiet) = (socks[0], socks[1]);
+    let flooder = tokio::spawn(async move {
+        let sock = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+        let start = std::time::Instant::now();
+        for i in 0..10_000u32 {
+            let q = query(&format!("slow{}.example.", i % 50), RecordType::A, false);
+            let _ = sock.send_to(&q.to_vec().expect("encode"), flooded).await;
+            if i % 100 == 0 {
+                tokio::task::yield_now().await;
+            }
+        }
+        start.elapsed()
+    });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let t = std::time::Instant::now();
+    let r = ask_udp(
+        quiet,
+        &query("web.shop.svc.cluster.local.", RecordType::A, false),
+    )
+    .await;
+    assert_eq!(ips(&r), vec![ip("10.2.0.5")]);
+    let r = ask_udp(quiet, &query("one.example.", RecordType::A, false)).await;
+    assert_eq!(ips(&r), vec![ip("10.9.0.1")]);
+    let quiet_took = t.elapsed();
+    let sent_in = flooder.await.expect("flooder");
+    println!(
+        "10 000 queries sent in {sent_in:?}; the other pod answered in {quiet_took:?}; dropped {}",
+        metrics.dropped.get()
+    );
+    assert!(metrics.dropped.get() > 0, "the flooding pod hit its limit");
+    // And the flooding pod is answered again once it stops.
+    let r = ask_udp(
+        flooded,
+        &query("web.shop.svc.cluster.local.", RecordType::A, false),
+    )
+    .await;
+    assert_eq!(ips(&r), vec![ip("10.2.0.5")]);
 }

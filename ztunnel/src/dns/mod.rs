@@ -33,6 +33,20 @@ const TTL: u32 = 30;
 /// DNS flag day's figure; larger answers are truncated and retried on TCP).
 const MAX_UDP_PAYLOAD: u16 = 1232;
 
+/// What becomes of one query.
+pub enum Step {
+    /// Not a query: no answer.
+    Drop,
+    /// Answered at once.
+    Answer(Message),
+    /// For the upstream.
+    Forward(Message),
+}
+
+/// The longest a pod waits for a forwarded answer (and holds one of its
+/// in-flight slots): every nameserver's attempts fit in it.
+const FORWARD_DEADLINE: std::time::Duration = std::time::Duration::from_secs(5);
+
 pub struct DnsProxy {
     state: ProxyState,
     /// e.g. "cluster.local".
@@ -116,43 +130,76 @@ impl DnsProxy {
         Some(resp)
     }
 
-    /// The response to one query message: None for what is not a query (no
-    /// answer is sent to garbage or to a response).
-    pub async fn respond(&self, raw: &[u8]) -> Option<Message> {
+    /// The first step for one query message: an answer the proxy gives at
+    /// once (its own names, refusals), a question for the upstream, or
+    /// nothing for what is not a query (garbage and responses are dropped).
+    pub fn respond_local(&self, raw: &[u8]) -> Step {
         let query = match Message::from_vec(raw) {
             Ok(m) => m,
             Err(e) => {
                 debug!(error = %e, "DNS query does not parse; dropped");
-                return None;
+                return Step::Drop;
             }
         };
         if query.metadata.message_type != MessageType::Query {
-            return None;
+            return Step::Drop;
         }
         self.metrics.requests.inc();
         let fail = |code| {
             let mut r = response_to(&query);
             r.metadata.response_code = code;
-            r
+            Step::Answer(r)
         };
         if query.metadata.op_code != OpCode::Query {
-            return Some(fail(ResponseCode::NotImp));
+            return fail(ResponseCode::NotImp);
         }
-        let [q] = query.queries.as_slice() else {
-            return Some(fail(ResponseCode::FormErr));
-        };
+        if query.queries.len() != 1 {
+            return fail(ResponseCode::FormErr);
+        }
         if let Some(resp) = self.local_answer(&query) {
-            return Some(resp);
+            return Step::Answer(resp);
         }
-        let Some(fwd) = &self.forwarder else {
-            return Some(fail(ResponseCode::ServFail));
+        if self.forwarder.is_none() {
+            return fail(ResponseCode::ServFail);
+        }
+        Step::Forward(query)
+    }
+
+    /// The upstream's answer to a query `respond_local` passed on; SERVFAIL
+    /// when none came within `FORWARD_DEADLINE`.
+    pub async fn forward(&self, query: &Message) -> Message {
+        let (Some(fwd), [q]) = (&self.forwarder, query.queries.as_slice()) else {
+            let mut r = response_to(query);
+            r.metadata.response_code = ResponseCode::ServFail;
+            return r;
         };
         self.metrics.upstream_requests.inc();
-        let resp = fwd.answer(&query, q.name(), q.query_type()).await;
+        let resp = match tokio::time::timeout(
+            FORWARD_DEADLINE,
+            fwd.answer(query, q.name(), q.query_type()),
+        )
+        .await
+        {
+            Ok(r) => r,
+            Err(_) => {
+                let mut r = response_to(query);
+                r.metadata.response_code = ResponseCode::ServFail;
+                r
+            }
+        };
         if resp.metadata.response_code == ResponseCode::ServFail {
             self.metrics.upstream_failures.inc();
         }
-        Some(resp)
+        resp
+    }
+
+    /// Both steps: the response to one query message, or None.
+    pub async fn respond(&self, raw: &[u8]) -> Option<Message> {
+        match self.respond_local(raw) {
+            Step::Drop => None,
+            Step::Answer(m) => Some(m),
+            Step::Forward(q) => Some(self.forward(&q).await),
+        }
     }
 
     /// The wire form of `resp`, truncated (TC set, records dropped) when it

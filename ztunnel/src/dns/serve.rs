@@ -10,13 +10,13 @@ use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
 use tracing::{debug, warn};
 
-use super::DnsProxy;
+use super::{DnsProxy, Step};
 
 /// One pod's share of the DNS proxy.
 #[derive(Debug, Clone)]
 pub struct Limits {
-    /// UDP queries being answered at once; more are dropped (the client
-    /// retries).
+    /// UDP queries waiting for the upstream at once; more are dropped (the
+    /// client retries). The mesh's own names need no slot.
     pub udp_in_flight: usize,
     /// Open TCP connections; more are closed at accept.
     pub tcp_connections: usize,
@@ -72,19 +72,30 @@ impl DnsProxy {
                     continue;
                 }
             };
+            let raw = &buf[..n];
+            let limit = Some(DnsProxy::udp_limit(raw));
+            // The mesh's own names are answered here and now; only what goes
+            // upstream takes one of the pod's in-flight slots.
+            let query = match self.respond_local(raw) {
+                Step::Drop => continue,
+                Step::Answer(resp) => {
+                    if let Some(bytes) = DnsProxy::encode(&resp, limit) {
+                        let _ = sock.send_to(&bytes, peer).await;
+                    }
+                    continue;
+                }
+                Step::Forward(q) => q,
+            };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 self.metrics.dropped.inc();
                 debug!(%peer, "DNS query dropped: the pod's queries in flight are at the limit");
                 continue;
             };
-            let raw = buf[..n].to_vec();
             let (me, sock) = (self.clone(), sock.clone());
             tokio::spawn(async move {
                 let _permit = permit;
-                let Some(resp) = me.respond(&raw).await else {
-                    return;
-                };
-                if let Some(bytes) = DnsProxy::encode(&resp, Some(DnsProxy::udp_limit(&raw))) {
+                let resp = me.forward(&query).await;
+                if let Some(bytes) = DnsProxy::encode(&resp, limit) {
                     let _ = sock.send_to(&bytes, peer).await;
                 }
             });
