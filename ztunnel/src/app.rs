@@ -249,9 +249,11 @@ impl App {
         let inpod = cfg.node_mode.as_ref().map(|nm| {
             let dns = nm.dns.then(|| {
                 let upstreams = if nm.dns_upstream.is_empty() {
-                    crate::dns::nameservers_from_resolv_conf(
-                        &std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default(),
-                    )
+                    let conf = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_else(|e| {
+                        tracing::warn!(error = %e, "DNS proxy: reading /etc/resolv.conf");
+                        String::new()
+                    });
+                    crate::dns::nameservers_from_resolv_conf(&conf)
                 } else {
                     nm.dns_upstream.clone()
                 };

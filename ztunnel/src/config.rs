@@ -164,7 +164,7 @@ pub struct NodeMode {
     pub dns: bool,
     /// Where names outside the mesh are forwarded: one `ip:port` or a list,
     /// tried in turn; every nameserver of the node's resolv.conf when absent.
-    #[serde(default, deserialize_with = "one_or_many")]
+    #[serde(default, deserialize_with = "upstreams")]
     pub dns_upstream: Vec<SocketAddr>,
     /// The cluster DNS domain.
     #[serde(default = "d::trust_domain")]
@@ -174,11 +174,52 @@ pub struct NodeMode {
     pub dns_limits: DnsLimits,
 }
 
+impl NodeMode {
+    fn validate_dns(&self) -> Result<(), ConfigError> {
+        let l = &self.dns_limits;
+        let bad = |what: &str| {
+            Err(ConfigError::Invalid(format!(
+                "node_mode.dns_limits.{what} must be between 1 and 65535"
+            )))
+        };
+        if !(1..=65535).contains(&l.qps) {
+            return bad("qps");
+        }
+        if !(1..=65535).contains(&l.udp_in_flight) {
+            return bad("udp_in_flight");
+        }
+        if !(1..=65535).contains(&l.tcp_connections) {
+            return bad("tcp_connections");
+        }
+        if l.tcp_idle < Duration::from_millis(100) {
+            return Err(ConfigError::Invalid(
+                "node_mode.dns_limits.tcp_idle must be at least 100ms".into(),
+            ));
+        }
+        if let Some(up) = self.dns_upstream.iter().find(|u| u.port() == 0) {
+            return Err(ConfigError::Invalid(format!(
+                "node_mode.dns_upstream {up}: port 0"
+            )));
+        }
+        let domain = self.dns_domain.trim_end_matches('.');
+        if domain.is_empty() || domain.split('.').any(str::is_empty) {
+            return Err(ConfigError::Invalid(format!(
+                "node_mode.dns_domain {:?} is not a domain name",
+                self.dns_domain
+            )));
+        }
+        Ok(())
+    }
+}
+
 /// `node_mode.dns_limits`: what one pod may hold of the DNS proxy.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DnsLimits {
-    /// UDP queries answered at once; more are dropped (the client retries).
+    /// Queries a second (UDP and TCP), with a burst of as many.
+    pub qps: u32,
+    /// UDP queries waiting for the upstream at once; more are dropped (the
+    /// client retries).
     pub udp_in_flight: usize,
     /// Open TCP connections; more are closed at accept.
     pub tcp_connections: usize,
@@ -191,6 +232,7 @@ impl Default for DnsLimits {
     fn default() -> Self {
         let d = crate::dns::Limits::default();
         DnsLimits {
+            qps: d.qps,
             udp_in_flight: d.udp_in_flight,
             tcp_connections: d.tcp_connections,
             tcp_idle: d.tcp_idle,
@@ -201,6 +243,7 @@ impl Default for DnsLimits {
 impl DnsLimits {
     pub fn limits(&self) -> crate::dns::Limits {
         crate::dns::Limits {
+            qps: self.qps,
             udp_in_flight: self.udp_in_flight,
             tcp_connections: self.tcp_connections,
             tcp_idle: self.tcp_idle,
@@ -224,6 +267,24 @@ where
         OneOrMany::One(t) => vec![t],
         OneOrMany::Many(v) => v,
     })
+}
+
+/// `node_mode.dns_upstream`: an `ip:port`, or a bare IP meaning port 53;
+/// one or a list.
+fn upstreams<'de, D>(d: D) -> Result<Vec<SocketAddr>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    use serde::de::Error;
+    let texts: Vec<String> = one_or_many(d)?;
+    texts
+        .iter()
+        .map(|t| {
+            t.parse::<SocketAddr>()
+                .or_else(|_| t.parse::<IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+                .map_err(|_| D::Error::custom(format!("dns_upstream {t:?}: not an ip or ip:port")))
+        })
+        .collect()
 }
 
 /// Where the proxy listens, outside node mode (where listeners open inside
@@ -469,6 +530,9 @@ impl Config {
                 "state: give exactly one of local_file and xds_address".into(),
             ));
         }
+        if let Some(nm) = &self.node_mode {
+            nm.validate_dns()?;
+        }
         if self.pool.connections_per_destination == 0 {
             return Err(ConfigError::Invalid(
                 "pool.connections_per_destination must be at least 1".into(),
@@ -524,6 +588,44 @@ mod tests {
         );
         let err = load("worker_threads: 0\n").expect_err("0 threads is refused");
         assert!(err.to_string().contains("worker_threads"), "{err}");
+    }
+
+    /// The DNS proxy's settings: one upstream or a list, a bare IP meaning
+    /// port 53; limits that would refuse every query (or panic) are refused.
+    #[test]
+    fn dns_settings_load_and_nonsense_is_refused() {
+        let nm = |extra: &str| {
+            load(&format!(
+                "node_mode: {{zds_socket: /tmp/z.sock, dns: true{extra}}}\n"
+            ))
+        };
+        let cfg = nm("").expect("defaults load");
+        let m = cfg.node_mode.expect("node mode");
+        assert!(m.dns_upstream.is_empty());
+        assert_eq!(m.dns_limits.qps, 2000);
+        let one = nm(", dns_upstream: 10.0.0.10").expect("a bare IP");
+        assert_eq!(
+            one.node_mode.expect("nm").dns_upstream,
+            vec!["10.0.0.10:53".parse::<SocketAddr>().expect("addr")]
+        );
+        let many = nm(", dns_upstream: ['10.0.0.10:5353', '[fd00::a]:53']").expect("a list");
+        assert_eq!(many.node_mode.expect("nm").dns_upstream.len(), 2);
+        for (bad, word) in [
+            (", dns_upstream: 'ten'", "dns_upstream"),
+            (", dns_upstream: '10.0.0.1:0'", "port 0"),
+            (", dns_limits: {udp_in_flight: 0}", "udp_in_flight"),
+            (", dns_limits: {tcp_connections: 0}", "tcp_connections"),
+            (", dns_limits: {qps: 0}", "qps"),
+            (
+                ", dns_limits: {udp_in_flight: 99999999999}",
+                "udp_in_flight",
+            ),
+            (", dns_limits: {tcp_idle: 0s}", "tcp_idle"),
+            (", dns_domain: 'a..b'", "dns_domain"),
+        ] {
+            let err = nm(bad).expect_err(bad);
+            assert!(err.to_string().contains(word), "{bad}: {err}");
+        }
     }
 
     /// The config the Kubernetes install ships must load as the ztunnel

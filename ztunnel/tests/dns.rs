@@ -25,7 +25,20 @@ workloads:
 services:
 - {name: db, namespace: shop, hostname: db.shop.svc.cluster.local, addresses: [], ports: [{service_port: 5432, target_port: 5432}]}
 - {name: web, namespace: shop, hostname: web.shop.svc.cluster.local, addresses: [10.2.0.5], ports: [{service_port: 80, target_port: 8080}]}
+- {name: ext, namespace: shop, hostname: ext.shop.svc.cluster.local, addresses: [], ports: []}
+- {name: many, namespace: shop, hostname: many.shop.svc.cluster.local, addresses: [], ports: [{service_port: 80, target_port: 80}]}
 "#;
+
+/// `n` healthy endpoints of the headless Service `many`.
+fn many(n: u8) -> String {
+    (0..n)
+        .map(|i| {
+            format!(
+                "- {{uid: \"c//Pod/shop/many-{i}\", name: many-{i}, namespace: shop, addresses: [10.1.2.{i}], service_account: m, node: n1,\n   services: {{\"shop/many.shop.svc.cluster.local\": [{{service_port: 80, target_port: 80}}]}}}}\n"
+            )
+        })
+        .collect()
+}
 
 fn state(extra_workloads: &str) -> ProxyState {
     let yaml = STATE.replacen("services:\n", &format!("{extra_workloads}services:\n"), 1);
@@ -57,7 +70,14 @@ fn upstream_answer(query: &Message, udp: bool) -> Message {
         )
     };
     match name.as_str() {
-        "big.example." if udp => resp.metadata.truncation = true,
+        "big.example." | "huge.example." if udp => resp.metadata.truncation = true,
+        // About 56 KiB: 2 000 A records.
+        "huge.example." => {
+            resp.add_answers((0..2000u32).map(|i| {
+                let ip = Ipv4Addr::new(10, 8, (i / 250) as u8, (i % 250) as u8);
+                Record::from_rdata(q.name().clone(), 3600, RData::A(A(ip)))
+            }));
+        }
         "big.example." => {
             resp.add_answers((1..=60).map(a));
         }
@@ -177,8 +197,7 @@ async fn proxy(state: ProxyState, upstreams: &[SocketAddr], limits: Limits) -> P
         }
     };
     let addr = udp.local_addr().expect("addr");
-    tokio::spawn(dns.clone().serve_udp(udp));
-    tokio::spawn(dns.serve_tcp(tcp));
+    tokio::spawn(dns.serve("shop/test".into(), udp, tcp));
     Proxy { addr, metrics }
 }
 
@@ -294,27 +313,42 @@ async fn a_truncated_upstream_answer_is_retried_over_tcp() {
     // so the pod's resolver retries on TCP.
     let r = ask_udp(p.addr, &query("big.example.", RecordType::A, false)).await;
     assert!(r.metadata.truncation, "TC set");
-    assert!(r.answers.is_empty());
+    assert!(
+        !r.answers.is_empty() && r.answers.len() < 60,
+        "the records that fit: {}",
+        r.answers.len()
+    );
     // With EDNS 4096 they fit the proxy's 1232 bytes.
     let r = ask_udp(p.addr, &query("big.example.", RecordType::A, true)).await;
     assert!(!r.metadata.truncation);
     assert_eq!(ips(&r).len(), 60);
 }
 
-/// The second nameserver answers when the first does not; NXDOMAIN and its
-/// SOA come through; a repeated question is answered from the cache.
+/// Nameservers are asked one at a time, and another answers when the
+/// first asked is silent. NXDOMAIN and its SOA come through; a repeated question is
+/// answered from the cache.
 #[tokio::test]
-async fn every_nameserver_is_tried_and_answers_are_cached() {
+async fn nameservers_are_asked_in_turn_and_answers_are_cached() {
+    let (first, second) = (upstream().await, upstream().await);
+    let p = proxy(state(""), &[first.addr, second.addr], Limits::default()).await;
+    let r = ask_udp(p.addr, &query("one.example.", RecordType::A, false)).await;
+    assert_eq!(ips(&r), vec![ip("10.9.0.1")]);
+    let heard = first.log.lock().expect("log").len() + second.log.lock().expect("log").len();
+    assert_eq!(heard, 1, "one nameserver at a time, not both");
+
+    // A first nameserver that takes the query and never answers.
+    let silent = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
     let up = upstream().await;
-    // A port with nothing behind it (bound, then closed).
-    let dead = {
-        let s = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
-        s.local_addr().expect("addr")
-    };
-    let p = proxy(state(""), &[dead, up.addr], Limits::default()).await;
+    let p = proxy(
+        state(""),
+        &[silent.local_addr().expect("addr"), up.addr],
+        Limits::default(),
+    )
+    .await;
     let r = ask_udp(p.addr, &query("one.example.", RecordType::A, false)).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NoError);
     assert_eq!(ips(&r), vec![ip("10.9.0.1")]);
+
     let r = ask_udp(p.addr, &query("nx.example.", RecordType::A, false)).await;
     assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
     assert!(
@@ -324,15 +358,18 @@ async fn every_nameserver_is_tried_and_answers_are_cached() {
         "the SOA comes with the NXDOMAIN"
     );
     let before = up.log.lock().expect("log").len();
-    let r = ask_udp(p.addr, &query("one.example.", RecordType::A, false)).await;
+    let misses = p.metrics.upstream_requests.get();
+    let r = ask_udp(p.addr, &query("ONE.example.", RecordType::A, false)).await;
     assert_eq!(ips(&r), vec![ip("10.9.0.1")]);
     assert_eq!(
         up.log.lock().expect("log").len(),
         before,
         "answered from the cache"
     );
+    assert_eq!(p.metrics.upstream_requests.get(), misses);
+    assert_eq!(p.metrics.cache_hits.get(), 1);
     // An unknown name under the cluster domain is the upstream's to answer
-    // (an ExternalName Service, a Service the mesh does not carry).
+    // (a Service the mesh does not carry).
     let r = ask_udp(
         p.addr,
         &query("legacy.shop.svc.cluster.local.", RecordType::A, false),
@@ -345,7 +382,6 @@ async fn every_nameserver_is_tried_and_answers_are_cached() {
             .any(|l| l.ends_with("legacy.shop.svc.cluster.local.")),
         "{log:?}"
     );
-    assert!(p.metrics.upstream_requests.get() >= 3);
 }
 
 /// One pod cannot hold the proxy: its TCP connections and UDP queries in
@@ -357,6 +393,7 @@ async fn a_pods_share_of_the_proxy_is_bounded() {
         udp_in_flight: 1,
         tcp_connections: 1,
         tcp_idle: Duration::from_millis(500),
+        ..Limits::default()
     };
     let p = proxy(state(""), &[up.addr], limits).await;
     // The first connection holds the only slot; the second is closed.
@@ -434,10 +471,11 @@ async fn a_flooding_pod_does_not_starve_the_others() {
         Limits::default(),
     );
     let mut socks = Vec::new();
-    for _ in 0..2 {
+    for pod in ["shop/flood", "shop/quiet"] {
         let sock = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+        let tcp = TcpListener::bind("127.0.0.1:0").await.expect("tcp");
         socks.push(sock.local_addr().expect("addr"));
-        tokio::spawn(dns.clone().serve_udp(sock));
+        tokio::spawn(dns.clone().serve(pod.into(), sock, tcp));
     }
     let (flooded, quiet) = (socks[0], socks[1]);
     let flooder = tokio::spawn(async move {
@@ -463,6 +501,10 @@ async fn a_flooding_pod_does_not_starve_the_others() {
     let r = ask_udp(quiet, &query("one.example.", RecordType::A, false)).await;
     assert_eq!(ips(&r), vec![ip("10.9.0.1")]);
     let quiet_took = t.elapsed();
+    assert!(
+        quiet_took < Duration::from_secs(1),
+        "the quiet pod waited {quiet_took:?}"
+    );
     let sent_in = flooder.await.expect("flooder");
     println!(
         "10 000 queries sent in {sent_in:?}; the other pod answered in {quiet_took:?}; dropped {}",
@@ -476,4 +518,207 @@ async fn a_flooding_pod_does_not_starve_the_others() {
     )
     .await;
     assert_eq!(ips(&r), vec![ip("10.2.0.5")]);
+}
+
+/// What the mesh cannot answer well goes to the cluster DNS: a Service
+/// with no VIP and no endpoint (ExternalName, no selector), a headless one
+/// whose endpoints are all unready, an endpoint name under a Service with a
+/// VIP. A three-label name under no Service is NXDOMAIN at once.
+#[tokio::test]
+async fn names_the_mesh_cannot_answer_well_are_forwarded() {
+    let up = upstream().await;
+    let unready = "- {uid: \"c//Pod/shop/s-0\", name: s-0, namespace: shop, addresses: [10.1.3.1], service_account: s, node: n1, status: UNHEALTHY,\n   services: {\"shop/many.shop.svc.cluster.local\": [{service_port: 80, target_port: 80}]}}\n";
+    let p = proxy(state(unready), &[up.addr], Limits::default()).await;
+    for name in [
+        "ext.shop.svc.cluster.local.",
+        "many.shop.svc.cluster.local.",
+        "s-0.many.shop.svc.cluster.local.",
+        "10-1-1-20.web.shop.svc.cluster.local.",
+    ] {
+        let r = ask_udp(p.addr, &query(name, RecordType::A, false)).await;
+        assert!(!r.metadata.authoritative, "{name}: not the mesh's answer");
+        let log = up.log.lock().expect("log").clone();
+        assert!(
+            log.contains(&format!("udp {name}")),
+            "{name} forwarded: {log:?}"
+        );
+    }
+    let before = up.log.lock().expect("log").len();
+    let r = ask_udp(
+        p.addr,
+        &query("github.com.shop.svc.cluster.local.", RecordType::A, false),
+    )
+    .await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NXDomain);
+    assert!(r.metadata.authoritative);
+    assert_eq!(up.log.lock().expect("log").len(), before, "not forwarded");
+}
+
+/// A headless answer too large for the pod's UDP size keeps the records
+/// that fit and sets TC; successive answers start at different pods; a
+/// Service's AAAA with only IPv4 VIPs is an empty NOERROR.
+#[tokio::test]
+async fn headless_answers_fit_rotate_and_keep_their_family() {
+    let p = proxy(state(&many(60)), &[], Limits::default()).await;
+    let q = query("many.shop.svc.cluster.local.", RecordType::A, false);
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+    sock.send_to(&q.to_vec().expect("encode"), p.addr)
+        .await
+        .expect("send");
+    let mut buf = vec![0u8; 65535];
+    let n = tokio::time::timeout(Duration::from_secs(10), sock.recv(&mut buf))
+        .await
+        .expect("answer")
+        .expect("recv");
+    assert!(n <= 512, "{n} bytes over UDP without EDNS");
+    let r = Message::from_vec(&buf[..n]).expect("parses");
+    assert!(r.metadata.truncation);
+    assert!(!r.answers.is_empty(), "the records that fit are kept");
+    assert_eq!(
+        ips(&ask_tcp(p.addr, &q).await).len(),
+        60,
+        "all of them over TCP"
+    );
+    let mut firsts = std::collections::HashSet::new();
+    for _ in 0..4 {
+        let r = ask_tcp(p.addr, &q).await;
+        firsts.insert(
+            r.answers
+                .first()
+                .map(|a| a.data.clone())
+                .map(|d| format!("{d:?}")),
+        );
+    }
+    assert!(firsts.len() > 1, "answers rotate: {firsts:?}");
+    assert!(
+        r.answers.iter().all(|a| a.ttl <= 5),
+        "endpoint answers live 5 s"
+    );
+    let r = ask_udp(
+        p.addr,
+        &query("web.shop.svc.cluster.local.", RecordType::AAAA, false),
+    )
+    .await;
+    assert_eq!(r.metadata.response_code, ResponseCode::NoError);
+    assert!(r.answers.is_empty());
+}
+
+/// What is not one plain question is refused or dropped: another class is
+/// NOTIMP, two questions FORMERR, a response gets nothing, and with no
+/// nameserver at all an outside name gets SERVFAIL.
+#[tokio::test]
+async fn odd_messages_get_clear_refusals() {
+    let p = proxy(state(""), &[], Limits::default()).await;
+    let mut q = query("web.shop.svc.cluster.local.", RecordType::A, false);
+    q.queries[0].set_query_class(hickory_proto::rr::DNSClass::CH);
+    assert_eq!(
+        ask_udp(p.addr, &q).await.metadata.response_code,
+        ResponseCode::NotImp
+    );
+    let mut q = query("web.shop.svc.cluster.local.", RecordType::A, false);
+    q.add_query(Query::query(
+        Name::from_ascii("x.example.").expect("name"),
+        RecordType::A,
+    ));
+    assert_eq!(
+        ask_udp(p.addr, &q).await.metadata.response_code,
+        ResponseCode::FormErr
+    );
+    let r = ask_udp(p.addr, &query("elsewhere.example.", RecordType::A, false)).await;
+    assert_eq!(r.metadata.response_code, ResponseCode::ServFail);
+    let mut resp = query("web.shop.svc.cluster.local.", RecordType::A, false);
+    resp.metadata.message_type = MessageType::Response;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+    sock.send_to(&resp.to_vec().expect("encode"), p.addr)
+        .await
+        .expect("send");
+    let mut buf = [0u8; 512];
+    let got = tokio::time::timeout(Duration::from_millis(500), sock.recv(&mut buf)).await;
+    assert!(got.is_err(), "no answer to a response");
+}
+
+/// The cache keeps ordinary answers and never a huge one (a pod that can
+/// have its own names resolved cannot fill the ztunnel's memory).
+#[tokio::test]
+async fn huge_answers_are_passed_on_but_not_cached() {
+    let up = upstream().await;
+    let p = proxy(state(""), &[up.addr], Limits::default()).await;
+    for _ in 0..2 {
+        let r = ask_tcp(p.addr, &query("huge.example.", RecordType::A, false)).await;
+        assert_eq!(ips(&r).len(), 2000, "{:?}", r.metadata);
+    }
+    let log = up.log.lock().expect("log").clone();
+    let asked = log.iter().filter(|l| *l == "tcp huge.example.").count();
+    assert_eq!(asked, 2, "asked again, not kept: {log:?}");
+    assert_eq!(p.metrics.cache_hits.get(), 0);
+}
+
+/// A pod over its rate loses its queries, not the others'.
+#[tokio::test]
+async fn a_pod_over_its_rate_is_dropped() {
+    let limits = Limits {
+        qps: 100,
+        ..Limits::default()
+    };
+    let p = proxy(state(""), &[], limits).await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+    let q = query("web.shop.svc.cluster.local.", RecordType::A, false)
+        .to_vec()
+        .expect("encode");
+    for _ in 0..1000 {
+        sock.send_to(&q, p.addr).await.expect("send");
+    }
+    let mut answered = 0;
+    let mut buf = [0u8; 512];
+    while let Ok(Ok(_)) =
+        tokio::time::timeout(Duration::from_millis(300), sock.recv(&mut buf)).await
+    {
+        answered += 1;
+    }
+    assert!(
+        (100..=200).contains(&answered),
+        "{answered} answered of 1000"
+    );
+    // The kernel may drop some of the burst itself; those the proxy read
+    // past the pod's 100 are dropped and counted.
+    assert!(
+        p.metrics.dropped.get() >= 100,
+        "{}",
+        p.metrics.dropped.get()
+    );
+}
+
+/// A TCP client that sends queries and never reads its answers loses the
+/// connection after the idle time; its slot serves the next one.
+#[tokio::test]
+async fn a_tcp_client_that_never_reads_is_cut_off() {
+    let limits = Limits {
+        tcp_connections: 1,
+        tcp_idle: Duration::from_millis(300),
+        ..Limits::default()
+    };
+    let p = proxy(state(&many(60)), &[], limits).await;
+    let mut greedy = TcpStream::connect(p.addr).await.expect("connect");
+    let q = query("many.shop.svc.cluster.local.", RecordType::A, false)
+        .to_vec()
+        .expect("encode");
+    let mut framed = (q.len() as u16).to_be_bytes().to_vec();
+    framed.extend_from_slice(&q);
+    let writer = tokio::spawn(async move {
+        for _ in 0..5000 {
+            if greedy.write_all(&framed).await.is_err() {
+                return;
+            }
+        }
+        // Hold it open, reading nothing.
+        tokio::time::sleep(Duration::from_secs(5)).await;
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let r = ask_tcp(
+        p.addr,
+        &query("web.shop.svc.cluster.local.", RecordType::A, false),
+    )
+    .await;
+    assert_eq!(ips(&r), vec![ip("10.2.0.5")]);
+    writer.abort();
 }

@@ -11,12 +11,14 @@ use crate::state::Snapshot;
 #[derive(Debug, PartialEq, Eq)]
 pub enum Local {
     /// The name is the mesh's: these addresses (possibly none of the asked
-    /// family, which is an empty NOERROR answer).
-    Addresses(Vec<IpAddr>),
-    /// Under `svc.<domain>` but no Service or per-pod record (a search-path
-    /// expansion such as `example.com.shop.svc.cluster.local`, which has no
-    /// headless Service `com` in `shop` above it): NXDOMAIN without asking
-    /// upstream.
+    /// family, which is an empty NOERROR answer). `endpoints`: pod
+    /// addresses (a headless Service or a per-pod name), which move more
+    /// often than a VIP.
+    Addresses { ips: Vec<IpAddr>, endpoints: bool },
+    /// Under `svc.<domain>` with three labels or more before it but no
+    /// Service above it (a search-path expansion such as
+    /// `example.com.shop.svc.cluster.local`: there is no Service `com` in
+    /// `shop`): NXDOMAIN without asking upstream.
     NoSuchName,
     /// Not the mesh's name: ask upstream.
     Unknown,
@@ -51,7 +53,10 @@ fn service(snapshot: &Snapshot, domain: &str, svc: &str, ns: &str) -> Local {
         return Local::Unknown;
     };
     if !entry.service.vips.is_empty() {
-        return Local::Addresses(entry.service.vips.iter().map(|(_, ip)| *ip).collect());
+        return Local::Addresses {
+            ips: entry.service.vips.iter().map(|(_, ip)| *ip).collect(),
+            endpoints: false,
+        };
     }
     // Headless: every ready endpoint's address, as the cluster DNS answers.
     let mut ips: Vec<IpAddr> = snapshot
@@ -61,18 +66,29 @@ fn service(snapshot: &Snapshot, domain: &str, svc: &str, ns: &str) -> Local {
         .collect();
     ips.sort();
     ips.dedup();
-    Local::Addresses(ips)
+    if ips.is_empty() {
+        // No VIP and no ready endpoint the mesh knows: an ExternalName
+        // Service, one without a selector, or one that publishes unready
+        // addresses. The cluster DNS knows what to answer.
+        return Local::Unknown;
+    }
+    Local::Addresses {
+        ips,
+        endpoints: true,
+    }
 }
 
 fn pod_of_headless(snapshot: &Snapshot, domain: &str, pod: &str, svc: &str, ns: &str) -> Local {
     let key = key(domain, svc, ns);
-    // Only headless Services publish per-pod names; any other three-label
-    // name is a search-path expansion (`example.com` + `<ns>.svc...`).
+    // A three-label name under no Service is a search-path expansion
+    // (`example.com` + `<ns>.svc...`).
     let Some(entry) = snapshot.service(&key) else {
         return Local::NoSuchName;
     };
     if !entry.service.vips.is_empty() {
-        return Local::NoSuchName;
+        // The cluster DNS has endpoint names under these too
+        // (`10-1-1-20.web.shop...`): its to answer.
+        return Local::Unknown;
     }
     // A StatefulSet pod's hostname is its name; another pod that set
     // `hostname`/`subdomain` itself is left to the cluster DNS.
@@ -80,7 +96,10 @@ fn pod_of_headless(snapshot: &Snapshot, domain: &str, pod: &str, svc: &str, ns: 
         .endpoints(&key)
         .find(|w| w.healthy && w.name.eq_ignore_ascii_case(pod))
     {
-        Some(w) => Local::Addresses(w.addresses.clone()),
+        Some(w) => Local::Addresses {
+            ips: w.addresses.clone(),
+            endpoints: true,
+        },
         None => Local::Unknown,
     }
 }

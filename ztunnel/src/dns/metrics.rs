@@ -8,6 +8,8 @@ pub struct DnsMetrics {
     pub requests: Counter,
     pub upstream_requests: Counter,
     pub upstream_failures: Counter,
+    /// Forwarded questions answered from the cache.
+    pub cache_hits: Counter,
     /// Queries and connections refused by a pod's limits.
     pub dropped: Counter,
 }
@@ -22,7 +24,7 @@ impl DnsMetrics {
         );
         registry.register(
             "istio_dns_upstream_requests",
-            "DNS queries forwarded to the node's nameservers",
+            "DNS queries sent to the node's nameservers (cache misses)",
             m.upstream_requests.clone(),
         );
         registry.register(
@@ -31,8 +33,13 @@ impl DnsMetrics {
             m.upstream_failures.clone(),
         );
         registry.register(
+            "ztunnel_dns_cache_hits",
+            "Forwarded DNS queries answered from the cache",
+            m.cache_hits.clone(),
+        );
+        registry.register(
             "ztunnel_dns_dropped",
-            "DNS queries and connections dropped by a pod's limits",
+            "DNS queries and connections dropped by a pod's or the node's limits",
             m.dropped.clone(),
         );
         m

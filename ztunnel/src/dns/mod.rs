@@ -7,6 +7,7 @@
 //!   them, with retries, TCP when an answer is truncated, and a cache.
 //! - Each pod's listeners have their own limits (`serve`).
 
+mod cache;
 mod forward;
 mod local;
 mod metrics;
@@ -14,21 +15,25 @@ mod serve;
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, ResponseCode};
 use hickory_proto::rr::rdata::{A, AAAA};
-use hickory_proto::rr::{RData, Record, RecordType};
+use hickory_proto::rr::{DNSClass, RData, Record, RecordType};
 use tracing::{debug, warn};
 
-pub use forward::{Forwarder, ForwarderError, nameservers_from_resolv_conf};
+pub use forward::{Forwarder, ForwarderError, NODE_IN_FLIGHT, nameservers_from_resolv_conf};
 pub use local::{Local, lookup};
 pub use metrics::DnsMetrics;
 pub use serve::Limits;
 
 use crate::state::ProxyState;
 
-/// TTL of the mesh's own answers: short, since endpoints move.
-const TTL: u32 = 30;
+/// TTL of the mesh's answers with a Service VIP.
+const VIP_TTL: u32 = 30;
+/// TTL of its answers with pod addresses (a headless Service, a per-pod
+/// name): the cluster DNS's 5 s, as a restarted pod's address changes.
+const ENDPOINT_TTL: u32 = 5;
 /// The largest UDP answer we send when the client advertises more (the
 /// DNS flag day's figure; larger answers are truncated and retried on TCP).
 const MAX_UDP_PAYLOAD: u16 = 1232;
@@ -54,6 +59,9 @@ pub struct DnsProxy {
     forwarder: Option<Forwarder>,
     metrics: DnsMetrics,
     limits: Limits,
+    /// Rotates a headless Service's addresses from one answer to the next,
+    /// so clients that take the first do not all pick the same pod.
+    rotation: AtomicUsize,
 }
 
 /// The skeleton of a response to `query`: same id, opcode and question,
@@ -81,7 +89,7 @@ impl DnsProxy {
         metrics: DnsMetrics,
         limits: Limits,
     ) -> Arc<Self> {
-        let forwarder = match Forwarder::new(upstreams) {
+        let forwarder = match Forwarder::new(upstreams, metrics.clone()) {
             Ok(f) => Some(f),
             Err(e) => {
                 warn!(error = %e, "DNS proxy: names outside the mesh will get SERVFAIL");
@@ -90,10 +98,11 @@ impl DnsProxy {
         };
         Arc::new(DnsProxy {
             state,
-            domain: domain.into().to_ascii_lowercase(),
+            domain: domain.into().trim_end_matches('.').to_ascii_lowercase(),
             forwarder,
             metrics,
             limits,
+            rotation: AtomicUsize::new(0),
         })
     }
 
@@ -116,14 +125,19 @@ impl DnsProxy {
         match lookup(&self.state.snapshot(), &self.domain, name) {
             Local::Unknown => return None,
             Local::NoSuchName => resp.metadata.response_code = ResponseCode::NXDomain,
-            Local::Addresses(ips) => {
+            Local::Addresses { mut ips, endpoints } => {
+                let ttl = if endpoints { ENDPOINT_TTL } else { VIP_TTL };
+                if endpoints && !ips.is_empty() {
+                    let n = self.rotation.fetch_add(1, Ordering::Relaxed) % ips.len();
+                    ips.rotate_left(n);
+                }
                 for ip in ips {
                     let rdata = match (ip, qtype) {
                         (IpAddr::V4(v4), RecordType::A) => RData::A(A(v4)),
                         (IpAddr::V6(v6), RecordType::AAAA) => RData::AAAA(AAAA(v6)),
                         _ => continue,
                     };
-                    resp.add_answer(Record::from_rdata(q.name().clone(), TTL, rdata));
+                    resp.add_answer(Record::from_rdata(q.name().clone(), ttl, rdata));
                 }
             }
         }
@@ -153,8 +167,11 @@ impl DnsProxy {
         if query.metadata.op_code != OpCode::Query {
             return fail(ResponseCode::NotImp);
         }
-        if query.queries.len() != 1 {
+        let [q] = query.queries.as_slice() else {
             return fail(ResponseCode::FormErr);
+        };
+        if q.query_class() != DNSClass::IN {
+            return fail(ResponseCode::NotImp);
         }
         if let Some(resp) = self.local_answer(&query) {
             return Step::Answer(resp);
@@ -173,8 +190,7 @@ impl DnsProxy {
             r.metadata.response_code = ResponseCode::ServFail;
             return r;
         };
-        self.metrics.upstream_requests.inc();
-        let resp = match tokio::time::timeout(
+        match tokio::time::timeout(
             FORWARD_DEADLINE,
             fwd.answer(query, q.name(), q.query_type()),
         )
@@ -182,15 +198,12 @@ impl DnsProxy {
         {
             Ok(r) => r,
             Err(_) => {
+                self.metrics.upstream_failures.inc();
                 let mut r = response_to(query);
                 r.metadata.response_code = ResponseCode::ServFail;
                 r
             }
-        };
-        if resp.metadata.response_code == ResponseCode::ServFail {
-            self.metrics.upstream_failures.inc();
         }
-        resp
     }
 
     /// Both steps: the response to one query message, or None.
@@ -202,14 +215,24 @@ impl DnsProxy {
         }
     }
 
-    /// The wire form of `resp`, truncated (TC set, records dropped) when it
-    /// is longer than `limit` bytes.
+    /// The wire form of `resp`. When it is longer than `limit` bytes, the
+    /// answers that fit go, TC set (the client asks again over TCP; one
+    /// that cannot still has some addresses).
     pub fn encode(resp: &Message, limit: Option<usize>) -> Option<Vec<u8>> {
         let bytes = resp.to_vec().ok()?;
-        match limit {
-            Some(max) if bytes.len() > max => resp.truncate().to_vec().ok(),
-            _ => Some(bytes),
+        let Some(max) = limit.filter(|max| bytes.len() > *max) else {
+            return Some(bytes);
+        };
+        let mut cut = resp.truncate();
+        let mut fitting = cut.to_vec().ok()?;
+        for record in &resp.answers {
+            cut.answers.push(record.clone());
+            match cut.to_vec() {
+                Ok(b) if b.len() <= max => fitting = b,
+                _ => break,
+            }
         }
+        Some(fitting)
     }
 
     /// The largest UDP answer `query`'s sender accepts.

@@ -1,13 +1,16 @@
-//! The DNS proxy's listeners in one pod, with that pod's limits: a bound on
-//! queries in flight over UDP, on TCP connections and their idle time, and a
-//! backoff instead of a spin when the socket keeps failing.
+//! The DNS proxy's listeners in one pod, with that pod's limits: a rate of
+//! queries, a bound on questions waiting for the upstream, on TCP
+//! connections and their idle time, and a backoff instead of a spin when
+//! the socket keeps failing. Every task a pod's listeners start ends with
+//! them.
 
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::Semaphore;
+use tokio::task::JoinSet;
 use tracing::{debug, warn};
 
 use super::{DnsProxy, Step};
@@ -15,21 +18,55 @@ use super::{DnsProxy, Step};
 /// One pod's share of the DNS proxy.
 #[derive(Debug, Clone)]
 pub struct Limits {
+    /// Queries per second, UDP and TCP together (with a burst of as many);
+    /// more are dropped.
+    pub qps: u32,
     /// UDP queries waiting for the upstream at once; more are dropped (the
     /// client retries). The mesh's own names need no slot.
     pub udp_in_flight: usize,
     /// Open TCP connections; more are closed at accept.
     pub tcp_connections: usize,
-    /// A TCP connection with no query for this long is closed.
+    /// A TCP connection with no query (or an answer not taken) for this
+    /// long is closed.
     pub tcp_idle: Duration,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
-            udp_in_flight: 256,
+            qps: 2000,
+            udp_in_flight: 64,
             tcp_connections: 32,
             tcp_idle: Duration::from_secs(10),
+        }
+    }
+}
+
+/// A token bucket: `rate` a second, up to `rate` saved.
+struct Bucket {
+    rate: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: u32) -> Bucket {
+        Bucket {
+            rate: f64::from(rate),
+            tokens: f64::from(rate),
+            at: Instant::now(),
+        }
+    }
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let refill = now.duration_since(self.at).as_secs_f64() * self.rate;
+        self.tokens = (self.tokens + refill).min(self.rate);
+        self.at = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
         }
     }
 }
@@ -55,13 +92,46 @@ impl Backoff {
     }
 }
 
+/// What one pod's two listeners share.
+struct PodShare {
+    pod: String,
+    rate: Mutex<Bucket>,
+}
+
+impl PodShare {
+    fn admit(&self, proxy: &DnsProxy) -> bool {
+        let ok = self.rate.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if !ok {
+            proxy.metrics.dropped.inc();
+            debug!(pod = %self.pod, "DNS query dropped: over the pod's rate");
+        }
+        ok
+    }
+}
+
 impl DnsProxy {
-    pub async fn serve_udp(self: Arc<Self>, sock: UdpSocket) {
+    /// Serves one pod (`pod` names it in logs) on its UDP socket and TCP
+    /// listener until the future is dropped, which ends every task it
+    /// started.
+    pub async fn serve(self: Arc<Self>, pod: String, udp: UdpSocket, tcp: TcpListener) {
+        let share = Arc::new(PodShare {
+            pod,
+            rate: Mutex::new(Bucket::new(self.limits.qps)),
+        });
+        tokio::join!(
+            self.clone().serve_udp(share.clone(), udp),
+            self.serve_tcp(share, tcp)
+        );
+    }
+
+    async fn serve_udp(self: Arc<Self>, share: Arc<PodShare>, sock: UdpSocket) {
         let sock = Arc::new(sock);
         let permits = Arc::new(Semaphore::new(self.limits.udp_in_flight));
+        let mut tasks = JoinSet::new();
         let mut buf = vec![0u8; 4096];
         let mut backoff = Backoff(None);
         loop {
+            while tasks.try_join_next().is_some() {}
             let (n, peer) = match sock.recv_from(&mut buf).await {
                 Ok(r) => {
                     backoff.ok();
@@ -72,6 +142,9 @@ impl DnsProxy {
                     continue;
                 }
             };
+            if !share.admit(&self) {
+                continue;
+            }
             let raw = &buf[..n];
             let limit = Some(DnsProxy::udp_limit(raw));
             // The mesh's own names are answered here and now; only what goes
@@ -88,11 +161,11 @@ impl DnsProxy {
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 self.metrics.dropped.inc();
-                debug!(%peer, "DNS query dropped: the pod's queries in flight are at the limit");
+                debug!(pod = %share.pod, "DNS query dropped: the pod's queries in flight are at the limit");
                 continue;
             };
             let (me, sock) = (self.clone(), sock.clone());
-            tokio::spawn(async move {
+            tasks.spawn(async move {
                 let _permit = permit;
                 let resp = me.forward(&query).await;
                 if let Some(bytes) = DnsProxy::encode(&resp, limit) {
@@ -102,10 +175,12 @@ impl DnsProxy {
         }
     }
 
-    pub async fn serve_tcp(self: Arc<Self>, listener: TcpListener) {
+    async fn serve_tcp(self: Arc<Self>, share: Arc<PodShare>, listener: TcpListener) {
         let permits = Arc::new(Semaphore::new(self.limits.tcp_connections));
+        let mut tasks = JoinSet::new();
         let mut backoff = Backoff(None);
         loop {
+            while tasks.try_join_next().is_some() {}
             let s = match listener.accept().await {
                 Ok((s, _)) => {
                     backoff.ok();
@@ -118,29 +193,33 @@ impl DnsProxy {
             };
             let Ok(permit) = permits.clone().try_acquire_owned() else {
                 self.metrics.dropped.inc();
-                debug!("DNS TCP connection closed: the pod's connections are at the limit");
+                debug!(pod = %share.pod, "DNS TCP connection closed: the pod's connections are at the limit");
                 continue;
             };
-            let me = self.clone();
-            tokio::spawn(async move {
+            let (me, share) = (self.clone(), share.clone());
+            tasks.spawn(async move {
                 let _permit = permit;
-                me.tcp_connection(s).await;
+                me.tcp_connection(&share, s).await;
             });
         }
     }
 
     /// Length-prefixed queries, answered in order, until the client closes,
-    /// sends garbage or stays idle too long.
-    async fn tcp_connection(&self, mut s: TcpStream) {
+    /// sends garbage, stays idle or does not take its answers.
+    async fn tcp_connection(&self, share: &PodShare, mut s: TcpStream) {
+        let idle = self.limits.tcp_idle;
         loop {
-            let len = match tokio::time::timeout(self.limits.tcp_idle, s.read_u16()).await {
+            let len = match tokio::time::timeout(idle, s.read_u16()).await {
                 Ok(Ok(len)) => len,
                 _ => return,
             };
             let mut raw = vec![0u8; len as usize];
-            match tokio::time::timeout(self.limits.tcp_idle, s.read_exact(&mut raw)).await {
+            match tokio::time::timeout(idle, s.read_exact(&mut raw)).await {
                 Ok(Ok(_)) => {}
                 _ => return,
+            }
+            if !share.admit(self) {
+                continue;
             }
             let Some(resp) = self.respond(&raw).await else {
                 return;
@@ -151,8 +230,12 @@ impl DnsProxy {
             let Ok(n) = u16::try_from(bytes.len()) else {
                 return;
             };
-            if s.write_u16(n).await.is_err() || s.write_all(&bytes).await.is_err() {
-                return;
+            let mut framed = Vec::with_capacity(bytes.len() + 2);
+            framed.extend_from_slice(&n.to_be_bytes());
+            framed.extend_from_slice(&bytes);
+            match tokio::time::timeout(idle, s.write_all(&framed)).await {
+                Ok(Ok(())) => {}
+                _ => return,
             }
         }
     }

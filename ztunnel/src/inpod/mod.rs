@@ -113,11 +113,11 @@ impl InPod {
         let stop = CancellationToken::new();
         if let Some((d, udp, tcp)) = dns {
             let s = stop.clone();
+            let pod = format!("{}/{}", info.namespace, info.name);
             tokio::spawn(async move {
                 tokio::select! {
                     _ = s.cancelled() => {}
-                    _ = d.clone().serve_udp(udp) => {}
-                    _ = d.serve_tcp(tcp) => {}
+                    _ = d.serve(pod, udp, tcp) => {}
                 }
             });
         }
