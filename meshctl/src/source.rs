@@ -139,7 +139,7 @@ impl Endpoint {
             }
             // The socket is made inside the namespace; it stays there.
             Via::Netns(path) => {
-                let ns = ztunnel::netns::Netns::open(&path.display().to_string())
+                let ns = mesh_core::netns::Netns::open(&path.display().to_string())
                     .map_err(|e| unreachable(format!("opening {}: {e}", path.display())))?;
                 let addr = self.addr;
                 ns.run(move || {
@@ -272,7 +272,7 @@ impl Mesh {
         metrics: Option<SocketAddr>,
         controller: Option<SocketAddr>,
     ) -> Mesh {
-        let readiness = metrics.map(|m| SocketAddr::new(m.ip(), ztunnel::config::READINESS_PORT));
+        let readiness = metrics.map(|m| SocketAddr::new(m.ip(), mesh_core::config::READINESS_PORT));
         Mesh {
             ztunnels: vec![Ztunnel {
                 node: String::new(),
@@ -332,17 +332,17 @@ impl Mesh {
             mesh.ztunnels.push(Ztunnel {
                 admin: Endpoint::new(
                     format!("ztunnel on {name} (admin)"),
-                    SocketAddr::from(([127, 0, 0, 1], ztunnel::config::ADMIN_PORT)),
+                    SocketAddr::from(([127, 0, 0, 1], mesh_core::config::ADMIN_PORT)),
                     netns(ns),
                 ),
                 metrics: Some(Endpoint::new(
                     format!("ztunnel on {name} (metrics)"),
-                    at(ztunnel::config::METRICS_PORT),
+                    at(mesh_core::config::METRICS_PORT),
                     netns(ns),
                 )),
                 readiness: Some(Endpoint::new(
                     format!("ztunnel on {name} (readiness)"),
-                    at(ztunnel::config::READINESS_PORT),
+                    at(mesh_core::config::READINESS_PORT),
                     netns(ns),
                 )),
                 node: name,
@@ -359,17 +359,17 @@ impl Mesh {
                     name: key.clone(),
                     admin: Endpoint::new(
                         format!("waypoint {key} (admin)"),
-                        SocketAddr::from(([127, 0, 0, 1], ztunnel::config::ADMIN_PORT)),
+                        SocketAddr::from(([127, 0, 0, 1], mesh_core::config::ADMIN_PORT)),
                         netns(ns),
                     ),
                     metrics: Some(Endpoint::new(
                         format!("waypoint {key} (metrics)"),
-                        SocketAddr::new(pod_ip, ztunnel::config::METRICS_PORT),
+                        SocketAddr::new(pod_ip, mesh_core::config::METRICS_PORT),
                         netns(ns),
                     )),
                     readiness: Some(Endpoint::new(
                         format!("waypoint {key} (readiness)"),
-                        SocketAddr::new(pod_ip, ztunnel::config::READINESS_PORT),
+                        SocketAddr::new(pod_ip, mesh_core::config::READINESS_PORT),
                         netns(ns),
                     )),
                 });
@@ -456,7 +456,7 @@ impl Mesh {
                 .unwrap_or_default();
             let Some(admin) = pf(
                 p,
-                ztunnel::config::ADMIN_PORT,
+                mesh_core::config::ADMIN_PORT,
                 format!("ztunnel on {node} (admin)"),
             ) else {
                 continue;
@@ -464,12 +464,12 @@ impl Mesh {
             mesh.ztunnels.push(Ztunnel {
                 metrics: pf(
                     p,
-                    ztunnel::config::METRICS_PORT,
+                    mesh_core::config::METRICS_PORT,
                     format!("ztunnel on {node} (metrics)"),
                 ),
                 readiness: pf(
                     p,
-                    ztunnel::config::READINESS_PORT,
+                    mesh_core::config::READINESS_PORT,
                     format!("ztunnel on {node} (readiness)"),
                 ),
                 admin,
@@ -484,7 +484,7 @@ impl Mesh {
             );
             let Some(admin) = pf(
                 p,
-                ztunnel::config::ADMIN_PORT,
+                mesh_core::config::ADMIN_PORT,
                 format!("waypoint {key} (admin)"),
             ) else {
                 continue;
@@ -492,12 +492,12 @@ impl Mesh {
             mesh.waypoints.push(Waypoint {
                 metrics: pf(
                     p,
-                    ztunnel::config::METRICS_PORT,
+                    mesh_core::config::METRICS_PORT,
                     format!("waypoint {key} (metrics)"),
                 ),
                 readiness: pf(
                     p,
-                    ztunnel::config::READINESS_PORT,
+                    mesh_core::config::READINESS_PORT,
                     format!("waypoint {key} (readiness)"),
                 ),
                 admin,

@@ -16,7 +16,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, UdpSocket};
 use tracing::debug;
 
-use crate::state::ProxyState;
+use mesh_core::state::ProxyState;
 
 const TTL: u32 = 30;
 const FORWARD_TIMEOUT: Duration = Duration::from_secs(2);

@@ -16,15 +16,15 @@ use http::{Request, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
+use mesh_core::hbone::{self, Responder};
+use mesh_core::identity::Identity;
+use mesh_core::tls::{handshake_failure, peer_identity, server_config};
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use ztunnel::hbone::{self, Responder};
-use ztunnel::identity::Identity;
-use ztunnel::tls::{handshake_failure, peer_identity, server_config};
 
 use crate::attach;
 use crate::h1guard::{self, Framing, Scanner, Verdicts};
@@ -37,7 +37,7 @@ use super::{Downstream, IngressScope, Waypoint};
 /// The TLS config of one ingress port: TLS 1.2 and 1.3 for clients outside
 /// the mesh, no client certificate, the certificate chosen by SNI.
 fn ingress_server_config(table: IngressTable, port: u16) -> Result<ServerConfig, rustls::Error> {
-    let mut cfg = ServerConfig::builder_with_provider(ztunnel::tls::provider())
+    let mut cfg = ServerConfig::builder_with_provider(mesh_core::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(ingress::SniResolver { table, port }));
@@ -182,7 +182,7 @@ impl Waypoint {
                     let guard = OpenGuard(self.open.clone());
                     tokio::spawn(self.clone().connection(tcp, peer, guard));
                 }
-                Err(e) => ztunnel::proxy::accept_error(&e).await,
+                Err(e) => mesh_core::listen::accept_error(&e).await,
             }
         }
     }
@@ -192,7 +192,7 @@ impl Waypoint {
         let accepted = tokio::time::timeout(self.cfg.handshake_timeout, async {
             let cfg = self.server_config().await?;
             TlsAcceptor::from(cfg)
-                .accept(ztunnel::proxy::socket::tls_io(tcp))
+                .accept(mesh_core::socket::tls_io(tcp))
                 .await
                 .map_err(|e| handshake_failure(&e))
         })
@@ -257,7 +257,7 @@ impl Waypoint {
                         guard,
                     ));
                 }
-                Err(e) => ztunnel::proxy::accept_error(&e).await,
+                Err(e) => mesh_core::listen::accept_error(&e).await,
             }
         }
     }

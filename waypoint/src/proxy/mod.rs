@@ -18,12 +18,12 @@
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 
+use mesh_core::certs::CertificateManager;
+use mesh_core::identity::Identity;
+use mesh_core::state::decide::target_port;
+use mesh_core::state::{ProxyState, ServiceEntry, Workload};
 use rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
-use ztunnel::certs::CertificateManager;
-use ztunnel::identity::Identity;
-use ztunnel::proxy::outbound::target_port;
-use ztunnel::state::{ProxyState, ServiceEntry, Workload};
 
 use crate::config::Config;
 use crate::extauthz::ExtAuthz;

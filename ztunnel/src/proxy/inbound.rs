@@ -2,7 +2,7 @@
 //! and for each CONNECT stream check the request and the policy, dial the
 //! app, then answer 200 and copy.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -13,35 +13,14 @@ use tracing::{debug, info, warn};
 
 use super::conns::{ConnInfo, Direction, Protocol};
 use super::copy::{self, Counters};
-use super::{Finished, Proxy, socket};
-use crate::hbone::{self, FORWARDED, Responder};
-use crate::identity::Identity;
-use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
-use crate::state::policy::{self, Connection, Decision};
-use crate::state::{Snapshot, Workload};
-use crate::tls::{handshake_failure, peer_identity};
-
-/// Evaluates the destination's policies for a connection. The one decision
-/// function: inbound HBONE, inbound plaintext and policy revocation use it.
-pub fn authorize(
-    snap: &Snapshot,
-    root_namespace: &str,
-    dst: &Workload,
-    src_identity: Option<&Identity>,
-    src_ip: IpAddr,
-    target: SocketAddr,
-) -> Decision {
-    let policies = snap.policies_for(dst, root_namespace);
-    policy::evaluate(
-        policies.iter().map(|p| p.as_ref()),
-        &Connection {
-            src_identity,
-            src_ip,
-            dst_ip: target.ip(),
-            dst_port: target.port(),
-        },
-    )
-}
+use super::{Finished, Proxy};
+use mesh_core::hbone::{self, FORWARDED, Responder};
+use mesh_core::identity::Identity;
+use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
+use mesh_core::socket;
+use mesh_core::state::Workload;
+use mesh_core::state::decide::authorize;
+use mesh_core::tls::{handshake_failure, peer_identity};
 
 /// Serves HBONE for the workload(s) at `listener`'s address.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
@@ -54,7 +33,7 @@ pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
             Ok((tcp, peer)) => {
                 tokio::spawn(handle_connection(proxy.clone(), tcp, peer));
             }
-            Err(e) => super::accept_error(&e).await,
+            Err(e) => mesh_core::listen::accept_error(&e).await,
         }
     }
 }
@@ -65,7 +44,7 @@ async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) 
         Err(e) => return warn!(%peer, error = %e, "no local address"),
     };
     let _ = tcp.set_nodelay(true);
-    super::socket::keepalive(&tcp);
+    mesh_core::socket::keepalive(&tcp);
     // The certificate is chosen by destination IP: there is no SNI.
     let Some(dst) = proxy
         .state
@@ -81,7 +60,7 @@ async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) 
             .await
             .map_err(|e| e.to_string())?;
         TlsAcceptor::from(cfg)
-            .accept(super::socket::tls_io(tcp))
+            .accept(mesh_core::socket::tls_io(tcp))
             .await
             .map_err(|e| handshake_failure(&e))
     })

@@ -11,8 +11,6 @@ pub mod inbound;
 pub mod inbound_plain;
 pub mod local;
 pub mod outbound;
-pub mod pool;
-pub mod socket;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -22,14 +20,14 @@ use rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::certs::{CertError, CertificateManager};
 use crate::config::Config;
-use crate::identity::Identity;
-use crate::metrics::{Metrics, ResponseFlags, TcpLabels};
-use crate::state::ProxyState;
-use crate::tls::{TlsError, server_config};
 use conns::Registry;
-use pool::{Pool, PoolSettings};
+use mesh_core::certs::{CertError, CertificateManager};
+use mesh_core::hbone::pool::{Pool, PoolSettings};
+use mesh_core::identity::Identity;
+use mesh_core::metrics::{Metrics, ResponseFlags, TcpLabels};
+use mesh_core::state::ProxyState;
+use mesh_core::tls::{TlsError, server_config};
 
 /// Shared by every listener and connection.
 pub struct Proxy {
@@ -42,7 +40,7 @@ pub struct Proxy {
     /// Cancelled when the proxy stops accepting (drain).
     pub draining: CancellationToken,
     /// Captured pods' network namespaces (node mode).
-    pub netns: crate::netns::NetnsRegistry,
+    pub netns: mesh_core::netns::NetnsRegistry,
     server_configs: Mutex<HashMap<Identity, (String, Arc<ServerConfig>)>>,
 }
 
@@ -149,13 +147,13 @@ pub async fn accept_captured<F, Fut>(
         let (tcp, peer) = match accepted {
             Ok(a) => a,
             Err(e) => {
-                accept_error(&e).await;
+                mesh_core::listen::accept_error(&e).await;
                 continue;
             }
         };
         let dst = match fixed_target {
             Some(t) => Ok(t),
-            None => socket::original_dst(&tcp),
+            None => mesh_core::socket::original_dst(&tcp),
         };
         match dst {
             Ok(dst) => {
@@ -164,12 +162,6 @@ pub async fn accept_captured<F, Fut>(
             Err(e) => tracing::warn!(%peer, error = %e, "no original destination; closing"),
         }
     }
-}
-
-/// Out of descriptors (or similar): back off rather than spin.
-pub async fn accept_error(e: &std::io::Error) {
-    tracing::warn!(error = %e, "accept failed; backing off");
-    tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
 /// Records a finished connection: metrics and one access-log line.

@@ -27,6 +27,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{H2Config, PROXY_PORTS};
 
+pub mod pool;
+
 pub const BAGGAGE: &str = "baggage";
 pub const FORWARDED: &str = "forwarded";
 pub const TRACEPARENT: &str = "traceparent";
