@@ -735,3 +735,18 @@ impl AggregatedDiscoveryService for AdsService {
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
+/// The kube source feeds the hub through this (`config::kube::feed`).
+impl crate::config::kube::ChangeSink for Hub {
+    fn sources(&self) -> &Arc<Sources> {
+        Hub::sources(self)
+    }
+    fn apply(&self, batch: Vec<Change>) {
+        Hub::apply(self, batch);
+    }
+    fn is_ready(&self) -> bool {
+        Hub::is_ready(self)
+    }
+    fn set_ready(&self) {
+        Hub::set_ready(self)
+    }
+}
