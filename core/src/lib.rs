@@ -5,7 +5,7 @@
 //! Layering (a module only uses those listed before it):
 //! `identity` -> `clock` -> `config` -> `tls` -> `ca` -> `certs` -> `state`
 //! -> `xds` -> `metrics` -> `netns` -> `shards` -> `socket` -> `listen`
-//! -> `hbone` -> `zds` -> `admin` -> `logging` -> `app`.
+//! -> `hbone` -> `zds` -> `admin` -> `logging` -> `app` -> `lab_file`.
 
 pub mod admin;
 pub mod app;
@@ -15,6 +15,7 @@ pub mod clock;
 pub mod config;
 pub mod hbone;
 pub mod identity;
+pub mod lab_file;
 pub mod listen;
 pub mod logging;
 pub mod metrics;

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use mesh_core::lab_file::{LabFileError, LabState};
 use serde_json::Value;
 
 /// Why something could not be read. Each says what was tried and what to
@@ -311,23 +312,23 @@ impl Mesh {
             dir: dir.display().to_string(),
             reason,
         };
-        let text = std::fs::read_to_string(dir.join("lab.json"))
-            .map_err(|e| bad(format!("reading lab.json: {e} (is a lab up? `lab up ...`)")))?;
-        let lab: Value = serde_json::from_str(&text).map_err(|e| bad(format!("lab.json: {e}")))?;
+        let lab = LabState::read(dir).map_err(|e| match e {
+            LabFileError::Read(_) => bad(format!("{e} (is a lab up? `lab up ...`)")),
+            LabFileError::Parse(_) => bad(e.to_string()),
+        })?;
         let netns = |name: &str| Some(PathBuf::from(format!("/var/run/netns/{name}")));
-        let ip = |v: &Value| -> Result<std::net::IpAddr, SourceError> {
-            v.as_str()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| bad(format!("{v} is not an address")))
+        let ip = |v: &str| -> Result<std::net::IpAddr, SourceError> {
+            v.parse()
+                .map_err(|_| bad(format!("{v:?} is not an address")))
         };
         let mut mesh = Mesh {
             lab: Some(dir.to_path_buf()),
             ..Default::default()
         };
-        for n in lab["nodes"].as_array().into_iter().flatten() {
-            let name = n["name"].as_str().unwrap_or_default().to_string();
-            let ns = n["netns"].as_str().unwrap_or_default();
-            let node_ip = ip(&n["ip"])?;
+        for n in &lab.nodes {
+            let name = n.name.clone();
+            let ns = n.netns.as_str();
+            let node_ip = ip(&n.ip)?;
             let at = |port| SocketAddr::new(node_ip, port);
             mesh.ztunnels.push(Ztunnel {
                 admin: Endpoint::new(
@@ -348,50 +349,43 @@ impl Mesh {
                 node: name,
             });
         }
-        if let Some(pods) = lab["pods"].as_object() {
-            for (key, p) in pods {
-                if p["image"].as_str() != Some("waypoint") {
-                    continue;
-                }
-                let ns = p["netns"].as_str().unwrap_or_default();
-                let pod_ip = ip(&p["ip"])?;
-                mesh.waypoints.push(Waypoint {
-                    name: key.clone(),
-                    admin: Endpoint::new(
-                        format!("waypoint {key} (admin)"),
-                        SocketAddr::from(([127, 0, 0, 1], mesh_core::config::ADMIN_PORT)),
-                        netns(ns),
-                    ),
-                    metrics: Some(Endpoint::new(
-                        format!("waypoint {key} (metrics)"),
-                        SocketAddr::new(pod_ip, mesh_core::config::METRICS_PORT),
-                        netns(ns),
-                    )),
-                    readiness: Some(Endpoint::new(
-                        format!("waypoint {key} (readiness)"),
-                        SocketAddr::new(pod_ip, mesh_core::config::READINESS_PORT),
-                        netns(ns),
-                    )),
-                });
+        for (key, p) in &lab.pods {
+            if p.image != "waypoint" {
+                continue;
             }
+            let ns = p.netns.as_str();
+            let pod_ip = ip(&p.ip)?;
+            mesh.waypoints.push(Waypoint {
+                name: key.clone(),
+                admin: Endpoint::new(
+                    format!("waypoint {key} (admin)"),
+                    SocketAddr::from(([127, 0, 0, 1], mesh_core::config::ADMIN_PORT)),
+                    netns(ns),
+                ),
+                metrics: Some(Endpoint::new(
+                    format!("waypoint {key} (metrics)"),
+                    SocketAddr::new(pod_ip, mesh_core::config::METRICS_PORT),
+                    netns(ns),
+                )),
+                readiness: Some(Endpoint::new(
+                    format!("waypoint {key} (readiness)"),
+                    SocketAddr::new(pod_ip, mesh_core::config::READINESS_PORT),
+                    netns(ns),
+                )),
+            });
         }
         // The controller: its --debug-addr, in its namespace.
-        let ctl = &lab["procs"]["istiod-lite"];
-        let args: Vec<&str> = ctl["cmd"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str())
-            .collect();
-        if let Some(addr) = args
-            .windows(2)
-            .find(|w| w[0] == "--debug-addr")
-            .and_then(|w| w[1].parse().ok())
+        if let Some(ctl) = lab.procs.get("istiod-lite")
+            && let Some(addr) = ctl
+                .cmd
+                .windows(2)
+                .find(|w| w[0] == "--debug-addr")
+                .and_then(|w| w[1].parse().ok())
         {
             mesh.controller = Some(Endpoint::new(
                 "istiod-lite (debug)",
                 addr,
-                netns(ctl["netns"].as_str().unwrap_or_default()),
+                netns(&ctl.netns),
             ));
         }
         if mesh.ztunnels.is_empty() {
