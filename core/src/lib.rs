@@ -3,9 +3,9 @@
 //! crate depends on no other crate of the mesh but the wire types.
 //!
 //! Layering (a module only uses those listed before it):
-//! `identity` -> `clock` -> `config` -> `tls` -> `ca` -> `certs` -> `state`
-//! -> `xds` -> `metrics` -> `netns` -> `shards` -> `socket` -> `listen`
-//! -> `hbone` -> `zds` -> `admin` -> `logging` -> `app` -> `lab_file`.
+//! `identity` -> `lab_file` -> `clock` -> `config` -> `tls` -> `ca` ->
+//! `certs` -> `state` -> `xds` -> `metrics` -> `netns` -> `shards` ->
+//! `socket` -> `listen` -> `hbone` -> `zds` -> `admin` -> `logging` -> `app`.
 
 pub mod admin;
 pub mod app;

@@ -1,6 +1,6 @@
 //! `meshctl why SRC DST[:PORT]`: one connection explained hop by hop, by
-//! running the ztunnel's own decision code (`outbound::resolve`,
-//! `inbound::authorize`) on the state from its `/config_dump`.
+//! running the ztunnel's own decision code (`mesh_core::state::decide`:
+//! `resolve`, `authorize`) on the state from its `/config_dump`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
