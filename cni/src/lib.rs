@@ -12,7 +12,9 @@
 //! The same binary, run as `mesh-cni install`, is the DaemonSet container
 //! that puts the plugin on the node: see [`install`].
 
+pub mod agent;
 pub mod install;
+pub mod rules;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -183,12 +185,9 @@ pub async fn pod_facts(conf: &NetConf, pod: &PodArgs) -> Result<PodFacts, CniErr
     })
 }
 
-async fn agent_call(
-    conf: &NetConf,
-    req: &ztunnel::inpod::agent::Request,
-) -> Result<Value, CniError> {
+async fn agent_call(conf: &NetConf, req: &agent::Request) -> Result<Value, CniError> {
     let wait = Duration::from_secs(conf.timeout_secs.max(1));
-    tokio::time::timeout(wait, ztunnel::inpod::agent::call(&conf.agent_socket, req))
+    tokio::time::timeout(wait, agent::call(&conf.agent_socket, req))
         .await
         .map_err(|_| {
             CniError::Agent(format!(
@@ -257,14 +256,14 @@ pub async fn run(env: &Env, stdin: &str) -> Result<String, (CniError, String)> {
             if env.netns.is_empty() {
                 return Err(fail(CniError::Config("CNI_NETNS is empty".into())));
             }
-            let spec = ztunnel::inpod::agent::PodSpec {
+            let spec = agent::PodSpec {
                 uid: facts.uid,
                 name: pod.name,
                 namespace: pod.namespace,
                 service_account: facts.service_account,
                 netns: env.netns.clone(),
             };
-            agent_call(&conf, &ztunnel::inpod::agent::Request::Add(spec))
+            agent_call(&conf, &agent::Request::Add(spec))
                 .await
                 .map_err(fail)?;
             Ok(passthrough())
@@ -276,7 +275,7 @@ pub async fn run(env: &Env, stdin: &str) -> Result<String, (CniError, String)> {
             if let Ok(pod) = pod_args(&env.args) {
                 let uid = pod.uid.unwrap_or_default();
                 if !uid.is_empty() {
-                    let _ = agent_call(&conf, &ztunnel::inpod::agent::Request::Del { uid }).await;
+                    let _ = agent_call(&conf, &agent::Request::Del { uid }).await;
                 }
             }
             Ok(String::new())

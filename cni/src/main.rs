@@ -48,8 +48,8 @@ async fn plugin() -> ExitCode {
 /// The install-cni container: runs until SIGTERM or SIGINT, then exits 0
 /// whether it uninstalled or (a restart or upgrade) left the plugin in place.
 async fn install(args: mesh_cni::install::Args) -> ExitCode {
-    ztunnel::init_logging();
-    ztunnel::tls::install_default_provider();
+    mesh_core::init_logging();
+    mesh_core::tls::install_default_provider();
     let cfg = match args.into_config() {
         Ok(cfg) => cfg,
         Err(e) => {

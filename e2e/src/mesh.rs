@@ -9,10 +9,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::Duration;
 
+use mesh_core::clock::SystemClock;
+use mesh_core::identity::Identity;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use ztunnel::clock::SystemClock;
-use ztunnel::identity::Identity;
 
 use crate::ca::{TRUST_DOMAIN, TestCa, token_for};
 

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use ztunnel::netns::Netns;
+use mesh_core::netns::Netns;
 
 /// Runs a command, panicking with its output when it fails.
 pub fn run(args: &[&str]) {

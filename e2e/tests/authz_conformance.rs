@@ -24,12 +24,12 @@ use std::net::{IpAddr, SocketAddr};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use istiod_lite::config::folder::FolderSource;
 use istiod_lite::model::{Model, ModelConfig};
+use mesh_core::identity::Identity;
+use mesh_core::state::ProxyState;
 use mesh_proto::envoy::service::discovery::v3::Resource;
 use mesh_proto::mesh::waypoint::ServiceRoutes;
 use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use prost::Message;
-use ztunnel::identity::Identity;
-use ztunnel::state::ProxyState;
 
 const BASE: &str = r#"
 apiVersion: v1
@@ -259,7 +259,7 @@ fn ztunnel_decision(model: &Model, r: &Req) -> E {
     let st = ProxyState::default();
     for t in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
         let (u, rejected) =
-            ztunnel::xds::state_updates("cluster.local", t, &resources(model, t), &[]);
+            mesh_core::xds::state_updates("cluster.local", t, &resources(model, t), &[]);
         assert!(rejected.is_empty(), "the ztunnel refused {rejected:?}");
         st.apply(u);
     }
@@ -272,7 +272,7 @@ fn ztunnel_decision(model: &Model, r: &Req) -> E {
     let id: Option<Identity> = r
         .from
         .map(|p| format!("spiffe://{p}").parse().expect("identity"));
-    let d = ztunnel::proxy::inbound::authorize(
+    let d = mesh_core::state::decide::authorize(
         &snap,
         "istio-system",
         &dst,

@@ -5,17 +5,17 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use e2e::ca::{SERVER_NAME, TRUST_DOMAIN, TestCa, token_for};
+use istiod_lite::ca::issue::Issuer;
 use istiod_lite::ca::{CaSource, CertificateAuthority};
+use mesh_core::ca::{CaClient, impersonate};
+use mesh_core::clock::SystemClock;
+use mesh_core::identity::Identity;
+use mesh_core::tls::{TrustRoots, parse_pem_certs, verify_workload_chain};
 use mesh_proto::istio::ca::IstioCertificateRequest;
 use mesh_proto::istio::ca::istio_certificate_service_client::IstioCertificateServiceClient;
 use rcgen::{CertificateParams, DistinguishedName, KeyPair, PKCS_ECDSA_P256_SHA256, SanType};
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use ztunnel::ca::{CaClient, impersonate};
-use ztunnel::clock::SystemClock;
-use ztunnel::identity::Identity;
-use ztunnel::tls::issue::Issuer;
-use ztunnel::tls::{TrustRoots, parse_pem_certs, verify_workload_chain};
 
 fn id(ns: &str, sa: &str) -> Identity {
     Identity::new(TRUST_DOMAIN, ns, sa).unwrap()

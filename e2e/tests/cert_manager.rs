@@ -6,10 +6,10 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use e2e::ca::{TRUST_DOMAIN, TestCa};
-use ztunnel::certs::{Backoff, CertState, CertificateManager};
-use ztunnel::clock::{Clock, ManualClock};
-use ztunnel::identity::Identity;
-use ztunnel::tls::TrustRoots;
+use mesh_core::certs::{Backoff, CertState, CertificateManager};
+use mesh_core::clock::{Clock, ManualClock};
+use mesh_core::identity::Identity;
+use mesh_core::tls::TrustRoots;
 
 fn id(ns: &str, sa: &str) -> Identity {
     Identity::new(TRUST_DOMAIN, ns, sa).unwrap()

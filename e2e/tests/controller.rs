@@ -5,7 +5,7 @@ use std::time::{Duration, Instant};
 
 use e2e::controller::{Controller, XdsSession, ambient_namespace, pod};
 use e2e::mesh::eventually;
-use ztunnel::ca::CaClient;
+use mesh_core::ca::CaClient;
 
 fn has(s: &XdsSession, uid: &str) -> bool {
     s.state.snapshot().workload(uid).is_some()
@@ -204,7 +204,8 @@ async fn the_ca_issues_only_identities_running_on_the_callers_node() {
         "web.yaml",
         &pod("shop", "web-1", "web", "10.1.0.5", "node-a"),
     );
-    let web: ztunnel::identity::Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    let web: mesh_core::identity::Identity =
+        "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
     eventually("node-a gets web", Duration::from_secs(5), || async {
         c.ca_client("node-a").fetch_certificate(&web).await.is_ok()
     })
@@ -258,10 +259,10 @@ async fn an_allow_with_only_invalid_ports_denies_and_is_reported() {
     .await;
     let snap = s.state.snapshot();
     let web = snap.workload(WEB).cloned().unwrap();
-    let client: ztunnel::identity::Identity =
+    let client: mesh_core::identity::Identity =
         "spiffe://cluster.local/ns/shop/sa/client".parse().unwrap();
     let ip: std::net::IpAddr = "10.1.0.5".parse().unwrap();
-    let decision = ztunnel::proxy::inbound::authorize(
+    let decision = mesh_core::state::decide::authorize(
         &snap,
         "istio-system",
         &web,

@@ -8,7 +8,7 @@ use e2e::envoy::{Envoy, originator_config, terminator_config, write_cert};
 use e2e::mesh::{
     Echo, Pod, Subnet, Ztunnel, ZtunnelSpec, ca_for, echo_roundtrip, eventually, state_yaml,
 };
-use ztunnel::ca::CaClient;
+use mesh_core::ca::CaClient;
 
 fn pattern(n: usize) -> Vec<u8> {
     (0..n).map(|i| (i * 7 % 253) as u8).collect()

@@ -20,8 +20,9 @@ const GATEWAY_ID: &str = "spiffe://cluster.local/ns/edge/sa/public";
 /// (certificate PEM, key PEM), as a certificate manager would make them.
 fn certificates(names: &[&str]) -> (String, Vec<(String, String)>) {
     let now = SystemTime::now();
-    let ca = ztunnel::tls::issue::Issuer::new_root("example.test", now, Duration::from_secs(86400))
-        .unwrap();
+    let ca =
+        istiod_lite::ca::issue::Issuer::new_root("example.test", now, Duration::from_secs(86400))
+            .unwrap();
     let leaves = names
         .iter()
         .map(|n| {

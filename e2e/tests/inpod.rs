@@ -15,9 +15,9 @@ use e2e::mesh::{
     Pod, Subnet, Ztunnel, ZtunnelSpec, binary, ca_for, eventually, http_get, state_yaml,
 };
 use e2e::netns::{Namespaces, capture, unique, veth};
+use mesh_cni::agent::{self, PodSpec, Request};
+use mesh_core::netns::Netns;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use ztunnel::inpod::agent::{self, PodSpec, Request};
-use ztunnel::netns::Netns;
 
 struct Agent {
     child: Child,

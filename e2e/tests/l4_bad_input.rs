@@ -9,13 +9,13 @@ use bytes::Bytes;
 use e2e::ca::TestCa;
 use e2e::mesh::{Echo, Pod, Subnet, Ztunnel, ZtunnelSpec, ca_for, eventually, state_yaml};
 use http::{Method, Request, StatusCode};
+use mesh_core::ca::CaClient;
+use mesh_core::tls::{TrustRoots, WorkloadCertificate, client_config};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
 use tokio_rustls::client::TlsStream;
-use ztunnel::ca::CaClient;
-use ztunnel::tls::{TrustRoots, WorkloadCertificate, client_config};
 
 struct Target {
     _dir: tempfile::TempDir,
@@ -144,11 +144,11 @@ async fn malformed_and_hostile_input_is_refused_without_leaks() {
     assert!(closed_without_data(&mut s).await, "HTTP/1");
 
     // A TLS client without a certificate.
-    let no_cert = rustls::ClientConfig::builder_with_provider(ztunnel::tls::provider())
+    let no_cert = rustls::ClientConfig::builder_with_provider(mesh_core::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()
-        .with_custom_certificate_verifier(Arc::new(ztunnel::tls::ServerIdentityVerifier::new(
+        .with_custom_certificate_verifier(Arc::new(mesh_core::tls::ServerIdentityVerifier::new(
             t.roots.clone(),
             vec![t.server.identity()],
         )))

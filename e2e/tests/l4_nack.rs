@@ -279,7 +279,7 @@ async fn a_nacked_policy_denies() {
             .initial_versions
             .get(&key(&unknown))
             .map(String::as_str),
-        Some(ztunnel::xds::NACKED_VERSION),
+        Some(mesh_core::xds::NACKED_VERSION),
         "{resub:?}"
     );
     assert_eq!(

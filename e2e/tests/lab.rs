@@ -9,8 +9,8 @@ use std::time::Duration;
 use e2e::lab::{Lab, TEST_IDS};
 use e2e::mesh::eventually;
 use e2e::netns::capture;
+use mesh_core::netns::Netns;
 use serde_json::Value;
-use ztunnel::netns::Netns;
 
 use e2e::lab::Down as Guard;
 

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use e2e::lab::{Down, Lab};
 use e2e::mesh::{binary, eventually};
+use mesh_core::netns::Netns;
 use serde_json::Value;
-use ztunnel::netns::Netns;
 
 fn yaml(text: &str) -> Vec<Value> {
     e2e::lab::parse_docs(text).unwrap()

@@ -270,7 +270,7 @@ spec:
     let dump = config_dump(lab, "shop/waypoint-0");
     let hbone = dump["upstream"]["hbone_connections"].as_u64().unwrap();
     let http = dump["upstream"]["http_connections"].as_u64().unwrap();
-    let per_destination = ztunnel::config::PoolConfig::default().connections_per_destination;
+    let per_destination = mesh_core::config::PoolConfig::default().connections_per_destination;
     let most = (3 * per_destination + 6) as u64;
     assert!((1..=most).contains(&hbone), "{}", dump["upstream"]);
     assert!(http <= 48, "{}", dump["upstream"]);

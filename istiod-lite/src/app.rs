@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use mesh_core::clock::SystemClock;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
-use ztunnel::clock::SystemClock;
 
 use crate::ca::auth::Authenticator;
 use crate::ca::tokens_file::TokensFile;
@@ -107,7 +107,7 @@ impl Running {
 }
 
 pub async fn start(o: Options) -> Result<Running, AppError> {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     // Before anything else: an exposed debug port without a token is a
     // configuration error, not something to find out later.
     let debug_access = DebugAccess::new(o.debug_addr, o.debug_token_file.as_deref())
@@ -305,7 +305,7 @@ where
     let bound = listener
         .local_addr()
         .map_err(|e| AppError::Start(what, e.to_string()))?;
-    tokio::spawn(ztunnel::admin::serve(listener, stop.clone(), handler));
+    tokio::spawn(mesh_core::admin::serve(listener, stop.clone(), handler));
     Ok(bound)
 }
 

@@ -16,8 +16,8 @@ use bytes::Bytes;
 use http::{HeaderMap, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
+use mesh_core::admin::{Peer, respond};
 use tracing::warn;
-use ztunnel::admin::{Peer, respond};
 
 use crate::ca::auth::constant_time_eq;
 use crate::config::folder::ConfigIssue;

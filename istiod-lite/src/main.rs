@@ -122,7 +122,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() {
-    ztunnel::init_logging();
+    mesh_core::init_logging();
     let a = Args::parse();
     // Nothing names the install's namespace but the install itself.
     let root_namespace = a.root_namespace.unwrap_or_else(|| a.namespace.clone());

@@ -27,6 +27,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use futures::Stream;
+use mesh_core::identity::Identity;
 use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
     AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
 };
@@ -41,7 +42,6 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
-use ztunnel::identity::Identity;
 
 use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory};
 use crate::config::objects::Change;
@@ -733,5 +733,20 @@ impl AggregatedDiscoveryService for AdsService {
             }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+/// The kube source feeds the hub through this (`config::kube::feed`).
+impl crate::config::kube::ChangeSink for Hub {
+    fn sources(&self) -> &Arc<Sources> {
+        Hub::sources(self)
+    }
+    fn apply(&self, batch: Vec<Change>) {
+        Hub::apply(self, batch);
+    }
+    fn is_ready(&self) -> bool {
+        Hub::is_ready(self)
+    }
+    fn set_ready(&self) {
+        Hub::set_ready(self)
     }
 }

@@ -403,7 +403,7 @@ fn writer_config() -> WriterConfig {
 
 #[tokio::test]
 async fn replicas_racing_to_create_the_ca_secret_agree_on_one_root() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let state = Shared::default();
     // Both replicas see no Secret, both create: one gets 409 AlreadyExists.
     state.lock().unwrap().faults.push(Fault {
@@ -450,7 +450,7 @@ async fn replicas_racing_to_create_the_ca_secret_agree_on_one_root() {
 
 #[tokio::test]
 async fn a_damaged_ca_secret_is_reported_and_never_overwritten() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let state = Shared::default();
     let cert = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n";
     state.lock().unwrap().objects.insert(
@@ -573,7 +573,7 @@ async fn wait_for(what: &str, mut f: impl FnMut() -> bool) {
 /// stops writing and the other replica takes over.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_leader_writes_and_a_replica_that_loses_the_lease_stops() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let state = Shared::default();
     let stop = CancellationToken::new();
     let mut replicas = Vec::new();
@@ -673,7 +673,7 @@ async fn only_the_leader_writes_and_a_replica_that_loses_the_lease_stops() {
 
 #[tokio::test]
 async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let state = Shared::default();
     let review = |sa: &str, pod: &str, uid: &str, node: Option<&str>| {
         let mut extra = json!({
@@ -828,7 +828,7 @@ fn jwt(exp: u64) -> String {
 /// has expired it is reviewed again (and the API server refuses it).
 #[tokio::test]
 async fn a_reviewed_token_is_not_remembered_past_its_expiry() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let state = Shared::default();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -882,7 +882,7 @@ const POLICY_PATH: &str =
 
 #[tokio::test]
 async fn waypoint_gateways_get_owned_deployments_status_and_cleanup() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let state = Shared::default();
     {
         let mut st = state.lock().unwrap();
@@ -1156,7 +1156,7 @@ fn cond<'a>(conds: &'a Value, t: &str) -> &'a Value {
 
 #[tokio::test]
 async fn ingress_gateways_get_a_load_balancer_and_listener_status() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
     let secret = json!({
         "apiVersion": "v1", "kind": "Secret",
@@ -1449,8 +1449,8 @@ async fn start_binary(state: &Shared, dir: &std::path::Path) -> Binary {
 /// workload on that ztunnel's node only.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_controller_binary_runs_in_cluster_mode() {
-    use ztunnel::ca::{CaClient, CaClientConfig, IstioCaClient};
-    ztunnel::tls::install_default_provider();
+    use mesh_core::ca::{CaClient, CaClientConfig, IstioCaClient};
+    mesh_core::tls::install_default_provider();
     let state = Shared::default();
     let pod = |ns: &str, name: &str, sa: &str, node: &str, ip: &str| {
         yaml(&format!(
@@ -1512,8 +1512,9 @@ async fn the_controller_binary_runs_in_cluster_mode() {
         })
         .unwrap()
     };
-    let web: ztunnel::identity::Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
-    let db: ztunnel::identity::Identity = "spiffe://cluster.local/ns/shop/sa/db".parse().unwrap();
+    let web: mesh_core::identity::Identity =
+        "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    let db: mesh_core::identity::Identity = "spiffe://cluster.local/ns/shop/sa/db".parse().unwrap();
     let cert = client("zt").fetch_certificate(&web).await.unwrap();
     assert_eq!(cert.identity(), &web);
     let err = client("zt").fetch_certificate(&db).await.unwrap_err();
@@ -1521,7 +1522,7 @@ async fn the_controller_binary_runs_in_cluster_mode() {
     let err = client("nobody").fetch_certificate(&web).await.unwrap_err();
     assert!(err.to_string().contains("invalid bearer token"), "{err}");
     // A waypoint's own token gets its own identity, and no other.
-    let wp: ztunnel::identity::Identity = "spiffe://cluster.local/ns/shop/sa/wp".parse().unwrap();
+    let wp: mesh_core::identity::Identity = "spiffe://cluster.local/ns/shop/sa/wp".parse().unwrap();
     let cert = client("wp").fetch_certificate(&wp).await.unwrap();
     assert_eq!(cert.identity(), &wp);
     let err = client("wp").fetch_certificate(&web).await.unwrap_err();
@@ -1598,7 +1599,7 @@ async fn subscribe(
 /// service account. The refusal is logged.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn only_the_ingress_pods_own_token_gets_its_gateways_keys() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
     let state = Shared::default();
     let pod = |ns: &str, name: &str, sa: &str, labels: &str| {

@@ -100,7 +100,7 @@ async fn wait_up(addr: SocketAddr, dir: &Path) {
 
 #[tokio::test]
 async fn a_debug_port_off_loopback_needs_a_token_and_refuses_callers_without_it() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let ip = non_loopback_ip();
 
     // Off loopback without a token: the start is refused, and says why.

@@ -186,7 +186,7 @@ fn event(kind: &str, yaml: &str, rv: u32) -> Value {
 
 #[tokio::test]
 async fn the_kube_source_builds_the_same_model_as_the_folder_source() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
     let mut set = |path: &str, lists: Vec<Vec<Value>>, watches: Vec<Vec<Value>>| {
         scripts.insert(
@@ -327,7 +327,7 @@ async fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
 /// up once its CRD appears.
 #[tokio::test]
 async fn a_kind_that_is_not_served_is_reported_and_the_rest_is_served() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
     scripts.insert(
         "/api/v1/namespaces".into(),
@@ -428,7 +428,7 @@ async fn a_kind_that_is_not_served_is_reported_and_the_rest_is_served() {
 /// served without.
 #[tokio::test]
 async fn a_policy_kind_that_cannot_be_read_holds_the_mesh_back() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
     scripts.insert(
         "/apis/security.istio.io/v1/authorizationpolicies".into(),
@@ -464,7 +464,7 @@ async fn a_policy_kind_that_cannot_be_read_holds_the_mesh_back() {
 /// within the longest wait (2 s).
 #[tokio::test]
 async fn a_failing_api_server_is_retried_with_backoff_and_reported() {
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
     scripts.insert("/api/v1/pods".into(), failing(503));
     let scripts = Arc::new(Mutex::new(scripts));

@@ -350,7 +350,8 @@ fn the_node_check_reads_the_model() {
     let mut f = Fixture::new();
     f.write("base.yaml", BASE);
     f.sync();
-    let web: ztunnel::identity::Identity = "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
+    let web: mesh_core::identity::Identity =
+        "spiffe://cluster.local/ns/shop/sa/web".parse().unwrap();
     assert!(f.model.identity_on_node("node-a", &web));
     assert!(!f.model.identity_on_node("node-b", &web));
     f.write(

@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use mesh_core::lab_file::LabState;
 use serde_json::{Value, json};
 
 use crate::output::Table;
@@ -17,15 +18,11 @@ pub const WAYPOINT_FOR: &str = "istio.io/waypoint-for";
 
 /// A namespace's labels as the lab knows them.
 fn lab_namespace_labels(lab: &Path, ns: &str) -> Result<BTreeMap<String, String>, SourceError> {
-    let text = std::fs::read_to_string(lab.join("lab.json")).map_err(|e| SourceError::Lab {
+    let state = LabState::read(lab).map_err(|e| SourceError::Lab {
         dir: lab.display().to_string(),
         reason: e.to_string(),
     })?;
-    let v: Value = serde_json::from_str(&text).map_err(|e| SourceError::Lab {
-        dir: lab.display().to_string(),
-        reason: e.to_string(),
-    })?;
-    Ok(serde_json::from_value(v["namespaces"][ns].clone()).unwrap_or_default())
+    Ok(state.namespaces.get(ns).cloned().unwrap_or_default())
 }
 
 /// The `lab` binary next to this one (both are built into the same target

@@ -9,6 +9,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Empty};
 use hyper_util::rt::TokioIo;
+use mesh_core::lab_file::{LabFileError, LabState};
 use serde_json::Value;
 
 /// Why something could not be read. Each says what was tried and what to
@@ -139,7 +140,7 @@ impl Endpoint {
             }
             // The socket is made inside the namespace; it stays there.
             Via::Netns(path) => {
-                let ns = ztunnel::netns::Netns::open(&path.display().to_string())
+                let ns = mesh_core::netns::Netns::open(&path.display().to_string())
                     .map_err(|e| unreachable(format!("opening {}: {e}", path.display())))?;
                 let addr = self.addr;
                 ns.run(move || {
@@ -272,7 +273,7 @@ impl Mesh {
         metrics: Option<SocketAddr>,
         controller: Option<SocketAddr>,
     ) -> Mesh {
-        let readiness = metrics.map(|m| SocketAddr::new(m.ip(), ztunnel::config::READINESS_PORT));
+        let readiness = metrics.map(|m| SocketAddr::new(m.ip(), mesh_core::config::READINESS_PORT));
         Mesh {
             ztunnels: vec![Ztunnel {
                 node: String::new(),
@@ -311,87 +312,80 @@ impl Mesh {
             dir: dir.display().to_string(),
             reason,
         };
-        let text = std::fs::read_to_string(dir.join("lab.json"))
-            .map_err(|e| bad(format!("reading lab.json: {e} (is a lab up? `lab up ...`)")))?;
-        let lab: Value = serde_json::from_str(&text).map_err(|e| bad(format!("lab.json: {e}")))?;
+        let lab = LabState::read(dir).map_err(|e| match e {
+            LabFileError::Read(_) => bad(format!("{e} (is a lab up? `lab up ...`)")),
+            LabFileError::Parse(_) => bad(e.to_string()),
+        })?;
         let netns = |name: &str| Some(PathBuf::from(format!("/var/run/netns/{name}")));
-        let ip = |v: &Value| -> Result<std::net::IpAddr, SourceError> {
-            v.as_str()
-                .and_then(|s| s.parse().ok())
-                .ok_or_else(|| bad(format!("{v} is not an address")))
+        let ip = |v: &str| -> Result<std::net::IpAddr, SourceError> {
+            v.parse()
+                .map_err(|_| bad(format!("{v:?} is not an address")))
         };
         let mut mesh = Mesh {
             lab: Some(dir.to_path_buf()),
             ..Default::default()
         };
-        for n in lab["nodes"].as_array().into_iter().flatten() {
-            let name = n["name"].as_str().unwrap_or_default().to_string();
-            let ns = n["netns"].as_str().unwrap_or_default();
-            let node_ip = ip(&n["ip"])?;
+        for n in &lab.nodes {
+            let name = n.name.clone();
+            let ns = n.netns.as_str();
+            let node_ip = ip(&n.ip)?;
             let at = |port| SocketAddr::new(node_ip, port);
             mesh.ztunnels.push(Ztunnel {
                 admin: Endpoint::new(
                     format!("ztunnel on {name} (admin)"),
-                    SocketAddr::from(([127, 0, 0, 1], ztunnel::config::ADMIN_PORT)),
+                    SocketAddr::from(([127, 0, 0, 1], mesh_core::config::ADMIN_PORT)),
                     netns(ns),
                 ),
                 metrics: Some(Endpoint::new(
                     format!("ztunnel on {name} (metrics)"),
-                    at(ztunnel::config::METRICS_PORT),
+                    at(mesh_core::config::METRICS_PORT),
                     netns(ns),
                 )),
                 readiness: Some(Endpoint::new(
                     format!("ztunnel on {name} (readiness)"),
-                    at(ztunnel::config::READINESS_PORT),
+                    at(mesh_core::config::READINESS_PORT),
                     netns(ns),
                 )),
                 node: name,
             });
         }
-        if let Some(pods) = lab["pods"].as_object() {
-            for (key, p) in pods {
-                if p["image"].as_str() != Some("waypoint") {
-                    continue;
-                }
-                let ns = p["netns"].as_str().unwrap_or_default();
-                let pod_ip = ip(&p["ip"])?;
-                mesh.waypoints.push(Waypoint {
-                    name: key.clone(),
-                    admin: Endpoint::new(
-                        format!("waypoint {key} (admin)"),
-                        SocketAddr::from(([127, 0, 0, 1], ztunnel::config::ADMIN_PORT)),
-                        netns(ns),
-                    ),
-                    metrics: Some(Endpoint::new(
-                        format!("waypoint {key} (metrics)"),
-                        SocketAddr::new(pod_ip, ztunnel::config::METRICS_PORT),
-                        netns(ns),
-                    )),
-                    readiness: Some(Endpoint::new(
-                        format!("waypoint {key} (readiness)"),
-                        SocketAddr::new(pod_ip, ztunnel::config::READINESS_PORT),
-                        netns(ns),
-                    )),
-                });
+        for (key, p) in &lab.pods {
+            if p.image != "waypoint" {
+                continue;
             }
+            let ns = p.netns.as_str();
+            let pod_ip = ip(&p.ip)?;
+            mesh.waypoints.push(Waypoint {
+                name: key.clone(),
+                admin: Endpoint::new(
+                    format!("waypoint {key} (admin)"),
+                    SocketAddr::from(([127, 0, 0, 1], mesh_core::config::ADMIN_PORT)),
+                    netns(ns),
+                ),
+                metrics: Some(Endpoint::new(
+                    format!("waypoint {key} (metrics)"),
+                    SocketAddr::new(pod_ip, mesh_core::config::METRICS_PORT),
+                    netns(ns),
+                )),
+                readiness: Some(Endpoint::new(
+                    format!("waypoint {key} (readiness)"),
+                    SocketAddr::new(pod_ip, mesh_core::config::READINESS_PORT),
+                    netns(ns),
+                )),
+            });
         }
         // The controller: its --debug-addr, in its namespace.
-        let ctl = &lab["procs"]["istiod-lite"];
-        let args: Vec<&str> = ctl["cmd"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|v| v.as_str())
-            .collect();
-        if let Some(addr) = args
-            .windows(2)
-            .find(|w| w[0] == "--debug-addr")
-            .and_then(|w| w[1].parse().ok())
+        if let Some(ctl) = lab.procs.get("istiod-lite")
+            && let Some(addr) = ctl
+                .cmd
+                .windows(2)
+                .find(|w| w[0] == "--debug-addr")
+                .and_then(|w| w[1].parse().ok())
         {
             mesh.controller = Some(Endpoint::new(
                 "istiod-lite (debug)",
                 addr,
-                netns(ctl["netns"].as_str().unwrap_or_default()),
+                netns(&ctl.netns),
             ));
         }
         if mesh.ztunnels.is_empty() {
@@ -456,7 +450,7 @@ impl Mesh {
                 .unwrap_or_default();
             let Some(admin) = pf(
                 p,
-                ztunnel::config::ADMIN_PORT,
+                mesh_core::config::ADMIN_PORT,
                 format!("ztunnel on {node} (admin)"),
             ) else {
                 continue;
@@ -464,12 +458,12 @@ impl Mesh {
             mesh.ztunnels.push(Ztunnel {
                 metrics: pf(
                     p,
-                    ztunnel::config::METRICS_PORT,
+                    mesh_core::config::METRICS_PORT,
                     format!("ztunnel on {node} (metrics)"),
                 ),
                 readiness: pf(
                     p,
-                    ztunnel::config::READINESS_PORT,
+                    mesh_core::config::READINESS_PORT,
                     format!("ztunnel on {node} (readiness)"),
                 ),
                 admin,
@@ -484,7 +478,7 @@ impl Mesh {
             );
             let Some(admin) = pf(
                 p,
-                ztunnel::config::ADMIN_PORT,
+                mesh_core::config::ADMIN_PORT,
                 format!("waypoint {key} (admin)"),
             ) else {
                 continue;
@@ -492,12 +486,12 @@ impl Mesh {
             mesh.waypoints.push(Waypoint {
                 metrics: pf(
                     p,
-                    ztunnel::config::METRICS_PORT,
+                    mesh_core::config::METRICS_PORT,
                     format!("waypoint {key} (metrics)"),
                 ),
                 readiness: pf(
                     p,
-                    ztunnel::config::READINESS_PORT,
+                    mesh_core::config::READINESS_PORT,
                     format!("waypoint {key} (readiness)"),
                 ),
                 admin,

@@ -1,14 +1,14 @@
 //! `meshctl why SRC DST[:PORT]`: one connection explained hop by hop, by
-//! running the ztunnel's own decision code (`outbound::resolve`,
-//! `inbound::authorize`) on the state from its `/config_dump`.
+//! running the ztunnel's own decision code (`mesh_core::state::decide`:
+//! `resolve`, `authorize`) on the state from its `/config_dump`.
 
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use mesh_core::state::decide::authorize;
+use mesh_core::state::decide::{Route, resolve};
+use mesh_core::state::{ProxyState, Snapshot, TunnelProtocol, Workload, updates_from_dump};
 use serde::Serialize;
-use ztunnel::proxy::inbound::authorize;
-use ztunnel::proxy::outbound::{Route, resolve};
-use ztunnel::state::{ProxyState, Snapshot, TunnelProtocol, Workload, updates_from_dump};
 
 use crate::output::Table;
 use crate::source::{Dump, SourceError};
@@ -226,7 +226,7 @@ pub fn explain(
     }
     step("destination", format!("{target} ({dst_desc})"));
 
-    let decide = |dst_w: &Workload, from: Option<&ztunnel::identity::Identity>, from_ip, t| {
+    let decide = |dst_w: &Workload, from: Option<&mesh_core::identity::Identity>, from_ip, t| {
         authorize(&snap, root_namespace, dst_w, from, from_ip, t)
     };
     let mut outcome = "allowed".to_string();
@@ -505,13 +505,13 @@ pub fn explain(
 
 fn target_port(snap: &Snapshot, service: Option<&str>, ep: &Workload, port: u16) -> u16 {
     match service.and_then(|k| snap.service(k)) {
-        Some(svc) => ztunnel::proxy::outbound::target_port(svc, ep, port),
+        Some(svc) => mesh_core::state::decide::target_port(svc, ep, port),
         None => port,
     }
 }
 
-fn decision_policy(d: &ztunnel::state::Decision) -> Option<String> {
-    use ztunnel::state::Decision;
+fn decision_policy(d: &mesh_core::state::Decision) -> Option<String> {
+    use mesh_core::state::Decision;
     match d {
         Decision::Allowed { policy } | Decision::Denied { policy } => Some(policy.clone()),
         Decision::NotAllowed { allow_policies } => Some(format!(

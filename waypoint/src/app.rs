@@ -11,18 +11,18 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
+use mesh_core::admin::{Readiness, endpoints, process_stats, respond};
+use mesh_core::app::{AppError, start_err};
+use mesh_core::certs::CertState;
+use mesh_core::hbone::pool::{Pool, PoolSettings};
+use mesh_core::identity::Identity;
+use mesh_core::metrics::Metrics;
+use mesh_core::state::ProxyState;
+use mesh_core::xds::{StateSink, XdsClient, XdsConfig};
 use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
-use ztunnel::admin::{Readiness, endpoints, process_stats, respond};
-use ztunnel::app::{AppError, start_err};
-use ztunnel::certs::CertState;
-use ztunnel::identity::Identity;
-use ztunnel::metrics::Metrics;
-use ztunnel::proxy::pool::{Pool, PoolSettings};
-use ztunnel::state::ProxyState;
-use ztunnel::xds::{StateSink, XdsClient, XdsConfig};
 
 use crate::config::{Config, Role};
 use crate::ingress::IngressTable;
@@ -138,11 +138,11 @@ fn config_dump(wp: &Waypoint, xds: &XdsClient) -> serde_json::Value {
 
 impl App {
     pub async fn start(cfg: Config) -> Result<App, AppError> {
-        ztunnel::tls::install_default_provider();
+        mesh_core::tls::install_default_provider();
         let cfg = Arc::new(cfg);
         let identity = Identity::new(&cfg.trust_domain, &cfg.namespace, &cfg.service_account)
             .map_err(|e| start_err("identity", e))?;
-        let (certs, root, token) = ztunnel::app::certificates(&cfg.ca)?;
+        let (certs, root, token) = mesh_core::app::certificates(&cfg.ca)?;
         certs.prefetch(&identity);
 
         let state = ProxyState::default();
@@ -341,7 +341,7 @@ async fn ingress_ports(wp: Arc<Waypoint>, stop: CancellationToken) {
 /// Runs until SIGTERM or SIGINT, then drains.
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let app = App::start(cfg).await?;
-    ztunnel::app::shutdown_signal()
+    mesh_core::app::shutdown_signal()
         .await
         .map_err(|e| start_err("SIGTERM handler", e))?;
     app.shutdown().await;

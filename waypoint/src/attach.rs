@@ -19,9 +19,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::StatusCode;
+use mesh_core::state::{GatewayDestination, Snapshot, Workload};
 use mesh_proto::WAYPOINT_GATEWAY_PREFIX;
 use mesh_proto::mesh::waypoint as pb;
-use ztunnel::state::{GatewayDestination, Snapshot, Workload};
 
 use crate::authz::Policy;
 use crate::config::Config;

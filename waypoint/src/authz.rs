@@ -10,8 +10,6 @@ use std::sync::Arc;
 use http::{HeaderMap, HeaderName};
 use mesh_proto::mesh::waypoint as pb;
 
-use crate::routes::RouteError;
-
 /// Istio's string glob: "abc" exact, "abc*" prefix, "*abc" suffix, "*" any
 /// non-empty value.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -107,10 +105,18 @@ impl Cidr {
     }
 }
 
-fn cidrs(v: &[String], policy: &str) -> Result<Vec<Cidr>, RouteError> {
+/// Why a policy was rejected.
+#[derive(Debug, Clone, thiserror::Error, PartialEq, Eq)]
+#[error("policy {policy}: {reason}")]
+pub struct PolicyError {
+    pub policy: String,
+    pub reason: String,
+}
+
+fn cidrs(v: &[String], policy: &str) -> Result<Vec<Cidr>, PolicyError> {
     v.iter()
         .map(|s| {
-            Cidr::parse(s).ok_or_else(|| RouteError::Policy {
+            Cidr::parse(s).ok_or_else(|| PolicyError {
                 policy: policy.to_string(),
                 reason: format!("{s:?} is not an address or CIDR"),
             })
@@ -382,14 +388,14 @@ impl Rule {
 }
 
 impl Policy {
-    pub fn compile(p: &pb::Policy) -> Result<Policy, RouteError> {
+    pub fn compile(p: &pb::Policy) -> Result<Policy, PolicyError> {
         let name = p.name.as_str();
         let action = match pb::PolicyAction::try_from(p.action) {
             Ok(pb::PolicyAction::Allow) => Action::Allow,
             Ok(pb::PolicyAction::Deny) => Action::Deny,
             Ok(pb::PolicyAction::Custom) => Action::Custom,
             Err(_) => {
-                return Err(RouteError::Policy {
+                return Err(PolicyError {
                     policy: name.to_string(),
                     reason: format!("unknown action {}", p.action),
                 });
@@ -413,7 +419,7 @@ impl Policy {
                                 not_ip_blocks: cidrs(&s.not_ip_blocks, name)?,
                             })
                         })
-                        .collect::<Result<_, RouteError>>()?,
+                        .collect::<Result<_, PolicyError>>()?,
                     to: r
                         .to
                         .iter()
@@ -431,11 +437,11 @@ impl Policy {
                     when: r.when.iter().map(Condition::new).collect(),
                 })
             })
-            .collect::<Result<_, RouteError>>()?;
+            .collect::<Result<_, PolicyError>>()?;
         let provider = match (action, &p.provider) {
             (Action::Custom, Some(pr)) if !pr.address.is_empty() => Some(Arc::new(pr.clone())),
             (Action::Custom, _) => {
-                return Err(RouteError::Policy {
+                return Err(PolicyError {
                     policy: name.to_string(),
                     reason: "CUSTOM without a provider address".into(),
                 });

@@ -5,8 +5,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::Path;
 use std::time::Duration;
 
+use mesh_core::config::{CaConfig, ConfigError, H2Config, PoolConfig, load_yaml};
 use serde::Deserialize;
-use ztunnel::config::{CaConfig, ConfigError, H2Config, PoolConfig, load_yaml};
 
 use crate::normalize::PathNormalization;
 
@@ -139,16 +139,16 @@ mod d {
         IpAddr::V4(Ipv4Addr::UNSPECIFIED)
     }
     pub fn hbone() -> SocketAddr {
-        SocketAddr::from(([0, 0, 0, 0], ztunnel::config::HBONE_PORT))
+        SocketAddr::from(([0, 0, 0, 0], mesh_core::config::HBONE_PORT))
     }
     pub fn admin() -> SocketAddr {
-        SocketAddr::from(([127, 0, 0, 1], ztunnel::config::ADMIN_PORT))
+        SocketAddr::from(([127, 0, 0, 1], mesh_core::config::ADMIN_PORT))
     }
     pub fn metrics() -> SocketAddr {
-        SocketAddr::from(([0, 0, 0, 0], ztunnel::config::METRICS_PORT))
+        SocketAddr::from(([0, 0, 0, 0], mesh_core::config::METRICS_PORT))
     }
     pub fn readiness() -> SocketAddr {
-        SocketAddr::from(([0, 0, 0, 0], ztunnel::config::READINESS_PORT))
+        SocketAddr::from(([0, 0, 0, 0], mesh_core::config::READINESS_PORT))
     }
     pub fn drain() -> Duration {
         Duration::from_secs(30)

@@ -27,6 +27,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::request::Parts;
 use http::{HeaderMap, HeaderValue, StatusCode, Version};
+use mesh_core::identity::Identity;
 use mesh_proto::envoy::config::core::v3::{Address, SocketAddress, address, socket_address};
 use mesh_proto::envoy::service::auth::v3::{
     AttributeContext, CheckRequest, CheckResponse, DeniedHttpResponse, OkHttpResponse,
@@ -39,7 +40,6 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
 use tonic::transport::{Channel, Endpoint};
 use tracing::{debug, info};
-use ztunnel::identity::Identity;
 
 use crate::authz::{self, Policy, RequestAttrs};
 use crate::telemetry::Flag;

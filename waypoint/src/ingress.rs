@@ -43,7 +43,7 @@ pub fn load_certificate(c: &pb::TlsCertificate) -> Result<Certificate, String> {
     }
     let key = PrivateKeyDer::from_pem_slice(c.private_key.as_bytes())
         .map_err(|e| format!("private key of {}: {e}", c.source))?;
-    let provider = ztunnel::tls::provider();
+    let provider = mesh_core::tls::provider();
     let signer = provider
         .key_provider
         .load_private_key(key)

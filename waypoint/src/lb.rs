@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ztunnel::state::Workload;
+use mesh_core::state::Workload;
 
 use crate::routes::{BackendPolicy, LbKind, Outlier};
 
@@ -258,7 +258,7 @@ mod tests {
             namespace: "ns".into(),
             addresses: vec!["10.0.0.1".parse().expect("ip")],
             network: String::new(),
-            protocol: ztunnel::state::TunnelProtocol::Hbone,
+            protocol: mesh_core::state::TunnelProtocol::Hbone,
             identity: "spiffe://cluster.local/ns/ns/sa/x"
                 .parse()
                 .expect("identity"),

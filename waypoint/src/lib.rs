@@ -6,12 +6,15 @@
 //! outside the mesh on the listeners of its Gateway (`ingress`) and sends
 //! each request into the mesh the same way.
 //!
-//! Layering: `config`, `normalize`, `routes`, `authz` and `extauthz` (what to do) -> `lb` and
-//! `upstream` (where and how to send) -> `telemetry`, `body` -> `proxy`
-//! (the data path, one file per stage in `proxy/`: `sniff` and `rewrite` ->
-//! `record` -> `forward` -> `mirror` -> `request` and `tcp` -> `listen`, over
-//! the shared types in `proxy/mod.rs`) -> `app` (wiring). The HBONE, TLS,
-//! certificate, state and xDS pieces are the ztunnel's.
+//! Layering (a module only uses those listed before it):
+//! `normalize` -> `config` -> `authz` -> `ratelimit` -> `routes` ->
+//! `telemetry` -> `extauthz` -> `ingress` -> `attach` -> `lb` -> `upstream`
+//! -> `body` -> `h1guard` -> `proxy` -> `sink` -> `app`.
+//!
+//! The data path is one file per stage in `proxy/` (`sniff` and `rewrite`
+//! -> `record` -> `forward` -> `mirror` -> `request` and `tcp` -> `listen`),
+//! over the shared types in `proxy/mod.rs`. The HBONE, TLS, certificate,
+//! state and xDS pieces are `mesh_core`'s.
 
 /// Implements `AsyncWrite` for a stream wrapper `$ty<S>` by handing every
 /// call to its field `$field` (the wrappers here change reads, not writes).

@@ -10,7 +10,7 @@ use http::{HeaderMap, Method};
 use mesh_proto::mesh::waypoint as pb;
 use regex::Regex;
 
-use crate::authz::Policy;
+use crate::authz::{Policy, PolicyError};
 use crate::ratelimit::Limit;
 
 /// The key a waypoint uses for traffic addressed to one pod (a workload
@@ -28,8 +28,8 @@ pub enum RouteError {
     },
     #[error("route {route}: {reason}")]
     Invalid { route: String, reason: String },
-    #[error("policy {policy}: {reason}")]
-    Policy { policy: String, reason: String },
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
 }
 
 #[derive(Debug, Clone)]

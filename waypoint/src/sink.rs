@@ -8,12 +8,12 @@
 //! compile keep their last good version beside the new policies, and a
 //! resource that does not even decode denies every request for its service.
 
+use mesh_core::xds::{StateSink, XdsSink};
 use mesh_proto::envoy::service::discovery::v3::Resource;
 use mesh_proto::mesh::waypoint::{Ingress, ServiceRoutes};
 use mesh_proto::{ADDRESS_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use prost::Message;
 use tracing::{info, warn};
-use ztunnel::xds::{StateSink, XdsSink};
 
 use crate::authz::Policy;
 use crate::config::Role;

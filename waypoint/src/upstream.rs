@@ -19,13 +19,13 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use mesh_core::hbone::ConnectHeaders;
+use mesh_core::hbone::pool::{Pool, PoolError, PoolKey};
+use mesh_core::identity::Identity;
+use mesh_core::state::{TunnelProtocol, Workload};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
-use ztunnel::hbone::ConnectHeaders;
-use ztunnel::identity::Identity;
-use ztunnel::proxy::pool::{Pool, PoolError, PoolKey};
-use ztunnel::state::{TunnelProtocol, Workload};
 
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
@@ -257,7 +257,7 @@ impl Upstreams {
                     src: self.identity.clone(),
                     src_ip: None,
                     dst: d.endpoint.identity.clone(),
-                    next_hop: SocketAddr::new(d.target.ip(), ztunnel::config::HBONE_PORT),
+                    next_hop: SocketAddr::new(d.target.ip(), mesh_core::config::HBONE_PORT),
                 };
                 let (stream, guard) = self.pool.connect(&key, d.target, d.headers, None).await?;
                 Box::new(Guarded {
@@ -459,11 +459,11 @@ impl Lease {
 /// An HBONE stream that keeps its pool slot for as long as it lives.
 pub struct Guarded<S> {
     inner: S,
-    _guard: ztunnel::proxy::pool::StreamGuard,
+    _guard: mesh_core::hbone::pool::StreamGuard,
 }
 
 impl<S> Guarded<S> {
-    pub fn new(inner: S, guard: ztunnel::proxy::pool::StreamGuard) -> Self {
+    pub fn new(inner: S, guard: mesh_core::hbone::pool::StreamGuard) -> Self {
         Guarded {
             inner,
             _guard: guard,
@@ -488,10 +488,10 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
-    use ztunnel::ca::{CaClient, CaError, CaFuture};
-    use ztunnel::certs::{Backoff, CertificateManager};
-    use ztunnel::clock::SystemClock;
-    use ztunnel::tls::TrustRoots;
+    use mesh_core::ca::{CaClient, CaError, CaFuture};
+    use mesh_core::certs::{Backoff, CertificateManager};
+    use mesh_core::clock::SystemClock;
+    use mesh_core::tls::TrustRoots;
 
     struct NoCa;
     impl CaClient for NoCa {
@@ -509,14 +509,14 @@ mod tests {
         );
         let pool = Pool::new(
             certs,
-            ztunnel::proxy::pool::PoolSettings {
+            mesh_core::hbone::pool::PoolSettings {
                 h2: Default::default(),
                 cfg: Default::default(),
                 connect_timeout: Duration::from_secs(1),
                 handshake_timeout: Duration::from_secs(1),
                 mark: None,
             },
-            Arc::new(ztunnel::metrics::Metrics::default()),
+            Arc::new(mesh_core::metrics::Metrics::default()),
         );
         let identity: Identity = "spiffe://cluster.local/ns/ns/sa/wp"
             .parse()

@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 
 use http::request::Parts;
 use http::{HeaderMap, StatusCode};
+use mesh_core::identity::Identity;
 use mesh_proto::envoy::config::core::v3::{
     HeaderValue, HeaderValueOption, QueryParameter, address, socket_address,
 };
@@ -28,7 +29,6 @@ use tokio_stream::StreamExt;
 use waypoint::authz::Policy;
 use waypoint::extauthz::{CheckLabels, ExtAuthz, ExtAuthzMetrics, Subject, Verdict};
 use waypoint::telemetry::Flag;
-use ztunnel::identity::Identity;
 
 #[derive(Clone, Copy)]
 enum Mode {

@@ -5,35 +5,20 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use mesh_core::app::{AppError, certificates, shutdown_signal, start_err};
 use tokio_util::sync::CancellationToken;
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
-use crate::admin::{self, Readiness};
-use crate::ca::{CaClientConfig, IstioCaClient, Token};
-use crate::certs::{Backoff, CertState, CertificateManager};
-use crate::clock::SystemClock;
+use crate::admin;
 use crate::config::{Config, HBONE_PORT};
-use crate::identity::Identity;
 use crate::inpod::InPod;
-use crate::metrics::Metrics;
 use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
-use crate::state::{LocalConfig, ProxyState};
-use crate::tls::TrustRoots;
-use crate::xds::{StateSink, XdsClient, XdsConfig};
-
-#[derive(Debug, thiserror::Error)]
-pub enum AppError {
-    #[error("{what}: {reason}")]
-    Start { what: String, reason: String },
-}
-
-/// A start-up failure: what was being set up, and why it failed.
-pub fn start_err(what: impl Into<String>, reason: impl ToString) -> AppError {
-    AppError::Start {
-        what: what.into(),
-        reason: reason.to_string(),
-    }
-}
+use mesh_core::admin::Readiness;
+use mesh_core::certs::CertState;
+use mesh_core::identity::Identity;
+use mesh_core::metrics::Metrics;
+use mesh_core::state::{LocalConfig, ProxyState};
+use mesh_core::xds::{StateSink, XdsClient, XdsConfig};
 
 struct Ready {
     proxy: Arc<Proxy>,
@@ -122,43 +107,6 @@ async fn keep_local_certificates(ready: Arc<Ready>, state: ProxyState, stop: Can
     }
 }
 
-/// The certificate manager for a proxy's identities, from its CA settings:
-/// the CA's root (also what the controller's TLS is checked against) is
-/// read once; the token file at every request (it may be rotated). Returns
-/// the manager, the root PEM and the token. Shared by the ztunnel and the
-/// waypoint.
-pub fn certificates(
-    ca: &crate::config::CaConfig,
-) -> Result<(CertificateManager, String, Option<Token>), AppError> {
-    let root = std::fs::read_to_string(&ca.root_cert)
-        .map_err(|e| start_err(format!("CA root {}", ca.root_cert.display()), e))?;
-    let token = match &ca.token_file {
-        Some(p) => {
-            // Read once now so a missing file fails start-up, not later.
-            std::fs::read_to_string(p)
-                .map_err(|e| start_err(format!("token {}", p.display()), e))?;
-            Some(Token::File(p.clone()))
-        }
-        None => None,
-    };
-    let client = IstioCaClient::new(CaClientConfig {
-        address: ca.address.clone(),
-        ca_root_pem: root.clone(),
-        server_name: ca.server_name.clone(),
-        token: token.clone(),
-        validity: ca.validity,
-        request_timeout: Duration::from_secs(10),
-    })
-    .map_err(|e| start_err("CA client", e))?;
-    let certs = CertificateManager::new(
-        Arc::new(client),
-        Arc::new(SystemClock),
-        TrustRoots::empty(),
-        Backoff::default(),
-    );
-    Ok((certs, root, token))
-}
-
 /// A running ztunnel.
 pub struct App {
     pub proxy: Arc<Proxy>,
@@ -208,13 +156,15 @@ async fn watch_local_file(cfg: Arc<Config>, state: ProxyState, stop: Cancellatio
 
 impl App {
     pub async fn start(cfg: Config) -> Result<App, AppError> {
-        crate::tls::install_default_provider();
+        mesh_core::tls::install_default_provider();
         let cfg = Arc::new(cfg);
         let state = ProxyState::default();
         load_state(&cfg, &state)?;
 
         let (certs, root, token) = certificates(&cfg.ca)?;
-        let metrics = Arc::new(Metrics::default());
+        let mut metrics = Metrics::default();
+        let dns_metrics = crate::dns::DnsMetrics::register(&mut metrics.registry);
+        let metrics = Arc::new(metrics);
         let proxy = Proxy::new(cfg.clone(), state.clone(), certs.clone(), metrics);
 
         let stop_admin = CancellationToken::new();
@@ -261,7 +211,7 @@ impl App {
                     proxy.state.clone(),
                     nm.dns_domain.clone(),
                     &upstreams,
-                    proxy.metrics.dns.clone(),
+                    dns_metrics.clone(),
                     nm.dns_limits.limits(),
                 )
             });
@@ -282,7 +232,7 @@ impl App {
 
         // Each listener once per shard (one shard unless the runtime is
         // sharded): a connection stays on the thread that accepted it.
-        let shards = crate::shards::current();
+        let shards = mesh_core::shards::current();
         for ip in &cfg.listeners.inbound_ips {
             let addr = std::net::SocketAddr::new(*ip, HBONE_PORT);
             let p = proxy.clone();
@@ -340,19 +290,6 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         .await
         .map_err(|e| start_err("SIGTERM handler", e))?;
     app.shutdown().await;
-    Ok(())
-}
-
-/// Waits for SIGTERM (the kubelet's stop) or SIGINT.
-pub async fn shutdown_signal() -> std::io::Result<()> {
-    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => info!("SIGTERM"),
-        r = tokio::signal::ctrl_c() => {
-            if let Err(e) = r { error!(error = %e, "signal handler failed"); }
-            info!("SIGINT");
-        }
-    }
     Ok(())
 }
 

@@ -12,7 +12,7 @@ use hickory_proto::rr::{Name, RData, Record, RecordType};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use ztunnel::dns::{DnsMetrics, DnsProxy, Limits};
-use ztunnel::state::{LocalConfig, ProxyState};
+use mesh_core::state::{LocalConfig, ProxyState};
 
 const STATE: &str = r#"
 workloads:

@@ -126,7 +126,7 @@ async fn main() {
         (a.pods, a.services, a.policies, a.proxies, a.runs) = (50, 10, 5, 5, 1);
         (a.l7_requests, a.l7_concurrency) = (200, vec![16]);
     }
-    ztunnel::tls::install_default_provider();
+    mesh_core::tls::install_default_provider();
     // The lab's processes inherit it: 1 000 held connections are 2 000
     // sockets in one ztunnel on one node.
     raise_nofile();

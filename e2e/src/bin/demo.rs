@@ -12,7 +12,7 @@ use std::time::Duration;
 use e2e::lab::{Lab, read_docs};
 use e2e::mesh::binary;
 use e2e::netns::capture;
-use ztunnel::netns::Netns;
+use mesh_core::netns::Netns;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 

@@ -17,7 +17,7 @@ pub async fn forward(
     port_file: &Path,
 ) -> Result<(), Error> {
     let ns = std::sync::Arc::new(
-        ztunnel::netns::Netns::open(&netns.display().to_string())
+        mesh_core::netns::Netns::open(&netns.display().to_string())
             .map_err(|e| format!("netns {}: {e}", netns.display()))?,
     );
     if targets.is_empty() {

@@ -362,7 +362,7 @@ impl Lab {
         }
         let control = self.dir.join(format!("{}-cni.sock", p.node));
         let req = if want {
-            ztunnel::inpod::agent::Request::Add(ztunnel::inpod::agent::PodSpec {
+            mesh_cni::agent::Request::Add(mesh_cni::agent::PodSpec {
                 uid: p.uid.clone(),
                 name: p.name.clone(),
                 namespace: p.namespace.clone(),
@@ -370,12 +370,12 @@ impl Lab {
                 netns: format!("/var/run/netns/{}", p.netns),
             })
         } else {
-            ztunnel::inpod::agent::Request::Del { uid: p.uid.clone() }
+            mesh_cni::agent::Request::Del { uid: p.uid.clone() }
         };
         // The ztunnel may still be connecting to its agent: retry briefly.
         let mut last = String::new();
         for _ in 0..100 {
-            match ztunnel::inpod::agent::call(&control, &req).await {
+            match mesh_cni::agent::call(&control, &req).await {
                 Ok(_) => {
                     if let Some(pod) = self.state.pods.get_mut(key) {
                         pod.captured = want;

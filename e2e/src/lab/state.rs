@@ -1,101 +1,12 @@
-//! What the lab records in `<dir>/lab.json`: its nodes, pods, services,
-//! namespaces, processes and netns, and the [`Lab`] handle over them.
+//! What the lab records in `<dir>/lab.json` (its nodes, pods, services,
+//! namespaces, processes and netns: the schema is `mesh_core::lab_file`,
+//! which `meshctl --lab` reads too), and the [`Lab`] handle over them.
 
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use serde::{Deserialize, Serialize};
+pub use mesh_core::lab_file::{LabState, NodeState, PodState, ProcState, ServiceState};
 
-#[cfg(doc)]
-use super::Owner;
 use super::{CONTROL_IP_HOST, Error};
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct NodeState {
-    pub name: String,
-    pub netns: String,
-    pub ip: String,
-    pub index: u8,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PodState {
-    pub name: String,
-    pub namespace: String,
-    pub node: String,
-    pub netns: String,
-    pub ip: String,
-    pub uid: String,
-    pub service_account: String,
-    pub labels: BTreeMap<String, String>,
-    pub args: Vec<String>,
-    /// "labapp" (the lab's app, run with `args`), "waypoint", "ingress"
-    /// (the waypoint binary in its ingress role), or "redis" (redis-server
-    /// on the pod's IP, port 6379).
-    #[serde(default = "labapp")]
-    pub image: String,
-    pub pid: Option<u32>,
-    pub captured: bool,
-}
-
-fn labapp() -> String {
-    "labapp".into()
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ServiceState {
-    pub name: String,
-    pub namespace: String,
-    pub vip: String,
-    pub selector: BTreeMap<String, String>,
-    /// (port, targetPort)
-    pub ports: Vec<(u16, u16)>,
-}
-
-/// A process the lab runs, restartable by name.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct ProcState {
-    pub netns: String,
-    pub cmd: Vec<String>,
-    pub log: String,
-    pub env: Vec<(String, String)>,
-    pub pid: Option<u32>,
-}
-
-#[derive(Debug, Default, Clone, Serialize, Deserialize)]
-pub struct LabState {
-    /// Named processes: "istiod-lite", "<node>-ztunnel", "<node>-cni".
-    #[serde(default)]
-    pub procs: BTreeMap<String, ProcState>,
-    pub id: u8,
-    pub prefix: String,
-    pub nodes: Vec<NodeState>,
-    pub pods: BTreeMap<String, PodState>,
-    pub services: BTreeMap<String, ServiceState>,
-    pub namespaces: BTreeMap<String, BTreeMap<String, String>>,
-    /// Every netns the lab made, in creation order.
-    pub netns: Vec<String>,
-    /// Every process the lab started, with its start time (clock ticks after
-    /// boot), so a pid the system has since reused is never signalled.
-    pub pids: Vec<(u32, u64)>,
-    pub next_vip: u8,
-    /// Ingress listener ports published on the machine's loopback, as a
-    /// cloud load balancer would: "namespace/gateway:port" -> "127.0.0.1:N".
-    #[serde(default)]
-    pub published: BTreeMap<String, String>,
-    /// The mesh's `pathNormalization`, written into every waypoint's and
-    /// ingress's config as istiod-lite's `--path-normalization` is on
-    /// Kubernetes; unset, the waypoint's default (BASE).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub path_normalization: Option<String>,
-    /// Ties the lab to its id's record (see [`Owner`]).
-    #[serde(default)]
-    pub claim: String,
-    /// YAML added to every ztunnel's config (experiments: the `lab` CLI and
-    /// the benchmark take it from `LAB_ZTUNNEL_EXTRA`; tests never do).
-    #[serde(default)]
-    pub ztunnel_extra: String,
-}
 
 pub struct Lab {
     pub dir: PathBuf,
@@ -104,7 +15,7 @@ pub struct Lab {
 
 impl Lab {
     pub fn state_file(dir: &Path) -> PathBuf {
-        dir.join("lab.json")
+        LabState::path(dir)
     }
 
     pub fn load(dir: &Path) -> Result<Lab, Error> {

@@ -9,7 +9,7 @@ use std::time::Duration;
 use e2e::ca::{CertFiles, TRUST_DOMAIN, write_lab_cert};
 use e2e::lab::Lab;
 use e2e::mesh::eventually;
-use ztunnel::identity::Identity;
+use mesh_core::identity::Identity;
 
 use super::{echo, load, served, service, yaml};
 

@@ -11,9 +11,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
+use mesh_core::identity::Identity;
 use serde::Deserialize;
 use tonic::metadata::MetadataMap;
-use ztunnel::identity::Identity;
 
 /// A caller whose node has been proven.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,5 +1,6 @@
 //! Checking a CSR before anything is signed for it.
 
+use mesh_core::identity::Identity;
 use rustls_pki_types::CertificateSigningRequestDer;
 use rustls_pki_types::pem::PemObject;
 use x509_parser::certification_request::X509CertificationRequest;
@@ -9,7 +10,6 @@ use x509_parser::oid_registry::{
 };
 use x509_parser::prelude::FromDer;
 use x509_parser::public_key::PublicKey;
-use ztunnel::identity::Identity;
 
 use super::Refusal;
 

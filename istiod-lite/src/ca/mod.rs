@@ -3,6 +3,7 @@
 
 pub mod auth;
 pub mod csr;
+pub mod issue;
 mod server;
 mod store;
 pub mod tokens_file;
@@ -10,10 +11,10 @@ pub mod tokens_file;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use ztunnel::clock::Clock;
-use ztunnel::identity::Identity;
-use ztunnel::tls::TrustRoots;
-use ztunnel::tls::issue::Issuer;
+use crate::ca::issue::Issuer;
+use mesh_core::clock::Clock;
+use mesh_core::identity::Identity;
+use mesh_core::tls::TrustRoots;
 
 pub use server::{CaService, ServingCert, serve};
 pub use store::{CaLoadError, CaSource};

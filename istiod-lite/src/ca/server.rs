@@ -4,6 +4,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_core::identity::Identity;
 use mesh_proto::IMPERSONATED_IDENTITY;
 use mesh_proto::istio::ca::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
@@ -13,7 +14,6 @@ use prost_types::value::Kind;
 use tonic::transport::{Identity as TonicIdentity, Server, ServerTlsConfig};
 use tonic::{Request, Response, Status};
 use tracing::{info, warn};
-use ztunnel::identity::Identity;
 
 use super::auth::{Authenticator, NodeAuthorizer};
 use super::{CertificateAuthority, Refusal, csr};
@@ -102,7 +102,7 @@ fn impersonated(body: &IstioCertificateRequest) -> Result<Option<Identity>, Refu
             s.parse()
                 .map(Some)
                 .map_err(
-                    |e: ztunnel::identity::IdentityError| Refusal::BadImpersonation {
+                    |e: mesh_core::identity::IdentityError| Refusal::BadImpersonation {
                         requested: s.clone(),
                         reason: e.to_string(),
                     },

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use ztunnel::clock::Clock;
-use ztunnel::identity::Identity;
-use ztunnel::tls::issue::Issuer;
-use ztunnel::tls::{TrustRoots, parse_pem_certs, verify_workload_chain};
+use crate::ca::issue::Issuer;
+use mesh_core::clock::Clock;
+use mesh_core::identity::Identity;
+use mesh_core::tls::{TrustRoots, parse_pem_certs, verify_workload_chain};
 
 use super::CertificateAuthority;
 

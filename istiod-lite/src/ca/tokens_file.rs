@@ -90,7 +90,7 @@ impl Authenticator for TokensFile {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ztunnel::identity::Identity;
+    use mesh_core::identity::Identity;
 
     struct OnePod;
     impl PodDirectory for OnePod {

@@ -7,13 +7,13 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::ca::issue::Issuer;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::PostParams;
 use tracing::info;
-use ztunnel::tls::issue::Issuer;
 
 use super::{ClusterError, MANAGED_BY, status_code};
 

@@ -21,9 +21,9 @@ use futures::future::BoxFuture;
 use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use kube::api::PostParams;
 use kube::{Api, Client};
+use mesh_core::identity::Identity;
 use tonic::metadata::MetadataMap;
 use tracing::debug;
-use ztunnel::identity::Identity;
 
 use crate::ca::auth::{Authenticator, Caller, bearer};
 use crate::xds::Hub;

@@ -33,7 +33,6 @@ use tracing::{debug, info};
 use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication, TrafficPolicy};
 use super::objects::{Change, Object, ObjectKey, merge_string_data};
 use super::sources::{Backoff, Sources, State};
-use crate::model::ingress::TLS_SECRET_TYPE;
 
 /// The first wait after a failure, and the longest: after an outage the
 /// kinds are listed again within this of the API server's return.
@@ -347,11 +346,25 @@ pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers
     Ok(Watchers { changes: rx })
 }
 
+/// The only Secret type a listener's certificate comes from.
+pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+
+/// Where a source's changes go: the xDS hub, passed down as this trait so
+/// the config layer never names the layer above it.
+pub trait ChangeSink: Send + Sync + 'static {
+    /// The settled state of every kind the source watches.
+    fn sources(&self) -> &Arc<Sources>;
+    /// Applies one batch of changes (one push).
+    fn apply(&self, batch: Vec<Change>);
+    fn is_ready(&self) -> bool;
+    fn set_ready(&self);
+}
+
 /// Applies changes from a source to the hub, batching what arrives within
 /// `window` into one push (a debounce: a burst of events costs one push).
 /// The hub becomes ready once every kind is settled (listed, or reported
 /// as not served: see [`Sources`]) and what they listed has been applied.
-pub async fn feed(hub: Arc<crate::xds::Hub>, w: Watchers, window: Duration) {
+pub async fn feed(hub: Arc<impl ChangeSink>, w: Watchers, window: Duration) {
     let Watchers { changes: mut rx } = w;
     let sources = hub.sources().clone();
     let mut states = sources.subscribe();

@@ -480,7 +480,7 @@ pub fn authz_json(a: &pb::Authorization) -> serde_json::Value {
     let ip = |x: &pb::Address| {
         format!(
             "{}/{}",
-            ztunnel::state::ip_from_bytes(&x.address)
+            mesh_core::state::ip_from_bytes(&x.address)
                 .map(|i| i.to_string())
                 .unwrap_or_default(),
             x.length

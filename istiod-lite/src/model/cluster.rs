@@ -7,7 +7,7 @@ use std::collections::BTreeSet;
 
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
-use ztunnel::identity::Identity;
+use mesh_core::identity::Identity;
 
 use super::ingress::ListenerStatus;
 use super::workload::labels;

@@ -36,8 +36,7 @@ use super::waypoint::{GATEWAY_GROUP, ports};
 use super::workload::labels;
 use super::{Model, NsName, routes};
 
-/// The only Secret type a listener's certificate comes from.
-pub const TLS_SECRET_TYPE: &str = "kubernetes.io/tls";
+use crate::config::kube::TLS_SECRET_TYPE;
 const HTTP_ROUTE_KIND: &str = "HTTPRoute";
 
 /// What a valid TLS Secret holds, as PEM text, kept only to be served.

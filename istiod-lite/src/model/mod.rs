@@ -23,6 +23,7 @@ use std::sync::Arc;
 
 use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
+use mesh_core::identity::Identity;
 use mesh_proto::istio::security::Authorization;
 use mesh_proto::istio::workload::Address;
 use mesh_proto::{
@@ -30,7 +31,6 @@ use mesh_proto::{
 };
 use prost::Message;
 use serde::Serialize;
-use ztunnel::identity::Identity;
 
 use crate::config::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication};
 use crate::config::objects::{Change, Object, ObjectKey};

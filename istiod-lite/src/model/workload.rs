@@ -405,7 +405,7 @@ pub fn service(model: &Model, key: &NsName) -> Option<pb::Service> {
 }
 
 fn ip_str(b: &[u8]) -> String {
-    ztunnel::state::ip_from_bytes(b)
+    mesh_core::state::ip_from_bytes(b)
         .map(|i| i.to_string())
         .unwrap_or_default()
 }

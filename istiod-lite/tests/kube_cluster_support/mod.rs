@@ -402,9 +402,9 @@ impl Istiod {
 
     /// A certificate for `identity` from the CA, presenting `token`.
     pub fn certificate(&self, root: &str, token: &str, identity: &str) -> Result<(), String> {
-        use ztunnel::ca::{CaClient, CaClientConfig, IstioCaClient};
-        ztunnel::tls::install_default_provider();
-        let id: ztunnel::identity::Identity = identity.parse().map_err(|e| format!("{e:?}"))?;
+        use mesh_core::ca::{CaClient, CaClientConfig, IstioCaClient};
+        mesh_core::tls::install_default_provider();
+        let id: mesh_core::identity::Identity = identity.parse().map_err(|e| format!("{e:?}"))?;
         let rt = tokio::runtime::Runtime::new().map_err(|e| e.to_string())?;
         rt.block_on(async {
             let client = IstioCaClient::new(CaClientConfig {

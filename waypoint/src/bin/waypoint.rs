@@ -19,7 +19,7 @@ struct Args {
 
 #[tokio::main]
 async fn main() -> ExitCode {
-    ztunnel::init_logging();
+    mesh_core::init_logging();
     let args = Args::parse();
     let cfg = match waypoint::config::Config::load_for_pod(&args.config, args.pod_name.as_deref()) {
         Ok(c) => c,

@@ -11,8 +11,8 @@ use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use ztunnel::hbone::ConnectHeaders;
-use ztunnel::state::Workload;
+use mesh_core::hbone::ConnectHeaders;
+use mesh_core::state::Workload;
 
 use super::record::Recorder;
 use super::{Downstream, Resolved, Waypoint};

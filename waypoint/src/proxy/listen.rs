@@ -16,15 +16,15 @@ use http::{Request, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulConnection;
+use mesh_core::hbone::{self, Conn, Responder};
+use mesh_core::identity::Identity;
+use mesh_core::listen::accept_until;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use ztunnel::hbone::{self, Responder};
-use ztunnel::identity::Identity;
-use ztunnel::tls::{handshake_failure, peer_identity, server_config};
 
 use crate::attach;
 use crate::h1guard::{self, Framing, Scanner, Verdicts};
@@ -37,7 +37,7 @@ use super::{Downstream, IngressScope, Waypoint};
 /// The TLS config of one ingress port: TLS 1.2 and 1.3 for clients outside
 /// the mesh, no client certificate, the certificate chosen by SNI.
 fn ingress_server_config(table: IngressTable, port: u16) -> Result<ServerConfig, rustls::Error> {
-    let mut cfg = ServerConfig::builder_with_provider(ztunnel::tls::provider())
+    let mut cfg = ServerConfig::builder_with_provider(mesh_core::tls::provider())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
         .with_cert_resolver(Arc::new(ingress::SniResolver { table, port }));
@@ -151,80 +151,29 @@ impl Drop for OpenGuard {
 }
 
 impl Waypoint {
-    async fn server_config(&self) -> Result<Arc<ServerConfig>, String> {
-        let cert = self
-            .certs
-            .fetch(&self.identity)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut cache = self.tls.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((serial, cfg)) = cache.as_ref()
-            && serial == cert.serial()
-        {
-            return Ok(cfg.clone());
-        }
-        let cfg =
-            Arc::new(server_config(&cert, self.certs.roots().clone()).map_err(|e| e.to_string())?);
-        *cache = Some((cert.serial().to_string(), cfg.clone()));
-        Ok(cfg)
-    }
-
     /// Accepts HBONE connections until the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
-        loop {
-            let accepted = tokio::select! {
-                _ = self.draining.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((tcp, peer)) => {
-                    self.open.send_modify(|n| *n += 1);
-                    let guard = OpenGuard(self.open.clone());
-                    tokio::spawn(self.clone().connection(tcp, peer, guard));
-                }
-                Err(e) => ztunnel::proxy::accept_error(&e).await,
-            }
-        }
+        let draining = self.draining.clone();
+        accept_until(&listener, draining.cancelled(), |tcp, peer| {
+            self.open.send_modify(|n| *n += 1);
+            let guard = OpenGuard(self.open.clone());
+            tokio::spawn(self.clone().connection(tcp, peer, guard));
+        })
+        .await
     }
 
     async fn connection(self: Arc<Self>, tcp: TcpStream, peer: SocketAddr, _open: OpenGuard) {
-        let _ = tcp.set_nodelay(true);
-        let accepted = tokio::time::timeout(self.cfg.handshake_timeout, async {
-            let cfg = self.server_config().await?;
-            TlsAcceptor::from(cfg)
-                .accept(ztunnel::proxy::socket::tls_io(tcp))
-                .await
-                .map_err(|e| handshake_failure(&e))
-        })
-        .await;
-        let tls = match accepted {
-            Ok(Ok(t)) => t,
-            Ok(Err(reason)) => return info!(%peer, %reason, "HBONE handshake refused"),
-            Err(_) => return info!(%peer, "HBONE handshake timed out"),
+        let local = match tcp.local_addr() {
+            Ok(a) => a,
+            Err(e) => return warn!(%peer, error = %e, "no local address"),
         };
-        let Some(src_identity) = peer_identity(tls.get_ref().1) else {
-            return warn!(%peer, "HBONE peer has no identity after handshake; closing");
-        };
-        let max_streams = u32::try_from(self.cfg.pool.max_streams).unwrap_or(u32::MAX);
         let wp = self.clone();
-        let handler = move |req: Request<()>, respond: Responder| {
+        let handler = move |req: Request<()>, respond: Responder, src: Identity| {
             let wp = wp.clone();
-            let src = src_identity.clone();
             async move { wp.stream(req, respond, peer, src).await }
         };
-        if let Err(e) = hbone::serve_connection(
-            tls,
-            &self.cfg.h2,
-            max_streams,
-            self.cfg.handshake_timeout,
-            self.draining.clone(),
-            hbone::StreamTasks::Spawn,
-            handler,
-        )
-        .await
-        {
-            debug!(%peer, error = %e, "HBONE connection ended with an error");
-        }
+        let conn = Conn { tcp, peer, local };
+        self.hbone.serve(conn, &self.identity, handler).await
     }
 
     /// Accepts on one ingress listener port until the port is closed (the
@@ -239,27 +188,22 @@ impl Waypoint {
             Ok(c) => Arc::new(c),
             Err(e) => return warn!(port, error = %e, "ingress TLS config failed; port not served"),
         };
-        loop {
-            let accepted = tokio::select! {
-                _ = self.draining.cancelled() => return,
-                _ = closed.cancelled() => return,
-                a = listener.accept() => a,
-            };
-            match accepted {
-                Ok((tcp, peer)) => {
-                    self.open.send_modify(|n| *n += 1);
-                    let guard = OpenGuard(self.open.clone());
-                    tokio::spawn(self.clone().ingress_connection(
-                        tcp,
-                        peer,
-                        port,
-                        tls.clone(),
-                        guard,
-                    ));
-                }
-                Err(e) => ztunnel::proxy::accept_error(&e).await,
+        let draining = self.draining.clone();
+        let stop = async {
+            tokio::select! {
+                _ = draining.cancelled() => {}
+                _ = closed.cancelled() => {}
             }
-        }
+        };
+        accept_until(&listener, stop, |tcp, peer| {
+            self.open.send_modify(|n| *n += 1);
+            let guard = OpenGuard(self.open.clone());
+            tokio::spawn(
+                self.clone()
+                    .ingress_connection(tcp, peer, port, tls.clone(), guard),
+            );
+        })
+        .await
     }
 
     /// One client connection on an ingress port: TLS (HTTPS listeners) or

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http_body_util::BodyExt;
+use mesh_core::hbone::ConnectHeaders;
 use tracing::debug;
-use ztunnel::hbone::ConnectHeaders;
 
 use super::forward::{Outgoing, conn_limits};
 use super::{Downstream, Waypoint};

@@ -16,14 +16,14 @@
 //! stream entry, HTTP serving).
 
 use std::net::SocketAddr;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
-use rustls::ServerConfig;
+use mesh_core::certs::CertificateManager;
+use mesh_core::hbone::{Server, ServerSettings, StreamTasks};
+use mesh_core::identity::Identity;
+use mesh_core::state::decide::target_port;
+use mesh_core::state::{ProxyState, ServiceEntry, Workload};
 use tokio_util::sync::CancellationToken;
-use ztunnel::certs::CertificateManager;
-use ztunnel::identity::Identity;
-use ztunnel::proxy::outbound::target_port;
-use ztunnel::state::{ProxyState, ServiceEntry, Workload};
 
 use crate::config::Config;
 use crate::extauthz::ExtAuthz;
@@ -62,7 +62,8 @@ pub struct Waypoint {
     pub draining: CancellationToken,
     /// Open downstream HBONE connections, for the drain.
     pub open: tokio::sync::watch::Sender<usize>,
-    tls: Mutex<Option<(String, Arc<ServerConfig>)>>,
+    /// The HBONE server: TLS as the waypoint's identity, then its streams.
+    hbone: Server,
 }
 
 /// Where a backend key leads.
@@ -127,6 +128,17 @@ impl Waypoint {
         ext_authz: ExtAuthz,
         ingress: IngressTable,
     ) -> Arc<Waypoint> {
+        let draining = CancellationToken::new();
+        let hbone = Server::new(
+            certs.clone(),
+            ServerSettings {
+                h2: cfg.h2.clone(),
+                max_streams: cfg.pool.max_streams,
+                handshake_timeout: cfg.handshake_timeout,
+                tasks: StreamTasks::Spawn,
+            },
+            draining.clone(),
+        );
         Arc::new(Waypoint {
             cfg,
             identity,
@@ -140,9 +152,9 @@ impl Waypoint {
             limiter,
             ext_authz,
             ingress,
-            draining: CancellationToken::new(),
+            draining,
             open: tokio::sync::watch::Sender::new(0),
-            tls: Mutex::new(None),
+            hbone,
         })
     }
 

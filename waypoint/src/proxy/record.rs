@@ -10,9 +10,9 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use mesh_core::state::{ServiceEntry, Workload};
 use mesh_proto::mesh::waypoint as pb;
 use tracing::info;
-use ztunnel::state::{ServiceEntry, Workload};
 
 use super::rewrite::{modify_path, strip_hop_by_hop};
 use super::{Downstream, Waypoint};

@@ -13,8 +13,8 @@ use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
+use mesh_core::hbone;
 use mesh_proto::mesh::waypoint as pb;
-use ztunnel::hbone;
 
 use super::forward::Outgoing;
 use super::record::Recorder;

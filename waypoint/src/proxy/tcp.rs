@@ -6,11 +6,11 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use mesh_core::hbone::ConnectHeaders;
+use mesh_core::hbone::pool::PoolKey;
+use mesh_core::state::TunnelProtocol;
 use tokio::net::TcpStream;
 use tracing::info;
-use ztunnel::hbone::ConnectHeaders;
-use ztunnel::proxy::pool::PoolKey;
-use ztunnel::state::TunnelProtocol;
 
 use super::sniff::Rewind;
 use super::{Downstream, Waypoint};
@@ -21,7 +21,7 @@ impl Waypoint {
     /// Opaque TCP: one endpoint of the service, bytes copied both ways.
     pub(super) async fn tcp(
         self: Arc<Self>,
-        mut io: Rewind<ztunnel::hbone::H2Stream>,
+        mut io: Rewind<mesh_core::hbone::H2Stream>,
         ds: Arc<Downstream>,
     ) {
         let Some(dest) = self.resolve(&ds.service_key) else {
@@ -81,7 +81,7 @@ impl Waypoint {
                         src: self.identity.clone(),
                         src_ip: None,
                         dst: ep.identity.clone(),
-                        next_hop: SocketAddr::new(ip, ztunnel::config::HBONE_PORT),
+                        next_hop: SocketAddr::new(ip, mesh_core::config::HBONE_PORT),
                     };
                     let headers = ConnectHeaders {
                         forwarded_for: Some(ds.peer),

@@ -37,7 +37,7 @@ fn main() {
     // Before the runtime's threads exist (see tune_heap).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
     ztunnel::app::tune_heap();
-    ztunnel::init_logging();
+    mesh_core::init_logging();
     let args = Args::parse();
     // The config first: it says how many threads the runtime gets.
     let over = ztunnel::config::Overrides {
@@ -54,18 +54,18 @@ fn main() {
         }
     };
     let runtime = match cfg.runtime {
-        ztunnel::config::RuntimeKind::WorkStealing => {
+        mesh_core::config::RuntimeKind::WorkStealing => {
             let mut builder = tokio::runtime::Builder::new_multi_thread();
             if let Some(n) = cfg.worker_threads {
                 builder.worker_threads(n);
             }
             builder.enable_all().build()
         }
-        ztunnel::config::RuntimeKind::Sharded => {
+        mesh_core::config::RuntimeKind::Sharded => {
             let n = cfg
                 .worker_threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            ztunnel::shards::start(n)
+            mesh_core::shards::start(n)
         }
     };
     let runtime = match runtime {

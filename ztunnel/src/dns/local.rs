@@ -5,7 +5,7 @@
 
 use std::net::IpAddr;
 
-use crate::state::Snapshot;
+use mesh_core::state::Snapshot;
 
 /// What the mesh knows about one name.
 #[derive(Debug, PartialEq, Eq)]

@@ -27,7 +27,7 @@ pub use local::{Local, lookup};
 pub use metrics::DnsMetrics;
 pub use serve::Limits;
 
-use crate::state::ProxyState;
+use mesh_core::state::ProxyState;
 
 /// TTL of the mesh's answers with a Service VIP.
 const VIP_TTL: u32 = 30;

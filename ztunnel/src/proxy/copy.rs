@@ -66,7 +66,7 @@ where
 /// socket is drained, so an idle connection holds none.
 async fn tcp_to_h2(
     mut r: tokio::net::tcp::ReadHalf<'_>,
-    mut w: crate::hbone::H2Send<'_>,
+    mut w: mesh_core::hbone::H2Send<'_>,
     count: &AtomicU64,
 ) -> std::io::Result<()> {
     let mut want = START;
@@ -113,7 +113,7 @@ async fn read_fresh(
 /// HBONE -> TCP: received DATA is written as it came, with no buffer of
 /// our own; its window is given back once the socket took it.
 async fn h2_to_tcp(
-    mut r: crate::hbone::H2Recv<'_>,
+    mut r: mesh_core::hbone::H2Recv<'_>,
     w: &mut tokio::net::tcp::WriteHalf<'_>,
     count: &AtomicU64,
 ) -> std::io::Result<()> {
@@ -139,11 +139,11 @@ pub enum TcpSide {
 pub async fn run_hbone(
     cancel: &tokio_util::sync::CancellationToken,
     tcp: &mut tokio::net::TcpStream,
-    stream: &mut crate::hbone::H2Stream,
+    stream: &mut mesh_core::hbone::H2Stream,
     side: TcpSide,
     counters: Arc<Counters>,
-) -> Result<(), (crate::metrics::ResponseFlags, String)> {
-    use crate::metrics::ResponseFlags;
+) -> Result<(), (mesh_core::metrics::ResponseFlags, String)> {
+    use mesh_core::metrics::ResponseFlags;
     let (tcp_in, tcp_out) = match side {
         TcpSide::Client => (&counters.sent, &counters.received),
         TcpSide::Destination => (&counters.received, &counters.sent),
@@ -158,7 +158,7 @@ pub async fn run_hbone(
     };
     if result.is_err() {
         stream.reset();
-        super::socket::reset(tcp);
+        mesh_core::socket::reset(tcp);
     }
     result
 }
@@ -170,12 +170,12 @@ pub async fn run<A, B>(
     a: &mut A,
     b: &mut B,
     counters: Arc<Counters>,
-) -> Result<(), (crate::metrics::ResponseFlags, String)>
+) -> Result<(), (mesh_core::metrics::ResponseFlags, String)>
 where
     A: AsyncRead + AsyncWrite + Unpin,
     B: AsyncRead + AsyncWrite + Unpin,
 {
-    use crate::metrics::ResponseFlags;
+    use mesh_core::metrics::ResponseFlags;
     tokio::select! {
         r = bidirectional(a, b, counters) => r.map_err(|e| (ResponseFlags::None, e.to_string())),
         _ = cancel.cancelled() => Err((ResponseFlags::None, "closed by the proxy".to_string())),
@@ -190,8 +190,8 @@ pub async fn run_tcp(
     a: &mut tokio::net::TcpStream,
     b: &mut tokio::net::TcpStream,
     counters: Arc<Counters>,
-) -> Result<(), (crate::metrics::ResponseFlags, String)> {
-    use crate::metrics::ResponseFlags;
+) -> Result<(), (mesh_core::metrics::ResponseFlags, String)> {
+    use mesh_core::metrics::ResponseFlags;
     let result = {
         let (ar, aw) = a.split();
         let (br, bw) = b.split();
@@ -207,8 +207,8 @@ pub async fn run_tcp(
         }
     };
     if result.is_err() {
-        super::socket::reset(a);
-        super::socket::reset(b);
+        mesh_core::socket::reset(a);
+        mesh_core::socket::reset(b);
     }
     result
 }

@@ -2,61 +2,32 @@
 //! and for each CONNECT stream check the request and the policy, dial the
 //! app, then answer 200 and copy.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::{Request, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
-use tokio_rustls::TlsAcceptor;
-use tracing::{debug, info, warn};
+use tracing::{info, warn};
 
 use super::conns::{ConnInfo, Direction, Protocol};
 use super::copy::{self, Counters};
-use super::{Finished, Proxy, socket};
-use crate::hbone::{self, FORWARDED, Responder};
-use crate::identity::Identity;
-use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
-use crate::state::policy::{self, Connection, Decision};
-use crate::state::{Snapshot, Workload};
-use crate::tls::{handshake_failure, peer_identity};
-
-/// Evaluates the destination's policies for a connection. The one decision
-/// function: inbound HBONE, inbound plaintext and policy revocation use it.
-pub fn authorize(
-    snap: &Snapshot,
-    root_namespace: &str,
-    dst: &Workload,
-    src_identity: Option<&Identity>,
-    src_ip: IpAddr,
-    target: SocketAddr,
-) -> Decision {
-    let policies = snap.policies_for(dst, root_namespace);
-    policy::evaluate(
-        policies.iter().map(|p| p.as_ref()),
-        &Connection {
-            src_identity,
-            src_ip,
-            dst_ip: target.ip(),
-            dst_port: target.port(),
-        },
-    )
-}
+use super::{Finished, Proxy};
+use mesh_core::hbone::{self, Conn, FORWARDED, Responder};
+use mesh_core::identity::Identity;
+use mesh_core::listen::accept_until;
+use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
+use mesh_core::socket;
+use mesh_core::state::Workload;
+use mesh_core::state::decide::authorize;
 
 /// Serves HBONE for the workload(s) at `listener`'s address.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
-    loop {
-        let accepted = tokio::select! {
-            _ = proxy.draining.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        match accepted {
-            Ok((tcp, peer)) => {
-                tokio::spawn(handle_connection(proxy.clone(), tcp, peer));
-            }
-            Err(e) => super::accept_error(&e).await,
-        }
-    }
+    let draining = proxy.draining.clone();
+    accept_until(&listener, draining.cancelled(), |tcp, peer| {
+        tokio::spawn(handle_connection(proxy.clone(), tcp, peer));
+    })
+    .await
 }
 
 async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) {
@@ -64,8 +35,7 @@ async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) 
         Ok(a) => a,
         Err(e) => return warn!(%peer, error = %e, "no local address"),
     };
-    let _ = tcp.set_nodelay(true);
-    super::socket::keepalive(&tcp);
+    socket::keepalive(&tcp);
     // The certificate is chosen by destination IP: there is no SNI.
     let Some(dst) = proxy
         .state
@@ -75,55 +45,11 @@ async fn handle_connection(proxy: Arc<Proxy>, tcp: TcpStream, peer: SocketAddr) 
     else {
         return warn!(%peer, %local, "HBONE connection to an address with no workload; closing");
     };
-    let accepted = tokio::time::timeout(proxy.cfg.handshake_timeout, async {
-        let cfg = proxy
-            .server_config(&dst.identity)
-            .await
-            .map_err(|e| e.to_string())?;
-        TlsAcceptor::from(cfg)
-            .accept(super::socket::tls_io(tcp))
-            .await
-            .map_err(|e| handshake_failure(&e))
-    })
-    .await;
-    let tls = match accepted {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(reason)) => return info!(%peer, %local, %reason, "HBONE handshake refused"),
-        Err(_) => {
-            return info!(%peer, %local, timeout = ?proxy.cfg.handshake_timeout, "HBONE handshake timed out");
-        }
+    let handler = |req: Request<()>, respond: Responder, src_identity: Identity| {
+        handle_stream(proxy.clone(), req, respond, peer, dst.clone(), src_identity)
     };
-    let Some(src_identity) = peer_identity(tls.get_ref().1) else {
-        return warn!(%peer, "HBONE peer has no identity after handshake; closing");
-    };
-    debug!(%peer, %local, identity = %src_identity, "HBONE connection");
-    let max_streams = u32::try_from(proxy.cfg.pool.max_streams).unwrap_or(u32::MAX);
-    let handler = {
-        let proxy = proxy.clone();
-        move |req: Request<()>, respond: Responder| {
-            handle_stream(
-                proxy.clone(),
-                req,
-                respond,
-                peer,
-                dst.clone(),
-                src_identity.clone(),
-            )
-        }
-    };
-    let result = hbone::serve_connection(
-        tls,
-        &proxy.cfg.h2,
-        max_streams,
-        proxy.cfg.handshake_timeout,
-        proxy.draining.clone(),
-        hbone::StreamTasks::Inline,
-        handler,
-    )
-    .await;
-    if let Err(e) = result {
-        debug!(%peer, error = %e, "HBONE connection ended with an error");
-    }
+    let conn = Conn { tcp, peer, local };
+    proxy.hbone.serve(conn, &dst.identity, handler).await
 }
 
 async fn handle_stream(

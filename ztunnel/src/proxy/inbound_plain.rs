@@ -10,10 +10,11 @@ use tracing::{info, warn};
 
 use super::conns::{ConnInfo, Direction, Protocol};
 use super::copy::{self, Counters};
-use super::inbound::authorize;
-use super::{Finished, Proxy, socket};
+use super::{Finished, Proxy};
 use crate::config::PROXY_PORTS;
-use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
+use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
+use mesh_core::socket;
+use mesh_core::state::decide::authorize;
 
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, fixed_target: Option<SocketAddr>) {
     super::accept_captured(proxy, listener, fixed_target, handle).await

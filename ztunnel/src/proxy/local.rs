@@ -21,10 +21,11 @@ use tracing::info;
 
 use super::conns::{ConnInfo, Direction, Protocol, Tracked};
 use super::copy::Counters;
-use super::{Finished, Proxy, inbound, socket};
-use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
-use crate::netns::Netns;
-use crate::state::Workload;
+use super::{Finished, Proxy};
+use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
+use mesh_core::netns::Netns;
+use mesh_core::socket;
+use mesh_core::state::Workload;
 
 /// Where the inbound half dials from, when this ztunnel serves `dst` (at
 /// `target`) itself and the fast path is on: `Some(Some(netns))` for a
@@ -67,7 +68,7 @@ pub async fn deliver(
 ) -> Result<Delivered, (ResponseFlags, String)> {
     let decision = {
         let snap = proxy.state.snapshot();
-        inbound::authorize(
+        mesh_core::state::decide::authorize(
             &snap,
             &proxy.cfg.root_namespace,
             dst,

@@ -11,25 +11,22 @@ pub mod inbound;
 pub mod inbound_plain;
 pub mod local;
 pub mod outbound;
-pub mod pool;
-pub mod socket;
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rustls::ServerConfig;
 use tokio_util::sync::CancellationToken;
 use tracing::info;
 
-use crate::certs::{CertError, CertificateManager};
 use crate::config::Config;
-use crate::identity::Identity;
-use crate::metrics::{Metrics, ResponseFlags, TcpLabels};
-use crate::state::ProxyState;
-use crate::tls::{TlsError, server_config};
 use conns::Registry;
-use pool::{Pool, PoolSettings};
+use mesh_core::certs::CertificateManager;
+use mesh_core::hbone::pool::{Pool, PoolSettings};
+use mesh_core::hbone::{Server, ServerSettings, StreamTasks};
+use mesh_core::identity::Identity;
+use mesh_core::listen::accept_until;
+use mesh_core::metrics::{Metrics, ResponseFlags, TcpLabels};
+use mesh_core::state::ProxyState;
 
 /// Shared by every listener and connection.
 pub struct Proxy {
@@ -42,8 +39,9 @@ pub struct Proxy {
     /// Cancelled when the proxy stops accepting (drain).
     pub draining: CancellationToken,
     /// Captured pods' network namespaces (node mode).
-    pub netns: crate::netns::NetnsRegistry,
-    server_configs: Mutex<HashMap<Identity, (String, Arc<ServerConfig>)>>,
+    pub netns: mesh_core::netns::NetnsRegistry,
+    /// Inbound HBONE: TLS as the destination workload, then its streams.
+    pub hbone: Server,
 }
 
 impl Proxy {
@@ -64,6 +62,17 @@ impl Proxy {
             },
             metrics.clone(),
         );
+        let draining = CancellationToken::new();
+        let hbone = Server::new(
+            certs.clone(),
+            ServerSettings {
+                h2: cfg.h2.clone(),
+                max_streams: cfg.pool.max_streams,
+                handshake_timeout: cfg.handshake_timeout,
+                tasks: StreamTasks::Inline,
+            },
+            draining.clone(),
+        );
         let proxy = Arc::new(Proxy {
             cfg,
             state,
@@ -71,33 +80,12 @@ impl Proxy {
             pool,
             metrics,
             conns: Registry::default(),
-            draining: CancellationToken::new(),
+            draining,
             netns: Default::default(),
-            server_configs: Mutex::new(HashMap::new()),
+            hbone,
         });
         tokio::spawn(inbound::revoke_on_policy_change(Arc::downgrade(&proxy)));
         proxy
-    }
-
-    /// The TLS server config presenting `identity`'s current certificate,
-    /// rebuilt only when the certificate changes.
-    pub async fn server_config(
-        &self,
-        identity: &Identity,
-    ) -> Result<Arc<ServerConfig>, ProxyError> {
-        let cert = self.certs.fetch(identity).await?;
-        let mut cache = self
-            .server_configs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((serial, cfg)) = cache.get(identity)
-            && serial == cert.serial()
-        {
-            return Ok(cfg.clone());
-        }
-        let cfg = Arc::new(server_config(&cert, self.certs.roots().clone())?);
-        cache.insert(identity.clone(), (cert.serial().to_string(), cfg.clone()));
-        Ok(cfg)
     }
 
     /// Stops accepting, waits up to `deadline` for open connections to
@@ -121,14 +109,6 @@ impl Proxy {
     }
 }
 
-#[derive(Debug, thiserror::Error)]
-pub enum ProxyError {
-    #[error(transparent)]
-    Cert(#[from] CertError),
-    #[error(transparent)]
-    Tls(#[from] TlsError),
-}
-
 /// Accepts on a captured listener until the drain starts; each connection
 /// is handed to `handle` with its original destination (`fixed_target`, or
 /// SO_ORIGINAL_DST from the redirect).
@@ -141,21 +121,11 @@ pub async fn accept_captured<F, Fut>(
     F: Fn(Arc<Proxy>, tokio::net::TcpStream, std::net::SocketAddr, std::net::SocketAddr) -> Fut,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
-    loop {
-        let accepted = tokio::select! {
-            _ = proxy.draining.cancelled() => return,
-            a = listener.accept() => a,
-        };
-        let (tcp, peer) = match accepted {
-            Ok(a) => a,
-            Err(e) => {
-                accept_error(&e).await;
-                continue;
-            }
-        };
+    let draining = proxy.draining.clone();
+    accept_until(&listener, draining.cancelled(), |tcp, peer| {
         let dst = match fixed_target {
             Some(t) => Ok(t),
-            None => socket::original_dst(&tcp),
+            None => mesh_core::socket::original_dst(&tcp),
         };
         match dst {
             Ok(dst) => {
@@ -163,13 +133,8 @@ pub async fn accept_captured<F, Fut>(
             }
             Err(e) => tracing::warn!(%peer, error = %e, "no original destination; closing"),
         }
-    }
-}
-
-/// Out of descriptors (or similar): back off rather than spin.
-pub async fn accept_error(e: &std::io::Error) {
-    tracing::warn!(error = %e, "accept failed; backing off");
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    })
+    .await
 }
 
 /// Records a finished connection: metrics and one access-log line.

@@ -5,180 +5,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use serde::Serialize;
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
+use super::Proxy;
 use super::conns::{ConnInfo, Direction, Protocol};
 use super::copy::{self, Counters};
-use super::pool::PoolKey;
-use super::{Proxy, socket};
-use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use crate::hbone::{ConnectHeaders, new_traceparent};
-use crate::identity::Identity;
-use crate::metrics::{Reporter, ResponseFlags, TcpLabels};
-use crate::state::{GatewayDestination, ServiceEntry, Snapshot, TunnelProtocol, Workload};
-
-/// Where a connection goes.
-#[derive(Debug, Clone, Serialize)]
-pub enum Route {
-    /// Through an HBONE tunnel to `next_hop` (the destination pod, or a
-    /// waypoint), asking it for `target`.
-    Hbone {
-        next_hop: SocketAddr,
-        target: SocketAddr,
-        peer_identity: Identity,
-        dst_workload: Arc<Workload>,
-        via_waypoint: bool,
-        service: Option<String>,
-    },
-    /// Plain TCP to a known workload that is not in the mesh.
-    Direct {
-        addr: SocketAddr,
-        dst_workload: Arc<Workload>,
-        service: Option<String>,
-    },
-    /// Not a known address: plain TCP to the original destination.
-    Passthrough { addr: SocketAddr },
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
-pub enum RouteError {
-    #[error("destination port {0} is one of the proxy's own ports")]
-    ProxyPort(u16),
-    #[error("service {0} has no healthy endpoints")]
-    NoHealthyEndpoints(String),
-    #[error("waypoint {0} is not a known workload")]
-    UnknownWaypoint(String),
-}
-
-fn waypoint_route(
-    snap: &Snapshot,
-    src: &Workload,
-    wp: &crate::state::GatewayAddress,
-    target: SocketAddr,
-    service: Option<String>,
-) -> Option<Result<Route, RouteError>> {
-    let GatewayDestination::Address { network, ip } = &wp.destination else {
-        return Some(Err(RouteError::UnknownWaypoint(format!(
-            "{:?}",
-            wp.destination
-        ))));
-    };
-    // Traffic from the waypoint itself goes on to the destination.
-    if src.addresses.contains(ip) {
-        return None;
-    }
-    // The waypoint is published as its Service's VIP (or, for a waypoint
-    // without one, its pod's address); a VIP resolves to one of its pods.
-    let w = if let Some(svc) = snap.service_by_vip(network, *ip) {
-        if src.services.contains_key(&svc.service.key()) {
-            return None;
-        }
-        match snap.pick_endpoint(svc) {
-            Some(w) => w,
-            None => return Some(Err(RouteError::NoHealthyEndpoints(svc.service.key()))),
-        }
-    } else {
-        match snap.workload_by_ip(network, *ip) {
-            Some(w) => w.clone(),
-            None => return Some(Err(RouteError::UnknownWaypoint(ip.to_string()))),
-        }
-    };
-    let Some(wp_ip) = w.addresses.first().copied() else {
-        return Some(Err(RouteError::UnknownWaypoint(w.uid.clone())));
-    };
-    Some(Ok(Route::Hbone {
-        next_hop: SocketAddr::new(wp_ip, wp.hbone_port),
-        target,
-        peer_identity: w.identity.clone(),
-        dst_workload: w,
-        via_waypoint: true,
-        service,
-    }))
-}
-
-fn to_workload(w: Arc<Workload>, target: SocketAddr, service: Option<String>) -> Route {
-    match w.protocol {
-        TunnelProtocol::Hbone => Route::Hbone {
-            next_hop: SocketAddr::new(target.ip(), HBONE_PORT),
-            target,
-            peer_identity: w.identity.clone(),
-            dst_workload: w,
-            via_waypoint: false,
-            service,
-        },
-        TunnelProtocol::None => Route::Direct {
-            addr: target,
-            dst_workload: w,
-            service,
-        },
-    }
-}
-
-/// The port on `ep` that service port `port` of `svc` leads to.
-pub fn target_port(svc: &ServiceEntry, ep: &Workload, port: u16) -> u16 {
-    let key = svc.service.key();
-    ep.services
-        .get(&key)
-        .and_then(|ports| ports.iter().find(|p| p.service_port == port))
-        .or_else(|| svc.service.ports.iter().find(|p| p.service_port == port))
-        .map(|p| {
-            if p.target_port == 0 {
-                port
-            } else {
-                p.target_port
-            }
-        })
-        .unwrap_or(port)
-}
-
-/// Decides where a connection from `src` to `dst` goes.
-pub fn resolve(
-    snap: &Snapshot,
-    network: &str,
-    src: &Workload,
-    dst: SocketAddr,
-) -> Result<Route, RouteError> {
-    if let Some(svc) = snap.service_by_vip(network, dst.ip()) {
-        let key = svc.service.key();
-        if let Some(wp) = &svc.service.waypoint
-            && let Some(r) = waypoint_route(snap, src, wp, dst, Some(key.clone()))
-        {
-            return r;
-        }
-        let ep = snap
-            .pick_endpoint(svc)
-            .ok_or_else(|| RouteError::NoHealthyEndpoints(key.clone()))?;
-        let ip = ep
-            .addresses
-            .first()
-            .copied()
-            .ok_or_else(|| RouteError::NoHealthyEndpoints(key.clone()))?;
-        let target = SocketAddr::new(ip, target_port(svc, &ep, dst.port()));
-        return Ok(to_workload(ep, target, Some(key)));
-    }
-    if let Some(w) = snap.workload_by_ip(network, dst.ip()) {
-        if w.protocol == TunnelProtocol::Hbone
-            && [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&dst.port())
-        {
-            return Err(RouteError::ProxyPort(dst.port()));
-        }
-        if let Some(wp) = &w.waypoint
-            && let Some(r) = waypoint_route(snap, src, wp, dst, None)
-        {
-            return r;
-        }
-        return Ok(to_workload(w.clone(), dst, None));
-    }
-    Ok(Route::Passthrough { addr: dst })
-}
+use mesh_core::hbone::pool::PoolKey;
+use mesh_core::hbone::{ConnectHeaders, new_traceparent};
+use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
+use mesh_core::socket;
+use mesh_core::state::decide::{Route, RouteError, resolve};
+use mesh_core::state::{Snapshot, Workload};
 
 /// A 401 from the peer is its policy saying no: DENY, not CONNECT.
-fn pool_error_flags(e: &super::pool::PoolError) -> ResponseFlags {
+fn pool_error_flags(e: &mesh_core::hbone::pool::PoolError) -> ResponseFlags {
     match e {
-        super::pool::PoolError::Open {
-            source: crate::hbone::OpenError::Status(s),
+        mesh_core::hbone::pool::PoolError::Open {
+            source: mesh_core::hbone::OpenError::Status(s),
             ..
         } if *s == http::StatusCode::UNAUTHORIZED => ResponseFlags::Deny,
         _ => ResponseFlags::Connect,
@@ -514,7 +358,10 @@ async fn handle(
 
 /// A connected upstream, before the copy.
 enum Upstream {
-    Hbone(crate::hbone::H2Stream, super::pool::StreamGuard),
+    Hbone(
+        mesh_core::hbone::H2Stream,
+        mesh_core::hbone::pool::StreamGuard,
+    ),
     Tcp(TcpStream),
     /// The inbound half of a same-node connection.
     Local(Box<super::local::Delivered>),
@@ -523,7 +370,7 @@ enum Upstream {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::{LocalConfig, ProxyState};
+    use mesh_core::state::{LocalConfig, ProxyState};
 
     #[test]
     fn a_pods_source_is_that_pod_from_its_own_addresses_only() {

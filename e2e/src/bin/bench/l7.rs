@@ -26,8 +26,8 @@ use e2e::ca::TRUST_DOMAIN;
 use e2e::envoy::{WaypointEnvoy, envoy_binary, waypoint_config, write_cert};
 use e2e::lab::{BENCH_IDS, Down, Lab, parse_docs, ztunnel_extra_from_env};
 use e2e::mesh::binary;
+use mesh_core::identity::Identity;
 use serde_json::{Value, json};
-use ztunnel::identity::Identity;
 
 use crate::common::{
     alive, cell, clock_ticks_per_second, cpu_ticks, envoy_admin, get, load_cpu, stat_json, stats,

@@ -9,14 +9,14 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mesh_core::config::H2Config;
+use mesh_core::hbone::{self, ConnectHeaders, OpenError};
+use mesh_core::identity::Identity;
+use mesh_core::tls::{TrustRoots, WorkloadCertificate, client_config};
 use rustls_pki_types::ServerName;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use ztunnel::config::H2Config;
-use ztunnel::hbone::{self, ConnectHeaders, OpenError};
-use ztunnel::identity::Identity;
-use ztunnel::tls::{TrustRoots, WorkloadCertificate, client_config};
 
 #[derive(Debug, clap::Args)]
 pub struct HboneArgs {

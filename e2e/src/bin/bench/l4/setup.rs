@@ -11,7 +11,7 @@ use e2e::envoy::{
 };
 use e2e::lab::Lab;
 use e2e::mesh::binary;
-use ztunnel::identity::Identity;
+use mesh_core::identity::Identity;
 
 use super::{
     ECHO_PORT, HTTP_PORT, IPERF_PORT, MESHES, Mesh, Placement, SERVER_PORTS, SOCKPERF_PORT, Test,

@@ -11,8 +11,8 @@ use rcgen::{
 use ring::rand::{SecureRandom, SystemRandom};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 
-use super::{TlsError, WorkloadCertificate};
-use crate::identity::Identity;
+use mesh_core::identity::Identity;
+use mesh_core::tls::{TlsError, WorkloadCertificate};
 
 /// Why signing failed.
 #[derive(Debug, thiserror::Error)]
@@ -119,7 +119,7 @@ impl Issuer {
     /// Loads a CA certificate and its PKCS#8 key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self, IssueError> {
         let key = KeyPair::from_pem(key_pem)?;
-        let cert_der = super::parse_pem_certs(cert_pem, "CA certificate")?
+        let cert_der = mesh_core::tls::parse_pem_certs(cert_pem, "CA certificate")?
             .into_iter()
             .next()
             .ok_or(TlsError::NoCertificate("CA certificate"))?;

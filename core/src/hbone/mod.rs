@@ -27,6 +27,11 @@ use tokio_util::sync::CancellationToken;
 
 use crate::config::{H2Config, PROXY_PORTS};
 
+pub mod pool;
+pub mod server;
+
+pub use server::{Conn, Server, ServerConfigError, ServerConfigs, ServerSettings};
+
 pub const BAGGAGE: &str = "baggage";
 pub const FORWARDED: &str = "forwarded";
 pub const TRACEPARENT: &str = "traceparent";

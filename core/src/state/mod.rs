@@ -5,6 +5,7 @@
 //! apply a batch of updates to a copy and swap it in, so a batch from one xDS
 //! response is seen all at once or not at all.
 
+pub mod decide;
 mod local;
 pub mod policy;
 mod types;

@@ -8,7 +8,6 @@
 mod cert;
 mod config;
 mod error;
-pub mod issue;
 mod roots;
 mod verify;
 

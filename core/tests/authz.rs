@@ -9,6 +9,10 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use mesh_core::identity::Identity;
+use mesh_core::state::ProxyState;
+use mesh_core::state::decide::authorize;
+use mesh_core::xds::state_updates;
 use mesh_proto::envoy::service::discovery::v3::Resource;
 use mesh_proto::istio::security::{
     self as sec, Authorization, Clause, Match, Rule, ServiceAccountMatch, StringMatch, string_match,
@@ -16,10 +20,6 @@ use mesh_proto::istio::security::{
 use mesh_proto::istio::workload::{self as wl, Address, address};
 use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use prost::Message;
-use ztunnel::identity::Identity;
-use ztunnel::proxy::inbound::authorize;
-use ztunnel::state::ProxyState;
-use ztunnel::xds::state_updates;
 
 const TD: &str = "cluster.local";
 const SERVER_IP: [u8; 4] = [10, 9, 0, 2];

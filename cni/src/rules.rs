@@ -14,11 +14,12 @@ use std::os::fd::AsRawFd;
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
 
-use crate::config::{DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-use crate::netns::Netns;
+use mesh_core::config::{DNS_PORT, HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use mesh_core::netns::Netns;
 
 pub const TABLE: &str = "ztunnel-inpod";
-pub const MARK: u32 = 1337;
+/// The ztunnel's own sockets carry this mark; the rules leave them alone.
+pub const MARK: u32 = mesh_core::config::INPOD_MARK;
 
 pub fn ruleset(dns: bool) -> String {
     let dns_rules = if dns {

@@ -152,7 +152,6 @@ pub struct Metrics {
     pub received: Family<TcpLabels, Counter>,
     pub active_connections: Gauge,
     pub hbone_pool_connections: Gauge,
-    pub dns: crate::dns::DnsMetrics,
 }
 
 impl Default for Metrics {
@@ -194,9 +193,7 @@ impl Default for Metrics {
             "Pooled outbound HBONE HTTP/2 connections",
             hbone_pool_connections.clone(),
         );
-        let dns = crate::dns::DnsMetrics::register(&mut registry);
         Metrics {
-            dns,
             registry,
             opened,
             closed,

@@ -3,16 +3,16 @@
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
+use istiod_lite::ca::issue::Issuer;
+use mesh_core::identity::Identity;
+use mesh_core::tls::{
+    ServerIdentityVerifier, TrustRoots, WorkloadCertificate, client_config, handshake_failure,
+    peer_identity, server_config,
+};
 use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
-use ztunnel::identity::Identity;
-use ztunnel::tls::issue::Issuer;
-use ztunnel::tls::{
-    ServerIdentityVerifier, TrustRoots, WorkloadCertificate, client_config, handshake_failure,
-    peer_identity, server_config,
-};
 
 const DAY: Duration = Duration::from_secs(86400);
 
@@ -26,7 +26,7 @@ struct Pki {
 
 impl Pki {
     fn new() -> Self {
-        ztunnel::tls::install_default_provider();
+        mesh_core::tls::install_default_provider();
         Pki {
             root: Issuer::new_root("cluster.local", SystemTime::now(), 365 * DAY).unwrap(),
         }
@@ -251,7 +251,7 @@ async fn a_client_without_a_certificate_is_refused() {
             .map_err(|e| handshake_failure(&e))
     });
     let verifier = ServerIdentityVerifier::new(pki.roots(), vec![web]);
-    let cfg = rustls::ClientConfig::builder_with_provider(ztunnel::tls::provider())
+    let cfg = rustls::ClientConfig::builder_with_provider(mesh_core::tls::provider())
         .with_protocol_versions(&[&rustls::version::TLS13])
         .unwrap()
         .dangerous()

@@ -18,12 +18,12 @@ use rustls_pki_types::ServerName;
 use tokio_rustls::TlsConnector;
 use tracing::{debug, info, warn};
 
-use super::socket;
 use crate::certs::{CertError, CertificateManager};
 use crate::config::{H2Config, PoolConfig};
 use crate::hbone::{self, H2Stream, OpenError};
 use crate::identity::Identity;
 use crate::metrics::Metrics;
+use crate::socket;
 use crate::tls::{TlsError, client_config, handshake_failure};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq)]

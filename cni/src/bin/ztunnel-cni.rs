@@ -3,8 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
+use mesh_cni::agent::{self, AgentConfig, PodSpec, Request};
 use tokio_util::sync::CancellationToken;
-use ztunnel::inpod::agent::{self, AgentConfig, PodSpec, Request};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,7 +60,7 @@ enum Cmd {
 
 #[tokio::main]
 async fn main() {
-    ztunnel::init_logging();
+    mesh_core::init_logging();
     let a = Args::parse();
     let req = match a.cmd {
         Cmd::Serve {

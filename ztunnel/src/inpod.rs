@@ -7,10 +7,6 @@
 //! peers see the pod's address. Removing a pod closes its listeners and its
 //! connections.
 
-pub mod agent;
-pub mod rules;
-pub mod zds;
-
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -23,8 +19,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
-pub use crate::netns::Netns;
 use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
+use mesh_core::netns::Netns;
 
 /// A pod listener's accept loop.
 type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
@@ -41,7 +37,7 @@ struct Pod {
 pub struct InPod {
     proxy: Arc<Proxy>,
     /// With xDS: pods are taken only once both types are in (policies too).
-    xds: Option<Arc<crate::xds::XdsClient>>,
+    xds: Option<Arc<mesh_core::xds::XdsClient>>,
     dns: Option<Arc<crate::dns::DnsProxy>>,
     pods: Mutex<HashMap<String, Pod>>,
     snapshot: tokio::sync::watch::Sender<bool>,
@@ -51,7 +47,7 @@ impl InPod {
     pub fn new(
         proxy: Arc<Proxy>,
         dns: Option<Arc<crate::dns::DnsProxy>>,
-        xds: Option<Arc<crate::xds::XdsClient>>,
+        xds: Option<Arc<mesh_core::xds::XdsClient>>,
     ) -> Arc<InPod> {
         Arc::new(InPod {
             proxy,
@@ -122,7 +118,7 @@ impl InPod {
             });
         }
         // Each listener once per shard; all of them end with the pod.
-        let shards = crate::shards::current();
+        let shards = mesh_core::shards::current();
         let serve = |port: u16, f: Serve| {
             let (p, s) = (self.proxy.clone(), stop.clone());
             shards
@@ -235,13 +231,13 @@ impl InPod {
         }
     }
 
-    async fn session(&self, path: &std::path::Path) -> Result<(), zds::ZdsError> {
-        let sock = zds::connect(path).await?;
+    async fn session(&self, path: &std::path::Path) -> Result<(), mesh_core::zds::ZdsError> {
+        let sock = mesh_core::zds::connect(path).await?;
         info!(path = %path.display(), "connected to the node agent");
         let mut seen: HashSet<String> = HashSet::new();
         let mut in_snapshot = true;
         loop {
-            let got = zds::recv_request(&sock).await?;
+            let got = mesh_core::zds::recv_request(&sock).await?;
             let result = match got.request {
                 Payload::Add(add) => {
                     let info = add.workload_info.unwrap_or_default();
@@ -290,7 +286,7 @@ impl InPod {
             if let Err(e) = &result {
                 warn!(error = %e, "ZDS request refused");
             }
-            zds::send_ack(&sock, result.err()).await?;
+            mesh_core::zds::send_ack(&sock, result.err()).await?;
         }
     }
 }

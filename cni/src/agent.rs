@@ -22,8 +22,9 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::{rules, zds};
-use crate::netns::Netns;
+use crate::rules;
+use mesh_core::netns::Netns;
+use mesh_core::zds;
 
 #[derive(Debug, Clone)]
 pub struct AgentConfig {

@@ -1,0 +1,159 @@
+//! The HBONE server, the one both the ztunnel's inbound (15008) and the
+//! waypoint run: mutual TLS as a chosen identity under a timeout, the
+//! peer's identity from its certificate, then HTTP/2 with a stream limit,
+//! each CONNECT stream handed to the caller's handler until the drain.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http::Request;
+use rustls::ServerConfig;
+use tokio::net::TcpStream;
+use tokio_rustls::TlsAcceptor;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use super::{Responder, StreamTasks, serve_connection};
+use crate::certs::{CertError, CertificateManager};
+use crate::config::H2Config;
+use crate::identity::Identity;
+use crate::socket::tls_io;
+use crate::tls::{TlsError, handshake_failure, peer_identity, server_config};
+
+/// Why no TLS server config could be had for an identity.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerConfigError {
+    #[error(transparent)]
+    Cert(#[from] CertError),
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+}
+
+/// Why a handshake was refused (logged with the peer).
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error(transparent)]
+    Config(#[from] ServerConfigError),
+    #[error("{0}")]
+    Handshake(String),
+}
+
+/// TLS server configs presenting each identity's current certificate,
+/// rebuilt only when the certificate changes (keyed by its serial).
+pub struct ServerConfigs {
+    certs: CertificateManager,
+    cache: Mutex<HashMap<Identity, (String, Arc<ServerConfig>)>>,
+}
+
+impl ServerConfigs {
+    pub fn new(certs: CertificateManager) -> Self {
+        ServerConfigs {
+            certs,
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The config presenting `identity`'s current certificate.
+    pub async fn get(&self, identity: &Identity) -> Result<Arc<ServerConfig>, ServerConfigError> {
+        let cert = self.certs.fetch(identity).await?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((serial, cfg)) = cache.get(identity)
+            && serial == cert.serial()
+        {
+            return Ok(cfg.clone());
+        }
+        let cfg = Arc::new(server_config(&cert, self.certs.roots().clone())?);
+        cache.insert(identity.clone(), (cert.serial().to_string(), cfg.clone()));
+        Ok(cfg)
+    }
+}
+
+/// What an HBONE server needs besides its certificates.
+#[derive(Debug, Clone)]
+pub struct ServerSettings {
+    pub h2: H2Config,
+    /// Concurrent CONNECT streams per connection.
+    pub max_streams: usize,
+    /// For the TLS handshake, and then for the HTTP/2 preface.
+    pub handshake_timeout: Duration,
+    /// Where each stream's handler runs.
+    pub tasks: StreamTasks,
+}
+
+/// An accepted TCP connection, with the address it came to.
+pub struct Conn {
+    pub tcp: TcpStream,
+    pub peer: SocketAddr,
+    pub local: SocketAddr,
+}
+
+/// The HBONE server: one per proxy.
+pub struct Server {
+    configs: ServerConfigs,
+    settings: ServerSettings,
+    draining: CancellationToken,
+}
+
+impl Server {
+    /// A server whose connections say GOAWAY when `draining` is cancelled.
+    pub fn new(
+        certs: CertificateManager,
+        settings: ServerSettings,
+        draining: CancellationToken,
+    ) -> Self {
+        Server {
+            configs: ServerConfigs::new(certs),
+            settings,
+            draining,
+        }
+    }
+
+    /// Serves one connection to its end: the TLS handshake as `identity`
+    /// (the certificate is chosen by the caller: there is no SNI), then
+    /// each CONNECT stream through `handler` with the peer's identity.
+    /// Refusals and failures are logged, never returned: the connection
+    /// is simply closed.
+    pub async fn serve<F, Fut>(&self, conn: Conn, identity: &Identity, handler: F)
+    where
+        F: Fn(Request<()>, Responder, Identity) -> Fut,
+        Fut: Future<Output = ()> + Send + 'static,
+    {
+        let Conn { tcp, peer, local } = conn;
+        let _ = tcp.set_nodelay(true);
+        let timeout = self.settings.handshake_timeout;
+        let accepted = tokio::time::timeout(timeout, async {
+            let cfg = self.configs.get(identity).await?;
+            TlsAcceptor::from(cfg)
+                .accept(tls_io(tcp))
+                .await
+                .map_err(|e| Refused::Handshake(handshake_failure(&e)))
+        })
+        .await;
+        let tls = match accepted {
+            Ok(Ok(tls)) => tls,
+            Ok(Err(reason)) => return info!(%peer, %local, %reason, "HBONE handshake refused"),
+            Err(_) => return info!(%peer, %local, ?timeout, "HBONE handshake timed out"),
+        };
+        let Some(src_identity) = peer_identity(tls.get_ref().1) else {
+            return warn!(%peer, "HBONE peer has no identity after handshake; closing");
+        };
+        debug!(%peer, %local, identity = %src_identity, "HBONE connection");
+        let max_streams = u32::try_from(self.settings.max_streams).unwrap_or(u32::MAX);
+        let result = serve_connection(
+            tls,
+            &self.settings.h2,
+            max_streams,
+            timeout,
+            self.draining.clone(),
+            self.settings.tasks,
+            |req, respond| handler(req, respond, src_identity.clone()),
+        )
+        .await;
+        if let Err(e) = result {
+            debug!(%peer, error = %e, "HBONE connection ended with an error");
+        }
+    }
+}

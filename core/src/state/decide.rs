@@ -1,0 +1,191 @@
+//! The per-connection decisions every proxy makes from the state: where a
+//! connection goes ([`resolve`], [`target_port`]) and whether the
+//! destination's policies let it in ([`authorize`]). The ztunnel, the
+//! waypoint and `meshctl why` all decide through these.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use super::policy::{self, Connection, Decision};
+use super::{GatewayAddress, GatewayDestination, ServiceEntry, Snapshot, TunnelProtocol, Workload};
+use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
+use crate::identity::Identity;
+
+/// Evaluates the destination's policies for a connection. The one decision
+/// function: inbound HBONE, inbound plaintext and policy revocation use it.
+pub fn authorize(
+    snap: &Snapshot,
+    root_namespace: &str,
+    dst: &Workload,
+    src_identity: Option<&Identity>,
+    src_ip: IpAddr,
+    target: SocketAddr,
+) -> Decision {
+    let policies = snap.policies_for(dst, root_namespace);
+    policy::evaluate(
+        policies.iter().map(|p| p.as_ref()),
+        &Connection {
+            src_identity,
+            src_ip,
+            dst_ip: target.ip(),
+            dst_port: target.port(),
+        },
+    )
+}
+
+/// Where a connection goes.
+#[derive(Debug, Clone, Serialize)]
+pub enum Route {
+    /// Through an HBONE tunnel to `next_hop` (the destination pod, or a
+    /// waypoint), asking it for `target`.
+    Hbone {
+        next_hop: SocketAddr,
+        target: SocketAddr,
+        peer_identity: Identity,
+        dst_workload: Arc<Workload>,
+        via_waypoint: bool,
+        service: Option<String>,
+    },
+    /// Plain TCP to a known workload that is not in the mesh.
+    Direct {
+        addr: SocketAddr,
+        dst_workload: Arc<Workload>,
+        service: Option<String>,
+    },
+    /// Not a known address: plain TCP to the original destination.
+    Passthrough { addr: SocketAddr },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize)]
+pub enum RouteError {
+    #[error("destination port {0} is one of the proxy's own ports")]
+    ProxyPort(u16),
+    #[error("service {0} has no healthy endpoints")]
+    NoHealthyEndpoints(String),
+    #[error("waypoint {0} is not a known workload")]
+    UnknownWaypoint(String),
+}
+
+fn waypoint_route(
+    snap: &Snapshot,
+    src: &Workload,
+    wp: &GatewayAddress,
+    target: SocketAddr,
+    service: Option<String>,
+) -> Option<Result<Route, RouteError>> {
+    let GatewayDestination::Address { network, ip } = &wp.destination else {
+        return Some(Err(RouteError::UnknownWaypoint(format!(
+            "{:?}",
+            wp.destination
+        ))));
+    };
+    // Traffic from the waypoint itself goes on to the destination.
+    if src.addresses.contains(ip) {
+        return None;
+    }
+    // The waypoint is published as its Service's VIP (or, for a waypoint
+    // without one, its pod's address); a VIP resolves to one of its pods.
+    let w = if let Some(svc) = snap.service_by_vip(network, *ip) {
+        if src.services.contains_key(&svc.service.key()) {
+            return None;
+        }
+        match snap.pick_endpoint(svc) {
+            Some(w) => w,
+            None => return Some(Err(RouteError::NoHealthyEndpoints(svc.service.key()))),
+        }
+    } else {
+        match snap.workload_by_ip(network, *ip) {
+            Some(w) => w.clone(),
+            None => return Some(Err(RouteError::UnknownWaypoint(ip.to_string()))),
+        }
+    };
+    let Some(wp_ip) = w.addresses.first().copied() else {
+        return Some(Err(RouteError::UnknownWaypoint(w.uid.clone())));
+    };
+    Some(Ok(Route::Hbone {
+        next_hop: SocketAddr::new(wp_ip, wp.hbone_port),
+        target,
+        peer_identity: w.identity.clone(),
+        dst_workload: w,
+        via_waypoint: true,
+        service,
+    }))
+}
+
+fn to_workload(w: Arc<Workload>, target: SocketAddr, service: Option<String>) -> Route {
+    match w.protocol {
+        TunnelProtocol::Hbone => Route::Hbone {
+            next_hop: SocketAddr::new(target.ip(), HBONE_PORT),
+            target,
+            peer_identity: w.identity.clone(),
+            dst_workload: w,
+            via_waypoint: false,
+            service,
+        },
+        TunnelProtocol::None => Route::Direct {
+            addr: target,
+            dst_workload: w,
+            service,
+        },
+    }
+}
+
+/// The port on `ep` that service port `port` of `svc` leads to.
+pub fn target_port(svc: &ServiceEntry, ep: &Workload, port: u16) -> u16 {
+    let key = svc.service.key();
+    ep.services
+        .get(&key)
+        .and_then(|ports| ports.iter().find(|p| p.service_port == port))
+        .or_else(|| svc.service.ports.iter().find(|p| p.service_port == port))
+        .map(|p| {
+            if p.target_port == 0 {
+                port
+            } else {
+                p.target_port
+            }
+        })
+        .unwrap_or(port)
+}
+
+/// Decides where a connection from `src` to `dst` goes.
+pub fn resolve(
+    snap: &Snapshot,
+    network: &str,
+    src: &Workload,
+    dst: SocketAddr,
+) -> Result<Route, RouteError> {
+    if let Some(svc) = snap.service_by_vip(network, dst.ip()) {
+        let key = svc.service.key();
+        if let Some(wp) = &svc.service.waypoint
+            && let Some(r) = waypoint_route(snap, src, wp, dst, Some(key.clone()))
+        {
+            return r;
+        }
+        let ep = snap
+            .pick_endpoint(svc)
+            .ok_or_else(|| RouteError::NoHealthyEndpoints(key.clone()))?;
+        let ip = ep
+            .addresses
+            .first()
+            .copied()
+            .ok_or_else(|| RouteError::NoHealthyEndpoints(key.clone()))?;
+        let target = SocketAddr::new(ip, target_port(svc, &ep, dst.port()));
+        return Ok(to_workload(ep, target, Some(key)));
+    }
+    if let Some(w) = snap.workload_by_ip(network, dst.ip()) {
+        if w.protocol == TunnelProtocol::Hbone
+            && [OUTBOUND_PORT, INBOUND_PLAINTEXT_PORT, HBONE_PORT].contains(&dst.port())
+        {
+            return Err(RouteError::ProxyPort(dst.port()));
+        }
+        if let Some(wp) = &w.waypoint
+            && let Some(r) = waypoint_route(snap, src, wp, dst, None)
+        {
+            return r;
+        }
+        return Ok(to_workload(w.clone(), dst, None));
+    }
+    Ok(Route::Passthrough { addr: dst })
+}
