@@ -174,6 +174,13 @@ pub fn debug_handler(
         if let Some(r) = health(&hub, path) {
             return r;
         }
+        // The version is no secret (as /ready is not).
+        if path == "/version" {
+            return json(serde_json::json!({
+                "component": "istiod-lite",
+                "version": env!("CARGO_PKG_VERSION"),
+            }));
+        }
         let peer = req.extensions().get::<Peer>().map(|p| p.0);
         if let Err(why) = access.check(peer, req.headers()) {
             warn!(peer = ?peer, path, reason = ?why, "debug request refused: not from loopback, and without the debug token");
@@ -198,7 +205,7 @@ pub fn debug_handler(
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "try /debug/model, /debug/connections, /debug/config\n",
+                "try /debug/model, /debug/connections, /debug/config, /version\n",
             ),
         }
     }
