@@ -138,3 +138,241 @@ async fn every_mesh_program_logs_json_lines_and_the_access_log_has_its_fields_as
         wp.1
     );
 }
+
+/// Istio's labels on every `istio_*` TCP series.
+const TCP_LABELS: &[&str] = &[
+    "reporter",
+    "source_workload",
+    "source_canonical_service",
+    "source_canonical_revision",
+    "source_workload_namespace",
+    "source_principal",
+    "source_app",
+    "source_version",
+    "source_cluster",
+    "destination_service",
+    "destination_service_namespace",
+    "destination_service_name",
+    "destination_workload",
+    "destination_canonical_service",
+    "destination_canonical_revision",
+    "destination_workload_namespace",
+    "destination_principal",
+    "destination_app",
+    "destination_version",
+    "destination_cluster",
+    "request_protocol",
+    "response_flags",
+    "connection_security_policy",
+];
+
+/// The series of a Prometheus text exposition: (name, labels, value).
+fn series(text: &str) -> Vec<(String, std::collections::BTreeMap<String, String>, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+        .filter_map(|l| {
+            let (head, value) = l.rsplit_once(' ')?;
+            let value: f64 = value.parse().ok()?;
+            let (name, labels) = match head.split_once('{') {
+                Some((n, rest)) => (n, rest.trim_end_matches('}')),
+                None => (head, ""),
+            };
+            let mut m = std::collections::BTreeMap::new();
+            // Label values here hold no `",` sequence.
+            for kv in labels.split("\",").filter(|s| !s.is_empty()) {
+                let (k, v) = kv.split_once("=\"")?;
+                m.insert(k.to_string(), v.trim_end_matches('"').to_string());
+            }
+            Some((name.to_string(), m, value))
+        })
+        .collect()
+}
+
+/// GET `url` from inside network namespace `netns` (the body).
+fn get_in(netns: &str, url: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", netns])
+        .arg(e2e::mesh::binary("labapp"))
+        .args(["get", url])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+fn value(text: &str, name: &str, label: Option<(&str, &str)>) -> f64 {
+    series(text)
+        .into_iter()
+        .filter(|(n, l, _)| {
+            n == name && label.is_none_or(|(k, v)| l.get(k).map(String::as_str) == Some(v))
+        })
+        .map(|(_, _, v)| v)
+        .sum()
+}
+
+#[tokio::test]
+async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controller_counts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = shop_with_waypoint(&tmp.path().join("lab")).await;
+    let before = g.0.controller_debug("/metrics").unwrap();
+    for _ in 0..5 {
+        let _ =
+            g.0.exec("shop/client-0", &["labapp", "get", "http://server.shop/"]);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let lab = &g.0;
+
+    // Every ztunnel and every waypoint: the full label set on every
+    // istio_* series.
+    let mut scraped: Vec<(String, String)> = lab
+        .state
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                format!("ztunnel on {}", n.name),
+                get_in(&n.netns, &format!("http://{}:15020/metrics", n.ip)),
+            )
+        })
+        .collect();
+    for p in lab.state.pods.values().filter(|p| p.image == "waypoint") {
+        scraped.push((
+            format!("waypoint {}", p.name),
+            get_in(&p.netns, &format!("http://{}:15020/metrics", p.ip)),
+        ));
+    }
+    let mut all = Vec::new();
+    for (what, text) in &scraped {
+        let istio: Vec<_> = series(text)
+            .into_iter()
+            .filter(|(n, _, _)| n.starts_with("istio_"))
+            .collect();
+        assert!(!istio.is_empty(), "{what}: no istio_* series:\n{text}");
+        for (name, labels, _) in &istio {
+            if name.starts_with("istio_build") {
+                continue;
+            }
+            for l in TCP_LABELS {
+                assert!(
+                    labels.contains_key(*l),
+                    "{what}: {name} lacks {l}: {labels:?}"
+                );
+            }
+            if name.starts_with("istio_request") {
+                assert!(
+                    labels.contains_key("response_code"),
+                    "{what}: {name}: {labels:?}"
+                );
+            }
+        }
+        all.extend(istio.into_iter().map(|s| (what.clone(), s)));
+    }
+    let find = |what: &str, name: &str, want: &[(&str, &str)]| {
+        all.iter().any(|(w, (n, l, _))| {
+            w.starts_with(what)
+                && n.starts_with(name)
+                && want
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+    };
+    // The client's side, as its ztunnel reports it.
+    assert!(
+        find(
+            "ztunnel",
+            "istio_tcp_connections_opened",
+            &[
+                ("reporter", "source"),
+                ("source_app", "client"),
+                ("source_version", "latest"),
+                ("source_cluster", "Kubernetes"),
+                ("source_workload_namespace", "shop"),
+            ]
+        ),
+        "{all:#?}"
+    );
+    // The server's side, as its ztunnel reports it.
+    assert!(
+        find(
+            "ztunnel",
+            "istio_tcp_connections_opened",
+            &[
+                ("reporter", "destination"),
+                ("destination_app", "server"),
+                ("destination_version", "latest"),
+                ("destination_cluster", "Kubernetes"),
+            ]
+        ),
+        "{all:#?}"
+    );
+    // The waypoint's requests: both ends named.
+    assert!(
+        find(
+            "waypoint",
+            "istio_requests_total",
+            &[
+                ("reporter", "waypoint"),
+                ("source_app", "client"),
+                ("source_cluster", "Kubernetes"),
+                ("destination_app", "server"),
+                ("destination_version", "latest"),
+                ("destination_cluster", "Kubernetes"),
+                ("destination_service", "server.shop.svc.cluster.local"),
+                ("response_code", "200"),
+            ]
+        ),
+        "{all:#?}"
+    );
+
+    // The controller: proxies connected, pushes, certificates, objects.
+    let m = lab.controller_debug("/metrics").unwrap();
+    assert!(
+        value(&m, "pilot_xds", None) >= 3.0,
+        "2 ztunnels and a waypoint:\n{m}"
+    );
+    assert!(
+        value(&m, "pilot_xds_pushes", Some(("type", "address"))) > 0.0,
+        "{m}"
+    );
+    assert!(value(&m, "citadel_server_csr_count", None) > 0.0, "{m}");
+    assert!(
+        value(&m, "citadel_server_success_cert_issuance_count", None) > 0.0,
+        "{m}"
+    );
+    assert!(
+        value(&m, "istiod_lite_config_objects", Some(("kind", "Pod"))) >= 5.0,
+        "{m}"
+    );
+    assert!(
+        value(&m, "istiod_lite_model_build_seconds_count", None) > 0.0,
+        "{m}"
+    );
+    assert!(
+        value(&m, "istio_build", Some(("component", "istiod-lite"))) == 1.0,
+        "{m}"
+    );
+    assert!(
+        m.contains("pilot_total_xds_rejects") && m.contains("pilot_proxy_convergence_time_bucket"),
+        "{m}"
+    );
+    // They move: a new workload with an identity of its own is pushed to
+    // every proxy and its ztunnel asks for its certificate.
+    let pushes = value(&m, "pilot_xds_pushes", None);
+    let csrs = value(&m, "citadel_server_csr_count", None);
+    let converged = value(&m, "pilot_proxy_convergence_time_count", None);
+    assert!(value(&before, "pilot_xds_pushes", None) <= pushes);
+    g.0.apply(e2e::lab::parse_docs("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: extra, namespace: shop}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: extra}}\n  template:\n    metadata: {labels: {app: extra}}\n    spec:\n      serviceAccountName: extra\n      containers: [{name: app, image: labapp, args: [http-echo, --port, \"8080\"]}]\n").unwrap())
+        .await
+        .unwrap();
+    let lab = &g.0;
+    eventually(
+        "the controller's counters move",
+        Duration::from_secs(30),
+        || async {
+            let m = lab.controller_debug("/metrics").unwrap();
+            value(&m, "pilot_xds_pushes", None) > pushes
+                && value(&m, "citadel_server_csr_count", None) > csrs
+                && value(&m, "pilot_proxy_convergence_time_count", None) > converged
+        },
+    )
+    .await;
+}

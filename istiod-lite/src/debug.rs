@@ -144,11 +144,18 @@ fn health(hub: &Hub, path: &str) -> Option<Response<Full<Bytes>>> {
             ),
         )),
         "/healthz" => Some(respond(StatusCode::OK, "text/plain", "ok\n")),
+        // No secrets: counts and timings only (Prometheus scrapes it on the
+        // health listener).
+        "/metrics" => Some(respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            crate::metrics::metrics().render(hub),
+        )),
         _ => None,
     }
 }
 
-/// The health listener's handler: `/ready` and `/healthz` only.
+/// The health listener's handler: `/ready`, `/healthz` and `/metrics` only.
 pub fn health_handler(
     hub: Arc<Hub>,
 ) -> impl Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static {
@@ -157,7 +164,7 @@ pub fn health_handler(
             respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "try /ready or /healthz\n",
+                "try /ready, /healthz or /metrics\n",
             )
         })
     }
