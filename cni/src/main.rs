@@ -39,7 +39,9 @@ async fn plugin() -> ExitCode {
         Err((e, version)) => {
             // The kubelet shows `msg` in the pod's events.
             print!("{}", e.to_json(&version));
-            eprintln!("mesh-cni: {e}");
+            // Logs go to stderr (stdout is the runtime's), plain or JSON.
+            mesh_core::init_logging();
+            tracing::error!(command = %env.command, "mesh-cni: {e}");
             ExitCode::FAILURE
         }
     }

@@ -66,6 +66,9 @@ pub struct TcpLabels {
     pub source_canonical_revision: String,
     pub source_workload_namespace: String,
     pub source_principal: String,
+    pub source_app: String,
+    pub source_version: String,
+    pub source_cluster: String,
     pub destination_service: String,
     pub destination_service_namespace: String,
     pub destination_service_name: String,
@@ -74,6 +77,9 @@ pub struct TcpLabels {
     pub destination_canonical_revision: String,
     pub destination_workload_namespace: String,
     pub destination_principal: String,
+    pub destination_app: String,
+    pub destination_version: String,
+    pub destination_cluster: String,
     pub request_protocol: String,
     pub response_flags: ResponseFlags,
     pub connection_security_policy: SecurityPolicy,
@@ -117,6 +123,12 @@ impl TcpLabels {
             source_principal: src_identity
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| UNKNOWN.into()),
+            // As Istio's ztunnel: the app and version are the canonical
+            // service and revision (from `app.kubernetes.io/name` or
+            // `app`, `app.kubernetes.io/version` or `version`).
+            source_app: wl(src, |w| &w.canonical_name),
+            source_version: wl(src, |w| &w.canonical_revision),
+            source_cluster: wl(src, |w| &w.cluster_id),
             destination_service: svc_host.into(),
             destination_service_namespace: svc_ns.into(),
             destination_service_name: svc_name.into(),
@@ -133,6 +145,9 @@ impl TcpLabels {
             destination_principal: dst_identity
                 .map(|i| i.to_string())
                 .unwrap_or_else(|| UNKNOWN.into()),
+            destination_app: wl(dst, |w| &w.canonical_name),
+            destination_version: wl(dst, |w| &w.canonical_revision),
+            destination_cluster: wl(dst, |w| &w.cluster_id),
             request_protocol: "tcp".into(),
             response_flags: ResponseFlags::None,
             connection_security_policy: if mtls {

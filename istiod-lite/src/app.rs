@@ -52,6 +52,8 @@ pub struct ClusterOptions {
     /// The mesh's `pathNormalization` (NONE, BASE, MERGE_SLASHES,
     /// DECODE_AND_MERGE_SLASHES), given to every waypoint.
     pub path_normalization: String,
+    /// `LOG_FORMAT` given to the waypoints and ingresses.
+    pub proxy_log_format: Option<String>,
 }
 
 #[derive(Debug, Clone)]
@@ -333,6 +335,7 @@ fn start_cluster_writes(
             trust_domain: o.model.trust_domain.clone(),
             token_audience: c.token_audience.clone(),
             path_normalization: c.path_normalization.clone(),
+            proxy_log_format: c.proxy_log_format.clone(),
             resync: Duration::from_secs(60),
             min_interval: Duration::from_secs(1),
         },

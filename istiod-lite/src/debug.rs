@@ -144,11 +144,18 @@ fn health(hub: &Hub, path: &str) -> Option<Response<Full<Bytes>>> {
             ),
         )),
         "/healthz" => Some(respond(StatusCode::OK, "text/plain", "ok\n")),
+        // No secrets: counts and timings only (Prometheus scrapes it on the
+        // health listener).
+        "/metrics" => Some(respond(
+            StatusCode::OK,
+            "text/plain; version=0.0.4",
+            crate::metrics::metrics().render(hub),
+        )),
         _ => None,
     }
 }
 
-/// The health listener's handler: `/ready` and `/healthz` only.
+/// The health listener's handler: `/ready`, `/healthz` and `/metrics` only.
 pub fn health_handler(
     hub: Arc<Hub>,
 ) -> impl Fn(&Request<Incoming>) -> Response<Full<Bytes>> + Send + Sync + 'static {
@@ -157,7 +164,7 @@ pub fn health_handler(
             respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "try /ready or /healthz\n",
+                "try /ready, /healthz or /metrics\n",
             )
         })
     }
@@ -173,6 +180,13 @@ pub fn debug_handler(
         let path = req.uri().path();
         if let Some(r) = health(&hub, path) {
             return r;
+        }
+        // The version is no secret (as /ready is not).
+        if path == "/version" {
+            return json(serde_json::json!({
+                "component": "istiod-lite",
+                "version": env!("CARGO_PKG_VERSION"),
+            }));
         }
         let peer = req.extensions().get::<Peer>().map(|p| p.0);
         if let Err(why) = access.check(peer, req.headers()) {
@@ -198,7 +212,7 @@ pub fn debug_handler(
             _ => respond(
                 StatusCode::NOT_FOUND,
                 "text/plain",
-                "try /debug/model, /debug/connections, /debug/config\n",
+                "try /debug/model, /debug/connections, /debug/config, /version\n",
             ),
         }
     }

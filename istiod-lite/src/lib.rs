@@ -12,5 +12,6 @@ pub mod cluster;
 pub mod config;
 pub mod crdgen;
 pub mod debug;
+pub mod metrics;
 pub mod model;
 pub mod xds;

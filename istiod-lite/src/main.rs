@@ -164,6 +164,10 @@ async fn main() {
                 ca_address: ca_address.clone(),
                 ca_server_name: server_name,
                 path_normalization: a.path_normalization,
+                // The proxies it deploys log as it does.
+                proxy_log_format: std::env::var("LOG_FORMAT")
+                    .ok()
+                    .filter(|f| !f.trim().is_empty()),
             }))
         }
     };

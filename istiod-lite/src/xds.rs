@@ -46,6 +46,7 @@ use tracing::{debug, info, warn};
 use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory};
 use crate::config::objects::Change;
 use crate::config::sources::Sources;
+use crate::metrics::metrics;
 use crate::model::{Delta, Model};
 
 /// What the controller serves. Waypoint routes go only to waypoints that
@@ -120,7 +121,7 @@ pub struct Hub {
     /// would tell reconnecting proxies to delete what has not been listed yet.
     ready: tokio::sync::watch::Sender<bool>,
     model: RwLock<Model>,
-    events: broadcast::Sender<Arc<Delta>>,
+    events: broadcast::Sender<Arc<Pushed>>,
     conns: Mutex<BTreeMap<u64, Arc<ConnView>>>,
     next: AtomicU64,
     pushes: AtomicU64,
@@ -129,6 +130,12 @@ pub struct Hub {
     applied: tokio::sync::watch::Sender<u64>,
     /// How each watched kind stands (cluster mode; empty for a folder).
     sources: Arc<Sources>,
+}
+
+/// A change to push, and when it was made (for the convergence time).
+pub struct Pushed {
+    pub delta: Delta,
+    pub since: std::time::Instant,
 }
 
 /// What the debug endpoint shows of one proxy connection.
@@ -221,11 +228,13 @@ impl Hub {
         if changes.is_empty() {
             return Delta::default();
         }
+        let since = std::time::Instant::now();
         let delta = self
             .model
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .apply(changes);
+        metrics().model_built(since.elapsed());
         self.applied.send_modify(|n| *n += 1);
         if !delta.is_empty() {
             self.pushes.fetch_add(1, Ordering::Relaxed);
@@ -236,9 +245,17 @@ impl Hub {
                 .map(|s| s.len())
                 .sum();
             debug!(resources = n, "pushing");
-            let _ = self.events.send(Arc::new(delta.clone()));
+            let _ = self.events.send(Arc::new(Pushed {
+                delta: delta.clone(),
+                since,
+            }));
         }
         delta
+    }
+
+    /// Proxies connected now.
+    pub fn connected(&self) -> usize {
+        self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     pub fn connections(&self) -> serde_json::Value {
@@ -434,6 +451,7 @@ impl Conn {
                 ..Default::default()
             };
             self.tx.send(Ok(resp)).await.map_err(|_| ())?;
+            metrics().pushed(type_url);
         }
         Ok(())
     }
@@ -451,6 +469,7 @@ impl Conn {
                 Some(err) => {
                     warn!(node = %self.view.node, type_url = %t, nonce = %req.response_nonce, error = %err.message, "NACK");
                     tv.nacks += 1;
+                    metrics().rejected(&t);
                     tv.last_nack = Some(NackView {
                         nonce: req.response_nonce.clone(),
                         error: err.message.clone(),
@@ -596,7 +615,7 @@ impl Conn {
     async fn run(
         mut self,
         mut stream: Streaming<DeltaDiscoveryRequest>,
-        mut events: broadcast::Receiver<Arc<Delta>>,
+        mut events: broadcast::Receiver<Arc<Pushed>>,
     ) {
         loop {
             let done = tokio::select! {
@@ -609,7 +628,13 @@ impl Conn {
                     }
                 },
                 ev = events.recv() => match ev {
-                    Ok(d) => self.on_delta(&d).await.is_err(),
+                    Ok(p) => {
+                        let failed = self.on_delta(&p.delta).await.is_err();
+                        if !failed {
+                            metrics().converged(p.since.elapsed());
+                        }
+                        failed
+                    }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         // Missed some deltas: diff everything instead.
                         warn!(node = %self.view.node, missed = n, "push lagged; full resync");

@@ -396,6 +396,7 @@ fn writer_config() -> WriterConfig {
         trust_domain: "cluster.local".into(),
         token_audience: "istio-ca".into(),
         path_normalization: "MERGE_SLASHES".into(),
+        proxy_log_format: Some("json".into()),
         resync: Duration::from_secs(3600),
         min_interval: Duration::from_millis(20),
     }
@@ -927,6 +928,17 @@ async fn waypoint_gateways_get_owned_deployments_status_and_cleanup() {
             pod["spec"]["containers"][0]["image"],
             "ghcr.io/mesh-dev/waypoint:test"
         );
+        // Prometheus' annotation-based discovery finds its metrics.
+        assert_eq!(
+            pod["metadata"]["annotations"],
+            json!({"prometheus.io/scrape": "true", "prometheus.io/port": "15020", "prometheus.io/path": "/metrics"}),
+            "{pod}"
+        );
+        // The controller's LOG_FORMAT.
+        assert_eq!(
+            pod["spec"]["containers"][0]["env"][1],
+            json!({"name": "LOG_FORMAT", "value": "json"})
+        );
         let cfg =
             st.objects["/api/v1/namespaces/shop/configmaps/wp-waypoint"]["data"]["config.yaml"]
                 .as_str()
@@ -1211,6 +1223,14 @@ async fn ingress_gateways_get_a_load_balancer_and_listener_status() {
         assert_eq!(
             pod["spec"]["containers"][0]["image"],
             "ghcr.io/mesh-dev/waypoint:test"
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["prometheus.io/scrape"], "true",
+            "{pod}"
+        );
+        assert_eq!(
+            pod["metadata"]["annotations"]["prometheus.io/port"],
+            "15020"
         );
         assert_eq!(
             pod["spec"]["securityContext"]["sysctls"],

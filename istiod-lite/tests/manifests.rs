@@ -156,3 +156,40 @@ fn the_installed_controller_keeps_its_debug_port_on_loopback() {
         );
     }
 }
+
+/// Prometheus' annotation-based discovery finds every pod the install runs
+/// that serves metrics: each annotated port is one of its containers'.
+#[test]
+fn every_installed_pod_with_metrics_is_annotated_for_scraping() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/install");
+    let mut annotated = Vec::new();
+    for f in ["istiod-lite.yaml", "ztunnel.yaml"] {
+        let text = std::fs::read_to_string(dir.join(f)).unwrap();
+        for d in serde_yaml::Deserializer::from_str(&text) {
+            let v = <serde_json::Value as serde::Deserialize>::deserialize(d).unwrap();
+            if !matches!(v["kind"].as_str(), Some("Deployment" | "DaemonSet")) {
+                continue;
+            }
+            let t = &v["spec"]["template"];
+            let a = &t["metadata"]["annotations"];
+            assert_eq!(a["prometheus.io/scrape"], "true", "{f}: {a}");
+            assert_eq!(a["prometheus.io/path"], "/metrics", "{f}: {a}");
+            let port: u64 = a["prometheus.io/port"].as_str().unwrap().parse().unwrap();
+            let ports: Vec<u64> = t["spec"]["containers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .flat_map(|c| c["ports"].as_array().cloned().unwrap_or_default())
+                .filter_map(|p| p["containerPort"].as_u64())
+                .collect();
+            assert!(ports.contains(&port), "{f}: {port} not in {ports:?}");
+            annotated.push(
+                v["metadata"]["name"]
+                    .as_str()
+                    .unwrap_or_default()
+                    .to_string(),
+            );
+        }
+    }
+    assert_eq!(annotated, ["istiod-lite", "ztunnel"]);
+}

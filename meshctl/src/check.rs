@@ -9,7 +9,7 @@ use serde_json::Value;
 use crate::output::Table;
 use crate::source::{Endpoint, Mesh};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct Finding {
     pub check: String,
     pub target: String,
@@ -47,24 +47,28 @@ impl Finding {
 
 pub fn table(findings: &[Finding]) -> Table {
     let failed = findings.iter().filter(|f| !f.ok).count();
-    let mut t =
-        Table::new(&["CHECK", "TARGET", "RESULT", "DETAIL", "FIX"]).titled(if failed == 0 {
+    let mut t = Table::new("checks", &["CHECK", "TARGET", "RESULT", "DETAIL", "FIX"]).noted(
+        if failed == 0 {
             format!("all {} checks passed", findings.len())
         } else {
             format!("{failed} of {} checks failed", findings.len())
-        });
+        },
+    );
     for f in findings {
-        t.push(vec![
-            f.check.clone(),
-            f.target.clone(),
-            if f.ok { "ok" } else { "FAIL" }.into(),
-            f.detail.clone(),
-            if f.fix.is_empty() {
-                "-".into()
-            } else {
-                f.fix.clone()
-            },
-        ]);
+        t.push_item(
+            vec![
+                f.check.clone(),
+                f.target.clone(),
+                if f.ok { "ok" } else { "FAIL" }.into(),
+                f.detail.clone(),
+                if f.fix.is_empty() {
+                    "-".into()
+                } else {
+                    f.fix.clone()
+                },
+            ],
+            serde_json::to_value(f).unwrap_or_default(),
+        );
     }
     t
 }

@@ -77,15 +77,18 @@ fn protocol(v: &Value) -> String {
 
 pub fn workloads(d: &Dump, f: &Filters) -> Table {
     let names = address_names(&d.value);
-    let mut t = Table::new(&[
-        "NAMESPACE",
-        "NAME",
-        "ADDRESS",
-        "NODE",
-        "WAYPOINT",
-        "PROTOCOL",
-    ])
-    .titled("WORKLOADS");
+    let mut t = Table::new(
+        "workloads",
+        &[
+            "NAMESPACE",
+            "NAME",
+            "ADDRESS",
+            "NODE",
+            "WAYPOINT",
+            "PROTOCOL",
+        ],
+    )
+    .with_wide(&["IDENTITY", "HEALTHY", "CANONICAL NAME", "REVISION"]);
     for w in arr(&d.value["workloads"]) {
         let addrs: Vec<String> = arr(&w["addresses"]).iter().map(s).collect();
         if f.namespace
@@ -97,26 +100,36 @@ pub fn workloads(d: &Dump, f: &Filters) -> Table {
         if f.address.is_some_and(|a| !addrs.contains(&a.to_string())) {
             continue;
         }
-        t.push(vec![
-            s(&w["namespace"]),
-            s(&w["name"]),
-            if addrs.is_empty() {
-                "-".into()
-            } else {
-                addrs.join(",")
-            },
-            s(&w["node"]),
-            waypoint(&w["waypoint"], &names),
-            protocol(&w["protocol"]),
-        ]);
+        t.push_item(
+            vec![
+                s(&w["namespace"]),
+                s(&w["name"]),
+                if addrs.is_empty() {
+                    "-".into()
+                } else {
+                    addrs.join(",")
+                },
+                s(&w["node"]),
+                waypoint(&w["waypoint"], &names),
+                protocol(&w["protocol"]),
+                s(&w["identity"]),
+                s(&w["healthy"]),
+                s(&w["canonical_name"]),
+                s(&w["canonical_revision"]),
+            ],
+            w.clone(),
+        );
     }
     t
 }
 
 pub fn services(d: &Dump, f: &Filters) -> Table {
     let names = address_names(&d.value);
-    let mut t =
-        Table::new(&["NAMESPACE", "NAME", "VIPS", "WAYPOINT", "ENDPOINTS"]).titled("SERVICES");
+    let mut t = Table::new(
+        "services",
+        &["NAMESPACE", "NAME", "VIPS", "WAYPOINT", "ENDPOINTS"],
+    )
+    .with_wide(&["HOSTNAME"]);
     for svc in arr(&d.value["services"]) {
         let key = format!("{}/{}", s(&svc["namespace"]), s(&svc["hostname"]));
         let vips: Vec<String> = arr(&svc["vips"])
@@ -141,21 +154,25 @@ pub fn services(d: &Dump, f: &Filters) -> Table {
             .iter()
             .map(|p| s(&p["service_port"]))
             .collect();
-        t.push(vec![
-            s(&svc["namespace"]),
-            s(&svc["name"]),
-            format!(
-                "{}{}",
-                vips.join(","),
-                if ports.is_empty() {
-                    String::new()
-                } else {
-                    format!(" ({})", ports.join(","))
-                }
-            ),
-            waypoint(&svc["waypoint"], &names),
-            format!("{ready}/{}", backing.len()),
-        ]);
+        t.push_item(
+            vec![
+                s(&svc["namespace"]),
+                s(&svc["name"]),
+                format!(
+                    "{}{}",
+                    vips.join(","),
+                    if ports.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", ports.join(","))
+                    }
+                ),
+                waypoint(&svc["waypoint"], &names),
+                format!("{ready}/{}", backing.len()),
+                s(&svc["hostname"]),
+            ],
+            svc.clone(),
+        );
     }
     t
 }
@@ -170,7 +187,10 @@ fn scope(p: &Value) -> String {
 }
 
 pub fn policies(d: &Dump, f: &Filters) -> Table {
-    let mut t = Table::new(&["NAMESPACE", "NAME", "ACTION", "SCOPE", "RULES"]).titled("POLICIES");
+    let mut t = Table::new(
+        "policies",
+        &["NAMESPACE", "NAME", "ACTION", "SCOPE", "RULES"],
+    );
     for p in arr(&d.value["policies"]) {
         if f.namespace
             .as_deref()
@@ -178,71 +198,83 @@ pub fn policies(d: &Dump, f: &Filters) -> Table {
         {
             continue;
         }
-        t.push(vec![
-            s(&p["namespace"]),
-            s(&p["name"]),
-            s(&p["action"]).to_ascii_uppercase(),
-            scope(p),
-            arr(&p["rules"]).len().to_string(),
-        ]);
+        t.push_item(
+            vec![
+                s(&p["namespace"]),
+                s(&p["name"]),
+                s(&p["action"]).to_ascii_uppercase(),
+                scope(p),
+                arr(&p["rules"]).len().to_string(),
+            ],
+            p.clone(),
+        );
     }
     t
 }
 
 pub fn certificates(dumps: &[Dump]) -> Table {
-    let mut t = Table::new(&[
-        "NODE",
-        "IDENTITY",
-        "KIND",
-        "STATE",
-        "SERIAL",
-        "NOT BEFORE",
-        "NOT AFTER",
-    ])
-    .titled("CERTIFICATES");
+    let mut t = Table::new(
+        "certificates",
+        &["NODE", "IDENTITY", "KIND", "STATE", "NOT AFTER"],
+    )
+    .with_wide(&["SERIAL", "NOT BEFORE"]);
     for d in dumps {
         for c in arr(&d.value["certificates"]) {
             let state = match (&c["state"], &c["last_error"]) {
                 (Value::String(st), Value::String(e)) => format!("{st} (last error: {e})"),
                 (st, _) => s(st),
             };
-            t.push(vec![
-                d.node.clone(),
-                s(&c["identity"]),
-                "leaf".into(),
-                state,
-                s(&c["serial"]),
-                s(&c["not_before"]),
-                s(&c["not_after"]),
-            ]);
+            let mut item = c.clone();
+            item["node"] = d.node.clone().into();
+            item["kind"] = "leaf".into();
+            t.push_item(
+                vec![
+                    d.node.clone(),
+                    s(&c["identity"]),
+                    "leaf".into(),
+                    state,
+                    s(&c["not_after"]),
+                    s(&c["serial"]),
+                    s(&c["not_before"]),
+                ],
+                item,
+            );
         }
         for r in arr(&d.value["roots"]) {
-            t.push(vec![
-                d.node.clone(),
-                s(&r["subject"]),
-                "root".into(),
-                "trusted".into(),
-                s(&r["serial"]),
-                s(&r["not_before"]),
-                s(&r["not_after"]),
-            ]);
+            let mut item = r.clone();
+            item["node"] = d.node.clone().into();
+            item["kind"] = "root".into();
+            t.push_item(
+                vec![
+                    d.node.clone(),
+                    s(&r["subject"]),
+                    "root".into(),
+                    "trusted".into(),
+                    s(&r["not_after"]),
+                    s(&r["serial"]),
+                    s(&r["not_before"]),
+                ],
+                item,
+            );
         }
     }
     t
 }
 
 pub fn connections(dumps: &[Dump], f: &Filters) -> Table {
-    let mut t = Table::new(&[
-        "NODE",
-        "WORKLOAD",
-        "DIRECTION",
-        "LOCAL",
-        "REMOTE",
-        "TARGET",
-        "PROTOCOL",
-        "PEER IDENTITY",
-    ])
-    .titled("CONNECTIONS");
+    let mut t = Table::new(
+        "connections",
+        &[
+            "NODE",
+            "WORKLOAD",
+            "DIRECTION",
+            "LOCAL",
+            "REMOTE",
+            "TARGET",
+            "PROTOCOL",
+            "PEER IDENTITY",
+        ],
+    );
     for d in dumps {
         for c in arr(&d.value["connections"]) {
             let direction = s(&c["direction"]);
@@ -273,16 +305,21 @@ pub fn connections(dumps: &[Dump], f: &Filters) -> Table {
                     continue;
                 }
             }
-            t.push(vec![
-                d.node.clone(),
-                s(workload),
-                direction.to_ascii_uppercase(),
-                s(local),
-                s(remote),
-                s(&c["dst"]),
-                s(&c["protocol"]).to_ascii_uppercase(),
-                s(peer),
-            ]);
+            let mut item = c.clone();
+            item["node"] = d.node.clone().into();
+            t.push_item(
+                vec![
+                    d.node.clone(),
+                    s(workload),
+                    direction.to_ascii_uppercase(),
+                    s(local),
+                    s(remote),
+                    s(&c["dst"]),
+                    s(&c["protocol"]).to_ascii_uppercase(),
+                    s(peer),
+                ],
+                item,
+            );
         }
     }
     t

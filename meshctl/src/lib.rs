@@ -6,9 +6,11 @@
 //! decision code on the state a ztunnel reports.
 
 pub mod check;
+pub mod cluster;
 pub mod config_view;
 pub mod manage;
 pub mod output;
 pub mod source;
 pub mod top;
+pub mod version;
 pub mod why;

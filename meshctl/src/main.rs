@@ -7,10 +7,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{CommandFactory, Parser, Subcommand, ValueEnum};
+use meshctl::cluster::{self, KubeFlags};
 use meshctl::config_view::{self, Filters};
 use meshctl::output::{Format, Table, print, value_string};
-use meshctl::source::{Mesh, SourceError};
-use meshctl::{check, manage, top, why};
+use meshctl::source::{Endpoint, Mesh, SourceError};
+use meshctl::{check, manage, top, version, why};
 
 /// The default lab directory (`lab up`'s default).
 const DEFAULT_LAB: &str = "/tmp/mesh-lab";
@@ -18,9 +19,35 @@ const DEFAULT_LAB: &str = "/tmp/mesh-lab";
 #[derive(Parser)]
 #[command(
     version,
-    about = "See and steer the mesh: what the tunnels think is going on"
+    about = "See and steer the mesh: what the tunnels think is going on",
+    after_help = "Exit codes: 0 done; 1 `check` found a problem; 2 the mesh could not be read or the command line is wrong."
 )]
 struct Args {
+    /// The kubeconfig to use (default: KUBECONFIG, else ~/.kube/config).
+    /// Kubernetes is the source whenever a kubeconfig is found and no
+    /// other source is named.
+    #[arg(long, global = true)]
+    kubeconfig: Option<PathBuf>,
+    /// The kubeconfig context to use (default: its current context).
+    #[arg(long, global = true)]
+    context: Option<String>,
+    /// The namespace to act on or to show (default: all namespaces for
+    /// listings; the context's namespace, else `default`, for changes).
+    #[arg(short = 'n', long, global = true)]
+    namespace: Option<String>,
+    /// Where the mesh is installed (ztunnel and istiod-lite pods).
+    #[arg(
+        short = 'i',
+        long,
+        global = true,
+        visible_alias = "kube-namespace",
+        env = "MESHCTL_ISTIO_NAMESPACE",
+        default_value = "istio-system"
+    )]
+    istio_namespace: String,
+    /// Use the Kubernetes cluster of the kubeconfig even when a lab is up.
+    #[arg(long, global = true)]
+    kube: bool,
     /// A ztunnel's admin address (its /config_dump), e.g. 10.0.0.5:15000.
     #[arg(long, global = true, env = "MESHCTL_ADDR")]
     addr: Option<SocketAddr>,
@@ -31,21 +58,15 @@ struct Args {
     #[arg(long, global = true, env = "MESHCTL_CONTROLLER")]
     controller: Option<SocketAddr>,
     /// A lab's directory: every proxy of the lab, reached in its namespaces.
-    /// The default when no other source is given and /tmp/mesh-lab holds a lab.
+    /// The default when there is no kubeconfig and /tmp/mesh-lab holds a lab.
     #[arg(long, global = true, env = "MESHCTL_LAB")]
     lab: Option<PathBuf>,
     /// A saved /config_dump to read instead of a live ztunnel.
     #[arg(long, global = true)]
     file: Option<PathBuf>,
-    /// A Kubernetes cluster (the current kubeconfig): proxies are reached
-    /// through the API server's pod port-forward.
-    #[arg(long, global = true)]
-    kube: bool,
-    /// Where the mesh is installed on Kubernetes.
-    #[arg(long, global = true, default_value = "istio-system")]
-    kube_namespace: String,
-    /// Output format.
-    #[arg(short = 'o', long, global = true, value_enum, default_value = "table")]
+    /// Output: short (a table, the default), wide (every column), json or
+    /// yaml (the objects behind the rows).
+    #[arg(short = 'o', long, global = true, value_enum, default_value = "short")]
     output: Format,
     #[command(subcommand)]
     cmd: Cmd,
@@ -53,10 +74,15 @@ struct Args {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum What {
+    #[value(alias = "workload")]
     Workloads,
+    #[value(alias = "service", alias = "svc")]
     Services,
+    #[value(alias = "policy")]
     Policies,
+    #[value(alias = "certificate", alias = "certs", alias = "secret")]
     Certificates,
+    #[value(alias = "connection")]
     Connections,
     All,
 }
@@ -79,12 +105,12 @@ enum Cmd {
     /// What a ztunnel holds: workloads, services, policies, certificates,
     /// live connections.
     ZtunnelConfig {
+        /// workload(s), service(s), policy/policies, certificate(s),
+        /// connection(s) or all.
         what: What,
         /// Only the ztunnel on this node.
         #[arg(long)]
         node: Option<String>,
-        #[arg(long, short = 'n')]
-        namespace: Option<String>,
         /// Only entries with this address.
         #[arg(long)]
         address: Option<IpAddr>,
@@ -113,10 +139,20 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         interval: f64,
     },
-    /// Enrolls a namespace in the mesh (istio.io/dataplane-mode=ambient).
-    Enroll { namespace: String },
-    /// Releases a namespace from the mesh.
-    Unenroll { namespace: String },
+    /// Enrolls a namespace in the mesh (istio.io/dataplane-mode=ambient);
+    /// NAMESPACE or -n.
+    Enroll {
+        #[arg(value_name = "NAMESPACE")]
+        target: Option<String>,
+    },
+    /// Releases a namespace from the mesh; NAMESPACE or -n.
+    Unenroll {
+        #[arg(value_name = "NAMESPACE")]
+        target: Option<String>,
+    },
+    /// The versions of meshctl, the control plane and every proxy; warns
+    /// when they differ.
+    Version,
     /// Declares, lists and deletes waypoints.
     Waypoint {
         #[command(subcommand)]
@@ -136,8 +172,6 @@ enum Cmd {
 enum WaypointCmd {
     /// Declares a waypoint (a Gateway of class istio-waypoint).
     Apply {
-        #[arg(long, short = 'n')]
-        namespace: String,
         #[arg(long, default_value = "waypoint")]
         name: String,
         /// Also send the namespace's traffic through it.
@@ -148,55 +182,78 @@ enum WaypointCmd {
         serves: Serves,
     },
     /// Waypoints, the services each serves, their routes and policies.
-    List {
-        #[arg(long, short = 'n')]
-        namespace: Option<String>,
-    },
+    List,
     /// Removes a waypoint.
     Delete {
-        #[arg(long, short = 'n')]
-        namespace: String,
         #[arg(long, default_value = "waypoint")]
         name: String,
     },
 }
 
-async fn mesh(a: &Args) -> Result<Mesh, SourceError> {
-    if a.kube {
-        let client = kube::Client::try_default().await.map_err(|e| {
-            SourceError::Other(format!(
-                "no Kubernetes client: {e}\n  check: KUBECONFIG or ~/.kube/config, as kubectl uses"
-            ))
-        })?;
-        return Mesh::from_kube(client, &a.kube_namespace).await;
+fn kube_flags(a: &Args) -> KubeFlags {
+    KubeFlags {
+        kubeconfig: a.kubeconfig.clone(),
+        context: a.context.clone(),
     }
+}
+
+/// The namespace a change goes to: -n, else the context's, else `default`.
+fn target_namespace(a: &Args, positional: Option<&String>) -> String {
+    positional
+        .or(a.namespace.as_ref())
+        .cloned()
+        .or_else(|| cluster::context_namespace(&kube_flags(a)))
+        .unwrap_or_else(|| "default".into())
+}
+
+/// The mesh to read: a named source (--file, --addr, --lab, --kube or a
+/// kubeconfig flag, --controller alone), else the current kubeconfig's
+/// cluster, else the lab at /tmp/mesh-lab.
+async fn mesh(a: &Args) -> Result<Mesh, SourceError> {
+    let flags = kube_flags(a);
+    let from_kube = || async {
+        let (client, _) = cluster::client(&flags).await?;
+        let mut m = Mesh::from_kube(client, &a.istio_namespace).await?;
+        if let Some(c) = a.controller {
+            m.controller = Some(Endpoint::new("istiod-lite debug", c, None));
+        }
+        Ok::<_, SourceError>(m)
+    };
     if let Some(f) = &a.file {
         return Mesh::from_file(f);
     }
     if let Some(addr) = a.addr {
         return Ok(Mesh::by_address(addr, a.metrics_addr, a.controller));
     }
-    let lab = a.lab.clone().unwrap_or_else(|| PathBuf::from(DEFAULT_LAB));
-    if a.lab.is_some() || lab.join("lab.json").exists() {
-        let mut m = Mesh::from_lab(&lab)?;
+    let from_lab = |lab: &PathBuf| {
+        let mut m = Mesh::from_lab(lab)?;
         if let Some(c) = a.controller {
-            m.controller = Some(meshctl::source::Endpoint::new("istiod-lite debug", c, None));
+            m.controller = Some(Endpoint::new("istiod-lite debug", c, None));
         }
-        return Ok(m);
+        Ok::<_, SourceError>(m)
+    };
+    if let Some(lab) = &a.lab {
+        return from_lab(lab);
+    }
+    if a.kube || flags.given() {
+        return from_kube().await;
     }
     // The controller alone (its connections, config problems and sources).
     if let Some(c) = a.controller {
         return Ok(Mesh {
-            ztunnels: Vec::new(),
-            waypoints: Vec::new(),
-            controller: Some(meshctl::source::Endpoint::new("istiod-lite debug", c, None)),
-            file: None,
-            lab: None,
-            kube: None,
+            controller: Some(Endpoint::new("istiod-lite debug", c, None)),
+            ..Default::default()
         });
     }
+    if cluster::kubeconfig_here(&flags) {
+        return from_kube().await;
+    }
+    let lab = PathBuf::from(DEFAULT_LAB);
+    if lab.join("lab.json").exists() {
+        return from_lab(&lab);
+    }
     Err(SourceError::Other(format!(
-        "no mesh to read: give --addr (a ztunnel's admin address), --controller ADDR, --lab DIR, or --file DUMP (no lab at {DEFAULT_LAB})"
+        "no mesh to read: no kubeconfig (KUBECONFIG, ~/.kube/config or --kubeconfig) and no lab at {DEFAULT_LAB}; give --addr (a ztunnel's admin address), --controller ADDR, --lab DIR or --file DUMP"
     )))
 }
 
@@ -212,14 +269,13 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
         Cmd::ZtunnelConfig {
             what,
             node,
-            namespace,
             address,
             direction,
         } => {
             let m = mesh(&a).await?;
             let dumps = m.dumps(node.as_deref()).await?;
             let f = Filters {
-                namespace: namespace.clone(),
+                namespace: a.namespace.clone(),
                 address: *address,
                 direction: direction.map(|d| match d {
                     Direction::Inbound => "inbound".into(),
@@ -281,16 +337,17 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
                 None => None,
             };
             let e = why::explain(&dumps, src, dst, root_namespace, "", l7.as_ref())?;
-            let mut text = match out {
-                Format::Table => e.table().render(),
-                f => value_string(f, &e),
+            let text = if out.is_table() {
+                print(out, &[e.table()])
+            } else {
+                value_string(out, &e)
             };
-            if out == Format::Table && !e.skipped.is_empty() {
-                text.push_str(&format!(
-                    "note: {} entries of the dump could not be read (a newer version?): {}\n",
+            if out.is_table() && !e.skipped.is_empty() {
+                eprintln!(
+                    "note: {} entries of the dump could not be read (a newer version?): {}",
                     e.skipped.len(),
                     e.skipped.join("; ")
-                ));
+                );
             }
             Ok((text, true))
         }
@@ -311,19 +368,33 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
             .await?;
             Ok((String::new(), true))
         }
-        Cmd::Enroll { namespace } => Ok((
-            manage::enroll(&mesh(&a).await?, namespace, true).await?,
-            true,
-        )),
-        Cmd::Unenroll { namespace } => Ok((
-            manage::enroll(&mesh(&a).await?, namespace, false).await?,
-            true,
-        )),
+        Cmd::Enroll { target } => {
+            let ns = target_namespace(&a, target.as_ref());
+            Ok((manage::enroll(&mesh(&a).await?, &ns, true).await?, true))
+        }
+        Cmd::Unenroll { target } => {
+            let ns = target_namespace(&a, target.as_ref());
+            Ok((manage::enroll(&mesh(&a).await?, &ns, false).await?, true))
+        }
+        Cmd::Version => {
+            // The client's version even when no mesh can be read.
+            let m = match mesh(&a).await {
+                Ok(m) => m,
+                Err(e) => {
+                    eprintln!("meshctl version: no mesh to ask: {e}");
+                    Mesh::default()
+                }
+            };
+            let all = version::collect(&m).await;
+            for w in version::skew(&all) {
+                eprintln!("{w}");
+            }
+            Ok((tables(vec![version::table(&all)]), true))
+        }
         Cmd::Waypoint { cmd } => {
             let m = mesh(&a).await?;
             match cmd {
                 WaypointCmd::Apply {
-                    namespace,
                     name,
                     enroll_namespace,
                     serves,
@@ -333,18 +404,19 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
                         Serves::Workload => "workload",
                         Serves::All => "all",
                     };
+                    let ns = target_namespace(&a, None);
                     Ok((
-                        manage::waypoint_apply(&m, namespace, name, serves, *enroll_namespace)
-                            .await?,
+                        manage::waypoint_apply(&m, &ns, name, serves, *enroll_namespace).await?,
                         true,
                     ))
                 }
-                WaypointCmd::List { namespace } => Ok((
-                    tables(manage::waypoint_list(&m, namespace.as_deref()).await?),
+                WaypointCmd::List => Ok((
+                    tables(manage::waypoint_list(&m, a.namespace.as_deref()).await?),
                     true,
                 )),
-                WaypointCmd::Delete { namespace, name } => {
-                    Ok((manage::waypoint_delete(&m, namespace, name).await?, true))
+                WaypointCmd::Delete { name } => {
+                    let ns = target_namespace(&a, None);
+                    Ok((manage::waypoint_delete(&m, &ns, name).await?, true))
                 }
             }
         }

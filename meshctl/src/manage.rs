@@ -244,9 +244,11 @@ pub async fn waypoint_delete(mesh: &Mesh, ns: &str, name: &str) -> Result<String
 /// routes and L7 policies (from the controller), and its replicas' readiness.
 pub async fn waypoint_list(mesh: &Mesh, ns: Option<&str>) -> Result<Vec<Table>, SourceError> {
     let model = mesh.controller()?.get_json("/debug/model").await?;
-    let mut t =
-        Table::new(&["WAYPOINT", "SERVICE", "PORTS", "ROUTES", "POLICIES"]).titled("WAYPOINTS");
-    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut t = Table::new(
+        "waypoints",
+        &["WAYPOINT", "SERVICE", "PORTS", "ROUTES", "POLICIES"],
+    );
+    let mut rows: Vec<(Vec<String>, serde_json::Value)> = Vec::new();
     for r in model["waypointRoutes"].as_array().into_iter().flatten() {
         let wp = r["waypoint"].as_str().unwrap_or("-").to_string();
         if ns.is_some_and(|n| !wp.starts_with(&format!("{n}/"))) {
@@ -265,17 +267,29 @@ pub async fn waypoint_list(mesh: &Mesh, ns: Option<&str>) -> Result<Vec<Table>, 
                 v.join(",")
             }
         };
-        rows.push(vec![
-            wp,
-            r["service"].as_str().unwrap_or("-").to_string(),
-            list("ports"),
-            list("routes"),
-            list("policies"),
-        ]);
+        let item = serde_json::json!({
+            "waypoint": r["waypoint"],
+            "service": r["service"],
+            "ports": r["ports"],
+            "routes": r["routes"],
+            "policies": r["policies"],
+        });
+        rows.push((
+            vec![
+                wp,
+                r["service"].as_str().unwrap_or("-").to_string(),
+                list("ports"),
+                list("routes"),
+                list("policies"),
+            ],
+            item,
+        ));
     }
-    rows.sort();
-    t.rows = rows;
-    let mut replicas = Table::new(&["REPLICA", "READY"]).titled("WAYPOINT REPLICAS");
+    rows.sort_by(|a, b| a.0.cmp(&b.0));
+    for (row, item) in rows {
+        t.push_item(row, item);
+    }
+    let mut replicas = Table::new("replicas", &["REPLICA", "READY"]);
     for w in &mesh.waypoints {
         if ns.is_some_and(|n| !w.name.starts_with(&format!("{n}/"))) {
             continue;
@@ -288,7 +302,10 @@ pub async fn waypoint_list(mesh: &Mesh, ns: Option<&str>) -> Result<Vec<Table>, 
             },
             None => "-".into(),
         };
-        replicas.push(vec![w.name.clone(), ready]);
+        replicas.push_item(
+            vec![w.name.clone(), ready.clone()],
+            serde_json::json!({"replica": w.name, "ready": ready == "ready", "detail": ready}),
+        );
     }
     if mesh.waypoints.is_empty() {
         return Ok(vec![t]);

@@ -1,37 +1,69 @@
-//! Output: aligned tables by default, or the same rows as JSON or YAML.
+//! Output: aligned tables with one header line (`-o short`, the default, or
+//! `-o wide` with more columns), or the structured objects behind the rows
+//! as JSON or YAML.
 
 use std::fmt::Write;
 
 use serde::Serialize;
+use serde_json::Value;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Default)]
 pub enum Format {
+    /// A table of the main columns (`table` is accepted too).
     #[default]
-    Table,
+    #[value(alias = "table")]
+    Short,
+    /// A table with every column.
+    Wide,
+    /// The objects behind the rows, as JSON.
     Json,
+    /// The objects behind the rows, as YAML.
     Yaml,
 }
 
-/// Rows with named columns: printed as a table, or serialized as a list of
-/// objects (keys are the column names, lower-cased).
+impl Format {
+    pub fn is_table(self) -> bool {
+        matches!(self, Format::Short | Format::Wide)
+    }
+}
+
+/// Rows with named columns, printed as a table; and, for JSON and YAML, the
+/// structured object behind each row (or, when a command has none, the row
+/// as an object keyed by the lower-cased column names).
 #[derive(Debug, Clone, Default)]
 pub struct Table {
-    pub title: Option<String>,
+    /// What the rows are ("workloads"): the key when several tables are
+    /// printed as one JSON or YAML object. Never printed in a table.
+    pub kind: &'static str,
     pub headers: Vec<&'static str>,
+    /// How many of the last `headers` only `-o wide` shows.
+    pub wide: usize,
     pub rows: Vec<Vec<String>>,
+    /// One object per row, when the command has them.
+    pub items: Vec<Value>,
+    /// A summary for people ("all 13 checks passed"): printed on stderr
+    /// with a table, never on stdout, so scripts read one header line.
+    pub note: Option<String>,
 }
 
 impl Table {
-    pub fn new(headers: &[&'static str]) -> Table {
+    pub fn new(kind: &'static str, headers: &[&'static str]) -> Table {
         Table {
-            title: None,
+            kind,
             headers: headers.to_vec(),
-            rows: Vec::new(),
+            ..Default::default()
         }
     }
 
-    pub fn titled(mut self, t: impl Into<String>) -> Table {
-        self.title = Some(t.into());
+    /// Adds columns that only `-o wide` shows (after the others).
+    pub fn with_wide(mut self, headers: &[&'static str]) -> Table {
+        self.headers.extend_from_slice(headers);
+        self.wide = headers.len();
+        self
+    }
+
+    pub fn noted(mut self, n: impl Into<String>) -> Table {
+        self.note = Some(n.into());
         self
     }
 
@@ -39,8 +71,14 @@ impl Table {
         self.rows.push(row);
     }
 
-    /// The rows as objects keyed by column name (for JSON and YAML).
-    pub fn objects(&self) -> Vec<serde_json::Map<String, serde_json::Value>> {
+    /// A row and the object it shows.
+    pub fn push_item(&mut self, row: Vec<String>, item: Value) {
+        self.rows.push(row);
+        self.items.push(item);
+    }
+
+    /// The rows as objects keyed by column name (for rows without items).
+    pub fn objects(&self) -> Vec<serde_json::Map<String, Value>> {
         self.rows
             .iter()
             .map(|r| {
@@ -53,18 +91,27 @@ impl Table {
             .collect()
     }
 
-    pub fn render(&self) -> String {
-        let mut widths: Vec<usize> = self.headers.iter().map(|h| h.len()).collect();
-        for r in &self.rows {
-            for (i, c) in r.iter().enumerate() {
-                if let Some(w) = widths.get_mut(i) {
-                    *w = (*w).max(c.chars().count());
-                }
-            }
+    /// The structured value: the items when every row has one.
+    pub fn value(&self) -> Value {
+        if !self.items.is_empty() && self.items.len() == self.rows.len() {
+            Value::Array(self.items.clone())
+        } else {
+            serde_json::to_value(self.objects()).unwrap_or_default()
         }
-        let mut out = String::new();
-        if let Some(t) = &self.title {
-            let _ = writeln!(out, "{t}");
+    }
+
+    /// The table: one header line, then the rows (none when empty).
+    pub fn render(&self, wide: bool) -> String {
+        let cols = if wide {
+            self.headers.len()
+        } else {
+            self.headers.len() - self.wide.min(self.headers.len())
+        };
+        let mut widths: Vec<usize> = self.headers[..cols].iter().map(|h| h.len()).collect();
+        for r in &self.rows {
+            for (i, c) in r.iter().take(cols).enumerate() {
+                widths[i] = widths[i].max(c.chars().count());
+            }
         }
         let line = |cells: Vec<&str>| {
             let mut l = String::new();
@@ -72,49 +119,50 @@ impl Table {
                 if i + 1 == cells.len() {
                     l.push_str(c);
                 } else {
-                    let _ = write!(l, "{c:<w$}  ", w = widths[i]);
+                    let pad = widths[i].saturating_sub(c.chars().count());
+                    let _ = write!(l, "{c}{}  ", " ".repeat(pad));
                 }
             }
             l.trim_end().to_string()
         };
-        let _ = writeln!(out, "{}", line(self.headers.clone()));
+        let mut out = String::new();
+        let _ = writeln!(out, "{}", line(self.headers[..cols].to_vec()));
         for r in &self.rows {
-            let _ = writeln!(out, "{}", line(r.iter().map(String::as_str).collect()));
-        }
-        if self.rows.is_empty() {
-            let _ = writeln!(out, "(none)");
+            let _ = writeln!(
+                out,
+                "{}",
+                line(r.iter().take(cols).map(String::as_str).collect())
+            );
         }
         out
     }
 }
 
-/// Prints tables in `format`. Several tables in JSON/YAML become one object
-/// keyed by their titles.
+/// Prints tables in `format`: tables separated by a blank line, or, in JSON
+/// and YAML, one table's objects as a list and several tables as one object
+/// keyed by their kinds. Notes go to stderr with tables.
 pub fn print(format: Format, tables: &[Table]) -> String {
-    match format {
-        Format::Table => tables
-            .iter()
-            .map(Table::render)
-            .collect::<Vec<_>>()
-            .join("\n"),
-        Format::Json | Format::Yaml => {
-            let value = if tables.len() == 1 {
-                serde_json::to_value(tables[0].objects()).unwrap_or_default()
-            } else {
-                let m: serde_json::Map<String, serde_json::Value> = tables
-                    .iter()
-                    .map(|t| {
-                        (
-                            t.title.clone().unwrap_or_default().to_ascii_lowercase(),
-                            serde_json::to_value(t.objects()).unwrap_or_default(),
-                        )
-                    })
-                    .collect();
-                serde_json::Value::Object(m)
-            };
-            value_string(format, &value)
+    if format.is_table() {
+        for n in tables.iter().filter_map(|t| t.note.as_ref()) {
+            eprintln!("{n}");
         }
+        return tables
+            .iter()
+            .map(|t| t.render(format == Format::Wide))
+            .collect::<Vec<_>>()
+            .join("\n");
     }
+    let value = if tables.len() == 1 {
+        tables[0].value()
+    } else {
+        Value::Object(
+            tables
+                .iter()
+                .map(|t| (t.kind.to_string(), t.value()))
+                .collect(),
+        )
+    };
+    value_string(format, &value)
 }
 
 /// Any serializable value as JSON or YAML (tables fall back to JSON).
@@ -128,19 +176,51 @@ pub fn value_string<T: Serialize>(format: Format, v: &T) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
+
+    fn sample() -> Table {
+        let mut t = Table::new("pods", &["NAME", "NODE"]).with_wide(&["IP"]);
+        t.push_item(
+            vec!["client-0".into(), "node-1".into(), "10.0.0.1".into()],
+            json!({"name": "client-0", "node": "node-1", "ports": [80, 443]}),
+        );
+        t.push_item(
+            vec!["a".into(), "node-22".into(), "10.0.0.2".into()],
+            json!({"name": "a", "node": "node-22", "ports": []}),
+        );
+        t
+    }
 
     #[test]
-    fn tables_align_and_serialize() {
-        let mut t = Table::new(&["NAME", "NODE"]);
-        t.push(vec!["client-0".into(), "node-1".into()]);
-        t.push(vec!["a".into(), "node-22".into()]);
+    fn short_has_one_header_line_and_wide_every_column() {
+        let t = sample().noted("2 pods");
         assert_eq!(
-            t.render(),
+            print(Format::Short, std::slice::from_ref(&t)),
             "NAME      NODE\nclient-0  node-1\na         node-22\n"
         );
-        let json = print(Format::Json, std::slice::from_ref(&t));
-        let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+        assert_eq!(
+            print(Format::Wide, &[t]),
+            "NAME      NODE     IP\nclient-0  node-1   10.0.0.1\na         node-22  10.0.0.2\n"
+        );
+        let empty = Table::new("pods", &["NAME", "NODE"]);
+        assert_eq!(empty.render(false), "NAME  NODE\n");
+    }
+
+    #[test]
+    fn json_and_yaml_are_the_objects_not_rows_of_strings() {
+        let t = sample();
+        let v: Value =
+            serde_json::from_str(&print(Format::Json, std::slice::from_ref(&t))).unwrap();
+        assert_eq!(v[0]["ports"], json!([80, 443]));
         assert_eq!(v[1]["node"], "node-22");
-        assert!(print(Format::Yaml, &[t]).contains("name: client-0"));
+        let y: Value =
+            serde_yaml::from_str(&print(Format::Yaml, std::slice::from_ref(&t))).unwrap();
+        assert_eq!(y, v);
+        // Several tables: keyed by kind.
+        let mut other = Table::new("nodes", &["NAME"]);
+        other.push(vec!["node-1".into()]);
+        let v: Value = serde_json::from_str(&print(Format::Json, &[t, other])).unwrap();
+        assert_eq!(v["pods"][0]["ports"][1], 443);
+        assert_eq!(v["nodes"][0]["name"], "node-1");
     }
 }

@@ -187,17 +187,19 @@ pub async fn scrape(mesh: &Mesh) -> Result<Scrape, SourceError> {
 pub fn frame(before: &[Sample], after: &[Sample], secs: f64) -> Table {
     let a = edges(before);
     let b = edges(after);
-    let mut t = Table::new(&[
-        "SOURCE",
-        "DESTINATION",
-        "OPEN",
-        "CONN/S",
-        "BYTES/S",
-        "REQ/S",
-        "TOTAL CONNS",
-        "TOTAL REQS",
-    ])
-    .titled(format!("traffic per workload edge (rates over {secs:.1}s)"));
+    let mut t = Table::new(
+        "edges",
+        &[
+            "SOURCE",
+            "DESTINATION",
+            "OPEN",
+            "CONN/S",
+            "BYTES/S",
+            "REQ/S",
+            "TOTAL CONNS",
+            "TOTAL REQS",
+        ],
+    );
     let mut rows: Vec<(&EdgeKey, &Edge, Edge)> = b
         .iter()
         .map(|(k, now)| {
@@ -221,16 +223,30 @@ pub fn frame(before: &[Sample], after: &[Sample], secs: f64) -> Table {
             .then(x.0.cmp(y.0))
     });
     for ((src, dst), total, r) in rows {
-        t.push(vec![
-            src.clone(),
-            dst.clone(),
-            format!("{:.0}", r.open.max(0.0)),
-            format!("{:.1}", r.opened),
-            human(r.bytes),
-            format!("{:.1}", r.requests),
-            format!("{:.0}", total.opened),
-            format!("{:.0}", total.requests),
-        ]);
+        let item = serde_json::json!({
+            "source": src,
+            "destination": dst,
+            "open": r.open.max(0.0),
+            "connections_per_second": r.opened,
+            "bytes_per_second": r.bytes,
+            "requests_per_second": r.requests,
+            "total_connections": total.opened,
+            "total_requests": total.requests,
+            "interval_seconds": secs,
+        });
+        t.push_item(
+            vec![
+                src.clone(),
+                dst.clone(),
+                format!("{:.0}", r.open.max(0.0)),
+                format!("{:.1}", r.opened),
+                human(r.bytes),
+                format!("{:.1}", r.requests),
+                format!("{:.0}", total.opened),
+                format!("{:.0}", total.requests),
+            ],
+            item,
+        );
     }
     t
 }
@@ -302,7 +318,7 @@ mod tests {
              istio_requests_total{reporter=\"waypoint\",source_workload=\"client\",source_workload_namespace=\"shop\",destination_workload=\"server\",destination_workload_namespace=\"shop\",response_code=\"200\"} 8\n",
         );
         let t = frame(&before, &after, 2.0);
-        assert_eq!(t.rows.len(), 1, "{}", t.render());
+        assert_eq!(t.rows.len(), 1, "{}", t.render(false));
         assert_eq!(
             t.rows[0],
             vec![

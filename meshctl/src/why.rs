@@ -35,19 +35,24 @@ pub struct Explanation {
 
 impl Explanation {
     pub fn table(&self) -> Table {
-        let mut t = Table::new(&["STEP", "DETAIL"]).titled(format!(
-            "why {} -> {}: {}{}",
-            self.source,
-            self.destination,
-            self.outcome.to_ascii_uppercase(),
-            self.decided_by
-                .as_ref()
-                .map(|p| format!(" (decided by {p})"))
-                .unwrap_or_default()
-        ));
+        let mut t = Table::new("steps", &["STEP", "DETAIL"]);
         for s in &self.steps {
             t.push(vec![s.step.clone(), s.detail.clone()]);
         }
+        // The verdict last, as a row: the table keeps one header line.
+        t.push(vec![
+            "outcome".into(),
+            format!(
+                "{} -> {}: {}{}",
+                self.source,
+                self.destination,
+                self.outcome.to_ascii_uppercase(),
+                self.decided_by
+                    .as_ref()
+                    .map(|p| format!(" (decided by {p})"))
+                    .unwrap_or_default()
+            ),
+        ]);
         t
     }
 }

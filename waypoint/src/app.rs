@@ -133,6 +133,7 @@ fn config_dump(wp: &Waypoint, xds: &XdsClient) -> serde_json::Value {
             "http_connections": wp.upstreams.connection_count(),
         },
         "process": process_stats(),
+        "version": env!("CARGO_PKG_VERSION"),
     })
 }
 

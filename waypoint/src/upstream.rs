@@ -544,6 +544,8 @@ mod tests {
             authorization_policies: vec![],
             healthy: true,
             native_tunnel: false,
+            cluster_id: String::new(),
+            workload_type: Default::default(),
         }
     }
 

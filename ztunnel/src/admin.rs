@@ -16,6 +16,7 @@ pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
     let snap = proxy.state.snapshot();
     let dump = snap.dump();
     json!({
+        "version": env!("CARGO_PKG_VERSION"),
         "node": proxy.cfg.node,
         "same_node_fast_path": proxy.cfg.same_node_fast_path,
         "workloads": dump.workloads,

@@ -114,7 +114,7 @@ async fn main() {
     match agent::call(&a.control_socket, &req).await {
         Ok(v) => println!("{v}"),
         Err(e) => {
-            eprintln!("error: {e}");
+            tracing::error!("{e}");
             std::process::exit(1);
         }
     }

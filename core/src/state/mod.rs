@@ -25,7 +25,7 @@ pub use local::{LocalConfig, LocalConfigError};
 pub use policy::{Authorization, Decision};
 pub use types::{
     GatewayAddress, GatewayDestination, PortMapping, ResourceError, Service, TunnelProtocol,
-    Workload, ip_from_bytes,
+    Workload, WorkloadKind, ip_from_bytes,
 };
 
 use policy::Scope;

@@ -31,6 +31,50 @@ pub enum TunnelProtocol {
     Hbone,
 }
 
+/// What runs a workload, as the workload-discovery protocol names it; peers
+/// read it from baggage (`k8s.<kind>.name`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum WorkloadKind {
+    #[default]
+    Deployment,
+    CronJob,
+    Pod,
+    Job,
+}
+
+impl WorkloadKind {
+    pub fn from_proto(t: i32) -> WorkloadKind {
+        match pb::WorkloadType::try_from(t) {
+            Ok(pb::WorkloadType::Cronjob) => WorkloadKind::CronJob,
+            Ok(pb::WorkloadType::Pod) => WorkloadKind::Pod,
+            Ok(pb::WorkloadType::Job) => WorkloadKind::Job,
+            // Deployment is the protocol's zero value (and any other owner).
+            _ => WorkloadKind::Deployment,
+        }
+    }
+
+    /// The word in the baggage key `k8s.<kind>.name`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadKind::Deployment => "deployment",
+            WorkloadKind::CronJob => "cronjob",
+            WorkloadKind::Pod => "pod",
+            WorkloadKind::Job => "job",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<WorkloadKind> {
+        [
+            WorkloadKind::Deployment,
+            WorkloadKind::CronJob,
+            WorkloadKind::Pod,
+            WorkloadKind::Job,
+        ]
+        .into_iter()
+        .find(|k| k.as_str() == s)
+    }
+}
+
 /// Where a waypoint is reached.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GatewayAddress {
@@ -71,6 +115,11 @@ pub struct Workload {
     pub authorization_policies: Vec<String>,
     pub healthy: bool,
     pub native_tunnel: bool,
+    /// The cluster it runs in (Istio's cluster ID).
+    #[serde(default)]
+    pub cluster_id: String,
+    #[serde(default)]
+    pub workload_type: WorkloadKind,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -202,6 +251,8 @@ impl Workload {
             authorization_policies: w.authorization_policies.clone(),
             healthy: w.status == pb::WorkloadStatus::Healthy as i32,
             native_tunnel: w.native_tunnel,
+            cluster_id: w.cluster_id.clone(),
+            workload_type: WorkloadKind::from_proto(w.workload_type),
         })
     }
 }

@@ -122,8 +122,10 @@ impl IstioCertificateService for CaService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let peer = request.remote_addr();
+        crate::metrics::metrics().csr();
         match self.handle(&request).await {
             Ok((node, identity, cert_chain)) => {
+                crate::metrics::metrics().issued();
                 info!(%identity, node, ?peer, "certificate issued");
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }

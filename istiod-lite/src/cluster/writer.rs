@@ -70,6 +70,9 @@ pub struct WriterConfig {
     pub token_audience: String,
     /// The mesh's `pathNormalization`, written into every waypoint config.
     pub path_normalization: String,
+    /// `LOG_FORMAT` for the waypoints and ingresses (the controller's own,
+    /// when set): `json` or `plain`.
+    pub proxy_log_format: Option<String>,
     /// Forget what was applied and apply everything again this often.
     pub resync: Duration,
     /// At most one reconcile per this interval (a burst of changes costs one).
@@ -409,6 +412,12 @@ impl Writer {
             pod_security["sysctls"] =
                 json!([{"name": "net.ipv4.ip_unprivileged_port_start", "value": "0"}]);
         }
+        let mut env = vec![
+            json!({"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}),
+        ];
+        if let Some(f) = &self.cfg.proxy_log_format {
+            env.push(json!({"name": "LOG_FORMAT", "value": f}));
+        }
         // No `replicas`: an operator (or an autoscaler) owns the count.
         json!({
             "apiVersion": "apps/v1",
@@ -417,12 +426,20 @@ impl Writer {
             "spec": {
                 "selector": {"matchLabels": {GATEWAY_NAME_LABEL: name}},
                 "template": {
-                    "metadata": {"labels": {
-                        GATEWAY_NAME_LABEL: name,
-                        // The waypoint speaks HBONE itself; the ztunnel
-                        // must not capture it.
-                        DATAPLANE_MODE: "none",
-                    }},
+                    "metadata": {
+                        "labels": {
+                            GATEWAY_NAME_LABEL: name,
+                            // The waypoint speaks HBONE itself; the ztunnel
+                            // must not capture it.
+                            DATAPLANE_MODE: "none",
+                        },
+                        // Prometheus' annotation-based discovery.
+                        "annotations": {
+                            "prometheus.io/scrape": "true",
+                            "prometheus.io/port": "15020",
+                            "prometheus.io/path": "/metrics",
+                        },
+                    },
                     "spec": {
                         "serviceAccountName": name,
                         // It talks to istiod-lite with its istio-ca token
@@ -434,9 +451,7 @@ impl Writer {
                             "name": "waypoint",
                             "image": self.cfg.waypoint_image,
                             "args": [format!("--config={CONFIG_DIR}/config.yaml")],
-                            "env": [
-                                {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
-                            ],
+                            "env": env,
                             "ports": ports,
                             "readinessProbe": {"httpGet": {"path": "/healthz/ready", "port": 15021}},
                             "resources": {"requests": {"cpu": "100m", "memory": "64Mi"}, "limits": {"memory": "512Mi"}},

@@ -149,6 +149,7 @@ where
                     let (state, detail, wait) = match classify(&e) {
                         Trouble::Expired => {
                             debug!(kind = self.kind, "resource version expired; listing again");
+                            crate::metrics::metrics().watch_restarted(self.kind);
                             continue;
                         }
                         Trouble::Missing(d) => (State::Missing, d, None),
@@ -195,6 +196,7 @@ where
                     }
                     // Listed afresh: the next success is a whole list, so
                     // the kind is known to be current again.
+                    crate::metrics::metrics().watch_restarted(self.kind);
                     stream = self.fresh();
                     continue;
                 }

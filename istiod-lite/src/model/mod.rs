@@ -33,7 +33,7 @@ use prost::Message;
 use serde::Serialize;
 
 use crate::config::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication};
-use crate::config::objects::{Change, Object, ObjectKey};
+use crate::config::objects::{Change, Kind, Object, ObjectKey};
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
 use routes::TrafficPolicies;
@@ -328,6 +328,27 @@ impl Model {
     /// ServiceRoutes resource is for. None when it has no waypoint.
     pub fn service_waypoint(&self, service: &str) -> Option<&NsName> {
         self.route_waypoints.get(service)
+    }
+
+    /// How many objects of each kind the model holds.
+    pub fn object_counts(&self) -> Vec<(&'static str, usize)> {
+        let mut v = vec![
+            ("Namespace", self.namespaces.len()),
+            ("Pod", self.pods.len()),
+            ("Service", self.services.len()),
+            ("EndpointSlice", self.slices.len()),
+            ("Gateway", self.gateways.len()),
+            ("AuthorizationPolicy", self.authz_policies.len()),
+            ("PeerAuthentication", self.peer_auths.len()),
+            ("HTTPRoute", self.http_routes.len()),
+            ("DestinationRule", self.dest_rules.len()),
+            ("Secret", self.secrets.len()),
+        ];
+        let other = |kind: Kind| self.others.keys().filter(|k| k.kind == kind).count();
+        v.push(("ServiceAccount", other(Kind::ServiceAccount)));
+        v.push(("Node", other(Kind::Node)));
+        v.push(("GatewayClass", other(Kind::GatewayClass)));
+        v
     }
 
     /// Applies a batch of changes and reports what changed in the outputs.

@@ -118,6 +118,13 @@ impl Recorder {
                     .src_identity
                     .as_ref()
                     .map_or_else(|| "unknown".into(), |i| i.to_string()),
+                // As Istio's: app and version are the canonical service
+                // and revision.
+                source_app: or_unknown(src.map(|w| w.canonical_name.as_str()).unwrap_or("")),
+                source_version: or_unknown(
+                    src.map(|w| w.canonical_revision.as_str()).unwrap_or(""),
+                ),
+                source_cluster: or_unknown(src.map(|w| w.cluster_id.as_str()).unwrap_or("")),
                 destination_service: or_unknown(&svc.hostname),
                 destination_service_namespace: or_unknown(&svc.namespace),
                 destination_service_name: or_unknown(&svc_name),
@@ -126,6 +133,9 @@ impl Recorder {
                 destination_canonical_revision: "unknown".into(),
                 destination_workload_namespace: "unknown".into(),
                 destination_principal: "unknown".into(),
+                destination_app: "unknown".into(),
+                destination_version: "unknown".into(),
+                destination_cluster: "unknown".into(),
                 request_protocol: if ds.protocol == "http2"
                     && req
                         .headers()
@@ -186,6 +196,9 @@ impl Recorder {
         self.labels.destination_canonical_revision = or_unknown(&w.canonical_revision);
         self.labels.destination_workload_namespace = or_unknown(&w.namespace);
         self.labels.destination_principal = w.identity.to_string();
+        self.labels.destination_app = or_unknown(&w.canonical_name);
+        self.labels.destination_version = or_unknown(&w.canonical_revision);
+        self.labels.destination_cluster = or_unknown(&w.cluster_id);
         self.upstream = Some(addr);
     }
 

@@ -1,0 +1,248 @@
+//! The controller's own Prometheus metrics, on Istio's names where istiod
+//! has one (so its dashboards read them) and ours where it has none.
+//!
+//! | metric | kind | labels |
+//! | --- | --- | --- |
+//! | `pilot_xds` | gauge: connected proxies | `version` |
+//! | `pilot_xds_pushes` | counter: responses sent | `type` |
+//! | `pilot_total_xds_rejects` | counter: NACKs | `type` |
+//! | `pilot_proxy_convergence_time` | histogram (seconds): config change to push sent | |
+//! | `citadel_server_csr_count` | counter: certificate requests | |
+//! | `citadel_server_success_cert_issuance_count` | counter: certificates issued | |
+//! | `istio_build` | gauge (1) | `component`, `tag` |
+//! | `istiod_lite_model_build_seconds` | histogram: applying a batch of changes | |
+//! | `istiod_lite_config_objects` | gauge: objects in the model | `kind` |
+//! | `istiod_lite_watch_restarts_total` | counter: API server watches started again | `kind` |
+//!
+//! One set per process (the counters are process-wide, as istiod's are);
+//! the gauges are read from the hub when scraped. Istio's counters carry no
+//! `_total` suffix (istiod exports them so), so they are written here
+//! rather than by `prometheus-client`, which always adds one.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::xds::Hub;
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct VersionLabel {
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct BuildLabels {
+    pub component: String,
+    pub tag: String,
+}
+
+/// A counter by xDS type, written with Istio's name (no `_total`).
+#[derive(Default)]
+struct ByType(Mutex<BTreeMap<String, u64>>);
+
+impl ByType {
+    fn inc(&self, type_url: &str) {
+        *self
+            .0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(type_name(type_url))
+            .or_default() += 1;
+    }
+
+    fn write(&self, out: &mut String, name: &str, help: &str) {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
+        for (t, n) in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "{name}{{type=\"{t}\"}} {n}");
+        }
+    }
+}
+
+fn write_counter(out: &mut String, name: &str, help: &str, n: &AtomicU64) {
+    let _ = writeln!(
+        out,
+        "# HELP {name} {help}\n# TYPE {name} counter\n{name} {}",
+        n.load(Ordering::Relaxed)
+    );
+}
+
+pub struct ControlMetrics {
+    registry: Registry,
+    connected: Family<VersionLabel, Gauge>,
+    pushes: ByType,
+    rejects: ByType,
+    convergence: Histogram,
+    csrs: AtomicU64,
+    issued: AtomicU64,
+    model_build: Histogram,
+    objects: Family<KindLabel, Gauge>,
+    watch_restarts: Family<KindLabel, Counter>,
+}
+
+/// The short name Istio's dashboards show for a type URL (its last
+/// path segment, lower-cased: `type.googleapis.com/istio.workload.Address`
+/// is `address`).
+pub fn type_name(type_url: &str) -> String {
+    type_url
+        .rsplit(['.', '/'])
+        .next()
+        .unwrap_or(type_url)
+        .to_ascii_lowercase()
+}
+
+fn seconds() -> Histogram {
+    // 1 ms to ~65 s.
+    Histogram::new(exponential_buckets(0.001, 2.0, 17))
+}
+
+impl ControlMetrics {
+    fn new() -> ControlMetrics {
+        let mut registry = Registry::default();
+        let m = ControlMetrics {
+            connected: Family::default(),
+            pushes: ByType::default(),
+            rejects: ByType::default(),
+            convergence: seconds(),
+            csrs: AtomicU64::new(0),
+            issued: AtomicU64::new(0),
+            model_build: seconds(),
+            objects: Family::default(),
+            watch_restarts: Family::default(),
+            registry: Registry::default(),
+        };
+        registry.register("pilot_xds", "Connected xDS proxies", m.connected.clone());
+        registry.register(
+            "pilot_proxy_convergence_time",
+            "Seconds from a config change to its push being sent to a proxy",
+            m.convergence.clone(),
+        );
+        let build = Family::<BuildLabels, Gauge>::default();
+        build
+            .get_or_create(&BuildLabels {
+                component: "istiod-lite".into(),
+                tag: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(1);
+        registry.register("istio_build", "The running build", build);
+        registry.register(
+            "istiod_lite_model_build_seconds",
+            "Seconds to apply a batch of config changes to the model",
+            m.model_build.clone(),
+        );
+        registry.register(
+            "istiod_lite_config_objects",
+            "Config objects in the model, by kind",
+            m.objects.clone(),
+        );
+        registry.register(
+            "istiod_lite_watch_restarts",
+            "API server watches started again after an error or an expired version, by kind",
+            m.watch_restarts.clone(),
+        );
+        ControlMetrics { registry, ..m }
+    }
+
+    pub fn pushed(&self, type_url: &str) {
+        self.pushes.inc(type_url);
+    }
+
+    pub fn rejected(&self, type_url: &str) {
+        self.rejects.inc(type_url);
+    }
+
+    pub fn converged(&self, d: Duration) {
+        self.convergence.observe(d.as_secs_f64());
+    }
+
+    pub fn csr(&self) {
+        self.csrs.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn issued(&self) {
+        self.issued.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn model_built(&self, d: Duration) {
+        self.model_build.observe(d.as_secs_f64());
+    }
+
+    pub fn watch_restarted(&self, kind: &str) {
+        self.watch_restarts
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
+    }
+
+    /// The text exposition, with the gauges read from `hub` now.
+    pub fn render(&self, hub: &Hub) -> String {
+        self.connected
+            .get_or_create(&VersionLabel {
+                version: env!("CARGO_PKG_VERSION").into(),
+            })
+            .set(hub.connected() as i64);
+        for (kind, n) in hub.model().object_counts() {
+            self.objects
+                .get_or_create(&KindLabel { kind: kind.into() })
+                .set(n as i64);
+        }
+        let mut out = String::new();
+        self.pushes
+            .write(&mut out, "pilot_xds_pushes", "xDS responses sent, by type");
+        self.rejects.write(
+            &mut out,
+            "pilot_total_xds_rejects",
+            "xDS responses proxies rejected (NACK), by type",
+        );
+        write_counter(
+            &mut out,
+            "citadel_server_csr_count",
+            "Certificate signing requests received",
+            &self.csrs,
+        );
+        write_counter(
+            &mut out,
+            "citadel_server_success_cert_issuance_count",
+            "Certificates issued",
+            &self.issued,
+        );
+        // Writing to a String cannot fail; it ends with `# EOF`.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}
+
+/// The process's metrics.
+pub fn metrics() -> &'static ControlMetrics {
+    static M: OnceLock<ControlMetrics> = OnceLock::new();
+    M.get_or_init(ControlMetrics::new)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn type_urls_get_their_short_names() {
+        assert_eq!(
+            type_name("type.googleapis.com/istio.workload.Address"),
+            "address"
+        );
+        assert_eq!(
+            type_name("type.googleapis.com/istio.security.Authorization"),
+            "authorization"
+        );
+    }
+}
