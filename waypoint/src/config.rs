@@ -96,13 +96,21 @@ pub struct Limits {
     /// Request line plus headers (HTTP/1) or header list (HTTP/2): 431 beyond.
     #[serde(default = "d::max_header_bytes")]
     pub max_header_bytes: usize,
-    /// Request body, buffered so it can be retried: 413 beyond.
-    #[serde(default = "d::max_body_bytes")]
-    pub max_body_bytes: usize,
+    /// A request body's size: 413 beyond. Unset (the default): no limit;
+    /// bodies stream through, whatever their size.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// How much of a request's body is kept so the request can be retried
+    /// or mirrored (Envoy's per-request buffer limit). A body that outgrows
+    /// it goes on streaming but is neither retried nor mirrored (the access
+    /// log says "not retryable: body over the retry buffer").
+    #[serde(default = "d::retry_buffer_bytes")]
+    pub retry_buffer_bytes: usize,
     /// Time for a client to send a request's headers (slowloris guard).
     #[serde(default = "d::header_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// Time for a client to send a request's body.
+    /// The longest wait for the next piece of a request body (408 when
+    /// nothing has been answered yet; the upstream request is reset).
     #[serde(default = "d::body_timeout", with = "humantime_serde")]
     pub body_read_timeout: Duration,
     /// A kept-alive downstream connection with no request is closed after this.
@@ -120,7 +128,8 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_header_bytes: d::max_header_bytes(),
-            max_body_bytes: d::max_body_bytes(),
+            max_body_bytes: None,
+            retry_buffer_bytes: d::retry_buffer_bytes(),
             header_read_timeout: d::header_timeout(),
             body_read_timeout: d::body_timeout(),
             idle_timeout: d::idle(),
@@ -163,7 +172,10 @@ mod d {
     pub fn max_header_bytes() -> usize {
         60 * 1024
     }
-    pub fn max_body_bytes() -> usize {
+    // Envoy's default is 1 MiB (its connection buffer limit); 4 MiB keeps
+    // every request that was retried when bodies were read whole (up to
+    // 4 MiB) retriable.
+    pub fn retry_buffer_bytes() -> usize {
         4 * 1024 * 1024
     }
     pub fn header_timeout() -> Duration {

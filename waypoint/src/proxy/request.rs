@@ -11,7 +11,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use mesh_proto::mesh::waypoint as pb;
 use ztunnel::hbone;
@@ -28,6 +28,7 @@ use crate::h1guard::Framing;
 use crate::ingress;
 use crate::normalize;
 use crate::ratelimit::{Verdict, retry_after_secs};
+use crate::reqbody::{BodyLimits, RetryBuffer};
 use crate::routes::{Backend, PortProtocol, RequestView, Route, ServiceConfig};
 use crate::telemetry::{Flag, TraceContext};
 use crate::upstream::Proto;
@@ -236,11 +237,20 @@ impl Waypoint {
         rec: &mut Recorder,
     ) -> Result<(Outgoing, Backend, Vec<pb::HeaderEdit>), Local> {
         self.limit_and_fault(ds, route, &parts.headers, rec).await?;
-        let body = read_body(&self.cfg.limits, &parts.headers, body, rec).await?;
-        rec.request_bytes = body.len() as u64;
+        let Some(body) = request_body(&self.cfg.limits, &parts.headers, body, rec) else {
+            return Err(Local::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Flag::None,
+                "request body too large\n",
+            ));
+        };
+        rec.body = Some(body.clone());
+        rec.keeps_body = route.retry.is_some() || route.mirror.is_some();
 
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::CONTENT_LENGTH);
+        // `100 Continue` is the downstream connection's business (hyper
+        // answers it when the body is first read).
+        parts.headers.remove(header::EXPECT);
         let (path, authority, mut response_edits) = rewrite(route, &mut parts, &rec.authority);
         if let Ok(v) = HeaderValue::from_str(&rec.trace.traceparent()) {
             parts.headers.insert(hbone::TRACEPARENT, v);
@@ -371,60 +381,35 @@ impl Local {
     }
 }
 
-/// The request body, buffered so it can be retried and mirrored; bounded
-/// in size and time.
-async fn read_body(
+/// The request body as it will stream upstream, kept for retries while it
+/// fits the retry buffer; None (413 before anything is read) for a
+/// declared length over the user's limit.
+fn request_body(
     limits: &Limits,
     headers: &HeaderMap,
     body: Incoming,
     rec: &mut Recorder,
-) -> Result<Bytes, Local> {
+) -> Option<RetryBuffer> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
-        rec.detail = format!("content-length over {} bytes", limits.max_body_bytes);
-        return Err(Local::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Flag::None,
-            "request body too large\n",
-        ));
-    }
-    match tokio::time::timeout(
-        limits.body_read_timeout,
-        Limited::new(body, limits.max_body_bytes).collect(),
-    )
-    .await
+    if let Some(max) = limits.max_body_bytes
+        && declared.is_some_and(|n| n > max)
     {
-        Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(e)) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                rec.detail = format!("body over {} bytes", limits.max_body_bytes);
-                return Err(Local::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    Flag::None,
-                    "request body too large\n",
-                ));
-            }
-            rec.detail = format!("reading the body: {e}");
-            Err(Local::new(
-                StatusCode::BAD_REQUEST,
-                Flag::DC,
-                "bad request body\n",
-            ))
-        }
-        Err(_) => {
-            rec.detail = "body not received in time".into();
-            Err(Local::new(
-                StatusCode::REQUEST_TIMEOUT,
-                Flag::None,
-                "request body timeout\n",
-            ))
-        }
+        rec.detail = format!("content-length over {max} bytes");
+        return None;
     }
+    let source = body.map_err(|e| Box::new(e) as crate::reqbody::BoxError);
+    Some(RetryBuffer::new(
+        source.boxed_unsync(),
+        declared,
+        BodyLimits {
+            retry_buffer_bytes: limits.retry_buffer_bytes,
+            max_body_bytes: limits.max_body_bytes,
+            idle: limits.body_read_timeout,
+        },
+    ))
 }
 
 fn chance(per_million: u32) -> bool {
