@@ -109,13 +109,28 @@ pub struct Limits {
     /// Time for a client to send a request's headers (slowloris guard).
     #[serde(default = "d::header_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// The longest wait for the next piece of a request body (408 when
-    /// nothing has been answered yet; the upstream request is reset).
-    #[serde(default = "d::body_timeout", with = "humantime_serde")]
-    pub body_read_timeout: Duration,
-    /// A kept-alive downstream connection with no request is closed after this.
+    /// A request stream (HTTP/1 request or HTTP/2 stream) with nothing
+    /// moving either way for this long is ended: a request body still
+    /// awaited gets 408, a response body is cut (Envoy's
+    /// `stream_idle_timeout`, 5 min by default). `body_read_timeout` is its
+    /// old name.
+    #[serde(
+        default = "d::stream_idle",
+        with = "humantime_serde",
+        alias = "body_read_timeout"
+    )]
+    pub stream_idle_timeout: Duration,
+    /// A downstream connection (HTTP/1 or HTTP/2) with no request in flight
+    /// for this long is closed (Envoy's `idle_timeout`). An HTTP/1
+    /// connection also closes when it waits `header_read_timeout` for the
+    /// next request's headers.
     #[serde(default = "d::idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A downstream connection open this long is closed gracefully (HTTP/2:
+    /// GOAWAY, the streams in flight finish; HTTP/1: after the request in
+    /// flight). Unset (the default): no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub max_connection_duration: Option<Duration>,
     /// How long to wait for a client's first bytes on a port that is sniffed.
     #[serde(default = "d::sniff", with = "humantime_serde")]
     pub sniff_timeout: Duration,
@@ -131,8 +146,9 @@ impl Default for Limits {
             max_body_bytes: None,
             retry_buffer_bytes: d::retry_buffer_bytes(),
             header_read_timeout: d::header_timeout(),
-            body_read_timeout: d::body_timeout(),
+            stream_idle_timeout: d::stream_idle(),
             idle_timeout: d::idle(),
+            max_connection_duration: None,
             sniff_timeout: d::sniff(),
             max_concurrent_streams: d::max_streams(),
         }
@@ -181,8 +197,8 @@ mod d {
     pub fn header_timeout() -> Duration {
         Duration::from_secs(10)
     }
-    pub fn body_timeout() -> Duration {
-        Duration::from_secs(30)
+    pub fn stream_idle() -> Duration {
+        Duration::from_secs(300)
     }
     pub fn idle() -> Duration {
         Duration::from_secs(60)

@@ -48,6 +48,7 @@ pub mod body;
 pub mod config;
 pub mod extauthz;
 pub mod h1guard;
+pub mod idle;
 pub mod ingress;
 pub mod lb;
 pub mod normalize;

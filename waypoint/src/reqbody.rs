@@ -22,7 +22,8 @@ use http_body_util::BodyExt;
 use http_body_util::combinators::UnsyncBoxBody;
 use hyper::body::{Body, Frame, SizeHint};
 use tokio::sync::watch;
-use tokio::time::{Instant, Sleep};
+
+use crate::idle::{IdleTimer, StreamClock};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
@@ -56,7 +57,8 @@ pub struct BodyLimits {
     pub retry_buffer_bytes: usize,
     /// None: no limit.
     pub max_body_bytes: Option<u64>,
-    /// The longest wait for the next piece of the body.
+    /// The stream idle timeout: the longest the stream may go with nothing
+    /// moving either way while the body waits on the client.
     pub idle: Duration,
 }
 
@@ -92,7 +94,7 @@ struct Shared {
     failure: Option<BodyError>,
     /// The current attempt; readers of earlier ones are cut off.
     generation: u64,
-    idle: Option<Pin<Box<Sleep>>>,
+    idle: IdleTimer,
     progress: watch::Sender<Progress>,
 }
 
@@ -108,7 +110,6 @@ impl Shared {
     fn finish(&mut self) {
         self.ended = true;
         self.source = None;
-        self.idle = None;
         if !self.overflowed {
             self.progress
                 .send_replace(Progress::Complete(Arc::new(Buffered {
@@ -146,10 +147,7 @@ impl Shared {
         };
         match Pin::new(src).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
-                let idle = self.limits.idle;
-                if let Some(t) = self.idle.as_mut() {
-                    t.as_mut().reset(Instant::now() + idle);
-                }
+                self.idle.clock().touch();
                 if let Some(d) = frame.data_ref() {
                     let d = d.clone();
                     self.keep(&d);
@@ -172,11 +170,8 @@ impl Shared {
                 Poll::Ready(None)
             }
             Poll::Pending => {
-                let idle = self.limits.idle;
-                let t = self
-                    .idle
-                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
-                if t.as_mut().poll(cx).is_ready() {
+                if self.idle.poll_expired(cx) {
+                    let idle = self.idle.idle();
                     return Poll::Ready(Some(Err(self.fail(BodyError::Idle(idle)))));
                 }
                 Poll::Pending
@@ -194,7 +189,13 @@ pub struct RetryBuffer {
 }
 
 impl RetryBuffer {
-    pub fn new(source: Source, declared: Option<u64>, limits: BodyLimits) -> RetryBuffer {
+    /// `clock`: the stream's, shared with its response.
+    pub fn new(
+        source: Source,
+        declared: Option<u64>,
+        limits: BodyLimits,
+        clock: StreamClock,
+    ) -> RetryBuffer {
         let ended = source.is_end_stream();
         let mut s = Shared {
             source: Some(source),
@@ -208,7 +209,7 @@ impl RetryBuffer {
             ended: false,
             failure: None,
             generation: 0,
-            idle: None,
+            idle: IdleTimer::new(clock, limits.idle),
             progress: watch::Sender::new(Progress::Reading),
         };
         if ended {
@@ -230,7 +231,7 @@ impl RetryBuffer {
         let empty = http_body_util::Empty::new()
             .map_err(|e| match e {})
             .boxed_unsync();
-        let mut r = RetryBuffer::new(empty, None, limits);
+        let mut r = RetryBuffer::new(empty, None, limits, StreamClock::default());
         let len = {
             let mut s = r.lock();
             s.chunks = b.chunks.clone();
@@ -401,7 +402,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_that_fits_is_replayed_whole_with_its_trailers() {
         let (mut tx, src) = source();
-        let rb = RetryBuffer::new(src, None, limits(100));
+        let rb = RetryBuffer::new(src, None, limits(100), StreamClock::default());
         let first = rb.attempt().expect("first");
         let reader = tokio::spawn(read_all(first));
         send(&mut tx, Frame::data(Bytes::from_static(b"hello "))).await;
@@ -428,7 +429,7 @@ mod tests {
     #[tokio::test]
     async fn a_retry_mid_body_replays_then_reads_on() {
         let (mut tx, src) = source();
-        let rb = RetryBuffer::new(src, None, limits(100));
+        let rb = RetryBuffer::new(src, None, limits(100), StreamClock::default());
         let mut first = rb.attempt().expect("first");
         send(&mut tx, Frame::data(Bytes::from_static(b"abc"))).await;
         let f = first.frame().await.expect("frame").expect("ok");
@@ -448,7 +449,7 @@ mod tests {
     #[tokio::test]
     async fn a_body_over_the_buffer_streams_on_and_is_not_replayable() {
         let (mut tx, src) = source();
-        let rb = RetryBuffer::new(src, None, limits(10));
+        let rb = RetryBuffer::new(src, None, limits(10), StreamClock::default());
         let mut progress = rb.progress();
         let reader = tokio::spawn(read_all(rb.attempt().expect("first")));
         for _ in 0..5 {
@@ -469,7 +470,7 @@ mod tests {
         let (mut tx, src) = source();
         let mut l = limits(100);
         l.max_body_bytes = Some(5);
-        let rb = RetryBuffer::new(src, None, l);
+        let rb = RetryBuffer::new(src, None, l, StreamClock::default());
         let reader = tokio::spawn(read_all(rb.attempt().expect("first")));
         send(&mut tx, Frame::data(Bytes::from_static(b"0123456"))).await;
         assert_eq!(
@@ -481,7 +482,7 @@ mod tests {
         let (_tx, src) = source();
         let mut l = limits(100);
         l.idle = Duration::from_millis(50);
-        let rb = RetryBuffer::new(src, None, l);
+        let rb = RetryBuffer::new(src, None, l, StreamClock::default());
         let r = read_all(rb.attempt().expect("first")).await;
         assert!(matches!(r, Err(BodyError::Idle(_))), "{:?}", r.err());
     }

@@ -17,6 +17,8 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+#[path = "labapp/conn.rs"]
+mod conn;
 #[path = "labapp/echo.rs"]
 mod echo;
 #[path = "labapp/hbone.rs"]
@@ -25,6 +27,8 @@ mod hbone;
 mod raw;
 #[path = "labapp/trailers.rs"]
 mod trailers;
+#[path = "labapp/ws.rs"]
+mod ws;
 
 #[derive(Debug, Parser)]
 #[command(about = "Lab application: echo servers and a client")]
@@ -149,6 +153,12 @@ enum Cmd {
     /// POST with request trailers; print the status, body and response
     /// trailers.
     Trailers(trailers::TrailersArgs),
+    /// A WebSocket session (text, 10 MiB binary, ping, close), over
+    /// HTTP/1.1 or (`--h2`) HTTP/2 extended CONNECT.
+    Ws(ws::WsArgs),
+    /// Hold one connection (idle, or with a request every so often) until
+    /// the server closes it; print when it did.
+    Conn(conn::ConnArgs),
     /// Do nothing (a pod that only runs `lab exec` commands).
     Sleep,
     /// An external authorization server (Envoy's ext_authz gRPC API; see
@@ -649,6 +659,8 @@ async fn main() {
         Cmd::H2Abuse { addr, mode } => raw::h2_abuse(addr, &mode).await,
         Cmd::Hbone(a) => hbone::run(&a).await,
         Cmd::Trailers(a) => trailers::run(&a).await,
+        Cmd::Conn(a) => conn::run(&a).await,
+        Cmd::Ws(a) => ws::client(&a).await,
         Cmd::Resolve { name } => match tokio::net::lookup_host((name.as_str(), 0)).await {
             Ok(addrs) => {
                 for a in addrs {

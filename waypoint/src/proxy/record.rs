@@ -45,6 +45,8 @@ pub(super) struct Recorder {
     pub(super) body: Option<RetryBuffer>,
     /// The route retries or mirrors: a body over the buffer loses that.
     pub(super) keeps_body: bool,
+    /// When the request's stream last moved (either way).
+    pub(super) clock: crate::idle::StreamClock,
     pub(super) trace: TraceContext,
     pub(super) started: Instant,
     wall: SystemTime,
@@ -176,6 +178,7 @@ impl Recorder {
             request_bytes: 0,
             body: None,
             keeps_body: false,
+            clock: crate::idle::StreamClock::default(),
             trace,
             started,
             wall,

@@ -25,6 +25,7 @@ use crate::body::RespBody;
 use crate::config::Limits;
 use crate::extauthz::{self, Subject};
 use crate::h1guard::Framing;
+use crate::idle::IdleTimer;
 use crate::ingress;
 use crate::normalize;
 use crate::ratelimit::{Verdict, retry_after_secs};
@@ -119,8 +120,10 @@ impl Waypoint {
         let resp = self.forward(&ds, &route, &backend, out, &mut rec).await;
         Ok(match resp {
             Ok((resp, lease, admitted)) => {
+                let idle = IdleTimer::new(rec.clock.clone(), self.cfg.limits.stream_idle_timeout);
                 let mut resp = rec.upstream(resp, lease);
                 resp.body_mut().hold(admitted);
+                resp.body_mut().idle(idle);
                 for e in &response_edits {
                     edit_headers(resp.headers_mut(), e);
                 }
@@ -237,7 +240,8 @@ impl Waypoint {
         rec: &mut Recorder,
     ) -> Result<(Outgoing, Backend, Vec<pb::HeaderEdit>), Local> {
         self.limit_and_fault(ds, route, &parts.headers, rec).await?;
-        let Some(body) = request_body(&self.cfg.limits, &parts.headers, body, rec) else {
+        let clock = rec.clock.clone();
+        let Some(body) = request_body(&self.cfg.limits, &parts.headers, body, clock, rec) else {
             return Err(Local::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 Flag::None,
@@ -388,6 +392,7 @@ fn request_body(
     limits: &Limits,
     headers: &HeaderMap,
     body: Incoming,
+    clock: crate::idle::StreamClock,
     rec: &mut Recorder,
 ) -> Option<RetryBuffer> {
     let declared = headers
@@ -407,8 +412,9 @@ fn request_body(
         BodyLimits {
             retry_buffer_bytes: limits.retry_buffer_bytes,
             max_body_bytes: limits.max_body_bytes,
-            idle: limits.body_read_timeout,
+            idle: limits.stream_idle_timeout,
         },
+        clock,
     ))
 }
 

@@ -1,7 +1,8 @@
 //! The HTTP echo: answers with the caller's address, this pod's name, the
 //! request line and headers, the size of the body (counted as it streams,
 //! never held) and the request's trailers, which it also sends back as
-//! response trailers (`x-echo-<name>`). Knobs: `/_fail`, `/_fail_next`,
+//! response trailers (`x-echo-<name>`); a WebSocket (HTTP/1.1 Upgrade or
+//! HTTP/2 extended CONNECT) is echoed frame by frame (`ws.rs`). Knobs: `/_fail`, `/_fail_next`,
 //! `/_delay`, `/_stats`, and `/_bytes?n=N` (a download of N bytes).
 
 use std::convert::Infallible;
@@ -41,8 +42,9 @@ fn query_num(uri: &hyper::Uri, key: &str) -> Option<u64> {
 const MAX_DOWNLOAD: u64 = 16 << 30;
 const CHUNK: usize = 64 * 1024;
 
-/// `n` bytes of zeros, streamed in 64 KiB chunks.
-fn download(n: u64) -> Body {
+/// `n` bytes of zeros, streamed in 64 KiB chunks; with `stall`, a pause
+/// that long after the first chunk.
+fn download(n: u64, stall: Duration) -> Body {
     let chunk = Bytes::from(vec![0u8; CHUNK]);
     let n = n.min(MAX_DOWNLOAD);
     let frames = futures::stream::unfold(0u64, move |sent| {
@@ -50,6 +52,9 @@ fn download(n: u64) -> Body {
         async move {
             if sent >= n {
                 return None;
+            }
+            if sent > 0 && sent <= CHUNK as u64 && !stall.is_zero() {
+                tokio::time::sleep(stall).await;
             }
             let len = (n - sent).min(CHUNK as u64) as usize;
             Some((
@@ -117,24 +122,83 @@ pub async fn http_echo(
             if h2 {
                 let _ =
                     hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+                        .enable_connect_protocol()
                         .serve_connection(TokioIo::new(s), svc)
                         .await;
             } else {
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(s), svc)
+                    .with_upgrades()
                     .await;
             }
         });
     }
 }
 
+/// A WebSocket handshake (either version), answered and then echoed.
+fn websocket(req: &mut hyper::Request<Incoming>) -> Option<hyper::Response<Body>> {
+    let h2 = req.method() == http::Method::CONNECT
+        && req
+            .extensions()
+            .get::<hyper::ext::Protocol>()
+            .is_some_and(|p| p.as_str() == "websocket");
+    let h1 = req
+        .headers()
+        .get(http::header::UPGRADE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.eq_ignore_ascii_case("websocket"));
+    if !h1 && !h2 {
+        return None;
+    }
+    let close_after = query_num(req.uri(), "close_after");
+    let names: Vec<&str> = req.headers().keys().map(|k| k.as_str()).collect();
+    let seen = names.join(",");
+    let key = req
+        .headers()
+        .get("sec-websocket-key")
+        .and_then(|v| v.to_str().ok())
+        .map(super::ws::accept_key);
+    let on = hyper::upgrade::on(&mut *req);
+    tokio::spawn(async move {
+        if let Ok(up) = on.await {
+            let _ = super::ws::echo(TokioIo::new(up), close_after).await;
+        }
+    });
+    let mut r = hyper::Response::new(Full::new(Bytes::new()).boxed());
+    if h1 {
+        *r.status_mut() = hyper::StatusCode::SWITCHING_PROTOCOLS;
+        let h = r.headers_mut();
+        h.insert(
+            http::header::UPGRADE,
+            http::HeaderValue::from_static("websocket"),
+        );
+        h.insert(
+            http::header::CONNECTION,
+            http::HeaderValue::from_static("upgrade"),
+        );
+        if let Some(k) = key.and_then(|k| k.parse().ok()) {
+            h.insert("sec-websocket-accept", k);
+        }
+    }
+    if let Ok(v) = seen.parse() {
+        r.headers_mut().insert("x-request-header-names", v);
+    }
+    if let Ok(v) = std::env::var("POD_NAME").unwrap_or_default().parse() {
+        r.headers_mut().insert("x-pod", v);
+    }
+    Some(r)
+}
+
 async fn answer(
-    req: hyper::Request<Incoming>,
+    mut req: hyper::Request<Incoming>,
     me: String,
     peer: std::net::SocketAddr,
     state: Arc<EchoState>,
     fail_status: u16,
 ) -> Result<hyper::Response<Body>, Infallible> {
+    if let Some(r) = websocket(&mut req) {
+        return Ok(r);
+    }
     let seen = format!("{:?}", req.version());
     let wrap = |status: u16, body: Body| {
         let mut r = hyper::Response::new(body);
@@ -173,7 +237,8 @@ async fn answer(
         "/_bytes" => {
             state.served.fetch_add(1, Ordering::Relaxed);
             let n = query_num(req.uri(), "n").unwrap_or(0);
-            return Ok(wrap(200, download(n)));
+            let stall = Duration::from_millis(query_num(req.uri(), "stall_ms").unwrap_or(0));
+            return Ok(wrap(200, download(n, stall)));
         }
         _ => {}
     }
