@@ -82,6 +82,11 @@ pub struct Config {
     /// `BASE` (the default), `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES`).
     #[serde(default)]
     pub path_normalization: PathNormalization,
+    /// The `Upgrade` protocols relayed (Envoy's `upgrade_configs`): a
+    /// request asking for another is refused with 403. WebSocket, over
+    /// HTTP/1.1 or HTTP/2 (RFC 8441), by default.
+    #[serde(default = "d::upgrades")]
+    pub upgrades: Vec<String>,
     /// OTLP/HTTP collector base URL (e.g. http://10.0.0.5:4318); spans are
     /// exported only when set.
     #[serde(default)]
@@ -157,6 +162,9 @@ impl Default for Limits {
 
 mod d {
     use super::*;
+    pub fn upgrades() -> Vec<String> {
+        vec!["websocket".into()]
+    }
     pub fn trust_domain() -> String {
         "cluster.local".into()
     }

@@ -289,8 +289,9 @@ impl Upstreams {
                     .handshake(io)
                     .await
                     .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
+                // With upgrades: a 101 hands the connection to the relay.
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if let Err(e) = conn.with_upgrades().await {
                         debug!(%target, error = %e, "upstream HTTP/1 connection ended");
                     }
                     done();

@@ -385,6 +385,8 @@ pub(super) struct Outgoing {
     pub(super) headers: HeaderMap,
     pub(super) body: RetryBuffer,
     pub(super) proto: Proto,
+    /// The protocol an upgrade asks for (`websocket`).
+    pub(super) upgrade: Option<String>,
 }
 
 impl Outgoing {
@@ -418,6 +420,9 @@ impl Outgoing {
                 *req.version_mut() = Version::HTTP_2;
                 req.headers_mut().remove(header::HOST);
             }
+        }
+        if let Some(t) = &self.upgrade {
+            super::upgrade::upstream_request(&mut req, t, self.proto);
         }
         Ok(req)
     }

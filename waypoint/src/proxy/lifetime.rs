@@ -7,7 +7,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hyper_util::server::graceful::GracefulConnection;
+use std::future::Future;
+use std::pin::Pin;
+
+use hyper::body::{Body, Incoming};
+use hyper::rt::{Read, Write};
+use hyper::service::HttpService;
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -72,6 +77,41 @@ impl ConnActivity {
     }
 }
 
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// A served connection that can be told to finish (hyper's own
+/// `graceful_shutdown`, on HTTP/1 with upgrades and on HTTP/2).
+pub(super) trait Graceful: Future<Output = Result<(), hyper::Error>> {
+    fn finish(self: Pin<&mut Self>);
+}
+
+impl<I, B, S> Graceful for hyper::server::conn::http1::UpgradeableConnection<I, S>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: Read + Write + Unpin + Send + 'static,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
+impl<I, B, S, E> Graceful for hyper::server::conn::http2::Connection<I, S, E>
+where
+    S: HttpService<Incoming, ResBody = B>,
+    S::Error: Into<BoxError>,
+    I: Read + Write + Unpin,
+    B: Body + 'static,
+    B::Error: Into<BoxError>,
+    E: hyper::rt::bounds::Http2ServerConnExec<S::Future, B>,
+{
+    fn finish(self: Pin<&mut Self>) {
+        self.graceful_shutdown();
+    }
+}
+
 /// Why a connection was ended by the waypoint (for the debug log).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Ended {
@@ -83,13 +123,13 @@ pub(super) enum Ended {
 
 /// Serves `conn` until it ends, or ends it gracefully at the drain, after
 /// `idle` with no request in flight, or at `max_duration`.
-pub(super) async fn serve_conn<C: GracefulConnection>(
+pub(super) async fn serve_conn<C: Graceful>(
     conn: C,
     draining: &CancellationToken,
     activity: &ConnActivity,
     idle: Duration,
     max_duration: Option<Duration>,
-) -> (Result<(), C::Error>, Ended) {
+) -> (Result<(), hyper::Error>, Ended) {
     tokio::pin!(conn);
     let max = async {
         match max_duration {
@@ -103,7 +143,7 @@ pub(super) async fn serve_conn<C: GracefulConnection>(
         _ = activity.idle_for(idle) => Ended::Idle,
         _ = max => Ended::MaxDuration,
     };
-    conn.as_mut().graceful_shutdown();
+    conn.as_mut().finish();
     (conn.await, why)
 }
 

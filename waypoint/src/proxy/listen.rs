@@ -426,15 +426,15 @@ impl Waypoint {
                 let a = activity.clone();
                 let svc_fn = service_fn(move |req| {
                     let framing = verdicts.next();
-                    wp.clone()
-                        .request_in_flight(d.clone(), req, framing, a.begin())
+                    wp.clone().request(d.clone(), req, framing, a.clone())
                 });
                 let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
                     .max_buf_size(limits.max_header_bytes.max(8192))
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(Linger::new(io)), svc_fn);
+                    .serve_connection(TokioIo::new(Linger::new(io)), svc_fn)
+                    .with_upgrades();
                 serve_conn(conn, &self.draining, &activity, idle, max).await
             }
             true => {
@@ -442,8 +442,7 @@ impl Waypoint {
                 let d = ds.clone();
                 let a = activity.clone();
                 let svc_fn = service_fn(move |req| {
-                    wp.clone()
-                        .request_in_flight(d.clone(), req, Framing::Ok, a.begin())
+                    wp.clone().request(d.clone(), req, Framing::Ok, a.clone())
                 });
                 let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
@@ -452,6 +451,8 @@ impl Waypoint {
                     )
                     .max_concurrent_streams(limits.max_concurrent_streams)
                     .keep_alive_interval(Some(Duration::from_secs(30)))
+                    // RFC 8441: WebSocket over HTTP/2.
+                    .enable_connect_protocol()
                     .serve_connection(TokioIo::new(io), svc_fn);
                 serve_conn(conn, &self.draining, &activity, idle, max).await
             }
@@ -462,19 +463,5 @@ impl Waypoint {
         if let Err(e) = r {
             debug!(peer = %ds.peer, error = %e, h2, "downstream connection ended with an error");
         }
-    }
-
-    /// One request, counted in flight on its connection until its response
-    /// has been sent.
-    async fn request_in_flight(
-        self: Arc<Self>,
-        ds: Arc<Downstream>,
-        req: Request<hyper::body::Incoming>,
-        framing: Framing,
-        in_flight: super::lifetime::InFlight,
-    ) -> Result<http::Response<crate::body::RespBody>, std::convert::Infallible> {
-        let mut resp = self.request(ds, req, framing).await?;
-        resp.body_mut().keep(Box::new(in_flight));
-        Ok(resp)
     }
 }

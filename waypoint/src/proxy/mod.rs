@@ -43,6 +43,7 @@ mod request;
 mod rewrite;
 mod sniff;
 mod tcp;
+mod upgrade;
 
 /// Shared by every connection.
 pub struct Waypoint {

@@ -17,8 +17,10 @@ use mesh_proto::mesh::waypoint as pb;
 use ztunnel::hbone;
 
 use super::forward::Outgoing;
+use super::lifetime::ConnActivity;
 use super::record::Recorder;
 use super::rewrite::{edit_headers, matched_prefix, rewrite, strip_hop_by_hop};
+use super::upgrade::{self, Asked};
 use super::{Downstream, IngressScope, Waypoint};
 use crate::attach;
 use crate::body::RespBody;
@@ -57,13 +59,34 @@ impl Waypoint {
         listener.routes_for(&host).cloned()
     }
 
-    /// One HTTP request, start to finish.
+    /// One HTTP request, start to finish; counted in flight on its
+    /// connection (`activity`) until its response has been sent, or its
+    /// upgraded connection closed.
     pub(super) async fn request(
+        self: Arc<Self>,
+        ds: Arc<Downstream>,
+        mut req: Request<Incoming>,
+        framing: Framing,
+        activity: ConnActivity,
+    ) -> Result<Response<RespBody>, Infallible> {
+        let in_flight = activity.begin();
+        let asked = upgrade::take(&mut req, &self.cfg.upgrades);
+        let mut resp = self
+            .clone()
+            .respond(ds, req, framing, asked, &activity)
+            .await;
+        resp.body_mut().keep(Box::new(in_flight));
+        Ok(resp)
+    }
+
+    async fn respond(
         self: Arc<Self>,
         ds: Arc<Downstream>,
         req: Request<Incoming>,
         framing: Framing,
-    ) -> Result<Response<RespBody>, Infallible> {
+        asked: Asked,
+        activity: &ConnActivity,
+    ) -> Response<RespBody> {
         let started = Instant::now();
         let wall = SystemTime::now();
         let (svc, no_vhost) = self.service_config(&ds, &req);
@@ -75,12 +98,20 @@ impl Waypoint {
         let mut rec = Recorder::new(&self, &ds, &svc, &req, trace, started, wall);
         if no_vhost {
             rec.detail = format!("no listener or virtual host for host {:?}", rec.authority);
-            return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route for this host\n"));
+            return rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route for this host\n");
         }
+        let upgrade = match asked {
+            Asked::Plain => None,
+            Asked::Relay(u) => Some(u),
+            Asked::Refuse(token) => {
+                rec.detail = format!("upgrade to {token:?} is not allowed (config: upgrades)");
+                return rec.local(StatusCode::FORBIDDEN, Flag::None, "upgrade not allowed\n");
+            }
+        };
         let (mut parts, body) = req.into_parts();
         let ext_edits = match self.screen(&ds, &svc, &mut parts, framing, &mut rec).await {
             Ok(edits) => edits,
-            Err(local) => return Ok(local.answer(rec)),
+            Err(local) => return local.answer(rec),
         };
 
         let Some(route) = svc
@@ -93,22 +124,24 @@ impl Waypoint {
             .cloned()
         else {
             rec.detail = "no route matches".into();
-            return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route\n"));
+            return rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route\n");
         };
         rec.route = route.name.clone();
 
         for f in &route.filters {
             if let pb::filter::Kind::Redirect(r) = f {
                 let host = rec.authority.clone();
-                return Ok(rec.redirect(r, &parts.uri, &host, matched_prefix(&route)));
+                return rec.redirect(r, &parts.uri, &host, matched_prefix(&route));
             }
         }
         let prepared = self.prepare(&ds, &svc, &route, parts, body, &mut rec);
-        let (out, backend, response_edits) = match prepared.await {
+        let (mut out, backend, response_edits) = match prepared.await {
             Ok(p) => p,
-            Err(local) => return Ok(local.answer(rec)),
+            Err(local) => return local.answer(rec),
         };
+        out.upgrade = upgrade.as_ref().map(|u| u.token.clone());
         if let Some((mirror, per_million)) = &route.mirror
+            && upgrade.is_none()
             && chance(*per_million)
         {
             let wp = self.clone();
@@ -118,20 +151,38 @@ impl Waypoint {
             tokio::spawn(async move { wp.mirror(ds2, mirror, m).await });
         }
         let resp = self.forward(&ds, &route, &backend, out, &mut rec).await;
-        Ok(match resp {
-            Ok((resp, lease, admitted)) => {
-                let idle = IdleTimer::new(rec.clock.clone(), self.cfg.limits.stream_idle_timeout);
-                let mut resp = rec.upstream(resp, lease);
-                resp.body_mut().hold(admitted);
-                resp.body_mut().idle(idle);
-                for e in &response_edits {
-                    edit_headers(resp.headers_mut(), e);
-                }
-                ext_edits.apply(resp.headers_mut());
-                resp
+        let (mut upstream, lease, admitted) = match resp {
+            Ok(r) => r,
+            Err((status, flag, msg)) => return rec.local(status, flag, msg),
+        };
+        let clock = rec.clock.clone();
+        if let Some(up) = upgrade
+            && upgrade::accepted(&upstream)
+        {
+            // The upstream connection is the relay's now: never pooled.
+            let upstream_on = hyper::upgrade::on(&mut upstream);
+            let mut resp = rec.upstream(upstream, None);
+            for e in &response_edits {
+                edit_headers(resp.headers_mut(), e);
             }
-            Err((status, flag, msg)) => rec.local(status, flag, msg),
-        })
+            ext_edits.apply(resp.headers_mut());
+            let hold = upgrade::Hold {
+                _in_flight: activity.begin(),
+                _admitted: admitted,
+                clock,
+                service: backend.service.clone(),
+            };
+            return self.upgraded(up, upstream_on, resp, hold);
+        }
+        let idle = IdleTimer::new(clock, self.cfg.limits.stream_idle_timeout);
+        let mut resp = rec.upstream(upstream, lease);
+        resp.body_mut().hold(admitted);
+        resp.body_mut().idle(idle);
+        for e in &response_edits {
+            edit_headers(resp.headers_mut(), e);
+        }
+        ext_edits.apply(resp.headers_mut());
+        resp
     }
 
     /// The routes that apply, and whether an ingress has no listener or
@@ -287,6 +338,7 @@ impl Waypoint {
             headers: parts.headers,
             body,
             proto: self.upstream_proto(ds, svc, &backend),
+            upgrade: None,
         };
         Ok((out, backend, response_edits))
     }
