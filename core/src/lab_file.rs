@@ -96,6 +96,11 @@ pub struct LabState {
     /// Kubernetes; unset, the waypoint's default (BASE).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path_normalization: Option<String>,
+    /// YAML lines added under every waypoint's and ingress's `limits:`
+    /// (each indented two spaces), for tests of those limits; empty: the
+    /// lab's usual limits.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub waypoint_limits: String,
     /// Ties the lab to its id's record (the lab's `Owner`).
     #[serde(default)]
     pub claim: String,

@@ -843,7 +843,9 @@ spec:
             "5000000",
         ],
     );
-    assert!(big_body.starts_with("HTTP/1.1 413"), "{big_body}");
+    // No body limit unless the user sets one (http_timeouts.rs sets one):
+    // a body well over the retry buffer streams through.
+    assert!(big_body.starts_with("HTTP/1.1 200"), "{big_body}");
     let before = served(lab, client, "shop/orders-0");
     let smuggle = raw(
         lab,

@@ -9,7 +9,15 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::{Body, Frame, Incoming, SizeHint};
 
+use crate::idle::IdleTimer;
 use crate::upstream::{Lease, Limits};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Why a response body was cut.
+#[derive(Debug, thiserror::Error)]
+#[error("stream idle for {0:?}")]
+pub struct StreamIdle(std::time::Duration);
 
 /// Called once with the response body's size, whether it completed, and
 /// the `grpc-status` its trailers carried, if any.
@@ -29,6 +37,12 @@ pub struct RespBody {
     grpc_status: Option<String>,
     /// Released when the body is done with (a circuit breaker's request slot).
     held: Option<crate::lb::Held>,
+    /// Ends an upstream body nothing has moved on (either way) for the
+    /// stream idle timeout.
+    idle: Option<IdleTimer>,
+    /// Kept until the body is done with (the connection's count of streams
+    /// in flight).
+    kept: Vec<Box<dyn std::any::Any + Send>>,
 }
 
 impl RespBody {
@@ -40,6 +54,8 @@ impl RespBody {
             lease: None,
             grpc_status: None,
             held: None,
+            idle: None,
+            kept: Vec::new(),
         }
     }
 
@@ -51,6 +67,8 @@ impl RespBody {
             lease,
             grpc_status: None,
             held: None,
+            idle: None,
+            kept: Vec::new(),
         }
     }
 
@@ -59,8 +77,19 @@ impl RespBody {
         self.held = Some(h);
     }
 
+    /// Cuts the body once its stream has been idle for `t`'s timeout.
+    pub fn idle(&mut self, t: IdleTimer) {
+        self.idle = Some(t);
+    }
+
+    /// Keeps `g` until the body has been sent (or abandoned).
+    pub fn keep(&mut self, g: Box<dyn std::any::Any + Send>) {
+        self.kept.push(g);
+    }
+
     fn end(&mut self, complete: bool) {
         self.held = None;
+        self.kept.clear();
         if let Some(f) = self.on_end.take() {
             f(self.bytes, complete, self.grpc_status.take());
         }
@@ -74,20 +103,40 @@ impl RespBody {
 
 impl Body for RespBody {
     type Data = Bytes;
-    type Error = hyper::Error;
+    type Error = BoxError;
 
     fn poll_frame(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
-        let polled = match &mut self.inner {
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let me = &mut *self;
+        let polled: Poll<Option<Result<Frame<Bytes>, BoxError>>> = match &mut me.inner {
             Inner::Local(b) => match Pin::new(b).poll_frame(cx) {
                 Poll::Ready(Some(Ok(f))) => Poll::Ready(Some(Ok(f))),
                 Poll::Ready(Some(Err(never))) => match never {},
                 Poll::Ready(None) => Poll::Ready(None),
                 Poll::Pending => Poll::Pending,
             },
-            Inner::Upstream(b) => Pin::new(b).poll_frame(cx),
+            Inner::Upstream(b) => match Pin::new(b).poll_frame(cx) {
+                Poll::Ready(r) => {
+                    if let Some(t) = &me.idle {
+                        t.clock().touch();
+                    }
+                    Poll::Ready(r.map(|r| r.map_err(BoxError::from)))
+                }
+                Poll::Pending => {
+                    let mut expired = None;
+                    if let Some(t) = me.idle.as_mut()
+                        && t.poll_expired(cx)
+                    {
+                        expired = Some(t.idle());
+                    }
+                    match expired {
+                        Some(d) => Poll::Ready(Some(Err(Box::new(StreamIdle(d)) as BoxError))),
+                        None => Poll::Pending,
+                    }
+                }
+            },
         };
         match &polled {
             Poll::Ready(Some(Ok(f))) => {

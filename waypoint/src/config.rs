@@ -82,6 +82,11 @@ pub struct Config {
     /// `BASE` (the default), `MERGE_SLASHES`, `DECODE_AND_MERGE_SLASHES`).
     #[serde(default)]
     pub path_normalization: PathNormalization,
+    /// The `Upgrade` protocols relayed (Envoy's `upgrade_configs`): a
+    /// request asking for another is refused with 403. WebSocket, over
+    /// HTTP/1.1 or HTTP/2 (RFC 8441), by default.
+    #[serde(default = "d::upgrades")]
+    pub upgrades: Vec<String>,
     /// OTLP/HTTP collector base URL (e.g. http://10.0.0.5:4318); spans are
     /// exported only when set.
     #[serde(default)]
@@ -96,18 +101,41 @@ pub struct Limits {
     /// Request line plus headers (HTTP/1) or header list (HTTP/2): 431 beyond.
     #[serde(default = "d::max_header_bytes")]
     pub max_header_bytes: usize,
-    /// Request body, buffered so it can be retried: 413 beyond.
-    #[serde(default = "d::max_body_bytes")]
-    pub max_body_bytes: usize,
+    /// A request body's size: 413 beyond. Unset (the default): no limit;
+    /// bodies stream through, whatever their size.
+    #[serde(default)]
+    pub max_body_bytes: Option<u64>,
+    /// How much of a request's body is kept so the request can be retried
+    /// or mirrored (Envoy's per-request buffer limit). A body that outgrows
+    /// it goes on streaming but is neither retried nor mirrored (the access
+    /// log says "not retryable: body over the retry buffer").
+    #[serde(default = "d::retry_buffer_bytes")]
+    pub retry_buffer_bytes: usize,
     /// Time for a client to send a request's headers (slowloris guard).
     #[serde(default = "d::header_timeout", with = "humantime_serde")]
     pub header_read_timeout: Duration,
-    /// Time for a client to send a request's body.
-    #[serde(default = "d::body_timeout", with = "humantime_serde")]
-    pub body_read_timeout: Duration,
-    /// A kept-alive downstream connection with no request is closed after this.
+    /// A request stream (HTTP/1 request or HTTP/2 stream) with nothing
+    /// moving either way for this long is ended: a request body still
+    /// awaited gets 408, a response body is cut (Envoy's
+    /// `stream_idle_timeout`, 5 min by default). `body_read_timeout` is its
+    /// old name.
+    #[serde(
+        default = "d::stream_idle",
+        with = "humantime_serde",
+        alias = "body_read_timeout"
+    )]
+    pub stream_idle_timeout: Duration,
+    /// A downstream connection (HTTP/1 or HTTP/2) with no request in flight
+    /// for this long is closed (Envoy's `idle_timeout`). An HTTP/1
+    /// connection also closes when it waits `header_read_timeout` for the
+    /// next request's headers.
     #[serde(default = "d::idle", with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// A downstream connection open this long is closed gracefully (HTTP/2:
+    /// GOAWAY, the streams in flight finish; HTTP/1: after the request in
+    /// flight). Unset (the default): no limit.
+    #[serde(default, with = "humantime_serde")]
+    pub max_connection_duration: Option<Duration>,
     /// How long to wait for a client's first bytes on a port that is sniffed.
     #[serde(default = "d::sniff", with = "humantime_serde")]
     pub sniff_timeout: Duration,
@@ -120,10 +148,12 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_header_bytes: d::max_header_bytes(),
-            max_body_bytes: d::max_body_bytes(),
+            max_body_bytes: None,
+            retry_buffer_bytes: d::retry_buffer_bytes(),
             header_read_timeout: d::header_timeout(),
-            body_read_timeout: d::body_timeout(),
+            stream_idle_timeout: d::stream_idle(),
             idle_timeout: d::idle(),
+            max_connection_duration: None,
             sniff_timeout: d::sniff(),
             max_concurrent_streams: d::max_streams(),
         }
@@ -132,6 +162,9 @@ impl Default for Limits {
 
 mod d {
     use super::*;
+    pub fn upgrades() -> Vec<String> {
+        vec!["websocket".into()]
+    }
     pub fn trust_domain() -> String {
         "cluster.local".into()
     }
@@ -163,14 +196,17 @@ mod d {
     pub fn max_header_bytes() -> usize {
         60 * 1024
     }
-    pub fn max_body_bytes() -> usize {
+    // Envoy's default is 1 MiB (its connection buffer limit); 4 MiB keeps
+    // every request that was retried when bodies were read whole (up to
+    // 4 MiB) retriable.
+    pub fn retry_buffer_bytes() -> usize {
         4 * 1024 * 1024
     }
     pub fn header_timeout() -> Duration {
         Duration::from_secs(10)
     }
-    pub fn body_timeout() -> Duration {
-        Duration::from_secs(30)
+    pub fn stream_idle() -> Duration {
+        Duration::from_secs(300)
     }
     pub fn idle() -> Duration {
         Duration::from_secs(60)

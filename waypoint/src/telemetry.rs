@@ -119,6 +119,8 @@ pub struct HttpMetrics {
     pub duration: Family<RequestLabels, Histogram>,
     pub request_bytes: Family<RequestLabels, Histogram>,
     pub response_bytes: Family<RequestLabels, Histogram>,
+    /// The waypoint's own counters (retry buffer, upgrades).
+    pub proxy: crate::proxy_metrics::ProxyMetrics,
 }
 
 // Istio's default buckets.
@@ -142,6 +144,7 @@ impl HttpMetrics {
             duration: Family::new_with_constructor(durations as fn() -> Histogram),
             request_bytes: Family::new_with_constructor(sizes as fn() -> Histogram),
             response_bytes: Family::new_with_constructor(sizes as fn() -> Histogram),
+            proxy: crate::proxy_metrics::ProxyMetrics::register(registry),
         };
         registry.register("istio_requests", "Requests served", m.requests.clone());
         registry.register(

@@ -13,9 +13,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::{Request, Response};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::client::conn::{http1, http2};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -26,6 +24,8 @@ use mesh_core::state::{TunnelProtocol, Workload};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
+
+use crate::reqbody::RequestBody;
 
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin + 'static> Io for T {}
@@ -49,6 +49,9 @@ pub enum UpstreamError {
     Reset(String),
     #[error("request cannot be sent: {0}")]
     BadRequest(String),
+    /// The request body cannot be (or be sent again).
+    #[error("request body: {0}")]
+    Body(crate::reqbody::BodyError),
 }
 
 impl From<PoolError> for UpstreamError {
@@ -58,12 +61,12 @@ impl From<PoolError> for UpstreamError {
 }
 
 enum Sender {
-    H1(http1::SendRequest<Full<Bytes>>),
-    H2(http2::SendRequest<Full<Bytes>>),
+    H1(http1::SendRequest<RequestBody>),
+    H2(http2::SendRequest<RequestBody>),
 }
 
 struct Idle {
-    sender: http1::SendRequest<Full<Bytes>>,
+    sender: http1::SendRequest<RequestBody>,
     since: Instant,
     used: u32,
 }
@@ -71,7 +74,7 @@ struct Idle {
 #[derive(Default)]
 struct EndpointConns {
     idle: Vec<Idle>,
-    h2: Option<http2::SendRequest<Full<Bytes>>>,
+    h2: Option<http2::SendRequest<RequestBody>>,
 }
 
 /// Connections to one backend service, under its connection cap.
@@ -286,8 +289,9 @@ impl Upstreams {
                     .handshake(io)
                     .await
                     .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
+                // With upgrades: a 101 hands the connection to the relay.
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    if let Err(e) = conn.with_upgrades().await {
                         debug!(%target, error = %e, "upstream HTTP/1 connection ended");
                     }
                     done();
@@ -409,7 +413,7 @@ impl Lease {
     /// body is read; the caller gives the lease back with [`Lease::finish`].
     pub async fn send(
         &mut self,
-        req: Request<Full<Bytes>>,
+        req: Request<RequestBody>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         self.used += 1;
         let r = match &mut self.sender {
@@ -487,6 +491,11 @@ forward_async_write!(Guarded, inner);
 mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
+
+    use bytes::Bytes;
+    use http_body_util::Full;
+
+    use crate::reqbody::{Buffered, RetryBuffer};
 
     use mesh_core::ca::{CaClient, CaError, CaFuture};
     use mesh_core::certs::{Backoff, CertificateManager};
@@ -587,9 +596,10 @@ mod tests {
             .await
             .expect("a connection in time (not after the idle sweep)")
             .expect("checkout");
-        let req = Request::get("/")
-            .body(Full::new(Bytes::new()))
-            .expect("request");
+        let body = RetryBuffer::complete(&Buffered::default())
+            .attempt()
+            .expect("body");
+        let req = Request::get("/").body(body).expect("request");
         let resp = lease.send(req).await.expect("response");
         let _ = http_body_util::BodyExt::collect(resp.into_body()).await;
         lease.finish(limits);

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -17,10 +17,18 @@ use hyper_util::rt::TokioIo;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+#[path = "labapp/conn.rs"]
+mod conn;
+#[path = "labapp/echo.rs"]
+mod echo;
 #[path = "labapp/hbone.rs"]
 mod hbone;
 #[path = "labapp/raw.rs"]
 mod raw;
+#[path = "labapp/trailers.rs"]
+mod trailers;
+#[path = "labapp/ws.rs"]
+mod ws;
 
 #[derive(Debug, Parser)]
 #[command(about = "Lab application: echo servers and a client")]
@@ -142,6 +150,15 @@ enum Cmd {
     Send { addr: SocketAddr, text: String },
     /// Resolve a name with the system resolver and print its addresses.
     Resolve { name: String },
+    /// POST with request trailers; print the status, body and response
+    /// trailers.
+    Trailers(trailers::TrailersArgs),
+    /// A WebSocket session (text, 10 MiB binary, ping, close), over
+    /// HTTP/1.1 or (`--h2`) HTTP/2 extended CONNECT.
+    Ws(ws::WsArgs),
+    /// Hold one connection (idle, or with a request every so often) until
+    /// the server closes it; print when it did.
+    Conn(conn::ConnArgs),
     /// Do nothing (a pod that only runs `lab exec` commands).
     Sleep,
     /// An external authorization server (Envoy's ext_authz gRPC API; see
@@ -160,114 +177,6 @@ async fn tcp_echo(port: u16) -> std::io::Result<()> {
             let (mut r, mut w) = s.split();
             let _ = tokio::io::copy(&mut r, &mut w).await;
             let _ = w.shutdown().await;
-        });
-    }
-}
-
-/// The echo server's run-time knobs and its count of requests served.
-#[derive(Default)]
-struct EchoState {
-    fail_percent: AtomicU32,
-    delay_ms: AtomicU64,
-    served: AtomicU64,
-}
-
-fn query_num(uri: &hyper::Uri, key: &str) -> Option<u64> {
-    uri.query()?.split('&').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k == key).then(|| v.parse().ok()).flatten()
-    })
-}
-
-async fn http_echo(
-    port: u16,
-    fail_percent: u32,
-    fail_status: u16,
-    delay_ms: u64,
-) -> std::io::Result<()> {
-    let l = TcpListener::bind(("0.0.0.0", port)).await?;
-    let me = std::env::var("POD_NAME").unwrap_or_else(|_| "unknown".into());
-    let state = Arc::new(EchoState::default());
-    state.fail_percent.store(fail_percent, Ordering::Relaxed);
-    state.delay_ms.store(delay_ms, Ordering::Relaxed);
-    loop {
-        let (s, peer) = l.accept().await?;
-        let me = me.clone();
-        let state = state.clone();
-        tokio::spawn(async move {
-            let svc = service_fn(move |req: hyper::Request<Incoming>| {
-                let me = me.clone();
-                let state = state.clone();
-                async move {
-                    let seen = format!("{:?}", req.version());
-                    let plain = |status: u16, body: String| {
-                        let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
-                        if let Ok(v) = seen.parse() {
-                            r.headers_mut().insert("x-proto", v);
-                        }
-                        *r.status_mut() =
-                            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::OK);
-                        if let Ok(v) = me.parse() {
-                            r.headers_mut().insert("x-pod", v);
-                        }
-                        r
-                    };
-                    match req.uri().path() {
-                        "/_fail" => {
-                            let p = query_num(req.uri(), "percent").unwrap_or(0) as u32;
-                            state.fail_percent.store(p, Ordering::Relaxed);
-                            return Ok::<_, Infallible>(plain(200, format!("fail_percent={p}\n")));
-                        }
-                        "/_delay" => {
-                            let ms = query_num(req.uri(), "ms").unwrap_or(0);
-                            state.delay_ms.store(ms, Ordering::Relaxed);
-                            return Ok(plain(200, format!("delay_ms={ms}\n")));
-                        }
-                        "/_stats" => {
-                            return Ok(plain(
-                                200,
-                                format!("served={}\n", state.served.load(Ordering::Relaxed)),
-                            ));
-                        }
-                        _ => {}
-                    }
-                    state.served.fetch_add(1, Ordering::Relaxed);
-                    let delay = state.delay_ms.load(Ordering::Relaxed);
-                    if delay > 0 {
-                        tokio::time::sleep(Duration::from_millis(delay)).await;
-                    }
-                    let fail = state.fail_percent.load(Ordering::Relaxed);
-                    let mut body =
-                        format!("pod={me}\npeer={peer}\n{} {}\n", req.method(), req.uri());
-                    for (k, v) in req.headers() {
-                        body.push_str(&format!("{k}: {}\n", v.to_str().unwrap_or("?")));
-                    }
-                    let n = req
-                        .into_body()
-                        .collect()
-                        .await
-                        .map(|b| b.to_bytes().len())
-                        .unwrap_or(0);
-                    body.push_str(&format!("body-bytes: {n}\n"));
-                    if fail > 0 && fastrand::u32(0..100) < fail {
-                        return Ok(plain(fail_status, body));
-                    }
-                    Ok(plain(200, body))
-                }
-            });
-            // HTTP/2 with prior knowledge (h2c) or HTTP/1.1, by the preface.
-            let mut first = [0u8; 4];
-            let h2 = matches!(s.peek(&mut first).await, Ok(4) if &first == b"PRI ");
-            if h2 {
-                let _ =
-                    hyper::server::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
-                        .serve_connection(TokioIo::new(s), svc)
-                        .await;
-            } else {
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(s), svc)
-                    .await;
-            }
         });
     }
 }
@@ -682,7 +591,7 @@ async fn main() {
             fail_percent,
             fail_status,
             delay_ms,
-        } => http_echo(port, fail_percent, fail_status, delay_ms)
+        } => echo::http_echo(port, fail_percent, fail_status, delay_ms)
             .await
             .map_err(Into::into),
         Cmd::HttpStatic { port, body_bytes } => {
@@ -749,6 +658,9 @@ async fn main() {
         Cmd::Send { addr, text } => send(addr, &text).await,
         Cmd::H2Abuse { addr, mode } => raw::h2_abuse(addr, &mode).await,
         Cmd::Hbone(a) => hbone::run(&a).await,
+        Cmd::Trailers(a) => trailers::run(&a).await,
+        Cmd::Conn(a) => conn::run(&a).await,
+        Cmd::Ws(a) => ws::client(&a).await,
         Cmd::Resolve { name } => match tokio::net::lookup_host((name.as_str(), 0)).await {
             Ok(addrs) => {
                 for a in addrs {

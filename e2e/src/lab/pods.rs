@@ -309,9 +309,10 @@ impl Lab {
         std::fs::write(
             &cfg,
             format!(
-                "{mesh}role: {role}\nnamespace: {namespace}\ngateway: {gateway}\npod_name: {pod}\nservice_account: {service_account}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nxds_address: https://{cip}:15012\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\nlimits:\n  header_read_timeout: 2s\n",
+                "{mesh}role: {role}\nnamespace: {namespace}\ngateway: {gateway}\npod_name: {pod}\nservice_account: {service_account}\nca:\n  address: https://{cip}:15012\n  root_cert: {root}\n  token_file: {token}\nxds_address: https://{cip}:15012\nmetrics_addr: \"{ip}:15020\"\nreadiness_addr: \"{ip}:15021\"\ndrain_timeout: 3s\nlimits:\n  header_read_timeout: 2s\n{limits}",
                 root = self.dir.join("data/root-cert.pem").display(),
                 token = token.display(),
+                limits = self.state.waypoint_limits,
             ),
         )?;
         let cmd = vec![

@@ -6,10 +6,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{HeaderMap, Method, Request, Response, StatusCode, Uri, Version};
-use http_body_util::Full;
 use hyper::body::Incoming;
 use mesh_core::hbone::ConnectHeaders;
 use mesh_core::state::Workload;
@@ -17,6 +15,7 @@ use mesh_core::state::Workload;
 use super::record::Recorder;
 use super::{Downstream, Resolved, Waypoint};
 use crate::lb::{BackendStats, Held};
+use crate::reqbody::{BodyError, RequestBody, RetryBuffer};
 use crate::routes::{Backend, BackendPolicy, Route};
 use crate::telemetry::Flag;
 use crate::upstream::{Dial, Lease, Limits as ConnLimits, Proto, UpstreamError};
@@ -82,10 +81,12 @@ impl Waypoint {
                     let failed = status.is_server_error();
                     self.balancer
                         .observe(&ep_stats, failed, up.policy.outlier.as_ref(), endpoints);
+                    // Only a body still whole in the retry buffer is sent again.
                     let retry_on = route
                         .retry
                         .as_ref()
-                        .is_some_and(|r| r.codes.contains(&status.as_u16()));
+                        .is_some_and(|r| r.codes.contains(&status.as_u16()))
+                        && out.body.replayable();
                     if !self.may_retry(route, &up, &mut at, retry_on) {
                         if retry_on && at.max > 1 && rec.flag == Flag::None {
                             rec.flag = Flag::URX;
@@ -97,17 +98,28 @@ impl Waypoint {
                     (None, true)
                 }
                 Some(Err(e)) => {
+                    // The client's body failed (too large, idle, reset):
+                    // the client's fault, answered as such, never retried.
+                    if let Some(f) = out.body.failure() {
+                        return Err(body_failure(f, rec));
+                    }
                     let (f, resend) = upstream_failure(e, target, &out.method, rec)?;
                     self.balancer
                         .observe(&ep_stats, true, up.policy.outlier.as_ref(), endpoints);
-                    (Some(f), route.retry.is_some() && resend)
+                    (
+                        Some(f),
+                        route.retry.is_some() && resend && out.body.replayable(),
+                    )
                 }
                 None => {
                     let overall = at.deadline.is_some_and(|d| Instant::now() >= d);
                     rec.detail = format!("{target}: no response within {per_try:?}");
                     (
                         Some(TIMED_OUT),
-                        route.retry.is_some() && !overall && idempotent(&out.method),
+                        route.retry.is_some()
+                            && !overall
+                            && idempotent(&out.method)
+                            && out.body.replayable(),
                     )
                 }
             };
@@ -218,7 +230,7 @@ impl Waypoint {
                 },
             )
             .await?;
-        let req = out.request().map_err(UpstreamError::BadRequest)?;
+        let req = out.request()?;
         let resp = lease.send(req).await?;
         Ok((lease, resp))
     }
@@ -310,6 +322,7 @@ fn upstream_failure(
             rec.detail = why;
             Err((StatusCode::BAD_REQUEST, Flag::None, "bad request\n"))
         }
+        UpstreamError::Body(b) => Err(body_failure(b, rec)),
         UpstreamError::Overflow(b) => {
             rec.detail = format!("{b}: max pending requests");
             Err((
@@ -339,21 +352,48 @@ fn upstream_failure(
     }
 }
 
-/// The request as it goes upstream (kept whole so it can be re-sent).
+/// What to answer when the client's request body failed.
+fn body_failure(e: BodyError, rec: &mut Recorder) -> Failure {
+    rec.detail = e.to_string();
+    match e {
+        BodyError::TooLarge(_) => (
+            StatusCode::PAYLOAD_TOO_LARGE,
+            Flag::None,
+            "request body too large\n",
+        ),
+        BodyError::Idle(_) => (
+            StatusCode::REQUEST_TIMEOUT,
+            Flag::None,
+            "request body timeout\n",
+        ),
+        BodyError::Client(_) => (StatusCode::BAD_REQUEST, Flag::DC, "bad request body\n"),
+        BodyError::Superseded | BodyError::NotReplayable => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Flag::UR,
+            "upstream connect error or reset\n",
+        ),
+    }
+}
+
+/// The request as it goes upstream; its body streams, kept for another
+/// attempt while it fits the retry buffer.
 #[derive(Clone)]
 pub(super) struct Outgoing {
     pub(super) method: Method,
     pub(super) path: String,
     pub(super) authority: String,
     pub(super) headers: HeaderMap,
-    pub(super) body: Bytes,
+    pub(super) body: RetryBuffer,
     pub(super) proto: Proto,
+    /// The protocol an upgrade asks for (`websocket`).
+    pub(super) upgrade: Option<String>,
 }
 
 impl Outgoing {
     /// The request to send; an error when its authority and path do not
-    /// make a URI (answered 400, never sent as something else).
-    fn request(&self) -> Result<Request<Full<Bytes>>, String> {
+    /// make a URI (answered 400, never sent as something else) or its body
+    /// cannot be sent (again).
+    fn request(&self) -> Result<Request<RequestBody>, UpstreamError> {
         let uri = match self.proto {
             Proto::Http1 => Uri::try_from(self.path.as_str()).map_err(http::Error::from),
             // Built from its parts, never by pasting strings: an authority
@@ -364,8 +404,8 @@ impl Outgoing {
                 .path_and_query(self.path.as_str())
                 .build(),
         }
-        .map_err(|e| format!("{}{}: {e}", self.authority, self.path))?;
-        let mut req = Request::new(Full::new(self.body.clone()));
+        .map_err(|e| UpstreamError::BadRequest(format!("{}{}: {e}", self.authority, self.path)))?;
+        let mut req = Request::new(self.body.attempt().map_err(UpstreamError::Body)?);
         *req.method_mut() = self.method.clone();
         *req.uri_mut() = uri;
         *req.headers_mut() = self.headers.clone();
@@ -380,6 +420,9 @@ impl Outgoing {
                 *req.version_mut() = Version::HTTP_2;
                 req.headers_mut().remove(header::HOST);
             }
+        }
+        if let Some(t) = &self.upgrade {
+            super::upgrade::upstream_request(&mut req, t, self.proto);
         }
         Ok(req)
     }

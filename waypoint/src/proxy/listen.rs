@@ -15,7 +15,6 @@ use bytes::BytesMut;
 use http::{Request, StatusCode};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulConnection;
 use mesh_core::hbone::{self, Conn, Responder};
 use mesh_core::identity::Identity;
 use mesh_core::listen::accept_until;
@@ -31,6 +30,7 @@ use crate::h1guard::{self, Framing, Scanner, Verdicts};
 use crate::ingress::{self, IngressTable};
 use crate::routes::PortProtocol;
 
+use super::lifetime::{ConnActivity, Ended, serve_conn};
 use super::sniff::{Rewind, Sniffed, sniff};
 use super::{Downstream, IngressScope, Waypoint};
 
@@ -43,23 +43,6 @@ fn ingress_server_config(table: IngressTable, port: u16) -> Result<ServerConfig,
         .with_cert_resolver(Arc::new(ingress::SniResolver { table, port }));
     cfg.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(cfg)
-}
-
-/// Serves a connection to its end. When the drain starts it is told to
-/// finish first: HTTP/1 after the request in flight, HTTP/2 with a GOAWAY
-/// and the streams in flight.
-async fn until_drained<C: GracefulConnection>(
-    conn: C,
-    draining: &CancellationToken,
-) -> Result<(), C::Error> {
-    tokio::pin!(conn);
-    tokio::select! {
-        r = conn.as_mut() => r,
-        _ = draining.cancelled() => {
-            conn.as_mut().graceful_shutdown();
-            conn.await
-        }
-    }
 }
 
 /// Closes an HTTP/1 connection the way servers must when a client may still
@@ -366,13 +349,16 @@ impl Waypoint {
         }
     }
 
-    /// Serves HTTP/1 or HTTP/2 on one downstream connection.
+    /// Serves HTTP/1 or HTTP/2 on one downstream connection, until it
+    /// ends, the drain, its idle timeout or its max duration.
     async fn serve_http<I>(self: Arc<Self>, io: I, ds: Arc<Downstream>, h2: bool)
     where
         I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     {
         let limits = &self.cfg.limits;
-        match h2 {
+        let activity = ConnActivity::new();
+        let (idle, max) = (limits.idle_timeout, limits.max_connection_duration);
+        let (r, why) = match h2 {
             false => {
                 let wp = self.clone();
                 let d = ds.clone();
@@ -381,38 +367,45 @@ impl Waypoint {
                     io,
                     Scanner::new(limits.max_header_bytes, verdicts.clone()),
                 );
+                let a = activity.clone();
                 let svc_fn = service_fn(move |req| {
                     let framing = verdicts.next();
-                    wp.clone().request(d.clone(), req, framing)
+                    wp.clone().request(d.clone(), req, framing, a.clone())
                 });
-                let r = hyper::server::conn::http1::Builder::new()
+                let conn = hyper::server::conn::http1::Builder::new()
                     .timer(TokioTimer::new())
                     .header_read_timeout(limits.header_read_timeout)
                     .max_buf_size(limits.max_header_bytes.max(8192))
                     .keep_alive(true)
-                    .serve_connection(TokioIo::new(Linger::new(io)), svc_fn);
-                let r = until_drained(r, &self.draining).await;
-                if let Err(e) = r {
-                    debug!(peer = %ds.peer, error = %e, "HTTP/1 connection ended with an error");
-                }
+                    .serve_connection(TokioIo::new(Linger::new(io)), svc_fn)
+                    .with_upgrades();
+                serve_conn(conn, &self.draining, &activity, idle, max).await
             }
             true => {
                 let wp = self.clone();
                 let d = ds.clone();
-                let svc_fn = service_fn(move |req| wp.clone().request(d.clone(), req, Framing::Ok));
-                let r = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+                let a = activity.clone();
+                let svc_fn = service_fn(move |req| {
+                    wp.clone().request(d.clone(), req, Framing::Ok, a.clone())
+                });
+                let conn = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .max_header_list_size(
                         u32::try_from(limits.max_header_bytes).unwrap_or(u32::MAX),
                     )
                     .max_concurrent_streams(limits.max_concurrent_streams)
                     .keep_alive_interval(Some(Duration::from_secs(30)))
+                    // RFC 8441: WebSocket over HTTP/2.
+                    .enable_connect_protocol()
                     .serve_connection(TokioIo::new(io), svc_fn);
-                let r = until_drained(r, &self.draining).await;
-                if let Err(e) = r {
-                    debug!(peer = %ds.peer, error = %e, "HTTP/2 connection ended with an error");
-                }
+                serve_conn(conn, &self.draining, &activity, idle, max).await
             }
+        };
+        if why != Ended::Closed {
+            debug!(peer = %ds.peer, ?why, "downstream connection ended by the waypoint");
+        }
+        if let Err(e) = r {
+            debug!(peer = %ds.peer, error = %e, h2, "downstream connection ended with an error");
         }
     }
 }

@@ -1,5 +1,6 @@
 //! Request mirroring: a copy of a request sent to the route's mirror
-//! backend, its answer dropped.
+//! backend, its answer dropped. The copy goes once the request's body is
+//! whole in the retry buffer; a body that outgrows it is not mirrored.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -11,6 +12,7 @@ use tracing::debug;
 
 use super::forward::{Outgoing, conn_limits};
 use super::{Downstream, Waypoint};
+use crate::reqbody::{Buffered, Progress, RetryBuffer};
 use crate::routes::Backend;
 use crate::upstream::UpstreamError;
 
@@ -22,6 +24,14 @@ impl Waypoint {
         backend: Backend,
         mut out: Outgoing,
     ) {
+        // Holds none of the request's body while it waits: a request that
+        // ends without reading its body leaves nothing waiting here.
+        let progress = out.body.progress();
+        out.body = RetryBuffer::complete(&Buffered::default());
+        let Some(whole) = whole_body(progress).await else {
+            return debug!("request not mirrored: its body is not whole in the retry buffer");
+        };
+        out.body = RetryBuffer::complete(&whole);
         let Some(dest) = self.resolve(&backend.service) else {
             return;
         };
@@ -64,5 +74,18 @@ impl Waypoint {
             Ok(Err(e)) => debug!(%target, error = %e, "mirrored request failed"),
             Err(_) => debug!(%target, "mirrored request timed out"),
         }
+    }
+}
+
+/// The request's body once it has been read whole; None when it outgrew
+/// the retry buffer, failed, or was abandoned.
+async fn whole_body(mut progress: tokio::sync::watch::Receiver<Progress>) -> Option<Arc<Buffered>> {
+    loop {
+        match &*progress.borrow_and_update() {
+            Progress::Complete(b) => return Some(b.clone()),
+            Progress::Gone => return None,
+            Progress::Reading => {}
+        }
+        progress.changed().await.ok()?;
     }
 }

@@ -35,6 +35,7 @@ use crate::telemetry::{Exporter, HttpMetrics};
 use crate::upstream::Upstreams;
 
 mod forward;
+mod lifetime;
 mod listen;
 mod mirror;
 mod record;
@@ -42,6 +43,7 @@ mod request;
 mod rewrite;
 mod sniff;
 mod tcp;
+mod upgrade;
 
 /// Shared by every connection.
 pub struct Waypoint {

@@ -17,6 +17,7 @@ use tracing::info;
 use super::rewrite::{modify_path, strip_hop_by_hop};
 use super::{Downstream, Waypoint};
 use crate::body::{OnEnd, RespBody};
+use crate::reqbody::RetryBuffer;
 use crate::routes::ServiceConfig;
 use crate::telemetry::{Flag, Reporter, RequestLabels, Span, TraceContext};
 use crate::upstream::Limits as ConnLimits;
@@ -39,6 +40,13 @@ pub(super) struct Recorder {
     pub(super) detail: String,
     pub(super) retries: u32,
     pub(super) request_bytes: u64,
+    /// The request's body, for its size and whether it outgrew the retry
+    /// buffer.
+    pub(super) body: Option<RetryBuffer>,
+    /// The route retries or mirrors: a body over the buffer loses that.
+    pub(super) keeps_body: bool,
+    /// When the request's stream last moved (either way).
+    pub(super) clock: crate::idle::StreamClock,
     pub(super) trace: TraceContext,
     pub(super) started: Instant,
     wall: SystemTime,
@@ -178,6 +186,9 @@ impl Recorder {
             detail: String::new(),
             retries: 0,
             request_bytes: 0,
+            body: None,
+            keeps_body: false,
+            clock: crate::idle::StreamClock::default(),
             trace,
             started,
             wall,
@@ -232,6 +243,7 @@ impl Recorder {
         }
         self.labels.response_code = code;
         self.labels.response_flags = flag;
+        self.note_body();
         let duration = self.started.elapsed();
         self.wp
             .http_metrics
@@ -272,6 +284,25 @@ impl Recorder {
             ],
             error: code == 0 || code >= 500,
         });
+    }
+
+    /// The body's size, and a route's retries or mirror given up because
+    /// the body outgrew the retry buffer (said in the log, counted).
+    fn note_body(&mut self) {
+        let Some(b) = &self.body else { return };
+        self.request_bytes = self.request_bytes.max(b.received());
+        if self.keeps_body && b.overflowed() {
+            const WHY: &str = "not retryable: body over the retry buffer";
+            self.detail = if self.detail.is_empty() {
+                WHY.to_string()
+            } else {
+                format!("{}; {WHY}", self.detail)
+            };
+            self.wp
+                .http_metrics
+                .proxy
+                .overflowed(&self.labels.destination_service);
+        }
     }
 
     /// A response the waypoint makes itself.

@@ -11,23 +11,27 @@ use bytes::Bytes;
 use http::header::{self, HeaderName, HeaderValue};
 use http::request::Parts;
 use http::{HeaderMap, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Limited};
+use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use mesh_core::hbone;
 use mesh_proto::mesh::waypoint as pb;
 
 use super::forward::Outgoing;
+use super::lifetime::ConnActivity;
 use super::record::Recorder;
 use super::rewrite::{edit_headers, matched_prefix, rewrite, strip_hop_by_hop};
+use super::upgrade::{self, Asked};
 use super::{Downstream, IngressScope, Waypoint};
 use crate::attach;
 use crate::body::RespBody;
 use crate::config::Limits;
 use crate::extauthz::{self, Subject};
 use crate::h1guard::Framing;
+use crate::idle::IdleTimer;
 use crate::ingress;
 use crate::normalize;
 use crate::ratelimit::{Verdict, retry_after_secs};
+use crate::reqbody::{BodyLimits, RetryBuffer};
 use crate::routes::{Backend, PortProtocol, RequestView, Route, ServiceConfig};
 use crate::telemetry::{Flag, TraceContext};
 use crate::upstream::Proto;
@@ -55,13 +59,34 @@ impl Waypoint {
         listener.routes_for(&host).cloned()
     }
 
-    /// One HTTP request, start to finish.
+    /// One HTTP request, start to finish; counted in flight on its
+    /// connection (`activity`) until its response has been sent, or its
+    /// upgraded connection closed.
     pub(super) async fn request(
+        self: Arc<Self>,
+        ds: Arc<Downstream>,
+        mut req: Request<Incoming>,
+        framing: Framing,
+        activity: ConnActivity,
+    ) -> Result<Response<RespBody>, Infallible> {
+        let in_flight = activity.begin();
+        let asked = upgrade::take(&mut req, &self.cfg.upgrades);
+        let mut resp = self
+            .clone()
+            .respond(ds, req, framing, asked, &activity)
+            .await;
+        resp.body_mut().keep(Box::new(in_flight));
+        Ok(resp)
+    }
+
+    async fn respond(
         self: Arc<Self>,
         ds: Arc<Downstream>,
         req: Request<Incoming>,
         framing: Framing,
-    ) -> Result<Response<RespBody>, Infallible> {
+        asked: Asked,
+        activity: &ConnActivity,
+    ) -> Response<RespBody> {
         let started = Instant::now();
         let wall = SystemTime::now();
         let (svc, no_vhost) = self.service_config(&ds, &req);
@@ -73,12 +98,20 @@ impl Waypoint {
         let mut rec = Recorder::new(&self, &ds, &svc, &req, trace, started, wall);
         if no_vhost {
             rec.detail = format!("no listener or virtual host for host {:?}", rec.authority);
-            return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route for this host\n"));
+            return rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route for this host\n");
         }
+        let upgrade = match asked {
+            Asked::Plain => None,
+            Asked::Relay(u) => Some(u),
+            Asked::Refuse(token) => {
+                rec.detail = format!("upgrade to {token:?} is not allowed (config: upgrades)");
+                return rec.local(StatusCode::FORBIDDEN, Flag::None, "upgrade not allowed\n");
+            }
+        };
         let (mut parts, body) = req.into_parts();
         let ext_edits = match self.screen(&ds, &svc, &mut parts, framing, &mut rec).await {
             Ok(edits) => edits,
-            Err(local) => return Ok(local.answer(rec)),
+            Err(local) => return local.answer(rec),
         };
 
         let Some(route) = svc
@@ -91,22 +124,24 @@ impl Waypoint {
             .cloned()
         else {
             rec.detail = "no route matches".into();
-            return Ok(rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route\n"));
+            return rec.local(StatusCode::NOT_FOUND, Flag::NR, "no route\n");
         };
         rec.route = route.name.clone();
 
         for f in &route.filters {
             if let pb::filter::Kind::Redirect(r) = f {
                 let host = rec.authority.clone();
-                return Ok(rec.redirect(r, &parts.uri, &host, matched_prefix(&route)));
+                return rec.redirect(r, &parts.uri, &host, matched_prefix(&route));
             }
         }
         let prepared = self.prepare(&ds, &svc, &route, parts, body, &mut rec);
-        let (out, backend, response_edits) = match prepared.await {
+        let (mut out, backend, response_edits) = match prepared.await {
             Ok(p) => p,
-            Err(local) => return Ok(local.answer(rec)),
+            Err(local) => return local.answer(rec),
         };
+        out.upgrade = upgrade.as_ref().map(|u| u.token.clone());
         if let Some((mirror, per_million)) = &route.mirror
+            && upgrade.is_none()
             && chance(*per_million)
         {
             let wp = self.clone();
@@ -116,18 +151,38 @@ impl Waypoint {
             tokio::spawn(async move { wp.mirror(ds2, mirror, m).await });
         }
         let resp = self.forward(&ds, &route, &backend, out, &mut rec).await;
-        Ok(match resp {
-            Ok((resp, lease, admitted)) => {
-                let mut resp = rec.upstream(resp, lease);
-                resp.body_mut().hold(admitted);
-                for e in &response_edits {
-                    edit_headers(resp.headers_mut(), e);
-                }
-                ext_edits.apply(resp.headers_mut());
-                resp
+        let (mut upstream, lease, admitted) = match resp {
+            Ok(r) => r,
+            Err((status, flag, msg)) => return rec.local(status, flag, msg),
+        };
+        let clock = rec.clock.clone();
+        if let Some(up) = upgrade
+            && upgrade::accepted(&upstream)
+        {
+            // The upstream connection is the relay's now: never pooled.
+            let upstream_on = hyper::upgrade::on(&mut upstream);
+            let mut resp = rec.upstream(upstream, None);
+            for e in &response_edits {
+                edit_headers(resp.headers_mut(), e);
             }
-            Err((status, flag, msg)) => rec.local(status, flag, msg),
-        })
+            ext_edits.apply(resp.headers_mut());
+            let hold = upgrade::Hold {
+                _in_flight: activity.begin(),
+                _admitted: admitted,
+                clock,
+                service: backend.service.clone(),
+            };
+            return self.upgraded(up, upstream_on, resp, hold);
+        }
+        let idle = IdleTimer::new(clock, self.cfg.limits.stream_idle_timeout);
+        let mut resp = rec.upstream(upstream, lease);
+        resp.body_mut().hold(admitted);
+        resp.body_mut().idle(idle);
+        for e in &response_edits {
+            edit_headers(resp.headers_mut(), e);
+        }
+        ext_edits.apply(resp.headers_mut());
+        resp
     }
 
     /// The routes that apply, and whether an ingress has no listener or
@@ -236,11 +291,21 @@ impl Waypoint {
         rec: &mut Recorder,
     ) -> Result<(Outgoing, Backend, Vec<pb::HeaderEdit>), Local> {
         self.limit_and_fault(ds, route, &parts.headers, rec).await?;
-        let body = read_body(&self.cfg.limits, &parts.headers, body, rec).await?;
-        rec.request_bytes = body.len() as u64;
+        let clock = rec.clock.clone();
+        let Some(body) = request_body(&self.cfg.limits, &parts.headers, body, clock, rec) else {
+            return Err(Local::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                Flag::None,
+                "request body too large\n",
+            ));
+        };
+        rec.body = Some(body.clone());
+        rec.keeps_body = route.retry.is_some() || route.mirror.is_some();
 
         strip_hop_by_hop(&mut parts.headers);
-        parts.headers.remove(header::CONTENT_LENGTH);
+        // `100 Continue` is the downstream connection's business (hyper
+        // answers it when the body is first read).
+        parts.headers.remove(header::EXPECT);
         let (path, authority, mut response_edits) = rewrite(route, &mut parts, &rec.authority);
         if let Ok(v) = HeaderValue::from_str(&rec.trace.traceparent()) {
             parts.headers.insert(hbone::TRACEPARENT, v);
@@ -273,6 +338,7 @@ impl Waypoint {
             headers: parts.headers,
             body,
             proto: self.upstream_proto(ds, svc, &backend),
+            upgrade: None,
         };
         Ok((out, backend, response_edits))
     }
@@ -371,60 +437,37 @@ impl Local {
     }
 }
 
-/// The request body, buffered so it can be retried and mirrored; bounded
-/// in size and time.
-async fn read_body(
+/// The request body as it will stream upstream, kept for retries while it
+/// fits the retry buffer; None (413 before anything is read) for a
+/// declared length over the user's limit.
+fn request_body(
     limits: &Limits,
     headers: &HeaderMap,
     body: Incoming,
+    clock: crate::idle::StreamClock,
     rec: &mut Recorder,
-) -> Result<Bytes, Local> {
+) -> Option<RetryBuffer> {
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|n| n > limits.max_body_bytes as u64) {
-        rec.detail = format!("content-length over {} bytes", limits.max_body_bytes);
-        return Err(Local::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            Flag::None,
-            "request body too large\n",
-        ));
-    }
-    match tokio::time::timeout(
-        limits.body_read_timeout,
-        Limited::new(body, limits.max_body_bytes).collect(),
-    )
-    .await
+    if let Some(max) = limits.max_body_bytes
+        && declared.is_some_and(|n| n > max)
     {
-        Ok(Ok(b)) => Ok(b.to_bytes()),
-        Ok(Err(e)) => {
-            if e.downcast_ref::<http_body_util::LengthLimitError>()
-                .is_some()
-            {
-                rec.detail = format!("body over {} bytes", limits.max_body_bytes);
-                return Err(Local::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    Flag::None,
-                    "request body too large\n",
-                ));
-            }
-            rec.detail = format!("reading the body: {e}");
-            Err(Local::new(
-                StatusCode::BAD_REQUEST,
-                Flag::DC,
-                "bad request body\n",
-            ))
-        }
-        Err(_) => {
-            rec.detail = "body not received in time".into();
-            Err(Local::new(
-                StatusCode::REQUEST_TIMEOUT,
-                Flag::None,
-                "request body timeout\n",
-            ))
-        }
+        rec.detail = format!("content-length over {max} bytes");
+        return None;
     }
+    let source = body.map_err(|e| Box::new(e) as crate::reqbody::BoxError);
+    Some(RetryBuffer::new(
+        source.boxed_unsync(),
+        declared,
+        BodyLimits {
+            retry_buffer_bytes: limits.retry_buffer_bytes,
+            max_body_bytes: limits.max_body_bytes,
+            idle: limits.stream_idle_timeout,
+        },
+        clock,
+    ))
 }
 
 fn chance(per_million: u32) -> bool {

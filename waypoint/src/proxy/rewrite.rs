@@ -50,12 +50,14 @@ pub(super) fn rewrite(
     (path, authority, response_edits)
 }
 
-const HOP_BY_HOP: [&str; 8] = [
+/// `Trailer` is not among them: it names the trailers a message ends
+/// with, end to end (RFC 9110 6.6.2), and an HTTP/1.1 hop sends only the
+/// trailers it names.
+const HOP_BY_HOP: [&str; 7] = [
     "connection",
     "keep-alive",
     "proxy-connection",
     "te",
-    "trailer",
     "transfer-encoding",
     "upgrade",
     "http2-settings",
