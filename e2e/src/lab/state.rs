@@ -95,6 +95,29 @@ pub struct LabState {
     /// the benchmark take it from `LAB_ZTUNNEL_EXTRA`; tests never do).
     #[serde(default)]
     pub ztunnel_extra: String,
+    /// Set when the lab is the kubelet of a real API server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<KubeState>,
+}
+
+/// A lab that plays the kubelet of a real API server (`lab up --kube`,
+/// [`crate::kubelet`]).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KubeState {
+    /// The API server's admin kubeconfig (what `kubectl` uses).
+    pub kubeconfig: String,
+    /// The control plane the lab started: (its script, its directory),
+    /// stopped at `lab down`. None when the lab was given a running one.
+    #[serde(default)]
+    pub plane: Option<(String, String)>,
+    /// The `lab kubelet` process: stopped first at `lab down`, so it starts
+    /// nothing more while the rest goes.
+    #[serde(default)]
+    pub kubelet_pid: Option<u32>,
+    /// Mount points the lab's container runtime created on this machine
+    /// (empty directories), removed at `lab down` when still empty.
+    #[serde(default)]
+    pub mountpoints: Vec<String>,
 }
 
 pub struct Lab {
@@ -116,7 +139,7 @@ impl Lab {
         })
     }
 
-    pub(super) fn save(&self) -> Result<(), Error> {
+    pub fn save(&self) -> Result<(), Error> {
         std::fs::write(
             Self::state_file(&self.dir),
             serde_json::to_vec_pretty(&self.state)?,
@@ -132,7 +155,7 @@ impl Lab {
         format!("{}.0.{CONTROL_IP_HOST}", self.net())
     }
 
-    pub(super) fn ns_name(&self, tag: &str) -> String {
+    pub(crate) fn ns_name(&self, tag: &str) -> String {
         format!("{}{tag}", self.state.prefix)
     }
 
