@@ -7,7 +7,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::Namespace;
 use kube::api::{
-    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, PostParams,
+    ApiResource, DeleteParams, DynamicObject, GroupVersionKind, ListParams, Patch, PatchParams,
+    PostParams,
 };
 use kube::discovery::{Discovery, Scope, verbs};
 use kube::{Api, Client, ResourceExt};
@@ -20,6 +21,7 @@ const DEPENDENTS: &[(&str, &str, &str)] = &[
     ("", "v1", "Pod"),
     ("apps", "v1", "ReplicaSet"),
     ("apps", "v1", "Deployment"),
+    ("apps", "v1", "DaemonSet"),
     ("", "v1", "Service"),
     ("", "v1", "ConfigMap"),
     ("", "v1", "ServiceAccount"),
@@ -66,7 +68,7 @@ async fn owner_exists(
 }
 
 async fn collect(client: &Client) -> Result<()> {
-    let mut known: BTreeMap<String, bool> = BTreeMap::new();
+    let mut all: Vec<(ApiResource, DynamicObject)> = Vec::new();
     for (group, version, kind) in DEPENDENTS {
         let ar = ApiResource::from_gvk(&GroupVersionKind::gvk(group, version, kind));
         let api: Api<DynamicObject> = Api::all_with(client.clone(), &ar);
@@ -74,34 +76,96 @@ async fn collect(client: &Client) -> Result<()> {
             .list(&ListParams::default())
             .await
             .map_err(|e| KubeletError::api(format!("listing {kind}s"), e))?;
-        for o in list.items {
-            let refs = o.metadata.owner_references.clone().unwrap_or_default();
-            if refs.is_empty() || o.metadata.deletion_timestamp.is_some() {
+        all.extend(list.items.into_iter().map(|o| (ar.clone(), o)));
+    }
+    foreground(client, &all).await?;
+    let mut known: BTreeMap<String, bool> = BTreeMap::new();
+    for (ar, o) in &all {
+        let refs = o.metadata.owner_references.clone().unwrap_or_default();
+        if refs.is_empty() || o.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let ns = o.namespace().unwrap_or_default();
+        let mut any = false;
+        for r in &refs {
+            let key = format!("{}/{}/{ns}/{}/{}", r.api_version, r.kind, r.name, r.uid);
+            let exists = match known.get(&key) {
+                Some(e) => *e,
+                None => {
+                    let e = owner_exists(client, &ns, r).await?;
+                    known.insert(key, e);
+                    e
+                }
+            };
+            any |= exists;
+        }
+        if !any {
+            tracing::info!(
+                "garbage: {} {ns}/{} (its owners are gone)",
+                ar.kind,
+                o.name_any()
+            );
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, ar);
+            match api.delete(&o.name_any(), &DeleteParams::background()).await {
+                Ok(_) | Err(kube::Error::Api(_)) => {}
+                Err(e) => return Err(KubeletError::api("deleting garbage", e)),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Owners deleted with `--cascade=foreground`: their dependents are
+/// deleted, and once none is left the `foregroundDeletion` finalizer goes
+/// (and with it the owner).
+async fn foreground(client: &Client, all: &[(ApiResource, DynamicObject)]) -> Result<()> {
+    const FOREGROUND: &str = "foregroundDeletion";
+    for (ar, owner) in all {
+        let finalizers = owner.metadata.finalizers.clone().unwrap_or_default();
+        if owner.metadata.deletion_timestamp.is_none()
+            || !finalizers.iter().any(|f| f == FOREGROUND)
+        {
+            continue;
+        }
+        let uid = owner.uid().unwrap_or_default();
+        let ns = owner.namespace().unwrap_or_default();
+        let mut left = 0;
+        for (dar, d) in all {
+            let owned = d
+                .metadata
+                .owner_references
+                .as_deref()
+                .unwrap_or_default()
+                .iter()
+                .any(|r| r.uid == uid);
+            if !owned {
                 continue;
             }
-            let ns = o.namespace().unwrap_or_default();
-            let mut any = false;
-            for r in &refs {
-                let key = format!("{}/{}/{ns}/{}/{}", r.api_version, r.kind, r.name, r.uid);
-                let exists = match known.get(&key) {
-                    Some(e) => *e,
-                    None => {
-                        let e = owner_exists(client, &ns, r).await?;
-                        known.insert(key, e);
-                        e
-                    }
-                };
-                any |= exists;
+            left += 1;
+            if d.metadata.deletion_timestamp.is_none() {
+                let dns = d.namespace().unwrap_or_default();
+                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &dns, dar);
+                let _ = api.delete(&d.name_any(), &DeleteParams::background()).await;
             }
-            if !any {
-                tracing::info!(
-                    "garbage: {kind} {ns}/{} (its owners are gone)",
-                    o.name_any()
-                );
-                let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, &ar);
-                match api.delete(&o.name_any(), &DeleteParams::background()).await {
-                    Ok(_) | Err(kube::Error::Api(_)) => {}
-                    Err(e) => return Err(KubeletError::api("deleting garbage", e)),
+        }
+        if left == 0 {
+            let keep: Vec<String> = finalizers.into_iter().filter(|f| f != FOREGROUND).collect();
+            let api: Api<DynamicObject> = Api::namespaced_with(client.clone(), &ns, ar);
+            let patch = serde_json::json!({"metadata": {"finalizers": keep}});
+            match api
+                .patch(
+                    &owner.name_any(),
+                    &PatchParams::default(),
+                    &Patch::Merge(&patch),
+                )
+                .await
+            {
+                Ok(_) | Err(kube::Error::Api(_)) => {}
+                Err(e) => {
+                    return Err(KubeletError::api(
+                        "removing the foregroundDeletion finalizer",
+                        e,
+                    ));
                 }
             }
         }

@@ -2,8 +2,9 @@
 //! netns, in a mount namespace of its own (the one `ip netns exec` makes,
 //! whose mounts never reach the machine's) where its image's programs are
 //! bind-mounted on `/usr/local/bin` and each of its volumes on its
-//! `mountPath`. So every program runs with the paths the manifests give
-//! it. What it does not isolate: the file system beyond those mounts, users
+//! `mountPath` (recursively, as the kubelet mounts a `hostPath`: the pods'
+//! netns under `/var/run/netns` are mounts of their own). So every program
+//! runs with the paths the manifests give it. What it does not isolate: the file system beyond those mounts, users
 //! (everything runs as root), capabilities and resources.
 //!
 //! A bind mount needs its mount point to exist on the machine: the runtime
@@ -41,7 +42,7 @@ pub fn script(mounts: &[Mount]) -> String {
     let mut s = String::from("set -e\n");
     for m in mounts {
         s.push_str(&format!(
-            "mount --bind {} {}\n",
+            "mount --rbind {} {}\n",
             quote(&m.source.display().to_string()),
             quote(&m.target)
         ));
@@ -120,7 +121,7 @@ mod tests {
         }]);
         assert_eq!(
             s,
-            "set -e\nmount --bind '/lab/it'\\''s' '/etc/ztunnel'\nexec \"$@\"\n"
+            "set -e\nmount --rbind '/lab/it'\\''s' '/etc/ztunnel'\nexec \"$@\"\n"
         );
     }
 }
