@@ -8,7 +8,7 @@ pub enum KubeletError {
     Api {
         what: String,
         #[source]
-        source: kube::Error,
+        source: Box<kube::Error>,
     },
     /// A file or process on this machine.
     #[error("{what}: {source}")]
@@ -33,7 +33,7 @@ impl KubeletError {
     pub fn api(what: impl Into<String>, source: kube::Error) -> Self {
         KubeletError::Api {
             what: what.into(),
-            source,
+            source: Box::new(source),
         }
     }
 
@@ -60,7 +60,12 @@ impl KubeletError {
 
     /// Not found (404): an object gone between a list and a write.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, KubeletError::Api { source: kube::Error::Api(s), .. } if s.code == 404)
+        match self {
+            KubeletError::Api { source, .. } => {
+                matches!(&**source, kube::Error::Api(s) if s.code == 404)
+            }
+            _ => false,
+        }
     }
 }
 
