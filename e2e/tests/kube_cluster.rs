@@ -147,6 +147,10 @@ fn install(c: &Cluster) {
     );
     assert!(out.contains("successfully rolled out"), "{out}");
     eprintln!("{}", c.ok(&["get", "pods", "-A", "-o", "wide"]));
+    eventually("meshctl --kube check passes", 30, || {
+        c.meshctl(&["check"]).0
+    });
+    eprintln!("$ meshctl --kube check\n{}", c.meshctl(&["check"]).1);
     // install-cni chained the plugin on every node.
     for node in ["node-1", "node-2"] {
         let conf = c
@@ -393,6 +397,9 @@ fn crd_deleted(c: &Cluster) {
                 .all(|b| b.contains("200") && b.contains("TrafficPolicy: not served"))
     });
     eprintln!("{}", istiod_ready(c).join("\n"));
+    let (ok, check) = c.meshctl(&["check"]);
+    eprintln!("$ meshctl --kube check\n{check}");
+    assert!(!ok && check.contains("TrafficPolicy"), "{check}");
     let client = c.pod("shop", "client-", None).expect("the client");
     assert!(
         c.get(&client, "http://server/", &["x-version: v2"])

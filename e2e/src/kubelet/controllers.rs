@@ -69,7 +69,9 @@ fn api_err(what: &str) -> impl FnOnce(kube::Error) -> KubeletError + '_ {
 }
 
 /// Registers every node of the lab (Ready, with its address and pod CIDR).
-pub async fn register_nodes(client: &Client, lab: &Lab) -> Result<()> {
+/// Every node's kubelet endpoint is the lab's streaming port on loopback
+/// (the `Hostname` address, which the API server dials first).
+pub async fn register_nodes(client: &Client, lab: &Lab, kubelet_port: u16) -> Result<()> {
     let nodes = Api::<Node>::all(client.clone());
     for n in &lab.state.nodes {
         let cidr = format!("{}.{}.0/24", lab.net(), n.index);
@@ -88,7 +90,8 @@ pub async fn register_nodes(client: &Client, lab: &Lab) -> Result<()> {
         let status = json!({
             "apiVersion": "v1", "kind": "Node",
             "status": {
-                "addresses": [{"type": "InternalIP", "address": n.ip}, {"type": "Hostname", "address": n.name}],
+                "addresses": [{"type": "InternalIP", "address": n.ip}, {"type": "Hostname", "address": "127.0.0.1"}],
+                "daemonEndpoints": {"kubeletEndpoint": {"Port": kubelet_port}},
                 "capacity": {"cpu": "2", "memory": "4Gi", "pods": "110"},
                 "allocatable": {"cpu": "2", "memory": "4Gi", "pods": "110"},
                 "conditions": [{"type": "Ready", "status": "True", "reason": "KubeletReady",

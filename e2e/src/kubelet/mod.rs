@@ -29,6 +29,7 @@ mod pods;
 mod probes;
 mod runtime;
 mod status;
+mod streaming;
 mod volumes;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -98,7 +99,8 @@ impl Kubelet {
         for n in k.lab.state.nodes.clone() {
             cni::write_primary(&node_root(dir, &n.name))?;
         }
-        controllers::register_nodes(&k.client, &k.lab).await?;
+        let streaming = streaming::serve(dir.to_path_buf()).await?;
+        controllers::register_nodes(&k.client, &k.lab, streaming).await?;
         k.lab
             .state
             .kube

@@ -94,6 +94,18 @@ impl Cluster {
             .expect("running kubectl")
     }
 
+    /// `meshctl --kube ARGS` (through the API server's port-forward to the
+    /// lab's kubelet): (passed, output).
+    pub fn meshctl(&self, args: &[&str]) -> (bool, String) {
+        let out = self
+            .command(&e2e::mesh::binary("meshctl").display().to_string())
+            .arg("--kube")
+            .args(args)
+            .output()
+            .expect("running meshctl");
+        (out.status.success(), Self::text(&out))
+    }
+
     pub fn text(out: &Output) -> String {
         format!(
             "{}{}",
