@@ -50,7 +50,7 @@ test-cluster:
     #!/usr/bin/env bash
     set -euo pipefail
     command -v kubectl >/dev/null || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubectl; }
-    cargo build --locked -p istiod-lite -p meshctl --bins
+    cargo build --locked --workspace --bins
     export MESH_CLUSTER_TEST=1
     if [ -n "${MESH_TEST_KUBECONFIG:-}" ]; then
         echo "cluster suite: the running cluster of $MESH_TEST_KUBECONFIG"
@@ -70,6 +70,14 @@ test-cluster:
         export MESH_CLUSTER_PORT=$port MESH_CONTROL_PLANE=$plane
     fi
     cargo test --locked -p istiod-lite --test kube_cluster -- --nocapture
+    # Then the lab as that API server's kubelet (e2e/tests/kube_cluster.rs),
+    # on a fresh API server when the recipe started it.
+    if [ -z "${MESH_TEST_KUBECONFIG:-}" ]; then
+        "$plane" down "$dir" >/dev/null
+        rm -rf "$dir/etcd-data"
+        "$plane" up "$dir" "$port" >/dev/null
+    fi
+    cargo test --locked -p e2e --test kube_cluster -- --nocapture
 
 # A two-node ambient mesh on this machine (network namespaces), end to end.
 demo:

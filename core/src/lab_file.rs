@@ -108,6 +108,9 @@ pub struct LabState {
     /// the benchmark take it from `LAB_ZTUNNEL_EXTRA`; tests never do).
     #[serde(default)]
     pub ztunnel_extra: String,
+    /// Set when the lab is the kubelet of a real API server.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kube: Option<KubeState>,
 }
 
 impl LabState {
@@ -121,4 +124,23 @@ impl LabState {
         let text = std::fs::read_to_string(Self::path(dir)).map_err(LabFileError::Read)?;
         serde_json::from_str(&text).map_err(LabFileError::Parse)
     }
+}
+
+/// A lab that plays the kubelet of a real API server (`lab up --kube`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct KubeState {
+    /// The API server's admin kubeconfig (what `kubectl` uses).
+    pub kubeconfig: String,
+    /// The control plane the lab started: (its script, its directory),
+    /// stopped at `lab down`. None when the lab was given a running one.
+    #[serde(default)]
+    pub plane: Option<(String, String)>,
+    /// The `lab kubelet` process: stopped first at `lab down`, so it starts
+    /// nothing more while the rest goes.
+    #[serde(default)]
+    pub kubelet_pid: Option<u32>,
+    /// Mount points the lab's container runtime created on this machine
+    /// (empty directories), removed at `lab down` when still empty.
+    #[serde(default)]
+    pub mountpoints: Vec<String>,
 }

@@ -32,7 +32,9 @@ pub use objects::{
     GATEWAY_NAME_LABEL, INGRESS_CLASS, LOOPBACK_PORTS, WAYPOINT_CLASS, WAYPOINT_REPLICAS,
     parse_docs, read_docs,
 };
-pub use state::{Lab, LabState, NodeState, PodState, ProcState, ServiceState};
+pub(crate) use process::{sh, start_time};
+pub(crate) use services::nft_in;
+pub use state::{KubeState, Lab, LabState, NodeState, PodState, ProcState, ServiceState};
 
 #[cfg(doc)]
 use crate::mesh::binary;

@@ -7,6 +7,7 @@ pub mod controller;
 pub mod envoy;
 pub mod extauthz;
 pub mod fake_ads;
+pub mod kubelet;
 pub mod lab;
 pub mod mesh;
 pub mod netns;

@@ -17,10 +17,25 @@ struct Args {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
-    /// Build the network, start the mesh, apply the manifests.
+    /// Build the network, start the mesh, apply the manifests. With
+    /// `--kube`: build the network, start a real Kubernetes control plane
+    /// and be the kubelet of its nodes; then drive it with kubectl.
     Up {
-        /// A YAML file or a folder of them.
-        manifests: PathBuf,
+        /// A YAML file or a folder of them (not with --kube: there, apply
+        /// them with kubectl).
+        #[arg(required_unless_present = "kube", conflicts_with = "kube")]
+        manifests: Option<PathBuf>,
+        /// Be the kubelet of a real API server (docs/install.md, "The lab
+        /// as a cluster").
+        #[arg(long)]
+        kube: bool,
+        /// With --kube: the API server's port on 127.0.0.1 (etcd takes
+        /// this plus 10000 and 10001).
+        #[arg(long, default_value_t = 16443)]
+        kube_port: u16,
+        /// With --kube: use this running API server instead of starting one.
+        #[arg(long, requires = "kube")]
+        kubeconfig: Option<PathBuf>,
         #[arg(long, default_value_t = 2)]
         nodes: usize,
         /// Lab number (its addresses are 10.(100+id).0.0/16): 1 to 99 are
@@ -56,6 +71,12 @@ enum Cmd {
         to: Vec<std::net::SocketAddr>,
         #[arg(long)]
         port_file: PathBuf,
+    },
+    /// (internal) The kubelet and controllers of a `--kube` lab.
+    #[command(hide = true)]
+    Kubelet {
+        #[arg(long)]
+        kubeconfig: PathBuf,
     },
     /// (internal) Hold the rootless lab's user and mount namespaces.
     #[command(hide = true)]
@@ -199,6 +220,71 @@ mod rootless {
     }
 }
 
+/// `lab up --kube`: a control plane (unless given one), the network, the
+/// kubelet. Whatever was started is stopped again when a step fails.
+fn kube_up(dir: &std::path::Path, nodes: usize, id: u8, port: u16, given: Option<PathBuf>) {
+    use e2e::kubelet;
+    if Lab::state_file(dir).exists() {
+        fail(format!(
+            "a lab already exists at {}; run `lab down` first",
+            dir.display()
+        ));
+    }
+    let script = kubelet::plane_script();
+    let plane_dir = dir.join("kube/plane");
+    let (kubeconfig, plane) = match given {
+        Some(k) => (k, None),
+        None => {
+            let _ = std::fs::create_dir_all(&plane_dir);
+            // A fresh API server each time (the unpacked server binary is kept).
+            let _ = std::fs::remove_dir_all(plane_dir.join("etcd-data"));
+            match kubelet::plane_up(&script, &plane_dir, port) {
+                Ok(k) => (
+                    k,
+                    Some((
+                        script.display().to_string(),
+                        plane_dir.display().to_string(),
+                    )),
+                ),
+                Err(e) => {
+                    kubelet::plane_down(&script, &plane_dir);
+                    fail(e)
+                }
+            }
+        }
+    };
+    let kubeconfig = std::fs::canonicalize(&kubeconfig).unwrap_or(kubeconfig);
+    let mut lab = match Lab::create_kept(dir, id, nodes, Keeper::Command) {
+        Ok(l) => l,
+        Err(e) => {
+            if plane.is_some() {
+                kubelet::plane_down(&script, &plane_dir);
+            }
+            fail(e)
+        }
+    };
+    lab.state.kube = Some(e2e::lab::KubeState {
+        kubeconfig: kubeconfig.display().to_string(),
+        plane,
+        ..Default::default()
+    });
+    let started = lab
+        .save()
+        .map_err(|e| e.to_string())
+        .and_then(|()| kubelet::start(&mut lab, &kubeconfig).map_err(|e| e.to_string()));
+    if let Err(e) = started {
+        lab.down();
+        fail(e);
+    }
+    println!(
+        "lab up at {} ({nodes} nodes), the kubelet of {}
+export KUBECONFIG={}",
+        dir.display(),
+        kubeconfig.display(),
+        kubeconfig.display()
+    );
+}
+
 fn fail(e: impl std::fmt::Display) -> ! {
     eprintln!("lab: {e}");
     std::process::exit(1)
@@ -235,10 +321,32 @@ async fn main() {
     }
     match a.cmd {
         Cmd::Up {
+            kube: true,
+            nodes,
+            id,
+            kube_port,
+            kubeconfig,
+            ..
+        } => kube_up(&a.dir, nodes, id, kube_port, kubeconfig),
+        Cmd::Kubelet { kubeconfig } => {
+            mesh_core::init_logging();
+            let run = async {
+                let k = e2e::kubelet::Kubelet::new(&a.dir, &kubeconfig).await?;
+                k.run().await
+            };
+            if let Err(e) = run.await {
+                fail(e);
+            }
+        }
+        Cmd::Up {
             manifests,
             nodes,
             id,
+            ..
         } => {
+            let Some(manifests) = manifests else {
+                fail("no manifests given");
+            };
             if Lab::state_file(&a.dir).exists() {
                 fail(format!(
                     "a lab already exists at {}; run `lab down` first",

@@ -19,7 +19,7 @@ fn check_nodes(nodes: usize) -> Result<(), Error> {
 }
 
 impl Lab {
-    pub(super) fn add_netns(&mut self, name: &str) -> Result<(), Error> {
+    pub(crate) fn add_netns(&mut self, name: &str) -> Result<(), Error> {
         sh(&["ip", "netns", "add", name])?;
         self.state.netns.push(name.to_string());
         self.save()?;
@@ -184,6 +184,9 @@ impl Lab {
 
     /// Tears everything down: processes, then namespaces.
     pub fn down(&mut self) {
+        // A kube lab's kubelet first: it starts nothing more meanwhile.
+        crate::kubelet::stop_kubelet(self);
+        let kube = self.state.kube.clone();
         // Only processes that are still the ones the lab started.
         let ours: Vec<u32> = self
             .state
@@ -240,5 +243,8 @@ impl Lab {
             }
         }
         let _ = std::fs::remove_file(Self::state_file(&self.dir));
+        if let Some(k) = kube {
+            crate::kubelet::after_down(&k, &self.dir);
+        }
     }
 }

@@ -227,7 +227,13 @@ impl Lab {
     /// Plugs a pod's netns into its node's bridge `cbr0` (veth `eth0` in
     /// the pod, `port` on the node) with address `ip` and the node as its
     /// default route.
-    fn wire_pod(&self, node: &NodeState, ns: &str, ip: &str, port: &str) -> Result<(), Error> {
+    pub(crate) fn wire_pod(
+        &self,
+        node: &NodeState,
+        ns: &str,
+        ip: &str,
+        port: &str,
+    ) -> Result<(), Error> {
         sh(&[
             "ip",
             "link",

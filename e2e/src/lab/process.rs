@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use super::{Error, Lab, ProcState};
 
-pub(super) fn sh(args: &[&str]) -> Result<(), Error> {
+pub(crate) fn sh(args: &[&str]) -> Result<(), Error> {
     let out = Command::new(args[0]).args(&args[1..]).output()?;
     if out.status.success() {
         Ok(())
@@ -40,7 +40,7 @@ impl Lab {
 
     /// Starts a process in the machine's own netns (a published port's
     /// forwarder), ended with the lab.
-    pub(super) fn spawn(&mut self, log: &str, cmd: &[String]) -> Result<u32, Error> {
+    pub(crate) fn spawn(&mut self, log: &str, cmd: &[String]) -> Result<u32, Error> {
         let mut c = Command::new(&cmd[0]);
         c.args(&cmd[1..]);
         self.spawn_command(c, log)
@@ -102,7 +102,7 @@ impl Lab {
 
     /// Signals one process this lab started (SIGKILL with `kill`, else
     /// SIGTERM), forgets it, and waits (bounded) until it is gone.
-    pub(super) fn end_pid(&mut self, pid: u32, kill: bool) {
+    pub(crate) fn end_pid(&mut self, pid: u32, kill: bool) {
         let sig = if kill { libc::SIGKILL } else { libc::SIGTERM };
         let started = self
             .state
@@ -156,7 +156,7 @@ impl Lab {
 }
 
 /// A process's start time (field 22 of /proc/<pid>/stat).
-pub(super) fn start_time(pid: u32) -> Option<u64> {
+pub(crate) fn start_time(pid: u32) -> Option<u64> {
     crate::procfs::pid_stat(pid)?.get(19)?.parse().ok()
 }
 

@@ -12,7 +12,7 @@ use crate::mesh::binary;
 use super::objects::listener_ports;
 use super::{Error, GATEWAY_NAME_LABEL, LOOPBACK_PORTS, Lab, PodState};
 
-fn nft_in(netns: &str, script: &str) -> Result<(), Error> {
+pub(crate) fn nft_in(netns: &str, script: &str) -> Result<(), Error> {
     use std::io::Write;
     let mut child = Command::new("ip")
         .args(["netns", "exec", netns, "nft", "-f", "-"])

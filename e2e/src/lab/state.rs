@@ -4,7 +4,9 @@
 
 use std::path::{Path, PathBuf};
 
-pub use mesh_core::lab_file::{LabState, NodeState, PodState, ProcState, ServiceState};
+pub use mesh_core::lab_file::{
+    KubeState, LabState, NodeState, PodState, ProcState, ServiceState,
+};
 
 use super::{CONTROL_IP_HOST, Error};
 
@@ -27,7 +29,7 @@ impl Lab {
         })
     }
 
-    pub(super) fn save(&self) -> Result<(), Error> {
+    pub fn save(&self) -> Result<(), Error> {
         std::fs::write(
             Self::state_file(&self.dir),
             serde_json::to_vec_pretty(&self.state)?,
@@ -43,7 +45,7 @@ impl Lab {
         format!("{}.0.{CONTROL_IP_HOST}", self.net())
     }
 
-    pub(super) fn ns_name(&self, tag: &str) -> String {
+    pub(crate) fn ns_name(&self, tag: &str) -> String {
         format!("{}{tag}", self.state.prefix)
     }
 

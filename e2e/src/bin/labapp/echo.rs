@@ -104,7 +104,11 @@ pub async fn http_echo(
     delay_ms: u64,
 ) -> std::io::Result<()> {
     let l = TcpListener::bind(("0.0.0.0", port)).await?;
-    let me = std::env::var("POD_NAME").unwrap_or_else(|_| "unknown".into());
+    // The pod's name: POD_NAME (the lab, a downward-API variable), else
+    // HOSTNAME, which Kubernetes sets to it.
+    let me = std::env::var("POD_NAME")
+        .or_else(|_| std::env::var("HOSTNAME"))
+        .unwrap_or_else(|_| "unknown".into());
     let state = Arc::new(EchoState::default());
     state.fail_percent.store(fail_percent, Ordering::Relaxed);
     state.delay_ms.store(delay_ms, Ordering::Relaxed);
