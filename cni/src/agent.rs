@@ -38,6 +38,44 @@ pub struct AgentConfig {
 /// How long the ztunnel has to ack one request.
 const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// Why a pod could not be handed over or released, or the agent not
+/// reached: what the CNI plugin (and through it the kubelet) reports.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("the node's ztunnel is not connected")]
+    NotConnected,
+    #[error("netns {path}: {source}")]
+    Netns {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The ztunnel refused the pod (its ZDS answer).
+    #[error("{0}")]
+    Refused(String),
+    #[error("lost the ztunnel: {0}")]
+    Lost(#[source] zds::ZdsError),
+    #[error("the ztunnel did not answer within {0:?}")]
+    Timeout(std::time::Duration),
+    #[error(transparent)]
+    Rules(#[from] rules::RulesError),
+    #[error("cannot reach the node agent at {path}: {source}")]
+    Unreachable {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error("the node agent closed the connection")]
+    Closed,
+    /// The agent's answer to a request it could not carry out.
+    #[error("{0}")]
+    Answer(String),
+}
+
 /// A pod as the CNI plugin describes it.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
 pub struct PodSpec {
@@ -94,35 +132,35 @@ impl Agent {
     }
 
     /// Sends one request to the connected ztunnel and waits for its ack.
-    async fn to_ztunnel(&self, payload: Payload, netns: Option<&Netns>) -> Result<(), String> {
+    async fn to_ztunnel(&self, payload: Payload, netns: Option<&Netns>) -> Result<(), AgentError> {
         let mut slot = self.ztunnel.lock().await;
         let Some(sock) = slot.as_ref() else {
-            return Err("the node's ztunnel is not connected".into());
+            return Err(AgentError::NotConnected);
         };
-        let fd = netns
-            .map(|n| n.fd().try_clone_to_owned())
-            .transpose()
-            .map_err(|e| e.to_string())?;
+        let fd = netns.map(|n| n.fd().try_clone_to_owned()).transpose()?;
         // A ztunnel that stops answering must not hold every CNI call: give
         // up, and drop the connection (a late ack would pair with the wrong
         // request otherwise).
         match tokio::time::timeout(ZDS_TIMEOUT, zds::request(sock, payload, fd.as_ref())).await {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(zds::ZdsError::Protocol(m))) => Err(m),
+            Ok(Err(zds::ZdsError::Protocol(m))) => Err(AgentError::Refused(m)),
             Ok(Err(e)) => {
                 *slot = None;
-                Err(format!("lost the ztunnel: {e}"))
+                Err(AgentError::Lost(e))
             }
             Err(_) => {
                 *slot = None;
-                Err(format!("the ztunnel did not answer within {ZDS_TIMEOUT:?}"))
+                Err(AgentError::Timeout(ZDS_TIMEOUT))
             }
         }
     }
 
-    async fn add(&self, spec: PodSpec) -> Result<(), String> {
+    async fn add(&self, spec: PodSpec) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
-        let netns = Netns::open(&spec.netns).map_err(|e| format!("netns {}: {e}", spec.netns))?;
+        let netns = Netns::open(&spec.netns).map_err(|source| AgentError::Netns {
+            path: spec.netns.clone(),
+            source,
+        })?;
         let payload = Payload::Add(AddWorkload {
             uid: spec.uid.clone(),
             workload_info: Some(info_of(&spec)),
@@ -139,7 +177,7 @@ impl Agent {
                     None,
                 )
                 .await;
-            return Err(e.to_string());
+            return Err(e.into());
         }
         let mut pods = self.pods.lock().await;
         info!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), "pod captured");
@@ -148,7 +186,7 @@ impl Agent {
         Ok(())
     }
 
-    async fn del(&self, uid: &str) -> Result<(), String> {
+    async fn del(&self, uid: &str) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
         let mut pods = self.pods.lock().await;
         let Some(pod) = pods.remove(uid) else {
@@ -262,11 +300,11 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
             Err(e) => serde_json::json!({"error": format!("bad request: {e}")}),
             Ok(Request::Add(spec)) => match agent.add(spec).await {
                 Ok(()) => serde_json::json!({"ok": true}),
-                Err(e) => serde_json::json!({"error": e}),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
             },
             Ok(Request::Del { uid }) => match agent.del(&uid).await {
                 Ok(()) => serde_json::json!({"ok": true}),
-                Err(e) => serde_json::json!({"error": e}),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
             },
             Ok(Request::List) => {
                 // Whether an add would reach a ztunnel now (taken before the
@@ -283,27 +321,24 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
 }
 
 /// Client side (the CNI plugin, the lab): one request, one answer.
-pub async fn call(control_socket: &Path, req: &Request) -> Result<serde_json::Value, String> {
-    let stream = UnixStream::connect(control_socket).await.map_err(|e| {
-        format!(
-            "cannot reach the node agent at {}: {e}",
-            control_socket.display()
-        )
-    })?;
-    let (r, mut w) = stream.into_split();
-    let line = serde_json::to_string(req).map_err(|e| e.to_string())?;
-    w.write_all(format!("{line}\n").as_bytes())
+pub async fn call(control_socket: &Path, req: &Request) -> Result<serde_json::Value, AgentError> {
+    let stream = UnixStream::connect(control_socket)
         .await
-        .map_err(|e| e.to_string())?;
+        .map_err(|source| AgentError::Unreachable {
+            path: control_socket.display().to_string(),
+            source,
+        })?;
+    let (r, mut w) = stream.into_split();
+    let line = serde_json::to_string(req)?;
+    w.write_all(format!("{line}\n").as_bytes()).await?;
     let reply = BufReader::new(r)
         .lines()
         .next_line()
-        .await
-        .map_err(|e| e.to_string())?
-        .ok_or("the node agent closed the connection")?;
-    let v: serde_json::Value = serde_json::from_str(&reply).map_err(|e| e.to_string())?;
+        .await?
+        .ok_or(AgentError::Closed)?;
+    let v: serde_json::Value = serde_json::from_str(&reply)?;
     match v.get("error").and_then(|e| e.as_str()) {
-        Some(e) => Err(e.to_string()),
+        Some(e) => Err(AgentError::Answer(e.to_string())),
         None => Ok(v),
     }
 }

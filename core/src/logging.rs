@@ -74,14 +74,26 @@ where
     }
 }
 
+/// A `RUST_LOG` value that does not parse.
+#[derive(Debug, thiserror::Error)]
+#[error("RUST_LOG={spec:?} is not a list of target=level filters ({source})")]
+pub struct LogFilterError {
+    pub spec: String,
+    #[source]
+    pub source: tracing_subscriber::filter::ParseError,
+}
+
 /// The log filter for a `RUST_LOG` value: info when unset or blank, an
 /// error naming the value when it does not parse.
-pub fn log_filter(spec: Option<&str>) -> Result<tracing_subscriber::filter::Targets, String> {
+pub fn log_filter(
+    spec: Option<&str>,
+) -> Result<tracing_subscriber::filter::Targets, LogFilterError> {
     match spec.map(str::trim) {
         None | Some("") => Ok(info_filter()),
-        Some(spec) => spec
-            .parse()
-            .map_err(|e| format!("RUST_LOG={spec:?} is not a list of target=level filters ({e})")),
+        Some(spec) => spec.parse().map_err(|source| LogFilterError {
+            spec: spec.to_string(),
+            source,
+        }),
     }
 }
 
@@ -178,7 +190,7 @@ mod tests {
             assert!(f.would_enable("ztunnel", &Level::INFO), "{unset:?}");
             assert!(!f.would_enable("ztunnel", &Level::DEBUG), "{unset:?}");
         }
-        let e = log_filter(Some("ztunnel=verbose")).unwrap_err();
+        let e = log_filter(Some("ztunnel=verbose")).unwrap_err().to_string();
         assert!(e.contains("ztunnel=verbose"), "{e}");
     }
 }

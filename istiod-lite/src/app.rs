@@ -129,114 +129,25 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
         ),
         None => None,
     };
-    let source = match (&o.cacerts, &o.source, &client) {
-        (Some(dir), _, _) => CaSource::Plugged { dir: dir.clone() },
-        (None, ConfigSource::Kube(c), Some(client)) => {
-            let api = kube::Api::namespaced(client.clone(), &c.namespace);
-            let root = crate::cluster::ca_secret::load_or_create(
-                &api,
-                &c.ca_secret,
-                &o.model.trust_domain,
-            )
-            .await
-            .map_err(|e| AppError::Start("CA", e.to_string()))?;
-            CaSource::Root {
-                cert_pem: root.cert,
-                key_pem: root.key,
-            }
-        }
-        _ => CaSource::SelfSigned {
-            dir: o.data_dir.join("ca"),
-        },
-    };
-    let ca = Arc::new(
-        CertificateAuthority::load(
-            &source,
-            &o.model.trust_domain,
-            o.extra_roots.as_deref(),
-            Arc::new(SystemClock),
-        )
-        .map_err(|e| AppError::Start("CA", e.to_string()))?,
-    );
-    if client.is_none() {
-        // In a cluster the root is published in ConfigMaps instead.
-        let bundle = o.data_dir.join("root-cert.pem");
-        std::fs::write(&bundle, ca.root_bundle_pem())
-            .map_err(|e| AppError::Start("root bundle", e.to_string()))?;
-        info!(path = %bundle.display(), "published the root bundle");
-    }
+    let ca = load_ca(&o, client.as_ref()).await?;
 
     let hub = Hub::new(Model::new(o.model.clone()));
     let issues: Arc<Mutex<Vec<ConfigIssue>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
-    let mut cluster = Vec::new();
-    match &o.source {
-        ConfigSource::Folder(dir) => {
-            // Load the whole folder before serving, so the first push is complete.
-            let mut folder = FolderSource::new(dir);
-            hub.apply(folder.scan());
-            hub.set_ready();
-            *issues.lock().unwrap_or_else(|p| p.into_inner()) = folder.issues();
-            let (hub, issues, stop, poll) = (hub.clone(), issues.clone(), stop.clone(), o.poll);
-            tokio::spawn(async move {
-                loop {
-                    tokio::select! {
-                        _ = stop.cancelled() => return,
-                        _ = tokio::time::sleep(poll) => {}
-                    }
-                    let changes = folder.scan();
-                    if !changes.is_empty() {
-                        hub.apply(changes);
-                        *issues.lock().unwrap_or_else(|p| p.into_inner()) = folder.issues();
-                    }
-                }
-            });
-        }
-        ConfigSource::Kube(c) => {
-            let (Some(client), Some(config)) = (client.clone(), kube_config.clone()) else {
-                return Err(AppError::Start("Kubernetes client", "none".into()));
-            };
-            let watchers = crate::config::kube::watch_all(config, hub.sources().clone())
-                .map_err(|e| AppError::Start("Kubernetes client", e.to_string()))?;
-            tokio::spawn(crate::config::kube::feed(hub.clone(), watchers, o.poll));
-            cluster = start_cluster_writes(client, c, &o, &ca, &hub, &stop);
-        }
-    }
+    let cluster = start_source(
+        &o,
+        &hub,
+        &issues,
+        &stop,
+        &ca,
+        client.clone(),
+        kube_config.clone(),
+    )?;
 
-    let mut dns = vec![
-        "istiod-lite.istio-system.svc".to_string(),
-        "istiod.istio-system.svc".to_string(),
-        "localhost".to_string(),
-    ];
-    if let ConfigSource::Kube(c) = &o.source {
-        dns.push(format!("istiod-lite.{}.svc", c.namespace));
-        dns.push(c.ca_server_name.clone());
-    }
-    dns.dedup();
-    dns.extend(o.serving_dns.iter().cloned());
+    let dns = serving_names(&o);
     let serving = ServingCert::issue(&ca, &dns, &o.serving_ips)
         .map_err(|e| AppError::Start("serving certificate", e.to_string()))?;
-    let authn: Arc<dyn Authenticator> = match (&o.source, &client, &o.node_tokens) {
-        (ConfigSource::Kube(c), Some(client), _) => Arc::new(TokenReviewer::new(
-            client.clone(),
-            ReviewConfig {
-                audience: c.token_audience.clone(),
-                ztunnel_account: c.ztunnel_account.clone(),
-                trust_domain: o.model.trust_domain.clone(),
-            },
-            hub.clone(),
-        )),
-        (_, _, Some(path)) => Arc::new(
-            TokensFile::load(path, hub.clone())
-                .map_err(|e| AppError::Start("node tokens", e.to_string()))?,
-        ),
-        _ => {
-            return Err(AppError::Start(
-                "node tokens",
-                "--node-tokens is required outside a cluster".into(),
-            ));
-        }
-    };
+    let authn = authenticator(&o, client.as_ref(), &hub)?;
     let listener = TcpListener::bind(o.grpc_addr)
         .await
         .map_err(|e| AppError::Start("gRPC listener", e.to_string()))?;
@@ -284,6 +195,149 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
         server,
         cluster,
     })
+}
+
+/// The CA: the plugged-in root, the cluster's CA Secret, or a self-signed
+/// root in the data directory. Outside a cluster its root bundle is
+/// published in the data directory.
+async fn load_ca(
+    o: &Options,
+    client: Option<&kube::Client>,
+) -> Result<Arc<CertificateAuthority>, AppError> {
+    let source = match (&o.cacerts, &o.source, client) {
+        (Some(dir), _, _) => CaSource::Plugged { dir: dir.clone() },
+        (None, ConfigSource::Kube(c), Some(client)) => {
+            let api = kube::Api::namespaced(client.clone(), &c.namespace);
+            let root = crate::cluster::ca_secret::load_or_create(
+                &api,
+                &c.ca_secret,
+                &o.model.trust_domain,
+            )
+            .await
+            .map_err(|e| AppError::Start("CA", e.to_string()))?;
+            CaSource::Root {
+                cert_pem: root.cert,
+                key_pem: root.key,
+            }
+        }
+        _ => CaSource::SelfSigned {
+            dir: o.data_dir.join("ca"),
+        },
+    };
+    let ca = Arc::new(
+        CertificateAuthority::load(
+            &source,
+            &o.model.trust_domain,
+            o.extra_roots.as_deref(),
+            Arc::new(SystemClock),
+        )
+        .map_err(|e| AppError::Start("CA", e.to_string()))?,
+    );
+    if client.is_none() {
+        // In a cluster the root is published in ConfigMaps instead.
+        let bundle = o.data_dir.join("root-cert.pem");
+        std::fs::write(&bundle, ca.root_bundle_pem())
+            .map_err(|e| AppError::Start("root bundle", e.to_string()))?;
+        info!(path = %bundle.display(), "published the root bundle");
+    }
+
+    Ok(ca)
+}
+
+/// Starts the config source feeding `hub`: the folder, re-read every
+/// `poll`, or the Kubernetes watchers with the cluster's writers (whose
+/// tasks are returned).
+fn start_source(
+    o: &Options,
+    hub: &Arc<Hub>,
+    issues: &Arc<Mutex<Vec<ConfigIssue>>>,
+    stop: &CancellationToken,
+    ca: &Arc<CertificateAuthority>,
+    client: Option<kube::Client>,
+    kube_config: Option<kube::Config>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, AppError> {
+    let mut cluster = Vec::new();
+    match &o.source {
+        ConfigSource::Folder(dir) => {
+            // Load the whole folder before serving, so the first push is complete.
+            let mut folder = FolderSource::new(dir);
+            hub.apply(folder.scan());
+            hub.set_ready();
+            *issues.lock().unwrap_or_else(|p| p.into_inner()) = folder.issues();
+            let (hub, issues, stop, poll) = (hub.clone(), issues.clone(), stop.clone(), o.poll);
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(poll) => {}
+                    }
+                    let changes = folder.scan();
+                    if !changes.is_empty() {
+                        hub.apply(changes);
+                        *issues.lock().unwrap_or_else(|p| p.into_inner()) = folder.issues();
+                    }
+                }
+            });
+        }
+        ConfigSource::Kube(c) => {
+            let (Some(client), Some(config)) = (client, kube_config) else {
+                return Err(AppError::Start("Kubernetes client", "none".into()));
+            };
+            let watchers = crate::config::kube::watch_all(config, hub.sources().clone())
+                .map_err(|e| AppError::Start("Kubernetes client", e.to_string()))?;
+            tokio::spawn(crate::config::kube::feed(hub.clone(), watchers, o.poll));
+            cluster = start_cluster_writes(client, c, o, ca, hub, stop);
+        }
+    }
+
+    Ok(cluster)
+}
+
+/// The names the controller's serving certificate carries.
+fn serving_names(o: &Options) -> Vec<String> {
+    let mut dns = vec![
+        "istiod-lite.istio-system.svc".to_string(),
+        "istiod.istio-system.svc".to_string(),
+        "localhost".to_string(),
+    ];
+    if let ConfigSource::Kube(c) = &o.source {
+        dns.push(format!("istiod-lite.{}.svc", c.namespace));
+        dns.push(c.ca_server_name.clone());
+    }
+    dns.dedup();
+    dns.extend(o.serving_dns.iter().cloned());
+    dns
+}
+
+/// Who may ask for certificates and config: the API server's TokenReview
+/// in a cluster, the node tokens file outside one.
+fn authenticator(
+    o: &Options,
+    client: Option<&kube::Client>,
+    hub: &Arc<Hub>,
+) -> Result<Arc<dyn Authenticator>, AppError> {
+    let authn: Arc<dyn Authenticator> = match (&o.source, client, &o.node_tokens) {
+        (ConfigSource::Kube(c), Some(client), _) => Arc::new(TokenReviewer::new(
+            client.clone(),
+            ReviewConfig {
+                audience: c.token_audience.clone(),
+                ztunnel_account: c.ztunnel_account.clone(),
+                trust_domain: o.model.trust_domain.clone(),
+            },
+            hub.clone(),
+        )),
+        (_, _, Some(path)) => Arc::new(
+            TokensFile::load(path, hub.clone())
+                .map_err(|e| AppError::Start("node tokens", e.to_string()))?,
+        ),
+        _ => {
+            return Err(AppError::Start(
+                "node tokens",
+                "--node-tokens is required outside a cluster".into(),
+            ));
+        }
+    };
+    Ok(authn)
 }
 
 /// Binds `addr` and serves `handler` on it until `stop`; the bound address.

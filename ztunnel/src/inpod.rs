@@ -22,6 +22,28 @@ use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
 use mesh_core::netns::Netns;
 
+/// Why a pod the node agent handed over is not served: the ZDS ack's
+/// error, which the agent reports to the CNI plugin.
+#[derive(Debug, thiserror::Error)]
+enum PodError {
+    #[error("DNS listeners in the pod's netns: {0}")]
+    Dns(#[source] std::io::Error),
+    #[error("listen on :{port} in the pod's netns: {source}")]
+    Listen {
+        port: u16,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("netns descriptor unusable: {0}")]
+    NetnsFd(#[source] std::io::Error),
+    #[error("AddWorkload without a netns descriptor")]
+    NoNetns,
+    #[error("KeepWorkload for {0}, which this ztunnel does not hold")]
+    NotHeld(String),
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
 /// A pod listener's accept loop.
 type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 /// What serves one of a pod's listeners.
@@ -75,7 +97,7 @@ impl InPod {
             .collect()
     }
 
-    fn add(&self, uid: &str, info: WorkloadInfo, netns: Netns) -> Result<(), String> {
+    fn add(&self, uid: &str, info: WorkloadInfo, netns: Netns) -> Result<(), PodError> {
         if let Some(p) = self.lock().get(uid)
             && p.netns.id() == netns.id()
         {
@@ -99,9 +121,9 @@ impl InPod {
                         Ok::<_, std::io::Error>((u, t))
                     })
                     .and_then(|r| r)
-                    .map_err(|e| format!("DNS listeners in the pod's netns: {e}"))?;
-                let udp = tokio::net::UdpSocket::from_std(udp).map_err(|e| e.to_string())?;
-                let tcp = TcpListener::from_std(tcp).map_err(|e| e.to_string())?;
+                    .map_err(PodError::Dns)?;
+                let udp = tokio::net::UdpSocket::from_std(udp)?;
+                let tcp = TcpListener::from_std(tcp)?;
                 Some((d.clone(), udp, tcp))
             }
             None => None,
@@ -135,7 +157,7 @@ impl InPod {
                         }
                     },
                 )
-                .map_err(|e| format!("listen on :{port} in the pod's netns: {e}"))
+                .map_err(|source| PodError::Listen { port, source })
         };
         // The outbound listener knows its pod: the source of what it
         // accepts is that pod, never whoever owns the peer address.
@@ -246,8 +268,8 @@ impl InPod {
                             seen.insert(add.uid.clone());
                             self.add(&add.uid, info, ns)
                         }
-                        Some(Err(e)) => Err(format!("netns descriptor unusable: {e}")),
-                        None => Err("AddWorkload without a netns descriptor".into()),
+                        Some(Err(e)) => Err(PodError::NetnsFd(e)),
+                        None => Err(PodError::NoNetns),
                     }
                 }
                 Payload::Keep(k) => {
@@ -255,10 +277,7 @@ impl InPod {
                     if self.lock().contains_key(&k.uid) {
                         Ok(())
                     } else {
-                        Err(format!(
-                            "KeepWorkload for {}, which this ztunnel does not hold",
-                            k.uid
-                        ))
+                        Err(PodError::NotHeld(k.uid))
                     }
                 }
                 Payload::Del(d) => {
@@ -286,7 +305,7 @@ impl InPod {
             if let Err(e) = &result {
                 warn!(error = %e, "ZDS request refused");
             }
-            mesh_core::zds::send_ack(&sock, result.err()).await?;
+            mesh_core::zds::send_ack(&sock, result.err().map(|e| e.to_string())).await?;
         }
     }
 }

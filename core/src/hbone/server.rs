@@ -2,21 +2,29 @@
 //! waypoint run: mutual TLS as a chosen identity under a timeout, the
 //! peer's identity from its certificate, then HTTP/2 with a stream limit,
 //! each CONNECT stream handed to the caller's handler until the drain.
+//! Below it, [`serve_connection`] speaks HTTP/2 on one accepted TLS
+//! connection.
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::io;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
+use std::task::Poll;
 use std::time::Duration;
 
-use http::Request;
+use bytes::Bytes;
+use futures::stream::FuturesUnordered;
+use h2::RecvStream;
+use http::{Request, Response, StatusCode};
 use rustls::ServerConfig;
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use super::{Responder, StreamTasks, serve_connection};
+use super::{H2Stream, StreamJob, Turn, h2_io_error, keepalive, keepalive_lapsed, poll_jobs};
 use crate::certs::{CertError, CertificateManager};
 use crate::config::H2Config;
 use crate::identity::Identity;
@@ -156,4 +164,130 @@ impl Server {
             debug!(%peer, error = %e, "HBONE connection ended with an error");
         }
     }
+}
+
+/// Server side: the answer to one CONNECT request.
+pub struct Responder {
+    respond: h2::server::SendResponse<Bytes>,
+    recv: RecvStream,
+}
+
+impl Responder {
+    /// Refuses with `status` and ends the stream.
+    pub fn refuse(mut self, status: StatusCode) {
+        let mut r = Response::new(());
+        *r.status_mut() = status;
+        let _ = self.respond.send_response(r, true);
+    }
+
+    /// Answers 200 and hands back the tunnel.
+    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
+        let send = self.respond.send_response(Response::new(()), false)?;
+        Ok(H2Stream::new(send, self.recv))
+    }
+}
+
+/// Where the handler of each request stream runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StreamTasks {
+    /// In the connection's own task (see [`StreamRunner`](super::StreamRunner) for why): for
+    /// streams that only copy bytes.
+    Inline,
+    /// A task of its own per stream: for handlers with heavy work of their
+    /// own (the waypoint's HTTP processing).
+    Spawn,
+}
+
+/// Serves HTTP/2 on an accepted TLS connection, calling `handler` for each
+/// request stream. The preface must arrive within `handshake_timeout`; a peer
+/// that stops answering PINGs is dropped. On `shutdown`, sends GOAWAY and
+/// lets open streams finish.
+pub async fn serve_connection<IO, F, Fut>(
+    io: IO,
+    cfg: &H2Config,
+    max_streams: u32,
+    handshake_timeout: Duration,
+    shutdown: CancellationToken,
+    tasks: StreamTasks,
+    handler: F,
+) -> Result<(), io::Error>
+where
+    IO: AsyncRead + AsyncWrite + Unpin,
+    F: Fn(Request<()>, Responder) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let handshake = h2::server::Builder::new()
+        .initial_window_size(cfg.stream_window)
+        .initial_connection_window_size(cfg.connection_window)
+        .max_frame_size(cfg.max_frame_size)
+        .max_header_list_size(cfg.max_header_list_size)
+        .max_concurrent_streams(max_streams)
+        .handshake(io);
+    let conn = tokio::time::timeout(handshake_timeout, handshake)
+        .await
+        .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "no HTTP/2 preface in time"))?
+        .map_err(h2_io_error)?;
+    let mut conn = Some(conn);
+    let ping = conn.as_mut().and_then(|c| c.ping_pong());
+    let alive = keepalive(ping, cfg.keepalive_interval, cfg.keepalive_timeout);
+    tokio::pin!(alive);
+    let cancelled = shutdown.cancelled();
+    tokio::pin!(cancelled);
+    let mut closing = false;
+    let mut jobs = FuturesUnordered::<StreamJob>::new();
+    let mut result = None;
+    let (turn, waker) = Turn::new();
+    std::future::poll_fn(|cx| {
+        turn.poll(&waker, cx, |cx| {
+            loop {
+                if !closing
+                    && cancelled.as_mut().poll(cx).is_ready()
+                    && let Some(c) = conn.as_mut()
+                {
+                    closing = true;
+                    c.graceful_shutdown();
+                }
+                poll_jobs(&mut jobs, cx);
+                if let Some(c) = conn.as_mut() {
+                    let next = {
+                        let accept = c.accept();
+                        tokio::pin!(accept);
+                        accept.poll(cx)
+                    };
+                    let ended = match next {
+                        Poll::Ready(Some(Ok((req, respond)))) => {
+                            let (parts, recv) = req.into_parts();
+                            let job = handler(
+                                Request::from_parts(parts, ()),
+                                Responder { respond, recv },
+                            );
+                            match tasks {
+                                StreamTasks::Inline => jobs.push(Box::pin(job)),
+                                StreamTasks::Spawn => {
+                                    tokio::spawn(job);
+                                }
+                            }
+                            continue;
+                        }
+                        Poll::Ready(Some(Err(e))) => Some(Err(h2_io_error(e))),
+                        Poll::Ready(None) => Some(Ok(())),
+                        Poll::Pending => keepalive_lapsed(alive.as_mut(), cx),
+                    };
+                    if let Some(r) = ended {
+                        // Dropping the connection fails its open streams, which
+                        // then end here.
+                        conn = None;
+                        result = Some(r);
+                        continue;
+                    }
+                    poll_jobs(&mut jobs, cx);
+                }
+                if conn.is_none() && jobs.is_empty() {
+                    return Poll::Ready(result.take().unwrap_or(Ok(())));
+                }
+                return Poll::Pending;
+            }
+        })
+    })
+    .await
 }

@@ -24,8 +24,8 @@ use tokio::sync::watch;
 pub use local::{LocalConfig, LocalConfigError};
 pub use policy::{Authorization, Decision};
 pub use types::{
-    GatewayAddress, GatewayDestination, PortMapping, ResourceError, Service, TunnelProtocol,
-    Workload, WorkloadKind, ip_from_bytes,
+    FieldError, GatewayAddress, GatewayDestination, PortMapping, ResourceError, Service,
+    TunnelProtocol, Workload, WorkloadKind, ip_from_bytes,
 };
 
 use policy::Scope;

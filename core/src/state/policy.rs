@@ -18,7 +18,7 @@ use std::net::IpAddr;
 use mesh_proto::istio::security as pb;
 use serde::{Deserialize, Serialize};
 
-use super::types::{ResourceError, ip_from_bytes};
+use super::types::{FieldError, ResourceError, ip_from_bytes};
 use crate::identity::Identity;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,8 +257,8 @@ impl Authorization {
                     .map(|c| c.matches.iter().map(convert_match).collect())
                     .collect()
             })
-            .collect::<Result<Vec<Vec<Vec<Match>>>, String>>()
-            .map_err(fail)?;
+            .collect::<Result<Vec<Vec<Vec<Match>>>, FieldError>>()
+            .map_err(|e| fail(e.to_string()))?;
         Ok(Authorization {
             name: a.name.clone(),
             namespace: a.namespace.clone(),
@@ -295,7 +295,7 @@ impl Authorization {
     }
 }
 
-fn strings(list: &[pb::StringMatch]) -> Result<Vec<StringMatch>, String> {
+fn strings(list: &[pb::StringMatch]) -> Result<Vec<StringMatch>, FieldError> {
     use pb::string_match::MatchType;
     list.iter()
         .map(|m| match &m.match_type {
@@ -303,18 +303,21 @@ fn strings(list: &[pb::StringMatch]) -> Result<Vec<StringMatch>, String> {
             Some(MatchType::Prefix(s)) => Ok(StringMatch::Prefix(s.clone())),
             Some(MatchType::Suffix(s)) => Ok(StringMatch::Suffix(s.clone())),
             Some(MatchType::Presence(_)) => Ok(StringMatch::Presence),
-            None => Err("string match with no match type".to_string()),
+            None => Err(FieldError::NoMatchType),
         })
         .collect()
 }
 
-fn cidrs(list: &[pb::Address]) -> Result<Vec<Cidr>, String> {
+fn cidrs(list: &[pb::Address]) -> Result<Vec<Cidr>, FieldError> {
     list.iter()
         .map(|a| {
             let addr = ip_from_bytes(&a.address)?;
             let max = if addr.is_ipv4() { 32 } else { 128 };
             if a.length > max {
-                return Err(format!("prefix length {} too long for {addr}", a.length));
+                return Err(FieldError::PrefixLength {
+                    len: a.length,
+                    addr,
+                });
             }
             Ok(Cidr {
                 addr,
@@ -324,20 +327,20 @@ fn cidrs(list: &[pb::Address]) -> Result<Vec<Cidr>, String> {
         .collect()
 }
 
-fn port_list(list: &[u32]) -> Result<Vec<u16>, String> {
+fn port_list(list: &[u32]) -> Result<Vec<u16>, FieldError> {
     list.iter()
-        .map(|p| u16::try_from(*p).map_err(|_| format!("{p} is not a port")))
+        .map(|p| u16::try_from(*p).map_err(|_| FieldError::PortValue(*p)))
         .collect()
 }
 
-fn service_accounts(list: &[pb::ServiceAccountMatch]) -> Result<Vec<ServiceAccount>, String> {
+fn service_accounts(list: &[pb::ServiceAccountMatch]) -> Result<Vec<ServiceAccount>, FieldError> {
     list.iter()
         .map(|m| {
             if m.namespace.is_empty() || m.service_account.is_empty() {
-                return Err(format!(
-                    "service account match {:?}/{:?} is incomplete",
-                    m.namespace, m.service_account
-                ));
+                return Err(FieldError::ServiceAccount {
+                    namespace: m.namespace.clone(),
+                    name: m.service_account.clone(),
+                });
             }
             Ok(ServiceAccount {
                 namespace: m.namespace.clone(),
@@ -347,7 +350,7 @@ fn service_accounts(list: &[pb::ServiceAccountMatch]) -> Result<Vec<ServiceAccou
         .collect()
 }
 
-fn convert_match(m: &pb::Match) -> Result<Match, String> {
+fn convert_match(m: &pb::Match) -> Result<Match, FieldError> {
     Ok(Match {
         service_accounts: service_accounts(&m.service_accounts)?,
         not_service_accounts: service_accounts(&m.not_service_accounts)?,

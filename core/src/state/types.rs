@@ -140,23 +140,40 @@ impl Service {
     }
 }
 
-pub fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, String> {
-    match b.len() {
-        4 => Ok(IpAddr::from(
-            <[u8; 4]>::try_from(b).map_err(|e| e.to_string())?,
-        )),
-        16 => Ok(IpAddr::from(
-            <[u8; 16]>::try_from(b).map_err(|e| e.to_string())?,
-        )),
-        n => Err(format!("address of {n} bytes is neither IPv4 nor IPv6")),
+/// Why a field of a resource could not be read (the reason in a
+/// [`ResourceError`], and so in the NACK the control plane reads).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FieldError {
+    #[error("address of {0} bytes is neither IPv4 nor IPv6")]
+    AddressLength(usize),
+    #[error("{field} {value} is not a port")]
+    Port { field: &'static str, value: u32 },
+    #[error("{0} is not a port")]
+    PortValue(u32),
+    #[error("waypoint without an address")]
+    NoWaypointAddress,
+    #[error("string match with no match type")]
+    NoMatchType,
+    #[error("prefix length {len} too long for {addr}")]
+    PrefixLength { len: u32, addr: IpAddr },
+    #[error("service account match {namespace:?}/{name:?} is incomplete")]
+    ServiceAccount { namespace: String, name: String },
+}
+
+pub fn ip_from_bytes(b: &[u8]) -> Result<IpAddr, FieldError> {
+    if let Ok(v4) = <[u8; 4]>::try_from(b) {
+        return Ok(IpAddr::from(v4));
     }
+    <[u8; 16]>::try_from(b)
+        .map(IpAddr::from)
+        .map_err(|_| FieldError::AddressLength(b.len()))
 }
 
-fn port(p: u32, what: &str) -> Result<u16, String> {
-    u16::try_from(p).map_err(|_| format!("{what} {p} is not a port"))
+fn port(p: u32, field: &'static str) -> Result<u16, FieldError> {
+    u16::try_from(p).map_err(|_| FieldError::Port { field, value: p })
 }
 
-fn ports(list: &[pb::Port]) -> Result<Vec<PortMapping>, String> {
+fn ports(list: &[pb::Port]) -> Result<Vec<PortMapping>, FieldError> {
     list.iter()
         .map(|p| {
             Ok(PortMapping {
@@ -167,7 +184,7 @@ fn ports(list: &[pb::Port]) -> Result<Vec<PortMapping>, String> {
         .collect()
 }
 
-fn gateway(g: &pb::GatewayAddress) -> Result<GatewayAddress, String> {
+fn gateway(g: &pb::GatewayAddress) -> Result<GatewayAddress, FieldError> {
     let destination = match &g.destination {
         Some(pb::gateway_address::Destination::Address(a)) => GatewayDestination::Address {
             network: a.network.clone(),
@@ -177,7 +194,7 @@ fn gateway(g: &pb::GatewayAddress) -> Result<GatewayAddress, String> {
             namespace: h.namespace.clone(),
             hostname: h.hostname.clone(),
         },
-        None => return Err("waypoint without an address".into()),
+        None => return Err(FieldError::NoWaypointAddress),
     };
     let hbone_port = match g.hbone_mtls_port {
         0 => 15008,
@@ -205,7 +222,7 @@ impl Workload {
             .iter()
             .map(|a| ip_from_bytes(a))
             .collect::<Result<Vec<_>, _>>()
-            .map_err(fail)?;
+            .map_err(|e| fail(e.to_string()))?;
         let td = if w.trust_domain.is_empty() {
             default_trust_domain
         } else {
@@ -232,8 +249,8 @@ impl Workload {
             .services
             .iter()
             .map(|(k, v)| Ok((k.clone(), ports(&v.ports)?)))
-            .collect::<Result<HashMap<_, _>, String>>()
-            .map_err(fail)?;
+            .collect::<Result<HashMap<_, _>, FieldError>>()
+            .map_err(|e| fail(e.to_string()))?;
         Ok(Workload {
             uid: w.uid.clone(),
             name: w.name.clone(),
@@ -242,7 +259,12 @@ impl Workload {
             network: w.network.clone(),
             protocol,
             identity,
-            waypoint: w.waypoint.as_ref().map(gateway).transpose().map_err(fail)?,
+            waypoint: w
+                .waypoint
+                .as_ref()
+                .map(gateway)
+                .transpose()
+                .map_err(|e| fail(e.to_string()))?,
             node: w.node.clone(),
             canonical_name: w.canonical_name.clone(),
             canonical_revision: w.canonical_revision.clone(),
@@ -270,8 +292,8 @@ impl Service {
             .addresses
             .iter()
             .map(|a| Ok((a.network.clone(), ip_from_bytes(&a.address)?)))
-            .collect::<Result<Vec<_>, String>>()
-            .map_err(fail)?;
+            .collect::<Result<Vec<_>, FieldError>>()
+            .map_err(|e| fail(e.to_string()))?;
         let subject_alt_names = s
             .subject_alt_names
             .iter()
@@ -283,9 +305,14 @@ impl Service {
             namespace: s.namespace.clone(),
             hostname: s.hostname.clone(),
             vips,
-            ports: ports(&s.ports).map_err(fail)?,
+            ports: ports(&s.ports).map_err(|e| fail(e.to_string()))?,
             subject_alt_names,
-            waypoint: s.waypoint.as_ref().map(gateway).transpose().map_err(fail)?,
+            waypoint: s
+                .waypoint
+                .as_ref()
+                .map(gateway)
+                .transpose()
+                .map_err(|e| fail(e.to_string()))?,
         })
     }
 }

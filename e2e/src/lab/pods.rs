@@ -389,7 +389,7 @@ impl Lab {
                     }
                     return self.save();
                 }
-                Err(e) => last = e,
+                Err(e) => last = e.to_string(),
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

@@ -453,10 +453,14 @@ fn virtual_hosts(attached: &[(&[pb::Route], Vec<String>)]) -> Vec<pb::VirtualHos
     out
 }
 
-/// The Ingress resource of Gateway `key`, its listeners' status and issues.
-pub fn build(model: &Model, key: &NsName, gw: &Gateway) -> Built {
-    let (ns, name) = key;
-    let mut issues: BTreeSet<String> = BTreeSet::new();
+/// The HTTPRoutes that some listener of `gw` selects, oldest first, each
+/// with its routes converted once (their own issues are the HTTPRoute's).
+fn attachable_routes<'m>(
+    model: &'m Model,
+    key: &NsName,
+    gw: &Gateway,
+    issues: &mut BTreeSet<String>,
+) -> (Vec<&'m HttpRoute>, Vec<Vec<pb::Route>>) {
     // HTTPRoutes oldest first, then by name: Gateway API's tie-break.
     let mut http_routes: Vec<&HttpRoute> = model.http_routes.values().collect();
     http_routes.sort_by(|a, b| {
@@ -479,10 +483,102 @@ pub fn build(model: &Model, key: &NsName, gw: &Gateway) -> Built {
         .map(|r| {
             let mut rs = routes::convert(r, &model.cfg.domain_suffix, &model.traffic_policies).0;
             let rns = r.metadata.namespace.as_deref().unwrap_or_default();
-            same_namespace_backends(rns, &mut rs, &mut issues);
+            same_namespace_backends(rns, &mut rs, issues);
             rs
         })
         .collect();
+
+    (http_routes, converted)
+}
+
+/// The protocol a listener is served with, or why it is not (an
+/// unsupported protocol, or TLS passthrough).
+fn listener_protocol(l: &GatewayListeners) -> (Option<pb::ListenerProtocol>, Option<String>) {
+    let passthrough =
+        l.tls.as_ref().and_then(|t| t.mode.as_ref()) == Some(&GatewayListenersTlsMode::Passthrough);
+    let protocol = match l.protocol.as_str() {
+        "HTTP" => Some(pb::ListenerProtocol::Http),
+        "HTTPS" if !passthrough => Some(pb::ListenerProtocol::Https),
+        _ => None,
+    };
+    let problem = match protocol {
+        Some(_) => None,
+        None if passthrough => Some(
+            "TLS mode Passthrough is not supported; the ingress terminates TLS (HTTPS, mode Terminate)"
+                .to_string(),
+        ),
+        None => Some(format!(
+            "protocol {} is not supported; use HTTP or HTTPS",
+            l.protocol
+        )),
+    };
+    (protocol, problem)
+}
+
+/// Why a listener clashes with one taken before it: listeners on one port
+/// must speak one protocol and differ by hostname.
+fn conflict(
+    protocol: Option<pb::ListenerProtocol>,
+    l: &GatewayListeners,
+    hostname: &str,
+    port_protocols: &BTreeMap<i32, &str>,
+    taken: &BTreeSet<(i32, String)>,
+) -> Option<(&'static str, String)> {
+    match (protocol, port_protocols.get(&l.port)) {
+        (None, _) => None,
+        (Some(_), Some(p)) if *p != l.protocol => Some((
+            "ProtocolConflict",
+            format!("port {} is already served as {p}", l.port),
+        )),
+        (Some(_), _) if taken.contains(&(l.port, hostname.to_string())) => Some((
+            "HostnameConflict",
+            format!(
+                "another listener on port {} has the same hostname {:?}",
+                l.port, hostname
+            ),
+        )),
+        (Some(_), _) => None,
+    }
+}
+
+/// Every Service the listeners' routes send to (or mirror to), with its
+/// ports and backend policy.
+fn backends(model: &Model, listeners: &[pb::Listener]) -> Vec<pb::IngressBackend> {
+    let services: BTreeSet<String> = listeners
+        .iter()
+        .flat_map(|l| &l.virtual_hosts)
+        .flat_map(|v| &v.routes)
+        .flat_map(|r| {
+            r.backends
+                .iter()
+                .chain(r.mirror.as_ref().and_then(|m| m.backend.as_ref()))
+                .map(|b| b.service.clone())
+        })
+        .collect();
+    services
+        .into_iter()
+        .map(|service| {
+            let (sns, host) = service.split_once('/').unwrap_or_default();
+            let svc_name = host
+                .strip_suffix(&format!(".{sns}.svc.{}", model.cfg.domain_suffix))
+                .unwrap_or(host);
+            let key = (sns.to_string(), svc_name.to_string());
+            pb::IngressBackend {
+                ports: model.services.get(&key).map(ports).unwrap_or_default(),
+                backend_policy: model
+                    .destination_rule(sns, host)
+                    .map(|r| routes::backend_policy(r).0),
+                service,
+            }
+        })
+        .collect()
+}
+
+/// The Ingress resource of Gateway `key`, its listeners' status and issues.
+pub fn build(model: &Model, key: &NsName, gw: &Gateway) -> Built {
+    let (ns, name) = key;
+    let mut issues: BTreeSet<String> = BTreeSet::new();
+    let (http_routes, converted) = attachable_routes(model, key, gw, &mut issues);
 
     let mut listeners = Vec::new();
     let mut statuses = Vec::new();
@@ -493,47 +589,17 @@ pub fn build(model: &Model, key: &NsName, gw: &Gateway) -> Built {
         let mut conditions = Vec::new();
         let hostname = l.hostname.clone().unwrap_or_default().to_ascii_lowercase();
         let (http_ok, bad_kinds) = route_kinds(l);
-        let passthrough = l.tls.as_ref().and_then(|t| t.mode.as_ref())
-            == Some(&GatewayListenersTlsMode::Passthrough);
-        let protocol = match l.protocol.as_str() {
-            "HTTP" => Some(pb::ListenerProtocol::Http),
-            "HTTPS" if !passthrough => Some(pb::ListenerProtocol::Https),
-            _ => None,
-        };
+        let (protocol, mut problem) = listener_protocol(l);
         let mut served = protocol.is_some();
-        let mut problem: Option<String> = None;
-        match protocol {
-            Some(_) => conditions.push(cond("Accepted", true, "Accepted", "accepted".into())),
-            None => {
-                let msg = if passthrough {
-                    "TLS mode Passthrough is not supported; the ingress terminates TLS (HTTPS, mode Terminate)".to_string()
-                } else {
-                    format!(
-                        "protocol {} is not supported; use HTTP or HTTPS",
-                        l.protocol
-                    )
-                };
-                problem = Some(msg.clone());
-                conditions.push(cond("Accepted", false, "UnsupportedProtocol", msg));
+        match &problem {
+            None => conditions.push(cond("Accepted", true, "Accepted", "accepted".into())),
+            Some(msg) => {
+                conditions.push(cond("Accepted", false, "UnsupportedProtocol", msg.clone()))
             }
         }
         // Listeners on one port must speak one protocol and differ by
         // hostname, or the proxy could not tell them apart.
-        let conflict = match (protocol, port_protocols.get(&l.port)) {
-            (None, _) => None,
-            (Some(_), Some(p)) if *p != l.protocol => Some((
-                "ProtocolConflict",
-                format!("port {} is already served as {p}", l.port),
-            )),
-            (Some(_), _) if taken.contains(&(l.port, hostname.clone())) => Some((
-                "HostnameConflict",
-                format!(
-                    "another listener on port {} has the same hostname {:?}",
-                    l.port, hostname
-                ),
-            )),
-            (Some(_), _) => None,
-        };
+        let conflict = conflict(protocol, l, &hostname, &port_protocols, &taken);
         match &conflict {
             Some((reason, msg)) => {
                 served = false;
@@ -643,34 +709,7 @@ pub fn build(model: &Model, key: &NsName, gw: &Gateway) -> Built {
         });
     }
 
-    let services: BTreeSet<String> = listeners
-        .iter()
-        .flat_map(|l| &l.virtual_hosts)
-        .flat_map(|v| &v.routes)
-        .flat_map(|r| {
-            r.backends
-                .iter()
-                .chain(r.mirror.as_ref().and_then(|m| m.backend.as_ref()))
-                .map(|b| b.service.clone())
-        })
-        .collect();
-    let backends = services
-        .into_iter()
-        .map(|service| {
-            let (sns, host) = service.split_once('/').unwrap_or_default();
-            let svc_name = host
-                .strip_suffix(&format!(".{sns}.svc.{}", model.cfg.domain_suffix))
-                .unwrap_or(host);
-            let key = (sns.to_string(), svc_name.to_string());
-            pb::IngressBackend {
-                ports: model.services.get(&key).map(ports).unwrap_or_default(),
-                backend_policy: model
-                    .destination_rule(sns, host)
-                    .map(|r| routes::backend_policy(r).0),
-                service,
-            }
-        })
-        .collect();
+    let backends = backends(model, &listeners);
     Built {
         ingress: pb::Ingress {
             namespace: ns.clone(),

@@ -187,19 +187,16 @@ fn workload_name(p: &Pod) -> (String, pb::WorkloadType) {
     (name, pb::WorkloadType::Pod)
 }
 
-pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
-    let p = model.pods.get(key)?;
-    if !running(p) {
-        return None;
-    }
-    let ips = pod_ips(p);
-    if ips.is_empty() {
-        // Not yet scheduled or no IP yet: it appears once it has one.
-        tracing::debug!(pod = %format!("{}/{}", key.0, key.1), "pod has no IP yet");
-        return None;
-    }
-    let (ns, name) = key;
-    let pl = labels(&p.metadata);
+/// The services a pod is an endpoint of, with their ports on it: those
+/// whose selector picks its labels, and selector-less ones whose
+/// EndpointSlices name one of its addresses.
+fn services_of(
+    model: &Model,
+    ns: &str,
+    p: &Pod,
+    pl: &Labels,
+    ips: &[IpAddr],
+) -> BTreeMap<String, pb::PortList> {
     let mut services: BTreeMap<String, pb::PortList> = BTreeMap::new();
     for sk in in_ns(&model.services, ns) {
         let Some(svc) = model.services.get(&sk) else {
@@ -209,7 +206,7 @@ pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
             continue;
         };
         let selector = spec.selector.clone().unwrap_or_default();
-        if selects(&selector, &pl) {
+        if selects(&selector, pl) {
             let ports = spec
                 .ports
                 .iter()
@@ -236,7 +233,7 @@ pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
         else {
             continue;
         };
-        let Some(svc) = model.services.get(&(ns.clone(), svc_name.clone())) else {
+        let Some(svc) = model.services.get(&(ns.to_string(), svc_name.clone())) else {
             continue;
         };
         let Some(spec) = svc.spec.as_ref() else {
@@ -276,6 +273,12 @@ pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
             pb::PortList { ports },
         );
     }
+    services
+}
+
+/// The policies (AuthorizationPolicies and PeerAuthentications, by
+/// `namespace/name`) whose workload selector picks a pod's labels.
+fn policies_of(model: &Model, ns: &str, pl: &Labels) -> Vec<String> {
     let mut policies: Vec<String> = model
         .authz_policies
         .iter()
@@ -286,7 +289,7 @@ pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
                     .spec
                     .selector
                     .as_ref()
-                    .is_some_and(|s| selects(&s.match_labels, &pl))
+                    .is_some_and(|s| selects(&s.match_labels, pl))
         })
         .map(|((pns, pname), _)| format!("{pns}/{pname}"))
         .collect();
@@ -300,13 +303,31 @@ pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
                         .spec
                         .selector
                         .as_ref()
-                        .is_some_and(|s| selects(&s.match_labels, &pl))
+                        .is_some_and(|s| selects(&s.match_labels, pl))
             })
             .map(|((pns, pname), _)| {
                 format!("{pns}/{}", super::authz::peer_auth_policy_name(pname))
             }),
     );
     policies.sort();
+    policies
+}
+
+pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
+    let p = model.pods.get(key)?;
+    if !running(p) {
+        return None;
+    }
+    let ips = pod_ips(p);
+    if ips.is_empty() {
+        // Not yet scheduled or no IP yet: it appears once it has one.
+        tracing::debug!(pod = %format!("{}/{}", key.0, key.1), "pod has no IP yet");
+        return None;
+    }
+    let (ns, name) = key;
+    let pl = labels(&p.metadata);
+    let services = services_of(model, ns, p, &pl, &ips);
+    let policies = policies_of(model, ns, &pl);
     let (workload_name, workload_type) = workload_name(p);
     let spec = p.spec.as_ref();
     let hbone = enrolled(model, p);

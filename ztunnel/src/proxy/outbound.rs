@@ -1,7 +1,7 @@
 //! Outbound: a captured connection from a local workload, routed to its
 //! destination over HBONE, directly, or passed through.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -9,11 +9,13 @@ use tokio::net::{TcpListener, TcpStream};
 use tracing::{debug, warn};
 
 use super::Proxy;
-use super::conns::{ConnInfo, Direction, Protocol};
+use super::conns::{ConnInfo, Direction, Protocol, Tracked};
 use super::copy::{self, Counters};
 use mesh_core::hbone::pool::PoolKey;
 use mesh_core::hbone::{ConnectHeaders, new_traceparent};
+use mesh_core::identity::Identity;
 use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
+use mesh_core::netns::Netns;
 use mesh_core::socket;
 use mesh_core::state::decide::{Route, RouteError, resolve};
 use mesh_core::state::{Snapshot, Workload};
@@ -104,6 +106,21 @@ enum Source<'a> {
     Pod(&'a CapturedPod),
 }
 
+/// Why a captured connection's source workload is not known.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum SourceError {
+    #[error("no workload {0}")]
+    NoWorkload(String),
+    #[error("no workload has the source address {0}")]
+    NoWorkloadAt(IpAddr),
+    #[error("source address {addr} is workload {workload}'s, not this pod's ({pod})")]
+    NotThisPod {
+        addr: IpAddr,
+        workload: String,
+        pod: String,
+    },
+}
+
 /// The workload of `pod` that sent from `peer`, or why there is none:
 /// the workload at the peer address must be that very pod's.
 pub fn pod_source(
@@ -111,19 +128,16 @@ pub fn pod_source(
     network: &str,
     pod: &CapturedPod,
     peer: SocketAddr,
-) -> Result<Arc<Workload>, String> {
+) -> Result<Arc<Workload>, SourceError> {
     let w = snap
         .workload_by_ip(network, peer.ip())
-        .ok_or_else(|| format!("no workload has the source address {}", peer.ip()))?;
+        .ok_or(SourceError::NoWorkloadAt(peer.ip()))?;
     if w.namespace != pod.namespace || w.name != pod.name {
-        return Err(format!(
-            "source address {} is workload {}/{}'s, not this pod's ({}/{})",
-            peer.ip(),
-            w.namespace,
-            w.name,
-            pod.namespace,
-            pod.name
-        ));
+        return Err(SourceError::NotThisPod {
+            addr: peer.ip(),
+            workload: format!("{}/{}", w.namespace, w.name),
+            pod: format!("{}/{}", pod.namespace, pod.name),
+        });
     }
     Ok(w.clone())
 }
@@ -133,19 +147,101 @@ fn source_workload(
     network: &str,
     source: Source<'_>,
     peer: SocketAddr,
-) -> Result<Arc<Workload>, String> {
+) -> Result<Arc<Workload>, SourceError> {
     match source {
         Source::Uid(uid) => snap
             .workload(uid)
             .cloned()
-            .ok_or_else(|| format!("no workload {uid}")),
+            .ok_or_else(|| SourceError::NoWorkload(uid.to_string())),
         Source::Pod(pod) => pod_source(snap, network, pod, peer),
+    }
+}
+
+/// What the access log and metrics say about where a connection goes.
+struct Facts {
+    protocol: Protocol,
+    hbone_peer: Option<SocketAddr>,
+    dst_identity: Option<Identity>,
+    dst_workload: Option<Arc<Workload>>,
+    service: Option<String>,
+    /// The address finally dialled (or asked for through the tunnel).
+    dst: SocketAddr,
+}
+
+impl Facts {
+    fn of(route: &Result<Route, RouteError>, local: bool, dst: SocketAddr) -> Facts {
+        let (protocol, hbone_peer, dst_identity, dst_workload, service) = match route {
+            Ok(Route::Hbone {
+                next_hop,
+                peer_identity,
+                dst_workload,
+                service,
+                ..
+            }) => (
+                if local {
+                    Protocol::Local
+                } else {
+                    Protocol::Hbone
+                },
+                (!local).then_some(*next_hop),
+                Some(peer_identity.clone()),
+                Some(dst_workload.clone()),
+                service.clone(),
+            ),
+            Ok(Route::Direct {
+                dst_workload,
+                service,
+                ..
+            }) => (
+                Protocol::Tcp,
+                None,
+                None,
+                Some(dst_workload.clone()),
+                service.clone(),
+            ),
+            _ => (Protocol::Tcp, None, None, None, None),
+        };
+        let dst = match route {
+            Ok(Route::Hbone { target, .. }) => *target,
+            Ok(Route::Direct { addr, .. }) | Ok(Route::Passthrough { addr }) => *addr,
+            Err(_) => dst,
+        };
+        Facts {
+            protocol,
+            hbone_peer,
+            dst_identity,
+            dst_workload,
+            service,
+            dst,
+        }
+    }
+
+    fn labels(&self, src: &Workload) -> TcpLabels {
+        let svc_parts = self.service.as_ref().and_then(|k| {
+            let (ns, host) = k.split_once('/')?;
+            Some((
+                host.to_string(),
+                ns.to_string(),
+                host.split('.').next().unwrap_or(host).to_string(),
+            ))
+        });
+        TcpLabels::new(
+            Reporter::source,
+            Some(src),
+            Some(&src.identity),
+            self.dst_workload.as_deref(),
+            self.dst_identity.as_ref(),
+            svc_parts
+                .as_ref()
+                .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
+            self.protocol != Protocol::Tcp,
+        )
     }
 }
 
 async fn handle(
     proxy: Arc<Proxy>,
-    mut tcp: TcpStream,
+    tcp: TcpStream,
     peer: SocketAddr,
     dst: SocketAddr,
     source: Source<'_>,
@@ -172,71 +268,18 @@ async fn handle(
         }) => super::local::served_here(&proxy, dst_workload, target.ip()),
         _ => None,
     };
-    let (protocol, hbone_peer, dst_identity, dst_workload, service) = match &route {
-        Ok(Route::Hbone {
-            next_hop,
-            peer_identity,
-            dst_workload,
-            service,
-            ..
-        }) => (
-            if local.is_some() {
-                Protocol::Local
-            } else {
-                Protocol::Hbone
-            },
-            local.is_none().then_some(*next_hop),
-            Some(peer_identity.clone()),
-            Some(dst_workload.clone()),
-            service.clone(),
-        ),
-        Ok(Route::Direct {
-            dst_workload,
-            service,
-            ..
-        }) => (
-            Protocol::Tcp,
-            None,
-            None,
-            Some(dst_workload.clone()),
-            service.clone(),
-        ),
-        _ => (Protocol::Tcp, None, None, None, None),
-    };
-    let final_dst = match &route {
-        Ok(Route::Hbone { target, .. }) => *target,
-        Ok(Route::Direct { addr, .. }) | Ok(Route::Passthrough { addr }) => *addr,
-        Err(_) => dst,
-    };
-    let svc_parts = service.as_ref().and_then(|k| {
-        let (ns, host) = k.split_once('/')?;
-        Some((
-            host.to_string(),
-            ns.to_string(),
-            host.split('.').next().unwrap_or(host).to_string(),
-        ))
-    });
-    let labels = TcpLabels::new(
-        Reporter::source,
-        Some(&src),
-        Some(&src.identity),
-        dst_workload.as_deref(),
-        dst_identity.as_ref(),
-        svc_parts
-            .as_ref()
-            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
-        protocol != Protocol::Tcp,
-    );
+    let facts = Facts::of(&route, local.is_some(), dst);
+    let labels = facts.labels(&src);
     let tracked = proxy.conns.track(ConnInfo {
         direction: Direction::Outbound,
-        protocol,
+        protocol: facts.protocol,
         src: peer,
-        dst: final_dst,
-        hbone_peer,
+        dst: facts.dst,
+        hbone_peer: facts.hbone_peer,
         src_identity: Some(src.identity.clone()),
-        dst_identity: dst_identity.clone(),
+        dst_identity: facts.dst_identity.clone(),
         src_workload: Some(src.name.clone()),
-        dst_workload: dst_workload.as_ref().map(|w| w.name.clone()),
+        dst_workload: facts.dst_workload.as_ref().map(|w| w.name.clone()),
         local_uid: Some(src.uid.clone()),
         started: SystemTime::now(),
         counters: counters.clone(),
@@ -244,10 +287,49 @@ async fn handle(
     });
     proxy.opened(&labels);
     proxy.metrics.active_connections.inc();
-    let src_ip = src.addresses.first().copied();
-    let src_netns = proxy.netns.for_workload(&src);
     // Connect first; the copy then runs where it is cheapest.
-    let connected: Result<Upstream, (ResponseFlags, String)> = async {
+    let out = Outgoing {
+        proxy: &proxy,
+        src: &src,
+        peer,
+        tracked: &tracked,
+        counters: &counters,
+    };
+    let connected = out.connect(route, local).await;
+    copy_to_end(
+        proxy.clone(),
+        tcp,
+        connected,
+        labels,
+        tracked,
+        counters,
+        peer,
+        dst,
+    )
+    .await;
+}
+
+/// One outbound connection on its way to its upstream.
+struct Outgoing<'a> {
+    proxy: &'a Arc<Proxy>,
+    src: &'a Arc<Workload>,
+    peer: SocketAddr,
+    tracked: &'a Tracked,
+    counters: &'a Arc<Counters>,
+}
+
+impl Outgoing<'_> {
+    /// Dials the route: the pool for HBONE, the same-node path for a
+    /// workload this ztunnel serves, plain TCP otherwise.
+    async fn connect(
+        &self,
+        route: Result<Route, RouteError>,
+        local: Option<Option<Arc<Netns>>>,
+    ) -> Result<Upstream, (ResponseFlags, String)> {
+        let proxy = self.proxy;
+        let src = self.src;
+        let src_ip = src.addresses.first().copied();
+        let src_netns = proxy.netns.for_workload(src);
         let route = route.map_err(|e| match e {
             RouteError::NoHealthyEndpoints(_) => (ResponseFlags::NoHealthyUpstream, e.to_string()),
             _ => (ResponseFlags::Connect, e.to_string()),
@@ -262,14 +344,14 @@ async fn handle(
             } => {
                 if let Some(dst_netns) = local {
                     return super::local::deliver(
-                        &proxy,
-                        &tracked,
-                        &src,
-                        peer,
+                        proxy,
+                        self.tracked,
+                        src,
+                        self.peer,
                         &dst_workload,
                         target,
                         dst_netns.as_deref(),
-                        counters.clone(),
+                        self.counters.clone(),
                     )
                     .await
                     .map(|d| Upstream::Local(Box::new(d)));
@@ -281,8 +363,8 @@ async fn handle(
                     next_hop,
                 };
                 let headers = ConnectHeaders {
-                    baggage: Some(baggage(&src)),
-                    forwarded_for: Some(peer),
+                    baggage: Some(baggage(src)),
+                    forwarded_for: Some(self.peer),
                     traceparent: Some(new_traceparent()),
                 };
                 let (stream, guard) = proxy
@@ -304,7 +386,21 @@ async fn handle(
             .map_err(|e| (ResponseFlags::Connect, format!("connect to {addr}: {e}"))),
         }
     }
-    .await;
+}
+
+/// Copies a connected connection to its end (an HBONE one on its HTTP/2
+/// connection's task) and records it; a failed one is recorded at once.
+#[allow(clippy::too_many_arguments)]
+async fn copy_to_end(
+    proxy: Arc<Proxy>,
+    mut tcp: TcpStream,
+    connected: Result<Upstream, (ResponseFlags, String)>,
+    labels: TcpLabels,
+    tracked: Tracked,
+    counters: Arc<Counters>,
+    peer: SocketAddr,
+    dst: SocketAddr,
+) {
     match connected {
         Err(e) => {
             debug!(%peer, %dst, error = %e.1, "outbound connection failed");
@@ -399,9 +495,9 @@ workloads:
                 "spiffe://cluster.local/ns/shop/sa/client"
             );
         }
-        let err = from("10.1.1.2").unwrap_err();
+        let err = from("10.1.1.2").unwrap_err().to_string();
         assert!(err.contains("shop/victim's, not this pod's"), "{err}");
-        let err = from("10.9.9.9").unwrap_err();
+        let err = from("10.9.9.9").unwrap_err().to_string();
         assert!(err.contains("no workload has the source address"), "{err}");
     }
 }
