@@ -3,8 +3,10 @@
 //! as keys; Istio's metric labels on every pod kind; the controller's own
 //! metrics moving.
 //!
-//! Every lab of this file runs its programs with `LOG_FORMAT=json` (the lab
-//! passes its environment on to the programs it starts).
+//! Every lab of this file runs its programs with `LOG_FORMAT=json` and the
+//! controller with `CLUSTER_ID=lab-east` (the lab passes its environment on
+//! to the programs it starts), so the cluster labels show a real name, not
+//! a default.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,15 +15,20 @@ use e2e::lab::{Down, Lab, TEST_IDS};
 use e2e::mesh::eventually;
 use serde_json::Value;
 
-fn json_logs() {
+const CLUSTER: &str = "lab-east";
+
+fn lab_env() {
     // SAFETY: set before any lab (or other thread of this test binary)
-    // starts a process; every test here wants the same value.
-    unsafe { std::env::set_var("LOG_FORMAT", "json") };
+    // starts a process; every test here wants the same values.
+    unsafe {
+        std::env::set_var("LOG_FORMAT", "json");
+        std::env::set_var("CLUSTER_ID", CLUSTER);
+    }
 }
 
 /// A lab with the shop demo and its waypoint, answering through it.
 async fn shop_with_waypoint(dir: &Path) -> Down {
-    json_logs();
+    lab_env();
     let mut g = Down(Lab::create_in(dir, TEST_IDS, 2).unwrap());
     g.0.start_mesh().await.unwrap();
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/demo");
@@ -284,7 +291,7 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
                 ("reporter", "source"),
                 ("source_app", "client"),
                 ("source_version", "latest"),
-                ("source_cluster", "Kubernetes"),
+                ("source_cluster", CLUSTER),
                 ("source_workload_namespace", "shop"),
             ]
         ),
@@ -299,7 +306,22 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
                 ("reporter", "destination"),
                 ("destination_app", "server"),
                 ("destination_version", "latest"),
-                ("destination_cluster", "Kubernetes"),
+                ("destination_cluster", CLUSTER),
+            ]
+        ),
+        "{all:#?}"
+    );
+    // Behind the waypoint, the server's ztunnel names the service the
+    // waypoint asked for (its `forwarded` host).
+    assert!(
+        find(
+            "ztunnel",
+            "istio_tcp_connections_opened",
+            &[
+                ("reporter", "destination"),
+                ("destination_service", "server.shop.svc.cluster.local"),
+                ("destination_service_name", "server"),
+                ("destination_service_namespace", "shop"),
             ]
         ),
         "{all:#?}"
@@ -312,10 +334,10 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
             &[
                 ("reporter", "waypoint"),
                 ("source_app", "client"),
-                ("source_cluster", "Kubernetes"),
+                ("source_cluster", CLUSTER),
                 ("destination_app", "server"),
                 ("destination_version", "latest"),
-                ("destination_cluster", "Kubernetes"),
+                ("destination_cluster", CLUSTER),
                 ("destination_service", "server.shop.svc.cluster.local"),
                 ("response_code", "200"),
             ]
@@ -375,4 +397,81 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
         },
     )
     .await;
+}
+
+#[tokio::test]
+async fn both_ends_of_a_tunnel_name_the_service_and_the_workloads() {
+    lab_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Down(Lab::create_in(&tmp.path().join("lab"), TEST_IDS, 2).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/demo/shop.yaml");
+    g.0.apply(e2e::lab::read_docs(&demo).unwrap())
+        .await
+        .unwrap();
+    let lab = &g.0;
+    let server1 = lab.pod("shop/server-1").unwrap().clone();
+    let node = |name: &str| {
+        lab.state
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap()
+            .clone()
+    };
+    let (n1, n2) = (node("node-1"), node("node-2"));
+    assert_eq!(server1.node, "node-2");
+    // Until a connection has reached server-1 (on the other node: HBONE).
+    eventually(
+        "a request reaches server-1 over HBONE",
+        Duration::from_secs(60),
+        || async {
+            let _ = lab.exec("shop/client-0", &["labapp", "get", "http://server.shop/"]);
+            let m = get_in(&n2.netns, &format!("http://{}:15020/metrics", n2.ip));
+            series(&m).iter().any(|(n, l, _)| {
+                n == "istio_tcp_connections_opened_total"
+                    && l.get("reporter").map(String::as_str) == Some("destination")
+                    && l.get("destination_workload")
+                        .is_some_and(|w| w.starts_with("server"))
+            })
+        },
+    )
+    .await;
+    let src = get_in(&n1.netns, &format!("http://{}:15020/metrics", n1.ip));
+    let dst = get_in(&n2.netns, &format!("http://{}:15020/metrics", n2.ip));
+    let has = |text: &str, want: &[(&str, &str)]| {
+        series(text).iter().any(|(n, l, _)| {
+            n == "istio_tcp_connections_opened_total"
+                && want
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+    };
+    let both = [
+        ("source_workload_namespace", "shop"),
+        ("source_app", "client"),
+        ("source_cluster", CLUSTER),
+        ("destination_service", "server.shop.svc.cluster.local"),
+        ("destination_service_name", "server"),
+        ("destination_service_namespace", "shop"),
+        ("destination_app", "server"),
+        ("destination_cluster", CLUSTER),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/shop/sa/server",
+        ),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/shop/sa/client",
+        ),
+    ];
+    let mut at_source = both.to_vec();
+    at_source.push(("reporter", "source"));
+    assert!(has(&src, &at_source), "node-1 (source side):\n{src}");
+    // The destination learns the service from the client's `forwarded`
+    // host: it has no VIP of its own to go by.
+    let mut at_dest = both.to_vec();
+    at_dest.push(("reporter", "destination"));
+    at_dest.push(("destination_workload", &server1.name));
+    assert!(has(&dst, &at_dest), "node-2 (destination side):\n{dst}");
 }

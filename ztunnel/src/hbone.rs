@@ -67,6 +67,9 @@ pub struct ConnectHeaders {
     pub baggage: Option<String>,
     /// The original client address, sent as `forwarded: for="ip:port"`.
     pub forwarded_for: Option<SocketAddr>,
+    /// The service hostname the client addressed, sent as `;host=` in
+    /// `forwarded` (the peer then attributes the connection to it).
+    pub forwarded_host: Option<String>,
     pub traceparent: Option<String>,
 }
 
@@ -80,7 +83,11 @@ pub fn connect_request(target: SocketAddr, h: &ConnectHeaders) -> Result<Request
         b = b.header(BAGGAGE, v);
     }
     if let Some(f) = h.forwarded_for {
-        b = b.header(FORWARDED, format!("for=\"{f}\""));
+        let v = match &h.forwarded_host {
+            Some(host) => format!("for=\"{f}\";host={host}"),
+            None => format!("for=\"{f}\""),
+        };
+        b = b.header(FORWARDED, v);
     }
     if let Some(t) = &h.traceparent {
         b = b.header(TRACEPARENT, t);
@@ -105,6 +112,8 @@ pub struct H2Stream {
     recv: RecvStream,
     buf: Bytes,
     write_closed: bool,
+    /// The `baggage` of the peer's 200, on a stream this side opened.
+    peer_baggage: Option<String>,
 }
 
 impl H2Stream {
@@ -114,7 +123,13 @@ impl H2Stream {
             recv,
             buf: Bytes::new(),
             write_closed: false,
+            peer_baggage: None,
         }
+    }
+
+    /// What the destination said of itself on its 200 (`baggage`).
+    pub fn peer_baggage(&self) -> Option<&str> {
+        self.peer_baggage.as_deref()
     }
 
     /// Aborts the tunnel: the peer sees a reset, not an end of stream.
@@ -129,6 +144,7 @@ impl H2Stream {
             recv,
             buf,
             write_closed,
+            ..
         } = self;
         (H2Send { send, write_closed }, H2Recv { recv, buf })
     }
@@ -525,7 +541,14 @@ async fn open_inner(
     if resp.status() != StatusCode::OK {
         return Err(OpenError::Status(resp.status()));
     }
-    Ok(H2Stream::new(send, resp.into_body()))
+    let baggage = resp
+        .headers()
+        .get(BAGGAGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut s = H2Stream::new(send, resp.into_body());
+    s.peer_baggage = baggage;
+    Ok(s)
 }
 
 /// Server side: the answer to one CONNECT request.
@@ -543,8 +566,18 @@ impl Responder {
     }
 
     /// Answers 200 and hands back the tunnel.
-    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
-        let send = self.respond.send_response(Response::new(()), false)?;
+    pub fn accept(self) -> Result<H2Stream, h2::Error> {
+        self.accept_with_baggage(None)
+    }
+
+    /// Answers 200 with the destination's `baggage` (so the client can
+    /// name the workload it reached) and hands back the tunnel.
+    pub fn accept_with_baggage(mut self, baggage: Option<&str>) -> Result<H2Stream, h2::Error> {
+        let mut r = Response::new(());
+        if let Some(v) = baggage.and_then(|b| http::HeaderValue::from_str(b).ok()) {
+            r.headers_mut().insert(BAGGAGE, v);
+        }
+        let send = self.respond.send_response(r, false)?;
         Ok(H2Stream::new(send, self.recv))
     }
 }
@@ -677,7 +710,9 @@ mod tests {
                 CancellationToken::new(),
                 StreamTasks::Inline,
                 |_req, respond: Responder| async move {
-                    let mut t = respond.accept().expect("answer 200");
+                    let mut t = respond
+                        .accept_with_baggage(Some("k8s.namespace.name=shop,service.name=server"))
+                        .expect("answer 200");
                     let mut got = Vec::new();
                     t.read_to_end(&mut got).await.expect("read the request");
                     t.write_all(&got).await.expect("echo");
@@ -697,6 +732,11 @@ mod tests {
         let mut s = open(&send, target, &ConnectHeaders::default(), WAIT)
             .await
             .expect("CONNECT");
+        // The destination named itself on its 200.
+        assert_eq!(
+            s.peer_baggage(),
+            Some("k8s.namespace.name=shop,service.name=server")
+        );
         let (tx, rx) = tokio::sync::oneshot::channel();
         runner.spawn(async move {
             s.write_all(b"ping over HBONE").await.expect("write");

@@ -3,7 +3,7 @@
 //!
 //! Layering (a module only uses those listed before it):
 //! `identity` -> `clock` -> `tls` -> `ca` -> `certs` -> `config` -> `state`
-//! -> `metrics` -> `hbone` -> `shards` -> `proxy` -> `admin` -> `app`.
+//! -> `metrics` -> `hbone` -> `peer_meta` -> `shards` -> `proxy` -> `admin` -> `app`.
 
 pub mod admin;
 pub mod app;
@@ -17,6 +17,7 @@ pub mod identity;
 pub mod inpod;
 pub mod metrics;
 pub mod netns;
+pub mod peer_meta;
 pub mod proxy;
 pub mod shards;
 pub mod state;

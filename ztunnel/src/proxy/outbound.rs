@@ -187,26 +187,7 @@ fn pool_error_flags(e: &super::pool::PoolError) -> ResponseFlags {
 
 /// W3C baggage describing the source, in the keys Istio's peers read.
 pub fn baggage(w: &Workload) -> String {
-    let name = if w.workload_name.is_empty() {
-        &w.name
-    } else {
-        &w.workload_name
-    };
-    format!(
-        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.deployment.name={},service.name={},service.version={}",
-        w.namespace,
-        name,
-        if w.canonical_name.is_empty() {
-            name
-        } else {
-            &w.canonical_name
-        },
-        if w.canonical_revision.is_empty() {
-            "latest"
-        } else {
-            &w.canonical_revision
-        }
-    )
+    crate::peer_meta::baggage(w)
 }
 
 /// Serves one outbound listener for the workload `source_uid`.
@@ -439,6 +420,9 @@ async fn handle(
                 let headers = ConnectHeaders {
                     baggage: Some(baggage(&src)),
                     forwarded_for: Some(peer),
+                    // The service the client addressed, so the destination
+                    // attributes the connection to it.
+                    forwarded_host: svc_parts.as_ref().map(|(host, _, _)| host.clone()),
                     traceparent: Some(new_traceparent()),
                 };
                 let (stream, guard) = proxy
