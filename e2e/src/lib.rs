@@ -11,3 +11,4 @@ pub mod lab;
 pub mod mesh;
 pub mod netns;
 pub mod procfs;
+pub mod promql;

@@ -475,3 +475,116 @@ async fn both_ends_of_a_tunnel_name_the_service_and_the_workloads() {
     at_dest.push(("destination_workload", &server1.name));
     assert!(has(&dst, &at_dest), "node-2 (destination side):\n{dst}");
 }
+
+/// Metrics a lab run cannot give a series, and why: their names must
+/// still be declared, but their labels cannot be checked here.
+const NO_SERIES_IN_A_LAB: &[(&str, &str)] = &[(
+    "istiod_lite_watch_restarts_total",
+    "folder mode watches no API server",
+)];
+
+/// Labels Prometheus adds to every scraped series (not the mesh's).
+const SCRAPE_LABELS: &[&str] = &["instance", "job"];
+
+#[tokio::test]
+async fn every_dashboard_query_names_metrics_and_labels_the_mesh_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = shop_with_waypoint(&tmp.path().join("lab")).await;
+    let lab = &g.0;
+    for _ in 0..5 {
+        let _ = lab.exec("shop/client-0", &["labapp", "get", "http://server.shop/"]);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everything the mesh exports: every ztunnel, waypoint and the controller.
+    let mut texts: Vec<String> = lab
+        .state
+        .nodes
+        .iter()
+        .map(|n| get_in(&n.netns, &format!("http://{}:15020/metrics", n.ip)))
+        .collect();
+    for p in lab.state.pods.values().filter(|p| p.image == "waypoint") {
+        texts.push(get_in(&p.netns, &format!("http://{}:15020/metrics", p.ip)));
+    }
+    texts.push(lab.controller_debug("/metrics").unwrap());
+    let mut labels_of: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    let mut declared = std::collections::BTreeSet::new();
+    for t in &texts {
+        for (name, labels, _) in series(t) {
+            labels_of
+                .entry(name)
+                .or_default()
+                .extend(labels.into_keys());
+        }
+        for l in t.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                declared.extend(rest.split_whitespace().next().map(str::to_string));
+            }
+        }
+    }
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/dashboards");
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let titles: Vec<String> = files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "json"))
+        .map(|f| {
+            let d: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+            let mut queries: Vec<String> = Vec::new();
+            for p in d["panels"].as_array().unwrap() {
+                for t in p["targets"].as_array().into_iter().flatten() {
+                    queries.extend(t["expr"].as_str().map(str::to_string));
+                }
+            }
+            for v in d["templating"]["list"].as_array().unwrap() {
+                queries.extend(v["query"]["query"].as_str().map(str::to_string));
+            }
+            for q in &queries {
+                let (metrics, labels) = e2e::promql::names(q);
+                assert!(!metrics.is_empty(), "{}: no metric in {q}", f.display());
+                for m in &metrics {
+                    // A counter's family is declared without `_total`, a
+                    // histogram's without `_bucket`/`_sum`/`_count`.
+                    let family = ["_total", "_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| m.strip_suffix(s))
+                        .unwrap_or(m);
+                    if !labels_of.contains_key(m)
+                        && !declared.contains(m)
+                        && !declared.contains(family)
+                    {
+                        problems.push(format!("{}: {m} is not exported ({q})", f.display()));
+                    }
+                }
+                let unchecked = metrics
+                    .iter()
+                    .all(|m| NO_SERIES_IN_A_LAB.iter().any(|(n, _)| n == m));
+                for l in &labels {
+                    let ok = SCRAPE_LABELS.contains(&l.as_str())
+                        || (l == "le" && metrics.iter().any(|m| m.ends_with("_bucket")))
+                        || unchecked
+                        || metrics
+                            .iter()
+                            .any(|m| labels_of.get(m).is_some_and(|ls| ls.contains(l)));
+                    if !ok {
+                        problems.push(format!(
+                            "{}: label {l} is on none of {metrics:?} ({q})",
+                            f.display()
+                        ));
+                    }
+                }
+                checked += 1;
+            }
+            d["title"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(titles, ["Control plane", "Mesh", "Waypoint", "Workload"]);
+    assert!(checked > 50, "{checked} queries");
+}
