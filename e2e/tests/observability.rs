@@ -345,58 +345,7 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
         "{all:#?}"
     );
 
-    // The controller: proxies connected, pushes, certificates, objects.
-    let m = lab.controller_debug("/metrics").unwrap();
-    assert!(
-        value(&m, "pilot_xds", None) >= 3.0,
-        "2 ztunnels and a waypoint:\n{m}"
-    );
-    assert!(
-        value(&m, "pilot_xds_pushes", Some(("type", "address"))) > 0.0,
-        "{m}"
-    );
-    assert!(value(&m, "citadel_server_csr_count", None) > 0.0, "{m}");
-    assert!(
-        value(&m, "citadel_server_success_cert_issuance_count", None) > 0.0,
-        "{m}"
-    );
-    assert!(
-        value(&m, "istiod_lite_config_objects", Some(("kind", "Pod"))) >= 5.0,
-        "{m}"
-    );
-    assert!(
-        value(&m, "istiod_lite_model_build_seconds_count", None) > 0.0,
-        "{m}"
-    );
-    assert!(
-        value(&m, "istio_build", Some(("component", "istiod-lite"))) == 1.0,
-        "{m}"
-    );
-    assert!(
-        m.contains("pilot_total_xds_rejects") && m.contains("pilot_proxy_convergence_time_bucket"),
-        "{m}"
-    );
-    // They move: a new workload with an identity of its own is pushed to
-    // every proxy and its ztunnel asks for its certificate.
-    let pushes = value(&m, "pilot_xds_pushes", None);
-    let csrs = value(&m, "citadel_server_csr_count", None);
-    let converged = value(&m, "pilot_proxy_convergence_time_count", None);
-    assert!(value(&before, "pilot_xds_pushes", None) <= pushes);
-    g.0.apply(e2e::lab::parse_docs("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: extra, namespace: shop}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: extra}}\n  template:\n    metadata: {labels: {app: extra}}\n    spec:\n      serviceAccountName: extra\n      containers: [{name: app, image: labapp, args: [http-echo, --port, \"8080\"]}]\n").unwrap())
-        .await
-        .unwrap();
-    let lab = &g.0;
-    eventually(
-        "the controller's counters move",
-        Duration::from_secs(30),
-        || async {
-            let m = lab.controller_debug("/metrics").unwrap();
-            value(&m, "pilot_xds_pushes", None) > pushes
-                && value(&m, "citadel_server_csr_count", None) > csrs
-                && value(&m, "pilot_proxy_convergence_time_count", None) > converged
-        },
-    )
-    .await;
+    controller_counts_and_they_move(&mut g, &before).await;
 }
 
 #[tokio::test]
@@ -587,4 +536,61 @@ async fn every_dashboard_query_names_metrics_and_labels_the_mesh_exports() {
     assert!(problems.is_empty(), "{problems:#?}");
     assert_eq!(titles, ["Control plane", "Mesh", "Waypoint", "Workload"]);
     assert!(checked > 50, "{checked} queries");
+}
+
+/// The controller's metrics: proxies connected, pushes, certificates,
+/// objects; and they move when a new workload arrives.
+async fn controller_counts_and_they_move(g: &mut Down, before: &str) {
+    // The controller: proxies connected, pushes, certificates, objects.
+    let m = g.0.controller_debug("/metrics").unwrap();
+    assert!(
+        value(&m, "pilot_xds", None) >= 3.0,
+        "2 ztunnels and a waypoint:\n{m}"
+    );
+    assert!(
+        value(&m, "pilot_xds_pushes", Some(("type", "address"))) > 0.0,
+        "{m}"
+    );
+    assert!(value(&m, "citadel_server_csr_count", None) > 0.0, "{m}");
+    assert!(
+        value(&m, "citadel_server_success_cert_issuance_count", None) > 0.0,
+        "{m}"
+    );
+    assert!(
+        value(&m, "istiod_lite_config_objects", Some(("kind", "Pod"))) >= 5.0,
+        "{m}"
+    );
+    assert!(
+        value(&m, "istiod_lite_model_build_seconds_count", None) > 0.0,
+        "{m}"
+    );
+    assert!(
+        value(&m, "istio_build", Some(("component", "istiod-lite"))) == 1.0,
+        "{m}"
+    );
+    assert!(
+        m.contains("pilot_total_xds_rejects") && m.contains("pilot_proxy_convergence_time_bucket"),
+        "{m}"
+    );
+    // They move: a new workload with an identity of its own is pushed to
+    // every proxy and its ztunnel asks for its certificate.
+    let pushes = value(&m, "pilot_xds_pushes", None);
+    let csrs = value(&m, "citadel_server_csr_count", None);
+    let converged = value(&m, "pilot_proxy_convergence_time_count", None);
+    assert!(value(before, "pilot_xds_pushes", None) <= pushes);
+    g.0.apply(e2e::lab::parse_docs("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: extra, namespace: shop}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: extra}}\n  template:\n    metadata: {labels: {app: extra}}\n    spec:\n      serviceAccountName: extra\n      containers: [{name: app, image: labapp, args: [http-echo, --port, \"8080\"]}]\n").unwrap())
+        .await
+        .unwrap();
+    let lab = &g.0;
+    eventually(
+        "the controller's counters move",
+        Duration::from_secs(30),
+        || async {
+            let m = lab.controller_debug("/metrics").unwrap();
+            value(&m, "pilot_xds_pushes", None) > pushes
+                && value(&m, "citadel_server_csr_count", None) > csrs
+                && value(&m, "pilot_proxy_convergence_time_count", None) > converged
+        },
+    )
+    .await;
 }
