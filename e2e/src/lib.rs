@@ -13,3 +13,4 @@ pub mod mesh;
 pub mod netns;
 pub mod procfs;
 pub mod pytools;
+pub mod promql;

@@ -3,8 +3,10 @@
 //! as keys; Istio's metric labels on every pod kind; the controller's own
 //! metrics moving.
 //!
-//! Every lab of this file runs its programs with `LOG_FORMAT=json` (the lab
-//! passes its environment on to the programs it starts).
+//! Every lab of this file runs its programs with `LOG_FORMAT=json` and the
+//! controller with `CLUSTER_ID=lab-east` (the lab passes its environment on
+//! to the programs it starts), so the cluster labels show a real name, not
+//! a default.
 
 use std::path::Path;
 use std::time::Duration;
@@ -13,15 +15,20 @@ use e2e::lab::{Down, Lab, TEST_IDS};
 use e2e::mesh::eventually;
 use serde_json::Value;
 
-fn json_logs() {
+const CLUSTER: &str = "lab-east";
+
+fn lab_env() {
     // SAFETY: set before any lab (or other thread of this test binary)
-    // starts a process; every test here wants the same value.
-    unsafe { std::env::set_var("LOG_FORMAT", "json") };
+    // starts a process; every test here wants the same values.
+    unsafe {
+        std::env::set_var("LOG_FORMAT", "json");
+        std::env::set_var("CLUSTER_ID", CLUSTER);
+    }
 }
 
 /// A lab with the shop demo and its waypoint, answering through it.
 async fn shop_with_waypoint(dir: &Path) -> Down {
-    json_logs();
+    lab_env();
     let mut g = Down(Lab::create_in(dir, TEST_IDS, 2).unwrap());
     g.0.start_mesh().await.unwrap();
     let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/demo");
@@ -284,7 +291,7 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
                 ("reporter", "source"),
                 ("source_app", "client"),
                 ("source_version", "latest"),
-                ("source_cluster", "Kubernetes"),
+                ("source_cluster", CLUSTER),
                 ("source_workload_namespace", "shop"),
             ]
         ),
@@ -299,7 +306,22 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
                 ("reporter", "destination"),
                 ("destination_app", "server"),
                 ("destination_version", "latest"),
-                ("destination_cluster", "Kubernetes"),
+                ("destination_cluster", CLUSTER),
+            ]
+        ),
+        "{all:#?}"
+    );
+    // Behind the waypoint, the server's ztunnel names the service the
+    // waypoint asked for (its `forwarded` host).
+    assert!(
+        find(
+            "ztunnel",
+            "istio_tcp_connections_opened",
+            &[
+                ("reporter", "destination"),
+                ("destination_service", "server.shop.svc.cluster.local"),
+                ("destination_service_name", "server"),
+                ("destination_service_namespace", "shop"),
             ]
         ),
         "{all:#?}"
@@ -312,10 +334,10 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
             &[
                 ("reporter", "waypoint"),
                 ("source_app", "client"),
-                ("source_cluster", "Kubernetes"),
+                ("source_cluster", CLUSTER),
                 ("destination_app", "server"),
                 ("destination_version", "latest"),
-                ("destination_cluster", "Kubernetes"),
+                ("destination_cluster", CLUSTER),
                 ("destination_service", "server.shop.svc.cluster.local"),
                 ("response_code", "200"),
             ]
@@ -323,8 +345,204 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
         "{all:#?}"
     );
 
+    controller_counts_and_they_move(&mut g, &before).await;
+}
+
+#[tokio::test]
+async fn both_ends_of_a_tunnel_name_the_service_and_the_workloads() {
+    lab_env();
+    let tmp = tempfile::tempdir().unwrap();
+    let mut g = Down(Lab::create_in(&tmp.path().join("lab"), TEST_IDS, 2).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let demo = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/demo/shop.yaml");
+    g.0.apply(e2e::lab::read_docs(&demo).unwrap())
+        .await
+        .unwrap();
+    let lab = &g.0;
+    let server1 = lab.pod("shop/server-1").unwrap().clone();
+    let node = |name: &str| {
+        lab.state
+            .nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap()
+            .clone()
+    };
+    let (n1, n2) = (node("node-1"), node("node-2"));
+    assert_eq!(server1.node, "node-2");
+    // Until a connection has reached server-1 (on the other node: HBONE).
+    eventually(
+        "a request reaches server-1 over HBONE",
+        Duration::from_secs(60),
+        || async {
+            let _ = lab.exec("shop/client-0", &["labapp", "get", "http://server.shop/"]);
+            let m = get_in(&n2.netns, &format!("http://{}:15020/metrics", n2.ip));
+            series(&m).iter().any(|(n, l, _)| {
+                n == "istio_tcp_connections_opened_total"
+                    && l.get("reporter").map(String::as_str) == Some("destination")
+                    && l.get("destination_workload")
+                        .is_some_and(|w| w.starts_with("server"))
+            })
+        },
+    )
+    .await;
+    let src = get_in(&n1.netns, &format!("http://{}:15020/metrics", n1.ip));
+    let dst = get_in(&n2.netns, &format!("http://{}:15020/metrics", n2.ip));
+    let has = |text: &str, want: &[(&str, &str)]| {
+        series(text).iter().any(|(n, l, _)| {
+            n == "istio_tcp_connections_opened_total"
+                && want
+                    .iter()
+                    .all(|(k, v)| l.get(*k).map(String::as_str) == Some(*v))
+        })
+    };
+    let both = [
+        ("source_workload_namespace", "shop"),
+        ("source_app", "client"),
+        ("source_cluster", CLUSTER),
+        ("destination_service", "server.shop.svc.cluster.local"),
+        ("destination_service_name", "server"),
+        ("destination_service_namespace", "shop"),
+        ("destination_app", "server"),
+        ("destination_cluster", CLUSTER),
+        (
+            "destination_principal",
+            "spiffe://cluster.local/ns/shop/sa/server",
+        ),
+        (
+            "source_principal",
+            "spiffe://cluster.local/ns/shop/sa/client",
+        ),
+    ];
+    let mut at_source = both.to_vec();
+    at_source.push(("reporter", "source"));
+    assert!(has(&src, &at_source), "node-1 (source side):\n{src}");
+    // The destination learns the service from the client's `forwarded`
+    // host: it has no VIP of its own to go by.
+    let mut at_dest = both.to_vec();
+    at_dest.push(("reporter", "destination"));
+    at_dest.push(("destination_workload", &server1.name));
+    assert!(has(&dst, &at_dest), "node-2 (destination side):\n{dst}");
+}
+
+/// Metrics a lab run cannot give a series, and why: their names must
+/// still be declared, but their labels cannot be checked here.
+const NO_SERIES_IN_A_LAB: &[(&str, &str)] = &[(
+    "istiod_lite_watch_restarts_total",
+    "folder mode watches no API server",
+)];
+
+/// Labels Prometheus adds to every scraped series (not the mesh's).
+const SCRAPE_LABELS: &[&str] = &["instance", "job"];
+
+#[tokio::test]
+async fn every_dashboard_query_names_metrics_and_labels_the_mesh_exports() {
+    let tmp = tempfile::tempdir().unwrap();
+    let g = shop_with_waypoint(&tmp.path().join("lab")).await;
+    let lab = &g.0;
+    for _ in 0..5 {
+        let _ = lab.exec("shop/client-0", &["labapp", "get", "http://server.shop/"]);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Everything the mesh exports: every ztunnel, waypoint and the controller.
+    let mut texts: Vec<String> = lab
+        .state
+        .nodes
+        .iter()
+        .map(|n| get_in(&n.netns, &format!("http://{}:15020/metrics", n.ip)))
+        .collect();
+    for p in lab.state.pods.values().filter(|p| p.image == "waypoint") {
+        texts.push(get_in(&p.netns, &format!("http://{}:15020/metrics", p.ip)));
+    }
+    texts.push(lab.controller_debug("/metrics").unwrap());
+    let mut labels_of: std::collections::BTreeMap<String, std::collections::BTreeSet<String>> =
+        Default::default();
+    let mut declared = std::collections::BTreeSet::new();
+    for t in &texts {
+        for (name, labels, _) in series(t) {
+            labels_of
+                .entry(name)
+                .or_default()
+                .extend(labels.into_keys());
+        }
+        for l in t.lines() {
+            if let Some(rest) = l.strip_prefix("# TYPE ") {
+                declared.extend(rest.split_whitespace().next().map(str::to_string));
+            }
+        }
+    }
+
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../manifests/dashboards");
+    let mut checked = 0;
+    let mut problems = Vec::new();
+    let mut files: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .collect();
+    files.sort();
+    let titles: Vec<String> = files
+        .iter()
+        .filter(|f| f.extension().is_some_and(|e| e == "json"))
+        .map(|f| {
+            let d: Value = serde_json::from_str(&std::fs::read_to_string(f).unwrap()).unwrap();
+            let mut queries: Vec<String> = Vec::new();
+            for p in d["panels"].as_array().unwrap() {
+                for t in p["targets"].as_array().into_iter().flatten() {
+                    queries.extend(t["expr"].as_str().map(str::to_string));
+                }
+            }
+            for v in d["templating"]["list"].as_array().unwrap() {
+                queries.extend(v["query"]["query"].as_str().map(str::to_string));
+            }
+            for q in &queries {
+                let (metrics, labels) = e2e::promql::names(q);
+                assert!(!metrics.is_empty(), "{}: no metric in {q}", f.display());
+                for m in &metrics {
+                    // A counter's family is declared without `_total`, a
+                    // histogram's without `_bucket`/`_sum`/`_count`.
+                    let family = ["_total", "_bucket", "_sum", "_count"]
+                        .iter()
+                        .find_map(|s| m.strip_suffix(s))
+                        .unwrap_or(m);
+                    if !labels_of.contains_key(m)
+                        && !declared.contains(m)
+                        && !declared.contains(family)
+                    {
+                        problems.push(format!("{}: {m} is not exported ({q})", f.display()));
+                    }
+                }
+                let unchecked = metrics
+                    .iter()
+                    .all(|m| NO_SERIES_IN_A_LAB.iter().any(|(n, _)| n == m));
+                for l in &labels {
+                    let ok = SCRAPE_LABELS.contains(&l.as_str())
+                        || (l == "le" && metrics.iter().any(|m| m.ends_with("_bucket")))
+                        || unchecked
+                        || metrics
+                            .iter()
+                            .any(|m| labels_of.get(m).is_some_and(|ls| ls.contains(l)));
+                    if !ok {
+                        problems.push(format!(
+                            "{}: label {l} is on none of {metrics:?} ({q})",
+                            f.display()
+                        ));
+                    }
+                }
+                checked += 1;
+            }
+            d["title"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert!(problems.is_empty(), "{problems:#?}");
+    assert_eq!(titles, ["Control plane", "Mesh", "Waypoint", "Workload"]);
+    assert!(checked > 50, "{checked} queries");
+}
+
+/// The controller's metrics: proxies connected, pushes, certificates,
+/// objects; and they move when a new workload arrives.
+async fn controller_counts_and_they_move(g: &mut Down, before: &str) {
     // The controller: proxies connected, pushes, certificates, objects.
-    let m = lab.controller_debug("/metrics").unwrap();
+    let m = g.0.controller_debug("/metrics").unwrap();
     assert!(
         value(&m, "pilot_xds", None) >= 3.0,
         "2 ztunnels and a waypoint:\n{m}"
@@ -359,7 +577,7 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
     let pushes = value(&m, "pilot_xds_pushes", None);
     let csrs = value(&m, "citadel_server_csr_count", None);
     let converged = value(&m, "pilot_proxy_convergence_time_count", None);
-    assert!(value(&before, "pilot_xds_pushes", None) <= pushes);
+    assert!(value(before, "pilot_xds_pushes", None) <= pushes);
     g.0.apply(e2e::lab::parse_docs("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: extra, namespace: shop}\nspec:\n  replicas: 1\n  selector: {matchLabels: {app: extra}}\n  template:\n    metadata: {labels: {app: extra}}\n    spec:\n      serviceAccountName: extra\n      containers: [{name: app, image: labapp, args: [http-echo, --port, \"8080\"]}]\n").unwrap())
         .await
         .unwrap();

@@ -29,6 +29,11 @@ struct Args {
     trust_domain: String,
     #[arg(long, default_value = "cluster.local")]
     domain_suffix: String,
+    /// This cluster's name (Istio's CLUSTER_ID): in every workload's uid
+    /// and cluster, so proxies report it as `source_cluster` /
+    /// `destination_cluster` and in baggage.
+    #[arg(long, env = "CLUSTER_ID", default_value = "Kubernetes")]
+    cluster_id: String,
     /// Where mesh-wide policies live (Istio's `rootNamespace`). The
     /// controller's namespace (--namespace) when unset.
     #[arg(long)]
@@ -198,7 +203,7 @@ async fn main() {
             domain_suffix: a.domain_suffix,
             root_namespace,
             mesh,
-            ..ModelConfig::default()
+            cluster_id: a.cluster_id,
         },
         grpc_addr: a.grpc_addr,
         debug_addr: a.debug_addr,

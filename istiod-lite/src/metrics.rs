@@ -26,7 +26,6 @@ use std::sync::{Mutex, OnceLock};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
-use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
@@ -50,24 +49,40 @@ pub struct BuildLabels {
     pub tag: String,
 }
 
-/// A counter by xDS type, written with Istio's name (no `_total`).
-#[derive(Default)]
-struct ByType(Mutex<BTreeMap<String, u64>>);
+/// A counter with one label, written by hand: with the exact name given
+/// (Istio's have no `_total`), and declared even before its first event.
+struct ByLabel {
+    label: &'static str,
+    counts: Mutex<BTreeMap<String, u64>>,
+}
 
-impl ByType {
-    fn inc(&self, type_url: &str) {
+impl ByLabel {
+    fn new(label: &'static str, start: impl IntoIterator<Item = String>) -> ByLabel {
+        ByLabel {
+            label,
+            counts: Mutex::new(start.into_iter().map(|k| (k, 0)).collect()),
+        }
+    }
+
+    /// Every xDS type served starts at 0, so a rate over it exists before
+    /// the first event.
+    fn by_type() -> ByLabel {
+        ByLabel::new("type", crate::xds::TYPES.iter().map(|t| type_name(t)))
+    }
+
+    fn inc(&self, value: String) {
         *self
-            .0
+            .counts
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(type_name(type_url))
+            .entry(value)
             .or_default() += 1;
     }
 
     fn write(&self, out: &mut String, name: &str, help: &str) {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} counter");
-        for (t, n) in self.0.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-            let _ = writeln!(out, "{name}{{type=\"{t}\"}} {n}");
+        for (v, n) in self.counts.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(out, "{name}{{{}=\"{v}\"}} {n}", self.label);
         }
     }
 }
@@ -83,14 +98,14 @@ fn write_counter(out: &mut String, name: &str, help: &str, n: &AtomicU64) {
 pub struct ControlMetrics {
     registry: Registry,
     connected: Family<VersionLabel, Gauge>,
-    pushes: ByType,
-    rejects: ByType,
+    pushes: ByLabel,
+    rejects: ByLabel,
     convergence: Histogram,
     csrs: AtomicU64,
     issued: AtomicU64,
     model_build: Histogram,
     objects: Family<KindLabel, Gauge>,
-    watch_restarts: Family<KindLabel, Counter>,
+    watch_restarts: ByLabel,
 }
 
 /// The short name Istio's dashboards show for a type URL (its last
@@ -114,14 +129,14 @@ impl ControlMetrics {
         let mut registry = Registry::default();
         let m = ControlMetrics {
             connected: Family::default(),
-            pushes: ByType::default(),
-            rejects: ByType::default(),
+            pushes: ByLabel::by_type(),
+            rejects: ByLabel::by_type(),
             convergence: seconds(),
             csrs: AtomicU64::new(0),
             issued: AtomicU64::new(0),
             model_build: seconds(),
             objects: Family::default(),
-            watch_restarts: Family::default(),
+            watch_restarts: ByLabel::new("kind", []),
             registry: Registry::default(),
         };
         registry.register("pilot_xds", "Connected xDS proxies", m.connected.clone());
@@ -148,20 +163,15 @@ impl ControlMetrics {
             "Config objects in the model, by kind",
             m.objects.clone(),
         );
-        registry.register(
-            "istiod_lite_watch_restarts",
-            "API server watches started again after an error or an expired version, by kind",
-            m.watch_restarts.clone(),
-        );
         ControlMetrics { registry, ..m }
     }
 
     pub fn pushed(&self, type_url: &str) {
-        self.pushes.inc(type_url);
+        self.pushes.inc(type_name(type_url));
     }
 
     pub fn rejected(&self, type_url: &str) {
-        self.rejects.inc(type_url);
+        self.rejects.inc(type_name(type_url));
     }
 
     pub fn converged(&self, d: Duration) {
@@ -181,9 +191,7 @@ impl ControlMetrics {
     }
 
     pub fn watch_restarted(&self, kind: &str) {
-        self.watch_restarts
-            .get_or_create(&KindLabel { kind: kind.into() })
-            .inc();
+        self.watch_restarts.inc(kind.to_string());
     }
 
     /// The text exposition, with the gauges read from `hub` now.
@@ -217,6 +225,11 @@ impl ControlMetrics {
             "citadel_server_success_cert_issuance_count",
             "Certificates issued",
             &self.issued,
+        );
+        self.watch_restarts.write(
+            &mut out,
+            "istiod_lite_watch_restarts_total",
+            "API server watches started again after an error or an expired version, by kind",
         );
         // Writing to a String cannot fail; it ends with `# EOF`.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -257,6 +257,98 @@ async fn mesh(a: &Args) -> Result<Mesh, SourceError> {
     )))
 }
 
+/// `ztunnel-config WHAT`: the tables of the ztunnels' dumps.
+async fn ztunnel_config(
+    a: &Args,
+    what: What,
+    node: Option<&str>,
+    address: Option<IpAddr>,
+    direction: Option<Direction>,
+) -> Result<(String, bool), SourceError> {
+    let m = mesh(a).await?;
+    let dumps = m.dumps(node).await?;
+    let f = Filters {
+        namespace: a.namespace.clone(),
+        address,
+        direction: direction.map(|d| match d {
+            Direction::Inbound => "inbound".into(),
+            Direction::Outbound => "outbound".into(),
+        }),
+    };
+    // The mesh-wide tables are the same on every ztunnel: one is enough.
+    let one = &dumps[..1];
+    let mut ts = Vec::new();
+    let all = matches!(what, What::All);
+    if all || matches!(what, What::Workloads) {
+        ts.extend(one.iter().map(|d| config_view::workloads(d, &f)));
+    }
+    if all || matches!(what, What::Services) {
+        ts.extend(one.iter().map(|d| config_view::services(d, &f)));
+    }
+    if all || matches!(what, What::Policies) {
+        ts.extend(one.iter().map(|d| config_view::policies(d, &f)));
+    }
+    if all || matches!(what, What::Certificates) {
+        ts.push(config_view::certificates(&dumps));
+    }
+    if all || matches!(what, What::Connections) {
+        ts.push(config_view::connections(&dumps, &f));
+    }
+    Ok((print(a.output, &ts), true))
+}
+
+/// `why SRC DST`: one connection explained.
+async fn why_cmd(
+    a: &Args,
+    src: &str,
+    dst: &str,
+    root_namespace: &str,
+) -> Result<(String, bool), SourceError> {
+    let out = a.output;
+    let m = mesh(a).await?;
+    let (dumps, unreachable) = m.reachable_dumps().await?;
+    for u in &unreachable {
+        eprintln!("meshctl why: ztunnel on {u} did not answer; reasoning from the others");
+    }
+    // Which L7 policies each waypoint applies, when the controller is
+    // reachable (it is optional for `why`).
+    let l7 = match &m.controller {
+        Some(c) => c.get_json("/debug/model").await.ok().map(|model| {
+            model["waypointRoutes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|r| {
+                    (
+                        r["service"].as_str().unwrap_or_default().to_string(),
+                        r["policies"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|p| p.as_str().map(str::to_string))
+                            .collect(),
+                    )
+                })
+                .collect()
+        }),
+        None => None,
+    };
+    let e = why::explain(&dumps, src, dst, root_namespace, "", l7.as_ref())?;
+    let text = if out.is_table() {
+        print(out, &[e.table()])
+    } else {
+        value_string(out, &e)
+    };
+    if out.is_table() && !e.skipped.is_empty() {
+        eprintln!(
+            "note: {} entries of the dump could not be read (a newer version?): {}",
+            e.skipped.len(),
+            e.skipped.join("; ")
+        );
+    }
+    Ok((text, true))
+}
+
 async fn run(a: Args) -> Result<(String, bool), SourceError> {
     let out = a.output;
     let tables = |t: Vec<Table>| print(out, &t);
@@ -271,86 +363,12 @@ async fn run(a: Args) -> Result<(String, bool), SourceError> {
             node,
             address,
             direction,
-        } => {
-            let m = mesh(&a).await?;
-            let dumps = m.dumps(node.as_deref()).await?;
-            let f = Filters {
-                namespace: a.namespace.clone(),
-                address: *address,
-                direction: direction.map(|d| match d {
-                    Direction::Inbound => "inbound".into(),
-                    Direction::Outbound => "outbound".into(),
-                }),
-            };
-            // The mesh-wide tables are the same on every ztunnel: one is enough.
-            let one = &dumps[..1];
-            let mut ts = Vec::new();
-            let all = matches!(what, What::All);
-            if all || matches!(what, What::Workloads) {
-                ts.extend(one.iter().map(|d| config_view::workloads(d, &f)));
-            }
-            if all || matches!(what, What::Services) {
-                ts.extend(one.iter().map(|d| config_view::services(d, &f)));
-            }
-            if all || matches!(what, What::Policies) {
-                ts.extend(one.iter().map(|d| config_view::policies(d, &f)));
-            }
-            if all || matches!(what, What::Certificates) {
-                ts.push(config_view::certificates(&dumps));
-            }
-            if all || matches!(what, What::Connections) {
-                ts.push(config_view::connections(&dumps, &f));
-            }
-            Ok((tables(ts), true))
-        }
+        } => ztunnel_config(&a, *what, node.as_deref(), *address, *direction).await,
         Cmd::Why {
             src,
             dst,
             root_namespace,
-        } => {
-            let m = mesh(&a).await?;
-            let (dumps, unreachable) = m.reachable_dumps().await?;
-            for u in &unreachable {
-                eprintln!("meshctl why: ztunnel on {u} did not answer; reasoning from the others");
-            }
-            // Which L7 policies each waypoint applies, when the controller
-            // is reachable (it is optional for `why`).
-            let l7 = match &m.controller {
-                Some(c) => c.get_json("/debug/model").await.ok().map(|model| {
-                    model["waypointRoutes"]
-                        .as_array()
-                        .into_iter()
-                        .flatten()
-                        .map(|r| {
-                            (
-                                r["service"].as_str().unwrap_or_default().to_string(),
-                                r["policies"]
-                                    .as_array()
-                                    .into_iter()
-                                    .flatten()
-                                    .filter_map(|p| p.as_str().map(str::to_string))
-                                    .collect(),
-                            )
-                        })
-                        .collect()
-                }),
-                None => None,
-            };
-            let e = why::explain(&dumps, src, dst, root_namespace, "", l7.as_ref())?;
-            let text = if out.is_table() {
-                print(out, &[e.table()])
-            } else {
-                value_string(out, &e)
-            };
-            if out.is_table() && !e.skipped.is_empty() {
-                eprintln!(
-                    "note: {} entries of the dump could not be read (a newer version?): {}",
-                    e.skipped.len(),
-                    e.skipped.join("; ")
-                );
-            }
-            Ok((text, true))
-        }
+        } => why_cmd(&a, src, dst, root_namespace).await,
         Cmd::Top { once, interval } => {
             let m = mesh(&a).await?;
             let interval = Duration::from_secs_f64(interval.max(0.2));

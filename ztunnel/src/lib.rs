@@ -3,11 +3,12 @@
 //! `mesh_core`; this crate is the proxy's own data path and wiring.
 //!
 //! Layering (a module only uses those listed before it, and `mesh_core`):
-//! `config` -> `dns` -> `proxy` -> `inpod` -> `admin` -> `app`.
+//! `config` -> `dns` -> `peer_meta` -> `proxy` -> `inpod` -> `admin` -> `app`.
 
 pub mod admin;
 pub mod app;
 pub mod config;
 pub mod dns;
 pub mod inpod;
+pub mod peer_meta;
 pub mod proxy;

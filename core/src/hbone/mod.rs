@@ -74,6 +74,9 @@ pub struct ConnectHeaders {
     pub baggage: Option<String>,
     /// The original client address, sent as `forwarded: for="ip:port"`.
     pub forwarded_for: Option<SocketAddr>,
+    /// The service hostname the client addressed, sent as `;host=` in
+    /// `forwarded` (the peer then attributes the connection to it).
+    pub forwarded_host: Option<String>,
     pub traceparent: Option<String>,
 }
 
@@ -87,7 +90,11 @@ pub fn connect_request(target: SocketAddr, h: &ConnectHeaders) -> Result<Request
         b = b.header(BAGGAGE, v);
     }
     if let Some(f) = h.forwarded_for {
-        b = b.header(FORWARDED, format!("for=\"{f}\""));
+        let v = match &h.forwarded_host {
+            Some(host) => format!("for=\"{f}\";host={host}"),
+            None => format!("for=\"{f}\""),
+        };
+        b = b.header(FORWARDED, v);
     }
     if let Some(t) = &h.traceparent {
         b = b.header(TRACEPARENT, t);
@@ -112,6 +119,8 @@ pub struct H2Stream {
     recv: RecvStream,
     buf: Bytes,
     write_closed: bool,
+    /// The `baggage` of the peer's 200, on a stream this side opened.
+    peer_baggage: Option<String>,
 }
 
 impl H2Stream {
@@ -121,7 +130,13 @@ impl H2Stream {
             recv,
             buf: Bytes::new(),
             write_closed: false,
+            peer_baggage: None,
         }
+    }
+
+    /// What the destination said of itself on its 200 (`baggage`).
+    pub fn peer_baggage(&self) -> Option<&str> {
+        self.peer_baggage.as_deref()
     }
 
     /// Aborts the tunnel: the peer sees a reset, not an end of stream.
@@ -136,6 +151,7 @@ impl H2Stream {
             recv,
             buf,
             write_closed,
+            ..
         } = self;
         (H2Send { send, write_closed }, H2Recv { recv, buf })
     }
@@ -532,7 +548,14 @@ async fn open_inner(
     if resp.status() != StatusCode::OK {
         return Err(OpenError::Status(resp.status()));
     }
-    Ok(H2Stream::new(send, resp.into_body()))
+    let baggage = resp
+        .headers()
+        .get(BAGGAGE)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let mut s = H2Stream::new(send, resp.into_body());
+    s.peer_baggage = baggage;
+    Ok(s)
 }
 
 #[cfg(test)]
@@ -559,7 +582,9 @@ mod tests {
                 CancellationToken::new(),
                 StreamTasks::Inline,
                 |_req, respond: Responder| async move {
-                    let mut t = respond.accept().expect("answer 200");
+                    let mut t = respond
+                        .accept_with_baggage(Some("k8s.namespace.name=shop,service.name=server"))
+                        .expect("answer 200");
                     let mut got = Vec::new();
                     t.read_to_end(&mut got).await.expect("read the request");
                     t.write_all(&got).await.expect("echo");
@@ -579,6 +604,11 @@ mod tests {
         let mut s = open(&send, target, &ConnectHeaders::default(), WAIT)
             .await
             .expect("CONNECT");
+        // The destination named itself on its 200.
+        assert_eq!(
+            s.peer_baggage(),
+            Some("k8s.namespace.name=shop,service.name=server")
+        );
         let (tx, rx) = tokio::sync::oneshot::channel();
         runner.spawn(async move {
             s.write_all(b"ping over HBONE").await.expect("write");

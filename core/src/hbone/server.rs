@@ -181,8 +181,18 @@ impl Responder {
     }
 
     /// Answers 200 and hands back the tunnel.
-    pub fn accept(mut self) -> Result<H2Stream, h2::Error> {
-        let send = self.respond.send_response(Response::new(()), false)?;
+    pub fn accept(self) -> Result<H2Stream, h2::Error> {
+        self.accept_with_baggage(None)
+    }
+
+    /// Answers 200 with the destination's `baggage` (so the client can
+    /// name the workload it reached) and hands back the tunnel.
+    pub fn accept_with_baggage(mut self, baggage: Option<&str>) -> Result<H2Stream, h2::Error> {
+        let mut r = Response::new(());
+        if let Some(v) = baggage.and_then(|b| http::HeaderValue::from_str(b).ok()) {
+            r.headers_mut().insert(super::BAGGAGE, v);
+        }
+        let send = self.respond.send_response(r, false)?;
         Ok(H2Stream::new(send, self.recv))
     }
 }

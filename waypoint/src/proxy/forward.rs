@@ -65,6 +65,12 @@ impl Waypoint {
             let in_flight = crate::lb::InFlight::new(ep_stats.clone());
             let headers = ConnectHeaders {
                 forwarded_for: Some(ds.peer),
+                // The backend service ("namespace/hostname"), so the
+                // destination attributes the request to it.
+                forwarded_host: backend
+                    .service
+                    .split_once('/')
+                    .map(|(_, host)| host.to_string()),
                 traceparent: Some(rec.trace.traceparent()),
                 baggage: None,
             };

@@ -82,7 +82,11 @@ async fn handle_stream(
         info!(%peer, %target, workload = %dst.uid, "HBONE target is not the connection's destination workload (400)");
         return respond.refuse(StatusCode::BAD_REQUEST);
     }
-    let src_wl = snap.workload_by_ip(&proxy.cfg.network, peer.ip()).cloned();
+    let src_wl = crate::peer_meta::source_of(
+        snap.workload_by_ip(&proxy.cfg.network, peer.ip()).cloned(),
+        req.headers(),
+        &src_identity,
+    );
     let decision = authorize(
         &snap,
         &proxy.cfg.root_namespace,
@@ -98,13 +102,18 @@ async fn handle_stream(
         .get(FORWARDED)
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    // The service the client addressed, when the peer names one this
+    // workload backs.
+    let service = crate::peer_meta::service_of(&dst, forwarded.as_deref());
     let labels = TcpLabels::new(
         Reporter::destination,
         src_wl.as_deref(),
         Some(&src_identity),
         Some(&dst),
         Some(&dst.identity),
-        None,
+        service
+            .as_ref()
+            .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
         true,
     );
     let tracked = proxy.conns.track(ConnInfo {
@@ -156,7 +165,8 @@ async fn handle_stream(
         }
     };
     proxy.metrics.active_connections.inc();
-    let result = match respond.accept() {
+    // The 200 names the destination, so the client can attribute it.
+    let result = match respond.accept_with_baggage(Some(&crate::peer_meta::baggage(&dst))) {
         Ok(mut tunnel) => {
             copy::run_hbone(
                 &tracked.cancel,

@@ -33,26 +33,7 @@ fn pool_error_flags(e: &mesh_core::hbone::pool::PoolError) -> ResponseFlags {
 
 /// W3C baggage describing the source, in the keys Istio's peers read.
 pub fn baggage(w: &Workload) -> String {
-    let name = if w.workload_name.is_empty() {
-        &w.name
-    } else {
-        &w.workload_name
-    };
-    format!(
-        "k8s.cluster.name=Kubernetes,k8s.namespace.name={},k8s.deployment.name={},service.name={},service.version={}",
-        w.namespace,
-        name,
-        if w.canonical_name.is_empty() {
-            name
-        } else {
-            &w.canonical_name
-        },
-        if w.canonical_revision.is_empty() {
-            "latest"
-        } else {
-            &w.canonical_revision
-        }
-    )
+    crate::peer_meta::baggage(w)
 }
 
 /// Serves one outbound listener for the workload `source_uid`.
@@ -288,10 +269,16 @@ async fn handle(
     proxy.opened(&labels);
     proxy.metrics.active_connections.inc();
     // Connect first; the copy then runs where it is cheapest.
+    let service_host = facts
+        .service
+        .as_deref()
+        .and_then(|k| k.split_once('/'))
+        .map(|(_, host)| host);
     let out = Outgoing {
         proxy: &proxy,
         src: &src,
         peer,
+        service_host,
         tracked: &tracked,
         counters: &counters,
     };
@@ -314,6 +301,8 @@ struct Outgoing<'a> {
     proxy: &'a Arc<Proxy>,
     src: &'a Arc<Workload>,
     peer: SocketAddr,
+    /// The hostname of the service the client addressed, if any.
+    service_host: Option<&'a str>,
     tracked: &'a Tracked,
     counters: &'a Arc<Counters>,
 }
@@ -365,6 +354,9 @@ impl Outgoing<'_> {
                 let headers = ConnectHeaders {
                     baggage: Some(baggage(src)),
                     forwarded_for: Some(self.peer),
+                    // The service the client addressed, so the destination
+                    // attributes the connection to it.
+                    forwarded_host: self.service_host.map(str::to_string),
                     traceparent: Some(new_traceparent()),
                 };
                 let (stream, guard) = proxy
