@@ -378,6 +378,10 @@ fn failover(c: &Cluster) {
             .success()
     });
     c.sh("kubectl -n istio-system rollout status deployment/istiod-lite --timeout=60s");
+    // meshctl reads a serving replica, and the ztunnels are connected again.
+    eventually("meshctl --kube check passes after the failover", 30, || {
+        c.meshctl(&["check"]).0
+    });
 }
 
 /// /ready of an istiod-lite pod (its health port): (ok, body).

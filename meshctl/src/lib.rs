@@ -7,6 +7,7 @@
 
 pub mod check;
 pub mod config_view;
+pub mod kube_pods;
 pub mod manage;
 pub mod output;
 pub mod source;
