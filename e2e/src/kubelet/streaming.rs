@@ -91,6 +91,8 @@ async fn session(
         .map_err(|e| format!("TLS: {e}"))?;
     let seen: Arc<Mutex<String>> = Arc::default();
     let s = seen.clone();
+    // The error type is tungstenite's, for its handshake callback.
+    #[allow(clippy::result_large_err)]
     let callback =
         move |req: &Request, mut resp: Response| -> std::result::Result<Response, ErrorResponse> {
             if let Ok(mut g) = s.lock() {
@@ -166,14 +168,13 @@ async fn session(
     };
     let up = async move {
         while let Some(Ok(m)) = stream.next().await {
-            match m {
-                Message::Binary(b) if b.len() > 1 && b[0] == 0 => {
-                    if wr.write_all(&b[1..]).await.is_err() {
-                        break;
-                    }
-                }
+            let data = match m {
+                Message::Binary(b) if b.len() > 1 && b[0] == 0 => b,
                 Message::Close(_) => break,
-                _ => {}
+                _ => continue,
+            };
+            if wr.write_all(&data[1..]).await.is_err() {
+                break;
             }
         }
         let _ = wr.shutdown().await;
