@@ -147,6 +147,16 @@ fn install(c: &Cluster) {
     );
     assert!(out.contains("successfully rolled out"), "{out}");
     eprintln!("{}", c.ok(&["get", "pods", "-A", "-o", "wide"]));
+    // kubectl logs, through the API server to the lab's kubelet.
+    let logs = c.ok(&[
+        "-n",
+        "istio-system",
+        "logs",
+        "daemonset/ztunnel",
+        "-c",
+        "install-cni",
+    ]);
+    assert!(logs.contains("chained mesh-cni"), "{logs}");
     eventually("meshctl --kube check passes", 30, || {
         c.meshctl(&["check"]).0
     });
