@@ -147,6 +147,16 @@ fn install(c: &Cluster) {
     );
     assert!(out.contains("successfully rolled out"), "{out}");
     eprintln!("{}", c.ok(&["get", "pods", "-A", "-o", "wide"]));
+    // kubectl logs, through the API server to the lab's kubelet.
+    let logs = c.ok(&[
+        "-n",
+        "istio-system",
+        "logs",
+        "daemonset/ztunnel",
+        "-c",
+        "install-cni",
+    ]);
+    assert!(logs.contains("chained mesh-cni"), "{logs}");
     eventually("meshctl --kube check passes", 30, || {
         c.meshctl(&["check"]).0
     });
@@ -378,6 +388,10 @@ fn failover(c: &Cluster) {
             .success()
     });
     c.sh("kubectl -n istio-system rollout status deployment/istiod-lite --timeout=60s");
+    // meshctl reads a serving replica, and the ztunnels are connected again.
+    eventually("meshctl --kube check passes after the failover", 30, || {
+        c.meshctl(&["check"]).0
+    });
 }
 
 /// /ready of an istiod-lite pod (its health port): (ok, body).

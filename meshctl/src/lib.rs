@@ -8,6 +8,7 @@
 pub mod check;
 pub mod cluster;
 pub mod config_view;
+pub mod kube_pods;
 pub mod manage;
 pub mod output;
 pub mod source;

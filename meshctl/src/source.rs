@@ -442,7 +442,7 @@ impl Mesh {
             })
         };
         let mut mesh = Mesh::default();
-        for p in &ztunnels.items {
+        for p in crate::kube_pods::serving(&ztunnels.items) {
             let node = p
                 .spec
                 .as_ref()
@@ -470,7 +470,7 @@ impl Mesh {
                 node,
             });
         }
-        for p in &waypoints.items {
+        for p in crate::kube_pods::serving(&waypoints.items) {
             let key = format!(
                 "{}/{}",
                 p.metadata.namespace.as_deref().unwrap_or_default(),
@@ -498,9 +498,7 @@ impl Mesh {
                 name: key,
             });
         }
-        mesh.controller = controllers
-            .items
-            .first()
+        mesh.controller = crate::kube_pods::controller(&controllers.items)
             .and_then(|p| pf(p, CONTROLLER_DEBUG_PORT, "istiod-lite (debug)".into()));
         if mesh.ztunnels.is_empty() {
             return Err(SourceError::Other(format!(

@@ -299,6 +299,11 @@ async fn main() {
     // SAFETY: geteuid(2) has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
     if !root && std::env::var_os("LAB_ROOTLESS_INSIDE").is_none() {
+        if matches!(a.cmd, Cmd::Up { kube: true, .. } | Cmd::Kubelet { .. }) {
+            fail(
+                "lab up --kube needs root: its containers bind-mount their volumes, and it runs a control plane",
+            );
+        }
         let code = match &a.cmd {
             Cmd::Up { .. } => match rootless::start_holder(&a.dir) {
                 Ok(pid) => {

@@ -25,6 +25,7 @@ mod endpoints;
 mod error;
 mod gc;
 mod images;
+mod logs;
 mod pods;
 mod probes;
 mod runtime;

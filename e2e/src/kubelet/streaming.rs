@@ -6,8 +6,9 @@
 //! requested port connected to the pod's loopback inside its netns, as a
 //! container runtime's port forwarding does. Each port has two channels
 //! (data `2i`, error `2i+1`), each opened with the port number (two bytes,
-//! little-endian); every message starts with its channel. It answers anyone
-//! on loopback: it is a test cluster's.
+//! little-endian); every message starts with its channel. `kubectl logs`
+//! comes here too ([`super::logs`]). It answers anyone on loopback: it is a
+//! test cluster's.
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
@@ -85,12 +86,43 @@ async fn session(
     tcp: tokio::net::TcpStream,
     dir: PathBuf,
 ) -> std::result::Result<(), String> {
-    let tls = acceptor
+    let mut tls = acceptor
         .accept(tcp)
         .await
         .map_err(|e| format!("TLS: {e}"))?;
+    // The request head tells a log request from a port-forward upgrade.
+    let mut head = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !head.windows(4).any(|w| w == b"\r\n\r\n") && head.len() < 64 * 1024 {
+        let n = tls
+            .read(&mut chunk)
+            .await
+            .map_err(|e| format!("reading: {e}"))?;
+        if n == 0 {
+            return Err("closed before a request".into());
+        }
+        head.extend_from_slice(&chunk[..n]);
+    }
+    let line = String::from_utf8_lossy(&head)
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .to_string();
+    let path = line
+        .split_whitespace()
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    if path.starts_with("/containerLogs/") {
+        return super::logs::answer(tls, &dir, &path)
+            .await
+            .map_err(|e| format!("logs: {e}"));
+    }
+    let tls = super::logs::Rewind::new(head, tls);
     let seen: Arc<Mutex<String>> = Arc::default();
     let s = seen.clone();
+    // The error type is tungstenite's, for its handshake callback.
+    #[allow(clippy::result_large_err)]
     let callback =
         move |req: &Request, mut resp: Response| -> std::result::Result<Response, ErrorResponse> {
             if let Ok(mut g) = s.lock() {
@@ -166,14 +198,13 @@ async fn session(
     };
     let up = async move {
         while let Some(Ok(m)) = stream.next().await {
-            match m {
-                Message::Binary(b) if b.len() > 1 && b[0] == 0 => {
-                    if wr.write_all(&b[1..]).await.is_err() {
-                        break;
-                    }
-                }
+            let data = match m {
+                Message::Binary(b) if b.len() > 1 && b[0] == 0 => b,
                 Message::Close(_) => break,
-                _ => {}
+                _ => continue,
+            };
+            if wr.write_all(&data[1..]).await.is_err() {
+                break;
             }
         }
         let _ = wr.shutdown().await;

@@ -207,14 +207,17 @@ impl Cluster {
     pub fn labapp(&self, pod: &PodState, args: &[&str]) -> (bool, String) {
         let mut cmd = vec!["labapp"];
         cmd.extend(args);
-        let out = self
+        // A pod gone meanwhile (replaced by its controller) answers nothing.
+        match self
             .state()
             .exec(&format!("{}/{}", pod.namespace, pod.name), &cmd)
-            .expect("lab exec");
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-        )
+        {
+            Ok(out) => (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+            ),
+            Err(_) => (false, String::new()),
+        }
     }
 
     /// GET `url` from a pod: the answer's text, or None.
