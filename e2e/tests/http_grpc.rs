@@ -5,7 +5,8 @@
 //! messages each way on one stream; `grpc-status` in Istio's metric label
 //! and the access log; a `grpc-status` 14 (UNAVAILABLE) answer is retried
 //! under the route's retry policy, and counted; a DENY on a method is a
-//! gRPC PERMISSION_DENIED.
+//! gRPC PERMISSION_DENIED; a GRPCRoute sends one method (and one header
+//! match) to v2.
 
 use std::time::Duration;
 
@@ -14,6 +15,38 @@ mod common;
 use common::*;
 
 const EXTRA: &str = "apiVersion: apps/v1
+kind: Deployment
+metadata: {name: grpc-echo-v2, namespace: shop}
+spec:
+  replicas: 1
+  selector: {matchLabels: {app: grpc-echo-v2}}
+  template:
+    metadata: {labels: {app: grpc-echo-v2}}
+    spec:
+      serviceAccountName: grpc-echo
+      nodeName: node-2
+      containers: [{name: app, image: labapp, args: [grpc-echo, --port, \"9090\"]}]
+---
+apiVersion: v1
+kind: Service
+metadata: {name: grpc-echo-v2, namespace: shop}
+spec: {selector: {app: grpc-echo-v2}, ports: [{name: grpc, port: 80, targetPort: 9090}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: grpc-echo, namespace: shop}
+spec:
+  parentRefs: [{group: \"\", kind: Service, name: grpc-echo}]
+  rules:
+  - matches: [{method: {service: labecho.Echo, method: ServerStream}}]
+    backendRefs: [{name: grpc-echo-v2, port: 80}]
+  - matches: [{method: {service: labecho.Echo, method: Unary}, headers: [{name: x-version, value: v2}]}]
+    backendRefs: [{name: grpc-echo-v2, port: 80, weight: 1}]
+    filters:
+    - type: ResponseHeaderModifier
+      responseHeaderModifier: {add: [{name: x-grpcroute, value: \"yes\"}]}
+---
+apiVersion: apps/v1
 kind: Deployment
 metadata: {name: grpc-echo, namespace: shop}
 spec:
@@ -97,8 +130,24 @@ async fn grpc_calls_of_every_kind_stream_through_the_waypoint_and_the_ingress() 
         },
     )
     .await;
+    // The GRPCRoute sends ServerStream to v2 (every other method stays).
+    e2e::mesh::eventually("the GRPCRoute is applied", Duration::from_secs(30), || {
+        let out = grpc_in_pod(lab, target, &["server", "3"]);
+        async move { out.contains("server pods=grpc-echo-v2-0") }
+    })
+    .await;
     let out = grpc_in_pod(lab, target, &["server", "10000"]);
-    assert!(out.contains("server 10000\nok"), "{out}");
+    assert!(
+        out.contains("server 10000\nserver pods=grpc-echo-v2-0\nok"),
+        "{out}"
+    );
+    let out = grpc_in_pod(lab, target, &["unary", "--meta", "x-version=v2"]);
+    assert!(
+        out.contains("pod=grpc-echo-v2-0 code=OK"),
+        "header match: {out}"
+    );
+    let out = grpc_in_pod(lab, target, &["unary"]);
+    assert!(out.contains("pod=grpc-echo-0 code=OK"), "{out}");
     let out = grpc_in_pod(lab, target, &["client", "10000"]);
     assert!(out.contains("client 10000 last=c9999\nok"), "{out}");
     let out = grpc_in_pod(lab, target, &["bidi", "10000"]);

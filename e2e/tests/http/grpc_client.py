@@ -92,8 +92,13 @@ def main():
         elif call == "server":
             n = int(args[0])
             r = ch.unary_stream(m("ServerStream"), request_serializer=ident, response_deserializer=decode)
-            got = sum(1 for _ in r(encode("s", count=n), timeout=TIMEOUT, metadata=meta))
+            pods = set()
+            got = 0
+            for reply in r(encode("s", count=n), timeout=TIMEOUT, metadata=meta):
+                got += 1
+                pods.add(reply["pod"])
             print(f"server {got}")
+            print(f"server pods={','.join(sorted(pods))}")
         elif call == "client":
             n = int(args[0])
             r = ch.stream_unary(m("ClientStream"), request_serializer=ident, response_deserializer=decode)
