@@ -21,7 +21,25 @@ pub struct StreamIdle(std::time::Duration);
 
 /// Called once with the response body's size, whether it completed, and
 /// the `grpc-status` its trailers carried, if any.
-pub type OnEnd = Box<dyn FnOnce(u64, bool, Option<String>) + Send>;
+pub type OnEnd = Box<dyn FnOnce(u64, bool, Option<GrpcOutcome>) + Send>;
+
+/// A gRPC call's outcome: its `grpc-status` and `grpc-message`.
+#[derive(Debug, Clone, Default)]
+pub struct GrpcOutcome {
+    pub status: String,
+    pub message: Option<String>,
+}
+
+impl GrpcOutcome {
+    /// From a header block (a trailers-only answer's headers, or trailers).
+    pub fn from_headers(h: &http::HeaderMap) -> Option<GrpcOutcome> {
+        let text = |v: &http::HeaderValue| String::from_utf8_lossy(v.as_bytes()).into_owned();
+        Some(GrpcOutcome {
+            status: text(h.get("grpc-status")?),
+            message: h.get("grpc-message").map(text),
+        })
+    }
+}
 
 enum Inner {
     Local(Full<Bytes>),
@@ -34,7 +52,7 @@ pub struct RespBody {
     on_end: Option<OnEnd>,
     /// An HTTP/1 connection goes back to its pool once the body is read.
     lease: Option<(Lease, Limits)>,
-    grpc_status: Option<String>,
+    grpc_status: Option<GrpcOutcome>,
     /// Released when the body is done with (a circuit breaker's request slot).
     held: Option<crate::lb::Held>,
     /// Ends an upstream body nothing has moved on (either way) for the
@@ -143,9 +161,9 @@ impl Body for RespBody {
                 if let Some(d) = f.data_ref() {
                     self.bytes += d.len() as u64;
                 } else if let Some(t) = f.trailers_ref()
-                    && let Some(v) = t.get("grpc-status")
+                    && let Some(g) = GrpcOutcome::from_headers(t)
                 {
-                    self.grpc_status = Some(String::from_utf8_lossy(v.as_bytes()).into_owned());
+                    self.grpc_status = Some(g);
                 }
             }
             Poll::Ready(Some(Err(_))) => self.end(false),

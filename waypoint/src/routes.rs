@@ -152,6 +152,8 @@ pub struct Backend {
 pub struct RetryPolicy {
     pub attempts: u32,
     pub codes: Vec<u16>,
+    /// gRPC status codes retried (a trailers-only answer's `grpc-status`).
+    pub grpc_codes: Vec<u32>,
     pub backoff: Duration,
     pub budget_percent: u32,
     pub min_retry_concurrency: u32,
@@ -541,6 +543,7 @@ fn compile_route(r: &pb::Route) -> Result<Route, RouteError> {
                 .iter()
                 .filter_map(|c| u16::try_from(*c).ok())
                 .collect(),
+            grpc_codes: x.grpc_codes.clone(),
             backoff: Duration::from_millis(u64::from(x.backoff_ms.max(1))),
             budget_percent: x.budget_percent,
             min_retry_concurrency: x.min_retry_concurrency,

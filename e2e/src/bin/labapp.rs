@@ -21,6 +21,8 @@ use tokio::net::{TcpListener, TcpStream};
 mod conn;
 #[path = "labapp/echo.rs"]
 mod echo;
+#[path = "labapp/grpc.rs"]
+mod grpc;
 #[path = "labapp/hbone.rs"]
 mod hbone;
 #[path = "labapp/raw.rs"]
@@ -156,6 +158,12 @@ enum Cmd {
     /// A WebSocket session (text, 10 MiB binary, ping, close), over
     /// HTTP/1.1 or (`--h2`) HTTP/2 extended CONNECT.
     Ws(ws::WsArgs),
+    /// A gRPC echo (tonic, h2c): unary, server, client and bidirectional
+    /// streaming.
+    GrpcEcho {
+        #[arg(long, default_value_t = 9090)]
+        port: u16,
+    },
     /// Hold one connection (idle, or with a request every so often) until
     /// the server closes it; print when it did.
     Conn(conn::ConnArgs),
@@ -661,6 +669,7 @@ async fn main() {
         Cmd::Trailers(a) => trailers::run(&a).await,
         Cmd::Conn(a) => conn::run(&a).await,
         Cmd::Ws(a) => ws::client(&a).await,
+        Cmd::GrpcEcho { port } => grpc::serve(port).await,
         Cmd::Resolve { name } => match tokio::net::lookup_host((name.as_str(), 0)).await {
             Ok(addrs) => {
                 for a in addrs {

@@ -3,6 +3,7 @@
 
 pub mod crds;
 pub mod folder;
+pub mod grpcroute;
 pub mod kube;
 pub mod mesh;
 pub mod objects;

@@ -6,6 +6,7 @@ use std::fmt;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
 // The experimental channel: a superset of standard that has `retry`.
+use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
 use gateway_api::apis::experimental::httproutes::HttpRoute as HTTPRoute;
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, Secret, Service, ServiceAccount};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
@@ -147,8 +148,15 @@ impl ObjectKey {
     /// The key read straight off a raw document (which may not parse), with
     /// namespaced kinds defaulting to `default_ns`.
     pub fn of_raw(v: &serde_json::Value, default_ns: &str) -> Option<ObjectKey> {
-        let kind = Kind::from_name(v.get("kind")?.as_str()?)?;
-        let name = v.pointer("/metadata/name")?.as_str()?.to_string();
+        let raw_kind = v.get("kind")?.as_str()?;
+        let mut name = v.pointer("/metadata/name")?.as_str()?.to_string();
+        // A GRPCRoute is held as the HTTPRoute it amounts to.
+        let kind = if raw_kind == "GRPCRoute" {
+            name = super::grpcroute::model_name(&name);
+            Kind::HttpRoute
+        } else {
+            Kind::from_name(raw_kind)?
+        };
         let ns = v
             .pointer("/metadata/namespace")
             .and_then(|x| x.as_str())
@@ -269,6 +277,18 @@ impl Object {
             }
             ("gateway.networking.k8s.io", "HTTPRoute") => {
                 Object::HttpRoute(Box::new(typed(v, k, &name)?))
+            }
+            // Checked as a GRPCRoute (its own fields), then read as the
+            // HTTPRoute it amounts to (grpcroute.rs).
+            ("gateway.networking.k8s.io", "GRPCRoute") => {
+                let http =
+                    super::grpcroute::to_http_route(&v).map_err(|reason| ObjectError::Invalid {
+                        kind: kind.clone(),
+                        name: name.clone(),
+                        reason,
+                    })?;
+                typed::<GrpcRoute>(v, k, &name)?;
+                Object::HttpRoute(Box::new(typed(http, k, &name)?))
             }
             ("security.istio.io", "AuthorizationPolicy") => {
                 Object::AuthorizationPolicy(Box::new(typed(v, k, &name)?))

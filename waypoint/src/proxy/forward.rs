@@ -33,7 +33,15 @@ impl Waypoint {
     ) -> Result<Forwarded, Failure> {
         let (up, admitted) = self.upstream(ds, backend, rec)?;
         let mut at = Attempts {
-            deadline: route.request_timeout.map(|t| rec.started + t),
+            // The route's timeout, or a gRPC client's own deadline when
+            // that comes sooner.
+            deadline: match (
+                route.request_timeout.map(|t| rec.started + t),
+                super::grpc::deadline(&out.headers, rec.started),
+            ) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            },
             max: route.retry.as_ref().map(|r| r.attempts).unwrap_or(0) + 1,
             made: 0,
             tried: Vec::new(),
@@ -88,11 +96,13 @@ impl Waypoint {
                     self.balancer
                         .observe(&ep_stats, failed, up.policy.outlier.as_ref(), endpoints);
                     // Only a body still whole in the retry buffer is sent again.
-                    let retry_on = route
-                        .retry
-                        .as_ref()
-                        .is_some_and(|r| r.codes.contains(&status.as_u16()))
-                        && out.body.replayable();
+                    // A gRPC request's trailers-only answer is retried by
+                    // its grpc-status.
+                    let retry_on = route.retry.as_ref().is_some_and(|r| {
+                        r.codes.contains(&status.as_u16())
+                            || (super::grpc::is_grpc(&out.headers)
+                                && super::grpc::retriable(&resp, &r.grpc_codes))
+                    }) && out.body.replayable();
                     if !self.may_retry(route, &up, &mut at, retry_on) {
                         if retry_on && at.max > 1 && rec.flag == Flag::None {
                             rec.flag = Flag::URX;

@@ -35,6 +35,7 @@ use crate::telemetry::{Exporter, HttpMetrics};
 use crate::upstream::Upstreams;
 
 mod forward;
+mod grpc;
 mod lifetime;
 mod listen;
 mod mirror;

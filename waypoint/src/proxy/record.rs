@@ -16,7 +16,7 @@ use tracing::info;
 
 use super::rewrite::{modify_path, strip_hop_by_hop};
 use super::{Downstream, Waypoint};
-use crate::body::{OnEnd, RespBody};
+use crate::body::{GrpcOutcome, OnEnd, RespBody};
 use crate::reqbody::RetryBuffer;
 use crate::routes::ServiceConfig;
 use crate::telemetry::{Flag, Reporter, RequestLabels, Span, TraceContext};
@@ -45,6 +45,8 @@ pub(super) struct Recorder {
     pub(super) body: Option<RetryBuffer>,
     /// The route retries or mirrors: a body over the buffer loses that.
     pub(super) keeps_body: bool,
+    /// A gRPC call's `grpc-message`, for the access log.
+    grpc_message: Option<String>,
     /// When the request's stream last moved (either way).
     pub(super) clock: crate::idle::StreamClock,
     pub(super) trace: TraceContext,
@@ -188,6 +190,7 @@ impl Recorder {
             request_bytes: 0,
             body: None,
             keeps_body: false,
+            grpc_message: None,
             clock: crate::idle::StreamClock::default(),
             trace,
             started,
@@ -220,13 +223,14 @@ impl Recorder {
 
     /// As [`finisher`], with the `grpc-status` of a trailers-only answer
     /// (in the headers); trailers, when they come, say it instead.
-    fn finisher_grpc(self, status: StatusCode, in_headers: Option<String>) -> OnEnd {
+    fn finisher_grpc(self, status: StatusCode, in_headers: Option<GrpcOutcome>) -> OnEnd {
         Box::new(move |bytes, complete, in_trailers| {
             let mut r = self;
             if r.labels.request_protocol == "grpc"
                 && let Some(g) = in_trailers.or(in_headers)
             {
-                r.labels.grpc_response_status = g;
+                r.labels.grpc_response_status = g.status;
+                r.grpc_message = g.message;
             }
             r.finish(status.as_u16(), bytes, complete)
         })
@@ -258,6 +262,8 @@ impl Recorder {
             response_flags = flag.as_str(),
             route = %self.route,
             retries = self.retries,
+            grpc_status = %if self.labels.grpc_response_status.is_empty() { "-" } else { self.labels.grpc_response_status.as_str() },
+            grpc_message = self.grpc_message.as_deref().map(super::grpc::percent_decode).as_deref().unwrap_or("-"),
             src.addr = %self.src_addr,
             src.identity = %self.labels.source_principal,
             dst.service = %self.labels.destination_service,
@@ -315,10 +321,48 @@ impl Recorder {
         if flag != Flag::None {
             self.flag = flag;
         }
+        if self.labels.request_protocol == "grpc" {
+            return self.local_grpc(status, body.into());
+        }
         let mut r = Response::new(RespBody::local(body, Some(self.finisher(status))));
         *r.status_mut() = status;
         r.headers_mut()
             .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+        r
+    }
+
+    /// A gRPC client's answer from the waypoint itself, as gRPC says an
+    /// HTTP status maps to a gRPC one (and as Envoy answers): 200 with
+    /// `grpc-status` and `grpc-message` and no body (trailers-only).
+    fn local_grpc(self, status: StatusCode, body: Bytes) -> Response<RespBody> {
+        let code = match status.as_u16() {
+            400 => 13,
+            401 => 16,
+            403 => 7,
+            404 => 12,
+            408 | 504 => 4,
+            413 => 8,
+            429 | 502 | 503 => 14,
+            _ => 2,
+        };
+        let message = String::from_utf8_lossy(&body).trim().to_string();
+        let g = GrpcOutcome {
+            status: code.to_string(),
+            message: Some(message.clone()),
+        };
+        let mut r = Response::new(RespBody::local(
+            Bytes::new(),
+            Some(self.finisher_grpc(StatusCode::OK, Some(g))),
+        ));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(code));
+        if let Ok(v) = HeaderValue::from_str(&super::grpc::percent_encode(&message)) {
+            h.insert("grpc-message", v);
+        }
         r
     }
 
@@ -389,10 +433,7 @@ impl Recorder {
             .any(|v| v.as_bytes().eq_ignore_ascii_case(b"close"));
         let lease = lease.filter(|_| !closing);
         strip_hop_by_hop(&mut parts.headers);
-        let grpc = parts
-            .headers
-            .get("grpc-status")
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let grpc = GrpcOutcome::from_headers(&parts.headers);
         let body = RespBody::upstream(body, lease, self.finisher_grpc(status, grpc));
         Response::from_parts(parts, body)
     }

@@ -52,6 +52,10 @@ const MIN_RETRY_CONCURRENCY: u32 = 3;
 /// Gateway API's documented default when `retry.backoff` is unset is
 /// implementation-specific; 25 ms matches Envoy's base interval.
 const DEFAULT_BACKOFF_MS: u32 = 25;
+/// The gRPC statuses a route's retry policy retries for gRPC requests:
+/// CANCELLED, DEADLINE_EXCEEDED, RESOURCE_EXHAUSTED, UNAVAILABLE (Envoy's
+/// `retry_on` gRPC conditions; Gateway API's `retry` names HTTP codes only).
+const GRPC_RETRY_CODES: [u32; 4] = [1, 4, 8, 14];
 
 /// The Services (namespace, name) an HTTPRoute attaches to.
 pub fn service_parents(route: &HttpRoute) -> Vec<(String, String)> {
@@ -157,6 +161,7 @@ fn rule_routes(
             Some(pb::Retry {
                 attempts: r.attempts.unwrap_or(1).clamp(0, 10) as u32,
                 codes,
+                grpc_codes: GRPC_RETRY_CODES.to_vec(),
                 backoff_ms: match &r.backoff {
                     Some(b) => parse_duration(b)?.min(u32::MAX as u64) as u32,
                     None => DEFAULT_BACKOFF_MS,

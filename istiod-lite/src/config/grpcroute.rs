@@ -1,0 +1,138 @@
+//! Gateway API `GRPCRoute`, read as the `HTTPRoute` it amounts to: a gRPC
+//! method is the path `/<service>/<method>`, so each method match becomes
+//! a path match (exact, prefix or regular expression), header matches,
+//! weighted backends and filters (header modifiers, mirror, extension
+//! references) carry over as they are, and the waypoint and the ingress
+//! route it as they route any HTTPRoute. The route's model name is
+//! `grpc:<name>`, a name no HTTPRoute can have, so a GRPCRoute and an
+//! HTTPRoute of the same name are both kept.
+
+use serde_json::{Map, Value, json};
+
+/// The model name of GRPCRoute `name`.
+pub fn model_name(name: &str) -> String {
+    format!("grpc:{name}")
+}
+
+/// Escapes a literal for a regular expression (RE2 and Rust's `regex`).
+fn escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if "\\.+*?()|[]{}^$#&-~".contains(c) {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+/// The path match a GRPCRoute method match stands for; None matches every
+/// method.
+fn path_match(m: &Value) -> Result<Option<Value>, String> {
+    let kind = m.get("type").and_then(Value::as_str).unwrap_or("Exact");
+    let service = m.get("service").and_then(Value::as_str);
+    let method = m.get("method").and_then(Value::as_str);
+    let (t, v) = match (kind, service, method) {
+        (_, None, None) => return Ok(None),
+        ("Exact", Some(s), Some(me)) => ("Exact", format!("/{s}/{me}")),
+        ("Exact", Some(s), None) => ("PathPrefix", format!("/{s}")),
+        ("Exact", None, Some(me)) => ("RegularExpression", format!("/[^/]+/{}", escape(me))),
+        ("RegularExpression", s, me) => (
+            "RegularExpression",
+            format!("/{}/{}", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+")),
+        ),
+        (other, _, _) => return Err(format!("method match type {other:?} is not supported")),
+    };
+    Ok(Some(json!({"type": t, "value": v})))
+}
+
+/// The HTTPRoute document a GRPCRoute document stands for.
+pub fn to_http_route(v: &Value) -> Result<Value, String> {
+    let mut out = v.clone();
+    let obj = out.as_object_mut().ok_or("not an object")?;
+    obj.insert("kind".into(), json!("HTTPRoute"));
+    if let Some(n) = obj.get_mut("metadata").and_then(|m| m.get_mut("name"))
+        && let Some(s) = n.as_str()
+    {
+        *n = json!(model_name(s));
+    }
+    let rules = obj
+        .get_mut("spec")
+        .and_then(|s| s.get_mut("rules"))
+        .and_then(Value::as_array_mut);
+    for rule in rules.into_iter().flatten() {
+        let Some(matches) = rule.get_mut("matches").and_then(Value::as_array_mut) else {
+            continue;
+        };
+        for m in matches.iter_mut() {
+            let Some(mo) = m.as_object_mut() else {
+                continue;
+            };
+            let mut http = Map::new();
+            if let Some(method) = mo.get("method")
+                && let Some(p) = path_match(method)?
+            {
+                http.insert("path".into(), p);
+            }
+            if let Some(h) = mo.get("headers") {
+                http.insert("headers".into(), h.clone());
+            }
+            *m = Value::Object(http);
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn method_matches_become_path_matches() {
+        let m = |v: Value| path_match(&v).expect("supported");
+        assert_eq!(
+            m(json!({"service": "shop.Cart", "method": "Add"})),
+            Some(json!({"type": "Exact", "value": "/shop.Cart/Add"}))
+        );
+        assert_eq!(
+            m(json!({"service": "shop.Cart"})),
+            Some(json!({"type": "PathPrefix", "value": "/shop.Cart"}))
+        );
+        assert_eq!(
+            m(json!({"method": "Add.V2"})),
+            Some(json!({"type": "RegularExpression", "value": "/[^/]+/Add\\.V2"}))
+        );
+        assert_eq!(
+            m(json!({"type": "RegularExpression", "service": "shop\\..*"})),
+            Some(json!({"type": "RegularExpression", "value": "/shop\\..*/[^/]+"}))
+        );
+        assert_eq!(m(json!({})), None);
+        assert!(path_match(&json!({"type": "Prefix", "method": "x"})).is_err());
+    }
+
+    #[test]
+    fn a_grpcroute_reads_as_an_httproute() {
+        let g = json!({
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "GRPCRoute",
+            "metadata": {"name": "echo", "namespace": "shop"},
+            "spec": {
+                "parentRefs": [{"group": "", "kind": "Service", "name": "echo"}],
+                "rules": [{
+                    "matches": [{"method": {"service": "labecho.Echo", "method": "Unary"},
+                                 "headers": [{"name": "x-v", "value": "2"}]}],
+                    "backendRefs": [{"name": "echo-v2", "port": 80, "weight": 1}]
+                }]
+            }
+        });
+        let h = to_http_route(&g).expect("converted");
+        assert_eq!(h["kind"], "HTTPRoute");
+        assert_eq!(h["metadata"]["name"], "grpc:echo");
+        assert_eq!(
+            h["spec"]["rules"][0]["matches"][0],
+            json!({"path": {"type": "Exact", "value": "/labecho.Echo/Unary"},
+                   "headers": [{"name": "x-v", "value": "2"}]})
+        );
+        assert_eq!(h["spec"]["rules"][0]["backendRefs"][0]["name"], "echo-v2");
+    }
+}
