@@ -12,5 +12,5 @@ pub mod lab;
 pub mod mesh;
 pub mod netns;
 pub mod procfs;
-pub mod pytools;
 pub mod promql;
+pub mod pytools;

@@ -9,10 +9,10 @@ use std::time::Duration;
 use hickory_proto::op::{Edns, Message, MessageType, OpCode, Query, ResponseCode};
 use hickory_proto::rr::rdata::{A, SOA, TXT};
 use hickory_proto::rr::{Name, RData, Record, RecordType};
+use mesh_core::state::{LocalConfig, ProxyState};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use ztunnel::dns::{DnsMetrics, DnsProxy, Limits};
-use mesh_core::state::{LocalConfig, ProxyState};
 
 const STATE: &str = r#"
 workloads:

@@ -4,9 +4,7 @@
 
 use std::path::{Path, PathBuf};
 
-pub use mesh_core::lab_file::{
-    KubeState, LabState, NodeState, PodState, ProcState, ServiceState,
-};
+pub use mesh_core::lab_file::{KubeState, LabState, NodeState, PodState, ProcState, ServiceState};
 
 use super::{CONTROL_IP_HOST, Error};
 
