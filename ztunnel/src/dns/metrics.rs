@@ -1,4 +1,4 @@
-//! The DNS proxy's counters, on Istio's ztunnel names where it has them.
+//! The DNS proxy's counters, named ztunnel_dns_* (without Istio's workload labels, so not istio_*).
 
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::registry::Registry;
@@ -18,17 +18,17 @@ impl DnsMetrics {
     pub fn register(registry: &mut Registry) -> DnsMetrics {
         let m = DnsMetrics::default();
         registry.register(
-            "istio_dns_requests",
+            "ztunnel_dns_requests",
             "DNS queries received",
             m.requests.clone(),
         );
         registry.register(
-            "istio_dns_upstream_requests",
+            "ztunnel_dns_upstream_requests",
             "DNS queries sent to the node's nameservers (cache misses)",
             m.upstream_requests.clone(),
         );
         registry.register(
-            "istio_dns_upstream_failures",
+            "ztunnel_dns_upstream_failures",
             "Forwarded DNS queries no nameserver answered",
             m.upstream_failures.clone(),
         );
