@@ -82,12 +82,13 @@ fn cni(command: &str, netns: &str, args: &str, conf: &Value) -> (i32, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    child
+    // A command that reads no stdin (VERSION) may have exited already: a
+    // broken pipe here is not the plugin's failure; its exit code says.
+    let _ = child
         .stdin
         .take()
         .unwrap()
-        .write_all(conf.to_string().as_bytes())
-        .unwrap();
+        .write_all(conf.to_string().as_bytes());
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),

@@ -9,8 +9,6 @@
 //! revision). One header or several, comma-separated; an empty value is no
 //! value.
 
-use std::net::SocketAddr;
-
 use http::HeaderMap;
 
 use mesh_core::identity::Identity;
@@ -126,15 +124,6 @@ impl Baggage {
     }
 }
 
-/// The `forwarded` value: the original client, and the service it asked
-/// for when it addressed one.
-pub fn forwarded(client: SocketAddr, service_host: Option<&str>) -> String {
-    match service_host {
-        Some(h) => format!("for=\"{client}\";host={h}"),
-        None => format!("for=\"{client}\""),
-    }
-}
-
 /// The `host` parameter of a `forwarded` value (its first element), when
 /// it is a plausible host name.
 pub fn forwarded_host(v: &str) -> Option<String> {
@@ -186,6 +175,8 @@ pub fn source_of(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::hbone::forwarded_value as forwarded;
+    use std::net::SocketAddr;
 
     fn wl() -> Workload {
         let mut w = Baggage::default().as_workload(

@@ -90,16 +90,21 @@ pub fn connect_request(target: SocketAddr, h: &ConnectHeaders) -> Result<Request
         b = b.header(BAGGAGE, v);
     }
     if let Some(f) = h.forwarded_for {
-        let v = match &h.forwarded_host {
-            Some(host) => format!("for=\"{f}\";host={host}"),
-            None => format!("for=\"{f}\""),
-        };
-        b = b.header(FORWARDED, v);
+        b = b.header(FORWARDED, forwarded_value(f, h.forwarded_host.as_deref()));
     }
     if let Some(t) = &h.traceparent {
         b = b.header(TRACEPARENT, t);
     }
     b.body(())
+}
+
+/// The `forwarded` value: the original client, and the service it asked
+/// for when it addressed one (`for="ip:port";host=<hostname>`).
+pub fn forwarded_value(client: SocketAddr, service_host: Option<&str>) -> String {
+    match service_host {
+        Some(h) => format!("for=\"{client}\";host={h}"),
+        None => format!("for=\"{client}\""),
+    }
 }
 
 /// A new W3C trace context for a connection that arrived without one.
