@@ -221,7 +221,17 @@ impl Agent {
         self.probe_snat(&spec.ips, true);
         let mut pods = self.pods.lock().await;
         info!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), "pod captured");
-        pods.insert(spec.uid.clone(), Pod { spec, netns });
+        let ips = spec.ips.clone();
+        // The same pod in a new sandbox: its old addresses leave the set.
+        if let Some(old) = pods.insert(spec.uid.clone(), Pod { spec, netns }) {
+            let gone: Vec<IpAddr> = old
+                .spec
+                .ips
+                .into_iter()
+                .filter(|ip| !ips.contains(ip))
+                .collect();
+            self.probe_snat(&gone, false);
+        }
         self.persist(&pods).await;
         Ok(())
     }
@@ -316,9 +326,13 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     let mut pods = BTreeMap::new();
     if let Ok(text) = std::fs::read_to_string(&cfg.state_file) {
         let specs: Vec<PodSpec> = serde_json::from_str(&text).unwrap_or_default();
-        for spec in specs {
+        for mut spec in specs {
             match Netns::open(&spec.netns) {
                 Ok(netns) => {
+                    // A state file from before addresses were recorded.
+                    if spec.ips.is_empty() {
+                        spec.ips = find::addresses(&netns).unwrap_or_default();
+                    }
                     let c = Capture {
                         dns: cfg.dns,
                         bypass_inbound: spec.bypass_inbound,

@@ -36,9 +36,15 @@ pub enum Action {
 }
 
 /// The actions that bring `held` (uid, bypass_inbound) in line with `view`.
-pub fn plan(view: &View, held: &[(String, bool)]) -> Vec<Action> {
+/// Pods in `excluded` namespaces (the mesh's own, kube-system: the CNI
+/// plugin's `exclude_namespaces`) are never captured.
+pub fn plan(view: &View, held: &[(String, bool)], excluded: &[String]) -> Vec<Action> {
     let mut out = Vec::new();
-    for p in &view.pods {
+    for p in view
+        .pods
+        .iter()
+        .filter(|p| !excluded.contains(&p.namespace))
+    {
         let Some(ns_labels) = view.namespaces.get(&p.namespace) else {
             continue; // its namespace is not known yet: no decision
         };
@@ -75,7 +81,7 @@ impl Agent {
             .values()
             .map(|p| (p.spec.uid.clone(), p.spec.bypass_inbound))
             .collect();
-        let actions = plan(&view, &held);
+        let actions = plan(&view, &held, &crate::default_excluded());
         if actions.is_empty() {
             return Ok(());
         }
@@ -208,10 +214,12 @@ mod tests {
                 pod("left", "legacy"),
                 going,
                 pod("unknown-ns", "nowhere"),
+                pod("dns", "kube-system"),
             ],
             namespaces: BTreeMap::from([
-                ("shop".to_string(), ambient),
+                ("shop".to_string(), ambient.clone()),
                 ("legacy".to_string(), BTreeMap::new()),
+                ("kube-system".to_string(), ambient.clone()),
             ]),
         };
         let held = [
@@ -222,7 +230,7 @@ mod tests {
             ("unknown-ns".to_string(), false),
             ("not-in-view".to_string(), false),
         ];
-        let got = plan(&view, &held);
+        let got = plan(&view, &held, &crate::default_excluded());
         assert_eq!(
             got,
             vec![
