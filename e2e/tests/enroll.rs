@@ -257,6 +257,17 @@ async fn kubelet_probes_reach_the_app_under_strict_and_an_allow_for_one_caller()
     ));
     docs.push_str(&pod("shop", "client", "client", "node-2", "", "[sleep]"));
     docs.push_str(&pod("shop", "other", "other", "node-2", "", "[sleep]"));
+    // Inbound capture bypassed (Istio's label): STRICT does not cover it.
+    docs.push_str(&pod(
+        "shop",
+        "open",
+        "open",
+        "node-1",
+        ", ambient.istio.io/bypass-inbound-capture: \"true\"",
+        "[tcp-echo, --port, \"9000\"]",
+    ));
+    docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n---\n");
+    docs.push_str(&pod("legacy", "plain", "plain", "node-2", "", "[sleep]"));
     docs.push_str("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: strict, namespace: shop}\nspec: {mtls: {mode: STRICT}}\n---\n");
     docs.push_str("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: only-client, namespace: shop}\nspec:\n  selector: {matchLabels: {app: web}}\n  rules: [{from: [{source: {principals: [cluster.local/ns/shop/sa/client]}}]}]\n");
     g.0.apply(yaml(&docs)).await.unwrap();
@@ -304,4 +315,24 @@ async fn kubelet_probes_reach_the_app_under_strict_and_an_allow_for_one_caller()
     // And the policy still holds for pods.
     assert!(!get("shop/other"));
     assert!(get("shop/client"));
+
+    // A pod that bypasses inbound capture takes plaintext from outside the
+    // mesh under STRICT; its neighbour without the label does not.
+    let open = lab.pod("shop/open").unwrap().ip.clone();
+    assert!(lab.pod("shop/open").unwrap().captured);
+    assert!(send(
+        lab,
+        "legacy/plain",
+        &format!("{open}:9000"),
+        "bypassed"
+    ));
+    let plain_get = lab.exec(
+        "legacy/plain",
+        &[
+            labapp.to_str().unwrap(),
+            "get",
+            &format!("http://{web}:8080/healthz"),
+        ],
+    );
+    assert!(!plain_get.unwrap().stdout.starts_with(b"200"));
 }
