@@ -45,7 +45,8 @@ test: deps
 # 32768 and up, or an outgoing connection can hold etcd's port when the suite
 # restarts it), or uses
 # a running cluster given by MESH_TEST_KUBECONFIG (not a plain KUBECONFIG:
-# the suite deletes CRDs). Not part of `just test`.
+# the suite deletes CRDs). Then the node agent's live enrollment against the
+# same API server (e2e/tests/enroll_kube.rs). Not part of `just test`.
 test-cluster:
     #!/usr/bin/env bash
     set -euo pipefail
@@ -86,6 +87,10 @@ test-cluster:
         "$plane" up "$dir" "$port" >/dev/null
     fi
     cargo test --locked -p e2e --test kube_cluster -- --nocapture
+    # The node agent's watch of pods and namespaces, as the ztunnel
+    # ServiceAccount (needs root: it makes network namespaces).
+    cargo build --locked -p mesh-cni -p ztunnel --bins
+    cargo test --locked -p e2e --test enroll_kube -- --nocapture
 
 # A two-node ambient mesh on this machine (network namespaces), end to end.
 demo:

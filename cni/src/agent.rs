@@ -6,8 +6,13 @@
 //! ztunnel acked, so traffic is never redirected to listeners that are not
 //! there yet; removal goes the other way. The agent keeps its pods in a state
 //! file, so a restarted agent re-syncs the ztunnel from the same snapshot.
+//!
+//! With a watch ([`crate::watch`]) the agent also captures running pods that
+//! become enrolled and releases those that leave ([`crate::reconcile`]), and
+//! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -22,7 +27,8 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::rules;
+use crate::rules::{self, Capture};
+use crate::{find, host};
 use mesh_core::netns::Netns;
 use mesh_core::zds;
 
@@ -33,6 +39,26 @@ pub struct AgentConfig {
     pub state_file: PathBuf,
     /// Redirect DNS to the ztunnel's 15053.
     pub dns: bool,
+    /// The node's own netns, where the probe SNAT goes (`/proc/self/ns/net`
+    /// when the agent runs in it; `/host/proc/1/ns/net` in a pod that
+    /// mounts the node's /proc). None: no probe SNAT.
+    pub host_netns: Option<String>,
+    /// Where running pods' netns are looked for.
+    pub finder: find::Finder,
+    /// Where enrollment is watched: none (CNI adds and deletes only), the
+    /// API server, or a directory of objects (the lab).
+    pub watch: Watch,
+}
+
+/// What the agent watches for enrollment.
+#[derive(Debug, Clone, Default)]
+pub enum Watch {
+    #[default]
+    None,
+    /// The API server (in-cluster credentials), pods of this node.
+    Kube { node: String },
+    /// A directory of Pod and Namespace YAML, pods of this node.
+    Dir { node: String, dir: PathBuf },
 }
 
 /// How long the ztunnel has to ack one request.
@@ -85,6 +111,12 @@ pub struct PodSpec {
     pub service_account: String,
     /// Path of the pod's netns, e.g. /var/run/netns/<name>.
     pub netns: String,
+    /// The pod's addresses (read from its netns when not given).
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
+    /// `ambient.istio.io/bypass-inbound-capture`: outbound capture only.
+    #[serde(default)]
+    pub bypass_inbound: bool,
 }
 
 /// One control request (a JSON line).
@@ -92,22 +124,33 @@ pub struct PodSpec {
 #[serde(tag = "op", rename_all = "lowercase")]
 pub enum Request {
     Add(PodSpec),
-    Del { uid: String },
+    Del {
+        uid: String,
+    },
     List,
+    /// Look at the watch now and act on it; answers once done, with the
+    /// pods captured then (what the lab waits on after changing labels).
+    Sync,
 }
 
-struct Pod {
-    spec: PodSpec,
-    netns: Netns,
+pub(crate) struct Pod {
+    pub(crate) spec: PodSpec,
+    pub(crate) netns: Netns,
 }
 
-struct Agent {
-    cfg: AgentConfig,
+pub(crate) struct Agent {
+    pub(crate) cfg: AgentConfig,
+    /// The node's netns, for the probe SNAT.
+    pub(crate) host: Option<Netns>,
+    /// The watch, when there is one.
+    pub(crate) source: Option<crate::watch::Source>,
+    /// One reconcile at a time (the periodic one and a Sync).
+    pub(crate) reconciling: Mutex<()>,
     /// One add, delete or snapshot at a time: each is a ZDS exchange plus
     /// rule changes, and they must not interleave (a delete overtaking the
     /// add it cancels would leave the pod captured).
     ops: Mutex<()>,
-    pods: Mutex<BTreeMap<String, Pod>>,
+    pub(crate) pods: Mutex<BTreeMap<String, Pod>>,
     ztunnel: Mutex<Option<UnixSeqpacket>>,
 }
 
@@ -155,18 +198,59 @@ impl Agent {
         }
     }
 
-    async fn add(&self, spec: PodSpec) -> Result<(), AgentError> {
-        let _op = self.ops.lock().await;
+    fn capture_of(&self, spec: &PodSpec) -> Capture {
+        Capture {
+            dns: self.cfg.dns,
+            bypass_inbound: spec.bypass_inbound,
+        }
+    }
+
+    /// Adds or removes pod addresses in the node's probe SNAT set.
+    fn probe_snat(&self, ips: &[IpAddr], captured: bool) {
+        if let Some(h) = &self.host
+            && let Err(e) = host::update(h, ips, captured)
+        {
+            warn!(?ips, captured, error = %e, "updating the node's probe SNAT failed");
+        }
+    }
+
+    pub(crate) async fn add(&self, spec: PodSpec) -> Result<(), AgentError> {
         let netns = Netns::open(&spec.netns).map_err(|source| AgentError::Netns {
             path: spec.netns.clone(),
             source,
         })?;
+        self.add_opened(spec, netns).await
+    }
+
+    /// Captures a pod whose netns is open: an add for a pod already held
+    /// (the CNI plugin and the watch both saw it) changes nothing.
+    pub(crate) async fn add_opened(
+        &self,
+        mut spec: PodSpec,
+        netns: Netns,
+    ) -> Result<(), AgentError> {
+        let _op = self.ops.lock().await;
+        if self
+            .pods
+            .lock()
+            .await
+            .get(&spec.uid)
+            .is_some_and(|p| p.netns.id() == netns.id())
+        {
+            return Ok(());
+        }
+        if spec.ips.is_empty() {
+            spec.ips = find::addresses(&netns).map_err(|source| AgentError::Netns {
+                path: spec.netns.clone(),
+                source,
+            })?;
+        }
         let payload = Payload::Add(AddWorkload {
             uid: spec.uid.clone(),
             workload_info: Some(info_of(&spec)),
         });
         self.to_ztunnel(payload, Some(&netns)).await?;
-        if let Err(e) = rules::install(&netns, self.cfg.dns) {
+        if let Err(e) = rules::install(&netns, self.capture_of(&spec)) {
             // Undo the hand-over: the ztunnel must not hold a pod whose
             // traffic nothing redirects (and that nobody would release).
             let _ = self
@@ -179,14 +263,38 @@ impl Agent {
                 .await;
             return Err(e.into());
         }
+        self.probe_snat(&spec.ips, true);
         let mut pods = self.pods.lock().await;
         info!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), "pod captured");
-        pods.insert(spec.uid.clone(), Pod { spec, netns });
+        let ips = spec.ips.clone();
+        // The same pod in a new sandbox: its old addresses leave the set.
+        if let Some(old) = pods.insert(spec.uid.clone(), Pod { spec, netns }) {
+            let gone: Vec<IpAddr> = old
+                .spec
+                .ips
+                .into_iter()
+                .filter(|ip| !ips.contains(ip))
+                .collect();
+            self.probe_snat(&gone, false);
+        }
         self.persist(&pods).await;
         Ok(())
     }
 
-    async fn del(&self, uid: &str) -> Result<(), AgentError> {
+    /// Re-applies a held pod's rules with a changed bypass (the annotation
+    /// changed while it was captured).
+    pub(crate) async fn set_bypass(&self, uid: &str, bypass_inbound: bool) {
+        let _op = self.ops.lock().await;
+        let mut pods = self.pods.lock().await;
+        let Some(p) = pods.get_mut(uid) else { return };
+        p.spec.bypass_inbound = bypass_inbound;
+        if let Err(e) = rules::install(&p.netns, self.capture_of(&p.spec)) {
+            warn!(uid, error = %e, "re-applying the pod's rules failed");
+        }
+        self.persist(&pods).await;
+    }
+
+    pub(crate) async fn del(&self, uid: &str) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
         let mut pods = self.pods.lock().await;
         let Some(pod) = pods.remove(uid) else {
@@ -195,6 +303,7 @@ impl Agent {
         if let Err(e) = rules::remove(&pod.netns) {
             warn!(uid, error = %e, "removing the pod's rules failed (its netns may be gone)");
         }
+        self.probe_snat(&pod.spec.ips, false);
         let _ = self
             .to_ztunnel(
                 Payload::Del(DelWorkload {
@@ -230,6 +339,25 @@ impl Agent {
     }
 }
 
+/// The node's netns with the probe SNAT installed for `pods`; None when not
+/// configured or it cannot be set up (probes then go through the mesh, as
+/// before: nothing is opened wider).
+fn open_host(cfg: &AgentConfig, pods: &BTreeMap<String, Pod>) -> Option<Netns> {
+    let path = cfg.host_netns.as_deref()?;
+    let ips: BTreeSet<IpAddr> = pods.values().flat_map(|p| p.spec.ips.clone()).collect();
+    match Netns::open(path).map(|h| host::install(&h, &ips).map(|()| h)) {
+        Ok(Ok(h)) => Some(h),
+        Ok(Err(e)) => {
+            warn!(netns = path, error = %e, "cannot install the node's probe SNAT");
+            None
+        }
+        Err(e) => {
+            warn!(netns = path, error = %e, "cannot open the node's netns");
+            None
+        }
+    }
+}
+
 fn bind_fresh(path: &Path) -> std::io::Result<()> {
     if path.exists() {
         std::fs::remove_file(path)?;
@@ -243,10 +371,18 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     let mut pods = BTreeMap::new();
     if let Ok(text) = std::fs::read_to_string(&cfg.state_file) {
         let specs: Vec<PodSpec> = serde_json::from_str(&text).unwrap_or_default();
-        for spec in specs {
+        for mut spec in specs {
             match Netns::open(&spec.netns) {
                 Ok(netns) => {
-                    if let Err(e) = rules::install(&netns, cfg.dns) {
+                    // A state file from before addresses were recorded.
+                    if spec.ips.is_empty() {
+                        spec.ips = find::addresses(&netns).unwrap_or_default();
+                    }
+                    let c = Capture {
+                        dns: cfg.dns,
+                        bypass_inbound: spec.bypass_inbound,
+                    };
+                    if let Err(e) = rules::install(&netns, c) {
                         warn!(uid = %spec.uid, error = %e, "re-applying rules failed");
                     }
                     pods.insert(spec.uid.clone(), Pod { spec, netns });
@@ -261,13 +397,24 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     bind_fresh(&cfg.control_socket)?;
     let mut zds_listener = UnixSeqpacketListener::bind(&cfg.zds_socket)?;
     let control = UnixListener::bind(&cfg.control_socket)?;
-    info!(zds = %cfg.zds_socket.display(), control = %cfg.control_socket.display(), pods = pods.len(), "node agent started");
+    let host = open_host(&cfg, &pods);
+    let changed = Arc::new(tokio::sync::Notify::new());
+    let source = crate::watch::Source::start(&cfg.watch, changed.clone())
+        .await
+        .map_err(std::io::Error::other)?;
+    info!(zds = %cfg.zds_socket.display(), control = %cfg.control_socket.display(), pods = pods.len(), watch = ?cfg.watch, "node agent started");
     let agent = Arc::new(Agent {
         cfg,
+        host,
+        source,
+        reconciling: Mutex::new(()),
         ops: Mutex::new(()),
         pods: Mutex::new(pods),
         ztunnel: Mutex::new(None),
     });
+    if agent.source.is_some() {
+        tokio::spawn(agent.clone().watch_loop(changed, stop.clone()));
+    }
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
@@ -305,6 +452,13 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
             Ok(Request::Del { uid }) => match agent.del(&uid).await {
                 Ok(()) => serde_json::json!({"ok": true}),
                 Err(e) => serde_json::json!({"error": e.to_string()}),
+            },
+            Ok(Request::Sync) => match agent.sync().await {
+                Ok(()) => {
+                    let pods = agent.pods.lock().await;
+                    serde_json::json!({"ok": true, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
+                }
+                Err(e) => serde_json::json!({"error": e}),
             },
             Ok(Request::List) => {
                 // Whether an add would reach a ztunnel now (taken before the

@@ -13,8 +13,13 @@
 //! that puts the plugin on the node: see [`install`].
 
 pub mod agent;
+pub mod enroll;
+pub mod find;
+pub mod host;
 pub mod install;
+pub mod reconcile;
 pub mod rules;
+pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -23,7 +28,7 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
+pub use enroll::DATAPLANE_MODE;
 pub const SUPPORTED: [&str; 4] = ["0.3.1", "0.4.0", "1.0.0", "1.1.0"];
 
 /// Our entry of the conflist.
@@ -119,25 +124,27 @@ pub struct PodFacts {
     pub service_account: String,
     pub host_network: bool,
     pub labels: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
     pub namespace_labels: BTreeMap<String, String>,
 }
 
 impl PodFacts {
-    /// In the mesh: the pod's own label wins (`none` opts out), else the
-    /// namespace's `ambient`; host-network pods never are.
+    /// In the mesh: the one decision the agent's watch takes too
+    /// ([`enroll::enrolled`]).
     pub fn enrolled(&self) -> bool {
-        if self.host_network {
-            return false;
-        }
-        match self.labels.get(DATAPLANE_MODE).map(String::as_str) {
-            Some("ambient") => true,
-            Some(_) => false,
-            None => self
-                .namespace_labels
-                .get(DATAPLANE_MODE)
-                .is_some_and(|v| v == "ambient"),
-        }
+        enroll::enrolled(self.host_network, &self.labels, &self.namespace_labels)
     }
+}
+
+/// The pod's addresses in the previous plugin's result (`ips[].address`,
+/// CIDR notation).
+pub fn result_ips(prev: Option<&Value>) -> Vec<std::net::IpAddr> {
+    prev.and_then(|p| p["ips"].as_array())
+        .into_iter()
+        .flatten()
+        .filter_map(|i| i["address"].as_str())
+        .filter_map(|a| a.split('/').next()?.parse().ok())
+        .collect()
 }
 
 /// Reads the pod and its namespace from the API server.
@@ -181,6 +188,7 @@ pub async fn pod_facts(conf: &NetConf, pod: &PodArgs) -> Result<PodFacts, CniErr
             .unwrap_or_else(|| "default".into()),
         host_network: spec.host_network.unwrap_or(false),
         labels: p.metadata.labels.unwrap_or_default(),
+        annotations: p.metadata.annotations.unwrap_or_default(),
         namespace_labels: ns.metadata.labels.unwrap_or_default(),
     })
 }
@@ -256,7 +264,10 @@ pub async fn run(env: &Env, stdin: &str) -> Result<String, (CniError, String)> {
             if env.netns.is_empty() {
                 return Err(fail(CniError::Config("CNI_NETNS is empty".into())));
             }
+            let bypass_inbound = enroll::bypass_inbound(&facts.labels, &facts.annotations);
             let spec = agent::PodSpec {
+                ips: result_ips(conf.prev_result.as_ref()),
+                bypass_inbound,
                 uid: facts.uid,
                 name: pod.name,
                 namespace: pod.namespace,
@@ -312,6 +323,7 @@ mod tests {
             service_account: "sa".into(),
             host_network: false,
             labels: BTreeMap::new(),
+            annotations: BTreeMap::new(),
             namespace_labels: BTreeMap::from([(DATAPLANE_MODE.into(), "ambient".into())]),
         };
         assert!(f.enrolled());
@@ -320,6 +332,18 @@ mod tests {
         f.labels.clear();
         f.host_network = true;
         assert!(!f.enrolled());
+    }
+
+    #[test]
+    fn the_previous_result_gives_the_pods_addresses() {
+        let prev = json!({"ips": [{"address": "10.1.1.5/24"}, {"address": "fd00::5/64"}]});
+        assert_eq!(
+            result_ips(Some(&prev)),
+            vec![
+                "10.1.1.5".parse::<std::net::IpAddr>().unwrap(),
+                "fd00::5".parse().unwrap()
+            ]
+        );
     }
 
     #[tokio::test]

@@ -231,6 +231,8 @@ async fn two_nodes(extra: &[&str]) -> TwoNodes {
             namespace: pod.namespace.clone(),
             service_account: pod.service_account.clone(),
             netns: format!("/var/run/netns/{ns}"),
+            ips: Vec::new(),
+            bypass_inbound: false,
         })
     };
     agent::call(&agent_a.control, &add(&client, &na))

@@ -115,13 +115,8 @@ pub async fn enroll(mesh: &Mesh, ns: &str, on: bool) -> Result<String, SourceErr
     match target(mesh, if on { "enroll" } else { "unenroll" })? {
         Target::Kube(c) => {
             let v = if on { json!("ambient") } else { Value::Null };
+            // Each node's agent captures or releases the running pods.
             kube_label(c, ns, json!({ DATAPLANE_MODE: v })).await?;
-            // On a cluster the CNI plugin acts only when a pod is created.
-            return Ok(format!(
-                "namespace {ns} {}; restart its workloads for running pods to follow: \
-                 kubectl -n {ns} rollout restart deployment,statefulset,daemonset\n",
-                if on { "enrolled" } else { "unenrolled" }
-            ));
         }
         Target::Lab(lab) => {
             let mut labels = lab_namespace_labels(&lab, ns)?;

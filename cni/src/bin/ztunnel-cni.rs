@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 use clap::{Parser, Subcommand};
-use mesh_cni::agent::{self, AgentConfig, PodSpec, Request};
+use mesh_cni::agent::{self, AgentConfig, PodSpec, Request, Watch};
+use mesh_cni::find::Finder;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -34,6 +35,25 @@ enum Cmd {
         /// Redirect pods' DNS to the ztunnel (15053).
         #[arg(long)]
         dns: bool,
+        /// This node's name: with it the agent watches enrollment (pods of
+        /// this node, namespaces) and captures or releases running pods.
+        #[arg(long, env = "NODE_NAME")]
+        node: Option<String>,
+        /// Watch a directory of Pod and Namespace YAML instead of the API
+        /// server (the lab).
+        #[arg(long, requires = "node")]
+        objects_dir: Option<PathBuf>,
+        /// The node's netns, where the kubelet's probes are SNATed to
+        /// 169.254.7.127 (`/proc/self/ns/net` when the agent runs in it).
+        /// Unset: no probe SNAT.
+        #[arg(long)]
+        host_netns: Option<String>,
+        /// The node's /proc, scanned for running pods' netns.
+        #[arg(long, default_value = "/proc")]
+        proc_dir: PathBuf,
+        /// Where the runtime pins pods' netns.
+        #[arg(long, default_value = "/var/run/netns")]
+        netns_dir: PathBuf,
     },
     /// Capture a pod (what the CNI plugin calls on ADD).
     Add {
@@ -56,23 +76,42 @@ enum Cmd {
     },
     /// List captured pods.
     List,
+    /// Reconcile enrollment now; prints the captured pods.
+    Sync,
 }
 
 #[tokio::main]
 async fn main() {
     mesh_core::init_logging();
+    mesh_core::tls::install_default_provider();
     let a = Args::parse();
     let req = match a.cmd {
         Cmd::Serve {
             zds_socket,
             state_file,
             dns,
+            node,
+            objects_dir,
+            host_netns,
+            proc_dir,
+            netns_dir,
         } => {
+            let watch = match (node, objects_dir) {
+                (Some(node), Some(dir)) => Watch::Dir { node, dir },
+                (Some(node), None) => Watch::Kube { node },
+                (None, _) => Watch::None,
+            };
             let cfg = AgentConfig {
                 zds_socket,
                 control_socket: a.control_socket,
                 state_file,
                 dns,
+                host_netns,
+                finder: Finder {
+                    proc_dir,
+                    pinned_dir: netns_dir,
+                },
+                watch,
             };
             let stop = CancellationToken::new();
             let s = stop.clone();
@@ -107,9 +146,12 @@ async fn main() {
             namespace,
             service_account,
             netns,
+            ips: Vec::new(),
+            bypass_inbound: false,
         }),
         Cmd::Del { uid } => Request::Del { uid },
         Cmd::List => Request::List,
+        Cmd::Sync => Request::Sync,
     };
     match agent::call(&a.control_socket, &req).await {
         Ok(v) => println!("{v}"),

@@ -87,6 +87,16 @@ impl Lab {
                     .display()
                     .to_string(),
                 "--dns".into(),
+                // Enrollment is watched (the objects the lab applies, its
+                // stand-in for the API server), and the node's own
+                // connections to captured pods (the kubelet's probes) are
+                // SNATed in its netns, where the agent runs.
+                "--node".into(),
+                n.name.clone(),
+                "--objects-dir".into(),
+                self.dir.join("config").display().to_string(),
+                "--host-netns".into(),
+                "/proc/self/ns/net".into(),
             ];
             self.start_named(
                 &format!("{}-cni", n.name),

@@ -170,8 +170,10 @@ impl Lab {
                     let key = format!("{ns}/{name}");
                     if let Some(p) = self.state.pods.get_mut(&key) {
                         p.labels = labels;
+                        let (p, node) = (p.clone(), p.node.clone());
+                        self.write_pod(&p)?;
                         self.save()?;
-                        self.reconcile_capture(&key).await?;
+                        self.sync_capture(&node).await?;
                     } else {
                         self.add_pod(&ns, &name, labels, pod_spec(&d["spec"]))
                             .await?;
@@ -230,17 +232,17 @@ impl Lab {
                 }
             }
         }
-        for ns in relabelled {
-            let keys: Vec<String> = self
-                .state
-                .pods
-                .values()
-                .filter(|p| p.namespace == ns)
-                .map(|p| format!("{}/{}", p.namespace, p.name))
-                .collect();
-            for k in keys {
-                self.reconcile_capture(&k).await?;
-            }
+        // Each node's agent sees the new labels and captures or releases
+        // the running pods they concern.
+        let nodes: std::collections::BTreeSet<String> = self
+            .state
+            .pods
+            .values()
+            .filter(|p| relabelled.contains(&p.namespace))
+            .map(|p| p.node.clone())
+            .collect();
+        for node in nodes {
+            self.sync_capture(&node).await?;
         }
         self.kube_proxy()?;
         for g in &ingresses {

@@ -84,19 +84,6 @@ impl Lab {
         self.spawn_in(&netns, log, env, cmd)
     }
 
-    fn enrolled(&self, p: &PodState) -> bool {
-        match p.labels.get("istio.io/dataplane-mode").map(String::as_str) {
-            Some("none") => false,
-            Some("ambient") => true,
-            _ => self
-                .state
-                .namespaces
-                .get(&p.namespace)
-                .and_then(|l| l.get("istio.io/dataplane-mode"))
-                .is_some_and(|v| v == "ambient"),
-        }
-    }
-
     /// Creates a pod: netns, address, Pod object for the controller, its app
     /// process, and capture when its namespace is enrolled. It runs on
     /// `spec.node` when that is set, else the nodes take pods in turn.
@@ -152,23 +139,13 @@ impl Lab {
             pid: None,
             captured: false,
         };
-        self.write_object(
-            &format!("pod-{namespace}-{name}.yaml"),
-            &json!({
-                "apiVersion": "v1", "kind": "Pod",
-                "metadata": {"name": name, "namespace": namespace, "uid": uid, "labels": labels},
-                "spec": {"nodeName": node.name, "serviceAccountName": service_account,
-                         "containers": [{"name": "app", "image": image, "args": args}]},
-                "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                           "conditions": [{"type": "Ready", "status": "True"}]},
-            }),
-        )?;
+        self.write_pod(&pod)?;
         let key = format!("{namespace}/{name}");
         self.state.pods.insert(key.clone(), pod);
         self.save()?;
         // Captured before its app starts, as CNI does before the container
         // runs: no early connection escapes the mesh.
-        self.reconcile_capture(&key).await?;
+        self.sync_capture(&node.name).await?;
         if image == "waypoint" || image == "ingress" {
             let role = if image == "ingress" {
                 "ingress"
@@ -358,34 +335,41 @@ impl Lab {
         Ok(file)
     }
 
-    /// Captures or releases one pod to match its enrollment.
-    pub(super) async fn reconcile_capture(&mut self, key: &str) -> Result<(), Error> {
-        let Some(p) = self.state.pods.get(key).cloned() else {
-            return Ok(());
-        };
-        let want = self.enrolled(&p);
-        if want == p.captured {
-            return Ok(());
-        }
-        let control = self.dir.join(format!("{}-cni.sock", p.node));
-        let req = if want {
-            mesh_cni::agent::Request::Add(mesh_cni::agent::PodSpec {
-                uid: p.uid.clone(),
-                name: p.name.clone(),
-                namespace: p.namespace.clone(),
-                service_account: p.service_account.clone(),
-                netns: format!("/var/run/netns/{}", p.netns),
-            })
-        } else {
-            mesh_cni::agent::Request::Del { uid: p.uid.clone() }
-        };
+    /// Writes a pod's object, as the API server holds it: what istiod-lite
+    /// and the node agent's watch read.
+    pub(super) fn write_pod(&self, p: &PodState) -> Result<(), Error> {
+        self.write_object(
+            &format!("pod-{}-{}.yaml", p.namespace, p.name),
+            &json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
+                "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
+                         "containers": [{"name": "app", "image": p.image, "args": p.args}]},
+                "status": {"phase": "Running", "podIP": p.ip, "podIPs": [{"ip": p.ip}],
+                           "conditions": [{"type": "Ready", "status": "True"}]},
+            }),
+        )
+    }
+
+    /// Has `node`'s agent act on the objects now (it also does so on its
+    /// own within a second): the agent decides who is enrolled and finds
+    /// each pod's netns from the node, as on Kubernetes. Records which pods
+    /// it holds then.
+    pub(super) async fn sync_capture(&mut self, node: &str) -> Result<(), Error> {
+        let control = self.dir.join(format!("{node}-cni.sock"));
         // The ztunnel may still be connecting to its agent: retry briefly.
         let mut last = String::new();
         for _ in 0..100 {
-            match mesh_cni::agent::call(&control, &req).await {
-                Ok(_) => {
-                    if let Some(pod) = self.state.pods.get_mut(key) {
-                        pod.captured = want;
+            match mesh_cni::agent::call(&control, &mesh_cni::agent::Request::Sync).await {
+                Ok(v) => {
+                    let held: Vec<&str> = v["pods"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|p| p["uid"].as_str())
+                        .collect();
+                    for p in self.state.pods.values_mut().filter(|p| p.node == node) {
+                        p.captured = held.contains(&p.uid.as_str());
                     }
                     return self.save();
                 }
@@ -393,7 +377,7 @@ impl Lab {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
-        Err(format!("capturing {key}: {last}").into())
+        Err(format!("enrollment on {node}: {last}").into())
     }
 
     /// Runs a command inside a pod's netns and returns its output.
