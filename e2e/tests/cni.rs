@@ -82,13 +82,16 @@ fn cni(command: &str, netns: &str, args: &str, conf: &Value) -> (i32, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // A command that reads no stdin (VERSION) may have exited already: a
-    // broken pipe here is not the plugin's failure; its exit code says.
-    let _ = child
+    // VERSION never reads its stdin: the plugin may be gone before the
+    // write, which is no failure.
+    let written = child
         .stdin
         .take()
         .unwrap()
         .write_all(conf.to_string().as_bytes());
+    if let Err(e) = written {
+        assert_eq!(e.kind(), std::io::ErrorKind::BrokenPipe, "{e}");
+    }
     let out = child.wait_with_output().unwrap();
     (
         out.status.code().unwrap_or(-1),

@@ -175,7 +175,7 @@ pub fn source_of(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hbone::forwarded_value as forwarded;
+    use mesh_core::hbone::forwarded_value as forwarded;
     use std::net::SocketAddr;
 
     fn wl() -> Workload {
