@@ -182,6 +182,15 @@ async fn grpc_calls_of_every_kind_stream_through_the_waypoint_and_the_ingress() 
     let out = grpc_in_pod(lab, target, &["unary"]);
     assert!(out.contains("error UNAVAILABLE"), "{out}");
 
+    // A call slower than its grpc-timeout: the waypoint ends it at the
+    // deadline (DEADLINE_EXCEEDED, flag UT), not the client cancelling.
+    let out = grpc_in_pod(
+        lab,
+        target,
+        &["unary", "--deadline", "0.5", "--delay-ms", "3000"],
+    );
+    assert!(out.contains("error DEADLINE_EXCEEDED"), "{out}");
+
     let m = metrics(lab, WAYPOINT);
     let svc = "destination_service=\"grpc-echo.shop.svc.cluster.local\"";
     let ok = metric_sum(
@@ -216,5 +225,11 @@ async fn grpc_calls_of_every_kind_stream_through_the_waypoint_and_the_ingress() 
             && l.contains("grpc_status=14")
             && l.contains("grpc_message=\"failing as asked\"")),
         "no grpc_status=14 in the access log:\n{log}"
+    );
+    assert!(
+        log.lines().any(|l| l.contains("path=/labecho.Echo/Unary")
+            && l.contains("response_flags=\"UT\"")
+            && l.contains("grpc_status=4")),
+        "no call ended by the waypoint at its grpc-timeout:\n{log}"
     );
 }

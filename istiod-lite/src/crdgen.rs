@@ -65,7 +65,8 @@ pub fn crds() -> Vec<(&'static str, CustomResourceDefinition)> {
 /// Gateway API CRDs for a cluster without any (`manifests/gateway-api/`):
 /// the kinds of the upstream standard channel the mesh reads or that its
 /// users need beside them, in the upstream's shape (v1 stored, v1beta1
-/// served). HTTPRoute has the experimental channel's fields (`retry`).
+/// served; GRPCRoute, which never had a v1beta1 upstream, v1 only).
+/// HTTPRoute has the experimental channel's fields (`retry`).
 pub fn gateway_api_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
     use gateway_api::apis::{experimental, standard};
     vec![
@@ -82,17 +83,24 @@ pub fn gateway_api_crds() -> Vec<(&'static str, CustomResourceDefinition)> {
             experimental::httproutes::HttpRoute::crd(),
         ),
         (
+            "gateway.networking.k8s.io_grpcroutes.yaml",
+            standard::grpcroutes::GrpcRoute::crd(),
+        ),
+        (
             "gateway.networking.k8s.io_referencegrants.yaml",
             standard::referencegrants::ReferenceGrant::crd(),
         ),
     ]
     .into_iter()
-    .map(|(f, c)| (f, structural(upstream_shaped(c))))
+    .map(|(f, c)| {
+        let beta = c.spec.names.kind != "GRPCRoute";
+        (f, structural(upstream_shaped(c, beta)))
+    })
     .collect()
 }
 
 /// The approval annotation, our origin, and v1beta1 served beside v1.
-fn upstream_shaped(mut crd: CustomResourceDefinition) -> CustomResourceDefinition {
+fn upstream_shaped(mut crd: CustomResourceDefinition, beta: bool) -> CustomResourceDefinition {
     let annotations = crd.metadata.annotations.get_or_insert_with(BTreeMap::new);
     annotations.insert(APPROVAL_ANNOTATION.into(), GATEWAY_API_APPROVAL.into());
     annotations.insert(
@@ -105,7 +113,7 @@ fn upstream_shaped(mut crd: CustomResourceDefinition) -> CustomResourceDefinitio
         .spec
         .versions
         .iter()
-        .filter(|v| v.storage)
+        .filter(|v| beta && v.storage)
         .map(|v| {
             let mut v = v.clone();
             v.name = GATEWAY_API_SERVED_TOO.into();

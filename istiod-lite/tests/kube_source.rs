@@ -76,6 +76,7 @@ fn list_body(path: &str, items: &[Value], rv: usize) -> Value {
         "trafficpolicies" => "TrafficPolicyList",
         "gateways" => "GatewayList",
         "httproutes" => "HTTPRouteList",
+        "grpcroutes" => "GRPCRouteList",
         _ => "List",
     };
     json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv.to_string()}, "items": items})

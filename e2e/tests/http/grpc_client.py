@@ -28,13 +28,15 @@ def varint(n):
             return bytes(out)
 
 
-def encode(text="", count=0, code=None):
+def encode(text="", count=0, code=None, delay_ms=0):
     out = bytearray()
     if text:
         t = text.encode()
         out += b"\x0a" + varint(len(t)) + t
     if count:
         out += b"\x18" + varint(count)
+    if delay_ms:
+        out += b"\x20" + varint(delay_ms)
     if code is not None:
         # FailNext: n = 1 (here `count`), code = 2.
         out = bytearray(b"\x08" + varint(count) + b"\x10" + varint(code))
@@ -82,8 +84,11 @@ def main():
     m = lambda name: f"/labecho.Echo/{name}"  # noqa: E731
     try:
         if call == "unary":
+            # --deadline S --delay-ms N: a call slower than its deadline.
+            deadline = float(args[args.index("--deadline") + 1]) if "--deadline" in args else TIMEOUT
+            delay = int(args[args.index("--delay-ms") + 1]) if "--delay-ms" in args else 0
             r = ch.unary_unary(m("Unary"), request_serializer=ident, response_deserializer=decode)
-            reply, c = r.with_call(encode("hi"), timeout=TIMEOUT, metadata=meta)
+            reply, c = r.with_call(encode("hi", delay_ms=delay), timeout=deadline, metadata=meta)
             print(f"unary {reply['text']} pod={reply['pod']} code={c.code().name}")
         elif call == "fail":
             n, code = int(args[0]), int(args[1])

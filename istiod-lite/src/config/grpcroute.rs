@@ -9,6 +9,30 @@
 
 use serde_json::{Map, Value, json};
 
+/// A GRPCRoute from the API server as the HTTPRoute it amounts to. One
+/// that cannot be read so (it cannot happen with the typed GRPCRoute's
+/// match types) keeps its name and loses its rules, and is logged.
+pub fn as_http_route(
+    g: &gateway_api::apis::experimental::grpcroutes::GrpcRoute,
+) -> gateway_api::apis::experimental::httproutes::HttpRoute {
+    use gateway_api::apis::experimental::httproutes::{HttpRoute, HttpRouteSpec};
+    let converted = serde_json::to_value(g)
+        .map_err(|e| e.to_string())
+        .and_then(|v| to_http_route(&v))
+        .and_then(|v| serde_json::from_value::<HttpRoute>(v).map_err(|e| e.to_string()));
+    converted.unwrap_or_else(|e| {
+        let mut metadata = g.metadata.clone();
+        let name = metadata.name.clone().unwrap_or_default();
+        tracing::warn!(route = %name, error = %e, "GRPCRoute not readable as routes; its rules are left out");
+        metadata.name = Some(model_name(&name));
+        HttpRoute {
+            metadata,
+            spec: HttpRouteSpec::default(),
+            status: None,
+        }
+    })
+}
+
 /// The model name of GRPCRoute `name`.
 pub fn model_name(name: &str) -> String {
     format!("grpc:{name}")
@@ -134,5 +158,26 @@ mod tests {
                    "headers": [{"name": "x-v", "value": "2"}]})
         );
         assert_eq!(h["spec"]["rules"][0]["backendRefs"][0]["name"], "echo-v2");
+    }
+
+    #[test]
+    fn a_watched_grpcroute_reads_as_an_httproute_too() {
+        let g: gateway_api::apis::experimental::grpcroutes::GrpcRoute =
+            serde_json::from_value(json!({
+                "apiVersion": "gateway.networking.k8s.io/v1",
+                "kind": "GRPCRoute",
+                "metadata": {"name": "echo", "namespace": "shop"},
+                "spec": {"rules": [{"matches": [{"method": {"type": "Exact", "service": "a.B"}}],
+                                    "backendRefs": [{"name": "b", "port": 80}]}]}
+            }))
+            .expect("a GRPCRoute");
+        let h = as_http_route(&g);
+        assert_eq!(h.metadata.name.as_deref(), Some("grpc:echo"));
+        let rules = h.spec.rules.expect("rules");
+        let path = rules[0].matches.as_ref().expect("matches")[0]
+            .path
+            .as_ref()
+            .expect("a path match");
+        assert_eq!(path.value.as_deref(), Some("/a.B"));
     }
 }

@@ -19,6 +19,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use futures::stream::BoxStream;
+use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
@@ -319,6 +320,15 @@ pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers
     watch!(GatewayClass, GatewayClass, "GatewayClass", false);
     watch!(Gateway, Gateway, "Gateway", false);
     watch!(HttpRoute, HttpRoute, "HTTPRoute", false);
+    // Held as the HTTPRoute it amounts to (grpcroute.rs).
+    watch!(
+        GrpcRoute,
+        HttpRoute,
+        "GRPCRoute",
+        false,
+        watcher::Config::default(),
+        |g: GrpcRoute| super::grpcroute::as_http_route(&g)
+    );
     // Policies narrow access: never served without them while they may
     // exist (see `sources`).
     watch!(

@@ -52,6 +52,7 @@ impl Service {
             text,
             pod: self.pod.clone(),
             count,
+            delay_ms: 0,
         }
     }
 }
@@ -63,6 +64,8 @@ impl Echo for Service {
     async fn unary(&self, req: Request<Msg>) -> Result<Response<Msg>, Status> {
         self.maybe_fail()?;
         let m = req.into_inner();
+        let delay = u64::from(m.delay_ms.min(60_000));
+        tokio::time::sleep(std::time::Duration::from_millis(delay)).await;
         Ok(Response::new(self.msg(m.text, 1)))
     }
 
@@ -78,6 +81,7 @@ impl Echo for Service {
                 text: format!("{text} {i}"),
                 pod: pod.clone(),
                 count: i,
+                delay_ms: 0,
             })
         });
         Ok(Response::new(Box::pin(replies)))
@@ -105,6 +109,7 @@ impl Echo for Service {
                 text: m.text,
                 pod: pod.clone(),
                 count: m.count,
+                delay_ms: 0,
             })
         });
         Ok(Response::new(Box::pin(replies)))
