@@ -141,9 +141,12 @@ async fn every_mesh_program_logs_json_lines_and_the_access_log_has_its_fields_as
     assert_eq!(wp.1["response_code"], 200, "{}", wp.1);
     // The demo's route sends 10% to server-v2: either backend is right.
     assert!(
-        ["server.shop.svc.cluster.local", "server-v2.shop.svc.cluster.local"]
-            .iter()
-            .any(|s| wp.1["dst.service"] == *s),
+        [
+            "server.shop.svc.cluster.local",
+            "server-v2.shop.svc.cluster.local"
+        ]
+        .iter()
+        .any(|s| wp.1["dst.service"] == *s),
         "{}",
         wp.1
     );
