@@ -7,9 +7,12 @@
 //! there yet; removal goes the other way. The agent keeps its pods in a state
 //! file, so a restarted agent re-syncs the ztunnel from the same snapshot.
 //!
-//! With a watch ([`crate::watch`]) the agent also captures running pods that
-//! become enrolled and releases those that leave ([`crate::reconcile`]), and
+//! With a watch ([`crate::agent::watch`]) the agent also captures running pods that
+//! become enrolled and releases those that leave ([`crate::agent::reconcile`]), and
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
+
+pub mod reconcile;
+pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -143,7 +146,7 @@ pub(crate) struct Agent {
     /// The node's netns, for the probe SNAT.
     pub(crate) host: Option<Netns>,
     /// The watch, when there is one.
-    pub(crate) source: Option<crate::watch::Source>,
+    pub(crate) source: Option<crate::agent::watch::Source>,
     /// One reconcile at a time (the periodic one and a Sync).
     pub(crate) reconciling: Mutex<()>,
     /// One add, delete or snapshot at a time: each is a ZDS exchange plus
@@ -399,7 +402,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     let control = UnixListener::bind(&cfg.control_socket)?;
     let host = open_host(&cfg, &pods);
     let changed = Arc::new(tokio::sync::Notify::new());
-    let source = crate::watch::Source::start(&cfg.watch, changed.clone())
+    let source = crate::agent::watch::Source::start(&cfg.watch, changed.clone())
         .await
         .map_err(std::io::Error::other)?;
     info!(zds = %cfg.zds_socket.display(), control = %cfg.control_socket.display(), pods = pods.len(), watch = ?cfg.watch, "node agent started");

@@ -17,9 +17,7 @@ pub mod enroll;
 pub mod find;
 pub mod host;
 pub mod install;
-pub mod reconcile;
 pub mod rules;
-pub mod watch;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

@@ -2,7 +2,7 @@
 //!
 //! - inbound TCP from the kubelet's probe source ([`PROBE_SOURCE`], what
 //!   the node SNATs its own connections to captured pods to: see
-//!   [`crate::host`]) goes to the app untouched, so probes see the app
+//!   the node side in `host.rs`) goes to the app untouched, so probes see the app
 //!   itself and no mesh policy applies to them;
 //! - inbound TCP to 15008 goes straight to the ztunnel's HBONE listener;
 //! - other inbound TCP (from outside the pod) goes to 15006 (plaintext),

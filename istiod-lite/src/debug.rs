@@ -149,7 +149,7 @@ fn health(hub: &Hub, path: &str) -> Option<Response<Full<Bytes>>> {
         "/metrics" => Some(respond(
             StatusCode::OK,
             "text/plain; version=0.0.4",
-            crate::metrics::metrics().render(hub),
+            crate::metrics::metrics().render(hub.connected(), hub.model().object_counts()),
         )),
         _ => None,
     }

@@ -31,7 +31,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::xds::Hub;
+use mesh_proto::{
+    ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
+};
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct KindLabel {
@@ -67,7 +69,14 @@ impl ByLabel {
     /// Every xDS type served starts at 0, so a rate over it exists before
     /// the first event.
     fn by_type() -> ByLabel {
-        ByLabel::new("type", crate::xds::TYPES.iter().map(|t| type_name(t)))
+        // The types the hub serves (its `TYPES`), each counted from zero.
+        let types = [
+            ADDRESS_TYPE_URL,
+            AUTHORIZATION_TYPE_URL,
+            SERVICE_ROUTES_TYPE_URL,
+            INGRESS_TYPE_URL,
+        ];
+        ByLabel::new("type", types.iter().map(|t| type_name(t)))
     }
 
     fn inc(&self, value: String) {
@@ -194,14 +203,15 @@ impl ControlMetrics {
         self.watch_restarts.inc(kind.to_string());
     }
 
-    /// The text exposition, with the gauges read from `hub` now.
-    pub fn render(&self, hub: &Hub) -> String {
+    /// The text exposition, with the gauges set from the hub's figures
+    /// now: its connected proxies and the model's objects per kind.
+    pub fn render(&self, connected: usize, objects: Vec<(&'static str, usize)>) -> String {
         self.connected
             .get_or_create(&VersionLabel {
                 version: env!("CARGO_PKG_VERSION").into(),
             })
-            .set(hub.connected() as i64);
-        for (kind, n) in hub.model().object_counts() {
+            .set(connected as i64);
+        for (kind, n) in objects {
             self.objects
                 .get_or_create(&KindLabel { kind: kind.into() })
                 .set(n as i64);

@@ -7,8 +7,8 @@
 //! each request into the mesh the same way.
 //!
 //! Layering (a module only uses those listed before it):
-//! `normalize` -> `config` -> `authz` -> `ratelimit` -> `routes` ->
-//! `telemetry` -> `extauthz` -> `ingress` -> `attach` -> `lb` -> `upstream`
+//! `normalize` -> `config` -> `idle` -> `proxy_metrics` -> `authz` -> `ratelimit` -> `routes` ->
+//! `telemetry` -> `extauthz` -> `ingress` -> `attach` -> `lb` -> `reqbody` -> `upstream`
 //! -> `body` -> `h1guard` -> `proxy` -> `sink` -> `app`.
 //!
 //! The data path is one file per stage in `proxy/` (`sniff` and `rewrite`

@@ -212,7 +212,7 @@ impl App {
                     nm.dns_domain.clone(),
                     &upstreams,
                     dns_metrics.clone(),
-                    nm.dns_limits.limits(),
+                    crate::dns::Limits::from(&nm.dns_limits),
                 )
             });
             let inpod = InPod::new(proxy.clone(), dns, xds.clone());

@@ -169,23 +169,11 @@ pub struct DnsLimits {
 
 impl Default for DnsLimits {
     fn default() -> Self {
-        let d = crate::dns::Limits::default();
         DnsLimits {
-            qps: d.qps,
-            udp_in_flight: d.udp_in_flight,
-            tcp_connections: d.tcp_connections,
-            tcp_idle: d.tcp_idle,
-        }
-    }
-}
-
-impl DnsLimits {
-    pub fn limits(&self) -> crate::dns::Limits {
-        crate::dns::Limits {
-            qps: self.qps,
-            udp_in_flight: self.udp_in_flight,
-            tcp_connections: self.tcp_connections,
-            tcp_idle: self.tcp_idle,
+            qps: 2000,
+            udp_in_flight: 64,
+            tcp_connections: 32,
+            tcp_idle: Duration::from_secs(10),
         }
     }
 }

@@ -33,11 +33,17 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        Limits::from(&crate::config::DnsLimits::default())
+    }
+}
+
+impl From<&crate::config::DnsLimits> for Limits {
+    fn from(c: &crate::config::DnsLimits) -> Self {
         Limits {
-            qps: 2000,
-            udp_in_flight: 64,
-            tcp_connections: 32,
-            tcp_idle: Duration::from_secs(10),
+            qps: c.qps,
+            udp_in_flight: c.udp_in_flight,
+            tcp_connections: c.tcp_connections,
+            tcp_idle: c.tcp_idle,
         }
     }
 }

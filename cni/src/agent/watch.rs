@@ -2,7 +2,7 @@
 //! (a watch of the pods on its node, `spec.nodeName=<node>`, and of every
 //! namespace), or, in the lab, a directory of the same objects as YAML (the
 //! lab's stand-in for the API server, which istiod-lite reads too). Both
-//! give one [`View`], which [`crate::reconcile`] acts on.
+//! give one [`View`], which [`crate::agent::reconcile`] acts on.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

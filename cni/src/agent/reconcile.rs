@@ -18,9 +18,9 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
+use crate::agent::watch::View;
 use crate::agent::{Agent, PodSpec};
 use crate::enroll::PodView;
-use crate::watch::View;
 
 /// How often the watch is looked at without an event (the lab's directory
 /// has none; on Kubernetes this retries what failed).
