@@ -69,9 +69,16 @@ test-cluster:
         # stop waits up to a minute for open watches to drain.
         stop_plane() {
             for f in apiserver etcd; do
-                [ -f "$dir/$f.pid" ] && kill -9 "$(cat "$dir/$f.pid")" 2>/dev/null || true
+                if [ -f "$dir/$f.pid" ]; then
+                    pid=$(cat "$dir/$f.pid")
+                    kill -9 "$pid" 2>/dev/null || true
+                    # Gone before the next one binds its ports (at most 10 s).
+                    for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+                fi
                 rm -f "$dir/$f.pid"
             done
+            # And nothing else holds the API server's port any more.
+            for _ in $(seq 100); do ss -ltn "sport = :$port" | grep -q LISTEN || break; sleep 0.1; done
         }
         trap stop_plane EXIT
         "$plane" up "$dir" "$port"

@@ -71,6 +71,21 @@ pub fn node_root(dir: &Path, node: &str) -> PathBuf {
     dir.join("kube/nodes").join(node)
 }
 
+/// The node's `/proc` as its `hostPath` shows it: the node's pid 1, whose
+/// `ns/net` is the node's netns (where the node agent puts the probe SNAT).
+/// The pods' netns are found under `/var/run/netns`, the machine's.
+fn node_proc(root: &Path, node_netns: &str) -> Result<()> {
+    let ns = root.join("proc/1/ns");
+    std::fs::create_dir_all(&ns)
+        .map_err(|e| KubeletError::Setup(format!("{}: {e}", ns.display())))?;
+    let link = ns.join("net");
+    if std::fs::symlink_metadata(&link).is_err() {
+        std::os::unix::fs::symlink(PathBuf::from("/var/run/netns").join(node_netns), &link)
+            .map_err(|e| KubeletError::Setup(format!("{}: {e}", link.display())))?;
+    }
+    Ok(())
+}
+
 impl Kubelet {
     /// Takes the lab at `dir` (its network made), the API server of
     /// `kubeconfig`: routes the lab's network to the API server, registers
@@ -98,7 +113,9 @@ impl Kubelet {
         let ctl = PathBuf::from("/var/run/netns").join(k.lab.ns_name("ctl"));
         apiserver::forward_api(&ctl, upstream).await?;
         for n in k.lab.state.nodes.clone() {
-            cni::write_primary(&node_root(dir, &n.name))?;
+            let root = node_root(dir, &n.name);
+            cni::write_primary(&root)?;
+            node_proc(&root, &n.netns)?;
         }
         let streaming = streaming::serve(dir.to_path_buf()).await?;
         controllers::register_nodes(&k.client, &k.lab, streaming).await?;
