@@ -1,6 +1,6 @@
 //! Gateway API `GRPCRoute`, read as the `HTTPRoute` it amounts to: a gRPC
 //! method is the path `/<service>/<method>`, so each method match becomes
-//! a path match (exact, prefix or regular expression), header matches,
+//! a path match (exact or regular expression), header matches,
 //! weighted backends and filters (header modifiers, mirror, extension
 //! references) carry over as they are, and the waypoint and the ingress
 //! route it as they route any HTTPRoute. The route's model name is
@@ -51,19 +51,29 @@ fn escape(s: &str) -> String {
 }
 
 /// The path match a GRPCRoute method match stands for; None matches every
-/// method.
+/// method. Each part stays within its own path segment: an exact service
+/// or method with a `/` is refused (it would name another split of the
+/// path), and a regular expression is grouped so an alternation in it
+/// cannot reach past its segment.
 fn path_match(m: &Value) -> Result<Option<Value>, String> {
     let kind = m.get("type").and_then(Value::as_str).unwrap_or("Exact");
     let service = m.get("service").and_then(Value::as_str);
     let method = m.get("method").and_then(Value::as_str);
+    if kind == "Exact" && [service, method].iter().flatten().any(|p| p.contains('/')) {
+        return Err("an exact service or method cannot contain '/'".into());
+    }
     let (t, v) = match (kind, service, method) {
         (_, None, None) => return Ok(None),
         ("Exact", Some(s), Some(me)) => ("Exact", format!("/{s}/{me}")),
-        ("Exact", Some(s), None) => ("PathPrefix", format!("/{s}")),
+        ("Exact", Some(s), None) => ("RegularExpression", format!("/{}/[^/]+", escape(s))),
         ("Exact", None, Some(me)) => ("RegularExpression", format!("/[^/]+/{}", escape(me))),
         ("RegularExpression", s, me) => (
             "RegularExpression",
-            format!("/{}/{}", s.unwrap_or("[^/]+"), me.unwrap_or("[^/]+")),
+            format!(
+                "/(?:{})/(?:{})",
+                s.unwrap_or("[^/]+"),
+                me.unwrap_or("[^/]+")
+            ),
         ),
         (other, _, _) => return Err(format!("method match type {other:?} is not supported")),
     };
@@ -119,19 +129,38 @@ mod tests {
             Some(json!({"type": "Exact", "value": "/shop.Cart/Add"}))
         );
         assert_eq!(
-            m(json!({"service": "shop.Cart"})),
-            Some(json!({"type": "PathPrefix", "value": "/shop.Cart"}))
-        );
-        assert_eq!(
             m(json!({"method": "Add.V2"})),
             Some(json!({"type": "RegularExpression", "value": "/[^/]+/Add\\.V2"}))
         );
         assert_eq!(
             m(json!({"type": "RegularExpression", "service": "shop\\..*"})),
-            Some(json!({"type": "RegularExpression", "value": "/shop\\..*/[^/]+"}))
+            Some(json!({"type": "RegularExpression", "value": "/(?:shop\\..*)/(?:[^/]+)"}))
         );
         assert_eq!(m(json!({})), None);
         assert!(path_match(&json!({"type": "Prefix", "method": "x"})).is_err());
+    }
+
+    /// A method match never reaches past its own path segment: a user's
+    /// alternation stays inside its group, and a `/` in an exact service or
+    /// method (which would split the path elsewhere) is refused.
+    #[test]
+    fn a_method_match_stays_within_its_segment() {
+        let m = |v: Value| path_match(&v).expect("supported");
+        assert_eq!(
+            m(json!({"type": "RegularExpression", "service": "a|b", "method": "X"})),
+            Some(json!({"type": "RegularExpression", "value": "/(?:a|b)/(?:X)"}))
+        );
+        assert_eq!(
+            m(json!({"service": "shop.Cart"})),
+            Some(json!({"type": "RegularExpression", "value": "/shop\\.Cart/[^/]+"}))
+        );
+        for bad in [
+            json!({"service": "a/b", "method": "X"}),
+            json!({"service": "a", "method": "X/Y"}),
+            json!({"method": "X/Y"}),
+        ] {
+            assert!(path_match(&bad).is_err(), "{bad}");
+        }
     }
 
     #[test]
@@ -178,6 +207,6 @@ mod tests {
             .path
             .as_ref()
             .expect("a path match");
-        assert_eq!(path.value.as_deref(), Some("/a.B"));
+        assert_eq!(path.value.as_deref(), Some("/a\\.B/[^/]+"));
     }
 }
