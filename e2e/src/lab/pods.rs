@@ -246,17 +246,12 @@ impl Lab {
             "dev",
             "eth0",
         ])?;
+        super::network::add_v6(ns, "eth0", ip)?;
         sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("{}.{}.1", self.net(), node.index),
-        ])?;
+        let gw = format!("{}.{}.1", self.net(), node.index);
+        sh(&["ip", "-n", ns, "route", "add", "default", "via", &gw])?;
+        let gw6 = super::ipv6_twin(&gw).ok_or_else(|| format!("{gw} is not IPv4"))?;
+        sh(&["ip", "-n", ns, "-6", "route", "add", "default", "via", &gw6])?;
         Ok(())
     }
 
@@ -345,7 +340,7 @@ impl Lab {
                 "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
                 "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
                          "containers": [{"name": "app", "image": p.image, "args": p.args}]},
-                "status": {"phase": "Running", "podIP": p.ip, "podIPs": [{"ip": p.ip}],
+                "status": {"phase": "Running", "podIP": p.ip, "podIPs": pod_ips(&p.ip),
                            "conditions": [{"type": "Ready", "status": "True"}]},
             }),
         )
@@ -398,6 +393,15 @@ impl Lab {
             .env("RES_OPTIONS", ro)
             .output()?)
     }
+}
+
+/// `status.podIPs` of a lab pod: its IPv4 address, then its IPv6 twin.
+fn pod_ips(ip: &str) -> Value {
+    let mut ips = vec![json!({"ip": ip})];
+    if let Some(v6) = super::ipv6_twin(ip) {
+        ips.push(json!({"ip": v6}));
+    }
+    Value::Array(ips)
 }
 
 /// The pod's resolver search path, as a kubelet writes it into resolv.conf;
