@@ -1,0 +1,213 @@
+//! IPv6 in the dual-stack lab: every pod, node and Service VIP has an IPv6
+//! twin (fd00:10:L:i::k). A captured pod's IPv6 TCP is captured like its
+//! IPv4: HBONE over IPv6 to a pod on another node (mTLS, as the
+//! destination's metrics say), the same-node path, a Service's IPv6 VIP,
+//! its AAAA record, passthrough to a plain pod and plaintext in through
+//! 15006; and policy `ipBlocks` with IPv6 CIDRs, for ALLOW and DENY, never
+//! matching the other family.
+
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use e2e::lab::Down as Guard;
+use e2e::lab::{Lab, TEST_IDS};
+use e2e::mesh::eventually;
+use e2e::netns::capture;
+use mesh_core::netns::Netns;
+use serde_json::Value;
+
+fn yaml(text: &str) -> Vec<Value> {
+    e2e::lab::parse_docs(text).unwrap()
+}
+
+fn deployment(ns: &str, name: &str, replicas: u32, args: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      serviceAccountName: {name}\n      containers: [{{name: app, image: labapp, args: {args}}}]\n---\n"
+    )
+}
+
+/// `labapp send` from inside a pod; the echoed text, or None when refused.
+fn send(lab: &Lab, from: &str, to: &str, text: &str) -> Option<String> {
+    let bin = e2e::mesh::binary("labapp");
+    let out = lab.exec(from, &[bin.to_str()?, "send", to, text]).ok()?;
+    let s = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && s == text).then_some(s)
+}
+
+/// What `name` resolves to inside `pod` (both families), sorted.
+fn resolve(lab: &Lab, pod: &str, name: &str) -> BTreeSet<String> {
+    let bin = e2e::mesh::binary("labapp");
+    let out = lab
+        .exec(pod, &[bin.to_str().unwrap(), "resolve", name])
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// A node's ztunnel metrics, fetched from inside the node.
+fn metrics(lab: &Lab, node: &str) -> String {
+    let n = lab.state.nodes.iter().find(|n| n.name == node).unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &n.netns])
+        .arg(e2e::mesh::binary("labapp"))
+        .args(["get", &format!("http://{}:15020/metrics", n.ip)])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+const SHOP: &str = "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n---\n";
+
+fn policy(name: &str, action: &str, blocks: &str) -> String {
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: {name}, namespace: shop}}\nspec:\n  selector: {{matchLabels: {{app: echo}}}}\n  action: {action}\n  rules: [{{from: [{{source: {{ipBlocks: [{blocks}]}}}}]}}]\n"
+    )
+}
+
+#[tokio::test]
+async fn ipv6_traffic_is_captured_tunnelled_resolved_and_authorized() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::create_in(dir.path(), TEST_IDS, 2).unwrap();
+    let mut g = Guard(lab);
+    g.0.start_mesh().await.unwrap();
+    let mut docs = SHOP.to_string();
+    docs.push_str(&deployment(
+        "shop",
+        "echo",
+        2,
+        "[tcp-echo, --port, \"9000\"]",
+    )); // node-1, node-2
+    docs.push_str(&deployment("shop", "client", 1, "[sleep]")); // node-1
+    docs.push_str(&deployment(
+        "legacy",
+        "lecho",
+        1,
+        "[tcp-echo, --port, \"9000\"]",
+    )); // node-2
+    docs.push_str(&deployment("legacy", "lclient", 1, "[sleep]")); // node-1
+    docs.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: echo, namespace: shop}\nspec: {selector: {app: echo}, ports: [{port: 80, targetPort: 9000}]}\n");
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let lab = &g.0;
+    let v6 = |k: &str| lab.pod_ip6(k).unwrap();
+    let (echo0, echo1, lecho) = (v6("shop/echo-0"), v6("shop/echo-1"), v6("legacy/lecho-0"));
+    assert_eq!(lab.pod("shop/echo-1").unwrap().node, "node-2");
+    assert_eq!(lab.pod("shop/client-0").unwrap().node, "node-1");
+    assert!(lab.pod("shop/client-0").unwrap().captured);
+
+    // Across nodes, over IPv6: HBONE on the wire, in IPv6 packets.
+    eventually(
+        "client reaches echo-1 over IPv6",
+        Duration::from_secs(30),
+        || async { send(lab, "shop/client-0", &format!("[{echo1}]:9000"), "hello6").is_some() },
+    )
+    .await;
+    let marker = "PLAINTEXT-MARKER-ipv6";
+    let netns = Netns::open(&format!(
+        "/var/run/netns/{}",
+        lab.pod("shop/echo-1").unwrap().netns
+    ))
+    .unwrap();
+    let cap = std::thread::spawn(move || {
+        capture(
+            &netns,
+            "eth0",
+            Duration::from_millis(1500),
+            marker.as_bytes(),
+        )
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(send(lab, "shop/client-0", &format!("[{echo1}]:9000"), marker).is_some());
+    let seen = cap.join().unwrap().unwrap();
+    assert!(seen.hbone6 > 0 && seen.marker == 0, "{seen:?}");
+
+    // The destination's ztunnel saw mutual TLS from the client's identity.
+    let m = metrics(lab, "node-2");
+    assert!(
+        m.lines()
+            .any(|l| l.starts_with("istio_tcp_connections_opened_total{")
+                && l.contains("reporter=\"destination\"")
+                && l.contains("connection_security_policy=\"mutual_tls\"")
+                && l.contains("source_principal=\"spiffe://cluster.local/ns/shop/sa/client\"")
+                && l.contains("destination_workload=\"echo")),
+        "{m}"
+    );
+
+    // The same node, over IPv6.
+    assert!(send(lab, "shop/client-0", &format!("[{echo0}]:9000"), "same6").is_some());
+
+    // The Service's IPv6 VIP reaches its endpoints; its names resolve to
+    // both VIPs (A and AAAA).
+    let vip = lab.state.services["shop/echo"].vip.clone();
+    let vip6 = lab.service_vip6("shop/echo").unwrap();
+    for i in 0..4 {
+        assert!(
+            send(lab, "shop/client-0", &format!("[{vip6}]:80"), "via-vip6").is_some(),
+            "VIP {vip6}, try {i}"
+        );
+    }
+    let want: BTreeSet<String> = [vip.clone(), vip6.clone()].into();
+    for name in ["echo", "echo.shop.svc.cluster.local"] {
+        assert_eq!(resolve(lab, "shop/client-0", name), want, "{name}");
+    }
+
+    // Ambient to plain: passthrough. Plain to ambient: in through 15006.
+    assert!(send(lab, "shop/client-0", &format!("[{lecho}]:9000"), "out6").is_some());
+    assert!(send(lab, "legacy/lclient-0", &format!("[{echo0}]:9000"), "in6").is_some());
+
+    // ipBlocks with IPv6: a DENY of the client's IPv6 address refuses its
+    // IPv6 connections (across nodes and on the same node), not its IPv4.
+    let client6 = v6("shop/client-0");
+    let echo1_v4 = lab.pod("shop/echo-1").unwrap().ip.clone();
+    g.0.apply(yaml(&policy(
+        "deny-v6",
+        "DENY",
+        &format!("\"{client6}/128\""),
+    )))
+    .await
+    .unwrap();
+    let lab = &g.0;
+    eventually("the IPv6 DENY applies", Duration::from_secs(10), || async {
+        send(lab, "shop/client-0", &format!("[{echo1}]:9000"), "x").is_none()
+    })
+    .await;
+    assert!(send(lab, "shop/client-0", &format!("[{echo0}]:9000"), "x").is_none());
+    assert!(send(lab, "shop/client-0", &format!("{echo1_v4}:9000"), "v4").is_some());
+    // An ALLOW of IPv6 ULA sources only: IPv6 in, IPv4 out (an IPv4 source
+    // is never inside an IPv6 block, nor an IPv6 one inside 0.0.0.0/0).
+    g.0.delete("AuthorizationPolicy", "shop", "deny-v6")
+        .unwrap();
+    g.0.apply(yaml(&policy("allow-v6", "ALLOW", "\"fd00::/8\"")))
+        .await
+        .unwrap();
+    let lab = &g.0;
+    eventually(
+        "the IPv6 ALLOW applies",
+        Duration::from_secs(10),
+        || async { send(lab, "shop/client-0", &format!("{echo1_v4}:9000"), "x").is_none() },
+    )
+    .await;
+    assert!(send(lab, "shop/client-0", &format!("[{echo1}]:9000"), "allowed6").is_some());
+    g.0.delete("AuthorizationPolicy", "shop", "allow-v6")
+        .unwrap();
+    g.0.apply(yaml(&policy("allow-v4", "ALLOW", "\"0.0.0.0/0\"")))
+        .await
+        .unwrap();
+    let lab = &g.0;
+    eventually(
+        "the IPv4 ALLOW applies",
+        Duration::from_secs(10),
+        || async { send(lab, "shop/client-0", &format!("[{echo1}]:9000"), "x").is_none() },
+    )
+    .await;
+    assert!(
+        send(
+            lab,
+            "shop/client-0",
+            &format!("{echo1_v4}:9000"),
+            "allowed4"
+        )
+        .is_some()
+    );
+}
