@@ -196,6 +196,11 @@ fn bind(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
         None,
     )?;
     s.set_reuse_address(true)?;
+    // An IPv6 listener takes IPv6 only: IPv4 has listeners of its own, and
+    // a v4-mapped peer address would match no workload.
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
     if shared {
         s.set_reuse_port(true)?;
     }

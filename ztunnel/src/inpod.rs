@@ -141,23 +141,23 @@ impl InPod {
         }
         // Each listener once per shard; all of them end with the pod.
         let shards = mesh_core::shards::current();
+        // Each port in both families (an IPv6 listener takes IPv6 only).
         let serve = |port: u16, f: Serve| {
-            let (p, s) = (self.proxy.clone(), stop.clone());
-            shards
-                .serve_each(
-                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                    Some(&netns),
-                    move |l| {
-                        let (p, s, f) = (p.clone(), s.clone(), f.clone());
-                        async move {
-                            tokio::select! {
-                                _ = s.cancelled() => {}
-                                _ = f(p, l) => {}
-                            }
+            for addr in crate::dual_stack::wildcards(port) {
+                let (p, s, f) = (self.proxy.clone(), stop.clone(), f.clone());
+                let bound = shards.serve_each(addr, Some(&netns), move |l| {
+                    let (p, s, f) = (p.clone(), s.clone(), f.clone());
+                    async move {
+                        tokio::select! {
+                            _ = s.cancelled() => {}
+                            _ = f(p, l) => {}
                         }
-                    },
-                )
-                .map_err(|source| PodError::Listen { port, source })
+                    }
+                });
+                crate::dual_stack::bound(addr, bound)
+                    .map_err(|source| PodError::Listen { port, source })?;
+            }
+            Ok::<(), PodError>(())
         };
         // The outbound listener knows its pod: the source of what it
         // accepts is that pod, never whoever owns the peer address.
