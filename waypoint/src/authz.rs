@@ -85,11 +85,23 @@ impl Cidr {
             Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max)?,
             None => max,
         };
+        // A block written v4-mapped is the IPv4 block it names.
+        if let IpAddr::V6(v6) = addr
+            && len >= 96
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            return Some(Cidr {
+                addr: IpAddr::V4(v4),
+                len: len - 96,
+            });
+        }
         Some(Cidr { addr, len })
     }
 
+    /// An address is matched as the family it really is (v4-mapped is
+    /// IPv4); a block holds no address of the other family.
     fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
+        match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(n), IpAddr::V4(i)) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
                 u32::from(n) & mask == u32::from(i) & mask
@@ -527,6 +539,18 @@ pub fn evaluate_checked(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_blocks_see_a_v4_mapped_address_as_ipv4() {
+        let c = |s: &str| Cidr::parse(s).expect("cidr");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(c("10.0.0.0/8").contains(ip("::ffff:10.1.2.3")));
+        assert!(!c("::/0").contains(ip("::ffff:10.1.2.3")));
+        assert!(!c("::/0").contains(ip("10.1.2.3")));
+        assert!(c("::ffff:10.0.0.0/104").contains(ip("10.1.2.3")));
+        assert!(!c("::ffff:10.0.0.0/104").contains(ip("11.1.2.3")));
+        assert!(c("fd00::/8").contains(ip("fd00:10:101:1::10")));
+    }
 
     fn attrs<'a>(method: &'a str, path: &'a str, h: &'a HeaderMap) -> RequestAttrs<'a> {
         RequestAttrs {

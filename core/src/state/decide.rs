@@ -167,9 +167,7 @@ pub fn resolve(
             .pick_endpoint(svc)
             .ok_or_else(|| RouteError::NoHealthyEndpoints(key.clone()))?;
         let ip = ep
-            .addresses
-            .first()
-            .copied()
+            .address_like(dst.ip())
             .ok_or_else(|| RouteError::NoHealthyEndpoints(key.clone()))?;
         let target = SocketAddr::new(ip, target_port(svc, &ep, dst.port()));
         return Ok(to_workload(ep, target, Some(key)));

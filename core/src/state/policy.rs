@@ -65,8 +65,26 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// A block, in canonical form: one written in the v4-mapped IPv6 range
+    /// (`::ffff:10.0.0.0/104`) is the IPv4 block it names (`10.0.0.0/8`).
+    pub fn new(addr: IpAddr, len: u8) -> Cidr {
+        match addr {
+            IpAddr::V6(v6) if len >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => Cidr {
+                    addr: IpAddr::V4(v4),
+                    len: len - 96,
+                },
+                None => Cidr { addr, len },
+            },
+            _ => Cidr { addr, len },
+        }
+    }
+
+    /// Whether `ip` is in the block. An address is taken as the family it
+    /// really is (a v4-mapped IPv6 address is IPv4), and a block of one
+    /// family holds no address of the other.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
+        match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let mask = u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
@@ -319,10 +337,7 @@ fn cidrs(list: &[pb::Address]) -> Result<Vec<Cidr>, FieldError> {
                     addr,
                 });
             }
-            Ok(Cidr {
-                addr,
-                len: a.length as u8,
-            })
+            Ok(Cidr::new(addr, a.length as u8))
         })
         .collect()
 }

@@ -317,12 +317,17 @@ impl Outgoing<'_> {
     ) -> Result<Upstream, (ResponseFlags, String)> {
         let proxy = self.proxy;
         let src = self.src;
-        let src_ip = src.addresses.first().copied();
         let src_netns = proxy.netns.for_workload(src);
         let route = route.map_err(|e| match e {
             RouteError::NoHealthyEndpoints(_) => (ResponseFlags::NoHealthyUpstream, e.to_string()),
             _ => (ResponseFlags::Connect, e.to_string()),
         })?;
+        // The source's address in the family of the hop it dials.
+        let src_ip = match &route {
+            Route::Hbone { next_hop: a, .. }
+            | Route::Direct { addr: a, .. }
+            | Route::Passthrough { addr: a } => src.address_like(a.ip()),
+        };
         match route {
             Route::Hbone {
                 next_hop,
