@@ -115,6 +115,16 @@ mod tests {
             "{r}"
         );
         assert!(r.contains("ip saddr 169.254.7.127 drop"), "{r}");
+        // IPv6 too: a set of their own, SNATed to the IPv6 probe source.
+        assert!(r.contains("elements = { fd00::5 }"), "{r}");
+        assert!(
+            r.contains("ip6 daddr @captured-v6 meta l4proto tcp fib saddr type local snat ip6 to fd16:9254:7127:1337:ffff:ffff:ffff:ffff"),
+            "{r}"
+        );
+        assert!(
+            r.contains("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff drop"),
+            "{r}"
+        );
         assert!(!ruleset(&BTreeSet::new()).contains("elements"));
     }
 }

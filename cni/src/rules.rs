@@ -155,6 +155,10 @@ mod tests {
         let probe = r.find("ip saddr 169.254.7.127 accept").expect("probe rule");
         let redirect = r.find(":15006").expect("inbound redirect");
         assert!(probe < redirect, "{r}");
+        let probe6 = r
+            .find("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff accept")
+            .expect("IPv6 probe rule");
+        assert!(probe6 < redirect, "{r}");
         let b = ruleset(Capture {
             dns: true,
             bypass_inbound: true,

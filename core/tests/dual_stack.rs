@@ -4,6 +4,7 @@
 
 use std::net::{IpAddr, SocketAddr};
 
+use mesh_core::identity::Identity;
 use mesh_core::state::decide::{Route, authorize, resolve};
 use mesh_core::state::{LocalConfig, ProxyState};
 
@@ -96,7 +97,8 @@ fn ip_blocks_see_a_v4_mapped_address_as_ipv4() {
     let deny = state(&policy("DENY", "10.0.0.0/8"));
     assert!(!allowed(&deny, "10.1.1.1"));
     assert!(!allowed(&deny, "::ffff:10.1.1.1"));
-    assert!(allowed(&deny, "fd00:1::1"));
+    // An address no workload has is matched on itself alone.
+    assert!(allowed(&deny, "fd00:9::9"));
     // An IPv6 block holds no IPv4 source, however written.
     let allow6 = state(&policy("ALLOW", "\"::/0\""));
     assert!(allowed(&allow6, "fd00:1::1"));
@@ -106,5 +108,82 @@ fn ip_blocks_see_a_v4_mapped_address_as_ipv4() {
     let deny_mapped = state(&policy("DENY", "\"::ffff:10.0.0.0/104\""));
     assert!(!allowed(&deny_mapped, "10.1.1.1"));
     assert!(allowed(&deny_mapped, "11.1.1.1"));
-    assert!(allowed(&deny_mapped, "fd00:1::1"));
+    assert!(allowed(&deny_mapped, "fd00:9::9"));
+}
+
+/// Whether the server's policies let in a connection from `src` (as
+/// `identity`, or plaintext) to `target`.
+fn allowed_as(s: &ProxyState, identity: Option<&str>, src: &str, target: &str) -> bool {
+    let snap = s.snapshot();
+    let dst = snap.workload("c//Pod/shop/server").expect("server").clone();
+    let id: Option<Identity> = identity.map(|i| i.parse().expect("identity"));
+    authorize(
+        &snap,
+        "istio-system",
+        &dst,
+        id.as_ref(),
+        src.parse().expect("ip"),
+        addr(target),
+    )
+    .is_allowed()
+}
+
+const CLIENT: &str = "spiffe://cluster.local/ns/shop/sa/client";
+const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
+
+fn dst_policy(action: &str, field: &str, blocks: &str) -> String {
+    format!(
+        "- {{name: p, namespace: shop, scope: NAMESPACE, action: {action}, rules: [{{clauses: [{{matches: [{{{field}: [{blocks}]}}]}}]}}]}}\n"
+    )
+}
+
+#[test]
+fn an_ipv4_deny_is_not_escaped_by_the_sources_ipv6_address() {
+    // The client is 10.1.1.1 and fd00:1::1: a DENY of its IPv4 block holds
+    // when it connects from its IPv6 address, plaintext or over HBONE.
+    let deny = state(&policy("DENY", "10.0.0.0/8"));
+    for v6 in ["fd00:1::1", "::ffff:10.1.1.1"] {
+        assert!(!allowed_as(&deny, None, v6, "[fd00:2::1]:8080"), "{v6}");
+        assert!(!allowed_as(&deny, Some(CLIENT), v6, "[fd00:2::1]:8080"));
+    }
+    // Over HBONE the workload is the source's only when the authenticated
+    // identity owns it: another identity is judged on its address alone.
+    assert!(allowed_as(&deny, Some(SERVER), "fd00:1::1", "[fd00:2::1]:8080"));
+    // An IPv6 DENY holds for the client's IPv4 address too.
+    let deny6 = state(&policy("DENY", "\"fd00:1::/64\""));
+    assert!(!allowed_as(&deny6, None, "10.1.1.1", "10.1.2.1:8080"));
+    assert!(allowed_as(&deny6, None, "10.1.9.9", "10.1.2.1:8080"));
+}
+
+#[test]
+fn an_ipv4_allow_does_not_admit_the_sources_ipv6_address() {
+    let allow = state(&policy("ALLOW", "10.0.0.0/8"));
+    assert!(allowed_as(&allow, None, "10.1.1.1", "10.1.2.1:8080"));
+    assert!(!allowed_as(&allow, None, "fd00:1::1", "[fd00:2::1]:8080"));
+    assert!(!allowed_as(&allow, Some(CLIENT), "fd00:1::1", "[fd00:2::1]:8080"));
+}
+
+#[test]
+fn not_ip_blocks_exclude_every_address_of_the_source() {
+    // ALLOW everything but 10.0.0.0/8: the client is excluded from either
+    // of its addresses; an unknown IPv6 source is not.
+    let allow = state(&dst_policy("ALLOW", "not_source_ips", "10.0.0.0/8"));
+    assert!(!allowed_as(&allow, None, "10.1.1.1", "10.1.2.1:8080"));
+    assert!(!allowed_as(&allow, None, "fd00:1::1", "[fd00:2::1]:8080"));
+    assert!(!allowed_as(&allow, Some(CLIENT), "fd00:1::1", "[fd00:2::1]:8080"));
+    assert!(allowed_as(&allow, None, "fd00:9::9", "[fd00:2::1]:8080"));
+}
+
+#[test]
+fn destination_blocks_hold_for_every_address_of_the_destination() {
+    // The server is 10.1.2.1 and fd00:2::1.
+    let deny = state(&dst_policy("DENY", "destination_ips", "10.1.2.0/24"));
+    assert!(!allowed_as(&deny, None, "10.1.1.1", "10.1.2.1:8080"));
+    assert!(!allowed_as(&deny, None, "fd00:1::1", "[fd00:2::1]:8080"));
+    let allow = state(&dst_policy("ALLOW", "destination_ips", "10.1.2.0/24"));
+    assert!(allowed_as(&allow, None, "10.1.1.1", "10.1.2.1:8080"));
+    assert!(!allowed_as(&allow, None, "fd00:1::1", "[fd00:2::1]:8080"));
+    let not = state(&dst_policy("ALLOW", "not_destination_ips", "10.1.2.0/24"));
+    assert!(!allowed_as(&not, None, "10.1.1.1", "10.1.2.1:8080"));
+    assert!(!allowed_as(&not, None, "fd00:1::1", "[fd00:2::1]:8080"));
 }

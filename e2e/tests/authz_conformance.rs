@@ -51,6 +51,12 @@ spec: {nodeName: node-a, serviceAccountName: server, containers: [{name: c, imag
 status: {podIP: 10.1.0.9, phase: Running}
 ---
 apiVersion: v1
+kind: Pod
+metadata: {name: client-1, namespace: shop, labels: {app: client}}
+spec: {nodeName: node-b, serviceAccountName: client, containers: [{name: c, image: x}]}
+status: {podIP: 10.1.0.5, podIPs: [{ip: 10.1.0.5}, {ip: "fd00:1::5"}], phase: Running}
+---
+apiVersion: v1
 kind: Service
 metadata: {name: server, namespace: shop}
 spec: {selector: {app: server}, clusterIP: 10.96.0.10, ports: [{name: http, port: 8080, targetPort: 8080}]}
@@ -255,23 +261,31 @@ fn resources(model: &Model, type_url: &str) -> Vec<Resource> {
         .unwrap_or_default()
 }
 
-fn ztunnel_decision(model: &Model, r: &Req) -> E {
+/// The proxy state both proxies build from the model's xDS resources.
+fn mesh_state(model: &Model) -> ProxyState {
     let st = ProxyState::default();
     for t in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
         let (u, rejected) =
             mesh_core::xds::state_updates("cluster.local", t, &resources(model, t), &[]);
-        assert!(rejected.is_empty(), "the ztunnel refused {rejected:?}");
+        assert!(rejected.is_empty(), "the proxy refused {rejected:?}");
         st.apply(u);
     }
-    let snap = st.snapshot();
+    st
+}
+
+fn identity(r: &Req) -> Option<Identity> {
+    r.from
+        .map(|p| format!("spiffe://{p}").parse().expect("identity"))
+}
+
+fn ztunnel_decision(model: &Model, r: &Req) -> E {
+    let snap = mesh_state(model).snapshot();
     let ip: IpAddr = SERVER_IP.parse().unwrap();
     let dst = snap
         .workload_by_ip("", ip)
         .expect("server workload")
         .clone();
-    let id: Option<Identity> = r
-        .from
-        .map(|p| format!("spiffe://{p}").parse().expect("identity"));
+    let id = identity(r);
     let d = mesh_core::state::decide::authorize(
         &snap,
         "istio-system",
@@ -302,11 +316,17 @@ fn waypoint_decision(model: &Model, r: &Req) -> E {
         );
     }
     let ns = r.from.and_then(|p| p.split('/').nth(2));
+    // The source's workload as the waypoint attributes it (listen.rs).
+    let snap = mesh_state(model).snapshot();
+    let src_ip: IpAddr = r.src_ip.parse().unwrap();
+    let id = identity(r);
+    let source_addrs = mesh_core::state::decide::attributed(&snap, "", src_ip, id.as_ref());
     let attrs = waypoint::authz::RequestAttrs {
         http: r.http,
         principal: r.from,
         namespace: ns,
-        source_ip: r.src_ip.parse().unwrap(),
+        source_ip: src_ip,
+        source_addrs,
         host: r.host,
         port: r.port,
         method: r.method,
@@ -446,6 +466,14 @@ fn cases() -> Vec<Case> {
         c("security: notRemoteIpBlocks is the source address at the waypoint", &["{action: ALLOW, rules: [{from: [{source: {notRemoteIpBlocks: [10.1.0.5]}}]}]}"], req(), D, D),
         c("ref: an IPv6 block never holds an IPv4 source", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [\"fd00::/8\"]}}]}]}"], req(), D, D),
         c("ref: 0.0.0.0/0 holds every IPv4 source", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [0.0.0.0/0]}}]}]}"], req(), A, A),
+        // ipBlocks in a dual-stack cluster (the client is 10.1.0.5 and fd00:1::5)
+        c("security: a DENY of the source's IPv4 block holds when it comes from its IPv6 address", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY of the source's IPv4 block holds for plaintext from its IPv6 address", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().plaintext().ip("fd00:1::5"), D, D),
+        c("security: a DENY of the source's IPv6 block holds when it comes from its IPv4 address", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [\"fd00:1::/64\"]}}]}]}"], req(), D, D),
+        c("security: an identity that does not own the address's workload is judged on the address alone", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().from(W).ip("fd00:1::5"), A, A),
+        c("security: an IPv4-only ALLOW does not admit the source's IPv6 address", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: notIpBlocks excludes the source from its IPv6 address too", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: notIpBlocks does not exclude a source with no address in the blocks", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:9::9"), A, A),
         // ports
         c("ref: ports", &["{action: ALLOW, rules: [{to: [{operation: {ports: [\"8080\"]}}]}]}"], req(), A, A),
         c("ref: ports, another port fails", &["{action: ALLOW, rules: [{to: [{operation: {ports: [\"9090\"]}}]}]}"], req(), D, D),

@@ -3,8 +3,8 @@
 //! IPv4: HBONE over IPv6 to a pod on another node (mTLS, as the
 //! destination's metrics say), the same-node path, a Service's IPv6 VIP,
 //! its AAAA record, passthrough to a plain pod and plaintext in through
-//! 15006; and policy `ipBlocks` with IPv6 CIDRs, for ALLOW and DENY, never
-//! matching the other family.
+//! 15006; and policy `ipBlocks` with IPv6 CIDRs: an ALLOW never matches
+//! the other family; a DENY holds for every address of the source.
 
 use std::collections::BTreeSet;
 use std::time::Duration;
@@ -156,28 +156,36 @@ async fn ipv6_traffic_is_captured_tunnelled_resolved_and_authorized() {
     assert!(send(lab, "shop/client-0", &format!("[{lecho}]:9000"), "out6").is_some());
     assert!(send(lab, "legacy/lclient-0", &format!("[{echo0}]:9000"), "in6").is_some());
 
-    // ipBlocks with IPv6: a DENY of the client's IPv6 address refuses its
-    // IPv6 connections (across nodes and on the same node), not its IPv4.
+    // ipBlocks in a dual-stack cluster: a DENY of one of the client's
+    // addresses refuses its connections from either (across nodes and on
+    // the same node): it is not escaped by switching family.
     let client6 = v6("shop/client-0");
+    let client4 = lab.pod("shop/client-0").unwrap().ip.clone();
     let echo1_v4 = lab.pod("shop/echo-1").unwrap().ip.clone();
-    g.0.apply(yaml(&policy(
-        "deny-v6",
-        "DENY",
-        &format!("\"{client6}/128\""),
-    )))
-    .await
-    .unwrap();
-    let lab = &g.0;
-    eventually("the IPv6 DENY applies", Duration::from_secs(10), || async {
-        send(lab, "shop/client-0", &format!("[{echo1}]:9000"), "x").is_none()
-    })
-    .await;
-    assert!(send(lab, "shop/client-0", &format!("[{echo0}]:9000"), "x").is_none());
-    assert!(send(lab, "shop/client-0", &format!("{echo1_v4}:9000"), "v4").is_some());
+    for (name, block) in [
+        ("deny-v4", format!("{client4}/32")),
+        ("deny-v6", format!("\"{client6}/128\"")),
+    ] {
+        g.0.apply(yaml(&policy(name, "DENY", &block)))
+            .await
+            .unwrap();
+        let lab = &g.0;
+        eventually(name, Duration::from_secs(10), || async {
+            send(lab, "shop/client-0", &format!("{echo1_v4}:9000"), "x").is_none()
+        })
+        .await;
+        for to in [format!("[{echo1}]:9000"), format!("[{echo0}]:9000")] {
+            assert!(send(lab, "shop/client-0", &to, "x").is_none(), "{name}: {to}");
+        }
+        g.0.delete("AuthorizationPolicy", "shop", name).unwrap();
+        let lab = &g.0;
+        eventually("no DENY", Duration::from_secs(10), || async {
+            send(lab, "shop/client-0", &format!("{echo1_v4}:9000"), "x").is_some()
+        })
+        .await;
+    }
     // An ALLOW of IPv6 ULA sources only: IPv6 in, IPv4 out (an IPv4 source
     // is never inside an IPv6 block, nor an IPv6 one inside 0.0.0.0/0).
-    g.0.delete("AuthorizationPolicy", "shop", "deny-v6")
-        .unwrap();
     g.0.apply(yaml(&policy("allow-v6", "ALLOW", "\"fd00::/8\"")))
         .await
         .unwrap();

@@ -241,6 +241,9 @@ pub struct RequestAttrs<'a> {
     pub principal: Option<&'a str>,
     pub namespace: Option<&'a str>,
     pub source_ip: IpAddr,
+    /// Every address of the workload the source is attributed to (empty
+    /// when none is; see `mesh_core::state::decide::attributed`).
+    pub source_addrs: &'a [IpAddr],
     pub host: &'a str,
     pub port: u16,
     pub method: &'a str,
@@ -552,12 +555,46 @@ mod tests {
         assert!(c("fd00::/8").contains(ip("fd00:10:101:1::10")));
     }
 
+    #[test]
+    fn ip_blocks_hold_for_every_address_of_the_source_where_they_deny() {
+        // The client is 10.1.2.3 and fd00:1::3 and comes from its IPv6
+        // address.
+        let h = HeaderMap::new();
+        let both: Vec<IpAddr> = vec![
+            "10.1.2.3".parse().expect("ip"),
+            "fd00:1::3".parse().expect("ip"),
+        ];
+        let mut a = attrs("GET", "/", &h);
+        a.source_ip = "fd00:1::3".parse().expect("ip");
+        a.source_addrs = &both;
+        let rule = |blocks: Vec<String>, not: bool| pb::PolicyRule {
+            from: vec![pb::PolicySource {
+                ip_blocks: if not { vec![] } else { blocks.clone() },
+                not_ip_blocks: if not { blocks } else { vec![] },
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v4 = || vec!["10.1.0.0/16".to_string()];
+        let deny = policy("shop/deny", pb::PolicyAction::Deny, vec![rule(v4(), false)]);
+        assert!(!evaluate(std::slice::from_ref(&deny), &a).is_allowed());
+        let allow = policy("shop/allow", pb::PolicyAction::Allow, vec![rule(v4(), false)]);
+        assert!(!evaluate(std::slice::from_ref(&allow), &a).is_allowed());
+        let not = policy("shop/not", pb::PolicyAction::Allow, vec![rule(v4(), true)]);
+        assert!(!evaluate(std::slice::from_ref(&not), &a).is_allowed());
+        // With no workload to attribute it to, the address alone counts.
+        a.source_addrs = &[];
+        assert!(evaluate(std::slice::from_ref(&deny), &a).is_allowed());
+        assert!(evaluate(&[not], &a).is_allowed());
+    }
+
     fn attrs<'a>(method: &'a str, path: &'a str, h: &'a HeaderMap) -> RequestAttrs<'a> {
         RequestAttrs {
             http: true,
             principal: Some("cluster.local/ns/shop/sa/client"),
             namespace: Some("shop"),
             source_ip: "10.1.2.3".parse().expect("ip"),
+            source_addrs: &[],
             host: "orders.shop.svc.cluster.local:80",
             port: 80,
             method,

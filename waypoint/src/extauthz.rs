@@ -20,7 +20,7 @@
 mod edits;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,6 +81,9 @@ pub struct Subject<'a> {
     /// The HBONE peer's identity; None outside the mesh.
     pub source: Option<&'a Identity>,
     pub source_addr: SocketAddr,
+    /// Every address of the source's workload, when the peer's identity
+    /// owns the workload its address belongs to.
+    pub source_addrs: &'a [IpAddr],
     /// The service address the peer connected to.
     pub destination_addr: SocketAddr,
     /// The waypoint's own identity: the destination principal.
@@ -290,6 +293,7 @@ fn attrs<'a>(s: &'a Subject<'_>, parts: &'a Parts) -> RequestAttrs<'a> {
         principal: s.source.map(|i| i.principal()),
         namespace: s.source.map(|i| i.namespace()),
         source_ip: s.source_addr.ip(),
+        source_addrs: s.source_addrs,
         host: s.host,
         port: s.destination_addr.port(),
         method: parts.method.as_str(),
@@ -451,6 +455,7 @@ impl ExtAuthz {
             principal: s.source.map(|i| i.principal()),
             namespace: s.source.map(|i| i.namespace()),
             source_ip: s.source_addr.ip(),
+            source_addrs: s.source_addrs,
             host: "",
             port: s.destination_addr.port(),
             method: "",

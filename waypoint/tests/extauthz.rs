@@ -223,6 +223,7 @@ fn subject(ids: &Ids) -> Subject<'_> {
     Subject {
         source: Some(&ids.client),
         source_addr: "10.1.0.5:40000".parse().expect("addr"),
+        source_addrs: &[],
         destination_addr: "10.96.0.3:80".parse().expect("addr"),
         waypoint: &ids.waypoint,
         host: "reviews.shop.svc.cluster.local",

@@ -13,6 +13,21 @@ use super::{GatewayAddress, GatewayDestination, ServiceEntry, Snapshot, TunnelPr
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::identity::Identity;
 
+/// The addresses of the workload `ip` is attributed to on `network`: only a
+/// workload that has `ip` and, when the peer is authenticated, that runs as
+/// `identity`; empty when there is none.
+pub fn attributed<'s>(
+    snap: &'s Snapshot,
+    network: &str,
+    ip: IpAddr,
+    identity: Option<&Identity>,
+) -> &'s [IpAddr] {
+    match snap.workload_by_ip(network, ip.to_canonical()) {
+        Some(w) if identity.is_none_or(|id| *id == w.identity) => &w.addresses,
+        _ => &[],
+    }
+}
+
 /// Evaluates the destination's policies for a connection. The one decision
 /// function: inbound HBONE, inbound plaintext and policy revocation use it.
 pub fn authorize(

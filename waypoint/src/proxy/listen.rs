@@ -212,6 +212,7 @@ impl Waypoint {
                 peer,
                 src_identity: None,
                 src_workload: None,
+                src_addrs: Vec::new(),
                 service_key: service_key.clone(),
                 target,
                 protocol,
@@ -287,6 +288,9 @@ impl Waypoint {
             }
         };
         let src_workload = snap.workload_by_ip(&self.cfg.network, peer.ip()).cloned();
+        let src_addrs =
+            mesh_core::state::decide::attributed(&snap, &self.cfg.network, peer.ip(), Some(&src))
+                .to_vec();
         drop(snap);
         let protocol = self
             .routes
@@ -334,6 +338,7 @@ impl Waypoint {
             peer,
             src_identity: Some(src),
             src_workload,
+            src_addrs,
             service_key,
             target,
             protocol: match sniffed {
