@@ -46,7 +46,7 @@ fn hbone(state: &ProxyState, dst: &str) -> (SocketAddr, SocketAddr) {
 
 #[test]
 fn a_connection_keeps_its_family_where_the_destination_has_it() {
-    let s = state("[]\n");
+    let s = state("  []\n");
     // A Service's IPv4 VIP leads to its endpoint's IPv4 address, its IPv6
     // VIP to the IPv6 one, and the tunnel goes in the same family.
     assert_eq!(
@@ -148,7 +148,12 @@ fn an_ipv4_deny_is_not_escaped_by_the_sources_ipv6_address() {
     }
     // Over HBONE the workload is the source's only when the authenticated
     // identity owns it: another identity is judged on its address alone.
-    assert!(allowed_as(&deny, Some(SERVER), "fd00:1::1", "[fd00:2::1]:8080"));
+    assert!(allowed_as(
+        &deny,
+        Some(SERVER),
+        "fd00:1::1",
+        "[fd00:2::1]:8080"
+    ));
     // An IPv6 DENY holds for the client's IPv4 address too.
     let deny6 = state(&policy("DENY", "\"fd00:1::/64\""));
     assert!(!allowed_as(&deny6, None, "10.1.1.1", "10.1.2.1:8080"));
@@ -160,7 +165,12 @@ fn an_ipv4_allow_does_not_admit_the_sources_ipv6_address() {
     let allow = state(&policy("ALLOW", "10.0.0.0/8"));
     assert!(allowed_as(&allow, None, "10.1.1.1", "10.1.2.1:8080"));
     assert!(!allowed_as(&allow, None, "fd00:1::1", "[fd00:2::1]:8080"));
-    assert!(!allowed_as(&allow, Some(CLIENT), "fd00:1::1", "[fd00:2::1]:8080"));
+    assert!(!allowed_as(
+        &allow,
+        Some(CLIENT),
+        "fd00:1::1",
+        "[fd00:2::1]:8080"
+    ));
 }
 
 #[test]
@@ -170,7 +180,12 @@ fn not_ip_blocks_exclude_every_address_of_the_source() {
     let allow = state(&dst_policy("ALLOW", "not_source_ips", "10.0.0.0/8"));
     assert!(!allowed_as(&allow, None, "10.1.1.1", "10.1.2.1:8080"));
     assert!(!allowed_as(&allow, None, "fd00:1::1", "[fd00:2::1]:8080"));
-    assert!(!allowed_as(&allow, Some(CLIENT), "fd00:1::1", "[fd00:2::1]:8080"));
+    assert!(!allowed_as(
+        &allow,
+        Some(CLIENT),
+        "fd00:1::1",
+        "[fd00:2::1]:8080"
+    ));
     assert!(allowed_as(&allow, None, "fd00:9::9", "[fd00:2::1]:8080"));
 }
 

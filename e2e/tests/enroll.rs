@@ -341,7 +341,10 @@ async fn kubelet_probes_reach_the_app_under_strict_and_an_allow_for_one_caller()
     let status = http_probe(&n2, &format!("http://{web}:8080/healthz"));
     assert!(!status.starts_with("200"), "from another node: {status:?}");
     let status = http_probe(&n2, &format!("http://[{web6}]:8080/healthz"));
-    assert!(!status.starts_with("200"), "IPv6 from another node: {status:?}");
+    assert!(
+        !status.starts_with("200"),
+        "IPv6 from another node: {status:?}"
+    );
     // And the policy still holds for pods.
     assert!(!get("shop/other"));
     assert!(get("shop/client"));

@@ -175,7 +175,10 @@ async fn ipv6_traffic_is_captured_tunnelled_resolved_and_authorized() {
         })
         .await;
         for to in [format!("[{echo1}]:9000"), format!("[{echo0}]:9000")] {
-            assert!(send(lab, "shop/client-0", &to, "x").is_none(), "{name}: {to}");
+            assert!(
+                send(lab, "shop/client-0", &to, "x").is_none(),
+                "{name}: {to}"
+            );
         }
         g.0.delete("AuthorizationPolicy", "shop", name).unwrap();
         let lab = &g.0;

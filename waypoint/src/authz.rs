@@ -282,8 +282,17 @@ fn none<T>(v: &[T], f: impl Fn(&T) -> bool) -> bool {
     !v.iter().any(f)
 }
 
+/// Whether the source is in one of `blocks`: for a DENY (`wide`) its
+/// address or any address of its workload, for an ALLOW its address alone
+/// (an IPv4-only ALLOW admits no IPv6).
+fn source_in(blocks: &[Cidr], r: &RequestAttrs<'_>, wide: bool) -> bool {
+    blocks
+        .iter()
+        .any(|c| c.contains(r.source_ip) || (wide && r.source_addrs.iter().any(|a| c.contains(*a))))
+}
+
 impl Source {
-    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
+    fn matches(&self, r: &RequestAttrs<'_>, deny: bool) -> bool {
         let p = r.principal.unwrap_or("");
         let ns = r.namespace.unwrap_or("");
         // A field that names identities never matches a caller without one.
@@ -293,8 +302,8 @@ impl Source {
             && (self.namespaces.is_empty()
                 || (r.namespace.is_some() && self.namespaces.iter().any(|g| g.matches(ns))))
             && none(&self.not_namespaces, |g| g.matches(ns))
-            && any_or_empty(&self.ip_blocks, |c| c.contains(r.source_ip))
-            && none(&self.not_ip_blocks, |c| c.contains(r.source_ip))
+            && (self.ip_blocks.is_empty() || source_in(&self.ip_blocks, r, deny))
+            && !source_in(&self.not_ip_blocks, r, true)
     }
 }
 
@@ -396,7 +405,7 @@ impl Condition {
 
 impl Rule {
     fn matches(&self, r: &RequestAttrs<'_>, deny: bool) -> bool {
-        any_or_empty(&self.from, |s| s.matches(r))
+        any_or_empty(&self.from, |s| s.matches(r, deny))
             && any_or_empty(&self.to, |o| o.matches(r, deny))
             && self.when.iter().all(|c| c.matches(r, deny))
     }
@@ -578,7 +587,11 @@ mod tests {
         let v4 = || vec!["10.1.0.0/16".to_string()];
         let deny = policy("shop/deny", pb::PolicyAction::Deny, vec![rule(v4(), false)]);
         assert!(!evaluate(std::slice::from_ref(&deny), &a).is_allowed());
-        let allow = policy("shop/allow", pb::PolicyAction::Allow, vec![rule(v4(), false)]);
+        let allow = policy(
+            "shop/allow",
+            pb::PolicyAction::Allow,
+            vec![rule(v4(), false)],
+        );
         assert!(!evaluate(std::slice::from_ref(&allow), &a).is_allowed());
         let not = policy("shop/not", pb::PolicyAction::Allow, vec![rule(v4(), true)]);
         assert!(!evaluate(std::slice::from_ref(&not), &a).is_allowed());

@@ -30,6 +30,8 @@ pub fn attributed<'s>(
 
 /// Evaluates the destination's policies for a connection. The one decision
 /// function: inbound HBONE, inbound plaintext and policy revocation use it.
+/// IP blocks are judged on every address of the source and destination
+/// workloads where a policy denies (see [`Connection`]).
 pub fn authorize(
     snap: &Snapshot,
     root_namespace: &str,
@@ -39,6 +41,12 @@ pub fn authorize(
     target: SocketAddr,
 ) -> Decision {
     let policies = snap.policies_for(dst, root_namespace);
+    let target_ip = target.ip().to_canonical();
+    let dst_addrs: &[IpAddr] = if dst.addresses.contains(&target_ip) {
+        &dst.addresses
+    } else {
+        &[]
+    };
     policy::evaluate(
         policies.iter().map(|p| p.as_ref()),
         &Connection {
@@ -46,6 +54,8 @@ pub fn authorize(
             src_ip,
             dst_ip: target.ip(),
             dst_port: target.port(),
+            src_addrs: attributed(snap, &dst.network, src_ip, src_identity),
+            dst_addrs,
         },
     )
 }

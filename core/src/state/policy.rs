@@ -138,6 +138,22 @@ pub struct Connection<'a> {
     pub src_ip: IpAddr,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
+    /// Every address of the workload the source is attributed to (empty
+    /// when none is): a DENY's blocks and every `not_` block are judged on
+    /// these as well as on `src_ip`, so a dual-stack workload cannot step
+    /// round a block of one family by connecting from the other.
+    pub src_addrs: &'a [IpAddr],
+    /// The same for the destination workload and `dst_ip`.
+    pub dst_addrs: &'a [IpAddr],
+}
+
+/// Whether an address of a connection's side is in one of `blocks`: for
+/// a DENY (`wide`) the side's address or any address of its workload, for
+/// an ALLOW the address alone (an IPv4-only ALLOW admits no IPv6).
+fn in_blocks(blocks: &[Cidr], ip: IpAddr, workload: &[IpAddr], wide: bool) -> bool {
+    blocks
+        .iter()
+        .any(|n| n.contains(ip) || (wide && workload.iter().any(|a| n.contains(*a))))
 }
 
 // A field holds when its list is empty or one value matches.
@@ -162,8 +178,9 @@ impl Match {
             && self.not_service_accounts.is_empty()
     }
 
-    /// Whether every populated field holds. An empty match never matches.
-    pub fn matches(&self, c: &Connection<'_>) -> bool {
+    /// Whether every populated field holds, in a policy that denies
+    /// (`deny`) or allows. An empty match never matches.
+    pub fn matches(&self, c: &Connection<'_>, deny: bool) -> bool {
         if self.is_empty() {
             return false;
         }
@@ -177,13 +194,12 @@ impl Match {
             && !self.not_namespaces.iter().any(ns)
             && any_or_empty(&self.principals, pr)
             && !self.not_principals.iter().any(pr)
-            && any_or_empty(&self.source_ips, |n| n.contains(c.src_ip))
-            && !self.not_source_ips.iter().any(|n| n.contains(c.src_ip))
-            && any_or_empty(&self.destination_ips, |n| n.contains(c.dst_ip))
-            && !self
-                .not_destination_ips
-                .iter()
-                .any(|n| n.contains(c.dst_ip))
+            && (self.source_ips.is_empty()
+                || in_blocks(&self.source_ips, c.src_ip, c.src_addrs, deny))
+            && !in_blocks(&self.not_source_ips, c.src_ip, c.src_addrs, true)
+            && (self.destination_ips.is_empty()
+                || in_blocks(&self.destination_ips, c.dst_ip, c.dst_addrs, deny))
+            && !in_blocks(&self.not_destination_ips, c.dst_ip, c.dst_addrs, true)
             && any_or_empty(&self.destination_ports, |p| *p == c.dst_port)
             && !self.not_destination_ports.contains(&c.dst_port)
     }
@@ -211,9 +227,10 @@ impl Authorization {
     }
 
     pub fn matches(&self, c: &Connection<'_>) -> bool {
+        let deny = self.action == Action::Deny;
         self.rules.iter().any(|rule| {
             rule.iter()
-                .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(c)))
+                .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(c, deny)))
         })
     }
 
@@ -469,6 +486,8 @@ mod tests {
             src_ip: "10.0.1.5".parse().unwrap(),
             dst_ip: "10.0.2.9".parse().unwrap(),
             dst_port: port,
+            src_addrs: &[],
+            dst_addrs: &[],
         }
     }
 
@@ -548,7 +567,7 @@ mod tests {
     fn fields_and_their_not_forms() {
         let app: Identity = "spiffe://cluster.local/ns/a/sa/app".parse().unwrap();
         let c = conn(Some(&app), 80);
-        let m = |m: Match| m.matches(&c);
+        let m = |m: Match| m.matches(&c, false);
         assert!(m(Match {
             namespaces: vec![StringMatch::Exact("a".into())],
             ..Default::default()
@@ -586,14 +605,14 @@ mod tests {
                 namespaces: vec![StringMatch::Presence],
                 ..Default::default()
             }
-            .matches(&plain)
+            .matches(&plain, false)
         );
         assert!(
             Match {
                 not_principals: vec![StringMatch::Exact("x".into())],
                 ..Default::default()
             }
-            .matches(&plain)
+            .matches(&plain, false)
         );
         assert!(net("0.0.0.0", 0).contains("1.2.3.4".parse().unwrap()));
         assert!(!net("10.0.0.0", 8).contains("::1".parse().unwrap()));
