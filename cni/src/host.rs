@@ -1,58 +1,67 @@
 //! The node's side of kubelet probes (nftables in the node's netns, where
 //! the kubelet runs): connections the node itself opens to a captured pod
-//! leave with source [`PROBE_SOURCE`] (SNAT), which the pod's rules let
+//! leave with source [`PROBE_SOURCE`] ([`PROBE_SOURCE_V6`] over IPv6: SNAT),
+//! which the pod's rules let
 //! through to the app uncaptured (see [`crate::rules`]). So an HTTP probe
 //! reaches the app whatever PeerAuthentication and AuthorizationPolicy say,
 //! and a TCP probe to a port nobody listens on is refused by the pod's
 //! kernel, not answered by the ztunnel.
 //!
-//! - set `captured-v4`: the captured pods' IPv4 addresses, kept by the agent;
-//! - postrouting: TCP to that set from one of the node's own addresses
+//! - sets `captured-v4` and `captured-v6`: the captured pods' addresses,
+//!   kept by the agent;
+//! - postrouting: TCP to those sets from one of the node's own addresses
 //!   (`fib saddr type local`: locally opened, not forwarded from a pod) is
-//!   SNATed to [`PROBE_SOURCE`];
-//! - forward: anything routed through the node with source [`PROBE_SOURCE`]
-//!   is dropped, so another host cannot pass for the kubelet. (Pods on the
+//!   SNATed to the probe source of its family;
+//! - forward: anything routed through the node from a probe source is
+//!   dropped, so another host cannot pass for the kubelet. (Pods on the
 //!   same bridge reach each other without the node routing them: a pod that
 //!   may forge source addresses, CAP_NET_RAW, is not stopped here.)
 
 use std::collections::BTreeSet;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use mesh_core::netns::Netns;
 
-use crate::rules::{PROBE_SOURCE, RulesError, nft};
+use crate::rules::{PROBE_SOURCE, PROBE_SOURCE_V6, RulesError, nft};
 
 pub const TABLE: &str = "ztunnel-host";
 const SET: &str = "captured-v4";
+const SET6: &str = "captured-v6";
 
-fn v4(ips: &BTreeSet<IpAddr>) -> Vec<Ipv4Addr> {
+/// The addresses of one family (`v6`), as nft list items; a v4-mapped
+/// address is the IPv4 address it is.
+fn family(ips: &BTreeSet<IpAddr>, v6: bool) -> Vec<String> {
     ips.iter()
-        .filter_map(|ip| match ip {
-            IpAddr::V4(v) => Some(*v),
-            IpAddr::V6(_) => None,
-        })
+        .map(|ip| ip.to_canonical())
+        .filter(|ip| ip.is_ipv6() == v6)
+        .map(|ip| ip.to_string())
         .collect()
 }
 
+fn elements(v: &[String]) -> String {
+    if v.is_empty() {
+        String::new()
+    } else {
+        format!(" elements = {{ {} }};", v.join(", "))
+    }
+}
+
 pub fn ruleset(ips: &BTreeSet<IpAddr>) -> String {
-    let elements = {
-        let v: Vec<String> = v4(ips).iter().map(|ip| ip.to_string()).collect();
-        if v.is_empty() {
-            String::new()
-        } else {
-            format!(" elements = {{ {} }};", v.join(", "))
-        }
-    };
+    let v4 = elements(&family(ips, false));
+    let v6 = elements(&family(ips, true));
     format!(
         "table inet {TABLE} {{
-  set {SET} {{ type ipv4_addr;{elements} }}
+  set {SET} {{ type ipv4_addr;{v4} }}
+  set {SET6} {{ type ipv6_addr;{v6} }}
   chain postrouting {{
     type nat hook postrouting priority srcnat; policy accept;
     ip daddr @{SET} meta l4proto tcp fib saddr type local snat ip to {PROBE_SOURCE}
+    ip6 daddr @{SET6} meta l4proto tcp fib saddr type local snat ip6 to {PROBE_SOURCE_V6}
   }}
   chain forward {{
     type filter hook forward priority filter; policy accept;
     ip saddr {PROBE_SOURCE} drop
+    ip6 saddr {PROBE_SOURCE_V6} drop
   }}
 }}
 "
@@ -74,19 +83,23 @@ pub fn install(host: &Netns, ips: &BTreeSet<IpAddr>) -> Result<(), RulesError> {
 /// not an error).
 pub fn update(host: &Netns, ips: &[IpAddr], captured: bool) -> Result<(), RulesError> {
     let set: BTreeSet<IpAddr> = ips.iter().copied().collect();
-    let v = v4(&set);
-    if v.is_empty() {
+    let mut script = String::new();
+    for (name, v6) in [(SET, false), (SET6, true)] {
+        let v = family(&set, v6);
+        if v.is_empty() {
+            continue;
+        }
+        let list = v.join(", ");
+        script.push_str(&format!("add element inet {TABLE} {name} {{ {list} }}\n"));
+        if !captured {
+            script.push_str(&format!(
+                "delete element inet {TABLE} {name} {{ {list} }}\n"
+            ));
+        }
+    }
+    if script.is_empty() {
         return Ok(());
     }
-    let list: Vec<String> = v.iter().map(|ip| ip.to_string()).collect();
-    let list = list.join(", ");
-    let script = if captured {
-        format!("add element inet {TABLE} {SET} {{ {list} }}\n")
-    } else {
-        format!(
-            "add element inet {TABLE} {SET} {{ {list} }}\ndelete element inet {TABLE} {SET} {{ {list} }}\n"
-        )
-    };
     nft(host, &script)
 }
 

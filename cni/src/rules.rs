@@ -1,7 +1,8 @@
 //! The redirect rules inside a captured pod's netns (nftables):
 //!
-//! - inbound TCP from the kubelet's probe source ([`PROBE_SOURCE`], what
-//!   the node SNATs its own connections to captured pods to: see
+//! - inbound TCP from the kubelet's probe source ([`PROBE_SOURCE`], or
+//!   [`PROBE_SOURCE_V6`] over IPv6: what the node SNATs its own
+//!   connections to captured pods to: see
 //!   the node side in `host.rs`) goes to the app untouched, so probes see the app
 //!   itself and no mesh policy applies to them;
 //! - inbound TCP to 15008 goes straight to the ztunnel's HBONE listener;
@@ -36,6 +37,12 @@ pub const MARK: u32 = mesh_core::config::INPOD_MARK;
 /// pods to (kubelet probes), as Istio does.
 pub const PROBE_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
 
+/// The same for the node's IPv6 connections (Istio's IPv6 probe source: a
+/// ULA no cluster assigns).
+pub const PROBE_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(
+    0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
+);
+
 /// How a pod is captured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Capture {
@@ -68,6 +75,7 @@ pub fn ruleset(c: Capture) -> String {
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"lo\" accept
     ip saddr {PROBE_SOURCE} accept
+    ip6 saddr {PROBE_SOURCE_V6} accept
     tcp dport {HBONE_PORT} accept
 {inbound}  }}
   chain output {{
