@@ -12,7 +12,9 @@
 //! - Gateway status (Accepted, Programmed, addresses; for ingresses, each
 //!   listener's too);
 //! - AuthorizationPolicy status (`ZtunnelAccepted` / `WaypointAccepted`,
-//!   with the warnings the model found, e.g. L7 rules a ztunnel drops).
+//!   with the warnings the model found, e.g. L7 rules a ztunnel drops);
+//! - HTTPRoute and GRPCRoute status: our entries of `status.parents`
+//!   (`writer/routes.rs`).
 //!
 //! Writes are server-side apply with our field manager, so they are
 //! idempotent and leave fields other managers own alone. What was applied is
@@ -51,6 +53,7 @@ use crate::xds::Hub;
 
 mod classes;
 mod orphans;
+mod routes;
 
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
@@ -223,6 +226,7 @@ impl Writer {
                 report.errors.push(e);
             }
         }
+        self.route_statuses(&view.routes, &mut report).await;
         report
     }
 

@@ -10,6 +10,7 @@ use gateway_api::apis::standard::gateways::Gateway;
 use mesh_core::identity::Identity;
 
 use super::ingress::ListenerStatus;
+use super::route_status::RouteView;
 use super::workload::labels;
 use super::{DATAPLANE_MODE, INGRESS_CLASS, Model, NsName, WAYPOINT_CLASS};
 use crate::config::crds::{PolicyCondition, PolicyStatus};
@@ -55,6 +56,8 @@ pub struct ClusterView {
     pub waypoints: Vec<WaypointView>,
     pub ingresses: Vec<IngressView>,
     pub policies: Vec<PolicyView>,
+    /// Every HTTPRoute and GRPCRoute with a parent of ours.
+    pub routes: Vec<RouteView>,
     /// Every GatewayClass, as watched.
     pub gateway_classes: Vec<GatewayClass>,
     /// Whether the cluster serves GatewayClass at all (the model cannot
@@ -130,6 +133,7 @@ impl Model {
             waypoints,
             ingresses,
             policies,
+            routes: self.route_views(),
             gateway_classes: self
                 .others
                 .values()

@@ -14,6 +14,7 @@ mod extauthz;
 mod gateways;
 pub mod ingress;
 mod recompute;
+pub mod route_status;
 pub mod routes;
 mod waypoint;
 mod workload;
