@@ -255,7 +255,8 @@ pub fn terminator_config(
 ///
 /// ```text
 /// connect_terminate  pod_ip:15008, mTLS, HTTP/2 CONNECT  -> main_internal
-/// main_internal      HTTP/1.1 connection manager, the routes, access log
+/// main_internal      HTTP connection manager (HTTP/1.1 or h2c, WebSocket
+///                    upgrades), the routes, access log
 ///                    -> cluster of the service's endpoints, each an internal
 ///                       address of connect_originate carrying its pod ip:port
 /// connect_originate  original_dst from that metadata, tcp_proxy tunnelling
@@ -282,6 +283,72 @@ pub struct WaypointEnvoy<'a> {
     pub endpoint_san: &'a str,
     /// One line per request, as our waypoint writes one.
     pub access_log: &'a Path,
+    /// A second service, spoken over HTTP/2 upstream (gRPC): requests
+    /// whose path starts with `grpc_prefix` go to these endpoints, with no
+    /// timeout (streams). None when empty.
+    pub grpc_prefix: &'a str,
+    pub grpc_endpoints: Vec<SocketAddr>,
+}
+
+/// An Envoy cluster's endpoints, each an internal address of
+/// `connect_originate` carrying its pod ip:port.
+fn internal_endpoints(endpoints: &[SocketAddr]) -> String {
+    endpoints
+        .iter()
+        .map(|ep| {
+            format!(
+                r#"        - endpoint:
+            address:
+              envoy_internal_address: {{server_listener_name: connect_originate, endpoint_id: "{ep}"}}
+          metadata:
+            filter_metadata:
+              envoy.filters.listener.original_dst: {{local: "{ep}"}}
+"#
+            )
+        })
+        .collect()
+}
+
+/// The gRPC route and cluster of [`WaypointEnvoy`], when it has one.
+fn grpc_parts(w: &WaypointEnvoy<'_>) -> (String, String) {
+    if w.grpc_endpoints.is_empty() {
+        return (String::new(), String::new());
+    }
+    let route = format!(
+        r#"              - name: grpc
+                match: {{prefix: "{prefix}"}}
+                route: {{cluster: grpc, timeout: 0s}}
+"#,
+        prefix = w.grpc_prefix
+    );
+    let cluster = format!(
+        r#"  - name: grpc
+    connect_timeout: 2s
+    lb_policy: LEAST_REQUEST
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    transport_socket:
+      name: envoy.transport_sockets.internal_upstream
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport
+        passthrough_metadata:
+        - kind: {{host: {{}}}}
+          name: envoy.filters.listener.original_dst
+        transport_socket:
+          name: envoy.transport_sockets.raw_buffer
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer
+    load_assignment:
+      cluster_name: grpc
+      endpoints:
+      - lb_endpoints:
+{endpoints}"#,
+        endpoints = internal_endpoints(&w.grpc_endpoints)
+    );
+    (route, cluster)
 }
 
 /// Envoy's bootstrap for [`WaypointEnvoy`].
@@ -295,21 +362,8 @@ pub fn waypoint_config(w: &WaypointEnvoy<'_>) -> String {
     )
     .replace("\n        ", "\n          ");
     let upstream_tls = tls_common(chain, key, root, w.endpoint_san);
-    let endpoints: String = w
-        .endpoints
-        .iter()
-        .map(|ep| {
-            format!(
-                r#"        - endpoint:
-            address:
-              envoy_internal_address: {{server_listener_name: connect_originate, endpoint_id: "{ep}"}}
-          metadata:
-            filter_metadata:
-              envoy.filters.listener.original_dst: {{local: "{ep}"}}
-"#
-            )
-        })
-        .collect();
+    let endpoints = internal_endpoints(&w.endpoints);
+    let (grpc_route, grpc_cluster) = grpc_parts(w);
     format!(
         r#"admin:
   address: {{socket_address: {{address: "{aip}", port_value: {aport}}}}}
@@ -360,6 +414,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: main_internal
           codec_type: AUTO
+          upgrade_configs: [{{upgrade_type: websocket}}]
           access_log:
           - name: envoy.access_loggers.file
             typed_config:
@@ -377,7 +432,7 @@ static_resources:
                 request_headers_to_add:
                 - header: {{key: "{hname}", value: "{hvalue}"}}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD
-              - name: default
+{grpc_route}              - name: default
                 match: {{prefix: "/"}}
                 route: {{cluster: service, timeout: 0s}}
           http_filters:
@@ -424,7 +479,7 @@ static_resources:
       cluster_name: service
       endpoints:
       - lb_endpoints:
-{endpoints}  - name: connect_originate
+{endpoints}{grpc_cluster}  - name: connect_originate
     type: ORIGINAL_DST
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 2s
