@@ -286,6 +286,14 @@ pub struct WaypointEnvoy<'a> {
 
 /// Envoy's bootstrap for [`WaypointEnvoy`].
 pub fn waypoint_config(w: &WaypointEnvoy<'_>) -> String {
+    let mut out = waypoint_listeners(w);
+    out.push_str(&waypoint_clusters(w));
+    out
+}
+
+/// The bootstrap's admin, extensions and listeners: HBONE terminated on
+/// 15008, the HTTP route, CONNECT originated towards the endpoints.
+fn waypoint_listeners(w: &WaypointEnvoy<'_>) -> String {
     let (chain, key, root) = w.files;
     let downstream_tls = tls_matching(
         chain,
@@ -294,22 +302,6 @@ pub fn waypoint_config(w: &WaypointEnvoy<'_>) -> String {
         &format!("prefix: \"{}\"", w.client_san_prefix),
     )
     .replace("\n        ", "\n          ");
-    let upstream_tls = tls_common(chain, key, root, w.endpoint_san);
-    let endpoints: String = w
-        .endpoints
-        .iter()
-        .map(|ep| {
-            format!(
-                r#"        - endpoint:
-            address:
-              envoy_internal_address: {{server_listener_name: connect_originate, endpoint_id: "{ep}"}}
-          metadata:
-            filter_metadata:
-              envoy.filters.listener.original_dst: {{local: "{ep}"}}
-"#
-            )
-        })
-        .collect();
     format!(
         r#"admin:
   address: {{socket_address: {{address: "{aip}", port_value: {aport}}}}}
@@ -399,7 +391,40 @@ static_resources:
           cluster: connect_originate
           tunneling_config:
             hostname: "%DOWNSTREAM_LOCAL_ADDRESS%"
-  clusters:
+"#,
+        aip = w.admin.ip(),
+        aport = w.admin.port(),
+        pod_ip = w.pod_ip,
+        access_log = w.access_log.display(),
+        prefix = w.path_prefix,
+        hname = w.set_header.0,
+        hvalue = w.set_header.1,
+        timeout = w.timeout_ms as f64 / 1000.0,
+    )
+}
+
+/// The bootstrap's clusters: the service's endpoints, each reached through
+/// the CONNECT originator, and the originator's HBONE upstream.
+fn waypoint_clusters(w: &WaypointEnvoy<'_>) -> String {
+    let (chain, key, root) = w.files;
+    let upstream_tls = tls_common(chain, key, root, w.endpoint_san);
+    let endpoints: String = w
+        .endpoints
+        .iter()
+        .map(|ep| {
+            format!(
+                r#"        - endpoint:
+            address:
+              envoy_internal_address: {{server_listener_name: connect_originate, endpoint_id: "{ep}"}}
+          metadata:
+            filter_metadata:
+              envoy.filters.listener.original_dst: {{local: "{ep}"}}
+"#
+            )
+        })
+        .collect();
+    format!(
+        r#"  clusters:
   - name: main_internal
     load_assignment:
       cluster_name: main_internal
@@ -439,15 +464,7 @@ static_resources:
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         {upstream_tls}
-"#,
-        aip = w.admin.ip(),
-        aport = w.admin.port(),
-        pod_ip = w.pod_ip,
-        access_log = w.access_log.display(),
-        prefix = w.path_prefix,
-        hname = w.set_header.0,
-        hvalue = w.set_header.1,
-        timeout = w.timeout_ms as f64 / 1000.0,
+"#
     )
 }
 
