@@ -50,7 +50,7 @@ impl Waypoint {
                     src.identity = %ds.principal(),
                     service = %ds.service_key,
                     response_flags = "RBAC",
-                    detail = %decision,
+                    detail = %decision.detail,
                     "connection refused"
                 );
             }
