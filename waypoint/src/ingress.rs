@@ -451,7 +451,7 @@ mod tests {
             listeners: vec![listener("shop", "shop.example.com", Some((c, other_key)))],
             backends: vec![],
         };
-        let err = compile(&ing).expect_err("mismatched key");
+        let err = compile(&ing).expect_err("mismatched key").to_string();
         assert!(
             err.contains("listener shop") && err.contains("do not match"),
             "{err}"
@@ -464,7 +464,7 @@ mod tests {
             )],
             ..ing
         };
-        let err = compile(&ing).expect_err("garbage");
+        let err = compile(&ing).expect_err("garbage").to_string();
         assert!(err.contains("listener shop"), "{err}");
     }
 
@@ -479,7 +479,7 @@ mod tests {
             ],
             backends: vec![],
         };
-        let err = compile(&ing).expect_err("mixed");
+        let err = compile(&ing).expect_err("mixed").to_string();
         assert!(err.contains("both HTTP and HTTPS"), "{err}");
     }
 }
