@@ -56,7 +56,7 @@ pub enum AuthError {
     PodToken {
         namespace: String,
         pod: String,
-        reason: PodError,
+        reason: Box<PodError>,
     },
     /// Folder mode's token file cannot be read or does not load: every
     /// caller is refused until it does.
@@ -94,7 +94,7 @@ pub enum AuthError {
     BadAccount {
         namespace: String,
         account: String,
-        reason: IdentityError,
+        reason: Box<IdentityError>,
     },
 }
 
@@ -110,7 +110,7 @@ pub enum PodError {
         namespace: String,
         pod: String,
         account: String,
-        reason: IdentityError,
+        reason: Box<IdentityError>,
     },
 }
 
@@ -270,7 +270,7 @@ impl BootstrapTokens {
                         .map_err(|reason| AuthError::PodToken {
                             namespace: ns.clone(),
                             pod: pod.clone(),
-                            reason,
+                            reason: Box::new(reason),
                         })?;
                 Ok(Caller {
                     node,

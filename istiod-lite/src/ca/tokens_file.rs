@@ -106,7 +106,7 @@ mod tests {
                             namespace: ns.into(),
                             pod: name.into(),
                             account: "public".into(),
-                            reason,
+                            reason: Box::new(reason),
                         }
                     })?,
                 )),

@@ -191,7 +191,7 @@ impl TokenReviewer {
                     AuthError::BadAccount {
                         namespace: ns.to_string(),
                         account: sa.to_string(),
-                        reason,
+                        reason: Box::new(reason),
                     }
                 })?,
             )

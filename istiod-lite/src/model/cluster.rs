@@ -177,7 +177,7 @@ impl Model {
                 namespace: namespace.into(),
                 pod: name.into(),
                 account: sa.into(),
-                reason,
+                reason: Box::new(reason),
             }
         })?;
         Ok((node, identity))
