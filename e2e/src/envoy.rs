@@ -353,6 +353,15 @@ fn grpc_parts(w: &WaypointEnvoy<'_>) -> (String, String) {
 
 /// Envoy's bootstrap for [`WaypointEnvoy`].
 pub fn waypoint_config(w: &WaypointEnvoy<'_>) -> String {
+    let mut out = waypoint_listeners(w);
+    out.push_str(&waypoint_clusters(w));
+    out
+}
+
+/// The bootstrap's admin, extensions and listeners: HBONE terminated on
+/// 15008, the HTTP (and gRPC) routes, CONNECT originated towards the
+/// endpoints.
+fn waypoint_listeners(w: &WaypointEnvoy<'_>) -> String {
     let (chain, key, root) = w.files;
     let downstream_tls = tls_matching(
         chain,
@@ -361,9 +370,7 @@ pub fn waypoint_config(w: &WaypointEnvoy<'_>) -> String {
         &format!("prefix: \"{}\"", w.client_san_prefix),
     )
     .replace("\n        ", "\n          ");
-    let upstream_tls = tls_common(chain, key, root, w.endpoint_san);
-    let endpoints = internal_endpoints(&w.endpoints);
-    let (grpc_route, grpc_cluster) = grpc_parts(w);
+    let (grpc_route, _) = grpc_parts(w);
     format!(
         r#"admin:
   address: {{socket_address: {{address: "{aip}", port_value: {aport}}}}}
@@ -454,7 +461,28 @@ static_resources:
           cluster: connect_originate
           tunneling_config:
             hostname: "%DOWNSTREAM_LOCAL_ADDRESS%"
-  clusters:
+"#,
+        aip = w.admin.ip(),
+        aport = w.admin.port(),
+        pod_ip = w.pod_ip,
+        access_log = w.access_log.display(),
+        prefix = w.path_prefix,
+        hname = w.set_header.0,
+        hvalue = w.set_header.1,
+        timeout = w.timeout_ms as f64 / 1000.0,
+    )
+}
+
+/// The bootstrap's clusters: the service's (and the gRPC service's)
+/// endpoints, each reached through the CONNECT originator, and the
+/// originator's HBONE upstream.
+fn waypoint_clusters(w: &WaypointEnvoy<'_>) -> String {
+    let (chain, key, root) = w.files;
+    let upstream_tls = tls_common(chain, key, root, w.endpoint_san);
+    let endpoints = internal_endpoints(&w.endpoints);
+    let (_, grpc_cluster) = grpc_parts(w);
+    format!(
+        r#"  clusters:
   - name: main_internal
     load_assignment:
       cluster_name: main_internal
@@ -494,15 +522,7 @@ static_resources:
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         {upstream_tls}
-"#,
-        aip = w.admin.ip(),
-        aport = w.admin.port(),
-        pod_ip = w.pod_ip,
-        access_log = w.access_log.display(),
-        prefix = w.path_prefix,
-        hname = w.set_header.0,
-        hvalue = w.set_header.1,
-        timeout = w.timeout_ms as f64 / 1000.0,
+"#
     )
 }
 
