@@ -53,6 +53,9 @@ pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 pub const WAYPOINT_PROXY_PREFIX: &str = "waypoint";
 /// Class of an ingress Gateway (see [`ingress`]).
 pub const INGRESS_CLASS: &str = "mesh-ingress";
+/// The `controllerName` of the GatewayClasses istiod-lite implements: a
+/// class of one of our names but another controller is not ours.
+pub const CONTROLLER_NAME: &str = "mesh.dev/istiod-lite";
 /// Node.id prefix of an ingress gateway proxy: `ingress~<namespace>~<pod>`.
 pub const INGRESS_PROXY_PREFIX: &str = "ingress";
 

@@ -30,8 +30,9 @@ use serde_json::{Value, json};
 
 use super::ingress::{ListenerCondition, admits_namespace, intersect, route_kinds};
 use super::waypoint::GATEWAY_GROUP;
-use super::{INGRESS_CLASS, Model, WAYPOINT_CLASS, routes};
+use super::{CONTROLLER_NAME, INGRESS_CLASS, Model, WAYPOINT_CLASS, routes};
 use crate::config::grpcroute::grpc_route_name;
+use crate::config::objects::Object;
 
 /// One route and the status entries it should have for our parents.
 #[derive(Debug, Clone)]
@@ -47,6 +48,10 @@ pub struct RouteView {
     pub parents: Vec<(Value, Vec<ListenerCondition>)>,
     /// `status.parents` as the watch last saw it.
     pub current: Vec<Value>,
+    /// The object's resourceVersion as the watch last saw it: the write
+    /// is conditional on it, so entries another controller wrote since
+    /// are never lost (the list is replaced whole).
+    pub resource_version: Option<String>,
 }
 
 fn cond(type_: &'static str, ok: bool, reason: &'static str, message: String) -> ListenerCondition {
@@ -73,7 +78,11 @@ fn parent<'m>(model: &'m Model, route_ns: &str, p: &HttpRouteParentRefs) -> Opti
     match (group, kind) {
         (GATEWAY_GROUP, "Gateway") => {
             let gw = model.gateways.get(&key)?;
-            match gw.spec.gateway_class_name.as_str() {
+            let class = gw.spec.gateway_class_name.as_str();
+            if !class_is_ours(model, class) {
+                return None;
+            }
+            match class {
                 INGRESS_CLASS => Some(Parent::Ingress(gw)),
                 WAYPOINT_CLASS => Some(Parent::Waypoint),
                 _ => None,
@@ -84,6 +93,19 @@ fn parent<'m>(model: &'m Model, route_ns: &str, p: &HttpRouteParentRefs) -> Opti
         }),
         _ => None,
     }
+}
+
+/// Whether GatewayClass `name` exists with our `controllerName`: a
+/// Gateway of a class of our name that another controller owns (Istio's
+/// `istio-waypoint`, say) is not a parent of ours, and its routes' status
+/// is not ours to write.
+fn class_is_ours(model: &Model, name: &str) -> bool {
+    model.others.values().any(|o| match o {
+        Object::GatewayClass(c) => {
+            c.metadata.name.as_deref() == Some(name) && c.spec.controller_name == CONTROLLER_NAME
+        }
+        _ => false,
+    })
 }
 
 /// The ingress's answer to one parentRef: (reason, message); "Accepted"
@@ -255,6 +277,7 @@ fn route_view(model: &Model, route: &HttpRoute) -> RouteView {
         generation: route.metadata.generation,
         parents,
         current,
+        resource_version: route.metadata.resource_version.clone(),
     }
 }
 
@@ -272,9 +295,19 @@ impl Model {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::objects::{Change, Object};
+    use crate::config::objects::Change;
 
     const DOCS: &str = r#"
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: mesh-ingress}
+spec: {controllerName: mesh.dev/istiod-lite}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GatewayClass
+metadata: {name: istio-waypoint}
+spec: {controllerName: mesh.dev/istiod-lite}
+---
 apiVersion: v1
 kind: Namespace
 metadata: {name: shop}
@@ -366,8 +399,12 @@ spec:
 "#;
 
     fn model() -> Model {
+        model_of(DOCS)
+    }
+
+    fn model_of(docs: &str) -> Model {
         let mut m = Model::new(super::super::ModelConfig::default());
-        let changes = serde_yaml::Deserializer::from_str(DOCS)
+        let changes = serde_yaml::Deserializer::from_str(docs)
             .map(|d| serde::Deserialize::deserialize(d).expect("yaml"))
             .filter(|v: &Value| !v.is_null())
             .map(|v| Change::Upsert(Object::parse(v).expect("parses").expect("known kind")))
@@ -405,6 +442,32 @@ spec:
                 (what, c[0].reason.to_string(), c[1].reason.to_string())
             })
             .collect()
+    }
+
+    #[test]
+    fn a_class_of_our_name_but_another_controller_is_not_ours() {
+        // Istio's own `istio-waypoint` and a `mesh-ingress` of someone
+        // else: their Gateways' routes get no entry of ours.
+        let docs = DOCS.replace(
+            "spec: {controllerName: mesh.dev/istiod-lite}",
+            "spec: {controllerName: istio.io/gateway-controller}",
+        );
+        let views = model_of(&docs).route_views();
+        for name in ["ok", "echo"] {
+            assert!(
+                views.iter().all(|v| v.name != name),
+                "{name} has entries for parents of another controller"
+            );
+        }
+        let refused = views.iter().find(|v| v.name == "refused").expect("refused");
+        assert!(
+            refused
+                .parents
+                .iter()
+                .all(|(p, _)| p["kind"].as_str() == Some("Service")),
+            "{:?}",
+            refused.parents
+        );
     }
 
     fn t(a: &str, b: &str, c: &str) -> (String, String, String) {

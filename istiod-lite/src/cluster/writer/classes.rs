@@ -15,8 +15,7 @@ use crate::cluster::conditions::{condition, same_conditions, with_times};
 use crate::model::cluster::ClusterView;
 use crate::model::{INGRESS_CLASS, WAYPOINT_CLASS};
 
-/// The `controllerName` of the classes istiod-lite implements.
-pub const CONTROLLER_NAME: &str = "mesh.dev/istiod-lite";
+pub use crate::model::CONTROLLER_NAME;
 
 /// Each class and what it is.
 const CLASSES: [(&str, &str); 2] = [

@@ -105,12 +105,18 @@ impl Writer {
             return Ok(());
         }
         let parents = merged(&v.current, want);
-        let patch = json!({
+        let mut patch = json!({
             "apiVersion": "gateway.networking.k8s.io/v1",
             "kind": v.kind,
             "metadata": {"name": v.name, "namespace": v.namespace},
             "status": {"parents": parents},
         });
+        // `status.parents` is replaced whole: write only over the version
+        // the entries of others were read from (a conflict is retried on
+        // the next reconcile, from the watch's newer copy).
+        if let Some(rv) = &v.resource_version {
+            patch["metadata"]["resourceVersion"] = json!(rv);
+        }
         let params = PatchParams::apply(FIELD_MANAGER).force();
         let written = if v.kind == "GRPCRoute" {
             let api: Api<GrpcRoute> = Api::namespaced(self.client.clone(), &v.namespace);
