@@ -404,7 +404,7 @@ impl Walk<'_> {
                 if via_waypoint {
                     self.via_waypoint(hop);
                 } else {
-                    self.to_destination(hop);
+                    self.tunnel_to_destination(hop);
                 }
             }
         }
@@ -505,7 +505,7 @@ impl Walk<'_> {
 
     /// Straight to the destination's ztunnel (or, on the same node with the
     /// fast path, handed over in memory), which judges the source.
-    fn to_destination(&mut self, hop: Hop) {
+    fn tunnel_to_destination(&mut self, hop: Hop) {
         let Hop {
             next_hop,
             target: t,
