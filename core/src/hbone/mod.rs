@@ -26,12 +26,8 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 
 use crate::config::{H2Config, PROXY_PORTS};
 
-mod answer;
 pub mod pool;
 pub mod server;
-
-pub use answer::open_early;
-use answer::{Recv, poll_open};
 
 pub use server::{
     Conn, Responder, Server, ServerConfigError, ServerConfigs, ServerSettings, StreamTasks,
@@ -125,35 +121,22 @@ pub fn new_traceparent() -> String {
 /// the far side reads as `ConnectionReset`.
 pub struct H2Stream {
     send: SendStream<Bytes>,
-    recv: Recv,
+    recv: RecvStream,
     buf: Bytes,
     write_closed: bool,
     /// The `baggage` of the peer's 200, on a stream this side opened.
     peer_baggage: Option<String>,
-    /// Why a stream opened with [`open_early`] never opened.
-    open_error: Option<OpenError>,
 }
 
 impl H2Stream {
     pub fn new(send: SendStream<Bytes>, recv: RecvStream) -> Self {
-        Self::with_recv(send, Recv::Open(recv))
-    }
-
-    fn with_recv(send: SendStream<Bytes>, recv: Recv) -> Self {
         H2Stream {
             send,
             recv,
             buf: Bytes::new(),
             write_closed: false,
             peer_baggage: None,
-            open_error: None,
         }
-    }
-
-    /// On a stream from [`open_early`]: why the peer's answer was not a
-    /// 200 (or never came), once reading has found out.
-    pub fn open_error(&self) -> Option<&OpenError> {
-        self.open_error.as_ref()
     }
 
     /// What the destination said of itself on its 200 (`baggage`).
@@ -173,18 +156,9 @@ impl H2Stream {
             recv,
             buf,
             write_closed,
-            peer_baggage,
-            open_error,
+            ..
         } = self;
-        (
-            H2Send { send, write_closed },
-            H2Recv {
-                recv,
-                buf,
-                peer_baggage,
-                open_error,
-            },
-        )
+        (H2Send { send, write_closed }, H2Recv { recv, buf })
     }
 }
 
@@ -227,10 +201,8 @@ impl H2Send<'_> {
 
 /// The receiving half of an [`H2Stream`].
 pub struct H2Recv<'a> {
-    recv: &'a mut Recv,
+    recv: &'a mut RecvStream,
     buf: &'a mut Bytes,
-    peer_baggage: &'a mut Option<String>,
-    open_error: &'a mut Option<OpenError>,
 }
 
 impl H2Recv<'_> {
@@ -241,12 +213,7 @@ impl H2Recv<'_> {
         if !self.buf.is_empty() {
             return Ok(Some(std::mem::take(self.buf)));
         }
-        std::future::poll_fn(|cx| poll_open(self.recv, self.open_error, self.peer_baggage, cx))
-            .await?;
-        let Recv::Open(recv) = &mut *self.recv else {
-            return Err(io::ErrorKind::NotConnected.into());
-        };
-        match recv.data().await {
+        match self.recv.data().await {
             None => Ok(None),
             Some(Ok(b)) => Ok(Some(b)),
             // A peer may end its side with RST_STREAM(NO_ERROR).
@@ -257,9 +224,7 @@ impl H2Recv<'_> {
 
     /// Gives back `n` bytes of receive window.
     pub fn release(&mut self, n: usize) {
-        if let Recv::Open(recv) = &mut *self.recv {
-            let _ = recv.flow_control().release_capacity(n);
-        }
+        let _ = self.recv.flow_control().release_capacity(n);
     }
 }
 
@@ -282,30 +247,20 @@ impl AsyncRead for H2Stream {
         cx: &mut Context<'_>,
         out: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        ready!(poll_open(
-            &mut this.recv,
-            &mut this.open_error,
-            &mut this.peer_baggage,
-            cx
-        ))?;
-        let Recv::Open(recv) = &mut this.recv else {
-            return Poll::Ready(Err(io::ErrorKind::NotConnected.into()));
-        };
-        while this.buf.is_empty() {
-            match ready!(recv.poll_data(cx)) {
+        while self.buf.is_empty() {
+            match ready!(self.recv.poll_data(cx)) {
                 None => return Poll::Ready(Ok(())),
-                Some(Ok(b)) => this.buf = b,
+                Some(Ok(b)) => self.buf = b,
                 // A peer may end its side with RST_STREAM(NO_ERROR).
                 Some(Err(e)) if e.reason() == Some(Reason::NO_ERROR) => return Poll::Ready(Ok(())),
                 Some(Err(e)) => return Poll::Ready(Err(h2_io_error(e))),
             }
         }
-        let n = this.buf.len().min(out.remaining());
-        out.put_slice(&this.buf[..n]);
-        this.buf.advance(n);
+        let n = self.buf.len().min(out.remaining());
+        out.put_slice(&self.buf[..n]);
+        self.buf.advance(n);
         // Open the window only as the bytes are consumed: backpressure.
-        let _ = recv.flow_control().release_capacity(n);
+        let _ = self.recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))
     }
 }

@@ -405,30 +405,6 @@ impl Pool {
         headers: &hbone::ConnectHeaders,
         netns: Option<&crate::netns::Netns>,
     ) -> Result<(H2Stream, StreamGuard), PoolError> {
-        self.connect_as(key, target, headers, netns, false).await
-    }
-
-    /// Sends a CONNECT to `target` through the pool and returns its stream
-    /// before the answer ([`hbone::open_early`]): a new connection's first
-    /// bytes then leave with the request.
-    pub async fn connect_early(
-        &self,
-        key: &PoolKey,
-        target: SocketAddr,
-        headers: &hbone::ConnectHeaders,
-        netns: Option<&crate::netns::Netns>,
-    ) -> Result<(H2Stream, StreamGuard), PoolError> {
-        self.connect_as(key, target, headers, netns, true).await
-    }
-
-    async fn connect_as(
-        &self,
-        key: &PoolKey,
-        target: SocketAddr,
-        headers: &hbone::ConnectHeaders,
-        netns: Option<&crate::netns::Netns>,
-        early: bool,
-    ) -> Result<(H2Stream, StreamGuard), PoolError> {
         let addr = key.next_hop;
         // A connection found dead when used is dropped and the stream is
         // retried once on a fresh one; other errors belong to this stream.
@@ -437,13 +413,7 @@ impl Pool {
             attempt += 1;
             let conn = self.checkout(key, netns).await?;
             let guard = StreamGuard { conn: conn.clone() };
-            let timeout = self.inner.connect_timeout;
-            let opened = if early {
-                hbone::open_early(&conn.sender, target, headers, timeout).await
-            } else {
-                hbone::open(&conn.sender, target, headers, timeout).await
-            };
-            match opened {
+            match hbone::open(&conn.sender, target, headers, self.inner.connect_timeout).await {
                 Ok(stream) => return Ok((stream, guard)),
                 Err(e) if attempt == 1 && e.connection_gone() => {
                     warn!(conn = conn.id, %addr, error = %e, "pooled connection is gone; retrying on a new one");

@@ -156,27 +156,11 @@ pub async fn run_hbone(
         r = copy => r.map(|_| ()).map_err(|e| (ResponseFlags::None, e.to_string())),
         _ = cancel.cancelled() => Err((ResponseFlags::None, "closed by the proxy".to_string())),
     };
-    // A stream sent ahead of its answer that the peer refused (or never
-    // answered): the connection never opened, as when a connect fails.
-    if let Some(e) = stream.open_error() {
-        return Err((refusal_flags(e), e.to_string()));
-    }
     if result.is_err() {
         stream.reset();
         mesh_core::socket::reset(tcp);
     }
     result
-}
-
-/// A 401 from the peer is its policy saying no: DENY, not CONNECT.
-pub fn refusal_flags(e: &mesh_core::hbone::OpenError) -> mesh_core::metrics::ResponseFlags {
-    use mesh_core::metrics::ResponseFlags;
-    match e {
-        mesh_core::hbone::OpenError::Status(s) if *s == http::StatusCode::UNAUTHORIZED => {
-            ResponseFlags::Deny
-        }
-        _ => ResponseFlags::Connect,
-    }
 }
 
 /// Copies until done or cancelled (policy revocation, drain deadline). The

@@ -23,7 +23,10 @@ use mesh_core::state::{Snapshot, Workload};
 /// A 401 from the peer is its policy saying no: DENY, not CONNECT.
 fn pool_error_flags(e: &mesh_core::hbone::pool::PoolError) -> ResponseFlags {
     match e {
-        mesh_core::hbone::pool::PoolError::Open { source, .. } => copy::refusal_flags(source),
+        mesh_core::hbone::pool::PoolError::Open {
+            source: mesh_core::hbone::OpenError::Status(s),
+            ..
+        } if *s == http::StatusCode::UNAUTHORIZED => ResponseFlags::Deny,
         _ => ResponseFlags::Connect,
     }
 }
@@ -356,11 +359,9 @@ impl Outgoing<'_> {
                     forwarded_host: self.service_host.map(str::to_string),
                     traceparent: Some(new_traceparent()),
                 };
-                // The client's first bytes follow the CONNECT at once; the
-                // copy learns the peer's answer when it reads.
                 let (stream, guard) = proxy
                     .pool
-                    .connect_early(&key, target, &headers, src_netns.as_deref())
+                    .connect(&key, target, &headers, src_netns.as_deref())
                     .await
                     .map_err(|e| (pool_error_flags(&e), e.to_string()))?;
                 Ok(Upstream::Hbone(stream, guard))
