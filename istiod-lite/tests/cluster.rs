@@ -1291,7 +1291,10 @@ async fn ingress_gateways_get_a_load_balancer_and_listener_status() {
         assert_eq!(good["attachedRoutes"], 1);
         assert_eq!(
             good["supportedKinds"],
-            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}])
+            json!([
+                {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
+                {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"}
+            ])
         );
     }
 
