@@ -291,11 +291,11 @@ impl RateLimiter {
                     self.metrics
                         .store_failures
                         .get_or_create(&StoreLabels {
-                            store: g.store.clone(),
+                            store: shown(&g.store),
                             outcome,
                         })
                         .inc();
-                    warn!(store = %g.store, error = %e, outcome, "rate limit store");
+                    warn!(store = %shown(&g.store), error = %e, outcome, "rate limit store");
                     if g.fail_closed {
                         Verdict::Limited {
                             retry_after: limit.fill_interval,
@@ -411,6 +411,18 @@ impl RateLimiter {
 /// `retry-after` in whole seconds, at least 1.
 pub fn retry_after_secs(d: Duration) -> u64 {
     (d.as_millis().div_ceil(1000) as u64).max(1)
+}
+
+/// A store's address as metrics and logs show it: without the URL's
+/// user information and query, where a password would be.
+fn shown(store: &str) -> String {
+    let Some((scheme, rest)) = store.split_once("://") else {
+        return store.split('?').next().unwrap_or_default().to_string();
+    };
+    let rest = rest.split('?').next().unwrap_or_default();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{host}{path}")
 }
 
 #[cfg(test)]
@@ -569,5 +581,30 @@ mod tests {
         };
         assert!(failures("local_fallback") >= 2);
         assert_eq!(failures("refused"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_store_password_is_never_in_a_metric_or_log_label() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(1);
+        let mut registry = Registry::default();
+        let rl = RateLimiter::new(RateLimitMetrics::register(&mut registry));
+        let mut l = limit(1, 1, 3_600_000);
+        l.global = Some(Global {
+            store: format!("redis://user:hunter2@127.0.0.1:{port}/0?password=hunter3"),
+            fail_closed: true,
+        });
+        assert_ne!(rl.check(&l, "").await, Verdict::Admit);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        assert!(!text.contains("hunter"), "{text}");
+        assert!(
+            text.contains(&format!("redis://127.0.0.1:{port}/0")),
+            "{text}"
+        );
+        assert_eq!(shown("redis://10.0.0.1:6379"), "redis://10.0.0.1:6379");
+        assert_eq!(shown("rediss://:pw@h:1"), "rediss://h:1");
     }
 }
