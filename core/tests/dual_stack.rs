@@ -22,7 +22,7 @@ services:
 
 fn state(policies: &str) -> ProxyState {
     let local: LocalConfig =
-        serde_yaml::from_str(&format!("{STATE}policies:\n{policies}")).expect("local config");
+        serde_yaml::from_str(&format!("{STATE}policies: {policies}")).expect("local config");
     let state = ProxyState::default();
     state.replace(local.to_updates("cluster.local", "test").expect("updates"));
     state
@@ -46,7 +46,7 @@ fn hbone(state: &ProxyState, dst: &str) -> (SocketAddr, SocketAddr) {
 
 #[test]
 fn a_connection_keeps_its_family_where_the_destination_has_it() {
-    let s = state("  []\n");
+    let s = state("[]");
     // A Service's IPv4 VIP leads to its endpoint's IPv4 address, its IPv6
     // VIP to the IPv6 one, and the tunnel goes in the same family.
     assert_eq!(
@@ -87,7 +87,7 @@ fn allowed(s: &ProxyState, src: &str) -> bool {
 
 fn policy(action: &str, blocks: &str) -> String {
     format!(
-        "- {{name: p, namespace: shop, scope: NAMESPACE, action: {action}, rules: [{{clauses: [{{matches: [{{source_ips: [{blocks}]}}]}}]}}]}}\n"
+        "\n- {{name: p, namespace: shop, scope: NAMESPACE, action: {action}, rules: [{{clauses: [{{matches: [{{source_ips: [{blocks}]}}]}}]}}]}}\n"
     )
 }
 
