@@ -133,7 +133,7 @@ const SERVER: &str = "spiffe://cluster.local/ns/shop/sa/server";
 
 fn dst_policy(action: &str, field: &str, blocks: &str) -> String {
     format!(
-        "- {{name: p, namespace: shop, scope: NAMESPACE, action: {action}, rules: [{{clauses: [{{matches: [{{{field}: [{blocks}]}}]}}]}}]}}\n"
+        "\n- {{name: p, namespace: shop, scope: NAMESPACE, action: {action}, rules: [{{clauses: [{{matches: [{{{field}: [{blocks}]}}]}}]}}]}}\n"
     )
 }
 
@@ -187,6 +187,19 @@ fn not_ip_blocks_exclude_every_address_of_the_source() {
         "[fd00:2::1]:8080"
     ));
     assert!(allowed_as(&allow, None, "fd00:9::9", "[fd00:2::1]:8080"));
+    // DENY everything but 10.0.0.0/8: the client has an address outside
+    // (fd00:1::1), so it is denied from either; a source with no workload
+    // is judged on its address alone.
+    let deny = state(&dst_policy("DENY", "not_source_ips", "10.0.0.0/8"));
+    assert!(!allowed_as(&deny, None, "fd00:1::1", "[fd00:2::1]:8080"));
+    assert!(!allowed_as(&deny, None, "10.1.1.1", "10.1.2.1:8080"));
+    assert!(allowed_as(&deny, None, "10.9.9.9", "10.1.2.1:8080"));
+    let both = state(&dst_policy(
+        "DENY",
+        "not_source_ips",
+        "10.0.0.0/8, \"fd00:1::/64\"",
+    ));
+    assert!(allowed_as(&both, None, "fd00:1::1", "[fd00:2::1]:8080"));
 }
 
 #[test]
@@ -201,4 +214,14 @@ fn destination_blocks_hold_for_every_address_of_the_destination() {
     let not = state(&dst_policy("ALLOW", "not_destination_ips", "10.1.2.0/24"));
     assert!(!allowed_as(&not, None, "10.1.1.1", "10.1.2.1:8080"));
     assert!(!allowed_as(&not, None, "fd00:1::1", "[fd00:2::1]:8080"));
+    // A DENY to everything but the server's IPv4 block holds: its IPv6
+    // address is outside.
+    let deny_not = state(&dst_policy("DENY", "not_destination_ips", "10.1.2.0/24"));
+    assert!(!allowed_as(&deny_not, None, "10.1.1.1", "10.1.2.1:8080"));
+    assert!(!allowed_as(
+        &deny_not,
+        None,
+        "fd00:1::1",
+        "[fd00:2::1]:8080"
+    ));
 }

@@ -48,7 +48,7 @@ apiVersion: v1
 kind: Pod
 metadata: {name: server-1, namespace: shop, labels: {app: server}}
 spec: {nodeName: node-a, serviceAccountName: server, containers: [{name: c, image: x}]}
-status: {podIP: 10.1.0.9, phase: Running}
+status: {podIP: 10.1.0.9, podIPs: [{ip: 10.1.0.9}, {ip: "fd00:1::9"}], phase: Running}
 ---
 apiVersion: v1
 kind: Pod
@@ -459,7 +459,7 @@ fn cases() -> Vec<Case> {
         c("ref: ipBlocks, outside the CIDR", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [10.2.0.0/16]}}]}]}"], req(), D, D),
         c("ref: notIpBlocks", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/16]}}]}]}"], req(), D, D),
         c("ref: DENY by ipBlocks", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req(), D, D),
-        c("ref: DENY notIpBlocks, inside passes", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req(), A, A),
+        c("ref: DENY notIpBlocks, inside passes (every address of the dual-stack source inside)", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24, \"fd00:1::/64\"]}}]}]}"], req(), A, A),
         c("ref: DENY notIpBlocks, outside denied", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("10.7.0.1"), D, D),
         c("ambient-l4: remoteIpBlocks is L7 (the original client): an ALLOW rule with it never matches at the ztunnel; the waypoint takes the source address (security: no forwarding header is trusted)", &["{action: ALLOW, rules: [{from: [{source: {remoteIpBlocks: [10.1.0.5]}}]}]}"], req(), D, A),
         c("ambient-l4: a DENY on remoteIpBlocks denies on its L4 fields alone at the ztunnel", &["{action: DENY, rules: [{from: [{source: {remoteIpBlocks: [10.7.0.0/16]}}]}]}"], req(), D, A),
@@ -473,6 +473,19 @@ fn cases() -> Vec<Case> {
         c("security: an identity that does not own the address's workload is judged on the address alone", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().from(W).ip("fd00:1::5"), A, A),
         c("security: an IPv4-only ALLOW does not admit the source's IPv6 address", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
         c("security: notIpBlocks excludes the source from its IPv6 address too", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY notIpBlocks of the source's IPv4 block holds when it comes from its IPv6 address", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY notIpBlocks holds when any address of the source is outside the blocks", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req(), D, D),
+        c("security: a DENY notIpBlocks holds for plaintext from an address of the source outside the blocks", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [\"fd00:1::/64\"]}}]}]}"], req().plaintext(), D, D),
+        c("security: an ALLOW notIpBlocks does not admit the source from its other address", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [\"fd00:1::/64\"]}}]}]}"], req(), D, D),
+        c("security: a DENY on destination.ip notValues holds when any address of the dual-stack destination is outside (the waypoint cannot check it)", &["{action: DENY, rules: [{when: [{key: destination.ip, notValues: [10.1.0.9]}]}]}"], req(), D, D),
+        c("security: a DENY on destination.ip notValues with every address of the destination passes at the ztunnel", &["{action: DENY, rules: [{when: [{key: destination.ip, notValues: [10.1.0.9, \"fd00:1::9\"]}]}]}"], req(), A, D),
+        c("security: a DENY on destination.ip holds for any address of the destination", &["{action: DENY, rules: [{when: [{key: destination.ip, values: [\"fd00:1::9\"]}]}]}"], req(), D, D),
+        c("security: a DENY when source.ip of the source's IPv4 block holds from its IPv6 address", &["{action: DENY, rules: [{when: [{key: source.ip, values: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY when source.ip notValues holds when any address of the source is outside", &["{action: DENY, rules: [{when: [{key: source.ip, notValues: [10.1.0.0/24]}]}]}"], req(), D, D),
+        c("security: a DENY when source.ip notValues with every address of the source passes", &["{action: DENY, rules: [{when: [{key: source.ip, notValues: [10.1.0.0/24, \"fd00:1::/64\"]}]}]}"], req(), A, A),
+        c("security: an ALLOW when source.ip notValues does not admit the source from its other address", &["{action: ALLOW, rules: [{when: [{key: source.ip, notValues: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: an ALLOW when source.ip is the connection's address alone", &["{action: ALLOW, rules: [{when: [{key: source.ip, values: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY when remote.ip of the source's IPv4 block holds at the waypoint from its IPv6 address", &["{action: DENY, rules: [{when: [{key: remote.ip, values: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
         c("security: notIpBlocks does not exclude a source with no address in the blocks", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:9::9"), A, A),
         // ports
         c("ref: ports", &["{action: ALLOW, rules: [{to: [{operation: {ports: [\"8080\"]}}]}]}"], req(), A, A),

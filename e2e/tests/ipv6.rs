@@ -177,9 +177,11 @@ async fn ipv6_traffic_is_captured_tunnelled_resolved_and_authorized() {
         // Across nodes and on the same node (echo-0's ztunnel, node-1, may
         // take the policy a moment later): each is awaited.
         for to in [format!("[{echo1}]:9000"), format!("[{echo0}]:9000")] {
-            eventually(&format!("{name}: {to}"), Duration::from_secs(10), || async {
-                send(lab, "shop/client-0", &to, "x").is_none()
-            })
+            eventually(
+                &format!("{name}: {to}"),
+                Duration::from_secs(10),
+                || async { send(lab, "shop/client-0", &to, "x").is_none() },
+            )
             .await;
         }
         g.0.delete("AuthorizationPolicy", "shop", name).unwrap();

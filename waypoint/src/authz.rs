@@ -8,6 +8,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
+use mesh_core::state::policy::side_holds;
 use mesh_proto::mesh::waypoint as pb;
 
 /// Istio's string glob: "abc" exact, "abc*" prefix, "*abc" suffix, "*" any
@@ -282,13 +283,17 @@ fn none<T>(v: &[T], f: impl Fn(&T) -> bool) -> bool {
     !v.iter().any(f)
 }
 
-/// Whether the source is in one of `blocks`: for a DENY (`wide`) its
-/// address or any address of its workload, for an ALLOW its address alone
-/// (an IPv4-only ALLOW admits no IPv6).
-fn source_in(blocks: &[Cidr], r: &RequestAttrs<'_>, wide: bool) -> bool {
-    blocks
-        .iter()
-        .any(|c| c.contains(r.source_ip) || (wide && r.source_addrs.iter().any(|a| c.contains(*a))))
+/// Whether a source block field holds, leaning to denying over the
+/// source's address and its workload's (`side_holds`).
+fn source_holds(blocks: &[Cidr], not: bool, r: &RequestAttrs<'_>, deny: bool) -> bool {
+    blocks.is_empty()
+        || side_holds(
+            |a| blocks.iter().any(|c| c.contains(a)),
+            not,
+            r.source_ip,
+            r.source_addrs,
+            deny,
+        )
 }
 
 impl Source {
@@ -302,8 +307,8 @@ impl Source {
             && (self.namespaces.is_empty()
                 || (r.namespace.is_some() && self.namespaces.iter().any(|g| g.matches(ns))))
             && none(&self.not_namespaces, |g| g.matches(ns))
-            && (self.ip_blocks.is_empty() || source_in(&self.ip_blocks, r, deny))
-            && !source_in(&self.not_ip_blocks, r, true)
+            && source_holds(&self.ip_blocks, false, r, deny)
+            && source_holds(&self.not_ip_blocks, true, r, deny)
     }
 }
 
@@ -385,6 +390,20 @@ impl Condition {
             }
             g.matches(v)
         };
+        if is_ip {
+            // Every address of the source, leaning to denying, as blocks.
+            let side = |gs: &[Glob], not: bool| {
+                gs.is_empty()
+                    || side_holds(
+                        |a| gs.iter().any(|g| m(g, &a.to_string())),
+                        not,
+                        r.source_ip,
+                        r.source_addrs,
+                        deny,
+                    )
+            };
+            return side(&self.values, false) && side(&self.not_values, true);
+        }
         let holds = |v: &str| {
             (self.values.is_empty() || self.values.iter().any(|g| m(g, v)))
                 && !self.not_values.iter().any(|g| m(g, v))
@@ -599,6 +618,80 @@ mod tests {
         a.source_addrs = &[];
         assert!(evaluate(std::slice::from_ref(&deny), &a).is_allowed());
         assert!(evaluate(&[not], &a).is_allowed());
+    }
+
+    /// The client is 10.1.2.3 and fd00:1::3. A DENY's blocks (and
+    /// `source.ip`/`remote.ip` values) match if any of its addresses is
+    /// inside, its `not` forms if any is outside; an ALLOW's look at the
+    /// connection's address alone, its `not` forms hold only if no address
+    /// is inside.
+    #[test]
+    fn ip_blocks_and_ip_conditions_lean_to_denying() {
+        use pb::PolicyAction::{Allow, Deny};
+        let h = HeaderMap::new();
+        let both: Vec<IpAddr> = vec![
+            "10.1.2.3".parse().expect("ip"),
+            "fd00:1::3".parse().expect("ip"),
+        ];
+        let from = |action, blocks: &[&str], not: bool| {
+            let v: Vec<String> = blocks.iter().map(|b| b.to_string()).collect();
+            policy(
+                "shop/ip",
+                action,
+                vec![pb::PolicyRule {
+                    from: vec![pb::PolicySource {
+                        ip_blocks: if not { vec![] } else { v.clone() },
+                        not_ip_blocks: if not { v } else { vec![] },
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            )
+        };
+        let cond = |action, key: &str, blocks: &[&str], not: bool| {
+            if not {
+                when(action, key, &[], blocks)
+            } else {
+                when(action, key, blocks, &[])
+            }
+        };
+        let v4 = ["10.1.0.0/16"];
+        let all = ["10.1.0.0/16", "fd00:1::/64"];
+        let other = ["fd00:9::/64"];
+        // Each from either address of the client.
+        for peer in ["fd00:1::3", "10.1.2.3"] {
+            let mut a = attrs("GET", "/", &h);
+            a.source_ip = peer.parse().expect("ip");
+            a.source_addrs = &both;
+            let ok = |p: Policy| evaluate(&[p], &a).is_allowed();
+            let peer_v4 = peer == "10.1.2.3";
+            let mut judged: Vec<(
+                String,
+                Box<dyn Fn(pb::PolicyAction, &[&str], bool) -> Policy>,
+            )> = vec![("from".into(), Box::new(from))];
+            for key in ["source.ip", "remote.ip"] {
+                judged.push((
+                    key.into(),
+                    Box::new(move |ac, b: &[&str], n| cond(ac, key, b, n)),
+                ));
+            }
+            for (what, p) in &judged {
+                let at = format!("{what} from {peer}");
+                // DENY: any address inside; any address outside.
+                assert!(!ok(p(Deny, &v4, false)), "{at}: DENY in");
+                assert!(!ok(p(Deny, &v4, true)), "{at}: DENY not in");
+                assert!(ok(p(Deny, &all, true)), "{at}: DENY not in, all inside");
+                assert!(ok(p(Deny, &other, false)), "{at}: DENY in, none inside");
+                // ALLOW: the connection's address; no address inside.
+                assert_eq!(ok(p(Allow, &v4, false)), peer_v4, "{at}: ALLOW in");
+                assert!(ok(p(Allow, &all, false)), "{at}: ALLOW in, both");
+                assert!(!ok(p(Allow, &v4, true)), "{at}: ALLOW not in");
+                assert!(
+                    ok(p(Allow, &other, true)),
+                    "{at}: ALLOW not in, none inside"
+                );
+            }
+        }
     }
 
     fn attrs<'a>(method: &'a str, path: &'a str, h: &'a HeaderMap) -> RequestAttrs<'a> {

@@ -139,21 +139,48 @@ pub struct Connection<'a> {
     pub dst_ip: IpAddr,
     pub dst_port: u16,
     /// Every address of the workload the source is attributed to (empty
-    /// when none is): a DENY's blocks and every `not_` block are judged on
-    /// these as well as on `src_ip`, so a dual-stack workload cannot step
-    /// round a block of one family by connecting from the other.
+    /// when none is): blocks are judged on these as well as on `src_ip`
+    /// where that leans to denying ([`blocks_hold`]), so a dual-stack
+    /// workload cannot step round a block of one family by connecting from
+    /// the other.
     pub src_addrs: &'a [IpAddr],
     /// The same for the destination workload and `dst_ip`.
     pub dst_addrs: &'a [IpAddr],
 }
 
-/// Whether an address of a connection's side is in one of `blocks`: for
-/// a DENY (`wide`) the side's address or any address of its workload, for
-/// an ALLOW the address alone (an IPv4-only ALLOW admits no IPv6).
-fn in_blocks(blocks: &[Cidr], ip: IpAddr, workload: &[IpAddr], wide: bool) -> bool {
-    blocks
-        .iter()
-        .any(|n| n.contains(ip) || (wide && workload.iter().any(|a| n.contains(*a))))
+/// Whether an address field holds for one side of a connection (its
+/// address `ip`, its workload's addresses `workload`), leaning to denying:
+/// in a DENY (`deny`) a field holds if any address of the side is `inside`,
+/// a `not` field if any is outside; in an ALLOW a field holds for the
+/// connection's address alone (an IPv4-only ALLOW admits no IPv6), a `not`
+/// field only if no address of the side is inside. The waypoint judges its
+/// `source.ip` conditions by this rule too.
+pub fn side_holds(
+    inside: impl Fn(IpAddr) -> bool,
+    not: bool,
+    ip: IpAddr,
+    workload: &[IpAddr],
+    deny: bool,
+) -> bool {
+    let mut side = std::iter::once(ip).chain(workload.iter().copied());
+    match (deny, not) {
+        (true, false) => side.any(inside),
+        (true, true) => side.any(|a| !inside(a)),
+        (false, false) => inside(ip),
+        (false, true) => !side.any(inside),
+    }
+}
+
+/// [`side_holds`] for a list of blocks; an empty list always holds.
+fn blocks_hold(blocks: &[Cidr], not: bool, ip: IpAddr, workload: &[IpAddr], deny: bool) -> bool {
+    blocks.is_empty()
+        || side_holds(
+            |a| blocks.iter().any(|n| n.contains(a)),
+            not,
+            ip,
+            workload,
+            deny,
+        )
 }
 
 // A field holds when its list is empty or one value matches.
@@ -194,12 +221,10 @@ impl Match {
             && !self.not_namespaces.iter().any(ns)
             && any_or_empty(&self.principals, pr)
             && !self.not_principals.iter().any(pr)
-            && (self.source_ips.is_empty()
-                || in_blocks(&self.source_ips, c.src_ip, c.src_addrs, deny))
-            && !in_blocks(&self.not_source_ips, c.src_ip, c.src_addrs, true)
-            && (self.destination_ips.is_empty()
-                || in_blocks(&self.destination_ips, c.dst_ip, c.dst_addrs, deny))
-            && !in_blocks(&self.not_destination_ips, c.dst_ip, c.dst_addrs, true)
+            && blocks_hold(&self.source_ips, false, c.src_ip, c.src_addrs, deny)
+            && blocks_hold(&self.not_source_ips, true, c.src_ip, c.src_addrs, deny)
+            && blocks_hold(&self.destination_ips, false, c.dst_ip, c.dst_addrs, deny)
+            && blocks_hold(&self.not_destination_ips, true, c.dst_ip, c.dst_addrs, deny)
             && any_or_empty(&self.destination_ports, |p| *p == c.dst_port)
             && !self.not_destination_ports.contains(&c.dst_port)
     }
@@ -616,5 +641,83 @@ mod tests {
         );
         assert!(net("0.0.0.0", 0).contains("1.2.3.4".parse().unwrap()));
         assert!(!net("10.0.0.0", 8).contains("::1".parse().unwrap()));
+    }
+
+    /// IP blocks lean to denying: a DENY's `ipBlocks` match if any address
+    /// of the peer and its workload is inside, its `notIpBlocks` if any is
+    /// outside; an ALLOW's `ipBlocks` look at the connection's address
+    /// alone, its `notIpBlocks` hold only if no address is inside. The same
+    /// for the destination's blocks and addresses.
+    #[test]
+    fn ip_blocks_lean_to_denying_on_every_address_of_a_side() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = |s: &str| {
+            let (a, l) = s.split_once('/').unwrap();
+            Cidr::new(a.parse().unwrap(), l.parse().unwrap())
+        };
+        let both = [ip("10.0.1.5"), ip("fd00:1::5")];
+        let dst_both = [ip("10.0.2.9"), ip("fd00:2::9")];
+        let mut c = conn(None, 80);
+        c.src_ip = ip("fd00:1::5");
+        c.dst_ip = ip("fd00:2::9");
+        c.src_addrs = &both;
+        c.dst_addrs = &dst_both;
+        let src = |blocks: &[&str], not: bool| {
+            let v: Vec<Cidr> = blocks.iter().map(|b| net(b)).collect();
+            Match {
+                source_ips: if not { vec![] } else { v.clone() },
+                not_source_ips: if not { v } else { vec![] },
+                ..Default::default()
+            }
+        };
+        let dst = |blocks: &[&str], not: bool| {
+            let v: Vec<Cidr> = blocks.iter().map(|b| net(b)).collect();
+            Match {
+                destination_ips: if not { vec![] } else { v.clone() },
+                not_destination_ips: if not { v } else { vec![] },
+                ..Default::default()
+            }
+        };
+        for (side, m) in [
+            ("from", &src as &dyn Fn(&[&str], bool) -> Match),
+            ("to", &dst),
+        ] {
+            let v4 = ["10.0.0.0/8"];
+            let all = ["10.0.0.0/8", "fd00::/8"];
+            let other = ["fd00:9::/64"];
+            // DENY: inside by any address; outside by any address.
+            assert!(m(&v4, false).matches(&c, true), "{side}: DENY ipBlocks");
+            assert!(m(&v4, true).matches(&c, true), "{side}: DENY notIpBlocks");
+            assert!(
+                !m(&all, true).matches(&c, true),
+                "{side}: DENY notIpBlocks, all inside"
+            );
+            assert!(
+                !m(&other, false).matches(&c, true),
+                "{side}: DENY ipBlocks, none inside"
+            );
+            // ALLOW: the connection's address alone for ipBlocks; no
+            // address inside for notIpBlocks.
+            assert!(!m(&v4, false).matches(&c, false), "{side}: ALLOW ipBlocks");
+            assert!(
+                m(&all, false).matches(&c, false),
+                "{side}: ALLOW ipBlocks v6"
+            );
+            assert!(
+                !m(&v4, true).matches(&c, false),
+                "{side}: ALLOW notIpBlocks"
+            );
+            assert!(
+                m(&other, true).matches(&c, false),
+                "{side}: ALLOW notIpBlocks, none inside"
+            );
+        }
+        // With no workload, the connection's addresses alone.
+        c.src_addrs = &[];
+        c.dst_addrs = &[];
+        assert!(src(&["10.0.0.0/8"], true).matches(&c, true));
+        assert!(!src(&["fd00::/8"], true).matches(&c, true));
+        assert!(src(&["10.0.0.0/8"], true).matches(&c, false));
+        assert!(!dst(&["fd00::/8"], true).matches(&c, true));
     }
 }
