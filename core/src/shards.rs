@@ -209,3 +209,44 @@ fn bind(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
     s.set_nonblocking(true)?;
     Ok(s.into())
 }
+
+/// Listeners for `addr` in both families: `addr` itself, and when it is the
+/// IPv4 wildcard, the IPv6 wildcard on the same port (an IPv6-only socket:
+/// IPv4 peers never appear v4-mapped). A kernel without IPv6 gives the IPv4
+/// listener alone; any other failure is an error.
+pub fn bind_both_families(addr: SocketAddr) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = bind(addr, false)?;
+    let port = first.local_addr()?.port();
+    let mut out = vec![first];
+    if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        match bind(v6, false) {
+            Ok(l) => out.push(l),
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                tracing::debug!(%v6, "no IPv6 in this kernel: IPv4 listener only");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ipv4_wildcard_is_bound_in_both_families_on_one_port() {
+        let ls = bind_both_families("0.0.0.0:0".parse().expect("addr")).expect("binds");
+        let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().expect("addr")).collect();
+        assert!(addrs[0].is_ipv4());
+        if let Some(v6) = addrs.get(1) {
+            assert!(v6.is_ipv6() && v6.port() == addrs[0].port());
+            // The IPv6 socket takes IPv6 only: IPv4 has its own.
+            std::net::TcpStream::connect(("::1", v6.port())).expect("IPv6 connects");
+        }
+        // A specific address is bound alone.
+        let one = bind_both_families("127.0.0.1:0".parse().expect("addr")).expect("binds");
+        assert_eq!(one.len(), 1);
+    }
+}

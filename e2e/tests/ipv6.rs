@@ -226,3 +226,128 @@ async fn ipv6_traffic_is_captured_tunnelled_resolved_and_authorized() {
         .is_some()
     );
 }
+
+/// `labapp get` from inside a pod: the status line and the body.
+fn get(lab: &Lab, from: &str, url: &str) -> String {
+    let bin = e2e::mesh::binary("labapp");
+    match lab.exec(from, &[bin.to_str().unwrap_or("labapp"), "get", url]) {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).to_string(),
+        Err(e) => format!("exec failed: {e}"),
+    }
+}
+
+/// A waypoint and an ingress gateway serve IPv6 as they serve IPv4: a
+/// captured client's request to a Service's IPv6 VIP goes through the
+/// Service's waypoint, which applies its L7 policy, and the waypoint's
+/// HBONE port accepts IPv6 connections; a client outside the mesh reaches the ingress gateway on its
+/// IPv6 address, and the gateway attributes it to its workload by address
+/// (as the ztunnel does for plaintext), so its metrics name the caller.
+#[tokio::test]
+async fn a_waypoint_and_an_ingress_gateway_serve_ipv6() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::create_in(dir.path(), TEST_IDS, 2).unwrap();
+    let mut g = Guard(lab);
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::new();
+    docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient, istio.io/use-waypoint: waypoint}}\n---\n");
+    docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: edge}\n---\n");
+    docs.push_str("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: waypoint, namespace: shop}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{name: mesh, port: 15008, protocol: HBONE}]\n---\n");
+    docs.push_str(&deployment(
+        "shop",
+        "web",
+        1,
+        "[http-echo, --port, \"8080\"]",
+    ));
+    docs.push_str("apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {selector: {app: web}, ports: [{name: http, port: 80, targetPort: 8080}]}\n---\n");
+    docs.push_str(&deployment("shop", "client", 1, "[sleep]"));
+    docs.push_str(&deployment("legacy", "lclient", 1, "[sleep]"));
+    // The waypoint's own L7 policy: proof that it served the request.
+    docs.push_str("apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-blocked, namespace: shop}\nspec:\n  targetRefs: [{kind: Service, group: \"\", name: web}]\n  action: DENY\n  rules: [{to: [{operation: {paths: [\"/blocked\"]}}]}]\n---\n");
+    docs.push_str("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: public, namespace: edge}\nspec:\n  gatewayClassName: mesh-ingress\n  listeners:\n  - {name: http, port: 8080, protocol: HTTP, allowedRoutes: {namespaces: {from: All}}}\n---\n");
+    docs.push_str("apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  parentRefs: [{name: public, namespace: edge}]\n  rules: [{backendRefs: [{name: web, port: 80}]}]\n---\n");
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let lab = &g.0;
+    assert!(lab.pod("shop/client-0").unwrap().captured);
+    let vip6 = lab.service_vip6("shop/web").unwrap();
+
+    // Through the waypoint over IPv6: served, and its L7 DENY applies.
+    let mut last = String::new();
+    eventually(
+        "the client reaches web's IPv6 VIP through the waypoint",
+        Duration::from_secs(30),
+        || {
+            last = get(lab, "shop/client-0", &format!("http://[{vip6}]/hello"));
+            let ok = last.starts_with("200") && last.contains("pod=web-0");
+            async move { ok }
+        },
+    )
+    .await;
+    let blocked = get(lab, "shop/client-0", &format!("http://[{vip6}]/blocked"));
+    assert!(blocked.starts_with("403"), "{blocked}");
+    // The waypoint served the client (its metrics name it).
+    let wp = lab.pod("shop/waypoint-0").unwrap().ip.clone();
+    let wp_metrics = get(
+        lab,
+        "shop/waypoint-0",
+        &format!("http://{wp}:15020/metrics"),
+    );
+    assert!(
+        wp_metrics
+            .lines()
+            .any(|l| l.starts_with("istio_requests_total")
+                && l.contains("source_canonical_service=\"client\"")),
+        "{wp_metrics}"
+    );
+
+    // The waypoint's HBONE port takes IPv6 too (a ztunnel dials it in the
+    // family it has; the lab's dial IPv4): a connection is accepted.
+    let wp6 = lab.pod_ip6("shop/waypoint-0").unwrap();
+    let bin = e2e::mesh::binary("labapp");
+    let out = lab
+        .exec(
+            "legacy/lclient-0",
+            &[
+                bin.to_str().unwrap(),
+                "raw",
+                &format!("[{wp6}]:15008"),
+                "x\r\n",
+                "--timeout-ms",
+                "2000",
+            ],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // The ingress gateway on its IPv6 address, from outside the mesh.
+    let ingress6 = lab.pod_ip6("edge/public-0").unwrap();
+    eventually(
+        "lclient reaches the ingress gateway over IPv6",
+        Duration::from_secs(30),
+        || {
+            last = get(
+                lab,
+                "legacy/lclient-0",
+                &format!("http://[{ingress6}]:8080/in"),
+            );
+            let ok = last.starts_with("200") && last.contains("pod=web-0");
+            async move { ok }
+        },
+    )
+    .await;
+    // It attributed the plaintext caller to its workload by address.
+    let ingress4 = lab.pod("edge/public-0").unwrap().ip.clone();
+    let m = get(
+        lab,
+        "edge/public-0",
+        &format!("http://{ingress4}:15020/metrics"),
+    );
+    assert!(
+        m.lines().any(|l| l.starts_with("istio_requests_total")
+            && l.contains("source_canonical_service=\"lclient\"")),
+        "{m}"
+    );
+}

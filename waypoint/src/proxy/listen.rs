@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::hbone::{self, Conn, Responder};
 use mesh_core::identity::Identity;
 use mesh_core::listen::accept_until;
+use mesh_core::state::Workload;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -207,12 +208,15 @@ impl Waypoint {
             return debug!(%peer, port, "port no longer configured; closing");
         };
         let service_key = format!("{}:{port}", self.ingress.load().gateway);
+        // No identity: the source is the workload with the peer's address
+        // in the state, as the ztunnel's plaintext inbound attributes it.
+        let (src_workload, src_addrs) = self.source(peer.ip(), None);
         let ds = |protocol, sni| {
             Arc::new(Downstream {
                 peer,
                 src_identity: None,
-                src_workload: None,
-                src_addrs: Vec::new(),
+                src_workload: src_workload.clone(),
+                src_addrs: src_addrs.clone(),
                 service_key: service_key.clone(),
                 target,
                 protocol,
@@ -263,6 +267,22 @@ impl Waypoint {
         self.serve_http(io, ds, h2).await
     }
 
+    /// The workload a peer is attributed to (by its address in the state,
+    /// never by a header) and the addresses its IP blocks are judged on
+    /// (`decide::attributed`): the same on the HBONE and plaintext paths.
+    fn source(
+        &self,
+        peer: std::net::IpAddr,
+        identity: Option<&Identity>,
+    ) -> (Option<Arc<Workload>>, Vec<std::net::IpAddr>) {
+        let snap = self.state.snapshot();
+        let network = &self.cfg.network;
+        (
+            snap.workload_by_ip(network, peer).cloned(),
+            mesh_core::state::decide::attributed(&snap, network, peer, identity).to_vec(),
+        )
+    }
+
     /// One CONNECT stream: one downstream TCP connection of a client.
     async fn stream(
         self: Arc<Self>,
@@ -287,11 +307,8 @@ impl Waypoint {
                 return respond.refuse(refusal.status());
             }
         };
-        let src_workload = snap.workload_by_ip(&self.cfg.network, peer.ip()).cloned();
-        let src_addrs =
-            mesh_core::state::decide::attributed(&snap, &self.cfg.network, peer.ip(), Some(&src))
-                .to_vec();
         drop(snap);
+        let (src_workload, src_addrs) = self.source(peer.ip(), Some(&src));
         let protocol = self
             .routes
             .get(&service_key)
