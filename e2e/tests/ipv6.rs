@@ -46,6 +46,22 @@ fn resolve(lab: &Lab, pod: &str, name: &str) -> BTreeSet<String> {
         .collect()
 }
 
+/// `labapp dns`: the addresses `server` answers for `name` (`qtype`), or
+/// the error it printed.
+fn dig(lab: &Lab, pod: &str, server: &str, name: &str, qtype: &str) -> Vec<String> {
+    let bin = e2e::mesh::binary("labapp");
+    let out = lab
+        .exec(pod, &[bin.to_str().unwrap(), "dns", server, name, qtype])
+        .unwrap();
+    if !out.status.success() {
+        return vec![String::from_utf8_lossy(&out.stderr).trim().to_string()];
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
 /// A node's ztunnel metrics, fetched from inside the node.
 fn metrics(lab: &Lab, node: &str) -> String {
     let n = lab.state.nodes.iter().find(|n| n.name == node).unwrap();
@@ -150,6 +166,23 @@ async fn ipv6_traffic_is_captured_tunnelled_resolved_and_authorized() {
     let want: BTreeSet<String> = [vip.clone(), vip6.clone()].into();
     for name in ["echo", "echo.shop.svc.cluster.local"] {
         assert_eq!(resolve(lab, "shop/client-0", name), want, "{name}");
+    }
+    // A pod whose nameserver is an IPv6 address is answered by the
+    // ztunnel's DNS proxy as one with an IPv4 nameserver is (any address:
+    // port 53 is redirected; here a lab node's, in both families).
+    let node = lab.state.nodes[0].ip.clone();
+    let node6 = e2e::lab::ipv6_twin(&node).unwrap();
+    for server in [format!("[{node6}]:53"), format!("{node}:53")] {
+        for (qtype, want) in [("AAAA", &vip6), ("A", &vip)] {
+            let got = dig(
+                lab,
+                "shop/client-0",
+                &server,
+                "echo.shop.svc.cluster.local",
+                qtype,
+            );
+            assert_eq!(got, vec![want.clone()], "{qtype} from {server}");
+        }
     }
 
     // Ambient to plain: passthrough. Plain to ambient: in through 15006.

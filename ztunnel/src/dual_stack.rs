@@ -9,6 +9,8 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 
 use tracing::debug;
 
+use crate::config::DNS_PORT;
+
 /// The wildcard addresses a pod listener on `port` binds: IPv4, then IPv6.
 pub fn wildcards(port: u16) -> [SocketAddr; 2] {
     [
@@ -28,6 +30,37 @@ pub fn bound(addr: SocketAddr, r: io::Result<SocketAddr>) -> io::Result<()> {
         }
         Err(e) => Err(e),
     }
+}
+
+/// The DNS proxy's sockets in a pod (run inside its netns): UDP and TCP on
+/// `127.0.0.1:15053` and, where the pod has IPv6, on `[::1]:15053`, where
+/// the redirect of a query to an IPv6 nameserver lands. Loopback, where an
+/// output-chain REDIRECT lands: a wildcard-bound UDP socket would answer
+/// from the pod's address, which the NAT entry does not expect.
+pub fn dns_sockets() -> io::Result<Vec<(std::net::UdpSocket, std::net::TcpListener)>> {
+    let pair = |addr: SocketAddr| -> io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+        let u = std::net::UdpSocket::bind(addr)?;
+        u.set_nonblocking(true)?;
+        let t = std::net::TcpListener::bind(addr)?;
+        t.set_nonblocking(true)?;
+        Ok((u, t))
+    };
+    let mut out = vec![pair(SocketAddr::from((Ipv4Addr::LOCALHOST, DNS_PORT)))?];
+    let v6 = SocketAddr::from((Ipv6Addr::LOCALHOST, DNS_PORT));
+    match pair(v6) {
+        Ok(p) => out.push(p),
+        // No IPv6 in the kernel, or none on the pod's loopback.
+        Err(e)
+            if matches!(
+                e.raw_os_error(),
+                Some(libc::EAFNOSUPPORT) | Some(libc::EADDRNOTAVAIL)
+            ) =>
+        {
+            debug!(%v6, "no IPv6 loopback: DNS over IPv4 only");
+        }
+        Err(e) => return Err(e),
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -124,15 +124,24 @@ fn upstream_answer(query: &Message, udp: bool) -> Message {
 }
 
 async fn upstream() -> Upstream {
-    let log = Arc::new(Mutex::new(Vec::new()));
+    upstream_on("127.0.0.1").await
+}
+
+/// UDP and TCP on one port of `ip`.
+async fn pair_on(ip: &str) -> (UdpSocket, TcpListener) {
     // UDP first, then TCP on the same port (retry on the rare clash).
-    let (udp, tcp) = loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    loop {
+        let udp = UdpSocket::bind((ip, 0)).await.expect("udp");
         let port = udp.local_addr().expect("addr").port();
-        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)).await {
+        if let Ok(tcp) = TcpListener::bind((ip, port)).await {
             break (udp, tcp);
         }
-    };
+    }
+}
+
+async fn upstream_on(ip: &str) -> Upstream {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (udp, tcp) = pair_on(ip).await;
     let addr = udp.local_addr().expect("addr");
     let l = log.clone();
     tokio::spawn(async move {
@@ -214,7 +223,12 @@ fn query(name: &str, qtype: RecordType, edns: bool) -> Message {
 }
 
 async fn ask_udp(server: SocketAddr, q: &Message) -> Message {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+    let local = if server.is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    let sock = UdpSocket::bind(local).await.expect("client");
     sock.send_to(&q.to_vec().expect("encode"), server)
         .await
         .expect("send");
@@ -721,4 +735,42 @@ async fn a_tcp_client_that_never_reads_is_cut_off() {
     .await;
     assert_eq!(ips(&r), vec![ip("10.2.0.5")]);
     writer.abort();
+}
+
+/// A pod asking over IPv6 (the proxy's `[::1]` pair beside its IPv4 one,
+/// as in a pod) is answered, from the mesh and by an IPv6 upstream.
+#[tokio::test]
+async fn pods_ask_over_ipv6_and_ipv6_upstreams_answer() {
+    if std::net::UdpSocket::bind("[::1]:0").is_err() {
+        eprintln!("no IPv6 loopback here: skipped");
+        return;
+    }
+    let up = upstream_on("::1").await;
+    assert!(up.addr.is_ipv6());
+    let dns = DnsProxy::new(
+        state(""),
+        "cluster.local",
+        &[up.addr],
+        DnsMetrics::default(),
+        Limits::default(),
+    );
+    let (v4, v6) = (pair_on("127.0.0.1").await, pair_on("::1").await);
+    let (a4, a6) = (
+        v4.0.local_addr().expect("addr"),
+        v6.0.local_addr().expect("addr"),
+    );
+    tokio::spawn(dns.serve_all("shop/test".into(), vec![v4, v6]));
+    for server in [a6, a4] {
+        let r = ask_udp(
+            server,
+            &query("web.shop.svc.cluster.local.", RecordType::A, false),
+        )
+        .await;
+        assert!(r.metadata.authoritative, "{server}: the mesh's answer");
+        let r = ask_udp(server, &query("one.example.", RecordType::A, false)).await;
+        assert!(!r.metadata.authoritative, "{server}: forwarded");
+        assert!(!ips(&r).is_empty(), "{server}: the upstream's answer");
+    }
+    let log = up.log.lock().expect("log").clone();
+    assert!(log.iter().any(|l| l == "udp one.example."), "{log:?}");
 }

@@ -19,6 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "labapp/conn.rs"]
 mod conn;
+#[path = "labapp/dns.rs"]
+mod dns;
 #[path = "labapp/echo.rs"]
 mod echo;
 #[path = "labapp/grpc.rs"]
@@ -154,6 +156,14 @@ enum Cmd {
     Send { addr: SocketAddr, text: String },
     /// Resolve a name with the system resolver and print its addresses.
     Resolve { name: String },
+    /// Ask one DNS server (`ip:port`) over UDP for a name's A or AAAA
+    /// records and print the addresses.
+    Dns {
+        server: SocketAddr,
+        name: String,
+        #[arg(default_value = "A")]
+        qtype: String,
+    },
     /// POST with request trailers; print the status, body and response
     /// trailers.
     Trailers(trailers::TrailersArgs),
@@ -704,6 +714,11 @@ async fn main() {
             }
             Err(e) => Err(e.into()),
         },
+        Cmd::Dns {
+            server,
+            name,
+            qtype,
+        } => dns::ask(server, &name, &qtype).await,
         Cmd::Sleep => {
             std::future::pending::<()>().await;
             Ok(())

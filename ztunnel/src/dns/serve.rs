@@ -120,14 +120,26 @@ impl DnsProxy {
     /// listener until the future is dropped, which ends every task it
     /// started.
     pub async fn serve(self: Arc<Self>, pod: String, udp: UdpSocket, tcp: TcpListener) {
+        self.serve_all(pod, vec![(udp, tcp)]).await
+    }
+
+    /// The same on several pairs (one per address family): one rate for
+    /// the pod across all of them.
+    pub async fn serve_all(self: Arc<Self>, pod: String, pairs: Vec<(UdpSocket, TcpListener)>) {
         let share = Arc::new(PodShare {
             pod,
             rate: Mutex::new(Bucket::new(self.limits.qps)),
         });
-        tokio::join!(
-            self.clone().serve_udp(share.clone(), udp),
-            self.serve_tcp(share, tcp)
-        );
+        let each = pairs.into_iter().map(|(udp, tcp)| {
+            let (me, share) = (self.clone(), share.clone());
+            async move {
+                tokio::join!(
+                    me.clone().serve_udp(share.clone(), udp),
+                    me.serve_tcp(share, tcp)
+                );
+            }
+        });
+        futures::future::join_all(each).await;
     }
 
     async fn serve_udp(self: Arc<Self>, share: Arc<PodShare>, sock: UdpSocket) {
