@@ -625,6 +625,9 @@ mod tests {
     /// inside, its `not` forms if any is outside; an ALLOW's look at the
     /// connection's address alone, its `not` forms hold only if no address
     /// is inside.
+    /// A policy of an action on a list of blocks (or their `not` form).
+    type MakePolicy = dyn Fn(pb::PolicyAction, &[&str], bool) -> Policy;
+
     #[test]
     fn ip_blocks_and_ip_conditions_lean_to_denying() {
         use pb::PolicyAction::{Allow, Deny};
@@ -665,10 +668,7 @@ mod tests {
             a.source_addrs = &both;
             let ok = |p: Policy| evaluate(&[p], &a).is_allowed();
             let peer_v4 = peer == "10.1.2.3";
-            let mut judged: Vec<(
-                String,
-                Box<dyn Fn(pb::PolicyAction, &[&str], bool) -> Policy>,
-            )> = vec![("from".into(), Box::new(from))];
+            let mut judged: Vec<(String, Box<MakePolicy>)> = vec![("from".into(), Box::new(from))];
             for key in ["source.ip", "remote.ip"] {
                 judged.push((
                     key.into(),
