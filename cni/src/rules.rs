@@ -64,10 +64,21 @@ pub fn ruleset(c: Capture) -> String {
     } else {
         String::new()
     };
-    let inbound = if c.bypass_inbound {
-        String::new()
+    let (inbound, input) = if c.bypass_inbound {
+        (String::new(), String::new())
     } else {
-        format!("    {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n")
+        (
+            format!("    {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n"),
+            format!(
+                "  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname \"lo\" accept
+    ip6 saddr fe80::/10 {OPENING} drop
+    ip saddr 169.254.0.0/16 ip saddr != {PROBE_SOURCE} {OPENING} drop
+  }}
+"
+            ),
+        )
     };
     format!(
         "table inet {TABLE} {{
@@ -84,7 +95,7 @@ pub fn ruleset(c: Capture) -> String {
 {dns_rules}    oifname \"lo\" accept
     {OPENING} redirect to :{OUTBOUND_PORT}
   }}
-}}
+{input}}}
 "
     )
 }
@@ -180,5 +191,27 @@ mod tests {
         {
             assert!(l.contains("tcp flags & (syn | ack) == syn"), "{l}");
         }
+    }
+
+    /// A connection opened from a link-local source (IPv6 fe80::/10, IPv4
+    /// 169.254/16 but the probe source) names no workload: the pod drops
+    /// its SYN, a layer below the ztunnel's own refusal. Failed first: no
+    /// such rule.
+    #[test]
+    fn link_local_openings_are_dropped_in_the_pod() {
+        let r = ruleset(Capture {
+            dns: true,
+            bypass_inbound: false,
+        });
+        let input = r.find("hook input").expect("an input chain");
+        let chain = &r[input..];
+        let v6 = chain
+            .find("ip6 saddr fe80::/10 tcp flags & (syn | ack) == syn drop")
+            .expect("IPv6 link-local dropped");
+        let v4 = chain
+            .find("ip saddr 169.254.0.0/16 ip saddr != 169.254.7.127 tcp flags & (syn | ack) == syn drop")
+            .expect("IPv4 link-local dropped, the probe source kept");
+        let lo = chain.find("iifname \"lo\" accept").expect("loopback kept");
+        assert!(lo < v6 && lo < v4, "{r}");
     }
 }

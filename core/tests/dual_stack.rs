@@ -225,3 +225,63 @@ fn destination_blocks_hold_for_every_address_of_the_destination() {
         "[fd00:2::1]:8080"
     ));
 }
+
+/// A dial whose source has no address of the destination's family fails,
+/// with an error naming both, instead of leaving the kernel to pick a
+/// source (an address of the proxy's, not the workload's). Failed first:
+/// the bind was skipped and the connection opened.
+#[tokio::test]
+async fn a_dial_from_a_source_of_the_other_family_fails() {
+    use mesh_core::socket;
+    use std::time::Duration;
+    let listener = match tokio::net::TcpListener::bind("[::1]:0").await {
+        Ok(l) => l,
+        Err(e) => {
+            assert!(
+                std::env::var_os("MESH_TEST_NO_IPV6").is_some(),
+                "no IPv6 loopback here ({e}): set MESH_TEST_NO_IPV6=1 to skip knowingly"
+            );
+            return eprintln!("SKIPPED: no IPv6 loopback");
+        }
+    };
+    let to = listener.local_addr().expect("addr");
+    let from: IpAddr = "127.0.0.1".parse().expect("ip");
+    let r = socket::dial(to, Some(from), None, Duration::from_secs(2), None).await;
+    let e = r.expect_err("a dial from an IPv4 source to an IPv6 address");
+    let text = e.to_string();
+    assert!(
+        text.contains("127.0.0.1") && text.contains(&to.to_string()),
+        "{text}"
+    );
+    // In its family it binds and connects.
+    let from6: IpAddr = "::1".parse().expect("ip");
+    let s = socket::dial(to, Some(from6), None, Duration::from_secs(2), None)
+        .await
+        .expect("dial in the family");
+    assert_eq!(s.local_addr().expect("local").ip(), from6);
+}
+
+/// The source address of a dial is the source workload's own, in the
+/// hop's family; an IPv4-only source has none for an IPv6 hop, and the
+/// connection fails with an error naming the workload and the family.
+#[test]
+fn the_source_address_is_of_the_hops_family_or_none() {
+    use mesh_core::state::decide::{RouteError, source_ip};
+    let s = state("[]");
+    let snap = s.snapshot();
+    let client = snap.workload("c//Pod/shop/client").expect("client");
+    let old = snap.workload("c//Pod/shop/old").expect("old");
+    let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+    assert_eq!(
+        source_ip(client, ip("fd00:2::1")).ok(),
+        Some(ip("fd00:1::1"))
+    );
+    assert_eq!(source_ip(client, ip("10.1.2.1")).ok(), Some(ip("10.1.1.1")));
+    assert_eq!(source_ip(old, ip("10.1.2.1")).ok(), Some(ip("10.1.3.1")));
+    let e = source_ip(old, ip("fd00:2::1")).expect_err("no IPv6 address");
+    assert!(matches!(e, RouteError::NoSourceAddress { .. }), "{e:?}");
+    assert_eq!(
+        e.to_string(),
+        "source workload shop/old has no IPv6 address to dial fd00:2::1 from"
+    );
+}

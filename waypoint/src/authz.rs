@@ -8,7 +8,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
+use mesh_core::identity::Identity;
 use mesh_core::state::policy::side_holds;
+use mesh_core::state::{Snapshot, Workload};
 use mesh_proto::mesh::waypoint as pb;
 
 /// Istio's string glob: "abc" exact, "abc*" prefix, "*abc" suffix, "*" any
@@ -550,6 +552,14 @@ pub fn evaluate(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
 /// have allowed it (CUSTOM policies are not ALLOW policies). Dry-run
 /// policies are logged when they match, never enforced.
 pub fn evaluate_checked(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
+    // A source whose address names no workload and may be anyone on its
+    // link is refused before any policy (as the ztunnel refuses it).
+    if !mesh_core::state::decide::attributable_peer(r.source_ip) {
+        return Decision::Denied(format!(
+            "source {} is not a routable address (link-local, unspecified or multicast)",
+            r.source_ip
+        ));
+    }
     for p in policies.iter().filter(|p| p.dry_run && p.matches(r)) {
         tracing::info!(policy = %p.name, action = ?p.action, path = %r.path, "dry-run policy matched (not enforced)");
     }
@@ -565,6 +575,22 @@ pub fn evaluate_checked(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
         Some(p) => Decision::Allowed(Some(p.name.clone())),
         None => Decision::Denied("no ALLOW policy matches".into()),
     }
+}
+
+/// The workload a peer is attributed to (by its address in the state,
+/// never by a header) and the addresses its IP blocks are judged on
+/// (`decide::attributed`): the waypoint's one attribution, on its HBONE
+/// and ingress paths.
+pub fn attribute_source(
+    snap: &Snapshot,
+    network: &str,
+    peer: IpAddr,
+    identity: Option<&Identity>,
+) -> (Option<Arc<Workload>>, Vec<IpAddr>) {
+    (
+        snap.workload_by_ip(network, peer).cloned(),
+        mesh_core::state::decide::attributed(snap, network, peer, identity).to_vec(),
+    )
 }
 
 #[cfg(test)]

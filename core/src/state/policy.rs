@@ -436,6 +436,10 @@ pub enum Decision {
     Denied { policy: String },
     /// ALLOW policies apply and none matched.
     NotAllowed { allow_policies: Vec<String> },
+    /// The peer's address names no workload on any network and may be
+    /// anyone on its link (link-local, unspecified, multicast, broadcast):
+    /// refused before any policy, whose IP blocks would judge it alone.
+    Unattributable { peer: std::net::IpAddr },
 }
 
 impl Decision {
@@ -457,6 +461,10 @@ impl std::fmt::Display for Decision {
                     allow_policies.join(", ")
                 )
             }
+            Decision::Unattributable { peer } => write!(
+                f,
+                "denied: source {peer} is not a routable address (link-local, unspecified or multicast): it names no workload"
+            ),
         }
     }
 }

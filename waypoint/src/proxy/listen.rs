@@ -180,6 +180,12 @@ impl Waypoint {
             }
         };
         accept_until(&listener, stop, |tcp, peer| {
+            // A client is attributed by its address: one that names no
+            // workload and may be anyone on the link is refused.
+            if !mesh_core::state::decide::attributable_peer(peer.ip()) {
+                drop(tcp);
+                return info!(%peer, port, "ingress connection from a link-local, unspecified or multicast address refused");
+            }
             self.open.send_modify(|n| *n += 1);
             let guard = OpenGuard(self.open.clone());
             tokio::spawn(
@@ -275,12 +281,7 @@ impl Waypoint {
         peer: std::net::IpAddr,
         identity: Option<&Identity>,
     ) -> (Option<Arc<Workload>>, Vec<std::net::IpAddr>) {
-        let snap = self.state.snapshot();
-        let network = &self.cfg.network;
-        (
-            snap.workload_by_ip(network, peer).cloned(),
-            mesh_core::state::decide::attributed(&snap, network, peer, identity).to_vec(),
-        )
+        crate::authz::attribute_source(&self.state.snapshot(), &self.cfg.network, peer, identity)
     }
 
     /// One CONNECT stream: one downstream TCP connection of a client.

@@ -17,7 +17,7 @@ use mesh_core::identity::Identity;
 use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
 use mesh_core::netns::Netns;
 use mesh_core::socket;
-use mesh_core::state::decide::{Route, RouteError, resolve};
+use mesh_core::state::decide::{self, Route, RouteError, resolve};
 use mesh_core::state::{Snapshot, Workload};
 
 /// A 401 from the peer is its policy saying no: DENY, not CONNECT.
@@ -322,12 +322,17 @@ impl Outgoing<'_> {
             RouteError::NoHealthyEndpoints(_) => (ResponseFlags::NoHealthyUpstream, e.to_string()),
             _ => (ResponseFlags::Connect, e.to_string()),
         })?;
-        // The source's address in the family of the hop it dials.
+        // The source's address in the family of the hop it dials; a source
+        // with none of that family fails the connection (fail closed).
         let src_ip = match &route {
             Route::Hbone { next_hop: a, .. }
             | Route::Direct { addr: a, .. }
-            | Route::Passthrough { addr: a } => src.address_like(a.ip()),
-        };
+            | Route::Passthrough { addr: a } => decide::source_ip(src, a.ip()),
+        }
+        .map_err(|e| {
+            warn!(peer = %self.peer, error = %e, "no source address of the destination's family");
+            (ResponseFlags::Connect, e.to_string())
+        });
         match route {
             Route::Hbone {
                 next_hop,
@@ -352,7 +357,7 @@ impl Outgoing<'_> {
                 }
                 let key = PoolKey {
                     src: src.identity.clone(),
-                    src_ip,
+                    src_ip: Some(src_ip?),
                     dst: peer_identity,
                     next_hop,
                 };
@@ -373,7 +378,7 @@ impl Outgoing<'_> {
             }
             Route::Direct { addr, .. } | Route::Passthrough { addr } => socket::dial(
                 addr,
-                src_ip,
+                Some(src_ip?),
                 proxy.cfg.effective_mark(),
                 proxy.cfg.connect_timeout,
                 src_netns.as_deref(),
