@@ -99,6 +99,9 @@ struct Req {
     /// Principal without "spiffe://"; None for plaintext.
     from: Option<&'static str>,
     src_ip: &'static str,
+    /// The destination address the client dialled (the server's IPv4 or
+    /// IPv6 address).
+    dst_ip: &'static str,
     port: u16,
     /// False: opaque TCP at the waypoint (no method, path, host, headers).
     http: bool,
@@ -112,6 +115,7 @@ fn req() -> Req {
     Req {
         from: Some(C),
         src_ip: "10.1.0.5",
+        dst_ip: SERVER_IP,
         port: 8080,
         http: true,
         method: "GET",
@@ -132,6 +136,17 @@ impl Req {
     }
     fn ip(mut self, ip: &'static str) -> Self {
         self.src_ip = ip;
+        self
+    }
+    /// From the client's IPv6 address to the server's: a connection in
+    /// one family, as a dual-stack client makes it.
+    fn v6(mut self) -> Self {
+        self.src_ip = "fd00:1::5";
+        self.dst_ip = "fd00:1::9";
+        self
+    }
+    fn to(mut self, ip: &'static str) -> Self {
+        self.dst_ip = ip;
         self
     }
     fn port(mut self, p: u16) -> Self {
@@ -280,7 +295,7 @@ fn identity(r: &Req) -> Option<Identity> {
 
 fn ztunnel_decision(model: &Model, r: &Req) -> E {
     let snap = mesh_state(model).snapshot();
-    let ip: IpAddr = SERVER_IP.parse().unwrap();
+    let ip: IpAddr = r.dst_ip.parse().unwrap();
     let dst = snap
         .workload_by_ip("", ip)
         .expect("server workload")
@@ -316,17 +331,18 @@ fn waypoint_decision(model: &Model, r: &Req) -> E {
         );
     }
     let ns = r.from.and_then(|p| p.split('/').nth(2));
-    // The source's workload as the waypoint attributes it (listen.rs).
+    // The source's workload as the waypoint attributes it: its own
+    // function, which its HBONE and ingress paths call.
     let snap = mesh_state(model).snapshot();
     let src_ip: IpAddr = r.src_ip.parse().unwrap();
     let id = identity(r);
-    let source_addrs = mesh_core::state::decide::attributed(&snap, "", src_ip, id.as_ref());
+    let (_, source_addrs) = waypoint::authz::attribute_source(&snap, "", src_ip, id.as_ref());
     let attrs = waypoint::authz::RequestAttrs {
         http: r.http,
         principal: r.from,
         namespace: ns,
         source_ip: src_ip,
-        source_addrs,
+        source_addrs: &source_addrs,
         host: r.host,
         port: r.port,
         method: r.method,
@@ -486,6 +502,26 @@ fn cases() -> Vec<Case> {
         c("security: an ALLOW when source.ip notValues does not admit the source from its other address", &["{action: ALLOW, rules: [{when: [{key: source.ip, notValues: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
         c("security: an ALLOW when source.ip is the connection's address alone", &["{action: ALLOW, rules: [{when: [{key: source.ip, values: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
         c("security: a DENY when remote.ip of the source's IPv4 block holds at the waypoint from its IPv6 address", &["{action: DENY, rules: [{when: [{key: remote.ip, values: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
+        // The same over IPv6 end to end (client fd00:1::5 to server fd00:1::9).
+        c("security: an IPv6 connection is judged on its IPv6 source", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [\"fd00:1::/64\"]}}]}]}"], req().v6(), A, A),
+        c("security: a DENY of the source's IPv4 block holds for its IPv6 connection", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().v6(), D, D),
+        c("security: a DENY of the source's IPv4 block holds for its plaintext IPv6 connection", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.5/32]}}]}]}"], req().plaintext().v6(), D, D),
+        c("security: an IPv4-only ALLOW does not admit an IPv6 connection", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().v6(), D, D),
+        c("security: a DENY notIpBlocks of both families passes an IPv6 connection from inside", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24, \"fd00:1::/64\"]}}]}]}"], req().v6(), A, A),
+        c("security: a DENY on destination.ip of the destination's IPv4 address holds for its IPv6 address", &["{action: DENY, rules: [{when: [{key: destination.ip, values: [10.1.0.9]}]}]}"], req().v6(), D, D),
+        c("security: a DENY on destination.ip notValues with both destination addresses passes an IPv6 connection at the ztunnel", &["{action: DENY, rules: [{when: [{key: destination.ip, notValues: [10.1.0.9, \"fd00:1::9\"]}]}]}"], req().v6(), A, D),
+        c("security: an ALLOW on destination.ip of the IPv6 address admits the IPv6 connection at the ztunnel", &["{action: ALLOW, rules: [{when: [{key: destination.ip, values: [\"fd00:1::9\"]}]}]}"], req().v6(), A, D),
+        c("security: an ALLOW on destination.ip of the IPv4 address does not admit the IPv6 connection", &["{action: ALLOW, rules: [{when: [{key: destination.ip, values: [10.1.0.9]}]}]}"], req().v6(), D, D),
+        c("security: a DENY when source.ip of the source's IPv6 address holds over IPv4", &["{action: DENY, rules: [{when: [{key: source.ip, values: [\"fd00:1::5\"]}]}]}"], req(), D, D),
+        // A source address that names no workload and may be anyone on the
+        // link (a pod on the same bridge calling from its link-local
+        // address) is refused before any policy: IP blocks would judge it
+        // alone.
+        c("security: a link-local IPv6 source is refused", &[], req().plaintext().ip("fe80::5").to("fd00:1::9"), D, D),
+        c("security: a link-local IPv6 source does not escape a DENY of the caller's addresses", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.5/32, \"fd00:1::5/128\"]}}]}]}"], req().plaintext().ip("fe80::5").to("fd00:1::9"), D, D),
+        c("security: a link-local IPv6 source is not admitted by an ALLOW notIpBlocks of the caller's addresses", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.5/32, \"fd00:1::5/128\"]}}]}]}"], req().plaintext().ip("fe80::5").to("fd00:1::9"), D, D),
+        c("security: a link-local IPv4 source is refused", &[], req().plaintext().ip("169.254.3.4"), D, D),
+        c("security: an unspecified source is refused", &[], req().plaintext().ip("::").to("fd00:1::9"), D, D),
         c("security: notIpBlocks does not exclude a source with no address in the blocks", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:9::9"), A, A),
         // ports
         c("ref: ports", &["{action: ALLOW, rules: [{to: [{operation: {ports: [\"8080\"]}}]}]}"], req(), A, A),
