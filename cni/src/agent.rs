@@ -461,7 +461,7 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
                     let pods = agent.pods.lock().await;
                     serde_json::json!({"ok": true, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
                 }
-                Err(e) => serde_json::json!({"error": e}),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
             },
             Ok(Request::List) => {
                 // Whether an add would reach a ztunnel now (taken before the

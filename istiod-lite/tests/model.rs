@@ -450,7 +450,8 @@ fn http_routes_reach_the_waypoint_only_for_services_that_have_one() {
     assert!(
         issues
             .iter()
-            .any(|i| i.starts_with("HTTPRoute/shop/web: rule 1 left out: \"soon\"")),
+            .any(|i| i
+                .starts_with("HTTPRoute/shop/web: rule 1 left out: timeouts.request: \"soon\"")),
         "{issues:?}"
     );
 

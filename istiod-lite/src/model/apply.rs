@@ -3,7 +3,9 @@
 
 use k8s_openapi::api::core::v1::Pod;
 
-use super::{Dirty, GATEWAY_NAME_LABEL, Model, NsName, extauthz, in_ns, ingress, ns_name, routes};
+use super::{
+    Dirty, GATEWAY_NAME_LABEL, Model, NsName, extauthz, in_ns, ns_name, routes, tls_secret,
+};
 use crate::config::objects::{Change, Kind, Object};
 
 impl Model {
@@ -106,7 +108,7 @@ impl Model {
                 // Only the verdict and what a listener serves are kept.
                 match obj {
                     Some(Object::Secret(s)) => {
-                        self.secrets.insert(nn.clone(), ingress::tls_secret(&s))
+                        self.secrets.insert(nn.clone(), tls_secret::tls_secret(&s))
                     }
                     _ => self.secrets.remove(&nn),
                 };

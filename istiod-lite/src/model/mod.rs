@@ -16,6 +16,7 @@ pub mod ingress;
 mod recompute;
 pub mod route_status;
 pub mod routes;
+mod tls_secret;
 mod waypoint;
 mod workload;
 
@@ -180,7 +181,7 @@ pub struct Model {
     dest_rules: BTreeMap<NsName, DestinationRule>,
     traffic_policies: TrafficPolicies,
     /// Secrets as listener certificates: checked once, when they change.
-    secrets: BTreeMap<NsName, ingress::TlsSecret>,
+    secrets: BTreeMap<NsName, tls_secret::TlsSecret>,
     /// Each ingress Gateway's listener status, as of the last recompute.
     ingress_listeners: BTreeMap<NsName, Vec<ingress::ListenerStatus>>,
     others: BTreeMap<ObjectKey, Object>,

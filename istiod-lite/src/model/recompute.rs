@@ -123,7 +123,7 @@ impl Model {
                 Some(r) => {
                     match routes::destination_host(&r.spec.host, &key.0, &self.cfg.domain_suffix) {
                         Ok(_) => routes::backend_policy(r).1,
-                        Err(e) => vec![e],
+                        Err(e) => vec![e.to_string()],
                     }
                 }
                 None => Vec::new(),
