@@ -135,26 +135,8 @@ impl Agent {
         if actions.is_empty() {
             return Ok(());
         }
-        let wanted: Vec<PodView> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Capture(p) => Some(p.clone()),
-                _ => None,
-            })
-            .collect();
-        // One look at the node's netns for every pod to capture.
-        let scan = if wanted.is_empty() {
-            None
-        } else {
-            let finder = self.cfg.finder.clone();
-            let host = self.host_id();
-            Some(
-                tokio::task::spawn_blocking(move || finder.scan(host))
-                    .await
-                    .map_err(SyncError::Scan)?,
-            )
-        };
         let mut failed = Vec::new();
+        let mut wanted: Vec<PodView> = Vec::new();
         for a in actions {
             match a {
                 Action::Release(uid) => {
@@ -164,30 +146,37 @@ impl Agent {
                     }
                 }
                 Action::Rebypass(uid, bypass) => self.set_bypass(&uid, bypass).await,
-                Action::Capture(p) => {
-                    let key = format!("{}/{}", p.namespace, p.name);
-                    // A scan was made: there is a pod to capture.
-                    let Some(scan) = &scan else { continue };
-                    let (path, netns) = match scan.find(&p.ips) {
-                        Ok(found) => found,
-                        Err(source) => {
-                            failed.push(PodError::Find { pod: key, source });
-                            continue;
-                        }
-                    };
-                    info!(pod = %key, netns = %path, "running pod enrolled: capturing");
-                    let spec = PodSpec {
-                        uid: p.uid.clone(),
-                        name: p.name.clone(),
-                        namespace: p.namespace.clone(),
-                        service_account: p.service_account.clone(),
-                        netns: path,
-                        ips: p.ips.clone(),
-                        bypass_inbound: p.bypass_inbound(),
-                    };
-                    if let Err(source) = self.add_opened(spec, netns).await {
-                        failed.push(PodError::Capture { pod: key, source });
+                Action::Capture(p) => wanted.push(p),
+            }
+        }
+        if !wanted.is_empty() {
+            // One look at the node's netns for every pod to capture.
+            let finder = self.cfg.finder.clone();
+            let host = self.host_id();
+            let scan = tokio::task::spawn_blocking(move || finder.scan(host))
+                .await
+                .map_err(SyncError::Scan)?;
+            for p in wanted {
+                let key = format!("{}/{}", p.namespace, p.name);
+                let (path, netns) = match scan.find(&p.ips) {
+                    Ok(found) => found,
+                    Err(source) => {
+                        failed.push(PodError::Find { pod: key, source });
+                        continue;
                     }
+                };
+                info!(pod = %key, netns = %path, "running pod enrolled: capturing");
+                let spec = PodSpec {
+                    uid: p.uid.clone(),
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: p.service_account.clone(),
+                    netns: path,
+                    ips: p.ips.clone(),
+                    bypass_inbound: p.bypass_inbound(),
+                };
+                if let Err(source) = self.add_opened(spec, netns).await {
+                    failed.push(PodError::Capture { pod: key, source });
                 }
             }
         }
