@@ -244,12 +244,8 @@ fn resources(model: &Model, type_url: &str) -> Vec<Resource> {
         .resources(type_url)
         .map(|m| {
             m.values()
-                .map(|r| Resource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.any.clone()),
-                    ..Default::default()
-                })
+                // The wire form, as a proxy receives it.
+                .filter_map(|r| prost::Message::decode(r.wire().clone()).ok())
                 .collect()
         })
         .unwrap_or_default()
