@@ -534,7 +534,143 @@ impl Conn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::version_text;
+    use crate::config::objects::{Change, Kind, Object, ObjectKey};
+    use crate::model::{ModelConfig, version_text};
+    use mesh_proto::ADDRESS_TYPE_URL;
+
+    fn pod(name: &str, ip: &str) -> Change {
+        let doc = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: n, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
+        );
+        let v: serde_json::Value = serde_yaml::from_str(&doc).expect("yaml");
+        Change::Upsert(Object::parse(v).expect("parses").expect("known"))
+    }
+
+    fn uid(name: &str) -> String {
+        format!("Kubernetes//Pod/shop/{name}")
+    }
+
+    fn names(p: &Plan) -> (Vec<String>, Vec<String>) {
+        (
+            p.resources.iter().map(|r| r.name.to_string()).collect(),
+            p.removed.iter().map(|n| n.to_string()).collect(),
+        )
+    }
+
+    #[test]
+    fn a_wildcard_subscription_that_missed_pushes_is_sent_what_changed_since() {
+        let mut m = Model::new(ModelConfig::default());
+        m.apply(vec![
+            pod("a", "10.0.0.1"),
+            pod("b", "10.0.0.2"),
+            pod("c", "10.0.0.3"),
+        ]);
+        let mut sub = Sub {
+            wildcard: true,
+            ..Sub::default()
+        };
+        // The first answer: everything; then only the generation is kept.
+        let p = plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        assert_eq!(p.resources.len(), 3);
+        assert!(matches!(sub.held, Held::All(g) if g == m.generation()));
+        // Missed: b changes, c goes, d comes; a stays as it was.
+        m.apply(vec![pod("b", "10.0.0.9")]);
+        m.apply(vec![Change::Delete(ObjectKey {
+            kind: Kind::Pod,
+            namespace: "shop".into(),
+            name: "c".into(),
+        })]);
+        m.apply(vec![pod("d", "10.0.0.4")]);
+        let p = plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        let (mut sent, removed) = names(&p);
+        sent.sort();
+        assert_eq!(sent, vec![uid("b"), uid("d")]);
+        assert_eq!(removed, vec![uid("c")]);
+        assert_eq!(p.held, 3);
+        // Nothing more to send; and removals every connection has been
+        // sent are forgotten.
+        let p = plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        assert!(p.resources.is_empty() && p.removed.is_empty());
+        let Held::All(g) = sub.held else {
+            panic!("still a generation")
+        };
+        m.prune_removed(g);
+        assert_eq!(m.removed_since(ADDRESS_TYPE_URL, 0).count(), 0);
+    }
+
+    #[test]
+    fn a_broadcast_already_covered_is_skipped_and_a_removal_is_sent() {
+        let mut m = Model::new(ModelConfig::default());
+        m.apply(vec![pod("a", "10.0.0.1")]);
+        let mut sub = Sub {
+            wildcard: true,
+            ..Sub::default()
+        };
+        plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        let d = m.apply(vec![pod("a", "10.0.0.2")]);
+        let changed = d.changed[ADDRESS_TYPE_URL].clone();
+        let p = plan(
+            &m,
+            ADDRESS_TYPE_URL,
+            &mut sub,
+            Scope::Changed(&changed, d.generation),
+        );
+        assert_eq!(names(&p).0, vec![uid("a")]);
+        // The same broadcast again (as after a full diff): nothing.
+        let p = plan(
+            &m,
+            ADDRESS_TYPE_URL,
+            &mut sub,
+            Scope::Changed(&changed, d.generation),
+        );
+        assert!(p.resources.is_empty());
+        let d = m.apply(vec![Change::Delete(ObjectKey {
+            kind: Kind::Pod,
+            namespace: "shop".into(),
+            name: "a".into(),
+        })]);
+        let gone = d.removed[ADDRESS_TYPE_URL].clone();
+        let p = plan(
+            &m,
+            ADDRESS_TYPE_URL,
+            &mut sub,
+            Scope::Changed(&gone, d.generation),
+        );
+        assert_eq!(names(&p).1, vec![uid("a")]);
+        assert_eq!(p.held, 0);
+    }
+
+    #[test]
+    fn leaving_the_wildcard_keeps_each_name_the_proxy_may_hold() {
+        let mut m = Model::new(ModelConfig::default());
+        m.apply(vec![pod("a", "10.0.0.1")]);
+        let mut sub = Sub {
+            wildcard: true,
+            ..Sub::default()
+        };
+        plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        // A change not yet pushed: its version is not known to be held.
+        m.apply(vec![pod("a", "10.0.0.2")]);
+        sub.hold_each(&m, ADDRESS_TYPE_URL);
+        let Held::Each(h) = &sub.held else {
+            panic!("each name")
+        };
+        assert_eq!(h.get(uid("a").as_str()), Some(&None));
+        sub.wildcard = false;
+        sub.names.insert(uid("a"));
+        let names: BTreeSet<String> = [uid("a")].into();
+        let p = plan(
+            &m,
+            ADDRESS_TYPE_URL,
+            &mut sub,
+            Scope::Changed(&names, m.generation()),
+        );
+        assert_eq!(names_of(&p), vec![uid("a")]);
+    }
+
+    fn names_of(p: &Plan) -> Vec<String> {
+        names(p).0
+    }
 
     #[test]
     fn a_stated_version_is_ours_only_in_our_form() {
