@@ -179,13 +179,13 @@ fn plan(model: &Model, type_url: &str, sub: &mut Sub, scope: Scope<'_>) -> Plan 
                 Scope::Everything => {
                     all.into_iter()
                         .flat_map(|m| m.keys())
-                        .for_each(|n| consider(&**n));
+                        .for_each(|n| consider(n));
                     let gone: Vec<Arc<str>> = held
                         .keys()
                         .filter(|k| all.is_none_or(|m| !m.contains_key(&***k)))
                         .cloned()
                         .collect();
-                    gone.iter().for_each(|n| consider(&**n));
+                    gone.iter().for_each(|n| consider(n));
                 }
             }
             if matches!(scope, Scope::Everything) && plain {
