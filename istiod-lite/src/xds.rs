@@ -41,12 +41,12 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::{Request, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory};
+use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory, PodError};
 use crate::config::objects::Change;
 use crate::config::sources::Sources;
 use crate::metrics::metrics;
 use crate::model::{Delta, Model};
-use conn::Conn;
+use conn::{Conn, Served};
 pub use server::AdsServer;
 use wire::Response;
 
@@ -87,14 +87,9 @@ impl Gated {
     }
 
     /// The Gateway a proxy serves as this kind, or why it does not.
-    fn gateway_of(
-        self,
-        model: &Model,
-        caller: &Caller,
-        proxy_id: &str,
-    ) -> Result<(String, String), String> {
+    fn gateway_of(self, model: &Model, caller: &Caller, proxy_id: &str) -> Served {
         match self {
-            Gated::Waypoint => model.waypoint_of_proxy(&caller.node, proxy_id),
+            Gated::Waypoint => Ok(model.waypoint_of_proxy(&caller.node, proxy_id)?),
             Gated::Ingress => {
                 let gw = model.ingress_of_proxy(&caller.node, proxy_id)?;
                 crate::access::own_ingress_pod(caller, model, proxy_id)?;
@@ -308,7 +303,7 @@ impl NodeAuthorizer for Hub {
 
 /// Folder mode's pod tokens, tied to their pods by the live model.
 impl PodDirectory for Hub {
-    fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), String> {
+    fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), PodError> {
         self.model().pod_identity(namespace, name)
     }
 }
@@ -367,7 +362,7 @@ impl AdsService {
                 node = %caller.node, pod = ?caller.pod, proxy = %proxy_id, peer = ?peer, reason = %why,
                 "xDS stream refused"
             );
-            return Err(Status::permission_denied(why));
+            return Err(Status::permission_denied(why.to_string()));
         }
         let id = self.hub.next.fetch_add(1, Ordering::Relaxed);
         let view = Arc::new(ConnView {

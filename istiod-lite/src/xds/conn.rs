@@ -28,7 +28,16 @@ use crate::metrics::metrics;
 use crate::model::{Delta, Model, XdsResource};
 
 /// The Gateway (namespace, name) a proxy serves, or why it serves none.
-pub(super) type Served = Result<(String, String), String>;
+pub(super) type Served = Result<(String, String), NotServed>;
+
+/// Why a proxy is sent nothing of a Gateway-gated type (logged).
+#[derive(Debug, thiserror::Error)]
+pub(super) enum NotServed {
+    #[error(transparent)]
+    Proxy(#[from] crate::model::ProxyError),
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
+}
 
 /// What the proxy holds of one type, by our account.
 enum Held {
