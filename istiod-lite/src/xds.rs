@@ -418,3 +418,59 @@ impl crate::config::kube::ChangeSink for Hub {
         Hub::set_ready(self)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::objects::{Kind, Object, ObjectKey};
+    use crate::model::ModelConfig;
+
+    fn pod(i: usize) -> Change {
+        let doc = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p-{i}, namespace: shop}}\nspec: {{nodeName: n, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: 10.1.{}.{}, phase: Running}}\n",
+            i / 250,
+            i % 250 + 1
+        );
+        let v: serde_json::Value = serde_yaml::from_str(&doc).expect("yaml");
+        Change::Upsert(Object::parse(v).expect("parses").expect("known"))
+    }
+
+    fn gone(i: usize) -> Change {
+        Change::Delete(ObjectKey {
+            kind: Kind::Pod,
+            namespace: "shop".into(),
+            name: format!("p-{i}"),
+        })
+    }
+
+    /// A connection that stopped reading (a stuck or hostile proxy) is
+    /// synced to an old generation forever; the removals kept for it must
+    /// not grow with every pod ever deleted.
+    #[test]
+    fn a_connection_left_behind_does_not_keep_every_removal() {
+        let hub = Hub::new(Model::new(ModelConfig::default()));
+        hub.apply(vec![pod(0)]);
+        hub.conns.lock().expect("lock").insert(
+            1,
+            Arc::new(ConnView {
+                id: 1,
+                node: "n".into(),
+                proxy_id: "ztunnel~n".into(),
+                peer: None,
+                connected: SystemTime::now(),
+                types: Mutex::new(BTreeMap::new()),
+                synced: AtomicU64::new(hub.model().generation()),
+            }),
+        );
+        let n = crate::model::REMOVED_KEPT + 500;
+        for round in 0..2 {
+            hub.apply((1..=n).map(|i| pod(round * n + i)).collect());
+            hub.apply((1..=n).map(|i| gone(round * n + i)).collect());
+        }
+        let kept = hub.model().removed_since(ADDRESS_TYPE_URL, 0).count();
+        assert!(
+            kept <= crate::model::REMOVED_KEPT,
+            "{kept} removals kept for a connection that stopped reading"
+        );
+    }
+}

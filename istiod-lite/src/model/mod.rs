@@ -86,6 +86,11 @@ impl Default for ModelConfig {
 
 pub use resource::{VERSION_LEN, XdsResource, version_text};
 
+/// Removals kept per type for connections that are behind, at least (or
+/// as many as the type has resources, if more): a connection further
+/// behind than that is reset ([`Model::forgotten`]).
+pub const REMOVED_KEPT: usize = 10_000;
+
 /// What an [`Model::apply`] changed, per type URL.
 #[derive(Debug, Default, Clone)]
 pub struct Delta {
@@ -197,6 +202,10 @@ pub struct Model {
     /// (see [`Model::removed_since`]); pruned once every connection is past
     /// them ([`Model::prune_removed`]).
     removed: BTreeMap<&'static str, HashMap<Arc<str>, u64>>,
+    /// By type URL: the latest generation whose removals were dropped
+    /// before every connection had been sent them (more than
+    /// [`REMOVED_KEPT`] were waiting).
+    forgotten: BTreeMap<&'static str, u64>,
     /// The waypoint Gateway each ServiceRoutes resource (by name) is for.
     route_waypoints: HashMap<String, NsName>,
     issues: BTreeMap<String, Vec<ModelIssue>>,
@@ -286,11 +295,35 @@ impl Model {
     }
 
     /// Forgets removals at or before generation `upto` (every connection
-    /// has been sent them).
+    /// has been sent them), and the oldest ones beyond [`REMOVED_KEPT`] per
+    /// type (or the type's resource count, if more) even if a connection
+    /// still needs them: a connection that stopped reading must not make
+    /// the controller keep every name ever removed. Such a connection is
+    /// then reset ([`Model::forgotten`]).
     pub fn prune_removed(&mut self, upto: u64) {
-        for m in self.removed.values_mut() {
+        for (t, m) in self.removed.iter_mut() {
             m.retain(|_, g| *g > upto);
+            let live = self.outputs.get(t).map_or(0, |o| o.len());
+            let limit = REMOVED_KEPT.max(live);
+            if m.len() <= limit {
+                continue;
+            }
+            // Whole generations, oldest first, down to three quarters of
+            // the limit (not one by one at every apply).
+            let mut gens: Vec<u64> = m.values().copied().collect();
+            gens.sort_unstable();
+            let horizon = gens[m.len() - limit * 3 / 4 - 1];
+            m.retain(|_, g| *g > horizon);
+            let f = self.forgotten.entry(t).or_default();
+            *f = (*f).max(horizon);
         }
+    }
+
+    /// The latest generation whose removals of `type_url` were forgotten
+    /// before every connection had them (0: none): a connection synced to
+    /// an older generation cannot be told what to remove.
+    pub fn forgotten(&self, type_url: &str) -> u64 {
+        self.forgotten.get(type_url).copied().unwrap_or(0)
     }
 
     /// Problems the model noticed, by object.

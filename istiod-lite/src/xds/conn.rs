@@ -88,10 +88,11 @@ impl Sub {
 
     /// Leaves [`Held::All`]: each name the proxy may hold, with its version
     /// where known.
-    fn hold_each(&mut self, model: &Model, type_url: &str) {
+    fn hold_each(&mut self, model: &Model, type_url: &str) -> Result<(), Behind> {
         let Held::All(g) = self.held else {
-            return;
+            return Ok(());
         };
+        behind(model, type_url, g)?;
         let mut each: HashMap<Arc<str>, Option<u64>> = model
             .resources(type_url)
             .into_iter()
@@ -100,7 +101,27 @@ impl Sub {
             .collect();
         each.extend(model.removed_since(type_url, g).map(|n| (n.clone(), None)));
         self.held = Held::Each(each);
+        Ok(())
     }
+}
+
+/// The proxy holds the model's state as of a generation whose later
+/// removals were forgotten ([`Model::forgotten`]): what it must drop is no
+/// longer known, so its stream is ended and it reconnects stating what it
+/// holds.
+#[derive(Debug, thiserror::Error)]
+#[error("synced to generation {synced}, but removals up to {forgotten} were forgotten")]
+pub(super) struct Behind {
+    synced: u64,
+    forgotten: u64,
+}
+
+fn behind(model: &Model, type_url: &str, synced: u64) -> Result<(), Behind> {
+    let forgotten = model.forgotten(type_url);
+    if synced < forgotten {
+        return Err(Behind { synced, forgotten });
+    }
+    Ok(())
 }
 
 /// Which resources a push considers.
@@ -123,12 +144,13 @@ struct Plan {
     held: usize,
 }
 
-fn plan(model: &Model, type_url: &str, sub: &mut Sub, scope: Scope<'_>) -> Plan {
+fn plan(model: &Model, type_url: &str, sub: &mut Sub, scope: Scope<'_>) -> Result<Plan, Behind> {
     let all = model.resources(type_url);
     let plain = sub.plain_wildcard();
     let mut p = Plan::default();
     match (&mut sub.held, scope) {
         (Held::All(g), Scope::Everything) => {
+            behind(model, type_url, *g)?;
             p.resources = all
                 .into_iter()
                 .flat_map(|m| m.values())
@@ -214,7 +236,7 @@ fn plan(model: &Model, type_url: &str, sub: &mut Sub, scope: Scope<'_>) -> Plan 
         Held::All(_) => all.map_or(0, |m| m.len()),
         Held::Each(h) => h.len(),
     };
-    p
+    Ok(p)
 }
 
 pub(super) struct Conn {
@@ -246,7 +268,14 @@ impl Conn {
             let Some(sub) = self.subs.get_mut(type_url) else {
                 return Ok(());
             };
-            let p = plan(&model, type_url, sub, scope);
+            let p = match plan(&model, type_url, sub, scope) {
+                Ok(p) => p,
+                Err(why) => {
+                    warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url, reason = %why,
+                        "connection too far behind; closing it so the proxy reconnects");
+                    return Err(());
+                }
+            };
             // Published under the model's lock: removals this connection
             // may still need are kept (see Hub::apply).
             let synced = self
@@ -386,8 +415,11 @@ impl Conn {
         }
         if req.resource_names_unsubscribe.iter().any(|n| n == "*")
             && let Some(sub) = self.subs.get_mut(&t)
+            && let Err(why) = sub.hold_each(&self.hub.model(), &t)
         {
-            sub.hold_each(&self.hub.model(), &t);
+            warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t, reason = %why,
+                "connection too far behind; closing it so the proxy reconnects");
+            return Err(());
         }
         let Some(sub) = self.subs.get_mut(&t) else {
             return Ok(());
@@ -579,7 +611,7 @@ mod tests {
             ..Sub::default()
         };
         // The first answer: everything; then only the generation is kept.
-        let p = plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        let p = plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything).expect("not behind");
         assert_eq!(p.resources.len(), 3);
         assert!(matches!(sub.held, Held::All(g) if g == m.generation()));
         // Missed: b changes, c goes, d comes; a stays as it was.
@@ -590,7 +622,7 @@ mod tests {
             name: "c".into(),
         })]);
         m.apply(vec![pod("d", "10.0.0.4")]);
-        let p = plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        let p = plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything).expect("not behind");
         let (mut sent, removed) = names(&p);
         sent.sort();
         assert_eq!(sent, vec![uid("b"), uid("d")]);
@@ -598,7 +630,7 @@ mod tests {
         assert_eq!(p.held, 3);
         // Nothing more to send; and removals every connection has been
         // sent are forgotten.
-        let p = plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        let p = plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything).expect("not behind");
         assert!(p.resources.is_empty() && p.removed.is_empty());
         let Held::All(g) = sub.held else {
             panic!("still a generation")
@@ -615,7 +647,7 @@ mod tests {
             wildcard: true,
             ..Sub::default()
         };
-        plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything).expect("not behind");
         let d = m.apply(vec![pod("a", "10.0.0.2")]);
         let changed = d.changed[ADDRESS_TYPE_URL].clone();
         let p = plan(
@@ -623,7 +655,8 @@ mod tests {
             ADDRESS_TYPE_URL,
             &mut sub,
             Scope::Changed(&changed, d.generation),
-        );
+        )
+        .expect("not behind");
         assert_eq!(names(&p).0, vec![uid("a")]);
         // The same broadcast again (as after a full diff): nothing.
         let p = plan(
@@ -631,7 +664,8 @@ mod tests {
             ADDRESS_TYPE_URL,
             &mut sub,
             Scope::Changed(&changed, d.generation),
-        );
+        )
+        .expect("not behind");
         assert!(p.resources.is_empty());
         let d = m.apply(vec![Change::Delete(ObjectKey {
             kind: Kind::Pod,
@@ -644,7 +678,8 @@ mod tests {
             ADDRESS_TYPE_URL,
             &mut sub,
             Scope::Changed(&gone, d.generation),
-        );
+        )
+        .expect("not behind");
         assert_eq!(names(&p).1, vec![uid("a")]);
         assert_eq!(p.held, 0);
     }
@@ -657,10 +692,10 @@ mod tests {
             wildcard: true,
             ..Sub::default()
         };
-        plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything);
+        plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything).expect("not behind");
         // A change not yet pushed: its version is not known to be held.
         m.apply(vec![pod("a", "10.0.0.2")]);
-        sub.hold_each(&m, ADDRESS_TYPE_URL);
+        sub.hold_each(&m, ADDRESS_TYPE_URL).expect("not behind");
         let Held::Each(h) = &sub.held else {
             panic!("each name")
         };
@@ -673,7 +708,8 @@ mod tests {
             ADDRESS_TYPE_URL,
             &mut sub,
             Scope::Changed(&names, m.generation()),
-        );
+        )
+        .expect("not behind");
         assert_eq!(names_of(&p), vec![uid("a")]);
     }
 
@@ -690,5 +726,42 @@ mod tests {
         assert_eq!(parse_version("nacked"), None);
         assert_eq!(parse_version("123"), None);
         assert_eq!(parse_version("0123456789abcdeg"), None);
+    }
+
+    #[test]
+    fn a_wildcard_subscription_behind_forgotten_removals_is_reset_not_left_stale() {
+        let mut m = Model::new(ModelConfig::default());
+        let n = crate::model::REMOVED_KEPT + 10;
+        m.apply((0..n).map(|i| pod(&format!("p{i}"), "10.0.0.1")).collect());
+        let mut sub = Sub {
+            wildcard: true,
+            ..Sub::default()
+        };
+        plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything).expect("not behind");
+        // Every pod goes while this connection is stuck; the model keeps
+        // only so many removals.
+        m.apply(
+            (0..n)
+                .map(|i| {
+                    Change::Delete(ObjectKey {
+                        kind: Kind::Pod,
+                        namespace: "shop".into(),
+                        name: format!("p{i}"),
+                    })
+                })
+                .collect(),
+        );
+        m.apply(vec![pod("late", "10.0.0.2")]);
+        m.prune_removed(0);
+        assert!(m.forgotten(ADDRESS_TYPE_URL) > 0);
+        // Sending only what is left would leave the removed pods with the
+        // proxy for good: the connection is reset instead.
+        assert!(plan(&m, ADDRESS_TYPE_URL, &mut sub, Scope::Everything).is_err());
+        let mut leaving = Sub {
+            wildcard: true,
+            held: Held::All(1),
+            ..Sub::default()
+        };
+        assert!(leaving.hold_each(&m, ADDRESS_TYPE_URL).is_err());
     }
 }
