@@ -121,6 +121,10 @@ pub struct Hub {
     conns: Mutex<BTreeMap<u64, Arc<ConnView>>>,
     next: AtomicU64,
     pushes: AtomicU64,
+    /// When the last change that pushed something was handed to the hub
+    /// (wall clock, for the debug page: the bench times a change from here
+    /// to the last proxy, without the folder source's poll).
+    last_push: Mutex<Option<SystemTime>>,
     /// Bumped on every applied batch, whether or not an output changed
     /// (cluster mode's writer also follows Gateways and statuses).
     applied: tokio::sync::watch::Sender<u64>,
@@ -189,6 +193,7 @@ impl Hub {
             conns: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
             pushes: AtomicU64::new(0),
+            last_push: Mutex::new(None),
             applied: tokio::sync::watch::Sender::new(0),
             sources: Arc::new(Sources::default()),
         })
@@ -230,6 +235,7 @@ impl Hub {
             return Delta::default();
         }
         let since = std::time::Instant::now();
+        let at = SystemTime::now();
         let delta = {
             let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
             let delta = model.apply(changes);
@@ -249,6 +255,7 @@ impl Hub {
         self.applied.send_modify(|n| *n += 1);
         if !delta.is_empty() {
             self.pushes.fetch_add(1, Ordering::Relaxed);
+            *self.last_push.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
             let n: usize = delta
                 .changed
                 .values()
@@ -278,9 +285,16 @@ impl Hub {
     }
 
     pub fn connections(&self) -> serde_json::Value {
+        let last_push = self
+            .last_push
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_micros() as u64);
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         serde_json::json!({
             "pushes": self.pushes.load(Ordering::Relaxed),
+            "last_push_unix_us": last_push,
             "connections": conns.values().map(|c| {
                 let types = c.types.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 serde_json::json!({

@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -21,7 +21,29 @@ use crate::{Args, Error};
 struct Controller {
     child: Child,
     grpc: SocketAddr,
+    /// Its debug endpoint (loopback: no token needed).
+    debug: SocketAddr,
     root: String,
+}
+
+impl Controller {
+    /// When the controller handed its last change to the proxies' hub
+    /// (after the folder source saw it), from its debug page; None from a
+    /// build that does not say.
+    async fn last_push(&self) -> Result<Option<SystemTime>, Error> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.debug).await?;
+        s.write_all(b"GET /debug/connections HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        let text = String::from_utf8_lossy(&out);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value = serde_json::from_str(body)?;
+        Ok(v["last_push_unix_us"]
+            .as_u64()
+            .map(|us| SystemTime::UNIX_EPOCH + Duration::from_micros(us)))
+    }
 }
 
 impl Drop for Controller {
@@ -96,6 +118,7 @@ async fn start_controller(
         .collect();
     std::fs::write(dir.join("tokens.yaml"), tokens)?;
     let grpc: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let debug: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
     let bin = bin.map_or_else(|| sibling("istiod-lite"), Path::to_path_buf);
@@ -110,7 +133,7 @@ async fn start_controller(
             "--grpc-addr",
             &grpc.to_string(),
             "--debug-addr",
-            "127.0.0.1:0",
+            &debug.to_string(),
             "--poll-ms",
             "50",
         ])
@@ -119,6 +142,7 @@ async fn start_controller(
     let mut c = Controller {
         child,
         grpc,
+        debug,
         root: String::new(),
     };
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -160,7 +184,8 @@ struct ThinResource {
 /// A thin Delta ADS client: subscribes to both types, ACKs, counts the
 /// resources it is sent and keeps the version of one (`watched`).
 struct Client {
-    watched: Arc<Mutex<Option<String>>>,
+    /// The watched resource's version, and when it arrived.
+    watched: Arc<Mutex<Option<(String, SystemTime)>>>,
 }
 
 const DELTA_METHOD: &str =
@@ -212,7 +237,7 @@ async fn connect(
             // resource is sent twice before every client holds all.
             total_seen.fetch_add(resp.resources.len(), Ordering::Relaxed);
             if let Some(r) = resp.resources.iter().find(|r| r.name == watched_name) {
-                *w.lock().await = Some(r.version.clone());
+                *w.lock().await = Some((r.version.clone(), SystemTime::now()));
             }
             if resp.removed_resources.iter().any(|n| n == watched_name) {
                 *w.lock().await = None;
@@ -232,6 +257,9 @@ async fn connect(
 struct Run {
     first_push: Duration,
     change: Duration,
+    /// From the hub taking the change to the last client (None: the
+    /// build does not say when).
+    observed: Option<Duration>,
     /// Right after the first push.
     rss_push_mib: f64,
     /// After the pod change.
@@ -274,7 +302,7 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
     // One pod moves to a new IP: time until every client holds the new version.
     let mut before = Vec::new();
     for cl in &clients {
-        before.push(cl.watched.lock().await.clone());
+        before.push(cl.watched.lock().await.clone().map(|w| w.0));
     }
     let t1 = Instant::now();
     write_pod(&config, a, 0, 1)?;
@@ -284,7 +312,7 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
             return Err("the pod change did not reach every client".into());
         }
         for (cl, old) in clients.iter().zip(&before) {
-            if *cl.watched.lock().await == *old {
+            if cl.watched.lock().await.as_ref().map(|w| &w.0) == old.as_ref() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 continue 'wait;
             }
@@ -292,9 +320,22 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
         break;
     }
     let change = t1.elapsed();
+    // From the controller's hub taking the change (the folder's poll and
+    // scan done) to the last client holding it.
+    let mut last = SystemTime::UNIX_EPOCH;
+    for cl in &clients {
+        if let Some((_, at)) = *cl.watched.lock().await {
+            last = last.max(at);
+        }
+    }
+    let observed = c
+        .last_push()
+        .await?
+        .and_then(|p| last.duration_since(p).ok());
     Ok(Run {
         first_push,
         change,
+        observed,
         rss_push_mib,
         rss_mib: status_mib(c.child.id(), "VmRSS"),
         peak_mib: status_mib(c.child.id(), "VmHWM"),
@@ -307,10 +348,12 @@ pub(crate) async fn run(a: &Args, machine: &str) -> Result<serde_json::Value, Er
     for i in 0..a.runs {
         let r = run_once(a).await?;
         eprintln!(
-            "run {}: first push {:.0} ms, change {:.1} ms, RSS {:.1} MiB after the push, {:.1} MiB at the end, peak {:.1} MiB",
+            "run {}: first push {:.0} ms, change {:.1} ms (from the hub {}), RSS {:.1} MiB after the push, {:.1} MiB at the end, peak {:.1} MiB",
             i + 1,
             r.first_push.as_secs_f64() * 1e3,
             r.change.as_secs_f64() * 1e3,
+            r.observed
+                .map_or("?".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3)),
             r.rss_push_mib,
             r.rss_mib,
             r.peak_mib
@@ -323,6 +366,11 @@ pub(crate) async fn run(a: &Args, machine: &str) -> Result<serde_json::Value, Er
             .collect(),
     );
     let ch = stats(runs.iter().map(|r| r.change.as_secs_f64() * 1e3).collect());
+    let obs: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.observed.map(|d| d.as_secs_f64() * 1e3))
+        .collect();
+    let obs = (!obs.is_empty()).then(|| stats(obs));
     let rss = stats(runs.iter().map(|r| r.rss_mib).collect());
     let rss_push = stats(runs.iter().map(|r| r.rss_push_mib).collect());
     let peak = stats(runs.iter().map(|r| r.peak_mib).collect());
@@ -340,6 +388,12 @@ pub(crate) async fn run(a: &Args, machine: &str) -> Result<serde_json::Value, Er
         "| one pod change to all proxies (ms) | {:.1} | {:.1} | {:.1} |",
         ch.0, ch.1, ch.2
     );
+    if let Some(o) = obs {
+        println!(
+            "| one pod change, from the controller taking it to all proxies (ms) | {:.1} | {:.1} | {:.1} |",
+            o.0, o.1, o.2
+        );
+    }
     println!(
         "| controller RSS after the first push (MiB) | {:.1} | {:.1} | {:.1} |",
         rss_push.0, rss_push.1, rss_push.2
@@ -356,6 +410,7 @@ pub(crate) async fn run(a: &Args, machine: &str) -> Result<serde_json::Value, Er
         "pods": a.pods, "services": a.services, "policies": a.policies, "proxies": a.proxies, "runs": a.runs,
         "first_push_ms": {"median": fp.0, "min": fp.1, "max": fp.2},
         "pod_change_ms": {"median": ch.0, "min": ch.1, "max": ch.2},
+        "pod_change_from_hub_ms": obs.map(|o| serde_json::json!({"median": o.0, "min": o.1, "max": o.2})),
         "rss_mib": {"median": rss.0, "min": rss.1, "max": rss.2},
         "rss_after_push_mib": {"median": rss_push.0, "min": rss_push.1, "max": rss_push.2},
         "peak_rss_mib": {"median": peak.0, "min": peak.1, "max": peak.2},
