@@ -822,3 +822,35 @@ async fn acks_out_of_order_or_stale_never_make_a_proxy_miss_a_change() {
         vec!["Kubernetes//Pod/shop/never-was".to_string()]
     );
 }
+
+#[tokio::test]
+async fn subscribing_to_ever_more_names_ends_the_stream_not_the_memory() {
+    let (hub, addr) = serve(MESH).await;
+    let mut p = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    p.next().await;
+    // Names of nothing, 50 000 a request (each request well under 4 MiB):
+    // without a bound each connection could make the controller keep any
+    // number of them.
+    let mut ended = false;
+    for round in 0..6 {
+        let req = DeltaDiscoveryRequest {
+            type_url: AUTHORIZATION_TYPE_URL.into(),
+            resource_names_subscribe: (0..50_000).map(|i| format!("ns/n-{round}-{i}")).collect(),
+            ..Default::default()
+        };
+        if p.tx.send(req).await.is_err() {
+            ended = true;
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), p.rx.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(_) => {
+                ended = true;
+                break;
+            }
+            Err(_) => panic!("no answer within 5 s"),
+        }
+    }
+    assert!(ended, "the stream is still open after 300 000 names");
+    eventually_connected(&hub, 0).await;
+}

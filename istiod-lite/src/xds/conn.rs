@@ -54,6 +54,11 @@ impl Default for Held {
     }
 }
 
+/// Names one subscription may list, at least (or twice as many as the
+/// type has resources, if more): a proxy that asks for more is cut off
+/// rather than let it grow the controller's memory without bound.
+pub(super) const NAMES_KEPT: usize = 100_000;
+
 /// A version as a proxy states it.
 fn parse_version(v: &str) -> Option<u64> {
     (v.len() == crate::model::VERSION_LEN)
@@ -421,9 +426,16 @@ impl Conn {
                 "connection too far behind; closing it so the proxy reconnects");
             return Err(());
         }
+        let limit = NAMES_KEPT.max(2 * self.hub.model().resources(&t).map_or(0, |m| m.len()));
         let Some(sub) = self.subs.get_mut(&t) else {
             return Ok(());
         };
+        if sub.names.len() + req.resource_names_subscribe.len() > limit {
+            warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t,
+                subscribed = sub.names.len(), asked = req.resource_names_subscribe.len(), limit,
+                "subscription to too many names; closing the stream");
+            return Err(());
+        }
         let mut new_names = BTreeSet::new();
         for n in &req.resource_names_subscribe {
             if n == "*" {
