@@ -426,7 +426,11 @@ impl Conn {
                 "connection too far behind; closing it so the proxy reconnects");
             return Err(());
         }
-        let limit = NAMES_KEPT.max(2 * self.hub.model().resources(&t).map_or(0, |m| m.len()));
+        // (An ACK names nothing: no look at the model.)
+        let limit = match req.resource_names_subscribe.len() {
+            0 => usize::MAX,
+            _ => NAMES_KEPT.max(2 * self.hub.model().resources(&t).map_or(0, |m| m.len())),
+        };
         let Some(sub) = self.subs.get_mut(&t) else {
             return Ok(());
         };
