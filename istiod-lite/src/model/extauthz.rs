@@ -365,9 +365,9 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
         use prost::Message;
         let r = m
             .resources(mesh_proto::AUTHORIZATION_TYPE_URL)
-            .and_then(|r| r.get(&format!("shop/{name}")))
+            .and_then(|r| r.get(format!("shop/{name}").as_str()))
             .unwrap_or_else(|| panic!("no ztunnel policy shop/{name}"));
-        l4::Authorization::decode(r.any.value.as_slice()).expect("decodes")
+        l4::Authorization::decode(r.value()).expect("decodes")
     }
 
     #[test]

@@ -813,7 +813,7 @@ mod tests {
             .resources(INGRESS_TYPE_URL)
             .and_then(|r| r.get(name))
             .unwrap_or_else(|| panic!("no Ingress {name}"));
-        pb::Ingress::decode(r.any.value.as_slice()).expect("decodes")
+        pb::Ingress::decode(r.value()).expect("decodes")
     }
 
     fn status<'a>(m: &'a Model, gw: &str, listener: &str) -> &'a ListenerStatus {
@@ -1223,7 +1223,7 @@ spec:
         let before = m
             .resources(INGRESS_TYPE_URL)
             .and_then(|r| r.get("shop/edge"))
-            .map(|r| r.version.clone());
+            .map(|r| r.version);
         let d = m.apply(vec![Change::Delete(crate::config::objects::ObjectKey {
             kind: crate::config::objects::Kind::HttpRoute,
             namespace: "team".into(),
@@ -1233,7 +1233,7 @@ spec:
         let after = m
             .resources(INGRESS_TYPE_URL)
             .and_then(|r| r.get("shop/edge"))
-            .map(|r| r.version.clone());
+            .map(|r| r.version);
         assert_ne!(before, after);
         // An unrelated Secret changes nothing in the output.
         let d = m.apply(vec![Change::Upsert(
