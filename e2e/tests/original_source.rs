@@ -1,0 +1,180 @@
+//! The app sees its client's address: the destination's ztunnel dials the
+//! app inside the pod from the client's IP (a transparent socket, with the
+//! app's replies routed back to it inside the pod), so the app's
+//! getpeername names the client pod on a cross-node HBONE connection, on
+//! the same-node fast path, and for a plaintext client outside the mesh.
+//! With `original_source: false` the app sees its own pod's address, as
+//! before.
+
+use std::time::Duration;
+
+use e2e::ca::{TRUST_DOMAIN, write_lab_cert};
+use e2e::lab::Down as Guard;
+use e2e::lab::{Lab, TEST_IDS};
+use e2e::mesh::eventually;
+use mesh_core::identity::Identity;
+
+fn deployment(ns: &str, name: &str, replicas: u32, args: &str) -> String {
+    format!(
+        "apiVersion: apps/v1\nkind: Deployment\nmetadata: {{name: {name}, namespace: {ns}}}\nspec:\n  replicas: {replicas}\n  selector: {{matchLabels: {{app: {name}}}}}\n  template:\n    metadata: {{labels: {{app: {name}}}}}\n    spec:\n      serviceAccountName: {name}\n      containers: [{{name: app, image: labapp, args: {args}}}]\n---\n"
+    )
+}
+
+/// The `peer=` address the HTTP echo at `to` reports for a GET from the
+/// pod `from`: its accepted socket's getpeername.
+fn peer_seen(lab: &Lab, from: &str, to: &str) -> Option<String> {
+    let bin = e2e::mesh::binary("labapp");
+    let url = format!("http://{to}:8080/");
+    let out = lab.exec(from, &[bin.to_str()?, "get", &url]).ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    let peer = text.lines().find_map(|l| l.strip_prefix("peer="))?;
+    let ip = peer.rsplit_once(':').map(|(ip, _)| ip)?;
+    Some(ip.trim_matches(['[', ']']).to_string())
+}
+
+/// A running lab; taken down before its directory goes.
+struct Running {
+    g: Guard,
+    _dir: tempfile::TempDir,
+}
+
+/// A two-node lab: the HTTP echo on both nodes, a captured client and a
+/// plain one (outside the mesh) on node-1.
+async fn lab_with(ztunnel_extra: &str) -> Running {
+    let dir = tempfile::tempdir().unwrap();
+    let mut lab = Lab::create_in(dir.path(), TEST_IDS, 2).unwrap();
+    lab.state.ztunnel_extra = ztunnel_extra.to_string();
+    let mut g = Guard(lab);
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::new();
+    docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\n");
+    docs.push_str("apiVersion: v1\nkind: Namespace\nmetadata: {name: legacy}\n---\n");
+    docs.push_str(&deployment("shop", "echo", 2, "[http-echo]")); // node-1, node-2
+    docs.push_str(&deployment("shop", "client", 1, "[sleep]")); // node-1
+    docs.push_str(&deployment("legacy", "filler", 1, "[sleep]")); // node-2
+    docs.push_str(&deployment("legacy", "plain", 1, "[sleep]")); // node-1
+    g.0.apply(e2e::lab::parse_docs(&docs).unwrap())
+        .await
+        .unwrap();
+    Running { g, _dir: dir }
+}
+
+#[tokio::test]
+async fn the_app_sees_its_clients_address() {
+    let run = lab_with("").await;
+    let lab = &run.g.0;
+    let ip = |k: &str| lab.pod(k).unwrap().ip.clone();
+    let (echo0, echo1, client, plain) = (
+        ip("shop/echo-0"),
+        ip("shop/echo-1"),
+        ip("shop/client-0"),
+        ip("legacy/plain-0"),
+    );
+    assert_eq!(lab.pod("shop/echo-0").unwrap().node, "node-1");
+    assert_eq!(lab.pod("shop/echo-1").unwrap().node, "node-2");
+    assert_eq!(lab.pod("shop/client-0").unwrap().node, "node-1");
+    assert!(!lab.pod("legacy/plain-0").unwrap().captured);
+
+    // Cross-node (HBONE into echo-1's pod) and same-node (the fast path
+    // into echo-0's): the app's peer is the client pod.
+    for (what, to) in [("cross-node", &echo1), ("same-node", &echo0)] {
+        let mut seen = None;
+        eventually(
+            &format!("{what}: the app answers"),
+            Duration::from_secs(30),
+            || {
+                seen = peer_seen(lab, "shop/client-0", to);
+                std::future::ready(seen.is_some())
+            },
+        )
+        .await;
+        assert_eq!(seen.as_deref(), Some(client.as_str()), "{what}");
+    }
+    // A plaintext client outside the mesh, in through 15006.
+    assert_eq!(
+        peer_seen(lab, "legacy/plain-0", &echo1).as_deref(),
+        Some(plain.as_str()),
+        "plaintext"
+    );
+
+    // An attacker holding the client's identity (its certificate) speaks
+    // HBONE by hand from the plain pod, whose address the state gives to
+    // another identity, and claims the client's address in `forwarded` and
+    // its pod in `baggage`. The app sees neither the claim nor the plain
+    // pod's address: only its own.
+    let answer = hbone_as_client(lab, "legacy/plain-0", &echo1, &client).await;
+    assert!(answer.starts_with("CONNECT 200"), "{answer}");
+    let seen = answer
+        .lines()
+        .find_map(|l| l.strip_prefix("peer="))
+        .and_then(|p| p.rsplit_once(':'))
+        .map(|(ip, _)| ip.to_string());
+    assert_eq!(seen.as_deref(), Some(echo1.as_str()), "{answer}");
+}
+
+/// `labapp hbone` from pod `from` to `to`'s 15008 with a certificate for
+/// shop/client, claiming `claimed` as the original client: the CONNECT
+/// status and the whole answer of the HTTP echo on 8080.
+async fn hbone_as_client(lab: &Lab, from: &str, to: &str, claimed: &str) -> String {
+    let id = Identity::new(TRUST_DOMAIN, "shop", "client").unwrap();
+    let certs = write_lab_cert(&lab.dir, &id, "forger").await.unwrap();
+    let path = |p: &std::path::Path| p.display().to_string();
+    let (chain, key, root) = (path(&certs.chain), path(&certs.key), path(&certs.root));
+    let (via, authority) = (format!("{to}:15008"), format!("{to}:8080"));
+    let server = format!("spiffe://{TRUST_DOMAIN}/ns/shop/sa/echo");
+    let forwarded = format!("{claimed}:4242");
+    let out = lab
+        .exec(
+            from,
+            &[
+                "labapp",
+                "hbone",
+                "--via",
+                &via,
+                "--authority",
+                &authority,
+                "--cert",
+                &chain,
+                "--key",
+                &key,
+                "--root",
+                &root,
+                "--server-identity",
+                &server,
+                "--request",
+                "GET / HTTP/1.1\\r\\nHost: echo\\r\\nConnection: close\\r\\n\\r\\n",
+                "--forwarded-for",
+                &forwarded,
+                "--baggage",
+                "k8s.namespace.name=shop,k8s.pod.name=client-0",
+                "--whole-answer",
+            ],
+        )
+        .unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[tokio::test]
+async fn with_original_source_off_the_app_sees_its_own_address() {
+    let run = lab_with("original_source: false").await;
+    let lab = &run.g.0;
+    let ip = |k: &str| lab.pod(k).unwrap().ip.clone();
+    let (echo0, echo1) = (ip("shop/echo-0"), ip("shop/echo-1"));
+    for (what, to) in [("cross-node", &echo1), ("same-node", &echo0)] {
+        let mut seen = None;
+        eventually(
+            &format!("{what}: the app answers"),
+            Duration::from_secs(30),
+            || {
+                seen = peer_seen(lab, "shop/client-0", to);
+                std::future::ready(seen.is_some())
+            },
+        )
+        .await;
+        assert_eq!(seen.as_deref(), Some(to.as_str()), "{what}");
+    }
+}
