@@ -1,5 +1,6 @@
-//! Sockets: upstream dials with the proxy's mark and the source's address,
-//! and the original destination of a redirected connection.
+//! Sockets: upstream dials with the proxy's mark and the source's address
+//! (transparently, from a client's address, for the inbound side), and the
+//! original destination of a redirected connection.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -18,18 +19,7 @@ pub async fn dial(
     timeout: Duration,
     netns: Option<&crate::netns::Netns>,
 ) -> io::Result<TcpStream> {
-    let new = || {
-        if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-    };
-    // In node mode the socket is made inside the workload's pod.
-    let sock = match netns {
-        Some(ns) => ns.run(new)??,
-        None => new()?,
-    };
+    let sock = socket_for(addr, netns)?;
     if let Some(m) = mark {
         SockRef::from(&sock).set_mark(m)?;
     }
@@ -38,6 +28,27 @@ pub async fn dial(
     {
         sock.bind(SocketAddr::new(ip, 0))?;
     }
+    connect(sock, addr, timeout).await
+}
+
+/// A TCP socket of `addr`'s family, made inside `netns` when given (in
+/// node mode, the workload's pod).
+fn socket_for(addr: SocketAddr, netns: Option<&crate::netns::Netns>) -> io::Result<TcpSocket> {
+    let new = || {
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    };
+    match netns {
+        Some(ns) => ns.run(new)?,
+        None => new(),
+    }
+}
+
+/// Connects `sock` to `addr` within `timeout`, without Nagle.
+async fn connect(sock: TcpSocket, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, sock.connect(addr))
         .await
         .map_err(|_| {
@@ -48,6 +59,51 @@ pub async fn dial(
         })??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Dials `addr` from `src`, an address that need not be this host's (or
+/// this pod's): a transparent socket (IP_TRANSPARENT, which needs
+/// CAP_NET_ADMIN) bound to `src` on a port the kernel picks, other than
+/// `avoid_port` (the client's own, whose tuple the pod's connection
+/// tracking may already hold), carrying `mark`. The replies reach this
+/// socket only where routing sends packets for `src` back to it (the
+/// pod's rules do, for connections of the proxy's mark).
+pub async fn dial_transparent(
+    addr: SocketAddr,
+    src: IpAddr,
+    avoid_port: Option<u16>,
+    mark: u32,
+    timeout: Duration,
+    netns: Option<&crate::netns::Netns>,
+) -> io::Result<TcpStream> {
+    if src.is_ipv4() != addr.is_ipv4() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("source {src} and destination {addr} differ in family"),
+        ));
+    }
+    // A second try when the kernel hands out exactly the port to avoid.
+    for _ in 0..2 {
+        let sock = socket_for(addr, netns)?;
+        {
+            let r = SockRef::from(&sock);
+            if src.is_ipv4() {
+                r.set_ip_transparent_v4(true)?;
+            } else {
+                r.set_ip_transparent_v6(true)?;
+            }
+            r.set_mark(mark)?;
+        }
+        sock.bind(SocketAddr::new(src, 0))?;
+        if Some(sock.local_addr()?.port()) == avoid_port {
+            continue;
+        }
+        return connect(sock, addr, timeout).await;
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!("no source port from {src} other than the client's"),
+    ))
 }
 
 /// The destination a redirect rule rewrote (SO_ORIGINAL_DST).
