@@ -9,6 +9,9 @@
 //!   unless the pod bypasses inbound capture
 //!   (`ambient.istio.io/bypass-inbound-capture`);
 //! - outbound TCP goes to 15001, DNS (53) to 15053;
+//! - the app's replies to the ztunnel's connections from a client's
+//!   address are routed back to the ztunnel within the pod
+//!   ([`crate::orig_src`]);
 //! - the ztunnel's own sockets carry mark 1337 and are left alone, as is
 //!   other traffic within the pod (loopback); DNS is redirected before that
 //!   exemption, so a loopback nameserver (127.0.0.53) is captured too.
@@ -62,9 +65,10 @@ pub fn ruleset(c: Capture) -> String {
     } else {
         format!("    {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n")
     };
+    let orig_src = crate::orig_src::chains();
     format!(
         "table inet {TABLE} {{
-  chain prerouting {{
+{orig_src}  chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"lo\" accept
     ip saddr {PROBE_SOURCE} accept
@@ -83,17 +87,22 @@ pub fn ruleset(c: Capture) -> String {
 
 #[derive(Debug, thiserror::Error)]
 pub enum RulesError {
-    #[error("running nft: {0} (is the nftables package installed?)")]
-    Spawn(std::io::Error),
-    #[error("nft failed: {0}")]
-    Nft(String),
+    #[error("running {0}: {1} (are the nftables and iproute2 packages installed?)")]
+    Spawn(String, std::io::Error),
+    #[error("{0} failed: {1}")]
+    Failed(String, String),
 }
 
 /// Runs `nft -f -` with `script` inside `netns`.
 pub(crate) fn nft(netns: &Netns, script: &str) -> Result<(), RulesError> {
+    run_in(netns, "nft", &["-f", "-"], script)
+}
+
+/// Runs `program args` inside `netns` with `script` on its stdin.
+fn run_in(netns: &Netns, program: &str, args: &[&str], script: &str) -> Result<(), RulesError> {
     let fd = netns.fd().as_raw_fd();
-    let mut cmd = Command::new("nft");
-    cmd.args(["-f", "-"])
+    let mut cmd = Command::new(program);
+    cmd.args(args)
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::piped());
@@ -107,17 +116,17 @@ pub(crate) fn nft(netns: &Netns, script: &str) -> Result<(), RulesError> {
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(RulesError::Spawn)?;
+    let spawn = |e| RulesError::Spawn(program.to_string(), e);
+    let mut child = cmd.spawn().map_err(spawn)?;
     if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(RulesError::Spawn)?;
+        stdin.write_all(script.as_bytes()).map_err(spawn)?;
     }
-    let out = child.wait_with_output().map_err(RulesError::Spawn)?;
+    let out = child.wait_with_output().map_err(spawn)?;
     if out.status.success() {
         Ok(())
     } else {
-        Err(RulesError::Nft(
+        Err(RulesError::Failed(
+            program.to_string(),
             String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ))
     }
@@ -131,15 +140,28 @@ pub fn install(netns: &Netns, c: Capture) -> Result<(), RulesError> {
         "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
         ruleset(c)
     );
-    nft(netns, &script)
+    nft(netns, &script)?;
+    crate::orig_src::install(&InPod(netns))
+}
+
+/// Runs `ip` inside a pod's netns (for [`crate::orig_src`]).
+struct InPod<'a>(&'a Netns);
+
+impl crate::orig_src::RunIp for InPod<'_> {
+    type Error = RulesError;
+    fn run_ip(&self, args: &[&str], batch: &str) -> Result<(), RulesError> {
+        run_in(self.0, "ip", args, batch)
+    }
 }
 
 /// Removes the rules: the pod leaves the mesh.
 pub fn remove(netns: &Netns) -> Result<(), RulesError> {
+    let routes = crate::orig_src::remove(&InPod(netns));
     nft(
         netns,
         &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"),
-    )
+    )?;
+    routes
 }
 
 #[cfg(test)]

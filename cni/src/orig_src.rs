@@ -1,0 +1,119 @@
+//! The pod's side of "the app sees its client's address". The ztunnel
+//! dials the app inside the pod from the client's IP (a transparent socket
+//! with the ztunnel's mark, see the ztunnel's `proxy::orig_src`); the
+//! app's replies go to that IP, which the pod's main table routes out of
+//! eth0. These rules bring them back to the ztunnel's socket:
+//!
+//! - prerouting (mangle): a packet arriving on loopback with the ztunnel's
+//!   mark in the original direction is the ztunnel opening (or sending
+//!   on) a connection to something in the pod; its connection gets
+//!   conntrack mark [`REPLY_MARK`];
+//! - output (route): a reply-direction packet of such a connection (the
+//!   app answering) gets packet mark [`REPLY_MARK`], so it is routed again;
+//! - policy routing: mark [`REPLY_MARK`] looks up table [`ROUTE_TABLE`],
+//!   whose one route, `local default dev lo`, delivers it within the pod,
+//!   to the ztunnel's socket.
+//!
+//! Nothing else carries that mark: the app's own connections (captured
+//! outbound, DNS), probes from the node, and traffic of a pod whose
+//! inbound is not captured never pass the ztunnel's marked dials. A
+//! connection the ztunnel makes to the pod's own address is marked too,
+//! and its replies, local already, stay local.
+//!
+//! The chains live in the pod's table (`crate::rules`) and go with it; the
+//! rule and route are installed and removed with it.
+
+/// The ztunnel's mark (its sockets carry it in node mode).
+const MARK: u32 = mesh_core::config::INPOD_MARK;
+
+/// The mark of the app's replies to the ztunnel's connections (as Istio's
+/// in-pod rules use).
+pub const REPLY_MARK: u32 = 0x111;
+/// The routing table that sends them to loopback.
+pub const ROUTE_TABLE: u32 = 100;
+/// The policy rule's priority: before the main table's (32766).
+pub const RULE_PRIORITY: u32 = 32764;
+
+/// The chains, for the pod's nftables table.
+pub fn chains() -> String {
+    format!(
+        "  chain orig_src_mark {{
+    type filter hook prerouting priority mangle; policy accept;
+    iifname \"lo\" meta mark {MARK} ct direction original ct mark set {REPLY_MARK}
+  }}
+  chain orig_src_reply {{
+    type route hook output priority mangle; policy accept;
+    ct direction reply ct mark {REPLY_MARK} meta mark set {REPLY_MARK}
+  }}
+"
+    )
+}
+
+/// `ip` commands adding (or deleting) the rule and route of one family.
+fn script(v6: bool, add: bool) -> String {
+    let rule = format!("fwmark {REPLY_MARK} lookup {ROUTE_TABLE} pref {RULE_PRIORITY}");
+    let default = if v6 { "::/0" } else { "0.0.0.0/0" };
+    if add {
+        format!("rule add {rule}\nroute replace local {default} dev lo table {ROUTE_TABLE}\n")
+    } else {
+        format!("rule del {rule}\nroute del local {default} dev lo table {ROUTE_TABLE}\n")
+    }
+}
+
+/// Runs `ip` (inside the pod) with these arguments and this batch on
+/// its stdin.
+pub trait RunIp {
+    type Error: std::fmt::Display;
+    fn run_ip(&self, args: &[&str], batch: &str) -> Result<(), Self::Error>;
+}
+
+fn ip<R: RunIp>(run: &R, v6: bool, add: bool) -> Result<(), R::Error> {
+    let family = if v6 { "-6" } else { "-4" };
+    run.run_ip(&[family, "-force", "-batch", "-"], &script(v6, add))
+}
+
+/// Installs (or re-installs) the rule and route: IPv4 always, IPv6 where
+/// the pod's kernel has it (a pod without IPv6 has no IPv6 clients).
+pub fn install<R: RunIp>(run: &R) -> Result<(), R::Error> {
+    for v6 in [false, true] {
+        // One rule, however often this runs: whatever was there goes first.
+        let _ = ip(run, v6, false);
+        match ip(run, v6, true) {
+            Err(e) if v6 => {
+                tracing::warn!(error = %e, "no IPv6 reply routing in the pod (IPv6 off?)")
+            }
+            r => r?,
+        }
+    }
+    Ok(())
+}
+
+/// Removes the rule and route (the pod leaves the mesh).
+pub fn remove<R: RunIp>(run: &R) -> Result<(), R::Error> {
+    let v4 = ip(run, false, false);
+    let _ = ip(run, true, false);
+    v4
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_ztunnels_connections_over_loopback_are_marked() {
+        let c = chains();
+        assert!(
+            c.contains("iifname \"lo\" meta mark 1337 ct direction original ct mark set 273"),
+            "{c}"
+        );
+        assert!(
+            c.contains("ct direction reply ct mark 273 meta mark set 273"),
+            "{c}"
+        );
+        assert_eq!(
+            script(false, true),
+            "rule add fwmark 273 lookup 100 pref 32764\nroute replace local 0.0.0.0/0 dev lo table 100\n"
+        );
+        assert!(script(true, true).contains("local ::/0 dev lo"));
+    }
+}
