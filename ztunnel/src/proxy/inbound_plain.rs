@@ -78,15 +78,10 @@ async fn handle(proxy: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr, target:
         });
     }
     proxy.metrics.active_connections.inc();
-    let result = match socket::dial(
-        target,
-        None,
-        proxy.cfg.effective_mark(),
-        proxy.cfg.connect_timeout,
-        proxy.netns.for_workload(&dst).as_deref(),
-    )
-    .await
-    {
+    // The app sees the peer, as it would without the mesh.
+    let netns = proxy.netns.for_workload(&dst);
+    let dialed = super::orig_src::dial_app(&proxy, Some(peer), target, netns.as_deref()).await;
+    let result = match dialed {
         Ok(mut up) => copy::run(&tracked.cancel, &mut tcp, &mut up, counters)
             .await
             .inspect_err(|_| {
