@@ -53,6 +53,7 @@ async fn lab_with(ztunnel_extra: &str) -> Running {
     docs.push_str(&deployment("shop", "client", 1, "[sleep]")); // node-1
     docs.push_str(&deployment("legacy", "filler", 1, "[sleep]")); // node-2
     docs.push_str(&deployment("legacy", "plain", 1, "[sleep]")); // node-1
+    docs.push_str(&deployment("shop", "tcpecho", 1, "[tcp-echo]"));
     g.0.apply(e2e::lab::parse_docs(&docs).unwrap())
         .await
         .unwrap();
@@ -177,4 +178,92 @@ async fn with_original_source_off_the_app_sees_its_own_address() {
         .await;
         assert_eq!(seen.as_deref(), Some(to.as_str()), "{what}");
     }
+}
+
+/// Connections held from plain-0 to the TCP echo, then opened beside them.
+const HELD: usize = 1500;
+const FRESH: usize = 1500;
+
+/// Opens a connection from inside `ns` to `to` and checks one echo on it.
+/// The socket is bound before it connects, so its port is one the kernel
+/// hands to `bind` (as a client that binds first, or a NAT, would have):
+/// the same half of the range the ztunnel's dials bind in.
+fn open(
+    ns: &mesh_core::netns::Netns,
+    to: std::net::SocketAddr,
+) -> std::io::Result<std::net::TcpStream> {
+    let sock =
+        ns.run(|| socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None))??;
+    sock.bind(&std::net::SocketAddr::from(([0, 0, 0, 0], 0)).into())?;
+    sock.connect_timeout(&to.into(), Duration::from_secs(5))?;
+    let s: std::net::TcpStream = sock.into();
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    echo_once(&s, b'o')?;
+    Ok(s)
+}
+
+/// Sends one byte on `s` and reads it back.
+fn echo_once(mut s: &std::net::TcpStream, b: u8) -> std::io::Result<()> {
+    use std::io::{Read, Write};
+    s.write_all(&[b])?;
+    let mut got = [0u8; 1];
+    s.read_exact(&mut got)?;
+    if got[0] == b {
+        Ok(())
+    } else {
+        Err(std::io::Error::other(format!("echoed {} for {b}", got[0])))
+    }
+}
+
+/// Many plaintext connections from one address (as from an ingress with
+/// many keep-alives): each of the ztunnel's dials from that address picks
+/// its own port, which may be the port of another live connection from
+/// it whose connection-tracking entry the pod holds. Neither that one nor
+/// the new one may break.
+#[tokio::test]
+async fn many_connections_from_one_address_all_live() {
+    let run = lab_with("").await;
+    let lab = &run.g.0;
+    let echo = lab.pod("shop/tcpecho-0").unwrap().ip.clone();
+    let plain = lab.pod("legacy/plain-0").unwrap().netns.clone();
+    let to: std::net::SocketAddr = format!("{echo}:9000").parse().unwrap();
+    let ns = mesh_core::netns::Netns::open(&format!("/var/run/netns/{plain}")).unwrap();
+    eventually("the TCP echo answers", Duration::from_secs(30), || {
+        std::future::ready(open(&ns, to).is_ok())
+    })
+    .await;
+    let started = std::time::Instant::now();
+    let (held, fresh, failed) = tokio::task::spawn_blocking(move || {
+        let mut failed = Vec::new();
+        let mut held = Vec::new();
+        for i in 0..HELD {
+            match open(&ns, to) {
+                Ok(s) => held.push(s),
+                Err(e) => failed.push(format!("held #{i}: {e}")),
+            }
+        }
+        let mut fresh = Vec::new();
+        for i in 0..FRESH {
+            match open(&ns, to) {
+                Ok(s) => fresh.push(s),
+                Err(e) => failed.push(format!("new #{i}: {e}")),
+            }
+        }
+        for (i, s) in held.iter().chain(fresh.iter()).enumerate() {
+            if let Err(e) = echo_once(s, b'k') {
+                failed.push(format!("again #{i} ({:?}): {e}", s.local_addr()));
+            }
+        }
+        (held.len(), fresh.len(), failed)
+    })
+    .await
+    .unwrap();
+    assert!(
+        failed.is_empty(),
+        "{} of {} connections failed ({held} held, {fresh} new opened) in {:?}: {:?}",
+        failed.len(),
+        HELD + FRESH,
+        started.elapsed(),
+        &failed[..failed.len().min(20)]
+    );
 }
