@@ -4,10 +4,14 @@
 //! app's replies go to that IP, which the pod's main table routes out of
 //! eth0. These rules bring them back to the ztunnel's socket:
 //!
+//! - output (raw): the ztunnel's dials from an address not the pod's
+//!   track their original direction in their own conntrack zone, so they
+//!   never join a client's connection that has the same tuple (see
+//!   [`chains`]);
 //! - prerouting (mangle): a packet arriving on loopback with the ztunnel's
-//!   mark in the original direction is the ztunnel opening (or sending
-//!   on) a connection to something in the pod; its connection gets
-//!   conntrack mark [`REPLY_MARK`];
+//!   mark opening a connection (original direction, new) is the ztunnel
+//!   dialing something in the pod; its connection gets conntrack mark
+//!   [`REPLY_MARK`];
 //! - output (route): a reply-direction packet of such a connection (the
 //!   app answering) gets packet mark [`REPLY_MARK`], so it is routed again;
 //! - policy routing: mark [`REPLY_MARK`] looks up table [`ROUTE_TABLE`],
@@ -34,12 +38,34 @@ pub const ROUTE_TABLE: u32 = 100;
 /// The policy rule's priority: before the main table's (32766).
 pub const RULE_PRIORITY: u32 = 32764;
 
+/// The connection-tracking zone of the original direction of the
+/// ztunnel's dials from a client's address (see [`chains`]).
+pub const DIAL_ZONE: u16 = 1;
+
 /// The chains, for the pod's nftables table.
+///
+/// `orig_src_zone` keeps the ztunnel's dials from a client's address off
+/// the entries of the client's own connections. The ztunnel binds a port
+/// that no socket in the pod holds, but connection tracking knows more:
+/// a plaintext connection C:p to the app, redirected to 15006, leaves an
+/// entry whose original tuple is C:p to the app, with no socket of that
+/// tuple. A dial from C:p to the app (the kernel may pick p) would join
+/// that entry, be redirected to 15006 by its NAT and take its marks: both
+/// connections die. In zone [`DIAL_ZONE`] (original direction only) the
+/// dial's original tuple cannot match an entry of the default zone; its
+/// reply tuple (the app answering) stays in the default zone, where no
+/// redirected connection's reply tuple (from 15006) can equal it. A dial
+/// from the pod's own address (a local source) stays in the default zone,
+/// as before.
 pub fn chains() -> String {
     format!(
-        "  chain orig_src_mark {{
+        "  chain orig_src_zone {{
+    type filter hook output priority raw; policy accept;
+    meta mark {MARK} oifname \"lo\" fib saddr type != local ct original zone set {DIAL_ZONE}
+  }}
+  chain orig_src_mark {{
     type filter hook prerouting priority mangle; policy accept;
-    iifname \"lo\" meta mark {MARK} ct direction original ct mark set {REPLY_MARK}
+    iifname \"lo\" meta mark {MARK} ct direction original ct state new ct mark set {REPLY_MARK}
   }}
   chain orig_src_reply {{
     type route hook output priority mangle; policy accept;
@@ -103,7 +129,15 @@ mod tests {
     fn only_the_ztunnels_connections_over_loopback_are_marked() {
         let c = chains();
         assert!(
-            c.contains("iifname \"lo\" meta mark 1337 ct direction original ct mark set 273"),
+            c.contains(
+                "iifname \"lo\" meta mark 1337 ct direction original ct state new ct mark set 273"
+            ),
+            "{c}"
+        );
+        assert!(
+            c.contains(
+                "meta mark 1337 oifname \"lo\" fib saddr type != local ct original zone set 1"
+            ),
             "{c}"
         );
         assert!(
