@@ -32,9 +32,9 @@ const MARK: u32 = mesh_core::config::INPOD_MARK;
 
 /// The mark of the app's replies to the ztunnel's connections (as Istio's
 /// in-pod rules use).
-pub const REPLY_MARK: u32 = 0x111;
+pub const REPLY_MARK: u32 = mesh_core::config::ORIG_SRC_REPLY_MARK;
 /// The routing table that sends them to loopback.
-pub const ROUTE_TABLE: u32 = 100;
+pub const ROUTE_TABLE: u32 = mesh_core::config::ORIG_SRC_TABLE;
 /// The policy rule's priority: before the main table's (32766).
 pub const RULE_PRIORITY: u32 = 32764;
 

@@ -37,7 +37,7 @@ pub const MARK: u32 = mesh_core::config::INPOD_MARK;
 
 /// The link-local address the node SNATs its own connections to captured
 /// pods to (kubelet probes), as Istio does.
-pub const PROBE_SOURCE: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
+pub const PROBE_SOURCE: std::net::Ipv4Addr = mesh_core::config::PROBE_SOURCE_V4;
 
 /// How a pod is captured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -51,7 +51,8 @@ pub struct Capture {
 /// Matches the first segment of a TCP connection only.
 const OPENING: &str = "tcp flags & (syn | ack) == syn";
 
-pub fn ruleset(c: Capture) -> String {
+/// The pod's table; with the original-source chains when `orig_src`.
+pub fn ruleset(c: Capture, orig_src: bool) -> String {
     let dns = c.dns;
     let dns_rules = if dns {
         format!(
@@ -65,7 +66,11 @@ pub fn ruleset(c: Capture) -> String {
     } else {
         format!("    {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n")
     };
-    let orig_src = crate::orig_src::chains();
+    let orig_src = if orig_src {
+        crate::orig_src::chains()
+    } else {
+        String::new()
+    };
     format!(
         "table inet {TABLE} {{
 {orig_src}  chain prerouting {{
@@ -132,19 +137,32 @@ fn run_in(netns: &Netns, program: &str, args: &[&str], script: &str) -> Result<(
     }
 }
 
-/// Installs (or replaces) the redirect rules in a pod's netns.
-pub fn install(netns: &Netns, c: Capture) -> Result<(), RulesError> {
-    // Declaring then deleting makes the delete succeed whether or not the
-    // table exists; the new table follows in the same transaction.
-    let script = format!(
-        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
-        ruleset(c)
-    );
-    nft(netns, &script)?;
-    crate::orig_src::install(&InPod(netns))
+/// Whether a captured pod got the original-source part of its rules.
+#[derive(Debug)]
+pub enum OrigSrc {
+    On,
+    /// Captured without it (its app sees the pod's own address as the
+    /// client's): why.
+    Off(RulesError),
 }
 
-/// Runs `ip` inside a pod's netns (for [`crate::orig_src`]).
+/// Installs (or replaces) the redirect rules in a pod's netns. When the
+/// original-source part cannot go in, the capture goes in without it.
+pub fn install(netns: &Netns, c: Capture) -> Result<OrigSrc, RulesError> {
+    install_in(&InPod(netns), c)
+}
+
+/// Removes the rules: the pod leaves the mesh.
+pub fn remove(netns: &Netns) -> Result<(), RulesError> {
+    remove_in(&InPod(netns))
+}
+
+/// Runs the pod's `nft` and `ip`.
+trait PodRun: crate::orig_src::RunIp<Error = RulesError> {
+    fn nft(&self, script: &str) -> Result<(), RulesError>;
+}
+
+/// Runs them inside a pod's netns.
 struct InPod<'a>(&'a Netns);
 
 impl crate::orig_src::RunIp for InPod<'_> {
@@ -154,14 +172,46 @@ impl crate::orig_src::RunIp for InPod<'_> {
     }
 }
 
-/// Removes the rules: the pod leaves the mesh.
-pub fn remove(netns: &Netns) -> Result<(), RulesError> {
-    let routes = crate::orig_src::remove(&InPod(netns));
-    nft(
-        netns,
-        &format!("table inet {TABLE}\ndelete table inet {TABLE}\n"),
-    )?;
-    routes
+impl PodRun for InPod<'_> {
+    fn nft(&self, script: &str) -> Result<(), RulesError> {
+        nft(self.0, script)
+    }
+}
+
+/// The transaction that replaces the pod's table.
+fn replace(c: Capture, orig_src: bool) -> String {
+    // Declaring then deleting makes the delete succeed whether or not the
+    // table exists; the new table follows in the same transaction.
+    format!(
+        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+        ruleset(c, orig_src)
+    )
+}
+
+/// The whole: the reply routing, then the table with its chains. Either
+/// failing, the capture alone, with no reply routing left (which is how
+/// the ztunnel tells that the pod's app must be dialed from the pod's own
+/// address); only the capture itself failing is an error.
+fn install_in<R: PodRun>(run: &R, c: Capture) -> Result<OrigSrc, RulesError> {
+    // The reply routing first: it touches nothing until the rules mark a
+    // connection, and a dial the rules mark must find it there.
+    let whole = crate::orig_src::install(run).and_then(|()| run.nft(&replace(c, true)));
+    let Err(why) = whole else {
+        return Ok(OrigSrc::On);
+    };
+    // No routing without the chains (a dial from a client's address would
+    // lose its replies), so it goes first; then the capture alone.
+    let _ = crate::orig_src::remove(run);
+    run.nft(&replace(c, false))?;
+    Ok(OrigSrc::Off(why))
+}
+
+fn remove_in<R: PodRun>(run: &R) -> Result<(), RulesError> {
+    // The rules first, so no connection is marked once its routing is gone;
+    // the routing goes even if they fail.
+    let rules = run.nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"));
+    let routes = crate::orig_src::remove(run);
+    rules.and(routes)
 }
 
 #[cfg(test)]
@@ -170,17 +220,23 @@ mod tests {
 
     #[test]
     fn probes_pass_before_any_redirect_and_bypass_drops_only_inbound() {
-        let r = ruleset(Capture {
-            dns: true,
-            bypass_inbound: false,
-        });
+        let r = ruleset(
+            Capture {
+                dns: true,
+                bypass_inbound: false,
+            },
+            true,
+        );
         let probe = r.find("ip saddr 169.254.7.127 accept").expect("probe rule");
         let redirect = r.find(":15006").expect("inbound redirect");
         assert!(probe < redirect, "{r}");
-        let b = ruleset(Capture {
-            dns: true,
-            bypass_inbound: true,
-        });
+        let b = ruleset(
+            Capture {
+                dns: true,
+                bypass_inbound: true,
+            },
+            true,
+        );
         assert!(!b.contains(":15006") && b.contains(":15001"), "{b}");
         // Only openings are redirected: a connection from before the
         // capture, picked up mid-stream, is left alone.
@@ -190,5 +246,121 @@ mod tests {
         {
             assert!(l.contains("tcp flags & (syn | ack) == syn"), "{l}");
         }
+    }
+
+    /// Records what would run in the pod: `ip <args>: <batch>`, `nft
+    /// add` (a table, `+orig_src` with its chains) or `nft delete`; fails
+    /// every `ip` when `no_ip`, and an `nft` script naming a conntrack zone
+    /// when `no_zones` (a kernel without them).
+    #[derive(Default)]
+    struct Record {
+        steps: std::cell::RefCell<Vec<String>>,
+        no_ip: bool,
+        no_zones: bool,
+    }
+
+    impl Record {
+        fn take(&self) -> Vec<String> {
+            self.steps.take()
+        }
+    }
+
+    impl crate::orig_src::RunIp for Record {
+        type Error = RulesError;
+        fn run_ip(&self, args: &[&str], batch: &str) -> Result<(), RulesError> {
+            if self.no_ip {
+                let e = std::io::Error::from(std::io::ErrorKind::NotFound);
+                return Err(RulesError::Spawn("ip".into(), e));
+            }
+            let line = format!("ip {}: {}", args.join(" "), batch.trim());
+            self.steps.borrow_mut().push(line);
+            Ok(())
+        }
+    }
+
+    impl PodRun for Record {
+        fn nft(&self, script: &str) -> Result<(), RulesError> {
+            if self.no_zones && script.contains(" zone ") {
+                return Err(RulesError::Failed(
+                    "nft".into(),
+                    "Error: Could not process rule: Operation not supported".into(),
+                ));
+            }
+            let what = match (script.contains("chain"), script.contains("orig_src")) {
+                (true, true) => "nft add+orig_src",
+                (true, false) => "nft add",
+                _ => "nft delete",
+            };
+            self.steps.borrow_mut().push(what.to_string());
+            Ok(())
+        }
+    }
+
+    /// Whether, after `steps`, the reply routing's rule is in place (the
+    /// last `rule` step added it).
+    fn rule_left(steps: &[String]) -> bool {
+        steps
+            .iter()
+            .rev()
+            .find(|s| s.contains("rule "))
+            .is_some_and(|s| s.contains("rule add"))
+    }
+
+    /// Without the original-source part (no `ip`, or a kernel without
+    /// conntrack zones) the pod is still captured, whole: the capture
+    /// table goes in, without the chains, and no reply routing is left
+    /// behind (the ztunnel reads its absence as "dial from the pod's own
+    /// address").
+    #[test]
+    fn without_original_source_the_pod_is_captured_all_the_same() {
+        for (no_ip, no_zones) in [(true, false), (false, true)] {
+            let r = Record {
+                no_ip,
+                no_zones,
+                ..Default::default()
+            };
+            let installed = install_in(&r, Capture::default());
+            let steps = r.take();
+            assert!(installed.is_ok(), "{installed:?} {steps:#?}");
+            assert_eq!(
+                steps.last().map(String::as_str),
+                Some("nft add"),
+                "{steps:#?}"
+            );
+            assert!(!rule_left(&steps), "{steps:#?}");
+        }
+        // With both, both.
+        let r = Record::default();
+        install_in(&r, Capture::default()).unwrap();
+        let steps = r.take();
+        assert_eq!(steps.last().map(String::as_str), Some("nft add+orig_src"));
+        assert!(rule_left(&steps), "{steps:#?}");
+    }
+
+    /// The reply routing is in place before the rules that mark the
+    /// ztunnel's dials (no window in which a dial from a client's address
+    /// is marked but its replies leave the pod), and goes after them.
+    #[test]
+    fn the_reply_routing_comes_before_the_rules_and_goes_after_them() {
+        let r = Record::default();
+        install_in(&r, Capture::default()).unwrap();
+        let steps = r.take();
+        let nft = steps
+            .iter()
+            .position(|s| s.starts_with("nft add"))
+            .expect("nft");
+        let last_add = steps
+            .iter()
+            .rposition(|s| s.contains("rule add"))
+            .expect("ip");
+        assert!(last_add < nft, "{steps:#?}");
+        remove_in(&r).unwrap();
+        let steps = r.take();
+        let nft = steps.iter().position(|s| s == "nft delete").expect("nft");
+        let first_del = steps
+            .iter()
+            .position(|s| s.contains("rule del"))
+            .expect("ip");
+        assert!(nft < first_del, "{steps:#?}");
     }
 }
