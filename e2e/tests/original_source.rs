@@ -180,6 +180,57 @@ async fn with_original_source_off_the_app_sees_its_own_address() {
     }
 }
 
+/// A pod whose reply routing is missing (its node agent could not install
+/// it, or is older): the ztunnel sees so in the pod's routing and dials
+/// its app from the pod's own address, rather than from the client's
+/// (whose replies would leave the pod and the connection hang), and counts
+/// it.
+#[tokio::test]
+async fn a_pod_without_reply_routing_is_dialed_from_its_own_address() {
+    let run = lab_with("").await;
+    let lab = &run.g.0;
+    let echo1 = lab.pod("shop/echo-1").unwrap().ip.clone();
+    let client = lab.pod("shop/client-0").unwrap().ip.clone();
+    let mut seen = None;
+    eventually("the app answers", Duration::from_secs(30), || {
+        seen = peer_seen(lab, "shop/client-0", &echo1);
+        std::future::ready(seen.is_some())
+    })
+    .await;
+    assert_eq!(seen.as_deref(), Some(client.as_str()));
+    for family in ["-4", "-6"] {
+        let _ = lab.exec(
+            "shop/echo-1",
+            &[
+                "ip", family, "rule", "del", "fwmark", "0x111", "lookup", "100", "pref", "32764",
+            ],
+        );
+    }
+    // HBONE (cross-node) and plaintext from outside the mesh alike.
+    for from in ["shop/client-0", "legacy/plain-0"] {
+        assert_eq!(
+            peer_seen(lab, from, &echo1).as_deref(),
+            Some(echo1.as_str()),
+            "{from}"
+        );
+    }
+    let node = lab.state.nodes.iter().find(|n| n.name == "node-2").unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &node.netns])
+        .arg(e2e::mesh::binary("labapp"))
+        .args(["get", &format!("http://{}:15020/metrics", node.ip)])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let counted = text
+        .lines()
+        .find(|l| {
+            l.starts_with("ztunnel_original_source_fallbacks_total{reason=\"no_reply_route\"}")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
+    assert!(counted.is_some_and(|n| n >= 2), "{text}");
+}
+
 /// Connections held from plain-0 to the TCP echo, then opened beside them.
 const HELD: usize = 1500;
 const FRESH: usize = 1500;
