@@ -41,9 +41,15 @@ struct Running {
 /// A two-node lab: the HTTP echo on both nodes, a captured client and a
 /// plain one (outside the mesh) on node-1.
 async fn lab_with(ztunnel_extra: &str) -> Running {
+    lab_with_agent(ztunnel_extra, None).await
+}
+
+/// [`lab_with`], the node agents running with this `PATH`.
+async fn lab_with_agent(ztunnel_extra: &str, agent_path: Option<String>) -> Running {
     let dir = tempfile::tempdir().unwrap();
     let mut lab = Lab::create_in(dir.path(), TEST_IDS, 2).unwrap();
     lab.state.ztunnel_extra = ztunnel_extra.to_string();
+    lab.state.agent_path = agent_path;
     let mut g = Guard(lab);
     g.0.start_mesh().await.unwrap();
     let mut docs = String::new();
@@ -214,14 +220,7 @@ async fn a_pod_without_reply_routing_is_dialed_from_its_own_address() {
             "{from}"
         );
     }
-    let node = lab.state.nodes.iter().find(|n| n.name == "node-2").unwrap();
-    let out = std::process::Command::new("ip")
-        .args(["netns", "exec", &node.netns])
-        .arg(e2e::mesh::binary("labapp"))
-        .args(["get", &format!("http://{}:15020/metrics", node.ip)])
-        .output()
-        .unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
+    let text = ztunnel_metrics(lab, "node-2");
     let counted = text
         .lines()
         .find(|l| {
@@ -229,6 +228,62 @@ async fn a_pod_without_reply_routing_is_dialed_from_its_own_address() {
         })
         .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok());
     assert!(counted.is_some_and(|n| n >= 2), "{text}");
+}
+
+/// The scrape of `node`'s ztunnel's metrics.
+fn ztunnel_metrics(lab: &Lab, node: &str) -> String {
+    let n = lab.state.nodes.iter().find(|n| n.name == node).unwrap();
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &n.netns])
+        .arg(e2e::mesh::binary("labapp"))
+        .args(["get", &format!("http://{}:15020/metrics", n.ip)])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).to_string()
+}
+
+/// Node agents that cannot run `ip` (so cannot install the reply routing)
+/// still capture every pod, whole: the app sees its own pod's address
+/// (the ztunnel dialed it) from a plaintext client outside the mesh, where
+/// an uncaptured pod would see that client; HBONE works; the agent lists
+/// the pods as captured without original source.
+#[tokio::test]
+async fn an_agent_without_ip_captures_pods_without_original_source() {
+    let bin = tempfile::tempdir().unwrap();
+    let nft = ["/usr/sbin/nft", "/sbin/nft", "/usr/bin/nft"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .expect("nft is installed");
+    std::os::unix::fs::symlink(nft, bin.path().join("nft")).unwrap();
+    let run = lab_with_agent("", Some(bin.path().display().to_string())).await;
+    let lab = &run.g.0;
+    let echo1 = lab.pod("shop/echo-1").unwrap().ip.clone();
+    assert!(lab.pod("shop/echo-1").unwrap().captured);
+    let mut seen = None;
+    eventually("the app answers", Duration::from_secs(30), || {
+        seen = peer_seen(lab, "shop/client-0", &echo1);
+        std::future::ready(seen.is_some())
+    })
+    .await;
+    assert_eq!(seen.as_deref(), Some(echo1.as_str()), "HBONE");
+    assert_eq!(
+        peer_seen(lab, "legacy/plain-0", &echo1).as_deref(),
+        Some(echo1.as_str()),
+        "plaintext, through the ztunnel"
+    );
+    let list = mesh_cni::agent::call(
+        &lab.dir.join("node-2-cni.sock"),
+        &mesh_cni::agent::Request::List,
+    )
+    .await
+    .unwrap();
+    let without = list["without_original_source"].to_string();
+    assert!(without.contains("shop/echo-1"), "{list}");
+    let text = ztunnel_metrics(lab, "node-2");
+    assert!(
+        text.contains("ztunnel_original_source_fallbacks_total{reason=\"no_reply_route\"}"),
+        "{text}"
+    );
 }
 
 /// Connections held from plain-0 to the TCP echo, then opened beside them.
