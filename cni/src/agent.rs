@@ -151,7 +151,7 @@ fn install_rules(
     spec: &PodSpec,
     c: Capture,
 ) -> Result<Option<String>, rules::RulesError> {
-    match rules::install(netns, c)? {
+    match rules::install(netns, c, spec.ips.iter().any(IpAddr::is_ipv6))? {
         rules::OrigSrc::On => Ok(None),
         rules::OrigSrc::Off(e) => {
             warn!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), error = %e,
@@ -332,7 +332,10 @@ impl Agent {
         p.spec.bypass_inbound = bypass_inbound;
         match install_rules(&p.netns, &p.spec, self.capture_of(&p.spec)) {
             Ok(n) => p.no_orig_src = n,
-            Err(e) => warn!(uid, error = %e, "re-applying the pod's rules failed"),
+            Err(e) => {
+                warn!(uid, error = %e, "re-applying the pod's rules failed");
+                p.no_orig_src = Some(e.to_string());
+            }
         }
         self.persist(&pods).await;
     }
@@ -343,10 +346,8 @@ impl Agent {
         let Some(pod) = pods.remove(uid) else {
             return Ok(()); // already gone: deletes are idempotent
         };
-        if let Err(e) = rules::remove(&pod.netns) {
-            warn!(uid, error = %e, "removing the pod's rules failed (its netns may be gone)");
-        }
-        self.probe_snat(&pod.spec.ips, false);
+        // The ztunnel first: it closes the pod's connections, so none of
+        // its transparent dials is live when their reply routing goes.
         let _ = self
             .to_ztunnel(
                 Payload::Del(DelWorkload {
@@ -355,6 +356,10 @@ impl Agent {
                 None,
             )
             .await;
+        if let Err(e) = rules::remove(&pod.netns) {
+            warn!(uid, error = %e, "removing the pod's rules failed (its netns may be gone)");
+        }
+        self.probe_snat(&pod.spec.ips, false);
         info!(uid, "pod released");
         self.persist(&pods).await;
         Ok(())
@@ -427,7 +432,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
                     };
                     let no_orig_src = install_rules(&netns, &spec, c).unwrap_or_else(|e| {
                         warn!(uid = %spec.uid, error = %e, "re-applying rules failed");
-                        None
+                        Some(e.to_string())
                     });
                     let pod = Pod {
                         spec,

@@ -25,7 +25,21 @@
 //! and its replies, local already, stay local.
 //!
 //! The chains live in the pod's table (`crate::rules`) and go with it; the
-//! rule and route are installed and removed with it.
+//! rule and route are installed after it and removed before it, so the
+//! rule (which the ztunnel's per-dial route check sees) exists only while
+//! the chains do. The table also holds a guard ([`guard`]): packets of the
+//! ztunnel's transparent dials never leave through anything but loopback,
+//! so a missing route stalls them and never sends them out of eth0.
+//!
+//! A process in the pod with CAP_NET_ADMIN that flushes the pod's
+//! nftables (the guard with it) breaks original source for its pod: the
+//! route check still sees the rule, and its app's replies to a client's
+//! address would be routed out of eth0 instead of back to the ztunnel.
+//! Such a process can send anything from its pod anyway.
+//!
+//! The mark (0x111), the rule's priority (32764) and the table (100) are
+//! the values Istio's in-pod rules use: do not run this agent alongside
+//! Istio's CNI on the same node.
 
 /// The ztunnel's mark (its sockets carry it in node mode).
 const MARK: u32 = mesh_core::config::INPOD_MARK;
@@ -75,15 +89,49 @@ pub fn chains() -> String {
     )
 }
 
-/// `ip` commands adding (or deleting) the rule and route of one family.
-fn script(v6: bool, add: bool) -> String {
-    let rule = format!("fwmark {REPLY_MARK} lookup {ROUTE_TABLE} pref {RULE_PRIORITY}");
+/// The chain that keeps the ztunnel's dials in the pod whatever the
+/// routing: a packet of a connection marked as one of them (conntrack mark
+/// [`REPLY_MARK`]) leaves through loopback or not at all. Without the
+/// rule and route (being replaced, removed, or flushed by someone else)
+/// the app's replies to a client's address would otherwise go out of
+/// eth0, in cleartext; with this they stall instead. It is part of every
+/// table the agent installs (with or without the chains that mark), so a
+/// fallback keeps it for the connections already marked.
+pub fn guard() -> String {
+    format!(
+        "  chain orig_src_guard {{
+    type filter hook postrouting priority filter; policy accept;
+    ct mark {REPLY_MARK} oifname != \"lo\" drop
+  }}
+"
+    )
+}
+
+fn family(v6: bool) -> &'static str {
+    if v6 { "-6" } else { "-4" }
+}
+
+/// The policy rule's selector and action.
+fn rule() -> String {
+    format!("fwmark {REPLY_MARK} lookup {ROUTE_TABLE} pref {RULE_PRIORITY}")
+}
+
+/// Whether `ip rule show` printed the rule.
+fn has_rule(shown: &str) -> bool {
+    let prefix = format!("{RULE_PRIORITY}:");
+    let want = format!("fwmark {REPLY_MARK:#x} lookup {ROUTE_TABLE}");
+    shown
+        .lines()
+        .any(|l| l.starts_with(&prefix) && l.contains(&want))
+}
+
+/// `ip` commands deleting the rule (first) and the route of one family.
+fn removal(v6: bool) -> String {
     let default = if v6 { "::/0" } else { "0.0.0.0/0" };
-    if add {
-        format!("rule add {rule}\nroute replace local {default} dev lo table {ROUTE_TABLE}\n")
-    } else {
-        format!("rule del {rule}\nroute del local {default} dev lo table {ROUTE_TABLE}\n")
-    }
+    format!(
+        "rule del {}\nroute del local {default} dev lo table {ROUTE_TABLE}\n",
+        rule()
+    )
 }
 
 /// Runs `ip` (inside the pod) with these arguments and this batch on
@@ -91,33 +139,43 @@ fn script(v6: bool, add: bool) -> String {
 pub trait RunIp {
     type Error: std::fmt::Display;
     fn run_ip(&self, args: &[&str], batch: &str) -> Result<(), Self::Error>;
+    /// Runs `ip args` and returns what it printed.
+    fn ip_output(&self, args: &[&str]) -> Result<String, Self::Error>;
 }
 
-fn ip<R: RunIp>(run: &R, v6: bool, add: bool) -> Result<(), R::Error> {
-    let family = if v6 { "-6" } else { "-4" };
-    run.run_ip(&[family, "-force", "-batch", "-"], &script(v6, add))
-}
-
-/// Installs (or re-installs) the rule and route: IPv4 always, IPv6 where
-/// the pod's kernel has it (a pod without IPv6 has no IPv6 clients).
-pub fn install<R: RunIp>(run: &R) -> Result<(), R::Error> {
-    for v6 in [false, true] {
-        // One rule, however often this runs: whatever was there goes first.
-        let _ = ip(run, v6, false);
-        match ip(run, v6, true) {
-            Err(e) if v6 => {
-                tracing::warn!(error = %e, "no IPv6 reply routing in the pod (IPv6 off?)")
-            }
-            r => r?,
-        }
+/// The route, then the rule when it is missing. The route's `replace` is
+/// one change; the rule is never deleted to be re-added (live transparent
+/// connections would lose their replies' routing in between).
+fn install_family<R: RunIp>(run: &R, v6: bool) -> Result<(), R::Error> {
+    let (f, default) = (family(v6), if v6 { "::/0" } else { "0.0.0.0/0" });
+    let route = format!("route replace local {default} dev lo table {ROUTE_TABLE}\n");
+    run.run_ip(&[f, "-batch", "-"], &route)?;
+    let pref = RULE_PRIORITY.to_string();
+    let shown = run.ip_output(&[f, "rule", "show", "pref", &pref])?;
+    if !has_rule(&shown) {
+        run.run_ip(&[f, "-batch", "-"], &format!("rule add {}\n", rule()))?;
     }
     Ok(())
 }
 
-/// Removes the rule and route (the pod leaves the mesh).
+/// Installs (or re-installs) the rule and route: IPv4 always, IPv6 too;
+/// an IPv6 failure is an error only for a pod with an IPv6 address
+/// (`v6`): a pod without one has no IPv6 clients.
+pub fn install<R: RunIp>(run: &R, v6: bool) -> Result<(), R::Error> {
+    install_family(run, false)?;
+    match install_family(run, true) {
+        Err(e) if !v6 => {
+            tracing::debug!(error = %e, "no IPv6 reply routing in the pod (IPv6 off?)")
+        }
+        r => r?,
+    }
+    Ok(())
+}
+
+/// Removes the rule and route (the pod leaves the mesh), the rule first.
 pub fn remove<R: RunIp>(run: &R) -> Result<(), R::Error> {
-    let v4 = ip(run, false, false);
-    let _ = ip(run, true, false);
+    let v4 = run.run_ip(&["-4", "-force", "-batch", "-"], &removal(false));
+    let _ = run.run_ip(&["-6", "-force", "-batch", "-"], &removal(true));
     v4
 }
 
@@ -144,10 +202,10 @@ mod tests {
             c.contains("ct direction reply ct mark 273 meta mark set 273"),
             "{c}"
         );
-        assert_eq!(
-            script(false, true),
-            "rule add fwmark 273 lookup 100 pref 32764\nroute replace local 0.0.0.0/0 dev lo table 100\n"
-        );
-        assert!(script(true, true).contains("local ::/0 dev lo"));
+        assert!(guard().contains("ct mark 273 oifname != \"lo\" drop"));
+        assert!(has_rule("32764:\tfrom all fwmark 0x111 lookup 100\n"));
+        assert!(!has_rule("32764:\tfrom all fwmark 0x112 lookup 100\n"));
+        assert!(!has_rule("32765:\tfrom all fwmark 0x111 lookup 100\n"));
+        assert!(removal(false).starts_with("rule del fwmark 273 lookup 100 pref 32764\n"));
     }
 }

@@ -11,7 +11,8 @@
 //! - outbound TCP goes to 15001, DNS (53) to 15053;
 //! - the app's replies to the ztunnel's connections from a client's
 //!   address are routed back to the ztunnel within the pod
-//!   ([`crate::orig_src`]);
+//!   ([`crate::orig_src`]), and, in every table, never leave through
+//!   anything but loopback (the guard: a missing route stalls them);
 //! - the ztunnel's own sockets carry mark 1337 and are left alone, as is
 //!   other traffic within the pod (loopback); DNS is redirected before that
 //!   exemption, so a loopback nameserver (127.0.0.53) is captured too.
@@ -71,9 +72,10 @@ pub fn ruleset(c: Capture, orig_src: bool) -> String {
     } else {
         String::new()
     };
+    let guard = crate::orig_src::guard();
     format!(
         "table inet {TABLE} {{
-{orig_src}  chain prerouting {{
+{orig_src}{guard}  chain prerouting {{
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"lo\" accept
     ip saddr {PROBE_SOURCE} accept
@@ -100,16 +102,17 @@ pub enum RulesError {
 
 /// Runs `nft -f -` with `script` inside `netns`.
 pub(crate) fn nft(netns: &Netns, script: &str) -> Result<(), RulesError> {
-    run_in(netns, "nft", &["-f", "-"], script)
+    run_in(netns, "nft", &["-f", "-"], script).map(drop)
 }
 
-/// Runs `program args` inside `netns` with `script` on its stdin.
-fn run_in(netns: &Netns, program: &str, args: &[&str], script: &str) -> Result<(), RulesError> {
+/// Runs `program args` inside `netns` with `script` on its stdin; its
+/// output.
+fn run_in(netns: &Netns, program: &str, args: &[&str], script: &str) -> Result<String, RulesError> {
     let fd = netns.fd().as_raw_fd();
     let mut cmd = Command::new(program);
     cmd.args(args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::piped());
     // SAFETY: between fork and exec only setns(2) runs, which is
     // async-signal-safe; it moves the child into the pod's netns.
@@ -128,7 +131,7 @@ fn run_in(netns: &Netns, program: &str, args: &[&str], script: &str) -> Result<(
     }
     let out = child.wait_with_output().map_err(spawn)?;
     if out.status.success() {
-        Ok(())
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {
         Err(RulesError::Failed(
             program.to_string(),
@@ -148,8 +151,8 @@ pub enum OrigSrc {
 
 /// Installs (or replaces) the redirect rules in a pod's netns. When the
 /// original-source part cannot go in, the capture goes in without it.
-pub fn install(netns: &Netns, c: Capture) -> Result<OrigSrc, RulesError> {
-    install_in(&InPod(netns), c)
+pub fn install(netns: &Netns, c: Capture, v6: bool) -> Result<OrigSrc, RulesError> {
+    install_in(&InPod(netns), c, v6)
 }
 
 /// Removes the rules: the pod leaves the mesh.
@@ -168,7 +171,10 @@ struct InPod<'a>(&'a Netns);
 impl crate::orig_src::RunIp for InPod<'_> {
     type Error = RulesError;
     fn run_ip(&self, args: &[&str], batch: &str) -> Result<(), RulesError> {
-        run_in(self.0, "ip", args, batch)
+        run_in(self.0, "ip", args, batch).map(drop)
+    }
+    fn ip_output(&self, args: &[&str]) -> Result<String, RulesError> {
+        run_in(self.0, "ip", args, "")
     }
 }
 
@@ -188,29 +194,33 @@ fn replace(c: Capture, orig_src: bool) -> String {
     )
 }
 
-/// The whole: the reply routing, then the table with its chains. Either
+/// The whole: the table with its chains, then the reply routing. Either
 /// failing, the capture alone, with no reply routing left (which is how
 /// the ztunnel tells that the pod's app must be dialed from the pod's own
-/// address); only the capture itself failing is an error.
-fn install_in<R: PodRun>(run: &R, c: Capture) -> Result<OrigSrc, RulesError> {
-    // The reply routing first: it touches nothing until the rules mark a
-    // connection, and a dial the rules mark must find it there.
-    let whole = crate::orig_src::install(run).and_then(|()| run.nft(&replace(c, true)));
+/// address); only the capture itself failing is an error. `v6`: the pod
+/// has an IPv6 address (its IPv6 routing is then required).
+fn install_in<R: PodRun>(run: &R, c: Capture, v6: bool) -> Result<OrigSrc, RulesError> {
+    // The chains first (the table is replaced in one transaction, so a
+    // re-apply never drops them), the rule last: the rule, which the
+    // ztunnel's route check sees, exists only while the chains do.
+    let whole = run
+        .nft(&replace(c, true))
+        .and_then(|()| crate::orig_src::install(run, v6));
     let Err(why) = whole else {
         return Ok(OrigSrc::On);
     };
-    // No routing without the chains (a dial from a client's address would
-    // lose its replies), so it goes first; then the capture alone.
+    // The rule goes first, then the table without the chains (its guard
+    // stays, for the connections they already marked).
     let _ = crate::orig_src::remove(run);
     run.nft(&replace(c, false))?;
     Ok(OrigSrc::Off(why))
 }
 
 fn remove_in<R: PodRun>(run: &R) -> Result<(), RulesError> {
-    // The rules first, so no connection is marked once its routing is gone;
-    // the routing goes even if they fail.
-    let rules = run.nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"));
+    // The rule first, so the ztunnel's route check never sees it without
+    // the chains; the table goes even if that fails.
     let routes = crate::orig_src::remove(run);
+    let rules = run.nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"));
     rules.and(routes)
 }
 
@@ -257,6 +267,10 @@ mod tests {
         steps: std::cell::RefCell<Vec<String>>,
         no_ip: bool,
         no_zones: bool,
+        /// Every `ip -6` fails (a pod without IPv6).
+        no_v6: bool,
+        /// How many policy rules the pod holds (IPv4, IPv6).
+        rules: std::cell::RefCell<[usize; 2]>,
     }
 
     impl Record {
@@ -268,12 +282,38 @@ mod tests {
     impl crate::orig_src::RunIp for Record {
         type Error = RulesError;
         fn run_ip(&self, args: &[&str], batch: &str) -> Result<(), RulesError> {
-            if self.no_ip {
-                let e = std::io::Error::from(std::io::ErrorKind::NotFound);
-                return Err(RulesError::Spawn("ip".into(), e));
+            self.fails(args)?;
+            let v6 = usize::from(args.contains(&"-6"));
+            let mut rules = self.rules.borrow_mut();
+            for l in batch.lines() {
+                if l.starts_with("rule add") {
+                    rules[v6] += 1;
+                } else if l.starts_with("rule del") {
+                    if rules[v6] == 0 {
+                        return Err(RulesError::Failed("ip".into(), "No such file".into()));
+                    }
+                    rules[v6] -= 1;
+                }
             }
             let line = format!("ip {}: {}", args.join(" "), batch.trim());
             self.steps.borrow_mut().push(line);
+            Ok(())
+        }
+
+        fn ip_output(&self, args: &[&str]) -> Result<String, RulesError> {
+            self.fails(args)?;
+            let v6 = usize::from(args.contains(&"-6"));
+            let n = self.rules.borrow()[v6];
+            Ok("32764:\tfrom all fwmark 0x111 lookup 100\n".repeat(n))
+        }
+    }
+
+    impl Record {
+        fn fails(&self, args: &[&str]) -> Result<(), RulesError> {
+            if self.no_ip || (self.no_v6 && args.contains(&"-6")) {
+                let e = std::io::Error::from(std::io::ErrorKind::NotFound);
+                return Err(RulesError::Spawn("ip".into(), e));
+            }
             Ok(())
         }
     }
@@ -286,7 +326,7 @@ mod tests {
                     "Error: Could not process rule: Operation not supported".into(),
                 ));
             }
-            let what = match (script.contains("chain"), script.contains("orig_src")) {
+            let what = match (script.contains("chain"), script.contains("orig_src_mark")) {
                 (true, true) => "nft add+orig_src",
                 (true, false) => "nft add",
                 _ => "nft delete",
@@ -319,7 +359,7 @@ mod tests {
                 no_zones,
                 ..Default::default()
             };
-            let installed = install_in(&r, Capture::default());
+            let installed = install_in(&r, Capture::default(), false);
             let steps = r.take();
             assert!(installed.is_ok(), "{installed:?} {steps:#?}");
             assert_eq!(
@@ -331,29 +371,29 @@ mod tests {
         }
         // With both, both.
         let r = Record::default();
-        install_in(&r, Capture::default()).unwrap();
+        install_in(&r, Capture::default(), false).unwrap();
         let steps = r.take();
         assert_eq!(steps.last().map(String::as_str), Some("nft add+orig_src"));
         assert!(rule_left(&steps), "{steps:#?}");
     }
 
-    /// The reply routing is in place before the rules that mark the
-    /// ztunnel's dials (no window in which a dial from a client's address
-    /// is marked but its replies leave the pod), and goes after them.
+    /// The policy rule (which the ztunnel's route check sees) exists only
+    /// while the chains that mark the ztunnel's dials do: the chains go in
+    /// first and the rule last; on removal the rule goes first.
     #[test]
-    fn the_reply_routing_comes_before_the_rules_and_goes_after_them() {
+    fn the_rule_exists_only_while_the_chains_do() {
         let r = Record::default();
-        install_in(&r, Capture::default()).unwrap();
+        install_in(&r, Capture::default(), false).unwrap();
         let steps = r.take();
         let nft = steps
             .iter()
             .position(|s| s.starts_with("nft add"))
             .expect("nft");
-        let last_add = steps
+        let first_add = steps
             .iter()
-            .rposition(|s| s.contains("rule add"))
+            .position(|s| s.contains("rule add"))
             .expect("ip");
-        assert!(last_add < nft, "{steps:#?}");
+        assert!(nft < first_add, "{steps:#?}");
         remove_in(&r).unwrap();
         let steps = r.take();
         let nft = steps.iter().position(|s| s == "nft delete").expect("nft");
@@ -361,6 +401,54 @@ mod tests {
             .iter()
             .position(|s| s.contains("rule del"))
             .expect("ip");
-        assert!(nft < first_del, "{steps:#?}");
+        assert!(first_del < nft, "{steps:#?}");
+    }
+
+    /// Re-applying a pod's rules (a bypass change, an agent restart) never
+    /// removes the rule, not even for a moment: live transparent
+    /// connections would send their replies out of eth0 in that gap.
+    #[test]
+    fn re_applying_never_removes_the_rule() {
+        let r = Record::default();
+        install_in(&r, Capture::default(), false).unwrap();
+        r.take();
+        install_in(&r, Capture::default(), false).unwrap();
+        let steps = r.take();
+        assert!(!steps.iter().any(|s| s.contains("rule del")), "{steps:#?}");
+        assert_eq!(r.rules.borrow()[0], 1, "{steps:#?}");
+    }
+
+    /// Packets of the ztunnel's transparent dials (conntrack mark
+    /// [`crate::orig_src::REPLY_MARK`]) leave through loopback or not at
+    /// all, whatever the routing: in every table, with or without the
+    /// original-source chains (a fallback keeps the guard for live
+    /// connections).
+    #[test]
+    fn the_ztunnels_dials_never_leave_but_through_loopback() {
+        for orig_src in [true, false] {
+            let r = ruleset(Capture::default(), orig_src);
+            assert!(r.contains("type filter hook postrouting"), "{r}");
+            assert!(r.contains("ct mark 273 oifname != \"lo\" drop"), "{r}");
+        }
+    }
+
+    /// A pod with an IPv6 address whose IPv6 reply routing cannot go in
+    /// is not reported as having original source.
+    #[test]
+    fn a_pod_with_ipv6_without_ipv6_routing_is_reported() {
+        let r = Record {
+            no_v6: true,
+            ..Default::default()
+        };
+        let got = install_in(&r, Capture::default(), true).unwrap();
+        assert!(matches!(got, OrigSrc::Off(_)), "{got:?}");
+        assert!(!rule_left(&r.take()));
+        // Without an IPv6 address, IPv6 off is no loss.
+        let r = Record {
+            no_v6: true,
+            ..Default::default()
+        };
+        let got = install_in(&r, Capture::default(), false).unwrap();
+        assert!(matches!(got, OrigSrc::On), "{got:?}");
     }
 }
