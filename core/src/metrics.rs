@@ -233,6 +233,12 @@ pub enum FallbackReason {
     no_permission,
     /// The pod has no reply routing (its node agent could not install it).
     no_reply_route,
+    /// Asking the pod's kernel about its reply routing failed (no answer
+    /// in time, no sockets left).
+    route_check_failed,
+    /// The transparent dial failed for its source, not as the app's
+    /// answer (the bind, a connect refused at once for the source).
+    dial_failed,
 }
 
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]

@@ -95,8 +95,8 @@ async fn handle_stream(
         peer.ip(),
         target,
     );
-    // The app sees the peer's address only when it is not another
-    // workload's (see `orig_src`).
+    // The app sees the peer's address only when the state gives it to a
+    // workload of the peer's identity (see `orig_src`).
     let client = super::orig_src::peer_owns(&snap, &proxy.cfg.network, peer.ip(), &src_identity)
         .then_some(peer);
     drop(snap);

@@ -44,6 +44,9 @@ pub struct Proxy {
     pub netns: mesh_core::netns::NetnsRegistry,
     /// Inbound HBONE: TLS as the destination workload, then its streams.
     pub hbone: Server,
+    /// Whether inbound dials to apps are still made from clients'
+    /// addresses (original source).
+    pub transparent: orig_src::Transparent,
 }
 
 impl Proxy {
@@ -85,6 +88,7 @@ impl Proxy {
             draining,
             netns: Default::default(),
             hbone,
+            transparent: orig_src::Transparent::new(),
         });
         tokio::spawn(inbound::revoke_on_policy_change(Arc::downgrade(&proxy)));
         proxy

@@ -9,9 +9,11 @@
 //! accepted, never one a peer names in a header (`forwarded`, `baggage`):
 //!
 //! - HBONE: the TCP peer of the mutual-TLS connection (the source pod's
-//!   address, as its ztunnel dials from inside it), and only when that
-//!   address is not another workload's: when the state places a workload
-//!   of a different identity at it, the app sees the pod's own address;
+//!   address, as its ztunnel dials from inside it), and only when the
+//!   state gives that address to a workload of exactly the authenticated
+//!   identity: an address of another identity, or one the state does not
+//!   know (a node's, a masqueraded source, a VM's, a pod address just
+//!   reused), gives the app the pod's own address;
 //! - plaintext (15006): the TCP peer, what the app would have seen
 //!   without the mesh;
 //! - the same-node fast path: the client pod's address (the outbound
@@ -22,14 +24,20 @@
 //! app's own fall back to today's dial (an IPv4-mapped IPv6 address is
 //! read as the IPv4 address it is first). So does a pod whose reply
 //! routing is missing (asked of its kernel before each such dial: its
-//! node agent could not install it, or is older), and, for the rest of
-//! the process, a ztunnel that may not make transparent sockets (no
-//! CAP_NET_ADMIN): each logged once and counted in
-//! `ztunnel_original_source_fallbacks`.
+//! node agent could not install it, or is older; the question has 100 ms
+//! to be answered, and an error asking it counts as missing), a dial
+//! whose transparent socket fails for its source (see
+//! [`Transparent::judge`]), and, for the rest of the proxy's life, a
+//! ztunnel that may not make transparent sockets (no CAP_NET_ADMIN). Each
+//! is counted in `ztunnel_original_source_fallbacks` and logged, once a
+//! minute per pod at most (the permission once).
 
+use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
 
 use tokio::net::TcpStream;
 use tracing::warn;
@@ -39,22 +47,38 @@ use mesh_core::config::{ORIG_SRC_REPLY_MARK, PROBE_SOURCE_V4, PROBE_SOURCE_V6};
 use mesh_core::identity::Identity;
 use mesh_core::metrics::{FallbackLabels, FallbackReason, Metrics};
 use mesh_core::netns::Netns;
-use mesh_core::socket;
+use mesh_core::socket::{self, TransparentError};
 use mesh_core::state::Snapshot;
 
-/// Whether transparent dials are still tried, once for the process.
+/// How often one pod's fallback is logged.
+const LOG_EVERY: Duration = Duration::from_secs(60);
+/// How many pods' last log times are kept (then forgotten at once).
+const LOGGED_MAX: usize = 4096;
+
+/// Whether transparent dials are still tried (one per proxy).
 pub struct Transparent {
-    /// Set when one failed for want of permission: it will again.
+    /// Set when `IP_TRANSPARENT` was refused for want of permission: it
+    /// will be again.
     refused: AtomicBool,
-    /// Set once a pod without reply routing has been logged.
-    no_route_logged: AtomicBool,
+    /// When each pod's (app address's) fallback was last logged.
+    logged: Mutex<HashMap<IpAddr, Instant>>,
+}
+
+/// What follows a failed transparent dial.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum After {
+    /// Dial again from the pod's own address: the failure was the
+    /// transparent socket's, not the app's answer.
+    Plain,
+    /// The app's (or the network's) answer: it stands.
+    Fail,
 }
 
 impl Transparent {
-    pub const fn new() -> Self {
+    pub fn new() -> Self {
         Transparent {
             refused: AtomicBool::new(false),
-            no_route_logged: AtomicBool::new(false),
+            logged: Mutex::new(HashMap::new()),
         }
     }
 
@@ -63,27 +87,60 @@ impl Transparent {
         !self.refused.load(Ordering::Relaxed)
     }
 
-    /// Takes a transparent dial's failure: true when it was for want of
-    /// permission (EPERM or EACCES), which is then remembered, logged once
-    /// and counted, and the caller dials from the pod's address.
-    pub fn refused(&self, e: &io::Error, metrics: &Metrics) -> bool {
-        if e.kind() != io::ErrorKind::PermissionDenied {
-            return false;
+    /// Judges a transparent dial's failure. Only `IP_TRANSPARENT` itself
+    /// refused for want of permission (EPERM, EACCES) stops transparent
+    /// dials for this proxy (logged once, counted `no_permission`). The
+    /// socket's other steps failing (the pod's netns, the mark, the bind:
+    /// EADDRINUSE, EADDRNOTAVAIL), and a connect that fails at once for
+    /// the source (EADDRINUSE, EADDRNOTAVAIL: no port free for the
+    /// 4-tuple; EPERM, EACCES: a rule refused the packet) fall back to a
+    /// plain dial for this connection (counted `dial_failed`). Any other
+    /// connect failure (ECONNREFUSED, a timeout, unreachable) is the app's
+    /// answer and stands.
+    pub fn judge(&self, target: SocketAddr, e: &TransparentError, metrics: &Metrics) -> After {
+        use TransparentError as T;
+        let denied = |e: &io::Error| e.kind() == io::ErrorKind::PermissionDenied;
+        match e {
+            T::Transparent(io) if denied(io) => {
+                fallback(metrics, FallbackReason::no_permission);
+                if !self.refused.swap(true, Ordering::Relaxed) {
+                    warn!(error = %e, "cannot dial apps from their clients' addresses (CAP_NET_ADMIN?); from now on they see the pod's own address");
+                }
+                return After::Plain;
+            }
+            T::Connect(io) => {
+                let at_once = [
+                    libc::EADDRINUSE,
+                    libc::EADDRNOTAVAIL,
+                    libc::EPERM,
+                    libc::EACCES,
+                ];
+                if !io.raw_os_error().is_some_and(|c| at_once.contains(&c)) {
+                    return After::Fail;
+                }
+            }
+            _ => {}
         }
-        fallback(metrics, FallbackReason::no_permission);
-        if !self.refused.swap(true, Ordering::Relaxed) {
-            warn!(error = %e, "cannot dial apps from their clients' addresses (CAP_NET_ADMIN?); from now on they see the pod's own address");
-        }
-        true
+        fallback(metrics, FallbackReason::dial_failed);
+        self.log(target, &format!("transparent dial failed: {e}"));
+        After::Plain
     }
 
-    /// Notes a pod without reply routing (logged once per process; the
-    /// metric counts every dial).
-    fn no_route(&self, target: SocketAddr, metrics: &Metrics) {
-        fallback(metrics, FallbackReason::no_reply_route);
-        if !self.no_route_logged.swap(true, Ordering::Relaxed) {
-            warn!(%target, "a pod has no reply routing for original source (see its node agent's log); its app sees the pod's own address");
+    /// Logs a pod's fallback, at most once per [`LOG_EVERY`] per pod.
+    fn log(&self, target: SocketAddr, why: &str) {
+        let Ok(mut logged) = self.logged.lock() else {
+            return;
+        };
+        let now = Instant::now();
+        let last = logged.get(&target.ip());
+        if last.is_some_and(|t| now.duration_since(*t) < LOG_EVERY) {
+            return;
         }
+        if logged.len() >= LOGGED_MAX {
+            logged.clear();
+        }
+        logged.insert(target.ip(), now);
+        warn!(%target, why, "dialing the app from its pod's own address, not the client's (logged once a minute per pod)");
     }
 }
 
@@ -100,9 +157,6 @@ fn fallback(metrics: &Metrics, reason: FallbackReason) {
         .inc();
 }
 
-/// This process's.
-static TRANSPARENT: Transparent = Transparent::new();
-
 /// Whether `ip` may stand as a client's address toward an app: not
 /// loopback, link-local, unspecified, multicast or a probe source.
 pub fn usable(ip: IpAddr) -> bool {
@@ -117,11 +171,13 @@ pub fn usable(ip: IpAddr) -> bool {
 }
 
 /// Whether an HBONE peer at `peer` authenticated as `identity` may have
-/// the app see `peer`: yes unless the state places a workload of another
-/// identity there (an IPv4-mapped address is looked up as IPv4).
+/// the app see `peer`: only when the state gives that address to a
+/// workload of exactly that identity (an IPv4-mapped address is looked up
+/// as IPv4). An address the state does not know (a node's, a masqueraded
+/// source, a VM's, a pod address just reused) is not used.
 pub fn peer_owns(snap: &Snapshot, network: &str, peer: IpAddr, identity: &Identity) -> bool {
     snap.workload_by_ip(network, peer.to_canonical())
-        .is_none_or(|w| w.identity == *identity)
+        .is_some_and(|w| w.identity == *identity)
 }
 
 /// The address to dial the app at `target` from, for a client at
@@ -133,17 +189,18 @@ pub fn source_for(
     target: SocketAddr,
     netns: Option<&Netns>,
 ) -> Option<IpAddr> {
-    let client = client.to_canonical();
-    let on = proxy.cfg.original_source && netns.is_some();
-    (on && usable(client) && client.is_ipv4() == target.is_ipv4() && client != target.ip())
-        .then_some(client)
+    choose(proxy.cfg.original_source, netns.is_some(), client, target)
 }
 
-/// Whether the app's replies to `src` come back to the ztunnel in `netns`
-/// (the pod's reply routing is there). A kernel that cannot say counts as
-/// no.
-fn replies_return(src: IpAddr, netns: Option<&Netns>) -> bool {
-    mesh_core::route::delivered_locally(src, ORIG_SRC_REPLY_MARK, netns).unwrap_or(false)
+/// [`source_for`]: `on`, original source is switched on; `in_pod`, the
+/// dial is made inside the app's pod.
+fn choose(on: bool, in_pod: bool, client: IpAddr, target: SocketAddr) -> Option<IpAddr> {
+    let client = client.to_canonical();
+    (on && in_pod
+        && usable(client)
+        && client.is_ipv4() == target.is_ipv4()
+        && client != target.ip())
+    .then_some(client)
 }
 
 /// Dials the app at `target` inside `netns`, from `client`'s address when
@@ -156,16 +213,31 @@ pub async fn dial_app(
     netns: Option<&Netns>,
 ) -> io::Result<TcpStream> {
     let (mark, timeout) = (proxy.cfg.effective_mark(), proxy.cfg.connect_timeout);
-    let src = client.and_then(|c| Some((source_for(proxy, c.ip(), target, netns)?, c.port())));
-    if let (Some((ip, port)), Some(m)) = (src, mark)
-        && TRANSPARENT.allowed()
+    let t = &proxy.transparent;
+    let src = client.and_then(|c| source_for(proxy, c.ip(), target, netns));
+    if let (Some(ip), Some(m)) = (src, mark)
+        && t.allowed()
     {
-        if !replies_return(ip, netns) {
-            TRANSPARENT.no_route(target, &proxy.metrics);
-        } else {
-            match socket::dial_transparent(target, ip, Some(port), m, timeout, netns).await {
-                Err(e) if TRANSPARENT.refused(&e, &proxy.metrics) => {}
-                r => return r,
+        // Whether the app's replies to `ip` come back to the ztunnel (the
+        // pod's reply routing is there).
+        match mesh_core::route::delivered_locally(ip, ORIG_SRC_REPLY_MARK, netns) {
+            Ok(true) => match socket::dial_transparent(target, ip, m, timeout, netns).await {
+                Ok(s) => return Ok(s),
+                Err(e) if t.judge(target, &e, &proxy.metrics) == After::Fail => {
+                    return Err(e.into());
+                }
+                Err(_) => {}
+            },
+            Ok(false) => {
+                fallback(&proxy.metrics, FallbackReason::no_reply_route);
+                t.log(
+                    target,
+                    "the pod has no reply routing (see its node agent's log)",
+                );
+            }
+            Err(e) => {
+                fallback(&proxy.metrics, FallbackReason::route_check_failed);
+                t.log(target, &format!("asking the pod's routing failed: {e}"));
             }
         }
     }
@@ -233,27 +305,95 @@ mod tests {
         }
     }
 
+    /// An address the state does not know (a node's, a masqueraded one, a
+    /// VM's, a pod's just given up) is not the peer's to claim: the app
+    /// sees the pod's own address.
+    #[test]
+    fn an_address_the_state_does_not_know_is_not_used() {
+        let snap = state();
+        let owner: Identity = "spiffe://cluster.local/ns/shop/sa/server".parse().unwrap();
+        for ip in ["10.1.2.4", "192.168.0.1", "::ffff:10.9.9.9", "fd00::5"] {
+            let ip: IpAddr = ip.parse().unwrap();
+            assert!(!peer_owns(&snap, "", ip, &owner), "{ip}");
+        }
+    }
+
+    #[test]
+    fn the_source_is_the_clients_only_when_it_can_be() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let sa = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let app = sa("10.1.2.3:8080");
+        // On, in a pod: the client.
+        assert_eq!(
+            choose(true, true, ip("10.9.9.9"), app),
+            Some(ip("10.9.9.9"))
+        );
+        // A v4-mapped client toward an IPv4 app: as IPv4.
+        assert_eq!(
+            choose(true, true, ip("::ffff:10.9.9.9"), app),
+            Some(ip("10.9.9.9"))
+        );
+        // The other family, the app's own address, switched off, no
+        // netns (not node mode), an unusable address: the pod's own.
+        assert_eq!(choose(true, true, ip("fd00::9"), app), None);
+        assert_eq!(choose(true, true, ip("10.9.9.9"), sa("[fd00::1]:80")), None);
+        assert_eq!(choose(true, true, ip("10.1.2.3"), app), None);
+        assert_eq!(choose(false, true, ip("10.9.9.9"), app), None);
+        assert_eq!(choose(true, false, ip("10.9.9.9"), app), None);
+        assert_eq!(choose(true, true, ip("127.0.0.1"), app), None);
+    }
+
     fn io(code: i32) -> io::Error {
         io::Error::from_raw_os_error(code)
     }
 
+    fn count(metrics: &Metrics, reason: FallbackReason) -> i64 {
+        metrics
+            .original_source_fallbacks
+            .get_or_create(&FallbackLabels { reason })
+            .get() as i64
+    }
+
+    /// Only IP_TRANSPARENT refused stops transparent dials (per proxy,
+    /// never for another instance); a permission error of another step
+    /// falls back for that connection only, and the app's own answer
+    /// stands.
     #[test]
-    fn a_refused_transparent_dial_is_remembered_and_counted() {
+    fn only_a_refused_ip_transparent_is_remembered() {
+        use TransparentError as T;
         let metrics = Metrics::default();
+        let app: SocketAddr = "10.1.2.3:80".parse().unwrap();
         let t = Transparent::new();
-        // Other failures are the dial's own (the app, the network).
-        assert!(!t.refused(&io(libc::ECONNREFUSED), &metrics));
-        assert!(t.allowed());
+        let bind = |code| T::Bind {
+            src: "10.9.9.9".parse().unwrap(),
+            source: io(code),
+        };
+        for (e, after) in [
+            (T::Connect(io(libc::EPERM)), After::Plain),
+            (T::Connect(io(libc::EACCES)), After::Plain),
+            (T::Connect(io(libc::EADDRNOTAVAIL)), After::Plain),
+            (T::Connect(io(libc::EADDRINUSE)), After::Plain),
+            (T::Connect(io(libc::ECONNREFUSED)), After::Fail),
+            (T::Connect(io(libc::ETIMEDOUT)), After::Fail),
+            (T::Connect(io(libc::EHOSTUNREACH)), After::Fail),
+            (T::Socket(io(libc::EPERM)), After::Plain),
+            (T::Mark(io(libc::EPERM)), After::Plain),
+            (bind(libc::EPERM), After::Plain),
+            (bind(libc::EADDRINUSE), After::Plain),
+            (bind(libc::EADDRNOTAVAIL), After::Plain),
+        ] {
+            assert_eq!(t.judge(app, &e, &metrics), after, "{e:?}");
+            assert!(t.allowed(), "{e:?}");
+        }
+        assert_eq!(count(&metrics, FallbackReason::dial_failed), 9);
+        assert_eq!(count(&metrics, FallbackReason::no_permission), 0);
         for code in [libc::EPERM, libc::EACCES] {
-            assert!(t.refused(&io(code), &metrics), "{code}");
+            let e = T::Transparent(io(code));
+            assert_eq!(t.judge(app, &e, &metrics), After::Plain);
             assert!(!t.allowed(), "{code}");
         }
-        let n = metrics
-            .original_source_fallbacks
-            .get_or_create(&FallbackLabels {
-                reason: FallbackReason::no_permission,
-            })
-            .get();
-        assert_eq!(n, 2);
+        assert_eq!(count(&metrics, FallbackReason::no_permission), 2);
+        // Another proxy's latch is its own.
+        assert!(Transparent::new().allowed());
     }
 }
