@@ -292,8 +292,9 @@ const FRESH: usize = 1500;
 
 /// Opens a connection from inside `ns` to `to` and checks one echo on it.
 /// The socket is bound before it connects, so its port is one the kernel
-/// hands to `bind` (as a client that binds first, or a NAT, would have):
-/// the same half of the range the ztunnel's dials bind in.
+/// hands to `bind` (as a client that binds first, or a NAT, would have);
+/// the ztunnel's dials take theirs at connect, from the whole range, and
+/// may pick the same.
 fn open(
     ns: &mesh_core::netns::Netns,
     to: std::net::SocketAddr,
@@ -372,4 +373,138 @@ async fn many_connections_from_one_address_all_live() {
         started.elapsed(),
         &failed[..failed.len().min(20)]
     );
+}
+
+/// Runs `cmd` inside the lab netns `ns` with `stdin`; its output.
+fn in_ns(ns: &str, cmd: &[&str], stdin: &str) -> String {
+    use std::io::Write;
+    let mut child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns])
+        .args(cmd)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(stdin.as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "{cmd:?} in {ns}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// The packets `nft` counted in `ns`'s table `inet leak`.
+fn counted(ns: &str) -> u64 {
+    let out = in_ns(ns, &["nft", "list", "table", "inet", "leak"], "");
+    out.split("packets ")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in {out}"))
+}
+
+/// The app's replies on a live connection the ztunnel dialed from the
+/// client's address never leave the pod, even while its reply routing is
+/// missing (re-applied, removed): they stall until it is back. Counted on
+/// the client's side: any packet from the app to the client that is not
+/// of the client's own connection (its port) came out of the app's pod.
+#[tokio::test]
+async fn replies_never_leave_the_pod_without_reply_routing() {
+    let run = lab_with("").await;
+    let lab = &run.g.0;
+    let echo = lab.pod("shop/tcpecho-0").unwrap().clone();
+    let plain = lab.pod("legacy/plain-0").unwrap().netns.clone();
+    let to: std::net::SocketAddr = format!("{}:9000", echo.ip).parse().unwrap();
+    let ns = mesh_core::netns::Netns::open(&format!("/var/run/netns/{plain}")).unwrap();
+    let mut conn = None;
+    eventually("the TCP echo answers", Duration::from_secs(30), || {
+        conn = open(&ns, to).ok();
+        std::future::ready(conn.is_some())
+    })
+    .await;
+    let s = conn.unwrap();
+    let port = s.local_addr().unwrap().port();
+    in_ns(
+        &plain,
+        &["nft", "-f", "-"],
+        &format!(
+            "table inet leak {{ chain in {{ type filter hook prerouting priority -300; policy accept; ip saddr {} tcp sport 9000 tcp dport != {port} counter; }}\n}}\n",
+            echo.ip
+        ),
+    );
+    // The routing goes (as it did between an `ip rule del` and `add`).
+    in_ns(&echo.netns, &["ip", "rule", "del", "pref", "32764"], "");
+    let s2 = s.try_clone().unwrap();
+    let sent = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        (&s2).write_all(b"x")
+    });
+    sent.await.unwrap().unwrap();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(counted(&plain), 0, "the app's replies left its pod");
+    // Back: the stalled reply arrives.
+    in_ns(
+        &echo.netns,
+        &[
+            "ip", "rule", "add", "fwmark", "273", "lookup", "100", "pref", "32764",
+        ],
+        "",
+    );
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let got = tokio::task::spawn_blocking(move || {
+        use std::io::Read;
+        let mut b = [0u8; 1];
+        (&s).read_exact(&mut b).map(|()| b[0])
+    })
+    .await
+    .unwrap();
+    assert_eq!(got.ok(), Some(b'x'), "the stalled reply");
+    assert_eq!(counted(&plain), 0, "the app's replies left its pod");
+}
+
+/// A pod's plaintext listener (15006) serves its own pod only: a
+/// neighbour on the same bridge that sends a connection for another pod's
+/// address to this pod (a route via it) is refused, not dialed into the
+/// other pod from the neighbour's address.
+#[tokio::test]
+async fn a_pods_listener_does_not_dial_into_another_pod() {
+    let run = lab_with("").await;
+    let lab = &run.g.0;
+    let ip = |k: &str| lab.pod(k).unwrap().ip.clone();
+    let (echo0, client) = (ip("shop/echo-0"), ip("shop/client-0"));
+    let plain = lab.pod("legacy/plain-0").unwrap().netns.clone();
+    assert_eq!(lab.pod("legacy/plain-0").unwrap().node, "node-1");
+    eventually("the echo answers", Duration::from_secs(30), || {
+        std::future::ready(peer_seen(lab, "legacy/plain-0", &echo0).is_some())
+    })
+    .await;
+    // echo-0's address, through client-0's pod (counted there, so the
+    // test shows the path was taken).
+    let client_ns = lab.pod("shop/client-0").unwrap().netns.clone();
+    in_ns(
+        &client_ns,
+        &["nft", "-f", "-"],
+        &format!(
+            "table inet leak {{ chain in {{ type filter hook prerouting priority -300; policy accept; ip daddr {echo0} tcp dport 8080 counter; }}\n}}\n"
+        ),
+    );
+    in_ns(
+        &plain,
+        &["ip", "route", "add", &format!("{echo0}/32"), "via", &client],
+        "",
+    );
+    let seen = peer_seen(lab, "legacy/plain-0", &echo0);
+    assert!(
+        counted(&client_ns) > 0,
+        "the route via client-0 was not taken"
+    );
+    assert_eq!(seen, None, "client-0's ztunnel dialed into echo-0");
 }
