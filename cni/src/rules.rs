@@ -373,7 +373,8 @@ mod tests {
         let r = Record::default();
         install_in(&r, Capture::default(), false).unwrap();
         let steps = r.take();
-        assert_eq!(steps.last().map(String::as_str), Some("nft add+orig_src"));
+        // (The rule last: see the next test.)
+        assert_eq!(steps.first().map(String::as_str), Some("nft add+orig_src"));
         assert!(rule_left(&steps), "{steps:#?}");
     }
 
