@@ -109,7 +109,7 @@ impl Agent {
             match a {
                 Action::Release(uid) => {
                     info!(uid, "pod left the mesh: releasing");
-                    if let Err(e) = self.del(&uid).await {
+                    if let Err(e) = self.del(&uid, super::Leave::Release).await {
                         failed.push(format!("releasing {uid}: {e}"));
                     }
                 }
