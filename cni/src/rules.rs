@@ -211,6 +211,13 @@ pub fn guard_only() -> String {
     format!("table inet {TABLE} {{\n{}}}\n", crate::orig_src::guard())
 }
 
+/// A released pod's table when its rule could not be removed: the
+/// marking chains the rule needs and the guard, no capture.
+fn chains_and_guard() -> String {
+    let (chains, guard) = (crate::orig_src::chains(), crate::orig_src::guard());
+    format!("table inet {TABLE} {{\n{chains}{guard}}}\n")
+}
+
 /// The whole: the table with its chains, then the reply routing. Either
 /// failing, the capture alone, with no reply routing left (which is how
 /// the ztunnel tells that the pod's app must be dialed from the pod's own
@@ -255,9 +262,13 @@ fn remove_in<R: PodRun>(run: &R) -> Result<(), RulesError> {
 
 /// The pod leaves the mesh but lives on: the rule first, then, in one
 /// transaction, the table becomes the guard alone ([`guard_only`]). A rule
-/// that cannot go keeps the whole table (never a rule without its chains).
+/// that cannot go keeps the marking chains (never a rule without them):
+/// the capture goes all the same, and the failure is returned.
 fn release_in<R: PodRun>(run: &R) -> Result<(), RulesError> {
-    crate::orig_src::remove(run)?;
+    if let Err(e) = crate::orig_src::remove(run) {
+        run.nft(&replace_with(&chains_and_guard()))?;
+        return Err(e);
+    }
     run.nft(&replace_with(&guard_only()))
 }
 
@@ -375,7 +386,8 @@ mod tests {
             ) {
                 (true, true, _) => "nft add+orig_src",
                 (true, false, _) => "nft add",
-                (false, _, true) => "nft guard",
+                (false, true, true) => "nft chains+guard",
+                (false, false, true) => "nft guard",
                 _ => "nft delete",
             };
             self.steps.borrow_mut().push(what.to_string());
@@ -544,9 +556,14 @@ mod tests {
         let steps = r.take();
         assert!(!steps.iter().any(|s| s == "nft add"), "{steps:#?}");
         assert!(rule_left(&steps), "{steps:#?}");
-        // Released: the rule cannot go, so neither does the table.
+        // Released: the rule cannot go, so neither do the chains; the
+        // capture does.
         assert!(release_in(&r).is_err());
-        assert!(!r.take().iter().any(|s| s.starts_with("nft")));
+        let steps = r.take();
+        assert_eq!(steps.last().map(String::as_str), Some("nft chains+guard"));
+        let t = chains_and_guard();
+        assert!(t.contains("orig_src_mark") && t.contains("orig_src_guard"));
+        assert!(!t.contains("redirect"), "{t}");
     }
 
     /// A pod with an IPv6 address whose IPv6 reply routing cannot go in
