@@ -136,6 +136,16 @@ pub enum Request {
     Sync,
 }
 
+/// How a pod leaves the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leave {
+    /// It lives on (opted out): its rules go but the guard
+    /// ([`rules::guard_only`]).
+    Release,
+    /// It is deleted (CNI DEL): everything goes.
+    Delete,
+}
+
 pub(crate) struct Pod {
     pub(crate) spec: PodSpec,
     pub(crate) netns: Netns,
@@ -340,23 +350,27 @@ impl Agent {
         self.persist(&pods).await;
     }
 
-    pub(crate) async fn del(&self, uid: &str) -> Result<(), AgentError> {
+    pub(crate) async fn del(&self, uid: &str, how: Leave) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
         let mut pods = self.pods.lock().await;
         let Some(pod) = pods.remove(uid) else {
             return Ok(()); // already gone: deletes are idempotent
         };
-        // The ztunnel first: it closes the pod's connections, so none of
-        // its transparent dials is live when their reply routing goes.
-        let _ = self
-            .to_ztunnel(
-                Payload::Del(DelWorkload {
-                    uid: uid.to_string(),
-                }),
-                None,
-            )
-            .await;
-        if let Err(e) = rules::remove(&pod.netns) {
+        // The ztunnel first: it closes the pod's connections. It may not
+        // answer (not connected, slow): a released pod keeps the guard, so
+        // the replies of a transparent connection still open never leave
+        // the pod in cleartext.
+        let del = Payload::Del(DelWorkload {
+            uid: uid.to_string(),
+        });
+        if let Err(e) = self.to_ztunnel(del, None).await {
+            warn!(uid, error = %e, "the ztunnel did not confirm the pod's removal");
+        }
+        let removed = match how {
+            Leave::Release => rules::release(&pod.netns),
+            Leave::Delete => rules::remove(&pod.netns),
+        };
+        if let Err(e) = removed {
             warn!(uid, error = %e, "removing the pod's rules failed (its netns may be gone)");
         }
         self.probe_snat(&pod.spec.ips, false);
@@ -503,7 +517,7 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
                 Ok(()) => serde_json::json!({"ok": true}),
                 Err(e) => serde_json::json!({"error": e.to_string()}),
             },
-            Ok(Request::Del { uid }) => match agent.del(&uid).await {
+            Ok(Request::Del { uid }) => match agent.del(&uid, Leave::Delete).await {
                 Ok(()) => serde_json::json!({"ok": true}),
                 Err(e) => serde_json::json!({"error": e.to_string()}),
             },

@@ -97,11 +97,17 @@ pub fn chains() -> String {
 /// eth0, in cleartext; with this they stall instead. It is part of every
 /// table the agent installs (with or without the chains that mark), so a
 /// fallback keeps it for the connections already marked.
+///
+/// It also drops a transparent dial of the ztunnel itself (its mark, a
+/// source that is not one of the pod's addresses) that would leave
+/// through anything but loopback: such a dial is only ever meant for
+/// the app inside the pod.
 pub fn guard() -> String {
     format!(
         "  chain orig_src_guard {{
     type filter hook postrouting priority filter; policy accept;
     ct mark {REPLY_MARK} oifname != \"lo\" drop
+    meta mark {MARK} fib saddr type != local oifname != \"lo\" drop
   }}
 "
     )
@@ -125,13 +131,15 @@ fn has_rule(shown: &str) -> bool {
         .any(|l| l.starts_with(&prefix) && l.contains(&want))
 }
 
-/// `ip` commands deleting the rule (first) and the route of one family.
-fn removal(v6: bool) -> String {
+/// The `ip` command deleting the rule.
+fn rule_removal() -> String {
+    format!("rule del {}\n", rule())
+}
+
+/// The `ip` command deleting the route of one family.
+fn route_removal(v6: bool) -> String {
     let default = if v6 { "::/0" } else { "0.0.0.0/0" };
-    format!(
-        "rule del {}\nroute del local {default} dev lo table {ROUTE_TABLE}\n",
-        rule()
-    )
+    format!("route del local {default} dev lo table {ROUTE_TABLE}\n")
 }
 
 /// Runs `ip` (inside the pod) with these arguments and this batch on
@@ -173,10 +181,34 @@ pub fn install<R: RunIp>(run: &R, v6: bool) -> Result<(), R::Error> {
 }
 
 /// Removes the rule and route (the pod leaves the mesh), the rule first.
+/// A rule that is not there is no failure (a pod without original
+/// source has none); a rule that is there and cannot be deleted is. An
+/// IPv6 stack that `ip` cannot reach has no rule (nothing could add one).
+/// A route left behind is harmless (only the rule leads to its table).
 pub fn remove<R: RunIp>(run: &R) -> Result<(), R::Error> {
-    let v4 = run.run_ip(&["-4", "-force", "-batch", "-"], &removal(false));
-    let _ = run.run_ip(&["-6", "-force", "-batch", "-"], &removal(true));
-    v4
+    let v4 = remove_family(run, false);
+    let v6 = remove_family(run, true);
+    v4.and(v6)
+}
+
+fn remove_family<R: RunIp>(run: &R, v6: bool) -> Result<(), R::Error> {
+    let f = family(v6);
+    let pref = RULE_PRIORITY.to_string();
+    let shown = match run.ip_output(&[f, "rule", "show", "pref", &pref]) {
+        Ok(s) => s,
+        Err(e) if v6 => {
+            tracing::debug!(error = %e, "no IPv6 rules in the pod (IPv6 off?)");
+            return Ok(());
+        }
+        Err(e) => return Err(e),
+    };
+    if has_rule(&shown) {
+        run.run_ip(&[f, "-batch", "-"], &rule_removal())?;
+    }
+    if let Err(e) = run.run_ip(&[f, "-batch", "-"], &route_removal(v6)) {
+        tracing::debug!(error = %e, "no reply route to remove");
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -206,6 +238,14 @@ mod tests {
         assert!(has_rule("32764:\tfrom all fwmark 0x111 lookup 100\n"));
         assert!(!has_rule("32764:\tfrom all fwmark 0x112 lookup 100\n"));
         assert!(!has_rule("32765:\tfrom all fwmark 0x111 lookup 100\n"));
-        assert!(removal(false).starts_with("rule del fwmark 273 lookup 100 pref 32764\n"));
+        assert_eq!(
+            rule_removal(),
+            "rule del fwmark 273 lookup 100 pref 32764\n"
+        );
+        assert!(
+            guard().contains("meta mark 1337 fib saddr type != local oifname != \"lo\" drop"),
+            "{}",
+            guard()
+        );
     }
 }

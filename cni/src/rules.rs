@@ -155,9 +155,15 @@ pub fn install(netns: &Netns, c: Capture, v6: bool) -> Result<OrigSrc, RulesErro
     install_in(&InPod(netns), c, v6)
 }
 
-/// Removes the rules: the pod leaves the mesh.
+/// Removes the rules: the pod is deleted.
 pub fn remove(netns: &Netns) -> Result<(), RulesError> {
     remove_in(&InPod(netns))
+}
+
+/// Releases a pod that leaves the mesh: its capture and reply routing go,
+/// the guard stays ([`guard_only`]).
+pub fn release(netns: &Netns) -> Result<(), RulesError> {
+    release_in(&InPod(netns))
 }
 
 /// Runs the pod's `nft` and `ip`.
@@ -186,12 +192,30 @@ impl PodRun for InPod<'_> {
 
 /// The transaction that replaces the pod's table.
 fn replace(c: Capture, orig_src: bool) -> String {
+    replace_with(&ruleset(c, orig_src))
+}
+
+/// The transaction that replaces the pod's table with `table`.
+fn replace_with(table: &str) -> String {
     // Declaring then deleting makes the delete succeed whether or not the
     // table exists; the new table follows in the same transaction.
-    format!(
-        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
-        ruleset(c, orig_src)
-    )
+    format!("table inet {TABLE}\ndelete table inet {TABLE}\n{table}")
+}
+
+/// The table of a released pod: the guard alone. It matches only the
+/// ztunnel's transparent dials and their replies, so it changes nothing
+/// for a pod out of the mesh; it keeps the replies of such a connection
+/// still open (the ztunnel may not have closed it yet) off eth0. It goes
+/// with the pod (its DEL) or is replaced when the pod is captured again.
+pub fn guard_only() -> String {
+    format!("table inet {TABLE} {{\n{}}}\n", crate::orig_src::guard())
+}
+
+/// A released pod's table when its rule could not be removed: the
+/// marking chains the rule needs and the guard, no capture.
+fn chains_and_guard() -> String {
+    let (chains, guard) = (crate::orig_src::chains(), crate::orig_src::guard());
+    format!("table inet {TABLE} {{\n{chains}{guard}}}\n")
 }
 
 /// The whole: the table with its chains, then the reply routing. Either
@@ -203,25 +227,49 @@ fn install_in<R: PodRun>(run: &R, c: Capture, v6: bool) -> Result<OrigSrc, Rules
     // The chains first (the table is replaced in one transaction, so a
     // re-apply never drops them), the rule last: the rule, which the
     // ztunnel's route check sees, exists only while the chains do.
-    let whole = run
-        .nft(&replace(c, true))
-        .and_then(|()| crate::orig_src::install(run, v6));
+    let chains = run.nft(&replace(c, true));
+    let chains_in = chains.is_ok();
+    let whole = chains.and_then(|()| crate::orig_src::install(run, v6));
     let Err(why) = whole else {
         return Ok(OrigSrc::On);
     };
     // The rule goes first, then the table without the chains (its guard
-    // stays, for the connections they already marked).
-    let _ = crate::orig_src::remove(run);
+    // stays, for the connections they already marked). A rule that cannot
+    // go keeps the chains it needs: never a rule without them.
+    if let Err(e) = crate::orig_src::remove(run) {
+        let both = RulesError::Failed(
+            "original source".into(),
+            format!("{why}; and removing its rule failed: {e}"),
+        );
+        return if chains_in {
+            Ok(OrigSrc::Off(both))
+        } else {
+            Err(both)
+        };
+    }
     run.nft(&replace(c, false))?;
     Ok(OrigSrc::Off(why))
 }
 
+/// The pod is deleted: the rule first, so the ztunnel's route check never
+/// sees it without the chains; the table goes even if that fails (the
+/// netns goes with the pod).
 fn remove_in<R: PodRun>(run: &R) -> Result<(), RulesError> {
-    // The rule first, so the ztunnel's route check never sees it without
-    // the chains; the table goes even if that fails.
     let routes = crate::orig_src::remove(run);
     let rules = run.nft(&format!("table inet {TABLE}\ndelete table inet {TABLE}\n"));
     rules.and(routes)
+}
+
+/// The pod leaves the mesh but lives on: the rule first, then, in one
+/// transaction, the table becomes the guard alone ([`guard_only`]). A rule
+/// that cannot go keeps the marking chains (never a rule without them):
+/// the capture goes all the same, and the failure is returned.
+fn release_in<R: PodRun>(run: &R) -> Result<(), RulesError> {
+    if let Err(e) = crate::orig_src::remove(run) {
+        run.nft(&replace_with(&chains_and_guard()))?;
+        return Err(e);
+    }
+    run.nft(&replace_with(&guard_only()))
 }
 
 #[cfg(test)]
@@ -269,6 +317,8 @@ mod tests {
         no_zones: bool,
         /// Every `ip -6` fails (a pod without IPv6).
         no_v6: bool,
+        /// Every `rule del` fails.
+        stuck_rule: bool,
         /// How many policy rules the pod holds (IPv4, IPv6).
         rules: std::cell::RefCell<[usize; 2]>,
     }
@@ -289,6 +339,9 @@ mod tests {
                 if l.starts_with("rule add") {
                     rules[v6] += 1;
                 } else if l.starts_with("rule del") {
+                    if self.stuck_rule {
+                        return Err(RulesError::Failed("ip".into(), "Permission denied".into()));
+                    }
                     if rules[v6] == 0 {
                         return Err(RulesError::Failed("ip".into(), "No such file".into()));
                     }
@@ -326,9 +379,15 @@ mod tests {
                     "Error: Could not process rule: Operation not supported".into(),
                 ));
             }
-            let what = match (script.contains("chain"), script.contains("orig_src_mark")) {
-                (true, true) => "nft add+orig_src",
-                (true, false) => "nft add",
+            let what = match (
+                script.contains("chain prerouting"),
+                script.contains("orig_src_mark"),
+                script.contains("orig_src_guard"),
+            ) {
+                (true, true, _) => "nft add+orig_src",
+                (true, false, _) => "nft add",
+                (false, true, true) => "nft chains+guard",
+                (false, false, true) => "nft guard",
                 _ => "nft delete",
             };
             self.steps.borrow_mut().push(what.to_string());
@@ -362,11 +421,10 @@ mod tests {
             let installed = install_in(&r, Capture::default(), false);
             let steps = r.take();
             assert!(installed.is_ok(), "{installed:?} {steps:#?}");
-            assert_eq!(
-                steps.last().map(String::as_str),
-                Some("nft add"),
-                "{steps:#?}"
-            );
+            // Captured (where `ip` cannot even tell whether a rule is
+            // there, the chains stay: see the next tests).
+            let last = steps.last().map(String::as_str);
+            assert!(last.is_some_and(|l| l.starts_with("nft add")), "{steps:#?}");
             assert!(!rule_left(&steps), "{steps:#?}");
         }
         // With both, both.
@@ -431,6 +489,81 @@ mod tests {
             assert!(r.contains("type filter hook postrouting"), "{r}");
             assert!(r.contains("ct mark 273 oifname != \"lo\" drop"), "{r}");
         }
+    }
+
+    /// A released pod (it leaves the mesh, it lives on) keeps the guard:
+    /// the rule goes, then the table becomes the guard alone in one
+    /// transaction (never deleted), so the replies of a transparent
+    /// connection the ztunnel has not closed yet never leave in cleartext.
+    /// Capturing it again replaces that table whole.
+    #[test]
+    fn a_released_pod_keeps_the_guard() {
+        let r = Record::default();
+        install_in(&r, Capture::default(), false).unwrap();
+        r.take();
+        release_in(&r).unwrap();
+        let steps = r.take();
+        assert!(!steps.iter().any(|s| s == "nft delete"), "{steps:#?}");
+        assert_eq!(steps.last().map(String::as_str), Some("nft guard"));
+        let del = steps.iter().position(|s| s.contains("rule del"));
+        assert!(del.is_some_and(|d| d < steps.len() - 1), "{steps:#?}");
+        assert!(!rule_left(&steps) && r.rules.borrow()[0] == 0);
+        let g = replace_with(&guard_only());
+        assert!(g.starts_with("table inet ztunnel-inpod\ndelete table inet ztunnel-inpod\n"));
+        assert!(g.contains("ct mark 273 oifname != \"lo\" drop"), "{g}");
+        assert!(
+            !g.contains("redirect") && !g.contains("orig_src_mark"),
+            "{g}"
+        );
+        // Enrolled again: the whole table replaces the guard's, the rule
+        // follows.
+        install_in(&r, Capture::default(), false).unwrap();
+        let steps = r.take();
+        assert_eq!(steps.first().map(String::as_str), Some("nft add+orig_src"));
+        assert!(rule_left(&steps), "{steps:#?}");
+        assert!(replace(Capture::default(), true).starts_with("table inet ztunnel-inpod\ndelete"));
+    }
+
+    /// A pod captured without original source has no rule: releasing or
+    /// deleting it is no failure.
+    #[test]
+    fn a_pod_without_a_rule_is_released_without_failure() {
+        let r = Record {
+            no_zones: true,
+            ..Default::default()
+        };
+        let got = install_in(&r, Capture::default(), false).unwrap();
+        assert!(matches!(got, OrigSrc::Off(_)), "{got:?}");
+        release_in(&r).unwrap();
+        remove_in(&r).unwrap();
+    }
+
+    /// When the original-source part fails after its rule went in and the
+    /// rule cannot be removed, the chains stay (never a rule without them)
+    /// and the failure is reported; with no chains in, it is an error.
+    #[test]
+    fn a_rule_that_cannot_go_keeps_its_chains() {
+        let r = Record {
+            no_v6: true,
+            stuck_rule: true,
+            ..Default::default()
+        };
+        let got = install_in(&r, Capture::default(), true).unwrap();
+        let OrigSrc::Off(why) = got else {
+            panic!("{got:?}")
+        };
+        assert!(why.to_string().contains("removing its rule"), "{why}");
+        let steps = r.take();
+        assert!(!steps.iter().any(|s| s == "nft add"), "{steps:#?}");
+        assert!(rule_left(&steps), "{steps:#?}");
+        // Released: the rule cannot go, so neither do the chains; the
+        // capture does.
+        assert!(release_in(&r).is_err());
+        let steps = r.take();
+        assert_eq!(steps.last().map(String::as_str), Some("nft chains+guard"));
+        let t = chains_and_guard();
+        assert!(t.contains("orig_src_mark") && t.contains("orig_src_guard"));
+        assert!(!t.contains("redirect"), "{t}");
     }
 
     /// A pod with an IPv6 address whose IPv6 reply routing cannot go in
