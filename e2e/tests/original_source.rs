@@ -32,6 +32,22 @@ fn peer_seen(lab: &Lab, from: &str, to: &str) -> Option<String> {
     Some(ip.trim_matches(['[', ']']).to_string())
 }
 
+/// The first `peer=` the echo at `to` reports for a GET from `from`, once
+/// it answers (within 30 s).
+async fn peer_once_answered(lab: &Lab, what: &str, from: &str, to: &str) -> Option<String> {
+    let mut seen = None;
+    eventually(
+        &format!("{what}: the app answers"),
+        Duration::from_secs(30),
+        || {
+            seen = peer_seen(lab, from, to);
+            std::future::ready(seen.is_some())
+        },
+    )
+    .await;
+    seen
+}
+
 /// A running lab; taken down before its directory goes.
 struct Running {
     g: Guard,
@@ -85,16 +101,7 @@ async fn the_app_sees_its_clients_address() {
     // Cross-node (HBONE into echo-1's pod) and same-node (the fast path
     // into echo-0's): the app's peer is the client pod.
     for (what, to) in [("cross-node", &echo1), ("same-node", &echo0)] {
-        let mut seen = None;
-        eventually(
-            &format!("{what}: the app answers"),
-            Duration::from_secs(30),
-            || {
-                seen = peer_seen(lab, "shop/client-0", to);
-                std::future::ready(seen.is_some())
-            },
-        )
-        .await;
+        let seen = peer_once_answered(lab, what, "shop/client-0", to).await;
         assert_eq!(seen.as_deref(), Some(client.as_str()), "{what}");
     }
     // A plaintext client outside the mesh, in through 15006.
@@ -172,16 +179,7 @@ async fn with_original_source_off_the_app_sees_its_own_address() {
     let ip = |k: &str| lab.pod(k).unwrap().ip.clone();
     let (echo0, echo1) = (ip("shop/echo-0"), ip("shop/echo-1"));
     for (what, to) in [("cross-node", &echo1), ("same-node", &echo0)] {
-        let mut seen = None;
-        eventually(
-            &format!("{what}: the app answers"),
-            Duration::from_secs(30),
-            || {
-                seen = peer_seen(lab, "shop/client-0", to);
-                std::future::ready(seen.is_some())
-            },
-        )
-        .await;
+        let seen = peer_once_answered(lab, what, "shop/client-0", to).await;
         assert_eq!(seen.as_deref(), Some(to.as_str()), "{what}");
     }
 }
@@ -197,12 +195,7 @@ async fn a_pod_without_reply_routing_is_dialed_from_its_own_address() {
     let lab = &run.g.0;
     let echo1 = lab.pod("shop/echo-1").unwrap().ip.clone();
     let client = lab.pod("shop/client-0").unwrap().ip.clone();
-    let mut seen = None;
-    eventually("the app answers", Duration::from_secs(30), || {
-        seen = peer_seen(lab, "shop/client-0", &echo1);
-        std::future::ready(seen.is_some())
-    })
-    .await;
+    let seen = peer_once_answered(lab, "echo-1", "shop/client-0", &echo1).await;
     assert_eq!(seen.as_deref(), Some(client.as_str()));
     for family in ["-4", "-6"] {
         let _ = lab.exec(
@@ -259,12 +252,7 @@ async fn an_agent_without_ip_captures_pods_without_original_source() {
     let lab = &run.g.0;
     let echo1 = lab.pod("shop/echo-1").unwrap().ip.clone();
     assert!(lab.pod("shop/echo-1").unwrap().captured);
-    let mut seen = None;
-    eventually("the app answers", Duration::from_secs(30), || {
-        seen = peer_seen(lab, "shop/client-0", &echo1);
-        std::future::ready(seen.is_some())
-    })
-    .await;
+    let seen = peer_once_answered(lab, "echo-1", "shop/client-0", &echo1).await;
     assert_eq!(seen.as_deref(), Some(echo1.as_str()), "HBONE");
     assert_eq!(
         peer_seen(lab, "legacy/plain-0", &echo1).as_deref(),
