@@ -118,6 +118,17 @@ fn send_in(netns: &str, src: &str, dst: &str, port: u16, text: &str) -> (bool, S
     (connected, lines.next().unwrap_or("").trim().to_string())
 }
 
+/// Sends a router advertisement from `netns`'s eth0 to all nodes on its
+/// link, offering `prefix`/64 for autoconfiguration.
+fn rogue_ra(netns: &str, prefix: &str) {
+    const SCRIPT: &str = "import socket,struct,sys\ns=socket.socket(socket.AF_INET6,socket.SOCK_RAW,socket.IPPROTO_ICMPV6)\ns.setsockopt(socket.IPPROTO_IPV6,socket.IPV6_MULTICAST_HOPS,255)\nra=struct.pack('!BBHBBHII',134,0,0,64,0,0,0,0)\npi=struct.pack('!BBBBIII',3,4,64,0xc0,86400,14400,0)+socket.inet_pton(socket.AF_INET6,sys.argv[1])\ns.sendto(ra+pi,('ff02::1',0,0,socket.if_nametoindex('eth0')))\n";
+    let st = std::process::Command::new("ip")
+        .args(["netns", "exec", netns, "python3", "-c", SCRIPT, prefix])
+        .status()
+        .unwrap();
+    assert!(st.success(), "sending a router advertisement from {netns}");
+}
+
 fn ip(args: &[&str]) {
     let st = std::process::Command::new("ip")
         .args(args)
@@ -302,6 +313,65 @@ async fn ipv6_traffic_is_captured_tunnelled_resolved_and_authorized() {
             echoed == "probe-src",
             opens,
             "from {src} on node-2 to {dst} (connected: {connected})"
+        );
+    }
+
+    // Across the bridge: a plain pod on echo-0's bridge (lclient-0, node-1)
+    // that may forge its source (CAP_NET_RAW; here the address on its
+    // eth0) sends from a probe source straight to echo-0. Bridged, its
+    // frames pass no inet forward chain on a node without br_netfilter
+    // (switched off in node-1 here); node-1 routes the probe source back
+    // to lclient so the reply finds it. The node's bridge table drops the
+    // frames: the connection never opens past echo-0's capture. Seen
+    // opening and echoed before the fix.
+    let lc = lab.pod("legacy/lclient-0").unwrap().clone();
+    assert_eq!(lc.node, "node-1");
+    let lc6 = v6("legacy/lclient-0");
+    let br_nf = |on: &str| {
+        for f in ["iptables", "ip6tables"] {
+            let key = format!("net.bridge.bridge-nf-call-{f}={on}");
+            let st = std::process::Command::new("ip")
+                .args(["netns", "exec", &n1.netns, "sysctl", "-qw", &key])
+                .status()
+                .unwrap();
+            assert!(st.success(), "{key}");
+        }
+    };
+    br_nf("0");
+    for (src, dst, via) in [
+        ("169.254.7.127", &echo0_v4, &lc.ip),
+        ("fd16:9254:7127:1337:ffff:ffff:ffff:ffff", &echo0, &lc6),
+    ] {
+        let v6 = src.contains(':');
+        let net = format!("{src}/{}", if v6 { 128 } else { 32 });
+        let mut add: Vec<&str> = vec!["-n", &lc.netns, "addr", "add", &net, "dev", "eth0"];
+        if v6 {
+            add.push("nodad");
+        }
+        ip(&add);
+        ip(&["-n", &n1.netns, "route", "replace", &net, "via", via]);
+        let (connected, echoed) = send_in(&lc.netns, src, dst, 9000, "spoofed");
+        ip(&["-n", &n1.netns, "route", "del", &net]);
+        ip(&["-n", &lc.netns, "addr", "del", &net, "dev", "eth0"]);
+        assert!(
+            !connected && echoed != "spoofed",
+            "a probe source across the bridge reached {dst} (connected: {connected}, echoed: {echoed:?})"
+        );
+    }
+    br_nf("1");
+
+    // A rogue router advertisement on node-1's bridge (from the plain pod
+    // lclient-0) gives no pod an address the mesh does not know: pods take
+    // none from RAs (accept_ra and autoconf off on eth0). Failed first:
+    // echo-0 and client-0 took an address in the advertised prefix.
+    rogue_ra(&lc.netns, "fd00:bad:1::");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    for key in ["shop/echo-0", "shop/client-0"] {
+        let out = lab.exec(key, &["ip", "-6", "-o", "addr", "show"]).unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        assert!(
+            !text.contains("fd00:bad:1:"),
+            "{key} took an address from a rogue RA: {text}"
         );
     }
 

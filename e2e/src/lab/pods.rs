@@ -202,8 +202,9 @@ impl Lab {
     }
 
     /// Plugs a pod's netns into its node's bridge `cbr0` (veth `eth0` in
-    /// the pod, `port` on the node) with address `ip` and the node as its
-    /// default route.
+    /// the pod, `port` on the node) with address `ip` (and its IPv6 twin)
+    /// and the node as its default route; the pod takes no addresses from
+    /// router advertisements.
     pub(crate) fn wire_pod(
         &self,
         node: &NodeState,
@@ -247,6 +248,12 @@ impl Lab {
             "eth0",
         ])?;
         super::network::add_v6(ns, "eth0", ip)?;
+        // No addresses from router advertisements: a rogue RA on the bridge
+        // must not give the pod an address the mesh does not know.
+        for knob in ["accept_ra", "autoconf"] {
+            let key = format!("net.ipv6.conf.eth0.{knob}=0");
+            sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", &key])?;
+        }
         sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
         let gw = format!("{}.{}.1", self.net(), node.index);
         sh(&["ip", "-n", ns, "route", "add", "default", "via", &gw])?;
