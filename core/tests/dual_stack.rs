@@ -285,3 +285,45 @@ fn the_source_address_is_of_the_hops_family_or_none() {
         "source workload shop/old has no IPv6 address to dial fd00:2::1 from"
     );
 }
+
+/// The same-node path judges the source on the address its tunnel would
+/// carry to another node (its address of the target's family), not on the
+/// client socket's: a client calling an IPv6 VIP whose endpoint has only
+/// IPv4 is judged, and seen by the app, as its IPv4 address, as the
+/// ztunnel of another node would. An ALLOW of the client's IPv6 block
+/// lets it in on neither path. Failed first: the same-node path judged
+/// the client's IPv6 socket address and let it in.
+#[test]
+fn the_same_node_path_judges_the_address_the_tunnel_would_carry() {
+    use mesh_core::state::decide::{authorize_local, source_ip};
+    let s = state(&policy("ALLOW", "\"fd00:1::/64\""));
+    let snap = s.snapshot();
+    let client = snap.workload("c//Pod/shop/client").expect("client");
+    let old = snap.workload("c//Pod/shop/old").expect("old");
+    let ip = |s: &str| -> IpAddr { s.parse().expect("ip") };
+    // The client called [fd00:f::2]:80, whose one endpoint is 10.1.3.1.
+    let target = addr("10.1.3.1:8080");
+    let tunnel = source_ip(client, target.ip()).expect("an IPv4 address");
+    assert_eq!(tunnel, ip("10.1.1.1"));
+    let remote = authorize(
+        &snap,
+        "istio-system",
+        old,
+        Some(&client.identity),
+        tunnel,
+        target,
+    );
+    assert!(!remote.is_allowed(), "{remote}");
+    let (judged, local) =
+        authorize_local(&snap, "istio-system", client, ip("fd00:1::1"), old, target)
+            .expect("a source address");
+    assert_eq!(judged, tunnel);
+    assert_eq!(local.is_allowed(), remote.is_allowed(), "{local}");
+    // In the target's own family the two are one address, and allowed.
+    let v6 = addr("[fd00:2::1]:8080");
+    let server = snap.workload("c//Pod/shop/server").expect("server");
+    let (judged, d) = authorize_local(&snap, "istio-system", client, ip("fd00:1::1"), server, v6)
+        .expect("a source address");
+    assert_eq!(judged, ip("fd00:1::1"));
+    assert!(d.is_allowed(), "{d}");
+}
