@@ -548,17 +548,22 @@ pub fn evaluate(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
     evaluate_checked(policies, r)
 }
 
+/// Why a request from `source` is refused before any policy, CUSTOM
+/// included (its provider is never asked): an address that names no
+/// workload and may be anyone on its link, as the ztunnel refuses it.
+/// None: the policies decide.
+pub fn refused_before_policy(source: IpAddr) -> Option<String> {
+    (!mesh_core::state::decide::attributable_peer(source)).then(|| {
+        format!("source {source} is not a routable address (link-local, unspecified or multicast)")
+    })
+}
+
 /// DENY, then ALLOW policies, for a request whose CUSTOM policies' providers
 /// have allowed it (CUSTOM policies are not ALLOW policies). Dry-run
 /// policies are logged when they match, never enforced.
 pub fn evaluate_checked(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
-    // A source whose address names no workload and may be anyone on its
-    // link is refused before any policy (as the ztunnel refuses it).
-    if !mesh_core::state::decide::attributable_peer(r.source_ip) {
-        return Decision::Denied(format!(
-            "source {} is not a routable address (link-local, unspecified or multicast)",
-            r.source_ip
-        ));
+    if let Some(why) = refused_before_policy(r.source_ip) {
+        return Decision::Denied(why);
     }
     for p in policies.iter().filter(|p| p.dry_run && p.matches(r)) {
         tracing::info!(policy = %p.name, action = ?p.action, path = %r.path, "dry-run policy matched (not enforced)");

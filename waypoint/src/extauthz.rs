@@ -119,6 +119,17 @@ pub enum Verdict {
     Denied(Denial),
 }
 
+/// A refusal by the mesh's own rules (not a provider's).
+fn rbac_denial(detail: String, body: &'static [u8]) -> Denial {
+    Denial {
+        status: StatusCode::FORBIDDEN,
+        headers: HeaderMap::new(),
+        body: Bytes::from_static(body),
+        flag: Flag::RBAC,
+        detail,
+    }
+}
+
 /// What a provider answered.
 enum Answer {
     Allowed(Option<OkHttpResponse>),
@@ -416,6 +427,12 @@ impl ExtAuthz {
         s: &Subject<'_>,
         parts: &mut Parts,
     ) -> Verdict {
+        // A peer refused whatever the policies say is refused before any
+        // provider hears of it.
+        let early = authz::refused_before_policy(s.source_addr.ip());
+        if let Some(detail) = early {
+            return Verdict::Denied(rbac_denial(detail, b"RBAC: access denied\n"));
+        }
         let asked = providers(policies, &attrs(s, parts));
         if !asked.is_empty() && !parts.headers.contains_key("x-request-id") {
             // The provider and the backend see the same request id.
@@ -488,6 +505,9 @@ impl ExtAuthz {
             path: "",
             headers: &headers,
         };
+        if let Some(detail) = authz::refused_before_policy(a.source_ip) {
+            return Err(rbac_denial(detail, b""));
+        }
         for (policy, p) in providers(policies, &a) {
             let error = match self.ask(&p, check_request(s, None)).await {
                 Answer::Allowed(_) => {
