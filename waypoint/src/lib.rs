@@ -55,6 +55,7 @@ pub mod h1guard;
 pub mod idle;
 pub mod ingress;
 pub mod lb;
+pub mod loglimit;
 pub mod normalize;
 pub mod proxy;
 pub mod proxy_metrics;

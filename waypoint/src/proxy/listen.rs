@@ -134,7 +134,54 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Why an ingress connection was refused before any request: each is
+/// logged a few times per period at most (`loglimit`), as a flood of them
+/// would fill the log.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Unattributable,
+    TlsRefused,
+    TlsTimeout,
+}
+
+impl Refusal {
+    fn key(self) -> &'static str {
+        match self {
+            Refusal::Unattributable => "unattributable",
+            Refusal::TlsRefused => "tls_refused",
+            Refusal::TlsTimeout => "tls_timeout",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::Unattributable => {
+                "ingress connection from a link-local, unspecified or multicast address refused"
+            }
+            Refusal::TlsRefused => "TLS handshake refused",
+            Refusal::TlsTimeout => "TLS handshake timed out",
+        }
+    }
+}
+
 impl Waypoint {
+    /// Logs a refused ingress connection: one line per reason per
+    /// `loglimit::EVERY`, with how many were left out since the last.
+    fn refused(&self, why: Refusal, peer: SocketAddr, port: u16, error: Option<&std::io::Error>) {
+        let Some(suppressed) = self.refusals.admit(why.key(), std::time::Instant::now()) else {
+            return;
+        };
+        let what = why.message();
+        match error {
+            Some(e) => {
+                info!(%peer, port, reason = %e, suppressed, "{what} (one line per reason every 10 s; suppressed: left out since)")
+            }
+            None => {
+                info!(%peer, port, suppressed, "{what} (one line per reason every 10 s; suppressed: left out since)")
+            }
+        }
+    }
+
     /// Accepts HBONE connections until the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let draining = self.draining.clone();
@@ -184,7 +231,7 @@ impl Waypoint {
             // workload and may be anyone on the link is refused.
             if !mesh_core::state::decide::attributable_peer(peer.ip()) {
                 drop(tcp);
-                return info!(%peer, port, "ingress connection from a link-local, unspecified or multicast address refused");
+                return self.refused(Refusal::Unattributable, peer, port, None);
             }
             self.open.send_modify(|n| *n += 1);
             let guard = OpenGuard(self.open.clone());
@@ -242,9 +289,9 @@ impl Waypoint {
             let stream = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    return info!(%peer, port, reason = %e, "TLS handshake refused");
+                    return self.refused(Refusal::TlsRefused, peer, port, Some(&e));
                 }
-                Err(_) => return info!(%peer, port, "TLS handshake timed out"),
+                Err(_) => return self.refused(Refusal::TlsTimeout, peer, port, None),
             };
             let (_, conn) = stream.get_ref();
             let sni = conn.server_name().map(str::to_string);

@@ -65,6 +65,8 @@ pub struct Waypoint {
     pub draining: CancellationToken,
     /// Open downstream HBONE connections, for the drain.
     pub open: tokio::sync::watch::Sender<usize>,
+    /// The ingress's per-connection refusal lines, a few per period.
+    refusals: crate::loglimit::LogLimit,
     /// The HBONE server: TLS as the waypoint's identity, then its streams.
     hbone: Server,
 }
@@ -160,6 +162,7 @@ impl Waypoint {
             ingress,
             draining,
             open: tokio::sync::watch::Sender::new(0),
+            refusals: crate::loglimit::LogLimit::default(),
             hbone,
         })
     }
