@@ -314,16 +314,16 @@ fn the_same_node_path_judges_the_address_the_tunnel_would_carry() {
         target,
     );
     assert!(!remote.is_allowed(), "{remote}");
+    // The client socket was fd00:1::1.
     let (judged, local) =
-        authorize_local(&snap, "istio-system", client, ip("fd00:1::1"), old, target)
-            .expect("a source address");
+        authorize_local(&snap, "istio-system", client, old, target).expect("a source address");
     assert_eq!(judged, tunnel);
     assert_eq!(local.is_allowed(), remote.is_allowed(), "{local}");
     // In the target's own family the two are one address, and allowed.
     let v6 = addr("[fd00:2::1]:8080");
     let server = snap.workload("c//Pod/shop/server").expect("server");
-    let (judged, d) = authorize_local(&snap, "istio-system", client, ip("fd00:1::1"), server, v6)
-        .expect("a source address");
+    let (judged, d) =
+        authorize_local(&snap, "istio-system", client, server, v6).expect("a source address");
     assert_eq!(judged, ip("fd00:1::1"));
     assert!(d.is_allowed(), "{d}");
 }

@@ -429,8 +429,7 @@ impl ExtAuthz {
     ) -> Verdict {
         // A peer refused whatever the policies say is refused before any
         // provider hears of it.
-        let early = authz::refused_before_policy(s.source_addr.ip());
-        if let Some(detail) = early {
+        if let Some(detail) = authz::refused_before_policy(s.source_addr.ip()) {
             return Verdict::Denied(rbac_denial(detail, b"RBAC: access denied\n"));
         }
         let asked = providers(policies, &attrs(s, parts));
@@ -478,13 +477,7 @@ impl ExtAuthz {
         }
         let decision = authz::evaluate_checked(policies, &attrs(s, parts));
         if !decision.is_allowed() {
-            return Verdict::Denied(Denial {
-                status: StatusCode::FORBIDDEN,
-                headers: HeaderMap::new(),
-                body: Bytes::from_static(b"RBAC: access denied\n"),
-                flag: Flag::RBAC,
-                detail: decision.to_string(),
-            });
+            return Verdict::Denied(rbac_denial(decision.to_string(), b"RBAC: access denied\n"));
         }
         Verdict::Allowed(ResponseEdits(response))
     }
@@ -527,13 +520,7 @@ impl ExtAuthz {
         let decision = authz::evaluate_checked(policies, &a);
         match decision.is_allowed() {
             true => Ok(()),
-            false => Err(Denial {
-                status: StatusCode::FORBIDDEN,
-                headers: HeaderMap::new(),
-                body: Bytes::new(),
-                flag: Flag::RBAC,
-                detail: decision.to_string(),
-            }),
+            false => Err(rbac_denial(decision.to_string(), b"")),
         }
     }
 }

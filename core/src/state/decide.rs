@@ -87,20 +87,16 @@ pub fn authorize(
 /// from (the one its tunnel would carry, [`source_ip`] of the target) and
 /// the destination's decision on it. The inbound half dials the app from
 /// that address too, so policy and the app see one source, the one a
-/// ztunnel on another node would see. `peer` is the client socket's
-/// address.
+/// ztunnel on another node would see. Not the client socket's address
+/// (one of the source pod's, as the outbound side checked): the tunnel
+/// carries its address of the target's family, which may be another.
 pub fn authorize_local(
     snap: &Snapshot,
     root_namespace: &str,
     src: &Workload,
-    peer: IpAddr,
     dst: &Workload,
     target: SocketAddr,
 ) -> Result<(IpAddr, Decision), RouteError> {
-    // The client socket's address is the source pod's own (the outbound
-    // side checked it); the tunnel would carry its address of the target's
-    // family, which may be another of its addresses.
-    let _ = peer;
     let from = source_ip(src, target.ip())?;
     let decision = authorize(snap, root_namespace, dst, Some(&src.identity), from, target);
     Ok((from, decision))

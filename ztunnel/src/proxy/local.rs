@@ -73,7 +73,6 @@ pub async fn deliver(
             &snap,
             &proxy.cfg.root_namespace,
             src,
-            peer.ip(),
             dst,
             target,
         )
