@@ -7,7 +7,7 @@
 //! each request into the mesh the same way.
 //!
 //! Layering (a module only uses those listed before it):
-//! `normalize` -> `config` -> `idle` -> `proxy_metrics` -> `authz` -> `ratelimit` -> `routes` ->
+//! `loglimit` -> `normalize` -> `config` -> `idle` -> `proxy_metrics` -> `authz` -> `ratelimit` -> `routes` ->
 //! `telemetry` -> `extauthz` -> `ingress` -> `attach` -> `lb` -> `reqbody` -> `batch` -> `upstream`
 //! -> `body` -> `h1guard` -> `proxy` -> `sink` -> `app`.
 //!
