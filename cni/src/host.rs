@@ -13,14 +13,27 @@
 //!   (`fib saddr type local`: locally opened, not forwarded from a pod) is
 //!   SNATed to the probe source of its family;
 //! - forward: anything routed through the node from a probe source is
-//!   dropped, so another host cannot pass for the kubelet;
+//!   dropped, so another host cannot pass for the kubelet; so is anything
+//!   routed through it from one of the node's own addresses
+//!   (`fib saddr type local`), which postrouting would otherwise take for
+//!   the node's own and SNAT to the probe source (IPv6 has no
+//!   martian-source check to drop it first). The node's own traffic never
+//!   crosses forward (output, then postrouting), and a forwarded reply is
+//!   un-DNATed to a node address only after it, at postrouting;
 //! - a `bridge` table of the same name: frames a bridge of the node
 //!   forwards from one port to another with a probe source are dropped
 //!   (pods on one bridge reach each other without the node routing them,
 //!   and without `br_netfilter` no `inet` chain sees those frames), so a
 //!   pod that may forge source addresses (CAP_NET_RAW) cannot pass for the
 //!   kubelet to its neighbours. The node's own probes leave through the
-//!   bridge's output hook, not its forward one.
+//!   bridge's output hook, not its forward one. Frames in an 802.1Q or
+//!   802.1ad tag are dropped there too, whatever they carry: in a bridge
+//!   table `ip saddr` depends on `meta protocol ip`, which sees through
+//!   the one tag the kernel takes off a frame on receipt but not through a
+//!   second, so a frame in two tags of VLAN ID 0 (both of which the
+//!   receiving pod's kernel strips, taking the packet) would pass the
+//!   address rules; `vlan type ip` would match one tag only as well. Pods
+//!   have no business sending tagged frames on a node bridge.
 //!
 //! Both tables are replaced together, in one transaction, and removed
 //! together.
@@ -70,11 +83,13 @@ pub fn ruleset(ips: &BTreeSet<IpAddr>) -> String {
     type filter hook forward priority filter; policy accept;
     ip saddr {PROBE_SOURCE} drop
     ip6 saddr {PROBE_SOURCE_V6} drop
+    fib saddr type local drop
   }}
 }}
 table bridge {TABLE} {{
   chain forward {{
     type filter hook forward priority filter; policy accept;
+    ether type {{ 8021q, 8021ad }} drop
     ip saddr {PROBE_SOURCE} drop
     ip6 saddr {PROBE_SOURCE_V6} drop
   }}
@@ -181,7 +196,14 @@ mod tests {
             b[fwd..].contains("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff drop"),
             "{r}"
         );
-        assert!(!b.contains("hook output"), "{r}");
+        // One chain, on the forward hook: the node's own probes (output
+        // hook) are never touched.
+        let hooks: Vec<&str> = b
+            .split("hook ")
+            .skip(1)
+            .filter_map(|h| h.split_whitespace().next())
+            .collect();
+        assert_eq!(hooks, ["forward"], "{r}");
         // Replaced whole (idempotent) and removed with the inet table.
         let s = install_script(&BTreeSet::new());
         assert!(
@@ -192,5 +214,41 @@ mod tests {
             removal_script(),
             "table inet ztunnel-host\ndelete table inet ztunnel-host\ntable bridge ztunnel-host\ndelete table bridge ztunnel-host\n"
         );
+    }
+
+    /// A frame in two VLAN ID 0 tags (802.1ad, 802.1Q: the receiving pod's
+    /// kernel strips both and accepts it) is not `meta protocol ip` on the
+    /// bridge, so it would pass the probe-source drops: the forward chain
+    /// drops every tagged frame, before those rules. Failed first: no such
+    /// rule (the e2e ipv6 test sends such frames).
+    #[test]
+    fn the_bridge_table_drops_tagged_frames() {
+        let r = ruleset(&BTreeSet::new());
+        let b = &r[r
+            .find("table bridge ztunnel-host {")
+            .expect("a bridge table")..];
+        let tagged = b
+            .find("ether type { 8021q, 8021ad } drop")
+            .expect("tagged frames dropped");
+        let probe = b.find("ip saddr 169.254.7.127 drop").expect("probe drop");
+        assert!(tagged < probe, "{r}");
+    }
+
+    /// Over IPv6 (no martian-source check) a packet routed through the node
+    /// with one of the node's own addresses as its source would meet
+    /// postrouting's `fib saddr type local` and leave SNATed to the probe
+    /// source: the forward chain drops it first. The node's own traffic
+    /// never crosses forward (output, then postrouting), and a forwarded
+    /// reply's un-DNAT to a node address happens after forward, at
+    /// postrouting. Failed first: no such rule.
+    #[test]
+    fn forwarded_packets_from_a_node_address_are_dropped() {
+        let r = ruleset(&BTreeSet::new());
+        let inet = &r[..r.find("table bridge").expect("a bridge table")];
+        let fwd = inet
+            .find("type filter hook forward priority filter; policy accept;")
+            .expect("the inet forward chain");
+        let chain = &inet[fwd..inet[fwd..].find('}').map_or(inet.len(), |e| fwd + e)];
+        assert!(chain.contains("fib saddr type local drop"), "{r}");
     }
 }
