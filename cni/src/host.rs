@@ -35,8 +35,9 @@
 //!   address rules; `vlan type ip` would match one tag only as well. Pods
 //!   have no business sending tagged frames on a node bridge.
 //!
-//! Both tables are replaced together, in one transaction, and removed
-//! together.
+//! Each table is replaced in a transaction of its own, the `inet` one
+//! first, so a kernel that refuses the bridge family keeps the `inet`
+//! table (the refusal is logged); both are removed together.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -68,6 +69,11 @@ fn elements(v: &[String]) -> String {
 }
 
 pub fn ruleset(ips: &BTreeSet<IpAddr>) -> String {
+    format!("{}{}", inet_ruleset(ips), bridge_ruleset())
+}
+
+/// The node's `inet` table: the probe SNAT and the forward drops.
+fn inet_ruleset(ips: &BTreeSet<IpAddr>) -> String {
     let v4 = elements(&family(ips, false));
     let v6 = elements(&family(ips, true));
     format!(
@@ -86,7 +92,15 @@ pub fn ruleset(ips: &BTreeSet<IpAddr>) -> String {
     fib saddr type local drop
   }}
 }}
-table bridge {TABLE} {{
+"
+    )
+}
+
+/// The node's `bridge` table: frames bridged between pods from a probe
+/// source, or in a VLAN tag, are dropped.
+fn bridge_ruleset() -> String {
+    format!(
+        "table bridge {TABLE} {{
   chain forward {{
     type filter hook forward priority filter; policy accept;
     ether type {{ 8021q, 8021ad }} drop
@@ -100,12 +114,33 @@ table bridge {TABLE} {{
 
 /// Installs (or replaces) the node's table with `ips` as the captured set.
 pub fn install(host: &Netns, ips: &BTreeSet<IpAddr>) -> Result<(), RulesError> {
-    nft(host, &install_script(ips))
+    install_with(&|script: &str| nft(host, script), ips)
 }
 
-/// The script replacing the node's tables (one transaction).
-fn install_script(ips: &BTreeSet<IpAddr>) -> String {
-    format!("{}{}", removal_script(), ruleset(ips))
+/// [`install`] through `run`, which applies one nft script.
+///
+/// The `inet` table goes first, in a transaction of its own: if it fails,
+/// that is the error. The `bridge` table follows in a second one, so a
+/// kernel without nftables' bridge family (or one refusing it for any
+/// other reason) keeps the `inet` table; that failure is logged, and
+/// bridged frames between pods are then not filtered (as on a node before
+/// the bridge table existed).
+fn install_with(
+    run: &dyn Fn(&str) -> Result<(), RulesError>,
+    ips: &BTreeSet<IpAddr>,
+) -> Result<(), RulesError> {
+    run(&format!(
+        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+        inet_ruleset(ips)
+    ))?;
+    let bridge = format!(
+        "table bridge {TABLE}\ndelete table bridge {TABLE}\n{}",
+        bridge_ruleset()
+    );
+    if let Err(e) = run(&bridge) {
+        tracing::warn!(error = %e, "cannot install the node's bridge table: frames bridged between pods from a probe source are not dropped on this node");
+    }
+    Ok(())
 }
 
 /// The script removing the node's tables (none there is no error).
@@ -147,6 +182,33 @@ pub fn remove(host: &Netns) -> Result<(), RulesError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel without nftables' bridge family refuses the bridge table:
+    /// the `inet` table (the forward drop of probe sources, the probe SNAT)
+    /// is installed all the same, never lost with it.
+    #[test]
+    fn a_refused_bridge_table_leaves_the_inet_table_installed() {
+        let applied = std::cell::RefCell::new(Vec::<String>::new());
+        let run = |script: &str| {
+            if script.contains("table bridge") {
+                return Err(RulesError::Failed(
+                    "nft".into(),
+                    "Error: Could not process rule: Operation not supported".into(),
+                ));
+            }
+            applied.borrow_mut().push(script.to_string());
+            Ok(())
+        };
+        let ips = BTreeSet::from(["10.1.1.5".parse::<IpAddr>().unwrap()]);
+        let r = install_with(&run, &ips);
+        assert!(r.is_ok(), "{r:?}");
+        let applied = applied.borrow();
+        assert_eq!(applied.len(), 1, "{applied:?}");
+        assert!(
+            applied[0].contains(&format!("ip saddr {PROBE_SOURCE} drop")),
+            "{applied:?}"
+        );
+    }
 
     #[test]
     fn only_the_nodes_own_tcp_to_captured_pods_is_snatted() {
@@ -205,10 +267,23 @@ mod tests {
             .collect();
         assert_eq!(hooks, ["forward"], "{r}");
         // Replaced whole (idempotent) and removed with the inet table.
-        let s = install_script(&BTreeSet::new());
+        let scripts = std::cell::RefCell::new(Vec::<String>::new());
+        let run = |script: &str| {
+            scripts.borrow_mut().push(script.to_string());
+            Ok(())
+        };
+        install_with(&run, &BTreeSet::new()).expect("installed");
+        let scripts = scripts.borrow();
+        assert_eq!(scripts.len(), 2, "{scripts:?}");
         assert!(
-            s.starts_with("table inet ztunnel-host\ndelete table inet ztunnel-host\ntable bridge ztunnel-host\ndelete table bridge ztunnel-host\n"),
-            "{s}"
+            scripts[0].starts_with(
+                "table inet ztunnel-host\ndelete table inet ztunnel-host\ntable inet ztunnel-host {"
+            ),
+            "{scripts:?}"
+        );
+        assert!(
+            scripts[1].starts_with("table bridge ztunnel-host\ndelete table bridge ztunnel-host\ntable bridge ztunnel-host {"),
+            "{scripts:?}"
         );
         assert_eq!(
             removal_script(),
