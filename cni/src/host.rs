@@ -15,7 +15,8 @@
 //! - forward: anything routed through the node from a probe source is
 //!   dropped, so another host cannot pass for the kubelet; so is TCP to a
 //!   captured pod routed through it from one of the node's own addresses
-//!   (`fib saddr type local`), which postrouting would otherwise take for
+//!   (`fib saddr type local`; ICMPv6 too, which NAT would rewrite as
+//!   related to a probe), which postrouting would otherwise take for
 //!   the node's own and SNAT to the probe source (IPv6 has no
 //!   martian-source check to drop it first). The node's own traffic never
 //!   crosses forward (output, then postrouting), and a forwarded reply is
@@ -26,15 +27,18 @@
 //!   and without `br_netfilter` no `inet` chain sees those frames), so a
 //!   pod that may forge source addresses (CAP_NET_RAW) cannot pass for the
 //!   kubelet to its neighbours. The node's own probes leave through the
-//!   bridge's output hook, not its forward one. A frame with a VLAN tag
-//!   inside a VLAN tag (802.1ad or 802.1Q, either inside either) is dropped
-//!   there too, whatever it carries: in a bridge table `ip saddr` depends on
-//!   `meta protocol ip`, which sees through the one tag the kernel takes off
-//!   a frame on receipt but not through a second, and a pod's kernel strips
-//!   two VLAN ID 0 (priority) tags and takes the packet. Frames with one tag
-//!   pass (the address rules see through it): a bridge with VLAN filtering
-//!   tags every frame it takes in with its port's VLAN before forward, so
-//!   dropping every tagged frame would stop all of such a bridge's traffic.
+//!   bridge's output hook, not its forward one. A frame whose packet is
+//!   still inside a VLAN tag when it reaches forward (`meta protocol` is
+//!   802.1Q or 802.1ad) is dropped there too, whatever it carries: the
+//!   address rules depend on `meta protocol ip`/`ip6`, and a pod's kernel
+//!   strips VLAN ID 0 (priority) tags, two of them too, and takes the
+//!   packet. That covers a tag inside a tag on any bridge, and on a bridge
+//!   with VLAN filtering a frame whose one tag the bridge did not take as
+//!   its own (another protocol) or whose outer tag it took and cleared. A
+//!   frame whose tag the kernel took off on receipt (the usual single tag,
+//!   or the port VLAN a filtering bridge adds) has the packet's own
+//!   protocol there and is judged by the address rules: dropping on
+//!   `ether type` instead would stop all of a filtering bridge's traffic.
 //!
 //! Each table is replaced in a transaction of its own, the `inet` one
 //! first, so a kernel that refuses the bridge family keeps the `inet`
@@ -92,6 +96,7 @@ fn inet_ruleset(ips: &BTreeSet<IpAddr>) -> String {
     ip6 saddr {PROBE_SOURCE_V6} drop
     ip daddr @{SET} meta l4proto tcp fib saddr type local drop
     ip6 daddr @{SET6} meta l4proto tcp fib saddr type local drop
+    ip6 daddr @{SET6} meta l4proto ipv6-icmp fib saddr type local drop
   }}
 }}
 "
@@ -105,8 +110,7 @@ fn bridge_ruleset() -> String {
         "table bridge {TABLE} {{
   chain forward {{
     type filter hook forward priority filter; policy accept;
-    ether type 8021q vlan type {{ 8021q, 8021ad }} drop
-    ether type 8021ad vlan type {{ 8021q, 8021ad }} drop
+    meta protocol {{ 8021q, 8021ad }} drop
     ip saddr {PROBE_SOURCE} drop
     ip6 saddr {PROBE_SOURCE_V6} drop
   }}
@@ -297,25 +301,29 @@ mod tests {
     /// A frame in two VLAN ID 0 tags (802.1ad, 802.1Q: the receiving pod's
     /// kernel strips both and accepts it) is not `meta protocol ip` on the
     /// bridge, so it would pass the probe-source drops: the forward chain
-    /// drops a tag inside a tag, before those rules. It never drops on one
-    /// tag alone: a bridge with VLAN filtering tags every frame it takes in
-    /// (its port's VLAN) before forward, so such a rule stopped all of that
-    /// bridge's traffic (failed first: `ether type { 8021q, 8021ad } drop`).
+    /// drops any frame whose packet is still in a tag (`meta protocol`),
+    /// before those rules. It never drops on the frame's outer tag (`ether
+    /// type`): a bridge with VLAN filtering tags every frame it takes in
+    /// with its port's VLAN, which nft reads back there, so such a rule
+    /// stopped all of that bridge's traffic; nor on `ether type 8021q vlan
+    /// type ...`, which a filtering bridge's cleared outer tag slips past
+    /// (failed first on both).
     #[test]
-    fn the_bridge_table_drops_a_tag_in_a_tag_and_never_one_tag() {
+    fn the_bridge_table_drops_a_packet_still_in_a_tag_and_never_on_the_outer_tag() {
         let r = ruleset(&BTreeSet::new());
         let b = &r[r
             .find("table bridge ztunnel-host {")
             .expect("a bridge table")..];
         let probe = b.find("ip saddr 169.254.7.127 drop").expect("probe drop");
-        for outer in ["8021q", "8021ad"] {
-            let rule = format!("ether type {outer} vlan type {{ 8021q, 8021ad }} drop");
-            let at = b.find(&rule).unwrap_or_else(|| panic!("{rule}: {r}"));
-            assert!(at < probe, "{r}");
-        }
+        let tag = b
+            .find("meta protocol { 8021q, 8021ad } drop")
+            .unwrap_or_else(|| panic!("a packet still in a tag: {r}"));
+        assert!(tag < probe, "{r}");
         for line in b.lines().filter(|l| l.contains("drop")) {
-            let tag_only = line.contains("ether type") && !line.contains("vlan type");
-            assert!(!tag_only, "a rule dropping on one tag: {line}");
+            assert!(
+                !line.contains("ether type"),
+                "a rule on the outer tag: {line}"
+            );
         }
     }
 
@@ -337,6 +345,7 @@ mod tests {
         for rule in [
             "ip daddr @captured-v4 meta l4proto tcp fib saddr type local drop",
             "ip6 daddr @captured-v6 meta l4proto tcp fib saddr type local drop",
+            "ip6 daddr @captured-v6 meta l4proto ipv6-icmp fib saddr type local drop",
         ] {
             assert!(chain.contains(rule), "{rule}: {r}");
         }
