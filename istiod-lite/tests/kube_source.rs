@@ -77,6 +77,7 @@ fn list_body(path: &str, items: &[Value], rv: usize) -> Value {
         "gateways" => "GatewayList",
         "httproutes" => "HTTPRouteList",
         "grpcroutes" => "GRPCRouteList",
+        "referencegrants" => "ReferenceGrantList",
         _ => "List",
     };
     json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv.to_string()}, "items": items})

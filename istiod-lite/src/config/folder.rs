@@ -1,7 +1,9 @@
 //! The folder source: a directory of Kubernetes YAML (multi-document files
 //! allowed), re-read when a file changes. A file that does not parse, or an
 //! object that does not, is reported by name and skipped; the last good
-//! version of that object stays in force.
+//! version of that object stays in force, unless it only widens access (a
+//! ReferenceGrant): that one is dropped, so what cannot be read permits
+//! nothing.
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
@@ -54,6 +56,19 @@ struct FileState {
     /// The last good version of every object the file defines.
     objects: BTreeMap<ObjectKey, Entry>,
     issues: Vec<ConfigIssue>,
+}
+
+impl FileState {
+    /// The objects kept when the file cannot be read again: the last good
+    /// version of each, except those that only widen access (a grant the
+    /// user is changing is not left in force; fail closed).
+    fn last_good(&self) -> BTreeMap<ObjectKey, Entry> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| !k.kind.widens_access())
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
 }
 
 pub struct FolderSource {
@@ -134,7 +149,7 @@ impl FolderSource {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
-                state.objects = prev.objects.clone();
+                state.objects = prev.last_good();
                 state.issues.push(ConfigIssue {
                     file,
                     object: None,
@@ -151,7 +166,7 @@ impl FolderSource {
                 Ok(serde_json::Value::Null) => {}
                 Ok(v) => docs.push(v),
                 Err(e) => {
-                    state.objects = prev.objects.clone();
+                    state.objects = prev.last_good();
                     state.issues.push(ConfigIssue {
                         file,
                         object: None,
@@ -192,8 +207,10 @@ impl FolderSource {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    // Keep the last good version of this object, if any.
+                    // Keep the last good version of this object, if any,
+                    // unless it only widens access (fail closed).
                     if let Some(k) = raw_key
+                        && !k.kind.widens_access()
                         && let Some(old) = prev.objects.get(&k)
                     {
                         state.objects.insert(k, old.clone());

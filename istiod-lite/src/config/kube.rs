@@ -23,6 +23,7 @@ use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
@@ -380,6 +381,10 @@ pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers
     watch!(GatewayClass, GatewayClass, "GatewayClass", false);
     watch!(Gateway, Gateway, "Gateway", false);
     watch!(HttpRoute, HttpRoute, "HTTPRoute", false);
+    // Grants only widen what routes may reach: without them (not served,
+    // forbidden) cross-namespace backends are refused, so they never hold
+    // the mesh back.
+    watch!(ReferenceGrant, ReferenceGrant, "ReferenceGrant", false);
     // Held as the HTTPRoute it amounts to (grpcroute.rs).
     watch!(
         GrpcRoute,
