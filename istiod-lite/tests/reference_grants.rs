@@ -240,14 +240,15 @@ fn bump_mtime(p: &Path) {
     static N: AtomicU64 = AtomicU64::new(1);
     let t = std::time::SystemTime::now()
         + std::time::Duration::from_secs(N.fetch_add(1, Ordering::Relaxed));
-    let f = std::fs::File::options()
-        .write(true)
-        .open(p)
-        .expect("open");
+    let f = std::fs::File::options().write(true).open(p).expect("open");
     f.set_modified(t).expect("set mtime");
 }
 
-fn rule(name: &str, backends: &[&str], mirror: Option<&str>) -> (String, Vec<String>, Option<String>) {
+fn rule(
+    name: &str,
+    backends: &[&str],
+    mirror: Option<&str>,
+) -> (String, Vec<String>, Option<String>) {
     (
         name.to_string(),
         backends.iter().map(|s| s.to_string()).collect(),
@@ -322,19 +323,31 @@ fn a_reference_grant_permits_and_its_removal_or_change_takes_effect_on_the_next_
     refused(&f);
 
     // A grant in the route's namespace (not the backend's) permits nothing.
-    f.write("grant.yaml", &GRANT.replace("namespace: team}", "namespace: shop}"));
+    f.write(
+        "grant.yaml",
+        &GRANT.replace("namespace: team}", "namespace: shop}"),
+    );
     f.sync();
     refused(&f);
 
     // For another namespace, or another kind of route, it permits nothing.
-    f.write("grant.yaml", &GRANT.replace("namespace: shop}]", "namespace: other}]"));
+    f.write(
+        "grant.yaml",
+        &GRANT.replace("namespace: shop}]", "namespace: other}]"),
+    );
     f.sync();
     refused(&f);
-    f.write("grant.yaml", &GRANT.replace("kind: HTTPRoute", "kind: GRPCRoute"));
+    f.write(
+        "grant.yaml",
+        &GRANT.replace("kind: HTTPRoute", "kind: GRPCRoute"),
+    );
     f.sync();
     refused(&f);
     // Nor to another kind of object, or the right kind in another group.
-    f.write("grant.yaml", &GRANT.replace("kind: Service}", "kind: Secret}"));
+    f.write(
+        "grant.yaml",
+        &GRANT.replace("kind: Service}", "kind: Secret}"),
+    );
     f.sync();
     refused(&f);
     f.write(
@@ -410,8 +423,15 @@ spec:
             .flat_map(|r| r.backends.iter().map(|b| b.service.clone()))
             .collect()
     };
-    assert!(backends(&f).is_empty(), "an HTTPRoute grant: {:?}", backends(&f));
-    f.write("grant.yaml", &GRANT.replace("kind: HTTPRoute", "kind: GRPCRoute"));
+    assert!(
+        backends(&f).is_empty(),
+        "an HTTPRoute grant: {:?}",
+        backends(&f)
+    );
+    f.write(
+        "grant.yaml",
+        &GRANT.replace("kind: HTTPRoute", "kind: GRPCRoute"),
+    );
     f.sync();
     assert_eq!(backends(&f), vec![API.to_string()]);
 }
