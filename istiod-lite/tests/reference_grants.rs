@@ -100,6 +100,9 @@ spec:
   to: [{group: "", kind: Service}]
 "#;
 
+/// A rule: its name, its backends and its mirror backend.
+type Rule = (String, Vec<String>, Option<String>);
+
 struct Fixture {
     dir: tempfile::TempDir,
     src: FolderSource,
@@ -155,7 +158,7 @@ impl Fixture {
     }
 
     /// (rule name, its backends, its mirror backend) of the waypoint's routes.
-    fn waypoint_rules(&self) -> Vec<(String, Vec<String>, Option<String>)> {
+    fn waypoint_rules(&self) -> Vec<Rule> {
         let mut v: Vec<_> = self
             .waypoint()
             .routes
@@ -176,7 +179,7 @@ impl Fixture {
     }
 
     /// The same of the ingress's routes (one listener, one virtual host).
-    fn ingress_rules(&self) -> Vec<(String, Vec<String>, Option<String>)> {
+    fn ingress_rules(&self) -> Vec<Rule> {
         let i = self.ingress();
         let mut v: Vec<_> = i
             .listeners
@@ -244,11 +247,7 @@ fn bump_mtime(p: &Path) {
     f.set_modified(t).expect("set mtime");
 }
 
-fn rule(
-    name: &str,
-    backends: &[&str],
-    mirror: Option<&str>,
-) -> (String, Vec<String>, Option<String>) {
+fn rule(name: &str, backends: &[&str], mirror: Option<&str>) -> Rule {
     (
         name.to_string(),
         backends.iter().map(|s| s.to_string()).collect(),

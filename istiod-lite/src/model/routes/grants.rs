@@ -238,8 +238,11 @@ mod tests {
         assert!(!permits(&grant(FROM_SHOP, ""), HTTP_SHOP, "team", "api"));
     }
 
-    /// (backends, mirror backend) of each converted rule, and the issues.
-    fn converted(grants: &ReferenceGrants) -> (Vec<(Vec<String>, Option<String>)>, Vec<String>) {
+    /// A converted rule: its backends ("service:weight") and mirror backend.
+    type Rule = (Vec<String>, Option<String>);
+
+    /// Each converted rule, and the issues.
+    fn converted(grants: &ReferenceGrants) -> (Vec<Rule>, Vec<String>) {
         let r: HttpRoute = serde_yaml::from_str(
             r#"
 metadata: {name: r, namespace: shop}
