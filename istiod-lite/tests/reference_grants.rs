@@ -396,6 +396,19 @@ fn a_reference_grant_permits_and_its_removal_or_change_takes_effect_on_the_next_
         "{:#?}",
         f.issues()
     );
+    // A YAML syntax error in its file: other kinds keep their last good
+    // version, a grant does not.
+    f.write("grant.yaml", GRANT);
+    f.sync();
+    permitted(&f);
+    f.write("grant.yaml", &format!("{GRANT}  bad: [unclosed\n"));
+    f.sync();
+    refused(&f);
+    assert!(
+        f.issues().iter().any(|i| i.contains("YAML syntax")),
+        "{:#?}",
+        f.issues()
+    );
 }
 
 #[test]
