@@ -7,7 +7,9 @@
 //! serve (404: its CRD is not installed) has no objects, and is probed
 //! quietly until it appears; one that RBAC refuses (403) keeps what it last
 //! listed. Neither holds the rest of the mesh back (but see the fail-closed
-//! rule for policy kinds there). After any other failure the kind is
+//! rule for policy kinds there). A kind that only widens access
+//! (ReferenceGrant) is never kept while it cannot be read: refused, its
+//! objects are dropped at once; failing, after [`WIDENING_GRACE`]. After any other failure the kind is
 //! listed afresh once the API server answers, with a backoff that a success
 //! resets, so a long outage leaves no long wait behind. A 410 relist is not
 //! a failure.
@@ -30,7 +32,7 @@ use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication, TrafficPolicy};
 use super::objects::{Change, Object, ObjectKey, merge_string_data};
@@ -42,6 +44,10 @@ const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How often a kind that is not served is probed for (its CRD appearing).
 const MISSING_PROBE: Duration = Duration::from_secs(3);
+/// How long grants (a kind that only widens access) stay in force while
+/// their watch fails; a refusal (403) or a kind not served (404) drops
+/// them at once.
+pub const WIDENING_GRACE: Duration = Duration::from_secs(30);
 
 /// What a failed list or watch means.
 #[derive(Debug, PartialEq, Eq)]
@@ -95,6 +101,9 @@ struct Watch<K: Resource + Clone + DeserializeOwned + Debug + Send + 'static> {
     tx: mpsc::Sender<Vec<Change>>,
     sources: Arc<Sources>,
     client: Client,
+    /// Its objects only widen access: trouble drops them (fail closed).
+    widens: bool,
+    grace: Duration,
 }
 
 impl<K> Watch<K>
@@ -133,6 +142,10 @@ where
         // Failures since the last success: a listed kind's first one (an
         // ended watch, a CRD being deleted) is retried before it is news.
         let mut failures = 0u32;
+        // Grants only: since when the watch has failed, and whether what
+        // was known has been dropped for it.
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        let mut dropped = false;
         while let Some(ev) = stream.next().await {
             let changes = match ev {
                 Ok(ev) => {
@@ -141,6 +154,10 @@ where
                     if !matches!(ev, Event::Init) {
                         backoff.reset();
                         failures = 0;
+                        failing_since = None;
+                    }
+                    if matches!(ev, Event::InitDone) {
+                        dropped = false;
                     }
                     match self.event(ev, &mut known, &mut listing) {
                         Some(c) => c,
@@ -165,9 +182,19 @@ where
                         Trouble::Failing(d) => (State::Failing, d, Some(backoff.next(RETRY_MAX))),
                     };
                     listing = None;
-                    if state == State::Missing {
-                        // Nothing of a kind that is not served exists (the
-                        // API server deletes a CRD's objects with it).
+                    if state != State::Missing {
+                        failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                    if self.drops_known(state, failing_since) {
+                        if self.widens && !known.is_empty() {
+                            warn!(
+                                kind = self.kind,
+                                dropped = known.len(),
+                                error = %detail,
+                                "cannot read the kind; every known one is dropped (they only widen access)"
+                            );
+                        }
+                        dropped |= self.widens;
                         let gone: Vec<Change> = std::mem::take(&mut known)
                             .into_iter()
                             .map(Change::Delete)
@@ -176,6 +203,13 @@ where
                             return;
                         }
                     }
+                    let detail = if dropped {
+                        format!(
+                            "{detail}; known grants dropped: cross-namespace backends are refused until the kind is read again"
+                        )
+                    } else {
+                        detail
+                    };
                     failures += 1;
                     let listed = self
                         .sources
@@ -213,6 +247,22 @@ where
             if listed {
                 self.sources.set(self.kind, State::Listed, None);
             }
+        }
+    }
+
+    /// Whether trouble of `state` drops every object known of the kind.
+    /// Nothing of a kind that is not served exists (the API server deletes
+    /// a CRD's objects with it). A kind that only widens access (grants)
+    /// is not left in force while it cannot be read: a revocation would go
+    /// unseen. Refused, at once; failing, after the grace.
+    fn drops_known(&self, state: State, failing_since: Option<tokio::time::Instant>) -> bool {
+        match state {
+            State::Missing => true,
+            State::Forbidden => self.widens,
+            State::Failing => {
+                self.widens && failing_since.is_some_and(|t| t.elapsed() >= self.grace)
+            }
+            State::Listing | State::Listed => false,
         }
     }
 
@@ -342,6 +392,31 @@ pub struct Watchers {
 /// retries (of 429 and 503, up to minutes): the watchers retry by their own
 /// backoff, which a success resets.
 pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers, kube::Error> {
+    watch_all_with(config, sources, WatchOptions::default())
+}
+
+/// How the watchers treat trouble.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchOptions {
+    /// How long the objects of a kind that only widens access (grants) stay
+    /// in force while its watch fails: then they are all dropped.
+    pub widening_grace: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            widening_grace: WIDENING_GRACE,
+        }
+    }
+}
+
+/// [`watch_all`], with `options`.
+pub fn watch_all_with(
+    config: kube::Config,
+    sources: Arc<Sources>,
+    options: WatchOptions,
+) -> Result<Watchers, kube::Error> {
     let mut config = config;
     config.default_retry = false;
     let client = Client::try_from(config)?;
@@ -369,6 +444,9 @@ pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers
                     tx: tx.clone(),
                     sources: sources.clone(),
                     client: client.clone(),
+                    widens: super::objects::Kind::from_name($name)
+                        .is_some_and(super::objects::Kind::widens_access),
+                    grace: options.widening_grace,
                 }
                 .run(),
             );
@@ -382,8 +460,9 @@ pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers
     watch!(Gateway, Gateway, "Gateway", false);
     watch!(HttpRoute, HttpRoute, "HTTPRoute", false);
     // Grants only widen what routes may reach: without them (not served,
-    // forbidden) cross-namespace backends are refused, so they never hold
-    // the mesh back.
+    // forbidden, failing past the grace: every known grant is dropped)
+    // cross-namespace backends are refused, so they never hold the mesh
+    // back.
     watch!(ReferenceGrant, ReferenceGrant, "ReferenceGrant", false);
     // Held as the HTTPRoute it amounts to (grpcroute.rs).
     watch!(
