@@ -3,9 +3,11 @@
 //! object that does not, is reported by name and skipped; the last good
 //! version of that object stays in force, unless it only widens access (a
 //! ReferenceGrant): that one is dropped, so what cannot be read permits
-//! nothing.
+//! nothing; and such an object defined in two files, or with a copy that
+//! cannot be read, is used from neither. Object names must be Kubernetes
+//! names ([`super::names`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -55,6 +57,10 @@ struct FileState {
     mtime: Option<SystemTime>,
     /// The last good version of every object the file defines.
     objects: BTreeMap<ObjectKey, Entry>,
+    /// Objects that only widen access (grants) of which this file holds a
+    /// copy that cannot be read (or two copies): no copy of those is used,
+    /// in any file.
+    unreadable: BTreeSet<ObjectKey>,
     issues: Vec<ConfigIssue>,
 }
 
@@ -67,6 +73,16 @@ impl FileState {
             .iter()
             .filter(|(k, _)| !k.kind.widens_access())
             .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
+
+    /// The objects that only widen access this file held, now unreadable.
+    fn widening_keys(&self) -> BTreeSet<ObjectKey> {
+        self.objects
+            .keys()
+            .chain(&self.unreadable)
+            .filter(|k| k.kind.widens_access())
+            .cloned()
             .collect()
     }
 }
@@ -102,6 +118,40 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// Kind/namespace/name as written in a raw document, for reporting an
 /// object that failed to parse.
+/// The names of a document, checked as the API server would
+/// ([`super::names`]); a document without them is left to the parser.
+fn check_names(v: &serde_json::Value) -> Result<(), String> {
+    let (Some(kind), Some(name)) = (
+        v.get("kind").and_then(|k| k.as_str()),
+        v.pointer("/metadata/name").and_then(|n| n.as_str()),
+    ) else {
+        return Ok(());
+    };
+    let ns = v.pointer("/metadata/namespace").and_then(|n| n.as_str());
+    super::names::check(kind, name, ns)
+}
+
+/// Objects that only widen access and are defined in more than one file,
+/// or in a file that holds a copy that cannot be read: with the files that
+/// define them.
+fn refused_widening(files: &BTreeMap<PathBuf, FileState>) -> BTreeMap<ObjectKey, Vec<String>> {
+    let mut copies: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
+    for (path, f) in files {
+        let keys = f.objects.keys().filter(|k| k.kind.widens_access());
+        for k in keys.chain(&f.unreadable) {
+            let paths = copies.entry(k.clone()).or_default();
+            let p = path.display().to_string();
+            if !paths.contains(&p) {
+                paths.push(p);
+            }
+        }
+    }
+    copies
+        .into_iter()
+        .filter(|(k, paths)| paths.len() > 1 || files.values().any(|f| f.unreadable.contains(k)))
+        .collect()
+}
+
 fn raw_label(v: &serde_json::Value) -> Option<String> {
     let kind = v.get("kind")?.as_str()?;
     let name = v.pointer("/metadata/name")?.as_str()?;
@@ -150,6 +200,7 @@ impl FolderSource {
             Ok(t) => t,
             Err(e) => {
                 state.objects = prev.last_good();
+                state.unreadable = prev.widening_keys();
                 state.issues.push(ConfigIssue {
                     file,
                     object: None,
@@ -167,6 +218,7 @@ impl FolderSource {
                 Ok(v) => docs.push(v),
                 Err(e) => {
                     state.objects = prev.last_good();
+                    state.unreadable = prev.widening_keys();
                     state.issues.push(ConfigIssue {
                         file,
                         object: None,
@@ -179,6 +231,14 @@ impl FolderSource {
         for v in docs {
             let label = raw_label(&v);
             let raw_key = ObjectKey::of_raw(&v, "default");
+            if let Err(reason) = check_names(&v) {
+                state.issues.push(ConfigIssue {
+                    file: file.clone(),
+                    object: label,
+                    reason,
+                });
+                continue;
+            }
             let mut raw = v.clone();
             match Object::parse(v) {
                 Ok(Some(mut obj)) => {
@@ -189,6 +249,9 @@ impl FolderSource {
                             .or_insert_with(|| key.namespace.clone().into());
                     }
                     if state.objects.contains_key(&key) {
+                        if key.kind.widens_access() {
+                            state.unreadable.insert(key.clone());
+                        }
                         state.issues.push(ConfigIssue {
                             file: file.clone(),
                             object: Some(key.to_string()),
@@ -209,11 +272,12 @@ impl FolderSource {
                 Err(e) => {
                     // Keep the last good version of this object, if any,
                     // unless it only widens access (fail closed).
-                    if let Some(k) = raw_key
-                        && !k.kind.widens_access()
-                        && let Some(old) = prev.objects.get(&k)
-                    {
-                        state.objects.insert(k, old.clone());
+                    if let Some(k) = raw_key {
+                        if k.kind.widens_access() {
+                            state.unreadable.insert(k);
+                        } else if let Some(old) = prev.objects.get(&k) {
+                            state.objects.insert(k, old.clone());
+                        }
                     }
                     let (object, reason) = match &e {
                         ObjectError::UnknownField { field, .. } => {
@@ -269,11 +333,24 @@ impl FolderSource {
         if !dirty {
             return Vec::new();
         }
-        // Merge files in path order; the first definition of a key wins.
+        // Merge files in path order; the first definition of a key wins,
+        // except for objects that only widen access: none is used of those
+        // defined twice, or with a copy that cannot be read.
         let mut merged: BTreeMap<ObjectKey, (&Path, &Entry)> = BTreeMap::new();
         self.duplicates.clear();
+        let refused = refused_widening(&self.files);
+        for (k, paths) in &refused {
+            self.duplicates.push(ConfigIssue {
+                file: paths.join(", "),
+                object: Some(k.to_string()),
+                reason: "defined more than once, or a copy cannot be read; every copy is dropped (it would widen access)".into(),
+            });
+        }
         for (path, f) in &self.files {
             for (k, e) in &f.objects {
+                if refused.contains_key(k) {
+                    continue;
+                }
                 if let Some((first, _)) = merged.get(k) {
                     self.duplicates.push(ConfigIssue {
                         file: path.display().to_string(),
