@@ -544,7 +544,8 @@ fn listing(yaml: &str) -> (Script, usize, usize) {
     )
 }
 
-/// The backends of web's waypoint routes, as pushed.
+/// The backends of web's waypoint routes, as pushed (not those marked
+/// invalid: refused, their share answered 500).
 fn web_backends(hub: &Hub) -> Vec<String> {
     use mesh_proto::mesh::waypoint::ServiceRoutes;
     use prost::Message;
@@ -559,7 +560,8 @@ fn web_backends(hub: &Hub) -> Vec<String> {
     routes
         .routes
         .iter()
-        .flat_map(|r| r.backends.iter().map(|b| b.service.clone()))
+        .flat_map(|r| r.backends.iter().filter(|b| !b.invalid))
+        .map(|b| b.service.clone())
         .collect()
 }
 
@@ -590,7 +592,10 @@ async fn grant_then_watch_answers(code: u16, grace: Duration) -> (Arc<Hub>, toki
     })
     .await;
     // The open watch ends; every request is answered `code`.
-    scripts.lock().unwrap().insert(REFGRANTS.into(), failing(code));
+    scripts
+        .lock()
+        .unwrap()
+        .insert(REFGRANTS.into(), failing(code));
     (hub, tokio::time::Instant::now())
 }
 

@@ -166,7 +166,7 @@ impl Fixture {
             .map(|r| {
                 (
                     r.name.clone(),
-                    r.backends.iter().map(|b| b.service.clone()).collect(),
+                    r.backends.iter().map(backend_name).collect(),
                     r.mirror
                         .as_ref()
                         .and_then(|m| m.backend.as_ref())
@@ -189,7 +189,7 @@ impl Fixture {
             .map(|r| {
                 (
                     r.name.clone(),
-                    r.backends.iter().map(|b| b.service.clone()).collect(),
+                    r.backends.iter().map(backend_name).collect(),
                     r.mirror
                         .as_ref()
                         .and_then(|m| m.backend.as_ref())
@@ -247,6 +247,17 @@ fn bump_mtime(p: &Path) {
     f.set_modified(t).expect("set mtime");
 }
 
+/// A backend's service, or `500` for one marked invalid (its share is
+/// answered 500; it names no service).
+fn backend_name(b: &mesh_proto::mesh::waypoint::WeightedBackend) -> String {
+    if b.invalid {
+        assert!(b.service.is_empty() && b.port == 0, "{b:?}");
+        "500".to_string()
+    } else {
+        b.service.clone()
+    }
+}
+
 fn rule(name: &str, backends: &[&str], mirror: Option<&str>) -> Rule {
     (
         name.to_string(),
@@ -256,12 +267,12 @@ fn rule(name: &str, backends: &[&str], mirror: Option<&str>) -> Rule {
 }
 
 /// Without a grant: each rule keeps its own namespace's backends, the
-/// mirror is left out, a rule left with no backend stays (and answers
-/// 500), and both parents say `RefNotPermitted`.
+/// refused one keeps its share as an invalid backend (answered 500), the
+/// mirror is left out, and both parents say `RefNotPermitted`.
 fn refused(f: &Fixture) {
     let want = vec![
-        rule("shop/web/0", &[KEY], None),
-        rule("shop/web/1", &[], None),
+        rule("shop/web/0", &[KEY, "500"], None),
+        rule("shop/web/1", &["500"], None),
     ];
     assert_eq!(f.waypoint_rules(), want, "waypoint");
     assert_eq!(f.ingress_rules(), want, "ingress");
@@ -295,9 +306,9 @@ fn a_waypoint_refuses_a_cross_namespace_backend_without_a_reference_grant() {
     refused(&f);
     let issues = f.issues();
     for want in [
-        "HTTPRoute/shop/web: rule 0: backend team/api is in another namespace and no ReferenceGrant there permits it; left out",
+        "HTTPRoute/shop/web: rule 0: backend team/api is in another namespace and no ReferenceGrant there permits it; its share of requests is answered 500",
         "HTTPRoute/shop/web: rule 0: mirror backend team/shadow is in another namespace and no ReferenceGrant there permits it; the mirror is left out",
-        "HTTPRoute/shop/web: rule 1: backend team/api is in another namespace and no ReferenceGrant there permits it; left out",
+        "HTTPRoute/shop/web: rule 1: backend team/api is in another namespace and no ReferenceGrant there permits it; its share of requests is answered 500",
     ] {
         assert!(issues.iter().any(|i| i == want), "{want}\n{issues:#?}");
     }
@@ -319,14 +330,6 @@ fn a_reference_grant_permits_and_its_removal_or_change_takes_effect_on_the_next_
     f.remove("grant.yaml");
     let d = f.sync();
     assert!(d.changed[SERVICE_ROUTES_TYPE_URL].contains(KEY), "{d:?}");
-    refused(&f);
-
-    // A grant in the route's namespace (not the backend's) permits nothing.
-    f.write(
-        "grant.yaml",
-        &GRANT.replace("namespace: team}", "namespace: shop}"),
-    );
-    f.sync();
     refused(&f);
 
     // For another namespace, or another kind of route, it permits nothing.
@@ -432,7 +435,8 @@ spec:
         f.waypoint()
             .routes
             .iter()
-            .flat_map(|r| r.backends.iter().map(|b| b.service.clone()))
+            .flat_map(|r| r.backends.iter().filter(|b| !b.invalid))
+            .map(|b| b.service.clone())
             .collect()
     };
     assert!(
@@ -446,4 +450,139 @@ spec:
     );
     f.sync();
     assert_eq!(backends(&f), vec![API.to_string()]);
+}
+
+/// A grant in the route's own namespace (not the backend's) permits
+/// nothing: known before the route is, so the route is translated with it.
+#[test]
+fn a_grant_in_the_routes_own_namespace_permits_nothing() {
+    let mut f = Fixture::new();
+    f.remove("route.yaml");
+    f.sync();
+    f.write(
+        "grant.yaml",
+        &GRANT.replace("namespace: team}", "namespace: shop}"),
+    );
+    f.sync();
+    f.write("route.yaml", ROUTE);
+    let d = f.sync();
+    assert!(d.changed[SERVICE_ROUTES_TYPE_URL].contains(KEY), "{d:?}");
+    assert!(d.changed[INGRESS_TYPE_URL].contains("shop/edge"), "{d:?}");
+    refused(&f);
+}
+
+/// The same grant in two files: neither copy is used (the first by path
+/// would win, and a broken first copy would hand over to the second).
+#[test]
+fn a_grant_defined_in_two_files_permits_nothing() {
+    let mut f = Fixture::new();
+    f.write(
+        "a-grant.yaml",
+        &GRANT.replace("kind: Service}", "kind: Service, name: api}"),
+    );
+    f.write("b-grant.yaml", GRANT);
+    f.sync();
+    refused(&f);
+    let issues = f.issues();
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.contains("ReferenceGrant/team/from-shop") && i.contains("every copy")),
+        "{issues:#?}"
+    );
+    // One copy left: it is used.
+    f.remove("a-grant.yaml");
+    f.sync();
+    permitted(&f);
+}
+
+/// A copy that does not parse, beside one that does: neither is used.
+#[test]
+fn a_grant_with_a_broken_copy_in_another_file_permits_nothing() {
+    let mut f = Fixture::new();
+    f.write("b-grant.yaml", GRANT);
+    f.sync();
+    permitted(&f);
+    f.write("a-grant.yaml", &GRANT.replace("  to: [", "  too: ["));
+    f.sync();
+    refused(&f);
+    // A YAML syntax error in the file of a copy that was read before.
+    f.write("a-grant.yaml", GRANT);
+    f.sync();
+    refused(&f);
+    f.write("a-grant.yaml", &format!("{GRANT}  bad: [unclosed\n"));
+    f.sync();
+    refused(&f);
+    assert!(
+        f.issues().iter().any(|i| i.contains("every copy")),
+        "{:#?}",
+        f.issues()
+    );
+}
+
+/// Folder object names are Kubernetes names: an HTTPRoute named like the
+/// model's name of a GRPCRoute (`grpc:web`) is refused, so it can neither
+/// use a grant for GRPCRoutes nor collide with a GRPCRoute.
+#[test]
+fn a_folder_object_with_a_name_kubernetes_would_refuse_is_reported_and_skipped() {
+    let mut f = Fixture::new();
+    f.remove("route.yaml");
+    f.write(
+        "route.yaml",
+        &ROUTE.replace(
+            "{name: web, namespace: shop}",
+            "{name: \"grpc:web\", namespace: shop}",
+        ),
+    );
+    f.write(
+        "grant.yaml",
+        &GRANT.replace("kind: HTTPRoute", "kind: GRPCRoute"),
+    );
+    f.sync();
+    let routes = f
+        .model
+        .resources(SERVICE_ROUTES_TYPE_URL)
+        .and_then(|m| m.get(KEY))
+        .map(|r| ServiceRoutes::decode(r.value()).expect("decodes").routes)
+        .unwrap_or_default();
+    assert!(routes.is_empty(), "{routes:?}");
+    let issues = f.issues();
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.contains("grpc:web") && i.contains("not a valid name")),
+        "{issues:#?}"
+    );
+    // A namespace that is not a DNS-1123 label, and a name too long.
+    f.write(
+        "route.yaml",
+        &ROUTE.replace("namespace: shop}", "namespace: Shop.x}"),
+    );
+    f.write(
+        "svc.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: {}, namespace: shop}}\nspec: {{clusterIP: 10.96.0.20, ports: [{{port: 80}}]}}\n",
+            "a".repeat(254)
+        ),
+    );
+    f.sync();
+    let issues = f.issues();
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.contains("Shop.x") && i.contains("not a valid namespace")),
+        "{issues:#?}"
+    );
+    assert!(
+        issues
+            .iter()
+            .any(|i| i.contains("svc.yaml") && i.contains("not a valid name")),
+        "{issues:#?}"
+    );
+    // Valid names are read.
+    f.write("route.yaml", ROUTE);
+    f.remove("svc.yaml");
+    f.write("grant.yaml", GRANT);
+    f.sync();
+    permitted(&f);
 }

@@ -497,6 +497,7 @@ fn backends(model: &Model, listeners: &[pb::Listener]) -> Vec<pb::IngressBackend
             r.backends
                 .iter()
                 .chain(r.mirror.as_ref().and_then(|m| m.backend.as_ref()))
+                .filter(|b| !b.invalid)
                 .map(|b| b.service.clone())
         })
         .collect();
@@ -1092,15 +1093,16 @@ spec:
         assert_eq!(status(&m, "edge", "same").attached_routes, 2);
         assert_eq!(status(&m, "edge", "all").attached_routes, 2);
         assert_eq!(status(&m, "edge", "selected").attached_routes, 1);
-        // The backend in another namespace is left out and reported.
+        // The backend in another namespace is refused (its share answered
+        // 500) and reported.
         let pinned = &by_name("same").virtual_hosts[0].routes[0];
         assert_eq!(
             pinned
                 .backends
                 .iter()
-                .map(|b| b.service.as_str())
+                .map(|b| if b.invalid { "500" } else { b.service.as_str() })
                 .collect::<Vec<_>>(),
-            vec!["shop/web.shop.svc.cluster.local"]
+            vec!["shop/web.shop.svc.cluster.local", "500"]
         );
         // (the HTTPRoute's issue: no ReferenceGrant in team permits it).
         assert!(

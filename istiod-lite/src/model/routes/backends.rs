@@ -26,7 +26,7 @@ fn permitted(
         notes.push(format!(
             "{what} {ns}/{name} is in another namespace and no ReferenceGrant there permits it; {}",
             if what == "backend" {
-                "left out"
+                "its share of requests is answered 500"
             } else {
                 "the mirror is left out"
             }
@@ -86,7 +86,14 @@ pub(super) fn backends(
             scope.referrer.namespace,
             scope.domain_suffix,
         )?;
+        let weight = b.weight.unwrap_or(1).max(0) as u32;
         if !permitted(scope, b.namespace.as_deref(), &b.name, "backend", notes) {
+            // Its share is answered 500; nothing of it is sent anywhere.
+            out.push(pb::WeightedBackend {
+                weight,
+                invalid: true,
+                ..Default::default()
+            });
             continue;
         }
         let (mut req, mut resp) = (None, None);
@@ -105,9 +112,10 @@ pub(super) fn backends(
         out.push(pb::WeightedBackend {
             service,
             port,
-            weight: b.weight.unwrap_or(1).max(0) as u32,
+            weight,
             request_headers: req,
             response_headers: resp,
+            invalid: false,
         });
     }
     Ok(out)

@@ -268,7 +268,13 @@ spec:
                 (
                     r.backends
                         .iter()
-                        .map(|b| format!("{}:{}", b.service, b.weight))
+                        .map(|b| {
+                            if b.invalid {
+                                format!("500:{}", b.weight)
+                            } else {
+                                format!("{}:{}", b.service, b.weight)
+                            }
+                        })
                         .collect(),
                     r.mirror
                         .as_ref()
@@ -287,19 +293,22 @@ spec:
         const SHADOW: &str = "team/shadow.team.svc.cluster.local";
         let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
 
-        // No grant: the other backend keeps its weight, the mirror goes,
-        // a rule with nothing left stays with no backend (500).
+        // No grant: the refused backend keeps its weight as an invalid
+        // one (its share answered 500), the mirror goes.
         let (rules, issues) = converted(&ReferenceGrants::new());
         assert_eq!(
             rules,
-            vec![(s(&[format!("{WEB}:3").as_str()]), None), (s(&[]), None)]
+            vec![
+                (s(&[format!("{WEB}:3").as_str(), "500:1"]), None),
+                (s(&["500:1"]), None)
+            ]
         );
         assert_eq!(
             issues,
             s(&[
                 "rule 0: mirror backend team/shadow is in another namespace and no ReferenceGrant there permits it; the mirror is left out",
-                "rule 0: backend team/api is in another namespace and no ReferenceGrant there permits it; left out",
-                "rule 1: backend team/api is in another namespace and no ReferenceGrant there permits it; left out",
+                "rule 0: backend team/api is in another namespace and no ReferenceGrant there permits it; its share of requests is answered 500",
+                "rule 1: backend team/api is in another namespace and no ReferenceGrant there permits it; its share of requests is answered 500",
             ])
         );
 
