@@ -120,7 +120,7 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
 /// object that failed to parse.
 /// The names of a document, checked as the API server would
 /// ([`super::names`]); a document without them is left to the parser.
-fn check_names(v: &serde_json::Value) -> Result<(), String> {
+fn check_names(v: &serde_json::Value) -> Result<(), super::names::NameError> {
     let (Some(kind), Some(name)) = (
         v.get("kind").and_then(|k| k.as_str()),
         v.pointer("/metadata/name").and_then(|n| n.as_str()),
@@ -235,7 +235,7 @@ impl FolderSource {
                 state.issues.push(ConfigIssue {
                     file: file.clone(),
                     object: label,
-                    reason,
+                    reason: reason.to_string(),
                 });
                 continue;
             }

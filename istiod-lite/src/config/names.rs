@@ -3,32 +3,39 @@
 //! case) otherwise, and the model's own names (a GRPCRoute is held under
 //! `grpc:<name>`) could then be spelled by a user.
 
+/// A name the API server would refuse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error(
+        "metadata.name {name:?} is not a valid name (a DNS-1123 subdomain: at most 253 of a-z, 0-9, '-' and '.', each dot-separated part starting and ending with a letter or digit)"
+    )]
+    Name { name: String },
+    #[error(
+        "metadata.name {name:?} is not a valid name (a Namespace's is a DNS-1123 label: at most 63 of a-z, 0-9 and '-', starting and ending with a letter or digit)"
+    )]
+    NamespaceName { name: String },
+    #[error(
+        "metadata.namespace {namespace:?} is not a valid namespace (a DNS-1123 label: at most 63 of a-z, 0-9 and '-', starting and ending with a letter or digit)"
+    )]
+    Namespace { namespace: String },
+}
+
 /// `metadata.name`: a DNS-1123 subdomain (a Namespace's: a label).
 /// `metadata.namespace`: a DNS-1123 label.
-pub fn check(kind: &str, name: &str, namespace: Option<&str>) -> Result<(), String> {
-    let name_ok = if kind == "Namespace" {
-        is_label(name)
-    } else {
-        is_subdomain(name)
-    };
-    if !name_ok {
-        let what = if kind == "Namespace" {
-            "a DNS-1123 label: at most 63 of a-z, 0-9 and '-', starting and ending with a letter or digit"
-        } else {
-            "a DNS-1123 subdomain: at most 253 of a-z, 0-9, '-' and '.', each dot-separated part starting and ending with a letter or digit"
-        };
-        return Err(format!(
-            "metadata.name {name:?} is not a valid name ({what})"
-        ));
+pub fn check(kind: &str, name: &str, namespace: Option<&str>) -> Result<(), NameError> {
+    if kind == "Namespace" {
+        if !is_label(name) {
+            return Err(NameError::NamespaceName { name: name.into() });
+        }
+    } else if !is_subdomain(name) {
+        return Err(NameError::Name { name: name.into() });
     }
-    if let Some(ns) = namespace
-        && !is_label(ns)
-    {
-        return Err(format!(
-            "metadata.namespace {ns:?} is not a valid namespace (a DNS-1123 label: at most 63 of a-z, 0-9 and '-', starting and ending with a letter or digit)"
-        ));
+    match namespace {
+        Some(ns) if !is_label(ns) => Err(NameError::Namespace {
+            namespace: ns.into(),
+        }),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// `[a-z0-9]([-a-z0-9]*[a-z0-9])?`, at most 63 characters.
@@ -44,7 +51,7 @@ pub fn is_label(s: &str) -> bool {
 
 /// Labels joined by '.', at most 253 characters.
 pub fn is_subdomain(s: &str) -> bool {
-    s.len() <= 253 && s.split('.').all(|l| is_label_part(l))
+    s.len() <= 253 && s.split('.').all(is_label_part)
 }
 
 /// A subdomain's part: a label's characters, with no length of its own.
