@@ -60,6 +60,9 @@ struct Script {
     /// Answer every request with this status instead (404: the kind is not
     /// served, as for a CRD that is not installed; 403: RBAC refuses).
     fail: Option<u16>,
+    /// Never answer (a silent network: no reset, no error); an open watch
+    /// stays open and says nothing.
+    hang: bool,
 }
 
 type Scripts = Arc<Mutex<HashMap<String, (Script, usize, usize)>>>;
@@ -119,6 +122,14 @@ async fn serve_api(scripts: Scripts) -> std::net::SocketAddr {
                     async move {
                         let path = req.uri().path().to_string();
                         let watch = req.uri().query().unwrap_or("").contains("watch=true");
+                        let hang = scripts
+                            .lock()
+                            .unwrap()
+                            .get(&path)
+                            .is_some_and(|(s, _, _)| s.hang);
+                        if hang {
+                            return futures::future::pending().await;
+                        }
                         let mut s = scripts.lock().unwrap();
                         let (script, lists, watches) = s.entry(path.clone()).or_default();
                         if let Some(code) = script.fail {
@@ -198,6 +209,7 @@ async fn the_kube_source_builds_the_same_model_as_the_folder_source() {
                     lists,
                     watches,
                     fail: None,
+                    hang: false,
                 },
                 0,
                 0,
@@ -565,10 +577,41 @@ fn web_backends(hub: &Hub) -> Vec<String> {
         .collect()
 }
 
+/// The cross-namespace backend of web's route, as pushed.
+const API_BACKEND: &str = "team/api.team.svc.cluster.local";
+
+/// How many backends of web's waypoint routes are marked invalid
+/// (refused: no service, their share answered 500).
+fn web_refused(hub: &Hub) -> usize {
+    use mesh_proto::mesh::waypoint::ServiceRoutes;
+    use prost::Message;
+    let model = hub.model();
+    let Some(r) = model
+        .resources(mesh_proto::SERVICE_ROUTES_TYPE_URL)
+        .and_then(|m| m.get(GRANT_KEY))
+    else {
+        return 0;
+    };
+    let routes = ServiceRoutes::decode(r.value()).expect("decodes");
+    routes
+        .routes
+        .iter()
+        .flat_map(|r| r.backends.iter().filter(|b| b.invalid))
+        .count()
+}
+
 /// A route in `shop` whose backend in `team` a grant there permits, read
 /// from the (fake) API server; the grant watch then answers `code` from
 /// now on. Returns the hub and the time the grant went.
 async fn grant_then_watch_answers(code: u16, grace: Duration) -> (Arc<Hub>, tokio::time::Instant) {
+    grant_then(failing(code), grace).await
+}
+
+/// [`grant_then_watch_answers`], the grant watch then following `script`.
+async fn grant_then(
+    script: (Script, usize, usize),
+    grace: Duration,
+) -> (Arc<Hub>, tokio::time::Instant) {
     mesh_core::tls::install_default_provider();
     let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
     for (path, yaml) in GRANT_OBJECTS {
@@ -588,14 +631,14 @@ async fn grant_then_watch_answers(code: u16, grace: Duration) -> (Arc<Hub>, toki
         Duration::from_millis(20),
     ));
     eventually("the granted backend in web's routes", 10, || {
-        web_backends(&hub) == vec!["team/api.team.svc.cluster.local".to_string()]
+        web_backends(&hub) == [API_BACKEND]
     })
     .await;
     // The open watch ends; every request is answered `code`.
     scripts
         .lock()
         .unwrap()
-        .insert(REFGRANTS.into(), failing(code));
+        .insert(REFGRANTS.into(), script);
     (hub, tokio::time::Instant::now())
 }
 
@@ -606,7 +649,7 @@ async fn grant_then_watch_answers(code: u16, grace: Duration) -> (Arc<Hub>, toki
 async fn a_forbidden_reference_grant_watch_drops_every_known_grant() {
     let (hub, _) = grant_then_watch_answers(403, Duration::from_secs(60)).await;
     eventually("the grant dropped once grants are forbidden", 10, || {
-        web_backends(&hub).is_empty()
+        web_backends(&hub).is_empty() && web_refused(&hub) == 1
     })
     .await;
     let s = hub.sources().get("ReferenceGrant").expect("registered");
@@ -624,7 +667,7 @@ async fn a_forbidden_reference_grant_watch_drops_every_known_grant() {
 async fn a_reference_grant_kind_no_longer_served_drops_every_known_grant() {
     let (hub, _) = grant_then_watch_answers(404, Duration::from_secs(60)).await;
     eventually("the grant dropped once grants are not served", 20, || {
-        web_backends(&hub).is_empty()
+        web_backends(&hub).is_empty() && web_refused(&hub) == 1
     })
     .await;
     assert_eq!(
@@ -648,7 +691,7 @@ async fn a_failing_reference_grant_watch_drops_every_known_grant_after_the_grace
         "dropped before the grace"
     );
     eventually("the grant dropped after the grace", 10, || {
-        web_backends(&hub).is_empty()
+        web_backends(&hub).is_empty() && web_refused(&hub) == 1
     })
     .await;
     assert!(since.elapsed() >= grace, "{:?}", since.elapsed());
@@ -659,4 +702,23 @@ async fn a_failing_reference_grant_watch_drops_every_known_grant_after_the_grace
             .is_some_and(|d| d.contains("grants dropped")),
         "{s:?}"
     );
+}
+
+/// The network to the API server goes silent (no reset, no error): the
+/// open grant watch says nothing and every new request hangs. A grant
+/// revoked meanwhile must not last minutes: the grants are dropped within
+/// the read timeout (shorter than the grace) plus the grace.
+#[tokio::test]
+async fn a_silent_reference_grant_watch_drops_every_known_grant_within_the_grace() {
+    let grace = Duration::from_secs(3);
+    let hang = Script {
+        hang: true,
+        ..Script::default()
+    };
+    let (hub, since) = grant_then((hang, 0, 0), grace).await;
+    eventually("the grant dropped on a silent network", 12, || {
+        web_backends(&hub).is_empty() && web_refused(&hub) == 1
+    })
+    .await;
+    assert!(since.elapsed() >= grace, "{:?}", since.elapsed());
 }

@@ -146,18 +146,47 @@ where
         // was known has been dropped for it.
         let mut failing_since: Option<tokio::time::Instant> = None;
         let mut dropped = false;
-        while let Some(ev) = stream.next().await {
+        // Grants only: a (re)list must complete by this, or what was known
+        // is dropped (a silent network raises no error for minutes).
+        let mut list_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let ev = match next_before(&mut stream, list_deadline).await {
+                Next::Event(ev) => ev,
+                Next::End => return,
+                Next::Late => {
+                    list_deadline = None;
+                    let detail = format!(
+                        "no complete list within {:?}; known grants dropped: cross-namespace backends are refused until the kind is read again",
+                        self.grace
+                    );
+                    if !self.drop_known_now(&mut known, &detail).await {
+                        return;
+                    }
+                    dropped = true;
+                    self.sources.set(self.kind, State::Failing, Some(detail));
+                    continue;
+                }
+            };
             let changes = match ev {
                 Ok(ev) => {
-                    // A fresh watcher says Init before it asks anything:
-                    // only an answer is a success.
-                    if !matches!(ev, Event::Init) {
+                    // A fresh watcher says Init before it asks anything,
+                    // and a paged list's first page is no whole list: only
+                    // a complete list or a watch event is a success.
+                    if matches!(ev, Event::InitDone | Event::Apply(_) | Event::Delete(_)) {
                         backoff.reset();
                         failures = 0;
                         failing_since = None;
                     }
-                    if matches!(ev, Event::InitDone) {
-                        dropped = false;
+                    match ev {
+                        Event::Init if self.widens => {
+                            let from = failing_since.unwrap_or_else(tokio::time::Instant::now);
+                            list_deadline = Some(from + self.grace);
+                        }
+                        Event::InitDone => {
+                            dropped = false;
+                            list_deadline = None;
+                        }
+                        _ => {}
                     }
                     match self.event(ev, &mut known, &mut listing) {
                         Some(c) => c,
@@ -186,20 +215,8 @@ where
                         failing_since.get_or_insert_with(tokio::time::Instant::now);
                     }
                     if self.drops_known(state, failing_since) {
-                        if self.widens && !known.is_empty() {
-                            warn!(
-                                kind = self.kind,
-                                dropped = known.len(),
-                                error = %detail,
-                                "cannot read the kind; every known one is dropped (they only widen access)"
-                            );
-                        }
                         dropped |= self.widens;
-                        let gone: Vec<Change> = std::mem::take(&mut known)
-                            .into_iter()
-                            .map(Change::Delete)
-                            .collect();
-                        if !gone.is_empty() && self.tx.send(gone).await.is_err() {
+                        if !self.drop_known_now(&mut known, &detail).await {
                             return;
                         }
                     }
@@ -248,6 +265,24 @@ where
                 self.sources.set(self.kind, State::Listed, None);
             }
         }
+    }
+
+    /// Deletes every object known of the kind; false when the receiver is
+    /// gone.
+    async fn drop_known_now(&self, known: &mut BTreeSet<ObjectKey>, detail: &str) -> bool {
+        if self.widens && !known.is_empty() {
+            warn!(
+                kind = self.kind,
+                dropped = known.len(),
+                error = %detail,
+                "cannot read the kind; every known one is dropped (they only widen access)"
+            );
+        }
+        let gone: Vec<Change> = std::mem::take(known)
+            .into_iter()
+            .map(Change::Delete)
+            .collect();
+        gone.is_empty() || self.tx.send(gone).await.is_ok()
     }
 
     /// Whether trouble of `state` drops every object known of the kind.
@@ -375,6 +410,34 @@ fn trim_pod(p: Pod) -> Pod {
     }
 }
 
+/// What the watcher said, if anything, before a deadline.
+enum Next<K> {
+    Event(watcher::Result<Event<K>>),
+    /// The stream ended.
+    End,
+    /// The deadline passed first.
+    Late,
+}
+
+async fn next_before<K>(
+    stream: &mut BoxStream<'static, watcher::Result<Event<K>>>,
+    deadline: Option<tokio::time::Instant>,
+) -> Next<K> {
+    let next = async {
+        match stream.next().await {
+            Some(ev) => Next::Event(ev),
+            None => Next::End,
+        }
+    };
+    match deadline {
+        None => next.await,
+        Some(d) => tokio::select! {
+            n = next => n,
+            _ = tokio::time::sleep_until(d) => Next::Late,
+        },
+    }
+}
+
 /// A batch of changes: a whole list, or one event.
 enum Step {
     Listed(Vec<Change>),
@@ -411,6 +474,18 @@ impl Default for WatchOptions {
     }
 }
 
+/// The server-side timeout of a grant watch, in seconds: two thirds of the
+/// grace (20 s of 30 s), so a healthy watch is renewed well within it.
+fn widening_watch_timeout(grace: Duration) -> u32 {
+    u32::try_from(grace.as_secs() * 2 / 3).unwrap_or(u32::MAX).max(1)
+}
+
+/// The read timeout of the grants' client: five sixths of the grace (25 s
+/// of 30 s), above the watch timeout and below the grace.
+fn widening_read_timeout(grace: Duration) -> Duration {
+    (grace * 5 / 6).max(Duration::from_secs(widening_watch_timeout(grace).into()) + Duration::from_millis(500))
+}
+
 /// [`watch_all`], with `options`.
 pub fn watch_all_with(
     config: kube::Config,
@@ -419,7 +494,12 @@ pub fn watch_all_with(
 ) -> Result<Watchers, kube::Error> {
     let mut config = config;
     config.default_retry = false;
-    let client = Client::try_from(config)?;
+    let client = Client::try_from(config.clone())?;
+    // Grants: a silent network (no reset) must not keep them for minutes.
+    // The API server ends each watch before the read timeout, so a healthy
+    // quiet watch is never cut; a dead connection errors within it.
+    config.read_timeout = Some(widening_read_timeout(options.widening_grace));
+    let widening_client = Client::try_from(config)?;
     let (tx, rx) = mpsc::channel(64);
     macro_rules! watch {
         ($t:ty, $variant:ident, $name:literal, $narrows:expr) => {
@@ -433,7 +513,10 @@ pub fn watch_all_with(
             )
         };
         ($t:ty, $variant:ident, $name:literal, $narrows:expr, $config:expr, $prepare:expr) => {
-            let api = Api::<$t>::all(client.clone());
+            watch!($t, $variant, $name, $narrows, $config, $prepare, client)
+        };
+        ($t:ty, $variant:ident, $name:literal, $narrows:expr, $config:expr, $prepare:expr, $client:expr) => {
+            let api = Api::<$t>::all($client.clone());
             sources.register($name, api.resource_url().to_string(), $narrows);
             tokio::spawn(
                 Watch {
@@ -443,7 +526,7 @@ pub fn watch_all_with(
                     kind: $name,
                     tx: tx.clone(),
                     sources: sources.clone(),
-                    client: client.clone(),
+                    client: $client.clone(),
                     widens: super::objects::Kind::from_name($name)
                         .is_some_and(super::objects::Kind::widens_access),
                     grace: options.widening_grace,
@@ -463,7 +546,15 @@ pub fn watch_all_with(
     // forbidden, failing past the grace: every known grant is dropped)
     // cross-namespace backends are refused, so they never hold the mesh
     // back.
-    watch!(ReferenceGrant, ReferenceGrant, "ReferenceGrant", false);
+    watch!(
+        ReferenceGrant,
+        ReferenceGrant,
+        "ReferenceGrant",
+        false,
+        watcher::Config::default().timeout(widening_watch_timeout(options.widening_grace)),
+        |o| o,
+        widening_client
+    );
     // Held as the HTTPRoute it amounts to (grpcroute.rs).
     watch!(
         GrpcRoute,
