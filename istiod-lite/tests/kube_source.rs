@@ -634,11 +634,8 @@ async fn grant_then(
         web_backends(&hub) == [API_BACKEND]
     })
     .await;
-    // The open watch ends; every request is answered `code`.
-    scripts
-        .lock()
-        .unwrap()
-        .insert(REFGRANTS.into(), script);
+    // From now on the grant watch follows `script`.
+    scripts.lock().unwrap().insert(REFGRANTS.into(), script);
     (hub, tokio::time::Instant::now())
 }
 

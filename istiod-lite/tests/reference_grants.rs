@@ -520,6 +520,26 @@ fn a_grant_with_a_broken_copy_in_another_file_permits_nothing() {
     );
 }
 
+/// A file read for the first time (a new file, or any file after a
+/// restart) holding a copy of a grant and then a YAML syntax error: the
+/// copy was read, so the other file's copy is not used alone.
+#[test]
+fn a_new_file_with_a_grant_copy_then_a_syntax_error_permits_nothing() {
+    let mut f = Fixture::new();
+    f.write("b-grant.yaml", GRANT);
+    f.write(
+        "a-grant.yaml",
+        &format!("{GRANT}---\nkind: Service\nmetadata: [unclosed\n"),
+    );
+    f.sync();
+    refused(&f);
+    assert!(
+        f.issues().iter().any(|i| i.contains("YAML syntax")),
+        "{:#?}",
+        f.issues()
+    );
+}
+
 /// Folder object names are Kubernetes names: an HTTPRoute named like the
 /// model's name of a GRPCRoute (`grpc:web`) is refused, so it can neither
 /// use a grant for GRPCRoutes nor collide with a GRPCRoute.

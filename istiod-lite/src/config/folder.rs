@@ -218,7 +218,15 @@ impl FolderSource {
                 Ok(v) => docs.push(v),
                 Err(e) => {
                     state.objects = prev.last_good();
+                    // Grants copied here are unreadable copies: those
+                    // of the last good read, and those of the documents
+                    // before the error (a first read has no last good).
                     state.unreadable = prev.widening_keys();
+                    state.unreadable.extend(
+                        docs.iter()
+                            .filter_map(|v| ObjectKey::of_raw(v, "default"))
+                            .filter(|k| k.kind.widens_access()),
+                    );
                     state.issues.push(ConfigIssue {
                         file,
                         object: None,

@@ -9,7 +9,9 @@
 //! listed. Neither holds the rest of the mesh back (but see the fail-closed
 //! rule for policy kinds there). A kind that only widens access
 //! (ReferenceGrant) is never kept while it cannot be read: refused, its
-//! objects are dropped at once; failing, after [`WIDENING_GRACE`]. After any other failure the kind is
+//! objects are dropped at once; failing, after [`WIDENING_GRACE`], a silent
+//! network included (a list deadline, a short watch and read timeout).
+//! After any other failure the kind is
 //! listed afresh once the API server answers, with a backoff that a success
 //! resets, so a long outage leaves no long wait behind. A 410 relist is not
 //! a failure.
@@ -477,13 +479,16 @@ impl Default for WatchOptions {
 /// The server-side timeout of a grant watch, in seconds: two thirds of the
 /// grace (20 s of 30 s), so a healthy watch is renewed well within it.
 fn widening_watch_timeout(grace: Duration) -> u32 {
-    u32::try_from(grace.as_secs() * 2 / 3).unwrap_or(u32::MAX).max(1)
+    u32::try_from(grace.as_secs() * 2 / 3)
+        .unwrap_or(u32::MAX)
+        .max(1)
 }
 
 /// The read timeout of the grants' client: five sixths of the grace (25 s
 /// of 30 s), above the watch timeout and below the grace.
 fn widening_read_timeout(grace: Duration) -> Duration {
-    (grace * 5 / 6).max(Duration::from_secs(widening_watch_timeout(grace).into()) + Duration::from_millis(500))
+    (grace * 5 / 6)
+        .max(Duration::from_secs(widening_watch_timeout(grace).into()) + Duration::from_millis(500))
 }
 
 /// [`watch_all`], with `options`.
