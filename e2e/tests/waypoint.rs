@@ -15,6 +15,8 @@ use e2e::lab::Down as Guard;
 
 #[path = "waypoint/attach.rs"]
 mod attach;
+#[path = "waypoint/grants.rs"]
+mod grants;
 
 fn yaml(text: &str) -> Vec<Value> {
     e2e::lab::parse_docs(text).unwrap()
