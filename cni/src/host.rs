@@ -16,7 +16,10 @@
 //!   dropped, so another host cannot pass for the kubelet; so is TCP to a
 //!   captured pod routed through it from one of the node's own addresses
 //!   (`fib saddr type local`; ICMPv6 too, which NAT would rewrite as
-//!   related to a probe), which postrouting would otherwise take for
+//!   related to a probe), and anything forwarded that belongs to a probe
+//!   connection (`ct reply ... daddr` a probe source: a forged ICMP error
+//!   about a live probe, from any source, which NAT would deliver as the
+//!   probe source's; a probe connection itself is never forwarded), which postrouting would otherwise take for
 //!   the node's own and SNAT to the probe source (IPv6 has no
 //!   martian-source check to drop it first). The node's own traffic never
 //!   crosses forward (output, then postrouting), and a forwarded reply is
@@ -97,6 +100,8 @@ fn inet_ruleset(ips: &BTreeSet<IpAddr>) -> String {
     ip daddr @{SET} meta l4proto tcp fib saddr type local drop
     ip6 daddr @{SET6} meta l4proto tcp fib saddr type local drop
     ip6 daddr @{SET6} meta l4proto ipv6-icmp fib saddr type local drop
+    ct reply ip daddr {PROBE_SOURCE} drop
+    ct reply ip6 daddr {PROBE_SOURCE_V6} drop
   }}
 }}
 "
@@ -324,6 +329,29 @@ mod tests {
                 !line.contains("ether type"),
                 "a rule on the outer tag: {line}"
             );
+        }
+    }
+
+    /// A forged ICMP error (from any source) about a live probe connection
+    /// is RELATED to it, and NAT rewrites such an error as coming from the
+    /// probe source on its way to the pod: a pod could fail another pod's
+    /// probes. Nothing of a probe connection is ever forwarded (the node
+    /// opens it: output, input), so the forward chain drops whatever belongs
+    /// to a connection whose reply goes to a probe source. Failed first: no
+    /// such rule.
+    #[test]
+    fn nothing_forwarded_belongs_to_a_probe_connection() {
+        let r = ruleset(&BTreeSet::new());
+        let inet = &r[..r.find("table bridge").expect("a bridge table")];
+        let fwd = inet
+            .find("type filter hook forward priority filter; policy accept;")
+            .expect("the inet forward chain");
+        let chain = &inet[fwd..];
+        for rule in [
+            "ct reply ip daddr 169.254.7.127 drop",
+            "ct reply ip6 daddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff drop",
+        ] {
+            assert!(chain.contains(rule), "{rule}: {r}");
         }
     }
 

@@ -640,8 +640,17 @@ async fn a_waypoint_and_an_ingress_gateway_serve_ipv6() {
         },
     )
     .await;
-    let blocked = get(lab, "shop/client-0", &format!("http://[{vip6}]/blocked"));
-    assert!(blocked.starts_with("403"), "{blocked}");
+    // The policy was applied with the route; the waypoint may take it a
+    // little later (the config is eventually consistent, as Istio's).
+    eventually(
+        "the waypoint's DENY refuses /blocked over IPv6",
+        Duration::from_secs(30),
+        || {
+            let blocked = get(lab, "shop/client-0", &format!("http://[{vip6}]/blocked"));
+            async move { blocked.starts_with("403") }
+        },
+    )
+    .await;
     // The waypoint served the client (its metrics name it).
     let wp = lab.pod("shop/waypoint-0").unwrap().ip.clone();
     let wp_metrics = get(
