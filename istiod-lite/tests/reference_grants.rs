@@ -4,14 +4,14 @@
 //! kind and namespace refer to that Service, at the waypoint and at the
 //! ingress alike, and route status says `RefNotPermitted` otherwise.
 
-use std::path::Path;
-
-use istiod_lite::config::folder::FolderSource;
 use istiod_lite::model::route_status::RouteView;
-use istiod_lite::model::{Delta, Model, ModelConfig};
+
 use mesh_proto::mesh::waypoint::{Ingress, ServiceRoutes};
 use mesh_proto::{INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use prost::Message;
+
+mod folder_fixture;
+use folder_fixture::Fixture;
 
 const KEY: &str = "shop/web.shop.svc.cluster.local";
 const API: &str = "team/api.team.svc.cluster.local";
@@ -103,40 +103,28 @@ spec:
 /// A rule: its name, its backends and its mirror backend.
 type Rule = (String, Vec<String>, Option<String>);
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    src: FolderSource,
-    model: Model,
+/// The folder with the shop's base objects and its route, read.
+fn fixture() -> Fixture {
+    let mut f = Fixture::new();
+    f.write("base.yaml", BASE);
+    f.write("route.yaml", ROUTE);
+    f.sync();
+    f
 }
 
-impl Fixture {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let src = FolderSource::new(dir.path());
-        let mut f = Fixture {
-            dir,
-            src,
-            model: Model::new(ModelConfig::default()),
-        };
-        f.write("base.yaml", BASE);
-        f.write("route.yaml", ROUTE);
-        f.sync();
-        f
-    }
+/// The ReferenceGrant tests' views of the fixture.
+trait Views {
+    fn remove(&self, name: &str);
+    fn waypoint(&self) -> ServiceRoutes;
+    fn ingress(&self) -> Ingress;
+    fn waypoint_rules(&self) -> Vec<Rule>;
+    fn ingress_rules(&self) -> Vec<Rule>;
+    fn resolved_refs(&self) -> Vec<(String, bool, String, String)>;
+}
 
-    fn write(&self, name: &str, text: &str) {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).expect("write");
-        bump_mtime(&p);
-    }
-
+impl Views for Fixture {
     fn remove(&self, name: &str) {
         std::fs::remove_file(self.dir.path().join(name)).expect("remove");
-    }
-
-    fn sync(&mut self) -> Delta {
-        let changes = self.src.scan();
-        self.model.apply(changes)
     }
 
     fn waypoint(&self) -> ServiceRoutes {
@@ -225,26 +213,6 @@ impl Fixture {
             })
             .collect()
     }
-
-    fn issues(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.src.issues().iter().map(|i| i.to_string()).collect();
-        v.extend(
-            self.model
-                .issues()
-                .iter()
-                .map(|i| format!("{}: {}", i.object, i.reason)),
-        );
-        v
-    }
-}
-
-fn bump_mtime(p: &Path) {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(1);
-    let t = std::time::SystemTime::now()
-        + std::time::Duration::from_secs(N.fetch_add(1, Ordering::Relaxed));
-    let f = std::fs::File::options().write(true).open(p).expect("open");
-    f.set_modified(t).expect("set mtime");
 }
 
 /// A backend's service, or `500` for one marked invalid (its share is
@@ -302,7 +270,7 @@ fn permitted(f: &Fixture) {
 
 #[test]
 fn a_waypoint_refuses_a_cross_namespace_backend_without_a_reference_grant() {
-    let f = Fixture::new();
+    let f = fixture();
     refused(&f);
     let issues = f.issues();
     for want in [
@@ -316,7 +284,7 @@ fn a_waypoint_refuses_a_cross_namespace_backend_without_a_reference_grant() {
 
 #[test]
 fn a_reference_grant_permits_and_its_removal_or_change_takes_effect_on_the_next_push() {
-    let mut f = Fixture::new();
+    let mut f = fixture();
     refused(&f);
 
     f.write("grant.yaml", GRANT);
@@ -416,7 +384,7 @@ fn a_reference_grant_permits_and_its_removal_or_change_takes_effect_on_the_next_
 
 #[test]
 fn a_grpc_route_needs_a_grant_for_grpc_routes() {
-    let mut f = Fixture::new();
+    let mut f = fixture();
     f.write(
         "route.yaml",
         r#"
@@ -456,7 +424,7 @@ spec:
 /// nothing: known before the route is, so the route is translated with it.
 #[test]
 fn a_grant_in_the_routes_own_namespace_permits_nothing() {
-    let mut f = Fixture::new();
+    let mut f = fixture();
     f.remove("route.yaml");
     f.sync();
     f.write(
@@ -475,7 +443,7 @@ fn a_grant_in_the_routes_own_namespace_permits_nothing() {
 /// would win, and a broken first copy would hand over to the second).
 #[test]
 fn a_grant_defined_in_two_files_permits_nothing() {
-    let mut f = Fixture::new();
+    let mut f = fixture();
     f.write(
         "a-grant.yaml",
         &GRANT.replace("kind: Service}", "kind: Service, name: api}"),
@@ -499,7 +467,7 @@ fn a_grant_defined_in_two_files_permits_nothing() {
 /// A copy that does not parse, beside one that does: neither is used.
 #[test]
 fn a_grant_with_a_broken_copy_in_another_file_permits_nothing() {
-    let mut f = Fixture::new();
+    let mut f = fixture();
     f.write("b-grant.yaml", GRANT);
     f.sync();
     permitted(&f);
@@ -525,7 +493,7 @@ fn a_grant_with_a_broken_copy_in_another_file_permits_nothing() {
 /// copy was read, so the other file's copy is not used alone.
 #[test]
 fn a_new_file_with_a_grant_copy_then_a_syntax_error_permits_nothing() {
-    let mut f = Fixture::new();
+    let mut f = fixture();
     f.write("b-grant.yaml", GRANT);
     f.write(
         "a-grant.yaml",
@@ -545,7 +513,7 @@ fn a_new_file_with_a_grant_copy_then_a_syntax_error_permits_nothing() {
 /// use a grant for GRPCRoutes nor collide with a GRPCRoute.
 #[test]
 fn a_folder_object_with_a_name_kubernetes_would_refuse_is_reported_and_skipped() {
-    let mut f = Fixture::new();
+    let mut f = fixture();
     f.remove("route.yaml");
     f.write(
         "route.yaml",
