@@ -159,6 +159,11 @@ impl Registry {
         }
     }
 
+    /// How many connections were ever tracked.
+    pub fn opened(&self) -> u64 {
+        self.inner.next.load(Ordering::Relaxed)
+    }
+
     pub fn len(&self) -> usize {
         self.lock().len()
     }
