@@ -285,12 +285,7 @@ impl App {
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let app = App::start(cfg).await?;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        let conns = app.proxy.conns.clone();
-        tokio::spawn(crate::memory::keep_lean(move || {
-            (conns.len(), conns.opened())
-        }));
-    }
+    tokio::spawn(crate::memory::keep_lean());
     shutdown_signal()
         .await
         .map_err(|e| start_err("SIGTERM handler", e))?;

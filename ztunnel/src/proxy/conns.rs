@@ -159,11 +159,6 @@ impl Registry {
         }
     }
 
-    /// How many connections were ever tracked.
-    pub fn opened(&self) -> u64 {
-        self.inner.next.load(Ordering::Relaxed)
-    }
-
     pub fn len(&self) -> usize {
         self.lock().len()
     }
