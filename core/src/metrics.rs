@@ -342,12 +342,23 @@ impl LabelSets {
         if let Some(shared) = t.sets.get(&labels) {
             return shared.clone();
         }
+        // Swept sets are freed after the lock is let go, so a large sweep
+        // does not hold up other shards' new connections while it frees.
+        let mut swept = Vec::new();
         if t.sets.len() >= (t.after_sweep * 2).max(LABEL_SWEEP_MIN) {
-            t.sets.retain(|s| std::sync::Arc::strong_count(s) > 1);
+            t.sets.retain(|s| {
+                let held = std::sync::Arc::strong_count(s) > 1;
+                if !held {
+                    swept.push(s.clone());
+                }
+                held
+            });
             t.after_sweep = t.sets.len();
         }
         let shared = std::sync::Arc::new(labels);
         t.sets.insert(shared.clone());
+        drop(t);
+        drop(swept);
         shared
     }
 
