@@ -12,6 +12,7 @@
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
 pub mod reconcile;
+pub mod shutdown;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,6 +52,9 @@ pub struct AgentConfig {
     /// Where enrollment is watched: none (CNI adds and deletes only), the
     /// API server, or a directory of objects (the lab).
     pub watch: Watch,
+    /// Where a stop asks whether it is an uninstall (then the node's probe
+    /// tables go; see [`crate::agent::shutdown`]).
+    pub uninstall: crate::uninstalling::Check,
 }
 
 /// What the agent watches for enrollment.
@@ -485,7 +489,10 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     }
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => {
+                shutdown::on_stop(agent.host.as_ref(), &agent.cfg.uninstall).await;
+                return Ok(());
+            }
             c = zds_listener.accept() => match c {
                 Ok(sock) => {
                     let agent = agent.clone();

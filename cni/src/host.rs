@@ -43,9 +43,12 @@
 //!   protocol there and is judged by the address rules: dropping on
 //!   `ether type` instead would stop all of a filtering bridge's traffic.
 //!
-//! Each table is replaced in a transaction of its own, the `inet` one
-//! first, so a kernel that refuses the bridge family keeps the `inet`
-//! table (the refusal is logged); both are removed together.
+//! Each table is replaced, and removed, in a transaction of its own, the
+//! `inet` one first, so a kernel that refuses the bridge family keeps the
+//! `inet` table (the refusal is logged) and still loses it on removal. The
+//! agent removes both only when it is uninstalled (its DaemonSet gone or
+//! being deleted, [`crate::uninstalling`]); a restart or a roll keeps
+//! them, so the kubelet's probes never meet a node without them.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -155,11 +158,9 @@ fn install_with(
     Ok(())
 }
 
-/// The script removing the node's tables (none there is no error).
-fn removal_script() -> String {
-    format!(
-        "table inet {TABLE}\ndelete table inet {TABLE}\ntable bridge {TABLE}\ndelete table bridge {TABLE}\n"
-    )
+/// The script removing the node's `family` table (none there is no error).
+fn removal_script(family: &str) -> String {
+    format!("table {family} {TABLE}\ndelete table {family} {TABLE}\n")
 }
 
 /// Adds or removes one pod's addresses (removing one that is not there is
@@ -186,9 +187,21 @@ pub fn update(host: &Netns, ips: &[IpAddr], captured: bool) -> Result<(), RulesE
     nft(host, &script)
 }
 
-/// Removes the node's table (the agent is uninstalled).
+/// Removes the node's tables (the agent is uninstalled).
 pub fn remove(host: &Netns) -> Result<(), RulesError> {
-    nft(host, &removal_script())
+    remove_with(&|script: &str| nft(host, script))
+}
+
+/// [`remove`] through `run`: each table in a transaction of its own, as
+/// they are installed, so a kernel that refuses the bridge family (it never
+/// had that table) still loses the `inet` one. The `inet` table's failure
+/// is the error; the bridge table's is logged.
+fn remove_with(run: &dyn Fn(&str) -> Result<(), RulesError>) -> Result<(), RulesError> {
+    let inet = run(&removal_script("inet"));
+    if let Err(e) = run(&removal_script("bridge")) {
+        tracing::warn!(error = %e, "cannot remove the node's bridge table");
+    }
+    inet
 }
 
 #[cfg(test)]
@@ -219,6 +232,32 @@ mod tests {
         assert!(
             applied[0].contains(&format!("ip saddr {PROBE_SOURCE} drop")),
             "{applied:?}"
+        );
+    }
+
+    /// Removal mirrors installation: a kernel that refuses the bridge
+    /// family (it never had the bridge table) must not keep the `inet`
+    /// table, with its probe SNAT, once the agent is uninstalled. Failed
+    /// first: both tables went in one transaction, which the bridge
+    /// family's refusal failed whole.
+    #[test]
+    fn a_refused_bridge_family_does_not_keep_the_inet_table_on_removal() {
+        let applied = std::cell::RefCell::new(Vec::<String>::new());
+        let run = |script: &str| {
+            if script.contains("table bridge") {
+                return Err(RulesError::Failed(
+                    "nft".into(),
+                    "Error: Could not process rule: Operation not supported".into(),
+                ));
+            }
+            applied.borrow_mut().push(script.to_string());
+            Ok(())
+        };
+        let r = remove_with(&run);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(
+            *applied.borrow(),
+            [format!("table inet {TABLE}\ndelete table inet {TABLE}\n")]
         );
     }
 
@@ -298,8 +337,8 @@ mod tests {
             "{scripts:?}"
         );
         assert_eq!(
-            removal_script(),
-            "table inet ztunnel-host\ndelete table inet ztunnel-host\ntable bridge ztunnel-host\ndelete table bridge ztunnel-host\n"
+            removal_script("bridge"),
+            "table bridge ztunnel-host\ndelete table bridge ztunnel-host\n"
         );
     }
 

@@ -300,6 +300,7 @@ mod tests {
                     pinned_dir: dir.join("netns"),
                 },
                 watch: Default::default(),
+                uninstall: Default::default(),
             },
             host: None,
             source,

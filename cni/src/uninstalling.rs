@@ -1,0 +1,154 @@
+//! Whether a stop is an uninstall: a SIGTERM comes both when the mesh is
+//! being removed (its DaemonSet deleted) and when the DaemonSet is merely
+//! rolled (upgrade, restart, node drain), when the next pod takes over.
+//! Only the first may take what the DaemonSet put on the node away (the
+//! CNI plugin, [`crate::install`]; the node's probe tables,
+//! [`crate::host`]): in every other case the gap until the next pod would
+//! start pods without the mesh, or fail the kubelet's probes.
+//!
+//! The rule fails safe: only an answer that the DaemonSet is gone or being
+//! deleted (or that the mesh's credentials are, 401 or 403: only an
+//! uninstall removes them) is an uninstall. No answer, a slow one, an
+//! unreadable one, or no way to ask keeps everything in place.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DaemonSet;
+
+/// What a stop should do, and why (for the log).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision {
+    Uninstall(String),
+    Keep(String),
+}
+
+/// Where to ask whether our DaemonSet is going.
+#[derive(Debug, Clone, Default)]
+pub enum Check {
+    /// Nowhere: a stop keeps everything.
+    #[default]
+    None,
+    /// The API server (in-cluster credentials).
+    Kube {
+        namespace: String,
+        daemonset: String,
+    },
+    /// A directory of objects (the lab's stand-in for the API server): the
+    /// DaemonSet is the file `daemonset-<namespace>-<name>.yaml` in it.
+    Dir {
+        dir: PathBuf,
+        namespace: String,
+        daemonset: String,
+    },
+}
+
+/// How long the API server has to answer.
+pub const API_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Asks where `check` says.
+pub async fn decide_by(check: &Check) -> Decision {
+    match check {
+        Check::None => Decision::Keep("no DaemonSet to ask about was configured".into()),
+        Check::Kube {
+            namespace,
+            daemonset,
+        } => match kube::Client::try_default().await {
+            Ok(client) => decide(Some(&client), namespace, daemonset, API_TIMEOUT).await,
+            Err(e) => Decision::Keep(format!(
+                "no API client ({e}), so an uninstall cannot be told from a restart"
+            )),
+        },
+        Check::Dir {
+            dir,
+            namespace,
+            daemonset,
+        } => decide_in_dir(dir, namespace, daemonset),
+    }
+}
+
+/// The lab's answer: the DaemonSet's object file gone, or with a
+/// `metadata.deletionTimestamp`, is an uninstall; a file that cannot be
+/// read or parsed keeps.
+pub fn decide_in_dir(dir: &Path, namespace: &str, daemonset: &str) -> Decision {
+    let path = dir.join(format!("daemonset-{namespace}-{daemonset}.yaml"));
+    let what = format!("DaemonSet {namespace}/{daemonset} ({})", path.display());
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Decision::Uninstall(format!("{what} is gone"));
+        }
+        Err(e) => return Decision::Keep(format!("reading {what} failed: {e}")),
+    };
+    match serde_yaml::from_str::<serde_yaml::Value>(&text) {
+        Err(e) => Decision::Keep(format!("{what} cannot be parsed: {e}")),
+        Ok(v) if !v["metadata"]["deletionTimestamp"].is_null() => {
+            Decision::Uninstall(format!("{what} is being deleted"))
+        }
+        Ok(_) => Decision::Keep(format!(
+            "{what} still exists (a rolling upgrade or a restart)"
+        )),
+    }
+}
+
+/// Asks the API server whether our DaemonSet is gone or being deleted.
+/// Anything short of that answer, including no answer, keeps.
+pub async fn decide(
+    api: Option<&kube::Client>,
+    namespace: &str,
+    daemonset: &str,
+    timeout: Duration,
+) -> Decision {
+    let Some(client) = api else {
+        return Decision::Keep(
+            "no API client, so an uninstall cannot be told from a restart".into(),
+        );
+    };
+    let dss: kube::Api<DaemonSet> = kube::Api::namespaced(client.clone(), namespace);
+    let what = format!("DaemonSet {namespace}/{daemonset}");
+    match tokio::time::timeout(timeout, dss.get_opt(daemonset)).await {
+        Err(_) => Decision::Keep(format!(
+            "the API server did not answer about {what} within {timeout:?}"
+        )),
+        // Our token or role is gone: only an uninstall deletes them (an
+        // upgrade leaves both), and a plugin left behind with a dead token
+        // would fail every new pod on the node.
+        Ok(Err(kube::Error::Api(s))) if s.code == 401 || s.code == 403 => {
+            Decision::Uninstall(format!(
+                "the API server refused to say ({} {}): the mesh's credentials are gone",
+                s.code, s.reason
+            ))
+        }
+        Ok(Err(e)) => Decision::Keep(format!("reading {what} failed: {e}")),
+        Ok(Ok(None)) => Decision::Uninstall(format!("{what} is gone")),
+        Ok(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => {
+            Decision::Uninstall(format!("{what} is being deleted"))
+        }
+        Ok(Ok(Some(_))) => Decision::Keep(format!(
+            "{what} still exists (a rolling upgrade or a restart)"
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lab's DaemonSet object: present keeps (a restart), gone or
+    /// being deleted uninstalls, unreadable keeps.
+    #[test]
+    fn the_lab_daemonset_file_decides_like_the_api_server() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = || decide_in_dir(dir.path(), "istio-system", "ztunnel");
+        assert!(matches!(d(), Decision::Uninstall(_)), "{:?}", d());
+        let path = dir.path().join("daemonset-istio-system-ztunnel.yaml");
+        let obj = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: ztunnel, namespace: istio-system}\n";
+        std::fs::write(&path, obj).unwrap();
+        assert!(matches!(d(), Decision::Keep(_)), "{:?}", d());
+        let deleting = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata:\n  name: ztunnel\n  namespace: istio-system\n  deletionTimestamp: \"2026-01-01T00:00:00Z\"\n";
+        std::fs::write(&path, deleting).unwrap();
+        assert!(matches!(d(), Decision::Uninstall(_)), "{:?}", d());
+        std::fs::write(&path, "metadata: [unclosed").unwrap();
+        assert!(matches!(d(), Decision::Keep(_)), "{:?}", d());
+    }
+}
