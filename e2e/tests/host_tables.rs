@@ -93,7 +93,7 @@ async fn agent_up(lab: &Lab, node: &str) {
         || async move {
             Command::new(binary("ztunnel-cni"))
                 .arg("--control-socket")
-                .arg(&sock)
+                .arg(sock)
                 .arg("list")
                 .output()
                 .is_ok_and(|o| o.status.success())
