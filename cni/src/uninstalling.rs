@@ -7,9 +7,11 @@
 //! start pods without the mesh, or fail the kubelet's probes.
 //!
 //! The rule fails safe: only an answer that the DaemonSet is gone or being
-//! deleted (or that the mesh's credentials are, 401 or 403: only an
-//! uninstall removes them) is an uninstall. No answer, a slow one, an
-//! unreadable one, or no way to ask keeps everything in place.
+//! deleted (or that the mesh's role is: a Kubernetes 403 Forbidden) is an
+//! uninstall. A 401 (a bound token is refused after a force-deleted pod
+//! object, a recreated ServiceAccount or a rotated signing key), a 403 not
+//! from Kubernetes, no answer, a slow one, an unreadable one, or no way to
+//! ask keeps everything in place.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -110,21 +112,31 @@ pub async fn decide(
         Err(_) => Decision::Keep(format!(
             "the API server did not answer about {what} within {timeout:?}"
         )),
-        // Our token or role is gone: only an uninstall deletes them (an
-        // upgrade leaves both), and a plugin left behind with a dead token
-        // would fail every new pod on the node.
-        Ok(Err(kube::Error::Api(s))) if s.code == 401 || s.code == 403 => {
+        Ok(answer) => of_answer(&what, answer),
+    }
+}
+
+/// What the API server's answer about the DaemonSet `what` means.
+fn of_answer(what: &str, answer: Result<Option<DaemonSet>, kube::Error>) -> Decision {
+    match answer {
+        // Our role is gone (RBAC refused, as a Kubernetes Status): an
+        // uninstall deletes it, an upgrade leaves it, and a plugin left
+        // behind without it would fail every new pod on the node. A 401 is
+        // no such answer (a bound token is refused as soon as its pod
+        // object is force-deleted, its Node re-registered, its
+        // ServiceAccount recreated or the signing key rotated), nor is a
+        // 403 that is not Kubernetes' own (a proxy's): both keep.
+        Err(kube::Error::Api(s)) if s.code == 403 && s.reason == "Forbidden" => {
             Decision::Uninstall(format!(
-                "the API server refused to say ({} {}): the mesh's credentials are gone",
-                s.code, s.reason
+                "the API server refused to say (403 Forbidden): the mesh's role is gone"
             ))
         }
-        Ok(Err(e)) => Decision::Keep(format!("reading {what} failed: {e}")),
-        Ok(Ok(None)) => Decision::Uninstall(format!("{what} is gone")),
-        Ok(Ok(Some(ds))) if ds.metadata.deletion_timestamp.is_some() => {
+        Err(e) => Decision::Keep(format!("reading {what} failed: {e}")),
+        Ok(None) => Decision::Uninstall(format!("{what} is gone")),
+        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => {
             Decision::Uninstall(format!("{what} is being deleted"))
         }
-        Ok(Ok(Some(_))) => Decision::Keep(format!(
+        Ok(Some(_)) => Decision::Keep(format!(
             "{what} still exists (a rolling upgrade or a restart)"
         )),
     }
@@ -150,5 +162,43 @@ mod tests {
         assert!(matches!(d(), Decision::Uninstall(_)), "{:?}", d());
         std::fs::write(&path, "metadata: [unclosed").unwrap();
         assert!(matches!(d(), Decision::Keep(_)), "{:?}", d());
+    }
+
+    fn refused(code: u16, body: &str) -> kube::Error {
+        // As kube's client builds it: a Kubernetes Status parsed from the
+        // body, or one made up around a body that is not one.
+        let status = serde_json::from_str::<kube::core::Status>(body).unwrap_or_else(|_| {
+            kube::core::Status::failure(body, "Failed to parse error data").with_code(code)
+        });
+        kube::Error::Api(status.boxed())
+    }
+
+    /// A 401 is no uninstall: a bound token is refused as soon as its pod
+    /// object is force-deleted, its Node re-registered, its ServiceAccount
+    /// recreated or the signing key rotated. A 403 is one only as a
+    /// Kubernetes Status with reason Forbidden (the role is gone); a 403 or
+    /// 401 from anything else (a proxy in front of the API server) keeps.
+    #[test]
+    fn only_a_kubernetes_forbidden_is_an_uninstall() {
+        let what = "DaemonSet istio-system/ztunnel";
+        let k8s = |code: u16, reason: &str| {
+            format!(
+                r#"{{"kind":"Status","apiVersion":"v1","status":"Failure","message":"m","reason":"{reason}","code":{code}}}"#
+            )
+        };
+        let d = |code, body: &str| of_answer(what, Err(refused(code, body)));
+        let forbidden = d(403, &k8s(403, "Forbidden"));
+        assert!(matches!(forbidden, Decision::Uninstall(_)), "{forbidden:?}");
+        for (code, body) in [
+            (401, k8s(401, "Unauthorized")),
+            (401, "Unauthorized".to_string()),
+            (403, "<html>403 Forbidden</html>".to_string()),
+            (403, r#"{"error":"forbidden"}"#.to_string()),
+            (403, k8s(403, "")),
+        ] {
+            let got = d(code, &body);
+            assert!(matches!(got, Decision::Keep(_)), "{code} {body}: {got:?}");
+        }
+        assert!(matches!(of_answer(what, Ok(None)), Decision::Uninstall(_)));
     }
 }
