@@ -158,14 +158,47 @@ fn install_with(
     Ok(())
 }
 
+/// Puts the node's tables back with `ips` when its `inet` table is gone
+/// (an older agent's late removal, an admin's): whether it did. The
+/// `bridge` table comes and goes with it, and is not looked at on its own
+/// (a kernel without the bridge family never has one).
+pub fn ensure(host: &Netns, ips: &BTreeSet<IpAddr>) -> Result<bool, RulesError> {
+    ensure_with(&|script: &str| nft(host, script), ips)
+}
+
+fn ensure_with(
+    run: &dyn Fn(&str) -> Result<(), RulesError>,
+    ips: &BTreeSet<IpAddr>,
+) -> Result<bool, RulesError> {
+    if run(&format!("list table inet {TABLE}\n")).is_ok() {
+        return Ok(false);
+    }
+    install_with(run, ips).map(|()| true)
+}
+
 /// The script removing the node's `family` table (none there is no error).
 fn removal_script(family: &str) -> String {
     format!("table {family} {TABLE}\ndelete table {family} {TABLE}\n")
 }
 
 /// Adds or removes one pod's addresses (removing one that is not there is
-/// not an error).
-pub fn update(host: &Netns, ips: &[IpAddr], captured: bool) -> Result<(), RulesError> {
+/// not an error). When that fails (the table is gone), the tables are
+/// installed afresh with `all`, the captured set after this change.
+pub fn update(
+    host: &Netns,
+    ips: &[IpAddr],
+    captured: bool,
+    all: &BTreeSet<IpAddr>,
+) -> Result<(), RulesError> {
+    update_with(&|script: &str| nft(host, script), ips, captured, all)
+}
+
+fn update_with(
+    run: &dyn Fn(&str) -> Result<(), RulesError>,
+    ips: &[IpAddr],
+    captured: bool,
+    all: &BTreeSet<IpAddr>,
+) -> Result<(), RulesError> {
     let set: BTreeSet<IpAddr> = ips.iter().copied().collect();
     let mut script = String::new();
     for (name, v6) in [(SET, false), (SET6, true)] {
@@ -184,7 +217,13 @@ pub fn update(host: &Netns, ips: &[IpAddr], captured: bool) -> Result<(), RulesE
     if script.is_empty() {
         return Ok(());
     }
-    nft(host, &script)
+    match run(&script) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "updating the node's probe set failed: installing the node's tables afresh");
+            install_with(run, all)
+        }
+    }
 }
 
 /// Removes the node's tables (the agent is uninstalled).
@@ -425,5 +464,50 @@ mod tests {
                 .any(|l| l.trim() == "fib saddr type local drop"),
             "{r}"
         );
+    }
+
+    /// The node's tables gone under a running agent: `ensure` and a failed
+    /// `update` install them afresh with every held address. Failed first:
+    /// nothing put them back.
+    #[test]
+    fn missing_tables_are_installed_afresh() {
+        let tables = std::cell::RefCell::new(Vec::<String>::new());
+        let applied = std::cell::RefCell::new(Vec::<String>::new());
+        let run = |script: &str| {
+            let missing = || {
+                Err(RulesError::Failed(
+                    "nft".into(),
+                    "No such file or directory".into(),
+                ))
+            };
+            if script.starts_with("list table") || script.starts_with("add element") {
+                if tables.borrow().is_empty() {
+                    return missing();
+                }
+                return Ok(());
+            }
+            if script.contains("table inet") {
+                tables.borrow_mut().push("inet".into());
+            }
+            applied.borrow_mut().push(script.to_string());
+            Ok(())
+        };
+        let a: IpAddr = "10.1.1.5".parse().unwrap();
+        let b: IpAddr = "10.1.1.6".parse().unwrap();
+        let all = BTreeSet::from([a, b]);
+        assert!(update_with(&run, &[b], true, &all).is_ok());
+        assert!(
+            applied
+                .borrow()
+                .iter()
+                .any(|s| s.contains("10.1.1.5") && s.contains("10.1.1.6")),
+            "a failed update installs with every held address: {:?}",
+            applied.borrow()
+        );
+        tables.borrow_mut().clear();
+        applied.borrow_mut().clear();
+        assert!(matches!(ensure_with(&run, &all), Ok(true)));
+        assert!(applied.borrow().iter().any(|s| s.contains("table bridge")));
+        assert!(matches!(ensure_with(&run, &all), Ok(false)), "there now");
     }
 }

@@ -453,7 +453,10 @@ async fn shutdown_keeps_everything_on_a_401_or_a_403_not_from_kubernetes() {
         let node = Node::new();
         let (api, _) = fake_api(code, body.clone()).await;
         let decision = install_then_stop(&node, Some(api)).await;
-        assert!(matches!(decision, Decision::Keep(_)), "{code} {body}: {decision:?}");
+        assert!(
+            matches!(decision, Decision::Keep(_)),
+            "{code} {body}: {decision:?}"
+        );
         assert_in_place(&node);
     }
 }

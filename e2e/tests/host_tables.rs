@@ -148,6 +148,58 @@ async fn the_nodes_tables_stay_through_a_restart_and_go_on_uninstall() {
     );
 }
 
+/// With a pod captured: the node's tables removed under a running agent
+/// (an old agent's late removal, an admin's) come back, with the pod's
+/// addresses, within the agent's reconcile period (failed first: nothing
+/// put them back); and an uninstall leaves them in place while the pod is
+/// captured (its rules let the probe source through; without the node's
+/// drops a pod with CAP_NET_RAW could pass as a probe).
+#[tokio::test]
+async fn the_tables_come_back_and_stay_while_a_pod_is_captured() {
+    let dir = tempfile::tempdir().unwrap();
+    let lab = Lab::create_in(dir.path(), TEST_IDS, 1).unwrap();
+    let mut g = Guard(lab);
+    g.0.start_mesh().await.unwrap();
+    let mut docs = NAMESPACES.to_string();
+    docs.push_str(&deployment(
+        "shop",
+        "echo",
+        1,
+        "[tcp-echo, --port, \"9000\"]",
+    ));
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let echo = g.0.pod("shop/echo-0").unwrap().clone();
+    assert!(echo.captured, "echo-0 is captured");
+    let node = g.0.state.nodes[0].netns.clone();
+    agent_up(&g.0, "node-1").await;
+    let tables = |n: &str| [has_table(n, "inet"), has_table(n, "bridge")];
+    assert_eq!(tables(&node), [true, true], "installed at start");
+
+    nft_script(
+        &node,
+        &format!("delete table inet {TABLE}\ndelete table bridge {TABLE}\n"),
+    );
+    assert_eq!(tables(&node), [false, false], "removed under the agent");
+    let n = &node;
+    eventually(
+        "the agent reinstalls the node's tables",
+        Duration::from_secs(15),
+        || async move { tables(n) == [true, true] },
+    )
+    .await;
+    let set = nft_in(&node, &["list", "table", "inet", TABLE]);
+    assert!(set.contains(&echo.ip), "the held pod is in the set: {set}");
+
+    g.0.delete("DaemonSet", LAB_DAEMONSET_NAMESPACE, LAB_DAEMONSET)
+        .unwrap();
+    g.0.stop("node-1-cni", false).unwrap();
+    assert_eq!(
+        tables(&node),
+        [true, true],
+        "kept on an uninstall while a pod is captured"
+    );
+}
+
 /// Sends from `netns`'s eth0 (a raw AF_PACKET socket) one packet `src` ->
 /// `dst` in an Ethernet frame to `mac`: `kind` `tcp` (a SYN to port
 /// 47001), `icmp6` (an echo request) or `udp` (to port 9, IPv4), in `tags`
