@@ -128,7 +128,8 @@ fn of_answer(what: &str, answer: Result<Option<DaemonSet>, kube::Error>) -> Deci
         // 403 that is not Kubernetes' own (a proxy's): both keep.
         Err(kube::Error::Api(s)) if s.code == 403 && s.reason == "Forbidden" => {
             Decision::Uninstall(format!(
-                "the API server refused to say (403 Forbidden): the mesh's role is gone"
+                "the API server refused to say (403 Forbidden: {}): the mesh's role is gone",
+                s.message
             ))
         }
         Err(e) => Decision::Keep(format!("reading {what} failed: {e}")),
