@@ -503,13 +503,20 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     if agent.host.is_some() {
         tokio::spawn(agent.clone().tables_loop(stop.clone()));
     }
+    // Which DaemonSet this agent runs under, for the stop to judge by.
+    let check = agent.cfg.uninstall.clone();
+    let seen = tokio::spawn(async move { crate::uninstalling::observe(&check).await });
     loop {
         tokio::select! {
             _ = stop.cancelled() => {
                 // No add or delete between the count and the removal.
                 let _op = agent.ops.lock().await;
                 let captured = agent.pods.lock().await.len();
-                shutdown::on_stop(agent.host.as_ref(), &agent.cfg.uninstall, captured).await;
+                let seen = match seen.is_finished() {
+                    true => seen.await.unwrap_or(crate::uninstalling::Seen::Unknown),
+                    false => crate::uninstalling::Seen::Unknown,
+                };
+                shutdown::on_stop(agent.host.as_ref(), &agent.cfg.uninstall, &seen, captured).await;
                 return Ok(());
             }
             c = zds_listener.accept() => match c {

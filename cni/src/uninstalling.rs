@@ -11,7 +11,9 @@
 //! uninstall. A 401 (a bound token is refused after a force-deleted pod
 //! object, a recreated ServiceAccount or a rotated signing key), a 403 not
 //! from Kubernetes, no answer, a slow one, an unreadable one, or no way to
-//! ask keeps everything in place.
+//! ask keeps everything in place. The node agent also records its
+//! DaemonSet's UID at start ([`observe`], [`Seen`]): one missing at stop
+//! that was not there then, or one of another UID, keeps.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -23,6 +25,22 @@ use k8s_openapi::api::apps::v1::DaemonSet;
 pub enum Decision {
     Uninstall(String),
     Keep(String),
+}
+
+/// What the agent saw of its DaemonSet when it started: a DaemonSet
+/// missing at stop counts as gone only if it was there then, and one with
+/// another UID is not ours (a renamed DaemonSet, a kustomize `namePrefix`,
+/// or one deleted and recreated, make the name alone no answer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Seen {
+    /// Not asked (install-cni): the name alone decides.
+    NotAsked,
+    /// Asked at start with no answer: a missing DaemonSet keeps.
+    Unknown,
+    /// Not there at start: not ours, whatever happens to it.
+    Absent,
+    /// There at start, with this UID (empty when it had none: the lab's).
+    Uid(String),
 }
 
 /// Where to ask whether our DaemonSet is going.
@@ -48,15 +66,15 @@ pub enum Check {
 /// How long the API server has to answer.
 pub const API_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Asks where `check` says.
-pub async fn decide_by(check: &Check) -> Decision {
+/// Asks where `check` says, against what start saw.
+pub async fn decide_by(check: &Check, seen: &Seen) -> Decision {
     match check {
         Check::None => Decision::Keep("no DaemonSet to ask about was configured".into()),
         Check::Kube {
             namespace,
             daemonset,
         } => match kube::Client::try_default().await {
-            Ok(client) => decide(Some(&client), namespace, daemonset, API_TIMEOUT).await,
+            Ok(client) => decide_seen(Some(&client), namespace, daemonset, API_TIMEOUT, seen).await,
             Err(e) => Decision::Keep(format!(
                 "no API client ({e}), so an uninstall cannot be told from a restart"
             )),
@@ -65,31 +83,91 @@ pub async fn decide_by(check: &Check) -> Decision {
             dir,
             namespace,
             daemonset,
-        } => decide_in_dir(dir, namespace, daemonset),
+        } => decide_in_dir(dir, namespace, daemonset, seen),
     }
 }
 
-/// The lab's answer: the DaemonSet's object file gone, or with a
-/// `metadata.deletionTimestamp`, is an uninstall; a file that cannot be
-/// read or parsed keeps.
-pub fn decide_in_dir(dir: &Path, namespace: &str, daemonset: &str) -> Decision {
-    let path = dir.join(format!("daemonset-{namespace}-{daemonset}.yaml"));
-    let what = format!("DaemonSet {namespace}/{daemonset} ({})", path.display());
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Decision::Uninstall(format!("{what} is gone"));
+/// What the DaemonSet `check` names is at start.
+pub async fn observe(check: &Check) -> Seen {
+    match check {
+        Check::None => Seen::Unknown,
+        Check::Kube {
+            namespace,
+            daemonset,
+        } => {
+            let Ok(client) = kube::Client::try_default().await else {
+                return Seen::Unknown;
+            };
+            let dss: kube::Api<DaemonSet> = kube::Api::namespaced(client, namespace);
+            match tokio::time::timeout(API_TIMEOUT, dss.get_opt(daemonset)).await {
+                Ok(Ok(Some(ds))) => Seen::Uid(ds.metadata.uid.unwrap_or_default()),
+                Ok(Ok(None)) => Seen::Absent,
+                _ => Seen::Unknown,
+            }
         }
-        Err(e) => return Decision::Keep(format!("reading {what} failed: {e}")),
-    };
-    match serde_yaml::from_str::<serde_yaml::Value>(&text) {
-        Err(e) => Decision::Keep(format!("{what} cannot be parsed: {e}")),
-        Ok(v) if !v["metadata"]["deletionTimestamp"].is_null() => {
-            Decision::Uninstall(format!("{what} is being deleted"))
-        }
-        Ok(_) => Decision::Keep(format!(
+        Check::Dir {
+            dir,
+            namespace,
+            daemonset,
+        } => match read_dir_object(dir, namespace, daemonset) {
+            Ok(None) => Seen::Absent,
+            Ok(Some((uid, _))) => Seen::Uid(uid),
+            Err(_) => Seen::Unknown,
+        },
+    }
+}
+
+/// The decision on what the DaemonSet `what` is now (`found`: its UID and
+/// whether it is being deleted; None: gone) against what start saw.
+fn judge(what: &str, found: Option<(String, bool)>, seen: &Seen) -> Decision {
+    match (found, seen) {
+        (None, Seen::NotAsked | Seen::Uid(_)) => Decision::Uninstall(format!("{what} is gone")),
+        (None, _) => Decision::Keep(format!(
+            "{what} is missing, but was not seen when this agent started (a DaemonSet of another name?)"
+        )),
+        (Some((uid, _)), Seen::Uid(at_start)) if uid != *at_start => Decision::Keep(format!(
+            "{what} is not the one this agent started under (UID {uid}, was {at_start})"
+        )),
+        (Some(_), Seen::Absent) => Decision::Keep(format!(
+            "{what} was not there when this agent started: not ours"
+        )),
+        (Some((_, true)), _) => Decision::Uninstall(format!("{what} is being deleted")),
+        (Some(_), _) => Decision::Keep(format!(
             "{what} still exists (a rolling upgrade or a restart)"
         )),
+    }
+}
+
+/// The lab's DaemonSet object: None when its file is gone, else its UID
+/// (empty without one) and whether it is being deleted.
+fn read_dir_object(
+    dir: &Path,
+    namespace: &str,
+    daemonset: &str,
+) -> Result<Option<(String, bool)>, String> {
+    let path = dir.join(format!("daemonset-{namespace}-{daemonset}.yaml"));
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("reading {} failed: {e}", path.display())),
+    };
+    let v = serde_yaml::from_str::<serde_yaml::Value>(&text)
+        .map_err(|e| format!("{} cannot be parsed: {e}", path.display()))?;
+    let uid = v["metadata"]["uid"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    Ok(Some((uid, !v["metadata"]["deletionTimestamp"].is_null())))
+}
+
+/// The lab's answer: the DaemonSet's object file gone, or with a
+/// `metadata.deletionTimestamp`, is an uninstall (as [`judge`] rules with
+/// what start saw); a file that cannot be read or parsed keeps.
+pub fn decide_in_dir(dir: &Path, namespace: &str, daemonset: &str, seen: &Seen) -> Decision {
+    let what = format!("DaemonSet {namespace}/{daemonset} (in {})", dir.display());
+    match read_dir_object(dir, namespace, daemonset) {
+        Ok(found) => judge(&what, found, seen),
+        Err(e) => Decision::Keep(e),
     }
 }
 
@@ -100,6 +178,17 @@ pub async fn decide(
     namespace: &str,
     daemonset: &str,
     timeout: Duration,
+) -> Decision {
+    decide_seen(api, namespace, daemonset, timeout, &Seen::NotAsked).await
+}
+
+/// [`decide`] against what start saw of the DaemonSet.
+pub async fn decide_seen(
+    api: Option<&kube::Client>,
+    namespace: &str,
+    daemonset: &str,
+    timeout: Duration,
+    seen: &Seen,
 ) -> Decision {
     let Some(client) = api else {
         return Decision::Keep(
@@ -112,12 +201,12 @@ pub async fn decide(
         Err(_) => Decision::Keep(format!(
             "the API server did not answer about {what} within {timeout:?}"
         )),
-        Ok(answer) => of_answer(&what, answer),
+        Ok(answer) => of_answer(&what, answer, seen),
     }
 }
 
 /// What the API server's answer about the DaemonSet `what` means.
-fn of_answer(what: &str, answer: Result<Option<DaemonSet>, kube::Error>) -> Decision {
+fn of_answer(what: &str, answer: Result<Option<DaemonSet>, kube::Error>, seen: &Seen) -> Decision {
     match answer {
         // Our role is gone (RBAC refused, as a Kubernetes Status): an
         // uninstall deletes it, an upgrade leaves it, and a plugin left
@@ -133,13 +222,14 @@ fn of_answer(what: &str, answer: Result<Option<DaemonSet>, kube::Error>) -> Deci
             ))
         }
         Err(e) => Decision::Keep(format!("reading {what} failed: {e}")),
-        Ok(None) => Decision::Uninstall(format!("{what} is gone")),
-        Ok(Some(ds)) if ds.metadata.deletion_timestamp.is_some() => {
-            Decision::Uninstall(format!("{what} is being deleted"))
-        }
-        Ok(Some(_)) => Decision::Keep(format!(
-            "{what} still exists (a rolling upgrade or a restart)"
-        )),
+        Ok(found) => judge(
+            what,
+            found.map(|ds| {
+                let deleting = ds.metadata.deletion_timestamp.is_some();
+                (ds.metadata.uid.unwrap_or_default(), deleting)
+            }),
+            seen,
+        ),
     }
 }
 
@@ -152,7 +242,14 @@ mod tests {
     #[test]
     fn the_lab_daemonset_file_decides_like_the_api_server() {
         let dir = tempfile::tempdir().unwrap();
-        let d = || decide_in_dir(dir.path(), "istio-system", "ztunnel");
+        let d = || {
+            decide_in_dir(
+                dir.path(),
+                "istio-system",
+                "ztunnel",
+                &Seen::Uid(String::new()),
+            )
+        };
         assert!(matches!(d(), Decision::Uninstall(_)), "{:?}", d());
         let path = dir.path().join("daemonset-istio-system-ztunnel.yaml");
         let obj = "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {name: ztunnel, namespace: istio-system}\n";
@@ -187,7 +284,7 @@ mod tests {
                 r#"{{"kind":"Status","apiVersion":"v1","status":"Failure","message":"m","reason":"{reason}","code":{code}}}"#
             )
         };
-        let d = |code, body: &str| of_answer(what, Err(refused(code, body)));
+        let d = |code, body: &str| of_answer(what, Err(refused(code, body)), &Seen::NotAsked);
         let forbidden = d(403, &k8s(403, "Forbidden"));
         assert!(matches!(forbidden, Decision::Uninstall(_)), "{forbidden:?}");
         for (code, body) in [
@@ -200,6 +297,30 @@ mod tests {
             let got = d(code, &body);
             assert!(matches!(got, Decision::Keep(_)), "{code} {body}: {got:?}");
         }
-        assert!(matches!(of_answer(what, Ok(None)), Decision::Uninstall(_)));
+        assert!(matches!(
+            of_answer(what, Ok(None), &Seen::NotAsked),
+            Decision::Uninstall(_)
+        ));
+    }
+
+    /// The name alone is no answer: a DaemonSet missing at stop that was
+    /// not there at start (a kustomize prefix renamed ours) keeps, and one
+    /// with another UID than at start is not ours.
+    #[test]
+    fn only_the_daemonset_seen_at_start_decides() {
+        let w = "DaemonSet istio-system/ztunnel";
+        let uid = |u: &str| Seen::Uid(u.into());
+        let keep = |d: Decision| matches!(d, Decision::Keep(_));
+        assert!(keep(judge(w, None, &Seen::Absent)));
+        assert!(keep(judge(w, None, &Seen::Unknown)));
+        assert!(!keep(judge(w, None, &uid("a"))));
+        assert!(keep(judge(w, Some(("b".into(), true)), &uid("a"))));
+        assert!(keep(judge(w, Some(("b".into(), true)), &Seen::Absent)));
+        assert!(!keep(judge(w, Some(("a".into(), true)), &uid("a"))));
+        assert!(keep(judge(w, Some(("a".into(), false)), &uid("a"))));
+        assert!(
+            !keep(judge(w, None, &Seen::NotAsked)),
+            "install-cni: as before"
+        );
     }
 }

@@ -131,21 +131,44 @@ async fn the_nodes_tables_stay_through_a_restart_and_go_on_uninstall() {
     assert_eq!(tables(&node), [false, false], "removed on uninstall");
 
     // The same while the DaemonSet is being deleted (a deletionTimestamp,
-    // as `--cascade=foreground` shows it until its pods are gone).
+    // as `--cascade=foreground` shows it until its pods are gone). The
+    // DaemonSet back first: an agent judges only the one it started under.
+    let ds = |extra: &str| {
+        yaml(&format!(
+            "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: {LAB_DAEMONSET}, namespace: {LAB_DAEMONSET_NAMESPACE}{extra}}}\n"
+        ))
+    };
+    g.0.apply(ds("")).await.unwrap();
     g.0.restart("node-1-cni").unwrap();
     agent_up(&g.0, "node-1").await;
     assert_eq!(tables(&node), [true, true], "installed by the new agent");
-    g.0.apply(yaml(&format!(
-        "apiVersion: apps/v1\nkind: DaemonSet\nmetadata: {{name: {LAB_DAEMONSET}, namespace: {LAB_DAEMONSET_NAMESPACE}, deletionTimestamp: \"2026-01-01T00:00:00Z\"}}\n"
-    )))
-    .await
-    .unwrap();
+    let deleting = ", deletionTimestamp: \"2026-01-01T00:00:00Z\"";
+    g.0.apply(ds(deleting)).await.unwrap();
     g.0.stop("node-1-cni", false).unwrap();
     assert_eq!(
         tables(&node),
         [false, false],
         "removed while the DaemonSet is being deleted"
     );
+
+    // A DaemonSet of the same name but another UID than at start (deleted
+    // and recreated, or not ours at all) being deleted is no uninstall;
+    // nor is a stop under a name that was never there (a kustomize
+    // prefix renamed ours). Failed first: both removed the tables.
+    g.0.apply(ds("")).await.unwrap();
+    g.0.restart("node-1-cni").unwrap();
+    agent_up(&g.0, "node-1").await;
+    g.0.apply(ds(&format!(", uid: another{deleting}")))
+        .await
+        .unwrap();
+    g.0.stop("node-1-cni", false).unwrap();
+    assert_eq!(tables(&node), [true, true], "kept: another DaemonSet");
+    g.0.delete("DaemonSet", LAB_DAEMONSET_NAMESPACE, LAB_DAEMONSET)
+        .unwrap();
+    g.0.restart("node-1-cni").unwrap();
+    agent_up(&g.0, "node-1").await;
+    g.0.stop("node-1-cni", false).unwrap();
+    assert_eq!(tables(&node), [true, true], "kept: never seen");
 }
 
 /// With a pod captured: the node's tables removed under a running agent

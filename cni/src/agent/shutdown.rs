@@ -12,13 +12,18 @@ use tracing::{info, warn};
 
 use crate::host;
 use crate::rules::RulesError;
-use crate::uninstalling::{self, Check, Decision};
+use crate::uninstalling::{self, Check, Decision, Seen};
 
-/// Decides by `check`, and removes the node's tables from `host` on an
+/// Decides by `check` (against `seen`, the DaemonSet at start), and removes the node's tables from `host` on an
 /// uninstall with no pod `captured`. The caller holds off adds and deletes
 /// until it returns. What it decided, for the caller's tests.
-pub async fn on_stop(host: Option<&Netns>, check: &Check, captured: usize) -> Decision {
-    let decision = uninstalling::decide_by(check).await;
+pub async fn on_stop(
+    host: Option<&Netns>,
+    check: &Check,
+    seen: &Seen,
+    captured: usize,
+) -> Decision {
+    let decision = uninstalling::decide_by(check, seen).await;
     match host {
         Some(h) => {
             act(&decision, captured, &|| host::remove(h));
