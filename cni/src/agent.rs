@@ -12,6 +12,7 @@
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
 pub mod reconcile;
+pub mod shutdown;
 pub mod watch;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -51,6 +52,9 @@ pub struct AgentConfig {
     /// Where enrollment is watched: none (CNI adds and deletes only), the
     /// API server, or a directory of objects (the lab).
     pub watch: Watch,
+    /// Where a stop asks whether it is an uninstall (then the node's probe
+    /// tables go; see [`crate::agent::shutdown`]).
+    pub uninstall: crate::uninstalling::Check,
 }
 
 /// What the agent watches for enrollment.
@@ -193,7 +197,7 @@ pub(crate) struct Agent {
     /// One add, delete or snapshot at a time: each is a ZDS exchange plus
     /// rule changes, and they must not interleave (a delete overtaking the
     /// add it cancels would leave the pod captured).
-    ops: Mutex<()>,
+    pub(crate) ops: Mutex<()>,
     pub(crate) pods: Mutex<BTreeMap<String, Pod>>,
     ztunnel: Mutex<Option<UnixSeqpacket>>,
 }
@@ -249,11 +253,19 @@ impl Agent {
         }
     }
 
-    /// Adds or removes pod addresses in the node's probe SNAT set.
-    fn probe_snat(&self, ips: &[IpAddr], captured: bool) {
-        if let Some(h) = &self.host
-            && let Err(e) = host::update(h, ips, captured)
-        {
+    /// Adds or removes pod addresses in the node's probe SNAT set; `held`
+    /// are the pods held besides (for a reinstall when the table is gone).
+    fn probe_snat(&self, held: &BTreeMap<String, Pod>, ips: &[IpAddr], captured: bool) {
+        let Some(h) = &self.host else { return };
+        let mut all = held_ips(held);
+        for ip in ips {
+            if captured {
+                all.insert(*ip);
+            } else {
+                all.remove(ip);
+            }
+        }
+        if let Err(e) = host::update(h, ips, captured, &all) {
             warn!(?ips, captured, error = %e, "updating the node's probe SNAT failed");
         }
     }
@@ -310,8 +322,8 @@ impl Agent {
                 return Err(e.into());
             }
         };
-        self.probe_snat(&spec.ips, true);
         let mut pods = self.pods.lock().await;
+        self.probe_snat(&pods, &spec.ips, true);
         info!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), "pod captured");
         let ips = spec.ips.clone();
         // The same pod in a new sandbox: its old addresses leave the set.
@@ -327,7 +339,7 @@ impl Agent {
                 .into_iter()
                 .filter(|ip| !ips.contains(ip))
                 .collect();
-            self.probe_snat(&gone, false);
+            self.probe_snat(&pods, &gone, false);
         }
         self.persist(&pods).await;
         Ok(())
@@ -373,7 +385,7 @@ impl Agent {
         if let Err(e) = removed {
             warn!(uid, error = %e, "removing the pod's rules failed (its netns may be gone)");
         }
-        self.probe_snat(&pod.spec.ips, false);
+        self.probe_snat(&pods, &pod.spec.ips, false);
         info!(uid, "pod released");
         self.persist(&pods).await;
         Ok(())
@@ -401,12 +413,17 @@ impl Agent {
     }
 }
 
+/// Every address of the pods `held`.
+pub(crate) fn held_ips(held: &BTreeMap<String, Pod>) -> BTreeSet<IpAddr> {
+    held.values().flat_map(|p| p.spec.ips.clone()).collect()
+}
+
 /// The node's netns with the probe SNAT installed for `pods`; None when not
 /// configured or it cannot be set up (probes then go through the mesh, as
 /// before: nothing is opened wider).
 fn open_host(cfg: &AgentConfig, pods: &BTreeMap<String, Pod>) -> Option<Netns> {
     let path = cfg.host_netns.as_deref()?;
-    let ips: BTreeSet<IpAddr> = pods.values().flat_map(|p| p.spec.ips.clone()).collect();
+    let ips = held_ips(pods);
     match Netns::open(path).map(|h| host::install(&h, &ips).map(|()| h)) {
         Ok(Ok(h)) => Some(h),
         Ok(Err(e)) => {
@@ -483,9 +500,25 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     if agent.source.is_some() {
         tokio::spawn(agent.clone().watch_loop(changed, stop.clone()));
     }
+    if agent.host.is_some() {
+        tokio::spawn(agent.clone().tables_loop(stop.clone()));
+    }
+    // Which DaemonSet this agent runs under, for the stop to judge by.
+    let check = agent.cfg.uninstall.clone();
+    let seen = tokio::spawn(async move { crate::uninstalling::observe(&check).await });
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
+            _ = stop.cancelled() => {
+                // No add or delete between the count and the removal.
+                let _op = agent.ops.lock().await;
+                let captured = agent.pods.lock().await.len();
+                let seen = match seen.is_finished() {
+                    true => seen.await.unwrap_or(crate::uninstalling::Seen::Unknown),
+                    false => crate::uninstalling::Seen::Unknown,
+                };
+                shutdown::on_stop(agent.host.as_ref(), &agent.cfg.uninstall, &seen, captured).await;
+                return Ok(());
+            }
             c = zds_listener.accept() => match c {
                 Ok(sock) => {
                     let agent = agent.clone();

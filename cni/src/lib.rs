@@ -19,6 +19,7 @@ pub mod host;
 pub mod install;
 pub mod orig_src;
 pub mod rules;
+pub mod uninstalling;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
