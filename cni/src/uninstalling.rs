@@ -8,10 +8,14 @@
 //!
 //! The rule fails safe: only an answer that the DaemonSet is gone or being
 //! deleted (or that the mesh's role is: a Kubernetes 403 Forbidden) is an
-//! uninstall. A 401 (a bound token is refused after a force-deleted pod
-//! object, a recreated ServiceAccount or a rotated signing key), a 403 not
-//! from Kubernetes, no answer, a slow one, an unreadable one, or no way to
-//! ask keeps everything in place. The node agent also records its
+//! uninstall. For the node agent's tables a 401 (a bound token is refused
+//! after a force-deleted pod object, a recreated ServiceAccount or a
+//! rotated signing key) keeps them; install-cni takes a Kubernetes 401 as
+//! the ServiceAccount gone in an uninstall (`kubectl delete -k` deletes it
+//! before the DaemonSet), since a plugin left chained with a dead token
+//! would fail every new pod on the node. A 403 or 401 not from Kubernetes,
+//! no answer, a slow one, an unreadable one, or no way to ask keeps
+//! everything in place. The node agent also records its
 //! DaemonSet's UID at start ([`observe`], [`Seen`]): one missing at stop
 //! that was not there then, or one of another UID, keeps.
 
@@ -221,6 +225,23 @@ fn of_answer(what: &str, answer: Result<Option<DaemonSet>, kube::Error>, seen: &
                 s.message
             ))
         }
+        // install-cni (which records nothing at start) still takes a
+        // Kubernetes 401 as an uninstall: `kubectl delete -k` or deleting
+        // the namespace removes the ServiceAccount before the DaemonSet, so
+        // a real uninstall's pods see their token refused, and a plugin left
+        // chained with that dead token would fail every new pod on the node
+        // for good. A force-deleted pod object also gets a 401; then the
+        // plugin is unchained until the next pod chains it again (pods
+        // started in that gap are captured by the node agent's reconcile).
+        // The node agent's tables are never taken away on a 401.
+        Err(kube::Error::Api(s))
+            if s.code == 401 && s.reason == "Unauthorized" && *seen == Seen::NotAsked =>
+        {
+            Decision::Uninstall(format!(
+                "the API server refused the mesh's token (401 Unauthorized: {}): its ServiceAccount is gone",
+                s.message
+            ))
+        }
         Err(e) => Decision::Keep(format!("reading {what} failed: {e}")),
         Ok(found) => judge(
             what,
@@ -287,8 +308,21 @@ mod tests {
         let d = |code, body: &str| of_answer(what, Err(refused(code, body)), &Seen::NotAsked);
         let forbidden = d(403, &k8s(403, "Forbidden"));
         assert!(matches!(forbidden, Decision::Uninstall(_)), "{forbidden:?}");
+        // install-cni (not asked at start): a Kubernetes 401 is the
+        // ServiceAccount gone before the DaemonSet (`kubectl delete -k`).
+        let unauthorized = d(401, &k8s(401, "Unauthorized"));
+        assert!(
+            matches!(unauthorized, Decision::Uninstall(_)),
+            "{unauthorized:?}"
+        );
+        // The node agent (its DaemonSet seen at start): a 401 keeps.
+        let agent = of_answer(
+            what,
+            Err(refused(401, &k8s(401, "Unauthorized"))),
+            &Seen::Uid("a".into()),
+        );
+        assert!(matches!(agent, Decision::Keep(_)), "{agent:?}");
         for (code, body) in [
-            (401, k8s(401, "Unauthorized")),
             (401, "Unauthorized".to_string()),
             (403, "<html>403 Forbidden</html>".to_string()),
             (403, r#"{"error":"forbidden"}"#.to_string()),

@@ -436,17 +436,26 @@ async fn shutdown_uninstalls_when_the_mesh_role_is_gone() {
 }
 
 #[tokio::test]
-async fn shutdown_keeps_everything_on_a_401_or_a_403_not_from_kubernetes() {
-    // A 401 also follows a force-deleted pod object, a recreated
-    // ServiceAccount or a rotated signing key (the bound token is refused):
-    // no uninstall. Nor is a 403 whose body is not a Kubernetes Status (a
-    // proxy in front of the API server).
-    let status = |code: u16, reason: &str| {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "reason": reason, "message": "no", "code": code})
-    };
+async fn shutdown_uninstalls_when_the_mesh_service_account_is_gone() {
+    // `kubectl delete -k` (or deleting the namespace) removes the
+    // ServiceAccount before the DaemonSet: the pods' token is refused with
+    // a 401, and a plugin left chained with that dead token would fail every
+    // new pod on the node for good.
+    let node = Node::new();
+    let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "Unauthorized", "message": "no", "code": 401});
+    let (api, _) = fake_api(401, refused).await;
+    let decision = install_then_stop(&node, Some(api)).await;
+    assert!(matches!(decision, Decision::Uninstall(_)), "{decision:?}");
+    assert_uninstalled(&node);
+}
+
+#[tokio::test]
+async fn shutdown_keeps_everything_on_a_refusal_not_from_kubernetes() {
+    // A 401 or 403 whose body is not a Kubernetes Status (a proxy in front
+    // of the API server) is no uninstall.
     for (code, body) in [
-        (401, status(401, "Unauthorized")),
+        (401, json!("Unauthorized")),
         (403, json!({"error": "blocked by proxy"})),
         (403, json!("Forbidden")),
     ] {
