@@ -148,11 +148,21 @@ pub struct ConnView {
     #[serde(serialize_with = "rfc3339")]
     pub connected: SystemTime,
     pub types: Mutex<BTreeMap<String, TypeView>>,
-    /// The oldest model generation a wildcard subscription of this
-    /// connection is synced to (u64::MAX: none is): removals after it are
-    /// kept for it.
+    /// Per type (as in [`TYPES`]), the model generation this connection's
+    /// wildcard subscription is synced to (u64::MAX: none is): removals of
+    /// that type after it are kept for it.
     #[serde(skip)]
-    pub synced: AtomicU64,
+    pub synced: [AtomicU64; TYPES.len()],
+}
+
+/// Synced to nothing yet, for every type.
+fn synced_to_none() -> [AtomicU64; TYPES.len()] {
+    std::array::from_fn(|_| AtomicU64::new(u64::MAX))
+}
+
+/// Where `type_url` is in [`TYPES`].
+fn type_index(type_url: &str) -> Option<usize> {
+    TYPES.iter().position(|t| *t == type_url)
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -239,36 +249,49 @@ impl Hub {
         let delta = {
             let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
             let delta = model.apply(changes);
-            // Removals every connection has been sent are forgotten.
-            let oldest = self
-                .conns
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .values()
-                .map(|c| c.synced.load(Ordering::Relaxed))
-                .min()
-                .unwrap_or(u64::MAX);
-            model.prune_removed(oldest);
+            // Removals of a type every connection has been sent are forgotten.
+            let oldest = self.oldest_synced();
+            model.prune_removed(|t| type_index(t).map_or(0, |i| oldest[i]));
+            // Announced under the write lock: concurrent applies are
+            // announced in the order of their generations (a connection
+            // skips a generation older than one it has seen).
+            if !delta.is_empty() {
+                self.announce(&delta, since, at);
+            }
             delta
         };
         metrics().model_built(since.elapsed());
         self.applied.send_modify(|n| *n += 1);
-        if !delta.is_empty() {
-            self.pushes.fetch_add(1, Ordering::Relaxed);
-            *self.last_push.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
-            let n: usize = delta
-                .changed
-                .values()
-                .chain(delta.removed.values())
-                .map(|s| s.len())
-                .sum();
-            debug!(resources = n, "pushing");
-            let _ = self.events.send(Arc::new(Pushed {
-                delta: delta.clone(),
-                since,
-            }));
-        }
         delta
+    }
+
+    /// Per type, the oldest generation any connection is synced to.
+    fn oldest_synced(&self) -> [u64; TYPES.len()] {
+        let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
+        std::array::from_fn(|i| {
+            conns
+                .values()
+                .map(|c| c.synced[i].load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(u64::MAX)
+        })
+    }
+
+    /// Tells every connection what a change changed.
+    fn announce(&self, delta: &Delta, since: std::time::Instant, at: SystemTime) {
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        *self.last_push.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
+        let n: usize = delta
+            .changed
+            .values()
+            .chain(delta.removed.values())
+            .map(|s| s.len())
+            .sum();
+        debug!(resources = n, "pushing");
+        let _ = self.events.send(Arc::new(Pushed {
+            delta: delta.clone(),
+            since,
+        }));
     }
 
     /// A connection ended.
@@ -346,7 +369,7 @@ impl AdsService {
     pub(crate) async fn open(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<mpsc::Receiver<Response>, Status> {
+    ) -> Result<(mpsc::Receiver<Response>, wire::End), Status> {
         let caller = self
             .authn
             .authenticate(request.metadata())
@@ -386,7 +409,7 @@ impl AdsService {
             peer,
             connected: SystemTime::now(),
             types: Mutex::new(BTreeMap::new()),
-            synced: AtomicU64::new(u64::MAX),
+            synced: synced_to_none(),
         });
         self.hub
             .conns
@@ -395,25 +418,26 @@ impl AdsService {
             .insert(id, view.clone());
         info!(node = %caller.node, id, "xDS stream opened");
         let (tx, rx) = mpsc::channel(16);
+        let end = wire::End::default();
         let mut conn = Conn {
             hub: self.hub.clone(),
             view,
             caller,
             subs: BTreeMap::new(),
             tx,
+            end: end.clone(),
             nonce: 0,
         };
         // Subscribe before the first push: a change landing while it is
         // sent is then seen afterwards (and re-diffed), never lost.
         let events = self.hub.events.subscribe();
         tokio::spawn(async move {
-            if conn.on_request(first).await.is_ok() {
-                conn.run(stream, events).await;
-            } else {
-                conn.hub.forget(conn.view.id);
+            match conn.on_request(first).await {
+                Ok(()) => conn.run(stream, events).await,
+                Err(why) => conn.close(Some(why)),
             }
         });
-        Ok(rx)
+        Ok((rx, end))
     }
 }
 
@@ -473,7 +497,7 @@ mod tests {
                 peer: None,
                 connected: SystemTime::now(),
                 types: Mutex::new(BTreeMap::new()),
-                synced: AtomicU64::new(hub.model().generation()),
+                synced: std::array::from_fn(|_| AtomicU64::new(hub.model().generation())),
             }),
         );
         let n = crate::model::REMOVED_KEPT + 500;
@@ -486,5 +510,34 @@ mod tests {
             kept <= crate::model::REMOVED_KEPT,
             "{kept} removals kept for a connection that stopped reading"
         );
+    }
+
+    /// Changes applied at once are announced in the order of their
+    /// generations: a connection skips an older one it sees late.
+    #[test]
+    fn concurrent_applies_are_announced_in_generation_order() {
+        for _ in 0..20 {
+            let hub = Hub::new(Model::new(ModelConfig::default()));
+            let mut rx = hub.events.subscribe();
+            std::thread::scope(|s| {
+                for t in 0..4 {
+                    let hub = &hub;
+                    s.spawn(move || {
+                        for i in 0..50 {
+                            hub.apply(vec![pod(t * 1000 + i)]);
+                        }
+                    });
+                }
+            });
+            let mut last = 0;
+            while let Ok(p) = rx.try_recv() {
+                assert!(
+                    p.delta.generation > last,
+                    "generation {} announced after {last}",
+                    p.delta.generation
+                );
+                last = p.delta.generation;
+            }
+        }
     }
 }

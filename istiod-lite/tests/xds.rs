@@ -196,7 +196,9 @@ impl Proxy {
             .connect()
             .await
             .unwrap();
-        let mut client = AggregatedDiscoveryServiceClient::new(channel);
+        // As a ztunnel's client: responses up to 64 MiB.
+        let mut client =
+            AggregatedDiscoveryServiceClient::new(channel).max_decoding_message_size(64 << 20);
         let (tx, rx) = mpsc::channel(16);
         tx.send(DeltaDiscoveryRequest {
             node: Some(Node {
@@ -658,6 +660,20 @@ async fn next_version_of(p: &mut Proxy, name: &str) -> String {
     }
 }
 
+/// The stream's end: its gRPC status (Ok(()) for a clean end).
+async fn end_of(p: &mut Proxy) -> Result<(), tonic::Status> {
+    loop {
+        match tokio::time::timeout(Duration::from_secs(10), p.rx.message())
+            .await
+            .expect("the stream ends within 10 s")
+        {
+            Ok(Some(_)) => continue,
+            Ok(None) => return Ok(()),
+            Err(s) => return Err(s),
+        }
+    }
+}
+
 #[tokio::test]
 async fn an_oversized_request_ends_only_its_own_stream() {
     let (hub, addr) = serve(MESH).await;
@@ -665,23 +681,131 @@ async fn an_oversized_request_ends_only_its_own_stream() {
     good.next().await;
     let mut big = Proxy::connect(addr, "node-b", "ztunnel~node-b", ADDRESS_TYPE_URL).await;
     big.next().await;
-    // 5 MiB of names in one request: over the 4 MiB a request may be.
+    // One name of just over 64 MiB: over what a request may be.
     big.send(DeltaDiscoveryRequest {
         type_url: AUTHORIZATION_TYPE_URL.into(),
-        resource_names_subscribe: (0..80_000).map(|i| format!("{i:064}")).collect(),
+        resource_names_subscribe: vec!["x".repeat(64 << 20)],
         ..Default::default()
     })
     .await;
-    // Its stream ends (the undecodable request is not buffered, nor
-    // waited on).
-    let end = tokio::time::timeout(Duration::from_secs(5), big.rx.message())
-        .await
-        .expect("the oversized stream ends within 5 s");
-    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    // Its stream ends with a status naming our limit (the undecodable
+    // request is not buffered, nor waited on).
+    let end = end_of(&mut big).await.expect_err("an error status");
+    assert_eq!(end.code(), tonic::Code::OutOfRange, "{end:?}");
+    assert!(
+        end.message().contains(&(64usize << 20).to_string()),
+        "{end:?}"
+    );
     // The other proxy is still served.
     hub.apply(changes(&pod_at("x", "10.0.0.50")));
     next_version_of(&mut good, POD_X).await;
     eventually_connected(&hub, 1).await;
+}
+
+/// A ztunnel that reconnects states every name and version it holds in its
+/// first request: at 50 000 pods and 10 000 services that is some 5 MB,
+/// and it must be served (else it keeps stale policy for good).
+#[tokio::test]
+async fn a_reconnecting_proxy_stating_over_4_mib_of_held_names_is_resynced() {
+    let (_hub, addr) = serve(MESH).await;
+    let held: Vec<(String, String)> = (0..60_000)
+        .map(|i| {
+            (
+                format!(
+                    "Kubernetes//Pod/shop/a-pod-name-long-as-they-are-in-a-real-cluster-{i:08}"
+                ),
+                format!("{i:016x}"),
+            )
+        })
+        .collect();
+    let size: usize = held.iter().map(|(n, v)| n.len() + v.len() + 6).sum();
+    assert!(size > 4 << 20, "{size} bytes");
+    let held_refs: Vec<(&str, &str)> = held.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let mut p = Proxy::connect_holding(
+        addr,
+        &token("node-a"),
+        "ztunnel~node-a",
+        ADDRESS_TYPE_URL,
+        &held_refs,
+    )
+    .await
+    .expect("the stream opens");
+    let r = p.next().await;
+    // Everything it holds that is gone is removed; what exists is sent.
+    let removed: std::collections::BTreeSet<&str> =
+        r.removed_resources.iter().map(String::as_str).collect();
+    assert_eq!(removed.len(), held.len());
+    assert!(held.iter().all(|(n, _)| removed.contains(n.as_str())));
+    assert!(version_in(&r, "Kubernetes//Pod/shop/web-1").is_some());
+}
+
+/// The names a proxy says it holds are bounded as its subscriptions are.
+#[tokio::test]
+async fn stating_too_many_held_names_ends_the_stream() {
+    let (hub, addr) = serve(MESH).await;
+    let held: Vec<(String, String)> = (0..100_001)
+        .map(|i| (format!("ns/n-{i}"), "0000000000000001".to_string()))
+        .collect();
+    let held_refs: Vec<(&str, &str)> = held.iter().map(|(n, v)| (n.as_str(), v.as_str())).collect();
+    let end = match Proxy::connect_holding(
+        addr,
+        &token("node-a"),
+        "ztunnel~node-a",
+        ADDRESS_TYPE_URL,
+        &held_refs,
+    )
+    .await
+    {
+        Ok(mut p) => end_of(&mut p).await,
+        Err(s) => Err(s),
+    };
+    let end = end.expect_err("an error status");
+    assert_eq!(end.code(), tonic::Code::ResourceExhausted, "{end:?}");
+    eventually_connected(&hub, 0).await;
+}
+
+/// Names held but not subscribed to are not kept for the stream's life.
+#[tokio::test]
+async fn held_names_not_subscribed_to_are_not_kept() {
+    let (hub, addr) = serve(MESH).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(16);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "ztunnel~node-a".into(),
+            ..Default::default()
+        }),
+        type_url: ADDRESS_TYPE_URL.into(),
+        resource_names_subscribe: vec!["Kubernetes//Pod/shop/web-1".into()],
+        initial_resource_versions: (0..1000)
+            .map(|i| (format!("ns/held-{i}"), "0000000000000001".to_string()))
+            .collect(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", token("node-a")).parse().unwrap(),
+    );
+    let mut rx = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(req)
+        .await
+        .unwrap()
+        .into_inner();
+    let r = rx.message().await.unwrap().expect("an answer");
+    assert_eq!(r.resources.len(), 1);
+    let c = hub.connections();
+    assert_eq!(
+        c["connections"][0]["types"][ADDRESS_TYPE_URL]["resources"], 1,
+        "{c}"
+    );
+    drop(tx);
 }
 
 /// Waits until `n` streams are open.
@@ -832,6 +956,7 @@ async fn subscribing_to_ever_more_names_ends_the_stream_not_the_memory() {
     // without a bound each connection could make the controller keep any
     // number of them.
     let mut ended = false;
+    let mut status = None;
     for round in 0..6 {
         let req = DeltaDiscoveryRequest {
             type_url: AUTHORIZATION_TYPE_URL.into(),
@@ -844,7 +969,9 @@ async fn subscribing_to_ever_more_names_ends_the_stream_not_the_memory() {
         }
         match tokio::time::timeout(Duration::from_secs(5), p.rx.message()).await {
             Ok(Ok(Some(_))) => continue,
-            Ok(_) => {
+            Ok(Ok(None)) => panic!("the stream ended without an error status"),
+            Ok(Err(s)) => {
+                status = Some(s);
                 ended = true;
                 break;
             }
@@ -852,5 +979,40 @@ async fn subscribing_to_ever_more_names_ends_the_stream_not_the_memory() {
         }
     }
     assert!(ended, "the stream is still open after 300 000 names");
+    let end = match status {
+        Some(s) => s,
+        None => end_of(&mut p).await.expect_err("an error status"),
+    };
+    assert_eq!(end.code(), tonic::Code::ResourceExhausted, "{end:?}");
     eventually_connected(&hub, 0).await;
+}
+
+/// A removal every connection has been sent is forgotten, even when a
+/// connection also subscribes to a type that never changes.
+#[tokio::test]
+async fn a_type_that_never_changes_does_not_pin_removals() {
+    use istiod_lite::config::objects::{Kind, ObjectKey};
+    let (hub, addr) = serve(MESH).await;
+    let mut p = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    p.next().await;
+    p.send(subscribe(AUTHORIZATION_TYPE_URL)).await;
+    assert_eq!(p.next().await.type_url, AUTHORIZATION_TYPE_URL);
+    hub.apply(changes(&pod_at("x", "10.0.0.70")));
+    next_version_of(&mut p, POD_X).await;
+    hub.apply(vec![Change::Delete(ObjectKey {
+        kind: Kind::Pod,
+        namespace: "shop".into(),
+        name: "x".into(),
+    })]);
+    loop {
+        let r = p.next().await;
+        if r.removed_resources.iter().any(|n| n == POD_X) {
+            break;
+        }
+    }
+    // The next change prunes what every connection has been sent.
+    hub.apply(changes(&pod_at("y", "10.0.0.71")));
+    next_version_of(&mut p, "Kubernetes//Pod/shop/y").await;
+    let kept = hub.model().removed_since(ADDRESS_TYPE_URL, 0).count();
+    assert_eq!(kept, 0, "removals kept though every proxy has them");
 }

@@ -295,14 +295,15 @@ impl Model {
             .map(|(n, _)| n)
     }
 
-    /// Forgets removals at or before generation `upto` (every connection
+    /// Forgets removals of a type at or before generation `upto(type)` (every connection
     /// has been sent them), and the oldest ones beyond [`REMOVED_KEPT`] per
     /// type (or the type's resource count, if more) even if a connection
     /// still needs them: a connection that stopped reading must not make
     /// the controller keep every name ever removed. Such a connection is
     /// then reset ([`Model::forgotten`]).
-    pub fn prune_removed(&mut self, upto: u64) {
+    pub fn prune_removed(&mut self, upto: impl Fn(&str) -> u64) {
         for (t, m) in self.removed.iter_mut() {
+            let upto = upto(t);
             m.retain(|_, g| *g > upto);
             let live = self.outputs.get(t).map_or(0, |o| o.len());
             let limit = REMOVED_KEPT.max(live);

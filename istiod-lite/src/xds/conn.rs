@@ -18,10 +18,10 @@ use std::time::SystemTime;
 
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tokio::sync::{broadcast, mpsc};
-use tonic::Streaming;
+use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::wire::Response;
+use super::wire::{End, Response};
 use super::{ConnView, Gated, Hub, NackView, PUSH_CHUNK, Pushed, TYPES};
 use crate::ca::auth::Caller;
 use crate::metrics::metrics;
@@ -251,7 +251,28 @@ pub(super) struct Conn {
     pub(super) caller: Caller,
     pub(super) subs: BTreeMap<String, Sub>,
     pub(super) tx: mpsc::Sender<Response>,
+    /// Why the stream was ended, for its grpc-status.
+    pub(super) end: End,
     pub(super) nonce: u64,
+}
+
+/// The stream is closed: the proxy is gone, or is cut off for this cause.
+fn too_far_behind(why: &Behind) -> Status {
+    Status::resource_exhausted(format!(
+        "connection too far behind ({why}); reconnect stating what you hold"
+    ))
+}
+
+/// A proxy asked for more names than it may.
+fn too_many_names(asked: usize, limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "{asked} names subscribed or held; at most {limit} may be"
+    ))
+}
+
+/// The proxy no longer reads its stream.
+fn gone() -> Status {
+    Status::cancelled("the proxy's stream is gone")
 }
 
 impl Conn {
@@ -263,7 +284,7 @@ impl Conn {
     /// Sends what differs between the model and what the proxy holds,
     /// within `scope`. `always` sends even an empty response (the answer
     /// to a subscription).
-    async fn push(&mut self, type_url: &str, scope: Scope<'_>, always: bool) -> Result<(), ()> {
+    async fn push(&mut self, type_url: &str, scope: Scope<'_>, always: bool) -> Result<(), Status> {
         let Plan {
             resources,
             mut removed,
@@ -278,21 +299,19 @@ impl Conn {
                 Err(why) => {
                     warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url, reason = %why,
                         "connection too far behind; closing it so the proxy reconnects");
-                    return Err(());
+                    return Err(too_far_behind(&why));
                 }
             };
-            // Published under the model's lock: removals this connection
-            // may still need are kept (see Hub::apply).
-            let synced = self
-                .subs
-                .values()
-                .filter_map(|s| match s.held {
-                    Held::All(g) => Some(g),
-                    Held::Each(_) => None,
-                })
-                .min()
-                .unwrap_or(u64::MAX);
-            self.view.synced.store(synced, Ordering::Relaxed);
+            // Published under the model's lock, per type: removals this
+            // connection may still need are kept (see Hub::apply); a type
+            // that never changes pins no other type's.
+            for (i, t) in TYPES.iter().enumerate() {
+                let synced = match self.subs.get(*t).map(|s| &s.held) {
+                    Some(Held::All(g)) => *g,
+                    _ => u64::MAX,
+                };
+                self.view.synced[i].store(synced, Ordering::Relaxed);
+            }
             p
         };
         // A refused subscriber is never answered; at most it is told to
@@ -342,7 +361,7 @@ impl Conn {
                 nonce,
                 removed,
             };
-            self.tx.send(resp).await.map_err(|_| ())?;
+            self.tx.send(resp).await.map_err(|_| gone())?;
             metrics().pushed(type_url);
         }
         Ok(())
@@ -367,17 +386,37 @@ impl Conn {
         }
     }
 
-    /// A first subscription to type `t`: what the proxy says it holds, and
-    /// for a gated type, whether it may have any.
-    fn subscribe(&mut self, t: &str, req: &mut DeltaDiscoveryRequest) {
+    /// Names a proxy may subscribe to, or say it holds, of type `t`.
+    fn names_limit(&self, t: &str) -> usize {
+        NAMES_KEPT.max(2 * self.hub.model().resources(t).map_or(0, |m| m.len()))
+    }
+
+    /// A first subscription to type `t`: what the proxy says it holds
+    /// (bounded as subscriptions are; of a subscription by name, only the
+    /// names subscribed to), and for a gated type, whether it may have any.
+    fn subscribe(&mut self, t: &str, req: &mut DeltaDiscoveryRequest) -> Result<(), Status> {
+        let stated = req.initial_resource_versions.len();
+        let limit = self.names_limit(t);
+        if stated > limit {
+            warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t, stated, limit,
+                "first request states too many held names; closing the stream");
+            return Err(too_many_names(stated, limit));
+        }
         let gateway = Gated::of(t).map(|g| (g, self.gateway_of(g)));
+        let wildcard = req.resource_names_subscribe.is_empty()
+            || req.resource_names_subscribe.iter().any(|n| n == "*");
+        let by_name: BTreeSet<&str> = req
+            .resource_names_subscribe
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let held = std::mem::take(&mut req.initial_resource_versions)
+            .into_iter()
+            .filter(|(n, _)| wildcard || by_name.contains(n.as_str()))
+            .map(|(n, v)| (Arc::from(n), parse_version(&v)))
+            .collect();
         let sub = self.subs.entry(t.to_string()).or_default();
-        sub.held = Held::Each(
-            std::mem::take(&mut req.initial_resource_versions)
-                .into_iter()
-                .map(|(n, v)| (Arc::from(n), parse_version(&v)))
-                .collect(),
-        );
+        sub.held = Held::Each(held);
         if let Some((gated, gw)) = gateway {
             match &gw {
                 Ok((ns, name)) => {
@@ -403,9 +442,13 @@ impl Conn {
         if req.resource_names_subscribe.is_empty() {
             sub.wildcard = true;
         }
+        Ok(())
     }
 
-    pub(super) async fn on_request(&mut self, mut req: DeltaDiscoveryRequest) -> Result<(), ()> {
+    pub(super) async fn on_request(
+        &mut self,
+        mut req: DeltaDiscoveryRequest,
+    ) -> Result<(), Status> {
         let t = req.type_url.clone();
         if !TYPES.contains(&t.as_str()) {
             warn!(node = %self.view.node, type_url = %t, "subscription to an unknown type ignored");
@@ -416,7 +459,7 @@ impl Conn {
         }
         let first = !self.subs.contains_key(&t);
         if first {
-            self.subscribe(&t, &mut req);
+            self.subscribe(&t, &mut req)?;
         }
         if req.resource_names_unsubscribe.iter().any(|n| n == "*")
             && let Some(sub) = self.subs.get_mut(&t)
@@ -424,12 +467,12 @@ impl Conn {
         {
             warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t, reason = %why,
                 "connection too far behind; closing it so the proxy reconnects");
-            return Err(());
+            return Err(too_far_behind(&why));
         }
         // (An ACK names nothing: no look at the model.)
         let limit = match req.resource_names_subscribe.len() {
             0 => usize::MAX,
-            _ => NAMES_KEPT.max(2 * self.hub.model().resources(&t).map_or(0, |m| m.len())),
+            _ => self.names_limit(&t),
         };
         let Some(sub) = self.subs.get_mut(&t) else {
             return Ok(());
@@ -438,7 +481,10 @@ impl Conn {
             warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t,
                 subscribed = sub.names.len(), asked = req.resource_names_subscribe.len(), limit,
                 "subscription to too many names; closing the stream");
-            return Err(());
+            return Err(too_many_names(
+                sub.names.len() + req.resource_names_subscribe.len(),
+                limit,
+            ));
         }
         let mut new_names = BTreeSet::new();
         for n in &req.resource_names_subscribe {
@@ -524,7 +570,7 @@ impl Conn {
         changed_types
     }
 
-    async fn on_delta(&mut self, d: &Delta) -> Result<(), ()> {
+    async fn on_delta(&mut self, d: &Delta) -> Result<(), Status> {
         if d.gateway_proxies {
             for t in self.recheck_gateways() {
                 // A proxy refused until now gets its first answer here.
@@ -548,43 +594,58 @@ impl Conn {
         mut stream: Streaming<DeltaDiscoveryRequest>,
         mut events: broadcast::Receiver<Arc<Pushed>>,
     ) {
-        loop {
-            let done = tokio::select! {
+        let end = loop {
+            let step: Result<bool, Status> = tokio::select! {
                 msg = stream.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req).await.is_err(),
-                    Ok(None) => true,
+                    Ok(Some(req)) => self.on_request(req).await.map(|()| false),
+                    Ok(None) => Ok(true),
                     Err(e) => {
                         debug!(node = %self.view.node, error = %e, "stream error");
-                        true
+                        Err(e)
                     }
                 },
                 ev = events.recv() => match ev {
                     Ok(p) => {
-                        let failed = self.on_delta(&p.delta).await.is_err();
-                        if !failed {
+                        let r = self.on_delta(&p.delta).await;
+                        if r.is_ok() {
                             metrics().converged(p.since.elapsed());
                         }
-                        failed
+                        r.map(|()| false)
                     }
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         // Missed some deltas: diff everything instead.
                         warn!(node = %self.view.node, missed = n, "push lagged; full resync");
-                        let mut failed = false;
                         self.recheck_gateways();
+                        let mut r = Ok(false);
                         for t in TYPES {
-                            failed |= self.push(t, Scope::Everything, false).await.is_err();
+                            if let Err(e) = self.push(t, Scope::Everything, false).await {
+                                r = Err(e);
+                                break;
+                            }
                         }
-                        failed
+                        r
                     }
-                    Err(broadcast::error::RecvError::Closed) => true,
+                    Err(broadcast::error::RecvError::Closed) => {
+                        Err(Status::unavailable("the controller is stopping"))
+                    }
                 },
             };
-            if done {
-                break;
+            match step {
+                Ok(false) => {}
+                Ok(true) => break None,
+                Err(s) => break Some(s),
             }
-        }
-        info!(node = %self.view.node, id = self.view.id, "xDS stream closed");
+        };
+        info!(node = %self.view.node, id = self.view.id, status = ?end.as_ref().map(|s| s.code()),
+            "xDS stream closed");
+        self.close(end);
+    }
+
+    /// Ends the stream, with `why` as its status (None: a clean end).
+    pub(super) fn close(self, why: Option<Status>) {
+        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = why;
         self.hub.forget(self.view.id);
+        // Dropping `tx` here lets the response body send the status.
     }
 }
 
@@ -651,7 +712,7 @@ mod tests {
         let Held::All(g) = sub.held else {
             panic!("still a generation")
         };
-        m.prune_removed(g);
+        m.prune_removed(|_| g);
         assert_eq!(m.removed_since(ADDRESS_TYPE_URL, 0).count(), 0);
     }
 
@@ -768,7 +829,7 @@ mod tests {
                 .collect(),
         );
         m.apply(vec![pod("late", "10.0.0.2")]);
-        m.prune_removed(0);
+        m.prune_removed(|_| 0);
         assert!(m.forgotten(ADDRESS_TYPE_URL) > 0);
         // Sending only what is left would leave the removed pods with the
         // proxy for good: the connection is reset instead.

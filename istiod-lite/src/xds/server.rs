@@ -22,8 +22,11 @@ use super::wire::ResponseBody;
 const METHOD: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-/// Largest request accepted (a reconnecting proxy's list of held versions).
-const MAX_REQUEST: usize = 4 * 1024 * 1024;
+/// Largest request accepted: a reconnecting proxy's first request lists
+/// every name and version it holds (some 5 MB at 50 000 pods and 10 000
+/// services), so as large as the responses a ztunnel accepts. What it
+/// holds is then bounded by name count ([`super::conn::NAMES_KEPT`]).
+pub const MAX_REQUEST: usize = 64 * 1024 * 1024;
 
 /// Decodes `DeltaDiscoveryRequest`s.
 struct RequestDecoder;
@@ -85,8 +88,8 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
         req.map(|body| Streaming::new_request(RequestDecoder, body, None, Some(MAX_REQUEST))),
     );
     match ads.open(request).await {
-        Ok(rx) => {
-            let mut res = http::Response::new(Body::new(ResponseBody::new(rx)));
+        Ok((rx, end)) => {
+            let mut res = http::Response::new(Body::new(ResponseBody::new(rx, end)));
             res.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/grpc"),

@@ -140,18 +140,25 @@ impl Encoding {
     }
 }
 
+/// Why a connection's task ended its stream: set before it drops its
+/// sender, read once the responses are all out. Unset: a clean end.
+pub type End = Arc<std::sync::Mutex<Option<Status>>>;
+
 /// The response stream of one connection: responses from its task,
-/// encoded as HTTP/2 asks for data, then the `grpc-status` trailer.
+/// encoded as HTTP/2 asks for data, then the `grpc-status` trailer (the
+/// task's [`End`], so a proxy cut off for cause sees why and backs off).
 pub struct ResponseBody {
     rx: mpsc::Receiver<Response>,
+    end: End,
     current: Option<Encoding>,
     done: bool,
 }
 
 impl ResponseBody {
-    pub fn new(rx: mpsc::Receiver<Response>) -> ResponseBody {
+    pub fn new(rx: mpsc::Receiver<Response>, end: End) -> ResponseBody {
         ResponseBody {
             rx,
+            end,
             current: None,
             done: false,
         }
@@ -181,8 +188,14 @@ impl hyper::body::Body for ResponseBody {
                 Poll::Ready(Some(r)) => this.current = Some(Encoding::new(r)),
                 Poll::Ready(None) => {
                     this.done = true;
+                    let status = this
+                        .end
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                        .unwrap_or_else(|| Status::ok(""));
                     let mut trailers = http::HeaderMap::new();
-                    if let Err(s) = Status::ok("").add_header(&mut trailers) {
+                    if let Err(s) = status.add_header(&mut trailers) {
                         return Poll::Ready(Some(Err(s)));
                     }
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));
