@@ -16,7 +16,7 @@ use mesh_core::clock::Clock;
 use mesh_core::identity::Identity;
 use mesh_core::tls::TrustRoots;
 
-pub use server::{CaService, ServingCert, serve};
+pub use server::{CaService, MAX_STREAMS_PER_CONNECTION, ServingCert, serve, with_limits};
 pub use store::{CaLoadError, CaSource};
 
 /// Default leaf lifetime.

@@ -170,9 +170,18 @@ impl ServingCert {
     }
 }
 
+/// Streams one connection may have open at once: a proxy needs one ADS
+/// stream, and its certificate requests queue behind the rest.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// The per-connection limits every gRPC server of ours applies.
+pub fn with_limits(server: Server) -> Server {
+    server.max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+}
+
 /// A tonic server builder that serves TLS with `cert`.
 pub fn serve(cert: &ServingCert) -> Result<Server, tonic::transport::Error> {
-    Server::builder()
+    with_limits(Server::builder())
         .tls_config(
             ServerTlsConfig::new()
                 .identity(TonicIdentity::from_pem(&cert.chain_pem, &cert.key_pem)),
