@@ -1056,3 +1056,120 @@ async fn a_connection_carries_a_bounded_number_of_streams() {
     let opened = tokio::time::timeout(Duration::from_secs(5), extra).await;
     assert!(matches!(opened, Ok(Ok(Ok(_)))), "{opened:?}");
 }
+
+const DENY: &str = r#"
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-evil, namespace: shop}
+spec:
+  action: DENY
+  rules: [{from: [{source: {namespaces: [evil]}}]}]
+"#;
+
+/// The model's Authorization resources: name and version.
+fn policies(hub: &Hub) -> std::collections::BTreeMap<String, String> {
+    hub.model()
+        .resources(AUTHORIZATION_TYPE_URL)
+        .map(|m| {
+            m.values()
+                .map(|r| {
+                    (
+                        r.name.to_string(),
+                        istiod_lite::model::version_text(r.version),
+                    )
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// A DENY deleted and added again while a proxy's connection lags (it
+/// missed broadcasts and is re-diffed in full) is held by the proxy in the
+/// end: never left removed.
+#[tokio::test]
+async fn a_deny_deleted_and_re_added_while_a_connection_lags_is_held_in_the_end() {
+    use istiod_lite::config::objects::{Kind, ObjectKey};
+    let (hub, addr) = serve(&format!("{MESH}---\n{DENY}")).await;
+    let with_deny = policies(&hub);
+    let deny = with_deny
+        .keys()
+        .find(|n| n.contains("deny-evil"))
+        .expect("the DENY is served")
+        .clone();
+    let mut p = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    p.next().await;
+    p.send(subscribe(AUTHORIZATION_TYPE_URL)).await;
+    let mut held: std::collections::BTreeMap<String, String> = Default::default();
+    let r = p.next().await;
+    assert_eq!(r.type_url, AUTHORIZATION_TYPE_URL);
+    held.extend(
+        r.resources
+            .iter()
+            .map(|x| (x.name.clone(), x.version.clone())),
+    );
+    assert!(held.contains_key(&deny));
+    // The proxy stops reading; bulk changes until its connection lags far
+    // beyond the broadcast queue, with the DENY deleted and re-added.
+    let sent = |hub: &Hub| {
+        hub.connections()["connections"][0]["types"][ADDRESS_TYPE_URL]["responses_sent"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let bulk = |i: usize| {
+        let mut yaml = String::new();
+        for j in 0..40 {
+            yaml.push_str(&pod_at(
+                &format!("bulk-{j}"),
+                &format!("10.{}.{}.{j}", 10 + i / 250, i % 250),
+            ));
+            yaml.push_str("---\n");
+        }
+        changes(&yaml)
+    };
+    let mut i = 0;
+    let mut behind_at = None;
+    while behind_at.is_none_or(|b| i < b + 700) {
+        hub.apply(bulk(i));
+        if behind_at.is_none() && sent(&hub) + 50 < i as u64 {
+            behind_at = Some(i);
+        }
+        if behind_at.is_some_and(|b| i == b + 300) {
+            hub.apply(vec![Change::Delete(ObjectKey {
+                kind: Kind::AuthorizationPolicy,
+                namespace: "shop".into(),
+                name: "deny-evil".into(),
+            })]);
+            assert!(!policies(&hub).contains_key(&deny));
+        }
+        if behind_at.is_some_and(|b| i == b + 400) {
+            // Back, changed (a new version).
+            hub.apply(changes(&DENY.replace("[evil]", "[evil, worse]")));
+        }
+        i += 1;
+        assert!(i < 5000, "the connection never fell behind");
+    }
+    let now = policies(&hub);
+    assert!(now.contains_key(&deny) && now[&deny] != with_deny[&deny]);
+    // Reading again (until it is sent nothing for a second), the proxy ends
+    // up holding exactly the model's policies.
+    let until = tokio::time::Instant::now() + Duration::from_secs(60);
+    while let Ok(r) = tokio::time::timeout(Duration::from_secs(1), p.rx.message()).await {
+        assert!(
+            tokio::time::Instant::now() < until,
+            "still sending after 60 s"
+        );
+        let r = r.unwrap().expect("stream open");
+        if r.type_url != AUTHORIZATION_TYPE_URL {
+            continue;
+        }
+        held.extend(
+            r.resources
+                .iter()
+                .map(|x| (x.name.clone(), x.version.clone())),
+        );
+        for n in &r.removed_resources {
+            held.remove(n);
+        }
+    }
+    assert_eq!(held, now);
+}
