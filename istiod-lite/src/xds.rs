@@ -138,6 +138,11 @@ pub struct Pushed {
     pub since: std::time::Instant,
 }
 
+/// ADS streams one node's callers (its ztunnel, and pods on it with their
+/// own tokens) may hold open at once: a node's proxies need a few; a
+/// caller opening ever more is refused (RESOURCE_EXHAUSTED).
+pub const MAX_STREAMS_PER_NODE: usize = 64;
+
 /// What the debug endpoint shows of one proxy connection.
 #[derive(Debug, Serialize)]
 pub struct ConnView {
@@ -411,11 +416,18 @@ impl AdsService {
             types: Mutex::new(BTreeMap::new()),
             synced: synced_to_none(),
         });
-        self.hub
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .insert(id, view.clone());
+        {
+            let mut conns = self.hub.conns.lock().unwrap_or_else(|p| p.into_inner());
+            let open = conns.values().filter(|c| c.node == caller.node).count();
+            if open >= MAX_STREAMS_PER_NODE {
+                warn!(node = %caller.node, open, "xDS stream refused: too many open for this node");
+                return Err(Status::resource_exhausted(format!(
+                    "{open} xDS streams open for node {}; at most {MAX_STREAMS_PER_NODE} may be",
+                    caller.node
+                )));
+            }
+            conns.insert(id, view.clone());
+        }
         info!(node = %caller.node, id, "xDS stream opened");
         let (tx, rx) = mpsc::channel(16);
         let end = wire::End::default();

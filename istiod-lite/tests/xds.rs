@@ -1173,3 +1173,40 @@ async fn a_deny_deleted_and_re_added_while_a_connection_lags_is_held_in_the_end(
     }
     assert_eq!(held, now);
 }
+
+/// One caller (a node's credential) may hold only so many streams open at
+/// once, however many connections it opens.
+#[tokio::test]
+async fn a_caller_holds_a_bounded_number_of_streams() {
+    use istiod_lite::xds::MAX_STREAMS_PER_NODE;
+    let (hub, addr) = serve(MESH).await;
+    let mut open = Vec::new();
+    for i in 0..MAX_STREAMS_PER_NODE {
+        let mut p = Proxy::connect(
+            addr,
+            "node-a",
+            &format!("ztunnel~node-a-{i}"),
+            ADDRESS_TYPE_URL,
+        )
+        .await;
+        p.next().await;
+        open.push(p);
+    }
+    let refused =
+        match Proxy::connect_with(addr, &token("node-a"), "ztunnel~node-a-x", ADDRESS_TYPE_URL)
+            .await
+        {
+            Ok(mut p) => end_of(&mut p).await,
+            Err(s) => Err(s),
+        };
+    let refused = refused.expect_err("refused");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    // Another node is not held up by it.
+    let mut other = Proxy::connect(addr, "node-b", "ztunnel~node-b", ADDRESS_TYPE_URL).await;
+    other.next().await;
+    assert_eq!(hub.connected(), MAX_STREAMS_PER_NODE + 1);
+}
