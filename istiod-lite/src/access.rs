@@ -5,12 +5,15 @@
 //! identity on its node, but it never holds a Gateway's keys: an ingress
 //! gateway's stream (`ingress~<ns>~<pod>`) needs the gateway pod's own
 //! credential, a token bound to that very pod whose service account is the
-//! pod's. A workload token opens only its own pod's stream.
+//! pod's. A workload token opens only its own pod's stream, and only
+//! when that pod is a pod of a Gateway of the kind the stream names (a
+//! waypoint's for `waypoint~`, an ingress gateway's for `ingress~`): any
+//! pod can hold a token of our audience.
 
 use mesh_core::identity::Identity;
 
 use crate::ca::auth::Caller;
-use crate::model::{INGRESS_PROXY_PREFIX, Model, WAYPOINT_PROXY_PREFIX};
+use crate::model::{INGRESS_PROXY_PREFIX, Model, ProxyError, WAYPOINT_PROXY_PREFIX};
 
 /// Why a caller may not open a stream, or hold a Gateway's keys: told to
 /// the caller (a `PermissionDenied` status) and logged.
@@ -25,6 +28,8 @@ pub enum AccessError {
         "a workload token may subscribe only as its own waypoint pod or ingress pod ({own}), not as {proxy_id:?}"
     )]
     NotOwnPod { own: String, proxy_id: String },
+    #[error("a workload token may open {proxy_id:?} only as a Gateway's pod: {why}")]
+    NotGatewayPod { proxy_id: String, why: ProxyError },
     #[error("a node token never holds an ingress gateway's keys")]
     NodeTokenKeys,
     #[error("proxy id {0:?} is not {INGRESS_PROXY_PREFIX}~<namespace>~<pod>")]
@@ -42,7 +47,7 @@ pub enum AccessError {
 }
 
 /// Whether `caller` may open a stream as `proxy_id`; Err says why not.
-pub fn may_open(caller: &Caller, proxy_id: &str) -> Result<(), AccessError> {
+pub fn may_open(caller: &Caller, model: &Model, proxy_id: &str) -> Result<(), AccessError> {
     let ingress = proxy_id
         .split_once('~')
         .is_some_and(|(p, _)| p == INGRESS_PROXY_PREFIX);
@@ -62,7 +67,18 @@ pub fn may_open(caller: &Caller, proxy_id: &str) -> Result<(), AccessError> {
         })
         .collect();
     if own.iter().any(|o| o == proxy_id) {
-        return Ok(());
+        // Its own pod, and that pod is a Gateway's of the kind named.
+        let served = if ingress {
+            model.ingress_of_proxy(&caller.node, proxy_id)
+        } else {
+            model.waypoint_of_proxy(&caller.node, proxy_id)
+        };
+        return served
+            .map(|_| ())
+            .map_err(|why| AccessError::NotGatewayPod {
+                proxy_id: proxy_id.to_string(),
+                why,
+            });
     }
     Err(AccessError::NotOwnPod {
         own: if own.is_empty() {

@@ -23,11 +23,12 @@
 //! is refused: logged, and sent nothing of that type.
 
 mod conn;
+pub mod request;
 mod server;
 pub mod wire;
 
 use std::collections::BTreeMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
@@ -130,18 +131,58 @@ pub struct Hub {
     applied: tokio::sync::watch::Sender<u64>,
     /// How each watched kind stands (cluster mode; empty for a folder).
     sources: Arc<Sources>,
+    /// Names and held versions one request may carry: twice the most
+    /// resources any type has ever had, at least [`conn::NAMES_KEPT`]
+    /// (never lowered: a proxy reconnecting after mass deletions states
+    /// what it held before them).
+    names_bound: Arc<AtomicUsize>,
 }
 
 /// A change to push, and when it was made (for the convergence time).
 pub struct Pushed {
-    pub delta: Delta,
+    /// Shared with the caller of [`Hub::apply`]: never copied under the lock.
+    pub delta: Arc<Delta>,
     pub since: std::time::Instant,
 }
 
-/// ADS streams one node's callers (its ztunnel, and pods on it with their
-/// own tokens) may hold open at once: a node's proxies need a few; a
-/// caller opening ever more is refused (RESOURCE_EXHAUSTED).
+/// ADS streams a node's token (its ztunnel, and proxies it opens streams
+/// for) may hold open at once: a node's proxies need a few; a caller
+/// opening ever more is refused (RESOURCE_EXHAUSTED).
 pub const MAX_STREAMS_PER_NODE: usize = 64;
+
+/// ADS streams one pod may hold open at once with its own token (a
+/// Gateway's pod needs one; two let it reconnect before the old one is
+/// seen gone). Never counted against its node's quota.
+pub const MAX_STREAMS_PER_POD: usize = 2;
+
+/// Whose stream quota a stream counts against: a node's token and pods'
+/// own tokens never share one, so no pod can lock its node's ztunnel out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Quota {
+    /// A node's token.
+    Node(String),
+    /// A workload's own token: its pod (namespace, name), or its identity
+    /// when the token names no pod.
+    Pod(String, String),
+}
+
+impl Quota {
+    fn of(caller: &Caller) -> Quota {
+        match (&caller.only, &caller.pod) {
+            (None, _) => Quota::Node(caller.node.clone()),
+            (Some(_), Some((ns, pod))) => Quota::Pod(ns.clone(), pod.clone()),
+            (Some(id), None) => Quota::Pod(String::new(), id.to_string()),
+        }
+    }
+
+    /// Streams it may hold open at once.
+    fn max(&self) -> usize {
+        match self {
+            Quota::Node(_) => MAX_STREAMS_PER_NODE,
+            Quota::Pod(..) => MAX_STREAMS_PER_POD,
+        }
+    }
+}
 
 /// What the debug endpoint shows of one proxy connection.
 #[derive(Debug, Serialize)]
@@ -153,6 +194,9 @@ pub struct ConnView {
     #[serde(serialize_with = "rfc3339")]
     pub connected: SystemTime,
     pub types: Mutex<BTreeMap<String, TypeView>>,
+    /// The stream quota it counts against.
+    #[serde(skip)]
+    pub quota: Quota,
     /// Per type (as in [`TYPES`]), the model generation this connection's
     /// wildcard subscription is synced to (u64::MAX: none is): removals of
     /// that type after it are kept for it.
@@ -211,6 +255,7 @@ impl Hub {
             last_push: Mutex::new(None),
             applied: tokio::sync::watch::Sender::new(0),
             sources: Arc::new(Sources::default()),
+            names_bound: Arc::new(AtomicUsize::new(conn::NAMES_KEPT)),
         })
     }
 
@@ -244,16 +289,28 @@ impl Hub {
         self.model.read().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Names and held versions one request may carry (see `names_bound`).
+    pub fn names_bound(&self) -> usize {
+        self.names_bound.load(Ordering::Relaxed)
+    }
+
     /// Applies changes and pushes what they changed to every connection.
-    pub fn apply(&self, changes: Vec<Change>) -> Delta {
+    pub fn apply(&self, changes: Vec<Change>) -> Arc<Delta> {
         if changes.is_empty() {
-            return Delta::default();
+            return Arc::default();
         }
         let since = std::time::Instant::now();
         let at = SystemTime::now();
         let delta = {
             let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
-            let delta = model.apply(changes);
+            let delta = Arc::new(model.apply(changes));
+            let most = TYPES
+                .iter()
+                .map(|t| model.resources(t).map_or(0, |m| m.len()))
+                .max()
+                .unwrap_or(0);
+            self.names_bound
+                .fetch_max(most.saturating_mul(2), Ordering::Relaxed);
             // Removals of a type every connection has been sent are forgotten.
             let oldest = self.oldest_synced();
             model.prune_removed(|t| type_index(t).map_or(0, |i| oldest[i]));
@@ -283,7 +340,7 @@ impl Hub {
     }
 
     /// Tells every connection what a change changed.
-    fn announce(&self, delta: &Delta, since: std::time::Instant, at: SystemTime) {
+    fn announce(&self, delta: &Arc<Delta>, since: std::time::Instant, at: SystemTime) {
         self.pushes.fetch_add(1, Ordering::Relaxed);
         *self.last_push.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
         let n: usize = delta
@@ -294,7 +351,7 @@ impl Hub {
             .sum();
         debug!(resources = n, "pushing");
         let _ = self.events.send(Arc::new(Pushed {
-            delta: delta.clone(),
+            delta: Arc::clone(delta),
             since,
         }));
     }
@@ -386,6 +443,13 @@ impl AdsService {
             ));
         }
         let peer = request.remote_addr().map(|a| a.to_string());
+        // Only a node's proxy states all it holds, in its first request of
+        // each type.
+        if caller.only.is_none()
+            && let Some(l) = request.extensions().get::<crate::xds::request::Limits>()
+        {
+            l.node_caller();
+        }
         let mut stream = request.into_inner();
         // The first request names the proxy.
         let first = stream
@@ -399,7 +463,8 @@ impl AdsService {
             .unwrap_or_default();
         // A workload token opens only its own pod's stream; a node token
         // never an ingress gateway's (its keys are the pod's alone).
-        if let Err(why) = crate::access::may_open(&caller, &proxy_id) {
+        let allowed = crate::access::may_open(&caller, &self.hub.model(), &proxy_id);
+        if let Err(why) = allowed {
             warn!(
                 node = %caller.node, pod = ?caller.pod, proxy = %proxy_id, peer = ?peer, reason = %why,
                 "xDS stream refused"
@@ -414,16 +479,18 @@ impl AdsService {
             peer,
             connected: SystemTime::now(),
             types: Mutex::new(BTreeMap::new()),
+            quota: Quota::of(&caller),
             synced: synced_to_none(),
         });
         {
             let mut conns = self.hub.conns.lock().unwrap_or_else(|p| p.into_inner());
-            let open = conns.values().filter(|c| c.node == caller.node).count();
-            if open >= MAX_STREAMS_PER_NODE {
-                warn!(node = %caller.node, open, "xDS stream refused: too many open for this node");
+            let quota = &view.quota;
+            let open = conns.values().filter(|c| c.quota == *quota).count();
+            if open >= quota.max() {
+                warn!(node = %caller.node, ?quota, open, "xDS stream refused: too many open for this caller");
                 return Err(Status::resource_exhausted(format!(
-                    "{open} xDS streams open for node {}; at most {MAX_STREAMS_PER_NODE} may be",
-                    caller.node
+                    "{open} xDS streams open for {quota:?}; at most {} may be",
+                    quota.max()
                 )));
             }
             conns.insert(id, view.clone());
@@ -509,6 +576,7 @@ mod tests {
                 peer: None,
                 connected: SystemTime::now(),
                 types: Mutex::new(BTreeMap::new()),
+                quota: Quota::Node("n".into()),
                 synced: std::array::from_fn(|_| AtomicU64::new(hub.model().generation())),
             }),
         );
@@ -522,6 +590,17 @@ mod tests {
             kept <= crate::model::REMOVED_KEPT,
             "{kept} removals kept for a connection that stopped reading"
         );
+    }
+
+    /// The change announced is the one returned, shared: announcing it
+    /// under the model's write lock copies nothing.
+    #[test]
+    fn a_change_is_announced_without_a_copy() {
+        let hub = Hub::new(Model::new(ModelConfig::default()));
+        let mut rx = hub.events.subscribe();
+        let delta = hub.apply(vec![pod(0)]);
+        let pushed = rx.try_recv().expect("announced");
+        assert!(Arc::ptr_eq(&pushed.delta, &delta));
     }
 
     /// Changes applied at once are announced in the order of their

@@ -495,13 +495,24 @@ async fn an_ingress_pod_gets_only_its_own_gateway_with_its_certificate() {
     let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
     let (hub, addr) = serve(&format!("{MESH}---\n{INGRESS}---\n{}", tls_secret(&cert))).await;
 
-    // Refused: a ztunnel, a waypoint, a pod of no Gateway with its own
-    // token. The next response each sees answers its next subscription.
+    // Refused: a ztunnel, a waypoint. The next response each sees answers
+    // its next subscription.
     let mut refused = vec![
         Proxy::connect(addr, "node-a", "ztunnel~node-a", INGRESS_TYPE_URL).await,
         Proxy::connect(addr, "node-a", "waypoint~shop~wp-a-1", INGRESS_TYPE_URL).await,
-        Proxy::as_pod(addr, "shop/web-1", "ingress~shop~web-1", INGRESS_TYPE_URL).await,
     ];
+    // A pod of no Gateway opens no stream at all with its own token (the
+    // mesh's state is not for every pod to read).
+    let err = Proxy::connect_with(
+        addr,
+        &pod_token("shop/web-1"),
+        "ingress~shop~web-1",
+        INGRESS_TYPE_URL,
+    )
+    .await
+    .err()
+    .expect("refused");
+    assert_eq!(err.code(), tonic::Code::PermissionDenied, "{err}");
     for p in &mut refused {
         p.send(subscribe(AUTHORIZATION_TYPE_URL)).await;
         assert_eq!(p.next().await.type_url, AUTHORIZATION_TYPE_URL);
@@ -739,7 +750,8 @@ async fn a_reconnecting_proxy_stating_over_4_mib_of_held_names_is_resynced() {
     assert!(version_in(&r, "Kubernetes//Pod/shop/web-1").is_some());
 }
 
-/// The names a proxy says it holds are bounded as its subscriptions are.
+/// The names a proxy says it holds are bounded by twice the most the
+/// type ever had (at least 100 000): more is refused before decoding.
 #[tokio::test]
 async fn stating_too_many_held_names_ends_the_stream() {
     let (hub, addr) = serve(MESH).await;
@@ -1209,4 +1221,133 @@ async fn a_caller_holds_a_bounded_number_of_streams() {
     let mut other = Proxy::connect(addr, "node-b", "ztunnel~node-b", ADDRESS_TYPE_URL).await;
     other.next().await;
     assert_eq!(hub.connected(), MAX_STREAMS_PER_NODE + 1);
+}
+
+/// Opens `proxy_id`'s stream with `bearer` and reads its first answer:
+/// the status it is refused with, if it is.
+async fn open_status(
+    addr: SocketAddr,
+    bearer: &str,
+    proxy_id: &str,
+    held: &[(&str, &str)],
+) -> Result<Proxy, tonic::Status> {
+    let mut p = Proxy::connect_holding(addr, bearer, proxy_id, ADDRESS_TYPE_URL, held).await?;
+    match tokio::time::timeout(Duration::from_secs(10), p.rx.message())
+        .await
+        .expect("an answer within 10 s")
+    {
+        Ok(Some(_)) => Ok(p),
+        Ok(None) => Err(tonic::Status::ok("ended")),
+        Err(s) => Err(s),
+    }
+}
+
+/// Pods' own tokens never use up the stream quota of their node's
+/// ztunnel: a pod that is no waypoint is refused outright, a Gateway's pod
+/// holds a couple of streams at most, and the node's ztunnel still opens.
+#[tokio::test]
+async fn pod_tokens_do_not_lock_their_nodes_ztunnel_out() {
+    use istiod_lite::xds::{MAX_STREAMS_PER_NODE, MAX_STREAMS_PER_POD};
+    let (hub, addr) = serve(&format!("{MESH}---\n{INGRESS}")).await;
+    // web-1 is no waypoint's pod: its token opens nothing as one.
+    let mut parked = Vec::new();
+    for _ in 0..MAX_STREAMS_PER_NODE {
+        match open_status(addr, &pod_token("shop/web-1"), "waypoint~shop~web-1", &[]).await {
+            Ok(p) => parked.push(p),
+            Err(s) => assert_eq!(s.code(), tonic::Code::PermissionDenied, "{s:?}"),
+        }
+    }
+    // A Gateway's pod holds at most a couple.
+    let mut refused = None;
+    for _ in 0..MAX_STREAMS_PER_NODE {
+        match open_status(addr, &pod_token("shop/edge-1"), "ingress~shop~edge-1", &[]).await {
+            Ok(p) => parked.push(p),
+            Err(s) => refused = Some(s),
+        }
+    }
+    let refused = refused.expect("a pod's streams are bounded");
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(parked.len() <= MAX_STREAMS_PER_POD, "{} open", parked.len());
+    // The node's ztunnel is not locked out.
+    let mut z = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    z.next().await;
+    assert_eq!(hub.connected(), parked.len() + 1);
+}
+
+/// A registered stream's later requests of a type are small: one of
+/// 5 MiB ends it.
+#[tokio::test]
+async fn a_later_request_over_4_mib_ends_the_stream() {
+    let (_hub, addr) = serve(MESH).await;
+    let mut p = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    p.next().await;
+    p.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        resource_names_subscribe: vec!["x".repeat(5 << 20)],
+        ..Default::default()
+    })
+    .await;
+    let end = end_of(&mut p).await.expect_err("an error status");
+    assert_eq!(end.code(), tonic::Code::OutOfRange, "{end:?}");
+}
+
+/// After mass deletions a reconnecting proxy may state more held names
+/// than twice what is live: it is served, and told to drop every one that
+/// is gone (never refused, keeping them).
+#[tokio::test]
+async fn a_proxy_holding_more_than_is_live_after_mass_deletions_is_resynced() {
+    let (hub, addr) = serve(MESH).await;
+    let n = 51_000;
+    let pod = |i: usize| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: m-{i}, namespace: shop}}\nspec: {{nodeName: node-b, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: 10.{}.{}.{}, phase: Running}}\n",
+            10 + i / 62_500,
+            (i / 250) % 250,
+            i % 250 + 1
+        )
+    };
+    let all: String = (0..n).map(|i| format!("---\n{}", pod(i))).collect();
+    hub.apply(changes(&all));
+    hub.apply(
+        (0..n)
+            .map(|i| {
+                Change::Delete(istiod_lite::config::objects::ObjectKey {
+                    kind: istiod_lite::config::objects::Kind::Pod,
+                    namespace: "shop".into(),
+                    name: format!("m-{i}"),
+                })
+            })
+            .collect(),
+    );
+    // What it held before: every pod, and more: over 2 x 51 000.
+    let held: Vec<(String, String)> = (0..2 * n + 5)
+        .map(|i| (format!("Kubernetes//Pod/shop/m-{i}"), format!("{i:016x}")))
+        .collect();
+    let held_refs: Vec<(&str, &str)> = held.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+    let mut p = Proxy::connect_holding(
+        addr,
+        &token("node-a"),
+        "ztunnel~node-a",
+        ADDRESS_TYPE_URL,
+        &held_refs,
+    )
+    .await
+    .expect("opens");
+    let r = p.next().await;
+    assert_eq!(r.removed_resources.len(), held.len());
+    assert!(version_in(&r, "Kubernetes//Pod/shop/web-1").is_some());
+    let c = hub.connections();
+    let live = hub
+        .model()
+        .resources(ADDRESS_TYPE_URL)
+        .map_or(0, |m| m.len());
+    assert_eq!(
+        c["connections"][0]["types"][ADDRESS_TYPE_URL]["resources"],
+        serde_json::json!(live),
+        "{c}"
+    );
 }

@@ -56,7 +56,10 @@ impl Default for Held {
 
 /// Names one subscription may list, at least (or twice as many as the
 /// type has resources, if more): a proxy that asks for more is cut off
-/// rather than let it grow the controller's memory without bound.
+/// rather than let it grow the controller's memory without bound. Names a
+/// reconnecting proxy states it holds are bounded by the hub's
+/// high-water mark instead ([`Hub::names_bound`]), checked before the
+/// request is decoded, and trimmed to what is live by the first push.
 pub(super) const NAMES_KEPT: usize = 100_000;
 
 /// A version as a proxy states it.
@@ -391,16 +394,24 @@ impl Conn {
         NAMES_KEPT.max(2 * self.hub.model().resources(t).map_or(0, |m| m.len()))
     }
 
-    /// A first subscription to type `t`: what the proxy says it holds
-    /// (bounded as subscriptions are; of a subscription by name, only the
-    /// names subscribed to), and for a gated type, whether it may have any.
+    /// A first subscription to type `t`: what the proxy says it holds (of
+    /// a subscription by name, only the names subscribed to), and for a
+    /// gated type, whether it may have any. However many it states (after
+    /// mass deletions, more than is live), it is served: the first push
+    /// removes every stated name that is not live, so what is kept shrinks
+    /// to what exists; only more than the hub's high-water mark (checked
+    /// on the wire already) is refused, as no proxy can hold that much.
     fn subscribe(&mut self, t: &str, req: &mut DeltaDiscoveryRequest) -> Result<(), Status> {
         let stated = req.initial_resource_versions.len();
-        let limit = self.names_limit(t);
-        if stated > limit {
-            warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t, stated, limit,
-                "first request states too many held names; closing the stream");
-            return Err(too_many_names(stated, limit));
+        let bound = self.hub.names_bound();
+        if stated > bound {
+            warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t, stated, bound,
+                "first request states more held names than ever existed; closing the stream");
+            return Err(too_many_names(stated, bound));
+        }
+        if stated > self.names_limit(t) {
+            info!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t, stated,
+                "first request states more held names than are live; removing the rest");
         }
         let gateway = Gated::of(t).map(|g| (g, self.gateway_of(g)));
         let wildcard = req.resource_names_subscribe.is_empty()

@@ -9,7 +9,6 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use prost::Message;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
@@ -17,28 +16,28 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
 use super::AdsService;
+use super::request::{self, Limits, MAX_FIRST_REQUEST};
 use super::wire::ResponseBody;
 
 const METHOD: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-/// Largest request accepted: a reconnecting proxy's first request lists
-/// every name and version it holds (some 5 MB at 50 000 pods and 10 000
-/// services), so as large as the responses a ztunnel accepts. What it
-/// holds is then bounded by name count ([`super::conn::NAMES_KEPT`]).
-pub const MAX_REQUEST: usize = 64 * 1024 * 1024;
-
-/// Decodes `DeltaDiscoveryRequest`s.
-struct RequestDecoder;
+/// Decodes `DeltaDiscoveryRequest`s within the stream's [`Limits`]: no
+/// gRPC message over [`MAX_FIRST_REQUEST`] is buffered at all; each is
+/// then held to the stream's current size limit and entry bound before it
+/// is decoded ([`request::decode`]).
+struct RequestDecoder {
+    limits: Limits,
+}
 
 impl Decoder for RequestDecoder {
     type Item = DeltaDiscoveryRequest;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        DeltaDiscoveryRequest::decode(buf)
+        request::decode(buf, &self.limits)
             .map(Some)
-            .map_err(|e| Status::internal(format!("undecodable request: {e}")))
+            .map_err(Status::from)
     }
 }
 
@@ -84,9 +83,15 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
         return Status::unimplemented(format!("grpc-encoding {enc:?} is not supported"))
             .into_http();
     }
-    let request = tonic::Request::from_http(
-        req.map(|body| Streaming::new_request(RequestDecoder, body, None, Some(MAX_REQUEST))),
-    );
+    let limits = Limits::new(ads.hub.names_bound.clone());
+    let mut req = req.map(|body| {
+        let decoder = RequestDecoder {
+            limits: limits.clone(),
+        };
+        Streaming::new_request(decoder, body, None, Some(MAX_FIRST_REQUEST))
+    });
+    req.extensions_mut().insert(limits);
+    let request = tonic::Request::from_http(req);
     match ads.open(request).await {
         Ok((rx, end)) => {
             let mut res = http::Response::new(Body::new(ResponseBody::new(rx, end)));

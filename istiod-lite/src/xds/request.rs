@@ -1,0 +1,266 @@
+//! How much a `DeltaDiscoveryRequest` may be, checked before it is decoded.
+//!
+//! A request's bytes are bounded by size: a stream's first request of
+//! each type may be large only for a node's proxy (a reconnecting ztunnel
+//! lists every name and version it holds of the type), every other
+//! request and every workload's are small. Size alone does not bound what decoding allocates: an empty name
+//! is two bytes on the wire and a `String` in memory, so the names and
+//! held versions a request carries are counted on the wire first
+//! ([`check`]), and a request carrying more than the controller's bound is
+//! refused before prost allocates any of them.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+use bytes::Buf;
+use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use prost::Message;
+use prost::encoding::{WireType, decode_key, decode_varint};
+use tonic::Status;
+
+use super::TYPES;
+
+/// Largest first request of a node's proxy: what it holds is listed in it
+/// (some 5 MB at 50 000 pods and 10 000 services), so as large as the
+/// responses a ztunnel accepts.
+pub const MAX_FIRST_REQUEST: usize = 64 * 1024 * 1024;
+
+/// Largest request otherwise (a workload's first request, and every later
+/// request: ACKs, NACKs, subscriptions by name).
+pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
+
+/// Largest `node` or `error_detail` field: nested messages are not
+/// counted, so they are kept small instead.
+pub const MAX_NESTED: usize = 64 * 1024;
+
+/// `DeltaDiscoveryRequest` fields (envoy/service/discovery/v3/discovery.proto).
+const NODE: u32 = 1;
+const TYPE_URL: u32 = 2;
+const RESOURCE_NAMES_SUBSCRIBE: u32 = 3;
+const RESOURCE_NAMES_UNSUBSCRIBE: u32 = 4;
+const INITIAL_RESOURCE_VERSIONS: u32 = 5;
+const ERROR_DETAIL: u32 = 7;
+
+/// Why a request is refused before it is decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    #[error("request of {size} bytes; at most {limit} may be")]
+    TooLarge { size: usize, limit: usize },
+    #[error("request carries more than {limit} names and held versions")]
+    TooManyEntries { limit: usize },
+    #[error("field {field} of {size} bytes; at most {MAX_NESTED} may be")]
+    NestedTooLarge { field: u32, size: usize },
+    #[error("malformed request: {0}")]
+    Malformed(String),
+}
+
+impl From<RequestError> for Status {
+    fn from(e: RequestError) -> Status {
+        match e {
+            RequestError::TooLarge { .. } => Status::out_of_range(e.to_string()),
+            RequestError::TooManyEntries { .. } | RequestError::NestedTooLarge { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
+            RequestError::Malformed(_) => Status::invalid_argument(e.to_string()),
+        }
+    }
+}
+
+/// One stream's request limits. A request over [`MAX_REQUEST`] is taken
+/// only from a node's proxy, and only as the stream's first request of its
+/// type (at most one per type in [`TYPES`]); the entry bound is the hub's.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// The caller is a node's proxy.
+    node: Arc<AtomicBool>,
+    /// Bit i: a request of `TYPES[i]` has been read on this stream.
+    seen: Arc<AtomicUsize>,
+    entries: Arc<AtomicUsize>,
+}
+
+impl Limits {
+    /// Small requests, until the caller is known to be a node's proxy.
+    pub fn new(entries: Arc<AtomicUsize>) -> Limits {
+        Limits {
+            node: Arc::new(AtomicBool::new(false)),
+            seen: Arc::new(AtomicUsize::new(0)),
+            entries,
+        }
+    }
+
+    /// The caller is a node's proxy: each type's first request may be large.
+    pub fn node_caller(&self) {
+        self.node.store(true, Ordering::Relaxed);
+    }
+
+    pub fn entries(&self) -> usize {
+        self.entries.load(Ordering::Relaxed)
+    }
+
+    /// The size a request naming `type_url` may be; marks the type seen.
+    fn size_for(&self, type_url: &[u8]) -> usize {
+        let Some(i) = TYPES.iter().position(|t| t.as_bytes() == type_url) else {
+            return MAX_REQUEST;
+        };
+        let first = self.seen.fetch_or(1 << i, Ordering::Relaxed) & (1 << i) == 0;
+        if first && self.node.load(Ordering::Relaxed) {
+            MAX_FIRST_REQUEST
+        } else {
+            MAX_REQUEST
+        }
+    }
+}
+
+/// Walks the request's top-level fields without allocating: refuses one
+/// that carries more than `entries` names and held versions in all, or a
+/// nested message over [`MAX_NESTED`]. Returns its `type_url` (the last,
+/// as decoding takes it).
+pub fn check(mut buf: &[u8], entries: usize) -> Result<&[u8], RequestError> {
+    let bad = |e: prost::DecodeError| RequestError::Malformed(e.to_string());
+    let mut counted = 0usize;
+    let mut type_url: &[u8] = &[];
+    while buf.has_remaining() {
+        let (field, wire_type) = decode_key(&mut buf).map_err(bad)?;
+        match wire_type {
+            WireType::Varint => {
+                decode_varint(&mut buf).map_err(bad)?;
+            }
+            WireType::SixtyFourBit => skip(&mut buf, 8)?,
+            WireType::ThirtyTwoBit => skip(&mut buf, 4)?,
+            WireType::LengthDelimited => {
+                let len = decode_varint(&mut buf).map_err(bad)?;
+                let len = usize::try_from(len)
+                    .map_err(|_| RequestError::Malformed("length past usize".into()))?;
+                match field {
+                    RESOURCE_NAMES_SUBSCRIBE
+                    | RESOURCE_NAMES_UNSUBSCRIBE
+                    | INITIAL_RESOURCE_VERSIONS => {
+                        counted += 1;
+                        if counted > entries {
+                            return Err(RequestError::TooManyEntries { limit: entries });
+                        }
+                    }
+                    NODE | ERROR_DETAIL if len > MAX_NESTED => {
+                        return Err(RequestError::NestedTooLarge { field, size: len });
+                    }
+                    TYPE_URL => type_url = buf.get(..len).unwrap_or_default(),
+                    _ => {}
+                }
+                skip(&mut buf, len)?;
+            }
+            WireType::StartGroup | WireType::EndGroup => {
+                return Err(RequestError::Malformed("groups are not used".into()));
+            }
+        }
+    }
+    Ok(type_url)
+}
+
+fn skip(buf: &mut &[u8], n: usize) -> Result<(), RequestError> {
+    if buf.len() < n {
+        return Err(RequestError::Malformed("truncated field".into()));
+    }
+    buf.advance(n);
+    Ok(())
+}
+
+/// Checks a request's entries and size, then decodes it.
+pub fn decode(mut buf: impl Buf, limits: &Limits) -> Result<DeltaDiscoveryRequest, RequestError> {
+    let size = buf.remaining();
+    if size > MAX_FIRST_REQUEST {
+        return Err(RequestError::TooLarge {
+            size,
+            limit: MAX_FIRST_REQUEST,
+        });
+    }
+    let bytes = buf.copy_to_bytes(size);
+    let limit = limits.size_for(check(&bytes, limits.entries())?);
+    if size > limit {
+        return Err(RequestError::TooLarge { size, limit });
+    }
+    DeltaDiscoveryRequest::decode(bytes).map_err(|e| RequestError::Malformed(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits(node: bool, entries: usize) -> Limits {
+        let l = Limits::new(Arc::new(AtomicUsize::new(entries)));
+        if node {
+            l.node_caller();
+        }
+        l
+    }
+
+    #[test]
+    fn a_request_within_its_bounds_decodes() {
+        let req = DeltaDiscoveryRequest {
+            type_url: "t".into(),
+            resource_names_subscribe: vec!["a".into(), "b".into()],
+            initial_resource_versions: [("c".to_string(), "1".to_string())].into(),
+            ..Default::default()
+        };
+        let got = decode(req.encode_to_vec().as_slice(), &limits(false, 3)).expect("decodes");
+        assert_eq!(got, req);
+        assert_eq!(
+            decode(req.encode_to_vec().as_slice(), &limits(false, 2)),
+            Err(RequestError::TooManyEntries { limit: 2 })
+        );
+    }
+
+    /// A request over 4 MiB (here a 5 MiB nonce) of `type_url`.
+    fn large(type_url: &str) -> Vec<u8> {
+        DeltaDiscoveryRequest {
+            type_url: type_url.into(),
+            response_nonce: "n".repeat(5 << 20),
+            ..Default::default()
+        }
+        .encode_to_vec()
+    }
+
+    #[test]
+    fn only_a_nodes_first_request_of_each_type_may_be_large() {
+        use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
+        let too_large = |r: Result<DeltaDiscoveryRequest, RequestError>| {
+            matches!(
+                r,
+                Err(RequestError::TooLarge {
+                    limit: MAX_REQUEST,
+                    ..
+                })
+            )
+        };
+        let node = limits(true, 10);
+        assert!(decode(large(ADDRESS_TYPE_URL).as_slice(), &node).is_ok());
+        assert!(too_large(decode(large(ADDRESS_TYPE_URL).as_slice(), &node)));
+        assert!(decode(large(AUTHORIZATION_TYPE_URL).as_slice(), &node).is_ok());
+        assert!(too_large(decode(large("x.Y").as_slice(), &node)));
+        // A small first request uses up its type's large one.
+        let node = limits(true, 10);
+        let small = DeltaDiscoveryRequest {
+            type_url: ADDRESS_TYPE_URL.into(),
+            ..Default::default()
+        };
+        assert!(decode(small.encode_to_vec().as_slice(), &node).is_ok());
+        assert!(too_large(decode(large(ADDRESS_TYPE_URL).as_slice(), &node)));
+        // A workload's never is.
+        let pod = limits(false, 10);
+        assert!(too_large(decode(large(ADDRESS_TYPE_URL).as_slice(), &pod)));
+    }
+
+    #[test]
+    fn a_large_node_is_refused() {
+        let req = DeltaDiscoveryRequest {
+            node: Some(mesh_proto::envoy::config::core::v3::Node {
+                cluster: "c".repeat(MAX_NESTED + 1),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(matches!(
+            decode(req.encode_to_vec().as_slice(), &limits(true, 10)),
+            Err(RequestError::NestedTooLarge { field: NODE, .. })
+        ));
+    }
+}
