@@ -1555,26 +1555,27 @@ async fn the_controller_binary_runs_in_cluster_mode() {
     assert_eq!(cert.identity(), &wp);
     let err = client("wp").fetch_certificate(&web).await.unwrap_err();
     assert!(err.to_string().contains("cannot ask for identity"), "{err}");
-    // ... and may subscribe to config only as its own pod.
-    for (token, proxy_id, allowed) in [
-        ("wp", "ztunnel~node-1", false),
-        ("wp", "waypoint~shop~db-1", false),
-        ("wp", "waypoint~shop~wp-0", true),
+    // ... and may subscribe to config only as its own pod, and only when
+    // that pod is a Gateway's (wp-0 is no Gateway's pod: refused too).
+    for (token, proxy_id, refusal) in [
+        ("wp", "ztunnel~node-1", Some("own waypoint pod")),
+        ("wp", "waypoint~shop~db-1", Some("own waypoint pod")),
+        ("wp", "waypoint~shop~wp-0", Some("only as a Gateway's pod")),
         // The same rule for an ingress gateway's pod.
-        ("wp", "ingress~shop~db-1", false),
-        ("wp", "ingress~shop~wp-0", true),
-        ("zt", "ztunnel~node-1", true),
+        ("wp", "ingress~shop~db-1", Some("own waypoint pod")),
+        ("wp", "ingress~shop~wp-0", Some("only as a Gateway's pod")),
+        ("zt", "ztunnel~node-1", None),
     ] {
         let got = subscribe(grpc, &root, token, proxy_id).await;
-        match (allowed, got) {
-            (true, Ok(())) => {}
-            (false, Err(s)) => {
+        match (refusal, got) {
+            (None, Ok(())) => {}
+            (Some(why), Err(s)) => {
                 assert_eq!(
                     s.code(),
                     tonic::Code::PermissionDenied,
                     "{token} as {proxy_id}: {s}"
                 );
-                assert!(s.message().contains("own waypoint pod"), "{s}");
+                assert!(s.message().contains(why), "{s}");
             }
             (_, got) => panic!("{token} as {proxy_id}: {got:?}"),
         }
