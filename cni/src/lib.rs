@@ -17,6 +17,7 @@ pub mod enroll;
 pub mod find;
 pub mod host;
 pub mod install;
+pub mod orig_src;
 pub mod rules;
 
 use std::collections::BTreeMap;

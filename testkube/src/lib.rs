@@ -34,11 +34,17 @@ pub fn env(name: &str) -> Option<String> {
     std::env::var(name).ok().filter(|v| !v.is_empty())
 }
 
-/// The repository root (where kubectl and sh run, so `manifests/` is found).
+/// The repository root (where kubectl and sh run, so `manifests/` is found):
+/// the parent of the running test's package, which cargo names at run time.
+/// Not this crate's build-time path: a build from another checkout of the
+/// same files (`.ci/clone-check` shares the target/) would point there.
 pub fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
+    let package = std::env::var_os("CARGO_MANIFEST_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")));
+    package
         .parent()
-        .expect("testkube is inside the repository")
+        .expect("the test's package is inside the repository")
         .to_path_buf()
 }
 

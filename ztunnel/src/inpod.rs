@@ -166,6 +166,7 @@ impl InPod {
             namespace: info.namespace.clone(),
             name: info.name.clone(),
         });
+        let own = pod.clone();
         let served = serve(
             OUTBOUND_PORT,
             Arc::new(move |p, l| Box::pin(outbound::serve_captured(p, l, pod.clone()))),
@@ -173,7 +174,7 @@ impl InPod {
         .and_then(|_| {
             serve(
                 INBOUND_PLAINTEXT_PORT,
-                Arc::new(|p, l| Box::pin(inbound_plain::serve(p, l, None))),
+                Arc::new(move |p, l| Box::pin(inbound_plain::serve(p, l, None, Some(own.clone())))),
             )
         })
         .and_then(|_| serve(HBONE_PORT, Arc::new(|p, l| Box::pin(inbound::serve(p, l)))));

@@ -141,7 +141,7 @@ impl Agent {
             match a {
                 Action::Release(uid) => {
                     info!(uid, "pod left the mesh: releasing");
-                    if let Err(source) = self.del(&uid).await {
+                    if let Err(source) = self.del(&uid, super::Leave::Release).await {
                         failed.push(PodError::Release { uid, source });
                     }
                 }
