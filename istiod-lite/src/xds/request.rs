@@ -14,8 +14,10 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Buf;
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use mesh_proto::envoy::config::core::v3::Node;
+use mesh_proto::google::rpc::Status as RpcStatus;
 use prost::Message;
-use prost::encoding::{WireType, decode_key, decode_varint};
+use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint};
 use tonic::Status;
 
 use super::TYPES;
@@ -29,8 +31,9 @@ pub const MAX_FIRST_REQUEST: usize = 64 * 1024 * 1024;
 /// request: ACKs, NACKs, subscriptions by name).
 pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
 
-/// Largest `node` or `error_detail` field: nested messages are not
-/// counted, so they are kept small instead.
+/// Largest `node` or `error_detail` field (each may occur once): nested
+/// messages are not counted, so they are kept small instead, and only
+/// what the controller reads of them is decoded.
 pub const MAX_NESTED: usize = 64 * 1024;
 
 /// `DeltaDiscoveryRequest` fields (envoy/service/discovery/v3/discovery.proto).
@@ -50,6 +53,8 @@ pub enum RequestError {
     TooManyEntries { limit: usize },
     #[error("field {field} of {size} bytes; at most {MAX_NESTED} may be")]
     NestedTooLarge { field: u32, size: usize },
+    #[error("field {field} occurs more than once; it may occur once")]
+    Repeated { field: u32 },
     #[error("malformed request: {0}")]
     Malformed(String),
 }
@@ -61,7 +66,9 @@ impl From<RequestError> for Status {
             RequestError::TooManyEntries { .. } | RequestError::NestedTooLarge { .. } => {
                 Status::resource_exhausted(e.to_string())
             }
-            RequestError::Malformed(_) => Status::invalid_argument(e.to_string()),
+            RequestError::Malformed(_) | RequestError::Repeated { .. } => {
+                Status::invalid_argument(e.to_string())
+            }
         }
     }
 }
@@ -112,48 +119,78 @@ impl Limits {
 }
 
 /// Walks the request's top-level fields without allocating: refuses one
-/// that carries more than `entries` names and held versions in all, or a
-/// nested message over [`MAX_NESTED`]. Returns its `type_url` (the last,
-/// as decoding takes it).
+/// that carries more than `entries` names and held versions in all, a
+/// nested message over [`MAX_NESTED`], or a second `node` or
+/// `error_detail` (prost would merge the copies: sixty 64 KiB ones are
+/// sixty times the content). Returns its `type_url` (the last, as
+/// decoding takes it).
 pub fn check(mut buf: &[u8], entries: usize) -> Result<&[u8], RequestError> {
-    let bad = |e: prost::DecodeError| RequestError::Malformed(e.to_string());
     let mut counted = 0usize;
+    let mut nested_seen = [false; 2];
     let mut type_url: &[u8] = &[];
     while buf.has_remaining() {
         let (field, wire_type) = decode_key(&mut buf).map_err(bad)?;
-        match wire_type {
-            WireType::Varint => {
-                decode_varint(&mut buf).map_err(bad)?;
-            }
-            WireType::SixtyFourBit => skip(&mut buf, 8)?,
-            WireType::ThirtyTwoBit => skip(&mut buf, 4)?,
-            WireType::LengthDelimited => {
-                let len = decode_varint(&mut buf).map_err(bad)?;
-                let len = usize::try_from(len)
-                    .map_err(|_| RequestError::Malformed("length past usize".into()))?;
-                match field {
-                    RESOURCE_NAMES_SUBSCRIBE
-                    | RESOURCE_NAMES_UNSUBSCRIBE
-                    | INITIAL_RESOURCE_VERSIONS => {
-                        counted += 1;
-                        if counted > entries {
-                            return Err(RequestError::TooManyEntries { limit: entries });
-                        }
-                    }
-                    NODE | ERROR_DETAIL if len > MAX_NESTED => {
-                        return Err(RequestError::NestedTooLarge { field, size: len });
-                    }
-                    TYPE_URL => type_url = buf.get(..len).unwrap_or_default(),
-                    _ => {}
+        let Some(value) = next_field(&mut buf, wire_type)? else {
+            continue;
+        };
+        match field {
+            RESOURCE_NAMES_SUBSCRIBE | RESOURCE_NAMES_UNSUBSCRIBE | INITIAL_RESOURCE_VERSIONS => {
+                counted += 1;
+                if counted > entries {
+                    return Err(RequestError::TooManyEntries { limit: entries });
                 }
-                skip(&mut buf, len)?;
             }
-            WireType::StartGroup | WireType::EndGroup => {
-                return Err(RequestError::Malformed("groups are not used".into()));
+            NODE | ERROR_DETAIL => {
+                let seen = &mut nested_seen[usize::from(field == ERROR_DETAIL)];
+                if std::mem::replace(seen, true) {
+                    return Err(RequestError::Repeated { field });
+                }
+                if value.len() > MAX_NESTED {
+                    return Err(RequestError::NestedTooLarge {
+                        field,
+                        size: value.len(),
+                    });
+                }
             }
+            TYPE_URL => type_url = value,
+            _ => {}
         }
     }
     Ok(type_url)
+}
+
+fn bad(e: prost::DecodeError) -> RequestError {
+    RequestError::Malformed(e.to_string())
+}
+
+/// Moves past one field's value: the value's bytes if it is
+/// length-delimited, else None.
+fn next_field<'a>(
+    buf: &mut &'a [u8],
+    wire_type: WireType,
+) -> Result<Option<&'a [u8]>, RequestError> {
+    match wire_type {
+        WireType::Varint => {
+            decode_varint(buf).map_err(bad)?;
+        }
+        WireType::SixtyFourBit => skip(buf, 8)?,
+        WireType::ThirtyTwoBit => skip(buf, 4)?,
+        WireType::LengthDelimited => {
+            let len = decode_varint(buf).map_err(bad)?;
+            let len = usize::try_from(len)
+                .map_err(|_| RequestError::Malformed("length past usize".into()))?;
+            let all: &'a [u8] = buf;
+            let value = all
+                .get(..len)
+                .ok_or_else(|| RequestError::Malformed("truncated field".into()))?;
+            *buf = &all[len..];
+            return Ok(Some(value));
+        }
+        WireType::StartGroup | WireType::EndGroup => {
+            return Err(RequestError::Malformed("groups are not used".into()));
+        }
+    }
+    Ok(None)
 }
 
 fn skip(buf: &mut &[u8], n: usize) -> Result<(), RequestError> {
@@ -162,6 +199,73 @@ fn skip(buf: &mut &[u8], n: usize) -> Result<(), RequestError> {
     }
     buf.advance(n);
     Ok(())
+}
+
+/// Decodes a checked request. Of `node` only its `id` is decoded, of
+/// `error_detail` only its `code` and `message`: all the controller reads,
+/// so no nested content (metadata, details, extensions) is ever allocated.
+fn decode_checked(mut buf: &[u8]) -> Result<DeltaDiscoveryRequest, RequestError> {
+    let mut req = DeltaDiscoveryRequest::default();
+    while buf.has_remaining() {
+        let (field, wire_type) = decode_key(&mut buf).map_err(bad)?;
+        match field {
+            NODE | ERROR_DETAIL => {
+                if wire_type != WireType::LengthDelimited {
+                    return Err(RequestError::Malformed(format!(
+                        "field {field} is not a message"
+                    )));
+                }
+                let Some(value) = next_field(&mut buf, wire_type)? else {
+                    continue;
+                };
+                if field == NODE {
+                    req.node = Some(node_id(value)?);
+                } else {
+                    req.error_detail = Some(status_text(value)?);
+                }
+            }
+            _ => req
+                .merge_field(field, wire_type, &mut buf, DecodeContext::default())
+                .map_err(bad)?,
+        }
+    }
+    Ok(req)
+}
+
+/// A `Node` of its `id` alone (field 1).
+fn node_id(mut buf: &[u8]) -> Result<Node, RequestError> {
+    let mut node = Node::default();
+    while buf.has_remaining() {
+        let (field, wire_type) = decode_key(&mut buf).map_err(bad)?;
+        let value = next_field(&mut buf, wire_type)?;
+        if let (1, Some(v)) = (field, value) {
+            node.id = text(v)?;
+        }
+    }
+    Ok(node)
+}
+
+/// A `google.rpc.Status` of its `code` (field 1) and `message` (field 2).
+fn status_text(mut buf: &[u8]) -> Result<RpcStatus, RequestError> {
+    let mut status = RpcStatus::default();
+    while buf.has_remaining() {
+        let (field, wire_type) = decode_key(&mut buf).map_err(bad)?;
+        if (field, wire_type) == (1, WireType::Varint) {
+            // As prost reads an int32: the low 32 bits.
+            status.code = decode_varint(&mut buf).map_err(bad)? as i32;
+            continue;
+        }
+        let value = next_field(&mut buf, wire_type)?;
+        if let (2, Some(v)) = (field, value) {
+            status.message = text(v)?;
+        }
+    }
+    Ok(status)
+}
+
+fn text(v: &[u8]) -> Result<String, RequestError> {
+    String::from_utf8(v.to_vec())
+        .map_err(|_| RequestError::Malformed("a string is not UTF-8".into()))
 }
 
 /// Checks a request's entries and size, then decodes it.
@@ -178,7 +282,7 @@ pub fn decode(mut buf: impl Buf, limits: &Limits) -> Result<DeltaDiscoveryReques
     if size > limit {
         return Err(RequestError::TooLarge { size, limit });
     }
-    DeltaDiscoveryRequest::decode(bytes).map_err(|e| RequestError::Malformed(e.to_string()))
+    decode_checked(&bytes)
 }
 
 #[cfg(test)]
