@@ -22,7 +22,10 @@
 //! (its own token, never a node's: [`crate::access`]). Any other subscriber
 //! is refused: logged, and sent nothing of that type.
 
+mod admit;
+pub mod budget;
 mod conn;
+pub mod queue;
 pub mod request;
 mod server;
 pub mod wire;
@@ -30,7 +33,7 @@ pub mod wire;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use mesh_core::identity::Identity;
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -38,8 +41,9 @@ use mesh_proto::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
 };
 use serde::Serialize;
-use tokio::sync::{broadcast, mpsc};
-use tonic::{Request, Status, Streaming};
+use tokio::sync::broadcast;
+use tonic::metadata::MetadataMap;
+use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory, PodError};
@@ -47,9 +51,10 @@ use crate::config::objects::Change;
 use crate::config::sources::Sources;
 use crate::metrics::metrics;
 use crate::model::{Delta, Model};
+use admit::{Slots, StreamGuard};
+use budget::{Budget, MAX_BUFFERED};
 use conn::{Conn, Served};
 pub use server::AdsServer;
-use wire::Response;
 
 /// What the controller serves. Waypoint routes go only to waypoints that
 /// subscribe to them, ingress resources only to ingress gateways; ztunnels
@@ -120,6 +125,10 @@ pub struct Hub {
     model: RwLock<Model>,
     events: broadcast::Sender<Arc<Pushed>>,
     conns: Mutex<BTreeMap<u64, Arc<ConnView>>>,
+    /// Streams admitted per quota (open, or awaiting their first request).
+    slots: Slots,
+    /// Per node, its streams' budget of large first requests.
+    large: Mutex<std::collections::HashMap<String, Arc<Budget>>>,
     next: AtomicU64,
     pushes: AtomicU64,
     /// When the last change that pushed something was handed to the hub
@@ -157,7 +166,7 @@ pub const MAX_STREAMS_PER_POD: usize = 2;
 
 /// Whose stream quota a stream counts against: a node's token and pods'
 /// own tokens never share one, so no pod can lock its node's ztunnel out.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Quota {
     /// A node's token.
     Node(String),
@@ -194,9 +203,6 @@ pub struct ConnView {
     #[serde(serialize_with = "rfc3339")]
     pub connected: SystemTime,
     pub types: Mutex<BTreeMap<String, TypeView>>,
-    /// The stream quota it counts against.
-    #[serde(skip)]
-    pub quota: Quota,
     /// Per type (as in [`TYPES`]), the model generation this connection's
     /// wildcard subscription is synced to (u64::MAX: none is): removals of
     /// that type after it are kept for it.
@@ -250,6 +256,8 @@ impl Hub {
             model: RwLock::new(model),
             events,
             conns: Mutex::new(BTreeMap::new()),
+            slots: Slots::default(),
+            large: Mutex::default(),
             next: AtomicU64::new(1),
             pushes: AtomicU64::new(0),
             last_push: Mutex::new(None),
@@ -287,6 +295,15 @@ impl Hub {
 
     pub fn model(&self) -> std::sync::RwLockReadGuard<'_, Model> {
         self.model.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// `node`'s budget of large first requests, shared by its streams.
+    fn large_budget(&self, node: &str) -> Arc<Budget> {
+        let mut large = self.large.lock().unwrap_or_else(|p| p.into_inner());
+        large
+            .entry(node.to_string())
+            .or_insert_with(|| Budget::new(request::MAX_LARGE_PER_NODE))
+            .clone()
     }
 
     /// Names and held versions one request may carry (see `names_bound`).
@@ -407,34 +424,66 @@ impl PodDirectory for Hub {
     }
 }
 
+/// How long a stream may take to send its first request: until then it
+/// holds a slot of its caller's quota and names no proxy.
+pub const FIRST_REQUEST_DEADLINE: Duration = Duration::from_secs(10);
+
 /// The gRPC service.
 #[derive(Clone)]
 pub struct AdsService {
     hub: Arc<Hub>,
     authn: Arc<dyn Authenticator>,
+    /// Bytes of requests being buffered or decoded, across all streams.
+    budget: Arc<Budget>,
+    first_deadline: Duration,
+    push_stall: Duration,
 }
 
 impl AdsService {
     pub fn new(hub: Arc<Hub>, authn: Arc<dyn Authenticator>) -> Self {
-        AdsService { hub, authn }
+        AdsService {
+            hub,
+            authn,
+            budget: Budget::new(MAX_BUFFERED),
+            first_deadline: FIRST_REQUEST_DEADLINE,
+            push_stall: queue::PUSH_STALL,
+        }
+    }
+
+    /// How long a push may wait for a proxy to read before its stream is
+    /// ended (default [`queue::PUSH_STALL`]).
+    pub fn with_push_stall(mut self, stall: Duration) -> Self {
+        self.push_stall = stall;
+        self
+    }
+
+    /// Bytes of requests all streams may buffer at once (default
+    /// [`MAX_BUFFERED`]).
+    pub fn with_buffer_budget(mut self, bytes: usize) -> Self {
+        self.budget = Budget::new(bytes);
+        self
+    }
+
+    /// How long a stream may take to send its first request (default
+    /// [`FIRST_REQUEST_DEADLINE`]).
+    pub fn with_first_request_deadline(mut self, deadline: Duration) -> Self {
+        self.first_deadline = deadline;
+        self
     }
 
     pub fn into_server(self) -> AdsServer {
         AdsServer::new(self)
     }
-}
 
-impl AdsService {
-    /// Opens one proxy's stream: authenticates the caller, reads its first
-    /// request, and starts the connection's task; its responses come out of
-    /// the receiver.
-    pub(crate) async fn open(
+    /// Admits a stream from its headers alone, before any of its body is
+    /// read: authenticates the caller and takes a slot of its quota.
+    pub(crate) async fn admit(
         &self,
-        request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<(mpsc::Receiver<Response>, wire::End), Status> {
+        metadata: &MetadataMap,
+    ) -> Result<(Caller, StreamGuard), Status> {
         let caller = self
             .authn
-            .authenticate(request.metadata())
+            .authenticate(metadata)
             .await
             .map_err(|e| Status::unauthenticated(format!("caller not authenticated: {e}")))?;
         if !self.hub.is_ready() {
@@ -442,19 +491,33 @@ impl AdsService {
                 "the controller is still loading its config; retry",
             ));
         }
-        let peer = request.remote_addr().map(|a| a.to_string());
-        // Only a node's proxy states all it holds, in its first request of
-        // each type.
-        if caller.only.is_none()
-            && let Some(l) = request.extensions().get::<crate::xds::request::Limits>()
-        {
-            l.node_caller();
-        }
-        let mut stream = request.into_inner();
+        let guard = StreamGuard::take(&self.hub, Quota::of(&caller)).inspect_err(|_| {
+            warn!(node = %caller.node, pod = ?caller.pod, "xDS stream refused: quota full");
+        })?;
+        Ok((caller, guard))
+    }
+
+    /// Opens an admitted stream: reads its first request (within the
+    /// deadline), checks the caller may open the proxy it names, and starts
+    /// the connection's task; its responses come out of the receiver.
+    pub(crate) async fn open(
+        &self,
+        caller: Caller,
+        mut guard: StreamGuard,
+        mut stream: Streaming<DeltaDiscoveryRequest>,
+        peer: Option<String>,
+    ) -> Result<(queue::QueueRx, wire::End), Status> {
         // The first request names the proxy.
-        let first = stream
-            .message()
-            .await?
+        let first = tokio::time::timeout(self.first_deadline, stream.message())
+            .await
+            .map_err(|_| {
+                warn!(node = %caller.node, pod = ?caller.pod, peer = ?peer,
+                    "xDS stream closed: no first request in time");
+                Status::deadline_exceeded(format!(
+                    "no first request within {:?}",
+                    self.first_deadline
+                ))
+            })??
             .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
         let proxy_id = first
             .node
@@ -479,32 +542,24 @@ impl AdsService {
             peer,
             connected: SystemTime::now(),
             types: Mutex::new(BTreeMap::new()),
-            quota: Quota::of(&caller),
             synced: synced_to_none(),
         });
-        {
-            let mut conns = self.hub.conns.lock().unwrap_or_else(|p| p.into_inner());
-            let quota = &view.quota;
-            let open = conns.values().filter(|c| c.quota == *quota).count();
-            if open >= quota.max() {
-                warn!(node = %caller.node, ?quota, open, "xDS stream refused: too many open for this caller");
-                return Err(Status::resource_exhausted(format!(
-                    "{open} xDS streams open for {quota:?}; at most {} may be",
-                    quota.max()
-                )));
-            }
-            conns.insert(id, view.clone());
-        }
-        info!(node = %caller.node, id, "xDS stream opened");
-        let (tx, rx) = mpsc::channel(16);
-        let end = wire::End::default();
+        self.hub
+            .conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(id, view.clone());
+        guard.id = Some(id);
+        info!(node = %caller.node, id, quota = ?guard.quota(), "xDS stream opened");
+        let (tx, rx) = queue::queue(self.push_stall);
+        let end = guard.end.clone();
         let mut conn = Conn {
+            guard,
             hub: self.hub.clone(),
             view,
             caller,
             subs: BTreeMap::new(),
             tx,
-            end: end.clone(),
             nonce: 0,
         };
         // Subscribe before the first push: a change landing while it is
@@ -533,6 +588,25 @@ impl crate::config::kube::ChangeSink for Hub {
     }
     fn set_ready(&self) {
         Hub::set_ready(self)
+    }
+}
+
+#[cfg(test)]
+impl Hub {
+    /// Registers a connection as `open` does; its id.
+    fn register_for_test(&self, quota: &Quota) -> u64 {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        let view = Arc::new(ConnView {
+            id,
+            node: format!("{quota:?}"),
+            proxy_id: String::new(),
+            peer: None,
+            connected: SystemTime::now(),
+            types: Mutex::new(BTreeMap::new()),
+            synced: synced_to_none(),
+        });
+        self.conns.lock().expect("lock").insert(id, view);
+        id
     }
 }
 
@@ -576,7 +650,6 @@ mod tests {
                 peer: None,
                 connected: SystemTime::now(),
                 types: Mutex::new(BTreeMap::new()),
-                quota: Quota::Node("n".into()),
                 synced: std::array::from_fn(|_| AtomicU64::new(hub.model().generation())),
             }),
         );

@@ -17,11 +17,13 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::broadcast;
 use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
-use super::wire::{End, Response};
+use super::admit::StreamGuard;
+use super::queue::{QueueError, QueueTx};
+use super::wire::Response;
 use super::{ConnView, Gated, Hub, NackView, PUSH_CHUNK, Pushed, TYPES};
 use crate::ca::auth::Caller;
 use crate::metrics::metrics;
@@ -248,14 +250,15 @@ fn plan(model: &Model, type_url: &str, sub: &mut Sub, scope: Scope<'_>) -> Resul
 }
 
 pub(super) struct Conn {
+    /// The stream's quota slot; first, so that it is dropped (and sets the
+    /// stream's end status) before `tx`.
+    pub(super) guard: StreamGuard,
     pub(super) hub: Arc<Hub>,
     pub(super) view: Arc<ConnView>,
     /// Who opened the stream, as authenticated.
     pub(super) caller: Caller,
     pub(super) subs: BTreeMap<String, Sub>,
-    pub(super) tx: mpsc::Sender<Response>,
-    /// Why the stream was ended, for its grpc-status.
-    pub(super) end: End,
+    pub(super) tx: QueueTx,
     pub(super) nonce: u64,
 }
 
@@ -273,9 +276,20 @@ fn too_many_names(asked: usize, limit: usize) -> Status {
     ))
 }
 
-/// The proxy no longer reads its stream.
-fn gone() -> Status {
-    Status::cancelled("the proxy's stream is gone")
+impl Conn {
+    /// A response could not be queued: the proxy is gone, or has stopped
+    /// reading (then what is queued for it is dropped, and the stream ends).
+    fn unsent(&self, e: QueueError) -> Status {
+        match e {
+            QueueError::Gone => Status::cancelled("the proxy's stream is gone"),
+            QueueError::Stalled(_) => {
+                warn!(node = %self.view.node, proxy = %self.view.proxy_id, reason = %e,
+                    "proxy stopped reading; closing its stream");
+                self.tx.drain();
+                Status::resource_exhausted(format!("{e}; reconnect stating what you hold"))
+            }
+        }
+    }
 }
 
 impl Conn {
@@ -364,7 +378,7 @@ impl Conn {
                 nonce,
                 removed,
             };
-            self.tx.send(resp).await.map_err(|_| gone())?;
+            self.tx.send(resp).await.map_err(|e| self.unsent(e))?;
             metrics().pushed(type_url);
         }
         Ok(())
@@ -654,9 +668,9 @@ impl Conn {
 
     /// Ends the stream, with `why` as its status (None: a clean end).
     pub(super) fn close(self, why: Option<Status>) {
-        *self.end.lock().unwrap_or_else(|p| p.into_inner()) = why;
-        self.hub.forget(self.view.id);
-        // Dropping `tx` here lets the response body send the status.
+        self.guard.close(why);
+        // Dropping the guard forgets the connection and gives its slot
+        // back; dropping `tx` lets the response body send the status.
     }
 }
 

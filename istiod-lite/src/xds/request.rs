@@ -21,11 +21,26 @@ use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint};
 use tonic::Status;
 
 use super::TYPES;
+use super::budget::Held;
 
 /// Largest first request of a node's proxy: what it holds is listed in it
 /// (some 5 MB at 50 000 pods and 10 000 services), so as large as the
 /// responses a ztunnel accepts.
 pub const MAX_FIRST_REQUEST: usize = 64 * 1024 * 1024;
+
+/// The types whose first request may be that large: what a ztunnel holds
+/// (every workload and policy). A waypoint's routes and an ingress
+/// gateway's own resource are few.
+const LARGE_TYPES: [&str; 2] = [
+    mesh_proto::ADDRESS_TYPE_URL,
+    mesh_proto::AUTHORIZATION_TYPE_URL,
+];
+
+/// Bytes of large first requests (over [`MAX_REQUEST`]) one node's streams
+/// may hold at once, in all: what its ztunnel states on one stream, and on
+/// the next while the last is still open. Each stream holds its share
+/// until it ends, so no number of streams multiplies it.
+pub const MAX_LARGE_PER_NODE: usize = 2 * MAX_FIRST_REQUEST;
 
 /// Largest request otherwise (a workload's first request, and every later
 /// request: ACKs, NACKs, subscriptions by name).
@@ -53,6 +68,11 @@ pub enum RequestError {
     TooManyEntries { limit: usize },
     #[error("field {field} of {size} bytes; at most {MAX_NESTED} may be")]
     NestedTooLarge { field: u32, size: usize },
+    #[error(
+        "a first request of {size} bytes does not fit the {limit} bytes of large \
+         requests this node's streams may hold at once"
+    )]
+    NodeBudget { size: usize, limit: usize },
     #[error("field {field} occurs more than once; it may occur once")]
     Repeated { field: u32 },
     #[error("malformed request: {0}")]
@@ -63,7 +83,9 @@ impl From<RequestError> for Status {
     fn from(e: RequestError) -> Status {
         match e {
             RequestError::TooLarge { .. } => Status::out_of_range(e.to_string()),
-            RequestError::TooManyEntries { .. } | RequestError::NestedTooLarge { .. } => {
+            RequestError::TooManyEntries { .. }
+            | RequestError::NestedTooLarge { .. }
+            | RequestError::NodeBudget { .. } => {
                 Status::resource_exhausted(e.to_string())
             }
             RequestError::Malformed(_) | RequestError::Repeated { .. } => {
@@ -83,6 +105,10 @@ pub struct Limits {
     /// Bit i: a request of `TYPES[i]` has been read on this stream.
     seen: Arc<AtomicUsize>,
     entries: Arc<AtomicUsize>,
+    /// The stream's share of the shared request budget, if it has one.
+    held: Option<Arc<Held>>,
+    /// The stream's share of its node's budget of large requests.
+    large: Option<Arc<Held>>,
 }
 
 impl Limits {
@@ -92,6 +118,43 @@ impl Limits {
             node: Arc::new(AtomicBool::new(false)),
             seen: Arc::new(AtomicUsize::new(0)),
             entries,
+            held: None,
+            large: None,
+        }
+    }
+
+    /// A node's proxy whose large first requests are taken from `large`
+    /// (its node's budget, [`MAX_LARGE_PER_NODE`]).
+    pub fn with_node_budget(self, large: Arc<Held>) -> Limits {
+        self.node_caller();
+        Limits {
+            large: Some(large),
+            ..self
+        }
+    }
+
+    /// A request of `size` bytes over [`MAX_REQUEST`] takes its size from
+    /// the node's budget of large requests.
+    fn take_large(&self, size: usize) -> Result<(), RequestError> {
+        match &self.large {
+            Some(l) if !l.take(size) => Err(RequestError::NodeBudget {
+                size,
+                limit: l.limit(),
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    /// Gives back to `held` each request's bytes once it is decoded.
+    pub fn with_held(mut self, held: Arc<Held>) -> Limits {
+        self.held = Some(held);
+        self
+    }
+
+    /// A request of `bytes` has been decoded (or refused).
+    pub fn decoded(&self, bytes: usize) {
+        if let Some(h) = &self.held {
+            h.decoded(bytes);
         }
     }
 
@@ -110,7 +173,8 @@ impl Limits {
             return MAX_REQUEST;
         };
         let first = self.seen.fetch_or(1 << i, Ordering::Relaxed) & (1 << i) == 0;
-        if first && self.node.load(Ordering::Relaxed) {
+        let large = LARGE_TYPES.iter().any(|t| t.as_bytes() == type_url);
+        if first && large && self.node.load(Ordering::Relaxed) {
             MAX_FIRST_REQUEST
         } else {
             MAX_REQUEST
@@ -282,6 +346,9 @@ pub fn decode(mut buf: impl Buf, limits: &Limits) -> Result<DeltaDiscoveryReques
     if size > limit {
         return Err(RequestError::TooLarge { size, limit });
     }
+    if size > MAX_REQUEST {
+        limits.take_large(size)?;
+    }
     decode_checked(&bytes)
 }
 
@@ -340,6 +407,13 @@ mod tests {
         assert!(too_large(decode(large(ADDRESS_TYPE_URL).as_slice(), &node)));
         assert!(decode(large(AUTHORIZATION_TYPE_URL).as_slice(), &node).is_ok());
         assert!(too_large(decode(large("x.Y").as_slice(), &node)));
+        // Only of the types a ztunnel holds: routes and ingresses are few.
+        for t in [
+            mesh_proto::SERVICE_ROUTES_TYPE_URL,
+            mesh_proto::INGRESS_TYPE_URL,
+        ] {
+            assert!(too_large(decode(large(t).as_slice(), &limits(true, 10))));
+        }
         // A small first request uses up its type's large one.
         let node = limits(true, 10);
         let small = DeltaDiscoveryRequest {
@@ -351,6 +425,28 @@ mod tests {
         // A workload's never is.
         let pod = limits(false, 10);
         assert!(too_large(decode(large(ADDRESS_TYPE_URL).as_slice(), &pod)));
+    }
+
+    /// A node's streams share one budget of large first requests, held
+    /// while each stream lasts.
+    #[test]
+    fn a_nodes_large_first_requests_share_its_budget() {
+        use crate::xds::budget::{Budget, Held};
+        let budget = Budget::new(8 << 20);
+        let stream = |b: &Arc<Budget>| {
+            Limits::new(Arc::new(AtomicUsize::new(10))).with_node_budget(Held::new(b.clone()))
+        };
+        let a = stream(&budget);
+        let req = large(mesh_proto::ADDRESS_TYPE_URL);
+        assert!(decode(req.as_slice(), &a).is_ok());
+        let b = stream(&budget);
+        assert!(matches!(
+            decode(req.as_slice(), &b),
+            Err(RequestError::NodeBudget { .. })
+        ));
+        drop(a);
+        let c = stream(&budget);
+        assert!(decode(req.as_slice(), &c).is_ok());
     }
 
     #[test]

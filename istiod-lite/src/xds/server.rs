@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+use bytes::Buf;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
@@ -16,16 +17,19 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
 use super::AdsService;
-use super::request::{self, Limits, MAX_FIRST_REQUEST};
+use super::budget::{Counted, Held};
+use super::request::{self, Limits, MAX_FIRST_REQUEST, MAX_REQUEST};
 use super::wire::ResponseBody;
 
 const METHOD: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 /// Decodes `DeltaDiscoveryRequest`s within the stream's [`Limits`]: no
-/// gRPC message over [`MAX_FIRST_REQUEST`] is buffered at all; each is
-/// then held to the stream's current size limit and entry bound before it
-/// is decoded ([`request::decode`]).
+/// gRPC message over the caller's limit ([`MAX_FIRST_REQUEST`] for a
+/// node's token, else [`MAX_REQUEST`]) is buffered at all, nor one the
+/// shared budget cannot take ([`Counted`]); each is then held to the
+/// stream's current size limit and entry bound before it is decoded
+/// ([`request::decode`]), and its bytes given back to the budget.
 struct RequestDecoder {
     limits: Limits,
 }
@@ -35,9 +39,10 @@ impl Decoder for RequestDecoder {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        request::decode(buf, &self.limits)
-            .map(Some)
-            .map_err(Status::from)
+        let size = buf.remaining();
+        let decoded = request::decode(buf, &self.limits);
+        self.limits.decoded(size);
+        decoded.map(Some).map_err(Status::from)
     }
 }
 
@@ -83,16 +88,32 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
         return Status::unimplemented(format!("grpc-encoding {enc:?} is not supported"))
             .into_http();
     }
-    let limits = Limits::new(ads.hub.names_bound.clone());
-    let mut req = req.map(|body| {
-        let decoder = RequestDecoder {
-            limits: limits.clone(),
-        };
-        Streaming::new_request(decoder, body, None, Some(MAX_FIRST_REQUEST))
-    });
-    req.extensions_mut().insert(limits);
-    let request = tonic::Request::from_http(req);
-    match ads.open(request).await {
+    // Admitted on its headers, before a byte of its body is read.
+    let (parts, body) = req.into_parts();
+    let head = tonic::Request::from_http(http::Request::from_parts(parts, ()));
+    let peer = head.remote_addr().map(|a| a.to_string());
+    let (caller, guard) = match ads.admit(head.metadata()).await {
+        Ok(admitted) => admitted,
+        Err(status) => return status.into_http(),
+    };
+    // Only a node's proxy states all it holds, in its first request of
+    // each type; no other caller's request is ever buffered past 4 MiB.
+    let held = Held::new(ads.budget.clone());
+    let mut limits = Limits::new(ads.hub.names_bound.clone()).with_held(held.clone());
+    let max = if caller.only.is_none() {
+        let large = Held::new(ads.hub.large_budget(&caller.node));
+        limits = limits.with_node_budget(large);
+        MAX_FIRST_REQUEST
+    } else {
+        MAX_REQUEST
+    };
+    let stream = Streaming::new_request(
+        RequestDecoder { limits },
+        Counted::new(body, held, max),
+        None,
+        Some(max),
+    );
+    match ads.open(caller, guard, stream, peer).await {
         Ok((rx, end)) => {
             let mut res = http::Response::new(Body::new(ResponseBody::new(rx, end)));
             res.headers_mut().insert(

@@ -11,9 +11,10 @@ use std::task::{Context, Poll};
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::body::Frame;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-use tokio::sync::mpsc;
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::Status;
 
+use super::queue::QueueRx;
 use crate::model::XdsResource;
 
 /// `DeltaDiscoveryResponse` fields.
@@ -148,14 +149,15 @@ pub type End = Arc<std::sync::Mutex<Option<Status>>>;
 /// encoded as HTTP/2 asks for data, then the `grpc-status` trailer (the
 /// task's [`End`], so a proxy cut off for cause sees why and backs off).
 pub struct ResponseBody {
-    rx: mpsc::Receiver<Response>,
+    rx: QueueRx,
     end: End,
-    current: Option<Encoding>,
+    /// The response being encoded, and its share of the queue's bytes.
+    current: Option<(Encoding, OwnedSemaphorePermit)>,
     done: bool,
 }
 
 impl ResponseBody {
-    pub fn new(rx: mpsc::Receiver<Response>, end: End) -> ResponseBody {
+    pub fn new(rx: QueueRx, end: End) -> ResponseBody {
         ResponseBody {
             rx,
             end,
@@ -175,7 +177,7 @@ impl hyper::body::Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
         loop {
-            if let Some(e) = this.current.as_mut() {
+            if let Some((e, _)) = this.current.as_mut() {
                 match e.next_chunk() {
                     Some(b) => return Poll::Ready(Some(Ok(Frame::data(b)))),
                     None => this.current = None,
@@ -185,7 +187,9 @@ impl hyper::body::Body for ResponseBody {
                 return Poll::Ready(None);
             }
             match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(r)) => this.current = Some(Encoding::new(r)),
+                Poll::Ready(Some(q)) => {
+                    this.current = Some((Encoding::new(q.response), q.permit));
+                }
                 Poll::Ready(None) => {
                     this.done = true;
                     let status = this

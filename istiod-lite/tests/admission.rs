@@ -1,0 +1,397 @@
+//! A stream is admitted on its headers, before any of its body is read:
+//! its caller's quota counts it while it has sent nothing, a workload's
+//! request over 4 MiB is refused on its frame header, a stream that names
+//! no proxy in time is closed, and requests being buffered across streams
+//! share one budget. These speak raw HTTP/2 (gRPC framing by hand), so a
+//! stream can send a header and stall, or send nothing at all.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::{Frame, Incoming};
+use istiod_lite::ca::auth::BootstrapTokens;
+use istiod_lite::config::objects::{Change, Object};
+use istiod_lite::model::{Model, ModelConfig};
+use istiod_lite::xds::{AdsService, Hub};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+const MESH: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.12, phase: Running}
+"#;
+
+const METHOD: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
+
+fn node_token(node: &str) -> String {
+    format!("bootstrap-token-for-{node}-0123456789")
+}
+
+const POD_TOKEN: &str = "pod-token-for-shop-web-1-0123456789";
+
+fn changes(yaml: &str) -> Vec<Change> {
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .map(|v| Change::Upsert(Object::parse(v).unwrap().unwrap()))
+        .collect()
+}
+
+async fn serve(configure: impl FnOnce(AdsService) -> AdsService) -> SocketAddr {
+    serve_hub(configure).await.1
+}
+
+async fn serve_hub(configure: impl FnOnce(AdsService) -> AdsService) -> (Arc<Hub>, SocketAddr) {
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    hub.apply(changes(MESH));
+    hub.set_ready();
+    let tokens = BootstrapTokens::new(
+        ["node-a", "node-b"]
+            .into_iter()
+            .map(|n| (n.to_string(), node_token(n)))
+            .chain([("shop/web-1".to_string(), POD_TOKEN.to_string())]),
+    )
+    .unwrap()
+    .with_pods(hub.clone());
+    let ads = configure(AdsService::new(hub.clone(), Arc::new(tokens))).into_server();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        istiod_lite::ca::with_limits(tonic::transport::Server::builder())
+            .add_service(ads)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    (hub, addr)
+}
+
+type Sender = hyper::client::conn::http2::SendRequest<StreamBody<ReceiverStream<Chunk>>>;
+type Chunk = Result<Frame<Bytes>, Infallible>;
+
+async fn connection(addr: SocketAddr) -> Sender {
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    send
+}
+
+/// One raw stream: what it sends, and its response once there is one.
+struct Raw {
+    body: mpsc::Sender<Chunk>,
+    response: tokio::task::JoinHandle<Result<http::Response<Incoming>, hyper::Error>>,
+}
+
+fn open(send: &mut Sender, bearer: &str) -> Raw {
+    let (tx, rx) = mpsc::channel(4);
+    let req = http::Request::post(format!("http://controller{METHOD}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {bearer}"))
+        .body(StreamBody::new(ReceiverStream::new(rx)))
+        .unwrap();
+    let response = tokio::spawn(send.send_request(req));
+    Raw { body: tx, response }
+}
+
+/// A gRPC frame header announcing a message of `len` bytes.
+fn frame_header(len: u32) -> Bytes {
+    let mut h = vec![0u8];
+    h.extend(len.to_be_bytes());
+    Bytes::from(h)
+}
+
+impl Raw {
+    async fn send(&self, b: Bytes) {
+        self.body.send(Ok(Frame::data(b))).await.unwrap();
+    }
+
+    /// The stream's gRPC status, if it ends within `wait`: from its
+    /// headers (a refusal) or its trailers.
+    async fn status_within(self, wait: Duration) -> Option<tonic::Code> {
+        let body = self.body;
+        let status = tokio::time::timeout(wait, async move {
+            let res = self.response.await.unwrap().unwrap();
+            if let Some(s) = res.headers().get("grpc-status") {
+                return code(s);
+            }
+            let mut incoming = res.into_body();
+            while let Some(f) = incoming.frame().await {
+                if let Some(s) = f.unwrap().trailers_ref().and_then(|t| t.get("grpc-status")) {
+                    return code(s);
+                }
+            }
+            tonic::Code::Ok
+        })
+        .await
+        .ok();
+        drop(body);
+        status
+    }
+
+    /// Whether its response has come.
+    fn answered(&self) -> bool {
+        self.response.is_finished()
+    }
+}
+
+fn code(v: &http::HeaderValue) -> tonic::Code {
+    tonic::Code::from_bytes(v.as_bytes())
+}
+
+/// A pod's token holds at most two streams: a third is refused although
+/// the first two have sent nothing yet (they are counted as they are
+/// admitted, not once their first request is read).
+#[tokio::test]
+async fn a_pods_stream_past_its_quota_is_refused_before_it_sends_anything() {
+    use istiod_lite::xds::MAX_STREAMS_PER_POD;
+    let addr = serve(|a| a).await;
+    let mut conn = connection(addr).await;
+    let pending: Vec<Raw> = (0..MAX_STREAMS_PER_POD)
+        .map(|_| open(&mut conn, POD_TOKEN))
+        .collect();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let refused = open(&mut conn, POD_TOKEN)
+        .status_within(Duration::from_secs(3))
+        .await;
+    assert_eq!(refused, Some(tonic::Code::ResourceExhausted));
+    assert!(pending.iter().all(|p| !p.answered()));
+    // Its node's token is not held up by it.
+    let node = open(&mut conn, &node_token("node-a"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!node.answered(), "the node's stream waits for its first request");
+}
+
+/// A workload's request may be 4 MiB at most, its first too: a 5 MiB one
+/// is refused on its frame header, before its bytes are waited for.
+#[tokio::test]
+async fn a_pods_first_request_over_4_mib_is_refused_on_its_header() {
+    let addr = serve(|a| a).await;
+    let mut conn = connection(addr).await;
+    let raw = open(&mut conn, POD_TOKEN);
+    raw.send(frame_header(5 << 20)).await;
+    raw.send(Bytes::from(vec![0u8; 1024])).await;
+    let status = raw.status_within(Duration::from_secs(3)).await;
+    assert_eq!(status, Some(tonic::Code::OutOfRange));
+}
+
+/// A stream that never sends its first request does not hold its slot
+/// for good: it is closed after the deadline.
+#[tokio::test]
+async fn a_stream_that_sends_nothing_is_closed_after_the_deadline() {
+    let addr = serve(|a| a.with_first_request_deadline(Duration::from_secs(1))).await;
+    let mut conn = connection(addr).await;
+    let raw = open(&mut conn, &node_token("node-a"));
+    let status = raw.status_within(Duration::from_secs(5)).await;
+    assert_eq!(status, Some(tonic::Code::DeadlineExceeded));
+}
+
+/// Requests being buffered across all streams share one budget: past it a
+/// request is refused on its header (RESOURCE_EXHAUSTED), not buffered.
+#[tokio::test]
+async fn requests_past_the_shared_buffer_budget_are_refused() {
+    let addr = serve(|a| a.with_buffer_budget(6 << 20)).await;
+    let mut conn = connection(addr).await;
+    // node-a announces 5 MiB and stalls.
+    let stalled = open(&mut conn, &node_token("node-a"));
+    stalled.send(frame_header(5 << 20)).await;
+    stalled.send(Bytes::from(vec![0u8; 1024])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // node-b's 5 MiB does not fit beside it.
+    let refused = open(&mut conn, &node_token("node-b"));
+    refused.send(frame_header(5 << 20)).await;
+    let status = refused.status_within(Duration::from_secs(3)).await;
+    assert_eq!(status, Some(tonic::Code::ResourceExhausted));
+    assert!(!stalled.answered());
+}
+
+/// A proxy that stops reading is cut off once a push has waited the stall
+/// deadline for room in its queue (RESOURCE_EXHAUSTED), and what was
+/// queued for it is dropped: it does not pin responses for good.
+#[tokio::test]
+async fn a_proxy_that_stops_reading_is_cut_off() {
+    use mesh_proto::envoy::config::core::v3::Node;
+    use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let (hub, addr) = serve_hub(|a| a.with_push_stall(Duration::from_secs(1))).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "ztunnel~node-a".into(),
+            ..Default::default()
+        }),
+        type_url: mesh_proto::ADDRESS_TYPE_URL.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", node_token("node-a")).parse().unwrap(),
+    );
+    // Never read.
+    let mut stalled = AggregatedDiscoveryServiceClient::new(channel)
+        .delta_aggregated_resources(req)
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hub.connected(), 1);
+    // Pushes (40 pods changed in each) until its HTTP/2 window and its
+    // queue are full, then more.
+    for i in 0..2000 {
+        let yaml: String = (0..40)
+            .map(|j| {
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: bulk-{j}, namespace: shop}}\n\
+                     spec: {{nodeName: node-a, containers: [{{name: c, image: x}}]}}\n\
+                     status: {{podIP: 10.{}.{}.{j}, phase: Running}}\n---\n",
+                    10 + i / 250,
+                    i % 250
+                )
+            })
+            .collect();
+        hub.apply(changes(&yaml));
+        if hub.connected() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    for _ in 0..100 {
+        if hub.connected() == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(hub.connected(), 0, "a proxy that stopped reading is still served");
+    // Reading again, it gets what was in flight and then the reason.
+    let end = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stalled.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return tonic::Code::Ok,
+                Err(s) => return s.code(),
+            }
+        }
+    })
+    .await
+    .expect("the stream ends");
+    assert_eq!(end, tonic::Code::ResourceExhausted);
+    drop(tx);
+}
+
+/// Opens a stream with `bearer` whose first request is `first`, and reads
+/// its first answer: the status it ends with, if it is refused.
+async fn first_answer(
+    addr: SocketAddr,
+    bearer: &str,
+    first: mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest,
+) -> Result<(), tonic::Status> {
+    use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(first).await.unwrap();
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {bearer}").parse().unwrap());
+    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .delta_aggregated_resources(req)
+        .await?
+        .into_inner();
+    tokio::time::timeout(Duration::from_secs(20), stream.message())
+        .await
+        .expect("an answer")?;
+    // Kept open: its share of the node's budget is held while it is.
+    tokio::spawn(async move {
+        let _keep = (tx, stream);
+        tokio::time::sleep(Duration::from_secs(60)).await;
+    });
+    Ok(())
+}
+
+/// A large first request (over 4 MiB) is allowed only of the types a
+/// ztunnel holds, and one node's streams share one budget of them: a
+/// compromised ztunnel cannot make each of its 64 streams hold 64 MiB.
+#[tokio::test]
+async fn a_nodes_large_first_requests_share_one_budget() {
+    use istiod_lite::xds::request::MAX_LARGE_PER_NODE;
+    use mesh_proto::envoy::config::core::v3::Node;
+    use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    let addr = serve(|a| a).await;
+    let large = |type_url: &str, size: usize| DeltaDiscoveryRequest {
+        node: Some(Node {
+            id: "ztunnel~node-a".into(),
+            ..Default::default()
+        }),
+        type_url: type_url.into(),
+        response_nonce: "n".repeat(size),
+        ..Default::default()
+    };
+    // A waypoint's routes are few: 5 MiB of them is refused.
+    let routes = first_answer(
+        addr,
+        &node_token("node-a"),
+        large(mesh_proto::SERVICE_ROUTES_TYPE_URL, 5 << 20),
+    )
+    .await;
+    assert_eq!(
+        routes.map_err(|s| s.code()),
+        Err(tonic::Code::OutOfRange),
+        "a 5 MiB first request of routes"
+    );
+    // Addresses may be large, up to the node's budget across its streams.
+    let size = 33 << 20;
+    let fit = MAX_LARGE_PER_NODE / size;
+    for i in 0..fit {
+        first_answer(
+            addr,
+            &node_token("node-a"),
+            large(mesh_proto::ADDRESS_TYPE_URL, size),
+        )
+        .await
+        .unwrap_or_else(|s| panic!("large first request {i}: {s:?}"));
+    }
+    let refused = first_answer(
+        addr,
+        &node_token("node-a"),
+        large(mesh_proto::ADDRESS_TYPE_URL, size),
+    )
+    .await;
+    assert_eq!(
+        refused.map_err(|s| s.code()),
+        Err(tonic::Code::ResourceExhausted)
+    );
+    // Another node's budget is its own.
+    first_answer(
+        addr,
+        &node_token("node-b"),
+        large(mesh_proto::ADDRESS_TYPE_URL, size),
+    )
+    .await
+    .expect("another node's large first request");
+}
