@@ -7,8 +7,11 @@
 //! credential, a token bound to that very pod whose service account is the
 //! pod's. A workload token opens only its own pod's stream, and only
 //! when that pod is a pod of a Gateway of the kind the stream names (a
-//! waypoint's for `waypoint~`, an ingress gateway's for `ingress~`): any
-//! pod can hold a token of our audience.
+//! waypoint's for `waypoint~`, an ingress gateway's for `ingress~`; a pod
+//! the controller made for that Gateway, see [`Model::waypoint_of_proxy`]):
+//! any pod can hold a token of our audience. An open stream is checked
+//! again whenever Gateways or their pods change, and ended when it no
+//! longer passes.
 
 use mesh_core::identity::Identity;
 

@@ -131,7 +131,13 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
     };
     let ca = load_ca(&o, client.as_ref()).await?;
 
-    let hub = Hub::new(Model::new(o.model.clone()));
+    // Every Gateway's pods in a cluster are made by the Deployment the
+    // controller creates for it; a folder's are written by hand.
+    let model = ModelConfig {
+        gateway_pods_owned: matches!(o.source, ConfigSource::Kube(_)),
+        ..o.model.clone()
+    };
+    let hub = Hub::new(Model::new(model));
     let issues: Arc<Mutex<Vec<ConfigIssue>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
     let cluster = start_source(

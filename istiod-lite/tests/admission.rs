@@ -174,7 +174,10 @@ async fn a_pods_stream_past_its_quota_is_refused_before_it_sends_anything() {
     // Its node's token is not held up by it.
     let node = open(&mut conn, &node_token("node-a"));
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(!node.answered(), "the node's stream waits for its first request");
+    assert!(
+        !node.answered(),
+        "the node's stream waits for its first request"
+    );
 }
 
 /// A workload's request may be 4 MiB at most, its first too: a 5 MiB one
@@ -283,7 +286,11 @@ async fn a_proxy_that_stops_reading_is_cut_off() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(hub.connected(), 0, "a proxy that stopped reading is still served");
+    assert_eq!(
+        hub.connected(),
+        0,
+        "a proxy that stopped reading is still served"
+    );
     // Reading again, it gets what was in flight and then the reason.
     let end = tokio::time::timeout(Duration::from_secs(10), async {
         loop {

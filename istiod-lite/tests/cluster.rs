@@ -55,8 +55,10 @@ struct State {
     rv: u64,
     log: Vec<Seen>,
     faults: Vec<Fault>,
-    /// token -> TokenReview status
+    /// token (or the payload segment of [`sa_jwt`]'s) -> TokenReview status
     reviews: BTreeMap<String, Value>,
+    /// TokenReviews asked for.
+    review_calls: usize,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -112,10 +114,12 @@ fn selects(selector: &str, labels: &Value) -> bool {
 
 fn handle(st: &mut State, method: &str, path: &str, query: &str, body: &Value) -> (u16, Value) {
     if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        st.review_calls += 1;
         let token = body["spec"]["token"].as_str().unwrap_or_default();
         let status = st
             .reviews
             .get(token)
+            .or_else(|| token.split('.').nth(1).and_then(|k| st.reviews.get(k)))
             .cloned()
             .unwrap_or(json!({"authenticated": false, "error": "invalid bearer token"}));
         let mut out = body.clone();
@@ -757,7 +761,10 @@ async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
     use istiod_lite::ca::auth::Authenticator;
     let auth = |token: &str| {
         let mut md = tonic::metadata::MetadataMap::new();
-        md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        md.insert(
+            "authorization",
+            format!("Bearer {}", sa_jwt(token)).parse().unwrap(),
+        );
         md
     };
     let zt = reviewer.authenticate(&auth("zt")).await.unwrap();
@@ -814,6 +821,19 @@ async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
 }
 
 /// A token shaped as the API server issues them (a JWT), expiring at `exp`.
+/// A token shaped as a service-account token (a JWT), standing for the
+/// review the fake API server keeps under `name` (base64url characters).
+fn sa_jwt(name: &str) -> String {
+    if name.contains('.') {
+        return name.to_string(); // a JWT already
+    }
+    let header = base64(r#"{"alg":"RS256"}"#)
+        .trim_end_matches('=')
+        .replace('+', "-")
+        .replace('/', "_");
+    format!("{header}.{name}.c2ln")
+}
+
 fn jwt(exp: u64) -> String {
     let url = |s: &str| {
         base64(s)
@@ -828,6 +848,66 @@ fn jwt(exp: u64) -> String {
             r#"{{"aud":["istio-ca"],"exp":{exp},"sub":"system:serviceaccount:istio-system:ztunnel"}}"#
         ))
     )
+}
+
+/// A stranger's tokens cost the API server little: however many bogus
+/// ones are refused, a ztunnel's good review stays remembered (refusals are
+/// kept apart, in a cache of their own), and a token not even shaped as a
+/// JWT is refused without a review.
+#[tokio::test]
+async fn bogus_tokens_never_evict_good_reviews_and_malformed_ones_cost_none() {
+    use istiod_lite::ca::auth::Authenticator;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    // A projected token names its expiry (else no review is remembered).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let zt = jwt(now + 3600);
+    state.lock().unwrap().reviews.insert(
+        zt.clone(),
+        json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+            "username": "system:serviceaccount:istio-system:ztunnel",
+            "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x"],
+                      "authentication.kubernetes.io/pod-uid": ["u-zt"],
+                      "authentication.kubernetes.io/node-name": ["node-1"]}}}),
+    );
+    let client = serve(state.clone(), "a").await;
+    let reviewer = TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        Hub::new(Model::new(ModelConfig::default())),
+    );
+    let auth = |token: &str| {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        md
+    };
+    reviewer.authenticate(&auth(&zt)).await.expect("zt");
+    for i in 0..10_001 {
+        let bogus = sa_jwt(&format!("bogus{i}"));
+        assert!(reviewer.authenticate(&auth(&bogus)).await.is_err());
+    }
+    // The API server no longer vouches for it: only the remembered review does.
+    state.lock().unwrap().reviews.remove(&zt);
+    reviewer
+        .authenticate(&auth(&zt))
+        .await
+        .expect("the good review is still remembered");
+    let before = state.lock().unwrap().review_calls;
+    for bad in ["opaque-token-0123456789", "a.b", "a.b.c.d", "!!.x.y"] {
+        assert!(reviewer.authenticate(&auth(bad)).await.is_err(), "{bad}");
+    }
+    assert_eq!(
+        state.lock().unwrap().review_calls,
+        before,
+        "reviews asked for"
+    );
 }
 
 /// A reviewed token is remembered, but never past its own expiry: once it
@@ -1503,9 +1583,34 @@ async fn the_controller_binary_runs_in_cluster_mode() {
                 pod(ns, name, sa, node, ip),
             );
         }
+        // wp-0 is the waypoint Gateway wp's pod, as its Deployment makes
+        // one (controlled by ReplicaSet wp-<pod-template-hash>, running as
+        // the Gateway's account); fake-0 is merely labelled as one.
         st.objects.insert(
-            "/api/v1/namespaces/shop/pods/wp-0".into(),
-            pod("shop", "wp-0", "wp", "node-1", "10.0.0.7"),
+            "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/wp".into(),
+            yaml("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: shop, uid: gw-uid-wp, generation: 1}\nspec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n"),
+        );
+        for (name, owner, ip) in [
+            (
+                "wp-0",
+                ", ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: wp-7f9c, uid: u-rs, controller: true}]",
+                "10.0.0.7",
+            ),
+            ("fake-0", "", "10.0.0.8"),
+        ] {
+            st.objects.insert(
+                format!("/api/v1/namespaces/shop/pods/{name}"),
+                yaml(&format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: u-{name}, labels: {{gateway.networking.k8s.io/gateway-name: wp, pod-template-hash: 7f9c}}{owner}}}\nspec: {{nodeName: node-1, serviceAccountName: wp, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: {ip}}}\n"
+                )),
+            );
+        }
+        st.reviews.insert(
+            "fake".into(),
+            json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+                "username": "system:serviceaccount:shop:wp",
+                "extra": {"authentication.kubernetes.io/pod-name": ["fake-0"],
+                          "authentication.kubernetes.io/pod-uid": ["u-fake-0"]}}}),
         );
         st.reviews.insert(
             "wp".into(),
@@ -1534,7 +1639,7 @@ async fn the_controller_binary_runs_in_cluster_mode() {
             address: format!("https://127.0.0.1:{grpc}"),
             ca_root_pem: root.clone(),
             server_name: "istiod-lite.istio-system.svc".into(),
-            token: Some(token.to_string().into()),
+            token: Some(sa_jwt(token).into()),
             validity: Duration::ZERO,
             request_timeout: Duration::from_secs(5),
         })
@@ -1556,11 +1661,13 @@ async fn the_controller_binary_runs_in_cluster_mode() {
     let err = client("wp").fetch_certificate(&web).await.unwrap_err();
     assert!(err.to_string().contains("cannot ask for identity"), "{err}");
     // ... and may subscribe to config only as its own pod, and only when
-    // that pod is a Gateway's (wp-0 is no Gateway's pod: refused too).
+    // that pod is one its Gateway's Deployment made (wp-0 is; fake-0, only
+    // labelled as a Gateway's pod, is refused).
     for (token, proxy_id, refusal) in [
         ("wp", "ztunnel~node-1", Some("own waypoint pod")),
         ("wp", "waypoint~shop~db-1", Some("own waypoint pod")),
-        ("wp", "waypoint~shop~wp-0", Some("only as a Gateway's pod")),
+        ("wp", "waypoint~shop~wp-0", None),
+        ("fake", "waypoint~shop~fake-0", Some("Deployment made")),
         // The same rule for an ingress gateway's pod.
         ("wp", "ingress~shop~db-1", Some("own waypoint pod")),
         ("wp", "ingress~shop~wp-0", Some("only as a Gateway's pod")),
@@ -1614,8 +1721,10 @@ async fn subscribe(
     // The stream stays open after the first request, as a proxy's does.
     let requests = futures::stream::iter([first]).chain(futures::stream::pending());
     let mut req = tonic::Request::new(requests);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", sa_jwt(token)).parse().unwrap(),
+    );
     AggregatedDiscoveryServiceClient::new(channel)
         .delta_aggregated_resources(req)
         .await
@@ -1631,9 +1740,18 @@ async fn only_the_ingress_pods_own_token_gets_its_gateways_keys() {
     mesh_core::tls::install_default_provider();
     let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
     let state = Shared::default();
+    // A Gateway's pod as its Deployment makes one: controlled by the
+    // ReplicaSet <gateway>-<pod-template-hash>.
     let pod = |ns: &str, name: &str, sa: &str, labels: &str| {
+        let owner = if labels.contains("pod-template-hash") {
+            format!(
+                ", ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {sa}-5d8f, uid: u-rs, controller: true}}]"
+            )
+        } else {
+            String::new()
+        };
         yaml(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: u-{name}, labels: {{{labels}}}}}\nspec: {{nodeName: node-1, serviceAccountName: {sa}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.0.0.{}}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: u-{name}, labels: {{{labels}}}{owner}}}\nspec: {{nodeName: node-1, serviceAccountName: {sa}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.0.0.{}}}\n",
             name.len()
         ))
     };
@@ -1657,7 +1775,7 @@ async fn only_the_ingress_pods_own_token_gets_its_gateways_keys() {
                 "shop",
                 "edge-0",
                 "edge",
-                "gateway.networking.k8s.io/gateway-name: edge",
+                "gateway.networking.k8s.io/gateway-name: edge, pod-template-hash: 5d8f",
             ),
             ("shop", "web-1", "web", ""),
         ] {
@@ -1761,8 +1879,10 @@ async fn ingress_keys(
     let requests = futures::stream::iter([first, sub(mesh_proto::ADDRESS_TYPE_URL)])
         .chain(futures::stream::pending());
     let mut req = tonic::Request::new(requests);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", sa_jwt(token)).parse().unwrap(),
+    );
     let mut rx = AggregatedDiscoveryServiceClient::new(channel)
         .delta_aggregated_resources(req)
         .await?

@@ -49,13 +49,13 @@ spec: {clusterIP: 10.96.0.101, ports: [{port: 15008}]}
 apiVersion: v1
 kind: Pod
 metadata: {name: wp-a-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp-a}}
-spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+spec: {nodeName: node-a, serviceAccountName: wp-a, containers: [{name: c, image: x}]}
 status: {podIP: 10.0.0.10, phase: Running}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: wp-b-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp-b}}
-spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+spec: {nodeName: node-a, serviceAccountName: wp-b, containers: [{name: c, image: x}]}
 status: {podIP: 10.0.0.11, phase: Running}
 ---
 apiVersion: v1
@@ -404,7 +404,7 @@ async fn a_waypoint_refused_before_its_pod_is_known_is_served_once_it_is() {
 apiVersion: v1
 kind: Pod
 metadata: {name: wp-a-2, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp-a}}
-spec: {nodeName: node-b, containers: [{name: c, image: x}]}
+spec: {nodeName: node-b, serviceAccountName: wp-a, containers: [{name: c, image: x}]}
 status: {podIP: 10.0.0.20, phase: Running}
 "#,
     ));
@@ -454,13 +454,13 @@ spec:
 apiVersion: v1
 kind: Pod
 metadata: {name: edge-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: edge}}
-spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+spec: {nodeName: node-a, serviceAccountName: edge, containers: [{name: c, image: x}]}
 status: {podIP: 10.0.0.30, phase: Running}
 ---
 apiVersion: v1
 kind: Pod
 metadata: {name: edge-2-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: edge-2}}
-spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+spec: {nodeName: node-a, serviceAccountName: edge-2, containers: [{name: c, image: x}]}
 status: {podIP: 10.0.0.31, phase: Running}
 "#;
 
@@ -592,22 +592,65 @@ async fn an_ingress_pod_gets_only_its_own_gateway_with_its_certificate() {
     let (sent, _) = edge.ingresses().await;
     assert!(sent[0].listeners.is_empty(), "{sent:?}");
 
-    // The pod is relabelled to another Gateway: it now gets that one.
+    // The pod is relabelled to another Gateway: it is not that Gateway's
+    // pod (it runs as edge's account, not edge-2's), so it is no Gateway's
+    // pod at all any more, and its stream is cut off.
     hub.apply(changes(
         r#"
 apiVersion: v1
 kind: Pod
 metadata: {name: edge-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: edge-2}}
-spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+spec: {nodeName: node-a, serviceAccountName: edge, containers: [{name: c, image: x}]}
 status: {podIP: 10.0.0.30, phase: Running}
 "#,
     ));
-    let (sent, removed) = edge.ingresses().await;
-    assert_eq!(
-        sent.iter().map(|i| i.name.as_str()).collect::<Vec<_>>(),
-        vec!["edge-2"]
-    );
-    assert_eq!(removed, vec!["shop/edge"]);
+    let end = end_of(&mut edge).await.expect_err("cut off");
+    assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
+}
+
+/// A Gateway's pod whose Gateway goes is cut off (PERMISSION_DENIED), not
+/// left subscribed: may_open is checked again whenever Gateways or their
+/// pods change.
+#[tokio::test]
+async fn a_pod_that_loses_its_gateway_is_cut_off() {
+    let (hub, addr) = serve(&format!("{MESH}---\n{INGRESS}")).await;
+    let mut edge =
+        Proxy::as_pod(addr, "shop/edge-1", "ingress~shop~edge-1", INGRESS_TYPE_URL).await;
+    edge.ingresses().await;
+    hub.apply(vec![Change::Delete(
+        istiod_lite::config::objects::ObjectKey {
+            kind: istiod_lite::config::objects::Kind::Gateway,
+            namespace: "shop".into(),
+            name: "edge".into(),
+        },
+    )]);
+    let end = end_of(&mut edge).await.expect_err("cut off");
+    assert_eq!(end.code(), tonic::Code::PermissionDenied, "{end:?}");
+    eventually_connected(&hub, 0).await;
+}
+
+/// A pod labelled as a Gateway's but not running as the service account
+/// the controller gives that Gateway's pods is no Gateway's pod: anyone who
+/// may create a pod beside a waypoint could label one.
+#[tokio::test]
+async fn a_labelled_pod_of_another_account_is_refused() {
+    let (_hub, addr) = serve(&format!(
+        "{MESH}---\n{}",
+        r#"
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web, gateway.networking.k8s.io/gateway-name: wp-a}}
+spec: {nodeName: node-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.12, phase: Running}
+"#
+    ))
+    .await;
+    let refused = open_status(addr, &pod_token("shop/web-1"), "waypoint~shop~web-1", &[])
+        .await
+        .map(|_| ())
+        .expect_err("refused");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied, "{refused:?}");
+    assert!(refused.message().contains("service account"), "{refused:?}");
 }
 
 /// A ztunnel's node token may not open an ingress gateway's stream, even for
@@ -1271,11 +1314,21 @@ async fn pod_tokens_do_not_lock_their_nodes_ztunnel_out() {
         tonic::Code::ResourceExhausted,
         "{refused:?}"
     );
-    assert!(parked.len() <= MAX_STREAMS_PER_POD, "{} open", parked.len());
-    // The node's ztunnel is not locked out.
-    let mut z = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
-    z.next().await;
-    assert_eq!(hub.connected(), parked.len() + 1);
+    assert_eq!(parked.len(), MAX_STREAMS_PER_POD, "the pod's quota is full");
+    // The node's quota is whole beside it: all of its streams open.
+    let mut node = Vec::new();
+    for i in 0..MAX_STREAMS_PER_NODE {
+        let mut z = Proxy::connect(
+            addr,
+            "node-a",
+            &format!("ztunnel~node-a-{i}"),
+            ADDRESS_TYPE_URL,
+        )
+        .await;
+        z.next().await;
+        node.push(z);
+    }
+    assert_eq!(hub.connected(), MAX_STREAMS_PER_POD + MAX_STREAMS_PER_NODE);
 }
 
 /// A registered stream's later requests of a type are small: one of

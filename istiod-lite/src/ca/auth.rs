@@ -62,6 +62,10 @@ pub enum AuthError {
     /// caller is refused until it does.
     #[error("the token file {0}")]
     TokenFile(String),
+    /// Not shaped as a service-account token (a JWT: three base64url
+    /// segments, the first a JSON header): refused without asking the API.
+    #[error("the bearer token is not a JWT")]
+    NotJwt,
     /// The API server could not answer (says nothing about the token).
     #[error("TokenReview failed: {0}")]
     ReviewFailed(String),

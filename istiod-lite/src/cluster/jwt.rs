@@ -39,6 +39,13 @@ pub fn expiry(token: &str) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
+/// Whether a base64url segment decodes to a JSON object (a JWT's header).
+pub fn json_object(segment: &str) -> bool {
+    base64url(segment)
+        .and_then(|b| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&b).ok())
+        .is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

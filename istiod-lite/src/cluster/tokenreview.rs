@@ -11,9 +11,15 @@
 //! Reviews are cached for a short while by a hash of the token: a ztunnel
 //! asks for certificates in bursts, and one review per burst is enough. A
 //! good review is never remembered past the token's own expiry (its `exp`),
-//! and not at all for a token that names none.
+//! and not at all for a token that names none. Anyone may present a token,
+//! so what a stranger can make the controller do is bounded: a token not
+//! shaped as a JWT is refused without a review, at most
+//! [`REVIEWS_AT_ONCE`] reviews run at once (the rest wait their turn), and
+//! refusals are remembered apart from acceptances, in a cache of their own
+//! that drops its oldest when full: bogus tokens never push the ztunnels'
+//! good reviews out.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +41,15 @@ const CACHE_FOR: Duration = Duration::from_secs(60);
 /// A refused token is remembered briefly, so a client retrying a bad token
 /// does not cost a TokenReview per call.
 const REFUSAL_CACHE_FOR: Duration = Duration::from_secs(5);
+/// Acceptances remembered at most (one per pod that talks to us): when
+/// full and none has expired, a new one is not remembered.
 const CACHE_MAX: usize = 10_000;
+/// Refusals remembered at most; the oldest goes first.
+const REFUSALS_MAX: usize = 10_000;
+/// TokenReviews in flight at once, at most.
+pub const REVIEWS_AT_ONCE: usize = 16;
+/// The longest token reviewed (a projected token is about 1 KiB).
+const MAX_TOKEN: usize = 16 * 1024;
 
 #[derive(Debug, Clone)]
 pub struct ReviewConfig {
@@ -49,11 +63,56 @@ pub struct TokenReviewer {
     api: Api<TokenReview>,
     cfg: ReviewConfig,
     hub: Arc<Hub>,
-    cache: Mutex<HashMap<[u8; 32], Reviewed>>,
+    /// Good reviews, by the token's SHA-256, until when they hold.
+    accepted: Mutex<HashMap<[u8; 32], (Instant, Caller)>>,
+    refused: Mutex<Refusals>,
+    in_flight: tokio::sync::Semaphore,
 }
 
-/// A review's answer and until when it holds, by the token's SHA-256.
-type Reviewed = (Instant, Result<Caller, AuthError>);
+/// Refused tokens by SHA-256, until when each refusal holds, oldest first.
+#[derive(Default)]
+struct Refusals {
+    by_key: HashMap<[u8; 32], (Instant, AuthError)>,
+    order: VecDeque<[u8; 32]>,
+}
+
+impl Refusals {
+    fn get(&self, key: &[u8; 32]) -> Option<AuthError> {
+        self.by_key
+            .get(key)
+            .filter(|(until, _)| Instant::now() < *until)
+            .map(|(_, e)| e.clone())
+    }
+
+    fn insert(&mut self, key: [u8; 32], until: Instant, why: AuthError) {
+        if self.by_key.insert(key, (until, why)).is_none() {
+            self.order.push_back(key);
+        }
+        while self.order.len() > REFUSALS_MAX {
+            if let Some(old) = self.order.pop_front() {
+                self.by_key.remove(&old);
+            }
+        }
+    }
+}
+
+/// Shaped as a JWT (what a projected service-account token is): three
+/// base64url segments, the first a JSON object. Says nothing of whether it
+/// is good: only the API server does.
+pub fn jwt_shaped(token: &str) -> bool {
+    let b64 = |s: &str| {
+        !s.is_empty()
+            && s.bytes()
+                .all(|c| c.is_ascii_alphanumeric() || c == b'-' || c == b'_')
+    };
+    let mut parts = token.split('.');
+    let (Some(head), Some(body), Some(sig), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return false;
+    };
+    token.len() <= MAX_TOKEN && b64(head) && b64(body) && b64(sig) && super::jwt::json_object(head)
+}
 
 /// How long a review's answer may be remembered: a refusal briefly; a good
 /// answer for [`CACHE_FOR`], but never past the token's expiry, and not at
@@ -77,21 +136,66 @@ impl TokenReviewer {
             api: Api::all(client),
             cfg,
             hub,
-            cache: Mutex::new(HashMap::new()),
+            accepted: Mutex::new(HashMap::new()),
+            refused: Mutex::new(Refusals::default()),
+            in_flight: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE),
+        }
+    }
+
+    /// A remembered answer for the token with this digest, if one holds.
+    fn remembered(&self, key: &[u8; 32]) -> Option<Result<Caller, AuthError>> {
+        let accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((until, caller)) = accepted.get(key)
+            && Instant::now() < *until
+        {
+            return Some(Ok(caller.clone()));
+        }
+        drop(accepted);
+        let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+        refused.get(key).map(Err)
+    }
+
+    /// Remembers an answer for `ttl`.
+    fn remember(&self, key: [u8; 32], ttl: Duration, answer: &Result<Caller, AuthError>) {
+        let until = Instant::now() + ttl;
+        match answer {
+            Ok(caller) => {
+                let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+                if accepted.len() >= CACHE_MAX {
+                    let now = Instant::now();
+                    accepted.retain(|_, (until, _)| now < *until);
+                }
+                // Full of live reviews: this one is asked again next time.
+                if accepted.len() < CACHE_MAX {
+                    accepted.insert(key, (until, caller.clone()));
+                }
+            }
+            Err(why) => {
+                let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
+                refused.insert(key, until, why.clone());
+            }
         }
     }
 
     async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+        if !jwt_shaped(token) {
+            return Err(AuthError::NotJwt);
+        }
         // A SHA-256 digest is always 32 bytes.
         let mut key = [0u8; 32];
         key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
-        {
-            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some((until, answer)) = cache.get(&key)
-                && Instant::now() < *until
-            {
-                return answer.clone();
-            }
+        if let Some(answer) = self.remembered(&key) {
+            return answer;
+        }
+        // At most so many reviews at once; the rest wait their turn, and
+        // may find the answer remembered once it comes.
+        let _turn = self
+            .in_flight
+            .acquire()
+            .await
+            .map_err(|e| AuthError::ReviewFailed(e.to_string()))?;
+        if let Some(answer) = self.remembered(&key) {
+            return answer;
         }
         let review = TokenReview {
             spec: TokenReviewSpec {
@@ -112,18 +216,9 @@ impl TokenReviewer {
             .ok_or(AuthError::NoReviewStatus)
             .and_then(|status| self.caller(&status));
         let ttl = remember_for(token, &answer);
-        if ttl.is_zero() {
-            return answer;
+        if !ttl.is_zero() {
+            self.remember(key, ttl, &answer);
         }
-        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-        if cache.len() >= CACHE_MAX {
-            let now = Instant::now();
-            cache.retain(|_, (until, _)| now < *until);
-            if cache.len() >= CACHE_MAX {
-                cache.clear();
-            }
-        }
-        cache.insert(key, (Instant::now() + ttl, answer.clone()));
         answer
     }
 

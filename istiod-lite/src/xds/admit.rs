@@ -12,9 +12,9 @@ use std::sync::{Arc, Mutex};
 use tonic::Status;
 use tracing::warn;
 
+use super::Hub;
 use super::Quota;
 use super::wire::End;
-use super::Hub;
 
 /// Streams open per quota (counted as they are admitted).
 #[derive(Debug, Default)]
@@ -36,7 +36,11 @@ impl Slots {
         if *n >= quota.max() {
             let n = *n;
             drop(open);
-            warn!(?quota, open = n, "xDS stream refused: too many open for this caller");
+            warn!(
+                ?quota,
+                open = n,
+                "xDS stream refused: too many open for this caller"
+            );
             return Err(Status::resource_exhausted(format!(
                 "{n} xDS streams open for {quota:?}; at most {} may be",
                 quota.max()

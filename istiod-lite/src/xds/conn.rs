@@ -595,8 +595,20 @@ impl Conn {
         changed_types
     }
 
+    /// The caller may still open this proxy's stream (a Gateway's pod may
+    /// have lost its Gateway): else the stream ends PERMISSION_DENIED.
+    fn still_allowed(&self) -> Result<(), Status> {
+        let model = self.hub.model();
+        crate::access::may_open(&self.caller, &model, &self.view.proxy_id).map_err(|why| {
+            warn!(node = %self.view.node, proxy = %self.view.proxy_id, reason = %why,
+                "xDS stream closed: the caller may no longer open it");
+            Status::permission_denied(why.to_string())
+        })
+    }
+
     async fn on_delta(&mut self, d: &Delta) -> Result<(), Status> {
         if d.gateway_proxies {
+            self.still_allowed()?;
             for t in self.recheck_gateways() {
                 // A proxy refused until now gets its first answer here.
                 self.push(t, Scope::Everything, false).await?;
@@ -641,11 +653,14 @@ impl Conn {
                         // Missed some deltas: diff everything instead.
                         warn!(node = %self.view.node, missed = n, "push lagged; full resync");
                         self.recheck_gateways();
-                        let mut r = Ok(false);
+                        // Its Gateway may have gone meanwhile.
+                        let mut r = self.still_allowed().map(|()| false);
                         for t in TYPES {
+                            if r.is_err() {
+                                break;
+                            }
                             if let Err(e) = self.push(t, Scope::Everything, false).await {
                                 r = Err(e);
-                                break;
                             }
                         }
                         r

@@ -82,7 +82,9 @@ impl QueueTx {
     /// Queues `response`, waiting up to the stall deadline for room.
     pub async fn send(&self, response: Response) -> Result<(), QueueError> {
         let deadline = Instant::now() + self.stall;
-        let kib = weight(&response).div_ceil(KIB).clamp(1, MAX_QUEUED_BYTES / KIB);
+        let kib = weight(&response)
+            .div_ceil(KIB)
+            .clamp(1, MAX_QUEUED_BYTES / KIB);
         let kib = u32::try_from(kib).unwrap_or(u32::MAX);
         let permit = timeout_at(deadline, self.bytes.clone().acquire_many_owned(kib))
             .await
@@ -151,7 +153,10 @@ mod tests {
         }
         assert!(tx.queued_bytes() <= MAX_QUEUED_BYTES);
         let stalled = tx.send(response(big)).await;
-        assert_eq!(stalled, Err(QueueError::Stalled(Duration::from_millis(300))));
+        assert_eq!(
+            stalled,
+            Err(QueueError::Stalled(Duration::from_millis(300)))
+        );
         // Room once the proxy reads (the permit goes with the encoding).
         drop(take(&rx).await.expect("queued"));
         tx.send(response(big - 4096)).await.expect("room again");
@@ -160,7 +165,9 @@ mod tests {
         drop(take(&rx).await);
         drop(take(&rx).await);
         assert_eq!(tx.queued_bytes(), 0);
-        tx.send(response(MAX_QUEUED_BYTES + 1)).await.expect("alone");
+        tx.send(response(MAX_QUEUED_BYTES + 1))
+            .await
+            .expect("alone");
         // Draining frees it.
         tx.drain();
         assert_eq!(tx.queued_bytes(), 0);

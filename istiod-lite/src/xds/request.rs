@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
 use bytes::Buf;
-use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use mesh_proto::envoy::config::core::v3::Node;
+use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use mesh_proto::google::rpc::Status as RpcStatus;
 use prost::Message;
 use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint};
@@ -85,9 +85,7 @@ impl From<RequestError> for Status {
             RequestError::TooLarge { .. } => Status::out_of_range(e.to_string()),
             RequestError::TooManyEntries { .. }
             | RequestError::NestedTooLarge { .. }
-            | RequestError::NodeBudget { .. } => {
-                Status::resource_exhausted(e.to_string())
-            }
+            | RequestError::NodeBudget { .. } => Status::resource_exhausted(e.to_string()),
             RequestError::Malformed(_) | RequestError::Repeated { .. } => {
                 Status::invalid_argument(e.to_string())
             }

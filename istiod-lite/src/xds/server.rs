@@ -8,8 +8,8 @@
 use std::convert::Infallible;
 use std::task::{Context, Poll};
 
-use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use bytes::Buf;
+use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
