@@ -127,7 +127,7 @@ pub struct Hub {
     conns: Mutex<BTreeMap<u64, Arc<ConnView>>>,
     /// Streams admitted per quota (open, or awaiting their first request).
     slots: Slots,
-    /// Per node, its streams' budget of large first requests.
+    /// Per caller, its streams' share of requests in flight.
     large: Mutex<std::collections::HashMap<String, Arc<Budget>>>,
     next: AtomicU64,
     pushes: AtomicU64,
@@ -297,12 +297,23 @@ impl Hub {
         self.model.read().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// `node`'s budget of large first requests, shared by its streams.
-    fn large_budget(&self, node: &str) -> Arc<Budget> {
-        let mut large = self.large.lock().unwrap_or_else(|p| p.into_inner());
-        large
-            .entry(node.to_string())
-            .or_insert_with(|| Budget::new(request::MAX_LARGE_PER_NODE))
+    /// The caller's share of requests in flight, shared by its streams: a
+    /// node's [`request::MAX_LARGE_PER_NODE`] (its large first requests
+    /// stay taken while their streams last), a workload's
+    /// [`request::MAX_REQUEST`]. Shares no stream holds are dropped.
+    fn share(&self, caller: &Caller) -> Arc<Budget> {
+        let (key, max) = match (&caller.only, &caller.pod) {
+            (None, _) => (format!("node {}", caller.node), request::MAX_LARGE_PER_NODE),
+            (Some(_), Some((ns, pod))) => (format!("pod {ns}/{pod}"), request::MAX_REQUEST),
+            (Some(id), None) => (format!("identity {id}"), request::MAX_REQUEST),
+        };
+        let mut shares = self.large.lock().unwrap_or_else(|p| p.into_inner());
+        if shares.len() >= 1024 {
+            shares.retain(|_, b| Arc::strong_count(b) > 1);
+        }
+        shares
+            .entry(key)
+            .or_insert_with(|| Budget::new(max))
             .clone()
     }
 

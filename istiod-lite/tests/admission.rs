@@ -204,8 +204,10 @@ async fn a_stream_that_sends_nothing_is_closed_after_the_deadline() {
     assert_eq!(status, Some(tonic::Code::DeadlineExceeded));
 }
 
-/// Requests being buffered across all streams share one budget: past it a
-/// request is refused on its header (RESOURCE_EXHAUSTED), not buffered.
+/// Large requests being buffered across all streams share one budget:
+/// past it a large request is refused on its header (RESOURCE_EXHAUSTED),
+/// not buffered; a small one is never refused by it, so one node filling
+/// it does not lock another out.
 #[tokio::test]
 async fn requests_past_the_shared_buffer_budget_are_refused() {
     let addr = serve(|a| a.with_buffer_budget(6 << 20)).await;
@@ -220,6 +222,10 @@ async fn requests_past_the_shared_buffer_budget_are_refused() {
     refused.send(frame_header(5 << 20)).await;
     let status = refused.status_within(Duration::from_secs(3)).await;
     assert_eq!(status, Some(tonic::Code::ResourceExhausted));
+    // Its small first request does.
+    first_answer(addr, &node_token("node-b"), small_first("node-b"))
+        .await
+        .expect("a small request is not refused by the shared budget");
     assert!(!stalled.answered());
 }
 
@@ -401,4 +407,91 @@ async fn a_nodes_large_first_requests_share_one_budget() {
     )
     .await
     .expect("another node's large first request");
+}
+
+/// A small first request of addresses from `node`'s ztunnel.
+fn small_first(node: &str) -> mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+    mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest {
+        node: Some(mesh_proto::envoy::config::core::v3::Node {
+            id: format!("ztunnel~{node}"),
+            ..Default::default()
+        }),
+        type_url: mesh_proto::ADDRESS_TYPE_URL.into(),
+        ..Default::default()
+    }
+}
+
+/// One node's token announcing 64 MiB on eight streams and stalling takes
+/// at most its own share: another node's proxy is still answered, and so
+/// is a small request while the shared budget is full.
+#[tokio::test]
+async fn a_node_announcing_64_mib_on_its_streams_does_not_lock_out_others() {
+    let addr = serve(|a| a).await;
+    let mut conn = connection(addr).await;
+    let mut stalled = Vec::new();
+    for _ in 0..8 {
+        let raw = open(&mut conn, &node_token("node-a"));
+        raw.send(frame_header(64 << 20)).await;
+        raw.send(Bytes::from(vec![0u8; 1024])).await;
+        stalled.push(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    first_answer(addr, &node_token("node-b"), small_first("node-b"))
+        .await
+        .expect("another node's first request is answered");
+    first_answer(addr, &node_token("node-b"), small_first("node-b"))
+        .await
+        .expect("and its next stream's");
+    drop(stalled);
+}
+
+/// A pod's token announcing 4 MiB on each of its streams cannot refuse
+/// another caller's request: its share is 4 MiB in all, and small
+/// requests are never refused by the shared budget.
+#[tokio::test]
+async fn a_pod_announcing_4_mib_on_its_streams_cannot_refuse_others() {
+    let addr = serve(|a| a.with_buffer_budget(8 << 20)).await;
+    let mut conn = connection(addr).await;
+    let one = open(&mut conn, POD_TOKEN);
+    one.send(frame_header(4 << 20)).await;
+    one.send(Bytes::from(vec![0u8; 1024])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let two = open(&mut conn, POD_TOKEN);
+    two.send(frame_header(4 << 20)).await;
+    two.send(Bytes::from(vec![0u8; 1024])).await;
+    // The pod's second 4 MiB is past its own share: its stream ends.
+    assert_eq!(
+        two.status_within(Duration::from_secs(3)).await,
+        Some(tonic::Code::ResourceExhausted)
+    );
+    first_answer(addr, &node_token("node-b"), small_first("node-b"))
+        .await
+        .expect("a node's small first request is answered");
+    assert!(!one.answered());
+}
+
+/// Every message, not only the first, must arrive within its deadline
+/// once its header has: a stalled body ends its stream DEADLINE_EXCEEDED
+/// and what it held of the shared budget is given back.
+#[tokio::test]
+async fn a_stalled_body_is_cut_after_its_deadline_and_its_bytes_returned() {
+    use prost::Message;
+    let addr = serve(|a| a.with_buffer_budget(2 << 20)).await;
+    let mut conn = connection(addr).await;
+    let raw = open(&mut conn, &node_token("node-a"));
+    let first = small_first("node-a").encode_to_vec();
+    raw.send(frame_header(first.len() as u32)).await;
+    raw.send(Bytes::from(first)).await;
+    // Its next message announces 1.5 MiB and stalls.
+    raw.send(frame_header(3 << 19)).await;
+    raw.send(Bytes::from(vec![0u8; 1024])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let status = raw.status_within(Duration::from_secs(20)).await;
+    assert_eq!(status, Some(tonic::Code::DeadlineExceeded));
+    // Its 1.5 MiB is given back: another node's 1.5 MiB fits again.
+    let mut big = small_first("node-b");
+    big.response_nonce = "n".repeat(3 << 19);
+    first_answer(addr, &node_token("node-b"), big)
+        .await
+        .expect("the budget was given back");
 }

@@ -7,13 +7,16 @@
 //! take ends its stream RESOURCE_EXHAUSTED (the proxy backs off and
 //! retries) instead of being buffered.
 
+use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::task::{Context, Poll, ready};
+use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, SizeHint};
+use tokio::time::Sleep;
 use tonic::Status;
 use tracing::warn;
 
@@ -89,6 +92,11 @@ impl Held {
         self.budget.max
     }
 
+    /// Gives back `n` bytes taken for a request that was refused.
+    pub fn give_back(&self, n: usize) {
+        self.decoded(n);
+    }
+
     /// A request of `n` bytes has been decoded.
     pub fn decoded(&self, n: usize) {
         let mut given = 0;
@@ -108,30 +116,58 @@ impl Drop for Held {
     }
 }
 
-/// A request body that takes each gRPC message's announced length from
-/// the stream's [`Held`] when its 5-byte header has arrived.
+/// Messages this small are never charged: an ACK, a NACK or a proxy's
+/// usual first request is never refused because others are buffering.
+pub const SMALL: usize = 64 * 1024;
+
+/// Time a message has to arrive once its header has: this, plus a second
+/// per MiB it announces.
+pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// What a stream's messages may announce.
+#[derive(Debug, Clone, Copy)]
+pub struct Framing {
+    /// The stream's size limit: a message over it is refused by the
+    /// decoder on its header alone, so it takes nothing.
+    pub max: usize,
+    /// Messages over this are large ...
+    pub ordinary: usize,
+    /// ... and the stream may announce at most this many of them (a
+    /// node's first request of each type that may be large; a workload's
+    /// none): one more is refused on its header.
+    pub large: usize,
+}
+
+/// A request body that takes each gRPC message's announced length, when
+/// its 5-byte header has arrived and the message is over [`SMALL`], from
+/// its caller's share first and then from the shared budget; and that
+/// ends the stream when a message does not arrive within its deadline.
 pub struct Counted<B> {
     inner: B,
     held: Arc<Held>,
+    /// The caller's share, across its streams.
+    share: Arc<Held>,
     /// The header being read, and how much of it has arrived.
     header: [u8; 5],
     header_len: usize,
     /// Bytes of the current message still to arrive.
     left: usize,
-    /// The stream's message size limit: a message over it is refused by
-    /// the decoder on its header alone, so it takes nothing.
-    max: usize,
+    framing: Framing,
+    /// When the current message must have arrived.
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> Counted<B> {
-    pub fn new(inner: B, held: Arc<Held>, max: usize) -> Counted<B> {
+    pub fn new(inner: B, held: Arc<Held>, share: Arc<Held>, framing: Framing) -> Counted<B> {
         Counted {
             inner,
             held,
+            share,
             header: [0; 5],
             header_len: 0,
             left: 0,
-            max,
+            framing,
+            deadline: None,
         }
     }
 
@@ -142,6 +178,9 @@ impl<B> Counted<B> {
                 let n = self.left.min(data.len());
                 self.left -= n;
                 data.advance(n);
+                if self.left == 0 {
+                    self.deadline = None;
+                }
                 continue;
             }
             let n = (5 - self.header_len).min(data.len());
@@ -158,20 +197,58 @@ impl<B> Counted<B> {
                 self.header[3],
                 self.header[4],
             ]) as usize;
-            if len <= self.max && !self.held.take(len) {
-                warn!(
-                    bytes = len,
-                    buffered = self.held.budget.used(),
-                    "xDS request refused: the controller is buffering too many requests"
-                );
-                return Err(Status::resource_exhausted(format!(
-                    "the controller is buffering {} bytes of requests; a request of {len} more \
-                     does not fit (at most {} at once): retry later",
-                    self.held.budget.used(),
-                    self.held.budget.max
-                )));
+            if len <= self.framing.max {
+                self.admit(len)?;
             }
             self.left = len;
+            if len > 0 {
+                let mib = len.div_ceil(1 << 20) as u64;
+                let wait = MESSAGE_DEADLINE + Duration::from_secs(mib);
+                self.deadline = Some(Box::pin(tokio::time::sleep(wait)));
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes an announced message of `len` bytes, or refuses it.
+    fn admit(&mut self, len: usize) -> Result<(), Status> {
+        if len > self.framing.ordinary {
+            if self.framing.large == 0 {
+                return Err(Status::out_of_range(format!(
+                    "a request of {len} bytes; over {} only a node's first request of \
+                     addresses or authorizations may be",
+                    self.framing.ordinary
+                )));
+            }
+            self.framing.large -= 1;
+        }
+        if len <= SMALL {
+            return Ok(());
+        }
+        if !self.share.take(len) {
+            warn!(
+                bytes = len,
+                "xDS request refused: past its caller's share of requests in flight"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "a request of {len} bytes does not fit this caller's {} bytes of requests \
+                 in flight across its streams: retry later",
+                self.share.limit()
+            )));
+        }
+        if !self.held.take(len) {
+            self.share.give_back(len);
+            warn!(
+                bytes = len,
+                buffered = self.held.budget.used(),
+                "xDS request refused: the controller is buffering too many requests"
+            );
+            return Err(Status::resource_exhausted(format!(
+                "the controller is buffering {} bytes of requests; a request of {len} more \
+                 does not fit (at most {} at once): retry later",
+                self.held.budget.used(),
+                self.held.budget.max
+            )));
         }
         Ok(())
     }
@@ -189,7 +266,22 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
-        let frame = ready!(Pin::new(&mut this.inner).poll_frame(cx));
+        let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
+            if let Some(d) = &mut this.deadline
+                && d.as_mut().poll(cx).is_ready()
+            {
+                this.deadline = None;
+                warn!(
+                    left = this.left,
+                    "xDS request cut: its message did not arrive in time"
+                );
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
+                    "a request's {} remaining bytes did not arrive in time",
+                    this.left
+                )))));
+            }
+            return Poll::Pending;
+        };
         if let Some(Ok(f)) = &frame
             && let Some(data) = f.data_ref()
         {
@@ -219,15 +311,27 @@ mod tests {
         Bytes::from(h)
     }
 
+    fn share() -> Arc<Held> {
+        Held::new(Budget::new(1 << 30))
+    }
+
+    fn framing() -> Framing {
+        Framing {
+            max: 1 << 20,
+            ordinary: 1 << 20,
+            large: 0,
+        }
+    }
+
     #[tokio::test]
     async fn announced_requests_are_taken_from_the_budget_until_decoded() {
-        let budget = Budget::new(10_000);
+        let budget = Budget::new(1_000_000);
         let held = Held::new(budget.clone());
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(8);
         let inner = StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx));
-        let mut body = Counted::new(inner, held.clone(), 1 << 20);
+        let mut body = Counted::new(inner, held.clone(), share(), framing());
         // A header split across chunks, then part of its message.
-        let h = frame_header(6_000);
+        let h = frame_header(600_000);
         tx.send(Ok(Frame::data(h.slice(..2)))).await.expect("send");
         tx.send(Ok(Frame::data(h.slice(2..)))).await.expect("send");
         tx.send(Ok(Frame::data(Bytes::from(vec![0; 100]))))
@@ -236,32 +340,33 @@ mod tests {
         for _ in 0..3 {
             body.frame().await.expect("a frame").expect("taken");
         }
-        assert_eq!(budget.used(), 6_000);
+        assert_eq!(budget.used(), 600_000);
         // Another stream's request that does not fit is refused.
         let other = Held::new(budget.clone());
         let (tx2, rx2) = tokio::sync::mpsc::channel::<Result<Frame<Bytes>, Status>>(8);
         let mut body2 = Counted::new(
             StreamBody::new(tokio_stream::wrappers::ReceiverStream::new(rx2)),
             other,
-            1 << 20,
+            share(),
+            framing(),
         );
-        tx2.send(Ok(Frame::data(frame_header(5_000))))
+        tx2.send(Ok(Frame::data(frame_header(500_000))))
             .await
             .expect("send");
         let refused = body2.frame().await.expect("a frame").expect_err("refused");
         assert_eq!(refused.code(), tonic::Code::ResourceExhausted);
         // Decoded: given back. A stream that goes gives back what it holds.
-        held.decoded(6_000);
-        tx.send(Ok(Frame::data(Bytes::from(vec![0; 5_900]))))
+        held.decoded(600_000);
+        tx.send(Ok(Frame::data(Bytes::from(vec![0; 599_900]))))
             .await
             .expect("send");
         body.frame().await.expect("a frame").expect("the rest");
         assert_eq!(budget.used(), 0);
-        tx.send(Ok(Frame::data(frame_header(7_000))))
+        tx.send(Ok(Frame::data(frame_header(700_000))))
             .await
             .expect("send");
         body.frame().await.expect("a frame").expect("taken");
-        assert_eq!(budget.used(), 7_000);
+        assert_eq!(budget.used(), 700_000);
         drop(body);
         drop(held);
         assert_eq!(budget.used(), 0);

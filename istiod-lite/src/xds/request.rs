@@ -21,7 +21,7 @@ use prost::encoding::{DecodeContext, WireType, decode_key, decode_varint};
 use tonic::Status;
 
 use super::TYPES;
-use super::budget::Held;
+use super::budget::{Held, SMALL};
 
 /// Largest first request of a node's proxy: what it holds is listed in it
 /// (some 5 MB at 50 000 pods and 10 000 services), so as large as the
@@ -31,7 +31,7 @@ pub const MAX_FIRST_REQUEST: usize = 64 * 1024 * 1024;
 /// The types whose first request may be that large: what a ztunnel holds
 /// (every workload and policy). A waypoint's routes and an ingress
 /// gateway's own resource are few.
-const LARGE_TYPES: [&str; 2] = [
+pub const LARGE_TYPES: [&str; 2] = [
     mesh_proto::ADDRESS_TYPE_URL,
     mesh_proto::AUTHORIZATION_TYPE_URL,
 ];
@@ -43,7 +43,8 @@ const LARGE_TYPES: [&str; 2] = [
 pub const MAX_LARGE_PER_NODE: usize = 2 * MAX_FIRST_REQUEST;
 
 /// Largest request otherwise (a workload's first request, and every later
-/// request: ACKs, NACKs, subscriptions by name).
+/// request: ACKs, NACKs, subscriptions by name); also a workload's share
+/// of requests in flight across its streams.
 pub const MAX_REQUEST: usize = 4 * 1024 * 1024;
 
 /// Largest `node` or `error_detail` field (each may occur once): nested
@@ -68,11 +69,6 @@ pub enum RequestError {
     TooManyEntries { limit: usize },
     #[error("field {field} of {size} bytes; at most {MAX_NESTED} may be")]
     NestedTooLarge { field: u32, size: usize },
-    #[error(
-        "a first request of {size} bytes does not fit the {limit} bytes of large \
-         requests this node's streams may hold at once"
-    )]
-    NodeBudget { size: usize, limit: usize },
     #[error("field {field} occurs more than once; it may occur once")]
     Repeated { field: u32 },
     #[error("malformed request: {0}")]
@@ -83,9 +79,9 @@ impl From<RequestError> for Status {
     fn from(e: RequestError) -> Status {
         match e {
             RequestError::TooLarge { .. } => Status::out_of_range(e.to_string()),
-            RequestError::TooManyEntries { .. }
-            | RequestError::NestedTooLarge { .. }
-            | RequestError::NodeBudget { .. } => Status::resource_exhausted(e.to_string()),
+            RequestError::TooManyEntries { .. } | RequestError::NestedTooLarge { .. } => {
+                Status::resource_exhausted(e.to_string())
+            }
             RequestError::Malformed(_) | RequestError::Repeated { .. } => {
                 Status::invalid_argument(e.to_string())
             }
@@ -105,8 +101,8 @@ pub struct Limits {
     entries: Arc<AtomicUsize>,
     /// The stream's share of the shared request budget, if it has one.
     held: Option<Arc<Held>>,
-    /// The stream's share of its node's budget of large requests.
-    large: Option<Arc<Held>>,
+    /// The stream's part of its caller's share (see `budget::Counted`).
+    share: Option<Arc<Held>>,
 }
 
 impl Limits {
@@ -117,30 +113,16 @@ impl Limits {
             seen: Arc::new(AtomicUsize::new(0)),
             entries,
             held: None,
-            large: None,
+            share: None,
         }
     }
 
-    /// A node's proxy whose large first requests are taken from `large`
-    /// (its node's budget, [`MAX_LARGE_PER_NODE`]).
-    pub fn with_node_budget(self, large: Arc<Held>) -> Limits {
-        self.node_caller();
-        Limits {
-            large: Some(large),
-            ..self
-        }
-    }
-
-    /// A request of `size` bytes over [`MAX_REQUEST`] takes its size from
-    /// the node's budget of large requests.
-    fn take_large(&self, size: usize) -> Result<(), RequestError> {
-        match &self.large {
-            Some(l) if !l.take(size) => Err(RequestError::NodeBudget {
-                size,
-                limit: l.limit(),
-            }),
-            _ => Ok(()),
-        }
+    /// Gives back to `share` each ordinary request's bytes once it is
+    /// decoded; a large one's (a node's first request of a type) stay
+    /// taken while the stream lasts.
+    pub fn with_share(mut self, share: Arc<Held>) -> Limits {
+        self.share = Some(share);
+        self
     }
 
     /// Gives back to `held` each request's bytes once it is decoded.
@@ -151,8 +133,16 @@ impl Limits {
 
     /// A request of `bytes` has been decoded (or refused).
     pub fn decoded(&self, bytes: usize) {
+        if bytes <= SMALL {
+            return;
+        }
         if let Some(h) = &self.held {
             h.decoded(bytes);
+        }
+        if bytes <= MAX_REQUEST
+            && let Some(s) = &self.share
+        {
+            s.decoded(bytes);
         }
     }
 
@@ -344,9 +334,6 @@ pub fn decode(mut buf: impl Buf, limits: &Limits) -> Result<DeltaDiscoveryReques
     if size > limit {
         return Err(RequestError::TooLarge { size, limit });
     }
-    if size > MAX_REQUEST {
-        limits.take_large(size)?;
-    }
     decode_checked(&bytes)
 }
 
@@ -423,28 +410,6 @@ mod tests {
         // A workload's never is.
         let pod = limits(false, 10);
         assert!(too_large(decode(large(ADDRESS_TYPE_URL).as_slice(), &pod)));
-    }
-
-    /// A node's streams share one budget of large first requests, held
-    /// while each stream lasts.
-    #[test]
-    fn a_nodes_large_first_requests_share_its_budget() {
-        use crate::xds::budget::{Budget, Held};
-        let budget = Budget::new(8 << 20);
-        let stream = |b: &Arc<Budget>| {
-            Limits::new(Arc::new(AtomicUsize::new(10))).with_node_budget(Held::new(b.clone()))
-        };
-        let a = stream(&budget);
-        let req = large(mesh_proto::ADDRESS_TYPE_URL);
-        assert!(decode(req.as_slice(), &a).is_ok());
-        let b = stream(&budget);
-        assert!(matches!(
-            decode(req.as_slice(), &b),
-            Err(RequestError::NodeBudget { .. })
-        ));
-        drop(a);
-        let c = stream(&budget);
-        assert!(decode(req.as_slice(), &c).is_ok());
     }
 
     #[test]

@@ -17,8 +17,8 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
 use super::AdsService;
-use super::budget::{Counted, Held};
-use super::request::{self, Limits, MAX_FIRST_REQUEST, MAX_REQUEST};
+use super::budget::{Counted, Framing, Held};
+use super::request::{self, LARGE_TYPES, Limits, MAX_FIRST_REQUEST, MAX_REQUEST};
 use super::wire::ResponseBody;
 
 const METHOD: &str =
@@ -98,20 +98,33 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
     };
     // Only a node's proxy states all it holds, in its first request of
     // each type; no other caller's request is ever buffered past 4 MiB.
+    // Each caller's requests in flight are bounded across its streams by
+    // its share, taken on each message's header.
     let held = Held::new(ads.budget.clone());
-    let mut limits = Limits::new(ads.hub.names_bound.clone()).with_held(held.clone());
-    let max = if caller.only.is_none() {
-        let large = Held::new(ads.hub.large_budget(&caller.node));
-        limits = limits.with_node_budget(large);
-        MAX_FIRST_REQUEST
+    let node = caller.only.is_none();
+    let share = Held::new(ads.hub.share(&caller));
+    let limits = Limits::new(ads.hub.names_bound.clone())
+        .with_held(held.clone())
+        .with_share(share.clone());
+    let framing = if node {
+        limits.node_caller();
+        Framing {
+            max: MAX_FIRST_REQUEST,
+            ordinary: MAX_REQUEST,
+            large: LARGE_TYPES.len(),
+        }
     } else {
-        MAX_REQUEST
+        Framing {
+            max: MAX_REQUEST,
+            ordinary: MAX_REQUEST,
+            large: 0,
+        }
     };
     let stream = Streaming::new_request(
         RequestDecoder { limits },
-        Counted::new(body, held, max),
+        Counted::new(body, held, share, framing),
         None,
-        Some(max),
+        Some(framing.max),
     );
     match ads.open(caller, guard, stream, peer).await {
         Ok((rx, end)) => {
