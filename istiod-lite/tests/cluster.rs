@@ -1908,3 +1908,59 @@ async fn ingress_keys(
         }
     }
 }
+
+/// A new pod may authenticate before the informer has seen it: its token
+/// is refused (the pod is unknown) but that refusal is not remembered, so
+/// once the pod is known its next call is answered.
+#[tokio::test]
+async fn an_unknown_pods_refusal_is_not_remembered() {
+    use istiod_lite::ca::auth::Authenticator;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let url = |s: &str| {
+        base64(s)
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    };
+    let token = format!(
+        "{}.{}.c2ln",
+        url(r#"{"alg":"RS256"}"#),
+        url(&format!(r#"{{"aud":["istio-ca"],"exp":{}}}"#, now + 3600))
+    );
+    // No node-name in the review: the pod's node comes from the model.
+    state.lock().unwrap().reviews.insert(
+        token.clone(),
+        json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+            "username": "system:serviceaccount:shop:wp",
+            "extra": {"authentication.kubernetes.io/pod-name": ["wp-1"],
+                      "authentication.kubernetes.io/pod-uid": ["u-wp-1"]}}}),
+    );
+    let client = serve(state.clone(), "a").await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    let reviewer = TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        hub.clone(),
+    );
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let err = reviewer.authenticate(&md).await.unwrap_err();
+    assert!(err.to_string().contains("wp-1"), "{err}");
+    hub.apply(vec![upsert(yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: wp-1, namespace: shop, uid: u-wp-1}\nspec: {nodeName: node-1, serviceAccountName: wp, containers: [{name: c, image: x}]}\nstatus: {phase: Running, podIP: 10.0.0.9}\n",
+    ))]);
+    let caller = reviewer
+        .authenticate(&md)
+        .await
+        .expect("answered once the pod is known");
+    assert_eq!(caller.node, "node-1");
+}

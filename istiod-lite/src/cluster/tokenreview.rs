@@ -114,12 +114,20 @@ pub fn jwt_shaped(token: &str) -> bool {
     token.len() <= MAX_TOKEN && b64(head) && b64(body) && b64(sig) && super::jwt::json_object(head)
 }
 
-/// How long a review's answer may be remembered: a refusal briefly; a good
+/// How long a review's answer may be remembered: a refusal briefly (not at
+/// all when only the model does not know the token's pod yet); a good
 /// answer for [`CACHE_FOR`], but never past the token's expiry, and not at
 /// all when the token names none.
 fn remember_for(token: &str, answer: &Result<Caller, AuthError>) -> Duration {
-    if answer.is_err() {
-        return REFUSAL_CACHE_FOR;
+    match answer {
+        // The API server vouched for the token, but the model has not yet
+        // seen its pod (or sees it elsewhere): an informer lagging a new
+        // pod must not keep it out for the refusal's while.
+        Err(AuthError::UnknownPod { .. } | AuthError::NodeMismatch { .. }) => {
+            return Duration::ZERO;
+        }
+        Err(_) => return REFUSAL_CACHE_FOR,
+        Ok(_) => {}
     }
     match super::jwt::expiry(token) {
         Some(exp) => exp
