@@ -1964,3 +1964,90 @@ async fn an_unknown_pods_refusal_is_not_remembered() {
         .expect("answered once the pod is known");
     assert_eq!(caller.node, "node-1");
 }
+
+/// Acceptances are kept least recently used first out: when the cache is
+/// full a new acceptance is still remembered (the one unused longest goes),
+/// and one pod's many tokens keep at most a few entries.
+#[tokio::test]
+async fn acceptances_are_kept_least_recently_used_first_out_and_few_per_pod() {
+    use istiod_lite::ca::auth::Authenticator;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let url = |s: &str| {
+        base64(s)
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    };
+    let token = |n: usize| {
+        format!(
+            "{}.{}.c2ln",
+            url(r#"{"alg":"RS256"}"#),
+            url(&format!(
+                r#"{{"aud":["istio-ca"],"exp":{},"n":{n}}}"#,
+                now + 3600
+            ))
+        )
+    };
+    let review = |pod: &str| {
+        json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+            "username": "system:serviceaccount:istio-system:ztunnel",
+            "extra": {"authentication.kubernetes.io/pod-name": [pod],
+                      "authentication.kubernetes.io/pod-uid": [format!("u-{pod}")],
+                      "authentication.kubernetes.io/node-name": ["node-1"]}}})
+    };
+    let full = 10_000;
+    {
+        let mut st = state.lock().unwrap();
+        for n in 0..=full {
+            st.reviews.insert(token(n), review(&format!("zt-{n}")));
+        }
+        // One pod's five tokens.
+        for n in full + 1..=full + 5 {
+            st.reviews.insert(token(n), review("zt-many"));
+        }
+    }
+    let client = serve(state.clone(), "a").await;
+    let reviewer = TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        Hub::new(Model::new(ModelConfig::default())),
+    );
+    let auth = |t: String| {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("authorization", format!("Bearer {t}").parse().unwrap());
+        md
+    };
+    let calls = || state.lock().unwrap().review_calls;
+    // One pod's fifth token pushes its first out, not another pod's.
+    for n in full + 1..=full + 5 {
+        reviewer.authenticate(&auth(token(n))).await.expect("many");
+    }
+    let before = calls();
+    reviewer.authenticate(&auth(token(full + 5))).await.unwrap();
+    assert_eq!(calls(), before, "its latest token is remembered");
+    reviewer.authenticate(&auth(token(full + 1))).await.unwrap();
+    assert_eq!(calls(), before + 1, "its first token is reviewed again");
+    // Fill the cache with other pods' acceptances; token 0 stays in use.
+    for n in 0..full {
+        reviewer.authenticate(&auth(token(n))).await.expect("zt");
+        reviewer.authenticate(&auth(token(0))).await.expect("zt-0");
+    }
+    let before = calls();
+    reviewer.authenticate(&auth(token(full))).await.unwrap();
+    reviewer.authenticate(&auth(token(full))).await.unwrap();
+    reviewer.authenticate(&auth(token(0))).await.unwrap();
+    assert_eq!(
+        calls(),
+        before + 1,
+        "a new acceptance is remembered when full, and the one in use is kept"
+    );
+}

@@ -19,7 +19,7 @@
 //! that drops its oldest when full: bogus tokens never push the ztunnels'
 //! good reviews out.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -41,9 +41,12 @@ const CACHE_FOR: Duration = Duration::from_secs(60);
 /// A refused token is remembered briefly, so a client retrying a bad token
 /// does not cost a TokenReview per call.
 const REFUSAL_CACHE_FOR: Duration = Duration::from_secs(5);
-/// Acceptances remembered at most (one per pod that talks to us): when
-/// full and none has expired, a new one is not remembered.
+/// Acceptances remembered at most: when full, the one used least recently
+/// goes.
 const CACHE_MAX: usize = 10_000;
+/// Acceptances remembered per pod at most (its projected token is rotated;
+/// more are a pod minting tokens to crowd others out): its oldest goes.
+const PER_POD: usize = 4;
 /// Refusals remembered at most; the oldest goes first.
 const REFUSALS_MAX: usize = 10_000;
 /// TokenReviews in flight at once, at most.
@@ -63,10 +66,92 @@ pub struct TokenReviewer {
     api: Api<TokenReview>,
     cfg: ReviewConfig,
     hub: Arc<Hub>,
-    /// Good reviews, by the token's SHA-256, until when they hold.
-    accepted: Mutex<HashMap<[u8; 32], (Instant, Caller)>>,
+    accepted: Mutex<Acceptances>,
     refused: Mutex<Refusals>,
     in_flight: tokio::sync::Semaphore,
+}
+
+/// Good reviews by the token's SHA-256, until when each holds: the least
+/// recently used goes first when full, and a pod keeps at most
+/// [`PER_POD`]. Each step is O(log n).
+#[derive(Default)]
+struct Acceptances {
+    by_key: HashMap<[u8; 32], Accepted>,
+    /// Last use -> key, least recent first.
+    recency: BTreeMap<u64, [u8; 32]>,
+    /// Per pod (namespace, name), its keys, oldest first.
+    by_pod: HashMap<(String, String), VecDeque<[u8; 32]>>,
+    tick: u64,
+}
+
+struct Accepted {
+    until: Instant,
+    caller: Caller,
+    used: u64,
+    pod: (String, String),
+}
+
+impl Acceptances {
+    fn get(&mut self, key: &[u8; 32]) -> Option<Caller> {
+        let e = self.by_key.get_mut(key)?;
+        if Instant::now() >= e.until {
+            self.remove(key);
+            return None;
+        }
+        self.tick += 1;
+        self.recency.remove(&e.used);
+        e.used = self.tick;
+        self.recency.insert(self.tick, *key);
+        Some(e.caller.clone())
+    }
+
+    fn remove(&mut self, key: &[u8; 32]) {
+        let Some(e) = self.by_key.remove(key) else {
+            return;
+        };
+        self.recency.remove(&e.used);
+        if let Some(keys) = self.by_pod.get_mut(&e.pod) {
+            keys.retain(|k| k != key);
+            if keys.is_empty() {
+                self.by_pod.remove(&e.pod);
+            }
+        }
+    }
+
+    fn insert(&mut self, key: [u8; 32], until: Instant, caller: Caller) {
+        self.remove(&key);
+        let pod = caller
+            .pod
+            .clone()
+            .unwrap_or_else(|| (String::new(), caller.node.clone()));
+        while let Some(oldest) = self
+            .by_pod
+            .get(&pod)
+            .filter(|k| k.len() >= PER_POD)
+            .and_then(|k| k.front().copied())
+        {
+            self.remove(&oldest);
+        }
+        while self.by_key.len() >= CACHE_MAX {
+            let Some((_, lru)) = self.recency.first_key_value() else {
+                break;
+            };
+            let lru = *lru;
+            self.remove(&lru);
+        }
+        self.tick += 1;
+        self.recency.insert(self.tick, key);
+        self.by_pod.entry(pod.clone()).or_default().push_back(key);
+        self.by_key.insert(
+            key,
+            Accepted {
+                until,
+                caller,
+                used: self.tick,
+                pod,
+            },
+        );
+    }
 }
 
 /// Refused tokens by SHA-256, until when each refusal holds, oldest first.
@@ -144,7 +229,7 @@ impl TokenReviewer {
             api: Api::all(client),
             cfg,
             hub,
-            accepted: Mutex::new(HashMap::new()),
+            accepted: Mutex::new(Acceptances::default()),
             refused: Mutex::new(Refusals::default()),
             in_flight: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE),
         }
@@ -152,11 +237,9 @@ impl TokenReviewer {
 
     /// A remembered answer for the token with this digest, if one holds.
     fn remembered(&self, key: &[u8; 32]) -> Option<Result<Caller, AuthError>> {
-        let accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((until, caller)) = accepted.get(key)
-            && Instant::now() < *until
-        {
-            return Some(Ok(caller.clone()));
+        let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(caller) = accepted.get(key) {
+            return Some(Ok(caller));
         }
         drop(accepted);
         let refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
@@ -169,14 +252,7 @@ impl TokenReviewer {
         match answer {
             Ok(caller) => {
                 let mut accepted = self.accepted.lock().unwrap_or_else(|p| p.into_inner());
-                if accepted.len() >= CACHE_MAX {
-                    let now = Instant::now();
-                    accepted.retain(|_, (until, _)| now < *until);
-                }
-                // Full of live reviews: this one is asked again next time.
-                if accepted.len() < CACHE_MAX {
-                    accepted.insert(key, (until, caller.clone()));
-                }
+                accepted.insert(key, until, caller.clone());
             }
             Err(why) => {
                 let mut refused = self.refused.lock().unwrap_or_else(|p| p.into_inner());
