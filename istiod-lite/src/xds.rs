@@ -496,7 +496,7 @@ impl AdsService {
             .authn
             .authenticate(metadata)
             .await
-            .map_err(|e| Status::unauthenticated(format!("caller not authenticated: {e}")))?;
+            .map_err(|e| e.status("caller not authenticated"))?;
         if !self.hub.is_ready() {
             return Err(Status::unavailable(
                 "the controller is still loading its config; retry",

@@ -2051,3 +2051,50 @@ async fn acceptances_are_kept_least_recently_used_first_out_and_few_per_pod() {
         "a new acceptance is remembered when full, and the one in use is kept"
     );
 }
+
+/// While every review slot is held by a stalled API server (or a flood of
+/// strangers' tokens), another caller is not queued for good: after a
+/// short wait it is told UNAVAILABLE (and its proxy backs off).
+#[tokio::test]
+async fn a_caller_waits_briefly_for_a_review_slot_then_is_told_unavailable() {
+    use istiod_lite::ca::auth::{AuthError, Authenticator};
+    use istiod_lite::cluster::tokenreview::REVIEWS_AT_ONCE;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    state.lock().unwrap().faults.push(Fault {
+        method: "POST",
+        path_contains: "tokenreviews".into(),
+        body_contains: None,
+        status: 0,
+        times: None,
+    });
+    let client = serve(state.clone(), "a").await;
+    let reviewer = Arc::new(TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        Hub::new(Model::new(ModelConfig::default())),
+    ));
+    let auth = |t: String| {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("authorization", format!("Bearer {t}").parse().unwrap());
+        md
+    };
+    for i in 0..REVIEWS_AT_ONCE {
+        let r = reviewer.clone();
+        let md = auth(sa_jwt(&format!("flood{i}")));
+        tokio::spawn(async move { r.authenticate(&md).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        reviewer.authenticate(&auth(sa_jwt("legit"))),
+    )
+    .await
+    .expect("answered within a few seconds");
+    assert!(matches!(answer, Err(AuthError::Busy)), "{answer:?}");
+    assert_eq!(AuthError::Busy.status("x").code(), tonic::Code::Unavailable);
+}

@@ -69,6 +69,10 @@ pub enum AuthError {
     /// The API server could not answer (says nothing about the token).
     #[error("TokenReview failed: {0}")]
     ReviewFailed(String),
+    /// Every review slot stayed taken while the caller waited: nothing is
+    /// known of its token; it may retry (UNAVAILABLE).
+    #[error("too many token reviews in flight; retry later")]
+    Busy,
     #[error("the TokenReview came back without a status")]
     NoReviewStatus,
     #[error("token rejected by the API server{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
@@ -116,6 +120,20 @@ pub enum PodError {
         account: String,
         reason: Box<IdentityError>,
     },
+}
+
+impl AuthError {
+    /// The gRPC status refusing a caller for this reason, its message
+    /// starting with `what`: UNAVAILABLE when nothing is known of the
+    /// token yet (the API server could not answer, or every review slot
+    /// was taken), else UNAUTHENTICATED.
+    pub fn status(&self, what: &str) -> tonic::Status {
+        let msg = format!("{what}: {self}");
+        match self {
+            AuthError::Busy | AuthError::ReviewFailed(_) => tonic::Status::unavailable(msg),
+            _ => tonic::Status::unauthenticated(msg),
+        }
+    }
 }
 
 pub trait Authenticator: Send + Sync + 'static {

@@ -72,7 +72,7 @@ impl From<Refusal> for tonic::Status {
     fn from(r: Refusal) -> Self {
         use tonic::Code;
         let code = match &r {
-            Refusal::Unauthenticated(_) => Code::Unauthenticated,
+            Refusal::Unauthenticated(e) => e.status("").code(),
             Refusal::NotOnNode { .. } | Refusal::NotOwnIdentity { .. } => Code::PermissionDenied,
             Refusal::Internal(_) => Code::Internal,
             _ => Code::InvalidArgument,

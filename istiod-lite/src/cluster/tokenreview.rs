@@ -14,7 +14,8 @@
 //! and not at all for a token that names none. Anyone may present a token,
 //! so what a stranger can make the controller do is bounded: a token not
 //! shaped as a JWT is refused without a review, at most
-//! [`REVIEWS_AT_ONCE`] reviews run at once (the rest wait their turn), and
+//! [`REVIEWS_AT_ONCE`] reviews run at once (the rest wait their turn a
+//! second, then are told UNAVAILABLE), and
 //! refusals are remembered apart from acceptances, in a cache of their own
 //! that drops its oldest when full: bogus tokens never push the ztunnels'
 //! good reviews out.
@@ -51,6 +52,8 @@ const PER_POD: usize = 4;
 const REFUSALS_MAX: usize = 10_000;
 /// TokenReviews in flight at once, at most.
 pub const REVIEWS_AT_ONCE: usize = 16;
+/// How long a caller waits for a review slot before it is told to retry.
+const SLOT_WAIT: Duration = Duration::from_secs(1);
 /// The longest token reviewed (a projected token is about 1 KiB).
 const MAX_TOKEN: usize = 16 * 1024;
 
@@ -271,13 +274,17 @@ impl TokenReviewer {
         if let Some(answer) = self.remembered(&key) {
             return answer;
         }
-        // At most so many reviews at once; the rest wait their turn, and
-        // may find the answer remembered once it comes.
-        let _turn = self
-            .in_flight
-            .acquire()
-            .await
-            .map_err(|e| AuthError::ReviewFailed(e.to_string()))?;
+        // At most so many reviews at once; the rest wait their turn a
+        // little (and may find the answer remembered once it comes), then
+        // are told to retry: a flood of strangers' tokens does not queue
+        // good callers behind it for good.
+        let _turn = match tokio::time::timeout(SLOT_WAIT, self.in_flight.acquire()).await {
+            Ok(turn) => turn.map_err(|e| AuthError::ReviewFailed(e.to_string()))?,
+            Err(_) => {
+                debug!("token review refused: every review slot is taken");
+                return Err(AuthError::Busy);
+            }
+        };
         if let Some(answer) = self.remembered(&key) {
             return answer;
         }
