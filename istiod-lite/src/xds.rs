@@ -535,6 +535,10 @@ impl AdsService {
             .as_ref()
             .map(|n| n.id.clone())
             .unwrap_or_default();
+        // Subscribe before the check and the first push: a change landing
+        // meanwhile (a Gateway or its pod changed, so the check must be
+        // made again; or resources to re-diff) is then seen, never lost.
+        let events = self.hub.events.subscribe();
         // A workload token opens only its own pod's stream; a node token
         // never an ingress gateway's (its keys are the pod's alone).
         let allowed = crate::access::may_open(&caller, &self.hub.model(), &proxy_id);
@@ -573,9 +577,6 @@ impl AdsService {
             tx,
             nonce: 0,
         };
-        // Subscribe before the first push: a change landing while it is
-        // sent is then seen afterwards (and re-diffed), never lost.
-        let events = self.hub.events.subscribe();
         tokio::spawn(async move {
             match conn.on_request(first).await {
                 Ok(()) => conn.run(stream, events).await,
