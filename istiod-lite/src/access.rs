@@ -33,6 +33,8 @@ pub enum AccessError {
     NotOwnPod { own: String, proxy_id: String },
     #[error("a workload token may open {proxy_id:?} only as a Gateway's pod: {why}")]
     NotGatewayPod { proxy_id: String, why: ProxyError },
+    #[error("a workload token may open an xDS stream only as a Gateway's pod: {0}")]
+    NotAGatewayPod(String),
     #[error("a node token never holds an ingress gateway's keys")]
     NodeTokenKeys,
     #[error("proxy id {0:?} is not {INGRESS_PROXY_PREFIX}~<namespace>~<pod>")]
@@ -47,6 +49,32 @@ pub enum AccessError {
         pod: String,
         account: String,
     },
+}
+
+/// Whether `caller` may be admitted at all, from its token alone (before
+/// any request names a proxy): a node token may; a workload token only
+/// when its pod is, in the model, a pod of a waypoint or ingress Gateway
+/// on the caller's node ([`may_open`]'s check, for either kind).
+pub fn may_admit(caller: &Caller, model: &Model) -> Result<(), AccessError> {
+    if caller.only.is_none() {
+        return Ok(());
+    }
+    let Some((ns, pod)) = &caller.pod else {
+        return Err(AccessError::NotAGatewayPod(
+            "the token is bound to no pod".to_string(),
+        ));
+    };
+    let waypoint = format!("{WAYPOINT_PROXY_PREFIX}~{ns}~{pod}");
+    let ingress = format!("{INGRESS_PROXY_PREFIX}~{ns}~{pod}");
+    match model.waypoint_of_proxy(&caller.node, &waypoint) {
+        Ok(_) => Ok(()),
+        Err(w) => match model.ingress_of_proxy(&caller.node, &ingress) {
+            Ok(_) => Ok(()),
+            Err(i) => Err(AccessError::NotAGatewayPod(format!(
+                "pod {ns}/{pod}: as a waypoint: {w}; as an ingress gateway: {i}"
+            ))),
+        },
+    }
 }
 
 /// Whether `caller` may open a stream as `proxy_id`; Err says why not.

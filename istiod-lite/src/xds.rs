@@ -52,7 +52,7 @@ use crate::config::sources::Sources;
 use crate::metrics::metrics;
 use crate::model::{Delta, Model};
 use admit::{Slots, StreamGuard};
-use budget::{Budget, MAX_BUFFERED};
+use budget::{Budget, MAX_BUFFERED, MAX_WORKLOAD_BUFFERED};
 use conn::{Conn, Served};
 pub use server::AdsServer;
 
@@ -446,16 +446,20 @@ pub struct AdsService {
     authn: Arc<dyn Authenticator>,
     /// Bytes of requests being buffered or decoded, across all streams.
     budget: Arc<Budget>,
+    /// The pool of `budget` all workload tokens' streams draw from.
+    workloads: Arc<Budget>,
     first_deadline: Duration,
     push_stall: Duration,
 }
 
 impl AdsService {
     pub fn new(hub: Arc<Hub>, authn: Arc<dyn Authenticator>) -> Self {
+        let budget = Budget::new(MAX_BUFFERED);
         AdsService {
             hub,
             authn,
-            budget: Budget::new(MAX_BUFFERED),
+            workloads: Budget::pool(budget.clone(), MAX_WORKLOAD_BUFFERED),
+            budget,
             first_deadline: FIRST_REQUEST_DEADLINE,
             push_stall: queue::PUSH_STALL,
         }
@@ -469,9 +473,11 @@ impl AdsService {
     }
 
     /// Bytes of requests all streams may buffer at once (default
-    /// [`MAX_BUFFERED`]).
+    /// [`MAX_BUFFERED`]); workload tokens' streams together at most
+    /// [`MAX_WORKLOAD_BUFFERED`] of it, or half of it if that is less.
     pub fn with_buffer_budget(mut self, bytes: usize) -> Self {
         self.budget = Budget::new(bytes);
+        self.workloads = Budget::pool(self.budget.clone(), MAX_WORKLOAD_BUFFERED.min(bytes / 2));
         self
     }
 
@@ -487,7 +493,9 @@ impl AdsService {
     }
 
     /// Admits a stream from its headers alone, before any of its body is
-    /// read: authenticates the caller and takes a slot of its quota.
+    /// read: authenticates the caller, refuses a workload token whose pod
+    /// is no Gateway's ([`crate::access::may_admit`]: PERMISSION_DENIED),
+    /// and takes a slot of its quota.
     pub(crate) async fn admit(
         &self,
         metadata: &MetadataMap,
@@ -501,6 +509,12 @@ impl AdsService {
             return Err(Status::unavailable(
                 "the controller is still loading its config; retry",
             ));
+        }
+        let admitted = crate::access::may_admit(&caller, &self.hub.model());
+        if let Err(why) = admitted {
+            warn!(node = %caller.node, pod = ?caller.pod, reason = %why,
+                "xDS stream refused on its headers");
+            return Err(Status::permission_denied(why.to_string()));
         }
         let guard = StreamGuard::take(&self.hub, Quota::of(&caller)).inspect_err(|_| {
             warn!(node = %caller.node, pod = ?caller.pod, "xDS stream refused: quota full");

@@ -30,6 +30,17 @@ kind: Pod
 metadata: {name: web-1, namespace: shop, labels: {app: web}}
 spec: {nodeName: node-a, containers: [{name: c, image: x}]}
 status: {podIP: 10.0.0.12, phase: Running}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: wp-a, namespace: shop}
+spec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: wp-a-1, namespace: shop, labels: {gateway.networking.k8s.io/gateway-name: wp-a}}
+spec: {nodeName: node-a, serviceAccountName: wp-a, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.0.10, phase: Running}
 "#;
 
 const METHOD: &str =
@@ -39,7 +50,8 @@ fn node_token(node: &str) -> String {
     format!("bootstrap-token-for-{node}-0123456789")
 }
 
-const POD_TOKEN: &str = "pod-token-for-shop-web-1-0123456789";
+/// The own token of a waypoint Gateway's pod (only those are admitted).
+const POD_TOKEN: &str = "pod-token-for-shop-wp-a-1-0123456789";
 
 fn changes(yaml: &str) -> Vec<Change> {
     use serde::Deserialize;
@@ -55,14 +67,43 @@ async fn serve(configure: impl FnOnce(AdsService) -> AdsService) -> SocketAddr {
 }
 
 async fn serve_hub(configure: impl FnOnce(AdsService) -> AdsService) -> (Arc<Hub>, SocketAddr) {
+    serve_pods(0, configure).await
+}
+
+/// Pod `crowd-<i>` (of `crowd` plain pods on node-a, no Gateway's) and its
+/// own token.
+fn crowd_token(i: usize) -> String {
+    format!("pod-token-for-shop-crowd-{i}-0123456789")
+}
+
+/// Serves [`MESH`] and `crowd` more plain pods, each with its own token.
+async fn serve_pods(
+    crowd: usize,
+    configure: impl FnOnce(AdsService) -> AdsService,
+) -> (Arc<Hub>, SocketAddr) {
     let hub = Hub::new(Model::new(ModelConfig::default()));
     hub.apply(changes(MESH));
+    let pods: String = (0..crowd)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: crowd-{i}, namespace: shop}}\n\
+                 spec: {{nodeName: node-a, containers: [{{name: c, image: x}}]}}\n\
+                 status: {{podIP: 10.1.{}.{}, phase: Running}}\n---\n",
+                i / 250,
+                i % 250
+            )
+        })
+        .collect();
+    if crowd > 0 {
+        hub.apply(changes(&pods));
+    }
     hub.set_ready();
     let tokens = BootstrapTokens::new(
         ["node-a", "node-b"]
             .into_iter()
             .map(|n| (n.to_string(), node_token(n)))
-            .chain([("shop/web-1".to_string(), POD_TOKEN.to_string())]),
+            .chain([("shop/wp-a-1".to_string(), POD_TOKEN.to_string())])
+            .chain((0..crowd).map(|i| (format!("shop/crowd-{i}"), crowd_token(i)))),
     )
     .unwrap()
     .with_pods(hub.clone());
@@ -494,4 +535,38 @@ async fn a_stalled_body_is_cut_after_its_deadline_and_its_bytes_returned() {
     first_answer(addr, &node_token("node-b"), big)
         .await
         .expect("the budget was given back");
+}
+
+/// 128 pods' own tokens (no Gateway's pods) announcing 4 MiB each and
+/// stalling fill nothing: a workload token is refused on its headers
+/// unless its pod is a Gateway's, so a node's 1 MiB first request is
+/// answered.
+#[tokio::test]
+async fn pods_announcing_4_mib_and_stalling_do_not_refuse_a_nodes_first_request() {
+    let (_hub, addr) = serve_pods(128, |a| a).await;
+    let mut stalled = Vec::new();
+    for chunk in 0..8 {
+        let mut conn = connection(addr).await;
+        for i in chunk * 16..(chunk + 1) * 16 {
+            let raw = open(&mut conn, &crowd_token(i));
+            let _ = raw.body.send(Ok(Frame::data(frame_header(4 << 20)))).await;
+            let _ = raw
+                .body
+                .send(Ok(Frame::data(Bytes::from(vec![0u8; 1024]))))
+                .await;
+            stalled.push(raw);
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut big = small_first("node-a");
+    big.response_nonce = "n".repeat(1 << 20);
+    first_answer(addr, &node_token("node-a"), big)
+        .await
+        .expect("a node's 1 MiB first request is answered");
+    let one = stalled.pop().expect("a pod's stream");
+    assert_eq!(
+        one.status_within(Duration::from_secs(3)).await,
+        Some(tonic::Code::PermissionDenied),
+        "a plain pod's token is refused on its headers"
+    );
 }

@@ -25,11 +25,18 @@ use tracing::warn;
 /// requests at once, and far below what the controller may use.
 pub const MAX_BUFFERED: usize = 512 * 1024 * 1024;
 
-/// The shared budget.
+/// Of [`MAX_BUFFERED`], what all workload (pod) tokens' streams together
+/// may take: the rest is nodes' alone, so pods can never refuse a node's
+/// first request by filling the shared budget.
+pub const MAX_WORKLOAD_BUFFERED: usize = 32 * 1024 * 1024;
+
+/// The shared budget, or a pool of it.
 #[derive(Debug)]
 pub struct Budget {
     max: usize,
     used: AtomicUsize,
+    /// The budget this is a pool of: what is taken here is taken there too.
+    parent: Option<Arc<Budget>>,
 }
 
 impl Budget {
@@ -37,6 +44,17 @@ impl Budget {
         Arc::new(Budget {
             max,
             used: AtomicUsize::new(0),
+            parent: None,
+        })
+    }
+
+    /// A pool of at most `max` bytes of `parent`: bytes taken from it are
+    /// taken from `parent` as well, and refused when either is full.
+    pub fn pool(parent: Arc<Budget>, max: usize) -> Arc<Budget> {
+        Arc::new(Budget {
+            max,
+            used: AtomicUsize::new(0),
+            parent: Some(parent),
         })
     }
 
@@ -46,14 +64,32 @@ impl Budget {
     }
 
     fn try_take(&self, n: usize) -> bool {
-        self.used
+        let own = self
+            .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
                 u.checked_add(n).filter(|t| *t <= self.max)
             })
-            .is_ok()
+            .is_ok();
+        if !own {
+            return false;
+        }
+        if let Some(parent) = &self.parent
+            && !parent.try_take(n)
+        {
+            self.give_back_own(n);
+            return false;
+        }
+        true
     }
 
     fn give_back(&self, n: usize) {
+        self.give_back_own(n);
+        if let Some(parent) = &self.parent {
+            parent.give_back(n);
+        }
+    }
+
+    fn give_back_own(&self, n: usize) {
         let _ = self
             .used
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |u| {
@@ -370,5 +406,23 @@ mod tests {
         drop(body);
         drop(held);
         assert_eq!(budget.used(), 0);
+    }
+
+    /// A pool takes from its budget too, and is refused past its own bound
+    /// however much room the budget has; what it gives back, both get.
+    #[test]
+    fn a_pool_is_bounded_on_its_own_and_within_its_budget() {
+        let budget = Budget::new(100);
+        let pool = Budget::pool(budget.clone(), 30);
+        let pods = Held::new(pool.clone());
+        assert!(pods.take(20));
+        assert!(!pods.take(11), "past the pool's own bound");
+        assert_eq!((pool.used(), budget.used()), (20, 20));
+        let node = Held::new(budget.clone());
+        assert!(node.take(75));
+        assert!(!pods.take(10), "past the budget's");
+        assert_eq!(pool.used(), 20);
+        drop(pods);
+        assert_eq!((pool.used(), budget.used()), (0, 75));
     }
 }

@@ -100,8 +100,14 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
     // each type; no other caller's request is ever buffered past 4 MiB.
     // Each caller's requests in flight are bounded across its streams by
     // its share, taken on each message's header.
-    let held = Held::new(ads.budget.clone());
     let node = caller.only.is_none();
+    // Workload tokens' streams draw from their own pool of the budget: the
+    // rest of it is nodes' alone.
+    let held = Held::new(if node {
+        ads.budget.clone()
+    } else {
+        ads.workloads.clone()
+    });
     let share = Held::new(ads.hub.share(&caller));
     let limits = Limits::new(ads.hub.names_bound.clone())
         .with_held(held.clone())
