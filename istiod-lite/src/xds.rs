@@ -531,6 +531,7 @@ impl AdsService {
         mut guard: StreamGuard,
         mut stream: Streaming<DeltaDiscoveryRequest>,
         peer: Option<String>,
+        busy: Arc<budget::Busy>,
     ) -> Result<(queue::QueueRx, wire::End), Status> {
         // The first request names the proxy.
         let first = tokio::time::timeout(self.first_deadline, stream.message())
@@ -590,9 +591,14 @@ impl AdsService {
             subs: BTreeMap::new(),
             tx,
             nonce: 0,
+            busy,
         };
         tokio::spawn(async move {
-            match conn.on_request(first).await {
+            let handled = {
+                let _busy = conn.busy.mark();
+                conn.on_request(first).await
+            };
+            match handled {
                 Ok(()) => conn.run(stream, events).await,
                 Err(why) => conn.close(Some(why)),
             }

@@ -570,3 +570,78 @@ async fn pods_announcing_4_mib_and_stalling_do_not_refuse_a_nodes_first_request(
         "a plain pod's token is refused on its headers"
     );
 }
+
+/// A message's deadline counts only while the controller waits for its
+/// bytes: a node whose next request's header arrived while the
+/// controller was held up pushing to it (it read slowly) for longer than
+/// the deadline is not cut once the controller reads again.
+#[tokio::test]
+async fn a_request_is_not_cut_for_time_the_controller_spent_pushing() {
+    use prost::Message;
+    let (hub, addr) = serve_hub(|a| a.with_push_stall(Duration::from_secs(60))).await;
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
+            .initial_stream_window_size(16 * 1024)
+            .initial_connection_window_size(16 * 1024)
+            .handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let raw = open(&mut send, &node_token("node-a"));
+    let first = small_first("node-a").encode_to_vec();
+    raw.send(frame_header(first.len() as u32)).await;
+    raw.send(Bytes::from(first)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The next request's header and a little of it.
+    let mut next = small_first("node-a");
+    next.node = None;
+    next.response_nonce = "stale".into();
+    let next = next.encode_to_vec();
+    raw.send(frame_header(next.len() as u32)).await;
+    raw.send(Bytes::copy_from_slice(&next[..2])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Pushes while the proxy does not read: the controller waits on them.
+    for i in 0..100 {
+        let yaml: String = (0..40)
+            .map(|j| {
+                format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: slow-{j}, namespace: shop}}\n\
+                     spec: {{nodeName: node-a, containers: [{{name: c, image: x}}]}}\n\
+                     status: {{podIP: 10.{}.{}.{j}, phase: Running}}\n---\n",
+                    20 + i / 250,
+                    i % 250
+                )
+            })
+            .collect();
+        hub.apply(changes(&yaml));
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    // Longer than the deadline (10 s + 1 s per MiB).
+    tokio::time::sleep(Duration::from_secs(13)).await;
+    assert_eq!(hub.connected(), 1, "the stream is still open");
+    // The proxy reads again; the rest of its request comes a second later.
+    let reader = tokio::spawn(async move {
+        let res = raw.response.await.unwrap().unwrap();
+        let mut incoming = res.into_body();
+        while let Some(f) = incoming.frame().await {
+            if let Some(s) = f.unwrap().trailers_ref().and_then(|t| t.get("grpc-status")) {
+                return code(s);
+            }
+        }
+        tonic::Code::Ok
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let _ = raw
+        .body
+        .send(Ok(Frame::data(Bytes::copy_from_slice(&next[2..]))))
+        .await;
+    let ended = tokio::time::timeout(Duration::from_secs(3), reader).await;
+    assert!(
+        ended.is_err(),
+        "the stream ended: {:?}",
+        ended.map(|r| r.ok())
+    );
+    assert_eq!(hub.connected(), 1);
+    drop(raw.body);
+}

@@ -9,14 +9,14 @@
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::time::Sleep;
+use tokio::time::{Instant, Sleep};
 use tonic::Status;
 use tracing::warn;
 
@@ -157,8 +157,93 @@ impl Drop for Held {
 pub const SMALL: usize = 64 * 1024;
 
 /// Time a message has to arrive once its header has: this, plus a second
-/// per MiB it announces.
+/// per MiB it announces, counting only time the stream's task waits for
+/// it (not time it spends handling a request or pushing: see [`Busy`]).
 pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(10);
+
+/// The time a stream's task spends not reading its requests (handling
+/// one, or waiting to push a response to a proxy that reads slowly): its
+/// proxy cannot send while the controller does not read (HTTP/2 flow
+/// control), so no message's deadline counts it.
+#[derive(Debug, Default)]
+pub struct Busy {
+    state: Mutex<BusyState>,
+}
+
+#[derive(Debug, Default)]
+struct BusyState {
+    /// Since when the task is busy, if it is.
+    since: Option<Instant>,
+    /// Busy time before that.
+    total: Duration,
+}
+
+impl Busy {
+    /// The task is busy until the returned guard is dropped.
+    pub fn mark(self: &Arc<Self>) -> BusyGuard {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.since.is_none() {
+            state.since = Some(Instant::now());
+        }
+        BusyGuard(self.clone())
+    }
+
+    /// Busy time so far, a stretch still going included.
+    fn total(&self) -> Duration {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        state.total + state.since.map_or(Duration::ZERO, |s| s.elapsed())
+    }
+}
+
+/// A stretch of [`Busy`] time, ended when dropped.
+pub struct BusyGuard(Arc<Busy>);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(since) = state.since.take() {
+            state.total += since.elapsed();
+        }
+    }
+}
+
+/// A message's deadline: its allowance of time waited for, counted from
+/// its header less the stream's busy time since.
+struct Deadline {
+    allowance: Duration,
+    from: Instant,
+    busy_then: Duration,
+    timer: Pin<Box<Sleep>>,
+}
+
+impl Deadline {
+    fn new(allowance: Duration, busy: &Busy) -> Deadline {
+        Deadline {
+            allowance,
+            from: Instant::now(),
+            busy_then: busy.total(),
+            timer: Box::pin(tokio::time::sleep(allowance)),
+        }
+    }
+
+    /// Whether the message is past its deadline; else the timer is set
+    /// (and registered with `cx`) for the time still left.
+    fn passed(&mut self, busy: &Busy, cx: &mut Context<'_>) -> bool {
+        if self.timer.as_mut().poll(cx).is_pending() {
+            return false;
+        }
+        let waited = self
+            .from
+            .elapsed()
+            .saturating_sub(busy.total().saturating_sub(self.busy_then));
+        let Some(left) = self.allowance.checked_sub(waited).filter(|l| !l.is_zero()) else {
+            return true;
+        };
+        self.timer.as_mut().reset(Instant::now() + left);
+        let _ = self.timer.as_mut().poll(cx);
+        false
+    }
+}
 
 /// What a stream's messages may announce.
 #[derive(Debug, Clone, Copy)]
@@ -190,12 +275,26 @@ pub struct Counted<B> {
     left: usize,
     framing: Framing,
     /// When the current message must have arrived.
-    deadline: Option<Pin<Box<Sleep>>>,
+    deadline: Option<Deadline>,
+    /// The stream's task's time not spent reading.
+    busy: Arc<Busy>,
 }
 
 impl<B> Counted<B> {
     pub fn new(inner: B, held: Arc<Held>, share: Arc<Held>, framing: Framing) -> Counted<B> {
+        Counted::with_busy(inner, held, share, framing, Arc::default())
+    }
+
+    /// As [`Counted::new`], with deadlines that do not count `busy` time.
+    pub fn with_busy(
+        inner: B,
+        held: Arc<Held>,
+        share: Arc<Held>,
+        framing: Framing,
+        busy: Arc<Busy>,
+    ) -> Counted<B> {
         Counted {
+            busy,
             inner,
             held,
             share,
@@ -240,7 +339,7 @@ impl<B> Counted<B> {
             if len > 0 {
                 let mib = len.div_ceil(1 << 20) as u64;
                 let wait = MESSAGE_DEADLINE + Duration::from_secs(mib);
-                self.deadline = Some(Box::pin(tokio::time::sleep(wait)));
+                self.deadline = Some(Deadline::new(wait, &self.busy));
             }
         }
         Ok(())
@@ -304,7 +403,7 @@ where
         let this = &mut *self;
         let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
             if let Some(d) = &mut this.deadline
-                && d.as_mut().poll(cx).is_ready()
+                && d.passed(&this.busy, cx)
             {
                 this.deadline = None;
                 warn!(

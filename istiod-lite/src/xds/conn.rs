@@ -22,6 +22,7 @@ use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use super::admit::StreamGuard;
+use super::budget::Busy;
 use super::queue::{QueueError, QueueTx};
 use super::wire::Response;
 use super::{ConnView, Gated, Hub, NackView, PUSH_CHUNK, Pushed, TYPES};
@@ -260,6 +261,8 @@ pub(super) struct Conn {
     pub(super) subs: BTreeMap<String, Sub>,
     pub(super) tx: QueueTx,
     pub(super) nonce: u64,
+    /// Marked while the task handles a request or a push (not reading).
+    pub(super) busy: Arc<Busy>,
 }
 
 /// The stream is closed: the proxy is gone, or is cut off for this cause.
@@ -631,10 +634,14 @@ impl Conn {
         mut stream: Streaming<DeltaDiscoveryRequest>,
         mut events: broadcast::Receiver<Arc<Pushed>>,
     ) {
+        let busy = self.busy.clone();
         let end = loop {
             let step: Result<bool, Status> = tokio::select! {
                 msg = stream.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req).await.map(|()| false),
+                    Ok(Some(req)) => {
+                        let _busy = busy.mark();
+                        self.on_request(req).await.map(|()| false)
+                    }
                     Ok(None) => Ok(true),
                     Err(e) => {
                         debug!(node = %self.view.node, error = %e, "stream error");
@@ -643,6 +650,7 @@ impl Conn {
                 },
                 ev = events.recv() => match ev {
                     Ok(p) => {
+                        let _busy = busy.mark();
                         let r = self.on_delta(&p.delta).await;
                         if r.is_ok() {
                             metrics().converged(p.since.elapsed());
@@ -652,6 +660,7 @@ impl Conn {
                     Err(broadcast::error::RecvError::Lagged(n)) => {
                         // Missed some deltas: diff everything instead.
                         warn!(node = %self.view.node, missed = n, "push lagged; full resync");
+                        let _busy = busy.mark();
                         self.recheck_gateways();
                         // Its Gateway may have gone meanwhile.
                         let mut r = self.still_allowed().map(|()| false);

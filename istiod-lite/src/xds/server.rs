@@ -17,7 +17,7 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
 use super::AdsService;
-use super::budget::{Counted, Framing, Held};
+use super::budget::{Busy, Counted, Framing, Held};
 use super::request::{self, LARGE_TYPES, Limits, MAX_FIRST_REQUEST, MAX_REQUEST};
 use super::wire::ResponseBody;
 
@@ -126,13 +126,16 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
             large: 0,
         }
     };
+    // The connection's task marks when it is not reading, which no
+    // message's deadline counts.
+    let busy = std::sync::Arc::new(Busy::default());
     let stream = Streaming::new_request(
         RequestDecoder { limits },
-        Counted::new(body, held, share, framing),
+        Counted::with_busy(body, held, share, framing, busy.clone()),
         None,
         Some(framing.max),
     );
-    match ads.open(caller, guard, stream, peer).await {
+    match ads.open(caller, guard, stream, peer, busy).await {
         Ok((rx, end)) => {
             let mut res = http::Response::new(Body::new(ResponseBody::new(rx, end)));
             res.headers_mut().insert(
