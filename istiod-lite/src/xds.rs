@@ -499,10 +499,11 @@ impl AdsService {
     pub(crate) async fn admit(
         &self,
         metadata: &MetadataMap,
+        peer: Option<std::net::IpAddr>,
     ) -> Result<(Caller, StreamGuard), Status> {
         let caller = self
             .authn
-            .authenticate(metadata)
+            .authenticate_from(metadata, peer)
             .await
             .map_err(|e| e.status("caller not authenticated"))?;
         if !self.hub.is_ready() {

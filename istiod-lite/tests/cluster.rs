@@ -2098,3 +2098,127 @@ async fn a_caller_waits_briefly_for_a_review_slot_then_is_told_unavailable() {
     assert!(matches!(answer, Err(AuthError::Busy)), "{answer:?}");
     assert_eq!(AuthError::Busy.status("x").code(), tonic::Code::Unavailable);
 }
+
+/// A JWT whose payload (unverified) names pod `ns/name` with `uid`, as a
+/// projected service-account token's `kubernetes.io` claim does.
+fn pod_jwt(ns: &str, name: &str, uid: &str) -> String {
+    let url = |s: &str| {
+        base64(s)
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    };
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        url(r#"{"alg":"RS256","kid":"k"}"#),
+        url(&format!(
+            r#"{{"aud":["istio-ca"],"kubernetes.io":{{"namespace":"{ns}","pod":{{"name":"{name}","uid":"{uid}"}}}}}}"#
+        ))
+    )
+}
+
+/// A reviewer against an API server that never answers a TokenReview,
+/// whose model knows pod istio-system/ztunnel-x (uid u-zt).
+async fn stalled_reviewer() -> Arc<TokenReviewer> {
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    state.lock().unwrap().faults.push(Fault {
+        method: "POST",
+        path_contains: "tokenreviews".into(),
+        body_contains: None,
+        status: 0,
+        times: None,
+    });
+    let client = serve(state.clone(), "a").await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    hub.apply(vec![upsert(yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: ztunnel-x, namespace: istio-system, uid: u-zt}\n\
+         spec: {nodeName: node-1, serviceAccountName: ztunnel, containers: [{name: c, image: x}]}\n\
+         status: {phase: Running, podIP: 10.0.0.9}\n",
+    ))]);
+    Arc::new(TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        hub,
+    ))
+}
+
+fn bearer_md(t: &str) -> tonic::metadata::MetadataMap {
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert("authorization", format!("Bearer {t}").parse().unwrap());
+    md
+}
+
+/// Strangers' tokens filling every general review slot (here against an
+/// API server that stalls) do not keep out a token whose unverified claims
+/// name a pod the model knows: a share of the slots is kept for those, so
+/// its review is sent (and waits on the API server) instead of being
+/// refused UNAVAILABLE.
+#[tokio::test]
+async fn a_known_pods_token_gets_a_review_slot_while_strangers_hold_the_rest() {
+    use istiod_lite::ca::auth::{AuthError, Authenticator};
+    use istiod_lite::cluster::tokenreview::REVIEWS_AT_ONCE;
+    let reviewer = stalled_reviewer().await;
+    for i in 0..REVIEWS_AT_ONCE {
+        let r = reviewer.clone();
+        let md = bearer_md(&pod_jwt("shop", &format!("stranger-{i}"), "u-x"));
+        tokio::spawn(async move { r.authenticate(&md).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A stranger more is refused after its brief wait.
+    let stranger = tokio::time::timeout(
+        Duration::from_secs(5),
+        reviewer.authenticate(&bearer_md(&pod_jwt("shop", "stranger-x", "u-x"))),
+    )
+    .await
+    .expect("answered within a few seconds");
+    assert!(matches!(stranger, Err(AuthError::Busy)), "{stranger:?}");
+    // The known pod's token is reviewed: it waits on the API server.
+    let known = tokio::time::timeout(
+        Duration::from_secs(3),
+        reviewer.authenticate(&bearer_md(&pod_jwt("istio-system", "ztunnel-x", "u-zt"))),
+    )
+    .await;
+    assert!(known.is_err(), "not sent for review: {known:?}");
+}
+
+/// One address flooding reviews (against an API server that stalls) has
+/// at most a few waiting or in flight: past them it is refused UNAVAILABLE
+/// at once, and the review slots stay free for other addresses.
+#[tokio::test]
+async fn one_address_has_only_a_few_reviews_in_flight() {
+    use istiod_lite::ca::auth::{AuthError, Authenticator};
+    use istiod_lite::cluster::tokenreview::REVIEWS_AT_ONCE;
+    let reviewer = stalled_reviewer().await;
+    let flooder: std::net::IpAddr = "10.9.9.9".parse().unwrap();
+    for i in 0..REVIEWS_AT_ONCE {
+        let r = reviewer.clone();
+        let md = bearer_md(&pod_jwt("shop", &format!("stranger-{i}"), "u-x"));
+        tokio::spawn(async move { r.authenticate_from(&md, Some(flooder)).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let more = tokio::time::timeout(
+        Duration::from_millis(500),
+        reviewer.authenticate_from(
+            &bearer_md(&pod_jwt("shop", "stranger-x", "u-x")),
+            Some(flooder),
+        ),
+    )
+    .await
+    .expect("refused at once");
+    assert!(matches!(more, Err(AuthError::Busy)), "{more:?}");
+    // Another address's token (a stranger's too) is sent for review.
+    let other = tokio::time::timeout(
+        Duration::from_secs(3),
+        reviewer.authenticate_from(
+            &bearer_md(&pod_jwt("shop", "other", "u-y")),
+            Some("10.8.8.8".parse().unwrap()),
+        ),
+    )
+    .await;
+    assert!(other.is_err(), "not sent for review: {other:?}");
+}

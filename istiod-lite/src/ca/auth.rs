@@ -143,6 +143,18 @@ pub trait Authenticator: Send + Sync + 'static {
         &'a self,
         metadata: &'a MetadataMap,
     ) -> BoxFuture<'a, Result<Caller, AuthError>>;
+
+    /// As [`Authenticator::authenticate`], for a request from `peer` (its
+    /// address, when known): an authenticator that spends on each caller
+    /// (a TokenReview) bounds what one address may have in flight.
+    fn authenticate_from<'a>(
+        &'a self,
+        metadata: &'a MetadataMap,
+        peer: Option<std::net::IpAddr>,
+    ) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        let _ = peer;
+        self.authenticate(metadata)
+    }
 }
 
 /// The bearer token of a request, or why there is none.

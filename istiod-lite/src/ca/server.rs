@@ -49,7 +49,7 @@ impl CaService {
     ) -> Result<(String, Identity, Vec<String>), Refusal> {
         let caller = self
             .authn
-            .authenticate(req.metadata())
+            .authenticate_from(req.metadata(), req.remote_addr().map(|a| a.ip()))
             .await
             .map_err(Refusal::Unauthenticated)?;
         let body = req.get_ref();

@@ -15,12 +15,17 @@
 //! so what a stranger can make the controller do is bounded: a token not
 //! shaped as a JWT is refused without a review, at most
 //! [`REVIEWS_AT_ONCE`] reviews run at once (the rest wait their turn a
-//! second, then are told UNAVAILABLE), and
+//! second, then are told UNAVAILABLE), of which [`RESERVED_FOR_KNOWN`] are
+//! kept for tokens whose payload (read unverified, only to choose the
+//! slots) names a pod the model knows by namespace, name and uid; one
+//! address may have at most [`REVIEWS_PER_PEER`] waiting or in flight
+//! (past it, UNAVAILABLE at once); and
 //! refusals are remembered apart from acceptances, in a cache of their own
 //! that drops its oldest when full: bogus tokens never push the ztunnels'
 //! good reviews out.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -52,6 +57,11 @@ const PER_POD: usize = 4;
 const REFUSALS_MAX: usize = 10_000;
 /// TokenReviews in flight at once, at most.
 pub const REVIEWS_AT_ONCE: usize = 16;
+/// Of them, kept for tokens whose unverified claims name a pod the model
+/// knows: strangers' tokens never hold these.
+pub const RESERVED_FOR_KNOWN: usize = 6;
+/// Reviews one peer address may have waiting or in flight at once.
+pub const REVIEWS_PER_PEER: usize = 4;
 /// How long a caller waits for a review slot before it is told to retry.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
 /// The longest token reviewed (a projected token is about 1 KiB).
@@ -71,7 +81,53 @@ pub struct TokenReviewer {
     hub: Arc<Hub>,
     accepted: Mutex<Acceptances>,
     refused: Mutex<Refusals>,
+    /// Review slots any token may take.
     in_flight: tokio::sync::Semaphore,
+    /// Review slots only a token naming a known pod may take.
+    reserved: tokio::sync::Semaphore,
+    /// Reviews waiting or in flight per peer address.
+    per_peer: Mutex<HashMap<IpAddr, usize>>,
+}
+
+/// One review counted against its peer's address; uncounted when dropped.
+struct PeerTurn<'a> {
+    per_peer: &'a Mutex<HashMap<IpAddr, usize>>,
+    peer: Option<IpAddr>,
+}
+
+impl<'a> PeerTurn<'a> {
+    /// Counts a review for `peer`, or refuses (Busy) one past its bound.
+    /// A caller whose address is unknown (in-process) is not counted.
+    fn take(
+        per_peer: &'a Mutex<HashMap<IpAddr, usize>>,
+        peer: Option<IpAddr>,
+    ) -> Result<PeerTurn<'a>, AuthError> {
+        if let Some(ip) = peer {
+            let mut map = per_peer.lock().unwrap_or_else(|p| p.into_inner());
+            let n = map.entry(ip).or_insert(0);
+            if *n >= REVIEWS_PER_PEER {
+                debug!(%ip, "token review refused: this address has too many in flight");
+                return Err(AuthError::Busy);
+            }
+            *n += 1;
+        }
+        Ok(PeerTurn { per_peer, peer })
+    }
+}
+
+impl Drop for PeerTurn<'_> {
+    fn drop(&mut self) {
+        let Some(ip) = self.peer else {
+            return;
+        };
+        let mut map = self.per_peer.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = map.get_mut(&ip) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                map.remove(&ip);
+            }
+        }
+    }
 }
 
 /// Good reviews by the token's SHA-256, until when each holds: the least
@@ -234,7 +290,42 @@ impl TokenReviewer {
             hub,
             accepted: Mutex::new(Acceptances::default()),
             refused: Mutex::new(Refusals::default()),
-            in_flight: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE),
+            in_flight: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE - RESERVED_FOR_KNOWN),
+            reserved: tokio::sync::Semaphore::new(RESERVED_FOR_KNOWN),
+            per_peer: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Whether the token's unverified claims name a pod the model knows
+    /// (namespace, name and uid): such a token may take a reserved slot.
+    fn names_known_pod(&self, token: &str) -> bool {
+        super::jwt::pod_claim(token)
+            .is_some_and(|(ns, pod, uid)| self.hub.model().pod_node(&ns, &pod, &uid).is_some())
+    }
+
+    /// A review slot, waited for at most [`SLOT_WAIT`]: any free one for a
+    /// token naming a known pod, else only the unreserved ones.
+    async fn slot(&self, token: &str) -> Result<tokio::sync::SemaphorePermit<'_>, AuthError> {
+        let known = self.names_known_pod(token);
+        let wait = async {
+            if known {
+                tokio::select! {
+                    p = self.reserved.acquire() => p,
+                    p = self.in_flight.acquire() => p,
+                }
+            } else {
+                self.in_flight.acquire().await
+            }
+        };
+        match tokio::time::timeout(SLOT_WAIT, wait).await {
+            Ok(turn) => turn.map_err(|e| AuthError::ReviewFailed(e.to_string())),
+            Err(_) => {
+                debug!(
+                    known,
+                    "token review refused: every review slot it may take is taken"
+                );
+                Err(AuthError::Busy)
+            }
         }
     }
 
@@ -264,7 +355,7 @@ impl TokenReviewer {
         }
     }
 
-    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+    async fn review(&self, token: &str, peer: Option<IpAddr>) -> Result<Caller, AuthError> {
         if !jwt_shaped(token) {
             return Err(AuthError::NotJwt);
         }
@@ -278,13 +369,8 @@ impl TokenReviewer {
         // little (and may find the answer remembered once it comes), then
         // are told to retry: a flood of strangers' tokens does not queue
         // good callers behind it for good.
-        let _turn = match tokio::time::timeout(SLOT_WAIT, self.in_flight.acquire()).await {
-            Ok(turn) => turn.map_err(|e| AuthError::ReviewFailed(e.to_string()))?,
-            Err(_) => {
-                debug!("token review refused: every review slot is taken");
-                return Err(AuthError::Busy);
-            }
-        };
+        let _peer_turn = PeerTurn::take(&self.per_peer, peer)?;
+        let _turn = self.slot(token).await?;
         if let Some(answer) = self.remembered(&key) {
             return answer;
         }
@@ -396,9 +482,17 @@ impl Authenticator for TokenReviewer {
         &'a self,
         metadata: &'a MetadataMap,
     ) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        self.authenticate_from(metadata, None)
+    }
+
+    fn authenticate_from<'a>(
+        &'a self,
+        metadata: &'a MetadataMap,
+        peer: Option<IpAddr>,
+    ) -> BoxFuture<'a, Result<Caller, AuthError>> {
         Box::pin(async move {
             let token = bearer(metadata)?;
-            self.review(token).await
+            self.review(token, peer).await
         })
     }
 }

@@ -91,8 +91,9 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
     // Admitted on its headers, before a byte of its body is read.
     let (parts, body) = req.into_parts();
     let head = tonic::Request::from_http(http::Request::from_parts(parts, ()));
-    let peer = head.remote_addr().map(|a| a.to_string());
-    let (caller, guard) = match ads.admit(head.metadata()).await {
+    let remote = head.remote_addr();
+    let peer = remote.map(|a| a.to_string());
+    let (caller, guard) = match ads.admit(head.metadata(), remote.map(|a| a.ip())).await {
         Ok(admitted) => admitted,
         Err(status) => return status.into_http(),
     };
