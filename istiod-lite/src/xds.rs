@@ -127,8 +127,6 @@ pub struct Hub {
     conns: Mutex<BTreeMap<u64, Arc<ConnView>>>,
     /// Streams admitted per quota (open, or awaiting their first request).
     slots: Slots,
-    /// Per caller, its streams' share of requests in flight.
-    large: Mutex<std::collections::HashMap<String, Arc<Budget>>>,
     next: AtomicU64,
     pushes: AtomicU64,
     /// When the last change that pushed something was handed to the hub
@@ -181,6 +179,16 @@ impl Quota {
             (None, _) => Quota::Node(caller.node.clone()),
             (Some(_), Some((ns, pod))) => Quota::Pod(ns.clone(), pod.clone()),
             (Some(id), None) => Quota::Pod(String::new(), id.to_string()),
+        }
+    }
+
+    /// Its streams' share of requests in flight, across them: a node's
+    /// [`request::MAX_LARGE_PER_NODE`] (its large first requests stay
+    /// taken while their streams last), a workload's [`request::MAX_REQUEST`].
+    fn share_max(&self) -> usize {
+        match self {
+            Quota::Node(_) => request::MAX_LARGE_PER_NODE,
+            Quota::Pod(..) => request::MAX_REQUEST,
         }
     }
 
@@ -257,7 +265,6 @@ impl Hub {
             events,
             conns: Mutex::new(BTreeMap::new()),
             slots: Slots::default(),
-            large: Mutex::default(),
             next: AtomicU64::new(1),
             pushes: AtomicU64::new(0),
             last_push: Mutex::new(None),
@@ -295,26 +302,6 @@ impl Hub {
 
     pub fn model(&self) -> std::sync::RwLockReadGuard<'_, Model> {
         self.model.read().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The caller's share of requests in flight, shared by its streams: a
-    /// node's [`request::MAX_LARGE_PER_NODE`] (its large first requests
-    /// stay taken while their streams last), a workload's
-    /// [`request::MAX_REQUEST`]. Shares no stream holds are dropped.
-    fn share(&self, caller: &Caller) -> Arc<Budget> {
-        let (key, max) = match (&caller.only, &caller.pod) {
-            (None, _) => (format!("node {}", caller.node), request::MAX_LARGE_PER_NODE),
-            (Some(_), Some((ns, pod))) => (format!("pod {ns}/{pod}"), request::MAX_REQUEST),
-            (Some(id), None) => (format!("identity {id}"), request::MAX_REQUEST),
-        };
-        let mut shares = self.large.lock().unwrap_or_else(|p| p.into_inner());
-        if shares.len() >= 1024 {
-            shares.retain(|_, b| Arc::strong_count(b) > 1);
-        }
-        shares
-            .entry(key)
-            .or_insert_with(|| Budget::new(max))
-            .clone()
     }
 
     /// Names and held versions one request may carry (see `names_bound`).

@@ -463,27 +463,42 @@ fn small_first(node: &str) -> mesh_proto::envoy::service::discovery::v3::DeltaDi
 }
 
 /// One node's token announcing 64 MiB on eight streams and stalling takes
-/// at most its own share: another node's proxy is still answered, and so
-/// is a small request while the shared budget is full.
+/// at most its own share (128 MiB): its streams past it end
+/// RESOURCE_EXHAUSTED (the shared budget alone would have taken all 512
+/// MiB), and another node's request over 64 KiB is still answered.
 #[tokio::test]
 async fn a_node_announcing_64_mib_on_its_streams_does_not_lock_out_others() {
+    use istiod_lite::xds::request::MAX_LARGE_PER_NODE;
     let addr = serve(|a| a).await;
     let mut conn = connection(addr).await;
-    let mut stalled = Vec::new();
+    let mut streams = Vec::new();
     for _ in 0..8 {
         let raw = open(&mut conn, &node_token("node-a"));
         raw.send(frame_header(64 << 20)).await;
         raw.send(Bytes::from(vec![0u8; 1024])).await;
-        stalled.push(raw);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        streams.push(raw);
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    first_answer(addr, &node_token("node-b"), small_first("node-b"))
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // A refused stream is answered at once; one within the share waits.
+    let (ended, held): (Vec<Raw>, Vec<Raw>) = streams.into_iter().partition(Raw::answered);
+    let fit = MAX_LARGE_PER_NODE / (64 << 20);
+    assert_eq!(
+        (held.len(), ended.len()),
+        (fit, 8 - fit),
+        "past its share, refused"
+    );
+    for raw in ended {
+        let status = raw.status_within(Duration::from_secs(3)).await;
+        assert_eq!(status, Some(tonic::Code::ResourceExhausted));
+    }
+    // While node-a holds its share, node-b's request over 64 KiB fits.
+    let mut big = small_first("node-b");
+    big.response_nonce = "n".repeat(1 << 20);
+    first_answer(addr, &node_token("node-b"), big)
         .await
-        .expect("another node's first request is answered");
-    first_answer(addr, &node_token("node-b"), small_first("node-b"))
-        .await
-        .expect("and its next stream's");
-    drop(stalled);
+        .expect("another node's 1 MiB first request is answered");
+    drop(held);
 }
 
 /// A pod's token announcing 4 MiB on each of its streams cannot refuse

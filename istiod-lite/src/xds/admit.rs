@@ -3,7 +3,9 @@
 //! stream quota, counted from then on (a stream still waiting for its
 //! first request counts as an open one). The slot is given back, and the
 //! stream forgotten, however its task ends: a task that panics ends its
-//! stream INTERNAL rather than with status 0, and loses no slot.
+//! stream INTERNAL rather than with status 0, and loses no slot. A
+//! quota's entry also holds its streams' shared share of requests in
+//! flight, and goes (share and all) with its last stream.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -14,12 +16,14 @@ use tracing::warn;
 
 use super::Hub;
 use super::Quota;
+use super::budget::Budget;
 use super::wire::End;
 
-/// Streams open per quota (counted as they are admitted).
+/// Streams open per quota (counted as they are admitted), and the share
+/// of requests in flight they hold together.
 #[derive(Debug, Default)]
 pub(super) struct Slots {
-    open: Mutex<HashMap<Quota, usize>>,
+    open: Mutex<HashMap<Quota, (usize, Arc<Budget>)>>,
 }
 
 impl Slots {
@@ -27,12 +31,21 @@ impl Slots {
     #[cfg(test)]
     fn open(&self, quota: &Quota) -> usize {
         let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        open.get(quota).copied().unwrap_or(0)
+        open.get(quota).map_or(0, |(n, _)| *n)
     }
 
-    fn take(&self, quota: &Quota) -> Result<(), Status> {
+    /// Quotas with an entry now.
+    #[cfg(test)]
+    fn kept(&self) -> usize {
+        self.open.lock().unwrap_or_else(|p| p.into_inner()).len()
+    }
+
+    /// Takes a slot; the quota's share.
+    fn take(&self, quota: &Quota) -> Result<Arc<Budget>, Status> {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let n = open.entry(quota.clone()).or_insert(0);
+        let (n, share) = open
+            .entry(quota.clone())
+            .or_insert_with(|| (0, Budget::new(quota.share_max())));
         if *n >= quota.max() {
             let n = *n;
             drop(open);
@@ -47,12 +60,12 @@ impl Slots {
             )));
         }
         *n += 1;
-        Ok(())
+        Ok(share.clone())
     }
 
     fn give_back(&self, quota: &Quota) {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(n) = open.get_mut(quota) {
+        if let Some((n, _)) = open.get_mut(quota) {
             *n = n.saturating_sub(1);
             if *n == 0 {
                 open.remove(quota);
@@ -68,6 +81,8 @@ impl Slots {
 pub(crate) struct StreamGuard {
     hub: Arc<Hub>,
     quota: Quota,
+    /// Its quota's share of requests in flight, across its streams.
+    share: Arc<Budget>,
     /// The connection registered for the stream, once it is.
     pub(super) id: Option<u64>,
     /// The status the response body ends with.
@@ -78,10 +93,11 @@ pub(crate) struct StreamGuard {
 impl StreamGuard {
     /// Takes a slot of `quota`, or refuses (RESOURCE_EXHAUSTED).
     pub(super) fn take(hub: &Arc<Hub>, quota: Quota) -> Result<StreamGuard, Status> {
-        hub.slots.take(&quota)?;
+        let share = hub.slots.take(&quota)?;
         Ok(StreamGuard {
             hub: hub.clone(),
             quota,
+            share,
             id: None,
             end: End::default(),
             closed: AtomicBool::new(false),
@@ -90,6 +106,11 @@ impl StreamGuard {
 
     pub(super) fn quota(&self) -> &Quota {
         &self.quota
+    }
+
+    /// Its quota's share of requests in flight, shared by its streams.
+    pub(super) fn share(&self) -> Arc<Budget> {
+        self.share.clone()
     }
 
     /// The stream ends with `why` (None: a clean end).
@@ -139,6 +160,23 @@ mod tests {
         assert_eq!((hub.slots.open(&quota), hub.connected()), (0, 0));
         let end = end.lock().expect("lock").clone().expect("a status");
         assert_eq!(end.code(), tonic::Code::Internal);
+    }
+
+    /// A caller's share is forgotten as soon as its last stream goes, not
+    /// once a thousand others have come.
+    #[test]
+    fn a_callers_share_is_forgotten_with_its_last_stream() {
+        let hub = Hub::new(Model::new(ModelConfig::default()));
+        let one = StreamGuard::take(&hub, Quota::Node("n".into())).expect("a slot");
+        let two = StreamGuard::take(&hub, Quota::Node("n".into())).expect("a slot");
+        assert!(
+            Arc::ptr_eq(&one.share(), &two.share()),
+            "its streams share one"
+        );
+        drop(one);
+        assert_eq!(hub.slots.kept(), 1);
+        drop(two);
+        assert_eq!(hub.slots.kept(), 0);
     }
 
     #[test]

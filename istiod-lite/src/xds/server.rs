@@ -109,7 +109,7 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
     } else {
         ads.workloads.clone()
     });
-    let share = Held::new(ads.hub.share(&caller));
+    let share = Held::new(guard.share());
     let limits = Limits::new(ads.hub.names_bound.clone())
         .with_held(held.clone())
         .with_share(share.clone());
