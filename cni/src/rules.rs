@@ -1,7 +1,8 @@
 //! The redirect rules inside a captured pod's netns (nftables):
 //!
-//! - inbound TCP from the kubelet's probe source ([`PROBE_SOURCE`], what
-//!   the node SNATs its own connections to captured pods to: see
+//! - inbound TCP from the kubelet's probe source ([`PROBE_SOURCE`], or
+//!   [`PROBE_SOURCE_V6`] over IPv6: what the node SNATs its own
+//!   connections to captured pods to: see
 //!   the node side in `host.rs`) goes to the app untouched, so probes see the app
 //!   itself and no mesh policy applies to them;
 //! - inbound TCP to 15008 goes straight to the ztunnel's HBONE listener;
@@ -40,6 +41,10 @@ pub const MARK: u32 = mesh_core::config::INPOD_MARK;
 /// pods to (kubelet probes), as Istio does.
 pub const PROBE_SOURCE: std::net::Ipv4Addr = mesh_core::config::PROBE_SOURCE_V4;
 
+/// The same for the node's IPv6 connections (Istio's IPv6 probe source: a
+/// ULA no cluster assigns).
+pub const PROBE_SOURCE_V6: std::net::Ipv6Addr = mesh_core::config::PROBE_SOURCE_V6;
+
 /// How a pod is captured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Capture {
@@ -62,10 +67,21 @@ pub fn ruleset(c: Capture, orig_src: bool) -> String {
     } else {
         String::new()
     };
-    let inbound = if c.bypass_inbound {
-        String::new()
+    let (inbound, input) = if c.bypass_inbound {
+        (String::new(), String::new())
     } else {
-        format!("    {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n")
+        (
+            format!("    {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n"),
+            format!(
+                "  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname \"lo\" accept
+    ip6 saddr fe80::/10 {OPENING} drop
+    ip saddr 169.254.0.0/16 ip saddr != {PROBE_SOURCE} {OPENING} drop
+  }}
+"
+            ),
+        )
     };
     let orig_src = if orig_src {
         crate::orig_src::chains()
@@ -79,6 +95,7 @@ pub fn ruleset(c: Capture, orig_src: bool) -> String {
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"lo\" accept
     ip saddr {PROBE_SOURCE} accept
+    ip6 saddr {PROBE_SOURCE_V6} accept
     tcp dport {HBONE_PORT} accept
 {inbound}  }}
   chain output {{
@@ -87,7 +104,7 @@ pub fn ruleset(c: Capture, orig_src: bool) -> String {
 {dns_rules}    oifname \"lo\" accept
     {OPENING} redirect to :{OUTBOUND_PORT}
   }}
-}}
+{input}}}
 "
     )
 }
@@ -288,6 +305,10 @@ mod tests {
         let probe = r.find("ip saddr 169.254.7.127 accept").expect("probe rule");
         let redirect = r.find(":15006").expect("inbound redirect");
         assert!(probe < redirect, "{r}");
+        let probe6 = r
+            .find("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff accept")
+            .expect("IPv6 probe rule");
+        assert!(probe6 < redirect, "{r}");
         let b = ruleset(
             Capture {
                 dns: true,
@@ -304,6 +325,31 @@ mod tests {
         {
             assert!(l.contains("tcp flags & (syn | ack) == syn"), "{l}");
         }
+    }
+
+    /// A connection opened from a link-local source (IPv6 fe80::/10, IPv4
+    /// 169.254/16 but the probe source) names no workload: the pod drops
+    /// its SYN, a layer below the ztunnel's own refusal. Failed first: no
+    /// such rule.
+    #[test]
+    fn link_local_openings_are_dropped_in_the_pod() {
+        let r = ruleset(
+            Capture {
+                dns: true,
+                bypass_inbound: false,
+            },
+            true,
+        );
+        let input = r.find("hook input").expect("an input chain");
+        let chain = &r[input..];
+        let v6 = chain
+            .find("ip6 saddr fe80::/10 tcp flags & (syn | ack) == syn drop")
+            .expect("IPv6 link-local dropped");
+        let v4 = chain
+            .find("ip saddr 169.254.0.0/16 ip saddr != 169.254.7.127 tcp flags & (syn | ack) == syn drop")
+            .expect("IPv4 link-local dropped, the probe source kept");
+        let lo = chain.find("iifname \"lo\" accept").expect("loopback kept");
+        assert!(lo < v6 && lo < v4, "{r}");
     }
 
     /// Records what would run in the pod: `ip <args>: <batch>`, `nft

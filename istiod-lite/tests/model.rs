@@ -1,14 +1,14 @@
 //! The folder source and the model: what users write in, xDS resources out,
 //! and every bad input reported by name without losing the rest.
 
-use std::path::Path;
-
-use istiod_lite::config::folder::FolderSource;
 use istiod_lite::model::{Model, ModelConfig};
 use mesh_proto::istio::security::{Action, Authorization};
 use mesh_proto::istio::workload::{Address, TunnelProtocol, address};
 use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use prost::Message;
+
+mod folder_fixture;
+use folder_fixture::Fixture;
 
 const BASE: &str = r#"
 apiVersion: v1
@@ -40,35 +40,13 @@ metadata: {name: web, namespace: shop}
 spec: {selector: {app: web}, clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: http}]}
 "#;
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    src: FolderSource,
-    model: Model,
+/// The model tests' views of the fixture's resources.
+trait Resources {
+    fn address(&self, name: &str) -> Option<address::Type>;
+    fn authz(&self, name: &str) -> Option<Authorization>;
 }
 
-impl Fixture {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let src = FolderSource::new(dir.path());
-        Fixture {
-            dir,
-            src,
-            model: Model::new(ModelConfig::default()),
-        }
-    }
-
-    fn write(&self, name: &str, text: &str) {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        // Make sure the change is seen even within one mtime tick.
-        bump_mtime(&p);
-    }
-
-    fn sync(&mut self) -> istiod_lite::model::Delta {
-        let changes = self.src.scan();
-        self.model.apply(changes)
-    }
-
+impl Resources for Fixture {
     fn address(&self, name: &str) -> Option<address::Type> {
         let r = self.model.resources(ADDRESS_TYPE_URL)?.get(name)?;
         Address::decode(r.value()).ok()?.r#type
@@ -78,29 +56,6 @@ impl Fixture {
         let r = self.model.resources(AUTHORIZATION_TYPE_URL)?.get(name)?;
         Authorization::decode(r.value()).ok()
     }
-
-    fn issues(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.src.issues().iter().map(|i| i.to_string()).collect();
-        v.extend(
-            self.model
-                .issues()
-                .iter()
-                .map(|i| format!("{}: {}", i.object, i.reason)),
-        );
-        v
-    }
-}
-
-fn bump_mtime(p: &Path) {
-    let t = std::time::SystemTime::now() + std::time::Duration::from_secs(fastrand_secs());
-    let f = std::fs::File::options().write(true).open(p).unwrap();
-    f.set_modified(t).unwrap();
-}
-
-fn fastrand_secs() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(1);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 const WEB: &str = "Kubernetes//Pod/shop/web-1";
@@ -699,6 +654,62 @@ spec:
     f.sync();
     assert!(routes(&f).policies.is_empty());
     assert!(!has_issue(&f, "AuthorizationPolicy/"));
+}
+
+/// Dual-stack: a pod's `podIPs` and a Service's `clusterIPs` reach the
+/// proxies in both families (4 and 16 bytes), and `ipBlocks` keep each
+/// block's family.
+#[test]
+fn dual_stack_addresses_and_ip_blocks_pass_through() {
+    let mut f = Fixture::new();
+    f.write(
+        "dual.yaml",
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.1.5, podIPs: [{ip: 10.0.1.5}, {ip: "fd00:10:0:1::5"}], phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, "fd00:10:96::10"],
+       ipFamilies: [IPv4, IPv6], ipFamilyPolicy: PreferDualStack, ports: [{port: 80}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: blocks, namespace: shop}
+spec:
+  rules: [{from: [{source: {ipBlocks: ["fd00::/8", 10.0.0.0/8], notIpBlocks: ["fd00:10:0:1::5"]}}]}]
+"#,
+    );
+    f.sync();
+    assert!(f.issues().is_empty(), "{:?}", f.issues());
+    let Some(address::Type::Workload(w)) = f.address(WEB) else {
+        panic!("no workload {WEB}")
+    };
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec();
+    assert_eq!(w.addresses, vec![vec![10, 0, 1, 5], v6("fd00:10:0:1::5")]);
+    let Some(address::Type::Service(s)) = f.address("shop/web.shop.svc.cluster.local") else {
+        panic!()
+    };
+    let vips: Vec<Vec<u8>> = s.addresses.iter().map(|a| a.address.clone()).collect();
+    assert_eq!(vips, vec![vec![10, 96, 0, 10], v6("fd00:10:96::10")]);
+    let p = f.authz("shop/blocks").expect("policy");
+    let m = &p.rules[0].clauses[0].matches[0];
+    let blocks: Vec<(Vec<u8>, u32)> = m
+        .source_ips
+        .iter()
+        .map(|a| (a.address.clone(), a.length))
+        .collect();
+    assert_eq!(blocks, vec![(v6("fd00::"), 8), (vec![10, 0, 0, 0], 8)]);
+    assert_eq!(m.not_source_ips[0].address, v6("fd00:10:0:1::5"));
+    assert_eq!(m.not_source_ips[0].length, 128);
 }
 
 /// In cluster mode a Gateway's pod must be one its Deployment made:

@@ -8,7 +8,6 @@
 //! connections.
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -105,59 +104,57 @@ impl InPod {
         }
         self.del(uid);
         let netns = Arc::new(netns);
-        // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053).
+        // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053,
+        // on each family's loopback).
         let dns = match &self.dns {
             Some(d) => {
-                let (udp, tcp) = netns
-                    .run(|| {
-                        // Loopback, where an output-chain REDIRECT lands: a
-                        // wildcard-bound UDP socket would answer from the pod's
-                        // address, which the NAT entry does not expect.
-                        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::config::DNS_PORT));
-                        let u = std::net::UdpSocket::bind(addr)?;
-                        u.set_nonblocking(true)?;
-                        let t = std::net::TcpListener::bind(addr)?;
-                        t.set_nonblocking(true)?;
-                        Ok::<_, std::io::Error>((u, t))
-                    })
+                let pairs = netns
+                    .run(crate::dual_stack::dns_sockets)
                     .and_then(|r| r)
                     .map_err(PodError::Dns)?;
-                let udp = tokio::net::UdpSocket::from_std(udp)?;
-                let tcp = TcpListener::from_std(tcp)?;
-                Some((d.clone(), udp, tcp))
+                let pairs = pairs
+                    .into_iter()
+                    .map(|(u, t)| {
+                        Ok::<_, std::io::Error>((
+                            tokio::net::UdpSocket::from_std(u)?,
+                            TcpListener::from_std(t)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some((d.clone(), pairs))
             }
             None => None,
         };
         let stop = CancellationToken::new();
-        if let Some((d, udp, tcp)) = dns {
+        if let Some((d, pairs)) = dns {
             let s = stop.clone();
             let pod = format!("{}/{}", info.namespace, info.name);
             tokio::spawn(async move {
                 tokio::select! {
                     _ = s.cancelled() => {}
-                    _ = d.serve(pod, udp, tcp) => {}
+                    _ = d.serve_all(pod, pairs) => {}
                 }
             });
         }
         // Each listener once per shard; all of them end with the pod.
         let shards = mesh_core::shards::current();
+        // Each port in both families (an IPv6 listener takes IPv6 only).
         let serve = |port: u16, f: Serve| {
-            let (p, s) = (self.proxy.clone(), stop.clone());
-            shards
-                .serve_each(
-                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                    Some(&netns),
-                    move |l| {
-                        let (p, s, f) = (p.clone(), s.clone(), f.clone());
-                        async move {
-                            tokio::select! {
-                                _ = s.cancelled() => {}
-                                _ = f(p, l) => {}
-                            }
+            for addr in crate::dual_stack::wildcards(port) {
+                let (p, s, f) = (self.proxy.clone(), stop.clone(), f.clone());
+                let bound = shards.serve_each(addr, Some(&netns), move |l| {
+                    let (p, s, f) = (p.clone(), s.clone(), f.clone());
+                    async move {
+                        tokio::select! {
+                            _ = s.cancelled() => {}
+                            _ = f(p, l) => {}
                         }
-                    },
-                )
-                .map_err(|source| PodError::Listen { port, source })
+                    }
+                });
+                crate::dual_stack::bound(addr, bound)
+                    .map_err(|source| PodError::Listen { port, source })?;
+            }
+            Ok::<(), PodError>(())
         };
         // The outbound listener knows its pod: the source of what it
         // accepts is that pod, never whoever owns the peer address.

@@ -65,17 +65,23 @@ pub async fn deliver(
     dst_netns: Option<&Netns>,
     counters: Arc<Counters>,
 ) -> Result<Delivered, (ResponseFlags, String)> {
-    let decision = {
+    // Policy judges, and the app sees, the address the source's tunnel
+    // would carry (its address of the target's family), as on another node.
+    let judged = {
         let snap = proxy.state.snapshot();
-        mesh_core::state::decide::authorize(
+        mesh_core::state::decide::authorize_local(
             &snap,
             &proxy.cfg.root_namespace,
+            src,
             dst,
-            Some(&src.identity),
-            peer.ip(),
             target,
         )
     };
+    let (src_ip, decision) = judged.map_err(|e| {
+        info!(%peer, %target, error = %e, "same-node connection has no source address");
+        (ResponseFlags::Connect, e.to_string())
+    })?;
+    let client = SocketAddr::new(src_ip, peer.port());
     // The identity is the one this ztunnel authenticated the source pod
     // as, exactly what an HBONE peer's certificate would carry.
     let labels = TcpLabels::new(
@@ -87,27 +93,12 @@ pub async fn deliver(
         None,
         true,
     );
-    let tracked = proxy.conns.track_linked(
-        ConnInfo {
-            direction: Direction::Inbound,
-            protocol: Protocol::Local,
-            src: peer,
-            dst: target,
-            hbone_peer: None,
-            src_identity: Some(src.identity.clone()),
-            dst_identity: Some(dst.identity.clone()),
-            src_workload: Some(src.name.clone()),
-            dst_workload: Some(dst.name.clone()),
-            local_uid: Some(dst.uid.clone()),
-            started: SystemTime::now(),
-            counters,
-            close_reason: Default::default(),
-        },
-        outbound,
-    );
+    let tracked = proxy
+        .conns
+        .track_linked(conn_info(src, client, dst, target, counters), outbound);
     proxy.opened(&labels);
     if !decision.is_allowed() {
-        info!(%peer, %target, identity = %src.identity, %decision, "same-node connection denied");
+        info!(%peer, %src_ip, %target, identity = %src.identity, %decision, "same-node connection denied");
         let reason = decision.to_string();
         proxy.record(Finished {
             labels,
@@ -117,9 +108,9 @@ pub async fn deliver(
         });
         return Err((ResponseFlags::Deny, reason));
     }
-    // The app sees the client pod (its address, checked by the outbound
-    // side as that pod's).
-    match super::orig_src::dial_app(proxy, Some(peer), target, dst_netns).await {
+    // The app sees the client pod (the address judged above, one of that
+    // pod's: the outbound side checked the peer's).
+    match super::orig_src::dial_app(proxy, Some(client), target, dst_netns).await {
         Ok(upstream) => Ok(Delivered {
             upstream,
             tracked,
@@ -135,6 +126,93 @@ pub async fn deliver(
                 error: Some(reason.clone()),
             });
             Err((ResponseFlags::Connect, reason))
+        }
+    }
+}
+
+/// The record of a same-node connection. Its client is `client`, the
+/// address judged (and the one the app sees, with the client socket's
+/// port), so a policy change re-judges what was judged at the start, not
+/// the client socket's address (another family when the target has only
+/// the other one).
+fn conn_info(
+    src: &Workload,
+    client: SocketAddr,
+    dst: &Workload,
+    target: SocketAddr,
+    counters: Arc<Counters>,
+) -> ConnInfo {
+    ConnInfo {
+        direction: Direction::Inbound,
+        protocol: Protocol::Local,
+        src: client,
+        dst: target,
+        hbone_peer: None,
+        src_identity: Some(src.identity.clone()),
+        dst_identity: Some(dst.identity.clone()),
+        src_workload: Some(src.name.clone()),
+        dst_workload: Some(dst.name.clone()),
+        local_uid: Some(dst.uid.clone()),
+        started: SystemTime::now(),
+        counters,
+        close_reason: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::state::{LocalConfig, ProxyState};
+
+    const STATE: &str = r#"
+workloads:
+- {uid: "c//Pod/shop/client", name: client, namespace: shop, addresses: [10.1.1.1, "fd00:1::1"], tunnel_protocol: HBONE, service_account: client, node: n1}
+- {uid: "c//Pod/shop/old", name: old, namespace: shop, addresses: [10.1.3.1], tunnel_protocol: HBONE, service_account: old, node: n1}
+"#;
+
+    fn state(blocks: &str) -> ProxyState {
+        let policies = format!(
+            "\n- {{name: p, namespace: shop, scope: NAMESPACE, action: ALLOW, rules: [{{clauses: [{{matches: [{{source_ips: [{blocks}]}}]}}]}}]}}\n"
+        );
+        let local: LocalConfig =
+            serde_yaml::from_str(&format!("{STATE}policies: {policies}")).expect("local config");
+        let state = ProxyState::default();
+        state.replace(local.to_updates("cluster.local", "test").expect("updates"));
+        state
+    }
+
+    /// A client calling an IPv6 VIP whose one endpoint has only IPv4 is
+    /// admitted as its IPv4 address; a policy change re-judges that
+    /// address, not the client socket's IPv6 one: an ALLOW of the IPv4
+    /// address keeps the connection, an ALLOW of the IPv6 one alone cuts
+    /// it. Failed first: the record kept the socket's address.
+    #[test]
+    fn a_policy_change_re_judges_the_address_judged_at_the_start() {
+        let peer: SocketAddr = "[fd00:1::1]:40000".parse().expect("peer");
+        let target: SocketAddr = "10.1.3.1:8080".parse().expect("target");
+        for (blocks, kept) in [("\"10.1.1.1/32\"", true), ("\"fd00:1::/64\"", false)] {
+            let s = state(blocks);
+            let snap = s.snapshot();
+            let client = snap.workload("c//Pod/shop/client").expect("client");
+            let old = snap.workload("c//Pod/shop/old").expect("old");
+            let (ip, d) = mesh_core::state::decide::authorize_local(
+                &snap,
+                "istio-system",
+                client,
+                old,
+                target,
+            )
+            .expect("a source address");
+            assert_eq!(d.is_allowed(), kept, "{blocks}: {d}");
+            let info = conn_info(
+                client,
+                SocketAddr::new(ip, peer.port()),
+                old,
+                target,
+                Arc::new(Counters::default()),
+            );
+            let revoked = super::super::inbound::revocation(&snap, "istio-system", &info);
+            assert_eq!(revoked.is_none(), kept, "{blocks}: {revoked:?}");
         }
     }
 }
