@@ -26,6 +26,7 @@ mod admit;
 pub mod budget;
 mod conn;
 pub mod queue;
+mod reader;
 pub mod request;
 mod server;
 pub mod wire;
@@ -42,8 +43,8 @@ use mesh_proto::{
 };
 use serde::Serialize;
 use tokio::sync::broadcast;
+use tonic::Status;
 use tonic::metadata::MetadataMap;
-use tonic::{Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory, PodError};
@@ -54,6 +55,7 @@ use crate::model::{Delta, Model};
 use admit::{Slots, StreamGuard};
 use budget::{Budget, MAX_BUFFERED, MAX_WORKLOAD_BUFFERED};
 use conn::{Conn, Served};
+use reader::{Cut, Incoming};
 pub use server::AdsServer;
 
 /// What the controller serves. Waypoint routes go only to waypoints that
@@ -513,26 +515,25 @@ impl AdsService {
     /// Opens an admitted stream: reads its first request (within the
     /// deadline), checks the caller may open the proxy it names, and starts
     /// the connection's task; its responses come out of the receiver.
-    pub(crate) async fn open(
+    async fn open(
         &self,
         caller: Caller,
         mut guard: StreamGuard,
-        mut stream: Streaming<DeltaDiscoveryRequest>,
+        (mut incoming, mut cut): (Incoming, Cut),
         peer: Option<String>,
-        busy: Arc<budget::Busy>,
     ) -> Result<(queue::QueueRx, wire::End), Status> {
-        // The first request names the proxy.
-        let first = tokio::time::timeout(self.first_deadline, stream.message())
+        // The first request names the proxy. Its reader is stopped before
+        // a refusal gives the stream's slot back (see Incoming::stop).
+        let first = match self
+            .first_request(&caller, (&mut incoming, &mut cut), &peer)
             .await
-            .map_err(|_| {
-                warn!(node = %caller.node, pod = ?caller.pod, peer = ?peer,
-                    "xDS stream closed: no first request in time");
-                Status::deadline_exceeded(format!(
-                    "no first request within {:?}",
-                    self.first_deadline
-                ))
-            })??
-            .ok_or_else(|| Status::invalid_argument("stream closed before the first request"))?;
+        {
+            Ok(first) => first,
+            Err(why) => {
+                incoming.stop().await;
+                return Err(why);
+            }
+        };
         let proxy_id = first
             .node
             .as_ref()
@@ -550,6 +551,7 @@ impl AdsService {
                 node = %caller.node, pod = ?caller.pod, proxy = %proxy_id, peer = ?peer, reason = %why,
                 "xDS stream refused"
             );
+            incoming.stop().await;
             return Err(Status::permission_denied(why.to_string()));
         }
         let id = self.hub.next.fetch_add(1, Ordering::Relaxed);
@@ -579,19 +581,46 @@ impl AdsService {
             subs: BTreeMap::new(),
             tx,
             nonce: 0,
-            busy,
         };
         tokio::spawn(async move {
-            let handled = {
-                let _busy = conn.busy.mark();
-                conn.on_request(first).await
+            let handled = tokio::select! {
+                biased;
+                why = cut.wait() => Err(why),
+                r = conn.on_request(first) => r,
             };
             match handled {
-                Ok(()) => conn.run(stream, events).await,
-                Err(why) => conn.close(Some(why)),
+                Ok(()) => conn.run((incoming, cut), events).await,
+                Err(why) => {
+                    incoming.stop().await;
+                    conn.close(Some(why))
+                }
             }
         });
         Ok((rx, end))
+    }
+
+    /// The stream's first request, within the deadline.
+    async fn first_request(
+        &self,
+        caller: &Caller,
+        (incoming, cut): (&mut Incoming, &mut Cut),
+        peer: &Option<String>,
+    ) -> Result<DeltaDiscoveryRequest, Status> {
+        let first = tokio::time::timeout(self.first_deadline, async {
+            tokio::select! {
+                biased;
+                why = cut.wait() => Err(why),
+                req = incoming.next() => req.ok_or_else(|| {
+                    Status::invalid_argument("stream closed before the first request")
+                }),
+            }
+        })
+        .await;
+        first.map_err(|_| {
+            warn!(node = %caller.node, pod = ?caller.pod, peer = ?peer,
+                "xDS stream closed: no first request in time");
+            Status::deadline_exceeded(format!("no first request within {:?}", self.first_deadline))
+        })?
     }
 }
 

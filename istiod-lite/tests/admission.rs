@@ -586,16 +586,11 @@ async fn pods_announcing_4_mib_and_stalling_do_not_refuse_a_nodes_first_request(
     );
 }
 
-/// A message's deadline counts only while the controller waits for its
-/// bytes: a node whose next request's header arrived while the
-/// controller was held up pushing to it (it read slowly) for longer than
-/// the deadline is not cut once the controller reads again.
-#[tokio::test]
-async fn a_request_is_not_cut_for_time_the_controller_spent_pushing() {
-    use prost::Message;
-    let (hub, addr) = serve_hub(|a| a.with_push_stall(Duration::from_secs(60))).await;
+/// A connection whose proxy reads its responses slowly (a small HTTP/2
+/// window, nothing read), so the controller is held up pushing to it.
+async fn slow_reader(addr: SocketAddr) -> Sender {
     let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
-    let (mut send, conn) =
+    let (send, conn) =
         hyper::client::conn::http2::Builder::new(hyper_util::rt::TokioExecutor::new())
             .initial_stream_window_size(16 * 1024)
             .initial_connection_window_size(16 * 1024)
@@ -603,21 +598,13 @@ async fn a_request_is_not_cut_for_time_the_controller_spent_pushing() {
             .await
             .unwrap();
     tokio::spawn(conn);
-    let raw = open(&mut send, &node_token("node-a"));
-    let first = small_first("node-a").encode_to_vec();
-    raw.send(frame_header(first.len() as u32)).await;
-    raw.send(Bytes::from(first)).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // The next request's header and a little of it.
-    let mut next = small_first("node-a");
-    next.node = None;
-    next.response_nonce = "stale".into();
-    let next = next.encode_to_vec();
-    raw.send(frame_header(next.len() as u32)).await;
-    raw.send(Bytes::copy_from_slice(&next[..2])).await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // Pushes while the proxy does not read: the controller waits on them.
-    for i in 0..100 {
+    send
+}
+
+/// Changes to 40 pods on node-a, `rounds` times, each pushed on its own:
+/// enough to fill a slow reader's queue, so the controller waits on it.
+async fn churn(hub: &Hub, rounds: usize) {
+    for i in 0..rounds {
         let yaml: String = (0..40)
             .map(|j| {
                 format!(
@@ -632,31 +619,221 @@ async fn a_request_is_not_cut_for_time_the_controller_spent_pushing() {
         hub.apply(changes(&yaml));
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    // Longer than the deadline (10 s + 1 s per MiB).
-    tokio::time::sleep(Duration::from_secs(13)).await;
-    assert_eq!(hub.connected(), 1, "the stream is still open");
-    // The proxy reads again; the rest of its request comes a second later.
-    let reader = tokio::spawn(async move {
-        let res = raw.response.await.unwrap().unwrap();
-        let mut incoming = res.into_body();
-        while let Some(f) = incoming.frame().await {
-            if let Some(s) = f.unwrap().trailers_ref().and_then(|t| t.get("grpc-status")) {
-                return code(s);
-            }
+}
+
+/// A message's deadline runs in wall time from its header, whatever the
+/// controller is doing meanwhile: a node that reads its responses slowly
+/// (so the controller is held up pushing to it, for as long as it likes)
+/// and holds a 2 MiB request's header with its body unsent loses the
+/// stream once the deadline (10 s + 1 s per MiB) has passed, and the
+/// budget it took is given back.
+#[tokio::test]
+async fn a_slow_reader_holding_a_header_gives_its_bytes_back_within_the_deadline() {
+    use prost::Message;
+    let (hub, addr) = serve_hub(|a| {
+        a.with_push_stall(Duration::from_secs(120))
+            .with_buffer_budget(3 << 20)
+    })
+    .await;
+    let mut send = slow_reader(addr).await;
+    let raw = open(&mut send, &node_token("node-a"));
+    let first = small_first("node-a").encode_to_vec();
+    raw.send(frame_header(first.len() as u32)).await;
+    raw.send(Bytes::from(first)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The header of a 2 MiB request and a little of it; the rest never comes.
+    raw.send(frame_header(2 << 20)).await;
+    raw.send(Bytes::from(vec![0u8; 1024])).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The controller is held up pushing to it (it never reads).
+    churn(&hub, 100).await;
+    let started = std::time::Instant::now();
+    // (Its responses are not read until the end.)
+    // Within the deadline (12 s) and a little more, the 2 MiB are back:
+    // another node's 2 MiB first request fits the 3 MiB budget.
+    let mut big = small_first("node-b");
+    big.response_nonce = "n".repeat(2 << 20);
+    let mut answered = false;
+    while started.elapsed() < Duration::from_secs(16) {
+        if first_answer(addr, &node_token("node-b"), big.clone())
+            .await
+            .is_ok()
+        {
+            answered = true;
+            break;
         }
-        tonic::Code::Ok
-    });
-    tokio::time::sleep(Duration::from_secs(1)).await;
-    let _ = raw
-        .body
-        .send(Ok(Frame::data(Bytes::copy_from_slice(&next[2..]))))
-        .await;
-    let ended = tokio::time::timeout(Duration::from_secs(3), reader).await;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
     assert!(
-        ended.is_err(),
-        "the stream ended: {:?}",
-        ended.map(|r| r.ok())
+        answered,
+        "the slow reader's 2 MiB were not given back in 16 s"
+    );
+    assert!(
+        started.elapsed() > Duration::from_secs(9),
+        "not before its deadline"
+    );
+    assert_eq!(
+        raw.status_within(Duration::from_secs(20)).await,
+        Some(tonic::Code::DeadlineExceeded),
+        "the slow reader's stream ends for its late request"
+    );
+}
+
+/// The legitimate case of a busy controller: a node's large first push to
+/// a proxy that reads it at once, while the proxy's next request (over
+/// the small size, so charged to the budget) waits to be taken, is
+/// answered and the stream goes on.
+#[tokio::test]
+async fn a_large_first_push_to_a_fast_proxy_does_not_cut_its_next_request() {
+    use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let (hub, addr) = serve_hub(|a| a).await;
+    let many: String = (0..4000)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: many-{i}, namespace: shop}}\n\
+                 spec: {{nodeName: node-a, containers: [{{name: c, image: x}}]}}\n\
+                 status: {{podIP: 10.2.{}.{}, phase: Running}}\n---\n",
+                i / 250,
+                i % 250
+            )
+        })
+        .collect();
+    hub.apply(changes(&many));
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let (tx, rx) = mpsc::channel(4);
+    tx.send(small_first("node-a")).await.unwrap();
+    let mut next = small_first("node-a");
+    next.node = None;
+    next.type_url = mesh_proto::AUTHORIZATION_TYPE_URL.into();
+    next.response_nonce = "n".repeat(2 << 20);
+    tx.send(next).await.unwrap();
+    let mut req = tonic::Request::new(ReceiverStream::new(rx));
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", node_token("node-a")).parse().unwrap(),
+    );
+    let mut stream = AggregatedDiscoveryServiceClient::new(channel)
+        .max_decoding_message_size(64 << 20)
+        .delta_aggregated_resources(req)
+        .await
+        .expect("admitted")
+        .into_inner();
+    let mut types = Vec::new();
+    for _ in 0..2 {
+        let res = tokio::time::timeout(Duration::from_secs(20), stream.message())
+            .await
+            .expect("an answer in time")
+            .expect("not cut")
+            .expect("a response");
+        types.push(res.type_url);
+    }
+    assert_eq!(
+        types,
+        vec![
+            mesh_proto::ADDRESS_TYPE_URL.to_string(),
+            mesh_proto::AUTHORIZATION_TYPE_URL.to_string()
+        ]
     );
     assert_eq!(hub.connected(), 1);
-    drop(raw.body);
+    drop(tx);
+}
+
+/// Gateway pods' streams draw from one pool of the budget (32 MiB): 8 pods
+/// announcing 4 MiB each fill it, and a 9th is refused although the
+/// budget has room, which a node's request still finds.
+#[tokio::test]
+async fn gateway_pods_share_one_pool_of_the_budget() {
+    let (hub, addr) = serve_pods(9, |a| a).await;
+    let gateway_pods: String = (0..9)
+        .map(|i| {
+            format!(
+                "apiVersion: v1\nkind: Pod\nmetadata: {{name: crowd-{i}, namespace: shop, \
+                 labels: {{gateway.networking.k8s.io/gateway-name: wp-a}}}}\n\
+                 spec: {{nodeName: node-a, serviceAccountName: wp-a, containers: [{{name: c, image: x}}]}}\n\
+                 status: {{podIP: 10.1.0.{i}, phase: Running}}\n---\n"
+            )
+        })
+        .collect();
+    hub.apply(changes(&gateway_pods));
+    let mut conn = connection(addr).await;
+    let mut held = Vec::new();
+    for i in 0..8 {
+        let raw = open(&mut conn, &crowd_token(i));
+        raw.send(frame_header(4 << 20)).await;
+        raw.send(Bytes::from(vec![0u8; 1024])).await;
+        held.push(raw);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ninth = open(&mut conn, &crowd_token(8));
+    ninth.send(frame_header(4 << 20)).await;
+    assert_eq!(
+        ninth.status_within(Duration::from_secs(3)).await,
+        Some(tonic::Code::ResourceExhausted),
+        "the 9th pod's 4 MiB do not fit the pool"
+    );
+    let mut big = small_first("node-a");
+    big.response_nonce = "n".repeat(3 << 20);
+    first_answer(addr, &node_token("node-a"), big)
+        .await
+        .expect("a node's request fits the rest of the budget");
+    assert!(
+        held.iter().all(|r| !r.answered()),
+        "the 8 still hold theirs"
+    );
+}
+
+/// A request that has arrived whole keeps its bytes taken only until the
+/// stream's task takes it: a node that reads its responses slowly (so the
+/// task is held up pushing to it) and sends a whole 2 MiB request has its
+/// stream ended RESOURCE_EXHAUSTED once the request has waited its
+/// allowance (12 s), and the bytes are given back.
+#[tokio::test]
+async fn a_request_left_waiting_by_a_slow_reader_is_given_back_in_time() {
+    use prost::Message;
+    let (hub, addr) = serve_hub(|a| {
+        a.with_push_stall(Duration::from_secs(120))
+            .with_buffer_budget(3 << 20)
+    })
+    .await;
+    let mut send = slow_reader(addr).await;
+    let raw = open(&mut send, &node_token("node-a"));
+    let first = small_first("node-a").encode_to_vec();
+    raw.send(frame_header(first.len() as u32)).await;
+    raw.send(Bytes::from(first)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    churn(&hub, 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A whole 2 MiB request while the controller is held up.
+    let mut next = small_first("node-a");
+    next.node = None;
+    next.response_nonce = "n".repeat(2 << 20);
+    let next = next.encode_to_vec();
+    raw.send(frame_header(next.len() as u32)).await;
+    for chunk in next.chunks(64 * 1024) {
+        raw.send(Bytes::copy_from_slice(chunk)).await;
+    }
+    let started = std::time::Instant::now();
+    let mut big = small_first("node-b");
+    big.response_nonce = "n".repeat(2 << 20);
+    let mut answered = false;
+    while started.elapsed() < Duration::from_secs(17) {
+        if first_answer(addr, &node_token("node-b"), big.clone())
+            .await
+            .is_ok()
+        {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(answered, "the waiting request's 2 MiB were not given back");
+    assert_eq!(
+        raw.status_within(Duration::from_secs(20)).await,
+        Some(tonic::Code::ResourceExhausted),
+        "the slow reader's stream ends for its request left waiting"
+    );
 }

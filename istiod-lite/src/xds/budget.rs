@@ -3,20 +3,20 @@
 //! Each stream's size limit bounds one request; this bounds them all at
 //! once: a request's bytes are taken from one shared budget as soon as its
 //! gRPC frame header announces them (before they arrive), and given back
-//! once it is decoded, or when its stream goes. A request the budget cannot
-//! take ends its stream RESOURCE_EXHAUSTED (the proxy backs off and
-//! retries) instead of being buffered.
+//! once its stream's task takes it (`reader`), or when its stream goes.
+//! A request the budget cannot take ends its stream RESOURCE_EXHAUSTED
+//! (the proxy backs off and retries) instead of being buffered.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes};
 use hyper::body::{Body, Frame, SizeHint};
-use tokio::time::{Instant, Sleep};
+use tokio::time::Sleep;
 use tonic::Status;
 use tracing::warn;
 
@@ -157,92 +157,15 @@ impl Drop for Held {
 pub const SMALL: usize = 64 * 1024;
 
 /// Time a message has to arrive once its header has: this, plus a second
-/// per MiB it announces, counting only time the stream's task waits for
-/// it (not time it spends handling a request or pushing: see [`Busy`]).
+/// per MiB it announces ([`allowance`]), in wall time (its stream's reader
+/// polls its body until it has arrived, whatever the stream's connection
+/// task is doing: `reader`).
 pub const MESSAGE_DEADLINE: Duration = Duration::from_secs(10);
 
-/// The time a stream's task spends not reading its requests (handling
-/// one, or waiting to push a response to a proxy that reads slowly): its
-/// proxy cannot send while the controller does not read (HTTP/2 flow
-/// control), so no message's deadline counts it.
-#[derive(Debug, Default)]
-pub struct Busy {
-    state: Mutex<BusyState>,
-}
-
-#[derive(Debug, Default)]
-struct BusyState {
-    /// Since when the task is busy, if it is.
-    since: Option<Instant>,
-    /// Busy time before that.
-    total: Duration,
-}
-
-impl Busy {
-    /// The task is busy until the returned guard is dropped.
-    pub fn mark(self: &Arc<Self>) -> BusyGuard {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.since.is_none() {
-            state.since = Some(Instant::now());
-        }
-        BusyGuard(self.clone())
-    }
-
-    /// Busy time so far, a stretch still going included.
-    fn total(&self) -> Duration {
-        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        state.total + state.since.map_or(Duration::ZERO, |s| s.elapsed())
-    }
-}
-
-/// A stretch of [`Busy`] time, ended when dropped.
-pub struct BusyGuard(Arc<Busy>);
-
-impl Drop for BusyGuard {
-    fn drop(&mut self) {
-        let mut state = self.0.state.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(since) = state.since.take() {
-            state.total += since.elapsed();
-        }
-    }
-}
-
-/// A message's deadline: its allowance of time waited for, counted from
-/// its header less the stream's busy time since.
-struct Deadline {
-    allowance: Duration,
-    from: Instant,
-    busy_then: Duration,
-    timer: Pin<Box<Sleep>>,
-}
-
-impl Deadline {
-    fn new(allowance: Duration, busy: &Busy) -> Deadline {
-        Deadline {
-            allowance,
-            from: Instant::now(),
-            busy_then: busy.total(),
-            timer: Box::pin(tokio::time::sleep(allowance)),
-        }
-    }
-
-    /// Whether the message is past its deadline; else the timer is set
-    /// (and registered with `cx`) for the time still left.
-    fn passed(&mut self, busy: &Busy, cx: &mut Context<'_>) -> bool {
-        if self.timer.as_mut().poll(cx).is_pending() {
-            return false;
-        }
-        let waited = self
-            .from
-            .elapsed()
-            .saturating_sub(busy.total().saturating_sub(self.busy_then));
-        let Some(left) = self.allowance.checked_sub(waited).filter(|l| !l.is_zero()) else {
-            return true;
-        };
-        self.timer.as_mut().reset(Instant::now() + left);
-        let _ = self.timer.as_mut().poll(cx);
-        false
-    }
+/// A message of `len` bytes' time to arrive once its header has (and,
+/// once it has, to be taken by its connection task).
+pub fn allowance(len: usize) -> Duration {
+    MESSAGE_DEADLINE + Duration::from_secs(len.div_ceil(1 << 20) as u64)
 }
 
 /// What a stream's messages may announce.
@@ -275,26 +198,12 @@ pub struct Counted<B> {
     left: usize,
     framing: Framing,
     /// When the current message must have arrived.
-    deadline: Option<Deadline>,
-    /// The stream's task's time not spent reading.
-    busy: Arc<Busy>,
+    deadline: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> Counted<B> {
     pub fn new(inner: B, held: Arc<Held>, share: Arc<Held>, framing: Framing) -> Counted<B> {
-        Counted::with_busy(inner, held, share, framing, Arc::default())
-    }
-
-    /// As [`Counted::new`], with deadlines that do not count `busy` time.
-    pub fn with_busy(
-        inner: B,
-        held: Arc<Held>,
-        share: Arc<Held>,
-        framing: Framing,
-        busy: Arc<Busy>,
-    ) -> Counted<B> {
         Counted {
-            busy,
             inner,
             held,
             share,
@@ -337,9 +246,7 @@ impl<B> Counted<B> {
             }
             self.left = len;
             if len > 0 {
-                let mib = len.div_ceil(1 << 20) as u64;
-                let wait = MESSAGE_DEADLINE + Duration::from_secs(mib);
-                self.deadline = Some(Deadline::new(wait, &self.busy));
+                self.deadline = Some(Box::pin(tokio::time::sleep(allowance(len))));
             }
         }
         Ok(())
@@ -403,7 +310,7 @@ where
         let this = &mut *self;
         let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
             if let Some(d) = &mut this.deadline
-                && d.passed(&this.busy, cx)
+                && d.as_mut().poll(cx).is_ready()
             {
                 this.deadline = None;
                 warn!(

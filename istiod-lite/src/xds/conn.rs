@@ -18,12 +18,12 @@ use std::time::SystemTime;
 
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tokio::sync::broadcast;
-use tonic::{Status, Streaming};
-use tracing::{debug, info, warn};
+use tonic::Status;
+use tracing::{info, warn};
 
 use super::admit::StreamGuard;
-use super::budget::Busy;
 use super::queue::{QueueError, QueueTx};
+use super::reader::{Cut, Incoming};
 use super::wire::Response;
 use super::{ConnView, Gated, Hub, NackView, PUSH_CHUNK, Pushed, TYPES};
 use crate::ca::auth::Caller;
@@ -261,8 +261,6 @@ pub(super) struct Conn {
     pub(super) subs: BTreeMap<String, Sub>,
     pub(super) tx: QueueTx,
     pub(super) nonce: u64,
-    /// Marked while the task handles a request or a push (not reading).
-    pub(super) busy: Arc<Busy>,
 }
 
 /// The stream is closed: the proxy is gone, or is cut off for this cause.
@@ -629,55 +627,19 @@ impl Conn {
         Ok(())
     }
 
+    /// Handles the stream's requests and the model's changes until it
+    /// ends. Its reader may cut it at any time, mid-push too (a request
+    /// left waiting too long: `reader`).
     pub(super) async fn run(
         mut self,
-        mut stream: Streaming<DeltaDiscoveryRequest>,
+        (mut incoming, mut cut): (Incoming, Cut),
         mut events: broadcast::Receiver<Arc<Pushed>>,
     ) {
-        let busy = self.busy.clone();
         let end = loop {
             let step: Result<bool, Status> = tokio::select! {
-                msg = stream.message() => match msg {
-                    Ok(Some(req)) => {
-                        let _busy = busy.mark();
-                        self.on_request(req).await.map(|()| false)
-                    }
-                    Ok(None) => Ok(true),
-                    Err(e) => {
-                        debug!(node = %self.view.node, error = %e, "stream error");
-                        Err(e)
-                    }
-                },
-                ev = events.recv() => match ev {
-                    Ok(p) => {
-                        let _busy = busy.mark();
-                        let r = self.on_delta(&p.delta).await;
-                        if r.is_ok() {
-                            metrics().converged(p.since.elapsed());
-                        }
-                        r.map(|()| false)
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        // Missed some deltas: diff everything instead.
-                        warn!(node = %self.view.node, missed = n, "push lagged; full resync");
-                        let _busy = busy.mark();
-                        self.recheck_gateways();
-                        // Its Gateway may have gone meanwhile.
-                        let mut r = self.still_allowed().map(|()| false);
-                        for t in TYPES {
-                            if r.is_err() {
-                                break;
-                            }
-                            if let Err(e) = self.push(t, Scope::Everything, false).await {
-                                r = Err(e);
-                            }
-                        }
-                        r
-                    }
-                    Err(broadcast::error::RecvError::Closed) => {
-                        Err(Status::unavailable("the controller is stopping"))
-                    }
-                },
+                biased;
+                why = cut.wait() => Err(why),
+                step = self.step(&mut incoming, &mut events) => step,
             };
             match step {
                 Ok(false) => {}
@@ -687,7 +649,49 @@ impl Conn {
         };
         info!(node = %self.view.node, id = self.view.id, status = ?end.as_ref().map(|s| s.code()),
             "xDS stream closed");
+        // The stream goes before its slot is given back.
+        incoming.stop().await;
         self.close(end);
+    }
+
+    /// Handles the next request or change: whether the stream ended.
+    async fn step(
+        &mut self,
+        incoming: &mut Incoming,
+        events: &mut broadcast::Receiver<Arc<Pushed>>,
+    ) -> Result<bool, Status> {
+        tokio::select! {
+            req = incoming.next() => match req {
+                Some(req) => self.on_request(req).await.map(|()| false),
+                // The reader ended: cleanly, unless it cut the stream
+                // (then its status is sent before its end, and `run`
+                // takes it first).
+                None => Ok(true),
+            },
+            ev = events.recv() => match ev {
+                Ok(p) => {
+                    let r = self.on_delta(&p.delta).await;
+                    if r.is_ok() {
+                        metrics().converged(p.since.elapsed());
+                    }
+                    r.map(|()| false)
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Missed some deltas: diff everything instead.
+                    warn!(node = %self.view.node, missed = n, "push lagged; full resync");
+                    self.recheck_gateways();
+                    // Its Gateway may have gone meanwhile.
+                    self.still_allowed()?;
+                    for t in TYPES {
+                        self.push(t, Scope::Everything, false).await?;
+                    }
+                    Ok(false)
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    Err(Status::unavailable("the controller is stopping"))
+                }
+            },
+        }
     }
 
     /// Ends the stream, with `why` as its status (None: a clean end).

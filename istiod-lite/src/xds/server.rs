@@ -9,7 +9,6 @@ use std::convert::Infallible;
 use std::task::{Context, Poll};
 
 use bytes::Buf;
-use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
@@ -17,7 +16,8 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
 use super::AdsService;
-use super::budget::{Busy, Counted, Framing, Held};
+use super::budget::{Counted, Framing, Held};
+use super::reader::{Charge, Charged, Incoming};
 use super::request::{self, LARGE_TYPES, Limits, MAX_FIRST_REQUEST, MAX_REQUEST};
 use super::wire::ResponseBody;
 
@@ -30,19 +30,20 @@ const METHOD: &str =
 /// shared budget cannot take ([`Counted`]); each is then held to the
 /// stream's current size limit and entry bound before it is decoded
 /// ([`request::decode`]), and its bytes given back to the budget.
+/// A decoded request keeps its bytes taken until its connection task
+/// takes it ([`Charged`]); a refused one gives them back at once.
 struct RequestDecoder {
     limits: Limits,
 }
 
 impl Decoder for RequestDecoder {
-    type Item = DeltaDiscoveryRequest;
+    type Item = Charged;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        let size = buf.remaining();
-        let decoded = request::decode(buf, &self.limits);
-        self.limits.decoded(size);
-        decoded.map(Some).map_err(Status::from)
+        let charge = Charge::new(self.limits.clone(), buf.remaining());
+        let req = request::decode(buf, &self.limits)?;
+        Ok(Some(Charged { req, charge }))
     }
 }
 
@@ -127,16 +128,16 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
             large: 0,
         }
     };
-    // The connection's task marks when it is not reading, which no
-    // message's deadline counts.
-    let busy = std::sync::Arc::new(Busy::default());
     let stream = Streaming::new_request(
         RequestDecoder { limits },
-        Counted::with_busy(body, held, share, framing, busy.clone()),
+        Counted::new(body, held, share, framing),
         None,
         Some(framing.max),
     );
-    match ads.open(caller, guard, stream, peer, busy).await {
+    // Read by a task of its own, so each message's deadline runs in wall
+    // time however long the connection's task is busy.
+    let (incoming, cut) = Incoming::spawn(stream);
+    match ads.open(caller, guard, (incoming, cut), peer).await {
         Ok((rx, end)) => {
             let mut res = http::Response::new(Body::new(ResponseBody::new(rx, end)));
             res.headers_mut().insert(
