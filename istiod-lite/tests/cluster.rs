@@ -2136,6 +2136,18 @@ async fn stalled_reviewer() -> Arc<TokenReviewer> {
          spec: {nodeName: node-1, serviceAccountName: ztunnel, containers: [{name: c, image: x}]}\n\
          status: {phase: Running, podIP: 10.0.0.9}\n",
     ))]);
+    // Another node's ztunnel, and a plain pod (neither a node agent's nor a
+    // Gateway's).
+    hub.apply(vec![upsert(yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: ztunnel-y, namespace: istio-system, uid: u-zy}\n\
+         spec: {nodeName: node-2, serviceAccountName: ztunnel, containers: [{name: c, image: x}]}\n\
+         status: {phase: Running, podIP: 10.0.0.8}\n",
+    ))]);
+    hub.apply(vec![upsert(yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: shop, uid: u-web}\n\
+         spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: c, image: x}]}\n\
+         status: {phase: Running, podIP: 10.0.0.7}\n",
+    ))]);
     Arc::new(TokenReviewer::new(
         client,
         ReviewConfig {
@@ -2221,4 +2233,172 @@ async fn one_address_has_only_a_few_reviews_in_flight() {
     )
     .await;
     assert!(other.is_err(), "not sent for review: {other:?}");
+}
+
+/// `pod_jwt` with a signature of its own: a new token (digest) naming the
+/// same pod, as a pod that knows the uid can forge.
+fn forged(ns: &str, name: &str, uid: &str, i: usize) -> String {
+    format!("{}A{i}", pod_jwt(ns, name, uid))
+}
+
+/// Fills the unreserved review slots of a stalled reviewer with strangers.
+async fn fill_unreserved(reviewer: &Arc<TokenReviewer>) {
+    use istiod_lite::ca::auth::Authenticator;
+    use istiod_lite::cluster::tokenreview::{RESERVED_FOR_KNOWN, REVIEWS_AT_ONCE};
+    for i in 0..REVIEWS_AT_ONCE - RESERVED_FOR_KNOWN {
+        let r = reviewer.clone();
+        let md = bearer_md(&pod_jwt("shop", &format!("stranger-{i}"), "u-x"));
+        tokio::spawn(async move { r.authenticate(&md).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// Whether a token is sent for review (so waits on the stalled API
+/// server) rather than refused within a few seconds.
+async fn sent_for_review(reviewer: &Arc<TokenReviewer>, token: &str) -> bool {
+    use istiod_lite::ca::auth::Authenticator;
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        reviewer.authenticate(&bearer_md(token)),
+    )
+    .await
+    .is_err()
+}
+
+/// The reserved slots are for node agents' and Gateways' pods only: a
+/// plain pod the model knows, forging tokens that name itself (each a new
+/// digest), takes none of them, so a ztunnel's token still gets one.
+#[tokio::test]
+async fn a_plain_pods_forged_tokens_take_no_reserved_slot() {
+    use istiod_lite::ca::auth::Authenticator;
+    use istiod_lite::cluster::tokenreview::RESERVED_FOR_KNOWN;
+    let reviewer = stalled_reviewer().await;
+    fill_unreserved(&reviewer).await;
+    for i in 0..RESERVED_FOR_KNOWN {
+        let r = reviewer.clone();
+        let md = bearer_md(&forged("shop", "web-1", "u-web", i));
+        tokio::spawn(async move { r.authenticate(&md).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sent_for_review(&reviewer, &pod_jwt("istio-system", "ztunnel-x", "u-zt")).await,
+        "the ztunnel's token found no slot"
+    );
+}
+
+/// One review per claimed pod at a time: forged tokens naming one
+/// ztunnel's pod hold one reserved slot, so another ztunnel's token gets
+/// one of the rest.
+#[tokio::test]
+async fn forged_tokens_naming_one_pod_hold_one_reserved_slot() {
+    use istiod_lite::ca::auth::Authenticator;
+    use istiod_lite::cluster::tokenreview::RESERVED_FOR_KNOWN;
+    let reviewer = stalled_reviewer().await;
+    fill_unreserved(&reviewer).await;
+    for i in 0..RESERVED_FOR_KNOWN {
+        let r = reviewer.clone();
+        let md = bearer_md(&forged("istio-system", "ztunnel-x", "u-zt", i));
+        tokio::spawn(async move { r.authenticate(&md).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sent_for_review(&reviewer, &pod_jwt("istio-system", "ztunnel-y", "u-zy")).await,
+        "the other ztunnel's token found no slot"
+    );
+}
+
+/// A ztunnel asks for a certificate per local identity at once, all with
+/// its one token: with nothing remembered (a token without `exp` is never
+/// cached), a burst of 8 from its one address all succeed, on one review.
+#[tokio::test]
+async fn a_ztunnels_burst_with_one_token_is_reviewed_once_and_all_succeed() {
+    use istiod_lite::ca::auth::Authenticator;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    state.lock().unwrap().reviews.insert(
+        "zt".into(),
+        json!({"authenticated": true, "audiences": ["istio-ca"],
+               "user": {"username": "system:serviceaccount:istio-system:ztunnel",
+                        "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x"],
+                                  "authentication.kubernetes.io/pod-uid": ["u-zt"],
+                                  "authentication.kubernetes.io/node-name": ["node-1"]}}}),
+    );
+    let client = serve(state.clone(), "a").await;
+    let reviewer = Arc::new(TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        Hub::new(Model::new(ModelConfig::default())),
+    ));
+    let peer: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let r = reviewer.clone();
+            tokio::spawn(async move {
+                r.authenticate_from(&bearer_md(&sa_jwt("zt")), Some(peer))
+                    .await
+            })
+        })
+        .collect();
+    for b in burst {
+        let caller = b.await.unwrap().expect("each of the burst succeeds");
+        assert_eq!(caller.node, "node-1");
+    }
+    assert_eq!(
+        state.lock().unwrap().review_calls,
+        1,
+        "one review for the burst"
+    );
+}
+
+/// The xDS server passes each caller's address to the authenticator: one
+/// address opening streams with strangers' tokens has at most a few
+/// reviews in flight, and its next stream is refused UNAVAILABLE at once
+/// (passed no address, it would wait for a free slot instead).
+#[tokio::test]
+async fn xds_passes_the_callers_address_to_the_review_bound() {
+    use istiod_lite::cluster::tokenreview::REVIEWS_PER_PEER;
+    use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let reviewer = stalled_reviewer().await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    hub.set_ready();
+    let ads = istiod_lite::xds::AdsService::new(hub, reviewer).into_server();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        istiod_lite::ca::with_limits(tonic::transport::Server::builder())
+            .add_service(ads)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let open = |i: usize| {
+        let channel = channel.clone();
+        async move {
+            let (_tx, rx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(1);
+            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let token = pod_jwt("shop", &format!("stranger-{i}"), "u-x");
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            AggregatedDiscoveryServiceClient::new(channel)
+                .delta_aggregated_resources(req)
+                .await
+                .map(|_| ())
+        }
+    };
+    for i in 0..REVIEWS_PER_PEER {
+        tokio::spawn(open(i));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = tokio::time::timeout(Duration::from_millis(700), open(99))
+        .await
+        .expect("refused at once");
+    assert_eq!(next.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
 }

@@ -9,20 +9,32 @@
 //! [`crate::access`]).
 //!
 //! Reviews are cached for a short while by a hash of the token: a ztunnel
-//! asks for certificates in bursts, and one review per burst is enough. A
-//! good review is never remembered past the token's own expiry (its `exp`),
-//! and not at all for a token that names none. Anyone may present a token,
-//! so what a stranger can make the controller do is bounded: a token not
-//! shaped as a JWT is refused without a review, at most
-//! [`REVIEWS_AT_ONCE`] reviews run at once (the rest wait their turn a
-//! second, then are told UNAVAILABLE), of which [`RESERVED_FOR_KNOWN`] are
-//! kept for tokens whose payload (read unverified, only to choose the
-//! slots) names a pod the model knows by namespace, name and uid; one
-//! address may have at most [`REVIEWS_PER_PEER`] waiting or in flight
-//! (past it, UNAVAILABLE at once); and
-//! refusals are remembered apart from acceptances, in a cache of their own
-//! that drops its oldest when full: bogus tokens never push the ztunnels'
-//! good reviews out.
+//! asks for certificates in bursts, and one review per burst is enough
+//! (callers presenting a token whose review is in flight wait for its
+//! answer: [`super::flight`]). A good review is never remembered past the
+//! token's own expiry (its `exp`), and not at all for a token that names
+//! none. Anyone may present a token, so what a stranger can make the
+//! controller do is bounded: a token not shaped as a JWT is refused
+//! without a review; at most [`REVIEWS_AT_ONCE`] reviews run at once (the
+//! rest wait their turn a second, then are told UNAVAILABLE); one address
+//! may have at most [`REVIEWS_PER_PEER`] reviews it sent waiting or in
+//! flight (past it, UNAVAILABLE at once; callers waiting on another's
+//! review of the same token are not counted); and refusals are remembered
+//! apart from acceptances, in a cache of their own that drops its oldest
+//! when full: bogus tokens never push the ztunnels' good reviews out.
+//!
+//! [`RESERVED_FOR_KNOWN`] of the slots are kept for tokens whose payload
+//! (read unverified, only to choose the slots) names, by namespace, name
+//! and uid, a pod the model knows that runs as the ztunnel's service
+//! account or is a Gateway's pod ([`crate::access::may_admit`]): the
+//! callers that must not be kept out. The payload is unverified, so a pod
+//! that knows such a pod's uid can forge tokens naming it (each a new
+//! digest, never cached): at most one review per claimed uid is waiting
+//! or in flight at once (others wait for it, a second, then UNAVAILABLE),
+//! so forged tokens hold at most one reserved slot per uid the forger
+//! knows. A pod learns its own uid; a node's ztunnel, those of its node's
+//! pods. Peers behind a NodePort or load balancer that rewrites source
+//! addresses (SNAT) share one address, and so its bound.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
@@ -37,6 +49,7 @@ use mesh_core::identity::Identity;
 use tonic::metadata::MetadataMap;
 use tracing::debug;
 
+use super::flight::Flights;
 use crate::ca::auth::{AuthError, Authenticator, Caller, bearer};
 use crate::xds::Hub;
 
@@ -57,10 +70,12 @@ const PER_POD: usize = 4;
 const REFUSALS_MAX: usize = 10_000;
 /// TokenReviews in flight at once, at most.
 pub const REVIEWS_AT_ONCE: usize = 16;
-/// Of them, kept for tokens whose unverified claims name a pod the model
-/// knows: strangers' tokens never hold these.
+/// Of them, kept for tokens whose unverified claims name a node agent's
+/// pod or a Gateway's pod the model knows, at most one per claimed pod:
+/// other tokens never hold these.
 pub const RESERVED_FOR_KNOWN: usize = 6;
-/// Reviews one peer address may have waiting or in flight at once.
+/// Reviews one peer address may have sent and waiting or in flight at once
+/// (not counting its callers waiting on a review of the same token).
 pub const REVIEWS_PER_PEER: usize = 4;
 /// How long a caller waits for a review slot before it is told to retry.
 const SLOT_WAIT: Duration = Duration::from_secs(1);
@@ -87,6 +102,32 @@ pub struct TokenReviewer {
     reserved: tokio::sync::Semaphore,
     /// Reviews waiting or in flight per peer address.
     per_peer: Mutex<HashMap<IpAddr, usize>>,
+    /// Reviews in flight by token digest: one per token.
+    flights: Flights<[u8; 32], Result<Caller, AuthError>>,
+    /// Per pod uid claimed by a token that may take a reserved slot: one
+    /// review waiting or in flight at once.
+    per_uid: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+}
+
+/// The one review waiting or in flight for a claimed pod uid.
+struct UidTurn<'a> {
+    per_uid: &'a Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    uid: String,
+    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Drop for UidTurn<'_> {
+    fn drop(&mut self) {
+        drop(self.permit.take());
+        let mut map = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
+        // Clones are made under this lock: one left is the map's own.
+        if map
+            .get(&self.uid)
+            .is_some_and(|s| Arc::strong_count(s) == 1)
+        {
+            map.remove(&self.uid);
+        }
+    }
 }
 
 /// One review counted against its peer's address; uncounted when dropped.
@@ -293,22 +334,69 @@ impl TokenReviewer {
             in_flight: tokio::sync::Semaphore::new(REVIEWS_AT_ONCE - RESERVED_FOR_KNOWN),
             reserved: tokio::sync::Semaphore::new(RESERVED_FOR_KNOWN),
             per_peer: Mutex::new(HashMap::new()),
+            flights: Flights::default(),
+            per_uid: Mutex::new(HashMap::new()),
         }
     }
 
-    /// Whether the token's unverified claims name a pod the model knows
-    /// (namespace, name and uid): such a token may take a reserved slot.
-    fn names_known_pod(&self, token: &str) -> bool {
-        super::jwt::pod_claim(token)
-            .is_some_and(|(ns, pod, uid)| self.hub.model().pod_node(&ns, &pod, &uid).is_some())
+    /// The pod uid the token's unverified claims name, when that pod is
+    /// one the model knows (namespace, name and uid) that runs as the
+    /// ztunnel's service account or is a Gateway's pod: such a token may
+    /// take a reserved slot, one review per uid at a time.
+    fn reserved_claim(&self, token: &str) -> Option<String> {
+        let (ns, pod, uid) = super::jwt::pod_claim(token)?;
+        let model = self.hub.model();
+        let (node, account) = model.pod_node_account(&ns, &pod, &uid)?;
+        let (zt_ns, zt_sa) = &self.cfg.ztunnel_account;
+        if (ns.as_str(), account.as_str()) == (zt_ns.as_str(), zt_sa.as_str()) {
+            return Some(uid);
+        }
+        let only = Identity::new(&self.cfg.trust_domain, &ns, &account).ok()?;
+        let caller = Caller {
+            node,
+            only: Some(only),
+            pod: Some((ns, pod)),
+        };
+        crate::access::may_admit(&caller, &model).ok()?;
+        Some(uid)
     }
 
-    /// A review slot, waited for at most [`SLOT_WAIT`]: any free one for a
-    /// token naming a known pod, else only the unreserved ones.
-    async fn slot(&self, token: &str) -> Result<tokio::sync::SemaphorePermit<'_>, AuthError> {
-        let known = self.names_known_pod(token);
+    /// The turn of the one review for pod `uid`, waited for until `until`.
+    async fn uid_turn(&self, uid: String, until: Instant) -> Result<UidTurn<'_>, AuthError> {
+        let sem = {
+            let mut map = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
+            map.entry(uid.clone())
+                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
+                .clone()
+        };
+        let mut turn = UidTurn {
+            per_uid: &self.per_uid,
+            uid,
+            permit: None,
+        };
+        let got = tokio::time::timeout_at(until.into(), sem.acquire_owned()).await;
+        match got {
+            Ok(Ok(permit)) => {
+                turn.permit = Some(permit);
+                Ok(turn)
+            }
+            Ok(Err(e)) => Err(AuthError::ReviewFailed(e.to_string())),
+            Err(_) => {
+                debug!("token review refused: a review for the pod it names is in flight");
+                Err(AuthError::Busy)
+            }
+        }
+    }
+
+    /// A review slot, waited for until `until`: any free one for a token
+    /// that may take a reserved one, else only the unreserved ones.
+    async fn slot(
+        &self,
+        reserved: bool,
+        until: Instant,
+    ) -> Result<tokio::sync::SemaphorePermit<'_>, AuthError> {
         let wait = async {
-            if known {
+            if reserved {
                 tokio::select! {
                     p = self.reserved.acquire() => p,
                     p = self.in_flight.acquire() => p,
@@ -317,11 +405,11 @@ impl TokenReviewer {
                 self.in_flight.acquire().await
             }
         };
-        match tokio::time::timeout(SLOT_WAIT, wait).await {
+        match tokio::time::timeout_at(until.into(), wait).await {
             Ok(turn) => turn.map_err(|e| AuthError::ReviewFailed(e.to_string())),
             Err(_) => {
                 debug!(
-                    known,
+                    reserved,
                     "token review refused: every review slot it may take is taken"
                 );
                 Err(AuthError::Busy)
@@ -365,12 +453,33 @@ impl TokenReviewer {
         if let Some(answer) = self.remembered(&key) {
             return answer;
         }
+        // One review per token at a time: a burst of calls with one token
+        // waits for one answer, and only its sender counts against its
+        // address.
+        self.flights
+            .once(key, || self.send_review(token, key, peer))
+            .await
+    }
+
+    /// Sends a review of the token with digest `key`, within the bounds.
+    async fn send_review(
+        &self,
+        token: &str,
+        key: [u8; 32],
+        peer: Option<IpAddr>,
+    ) -> Result<Caller, AuthError> {
         // At most so many reviews at once; the rest wait their turn a
         // little (and may find the answer remembered once it comes), then
         // are told to retry: a flood of strangers' tokens does not queue
         // good callers behind it for good.
         let _peer_turn = PeerTurn::take(&self.per_peer, peer)?;
-        let _turn = self.slot(token).await?;
+        let until = Instant::now() + SLOT_WAIT;
+        let claim = self.reserved_claim(token);
+        let uid_turn = match claim {
+            Some(uid) => Some(self.uid_turn(uid, until).await?),
+            None => None,
+        };
+        let _turn = self.slot(uid_turn.is_some(), until).await?;
         if let Some(answer) = self.remembered(&key) {
             return answer;
         }

@@ -157,6 +157,21 @@ impl Model {
         p.node.clone()
     }
 
+    /// The node and service account of the pod with that uid, when it is
+    /// known and placed on a node.
+    pub fn pod_node_account(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Option<(String, String)> {
+        let p = self.pods.get(&(namespace.to_string(), name.to_string()))?;
+        if p.uid.as_deref() != Some(uid) {
+            return None;
+        }
+        Some((p.node.clone()?, p.service_account().to_string()))
+    }
+
     /// The node of a running pod and its service account's identity: how
     /// a pod's own token (folder mode) is tied to the pod.
     pub fn pod_identity(
