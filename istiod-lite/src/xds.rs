@@ -37,6 +37,7 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use mesh_core::identity::Identity;
+use mesh_core::loglimit::LogLimit;
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use mesh_proto::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
@@ -439,6 +440,8 @@ pub struct AdsService {
     workloads: Arc<Budget>,
     first_deadline: Duration,
     push_stall: Duration,
+    /// Admission refusals' log lines, limited.
+    refusals: Arc<LogLimit>,
 }
 
 impl AdsService {
@@ -451,6 +454,7 @@ impl AdsService {
             budget,
             first_deadline: FIRST_REQUEST_DEADLINE,
             push_stall: queue::PUSH_STALL,
+            refusals: Arc::new(LogLimit::default()),
         }
     }
 
@@ -501,13 +505,21 @@ impl AdsService {
             ));
         }
         let admitted = crate::access::may_admit(&caller, &self.hub.model());
+        // Refusals are logged a line per kind per period at most (a flood
+        // of them would flood the log), with how many were left out.
+        let now = std::time::Instant::now();
         if let Err(why) = admitted {
-            warn!(node = %caller.node, pod = ?caller.pod, reason = %why,
-                "xDS stream refused on its headers");
+            if let Some(left_out) = self.refusals.admit("headers", now) {
+                warn!(node = %caller.node, pod = ?caller.pod, reason = %why, left_out,
+                    "xDS stream refused on its headers");
+            }
             return Err(Status::permission_denied(why.to_string()));
         }
-        let guard = StreamGuard::take(&self.hub, Quota::of(&caller)).inspect_err(|_| {
-            warn!(node = %caller.node, pod = ?caller.pod, "xDS stream refused: quota full");
+        let guard = StreamGuard::take(&self.hub, Quota::of(&caller)).inspect_err(|s| {
+            if let Some(left_out) = self.refusals.admit("quota", now) {
+                warn!(node = %caller.node, pod = ?caller.pod, reason = %s.message(), left_out,
+                    "xDS stream refused: quota full");
+            }
         })?;
         Ok((caller, guard))
     }
@@ -673,6 +685,33 @@ mod tests {
         );
         let v: serde_json::Value = serde_yaml::from_str(&doc).expect("yaml");
         Change::Upsert(Object::parse(v).expect("parses").expect("known"))
+    }
+
+    /// A flood of streams refused on their headers (a plain pod's own
+    /// token) writes one log line per period, the next carrying how many
+    /// were left out.
+    #[tokio::test]
+    async fn admission_refusals_are_logged_once_per_period() {
+        use crate::ca::auth::BootstrapTokens;
+        let hub = Hub::new(Model::new(ModelConfig::default()));
+        hub.apply(vec![pod(0)]);
+        hub.set_ready();
+        let token = "pod-token-for-shop-p-0-0123456789";
+        let tokens = BootstrapTokens::new([("shop/p-0".to_string(), token.to_string())])
+            .expect("tokens")
+            .with_pods(hub.clone());
+        let ads = AdsService::new(hub, Arc::new(tokens));
+        let mut md = MetadataMap::new();
+        md.insert(
+            "authorization",
+            format!("Bearer {token}").parse().expect("header"),
+        );
+        for _ in 0..100 {
+            let refused = ads.admit(&md, None).await.err().expect("refused");
+            assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+        }
+        let later = std::time::Instant::now() + mesh_core::loglimit::EVERY;
+        assert_eq!(ads.refusals.due(later), vec![("headers", 99)]);
     }
 
     fn gone(i: usize) -> Change {

@@ -134,7 +134,7 @@ mod tests {
     async fn a_leader_gone_unanswered_leaves_a_waiter_to_send() {
         let flights: Arc<Flights<u8, u32>> = Arc::default();
         let f = flights.clone();
-        let leader = tokio::spawn(async move { f.once(1, || std::future::pending::<u32>()).await });
+        let leader = tokio::spawn(async move { f.once(1, std::future::pending::<u32>).await });
         tokio::time::sleep(Duration::from_millis(50)).await;
         let f = flights.clone();
         let waiter = tokio::spawn(async move { f.once(1, || async { 9 }).await });

@@ -12,7 +12,6 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tonic::Status;
-use tracing::warn;
 
 use super::Hub;
 use super::Quota;
@@ -47,13 +46,7 @@ impl Slots {
             .entry(quota.clone())
             .or_insert_with(|| (0, Budget::new(quota.share_max())));
         if *n >= quota.max() {
-            let n = *n;
-            drop(open);
-            warn!(
-                ?quota,
-                open = n,
-                "xDS stream refused: too many open for this caller"
-            );
+            // Logged by the caller, limited (`AdsService::admit`).
             return Err(Status::resource_exhausted(format!(
                 "{n} xDS streams open for {quota:?}; at most {} may be",
                 quota.max()
