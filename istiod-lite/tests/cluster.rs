@@ -2167,7 +2167,8 @@ fn bearer_md(t: &str) -> tonic::metadata::MetadataMap {
 
 /// Strangers' tokens filling every general review slot (here against an
 /// API server that stalls) do not keep out a token whose unverified claims
-/// name a pod the model knows: a share of the slots is kept for those, so
+/// name a ztunnel's pod the model knows: a share of the slots is kept for
+/// node agents' and Gateways' pods, so
 /// its review is sent (and waits on the API server) instead of being
 /// refused UNAVAILABLE.
 #[tokio::test]
