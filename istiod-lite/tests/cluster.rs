@@ -2193,7 +2193,10 @@ async fn a_known_pods_token_gets_a_review_slot_while_strangers_hold_the_rest() {
     // The known pod's token is reviewed: it waits on the API server.
     let known = tokio::time::timeout(
         Duration::from_secs(3),
-        reviewer.authenticate(&bearer_md(&pod_jwt("istio-system", "ztunnel-x", "u-zt"))),
+        reviewer.authenticate_from(
+            &bearer_md(&pod_jwt("istio-system", "ztunnel-x", "u-zt")),
+            Some("10.0.0.9".parse().unwrap()),
+        ),
     )
     .await;
     assert!(known.is_err(), "not sent for review: {known:?}");
@@ -2256,11 +2259,12 @@ async fn fill_unreserved(reviewer: &Arc<TokenReviewer>) {
 
 /// Whether a token is sent for review (so waits on the stalled API
 /// server) rather than refused within a few seconds.
-async fn sent_for_review(reviewer: &Arc<TokenReviewer>, token: &str) -> bool {
+async fn sent_for_review(reviewer: &Arc<TokenReviewer>, token: &str, from: &str) -> bool {
     use istiod_lite::ca::auth::Authenticator;
+    let from: std::net::IpAddr = from.parse().unwrap();
     tokio::time::timeout(
         Duration::from_secs(3),
-        reviewer.authenticate(&bearer_md(token)),
+        reviewer.authenticate_from(&bearer_md(token), Some(from)),
     )
     .await
     .is_err()
@@ -2282,14 +2286,19 @@ async fn a_plain_pods_forged_tokens_take_no_reserved_slot() {
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        sent_for_review(&reviewer, &pod_jwt("istio-system", "ztunnel-x", "u-zt")).await,
+        sent_for_review(
+            &reviewer,
+            &pod_jwt("istio-system", "ztunnel-x", "u-zt"),
+            "10.0.0.9"
+        )
+        .await,
         "the ztunnel's token found no slot"
     );
 }
 
 /// One review per claimed pod at a time: forged tokens naming one
-/// ztunnel's pod hold one reserved slot, so another ztunnel's token gets
-/// one of the rest.
+/// ztunnel's pod, even sent from its own address, hold one reserved slot,
+/// so another ztunnel's token gets one of the rest.
 #[tokio::test]
 async fn forged_tokens_naming_one_pod_hold_one_reserved_slot() {
     use istiod_lite::ca::auth::Authenticator;
@@ -2299,12 +2308,68 @@ async fn forged_tokens_naming_one_pod_hold_one_reserved_slot() {
     for i in 0..RESERVED_FOR_KNOWN {
         let r = reviewer.clone();
         let md = bearer_md(&forged("istio-system", "ztunnel-x", "u-zt", i));
-        tokio::spawn(async move { r.authenticate(&md).await });
+        let from: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+        tokio::spawn(async move { r.authenticate_from(&md, Some(from)).await });
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(
-        sent_for_review(&reviewer, &pod_jwt("istio-system", "ztunnel-y", "u-zy")).await,
+        sent_for_review(
+            &reviewer,
+            &pod_jwt("istio-system", "ztunnel-y", "u-zy"),
+            "10.0.0.8"
+        )
+        .await,
         "the other ztunnel's token found no slot"
+    );
+}
+
+/// Forged tokens naming a ztunnel's pod, sent from addresses that are not
+/// the pod's, neither take reserved slots nor queue ahead of the pod's own
+/// token: the real ztunnel's token, from its own address, is still sent
+/// for review (not told UNAVAILABLE after waiting behind them).
+#[tokio::test]
+async fn forged_tokens_from_other_addresses_do_not_queue_ahead_of_the_pods_own() {
+    use istiod_lite::ca::auth::Authenticator;
+    let reviewer = stalled_reviewer().await;
+    fill_unreserved(&reviewer).await;
+    for i in 0..12 {
+        let r = reviewer.clone();
+        let md = bearer_md(&forged("istio-system", "ztunnel-x", "u-zt", i));
+        let from: std::net::IpAddr = format!("10.7.0.{i}").parse().unwrap();
+        tokio::spawn(async move { r.authenticate_from(&md, Some(from)).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sent_for_review(
+            &reviewer,
+            &pod_jwt("istio-system", "ztunnel-x", "u-zt"),
+            "10.0.0.9"
+        )
+        .await,
+        "the ztunnel's own token was refused"
+    );
+}
+
+/// A token naming a ztunnel's pod whose one reserved turn is taken (here
+/// by a forged token from the pod's own address) does not wait behind it:
+/// it takes a free unreserved slot at once.
+#[tokio::test]
+async fn a_claimed_pods_second_token_takes_a_free_unreserved_slot() {
+    use istiod_lite::ca::auth::Authenticator;
+    let reviewer = stalled_reviewer().await;
+    let from: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    let r = reviewer.clone();
+    let md = bearer_md(&forged("istio-system", "ztunnel-x", "u-zt", 0));
+    tokio::spawn(async move { r.authenticate_from(&md, Some(from)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sent_for_review(
+            &reviewer,
+            &pod_jwt("istio-system", "ztunnel-x", "u-zt"),
+            "10.0.0.9"
+        )
+        .await,
+        "the second token waited behind the first and was refused"
     );
 }
 

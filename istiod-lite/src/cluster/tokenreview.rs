@@ -26,17 +26,19 @@
 //! [`RESERVED_FOR_KNOWN`] of the slots are kept for tokens whose payload
 //! (read unverified, only to choose the slots) names, by namespace, name
 //! and uid, a pod the model knows that runs as the ztunnel's service
-//! account or is a Gateway's pod ([`crate::access::may_admit`]): the
-//! callers that must not be kept out. The payload is unverified, so a pod
-//! that knows such a pod's uid can forge tokens naming it (each a new
-//! digest, never cached): at most one review per claimed uid is waiting
-//! or in flight at once (others wait for it, a second, then UNAVAILABLE),
-//! so forged tokens hold at most one reserved slot per uid the forger
-//! knows. A pod learns its own uid; a node's ztunnel, those of its node's
-//! pods. Peers behind a NodePort or load balancer that rewrites source
-//! addresses (SNAT) share one address, and so its bound.
+//! account or is a Gateway's pod ([`crate::access::may_admit`]), sent from
+//! one of that pod's addresses in the model (a hostNetwork pod's are its
+//! node's): the callers that must not be kept out. The payload is
+//! unverified, so a pod that knows such a pod's uid can forge tokens
+//! naming it (each a new digest, never cached); from another address they
+//! take no reserved slot. At most one review per claimed uid holds a
+//! reserved turn, and it is never waited for: another token naming the
+//! uid meanwhile takes an unreserved slot like any token, so no claimant
+//! queues ahead of the pod's own. Peers behind a NodePort or load
+//! balancer that rewrites source addresses (SNAT) share one address, and
+//! so its bound, and take no reserved slot.
 
-use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -71,7 +73,8 @@ const REFUSALS_MAX: usize = 10_000;
 /// TokenReviews in flight at once, at most.
 pub const REVIEWS_AT_ONCE: usize = 16;
 /// Of them, kept for tokens whose unverified claims name a node agent's
-/// pod or a Gateway's pod the model knows, at most one per claimed pod:
+/// pod or a Gateway's pod the model knows, sent from that pod's address,
+/// at most one per claimed pod:
 /// other tokens never hold these.
 pub const RESERVED_FOR_KNOWN: usize = 6;
 /// Reviews one peer address may have sent and waiting or in flight at once
@@ -104,29 +107,35 @@ pub struct TokenReviewer {
     per_peer: Mutex<HashMap<IpAddr, usize>>,
     /// Reviews in flight by token digest: one per token.
     flights: Flights<[u8; 32], Result<Caller, AuthError>>,
-    /// Per pod uid claimed by a token that may take a reserved slot: one
-    /// review waiting or in flight at once.
-    per_uid: Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    /// Pod uids whose one review on a reserved turn is waiting or in
+    /// flight.
+    per_uid: Mutex<HashSet<String>>,
 }
 
-/// The one review waiting or in flight for a claimed pod uid.
+/// The one review on a reserved turn for a claimed pod uid; the turn is
+/// given back when dropped.
 struct UidTurn<'a> {
-    per_uid: &'a Mutex<HashMap<String, Arc<tokio::sync::Semaphore>>>,
+    per_uid: &'a Mutex<HashSet<String>>,
     uid: String,
-    permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl<'a> UidTurn<'a> {
+    /// The turn for `uid`, if no other review holds it: never waited for,
+    /// so no claimant queues ahead of another.
+    fn take(per_uid: &'a Mutex<HashSet<String>>, uid: String) -> Option<UidTurn<'a>> {
+        let mut set = per_uid.lock().unwrap_or_else(|p| p.into_inner());
+        if !set.insert(uid.clone()) {
+            debug!("a review for the pod a token names holds its reserved turn");
+            return None;
+        }
+        Some(UidTurn { per_uid, uid })
+    }
 }
 
 impl Drop for UidTurn<'_> {
     fn drop(&mut self) {
-        drop(self.permit.take());
-        let mut map = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
-        // Clones are made under this lock: one left is the map's own.
-        if map
-            .get(&self.uid)
-            .is_some_and(|s| Arc::strong_count(s) == 1)
-        {
-            map.remove(&self.uid);
-        }
+        let mut set = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.uid);
     }
 }
 
@@ -335,17 +344,21 @@ impl TokenReviewer {
             reserved: tokio::sync::Semaphore::new(RESERVED_FOR_KNOWN),
             per_peer: Mutex::new(HashMap::new()),
             flights: Flights::default(),
-            per_uid: Mutex::new(HashMap::new()),
+            per_uid: Mutex::new(HashSet::new()),
         }
     }
 
     /// The pod uid the token's unverified claims name, when that pod is
     /// one the model knows (namespace, name and uid) that runs as the
-    /// ztunnel's service account or is a Gateway's pod: such a token may
-    /// take a reserved slot, one review per uid at a time.
-    fn reserved_claim(&self, token: &str) -> Option<String> {
+    /// ztunnel's service account or is a Gateway's pod, and the token
+    /// comes from one of that pod's addresses: such a token may take a
+    /// reserved slot, one review per uid at a time.
+    fn reserved_claim(&self, token: &str, peer: Option<IpAddr>) -> Option<String> {
         let (ns, pod, uid) = super::jwt::pod_claim(token)?;
         let model = self.hub.model();
+        if !model.pod_has_ip(&ns, &pod, &uid, peer?) {
+            return None;
+        }
         let (node, account) = model.pod_node_account(&ns, &pod, &uid)?;
         let (zt_ns, zt_sa) = &self.cfg.ztunnel_account;
         if (ns.as_str(), account.as_str()) == (zt_ns.as_str(), zt_sa.as_str()) {
@@ -359,33 +372,6 @@ impl TokenReviewer {
         };
         crate::access::may_admit(&caller, &model).ok()?;
         Some(uid)
-    }
-
-    /// The turn of the one review for pod `uid`, waited for until `until`.
-    async fn uid_turn(&self, uid: String, until: Instant) -> Result<UidTurn<'_>, AuthError> {
-        let sem = {
-            let mut map = self.per_uid.lock().unwrap_or_else(|p| p.into_inner());
-            map.entry(uid.clone())
-                .or_insert_with(|| Arc::new(tokio::sync::Semaphore::new(1)))
-                .clone()
-        };
-        let mut turn = UidTurn {
-            per_uid: &self.per_uid,
-            uid,
-            permit: None,
-        };
-        let got = tokio::time::timeout_at(until.into(), sem.acquire_owned()).await;
-        match got {
-            Ok(Ok(permit)) => {
-                turn.permit = Some(permit);
-                Ok(turn)
-            }
-            Ok(Err(e)) => Err(AuthError::ReviewFailed(e.to_string())),
-            Err(_) => {
-                debug!("token review refused: a review for the pod it names is in flight");
-                Err(AuthError::Busy)
-            }
-        }
     }
 
     /// A review slot, waited for until `until`: any free one for a token
@@ -474,11 +460,11 @@ impl TokenReviewer {
         // good callers behind it for good.
         let _peer_turn = PeerTurn::take(&self.per_peer, peer)?;
         let until = Instant::now() + SLOT_WAIT;
-        let claim = self.reserved_claim(token);
-        let uid_turn = match claim {
-            Some(uid) => Some(self.uid_turn(uid, until).await?),
-            None => None,
-        };
+        // A token that may take a reserved slot whose pod's turn is held
+        // waits like any other, never behind the holder.
+        let uid_turn = self
+            .reserved_claim(token, peer)
+            .and_then(|uid| UidTurn::take(&self.per_uid, uid));
         let _turn = self.slot(uid_turn.is_some(), until).await?;
         if let Some(answer) = self.remembered(&key) {
             return answer;
