@@ -837,3 +837,58 @@ async fn a_request_left_waiting_by_a_slow_reader_is_given_back_in_time() {
         "the slow reader's stream ends for its request left waiting"
     );
 }
+
+/// A small request and a large request's header in one write: the reader
+/// hands over the small one and, while the controller is held up pushing
+/// to this slow reader, waits to hand over the next; the large request's
+/// bytes, taken at its header, are still given back within its allowance
+/// (the stream ended RESOURCE_EXHAUSTED), not held for as long as the
+/// controller is held up.
+#[tokio::test]
+async fn an_ack_and_a_large_header_in_one_write_give_the_bytes_back_in_time() {
+    use prost::Message;
+    let (hub, addr) = serve_hub(|a| {
+        a.with_push_stall(Duration::from_secs(120))
+            .with_buffer_budget(3 << 20)
+    })
+    .await;
+    let mut send = slow_reader(addr).await;
+    let raw = open(&mut send, &node_token("node-a"));
+    let first = small_first("node-a").encode_to_vec();
+    raw.send(frame_header(first.len() as u32)).await;
+    raw.send(Bytes::from(first)).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    churn(&hub, 100).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // An ACK, then the header of a 2 MiB request and a little of it, in
+    // one write; the rest never comes.
+    let mut ack = small_first("node-a");
+    ack.node = None;
+    ack.response_nonce = "1".into();
+    let ack = ack.encode_to_vec();
+    let mut write = frame_header(ack.len() as u32).to_vec();
+    write.extend(ack);
+    write.extend(frame_header(2 << 20));
+    write.extend(vec![0u8; 1024]);
+    raw.send(Bytes::from(write)).await;
+    let started = std::time::Instant::now();
+    let mut big = small_first("node-b");
+    big.response_nonce = "n".repeat(2 << 20);
+    let mut answered = false;
+    while started.elapsed() < Duration::from_secs(17) {
+        if first_answer(addr, &node_token("node-b"), big.clone())
+            .await
+            .is_ok()
+        {
+            answered = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(answered, "the held header's 2 MiB were not given back");
+    assert_eq!(
+        raw.status_within(Duration::from_secs(20)).await,
+        Some(tonic::Code::ResourceExhausted),
+        "the slow reader's stream ends for its request left waiting"
+    );
+}

@@ -10,7 +10,7 @@
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -168,6 +168,45 @@ pub fn allowance(len: usize) -> Duration {
     MESSAGE_DEADLINE + Duration::from_secs(len.div_ceil(1 << 20) as u64)
 }
 
+/// What a stream's body has taken from the budget for messages whose
+/// headers it has read but that its reader has not yet decoded (a small
+/// message and a large one's header may come in one chunk: the reader
+/// hands the small one over and waits for it to be taken, and must not
+/// wait unbounded while the large one's bytes stay taken); and whether
+/// the reader has come back to reading after such a wait, so the current
+/// message's deadline starts again (its body was held by flow control,
+/// not by the proxy).
+#[derive(Debug, Default)]
+pub struct Unread {
+    bytes: AtomicUsize,
+    resumed: AtomicBool,
+}
+
+impl Unread {
+    /// Bytes taken for messages not yet decoded.
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(Ordering::Acquire)
+    }
+
+    /// A message of `n` bytes (taken on its header if over [`SMALL`]) is
+    /// being decoded.
+    pub fn decoded(&self, n: usize) {
+        if n > SMALL {
+            let _ = self
+                .bytes
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |b| {
+                    Some(b.saturating_sub(n))
+                });
+        }
+    }
+
+    /// The reader reads again after waiting for its last message to be
+    /// taken.
+    pub fn resume(&self) {
+        self.resumed.store(true, Ordering::Release);
+    }
+}
+
 /// What a stream's messages may announce.
 #[derive(Debug, Clone, Copy)]
 pub struct Framing {
@@ -199,6 +238,9 @@ pub struct Counted<B> {
     framing: Framing,
     /// When the current message must have arrived.
     deadline: Option<Pin<Box<Sleep>>>,
+    /// The current message's announced length.
+    announced: usize,
+    unread: Arc<Unread>,
 }
 
 impl<B> Counted<B> {
@@ -212,7 +254,15 @@ impl<B> Counted<B> {
             left: 0,
             framing,
             deadline: None,
+            announced: 0,
+            unread: Arc::default(),
         }
+    }
+
+    /// What it has taken for messages not yet decoded, shared with the
+    /// stream's decoder and reader.
+    pub fn unread(&self) -> Arc<Unread> {
+        self.unread.clone()
     }
 
     /// Follows the message framing through one chunk of data.
@@ -245,6 +295,7 @@ impl<B> Counted<B> {
                 self.admit(len)?;
             }
             self.left = len;
+            self.announced = len;
             if len > 0 {
                 self.deadline = Some(Box::pin(tokio::time::sleep(allowance(len))));
             }
@@ -292,6 +343,7 @@ impl<B> Counted<B> {
                 self.held.budget.max
             )));
         }
+        self.unread.bytes.fetch_add(len, Ordering::AcqRel);
         Ok(())
     }
 }
@@ -308,6 +360,12 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
+        if this.unread.resumed.swap(false, Ordering::AcqRel)
+            && let Some(d) = &mut this.deadline
+        {
+            d.as_mut()
+                .reset(tokio::time::Instant::now() + allowance(this.announced));
+        }
         let Poll::Ready(frame) = Pin::new(&mut this.inner).poll_frame(cx) else {
             if let Some(d) = &mut this.deadline
                 && d.as_mut().poll(cx).is_ready()

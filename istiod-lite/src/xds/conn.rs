@@ -660,7 +660,10 @@ impl Conn {
         incoming: &mut Incoming,
         events: &mut broadcast::Receiver<Arc<Pushed>>,
     ) -> Result<bool, Status> {
+        // Requests first: a request waiting to be taken holds its bytes
+        // (and those of any message whose header came with it).
         tokio::select! {
+            biased;
             req = incoming.next() => match req {
                 Some(req) => self.on_request(req).await.map(|()| false),
                 // The reader ended: cleanly, unless it cut the stream

@@ -10,9 +10,15 @@
 //! caller can stretch it. A request over [`SMALL`] keeps its bytes taken
 //! from the budget ([`Charge`]) until the connection task takes it; if the
 //! task has not within [`allowance`] of its arrival, the stream is cut
-//! (RESOURCE_EXHAUSTED) and the bytes given back. So no request's bytes
-//! stay taken for more than twice its allowance, whatever the proxy does.
+//! (RESOURCE_EXHAUSTED) and the bytes given back. A small request may come
+//! in one chunk with a large one's header, which takes the large one's
+//! bytes ([`Unread`]): the reader then waits for the small one to be taken
+//! no longer than the large one's allowance either, and when it reads on,
+//! the large one's deadline starts again (its body was held back by flow
+//! control meanwhile, not by the proxy). So no request's bytes stay taken
+//! for more than twice its allowance, whatever the proxy does.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -21,7 +27,7 @@ use tokio::task::JoinHandle;
 use tonic::{Status, Streaming};
 use tracing::warn;
 
-use super::budget::{SMALL, allowance};
+use super::budget::{SMALL, Unread, allowance};
 use super::request::Limits;
 
 /// A decoded request's bytes, given back to the budget (and its caller's
@@ -75,10 +81,10 @@ pub(super) struct Incoming {
 impl Incoming {
     /// Starts reading `stream`; the reader's requests, and why it cut
     /// the stream if it does.
-    pub(super) fn spawn(stream: Streaming<Charged>) -> (Incoming, Cut) {
+    pub(super) fn spawn(stream: Streaming<Charged>, unread: Arc<Unread>) -> (Incoming, Cut) {
         let (tx, rx) = mpsc::channel(1);
         let (cut_tx, cut_rx) = oneshot::channel();
-        let task = tokio::spawn(read(stream, tx, cut_tx));
+        let task = tokio::spawn(read(stream, unread, tx, cut_tx));
         let incoming = Incoming {
             rx,
             task: Some(task),
@@ -119,6 +125,7 @@ impl Drop for Incoming {
 
 async fn read(
     mut stream: Streaming<Charged>,
+    unread: Arc<Unread>,
     tx: mpsc::Sender<Charged>,
     cut: oneshot::Sender<Status>,
 ) {
@@ -141,20 +148,31 @@ async fn read(
         };
         let size = charged.charge.size;
         permit.send(charged);
-        if size <= SMALL {
+        // What stays taken while this one waits: itself if charged, and
+        // any message whose header came with it (read, not yet decoded).
+        let later = unread.bytes();
+        let held = if size > SMALL { size } else { 0 }.max(later);
+        if held == 0 {
             continue;
         }
-        let bound = allowance(size);
+        let bound = allowance(held);
         match tokio::time::timeout(bound, tx.reserve()).await {
-            Ok(Ok(_taken)) => {}
+            Ok(Ok(_taken)) => {
+                if later > 0 {
+                    // The next message's body was held back by flow
+                    // control while this wait lasted: its deadline starts
+                    // again now that it is read.
+                    unread.resume();
+                }
+            }
             Ok(Err(_)) => return,
             Err(_) => {
                 warn!(
-                    bytes = size,
+                    bytes = held,
                     "xDS stream cut: its request was not taken in time \
                     (the controller was held up pushing to a proxy that reads slowly)"
                 );
-                let _ = cut.send(too_slow(size, bound));
+                let _ = cut.send(too_slow(held, bound));
                 return;
             }
         }

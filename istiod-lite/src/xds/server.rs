@@ -6,6 +6,7 @@
 //! once per connection.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::Buf;
@@ -16,7 +17,7 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
 use super::AdsService;
-use super::budget::{Counted, Framing, Held};
+use super::budget::{Counted, Framing, Held, Unread};
 use super::reader::{Charge, Charged, Incoming};
 use super::request::{self, LARGE_TYPES, Limits, MAX_FIRST_REQUEST, MAX_REQUEST};
 use super::wire::ResponseBody;
@@ -34,6 +35,7 @@ const METHOD: &str =
 /// takes it ([`Charged`]); a refused one gives them back at once.
 struct RequestDecoder {
     limits: Limits,
+    unread: Arc<Unread>,
 }
 
 impl Decoder for RequestDecoder {
@@ -41,6 +43,7 @@ impl Decoder for RequestDecoder {
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
+        self.unread.decoded(buf.remaining());
         let charge = Charge::new(self.limits.clone(), buf.remaining());
         let req = request::decode(buf, &self.limits)?;
         Ok(Some(Charged { req, charge }))
@@ -128,15 +131,20 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
             large: 0,
         }
     };
+    let body = Counted::new(body, held, share, framing);
+    let unread = body.unread();
     let stream = Streaming::new_request(
-        RequestDecoder { limits },
-        Counted::new(body, held, share, framing),
+        RequestDecoder {
+            limits,
+            unread: unread.clone(),
+        },
+        body,
         None,
         Some(framing.max),
     );
     // Read by a task of its own, so each message's deadline runs in wall
     // time however long the connection's task is busy.
-    let (incoming, cut) = Incoming::spawn(stream);
+    let (incoming, cut) = Incoming::spawn(stream, unread);
     match ads.open(caller, guard, (incoming, cut), peer).await {
         Ok((rx, end)) => {
             let mut res = http::Response::new(Body::new(ResponseBody::new(rx, end)));
