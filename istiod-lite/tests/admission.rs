@@ -418,8 +418,9 @@ async fn a_nodes_large_first_requests_share_one_budget() {
         Err(tonic::Code::OutOfRange),
         "a 5 MiB first request of routes"
     );
-    // Addresses may be large, up to the node's budget across its streams.
-    let size = 33 << 20;
+    // Addresses may be large (up to what the model justifies: some 12 MiB
+    // while it is empty), up to the node's budget across its streams.
+    let size = 12 << 20;
     let fit = MAX_LARGE_PER_NODE / size;
     for i in 0..fit {
         first_answer(
@@ -462,19 +463,20 @@ fn small_first(node: &str) -> mesh_proto::envoy::service::discovery::v3::DeltaDi
     }
 }
 
-/// One node's token announcing 64 MiB on eight streams and stalling takes
-/// at most its own share (128 MiB): its streams past it end
-/// RESOURCE_EXHAUSTED (the shared budget alone would have taken all 512
-/// MiB), and another node's request over 64 KiB is still answered.
+/// One node's token announcing 12 MiB (as much as an empty model lets a
+/// first request be) on twelve streams and stalling takes at most its own
+/// share (128 MiB): its streams past it end RESOURCE_EXHAUSTED (the
+/// shared budget alone would have taken all 512 MiB), and another node's
+/// request over 64 KiB is still answered.
 #[tokio::test]
-async fn a_node_announcing_64_mib_on_its_streams_does_not_lock_out_others() {
+async fn a_node_announcing_12_mib_on_its_streams_does_not_lock_out_others() {
     use istiod_lite::xds::request::MAX_LARGE_PER_NODE;
     let addr = serve(|a| a).await;
     let mut conn = connection(addr).await;
     let mut streams = Vec::new();
-    for _ in 0..8 {
+    for _ in 0..12 {
         let raw = open(&mut conn, &node_token("node-a"));
-        raw.send(frame_header(64 << 20)).await;
+        raw.send(frame_header(12 << 20)).await;
         raw.send(Bytes::from(vec![0u8; 1024])).await;
         tokio::time::sleep(Duration::from_millis(50)).await;
         streams.push(raw);
@@ -482,10 +484,10 @@ async fn a_node_announcing_64_mib_on_its_streams_does_not_lock_out_others() {
     tokio::time::sleep(Duration::from_secs(1)).await;
     // A refused stream is answered at once; one within the share waits.
     let (ended, held): (Vec<Raw>, Vec<Raw>) = streams.into_iter().partition(Raw::answered);
-    let fit = MAX_LARGE_PER_NODE / (64 << 20);
+    let fit = MAX_LARGE_PER_NODE / (12 << 20);
     assert_eq!(
         (held.len(), ended.len()),
-        (fit, 8 - fit),
+        (fit, 12 - fit),
         "past its share, refused"
     );
     for raw in ended {
@@ -890,5 +892,24 @@ async fn an_ack_and_a_large_header_in_one_write_give_the_bytes_back_in_time() {
         raw.status_within(Duration::from_secs(20)).await,
         Some(tonic::Code::ResourceExhausted),
         "the slow reader's stream ends for its request left waiting"
+    );
+}
+
+/// A node's first request may be only as large as the model justifies
+/// (its entry bound times a generous size per entry, at least 4 MiB): with
+/// an empty model (bound 100 000 entries, some 12 MiB) one announcing
+/// 64 MiB is refused on its header, so it never takes 64 MiB of the
+/// node's share while it never sends its body.
+#[tokio::test]
+async fn a_first_request_announcing_more_than_the_model_justifies_is_refused() {
+    let addr = serve(|a| a).await;
+    let mut conn = connection(addr).await;
+    let raw = open(&mut conn, &node_token("node-a"));
+    raw.send(frame_header(64 << 20)).await;
+    raw.send(Bytes::from(vec![0u8; 1024])).await;
+    assert_eq!(
+        raw.status_within(Duration::from_secs(3)).await,
+        Some(tonic::Code::OutOfRange),
+        "refused on its header"
     );
 }

@@ -207,6 +207,13 @@ impl Unread {
     }
 }
 
+/// Bytes a large first request may carry per entry of the hub's entry
+/// bound (`Hub::names_bound`, twice the most resources of a type ever
+/// held, at least 100 000): a stated name and its version take some 30
+/// bytes beside the name, so this leaves twice that for the name, and
+/// twice again for the bound's own headroom. 100 000 entries: 12.2 MiB.
+pub const ENTRY_BYTES: usize = 128;
+
 /// What a stream's messages may announce.
 #[derive(Debug, Clone, Copy)]
 pub struct Framing {
@@ -240,6 +247,9 @@ pub struct Counted<B> {
     deadline: Option<Pin<Box<Sleep>>>,
     /// The current message's announced length.
     announced: usize,
+    /// The hub's entry bound, which bounds a large message (with
+    /// [`ENTRY_BYTES`]), if it is to.
+    entries: Option<Arc<AtomicUsize>>,
     unread: Arc<Unread>,
 }
 
@@ -256,6 +266,27 @@ impl<B> Counted<B> {
             deadline: None,
             announced: 0,
             unread: Arc::default(),
+            entries: None,
+        }
+    }
+
+    /// Bounds each large message (over `framing.ordinary`) to `entries`
+    /// (read on each header) times [`ENTRY_BYTES`], never below
+    /// `framing.ordinary`: a node's first request states what it holds,
+    /// which is at most what the model has had.
+    pub fn with_entries(mut self, entries: Arc<AtomicUsize>) -> Counted<B> {
+        self.entries = Some(entries);
+        self
+    }
+
+    /// The most a large message may announce.
+    fn large_max(&self) -> usize {
+        match &self.entries {
+            Some(e) => e
+                .load(Ordering::Relaxed)
+                .saturating_mul(ENTRY_BYTES)
+                .clamp(self.framing.ordinary, self.framing.max),
+            None => self.framing.max,
         }
     }
 
@@ -311,6 +342,17 @@ impl<B> Counted<B> {
                     "a request of {len} bytes; over {} only a node's first request of \
                      addresses or authorizations may be",
                     self.framing.ordinary
+                )));
+            }
+            let most = self.large_max();
+            if len > most {
+                warn!(
+                    bytes = len,
+                    most, "xDS request refused: larger than the model justifies"
+                );
+                return Err(Status::out_of_range(format!(
+                    "a first request of {len} bytes; what the controller has served \
+                     justifies at most {most}"
                 )));
             }
             self.framing.large -= 1;

@@ -131,7 +131,7 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
             large: 0,
         }
     };
-    let body = Counted::new(body, held, share, framing);
+    let body = Counted::new(body, held, share, framing).with_entries(ads.hub.names_bound.clone());
     let unread = body.unread();
     let stream = Streaming::new_request(
         RequestDecoder {
