@@ -160,10 +160,15 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
     let grpc_addr = listener
         .local_addr()
         .map_err(|e| AppError::Start("gRPC listener", e.to_string()))?;
+    let ads = AdsService::new(hub.clone(), authn.clone());
+    tokio::spawn(crate::metrics::log_left_out_every(
+        vec![ads.refusals(), crate::metrics::log_limit().clone()],
+        stop.clone(),
+    ));
     let router = serve(&serving)
         .map_err(|e| AppError::Start("TLS", e.to_string()))?
         .add_service(CaService::new(ca.clone(), authn.clone(), hub.clone()).into_server())
-        .add_service(AdsService::new(hub.clone(), authn).into_server());
+        .add_service(ads.into_server());
     let server = {
         let stop = stop.clone();
         tokio::spawn(async move {

@@ -460,6 +460,12 @@ impl AdsService {
 
     /// How long a push may wait for a proxy to read before its stream is
     /// ended (default [`queue::PUSH_STALL`]).
+    /// Its admission refusals' log limit (a periodic task writes what it
+    /// left out).
+    pub fn refusals(&self) -> Arc<LogLimit> {
+        self.refusals.clone()
+    }
+
     pub fn with_push_stall(mut self, stall: Duration) -> Self {
         self.push_stall = stall;
         self

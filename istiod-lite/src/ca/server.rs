@@ -130,7 +130,12 @@ impl IstioCertificateService for CaService {
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(refusal) => {
-                warn!(?peer, reason = %refusal, "certificate refused");
+                let now = std::time::Instant::now();
+                if let Some(left_out) =
+                    crate::metrics::log_limit().admit("certificate refused", now)
+                {
+                    warn!(?peer, reason = %refusal, left_out, "certificate refused");
+                }
                 Err(refusal.into())
             }
         }

@@ -168,6 +168,11 @@ pub fn allowance(len: usize) -> Duration {
     MESSAGE_DEADLINE + Duration::from_secs(len.div_ceil(1 << 20) as u64)
 }
 
+/// Whether a line of `kind` is written now, and how many were left out.
+fn logged(kind: &'static str) -> Option<u64> {
+    crate::metrics::log_limit().admit(kind, std::time::Instant::now())
+}
+
 /// What a stream's body has taken from the budget for messages whose
 /// headers it has read but that its reader has not yet decoded (a small
 /// message and a large one's header may come in one chunk: the reader
@@ -346,10 +351,14 @@ impl<B> Counted<B> {
             }
             let most = self.large_max();
             if len > most {
-                warn!(
-                    bytes = len,
-                    most, "xDS request refused: larger than the model justifies"
-                );
+                if let Some(left_out) = logged("xds request too large for the model") {
+                    warn!(
+                        left_out,
+                        bytes = len,
+                        most,
+                        "xDS request refused: larger than the model justifies"
+                    );
+                }
                 return Err(Status::out_of_range(format!(
                     "a first request of {len} bytes; what the controller has served \
                      justifies at most {most}"
@@ -361,10 +370,13 @@ impl<B> Counted<B> {
             return Ok(());
         }
         if !self.share.take(len) {
-            warn!(
-                bytes = len,
-                "xDS request refused: past its caller's share of requests in flight"
-            );
+            if let Some(left_out) = logged("xds request past its share") {
+                warn!(
+                    left_out,
+                    bytes = len,
+                    "xDS request refused: past its caller's share of requests in flight"
+                );
+            }
             return Err(Status::resource_exhausted(format!(
                 "a request of {len} bytes does not fit this caller's {} bytes of requests \
                  in flight across its streams: retry later",
@@ -373,11 +385,14 @@ impl<B> Counted<B> {
         }
         if !self.held.take(len) {
             self.share.give_back(len);
-            warn!(
-                bytes = len,
-                buffered = self.held.budget.used(),
-                "xDS request refused: the controller is buffering too many requests"
-            );
+            if let Some(left_out) = logged("xds budget full") {
+                warn!(
+                    left_out,
+                    bytes = len,
+                    buffered = self.held.budget.used(),
+                    "xDS request refused: the controller is buffering too many requests"
+                );
+            }
             return Err(Status::resource_exhausted(format!(
                 "the controller is buffering {} bytes of requests; a request of {len} more \
                  does not fit (at most {} at once): retry later",
@@ -413,10 +428,13 @@ where
                 && d.as_mut().poll(cx).is_ready()
             {
                 this.deadline = None;
-                warn!(
-                    left = this.left,
-                    "xDS request cut: its message did not arrive in time"
-                );
+                if let Some(left_out) = logged("xds request deadline") {
+                    warn!(
+                        left_out,
+                        left = this.left,
+                        "xDS request cut: its message did not arrive in time"
+                    );
+                }
                 return Poll::Ready(Some(Err(Status::deadline_exceeded(format!(
                     "a request's {} remaining bytes did not arrive in time",
                     this.left

@@ -167,11 +167,17 @@ async fn read(
             }
             Ok(Err(_)) => return,
             Err(_) => {
-                warn!(
-                    bytes = held,
-                    "xDS stream cut: its request was not taken in time \
+                let now = std::time::Instant::now();
+                if let Some(left_out) =
+                    crate::metrics::log_limit().admit("xds request not taken", now)
+                {
+                    warn!(
+                        bytes = held,
+                        left_out,
+                        "xDS stream cut: its request was not taken in time \
                     (the controller was held up pushing to a proxy that reads slowly)"
-                );
+                    );
+                }
                 let _ = cut.send(too_slow(held, bound));
                 return;
             }
