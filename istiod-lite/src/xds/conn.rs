@@ -660,10 +660,11 @@ impl Conn {
         incoming: &mut Incoming,
         events: &mut broadcast::Receiver<Arc<Pushed>>,
     ) -> Result<bool, Status> {
-        // Requests first: a request waiting to be taken holds its bytes
-        // (and those of any message whose header came with it).
+        // Neither first: requests before pushes would let a caller that
+        // always keeps a request waiting starve its own stream's events,
+        // and with them the re-check of its Gateway access (a request
+        // waiting to be taken is bounded by the reader's own deadline).
         tokio::select! {
-            biased;
             req = incoming.next() => match req {
                 Some(req) => self.on_request(req).await.map(|()| false),
                 // The reader ended: cleanly, unless it cut the stream

@@ -15,8 +15,13 @@
 //! bytes ([`Unread`]): the reader then waits for the small one to be taken
 //! no longer than the large one's allowance either, and when it reads on,
 //! the large one's deadline starts again (its body was held back by flow
-//! control meanwhile, not by the proxy). So no request's bytes stay taken
-//! for more than twice its allowance, whatever the proxy does.
+//! control meanwhile, not by the proxy). So a request's bytes stay taken
+//! for at most three allowances (the wait behind the small one, its body's
+//! restarted deadline, the wait to be taken) when one small request came
+//! with its header; each further small request in that chunk, taken just
+//! before its limit, adds one more allowance (a proxy that packs many small
+//! requests before a large header and reads its pushes slowly can hold the
+//! large one's bytes that long, within its node's share).
 
 use std::sync::Arc;
 use std::time::Duration;
