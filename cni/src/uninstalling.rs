@@ -142,21 +142,36 @@ fn judge(what: &str, found: Option<(String, bool)>, seen: &Seen) -> Decision {
     }
 }
 
+/// Why the lab's DaemonSet object could not be read (a stop then keeps).
+#[derive(Debug, thiserror::Error)]
+enum DirObjectError {
+    #[error("reading {path} failed: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} cannot be parsed: {source}")]
+    Parse {
+        path: PathBuf,
+        source: serde_yaml::Error,
+    },
+}
+
 /// The lab's DaemonSet object: None when its file is gone, else its UID
 /// (empty without one) and whether it is being deleted.
 fn read_dir_object(
     dir: &Path,
     namespace: &str,
     daemonset: &str,
-) -> Result<Option<(String, bool)>, String> {
+) -> Result<Option<(String, bool)>, DirObjectError> {
     let path = dir.join(format!("daemonset-{namespace}-{daemonset}.yaml"));
     let text = match std::fs::read_to_string(&path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("reading {} failed: {e}", path.display())),
+        Err(source) => return Err(DirObjectError::Read { path, source }),
     };
     let v = serde_yaml::from_str::<serde_yaml::Value>(&text)
-        .map_err(|e| format!("{} cannot be parsed: {e}", path.display()))?;
+        .map_err(|source| DirObjectError::Parse { path, source })?;
     let uid = v["metadata"]["uid"]
         .as_str()
         .unwrap_or_default()
@@ -171,7 +186,7 @@ pub fn decide_in_dir(dir: &Path, namespace: &str, daemonset: &str, seen: &Seen) 
     let what = format!("DaemonSet {namespace}/{daemonset} (in {})", dir.display());
     match read_dir_object(dir, namespace, daemonset) {
         Ok(found) => judge(&what, found, seen),
-        Err(e) => Decision::Keep(e),
+        Err(e) => Decision::Keep(e.to_string()),
     }
 }
 
