@@ -11,6 +11,7 @@
 //! become enrolled and releases those that leave ([`crate::agent::reconcile`]), and
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
+mod deleted;
 pub mod reconcile;
 pub mod shutdown;
 pub mod watch;
@@ -140,6 +141,15 @@ pub enum Request {
     Sync,
 }
 
+/// Who asks for a capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The CNI ADD: the kubelet made the sandbox now.
+    Cni,
+    /// The watch: a running pod became enrolled.
+    Watch,
+}
+
 /// How a pod leaves the mesh.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Leave {
@@ -199,6 +209,8 @@ pub(crate) struct Agent {
     /// add it cancels would leave the pod captured).
     pub(crate) ops: Mutex<()>,
     pub(crate) pods: Mutex<BTreeMap<String, Pod>>,
+    /// The uids the CNI DEL tore down: never captured from the watch.
+    pub(crate) deleted: std::sync::Mutex<deleted::Deleted>,
     ztunnel: Mutex<Option<UnixSeqpacket>>,
 }
 
@@ -275,7 +287,13 @@ impl Agent {
             path: spec.netns.clone(),
             source,
         })?;
-        self.add_opened(spec, netns).await
+        self.deleted().remove(&spec.uid);
+        self.add_opened(spec, netns, Origin::Cni).await
+    }
+
+    /// The uids the CNI DEL tore down (a poisoned lock is still a list).
+    pub(crate) fn deleted(&self) -> std::sync::MutexGuard<'_, deleted::Deleted> {
+        self.deleted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Captures a pod whose netns is open: an add for a pod already held
@@ -284,8 +302,14 @@ impl Agent {
         &self,
         mut spec: PodSpec,
         netns: Netns,
+        origin: Origin,
     ) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
+        // A DEL between the watch's look and this capture wins.
+        if origin == Origin::Watch && self.deleted().contains(&spec.uid) {
+            info!(uid = %spec.uid, "not capturing a pod the CNI DEL tore down");
+            return Ok(());
+        }
         if self
             .pods
             .lock()
@@ -364,6 +388,9 @@ impl Agent {
 
     pub(crate) async fn del(&self, uid: &str, how: Leave) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
+        if how == Leave::Delete {
+            self.deleted().insert(uid, std::time::Instant::now());
+        }
         let mut pods = self.pods.lock().await;
         let Some(pod) = pods.remove(uid) else {
             return Ok(()); // already gone: deletes are idempotent
@@ -495,6 +522,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
         reconciling: Mutex::new(()),
         ops: Mutex::new(()),
         pods: Mutex::new(pods),
+        deleted: Default::default(),
         ztunnel: Mutex::new(None),
     });
     if agent.source.is_some() {

@@ -363,13 +363,22 @@ fn a_crashed_tests_lab_is_swept_and_nobody_elses_is() {
         .parse()
         .unwrap();
     gone.wait().unwrap();
-    release(id, &ours.token);
     let crashed = Owner {
         pid: gone.id(),
         start,
         ..ours.clone()
     };
-    assert!(e2e::lab::record(&crashed).unwrap());
+    // Our record becomes the crashed run's in one rename: released first,
+    // the id would be free for a moment and a lab test running beside this
+    // one could take it.
+    let record = std::path::Path::new(e2e::lab::RECORDS).join(format!("lab{id}.json"));
+    let aside = record.with_extension("crashed");
+    std::fs::write(&aside, serde_json::to_vec(&crashed).unwrap()).unwrap();
+    std::fs::rename(&aside, &record).unwrap();
+    assert_eq!(
+        e2e::lab::owner_of(id).unwrap().map(|o| o.pid),
+        Some(crashed.pid)
+    );
 
     // The next lab of the id sweeps it.
     drop(Guard(Lab::create(&tmp.path().join("c"), id, 1).unwrap()));

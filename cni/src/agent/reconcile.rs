@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::agent::watch::{View, WatchError};
-use crate::agent::{Agent, AgentError, PodSpec};
+use crate::agent::{Agent, AgentError, Origin, PodSpec};
 use crate::enroll::PodView;
 use crate::find::FindError;
 
@@ -131,7 +131,15 @@ impl Agent {
             .values()
             .map(|p| (p.spec.uid.clone(), p.spec.bypass_inbound))
             .collect();
-        let actions = plan(&view, &held, &crate::default_excluded());
+        let now = std::time::Instant::now();
+        let actions: Vec<Action> = {
+            let mut deleted = self.deleted();
+            deleted.forget(|uid| view.pods.iter().any(|p| p.uid == uid), now);
+            plan(&view, &held, &crate::default_excluded())
+                .into_iter()
+                .filter(|a| !matches!(a, Action::Capture(p) if deleted.contains(&p.uid)))
+                .collect()
+        };
         if actions.is_empty() {
             return Ok(());
         }
@@ -165,7 +173,11 @@ impl Agent {
                         continue;
                     }
                 };
-                info!(pod = %key, netns = %path, "running pod enrolled: capturing");
+                let ns_mode = view
+                    .namespaces
+                    .get(&p.namespace)
+                    .and_then(|l| l.get(crate::enroll::DATAPLANE_MODE));
+                info!(pod = %key, netns = %path, ?ns_mode, pod_mode = ?p.labels.get(crate::enroll::DATAPLANE_MODE), "running pod enrolled: capturing");
                 let spec = PodSpec {
                     uid: p.uid.clone(),
                     name: p.name.clone(),
@@ -175,7 +187,7 @@ impl Agent {
                     ips: p.ips.clone(),
                     bypass_inbound: p.bypass_inbound(),
                 };
-                if let Err(source) = self.add_opened(spec, netns).await {
+                if let Err(source) = self.add_opened(spec, netns, Origin::Watch).await {
                     failed.push(PodError::Capture { pod: key, source });
                 }
             }
@@ -337,8 +349,48 @@ mod tests {
             reconciling: Mutex::new(()),
             ops: Mutex::new(()),
             pods: Mutex::new(BTreeMap::new()),
+            deleted: Default::default(),
             ztunnel: Mutex::new(None),
         }
+    }
+
+    /// A pod the CNI DEL tore down is not captured again from a watch that
+    /// still shows it enrolled and running (behind, or relisting): its
+    /// netns is dying, or its address someone else's by now.
+    #[tokio::test]
+    async fn a_pod_the_cni_deleted_is_not_captured_from_a_watch_behind() {
+        use crate::agent::watch::Source;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
+        let objects = dir.path().join("objects");
+        std::fs::create_dir_all(&objects).expect("objects");
+        std::fs::write(
+            objects.join("shop.yaml"),
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: u-1}
+spec: {nodeName: node-1, containers: [{name: web, image: x}]}
+status: {podIP: 10.1.1.5}
+"#,
+        )
+        .expect("write");
+        let a = agent(
+            dir.path(),
+            Some(Source::Dir {
+                node: "node-1".into(),
+                dir: objects,
+            }),
+        );
+        a.del("u-1", crate::agent::Leave::Delete)
+            .await
+            .expect("a delete of a pod not held");
+        let r = a.sync().await;
+        assert!(r.is_ok(), "the deleted pod was looked for: {r:?}");
     }
 
     /// Why a look at the watch did nothing is a variant the loop branches

@@ -78,7 +78,8 @@ enum Cmd {
         #[arg(long)]
         netns: String,
     },
-    /// Release a pod (CNI DEL, or the namespace left the mesh).
+    /// Release a pod as the CNI DEL does: all its rules go, and the watch
+    /// never captures it again (a CNI ADD of the same uid can).
     Del {
         #[arg(long)]
         uid: String,
