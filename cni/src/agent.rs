@@ -78,6 +78,8 @@ const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 pub enum AgentError {
     #[error("the node's ztunnel is not connected")]
     NotConnected,
+    #[error("netns {netns} is already held by pod {uid}")]
+    NetnsHeld { netns: String, uid: String },
     #[error("netns {path}: {source}")]
     Netns {
         path: String,
@@ -287,7 +289,6 @@ impl Agent {
             path: spec.netns.clone(),
             source,
         })?;
-        self.deleted().remove(&spec.uid);
         self.add_opened(spec, netns, Origin::Cni).await
     }
 
@@ -305,19 +306,35 @@ impl Agent {
         origin: Origin,
     ) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
-        // A DEL between the watch's look and this capture wins.
-        if origin == Origin::Watch && self.deleted().contains(&spec.uid) {
-            info!(uid = %spec.uid, "not capturing a pod the CNI DEL tore down");
-            return Ok(());
+        match origin {
+            // A new sandbox of the pod: a DEL before it is over.
+            Origin::Cni => self.deleted().remove(&spec.uid),
+            // A DEL between the watch's look and this capture wins.
+            Origin::Watch if self.deleted().holds(&spec.uid, std::time::Instant::now()) => {
+                info!(uid = %spec.uid, "not capturing a pod the CNI DEL tore down");
+                return Ok(());
+            }
+            Origin::Watch => {}
         }
-        if self
-            .pods
-            .lock()
-            .await
-            .get(&spec.uid)
-            .is_some_and(|p| p.netns.id() == netns.id())
         {
-            return Ok(());
+            let pods = self.pods.lock().await;
+            if let Some(other) = pods
+                .values()
+                .find(|p| p.spec.uid != spec.uid && p.netns.id() == netns.id())
+            {
+                // One netns is one pod: the watch found it by an address
+                // another pod held before.
+                return Err(AgentError::NetnsHeld {
+                    netns: spec.netns.clone(),
+                    uid: other.spec.uid.clone(),
+                });
+            }
+            match pods.get(&spec.uid) {
+                Some(p) if p.netns.id() == netns.id() => return Ok(()),
+                // The CNI's sandbox is the pod's: the watch never moves it.
+                Some(_) if origin == Origin::Watch => return Ok(()),
+                _ => {}
+            }
         }
         if spec.ips.is_empty() {
             spec.ips = find::addresses(&netns).map_err(|source| AgentError::Netns {

@@ -553,7 +553,10 @@ kubectl get crd gatewayclasses.gateway.networking.k8s.io >/dev/null 2>&1 \
     );
     // No pod was captured when the agents stopped (their namespaces
     // unenrolled and rolled first): each node's probe tables went with them.
-    eprintln!("the node agents' captures and stops:\n{}", agent_stops(c.dir()));
+    eprintln!(
+        "the node agents' captures and stops:\n{}",
+        agent_stops(c.dir())
+    );
     for node in &c.state().state.nodes {
         for family in ["inet", "bridge"] {
             let listed = std::process::Command::new("ip")

@@ -134,10 +134,16 @@ impl Agent {
         let now = std::time::Instant::now();
         let actions: Vec<Action> = {
             let mut deleted = self.deleted();
-            deleted.forget(|uid| view.pods.iter().any(|p| p.uid == uid), now);
+            deleted.forget(now);
             plan(&view, &held, &crate::default_excluded())
                 .into_iter()
-                .filter(|a| !matches!(a, Action::Capture(p) if deleted.contains(&p.uid)))
+                .filter(|a| match a {
+                    Action::Capture(p) if deleted.holds(&p.uid, now) => {
+                        debug!(uid = %p.uid, "enrolled to the watch, but its CNI DEL has passed: not captured");
+                        false
+                    }
+                    _ => true,
+                })
                 .collect()
         };
         if actions.is_empty() {
@@ -391,6 +397,64 @@ status: {podIP: 10.1.1.5}
             .expect("a delete of a pod not held");
         let r = a.sync().await;
         assert!(r.is_ok(), "the deleted pod was looked for: {r:?}");
+    }
+
+    fn spec(uid: &str) -> PodSpec {
+        PodSpec {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "shop".into(),
+            service_account: "default".into(),
+            netns: "/proc/self/ns/net".into(),
+            ips: vec!["10.1.1.5".parse().unwrap()],
+            bypass_inbound: false,
+        }
+    }
+
+    fn own_netns() -> mesh_core::netns::Netns {
+        mesh_core::netns::Netns::open("/proc/self/ns/net").expect("own netns")
+    }
+
+    /// A DEL landing between the watch's look and the capture wins; a CNI
+    /// ADD of the uid (a new sandbox) ends the hold at once.
+    #[tokio::test]
+    async fn a_del_holds_off_the_watchs_capture_and_an_add_ends_the_hold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = agent(dir.path(), None);
+        a.del("u-1", crate::agent::Leave::Delete)
+            .await
+            .expect("del");
+        let r = a.add_opened(spec("u-1"), own_netns(), Origin::Watch).await;
+        assert!(r.is_ok(), "{r:?}");
+        assert!(a.pods.lock().await.is_empty());
+        // The CNI ADD goes ahead (to the ztunnel, absent here).
+        let r = a.add_opened(spec("u-1"), own_netns(), Origin::Cni).await;
+        assert!(matches!(r, Err(AgentError::NotConnected)), "{r:?}");
+        assert!(!a.deleted().holds("u-1", std::time::Instant::now()));
+    }
+
+    /// One netns is one pod: the watch finding a held pod's netns by an
+    /// address another pod had does not capture it under the other's name.
+    #[tokio::test]
+    async fn a_netns_held_by_another_pod_is_not_captured_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = agent(dir.path(), None);
+        a.pods.lock().await.insert(
+            "u-old".into(),
+            crate::agent::Pod {
+                spec: spec("u-old"),
+                netns: own_netns(),
+                no_orig_src: None,
+            },
+        );
+        for origin in [Origin::Watch, Origin::Cni] {
+            let r = a.add_opened(spec("u-new"), own_netns(), origin).await;
+            assert!(
+                matches!(&r, Err(AgentError::NetnsHeld { uid, .. }) if uid == "u-old"),
+                "{origin:?}: {r:?}"
+            );
+        }
+        assert_eq!(a.pods.lock().await.len(), 1);
     }
 
     /// Why a look at the watch did nothing is a variant the loop branches

@@ -78,8 +78,8 @@ enum Cmd {
         #[arg(long)]
         netns: String,
     },
-    /// Release a pod as the CNI DEL does: all its rules go, and the watch
-    /// never captures it again (a CNI ADD of the same uid can).
+    /// Release a pod as the CNI DEL does: all its rules go, and for 90 s
+    /// the watch does not capture it again (an `add` can).
     Del {
         #[arg(long)]
         uid: String,
