@@ -27,11 +27,18 @@ impl Lab {
         })
     }
 
+    /// Writes the state file whole: a new file renamed over the old, so a
+    /// reader (a test, meshctl, the other lab process) never sees half.
     pub fn save(&self) -> Result<(), Error> {
-        std::fs::write(
-            Self::state_file(&self.dir),
-            serde_json::to_vec_pretty(&self.state)?,
-        )?;
+        use std::io::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
+        // Readable as the plain write left it (meshctl --lab as a user).
+        tmp.as_file()
+            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
+        tmp.write_all(&serde_json::to_vec_pretty(&self.state)?)?;
+        tmp.persist(Self::state_file(&self.dir))
+            .map_err(|e| e.error)?;
         Ok(())
     }
 
@@ -89,6 +96,33 @@ pub fn ipv6_twin_net(v4: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A reader never sees a half-written state file: the kubelet saves it
+    /// while tests read it, and a read between the truncate and the write
+    /// found it empty ("EOF while parsing a value").
+    #[test]
+    fn a_load_beside_a_save_sees_a_whole_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut lab = Lab {
+            dir: dir.path().to_path_buf(),
+            state: LabState::default(),
+        };
+        lab.state.netns = (0..2000).map(|i| format!("lab120-netns-{i}")).collect();
+        lab.save().unwrap();
+        let writer = std::thread::spawn(move || {
+            for _ in 0..300 {
+                lab.save().unwrap();
+            }
+        });
+        let mut bad = 0;
+        while !writer.is_finished() {
+            if Lab::load(dir.path()).is_err() {
+                bad += 1;
+            }
+        }
+        writer.join().unwrap();
+        assert_eq!(bad, 0, "loads of a half-written file");
+    }
 
     #[test]
     fn twins_keep_the_numbers_and_refuse_what_is_not_ipv4() {
