@@ -11,6 +11,7 @@
 //! become enrolled and releases those that leave ([`crate::agent::reconcile`]), and
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
+mod admit;
 mod deleted;
 pub mod reconcile;
 pub mod shutdown;
@@ -306,35 +307,8 @@ impl Agent {
         origin: Origin,
     ) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
-        match origin {
-            // A new sandbox of the pod: a DEL before it is over.
-            Origin::Cni => self.deleted().remove(&spec.uid),
-            // A DEL between the watch's look and this capture wins.
-            Origin::Watch if self.deleted().holds(&spec.uid, std::time::Instant::now()) => {
-                info!(uid = %spec.uid, "not capturing a pod the CNI DEL tore down");
-                return Ok(());
-            }
-            Origin::Watch => {}
-        }
-        {
-            let pods = self.pods.lock().await;
-            if let Some(other) = pods
-                .values()
-                .find(|p| p.spec.uid != spec.uid && p.netns.id() == netns.id())
-            {
-                // One netns is one pod: the watch found it by an address
-                // another pod held before.
-                return Err(AgentError::NetnsHeld {
-                    netns: spec.netns.clone(),
-                    uid: other.spec.uid.clone(),
-                });
-            }
-            match pods.get(&spec.uid) {
-                Some(p) if p.netns.id() == netns.id() => return Ok(()),
-                // The CNI's sandbox is the pod's: the watch never moves it.
-                Some(_) if origin == Origin::Watch => return Ok(()),
-                _ => {}
-            }
+        if self.admit(&spec, &netns, origin).await? == admit::Admit::Nothing {
+            return Ok(());
         }
         if spec.ips.is_empty() {
             spec.ips = find::addresses(&netns).map_err(|source| AgentError::Netns {
@@ -366,6 +340,10 @@ impl Agent {
         let mut pods = self.pods.lock().await;
         self.probe_snat(&pods, &spec.ips, true);
         info!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), "pod captured");
+        if origin == Origin::Cni {
+            // A new sandbox of the pod, captured: a DEL before it is over.
+            self.deleted().remove(&spec.uid);
+        }
         let ips = spec.ips.clone();
         // The same pod in a new sandbox: its old addresses leave the set.
         let pod = Pod {

@@ -9,11 +9,14 @@
 //! probe tables kept at an uninstall) or, once the address is reused,
 //! another pod's (capturing it under the old pod's name and account).
 //!
-//! So for [`KEEP`] after its DEL a uid is not captured from the watch. Only
-//! for that long: a pod that lives on (its sandbox made again while its
-//! namespace was not enrolled, which no CNI ADD tells the agent of) is
-//! captured by the watch once it has passed. A CNI ADD of the uid (a new
-//! sandbox of the pod) ends it at once. The oldest entries go past [`CAP`].
+//! So for [`KEEP`] after its DEL a uid is not captured from the watch, and
+//! for longer while the watch is behind (it failed and nothing has come
+//! from it since: an outage longer than [`KEEP`] would otherwise outlast the
+//! hold). Only for that long: a pod that lives on (its sandbox made again
+//! while its namespace was not enrolled, which no CNI ADD tells the agent
+//! of) is captured by the watch once it has passed. A CNI ADD of the uid (a
+//! new sandbox of the pod) that captures it ends the hold. The oldest
+//! entries go past [`CAP`].
 
 use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
@@ -28,7 +31,8 @@ pub(crate) const CAP: usize = 4096;
 
 #[derive(Debug, Default)]
 pub(crate) struct Deleted {
-    since: HashMap<String, Instant>,
+    /// When the DEL came, and whether a held-off capture was logged.
+    since: HashMap<String, (Instant, bool)>,
     /// Oldest first (a repeated DEL moves its uid to the back).
     order: VecDeque<String>,
 }
@@ -36,8 +40,7 @@ pub(crate) struct Deleted {
 impl Deleted {
     /// The CNI DEL of `uid`, at `now`.
     pub(crate) fn insert(&mut self, uid: &str, now: Instant) {
-        self.forget(now);
-        if self.since.insert(uid.to_string(), now).is_some() {
+        if self.since.insert(uid.to_string(), (now, false)).is_some() {
             self.order.retain(|u| u != uid);
         }
         self.order.push_back(uid.to_string());
@@ -55,17 +58,29 @@ impl Deleted {
         }
     }
 
-    /// Whether `uid` had its DEL less than [`KEEP`] before `now`.
-    pub(crate) fn holds(&self, uid: &str, now: Instant) -> bool {
+    /// Whether `uid` had its DEL less than [`KEEP`] before `now`, or at
+    /// all while the watch is `behind`.
+    pub(crate) fn holds(&self, uid: &str, now: Instant, behind: bool) -> bool {
         self.since
             .get(uid)
-            .is_some_and(|t| now.saturating_duration_since(*t) < KEEP)
+            .is_some_and(|(t, _)| behind || now.saturating_duration_since(*t) < KEEP)
     }
 
-    /// Drops the entries [`KEEP`] old.
-    pub(crate) fn forget(&mut self, now: Instant) {
+    /// True the first time a capture of `uid` is held off (to log it once).
+    pub(crate) fn first_held_off(&mut self, uid: &str) -> bool {
+        match self.since.get_mut(uid) {
+            Some((_, logged)) if !*logged => {
+                *logged = true;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Drops the entries [`KEEP`] old, unless the watch is `behind`.
+    pub(crate) fn forget(&mut self, now: Instant, behind: bool) {
         while let Some(uid) = self.order.front() {
-            if self.holds(uid, now) {
+            if self.holds(uid, now, behind) {
                 break;
             }
             self.since.remove(uid);
@@ -93,17 +108,22 @@ mod tests {
         d.insert("a", t0 + Duration::from_secs(20));
         assert_eq!(d.len(), 2);
         let later = t0 + KEEP + Duration::from_secs(15);
-        assert!(d.holds("a", later) && !d.holds("b", later));
-        d.forget(later);
+        assert!(d.holds("a", later, false) && !d.holds("b", later, false));
+        // A watch behind keeps every hold, however old.
+        assert!(d.holds("b", later, true));
+        d.forget(later, true);
+        assert_eq!(d.len(), 2);
+        d.forget(later, false);
         assert_eq!(d.len(), 1);
+        assert!(d.first_held_off("a") && !d.first_held_off("a") && !d.first_held_off("b"));
         d.remove("a");
-        assert!(!d.holds("a", t0) && d.len() == 0);
+        assert!(!d.holds("a", t0, true) && d.len() == 0);
         for i in 0..CAP + 10 {
             d.insert(&format!("u{i}"), t0);
         }
         assert_eq!(d.len(), CAP);
-        assert!(!d.holds("u9", t0) && d.holds("u10", t0));
-        d.forget(t0 + KEEP);
+        assert!(!d.holds("u9", t0, false) && d.holds("u10", t0, false));
+        d.forget(t0 + KEEP, false);
         assert_eq!(d.len(), 0);
     }
 }

@@ -133,13 +133,17 @@ impl Agent {
             .collect();
         let now = std::time::Instant::now();
         let actions: Vec<Action> = {
+            let behind = source.behind();
             let mut deleted = self.deleted();
-            deleted.forget(now);
+            deleted.forget(now, behind);
             plan(&view, &held, &crate::default_excluded())
                 .into_iter()
                 .filter(|a| match a {
-                    Action::Capture(p) if deleted.holds(&p.uid, now) => {
-                        debug!(uid = %p.uid, "enrolled to the watch, but its CNI DEL has passed: not captured");
+                    Action::Capture(p) if deleted.holds(&p.uid, now, behind) => {
+                        if deleted.first_held_off(&p.uid) {
+                            info!(pod = %format!("{}/{}", p.namespace, p.name), uid = %p.uid, behind,
+                                "not capturing a pod whose CNI DEL has passed: the watch still shows it running");
+                        }
                         false
                     }
                     _ => true,
@@ -399,62 +403,135 @@ status: {podIP: 10.1.1.5}
         assert!(r.is_ok(), "the deleted pod was looked for: {r:?}");
     }
 
-    fn spec(uid: &str) -> PodSpec {
+    fn spec(uid: &str, netns: &str) -> PodSpec {
         PodSpec {
             uid: uid.into(),
             name: uid.into(),
             namespace: "shop".into(),
             service_account: "default".into(),
-            netns: "/proc/self/ns/net".into(),
+            netns: netns.into(),
             ips: vec!["10.1.1.5".parse().unwrap()],
             bypass_inbound: false,
         }
     }
 
-    fn own_netns() -> mesh_core::netns::Netns {
-        mesh_core::netns::Netns::open("/proc/self/ns/net").expect("own netns")
+    /// A fresh netns held by a parked thread: its path, and an opener.
+    fn pod_netns() -> (String, impl Fn() -> mesh_core::netns::Netns) {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            // SAFETY: moves this thread alone into a new netns.
+            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+            // SAFETY: no preconditions.
+            let tid = unsafe { libc::gettid() };
+            tx.send((r, tid)).expect("the test waits");
+            loop {
+                std::thread::park();
+            }
+        });
+        let (r, tid) = rx.recv().expect("the thread answers");
+        assert_eq!(r, 0, "unshare (not root?)");
+        let path = format!("/proc/{}/task/{tid}/ns/net", std::process::id());
+        let at = path.clone();
+        (path, move || {
+            mesh_core::netns::Netns::open(&at).expect("the pod's netns")
+        })
     }
 
     /// A DEL landing between the watch's look and the capture wins; a CNI
-    /// ADD of the uid (a new sandbox) ends the hold at once.
+    /// ADD that fails leaves the hold (only a capture ends it).
     #[tokio::test]
-    async fn a_del_holds_off_the_watchs_capture_and_an_add_ends_the_hold() {
+    async fn a_del_holds_off_the_watchs_capture_until_a_cni_add_captures() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = agent(dir.path(), None);
+        let (path, open) = pod_netns();
         a.del("u-1", crate::agent::Leave::Delete)
             .await
             .expect("del");
-        let r = a.add_opened(spec("u-1"), own_netns(), Origin::Watch).await;
+        let r = a
+            .add_opened(spec("u-1", &path), open(), Origin::Watch)
+            .await;
         assert!(r.is_ok(), "{r:?}");
         assert!(a.pods.lock().await.is_empty());
-        // The CNI ADD goes ahead (to the ztunnel, absent here).
-        let r = a.add_opened(spec("u-1"), own_netns(), Origin::Cni).await;
+        // The CNI ADD goes ahead (to the ztunnel, absent here: it fails).
+        let r = a.add_opened(spec("u-1", &path), open(), Origin::Cni).await;
         assert!(matches!(r, Err(AgentError::NotConnected)), "{r:?}");
-        assert!(!a.deleted().holds("u-1", std::time::Instant::now()));
+        assert!(a.deleted().holds("u-1", std::time::Instant::now(), false));
     }
 
-    /// One netns is one pod: the watch finding a held pod's netns by an
-    /// address another pod had does not capture it under the other's name.
+    /// The hold ends: KEEP after the DEL the watch looks for the pod again
+    /// (one made again while unenrolled is captured then).
     #[tokio::test]
-    async fn a_netns_held_by_another_pod_is_not_captured_again() {
+    async fn a_hold_ends_keep_after_the_del() {
+        use crate::agent::watch::Source;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
+        let objects = dir.path().join("objects");
+        std::fs::create_dir_all(&objects).expect("objects");
+        std::fs::write(
+            objects.join("shop.yaml"),
+            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, uid: u-1}\nspec: {nodeName: node-1, containers: []}\nstatus: {podIP: 10.1.1.5}\n",
+        )
+        .expect("write");
+        let a = agent(
+            dir.path(),
+            Some(Source::Dir {
+                node: "node-1".into(),
+                dir: objects,
+            }),
+        );
+        let long_ago = std::time::Instant::now()
+            .checked_sub(super::super::deleted::KEEP + Duration::from_secs(1))
+            .expect("a monotonic clock past KEEP");
+        a.deleted().insert("u-1", long_ago);
+        let r = a.sync().await;
+        assert!(
+            matches!(&r, Err(SyncError::Pods(p)) if matches!(&p[..], [PodError::Find { .. }])),
+            "the pod was not looked for again: {r:?}"
+        );
+    }
+
+    /// One netns is one pod: the watch finding a held pod's netns (by any
+    /// path) by an address another pod had does not capture it under the
+    /// other's name; the CNI ADD's word drops the other, stale entry; and
+    /// the watch never moves a held pod to another netns.
+    #[tokio::test]
+    async fn one_netns_is_one_pod() {
+        use std::os::fd::AsRawFd;
         let dir = tempfile::tempdir().expect("tempdir");
         let a = agent(dir.path(), None);
+        let (path, open) = pod_netns();
         a.pods.lock().await.insert(
             "u-old".into(),
             crate::agent::Pod {
-                spec: spec("u-old"),
-                netns: own_netns(),
+                spec: spec("u-old", &path),
+                netns: open(),
                 no_orig_src: None,
             },
         );
-        for origin in [Origin::Watch, Origin::Cni] {
-            let r = a.add_opened(spec("u-new"), own_netns(), origin).await;
-            assert!(
-                matches!(&r, Err(AgentError::NetnsHeld { uid, .. }) if uid == "u-old"),
-                "{origin:?}: {r:?}"
-            );
-        }
-        assert_eq!(a.pods.lock().await.len(), 1);
+        let again = open();
+        let by_fd = format!("/proc/self/fd/{}", again.fd().as_raw_fd());
+        let r = a
+            .add_opened(spec("u-new", &by_fd), open(), Origin::Watch)
+            .await;
+        assert!(
+            matches!(&r, Err(AgentError::NetnsHeld { uid, .. }) if uid == "u-old"),
+            "{r:?}"
+        );
+        assert!(a.pods.lock().await.contains_key("u-old"));
+        // The watch finds u-old elsewhere: it stays where it is.
+        let (other, open_other) = pod_netns();
+        let r = a
+            .add_opened(spec("u-old", &other), open_other(), Origin::Watch)
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(a.pods.lock().await["u-old"].spec.netns, path);
+        // The kubelet made this netns for u-new now: u-old's entry goes,
+        // and the add goes on (to the ztunnel, absent here).
+        let r = a
+            .add_opened(spec("u-new", &path), open(), Origin::Cni)
+            .await;
+        assert!(matches!(r, Err(AgentError::NotConnected)), "{r:?}");
+        assert!(a.pods.lock().await.is_empty());
     }
 
     /// Why a look at the watch did nothing is a variant the loop branches
@@ -475,6 +552,7 @@ status: {podIP: 10.1.1.5}
             node: "node-1".into(),
             pods,
             namespaces,
+            behind: Default::default(),
         };
         let r = agent(dir.path(), Some(kube)).sync().await;
         assert!(matches!(r, Err(SyncError::NotListed)), "{r:?}");

@@ -7,6 +7,7 @@
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
@@ -43,6 +44,9 @@ pub enum Source {
         node: String,
         pods: Store<Pod>,
         namespaces: Store<Namespace>,
+        /// Whether a watch failed and nothing has come from it since: its
+        /// store is then what it was (an outage, a backoff), however old.
+        behind: [Arc<AtomicBool>; 2],
     },
     /// A directory of Pod and Namespace objects (the lab), re-read on
     /// every look.
@@ -88,13 +92,28 @@ impl Source {
             watcher(kube::Api::<Namespace>::all(client), Default::default()),
         )
         .default_backoff();
-        for (what, mut events) in [
-            ("pods", pod_events.map(|e| e.map(|_| ())).boxed()),
-            ("namespaces", ns_events.map(|e| e.map(|_| ())).boxed()),
+        let behind = [
+            Arc::new(AtomicBool::new(false)),
+            Arc::new(AtomicBool::new(false)),
+        ];
+        for (what, mut events, behind) in [
+            (
+                "pods",
+                pod_events.map(|e| e.map(|_| ())).boxed(),
+                behind[0].clone(),
+            ),
+            (
+                "namespaces",
+                ns_events.map(|e| e.map(|_| ())).boxed(),
+                behind[1].clone(),
+            ),
         ] {
             let changed = changed.clone();
             tokio::spawn(async move {
                 while let Some(e) = events.next().await {
+                    // An event after a failure: the watch runs again (a
+                    // relist, or a watch resumed where it stopped).
+                    behind.store(e.is_err(), Ordering::Relaxed);
                     if let Err(e) = e {
                         warn!(what, error = %e, "watch failed; retrying");
                     }
@@ -106,7 +125,17 @@ impl Source {
             node,
             pods,
             namespaces,
+            behind,
         })
+    }
+
+    /// Whether what the source shows may be stale: a watch failed and
+    /// nothing has come from it since. A folder never is.
+    pub fn behind(&self) -> bool {
+        match self {
+            Source::Kube { behind, .. } => behind.iter().any(|b| b.load(Ordering::Relaxed)),
+            Source::Dir { .. } => false,
+        }
     }
 
     /// What is known now; None until the watch has listed everything once
@@ -118,6 +147,7 @@ impl Source {
                 node,
                 pods,
                 namespaces,
+                ..
             } => {
                 let ready = matches!(pods.wait_until_ready().now_or_never(), Some(Ok(())))
                     && matches!(namespaces.wait_until_ready().now_or_never(), Some(Ok(())));

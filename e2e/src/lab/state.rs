@@ -27,19 +27,23 @@ impl Lab {
         })
     }
 
-    /// Writes the state file whole: a new file renamed over the old, so a
-    /// reader (a test, meshctl, the other lab process) never sees half.
+    /// Writes the state file whole: a new file (made as a plain write
+    /// would, under the umask) renamed over the old, so a reader (a test,
+    /// meshctl, the other lab process) never sees half.
     pub fn save(&self) -> Result<(), Error> {
-        use std::io::Write;
-        use std::os::unix::fs::PermissionsExt;
-        let mut tmp = tempfile::NamedTempFile::new_in(&self.dir)?;
-        // Readable as the plain write left it (meshctl --lab as a user).
-        tmp.as_file()
-            .set_permissions(std::fs::Permissions::from_mode(0o644))?;
-        tmp.write_all(&serde_json::to_vec_pretty(&self.state)?)?;
-        tmp.persist(Self::state_file(&self.dir))
-            .map_err(|e| e.error)?;
-        Ok(())
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let tmp = self
+            .dir
+            .join(format!(".lab.json.{}.{n}", std::process::id()));
+        let written = serde_json::to_vec_pretty(&self.state)
+            .map_err(Error::from)
+            .and_then(|text| Ok(std::fs::write(&tmp, text)?))
+            .and_then(|()| Ok(std::fs::rename(&tmp, Self::state_file(&self.dir))?));
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written
     }
 
     pub fn net(&self) -> String {
