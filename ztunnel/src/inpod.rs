@@ -6,6 +6,12 @@
 //! runtime; its upstream sockets are also made inside the pod's netns, so
 //! peers see the pod's address. Removing a pod closes its listeners and its
 //! connections.
+//!
+//! Every listener in a pod is one of a SO_REUSEPORT set, so the next
+//! ztunnel of a roll binds beside this one's; this one closes them when it
+//! starts to drain, and the kernel moves what was queued on them to the
+//! next one's (`net.ipv4.tcp_migrate_req`, which the node agent turns on in
+//! each pod).
 
 use std::collections::{HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -105,6 +111,15 @@ impl InPod {
         }
         self.del(uid);
         let netns = Arc::new(netns);
+        if self.proxy.draining.is_cancelled() {
+            // Draining (the next ztunnel of a roll serves the pod): nothing
+            // is opened; the pod is held only so that its release finds it.
+            info!(uid, namespace = %info.namespace, name = %info.name, "pod held, not served: draining");
+            let stop = CancellationToken::new();
+            self.lock()
+                .insert(uid.to_string(), Pod { info, netns, stop });
+            return Ok(());
+        }
         // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053).
         let dns = match &self.dns {
             Some(d) => {
@@ -112,12 +127,11 @@ impl InPod {
                     .run(|| {
                         // Loopback, where an output-chain REDIRECT lands: a
                         // wildcard-bound UDP socket would answer from the pod's
-                        // address, which the NAT entry does not expect.
+                        // address, which the NAT entry does not expect. Of
+                        // SO_REUSEPORT sets, as the TCP listeners below.
                         let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::config::DNS_PORT));
-                        let u = std::net::UdpSocket::bind(addr)?;
-                        u.set_nonblocking(true)?;
-                        let t = std::net::TcpListener::bind(addr)?;
-                        t.set_nonblocking(true)?;
+                        let u = mesh_core::listen::shared_udp(addr)?;
+                        let t = mesh_core::listen::shared_tcp(addr)?;
                         Ok::<_, std::io::Error>((u, t))
                     })
                     .and_then(|r| r)
@@ -131,10 +145,13 @@ impl InPod {
         let stop = CancellationToken::new();
         if let Some((d, udp, tcp)) = dns {
             let s = stop.clone();
+            // Closed with the TCP listeners when the drain starts.
+            let draining = self.proxy.draining.clone();
             let pod = format!("{}/{}", info.namespace, info.name);
             tokio::spawn(async move {
                 tokio::select! {
                     _ = s.cancelled() => {}
+                    _ = draining.cancelled() => {}
                     _ = d.serve(pod, udp, tcp) => {}
                 }
             });
