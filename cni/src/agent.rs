@@ -7,12 +7,17 @@
 //! there yet; removal goes the other way. The agent keeps its pods in a state
 //! file, so a restarted agent re-syncs the ztunnel from the same snapshot.
 //!
+//! Every connected ztunnel gets every request ([`crate::agent::ztunnels`]):
+//! during a roll the new ztunnel and the old one are both connected, and a
+//! pod added or released meanwhile reaches both.
+//!
 //! With a watch ([`crate::agent::watch`]) the agent also captures running pods that
 //! become enrolled and releases those that leave ([`crate::agent::reconcile`]), and
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
 pub mod reconcile;
 pub mod watch;
+mod ztunnels;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -30,8 +35,9 @@ use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::agent::ztunnels::Ztunnels;
 use crate::rules::{self, Capture};
-use crate::{find, host};
+use crate::{find, host, migrate};
 use mesh_core::netns::Netns;
 use mesh_core::zds;
 
@@ -65,7 +71,7 @@ pub enum Watch {
 }
 
 /// How long the ztunnel has to ack one request.
-const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+pub(crate) const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Why a pod could not be handed over or released, or the agent not
 /// reached: what the CNI plugin (and through it the kubelet) reports.
@@ -154,7 +160,7 @@ pub(crate) struct Agent {
     /// add it cancels would leave the pod captured).
     ops: Mutex<()>,
     pub(crate) pods: Mutex<BTreeMap<String, Pod>>,
-    ztunnel: Mutex<Option<UnixSeqpacket>>,
+    ztunnels: Ztunnels,
 }
 
 fn info_of(p: &PodSpec) -> WorkloadInfo {
@@ -177,28 +183,10 @@ impl Agent {
         }
     }
 
-    /// Sends one request to the connected ztunnel and waits for its ack.
+    /// Sends one request to the connected ztunnels and waits for their
+    /// acks (the newest one's is the answer).
     async fn to_ztunnel(&self, payload: Payload, netns: Option<&Netns>) -> Result<(), AgentError> {
-        let mut slot = self.ztunnel.lock().await;
-        let Some(sock) = slot.as_ref() else {
-            return Err(AgentError::NotConnected);
-        };
-        let fd = netns.map(|n| n.fd().try_clone_to_owned()).transpose()?;
-        // A ztunnel that stops answering must not hold every CNI call: give
-        // up, and drop the connection (a late ack would pair with the wrong
-        // request otherwise).
-        match tokio::time::timeout(ZDS_TIMEOUT, zds::request(sock, payload, fd.as_ref())).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(zds::ZdsError::Protocol(m))) => Err(AgentError::Refused(m)),
-            Ok(Err(e)) => {
-                *slot = None;
-                Err(AgentError::Lost(e))
-            }
-            Err(_) => {
-                *slot = None;
-                Err(AgentError::Timeout(ZDS_TIMEOUT))
-            }
-        }
+        self.ztunnels.request(payload, netns.map(Netns::fd)).await
     }
 
     fn capture_of(&self, spec: &PodSpec) -> Capture {
@@ -252,6 +240,10 @@ impl Agent {
             uid: spec.uid.clone(),
             workload_info: Some(info_of(&spec)),
         });
+        // Before any listener of its could close (a roll).
+        if let Err(e) = migrate::enable(&netns) {
+            warn!(uid = %spec.uid, error = %e, "cannot turn on tcp_migrate_req in the pod: a ztunnel roll may reset connections queued at its switch");
+        }
         self.to_ztunnel(payload, Some(&netns)).await?;
         if let Err(e) = rules::install(&netns, self.capture_of(&spec)) {
             // Undo the hand-over: the ztunnel must not hold a pod whose
@@ -337,7 +329,7 @@ impl Agent {
         }
         zds::request(&sock, Payload::SnapshotSent(SnapshotSent {}), None).await?;
         info!(pods = pods.len(), "snapshot sent to the ztunnel");
-        *self.ztunnel.lock().await = Some(sock);
+        self.ztunnels.join(sock).await;
         Ok(())
     }
 }
@@ -388,6 +380,10 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
                     if let Err(e) = rules::install(&netns, c) {
                         warn!(uid = %spec.uid, error = %e, "re-applying rules failed");
                     }
+                    // Pods captured by an agent from before the setting.
+                    if let Err(e) = migrate::enable(&netns) {
+                        warn!(uid = %spec.uid, error = %e, "cannot turn on tcp_migrate_req in the pod");
+                    }
                     pods.insert(spec.uid.clone(), Pod { spec, netns });
                 }
                 Err(e) => {
@@ -413,14 +409,18 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
         reconciling: Mutex::new(()),
         ops: Mutex::new(()),
         pods: Mutex::new(pods),
-        ztunnel: Mutex::new(None),
+        ztunnels: Ztunnels::default(),
     });
     if agent.source.is_some() {
         tokio::spawn(agent.clone().watch_loop(changed, stop.clone()));
     }
+    // A ztunnel that ended (the old one of a roll, once drained) is
+    // forgotten within a second, not only at the next request.
+    let mut prune = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
             _ = stop.cancelled() => return Ok(()),
+            _ = prune.tick() => agent.ztunnels.prune().await,
             c = zds_listener.accept() => match c {
                 Ok(sock) => {
                     let agent = agent.clone();
@@ -466,9 +466,9 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
             Ok(Request::List) => {
                 // Whether an add would reach a ztunnel now (taken before the
                 // pods, never both at once: adds hold this lock).
-                let connected = agent.ztunnel.lock().await.is_some();
+                let ztunnels = agent.ztunnels.count().await;
                 let pods = agent.pods.lock().await;
-                serde_json::json!({"ok": true, "ztunnel_connected": connected, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
+                serde_json::json!({"ok": true, "ztunnel_connected": ztunnels > 0, "ztunnels": ztunnels, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
             }
         };
         if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {

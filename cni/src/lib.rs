@@ -17,6 +17,7 @@ pub mod enroll;
 pub mod find;
 pub mod host;
 pub mod install;
+pub mod migrate;
 pub mod rules;
 
 use std::collections::BTreeMap;

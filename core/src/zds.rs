@@ -129,6 +129,15 @@ pub async fn recv_hello(sock: &UnixSeqpacket) -> Result<ZdsHello, ZdsError> {
     Ok(ZdsHello::decode(bytes.as_slice())?)
 }
 
+/// Agent side: whether the ztunnel hung up, looked at without waiting.
+/// Between requests a ztunnel sends nothing, so anything readable then is
+/// its end of the session (or a message out of turn, which ends it too).
+pub fn hung_up(sock: &UnixSeqpacket) -> bool {
+    let mut buf = [0u8; 1];
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    !sock.poll_peek(&mut cx, &mut buf).is_pending()
+}
+
 /// Agent side: send one request (with the pod's netns for an Add) and wait
 /// for its ack; `Err` carries the ztunnel's error.
 pub async fn request(
