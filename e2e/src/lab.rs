@@ -21,6 +21,7 @@ mod pods;
 mod process;
 mod services;
 mod state;
+mod surge;
 
 pub use claim::{
     ALL_IDS, BENCH_IDS, ClaimError, DEFAULT_ID, DEMO_IDS, Keeper, Owner, PEOPLE_IDS, TEST_IDS,
@@ -34,6 +35,7 @@ pub use objects::{
 };
 pub(crate) use process::{sh, start_time};
 pub(crate) use services::nft_in;
+pub use surge::SURGE_PORT_OFFSET;
 pub use state::{KubeState, Lab, LabState, NodeState, PodState, ProcState, ServiceState};
 
 #[cfg(doc)]

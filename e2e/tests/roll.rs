@@ -1,0 +1,389 @@
+//! A hitless ztunnel roll, in the lab: while node-1's ztunnel is replaced
+//! (a second one starts beside it, takes the node agent's pods and binds
+//! their listeners beside the first one's, then the first drains), new
+//! connections through node-1, outbound from its client and inbound to its
+//! echo server, keep being served, and connections already open run on
+//! until the old ztunnel's drain deadline.
+
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant};
+
+use std::io::{Read, Write};
+
+use e2e::lab::{Down as Guard, Lab, TEST_IDS};
+use e2e::mesh::{binary, eventually};
+use mesh_core::netns::Netns;
+use serde_json::Value;
+
+/// New connections per second through node-1 during the roll.
+const RATE: u32 = 50;
+/// Long-lived streams through node-1, opened before the roll.
+const STREAMS: usize = 10;
+/// The lab ztunnels' `drain_timeout` (e2e/src/lab/control.rs).
+const DRAIN: Duration = Duration::from_secs(3);
+/// Bounds on the load: it never runs longer, nor opens more.
+const LOAD_LIMIT: Duration = Duration::from_secs(60);
+const LOAD_MAX: u32 = RATE * 60;
+
+fn yaml(text: &str) -> Vec<Value> {
+    e2e::lab::parse_docs(text).unwrap()
+}
+
+fn pod(name: &str, node: &str, args: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: roll, labels: {{app: {name}}}}}\nspec:\n  nodeName: {node}\n  serviceAccountName: {name}\n  containers: [{{name: app, image: labapp, args: {args}}}]\n---\n"
+    )
+}
+
+/// During the overlap: a pod added (`late`) and one released (`gone`, by
+/// its label, as `kubectl label` would) on node-1. What the agent holds
+/// then, or why it could not be done (asserted once the counts are out).
+async fn change_pods_during_the_overlap(lab: &mut Lab) -> Result<(), String> {
+    lab.apply(yaml(&pod("late", "node-1", "[tcp-echo, --port, \"9000\"]")))
+        .await
+        .map_err(|e| format!("adding a pod: {e}"))?;
+    let path = lab.dir.join("config/pod-roll-gone.yaml");
+    let text = std::fs::read_to_string(&path).map_err(|e| format!("{e}"))?;
+    let mut obj = yaml(&text).pop().ok_or("no pod object")?;
+    obj["metadata"]["labels"]["istio.io/dataplane-mode"] = "none".into();
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, obj.to_string()).map_err(|e| format!("{e}"))?;
+    std::fs::rename(tmp, path).map_err(|e| format!("{e}"))?;
+    let control = lab.dir.join("node-1-cni.sock");
+    let held = mesh_cni::agent::call(&control, &mesh_cni::agent::Request::Sync)
+        .await
+        .map_err(|e| format!("sync: {e}"))?;
+    let names: Vec<&str> = held["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    if names.contains(&"late") && !names.contains(&"gone") {
+        Ok(())
+    } else {
+        Err(format!("the agent holds {names:?}"))
+    }
+}
+
+/// Whether a ztunnel's log shows `what` (`pod captured`, `pod released`)
+/// for the pod named `name`.
+fn logged(lab: &Lab, process: &str, what: &str, name: &str) -> bool {
+    let log =
+        std::fs::read_to_string(lab.dir.join(format!("logs/{process}.log"))).unwrap_or_default();
+    log.lines()
+        .any(|l| l.contains(what) && l.contains(&format!("name={name}")))
+}
+
+fn netns_of(lab: &Lab, key: &str) -> Arc<Netns> {
+    Arc::new(Netns::open(&format!("/var/run/netns/{}", lab.pod(key).unwrap().netns)).unwrap())
+}
+
+/// `labapp send` from inside a pod; whether the text came back.
+fn send(lab: &Lab, from: &str, to: &str, text: &str) -> bool {
+    let bin = binary("labapp");
+    let Ok(out) = lab.exec(from, &[bin.to_str().unwrap(), "send", to, text]) else {
+        return false;
+    };
+    out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == text
+}
+
+/// A path through node-1: the pod connecting (its socket made in its netns,
+/// so captured as the app's would be) and where to.
+#[derive(Clone)]
+struct Path {
+    name: &'static str,
+    from: Arc<Netns>,
+    to: SocketAddr,
+}
+
+fn connect(p: &Path) -> std::io::Result<TcpStream> {
+    use socket2::{Domain, Socket, Type};
+    let sock = p
+        .from
+        .run(|| Socket::new(Domain::IPV4, Type::STREAM, None))??;
+    sock.connect_timeout(&p.to.into(), Duration::from_secs(2))?;
+    let s = TcpStream::from(sock);
+    s.set_read_timeout(Some(Duration::from_secs(3)))?;
+    s.set_write_timeout(Some(Duration::from_secs(3)))?;
+    Ok(s)
+}
+
+fn echo(s: &mut TcpStream, text: &[u8]) -> std::io::Result<()> {
+    s.write_all(text)?;
+    let mut back = vec![0u8; text.len()];
+    s.read_exact(&mut back)?;
+    if back != text {
+        return Err(std::io::Error::other("echo mismatch"));
+    }
+    Ok(())
+}
+
+/// One new connection: connect, round-trip, close.
+fn one_connection(p: &Path, n: u32) -> Result<(), String> {
+    let mut s = connect(p).map_err(|e| format!("connect: {e}"))?;
+    echo(&mut s, format!("conn-{n:06}").as_bytes()).map_err(|e| format!("echo: {e}"))
+}
+
+/// What one long-lived stream saw.
+struct Stream {
+    path: &'static str,
+    /// The last round-trip that succeeded.
+    last_ok: Instant,
+    /// Why it ended, if it did before being told to stop.
+    ended: Option<String>,
+}
+
+/// Opens a stream on `p`, then round-trips every 100 ms until `stop`.
+fn long_lived(p: Path, stop: Arc<AtomicBool>, opened: mpsc::Sender<()>) -> Stream {
+    let mut st = Stream {
+        path: p.name,
+        last_ok: Instant::now(),
+        ended: None,
+    };
+    let mut s = match connect(&p).and_then(|mut s| echo(&mut s, b"open").map(|()| s)) {
+        Ok(s) => s,
+        Err(e) => {
+            st.ended = Some(format!("open: {e}"));
+            let _ = opened.send(());
+            return st;
+        }
+    };
+    st.last_ok = Instant::now();
+    let _ = opened.send(());
+    while !stop.load(Ordering::Relaxed) {
+        std::thread::sleep(Duration::from_millis(100));
+        match echo(&mut s, b"tick") {
+            Ok(()) => st.last_ok = Instant::now(),
+            Err(e) => {
+                st.ended = Some(e.to_string());
+                break;
+            }
+        }
+    }
+    st
+}
+
+/// New connections at [`RATE`] per second, alternating over `paths`, each
+/// on a thread of its own, until `stop` (or the bounds). Returns how many
+/// were opened and the failures (when, which path, why).
+fn load(paths: Vec<Path>, stop: Arc<AtomicBool>) -> (u32, Vec<(Instant, String)>) {
+    let (tx, rx) = mpsc::channel();
+    let started = Instant::now();
+    let tick = Duration::from_secs(1) / RATE;
+    let mut n = 0;
+    let mut workers = Vec::new();
+    while !stop.load(Ordering::Relaxed) && n < LOAD_MAX && started.elapsed() < LOAD_LIMIT {
+        let p = paths[n as usize % paths.len()].clone();
+        let tx = tx.clone();
+        workers.push(std::thread::spawn(move || {
+            let at = Instant::now();
+            if let Err(e) = one_connection(&p, n) {
+                let _ = tx.send((at, format!("{}: {e}", p.name)));
+            }
+        }));
+        n += 1;
+        let next = started + tick * n;
+        std::thread::sleep(next.saturating_duration_since(Instant::now()));
+    }
+    for w in workers {
+        let _ = w.join();
+    }
+    drop(tx);
+    (n, rx.into_iter().collect())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ztunnel_roll_under_load_fails_no_new_connection_and_drains_the_old_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guard(Lab::create_in(dir.path(), TEST_IDS, 2).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: roll, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
+    );
+    let echo_args = "[tcp-echo, --port, \"9000\"]";
+    docs.push_str(&pod("echo-1", "node-1", echo_args));
+    docs.push_str(&pod("echo-2", "node-2", echo_args));
+    docs.push_str(&pod("client-1", "node-1", "[sleep]"));
+    docs.push_str(&pod("client-2", "node-2", "[sleep]"));
+    docs.push_str(&pod("gone", "node-1", "[sleep]"));
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let ip = |k: &str| g.0.pod(k).unwrap().ip.clone();
+    let (echo1, echo2) = (
+        format!("{}:9000", ip("roll/echo-1")),
+        format!("{}:9000", ip("roll/echo-2")),
+    );
+    for (from, to) in [("roll/client-1", &echo2), ("roll/client-2", &echo1)] {
+        eventually(
+            &format!("{from} reaches {to} through the mesh"),
+            Duration::from_secs(30),
+            || async { send(&g.0, from, to, "up") },
+        )
+        .await;
+    }
+    // Both paths cross node-1's ztunnel: outbound from its client, inbound
+    // (HBONE from node-2's ztunnel) to its echo server.
+    let paths = vec![
+        Path {
+            name: "outbound from node-1",
+            from: netns_of(&g.0, "roll/client-1"),
+            to: echo2.parse().unwrap(),
+        },
+        Path {
+            name: "inbound to node-1",
+            from: netns_of(&g.0, "roll/client-2"),
+            to: echo1.parse().unwrap(),
+        },
+    ];
+
+    let stop_streams = Arc::new(AtomicBool::new(false));
+    let (opened_tx, opened) = mpsc::channel();
+    let streams: Vec<_> = (0..STREAMS)
+        .map(|i| {
+            let (p, stop, tx) = (
+                paths[i % paths.len()].clone(),
+                stop_streams.clone(),
+                opened_tx.clone(),
+            );
+            std::thread::spawn(move || long_lived(p, stop, tx))
+        })
+        .collect();
+    for _ in 0..STREAMS {
+        opened.recv_timeout(Duration::from_secs(10)).unwrap();
+    }
+    let stop_load = Arc::new(AtomicBool::new(false));
+    let loader = {
+        let (p, stop) = (paths.clone(), stop_load.clone());
+        std::thread::spawn(move || load(p, stop))
+    };
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The roll: the new ztunnel, ready (it has every pod's listeners and
+    // certificates), then SIGTERM to the old one, which drains and exits.
+    let ready = g.0.surge_ztunnel("node-1").unwrap();
+    eventually(
+        "the new ztunnel on node-1 is ready",
+        Duration::from_secs(30),
+        || g.0.ztunnel_ready("node-1", ready),
+    )
+    .await;
+    let changed = change_pods_during_the_overlap(&mut g.0).await;
+    let term = Instant::now();
+    tokio::task::block_in_place(|| g.0.stop("node-1-ztunnel", false)).unwrap();
+    let exited = Instant::now();
+    // New connections go on a while after the old one is gone.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop_load.store(true, Ordering::Relaxed);
+    stop_streams.store(true, Ordering::Relaxed);
+    let (opened_count, failures) = tokio::task::block_in_place(|| loader.join().unwrap());
+    let streams: Vec<Stream> = streams.into_iter().map(|s| s.join().unwrap()).collect();
+
+    let deadline = term + DRAIN;
+    // Polled every 100 ms, a stream cut at the deadline last answered just
+    // before it.
+    let lasted = |s: &Stream| s.last_ok + Duration::from_millis(500) >= deadline;
+    let lasted_count = streams.iter().filter(|s| lasted(s)).count();
+    println!(
+        "ztunnel roll: {} new connections, {} failed; {lasted_count} of {STREAMS} long-lived streams lasted until the old ztunnel's drain deadline ({DRAIN:?} after SIGTERM; it exited {:?} after)",
+        opened_count,
+        failures.len(),
+        exited - term,
+    );
+    for (at, why) in &failures {
+        let since = at.checked_duration_since(term).map(|d| format!("+{d:?}"));
+        let since = since.unwrap_or_else(|| format!("-{:?}", term - *at));
+        println!("  failed at SIGTERM{since}: {why}");
+    }
+    for s in &streams {
+        println!(
+            "  stream {}: last answer at SIGTERM+{:?}, ended: {}",
+            s.path,
+            s.last_ok.saturating_duration_since(term),
+            s.ended.as_deref().unwrap_or("no (stopped by the test)")
+        );
+    }
+    assert!(opened_count >= RATE * 3, "too little load: {opened_count}");
+    assert!(
+        failures.is_empty(),
+        "{} new connections failed",
+        failures.len()
+    );
+    assert_eq!(
+        lasted_count, STREAMS,
+        "long-lived streams cut before the drain deadline"
+    );
+    changed.unwrap();
+    // The pod added during the overlap reached both ztunnels, and so did
+    // the release; the new one serves the added pod now.
+    for z in ["node-1-ztunnel", "node-1-ztunnel-surge"] {
+        assert!(
+            logged(&g.0, z, "pod captured", "late"),
+            "{z} never got the added pod"
+        );
+        assert!(
+            logged(&g.0, z, "pod released", "gone"),
+            "{z} never released the pod"
+        );
+    }
+    let late = format!("{}:9000", g.0.pod("roll/late").unwrap().ip);
+    assert!(send(&g.0, "roll/client-2", &late, "to-the-late-pod"));
+    // The node agent lets the kernel move connections queued on a closing
+    // listener to another of its set, in each pod of node-1.
+    for key in ["roll/client-1", "roll/echo-1"] {
+        let on = mesh_cni::migrate::enabled(&netns_of(&g.0, key));
+        assert!(matches!(on, Ok(true)), "tcp_migrate_req in {key}: {on:?}");
+    }
+}
+
+/// Of `n` connections queued on two listeners of one SO_REUSEPORT set in a
+/// fresh netns, how many the second one accepts once the first is closed
+/// without accepting any (those queued on the first are reset, unless the
+/// kernel moves them).
+fn accepted_after_a_close(migrate: bool, n: usize) -> usize {
+    use mesh_core::listen::shared_tcp;
+    let mut spaces = e2e::netns::Namespaces::default();
+    let netns = spaces.add(&e2e::netns::unique("mig"));
+    if migrate {
+        mesh_cni::migrate::enable(&netns).unwrap();
+    }
+    assert_eq!(mesh_cni::migrate::enabled(&netns).unwrap(), migrate);
+    let addr: SocketAddr = "127.0.0.1:15001".parse().unwrap();
+    let (first, second) = netns
+        .run(|| Ok::<_, std::io::Error>((shared_tcp(addr)?, shared_tcp(addr)?)))
+        .unwrap()
+        .unwrap();
+    let clients: Vec<TcpStream> = (0..n)
+        .map(|_| netns.run(|| TcpStream::connect(addr)).unwrap().unwrap())
+        .collect();
+    drop(first);
+    let mut accepted = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while accepted.len() < n && Instant::now() < deadline {
+        match second.accept() {
+            Ok((s, _)) => accepted.push(s),
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    drop(clients);
+    accepted.len()
+}
+
+/// What the node agent's `tcp_migrate_req` is for: with it, a ztunnel that
+/// closes its listeners (the old one of a roll) loses none of the
+/// connections queued on them; without it, they are reset.
+#[test]
+fn a_closing_listener_hands_its_queue_to_the_next_only_with_migration_on() {
+    let n = 32;
+    let without = accepted_after_a_close(false, n);
+    let with = accepted_after_a_close(true, n);
+    println!(
+        "queued connections accepted after a close: {without} of {n} without migration, {with} of {n} with"
+    );
+    assert!(
+        without < n,
+        "the kernel kept every connection without migration: the test shows nothing"
+    );
+    assert_eq!(with, n, "connections were lost with migration on");
+}
