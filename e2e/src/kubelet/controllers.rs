@@ -527,7 +527,7 @@ fn next_replacement<'a>(
     by_node
         .iter()
         .find(|(_, on)| on.iter().any(|p| !current(p)))
-        .map(|(node, _)| Replace::Create(*node))
+        .map(|(node, _)| Replace::Create(node))
 }
 
 #[cfg(test)]
