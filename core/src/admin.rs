@@ -22,7 +22,26 @@ use crate::config::RuntimeKind;
 /// What must be true before the proxy reports ready.
 pub trait Readiness: Send + Sync + 'static {
     /// `Err` names what is still missing.
-    fn check(&self) -> Result<(), String>;
+    fn check(&self) -> Result<(), NotReady>;
+}
+
+/// What keeps a proxy from being ready: the readiness endpoint's answer.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NotReady {
+    #[error("draining")]
+    Draining,
+    #[error("no config from the controller yet")]
+    NoControllerConfig,
+    #[error("no pod snapshot from the node agent yet")]
+    NoPodSnapshot,
+    #[error("no config yet")]
+    NoConfig,
+    /// The identities whose certificates have not arrived.
+    #[error("certificates pending: {}", .0.join(", "))]
+    Certificates(Vec<String>),
+    /// The one identity a waypoint serves as.
+    #[error("certificate for {0} pending")]
+    Certificate(String),
 }
 
 pub fn respond(

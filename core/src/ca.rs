@@ -31,7 +31,7 @@ pub enum CaError {
     #[error("CA answer unusable: {0}")]
     BadAnswer(String),
     #[error("bearer token: {0}")]
-    Token(String),
+    Token(#[from] TokenError),
     #[error("CA answered a certificate for {got}, not the requested {want}")]
     WrongIdentity {
         got: Box<Identity>,
@@ -83,17 +83,28 @@ impl From<String> for Token {
     }
 }
 
+/// Why a bearer token cannot be sent.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TokenError {
+    #[error("token file {path}: {reason}")]
+    Read { path: String, reason: String },
+    #[error("token is not a valid header value")]
+    NotAHeader,
+}
+
 impl Token {
     /// The `authorization` header value, or why there is none.
-    pub fn header(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, String> {
+    pub fn header(&self) -> Result<MetadataValue<tonic::metadata::Ascii>, TokenError> {
         let text = match self {
             Token::Fixed(t) => t.clone(),
-            Token::File(p) => std::fs::read_to_string(p)
-                .map_err(|e| format!("token file {}: {e}", p.display()))?,
+            Token::File(p) => std::fs::read_to_string(p).map_err(|e| TokenError::Read {
+                path: p.display().to_string(),
+                reason: e.to_string(),
+            })?,
         };
         format!("Bearer {}", text.trim())
             .parse()
-            .map_err(|_| "token is not a valid header value".to_string())
+            .map_err(|_| TokenError::NotAHeader)
     }
 }
 
@@ -139,7 +150,7 @@ impl IstioCaClient {
             .connect_lazy();
         if let Some(t) = &cfg.token {
             // Fail at start-up on a token that cannot be sent at all.
-            t.header().map_err(bad)?;
+            t.header().map_err(|e| bad(e.to_string()))?;
         }
         Ok(IstioCaClient {
             client: IstioCertificateServiceClient::new(channel),
@@ -227,7 +238,7 @@ mod tests {
         std::fs::write(&path, "second").expect("write");
         assert_eq!(t.header().expect("header"), "Bearer second");
         std::fs::remove_file(&path).expect("remove");
-        let err = t.header().expect_err("gone");
+        let err = t.header().expect_err("gone").to_string();
         assert!(err.contains("istio-token"), "{err}");
         assert!(Token::Fixed("bad\nvalue".into()).header().is_err());
     }

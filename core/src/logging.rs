@@ -44,16 +44,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// A `LOG_FORMAT` value that names no format.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("LOG_FORMAT={0:?} is neither plain nor json")]
+pub struct BadLogFormat(pub String);
+
 /// The format a `LOG_FORMAT` value names: plain when unset or blank, an
 /// error naming the value when it is neither `plain` nor `json`.
-pub fn log_format(spec: Option<&str>) -> Result<LogFormat, String> {
+pub fn log_format(spec: Option<&str>) -> Result<LogFormat, BadLogFormat> {
     match spec.map(|s| s.trim().to_ascii_lowercase()).as_deref() {
         None | Some("") | Some("plain") | Some("text") => Ok(LogFormat::Plain),
         Some("json") => Ok(LogFormat::Json),
-        Some(_) => Err(format!(
-            "LOG_FORMAT={:?} is neither plain nor json",
-            spec.unwrap_or_default()
-        )),
+        Some(_) => Err(BadLogFormat(spec.unwrap_or_default().to_string())),
     }
 }
 
@@ -168,7 +170,12 @@ mod tests {
         }
         assert_eq!(log_format(Some("json")), Ok(LogFormat::Json));
         assert_eq!(log_format(Some("JSON")), Ok(LogFormat::Json));
-        assert!(log_format(Some("xml")).unwrap_err().contains("xml"));
+        assert!(
+            log_format(Some("xml"))
+                .unwrap_err()
+                .to_string()
+                .contains("xml")
+        );
     }
 
     #[test]

@@ -57,10 +57,11 @@ pub enum SecurityPolicy {
     unknown,
 }
 
-/// Istio's TCP metric labels.
+/// Who the two ends are, in Istio's labels: the part the TCP metrics (the
+/// ztunnel's) and the request metrics (the waypoint's) share, so both spell
+/// and order them alike. Each is `unknown` when not known.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct TcpLabels {
-    pub reporter: Reporter,
+pub struct PeerLabels {
     pub source_workload: String,
     pub source_canonical_service: String,
     pub source_canonical_revision: String,
@@ -80,19 +81,103 @@ pub struct TcpLabels {
     pub destination_app: String,
     pub destination_version: String,
     pub destination_cluster: String,
-    pub request_protocol: String,
-    pub response_flags: ResponseFlags,
-    pub connection_security_policy: SecurityPolicy,
 }
 
 const UNKNOWN: &str = "unknown";
 
-fn or_unknown(s: &str) -> String {
+/// `s`, or `unknown` when it is empty.
+pub fn or_unknown(s: &str) -> String {
     if s.is_empty() {
         UNKNOWN.into()
     } else {
         s.into()
     }
+}
+
+/// The workload label: the owning workload's name (a Deployment's), else
+/// the pod's.
+fn workload_name(w: &Workload) -> &str {
+    if w.workload_name.is_empty() {
+        &w.name
+    } else {
+        &w.workload_name
+    }
+}
+
+impl PeerLabels {
+    /// Every label `unknown`.
+    pub fn unknown() -> Self {
+        let u = || UNKNOWN.to_string();
+        PeerLabels {
+            source_workload: u(),
+            source_canonical_service: u(),
+            source_canonical_revision: u(),
+            source_workload_namespace: u(),
+            source_principal: u(),
+            source_app: u(),
+            source_version: u(),
+            source_cluster: u(),
+            destination_service: u(),
+            destination_service_namespace: u(),
+            destination_service_name: u(),
+            destination_workload: u(),
+            destination_canonical_service: u(),
+            destination_canonical_revision: u(),
+            destination_workload_namespace: u(),
+            destination_principal: u(),
+            destination_app: u(),
+            destination_version: u(),
+            destination_cluster: u(),
+        }
+    }
+
+    /// The source's labels: its workload's (when known), the namespace and
+    /// principal given (the waypoint takes both from the peer's
+    /// certificate).
+    pub fn set_source(
+        &mut self,
+        w: Option<&Workload>,
+        namespace: &str,
+        principal: Option<&Identity>,
+    ) {
+        let wl = |f: fn(&Workload) -> &str| or_unknown(w.map(f).unwrap_or(""));
+        self.source_workload = wl(workload_name);
+        self.source_canonical_service = wl(|w| &w.canonical_name);
+        self.source_canonical_revision = wl(|w| &w.canonical_revision);
+        self.source_workload_namespace = or_unknown(namespace);
+        self.source_principal = principal.map_or_else(|| UNKNOWN.into(), |i| i.to_string());
+        // As Istio's: the app and version are the canonical service and
+        // revision (from `app.kubernetes.io/name` or `app`,
+        // `app.kubernetes.io/version` or `version`).
+        self.source_app = wl(|w| &w.canonical_name);
+        self.source_version = wl(|w| &w.canonical_revision);
+        self.source_cluster = wl(|w| &w.cluster_id);
+    }
+
+    /// The destination workload's labels (when known), with the principal
+    /// given.
+    pub fn set_destination(&mut self, w: Option<&Workload>, principal: Option<&Identity>) {
+        let wl = |f: fn(&Workload) -> &str| or_unknown(w.map(f).unwrap_or(""));
+        self.destination_workload = wl(workload_name);
+        self.destination_canonical_service = wl(|w| &w.canonical_name);
+        self.destination_canonical_revision = wl(|w| &w.canonical_revision);
+        self.destination_workload_namespace = wl(|w| &w.namespace);
+        self.destination_principal = principal.map_or_else(|| UNKNOWN.into(), |i| i.to_string());
+        self.destination_app = wl(|w| &w.canonical_name);
+        self.destination_version = wl(|w| &w.canonical_revision);
+        self.destination_cluster = wl(|w| &w.cluster_id);
+    }
+}
+
+/// Istio's TCP metric labels.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TcpLabels {
+    pub reporter: Reporter,
+    #[prometheus(flatten)]
+    pub peers: PeerLabels,
+    pub request_protocol: String,
+    pub response_flags: ResponseFlags,
+    pub connection_security_policy: SecurityPolicy,
 }
 
 impl TcpLabels {
@@ -105,49 +190,17 @@ impl TcpLabels {
         service: Option<(&str, &str, &str)>,
         mtls: bool,
     ) -> Self {
-        let wl =
-            |w: Option<&Workload>, f: fn(&Workload) -> &str| or_unknown(w.map(f).unwrap_or(""));
-        let (svc_host, svc_ns, svc_name) = service.unwrap_or((UNKNOWN, UNKNOWN, UNKNOWN));
+        let mut peers = PeerLabels::unknown();
+        peers.set_source(src, src.map_or("", |w| &w.namespace), src_identity);
+        if let Some((host, ns, name)) = service {
+            peers.destination_service = host.into();
+            peers.destination_service_namespace = ns.into();
+            peers.destination_service_name = name.into();
+        }
+        peers.set_destination(dst, dst_identity);
         TcpLabels {
             reporter,
-            source_workload: wl(src, |w| {
-                if w.workload_name.is_empty() {
-                    &w.name
-                } else {
-                    &w.workload_name
-                }
-            }),
-            source_canonical_service: wl(src, |w| &w.canonical_name),
-            source_canonical_revision: wl(src, |w| &w.canonical_revision),
-            source_workload_namespace: wl(src, |w| &w.namespace),
-            source_principal: src_identity
-                .map(|i| i.to_string())
-                .unwrap_or_else(|| UNKNOWN.into()),
-            // As Istio's ztunnel: the app and version are the canonical
-            // service and revision (from `app.kubernetes.io/name` or
-            // `app`, `app.kubernetes.io/version` or `version`).
-            source_app: wl(src, |w| &w.canonical_name),
-            source_version: wl(src, |w| &w.canonical_revision),
-            source_cluster: wl(src, |w| &w.cluster_id),
-            destination_service: svc_host.into(),
-            destination_service_namespace: svc_ns.into(),
-            destination_service_name: svc_name.into(),
-            destination_workload: wl(dst, |w| {
-                if w.workload_name.is_empty() {
-                    &w.name
-                } else {
-                    &w.workload_name
-                }
-            }),
-            destination_canonical_service: wl(dst, |w| &w.canonical_name),
-            destination_canonical_revision: wl(dst, |w| &w.canonical_revision),
-            destination_workload_namespace: wl(dst, |w| &w.namespace),
-            destination_principal: dst_identity
-                .map(|i| i.to_string())
-                .unwrap_or_else(|| UNKNOWN.into()),
-            destination_app: wl(dst, |w| &w.canonical_name),
-            destination_version: wl(dst, |w| &w.canonical_revision),
-            destination_cluster: wl(dst, |w| &w.cluster_id),
+            peers,
             request_protocol: "tcp".into(),
             response_flags: ResponseFlags::None,
             connection_security_policy: if mtls {
@@ -226,5 +279,64 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The exposition is what dashboards read: label names, their order and
+    /// the `unknown` defaults, byte for byte.
+    #[test]
+    fn tcp_labels_are_exposed_in_istios_order() {
+        let m = Metrics::default();
+        let id: Identity = "spiffe://cluster.local/ns/shop/sa/client"
+            .parse()
+            .expect("identity");
+        let src = Workload::from_proto(
+            &mesh_proto::istio::workload::Workload {
+                uid: "Kubernetes//Pod/shop/client-0".into(),
+                name: "client-0".into(),
+                namespace: "shop".into(),
+                canonical_name: "client".into(),
+                canonical_revision: "v1".into(),
+                cluster_id: "Kubernetes".into(),
+                ..Default::default()
+            },
+            "cluster.local",
+        )
+        .expect("workload");
+        let labels = TcpLabels::new(
+            Reporter::destination,
+            Some(&src),
+            Some(&id),
+            None,
+            None,
+            Some(("server.shop.svc.cluster.local", "shop", "server")),
+            true,
+        );
+        m.opened.get_or_create(&labels).inc();
+        let text = m.encode();
+        let line = text
+            .lines()
+            .find(|l| l.starts_with("istio_tcp_connections_opened_total{"))
+            .expect("the counter is exposed");
+        assert_eq!(
+            line,
+            "istio_tcp_connections_opened_total{reporter=\"destination\",\
+             source_workload=\"client-0\",source_canonical_service=\"client\",\
+             source_canonical_revision=\"v1\",source_workload_namespace=\"shop\",\
+             source_principal=\"spiffe://cluster.local/ns/shop/sa/client\",\
+             source_app=\"client\",source_version=\"v1\",source_cluster=\"Kubernetes\",\
+             destination_service=\"server.shop.svc.cluster.local\",\
+             destination_service_namespace=\"shop\",destination_service_name=\"server\",\
+             destination_workload=\"unknown\",destination_canonical_service=\"unknown\",\
+             destination_canonical_revision=\"unknown\",\
+             destination_workload_namespace=\"unknown\",destination_principal=\"unknown\",\
+             destination_app=\"unknown\",destination_version=\"unknown\",\
+             destination_cluster=\"unknown\",request_protocol=\"tcp\",response_flags=\"-\",\
+             connection_security_policy=\"mutual_tls\"} 1"
+        );
     }
 }

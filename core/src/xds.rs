@@ -265,7 +265,7 @@ impl XdsClient {
         let mut req = tonic::Request::new(ReceiverStream::new(rx));
         if let Some(t) = &self.cfg.token {
             req.metadata_mut()
-                .insert("authorization", t.header().map_err(bad)?);
+                .insert("authorization", t.header().map_err(|e| bad(e.to_string()))?);
         }
         let mut stream = AggregatedDiscoveryServiceClient::new(channel)
             .max_decoding_message_size(64 * 1024 * 1024)

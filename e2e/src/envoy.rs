@@ -255,7 +255,8 @@ pub fn terminator_config(
 ///
 /// ```text
 /// connect_terminate  pod_ip:15008, mTLS, HTTP/2 CONNECT  -> main_internal
-/// main_internal      HTTP/1.1 connection manager, the routes, access log
+/// main_internal      HTTP connection manager (HTTP/1.1 or h2c, WebSocket
+///                    upgrades), the routes, access log
 ///                    -> cluster of the service's endpoints, each an internal
 ///                       address of connect_originate carrying its pod ip:port
 /// connect_originate  original_dst from that metadata, tcp_proxy tunnelling
@@ -282,21 +283,17 @@ pub struct WaypointEnvoy<'a> {
     pub endpoint_san: &'a str,
     /// One line per request, as our waypoint writes one.
     pub access_log: &'a Path,
+    /// A second service, spoken over HTTP/2 upstream (gRPC): requests
+    /// whose path starts with `grpc_prefix` go to these endpoints, with no
+    /// timeout (streams). None when empty.
+    pub grpc_prefix: &'a str,
+    pub grpc_endpoints: Vec<SocketAddr>,
 }
 
-/// Envoy's bootstrap for [`WaypointEnvoy`].
-pub fn waypoint_config(w: &WaypointEnvoy<'_>) -> String {
-    let (chain, key, root) = w.files;
-    let downstream_tls = tls_matching(
-        chain,
-        key,
-        root,
-        &format!("prefix: \"{}\"", w.client_san_prefix),
-    )
-    .replace("\n        ", "\n          ");
-    let upstream_tls = tls_common(chain, key, root, w.endpoint_san);
-    let endpoints: String = w
-        .endpoints
+/// An Envoy cluster's endpoints, each an internal address of
+/// `connect_originate` carrying its pod ip:port.
+fn internal_endpoints(endpoints: &[SocketAddr]) -> String {
+    endpoints
         .iter()
         .map(|ep| {
             format!(
@@ -309,7 +306,71 @@ pub fn waypoint_config(w: &WaypointEnvoy<'_>) -> String {
 "#
             )
         })
-        .collect();
+        .collect()
+}
+
+/// The gRPC route and cluster of [`WaypointEnvoy`], when it has one.
+fn grpc_parts(w: &WaypointEnvoy<'_>) -> (String, String) {
+    if w.grpc_endpoints.is_empty() {
+        return (String::new(), String::new());
+    }
+    let route = format!(
+        r#"              - name: grpc
+                match: {{prefix: "{prefix}"}}
+                route: {{cluster: grpc, timeout: 0s}}
+"#,
+        prefix = w.grpc_prefix
+    );
+    let cluster = format!(
+        r#"  - name: grpc
+    connect_timeout: 2s
+    lb_policy: LEAST_REQUEST
+    typed_extension_protocol_options:
+      envoy.extensions.upstreams.http.v3.HttpProtocolOptions:
+        "@type": type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions
+        explicit_http_config:
+          http2_protocol_options: {{}}
+    transport_socket:
+      name: envoy.transport_sockets.internal_upstream
+      typed_config:
+        "@type": type.googleapis.com/envoy.extensions.transport_sockets.internal_upstream.v3.InternalUpstreamTransport
+        passthrough_metadata:
+        - kind: {{host: {{}}}}
+          name: envoy.filters.listener.original_dst
+        transport_socket:
+          name: envoy.transport_sockets.raw_buffer
+          typed_config:
+            "@type": type.googleapis.com/envoy.extensions.transport_sockets.raw_buffer.v3.RawBuffer
+    load_assignment:
+      cluster_name: grpc
+      endpoints:
+      - lb_endpoints:
+{endpoints}"#,
+        endpoints = internal_endpoints(&w.grpc_endpoints)
+    );
+    (route, cluster)
+}
+
+/// Envoy's bootstrap for [`WaypointEnvoy`].
+pub fn waypoint_config(w: &WaypointEnvoy<'_>) -> String {
+    let mut out = waypoint_listeners(w);
+    out.push_str(&waypoint_clusters(w));
+    out
+}
+
+/// The bootstrap's admin, extensions and listeners: HBONE terminated on
+/// 15008, the HTTP (and gRPC) routes, CONNECT originated towards the
+/// endpoints.
+fn waypoint_listeners(w: &WaypointEnvoy<'_>) -> String {
+    let (chain, key, root) = w.files;
+    let downstream_tls = tls_matching(
+        chain,
+        key,
+        root,
+        &format!("prefix: \"{}\"", w.client_san_prefix),
+    )
+    .replace("\n        ", "\n          ");
+    let (grpc_route, _) = grpc_parts(w);
     format!(
         r#"admin:
   address: {{socket_address: {{address: "{aip}", port_value: {aport}}}}}
@@ -360,6 +421,7 @@ static_resources:
           "@type": type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager
           stat_prefix: main_internal
           codec_type: AUTO
+          upgrade_configs: [{{upgrade_type: websocket}}]
           access_log:
           - name: envoy.access_loggers.file
             typed_config:
@@ -377,7 +439,7 @@ static_resources:
                 request_headers_to_add:
                 - header: {{key: "{hname}", value: "{hvalue}"}}
                   append_action: OVERWRITE_IF_EXISTS_OR_ADD
-              - name: default
+{grpc_route}              - name: default
                 match: {{prefix: "/"}}
                 route: {{cluster: service, timeout: 0s}}
           http_filters:
@@ -399,7 +461,28 @@ static_resources:
           cluster: connect_originate
           tunneling_config:
             hostname: "%DOWNSTREAM_LOCAL_ADDRESS%"
-  clusters:
+"#,
+        aip = w.admin.ip(),
+        aport = w.admin.port(),
+        pod_ip = w.pod_ip,
+        access_log = w.access_log.display(),
+        prefix = w.path_prefix,
+        hname = w.set_header.0,
+        hvalue = w.set_header.1,
+        timeout = w.timeout_ms as f64 / 1000.0,
+    )
+}
+
+/// The bootstrap's clusters: the service's (and the gRPC service's)
+/// endpoints, each reached through the CONNECT originator, and the
+/// originator's HBONE upstream.
+fn waypoint_clusters(w: &WaypointEnvoy<'_>) -> String {
+    let (chain, key, root) = w.files;
+    let upstream_tls = tls_common(chain, key, root, w.endpoint_san);
+    let endpoints = internal_endpoints(&w.endpoints);
+    let (_, grpc_cluster) = grpc_parts(w);
+    format!(
+        r#"  clusters:
   - name: main_internal
     load_assignment:
       cluster_name: main_internal
@@ -424,7 +507,7 @@ static_resources:
       cluster_name: service
       endpoints:
       - lb_endpoints:
-{endpoints}  - name: connect_originate
+{endpoints}{grpc_cluster}  - name: connect_originate
     type: ORIGINAL_DST
     lb_policy: CLUSTER_PROVIDED
     connect_timeout: 2s
@@ -439,15 +522,7 @@ static_resources:
       typed_config:
         "@type": type.googleapis.com/envoy.extensions.transport_sockets.tls.v3.UpstreamTlsContext
         {upstream_tls}
-"#,
-        aip = w.admin.ip(),
-        aport = w.admin.port(),
-        pod_ip = w.pod_ip,
-        access_log = w.access_log.display(),
-        prefix = w.path_prefix,
-        hname = w.set_header.0,
-        hvalue = w.set_header.1,
-        timeout = w.timeout_ms as f64 / 1000.0,
+"#
     )
 }
 

@@ -6,7 +6,8 @@
 //! and the access log; a `grpc-status` 14 (UNAVAILABLE) answer is retried
 //! under the route's retry policy, and counted; a DENY on a method is a
 //! gRPC PERMISSION_DENIED; a GRPCRoute sends one method (and one header
-//! match) to v2.
+//! match) to v2, at the waypoint and (attached to the ingress Gateway) at
+//! the ingress.
 
 use std::time::Duration;
 
@@ -83,14 +84,16 @@ spec:
   - to: [{operation: {paths: [/labecho.Echo/SetFailNext]}}]
 ---
 apiVersion: gateway.networking.k8s.io/v1
-kind: HTTPRoute
+kind: GRPCRoute
 metadata: {name: grpc-in, namespace: shop}
 spec:
   parentRefs: [{name: public, namespace: edge}]
   hostnames: [shop.example.test]
   rules:
-  - matches: [{path: {type: PathPrefix, value: /labecho.Echo/}}]
+  - matches: [{method: {service: labecho.Echo, method: Unary}}, {method: {service: labecho.Echo, method: Bidi}}]
     backendRefs: [{name: grpc-echo, port: 80}]
+  - matches: [{method: {service: labecho.Echo, method: ServerStream}}]
+    backendRefs: [{name: grpc-echo-v2, port: 80}]
 ---
 ";
 
@@ -156,9 +159,12 @@ async fn grpc_calls_of_every_kind_stream_through_the_waypoint_and_the_ingress() 
         "{out}"
     );
 
-    // Through the ingress, from outside the mesh.
+    // Through the ingress, from outside the mesh, routed by a GRPCRoute
+    // (the listener admits GRPCRoutes by default): one method to v2.
     let out = grpc_from_host(lab, &["unary"]);
     assert!(out.contains("pod=grpc-echo-0 code=OK"), "{out}");
+    let out = grpc_from_host(lab, &["server", "3"]);
+    assert!(out.contains("server pods=grpc-echo-v2-0"), "{out}");
     let out = grpc_from_host(lab, &["bidi", "10000"]);
     assert!(
         out.contains("bidi first-reply-before-half-close=True replies=10000"),

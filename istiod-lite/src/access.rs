@@ -7,20 +7,48 @@
 //! credential, a token bound to that very pod whose service account is the
 //! pod's. A workload token opens only its own pod's stream.
 
+use mesh_core::identity::Identity;
+
 use crate::ca::auth::Caller;
 use crate::model::{INGRESS_PROXY_PREFIX, Model, WAYPOINT_PROXY_PREFIX};
 
+/// Why a caller may not open a stream, or hold a Gateway's keys: told to
+/// the caller (a `PermissionDenied` status) and logged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AccessError {
+    #[error(
+        "a node token may not subscribe as the ingress gateway pod {0:?}: \
+         its keys go only to the pod's own service-account token"
+    )]
+    NodeTokenAsIngress(String),
+    #[error(
+        "a workload token may subscribe only as its own waypoint pod or ingress pod ({own}), not as {proxy_id:?}"
+    )]
+    NotOwnPod { own: String, proxy_id: String },
+    #[error("a node token never holds an ingress gateway's keys")]
+    NodeTokenKeys,
+    #[error("proxy id {0:?} is not {INGRESS_PROXY_PREFIX}~<namespace>~<pod>")]
+    BadProxyId(String),
+    #[error("the caller's token is not bound to pod {0}/{1}")]
+    NotBoundToPod(String, String),
+    #[error("no pod {0}/{1}")]
+    NoPod(String, String),
+    #[error("the caller is {identity}, not pod {pod}'s service account {account:?}")]
+    NotPodAccount {
+        identity: Identity,
+        pod: String,
+        account: String,
+    },
+}
+
 /// Whether `caller` may open a stream as `proxy_id`; Err says why not.
-pub fn may_open(caller: &Caller, proxy_id: &str) -> Result<(), String> {
+pub fn may_open(caller: &Caller, proxy_id: &str) -> Result<(), AccessError> {
     let ingress = proxy_id
         .split_once('~')
         .is_some_and(|(p, _)| p == INGRESS_PROXY_PREFIX);
     if caller.only.is_none() {
         if ingress {
-            return Err(format!(
-                "a node token may not subscribe as the ingress gateway pod {proxy_id:?}: \
-                 its keys go only to the pod's own service-account token"
-            ));
+            return Err(AccessError::NodeTokenAsIngress(proxy_id.to_string()));
         }
         return Ok(());
     }
@@ -36,39 +64,39 @@ pub fn may_open(caller: &Caller, proxy_id: &str) -> Result<(), String> {
     if own.iter().any(|o| o == proxy_id) {
         return Ok(());
     }
-    Err(format!(
-        "a workload token may subscribe only as its own waypoint pod or ingress pod ({}), not as {proxy_id:?}",
-        if own.is_empty() {
+    Err(AccessError::NotOwnPod {
+        own: if own.is_empty() {
             "no pod".to_string()
         } else {
             own.join(" or ")
-        }
-    ))
+        },
+        proxy_id: proxy_id.to_string(),
+    })
 }
 
 /// Whether `caller` is the ingress gateway pod `proxy_id` names, as itself:
 /// a token bound to that pod, of the pod's own service account.
-pub fn own_ingress_pod(caller: &Caller, model: &Model, proxy_id: &str) -> Result<(), String> {
+pub fn own_ingress_pod(caller: &Caller, model: &Model, proxy_id: &str) -> Result<(), AccessError> {
     let Some(identity) = &caller.only else {
-        return Err("a node token never holds an ingress gateway's keys".into());
+        return Err(AccessError::NodeTokenKeys);
     };
     let (ns, pod) = proxy_id
         .strip_prefix(INGRESS_PROXY_PREFIX)
         .and_then(|r| r.strip_prefix('~'))
         .and_then(|r| r.split_once('~'))
-        .ok_or_else(|| {
-            format!("proxy id {proxy_id:?} is not {INGRESS_PROXY_PREFIX}~<namespace>~<pod>")
-        })?;
+        .ok_or_else(|| AccessError::BadProxyId(proxy_id.to_string()))?;
     if caller.pod.as_ref().map(|(n, p)| (n.as_str(), p.as_str())) != Some((ns, pod)) {
-        return Err(format!("the caller's token is not bound to pod {ns}/{pod}"));
+        return Err(AccessError::NotBoundToPod(ns.to_string(), pod.to_string()));
     }
     let sa = model
         .pod_service_account(ns, pod)
-        .ok_or_else(|| format!("no pod {ns}/{pod}"))?;
+        .ok_or_else(|| AccessError::NoPod(ns.to_string(), pod.to_string()))?;
     if identity.namespace() != ns || identity.service_account() != sa {
-        return Err(format!(
-            "the caller is {identity}, not pod {ns}/{pod}'s service account {sa:?}"
-        ));
+        return Err(AccessError::NotPodAccount {
+            identity: identity.clone(),
+            pod: format!("{ns}/{pod}"),
+            account: sa.to_string(),
+        });
     }
     Ok(())
 }

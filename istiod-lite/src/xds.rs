@@ -43,7 +43,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{debug, info, warn};
 
-use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory};
+use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory, PodError};
 use crate::config::objects::Change;
 use crate::config::sources::Sources;
 use crate::metrics::metrics;
@@ -86,14 +86,9 @@ impl Gated {
     }
 
     /// The Gateway a proxy serves as this kind, or why it does not.
-    fn gateway_of(
-        self,
-        model: &Model,
-        caller: &Caller,
-        proxy_id: &str,
-    ) -> Result<(String, String), String> {
+    fn gateway_of(self, model: &Model, caller: &Caller, proxy_id: &str) -> Served {
         match self {
-            Gated::Waypoint => model.waypoint_of_proxy(&caller.node, proxy_id),
+            Gated::Waypoint => Ok(model.waypoint_of_proxy(&caller.node, proxy_id)?),
             Gated::Ingress => {
                 let gw = model.ingress_of_proxy(&caller.node, proxy_id)?;
                 crate::access::own_ingress_pod(caller, model, proxy_id)?;
@@ -284,13 +279,22 @@ impl NodeAuthorizer for Hub {
 
 /// Folder mode's pod tokens, tied to their pods by the live model.
 impl PodDirectory for Hub {
-    fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), String> {
+    fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), PodError> {
         self.model().pod_identity(namespace, name)
     }
 }
 
 /// The Gateway (namespace, name) a proxy serves, or why it serves none.
-type Served = Result<(String, String), String>;
+type Served = Result<(String, String), NotServed>;
+
+/// Why a proxy is sent nothing of a Gateway-gated type (logged).
+#[derive(Debug, thiserror::Error)]
+enum NotServed {
+    #[error(transparent)]
+    Proxy(#[from] crate::model::ProxyError),
+    #[error(transparent)]
+    Access(#[from] crate::access::AccessError),
+}
 
 /// Per-type subscription state of one connection.
 #[derive(Default)]
@@ -717,7 +721,7 @@ impl AggregatedDiscoveryService for AdsService {
                 node = %caller.node, pod = ?caller.pod, proxy = %proxy_id, peer = ?peer, reason = %why,
                 "xDS stream refused"
             );
-            return Err(Status::permission_denied(why));
+            return Err(Status::permission_denied(why.to_string()));
         }
         let id = self.hub.next.fetch_add(1, Ordering::Relaxed);
         let view = Arc::new(ConnView {

@@ -777,13 +777,18 @@ async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
         ("api-token", "not for audience \"istio-ca\""),
         ("nobody", "invalid bearer token"),
     ] {
-        let err = reviewer.authenticate(&auth(token)).await.unwrap_err();
+        let err = reviewer
+            .authenticate(&auth(token))
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(err.contains(says), "{token}: {err}");
     }
     let err = reviewer
         .authenticate(&tonic::metadata::MetadataMap::new())
         .await
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("no authorization header"), "{err}");
     // A second call within the cache window costs no review, for a good
     // token that names its expiry or a refused one.
@@ -861,7 +866,7 @@ async fn a_reviewed_token_is_not_remembered_past_its_expiry() {
     state.lock().unwrap().reviews.remove(&token);
     reviewer.authenticate(&md).await.unwrap();
     tokio::time::sleep(Duration::from_millis(3100)).await;
-    let err = reviewer.authenticate(&md).await.unwrap_err();
+    let err = reviewer.authenticate(&md).await.unwrap_err().to_string();
     assert!(err.contains("invalid bearer token"), "{err}");
 }
 
@@ -1286,7 +1291,10 @@ async fn ingress_gateways_get_a_load_balancer_and_listener_status() {
         assert_eq!(good["attachedRoutes"], 1);
         assert_eq!(
             good["supportedKinds"],
-            json!([{"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"}])
+            json!([
+                {"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"},
+                {"group": "gateway.networking.k8s.io", "kind": "GRPCRoute"}
+            ])
         );
     }
 

@@ -69,6 +69,7 @@ fn the_mesh_installs_and_converges_on_a_real_api_server() {
     let istiod = Istiod::start(&c, "istio-system", "istiod-a");
     without_gateway_api(&c, &istiod);
     gateway_api_installed(&c, &istiod);
+    route_status(&c);
     token_review(&c, &istiod);
     a_crd_deleted_while_running(&c, &istiod);
     match c.can_restart() {
@@ -190,6 +191,84 @@ fn gateway_api_installed(c: &Cluster, istiod: &Istiod) {
             .status
             .success()
     });
+}
+
+/// HTTPRoute and GRPCRoute status: one entry per parent of ours, with
+/// Gateway API's reasons, our controllerName and the route's generation;
+/// none for another controller's Gateway; rewritten when the route
+/// changes, and not otherwise.
+fn route_status(c: &Cluster) {
+    eprintln!("=== route status (status.parents) for our parents only");
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop}\nspec: {ports: [{name: http, port: 80}]}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: edge, namespace: shop}\n\
+         spec: {gatewayClassName: mesh-ingress, listeners: [{name: http, port: 80, protocol: HTTP, hostname: web.example.com}]}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: theirs, namespace: shop}\n\
+         spec: {gatewayClassName: someone-else, listeners: [{name: http, port: 80, protocol: HTTP}]}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\n\
+         spec: {parentRefs: [{name: edge}, {group: \"\", kind: Service, name: web}, {name: theirs}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: GRPCRoute\nmetadata: {name: echo, namespace: shop}\n\
+         spec: {parentRefs: [{name: edge}], rules: [{backendRefs: [{name: missing, port: 80}]}]}\n",
+    );
+    let get =
+        |kind: &str, name: &str, path: &str| c.jsonpath(&["get", kind, name, "-n", "shop"], path);
+    let accepted = r#"{.status.parents[*].conditions[?(@.type=="Accepted")].reason}"#;
+    let resolved = r#"{.status.parents[*].conditions[?(@.type=="ResolvedRefs")].reason}"#;
+    eventually(
+        "the HTTPRoute's status for its two parents of ours",
+        15,
+        || get("httproute", "web", accepted) == "Accepted Accepted",
+    );
+    assert_eq!(
+        get("httproute", "web", "{.status.parents[*].controllerName}"),
+        "mesh.dev/istiod-lite mesh.dev/istiod-lite"
+    );
+    assert_eq!(
+        get("httproute", "web", "{.status.parents[*].parentRef.name}"),
+        "edge web"
+    );
+    assert_eq!(
+        get("httproute", "web", resolved),
+        "ResolvedRefs ResolvedRefs"
+    );
+    eventually("the GRPCRoute's status", 15, || {
+        get("grpcroute", "echo", accepted) == "Accepted"
+    });
+    assert_eq!(get("grpcroute", "echo", resolved), "BackendNotFound");
+    // Written once: a converged status is left alone.
+    let version = get("httproute", "web", "{.metadata.resourceVersion}");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        get("httproute", "web", "{.metadata.resourceVersion}"),
+        version,
+        "the status was written again though nothing changed"
+    );
+    // A change to the route: its new generation, and the listener the
+    // parentRef now names does not exist.
+    c.apply(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\n\
+         spec: {parentRefs: [{name: edge, sectionName: nope}], rules: [{backendRefs: [{name: web, port: 80}]}]}\n",
+    );
+    let generation = get("httproute", "web", "{.metadata.generation}");
+    eventually("the HTTPRoute's status follows its change", 15, || {
+        get("httproute", "web", accepted) == "NoMatchingParent"
+            && get(
+                "httproute",
+                "web",
+                "{.status.parents[0].conditions[0].observedGeneration}",
+            ) == generation
+    });
+    c.ok(&[
+        "delete",
+        "httproute,grpcroute,gateway,service",
+        "web",
+        "echo",
+        "edge",
+        "theirs",
+        "-n",
+        "shop",
+        "--ignore-not-found",
+    ]);
 }
 
 /// A ztunnel's real projected token, reviewed by the real API server

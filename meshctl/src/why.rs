@@ -2,9 +2,12 @@
 //! running the ztunnel's own decision code (`mesh_core::state::decide`:
 //! `resolve`, `authorize`) on the state from its `/config_dump`.
 
+use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
+use mesh_core::identity::Identity;
+use mesh_core::state::Decision;
 use mesh_core::state::decide::authorize;
 use mesh_core::state::decide::{Route, resolve};
 use mesh_core::state::{ProxyState, Snapshot, TunnelProtocol, Workload, updates_from_dump};
@@ -163,7 +166,7 @@ pub fn explain(
     dst: &str,
     root_namespace: &str,
     network: &str,
-    l7: Option<&std::collections::BTreeMap<String, Vec<String>>>,
+    l7: Option<&BTreeMap<String, Vec<String>>>,
 ) -> Result<Explanation, SourceError> {
     let first = dumps
         .first()
@@ -193,60 +196,123 @@ pub fn explain(
         && src_dump.value["same_node_fast_path"].as_bool() == Some(true);
     let (host, port) = host_port(dst)?;
     let (dst_ip, dst_desc) = destination_ip(&snap, network, &host, &src_w.namespace)?;
-    let target = SocketAddr::new(dst_ip, port);
     let src_ip = src_w
         .addresses
         .first()
         .copied()
         .ok_or_else(|| SourceError::Other(format!("source {src} has no address")))?;
-    let mut steps = Vec::new();
-    let mut step = |s: &str, d: String| {
-        steps.push(Step {
+    let mut walk = Walk {
+        snap: &snap,
+        network,
+        root_namespace,
+        l7,
+        src_w: &src_w,
+        src_ip,
+        dst_ip,
+        port,
+        target: SocketAddr::new(dst_ip, port),
+        fast_path,
+        steps: Vec::new(),
+        outcome: "allowed",
+        decided_by: None,
+    };
+    walk.start(&dst_desc);
+    if src_w.protocol == TunnelProtocol::Hbone {
+        walk.tunnelled();
+    } else {
+        walk.plaintext();
+    }
+    Ok(Explanation {
+        source: src.into(),
+        destination: dst.into(),
+        steps: walk.steps,
+        outcome: walk.outcome.into(),
+        decided_by: walk.decided_by,
+        skipped,
+    })
+}
+
+/// One explanation being written: what it runs on, and the steps, outcome
+/// and deciding policy so far.
+struct Walk<'a> {
+    snap: &'a Snapshot,
+    network: &'a str,
+    root_namespace: &'a str,
+    l7: Option<&'a BTreeMap<String, Vec<String>>>,
+    src_w: &'a Workload,
+    src_ip: IpAddr,
+    dst_ip: IpAddr,
+    port: u16,
+    target: SocketAddr,
+    fast_path: bool,
+    steps: Vec<Step>,
+    /// "allowed", "denied" or "fails".
+    outcome: &'static str,
+    decided_by: Option<String>,
+}
+
+impl Walk<'_> {
+    fn step(&mut self, s: &str, d: String) {
+        self.steps.push(Step {
             step: s.to_string(),
             detail: d,
         })
-    };
-    let captured = src_w.protocol == TunnelProtocol::Hbone;
-    step(
-        "source",
-        format!(
-            "{}/{} ({src_ip}) on node {}",
-            src_w.namespace, src_w.name, src_w.node
-        ),
-    );
-    if captured {
-        step(
-            "capture",
+    }
+
+    fn decide(
+        &self,
+        dst_w: &Workload,
+        from: Option<&Identity>,
+        from_ip: IpAddr,
+        t: SocketAddr,
+    ) -> Decision {
+        authorize(self.snap, self.root_namespace, dst_w, from, from_ip, t)
+    }
+
+    fn target_port(&self, service: Option<&str>, ep: &Workload) -> u16 {
+        target_port(self.snap, service, ep, self.port)
+    }
+
+    /// The source, how it is captured, and the destination.
+    fn start(&mut self, dst_desc: &str) {
+        let w = self.src_w;
+        self.step(
+            "source",
             format!(
-                "the ztunnel on {} captures it (in the mesh) and presents {}",
-                src_w.node, src_w.identity
+                "{}/{} ({}) on node {}",
+                w.namespace, w.name, self.src_ip, w.node
             ),
         );
-    } else {
-        step(
-            "capture",
-            "not in the mesh: nothing captures it; it connects in plaintext, with no identity"
-                .into(),
-        );
+        if w.protocol == TunnelProtocol::Hbone {
+            self.step(
+                "capture",
+                format!(
+                    "the ztunnel on {} captures it (in the mesh) and presents {}",
+                    w.node, w.identity
+                ),
+            );
+        } else {
+            self.step(
+                "capture",
+                "not in the mesh: nothing captures it; it connects in plaintext, with no identity"
+                    .into(),
+            );
+        }
+        self.step("destination", format!("{} ({dst_desc})", self.target));
     }
-    step("destination", format!("{target} ({dst_desc})"));
 
-    let decide = |dst_w: &Workload, from: Option<&mesh_core::identity::Identity>, from_ip, t| {
-        authorize(&snap, root_namespace, dst_w, from, from_ip, t)
-    };
-    let mut outcome = "allowed".to_string();
-    let mut decided_by = None;
-    if !captured {
-        // Plaintext into the mesh: the destination pod's ztunnel takes it on
-        // 15006. A VIP reaches one endpoint (the cluster's service proxy
-        // picks); each is judged.
-        let (endpoints, service) = match snap.service_by_vip(network, dst_ip) {
+    /// Plaintext into the mesh: the destination pod's ztunnel takes it on
+    /// 15006. A VIP reaches one endpoint (the cluster's service proxy
+    /// picks); each is judged.
+    fn plaintext(&mut self) {
+        let snap = self.snap;
+        let (endpoints, service) = match snap.service_by_vip(self.network, self.dst_ip) {
             Some(svc) => {
                 let key = svc.service.key();
                 (snap.endpoints(&key).cloned().collect::<Vec<_>>(), Some(key))
             }
             None => (
-                snap.workload_by_ip(network, dst_ip)
+                snap.workload_by_ip(self.network, self.dst_ip)
                     .cloned()
                     .into_iter()
                     .collect(),
@@ -259,7 +325,7 @@ pub fn explain(
                 continue;
             };
             if d.protocol != TunnelProtocol::Hbone {
-                step(
+                self.step(
                     "path",
                     format!(
                         "{}/{}: plain TCP, outside the mesh: no proxy, no policy",
@@ -268,9 +334,9 @@ pub fn explain(
                 );
                 continue;
             }
-            let at = SocketAddr::new(ip, target_port(&snap, service.as_deref(), d, port));
-            let decision = decide(d, None, src_ip, at);
-            step(
+            let at = SocketAddr::new(ip, self.target_port(service.as_deref(), d));
+            let decision = self.decide(d, None, self.src_ip, at);
+            self.step(
                 "at destination",
                 format!(
                     "{}/{} ({at}): the ztunnel on {} takes it on 15006 (plaintext, no identity): {decision}",
@@ -279,233 +345,255 @@ pub fn explain(
             );
             if !decision.is_allowed() {
                 denials += 1;
-                decided_by = decided_by.or(decision_policy(&decision));
+                self.decided_by = self.decided_by.take().or(decision_policy(&decision));
             }
         }
         if endpoints.is_empty() {
-            step(
+            self.step(
                 "path",
                 "plain TCP to an address outside the mesh: no proxy, no policy".into(),
             );
         }
         if denials > 0 && denials == endpoints.len() {
-            outcome = "denied".into();
+            self.outcome = "denied";
         } else {
-            decided_by = None;
+            self.decided_by = None;
         }
-        return Ok(Explanation {
-            source: src.into(),
-            destination: dst.into(),
-            steps,
-            outcome,
-            decided_by,
-            skipped,
-        });
     }
 
-    match resolve(&snap, network, &src_w, target) {
-        Err(e) => {
-            step("route", format!("refused by the source ztunnel: {e}"));
-            outcome = "fails".into();
+    /// From a captured source: the route its ztunnel resolves, then what
+    /// each hop decides.
+    fn tunnelled(&mut self) {
+        match resolve(self.snap, self.network, self.src_w, self.target) {
+            Err(e) => {
+                self.step("route", format!("refused by the source ztunnel: {e}"));
+                self.outcome = "fails";
+            }
+            Ok(Route::Passthrough { addr }) => {
+                self.step(
+                    "route",
+                    format!("{addr} is not a mesh address: passed through as plain TCP, no policy"),
+                );
+            }
+            Ok(Route::Direct {
+                addr, dst_workload, ..
+            }) => {
+                self.step(
+                    "route",
+                    format!(
+                        "{}/{} is not in the mesh: plain TCP to {addr}, no policy at the destination",
+                        dst_workload.namespace, dst_workload.name
+                    ),
+                );
+            }
+            Ok(Route::Hbone {
+                next_hop,
+                target,
+                peer_identity,
+                dst_workload,
+                via_waypoint,
+                service,
+            }) => {
+                let hop = Hop {
+                    next_hop,
+                    target,
+                    peer_identity,
+                    dst_workload,
+                    service,
+                };
+                if via_waypoint {
+                    self.via_waypoint(hop);
+                } else {
+                    self.tunnel_to_destination(hop);
+                }
+            }
         }
-        Ok(Route::Passthrough { addr }) => {
-            step(
-                "route",
-                format!("{addr} is not a mesh address: passed through as plain TCP, no policy"),
-            );
-        }
-        Ok(Route::Direct {
-            addr, dst_workload, ..
-        }) => {
-            step(
-                "route",
-                format!(
-                    "{}/{} is not in the mesh: plain TCP to {addr}, no policy at the destination",
-                    dst_workload.namespace, dst_workload.name
-                ),
-            );
-        }
-        Ok(Route::Hbone {
+    }
+
+    /// Through the destination's waypoint, which each endpoint's ztunnel
+    /// then judges as the waypoint's identity.
+    fn via_waypoint(&mut self, hop: Hop) {
+        let Hop {
             next_hop,
             target: t,
             peer_identity,
             dst_workload,
-            via_waypoint: true,
             service,
-        }) => {
-            let why = match &service {
-                Some(s) => format!("service {s} has a waypoint (istio.io/use-waypoint)"),
-                None => format!(
-                    "pod {}/{} has a waypoint for workloads (istio.io/use-waypoint, waypoint-for workload|all)",
-                    dst_workload.namespace, dst_workload.name
-                ),
-            };
-            step(
-                "waypoint",
-                format!(
-                    "{why}: HBONE to {} at {next_hop} (expects {peer_identity}), :authority {t}",
-                    who(&snap, network, next_hop.ip())
-                ),
-            );
-            let policies = match (l7, &service) {
-                (Some(m), Some(k)) => match m.get(k) {
-                    Some(p) if !p.is_empty() => {
-                        format!("L7 policies {} apply per request", p.join(", "))
-                    }
-                    _ => "no L7 policy applies".into(),
-                },
-                _ => {
-                    "L7 policies and routes apply per request (`meshctl waypoint list` shows them)"
-                        .into()
+        } = hop;
+        let snap = self.snap;
+        let why = match &service {
+            Some(s) => format!("service {s} has a waypoint (istio.io/use-waypoint)"),
+            None => format!(
+                "pod {}/{} has a waypoint for workloads (istio.io/use-waypoint, waypoint-for workload|all)",
+                dst_workload.namespace, dst_workload.name
+            ),
+        };
+        self.step(
+            "waypoint",
+            format!(
+                "{why}: HBONE to {} at {next_hop} (expects {peer_identity}), :authority {t}",
+                who(snap, self.network, next_hop.ip())
+            ),
+        );
+        let policies = match (self.l7, &service) {
+            (Some(m), Some(k)) => match m.get(k) {
+                Some(p) if !p.is_empty() => {
+                    format!("L7 policies {} apply per request", p.join(", "))
                 }
-            };
-            step(
+                _ => "no L7 policy applies".into(),
+            },
+            _ => "L7 policies and routes apply per request (`meshctl waypoint list` shows them)"
+                .into(),
+        };
+        self.step(
+            "at waypoint",
+            format!("{policies}; it sends on over HBONE as its own identity"),
+        );
+        // Past the waypoint: each endpoint's ztunnel sees the waypoint.
+        let endpoints: Vec<Arc<Workload>> = match &service {
+            Some(key) => snap.endpoints(key).cloned().collect(),
+            None => snap
+                .workload_by_ip(self.network, self.dst_ip)
+                .cloned()
+                .into_iter()
+                .collect(),
+        };
+        if endpoints.is_empty() {
+            self.step(
                 "at waypoint",
-                format!("{policies}; it sends on over HBONE as its own identity"),
+                "no healthy endpoint behind it: the waypoint answers 503 (UH)".into(),
             );
-            // Past the waypoint: each endpoint's ztunnel sees the waypoint.
-            let endpoints: Vec<Arc<Workload>> = match &service {
-                Some(key) => snap.endpoints(key).cloned().collect(),
-                None => snap
-                    .workload_by_ip(network, dst_ip)
-                    .cloned()
-                    .into_iter()
-                    .collect(),
+            self.outcome = "fails";
+        }
+        let mut all_denied = !endpoints.is_empty();
+        for ep in &endpoints {
+            let Some(ip) = ep.addresses.first().copied() else {
+                continue;
             };
-            if endpoints.is_empty() {
-                step(
-                    "at waypoint",
-                    "no healthy endpoint behind it: the waypoint answers 503 (UH)".into(),
+            if ep.protocol != TunnelProtocol::Hbone {
+                self.step(
+                    "at destination",
+                    format!(
+                        "{}/{} is not in the mesh: the waypoint connects in plain TCP, no policy there",
+                        ep.namespace, ep.name
+                    ),
                 );
-                outcome = "fails".into();
+                all_denied = false;
+                continue;
             }
-            let mut all_denied = !endpoints.is_empty();
-            for ep in &endpoints {
+            let at = SocketAddr::new(ip, self.target_port(service.as_deref(), ep));
+            let d = self.decide(ep, Some(&peer_identity), next_hop.ip(), at);
+            self.step(
+                "at destination",
+                format!(
+                    "{}/{} ({at}) on {}: its ztunnel sees {peer_identity} (the waypoint): {d}",
+                    ep.namespace, ep.name, ep.node
+                ),
+            );
+            if d.is_allowed() {
+                all_denied = false;
+            } else if self.decided_by.is_none() {
+                self.decided_by = decision_policy(&d);
+            }
+        }
+        if all_denied {
+            self.outcome = "denied";
+        } else if self.outcome != "fails" {
+            self.decided_by = None;
+        }
+    }
+
+    /// Straight to the destination's ztunnel (or, on the same node with the
+    /// fast path, handed over in memory), which judges the source.
+    fn tunnel_to_destination(&mut self, hop: Hop) {
+        let Hop {
+            next_hop,
+            target: t,
+            peer_identity,
+            dst_workload,
+            service,
+        } = hop;
+        let (snap, src_w) = (self.snap, self.src_w);
+        let picked = service
+            .as_ref()
+            .map(|s| format!(" (one endpoint of {s}, picked per connection)"))
+            .unwrap_or_default();
+        if self.fast_path && dst_workload.node == src_w.node {
+            self.step(
+                "route",
+                format!(
+                    "same node: the ztunnel on {} hands it to its own inbound side for {}/{} at {t}{picked}, with no tunnel (same_node_fast_path); {peer_identity} is the destination identity",
+                    src_w.node, dst_workload.namespace, dst_workload.name,
+                ),
+            );
+        } else {
+            self.step(
+                "route",
+                format!(
+                    "HBONE (mTLS) to {}/{} via its ztunnel at {next_hop}, :authority {t}, expecting {peer_identity}{picked}",
+                    dst_workload.namespace, dst_workload.name,
+                ),
+            );
+        }
+        // A service's connections go to any of its endpoints (picked per
+        // connection), and policies may differ between them: each is
+        // judged, the one picked first.
+        let mut judged: Vec<Arc<Workload>> = vec![dst_workload.clone()];
+        if let Some(key) = &service {
+            judged.extend(
+                snap.endpoints(key)
+                    .filter(|e| e.uid != dst_workload.uid && e.protocol == TunnelProtocol::Hbone)
+                    .cloned(),
+            );
+        }
+        let mut denials = 0;
+        for ep in &judged {
+            let at = if ep.uid == dst_workload.uid {
+                t
+            } else {
                 let Some(ip) = ep.addresses.first().copied() else {
                     continue;
                 };
-                if ep.protocol != TunnelProtocol::Hbone {
-                    step(
-                        "at destination",
-                        format!(
-                            "{}/{} is not in the mesh: the waypoint connects in plain TCP, no policy there",
-                            ep.namespace, ep.name
-                        ),
-                    );
-                    all_denied = false;
-                    continue;
-                }
-                let at = SocketAddr::new(ip, target_port(&snap, service.as_deref(), ep, port));
-                let d = decide(ep, Some(&peer_identity), next_hop.ip(), at);
-                step(
-                    "at destination",
-                    format!(
-                        "{}/{} ({at}) on {}: its ztunnel sees {peer_identity} (the waypoint): {d}",
-                        ep.namespace, ep.name, ep.node
-                    ),
-                );
-                if d.is_allowed() {
-                    all_denied = false;
-                } else if decided_by.is_none() {
-                    decided_by = decision_policy(&d);
-                }
-            }
-            if all_denied {
-                outcome = "denied".into();
-            } else if outcome != "fails" {
-                decided_by = None;
+                SocketAddr::new(ip, self.target_port(service.as_deref(), ep))
+            };
+            let d = self.decide(ep, Some(&src_w.identity), self.src_ip, at);
+            self.step(
+                "at destination",
+                format!(
+                    "the ztunnel on {} checks {} against {}/{}'s policies: {d}",
+                    ep.node, src_w.identity, ep.namespace, ep.name
+                ),
+            );
+            if !d.is_allowed() {
+                denials += 1;
+                self.decided_by = self.decided_by.take().or(decision_policy(&d));
+            } else if judged.len() == 1 {
+                self.decided_by = decision_policy(&d);
             }
         }
-        Ok(Route::Hbone {
-            next_hop,
-            target: t,
-            peer_identity,
-            dst_workload,
-            service,
-            ..
-        }) => {
-            let picked = service
-                .as_ref()
-                .map(|s| format!(" (one endpoint of {s}, picked per connection)"))
-                .unwrap_or_default();
-            if fast_path && dst_workload.node == src_w.node {
-                step(
-                    "route",
-                    format!(
-                        "same node: the ztunnel on {} hands it to its own inbound side for {}/{} at {t}{picked}, with no tunnel (same_node_fast_path); {peer_identity} is the destination identity",
-                        src_w.node, dst_workload.namespace, dst_workload.name,
-                    ),
-                );
-            } else {
-                step(
-                    "route",
-                    format!(
-                        "HBONE (mTLS) to {}/{} via its ztunnel at {next_hop}, :authority {t}, expecting {peer_identity}{picked}",
-                        dst_workload.namespace, dst_workload.name,
-                    ),
-                );
-            }
-            // A service's connections go to any of its endpoints (picked per
-            // connection), and policies may differ between them: each is
-            // judged, the one picked first.
-            let mut judged: Vec<Arc<Workload>> = vec![dst_workload.clone()];
-            if let Some(key) = &service {
-                judged.extend(
-                    snap.endpoints(key)
-                        .filter(|e| {
-                            e.uid != dst_workload.uid && e.protocol == TunnelProtocol::Hbone
-                        })
-                        .cloned(),
-                );
-            }
-            let mut denials = 0;
-            for ep in &judged {
-                let at = if ep.uid == dst_workload.uid {
-                    t
-                } else {
-                    let Some(ip) = ep.addresses.first().copied() else {
-                        continue;
-                    };
-                    SocketAddr::new(ip, target_port(&snap, service.as_deref(), ep, port))
-                };
-                let d = decide(ep, Some(&src_w.identity), src_ip, at);
-                step(
-                    "at destination",
-                    format!(
-                        "the ztunnel on {} checks {} against {}/{}'s policies: {d}",
-                        ep.node, src_w.identity, ep.namespace, ep.name
-                    ),
-                );
-                if !d.is_allowed() {
-                    denials += 1;
-                    decided_by = decided_by.or(decision_policy(&d));
-                } else if judged.len() == 1 {
-                    decided_by = decision_policy(&d);
-                }
-            }
-            if denials > 0 && denials == judged.len() {
-                outcome = "denied".into();
-            } else if denials > 0 {
-                outcome = "allowed".into();
-                decided_by = None;
-                step(
-                    "note",
-                    format!(
-                        "{denials} of {} endpoints deny it: the outcome depends on the endpoint picked",
-                        judged.len()
-                    ),
-                );
-            }
+        if denials > 0 && denials == judged.len() {
+            self.outcome = "denied";
+        } else if denials > 0 {
+            self.outcome = "allowed";
+            self.decided_by = None;
+            self.step(
+                "note",
+                format!(
+                    "{denials} of {} endpoints deny it: the outcome depends on the endpoint picked",
+                    judged.len()
+                ),
+            );
         }
     }
-    Ok(Explanation {
-        source: src.into(),
-        destination: dst.into(),
-        steps,
-        outcome,
-        decided_by,
-        skipped,
-    })
+}
+
+/// An HBONE route's hop, as the source's ztunnel resolved it.
+struct Hop {
+    next_hop: SocketAddr,
+    target: SocketAddr,
+    peer_identity: Identity,
+    dst_workload: Arc<Workload>,
+    service: Option<String>,
 }
 
 fn target_port(snap: &Snapshot, service: Option<&str>, ep: &Workload, port: u16) -> u16 {
@@ -515,8 +603,7 @@ fn target_port(snap: &Snapshot, service: Option<&str>, ep: &Workload, port: u16)
     }
 }
 
-fn decision_policy(d: &mesh_core::state::Decision) -> Option<String> {
-    use mesh_core::state::Decision;
+fn decision_policy(d: &Decision) -> Option<String> {
     match d {
         Decision::Allowed { policy } | Decision::Denied { policy } => Some(policy.clone()),
         Decision::NotAllowed { allow_policies } => Some(format!(

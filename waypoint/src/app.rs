@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use http::StatusCode;
-use mesh_core::admin::{Readiness, endpoints, process_stats, respond};
+use mesh_core::admin::{NotReady, Readiness, endpoints, process_stats, respond};
 use mesh_core::app::{AppError, start_err};
 use mesh_core::certs::CertState;
 use mesh_core::hbone::pool::{Pool, PoolSettings};
@@ -50,13 +50,13 @@ struct Ready {
 }
 
 impl Readiness for Ready {
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), NotReady> {
         let wp = &self.waypoint;
         if wp.draining.is_cancelled() {
-            return Err("draining".into());
+            return Err(NotReady::Draining);
         }
         if !self.xds.synced() {
-            return Err("no config from the controller yet".into());
+            return Err(NotReady::NoControllerConfig);
         }
         let ok = wp
             .certs
@@ -64,7 +64,7 @@ impl Readiness for Ready {
             .iter()
             .any(|s| s.identity == wp.identity && s.state == CertState::Available);
         if !ok {
-            return Err(format!("certificate for {} pending", wp.identity));
+            return Err(NotReady::Certificate(wp.identity.to_string()));
         }
         Ok(())
     }

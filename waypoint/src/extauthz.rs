@@ -121,7 +121,21 @@ enum Answer {
     Allowed(Option<OkHttpResponse>),
     /// The answer's gRPC status code, and what to send.
     Denied(i32, Option<DeniedHttpResponse>),
-    Failed(String),
+    Failed(ProviderError),
+}
+
+/// Why a provider's answer could not be had, or not be applied: the
+/// request is refused (or let through, where failOpen allows).
+#[derive(Debug, thiserror::Error)]
+enum ProviderError {
+    #[error("address {address:?}: {reason}")]
+    Address { address: String, reason: String },
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error("gRPC {code:?}: {message}")]
+    Grpc { code: tonic::Code, message: String },
+    #[error("its answer cannot be applied: {0}")]
+    Unusable(#[from] edits::EditError),
 }
 
 pub struct ExtAuthz {
@@ -264,7 +278,10 @@ fn denial(policy: &str, provider: &str, code: i32, d: Option<DeniedHttpResponse>
 
 /// Applies what an OK answer asks of the request; the response edits are
 /// returned. Checked first: on an error nothing has changed.
-fn allow(parts: &mut Parts, ok: Option<OkHttpResponse>) -> Result<Vec<edits::HeaderOp>, String> {
+fn allow(
+    parts: &mut Parts,
+    ok: Option<OkHttpResponse>,
+) -> Result<Vec<edits::HeaderOp>, edits::EditError> {
     let Some(ok) = ok else {
         return Ok(Vec::new());
     };
@@ -317,13 +334,16 @@ impl ExtAuthz {
     }
 
     /// The channel to a provider's address, made (lazily) on first use.
-    fn channel(&self, address: &str, timeout: Duration) -> Result<Channel, String> {
+    fn channel(&self, address: &str, timeout: Duration) -> Result<Channel, ProviderError> {
         let mut m = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(c) = m.get(address) {
             return Ok(c.clone());
         }
         let c = Endpoint::from_shared(format!("http://{address}"))
-            .map_err(|e| format!("address {address:?}: {e}"))?
+            .map_err(|e| ProviderError::Address {
+                address: address.to_string(),
+                reason: e.to_string(),
+            })?
             // The check's own timeout can be long (Istio's default is
             // 600 s); an unreachable provider is known sooner.
             .connect_timeout(timeout.min(CONNECT_TIMEOUT))
@@ -343,16 +363,22 @@ impl ExtAuthz {
         request.set_timeout(timeout);
         let mut client = AuthorizationClient::new(channel);
         match tokio::time::timeout(timeout, client.check(request)).await {
-            Err(_) => Answer::Failed(format!("no answer within {timeout:?}")),
-            Ok(Err(status)) => {
-                Answer::Failed(format!("gRPC {:?}: {}", status.code(), status.message()))
-            }
+            Err(_) => Answer::Failed(ProviderError::Timeout(timeout)),
+            Ok(Err(status)) => Answer::Failed(ProviderError::Grpc {
+                code: status.code(),
+                message: status.message().to_string(),
+            }),
             Ok(Ok(resp)) => classify(resp.into_inner()),
         }
     }
 
     /// A provider that could not be asked: None when it fails open.
-    fn failed(&self, policy: &str, p: &pb::ExtAuthzProvider, error: &str) -> Option<Denial> {
+    fn failed(
+        &self,
+        policy: &str,
+        p: &pb::ExtAuthzProvider,
+        error: &ProviderError,
+    ) -> Option<Denial> {
         if p.fail_open {
             self.count(&p.name, "error_allowed");
             info!(%policy, provider = %p.name, %error, "ext_authz: provider failed; allowed (failOpen)");
@@ -411,7 +437,7 @@ impl ExtAuthz {
                     Err(e) => {
                         let mut closed = (*p).clone();
                         closed.fail_open = false;
-                        let why = format!("its answer cannot be applied: {e}");
+                        let why = ProviderError::Unusable(e);
                         if let Some(d) = self.failed(&policy, &closed, &why) {
                             return Verdict::Denied(d);
                         }
@@ -443,8 +469,8 @@ impl ExtAuthz {
     }
 
     /// The same for an opaque TCP connection: Ok to let it through, else
-    /// why not.
-    pub async fn authorize_tcp(&self, policies: &[Policy], s: &Subject<'_>) -> Result<(), String> {
+    /// the refusal (its `detail` says why).
+    pub async fn authorize_tcp(&self, policies: &[Policy], s: &Subject<'_>) -> Result<(), Denial> {
         let headers = HeaderMap::new();
         let a = RequestAttrs {
             http: false,
@@ -465,18 +491,24 @@ impl ExtAuthz {
                 }
                 Answer::Denied(code, d) => {
                     self.count(&p.name, "denied");
-                    return Err(denial(&policy, &p.name, code, d).detail);
+                    return Err(denial(&policy, &p.name, code, d));
                 }
                 Answer::Failed(e) => e,
             };
             if let Some(d) = self.failed(&policy, &p, &error) {
-                return Err(d.detail);
+                return Err(d);
             }
         }
         let decision = authz::evaluate_checked(policies, &a);
         match decision.is_allowed() {
             true => Ok(()),
-            false => Err(decision.to_string()),
+            false => Err(Denial {
+                status: StatusCode::FORBIDDEN,
+                headers: HeaderMap::new(),
+                body: Bytes::new(),
+                flag: Flag::RBAC,
+                detail: decision.to_string(),
+            }),
         }
     }
 }

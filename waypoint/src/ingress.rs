@@ -33,24 +33,72 @@ impl fmt::Debug for Certificate {
     }
 }
 
+/// Why a listener's certificate cannot be served; each names the Secret
+/// (`of`) it came from.
+#[derive(Debug, thiserror::Error)]
+pub enum CertificateError {
+    #[error("certificate chain of {of}: {reason}")]
+    Chain { of: String, reason: String },
+    #[error("certificate chain of {0} is empty")]
+    EmptyChain(String),
+    #[error("private key of {of}: {reason}")]
+    Key { of: String, reason: String },
+    #[error("certificate and key of {of} do not match: {reason}")]
+    Mismatch { of: String, reason: String },
+}
+
+/// Why an Ingress resource is refused (the whole resource: NACKed).
+#[derive(Debug, thiserror::Error)]
+pub enum IngressError {
+    #[error("listener {listener}: port {port} is out of range")]
+    Port { listener: String, port: u32 },
+    #[error("listener {listener}: unknown protocol {protocol}")]
+    Protocol { listener: String, protocol: i32 },
+    #[error("listener {listener}: {source}")]
+    Certificate {
+        listener: String,
+        source: CertificateError,
+    },
+    #[error("listener {0}: HTTPS without a certificate")]
+    NoCertificate(String),
+    #[error("listener {listener}: {source}")]
+    VirtualHost {
+        listener: String,
+        source: crate::routes::RouteError,
+    },
+    #[error(
+        "listener {listener}: port {port} is both HTTP and HTTPS; listeners sharing a port must share a protocol"
+    )]
+    MixedProtocols { listener: String, port: u16 },
+}
+
 /// Loads a PEM chain and key, and checks that they belong together.
-pub fn load_certificate(c: &pb::TlsCertificate) -> Result<Certificate, String> {
+pub fn load_certificate(c: &pb::TlsCertificate) -> Result<Certificate, CertificateError> {
+    let of = || c.source.clone();
     let chain = CertificateDer::pem_slice_iter(c.cert_chain.as_bytes())
         .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("certificate chain of {}: {e}", c.source))?;
+        .map_err(|e| CertificateError::Chain {
+            of: of(),
+            reason: e.to_string(),
+        })?;
     if chain.is_empty() {
-        return Err(format!("certificate chain of {} is empty", c.source));
+        return Err(CertificateError::EmptyChain(of()));
     }
-    let key = PrivateKeyDer::from_pem_slice(c.private_key.as_bytes())
-        .map_err(|e| format!("private key of {}: {e}", c.source))?;
+    let key_error = |e: &dyn std::fmt::Display| CertificateError::Key {
+        of: of(),
+        reason: e.to_string(),
+    };
+    let key = PrivateKeyDer::from_pem_slice(c.private_key.as_bytes()).map_err(|e| key_error(&e))?;
     let provider = mesh_core::tls::provider();
     let signer = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|e| format!("private key of {}: {e}", c.source))?;
+        .map_err(|e| key_error(&e))?;
     let ck = CertifiedKey::new(chain, signer);
-    ck.keys_match()
-        .map_err(|e| format!("certificate and key of {} do not match: {e}", c.source))?;
+    ck.keys_match().map_err(|e| CertificateError::Mismatch {
+        of: of(),
+        reason: e.to_string(),
+    })?;
     Ok(Certificate {
         source: c.source.clone(),
         key: Arc::new(ck),
@@ -170,23 +218,38 @@ pub struct IngressConfig {
 }
 
 /// Compiles the resource; the backend services go to the route table.
-pub fn compile(ing: &pb::Ingress) -> Result<(IngressConfig, Vec<ServiceConfig>), String> {
+pub fn compile(ing: &pb::Ingress) -> Result<(IngressConfig, Vec<ServiceConfig>), IngressError> {
     let gateway = format!("{}/{}", ing.namespace, ing.name);
     let mut ports: BTreeMap<u16, Port> = BTreeMap::new();
     for l in &ing.listeners {
-        let what = format!("listener {}", l.name);
+        let lname = || l.name.clone();
         let port = u16::try_from(l.port)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{what}: port {} is out of range", l.port))?;
+            .ok_or_else(|| IngressError::Port {
+                listener: lname(),
+                port: l.port,
+            })?;
         let https = match pb::ListenerProtocol::try_from(l.protocol) {
             Ok(pb::ListenerProtocol::Http) => false,
             Ok(pb::ListenerProtocol::Https) => true,
-            Err(_) => return Err(format!("{what}: unknown protocol {}", l.protocol)),
+            Err(_) => {
+                return Err(IngressError::Protocol {
+                    listener: lname(),
+                    protocol: l.protocol,
+                });
+            }
         };
         let certificate = match (&l.certificate, https) {
-            (Some(c), true) => Some(load_certificate(c).map_err(|e| format!("{what}: {e}"))?),
-            (None, true) => return Err(format!("{what}: HTTPS without a certificate")),
+            (Some(c), true) => {
+                Some(
+                    load_certificate(c).map_err(|source| IngressError::Certificate {
+                        listener: lname(),
+                        source,
+                    })?,
+                )
+            }
+            (None, true) => return Err(IngressError::NoCertificate(lname())),
             (_, false) => None,
         };
         let virtual_hosts = l
@@ -200,7 +263,10 @@ pub fn compile(ing: &pb::Ingress) -> Result<(IngressConfig, Vec<ServiceConfig>),
                         hostnames: v.hostnames.iter().map(|h| h.to_ascii_lowercase()).collect(),
                         routes: Arc::new(routes),
                     })
-                    .map_err(|e| format!("{what}: {e}"))
+                    .map_err(|source| IngressError::VirtualHost {
+                        listener: lname(),
+                        source,
+                    })
             })
             .collect::<Result<Vec<_>, _>>()?;
         let listener = Arc::new(Listener {
@@ -214,9 +280,10 @@ pub fn compile(ing: &pb::Ingress) -> Result<(IngressConfig, Vec<ServiceConfig>),
             listeners: Vec::new(),
         });
         if entry.https != https {
-            return Err(format!(
-                "{what}: port {port} is both HTTP and HTTPS; listeners sharing a port must share a protocol"
-            ));
+            return Err(IngressError::MixedProtocols {
+                listener: lname(),
+                port,
+            });
         }
         entry.listeners.push(listener);
     }
@@ -384,7 +451,7 @@ mod tests {
             listeners: vec![listener("shop", "shop.example.com", Some((c, other_key)))],
             backends: vec![],
         };
-        let err = compile(&ing).expect_err("mismatched key");
+        let err = compile(&ing).expect_err("mismatched key").to_string();
         assert!(
             err.contains("listener shop") && err.contains("do not match"),
             "{err}"
@@ -397,7 +464,7 @@ mod tests {
             )],
             ..ing
         };
-        let err = compile(&ing).expect_err("garbage");
+        let err = compile(&ing).expect_err("garbage").to_string();
         assert!(err.contains("listener shop"), "{err}");
     }
 
@@ -412,7 +479,7 @@ mod tests {
             ],
             backends: vec![],
         };
-        let err = compile(&ing).expect_err("mixed");
+        let err = compile(&ing).expect_err("mixed").to_string();
         assert!(err.contains("both HTTP and HTTPS"), "{err}");
     }
 }

@@ -65,19 +65,38 @@ pub struct Global {
     pub fail_closed: bool,
 }
 
+/// Why a rate limit from the controller cannot be enforced (its route is
+/// refused).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LimitError {
+    #[error("rate limit of {0}: tokens, burst and interval must all be above zero")]
+    Zero(String),
+    #[error("rate limit header {0:?}")]
+    BadHeader(String),
+}
+
+/// Why the global store gave no count (the limit falls back or refuses, as
+/// it says).
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("store marked down after a recent failure")]
+    MarkedDown,
+    #[error("no answer within {0:?}")]
+    Timeout(Duration),
+    #[error(transparent)]
+    Redis(#[from] redis::RedisError),
+}
+
 impl Limit {
-    pub fn compile(scope: &str, r: &pb::RateLimit) -> Result<Limit, String> {
+    pub fn compile(scope: &str, r: &pb::RateLimit) -> Result<Limit, LimitError> {
         if r.tokens_per_fill == 0 || r.max_tokens == 0 || r.fill_interval_ms == 0 {
-            return Err(format!(
-                "rate limit of {}: tokens, burst and interval must all be above zero",
-                r.source
-            ));
+            return Err(LimitError::Zero(r.source.clone()));
         }
         let key = match pb::RateLimitKey::try_from(r.key) {
             Ok(pb::RateLimitKey::SourcePrincipal) => KeyBy::SourcePrincipal,
             Ok(pb::RateLimitKey::Header) => KeyBy::Header(
                 http::HeaderName::from_bytes(r.header.as_bytes())
-                    .map_err(|_| format!("rate limit header {:?}", r.header))?,
+                    .map_err(|_| LimitError::BadHeader(r.header.clone()))?,
             ),
             _ => KeyBy::Route,
         };
@@ -272,11 +291,11 @@ impl RateLimiter {
                     self.metrics
                         .store_failures
                         .get_or_create(&StoreLabels {
-                            store: g.store.clone(),
+                            store: shown(&g.store),
                             outcome,
                         })
                         .inc();
-                    warn!(store = %g.store, error = %e, outcome, "rate limit store");
+                    warn!(store = %shown(&g.store), error = %e, outcome, "rate limit store");
                     if g.fail_closed {
                         Verdict::Limited {
                             retry_after: limit.fill_interval,
@@ -317,18 +336,23 @@ impl RateLimiter {
             .clone()
     }
 
-    async fn check_store(&self, g: &Global, limit: &Limit, key: &str) -> Result<Verdict, String> {
+    async fn check_store(
+        &self,
+        g: &Global,
+        limit: &Limit,
+        key: &str,
+    ) -> Result<Verdict, StoreError> {
         let store = self.store(&g.store);
         {
             let down = store.down_until.lock().unwrap_or_else(|p| p.into_inner());
             if down.is_some_and(|t| Instant::now() < t) {
-                return Err("store marked down after a recent failure".into());
+                return Err(StoreError::MarkedDown);
             }
         }
         let result = tokio::time::timeout(STORE_TIMEOUT, self.count(&store, g, limit, key)).await;
         let result = match result {
             Ok(r) => r,
-            Err(_) => Err(format!("no answer within {STORE_TIMEOUT:?}")),
+            Err(_) => Err(StoreError::Timeout(STORE_TIMEOUT)),
         };
         if result.is_err() {
             *store.down_until.lock().unwrap_or_else(|p| p.into_inner()) =
@@ -343,17 +367,14 @@ impl RateLimiter {
         g: &Global,
         limit: &Limit,
         key: &str,
-    ) -> Result<Verdict, String> {
+    ) -> Result<Verdict, StoreError> {
         let conn = {
             let mut slot = store.conn.lock().await;
             match slot.as_ref() {
                 Some(c) => c.clone(),
                 None => {
-                    let client =
-                        redis::Client::open(g.store.as_str()).map_err(|e| e.to_string())?;
-                    let c = redis::aio::ConnectionManager::new(client)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    let client = redis::Client::open(g.store.as_str())?;
+                    let c = redis::aio::ConnectionManager::new(client).await?;
                     *slot = Some(c.clone());
                     c
                 }
@@ -375,8 +396,7 @@ impl RateLimiter {
             // Twice the window: a late replica still finds the count.
             .arg((interval_ms * 2) as u64)
             .invoke_async(&mut conn)
-            .await
-            .map_err(|e| e.to_string())?;
+            .await?;
         if n <= u64::from(limit.tokens_per_fill) {
             Ok(Verdict::Admit)
         } else {
@@ -391,6 +411,18 @@ impl RateLimiter {
 /// `retry-after` in whole seconds, at least 1.
 pub fn retry_after_secs(d: Duration) -> u64 {
     (d.as_millis().div_ceil(1000) as u64).max(1)
+}
+
+/// A store's address as metrics and logs show it: without the URL's
+/// user information and query, where a password would be.
+fn shown(store: &str) -> String {
+    let Some((scheme, rest)) = store.split_once("://") else {
+        return store.split('?').next().unwrap_or_default().to_string();
+    };
+    let rest = rest.split('?').next().unwrap_or_default();
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    format!("{scheme}://{host}{path}")
 }
 
 #[cfg(test)]
@@ -549,5 +581,30 @@ mod tests {
         };
         assert!(failures("local_fallback") >= 2);
         assert_eq!(failures("refused"), 1);
+    }
+
+    #[tokio::test]
+    async fn a_store_password_is_never_in_a_metric_or_log_label() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap_or(1);
+        let mut registry = Registry::default();
+        let rl = RateLimiter::new(RateLimitMetrics::register(&mut registry));
+        let mut l = limit(1, 1, 3_600_000);
+        l.global = Some(Global {
+            store: format!("redis://user:hunter2@127.0.0.1:{port}/0?password=hunter3"),
+            fail_closed: true,
+        });
+        assert_ne!(rl.check(&l, "").await, Verdict::Admit);
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encodes");
+        assert!(!text.contains("hunter"), "{text}");
+        assert!(
+            text.contains(&format!("redis://127.0.0.1:{port}/0")),
+            "{text}"
+        );
+        assert_eq!(shown("redis://10.0.0.1:6379"), "redis://10.0.0.1:6379");
+        assert_eq!(shown("rediss://:pw@h:1"), "rediss://h:1");
     }
 }

@@ -326,9 +326,9 @@ impl ServiceConfig {
             .as_ref()
             .map(|l| Limit::compile(&format!("{key}#default"), l).map(Arc::new))
             .transpose()
-            .map_err(|reason| RouteError::Invalid {
+            .map_err(|e| RouteError::Invalid {
                 route: format!("{key} (namespace default rate limit)"),
-                reason,
+                reason: e.to_string(),
             })?;
         let mut routes = s
             .routes
@@ -555,7 +555,7 @@ fn compile_route(r: &pb::Route) -> Result<Route, RouteError> {
             .as_ref()
             .map(|l| Limit::compile(name, l).map(Arc::new))
             .transpose()
-            .map_err(invalid)?,
+            .map_err(|e| invalid(e.to_string()))?,
     })
 }
 

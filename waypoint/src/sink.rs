@@ -67,7 +67,7 @@ impl WaypointSink {
                 None => Err("resource has no body".to_string()),
                 Some(any) => Ingress::decode(any.value.as_slice())
                     .map_err(|e| e.to_string())
-                    .and_then(|i| ingress::compile(&i)),
+                    .and_then(|i| ingress::compile(&i).map_err(|e| e.to_string())),
             };
             match compiled {
                 Ok(c) => next = Some(c),

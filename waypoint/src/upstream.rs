@@ -254,33 +254,7 @@ impl Upstreams {
             _permit: permit,
             backend,
         };
-        let io: Box<dyn Io> = match d.endpoint.protocol {
-            TunnelProtocol::Hbone => {
-                let key = PoolKey {
-                    src: self.identity.clone(),
-                    src_ip: None,
-                    dst: d.endpoint.identity.clone(),
-                    next_hop: SocketAddr::new(d.target.ip(), mesh_core::config::HBONE_PORT),
-                };
-                let (stream, guard) = self.pool.connect(&key, d.target, d.headers, None).await?;
-                Box::new(Guarded {
-                    inner: stream,
-                    _guard: guard,
-                })
-            }
-            TunnelProtocol::None => {
-                let tcp = tokio::time::timeout(
-                    self.connect_timeout,
-                    tokio::net::TcpStream::connect(d.target),
-                )
-                .await
-                .map_err(|_| UpstreamError::Connect(format!("{}: timed out", d.target)))?
-                .map_err(|e| UpstreamError::Connect(format!("{}: {e}", d.target)))?;
-                let _ = tcp.set_nodelay(true);
-                Box::new(tcp)
-            }
-        };
-        let io = TokioIo::new(io);
+        let io = TokioIo::new(self.dial(d.endpoint, d.target, d.headers).await?);
         let target = d.target;
         let done = move || drop(slot);
         match d.proto {
@@ -312,6 +286,38 @@ impl Upstreams {
                     done();
                 });
                 Ok(Sender::H2(sender))
+            }
+        }
+    }
+
+    /// A byte stream to `endpoint` at `target`: an HBONE stream through
+    /// the pool (to the endpoint's node, as the waypoint's identity) for an
+    /// endpoint in the mesh, plain TCP for one outside it. For HTTP and
+    /// opaque TCP alike; it sets no time limit of its own (callers bound it
+    /// by the backend's connect timeout).
+    pub async fn dial(
+        &self,
+        endpoint: &Workload,
+        target: SocketAddr,
+        headers: &ConnectHeaders,
+    ) -> Result<Box<dyn Io>, UpstreamError> {
+        match endpoint.protocol {
+            TunnelProtocol::Hbone => {
+                let key = PoolKey {
+                    src: self.identity.clone(),
+                    src_ip: None,
+                    dst: endpoint.identity.clone(),
+                    next_hop: SocketAddr::new(target.ip(), mesh_core::config::HBONE_PORT),
+                };
+                let (stream, guard) = self.pool.connect(&key, target, headers, None).await?;
+                Ok(Box::new(Guarded::new(stream, guard)))
+            }
+            TunnelProtocol::None => {
+                let tcp = tokio::net::TcpStream::connect(target)
+                    .await
+                    .map_err(|e| UpstreamError::Connect(format!("{target}: {e}")))?;
+                let _ = tcp.set_nodelay(true);
+                Ok(Box::new(tcp))
             }
         }
     }

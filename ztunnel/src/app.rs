@@ -13,7 +13,7 @@ use crate::admin;
 use crate::config::{Config, HBONE_PORT};
 use crate::inpod::InPod;
 use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
-use mesh_core::admin::Readiness;
+use mesh_core::admin::{NotReady, Readiness};
 use mesh_core::certs::CertState;
 use mesh_core::identity::Identity;
 use mesh_core::metrics::Metrics;
@@ -52,22 +52,22 @@ impl Ready {
 }
 
 impl Readiness for Ready {
-    fn check(&self) -> Result<(), String> {
+    fn check(&self) -> Result<(), NotReady> {
         if self.proxy.draining.is_cancelled() {
-            return Err("draining".into());
+            return Err(NotReady::Draining);
         }
         if let Some(x) = &self.xds
             && !x.synced()
         {
-            return Err("no config from the controller yet".into());
+            return Err(NotReady::NoControllerConfig);
         }
         if let Some(p) = &self.inpod
             && !p.synced()
         {
-            return Err("no pod snapshot from the node agent yet".into());
+            return Err(NotReady::NoPodSnapshot);
         }
         if !self.proxy.state.has_config() {
-            return Err("no config yet".into());
+            return Err(NotReady::NoConfig);
         }
         let status = self.proxy.certs.status();
         let pending: Vec<String> = self
@@ -83,7 +83,7 @@ impl Readiness for Ready {
         if pending.is_empty() {
             Ok(())
         } else {
-            Err(format!("certificates pending: {}", pending.join(", ")))
+            Err(NotReady::Certificates(pending))
         }
     }
 }

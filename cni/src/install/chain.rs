@@ -96,7 +96,7 @@ pub fn ensure(dir: &Path, entry: &Json) -> Result<Chain, InstallError> {
         return Ok(Chain::NoPrimary);
     };
     let doc = read_config(&path)?;
-    let unchainable = |reason: String| InstallError::Unchainable {
+    let unchainable = |reason: Unchainable| InstallError::Unchainable {
         path: path.clone(),
         reason,
     };
@@ -180,12 +180,23 @@ fn is_ours(plugin: &Json) -> bool {
     plugin.get("type").and_then(Json::as_str) == Some(PLUGIN_TYPE)
 }
 
+/// Why a primary config cannot take our entry.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Unchainable {
+    #[error("it has no \"plugins\" list")]
+    NoPlugins,
+    #[error("it is not a JSON object")]
+    NotAnObject,
+    #[error("it has no {0:?}")]
+    Missing(&'static str),
+}
+
 /// The conflist with our entry in it, or `None` if it already is as it
 /// should be. An entry of ours that differs (an upgrade changed a flag) is
 /// replaced where it stands.
-fn with_entry(mut doc: Json, entry: &Json) -> Result<Option<Json>, String> {
+fn with_entry(mut doc: Json, entry: &Json) -> Result<Option<Json>, Unchainable> {
     let Some(Json::Array(plugins)) = doc.get_mut("plugins") else {
-        return Err("it has no \"plugins\" list".into());
+        return Err(Unchainable::NoPlugins);
     };
     match plugins.iter().position(is_ours) {
         Some(i) if plugins[i] == *entry => return Ok(None),
@@ -197,15 +208,11 @@ fn with_entry(mut doc: Json, entry: &Json) -> Result<Option<Json>, String> {
 
 /// A single-plugin config as a conflist: its name and version on the list,
 /// the original plugin untouched as the first link, ours after it.
-fn to_list(conf: Json, entry: &Json) -> Result<Json, String> {
+fn to_list(conf: Json, entry: &Json) -> Result<Json, Unchainable> {
     if !matches!(conf, Json::Object(_)) {
-        return Err("it is not a JSON object".into());
+        return Err(Unchainable::NotAnObject);
     }
-    let field = |key: &str| {
-        conf.get(key)
-            .cloned()
-            .ok_or_else(|| format!("it has no {key:?}"))
-    };
+    let field = |key: &'static str| conf.get(key).cloned().ok_or(Unchainable::Missing(key));
     let (name, version) = (field("name")?, field("cniVersion")?);
     Ok(Json::Object(vec![
         ("name".into(), name),

@@ -44,7 +44,10 @@ pub enum InstallError {
         source: serde_json::Error,
     },
     #[error("cannot chain mesh-cni into {}, so it is left untouched: {reason}", path.display())]
-    Unchainable { path: PathBuf, reason: String },
+    Unchainable {
+        path: PathBuf,
+        reason: chain::Unchainable,
+    },
     #[error("encoding {}: {source}", path.display())]
     Encode {
         path: PathBuf,
@@ -105,8 +108,17 @@ pub struct Args {
     pub timeout_secs: Option<u64>,
 }
 
+/// A duration flag that does not read as one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DurationError {
+    #[error("{0:?} is not a duration like 5s or 500ms")]
+    Syntax(String),
+    #[error("must be more than zero")]
+    Zero,
+}
+
 /// Parses "5s", "500ms", "2m" or plain seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, DurationError> {
     let text = text.trim();
     let (digits, unit): (&str, fn(u64) -> Duration) = if let Some(n) = text.strip_suffix("ms") {
         (n, Duration::from_millis)
@@ -119,9 +131,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
     };
     let n: u64 = digits
         .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 5s or 500ms"))?;
+        .map_err(|_| DurationError::Syntax(text.to_string()))?;
     if n == 0 {
-        return Err("must be more than zero".into());
+        return Err(DurationError::Zero);
     }
     Ok(unit(n))
 }

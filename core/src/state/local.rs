@@ -22,6 +22,23 @@ pub enum LocalConfigError {
     Resource { path: String, reason: String },
 }
 
+/// Why a resource of the file does not convert to its xDS form.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LocalResourceError {
+    #[error("{0}: give exactly one of exact, prefix, suffix, presence")]
+    StringMatch(String),
+    #[error("{0:?}: {1}")]
+    Cidr(String, String),
+    #[error("tunnel_protocol {0:?} is not HBONE or NONE")]
+    TunnelProtocol(String),
+    #[error("status {0:?} is not HEALTHY or UNHEALTHY")]
+    Status(String),
+    #[error("scope {0:?} is not GLOBAL, NAMESPACE or WORKLOAD_SELECTOR")]
+    Scope(String),
+    #[error("action {0:?} is not ALLOW or DENY")]
+    Action(String),
+}
+
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LocalConfig {
@@ -203,7 +220,7 @@ fn ports(p: &[LocalPort]) -> Vec<pb::Port> {
         .collect()
 }
 
-fn strings(list: &[LocalStringMatch]) -> Result<Vec<sec::StringMatch>, String> {
+fn strings(list: &[LocalStringMatch]) -> Result<Vec<sec::StringMatch>, LocalResourceError> {
     use sec::string_match::MatchType;
     list.iter()
         .map(|m| {
@@ -212,11 +229,7 @@ fn strings(list: &[LocalStringMatch]) -> Result<Vec<sec::StringMatch>, String> {
                 (None, Some(s), None, None) => MatchType::Prefix(s.clone()),
                 (None, None, Some(s), None) => MatchType::Suffix(s.clone()),
                 (None, None, None, Some(_)) => MatchType::Presence(()),
-                _ => {
-                    return Err(format!(
-                        "{m:?}: give exactly one of exact, prefix, suffix, presence"
-                    ));
-                }
+                _ => return Err(LocalResourceError::StringMatch(format!("{m:?}"))),
             };
             Ok(sec::StringMatch {
                 match_type: Some(t),
@@ -225,17 +238,19 @@ fn strings(list: &[LocalStringMatch]) -> Result<Vec<sec::StringMatch>, String> {
         .collect()
 }
 
-fn cidrs(list: &[String]) -> Result<Vec<sec::Address>, String> {
+fn cidrs(list: &[String]) -> Result<Vec<sec::Address>, LocalResourceError> {
     list.iter()
         .map(|s| {
             let (ip, len) = match s.split_once('/') {
                 Some((ip, len)) => (ip, Some(len)),
                 None => (s.as_str(), None),
             };
-            let ip: IpAddr = ip.parse().map_err(|e| format!("{s:?}: {e}"))?;
+            let bad =
+                |e: &dyn std::fmt::Display| LocalResourceError::Cidr(s.clone(), e.to_string());
+            let ip: IpAddr = ip.parse().map_err(|e| bad(&e))?;
             let max = if ip.is_ipv4() { 32 } else { 128 };
             let len = match len {
-                Some(l) => l.parse::<u32>().map_err(|e| format!("{s:?}: {e}"))?,
+                Some(l) => l.parse::<u32>().map_err(|e| bad(&e))?,
                 None => max,
             };
             Ok(sec::Address {
@@ -247,16 +262,16 @@ fn cidrs(list: &[String]) -> Result<Vec<sec::Address>, String> {
 }
 
 impl LocalWorkload {
-    pub fn to_proto(&self) -> Result<pb::Workload, String> {
+    pub fn to_proto(&self) -> Result<pb::Workload, LocalResourceError> {
         let protocol = match self.tunnel_protocol.as_str() {
             "HBONE" => pb::TunnelProtocol::Hbone,
             "NONE" => pb::TunnelProtocol::None,
-            other => return Err(format!("tunnel_protocol {other:?} is not HBONE or NONE")),
+            other => return Err(LocalResourceError::TunnelProtocol(other.into())),
         };
         let status = match self.status.as_str() {
             "HEALTHY" => pb::WorkloadStatus::Healthy,
             "UNHEALTHY" => pb::WorkloadStatus::Unhealthy,
-            other => return Err(format!("status {other:?} is not HEALTHY or UNHEALTHY")),
+            other => return Err(LocalResourceError::Status(other.into())),
         };
         Ok(pb::Workload {
             uid: self.uid.clone(),
@@ -306,21 +321,17 @@ impl LocalService {
 }
 
 impl LocalPolicy {
-    pub fn to_proto(&self) -> Result<sec::Authorization, String> {
+    pub fn to_proto(&self) -> Result<sec::Authorization, LocalResourceError> {
         let scope = match self.scope.as_str() {
             "GLOBAL" => sec::Scope::Global,
             "NAMESPACE" => sec::Scope::Namespace,
             "WORKLOAD_SELECTOR" => sec::Scope::WorkloadSelector,
-            other => {
-                return Err(format!(
-                    "scope {other:?} is not GLOBAL, NAMESPACE or WORKLOAD_SELECTOR"
-                ));
-            }
+            other => return Err(LocalResourceError::Scope(other.into())),
         };
         let action = match self.action.as_str() {
             "ALLOW" => sec::Action::Allow,
             "DENY" => sec::Action::Deny,
-            other => return Err(format!("action {other:?} is not ALLOW or DENY")),
+            other => return Err(LocalResourceError::Action(other.into())),
         };
         let mut rules = Vec::new();
         for r in &self.rules {

@@ -13,7 +13,8 @@
 //! L7 scenario: a two-node lab; HTTP/1.1 keep-alive requests from a client
 //! pod on node-1 to an http-echo pod on node-2, directly (ztunnel to
 //! ztunnel), through our waypoint, and through Envoy in the waypoint's
-//! place, measured in the same run. See [`l7`].
+//! place, measured in the same run; then gRPC streams and a WebSocket on
+//! the same three paths. See [`l7`] and [`l7stream`].
 //!
 //! L4 scenario: a two-node lab; TCP from a client pod to a server pod on the
 //! other node and on the same node, plain, through our ztunnels, and through
@@ -36,6 +37,8 @@ mod controller;
 mod l4;
 #[path = "bench/l7.rs"]
 mod l7;
+#[path = "bench/l7stream.rs"]
+mod l7stream;
 
 #[derive(Debug, Parser)]
 #[command(about = "Measure the mesh")]
@@ -57,6 +60,10 @@ struct Args {
     /// of `--l7-requests` (each waits for the one before).
     #[arg(long, value_delimiter = ',', default_values_t = [16, 1])]
     l7_concurrency: Vec<usize>,
+    /// Messages per L7 stream run (gRPC bidirectional, WebSocket; a
+    /// hundred times as many for gRPC client streaming).
+    #[arg(long, default_value_t = 10_000)]
+    stream_messages: u32,
     /// Seconds per L4 measurement (iperf3, sockperf, wrk).
     #[arg(long, default_value_t = 2)]
     l4_seconds: u64,
@@ -125,6 +132,7 @@ async fn main() {
     if a.smoke {
         (a.pods, a.services, a.policies, a.proxies, a.runs) = (50, 10, 5, 5, 1);
         (a.l7_requests, a.l7_concurrency) = (200, vec![16]);
+        a.stream_messages = 100;
     }
     mesh_core::tls::install_default_provider();
     // The lab's processes inherit it: 1 000 held connections are 2 000

@@ -59,6 +59,19 @@ fn access_log_lines(lab: &Lab) -> Vec<String> {
 }
 
 async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
+    let vip = start(lab, manifests).await?;
+    let url = "http://server.shop/".to_string();
+    let plain_url = format!("http://{vip}:80/");
+    mesh_call(lab, &url).await?;
+    on_the_wire(lab).await?;
+    strict(lab, manifests, &url, &plain_url).await?;
+    waypoint(lab, manifests, &url).await?;
+    where_next();
+    Ok(())
+}
+
+/// 1. The mesh and the demo's pods; the server's VIP.
+async fn start(lab: &mut Lab, manifests: &Path) -> Result<String, Error> {
     println!("== 1. Two nodes, istiod-lite, a ztunnel and node agent per node");
     lab.start_mesh().await?;
     lab.apply(read_docs(&manifests.join("shop.yaml"))?).await?;
@@ -76,15 +89,17 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
     }
     let vip = lab.state.services["shop/server"].vip.clone();
     println!("   service shop/server VIP {vip}:80 -> 8080");
+    Ok(vip)
+}
 
+/// 2. A call across the mesh, and what the destination ztunnels logged.
+async fn mesh_call(lab: &Lab, url: &str) -> Result<(), Error> {
     println!(
         "\n== 2. shop/client calls http://server.shop/ (the ztunnel answers DNS with the VIP; HBONE, mTLS)"
     );
-    let url = "http://server.shop/".to_string();
-    let plain_url = format!("http://{vip}:80/");
     let mut ok = false;
     for _ in 0..60 {
-        if let Ok(body) = get(lab, "shop/client-0", &url) {
+        if let Ok(body) = get(lab, "shop/client-0", url) {
             print!(
                 "{}",
                 body.lines()
@@ -101,14 +116,18 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
         return Err("the client never reached the server".into());
     }
     for _ in 0..3 {
-        get(lab, "shop/client-0", &url)?;
+        get(lab, "shop/client-0", url)?;
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     println!("   what the destination ztunnels recorded:");
     for l in access_log_lines(lab).iter().take(4) {
         println!("{l}");
     }
+    Ok(())
+}
 
+/// 3. A capture on the server's interface: TLS to 15008 only.
+async fn on_the_wire(lab: &Lab) -> Result<(), Error> {
     println!("\n== 3. On the wire: TLS to 15008, never the application's bytes");
     let server = lab.pod("shop/server-1").ok_or("no server-1")?.clone();
     let netns = Netns::open(&format!("/var/run/netns/{}", server.netns))?;
@@ -124,9 +143,13 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
         "   captured on {}'s interface: {} frames, {} to/from port 15008, {} containing \"GET /\"",
         server.name, seen.frames, seen.hbone, seen.marker
     );
+    Ok(())
+}
 
+/// 4. A caller outside the mesh, before and after STRICT mTLS.
+async fn strict(lab: &mut Lab, manifests: &Path, url: &str, plain_url: &str) -> Result<(), Error> {
     println!("\n== 4. legacy/legacy-client (outside the mesh) calls {plain_url} in plaintext");
-    match get(lab, "legacy/legacy-client-0", &plain_url) {
+    match get(lab, "legacy/legacy-client-0", plain_url) {
         Ok(body) => println!("   allowed: {}", body.lines().next().unwrap_or("")),
         Err(e) => println!("   refused ({e})"),
     }
@@ -135,7 +158,7 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
         .await?;
     let mut refused = false;
     for _ in 0..40 {
-        if let Err(e) = get(lab, "legacy/legacy-client-0", &plain_url) {
+        if let Err(e) = get(lab, "legacy/legacy-client-0", plain_url) {
             println!("   refused now: the connection was closed by the server's ztunnel ({e})");
             refused = true;
             break;
@@ -147,12 +170,13 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
     }
     println!(
         "   and the mesh client still gets through: {}",
-        get(lab, "shop/client-0", &url)?
-            .lines()
-            .next()
-            .unwrap_or("")
+        get(lab, "shop/client-0", url)?.lines().next().unwrap_or("")
     );
+    Ok(())
+}
 
+/// 5. A waypoint for shop: a header match and a 90/10 split.
+async fn waypoint(lab: &mut Lab, manifests: &Path, url: &str) -> Result<(), Error> {
     println!("\n== 5. L7 where it is asked for: a waypoint for shop, with a canary route");
     println!(
         "   applying manifests/demo/waypoint.yaml (Gateway istio-waypoint, istio.io/use-waypoint, HTTPRoute 90/10 + header match)"
@@ -165,7 +189,7 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
     for _ in 0..80 {
         let out = lab.exec(
             "shop/client-0",
-            &[bin, "get", &url, "--header", "x-version: v2"],
+            &[bin, "get", url, "--header", "x-version: v2"],
         )?;
         if String::from_utf8_lossy(&out.stdout).contains("pod=server-v2-0") {
             via_waypoint = true;
@@ -179,15 +203,7 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
     println!("   with x-version: v2 -> pod=server-v2-0");
     let out = lab.exec(
         "shop/client-0",
-        &[
-            bin,
-            "load",
-            &url,
-            "--requests",
-            "1000",
-            "--concurrency",
-            "8",
-        ],
+        &[bin, "load", url, "--requests", "1000", "--concurrency", "8"],
     )?;
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout)?;
     println!("   1000 requests without it, by pod: {}", summary["by_pod"]);
@@ -206,7 +222,11 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
             .collect();
         println!("   the waypoint's access log: {}", fields.join(" "));
     }
+    Ok(())
+}
 
+/// Commands to try on a lab of one's own.
+fn where_next() {
     println!("\n== Where to look next (this lab goes away now; keep one running with the lab CLI)");
     println!(
         "   ./target/debug/lab up manifests/demo/shop.yaml        # lab 1: 10.101.0.0/16, state in /tmp/mesh-lab"
@@ -220,7 +240,6 @@ async fn run(lab: &mut Lab, manifests: &Path) -> Result<(), Error> {
     );
     println!("   ./target/debug/lab apply manifests/demo/waypoint.yaml; ls /tmp/mesh-lab/logs/");
     println!("   ./target/debug/lab down");
-    Ok(())
 }
 
 #[tokio::main]

@@ -106,15 +106,34 @@ mod rootless {
         (check sysctl user.max_user_namespaces and kernel.unprivileged_userns_clone, or an AppArmor/SELinux \
         restriction); run the lab as root, or enable unprivileged user namespaces";
 
+    /// Why the holder could not be started.
+    #[derive(Debug, thiserror::Error)]
+    pub enum HolderError {
+        #[error("{what}: {source}")]
+        Io {
+            what: &'static str,
+            source: std::io::Error,
+        },
+        /// It exited before it was ready: most likely no user namespaces
+        /// for unprivileged users (its log follows).
+        #[error("{NO_USERNS}\n{0}")]
+        NoUserns(String),
+    }
+
+    fn io(what: &'static str) -> impl FnOnce(std::io::Error) -> HolderError {
+        move |source| HolderError::Io { what, source }
+    }
+
     /// Starts the holder for a new lab.
-    pub fn start_holder(dir: &Path) -> Result<u32, String> {
+    pub fn start_holder(dir: &Path) -> Result<u32, HolderError> {
         if let Some(pid) = holder_pid(dir) {
             return Ok(pid);
         }
-        std::fs::create_dir_all(dir).map_err(|e| e.to_string())?;
+        std::fs::create_dir_all(dir).map_err(io("creating the lab directory"))?;
         let _ = std::fs::remove_file(dir.join("holder.ready"));
-        let log = std::fs::File::create(dir.join("holder.log")).map_err(|e| e.to_string())?;
-        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let log =
+            std::fs::File::create(dir.join("holder.log")).map_err(io("creating holder.log"))?;
+        let exe = std::env::current_exe().map_err(io("finding this executable"))?;
         let child = Command::new("unshare")
             .args([
                 "--user",
@@ -130,13 +149,14 @@ mod rootless {
             .arg(dir)
             .arg("hold")
             .stdin(Stdio::null())
-            .stdout(log.try_clone().map_err(|e| e.to_string())?)
+            .stdout(log.try_clone().map_err(io("holder.log"))?)
             .stderr(log)
             .spawn()
-            .map_err(|e| format!("unshare: {e}"))?;
+            .map_err(io("unshare"))?;
         let pid = child.id();
         std::mem::forget(child);
-        std::fs::write(dir.join("holder.pid"), pid.to_string()).map_err(|e| e.to_string())?;
+        std::fs::write(dir.join("holder.pid"), pid.to_string())
+            .map_err(io("writing holder.pid"))?;
         for _ in 0..100 {
             if dir.join("holder.ready").exists() {
                 return Ok(pid);
@@ -147,7 +167,7 @@ mod rootless {
             std::thread::sleep(Duration::from_millis(50));
         }
         let why = std::fs::read_to_string(dir.join("holder.log")).unwrap_or_default();
-        Err(format!("{NO_USERNS}\n{}", why.trim()))
+        Err(HolderError::NoUserns(why.trim().to_string()))
     }
 
     /// Runs this same command inside the holder's namespaces; returns its exit code.

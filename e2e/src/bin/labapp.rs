@@ -27,6 +27,8 @@ mod grpc;
 mod hbone;
 #[path = "labapp/raw.rs"]
 mod raw;
+#[path = "labapp/streamload.rs"]
+mod streamload;
 #[path = "labapp/trailers.rs"]
 mod trailers;
 #[path = "labapp/ws.rs"]
@@ -164,6 +166,9 @@ enum Cmd {
         #[arg(long, default_value_t = 9090)]
         port: u16,
     },
+    /// Messages on one long-lived stream (a gRPC bidirectional or
+    /// client-streaming call, a WebSocket); prints a JSON summary.
+    StreamLoad(streamload::StreamLoadArgs),
     /// Hold one connection (idle, or with a request every so often) until
     /// the server closes it; print when it did.
     Conn(conn::ConnArgs),
@@ -669,6 +674,7 @@ async fn main() {
         Cmd::Trailers(a) => trailers::run(&a).await,
         Cmd::Conn(a) => conn::run(&a).await,
         Cmd::Ws(a) => ws::client(&a).await,
+        Cmd::StreamLoad(a) => streamload::run(&a).await,
         Cmd::GrpcEcho { port } => grpc::serve(port).await,
         Cmd::Resolve { name } => match tokio::net::lookup_host((name.as_str(), 0)).await {
             Ok(addrs) => {

@@ -11,7 +11,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use futures::future::BoxFuture;
-use mesh_core::identity::Identity;
+use mesh_core::identity::{Identity, IdentityError};
 use serde::Deserialize;
 use tonic::metadata::MetadataMap;
 
@@ -38,25 +38,99 @@ impl Caller {
     }
 }
 
+/// Why a caller is not authenticated: told to the caller (an
+/// `Unauthenticated` status) and logged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    #[error("no authorization header (expected \"Bearer <token>\")")]
+    NoHeader,
+    #[error("authorization header is not ASCII")]
+    NotAscii,
+    #[error("authorization header is not a Bearer token")]
+    NotBearer,
+    #[error("unknown bootstrap token")]
+    UnknownToken,
+    #[error("pod tokens are not accepted here (no config model)")]
+    PodTokensOff,
+    #[error("the token of pod {namespace}/{pod}: {reason}")]
+    PodToken {
+        namespace: String,
+        pod: String,
+        reason: Box<PodError>,
+    },
+    /// Folder mode's token file cannot be read or does not load: every
+    /// caller is refused until it does.
+    #[error("the token file {0}")]
+    TokenFile(String),
+    /// The API server could not answer (says nothing about the token).
+    #[error("TokenReview failed: {0}")]
+    ReviewFailed(String),
+    #[error("the TokenReview came back without a status")]
+    NoReviewStatus,
+    #[error("token rejected by the API server{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
+    Rejected(Option<String>),
+    #[error("token is not for audience {want:?} (it is for {got:?})")]
+    WrongAudience { want: String, got: Vec<String> },
+    #[error("the TokenReview names no user")]
+    NoUser,
+    #[error("{0:?} is not a service account")]
+    NotServiceAccount(String),
+    #[error("the token of {0} is not bound to a pod; use a projected service-account token")]
+    NotPodBound(String),
+    #[error("pod {namespace}/{pod} runs on {model:?} but its token names node {token:?}")]
+    NodeMismatch {
+        namespace: String,
+        pod: String,
+        model: String,
+        token: String,
+    },
+    #[error("pod {namespace}/{pod} (uid {uid}) is not known (yet); its node cannot be proven")]
+    UnknownPod {
+        namespace: String,
+        pod: String,
+        uid: String,
+    },
+    #[error("service account {namespace}/{account}: {reason}")]
+    BadAccount {
+        namespace: String,
+        account: String,
+        reason: Box<IdentityError>,
+    },
+}
+
+/// Why a pod's own token does not tie it to a node and identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PodError {
+    #[error("no running pod {0}/{1} is known (yet)")]
+    NotRunning(String, String),
+    #[error("pod {0}/{1} is not scheduled on a node")]
+    NotScheduled(String, String),
+    #[error("pod {namespace}/{pod}'s service account {account:?}: {reason}")]
+    BadAccount {
+        namespace: String,
+        pod: String,
+        account: String,
+        reason: Box<IdentityError>,
+    },
+}
+
 pub trait Authenticator: Send + Sync + 'static {
-    /// Why authentication failed is returned as a message for the caller.
+    /// Why authentication failed is returned for the caller to read.
     /// Asynchronous: the Kubernetes authenticator asks the API server.
     fn authenticate<'a>(
         &'a self,
         metadata: &'a MetadataMap,
-    ) -> BoxFuture<'a, Result<Caller, String>>;
+    ) -> BoxFuture<'a, Result<Caller, AuthError>>;
 }
 
 /// The bearer token of a request, or why there is none.
-pub fn bearer(metadata: &MetadataMap) -> Result<&str, String> {
+pub fn bearer(metadata: &MetadataMap) -> Result<&str, AuthError> {
     let header = metadata
         .get("authorization")
-        .ok_or("no authorization header (expected \"Bearer <token>\")")?
+        .ok_or(AuthError::NoHeader)?
         .to_str()
-        .map_err(|_| "authorization header is not ASCII")?;
-    Ok(header
-        .strip_prefix("Bearer ")
-        .ok_or("authorization header is not a Bearer token")?)
+        .map_err(|_| AuthError::NotAscii)?;
+    header.strip_prefix("Bearer ").ok_or(AuthError::NotBearer)
 }
 
 pub trait NodeAuthorizer: Send + Sync + 'static {
@@ -79,7 +153,7 @@ pub enum Holder {
 pub trait PodDirectory: Send + Sync + 'static {
     /// The node of a running pod and its service account's identity, or
     /// why it has none.
-    fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), String>;
+    fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), PodError>;
 }
 
 /// Bootstrap tokens, handed out of band: one per node (its ztunnel's), and
@@ -106,32 +180,32 @@ impl std::fmt::Debug for BootstrapTokens {
 pub enum AuthConfigError {
     #[error("{path}: {reason}")]
     File { path: String, reason: String },
+    #[error("token for {0:?} is shorter than 16 characters")]
+    ShortToken(String),
+    #[error("{0:?} is neither a node name nor <namespace>/<pod>")]
+    BadHolder(String),
+    #[error("{0:?} shares its token with another entry")]
+    SharedToken(String),
 }
 
 impl BootstrapTokens {
     /// `holder -> token` pairs: a node's name, or `<namespace>/<pod>` for a
     /// pod's own token (a node name never holds a `/`).
-    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Self, String> {
+    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Self, AuthConfigError> {
         let mut by_token = HashMap::new();
         for (holder, token) in pairs {
             if token.len() < 16 {
-                return Err(format!(
-                    "token for {holder:?} is shorter than 16 characters"
-                ));
+                return Err(AuthConfigError::ShortToken(holder));
             }
             let h = match holder.split_once('/') {
                 None if !holder.is_empty() => Holder::Node(holder.clone()),
                 Some((ns, pod)) if !ns.is_empty() && !pod.is_empty() && !pod.contains('/') => {
                     Holder::Pod(ns.to_string(), pod.to_string())
                 }
-                _ => {
-                    return Err(format!(
-                        "{holder:?} is neither a node name nor <namespace>/<pod>"
-                    ));
-                }
+                _ => return Err(AuthConfigError::BadHolder(holder)),
             };
             if by_token.insert(token, h).is_some() {
-                return Err(format!("{holder:?} shares its token with another entry"));
+                return Err(AuthConfigError::SharedToken(holder));
             }
         }
         Ok(BootstrapTokens {
@@ -155,7 +229,7 @@ impl BootstrapTokens {
         let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
         let map: HashMap<String, String> =
             serde_yaml::from_str(&text).map_err(|e| err(e.to_string()))?;
-        Self::new(map).map_err(err)
+        Self::new(map).map_err(|e| err(e.to_string()))
     }
 
     /// How many entries there are (nodes and pods).
@@ -172,13 +246,13 @@ impl Authenticator for BootstrapTokens {
     fn authenticate<'a>(
         &'a self,
         metadata: &'a MetadataMap,
-    ) -> BoxFuture<'a, Result<Caller, String>> {
+    ) -> BoxFuture<'a, Result<Caller, AuthError>> {
         Box::pin(std::future::ready(self.check(metadata)))
     }
 }
 
 impl BootstrapTokens {
-    pub(crate) fn check(&self, metadata: &MetadataMap) -> Result<Caller, String> {
+    pub(crate) fn check(&self, metadata: &MetadataMap) -> Result<Caller, AuthError> {
         let token = bearer(metadata)?;
         // Compare against every token so timing does not reveal a prefix.
         let mut found = None;
@@ -187,16 +261,17 @@ impl BootstrapTokens {
                 found = Some(holder);
             }
         }
-        match found.ok_or("unknown bootstrap token")? {
+        match found.ok_or(AuthError::UnknownToken)? {
             Holder::Node(node) => Ok(Caller::node(node.clone())),
             Holder::Pod(ns, pod) => {
-                let pods = self
-                    .pods
-                    .as_ref()
-                    .ok_or("pod tokens are not accepted here (no config model)")?;
-                let (node, identity) = pods
-                    .pod_identity(ns, pod)
-                    .map_err(|e| format!("the token of pod {ns}/{pod}: {e}"))?;
+                let pods = self.pods.as_ref().ok_or(AuthError::PodTokensOff)?;
+                let (node, identity) =
+                    pods.pod_identity(ns, pod)
+                        .map_err(|reason| AuthError::PodToken {
+                            namespace: ns.clone(),
+                            pod: pod.clone(),
+                            reason: Box::new(reason),
+                        })?;
                 Ok(Caller {
                     node,
                     only: Some(identity),

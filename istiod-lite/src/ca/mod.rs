@@ -32,7 +32,7 @@ const BACKDATE: Duration = Duration::from_secs(60);
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Refusal {
     #[error("caller not authenticated: {0}")]
-    Unauthenticated(String),
+    Unauthenticated(auth::AuthError),
     #[error("malformed PEM CSR: {0}")]
     MalformedPem(String),
     #[error("CSR does not parse: {0}")]

@@ -12,13 +12,15 @@ use futures::future::BoxFuture;
 use tonic::metadata::MetadataMap;
 use tracing::{error, info};
 
-use super::auth::{AuthConfigError, Authenticator, BootstrapTokens, Caller, PodDirectory};
+use super::auth::{
+    AuthConfigError, AuthError, Authenticator, BootstrapTokens, Caller, PodDirectory,
+};
 
 /// What identifies one version of the file: inode, size and mtime.
 type Stamp = (u64, u64, i64, i64);
 /// The tokens as last read (or why they did not load), and from which
 /// version of the file.
-type Loaded = (Option<Stamp>, Result<Arc<BootstrapTokens>, String>);
+type Loaded = (Option<Stamp>, Result<Arc<BootstrapTokens>, AuthError>);
 
 pub struct TokensFile {
     path: PathBuf,
@@ -44,7 +46,7 @@ impl TokensFile {
     }
 
     /// The tokens as the file is now.
-    fn tokens(&self) -> Result<Arc<BootstrapTokens>, String> {
+    fn tokens(&self) -> Result<Arc<BootstrapTokens>, AuthError> {
         let now = stamp(&self.path).map_err(|e| e.to_string());
         let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
         let now = match now {
@@ -53,7 +55,7 @@ impl TokensFile {
                 if cur.1.is_ok() {
                     error!(path = %self.path.display(), error = %e, "token file unreadable; refusing every caller");
                 }
-                let why = format!("the token file is unreadable: {e}");
+                let why = AuthError::TokenFile(format!("is unreadable: {e}"));
                 *cur = (None, Err(why.clone()));
                 return Err(why);
             }
@@ -61,7 +63,7 @@ impl TokensFile {
         if cur.0 != Some(now) {
             let loaded = BootstrapTokens::load(&self.path)
                 .map(|t| Arc::new(t.with_pods(self.pods.clone())))
-                .map_err(|e| format!("the token file does not load: {e}"));
+                .map_err(|e| AuthError::TokenFile(format!("does not load: {e}")));
             match &loaded {
                 Ok(t) => {
                     info!(path = %self.path.display(), entries = t.len(), "token file re-read")
@@ -80,7 +82,7 @@ impl Authenticator for TokensFile {
     fn authenticate<'a>(
         &'a self,
         metadata: &'a MetadataMap,
-    ) -> BoxFuture<'a, Result<Caller, String>> {
+    ) -> BoxFuture<'a, Result<Caller, AuthError>> {
         Box::pin(std::future::ready(
             self.tokens().and_then(|t| t.check(metadata)),
         ))
@@ -90,17 +92,25 @@ impl Authenticator for TokensFile {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ca::auth::PodError;
     use mesh_core::identity::Identity;
 
     struct OnePod;
     impl PodDirectory for OnePod {
-        fn pod_identity(&self, ns: &str, name: &str) -> Result<(String, Identity), String> {
+        fn pod_identity(&self, ns: &str, name: &str) -> Result<(String, Identity), PodError> {
             match (ns, name) {
                 ("edge", "gw-1") => Ok((
                     "node-a".into(),
-                    Identity::new("cluster.local", "edge", "public").map_err(|e| e.to_string())?,
+                    Identity::new("cluster.local", "edge", "public").map_err(|reason| {
+                        PodError::BadAccount {
+                            namespace: ns.into(),
+                            pod: name.into(),
+                            account: "public".into(),
+                            reason: Box::new(reason),
+                        }
+                    })?,
                 )),
-                _ => Err(format!("no running pod {ns}/{name}")),
+                _ => Err(PodError::NotRunning(ns.into(), name.into())),
             }
         }
     }
@@ -132,7 +142,8 @@ mod tests {
         let err = f
             .authenticate(&md("gw-1-token-0123456789"))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("unknown"), "{err}");
 
         // The gateway pod's own token, added while running.
@@ -151,7 +162,8 @@ mod tests {
         let err = f
             .authenticate(&md("gone-token-0123456789"))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("no running pod edge/gone"), "{err}");
 
         // Removed: revoked. A file that does not load refuses everyone.
@@ -161,7 +173,8 @@ mod tests {
         let err = f
             .authenticate(&md("node-a-token-0123456789"))
             .await
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("does not load"), "{err}");
         write(&path, "node-a: node-a-token-0123456789\n");
         assert!(f.authenticate(&md("node-a-token-0123456789")).await.is_ok());
@@ -170,7 +183,9 @@ mod tests {
     #[test]
     fn a_holder_is_a_node_or_a_namespace_and_pod() {
         for bad in ["a/b/c", "/pod", "ns/", ""] {
-            let err = BootstrapTokens::new([(bad.to_string(), "x".repeat(16))]).unwrap_err();
+            let err = BootstrapTokens::new([(bad.to_string(), "x".repeat(16))])
+                .unwrap_err()
+                .to_string();
             assert!(err.contains("neither"), "{bad}: {err}");
         }
     }

@@ -24,11 +24,12 @@ pub(crate) fn not_valid(listeners: &[ListenerStatus]) -> Option<String> {
 
 /// One entry of `status.listeners`, without transition times.
 pub(crate) fn listener_status(l: &ListenerStatus, generation: Option<i64>) -> Value {
-    let kinds: Vec<Value> = if l.http_routes {
-        vec![json!({"group": "gateway.networking.k8s.io", "kind": "HTTPRoute"})]
-    } else {
-        Vec::new()
-    };
+    let kinds: Vec<Value> = l
+        .kinds
+        .names()
+        .into_iter()
+        .map(|k| json!({"group": "gateway.networking.k8s.io", "kind": k}))
+        .collect();
     let conditions: Vec<Value> = l
         .conditions
         .iter()

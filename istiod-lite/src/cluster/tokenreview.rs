@@ -25,7 +25,7 @@ use mesh_core::identity::Identity;
 use tonic::metadata::MetadataMap;
 use tracing::debug;
 
-use crate::ca::auth::{Authenticator, Caller, bearer};
+use crate::ca::auth::{AuthError, Authenticator, Caller, bearer};
 use crate::xds::Hub;
 
 pub const POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -53,12 +53,12 @@ pub struct TokenReviewer {
 }
 
 /// A review's answer and until when it holds, by the token's SHA-256.
-type Reviewed = (Instant, Result<Caller, String>);
+type Reviewed = (Instant, Result<Caller, AuthError>);
 
 /// How long a review's answer may be remembered: a refusal briefly; a good
 /// answer for [`CACHE_FOR`], but never past the token's expiry, and not at
 /// all when the token names none.
-fn remember_for(token: &str, answer: &Result<Caller, String>) -> Duration {
+fn remember_for(token: &str, answer: &Result<Caller, AuthError>) -> Duration {
     if answer.is_err() {
         return REFUSAL_CACHE_FOR;
     }
@@ -81,11 +81,10 @@ impl TokenReviewer {
         }
     }
 
-    async fn review(&self, token: &str) -> Result<Caller, String> {
-        let key: [u8; 32] = ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
-            .as_ref()
-            .try_into()
-            .map_err(|_| "token digest".to_string())?;
+    async fn review(&self, token: &str) -> Result<Caller, AuthError> {
+        // A SHA-256 digest is always 32 bytes.
+        let mut key = [0u8; 32];
+        key.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some((until, answer)) = cache.get(&key)
@@ -107,10 +106,10 @@ impl TokenReviewer {
             .api
             .create(&PostParams::default(), &review)
             .await
-            .map_err(|e| format!("TokenReview failed: {e}"))?;
+            .map_err(|e| AuthError::ReviewFailed(e.to_string()))?;
         let answer = answer
             .status
-            .ok_or_else(|| "the TokenReview came back without a status".to_string())
+            .ok_or(AuthError::NoReviewStatus)
             .and_then(|status| self.caller(&status));
         let ttl = remember_for(token, &answer);
         if ttl.is_zero() {
@@ -129,31 +128,27 @@ impl TokenReviewer {
     }
 
     /// Who a reviewed token belongs to, or why it is not good enough.
-    fn caller(&self, status: &TokenReviewStatus) -> Result<Caller, String> {
+    fn caller(&self, status: &TokenReviewStatus) -> Result<Caller, AuthError> {
         if status.authenticated != Some(true) {
-            return Err(match status.error.as_deref() {
-                Some(e) if !e.is_empty() => format!("token rejected by the API server: {e}"),
-                _ => "token rejected by the API server".to_string(),
-            });
+            return Err(AuthError::Rejected(
+                status.error.clone().filter(|e| !e.is_empty()),
+            ));
         }
         // An empty list means "the API server's own audience", not ours: a
         // pod's ordinary API token must not pass.
         let audiences = status.audiences.as_deref().unwrap_or_default();
         if !audiences.contains(&self.cfg.audience) {
-            return Err(format!(
-                "token is not for audience {:?} (it is for {audiences:?})",
-                self.cfg.audience
-            ));
+            return Err(AuthError::WrongAudience {
+                want: self.cfg.audience.clone(),
+                got: audiences.to_vec(),
+            });
         }
-        let user = status
-            .user
-            .as_ref()
-            .ok_or("the TokenReview names no user")?;
+        let user = status.user.as_ref().ok_or(AuthError::NoUser)?;
         let username = user.username.as_deref().unwrap_or_default();
         let (ns, sa) = username
             .strip_prefix("system:serviceaccount:")
             .and_then(|r| r.split_once(':'))
-            .ok_or_else(|| format!("{username:?} is not a service account"))?;
+            .ok_or_else(|| AuthError::NotServiceAccount(username.to_string()))?;
         let extra = user.extra.as_ref();
         let one = |k: &str| {
             extra
@@ -162,23 +157,26 @@ impl TokenReviewer {
                 .cloned()
         };
         let (Some(pod), Some(uid)) = (one(POD_NAME), one(POD_UID)) else {
-            return Err(format!(
-                "the token of {username} is not bound to a pod; use a projected service-account token"
-            ));
+            return Err(AuthError::NotPodBound(username.to_string()));
         };
         let known = self.hub.model().pod_node(ns, &pod, &uid);
         let node = match (known, one(NODE_NAME)) {
             (Some(m), Some(n)) if m != n => {
-                return Err(format!(
-                    "pod {ns}/{pod} runs on {m:?} but its token names node {n:?}"
-                ));
+                return Err(AuthError::NodeMismatch {
+                    namespace: ns.to_string(),
+                    pod,
+                    model: m,
+                    token: n,
+                });
             }
             (Some(m), _) => m,
             (None, Some(n)) => n,
             (None, None) => {
-                return Err(format!(
-                    "pod {ns}/{pod} (uid {uid}) is not known (yet); its node cannot be proven"
-                ));
+                return Err(AuthError::UnknownPod {
+                    namespace: ns.to_string(),
+                    pod,
+                    uid,
+                });
             }
         };
         let only = if (ns, sa)
@@ -189,8 +187,13 @@ impl TokenReviewer {
             None
         } else {
             Some(
-                Identity::new(&self.cfg.trust_domain, ns, sa)
-                    .map_err(|e| format!("service account {ns}/{sa}: {e}"))?,
+                Identity::new(&self.cfg.trust_domain, ns, sa).map_err(|reason| {
+                    AuthError::BadAccount {
+                        namespace: ns.to_string(),
+                        account: sa.to_string(),
+                        reason: Box::new(reason),
+                    }
+                })?,
             )
         };
         debug!(%username, pod = %pod, %node, "token reviewed");
@@ -206,7 +209,7 @@ impl Authenticator for TokenReviewer {
     fn authenticate<'a>(
         &'a self,
         metadata: &'a MetadataMap,
-    ) -> BoxFuture<'a, Result<Caller, String>> {
+    ) -> BoxFuture<'a, Result<Caller, AuthError>> {
         Box::pin(async move {
             let token = bearer(metadata)?;
             self.review(token).await

@@ -12,7 +12,9 @@
 //! - Gateway status (Accepted, Programmed, addresses; for ingresses, each
 //!   listener's too);
 //! - AuthorizationPolicy status (`ZtunnelAccepted` / `WaypointAccepted`,
-//!   with the warnings the model found, e.g. L7 rules a ztunnel drops).
+//!   with the warnings the model found, e.g. L7 rules a ztunnel drops);
+//! - HTTPRoute and GRPCRoute status: our entries of `status.parents`
+//!   (`writer/routes.rs`).
 //!
 //! Writes are server-side apply with our field manager, so they are
 //! idempotent and leave fields other managers own alone. What was applied is
@@ -50,7 +52,11 @@ use crate::model::{DATAPLANE_MODE, GATEWAY_NAME_LABEL};
 use crate::xds::Hub;
 
 mod classes;
+mod error;
 mod orphans;
+mod routes;
+
+pub use error::WriteError;
 
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
@@ -146,7 +152,7 @@ impl Writer {
         name: &str,
         obj: Value,
         report: &mut Report,
-    ) -> Result<(), String>
+    ) -> Result<(), WriteError>
     where
         K: Resource + Clone + DeserializeOwned + Debug,
     {
@@ -160,7 +166,7 @@ impl Writer {
             &Patch::Apply(&obj),
         )
         .await
-        .map_err(|e| format!("applying {key}: {e}"))?;
+        .map_err(WriteError::apply(&key))?;
         self.applied.insert(key, h);
         report.applied += 1;
         Ok(())
@@ -174,7 +180,10 @@ impl Writer {
         for wp in &view.waypoints {
             let ns = wp.gateway.namespace().unwrap_or_default();
             wanted.insert((ns.clone(), wp.gateway.name_any()));
-            let outcome = self.deploy(&wp.gateway, Role::Waypoint, &mut report).await;
+            let outcome = self
+                .deploy(&wp.gateway, Role::Waypoint, &mut report)
+                .await
+                .map_err(|e| e.to_string());
             if let Err(e) = &outcome {
                 report.errors.push(e.clone());
             }
@@ -195,7 +204,7 @@ impl Writer {
                 listeners: None,
             };
             if let Err(e) = self.gateway_status(&wp.gateway, want, &mut report).await {
-                report.errors.push(e);
+                report.errors.push(e.to_string());
             }
         }
         for ing in &view.ingresses {
@@ -203,12 +212,15 @@ impl Writer {
                 ing.gateway.namespace().unwrap_or_default(),
                 ing.gateway.name_any(),
             ));
-            let outcome = self.deploy(&ing.gateway, Role::Ingress, &mut report).await;
+            let outcome = self
+                .deploy(&ing.gateway, Role::Ingress, &mut report)
+                .await
+                .map_err(|e| e.to_string());
             if let Err(e) = &outcome {
                 report.errors.push(e.clone());
             }
             if let Err(e) = self.ingress_status(ing, outcome.err(), &mut report).await {
-                report.errors.push(e);
+                report.errors.push(e.to_string());
             }
         }
         if self.swept.as_ref() != Some(&wanted) {
@@ -220,9 +232,10 @@ impl Writer {
         }
         for p in &view.policies {
             if let Err(e) = self.policy_status(p, &mut report).await {
-                report.errors.push(e);
+                report.errors.push(e.to_string());
             }
         }
+        self.route_statuses(&view.routes, &mut report).await;
         report
     }
 
@@ -237,19 +250,24 @@ impl Writer {
             });
             let key = format!("ConfigMap/{ns}/{ROOT_CONFIGMAP}");
             if let Err(e) = self.apply(&api, key, ROOT_CONFIGMAP, obj, report).await {
-                report.errors.push(e);
+                report.errors.push(e.to_string());
             }
         }
     }
 
     /// The ServiceAccount, config, Deployment and Service of one waypoint
     /// or ingress Gateway. Err names why the Gateway cannot be programmed.
-    async fn deploy(&mut self, g: &Gateway, role: Role, report: &mut Report) -> Result<(), String> {
+    async fn deploy(
+        &mut self,
+        g: &Gateway,
+        role: Role,
+        report: &mut Report,
+    ) -> Result<(), WriteError> {
         let ns = g.namespace().unwrap_or_default();
         let name = g.name_any();
         let uid = g
             .uid()
-            .ok_or_else(|| format!("Gateway {ns}/{name} has no uid yet"))?;
+            .ok_or_else(|| WriteError::NoUid(format!("{ns}/{name}")))?;
         let owner = json!([{
             "apiVersion": "gateway.networking.k8s.io/v1",
             "kind": "Gateway",
@@ -343,7 +361,7 @@ impl Writer {
         name: &str,
         obj: Value,
         report: &mut Report,
-    ) -> Result<(), String>
+    ) -> Result<(), WriteError>
     where
         K: Resource + Clone + DeserializeOwned + Debug,
     {
@@ -351,16 +369,14 @@ impl Writer {
         if self.applied.get(&key) == Some(&hash_of(&obj)) {
             return Ok(());
         }
-        let existing = api
-            .get_opt(name)
-            .await
-            .map_err(|e| format!("reading {key}: {e}"))?;
+        let existing = api.get_opt(name).await.map_err(WriteError::read(&key))?;
         if let Some(o) = existing {
             let ours = o.labels().get(MANAGED_BY.0).map(String::as_str) == Some(MANAGED_BY.1);
             if !ours {
-                return Err(format!(
-                    "{kind} {ns}/{name} already exists and was not created by istiod-lite; rename the Gateway or delete the {kind}"
-                ));
+                return Err(WriteError::NotOurs {
+                    kind: kind.to_string(),
+                    object: format!("{ns}/{name}"),
+                });
             }
         }
         self.apply(api, key, name, obj, report).await
@@ -485,7 +501,7 @@ impl Writer {
         ing: &IngressView,
         problem: Option<String>,
         report: &mut Report,
-    ) -> Result<(), String> {
+    ) -> Result<(), WriteError> {
         let generation = ing.gateway.metadata.generation;
         let reached = (!ing.addresses.is_empty()).then(|| {
             let at: Vec<&str> = ing.addresses.iter().map(|(_, v)| v.as_str()).collect();
@@ -510,7 +526,7 @@ impl Writer {
         g: &Gateway,
         want: GatewayStatus,
         report: &mut Report,
-    ) -> Result<(), String> {
+    ) -> Result<(), WriteError> {
         let ns = g.namespace().unwrap_or_default();
         let name = g.name_any();
         let generation = g.metadata.generation;
@@ -598,12 +614,16 @@ impl Writer {
             &Patch::Apply(&patch),
         )
         .await
-        .map_err(|e| format!("writing the status of Gateway {ns}/{name}: {e}"))?;
+        .map_err(WriteError::status(format!("Gateway {ns}/{name}")))?;
         report.statuses += 1;
         Ok(())
     }
 
-    async fn policy_status(&mut self, p: &PolicyView, report: &mut Report) -> Result<(), String> {
+    async fn policy_status(
+        &mut self,
+        p: &PolicyView,
+        report: &mut Report,
+    ) -> Result<(), WriteError> {
         let (ns, name) = &p.key;
         let want = PolicyCondition {
             observed_generation: p.generation,
@@ -655,7 +675,9 @@ impl Writer {
             &Patch::Apply(&patch),
         )
         .await
-        .map_err(|e| format!("writing the status of AuthorizationPolicy {ns}/{name}: {e}"))?;
+        .map_err(WriteError::status(format!(
+            "AuthorizationPolicy {ns}/{name}"
+        )))?;
         report.statuses += 1;
         Ok(())
     }

@@ -38,6 +38,11 @@ pub fn model_name(name: &str) -> String {
     format!("grpc:{name}")
 }
 
+/// The GRPCRoute's own name when `model_name` is one's model name.
+pub fn grpc_route_name(model_name: &str) -> Option<&str> {
+    model_name.strip_prefix("grpc:")
+}
+
 /// Escapes a literal for a regular expression (RE2 and Rust's `regex`).
 fn escape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());

@@ -46,6 +46,32 @@ pub enum MeshConfigError {
     Shape { path: String, reason: String },
 }
 
+/// Why an `envoyExtAuthzGrpc` provider cannot be served as written (kept
+/// as [`Provider::Unusable`] with this reason).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderError {
+    #[error("not a map")]
+    NotAMap,
+    #[error("includeRequestBodyInCheck is not supported: the waypoint sends no body")]
+    RequestBody,
+    #[error("{0} is a field of envoyExtAuthzHttp (a gRPC check carries every request header)")]
+    HttpOnlyField(String),
+    #[error("unknown field {0:?}")]
+    UnknownField(String),
+    #[error("service is required")]
+    NoService,
+    #[error("port is required, 1 to 65535")]
+    NoPort,
+    #[error("timeout {0:?} is not a duration")]
+    BadTimeout(String),
+    #[error("timeout {0} is not a duration such as \"0.5s\"")]
+    TimeoutNotString(String),
+    #[error("failOpen {0} is not true or false")]
+    BadFailOpen(String),
+    #[error("statusOnError {0} is not an HTTP status")]
+    BadStatus(String),
+}
+
 /// An `envoyExtAuthzGrpc` provider.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ExtAuthzGrpc {
@@ -178,57 +204,45 @@ const HTTP_ONLY: &[&str] = &[
     "headersToDownstreamOnAllow",
 ];
 
-fn ext_authz_grpc(v: &Value) -> Result<ExtAuthzGrpc, String> {
-    let m = v.as_object().ok_or("not a map")?;
+fn ext_authz_grpc(v: &Value) -> Result<ExtAuthzGrpc, ProviderError> {
+    let m = v.as_object().ok_or(ProviderError::NotAMap)?;
     for k in m.keys() {
         match k.as_str() {
             "service" | "port" | "timeout" | "failOpen" | "statusOnError" => {}
-            "includeRequestBodyInCheck" => {
-                return Err(
-                    "includeRequestBodyInCheck is not supported: the waypoint sends no body".into(),
-                );
-            }
-            k if HTTP_ONLY.contains(&k) => {
-                return Err(format!(
-                    "{k} is a field of envoyExtAuthzHttp (a gRPC check carries every request header)"
-                ));
-            }
-            k => return Err(format!("unknown field {k:?}")),
+            "includeRequestBodyInCheck" => return Err(ProviderError::RequestBody),
+            k if HTTP_ONLY.contains(&k) => return Err(ProviderError::HttpOnlyField(k.into())),
+            k => return Err(ProviderError::UnknownField(k.into())),
         }
     }
     let service = m
         .get("service")
         .and_then(Value::as_str)
         .filter(|s| !s.is_empty())
-        .ok_or("service is required")?
+        .ok_or(ProviderError::NoService)?
         .to_string();
     let port = m
         .get("port")
         .and_then(Value::as_u64)
         .and_then(|p| u16::try_from(p).ok())
         .filter(|p| *p != 0)
-        .ok_or("port is required, 1 to 65535")?;
+        .ok_or(ProviderError::NoPort)?;
     let timeout = match m.get("timeout") {
         None | Some(Value::Null) => DEFAULT_TIMEOUT,
         Some(Value::String(s)) => {
-            parse_duration(s).ok_or_else(|| format!("timeout {s:?} is not a duration"))?
+            parse_duration(s).ok_or_else(|| ProviderError::BadTimeout(s.clone()))?
         }
-        Some(other) => {
-            return Err(format!(
-                "timeout {other} is not a duration such as \"0.5s\""
-            ));
-        }
+        Some(other) => return Err(ProviderError::TimeoutNotString(other.to_string())),
     };
     let fail_open = match m.get("failOpen") {
         None | Some(Value::Null) => false,
         Some(Value::Bool(b)) => *b,
-        Some(other) => return Err(format!("failOpen {other} is not true or false")),
+        Some(other) => return Err(ProviderError::BadFailOpen(other.to_string())),
     };
     let status_on_error = match m.get("statusOnError") {
         None | Some(Value::Null) => 403,
         Some(Value::String(s)) => parse_status(s)?,
         Some(Value::Number(n)) => parse_status(&n.to_string())?,
-        Some(other) => return Err(format!("statusOnError {other} is not an HTTP status")),
+        Some(other) => return Err(ProviderError::BadStatus(other.to_string())),
     };
     Ok(ExtAuthzGrpc {
         service,
@@ -239,11 +253,11 @@ fn ext_authz_grpc(v: &Value) -> Result<ExtAuthzGrpc, String> {
     })
 }
 
-fn parse_status(s: &str) -> Result<u16, String> {
+fn parse_status(s: &str) -> Result<u16, ProviderError> {
     s.parse::<u16>()
         .ok()
         .filter(|c| (200..=599).contains(c))
-        .ok_or_else(|| format!("statusOnError {s:?} is not an HTTP status"))
+        .ok_or_else(|| ProviderError::BadStatus(format!("{s:?}")))
 }
 
 /// A protobuf JSON duration ("0.5s", "600s"), or whole milliseconds,

@@ -35,9 +35,31 @@ fn strings(v: &[String]) -> Vec<pb::StringMatch> {
     v.iter().map(|s| string_match(s)).collect()
 }
 
+/// Why a rule's value cannot be enforced at a ztunnel: the rule fails
+/// closed, and the policy's status says why. `field` is where the value
+/// is (`from[0].source.ipBlocks`).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RuleError {
+    #[error("{field}: {value:?} is not namespace/name")]
+    ServiceAccount { field: String, value: String },
+    #[error("{field}: {value:?} is not an IP address or CIDR")]
+    Cidr { field: String, value: String },
+    #[error("{field}: {value:?} is not a port number")]
+    Port { field: String, value: String },
+    #[error("{0}: neither values nor notValues")]
+    NoValues(String),
+    #[error("{0} is empty")]
+    Empty(String),
+}
+
+/// An `istio.io/dry-run` annotation that is not a boolean.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("annotation {DRY_RUN_ANNOTATION}: {0:?} is not true or false; the policy is enforced")]
+pub struct BadDryRun(pub String);
+
 /// `serviceAccounts` entries ("namespace/name") as Istio's
 /// `ServiceAccountMatch`; anything else cannot be enforced.
-fn service_accounts(field: &str, v: &[String]) -> Result<Vec<pb::ServiceAccountMatch>, String> {
+fn service_accounts(field: &str, v: &[String]) -> Result<Vec<pb::ServiceAccountMatch>, RuleError> {
     v.iter()
         .map(|s| match s.split_once('/') {
             // No wildcard: a literal `*` matches no real account, so a DENY
@@ -50,7 +72,10 @@ fn service_accounts(field: &str, v: &[String]) -> Result<Vec<pb::ServiceAccountM
                     service_account: sa.to_string(),
                 })
             }
-            _ => Err(format!("{field}: {s:?} is not namespace/name")),
+            _ => Err(RuleError::ServiceAccount {
+                field: field.to_string(),
+                value: s.clone(),
+            }),
         })
         .collect()
 }
@@ -80,19 +105,25 @@ pub fn parse_cidr(s: &str) -> Option<pb::Address> {
     Some(pb::Address { address, length })
 }
 
-fn cidrs(field: &str, v: &[String]) -> Result<Vec<pb::Address>, String> {
+fn cidrs(field: &str, v: &[String]) -> Result<Vec<pb::Address>, RuleError> {
     v.iter()
         .map(|s| {
-            parse_cidr(s).ok_or_else(|| format!("{field}: {s:?} is not an IP address or CIDR"))
+            parse_cidr(s).ok_or_else(|| RuleError::Cidr {
+                field: field.to_string(),
+                value: s.clone(),
+            })
         })
         .collect()
 }
 
-fn ports(field: &str, v: &[String]) -> Result<Vec<u32>, String> {
+fn ports(field: &str, v: &[String]) -> Result<Vec<u32>, RuleError> {
     v.iter()
         .map(|p| match p.parse::<u16>() {
             Ok(n) if n != 0 && !p.starts_with('+') => Ok(n as u32),
-            _ => Err(format!("{field}: {p:?} is not a port number")),
+            _ => Err(RuleError::Port {
+                field: field.to_string(),
+                value: p.clone(),
+            }),
         })
         .collect()
 }
@@ -130,7 +161,7 @@ fn has_l7(rule: &AuthorizationRule) -> bool {
         || rule.when.iter().any(|c| !L4_KEYS.contains(&c.key.as_str()))
 }
 
-fn source_match(at: &str, s: &Source) -> Result<pb::Match, String> {
+fn source_match(at: &str, s: &Source) -> Result<pb::Match, RuleError> {
     let source_ips = cidrs(&format!("{at}.ipBlocks"), &s.ip_blocks)?;
     let not_source_ips = cidrs(&format!("{at}.notIpBlocks"), &s.not_ip_blocks)?;
     // Remote IPs are L7 here (see `has_l7_source`), yet a value that does
@@ -177,9 +208,9 @@ fn source_match(at: &str, s: &Source) -> Result<pb::Match, String> {
 
 /// A `when` condition on an L4 key, or None for a key a ztunnel cannot
 /// check (the caller has already handled those rules).
-fn condition_match(at: &str, c: &Condition) -> Result<Option<pb::Match>, String> {
+fn condition_match(at: &str, c: &Condition) -> Result<Option<pb::Match>, RuleError> {
     if c.values.is_empty() && c.not_values.is_empty() {
-        return Err(format!("{at}: neither values nor notValues"));
+        return Err(RuleError::NoValues(at.to_string()));
     }
     let mut m = pb::Match::default();
     match c.key.as_str() {
@@ -220,7 +251,7 @@ fn clause(matches: Vec<pb::Match>) -> Option<pb::Clause> {
 }
 
 /// The ztunnel form of one rule, or why a value in it cannot be enforced.
-fn convert_rule(rule: &AuthorizationRule) -> Result<pb::Rule, String> {
+fn convert_rule(rule: &AuthorizationRule) -> Result<pb::Rule, RuleError> {
     let mut clauses = Vec::new();
     if !rule.from.is_empty() {
         let mut matches = Vec::new();
@@ -228,7 +259,7 @@ fn convert_rule(rule: &AuthorizationRule) -> Result<pb::Rule, String> {
             let at = format!("from[{i}].source");
             let m = source_match(&at, &f.source)?;
             if m == pb::Match::default() && !has_l7_source(&f.source) {
-                return Err(format!("{at} is empty"));
+                return Err(RuleError::Empty(at));
             }
             matches.push(m);
         }
@@ -244,7 +275,7 @@ fn convert_rule(rule: &AuthorizationRule) -> Result<pb::Rule, String> {
                 ..Default::default()
             };
             if m == pb::Match::default() && !has_l7_operation(&t.operation) {
-                return Err(format!("{at} is empty"));
+                return Err(RuleError::Empty(at));
             }
             matches.push(m);
         }
@@ -343,7 +374,7 @@ pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Authorizat
         }
     }
     if let Err(why) = dry_run_value(p) {
-        issues.push(why);
+        issues.push(why.to_string());
         if action == pb::Action::Allow {
             // Meant as a trial, perhaps: it may restrict, never grant.
             rules.clear();
@@ -376,7 +407,7 @@ pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
 
 /// The annotation's value read as Istio reads it (Go's `ParseBool`): Ok
 /// false when absent, Err when it is not a boolean.
-pub fn dry_run_value(p: &AuthorizationPolicy) -> Result<bool, String> {
+pub fn dry_run_value(p: &AuthorizationPolicy) -> Result<bool, BadDryRun> {
     let Some(v) = p
         .metadata
         .annotations
@@ -388,9 +419,7 @@ pub fn dry_run_value(p: &AuthorizationPolicy) -> Result<bool, String> {
     match v.as_str() {
         "1" | "t" | "T" | "TRUE" | "true" | "True" => Ok(true),
         "0" | "f" | "F" | "FALSE" | "false" | "False" => Ok(false),
-        other => Err(format!(
-            "annotation {DRY_RUN_ANNOTATION}: {other:?} is not true or false; the policy is enforced"
-        )),
+        other => Err(BadDryRun(other.to_string())),
     }
 }
 

@@ -10,8 +10,10 @@ use gateway_api::apis::standard::gateways::Gateway;
 use mesh_core::identity::Identity;
 
 use super::ingress::ListenerStatus;
+use super::route_status::RouteView;
 use super::workload::labels;
 use super::{DATAPLANE_MODE, INGRESS_CLASS, Model, NsName, WAYPOINT_CLASS};
+use crate::ca::auth::PodError;
 use crate::config::crds::{PolicyCondition, PolicyStatus};
 use crate::config::objects::Object;
 
@@ -55,6 +57,8 @@ pub struct ClusterView {
     pub waypoints: Vec<WaypointView>,
     pub ingresses: Vec<IngressView>,
     pub policies: Vec<PolicyView>,
+    /// Every HTTPRoute and GRPCRoute with a parent of ours.
+    pub routes: Vec<RouteView>,
     /// Every GatewayClass, as watched.
     pub gateway_classes: Vec<GatewayClass>,
     /// Whether the cluster serves GatewayClass at all (the model cannot
@@ -130,6 +134,7 @@ impl Model {
             waypoints,
             ingresses,
             policies,
+            routes: self.route_views(),
             gateway_classes: self
                 .others
                 .values()
@@ -154,21 +159,31 @@ impl Model {
 
     /// The node of a running pod and its service account's identity: how
     /// a pod's own token (folder mode) is tied to the pod.
-    pub fn pod_identity(&self, namespace: &str, name: &str) -> Result<(String, Identity), String> {
+    pub fn pod_identity(
+        &self,
+        namespace: &str,
+        name: &str,
+    ) -> Result<(String, Identity), PodError> {
         let p = self
             .pods
             .get(&(namespace.to_string(), name.to_string()))
             .filter(|p| super::workload::running(p))
-            .ok_or_else(|| format!("no running pod {namespace}/{name} is known (yet)"))?;
+            .ok_or_else(|| PodError::NotRunning(namespace.into(), name.into()))?;
         let node = p
             .spec
             .as_ref()
             .and_then(|s| s.node_name.clone())
             .filter(|n| !n.is_empty())
-            .ok_or_else(|| format!("pod {namespace}/{name} is not scheduled on a node"))?;
+            .ok_or_else(|| PodError::NotScheduled(namespace.into(), name.into()))?;
         let sa = super::workload::service_account(p);
-        let identity = Identity::new(&self.cfg.trust_domain, namespace, sa)
-            .map_err(|e| format!("pod {namespace}/{name}'s service account {sa:?}: {e}"))?;
+        let identity = Identity::new(&self.cfg.trust_domain, namespace, sa).map_err(|reason| {
+            PodError::BadAccount {
+                namespace: namespace.into(),
+                pod: name.into(),
+                account: sa.into(),
+                reason: Box::new(reason),
+            }
+        })?;
         Ok((node, identity))
     }
 

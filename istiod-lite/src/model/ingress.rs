@@ -7,9 +7,10 @@
 //!   resolves to a valid `kubernetes.io/tls` Secret in the Gateway's own
 //!   namespace (there is no ReferenceGrant support). With none, the listener
 //!   is left out; every other listener is still served.
-//! - HTTPRoutes attach by `parentRefs` (optionally one listener by
-//!   `sectionName` and/or `port`), when the listener's `allowedRoutes`
-//!   admits the route's namespace and their hostnames intersect.
+//! - HTTPRoutes and GRPCRoutes attach by `parentRefs` (optionally one
+//!   listener by `sectionName` and/or `port`), when the listener's
+//!   `allowedRoutes` admits the route's kind (both by default) and
+//!   namespace and their hostnames intersect.
 //! - A backend in another namespace than its route's needs a ReferenceGrant
 //!   we cannot read: it is left out (a rule left with none answers 500).
 //!
@@ -36,8 +37,38 @@ use super::waypoint::{GATEWAY_GROUP, ports};
 use super::workload::labels;
 use super::{Model, NsName, routes};
 
+use crate::config::grpcroute::grpc_route_name;
 use crate::config::kube::TLS_SECRET_TYPE;
 const HTTP_ROUTE_KIND: &str = "HTTPRoute";
+const GRPC_ROUTE_KIND: &str = "GRPCRoute";
+
+/// The route kinds a listener admits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RouteKinds {
+    pub http: bool,
+    pub grpc: bool,
+}
+
+impl RouteKinds {
+    /// Whether a route of the model (a GRPCRoute is held as the HTTPRoute
+    /// it amounts to) is of a kind admitted.
+    pub fn admits(self, route: &HttpRoute) -> bool {
+        let name = route.metadata.name.as_deref().unwrap_or_default();
+        if grpc_route_name(name).is_some() {
+            self.grpc
+        } else {
+            self.http
+        }
+    }
+
+    /// Their names, as a listener's `supportedKinds` lists them.
+    pub fn names(self) -> Vec<&'static str> {
+        [(self.http, HTTP_ROUTE_KIND), (self.grpc, GRPC_ROUTE_KIND)]
+            .into_iter()
+            .filter_map(|(on, k)| on.then_some(k))
+            .collect()
+    }
+}
 
 /// What a valid TLS Secret holds, as PEM text, kept only to be served.
 #[derive(Clone, PartialEq, Eq)]
@@ -121,10 +152,10 @@ pub struct ListenerCondition {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ListenerStatus {
     pub name: String,
-    /// HTTPRoutes attached (whether or not the listener is served).
+    /// Routes attached (whether or not the listener is served).
     pub attached_routes: i32,
-    /// Whether `allowedRoutes.kinds` lets HTTPRoutes attach at all.
-    pub http_routes: bool,
+    /// The route kinds `allowedRoutes.kinds` lets attach.
+    pub kinds: RouteKinds,
     pub conditions: Vec<ListenerCondition>,
 }
 
@@ -227,7 +258,7 @@ fn selects(
 }
 
 /// Whether a listener admits routes from namespace `route_ns`.
-fn admits(
+pub(super) fn admits_namespace(
     model: &Model,
     gw_ns: &str,
     l: &GatewayListeners,
@@ -260,28 +291,36 @@ fn admits(
     }
 }
 
-/// Whether `allowedRoutes.kinds` admits HTTPRoutes, and the kinds it
-/// names that we do not serve.
-fn route_kinds(l: &GatewayListeners) -> (bool, Vec<String>) {
+/// The route kinds `allowedRoutes.kinds` admits (an HTTP or HTTPS
+/// listener's default: HTTPRoute and GRPCRoute), and the kinds it names
+/// that we do not serve.
+pub(super) fn route_kinds(l: &GatewayListeners) -> (RouteKinds, Vec<String>) {
     let kinds = l
         .allowed_routes
         .as_ref()
         .and_then(|a| a.kinds.as_deref())
         .unwrap_or_default();
     if kinds.is_empty() {
-        return (true, Vec::new());
-    }
-    let is_http =
-        |k: &&gateway_api::apis::standard::gateways::GatewayListenersAllowedRoutesKinds| {
-            k.kind == HTTP_ROUTE_KIND
-                && k.group.as_deref().unwrap_or(GATEWAY_GROUP) == GATEWAY_GROUP
+        let all = RouteKinds {
+            http: true,
+            grpc: true,
         };
-    let bad = kinds
-        .iter()
-        .filter(|k| !is_http(k))
-        .map(|k| format!("{}/{}", k.group.as_deref().unwrap_or(GATEWAY_GROUP), k.kind))
-        .collect();
-    (kinds.iter().any(|k| is_http(&k)), bad)
+        return (all, Vec::new());
+    }
+    let mut admitted = RouteKinds {
+        http: false,
+        grpc: false,
+    };
+    let mut bad = Vec::new();
+    for k in kinds {
+        let group = k.group.as_deref().unwrap_or(GATEWAY_GROUP);
+        match (group, k.kind.as_str()) {
+            (GATEWAY_GROUP, HTTP_ROUTE_KIND) => admitted.http = true,
+            (GATEWAY_GROUP, GRPC_ROUTE_KIND) => admitted.grpc = true,
+            _ => bad.push(format!("{group}/{}", k.kind)),
+        }
+    }
+    (admitted, bad)
 }
 
 /// Whether one of the route's parentRefs selects listener `l` of Gateway
@@ -588,7 +627,7 @@ pub fn build(model: &Model, key: &NsName, gw: &Gateway) -> Built {
     for l in &gw.spec.listeners {
         let mut conditions = Vec::new();
         let hostname = l.hostname.clone().unwrap_or_default().to_ascii_lowercase();
-        let (http_ok, bad_kinds) = route_kinds(l);
+        let (kinds, bad_kinds) = route_kinds(l);
         let (protocol, mut problem) = listener_protocol(l);
         let mut served = protocol.is_some();
         match &problem {
@@ -625,7 +664,7 @@ pub fn build(model: &Model, key: &NsName, gw: &Gateway) -> Built {
             resolved = Some((
                 "InvalidRouteKinds",
                 format!(
-                    "allowedRoutes.kinds {} not supported (only {GATEWAY_GROUP}/{HTTP_ROUTE_KIND})",
+                    "allowedRoutes.kinds {} not supported (only {GATEWAY_GROUP}/{HTTP_ROUTE_KIND} and {GATEWAY_GROUP}/{GRPC_ROUTE_KIND})",
                     bad_kinds.join(", ")
                 ),
             ));
@@ -678,22 +717,23 @@ pub fn build(model: &Model, key: &NsName, gw: &Gateway) -> Built {
         }
 
         let mut attached: Vec<(&[pb::Route], Vec<String>)> = Vec::new();
-        if http_ok {
-            for (r, rs) in http_routes.iter().zip(&converted) {
-                let rns = r.metadata.namespace.as_deref().unwrap_or_default();
-                if !selected_by(r, key, l) || !admits(model, ns, l, rns, &mut issues) {
-                    continue;
-                }
-                let hosts = r.spec.hostnames.as_deref().unwrap_or_default();
-                if let Some(effective) = intersect(l.hostname.as_deref(), hosts) {
-                    attached.push((rs.as_slice(), effective));
-                }
+        for (r, rs) in http_routes.iter().zip(&converted) {
+            let rns = r.metadata.namespace.as_deref().unwrap_or_default();
+            if !kinds.admits(r)
+                || !selected_by(r, key, l)
+                || !admits_namespace(model, ns, l, rns, &mut issues)
+            {
+                continue;
+            }
+            let hosts = r.spec.hostnames.as_deref().unwrap_or_default();
+            if let Some(effective) = intersect(l.hostname.as_deref(), hosts) {
+                attached.push((rs.as_slice(), effective));
             }
         }
         statuses.push(ListenerStatus {
             name: l.name.clone(),
             attached_routes: attached.len() as i32,
-            http_routes: http_ok,
+            kinds,
             conditions,
         });
         let Some(protocol) = protocol.filter(|_| served) else {
@@ -1171,6 +1211,78 @@ spec:
                 "team/api.team.svc.cluster.local"
             ]
         );
+    }
+
+    const KINDS: &str = r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: Gateway
+metadata: {name: edge, namespace: shop}
+spec:
+  gatewayClassName: mesh-ingress
+  listeners:
+  - {name: default, port: 80, protocol: HTTP}
+  - name: grpc-only
+    port: 81
+    protocol: HTTP
+    allowedRoutes: {kinds: [{kind: GRPCRoute}]}
+  - name: http-only
+    port: 82
+    protocol: HTTP
+    allowedRoutes: {kinds: [{group: gateway.networking.k8s.io, kind: HTTPRoute}]}
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: HTTPRoute
+metadata: {name: web, namespace: shop}
+spec:
+  parentRefs: [{name: edge}]
+  rules: [{backendRefs: [{name: web, port: 80}]}]
+---
+apiVersion: gateway.networking.k8s.io/v1
+kind: GRPCRoute
+metadata: {name: echo, namespace: shop}
+spec:
+  parentRefs: [{name: edge}]
+  rules:
+  - matches: [{method: {service: labecho.Echo}}]
+    backendRefs: [{name: grpc, port: 80}]
+"#;
+
+    #[test]
+    fn allowed_route_kinds_admit_grpc_routes_and_http_routes_apart() {
+        let m = model(yaml(KINDS));
+        let i = ingress(&m, "shop/edge");
+        let routes = |n: &str| -> Vec<String> {
+            let l = i
+                .listeners
+                .iter()
+                .find(|l| l.name == n)
+                .unwrap_or_else(|| panic!("listener {n} served"));
+            l.virtual_hosts
+                .iter()
+                .flat_map(|v| v.routes.iter().map(|r| r.name.clone()))
+                .collect()
+        };
+        // An HTTP listener admits both kinds by default (a method match
+        // is a regular expression: ranked after the catch-all); a
+        // listener's kinds admit only those kinds.
+        assert_eq!(routes("default"), vec!["shop/web/0", "shop/grpc:echo/0"]);
+        assert_eq!(routes("grpc-only"), vec!["shop/grpc:echo/0"]);
+        assert_eq!(routes("http-only"), vec!["shop/web/0"]);
+        for (l, attached, kinds) in [
+            ("default", 2, vec!["HTTPRoute", "GRPCRoute"]),
+            ("grpc-only", 1, vec!["GRPCRoute"]),
+            ("http-only", 1, vec!["HTTPRoute"]),
+        ] {
+            let st = status(&m, "edge", l);
+            assert_eq!(st.attached_routes, attached, "{l}");
+            assert_eq!(st.kinds.names(), kinds, "{l}");
+            let r = condition(st, "ResolvedRefs");
+            assert_eq!((r.status, r.reason), (true, "ResolvedRefs"), "{l}");
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ mod extauthz;
 mod gateways;
 pub mod ingress;
 mod recompute;
+pub mod route_status;
 pub mod routes;
 mod waypoint;
 mod workload;
@@ -52,6 +53,9 @@ pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
 pub const WAYPOINT_PROXY_PREFIX: &str = "waypoint";
 /// Class of an ingress Gateway (see [`ingress`]).
 pub const INGRESS_CLASS: &str = "mesh-ingress";
+/// The `controllerName` of the GatewayClasses istiod-lite implements: a
+/// class of one of our names but another controller is not ours.
+pub const CONTROLLER_NAME: &str = "mesh.dev/istiod-lite";
 /// Node.id prefix of an ingress gateway proxy: `ingress~<namespace>~<pod>`.
 pub const INGRESS_PROXY_PREFIX: &str = "ingress";
 
@@ -132,6 +136,35 @@ pub struct ModelIssue {
 }
 
 type NsName = (String, String);
+
+/// Why a proxy serves no Gateway of the kind it asks for (its stream is
+/// sent nothing of that kind; logged).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProxyError {
+    #[error("proxy id {proxy_id:?} is not {prefix}~<namespace>~<pod>")]
+    BadId {
+        proxy_id: String,
+        prefix: &'static str,
+    },
+    #[error("no running pod {0}/{1}")]
+    NotRunning(String, String),
+    #[error("pod {pod} runs on node {on:?}, not on the caller's node {node:?}")]
+    OtherNode {
+        pod: String,
+        on: String,
+        node: String,
+    },
+    #[error("pod {0}/{1} has no {GATEWAY_NAME_LABEL} label")]
+    NoGatewayLabel(String, String),
+    #[error("no Gateway {0}/{1}")]
+    NoGateway(String, String),
+    #[error("Gateway {gateway} is of class {class:?}, not {want}")]
+    OtherClass {
+        gateway: String,
+        class: String,
+        want: String,
+    },
+}
 
 #[derive(Default)]
 pub struct Model {
@@ -257,13 +290,13 @@ impl Model {
     /// `node` (the node its caller proved) and carries
     /// `gateway.networking.k8s.io/gateway-name: <gateway>`, and that Gateway
     /// is of class `istio-waypoint`. Otherwise, why not.
-    pub fn waypoint_of_proxy(&self, node: &str, proxy_id: &str) -> Result<NsName, String> {
+    pub fn waypoint_of_proxy(&self, node: &str, proxy_id: &str) -> Result<NsName, ProxyError> {
         self.gateway_of_proxy(node, proxy_id, WAYPOINT_PROXY_PREFIX, WAYPOINT_CLASS)
     }
 
     /// The ingress Gateway a proxy serves, as [`Model::waypoint_of_proxy`]
     /// with id `ingress~<namespace>~<pod>` and class `mesh-ingress`.
-    pub fn ingress_of_proxy(&self, node: &str, proxy_id: &str) -> Result<NsName, String> {
+    pub fn ingress_of_proxy(&self, node: &str, proxy_id: &str) -> Result<NsName, ProxyError> {
         self.gateway_of_proxy(node, proxy_id, INGRESS_PROXY_PREFIX, INGRESS_CLASS)
     }
 
@@ -271,54 +304,57 @@ impl Model {
         &self,
         node: &str,
         proxy_id: &str,
-        prefix: &str,
+        prefix: &'static str,
         class: &str,
-    ) -> Result<NsName, String> {
+    ) -> Result<NsName, ProxyError> {
+        let bad_id = || ProxyError::BadId {
+            proxy_id: proxy_id.to_string(),
+            prefix,
+        };
         let mut parts = proxy_id.split('~');
         let (Some(p), Some(ns), Some(pod), None) =
             (parts.next(), parts.next(), parts.next(), parts.next())
         else {
-            return Err(format!(
-                "proxy id {proxy_id:?} is not {prefix}~<namespace>~<pod>"
-            ));
+            return Err(bad_id());
         };
         if p != prefix {
-            return Err(format!(
-                "proxy id {proxy_id:?} is not {prefix}~<namespace>~<pod>"
-            ));
+            return Err(bad_id());
         }
         let key = (ns.to_string(), pod.to_string());
         let p = self
             .pods
             .get(&key)
             .filter(|p| workload::running(p))
-            .ok_or_else(|| format!("no running pod {ns}/{pod}"))?;
+            .ok_or_else(|| ProxyError::NotRunning(ns.to_string(), pod.to_string()))?;
         let on = p
             .spec
             .as_ref()
             .and_then(|s| s.node_name.as_deref())
             .unwrap_or_default();
         if on != node {
-            return Err(format!(
-                "pod {ns}/{pod} runs on node {on:?}, not on the caller's node {node:?}"
-            ));
+            return Err(ProxyError::OtherNode {
+                pod: format!("{ns}/{pod}"),
+                on: on.to_string(),
+                node: node.to_string(),
+            });
         }
         let gw = p
             .metadata
             .labels
             .as_ref()
             .and_then(|l| l.get(GATEWAY_NAME_LABEL))
-            .ok_or_else(|| format!("pod {ns}/{pod} has no {GATEWAY_NAME_LABEL} label"))?;
+            .ok_or_else(|| ProxyError::NoGatewayLabel(ns.to_string(), pod.to_string()))?;
         let gw_key = (ns.to_string(), gw.clone());
         let g = self
             .gateways
             .get(&gw_key)
-            .ok_or_else(|| format!("no Gateway {ns}/{gw}"))?;
+            .ok_or_else(|| ProxyError::NoGateway(ns.to_string(), gw.clone()))?;
         if g.spec.gateway_class_name != class {
-            return Err(format!(
-                "Gateway {ns}/{gw} is of class {:?}, not {class}",
-                g.spec.gateway_class_name
-            ));
+            return Err(ProxyError::OtherClass {
+                gateway: format!("{ns}/{gw}"),
+                class: g.spec.gateway_class_name.clone(),
+                want: class.to_string(),
+            });
         }
         Ok(gw_key)
     }

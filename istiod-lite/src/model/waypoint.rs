@@ -558,7 +558,7 @@ pub fn convert(model: &Model, p: &AuthorizationPolicy) -> (Option<pb::Policy>, V
         }
     }
     if let Err(why) = super::authz::dry_run_value(p) {
-        issues.push(why);
+        issues.push(why.to_string());
         if action == pb::PolicyAction::Allow {
             rules.clear();
         }

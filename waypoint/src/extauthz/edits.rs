@@ -45,6 +45,25 @@ fn op_of(o: &HeaderValueOption) -> Op {
     }
 }
 
+/// Why an answer's edits cannot be applied (then nothing is changed).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum EditError {
+    #[error("a header option without a header")]
+    NoHeader,
+    #[error("header name {0:?} is not valid")]
+    BadName(String),
+    #[error("the value of header {0:?} is not valid")]
+    BadValue(String),
+    #[error("header name {0:?} to remove is not valid")]
+    BadRemoval(String),
+    #[error("a query parameter to set has no name")]
+    UnnamedQuery,
+    #[error("the edited query does not parse: {0}")]
+    Query(String),
+    #[error("the edited URI does not parse: {0}")]
+    Uri(String),
+}
+
 /// One header change, checked.
 #[derive(Debug, Clone)]
 pub struct HeaderOp {
@@ -56,21 +75,20 @@ pub struct HeaderOp {
 /// Checks a list of header options; an invalid name or value is an error.
 /// Protected headers and empty values (unless `keep_empty_value`) are
 /// left out.
-pub fn header_ops(list: &[HeaderValueOption]) -> Result<Vec<HeaderOp>, String> {
+pub fn header_ops(list: &[HeaderValueOption]) -> Result<Vec<HeaderOp>, EditError> {
     let mut out = Vec::new();
     for o in list {
         let Some(h) = &o.header else {
-            return Err("a header option without a header".into());
+            return Err(EditError::NoHeader);
         };
         let name = HeaderName::from_bytes(h.key.as_bytes())
-            .map_err(|_| format!("header name {:?} is not valid", h.key))?;
+            .map_err(|_| EditError::BadName(h.key.clone()))?;
         let raw: &[u8] = if h.value.is_empty() {
             &h.raw_value
         } else {
             h.value.as_bytes()
         };
-        let value = HeaderValue::from_bytes(raw)
-            .map_err(|_| format!("the value of header {:?} is not valid", h.key))?;
+        let value = HeaderValue::from_bytes(raw).map_err(|_| EditError::BadValue(h.key.clone()))?;
         if PROTECTED.contains(&name.as_str()) || (raw.is_empty() && !o.keep_empty_value) {
             continue;
         }
@@ -106,14 +124,14 @@ pub fn apply(ops: &[HeaderOp], h: &mut HeaderMap) {
 
 /// Checks the names of headers to remove (pseudo-headers and protected
 /// ones are never removed).
-pub fn removals(names: &[String]) -> Result<Vec<HeaderName>, String> {
+pub fn removals(names: &[String]) -> Result<Vec<HeaderName>, EditError> {
     let mut out = Vec::new();
     for n in names {
         if n.starts_with(':') {
             continue;
         }
-        let name = HeaderName::from_bytes(n.as_bytes())
-            .map_err(|_| format!("header name {n:?} to remove is not valid"))?;
+        let name =
+            HeaderName::from_bytes(n.as_bytes()).map_err(|_| EditError::BadRemoval(n.clone()))?;
         if !PROTECTED.contains(&name.as_str()) {
             out.push(name);
         }
@@ -137,7 +155,7 @@ fn encode(s: &str) -> String {
 /// The URI with query parameters removed (by exact name) and set (each
 /// replacing every parameter of its name, else added at the end). Names
 /// in the query are compared as they are written (not decoded).
-pub fn edit_query(uri: &Uri, set: &[QueryParameter], remove: &[String]) -> Result<Uri, String> {
+pub fn edit_query(uri: &Uri, set: &[QueryParameter], remove: &[String]) -> Result<Uri, EditError> {
     if set.is_empty() && remove.is_empty() {
         return Ok(uri.clone());
     }
@@ -154,7 +172,7 @@ pub fn edit_query(uri: &Uri, set: &[QueryParameter], remove: &[String]) -> Resul
     pairs.retain(|(k, _)| !remove.contains(k));
     for q in set {
         if q.key.is_empty() {
-            return Err("a query parameter to set has no name".into());
+            return Err(EditError::UnnamedQuery);
         }
         let key = encode(&q.key);
         let value = Some(encode(&q.value));
@@ -185,9 +203,9 @@ pub fn edit_query(uri: &Uri, set: &[QueryParameter], remove: &[String]) -> Resul
     let mut parts = uri.clone().into_parts();
     parts.path_and_query = Some(
         pq.parse::<PathAndQuery>()
-            .map_err(|e| format!("the edited query does not parse: {e}"))?,
+            .map_err(|e| EditError::Query(e.to_string()))?,
     );
-    Uri::from_parts(parts).map_err(|e| format!("the edited URI does not parse: {e}"))
+    Uri::from_parts(parts).map_err(|e| EditError::Uri(e.to_string()))
 }
 
 #[cfg(test)]

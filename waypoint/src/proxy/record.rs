@@ -10,6 +10,7 @@ use bytes::Bytes;
 use http::header::{self, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
 use hyper::body::Incoming;
+use mesh_core::metrics::{PeerLabels, or_unknown};
 use mesh_core::state::{ServiceEntry, Workload};
 use mesh_proto::mesh::waypoint as pb;
 use tracing::info;
@@ -66,22 +67,6 @@ impl Drop for Recorder {
     }
 }
 
-fn or_unknown(s: &str) -> String {
-    if s.is_empty() {
-        "unknown".into()
-    } else {
-        s.to_string()
-    }
-}
-
-fn workload_name(w: &Workload) -> &str {
-    if w.workload_name.is_empty() {
-        &w.name
-    } else {
-        &w.workload_name
-    }
-}
-
 impl Recorder {
     #[allow(clippy::too_many_arguments)]
     pub(super) fn new(
@@ -105,7 +90,16 @@ impl Recorder {
                     .map(str::to_string)
             })
             .unwrap_or_default();
-        let svc_name = svc.hostname.split('.').next().unwrap_or("").to_string();
+        let svc_name = svc.hostname.split('.').next().unwrap_or("");
+        let mut peers = PeerLabels::unknown();
+        peers.set_source(
+            src,
+            ds.src_identity.as_ref().map_or("", |i| i.namespace()),
+            ds.src_identity.as_ref(),
+        );
+        peers.destination_service = or_unknown(&svc.hostname);
+        peers.destination_service_namespace = or_unknown(&svc.namespace);
+        peers.destination_service_name = or_unknown(svc_name);
         Recorder {
             wp: wp.clone(),
             labels: RequestLabels {
@@ -114,38 +108,7 @@ impl Recorder {
                 } else {
                     Reporter::waypoint
                 },
-                source_workload: or_unknown(src.map(workload_name).unwrap_or("")),
-                source_canonical_service: or_unknown(
-                    src.map(|w| w.canonical_name.as_str()).unwrap_or(""),
-                ),
-                source_canonical_revision: or_unknown(
-                    src.map(|w| w.canonical_revision.as_str()).unwrap_or(""),
-                ),
-                source_workload_namespace: or_unknown(
-                    ds.src_identity.as_ref().map_or("", |i| i.namespace()),
-                ),
-                source_principal: ds
-                    .src_identity
-                    .as_ref()
-                    .map_or_else(|| "unknown".into(), |i| i.to_string()),
-                // As Istio's: app and version are the canonical service
-                // and revision.
-                source_app: or_unknown(src.map(|w| w.canonical_name.as_str()).unwrap_or("")),
-                source_version: or_unknown(
-                    src.map(|w| w.canonical_revision.as_str()).unwrap_or(""),
-                ),
-                source_cluster: or_unknown(src.map(|w| w.cluster_id.as_str()).unwrap_or("")),
-                destination_service: or_unknown(&svc.hostname),
-                destination_service_namespace: or_unknown(&svc.namespace),
-                destination_service_name: or_unknown(&svc_name),
-                destination_workload: "unknown".into(),
-                destination_canonical_service: "unknown".into(),
-                destination_canonical_revision: "unknown".into(),
-                destination_workload_namespace: "unknown".into(),
-                destination_principal: "unknown".into(),
-                destination_app: "unknown".into(),
-                destination_version: "unknown".into(),
-                destination_cluster: "unknown".into(),
+                peers,
                 request_protocol: if ds.protocol == "http2"
                     && req
                         .headers()
@@ -199,20 +162,16 @@ impl Recorder {
     }
 
     pub(super) fn set_destination_service(&mut self, s: &ServiceEntry) {
-        self.labels.destination_service = or_unknown(&s.service.hostname);
-        self.labels.destination_service_namespace = or_unknown(&s.service.namespace);
-        self.labels.destination_service_name = or_unknown(&s.service.name);
+        let peers = &mut self.labels.peers;
+        peers.destination_service = or_unknown(&s.service.hostname);
+        peers.destination_service_namespace = or_unknown(&s.service.namespace);
+        peers.destination_service_name = or_unknown(&s.service.name);
     }
 
     pub(super) fn set_destination_workload(&mut self, w: &Workload, addr: SocketAddr) {
-        self.labels.destination_workload = or_unknown(workload_name(w));
-        self.labels.destination_canonical_service = or_unknown(&w.canonical_name);
-        self.labels.destination_canonical_revision = or_unknown(&w.canonical_revision);
-        self.labels.destination_workload_namespace = or_unknown(&w.namespace);
-        self.labels.destination_principal = w.identity.to_string();
-        self.labels.destination_app = or_unknown(&w.canonical_name);
-        self.labels.destination_version = or_unknown(&w.canonical_revision);
-        self.labels.destination_cluster = or_unknown(&w.cluster_id);
+        self.labels
+            .peers
+            .set_destination(Some(w), Some(&w.identity));
         self.upstream = Some(addr);
     }
 
@@ -265,9 +224,9 @@ impl Recorder {
             grpc_status = %if self.labels.grpc_response_status.is_empty() { "-" } else { self.labels.grpc_response_status.as_str() },
             grpc_message = self.grpc_message.as_deref().map(super::grpc::percent_decode).as_deref().unwrap_or("-"),
             src.addr = %self.src_addr,
-            src.identity = %self.labels.source_principal,
-            dst.service = %self.labels.destination_service,
-            dst.workload = %self.labels.destination_workload,
+            src.identity = %self.labels.peers.source_principal,
+            dst.service = %self.labels.peers.destination_service,
+            dst.workload = %self.labels.peers.destination_workload,
             upstream = %self.upstream.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
             bytes_received = self.request_bytes,
             bytes_sent = resp_bytes,
@@ -278,7 +237,7 @@ impl Recorder {
         );
         self.wp.exporter.export(Span {
             ctx: self.trace.clone(),
-            name: format!("{} {}", self.labels.destination_service, self.method),
+            name: format!("{} {}", self.labels.peers.destination_service, self.method),
             start: self.wall,
             end: SystemTime::now(),
             attributes: vec![
@@ -307,7 +266,7 @@ impl Recorder {
             self.wp
                 .http_metrics
                 .proxy
-                .overflowed(&self.labels.destination_service);
+                .overflowed(&self.labels.peers.destination_service);
         }
     }
 

@@ -7,15 +7,13 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use mesh_core::hbone::ConnectHeaders;
-use mesh_core::hbone::pool::PoolKey;
-use mesh_core::state::TunnelProtocol;
-use tokio::net::TcpStream;
 use tracing::info;
 
 use super::sniff::Rewind;
 use super::{Downstream, Waypoint};
 use crate::attach;
 use crate::extauthz::Subject;
+use crate::upstream::UpstreamError;
 
 impl Waypoint {
     /// Opaque TCP: one endpoint of the service, bytes copied both ways.
@@ -52,7 +50,7 @@ impl Waypoint {
                     src.identity = %ds.principal(),
                     service = %ds.service_key,
                     response_flags = "RBAC",
-                    detail = %decision,
+                    detail = %decision.detail,
                     "connection refused"
                 );
             }
@@ -74,41 +72,17 @@ impl Waypoint {
         let target = SocketAddr::new(ip, dest.port_on(&ep, ds.target.port()));
         let started = Instant::now();
         let within = policy.connect_timeout.unwrap_or(self.cfg.connect_timeout);
-        let connecting = async {
-            match ep.protocol {
-                TunnelProtocol::Hbone => {
-                    let key = PoolKey {
-                        src: self.identity.clone(),
-                        src_ip: None,
-                        dst: ep.identity.clone(),
-                        next_hop: SocketAddr::new(ip, mesh_core::config::HBONE_PORT),
-                    };
-                    let headers = ConnectHeaders {
-                        forwarded_for: Some(ds.peer),
-                        ..Default::default()
-                    };
-                    match self
-                        .upstreams
-                        .pool()
-                        .connect(&key, target, &headers, None)
-                        .await
-                    {
-                        Ok((s, g)) => Ok(Box::new(crate::upstream::Guarded::new(s, g))
-                            as Box<dyn crate::upstream::Io>),
-                        Err(e) => Err(e.to_string()),
-                    }
-                }
-                TunnelProtocol::None => TcpStream::connect(target)
-                    .await
-                    .map(|s| Box::new(s) as Box<dyn crate::upstream::Io>)
-                    .map_err(|e| e.to_string()),
-            }
+        let headers = ConnectHeaders {
+            forwarded_for: Some(ds.peer),
+            ..Default::default()
         };
         // The backend's connectTimeout (DestinationRule), else the waypoint's.
-        let upstream: Result<Box<dyn crate::upstream::Io>, String> =
-            match tokio::time::timeout(within, connecting).await {
+        let upstream =
+            match tokio::time::timeout(within, self.upstreams.dial(&ep, target, &headers)).await {
                 Ok(r) => r,
-                Err(_) => Err(format!("no connection within {within:?}")),
+                Err(_) => Err(UpstreamError::Connect(format!(
+                    "no connection within {within:?}"
+                ))),
             };
         let mut up = match upstream {
             Ok(u) => u,

@@ -33,9 +33,10 @@ use crate::common::{
     alive, cell, clock_ticks_per_second, cpu_ticks, envoy_admin, get, load_cpu, stat_json, stats,
     status_mib,
 };
+use crate::l7stream::GRPC_PORT;
 use crate::{Args, Error};
 
-const CLIENT: &str = "l7-direct/client-0";
+pub(crate) const CLIENT: &str = "l7-direct/client-0";
 
 /// The route's prefix, and the path every request asks for.
 const PREFIX: &str = "/api";
@@ -48,18 +49,18 @@ const ROUTE_TIMEOUT_MS: u64 = 10_000;
 const ROUTE_HEADER: (&str, &str) = ("x-route", "api");
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Proxy {
+pub(crate) enum Proxy {
     Waypoint,
     Envoy,
 }
 
-struct DataPath {
-    name: &'static str,
-    ns: &'static str,
-    proxy: Option<Proxy>,
+pub(crate) struct DataPath {
+    pub(crate) name: &'static str,
+    pub(crate) ns: &'static str,
+    pub(crate) proxy: Option<Proxy>,
 }
 
-const PATHS: [DataPath; 3] = [
+pub(crate) const PATHS: [DataPath; 3] = [
     DataPath {
         name: "direct",
         ns: "l7-direct",
@@ -78,7 +79,7 @@ const PATHS: [DataPath; 3] = [
 ];
 
 impl DataPath {
-    fn proxy_pod(&self) -> String {
+    pub(crate) fn proxy_pod(&self) -> String {
         format!("{}/waypoint-0", self.ns)
     }
 }
@@ -100,6 +101,16 @@ fn docs() -> String {
         )
     };
     let echo = |ns: &str| deployment(ns, "echo", "http-echo, --port, \"8080\"");
+    // The gRPC echoes are bound to node-2 (after the round-robin ones),
+    // with the echo's identity (the one Envoy's upstream TLS expects).
+    let grpc = |ns: &str| {
+        deployment(ns, "grpc", "grpc-echo, --port, \"9090\"").replace(
+            "      serviceAccountName: grpc\n",
+            "      serviceAccountName: echo\n      nodeName: node-2\n",
+        ) + &format!(
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: grpc, namespace: {ns}}}\nspec: {{selector: {{app: grpc}}, ports: [{{name: grpc, port: {GRPC_PORT}, targetPort: 9090}}]}}\n---\n"
+        )
+    };
     let gateway = |ns: &str| {
         format!(
             "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: waypoint, namespace: {ns}}}\nspec:\n  gatewayClassName: istio-waypoint\n  listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]\n---\n"
@@ -132,6 +143,9 @@ fn docs() -> String {
     }
     s += &route("l7-waypoint");
     s += &route("l7-envoy");
+    for p in &PATHS {
+        s += &grpc(p.ns);
+    }
     s
 }
 
@@ -228,13 +242,15 @@ async fn envoy_in_waypoint_pod(lab: &mut Lab, p: &DataPath) -> Result<u32, Error
     let certs = lab.dir.join("envoy");
     std::fs::create_dir_all(&certs)?;
     let (chain, key_file, root) = write_cert(&certs, "waypoint", &cert);
-    let echo = lab
-        .state
-        .pods
-        .values()
-        .filter(|e| e.namespace == p.ns && e.name.starts_with("echo-"))
-        .map(|e| format!("{}:8080", e.ip).parse())
-        .collect::<Result<Vec<_>, _>>()?;
+    let endpoints = |app: &str, port: u16| {
+        lab.state
+            .pods
+            .values()
+            .filter(|e| e.namespace == p.ns && e.name.starts_with(&format!("{app}-")))
+            .map(|e| format!("{}:{port}", e.ip).parse())
+            .collect::<Result<Vec<_>, _>>()
+    };
+    let (echo, grpc) = (endpoints("echo", 8080)?, endpoints("grpc", 9090)?);
     let echo_san = Identity::new(TRUST_DOMAIN, p.ns, "echo")
         .map_err(|e| e.to_string())?
         .to_string();
@@ -250,6 +266,8 @@ async fn envoy_in_waypoint_pod(lab: &mut Lab, p: &DataPath) -> Result<u32, Error
         endpoints: echo,
         endpoint_san: &echo_san,
         access_log: &access_log,
+        grpc_prefix: "/labecho.Echo/",
+        grpc_endpoints: grpc,
     });
     let cfg = certs.join("envoy.yaml");
     std::fs::write(&cfg, config)?;
@@ -399,6 +417,7 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
         .collect::<Result<_, _>>()?;
     let (samples, sent) = measure(a, lab, &r)?;
     check_carried(lab, &before, &sent)?;
+    let streams = crate::l7stream::run(a, lab, &stream_targets(lab, &r)?)?;
     let peak = r.proxy_mib("VmHWM:");
 
     let rows = report(a, machine, &samples);
@@ -422,6 +441,7 @@ pub async fn run(a: &Args, machine: &str) -> Result<Value, Error> {
         "load_cpu": load_cpu(),
         "rows": rows,
         "proxies": proxies,
+        "streams": streams,
     }))
 }
 
@@ -438,6 +458,9 @@ async fn bring_up(lab: &mut Lab) -> Result<u32, Error> {
         ("l7-direct/echo-0".into(), "node-2"),
         ("l7-waypoint/echo-0".into(), "node-2"),
         ("l7-envoy/echo-0".into(), "node-2"),
+        ("l7-direct/grpc-0".into(), "node-2"),
+        ("l7-waypoint/grpc-0".into(), "node-2"),
+        ("l7-envoy/grpc-0".into(), "node-2"),
     ] {
         let on = lab.pod(&key).map(|p| p.node.as_str()).unwrap_or("nowhere");
         if on != node {
@@ -472,6 +495,28 @@ fn running(lab: &Lab, envoy_pid: u32) -> Result<Running, Error> {
         envoy_pid,
         ztunnels,
         urls,
+    })
+}
+
+/// The stream measurements' services (the VIPs of each path's gRPC and
+/// http-echo services) and proxies.
+fn stream_targets(lab: &Lab, r: &Running) -> Result<crate::l7stream::Targets, Error> {
+    let vips = |svc: &str| -> Result<Vec<String>, Error> {
+        PATHS
+            .iter()
+            .map(|p| {
+                lab.state
+                    .services
+                    .get(&format!("{}/{svc}", p.ns))
+                    .map(|s| s.vip.to_string())
+                    .ok_or_else(|| format!("no {svc} service in {}", p.ns).into())
+            })
+            .collect()
+    };
+    Ok(crate::l7stream::Targets {
+        grpc_vips: vips("grpc")?,
+        echo_vips: vips("echo")?,
+        proxy_pids: PATHS.iter().map(|p| r.proxy_pid(p)).collect(),
     })
 }
 

@@ -173,8 +173,12 @@ pub async fn echo<S: AsyncRead + AsyncWrite + Unpin>(
                 let mut whole = Vec::with_capacity(h.len as usize);
                 let mut none = tokio::io::sink();
                 copy_payload(&mut r, &mut none, h.len, h.mask, None, Some(&mut whole)).await?;
-                write_head(&mut w, h.fin_opcode, h.len, None).await?;
-                w.write_all(&whole).await?;
+                // The head and the payload in one write: two small writes
+                // would wait out the peer's delayed ACK (Nagle).
+                let mut frame = Vec::with_capacity(whole.len() + 14);
+                write_head(&mut frame, h.fin_opcode, h.len, None).await?;
+                frame.extend_from_slice(&whole);
+                w.write_all(&frame).await?;
                 data_frames += 1;
                 if close_after.is_some_and(|n| data_frames >= n) {
                     // 1000, normal closure.

@@ -9,14 +9,13 @@ use kube::api::{Patch, PatchParams};
 use kube::{Api, ResourceExt};
 use serde_json::{Value, json};
 
-use super::{Report, Writer, managed_labels};
+use super::{Report, WriteError, Writer, managed_labels};
 use crate::cluster::FIELD_MANAGER;
 use crate::cluster::conditions::{condition, same_conditions, with_times};
 use crate::model::cluster::ClusterView;
 use crate::model::{INGRESS_CLASS, WAYPOINT_CLASS};
 
-/// The `controllerName` of the classes istiod-lite implements.
-pub const CONTROLLER_NAME: &str = "mesh.dev/istiod-lite";
+pub use crate::model::CONTROLLER_NAME;
 
 /// Each class and what it is.
 const CLASSES: [(&str, &str); 2] = [
@@ -62,14 +61,14 @@ impl Writer {
             });
             let key = format!("GatewayClass/{name}");
             if let Err(e) = self.apply(&api, key, name, obj, report).await {
-                report.errors.push(e);
+                report.errors.push(e.to_string());
                 continue;
             }
             // Its status once the watch shows it.
             if let Some(c) = current
                 && let Err(e) = class_status(&api, c, report).await
             {
-                report.errors.push(e);
+                report.errors.push(e.to_string());
             }
         }
     }
@@ -80,7 +79,7 @@ async fn class_status(
     api: &Api<GatewayClass>,
     c: &GatewayClass,
     report: &mut Report,
-) -> Result<(), String> {
+) -> Result<(), WriteError> {
     let name = c.name_any();
     let want = vec![condition(
         "Accepted",
@@ -109,7 +108,7 @@ async fn class_status(
         &Patch::Apply(&patch),
     )
     .await
-    .map_err(|e| format!("writing the status of GatewayClass {name}: {e}"))?;
+    .map_err(WriteError::status(format!("GatewayClass {name}")))?;
     report.statuses += 1;
     Ok(())
 }
