@@ -16,6 +16,7 @@
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
 pub mod reconcile;
+mod snapshot;
 pub mod watch;
 mod ztunnels;
 
@@ -25,13 +26,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mesh_proto::istio::workload::zds::{
-    AddWorkload, DelWorkload, SnapshotSent, WorkloadInfo, workload_request::Payload,
+    AddWorkload, DelWorkload, WorkloadInfo, workload_request::Payload,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
-use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+use tokio_seqpacket::UnixSeqpacketListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -70,8 +71,11 @@ pub enum Watch {
     Dir { node: String, dir: PathBuf },
 }
 
-/// How long the ztunnel has to ack one request.
+/// How long the ztunnel has to ack one request (or say hello).
+#[cfg(not(test))]
 pub(crate) const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+#[cfg(test)]
+pub(crate) const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a pod could not be handed over or released, or the agent not
 /// reached: what the CNI plugin (and through it the kubelet) reports.
@@ -158,12 +162,12 @@ pub(crate) struct Agent {
     /// One add, delete or snapshot at a time: each is a ZDS exchange plus
     /// rule changes, and they must not interleave (a delete overtaking the
     /// add it cancels would leave the pod captured).
-    ops: Mutex<()>,
+    pub(crate) ops: Mutex<()>,
     pub(crate) pods: Mutex<BTreeMap<String, Pod>>,
-    ztunnels: Ztunnels,
+    pub(crate) ztunnels: Ztunnels,
 }
 
-fn info_of(p: &PodSpec) -> WorkloadInfo {
+pub(crate) fn info_of(p: &PodSpec) -> WorkloadInfo {
     WorkloadInfo {
         name: p.name.clone(),
         namespace: p.namespace.clone(),
@@ -311,27 +315,6 @@ impl Agent {
         self.persist(&pods).await;
         Ok(())
     }
-
-    /// A (re)connected ztunnel gets every pod, then SnapshotSent.
-    async fn snapshot(&self, sock: UnixSeqpacket) -> Result<(), zds::ZdsError> {
-        zds::recv_hello(&sock).await?;
-        let _op = self.ops.lock().await;
-        let pods = self.pods.lock().await;
-        for p in pods.values() {
-            let fd = p.netns.fd().try_clone_to_owned()?;
-            let add = Payload::Add(AddWorkload {
-                uid: p.spec.uid.clone(),
-                workload_info: Some(info_of(&p.spec)),
-            });
-            if let Err(e) = zds::request(&sock, add, Some(&fd)).await {
-                warn!(uid = %p.spec.uid, error = %e, "ztunnel refused a pod in the snapshot");
-            }
-        }
-        zds::request(&sock, Payload::SnapshotSent(SnapshotSent {}), None).await?;
-        info!(pods = pods.len(), "snapshot sent to the ztunnel");
-        self.ztunnels.join(sock).await;
-        Ok(())
-    }
 }
 
 /// The node's netns with the probe SNAT installed for `pods`; None when not
@@ -358,6 +341,32 @@ fn bind_fresh(path: &Path) -> std::io::Result<()> {
         std::fs::remove_file(path)?;
     }
     Ok(())
+}
+
+/// The agent's run directory (the ZDS socket's; on the node a hostPath the
+/// ztunnel pods share): created when missing and made 0700, so only root
+/// (the agent, the ztunnels, the CNI plugin) reaches the sockets in it. A
+/// shared sticky directory (/tmp) is left alone with a warning; the
+/// sockets themselves are 0600 wherever they are.
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)?;
+    let mode = std::fs::metadata(dir)?.permissions().mode();
+    if mode & 0o1000 != 0 {
+        warn!(dir = %dir.display(), "the agent's sockets are in a shared directory: give it a directory of its own");
+    } else if mode & 0o077 != 0 {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+/// Makes a socket file reachable by its owner (root) only.
+fn owner_only(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
 /// Runs the agent until `stop`.
@@ -392,10 +401,16 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
             }
         }
     }
-    bind_fresh(&cfg.zds_socket)?;
-    bind_fresh(&cfg.control_socket)?;
+    for s in [&cfg.zds_socket, &cfg.control_socket] {
+        if let Some(dir) = s.parent().filter(|d| !d.as_os_str().is_empty()) {
+            private_dir(dir)?;
+        }
+        bind_fresh(s)?;
+    }
     let mut zds_listener = UnixSeqpacketListener::bind(&cfg.zds_socket)?;
     let control = UnixListener::bind(&cfg.control_socket)?;
+    owner_only(&cfg.zds_socket)?;
+    owner_only(&cfg.control_socket)?;
     let host = open_host(&cfg, &pods);
     let changed = Arc::new(tokio::sync::Notify::new());
     let source = crate::agent::watch::Source::start(&cfg.watch, changed.clone())
@@ -467,8 +482,9 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
                 // Whether an add would reach a ztunnel now (taken before the
                 // pods, never both at once: adds hold this lock).
                 let ztunnels = agent.ztunnels.count().await;
+                let unready = agent.ztunnels.pending().await;
                 let pods = agent.pods.lock().await;
-                serde_json::json!({"ok": true, "ztunnel_connected": ztunnels > 0, "ztunnels": ztunnels, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
+                serde_json::json!({"ok": true, "ztunnel_connected": ztunnels > 0, "ztunnels": ztunnels, "unready": unready, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
             }
         };
         if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
@@ -499,3 +515,6 @@ pub async fn call(control_socket: &Path, req: &Request) -> Result<serde_json::Va
         None => Ok(v),
     }
 }
+
+#[cfg(test)]
+mod tests;

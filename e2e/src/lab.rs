@@ -35,8 +35,8 @@ pub use objects::{
 };
 pub(crate) use process::{sh, start_time};
 pub(crate) use services::nft_in;
-pub use surge::SURGE_PORT_OFFSET;
 pub use state::{KubeState, Lab, LabState, NodeState, PodState, ProcState, ServiceState};
+pub use surge::SURGE_PORT_OFFSET;
 
 #[cfg(doc)]
 use crate::mesh::binary;

@@ -1,43 +1,149 @@
 //! The ztunnels connected to the agent. Usually one; two while the
 //! DaemonSet rolls (the new one connects, takes the snapshot and binds
 //! every pod's listeners beside the old one's, then the old one drains and
-//! disconnects). Every request goes to each of them, so a pod added or
-//! released during the overlap reaches both; the newest one's answer is
-//! the answer. A ztunnel that disconnected is forgotten at the next request
-//! or the next periodic look ([`Ztunnels::prune`]).
+//! disconnects). At most [`MAX_ZTUNNELS`] at once: a third connection is
+//! refused.
+//!
+//! Every request goes to each of them, so a pod added or released during
+//! the overlap reaches both; the answer that counts is the newest
+//! ztunnel's: the one whose process started last (its peer credentials,
+//! then `/proc/<pid>/stat`), the connection order only when that is not
+//! known. A draining ztunnel acks a pod it only holds (it serves nothing
+//! new), and one that reconnects while draining (the agent restarted
+//! mid-roll) is the newest connection but not the newest ztunnel: its ack
+//! must never be what installs a pod's rules. A refusal by the newest one
+//! is retried with backoff, then reported as the answer.
+//!
+//! A ztunnel that disconnected is forgotten at the next request or the
+//! next periodic look ([`Ztunnels::prune`]).
 
+use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
 
 use mesh_proto::istio::workload::zds::workload_request::Payload;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_seqpacket::UnixSeqpacket;
 use tracing::{info, warn};
 
 use crate::agent::{AgentError, ZDS_TIMEOUT};
 use mesh_core::zds;
 
-/// One connected ztunnel.
-struct Conn {
-    /// Numbered in order of connection: the highest is the newest.
-    id: u64,
-    sock: UnixSeqpacket,
+/// The most ztunnels connected at once: the running one and the new one of
+/// a roll (the DaemonSet's maxSurge is 1).
+pub(crate) const MAX_ZTUNNELS: usize = 2;
+
+/// Waits between tries of a request the newest ztunnel refused.
+pub(crate) const RETRY_BACKOFF: [Duration; 3] = [
+    Duration::from_millis(100),
+    Duration::from_millis(300),
+    Duration::from_millis(900),
+];
+
+/// A ztunnel's age: the start time of its process (clock ticks since boot,
+/// when the agent can see the process), then the order of connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) struct Born {
+    pub(crate) started: Option<u64>,
+    pub(crate) id: u64,
 }
 
-#[derive(Default)]
+/// The start time of the process at the other end of `sock`, from the
+/// agent's /proc (the node's, with hostPID); None when not visible.
+fn peer_started(sock: &UnixSeqpacket) -> Option<u64> {
+    let pid = sock.peer_cred().ok()?.pid()?;
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    start_time(&stat)
+}
+
+/// Field 22 of a `/proc/<pid>/stat` line (the fields after the command,
+/// which is in parentheses and may hold spaces).
+pub(crate) fn start_time(stat: &str) -> Option<u64> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+/// One connected ztunnel.
+pub(crate) struct Conn {
+    pub(crate) born: Born,
+    pub(crate) sock: UnixSeqpacket,
+    /// Pods of its snapshot it has not acked yet: it is sent SnapshotSent
+    /// (and so becomes ready) only once this is empty.
+    pub(crate) pending: BTreeSet<String>,
+    /// Its slot of the [`MAX_ZTUNNELS`].
+    _slot: OwnedSemaphorePermit,
+}
+
 pub(crate) struct Ztunnels {
-    /// Oldest first. Held across a whole exchange: one request at a time
-    /// per connection, and never a look for hang-ups during one.
-    conns: Mutex<Vec<Conn>>,
+    /// Held across a whole exchange: one request at a time per connection,
+    /// and never a look for hang-ups during one.
+    pub(crate) conns: Mutex<Vec<Conn>>,
     next: std::sync::atomic::AtomicU64,
+    slots: Arc<Semaphore>,
+}
+
+impl Default for Ztunnels {
+    fn default() -> Self {
+        Ztunnels {
+            conns: Mutex::new(Vec::new()),
+            next: std::sync::atomic::AtomicU64::new(0),
+            slots: Arc::new(Semaphore::new(MAX_ZTUNNELS)),
+        }
+    }
+}
+
+/// A connection let in: its slot and its age.
+pub(crate) struct Admitted {
+    pub(crate) born: Born,
+    slot: OwnedSemaphorePermit,
+}
+
+/// What one request to one ztunnel gave.
+pub(crate) enum Sent {
+    Acked,
+    Refused(String),
+    /// Lost or no answer in time: the connection is unusable.
+    Broken(AgentError),
+}
+
+/// Sends one request and waits for its ack, at most [`ZDS_TIMEOUT`].
+pub(crate) async fn send(sock: &UnixSeqpacket, payload: Payload, fd: Option<&OwnedFd>) -> Sent {
+    match tokio::time::timeout(ZDS_TIMEOUT, zds::request(sock, payload, fd)).await {
+        Ok(Ok(())) => Sent::Acked,
+        Ok(Err(zds::ZdsError::Protocol(m))) => Sent::Refused(m),
+        Ok(Err(e)) => Sent::Broken(AgentError::Lost(e)),
+        Err(_) => Sent::Broken(AgentError::Timeout(ZDS_TIMEOUT)),
+    }
 }
 
 impl Ztunnels {
-    /// Takes a ztunnel that has had the snapshot.
-    pub(crate) async fn join(&self, sock: UnixSeqpacket) {
+    /// Lets a new connection in when a slot is free (after forgetting the
+    /// ztunnels gone); None: refused.
+    pub(crate) async fn admit(&self, sock: &UnixSeqpacket) -> Option<Admitted> {
+        self.prune().await;
+        let slot = self.slots.clone().try_acquire_owned().ok()?;
         let id = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        Some(Admitted {
+            born: Born {
+                started: peer_started(sock),
+                id,
+            },
+            slot,
+        })
+    }
+
+    /// Takes a ztunnel that has had the snapshot (`pending`: the pods it
+    /// has not acked yet).
+    pub(crate) async fn join(&self, a: Admitted, sock: UnixSeqpacket, pending: BTreeSet<String>) {
         let mut conns = self.conns.lock().await;
-        conns.push(Conn { id, sock });
-        info!(ztunnel = id, connected = conns.len(), "ztunnel joined");
+        conns.push(Conn {
+            born: a.born,
+            sock,
+            pending,
+            _slot: a.slot,
+        });
+        info!(ztunnel = a.born.id, started = ?a.born.started, connected = conns.len(), "ztunnel joined");
     }
 
     /// How many are connected (after forgetting those gone).
@@ -47,15 +153,27 @@ impl Ztunnels {
         conns.len()
     }
 
+    /// The pods each ztunnel still has to ack before its SnapshotSent (the
+    /// ztunnels not ready for want of them), by connection number.
+    pub(crate) async fn pending(&self) -> std::collections::BTreeMap<u64, Vec<String>> {
+        let conns = self.conns.lock().await;
+        conns
+            .iter()
+            .filter(|c| !c.pending.is_empty())
+            .map(|c| (c.born.id, c.pending.iter().cloned().collect()))
+            .collect()
+    }
+
     /// Forgets the ztunnels that disconnected.
     pub(crate) async fn prune(&self) {
         forget_gone(&mut *self.conns.lock().await);
     }
 
     /// Sends one request to every connected ztunnel, each waiting for its
-    /// ack; the newest one's answer is returned, the others' refusals are
-    /// logged. A ztunnel that is lost or does not answer in time is
-    /// dropped (a late ack would pair with the wrong request).
+    /// ack; the newest one's answer is returned (its refusal retried with
+    /// [`RETRY_BACKOFF`] first), the others' refusals are logged. A
+    /// ztunnel that is lost or does not answer in time is dropped (a late
+    /// ack would pair with the wrong request).
     pub(crate) async fn request(
         &self,
         payload: Payload,
@@ -63,39 +181,45 @@ impl Ztunnels {
     ) -> Result<(), AgentError> {
         let mut conns = self.conns.lock().await;
         forget_gone(&mut conns);
-        if conns.is_empty() {
-            return Err(AgentError::NotConnected);
-        }
-        let mut answers = Vec::new();
+        let newest = conns
+            .iter()
+            .map(|c| c.born)
+            .max()
+            .ok_or(AgentError::NotConnected)?;
+        let fd: Option<OwnedFd> = netns.map(|n| n.try_clone_to_owned()).transpose()?;
+        let mut answer = Err(AgentError::NotConnected);
         let mut lost = Vec::new();
         for c in conns.iter() {
-            let fd: Option<OwnedFd> = netns.map(|n| n.try_clone_to_owned()).transpose()?;
-            let sent = zds::request(&c.sock, payload.clone(), fd.as_ref());
-            let result = match tokio::time::timeout(ZDS_TIMEOUT, sent).await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(zds::ZdsError::Protocol(m))) => Err(AgentError::Refused(m)),
-                Ok(Err(e)) => {
-                    lost.push(c.id);
-                    Err(AgentError::Lost(e))
+            let mut sent = send(&c.sock, payload.clone(), fd.as_ref()).await;
+            if c.born == newest {
+                for (n, wait) in RETRY_BACKOFF.iter().enumerate() {
+                    let Sent::Refused(m) = &sent else { break };
+                    warn!(ztunnel = c.born.id, attempt = n + 1, error = %m, "the newest ztunnel refused the request; retrying");
+                    tokio::time::sleep(*wait).await;
+                    sent = send(&c.sock, payload.clone(), fd.as_ref()).await;
                 }
-                Err(_) => {
-                    lost.push(c.id);
-                    Err(AgentError::Timeout(ZDS_TIMEOUT))
+            }
+            let result = match sent {
+                Sent::Acked => Ok(()),
+                Sent::Refused(m) => Err(AgentError::Refused(m)),
+                Sent::Broken(e) => {
+                    lost.push(c.born);
+                    Err(e)
                 }
             };
-            answers.push((c.id, result));
-        }
-        // The newest one's answer; the older ones' failures are logged.
-        let (_, answer) = answers.pop().unwrap_or((0, Err(AgentError::NotConnected)));
-        for (id, r) in answers {
-            if let Err(e) = r {
-                warn!(ztunnel = id, error = %e, "an older ztunnel did not take the request");
+            if c.born == newest {
+                if let Err(e) = &result {
+                    warn!(ztunnel = c.born.id, error = %e, "the newest ztunnel did not take the request");
+                }
+                answer = result;
+            } else if let Err(e) = result {
+                warn!(ztunnel = c.born.id, error = %e, "an older ztunnel did not take the request");
             }
         }
-        conns.retain(|c| !lost.contains(&c.id));
-        for id in lost {
+        conns.retain(|c| !lost.contains(&c.born));
+        for b in lost {
             warn!(
-                ztunnel = id,
+                ztunnel = b.id,
                 connected = conns.len(),
                 "ztunnel lost; forgotten"
             );
@@ -109,8 +233,11 @@ fn forget_gone(conns: &mut Vec<Conn>) {
     conns.retain(|c| {
         let gone = zds::hung_up(&c.sock);
         if gone {
-            info!(ztunnel = c.id, "ztunnel disconnected; forgotten");
+            info!(ztunnel = c.born.id, "ztunnel disconnected; forgotten");
         }
         !gone
     });
 }
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,174 @@
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::sync::{Arc, Mutex as StdMutex};
+use std::time::Duration;
+
+use mesh_proto::istio::workload::zds::workload_request::Payload;
+use tokio::sync::Mutex;
+use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+use tokio_util::sync::CancellationToken;
+
+use super::*;
+
+fn config(dir: &Path) -> AgentConfig {
+    AgentConfig {
+        zds_socket: dir.join("run/ztunnel.sock"),
+        control_socket: dir.join("run/cni.sock"),
+        state_file: dir.join("run/pods.json"),
+        dns: false,
+        host_netns: None,
+        finder: find::Finder::default(),
+        watch: Watch::None,
+    }
+}
+
+/// An agent holding `uids`, each in this process's netns (nothing is
+/// installed in it: only the snapshot is exercised).
+fn agent(dir: &Path, uids: &[&str]) -> Arc<Agent> {
+    let mut pods = BTreeMap::new();
+    for uid in uids {
+        let spec = PodSpec {
+            uid: uid.to_string(),
+            name: uid.to_string(),
+            namespace: "default".into(),
+            service_account: "default".into(),
+            netns: "/proc/self/ns/net".into(),
+            ips: Vec::new(),
+            bypass_inbound: false,
+        };
+        let netns = Netns::open(&spec.netns).expect("our own netns");
+        pods.insert(uid.to_string(), Pod { spec, netns });
+    }
+    Arc::new(Agent {
+        cfg: config(dir),
+        host: None,
+        source: None,
+        reconciling: Mutex::new(()),
+        ops: Mutex::new(()),
+        pods: Mutex::new(pods),
+        ztunnels: Ztunnels::default(),
+    })
+}
+
+/// A ZDS connection: the agent's end and the ztunnel's, which said hello.
+async fn connected(dir: &Path) -> (UnixSeqpacket, UnixSeqpacket) {
+    let path = dir.join(format!("zds-{}.sock", rand_suffix()));
+    let mut l = UnixSeqpacketListener::bind(&path).expect("bound");
+    let theirs = zds::connect(&path).await.expect("connected");
+    let ours = l.accept().await.expect("accepted");
+    (ours, theirs)
+}
+
+fn rand_suffix() -> u64 {
+    static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+}
+
+/// What a ztunnel end got, in order: "add p1", "snapshot", ...
+type Log = Arc<StdMutex<Vec<String>>>;
+
+/// A ztunnel that refuses `uid` the first `refusals` times.
+fn refusing_ztunnel(sock: UnixSeqpacket, uid: &'static str, refusals: usize) -> Log {
+    let log: Log = Arc::default();
+    let seen = log.clone();
+    tokio::spawn(async move {
+        let mut left = refusals;
+        while let Ok(r) = zds::recv_request(&sock).await {
+            let (what, error) = match r.request {
+                Payload::Add(a) if a.uid == uid && left > 0 => {
+                    left -= 1;
+                    (
+                        format!("add {} refused", a.uid),
+                        Some("no listeners".into()),
+                    )
+                }
+                Payload::Add(a) => (format!("add {}", a.uid), None),
+                Payload::SnapshotSent(_) => ("snapshot".into(), None),
+                other => (format!("{other:?}"), None),
+            };
+            seen.lock().unwrap().push(what);
+            if zds::send_ack(&sock, error).await.is_err() {
+                return;
+            }
+        }
+    });
+    log
+}
+
+/// The new ztunnel of a roll refuses a pod of its snapshot: SnapshotSent
+/// (its readiness) waits until the pod is sent again and acked.
+#[tokio::test]
+async fn snapshot_sent_waits_until_every_pod_is_acked() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &["p1", "p2"]);
+    let (ours, theirs) = connected(dir.path()).await;
+    let log = refusing_ztunnel(theirs, "p1", 2);
+    tokio::time::timeout(Duration::from_secs(10), agent.clone().snapshot(ours))
+        .await
+        .expect("the snapshot ends")
+        .expect("the snapshot is served");
+    assert_eq!(
+        *log.lock().unwrap(),
+        [
+            "add p1 refused",
+            "add p2",
+            "add p1 refused",
+            "add p1",
+            "snapshot"
+        ]
+    );
+    assert!(agent.ztunnels.pending().await.is_empty());
+}
+
+/// A ztunnel that never answers its snapshot is dropped within the
+/// deadline, and the agent's other work goes on meanwhile.
+#[tokio::test]
+async fn a_stuck_ztunnel_does_not_stall_the_agent() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &["p1"]);
+    let (ours, theirs) = connected(dir.path()).await; // then silence
+    let serving = tokio::spawn(agent.clone().snapshot(ours));
+    // A second ztunnel, which never even says hello.
+    let (mute, _mute_end) = UnixSeqpacket::pair().unwrap();
+    let mute = tokio::spawn(agent.clone().snapshot(mute));
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // A release (its ZDS part goes nowhere: no ztunnel joined) goes through.
+    tokio::time::timeout(3 * ZDS_TIMEOUT, agent.del("p1"))
+        .await
+        .expect("the agent is not stalled by the stuck ztunnel")
+        .expect("released");
+    for t in [serving, mute] {
+        let r = tokio::time::timeout(3 * ZDS_TIMEOUT, t)
+            .await
+            .expect("given up on")
+            .unwrap();
+        assert!(matches!(r, Err(AgentError::Timeout(_))), "{r:?}");
+    }
+    assert_eq!(agent.ztunnels.count().await, 0);
+    drop(theirs);
+}
+
+/// The sockets are reachable by root only: their directory 0700 (a
+/// hostPath the runtime created 0755), the sockets 0600.
+#[tokio::test]
+async fn the_sockets_are_private() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let cfg = config(dir.path());
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(cfg.clone(), stop.clone()));
+    for _ in 0..100 {
+        if cfg.control_socket.exists() && cfg.zds_socket.exists() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&run_dir), 0o700);
+    assert_eq!(mode(&cfg.zds_socket), 0o600);
+    assert_eq!(mode(&cfg.control_socket), 0o600);
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
