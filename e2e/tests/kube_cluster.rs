@@ -143,6 +143,7 @@ fn install(c: &Cluster) {
         "kubectl get crd gateways.gateway.networking.k8s.io >/dev/null 2>&1 \\\n  || kubectl apply -k manifests/gateway-api\n\
          kubectl apply -k manifests/\n\
          kubectl -n istio-system rollout status deployment/istiod-lite --timeout=90s\n\
+         kubectl -n istio-system rollout status daemonset/node-agent --timeout=90s\n\
          kubectl -n istio-system rollout status daemonset/ztunnel --timeout=90s",
     );
     assert!(out.contains("successfully rolled out"), "{out}");
@@ -152,7 +153,7 @@ fn install(c: &Cluster) {
         "-n",
         "istio-system",
         "logs",
-        "daemonset/ztunnel",
+        "daemonset/node-agent",
         "-c",
         "install-cni",
     ]);
@@ -190,7 +191,7 @@ fn enroll(c: &Cluster) {
     });
     // Every shop pod was handed to its node's agent by the CNI plugin.
     let agents: String = c
-        .pods("istio-system", "ztunnel-")
+        .pods("istio-system", "node-agent-")
         .iter()
         .map(|z| c.log(z, "node-agent"))
         .collect();
@@ -475,8 +476,8 @@ fn uninstall(c: &Cluster) {
 done
 kubectl get gateways.gateway.networking.k8s.io -A -o jsonpath='{range .items[?(@.spec.gatewayClassName=="istio-waypoint")]}{.metadata.namespace} {.metadata.name}{"\n"}{end}' \
   | while read -r ns name; do kubectl -n "$ns" delete gateway.gateway.networking.k8s.io "$name"; done
-kubectl -n istio-system delete daemonset ztunnel --cascade=foreground
-kubectl -n istio-system wait --for=delete pod -l app=ztunnel --timeout=120s
+kubectl -n istio-system delete daemonset node-agent --cascade=foreground
+kubectl -n istio-system wait --for=delete pod -l app=node-agent --timeout=120s
 kubectl delete -k manifests/ --ignore-not-found
 kubectl wait --for=delete namespace/istio-system --timeout=120s
 kubectl delete configmap -A -l app.kubernetes.io/managed-by=istiod-lite
@@ -489,7 +490,7 @@ kubectl get crd gatewayclasses.gateway.networking.k8s.io >/dev/null 2>&1 \
     });
     let leftovers = c.sh(
         "kubectl get crd -o name | grep -E 'istio.io|mesh.dev' || true\n\
-         kubectl get clusterrole,clusterrolebinding -o name | grep -E 'istiod-lite|ztunnel' || true\n\
+         kubectl get clusterrole,clusterrolebinding -o name | grep -E 'istiod-lite|ztunnel|node-agent' || true\n\
          kubectl get all,configmap,serviceaccount -A -o name -l gateway.networking.k8s.io/gateway-name || true\n\
          kubectl get configmap -A -o name --field-selector metadata.name=istio-ca-root-cert || true\n\
          kubectl get gatewayclass -o name || true\n\
