@@ -120,6 +120,8 @@ fn the_lab_is_the_kubelet_of_a_real_cluster() {
     waypoint(&c);
     stage("certificates re-issued on a ztunnel rollout");
     certificates(&c);
+    stage("the node agent rolls in place");
+    node_agent_roll(&c);
     stage("controller failover");
     failover(&c);
     stage("a CRD deleted while running");
@@ -345,6 +347,69 @@ fn certificates(c: &Cluster) {
             && after.iter().all(|s| !before.contains(s))
     });
     eprintln!("serials before {before:?}, after {:?}", serials(c));
+}
+
+/// The node agent's own roll (maxUnavailable, no surge): never two agents
+/// on a node, and the pods stay captured and served (no ztunnel releases
+/// one; traffic passes after, through the same ztunnels).
+fn node_agent_roll(c: &Cluster) {
+    let before: Vec<String> = c
+        .pods("istio-system", "node-agent-")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    let ztunnels = c.pods("istio-system", "ztunnel-");
+    let released = |c: &Cluster| -> usize {
+        ztunnels
+            .iter()
+            .map(|z| c.log(z, "ztunnel").matches("pod released").count())
+            .sum()
+    };
+    let released_before = released(c);
+    let most_on_a_node = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let agents = c.pods("istio-system", "node-agent-");
+                for node in ["node-1", "node-2"] {
+                    let n = agents.iter().filter(|p| p.node == node).count();
+                    most_on_a_node.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        c.sh(
+            "kubectl -n istio-system rollout restart daemonset/node-agent\n\
+              kubectl -n istio-system rollout status daemonset/node-agent --timeout=120s",
+        );
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    assert_eq!(
+        most_on_a_node.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "two node agents on a node during their roll"
+    );
+    eventually("the old node agents gone", 30, || {
+        let now = c.pods("istio-system", "node-agent-");
+        now.len() == 2 && now.iter().all(|p| !before.contains(&p.name))
+    });
+    let client = c.pod("shop", "client-", None).expect("the client");
+    eventually("traffic after the node agents' roll", 30, || {
+        c.get(&client, "http://server/", &[])
+            .is_some_and(|a| a.contains("200"))
+    });
+    assert_eq!(released(c), released_before, "a pod was released");
+    // The same ztunnels, each re-synced by its new agent.
+    let same: Vec<String> = c
+        .pods("istio-system", "ztunnel-")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(
+        same,
+        ztunnels.iter().map(|p| p.name.clone()).collect::<Vec<_>>()
+    );
 }
 
 fn lease_holder(c: &Cluster) -> String {
