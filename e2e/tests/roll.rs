@@ -387,3 +387,76 @@ fn a_closing_listener_hands_its_queue_to_the_next_only_with_migration_on() {
     );
     assert_eq!(with, n, "connections were lost with migration on");
 }
+
+/// A draining ztunnel, alone on its node (the new one not up, or the old
+/// one reconnected to a restarted agent first), never acks a pod it does
+/// not already serve: the pod's rules would redirect its traffic to
+/// listeners nobody opened. The agent holds the pod back (its CNI ADD
+/// fails and is retried) until a ztunnel that serves it is there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_draining_ztunnel_alone_takes_no_new_pod() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guard(Lab::create_in(dir.path(), TEST_IDS, 1).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: roll, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
+    );
+    docs.push_str(&pod("first", "node-1", "[tcp-echo, --port, \"9000\"]"));
+    docs.push_str(&pod("client", "node-1", "[sleep]"));
+    g.0.apply(yaml(&docs)).await.unwrap();
+    // An open connection through the ztunnel: it drains for its deadline.
+    let to = format!("{}:9000", g.0.pod("roll/first").unwrap().ip);
+    eventually(
+        "the client reaches the echo pod",
+        Duration::from_secs(30),
+        || async { send(&g.0, "roll/client", &to, "up") },
+    )
+    .await;
+    let path = Path {
+        name: "held open",
+        from: netns_of(&g.0, "roll/client"),
+        to: to.parse().unwrap(),
+    };
+    let mut open = connect(&path).unwrap();
+    echo(&mut open, b"before").unwrap();
+    let pid = g.0.state.procs["node-1-ztunnel"]
+        .pid
+        .expect("a running ztunnel");
+    // SAFETY: kill(2) on the lab's ztunnel, which this test just started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The lab retries a capture for 10 s: past the drain (3 s) and the
+    // ztunnel's exit, so it gives up with the agent's error.
+    let applied = g.0.apply(yaml(&pod("late", "node-1", "[sleep]"))).await;
+    let log = |name: &str| {
+        std::fs::read_to_string(g.0.dir.join(format!("logs/{name}.log"))).unwrap_or_default()
+    };
+    println!("adding a pod while the ztunnel drains: {applied:?}");
+    if std::env::var_os("ROLL_DEBUG").is_some() {
+        println!("{}\n{}", log("node-1-cni"), log("node-1-ztunnel"));
+    }
+    // What the agent holds (List: a Sync would try the capture again).
+    let control = g.0.dir.join("node-1-cni.sock");
+    let held = mesh_cni::agent::call(&control, &mesh_cni::agent::Request::List)
+        .await
+        .unwrap();
+    let names: Vec<&str> = held["pods"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|p| p["name"].as_str())
+        .collect();
+    assert!(names.contains(&"first"), "{names:?}");
+    assert!(
+        log("node-1-ztunnel").contains("pod refused: draining"),
+        "{}",
+        log("node-1-ztunnel")
+    );
+    assert!(
+        !names.contains(&"late"),
+        "a pod captured on the draining ztunnel's ack alone: {names:?}\n{}\n{}",
+        log("node-1-cni"),
+        log("node-1-ztunnel")
+    );
+    assert!(applied.is_err());
+}

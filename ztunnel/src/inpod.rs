@@ -44,6 +44,8 @@ enum PodError {
     NetnsFd(#[source] std::io::Error),
     #[error("AddWorkload without a netns descriptor")]
     NoNetns,
+    #[error("draining: this ztunnel takes no new pod")]
+    Draining,
     #[error("KeepWorkload for {0}, which this ztunnel does not hold")]
     NotHeld(String),
     #[error(transparent)]
@@ -109,17 +111,17 @@ impl InPod {
         {
             return Ok(()); // already served: an agent restart re-sends it
         }
-        self.del(uid);
-        let netns = Arc::new(netns);
         if self.proxy.draining.is_cancelled() {
             // Draining (the next ztunnel of a roll serves the pod): nothing
-            // is opened; the pod is held only so that its release finds it.
-            info!(uid, namespace = %info.namespace, name = %info.name, "pod held, not served: draining");
-            let stop = CancellationToken::new();
-            self.lock()
-                .insert(uid.to_string(), Pod { info, netns, stop });
-            return Ok(());
+            // is opened, so this ztunnel must not ack the pod: an ack is
+            // what lets the agent install its rules. Its refusal is only
+            // logged while a newer ztunnel takes the pod; alone, it holds
+            // the pod back until one does.
+            info!(uid, namespace = %info.namespace, name = %info.name, "pod refused: draining");
+            return Err(PodError::Draining);
         }
+        self.del(uid);
+        let netns = Arc::new(netns);
         // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053).
         let dns = match &self.dns {
             Some(d) => {
