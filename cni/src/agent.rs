@@ -407,7 +407,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
         }
         bind_fresh(s)?;
     }
-    let mut zds_listener = UnixSeqpacketListener::bind(&cfg.zds_socket)?;
+    let zds_listener = UnixSeqpacketListener::bind(&cfg.zds_socket)?;
     let control = UnixListener::bind(&cfg.control_socket)?;
     owner_only(&cfg.zds_socket)?;
     owner_only(&cfg.control_socket)?;
@@ -429,13 +429,27 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     if agent.source.is_some() {
         tokio::spawn(agent.clone().watch_loop(changed, stop.clone()));
     }
+    serve(agent, zds_listener, control, stop).await;
+    Ok(())
+}
+
+/// The agent's loop: ZDS and control connections until `stop`. Nothing in
+/// it waits on a ztunnel: a ztunnel that hangs holds only the requests
+/// that need it, never the accepts.
+async fn serve(
+    agent: Arc<Agent>,
+    mut zds_listener: UnixSeqpacketListener,
+    control: UnixListener,
+    stop: CancellationToken,
+) {
     // A ztunnel that ended (the old one of a roll, once drained) is
-    // forgotten within a second, not only at the next request.
+    // forgotten within a second, not only at the next request; skipped
+    // while a request holds the connections (it prunes them itself).
     let mut prune = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = stop.cancelled() => return Ok(()),
-            _ = prune.tick() => agent.ztunnels.prune().await,
+            _ = stop.cancelled() => return,
+            _ = prune.tick() => agent.ztunnels.try_prune(),
             c = zds_listener.accept() => match c {
                 Ok(sock) => {
                     let agent = agent.clone();

@@ -172,3 +172,47 @@ async fn the_sockets_are_private() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// A ztunnel that hangs on a request holds that request (and those that
+/// need the ztunnels) up to the deadline, never the agent's accepts: a
+/// control request that needs no ztunnel is answered at once, even while
+/// the periodic look for hang-ups comes due.
+#[tokio::test]
+async fn a_hung_ztunnel_does_not_hold_the_control_socket() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &[]);
+    let (ours, _hung) = connected(dir.path()).await; // never answers
+    zds::recv_hello(&ours).await.expect("hello");
+    let admitted = agent.ztunnels.admit(&ours).await.expect("a slot");
+    agent
+        .ztunnels
+        .join(admitted, ours, Default::default())
+        .await;
+    let release = Payload::Del(DelWorkload { uid: "p1".into() });
+    let a = agent.clone();
+    let hanging = tokio::spawn(async move { a.to_ztunnel(release, None).await });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cfg = config(dir.path());
+    std::fs::create_dir_all(cfg.control_socket.parent().unwrap()).unwrap();
+    let zds_listener = UnixSeqpacketListener::bind(&cfg.zds_socket).unwrap();
+    let control = UnixListener::bind(&cfg.control_socket).unwrap();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(serve(agent.clone(), zds_listener, control, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let started = std::time::Instant::now();
+    // Sync without a watch: answered by the agent alone.
+    let answer = call(&cfg.control_socket, &Request::Sync).await;
+    let took = started.elapsed();
+    assert!(
+        matches!(&answer, Err(AgentError::Answer(m)) if m.contains("watches nothing")),
+        "{answer:?}"
+    );
+    assert!(
+        took < ZDS_TIMEOUT / 4,
+        "the control request waited {took:?}"
+    );
+    let r = hanging.await.unwrap();
+    assert!(matches!(r, Err(AgentError::Timeout(_))), "{r:?}");
+    stop.cancel();
+    task.await.unwrap();
+}

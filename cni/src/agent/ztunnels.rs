@@ -15,7 +15,7 @@
 //! is retried with backoff, then reported as the answer.
 //!
 //! A ztunnel that disconnected is forgotten at the next request or the
-//! next periodic look ([`Ztunnels::prune`]).
+//! next periodic look ([`Ztunnels::try_prune`]).
 
 use std::collections::BTreeSet;
 use std::os::fd::OwnedFd;
@@ -167,6 +167,14 @@ impl Ztunnels {
     /// Forgets the ztunnels that disconnected.
     pub(crate) async fn prune(&self) {
         forget_gone(&mut *self.conns.lock().await);
+    }
+
+    /// Forgets the ztunnels that disconnected, unless a request holds the
+    /// connections (it forgets them itself): never waits on a ztunnel.
+    pub(crate) fn try_prune(&self) {
+        if let Ok(mut conns) = self.conns.try_lock() {
+            forget_gone(&mut conns);
+        }
     }
 
     /// Sends one request to every connected ztunnel, each waiting for its
