@@ -83,6 +83,9 @@ pub(crate) const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 pub enum AgentError {
     #[error("the node's ztunnel is not connected")]
     NotConnected,
+    /// The node's own netns, never a pod's.
+    #[error("netns {0} is the node's own, not a pod's")]
+    NodeNetns(String),
     #[error("netns {path}: {source}")]
     Netns {
         path: String,
@@ -210,10 +213,7 @@ impl Agent {
     }
 
     pub(crate) async fn add(&self, spec: PodSpec) -> Result<(), AgentError> {
-        let netns = Netns::open(&spec.netns).map_err(|source| AgentError::Netns {
-            path: spec.netns.clone(),
-            source,
-        })?;
+        let netns = open_pod_netns(&self.cfg, &spec.netns)?;
         self.add_opened(spec, netns).await
     }
 
@@ -224,6 +224,7 @@ impl Agent {
         mut spec: PodSpec,
         netns: Netns,
     ) -> Result<(), AgentError> {
+        refuse_node_netns(&self.cfg, &spec.netns, &netns)?;
         let _op = self.ops.lock().await;
         if self
             .pods
@@ -369,14 +370,41 @@ fn owner_only(path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
 }
 
-/// Runs the agent until `stop`.
-pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<()> {
-    // Pods from before a restart: re-open their netns and re-apply rules.
+/// Opens a pod's netns: never the node's own.
+fn open_pod_netns(cfg: &AgentConfig, path: &str) -> Result<Netns, AgentError> {
+    let netns = Netns::open(path).map_err(|source| AgentError::Netns {
+        path: path.to_string(),
+        source,
+    })?;
+    refuse_node_netns(cfg, path, &netns)?;
+    Ok(netns)
+}
+
+/// Refuses the node's netns (the configured one, the init process's, the
+/// agent's own): whoever asks for it (a compromised ztunnel or plugin, a
+/// tampered state file) would have the agent redirect the node's traffic.
+fn refuse_node_netns(cfg: &AgentConfig, path: &str, netns: &Netns) -> Result<(), AgentError> {
+    let node = cfg
+        .host_netns
+        .iter()
+        .map(String::as_str)
+        .chain(["/proc/1/ns/net", "/proc/self/ns/net"]);
+    for n in node {
+        if Netns::open(n).is_ok_and(|h| h.id() == netns.id()) {
+            warn!(netns = path, node = n, "refused: the node's own netns");
+            return Err(AgentError::NodeNetns(path.to_string()));
+        }
+    }
+    Ok(())
+}
+
+/// Pods from before a restart: their netns re-opened and rules re-applied.
+fn load_state(cfg: &AgentConfig) -> BTreeMap<String, Pod> {
     let mut pods = BTreeMap::new();
     if let Ok(text) = std::fs::read_to_string(&cfg.state_file) {
         let specs: Vec<PodSpec> = serde_json::from_str(&text).unwrap_or_default();
         for mut spec in specs {
-            match Netns::open(&spec.netns) {
+            match open_pod_netns(cfg, &spec.netns) {
                 Ok(netns) => {
                     // A state file from before addresses were recorded.
                     if spec.ips.is_empty() {
@@ -401,6 +429,31 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
             }
         }
     }
+    pods
+}
+
+/// Waits while another agent answers on the control socket: never two
+/// agents on a node (the first roll from the agent inside the ztunnel pod,
+/// whose sockets have the same paths; a second agent started by hand).
+async fn wait_for_other_agent(control: &Path) {
+    let mut said = false;
+    while UnixStream::connect(control).await.is_ok() {
+        if !said {
+            warn!(control = %control.display(), "another node agent answers on the control socket; waiting until it is gone");
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
+/// Runs the agent until `stop`.
+pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<()> {
+    // Another agent's sockets are never unlinked under it.
+    tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        _ = wait_for_other_agent(&cfg.control_socket) => {}
+    }
+    let pods = load_state(&cfg);
     for s in [&cfg.zds_socket, &cfg.control_socket] {
         if let Some(dir) = s.parent().filter(|d| !d.as_os_str().is_empty()) {
             private_dir(dir)?;

@@ -216,3 +216,104 @@ async fn a_hung_ztunnel_does_not_hold_the_control_socket() {
     stop.cancel();
     task.await.unwrap();
 }
+
+/// A fresh netns held by a parked thread, and its path.
+fn fresh_netns() -> String {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // SAFETY: moves this thread alone into a new netns.
+        let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        // SAFETY: no preconditions.
+        let tid = unsafe { libc::gettid() };
+        tx.send((r, tid)).unwrap();
+        loop {
+            std::thread::park();
+        }
+    });
+    let (r, tid) = rx.recv().unwrap();
+    assert_eq!(r, 0, "unshare (not root?)");
+    format!("/proc/{}/task/{tid}/ns/net", std::process::id())
+}
+
+/// The node's own netns is never a pod's: an add naming it (a compromised
+/// ztunnel or plugin asking for the node's traffic) is refused before
+/// anything is changed in it, and so is a state file entry naming it.
+#[tokio::test]
+async fn the_nodes_own_netns_is_never_captured() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = fresh_netns();
+    let mut cfg = config(dir.path());
+    cfg.host_netns = Some(node.clone());
+    let agent = Arc::new(Agent {
+        cfg,
+        host: None,
+        source: None,
+        reconciling: Mutex::new(()),
+        ops: Mutex::new(()),
+        pods: Mutex::new(BTreeMap::new()),
+        ztunnels: Ztunnels::default(),
+    });
+    let spec = |netns: &str| PodSpec {
+        uid: "evil".into(),
+        name: "evil".into(),
+        namespace: "default".into(),
+        service_account: "default".into(),
+        netns: netns.into(),
+        ips: vec!["10.0.0.9".parse().unwrap()],
+        bypass_inbound: false,
+    };
+    let r = agent.add(spec(&node)).await;
+    assert!(matches!(r, Err(AgentError::NodeNetns(_))), "{r:?}");
+    let on = crate::migrate::enabled(&Netns::open(&node).unwrap());
+    assert!(
+        matches!(on, Ok(false)),
+        "the node's netns was changed: {on:?}"
+    );
+    // The agent's own (here: this test's).
+    let own = agent.add(spec("/proc/self/ns/net")).await;
+    assert!(matches!(own, Err(AgentError::NodeNetns(_))), "{own:?}");
+    // At a restart, from the state file.
+    let state = vec![spec(&node)];
+    std::fs::create_dir_all(dir.path().join("run")).unwrap();
+    std::fs::write(&agent.cfg.state_file, serde_json::to_vec(&state).unwrap()).unwrap();
+    let loaded = load_state(&agent.cfg);
+    assert!(loaded.is_empty(), "{:?}", loaded.keys());
+}
+
+/// Never two agents on a node: one started while another answers on the
+/// control socket (the first roll from the agent inside the ztunnel pod,
+/// whose sockets have the same paths) leaves that one's sockets alone and
+/// waits; it takes over once the other is gone.
+#[tokio::test]
+async fn an_agent_waits_while_another_holds_the_control_socket() {
+    use std::os::unix::fs::MetadataExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    std::fs::create_dir_all(cfg.control_socket.parent().unwrap()).unwrap();
+    let other = UnixListener::bind(&cfg.control_socket).unwrap();
+    let inode = std::fs::metadata(&cfg.control_socket).unwrap().ino();
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(cfg.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        std::fs::metadata(&cfg.control_socket).unwrap().ino(),
+        inode,
+        "the other agent's socket was replaced"
+    );
+    assert!(
+        !cfg.zds_socket.exists(),
+        "the ZDS socket was bound beside the other agent"
+    );
+    drop(other);
+    let mut up = false;
+    for _ in 0..50 {
+        if call(&cfg.control_socket, &Request::List).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the agent did not take over once the other was gone");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
