@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::OnceLock;
 
@@ -67,6 +68,12 @@ impl Netns {
 
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The addresses on the netns's interfaces, loopback and link-local
+    /// left out (they are no pod's).
+    pub fn addresses(&self) -> io::Result<Vec<IpAddr>> {
+        self.run(interface_addresses)?
     }
 
     /// Runs `f` with the calling thread inside this netns, then returns the
@@ -143,6 +150,46 @@ impl NetnsRegistry {
         let pods = self.pods.read().unwrap_or_else(|p| p.into_inner());
         pods.get(namespace)?.get(name).cloned()
     }
+}
+
+fn interface_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs(3) fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned; its
+        // `ifa_addr`, when set, points at a sockaddr of the family it names.
+        unsafe {
+            let a = (*cur).ifa_addr;
+            if !a.is_null() {
+                match i32::from((*a).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(a as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+    }
+    // SAFETY: frees the list getifaddrs allocated, once.
+    unsafe { libc::freeifaddrs(head) };
+    out.retain(|a| match a {
+        IpAddr::V4(v) => !v.is_loopback() && !v.is_link_local(),
+        IpAddr::V6(v) => !v.is_loopback() && !v.is_unicast_link_local(),
+    });
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -460,3 +460,107 @@ async fn a_draining_ztunnel_alone_takes_no_new_pod() {
     );
     assert!(applied.is_err());
 }
+
+/// The first roll from a ztunnel whose listeners were exclusive (a version
+/// from before the SO_REUSEPORT sets): the new one cannot bind beside it.
+/// The pods of its snapshot are served by the old one meanwhile, so it
+/// acks them, becomes ready (the roll goes on) and binds each as soon as
+/// the old one lets go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_an_older_ztunnel_holds_exclusively_does_not_stall_the_roll() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guard(Lab::create_in(dir.path(), TEST_IDS, 1).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: roll, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
+    );
+    docs.push_str(&pod("echo", "node-1", "[tcp-echo, --port, \"9000\"]"));
+    docs.push_str(&pod("client", "node-1", "[sleep]"));
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let to = format!("{}:9000", g.0.pod("roll/echo").unwrap().ip);
+    eventually(
+        "the client reaches the echo pod",
+        Duration::from_secs(30),
+        || async { send(&g.0, "roll/client", &to, "up") },
+    )
+    .await;
+    // The old ztunnel, as an older version held it: its own listeners
+    // gone, the echo pod's HBONE port held by a socket of no SO_REUSEPORT
+    // set.
+    tokio::task::block_in_place(|| g.0.stop("node-1-ztunnel", true)).unwrap();
+    let echo = netns_of(&g.0, "roll/echo");
+    let hbone: SocketAddr = "0.0.0.0:15008".parse().unwrap();
+    // Bound once the killed ztunnel's sockets are gone.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exclusive = loop {
+        match echo.run(|| std::net::TcpListener::bind(hbone)).unwrap() {
+            Ok(l) => break l,
+            Err(e) if Instant::now() > deadline => panic!("{hbone} stays in use: {e}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    };
+    let ready = g.0.surge_ztunnel("node-1").unwrap();
+    eventually(
+        "the new ztunnel is ready while the older one holds a port",
+        Duration::from_secs(30),
+        || g.0.ztunnel_ready("node-1", ready),
+    )
+    .await;
+    drop(exclusive);
+    eventually(
+        "the new ztunnel binds the port once it is free",
+        Duration::from_secs(15),
+        || async { send(&g.0, "roll/client", &to, "after") },
+    )
+    .await;
+}
+
+/// A process of a captured pod under the ztunnel's uid (root) can join the
+/// SO_REUSEPORT set of a pod listener (the kernel admits any socket of the
+/// same effective uid: `runAsNonRoot` or a user namespace closes that), but
+/// finds no more specific address to bind: the ztunnel's listeners are at
+/// the addresses the redirects land on, so it takes a share of the pod's
+/// connections, never all of them.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_same_uid_bind_in_a_pod_takes_no_more_than_a_share() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = Guard(Lab::create_in(dir.path(), TEST_IDS, 1).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: roll, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
+    );
+    docs.push_str(&pod("echo", "node-1", "[tcp-echo, --port, \"9000\"]"));
+    docs.push_str(&pod("client", "node-1", "[sleep]"));
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let to = format!("{}:9000", g.0.pod("roll/echo").unwrap().ip);
+    eventually(
+        "the client reaches the echo pod",
+        Duration::from_secs(30),
+        || async { send(&g.0, "roll/client", &to, "up") },
+    )
+    .await;
+    let client = netns_of(&g.0, "roll/client");
+    // Where the output chain's REDIRECT lands: the most specific address.
+    let thief = client
+        .run(|| mesh_core::listen::shared_tcp("127.0.0.1:15001".parse().unwrap()))
+        .unwrap()
+        .unwrap();
+    let n = 20;
+    let path = Path {
+        name: "outbound from the client",
+        from: client.clone(),
+        to: to.parse().unwrap(),
+    };
+    let opened: Vec<TcpStream> = (0..n).filter_map(|_| connect(&path).ok()).collect();
+    let mut stolen = 0;
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < deadline {
+        match thief.accept() {
+            Ok(_) => stolen += 1,
+            Err(_) => std::thread::sleep(Duration::from_millis(10)),
+        }
+    }
+    println!("a same-uid listener in the pod took {stolen} of {n} connections");
+    assert_eq!(opened.len(), n, "connections refused");
+    assert!(stolen < n, "a bind in the pod took every connection");
+}

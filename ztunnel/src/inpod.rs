@@ -52,6 +52,45 @@ enum PodError {
     Io(#[from] std::io::Error),
 }
 
+impl PodError {
+    /// A port of the pod's is held by a socket outside this ztunnel's
+    /// SO_REUSEPORT set: in a snapshot, an older ztunnel that bound it
+    /// exclusively (a version from before the sets).
+    fn in_use(&self) -> bool {
+        matches!(self, PodError::Dns(e) | PodError::Listen { source: e, .. }
+            if e.kind() == std::io::ErrorKind::AddrInUse)
+    }
+}
+
+/// How often a pod whose ports an older ztunnel still holds is tried again.
+const BIND_RETRY: Duration = Duration::from_secs(1);
+
+/// The pod's own IPv4 addresses, where its inbound listeners are bound;
+/// the wildcard (as before) when none can be read.
+fn pod_addresses(netns: &Netns, uid: &str) -> Vec<Ipv4Addr> {
+    let own: Vec<Ipv4Addr> = match netns.addresses() {
+        Ok(a) => a
+            .into_iter()
+            .filter_map(|a| match a {
+                std::net::IpAddr::V4(v) => Some(v),
+                std::net::IpAddr::V6(_) => None,
+            })
+            .collect(),
+        Err(e) => {
+            warn!(uid, error = %e, "cannot read the pod's addresses");
+            Vec::new()
+        }
+    };
+    if own.is_empty() {
+        warn!(
+            uid,
+            "no address of the pod's: its inbound listeners bind the wildcard"
+        );
+        return vec![Ipv4Addr::UNSPECIFIED];
+    }
+    own
+}
+
 /// A pod listener's accept loop.
 type ServeFuture = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send>>;
 /// What serves one of a pod's listeners.
@@ -70,6 +109,9 @@ pub struct InPod {
     xds: Option<Arc<mesh_core::xds::XdsClient>>,
     dns: Option<Arc<crate::dns::DnsProxy>>,
     pods: Mutex<HashMap<String, Pod>>,
+    /// Pods of the snapshot whose ports an older ztunnel still holds
+    /// exclusively: acked (that one serves them), bound once it lets go.
+    deferred: Mutex<HashMap<String, CancellationToken>>,
     snapshot: tokio::sync::watch::Sender<bool>,
 }
 
@@ -84,6 +126,7 @@ impl InPod {
             xds,
             dns,
             pods: Mutex::new(HashMap::new()),
+            deferred: Mutex::new(HashMap::new()),
             snapshot: tokio::sync::watch::Sender::new(false),
         })
     }
@@ -105,7 +148,65 @@ impl InPod {
             .collect()
     }
 
-    fn add(&self, uid: &str, info: WorkloadInfo, netns: Netns) -> Result<(), PodError> {
+    fn deferred(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+        self.deferred.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Takes a pod; in a snapshot (the agent holds the pod and its rules
+    /// are in: someone serves it) a port an older ztunnel still holds
+    /// exclusively does not refuse it: it is acked, and bound as soon as
+    /// that ztunnel lets go ([`BIND_RETRY`]). A new pod is refused (its
+    /// rules would redirect to whoever holds the port).
+    fn take(
+        self: &Arc<Self>,
+        uid: &str,
+        info: WorkloadInfo,
+        netns: Arc<Netns>,
+        in_snapshot: bool,
+    ) -> Result<(), PodError> {
+        if let Some(t) = self.deferred().remove(uid) {
+            t.cancel();
+        }
+        match self.add(uid, info.clone(), netns.clone()) {
+            Err(e) if in_snapshot && e.in_use() => {
+                warn!(uid, namespace = %info.namespace, name = %info.name, error = %e, "a port of the pod is held by an older ztunnel; binding it once that one lets go");
+                let token = CancellationToken::new();
+                self.deferred().insert(uid.to_string(), token.clone());
+                tokio::spawn(self.clone().bind_later(uid.to_string(), info, netns, token));
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    async fn bind_later(
+        self: Arc<Self>,
+        uid: String,
+        info: WorkloadInfo,
+        netns: Arc<Netns>,
+        token: CancellationToken,
+    ) {
+        loop {
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(BIND_RETRY) => {}
+            }
+            match self.add(&uid, info.clone(), netns.clone()) {
+                Err(e) if e.in_use() => continue,
+                Err(e) => warn!(uid, error = %e, "the pod's listeners, deferred, failed"),
+                Ok(()) => {}
+            }
+            let mut deferred = self.deferred();
+            // Not cancelled: the entry is still this one (whoever takes it
+            // out cancels it, under this lock).
+            if !token.is_cancelled() {
+                deferred.remove(&uid);
+            }
+            return;
+        }
+    }
+
+    fn add(&self, uid: &str, info: WorkloadInfo, netns: Arc<Netns>) -> Result<(), PodError> {
         if let Some(p) = self.lock().get(uid)
             && p.netns.id() == netns.id()
         {
@@ -121,7 +222,6 @@ impl InPod {
             return Err(PodError::Draining);
         }
         self.del(uid);
-        let netns = Arc::new(netns);
         // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053).
         let dns = match &self.dns {
             Some(d) => {
@@ -160,22 +260,23 @@ impl InPod {
         }
         // Each listener once per shard; all of them end with the pod.
         let shards = mesh_core::shards::current();
-        let serve = |port: u16, f: Serve| {
+        // At the addresses the redirects land on, never a wildcard: the
+        // output chain's REDIRECT goes to loopback, the prerouting one (and
+        // HBONE peers) to the pod's own address; so a process of the pod
+        // finds no more specific address to bind and take every connection.
+        let own = pod_addresses(&netns, uid);
+        let serve = |ip: Ipv4Addr, port: u16, f: Serve| {
             let (p, s) = (self.proxy.clone(), stop.clone());
             shards
-                .serve_each(
-                    SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
-                    Some(&netns),
-                    move |l| {
-                        let (p, s, f) = (p.clone(), s.clone(), f.clone());
-                        async move {
-                            tokio::select! {
-                                _ = s.cancelled() => {}
-                                _ = f(p, l) => {}
-                            }
+                .serve_each(SocketAddr::from((ip, port)), Some(&netns), move |l| {
+                    let (p, s, f) = (p.clone(), s.clone(), f.clone());
+                    async move {
+                        tokio::select! {
+                            _ = s.cancelled() => {}
+                            _ = f(p, l) => {}
                         }
-                    },
-                )
+                    }
+                })
                 .map_err(|source| PodError::Listen { port, source })
         };
         // The outbound listener knows its pod: the source of what it
@@ -185,17 +286,19 @@ impl InPod {
             namespace: info.namespace.clone(),
             name: info.name.clone(),
         });
+        let plain: Serve = Arc::new(|p, l| Box::pin(inbound_plain::serve(p, l, None)));
+        let hbone: Serve = Arc::new(|p, l| Box::pin(inbound::serve(p, l)));
         let served = serve(
+            Ipv4Addr::LOCALHOST,
             OUTBOUND_PORT,
             Arc::new(move |p, l| Box::pin(outbound::serve_captured(p, l, pod.clone()))),
         )
         .and_then(|_| {
-            serve(
-                INBOUND_PLAINTEXT_PORT,
-                Arc::new(|p, l| Box::pin(inbound_plain::serve(p, l, None))),
-            )
-        })
-        .and_then(|_| serve(HBONE_PORT, Arc::new(|p, l| Box::pin(inbound::serve(p, l)))));
+            own.iter().try_for_each(|ip| {
+                serve(*ip, INBOUND_PLAINTEXT_PORT, plain.clone())?;
+                serve(*ip, HBONE_PORT, hbone.clone()).map(|_| ())
+            })
+        });
         if let Err(e) = served {
             // Whatever was bound closes with the token.
             stop.cancel();
@@ -208,6 +311,14 @@ impl InPod {
         self.lock()
             .insert(uid.to_string(), Pod { info, netns, stop });
         Ok(())
+    }
+
+    /// Releases a pod, held or waiting for its ports.
+    fn release(&self, uid: &str) {
+        if let Some(t) = self.deferred().remove(uid) {
+            t.cancel();
+        }
+        self.del(uid);
     }
 
     fn del(&self, uid: &str) {
@@ -272,7 +383,10 @@ impl InPod {
         }
     }
 
-    async fn session(&self, path: &std::path::Path) -> Result<(), mesh_core::zds::ZdsError> {
+    async fn session(
+        self: &Arc<Self>,
+        path: &std::path::Path,
+    ) -> Result<(), mesh_core::zds::ZdsError> {
         let sock = mesh_core::zds::connect(path).await?;
         info!(path = %path.display(), "connected to the node agent");
         let mut seen: HashSet<String> = HashSet::new();
@@ -285,7 +399,7 @@ impl InPod {
                     match got.netns.map(Netns::from_fd) {
                         Some(Ok(ns)) => {
                             seen.insert(add.uid.clone());
-                            self.add(&add.uid, info, ns)
+                            self.take(&add.uid, info, Arc::new(ns), in_snapshot)
                         }
                         Some(Err(e)) => Err(PodError::NetnsFd(e)),
                         None => Err(PodError::NoNetns),
@@ -293,27 +407,28 @@ impl InPod {
                 }
                 Payload::Keep(k) => {
                     seen.insert(k.uid.clone());
-                    if self.lock().contains_key(&k.uid) {
+                    if self.lock().contains_key(&k.uid) || self.deferred().contains_key(&k.uid) {
                         Ok(())
                     } else {
                         Err(PodError::NotHeld(k.uid))
                     }
                 }
                 Payload::Del(d) => {
-                    self.del(&d.uid);
+                    self.release(&d.uid);
                     Ok(())
                 }
                 Payload::SnapshotSent(_) => {
                     if in_snapshot {
                         in_snapshot = false;
-                        let stale: Vec<String> = self
-                            .lock()
-                            .keys()
-                            .filter(|u| !seen.contains(*u))
-                            .cloned()
+                        let held: Vec<String> = self.lock().keys().cloned().collect();
+                        let deferred: Vec<String> = self.deferred().keys().cloned().collect();
+                        let stale: Vec<String> = held
+                            .into_iter()
+                            .chain(deferred)
+                            .filter(|u| !seen.contains(u))
                             .collect();
                         for uid in stale {
-                            self.del(&uid);
+                            self.release(&uid);
                         }
                         self.snapshot.send_replace(true);
                         info!(pods = self.lock().len(), "ZDS snapshot reconciled");
