@@ -114,19 +114,68 @@ fn the_ztunnel_pod_keeps_only_what_it_needs() {
         .filter_map(Value::as_str)
         .collect();
     caps.sort();
-    // setns into pods' netns; SO_MARK and transparent sockets.
-    assert_eq!(caps, ["NET_ADMIN", "NET_RAW", "SYS_ADMIN"]);
+    // setns into pods' netns; SO_MARK (no raw sockets, no IP_TRANSPARENT).
+    assert_eq!(caps, ["NET_ADMIN", "SYS_ADMIN"]);
     // No API access: its volumes carry no service account token of the API
     // server's audience.
     let text = spec["volumes"].to_string();
     assert!(!text.contains("kube-root-ca.crt"), "{text}");
-    // The one hostPath: the ZDS socket's directory, the agent's too.
+    // The one hostPath: the ZDS socket's own directory, read only (a
+    // socket is connected to on a read-only mount), inside the agent's.
     let shared = host_paths(ztunnel);
     assert_eq!(shared.len(), 1, "{shared:?}");
+    let (name, zds_dir) = &shared[0];
+    let mount = containers[0]["volumeMounts"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|m| m["name"] == name.as_str())
+        .unwrap();
+    assert_eq!(mount["readOnly"], true, "{mount}");
+    let agent_dirs = host_paths(agent);
     assert!(
-        host_paths(agent).iter().any(|(_, p)| *p == shared[0].1),
-        "{shared:?}"
+        agent_dirs
+            .iter()
+            .any(|(_, p)| zds_dir.starts_with(&format!("{p}/"))),
+        "{shared:?} {agent_dirs:?}"
     );
+    // Neither the agent's control socket nor its state file is in it: a
+    // compromised ztunnel can neither ask the agent to capture nor replace
+    // its socket or its pods.
+    let serve = agent["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["command"][0] == "ztunnel-cni")
+        .unwrap();
+    let args: Vec<&str> = serve["command"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    let arg = |name: &str| {
+        args.iter()
+            .find_map(|a| a.strip_prefix(&format!("--{name}=")))
+            .map(str::to_string)
+    };
+    let zds = arg("zds-socket").expect("--zds-socket");
+    assert!(zds.starts_with(&format!("{zds_dir}/")), "{zds}");
+    // The defaults, when not given: /var/run/ztunnel/cni-control.sock.
+    let control = arg("control-socket").unwrap_or("/var/run/ztunnel/cni-control.sock".into());
+    let state = arg("state-file").expect("--state-file");
+    for p in [control, state] {
+        assert!(
+            !p.starts_with(&format!("{zds_dir}/")),
+            "{p} is the ztunnel's"
+        );
+    }
+    let cfg = all
+        .iter()
+        .find(|v| v["kind"] == "ConfigMap" && v["metadata"]["name"] == "ztunnel-config")
+        .unwrap();
+    let text = cfg["data"].to_string();
+    assert!(text.contains(&format!("zds_socket: {zds}")), "{text}");
 }
 
 /// Least RBAC: the ztunnel's ServiceAccount is bound to nothing (its CA
