@@ -149,9 +149,50 @@ pub enum Request {
     Sync,
 }
 
+/// How a pod leaves the mesh.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Leave {
+    /// It lives on (opted out): its rules go but the guard
+    /// ([`rules::guard_only`]).
+    Release,
+    /// It is deleted (CNI DEL): everything goes.
+    Delete,
+}
+
 pub(crate) struct Pod {
     pub(crate) spec: PodSpec,
     pub(crate) netns: Netns,
+    /// Captured without the original-source part of its rules: why.
+    pub(crate) no_orig_src: Option<String>,
+}
+
+/// Installs a pod's rules; a capture without original source is logged
+/// (the ztunnel then dials its app from the pod's own address) and its
+/// reason returned.
+fn install_rules(
+    netns: &Netns,
+    spec: &PodSpec,
+    c: Capture,
+) -> Result<Option<String>, rules::RulesError> {
+    match rules::install(netns, c, spec.ips.iter().any(IpAddr::is_ipv6))? {
+        rules::OrigSrc::On => Ok(None),
+        rules::OrigSrc::Off(e) => {
+            warn!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), error = %e,
+                "pod captured without original source: its app sees the pod's own address as its clients'");
+            Ok(Some(e.to_string()))
+        }
+    }
+}
+
+/// The held pods captured without original source, for the control
+/// socket's answers.
+fn without_orig_src(pods: &BTreeMap<String, Pod>) -> serde_json::Value {
+    pods.values()
+        .filter_map(|p| {
+            let why = p.no_orig_src.as_ref()?;
+            Some(serde_json::json!({"uid": p.spec.uid, "pod": format!("{}/{}", p.spec.namespace, p.spec.name), "error": why}))
+        })
+        .collect()
 }
 
 pub(crate) struct Agent {
@@ -250,25 +291,33 @@ impl Agent {
             warn!(uid = %spec.uid, error = %e, "cannot turn on tcp_migrate_req in the pod: a ztunnel roll may reset connections queued at its switch");
         }
         self.to_ztunnel(payload, Some(&netns)).await?;
-        if let Err(e) = rules::install(&netns, self.capture_of(&spec)) {
-            // Undo the hand-over: the ztunnel must not hold a pod whose
-            // traffic nothing redirects (and that nobody would release).
-            let _ = self
-                .to_ztunnel(
-                    Payload::Del(DelWorkload {
-                        uid: spec.uid.clone(),
-                    }),
-                    None,
-                )
-                .await;
-            return Err(e.into());
-        }
+        let no_orig_src = match install_rules(&netns, &spec, self.capture_of(&spec)) {
+            Ok(n) => n,
+            Err(e) => {
+                // Undo the hand-over: the ztunnel must not hold a pod whose
+                // traffic nothing redirects (and that nobody would release).
+                let _ = self
+                    .to_ztunnel(
+                        Payload::Del(DelWorkload {
+                            uid: spec.uid.clone(),
+                        }),
+                        None,
+                    )
+                    .await;
+                return Err(e.into());
+            }
+        };
         self.probe_snat(&spec.ips, true);
         let mut pods = self.pods.lock().await;
         info!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), "pod captured");
         let ips = spec.ips.clone();
         // The same pod in a new sandbox: its old addresses leave the set.
-        if let Some(old) = pods.insert(spec.uid.clone(), Pod { spec, netns }) {
+        let pod = Pod {
+            spec,
+            netns,
+            no_orig_src,
+        };
+        if let Some(old) = pods.insert(pod.spec.uid.clone(), pod) {
             let gone: Vec<IpAddr> = old
                 .spec
                 .ips
@@ -288,30 +337,40 @@ impl Agent {
         let mut pods = self.pods.lock().await;
         let Some(p) = pods.get_mut(uid) else { return };
         p.spec.bypass_inbound = bypass_inbound;
-        if let Err(e) = rules::install(&p.netns, self.capture_of(&p.spec)) {
-            warn!(uid, error = %e, "re-applying the pod's rules failed");
+        match install_rules(&p.netns, &p.spec, self.capture_of(&p.spec)) {
+            Ok(n) => p.no_orig_src = n,
+            Err(e) => {
+                warn!(uid, error = %e, "re-applying the pod's rules failed");
+                p.no_orig_src = Some(e.to_string());
+            }
         }
         self.persist(&pods).await;
     }
 
-    pub(crate) async fn del(&self, uid: &str) -> Result<(), AgentError> {
+    pub(crate) async fn del(&self, uid: &str, how: Leave) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
         let mut pods = self.pods.lock().await;
         let Some(pod) = pods.remove(uid) else {
             return Ok(()); // already gone: deletes are idempotent
         };
-        if let Err(e) = rules::remove(&pod.netns) {
+        // The ztunnel first: it closes the pod's connections. It may not
+        // answer (not connected, slow): a released pod keeps the guard, so
+        // the replies of a transparent connection still open never leave
+        // the pod in cleartext.
+        let del = Payload::Del(DelWorkload {
+            uid: uid.to_string(),
+        });
+        if let Err(e) = self.to_ztunnel(del, None).await {
+            warn!(uid, error = %e, "the ztunnel did not confirm the pod's removal");
+        }
+        let removed = match how {
+            Leave::Release => rules::release(&pod.netns),
+            Leave::Delete => rules::remove(&pod.netns),
+        };
+        if let Err(e) = removed {
             warn!(uid, error = %e, "removing the pod's rules failed (its netns may be gone)");
         }
         self.probe_snat(&pod.spec.ips, false);
-        let _ = self
-            .to_ztunnel(
-                Payload::Del(DelWorkload {
-                    uid: uid.to_string(),
-                }),
-                None,
-            )
-            .await;
         info!(uid, "pod released");
         self.persist(&pods).await;
         Ok(())
@@ -414,14 +473,20 @@ fn load_state(cfg: &AgentConfig) -> BTreeMap<String, Pod> {
                         dns: cfg.dns,
                         bypass_inbound: spec.bypass_inbound,
                     };
-                    if let Err(e) = rules::install(&netns, c) {
+                    let no_orig_src = install_rules(&netns, &spec, c).unwrap_or_else(|e| {
                         warn!(uid = %spec.uid, error = %e, "re-applying rules failed");
-                    }
+                        Some(e.to_string())
+                    });
                     // Pods captured by an agent from before the setting.
                     if let Err(e) = migrate::enable(&netns) {
                         warn!(uid = %spec.uid, error = %e, "cannot turn on tcp_migrate_req in the pod");
                     }
-                    pods.insert(spec.uid.clone(), Pod { spec, netns });
+                    let pod = Pod {
+                        spec,
+                        netns,
+                        no_orig_src,
+                    };
+                    pods.insert(pod.spec.uid.clone(), pod);
                 }
                 Err(e) => {
                     warn!(uid = %spec.uid, netns = %spec.netns, error = %e, "pod from the state file is gone")
@@ -534,16 +599,16 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
                 Ok(()) => serde_json::json!({"ok": true}),
                 Err(e) => serde_json::json!({"error": e.to_string()}),
             },
-            Ok(Request::Del { uid }) => match agent.del(&uid).await {
+            Ok(Request::Del { uid }) => match agent.del(&uid, Leave::Delete).await {
                 Ok(()) => serde_json::json!({"ok": true}),
                 Err(e) => serde_json::json!({"error": e.to_string()}),
             },
             Ok(Request::Sync) => match agent.sync().await {
                 Ok(()) => {
                     let pods = agent.pods.lock().await;
-                    serde_json::json!({"ok": true, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
+                    serde_json::json!({"ok": true, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>(), "without_original_source": without_orig_src(&pods)})
                 }
-                Err(e) => serde_json::json!({"error": e}),
+                Err(e) => serde_json::json!({"error": e.to_string()}),
             },
             Ok(Request::List) => {
                 // Whether an add would reach a ztunnel now (taken before the
@@ -551,7 +616,7 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
                 let ztunnels = agent.ztunnels.count().await;
                 let unready = agent.ztunnels.pending().await;
                 let pods = agent.pods.lock().await;
-                serde_json::json!({"ok": true, "ztunnel_connected": ztunnels > 0, "ztunnels": ztunnels, "unready": unready, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>()})
+                serde_json::json!({"ok": true, "ztunnel_connected": ztunnels > 0, "ztunnels": ztunnels, "unready": unready, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>(), "without_original_source": without_orig_src(&pods)})
             }
         };
         if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {

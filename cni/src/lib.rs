@@ -18,6 +18,7 @@ pub mod find;
 pub mod host;
 pub mod install;
 pub mod migrate;
+pub mod orig_src;
 pub mod rules;
 
 use std::collections::BTreeMap;

@@ -30,6 +30,23 @@ pub const PROXY_PORTS: [u16; 7] = [
 /// them; the ztunnel marks its sockets with it in node mode).
 pub const INPOD_MARK: u32 = 1337;
 
+/// The mark the node agent's rules give an app's replies to the ztunnel's
+/// dials from a client's address (as Istio's in-pod rules use); a policy
+/// rule sends packets with it to [`ORIG_SRC_TABLE`].
+pub const ORIG_SRC_REPLY_MARK: u32 = 0x111;
+/// The pod's routing table that delivers those replies locally, to the
+/// ztunnel's transparent socket.
+pub const ORIG_SRC_TABLE: u32 = 100;
+
+/// The source the node SNATs its own connections to captured pods to
+/// (kubelet probes), as Istio does: never a client a ztunnel dials an app
+/// from.
+pub const PROBE_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(169, 254, 7, 127);
+/// The IPv6 probe source (Istio's).
+pub const PROBE_SOURCE_V6: std::net::Ipv6Addr = std::net::Ipv6Addr::new(
+    0xfd16, 0x9254, 0x7127, 0x1337, 0xffff, 0xffff, 0xffff, 0xffff,
+);
+
 /// The async runtime's model.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "snake_case")]

@@ -108,6 +108,10 @@ pub struct LabState {
     /// the benchmark take it from `LAB_ZTUNNEL_EXTRA`; tests never do).
     #[serde(default)]
     pub ztunnel_extra: String,
+    /// The `PATH` the node agents run with (tests of an agent that lacks
+    /// a program, e.g. `ip`); unset, the lab's own.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub agent_path: Option<String>,
     /// Set when the lab is the kubelet of a real API server.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kube: Option<KubeState>,

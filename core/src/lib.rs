@@ -4,8 +4,9 @@
 //!
 //! Layering (a module only uses those listed before it):
 //! `identity` -> `lab_file` -> `clock` -> `config` -> `tls` -> `ca` ->
-//! `certs` -> `state` -> `xds` -> `metrics` -> `netns` -> `shards` ->
-//! `socket` -> `listen` -> `hbone` -> `zds` -> `admin` -> `logging` -> `app`.
+//! `certs` -> `state` -> `xds` -> `metrics` -> `netns` -> `route` ->
+//! `shards` -> `socket` -> `listen` -> `hbone` -> `zds` -> `admin` -> `logging` ->
+//! `app`.
 
 pub mod admin;
 pub mod app;
@@ -20,6 +21,7 @@ pub mod listen;
 pub mod logging;
 pub mod metrics;
 pub mod netns;
+pub mod route;
 pub mod shards;
 pub mod socket;
 pub mod state;

@@ -220,6 +220,30 @@ pub struct Metrics {
     pub received: Family<TcpLabels, Counter>,
     pub active_connections: Gauge,
     pub hbone_pool_connections: Gauge,
+    /// Inbound dials made from the pod's own address although the
+    /// app should have seen its client's (see the ztunnel's `orig_src`).
+    pub original_source_fallbacks: Family<FallbackLabels, Counter>,
+}
+
+/// Why a dial did not use the client's address.
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum FallbackReason {
+    /// The ztunnel may not make transparent sockets (no CAP_NET_ADMIN).
+    no_permission,
+    /// The pod has no reply routing (its node agent could not install it).
+    no_reply_route,
+    /// Asking the pod's kernel about its reply routing failed (no answer
+    /// in time, no sockets left).
+    route_check_failed,
+    /// The transparent dial failed for its source, not as the app's
+    /// answer (the bind, a connect refused at once for the source).
+    dial_failed,
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FallbackLabels {
+    pub reason: FallbackReason,
 }
 
 impl Default for Metrics {
@@ -231,6 +255,7 @@ impl Default for Metrics {
         let received = Family::<TcpLabels, Counter>::default();
         let active_connections = Gauge::default();
         let hbone_pool_connections = Gauge::default();
+        let original_source_fallbacks = Family::<FallbackLabels, Counter>::default();
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -261,6 +286,11 @@ impl Default for Metrics {
             "Pooled outbound HBONE HTTP/2 connections",
             hbone_pool_connections.clone(),
         );
+        registry.register(
+            "ztunnel_original_source_fallbacks",
+            "Inbound dials from the pod's own address instead of the client's",
+            original_source_fallbacks.clone(),
+        );
         Metrics {
             registry,
             opened,
@@ -269,6 +299,7 @@ impl Default for Metrics {
             received,
             active_connections,
             hbone_pool_connections,
+            original_source_fallbacks,
         }
     }
 }

@@ -1,5 +1,6 @@
-//! Sockets: upstream dials with the proxy's mark and the source's address,
-//! and the original destination of a redirected connection.
+//! Sockets: upstream dials with the proxy's mark and the source's address
+//! (transparently, from a client's address, for the inbound side), and the
+//! original destination of a redirected connection.
 
 use std::io;
 use std::net::{IpAddr, SocketAddr};
@@ -18,18 +19,7 @@ pub async fn dial(
     timeout: Duration,
     netns: Option<&crate::netns::Netns>,
 ) -> io::Result<TcpStream> {
-    let new = || {
-        if addr.is_ipv4() {
-            TcpSocket::new_v4()
-        } else {
-            TcpSocket::new_v6()
-        }
-    };
-    // In node mode the socket is made inside the workload's pod.
-    let sock = match netns {
-        Some(ns) => ns.run(new)??,
-        None => new()?,
-    };
+    let sock = socket_for(addr, netns)?;
     if let Some(m) = mark {
         SockRef::from(&sock).set_mark(m)?;
     }
@@ -38,6 +28,27 @@ pub async fn dial(
     {
         sock.bind(SocketAddr::new(ip, 0))?;
     }
+    connect(sock, addr, timeout).await
+}
+
+/// A TCP socket of `addr`'s family, made inside `netns` when given (in
+/// node mode, the workload's pod).
+fn socket_for(addr: SocketAddr, netns: Option<&crate::netns::Netns>) -> io::Result<TcpSocket> {
+    let new = || {
+        if addr.is_ipv4() {
+            TcpSocket::new_v4()
+        } else {
+            TcpSocket::new_v6()
+        }
+    };
+    match netns {
+        Some(ns) => ns.run(new)?,
+        None => new(),
+    }
+}
+
+/// Connects `sock` to `addr` within `timeout`, without Nagle.
+async fn connect(sock: TcpSocket, addr: SocketAddr, timeout: Duration) -> io::Result<TcpStream> {
     let stream = tokio::time::timeout(timeout, sock.connect(addr))
         .await
         .map_err(|_| {
@@ -48,6 +59,92 @@ pub async fn dial(
         })??;
     stream.set_nodelay(true)?;
     Ok(stream)
+}
+
+/// Why a transparent dial failed, by the step that failed: the caller
+/// judges each differently (only a refused `IP_TRANSPARENT` says the
+/// process may never make one).
+#[derive(Debug, thiserror::Error)]
+pub enum TransparentError {
+    #[error("source {src} and destination {dst} differ in family")]
+    Family { src: IpAddr, dst: SocketAddr },
+    #[error("making a socket in the pod: {0}")]
+    Socket(io::Error),
+    #[error("IP_TRANSPARENT: {0}")]
+    Transparent(io::Error),
+    #[error("setting the mark: {0}")]
+    Mark(io::Error),
+    #[error("binding {src}: {source}")]
+    Bind { src: IpAddr, source: io::Error },
+    #[error("{0}")]
+    Connect(io::Error),
+}
+
+impl From<TransparentError> for io::Error {
+    fn from(e: TransparentError) -> io::Error {
+        match e {
+            TransparentError::Connect(e) => e,
+            e => io::Error::other(e),
+        }
+    }
+}
+
+/// Dials `addr` from `src`, an address that need not be this host's (or
+/// this pod's): a transparent socket (IP_TRANSPARENT, which needs
+/// CAP_NET_ADMIN) bound to `src`, carrying `mark`. The port is chosen at
+/// connect (IP_BIND_ADDRESS_NO_PORT), by the whole 4-tuple, so many dials
+/// from one client address to different apps share ports as the client's
+/// own would. The replies reach this socket only where routing sends
+/// packets for `src` back to it (the pod's rules do, for connections of
+/// the proxy's mark).
+pub async fn dial_transparent(
+    addr: SocketAddr,
+    src: IpAddr,
+    mark: u32,
+    timeout: Duration,
+    netns: Option<&crate::netns::Netns>,
+) -> Result<TcpStream, TransparentError> {
+    if src.is_ipv4() != addr.is_ipv4() {
+        return Err(TransparentError::Family { src, dst: addr });
+    }
+    let sock = socket_for(addr, netns).map_err(TransparentError::Socket)?;
+    {
+        let r = SockRef::from(&sock);
+        if src.is_ipv4() {
+            r.set_ip_transparent_v4(true)
+        } else {
+            r.set_ip_transparent_v6(true)
+        }
+        .map_err(TransparentError::Transparent)?;
+        r.set_mark(mark).map_err(TransparentError::Mark)?;
+    }
+    let bind = |source| TransparentError::Bind { src, source };
+    bind_no_port(&sock).map_err(bind)?;
+    sock.bind(SocketAddr::new(src, 0)).map_err(bind)?;
+    connect(sock, addr, timeout)
+        .await
+        .map_err(TransparentError::Connect)
+}
+
+/// IP_BIND_ADDRESS_NO_PORT: a bind to port 0 leaves the port to connect.
+fn bind_no_port(sock: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket; the value is a c_int of the size passed.
+    let rc = unsafe {
+        libc::setsockopt(
+            sock.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&on as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The destination a redirect rule rewrote (SO_ORIGINAL_DST).
@@ -93,4 +190,48 @@ pub type TlsIo = tokio::io::BufReader<TcpStream>;
 /// Wraps an HBONE socket for TLS (see [`TLS_READ_AHEAD`]).
 pub fn tls_io(tcp: TcpStream) -> TlsIo {
     tokio::io::BufReader::with_capacity(TLS_READ_AHEAD, tcp)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsRawFd;
+
+    /// The value of IP_BIND_ADDRESS_NO_PORT on `s`.
+    fn no_port(s: &TcpStream) -> i32 {
+        let mut v: libc::c_int = 0;
+        let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+        // SAFETY: a valid socket and a c_int-sized buffer.
+        let rc = unsafe {
+            libc::getsockopt(
+                s.as_raw_fd(),
+                libc::IPPROTO_IP,
+                libc::IP_BIND_ADDRESS_NO_PORT,
+                (&mut v as *mut libc::c_int).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(rc, 0, "{}", io::Error::last_os_error());
+        v
+    }
+
+    /// A transparent dial binds its source without a port: the kernel
+    /// picks the port at connect, by the 4-tuple.
+    #[tokio::test]
+    async fn a_transparent_dial_leaves_the_port_to_connect() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let to = l.local_addr().unwrap();
+        let src: IpAddr = "127.0.0.2".parse().unwrap();
+        let s = match dial_transparent(to, src, 0, Duration::from_secs(2), None).await {
+            // Not root: nothing to check here.
+            Err(TransparentError::Transparent(e))
+                if e.kind() == io::ErrorKind::PermissionDenied =>
+            {
+                return;
+            }
+            r => r.unwrap(),
+        };
+        assert_eq!(s.local_addr().unwrap().ip(), src);
+        assert_eq!(no_port(&s), 1);
+    }
 }

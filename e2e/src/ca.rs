@@ -190,13 +190,36 @@ async fn bind_retrying(addr: SocketAddr) -> tokio::net::TcpListener {
     panic!("cannot bind {addr}: {last:?}");
 }
 
+/// Why a certificate from a lab's own CA could not be had or written.
+#[derive(Debug, thiserror::Error)]
+pub enum LabCertError {
+    #[error("the lab's CA: {0}")]
+    Ca(#[from] istiod_lite::ca::CaLoadError),
+    #[error("certificate for {identity}: {source}")]
+    Issue {
+        identity: Identity,
+        #[source]
+        source: mesh_core::ca::CaError,
+    },
+    #[error("no certificate for {0}")]
+    NoCertificate(Identity),
+    #[error("the key for {0} is of an unknown kind")]
+    KeyKind(Identity),
+    #[error("{}: {source}", path.display())]
+    Write {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Certificates for `identities` signed by a lab's own CA (the root it keeps
 /// under `<lab>/data/ca`), for peers the lab's controller does not serve
 /// (Envoy in the benchmarks): a CA on loopback for the moment it takes.
 pub async fn from_lab_ca(
     lab_dir: &Path,
     identities: &[Identity],
-) -> Result<Vec<mesh_core::tls::WorkloadCertificate>, String> {
+) -> Result<Vec<mesh_core::tls::WorkloadCertificate>, LabCertError> {
     let ca = CertificateAuthority::load(
         &CaSource::SelfSigned {
             dir: lab_dir.join("data/ca"),
@@ -204,9 +227,8 @@ pub async fn from_lab_ca(
         TRUST_DOMAIN,
         None,
         Arc::new(mesh_core::clock::SystemClock),
-    )
-    .map_err(|e| format!("the lab's CA: {e}"))?;
-    let addr = "127.0.0.1:0".parse().map_err(|e| format!("{e}"))?;
+    )?;
+    let addr = SocketAddr::from(([127, 0, 0, 1], 0));
     let issuer = TestCa::serve(
         Arc::new(ca),
         addr,
@@ -219,9 +241,12 @@ pub async fn from_lab_ca(
         use mesh_core::ca::CaClient;
         match client.fetch_certificate(id).await {
             Ok(c) => out.push(c),
-            Err(e) => {
+            Err(source) => {
                 issuer.stop().await;
-                return Err(format!("certificate for {id}: {e}"));
+                return Err(LabCertError::Issue {
+                    identity: id.clone(),
+                    source,
+                });
             }
         }
     }
@@ -246,11 +271,11 @@ pub async fn write_lab_cert(
     lab_dir: &Path,
     identity: &Identity,
     name: &str,
-) -> Result<CertFiles, String> {
+) -> Result<CertFiles, LabCertError> {
     let certs = from_lab_ca(lab_dir, std::slice::from_ref(identity)).await?;
     let cert = certs
         .first()
-        .ok_or_else(|| format!("no certificate for {identity}"))?;
+        .ok_or_else(|| LabCertError::NoCertificate(identity.clone()))?;
     let pems = |tag: &str, ders: &[rustls_pki_types::CertificateDer<'_>]| -> String {
         ders.iter()
             .map(|d| pem::encode(&pem::Pem::new(tag, d.to_vec())))
@@ -261,7 +286,7 @@ pub async fn write_lab_cert(
         rustls_pki_types::PrivateKeyDer::Pkcs8(_) => "PRIVATE KEY",
         rustls_pki_types::PrivateKeyDer::Sec1(_) => "EC PRIVATE KEY",
         rustls_pki_types::PrivateKeyDer::Pkcs1(_) => "RSA PRIVATE KEY",
-        _ => return Err(format!("the key for {identity} is of an unknown kind")),
+        _ => return Err(LabCertError::KeyKind(identity.clone())),
     };
     let files = CertFiles {
         chain: lab_dir.join(format!("{name}-chain.pem")),
@@ -269,7 +294,10 @@ pub async fn write_lab_cert(
         root: lab_dir.join(format!("{name}-root.pem")),
     };
     let write = |path: &Path, text: String| {
-        std::fs::write(path, text).map_err(|e| format!("{}: {e}", path.display()))
+        std::fs::write(path, text).map_err(|source| LabCertError::Write {
+            path: path.to_path_buf(),
+            source,
+        })
     };
     write(&files.chain, pems("CERTIFICATE", cert.chain()))?;
     write(

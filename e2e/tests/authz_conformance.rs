@@ -244,12 +244,8 @@ fn resources(model: &Model, type_url: &str) -> Vec<Resource> {
         .resources(type_url)
         .map(|m| {
             m.values()
-                .map(|r| Resource {
-                    name: r.name.clone(),
-                    version: r.version.clone(),
-                    resource: Some(r.any.clone()),
-                    ..Default::default()
-                })
+                // The wire form, as a proxy receives it.
+                .filter_map(|r| Resource::decode(r.wire().clone()).ok())
                 .collect()
         })
         .unwrap_or_default()
@@ -288,7 +284,7 @@ fn waypoint_decision(model: &Model, r: &Req) -> E {
         .resources(SERVICE_ROUTES_TYPE_URL)
         .and_then(|m| m.get(SERVICE_KEY))
         .expect("the service's waypoint config");
-    let routes = ServiceRoutes::decode(res.any.value.as_slice()).expect("decodes");
+    let routes = ServiceRoutes::decode(res.value()).expect("decodes");
     let policies: Vec<waypoint::authz::Policy> = routes
         .policies
         .iter()

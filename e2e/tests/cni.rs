@@ -189,6 +189,17 @@ async fn the_cni_plugin_captures_before_the_pod_starts_and_releases_on_delete() 
         rules.contains("15001") && rules.contains("15008"),
         "{rules}"
     );
+    // And the routing that brings the app's replies back to the ztunnel's
+    // dials from a client's address (once, however often applied).
+    let ip_rules = || {
+        let out = Command::new("ip")
+            .args(["netns", "exec", &client.netns, "ip", "rule"])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let r = ip_rules();
+    assert_eq!(r.matches("fwmark 0x111 lookup 100").count(), 1, "{r}");
 
     // A pod whose namespace is not in the mesh is passed through untouched.
     let (code, out) = cni(
@@ -204,6 +215,9 @@ async fn the_cni_plugin_captures_before_the_pod_starts_and_releases_on_delete() 
     let del_args = "K8S_POD_NAMESPACE=meshed;K8S_POD_NAME=client-0;K8S_POD_UID=uid-meshed";
     assert_eq!(cni("DEL", &netns(&client), del_args, &conf).0, 0);
     assert!(!agent_pods(&socket).contains("uid-meshed"));
+    // Its rules and routing went with it.
+    let r = ip_rules();
+    assert!(!r.contains("fwmark 0x111"), "{r}");
     assert_eq!(cni("DEL", &netns(&client), del_args, &conf).0, 0);
 
     // No agent: ADD fails, with a CNI error the kubelet shows.

@@ -200,6 +200,13 @@ async fn labelling_a_namespace_captures_its_running_pods_and_unlabelling_release
         hbone == 0 && plain > 0,
         "released: hbone {hbone}, plain {plain}"
     );
+    // Released, it keeps the guard alone (the ztunnel's transparent
+    // connections not yet closed never reply out of eth0); no capture.
+    let t = pod_table(lab, "late/client");
+    assert!(
+        t.contains("chain orig_src_guard") && !t.contains("redirect"),
+        "{t}"
+    );
 
     // The lab's own apply goes the same way (it asks the agent to act now).
     g.0.apply(yaml("apiVersion: v1\nkind: Namespace\nmetadata: {name: late, labels: {istio.io/dataplane-mode: ambient}}\n"))
@@ -207,6 +214,29 @@ async fn labelling_a_namespace_captures_its_running_pods_and_unlabelling_release
         .unwrap();
     assert!(g.0.pod("late/client").unwrap().captured);
     assert!(!g.0.pod("late/optout").unwrap().captured);
+    // Captured again: the whole table replaced the guard's.
+    let t = pod_table(&g.0, "late/client");
+    assert!(
+        t.contains("redirect to :15001") && t.contains("orig_src_mark"),
+        "{t}"
+    );
+}
+
+/// The pod's nftables table (`ztunnel-inpod`) as `nft` lists it, or
+/// what `nft` said when it could not.
+fn pod_table(lab: &Lab, key: &str) -> String {
+    let ns = lab.pod(key).unwrap().netns.clone();
+    let out = Command::new("ip")
+        .args(["netns", "exec", &ns, "nft", "list", "table", "inet"])
+        .arg(mesh_cni::rules::TABLE)
+        .output()
+        .unwrap();
+    let (o, e) = (out.stdout, out.stderr);
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o),
+        String::from_utf8_lossy(&e)
+    )
 }
 
 /// Connects from inside `netns`.

@@ -2,12 +2,14 @@
 //! DeltaAggregatedResources` for `istio.workload.Address` and
 //! `istio.security.Authorization`.
 //!
-//! Each connection tracks, per type, the version of every resource the proxy
-//! holds. A model change is broadcast as the set of changed names; each
-//! connection sends only those whose version differs from what the proxy
-//! holds, so the encoded resource (made once, in the model) is copied, never
-//! re-serialized, per proxy. A reconnecting proxy states its versions
-//! (`initial_resource_versions`) and is sent only the difference.
+//! Each connection tracks, per type, what the proxy holds ([`conn`]: the
+//! model's state as of a generation for a plain wildcard subscription,
+//! else each name and version). A model change is broadcast as the set of
+//! changed names; each connection sends only those the proxy does not hold
+//! as they are. A resource is encoded once, in the model, and shared by
+//! every response that carries it ([`wire`]). A reconnecting proxy states
+//! its versions (`initial_resource_versions`) and is sent only the
+//! difference.
 //!
 //! `mesh.waypoint.ServiceRoutes` goes only to waypoints, and to each only
 //! the routes of the services it serves: a proxy is a waypoint when its
@@ -20,27 +22,23 @@
 //! (its own token, never a node's: [`crate::access`]). Any other subscriber
 //! is refused: logged, and sent nothing of that type.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::pin::Pin;
+mod conn;
+mod server;
+pub mod wire;
+
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
-use futures::Stream;
 use mesh_core::identity::Identity;
-use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_server::{
-    AggregatedDiscoveryService, AggregatedDiscoveryServiceServer,
-};
-use mesh_proto::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, Resource,
-};
+use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
 use mesh_proto::{
     ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, INGRESS_TYPE_URL, SERVICE_ROUTES_TYPE_URL,
 };
 use serde::Serialize;
 use tokio::sync::{broadcast, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status, Streaming};
+use tonic::{Request, Status, Streaming};
 use tracing::{debug, info, warn};
 
 use crate::ca::auth::{Authenticator, Caller, NodeAuthorizer, PodDirectory, PodError};
@@ -48,6 +46,9 @@ use crate::config::objects::Change;
 use crate::config::sources::Sources;
 use crate::metrics::metrics;
 use crate::model::{Delta, Model};
+use conn::{Conn, Served};
+pub use server::AdsServer;
+use wire::Response;
 
 /// What the controller serves. Waypoint routes go only to waypoints that
 /// subscribe to them, ingress resources only to ingress gateways; ztunnels
@@ -120,6 +121,10 @@ pub struct Hub {
     conns: Mutex<BTreeMap<u64, Arc<ConnView>>>,
     next: AtomicU64,
     pushes: AtomicU64,
+    /// When the last change that pushed something was handed to the hub
+    /// (wall clock, for the debug page: the bench times a change from here
+    /// to the last proxy, without the folder source's poll).
+    last_push: Mutex<Option<SystemTime>>,
     /// Bumped on every applied batch, whether or not an output changed
     /// (cluster mode's writer also follows Gateways and statuses).
     applied: tokio::sync::watch::Sender<u64>,
@@ -143,6 +148,11 @@ pub struct ConnView {
     #[serde(serialize_with = "rfc3339")]
     pub connected: SystemTime,
     pub types: Mutex<BTreeMap<String, TypeView>>,
+    /// The oldest model generation a wildcard subscription of this
+    /// connection is synced to (u64::MAX: none is): removals after it are
+    /// kept for it.
+    #[serde(skip)]
+    pub synced: AtomicU64,
 }
 
 #[derive(Debug, Default, Clone, Serialize)]
@@ -183,6 +193,7 @@ impl Hub {
             conns: Mutex::new(BTreeMap::new()),
             next: AtomicU64::new(1),
             pushes: AtomicU64::new(0),
+            last_push: Mutex::new(None),
             applied: tokio::sync::watch::Sender::new(0),
             sources: Arc::new(Sources::default()),
         })
@@ -224,15 +235,27 @@ impl Hub {
             return Delta::default();
         }
         let since = std::time::Instant::now();
-        let delta = self
-            .model
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .apply(changes);
+        let at = SystemTime::now();
+        let delta = {
+            let mut model = self.model.write().unwrap_or_else(|p| p.into_inner());
+            let delta = model.apply(changes);
+            // Removals every connection has been sent are forgotten.
+            let oldest = self
+                .conns
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .values()
+                .map(|c| c.synced.load(Ordering::Relaxed))
+                .min()
+                .unwrap_or(u64::MAX);
+            model.prune_removed(oldest);
+            delta
+        };
         metrics().model_built(since.elapsed());
         self.applied.send_modify(|n| *n += 1);
         if !delta.is_empty() {
             self.pushes.fetch_add(1, Ordering::Relaxed);
+            *self.last_push.lock().unwrap_or_else(|p| p.into_inner()) = Some(at);
             let n: usize = delta
                 .changed
                 .values()
@@ -248,15 +271,30 @@ impl Hub {
         delta
     }
 
+    /// A connection ended.
+    fn forget(&self, id: u64) {
+        self.conns
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&id);
+    }
+
     /// Proxies connected now.
     pub fn connected(&self) -> usize {
         self.conns.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     pub fn connections(&self) -> serde_json::Value {
+        let last_push = self
+            .last_push
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map(|d| d.as_micros() as u64);
         let conns = self.conns.lock().unwrap_or_else(|p| p.into_inner());
         serde_json::json!({
             "pushes": self.pushes.load(Ordering::Relaxed),
+            "last_push_unix_us": last_push,
             "connections": conns.values().map(|c| {
                 let types = c.types.lock().unwrap_or_else(|p| p.into_inner()).clone();
                 serde_json::json!({
@@ -284,387 +322,6 @@ impl PodDirectory for Hub {
     }
 }
 
-/// The Gateway (namespace, name) a proxy serves, or why it serves none.
-type Served = Result<(String, String), NotServed>;
-
-/// Why a proxy is sent nothing of a Gateway-gated type (logged).
-#[derive(Debug, thiserror::Error)]
-enum NotServed {
-    #[error(transparent)]
-    Proxy(#[from] crate::model::ProxyError),
-    #[error(transparent)]
-    Access(#[from] crate::access::AccessError),
-}
-
-/// Per-type subscription state of one connection.
-#[derive(Default)]
-struct Sub {
-    wildcard: bool,
-    names: BTreeSet<String>,
-    /// name -> version the proxy holds.
-    held: HashMap<String, String>,
-    /// Gated types only: which kind of Gateway's proxy may subscribe, and
-    /// the Gateway this proxy serves, or why it serves none (then it is
-    /// sent nothing). None for other types.
-    gateway: Option<(Gated, Served)>,
-    /// A response has been sent: until then, the next push answers even
-    /// when empty (the proxy is waiting to know it is in sync).
-    answered: bool,
-}
-
-impl Sub {
-    fn wants(&self, name: &str) -> bool {
-        self.wildcard || self.names.contains(name)
-    }
-
-    /// Whether this proxy may hold resource `name` at all.
-    fn may_hold(&self, model: &Model, name: &str) -> bool {
-        match &self.gateway {
-            None => true,
-            Some((gated, Ok(gw))) => gated.may_hold(model, gw, name),
-            Some((_, Err(_))) => false,
-        }
-    }
-
-    fn refused(&self) -> bool {
-        matches!(self.gateway, Some((_, Err(_))))
-    }
-}
-
-struct Conn {
-    hub: Arc<Hub>,
-    view: Arc<ConnView>,
-    /// Who opened the stream, as authenticated.
-    caller: Caller,
-    subs: BTreeMap<String, Sub>,
-    tx: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
-    nonce: u64,
-}
-
-impl Conn {
-    fn next_nonce(&mut self) -> String {
-        self.nonce += 1;
-        format!("{}-{}", self.view.id, self.nonce)
-    }
-
-    /// Sends what differs between the model and what the proxy holds,
-    /// limited to `names` when given. `always` sends even an empty response
-    /// (the answer to a subscription).
-    async fn push(
-        &mut self,
-        type_url: &str,
-        names: Option<&BTreeSet<String>>,
-        always: bool,
-    ) -> Result<(), ()> {
-        let (resources, mut removed) = {
-            let Some(sub) = self.subs.get(type_url) else {
-                return Ok(());
-            };
-            let model = self.hub.model();
-            let all = model.resources(type_url);
-            let mut resources = Vec::new();
-            let mut removed = Vec::new();
-            let mut consider = |name: &String| {
-                if !sub.wants(name) {
-                    return;
-                }
-                match all
-                    .and_then(|m| m.get(name))
-                    .filter(|_| sub.may_hold(&model, name))
-                {
-                    Some(r) if sub.held.get(name) != Some(&r.version) => resources.push(Resource {
-                        version: r.version.clone(),
-                        resource: Some(r.any.clone()),
-                        name: r.name.clone(),
-                        ..Default::default()
-                    }),
-                    Some(_) => {}
-                    None if sub.held.contains_key(name) => removed.push(name.clone()),
-                    None => {}
-                }
-            };
-            match names {
-                Some(n) => n.iter().for_each(&mut consider),
-                None => {
-                    all.into_iter()
-                        .flat_map(|m| m.keys())
-                        .for_each(&mut consider);
-                    let gone: Vec<String> = sub
-                        .held
-                        .keys()
-                        .filter(|k| all.is_none_or(|m| !m.contains_key(*k)))
-                        .cloned()
-                        .collect();
-                    gone.iter().for_each(&mut consider);
-                }
-            }
-            (resources, removed)
-        };
-        // A refused subscriber is never answered; at most it is told to
-        // drop what it was sent before it was refused.
-        let (refused, answered) = self
-            .subs
-            .get(type_url)
-            .map_or((false, true), |s| (s.refused(), s.answered));
-        let always = (always || !answered) && !refused;
-        if resources.is_empty() && removed.is_empty() && !always {
-            return Ok(());
-        }
-        // The answer to a subscription is one response, so the proxy knows
-        // when it holds the whole initial state (Delta xDS has no other end
-        // marker). Later large pushes (a lagged connection's resync) go out in
-        // chunks, so they start applying sooner.
-        let mut chunks: Vec<Vec<Resource>> = Vec::new();
-        let chunk = if always { usize::MAX } else { PUSH_CHUNK };
-        let mut resources = resources.into_iter().peekable();
-        while resources.peek().is_some() {
-            chunks.push(resources.by_ref().take(chunk).collect());
-        }
-        if chunks.is_empty() {
-            chunks.push(Vec::new());
-        }
-        let last = chunks.len() - 1;
-        for (i, chunk) in chunks.into_iter().enumerate() {
-            let removed = if i == last {
-                std::mem::take(&mut removed)
-            } else {
-                Vec::new()
-            };
-            let nonce = self.next_nonce();
-            if let Some(sub) = self.subs.get_mut(type_url) {
-                sub.answered = true;
-                for r in &chunk {
-                    sub.held.insert(r.name.clone(), r.version.clone());
-                }
-                for n in &removed {
-                    sub.held.remove(n);
-                }
-                let mut types = self.view.types.lock().unwrap_or_else(|p| p.into_inner());
-                let t = types.entry(type_url.to_string()).or_default();
-                t.resources = sub.held.len();
-                t.responses_sent += 1;
-                t.resources_sent += chunk.len() as u64;
-                t.last_sent_nonce = Some(nonce.clone());
-            }
-            let resp = DeltaDiscoveryResponse {
-                system_version_info: self.hub.pushes.load(Ordering::Relaxed).to_string(),
-                resources: chunk,
-                type_url: type_url.to_string(),
-                nonce,
-                removed_resources: removed,
-                ..Default::default()
-            };
-            self.tx.send(Ok(resp)).await.map_err(|_| ())?;
-            metrics().pushed(type_url);
-        }
-        Ok(())
-    }
-
-    async fn on_request(&mut self, req: DeltaDiscoveryRequest) -> Result<(), ()> {
-        let t = req.type_url.clone();
-        if !TYPES.contains(&t.as_str()) {
-            warn!(node = %self.view.node, type_url = %t, "subscription to an unknown type ignored");
-            return Ok(());
-        }
-        if !req.response_nonce.is_empty() {
-            let mut types = self.view.types.lock().unwrap_or_else(|p| p.into_inner());
-            let tv = types.entry(t.clone()).or_default();
-            match &req.error_detail {
-                Some(err) => {
-                    warn!(node = %self.view.node, type_url = %t, nonce = %req.response_nonce, error = %err.message, "NACK");
-                    tv.nacks += 1;
-                    metrics().rejected(&t);
-                    tv.last_nack = Some(NackView {
-                        nonce: req.response_nonce.clone(),
-                        error: err.message.clone(),
-                        at: SystemTime::now(),
-                    });
-                }
-                None => tv.last_acked_nonce = Some(req.response_nonce.clone()),
-            }
-        }
-        let first = !self.subs.contains_key(&t);
-        let gateway = Gated::of(&t)
-            .filter(|_| first)
-            .map(|g| (g, self.gateway_of(g)));
-        let sub = self.subs.entry(t.clone()).or_default();
-        if first {
-            sub.held = req.initial_resource_versions.clone().into_iter().collect();
-            if let Some((gated, gw)) = gateway {
-                match &gw {
-                    Ok((ns, name)) => {
-                        info!(
-                            proxy = %self.view.proxy_id, node = %self.view.node, type_url = %t,
-                            gateway = %format!("{ns}/{name}"), "{} subscribed", gated.what()
-                        );
-                    }
-                    Err(why) => {
-                        warn!(
-                            proxy = %self.view.proxy_id, node = %self.view.node, type_url = %t, reason = %why,
-                            "subscription refused: not a {}; nothing of that type is sent", gated.what()
-                        );
-                        // What it claims to hold it may not hold: the push
-                        // below removes every such name (a waypoint that
-                        // reconnects after losing its Gateway drops its
-                        // routes rather than serving stale policies).
-                    }
-                }
-                sub.gateway = Some((gated, gw));
-            }
-            // An empty first subscription is the legacy wildcard.
-            if req.resource_names_subscribe.is_empty() {
-                sub.wildcard = true;
-            }
-        }
-        let mut new_names = BTreeSet::new();
-        for n in &req.resource_names_subscribe {
-            if n == "*" {
-                sub.wildcard = true;
-            } else if sub.names.insert(n.clone()) {
-                new_names.insert(n.clone());
-            }
-        }
-        for n in &req.resource_names_unsubscribe {
-            if n == "*" {
-                sub.wildcard = false;
-            } else {
-                sub.names.remove(n);
-                sub.held.remove(n);
-            }
-        }
-        if first {
-            self.push(&t, None, true).await?;
-        } else if !new_names.is_empty() {
-            // A name subscribed again must be answered even if held.
-            if let Some(sub) = self.subs.get_mut(&t) {
-                for n in &new_names {
-                    sub.held.remove(n);
-                }
-            }
-            self.push(&t, Some(&new_names), true).await?;
-        }
-        Ok(())
-    }
-
-    /// Which Gateway this proxy serves as a proxy of kind `gated`.
-    fn gateway_of(&self, gated: Gated) -> Served {
-        gated.gateway_of(&self.hub.model(), &self.caller, &self.view.proxy_id)
-    }
-
-    /// Re-checks the subscriber of each gated type after pods or Gateways
-    /// changed. Returns the types whose Gateway changed (or that it began,
-    /// or stopped, serving): those are diffed again in full.
-    fn recheck_gateways(&mut self) -> Vec<&'static str> {
-        let mut changed_types = Vec::new();
-        for t in TYPES {
-            let Some(gated) = self
-                .subs
-                .get(t)
-                .and_then(|s| s.gateway.as_ref())
-                .map(|(g, _)| *g)
-            else {
-                continue;
-            };
-            let now = self.gateway_of(gated);
-            let Some(sub) = self.subs.get_mut(t) else {
-                continue;
-            };
-            let before = sub
-                .gateway
-                .as_ref()
-                .and_then(|(_, w)| w.as_ref().ok())
-                .cloned();
-            let changed = before.as_ref() != now.as_ref().ok();
-            match (&before, &now) {
-                (_, Ok((ns, gw))) if changed => {
-                    info!(
-                        proxy = %self.view.proxy_id, node = %self.view.node, type_url = t,
-                        gateway = %format!("{ns}/{gw}"), "proxy now serves this {}", gated.what()
-                    );
-                }
-                (Some(_), Err(why)) => {
-                    warn!(
-                        proxy = %self.view.proxy_id, node = %self.view.node, type_url = t, reason = %why,
-                        "proxy is no longer a {}; its resources are withdrawn", gated.what()
-                    );
-                }
-                _ => {}
-            }
-            sub.gateway = Some((gated, now));
-            if changed {
-                changed_types.push(t);
-            }
-        }
-        changed_types
-    }
-
-    async fn on_delta(&mut self, d: &Delta) -> Result<(), ()> {
-        if d.gateway_proxies {
-            for t in self.recheck_gateways() {
-                // A proxy refused until now gets its first answer here.
-                self.push(t, None, false).await?;
-            }
-        }
-        for t in TYPES {
-            let mut names: BTreeSet<String> = BTreeSet::new();
-            names.extend(d.changed.get(t).into_iter().flatten().cloned());
-            names.extend(d.removed.get(t).into_iter().flatten().cloned());
-            if !names.is_empty() {
-                self.push(t, Some(&names), false).await?;
-            }
-        }
-        Ok(())
-    }
-
-    async fn run(
-        mut self,
-        mut stream: Streaming<DeltaDiscoveryRequest>,
-        mut events: broadcast::Receiver<Arc<Pushed>>,
-    ) {
-        loop {
-            let done = tokio::select! {
-                msg = stream.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req).await.is_err(),
-                    Ok(None) => true,
-                    Err(e) => {
-                        debug!(node = %self.view.node, error = %e, "stream error");
-                        true
-                    }
-                },
-                ev = events.recv() => match ev {
-                    Ok(p) => {
-                        let failed = self.on_delta(&p.delta).await.is_err();
-                        if !failed {
-                            metrics().converged(p.since.elapsed());
-                        }
-                        failed
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        // Missed some deltas: diff everything instead.
-                        warn!(node = %self.view.node, missed = n, "push lagged; full resync");
-                        let mut failed = false;
-                        self.recheck_gateways();
-                        for t in TYPES {
-                            failed |= self.push(t, None, false).await.is_err();
-                        }
-                        failed
-                    }
-                    Err(broadcast::error::RecvError::Closed) => true,
-                },
-            };
-            if done {
-                break;
-            }
-        }
-        info!(node = %self.view.node, id = self.view.id, "xDS stream closed");
-        self.hub
-            .conns
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&self.view.id);
-    }
-}
-
 /// The gRPC service.
 #[derive(Clone)]
 pub struct AdsService {
@@ -677,21 +334,19 @@ impl AdsService {
         AdsService { hub, authn }
     }
 
-    pub fn into_server(self) -> AggregatedDiscoveryServiceServer<Self> {
-        AggregatedDiscoveryServiceServer::new(self).max_decoding_message_size(4 * 1024 * 1024)
+    pub fn into_server(self) -> AdsServer {
+        AdsServer::new(self)
     }
 }
 
-type ResponseStream = Pin<Box<dyn Stream<Item = Result<DeltaDiscoveryResponse, Status>> + Send>>;
-
-#[tonic::async_trait]
-impl AggregatedDiscoveryService for AdsService {
-    type DeltaAggregatedResourcesStream = ResponseStream;
-
-    async fn delta_aggregated_resources(
+impl AdsService {
+    /// Opens one proxy's stream: authenticates the caller, reads its first
+    /// request, and starts the connection's task; its responses come out of
+    /// the receiver.
+    pub(crate) async fn open(
         &self,
         request: Request<Streaming<DeltaDiscoveryRequest>>,
-    ) -> Result<Response<Self::DeltaAggregatedResourcesStream>, Status> {
+    ) -> Result<mpsc::Receiver<Response>, Status> {
         let caller = self
             .authn
             .authenticate(request.metadata())
@@ -731,6 +386,7 @@ impl AggregatedDiscoveryService for AdsService {
             peer,
             connected: SystemTime::now(),
             types: Mutex::new(BTreeMap::new()),
+            synced: AtomicU64::new(u64::MAX),
         });
         self.hub
             .conns
@@ -754,16 +410,13 @@ impl AggregatedDiscoveryService for AdsService {
             if conn.on_request(first).await.is_ok() {
                 conn.run(stream, events).await;
             } else {
-                conn.hub
-                    .conns
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&conn.view.id);
+                conn.hub.forget(conn.view.id);
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(rx)
     }
 }
+
 /// The kube source feeds the hub through this (`config::kube::feed`).
 impl crate::config::kube::ChangeSink for Hub {
     fn sources(&self) -> &Arc<Sources> {
@@ -777,5 +430,61 @@ impl crate::config::kube::ChangeSink for Hub {
     }
     fn set_ready(&self) {
         Hub::set_ready(self)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::objects::{Kind, Object, ObjectKey};
+    use crate::model::ModelConfig;
+
+    fn pod(i: usize) -> Change {
+        let doc = format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: p-{i}, namespace: shop}}\nspec: {{nodeName: n, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: 10.1.{}.{}, phase: Running}}\n",
+            i / 250,
+            i % 250 + 1
+        );
+        let v: serde_json::Value = serde_yaml::from_str(&doc).expect("yaml");
+        Change::Upsert(Object::parse(v).expect("parses").expect("known"))
+    }
+
+    fn gone(i: usize) -> Change {
+        Change::Delete(ObjectKey {
+            kind: Kind::Pod,
+            namespace: "shop".into(),
+            name: format!("p-{i}"),
+        })
+    }
+
+    /// A connection that stopped reading (a stuck or hostile proxy) is
+    /// synced to an old generation forever; the removals kept for it must
+    /// not grow with every pod ever deleted.
+    #[test]
+    fn a_connection_left_behind_does_not_keep_every_removal() {
+        let hub = Hub::new(Model::new(ModelConfig::default()));
+        hub.apply(vec![pod(0)]);
+        hub.conns.lock().expect("lock").insert(
+            1,
+            Arc::new(ConnView {
+                id: 1,
+                node: "n".into(),
+                proxy_id: "ztunnel~n".into(),
+                peer: None,
+                connected: SystemTime::now(),
+                types: Mutex::new(BTreeMap::new()),
+                synced: AtomicU64::new(hub.model().generation()),
+            }),
+        );
+        let n = crate::model::REMOVED_KEPT + 500;
+        for round in 0..2 {
+            hub.apply((1..=n).map(|i| pod(round * n + i)).collect());
+            hub.apply((1..=n).map(|i| gone(round * n + i)).collect());
+        }
+        let kept = hub.model().removed_since(ADDRESS_TYPE_URL, 0).count();
+        assert!(
+            kept <= crate::model::REMOVED_KEPT,
+            "{kept} removals kept for a connection that stopped reading"
+        );
     }
 }

@@ -630,3 +630,227 @@ async fn a_node_token_never_gets_an_ingress_gateways_keys() {
         .expect("certificate");
     assert_eq!(c.private_key, cert.signing_key.serialize_pem());
 }
+
+/// A pod of `shop` on node-a at `ip`.
+fn pod_at(name: &str, ip: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop}}\nspec: {{nodeName: node-a, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: {ip}, phase: Running}}\n"
+    )
+}
+
+const POD_X: &str = "Kubernetes//Pod/shop/x";
+
+/// The version of `name` in a response, if it is sent.
+fn version_in(r: &DeltaDiscoveryResponse, name: &str) -> Option<String> {
+    r.resources
+        .iter()
+        .find(|x| x.name == name)
+        .map(|x| x.version.clone())
+}
+
+/// Reads Address responses until one carries `name`; its version.
+async fn next_version_of(p: &mut Proxy, name: &str) -> String {
+    loop {
+        let r = p.next().await;
+        if let Some(v) = version_in(&r, name) {
+            return v;
+        }
+    }
+}
+
+#[tokio::test]
+async fn an_oversized_request_ends_only_its_own_stream() {
+    let (hub, addr) = serve(MESH).await;
+    let mut good = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    good.next().await;
+    let mut big = Proxy::connect(addr, "node-b", "ztunnel~node-b", ADDRESS_TYPE_URL).await;
+    big.next().await;
+    // 5 MiB of names in one request: over the 4 MiB a request may be.
+    big.send(DeltaDiscoveryRequest {
+        type_url: AUTHORIZATION_TYPE_URL.into(),
+        resource_names_subscribe: (0..80_000).map(|i| format!("{i:064}")).collect(),
+        ..Default::default()
+    })
+    .await;
+    // Its stream ends (the undecodable request is not buffered, nor
+    // waited on).
+    let end = tokio::time::timeout(Duration::from_secs(5), big.rx.message())
+        .await
+        .expect("the oversized stream ends within 5 s");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+    // The other proxy is still served.
+    hub.apply(changes(&pod_at("x", "10.0.0.50")));
+    next_version_of(&mut good, POD_X).await;
+    eventually_connected(&hub, 1).await;
+}
+
+/// Waits until `n` streams are open.
+async fn eventually_connected(hub: &Hub, n: usize) {
+    for _ in 0..100 {
+        if hub.connected() == n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(hub.connected(), n, "open streams");
+}
+
+#[tokio::test]
+async fn a_proxy_that_stops_reading_holds_up_no_other() {
+    let (hub, addr) = serve(MESH).await;
+    let mut good = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    good.next().await;
+    // Subscribes, then never reads another response.
+    let stalled = Proxy::connect(addr, "node-b", "ztunnel~node-b", ADDRESS_TYPE_URL).await;
+    // Changes (each a response) until the stalled stream's HTTP/2 window
+    // and queue are full and it falls behind, then more: the one that
+    // reads gets each at once.
+    let responses = |hub: &Hub, i: usize| {
+        hub.connections()["connections"][i]["types"][ADDRESS_TYPE_URL]["responses_sent"]
+            .as_u64()
+            .unwrap_or(0)
+    };
+    let mut last = String::new();
+    let mut behind_since = None;
+    for i in 0..4000 {
+        let mut yaml = pod_at("x", &format!("10.0.{}.{}", 1 + i / 250, 1 + i % 250));
+        for j in 0..40 {
+            yaml.push_str("---\n");
+            yaml.push_str(&pod_at(
+                &format!("bulk-{j}"),
+                &format!("10.{}.{}.{j}", 10 + i / 250, i % 250),
+            ));
+        }
+        hub.apply(changes(&yaml));
+        last = next_version_of(&mut good, POD_X).await;
+        if behind_since.is_none() && responses(&hub, 1) + 50 < responses(&hub, 0) {
+            behind_since = Some(i);
+        }
+        if behind_since.is_some_and(|b| i > b + 300) {
+            break;
+        }
+    }
+    assert!(
+        behind_since.is_some(),
+        "the stalled stream never fell behind"
+    );
+    // The last change reached the proxy that reads, and the model's
+    // version is the one it holds.
+    let held = hub.model().resources(ADDRESS_TYPE_URL).and_then(|m| {
+        m.get(POD_X)
+            .map(|r| istiod_lite::model::version_text(r.version))
+    });
+    assert_eq!(held.as_deref(), Some(last.as_str()));
+    assert_eq!(hub.connected(), 2);
+    drop(stalled);
+    eventually_connected(&hub, 1).await;
+}
+
+#[tokio::test]
+async fn a_nack_is_recorded_and_not_answered_with_a_resend() {
+    let (hub, addr) = serve(MESH).await;
+    let mut p = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    let first = p.next().await;
+    p.send(DeltaDiscoveryRequest {
+        type_url: ADDRESS_TYPE_URL.into(),
+        response_nonce: first.nonce.clone(),
+        error_detail: Some(mesh_proto::google::rpc::Status {
+            code: 3,
+            message: "refused for the test".into(),
+            ..Default::default()
+        }),
+        ..Default::default()
+    })
+    .await;
+    // No resend of what was refused (a proxy that refuses it again would
+    // make that a hot loop).
+    p.quiet().await;
+    let c = hub.connections();
+    let t = &c["connections"][0]["types"][ADDRESS_TYPE_URL];
+    assert_eq!(t["nacks"], 1, "{c}");
+    assert_eq!(t["last_nack"]["nonce"], first.nonce.as_str());
+    assert_eq!(t["last_nack"]["error"], "refused for the test");
+    // The next change is still sent.
+    hub.apply(changes(&pod_at("x", "10.0.0.51")));
+    next_version_of(&mut p, POD_X).await;
+}
+
+#[tokio::test]
+async fn acks_out_of_order_or_stale_never_make_a_proxy_miss_a_change() {
+    let (hub, addr) = serve(MESH).await;
+    let mut p = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    let first = p.next().await;
+    hub.apply(changes(&pod_at("x", "10.0.0.60")));
+    let v1 = next_version_of(&mut p, POD_X).await;
+    hub.apply(changes(&pod_at("x", "10.0.0.61")));
+    let v2 = next_version_of(&mut p, POD_X).await;
+    assert_ne!(v1, v2);
+    // ACKs of the oldest nonce, an unknown one, and one of another
+    // connection, after the newest push.
+    for nonce in [first.nonce.as_str(), "999-999", "0-1"] {
+        p.send(DeltaDiscoveryRequest {
+            type_url: ADDRESS_TYPE_URL.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        })
+        .await;
+    }
+    p.quiet().await;
+    hub.apply(changes(&pod_at("x", "10.0.0.62")));
+    let v3 = next_version_of(&mut p, POD_X).await;
+    assert!(v3 != v1 && v3 != v2);
+    // A proxy that reconnects stating a version we never sent, or an old
+    // one, is sent the current one; a name that is gone is removed.
+    let mut again = Proxy::connect_holding(
+        addr,
+        &token("node-a"),
+        "ztunnel~node-a",
+        ADDRESS_TYPE_URL,
+        &[
+            (POD_X, &v1),
+            ("Kubernetes//Pod/shop/web-1", "not-a-version"),
+            ("Kubernetes//Pod/shop/never-was", &v3),
+        ],
+    )
+    .await
+    .unwrap();
+    let r = again.next().await;
+    assert_eq!(version_in(&r, POD_X).as_deref(), Some(v3.as_str()));
+    assert!(version_in(&r, "Kubernetes//Pod/shop/web-1").is_some());
+    assert_eq!(
+        r.removed_resources,
+        vec!["Kubernetes//Pod/shop/never-was".to_string()]
+    );
+}
+
+#[tokio::test]
+async fn subscribing_to_ever_more_names_ends_the_stream_not_the_memory() {
+    let (hub, addr) = serve(MESH).await;
+    let mut p = Proxy::connect(addr, "node-a", "ztunnel~node-a", ADDRESS_TYPE_URL).await;
+    p.next().await;
+    // Names of nothing, 50 000 a request (each request well under 4 MiB):
+    // without a bound each connection could make the controller keep any
+    // number of them.
+    let mut ended = false;
+    for round in 0..6 {
+        let req = DeltaDiscoveryRequest {
+            type_url: AUTHORIZATION_TYPE_URL.into(),
+            resource_names_subscribe: (0..50_000).map(|i| format!("ns/n-{round}-{i}")).collect(),
+            ..Default::default()
+        };
+        if p.tx.send(req).await.is_err() {
+            ended = true;
+            break;
+        }
+        match tokio::time::timeout(Duration::from_secs(5), p.rx.message()).await {
+            Ok(Ok(Some(_))) => continue,
+            Ok(_) => {
+                ended = true;
+                break;
+            }
+            Err(_) => panic!("no answer within 5 s"),
+        }
+    }
+    assert!(ended, "the stream is still open after 300 000 names");
+    eventually_connected(&hub, 0).await;
+}

@@ -8,7 +8,7 @@
 //!
 //! Layering (a module only uses those listed before it):
 //! `normalize` -> `config` -> `idle` -> `proxy_metrics` -> `authz` -> `ratelimit` -> `routes` ->
-//! `telemetry` -> `extauthz` -> `ingress` -> `attach` -> `lb` -> `reqbody` -> `upstream`
+//! `telemetry` -> `extauthz` -> `ingress` -> `attach` -> `lb` -> `reqbody` -> `batch` -> `upstream`
 //! -> `body` -> `h1guard` -> `proxy` -> `sink` -> `app`.
 //!
 //! The data path is one file per stage in `proxy/` (`sniff` and `rewrite`
@@ -47,6 +47,7 @@ macro_rules! forward_async_write {
 pub mod app;
 pub mod attach;
 pub mod authz;
+pub mod batch;
 pub mod body;
 pub mod config;
 pub mod extauthz;

@@ -25,6 +25,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::debug;
 
+use crate::batch::Batched;
 use crate::reqbody::RequestBody;
 
 pub trait Io: AsyncRead + AsyncWrite + Send + Unpin + 'static {}
@@ -254,13 +255,13 @@ impl Upstreams {
             _permit: permit,
             backend,
         };
-        let io = TokioIo::new(self.dial(d.endpoint, d.target, d.headers).await?);
+        let io = self.dial(d.endpoint, d.target, d.headers).await?;
         let target = d.target;
         let done = move || drop(slot);
         match d.proto {
             Proto::Http1 => {
                 let (sender, conn) = http1::Builder::new()
-                    .handshake(io)
+                    .handshake(TokioIo::new(io))
                     .await
                     .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
                 // With upgrades: a 101 hands the connection to the relay.
@@ -276,7 +277,9 @@ impl Upstreams {
                 let (sender, conn) = http2::Builder::new(TokioExecutor::new())
                     .timer(TokioTimer::new())
                     .keep_alive_interval(Duration::from_secs(30))
-                    .handshake(io)
+                    // Frames written in one pass of the runtime go out in
+                    // one write (batch.rs).
+                    .handshake(TokioIo::new(Batched::new(io)))
                     .await
                     .map_err(|e| UpstreamError::Handshake(e.to_string()))?;
                 tokio::spawn(async move {

@@ -19,6 +19,7 @@ pub fn config_dump(proxy: &Proxy) -> serde_json::Value {
         "version": env!("CARGO_PKG_VERSION"),
         "node": proxy.cfg.node,
         "same_node_fast_path": proxy.cfg.same_node_fast_path,
+        "original_source": proxy.cfg.original_source,
         "workloads": dump.workloads,
         "services": dump.services,
         "policies": dump.policies,

@@ -254,7 +254,7 @@ impl App {
             let (p, target) = (proxy.clone(), b.target);
             shards
                 .serve_each(b.bind, None, move |l| {
-                    inbound_plain::serve(p.clone(), l, target)
+                    inbound_plain::serve(p.clone(), l, target, None)
                 })
                 .map_err(|e| start_err(format!("bind {}", b.bind), e))?;
             info!(addr = %b.bind, "serving inbound plaintext");

@@ -59,6 +59,14 @@ pub struct Config {
     /// itself would add cost and no protection.
     #[serde(default = "d::yes")]
     pub same_node_fast_path: bool,
+    /// Node mode: the inbound side dials the app from the client's
+    /// address (a transparent socket inside the pod; the node agent's
+    /// rules route the app's replies back to it), so the app's
+    /// getpeername, access logs and rate limits see the client, as with
+    /// Istio's ztunnel. Off: the app sees its own pod's address. Also
+    /// `--original-source` / `ENABLE_ORIG_SRC`.
+    #[serde(default = "d::yes")]
+    pub original_source: bool,
     /// Threads that carry the traffic (shards, or the work-stealing
     /// runtime's workers). Unset: one per CPU the process may use. A node's ztunnel shares the node with
     /// its pods, so it is sized to the share it should take (Istio's
@@ -79,6 +87,8 @@ pub struct Overrides {
     pub ca_server_name: Option<String>,
     pub xds_address: Option<String>,
     pub root_namespace: Option<String>,
+    /// Replaces `original_source`.
+    pub original_source: Option<bool>,
 }
 
 /// Where workloads, services and policies come from.
@@ -315,6 +325,9 @@ impl Config {
         if let Some(v) = set(&over.root_namespace) {
             cfg.root_namespace = v;
         }
+        if let Some(v) = over.original_source {
+            cfg.original_source = v;
+        }
         cfg.validate()?;
         Ok(cfg)
     }
@@ -493,6 +506,7 @@ mod tests {
             ca_server_name: var("CA_SERVER_NAME"),
             xds_address: var("XDS_ADDRESS"),
             root_namespace: var("ROOT_NAMESPACE"),
+            original_source: var("ENABLE_ORIG_SRC").and_then(|v| v.parse().ok()),
         };
         let cfg =
             Config::load_with(&path, Some("node-a"), &over).expect("the shipped config loads");
@@ -508,6 +522,32 @@ mod tests {
         // And without them it names what is missing.
         let err = Config::load_for_node(&path, Some("node-a")).expect_err("no controller named");
         assert!(err.to_string().contains("CA_ADDRESS"), "{err}");
+    }
+
+    #[test]
+    fn original_source_is_on_unless_the_file_or_the_environment_turns_it_off() {
+        assert!(load("").expect("loads").original_source);
+        assert!(
+            !load("original_source: false\n")
+                .expect("loads")
+                .original_source
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ztunnel.yaml");
+        std::fs::write(
+            &path,
+            "node: n1\nca: {address: 'https://127.0.0.1:15012', root_cert: /dev/null}\n\
+             state: {local_file: /dev/null}\n",
+        )
+        .expect("write");
+        for (over, want) in [(None, true), (Some(false), false), (Some(true), true)] {
+            let o = Overrides {
+                original_source: over,
+                ..Default::default()
+            };
+            let cfg = Config::load_with(&path, None, &o).expect("loads");
+            assert_eq!(cfg.original_source, want, "{over:?}");
+        }
     }
 
     #[test]

@@ -286,7 +286,10 @@ impl InPod {
             namespace: info.namespace.clone(),
             name: info.name.clone(),
         });
-        let plain: Serve = Arc::new(|p, l| Box::pin(inbound_plain::serve(p, l, None)));
+        let dest = pod.clone();
+        let plain: Serve = Arc::new(move |p, l| {
+            Box::pin(inbound_plain::serve(p, l, None, Some(dest.clone())))
+        });
         let hbone: Serve = Arc::new(|p, l| Box::pin(inbound::serve(p, l)));
         let served = serve(
             Ipv4Addr::LOCALHOST,

@@ -18,13 +18,63 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
-use crate::agent::watch::View;
-use crate::agent::{Agent, PodSpec};
+use crate::agent::watch::{View, WatchError};
+use crate::agent::{Agent, AgentError, PodSpec};
 use crate::enroll::PodView;
+use crate::find::FindError;
 
 /// How often the watch is looked at without an event (the lab's directory
 /// has none; on Kubernetes this retries what failed).
 const RESYNC: Duration = Duration::from_secs(1);
+
+/// Why a look at the watch did not bring the node's pods in line.
+#[derive(Debug, thiserror::Error)]
+pub enum SyncError {
+    #[error("the agent watches nothing (no --node)")]
+    NoWatch,
+    /// The watch's first list is not in yet: nothing to decide on, not a
+    /// failure worth a warning.
+    #[error("the watch has not listed pods and namespaces yet")]
+    NotListed,
+    #[error(transparent)]
+    Watch(#[from] WatchError),
+    #[error("netns scan: {0}")]
+    Scan(#[source] tokio::task::JoinError),
+    /// The pods whose capture or release failed (the others were acted on).
+    #[error("{}", join(.0))]
+    Pods(Vec<PodError>),
+}
+
+/// One pod the agent could not capture or release.
+#[derive(Debug, thiserror::Error)]
+pub enum PodError {
+    #[error("releasing {uid}: {source}")]
+    Release {
+        uid: String,
+        #[source]
+        source: AgentError,
+    },
+    /// "namespace/name": its netns was not found among the node's.
+    #[error("{pod}: {source}")]
+    Find {
+        pod: String,
+        #[source]
+        source: FindError,
+    },
+    #[error("capturing {pod}: {source}")]
+    Capture {
+        pod: String,
+        #[source]
+        source: AgentError,
+    },
+}
+
+fn join(errs: &[PodError]) -> String {
+    errs.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
 
 /// What to do with one pod.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,13 +116,13 @@ pub fn plan(view: &View, held: &[(String, bool)], excluded: &[String]) -> Vec<Ac
 
 impl Agent {
     /// Looks at the watch and acts on it.
-    pub(crate) async fn sync(&self) -> Result<(), String> {
+    pub(crate) async fn sync(&self) -> Result<(), SyncError> {
         let Some(source) = &self.source else {
-            return Err("the agent watches nothing (no --node)".into());
+            return Err(SyncError::NoWatch);
         };
         let _one = self.reconciling.lock().await;
-        let Some(view) = source.view().await.map_err(|e| e.to_string())? else {
-            return Err("the watch has not listed pods and namespaces yet".into());
+        let Some(view) = source.view().await? else {
+            return Err(SyncError::NotListed);
         };
         let held: Vec<(String, bool)> = self
             .pods
@@ -85,63 +135,55 @@ impl Agent {
         if actions.is_empty() {
             return Ok(());
         }
-        let wanted: Vec<PodView> = actions
-            .iter()
-            .filter_map(|a| match a {
-                Action::Capture(p) => Some(p.clone()),
-                _ => None,
-            })
-            .collect();
-        // One look at the node's netns for every pod to capture.
-        let scan = if wanted.is_empty() {
-            None
-        } else {
-            let finder = self.cfg.finder.clone();
-            let host = self.host_id();
-            Some(
-                tokio::task::spawn_blocking(move || finder.scan(host))
-                    .await
-                    .map_err(|e| format!("netns scan: {e}"))?,
-            )
-        };
         let mut failed = Vec::new();
+        let mut wanted: Vec<PodView> = Vec::new();
         for a in actions {
             match a {
                 Action::Release(uid) => {
                     info!(uid, "pod left the mesh: releasing");
-                    if let Err(e) = self.del(&uid).await {
-                        failed.push(format!("releasing {uid}: {e}"));
+                    if let Err(source) = self.del(&uid, super::Leave::Release).await {
+                        failed.push(PodError::Release { uid, source });
                     }
                 }
                 Action::Rebypass(uid, bypass) => self.set_bypass(&uid, bypass).await,
-                Action::Capture(p) => {
-                    let key = format!("{}/{}", p.namespace, p.name);
-                    let found = scan.as_ref().map(|s| s.find(&p.ips));
-                    let Some(Ok((path, netns))) = found else {
-                        let e = found.and_then(|f| f.err()).map(|e| e.to_string());
-                        failed.push(format!("{key}: {}", e.unwrap_or_default()));
+                Action::Capture(p) => wanted.push(p),
+            }
+        }
+        if !wanted.is_empty() {
+            // One look at the node's netns for every pod to capture.
+            let finder = self.cfg.finder.clone();
+            let host = self.host_id();
+            let scan = tokio::task::spawn_blocking(move || finder.scan(host))
+                .await
+                .map_err(SyncError::Scan)?;
+            for p in wanted {
+                let key = format!("{}/{}", p.namespace, p.name);
+                let (path, netns) = match scan.find(&p.ips) {
+                    Ok(found) => found,
+                    Err(source) => {
+                        failed.push(PodError::Find { pod: key, source });
                         continue;
-                    };
-                    info!(pod = %key, netns = %path, "running pod enrolled: capturing");
-                    let spec = PodSpec {
-                        uid: p.uid.clone(),
-                        name: p.name.clone(),
-                        namespace: p.namespace.clone(),
-                        service_account: p.service_account.clone(),
-                        netns: path,
-                        ips: p.ips.clone(),
-                        bypass_inbound: p.bypass_inbound(),
-                    };
-                    if let Err(e) = self.add_opened(spec, netns).await {
-                        failed.push(format!("capturing {key}: {e}"));
                     }
+                };
+                info!(pod = %key, netns = %path, "running pod enrolled: capturing");
+                let spec = PodSpec {
+                    uid: p.uid.clone(),
+                    name: p.name.clone(),
+                    namespace: p.namespace.clone(),
+                    service_account: p.service_account.clone(),
+                    netns: path,
+                    ips: p.ips.clone(),
+                    bypass_inbound: p.bypass_inbound(),
+                };
+                if let Err(source) = self.add_opened(spec, netns).await {
+                    failed.push(PodError::Capture { pod: key, source });
                 }
             }
         }
         if failed.is_empty() {
             Ok(())
         } else {
-            Err(failed.join("; "))
+            Err(SyncError::Pods(failed))
         }
     }
 
@@ -165,7 +207,7 @@ impl Agent {
             }
             match self.sync().await {
                 Ok(()) => {}
-                Err(e) if e.contains("not listed") => debug!("{e}"),
+                Err(e @ SyncError::NotListed) => debug!("{e}"),
                 Err(e) => warn!(error = %e, "enrollment not reconciled; retrying"),
             }
         }
@@ -239,6 +281,102 @@ mod tests {
                 Action::Rebypass("bypass".into(), true),
                 Action::Release("left".into()),
             ]
+        );
+    }
+
+    /// An agent on node-1 watching `source`, with no ztunnel, looking for
+    /// netns under an empty /proc.
+    fn agent(dir: &std::path::Path, source: Option<crate::agent::watch::Source>) -> Agent {
+        use tokio::sync::Mutex;
+        Agent {
+            cfg: crate::agent::AgentConfig {
+                zds_socket: dir.join("zds.sock"),
+                control_socket: dir.join("control.sock"),
+                state_file: dir.join("pods.json"),
+                dns: false,
+                host_netns: None,
+                finder: crate::find::Finder {
+                    proc_dir: dir.join("proc"),
+                    pinned_dir: dir.join("netns"),
+                },
+                watch: Default::default(),
+            },
+            host: None,
+            source,
+            reconciling: Mutex::new(()),
+            ops: Mutex::new(()),
+            pods: Mutex::new(BTreeMap::new()),
+            ztunnel: Mutex::new(None),
+        }
+    }
+
+    /// Why a look at the watch did nothing is a variant the loop branches
+    /// on (a watch not listed yet is no warning), with what it is about.
+    #[tokio::test]
+    async fn a_sync_says_why_it_did_nothing() {
+        use crate::agent::watch::Source;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
+
+        let r = agent(dir.path(), None).sync().await;
+        assert!(matches!(r, Err(SyncError::NoWatch)), "{r:?}");
+
+        // Reflector stores nothing has filled yet: not listed.
+        let (pods, _pw) = kube::runtime::reflector::store();
+        let (namespaces, _nw) = kube::runtime::reflector::store();
+        let kube = Source::Kube {
+            node: "node-1".into(),
+            pods,
+            namespaces,
+        };
+        let r = agent(dir.path(), Some(kube)).sync().await;
+        assert!(matches!(r, Err(SyncError::NotListed)), "{r:?}");
+
+        let objects = dir.path().join("objects");
+        let dir_source = |d: &std::path::Path| Source::Dir {
+            node: "node-1".into(),
+            dir: d.to_path_buf(),
+        };
+        let r = agent(dir.path(), Some(dir_source(&objects))).sync().await;
+        assert!(
+            matches!(r, Err(SyncError::Watch(WatchError::Read { .. }))),
+            "{r:?}"
+        );
+
+        // An enrolled pod whose netns is nowhere on the node: named.
+        std::fs::create_dir_all(&objects).expect("objects");
+        std::fs::write(
+            objects.join("shop.yaml"),
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: u-1}
+spec: {nodeName: node-1, containers: [{name: web, image: x}]}
+status: {podIP: 10.1.1.5}
+"#,
+        )
+        .expect("write");
+        let r = agent(dir.path(), Some(dir_source(&objects))).sync().await;
+        let Err(SyncError::Pods(failed)) = &r else {
+            panic!("a pod failure expected: {r:?}")
+        };
+        assert!(
+            matches!(
+                &failed[..],
+                [PodError::Find { pod, source: FindError::NotFound(_) }] if pod == "shop/web"
+            ),
+            "{failed:?}"
+        );
+        assert!(
+            r.as_ref()
+                .unwrap_err()
+                .to_string()
+                .starts_with("shop/web: no netns on the node holds"),
+            "{r:?}"
         );
     }
 }

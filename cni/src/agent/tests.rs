@@ -37,7 +37,14 @@ fn agent(dir: &Path, uids: &[&str]) -> Arc<Agent> {
             bypass_inbound: false,
         };
         let netns = Netns::open(&spec.netns).expect("our own netns");
-        pods.insert(uid.to_string(), Pod { spec, netns });
+        pods.insert(
+            uid.to_string(),
+            Pod {
+                spec,
+                netns,
+                no_orig_src: None,
+            },
+        );
     }
     Arc::new(Agent {
         cfg: config(dir),

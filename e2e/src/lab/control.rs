@@ -74,7 +74,13 @@ impl Lab {
         for n in self.state.nodes.clone() {
             let zds = self.dir.join(format!("{}-zds.sock", n.name));
             let control = self.dir.join(format!("{}-cni.sock", n.name));
-            let cmd = vec![
+            // A test's PATH for the agent (`env` sets it for the agent
+            // alone: `ip netns exec` still finds its own programs).
+            let mut cmd: Vec<String> = match &self.state.agent_path {
+                Some(p) => vec!["env".into(), format!("PATH={p}")],
+                None => Vec::new(),
+            };
+            cmd.extend([
                 binary("ztunnel-cni").display().to_string(),
                 "--control-socket".into(),
                 control.display().to_string(),
@@ -97,7 +103,7 @@ impl Lab {
                 self.dir.join("config").display().to_string(),
                 "--host-netns".into(),
                 "/proc/self/ns/net".into(),
-            ];
+            ]);
             self.start_named(
                 &format!("{}-cni", n.name),
                 &n.netns,

@@ -9,7 +9,7 @@ use std::time::SystemTime;
 
 use serde::{Deserialize, Serialize};
 
-use super::objects::{Change, Object, ObjectError, ObjectKey};
+use super::objects::{Change, Kind, Object, ObjectError, ObjectKey};
 
 /// One reported problem with the config.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -31,7 +31,11 @@ impl std::fmt::Display for ConfigIssue {
 
 #[derive(Clone)]
 struct Entry {
-    object: Object,
+    /// None for a pod once the model has been given it: pods are most of a
+    /// large config, and the model keeps only what it reads of them. Should
+    /// it be needed again (another file's copy went away), the file is read
+    /// again ([`FolderSource::object_of`]).
+    object: Option<Object>,
     /// Hash of the document as read, to tell a changed object from an
     /// unchanged one without keeping the document twice.
     hash: u64,
@@ -66,7 +70,14 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     };
     for e in rd.flatten() {
         let p = e.path();
-        if p.is_dir() {
+        // The entry's type comes with the listing: no stat per file (a
+        // poll lists every file). A symlink is followed, as before.
+        let dir = match e.file_type() {
+            Ok(t) if t.is_symlink() => p.is_dir(),
+            Ok(t) => t.is_dir(),
+            Err(_) => p.is_dir(),
+        };
+        if dir {
             yaml_files(&p, out);
         } else if matches!(p.extension().and_then(|x| x.to_str()), Some("yaml" | "yml")) {
             out.push(p);
@@ -171,7 +182,13 @@ impl FolderSource {
                         continue;
                     }
                     let hash = doc_hash(&raw);
-                    state.objects.insert(key, Entry { object: obj, hash });
+                    state.objects.insert(
+                        key,
+                        Entry {
+                            object: Some(obj),
+                            hash,
+                        },
+                    );
                 }
                 Ok(None) => {}
                 Err(e) => {
@@ -265,12 +282,54 @@ impl FolderSource {
             self.current.remove(&k);
             changes.push(Change::Delete(k));
         }
-        for (k, (_, e)) in merged {
-            if self.current.get(&k) != Some(&e.hash) {
-                self.current.insert(k, e.hash);
-                changes.push(Change::Upsert(e.object.clone()));
+        let upserts: Vec<(PathBuf, ObjectKey, u64)> = merged
+            .into_iter()
+            .filter(|(k, (_, e))| self.current.get(k) != Some(&e.hash))
+            .map(|(k, (p, e))| (p.to_path_buf(), k, e.hash))
+            .collect();
+        for (path, k, hash) in upserts {
+            match self.object_of(&path, &k) {
+                Some(o) => {
+                    self.current.insert(k, hash);
+                    changes.push(Change::Upsert(o));
+                }
+                // Gone from its file since it was read (the next scan reads
+                // the file again): a pod no longer known is removed.
+                None => {
+                    if self.current.remove(&k).is_some() {
+                        changes.push(Change::Delete(k));
+                    }
+                }
+            }
+        }
+        // The model has every pod it needs: drop the folder's copies.
+        for f in self.files.values_mut() {
+            for (k, e) in f.objects.iter_mut() {
+                if k.kind == Kind::Pod {
+                    e.object = None;
+                }
             }
         }
         changes
+    }
+
+    /// Object `k` as file `path` defines it: the copy kept, else (a pod's,
+    /// dropped) read from the file again.
+    fn object_of(&mut self, path: &Path, k: &ObjectKey) -> Option<Object> {
+        let f = self.files.get_mut(path)?;
+        let e = f.objects.get_mut(k)?;
+        // A pod's copy goes to the model (it is dropped here anyway).
+        let kept = if k.kind == Kind::Pod {
+            e.object.take()
+        } else {
+            e.object.clone()
+        };
+        if kept.is_some() {
+            return kept;
+        }
+        let mut fresh = Self::load_file(path, &FileState::default());
+        let o = fresh.objects.remove(k)?.object;
+        tracing::debug!(file = %path.display(), object = %k, "read again for an object dropped after use");
+        o
     }
 }

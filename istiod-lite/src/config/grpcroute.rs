@@ -9,6 +9,27 @@
 
 use serde_json::{Map, Value, json};
 
+/// Why a GRPCRoute document cannot be read as an HTTPRoute.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum GrpcRouteError {
+    #[error("not an object")]
+    NotAnObject,
+    /// It would name another split of the path into service and method.
+    #[error("an exact service or method cannot contain '/'")]
+    SlashInExact,
+    #[error("method match type {0:?} is not supported")]
+    MethodMatchType(String),
+}
+
+/// Why a watched GRPCRoute could not be read as an HTTPRoute.
+#[derive(Debug, thiserror::Error)]
+enum Unreadable {
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    #[error(transparent)]
+    Grpc(#[from] GrpcRouteError),
+}
+
 /// A GRPCRoute from the API server as the HTTPRoute it amounts to. One
 /// that cannot be read so (it cannot happen with the typed GRPCRoute's
 /// match types) keeps its name and loses its rules, and is logged.
@@ -16,10 +37,11 @@ pub fn as_http_route(
     g: &gateway_api::apis::experimental::grpcroutes::GrpcRoute,
 ) -> gateway_api::apis::experimental::httproutes::HttpRoute {
     use gateway_api::apis::experimental::httproutes::{HttpRoute, HttpRouteSpec};
-    let converted = serde_json::to_value(g)
-        .map_err(|e| e.to_string())
-        .and_then(|v| to_http_route(&v))
-        .and_then(|v| serde_json::from_value::<HttpRoute>(v).map_err(|e| e.to_string()));
+    let converted = || -> Result<HttpRoute, Unreadable> {
+        let v = to_http_route(&serde_json::to_value(g)?)?;
+        Ok(serde_json::from_value(v)?)
+    };
+    let converted = converted();
     converted.unwrap_or_else(|e| {
         let mut metadata = g.metadata.clone();
         let name = metadata.name.clone().unwrap_or_default();
@@ -60,12 +82,12 @@ fn escape(s: &str) -> String {
 /// or method with a `/` is refused (it would name another split of the
 /// path), and a regular expression is grouped so an alternation in it
 /// cannot reach past its segment.
-fn path_match(m: &Value) -> Result<Option<Value>, String> {
+fn path_match(m: &Value) -> Result<Option<Value>, GrpcRouteError> {
     let kind = m.get("type").and_then(Value::as_str).unwrap_or("Exact");
     let service = m.get("service").and_then(Value::as_str);
     let method = m.get("method").and_then(Value::as_str);
     if kind == "Exact" && [service, method].iter().flatten().any(|p| p.contains('/')) {
-        return Err("an exact service or method cannot contain '/'".into());
+        return Err(GrpcRouteError::SlashInExact);
     }
     let (t, v) = match (kind, service, method) {
         (_, None, None) => return Ok(None),
@@ -80,15 +102,15 @@ fn path_match(m: &Value) -> Result<Option<Value>, String> {
                 me.unwrap_or("[^/]+")
             ),
         ),
-        (other, _, _) => return Err(format!("method match type {other:?} is not supported")),
+        (other, _, _) => return Err(GrpcRouteError::MethodMatchType(other.to_string())),
     };
     Ok(Some(json!({"type": t, "value": v})))
 }
 
 /// The HTTPRoute document a GRPCRoute document stands for.
-pub fn to_http_route(v: &Value) -> Result<Value, String> {
+pub fn to_http_route(v: &Value) -> Result<Value, GrpcRouteError> {
     let mut out = v.clone();
-    let obj = out.as_object_mut().ok_or("not an object")?;
+    let obj = out.as_object_mut().ok_or(GrpcRouteError::NotAnObject)?;
     obj.insert("kind".into(), json!("HTTPRoute"));
     if let Some(n) = obj.get_mut("metadata").and_then(|m| m.get_mut("name"))
         && let Some(s) = n.as_str()
@@ -142,7 +164,10 @@ mod tests {
             Some(json!({"type": "RegularExpression", "value": "/(?:shop\\..*)/(?:[^/]+)"}))
         );
         assert_eq!(m(json!({})), None);
-        assert!(path_match(&json!({"type": "Prefix", "method": "x"})).is_err());
+        assert_eq!(
+            path_match(&json!({"type": "Prefix", "method": "x"})),
+            Err(GrpcRouteError::MethodMatchType("Prefix".into()))
+        );
     }
 
     /// A method match never reaches past its own path segment: a user's
@@ -164,7 +189,7 @@ mod tests {
             json!({"service": "a", "method": "X/Y"}),
             json!({"method": "X/Y"}),
         ] {
-            assert!(path_match(&bad).is_err(), "{bad}");
+            assert_eq!(path_match(&bad), Err(GrpcRouteError::SlashInExact), "{bad}");
         }
     }
 

@@ -264,6 +264,66 @@ where
     }
 }
 
+/// Only what the model reads of a Pod (its `PodView`): managed fields,
+/// annotations, volumes, images and the rest are dropped as each pod
+/// arrives, so a list of many pods is not held whole meanwhile.
+fn trim_pod(p: Pod) -> Pod {
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodCondition, PodSpec, PodStatus};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    let m = p.metadata;
+    Pod {
+        metadata: ObjectMeta {
+            name: m.name,
+            namespace: m.namespace,
+            uid: m.uid,
+            resource_version: m.resource_version,
+            labels: m.labels,
+            owner_references: m.owner_references,
+            deletion_timestamp: m.deletion_timestamp,
+            ..Default::default()
+        },
+        spec: p.spec.map(|s| PodSpec {
+            node_name: s.node_name,
+            service_account_name: s.service_account_name,
+            host_network: s.host_network,
+            containers: s
+                .containers
+                .into_iter()
+                .map(|c| Container {
+                    name: c.name,
+                    ports: c.ports.map(|ports| {
+                        ports
+                            .into_iter()
+                            .map(|cp| ContainerPort {
+                                name: cp.name,
+                                container_port: cp.container_port,
+                                ..Default::default()
+                            })
+                            .collect()
+                    }),
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }),
+        status: p.status.map(|s| PodStatus {
+            phase: s.phase,
+            pod_ip: s.pod_ip,
+            pod_ips: s.pod_ips,
+            conditions: s.conditions.map(|cs| {
+                cs.into_iter()
+                    .map(|c| PodCondition {
+                        type_: c.type_,
+                        status: c.status,
+                        ..Default::default()
+                    })
+                    .collect()
+            }),
+            ..Default::default()
+        }),
+    }
+}
+
 /// A batch of changes: a whole list, or one event.
 enum Step {
     Listed(Vec<Change>),
@@ -314,7 +374,7 @@ pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers
         };
     }
     watch!(Namespace, Namespace, "Namespace", false);
-    watch!(Pod, Pod, "Pod", false);
+    watch!(Pod, Pod, "Pod", false, watcher::Config::default(), trim_pod);
     watch!(Service, Service, "Service", false);
     watch!(EndpointSlice, EndpointSlice, "EndpointSlice", false);
     watch!(GatewayClass, GatewayClass, "GatewayClass", false);
@@ -435,5 +495,52 @@ mod tests {
             classify(&watcher::Error::InitialListFailed(api_error(503))),
             Trouble::Failing(_)
         ));
+    }
+}
+
+#[cfg(test)]
+mod trim_tests {
+    use super::*;
+    use crate::model::pod::PodView;
+
+    #[test]
+    fn a_trimmed_pod_looks_the_same_to_the_model() {
+        let full: Pod = serde_yaml::from_str(
+            r#"
+metadata:
+  name: web-7d9f-abcde
+  namespace: shop
+  uid: u-1
+  resourceVersion: "42"
+  labels: {app: web, istio.io/dataplane-mode: ambient}
+  annotations: {kubectl.kubernetes.io/last-applied-configuration: "{}"}
+  ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: web-7d9f, uid: r}]
+  managedFields: [{manager: kubelet, operation: Update}]
+spec:
+  nodeName: node-a
+  serviceAccountName: web
+  hostNetwork: false
+  volumes: [{name: v, emptyDir: {}}]
+  containers:
+  - name: c
+    image: example/web:1
+    args: [--port, "8080"]
+    ports: [{name: http, containerPort: 8080, protocol: TCP}]
+status:
+  phase: Running
+  podIP: 10.0.0.1
+  podIPs: [{ip: 10.0.0.1}]
+  hostIP: 192.168.0.1
+  conditions: [{type: Ready, status: "True", lastTransitionTime: "2026-01-01T00:00:00Z"}]
+  containerStatuses: [{name: c, image: x, imageID: y, ready: true, restartCount: 0}]
+"#,
+        )
+        .expect("a pod");
+        let trimmed = trim_pod(full.clone());
+        assert_eq!(PodView::of(&trimmed), PodView::of(&full));
+        assert!(trimmed.metadata.managed_fields.is_none());
+        assert!(trimmed.metadata.annotations.is_none());
+        assert_eq!(trimmed.metadata.resource_version.as_deref(), Some("42"));
+        assert!(trimmed.spec.as_ref().is_some_and(|s| s.volumes.is_none()));
     }
 }

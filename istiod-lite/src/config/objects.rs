@@ -282,10 +282,10 @@ impl Object {
             // HTTPRoute it amounts to (grpcroute.rs).
             ("gateway.networking.k8s.io", "GRPCRoute") => {
                 let http =
-                    super::grpcroute::to_http_route(&v).map_err(|reason| ObjectError::Invalid {
+                    super::grpcroute::to_http_route(&v).map_err(|e| ObjectError::Invalid {
                         kind: kind.clone(),
                         name: name.clone(),
-                        reason,
+                        reason: e.to_string(),
                     })?;
                 typed::<GrpcRoute>(v, k, &name)?;
                 Object::HttpRoute(Box::new(typed(http, k, &name)?))

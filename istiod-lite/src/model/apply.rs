@@ -1,9 +1,10 @@
 //! Input changes: each kind's change is kept and marks the outputs it
 //! can affect ([`Dirty`]) for [`Model::recompute`].
 
-use k8s_openapi::api::core::v1::Pod;
-
-use super::{Dirty, GATEWAY_NAME_LABEL, Model, NsName, extauthz, in_ns, ingress, ns_name, routes};
+use super::pod::PodView;
+use super::{
+    Dirty, GATEWAY_NAME_LABEL, Model, NsName, extauthz, in_ns, ns_name, routes, tls_secret,
+};
 use crate::config::objects::{Change, Kind, Object};
 
 impl Model {
@@ -106,7 +107,7 @@ impl Model {
                 // Only the verdict and what a listener serves are kept.
                 match obj {
                     Some(Object::Secret(s)) => {
-                        self.secrets.insert(nn.clone(), ingress::tls_secret(&s))
+                        self.secrets.insert(nn.clone(), tls_secret::tls_secret(&s))
                     }
                     _ => self.secrets.remove(&nn),
                 };
@@ -123,29 +124,28 @@ impl Model {
 
     /// A Pod: its workload, and the node index the CA checks.
     fn apply_pod(&mut self, nn: NsName, obj: Option<Object>, d: &mut Dirty) {
-        let is_gateway = |p: &Pod| {
-            p.metadata
-                .labels
-                .as_ref()
-                .is_some_and(|l| l.contains_key(GATEWAY_NAME_LABEL))
+        let is_gateway = |p: &PodView| p.label(GATEWAY_NAME_LABEL).is_some();
+        let view = match &obj {
+            Some(Object::Pod(p)) => Some(PodView::of(p)),
+            _ => None,
         };
-        d.gateway_proxies |= self.pods.get(&nn).is_some_and(is_gateway)
-            || matches!(&obj, Some(Object::Pod(p)) if is_gateway(p));
+        d.gateway_proxies |=
+            self.pods.get(&nn).is_some_and(is_gateway) || view.as_ref().is_some_and(is_gateway);
         if let Some(old) = self.pods.get(&nn)
-            && let Some(node) = old.spec.as_ref().and_then(|s| s.node_name.clone())
-            && let Some(set) = self.pods_by_node.get_mut(&node)
+            && let Some(node) = &old.node
+            && let Some(set) = self.pods_by_node.get_mut(node)
         {
             set.remove(&nn);
         }
-        match obj {
-            Some(Object::Pod(p)) => {
-                if let Some(node) = p.spec.as_ref().and_then(|s| s.node_name.clone()) {
+        match view {
+            Some(p) => {
+                if let Some(node) = &p.node {
                     self.pods_by_node
-                        .entry(node)
+                        .entry(node.clone())
                         .or_default()
                         .insert(nn.clone());
                 }
-                self.pods.insert(nn.clone(), *p);
+                self.pods.insert(nn.clone(), p);
             }
             _ => {
                 self.pods.remove(&nn);

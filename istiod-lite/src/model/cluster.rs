@@ -151,10 +151,10 @@ impl Model {
     /// pod-bound service-account token is tied to its node.
     pub fn pod_node(&self, namespace: &str, name: &str, uid: &str) -> Option<String> {
         let p = self.pods.get(&(namespace.to_string(), name.to_string()))?;
-        if p.metadata.uid.as_deref() != Some(uid) {
+        if p.uid.as_deref() != Some(uid) {
             return None;
         }
-        p.spec.as_ref()?.node_name.clone()
+        p.node.clone()
     }
 
     /// The node of a running pod and its service account's identity: how
@@ -167,15 +167,14 @@ impl Model {
         let p = self
             .pods
             .get(&(namespace.to_string(), name.to_string()))
-            .filter(|p| super::workload::running(p))
+            .filter(|p| p.running)
             .ok_or_else(|| PodError::NotRunning(namespace.into(), name.into()))?;
         let node = p
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.clone())
+            .node
+            .clone()
             .filter(|n| !n.is_empty())
             .ok_or_else(|| PodError::NotScheduled(namespace.into(), name.into()))?;
-        let sa = super::workload::service_account(p);
+        let sa = p.service_account();
         let identity = Identity::new(&self.cfg.trust_domain, namespace, sa).map_err(|reason| {
             PodError::BadAccount {
                 namespace: namespace.into(),
@@ -191,7 +190,7 @@ impl Model {
     pub fn pod_service_account(&self, namespace: &str, name: &str) -> Option<&str> {
         self.pods
             .get(&(namespace.to_string(), name.to_string()))
-            .map(super::workload::service_account)
+            .map(|p| p.service_account())
     }
 }
 

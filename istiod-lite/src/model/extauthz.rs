@@ -19,27 +19,41 @@ use super::{Dirty, Model, NsName};
 use crate::config::crds::{AuthorizationAction, AuthorizationPolicy};
 use crate::config::mesh::{ExtAuthzGrpc, Provider};
 
+/// Why a CUSTOM policy has no provider it can use (it then denies what it
+/// applies to).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ProviderRefError {
+    #[error("action CUSTOM names no provider")]
+    Unnamed,
+    #[error("provider {0:?} is not among the mesh config's extensionProviders")]
+    Unknown(String),
+    /// `why`: the mesh config's reason (see `Provider::Unusable`).
+    #[error("provider {name:?} cannot be used: {why}")]
+    Unusable { name: String, why: String },
+}
+
 /// The provider of a CUSTOM policy, ready for a waypoint, with issues that
 /// do not stop it being used; Err(why) when the policy has no usable one.
 pub fn resolve(
     model: &Model,
     p: &AuthorizationPolicy,
-) -> Result<(pb::ExtAuthzProvider, Vec<String>), String> {
+) -> Result<(pb::ExtAuthzProvider, Vec<String>), ProviderRefError> {
     let name = p
         .spec
         .provider
         .as_ref()
         .map(|r| r.name.as_str())
         .filter(|n| !n.is_empty())
-        .ok_or("action CUSTOM names no provider")?;
+        .ok_or(ProviderRefError::Unnamed)?;
     let g = match model.cfg.mesh.extension_providers.get(name) {
         None => {
-            return Err(format!(
-                "provider {name:?} is not among the mesh config's extensionProviders"
-            ));
+            return Err(ProviderRefError::Unknown(name.to_string()));
         }
         Some(Provider::Unusable(why)) => {
-            return Err(format!("provider {name:?} cannot be used: {why}"));
+            return Err(ProviderRefError::Unusable {
+                name: name.to_string(),
+                why: why.clone(),
+            });
         }
         Some(Provider::ExtAuthzGrpc(g)) => g,
     };
@@ -351,9 +365,9 @@ spec: {clusterIP: 10.96.0.9, selector: {app: ext-authz}, ports: [{name: grpc, po
         use prost::Message;
         let r = m
             .resources(mesh_proto::AUTHORIZATION_TYPE_URL)
-            .and_then(|r| r.get(&format!("shop/{name}")))
+            .and_then(|r| r.get(format!("shop/{name}").as_str()))
             .unwrap_or_else(|| panic!("no ztunnel policy shop/{name}"));
-        l4::Authorization::decode(r.any.value.as_slice()).expect("decodes")
+        l4::Authorization::decode(r.value()).expect("decodes")
     }
 
     #[test]

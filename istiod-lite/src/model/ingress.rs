@@ -16,22 +16,18 @@
 //!
 //! Why a listener is not served is both a listener condition (cluster mode
 //! writes it to the Gateway's status) and a model issue on the Gateway.
-//! Key material never leaves this module except in the encoded resource:
-//! the model keeps only what a listener serves, and its Debug form hides it.
+//! Key material never leaves this module (and `tls_secret.rs`, which checks
+//! a Secret) except in the encoded resource: the model keeps only what a
+//! listener serves, and its Debug form hides it.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
 
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gateways::{
     Gateway, GatewayListeners, GatewayListenersAllowedRoutesNamespacesFrom as From,
     GatewayListenersAllowedRoutesNamespacesSelector, GatewayListenersTlsMode,
 };
-use k8s_openapi::api::core::v1::Secret;
 use mesh_proto::mesh::waypoint as pb;
-use rustls::sign::CertifiedKey;
-use rustls_pki_types::pem::PemObject;
-use rustls_pki_types::{CertificateDer, PrivateKeyDer};
 
 use super::waypoint::{GATEWAY_GROUP, ports};
 use super::workload::labels;
@@ -39,8 +35,8 @@ use super::{Model, NsName, routes};
 
 use crate::config::grpcroute::grpc_route_name;
 use crate::config::kube::TLS_SECRET_TYPE;
-const HTTP_ROUTE_KIND: &str = "HTTPRoute";
-const GRPC_ROUTE_KIND: &str = "GRPCRoute";
+pub(super) const HTTP_ROUTE_KIND: &str = "HTTPRoute";
+pub(super) const GRPC_ROUTE_KIND: &str = "GRPCRoute";
 
 /// The route kinds a listener admits.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -68,75 +64,6 @@ impl RouteKinds {
             .filter_map(|(on, k)| on.then_some(k))
             .collect()
     }
-}
-
-/// What a valid TLS Secret holds, as PEM text, kept only to be served.
-#[derive(Clone, PartialEq, Eq)]
-pub struct TlsMaterial {
-    cert_chain: String,
-    private_key: String,
-}
-
-impl fmt::Debug for TlsMaterial {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("TlsMaterial { .. }")
-    }
-}
-
-/// A Secret as the model keeps it: what it serves, or why it cannot serve.
-pub type TlsSecret = Result<TlsMaterial, String>;
-
-fn data<'a>(s: &'a Secret, key: &str) -> Option<&'a [u8]> {
-    s.data
-        .as_ref()?
-        .get(key)
-        .map(|b| b.0.as_slice())
-        .filter(|b| !b.is_empty())
-}
-
-/// Checks a Secret as a listener certificate: of type `kubernetes.io/tls`,
-/// `tls.crt` PEM certificates (leaf first), `tls.key` a PEM private key
-/// (PKCS#8, PKCS#1 or SEC1) matching the leaf. Errors never quote the key.
-pub fn tls_secret(s: &Secret) -> TlsSecret {
-    let t = s.type_.as_deref().unwrap_or("Opaque");
-    if t != TLS_SECRET_TYPE {
-        return Err(format!("is of type {t:?}, not {TLS_SECRET_TYPE}"));
-    }
-    let crt = data(s, "tls.crt").ok_or("has no tls.crt")?;
-    let key = data(s, "tls.key").ok_or("has no tls.key")?;
-    let cert_chain = std::str::from_utf8(crt).map_err(|_| "tls.crt is not PEM text")?;
-    let private_key = std::str::from_utf8(key).map_err(|_| "tls.key is not PEM text")?;
-    let certs = CertificateDer::pem_slice_iter(crt)
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| format!("tls.crt is not valid PEM: {e}"))?;
-    if certs.is_empty() {
-        return Err("no certificate in tls.crt".into());
-    }
-    // The PEM error could quote a line of the key: say only what is wrong.
-    let der = PrivateKeyDer::from_pem_slice(key).map_err(|e| match e {
-        rustls_pki_types::pem::Error::NoItemsFound => {
-            "no private key in tls.key (PKCS#8, PKCS#1 or SEC1 PEM)".to_string()
-        }
-        _ => "tls.key is not valid PEM".to_string(),
-    })?;
-    let signer = rustls::crypto::ring::sign::any_supported_type(&der).map_err(|_| {
-        "tls.key is not a usable private key (RSA, ECDSA P-256/P-384 or Ed25519)".to_string()
-    })?;
-    CertifiedKey::new(certs, signer)
-        .keys_match()
-        .map_err(|e| match e {
-            rustls::Error::InconsistentKeys(rustls::InconsistentKeys::KeyMismatch) => {
-                "tls.key does not match the first certificate in tls.crt".to_string()
-            }
-            rustls::Error::InconsistentKeys(_) => {
-                "cannot check that tls.key matches tls.crt".to_string()
-            }
-            other => format!("the first certificate in tls.crt does not parse: {other}"),
-        })?;
-    Ok(TlsMaterial {
-        cert_chain: cert_chain.to_string(),
-        private_key: private_key.to_string(),
-    })
 }
 
 /// One condition of a listener's status.
@@ -225,13 +152,18 @@ fn covers(w: &str, h: &str) -> bool {
     w.strip_prefix('*').is_some_and(|suffix| under(suffix, h))
 }
 
+/// A label selector operator other than In, NotIn, Exists, DoesNotExist.
+#[derive(Debug, thiserror::Error)]
+#[error("selector operator {0:?} is not supported")]
+struct UnsupportedOperator(String);
+
 /// Whether a label selector selects `ns`'s labels; Err names what it
 /// cannot evaluate.
 fn selects(
     model: &Model,
     sel: &GatewayListenersAllowedRoutesNamespacesSelector,
     ns: &str,
-) -> Result<bool, String> {
+) -> Result<bool, UnsupportedOperator> {
     let l = model
         .namespaces
         .get(ns)
@@ -251,7 +183,7 @@ fn selects(
             "NotIn" => has.is_none_or(|v| !values.contains(v)),
             "Exists" => has.is_some(),
             "DoesNotExist" => has.is_none(),
-            op => return Err(format!("selector operator {op:?} is not supported")),
+            op => return Err(UnsupportedOperator(op.to_string())),
         };
     }
     Ok(by_labels && by_exprs)
@@ -881,7 +813,7 @@ mod tests {
             .resources(INGRESS_TYPE_URL)
             .and_then(|r| r.get(name))
             .unwrap_or_else(|| panic!("no Ingress {name}"));
-        pb::Ingress::decode(r.any.value.as_slice()).expect("decodes")
+        pb::Ingress::decode(r.value()).expect("decodes")
     }
 
     fn status<'a>(m: &'a Model, gw: &str, listener: &str) -> &'a ListenerStatus {
@@ -1291,7 +1223,7 @@ spec:
         let before = m
             .resources(INGRESS_TYPE_URL)
             .and_then(|r| r.get("shop/edge"))
-            .map(|r| r.version.clone());
+            .map(|r| r.version);
         let d = m.apply(vec![Change::Delete(crate::config::objects::ObjectKey {
             kind: crate::config::objects::Kind::HttpRoute,
             namespace: "team".into(),
@@ -1301,7 +1233,7 @@ spec:
         let after = m
             .resources(INGRESS_TYPE_URL)
             .and_then(|r| r.get("shop/edge"))
-            .map(|r| r.version.clone());
+            .map(|r| r.version);
         assert_ne!(before, after);
         // An unrelated Secret changes nothing in the output.
         let d = m.apply(vec![Change::Upsert(

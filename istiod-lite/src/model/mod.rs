@@ -13,16 +13,19 @@ pub mod cluster;
 mod extauthz;
 mod gateways;
 pub mod ingress;
+pub(crate) mod pod;
 mod recompute;
+mod resource;
 pub mod route_status;
 pub mod routes;
+mod tls_secret;
 mod waypoint;
 mod workload;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
-use k8s_openapi::api::core::v1::{Namespace, Pod, Service};
+use k8s_openapi::api::core::v1::{Namespace, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use mesh_core::identity::Identity;
 use mesh_proto::istio::security::Authorization;
@@ -82,18 +85,18 @@ impl Default for ModelConfig {
     }
 }
 
-/// One xDS resource, encoded once and shared by every connection.
-#[derive(Debug, Serialize)]
-pub struct XdsResource {
-    pub name: String,
-    pub version: String,
-    #[serde(skip)]
-    pub any: prost_types::Any,
-}
+pub use resource::{VERSION_LEN, XdsResource, version_text};
+
+/// Removals kept per type for connections that are behind, at least (or
+/// as many as the type has resources, if more): a connection further
+/// behind than that is reset ([`Model::forgotten`]).
+pub const REMOVED_KEPT: usize = 10_000;
 
 /// What an [`Model::apply`] changed, per type URL.
 #[derive(Debug, Default, Clone)]
 pub struct Delta {
+    /// The model generation after the change ([`Model::generation`]).
+    pub generation: u64,
     pub changed: BTreeMap<&'static str, BTreeSet<String>>,
     pub removed: BTreeMap<&'static str, BTreeSet<String>>,
     /// A Gateway's pod or a Gateway changed: which proxy serves which
@@ -110,6 +113,7 @@ impl Delta {
     }
 
     pub fn merge(&mut self, other: Delta) {
+        self.generation = self.generation.max(other.generation);
         self.gateway_proxies |= other.gateway_proxies;
         for (t, names) in other.changed {
             let removed = self.removed.entry(t).or_default();
@@ -170,7 +174,8 @@ pub enum ProxyError {
 pub struct Model {
     cfg: ModelConfig,
     namespaces: BTreeMap<String, Namespace>,
-    pods: BTreeMap<NsName, Pod>,
+    /// What the model reads of each pod ([`pod::PodView`]), not the Pod.
+    pods: BTreeMap<NsName, pod::PodView>,
     services: BTreeMap<NsName, Service>,
     slices: BTreeMap<NsName, EndpointSlice>,
     gateways: BTreeMap<NsName, Gateway>,
@@ -180,16 +185,28 @@ pub struct Model {
     dest_rules: BTreeMap<NsName, DestinationRule>,
     traffic_policies: TrafficPolicies,
     /// Secrets as listener certificates: checked once, when they change.
-    secrets: BTreeMap<NsName, ingress::TlsSecret>,
+    secrets: BTreeMap<NsName, tls_secret::TlsSecret>,
     /// Each ingress Gateway's listener status, as of the last recompute.
     ingress_listeners: BTreeMap<NsName, Vec<ingress::ListenerStatus>>,
     others: BTreeMap<ObjectKey, Object>,
     /// Node -> pods scheduled there, for the CA's node check.
     pods_by_node: HashMap<String, BTreeSet<NsName>>,
     /// Outputs, by type URL then resource name.
-    outputs: BTreeMap<&'static str, BTreeMap<String, Arc<XdsResource>>>,
+    outputs: BTreeMap<&'static str, Outputs>,
     /// Which output names each input produced, so a removal removes them.
-    produced: HashMap<Source, String>,
+    produced: HashMap<Source, Arc<str>>,
+    /// Bumped by every [`Model::apply`]; each output carries the one that
+    /// made it.
+    generation: u64,
+    /// Outputs removed, by type URL then name: the generation that removed
+    /// each. A connection that missed pushes finds here what to remove
+    /// (see [`Model::removed_since`]); pruned once every connection is past
+    /// them ([`Model::prune_removed`]).
+    removed: BTreeMap<&'static str, HashMap<Arc<str>, u64>>,
+    /// By type URL: the latest generation whose removals were dropped
+    /// before every connection had been sent them (more than
+    /// [`REMOVED_KEPT`] were waiting).
+    forgotten: BTreeMap<&'static str, u64>,
     /// The waypoint Gateway each ServiceRoutes resource (by name) is for.
     route_waypoints: HashMap<String, NsName>,
     issues: BTreeMap<String, Vec<ModelIssue>>,
@@ -212,10 +229,8 @@ fn ns_name(k: &ObjectKey) -> NsName {
     (k.namespace.clone(), k.name.clone())
 }
 
-fn version_of(bytes: &[u8]) -> String {
-    let d = ring::digest::digest(&ring::digest::SHA256, bytes);
-    d.as_ref()[..8].iter().map(|b| format!("{b:02x}")).collect()
-}
+/// One type's outputs, by name.
+pub type Outputs = BTreeMap<Arc<str>, Arc<XdsResource>>;
 
 fn in_ns<V>(m: &BTreeMap<NsName, V>, ns: &str) -> Vec<NsName> {
     m.range((ns.to_string(), String::new())..)
@@ -260,8 +275,56 @@ impl Model {
     }
 
     /// Resources of one type, by name.
-    pub fn resources(&self, type_url: &str) -> Option<&BTreeMap<String, Arc<XdsResource>>> {
+    pub fn resources(&self, type_url: &str) -> Option<&Outputs> {
         self.outputs.get(type_url)
+    }
+
+    /// The generation of the last [`Model::apply`].
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Names of `type_url` removed after generation `since` and not made
+    /// again since.
+    pub fn removed_since(&self, type_url: &str, since: u64) -> impl Iterator<Item = &Arc<str>> {
+        self.removed
+            .get(type_url)
+            .into_iter()
+            .flatten()
+            .filter(move |(_, g)| **g > since)
+            .map(|(n, _)| n)
+    }
+
+    /// Forgets removals at or before generation `upto` (every connection
+    /// has been sent them), and the oldest ones beyond [`REMOVED_KEPT`] per
+    /// type (or the type's resource count, if more) even if a connection
+    /// still needs them: a connection that stopped reading must not make
+    /// the controller keep every name ever removed. Such a connection is
+    /// then reset ([`Model::forgotten`]).
+    pub fn prune_removed(&mut self, upto: u64) {
+        for (t, m) in self.removed.iter_mut() {
+            m.retain(|_, g| *g > upto);
+            let live = self.outputs.get(t).map_or(0, |o| o.len());
+            let limit = REMOVED_KEPT.max(live);
+            if m.len() <= limit {
+                continue;
+            }
+            // Whole generations, oldest first, down to three quarters of
+            // the limit (not one by one at every apply).
+            let mut gens: Vec<u64> = m.values().copied().collect();
+            gens.sort_unstable();
+            let horizon = gens[m.len() - limit * 3 / 4 - 1];
+            m.retain(|_, g| *g > horizon);
+            let f = self.forgotten.entry(t).or_default();
+            *f = (*f).max(horizon);
+        }
+    }
+
+    /// The latest generation whose removals of `type_url` were forgotten
+    /// before every connection had them (0: none): a connection synced to
+    /// an older generation cannot be told what to remove.
+    pub fn forgotten(&self, type_url: &str) -> u64 {
+        self.forgotten.get(type_url).copied().unwrap_or(0)
     }
 
     /// Problems the model noticed, by object.
@@ -278,8 +341,7 @@ impl Model {
             pods.iter().any(|k| {
                 k.0 == identity.namespace()
                     && self.pods.get(k).is_some_and(|p| {
-                        workload::running(p)
-                            && workload::service_account(p) == identity.service_account()
+                        p.running && p.service_account() == identity.service_account()
                     })
             })
         })
@@ -324,13 +386,9 @@ impl Model {
         let p = self
             .pods
             .get(&key)
-            .filter(|p| workload::running(p))
+            .filter(|p| p.running)
             .ok_or_else(|| ProxyError::NotRunning(ns.to_string(), pod.to_string()))?;
-        let on = p
-            .spec
-            .as_ref()
-            .and_then(|s| s.node_name.as_deref())
-            .unwrap_or_default();
+        let on = p.node.as_deref().unwrap_or_default();
         if on != node {
             return Err(ProxyError::OtherNode {
                 pod: format!("{ns}/{pod}"),
@@ -339,16 +397,13 @@ impl Model {
             });
         }
         let gw = p
-            .metadata
-            .labels
-            .as_ref()
-            .and_then(|l| l.get(GATEWAY_NAME_LABEL))
+            .label(GATEWAY_NAME_LABEL)
             .ok_or_else(|| ProxyError::NoGatewayLabel(ns.to_string(), pod.to_string()))?;
-        let gw_key = (ns.to_string(), gw.clone());
+        let gw_key = (ns.to_string(), gw.to_string());
         let g = self
             .gateways
             .get(&gw_key)
-            .ok_or_else(|| ProxyError::NoGateway(ns.to_string(), gw.clone()))?;
+            .ok_or_else(|| ProxyError::NoGateway(ns.to_string(), gw.to_string()))?;
         if g.spec.gateway_class_name != class {
             return Err(ProxyError::OtherClass {
                 gateway: format!("{ns}/{gw}"),
@@ -393,6 +448,7 @@ impl Model {
         for c in changes {
             self.apply_one(c, &mut dirty);
         }
+        self.generation += 1;
         self.recompute(dirty)
     }
 
@@ -408,10 +464,7 @@ impl Model {
             .into_iter()
             .flat_map(|m| m.values())
         {
-            match Address::decode(r.any.value.as_slice())
-                .ok()
-                .and_then(|a| a.r#type)
-            {
+            match Address::decode(r.value()).ok().and_then(|a| a.r#type) {
                 Some(Type::Workload(w)) => workloads.push(workload::workload_json(&w)),
                 Some(Type::Service(s)) => services.push(workload::service_json(&s)),
                 None => {}
@@ -422,7 +475,7 @@ impl Model {
             .get(AUTHORIZATION_TYPE_URL)
             .into_iter()
             .flat_map(|m| m.values())
-            .filter_map(|r| Authorization::decode(r.any.value.as_slice()).ok())
+            .filter_map(|r| Authorization::decode(r.value()).ok())
             .map(|a| authz::authz_json(&a))
             .collect();
         // Route names only: enough to see which rules a waypoint was given.
@@ -431,9 +484,7 @@ impl Model {
             .get(SERVICE_ROUTES_TYPE_URL)
             .into_iter()
             .flat_map(|m| m.values())
-            .filter_map(|r| {
-                mesh_proto::mesh::waypoint::ServiceRoutes::decode(r.any.value.as_slice()).ok()
-            })
+            .filter_map(|r| mesh_proto::mesh::waypoint::ServiceRoutes::decode(r.value()).ok())
             .map(|s| {
                 let service = format!("{}/{}", s.namespace, s.hostname);
                 let waypoint = self
@@ -459,9 +510,7 @@ impl Model {
             .get(INGRESS_TYPE_URL)
             .into_iter()
             .flat_map(|m| m.values())
-            .filter_map(|r| {
-                mesh_proto::mesh::waypoint::Ingress::decode(r.any.value.as_slice()).ok()
-            })
+            .filter_map(|r| mesh_proto::mesh::waypoint::Ingress::decode(r.value()).ok())
             .map(|i| ingress::ingress_json(&i))
             .collect();
         serde_json::json!({

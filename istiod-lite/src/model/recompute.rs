@@ -10,9 +10,9 @@ use mesh_proto::istio::workload::Address;
 use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL, SERVICE_ROUTES_TYPE_URL};
 use prost::Message;
 
+use super::resource::version_of;
 use super::{
-    Delta, Dirty, Model, ModelIssue, NsName, Source, XdsResource, authz, routes, version_of,
-    waypoint, workload,
+    Delta, Dirty, Model, ModelIssue, NsName, Source, XdsResource, authz, routes, waypoint, workload,
 };
 use crate::config::crds::DestinationRule;
 
@@ -24,9 +24,10 @@ impl Model {
         out: Option<(String, Vec<u8>)>,
         delta: &mut Delta,
     ) {
+        let generation = self.generation;
         let old_name = self.produced.remove(&source);
         if let Some(old) = &old_name
-            && out.as_ref().is_none_or(|(n, _)| n != old)
+            && out.as_ref().is_none_or(|(n, _)| **n != **old)
             && self
                 .outputs
                 .entry(type_url)
@@ -34,32 +35,42 @@ impl Model {
                 .remove(old)
                 .is_some()
         {
+            self.removed
+                .entry(type_url)
+                .or_default()
+                .insert(old.clone(), generation);
             delta
                 .removed
                 .entry(type_url)
                 .or_default()
-                .insert(old.clone());
+                .insert(old.to_string());
         }
         let Some((name, bytes)) = out else {
             return;
         };
-        let version = version_of(&bytes);
-        self.produced.insert(source, name.clone());
         let outputs = self.outputs.entry(type_url).or_default();
-        if outputs.get(&name).is_some_and(|r| r.version == version) {
+        // One shared name for the index, the input's record and the resource.
+        let shared: Arc<str> = match outputs.get_key_value(name.as_str()) {
+            Some((k, _)) => k.clone(),
+            None => match old_name {
+                Some(o) if *o == *name => o,
+                _ => Arc::from(name.as_str()),
+            },
+        };
+        self.produced.insert(source, shared.clone());
+        if outputs
+            .get(name.as_str())
+            .is_some_and(|r| r.version == version_of(&bytes))
+        {
             return;
         }
         outputs.insert(
-            name.clone(),
-            Arc::new(XdsResource {
-                name: name.clone(),
-                version,
-                any: prost_types::Any {
-                    type_url: type_url.to_string(),
-                    value: bytes,
-                },
-            }),
+            shared.clone(),
+            Arc::new(XdsResource::new(type_url, shared, &bytes, generation)),
         );
+        if let Some(r) = self.removed.get_mut(type_url) {
+            r.remove(name.as_str());
+        }
         if let Some(r) = delta.removed.get_mut(type_url) {
             r.remove(&name);
         }
@@ -86,6 +97,7 @@ impl Model {
 
     pub(super) fn recompute(&mut self, d: Dirty) -> Delta {
         let mut delta = Delta {
+            generation: self.generation,
             gateway_proxies: d.gateway_proxies,
             ..Delta::default()
         };
@@ -123,7 +135,7 @@ impl Model {
                 Some(r) => {
                     match routes::destination_host(&r.spec.host, &key.0, &self.cfg.domain_suffix) {
                         Ok(_) => routes::backend_policy(r).1,
-                        Err(e) => vec![e],
+                        Err(e) => vec![e.to_string()],
                     }
                 }
                 None => Vec::new(),

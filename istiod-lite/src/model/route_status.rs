@@ -28,17 +28,35 @@ use gateway_api::apis::experimental::httproutes::{HttpRoute, HttpRouteParentRefs
 use gateway_api::apis::standard::gateways::Gateway;
 use serde_json::{Value, json};
 
-use super::ingress::{ListenerCondition, admits_namespace, intersect, route_kinds};
+use super::ingress::{
+    GRPC_ROUTE_KIND, HTTP_ROUTE_KIND, ListenerCondition, admits_namespace, intersect, route_kinds,
+};
 use super::waypoint::GATEWAY_GROUP;
 use super::{CONTROLLER_NAME, INGRESS_CLASS, Model, WAYPOINT_CLASS, routes};
 use crate::config::grpcroute::grpc_route_name;
 use crate::config::objects::Object;
 
+/// Which API a route (and its status) belongs to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RouteKind {
+    Http,
+    Grpc,
+}
+
+impl RouteKind {
+    /// "HTTPRoute" or "GRPCRoute".
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RouteKind::Http => HTTP_ROUTE_KIND,
+            RouteKind::Grpc => GRPC_ROUTE_KIND,
+        }
+    }
+}
+
 /// One route and the status entries it should have for our parents.
 #[derive(Debug, Clone)]
 pub struct RouteView {
-    /// "HTTPRoute" or "GRPCRoute".
-    pub kind: &'static str,
+    pub kind: RouteKind,
     pub namespace: String,
     /// The object's own name (a GRPCRoute's, not its model name).
     pub name: String,
@@ -60,6 +78,29 @@ fn cond(type_: &'static str, ok: bool, reason: &'static str, message: String) ->
         status: ok,
         reason,
         message,
+    }
+}
+
+/// The reason of a route's `Accepted` condition at one parent (Gateway
+/// API's names).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Acceptance {
+    Accepted,
+    NoMatchingParent,
+    NotAllowedByListeners,
+    NoMatchingListenerHostname,
+    UnsupportedValue,
+}
+
+impl Acceptance {
+    fn reason(self) -> &'static str {
+        match self {
+            Acceptance::Accepted => "Accepted",
+            Acceptance::NoMatchingParent => "NoMatchingParent",
+            Acceptance::NotAllowedByListeners => "NotAllowedByListeners",
+            Acceptance::NoMatchingListenerHostname => "NoMatchingListenerHostname",
+            Acceptance::UnsupportedValue => "UnsupportedValue",
+        }
     }
 }
 
@@ -108,14 +149,14 @@ fn class_is_ours(model: &Model, name: &str) -> bool {
     })
 }
 
-/// The ingress's answer to one parentRef: (reason, message); "Accepted"
+/// The ingress's answer to one parentRef: (reason, message); `Accepted`
 /// when some listener takes the route.
 fn ingress_accepts(
     model: &Model,
     gw: &Gateway,
     route: &HttpRoute,
     p: &HttpRouteParentRefs,
-) -> (&'static str, String) {
+) -> (Acceptance, String) {
     let route_ns = route.metadata.namespace.as_deref().unwrap_or_default();
     let gw_ns = gw.metadata.namespace.as_deref().unwrap_or_default();
     let selected: Vec<_> = gw
@@ -129,7 +170,7 @@ fn ingress_accepts(
         .collect();
     if selected.is_empty() {
         return (
-            "NoMatchingParent",
+            Acceptance::NoMatchingParent,
             "no listener of the Gateway has the parentRef's sectionName and port".into(),
         );
     }
@@ -143,7 +184,7 @@ fn ingress_accepts(
         .collect();
     if allowed.is_empty() {
         return (
-            "NotAllowedByListeners",
+            Acceptance::NotAllowedByListeners,
             "no listener the parentRef selects allows this kind of route from this namespace"
                 .into(),
         );
@@ -154,11 +195,11 @@ fn ingress_accepts(
         .any(|l| intersect(l.hostname.as_deref(), hosts).is_some())
     {
         return (
-            "NoMatchingListenerHostname",
+            Acceptance::NoMatchingListenerHostname,
             "the route's hostnames match no hostname of the listeners it may attach to".into(),
         );
     }
-    ("Accepted", "accepted by istiod-lite".into())
+    (Acceptance::Accepted, "accepted by istiod-lite".into())
 }
 
 /// `ResolvedRefs` for a route at one kind of parent: the ingress refuses
@@ -228,8 +269,8 @@ fn route_view(model: &Model, route: &HttpRoute) -> RouteView {
     let ns = route.metadata.namespace.clone().unwrap_or_default();
     let model_name = route.metadata.name.clone().unwrap_or_default();
     let (kind, name) = match grpc_route_name(&model_name) {
-        Some(n) => ("GRPCRoute", n.to_string()),
-        None => ("HTTPRoute", model_name.clone()),
+        Some(n) => (RouteKind::Grpc, n.to_string()),
+        None => (RouteKind::Http, model_name.clone()),
     };
     let rules = route.spec.rules.as_ref().map_or(0, Vec::len);
     let converted = routes::convert(route, &model.cfg.domain_suffix, &model.traffic_policies);
@@ -242,25 +283,30 @@ fn route_view(model: &Model, route: &HttpRoute) -> RouteView {
         let (reason, message) = match &target {
             Parent::Ingress(gw) => ingress_accepts(model, gw, route, p),
             Parent::Waypoint => (
-                "NotAllowedByListeners",
+                Acceptance::NotAllowedByListeners,
                 "a waypoint takes routes through their Service parentRef (group \"\", kind Service), not its Gateway".into(),
             ),
             Parent::Service {
                 same_namespace: false,
             } => (
-                "UnsupportedValue",
+                Acceptance::UnsupportedValue,
                 "the Service is in another namespace than the route; consumer routes are not supported".into(),
             ),
-            Parent::Service { .. } => ("Accepted", "accepted by istiod-lite".into()),
+            Parent::Service { .. } => (Acceptance::Accepted, "accepted by istiod-lite".into()),
         };
         let (reason, message) = match (reason, &unsupported) {
-            ("Accepted", Some(why)) => (
-                "UnsupportedValue",
+            (Acceptance::Accepted, Some(why)) => (
+                Acceptance::UnsupportedValue,
                 format!("no rule could be implemented: {why}"),
             ),
             _ => (reason, message),
         };
-        let accepted = cond("Accepted", reason == "Accepted", reason, message);
+        let accepted = cond(
+            "Accepted",
+            reason == Acceptance::Accepted,
+            reason.reason(),
+            message,
+        );
         let resolved = resolved_refs(model, route, matches!(target, Parent::Ingress(_)));
         parents.push((parent_ref_json(p), vec![accepted, resolved]));
     }
@@ -423,7 +469,7 @@ spec:
     ) -> Vec<(String, String, String)> {
         let v = views
             .iter()
-            .find(|v| v.kind == kind && v.namespace == ns && v.name == name)
+            .find(|v| v.kind.as_str() == kind && v.namespace == ns && v.name == name)
             .unwrap_or_else(|| panic!("no view of {kind} {ns}/{name}"));
         v.parents
             .iter()

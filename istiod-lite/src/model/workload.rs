@@ -3,10 +3,11 @@
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 
-use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::api::core::v1::Service;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use mesh_proto::istio::workload as pb;
 
+use super::pod::PodView;
 use super::{DATAPLANE_MODE, Model, NsName, USE_WAYPOINT, WAYPOINT_CLASS, WAYPOINT_FOR, in_ns};
 
 type Labels = BTreeMap<String, String>;
@@ -22,67 +23,19 @@ fn ip_bytes(ip: IpAddr) -> Vec<u8> {
     }
 }
 
-pub fn running(p: &Pod) -> bool {
-    let phase = p
-        .status
-        .as_ref()
-        .and_then(|s| s.phase.as_deref())
-        .unwrap_or("Running");
-    p.metadata.deletion_timestamp.is_none() && !matches!(phase, "Succeeded" | "Failed")
-}
-
-pub fn service_account(p: &Pod) -> &str {
-    p.spec
-        .as_ref()
-        .and_then(|s| s.service_account_name.as_deref())
-        .filter(|s| !s.is_empty())
-        .unwrap_or("default")
-}
-
-fn pod_ips(p: &Pod) -> Vec<IpAddr> {
-    let Some(st) = p.status.as_ref() else {
-        return Vec::new();
-    };
-    let mut out: Vec<IpAddr> = st
-        .pod_ips
-        .iter()
-        .flatten()
-        .filter_map(|i| i.ip.parse().ok())
-        .collect();
-    if out.is_empty()
-        && let Some(ip) = st.pod_ip.as_deref().and_then(|i| i.parse().ok())
-    {
-        out.push(ip);
-    }
-    out
-}
-
-fn ready(p: &Pod) -> bool {
-    p.status
-        .as_ref()
-        .and_then(|s| s.conditions.as_ref())
-        .map(|c| c.iter().any(|c| c.type_ == "Ready" && c.status == "True"))
-        // A pod that reports no conditions (a hand-written one) counts as ready.
-        .unwrap_or(true)
-}
-
 fn selects(selector: &Labels, l: &Labels) -> bool {
     !selector.is_empty() && selector.iter().all(|(k, v)| l.get(k) == Some(v))
 }
 
 /// Enrolled in the mesh: the pod's own label wins (`none` opts out), else
-/// the namespace's.
-pub fn enrolled(model: &Model, p: &Pod) -> bool {
-    let pl = labels(&p.metadata);
-    match pl.get(DATAPLANE_MODE).map(String::as_str) {
+/// the namespace's (`ns`, the pod's).
+pub fn enrolled(model: &Model, ns: &str, p: &PodView) -> bool {
+    match p.label(DATAPLANE_MODE) {
         Some("none") => false,
         Some("ambient") => true,
-        _ => {
-            let ns = p.metadata.namespace.as_deref().unwrap_or_default();
-            model.namespaces.get(ns).is_some_and(|n| {
-                labels(&n.metadata).get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
-            })
-        }
+        _ => model.namespaces.get(ns).is_some_and(|n| {
+            labels(&n.metadata).get(DATAPLANE_MODE).map(String::as_str) == Some("ambient")
+        }),
     }
 }
 
@@ -145,18 +98,11 @@ pub fn service_waypoint(model: &Model, key: &NsName) -> Option<NsName> {
     waypoint_gateway(model, &key.0, &labels(&svc.metadata), "service").map(|(gw, _)| gw)
 }
 
-fn target_port(tp: Option<&IntOrString>, port: i32, pod: &Pod) -> u32 {
+fn target_port(tp: Option<&IntOrString>, port: i32, pod: &PodView) -> u32 {
     match tp {
         None => port as u32,
         Some(IntOrString::Int(i)) => *i as u32,
-        Some(IntOrString::String(name)) => pod
-            .spec
-            .iter()
-            .flat_map(|s| s.containers.iter())
-            .flat_map(|c| c.ports.iter().flatten())
-            .find(|p| p.name.as_deref() == Some(name.as_str()))
-            .map(|p| p.container_port as u32)
-            .unwrap_or(0),
+        Some(IntOrString::String(name)) => pod.named_port(name),
     }
 }
 
@@ -171,29 +117,13 @@ fn canonical(l: &Labels, keys: &[&str], default: &str) -> String {
         .unwrap_or_else(|| default.to_string())
 }
 
-/// The deployment name for a pod owned by a ReplicaSet, else the pod name.
-fn workload_name(p: &Pod) -> (String, pb::WorkloadType) {
-    let name = p.metadata.name.clone().unwrap_or_default();
-    for o in p.metadata.owner_references.iter().flatten() {
-        if o.kind == "ReplicaSet"
-            && let Some((deploy, _hash)) = o.name.rsplit_once('-')
-        {
-            return (deploy.to_string(), pb::WorkloadType::Deployment);
-        }
-        if o.kind == "Job" {
-            return (o.name.clone(), pb::WorkloadType::Job);
-        }
-    }
-    (name, pb::WorkloadType::Pod)
-}
-
 /// The services a pod is an endpoint of, with their ports on it: those
 /// whose selector picks its labels, and selector-less ones whose
 /// EndpointSlices name one of its addresses.
 fn services_of(
     model: &Model,
     ns: &str,
-    p: &Pod,
+    p: &PodView,
     pl: &Labels,
     ips: &[IpAddr],
 ) -> BTreeMap<String, pb::PortList> {
@@ -315,22 +245,21 @@ fn policies_of(model: &Model, ns: &str, pl: &Labels) -> Vec<String> {
 
 pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
     let p = model.pods.get(key)?;
-    if !running(p) {
+    if !p.running {
         return None;
     }
-    let ips = pod_ips(p);
+    let ips = p.ips.clone();
     if ips.is_empty() {
         // Not yet scheduled or no IP yet: it appears once it has one.
         tracing::debug!(pod = %format!("{}/{}", key.0, key.1), "pod has no IP yet");
         return None;
     }
     let (ns, name) = key;
-    let pl = labels(&p.metadata);
+    let pl = p.labels();
     let services = services_of(model, ns, p, &pl, &ips);
     let policies = policies_of(model, ns, &pl);
-    let (workload_name, workload_type) = workload_name(p);
-    let spec = p.spec.as_ref();
-    let hbone = enrolled(model, p);
+    let (workload_name, workload_type) = p.workload_name(name);
+    let hbone = enrolled(model, ns, p);
     Some(pb::Workload {
         uid: format!("{}//Pod/{ns}/{name}", model.cfg.cluster_id),
         name: name.clone(),
@@ -342,9 +271,9 @@ pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
             pb::TunnelProtocol::None
         } as i32,
         trust_domain: model.cfg.trust_domain.clone(),
-        service_account: service_account(p).to_string(),
+        service_account: p.service_account().to_string(),
         waypoint: waypoint(model, ns, &pl, "workload"),
-        node: spec.and_then(|s| s.node_name.clone()).unwrap_or_default(),
+        node: p.node.clone().unwrap_or_default(),
         canonical_name: canonical(
             &pl,
             &[
@@ -367,13 +296,13 @@ pub fn workload(model: &Model, key: &NsName) -> Option<pb::Workload> {
         workload_name,
         services,
         authorization_policies: policies,
-        status: if ready(p) {
+        status: if p.ready {
             pb::WorkloadStatus::Healthy
         } else {
             pb::WorkloadStatus::Unhealthy
         } as i32,
         cluster_id: model.cfg.cluster_id.clone(),
-        network_mode: if spec.and_then(|s| s.host_network).unwrap_or(false) {
+        network_mode: if p.host_network {
             pb::NetworkMode::HostNetwork
         } else {
             pb::NetworkMode::Standard

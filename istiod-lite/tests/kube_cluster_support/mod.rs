@@ -1,238 +1,49 @@
-//! The cluster suite's helpers: kubectl against the API server the recipe
-//! started, that control plane's restart and wipe, and the istiod-lite
-//! binary run out of cluster as its own ServiceAccount.
+//! The cluster suite's helpers: the API server and its control plane
+//! (`testkube`, shared with the lab's cluster suite), a work directory,
+//! and the istiod-lite binary run out of cluster as its own ServiceAccount.
 
-use std::io::{Read, Write};
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
+pub use testkube::eventually;
+use testkube::{Kube, env, free_port, http_get};
 
-/// Polls `f` every 100 ms; fails the test after `secs`.
-pub fn eventually(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within {secs} s");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
-/// The control plane the recipe started: ../shared/kube/control-plane,
-/// its state directory and port.
-struct ControlPlane {
-    script: PathBuf,
-    dir: PathBuf,
-    port: String,
-}
-
+/// The API server the recipe gives, and this suite's work directory.
 pub struct Cluster {
-    kubeconfig: PathBuf,
-    root: PathBuf,
+    kube: Kube,
     work: PathBuf,
-    plane: Option<ControlPlane>,
 }
 
-fn env(name: &str) -> Option<String> {
-    std::env::var(name).ok().filter(|v| !v.is_empty())
+/// kubectl, sh and the control plane: [`Kube`]'s.
+impl Deref for Cluster {
+    type Target = Kube;
+    fn deref(&self) -> &Kube {
+        &self.kube
+    }
 }
 
 impl Cluster {
     /// The cluster the recipe gives, or None when the suite is not asked
     /// for. Asked for without a cluster is a failure.
     pub fn from_env() -> Option<Cluster> {
-        env("MESH_CLUSTER_TEST")?;
-        let kubeconfig = env("MESH_CLUSTER_KUBECONFIG")
-            .or_else(|| env("MESH_TEST_KUBECONFIG"))
-            .expect("MESH_CLUSTER_TEST is set, but neither MESH_CLUSTER_KUBECONFIG nor MESH_TEST_KUBECONFIG names a cluster");
-        let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .expect("the repository root")
-            .to_path_buf();
-        let plane = match (
-            env("MESH_CONTROL_PLANE"),
-            env("MESH_CLUSTER_DIR"),
-            env("MESH_CLUSTER_PORT"),
-        ) {
-            (Some(script), Some(dir), Some(port)) => Some(ControlPlane {
-                script: PathBuf::from(script),
-                dir: PathBuf::from(dir),
-                port,
-            }),
-            _ => None,
-        };
-        let work = root.join("target/kube-cluster-work");
+        let kube = Kube::from_env()?;
+        let work = testkube::root().join("target/kube-cluster-work");
         let _ = std::fs::remove_dir_all(&work);
         std::fs::create_dir_all(&work).expect("the work directory");
         eprintln!(
-            "cluster suite: kubeconfig {kubeconfig}; work directory {}",
+            "cluster suite: kubeconfig {}; work directory {}",
+            kube.kubeconfig.display(),
             work.display()
         );
-        Some(Cluster {
-            kubeconfig: PathBuf::from(kubeconfig),
-            root,
-            work,
-            plane,
-        })
+        Some(Cluster { kube, work })
     }
 
     pub fn work(&self) -> &Path {
         &self.work
-    }
-
-    fn command(&self, program: &str) -> Command {
-        let mut cmd = Command::new(program);
-        cmd.env("KUBECONFIG", &self.kubeconfig)
-            .current_dir(&self.root);
-        cmd
-    }
-
-    pub fn kubectl(&self, args: &[&str]) -> Output {
-        self.command("kubectl")
-            .args(args)
-            .output()
-            .expect("running kubectl")
-    }
-
-    pub fn text(out: &Output) -> String {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        )
-    }
-
-    /// kubectl that must succeed; its stdout.
-    pub fn ok(&self, args: &[&str]) -> String {
-        let out = self.kubectl(args);
-        assert!(
-            out.status.success(),
-            "kubectl {}:\n{}",
-            args.join(" "),
-            Self::text(&out)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// A shell script, as a user would type it (docs/install.md).
-    pub fn sh(&self, script: &str) -> Output {
-        eprintln!("$ {script}");
-        self.command("sh")
-            .args(["-c", script])
-            .output()
-            .expect("running sh")
-    }
-
-    fn apply_stdin(&self, yaml: &str) -> Output {
-        let mut child = self
-            .command("kubectl")
-            .args(["apply", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("running kubectl");
-        if let Some(mut stdin) = child.stdin.take() {
-            let _ = stdin.write_all(yaml.as_bytes());
-        }
-        child.wait_with_output().expect("kubectl apply")
-    }
-
-    pub fn apply(&self, yaml: &str) {
-        let out = self.apply_stdin(yaml);
-        assert!(
-            out.status.success(),
-            "kubectl apply:\n{yaml}\n{}",
-            Self::text(&out)
-        );
-    }
-
-    pub fn apply_quiet(&self, yaml: &str) -> bool {
-        self.apply_stdin(yaml).status.success()
-    }
-
-    /// `kubectl ARGS -o jsonpath=PATH`, or "" when that fails.
-    pub fn jsonpath(&self, args: &[&str], path: &str) -> String {
-        let jp = format!("jsonpath={path}");
-        let mut all: Vec<&str> = args.to_vec();
-        all.extend(["-o", &jp]);
-        let out = self.kubectl(&all);
-        if !out.status.success() {
-            return String::new();
-        }
-        String::from_utf8_lossy(&out.stdout).trim().to_string()
-    }
-
-    /// The API server answers, or the suite fails (it was asked for).
-    pub fn reachable(&self) {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let out = self.kubectl(&["get", "--raw", "/readyz"]);
-            if out.status.success() {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "MESH_CLUSTER_TEST is set, but the API server of {} does not answer:\n{}",
-                self.kubeconfig.display(),
-                Self::text(&out)
-            );
-            std::thread::sleep(Duration::from_millis(500));
-        }
-    }
-
-    pub fn can_restart(&self) -> bool {
-        self.plane.is_some()
-    }
-
-    fn plane(&self) -> &ControlPlane {
-        self.plane
-            .as_ref()
-            .expect("a control plane the suite started")
-    }
-
-    /// SIGKILL to the API server and its etcd (the recipe started them;
-    /// their PIDs are in the control plane's directory).
-    pub fn kill_control_plane(&self) {
-        for f in ["apiserver.pid", "etcd.pid"] {
-            let path = self.plane().dir.join(f);
-            let pid = std::fs::read_to_string(&path).expect("a pid file");
-            let pid = pid.trim();
-            let _ = Command::new("kill").args(["-9", pid]).status();
-            eventually(&format!("process {pid} gone"), 10, || {
-                !Command::new("kill")
-                    .args(["-0", pid])
-                    .stderr(Stdio::null())
-                    .status()
-                    .is_ok_and(|s| s.success())
-            });
-        }
-    }
-
-    /// `control-plane up`; when it returns the API server is ready.
-    pub fn start_control_plane(&self) -> Instant {
-        let p = self.plane();
-        let out = Command::new(&p.script)
-            .args(["up"])
-            .arg(&p.dir)
-            .arg(&p.port)
-            .output()
-            .expect("control-plane up");
-        assert!(out.status.success(), "{}", Self::text(&out));
-        Instant::now()
-    }
-
-    /// A fresh API server: stopped, its etcd data removed, started again.
-    pub fn wipe(&self) {
-        eprintln!("=== a fresh API server");
-        let p = self.plane();
-        // Killed, not stopped: its data goes anyway, and a graceful stop
-        // waits for open watches to drain.
-        self.kill_control_plane();
-        std::fs::remove_dir_all(p.dir.join("etcd-data")).expect("removing etcd's data");
-        self.start_control_plane();
-        self.reachable();
     }
 
     /// A kustomize overlay installing `manifests/` into `ns`; its path
@@ -240,7 +51,10 @@ impl Cluster {
     pub fn overlay(&self, ns: &str) -> String {
         let dir = self.work.join(format!("overlay-{ns}"));
         std::fs::create_dir_all(&dir).expect("overlay directory");
-        let rel = dir.strip_prefix(&self.root).expect("under the root");
+        let rel = dir
+            .strip_prefix(testkube::root())
+            .expect("under the root")
+            .to_path_buf();
         let up = "../".repeat(rel.components().count());
         std::fs::write(
             dir.join("kustomization.yaml"),
@@ -249,49 +63,6 @@ impl Cluster {
         .expect("overlay");
         rel.display().to_string()
     }
-
-    /// A kubeconfig for ServiceAccount `ns/sa` (a token from the
-    /// TokenRequest API), on the same API server.
-    pub fn token_kubeconfig(&self, ns: &str, sa: &str) -> PathBuf {
-        let token = self.ok(&["create", "token", sa, "-n", ns, "--duration=2h"]);
-        let admin: serde_yaml::Value = serde_yaml::from_str(
-            &std::fs::read_to_string(&self.kubeconfig).expect("the kubeconfig"),
-        )
-        .expect("kubeconfig YAML");
-        let cluster = admin["clusters"][0]["cluster"].clone();
-        let config = serde_json::json!({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "c", "cluster": serde_json::to_value(cluster).expect("cluster")}],
-            "users": [{"name": sa, "user": {"token": token.trim()}}],
-            "contexts": [{"name": "x", "context": {"cluster": "c", "user": sa}}],
-            "current-context": "x",
-        });
-        let path = self.work.join(format!("{ns}-{sa}.kubeconfig"));
-        std::fs::write(&path, serde_yaml::to_string(&config).expect("yaml")).expect("write");
-        path
-    }
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .expect("a free port")
-        .port()
-}
-
-/// GET over HTTP/1.0: (status, body).
-fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
-    s.write_all(format!("GET {path} HTTP/1.0\r\nhost: x\r\n\r\n").as_bytes())
-        .ok()?;
-    let mut buf = Vec::new();
-    s.read_to_end(&mut buf).ok()?;
-    let text = String::from_utf8_lossy(&buf).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n")?;
-    let code = head.split_whitespace().nth(1)?.parse().ok()?;
-    Some((code, body.to_string()))
 }
 
 /// The istiod-lite binary in cluster mode, out of cluster.
@@ -308,7 +79,7 @@ impl Istiod {
     /// binary is this build's, or `MESH_TEST_ISTIOD` (an older build, to
     /// show what it did).
     pub fn start(c: &Cluster, ns: &str, pod: &str) -> Istiod {
-        let kubeconfig = c.token_kubeconfig(ns, "istiod-lite");
+        let kubeconfig = c.token_kubeconfig(c.work(), ns, "istiod-lite");
         let (grpc, debug) = (free_port(), free_port());
         let log = c.work().join(format!("{pod}.log"));
         let data = c.work().join(format!("{pod}-data"));
@@ -394,7 +165,7 @@ impl Istiod {
             .unwrap_or_else(|e| {
                 panic!("{}: {e} (build it: cargo build -p meshctl)", bin.display())
             });
-        (out.status.success(), Cluster::text(&out))
+        (out.status.success(), testkube::text(&out))
     }
 
     /// A certificate for `identity` from the CA, presenting `token`.

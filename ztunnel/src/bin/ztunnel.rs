@@ -31,6 +31,10 @@ struct Args {
     /// Where mesh-wide policies live; overrides `root_namespace`.
     #[arg(long, env = "ROOT_NAMESPACE")]
     root_namespace: Option<String>,
+    /// Whether apps see their clients' addresses (true) or their own pod's
+    /// (false); overrides `original_source`.
+    #[arg(long, env = "ENABLE_ORIG_SRC")]
+    original_source: Option<bool>,
 }
 
 fn main() {
@@ -45,6 +49,7 @@ fn main() {
         ca_server_name: args.ca_server_name,
         xds_address: args.xds_address,
         root_namespace: args.root_namespace,
+        original_source: args.original_source,
     };
     let cfg = match ztunnel::config::Config::load_with(&args.config, args.node.as_deref(), &over) {
         Ok(c) => c,

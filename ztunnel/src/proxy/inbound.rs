@@ -95,6 +95,10 @@ async fn handle_stream(
         peer.ip(),
         target,
     );
+    // The app sees the peer's address only when the state gives it to a
+    // workload of the peer's identity (see `orig_src`).
+    let client = super::orig_src::peer_owns(&snap, &proxy.cfg.network, peer.ip(), &src_identity)
+        .then_some(peer);
     drop(snap);
     let counters = Arc::new(Counters::default());
     let forwarded = req
@@ -143,15 +147,9 @@ async fn handle_stream(
         return respond.refuse(StatusCode::UNAUTHORIZED);
     }
     // Dial first, then answer: 200 means the app accepted the connection.
-    let mut upstream = match socket::dial(
-        target,
-        None,
-        proxy.cfg.effective_mark(),
-        proxy.cfg.connect_timeout,
-        proxy.netns.for_workload(&dst).as_deref(),
-    )
-    .await
-    {
+    let netns = proxy.netns.for_workload(&dst);
+    let dialed = super::orig_src::dial_app(&proxy, client, target, netns.as_deref()).await;
+    let mut upstream = match dialed {
         Ok(s) => s,
         Err(e) => {
             info!(%peer, %target, error = %e, "upstream dial failed (503)");

@@ -10,17 +10,37 @@ use tracing::{info, warn};
 
 use super::conns::{ConnInfo, Direction, Protocol};
 use super::copy::{self, Counters};
+use super::outbound::CapturedPod;
 use super::{Finished, Proxy};
 use crate::config::PROXY_PORTS;
 use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
 use mesh_core::socket;
 use mesh_core::state::decide::authorize;
 
-pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener, fixed_target: Option<SocketAddr>) {
-    super::accept_captured(proxy, listener, fixed_target, handle).await
+/// Serves plaintext inbound; `pod`, in node mode, the pod whose netns the
+/// listener lives in: only connections for its own addresses are served.
+pub async fn serve(
+    proxy: Arc<Proxy>,
+    listener: TcpListener,
+    fixed_target: Option<SocketAddr>,
+    pod: Option<Arc<CapturedPod>>,
+) {
+    super::accept_captured(
+        proxy,
+        listener,
+        fixed_target,
+        move |proxy, tcp, peer, dst| handle(proxy, tcp, peer, dst, pod.clone()),
+    )
+    .await
 }
 
-async fn handle(proxy: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr, target: SocketAddr) {
+async fn handle(
+    proxy: Arc<Proxy>,
+    mut tcp: TcpStream,
+    peer: SocketAddr,
+    target: SocketAddr,
+    pod: Option<Arc<CapturedPod>>,
+) {
     let _ = tcp.set_nodelay(true);
     if PROXY_PORTS.contains(&target.port()) {
         return info!(%peer, %target, "plaintext connection to a proxy port refused");
@@ -32,6 +52,15 @@ async fn handle(proxy: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr, target:
     else {
         return warn!(%peer, %target, "plaintext connection to an address with no workload; closing");
     };
+    // A pod's listener serves its pod: a neighbour on its bridge can send
+    // it a connection for another pod's address (a route via this pod),
+    // which must not be dialed into that pod.
+    if let Some(pod) = pod
+        && (dst.namespace != pod.namespace || dst.name != pod.name)
+    {
+        return warn!(%peer, %target, pod = %format!("{}/{}", pod.namespace, pod.name),
+            "plaintext connection for another pod's address refused");
+    }
     let src_wl = snap.workload_by_ip(&proxy.cfg.network, peer.ip()).cloned();
     let decision = authorize(
         &snap,
@@ -78,15 +107,10 @@ async fn handle(proxy: Arc<Proxy>, mut tcp: TcpStream, peer: SocketAddr, target:
         });
     }
     proxy.metrics.active_connections.inc();
-    let result = match socket::dial(
-        target,
-        None,
-        proxy.cfg.effective_mark(),
-        proxy.cfg.connect_timeout,
-        proxy.netns.for_workload(&dst).as_deref(),
-    )
-    .await
-    {
+    // The app sees the peer, as it would without the mesh.
+    let netns = proxy.netns.for_workload(&dst);
+    let dialed = super::orig_src::dial_app(&proxy, Some(peer), target, netns.as_deref()).await;
+    let result = match dialed {
         Ok(mut up) => copy::run(&tracked.cancel, &mut tcp, &mut up, counters)
             .await
             .inspect_err(|_| {

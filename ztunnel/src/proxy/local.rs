@@ -24,7 +24,6 @@ use super::copy::Counters;
 use super::{Finished, Proxy};
 use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
 use mesh_core::netns::Netns;
-use mesh_core::socket;
 use mesh_core::state::Workload;
 
 /// Where the inbound half dials from, when this ztunnel serves `dst` (at
@@ -118,15 +117,9 @@ pub async fn deliver(
         });
         return Err((ResponseFlags::Deny, reason));
     }
-    match socket::dial(
-        target,
-        None,
-        proxy.cfg.effective_mark(),
-        proxy.cfg.connect_timeout,
-        dst_netns,
-    )
-    .await
-    {
+    // The app sees the client pod (its address, checked by the outbound
+    // side as that pod's).
+    match super::orig_src::dial_app(proxy, Some(peer), target, dst_netns).await {
         Ok(upstream) => Ok(Delivered {
             upstream,
             tracked,

@@ -2,7 +2,8 @@
 //! listeners in `outbound`, `inbound` and `inbound_plain` run on it.
 //!
 //! app -> outbound (15001) -> route -> HBONE pool -> peer inbound (15008)
-//! -> L4 policy -> dial the app. Plaintext peers enter at 15006.
+//! -> L4 policy -> dial the app (from the client's address: `orig_src`).
+//! Plaintext peers enter at 15006.
 //! Between two pods of one ztunnel, `local` replaces the tunnel.
 
 pub mod conns;
@@ -10,6 +11,7 @@ pub mod copy;
 pub mod inbound;
 pub mod inbound_plain;
 pub mod local;
+pub mod orig_src;
 pub mod outbound;
 
 use std::sync::Arc;
@@ -42,6 +44,9 @@ pub struct Proxy {
     pub netns: mesh_core::netns::NetnsRegistry,
     /// Inbound HBONE: TLS as the destination workload, then its streams.
     pub hbone: Server,
+    /// Whether inbound dials to apps are still made from clients'
+    /// addresses (original source).
+    pub transparent: orig_src::Transparent,
 }
 
 impl Proxy {
@@ -83,6 +88,7 @@ impl Proxy {
             draining,
             netns: Default::default(),
             hbone,
+            transparent: orig_src::Transparent::new(),
         });
         tokio::spawn(inbound::revoke_on_policy_change(Arc::downgrade(&proxy)));
         proxy

@@ -2,28 +2,48 @@
 //! N pods, S services and P policies; C thin Delta ADS clients connect over
 //! real gRPC/TLS at once (see the crate's documentation).
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use tokio::sync::{Mutex, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 
-use crate::common::stats;
+use crate::common::{stats, status_mib};
 use crate::{Args, Error};
 
 struct Controller {
     child: Child,
     grpc: SocketAddr,
+    /// Its debug endpoint (loopback: no token needed).
+    debug: SocketAddr,
     root: String,
+}
+
+impl Controller {
+    /// When the controller handed its last change to the proxies' hub
+    /// (after the folder source saw it), from its debug page; None from a
+    /// build that does not say.
+    async fn last_push(&self) -> Result<Option<SystemTime>, Error> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(self.debug).await?;
+        s.write_all(b"GET /debug/connections HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = Vec::new();
+        s.read_to_end(&mut out).await?;
+        let text = String::from_utf8_lossy(&out);
+        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
+        let v: serde_json::Value = serde_json::from_str(body)?;
+        Ok(v["last_push_unix_us"]
+            .as_u64()
+            .map(|us| SystemTime::UNIX_EPOCH + Duration::from_micros(us)))
+    }
 }
 
 impl Drop for Controller {
@@ -31,17 +51,6 @@ impl Drop for Controller {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("VmRSS:"))
-                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
-        })
-        .unwrap_or(0)
 }
 
 fn write_config(dir: &Path, a: &Args) -> std::io::Result<()> {
@@ -99,15 +108,21 @@ fn sibling(name: &str) -> PathBuf {
     exe.parent().expect("dir").join(name)
 }
 
-async fn start_controller(dir: &Path, proxies: usize) -> Result<Controller, Error> {
+async fn start_controller(
+    dir: &Path,
+    proxies: usize,
+    bin: Option<&Path>,
+) -> Result<Controller, Error> {
     let tokens: String = (0..proxies)
         .map(|i| format!("node-{i}: bench-token-for-node-{i}-000000\n"))
         .collect();
     std::fs::write(dir.join("tokens.yaml"), tokens)?;
     let grpc: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
+    let debug: SocketAddr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
     let data = dir.join("data");
     std::fs::create_dir_all(&data)?;
-    let child = Command::new(sibling("istiod-lite"))
+    let bin = bin.map_or_else(|| sibling("istiod-lite"), Path::to_path_buf);
+    let child = Command::new(bin)
         .arg("--config-dir")
         .arg(dir.join("config"))
         .arg("--data-dir")
@@ -118,7 +133,7 @@ async fn start_controller(dir: &Path, proxies: usize) -> Result<Controller, Erro
             "--grpc-addr",
             &grpc.to_string(),
             "--debug-addr",
-            "127.0.0.1:0",
+            &debug.to_string(),
             "--poll-ms",
             "50",
         ])
@@ -127,6 +142,7 @@ async fn start_controller(dir: &Path, proxies: usize) -> Result<Controller, Erro
     let mut c = Controller {
         child,
         grpc,
+        debug,
         root: String::new(),
     };
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -142,16 +158,44 @@ async fn start_controller(dir: &Path, proxies: usize) -> Result<Controller, Erro
     Err("istiod-lite did not start".into())
 }
 
-/// A thin Delta ADS client: subscribes to both types, ACKs, and keeps the
-/// version of every resource it holds.
-struct Client {
-    held: Arc<Mutex<HashMap<String, String>>>,
+/// The part of a `DeltaDiscoveryResponse` the bench reads: each resource's
+/// name and version, not its payload (which is skipped undecoded), so the
+/// clients' cost stays out of the controller's figures.
+#[derive(Clone, PartialEq, prost::Message)]
+struct ThinResponse {
+    #[prost(message, repeated, tag = "2")]
+    resources: Vec<ThinResource>,
+    #[prost(string, tag = "4")]
+    type_url: String,
+    #[prost(string, tag = "5")]
+    nonce: String,
+    #[prost(string, repeated, tag = "6")]
+    removed_resources: Vec<String>,
 }
+
+#[derive(Clone, PartialEq, prost::Message)]
+struct ThinResource {
+    #[prost(string, tag = "1")]
+    version: String,
+    #[prost(string, tag = "3")]
+    name: String,
+}
+
+/// A thin Delta ADS client: subscribes to both types, ACKs, counts the
+/// resources it is sent and keeps the version of one (`watched`).
+struct Client {
+    /// The watched resource's version, and when it arrived.
+    watched: Arc<Mutex<Option<(String, SystemTime)>>>,
+}
+
+const DELTA_METHOD: &str =
+    "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
 async fn connect(
     c: &Controller,
     node: usize,
     total_seen: Arc<AtomicUsize>,
+    watched_name: &'static str,
 ) -> Result<Client, Error> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&c.root))
@@ -174,25 +218,30 @@ async fn connect(
         "authorization",
         format!("Bearer bench-token-for-node-{node}-000000").parse()?,
     );
-    let mut stream = AggregatedDiscoveryServiceClient::new(ch)
-        .max_decoding_message_size(256 * 1024 * 1024)
-        .delta_aggregated_resources(req)
+    let mut grpc = tonic::client::Grpc::new(ch).max_decoding_message_size(1024 * 1024 * 1024);
+    grpc.ready().await?;
+    let codec = tonic_prost::ProstCodec::<DeltaDiscoveryRequest, ThinResponse>::default();
+    let mut stream = grpc
+        .streaming(
+            req,
+            http::uri::PathAndQuery::from_static(DELTA_METHOD),
+            codec,
+        )
         .await?
         .into_inner();
-    let held = Arc::new(Mutex::new(HashMap::new()));
-    let h = held.clone();
+    let watched = Arc::new(Mutex::new(None));
+    let w = watched.clone();
     tokio::spawn(async move {
         while let Ok(Some(resp)) = stream.message().await {
-            let mut held = h.lock().await;
-            for r in resp.resources {
-                if held.insert(r.name, r.version).is_none() {
-                    total_seen.fetch_add(1, Ordering::Relaxed);
-                }
+            // The config does not change during the first push: no
+            // resource is sent twice before every client holds all.
+            total_seen.fetch_add(resp.resources.len(), Ordering::Relaxed);
+            if let Some(r) = resp.resources.iter().find(|r| r.name == watched_name) {
+                *w.lock().await = Some((r.version.clone(), SystemTime::now()));
             }
-            for n in resp.removed_resources {
-                held.remove(&n);
+            if resp.removed_resources.iter().any(|n| n == watched_name) {
+                *w.lock().await = None;
             }
-            drop(held);
             let _ = tx
                 .send(DeltaDiscoveryRequest {
                     type_url: resp.type_url,
@@ -202,13 +251,21 @@ async fn connect(
                 .await;
         }
     });
-    Ok(Client { held })
+    Ok(Client { watched })
 }
 
 struct Run {
     first_push: Duration,
     change: Duration,
+    /// From the hub taking the change to the last client (None: the
+    /// build does not say when).
+    observed: Option<Duration>,
+    /// Right after the first push.
+    rss_push_mib: f64,
+    /// After the pod change.
     rss_mib: f64,
+    /// The most it held (VmHWM).
+    peak_mib: f64,
 }
 
 async fn run_once(a: &Args) -> Result<Run, Error> {
@@ -216,14 +273,16 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
     let config = dir.path().join("config");
     std::fs::create_dir(&config)?;
     write_config(&config, a)?;
-    let c = start_controller(dir.path(), a.proxies).await?;
+    let c = start_controller(dir.path(), a.proxies, a.istiod_lite.as_deref()).await?;
     let expected = a.pods + a.services + a.policies;
 
+    // The pod the change below moves.
+    const NAME: &str = "Kubernetes//Pod/ns-0/pod-0";
     let seen = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
     let mut clients = Vec::with_capacity(a.proxies);
     for i in 0..a.proxies {
-        clients.push(connect(&c, i, seen.clone()).await?);
+        clients.push(connect(&c, i, seen.clone(), NAME).await?);
     }
     let deadline = t0 + Duration::from_secs(600);
     while seen.load(Ordering::Relaxed) < expected * a.proxies {
@@ -238,12 +297,12 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let first_push = t0.elapsed();
+    let rss_push_mib = status_mib(c.child.id(), "VmRSS");
 
     // One pod moves to a new IP: time until every client holds the new version.
-    let name = "Kubernetes//Pod/ns-0/pod-0".to_string();
     let mut before = Vec::new();
     for cl in &clients {
-        before.push(cl.held.lock().await.get(&name).cloned());
+        before.push(cl.watched.lock().await.clone().map(|w| w.0));
     }
     let t1 = Instant::now();
     write_pod(&config, a, 0, 1)?;
@@ -253,7 +312,7 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
             return Err("the pod change did not reach every client".into());
         }
         for (cl, old) in clients.iter().zip(&before) {
-            if cl.held.lock().await.get(&name) == old.as_ref() {
+            if cl.watched.lock().await.as_ref().map(|w| &w.0) == old.as_ref() {
                 tokio::time::sleep(Duration::from_millis(2)).await;
                 continue 'wait;
             }
@@ -261,11 +320,25 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
         break;
     }
     let change = t1.elapsed();
-    let rss_mib = rss_kib(c.child.id()) as f64 / 1024.0;
+    // From the controller's hub taking the change (the folder's poll and
+    // scan done) to the last client holding it.
+    let mut last = SystemTime::UNIX_EPOCH;
+    for cl in &clients {
+        if let Some((_, at)) = *cl.watched.lock().await {
+            last = last.max(at);
+        }
+    }
+    let observed = c
+        .last_push()
+        .await?
+        .and_then(|p| last.duration_since(p).ok());
     Ok(Run {
         first_push,
         change,
-        rss_mib,
+        observed,
+        rss_push_mib,
+        rss_mib: status_mib(c.child.id(), "VmRSS"),
+        peak_mib: status_mib(c.child.id(), "VmHWM"),
     })
 }
 
@@ -275,11 +348,15 @@ pub(crate) async fn run(a: &Args, machine: &str) -> Result<serde_json::Value, Er
     for i in 0..a.runs {
         let r = run_once(a).await?;
         eprintln!(
-            "run {}: first push {:.0} ms, change {:.1} ms, RSS {:.1} MiB",
+            "run {}: first push {:.0} ms, change {:.1} ms (from the hub {}), RSS {:.1} MiB after the push, {:.1} MiB at the end, peak {:.1} MiB",
             i + 1,
             r.first_push.as_secs_f64() * 1e3,
             r.change.as_secs_f64() * 1e3,
-            r.rss_mib
+            r.observed
+                .map_or("?".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3)),
+            r.rss_push_mib,
+            r.rss_mib,
+            r.peak_mib
         );
         runs.push(r);
     }
@@ -289,7 +366,14 @@ pub(crate) async fn run(a: &Args, machine: &str) -> Result<serde_json::Value, Er
             .collect(),
     );
     let ch = stats(runs.iter().map(|r| r.change.as_secs_f64() * 1e3).collect());
+    let obs: Vec<f64> = runs
+        .iter()
+        .filter_map(|r| r.observed.map(|d| d.as_secs_f64() * 1e3))
+        .collect();
+    let obs = (!obs.is_empty()).then(|| stats(obs));
     let rss = stats(runs.iter().map(|r| r.rss_mib).collect());
+    let rss_push = stats(runs.iter().map(|r| r.rss_push_mib).collect());
+    let peak = stats(runs.iter().map(|r| r.peak_mib).collect());
     println!(
         "\nController at scale: {} pods, {} services, {} policies, {} proxies ({machine})",
         a.pods, a.services, a.policies, a.proxies
@@ -304,14 +388,31 @@ pub(crate) async fn run(a: &Args, machine: &str) -> Result<serde_json::Value, Er
         "| one pod change to all proxies (ms) | {:.1} | {:.1} | {:.1} |",
         ch.0, ch.1, ch.2
     );
+    if let Some(o) = obs {
+        println!(
+            "| one pod change, from the controller taking it to all proxies (ms) | {:.1} | {:.1} | {:.1} |",
+            o.0, o.1, o.2
+        );
+    }
     println!(
-        "| controller RSS (MiB) | {:.1} | {:.1} | {:.1} |",
+        "| controller RSS after the first push (MiB) | {:.1} | {:.1} | {:.1} |",
+        rss_push.0, rss_push.1, rss_push.2
+    );
+    println!(
+        "| controller RSS at the end (MiB) | {:.1} | {:.1} | {:.1} |",
         rss.0, rss.1, rss.2
+    );
+    println!(
+        "| controller peak RSS (MiB) | {:.1} | {:.1} | {:.1} |",
+        peak.0, peak.1, peak.2
     );
     Ok(serde_json::json!({
         "pods": a.pods, "services": a.services, "policies": a.policies, "proxies": a.proxies, "runs": a.runs,
         "first_push_ms": {"median": fp.0, "min": fp.1, "max": fp.2},
         "pod_change_ms": {"median": ch.0, "min": ch.1, "max": ch.2},
+        "pod_change_from_hub_ms": obs.map(|o| serde_json::json!({"median": o.0, "min": o.1, "max": o.2})),
         "rss_mib": {"median": rss.0, "min": rss.1, "max": rss.2},
+        "rss_after_push_mib": {"median": rss_push.0, "min": rss_push.1, "max": rss_push.2},
+        "peak_rss_mib": {"median": peak.0, "min": peak.1, "max": peak.2},
     }))
 }

@@ -44,6 +44,15 @@ pub struct HboneArgs {
     /// For each step: connecting, the handshakes, the CONNECT, the answer.
     #[arg(long, default_value_t = 10_000)]
     timeout_ms: u64,
+    /// Send `forwarded: for="<this>"` (a claim about the original client).
+    #[arg(long)]
+    forwarded_for: Option<SocketAddr>,
+    /// Send this `baggage`.
+    #[arg(long)]
+    baggage: Option<String>,
+    /// Print the whole answer (until the server closes), not its first line.
+    #[arg(long)]
+    whole_answer: bool,
 }
 
 type Error = Box<dyn std::error::Error>;
@@ -73,18 +82,28 @@ pub async fn run(a: &HboneArgs) -> Result<(), Error> {
     let (sender, _runner, driver) =
         hbone::client_handshake(tls, &H2Config::default(), |_| {}).await?;
     tokio::spawn(driver);
-    let mut tunnel =
-        match hbone::open(&sender, a.authority, &ConnectHeaders::default(), timeout).await {
-            Ok(t) => t,
-            Err(OpenError::Status(s)) => {
-                println!("CONNECT {}", s.as_u16());
-                return Ok(());
-            }
-            Err(e) => return Err(e.into()),
-        };
+    let headers = ConnectHeaders {
+        forwarded_for: a.forwarded_for,
+        baggage: a.baggage.clone(),
+        ..Default::default()
+    };
+    let mut tunnel = match hbone::open(&sender, a.authority, &headers, timeout).await {
+        Ok(t) => t,
+        Err(OpenError::Status(s)) => {
+            println!("CONNECT {}", s.as_u16());
+            return Ok(());
+        }
+        Err(e) => return Err(e.into()),
+    };
     println!("CONNECT 200");
     let request = a.request.replace("\\r", "\r").replace("\\n", "\n");
     tunnel.write_all(request.as_bytes()).await?;
+    if a.whole_answer {
+        let mut all = Vec::new();
+        let _ = tokio::time::timeout(timeout, tunnel.read_to_end(&mut all)).await;
+        println!("{}", String::from_utf8_lossy(&all));
+        return Ok(());
+    }
     let answer = tokio::time::timeout(timeout, first_line(&mut tunnel))
         .await
         .unwrap_or(None);

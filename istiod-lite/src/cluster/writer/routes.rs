@@ -13,8 +13,8 @@ use serde_json::{Value, json};
 use super::super::FIELD_MANAGER;
 use super::super::conditions::{condition, same_conditions, with_times};
 use super::classes::CONTROLLER_NAME;
-use super::{Report, Writer};
-use crate::model::route_status::RouteView;
+use super::{Report, WriteError, Writer};
+use crate::model::route_status::{RouteKind, RouteView};
 
 /// A parentRef with the API's defaults filled in (group, kind), so a
 /// status entry read back compares equal to the spec's ref.
@@ -94,12 +94,12 @@ impl Writer {
     pub(super) async fn route_statuses(&mut self, routes: &[RouteView], report: &mut Report) {
         for v in routes {
             if let Err(e) = self.route_status(v, report).await {
-                report.errors.push(e);
+                report.errors.push(e.to_string());
             }
         }
     }
 
-    async fn route_status(&mut self, v: &RouteView, report: &mut Report) -> Result<(), String> {
+    async fn route_status(&mut self, v: &RouteView, report: &mut Report) -> Result<(), WriteError> {
         let want = wanted(v);
         if unchanged(&v.current, &want) {
             return Ok(());
@@ -107,7 +107,7 @@ impl Writer {
         let parents = merged(&v.current, want);
         let mut patch = json!({
             "apiVersion": "gateway.networking.k8s.io/v1",
-            "kind": v.kind,
+            "kind": v.kind.as_str(),
             "metadata": {"name": v.name, "namespace": v.namespace},
             "status": {"parents": parents},
         });
@@ -118,23 +118,26 @@ impl Writer {
             patch["metadata"]["resourceVersion"] = json!(rv);
         }
         let params = PatchParams::apply(FIELD_MANAGER).force();
-        let written = if v.kind == "GRPCRoute" {
-            let api: Api<GrpcRoute> = Api::namespaced(self.client.clone(), &v.namespace);
-            api.patch_status(&v.name, &params, &Patch::Apply(&patch))
-                .await
-                .map(|_| ())
-        } else {
-            let api: Api<HttpRoute> = Api::namespaced(self.client.clone(), &v.namespace);
-            api.patch_status(&v.name, &params, &Patch::Apply(&patch))
-                .await
-                .map(|_| ())
+        let written = match v.kind {
+            RouteKind::Grpc => {
+                let api: Api<GrpcRoute> = Api::namespaced(self.client.clone(), &v.namespace);
+                api.patch_status(&v.name, &params, &Patch::Apply(&patch))
+                    .await
+                    .map(|_| ())
+            }
+            RouteKind::Http => {
+                let api: Api<HttpRoute> = Api::namespaced(self.client.clone(), &v.namespace);
+                api.patch_status(&v.name, &params, &Patch::Apply(&patch))
+                    .await
+                    .map(|_| ())
+            }
         };
-        written.map_err(|e| {
-            format!(
-                "writing the status of {} {}/{}: {e}",
-                v.kind, v.namespace, v.name
-            )
-        })?;
+        written.map_err(WriteError::status(format!(
+            "{} {}/{}",
+            v.kind.as_str(),
+            v.namespace,
+            v.name
+        )))?;
         report.statuses += 1;
         Ok(())
     }

@@ -4,15 +4,18 @@
 use mesh_proto::mesh::waypoint as pb;
 
 use super::durations::parse_istio_duration;
+use super::errors::WildcardHost;
 use crate::config::crds::DestinationRule;
 
 /// Which service a DestinationRule `host` names: a short name is relative
 /// to the rule's namespace. Wildcard hosts are not supported (reported).
-pub fn destination_host(host: &str, dr_ns: &str, domain_suffix: &str) -> Result<String, String> {
+pub fn destination_host(
+    host: &str,
+    dr_ns: &str,
+    domain_suffix: &str,
+) -> Result<String, WildcardHost> {
     if host.contains('*') {
-        return Err(format!(
-            "wildcard host {host:?} is not supported; name one service"
-        ));
+        return Err(WildcardHost(host.to_string()));
     }
     Ok(if host.contains('.') {
         host.to_string()

@@ -6,6 +6,7 @@ use gateway_api::apis::experimental::httproutes::{
 use mesh_proto::mesh::waypoint as pb;
 
 use super::ALL;
+use super::errors::{BackendRefError, PercentError, RouteError};
 use super::filters::{headers, type_name};
 
 /// A Service reference ("namespace/hostname", port), as backendRefs and
@@ -18,15 +19,22 @@ fn service_ref(
     port: Option<i32>,
     route_ns: &str,
     domain_suffix: &str,
-) -> Result<(String, u32), String> {
-    if kind.unwrap_or("Service") != "Service" || !group.unwrap_or("").is_empty() {
-        return Err(format!(
-            "backendRef {name} is a {}, only Services are supported",
-            kind.unwrap_or("Service")
-        ));
+) -> Result<(String, u32), BackendRefError> {
+    let (group, kind) = (group.unwrap_or(""), kind.unwrap_or("Service"));
+    if kind != "Service" || !group.is_empty() {
+        return Err(BackendRefError::NotAService {
+            name: name.to_string(),
+            kind: if group.is_empty() {
+                kind.to_string()
+            } else {
+                format!("{group}/{kind}")
+            },
+        });
     }
     let Some(port) = port else {
-        return Err(format!("backendRef {name} has no port"));
+        return Err(BackendRefError::NoPort {
+            name: name.to_string(),
+        });
     };
     let ns = namespace.unwrap_or(route_ns);
     Ok((
@@ -39,7 +47,7 @@ pub(super) fn backends(
     rule: &HttpRouteRules,
     route_ns: &str,
     domain_suffix: &str,
-) -> Result<Vec<pb::WeightedBackend>, String> {
+) -> Result<Vec<pb::WeightedBackend>, RouteError> {
     let mut out = Vec::new();
     for b in rule.backend_refs.iter().flatten() {
         let (service, port) = service_ref(
@@ -58,11 +66,10 @@ pub(super) fn backends(
             } else if let Some(m) = &f.response_header_modifier {
                 resp = Some(header_edit!(m));
             } else {
-                return Err(format!(
-                    "backendRef {} filter {} is not supported by the waypoint",
-                    b.name,
-                    type_name(&f.r#type)
-                ));
+                return Err(RouteError::BackendFilter {
+                    backend: b.name.clone(),
+                    filter: type_name(&f.r#type),
+                });
             }
         }
         out.push(pb::WeightedBackend {
@@ -77,11 +84,9 @@ pub(super) fn backends(
 }
 
 /// A share in percent (0-100, fractions allowed) in millionths.
-pub(super) fn percent_per_million(field: &str, v: f64) -> Result<u32, String> {
+pub(super) fn percent_per_million(field: &'static str, v: f64) -> Result<u32, PercentError> {
     if !v.is_finite() || !(0.0..=100.0).contains(&v) {
-        return Err(format!(
-            "{field}: {v} is not a percentage between 0 and 100"
-        ));
+        return Err(PercentError { field, value: v });
     }
     Ok((v * 10_000.0).round() as u32)
 }
@@ -92,7 +97,7 @@ pub(super) fn request_mirror(
     m: &HttpRouteRulesFiltersRequestMirror,
     route_ns: &str,
     domain_suffix: &str,
-) -> Result<(pb::WeightedBackend, Option<u32>), String> {
+) -> Result<(pb::WeightedBackend, Option<u32>), RouteError> {
     let b = &m.backend_ref;
     let (service, port) = service_ref(
         b.group.as_deref(),
@@ -103,19 +108,19 @@ pub(super) fn request_mirror(
         route_ns,
         domain_suffix,
     )
-    .map_err(|e| format!("RequestMirror {e}"))?;
+    .map_err(RouteError::MirrorBackend)?;
     let share = match (m.percent, &m.fraction) {
         (Some(_), Some(_)) => {
-            return Err("RequestMirror sets both percent and fraction".into());
+            return Err(RouteError::MirrorPercentAndFraction);
         }
         (Some(p), None) => Some(percent_per_million("RequestMirror percent", p as f64)?),
         (None, Some(f)) => {
             let d = f.denominator.unwrap_or(100);
             if d <= 0 || f.numerator < 0 || f.numerator > d {
-                return Err(format!(
-                    "RequestMirror fraction {}/{d} is not between 0 and 1",
-                    f.numerator
-                ));
+                return Err(RouteError::MirrorFraction {
+                    numerator: f.numerator,
+                    denominator: d,
+                });
             }
             Some((f.numerator as u64 * ALL as u64 / d as u64) as u32)
         }

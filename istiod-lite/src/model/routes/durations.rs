@@ -1,5 +1,7 @@
 //! Duration strings: Gateway API's (GEP-2257) and Istio's.
 
+use super::errors::DurationError;
+
 /// The unit at the start of `rest` (h, m, s or ms): milliseconds per unit
 /// and the unit's length.
 fn duration_unit(rest: &str) -> Option<(u64, usize)> {
@@ -17,9 +19,8 @@ fn duration_unit(rest: &str) -> Option<(u64, usize)> {
 
 /// A Gateway API `Duration` (GEP-2257): 1 to 4 groups of up to 5 digits
 /// followed by h, m, s or ms, e.g. "1m30s", "500ms". Returns milliseconds.
-pub fn parse_duration(s: &str) -> Result<u64, String> {
-    let bad =
-        || format!("{s:?} is not a Gateway API duration (e.g. \"10s\", \"1m30s\", \"500ms\")");
+pub fn parse_duration(s: &str) -> Result<u64, DurationError> {
+    let bad = || DurationError::GatewayApi(s.to_string());
     let (mut rest, mut total, mut groups) = (s, 0u64, 0);
     while !rest.is_empty() {
         let digits = rest.bytes().take_while(u8::is_ascii_digit).count();
@@ -41,8 +42,8 @@ pub fn parse_duration(s: &str) -> Result<u64, String> {
 
 /// An Istio duration as DestinationRules carry them: Go's format limited to
 /// h, m, s and ms units with optional fractions ("30s", "1m30s", "0.5s").
-pub fn parse_istio_duration(s: &str) -> Result<u64, String> {
-    let bad = || format!("{s:?} is not a duration (e.g. \"30s\", \"1m\", \"0.5s\")");
+pub fn parse_istio_duration(s: &str) -> Result<u64, DurationError> {
+    let bad = || DurationError::Istio(s.to_string());
     let (mut rest, mut total) = (s, 0f64);
     if rest.is_empty() {
         return Err(bad());
@@ -59,7 +60,7 @@ pub fn parse_istio_duration(s: &str) -> Result<u64, String> {
         total += v * unit as f64;
     }
     if total > u32::MAX as f64 {
-        return Err(format!("{s:?} is too long"));
+        return Err(DurationError::TooLong(s.to_string()));
     }
     Ok(total.round() as u64)
 }

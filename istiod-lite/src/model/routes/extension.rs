@@ -6,6 +6,7 @@ use mesh_proto::mesh::waypoint as pb;
 
 use super::backends::percent_per_million;
 use super::durations::parse_istio_duration;
+use super::errors::RouteError;
 use super::rate_limit::rate_limit;
 use super::{
     ALL, MIN_RETRY_CONCURRENCY, RETRY_BUDGET_PERCENT, TRAFFIC_POLICY_KIND, TrafficPolicies,
@@ -30,12 +31,12 @@ pub const DEFAULT_TRAFFIC_POLICY: &str = "default";
 /// path; any problem makes the whole object unusable.
 pub fn route_extension(tp: &TrafficPolicy) -> Result<RouteExtension, Vec<String>> {
     /// A share that defaults to all requests.
-    fn pct(errs: &mut Vec<String>, field: &str, v: Option<f64>) -> u32 {
+    fn pct(errs: &mut Vec<String>, field: &'static str, v: Option<f64>) -> u32 {
         match v.map(|v| percent_per_million(field, v)) {
             None => ALL,
             Some(Ok(p)) => p,
             Some(Err(e)) => {
-                errs.push(e);
+                errs.push(e.to_string());
                 0
             }
         }
@@ -119,26 +120,22 @@ pub(super) fn extension(
     r: &HttpRouteRulesFiltersExtensionRef,
     route_ns: &str,
     exts: &TrafficPolicies,
-) -> Result<RouteExtension, String> {
+) -> Result<RouteExtension, RouteError> {
     if r.group != EXTENSIONS_GROUP || r.kind != TRAFFIC_POLICY_KIND {
-        return Err(format!(
-            "ExtensionRef to {}/{} {} is not supported (only {EXTENSIONS_GROUP}/{TRAFFIC_POLICY_KIND})",
-            r.group, r.kind, r.name
-        ));
+        return Err(RouteError::ExtensionKind {
+            group: r.group.clone(),
+            kind: r.kind.clone(),
+            name: r.name.clone(),
+        });
     }
     let tp = exts
         .get(&(route_ns.to_string(), r.name.clone()))
-        .ok_or_else(|| {
-            format!(
-                "ExtensionRef TrafficPolicy {} does not exist in namespace {route_ns}",
-                r.name
-            )
+        .ok_or_else(|| RouteError::ExtensionMissing {
+            name: r.name.clone(),
+            namespace: route_ns.to_string(),
         })?;
-    route_extension(tp).map_err(|e| {
-        format!(
-            "ExtensionRef TrafficPolicy {} is invalid: {}",
-            r.name,
-            e.join("; ")
-        )
+    route_extension(tp).map_err(|problems| RouteError::ExtensionInvalid {
+        name: r.name.clone(),
+        problems,
     })
 }

@@ -4,6 +4,8 @@
 use gateway_api::apis::experimental::httproutes::HttpRouteRulesFilters;
 use mesh_proto::mesh::waypoint as pb;
 
+use super::errors::RouteError;
+
 pub(super) fn headers<'a>(v: impl Iterator<Item = (&'a str, &'a str)>) -> Vec<pb::Header> {
     v.map(|(n, v)| pb::Header {
         name: n.to_ascii_lowercase(),
@@ -63,7 +65,7 @@ pub(super) fn type_name(t: &impl serde::Serialize) -> String {
     }
 }
 
-pub(super) fn filter(f: &HttpRouteRulesFilters) -> Result<pb::Filter, String> {
+pub(super) fn filter(f: &HttpRouteRulesFilters) -> Result<pb::Filter, RouteError> {
     use pb::filter::Kind;
     let kind = if let Some(m) = &f.request_header_modifier {
         Kind::RequestHeaders(header_edit!(m))
@@ -77,11 +79,7 @@ pub(super) fn filter(f: &HttpRouteRulesFilters) -> Result<pb::Filter, String> {
             .unwrap_or_default();
         let status_code = match r.status_code.unwrap_or(302) {
             c @ (301 | 302 | 303 | 307 | 308) => c as u32,
-            c => {
-                return Err(format!(
-                    "redirect status {c} is not 301, 302, 303, 307 or 308"
-                ));
-            }
+            c => return Err(RouteError::RedirectStatus(c)),
         };
         Kind::Redirect(pb::Redirect {
             scheme,
@@ -96,10 +94,7 @@ pub(super) fn filter(f: &HttpRouteRulesFilters) -> Result<pb::Filter, String> {
             path: r.path.as_ref().and_then(|p| path_modifier!(p)),
         })
     } else {
-        return Err(format!(
-            "filter type {} is not supported by the waypoint",
-            type_name(&f.r#type)
-        ));
+        return Err(RouteError::Filter(type_name(&f.r#type)));
     };
     Ok(pb::Filter { kind: Some(kind) })
 }

@@ -7,6 +7,8 @@ use gateway_api::apis::experimental::httproutes::{
 use mesh_proto::mesh::waypoint as pb;
 use pb::string_match::Kind as SM;
 
+use super::errors::RouteError;
+
 pub(super) fn string_match(kind: SM) -> pb::StringMatch {
     pb::StringMatch { kind: Some(kind) }
 }
@@ -26,15 +28,18 @@ fn method(m: &HttpRouteRulesMatchesMethod) -> &'static str {
     }
 }
 
-fn regex_ok(r: &str) -> Result<(), String> {
+fn regex_ok(r: &str) -> Result<(), RouteError> {
     // The waypoint compiles with the same crate and the same whole-string
     // wrapping, so what passes here runs there.
     regex::Regex::new(&format!("^(?:{r})$"))
         .map(|_| ())
-        .map_err(|e| format!("regex {r:?} does not parse: {e}"))
+        .map_err(|source| RouteError::Regex {
+            regex: r.to_string(),
+            source,
+        })
 }
 
-fn name_value(name: String, value: &str, regex: bool) -> Result<pb::HeaderMatch, String> {
+fn name_value(name: String, value: &str, regex: bool) -> Result<pb::HeaderMatch, RouteError> {
     let kind = if regex {
         regex_ok(value)?;
         SM::Regex(value.into())
@@ -47,7 +52,7 @@ fn name_value(name: String, value: &str, regex: bool) -> Result<pb::HeaderMatch,
     })
 }
 
-pub(super) fn request_match(m: &HttpRouteRulesMatches) -> Result<pb::RouteMatch, String> {
+pub(super) fn request_match(m: &HttpRouteRulesMatches) -> Result<pb::RouteMatch, RouteError> {
     let path = match &m.path {
         None => None,
         Some(p) => {

@@ -15,6 +15,7 @@ mod filters;
 mod backend_policy;
 mod backends;
 mod durations;
+mod errors;
 mod extension;
 mod matches;
 mod rate_limit;
@@ -34,6 +35,7 @@ use matches::{request_match, string_match};
 
 pub use backend_policy::{backend_policy, destination_host};
 pub use durations::{parse_duration, parse_istio_duration};
+pub use errors::{BackendRefError, DurationError, PercentError, RouteError, WildcardHost};
 pub use extension::{DEFAULT_TRAFFIC_POLICY, RouteExtension, extension_refs, route_extension};
 pub use rate_limit::default_rate_limit;
 
@@ -77,6 +79,15 @@ pub fn service_parents(route: &HttpRoute) -> Vec<(String, String)> {
         .collect()
 }
 
+/// A Gateway API duration at `field` in milliseconds (0 when unset),
+/// capped at `u32::MAX`.
+fn ms(field: &'static str, s: Option<&str>) -> Result<u32, RouteError> {
+    s.map(parse_duration)
+        .transpose()
+        .map(|v| v.unwrap_or(0).min(u32::MAX as u64) as u32)
+        .map_err(|source| RouteError::Duration { field, source })
+}
+
 /// The routes of one rule. Problems that leave the rule out are the error;
 /// settings that have no effect are noted in `notes` and the rule is kept.
 fn rule_routes(
@@ -86,22 +97,19 @@ fn rule_routes(
     domain_suffix: &str,
     exts: &TrafficPolicies,
     notes: &mut Vec<String>,
-) -> Result<Vec<pb::Route>, String> {
+) -> Result<Vec<pb::Route>, RouteError> {
     let mut filters = Vec::new();
     let mut ext: Option<RouteExtension> = None;
     let mut mirror: Option<(pb::WeightedBackend, Option<u32>)> = None;
     for f in rule.filters.iter().flatten() {
         if let Some(r) = &f.extension_ref {
             if ext.is_some() {
-                return Err("more than one ExtensionRef filter".into());
+                return Err(RouteError::ExtensionRefs);
             }
             ext = Some(extension(r, route_ns, exts)?);
         } else if let Some(m) = &f.request_mirror {
             if mirror.is_some() {
-                return Err(
-                    "more than one RequestMirror filter; the waypoint mirrors to one backend"
-                        .into(),
-                );
+                return Err(RouteError::Mirrors);
             }
             mirror = Some(request_mirror(m, route_ns, domain_suffix)?);
         } else {
@@ -111,10 +119,7 @@ fn rule_routes(
     let ext = ext.unwrap_or_default();
     let mirror = match (mirror, ext.mirror_per_million) {
         (Some((_, Some(_))), Some(_)) => {
-            return Err(
-                "both the RequestMirror filter and the TrafficPolicy's mirrorPercentage set the mirrored share"
-                    .into(),
-            );
+            return Err(RouteError::MirrorShareTwice);
         }
         (Some((backend, own)), from_ext) => Some(pb::Mirror {
             backend: Some(backend),
@@ -133,20 +138,18 @@ fn rule_routes(
         notes.push("the TrafficPolicy sets retryBudget but the rule has no retry; ignored".into());
     }
     let backends = backends(rule, route_ns, domain_suffix)?;
-    let ms = |s: &Option<String>| -> Result<u32, String> {
-        s.as_deref()
-            .map(parse_duration)
-            .transpose()
-            .map(|v| v.unwrap_or(0).min(u32::MAX as u64) as u32)
-    };
     let (request_timeout_ms, per_try_timeout_ms) = match &rule.timeouts {
-        Some(t) => (ms(&t.request)?, ms(&t.backend_request)?),
+        Some(t) => (
+            ms("timeouts.request", t.request.as_deref())?,
+            ms("timeouts.backendRequest", t.backend_request.as_deref())?,
+        ),
         None => (0, 0),
     };
     if request_timeout_ms != 0 && per_try_timeout_ms > request_timeout_ms {
-        return Err(format!(
-            "timeouts.backendRequest ({per_try_timeout_ms} ms) is longer than timeouts.request ({request_timeout_ms} ms)"
-        ));
+        return Err(RouteError::BackendTimeout {
+            backend_ms: per_try_timeout_ms,
+            request_ms: request_timeout_ms,
+        });
     }
     let retry = match &rule.retry {
         None => None,
@@ -154,7 +157,7 @@ fn rule_routes(
             let mut codes = Vec::new();
             for c in r.codes.iter().flatten() {
                 if !(400..=599).contains(c) {
-                    return Err(format!("retry code {c} is not an HTTP error status"));
+                    return Err(RouteError::RetryCode(*c));
                 }
                 codes.push(*c as u32);
             }
@@ -163,7 +166,7 @@ fn rule_routes(
                 codes,
                 grpc_codes: GRPC_RETRY_CODES.to_vec(),
                 backoff_ms: match &r.backoff {
-                    Some(b) => parse_duration(b)?.min(u32::MAX as u64) as u32,
+                    Some(b) => ms("retry.backoff", Some(b))?,
                     None => DEFAULT_BACKOFF_MS,
                 },
                 budget_percent: ext.retry_budget.map_or(RETRY_BUDGET_PERCENT, |b| b.0),
@@ -300,7 +303,8 @@ spec:
         assert_eq!(parse_duration("1h1m1s1ms"), Ok(3_661_001));
         for bad in ["", "10", "1d", "s", "1.5s", "123456s", "1s1s1s1s1s", "-1s"] {
             let e = parse_duration(bad).expect_err(bad);
-            assert!(e.contains("not a Gateway API duration"), "{e}");
+            assert_eq!(e, DurationError::GatewayApi(bad.to_string()));
+            assert!(e.to_string().contains("not a Gateway API duration"), "{e}");
         }
     }
 
@@ -426,24 +430,61 @@ spec:
     filters: [{type: CORS, cors: {allowOrigins: ["https://x"]}}]
   - backendRefs: [{name: f, port: 80}]
     timeouts: {request: 10 seconds}
+  - backendRefs: [{group: multicluster.x-k8s.io, kind: ServiceImport, name: g, port: 80}]
   - backendRefs: [{name: ok, port: 80}]
 "#,
         );
         let (routes, issues) = convert(&r, "cluster.local", &TrafficPolicies::new());
         assert_eq!(routes.len(), 1, "{routes:?}");
-        assert_eq!(routes[0].name, "ns/r/6");
+        assert_eq!(routes[0].name, "ns/r/7");
         let want = [
             "rule 0 left out: regex \"/(unclosed\" does not parse",
             "rule 1 left out: backendRef b has no port",
             "rule 2 left out: timeouts.backendRequest (2000 ms) is longer",
             "rule 3 left out: retry code 200 is not an HTTP error status",
             "rule 4 left out: filter type CORS is not supported",
-            "rule 5 left out: \"10 seconds\" is not a Gateway API duration",
+            "rule 5 left out: timeouts.request: \"10 seconds\" is not a Gateway API duration",
+            "rule 6 left out: backendRef g is a multicluster.x-k8s.io/ServiceImport, only Services are supported",
         ];
         assert_eq!(issues.len(), want.len(), "{issues:?}");
         for (got, want) in issues.iter().zip(want) {
             assert!(got.starts_with(want), "{got:?} should start with {want:?}");
         }
+
+        // The reasons are variants a caller can tell apart, with their context.
+        let rules = r.spec.rules.as_deref().unwrap_or_default();
+        let why = |i: usize| {
+            rule_routes(
+                &rules[i],
+                "x",
+                "ns",
+                "cluster.local",
+                &TrafficPolicies::new(),
+                &mut Vec::new(),
+            )
+            .expect_err("left out")
+        };
+        assert!(matches!(why(0), RouteError::Regex { regex, .. } if regex == "/(unclosed"));
+        assert_eq!(
+            why(1),
+            RouteError::Backend(BackendRefError::NoPort { name: "b".into() })
+        );
+        assert_eq!(
+            why(2),
+            RouteError::BackendTimeout {
+                backend_ms: 2000,
+                request_ms: 1000
+            }
+        );
+        assert_eq!(why(3), RouteError::RetryCode(200));
+        assert_eq!(why(4), RouteError::Filter("CORS".into()));
+        assert_eq!(
+            why(5),
+            RouteError::Duration {
+                field: "timeouts.request",
+                source: DurationError::GatewayApi("10 seconds".into())
+            }
+        );
     }
 
     fn traffic_policies(yaml: &str) -> TrafficPolicies {
