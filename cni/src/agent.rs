@@ -15,6 +15,7 @@
 //! become enrolled and releases those that leave ([`crate::agent::reconcile`]), and
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
+mod holders;
 pub mod reconcile;
 mod snapshot;
 pub mod watch;

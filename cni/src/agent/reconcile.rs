@@ -306,7 +306,7 @@ mod tests {
             reconciling: Mutex::new(()),
             ops: Mutex::new(()),
             pods: Mutex::new(BTreeMap::new()),
-            ztunnel: Mutex::new(None),
+            ztunnels: Default::default(),
         }
     }
 

@@ -19,7 +19,8 @@ use mesh_proto::istio::workload::zds::{AddWorkload, SnapshotSent, workload_reque
 use tokio_seqpacket::UnixSeqpacket;
 use tracing::{info, warn};
 
-use crate::agent::ztunnels::{Sent, send};
+use crate::agent::holders;
+use crate::agent::ztunnels::{Sent, peer_pid, send};
 use crate::agent::{Agent, AgentError, Pod, ZDS_TIMEOUT, info_of};
 
 /// The longest wait between two rounds of re-sending refused pods.
@@ -38,15 +39,27 @@ fn add_of(p: &Pod) -> Result<(Payload, OwnedFd), AgentError> {
 }
 
 /// Sends each of `pods` (all but those not held any more); the uids it
-/// refused are returned, a broken connection is an error.
+/// refused are returned, a broken connection is an error. An ack counts
+/// only once the pod's ports are seen held by the connected ztunnels
+/// (`pids`: the new one's and the older ones'), never by a process of the
+/// pod's ([`holders`]).
 async fn send_pods<'a>(
     sock: &UnixSeqpacket,
     pods: impl Iterator<Item = &'a Pod>,
+    dns: bool,
+    pids: &[i32],
 ) -> Result<BTreeSet<String>, AgentError> {
     let mut refused = BTreeSet::new();
     for p in pods {
         let (add, fd) = add_of(p)?;
-        match send(sock, add, Some(&fd)).await {
+        let sent = match send(sock, add, Some(&fd)).await {
+            Sent::Acked => match holders::check(&p.netns, dns, pids) {
+                Ok(()) => Sent::Acked,
+                Err(e) => Sent::Refused(format!("acked, but {e}")),
+            },
+            other => other,
+        };
+        match sent {
             Sent::Acked => {}
             Sent::Refused(m) => {
                 warn!(uid = %p.spec.uid, error = %m, "ztunnel refused a pod of its snapshot; will retry");
@@ -85,7 +98,9 @@ impl Agent {
         {
             let _op = self.ops.lock().await;
             let pods = self.pods.lock().await;
-            let pending = send_pods(&sock, pods.values()).await?;
+            let mut pids = self.ztunnels.pids().await;
+            pids.extend(peer_pid(&sock));
+            let pending = send_pods(&sock, pods.values(), self.cfg.dns, &pids).await?;
             if pending.is_empty() {
                 snapshot_sent(&sock).await?;
                 info!(
@@ -117,12 +132,13 @@ impl Agent {
             let Some(i) = conns.iter().position(|c| c.born.id == id) else {
                 return;
             };
+            let pids: Vec<i32> = conns.iter().filter_map(|c| c.pid).collect();
             let c = &mut conns[i];
             // Pods released meanwhile are no longer owed.
             c.pending.retain(|uid| pods.contains_key(uid));
             if !c.pending.is_empty() {
                 let owed = c.pending.iter().filter_map(|u| pods.get(u));
-                match send_pods(&c.sock, owed).await {
+                match send_pods(&c.sock, owed, self.cfg.dns, &pids).await {
                     Ok(refused) => c.pending = refused,
                     Err(e) => {
                         warn!(ztunnel = id, error = %e, "ztunnel lost during its snapshot; forgotten");

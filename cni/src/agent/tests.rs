@@ -22,7 +22,7 @@ fn config(dir: &Path) -> AgentConfig {
     }
 }
 
-/// An agent holding `uids`, each in this process's netns (nothing is
+/// An agent holding `uids`, each in a netns of its own (nothing is
 /// installed in it: only the snapshot is exercised).
 fn agent(dir: &Path, uids: &[&str]) -> Arc<Agent> {
     let mut pods = BTreeMap::new();
@@ -32,11 +32,11 @@ fn agent(dir: &Path, uids: &[&str]) -> Arc<Agent> {
             name: uid.to_string(),
             namespace: "default".into(),
             service_account: "default".into(),
-            netns: "/proc/self/ns/net".into(),
+            netns: fresh_netns(),
             ips: Vec::new(),
             bypass_inbound: false,
         };
-        let netns = Netns::open(&spec.netns).expect("our own netns");
+        let netns = Netns::open(&spec.netns).expect("a fresh netns");
         pods.insert(
             uid.to_string(),
             Pod {
@@ -74,13 +74,38 @@ fn rand_suffix() -> u64 {
 /// What a ztunnel end got, in order: "add p1", "snapshot", ...
 type Log = Arc<StdMutex<Vec<String>>>;
 
-/// A ztunnel that refuses `uid` the first `refusals` times.
+/// Binds a pod's listener ports in `netns` as a ztunnel would (this
+/// process holds them: the agent sees them as its ZDS peer's).
+fn bind_pod_ports(netns: &Netns) -> Vec<std::net::TcpListener> {
+    holders::ports(false)
+        .into_iter()
+        .map(|port| {
+            let addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+            netns
+                .run(|| mesh_core::listen::shared_tcp(addr))
+                .expect("in the pod's netns")
+                .expect("bound")
+        })
+        .collect()
+}
+
+/// A ztunnel that refuses `uid` the first `refusals` times, and binds the
+/// ports of each pod it acks (`bind`).
 fn refusing_ztunnel(sock: UnixSeqpacket, uid: &'static str, refusals: usize) -> Log {
+    ztunnel_binding(sock, uid, refusals, true)
+}
+
+fn ztunnel_binding(sock: UnixSeqpacket, uid: &'static str, refusals: usize, bind: bool) -> Log {
     let log: Log = Arc::default();
     let seen = log.clone();
     tokio::spawn(async move {
         let mut left = refusals;
+        let mut held = Vec::new();
         while let Ok(r) = zds::recv_request(&sock).await {
+            if let (Payload::Add(_), Some(fd), true) = (&r.request, r.netns, bind) {
+                let netns = Netns::from_fd(fd).expect("a netns");
+                held.push(bind_pod_ports(&netns));
+            }
             let (what, error) = match r.request {
                 Payload::Add(a) if a.uid == uid && left > 0 => {
                     left -= 1;
@@ -127,6 +152,28 @@ async fn snapshot_sent_waits_until_every_pod_is_acked() {
     assert!(agent.ztunnels.pending().await.is_empty());
 }
 
+/// A ztunnel that acks a pod of its snapshot without its ports being held
+/// by it (nothing listens there, or, as here, it bound nothing): the pod
+/// stays owed and SnapshotSent (its readiness) is not sent.
+#[tokio::test]
+async fn an_ack_without_the_ztunnels_own_listeners_does_not_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &["p1"]);
+    let (ours, theirs) = connected(dir.path()).await;
+    let log = ztunnel_binding(theirs, "p1", 0, false);
+    let serving = tokio::spawn(agent.clone().snapshot(ours));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = log.lock().unwrap().clone();
+    assert!(!got.contains(&"snapshot".to_string()), "{got:?}");
+    assert!(got.len() >= 2, "sent again: {got:?}");
+    let pending = agent.ztunnels.pending().await;
+    assert!(
+        pending.values().any(|p| p.contains(&"p1".to_string())),
+        "{pending:?}"
+    );
+    serving.abort();
+}
+
 /// A ztunnel that never answers its snapshot is dropped within the
 /// deadline, and the agent's other work goes on meanwhile.
 #[tokio::test]
@@ -140,7 +187,7 @@ async fn a_stuck_ztunnel_does_not_stall_the_agent() {
     let mute = tokio::spawn(agent.clone().snapshot(mute));
     tokio::time::sleep(Duration::from_millis(100)).await;
     // A release (its ZDS part goes nowhere: no ztunnel joined) goes through.
-    tokio::time::timeout(3 * ZDS_TIMEOUT, agent.del("p1"))
+    tokio::time::timeout(3 * ZDS_TIMEOUT, agent.del("p1", Leave::Delete))
         .await
         .expect("the agent is not stalled by the stuck ztunnel")
         .expect("released");

@@ -52,9 +52,15 @@ pub(crate) struct Born {
 /// The start time of the process at the other end of `sock`, from the
 /// agent's /proc (the node's, with hostPID); None when not visible.
 fn peer_started(sock: &UnixSeqpacket) -> Option<u64> {
-    let pid = sock.peer_cred().ok()?.pid()?;
+    let pid = peer_pid(sock)?;
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     start_time(&stat)
+}
+
+/// The pid of the process at the other end of `sock` (its peer
+/// credentials, in the agent's pid namespace: the node's, with hostPID).
+pub(crate) fn peer_pid(sock: &UnixSeqpacket) -> Option<i32> {
+    sock.peer_cred().ok()?.pid()
 }
 
 /// Field 22 of a `/proc/<pid>/stat` line (the fields after the command,
@@ -67,6 +73,9 @@ pub(crate) fn start_time(stat: &str) -> Option<u64> {
 /// One connected ztunnel.
 pub(crate) struct Conn {
     pub(crate) born: Born,
+    /// Its process, when the agent can see it: whose sockets may hold a
+    /// pod's ports ([`crate::agent::holders`]).
+    pub(crate) pid: Option<i32>,
     pub(crate) sock: UnixSeqpacket,
     /// Pods of its snapshot it has not acked yet: it is sent SnapshotSent
     /// (and so becomes ready) only once this is empty.
@@ -96,6 +105,7 @@ impl Default for Ztunnels {
 /// A connection let in: its slot and its age.
 pub(crate) struct Admitted {
     pub(crate) born: Born,
+    pub(crate) pid: Option<i32>,
     slot: OwnedSemaphorePermit,
 }
 
@@ -129,6 +139,7 @@ impl Ztunnels {
                 started: peer_started(sock),
                 id,
             },
+            pid: peer_pid(sock),
             slot,
         })
     }
@@ -139,11 +150,22 @@ impl Ztunnels {
         let mut conns = self.conns.lock().await;
         conns.push(Conn {
             born: a.born,
+            pid: a.pid,
             sock,
             pending,
             _slot: a.slot,
         });
         info!(ztunnel = a.born.id, started = ?a.born.started, connected = conns.len(), "ztunnel joined");
+    }
+
+    /// The processes of the connected ztunnels (those the agent can see).
+    pub(crate) async fn pids(&self) -> Vec<i32> {
+        self.conns
+            .lock()
+            .await
+            .iter()
+            .filter_map(|c| c.pid)
+            .collect()
     }
 
     /// How many are connected (after forgetting those gone).
