@@ -66,6 +66,12 @@ impl Readiness for Ready {
         {
             return Err(NotReady::NoPodSnapshot);
         }
+        if let Some(p) = &self.inpod {
+            let unserved = p.unserved();
+            if !unserved.is_empty() {
+                return Err(NotReady::PodsUnserved(unserved));
+            }
+        }
         if !self.proxy.state.has_config() {
             return Err(NotReady::NoConfig);
         }

@@ -24,6 +24,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+mod deferred;
+
+use deferred::Deferred;
+
 use crate::config::{HBONE_PORT, INBOUND_PLAINTEXT_PORT, OUTBOUND_PORT};
 use crate::proxy::{Proxy, inbound, inbound_plain, outbound};
 use mesh_core::netns::Netns;
@@ -44,6 +48,10 @@ enum PodError {
     NetnsFd(#[source] std::io::Error),
     #[error("AddWorkload without a netns descriptor")]
     NoNetns,
+    #[error("reading the pod's addresses: {0}")]
+    Addresses(#[source] std::io::Error),
+    #[error("the pod has no IPv4 address to bind its inbound listeners at")]
+    NoAddress,
     #[error("draining: this ztunnel takes no new pod")]
     Draining,
     #[error("KeepWorkload for {0}, which this ztunnel does not hold")]
@@ -62,33 +70,23 @@ impl PodError {
     }
 }
 
-/// How often a pod whose ports an older ztunnel still holds is tried again.
-const BIND_RETRY: Duration = Duration::from_secs(1);
-
-/// The pod's own IPv4 addresses, where its inbound listeners are bound;
-/// the wildcard (as before) when none can be read.
-fn pod_addresses(netns: &Netns, uid: &str) -> Vec<Ipv4Addr> {
-    let own: Vec<Ipv4Addr> = match netns.addresses() {
-        Ok(a) => a
-            .into_iter()
-            .filter_map(|a| match a {
-                std::net::IpAddr::V4(v) => Some(v),
-                std::net::IpAddr::V6(_) => None,
-            })
-            .collect(),
-        Err(e) => {
-            warn!(uid, error = %e, "cannot read the pod's addresses");
-            Vec::new()
-        }
-    };
+/// The pod's own IPv4 addresses, where its inbound listeners are bound.
+/// None readable is an error, never the wildcard: a process of the pod
+/// could bind a more specific address and take every connection.
+fn pod_addresses(netns: &Netns) -> Result<Vec<Ipv4Addr>, PodError> {
+    let own: Vec<Ipv4Addr> = netns
+        .addresses()
+        .map_err(PodError::Addresses)?
+        .into_iter()
+        .filter_map(|a| match a {
+            std::net::IpAddr::V4(v) => Some(v),
+            std::net::IpAddr::V6(_) => None,
+        })
+        .collect();
     if own.is_empty() {
-        warn!(
-            uid,
-            "no address of the pod's: its inbound listeners bind the wildcard"
-        );
-        return vec![Ipv4Addr::UNSPECIFIED];
+        return Err(PodError::NoAddress);
     }
-    own
+    Ok(own)
 }
 
 /// A pod listener's accept loop.
@@ -110,8 +108,9 @@ pub struct InPod {
     dns: Option<Arc<crate::dns::DnsProxy>>,
     pods: Mutex<HashMap<String, Pod>>,
     /// Pods of the snapshot whose ports an older ztunnel still holds
-    /// exclusively: acked (that one serves them), bound once it lets go.
-    deferred: Mutex<HashMap<String, CancellationToken>>,
+    /// exclusively: acked (that one serves them), bound once it lets go
+    /// ([`deferred`]).
+    deferred: Mutex<HashMap<String, Deferred>>,
     snapshot: tokio::sync::watch::Sender<bool>,
 }
 
@@ -148,15 +147,18 @@ impl InPod {
             .collect()
     }
 
-    fn deferred(&self) -> std::sync::MutexGuard<'_, HashMap<String, CancellationToken>> {
+    fn deferred(&self) -> std::sync::MutexGuard<'_, HashMap<String, Deferred>> {
         self.deferred.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Takes a pod; in a snapshot (the agent holds the pod and its rules
-    /// are in: someone serves it) a port an older ztunnel still holds
-    /// exclusively does not refuse it: it is acked, and bound as soon as
-    /// that ztunnel lets go ([`BIND_RETRY`]). A new pod is refused (its
-    /// rules would redirect to whoever holds the port).
+    /// are in) a port in use does not refuse it: it is acked, and bound as
+    /// soon as it is free ([`deferred::BIND_RETRY`]). The agent counts the ack only
+    /// once it has seen that the sockets on the pod's ports are a
+    /// connected ztunnel's (an older one that held them exclusively), never
+    /// a process of the pod's: it sends the pod again meanwhile, and this
+    /// ztunnel is not ready. A new pod is refused (its rules would
+    /// redirect to whoever holds the port).
     fn take(
         self: &Arc<Self>,
         uid: &str,
@@ -164,46 +166,26 @@ impl InPod {
         netns: Arc<Netns>,
         in_snapshot: bool,
     ) -> Result<(), PodError> {
-        if let Some(t) = self.deferred().remove(uid) {
-            t.cancel();
+        let mut deferred = self.deferred();
+        if let Some(d) = deferred.remove(uid) {
+            d.token.cancel();
         }
-        match self.add(uid, info.clone(), netns.clone()) {
+        let r = match self.add(uid, info.clone(), netns.clone()) {
             Err(e) if in_snapshot && e.in_use() => {
-                warn!(uid, namespace = %info.namespace, name = %info.name, error = %e, "a port of the pod is held by an older ztunnel; binding it once that one lets go");
+                warn!(uid, namespace = %info.namespace, name = %info.name, error = %e, "a port of the pod is in use (by an older ztunnel, if the node agent finds its socket there); binding it once it is free");
                 let token = CancellationToken::new();
-                self.deferred().insert(uid.to_string(), token.clone());
+                let d = Deferred {
+                    token: token.clone(),
+                    failed: None,
+                };
+                deferred.insert(uid.to_string(), d);
                 tokio::spawn(self.clone().bind_later(uid.to_string(), info, netns, token));
                 Ok(())
             }
             r => r,
-        }
-    }
-
-    async fn bind_later(
-        self: Arc<Self>,
-        uid: String,
-        info: WorkloadInfo,
-        netns: Arc<Netns>,
-        token: CancellationToken,
-    ) {
-        loop {
-            tokio::select! {
-                _ = token.cancelled() => return,
-                _ = tokio::time::sleep(BIND_RETRY) => {}
-            }
-            match self.add(&uid, info.clone(), netns.clone()) {
-                Err(e) if e.in_use() => continue,
-                Err(e) => warn!(uid, error = %e, "the pod's listeners, deferred, failed"),
-                Ok(()) => {}
-            }
-            let mut deferred = self.deferred();
-            // Not cancelled: the entry is still this one (whoever takes it
-            // out cancels it, under this lock).
-            if !token.is_cancelled() {
-                deferred.remove(&uid);
-            }
-            return;
-        }
+        };
+        self.count_unserved(&deferred);
+        r
     }
 
     fn add(&self, uid: &str, info: WorkloadInfo, netns: Arc<Netns>) -> Result<(), PodError> {
@@ -222,6 +204,11 @@ impl InPod {
             return Err(PodError::Draining);
         }
         self.del(uid);
+        // At the addresses the redirects land on, never a wildcard: the
+        // output chain's REDIRECT goes to loopback, the prerouting one (and
+        // HBONE peers) to the pod's own address; so a process of the pod
+        // finds no more specific address to bind and take every connection.
+        let own = pod_addresses(&netns)?;
         // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053).
         let dns = match &self.dns {
             Some(d) => {
@@ -260,11 +247,6 @@ impl InPod {
         }
         // Each listener once per shard; all of them end with the pod.
         let shards = mesh_core::shards::current();
-        // At the addresses the redirects land on, never a wildcard: the
-        // output chain's REDIRECT goes to loopback, the prerouting one (and
-        // HBONE peers) to the pod's own address; so a process of the pod
-        // finds no more specific address to bind and take every connection.
-        let own = pod_addresses(&netns, uid);
         let serve = |ip: Ipv4Addr, port: u16, f: Serve| {
             let (p, s) = (self.proxy.clone(), stop.clone());
             shards
@@ -287,9 +269,8 @@ impl InPod {
             name: info.name.clone(),
         });
         let dest = pod.clone();
-        let plain: Serve = Arc::new(move |p, l| {
-            Box::pin(inbound_plain::serve(p, l, None, Some(dest.clone())))
-        });
+        let plain: Serve =
+            Arc::new(move |p, l| Box::pin(inbound_plain::serve(p, l, None, Some(dest.clone()))));
         let hbone: Serve = Arc::new(|p, l| Box::pin(inbound::serve(p, l)));
         let served = serve(
             Ipv4Addr::LOCALHOST,
@@ -318,9 +299,12 @@ impl InPod {
 
     /// Releases a pod, held or waiting for its ports.
     fn release(&self, uid: &str) {
-        if let Some(t) = self.deferred().remove(uid) {
-            t.cancel();
+        let mut deferred = self.deferred();
+        if let Some(d) = deferred.remove(uid) {
+            d.token.cancel();
         }
+        self.count_unserved(&deferred);
+        // Under the lock: a deferred bind cannot bind the pod again after.
         self.del(uid);
     }
 
@@ -410,7 +394,10 @@ impl InPod {
                 }
                 Payload::Keep(k) => {
                     seen.insert(k.uid.clone());
-                    if self.lock().contains_key(&k.uid) || self.deferred().contains_key(&k.uid) {
+                    // One lock at a time (a deferred bind takes them in
+                    // the other order).
+                    let deferred = self.deferred().contains_key(&k.uid);
+                    if deferred || self.lock().contains_key(&k.uid) {
                         Ok(())
                     } else {
                         Err(PodError::NotHeld(k.uid))

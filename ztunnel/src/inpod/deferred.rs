@@ -1,0 +1,127 @@
+//! Pods of a snapshot whose ports were in use when they came: an older
+//! ztunnel held them exclusively (a version from before the SO_REUSEPORT
+//! sets). The node agent counts such a pod as taken only once it has seen
+//! that every socket on its ports is a connected ztunnel's; the older one
+//! serves it meanwhile, and this one binds it as soon as it lets go.
+//!
+//! A bind that then fails for any other reason, or a port still in use
+//! past [`IN_USE_LIMIT`] (in a roll the older ztunnel closes its listeners
+//! as soon as this one is ready), leaves the pod without listeners of
+//! ours: it is reported (a warning at each try, `ztunnel_pods_unserved`,
+//! and this ztunnel not ready) and tried again with backoff up to
+//! [`MAX_BACKOFF`], never given up.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use mesh_proto::istio::workload::zds::WorkloadInfo;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::InPod;
+use mesh_core::netns::Netns;
+
+/// How often a pod whose ports an older ztunnel still holds is tried again.
+pub(super) const BIND_RETRY: Duration = Duration::from_secs(1);
+/// The longest wait between two tries of a bind that failed.
+pub(super) const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a port may stay in use before that is a failure too.
+pub(super) const IN_USE_LIMIT: Duration = Duration::from_secs(60);
+
+/// One pod waiting for its ports.
+pub(super) struct Deferred {
+    /// Cancelled by whoever takes the entry out (the pod taken again or
+    /// released), under the lock of the map.
+    pub(super) token: CancellationToken,
+    /// The last bind's failure, when it was not (or no longer) a port an
+    /// older ztunnel holds: the pod is served by nobody.
+    pub(super) failed: Option<String>,
+}
+
+/// The wait after `failures` failed binds in a row.
+pub(super) fn backoff(failures: u32) -> Duration {
+    BIND_RETRY
+        .saturating_mul(1 << failures.min(8))
+        .min(MAX_BACKOFF)
+}
+
+impl InPod {
+    /// Binds a deferred pod's listeners once its ports are free.
+    pub(super) async fn bind_later(
+        self: Arc<Self>,
+        uid: String,
+        info: WorkloadInfo,
+        netns: Arc<Netns>,
+        token: CancellationToken,
+    ) {
+        let since = Instant::now();
+        let mut failures = 0u32;
+        loop {
+            let wait = if failures == 0 {
+                BIND_RETRY
+            } else {
+                backoff(failures)
+            };
+            tokio::select! {
+                _ = token.cancelled() => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            // Under the lock: a release (which cancels the token under it)
+            // either comes first, and nothing is bound, or after, and
+            // closes what was.
+            let mut deferred = self.deferred();
+            if token.is_cancelled() {
+                return;
+            }
+            let error = match self.add(&uid, info.clone(), netns.clone()) {
+                Ok(()) => {
+                    if deferred.remove(&uid).is_some_and(|d| d.failed.is_some()) {
+                        info!(uid, namespace = %info.namespace, name = %info.name, "the pod's listeners are bound at last");
+                    }
+                    self.count_unserved(&deferred);
+                    return;
+                }
+                Err(e) if e.in_use() && since.elapsed() < IN_USE_LIMIT => continue,
+                Err(e) => e.to_string(),
+            };
+            failures += 1;
+            warn!(uid, namespace = %info.namespace, name = %info.name, error = %error, retry_in = ?backoff(failures), "the pod's listeners cannot be bound: nothing of this ztunnel's serves the pod (not ready)");
+            if let Some(d) = deferred.get_mut(&uid) {
+                d.failed = Some(error);
+            }
+            self.count_unserved(&deferred);
+        }
+    }
+
+    /// Sets `ztunnel_pods_unserved` from the deferred pods.
+    pub(super) fn count_unserved(&self, deferred: &HashMap<String, Deferred>) {
+        let n = deferred.values().filter(|d| d.failed.is_some()).count();
+        self.proxy
+            .metrics
+            .pods_unserved
+            .set(i64::try_from(n).unwrap_or(i64::MAX));
+    }
+
+    /// The pods this ztunnel acked but serves with nothing of its own,
+    /// and why: its readiness says so.
+    pub fn unserved(&self) -> Vec<String> {
+        self.deferred()
+            .iter()
+            .filter_map(|(uid, d)| Some(format!("{uid} ({})", d.failed.as_ref()?)))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_backoff_doubles_up_to_its_bound() {
+        assert_eq!(backoff(1), Duration::from_secs(2));
+        assert_eq!(backoff(3), Duration::from_secs(8));
+        assert_eq!(backoff(5), MAX_BACKOFF);
+        assert_eq!(backoff(40), MAX_BACKOFF);
+    }
+}
