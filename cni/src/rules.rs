@@ -9,6 +9,11 @@
 //!   unless the pod bypasses inbound capture
 //!   (`ambient.istio.io/bypass-inbound-capture`);
 //! - outbound TCP goes to 15001, DNS (53) to 15053;
+//! - all of these for IPv4 only: the ztunnel has no IPv6 listener in the
+//!   pod, and a redirect to a port it does not hold would hand the
+//!   traffic to whatever process of the pod binds it (`[::1]:15001`). The
+//!   IPv6 traffic they would redirect is refused instead ([`no_v6`]): for
+//!   every family the rules redirect, the ztunnel holds the port;
 //! - the app's replies to the ztunnel's connections from a client's
 //!   address are routed back to the ztunnel within the pod
 //!   ([`crate::orig_src`]), and, in every table, never leave through
@@ -52,12 +57,48 @@ pub struct Capture {
 /// Matches the first segment of a TCP connection only.
 const OPENING: &str = "tcp flags & (syn | ack) == syn";
 
+/// Matches IPv4 packets: the families the ztunnel has listeners for.
+const V4: &str = "meta nfproto ipv4";
+
+/// Refuses the IPv6 traffic the redirects would take if they were not
+/// IPv4 only (the ztunnel holds no IPv6 port in the pod): a TCP opening
+/// gets a reset, a DNS datagram an ICMPv6 error, as they got when nothing
+/// listened on the ports they went to. Loopback within the pod and the
+/// ztunnel's own sockets are left alone, as by the redirects.
+fn no_v6(c: Capture) -> String {
+    let inbound = if c.bypass_inbound {
+        format!("    tcp dport {HBONE_PORT} {OPENING} reject with tcp reset\n")
+    } else {
+        format!("    {OPENING} reject with tcp reset\n")
+    };
+    let dns = if c.dns {
+        format!("    udp dport 53 reject\n    tcp dport 53 {OPENING} reject with tcp reset\n")
+    } else {
+        String::new()
+    };
+    format!(
+        "  chain no_v6_in {{
+    type filter hook input priority filter; policy accept;
+    meta nfproto != ipv6 accept
+    iifname \"lo\" accept
+{inbound}  }}
+  chain no_v6_out {{
+    type filter hook output priority filter; policy accept;
+    meta nfproto != ipv6 accept
+    meta mark {MARK} accept
+{dns}    oifname \"lo\" accept
+    {OPENING} reject with tcp reset
+  }}
+"
+    )
+}
+
 /// The pod's table; with the original-source chains when `orig_src`.
 pub fn ruleset(c: Capture, orig_src: bool) -> String {
     let dns = c.dns;
     let dns_rules = if dns {
         format!(
-            "    udp dport 53 redirect to :{DNS_PORT}\n    tcp dport 53 {OPENING} redirect to :{DNS_PORT}\n"
+            "    {V4} udp dport 53 redirect to :{DNS_PORT}\n    {V4} tcp dport 53 {OPENING} redirect to :{DNS_PORT}\n"
         )
     } else {
         String::new()
@@ -65,8 +106,9 @@ pub fn ruleset(c: Capture, orig_src: bool) -> String {
     let inbound = if c.bypass_inbound {
         String::new()
     } else {
-        format!("    {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n")
+        format!("    {V4} {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n")
     };
+    let no_v6 = no_v6(c);
     let orig_src = if orig_src {
         crate::orig_src::chains()
     } else {
@@ -85,9 +127,9 @@ pub fn ruleset(c: Capture, orig_src: bool) -> String {
     type nat hook output priority -100; policy accept;
     meta mark {MARK} accept
 {dns_rules}    oifname \"lo\" accept
-    {OPENING} redirect to :{OUTBOUND_PORT}
+    {V4} {OPENING} redirect to :{OUTBOUND_PORT}
   }}
-}}
+{no_v6}}}
 "
     )
 }
@@ -275,6 +317,30 @@ fn release_in<R: PodRun>(run: &R) -> Result<(), RulesError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Every redirect is IPv4 only (the ztunnel's listeners are), and what
+    /// IPv6 they would take is refused, with and without DNS or inbound.
+    #[test]
+    fn only_ipv4_is_redirected_and_ipv6_is_refused() {
+        for (dns, bypass_inbound) in [(true, false), (false, true)] {
+            let r = ruleset(
+                Capture {
+                    dns,
+                    bypass_inbound,
+                },
+                true,
+            );
+            for l in r.lines().filter(|l| l.contains("redirect")) {
+                assert!(l.trim_start().starts_with(V4), "{l}\n{r}");
+            }
+            assert!(
+                r.contains("chain no_v6_in") && r.contains("chain no_v6_out"),
+                "{r}"
+            );
+            assert_eq!(r.contains("udp dport 53 reject"), dns, "{r}");
+            assert!(r.contains(&format!("tcp dport {HBONE_PORT}")), "{r}");
+        }
+    }
 
     #[test]
     fn probes_pass_before_any_redirect_and_bypass_drops_only_inbound() {
