@@ -461,15 +461,35 @@ async fn a_draining_ztunnel_alone_takes_no_new_pod() {
     assert!(applied.is_err());
 }
 
-/// The first roll from a ztunnel whose listeners were exclusive (a version
-/// from before the SO_REUSEPORT sets): the new one cannot bind beside it.
-/// The pods of its snapshot are served by the old one meanwhile, so it
-/// acks them, becomes ready (the roll goes on) and binds each as soon as
-/// the old one lets go.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_port_an_older_ztunnel_holds_exclusively_does_not_stall_the_roll() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut g = Guard(Lab::create_in(dir.path(), TEST_IDS, 1).unwrap());
+/// A stand-in for an older ztunnel on the node: a ZDS peer (this test's
+/// process, so the sockets it holds are a connected ztunnel's) that acks
+/// every request, until dropped.
+struct OlderZtunnel(tokio::task::JoinHandle<()>);
+
+impl OlderZtunnel {
+    async fn connect(lab: &Lab, node: &str) -> OlderZtunnel {
+        let path = lab.dir.join(format!("{node}-zds.sock"));
+        let sock = mesh_core::zds::connect(&path).await.unwrap();
+        OlderZtunnel(tokio::spawn(async move {
+            while mesh_core::zds::recv_request(&sock).await.is_ok() {
+                if mesh_core::zds::send_ack(&sock, None).await.is_err() {
+                    return;
+                }
+            }
+        }))
+    }
+}
+
+impl Drop for OlderZtunnel {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// A one-node lab with an echo pod and a client on node-1, the client
+/// reaching the echo pod; the echo pod's address and port.
+async fn echo_and_client(dir: &std::path::Path) -> (Guard, String) {
+    let mut g = Guard(Lab::create_in(dir, TEST_IDS, 1).unwrap());
     g.0.start_mesh().await.unwrap();
     let mut docs = String::from(
         "apiVersion: v1\nkind: Namespace\nmetadata: {name: roll, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
@@ -484,21 +504,61 @@ async fn a_port_an_older_ztunnel_holds_exclusively_does_not_stall_the_roll() {
         || async { send(&g.0, "roll/client", &to, "up") },
     )
     .await;
-    // The old ztunnel, as an older version held it: its own listeners
-    // gone, the echo pod's HBONE port held by a socket of no SO_REUSEPORT
-    // set.
-    tokio::task::block_in_place(|| g.0.stop("node-1-ztunnel", true)).unwrap();
-    let echo = netns_of(&g.0, "roll/echo");
-    let hbone: SocketAddr = "0.0.0.0:15008".parse().unwrap();
-    // Bound once the killed ztunnel's sockets are gone.
+    (g, to)
+}
+
+/// Binds `addr` in `netns` once the killed ztunnel's sockets are gone.
+async fn bind_when_free(netns: &Netns, addr: SocketAddr, shared: bool) -> std::net::TcpListener {
     let deadline = Instant::now() + Duration::from_secs(10);
-    let exclusive = loop {
-        match echo.run(|| std::net::TcpListener::bind(hbone)).unwrap() {
-            Ok(l) => break l,
-            Err(e) if Instant::now() > deadline => panic!("{hbone} stays in use: {e}"),
+    loop {
+        let r = if shared {
+            netns.run(|| mesh_core::listen::shared_tcp(addr)).unwrap()
+        } else {
+            netns.run(|| std::net::TcpListener::bind(addr)).unwrap()
+        };
+        match r {
+            Ok(l) => return l,
+            Err(e) if Instant::now() > deadline => panic!("{addr} stays in use: {e}"),
             Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
         }
-    };
+    }
+}
+
+/// The first roll from a ztunnel whose listeners were exclusive (a version
+/// from before the SO_REUSEPORT sets): the new one cannot bind beside it.
+/// The pods of its snapshot are served by the old one meanwhile (the agent
+/// sees the port held by that connected ztunnel's socket), so it acks them,
+/// becomes ready (the roll goes on) and binds each as soon as the old one
+/// lets go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_an_older_ztunnel_holds_exclusively_does_not_stall_the_roll() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, to) = echo_and_client(dir.path()).await;
+    // The old ztunnel, as an older version held it: its own listeners
+    // gone, the echo pod's HBONE port held by a socket of no SO_REUSEPORT
+    // set, in a process connected to the agent.
+    tokio::task::block_in_place(|| g.0.stop("node-1-ztunnel", true)).unwrap();
+    let echo = netns_of(&g.0, "roll/echo");
+    let older = OlderZtunnel::connect(&g.0, "node-1").await;
+    let exclusive = bind_when_free(&echo, "0.0.0.0:15008".parse().unwrap(), false).await;
+    // Its other ports, as it held them.
+    let ip = g.0.pod("roll/echo").unwrap().ip.clone();
+    let others: Vec<std::net::TcpListener> = [
+        "127.0.0.1:15001".to_string(),
+        format!("{ip}:15006"),
+        "127.0.0.1:15053".to_string(),
+    ]
+    .iter()
+    .map(|a| {
+        echo.run(|| mesh_core::listen::shared_tcp(a.parse().unwrap()))
+            .unwrap()
+            .unwrap()
+    })
+    .collect();
+    let dns = echo
+        .run(|| mesh_core::listen::shared_udp("127.0.0.1:15053".parse().unwrap()))
+        .unwrap()
+        .unwrap();
     let ready = g.0.surge_ztunnel("node-1").unwrap();
     eventually(
         "the new ztunnel is ready while the older one holds a port",
@@ -506,9 +566,139 @@ async fn a_port_an_older_ztunnel_holds_exclusively_does_not_stall_the_roll() {
         || g.0.ztunnel_ready("node-1", ready),
     )
     .await;
-    drop(exclusive);
+    // A bind that, once the port is free, fails for another reason (no
+    // descriptors left) is reported and tried again, never dropped.
+    let fail = std::env::var_os("ROLL_NO_FD_FAILURE").is_none();
+    let pid = g.0.state.procs["node-1-ztunnel-surge"]
+        .pid
+        .expect("a running ztunnel") as i32;
+    // Its descriptors at rest (a deferred try holds a few for a moment).
+    let mut open = u64::MAX;
+    for _ in 0..5 {
+        let n = std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .unwrap()
+            .count() as u64;
+        open = open.min(n);
+        tokio::time::sleep(Duration::from_millis(150)).await;
+    }
+    let before = set_nofile(pid, None);
+    if fail {
+        // Room for the DNS sockets, not for the TCP listeners after them.
+        set_nofile(pid, Some(open + 2));
+    }
+    drop((exclusive, others, dns, older));
+    let log = |name: &str| {
+        std::fs::read_to_string(g.0.dir.join(format!("logs/{name}.log"))).unwrap_or_default()
+    };
+    if fail {
+        eventually(
+            "the failed bind is logged",
+            Duration::from_secs(15),
+            || async { log("node-1-ztunnel-surge").contains("cannot be bound") },
+        )
+        .await;
+        eventually(
+            "the new ztunnel is not ready while a pod has no listeners",
+            Duration::from_secs(15),
+            || async { !g.0.ztunnel_ready("node-1", ready).await },
+        )
+        .await;
+        set_nofile(pid, Some(before));
+    }
     eventually(
         "the new ztunnel binds the port once it is free",
+        Duration::from_secs(45),
+        || async { send(&g.0, "roll/client", &to, "after") },
+    )
+    .await;
+    eventually("ready again", Duration::from_secs(15), || {
+        g.0.ztunnel_ready("node-1", ready)
+    })
+    .await;
+}
+
+/// Sets process `pid`'s soft limit on open descriptors (its hard limit
+/// kept); the soft limit it had.
+fn set_nofile(pid: i32, n: Option<u64>) -> u64 {
+    let mut old = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: reads the limit into `old`.
+    let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, std::ptr::null(), &mut old) };
+    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    if let Some(n) = n {
+        let lim = libc::rlimit {
+            rlim_cur: n.min(old.rlim_max),
+            rlim_max: old.rlim_max,
+        };
+        // SAFETY: a valid limit, under the hard one.
+        let r = unsafe { libc::prlimit(pid, libc::RLIMIT_NOFILE, &lim, std::ptr::null_mut()) };
+        assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
+    }
+    old.rlim_cur
+}
+
+/// A process of a pod that holds one of its listener ports in a gap (no
+/// ztunnel on the node: a restart, a crash), exclusively or in a
+/// SO_REUSEPORT set under the ztunnel's uid: the next ztunnel is never
+/// ready while it does (the node agent sees a socket no connected ztunnel
+/// holds, reports the pod and retries), and is once it lets go.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_port_a_pod_process_holds_keeps_the_next_ztunnel_unready() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, to) = echo_and_client(dir.path()).await;
+    tokio::task::block_in_place(|| g.0.stop("node-1-ztunnel", true)).unwrap();
+    let echo = netns_of(&g.0, "roll/echo");
+    let ip = g.0.pod("roll/echo").unwrap().ip.clone();
+    let inbound: SocketAddr = format!("{ip}:15006").parse().unwrap();
+    let control = g.0.dir.join("node-1-cni.sock");
+    let logs = g.0.dir.join("logs");
+    let log =
+        |name: &str| std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
+    let ready = g.0.surge_ztunnel("node-1").unwrap();
+    for shared in [false, true] {
+        let thief = bind_when_free(&echo, inbound, shared).await;
+        if shared {
+            // The agent's current look, not the ztunnel's earlier answer.
+            tokio::time::sleep(Duration::from_secs(6)).await;
+        }
+        let deadline = Instant::now() + Duration::from_secs(8);
+        while Instant::now() < deadline {
+            assert!(
+                !g.0.ztunnel_ready("node-1", ready).await,
+                "ready while a pod process holds {inbound} (shared: {shared})\n{}\n{}",
+                log("node-1-cni"),
+                log("node-1-ztunnel-surge")
+            );
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        let held = mesh_cni::agent::call(&control, &mesh_cni::agent::Request::List)
+            .await
+            .unwrap();
+        let echo_uid = g.0.pod("roll/echo").unwrap().uid.clone();
+        assert!(
+            held["unready"].to_string().contains(&echo_uid),
+            "not reported: {held}"
+        );
+        assert!(
+            log("node-1-cni").contains("no connected ztunnel holds"),
+            "{}",
+            log("node-1-cni")
+        );
+        if !shared {
+            assert!(log("node-1-ztunnel-surge").contains("in use"));
+        }
+        drop(thief);
+    }
+    eventually(
+        "the new ztunnel is ready once the pod's process lets go",
+        Duration::from_secs(30),
+        || g.0.ztunnel_ready("node-1", ready),
+    )
+    .await;
+    eventually(
+        "the client reaches the echo pod through the new ztunnel",
         Duration::from_secs(15),
         || async { send(&g.0, "roll/client", &to, "after") },
     )
@@ -563,4 +753,153 @@ async fn a_same_uid_bind_in_a_pod_takes_no_more_than_a_share() {
     println!("a same-uid listener in the pod took {stolen} of {n} connections");
     assert_eq!(opened.len(), n, "connections refused");
     assert!(stolen < n, "a bind in the pod took every connection");
+}
+
+/// Attaches a classic BPF program to `l`'s SO_REUSEPORT set that picks
+/// socket `index` of the set for every new connection.
+fn steer_all_to(l: &std::net::TcpListener, index: u32) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // BPF_RET | BPF_K: return `index`.
+    let mut code = [libc::sock_filter {
+        code: 0x06,
+        jt: 0,
+        jf: 0,
+        k: index,
+    }];
+    let prog = libc::sock_fprog {
+        len: 1,
+        filter: code.as_mut_ptr(),
+    };
+    // SAFETY: a valid socket and a valid program of one instruction, which
+    // the kernel copies.
+    let r = unsafe {
+        libc::setsockopt(
+            l.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_ATTACH_REUSEPORT_CBPF,
+            (&prog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if r == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// What a process of a captured pod that runs as the ztunnel's uid can do
+/// with its listener ports (docs/security.md): join a port's SO_REUSEPORT
+/// set and steer it with a BPF program (any member may attach one,
+/// replacing the group's), so it takes every new connection its own pod
+/// makes to that port. What holds: the set is that pod's alone (each pod's
+/// netns has its own), so another pod's connections are still served; and
+/// the next ztunnel of a roll is not ready while the socket is there.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_same_uid_process_can_steer_its_own_pods_set_and_no_other() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, to) = echo_and_client(dir.path()).await;
+    g.0.apply(yaml(&pod("other", "node-1", "[sleep]")))
+        .await
+        .unwrap();
+    let client = netns_of(&g.0, "roll/client");
+    let thief = client
+        .run(|| mesh_core::listen::shared_tcp("127.0.0.1:15001".parse().unwrap()))
+        .unwrap()
+        .unwrap();
+    let path = Path {
+        name: "outbound from the client",
+        from: client.clone(),
+        to: to.parse().unwrap(),
+    };
+    thief.set_nonblocking(true).unwrap();
+    // Its index in the set is unknown to it: it tries each (an index past
+    // the set's end falls back to the hash: three in a row to be sure).
+    let mut steered = None;
+    for index in 0..16 {
+        steer_all_to(&thief, index).unwrap();
+        let _c: Vec<_> = (0..3).map(|_| connect(&path)).collect();
+        std::thread::sleep(Duration::from_millis(100));
+        let mut got = 0;
+        while thief.accept().is_ok() {
+            got += 1;
+        }
+        if got == 3 {
+            steered = Some(index);
+            break;
+        }
+    }
+    println!("the thief's index in the set: {steered:?}");
+    assert!(steered.is_some(), "no index steers to the thief");
+    let n = 20;
+    let opened: Vec<TcpStream> = (0..n).filter_map(|_| connect(&path).ok()).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let mut stolen = 0;
+    while thief.accept().is_ok() {
+        stolen += 1;
+    }
+    println!("with its program attached the thief took {stolen} of {n}");
+    assert_eq!(opened.len(), n);
+    assert_eq!(stolen, n, "documented: a same-uid root steers all");
+    // Another pod's outbound set is its own.
+    assert!(
+        send(&g.0, "roll/other", &to, "other"),
+        "another pod's traffic"
+    );
+    // And the next ztunnel is not ready while the thief's socket is there.
+    let ready = g.0.surge_ztunnel("node-1").unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert!(!g.0.ztunnel_ready("node-1", ready).await);
+    drop(thief);
+    eventually(
+        "the next ztunnel is ready once the thief is gone",
+        Duration::from_secs(30),
+        || g.0.ztunnel_ready("node-1", ready),
+    )
+    .await;
+}
+
+/// The in-pod rules redirect IPv4 only, to listeners the ztunnel holds;
+/// IPv6 (no ztunnel listener yet) is refused, never redirected to a port
+/// any process of the pod could bind ([::1]:15001 here).
+#[tokio::test(flavor = "multi_thread")]
+async fn ipv6_in_a_captured_pod_reaches_no_listener_of_the_pods() {
+    let dir = tempfile::tempdir().unwrap();
+    let (g, _to) = echo_and_client(dir.path()).await;
+    let ns = g.0.pod("roll/client").unwrap().netns.clone();
+    let out = std::process::Command::new("ip")
+        .args([
+            "-n",
+            &ns,
+            "-6",
+            "addr",
+            "add",
+            "fd00:77::2/64",
+            "dev",
+            "eth0",
+            "nodad",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let client = netns_of(&g.0, "roll/client");
+    let thief = client
+        .run(|| std::net::TcpListener::bind("[::1]:15001"))
+        .unwrap()
+        .unwrap();
+    thief.set_nonblocking(true).unwrap();
+    let dial = client
+        .run(|| socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None))
+        .unwrap()
+        .unwrap();
+    let to: SocketAddr = "[fd00:77::9]:80".parse().unwrap();
+    let r = dial.connect_timeout(&to.into(), Duration::from_secs(2));
+    std::thread::sleep(Duration::from_millis(200));
+    let got = thief.accept();
+    println!("an IPv6 connection out of the pod: {r:?}; the [::1]:15001 listener: {got:?}");
+    assert!(
+        got.is_err(),
+        "a pod's own listener got a redirected IPv6 connection"
+    );
+    assert!(r.is_err(), "an IPv6 connection went through uncaptured");
 }
