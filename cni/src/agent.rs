@@ -512,13 +512,51 @@ async fn wait_for_other_agent(control: &Path) {
     }
 }
 
+/// Takes the state file's lock (`<state file>.lock`, an exclusive
+/// `flock`), held for the agent's life: an agent that another one locks
+/// out (one whose control socket it could not reach: another mount, a hung
+/// process) waits here, and never binds the sockets or writes the state.
+async fn lock_state(state_file: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::fd::AsRawFd;
+    let path = state_file.with_extension("lock");
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)?;
+    }
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    let mut said = false;
+    loop {
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
+            return Ok(file);
+        }
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
+            return Err(e);
+        }
+        if !said {
+            warn!(lock = %path.display(), "another node agent holds the state file; waiting until it is gone");
+            said = true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}
+
 /// Runs the agent until `stop`.
 pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<()> {
-    // Another agent's sockets are never unlinked under it.
+    // Another agent's sockets are never unlinked under it, nor its state
+    // file written.
     tokio::select! {
         _ = stop.cancelled() => return Ok(()),
         _ = wait_for_other_agent(&cfg.control_socket) => {}
     }
+    let _state_lock = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        l = lock_state(&cfg.state_file) => l?,
+    };
     let pods = load_state(&cfg);
     for s in [&cfg.zds_socket, &cfg.control_socket] {
         if let Some(dir) = s.parent().filter(|d| !d.as_os_str().is_empty()) {

@@ -371,3 +371,39 @@ async fn an_agent_waits_while_another_holds_the_control_socket() {
     stop.cancel();
     task.await.unwrap().unwrap();
 }
+
+/// An agent that another one locks out of the state file (one whose
+/// control socket it cannot reach: another mount, a hung process) waits,
+/// binding nothing and writing nothing, until that one is gone.
+#[tokio::test]
+async fn an_agent_waits_while_another_holds_the_state_file() {
+    use std::os::fd::AsRawFd;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = config(dir.path());
+    std::fs::create_dir_all(cfg.state_file.parent().unwrap()).unwrap();
+    let lock = std::fs::File::create(cfg.state_file.with_extension("lock")).unwrap();
+    // SAFETY: flock on a descriptor this test owns.
+    assert_eq!(
+        unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) },
+        0
+    );
+    let stop = CancellationToken::new();
+    let task = tokio::spawn(run(cfg.clone(), stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !cfg.zds_socket.exists() && !cfg.control_socket.exists(),
+        "an agent started beside the one holding the state file"
+    );
+    drop(lock);
+    let mut up = false;
+    for _ in 0..50 {
+        if call(&cfg.control_socket, &Request::List).await.is_ok() {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(up, "the agent did not start once the other was gone");
+    stop.cancel();
+    task.await.unwrap().unwrap();
+}
