@@ -1,7 +1,8 @@
 //! The redirect rules inside a captured pod's netns (nftables):
 //!
-//! - inbound TCP from the kubelet's probe source ([`PROBE_SOURCE`], what
-//!   the node SNATs its own connections to captured pods to: see
+//! - inbound TCP from the kubelet's probe source ([`PROBE_SOURCE`], or
+//!   [`PROBE_SOURCE_V6`] over IPv6: what the node SNATs its own
+//!   connections to captured pods to: see
 //!   the node side in `host.rs`) goes to the app untouched, so probes see the app
 //!   itself and no mesh policy applies to them;
 //! - inbound TCP to 15008 goes straight to the ztunnel's HBONE listener;
@@ -9,11 +10,6 @@
 //!   unless the pod bypasses inbound capture
 //!   (`ambient.istio.io/bypass-inbound-capture`);
 //! - outbound TCP goes to 15001, DNS (53) to 15053;
-//! - all of these for IPv4 only: the ztunnel has no IPv6 listener in the
-//!   pod, and a redirect to a port it does not hold would hand the
-//!   traffic to whatever process of the pod binds it (`[::1]:15001`). The
-//!   IPv6 traffic they would redirect is refused instead ([`no_v6`]): for
-//!   every family the rules redirect, the ztunnel holds the port;
 //! - the app's replies to the ztunnel's connections from a client's
 //!   address are routed back to the ztunnel within the pod
 //!   ([`crate::orig_src`]), and, in every table, never leave through
@@ -45,6 +41,10 @@ pub const MARK: u32 = mesh_core::config::INPOD_MARK;
 /// pods to (kubelet probes), as Istio does.
 pub const PROBE_SOURCE: std::net::Ipv4Addr = mesh_core::config::PROBE_SOURCE_V4;
 
+/// The same for the node's IPv6 connections (Istio's IPv6 probe source: a
+/// ULA no cluster assigns).
+pub const PROBE_SOURCE_V6: std::net::Ipv6Addr = mesh_core::config::PROBE_SOURCE_V6;
+
 /// How a pod is captured.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Capture {
@@ -57,58 +57,32 @@ pub struct Capture {
 /// Matches the first segment of a TCP connection only.
 const OPENING: &str = "tcp flags & (syn | ack) == syn";
 
-/// Matches IPv4 packets: the families the ztunnel has listeners for.
-const V4: &str = "meta nfproto ipv4";
-
-/// Refuses the IPv6 traffic the redirects would take if they were not
-/// IPv4 only (the ztunnel holds no IPv6 port in the pod): a TCP opening
-/// gets a reset, a DNS datagram an ICMPv6 error, as they got when nothing
-/// listened on the ports they went to. Loopback within the pod and the
-/// ztunnel's own sockets are left alone, as by the redirects.
-fn no_v6(c: Capture) -> String {
-    let inbound = if c.bypass_inbound {
-        format!("    tcp dport {HBONE_PORT} {OPENING} reject with tcp reset\n")
-    } else {
-        format!("    {OPENING} reject with tcp reset\n")
-    };
-    let dns = if c.dns {
-        format!("    udp dport 53 reject\n    tcp dport 53 {OPENING} reject with tcp reset\n")
-    } else {
-        String::new()
-    };
-    format!(
-        "  chain no_v6_in {{
-    type filter hook input priority filter; policy accept;
-    meta nfproto != ipv6 accept
-    iifname \"lo\" accept
-{inbound}  }}
-  chain no_v6_out {{
-    type filter hook output priority filter; policy accept;
-    meta nfproto != ipv6 accept
-    meta mark {MARK} accept
-{dns}    oifname \"lo\" accept
-    {OPENING} reject with tcp reset
-  }}
-"
-    )
-}
-
 /// The pod's table; with the original-source chains when `orig_src`.
 pub fn ruleset(c: Capture, orig_src: bool) -> String {
     let dns = c.dns;
     let dns_rules = if dns {
         format!(
-            "    {V4} udp dport 53 redirect to :{DNS_PORT}\n    {V4} tcp dport 53 {OPENING} redirect to :{DNS_PORT}\n"
+            "    udp dport 53 redirect to :{DNS_PORT}\n    tcp dport 53 {OPENING} redirect to :{DNS_PORT}\n"
         )
     } else {
         String::new()
     };
-    let inbound = if c.bypass_inbound {
-        String::new()
+    let (inbound, input) = if c.bypass_inbound {
+        (String::new(), String::new())
     } else {
-        format!("    {V4} {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n")
+        (
+            format!("    {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n"),
+            format!(
+                "  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname \"lo\" accept
+    ip6 saddr fe80::/10 {OPENING} drop
+    ip saddr 169.254.0.0/16 ip saddr != {PROBE_SOURCE} {OPENING} drop
+  }}
+"
+            ),
+        )
     };
-    let no_v6 = no_v6(c);
     let orig_src = if orig_src {
         crate::orig_src::chains()
     } else {
@@ -121,15 +95,16 @@ pub fn ruleset(c: Capture, orig_src: bool) -> String {
     type nat hook prerouting priority dstnat; policy accept;
     iifname \"lo\" accept
     ip saddr {PROBE_SOURCE} accept
+    ip6 saddr {PROBE_SOURCE_V6} accept
     tcp dport {HBONE_PORT} accept
 {inbound}  }}
   chain output {{
     type nat hook output priority -100; policy accept;
     meta mark {MARK} accept
 {dns_rules}    oifname \"lo\" accept
-    {V4} {OPENING} redirect to :{OUTBOUND_PORT}
+    {OPENING} redirect to :{OUTBOUND_PORT}
   }}
-{no_v6}}}
+{input}}}
 "
     )
 }
@@ -318,30 +293,6 @@ fn release_in<R: PodRun>(run: &R) -> Result<(), RulesError> {
 mod tests {
     use super::*;
 
-    /// Every redirect is IPv4 only (the ztunnel's listeners are), and what
-    /// IPv6 they would take is refused, with and without DNS or inbound.
-    #[test]
-    fn only_ipv4_is_redirected_and_ipv6_is_refused() {
-        for (dns, bypass_inbound) in [(true, false), (false, true)] {
-            let r = ruleset(
-                Capture {
-                    dns,
-                    bypass_inbound,
-                },
-                true,
-            );
-            for l in r.lines().filter(|l| l.contains("redirect")) {
-                assert!(l.trim_start().starts_with(V4), "{l}\n{r}");
-            }
-            assert!(
-                r.contains("chain no_v6_in") && r.contains("chain no_v6_out"),
-                "{r}"
-            );
-            assert_eq!(r.contains("udp dport 53 reject"), dns, "{r}");
-            assert!(r.contains(&format!("tcp dport {HBONE_PORT}")), "{r}");
-        }
-    }
-
     #[test]
     fn probes_pass_before_any_redirect_and_bypass_drops_only_inbound() {
         let r = ruleset(
@@ -354,6 +305,10 @@ mod tests {
         let probe = r.find("ip saddr 169.254.7.127 accept").expect("probe rule");
         let redirect = r.find(":15006").expect("inbound redirect");
         assert!(probe < redirect, "{r}");
+        let probe6 = r
+            .find("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff accept")
+            .expect("IPv6 probe rule");
+        assert!(probe6 < redirect, "{r}");
         let b = ruleset(
             Capture {
                 dns: true,
@@ -370,6 +325,31 @@ mod tests {
         {
             assert!(l.contains("tcp flags & (syn | ack) == syn"), "{l}");
         }
+    }
+
+    /// A connection opened from a link-local source (IPv6 fe80::/10, IPv4
+    /// 169.254/16 but the probe source) names no workload: the pod drops
+    /// its SYN, a layer below the ztunnel's own refusal. Failed first: no
+    /// such rule.
+    #[test]
+    fn link_local_openings_are_dropped_in_the_pod() {
+        let r = ruleset(
+            Capture {
+                dns: true,
+                bypass_inbound: false,
+            },
+            true,
+        );
+        let input = r.find("hook input").expect("an input chain");
+        let chain = &r[input..];
+        let v6 = chain
+            .find("ip6 saddr fe80::/10 tcp flags & (syn | ack) == syn drop")
+            .expect("IPv6 link-local dropped");
+        let v4 = chain
+            .find("ip saddr 169.254.0.0/16 ip saddr != 169.254.7.127 tcp flags & (syn | ack) == syn drop")
+            .expect("IPv4 link-local dropped, the probe source kept");
+        let lo = chain.find("iifname \"lo\" accept").expect("loopback kept");
+        assert!(lo < v6 && lo < v4, "{r}");
     }
 
     /// Records what would run in the pod: `ip <args>: <batch>`, `nft

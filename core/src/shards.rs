@@ -199,6 +199,11 @@ fn bind(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
         None,
     )?;
     s.set_reuse_address(true)?;
+    // An IPv6 listener takes IPv6 only: IPv4 has listeners of its own, and
+    // a v4-mapped peer address would match no workload.
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
     if shared {
         s.set_reuse_port(true)?;
     }
@@ -206,4 +211,53 @@ fn bind(addr: SocketAddr, shared: bool) -> io::Result<std::net::TcpListener> {
     s.listen(1024)?;
     s.set_nonblocking(true)?;
     Ok(s.into())
+}
+
+/// Listeners for `addr` in both families: `addr` itself, and when it is the
+/// IPv4 wildcard, the IPv6 wildcard on the same port (an IPv6-only socket:
+/// IPv4 peers never appear v4-mapped). A kernel without IPv6 gives the IPv4
+/// listener alone; any other failure is an error.
+pub fn bind_both_families(addr: SocketAddr) -> io::Result<Vec<std::net::TcpListener>> {
+    let first = bind(addr, false)?;
+    let port = first.local_addr()?.port();
+    let mut out = vec![first];
+    if addr.ip() == std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED) {
+        let v6 = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port));
+        match bind(v6, false) {
+            Ok(l) => out.push(l),
+            Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+                tracing::debug!(%v6, "no IPv6 in this kernel: IPv4 listener only");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_ipv4_wildcard_is_bound_in_both_families_on_one_port() {
+        let ls = bind_both_families("0.0.0.0:0".parse().expect("addr")).expect("binds");
+        let addrs: Vec<SocketAddr> = ls.iter().map(|l| l.local_addr().expect("addr")).collect();
+        assert!(addrs[0].is_ipv4());
+        // Never a silent pass: where the kernel has IPv6 the twin must be
+        // there; a machine without it must say so.
+        let Some(v6) = addrs.get(1) else {
+            assert!(
+                std::net::TcpListener::bind("[::]:0").is_err()
+                    && std::env::var_os("MESH_TEST_NO_IPV6").is_some(),
+                "no IPv6 listener beside {addrs:?} (set MESH_TEST_NO_IPV6=1 only on a kernel without IPv6)"
+            );
+            return eprintln!("SKIPPED: no IPv6 in this kernel");
+        };
+        assert!(v6.is_ipv6() && v6.port() == addrs[0].port());
+        // The IPv6 socket takes IPv6 only: IPv4 has its own.
+        std::net::TcpStream::connect(("::1", v6.port())).expect("IPv6 connects");
+        // A specific address is bound alone.
+        let one = bind_both_families("127.0.0.1:0".parse().expect("addr")).expect("binds");
+        assert_eq!(one.len(), 1);
+    }
 }

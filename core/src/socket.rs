@@ -23,9 +23,15 @@ pub async fn dial(
     if let Some(m) = mark {
         SockRef::from(&sock).set_mark(m)?;
     }
-    if let Some(ip) = bind_ip
-        && ip.is_ipv4() == addr.is_ipv4()
-    {
+    // Never a source the kernel picks in place of the workload's: a bind
+    // of the other family fails the dial.
+    if let Some(ip) = bind_ip {
+        if ip.is_ipv4() != addr.is_ipv4() {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("source {ip} is not of the family of {addr}: no address to dial it from"),
+            ));
+        }
         sock.bind(SocketAddr::new(ip, 0))?;
     }
     connect(sock, addr, timeout).await

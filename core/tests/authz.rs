@@ -305,3 +305,54 @@ fn a_stand_in_covers_no_other_namespace() {
     let (st, _) = state(vec![policy(&unknown)]);
     assert!(!allowed(&st, Some(CLIENT), "10.9.0.1", 80));
 }
+
+/// A peer address that names no workload anywhere and may be anyone on
+/// the link (IPv6 link-local, IPv4 link-local, unspecified, multicast,
+/// broadcast) is refused before any policy: IP blocks judged on it alone
+/// would let a pod escape a DENY naming its real addresses. Failed first:
+/// allowed (no policy applies, and a DENY of the caller's addresses
+/// missed).
+#[test]
+fn a_peer_without_a_routable_address_is_refused() {
+    let (st, _) = state(vec![]);
+    for ip in [
+        "fe80::1",
+        "febf::1",
+        "fec0::1",
+        "169.254.3.4",
+        "::",
+        "0.0.0.0",
+        "ff02::1",
+        "224.0.0.1",
+        "255.255.255.255",
+        "::ffff:169.254.3.4",
+    ] {
+        assert!(!allowed(&st, None, ip, 80), "{ip}");
+    }
+    // Global and unique-local addresses are judged by policy, as is
+    // loopback (which the kernel never takes from outside).
+    for ip in [
+        "10.9.0.1",
+        "fd00:10:1:1::2",
+        "2001:db8::1",
+        "127.0.0.1",
+        "::1",
+    ] {
+        assert!(allowed(&st, None, ip, 80), "{ip}");
+    }
+    // A DENY of the caller's addresses is not escaped from its link-local.
+    let deny = auth(
+        "deny-caller",
+        sec::Action::Deny,
+        vec![rule(vec![vec![Match {
+            source_ips: vec![mesh_proto::istio::security::Address {
+                address: vec![10, 9, 0, 1],
+                length: 32,
+            }],
+            ..Default::default()
+        }]])],
+    );
+    let (st, _) = state(vec![policy(&deny)]);
+    assert!(!allowed(&st, None, "10.9.0.1", 80));
+    assert!(!allowed(&st, None, "fe80::1234", 80));
+}

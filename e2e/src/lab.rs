@@ -9,6 +9,9 @@
 //!                         │      bridge cbr0 10.L.i.1/24 ── pod netns 10.L.i.k
 //! ```
 //!
+//! Dual-stack: each of those addresses has an IPv6 twin, fd00:10:L:i::k
+//! ([`ipv6_twin`]), routed the same way.
+//!
 //! Everything it creates is listed in `<dir>/lab.json`, so `lab down` (or a
 //! test's drop) removes it all, also after a crash.
 
@@ -35,7 +38,10 @@ pub use objects::{
 };
 pub(crate) use process::{sh, start_time};
 pub(crate) use services::nft_in;
-pub use state::{KubeState, Lab, LabState, NodeState, PodState, ProcState, ServiceState};
+pub use state::{
+    KubeState, Lab, LabState, NodeState, PodState, ProcState, ServiceState, ipv6_twin,
+    ipv6_twin_net,
+};
 pub use surge::SURGE_PORT_OFFSET;
 
 #[cfg(doc)]

@@ -83,12 +83,32 @@ pub fn veth(a_ns: &str, a_if: &str, a_ip: &str, b_ns: &str, b_if: &str, b_ip: &s
     run(&["ip", "-n", b_ns, "link", "set", b_if, "up"]);
 }
 
+/// The source and destination ports of an Ethernet frame holding TCP over
+/// IPv4 or IPv6 (no extension headers), and whether it is IPv6.
+fn tcp_ports(f: &[u8]) -> Option<([u16; 2], bool)> {
+    let (t, v6) = match (f.get(12..14)?, f.get(14)?) {
+        ([0x08, 0x00], b) if *f.get(14 + 9)? == 6 => (14 + ((b & 0x0f) as usize) * 4, false),
+        ([0x86, 0xdd], _) if *f.get(14 + 6)? == 6 => (14 + 40, true),
+        _ => return None,
+    };
+    let p = f.get(t..t + 4)?;
+    Some((
+        [
+            u16::from_be_bytes([p[0], p[1]]),
+            u16::from_be_bytes([p[2], p[3]]),
+        ],
+        v6,
+    ))
+}
+
 /// What a capture saw.
 #[derive(Debug, Default)]
 pub struct Captured {
     pub frames: usize,
-    /// TCP segments to or from port 15008.
+    /// TCP segments to or from port 15008 (IPv4 and IPv6).
     pub hbone: usize,
+    /// Those of them carried over IPv6.
+    pub hbone6: usize,
     /// Frames containing the marker bytes.
     pub marker: usize,
 }
@@ -156,17 +176,11 @@ pub fn capture(
         if f.windows(marker.len()).any(|w| w == marker) {
             out.marker += 1;
         }
-        // Ethernet + IPv4 + TCP.
-        if f.len() > 14 + 20 + 4 && f[12] == 0x08 && f[13] == 0x00 && f[14 + 9] == 6 {
-            let ihl = ((f[14] & 0x0f) as usize) * 4;
-            let t = 14 + ihl;
-            if f.len() >= t + 4 {
-                let sport = u16::from_be_bytes([f[t], f[t + 1]]);
-                let dport = u16::from_be_bytes([f[t + 2], f[t + 3]]);
-                if sport == 15008 || dport == 15008 {
-                    out.hbone += 1;
-                }
-            }
+        if let Some((ports, v6)) = tcp_ports(f)
+            && ports.contains(&15008)
+        {
+            out.hbone += 1;
+            out.hbone6 += v6 as usize;
         }
     }
     // SAFETY: closing the descriptor opened above.

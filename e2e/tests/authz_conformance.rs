@@ -48,7 +48,13 @@ apiVersion: v1
 kind: Pod
 metadata: {name: server-1, namespace: shop, labels: {app: server}}
 spec: {nodeName: node-a, serviceAccountName: server, containers: [{name: c, image: x}]}
-status: {podIP: 10.1.0.9, phase: Running}
+status: {podIP: 10.1.0.9, podIPs: [{ip: 10.1.0.9}, {ip: "fd00:1::9"}], phase: Running}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: client-1, namespace: shop, labels: {app: client}}
+spec: {nodeName: node-b, serviceAccountName: client, containers: [{name: c, image: x}]}
+status: {podIP: 10.1.0.5, podIPs: [{ip: 10.1.0.5}, {ip: "fd00:1::5"}], phase: Running}
 ---
 apiVersion: v1
 kind: Service
@@ -93,6 +99,9 @@ struct Req {
     /// Principal without "spiffe://"; None for plaintext.
     from: Option<&'static str>,
     src_ip: &'static str,
+    /// The destination address the client dialled (the server's IPv4 or
+    /// IPv6 address).
+    dst_ip: &'static str,
     port: u16,
     /// False: opaque TCP at the waypoint (no method, path, host, headers).
     http: bool,
@@ -106,6 +115,7 @@ fn req() -> Req {
     Req {
         from: Some(C),
         src_ip: "10.1.0.5",
+        dst_ip: SERVER_IP,
         port: 8080,
         http: true,
         method: "GET",
@@ -126,6 +136,17 @@ impl Req {
     }
     fn ip(mut self, ip: &'static str) -> Self {
         self.src_ip = ip;
+        self
+    }
+    /// From the client's IPv6 address to the server's: a connection in
+    /// one family, as a dual-stack client makes it.
+    fn v6(mut self) -> Self {
+        self.src_ip = "fd00:1::5";
+        self.dst_ip = "fd00:1::9";
+        self
+    }
+    fn to(mut self, ip: &'static str) -> Self {
+        self.dst_ip = ip;
         self
     }
     fn port(mut self, p: u16) -> Self {
@@ -251,23 +272,31 @@ fn resources(model: &Model, type_url: &str) -> Vec<Resource> {
         .unwrap_or_default()
 }
 
-fn ztunnel_decision(model: &Model, r: &Req) -> E {
+/// The proxy state both proxies build from the model's xDS resources.
+fn mesh_state(model: &Model) -> ProxyState {
     let st = ProxyState::default();
     for t in [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL] {
         let (u, rejected) =
             mesh_core::xds::state_updates("cluster.local", t, &resources(model, t), &[]);
-        assert!(rejected.is_empty(), "the ztunnel refused {rejected:?}");
+        assert!(rejected.is_empty(), "the proxy refused {rejected:?}");
         st.apply(u);
     }
-    let snap = st.snapshot();
-    let ip: IpAddr = SERVER_IP.parse().unwrap();
+    st
+}
+
+fn identity(r: &Req) -> Option<Identity> {
+    r.from
+        .map(|p| format!("spiffe://{p}").parse().expect("identity"))
+}
+
+fn ztunnel_decision(model: &Model, r: &Req) -> E {
+    let snap = mesh_state(model).snapshot();
+    let ip: IpAddr = r.dst_ip.parse().unwrap();
     let dst = snap
         .workload_by_ip("", ip)
         .expect("server workload")
         .clone();
-    let id: Option<Identity> = r
-        .from
-        .map(|p| format!("spiffe://{p}").parse().expect("identity"));
+    let id = identity(r);
     let d = mesh_core::state::decide::authorize(
         &snap,
         "istio-system",
@@ -298,11 +327,18 @@ fn waypoint_decision(model: &Model, r: &Req) -> E {
         );
     }
     let ns = r.from.and_then(|p| p.split('/').nth(2));
+    // The source's workload as the waypoint attributes it: its own
+    // function, which its HBONE and ingress paths call.
+    let snap = mesh_state(model).snapshot();
+    let src_ip: IpAddr = r.src_ip.parse().unwrap();
+    let id = identity(r);
+    let (_, source_addrs) = waypoint::authz::attribute_source(&snap, "", src_ip, id.as_ref());
     let attrs = waypoint::authz::RequestAttrs {
         http: r.http,
         principal: r.from,
         namespace: ns,
-        source_ip: r.src_ip.parse().unwrap(),
+        source_ip: src_ip,
+        source_addrs: &source_addrs,
         host: r.host,
         port: r.port,
         method: r.method,
@@ -435,13 +471,54 @@ fn cases() -> Vec<Case> {
         c("ref: ipBlocks, outside the CIDR", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [10.2.0.0/16]}}]}]}"], req(), D, D),
         c("ref: notIpBlocks", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/16]}}]}]}"], req(), D, D),
         c("ref: DENY by ipBlocks", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req(), D, D),
-        c("ref: DENY notIpBlocks, inside passes", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req(), A, A),
+        c("ref: DENY notIpBlocks, inside passes (every address of the dual-stack source inside)", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24, \"fd00:1::/64\"]}}]}]}"], req(), A, A),
         c("ref: DENY notIpBlocks, outside denied", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("10.7.0.1"), D, D),
         c("ambient-l4: remoteIpBlocks is L7 (the original client): an ALLOW rule with it never matches at the ztunnel; the waypoint takes the source address (security: no forwarding header is trusted)", &["{action: ALLOW, rules: [{from: [{source: {remoteIpBlocks: [10.1.0.5]}}]}]}"], req(), D, A),
         c("ambient-l4: a DENY on remoteIpBlocks denies on its L4 fields alone at the ztunnel", &["{action: DENY, rules: [{from: [{source: {remoteIpBlocks: [10.7.0.0/16]}}]}]}"], req(), D, A),
         c("security: notRemoteIpBlocks is the source address at the waypoint", &["{action: ALLOW, rules: [{from: [{source: {notRemoteIpBlocks: [10.1.0.5]}}]}]}"], req(), D, D),
         c("ref: an IPv6 block never holds an IPv4 source", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [\"fd00::/8\"]}}]}]}"], req(), D, D),
         c("ref: 0.0.0.0/0 holds every IPv4 source", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [0.0.0.0/0]}}]}]}"], req(), A, A),
+        // ipBlocks in a dual-stack cluster (the client is 10.1.0.5 and fd00:1::5)
+        c("security: a DENY of the source's IPv4 block holds when it comes from its IPv6 address", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY of the source's IPv4 block holds for plaintext from its IPv6 address", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().plaintext().ip("fd00:1::5"), D, D),
+        c("security: a DENY of the source's IPv6 block holds when it comes from its IPv4 address", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [\"fd00:1::/64\"]}}]}]}"], req(), D, D),
+        c("security: an identity that does not own the address's workload is judged on the address alone", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().from(W).ip("fd00:1::5"), A, A),
+        c("security: an IPv4-only ALLOW does not admit the source's IPv6 address", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: notIpBlocks excludes the source from its IPv6 address too", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY notIpBlocks of the source's IPv4 block holds when it comes from its IPv6 address", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY notIpBlocks holds when any address of the source is outside the blocks", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req(), D, D),
+        c("security: a DENY notIpBlocks holds for plaintext from an address of the source outside the blocks", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [\"fd00:1::/64\"]}}]}]}"], req().plaintext(), D, D),
+        c("security: an ALLOW notIpBlocks does not admit the source from its other address", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [\"fd00:1::/64\"]}}]}]}"], req(), D, D),
+        c("security: a DENY on destination.ip notValues holds when any address of the dual-stack destination is outside (the waypoint cannot check it)", &["{action: DENY, rules: [{when: [{key: destination.ip, notValues: [10.1.0.9]}]}]}"], req(), D, D),
+        c("security: a DENY on destination.ip notValues with every address of the destination passes at the ztunnel", &["{action: DENY, rules: [{when: [{key: destination.ip, notValues: [10.1.0.9, \"fd00:1::9\"]}]}]}"], req(), A, D),
+        c("security: a DENY on destination.ip holds for any address of the destination", &["{action: DENY, rules: [{when: [{key: destination.ip, values: [\"fd00:1::9\"]}]}]}"], req(), D, D),
+        c("security: a DENY when source.ip of the source's IPv4 block holds from its IPv6 address", &["{action: DENY, rules: [{when: [{key: source.ip, values: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY when source.ip notValues holds when any address of the source is outside", &["{action: DENY, rules: [{when: [{key: source.ip, notValues: [10.1.0.0/24]}]}]}"], req(), D, D),
+        c("security: a DENY when source.ip notValues with every address of the source passes", &["{action: DENY, rules: [{when: [{key: source.ip, notValues: [10.1.0.0/24, \"fd00:1::/64\"]}]}]}"], req(), A, A),
+        c("security: an ALLOW when source.ip notValues does not admit the source from its other address", &["{action: ALLOW, rules: [{when: [{key: source.ip, notValues: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: an ALLOW when source.ip is the connection's address alone", &["{action: ALLOW, rules: [{when: [{key: source.ip, values: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
+        c("security: a DENY when remote.ip of the source's IPv4 block holds at the waypoint from its IPv6 address", &["{action: DENY, rules: [{when: [{key: remote.ip, values: [10.1.0.0/24]}]}]}"], req().ip("fd00:1::5"), D, D),
+        // The same over IPv6 end to end (client fd00:1::5 to server fd00:1::9).
+        c("security: an IPv6 connection is judged on its IPv6 source", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [\"fd00:1::/64\"]}}]}]}"], req().v6(), A, A),
+        c("security: a DENY of the source's IPv4 block holds for its IPv6 connection", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().v6(), D, D),
+        c("security: a DENY of the source's IPv4 block holds for its plaintext IPv6 connection", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.5/32]}}]}]}"], req().plaintext().v6(), D, D),
+        c("security: an IPv4-only ALLOW does not admit an IPv6 connection", &["{action: ALLOW, rules: [{from: [{source: {ipBlocks: [10.1.0.0/24]}}]}]}"], req().v6(), D, D),
+        c("security: a DENY notIpBlocks of both families passes an IPv6 connection from inside", &["{action: DENY, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24, \"fd00:1::/64\"]}}]}]}"], req().v6(), A, A),
+        c("security: a DENY on destination.ip of the destination's IPv4 address holds for its IPv6 address", &["{action: DENY, rules: [{when: [{key: destination.ip, values: [10.1.0.9]}]}]}"], req().v6(), D, D),
+        c("security: a DENY on destination.ip notValues with both destination addresses passes an IPv6 connection at the ztunnel", &["{action: DENY, rules: [{when: [{key: destination.ip, notValues: [10.1.0.9, \"fd00:1::9\"]}]}]}"], req().v6(), A, D),
+        c("security: an ALLOW on destination.ip of the IPv6 address admits the IPv6 connection at the ztunnel", &["{action: ALLOW, rules: [{when: [{key: destination.ip, values: [\"fd00:1::9\"]}]}]}"], req().v6(), A, D),
+        c("security: an ALLOW on destination.ip of the IPv4 address does not admit the IPv6 connection", &["{action: ALLOW, rules: [{when: [{key: destination.ip, values: [10.1.0.9]}]}]}"], req().v6(), D, D),
+        c("security: a DENY when source.ip of the source's IPv6 address holds over IPv4", &["{action: DENY, rules: [{when: [{key: source.ip, values: [\"fd00:1::5\"]}]}]}"], req(), D, D),
+        // A source address that names no workload and may be anyone on the
+        // link (a pod on the same bridge calling from its link-local
+        // address) is refused before any policy: IP blocks would judge it
+        // alone.
+        c("security: a link-local IPv6 source is refused", &[], req().plaintext().ip("fe80::5").to("fd00:1::9"), D, D),
+        c("security: a link-local IPv6 source does not escape a DENY of the caller's addresses", &["{action: DENY, rules: [{from: [{source: {ipBlocks: [10.1.0.5/32, \"fd00:1::5/128\"]}}]}]}"], req().plaintext().ip("fe80::5").to("fd00:1::9"), D, D),
+        c("security: a link-local IPv6 source is not admitted by an ALLOW notIpBlocks of the caller's addresses", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.5/32, \"fd00:1::5/128\"]}}]}]}"], req().plaintext().ip("fe80::5").to("fd00:1::9"), D, D),
+        c("security: a link-local IPv4 source is refused", &[], req().plaintext().ip("169.254.3.4"), D, D),
+        c("security: an unspecified source is refused", &[], req().plaintext().ip("::").to("fd00:1::9"), D, D),
+        c("security: notIpBlocks does not exclude a source with no address in the blocks", &["{action: ALLOW, rules: [{from: [{source: {notIpBlocks: [10.1.0.0/24]}}]}]}"], req().ip("fd00:9::9"), A, A),
         // ports
         c("ref: ports", &["{action: ALLOW, rules: [{to: [{operation: {ports: [\"8080\"]}}]}]}"], req(), A, A),
         c("ref: ports, another port fails", &["{action: ALLOW, rules: [{to: [{operation: {ports: [\"9090\"]}}]}]}"], req(), D, D),

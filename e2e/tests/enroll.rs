@@ -242,7 +242,11 @@ fn pod_table(lab: &Lab, key: &str) -> String {
 /// Connects from inside `netns`.
 async fn connect(netns: &Netns, addr: &str) -> std::io::Result<tokio::net::TcpStream> {
     let addr: SocketAddr = addr.parse().unwrap();
-    let sock = netns.run(tokio::net::TcpSocket::new_v4)??;
+    let sock = if addr.is_ipv6() {
+        netns.run(tokio::net::TcpSocket::new_v6)??
+    } else {
+        netns.run(tokio::net::TcpSocket::new_v4)??
+    };
     tokio::time::timeout(Duration::from_secs(3), sock.connect(addr))
         .await
         .map_err(|_| std::io::Error::other("connect timed out"))?
@@ -345,11 +349,32 @@ async fn kubelet_probes_reach_the_app_under_strict_and_an_allow_for_one_caller()
         !tcp_probe(&node1, &format!("{web}:8081")).await,
         "a TCP probe to a port nobody listens on must fail"
     );
+    // The same over IPv6 (the lab is dual-stack): an IPv6-primary
+    // cluster's kubelet probes from the node's IPv6 address.
+    let web6 = lab.pod_ip6("shop/web").unwrap();
+    let status = http_probe(&n1, &format!("http://[{web6}]:8080/healthz"));
+    assert!(
+        status.starts_with("200"),
+        "IPv6 HTTP probe from the node: {status:?}"
+    );
+    assert!(
+        tcp_probe(&node1, &format!("[{web6}]:8080")).await,
+        "IPv6 TCP probe to the app"
+    );
+    assert!(
+        !tcp_probe(&node1, &format!("[{web6}]:8081")).await,
+        "an IPv6 TCP probe to a port nobody listens on must fail"
+    );
     // Exactly the node's own connections pass: another node's are still
     // the mesh's, and STRICT refuses them.
     let n2 = lab.state.nodes[1].netns.clone();
     let status = http_probe(&n2, &format!("http://{web}:8080/healthz"));
     assert!(!status.starts_with("200"), "from another node: {status:?}");
+    let status = http_probe(&n2, &format!("http://[{web6}]:8080/healthz"));
+    assert!(
+        !status.starts_with("200"),
+        "IPv6 from another node: {status:?}"
+    );
     // And the policy still holds for pods.
     assert!(!get("shop/other"));
     assert!(get("shop/client"));

@@ -124,8 +124,21 @@ async fn the_lab_runs_an_ambient_mesh() {
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).trim().to_string())
     };
+    // The lab is dual-stack: a name has its IPv4 address and its IPv6 twin.
+    let both = |ip: &str| {
+        let mut v = [ip.to_string(), e2e::lab::ipv6_twin(ip).unwrap()];
+        v.sort();
+        Some(v.join("\n"))
+    };
+    let resolve = |name: &str| {
+        resolve(name).map(|r| {
+            let mut v: Vec<&str> = r.lines().collect();
+            v.sort();
+            v.join("\n")
+        })
+    };
     for name in ["echo", "echo.shop", "echo.shop.svc.cluster.local"] {
-        assert_eq!(resolve(name).as_deref(), Some(vip.as_str()), "{name}");
+        assert_eq!(resolve(name), both(&vip), "{name}");
     }
     assert_eq!(resolve("nope.shop.svc.cluster.local"), None);
     // A headless Service resolves to its endpoints, and each endpoint by its
@@ -136,13 +149,13 @@ async fn the_lab_runs_an_ambient_mesh() {
         .map(str::to_string)
         .collect();
     peers.sort();
-    let mut want = vec![echo0.clone(), echo1.clone()];
+    let mut want: Vec<String> = [&echo0, &echo1]
+        .iter()
+        .flat_map(|ip| [ip.to_string(), e2e::lab::ipv6_twin(ip).unwrap()])
+        .collect();
     want.sort();
     assert_eq!(peers, want, "echo-peers");
-    assert_eq!(
-        resolve("echo-1.echo-peers").as_deref(),
-        Some(echo1.as_str())
-    );
+    assert_eq!(resolve("echo-1.echo-peers"), both(&echo1));
     for _ in 0..4 {
         assert!(send(lab, "shop/client-0", &format!("{vip}:80"), "via-vip").is_some());
     }

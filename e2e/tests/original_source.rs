@@ -111,6 +111,23 @@ async fn the_app_sees_its_clients_address() {
         "plaintext"
     );
 
+    // Over IPv6 the same (the pod's reply routing is in both families):
+    // cross-node, same-node and plaintext, the app's peer is the client's
+    // IPv6 address.
+    let ip6 = |k: &str| lab.pod_ip6(k).unwrap();
+    let (client6, plain6) = (ip6("shop/client-0"), ip6("legacy/plain-0"));
+    for (what, to) in [("cross-node", "shop/echo-1"), ("same-node", "shop/echo-0")] {
+        let to = format!("[{}]", ip6(to));
+        let seen = peer_once_answered(lab, what, "shop/client-0", &to).await;
+        assert_eq!(seen.as_deref(), Some(client6.as_str()), "{what} over IPv6");
+    }
+    let to = format!("[{}]", ip6("shop/echo-1"));
+    assert_eq!(
+        peer_seen(lab, "legacy/plain-0", &to).as_deref(),
+        Some(plain6.as_str()),
+        "plaintext over IPv6"
+    );
+
     // An attacker holding the client's identity (its certificate) speaks
     // HBONE by hand from the plain pod, whose address the state gives to
     // another identity, and claims the client's address in `forwarded` and

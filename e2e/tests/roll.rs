@@ -2,7 +2,7 @@
 //! (a second one starts beside it, takes the node agent's pods and binds
 //! their listeners beside the first one's, then the first drains), new
 //! connections through node-1, outbound from its client and inbound to its
-//! echo server, keep being served, and connections already open run on
+//! echo server, over IPv4 and IPv6, keep being served, and connections already open run on
 //! until the old ztunnel's drain deadline.
 
 use std::net::{SocketAddr, TcpStream};
@@ -103,7 +103,7 @@ fn connect(p: &Path) -> std::io::Result<TcpStream> {
     use socket2::{Domain, Socket, Type};
     let sock = p
         .from
-        .run(|| Socket::new(Domain::IPV4, Type::STREAM, None))??;
+        .run(|| Socket::new(Domain::for_address(p.to), Type::STREAM, None))??;
     sock.connect_timeout(&p.to.into(), Duration::from_secs(2))?;
     let s = TcpStream::from(sock);
     s.set_read_timeout(Some(Duration::from_secs(3)))?;
@@ -215,7 +215,14 @@ async fn a_ztunnel_roll_under_load_fails_no_new_connection_and_drains_the_old_on
         format!("{}:9000", ip("roll/echo-1")),
         format!("{}:9000", ip("roll/echo-2")),
     );
-    for (from, to) in [("roll/client-1", &echo2), ("roll/client-2", &echo1)] {
+    let v6 = |k: &str| format!("[{}]:9000", g.0.pod_ip6(k).unwrap());
+    let (echo1_6, echo2_6) = (v6("roll/echo-1"), v6("roll/echo-2"));
+    for (from, to) in [
+        ("roll/client-1", &echo2),
+        ("roll/client-2", &echo1),
+        ("roll/client-1", &echo2_6),
+        ("roll/client-2", &echo1_6),
+    ] {
         eventually(
             &format!("{from} reaches {to} through the mesh"),
             Duration::from_secs(30),
@@ -223,8 +230,8 @@ async fn a_ztunnel_roll_under_load_fails_no_new_connection_and_drains_the_old_on
         )
         .await;
     }
-    // Both paths cross node-1's ztunnel: outbound from its client, inbound
-    // (HBONE from node-2's ztunnel) to its echo server.
+    // Every path crosses node-1's ztunnel: outbound from its client, inbound
+    // (HBONE from node-2's ztunnel) to its echo server, in each family.
     let paths = vec![
         Path {
             name: "outbound from node-1",
@@ -235,6 +242,16 @@ async fn a_ztunnel_roll_under_load_fails_no_new_connection_and_drains_the_old_on
             name: "inbound to node-1",
             from: netns_of(&g.0, "roll/client-2"),
             to: echo1.parse().unwrap(),
+        },
+        Path {
+            name: "outbound from node-1 over IPv6",
+            from: netns_of(&g.0, "roll/client-1"),
+            to: echo2_6.parse().unwrap(),
+        },
+        Path {
+            name: "inbound to node-1 over IPv6",
+            from: netns_of(&g.0, "roll/client-2"),
+            to: echo1_6.parse().unwrap(),
         },
     ];
 
@@ -651,13 +668,20 @@ async fn a_port_a_pod_process_holds_keeps_the_next_ztunnel_unready() {
     tokio::task::block_in_place(|| g.0.stop("node-1-ztunnel", true)).unwrap();
     let echo = netns_of(&g.0, "roll/echo");
     let ip = g.0.pod("roll/echo").unwrap().ip.clone();
-    let inbound: SocketAddr = format!("{ip}:15006").parse().unwrap();
+    let ip6 = g.0.pod_ip6("roll/echo").unwrap();
     let control = g.0.dir.join("node-1-cni.sock");
     let logs = g.0.dir.join("logs");
     let log =
         |name: &str| std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
     let ready = g.0.surge_ztunnel("node-1").unwrap();
-    for shared in [false, true] {
+    // The pod's IPv4 address, then (in the set: the new ztunnel has bound
+    // it by then) its IPv6 one: the agent reads both families' tables.
+    for (inbound, shared) in [
+        (format!("{ip}:15006"), false),
+        (format!("{ip}:15006"), true),
+        (format!("[{ip6}]:15006"), true),
+    ] {
+        let inbound: SocketAddr = inbound.parse().unwrap();
         let thief = bind_when_free(&echo, inbound, shared).await;
         if shared {
             // The agent's current look, not the ztunnel's earlier answer.
@@ -859,47 +883,89 @@ async fn a_same_uid_process_can_steer_its_own_pods_set_and_no_other() {
     .await;
 }
 
-/// The in-pod rules redirect IPv4 only, to listeners the ztunnel holds;
-/// IPv6 (no ztunnel listener yet) is refused, never redirected to a port
-/// any process of the pod could bind ([::1]:15001 here).
+/// Binds `addr` in `netns` as a process of the pod would (exclusively).
+fn try_bind(netns: &Netns, addr: &str) -> std::io::Result<std::net::TcpListener> {
+    let addr: SocketAddr = addr.parse().map_err(std::io::Error::other)?;
+    let l = netns.run(|| std::net::TcpListener::bind(addr))??;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+/// The in-pod rules redirect IPv6 as IPv4, and for each family the
+/// ztunnel holds the ports the redirects land on: `[::1]:15001` (the
+/// output chain's) and the pod's own IPv6 address on 15006 and 15008 (the
+/// prerouting one's, and HBONE peers'), before a roll and after it. A
+/// process of the pod finds them in use; what it can bind (the pod's IPv6
+/// address on 15001, where no redirect lands) gets no redirected
+/// connection, and IPv6 goes on being captured (HBONE over IPv6, no
+/// plaintext on the wire) through the new ztunnel.
 #[tokio::test(flavor = "multi_thread")]
-async fn ipv6_in_a_captured_pod_reaches_no_listener_of_the_pods() {
+async fn ipv6_in_a_captured_pod_reaches_the_ztunnel_through_a_roll() {
     let dir = tempfile::tempdir().unwrap();
-    let (g, _to) = echo_and_client(dir.path()).await;
-    let ns = g.0.pod("roll/client").unwrap().netns.clone();
-    let out = std::process::Command::new("ip")
-        .args([
-            "-n",
-            &ns,
-            "-6",
-            "addr",
-            "add",
-            "fd00:77::2/64",
-            "dev",
-            "eth0",
-            "nodad",
-        ])
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let client = netns_of(&g.0, "roll/client");
-    let thief = client
-        .run(|| std::net::TcpListener::bind("[::1]:15001"))
-        .unwrap()
-        .unwrap();
-    thief.set_nonblocking(true).unwrap();
-    let dial = client
-        .run(|| socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None))
-        .unwrap()
-        .unwrap();
-    let to: SocketAddr = "[fd00:77::9]:80".parse().unwrap();
-    let r = dial.connect_timeout(&to.into(), Duration::from_secs(2));
+    let mut g = Guard(Lab::create_in(dir.path(), TEST_IDS, 2).unwrap());
+    g.0.start_mesh().await.unwrap();
+    let mut docs = String::from(
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: roll, labels: {istio.io/dataplane-mode: ambient}}\n---\n",
+    );
+    docs.push_str(&pod("echo", "node-1", "[tcp-echo, --port, \"9000\"]"));
+    docs.push_str(&pod("client", "node-1", "[sleep]"));
+    docs.push_str(&pod("far", "node-2", "[tcp-echo, --port, \"9000\"]"));
+    g.0.apply(yaml(&docs)).await.unwrap();
+    let v6 = |k: &str| g.0.pod_ip6(k).unwrap();
+    let (echo6, client6, far6) = (v6("roll/echo"), v6("roll/client"), v6("roll/far"));
+    let (to_echo, to_far) = (format!("[{echo6}]:9000"), format!("[{far6}]:9000"));
+    for to in [&to_echo, &to_far] {
+        eventually(
+            &format!("the client reaches {to} over IPv6"),
+            Duration::from_secs(30),
+            || async { send(&g.0, "roll/client", to, "up6") },
+        )
+        .await;
+    }
+    let (client, echo) = (netns_of(&g.0, "roll/client"), netns_of(&g.0, "roll/echo"));
+    // Where the redirects land, in each pod: the ztunnel's, in use.
+    let held = |when: &str| {
+        for (ns, addr) in [
+            (&client, "[::1]:15001".to_string()),
+            (&echo, format!("[{echo6}]:15006")),
+            (&echo, format!("[{echo6}]:15008")),
+        ] {
+            let r = try_bind(ns, &addr);
+            assert!(
+                matches!(&r, Err(e) if e.kind() == std::io::ErrorKind::AddrInUse),
+                "{when}: a pod process bound {addr}: {r:?}"
+            );
+        }
+    };
+    held("before the roll");
+    // Where no redirect lands: a pod process may bind it, and gets nothing.
+    let idle = try_bind(&client, &format!("[{client6}]:15001")).unwrap();
+
+    let ready = g.0.surge_ztunnel("node-1").unwrap();
+    eventually(
+        "the new ztunnel on node-1 is ready",
+        Duration::from_secs(30),
+        || g.0.ztunnel_ready("node-1", ready),
+    )
+    .await;
+    tokio::task::block_in_place(|| g.0.stop("node-1-ztunnel", false)).unwrap();
+    held("after the roll");
+
+    // Through the new ztunnel alone: IPv6 out of the pod, same node and
+    // across, the latter as HBONE in IPv6 packets, never in plaintext.
+    assert!(send(&g.0, "roll/client", &to_echo, "same-node6"));
+    let marker = "PLAINTEXT-MARKER-roll6";
+    let far = netns_of(&g.0, "roll/far");
+    let cap = std::thread::spawn(move || {
+        e2e::netns::capture(&far, "eth0", Duration::from_millis(1500), marker.as_bytes())
+    });
     std::thread::sleep(Duration::from_millis(200));
-    let got = thief.accept();
-    println!("an IPv6 connection out of the pod: {r:?}; the [::1]:15001 listener: {got:?}");
+    assert!(send(&g.0, "roll/client", &to_far, marker));
+    let seen = cap.join().unwrap().unwrap();
+    assert!(seen.hbone6 > 0 && seen.marker == 0, "{seen:?}");
+    let got = idle.accept();
     assert!(
         got.is_err(),
-        "a pod's own listener got a redirected IPv6 connection"
+        "a pod process's [{client6}]:15001 got a connection: {got:?}"
     );
-    assert!(r.is_err(), "an IPv6 connection went through uncaptured");
 }

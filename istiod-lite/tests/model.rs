@@ -700,3 +700,59 @@ spec:
     assert!(routes(&f).policies.is_empty());
     assert!(!has_issue(&f, "AuthorizationPolicy/"));
 }
+
+/// Dual-stack: a pod's `podIPs` and a Service's `clusterIPs` reach the
+/// proxies in both families (4 and 16 bytes), and `ipBlocks` keep each
+/// block's family.
+#[test]
+fn dual_stack_addresses_and_ip_blocks_pass_through() {
+    let mut f = Fixture::new();
+    f.write(
+        "dual.yaml",
+        r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web-1, namespace: shop, labels: {app: web}}
+spec: {nodeName: node-a, serviceAccountName: web, containers: [{name: c, image: x}]}
+status: {podIP: 10.0.1.5, podIPs: [{ip: 10.0.1.5}, {ip: "fd00:10:0:1::5"}], phase: Running}
+---
+apiVersion: v1
+kind: Service
+metadata: {name: web, namespace: shop}
+spec: {selector: {app: web}, clusterIP: 10.96.0.10, clusterIPs: [10.96.0.10, "fd00:10:96::10"],
+       ipFamilies: [IPv4, IPv6], ipFamilyPolicy: PreferDualStack, ports: [{port: 80}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: blocks, namespace: shop}
+spec:
+  rules: [{from: [{source: {ipBlocks: ["fd00::/8", 10.0.0.0/8], notIpBlocks: ["fd00:10:0:1::5"]}}]}]
+"#,
+    );
+    f.sync();
+    assert!(f.issues().is_empty(), "{:?}", f.issues());
+    let Some(address::Type::Workload(w)) = f.address(WEB) else {
+        panic!("no workload {WEB}")
+    };
+    let v6 = |s: &str| s.parse::<std::net::Ipv6Addr>().unwrap().octets().to_vec();
+    assert_eq!(w.addresses, vec![vec![10, 0, 1, 5], v6("fd00:10:0:1::5")]);
+    let Some(address::Type::Service(s)) = f.address("shop/web.shop.svc.cluster.local") else {
+        panic!()
+    };
+    let vips: Vec<Vec<u8>> = s.addresses.iter().map(|a| a.address.clone()).collect();
+    assert_eq!(vips, vec![vec![10, 96, 0, 10], v6("fd00:10:96::10")]);
+    let p = f.authz("shop/blocks").expect("policy");
+    let m = &p.rules[0].clauses[0].matches[0];
+    let blocks: Vec<(Vec<u8>, u32)> = m
+        .source_ips
+        .iter()
+        .map(|a| (a.address.clone(), a.length))
+        .collect();
+    assert_eq!(blocks, vec![(v6("fd00::"), 8), (vec![10, 0, 0, 0], 8)]);
+    assert_eq!(m.not_source_ips[0].address, v6("fd00:10:0:1::5"));
+    assert_eq!(m.not_source_ips[0].length, 128);
+}

@@ -610,7 +610,7 @@ fn decision_policy(d: &Decision) -> Option<String> {
             "no matching ALLOW among {}",
             allow_policies.join(", ")
         )),
-        Decision::AllowNoPolicies => None,
+        Decision::AllowNoPolicies | Decision::Unattributable { .. } => None,
     }
 }
 

@@ -223,14 +223,17 @@ impl App {
 
         let hbone_addr = match cfg.role {
             Role::Waypoint => {
-                let hbone = TcpListener::bind(cfg.hbone_addr)
-                    .await
-                    .map_err(|e| start_err(format!("bind {}", cfg.hbone_addr), e))?;
-                let addr = hbone
-                    .local_addr()
-                    .map_err(|e| start_err("HBONE listener", e))?;
-                tokio::spawn(waypoint.clone().serve(hbone));
-                Some(addr)
+                // Both families, as the ztunnel's pod listeners: a
+                // dual-stack client's ztunnel dials its IPv6 address.
+                let mut addr = None;
+                for l in listeners(cfg.hbone_addr)
+                    .map_err(|e| start_err(format!("bind {}", cfg.hbone_addr), e))?
+                {
+                    let a = l.local_addr().map_err(|e| start_err("HBONE listener", e))?;
+                    addr.get_or_insert(a);
+                    tokio::spawn(waypoint.clone().serve(l));
+                }
+                addr
             }
             Role::Ingress => {
                 tokio::spawn(ingress_ports(waypoint.clone(), stop.clone()));
@@ -310,11 +313,13 @@ async fn ingress_ports(wp: Arc<Waypoint>, stop: CancellationToken) {
                 continue;
             }
             let addr = SocketAddr::new(wp.cfg.ingress_bind, *port);
-            match TcpListener::bind(addr).await {
-                Ok(l) => {
-                    info!(%addr, "ingress port open");
+            match listeners(addr) {
+                Ok(ls) => {
+                    info!(%addr, families = ls.len(), "ingress port open");
                     let token = stop.child_token();
-                    tokio::spawn(wp.clone().serve_ingress(l, *port, token.clone()));
+                    for l in ls {
+                        tokio::spawn(wp.clone().serve_ingress(l, *port, token.clone()));
+                    }
                     open.insert(*port, token);
                 }
                 Err(e) => {
@@ -347,4 +352,13 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
         .map_err(|e| start_err("SIGTERM handler", e))?;
     app.shutdown().await;
     Ok(())
+}
+
+/// The accepting sockets for `addr`: on the IPv4 wildcard, one per family
+/// (`mesh_core::shards::bind_both_families`).
+fn listeners(addr: SocketAddr) -> std::io::Result<Vec<TcpListener>> {
+    mesh_core::shards::bind_both_families(addr)?
+        .into_iter()
+        .map(TcpListener::from_std)
+        .collect()
 }

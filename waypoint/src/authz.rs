@@ -8,6 +8,9 @@ use std::net::IpAddr;
 use std::sync::Arc;
 
 use http::{HeaderMap, HeaderName};
+use mesh_core::identity::Identity;
+use mesh_core::state::policy::side_holds;
+use mesh_core::state::{Snapshot, Workload};
 use mesh_proto::mesh::waypoint as pb;
 
 /// Istio's string glob: "abc" exact, "abc*" prefix, "*abc" suffix, "*" any
@@ -85,11 +88,23 @@ impl Cidr {
             Some(l) => l.parse::<u8>().ok().filter(|l| *l <= max)?,
             None => max,
         };
+        // A block written v4-mapped is the IPv4 block it names.
+        if let IpAddr::V6(v6) = addr
+            && len >= 96
+            && let Some(v4) = v6.to_ipv4_mapped()
+        {
+            return Some(Cidr {
+                addr: IpAddr::V4(v4),
+                len: len - 96,
+            });
+        }
         Some(Cidr { addr, len })
     }
 
+    /// An address is matched as the family it really is (v4-mapped is
+    /// IPv4); a block holds no address of the other family.
     fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
+        match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(n), IpAddr::V4(i)) => {
                 let mask = u32::MAX.checked_shl(32 - u32::from(self.len)).unwrap_or(0);
                 u32::from(n) & mask == u32::from(i) & mask
@@ -229,6 +244,9 @@ pub struct RequestAttrs<'a> {
     pub principal: Option<&'a str>,
     pub namespace: Option<&'a str>,
     pub source_ip: IpAddr,
+    /// Every address of the workload the source is attributed to (empty
+    /// when none is; see `mesh_core::state::decide::attributed`).
+    pub source_addrs: &'a [IpAddr],
     pub host: &'a str,
     pub port: u16,
     pub method: &'a str,
@@ -267,8 +285,21 @@ fn none<T>(v: &[T], f: impl Fn(&T) -> bool) -> bool {
     !v.iter().any(f)
 }
 
+/// Whether a source block field holds, leaning to denying over the
+/// source's address and its workload's (`side_holds`).
+fn source_holds(blocks: &[Cidr], not: bool, r: &RequestAttrs<'_>, deny: bool) -> bool {
+    blocks.is_empty()
+        || side_holds(
+            |a| blocks.iter().any(|c| c.contains(a)),
+            not,
+            r.source_ip,
+            r.source_addrs,
+            deny,
+        )
+}
+
 impl Source {
-    fn matches(&self, r: &RequestAttrs<'_>) -> bool {
+    fn matches(&self, r: &RequestAttrs<'_>, deny: bool) -> bool {
         let p = r.principal.unwrap_or("");
         let ns = r.namespace.unwrap_or("");
         // A field that names identities never matches a caller without one.
@@ -278,8 +309,8 @@ impl Source {
             && (self.namespaces.is_empty()
                 || (r.namespace.is_some() && self.namespaces.iter().any(|g| g.matches(ns))))
             && none(&self.not_namespaces, |g| g.matches(ns))
-            && any_or_empty(&self.ip_blocks, |c| c.contains(r.source_ip))
-            && none(&self.not_ip_blocks, |c| c.contains(r.source_ip))
+            && source_holds(&self.ip_blocks, false, r, deny)
+            && source_holds(&self.not_ip_blocks, true, r, deny)
     }
 }
 
@@ -361,6 +392,20 @@ impl Condition {
             }
             g.matches(v)
         };
+        if is_ip {
+            // Every address of the source, leaning to denying, as blocks.
+            let side = |gs: &[Glob], not: bool| {
+                gs.is_empty()
+                    || side_holds(
+                        |a| gs.iter().any(|g| m(g, &a.to_string())),
+                        not,
+                        r.source_ip,
+                        r.source_addrs,
+                        deny,
+                    )
+            };
+            return side(&self.values, false) && side(&self.not_values, true);
+        }
         let holds = |v: &str| {
             (self.values.is_empty() || self.values.iter().any(|g| m(g, v)))
                 && !self.not_values.iter().any(|g| m(g, v))
@@ -381,7 +426,7 @@ impl Condition {
 
 impl Rule {
     fn matches(&self, r: &RequestAttrs<'_>, deny: bool) -> bool {
-        any_or_empty(&self.from, |s| s.matches(r))
+        any_or_empty(&self.from, |s| s.matches(r, deny))
             && any_or_empty(&self.to, |o| o.matches(r, deny))
             && self.when.iter().all(|c| c.matches(r, deny))
     }
@@ -503,10 +548,23 @@ pub fn evaluate(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
     evaluate_checked(policies, r)
 }
 
+/// Why a request from `source` is refused before any policy, CUSTOM
+/// included (its provider is never asked): an address that names no
+/// workload and may be anyone on its link, as the ztunnel refuses it.
+/// None: the policies decide.
+pub fn refused_before_policy(source: IpAddr) -> Option<String> {
+    (!mesh_core::state::decide::attributable_peer(source)).then(|| {
+        format!("source {source} is not a routable address (link-local, unspecified or multicast)")
+    })
+}
+
 /// DENY, then ALLOW policies, for a request whose CUSTOM policies' providers
 /// have allowed it (CUSTOM policies are not ALLOW policies). Dry-run
 /// policies are logged when they match, never enforced.
 pub fn evaluate_checked(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
+    if let Some(why) = refused_before_policy(r.source_ip) {
+        return Decision::Denied(why);
+    }
     for p in policies.iter().filter(|p| p.dry_run && p.matches(r)) {
         tracing::info!(policy = %p.name, action = ?p.action, path = %r.path, "dry-run policy matched (not enforced)");
     }
@@ -524,9 +582,148 @@ pub fn evaluate_checked(policies: &[Policy], r: &RequestAttrs<'_>) -> Decision {
     }
 }
 
+/// The workload a peer is attributed to (by its address in the state,
+/// never by a header) and the addresses its IP blocks are judged on
+/// (`decide::attributed`): the waypoint's one attribution, on its HBONE
+/// and ingress paths.
+pub fn attribute_source(
+    snap: &Snapshot,
+    network: &str,
+    peer: IpAddr,
+    identity: Option<&Identity>,
+) -> (Option<Arc<Workload>>, Vec<IpAddr>) {
+    (
+        snap.workload_by_ip(network, peer).cloned(),
+        mesh_core::state::decide::attributed(snap, network, peer, identity).to_vec(),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ip_blocks_see_a_v4_mapped_address_as_ipv4() {
+        let c = |s: &str| Cidr::parse(s).expect("cidr");
+        let ip = |s: &str| s.parse::<IpAddr>().expect("ip");
+        assert!(c("10.0.0.0/8").contains(ip("::ffff:10.1.2.3")));
+        assert!(!c("::/0").contains(ip("::ffff:10.1.2.3")));
+        assert!(!c("::/0").contains(ip("10.1.2.3")));
+        assert!(c("::ffff:10.0.0.0/104").contains(ip("10.1.2.3")));
+        assert!(!c("::ffff:10.0.0.0/104").contains(ip("11.1.2.3")));
+        assert!(c("fd00::/8").contains(ip("fd00:10:101:1::10")));
+    }
+
+    #[test]
+    fn ip_blocks_hold_for_every_address_of_the_source_where_they_deny() {
+        // The client is 10.1.2.3 and fd00:1::3 and comes from its IPv6
+        // address.
+        let h = HeaderMap::new();
+        let both: Vec<IpAddr> = vec![
+            "10.1.2.3".parse().expect("ip"),
+            "fd00:1::3".parse().expect("ip"),
+        ];
+        let mut a = attrs("GET", "/", &h);
+        a.source_ip = "fd00:1::3".parse().expect("ip");
+        a.source_addrs = &both;
+        let rule = |blocks: Vec<String>, not: bool| pb::PolicyRule {
+            from: vec![pb::PolicySource {
+                ip_blocks: if not { vec![] } else { blocks.clone() },
+                not_ip_blocks: if not { blocks } else { vec![] },
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let v4 = || vec!["10.1.0.0/16".to_string()];
+        let deny = policy("shop/deny", pb::PolicyAction::Deny, vec![rule(v4(), false)]);
+        assert!(!evaluate(std::slice::from_ref(&deny), &a).is_allowed());
+        let allow = policy(
+            "shop/allow",
+            pb::PolicyAction::Allow,
+            vec![rule(v4(), false)],
+        );
+        assert!(!evaluate(std::slice::from_ref(&allow), &a).is_allowed());
+        let not = policy("shop/not", pb::PolicyAction::Allow, vec![rule(v4(), true)]);
+        assert!(!evaluate(std::slice::from_ref(&not), &a).is_allowed());
+        // With no workload to attribute it to, the address alone counts.
+        a.source_addrs = &[];
+        assert!(evaluate(std::slice::from_ref(&deny), &a).is_allowed());
+        assert!(evaluate(&[not], &a).is_allowed());
+    }
+
+    /// The client is 10.1.2.3 and fd00:1::3. A DENY's blocks (and
+    /// `source.ip`/`remote.ip` values) match if any of its addresses is
+    /// inside, its `not` forms if any is outside; an ALLOW's look at the
+    /// connection's address alone, its `not` forms hold only if no address
+    /// is inside.
+    /// A policy of an action on a list of blocks (or their `not` form).
+    type MakePolicy = dyn Fn(pb::PolicyAction, &[&str], bool) -> Policy;
+
+    #[test]
+    fn ip_blocks_and_ip_conditions_lean_to_denying() {
+        use pb::PolicyAction::{Allow, Deny};
+        let h = HeaderMap::new();
+        let both: Vec<IpAddr> = vec![
+            "10.1.2.3".parse().expect("ip"),
+            "fd00:1::3".parse().expect("ip"),
+        ];
+        let from = |action, blocks: &[&str], not: bool| {
+            let v: Vec<String> = blocks.iter().map(|b| b.to_string()).collect();
+            policy(
+                "shop/ip",
+                action,
+                vec![pb::PolicyRule {
+                    from: vec![pb::PolicySource {
+                        ip_blocks: if not { vec![] } else { v.clone() },
+                        not_ip_blocks: if not { v } else { vec![] },
+                        ..Default::default()
+                    }],
+                    ..Default::default()
+                }],
+            )
+        };
+        let cond = |action, key: &str, blocks: &[&str], not: bool| {
+            if not {
+                when(action, key, &[], blocks)
+            } else {
+                when(action, key, blocks, &[])
+            }
+        };
+        let v4 = ["10.1.0.0/16"];
+        let all = ["10.1.0.0/16", "fd00:1::/64"];
+        let other = ["fd00:9::/64"];
+        // Each from either address of the client.
+        for peer in ["fd00:1::3", "10.1.2.3"] {
+            let mut a = attrs("GET", "/", &h);
+            a.source_ip = peer.parse().expect("ip");
+            a.source_addrs = &both;
+            let ok = |p: Policy| evaluate(&[p], &a).is_allowed();
+            let peer_v4 = peer == "10.1.2.3";
+            let mut judged: Vec<(String, Box<MakePolicy>)> = vec![("from".into(), Box::new(from))];
+            for key in ["source.ip", "remote.ip"] {
+                judged.push((
+                    key.into(),
+                    Box::new(move |ac, b: &[&str], n| cond(ac, key, b, n)),
+                ));
+            }
+            for (what, p) in &judged {
+                let at = format!("{what} from {peer}");
+                // DENY: any address inside; any address outside.
+                assert!(!ok(p(Deny, &v4, false)), "{at}: DENY in");
+                assert!(!ok(p(Deny, &v4, true)), "{at}: DENY not in");
+                assert!(ok(p(Deny, &all, true)), "{at}: DENY not in, all inside");
+                assert!(ok(p(Deny, &other, false)), "{at}: DENY in, none inside");
+                // ALLOW: the connection's address; no address inside.
+                assert_eq!(ok(p(Allow, &v4, false)), peer_v4, "{at}: ALLOW in");
+                assert!(ok(p(Allow, &all, false)), "{at}: ALLOW in, both");
+                assert!(!ok(p(Allow, &v4, true)), "{at}: ALLOW not in");
+                assert!(
+                    ok(p(Allow, &other, true)),
+                    "{at}: ALLOW not in, none inside"
+                );
+            }
+        }
+    }
 
     fn attrs<'a>(method: &'a str, path: &'a str, h: &'a HeaderMap) -> RequestAttrs<'a> {
         RequestAttrs {
@@ -534,6 +731,7 @@ mod tests {
             principal: Some("cluster.local/ns/shop/sa/client"),
             namespace: Some("shop"),
             source_ip: "10.1.2.3".parse().expect("ip"),
+            source_addrs: &[],
             host: "orders.shop.svc.cluster.local:80",
             port: 80,
             method,

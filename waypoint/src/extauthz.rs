@@ -20,7 +20,7 @@
 mod edits;
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -81,6 +81,9 @@ pub struct Subject<'a> {
     /// The HBONE peer's identity; None outside the mesh.
     pub source: Option<&'a Identity>,
     pub source_addr: SocketAddr,
+    /// Every address of the source's workload, when the peer's identity
+    /// owns the workload its address belongs to.
+    pub source_addrs: &'a [IpAddr],
     /// The service address the peer connected to.
     pub destination_addr: SocketAddr,
     /// The waypoint's own identity: the destination principal.
@@ -114,6 +117,17 @@ impl ResponseEdits {
 pub enum Verdict {
     Allowed(ResponseEdits),
     Denied(Denial),
+}
+
+/// A refusal by the mesh's own rules (not a provider's).
+fn rbac_denial(detail: String, body: &'static [u8]) -> Denial {
+    Denial {
+        status: StatusCode::FORBIDDEN,
+        headers: HeaderMap::new(),
+        body: Bytes::from_static(body),
+        flag: Flag::RBAC,
+        detail,
+    }
 }
 
 /// What a provider answered.
@@ -307,6 +321,7 @@ fn attrs<'a>(s: &'a Subject<'_>, parts: &'a Parts) -> RequestAttrs<'a> {
         principal: s.source.map(|i| i.principal()),
         namespace: s.source.map(|i| i.namespace()),
         source_ip: s.source_addr.ip(),
+        source_addrs: s.source_addrs,
         host: s.host,
         port: s.destination_addr.port(),
         method: parts.method.as_str(),
@@ -412,6 +427,11 @@ impl ExtAuthz {
         s: &Subject<'_>,
         parts: &mut Parts,
     ) -> Verdict {
+        // A peer refused whatever the policies say is refused before any
+        // provider hears of it.
+        if let Some(detail) = authz::refused_before_policy(s.source_addr.ip()) {
+            return Verdict::Denied(rbac_denial(detail, b"RBAC: access denied\n"));
+        }
         let asked = providers(policies, &attrs(s, parts));
         if !asked.is_empty() && !parts.headers.contains_key("x-request-id") {
             // The provider and the backend see the same request id.
@@ -457,13 +477,7 @@ impl ExtAuthz {
         }
         let decision = authz::evaluate_checked(policies, &attrs(s, parts));
         if !decision.is_allowed() {
-            return Verdict::Denied(Denial {
-                status: StatusCode::FORBIDDEN,
-                headers: HeaderMap::new(),
-                body: Bytes::from_static(b"RBAC: access denied\n"),
-                flag: Flag::RBAC,
-                detail: decision.to_string(),
-            });
+            return Verdict::Denied(rbac_denial(decision.to_string(), b"RBAC: access denied\n"));
         }
         Verdict::Allowed(ResponseEdits(response))
     }
@@ -477,12 +491,16 @@ impl ExtAuthz {
             principal: s.source.map(|i| i.principal()),
             namespace: s.source.map(|i| i.namespace()),
             source_ip: s.source_addr.ip(),
+            source_addrs: s.source_addrs,
             host: "",
             port: s.destination_addr.port(),
             method: "",
             path: "",
             headers: &headers,
         };
+        if let Some(detail) = authz::refused_before_policy(a.source_ip) {
+            return Err(rbac_denial(detail, b""));
+        }
         for (policy, p) in providers(policies, &a) {
             let error = match self.ask(&p, check_request(s, None)).await {
                 Answer::Allowed(_) => {
@@ -502,13 +520,7 @@ impl ExtAuthz {
         let decision = authz::evaluate_checked(policies, &a);
         match decision.is_allowed() {
             true => Ok(()),
-            false => Err(Denial {
-                status: StatusCode::FORBIDDEN,
-                headers: HeaderMap::new(),
-                body: Bytes::new(),
-                flag: Flag::RBAC,
-                detail: decision.to_string(),
-            }),
+            false => Err(rbac_denial(decision.to_string(), b"")),
         }
     }
 }

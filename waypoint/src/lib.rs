@@ -7,7 +7,7 @@
 //! each request into the mesh the same way.
 //!
 //! Layering (a module only uses those listed before it):
-//! `normalize` -> `config` -> `idle` -> `proxy_metrics` -> `authz` -> `ratelimit` -> `routes` ->
+//! `loglimit` -> `normalize` -> `config` -> `idle` -> `proxy_metrics` -> `authz` -> `ratelimit` -> `routes` ->
 //! `telemetry` -> `extauthz` -> `ingress` -> `attach` -> `lb` -> `reqbody` -> `batch` -> `upstream`
 //! -> `body` -> `h1guard` -> `proxy` -> `sink` -> `app`.
 //!
@@ -55,6 +55,7 @@ pub mod h1guard;
 pub mod idle;
 pub mod ingress;
 pub mod lb;
+pub mod loglimit;
 pub mod normalize;
 pub mod proxy;
 pub mod proxy_metrics;

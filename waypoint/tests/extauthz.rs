@@ -223,6 +223,7 @@ fn subject(ids: &Ids) -> Subject<'_> {
     Subject {
         source: Some(&ids.client),
         source_addr: "10.1.0.5:40000".parse().expect("addr"),
+        source_addrs: &[],
         destination_addr: "10.96.0.3:80".parse().expect("addr"),
         waypoint: &ids.waypoint,
         host: "reviews.shop.svc.cluster.local",
@@ -446,4 +447,42 @@ async fn opaque_tcp_is_checked_without_http_attributes() {
         .expect_err("denied")
         .detail;
     assert!(err.contains("denied"), "{err}");
+}
+
+/// A peer whose address names no workload (link-local, unspecified,
+/// multicast) is refused before any CUSTOM provider is asked: the
+/// provider never sees a request that must be refused anyway. Failed
+/// first: the provider was asked (one call), then the request refused.
+#[tokio::test]
+async fn an_unattributable_peer_is_refused_before_any_provider_is_asked() {
+    let s = serve(Mode::Allow).await;
+    let (ext, checks) = ext_authz();
+    let ids = ids();
+    let policies = [custom(provider(&s.addr.to_string(), 5_000, false, 0))];
+    for addr in ["[fe80::1]:40000", "169.254.1.1:40000", "0.0.0.0:40000"] {
+        let mut sub = subject(&ids);
+        sub.source_addr = addr.parse().expect("addr");
+        let mut p = parts("/admin/users");
+        let v = ext.authorize_http(&policies, &sub, &mut p).await;
+        let Verdict::Denied(d) = v else {
+            panic!("{addr}: not refused: {v:?}");
+        };
+        assert!(d.detail.contains("not a routable address"), "{}", d.detail);
+        let err = ext
+            .authorize_tcp(&policies, &sub)
+            .await
+            .expect_err("refused");
+        assert!(
+            err.detail.contains("not a routable address"),
+            "{}",
+            err.detail
+        );
+        assert_eq!(s.calls.load(Ordering::SeqCst), 0, "{addr}: provider asked");
+    }
+    assert_eq!(count(&checks, "allowed"), 0);
+    // An attributable peer still reaches the provider.
+    let mut p = parts("/admin/users");
+    let v = ext.authorize_http(&policies, &subject(&ids), &mut p).await;
+    assert!(matches!(v, Verdict::Allowed(_)), "{v:?}");
+    assert_eq!(s.calls.load(Ordering::SeqCst), 1);
 }

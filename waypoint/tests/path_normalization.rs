@@ -161,6 +161,7 @@ fn allowed(policy: &Policy, path: &str, headers: &HeaderMap) -> bool {
             principal: Some("cluster.local/ns/shop/sa/client"),
             namespace: Some("shop"),
             source_ip: std::net::IpAddr::from([10, 1, 2, 3]),
+            source_addrs: &[],
             host: "vault.shop.svc.cluster.local",
             port: 80,
             method: "GET",

@@ -14,7 +14,7 @@
 //! each pod).
 
 use std::collections::{HashMap, HashSet};
-use std::net::{Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -50,7 +50,7 @@ enum PodError {
     NoNetns,
     #[error("reading the pod's addresses: {0}")]
     Addresses(#[source] std::io::Error),
-    #[error("the pod has no IPv4 address to bind its inbound listeners at")]
+    #[error("the pod has no address to bind its inbound listeners at")]
     NoAddress,
     #[error("draining: this ztunnel takes no new pod")]
     Draining,
@@ -70,19 +70,12 @@ impl PodError {
     }
 }
 
-/// The pod's own IPv4 addresses, where its inbound listeners are bound.
-/// None readable is an error, never the wildcard: a process of the pod
-/// could bind a more specific address and take every connection.
-fn pod_addresses(netns: &Netns) -> Result<Vec<Ipv4Addr>, PodError> {
-    let own: Vec<Ipv4Addr> = netns
-        .addresses()
-        .map_err(PodError::Addresses)?
-        .into_iter()
-        .filter_map(|a| match a {
-            std::net::IpAddr::V4(v) => Some(v),
-            std::net::IpAddr::V6(_) => None,
-        })
-        .collect();
+/// The pod's own addresses, IPv4 and IPv6 (link-local and loopback left
+/// out), where its inbound listeners are bound. None readable is an error,
+/// never the wildcard: a process of the pod could bind a more specific
+/// address and take every connection.
+fn pod_addresses(netns: &Netns) -> Result<Vec<IpAddr>, PodError> {
+    let own = netns.addresses().map_err(PodError::Addresses)?;
     if own.is_empty() {
         return Err(PodError::NoAddress);
     }
@@ -205,34 +198,34 @@ impl InPod {
         }
         self.del(uid);
         // At the addresses the redirects land on, never a wildcard: the
-        // output chain's REDIRECT goes to loopback, the prerouting one (and
-        // HBONE peers) to the pod's own address; so a process of the pod
-        // finds no more specific address to bind and take every connection.
+        // output chain's REDIRECT goes to each family's loopback, the
+        // prerouting one (and HBONE peers) to the pod's own addresses; so a
+        // process of the pod finds no more specific address to bind and
+        // take every connection, in either family.
         let own = pod_addresses(&netns)?;
-        // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053).
+        // The DNS proxy, when on, listens in the pod too (UDP and TCP 15053,
+        // on each family's loopback, of SO_REUSEPORT sets).
         let dns = match &self.dns {
             Some(d) => {
-                let (udp, tcp) = netns
-                    .run(|| {
-                        // Loopback, where an output-chain REDIRECT lands: a
-                        // wildcard-bound UDP socket would answer from the pod's
-                        // address, which the NAT entry does not expect. Of
-                        // SO_REUSEPORT sets, as the TCP listeners below.
-                        let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, crate::config::DNS_PORT));
-                        let u = mesh_core::listen::shared_udp(addr)?;
-                        let t = mesh_core::listen::shared_tcp(addr)?;
-                        Ok::<_, std::io::Error>((u, t))
-                    })
+                let pairs = netns
+                    .run(crate::dual_stack::dns_sockets)
                     .and_then(|r| r)
                     .map_err(PodError::Dns)?;
-                let udp = tokio::net::UdpSocket::from_std(udp)?;
-                let tcp = TcpListener::from_std(tcp)?;
-                Some((d.clone(), udp, tcp))
+                let pairs = pairs
+                    .into_iter()
+                    .map(|(u, t)| {
+                        Ok::<_, std::io::Error>((
+                            tokio::net::UdpSocket::from_std(u)?,
+                            TcpListener::from_std(t)?,
+                        ))
+                    })
+                    .collect::<Result<Vec<_>, _>>()?;
+                Some((d.clone(), pairs))
             }
             None => None,
         };
         let stop = CancellationToken::new();
-        if let Some((d, udp, tcp)) = dns {
+        if let Some((d, pairs)) = dns {
             let s = stop.clone();
             // Closed with the TCP listeners when the drain starts.
             let draining = self.proxy.draining.clone();
@@ -241,16 +234,16 @@ impl InPod {
                 tokio::select! {
                     _ = s.cancelled() => {}
                     _ = draining.cancelled() => {}
-                    _ = d.serve(pod, udp, tcp) => {}
+                    _ = d.serve_all(pod, pairs) => {}
                 }
             });
         }
         // Each listener once per shard; all of them end with the pod.
         let shards = mesh_core::shards::current();
-        let serve = |ip: Ipv4Addr, port: u16, f: Serve| {
+        let serve = |addr: SocketAddr, f: Serve| {
             let (p, s) = (self.proxy.clone(), stop.clone());
-            shards
-                .serve_each(SocketAddr::from((ip, port)), Some(&netns), move |l| {
+            let port = addr.port();
+            let bound = shards.serve_each(addr, Some(&netns), move |l| {
                     let (p, s, f) = (p.clone(), s.clone(), f.clone());
                     async move {
                         tokio::select! {
@@ -258,8 +251,8 @@ impl InPod {
                             _ = f(p, l) => {}
                         }
                     }
-                })
-                .map_err(|source| PodError::Listen { port, source })
+            });
+            crate::dual_stack::bound(addr, bound).map_err(|source| PodError::Listen { port, source })
         };
         // The outbound listener knows its pod: the source of what it
         // accepts is that pod, never whoever owns the peer address.
@@ -272,17 +265,17 @@ impl InPod {
         let plain: Serve =
             Arc::new(move |p, l| Box::pin(inbound_plain::serve(p, l, None, Some(dest.clone()))));
         let hbone: Serve = Arc::new(|p, l| Box::pin(inbound::serve(p, l)));
-        let served = serve(
-            Ipv4Addr::LOCALHOST,
-            OUTBOUND_PORT,
-            Arc::new(move |p, l| Box::pin(outbound::serve_captured(p, l, pod.clone()))),
-        )
-        .and_then(|_| {
-            own.iter().try_for_each(|ip| {
-                serve(*ip, INBOUND_PLAINTEXT_PORT, plain.clone())?;
-                serve(*ip, HBONE_PORT, hbone.clone()).map(|_| ())
-            })
-        });
+        let out: Serve =
+            Arc::new(move |p, l| Box::pin(outbound::serve_captured(p, l, pod.clone())));
+        let served = crate::dual_stack::loopbacks(OUTBOUND_PORT)
+            .into_iter()
+            .try_for_each(|a| serve(a, out.clone()))
+            .and_then(|_| {
+                own.iter().try_for_each(|ip| {
+                    serve(SocketAddr::new(*ip, INBOUND_PLAINTEXT_PORT), plain.clone())?;
+                    serve(SocketAddr::new(*ip, HBONE_PORT), hbone.clone())
+                })
+            });
         if let Err(e) = served {
             // Whatever was bound closes with the token.
             stop.cancel();

@@ -124,15 +124,24 @@ fn upstream_answer(query: &Message, udp: bool) -> Message {
 }
 
 async fn upstream() -> Upstream {
-    let log = Arc::new(Mutex::new(Vec::new()));
+    upstream_on("127.0.0.1").await
+}
+
+/// UDP and TCP on one port of `ip`.
+async fn pair_on(ip: &str) -> (UdpSocket, TcpListener) {
     // UDP first, then TCP on the same port (retry on the rare clash).
-    let (udp, tcp) = loop {
-        let udp = UdpSocket::bind("127.0.0.1:0").await.expect("udp");
+    loop {
+        let udp = UdpSocket::bind((ip, 0)).await.expect("udp");
         let port = udp.local_addr().expect("addr").port();
-        if let Ok(tcp) = TcpListener::bind(("127.0.0.1", port)).await {
+        if let Ok(tcp) = TcpListener::bind((ip, port)).await {
             break (udp, tcp);
         }
-    };
+    }
+}
+
+async fn upstream_on(ip: &str) -> Upstream {
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let (udp, tcp) = pair_on(ip).await;
     let addr = udp.local_addr().expect("addr");
     let l = log.clone();
     tokio::spawn(async move {
@@ -214,7 +223,12 @@ fn query(name: &str, qtype: RecordType, edns: bool) -> Message {
 }
 
 async fn ask_udp(server: SocketAddr, q: &Message) -> Message {
-    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+    let local = if server.is_ipv6() {
+        "[::1]:0"
+    } else {
+        "127.0.0.1:0"
+    };
+    let sock = UdpSocket::bind(local).await.expect("client");
     sock.send_to(&q.to_vec().expect("encode"), server)
         .await
         .expect("send");
@@ -721,4 +735,116 @@ async fn a_tcp_client_that_never_reads_is_cut_off() {
     .await;
     assert_eq!(ips(&r), vec![ip("10.2.0.5")]);
     writer.abort();
+}
+
+/// A pod asking over IPv6 (the proxy's `[::1]` pair beside its IPv4 one,
+/// as in a pod) is answered, from the mesh and by an IPv6 upstream.
+#[tokio::test]
+async fn pods_ask_over_ipv6_and_ipv6_upstreams_answer() {
+    // Never a silent pass: a machine without IPv6 loopback must say so.
+    if let Err(e) = std::net::UdpSocket::bind("[::1]:0") {
+        assert!(
+            std::env::var_os("MESH_TEST_NO_IPV6").is_some(),
+            "no IPv6 loopback here ({e}): set MESH_TEST_NO_IPV6=1 to skip knowingly"
+        );
+        eprintln!("SKIPPED: no IPv6 loopback here and MESH_TEST_NO_IPV6 is set");
+        return;
+    }
+    let up = upstream_on("::1").await;
+    assert!(up.addr.is_ipv6());
+    let dns = DnsProxy::new(
+        state(""),
+        "cluster.local",
+        &[up.addr],
+        DnsMetrics::default(),
+        Limits::default(),
+    );
+    let (v4, v6) = (pair_on("127.0.0.1").await, pair_on("::1").await);
+    let (a4, a6) = (
+        v4.0.local_addr().expect("addr"),
+        v6.0.local_addr().expect("addr"),
+    );
+    tokio::spawn(dns.serve_all("shop/test".into(), vec![v4, v6]));
+    for server in [a6, a4] {
+        let r = ask_udp(
+            server,
+            &query("web.shop.svc.cluster.local.", RecordType::A, false),
+        )
+        .await;
+        assert!(r.metadata.authoritative, "{server}: the mesh's answer");
+        let r = ask_udp(server, &query("one.example.", RecordType::A, false)).await;
+        assert!(!r.metadata.authoritative, "{server}: forwarded");
+        assert!(!ips(&r).is_empty(), "{server}: the upstream's answer");
+    }
+    let log = up.log.lock().expect("log").clone();
+    assert!(log.iter().any(|l| l == "udp one.example."), "{log:?}");
+}
+
+/// A pod's DNS sockets in both families share its limits: its TCP
+/// connections and UDP queries in flight are bounded across the pairs, not
+/// per socket (two families would double them). Failed first: the second
+/// pair took a connection and a query of its own.
+#[tokio::test]
+async fn a_pods_limits_are_shared_by_its_socket_pairs() {
+    let up = upstream().await;
+    let limits = Limits {
+        udp_in_flight: 1,
+        tcp_connections: 1,
+        tcp_idle: Duration::from_secs(5),
+        ..Limits::default()
+    };
+    let metrics = DnsMetrics::default();
+    let dns = DnsProxy::new(
+        state(""),
+        "cluster.local",
+        &[up.addr],
+        metrics.clone(),
+        limits,
+    );
+    // Two pairs on IPv4 loopback stand for the pod's two families.
+    let (a, b) = (pair_on("127.0.0.1").await, pair_on("127.0.0.1").await);
+    let (aa, ba) = (
+        a.0.local_addr().expect("addr"),
+        b.0.local_addr().expect("addr"),
+    );
+    tokio::spawn(dns.serve_all("shop/test".into(), vec![a, b]));
+    // TCP: the pod's one connection is held on the first pair; one on the
+    // second is closed.
+    let _held = TcpStream::connect(aa).await.expect("connect");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut second = TcpStream::connect(ba).await.expect("connect");
+    let mut byte = [0u8; 1];
+    let n = tokio::time::timeout(Duration::from_secs(2), second.read(&mut byte))
+        .await
+        .map(|r| r.unwrap_or(0))
+        .unwrap_or(1);
+    assert_eq!(n, 0, "the second pair took a TCP connection of its own");
+    // UDP: a slow query in flight through the first pair; one through the
+    // second at once is dropped.
+    let sock = UdpSocket::bind("127.0.0.1:0").await.expect("client");
+    for (name, to) in [("slow.example.", aa), ("one.example.", ba)] {
+        let q = query(name, RecordType::A, false);
+        sock.send_to(&q.to_vec().expect("encode"), to)
+            .await
+            .expect("send");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut buf = vec![0u8; 4096];
+    let mut answered = Vec::new();
+    while let Ok(Ok(n)) =
+        tokio::time::timeout(Duration::from_millis(2500), sock.recv(&mut buf)).await
+    {
+        let r = Message::from_vec(&buf[..n]).expect("parses");
+        answered.push(r.queries[0].name().to_ascii());
+    }
+    assert_eq!(
+        answered,
+        vec!["slow.example.".to_string()],
+        "only the first query in flight"
+    );
+    assert_eq!(
+        metrics.dropped.get(),
+        2,
+        "one TCP connection and one UDP query dropped"
+    );
 }

@@ -65,8 +65,26 @@ pub struct Cidr {
 }
 
 impl Cidr {
+    /// A block, in canonical form: one written in the v4-mapped IPv6 range
+    /// (`::ffff:10.0.0.0/104`) is the IPv4 block it names (`10.0.0.0/8`).
+    pub fn new(addr: IpAddr, len: u8) -> Cidr {
+        match addr {
+            IpAddr::V6(v6) if len >= 96 => match v6.to_ipv4_mapped() {
+                Some(v4) => Cidr {
+                    addr: IpAddr::V4(v4),
+                    len: len - 96,
+                },
+                None => Cidr { addr, len },
+            },
+            _ => Cidr { addr, len },
+        }
+    }
+
+    /// Whether `ip` is in the block. An address is taken as the family it
+    /// really is (a v4-mapped IPv6 address is IPv4), and a block of one
+    /// family holds no address of the other.
     pub fn contains(&self, ip: IpAddr) -> bool {
-        match (self.addr, ip) {
+        match (self.addr, ip.to_canonical()) {
             (IpAddr::V4(net), IpAddr::V4(ip)) => {
                 let mask = u32::MAX.checked_shl(32 - self.len as u32).unwrap_or(0);
                 u32::from(net) & mask == u32::from(ip) & mask
@@ -120,6 +138,49 @@ pub struct Connection<'a> {
     pub src_ip: IpAddr,
     pub dst_ip: IpAddr,
     pub dst_port: u16,
+    /// Every address of the workload the source is attributed to (empty
+    /// when none is): blocks are judged on these as well as on `src_ip`
+    /// where that leans to denying ([`blocks_hold`]), so a dual-stack
+    /// workload cannot step round a block of one family by connecting from
+    /// the other.
+    pub src_addrs: &'a [IpAddr],
+    /// The same for the destination workload and `dst_ip`.
+    pub dst_addrs: &'a [IpAddr],
+}
+
+/// Whether an address field holds for one side of a connection (its
+/// address `ip`, its workload's addresses `workload`), leaning to denying:
+/// in a DENY (`deny`) a field holds if any address of the side is `inside`,
+/// a `not` field if any is outside; in an ALLOW a field holds for the
+/// connection's address alone (an IPv4-only ALLOW admits no IPv6), a `not`
+/// field only if no address of the side is inside. The waypoint judges its
+/// `source.ip` conditions by this rule too.
+pub fn side_holds(
+    inside: impl Fn(IpAddr) -> bool,
+    not: bool,
+    ip: IpAddr,
+    workload: &[IpAddr],
+    deny: bool,
+) -> bool {
+    let mut side = std::iter::once(ip).chain(workload.iter().copied());
+    match (deny, not) {
+        (true, false) => side.any(inside),
+        (true, true) => side.any(|a| !inside(a)),
+        (false, false) => inside(ip),
+        (false, true) => !side.any(inside),
+    }
+}
+
+/// [`side_holds`] for a list of blocks; an empty list always holds.
+fn blocks_hold(blocks: &[Cidr], not: bool, ip: IpAddr, workload: &[IpAddr], deny: bool) -> bool {
+    blocks.is_empty()
+        || side_holds(
+            |a| blocks.iter().any(|n| n.contains(a)),
+            not,
+            ip,
+            workload,
+            deny,
+        )
 }
 
 // A field holds when its list is empty or one value matches.
@@ -144,8 +205,9 @@ impl Match {
             && self.not_service_accounts.is_empty()
     }
 
-    /// Whether every populated field holds. An empty match never matches.
-    pub fn matches(&self, c: &Connection<'_>) -> bool {
+    /// Whether every populated field holds, in a policy that denies
+    /// (`deny`) or allows. An empty match never matches.
+    pub fn matches(&self, c: &Connection<'_>, deny: bool) -> bool {
         if self.is_empty() {
             return false;
         }
@@ -159,13 +221,10 @@ impl Match {
             && !self.not_namespaces.iter().any(ns)
             && any_or_empty(&self.principals, pr)
             && !self.not_principals.iter().any(pr)
-            && any_or_empty(&self.source_ips, |n| n.contains(c.src_ip))
-            && !self.not_source_ips.iter().any(|n| n.contains(c.src_ip))
-            && any_or_empty(&self.destination_ips, |n| n.contains(c.dst_ip))
-            && !self
-                .not_destination_ips
-                .iter()
-                .any(|n| n.contains(c.dst_ip))
+            && blocks_hold(&self.source_ips, false, c.src_ip, c.src_addrs, deny)
+            && blocks_hold(&self.not_source_ips, true, c.src_ip, c.src_addrs, deny)
+            && blocks_hold(&self.destination_ips, false, c.dst_ip, c.dst_addrs, deny)
+            && blocks_hold(&self.not_destination_ips, true, c.dst_ip, c.dst_addrs, deny)
             && any_or_empty(&self.destination_ports, |p| *p == c.dst_port)
             && !self.not_destination_ports.contains(&c.dst_port)
     }
@@ -193,9 +252,10 @@ impl Authorization {
     }
 
     pub fn matches(&self, c: &Connection<'_>) -> bool {
+        let deny = self.action == Action::Deny;
         self.rules.iter().any(|rule| {
             rule.iter()
-                .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(c)))
+                .all(|clause| clause.is_empty() || clause.iter().any(|m| m.matches(c, deny)))
         })
     }
 
@@ -319,10 +379,7 @@ fn cidrs(list: &[pb::Address]) -> Result<Vec<Cidr>, FieldError> {
                     addr,
                 });
             }
-            Ok(Cidr {
-                addr,
-                len: a.length as u8,
-            })
+            Ok(Cidr::new(addr, a.length as u8))
         })
         .collect()
 }
@@ -379,6 +436,10 @@ pub enum Decision {
     Denied { policy: String },
     /// ALLOW policies apply and none matched.
     NotAllowed { allow_policies: Vec<String> },
+    /// The peer's address names no workload on any network and may be
+    /// anyone on its link (link-local, unspecified, multicast, broadcast):
+    /// refused before any policy, whose IP blocks would judge it alone.
+    Unattributable { peer: std::net::IpAddr },
 }
 
 impl Decision {
@@ -400,6 +461,10 @@ impl std::fmt::Display for Decision {
                     allow_policies.join(", ")
                 )
             }
+            Decision::Unattributable { peer } => write!(
+                f,
+                "denied: source {peer} is not a routable address (link-local, unspecified or multicast): it names no workload"
+            ),
         }
     }
 }
@@ -454,6 +519,8 @@ mod tests {
             src_ip: "10.0.1.5".parse().unwrap(),
             dst_ip: "10.0.2.9".parse().unwrap(),
             dst_port: port,
+            src_addrs: &[],
+            dst_addrs: &[],
         }
     }
 
@@ -533,7 +600,7 @@ mod tests {
     fn fields_and_their_not_forms() {
         let app: Identity = "spiffe://cluster.local/ns/a/sa/app".parse().unwrap();
         let c = conn(Some(&app), 80);
-        let m = |m: Match| m.matches(&c);
+        let m = |m: Match| m.matches(&c, false);
         assert!(m(Match {
             namespaces: vec![StringMatch::Exact("a".into())],
             ..Default::default()
@@ -571,16 +638,94 @@ mod tests {
                 namespaces: vec![StringMatch::Presence],
                 ..Default::default()
             }
-            .matches(&plain)
+            .matches(&plain, false)
         );
         assert!(
             Match {
                 not_principals: vec![StringMatch::Exact("x".into())],
                 ..Default::default()
             }
-            .matches(&plain)
+            .matches(&plain, false)
         );
         assert!(net("0.0.0.0", 0).contains("1.2.3.4".parse().unwrap()));
         assert!(!net("10.0.0.0", 8).contains("::1".parse().unwrap()));
+    }
+
+    /// IP blocks lean to denying: a DENY's `ipBlocks` match if any address
+    /// of the peer and its workload is inside, its `notIpBlocks` if any is
+    /// outside; an ALLOW's `ipBlocks` look at the connection's address
+    /// alone, its `notIpBlocks` hold only if no address is inside. The same
+    /// for the destination's blocks and addresses.
+    #[test]
+    fn ip_blocks_lean_to_denying_on_every_address_of_a_side() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let net = |s: &str| {
+            let (a, l) = s.split_once('/').unwrap();
+            Cidr::new(a.parse().unwrap(), l.parse().unwrap())
+        };
+        let both = [ip("10.0.1.5"), ip("fd00:1::5")];
+        let dst_both = [ip("10.0.2.9"), ip("fd00:2::9")];
+        let mut c = conn(None, 80);
+        c.src_ip = ip("fd00:1::5");
+        c.dst_ip = ip("fd00:2::9");
+        c.src_addrs = &both;
+        c.dst_addrs = &dst_both;
+        let src = |blocks: &[&str], not: bool| {
+            let v: Vec<Cidr> = blocks.iter().map(|b| net(b)).collect();
+            Match {
+                source_ips: if not { vec![] } else { v.clone() },
+                not_source_ips: if not { v } else { vec![] },
+                ..Default::default()
+            }
+        };
+        let dst = |blocks: &[&str], not: bool| {
+            let v: Vec<Cidr> = blocks.iter().map(|b| net(b)).collect();
+            Match {
+                destination_ips: if not { vec![] } else { v.clone() },
+                not_destination_ips: if not { v } else { vec![] },
+                ..Default::default()
+            }
+        };
+        for (side, m) in [
+            ("from", &src as &dyn Fn(&[&str], bool) -> Match),
+            ("to", &dst),
+        ] {
+            let v4 = ["10.0.0.0/8"];
+            let all = ["10.0.0.0/8", "fd00::/8"];
+            let other = ["fd00:9::/64"];
+            // DENY: inside by any address; outside by any address.
+            assert!(m(&v4, false).matches(&c, true), "{side}: DENY ipBlocks");
+            assert!(m(&v4, true).matches(&c, true), "{side}: DENY notIpBlocks");
+            assert!(
+                !m(&all, true).matches(&c, true),
+                "{side}: DENY notIpBlocks, all inside"
+            );
+            assert!(
+                !m(&other, false).matches(&c, true),
+                "{side}: DENY ipBlocks, none inside"
+            );
+            // ALLOW: the connection's address alone for ipBlocks; no
+            // address inside for notIpBlocks.
+            assert!(!m(&v4, false).matches(&c, false), "{side}: ALLOW ipBlocks");
+            assert!(
+                m(&all, false).matches(&c, false),
+                "{side}: ALLOW ipBlocks v6"
+            );
+            assert!(
+                !m(&v4, true).matches(&c, false),
+                "{side}: ALLOW notIpBlocks"
+            );
+            assert!(
+                m(&other, true).matches(&c, false),
+                "{side}: ALLOW notIpBlocks, none inside"
+            );
+        }
+        // With no workload, the connection's addresses alone.
+        c.src_addrs = &[];
+        c.dst_addrs = &[];
+        assert!(src(&["10.0.0.0/8"], true).matches(&c, true));
+        assert!(!src(&["fd00::/8"], true).matches(&c, true));
+        assert!(src(&["10.0.0.0/8"], true).matches(&c, false));
+        assert!(!dst(&["fd00::/8"], true).matches(&c, true));
     }
 }

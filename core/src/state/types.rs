@@ -133,6 +133,19 @@ pub struct Service {
     pub waypoint: Option<GatewayAddress>,
 }
 
+impl Workload {
+    /// The address to reach this workload at for a connection made to (or
+    /// from) `like`: its first address of the same family, else its first
+    /// address. A dual-stack connection stays in its family.
+    pub fn address_like(&self, like: IpAddr) -> Option<IpAddr> {
+        self.addresses
+            .iter()
+            .find(|a| a.is_ipv4() == like.is_ipv4())
+            .or(self.addresses.first())
+            .copied()
+    }
+}
+
 impl Service {
     /// The xDS key, "namespace/hostname".
     pub fn key(&self) -> String {

@@ -19,6 +19,8 @@ use tokio::net::{TcpListener, TcpStream};
 
 #[path = "labapp/conn.rs"]
 mod conn;
+#[path = "labapp/dns.rs"]
+mod dns;
 #[path = "labapp/echo.rs"]
 mod echo;
 #[path = "labapp/grpc.rs"]
@@ -154,6 +156,14 @@ enum Cmd {
     Send { addr: SocketAddr, text: String },
     /// Resolve a name with the system resolver and print its addresses.
     Resolve { name: String },
+    /// Ask one DNS server (`ip:port`) over UDP for a name's A or AAAA
+    /// records and print the addresses.
+    Dns {
+        server: SocketAddr,
+        name: String,
+        #[arg(default_value = "A")]
+        qtype: String,
+    },
     /// POST with request trailers; print the status, body and response
     /// trailers.
     Trailers(trailers::TrailersArgs),
@@ -182,8 +192,27 @@ enum Cmd {
     },
 }
 
+/// A listener on `port` for both families (the lab is dual-stack): one
+/// IPv6 socket that also takes IPv4, whose peers it shows as v4-mapped
+/// addresses (see [`peer_addr`]).
+pub(crate) fn listen(port: u16) -> std::io::Result<TcpListener> {
+    let s = socket2::Socket::new(socket2::Domain::IPV6, socket2::Type::STREAM, None)?;
+    s.set_only_v6(false)?;
+    s.set_reuse_address(true)?;
+    s.bind(&SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, port)).into())?;
+    s.listen(1024)?;
+    s.set_nonblocking(true)?;
+    TcpListener::from_std(s.into())
+}
+
+/// A peer as its own family: an IPv4 client of a [`listen`] socket is
+/// shown as IPv4, not v4-mapped.
+pub(crate) fn peer_addr(peer: SocketAddr) -> SocketAddr {
+    SocketAddr::new(peer.ip().to_canonical(), peer.port())
+}
+
 async fn tcp_echo(port: u16) -> std::io::Result<()> {
-    let l = TcpListener::bind(("0.0.0.0", port)).await?;
+    let l = listen(port)?;
     loop {
         let (mut s, _) = l.accept().await?;
         tokio::spawn(async move {
@@ -195,7 +224,7 @@ async fn tcp_echo(port: u16) -> std::io::Result<()> {
 }
 
 async fn http_static(port: u16, body_bytes: usize) -> std::io::Result<()> {
-    let l = TcpListener::bind(("0.0.0.0", port)).await?;
+    let l = listen(port)?;
     let body = Bytes::from(vec![b'x'; body_bytes]);
     loop {
         let (s, _) = l.accept().await?;
@@ -685,6 +714,11 @@ async fn main() {
             }
             Err(e) => Err(e.into()),
         },
+        Cmd::Dns {
+            server,
+            name,
+            qtype,
+        } => dns::ask(server, &name, &qtype).await,
         Cmd::Sleep => {
             std::future::pending::<()>().await;
             Ok(())

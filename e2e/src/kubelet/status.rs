@@ -26,6 +26,17 @@ pub struct ContainerView {
     pub waiting: Option<String>,
 }
 
+/// `[{ip}]` and, the lab being dual-stack, its IPv6 twin (in the canonical
+/// form the API server asks for): `podIPs` and `hostIPs` as a dual-stack
+/// cluster's kubelet writes them.
+fn both_families(ip: &str) -> Value {
+    let mut ips = vec![json!({"ip": ip})];
+    if let Some(v6) = crate::lab::ipv6_twin(ip).and_then(|t| t.parse::<std::net::Ipv6Addr>().ok()) {
+        ips.push(json!({"ip": v6.to_string()}));
+    }
+    Value::Array(ips)
+}
+
 /// The status to write: Pending while something is missing (with why),
 /// Running with the pod's addresses once its containers started.
 pub fn pod_status(
@@ -51,7 +62,7 @@ pub fn pod_status(
         .collect();
     let mut status = json!({
         "phase": if waiting.is_none() { "Running" } else { "Pending" },
-        "hostIP": host_ip, "hostIPs": [{"ip": host_ip}],
+        "hostIP": host_ip, "hostIPs": both_families(host_ip),
         "startTime": start_time,
         "conditions": [
             {"type": "PodReadyToStartContainers", "status": flag(waiting.is_none())},
@@ -64,9 +75,34 @@ pub fn pod_status(
     });
     if waiting.is_none() {
         status["podIP"] = json!(ip);
-        status["podIPs"] = json!([{"ip": ip}]);
+        status["podIPs"] = both_families(ip);
     } else if let Some(w) = waiting {
         status["conditions"][2]["message"] = json!(w);
     }
     status
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The lab is dual-stack in kube mode as in folder mode: a running
+    /// pod's podIPs and its node's hostIPs carry the IPv6 twin after the
+    /// IPv4 address (the one podIP and hostIP name).
+    #[test]
+    fn a_running_pod_reports_both_families() {
+        let s = pod_status("10.220.1.5", "10.220.0.1", "t", None, &[]);
+        assert_eq!(s["podIP"], "10.220.1.5");
+        assert_eq!(
+            s["podIPs"],
+            json!([{"ip": "10.220.1.5"}, {"ip": "fd00:10:220:1::5"}])
+        );
+        assert_eq!(
+            s["hostIPs"],
+            json!([{"ip": "10.220.0.1"}, {"ip": "fd00:10:220::1"}])
+        );
+        // Pending: no pod address yet.
+        let p = pod_status("10.220.1.5", "10.220.0.1", "t", Some("no image"), &[]);
+        assert!(p.get("podIPs").is_none());
+    }
 }

@@ -8,7 +8,33 @@ use std::time::Duration;
 #[cfg(doc)]
 use super::TEST_IDS;
 use super::process::{sh, start_time, zombie};
-use super::{Error, Keeper, Lab, LabState, NodeState, Owner, claim};
+use super::{Error, Keeper, Lab, LabState, NodeState, Owner, claim, ipv6_twin, ipv6_twin_net};
+
+/// Gives `dev` in `ns` the IPv6 twin of `v4` (prefix `/64`), usable at once:
+/// no duplicate address detection, which would leave it tentative (and
+/// unbindable) for a second or two.
+pub(crate) fn add_v6(ns: &str, dev: &str, v4: &str) -> Result<(), Error> {
+    let ip = ipv6_twin(v4).ok_or_else(|| format!("{v4} is not an IPv4 address"))?;
+    sh(&[
+        "ip",
+        "-n",
+        ns,
+        "addr",
+        "add",
+        &format!("{ip}/64"),
+        "dev",
+        dev,
+        "nodad",
+    ])
+}
+
+/// In `ns`, routes the IPv6 twin of the `/24` holding `v4_net` via the twin
+/// of `v4_via`.
+fn route_v6(ns: &str, v4_net: &str, v4_via: &str) -> Result<(), Error> {
+    let net = ipv6_twin_net(v4_net).ok_or_else(|| format!("{v4_net} is not IPv4"))?;
+    let via = ipv6_twin(v4_via).ok_or_else(|| format!("{v4_via} is not IPv4"))?;
+    sh(&["ip", "-n", ns, "-6", "route", "add", &net, "via", &via])
+}
 
 fn check_nodes(nodes: usize) -> Result<(), Error> {
     if (1..=20).contains(&nodes) {
@@ -23,6 +49,19 @@ impl Lab {
         sh(&["ip", "netns", "add", name])?;
         self.state.netns.push(name.to_string());
         self.save()?;
+        // Interfaces made here after skip duplicate address detection (their
+        // link-local addresses too): the lab's IPv6 is usable at once.
+        for key in ["all", "default"] {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                name,
+                "sysctl",
+                "-qw",
+                &format!("net.ipv6.conf.{key}.accept_dad=0"),
+            ])?;
+        }
         sh(&["ip", "-n", name, "link", "set", "lo", "up"])
     }
 
@@ -113,6 +152,7 @@ impl Lab {
                 "dev",
                 "eth0",
             ])?;
+            add_v6(ns, "eth0", ip)?;
             sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])
         };
         let ctl = lab.ns_name("ctl");
@@ -134,16 +174,11 @@ impl Lab {
                 "dev",
                 "cbr0",
             ])?;
+            add_v6(&ns, "cbr0", &format!("{net}.{i}.1"))?;
             sh(&["ip", "-n", &ns, "link", "set", "cbr0", "up"])?;
-            sh(&[
-                "ip",
-                "netns",
-                "exec",
-                &ns,
-                "sysctl",
-                "-qw",
-                "net.ipv4.ip_forward=1",
-            ])?;
+            for key in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+                sh(&["ip", "netns", "exec", &ns, "sysctl", "-qw", key])?;
+            }
             lab.state.nodes.push(NodeState {
                 name: format!("node-{i}"),
                 netns: ns,
@@ -166,6 +201,7 @@ impl Lab {
                         "via",
                         &m.ip,
                     ])?;
+                    route_v6(&n.netns, &format!("{net}.{}.0", m.index), &m.ip)?;
                 }
             }
             sh(&[
@@ -178,6 +214,7 @@ impl Lab {
                 "via",
                 &n.ip,
             ])?;
+            route_v6(&ctl, &format!("{net}.{}.0", n.index), &n.ip)?;
         }
         lab.save()
     }

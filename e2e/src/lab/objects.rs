@@ -210,6 +210,13 @@ impl Lab {
                     let mut obj = d.clone();
                     obj["metadata"]["namespace"] = json!(ns);
                     obj["spec"]["clusterIP"] = json!(vip);
+                    // Dual-stack, as a Service with `ipFamilyPolicy:
+                    // PreferDualStack` gets on a dual-stack cluster.
+                    if let Some(vip6) = super::ipv6_twin(&vip) {
+                        obj["spec"]["clusterIPs"] = json!([vip, vip6]);
+                        obj["spec"]["ipFamilies"] = json!(["IPv4", "IPv6"]);
+                        obj["spec"]["ipFamilyPolicy"] = json!("PreferDualStack");
+                    }
                     self.write_object(&format!("service-{ns}-{name}.yaml"), &obj)?;
                     self.state.services.insert(
                         key,

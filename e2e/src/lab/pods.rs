@@ -202,8 +202,9 @@ impl Lab {
     }
 
     /// Plugs a pod's netns into its node's bridge `cbr0` (veth `eth0` in
-    /// the pod, `port` on the node) with address `ip` and the node as its
-    /// default route.
+    /// the pod, `port` on the node) with address `ip` (and its IPv6 twin)
+    /// and the node as its default route; the pod takes no addresses from
+    /// router advertisements.
     pub(crate) fn wire_pod(
         &self,
         node: &NodeState,
@@ -246,17 +247,18 @@ impl Lab {
             "dev",
             "eth0",
         ])?;
+        super::network::add_v6(ns, "eth0", ip)?;
+        // No addresses from router advertisements: a rogue RA on the bridge
+        // must not give the pod an address the mesh does not know.
+        for knob in ["accept_ra", "autoconf"] {
+            let key = format!("net.ipv6.conf.eth0.{knob}=0");
+            sh(&["ip", "netns", "exec", ns, "sysctl", "-qw", &key])?;
+        }
         sh(&["ip", "-n", ns, "link", "set", "eth0", "up"])?;
-        sh(&[
-            "ip",
-            "-n",
-            ns,
-            "route",
-            "add",
-            "default",
-            "via",
-            &format!("{}.{}.1", self.net(), node.index),
-        ])?;
+        let gw = format!("{}.{}.1", self.net(), node.index);
+        sh(&["ip", "-n", ns, "route", "add", "default", "via", &gw])?;
+        let gw6 = super::ipv6_twin(&gw).ok_or_else(|| format!("{gw} is not IPv4"))?;
+        sh(&["ip", "-n", ns, "-6", "route", "add", "default", "via", &gw6])?;
         Ok(())
     }
 
@@ -345,7 +347,7 @@ impl Lab {
                 "metadata": {"name": p.name, "namespace": p.namespace, "uid": p.uid, "labels": p.labels},
                 "spec": {"nodeName": p.node, "serviceAccountName": p.service_account,
                          "containers": [{"name": "app", "image": p.image, "args": p.args}]},
-                "status": {"phase": "Running", "podIP": p.ip, "podIPs": [{"ip": p.ip}],
+                "status": {"phase": "Running", "podIP": p.ip, "podIPs": pod_ips(&p.ip),
                            "conditions": [{"type": "Ready", "status": "True"}]},
             }),
         )
@@ -398,6 +400,15 @@ impl Lab {
             .env("RES_OPTIONS", ro)
             .output()?)
     }
+}
+
+/// `status.podIPs` of a lab pod: its IPv4 address, then its IPv6 twin.
+fn pod_ips(ip: &str) -> Value {
+    let mut ips = vec![json!({"ip": ip})];
+    if let Some(v6) = super::ipv6_twin(ip) {
+        ips.push(json!({"ip": v6}));
+    }
+    Value::Array(ips)
 }
 
 /// The pod's resolver search path, as a kubelet writes it into resolv.conf;

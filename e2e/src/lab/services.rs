@@ -34,6 +34,29 @@ pub(crate) fn nft_in(netns: &str, script: &str) -> Result<(), Error> {
     }
 }
 
+/// One VIP port's DNAT over its endpoints, in turn; `family` is "ip" or
+/// "ip6".
+fn dnat_rule(
+    family: &str,
+    vip: &str,
+    port: u16,
+    target: u16,
+    eps: impl Iterator<Item = String>,
+) -> String {
+    let map: Vec<String> = eps
+        .enumerate()
+        .map(|(i, ip)| format!("{i} : {ip} . {target}"))
+        .collect();
+    if map.is_empty() {
+        return String::new();
+    }
+    format!(
+        "    {family} daddr {vip} tcp dport {port} dnat {family} to numgen inc mod {} map {{ {} }}\n",
+        map.len(),
+        map.join(", ")
+    )
+}
+
 impl Lab {
     pub(super) fn kube_proxy(&self) -> Result<(), Error> {
         let mut rules = String::new();
@@ -52,21 +75,21 @@ impl Lab {
                 continue;
             }
             for (port, target) in &s.ports {
-                let map: Vec<String> = eps
-                    .iter()
-                    .enumerate()
-                    .map(|(i, p)| format!("{i} : {} . {target}", p.ip))
-                    .collect();
-                rules.push_str(&format!(
-                    "    ip daddr {} tcp dport {port} dnat ip to numgen inc mod {} map {{ {} }}\n",
-                    s.vip,
-                    eps.len(),
-                    map.join(", ")
+                rules.push_str(&dnat_rule(
+                    "ip",
+                    &s.vip,
+                    *port,
+                    *target,
+                    eps.iter().map(|p| p.ip.clone()),
                 ));
+                if let Some(vip6) = super::ipv6_twin(&s.vip) {
+                    let ips = eps.iter().filter_map(|p| super::ipv6_twin(&p.ip));
+                    rules.push_str(&dnat_rule("ip6", &vip6, *port, *target, ips));
+                }
             }
         }
         let script = format!(
-            "table ip lab-kube-proxy\ndelete table ip lab-kube-proxy\ntable ip lab-kube-proxy {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n{rules}  }}\n}}\n"
+            "table inet lab-kube-proxy\ndelete table inet lab-kube-proxy\ntable inet lab-kube-proxy {{\n  chain pre {{\n    type nat hook prerouting priority dstnat; policy accept;\n{rules}  }}\n}}\n"
         );
         for n in &self.state.nodes {
             nft_in(&n.netns, &script)?;

@@ -39,6 +39,11 @@ impl Lab {
         format!("10.{}", 100 + self.state.id as u32)
     }
 
+    /// The IPv6 twin of [`Lab::net`]'s `/16`: `fd00:10:L::/48`.
+    pub fn net6(&self) -> String {
+        format!("fd00:10:{}", 100 + self.state.id as u32)
+    }
+
     pub fn control_ip(&self) -> String {
         format!("{}.0.{CONTROL_IP_HOST}", self.net())
     }
@@ -49,5 +54,55 @@ impl Lab {
 
     pub fn pod(&self, key: &str) -> Option<&PodState> {
         self.state.pods.get(key)
+    }
+
+    /// A pod's IPv6 address (the twin of its IPv4 one).
+    pub fn pod_ip6(&self, key: &str) -> Option<String> {
+        ipv6_twin(&self.pod(key)?.ip)
+    }
+
+    /// A Service's IPv6 VIP (none for a headless Service).
+    pub fn service_vip6(&self, key: &str) -> Option<String> {
+        ipv6_twin(&self.state.services.get(key)?.vip)
+    }
+}
+
+/// The lab is dual-stack: every address it gives (nodes, the control
+/// plane, pods, Service VIPs) has an IPv6 twin in the ULA range, made by
+/// writing the IPv4 address's four decimal numbers as the groups of
+/// `fd00:a:b:c::d`: 10.L.i.k is fd00:10:L:i::k, and each `/24` becomes the
+/// `/64` of the same three numbers. None for what is not an IPv4 address
+/// (a headless Service's "None").
+pub fn ipv6_twin(v4: &str) -> Option<String> {
+    let ip: std::net::Ipv4Addr = v4.parse().ok()?;
+    let [a, b, c, d] = ip.octets();
+    Some(format!("fd00:{a}:{b}:{c}::{d}"))
+}
+
+/// The `/64` twin of the `/24` holding `v4`.
+pub fn ipv6_twin_net(v4: &str) -> Option<String> {
+    let ip: std::net::Ipv4Addr = v4.parse().ok()?;
+    let [a, b, c, _] = ip.octets();
+    Some(format!("fd00:{a}:{b}:{c}::/64"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn twins_keep_the_numbers_and_refuse_what_is_not_ipv4() {
+        assert_eq!(
+            ipv6_twin("10.101.2.11").as_deref(),
+            Some("fd00:10:101:2::11")
+        );
+        assert_eq!(
+            ipv6_twin_net("10.101.2.11").as_deref(),
+            Some("fd00:10:101:2::/64")
+        );
+        assert_eq!(ipv6_twin("None"), None);
+        assert_eq!(ipv6_twin("fd00::1"), None);
+        let v6: std::net::Ipv6Addr = ipv6_twin("10.250.250.255").unwrap().parse().unwrap();
+        assert_eq!(v6.segments()[0], 0xfd00);
     }
 }

@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use mesh_core::hbone::{self, Conn, Responder};
 use mesh_core::identity::Identity;
 use mesh_core::listen::accept_until;
+use mesh_core::state::Workload;
 use rustls::ServerConfig;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
@@ -133,7 +134,54 @@ impl Drop for OpenGuard {
     }
 }
 
+/// Why an ingress connection was refused before any request: each is
+/// logged a few times per period at most (`loglimit`), as a flood of them
+/// would fill the log.
+#[derive(Debug, Clone, Copy)]
+enum Refusal {
+    Unattributable,
+    TlsRefused,
+    TlsTimeout,
+}
+
+impl Refusal {
+    fn key(self) -> &'static str {
+        match self {
+            Refusal::Unattributable => "unattributable",
+            Refusal::TlsRefused => "tls_refused",
+            Refusal::TlsTimeout => "tls_timeout",
+        }
+    }
+
+    fn message(self) -> &'static str {
+        match self {
+            Refusal::Unattributable => {
+                "ingress connection from a link-local, unspecified or multicast address refused"
+            }
+            Refusal::TlsRefused => "TLS handshake refused",
+            Refusal::TlsTimeout => "TLS handshake timed out",
+        }
+    }
+}
+
 impl Waypoint {
+    /// Logs a refused ingress connection: one line per reason per
+    /// `loglimit::EVERY`, with how many were left out since the last.
+    fn refused(&self, why: Refusal, peer: SocketAddr, port: u16, error: Option<&std::io::Error>) {
+        let Some(suppressed) = self.refusals.admit(why.key(), std::time::Instant::now()) else {
+            return;
+        };
+        let what = why.message();
+        match error {
+            Some(e) => {
+                info!(%peer, port, reason = %e, suppressed, "{what} (one line per reason every 10 s; suppressed: left out since)")
+            }
+            None => {
+                info!(%peer, port, suppressed, "{what} (one line per reason every 10 s; suppressed: left out since)")
+            }
+        }
+    }
+
     /// Accepts HBONE connections until the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let draining = self.draining.clone();
@@ -179,6 +227,12 @@ impl Waypoint {
             }
         };
         accept_until(&listener, stop, |tcp, peer| {
+            // A client is attributed by its address: one that names no
+            // workload and may be anyone on the link is refused.
+            if !mesh_core::state::decide::attributable_peer(peer.ip()) {
+                drop(tcp);
+                return self.refused(Refusal::Unattributable, peer, port, None);
+            }
             self.open.send_modify(|n| *n += 1);
             let guard = OpenGuard(self.open.clone());
             tokio::spawn(
@@ -207,11 +261,15 @@ impl Waypoint {
             return debug!(%peer, port, "port no longer configured; closing");
         };
         let service_key = format!("{}:{port}", self.ingress.load().gateway);
+        // No identity: the source is the workload with the peer's address
+        // in the state, as the ztunnel's plaintext inbound attributes it.
+        let (src_workload, src_addrs) = self.source(peer.ip(), None);
         let ds = |protocol, sni| {
             Arc::new(Downstream {
                 peer,
                 src_identity: None,
-                src_workload: None,
+                src_workload: src_workload.clone(),
+                src_addrs: src_addrs.clone(),
                 service_key: service_key.clone(),
                 target,
                 protocol,
@@ -231,9 +289,9 @@ impl Waypoint {
             let stream = match accepted {
                 Ok(Ok(s)) => s,
                 Ok(Err(e)) => {
-                    return info!(%peer, port, reason = %e, "TLS handshake refused");
+                    return self.refused(Refusal::TlsRefused, peer, port, Some(&e));
                 }
-                Err(_) => return info!(%peer, port, "TLS handshake timed out"),
+                Err(_) => return self.refused(Refusal::TlsTimeout, peer, port, None),
             };
             let (_, conn) = stream.get_ref();
             let sni = conn.server_name().map(str::to_string);
@@ -262,6 +320,17 @@ impl Waypoint {
         self.serve_http(io, ds, h2).await
     }
 
+    /// The workload a peer is attributed to (by its address in the state,
+    /// never by a header) and the addresses its IP blocks are judged on
+    /// (`decide::attributed`): the same on the HBONE and plaintext paths.
+    fn source(
+        &self,
+        peer: std::net::IpAddr,
+        identity: Option<&Identity>,
+    ) -> (Option<Arc<Workload>>, Vec<std::net::IpAddr>) {
+        crate::authz::attribute_source(&self.state.snapshot(), &self.cfg.network, peer, identity)
+    }
+
     /// One CONNECT stream: one downstream TCP connection of a client.
     async fn stream(
         self: Arc<Self>,
@@ -286,8 +355,8 @@ impl Waypoint {
                 return respond.refuse(refusal.status());
             }
         };
-        let src_workload = snap.workload_by_ip(&self.cfg.network, peer.ip()).cloned();
         drop(snap);
+        let (src_workload, src_addrs) = self.source(peer.ip(), Some(&src));
         let protocol = self
             .routes
             .get(&service_key)
@@ -334,6 +403,7 @@ impl Waypoint {
             peer,
             src_identity: Some(src),
             src_workload,
+            src_addrs,
             service_key,
             target,
             protocol: match sniffed {

@@ -15,7 +15,7 @@
 //! finish), `tcp` (opaque TCP), `listen` (accept loops, TLS, the HBONE
 //! stream entry, HTTP serving).
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 
 use mesh_core::certs::CertificateManager;
@@ -65,6 +65,8 @@ pub struct Waypoint {
     pub draining: CancellationToken,
     /// Open downstream HBONE connections, for the drain.
     pub open: tokio::sync::watch::Sender<usize>,
+    /// The ingress's per-connection refusal lines, a few per period.
+    refusals: crate::loglimit::LogLimit,
     /// The HBONE server: TLS as the waypoint's identity, then its streams.
     hbone: Server,
 }
@@ -92,6 +94,9 @@ struct Downstream {
     /// (at an ingress).
     src_identity: Option<Identity>,
     src_workload: Option<Arc<Workload>>,
+    /// The source workload's addresses, for IP blocks (empty unless the
+    /// peer's identity owns the workload its address belongs to).
+    src_addrs: Vec<IpAddr>,
     /// The service (or workload) whose routes apply; at an ingress, the
     /// port's key, and the routes come from `ingress`.
     service_key: String,
@@ -157,6 +162,7 @@ impl Waypoint {
             ingress,
             draining,
             open: tokio::sync::watch::Sender::new(0),
+            refusals: crate::loglimit::LogLimit::default(),
             hbone,
         })
     }

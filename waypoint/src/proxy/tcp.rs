@@ -37,6 +37,7 @@ impl Waypoint {
             let subject = Subject {
                 source: ds.src_identity.as_ref(),
                 source_addr: ds.peer,
+                source_addrs: &ds.src_addrs,
                 destination_addr: ds.target,
                 waypoint: &self.identity,
                 host: "",

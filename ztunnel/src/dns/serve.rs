@@ -102,6 +102,10 @@ impl Backoff {
 struct PodShare {
     pod: String,
     rate: Mutex<Bucket>,
+    /// The pod's UDP queries in flight upstream, on all its sockets.
+    udp_permits: Arc<Semaphore>,
+    /// The pod's open TCP connections, on all its listeners.
+    tcp_permits: Arc<Semaphore>,
 }
 
 impl PodShare {
@@ -120,19 +124,32 @@ impl DnsProxy {
     /// listener until the future is dropped, which ends every task it
     /// started.
     pub async fn serve(self: Arc<Self>, pod: String, udp: UdpSocket, tcp: TcpListener) {
+        self.serve_all(pod, vec![(udp, tcp)]).await
+    }
+
+    /// The same on several pairs (one per address family): one rate for
+    /// the pod across all of them.
+    pub async fn serve_all(self: Arc<Self>, pod: String, pairs: Vec<(UdpSocket, TcpListener)>) {
         let share = Arc::new(PodShare {
             pod,
             rate: Mutex::new(Bucket::new(self.limits.qps)),
+            udp_permits: Arc::new(Semaphore::new(self.limits.udp_in_flight)),
+            tcp_permits: Arc::new(Semaphore::new(self.limits.tcp_connections)),
         });
-        tokio::join!(
-            self.clone().serve_udp(share.clone(), udp),
-            self.serve_tcp(share, tcp)
-        );
+        let each = pairs.into_iter().map(|(udp, tcp)| {
+            let (me, share) = (self.clone(), share.clone());
+            async move {
+                tokio::join!(
+                    me.clone().serve_udp(share.clone(), udp),
+                    me.serve_tcp(share, tcp)
+                );
+            }
+        });
+        futures::future::join_all(each).await;
     }
 
     async fn serve_udp(self: Arc<Self>, share: Arc<PodShare>, sock: UdpSocket) {
         let sock = Arc::new(sock);
-        let permits = Arc::new(Semaphore::new(self.limits.udp_in_flight));
         let mut tasks = JoinSet::new();
         let mut buf = vec![0u8; 4096];
         let mut backoff = Backoff(None);
@@ -165,7 +182,7 @@ impl DnsProxy {
                 }
                 Step::Forward(q) => q,
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let Ok(permit) = share.udp_permits.clone().try_acquire_owned() else {
                 self.metrics.dropped.inc();
                 debug!(pod = %share.pod, "DNS query dropped: the pod's queries in flight are at the limit");
                 continue;
@@ -182,7 +199,6 @@ impl DnsProxy {
     }
 
     async fn serve_tcp(self: Arc<Self>, share: Arc<PodShare>, listener: TcpListener) {
-        let permits = Arc::new(Semaphore::new(self.limits.tcp_connections));
         let mut tasks = JoinSet::new();
         let mut backoff = Backoff(None);
         loop {
@@ -197,7 +213,7 @@ impl DnsProxy {
                     continue;
                 }
             };
-            let Ok(permit) = permits.clone().try_acquire_owned() else {
+            let Ok(permit) = share.tcp_permits.clone().try_acquire_owned() else {
                 self.metrics.dropped.inc();
                 debug!(pod = %share.pod, "DNS TCP connection closed: the pod's connections are at the limit");
                 continue;

@@ -65,17 +65,23 @@ pub async fn deliver(
     dst_netns: Option<&Netns>,
     counters: Arc<Counters>,
 ) -> Result<Delivered, (ResponseFlags, String)> {
-    let decision = {
+    // Policy judges, and the app sees, the address the source's tunnel
+    // would carry (its address of the target's family), as on another node.
+    let judged = {
         let snap = proxy.state.snapshot();
-        mesh_core::state::decide::authorize(
+        mesh_core::state::decide::authorize_local(
             &snap,
             &proxy.cfg.root_namespace,
+            src,
             dst,
-            Some(&src.identity),
-            peer.ip(),
             target,
         )
     };
+    let (src_ip, decision) = judged.map_err(|e| {
+        info!(%peer, %target, error = %e, "same-node connection has no source address");
+        (ResponseFlags::Connect, e.to_string())
+    })?;
+    let client = SocketAddr::new(src_ip, peer.port());
     // The identity is the one this ztunnel authenticated the source pod
     // as, exactly what an HBONE peer's certificate would carry.
     let labels = TcpLabels::new(
@@ -107,7 +113,7 @@ pub async fn deliver(
     );
     proxy.opened(&labels);
     if !decision.is_allowed() {
-        info!(%peer, %target, identity = %src.identity, %decision, "same-node connection denied");
+        info!(%peer, %src_ip, %target, identity = %src.identity, %decision, "same-node connection denied");
         let reason = decision.to_string();
         proxy.record(Finished {
             labels,
@@ -117,9 +123,9 @@ pub async fn deliver(
         });
         return Err((ResponseFlags::Deny, reason));
     }
-    // The app sees the client pod (its address, checked by the outbound
-    // side as that pod's).
-    match super::orig_src::dial_app(proxy, Some(peer), target, dst_netns).await {
+    // The app sees the client pod (the address judged above, one of that
+    // pod's: the outbound side checked the peer's).
+    match super::orig_src::dial_app(proxy, Some(client), target, dst_netns).await {
         Ok(upstream) => Ok(Delivered {
             upstream,
             tracked,

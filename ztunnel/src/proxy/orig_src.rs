@@ -16,8 +16,9 @@
 //!   reused), gives the app the pod's own address;
 //! - plaintext (15006): the TCP peer, what the app would have seen
 //!   without the mesh;
-//! - the same-node fast path: the client pod's address (the outbound
-//!   listener already checked that it is that pod's).
+//! - the same-node fast path: the client pod's address of the target's
+//!   family, the one policy judged (`decide::authorize_local`; the
+//!   outbound listener already checked the client's socket is that pod's).
 //!
 //! Loopback, link-local, unspecified and multicast addresses, the node's
 //! probe sources, an address of the other family, and one equal to the

@@ -17,7 +17,7 @@ use mesh_core::identity::Identity;
 use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
 use mesh_core::netns::Netns;
 use mesh_core::socket;
-use mesh_core::state::decide::{Route, RouteError, resolve};
+use mesh_core::state::decide::{self, Route, RouteError, resolve};
 use mesh_core::state::{Snapshot, Workload};
 
 /// A 401 from the peer is its policy saying no: DENY, not CONNECT.
@@ -317,12 +317,22 @@ impl Outgoing<'_> {
     ) -> Result<Upstream, (ResponseFlags, String)> {
         let proxy = self.proxy;
         let src = self.src;
-        let src_ip = src.addresses.first().copied();
         let src_netns = proxy.netns.for_workload(src);
         let route = route.map_err(|e| match e {
             RouteError::NoHealthyEndpoints(_) => (ResponseFlags::NoHealthyUpstream, e.to_string()),
             _ => (ResponseFlags::Connect, e.to_string()),
         })?;
+        // The source's address in the family of the hop it dials; a source
+        // with none of that family fails the connection (fail closed).
+        let src_ip = match &route {
+            Route::Hbone { next_hop: a, .. }
+            | Route::Direct { addr: a, .. }
+            | Route::Passthrough { addr: a } => decide::source_ip(src, a.ip()),
+        }
+        .map_err(|e| {
+            warn!(peer = %self.peer, error = %e, "no source address of the destination's family");
+            (ResponseFlags::Connect, e.to_string())
+        });
         match route {
             Route::Hbone {
                 next_hop,
@@ -347,7 +357,7 @@ impl Outgoing<'_> {
                 }
                 let key = PoolKey {
                     src: src.identity.clone(),
-                    src_ip,
+                    src_ip: Some(src_ip?),
                     dst: peer_identity,
                     next_hop,
                 };
@@ -368,7 +378,7 @@ impl Outgoing<'_> {
             }
             Route::Direct { addr, .. } | Route::Passthrough { addr } => socket::dial(
                 addr,
-                src_ip,
+                Some(src_ip?),
                 proxy.cfg.effective_mark(),
                 proxy.cfg.connect_timeout,
                 src_netns.as_deref(),

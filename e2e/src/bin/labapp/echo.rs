@@ -17,7 +17,6 @@ use http_body_util::{BodyExt, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
-use tokio::net::TcpListener;
 
 type Body = BoxBody<Bytes, Infallible>;
 
@@ -103,7 +102,7 @@ pub async fn http_echo(
     fail_status: u16,
     delay_ms: u64,
 ) -> std::io::Result<()> {
-    let l = TcpListener::bind(("0.0.0.0", port)).await?;
+    let l = super::listen(port)?;
     // The pod's name: POD_NAME (the lab, a downward-API variable), else
     // HOSTNAME, which Kubernetes sets to it.
     let me = std::env::var("POD_NAME")
@@ -114,6 +113,7 @@ pub async fn http_echo(
     state.delay_ms.store(delay_ms, Ordering::Relaxed);
     loop {
         let (s, peer) = l.accept().await?;
+        let peer = super::peer_addr(peer);
         let me = me.clone();
         let state = state.clone();
         tokio::spawn(async move {
