@@ -158,6 +158,36 @@ mod tests {
         assert_eq!(got[0].port, 15001);
     }
 
+    /// `[::1]:15001`, `[fd00:10:1:1::5]:15006` and `:15008` (the ztunnel's),
+    /// and `[fd00:10:1:1::5]:15006` again (another socket: a process of the
+    /// pod's in the set).
+    const TCP6: &str = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
+   0: 00000000000000000000000001000000:3A99 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 611 1 0000000000000000 100 0 0 10 0
+   1: 000000FD01001000010000000500000000:3A9E 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 622 1 0000000000000000 100 0 0 10 0
+   2: 000000FD01001000010000000500000000:3AA0 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 633 1 0000000000000000 100 0 0 10 0
+   3: 000000FD01001000010000000500000000:3A9E 00000000000000000000000000000000:0000 0A 00000000:00000000 00:00000000 00000000  1000        0 644 1 0000000000000000 100 0 0 10 0
+";
+
+    /// A process of the pod holding its IPv6 address's 15006 is seen as
+    /// one holding the IPv4 one's is.
+    #[test]
+    fn an_ipv6_socket_no_ztunnel_holds_is_refused() {
+        let mut got = parse("tcp", TCP, &ports(false));
+        got.extend(parse("tcp6", TCP6, &ports(false)));
+        let ours: HashSet<u64> = [111, 222, 333, 611, 622, 633].into();
+        assert!(matches!(
+            verdict(&got, &ports(false), &ours),
+            Err(HolderError::Foreign {
+                port: 15006,
+                proto: "tcp6",
+                inode: 644,
+                ..
+            })
+        ));
+        let all: HashSet<u64> = ours.iter().copied().chain([644]).collect();
+        assert!(verdict(&got, &ports(false), &all).is_ok());
+    }
+
     #[test]
     fn a_socket_no_ztunnel_holds_or_a_port_without_one_is_refused() {
         let got = parse("tcp", TCP, &ports(false));
