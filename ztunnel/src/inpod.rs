@@ -244,15 +244,16 @@ impl InPod {
             let (p, s) = (self.proxy.clone(), stop.clone());
             let port = addr.port();
             let bound = shards.serve_each(addr, Some(&netns), move |l| {
-                    let (p, s, f) = (p.clone(), s.clone(), f.clone());
-                    async move {
-                        tokio::select! {
-                            _ = s.cancelled() => {}
-                            _ = f(p, l) => {}
-                        }
+                let (p, s, f) = (p.clone(), s.clone(), f.clone());
+                async move {
+                    tokio::select! {
+                        _ = s.cancelled() => {}
+                        _ = f(p, l) => {}
                     }
+                }
             });
-            crate::dual_stack::bound(addr, bound).map_err(|source| PodError::Listen { port, source })
+            crate::dual_stack::bound(addr, bound)
+                .map_err(|source| PodError::Listen { port, source })
         };
         // The outbound listener knows its pod: the source of what it
         // accepts is that pod, never whoever owns the peer address.
