@@ -13,17 +13,39 @@
 //!   (`fib saddr type local`: locally opened, not forwarded from a pod) is
 //!   SNATed to the probe source of its family;
 //! - forward: anything routed through the node from a probe source is
-//!   dropped, so another host cannot pass for the kubelet;
+//!   dropped, so another host cannot pass for the kubelet; so is TCP to a
+//!   captured pod routed through it from one of the node's own addresses
+//!   (`fib saddr type local`; ICMPv6 too, which NAT would rewrite as
+//!   related to a probe), and anything forwarded that belongs to a probe
+//!   connection (`ct reply ... daddr` a probe source: a forged ICMP error
+//!   about a live probe, from any source, which NAT would deliver as the
+//!   probe source's; a probe connection itself is never forwarded), which postrouting would otherwise take for
+//!   the node's own and SNAT to the probe source (IPv6 has no
+//!   martian-source check to drop it first). The node's own traffic never
+//!   crosses forward (output, then postrouting), and a forwarded reply is
+//!   un-DNATed to a node address only after it, at postrouting;
 //! - a `bridge` table of the same name: frames a bridge of the node
 //!   forwards from one port to another with a probe source are dropped
 //!   (pods on one bridge reach each other without the node routing them,
 //!   and without `br_netfilter` no `inet` chain sees those frames), so a
 //!   pod that may forge source addresses (CAP_NET_RAW) cannot pass for the
 //!   kubelet to its neighbours. The node's own probes leave through the
-//!   bridge's output hook, not its forward one.
+//!   bridge's output hook, not its forward one. A frame whose packet is
+//!   still inside a VLAN tag when it reaches forward (`meta protocol` is
+//!   802.1Q or 802.1ad) is dropped there too, whatever it carries: the
+//!   address rules depend on `meta protocol ip`/`ip6`, and a pod's kernel
+//!   strips VLAN ID 0 (priority) tags, two of them too, and takes the
+//!   packet. That covers a tag inside a tag on any bridge, and on a bridge
+//!   with VLAN filtering a frame whose one tag the bridge did not take as
+//!   its own (another protocol) or whose outer tag it took and cleared. A
+//!   frame whose tag the kernel took off on receipt (the usual single tag,
+//!   or the port VLAN a filtering bridge adds) has the packet's own
+//!   protocol there and is judged by the address rules: dropping on
+//!   `ether type` instead would stop all of a filtering bridge's traffic.
 //!
-//! Both tables are replaced together, in one transaction, and removed
-//! together.
+//! Each table is replaced in a transaction of its own, the `inet` one
+//! first, so a kernel that refuses the bridge family keeps the `inet`
+//! table (the refusal is logged); both are removed together.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -55,6 +77,11 @@ fn elements(v: &[String]) -> String {
 }
 
 pub fn ruleset(ips: &BTreeSet<IpAddr>) -> String {
+    format!("{}{}", inet_ruleset(ips), bridge_ruleset())
+}
+
+/// The node's `inet` table: the probe SNAT and the forward drops.
+fn inet_ruleset(ips: &BTreeSet<IpAddr>) -> String {
     let v4 = elements(&family(ips, false));
     let v6 = elements(&family(ips, true));
     format!(
@@ -70,11 +97,25 @@ pub fn ruleset(ips: &BTreeSet<IpAddr>) -> String {
     type filter hook forward priority filter; policy accept;
     ip saddr {PROBE_SOURCE} drop
     ip6 saddr {PROBE_SOURCE_V6} drop
+    ip daddr @{SET} meta l4proto tcp fib saddr type local drop
+    ip6 daddr @{SET6} meta l4proto tcp fib saddr type local drop
+    ip6 daddr @{SET6} meta l4proto ipv6-icmp fib saddr type local drop
+    ct reply ip daddr {PROBE_SOURCE} drop
+    ct reply ip6 daddr {PROBE_SOURCE_V6} drop
   }}
 }}
-table bridge {TABLE} {{
+"
+    )
+}
+
+/// The node's `bridge` table: frames bridged between pods from a probe
+/// source, or in a VLAN tag, are dropped.
+fn bridge_ruleset() -> String {
+    format!(
+        "table bridge {TABLE} {{
   chain forward {{
     type filter hook forward priority filter; policy accept;
+    meta protocol {{ 8021q, 8021ad }} drop
     ip saddr {PROBE_SOURCE} drop
     ip6 saddr {PROBE_SOURCE_V6} drop
   }}
@@ -85,12 +126,33 @@ table bridge {TABLE} {{
 
 /// Installs (or replaces) the node's table with `ips` as the captured set.
 pub fn install(host: &Netns, ips: &BTreeSet<IpAddr>) -> Result<(), RulesError> {
-    nft(host, &install_script(ips))
+    install_with(&|script: &str| nft(host, script), ips)
 }
 
-/// The script replacing the node's tables (one transaction).
-fn install_script(ips: &BTreeSet<IpAddr>) -> String {
-    format!("{}{}", removal_script(), ruleset(ips))
+/// [`install`] through `run`, which applies one nft script.
+///
+/// The `inet` table goes first, in a transaction of its own: if it fails,
+/// that is the error. The `bridge` table follows in a second one, so a
+/// kernel without nftables' bridge family (or one refusing it for any
+/// other reason) keeps the `inet` table; that failure is logged, and
+/// bridged frames between pods are then not filtered (as on a node before
+/// the bridge table existed).
+fn install_with(
+    run: &dyn Fn(&str) -> Result<(), RulesError>,
+    ips: &BTreeSet<IpAddr>,
+) -> Result<(), RulesError> {
+    run(&format!(
+        "table inet {TABLE}\ndelete table inet {TABLE}\n{}",
+        inet_ruleset(ips)
+    ))?;
+    let bridge = format!(
+        "table bridge {TABLE}\ndelete table bridge {TABLE}\n{}",
+        bridge_ruleset()
+    );
+    if let Err(e) = run(&bridge) {
+        tracing::warn!(error = %e, "cannot install the node's bridge table: frames bridged between pods from a probe source are not dropped on this node");
+    }
+    Ok(())
 }
 
 /// The script removing the node's tables (none there is no error).
@@ -132,6 +194,33 @@ pub fn remove(host: &Netns) -> Result<(), RulesError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A kernel without nftables' bridge family refuses the bridge table:
+    /// the `inet` table (the forward drop of probe sources, the probe SNAT)
+    /// is installed all the same, never lost with it.
+    #[test]
+    fn a_refused_bridge_table_leaves_the_inet_table_installed() {
+        let applied = std::cell::RefCell::new(Vec::<String>::new());
+        let run = |script: &str| {
+            if script.contains("table bridge") {
+                return Err(RulesError::Failed(
+                    "nft".into(),
+                    "Error: Could not process rule: Operation not supported".into(),
+                ));
+            }
+            applied.borrow_mut().push(script.to_string());
+            Ok(())
+        };
+        let ips = BTreeSet::from(["10.1.1.5".parse::<IpAddr>().unwrap()]);
+        let r = install_with(&run, &ips);
+        assert!(r.is_ok(), "{r:?}");
+        let applied = applied.borrow();
+        assert_eq!(applied.len(), 1, "{applied:?}");
+        assert!(
+            applied[0].contains(&format!("ip saddr {PROBE_SOURCE} drop")),
+            "{applied:?}"
+        );
+    }
 
     #[test]
     fn only_the_nodes_own_tcp_to_captured_pods_is_snatted() {
@@ -181,16 +270,121 @@ mod tests {
             b[fwd..].contains("ip6 saddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff drop"),
             "{r}"
         );
-        assert!(!b.contains("hook output"), "{r}");
+        // One chain, on the forward hook: the node's own probes (output
+        // hook) are never touched.
+        let hooks: Vec<&str> = b
+            .split("hook ")
+            .skip(1)
+            .filter_map(|h| h.split_whitespace().next())
+            .collect();
+        assert_eq!(hooks, ["forward"], "{r}");
         // Replaced whole (idempotent) and removed with the inet table.
-        let s = install_script(&BTreeSet::new());
+        let scripts = std::cell::RefCell::new(Vec::<String>::new());
+        let run = |script: &str| {
+            scripts.borrow_mut().push(script.to_string());
+            Ok(())
+        };
+        install_with(&run, &BTreeSet::new()).expect("installed");
+        let scripts = scripts.borrow();
+        assert_eq!(scripts.len(), 2, "{scripts:?}");
         assert!(
-            s.starts_with("table inet ztunnel-host\ndelete table inet ztunnel-host\ntable bridge ztunnel-host\ndelete table bridge ztunnel-host\n"),
-            "{s}"
+            scripts[0].starts_with(
+                "table inet ztunnel-host\ndelete table inet ztunnel-host\ntable inet ztunnel-host {"
+            ),
+            "{scripts:?}"
+        );
+        assert!(
+            scripts[1].starts_with("table bridge ztunnel-host\ndelete table bridge ztunnel-host\ntable bridge ztunnel-host {"),
+            "{scripts:?}"
         );
         assert_eq!(
             removal_script(),
             "table inet ztunnel-host\ndelete table inet ztunnel-host\ntable bridge ztunnel-host\ndelete table bridge ztunnel-host\n"
+        );
+    }
+
+    /// A frame in two VLAN ID 0 tags (802.1ad, 802.1Q: the receiving pod's
+    /// kernel strips both and accepts it) is not `meta protocol ip` on the
+    /// bridge, so it would pass the probe-source drops: the forward chain
+    /// drops any frame whose packet is still in a tag (`meta protocol`),
+    /// before those rules. It never drops on the frame's outer tag (`ether
+    /// type`): a bridge with VLAN filtering tags every frame it takes in
+    /// with its port's VLAN, which nft reads back there, so such a rule
+    /// stopped all of that bridge's traffic; nor on `ether type 8021q vlan
+    /// type ...`, which a filtering bridge's cleared outer tag slips past
+    /// (failed first on both).
+    #[test]
+    fn the_bridge_table_drops_a_packet_still_in_a_tag_and_never_on_the_outer_tag() {
+        let r = ruleset(&BTreeSet::new());
+        let b = &r[r
+            .find("table bridge ztunnel-host {")
+            .expect("a bridge table")..];
+        let probe = b.find("ip saddr 169.254.7.127 drop").expect("probe drop");
+        let tag = b
+            .find("meta protocol { 8021q, 8021ad } drop")
+            .unwrap_or_else(|| panic!("a packet still in a tag: {r}"));
+        assert!(tag < probe, "{r}");
+        for line in b.lines().filter(|l| l.contains("drop")) {
+            assert!(
+                !line.contains("ether type"),
+                "a rule on the outer tag: {line}"
+            );
+        }
+    }
+
+    /// A forged ICMP error (from any source) about a live probe connection
+    /// is RELATED to it, and NAT rewrites such an error as coming from the
+    /// probe source on its way to the pod: a pod could fail another pod's
+    /// probes. Nothing of a probe connection is ever forwarded (the node
+    /// opens it: output, input), so the forward chain drops whatever belongs
+    /// to a connection whose reply goes to a probe source. Failed first: no
+    /// such rule.
+    #[test]
+    fn nothing_forwarded_belongs_to_a_probe_connection() {
+        let r = ruleset(&BTreeSet::new());
+        let inet = &r[..r.find("table bridge").expect("a bridge table")];
+        let fwd = inet
+            .find("type filter hook forward priority filter; policy accept;")
+            .expect("the inet forward chain");
+        let chain = &inet[fwd..];
+        for rule in [
+            "ct reply ip daddr 169.254.7.127 drop",
+            "ct reply ip6 daddr fd16:9254:7127:1337:ffff:ffff:ffff:ffff drop",
+        ] {
+            assert!(chain.contains(rule), "{rule}: {r}");
+        }
+    }
+
+    /// Over IPv6 (no martian-source check) a packet routed through the node
+    /// with one of the node's own addresses as its source would meet
+    /// postrouting's `fib saddr type local` and leave SNATed to the probe
+    /// source: the forward chain drops it first. The node's own traffic
+    /// never crosses forward (output, then postrouting), and a forwarded
+    /// reply's un-DNAT to a node address happens after forward, at
+    /// postrouting. Failed first: no such rule.
+    #[test]
+    fn forwarded_packets_from_a_node_address_are_dropped() {
+        let r = ruleset(&BTreeSet::new());
+        let inet = &r[..r.find("table bridge").expect("a bridge table")];
+        let fwd = inet
+            .find("type filter hook forward priority filter; policy accept;")
+            .expect("the inet forward chain");
+        let chain = &inet[fwd..inet[fwd..].find('}').map_or(inet.len(), |e| fwd + e)];
+        for rule in [
+            "ip daddr @captured-v4 meta l4proto tcp fib saddr type local drop",
+            "ip6 daddr @captured-v6 meta l4proto tcp fib saddr type local drop",
+            "ip6 daddr @captured-v6 meta l4proto ipv6-icmp fib saddr type local drop",
+        ] {
+            assert!(chain.contains(rule), "{rule}: {r}");
+        }
+        // Only what postrouting would SNAT to the probe source: other
+        // forwarded traffic with a local source (direct server return,
+        // shared VIPs) is none of this table's business.
+        assert!(
+            !chain
+                .lines()
+                .any(|l| l.trim() == "fib saddr type local drop"),
+            "{r}"
         );
     }
 }

@@ -5,7 +5,7 @@
 //! Layering (a module only uses those listed before it):
 //! `identity` -> `lab_file` -> `clock` -> `config` -> `tls` -> `ca` ->
 //! `certs` -> `state` -> `xds` -> `metrics` -> `netns` -> `route` ->
-//! `shards` -> `socket` -> `listen` -> `hbone` -> `zds` -> `admin` -> `logging` ->
+//! `spin` -> `shards` -> `socket` -> `listen` -> `hbone` -> `zds` -> `admin` -> `logging` ->
 //! `app`.
 
 pub mod admin;
@@ -24,6 +24,7 @@ pub mod netns;
 pub mod route;
 pub mod shards;
 pub mod socket;
+pub mod spin;
 pub mod state;
 pub mod tls;
 pub mod xds;

@@ -48,8 +48,10 @@ pub fn index() -> usize {
 
 /// Starts `n` shards, each a thread of its own, and returns the control
 /// runtime for the caller's thread, which it must drive with `block_on`.
-/// The shards are installed for the process; a second call fails.
-pub fn start(n: usize) -> io::Result<Runtime> {
+/// With a non-zero `busy_poll`, each shard polls its epoll without sleeping
+/// for that long after doing work ([`crate::spin`]). The shards are
+/// installed for the process; a second call fails.
+pub fn start(n: usize, busy_poll: std::time::Duration) -> io::Result<Runtime> {
     let build = || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -66,6 +68,9 @@ pub fn start(n: usize) -> io::Result<Runtime> {
                 match build() {
                     Ok(rt) => {
                         let _ = tx.send(Ok(rt.handle().clone()));
+                        if !busy_poll.is_zero() {
+                            rt.spawn(crate::spin::run(busy_poll));
+                        }
                         // Drives whatever is spawned here for the life of
                         // the process, which ends from the main thread.
                         rt.block_on(std::future::pending::<()>());

@@ -145,6 +145,43 @@ async fn bytes_cross_the_mesh_both_ways_with_half_close() {
     .await;
 }
 
+/// A process's CPU time so far (utime + stime, clock ticks).
+fn cpu_ticks(pid: Option<u32>) -> u64 {
+    let pid = pid.expect("the ztunnel runs");
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("its stat");
+    // The fields after the command's closing parenthesis; utime and stime
+    // are the 14th and 15th of the line.
+    let rest = &stat[stat.rfind(')').expect("a comm") + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    f[11].parse::<u64>().expect("utime") + f[12].parse::<u64>().expect("stime")
+}
+
+#[tokio::test]
+async fn busy_polling_shards_carry_requests_and_answers() {
+    // Both ends spin after each HBONE turn (`busy_poll_us`): a connection's
+    // exchanges still arrive whole and in order, and the spin ends.
+    let extra = "worker_threads: 2\nbusy_poll_us: 150\n";
+    let m = build("", extra, extra, false).await;
+    let mut s = TcpStream::connect(m.out).await.unwrap();
+    for i in 0..200u32 {
+        let msg = format!("request {i:05}");
+        s.write_all(msg.as_bytes()).await.unwrap();
+        let mut b = vec![0u8; msg.len()];
+        s.read_exact(&mut b).await.unwrap();
+        assert_eq!(b, msg.as_bytes());
+    }
+    drop(s);
+    // Idle again, the shards sleep: each ztunnel's CPU time stops growing.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let ticks = || [cpu_ticks(m.za.pid()), cpu_ticks(m.zb.pid())];
+    let before = ticks();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let after = ticks();
+    for (b, a) in before.iter().zip(after) {
+        assert!(a - b <= 10, "an idle ztunnel used {} ticks in 0.5 s", a - b);
+    }
+}
+
 #[tokio::test]
 async fn concurrent_connections_share_a_few_pooled_connections() {
     // Two shards, whatever the machine: the pool's 4 connections per

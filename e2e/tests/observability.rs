@@ -227,9 +227,24 @@ async fn every_pod_kind_exports_istios_labels_with_real_values_and_the_controlle
     let tmp = tempfile::tempdir().unwrap();
     let mut g = shop_with_waypoint(&tmp.path().join("lab")).await;
     let before = g.0.controller_debug("/metrics").unwrap();
-    for _ in 0..5 {
-        let _ =
-            g.0.exec("shop/client-0", &["labapp", "get", "http://server.shop/"]);
+    // The mesh may still be taking its config: wait for one answer, then
+    // send five that must all be answered, so every proxy on the way has
+    // carried traffic before it is scraped.
+    let get = |g: &Down| {
+        g.0.exec("shop/client-0", &["labapp", "get", "http://server.shop/"])
+            .is_ok_and(|o| o.status.success())
+    };
+    eventually(
+        "the client reaches the server",
+        Duration::from_secs(30),
+        || {
+            let ok = get(&g);
+            async move { ok }
+        },
+    )
+    .await;
+    for i in 0..5 {
+        assert!(get(&g), "request {i} through the mesh failed");
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
     let lab = &g.0;

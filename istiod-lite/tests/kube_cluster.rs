@@ -256,6 +256,7 @@ fn route_status(c: &Cluster) {
                 "{.status.parents[0].conditions[0].observedGeneration}",
             ) == generation
     });
+    cross_namespace_backend(c);
     c.ok(&[
         "delete",
         "httproute,grpcroute,gateway,service",
@@ -267,6 +268,44 @@ fn route_status(c: &Cluster) {
         "shop",
         "--ignore-not-found",
     ]);
+}
+
+/// A backendRef into another namespace: `RefNotPermitted` at every parent
+/// until a ReferenceGrant there (written at v1beta1, as most users write
+/// it) permits it, and again once the grant is deleted. Runs with the
+/// install's RBAC, which must let the controller list and watch grants.
+fn cross_namespace_backend(c: &Cluster) {
+    eprintln!("=== a backend in another namespace needs a ReferenceGrant");
+    c.ok(&["create", "namespace", "team"]);
+    c.apply(
+        "apiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: team}\nspec: {ports: [{name: http, port: 80}]}\n---\n\
+         apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: cross, namespace: shop}\n\
+         spec: {parentRefs: [{name: edge}, {group: \"\", kind: Service, name: web}], rules: [{backendRefs: [{name: api, namespace: team, port: 80}]}]}\n",
+    );
+    let resolved = || {
+        c.jsonpath(
+            &["get", "httproute", "cross", "-n", "shop"],
+            r#"{.status.parents[*].conditions[?(@.type=="ResolvedRefs")].reason}"#,
+        )
+    };
+    eventually("cross: RefNotPermitted at both parents", 15, || {
+        resolved() == "RefNotPermitted RefNotPermitted"
+    });
+    c.apply(
+        "apiVersion: gateway.networking.k8s.io/v1beta1\nkind: ReferenceGrant\nmetadata: {name: from-shop, namespace: team}\n\
+         spec: {from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}], to: [{group: \"\", kind: Service, name: api}]}\n",
+    );
+    eventually("cross: ResolvedRefs once team grants it", 15, || {
+        resolved() == "ResolvedRefs ResolvedRefs"
+    });
+    c.ok(&["delete", "referencegrant", "from-shop", "-n", "team"]);
+    eventually("cross: RefNotPermitted once the grant is gone", 15, || {
+        resolved() == "RefNotPermitted RefNotPermitted"
+    });
+    c.ok(&["delete", "httproute", "cross", "-n", "shop"]);
+    // (The namespace stays: without a controller-manager it would never
+    // finish terminating.)
+    c.ok(&["delete", "service", "api", "-n", "team"]);
 }
 
 /// A ztunnel's real projected token, reviewed by the real API server

@@ -14,7 +14,7 @@ use hyper::body::Frame;
 use hyper::service::service_fn;
 use hyper_util::rt::TokioIo;
 use istiod_lite::config::folder::FolderSource;
-use istiod_lite::config::kube::{feed, watch_all};
+use istiod_lite::config::kube::{WatchOptions, feed, watch_all, watch_all_with};
 use istiod_lite::config::sources::State;
 use istiod_lite::model::{Model, ModelConfig};
 use istiod_lite::xds::Hub;
@@ -60,6 +60,9 @@ struct Script {
     /// Answer every request with this status instead (404: the kind is not
     /// served, as for a CRD that is not installed; 403: RBAC refuses).
     fail: Option<u16>,
+    /// Never answer (a silent network: no reset, no error); an open watch
+    /// stays open and says nothing.
+    hang: bool,
 }
 
 type Scripts = Arc<Mutex<HashMap<String, (Script, usize, usize)>>>;
@@ -77,6 +80,7 @@ fn list_body(path: &str, items: &[Value], rv: usize) -> Value {
         "gateways" => "GatewayList",
         "httproutes" => "HTTPRouteList",
         "grpcroutes" => "GRPCRouteList",
+        "referencegrants" => "ReferenceGrantList",
         _ => "List",
     };
     json!({"apiVersion": "v1", "kind": kind, "metadata": {"resourceVersion": rv.to_string()}, "items": items})
@@ -118,6 +122,14 @@ async fn serve_api(scripts: Scripts) -> std::net::SocketAddr {
                     async move {
                         let path = req.uri().path().to_string();
                         let watch = req.uri().query().unwrap_or("").contains("watch=true");
+                        let hang = scripts
+                            .lock()
+                            .unwrap()
+                            .get(&path)
+                            .is_some_and(|(s, _, _)| s.hang);
+                        if hang {
+                            return futures::future::pending().await;
+                        }
                         let mut s = scripts.lock().unwrap();
                         let (script, lists, watches) = s.entry(path.clone()).or_default();
                         if let Some(code) = script.fail {
@@ -197,6 +209,7 @@ async fn the_kube_source_builds_the_same_model_as_the_folder_source() {
                     lists,
                     watches,
                     fail: None,
+                    hang: false,
                 },
                 0,
                 0,
@@ -507,4 +520,202 @@ async fn a_failing_api_server_is_retried_with_backoff_and_reported() {
         "{:?}",
         back.elapsed()
     );
+}
+
+const REFGRANTS: &str = "/apis/gateway.networking.k8s.io/v1/referencegrants";
+const GRANT_KEY: &str = "shop/web.shop.svc.cluster.local";
+const GRANT_OBJECTS: [(&str, &str); 5] = [
+    (
+        "/api/v1/namespaces",
+        "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Namespace\nmetadata: {name: team, labels: {istio.io/dataplane-mode: ambient}}\n",
+    ),
+    (
+        "/api/v1/services",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: wp, namespace: shop}\nspec: {clusterIP: 10.96.0.99, ports: [{port: 15008}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: web, namespace: shop, labels: {istio.io/use-waypoint: wp}}\nspec: {clusterIP: 10.96.0.10, ports: [{name: http, port: 80}]}\n---\napiVersion: v1\nkind: Service\nmetadata: {name: api, namespace: team}\nspec: {clusterIP: 10.96.0.11, ports: [{name: http, port: 80}]}\n",
+    ),
+    (
+        "/apis/gateway.networking.k8s.io/v1/gatewayclasses",
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: GatewayClass\nmetadata: {name: istio-waypoint}\nspec: {controllerName: mesh.dev/istiod-lite}\n",
+    ),
+    (GATEWAYS, WAYPOINT),
+    (
+        HTTPROUTES,
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: HTTPRoute\nmetadata: {name: web, namespace: shop}\nspec:\n  parentRefs: [{group: \"\", kind: Service, name: web, port: 80}]\n  rules: [{backendRefs: [{name: api, namespace: team, port: 80}]}]\n",
+    ),
+];
+const KUBE_GRANT: &str = "apiVersion: gateway.networking.k8s.io/v1\nkind: ReferenceGrant\nmetadata: {name: from-shop, namespace: team}\nspec:\n  from: [{group: gateway.networking.k8s.io, kind: HTTPRoute, namespace: shop}]\n  to: [{group: \"\", kind: Service}]\n";
+
+fn listing(yaml: &str) -> (Script, usize, usize) {
+    (
+        Script {
+            lists: vec![yaml_docs(yaml)],
+            ..Script::default()
+        },
+        0,
+        0,
+    )
+}
+
+/// The backends of web's waypoint routes, as pushed (not those marked
+/// invalid: refused, their share answered 500).
+fn web_backends(hub: &Hub) -> Vec<String> {
+    use mesh_proto::mesh::waypoint::ServiceRoutes;
+    use prost::Message;
+    let model = hub.model();
+    let Some(r) = model
+        .resources(mesh_proto::SERVICE_ROUTES_TYPE_URL)
+        .and_then(|m| m.get(GRANT_KEY))
+    else {
+        return Vec::new();
+    };
+    let routes = ServiceRoutes::decode(r.value()).expect("decodes");
+    routes
+        .routes
+        .iter()
+        .flat_map(|r| r.backends.iter().filter(|b| !b.invalid))
+        .map(|b| b.service.clone())
+        .collect()
+}
+
+/// The cross-namespace backend of web's route, as pushed.
+const API_BACKEND: &str = "team/api.team.svc.cluster.local";
+
+/// How many backends of web's waypoint routes are marked invalid
+/// (refused: no service, their share answered 500).
+fn web_refused(hub: &Hub) -> usize {
+    use mesh_proto::mesh::waypoint::ServiceRoutes;
+    use prost::Message;
+    let model = hub.model();
+    let Some(r) = model
+        .resources(mesh_proto::SERVICE_ROUTES_TYPE_URL)
+        .and_then(|m| m.get(GRANT_KEY))
+    else {
+        return 0;
+    };
+    let routes = ServiceRoutes::decode(r.value()).expect("decodes");
+    routes
+        .routes
+        .iter()
+        .flat_map(|r| r.backends.iter().filter(|b| b.invalid))
+        .count()
+}
+
+/// A route in `shop` whose backend in `team` a grant there permits, read
+/// from the (fake) API server; the grant watch then answers `code` from
+/// now on. Returns the hub and the time the grant went.
+async fn grant_then_watch_answers(code: u16, grace: Duration) -> (Arc<Hub>, tokio::time::Instant) {
+    grant_then(failing(code), grace).await
+}
+
+/// [`grant_then_watch_answers`], the grant watch then following `script`.
+async fn grant_then(
+    script: (Script, usize, usize),
+    grace: Duration,
+) -> (Arc<Hub>, tokio::time::Instant) {
+    mesh_core::tls::install_default_provider();
+    let mut scripts: HashMap<String, (Script, usize, usize)> = HashMap::new();
+    for (path, yaml) in GRANT_OBJECTS {
+        scripts.insert(path.into(), listing(yaml));
+    }
+    scripts.insert(REFGRANTS.into(), listing(KUBE_GRANT));
+    let scripts = Arc::new(Mutex::new(scripts));
+    let addr = serve_api(scripts.clone()).await;
+    let config = kube::Config::new(format!("http://{addr}").parse().unwrap());
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    let options = WatchOptions {
+        widening_grace: grace,
+    };
+    tokio::spawn(feed(
+        hub.clone(),
+        watch_all_with(config, hub.sources().clone(), options).unwrap(),
+        Duration::from_millis(20),
+    ));
+    eventually("the granted backend in web's routes", 10, || {
+        web_backends(&hub) == [API_BACKEND]
+    })
+    .await;
+    // From now on the grant watch follows `script`.
+    scripts.lock().unwrap().insert(REFGRANTS.into(), script);
+    (hub, tokio::time::Instant::now())
+}
+
+/// RBAC no longer lets the controller read grants: a grant revoked
+/// meanwhile must not stay in force, so every known grant is dropped at
+/// once, and the kind is reported.
+#[tokio::test]
+async fn a_forbidden_reference_grant_watch_drops_every_known_grant() {
+    let (hub, _) = grant_then_watch_answers(403, Duration::from_secs(60)).await;
+    eventually("the grant dropped once grants are forbidden", 10, || {
+        web_backends(&hub).is_empty() && web_refused(&hub) == 1
+    })
+    .await;
+    let s = hub.sources().get("ReferenceGrant").expect("registered");
+    assert_eq!(s.state, State::Forbidden);
+    assert!(
+        s.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("grants dropped")),
+        "{s:?}"
+    );
+}
+
+/// The CRD is gone (404): no grant exists.
+#[tokio::test]
+async fn a_reference_grant_kind_no_longer_served_drops_every_known_grant() {
+    let (hub, _) = grant_then_watch_answers(404, Duration::from_secs(60)).await;
+    eventually("the grant dropped once grants are not served", 20, || {
+        web_backends(&hub).is_empty() && web_refused(&hub) == 1
+    })
+    .await;
+    assert_eq!(
+        hub.sources().get("ReferenceGrant").map(|s| s.state),
+        Some(State::Missing)
+    );
+}
+
+/// A grant watch that keeps failing: the grants stay for the grace, then
+/// go (a revocation the controller cannot see must not last).
+#[tokio::test]
+async fn a_failing_reference_grant_watch_drops_every_known_grant_after_the_grace() {
+    let grace = Duration::from_secs(3);
+    let (hub, since) = grant_then_watch_answers(503, grace).await;
+    eventually("grants reported failing", 10, || {
+        hub.sources().get("ReferenceGrant").map(|s| s.state) == Some(State::Failing)
+    })
+    .await;
+    assert!(
+        !web_backends(&hub).is_empty() || since.elapsed() >= grace,
+        "dropped before the grace"
+    );
+    eventually("the grant dropped after the grace", 10, || {
+        web_backends(&hub).is_empty() && web_refused(&hub) == 1
+    })
+    .await;
+    assert!(since.elapsed() >= grace, "{:?}", since.elapsed());
+    let s = hub.sources().get("ReferenceGrant").expect("registered");
+    assert!(
+        s.detail
+            .as_deref()
+            .is_some_and(|d| d.contains("grants dropped")),
+        "{s:?}"
+    );
+}
+
+/// The network to the API server goes silent (no reset, no error): the
+/// open grant watch says nothing and every new request hangs. A grant
+/// revoked meanwhile must not last minutes: the grants are dropped within
+/// the read timeout (shorter than the grace) plus the grace.
+#[tokio::test]
+async fn a_silent_reference_grant_watch_drops_every_known_grant_within_the_grace() {
+    let grace = Duration::from_secs(3);
+    let hang = Script {
+        hang: true,
+        ..Script::default()
+    };
+    let (hub, since) = grant_then((hang, 0, 0), grace).await;
+    eventually("the grant dropped on a silent network", 12, || {
+        web_backends(&hub).is_empty() && web_refused(&hub) == 1
+    })
+    .await;
+    assert!(since.elapsed() >= grace, "{:?}", since.elapsed());
 }

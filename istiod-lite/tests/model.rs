@@ -1,14 +1,13 @@
 //! The folder source and the model: what users write in, xDS resources out,
 //! and every bad input reported by name without losing the rest.
 
-use std::path::Path;
-
-use istiod_lite::config::folder::FolderSource;
-use istiod_lite::model::{Model, ModelConfig};
 use mesh_proto::istio::security::{Action, Authorization};
 use mesh_proto::istio::workload::{Address, TunnelProtocol, address};
 use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
 use prost::Message;
+
+mod folder_fixture;
+use folder_fixture::Fixture;
 
 const BASE: &str = r#"
 apiVersion: v1
@@ -40,35 +39,13 @@ metadata: {name: web, namespace: shop}
 spec: {selector: {app: web}, clusterIP: 10.96.0.10, ports: [{port: 80, targetPort: http}]}
 "#;
 
-struct Fixture {
-    dir: tempfile::TempDir,
-    src: FolderSource,
-    model: Model,
+/// The model tests' views of the fixture's resources.
+trait Resources {
+    fn address(&self, name: &str) -> Option<address::Type>;
+    fn authz(&self, name: &str) -> Option<Authorization>;
 }
 
-impl Fixture {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let src = FolderSource::new(dir.path());
-        Fixture {
-            dir,
-            src,
-            model: Model::new(ModelConfig::default()),
-        }
-    }
-
-    fn write(&self, name: &str, text: &str) {
-        let p = self.dir.path().join(name);
-        std::fs::write(&p, text).unwrap();
-        // Make sure the change is seen even within one mtime tick.
-        bump_mtime(&p);
-    }
-
-    fn sync(&mut self) -> istiod_lite::model::Delta {
-        let changes = self.src.scan();
-        self.model.apply(changes)
-    }
-
+impl Resources for Fixture {
     fn address(&self, name: &str) -> Option<address::Type> {
         let r = self.model.resources(ADDRESS_TYPE_URL)?.get(name)?;
         Address::decode(r.value()).ok()?.r#type
@@ -78,29 +55,6 @@ impl Fixture {
         let r = self.model.resources(AUTHORIZATION_TYPE_URL)?.get(name)?;
         Authorization::decode(r.value()).ok()
     }
-
-    fn issues(&self) -> Vec<String> {
-        let mut v: Vec<String> = self.src.issues().iter().map(|i| i.to_string()).collect();
-        v.extend(
-            self.model
-                .issues()
-                .iter()
-                .map(|i| format!("{}: {}", i.object, i.reason)),
-        );
-        v
-    }
-}
-
-fn bump_mtime(p: &Path) {
-    let t = std::time::SystemTime::now() + std::time::Duration::from_secs(fastrand_secs());
-    let f = std::fs::File::options().write(true).open(p).unwrap();
-    f.set_modified(t).unwrap();
-}
-
-fn fastrand_secs() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(1);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 const WEB: &str = "Kubernetes//Pod/shop/web-1";

@@ -237,6 +237,7 @@ impl App {
             }
             Role::Ingress => {
                 tokio::spawn(ingress_ports(waypoint.clone(), stop.clone()));
+                tokio::spawn(waypoint.clone().log_left_out_refusals());
                 None
             }
         };

@@ -1,7 +1,9 @@
 //! Log lines a flood could multiply: an ingress writes one line per
 //! refused connection (a source that names no workload, a failed or slow
 //! TLS handshake). Each kind of line is written at most once per
-//! [`EVERY`]; the next one written says how many were left out since.
+//! [`EVERY`]; the next one written says how many were left out since, and
+//! [`LogLimit::due`] gives the counts nothing has written once a period
+//! has passed (a periodic task logs them).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -61,6 +63,25 @@ impl LogLimit {
             }
         }
     }
+
+    /// The kinds whose period has passed with lines left out and none
+    /// written since, with how many: a periodic task logs them, so a burst
+    /// followed by silence still has its count written. Each one's period
+    /// starts again at `now`, with nothing left out.
+    pub fn due(&self, now: Instant) -> Vec<(&'static str, u64)> {
+        let Ok(mut seen) = self.seen.lock() else {
+            return Vec::new();
+        };
+        let mut out = Vec::new();
+        for (reason, w) in seen.iter_mut() {
+            if w.suppressed > 0 && now.saturating_duration_since(w.written) >= self.every {
+                w.written = now;
+                out.push((*reason, std::mem::take(&mut w.suppressed)));
+            }
+        }
+        out.sort_unstable();
+        out
+    }
 }
 
 impl Default for LogLimit {
@@ -93,5 +114,25 @@ mod tests {
         assert_eq!(l.admit("tls", t0 + Duration::from_secs(25)), Some(1));
         // A clock that goes back leaves the line out rather than panic.
         assert_eq!(l.admit("tls", t0), None);
+    }
+
+    /// A burst followed by silence: its count is due once the period has
+    /// passed (not before, not twice), with no later line needed. Failed
+    /// first: the count was written only with the next line admitted.
+    #[test]
+    fn a_burst_followed_by_silence_has_its_count_due() {
+        let l = LogLimit::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(l.admit("tls", t0), Some(0));
+        assert_eq!(l.admit("quiet", t0), Some(0));
+        for i in 1..=3 {
+            assert_eq!(l.admit("tls", t0 + Duration::from_secs(i)), None);
+        }
+        assert!(l.due(t0 + Duration::from_secs(5)).is_empty());
+        assert_eq!(l.due(t0 + Duration::from_secs(10)), vec![("tls", 3)]);
+        assert!(l.due(t0 + Duration::from_secs(30)).is_empty());
+        // Its period started again when it was due.
+        assert_eq!(l.admit("tls", t0 + Duration::from_secs(15)), None);
+        assert_eq!(l.admit("tls", t0 + Duration::from_secs(20)), Some(1));
     }
 }

@@ -176,7 +176,8 @@ pub struct Route {
 }
 
 impl Route {
-    /// A weighted pick; `None` when every weight is zero (Gateway API: 500).
+    /// A weighted pick; `None` when every weight is zero, or the pick falls
+    /// on the share of a backend marked invalid (Gateway API: 500).
     pub fn pick_backend(&self) -> Option<&Backend> {
         if self.total_weight == 0 {
             return None;
@@ -515,14 +516,18 @@ fn compile_route(r: &pb::Route) -> Result<Route, RouteError> {
             },
         }),
     };
+    // A backend marked invalid is never picked, but keeps its share of
+    // the weight: the requests that fall on it are answered 500.
     let backends = r
         .backends
         .iter()
+        .filter(|b| !b.invalid)
         .map(|b| compile_backend(b, name))
         .collect::<Result<Vec<_>, _>>()?;
-    let total_weight = backends.iter().map(|b| u64::from(b.weight)).sum();
+    let total_weight = r.backends.iter().map(|b| u64::from(b.weight)).sum();
     let mirror = match &r.mirror {
         Some(m) => match &m.backend {
+            Some(b) if b.invalid => None,
             Some(b) => Some((compile_backend(b, name)?, m.per_million)),
             None => return Err(invalid("mirror has no backend".into())),
         },
@@ -621,6 +626,47 @@ mod tests {
             query: q,
             headers: h,
         }
+    }
+
+    /// A backend the controller marks invalid (a refused cross-namespace
+    /// one) is never picked, and keeps its share: the requests that fall
+    /// on it get no backend (500).
+    #[test]
+    fn an_invalid_backend_keeps_its_share_and_is_never_picked() {
+        let routes = pb::ServiceRoutes {
+            routes: vec![pb::Route {
+                name: "shop/r/0".into(),
+                backends: vec![
+                    pb::WeightedBackend {
+                        service: "shop/r.shop.svc.cluster.local".into(),
+                        weight: 1,
+                        ..Default::default()
+                    },
+                    pb::WeightedBackend {
+                        weight: 1,
+                        invalid: true,
+                        ..Default::default()
+                    },
+                ],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let s = ServiceConfig::compile("shop/r.shop.svc.cluster.local", &routes).expect("compiles");
+        let (get, h) = (Method::GET, HeaderMap::new());
+        let r = s.route(&view(&get, "/", None, &h)).expect("a route");
+        assert_eq!(r.name, "shop/r/0");
+        let (mut picked, mut none) = (0, 0);
+        for _ in 0..400 {
+            match r.pick_backend() {
+                Some(b) => {
+                    assert_eq!(b.service, "shop/r.shop.svc.cluster.local");
+                    picked += 1;
+                }
+                None => none += 1,
+            }
+        }
+        assert!(picked >= 100 && none >= 100, "{picked} picked, {none} none");
     }
 
     #[test]

@@ -12,6 +12,10 @@ pub use mesh_core::config::{
     load_yaml,
 };
 
+/// The longest `busy_poll_us` accepted: a millisecond of spinning per
+/// burst of traffic is already most of a core on a busy node.
+pub const MAX_BUSY_POLL_US: u64 = 1_000;
+
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
@@ -76,6 +80,11 @@ pub struct Config {
     /// How those threads share the work (see `mesh_core::shards`).
     #[serde(default)]
     pub runtime: RuntimeKind,
+    /// With `runtime: sharded`: after doing work, a shard keeps polling for
+    /// this many microseconds before it sleeps (`mesh_core::spin`). 0, the
+    /// default: off. Trades CPU for latency on request/response traffic.
+    #[serde(default)]
+    pub busy_poll_us: u64,
 }
 
 /// Where the controller is and the mesh's root namespace, given outside the
@@ -383,6 +392,11 @@ impl Config {
                 "pool.max_streams must be at least 1".into(),
             ));
         }
+        if self.busy_poll_us > MAX_BUSY_POLL_US {
+            return Err(ConfigError::Invalid(format!(
+                "busy_poll_us must be at most {MAX_BUSY_POLL_US} (a shard spins that long after each burst)"
+            )));
+        }
         Ok(())
     }
 }
@@ -423,6 +437,10 @@ mod tests {
         );
         let err = load("worker_threads: 0\n").expect_err("0 threads is refused");
         assert!(err.to_string().contains("worker_threads"), "{err}");
+        assert_eq!(cfg.busy_poll_us, 0, "busy polling is off by default");
+        assert_eq!(load("busy_poll_us: 50\n").expect("loads").busy_poll_us, 50);
+        let err = load("busy_poll_us: 5000\n").expect_err("a budget over 1 ms is refused");
+        assert!(err.to_string().contains("busy_poll_us"), "{err}");
     }
 
     /// The DNS proxy's settings: one upstream or a list, a bare IP meaning

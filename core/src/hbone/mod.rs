@@ -398,6 +398,7 @@ impl Turn {
         mut pass: impl FnMut(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
         self.task.register(cx.waker());
+        crate::spin::note_work();
         let mut inner = Context::from_waker(waker);
         for _ in 0..MAX_PASSES {
             self.woken.store(false, Ordering::SeqCst);

@@ -1,9 +1,13 @@
 //! The folder source: a directory of Kubernetes YAML (multi-document files
 //! allowed), re-read when a file changes. A file that does not parse, or an
 //! object that does not, is reported by name and skipped; the last good
-//! version of that object stays in force.
+//! version of that object stays in force, unless it only widens access (a
+//! ReferenceGrant): that one is dropped, so what cannot be read permits
+//! nothing; and such an object defined in two files, or with a copy that
+//! cannot be read, is used from neither. Object names must be Kubernetes
+//! names ([`super::names`]).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
@@ -53,7 +57,34 @@ struct FileState {
     mtime: Option<SystemTime>,
     /// The last good version of every object the file defines.
     objects: BTreeMap<ObjectKey, Entry>,
+    /// Objects that only widen access (grants) of which this file holds a
+    /// copy that cannot be read (or two copies): no copy of those is used,
+    /// in any file.
+    unreadable: BTreeSet<ObjectKey>,
     issues: Vec<ConfigIssue>,
+}
+
+impl FileState {
+    /// The objects kept when the file cannot be read again: the last good
+    /// version of each, except those that only widen access (a grant the
+    /// user is changing is not left in force; fail closed).
+    fn last_good(&self) -> BTreeMap<ObjectKey, Entry> {
+        self.objects
+            .iter()
+            .filter(|(k, _)| !k.kind.widens_access())
+            .map(|(k, e)| (k.clone(), e.clone()))
+            .collect()
+    }
+
+    /// The objects that only widen access this file held, now unreadable.
+    fn widening_keys(&self) -> BTreeSet<ObjectKey> {
+        self.objects
+            .keys()
+            .chain(&self.unreadable)
+            .filter(|k| k.kind.widens_access())
+            .cloned()
+            .collect()
+    }
 }
 
 pub struct FolderSource {
@@ -87,6 +118,40 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 /// Kind/namespace/name as written in a raw document, for reporting an
 /// object that failed to parse.
+/// The names of a document, checked as the API server would
+/// ([`super::names`]); a document without them is left to the parser.
+fn check_names(v: &serde_json::Value) -> Result<(), super::names::NameError> {
+    let (Some(kind), Some(name)) = (
+        v.get("kind").and_then(|k| k.as_str()),
+        v.pointer("/metadata/name").and_then(|n| n.as_str()),
+    ) else {
+        return Ok(());
+    };
+    let ns = v.pointer("/metadata/namespace").and_then(|n| n.as_str());
+    super::names::check(kind, name, ns)
+}
+
+/// Objects that only widen access and are defined in more than one file,
+/// or in a file that holds a copy that cannot be read: with the files that
+/// define them.
+fn refused_widening(files: &BTreeMap<PathBuf, FileState>) -> BTreeMap<ObjectKey, Vec<String>> {
+    let mut copies: BTreeMap<ObjectKey, Vec<String>> = BTreeMap::new();
+    for (path, f) in files {
+        let keys = f.objects.keys().filter(|k| k.kind.widens_access());
+        for k in keys.chain(&f.unreadable) {
+            let paths = copies.entry(k.clone()).or_default();
+            let p = path.display().to_string();
+            if !paths.contains(&p) {
+                paths.push(p);
+            }
+        }
+    }
+    copies
+        .into_iter()
+        .filter(|(k, paths)| paths.len() > 1 || files.values().any(|f| f.unreadable.contains(k)))
+        .collect()
+}
+
 fn raw_label(v: &serde_json::Value) -> Option<String> {
     let kind = v.get("kind")?.as_str()?;
     let name = v.pointer("/metadata/name")?.as_str()?;
@@ -134,7 +199,8 @@ impl FolderSource {
         let text = match std::fs::read_to_string(path) {
             Ok(t) => t,
             Err(e) => {
-                state.objects = prev.objects.clone();
+                state.objects = prev.last_good();
+                state.unreadable = prev.widening_keys();
                 state.issues.push(ConfigIssue {
                     file,
                     object: None,
@@ -151,7 +217,16 @@ impl FolderSource {
                 Ok(serde_json::Value::Null) => {}
                 Ok(v) => docs.push(v),
                 Err(e) => {
-                    state.objects = prev.objects.clone();
+                    state.objects = prev.last_good();
+                    // Grants copied here are unreadable copies: those
+                    // of the last good read, and those of the documents
+                    // before the error (a first read has no last good).
+                    state.unreadable = prev.widening_keys();
+                    state.unreadable.extend(
+                        docs.iter()
+                            .filter_map(|v| ObjectKey::of_raw(v, "default"))
+                            .filter(|k| k.kind.widens_access()),
+                    );
                     state.issues.push(ConfigIssue {
                         file,
                         object: None,
@@ -164,6 +239,14 @@ impl FolderSource {
         for v in docs {
             let label = raw_label(&v);
             let raw_key = ObjectKey::of_raw(&v, "default");
+            if let Err(reason) = check_names(&v) {
+                state.issues.push(ConfigIssue {
+                    file: file.clone(),
+                    object: label,
+                    reason: reason.to_string(),
+                });
+                continue;
+            }
             let mut raw = v.clone();
             match Object::parse(v) {
                 Ok(Some(mut obj)) => {
@@ -174,6 +257,9 @@ impl FolderSource {
                             .or_insert_with(|| key.namespace.clone().into());
                     }
                     if state.objects.contains_key(&key) {
+                        if key.kind.widens_access() {
+                            state.unreadable.insert(key.clone());
+                        }
                         state.issues.push(ConfigIssue {
                             file: file.clone(),
                             object: Some(key.to_string()),
@@ -192,11 +278,14 @@ impl FolderSource {
                 }
                 Ok(None) => {}
                 Err(e) => {
-                    // Keep the last good version of this object, if any.
-                    if let Some(k) = raw_key
-                        && let Some(old) = prev.objects.get(&k)
-                    {
-                        state.objects.insert(k, old.clone());
+                    // Keep the last good version of this object, if any,
+                    // unless it only widens access (fail closed).
+                    if let Some(k) = raw_key {
+                        if k.kind.widens_access() {
+                            state.unreadable.insert(k);
+                        } else if let Some(old) = prev.objects.get(&k) {
+                            state.objects.insert(k, old.clone());
+                        }
                     }
                     let (object, reason) = match &e {
                         ObjectError::UnknownField { field, .. } => {
@@ -252,11 +341,24 @@ impl FolderSource {
         if !dirty {
             return Vec::new();
         }
-        // Merge files in path order; the first definition of a key wins.
+        // Merge files in path order; the first definition of a key wins,
+        // except for objects that only widen access: none is used of those
+        // defined twice, or with a copy that cannot be read.
         let mut merged: BTreeMap<ObjectKey, (&Path, &Entry)> = BTreeMap::new();
         self.duplicates.clear();
+        let refused = refused_widening(&self.files);
+        for (k, paths) in &refused {
+            self.duplicates.push(ConfigIssue {
+                file: paths.join(", "),
+                object: Some(k.to_string()),
+                reason: "defined more than once, or a copy cannot be read; every copy is dropped (it would widen access)".into(),
+            });
+        }
         for (path, f) in &self.files {
             for (k, e) in &f.objects {
+                if refused.contains_key(k) {
+                    continue;
+                }
                 if let Some((first, _)) = merged.get(k) {
                     self.duplicates.push(ConfigIssue {
                         file: path.display().to_string(),

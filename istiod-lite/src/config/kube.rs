@@ -7,7 +7,11 @@
 //! serve (404: its CRD is not installed) has no objects, and is probed
 //! quietly until it appears; one that RBAC refuses (403) keeps what it last
 //! listed. Neither holds the rest of the mesh back (but see the fail-closed
-//! rule for policy kinds there). After any other failure the kind is
+//! rule for policy kinds there). A kind that only widens access
+//! (ReferenceGrant) is never kept while it cannot be read: refused, its
+//! objects are dropped at once; failing, after [`WIDENING_GRACE`], a silent
+//! network included (a list deadline, a short watch and read timeout).
+//! After any other failure the kind is
 //! listed afresh once the API server answers, with a backoff that a success
 //! resets, so a long outage leaves no long wait behind. A 410 relist is not
 //! a failure.
@@ -23,13 +27,14 @@ use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::referencegrants::ReferenceGrant;
 use k8s_openapi::api::core::v1::{Namespace, Pod, Secret, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::watcher::{self, Event};
 use kube::{Api, Client, Resource};
 use serde::de::DeserializeOwned;
 use tokio::sync::mpsc;
-use tracing::{debug, info};
+use tracing::{debug, info, warn};
 
 use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication, TrafficPolicy};
 use super::objects::{Change, Object, ObjectKey, merge_string_data};
@@ -41,6 +46,10 @@ const RETRY_FIRST: Duration = Duration::from_millis(200);
 const RETRY_MAX: Duration = Duration::from_secs(2);
 /// How often a kind that is not served is probed for (its CRD appearing).
 const MISSING_PROBE: Duration = Duration::from_secs(3);
+/// How long grants (a kind that only widens access) stay in force while
+/// their watch fails; a refusal (403) or a kind not served (404) drops
+/// them at once.
+pub const WIDENING_GRACE: Duration = Duration::from_secs(30);
 
 /// What a failed list or watch means.
 #[derive(Debug, PartialEq, Eq)]
@@ -94,6 +103,9 @@ struct Watch<K: Resource + Clone + DeserializeOwned + Debug + Send + 'static> {
     tx: mpsc::Sender<Vec<Change>>,
     sources: Arc<Sources>,
     client: Client,
+    /// Its objects only widen access: trouble drops them (fail closed).
+    widens: bool,
+    grace: Duration,
 }
 
 impl<K> Watch<K>
@@ -132,14 +144,51 @@ where
         // Failures since the last success: a listed kind's first one (an
         // ended watch, a CRD being deleted) is retried before it is news.
         let mut failures = 0u32;
-        while let Some(ev) = stream.next().await {
+        // Grants only: since when the watch has failed, and whether what
+        // was known has been dropped for it.
+        let mut failing_since: Option<tokio::time::Instant> = None;
+        let mut dropped = false;
+        // Grants only: a (re)list must complete by this, or what was known
+        // is dropped (a silent network raises no error for minutes).
+        let mut list_deadline: Option<tokio::time::Instant> = None;
+        loop {
+            let ev = match next_before(&mut stream, list_deadline).await {
+                Next::Event(ev) => ev,
+                Next::End => return,
+                Next::Late => {
+                    list_deadline = None;
+                    let detail = format!(
+                        "no complete list within {:?}; known grants dropped: cross-namespace backends are refused until the kind is read again",
+                        self.grace
+                    );
+                    if !self.drop_known_now(&mut known, &detail).await {
+                        return;
+                    }
+                    dropped = true;
+                    self.sources.set(self.kind, State::Failing, Some(detail));
+                    continue;
+                }
+            };
             let changes = match ev {
                 Ok(ev) => {
-                    // A fresh watcher says Init before it asks anything:
-                    // only an answer is a success.
-                    if !matches!(ev, Event::Init) {
+                    // A fresh watcher says Init before it asks anything,
+                    // and a paged list's first page is no whole list: only
+                    // a complete list or a watch event is a success.
+                    if matches!(ev, Event::InitDone | Event::Apply(_) | Event::Delete(_)) {
                         backoff.reset();
                         failures = 0;
+                        failing_since = None;
+                    }
+                    match ev {
+                        Event::Init if self.widens => {
+                            let from = failing_since.unwrap_or_else(tokio::time::Instant::now);
+                            list_deadline = Some(from + self.grace);
+                        }
+                        Event::InitDone => {
+                            dropped = false;
+                            list_deadline = None;
+                        }
+                        _ => {}
                     }
                     match self.event(ev, &mut known, &mut listing) {
                         Some(c) => c,
@@ -164,17 +213,22 @@ where
                         Trouble::Failing(d) => (State::Failing, d, Some(backoff.next(RETRY_MAX))),
                     };
                     listing = None;
-                    if state == State::Missing {
-                        // Nothing of a kind that is not served exists (the
-                        // API server deletes a CRD's objects with it).
-                        let gone: Vec<Change> = std::mem::take(&mut known)
-                            .into_iter()
-                            .map(Change::Delete)
-                            .collect();
-                        if !gone.is_empty() && self.tx.send(gone).await.is_err() {
+                    if state != State::Missing {
+                        failing_since.get_or_insert_with(tokio::time::Instant::now);
+                    }
+                    if self.drops_known(state, failing_since) {
+                        dropped |= self.widens;
+                        if !self.drop_known_now(&mut known, &detail).await {
                             return;
                         }
                     }
+                    let detail = if dropped {
+                        format!(
+                            "{detail}; known grants dropped: cross-namespace backends are refused until the kind is read again"
+                        )
+                    } else {
+                        detail
+                    };
                     failures += 1;
                     let listed = self
                         .sources
@@ -212,6 +266,40 @@ where
             if listed {
                 self.sources.set(self.kind, State::Listed, None);
             }
+        }
+    }
+
+    /// Deletes every object known of the kind; false when the receiver is
+    /// gone.
+    async fn drop_known_now(&self, known: &mut BTreeSet<ObjectKey>, detail: &str) -> bool {
+        if self.widens && !known.is_empty() {
+            warn!(
+                kind = self.kind,
+                dropped = known.len(),
+                error = %detail,
+                "cannot read the kind; every known one is dropped (they only widen access)"
+            );
+        }
+        let gone: Vec<Change> = std::mem::take(known)
+            .into_iter()
+            .map(Change::Delete)
+            .collect();
+        gone.is_empty() || self.tx.send(gone).await.is_ok()
+    }
+
+    /// Whether trouble of `state` drops every object known of the kind.
+    /// Nothing of a kind that is not served exists (the API server deletes
+    /// a CRD's objects with it). A kind that only widens access (grants)
+    /// is not left in force while it cannot be read: a revocation would go
+    /// unseen. Refused, at once; failing, after the grace.
+    fn drops_known(&self, state: State, failing_since: Option<tokio::time::Instant>) -> bool {
+        match state {
+            State::Missing => true,
+            State::Forbidden => self.widens,
+            State::Failing => {
+                self.widens && failing_since.is_some_and(|t| t.elapsed() >= self.grace)
+            }
+            State::Listing | State::Listed => false,
         }
     }
 
@@ -324,6 +412,34 @@ fn trim_pod(p: Pod) -> Pod {
     }
 }
 
+/// What the watcher said, if anything, before a deadline.
+enum Next<K> {
+    Event(watcher::Result<Event<K>>),
+    /// The stream ended.
+    End,
+    /// The deadline passed first.
+    Late,
+}
+
+async fn next_before<K>(
+    stream: &mut BoxStream<'static, watcher::Result<Event<K>>>,
+    deadline: Option<tokio::time::Instant>,
+) -> Next<K> {
+    let next = async {
+        match stream.next().await {
+            Some(ev) => Next::Event(ev),
+            None => Next::End,
+        }
+    };
+    match deadline {
+        None => next.await,
+        Some(d) => tokio::select! {
+            n = next => n,
+            _ = tokio::time::sleep_until(d) => Next::Late,
+        },
+    }
+}
+
 /// A batch of changes: a whole list, or one event.
 enum Step {
     Listed(Vec<Change>),
@@ -341,9 +457,54 @@ pub struct Watchers {
 /// retries (of 429 and 503, up to minutes): the watchers retry by their own
 /// backoff, which a success resets.
 pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers, kube::Error> {
+    watch_all_with(config, sources, WatchOptions::default())
+}
+
+/// How the watchers treat trouble.
+#[derive(Debug, Clone, Copy)]
+pub struct WatchOptions {
+    /// How long the objects of a kind that only widens access (grants) stay
+    /// in force while its watch fails: then they are all dropped.
+    pub widening_grace: Duration,
+}
+
+impl Default for WatchOptions {
+    fn default() -> Self {
+        WatchOptions {
+            widening_grace: WIDENING_GRACE,
+        }
+    }
+}
+
+/// The server-side timeout of a grant watch, in seconds: two thirds of the
+/// grace (20 s of 30 s), so a healthy watch is renewed well within it.
+fn widening_watch_timeout(grace: Duration) -> u32 {
+    u32::try_from(grace.as_secs() * 2 / 3)
+        .unwrap_or(u32::MAX)
+        .max(1)
+}
+
+/// The read timeout of the grants' client: five sixths of the grace (25 s
+/// of 30 s), above the watch timeout and below the grace.
+fn widening_read_timeout(grace: Duration) -> Duration {
+    (grace * 5 / 6)
+        .max(Duration::from_secs(widening_watch_timeout(grace).into()) + Duration::from_millis(500))
+}
+
+/// [`watch_all`], with `options`.
+pub fn watch_all_with(
+    config: kube::Config,
+    sources: Arc<Sources>,
+    options: WatchOptions,
+) -> Result<Watchers, kube::Error> {
     let mut config = config;
     config.default_retry = false;
-    let client = Client::try_from(config)?;
+    let client = Client::try_from(config.clone())?;
+    // Grants: a silent network (no reset) must not keep them for minutes.
+    // The API server ends each watch before the read timeout, so a healthy
+    // quiet watch is never cut; a dead connection errors within it.
+    config.read_timeout = Some(widening_read_timeout(options.widening_grace));
+    let widening_client = Client::try_from(config)?;
     let (tx, rx) = mpsc::channel(64);
     macro_rules! watch {
         ($t:ty, $variant:ident, $name:literal, $narrows:expr) => {
@@ -357,7 +518,10 @@ pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers
             )
         };
         ($t:ty, $variant:ident, $name:literal, $narrows:expr, $config:expr, $prepare:expr) => {
-            let api = Api::<$t>::all(client.clone());
+            watch!($t, $variant, $name, $narrows, $config, $prepare, client)
+        };
+        ($t:ty, $variant:ident, $name:literal, $narrows:expr, $config:expr, $prepare:expr, $client:expr) => {
+            let api = Api::<$t>::all($client.clone());
             sources.register($name, api.resource_url().to_string(), $narrows);
             tokio::spawn(
                 Watch {
@@ -367,7 +531,10 @@ pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers
                     kind: $name,
                     tx: tx.clone(),
                     sources: sources.clone(),
-                    client: client.clone(),
+                    client: $client.clone(),
+                    widens: super::objects::Kind::from_name($name)
+                        .is_some_and(super::objects::Kind::widens_access),
+                    grace: options.widening_grace,
                 }
                 .run(),
             );
@@ -380,6 +547,19 @@ pub fn watch_all(config: kube::Config, sources: Arc<Sources>) -> Result<Watchers
     watch!(GatewayClass, GatewayClass, "GatewayClass", false);
     watch!(Gateway, Gateway, "Gateway", false);
     watch!(HttpRoute, HttpRoute, "HTTPRoute", false);
+    // Grants only widen what routes may reach: without them (not served,
+    // forbidden, failing past the grace: every known grant is dropped)
+    // cross-namespace backends are refused, so they never hold the mesh
+    // back.
+    watch!(
+        ReferenceGrant,
+        ReferenceGrant,
+        "ReferenceGrant",
+        false,
+        watcher::Config::default().timeout(widening_watch_timeout(options.widening_grace)),
+        |o| o,
+        widening_client
+    );
     // Held as the HTTPRoute it amounts to (grpcroute.rs).
     watch!(
         GrpcRoute,

@@ -6,5 +6,6 @@ pub mod folder;
 pub mod grpcroute;
 pub mod kube;
 pub mod mesh;
+pub mod names;
 pub mod objects;
 pub mod sources;

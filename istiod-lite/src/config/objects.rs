@@ -5,6 +5,7 @@ use std::fmt;
 
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
+use gateway_api::apis::standard::referencegrants::ReferenceGrant;
 // The experimental channel: a superset of standard that has `retry`.
 use gateway_api::apis::experimental::grpcroutes::GrpcRoute;
 use gateway_api::apis::experimental::httproutes::HttpRoute as HTTPRoute;
@@ -28,6 +29,7 @@ pub enum Object {
     GatewayClass(Box<GatewayClass>),
     Gateway(Box<Gateway>),
     HttpRoute(Box<HTTPRoute>),
+    ReferenceGrant(Box<ReferenceGrant>),
     AuthorizationPolicy(Box<AuthorizationPolicy>),
     PeerAuthentication(Box<PeerAuthentication>),
     DestinationRule(Box<DestinationRule>),
@@ -59,6 +61,7 @@ impl fmt::Debug for Object {
             Object::GatewayClass(o) => f.debug_tuple("GatewayClass").field(o).finish(),
             Object::Gateway(o) => f.debug_tuple("Gateway").field(o).finish(),
             Object::HttpRoute(o) => f.debug_tuple("HttpRoute").field(o).finish(),
+            Object::ReferenceGrant(o) => f.debug_tuple("ReferenceGrant").field(o).finish(),
             Object::AuthorizationPolicy(o) => {
                 f.debug_tuple("AuthorizationPolicy").field(o).finish()
             }
@@ -110,6 +113,7 @@ pub enum Kind {
     GatewayClass,
     Gateway,
     HttpRoute,
+    ReferenceGrant,
     AuthorizationPolicy,
     PeerAuthentication,
     DestinationRule,
@@ -130,6 +134,7 @@ impl Kind {
             "GatewayClass" => Kind::GatewayClass,
             "Gateway" => Kind::Gateway,
             "HTTPRoute" => Kind::HttpRoute,
+            "ReferenceGrant" => Kind::ReferenceGrant,
             "AuthorizationPolicy" => Kind::AuthorizationPolicy,
             "PeerAuthentication" => Kind::PeerAuthentication,
             "DestinationRule" => Kind::DestinationRule,
@@ -141,6 +146,13 @@ impl Kind {
 
     pub fn namespaced(self) -> bool {
         !matches!(self, Kind::Namespace | Kind::Node | Kind::GatewayClass)
+    }
+
+    /// Whether an object of this kind only ever widens access (a
+    /// ReferenceGrant): a version of it that cannot be read must not leave
+    /// the last good one in force.
+    pub fn widens_access(self) -> bool {
+        matches!(self, Kind::ReferenceGrant)
     }
 }
 
@@ -290,6 +302,9 @@ impl Object {
                 typed::<GrpcRoute>(v, k, &name)?;
                 Object::HttpRoute(Box::new(typed(http, k, &name)?))
             }
+            ("gateway.networking.k8s.io", "ReferenceGrant") => {
+                Object::ReferenceGrant(Box::new(typed(v, k, &name)?))
+            }
             ("security.istio.io", "AuthorizationPolicy") => {
                 Object::AuthorizationPolicy(Box::new(typed(v, k, &name)?))
             }
@@ -336,6 +351,7 @@ impl Object {
             Object::GatewayClass(o) => k(Kind::GatewayClass, &o.metadata),
             Object::Gateway(o) => k(Kind::Gateway, &o.metadata),
             Object::HttpRoute(o) => k(Kind::HttpRoute, &o.metadata),
+            Object::ReferenceGrant(o) => k(Kind::ReferenceGrant, &o.metadata),
             Object::AuthorizationPolicy(o) => k(Kind::AuthorizationPolicy, &o.metadata),
             Object::PeerAuthentication(o) => k(Kind::PeerAuthentication, &o.metadata),
             Object::DestinationRule(o) => k(Kind::DestinationRule, &o.metadata),
@@ -354,6 +370,7 @@ impl Object {
             Object::ServiceAccount(o) => &mut o.metadata,
             Object::Gateway(o) => &mut o.metadata,
             Object::HttpRoute(o) => &mut o.metadata,
+            Object::ReferenceGrant(o) => &mut o.metadata,
             Object::AuthorizationPolicy(o) => &mut o.metadata,
             Object::PeerAuthentication(o) => &mut o.metadata,
             Object::DestinationRule(o) => &mut o.metadata,

@@ -103,6 +103,7 @@ impl Model {
                 d.ingresses = true;
             }
             Kind::TrafficPolicy => self.apply_traffic_policy(nn, obj, d),
+            Kind::ReferenceGrant => self.apply_reference_grant(nn, obj, d),
             Kind::Secret => {
                 // Only the verdict and what a listener serves are kept.
                 match obj {
@@ -184,6 +185,23 @@ impl Model {
         } else {
             d.pods.extend(in_ns(&self.pods, &nn.0));
         }
+    }
+
+    /// A ReferenceGrant: every route that refers into its namespace (what
+    /// it may reach there may have changed), their issues, and the
+    /// ingresses. Route status is computed from the model when written.
+    fn apply_reference_grant(&mut self, nn: NsName, obj: Option<Object>, d: &mut Dirty) {
+        match obj {
+            Some(Object::ReferenceGrant(g)) => self.reference_grants.insert(nn.clone(), *g),
+            _ => self.reference_grants.remove(&nn),
+        };
+        for (rk, r) in &self.http_routes {
+            if routes::refers_into(r, &nn.0) {
+                d.routes.extend(routes::service_parents(r));
+                d.http_routes.insert(rk.clone());
+            }
+        }
+        d.ingresses = true;
     }
 
     /// A TrafficPolicy: the routes that reference it (or all its namespace's,

@@ -5,14 +5,17 @@
 //!   and HTTPS in Passthrough mode, is not served.
 //! - An HTTPS listener serves the first of its `certificateRefs` that
 //!   resolves to a valid `kubernetes.io/tls` Secret in the Gateway's own
-//!   namespace (there is no ReferenceGrant support). With none, the listener
+//!   namespace (ReferenceGrants are read for route backends, not for
+//!   certificateRefs). With none, the listener
 //!   is left out; every other listener is still served.
 //! - HTTPRoutes and GRPCRoutes attach by `parentRefs` (optionally one
 //!   listener by `sectionName` and/or `port`), when the listener's
 //!   `allowedRoutes` admits the route's kind (both by default) and
 //!   namespace and their hostnames intersect.
-//! - A backend in another namespace than its route's needs a ReferenceGrant
-//!   we cannot read: it is left out (a rule left with none answers 500).
+//! - A backend (or mirror) in another namespace than its route's is used
+//!   only when a ReferenceGrant in that namespace permits it
+//!   (`routes/grants.rs`): otherwise it is left out and the HTTPRoute's
+//!   issue says so (a rule left with no backend answers 500).
 //!
 //! Why a listener is not served is both a listener condition (cluster mode
 //! writes it to the Gateway's status) and a model issue on the Gateway.
@@ -310,7 +313,7 @@ fn certificate(
         if ns != gw_ns {
             not_permitted = true;
             problems.push(format!(
-                "{what} is in another namespace than the Gateway; that needs a ReferenceGrant, which is not supported"
+                "{what} is in another namespace than the Gateway; a certificateRef into another namespace is not supported (no ReferenceGrant is read for Secrets)"
             ));
             continue;
         }
@@ -336,38 +339,6 @@ fn certificate(
     };
     let problem = (!problems.is_empty()).then(|| (reason, problems.join("; ")));
     (found, problem)
-}
-
-/// A route's rules with backends it may not reach removed: a backendRef
-/// (or mirror) into another namespace needs a ReferenceGrant, which we do
-/// not read, so it is refused rather than trusted.
-fn same_namespace_backends(route_ns: &str, rs: &mut [pb::Route], issues: &mut BTreeSet<String>) {
-    let own = format!("{route_ns}/");
-    for r in rs {
-        r.backends.retain(|b| {
-            let ok = b.service.starts_with(&own);
-            if !ok {
-                issues.insert(format!(
-                    "HTTPRoute {}: backend {} is in another namespace; that needs a ReferenceGrant, which is not supported, so it is left out",
-                    r.name.rsplit_once('/').map_or(r.name.as_str(), |(n, _)| n),
-                    b.service
-                ));
-            }
-            ok
-        });
-        if let Some(m) = &r.mirror
-            && m.backend
-                .as_ref()
-                .is_some_and(|b| !b.service.starts_with(&own))
-        {
-            issues.insert(format!(
-                "HTTPRoute {}: mirror backend {} is in another namespace; that needs a ReferenceGrant, which is not supported, so the mirror is left out",
-                r.name.rsplit_once('/').map_or(r.name.as_str(), |(n, _)| n),
-                m.backend.as_ref().map(|b| b.service.as_str()).unwrap_or_default()
-            ));
-            r.mirror = None;
-        }
-    }
 }
 
 /// The virtual hosts of one listener from its attached routes (each with
@@ -425,12 +396,12 @@ fn virtual_hosts(attached: &[(&[pb::Route], Vec<String>)]) -> Vec<pb::VirtualHos
 }
 
 /// The HTTPRoutes that some listener of `gw` selects, oldest first, each
-/// with its routes converted once (their own issues are the HTTPRoute's).
+/// with its routes converted once (their own issues, backends refused for
+/// want of a ReferenceGrant among them, are the HTTPRoute's).
 fn attachable_routes<'m>(
     model: &'m Model,
     key: &NsName,
     gw: &Gateway,
-    issues: &mut BTreeSet<String>,
 ) -> (Vec<&'m HttpRoute>, Vec<Vec<pb::Route>>) {
     // HTTPRoutes oldest first, then by name: Gateway API's tie-break.
     let mut http_routes: Vec<&HttpRoute> = model.http_routes.values().collect();
@@ -452,10 +423,13 @@ fn attachable_routes<'m>(
     let converted: Vec<Vec<pb::Route>> = http_routes
         .iter()
         .map(|r| {
-            let mut rs = routes::convert(r, &model.cfg.domain_suffix, &model.traffic_policies).0;
-            let rns = r.metadata.namespace.as_deref().unwrap_or_default();
-            same_namespace_backends(rns, &mut rs, issues);
-            rs
+            routes::convert(
+                r,
+                &model.cfg.domain_suffix,
+                &model.traffic_policies,
+                &model.reference_grants,
+            )
+            .0
         })
         .collect();
 
@@ -523,6 +497,7 @@ fn backends(model: &Model, listeners: &[pb::Listener]) -> Vec<pb::IngressBackend
             r.backends
                 .iter()
                 .chain(r.mirror.as_ref().and_then(|m| m.backend.as_ref()))
+                .filter(|b| !b.invalid)
                 .map(|b| b.service.clone())
         })
         .collect();
@@ -549,7 +524,7 @@ fn backends(model: &Model, listeners: &[pb::Listener]) -> Vec<pb::IngressBackend
 pub fn build(model: &Model, key: &NsName, gw: &Gateway) -> Built {
     let (ns, name) = key;
     let mut issues: BTreeSet<String> = BTreeSet::new();
-    let (http_routes, converted) = attachable_routes(model, key, gw, &mut issues);
+    let (http_routes, converted) = attachable_routes(model, key, gw);
 
     let mut listeners = Vec::new();
     let mut statuses = Vec::new();
@@ -1118,20 +1093,24 @@ spec:
         assert_eq!(status(&m, "edge", "same").attached_routes, 2);
         assert_eq!(status(&m, "edge", "all").attached_routes, 2);
         assert_eq!(status(&m, "edge", "selected").attached_routes, 1);
-        // The backend in another namespace is left out and reported.
+        // The backend in another namespace is refused (its share answered
+        // 500) and reported.
         let pinned = &by_name("same").virtual_hosts[0].routes[0];
         assert_eq!(
             pinned
                 .backends
                 .iter()
-                .map(|b| b.service.as_str())
+                .map(|b| if b.invalid { "500" } else { b.service.as_str() })
                 .collect::<Vec<_>>(),
-            vec!["shop/web.shop.svc.cluster.local"]
+            vec!["shop/web.shop.svc.cluster.local", "500"]
         );
+        // (the HTTPRoute's issue: no ReferenceGrant in team permits it).
         assert!(
-            m.issues().iter().any(|i| i.object == "Gateway/shop/edge"
-                && i.reason.contains("team/api.team.svc.cluster.local")
-                && i.reason.contains("ReferenceGrant")),
+            m.issues()
+                .iter()
+                .any(|i| i.object == "HTTPRoute/shop/pinned"
+                    && i.reason.contains("team/api")
+                    && i.reason.contains("ReferenceGrant")),
             "{:?}",
             m.issues()
         );

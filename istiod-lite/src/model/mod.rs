@@ -40,7 +40,7 @@ use crate::config::crds::{AuthorizationPolicy, DestinationRule, PeerAuthenticati
 use crate::config::objects::{Change, Kind, Object, ObjectKey};
 use gateway_api::apis::experimental::httproutes::HttpRoute;
 use gateway_api::apis::standard::gateways::Gateway;
-use routes::TrafficPolicies;
+use routes::{ReferenceGrants, TrafficPolicies};
 
 /// Namespace (and pod) label that enrolls workloads in the mesh.
 pub const DATAPLANE_MODE: &str = "istio.io/dataplane-mode";
@@ -184,6 +184,8 @@ pub struct Model {
     http_routes: BTreeMap<NsName, HttpRoute>,
     dest_rules: BTreeMap<NsName, DestinationRule>,
     traffic_policies: TrafficPolicies,
+    /// What lets a route refer to a Service in another namespace.
+    reference_grants: ReferenceGrants,
     /// Secrets as listener certificates: checked once, when they change.
     secrets: BTreeMap<NsName, tls_secret::TlsSecret>,
     /// Each ingress Gateway's listener status, as of the last recompute.
@@ -433,6 +435,7 @@ impl Model {
             ("PeerAuthentication", self.peer_auths.len()),
             ("HTTPRoute", self.http_routes.len()),
             ("DestinationRule", self.dest_rules.len()),
+            ("ReferenceGrant", self.reference_grants.len()),
             ("Secret", self.secrets.len()),
         ];
         let other = |kind: Kind| self.others.keys().filter(|k| k.kind == kind).count();

@@ -124,7 +124,15 @@ impl Model {
         for key in &d.http_routes {
             let label = format!("HTTPRoute/{}/{}", key.0, key.1);
             let reasons = match self.http_routes.get(key) {
-                Some(r) => routes::convert(r, &self.cfg.domain_suffix, &self.traffic_policies).1,
+                Some(r) => {
+                    routes::convert(
+                        r,
+                        &self.cfg.domain_suffix,
+                        &self.traffic_policies,
+                        &self.reference_grants,
+                    )
+                    .1
+                }
                 None => Vec::new(),
             };
             self.note(label, reasons);
@@ -254,7 +262,15 @@ impl Model {
         });
         let mut out: Vec<_> = attached
             .into_iter()
-            .flat_map(|r| routes::convert(r, &self.cfg.domain_suffix, &self.traffic_policies).0)
+            .flat_map(|r| {
+                routes::convert(
+                    r,
+                    &self.cfg.domain_suffix,
+                    &self.traffic_policies,
+                    &self.reference_grants,
+                )
+                .0
+            })
             .collect();
         routes::sort(&mut out);
         let backend_policy = self

@@ -19,10 +19,11 @@
 //! - Service: `Accepted`, unless it is in another namespace than the route
 //!   (consumer routes are not supported: `UnsupportedValue`).
 //! - A route none of whose rules could be converted: `UnsupportedValue`.
-//! - `ResolvedRefs`: `InvalidKind` for a backendRef that is not a core
-//!   Service, `RefNotPermitted` for one in another namespace at the ingress
-//!   (which reads no ReferenceGrant), `BackendNotFound` for a Service that
-//!   does not exist.
+//! - `ResolvedRefs` (backendRefs and RequestMirror backends, the same at
+//!   every parent): `InvalidKind` for one that is not a core Service,
+//!   `RefNotPermitted` for one in another namespace that no ReferenceGrant
+//!   there permits (`routes/grants.rs`), `BackendNotFound` for a Service
+//!   that does not exist.
 
 use gateway_api::apis::experimental::httproutes::{HttpRoute, HttpRouteParentRefs};
 use gateway_api::apis::standard::gateways::Gateway;
@@ -202,25 +203,25 @@ fn ingress_accepts(
     (Acceptance::Accepted, "accepted by istiod-lite".into())
 }
 
-/// `ResolvedRefs` for a route at one kind of parent: the ingress refuses
-/// backends in other namespaces (it reads no ReferenceGrant).
-fn resolved_refs(model: &Model, route: &HttpRoute, at_ingress: bool) -> ListenerCondition {
+/// `ResolvedRefs` for a route (the same at every parent): its backendRefs
+/// and RequestMirror backends must be core Services, in its own namespace
+/// or permitted by a ReferenceGrant in theirs, that exist.
+fn resolved_refs(model: &Model, route: &HttpRoute) -> ListenerCondition {
     let route_ns = route.metadata.namespace.as_deref().unwrap_or_default();
+    let referrer = routes::Referrer::of(route);
     let (mut kind, mut permit, mut missing) = (Vec::new(), Vec::new(), Vec::new());
     for rule in route.spec.rules.iter().flatten() {
-        for b in rule.backend_refs.iter().flatten() {
-            let group = b.group.as_deref().unwrap_or("");
-            let k = b.kind.as_deref().unwrap_or("Service");
-            let ns = b.namespace.as_deref().unwrap_or(route_ns);
-            if !group.is_empty() || k != "Service" {
-                kind.push(format!("{group}/{k} {}", b.name));
-            } else if at_ingress && ns != route_ns {
-                permit.push(format!("Service {ns}/{}", b.name));
+        for b in routes::rule_refs(rule, route_ns) {
+            let (ns, name) = (b.namespace, b.name);
+            if !b.group.is_empty() || b.kind != "Service" {
+                kind.push(format!("{}/{} {name}", b.group, b.kind));
+            } else if !routes::permits(&model.reference_grants, referrer, ns, name) {
+                permit.push(format!("Service {ns}/{name}"));
             } else if !model
                 .services
-                .contains_key(&(ns.to_string(), b.name.clone()))
+                .contains_key(&(ns.to_string(), name.to_string()))
             {
-                missing.push(format!("Service {ns}/{}", b.name));
+                missing.push(format!("Service {ns}/{name}"));
             }
         }
     }
@@ -230,7 +231,8 @@ fn resolved_refs(model: &Model, route: &HttpRoute, at_ingress: bool) -> Listener
     }
     if !permit.is_empty() {
         let msg = format!(
-            "in another namespace (needs a ReferenceGrant, which is not supported): {}",
+            "in another namespace, and no ReferenceGrant there permits this {} from {route_ns}: {}",
+            referrer.kind,
             permit.join(", ")
         );
         return cond("ResolvedRefs", false, "RefNotPermitted", msg);
@@ -273,7 +275,12 @@ fn route_view(model: &Model, route: &HttpRoute) -> RouteView {
         None => (RouteKind::Http, model_name.clone()),
     };
     let rules = route.spec.rules.as_ref().map_or(0, Vec::len);
-    let converted = routes::convert(route, &model.cfg.domain_suffix, &model.traffic_policies);
+    let converted = routes::convert(
+        route,
+        &model.cfg.domain_suffix,
+        &model.traffic_policies,
+        &model.reference_grants,
+    );
     let unsupported = (rules > 0 && converted.0.is_empty()).then(|| converted.1.join("; "));
     let mut parents = Vec::new();
     for p in route.spec.parent_refs.iter().flatten() {
@@ -307,7 +314,7 @@ fn route_view(model: &Model, route: &HttpRoute) -> RouteView {
             reason.reason(),
             message,
         );
-        let resolved = resolved_refs(model, route, matches!(target, Parent::Ingress(_)));
+        let resolved = resolved_refs(model, route);
         parents.push((parent_ref_json(p), vec![accepted, resolved]));
     }
     let current = route
@@ -545,13 +552,13 @@ spec:
                 t("waypoint/", "NotAllowedByListeners", "BackendNotFound"),
             ]
         );
-        // A backend in another namespace: refused at the ingress (no
-        // ReferenceGrant is read), reached by the waypoint.
+        // A backend in another namespace, and no ReferenceGrant there:
+        // refused at the ingress and at the waypoint alike.
         assert_eq!(
             entries(&views, "HTTPRoute", "shop", "refs"),
             vec![
                 t("edge/web", "Accepted", "RefNotPermitted"),
-                t("Service web", "Accepted", "ResolvedRefs"),
+                t("Service web", "Accepted", "RefNotPermitted"),
             ]
         );
         // A Service in another namespace (a consumer route); a backend that

@@ -182,6 +182,27 @@ impl Waypoint {
         }
     }
 
+    /// Every `loglimit::EVERY` until the drain starts: one line per reason
+    /// whose refusals were left out of the log and no line has counted
+    /// since (a burst followed by silence still has its count written).
+    pub async fn log_left_out_refusals(self: Arc<Self>) {
+        let draining = self.draining.clone();
+        let mut tick = tokio::time::interval(crate::loglimit::EVERY);
+        loop {
+            tokio::select! {
+                _ = draining.cancelled() => return,
+                _ = tick.tick() => {}
+            }
+            for (reason, suppressed) in self.refusals.due(std::time::Instant::now()) {
+                info!(
+                    reason,
+                    suppressed,
+                    "ingress connections refused and left out of the log in the last 10 s"
+                );
+            }
+        }
+    }
+
     /// Accepts HBONE connections until the drain starts.
     pub async fn serve(self: Arc<Self>, listener: TcpListener) {
         let draining = self.draining.clone();

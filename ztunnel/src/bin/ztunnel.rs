@@ -70,7 +70,7 @@ fn main() {
             let n = cfg
                 .worker_threads
                 .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
-            mesh_core::shards::start(n)
+            mesh_core::shards::start(n, std::time::Duration::from_micros(cfg.busy_poll_us))
         }
     };
     let runtime = match runtime {

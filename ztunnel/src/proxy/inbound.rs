@@ -18,8 +18,8 @@ use mesh_core::identity::Identity;
 use mesh_core::listen::accept_until;
 use mesh_core::metrics::{Reporter, ResponseFlags, TcpLabels};
 use mesh_core::socket;
-use mesh_core::state::Workload;
 use mesh_core::state::decide::authorize;
+use mesh_core::state::{Snapshot, Workload};
 
 /// Serves HBONE for the workload(s) at `listener`'s address.
 pub async fn serve(proxy: Arc<Proxy>, listener: TcpListener) {
@@ -191,25 +191,31 @@ pub async fn revoke_on_policy_change(proxy: std::sync::Weak<Proxy>) {
     while rx.changed().await.is_ok() {
         let Some(proxy) = proxy.upgrade() else { return };
         let snap = proxy.state.snapshot();
-        let n = proxy.conns.cancel_where(|c| {
-            if c.direction == Direction::Outbound {
-                return None;
-            }
-            let Some(dst) = snap.workload(c.local_uid.as_deref()?) else {
-                return Some("denied: the destination workload is gone".to_string());
-            };
-            let d = authorize(
-                &snap,
-                &proxy.cfg.root_namespace,
-                dst,
-                c.src_identity.as_ref(),
-                c.src.ip(),
-                c.dst,
-            );
-            (!d.is_allowed()).then(|| format!("now {d}"))
-        });
+        let n = proxy
+            .conns
+            .cancel_where(|c| revocation(&snap, &proxy.cfg.root_namespace, c));
         if n > 0 {
             info!(closed = n, "policy change closed connections it now denies");
         }
     }
+}
+
+/// Why an open inbound connection `c` is to be closed under `snap`'s
+/// policies, if it is (outbound ones never are).
+pub(super) fn revocation(snap: &Snapshot, root_namespace: &str, c: &ConnInfo) -> Option<String> {
+    if c.direction == Direction::Outbound {
+        return None;
+    }
+    let Some(dst) = snap.workload(c.local_uid.as_deref()?) else {
+        return Some("denied: the destination workload is gone".to_string());
+    };
+    let d = authorize(
+        snap,
+        root_namespace,
+        dst,
+        c.src_identity.as_ref(),
+        c.src.ip(),
+        c.dst,
+    );
+    (!d.is_allowed()).then(|| format!("now {d}"))
 }

@@ -93,24 +93,9 @@ pub async fn deliver(
         None,
         true,
     );
-    let tracked = proxy.conns.track_linked(
-        ConnInfo {
-            direction: Direction::Inbound,
-            protocol: Protocol::Local,
-            src: peer,
-            dst: target,
-            hbone_peer: None,
-            src_identity: Some(src.identity.clone()),
-            dst_identity: Some(dst.identity.clone()),
-            src_workload: Some(src.name.clone()),
-            dst_workload: Some(dst.name.clone()),
-            local_uid: Some(dst.uid.clone()),
-            started: SystemTime::now(),
-            counters,
-            close_reason: Default::default(),
-        },
-        outbound,
-    );
+    let tracked = proxy
+        .conns
+        .track_linked(conn_info(src, client, dst, target, counters), outbound);
     proxy.opened(&labels);
     if !decision.is_allowed() {
         info!(%peer, %src_ip, %target, identity = %src.identity, %decision, "same-node connection denied");
@@ -141,6 +126,93 @@ pub async fn deliver(
                 error: Some(reason.clone()),
             });
             Err((ResponseFlags::Connect, reason))
+        }
+    }
+}
+
+/// The record of a same-node connection. Its client is `client`, the
+/// address judged (and the one the app sees, with the client socket's
+/// port), so a policy change re-judges what was judged at the start, not
+/// the client socket's address (another family when the target has only
+/// the other one).
+fn conn_info(
+    src: &Workload,
+    client: SocketAddr,
+    dst: &Workload,
+    target: SocketAddr,
+    counters: Arc<Counters>,
+) -> ConnInfo {
+    ConnInfo {
+        direction: Direction::Inbound,
+        protocol: Protocol::Local,
+        src: client,
+        dst: target,
+        hbone_peer: None,
+        src_identity: Some(src.identity.clone()),
+        dst_identity: Some(dst.identity.clone()),
+        src_workload: Some(src.name.clone()),
+        dst_workload: Some(dst.name.clone()),
+        local_uid: Some(dst.uid.clone()),
+        started: SystemTime::now(),
+        counters,
+        close_reason: Default::default(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use mesh_core::state::{LocalConfig, ProxyState};
+
+    const STATE: &str = r#"
+workloads:
+- {uid: "c//Pod/shop/client", name: client, namespace: shop, addresses: [10.1.1.1, "fd00:1::1"], tunnel_protocol: HBONE, service_account: client, node: n1}
+- {uid: "c//Pod/shop/old", name: old, namespace: shop, addresses: [10.1.3.1], tunnel_protocol: HBONE, service_account: old, node: n1}
+"#;
+
+    fn state(blocks: &str) -> ProxyState {
+        let policies = format!(
+            "\n- {{name: p, namespace: shop, scope: NAMESPACE, action: ALLOW, rules: [{{clauses: [{{matches: [{{source_ips: [{blocks}]}}]}}]}}]}}\n"
+        );
+        let local: LocalConfig =
+            serde_yaml::from_str(&format!("{STATE}policies: {policies}")).expect("local config");
+        let state = ProxyState::default();
+        state.replace(local.to_updates("cluster.local", "test").expect("updates"));
+        state
+    }
+
+    /// A client calling an IPv6 VIP whose one endpoint has only IPv4 is
+    /// admitted as its IPv4 address; a policy change re-judges that
+    /// address, not the client socket's IPv6 one: an ALLOW of the IPv4
+    /// address keeps the connection, an ALLOW of the IPv6 one alone cuts
+    /// it. Failed first: the record kept the socket's address.
+    #[test]
+    fn a_policy_change_re_judges_the_address_judged_at_the_start() {
+        let peer: SocketAddr = "[fd00:1::1]:40000".parse().expect("peer");
+        let target: SocketAddr = "10.1.3.1:8080".parse().expect("target");
+        for (blocks, kept) in [("\"10.1.1.1/32\"", true), ("\"fd00:1::/64\"", false)] {
+            let s = state(blocks);
+            let snap = s.snapshot();
+            let client = snap.workload("c//Pod/shop/client").expect("client");
+            let old = snap.workload("c//Pod/shop/old").expect("old");
+            let (ip, d) = mesh_core::state::decide::authorize_local(
+                &snap,
+                "istio-system",
+                client,
+                old,
+                target,
+            )
+            .expect("a source address");
+            assert_eq!(d.is_allowed(), kept, "{blocks}: {d}");
+            let info = conn_info(
+                client,
+                SocketAddr::new(ip, peer.port()),
+                old,
+                target,
+                Arc::new(Counters::default()),
+            );
+            let revoked = super::super::inbound::revocation(&snap, "istio-system", &info);
+            assert_eq!(revoked.is_none(), kept, "{blocks}: {revoked:?}");
         }
     }
 }

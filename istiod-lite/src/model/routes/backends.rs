@@ -1,13 +1,39 @@
 //! An HTTPRoute rule's backends: weighted Services and the mirror backend.
+//! One in another namespace than the route's is left out (and noted)
+//! unless a ReferenceGrant there permits it (see `grants.rs`).
 
 use gateway_api::apis::experimental::httproutes::{
     HttpRouteRules, HttpRouteRulesFiltersRequestMirror,
 };
 use mesh_proto::mesh::waypoint as pb;
 
-use super::ALL;
 use super::errors::{BackendRefError, PercentError, RouteError};
 use super::filters::{headers, type_name};
+use super::{ALL, Scope, permits};
+
+/// Whether the route may reach Service `name` in `namespace` (the route's
+/// own when unset); if not, `what` is noted with why it is left out.
+fn permitted(
+    scope: Scope<'_>,
+    namespace: Option<&str>,
+    name: &str,
+    what: &str,
+    notes: &mut Vec<String>,
+) -> bool {
+    let ns = namespace.unwrap_or(scope.referrer.namespace);
+    let ok = permits(scope.grants, scope.referrer, ns, name);
+    if !ok {
+        notes.push(format!(
+            "{what} {ns}/{name} is in another namespace and no ReferenceGrant there permits it; {}",
+            if what == "backend" {
+                "its share of requests is answered 500"
+            } else {
+                "the mirror is left out"
+            }
+        ));
+    }
+    ok
+}
 
 /// A Service reference ("namespace/hostname", port), as backendRefs and
 /// mirror backendRefs both name one.
@@ -43,10 +69,11 @@ fn service_ref(
     ))
 }
 
+/// The rule's backends the route may reach, each noted that it may not.
 pub(super) fn backends(
     rule: &HttpRouteRules,
-    route_ns: &str,
-    domain_suffix: &str,
+    scope: Scope<'_>,
+    notes: &mut Vec<String>,
 ) -> Result<Vec<pb::WeightedBackend>, RouteError> {
     let mut out = Vec::new();
     for b in rule.backend_refs.iter().flatten() {
@@ -56,9 +83,19 @@ pub(super) fn backends(
             &b.name,
             b.namespace.as_deref(),
             b.port,
-            route_ns,
-            domain_suffix,
+            scope.referrer.namespace,
+            scope.domain_suffix,
         )?;
+        let weight = b.weight.unwrap_or(1).max(0) as u32;
+        if !permitted(scope, b.namespace.as_deref(), &b.name, "backend", notes) {
+            // Its share is answered 500; nothing of it is sent anywhere.
+            out.push(pb::WeightedBackend {
+                weight,
+                invalid: true,
+                ..Default::default()
+            });
+            continue;
+        }
         let (mut req, mut resp) = (None, None);
         for f in b.filters.iter().flatten() {
             if let Some(m) = &f.request_header_modifier {
@@ -75,9 +112,10 @@ pub(super) fn backends(
         out.push(pb::WeightedBackend {
             service,
             port,
-            weight: b.weight.unwrap_or(1).max(0) as u32,
+            weight,
             request_headers: req,
             response_headers: resp,
+            invalid: false,
         });
     }
     Ok(out)
@@ -91,13 +129,14 @@ pub(super) fn percent_per_million(field: &'static str, v: f64) -> Result<u32, Pe
     Ok((v * 10_000.0).round() as u32)
 }
 
-/// A RequestMirror filter: its backend, and its share in millionths when
-/// the filter sets one (`percent` or `fraction`).
+/// A RequestMirror filter: its backend (None, and noted, when the route
+/// may not reach it), and its share in millionths when the filter sets one
+/// (`percent` or `fraction`).
 pub(super) fn request_mirror(
     m: &HttpRouteRulesFiltersRequestMirror,
-    route_ns: &str,
-    domain_suffix: &str,
-) -> Result<(pb::WeightedBackend, Option<u32>), RouteError> {
+    scope: Scope<'_>,
+    notes: &mut Vec<String>,
+) -> Result<(Option<pb::WeightedBackend>, Option<u32>), RouteError> {
     let b = &m.backend_ref;
     let (service, port) = service_ref(
         b.group.as_deref(),
@@ -105,8 +144,8 @@ pub(super) fn request_mirror(
         &b.name,
         b.namespace.as_deref(),
         b.port,
-        route_ns,
-        domain_suffix,
+        scope.referrer.namespace,
+        scope.domain_suffix,
     )
     .map_err(RouteError::MirrorBackend)?;
     let share = match (m.percent, &m.fraction) {
@@ -126,13 +165,18 @@ pub(super) fn request_mirror(
         }
         (None, None) => None,
     };
-    Ok((
-        pb::WeightedBackend {
-            service,
-            port,
-            weight: 1,
-            ..Default::default()
-        },
-        share,
-    ))
+    let backend = permitted(
+        scope,
+        b.namespace.as_deref(),
+        &b.name,
+        "mirror backend",
+        notes,
+    )
+    .then(|| pb::WeightedBackend {
+        service,
+        port,
+        weight: 1,
+        ..Default::default()
+    });
+    Ok((backend, share))
 }

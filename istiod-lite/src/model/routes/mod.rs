@@ -17,6 +17,7 @@ mod backends;
 mod durations;
 mod errors;
 mod extension;
+mod grants;
 mod matches;
 mod rate_limit;
 
@@ -37,11 +38,28 @@ pub use backend_policy::{backend_policy, destination_host};
 pub use durations::{parse_duration, parse_istio_duration};
 pub use errors::{BackendRefError, DurationError, PercentError, RouteError, WildcardHost};
 pub use extension::{DEFAULT_TRAFFIC_POLICY, RouteExtension, extension_refs, route_extension};
+pub use grants::{BackendRef, ReferenceGrants, Referrer, permits, refers_into, rule_refs};
 pub use rate_limit::default_rate_limit;
 
 /// TrafficPolicy objects by (namespace, name), where ExtensionRef filters
 /// look them up.
 pub type TrafficPolicies = BTreeMap<(String, String), TrafficPolicy>;
+
+/// What a route's rules are converted with: the route's kind and
+/// namespace, and the inputs its rules may refer to.
+#[derive(Clone, Copy)]
+pub struct Scope<'a> {
+    pub referrer: Referrer<'a>,
+    pub domain_suffix: &'a str,
+    pub exts: &'a TrafficPolicies,
+    pub grants: &'a ReferenceGrants,
+}
+
+impl Scope<'_> {
+    fn route_ns(&self) -> &str {
+        self.referrer.namespace
+    }
+}
 
 const TRAFFIC_POLICY_KIND: &str = "TrafficPolicy";
 /// All requests, in the proto's per-million shares.
@@ -93,25 +111,24 @@ fn ms(field: &'static str, s: Option<&str>) -> Result<u32, RouteError> {
 fn rule_routes(
     rule: &HttpRouteRules,
     name: &str,
-    route_ns: &str,
-    domain_suffix: &str,
-    exts: &TrafficPolicies,
+    scope: Scope<'_>,
     notes: &mut Vec<String>,
 ) -> Result<Vec<pb::Route>, RouteError> {
+    let route_ns = scope.route_ns();
     let mut filters = Vec::new();
     let mut ext: Option<RouteExtension> = None;
-    let mut mirror: Option<(pb::WeightedBackend, Option<u32>)> = None;
+    let mut mirror: Option<(Option<pb::WeightedBackend>, Option<u32>)> = None;
     for f in rule.filters.iter().flatten() {
         if let Some(r) = &f.extension_ref {
             if ext.is_some() {
                 return Err(RouteError::ExtensionRefs);
             }
-            ext = Some(extension(r, route_ns, exts)?);
+            ext = Some(extension(r, route_ns, scope.exts)?);
         } else if let Some(m) = &f.request_mirror {
             if mirror.is_some() {
                 return Err(RouteError::Mirrors);
             }
-            mirror = Some(request_mirror(m, route_ns, domain_suffix)?);
+            mirror = Some(request_mirror(m, scope, notes)?);
         } else {
             filters.push(filter(f)?);
         }
@@ -121,10 +138,12 @@ fn rule_routes(
         (Some((_, Some(_))), Some(_)) => {
             return Err(RouteError::MirrorShareTwice);
         }
-        (Some((backend, own)), from_ext) => Some(pb::Mirror {
+        (Some((Some(backend), own)), from_ext) => Some(pb::Mirror {
             backend: Some(backend),
             per_million: own.or(from_ext).unwrap_or(ALL),
         }),
+        // Its backend may not be reached (noted by `request_mirror`).
+        (Some((None, _)), _) => None,
         (None, Some(_)) => {
             notes.push(
                 "the TrafficPolicy sets mirrorPercentage but the rule has no RequestMirror filter; ignored"
@@ -137,7 +156,7 @@ fn rule_routes(
     if ext.retry_budget.is_some() && rule.retry.is_none() {
         notes.push("the TrafficPolicy sets retryBudget but the rule has no retry; ignored".into());
     }
-    let backends = backends(rule, route_ns, domain_suffix)?;
+    let backends = backends(rule, scope, notes)?;
     let (request_timeout_ms, per_try_timeout_ms) = match &rule.timeouts {
         Some(t) => (
             ms("timeouts.request", t.request.as_deref())?,
@@ -210,12 +229,22 @@ fn rule_routes(
 
 /// The routes one HTTPRoute contributes, with the reasons any rule was
 /// left out (and settings that had no effect).
+/// A backend (or mirror) in another namespace is used only when a
+/// ReferenceGrant there permits it ([`permits`]); otherwise it is left out
+/// and noted, and a rule left with no backend answers 500.
 pub fn convert(
     route: &HttpRoute,
     domain_suffix: &str,
     exts: &TrafficPolicies,
+    grants: &ReferenceGrants,
 ) -> (Vec<pb::Route>, Vec<String>) {
     let ns = route.metadata.namespace.as_deref().unwrap_or_default();
+    let scope = Scope {
+        referrer: Referrer::of(route),
+        domain_suffix,
+        exts,
+        grants,
+    };
     let rname = route.metadata.name.as_deref().unwrap_or_default();
     let (mut out, mut issues) = (Vec::new(), Vec::new());
     for (pns, pname) in service_parents(route) {
@@ -228,7 +257,7 @@ pub fn convert(
     for (i, rule) in route.spec.rules.iter().flatten().enumerate() {
         let name = format!("{ns}/{rname}/{i}");
         let mut notes = Vec::new();
-        match rule_routes(rule, &name, ns, domain_suffix, exts, &mut notes) {
+        match rule_routes(rule, &name, scope, &mut notes) {
             Ok(r) => out.extend(r),
             Err(e) => issues.push(format!("rule {i} left out: {e}")),
         }
@@ -315,7 +344,12 @@ spec:
             service_parents(&r),
             vec![("shop".to_string(), "reviews".to_string())]
         );
-        let (mut routes, issues) = convert(&r, "cluster.local", &TrafficPolicies::new());
+        let (mut routes, issues) = convert(
+            &r,
+            "cluster.local",
+            &TrafficPolicies::new(),
+            &ReferenceGrants::new(),
+        );
         assert!(issues.is_empty(), "{issues:?}");
         sort(&mut routes);
         assert_eq!(routes.len(), 2);
@@ -379,7 +413,12 @@ spec:
     backendRefs: [{name: method, port: 80}]
 "#,
         );
-        let (mut routes, issues) = convert(&r, "cluster.local", &TrafficPolicies::new());
+        let (mut routes, issues) = convert(
+            &r,
+            "cluster.local",
+            &TrafficPolicies::new(),
+            &ReferenceGrants::new(),
+        );
         assert!(issues.is_empty(), "{issues:?}");
         sort(&mut routes);
         let order: Vec<_> = routes
@@ -434,7 +473,12 @@ spec:
   - backendRefs: [{name: ok, port: 80}]
 "#,
         );
-        let (routes, issues) = convert(&r, "cluster.local", &TrafficPolicies::new());
+        let (routes, issues) = convert(
+            &r,
+            "cluster.local",
+            &TrafficPolicies::new(),
+            &ReferenceGrants::new(),
+        );
         assert_eq!(routes.len(), 1, "{routes:?}");
         assert_eq!(routes[0].name, "ns/r/7");
         let want = [
@@ -457,9 +501,15 @@ spec:
             rule_routes(
                 &rules[i],
                 "x",
-                "ns",
-                "cluster.local",
-                &TrafficPolicies::new(),
+                Scope {
+                    referrer: Referrer {
+                        kind: "HTTPRoute",
+                        namespace: "ns",
+                    },
+                    domain_suffix: "cluster.local",
+                    exts: &TrafficPolicies::new(),
+                    grants: &ReferenceGrants::new(),
+                },
                 &mut Vec::new(),
             )
             .expect_err("left out")
@@ -604,7 +654,7 @@ spec:
         );
         let exts = traffic_policies(EXTENSIONS);
         assert_eq!(extension_refs(&r).collect::<Vec<_>>(), vec!["chaos"]);
-        let (mut routes, issues) = convert(&r, "cluster.local", &exts);
+        let (mut routes, issues) = convert(&r, "cluster.local", &exts, &ReferenceGrants::new());
         assert!(issues.is_empty(), "{issues:?}");
         sort(&mut routes);
         assert_eq!(routes.len(), 2);
@@ -669,7 +719,7 @@ spec:
 "#,
         );
         let exts = traffic_policies(EXTENSIONS);
-        let (routes, issues) = convert(&r, "cluster.local", &exts);
+        let (routes, issues) = convert(&r, "cluster.local", &exts, &ReferenceGrants::new());
         // Only the last rule is served; its unused settings are noted.
         assert_eq!(routes.len(), 1, "{routes:?}");
         assert_eq!(routes[0].name, "shop/r/4");
