@@ -15,6 +15,7 @@
 //! become enrolled and releases those that leave ([`crate::agent::reconcile`]), and
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
+mod fenced;
 mod holders;
 pub mod reconcile;
 mod snapshot;
@@ -37,6 +38,7 @@ use tokio_seqpacket::UnixSeqpacketListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::agent::fenced::FencedPods;
 use crate::agent::ztunnels::Ztunnels;
 use crate::rules::{self, Capture};
 use crate::{find, host, migrate};
@@ -210,6 +212,9 @@ pub(crate) struct Agent {
     pub(crate) ops: Mutex<()>,
     pub(crate) pods: Mutex<BTreeMap<String, Pod>>,
     pub(crate) ztunnels: Ztunnels,
+    /// Pods fenced ([`crate::agent::fenced`]); taken after `pods` and
+    /// the ztunnels' connections.
+    pub(crate) fenced: Mutex<crate::agent::fenced::FencedPods>,
 }
 
 pub(crate) fn info_of(p: &PodSpec) -> WorkloadInfo {
@@ -292,6 +297,12 @@ impl Agent {
             warn!(uid = %spec.uid, error = %e, "cannot turn on tcp_migrate_req in the pod: a ztunnel roll may reset connections queued at its switch");
         }
         self.to_ztunnel(payload, Some(&netns)).await?;
+        // Whose sockets the redirects would land on: a pod that fails is
+        // fenced before its rules go in.
+        let ours = self.ztunnels.ours().await.unwrap_or_default();
+        let outcome = fenced::check(&spec, &netns, self.cfg.dns, &ours);
+        let mut fence = FencedPods::new();
+        fenced::judge(&spec, &netns, outcome, &mut fence);
         let no_orig_src = match install_rules(&netns, &spec, self.capture_of(&spec)) {
             Ok(n) => n,
             Err(e) => {
@@ -305,6 +316,9 @@ impl Agent {
                         None,
                     )
                     .await;
+                if !fence.is_empty() {
+                    let _ = crate::fence::lift(&netns);
+                }
                 return Err(e.into());
             }
         };
@@ -312,6 +326,7 @@ impl Agent {
         let mut pods = self.pods.lock().await;
         info!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), "pod captured");
         let ips = spec.ips.clone();
+        let uid = spec.uid.clone();
         // The same pod in a new sandbox: its old addresses leave the set.
         let pod = Pod {
             spec,
@@ -328,6 +343,9 @@ impl Agent {
             self.probe_snat(&gone, false);
         }
         self.persist(&pods).await;
+        let mut fenced = self.fenced.lock().await;
+        fenced.remove(&uid);
+        fenced.extend(fence);
         Ok(())
     }
 
@@ -370,6 +388,12 @@ impl Agent {
         };
         if let Err(e) = removed {
             warn!(uid, error = %e, "removing the pod's rules failed (its netns may be gone)");
+        }
+        // After the redirects went: never a moment with them unfenced.
+        if self.fenced.lock().await.remove(uid).is_some()
+            && let Err(e) = crate::fence::lift(&pod.netns)
+        {
+            warn!(uid, error = %e, "lifting the pod's fence failed (its netns may be gone)");
         }
         self.probe_snat(&pod.spec.ips, false);
         info!(uid, "pod released");
@@ -518,15 +542,21 @@ async fn wait_for_other_agent(control: &Path) {
 /// process) waits here, and never binds the sockets or writes the state.
 async fn lock_state(state_file: &Path) -> std::io::Result<std::fs::File> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
     let path = state_file.with_extension("lock");
+    // The directory private first, then the file, root's alone and never
+    // through a link planted at its path.
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir)?;
+        private_dir(dir)?;
     }
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
         .open(&path)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
     let mut said = false;
     loop {
         // SAFETY: flock(2) on a descriptor this function owns.
@@ -558,6 +588,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
         l = lock_state(&cfg.state_file) => l?,
     };
     let pods = load_state(&cfg);
+    let fenced = fenced::left_fenced(&pods);
     for s in [&cfg.zds_socket, &cfg.control_socket] {
         if let Some(dir) = s.parent().filter(|d| !d.as_os_str().is_empty()) {
             private_dir(dir)?;
@@ -582,7 +613,9 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
         ops: Mutex::new(()),
         pods: Mutex::new(pods),
         ztunnels: Ztunnels::default(),
+        fenced: Mutex::new(fenced),
     });
+    tokio::spawn(agent.clone().fence_loop(stop.clone()));
     if agent.source.is_some() {
         tokio::spawn(agent.clone().watch_loop(changed, stop.clone()));
     }
@@ -655,7 +688,14 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
                 let ztunnels = agent.ztunnels.count().await;
                 let unready = agent.ztunnels.pending().await;
                 let pods = agent.pods.lock().await;
-                serde_json::json!({"ok": true, "ztunnel_connected": ztunnels > 0, "ztunnels": ztunnels, "unready": unready, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>(), "without_original_source": without_orig_src(&pods)})
+                let fenced: BTreeMap<String, String> = agent
+                    .fenced
+                    .lock()
+                    .await
+                    .iter()
+                    .map(|(u, f)| (u.clone(), f.why.clone()))
+                    .collect();
+                serde_json::json!({"ok": true, "ztunnel_connected": ztunnels > 0, "ztunnels": ztunnels, "unready": unready, "fenced": fenced, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>(), "without_original_source": without_orig_src(&pods)})
             }
         };
         if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {

@@ -14,6 +14,7 @@
 
 pub mod agent;
 pub mod enroll;
+pub mod fence;
 pub mod find;
 pub mod host;
 pub mod install;

@@ -17,6 +17,9 @@ use e2e::mesh::{binary, eventually};
 use mesh_core::netns::Netns;
 use serde_json::Value;
 
+#[path = "roll/fence.rs"]
+mod fence;
+
 /// New connections per second through node-1 during the roll.
 const RATE: u32 = 50;
 /// Long-lived streams through node-1, opened before the roll.
@@ -656,79 +659,6 @@ fn set_nofile(pid: i32, n: Option<u64>) -> u64 {
     old.rlim_cur
 }
 
-/// A process of a pod that holds one of its listener ports in a gap (no
-/// ztunnel on the node: a restart, a crash), exclusively or in a
-/// SO_REUSEPORT set under the ztunnel's uid: the next ztunnel is never
-/// ready while it does (the node agent sees a socket no connected ztunnel
-/// holds, reports the pod and retries), and is once it lets go.
-#[tokio::test(flavor = "multi_thread")]
-async fn a_port_a_pod_process_holds_keeps_the_next_ztunnel_unready() {
-    let dir = tempfile::tempdir().unwrap();
-    let (mut g, to) = echo_and_client(dir.path()).await;
-    tokio::task::block_in_place(|| g.0.stop("node-1-ztunnel", true)).unwrap();
-    let echo = netns_of(&g.0, "roll/echo");
-    let ip = g.0.pod("roll/echo").unwrap().ip.clone();
-    let ip6 = g.0.pod_ip6("roll/echo").unwrap();
-    let control = g.0.dir.join("node-1-cni.sock");
-    let logs = g.0.dir.join("logs");
-    let log =
-        |name: &str| std::fs::read_to_string(logs.join(format!("{name}.log"))).unwrap_or_default();
-    let ready = g.0.surge_ztunnel("node-1").unwrap();
-    // The pod's IPv4 address, then (in the set: the new ztunnel has bound
-    // it by then) its IPv6 one: the agent reads both families' tables.
-    for (inbound, shared) in [
-        (format!("{ip}:15006"), false),
-        (format!("{ip}:15006"), true),
-        (format!("[{ip6}]:15006"), true),
-    ] {
-        let inbound: SocketAddr = inbound.parse().unwrap();
-        let thief = bind_when_free(&echo, inbound, shared).await;
-        if shared {
-            // The agent's current look, not the ztunnel's earlier answer.
-            tokio::time::sleep(Duration::from_secs(6)).await;
-        }
-        let deadline = Instant::now() + Duration::from_secs(8);
-        while Instant::now() < deadline {
-            assert!(
-                !g.0.ztunnel_ready("node-1", ready).await,
-                "ready while a pod process holds {inbound} (shared: {shared})\n{}\n{}",
-                log("node-1-cni"),
-                log("node-1-ztunnel-surge")
-            );
-            tokio::time::sleep(Duration::from_millis(500)).await;
-        }
-        let held = mesh_cni::agent::call(&control, &mesh_cni::agent::Request::List)
-            .await
-            .unwrap();
-        let echo_uid = g.0.pod("roll/echo").unwrap().uid.clone();
-        assert!(
-            held["unready"].to_string().contains(&echo_uid),
-            "not reported: {held}"
-        );
-        assert!(
-            log("node-1-cni").contains("no connected ztunnel holds"),
-            "{}",
-            log("node-1-cni")
-        );
-        if !shared {
-            assert!(log("node-1-ztunnel-surge").contains("in use"));
-        }
-        drop(thief);
-    }
-    eventually(
-        "the new ztunnel is ready once the pod's process lets go",
-        Duration::from_secs(30),
-        || g.0.ztunnel_ready("node-1", ready),
-    )
-    .await;
-    eventually(
-        "the client reaches the echo pod through the new ztunnel",
-        Duration::from_secs(15),
-        || async { send(&g.0, "roll/client", &to, "after") },
-    )
-    .await;
-}
-
 /// A process of a captured pod under the ztunnel's uid (root) can join the
 /// SO_REUSEPORT set of a pod listener (the kernel admits any socket of the
 /// same effective uid: `runAsNonRoot` or a user namespace closes that), but
@@ -870,15 +800,26 @@ async fn a_same_uid_process_can_steer_its_own_pods_set_and_no_other() {
         send(&g.0, "roll/other", &to, "other"),
         "another pod's traffic"
     );
-    // And the next ztunnel is not ready while the thief's socket is there.
+    // The next ztunnel's snapshot finds the thief's socket: the client pod
+    // is fenced (the thief gets nothing more), the roll goes on, and the
+    // fence is lifted once the thief is gone.
     let ready = g.0.surge_ztunnel("node-1").unwrap();
-    tokio::time::sleep(Duration::from_secs(8)).await;
-    assert!(!g.0.ztunnel_ready("node-1", ready).await);
-    drop(thief);
     eventually(
-        "the next ztunnel is ready once the thief is gone",
+        "the next ztunnel is ready beside the thief",
         Duration::from_secs(30),
         || g.0.ztunnel_ready("node-1", ready),
+    )
+    .await;
+    let client_uid = g.0.pod("roll/client").unwrap().uid.clone();
+    assert!(fence::fenced(&g.0, &client_uid).await);
+    let _c: Vec<_> = (0..5).map(|_| connect(&path)).collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(thief.accept().is_err(), "the thief got a fenced connection");
+    drop(thief);
+    eventually(
+        "the client is served once the thief is gone",
+        Duration::from_secs(30),
+        || async { send(&g.0, "roll/client", &to, "after") },
     )
     .await;
 }

@@ -160,6 +160,11 @@ impl InPod {
         in_snapshot: bool,
     ) -> Result<(), PodError> {
         let mut deferred = self.deferred();
+        // The same pod sent again (an agent's snapshot after a restart):
+        // its deferral goes on as it was, its failure and timer kept.
+        if deferred.get(uid).is_some_and(|d| d.is_of(&netns)) {
+            return Ok(());
+        }
         if let Some(d) = deferred.remove(uid) {
             d.token.cancel();
         }
@@ -170,6 +175,7 @@ impl InPod {
                 let d = Deferred {
                     token: token.clone(),
                     failed: None,
+                    netns: netns.id(),
                 };
                 deferred.insert(uid.to_string(), d);
                 tokio::spawn(self.clone().bind_later(uid.to_string(), info, netns, token));

@@ -307,6 +307,7 @@ mod tests {
             ops: Mutex::new(()),
             pods: Mutex::new(BTreeMap::new()),
             ztunnels: Default::default(),
+            fenced: Mutex::new(Default::default()),
         }
     }
 

@@ -2,15 +2,17 @@
 //! SnapshotSent, on which it reconciles and becomes ready. SnapshotSent
 //! waits until it has acked every pod of the snapshot: a pod it refused is
 //! sent again with backoff (and reported each time), so a new ztunnel of a
-//! roll is never ready, and the old one never told to go, while a pod has
-//! no listeners in it.
+//! roll is never ready, and the old one never told to go, while it refuses
+//! a pod. An acked pod's ports are then checked ([`super::holders`]): one
+//! that fails is fenced ([`super::fenced`]), which never holds the
+//! ztunnel back.
 //!
 //! Every exchange has a deadline ([`ZDS_TIMEOUT`]; the hello too): a stuck
 //! ztunnel is dropped rather than holding the agent's pods from the others.
 //! Only the first pass holds the agent's operations lock; the retries take
 //! it one round at a time.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
 use std::time::Duration;
@@ -19,8 +21,9 @@ use mesh_proto::istio::workload::zds::{AddWorkload, SnapshotSent, workload_reque
 use tokio_seqpacket::UnixSeqpacket;
 use tracing::{info, warn};
 
-use crate::agent::holders;
-use crate::agent::ztunnels::{Sent, peer_pid, send};
+use crate::agent::fenced::{self, FencedPods};
+use crate::agent::holders::Ours;
+use crate::agent::ztunnels::{Sent, ours_of, send};
 use crate::agent::{Agent, AgentError, Pod, ZDS_TIMEOUT, info_of};
 
 /// The longest wait between two rounds of re-sending refused pods.
@@ -38,37 +41,53 @@ fn add_of(p: &Pod) -> Result<(Payload, OwnedFd), AgentError> {
     Ok((add, fd))
 }
 
-/// Sends each of `pods` (all but those not held any more); the uids it
-/// refused are returned, a broken connection is an error. An ack counts
-/// only once the pod's ports are seen held by the connected ztunnels
-/// (`pids`: the new one's and the older ones'), never by a process of the
-/// pod's ([`holders`]).
+/// What one pass over a snapshot's pods gave.
+struct Pass {
+    /// Acked: their ports are checked next.
+    acked: Vec<String>,
+    /// Refused: sent again.
+    refused: BTreeSet<String>,
+}
+
+/// Sends each of `pods`; a broken connection is an error.
 async fn send_pods<'a>(
     sock: &UnixSeqpacket,
     pods: impl Iterator<Item = &'a Pod>,
-    dns: bool,
-    pids: &[i32],
-) -> Result<BTreeSet<String>, AgentError> {
-    let mut refused = BTreeSet::new();
+) -> Result<Pass, AgentError> {
+    let mut pass = Pass {
+        acked: Vec::new(),
+        refused: BTreeSet::new(),
+    };
     for p in pods {
         let (add, fd) = add_of(p)?;
-        let sent = match send(sock, add, Some(&fd)).await {
-            Sent::Acked => match holders::check(&p.netns, dns, pids) {
-                Ok(()) => Sent::Acked,
-                Err(e) => Sent::Refused(format!("acked, but {e}")),
-            },
-            other => other,
-        };
-        match sent {
-            Sent::Acked => {}
+        match send(sock, add, Some(&fd)).await {
+            Sent::Acked => pass.acked.push(p.spec.uid.clone()),
             Sent::Refused(m) => {
                 warn!(uid = %p.spec.uid, error = %m, "ztunnel refused a pod of its snapshot; will retry");
-                refused.insert(p.spec.uid.clone());
+                pass.refused.insert(p.spec.uid.clone());
             }
             Sent::Broken(e) => return Err(e),
         }
     }
-    Ok(refused)
+    Ok(pass)
+}
+
+/// Checks the ports of the pods acked in a pass (the ztunnels' sockets
+/// read once: `ours`), fencing or lifting the fence of each ([`fenced`]):
+/// an ack counts whatever the check finds; a pod that fails it is fenced,
+/// never a reason to hold the ztunnel back.
+fn check_acked(
+    pods: &BTreeMap<String, Pod>,
+    acked: &[String],
+    dns: bool,
+    ours: &Ours,
+    fenced: &mut FencedPods,
+) {
+    for uid in acked {
+        if let Some(p) = pods.get(uid) {
+            fenced::check_and_judge(p, dns, ours, fenced);
+        }
+    }
 }
 
 async fn snapshot_sent(sock: &UnixSeqpacket) -> Result<(), AgentError> {
@@ -98,9 +117,13 @@ impl Agent {
         {
             let _op = self.ops.lock().await;
             let pods = self.pods.lock().await;
-            let mut pids = self.ztunnels.pids().await;
-            pids.extend(peer_pid(&sock));
-            let pending = send_pods(&sock, pods.values(), self.cfg.dns, &pids).await?;
+            let pass = send_pods(&sock, pods.values()).await?;
+            let ours = self.ztunnels.ours_with(Some(&admitted)).await;
+            let ours = ours.unwrap_or_default();
+            let mut fenced = self.fenced.lock().await;
+            check_acked(&pods, &pass.acked, self.cfg.dns, &ours, &mut fenced);
+            drop(fenced);
+            let pending = pass.refused;
             if pending.is_empty() {
                 snapshot_sent(&sock).await?;
                 info!(
@@ -132,14 +155,18 @@ impl Agent {
             let Some(i) = conns.iter().position(|c| c.born.id == id) else {
                 return;
             };
-            let pids: Vec<i32> = conns.iter().filter_map(|c| c.pid).collect();
             let c = &mut conns[i];
             // Pods released meanwhile are no longer owed.
             c.pending.retain(|uid| pods.contains_key(uid));
             if !c.pending.is_empty() {
                 let owed = c.pending.iter().filter_map(|u| pods.get(u));
-                match send_pods(&c.sock, owed, self.cfg.dns, &pids).await {
-                    Ok(refused) => c.pending = refused,
+                match send_pods(&c.sock, owed).await {
+                    Ok(pass) => {
+                        c.pending = pass.refused;
+                        let ours = ours_of(&conns, None).unwrap_or_default();
+                        let mut fenced = self.fenced.lock().await;
+                        check_acked(&pods, &pass.acked, self.cfg.dns, &ours, &mut fenced);
+                    }
                     Err(e) => {
                         warn!(ztunnel = id, error = %e, "ztunnel lost during its snapshot; forgotten");
                         conns.remove(i);
@@ -147,6 +174,7 @@ impl Agent {
                     }
                 }
             }
+            let c = &mut conns[i];
             if c.pending.is_empty() {
                 match snapshot_sent(&c.sock).await {
                     Ok(()) => {

@@ -54,6 +54,7 @@ fn agent(dir: &Path, uids: &[&str]) -> Arc<Agent> {
         ops: Mutex::new(()),
         pods: Mutex::new(pods),
         ztunnels: Ztunnels::default(),
+        fenced: Mutex::new(Default::default()),
     })
 }
 
@@ -154,24 +155,51 @@ async fn snapshot_sent_waits_until_every_pod_is_acked() {
 
 /// A ztunnel that acks a pod of its snapshot without its ports being held
 /// by it (nothing listens there, or, as here, it bound nothing): the pod
-/// stays owed and SnapshotSent (its readiness) is not sent.
+/// is fenced and reported, and SnapshotSent (its readiness) goes all the
+/// same, so the node's other pods are served. Failed first: the pod stayed
+/// owed and the ztunnel unready.
 #[tokio::test]
-async fn an_ack_without_the_ztunnels_own_listeners_does_not_count() {
+async fn an_ack_without_the_ztunnels_own_listeners_fences_the_pod() {
     let dir = tempfile::tempdir().unwrap();
     let agent = agent(dir.path(), &["p1"]);
     let (ours, theirs) = connected(dir.path()).await;
     let log = ztunnel_binding(theirs, "p1", 0, false);
-    let serving = tokio::spawn(agent.clone().snapshot(ours));
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    let got = log.lock().unwrap().clone();
-    assert!(!got.contains(&"snapshot".to_string()), "{got:?}");
-    assert!(got.len() >= 2, "sent again: {got:?}");
-    let pending = agent.ztunnels.pending().await;
-    assert!(
-        pending.values().any(|p| p.contains(&"p1".to_string())),
-        "{pending:?}"
-    );
-    serving.abort();
+    tokio::time::timeout(Duration::from_secs(10), agent.clone().snapshot(ours))
+        .await
+        .expect("the snapshot ends")
+        .expect("the snapshot is served");
+    assert_eq!(*log.lock().unwrap(), ["add p1", "snapshot"]);
+    assert!(agent.ztunnels.pending().await.is_empty());
+    let fenced = agent.fenced.lock().await.clone();
+    let f = fenced.get("p1").expect("p1 fenced");
+    assert!(f.up && f.why.contains("15001"), "{f:?}");
+    let pods = agent.pods.lock().await;
+    assert!(crate::fence::present(&pods["p1"].netns));
+}
+
+/// A pod whose ports the ztunnel holds is not fenced, and a fenced one's
+/// fence is lifted once they are.
+#[tokio::test]
+async fn a_pod_the_ztunnel_holds_is_not_fenced() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &["p1"]);
+    {
+        let pods = agent.pods.lock().await;
+        let p = &pods["p1"];
+        let mut fenced = agent.fenced.lock().await;
+        crate::agent::fenced::put_up(&p.spec, &p.netns, "test".into(), &mut fenced);
+        assert!(crate::fence::present(&p.netns));
+    }
+    let (ours, theirs) = connected(dir.path()).await;
+    let log = refusing_ztunnel(theirs, "p1", 0);
+    tokio::time::timeout(Duration::from_secs(10), agent.clone().snapshot(ours))
+        .await
+        .expect("the snapshot ends")
+        .expect("the snapshot is served");
+    assert_eq!(*log.lock().unwrap(), ["add p1", "snapshot"]);
+    assert!(agent.fenced.lock().await.is_empty());
+    let pods = agent.pods.lock().await;
+    assert!(!crate::fence::present(&pods["p1"].netns));
 }
 
 /// A ztunnel that never answers its snapshot is dropped within the
@@ -306,6 +334,7 @@ async fn the_nodes_own_netns_is_never_captured() {
         ops: Mutex::new(()),
         pods: Mutex::new(BTreeMap::new()),
         ztunnels: Ztunnels::default(),
+        fenced: Mutex::new(Default::default()),
     });
     let spec = |netns: &str| PodSpec {
         uid: "evil".into(),
@@ -406,4 +435,43 @@ async fn an_agent_waits_while_another_holds_the_state_file() {
     assert!(up, "the agent did not start once the other was gone");
     stop.cancel();
     task.await.unwrap().unwrap();
+}
+
+/// The state file's lock is made in a private directory, 0600, and never
+/// through a link planted at its path. Failed first: 0644, and the link
+/// was followed.
+#[tokio::test]
+async fn the_state_lock_is_private_and_never_a_link() {
+    let dir = tempfile::tempdir().unwrap();
+    let run_dir = dir.path().join("run");
+    std::fs::create_dir(&run_dir).unwrap();
+    std::fs::set_permissions(&run_dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = run_dir.join("pods.json");
+    let lock = lock_state(&state).await.expect("locked");
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    assert_eq!(mode(&run_dir), 0o700);
+    assert_eq!(mode(&state.with_extension("lock")), 0o600);
+    drop(lock);
+    let other = dir.path().join("elsewhere");
+    std::fs::create_dir(&other).unwrap();
+    let target = other.join("victim");
+    let linked = other.join("pods.json");
+    std::os::unix::fs::symlink(&target, linked.with_extension("lock")).unwrap();
+    let r = lock_state(&linked).await;
+    assert!(r.is_err(), "a planted link was followed");
+    assert!(!target.exists(), "the link's target was created");
+}
+
+/// A pid counts as a ztunnel's only while it is the process that
+/// connected (its start time): a pid reused by another process does not.
+/// Failed first: no such check.
+#[test]
+fn a_reused_pid_is_not_a_ztunnels() {
+    use crate::agent::ztunnels::{live_pid, start_time};
+    let me = std::process::id() as i32;
+    let stat = std::fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
+    let started = start_time(&stat).expect("a start time");
+    assert_eq!(live_pid(Some(me), Some(started)), Some(me));
+    assert_eq!(live_pid(Some(me), Some(started + 1)), None);
+    assert_eq!(live_pid(Some(me), None), None);
 }

@@ -27,6 +27,7 @@ use tokio::sync::{Mutex, OwnedSemaphorePermit, Semaphore};
 use tokio_seqpacket::UnixSeqpacket;
 use tracing::{info, warn};
 
+use crate::agent::holders::Ours;
 use crate::agent::{AgentError, ZDS_TIMEOUT};
 use mesh_core::zds;
 
@@ -158,14 +159,19 @@ impl Ztunnels {
         info!(ztunnel = a.born.id, started = ?a.born.started, connected = conns.len(), "ztunnel joined");
     }
 
-    /// The processes of the connected ztunnels (those the agent can see).
-    pub(crate) async fn pids(&self) -> Vec<i32> {
-        self.conns
-            .lock()
-            .await
-            .iter()
-            .filter_map(|c| c.pid)
-            .collect()
+    /// The connected ztunnels' sockets (those gone forgotten first; a pid
+    /// that is no longer the process that connected counts for nothing),
+    /// with `joining` (a ztunnel in its snapshot, not joined yet) added;
+    /// None when there is none.
+    pub(crate) async fn ours_with(&self, joining: Option<&Admitted>) -> Option<Ours> {
+        let mut conns = self.conns.lock().await;
+        forget_gone(&mut conns);
+        ours_of(&conns, joining)
+    }
+
+    /// The connected ztunnels' sockets; None when none is connected.
+    pub(crate) async fn ours(&self) -> Option<Ours> {
+        self.ours_with(None).await
     }
 
     /// How many are connected (after forgetting those gone).
@@ -256,6 +262,28 @@ impl Ztunnels {
         }
         answer
     }
+}
+
+/// `pid`, while it is still the process that started at `started` (a pid
+/// reused by another process, or one whose start is unknown, is not).
+pub(crate) fn live_pid(pid: Option<i32>, started: Option<u64>) -> Option<i32> {
+    let (pid, started) = (pid?, started?);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    (start_time(&stat)? == started).then_some(pid)
+}
+
+/// The sockets of `conns` and `joining`, the newest ztunnel's apart (by
+/// [`Born`]); None when there is none.
+pub(crate) fn ours_of(conns: &[Conn], joining: Option<&Admitted>) -> Option<Ours> {
+    let mut all: Vec<(Born, Option<i32>)> = conns
+        .iter()
+        .map(|c| (c.born, live_pid(c.pid, c.born.started)))
+        .chain(joining.map(|a| (a.born, live_pid(a.pid, a.born.started))))
+        .collect();
+    let newest = *all.iter().max_by_key(|(b, _)| *b)?;
+    all.retain(|(b, _)| *b != newest.0);
+    let pids: Vec<i32> = all.iter().filter_map(|(_, p)| *p).collect();
+    Some(Ours::read(&pids, newest.1))
 }
 
 /// Drops the connections whose ztunnel hung up.

@@ -37,6 +37,16 @@ pub(super) struct Deferred {
     /// The last bind's failure, when it was not (or no longer) a port an
     /// older ztunnel holds: the pod is served by nobody.
     pub(super) failed: Option<String>,
+    /// The pod's netns ([`Netns::id`]): the same pod sent again keeps
+    /// its deferral; a new sandbox replaces it.
+    pub(super) netns: (u64, u64),
+}
+
+impl Deferred {
+    /// Whether this deferral is of the pod in `netns`.
+    pub(super) fn is_of(&self, netns: &Netns) -> bool {
+        self.netns == netns.id()
+    }
 }
 
 /// The wait after `failures` failed binds in a row.
@@ -116,6 +126,21 @@ impl InPod {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A pod sent again in the same netns is the deferral's pod (its
+    /// failure and timer are kept); another netns is not.
+    #[test]
+    fn a_resend_in_the_same_netns_keeps_the_deferral() {
+        let own = Netns::open("/proc/self/ns/net").unwrap();
+        let d = Deferred {
+            token: CancellationToken::new(),
+            failed: Some("no descriptors".into()),
+            netns: own.id(),
+        };
+        assert!(d.is_of(&own));
+        let other = Deferred { netns: (0, 0), ..d };
+        assert!(!other.is_of(&own));
+    }
 
     #[test]
     fn the_backoff_doubles_up_to_its_bound() {

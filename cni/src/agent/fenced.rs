@@ -1,0 +1,187 @@
+//! Fenced pods: captured pods whose ports the agent cannot vouch for
+//! ([`holders`]: a socket where a redirect lands that no connected ztunnel
+//! holds, a port the newest ztunnel does not listen on, or no ztunnel at
+//! all). Such a pod's captured openings are rejected ([`crate::fence`])
+//! rather than handed to whoever holds the port; its redirect rules stay,
+//! so nothing of it leaves un-meshed. It is reported (a warning, and the
+//! control socket's `fenced`), and it does not hold back the ztunnel's
+//! snapshot: the node's other pods are served and the roll goes on.
+//!
+//! The fence goes up when a check fails (after each ack of a pod, in a
+//! snapshot or a live capture) and, for every pod, when the last ztunnel
+//! disconnects (the gap of a crash: seen within [`WATCH`]). Every
+//! [`RECHECK`] the fenced pods are checked again (the connected ztunnels'
+//! sockets read once for the round) and the fence of each that passes is
+//! lifted.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use crate::agent::holders::{self, HolderError, Ours};
+use crate::agent::{Agent, Pod, PodSpec};
+use crate::fence;
+use mesh_core::netns::Netns;
+
+/// How often the agent looks whether any ztunnel is still connected.
+pub(crate) const WATCH: Duration = Duration::from_millis(200);
+/// How often fenced pods are checked again.
+pub(crate) const RECHECK: Duration = Duration::from_secs(2);
+
+/// One fenced pod.
+#[derive(Debug, Clone)]
+pub(crate) struct Fenced {
+    /// Why (the failed check).
+    pub(crate) why: String,
+    /// Whether the fence is up (putting it up can fail: tried again each
+    /// round).
+    pub(crate) up: bool,
+}
+
+/// The fenced pods, by uid.
+pub(crate) type FencedPods = BTreeMap<String, Fenced>;
+
+/// Puts up a pod's fence (again, when it failed before) for `why`.
+pub(crate) fn put_up(spec: &PodSpec, netns: &Netns, why: String, fenced: &mut FencedPods) {
+    let uid = &spec.uid;
+    let was_up = fenced.get(uid).is_some_and(|f| f.up);
+    let up = was_up
+        || match fence::put_up(netns) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!(uid, error = %e, "cannot fence the pod; trying again");
+                false
+            }
+        };
+    if !fenced.contains_key(uid) {
+        warn!(uid, pod = %format!("{}/{}", spec.namespace, spec.name), why = %why,
+            "pod fenced: its captured connections are refused until a connected ztunnel holds its ports");
+    }
+    fenced.insert(uid.clone(), Fenced { why, up });
+}
+
+/// Applies a check's outcome to a pod: a failure fences it, a pass lifts
+/// its fence.
+pub(crate) fn judge(
+    spec: &PodSpec,
+    netns: &Netns,
+    outcome: Result<(), HolderError>,
+    fenced: &mut FencedPods,
+) {
+    let uid = &spec.uid;
+    match outcome {
+        Err(e) => put_up(spec, netns, e.to_string(), fenced),
+        Ok(()) => {
+            if !fenced.contains_key(uid) {
+                return;
+            }
+            match fence::lift(netns) {
+                Ok(()) => {
+                    fenced.remove(uid);
+                    info!(
+                        uid,
+                        "pod's fence lifted: a connected ztunnel holds its ports"
+                    );
+                }
+                Err(e) => warn!(uid, error = %e, "cannot lift the pod's fence; trying again"),
+            }
+        }
+    }
+}
+
+/// Checks a pod against `ours`.
+pub(crate) fn check(
+    spec: &PodSpec,
+    netns: &Netns,
+    dns: bool,
+    ours: &Ours,
+) -> Result<(), HolderError> {
+    holders::check(netns, dns, spec.bypass_inbound, &spec.ips, ours)
+}
+
+/// Checks `pod` and applies the outcome.
+pub(crate) fn check_and_judge(pod: &Pod, dns: bool, ours: &Ours, fenced: &mut FencedPods) {
+    let outcome = check(&pod.spec, &pod.netns, dns, ours);
+    judge(&pod.spec, &pod.netns, outcome, fenced);
+}
+
+/// The pods an agent from before a restart left fenced.
+pub(crate) fn left_fenced(pods: &BTreeMap<String, Pod>) -> FencedPods {
+    pods.values()
+        .filter(|p| fence::present(&p.netns))
+        .map(|p| {
+            let f = Fenced {
+                why: "fenced before the agent restarted".into(),
+                up: true,
+            };
+            (p.spec.uid.clone(), f)
+        })
+        .collect()
+}
+
+impl Agent {
+    /// Fences every pod: no ztunnel is connected. Called with no lock held.
+    async fn fence_all(&self) {
+        let _op = self.ops.lock().await;
+        // A ztunnel that joined meanwhile (a snapshot, under this lock)
+        // vouched for what it took.
+        if self.ztunnels.count().await > 0 {
+            return;
+        }
+        let pods = self.pods.lock().await;
+        let mut fenced = self.fenced.lock().await;
+        for p in pods.values() {
+            put_up(
+                &p.spec,
+                &p.netns,
+                "no ztunnel is connected".into(),
+                &mut fenced,
+            );
+        }
+    }
+
+    /// Checks the fenced pods again, with the connected ztunnels' sockets
+    /// read once; lifts the fence of each that passes.
+    async fn recheck(&self) {
+        if self.fenced.lock().await.is_empty() {
+            return;
+        }
+        let _op = self.ops.lock().await;
+        let pods = self.pods.lock().await;
+        let Some(ours) = self.ztunnels.ours().await else {
+            return; // none connected: all stay fenced
+        };
+        let mut fenced = self.fenced.lock().await;
+        fenced.retain(|uid, _| pods.contains_key(uid));
+        let uids: Vec<String> = fenced.keys().cloned().collect();
+        for uid in uids {
+            if let Some(p) = pods.get(&uid) {
+                check_and_judge(p, self.cfg.dns, &ours, &mut fenced);
+            }
+        }
+    }
+
+    /// The agent's watch over its fences, until `stop`.
+    pub(crate) async fn fence_loop(self: Arc<Self>, stop: CancellationToken) {
+        let mut watch = tokio::time::interval(WATCH);
+        let mut recheck = tokio::time::interval(RECHECK);
+        let mut connected = false;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = watch.tick() => {
+                    let now = self.ztunnels.count().await > 0;
+                    if connected && !now {
+                        warn!("no ztunnel connected: every pod fenced until one holds its ports");
+                        self.fence_all().await;
+                    }
+                    connected = now;
+                }
+                _ = recheck.tick() => self.recheck().await,
+            }
+        }
+    }
+}
