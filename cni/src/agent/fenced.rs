@@ -56,7 +56,10 @@ pub(crate) fn put_up(spec: &PodSpec, netns: &Netns, why: String, fenced: &mut Fe
                 false
             }
         };
-    if !fenced.contains_key(uid) {
+    // Logged when it is fenced, and again when the reason changes (an
+    // older ztunnel that held the ports gone, a process of the pod's in
+    // its place).
+    if fenced.get(uid).is_none_or(|f| f.why != why) {
         warn!(uid, pod = %format!("{}/{}", spec.namespace, spec.name), why = %why,
             "pod fenced: its captured connections are refused until a connected ztunnel holds its ports");
     }
