@@ -17,6 +17,8 @@ use e2e::mesh::{binary, eventually};
 use mesh_core::netns::Netns;
 use serde_json::Value;
 
+#[path = "roll/dump.rs"]
+mod dump;
 #[path = "roll/fence.rs"]
 mod fence;
 
@@ -323,6 +325,12 @@ async fn a_ztunnel_roll_under_load_fails_no_new_connection_and_drains_the_old_on
             s.last_ok.saturating_duration_since(term),
             s.ended.as_deref().unwrap_or("no (stopped by the test)")
         );
+    }
+    if !failures.is_empty() || lasted_count != STREAMS {
+        match dump::save(&g.0, &["roll/client-1", "roll/echo-1", "node-1", "node-2"]) {
+            Ok(d) => println!("logs and the pods' state: {}", d.display()),
+            Err(e) => println!("could not save the logs: {e}"),
+        }
     }
     assert!(opened_count >= RATE * 3, "too little load: {opened_count}");
     assert!(
