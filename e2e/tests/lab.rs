@@ -404,3 +404,56 @@ fn a_crashed_tests_lab_is_swept_and_nobody_elses_is() {
     assert!(down.status.success(), "{down:?}");
     assert!(e2e::lab::namespaces_of(id).unwrap().is_empty());
 }
+
+/// The MAC address of `dev` in `netns`.
+fn mac_of(netns: &str, dev: &str) -> String {
+    let out = std::process::Command::new("ip")
+        .args(["-n", netns, "-br", "link", "show", dev])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    text.split_whitespace()
+        .nth(2)
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// A node's bridge keeps its address when a pod is plugged in. A bridge
+/// without an address of its own takes the lowest of its ports' ones, so a
+/// new pod could change the gateway's MAC under the pods already there;
+/// each pod's IPv6 neighbour entry for the gateway's global address keeps
+/// the old one (the node re-resolves them from its link-local address), and
+/// its frames to the node are then dropped as not for the node: all of a
+/// pod's IPv6 beyond its node stopped while a ztunnel roll added a pod.
+#[test]
+fn plugging_a_pod_into_a_nodes_bridge_keeps_the_bridges_address() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = Guard(Lab::create_in(dir.path(), TEST_IDS, 1).unwrap());
+    let node = g.0.state.nodes[0].netns.clone();
+    let before = mac_of(&node, "cbr0");
+    // A port whose address is below any the bridge could have.
+    let run = |args: &[&str]| {
+        let st = std::process::Command::new("ip")
+            .args(args)
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    run(&[
+        "-n",
+        &node,
+        "link",
+        "add",
+        "plow",
+        "address",
+        "00:00:00:00:00:01",
+        "type",
+        "veth",
+        "peer",
+        "plow-peer",
+    ]);
+    run(&["-n", &node, "link", "set", "plow", "master", "cbr0", "up"]);
+    let after = mac_of(&node, "cbr0");
+    assert!(!before.is_empty());
+    assert_eq!(after, before, "the bridge took a new port's address");
+}

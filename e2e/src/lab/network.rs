@@ -44,6 +44,22 @@ fn check_nodes(nodes: usize) -> Result<(), Error> {
     }
 }
 
+/// The MAC address of node `i`'s bridge `cbr0` (locally administered,
+/// one per node; each bridge is a link of its own).
+///
+/// A bridge whose address is not set takes the lowest of its ports'
+/// addresses, so plugging in a pod could change the pods' gateway MAC under
+/// them (the bridge's address changes to the new port's when it is lower).
+/// IPv4 recovers at once (the node's ARP requests carry its gateway
+/// address), IPv6 does not: the node re-resolves its pods from its
+/// link-local address, so a pod's entry for the gateway's global address
+/// keeps the old MAC, which is now only a port's. The bridge passes the
+/// pods' frames to it up as addressed to another host (but for the pod on
+/// that port), which IPv6 drops, until the entry goes stale (15-45 s).
+pub(crate) fn node_bridge_mac(i: u8) -> String {
+    format!("02:00:00:00:{i:02x}:01")
+}
+
 impl Lab {
     pub(crate) fn add_netns(&mut self, name: &str) -> Result<(), Error> {
         sh(&["ip", "netns", "add", name])?;
@@ -163,7 +179,12 @@ impl Lab {
             lab.add_netns(&ns)?;
             let ip = format!("{net}.0.{i}");
             attach(&ns, &format!("n{i}"), &ip)?;
-            sh(&["ip", "-n", &ns, "link", "add", "cbr0", "type", "bridge"])?;
+            // The bridge's address is set, so plugging in a pod never
+            // changes it ([`node_bridge_mac`]).
+            let mac = node_bridge_mac(i);
+            sh(&[
+                "ip", "-n", &ns, "link", "add", "cbr0", "address", &mac, "type", "bridge",
+            ])?;
             sh(&[
                 "ip",
                 "-n",
