@@ -84,6 +84,10 @@ pub(crate) const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_se
 /// reached: what the CNI plugin (and through it the kubelet) reports.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error(
+        "pod {uid}: its ports are not a ztunnel's ({why}) and its fence cannot go up: not captured"
+    )]
+    Unfenced { uid: String, why: String },
     #[error("the node's ztunnel is not connected")]
     NotConnected,
     /// The node's own netns, never a pod's.
@@ -303,6 +307,23 @@ impl Agent {
         let outcome = fenced::check(&spec, &netns, self.cfg.dns, &ours);
         let mut fence = FencedPods::new();
         fenced::judge(&spec, &netns, outcome, &mut fence);
+        if let Some(f) = fence.get(&spec.uid).filter(|f| !f.up) {
+            // Neither a ztunnel's ports nor a fence: its rules would hand
+            // its connections to whoever holds them. Not captured.
+            let why = f.why.clone();
+            let _ = self
+                .to_ztunnel(
+                    Payload::Del(DelWorkload {
+                        uid: spec.uid.clone(),
+                    }),
+                    None,
+                )
+                .await;
+            return Err(AgentError::Unfenced {
+                uid: spec.uid.clone(),
+                why,
+            });
+        }
         let no_orig_src = match install_rules(&netns, &spec, self.capture_of(&spec)) {
             Ok(n) => n,
             Err(e) => {
@@ -729,3 +750,5 @@ pub async fn call(control_socket: &Path, req: &Request) -> Result<serde_json::Va
 
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_fence;

@@ -131,6 +131,11 @@ pub(crate) fn nft(netns: &Netns, script: &str) -> Result<(), RulesError> {
     run_in(netns, "nft", &["-f", "-"], script).map(drop)
 }
 
+/// Runs `nft -f -` with `script` inside `netns`; what it printed.
+pub(crate) fn nft_output(netns: &Netns, script: &str) -> Result<String, RulesError> {
+    run_in(netns, "nft", &["-f", "-"], script)
+}
+
 /// Runs `program args` inside `netns` with `script` on its stdin; its
 /// output.
 fn run_in(netns: &Netns, program: &str, args: &[&str], script: &str) -> Result<String, RulesError> {

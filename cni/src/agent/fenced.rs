@@ -9,17 +9,21 @@
 //!
 //! The fence goes up when a check fails (after each ack of a pod, in a
 //! snapshot or a live capture) and, for every pod, when the last ztunnel
-//! disconnects (the gap of a crash: seen within [`WATCH`]). Every
-//! [`RECHECK`] the fenced pods are checked again (the connected ztunnels'
-//! sockets read once for the round) and the fence of each that passes is
-//! lifted.
+//! disconnects (the gap of a crash: seen within [`WATCH`]) or none has
+//! connected within [`START_GRACE`] of the agent's start. Every
+//! [`RECHECK`] each fence that is down (it failed to go up, or a process
+//! of the pod's with NET_ADMIN deleted or replaced it) goes up again, and
+//! the fenced pods are checked again (the connected ztunnels' sockets read
+//! once for the round): the fence of each that passes is lifted. A pod
+//! that fails its check when captured and cannot be fenced is not
+//! captured.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::agent::holders::{self, HolderError, Ours};
 use crate::agent::{Agent, Pod, PodSpec};
@@ -28,6 +32,9 @@ use mesh_core::netns::Netns;
 
 /// How often the agent looks whether any ztunnel is still connected.
 pub(crate) const WATCH: Duration = Duration::from_millis(200);
+/// How long a starting agent waits for a ztunnel before it takes the
+/// node for a gap (a restart's ztunnel reconnects well within it).
+pub(crate) const START_GRACE: Duration = Duration::from_secs(2);
 /// How often fenced pods are checked again.
 pub(crate) const RECHECK: Duration = Duration::from_secs(2);
 
@@ -125,6 +132,30 @@ pub(crate) fn left_fenced(pods: &BTreeMap<String, Pod>) -> FencedPods {
         .collect()
 }
 
+/// Puts up again each fence that is down: one that failed to go up, and
+/// one no longer there whole (a process of the pod's with NET_ADMIN
+/// deleted it, or replaced it with a table of its own).
+pub(crate) fn restore(pods: &BTreeMap<String, Pod>, fenced: &mut FencedPods) {
+    for (uid, f) in fenced.iter_mut() {
+        let Some(p) = pods.get(uid) else { continue };
+        if f.up && !fence::present(&p.netns) {
+            warn!(
+                uid,
+                "the pod's fence is gone or altered; putting it up again"
+            );
+            f.up = false;
+        }
+        if !f.up {
+            match fence::put_up(&p.netns) {
+                Ok(()) => f.up = true,
+                Err(e) => {
+                    error!(uid, error = %e, "cannot fence the pod: its captured connections go to whoever holds its ports");
+                }
+            }
+        }
+    }
+}
+
 impl Agent {
     /// Fences every pod: no ztunnel is connected. Called with no lock held.
     async fn fence_all(&self) {
@@ -148,17 +179,19 @@ impl Agent {
 
     /// Checks the fenced pods again, with the connected ztunnels' sockets
     /// read once; lifts the fence of each that passes.
-    async fn recheck(&self) {
+    pub(crate) async fn recheck(&self) {
         if self.fenced.lock().await.is_empty() {
             return;
         }
         let _op = self.ops.lock().await;
         let pods = self.pods.lock().await;
-        let Some(ours) = self.ztunnels.ours().await else {
-            return; // none connected: all stay fenced
-        };
+        let ours = self.ztunnels.ours().await;
         let mut fenced = self.fenced.lock().await;
         fenced.retain(|uid, _| pods.contains_key(uid));
+        restore(&pods, &mut fenced);
+        let Some(ours) = ours else {
+            return; // none connected: all stay fenced
+        };
         let uids: Vec<String> = fenced.keys().cloned().collect();
         for uid in uids {
             if let Some(p) = pods.get(&uid) {
@@ -171,17 +204,23 @@ impl Agent {
     pub(crate) async fn fence_loop(self: Arc<Self>, stop: CancellationToken) {
         let mut watch = tokio::time::interval(WATCH);
         let mut recheck = tokio::time::interval(RECHECK);
-        let mut connected = false;
+        // As if one were: none connected within START_GRACE of the start
+        // is a gap too (an agent started while no ztunnel runs).
+        let mut connected = true;
+        let start = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = watch.tick() => {
                     let now = self.ztunnels.count().await > 0;
-                    if connected && !now {
+                    let settled = start.elapsed() >= START_GRACE;
+                    if connected && !now && settled {
                         warn!("no ztunnel connected: every pod fenced until one holds its ports");
                         self.fence_all().await;
                     }
-                    connected = now;
+                    if now || settled {
+                        connected = now;
+                    }
                 }
                 _ = recheck.tick() => self.recheck().await,
             }

@@ -24,7 +24,7 @@ fn config(dir: &Path) -> AgentConfig {
 
 /// An agent holding `uids`, each in a netns of its own (nothing is
 /// installed in it: only the snapshot is exercised).
-fn agent(dir: &Path, uids: &[&str]) -> Arc<Agent> {
+pub(super) fn agent(dir: &Path, uids: &[&str]) -> Arc<Agent> {
     let mut pods = BTreeMap::new();
     for uid in uids {
         let spec = PodSpec {
@@ -59,7 +59,7 @@ fn agent(dir: &Path, uids: &[&str]) -> Arc<Agent> {
 }
 
 /// A ZDS connection: the agent's end and the ztunnel's, which said hello.
-async fn connected(dir: &Path) -> (UnixSeqpacket, UnixSeqpacket) {
+pub(super) async fn connected(dir: &Path) -> (UnixSeqpacket, UnixSeqpacket) {
     let path = dir.join(format!("zds-{}.sock", rand_suffix()));
     let mut l = UnixSeqpacketListener::bind(&path).expect("bound");
     let theirs = zds::connect(&path).await.expect("connected");
@@ -73,7 +73,7 @@ fn rand_suffix() -> u64 {
 }
 
 /// What a ztunnel end got, in order: "add p1", "snapshot", ...
-type Log = Arc<StdMutex<Vec<String>>>;
+pub(super) type Log = Arc<StdMutex<Vec<String>>>;
 
 /// Binds a pod's listener ports in `netns` as a ztunnel would (this
 /// process holds them: the agent sees them as its ZDS peer's).
@@ -96,7 +96,12 @@ fn refusing_ztunnel(sock: UnixSeqpacket, uid: &'static str, refusals: usize) -> 
     ztunnel_binding(sock, uid, refusals, true)
 }
 
-fn ztunnel_binding(sock: UnixSeqpacket, uid: &'static str, refusals: usize, bind: bool) -> Log {
+pub(super) fn ztunnel_binding(
+    sock: UnixSeqpacket,
+    uid: &'static str,
+    refusals: usize,
+    bind: bool,
+) -> Log {
     let log: Log = Arc::default();
     let seen = log.clone();
     tokio::spawn(async move {
@@ -300,7 +305,7 @@ async fn a_hung_ztunnel_does_not_hold_the_control_socket() {
 }
 
 /// A fresh netns held by a parked thread, and its path.
-fn fresh_netns() -> String {
+pub(super) fn fresh_netns() -> String {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         // SAFETY: moves this thread alone into a new netns.
