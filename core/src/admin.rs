@@ -34,9 +34,6 @@ pub enum NotReady {
     NoControllerConfig,
     #[error("no pod snapshot from the node agent yet")]
     NoPodSnapshot,
-    /// Pods acked whose listeners could not be bound since: why, each.
-    #[error("pods without listeners: {}", .0.join(", "))]
-    PodsUnserved(Vec<String>),
     #[error("no config yet")]
     NoConfig,
     /// The identities whose certificates have not arrived.

@@ -66,12 +66,9 @@ impl Readiness for Ready {
         {
             return Err(NotReady::NoPodSnapshot);
         }
-        if let Some(p) = &self.inpod {
-            let unserved = p.unserved();
-            if !unserved.is_empty() {
-                return Err(NotReady::PodsUnserved(unserved));
-            }
-        }
+        // A pod whose listeners cannot be bound is that pod's failure
+        // (logged, `ztunnel_pods_unserved`; the node agent fences it), never
+        // the ztunnel's: its other pods stay served and the roll goes on.
         if !self.proxy.state.has_config() {
             return Err(NotReady::NoConfig);
         }

@@ -7,9 +7,12 @@
 //! A bind that then fails for any other reason, or a port still in use
 //! past [`IN_USE_LIMIT`] (in a roll the older ztunnel closes its listeners
 //! as soon as this one is ready), leaves the pod without listeners of
-//! ours: it is reported (a warning at each try, `ztunnel_pods_unserved`,
-//! and this ztunnel not ready) and tried again with backoff up to
-//! [`MAX_BACKOFF`], never given up.
+//! ours: it is reported (a warning at each try, `ztunnel_pods_unserved`)
+//! and tried again with backoff up to [`MAX_BACKOFF`], never given up.
+//! It does not make this ztunnel unready: that one pod's failure would
+//! hold every other pod of the node back (a roll never completes, a
+//! process of the pod that keeps a port holds the node). The node agent
+//! fences the pod meanwhile: it finds no ztunnel's socket on its ports.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -96,7 +99,7 @@ impl InPod {
                 Err(e) => e.to_string(),
             };
             failures += 1;
-            warn!(uid, namespace = %info.namespace, name = %info.name, error = %error, retry_in = ?backoff(failures), "the pod's listeners cannot be bound: nothing of this ztunnel's serves the pod (not ready)");
+            warn!(uid, namespace = %info.namespace, name = %info.name, error = %error, retry_in = ?backoff(failures), "the pod's listeners cannot be bound: nothing of this ztunnel's serves the pod (the node agent fences it)");
             if let Some(d) = deferred.get_mut(&uid) {
                 d.failed = Some(error);
             }
@@ -111,15 +114,6 @@ impl InPod {
             .metrics
             .pods_unserved
             .set(i64::try_from(n).unwrap_or(i64::MAX));
-    }
-
-    /// The pods this ztunnel acked but serves with nothing of its own,
-    /// and why: its readiness says so.
-    pub fn unserved(&self) -> Vec<String> {
-        self.deferred()
-            .iter()
-            .filter_map(|(uid, d)| Some(format!("{uid} ({})", d.failed.as_ref()?)))
-            .collect()
     }
 }
 
