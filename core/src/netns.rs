@@ -185,16 +185,56 @@ fn interface_addresses() -> io::Result<Vec<IpAddr>> {
     }
     // SAFETY: frees the list getifaddrs allocated, once.
     unsafe { libc::freeifaddrs(head) };
+    // The calling thread's netns (it runs inside the pod's); unreadable
+    // (no IPv6) is none failed.
+    let failed = std::fs::read_to_string("/proc/thread-self/net/if_inet6")
+        .map(|t| dad_failed(&t))
+        .unwrap_or_default();
     out.retain(|a| match a {
+        IpAddr::V6(v) if failed.contains(v) => false,
         IpAddr::V4(v) => !v.is_loopback() && !v.is_link_local(),
         IpAddr::V6(v) => !v.is_loopback() && !v.is_unicast_link_local(),
     });
     Ok(out)
 }
 
+/// The IPv6 addresses of `/proc/net/if_inet6` whose duplicate address
+/// detection failed (IFA_F_DADFAILED): never usable, so no listener is
+/// bound there. A tentative one (DAD still running) is kept: it becomes
+/// usable within a few seconds, and a bind that fails meanwhile is tried
+/// again (or the pod's capture is).
+fn dad_failed(if_inet6: &str) -> Vec<std::net::Ipv6Addr> {
+    const IFA_F_DADFAILED: u32 = 0x08;
+    if_inet6
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(4)?, 16).ok()?;
+            if flags & IFA_F_DADFAILED == 0 {
+                return None;
+            }
+            u128::from_str_radix(f.first()?, 16)
+                .ok()
+                .map(std::net::Ipv6Addr::from)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPv6 address whose DAD failed is no pod's (a bind there fails
+    /// forever); one still tentative, or usable, is.
+    #[test]
+    fn an_address_that_failed_dad_is_left_out() {
+        let t = "fd000000000000000000000000000005 02 40 00 c8 eth0
+fd000000000000000000000000000006 02 40 00 c0 eth0
+fd000000000000000000000000000007 02 40 00 80 eth0
+";
+        let failed = dad_failed(t);
+        assert_eq!(failed, ["fd00::5".parse::<std::net::Ipv6Addr>().unwrap()]);
+    }
     use std::sync::Arc;
 
     /// A pod recreated under the same name keeps its own entry when the

@@ -68,6 +68,16 @@ impl PodError {
         matches!(self, PodError::Dns(e) | PodError::Listen { source: e, .. }
             if e.kind() == std::io::ErrorKind::AddrInUse)
     }
+    /// In a snapshot (the pod's rules are in already), whether the pod is
+    /// acked and bound later rather than refused: whatever keeps its
+    /// listeners from being bound (a port in use, its address flushed or
+    /// not yet usable, no descriptors), so the snapshot completes and the
+    /// node's other pods are served; the node agent fences this one
+    /// meanwhile (no ztunnel socket on its ports). A draining ztunnel
+    /// takes nothing.
+    fn waits_in_snapshot(&self) -> bool {
+        !matches!(self, PodError::Draining)
+    }
 }
 
 /// The pod's own addresses, IPv4 and IPv6 (link-local and loopback left
@@ -145,12 +155,13 @@ impl InPod {
     }
 
     /// Takes a pod; in a snapshot (the agent holds the pod and its rules
-    /// are in) a port in use does not refuse it: it is acked, and bound as
-    /// soon as it is free ([`deferred::BIND_RETRY`]). The agent counts the ack only
-    /// once it has seen that the sockets on the pod's ports are a
-    /// connected ztunnel's (an older one that held them exclusively), never
-    /// a process of the pod's: it sends the pod again meanwhile, and this
-    /// ztunnel is not ready. A new pod is refused (its rules would
+    /// are in) a bind that fails does not refuse it
+    /// ([`PodError::waits_in_snapshot`]): it is acked, and bound as soon as
+    /// it can be ([`deferred::BIND_RETRY`], then with backoff). The agent
+    /// vouches for the pod only once it sees the sockets on its ports are
+    /// a connected ztunnel's (an older one that held them exclusively),
+    /// never a process of the pod's: it fences the pod meanwhile, and the
+    /// node's other pods are served. A new pod is refused (its rules would
     /// redirect to whoever holds the port).
     fn take(
         self: &Arc<Self>,
@@ -169,12 +180,18 @@ impl InPod {
             d.token.cancel();
         }
         let r = match self.add(uid, info.clone(), netns.clone()) {
-            Err(e) if in_snapshot && e.in_use() => {
-                warn!(uid, namespace = %info.namespace, name = %info.name, error = %e, "a port of the pod is in use (by an older ztunnel, if the node agent finds its socket there); binding it once it is free");
+            Err(e) if in_snapshot && e.waits_in_snapshot() => {
+                let failed = if e.in_use() {
+                    warn!(uid, namespace = %info.namespace, name = %info.name, error = %e, "a port of the pod is in use (by an older ztunnel, if the node agent finds its socket there); binding it once it is free");
+                    None
+                } else {
+                    warn!(uid, namespace = %info.namespace, name = %info.name, error = %e, "the pod's listeners cannot be bound: acked all the same (the node agent fences the pod), tried again");
+                    Some(e.to_string())
+                };
                 let token = CancellationToken::new();
                 let d = Deferred {
                     token: token.clone(),
-                    failed: None,
+                    failed,
                     netns: netns.id(),
                 };
                 deferred.insert(uid.to_string(), d);

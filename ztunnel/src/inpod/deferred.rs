@@ -1,4 +1,7 @@
-//! Pods of a snapshot whose ports were in use when they came: an older
+//! Pods of a snapshot whose listeners could not be bound when they came
+//! (a port in use, an address flushed or not usable yet, no descriptors:
+//! acked all the same, so the snapshot completes; the node agent fences
+//! the pod until they are bound). Mostly a port in use: an older
 //! ztunnel held them exclusively (a version from before the SO_REUSEPORT
 //! sets). The node agent counts such a pod as taken only once it has seen
 //! that every socket on its ports is a connected ztunnel's; the older one
@@ -134,6 +137,28 @@ mod tests {
         assert!(d.is_of(&own));
         let other = Deferred { netns: (0, 0), ..d };
         assert!(!other.is_of(&own));
+    }
+
+    /// In a snapshot, a pod whose listeners cannot be bound for any reason
+    /// (its address flushed, an IPv6 address that failed DAD, no
+    /// descriptors) is acked and tried again, never refused: a refusal
+    /// kept the pod owed, so SnapshotSent never came and the roll froze.
+    /// The node agent fences it meanwhile (no ztunnel socket on its
+    /// ports). Only a draining ztunnel refuses. Failed first: only a port
+    /// in use waited.
+    #[test]
+    fn in_a_snapshot_only_draining_refuses_a_pod() {
+        use super::super::PodError;
+        use std::io::{Error, ErrorKind};
+        let listen = |k: ErrorKind| PodError::Listen {
+            port: 15006,
+            source: Error::from(k),
+        };
+        assert!(PodError::NoAddress.waits_in_snapshot());
+        assert!(listen(ErrorKind::AddrNotAvailable).waits_in_snapshot());
+        assert!(listen(ErrorKind::AddrInUse).waits_in_snapshot());
+        assert!(PodError::Dns(Error::from(ErrorKind::OutOfMemory)).waits_in_snapshot());
+        assert!(!PodError::Draining.waits_in_snapshot());
     }
 
     #[test]
