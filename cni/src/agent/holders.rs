@@ -172,17 +172,17 @@ fn pod_sockets(netns: &Netns, ports: &[u16]) -> Result<Vec<Bound>, HolderError> 
     netns.run(read).and_then(|r| r).map_err(HolderError::Read)
 }
 
-/// The socket inodes process `pid` holds; empty when it cannot be seen.
-fn socket_inodes(pid: i32) -> HashSet<u64> {
-    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
-        return HashSet::new();
-    };
-    dir.filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
+/// The socket inodes process `pid` holds; None when they cannot be seen.
+fn socket_inodes(pid: i32) -> Option<HashSet<u64>> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?;
+    let inodes = dir
+        .filter_map(|e| std::fs::read_link(e.ok()?.path()).ok())
         .filter_map(|l| {
             let l = l.to_str()?.to_string();
             l.strip_prefix("socket:[")?.strip_suffix(']')?.parse().ok()
         })
-        .collect()
+        .collect();
+    Some(inodes)
 }
 
 /// The connected ztunnels' sockets, read once for a whole round of
@@ -191,15 +191,28 @@ fn socket_inodes(pid: i32) -> HashSet<u64> {
 pub(crate) struct Ours {
     pub(crate) all: HashSet<u64>,
     pub(crate) newest: HashSet<u64>,
+    /// Whether the newest one's sockets could be read (its pid known and
+    /// its `/proc/<pid>/fd` readable).
+    pub(crate) newest_seen: bool,
 }
 
 impl Ours {
     /// From the connected ztunnels' `pids` and the newest one's.
     pub(crate) fn read(pids: &[i32], newest: Option<i32>) -> Ours {
-        let newest = newest.map(socket_inodes).unwrap_or_default();
-        let mut all: HashSet<u64> = pids.iter().flat_map(|p| socket_inodes(*p)).collect();
+        let newest = newest.and_then(socket_inodes);
+        let newest_seen = newest.is_some();
+        let newest = newest.unwrap_or_default();
+        let mut all: HashSet<u64> = pids
+            .iter()
+            .filter_map(|p| socket_inodes(*p))
+            .flatten()
+            .collect();
         all.extend(newest.iter().copied());
-        Ours { all, newest }
+        Ours {
+            all,
+            newest,
+            newest_seen,
+        }
     }
 }
 
@@ -221,6 +234,12 @@ pub(crate) fn check(
     };
     let sockets = pod_sockets(netns, &ports(dns))?;
     verdict(&sockets, &t, ours)
+}
+
+/// Whether a connected ztunnel holds any socket on the pod's listener
+/// ports (a read that fails is none).
+pub(crate) fn any_ztunnels(netns: &Netns, dns: bool, ours: &Ours) -> bool {
+    pod_sockets(netns, &ports(dns)).is_ok_and(|s| s.iter().any(|b| ours.all.contains(&b.inode)))
 }
 
 /// [`check`]'s verdict on what was read.
@@ -274,6 +293,7 @@ mod tests {
         Ours {
             newest: all.clone(),
             all,
+            newest_seen: true,
         }
     }
 
@@ -445,6 +465,7 @@ mod tests {
         let older = Ours {
             all: [111, 222, 333].into(),
             newest: HashSet::new(),
+            newest_seen: true,
         };
         assert!(matches!(
             verdict(&got, &targets(false), &older),

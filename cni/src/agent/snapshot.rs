@@ -5,7 +5,10 @@
 //! roll is never ready, and the old one never told to go, while it refuses
 //! a pod. An acked pod's ports are then checked ([`super::holders`]): one
 //! that fails is fenced ([`super::fenced`]), which never holds the
-//! ztunnel back.
+//! ztunnel back; unless the ztunnels fail as a whole (the newest one's
+//! sockets unreadable, or none holds a port of any acked pod): then
+//! nothing is fenced and the pods stay owed, the ztunnel unready
+//! ([`ztunnels_failing`]).
 //!
 //! Every exchange has a deadline ([`ZDS_TIMEOUT`]; the hello too): a stuck
 //! ztunnel is dropped rather than holding the agent's pods from the others.
@@ -19,10 +22,10 @@ use std::time::Duration;
 
 use mesh_proto::istio::workload::zds::{AddWorkload, SnapshotSent, workload_request::Payload};
 use tokio_seqpacket::UnixSeqpacket;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use crate::agent::fenced::{self, FencedPods};
-use crate::agent::holders::Ours;
+use crate::agent::holders::{self, Ours};
 use crate::agent::ztunnels::{Sent, ours_of, send};
 use crate::agent::{Agent, AgentError, Pod, ZDS_TIMEOUT, info_of};
 
@@ -90,6 +93,55 @@ fn check_acked(
     }
 }
 
+/// Why the ztunnels, not the acked pods, are failing, if they are (a
+/// circuit breaker): the newest one's sockets cannot be read, or no
+/// connected ztunnel holds a socket on any acked pod's ports. Fencing
+/// every pod for that would take the node's pods down for one ztunnel's
+/// fault (an older one of a roll still serves them); the ztunnel is kept
+/// unready instead.
+fn ztunnels_failing(
+    pods: &BTreeMap<String, Pod>,
+    acked: &[String],
+    dns: bool,
+    ours: &Ours,
+) -> Option<&'static str> {
+    if acked.is_empty() {
+        return None;
+    }
+    if !ours.newest_seen {
+        return Some("the newest ztunnel's sockets cannot be read (its /proc/<pid>/fd)");
+    }
+    let any = acked
+        .iter()
+        .filter_map(|u| pods.get(u))
+        .any(|p| holders::any_ztunnels(&p.netns, dns, ours));
+    (!any).then_some("no connected ztunnel holds a port of any pod it acked")
+}
+
+/// [`check_acked`] unless the ztunnels are failing: then the acked pods
+/// stay owed (sent again), nothing is fenced, and an error is logged.
+fn judge_pass(
+    id: u64,
+    pods: &BTreeMap<String, Pod>,
+    pass: Pass,
+    dns: bool,
+    ours: &Ours,
+    fenced: &mut FencedPods,
+) -> BTreeSet<String> {
+    if let Some(why) = ztunnels_failing(pods, &pass.acked, dns, ours) {
+        error!(
+            ztunnel = id,
+            why,
+            "the ztunnel is failing, not its pods: kept unready (its pods sent again), nothing fenced"
+        );
+        let mut owed = pass.refused;
+        owed.extend(pass.acked);
+        return owed;
+    }
+    check_acked(pods, &pass.acked, dns, ours, fenced);
+    pass.refused
+}
+
 async fn snapshot_sent(sock: &UnixSeqpacket) -> Result<(), AgentError> {
     match send(sock, Payload::SnapshotSent(SnapshotSent {}), None).await {
         Sent::Acked => Ok(()),
@@ -121,9 +173,8 @@ impl Agent {
             let ours = self.ztunnels.ours_with(Some(&admitted)).await;
             let ours = ours.unwrap_or_default();
             let mut fenced = self.fenced.lock().await;
-            check_acked(&pods, &pass.acked, self.cfg.dns, &ours, &mut fenced);
+            let pending = judge_pass(id, &pods, pass, self.cfg.dns, &ours, &mut fenced);
             drop(fenced);
-            let pending = pass.refused;
             if pending.is_empty() {
                 snapshot_sent(&sock).await?;
                 info!(
@@ -162,10 +213,10 @@ impl Agent {
                 let owed = c.pending.iter().filter_map(|u| pods.get(u));
                 match send_pods(&c.sock, owed).await {
                     Ok(pass) => {
-                        c.pending = pass.refused;
                         let ours = ours_of(&conns, None).unwrap_or_default();
                         let mut fenced = self.fenced.lock().await;
-                        check_acked(&pods, &pass.acked, self.cfg.dns, &ours, &mut fenced);
+                        let owed = judge_pass(id, &pods, pass, self.cfg.dns, &ours, &mut fenced);
+                        conns[i].pending = owed;
                     }
                     Err(e) => {
                         warn!(ztunnel = id, error = %e, "ztunnel lost during its snapshot; forgotten");

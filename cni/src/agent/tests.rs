@@ -93,14 +93,14 @@ fn bind_pod_ports(netns: &Netns) -> Vec<std::net::TcpListener> {
 /// A ztunnel that refuses `uid` the first `refusals` times, and binds the
 /// ports of each pod it acks (`bind`).
 fn refusing_ztunnel(sock: UnixSeqpacket, uid: &'static str, refusals: usize) -> Log {
-    ztunnel_binding(sock, uid, refusals, true)
+    ztunnel_binding(sock, uid, refusals, |_| true)
 }
 
 pub(super) fn ztunnel_binding(
     sock: UnixSeqpacket,
     uid: &'static str,
     refusals: usize,
-    bind: bool,
+    bind: fn(&str) -> bool,
 ) -> Log {
     let log: Log = Arc::default();
     let seen = log.clone();
@@ -108,7 +108,9 @@ pub(super) fn ztunnel_binding(
         let mut left = refusals;
         let mut held = Vec::new();
         while let Ok(r) = zds::recv_request(&sock).await {
-            if let (Payload::Add(_), Some(fd), true) = (&r.request, r.netns, bind) {
+            if let (Payload::Add(a), Some(fd)) = (&r.request, r.netns)
+                && bind(&a.uid)
+            {
                 let netns = Netns::from_fd(fd).expect("a netns");
                 held.push(bind_pod_ports(&netns));
             }
@@ -166,20 +168,40 @@ async fn snapshot_sent_waits_until_every_pod_is_acked() {
 #[tokio::test]
 async fn an_ack_without_the_ztunnels_own_listeners_fences_the_pod() {
     let dir = tempfile::tempdir().unwrap();
-    let agent = agent(dir.path(), &["p1"]);
+    let agent = agent(dir.path(), &["p1", "p2"]);
     let (ours, theirs) = connected(dir.path()).await;
-    let log = ztunnel_binding(theirs, "p1", 0, false);
+    let log = ztunnel_binding(theirs, "p1", 0, |uid| uid != "p1");
     tokio::time::timeout(Duration::from_secs(10), agent.clone().snapshot(ours))
         .await
         .expect("the snapshot ends")
         .expect("the snapshot is served");
-    assert_eq!(*log.lock().unwrap(), ["add p1", "snapshot"]);
+    assert_eq!(*log.lock().unwrap(), ["add p1", "add p2", "snapshot"]);
     assert!(agent.ztunnels.pending().await.is_empty());
     let fenced = agent.fenced.lock().await.clone();
     let f = fenced.get("p1").expect("p1 fenced");
     assert!(f.up && f.why.contains("15001"), "{f:?}");
     let pods = agent.pods.lock().await;
     assert!(crate::fence::present(&pods["p1"].netns));
+}
+
+/// A ztunnel that holds none of its pods' ports (its sockets cannot be
+/// read, or it bound nothing) is failing itself: it is kept unready (its
+/// pods owed, no SnapshotSent) and nothing is fenced, rather than every
+/// pod of the node fenced while the older ztunnel still serves them.
+/// Failed first: SnapshotSent went and every pod was fenced.
+#[tokio::test]
+async fn a_ztunnel_that_holds_no_pods_ports_is_kept_unready() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = agent(dir.path(), &["p1", "p2"]);
+    let (ours, theirs) = connected(dir.path()).await;
+    let log = ztunnel_binding(theirs, "p1", 0, |_| false);
+    let served = tokio::spawn(agent.clone().snapshot(ours));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let got = log.lock().unwrap().clone();
+    assert!(!got.iter().any(|l| l == "snapshot"), "{got:?}");
+    assert!(agent.fenced.lock().await.is_empty());
+    assert!(!agent.ztunnels.pending().await.is_empty());
+    served.abort();
 }
 
 /// A pod whose ports the ztunnel holds is not fenced, and a fenced one's

@@ -57,7 +57,7 @@ async fn a_pod_that_cannot_be_fenced_is_not_captured() {
     let dir = tempfile::tempdir().unwrap();
     let agent = agent(dir.path(), &[]);
     let (ours, theirs) = connected(dir.path()).await;
-    let log = ztunnel_binding(theirs, "none", 0, false);
+    let log = ztunnel_binding(theirs, "none", 0, |_| false);
     tokio::time::timeout(Duration::from_secs(10), agent.clone().snapshot(ours))
         .await
         .expect("the snapshot ends")
