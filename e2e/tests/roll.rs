@@ -647,6 +647,34 @@ async fn a_port_an_older_ztunnel_holds_exclusively_does_not_stall_the_roll() {
     .await;
 }
 
+/// A pod whose address is gone (a process of the pod's with NET_ADMIN
+/// flushed it) when the next ztunnel of a roll comes does not hold that
+/// one back: the pod is acked and bound later (the agent fences it
+/// meanwhile), and the new ztunnel becomes ready. Before, it refused the
+/// pod, which stayed owed: no SnapshotSent, and the roll stalled.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_pod_without_an_address_does_not_stall_the_roll() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut g, _to) = echo_and_client(dir.path()).await;
+    let echo = netns_of(&g.0, "roll/echo");
+    let flushed = echo
+        .run(|| {
+            std::process::Command::new("ip")
+                .args(["addr", "flush", "dev", "eth0"])
+                .status()
+        })
+        .unwrap()
+        .unwrap();
+    assert!(flushed.success());
+    let ready = g.0.surge_ztunnel("node-1").unwrap();
+    eventually(
+        "the new ztunnel is ready though a pod has no address",
+        Duration::from_secs(30),
+        || g.0.ztunnel_ready("node-1", ready),
+    )
+    .await;
+}
+
 /// Sets process `pid`'s soft limit on open descriptors (its hard limit
 /// kept); the soft limit it had.
 fn set_nofile(pid: i32, n: Option<u64>) -> u64 {

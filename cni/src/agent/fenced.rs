@@ -207,13 +207,16 @@ impl Agent {
         // As if one were: none connected within START_GRACE of the start
         // is a gap too (an agent started while no ztunnel runs).
         let mut connected = true;
+        let mut seen = false;
         let start = tokio::time::Instant::now();
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = watch.tick() => {
                     let now = self.ztunnels.count().await > 0;
-                    let settled = start.elapsed() >= START_GRACE;
+                    // A ztunnel seen: its end is a gap at once.
+                    seen |= now;
+                    let settled = seen || start.elapsed() >= START_GRACE;
                     if connected && !now && settled {
                         warn!("no ztunnel connected: every pod fenced until one holds its ports");
                         self.fence_all().await;

@@ -18,7 +18,7 @@ struct OwnedTable(Child);
 
 impl OwnedTable {
     fn make(netns_path: &str) -> OwnedTable {
-        let mut child = Command::new("nsenter")
+        let child = Command::new("nsenter")
             .arg(format!("--net={netns_path}"))
             .args(["nft", "-i"])
             .stdin(Stdio::piped())
@@ -26,14 +26,16 @@ impl OwnedTable {
             .stderr(Stdio::null())
             .spawn()
             .expect("nsenter nft -i");
-        let mut stdin = child.stdin.take().expect("its stdin");
+        // Killed and waited for on drop, a failed assertion below included.
+        let mut owned = OwnedTable(child);
+        let mut stdin = owned.0.stdin.take().expect("its stdin");
         writeln!(stdin, "add table inet {} {{ flags owner; }}", fence::TABLE).expect("written");
         // Kept open: the table lives as long as its owner.
         std::mem::forget(stdin);
         let netns = Netns::open(netns_path).expect("the netns");
         for _ in 0..50 {
             if rules::nft(&netns, &format!("list table inet {}\n", fence::TABLE)).is_ok() {
-                return OwnedTable(child);
+                return owned;
             }
             std::thread::sleep(Duration::from_millis(50));
         }
