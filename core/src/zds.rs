@@ -12,6 +12,9 @@ use mesh_proto::istio::workload::zds::{
 };
 use prost::Message;
 use tokio_seqpacket::UnixSeqpacket;
+
+/// A ZDS connection.
+pub type Socket = UnixSeqpacket;
 use tokio_seqpacket::ancillary::{AncillaryMessageWriter, OwnedAncillaryMessage};
 
 /// Largest ZDS datagram we accept.

@@ -25,6 +25,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 mod deferred;
+mod drain;
 
 use deferred::Deferred;
 
@@ -115,6 +116,9 @@ pub struct InPod {
     /// ([`deferred`]).
     deferred: Mutex<HashMap<String, Deferred>>,
     snapshot: tokio::sync::watch::Sender<bool>,
+    /// The drain's notice to the agent ([`drain`]): asked for by the
+    /// shutdown, acked once the agent closed the connection.
+    drain: drain::Notice,
 }
 
 impl InPod {
@@ -130,6 +134,7 @@ impl InPod {
             pods: Mutex::new(HashMap::new()),
             deferred: Mutex::new(HashMap::new()),
             snapshot: tokio::sync::watch::Sender::new(false),
+            drain: drain::Notice::default(),
         })
     }
 
@@ -314,6 +319,13 @@ impl InPod {
         Ok(())
     }
 
+    /// Tells the node agent this ztunnel drains, and waits (at most
+    /// `wait`) for its ack before the caller closes the pods' listeners
+    /// ([`drain`]).
+    pub async fn announce_drain(&self, wait: Duration) {
+        self.drain.ask(wait).await
+    }
+
     /// Releases a pod, held or waiting for its ports.
     fn release(&self, uid: &str) {
         let mut deferred = self.deferred();
@@ -377,6 +389,11 @@ impl InPod {
                 _ = stop.cancelled() => return,
                 r = self.session(&path) => r,
             };
+            // Draining: never back (the agent would count this ztunnel as
+            // serving its pods again).
+            if self.drain.asked() {
+                return;
+            }
             if let Err(e) = result {
                 warn!(path = %path.display(), error = %e, "ZDS session ended; reconnecting");
             }
@@ -391,12 +408,20 @@ impl InPod {
         self: &Arc<Self>,
         path: &std::path::Path,
     ) -> Result<(), mesh_core::zds::ZdsError> {
+        if self.drain.asked() {
+            return Ok(());
+        }
         let sock = mesh_core::zds::connect(path).await?;
         info!(path = %path.display(), "connected to the node agent");
+        let _connected = self.drain.connected();
+        let asked = self.drain.token();
         let mut seen: HashSet<String> = HashSet::new();
         let mut in_snapshot = true;
         loop {
-            let got = mesh_core::zds::recv_request(&sock).await?;
+            let got = tokio::select! {
+                r = mesh_core::zds::recv_request(&sock) => r?,
+                _ = asked.cancelled() => return self.drain.announce(&sock).await,
+            };
             let result = match got.request {
                 Payload::Add(add) => {
                     let info = add.workload_info.unwrap_or_default();

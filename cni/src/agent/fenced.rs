@@ -9,7 +9,9 @@
 //!
 //! The fence goes up when a check fails (after each ack of a pod, in a
 //! snapshot or a live capture) and, for every pod, when the last ztunnel
-//! disconnects (the gap of a crash: seen within [`WATCH`]) or none has
+//! disconnects or announces its drain (the gap of a crash or of a stop
+//! without a next one: seen within [`WATCH`]; a draining ztunnel waits
+//! for its connection to close, which comes after the fence) or none has
 //! connected within [`START_GRACE`] of the agent's start. Every
 //! [`RECHECK`] each fence that is down (it failed to go up, or a process
 //! of the pod's with NET_ADMIN deleted or replaced it) goes up again, and
@@ -214,13 +216,17 @@ impl Agent {
                 _ = stop.cancelled() => return,
                 _ = watch.tick() => {
                     let now = self.ztunnels.count().await > 0;
+                    let retiring = self.ztunnels.retiring();
                     // A ztunnel seen: its end is a gap at once.
                     seen |= now;
                     let settled = seen || start.elapsed() >= START_GRACE;
-                    if connected && !now && settled {
+                    if !now && (retiring || connected && settled) {
                         warn!("no ztunnel connected: every pod fenced until one holds its ports");
                         self.fence_all().await;
                     }
+                    // Only now: a draining ztunnel closes its listeners
+                    // once its connection is.
+                    self.ztunnels.release_retired();
                     if now || settled {
                         connected = now;
                     }

@@ -91,6 +91,11 @@ pub(crate) struct Ztunnels {
     pub(crate) conns: Mutex<Vec<Conn>>,
     next: std::sync::atomic::AtomicU64,
     slots: Arc<Semaphore>,
+    /// The connections of ztunnels forgotten (gone, or draining: a
+    /// notice read as a hang-up), kept open until the fence watch has
+    /// fenced the pods if none other is connected: closing one is a
+    /// draining ztunnel's ack.
+    retired: std::sync::Mutex<Vec<UnixSeqpacket>>,
 }
 
 impl Default for Ztunnels {
@@ -99,6 +104,7 @@ impl Default for Ztunnels {
             conns: Mutex::new(Vec::new()),
             next: std::sync::atomic::AtomicU64::new(0),
             slots: Arc::new(Semaphore::new(MAX_ZTUNNELS)),
+            retired: std::sync::Mutex::new(Vec::new()),
         }
     }
 }
@@ -165,7 +171,7 @@ impl Ztunnels {
     /// None when there is none.
     pub(crate) async fn ours_with(&self, joining: Option<&Admitted>) -> Option<Ours> {
         let mut conns = self.conns.lock().await;
-        forget_gone(&mut conns);
+        forget_gone(&mut conns, &self.retired);
         ours_of(&conns, joining)
     }
 
@@ -177,7 +183,7 @@ impl Ztunnels {
     /// How many are connected (after forgetting those gone).
     pub(crate) async fn count(&self) -> usize {
         let mut conns = self.conns.lock().await;
-        forget_gone(&mut conns);
+        forget_gone(&mut conns, &self.retired);
         conns.len()
     }
 
@@ -193,15 +199,31 @@ impl Ztunnels {
     }
 
     /// Forgets the ztunnels that disconnected.
+    pub(crate) fn retiring(&self) -> bool {
+        !self
+            .retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// Closes the retired connections: a draining ztunnel's ack.
+    pub(crate) fn release_retired(&self) {
+        self.retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
     pub(crate) async fn prune(&self) {
-        forget_gone(&mut *self.conns.lock().await);
+        forget_gone(&mut *self.conns.lock().await, &self.retired);
     }
 
     /// Forgets the ztunnels that disconnected, unless a request holds the
     /// connections (it forgets them itself): never waits on a ztunnel.
     pub(crate) fn try_prune(&self) {
         if let Ok(mut conns) = self.conns.try_lock() {
-            forget_gone(&mut conns);
+            forget_gone(&mut conns, &self.retired);
         }
     }
 
@@ -216,7 +238,7 @@ impl Ztunnels {
         netns: Option<std::os::fd::BorrowedFd<'_>>,
     ) -> Result<(), AgentError> {
         let mut conns = self.conns.lock().await;
-        forget_gone(&mut conns);
+        forget_gone(&mut conns, &self.retired);
         let newest = conns
             .iter()
             .map(|c| c.born)
@@ -286,15 +308,25 @@ pub(crate) fn ours_of(conns: &[Conn], joining: Option<&Admitted>) -> Option<Ours
     Some(Ours::read(&pids, newest.1))
 }
 
-/// Drops the connections whose ztunnel hung up.
-fn forget_gone(conns: &mut Vec<Conn>) {
-    conns.retain(|c| {
-        let gone = zds::hung_up(&c.sock);
-        if gone {
-            info!(ztunnel = c.born.id, "ztunnel disconnected; forgotten");
+/// Forgets the connections whose ztunnel hung up or announced its drain
+/// (anything to read outside a request); their sockets go to `retired`.
+fn forget_gone(conns: &mut Vec<Conn>, retired: &std::sync::Mutex<Vec<UnixSeqpacket>>) {
+    let mut i = 0;
+    while i < conns.len() {
+        if !zds::hung_up(&conns[i].sock) {
+            i += 1;
+            continue;
         }
-        !gone
-    });
+        let c = conns.remove(i);
+        info!(
+            ztunnel = c.born.id,
+            "ztunnel disconnected or draining; forgotten"
+        );
+        retired
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(c.sock);
+    }
 }
 
 #[cfg(test)]
