@@ -18,6 +18,7 @@
 mod fenced;
 mod holders;
 pub mod reconcile;
+pub mod shutdown;
 mod snapshot;
 pub mod watch;
 mod ztunnels;
@@ -61,6 +62,9 @@ pub struct AgentConfig {
     /// Where enrollment is watched: none (CNI adds and deletes only), the
     /// API server, or a directory of objects (the lab).
     pub watch: Watch,
+    /// Where a stop asks whether it is an uninstall (then the node's probe
+    /// tables go; see [`crate::agent::shutdown`]).
+    pub uninstall: crate::uninstalling::Check,
 }
 
 /// What the agent watches for enrollment.
@@ -254,11 +258,19 @@ impl Agent {
         }
     }
 
-    /// Adds or removes pod addresses in the node's probe SNAT set.
-    fn probe_snat(&self, ips: &[IpAddr], captured: bool) {
-        if let Some(h) = &self.host
-            && let Err(e) = host::update(h, ips, captured)
-        {
+    /// Adds or removes pod addresses in the node's probe SNAT set; `held`
+    /// are the pods held besides (for a reinstall when the table is gone).
+    fn probe_snat(&self, held: &BTreeMap<String, Pod>, ips: &[IpAddr], captured: bool) {
+        let Some(h) = &self.host else { return };
+        let mut all = held_ips(held);
+        for ip in ips {
+            if captured {
+                all.insert(*ip);
+            } else {
+                all.remove(ip);
+            }
+        }
+        if let Err(e) = host::update(h, ips, captured, &all) {
             warn!(?ips, captured, error = %e, "updating the node's probe SNAT failed");
         }
     }
@@ -343,8 +355,8 @@ impl Agent {
                 return Err(e.into());
             }
         };
-        self.probe_snat(&spec.ips, true);
         let mut pods = self.pods.lock().await;
+        self.probe_snat(&pods, &spec.ips, true);
         info!(uid = %spec.uid, pod = %format!("{}/{}", spec.namespace, spec.name), "pod captured");
         let ips = spec.ips.clone();
         let uid = spec.uid.clone();
@@ -361,7 +373,7 @@ impl Agent {
                 .into_iter()
                 .filter(|ip| !ips.contains(ip))
                 .collect();
-            self.probe_snat(&gone, false);
+            self.probe_snat(&pods, &gone, false);
         }
         self.persist(&pods).await;
         let mut fenced = self.fenced.lock().await;
@@ -416,11 +428,16 @@ impl Agent {
         {
             warn!(uid, error = %e, "lifting the pod's fence failed (its netns may be gone)");
         }
-        self.probe_snat(&pod.spec.ips, false);
+        self.probe_snat(&pods, &pod.spec.ips, false);
         info!(uid, "pod released");
         self.persist(&pods).await;
         Ok(())
     }
+}
+
+/// Every address of the pods `held`.
+pub(crate) fn held_ips(held: &BTreeMap<String, Pod>) -> BTreeSet<IpAddr> {
+    held.values().flat_map(|p| p.spec.ips.clone()).collect()
 }
 
 /// The node's netns with the probe SNAT installed for `pods`; None when not
@@ -428,7 +445,7 @@ impl Agent {
 /// before: nothing is opened wider).
 fn open_host(cfg: &AgentConfig, pods: &BTreeMap<String, Pod>) -> Option<Netns> {
     let path = cfg.host_netns.as_deref()?;
-    let ips: BTreeSet<IpAddr> = pods.values().flat_map(|p| p.spec.ips.clone()).collect();
+    let ips = held_ips(pods);
     match Netns::open(path).map(|h| host::install(&h, &ips).map(|()| h)) {
         Ok(Ok(h)) => Some(h),
         Ok(Err(e)) => {
@@ -640,7 +657,21 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     if agent.source.is_some() {
         tokio::spawn(agent.clone().watch_loop(changed, stop.clone()));
     }
-    serve(agent, zds_listener, control, stop).await;
+    if agent.host.is_some() {
+        tokio::spawn(agent.clone().tables_loop(stop.clone()));
+    }
+    // Which DaemonSet this agent runs under, for the stop to judge by.
+    let check = agent.cfg.uninstall.clone();
+    let seen = tokio::spawn(async move { crate::uninstalling::observe(&check).await });
+    serve(agent.clone(), zds_listener, control, stop).await;
+    // No add or delete between the count and the removal.
+    let _op = agent.ops.lock().await;
+    let captured = agent.pods.lock().await.len();
+    let seen = match seen.is_finished() {
+        true => seen.await.unwrap_or(crate::uninstalling::Seen::Unknown),
+        false => crate::uninstalling::Seen::Unknown,
+    };
+    shutdown::on_stop(agent.host.as_ref(), &agent.cfg.uninstall, &seen, captured).await;
     Ok(())
 }
 

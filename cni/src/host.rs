@@ -43,9 +43,12 @@
 //!   protocol there and is judged by the address rules: dropping on
 //!   `ether type` instead would stop all of a filtering bridge's traffic.
 //!
-//! Each table is replaced in a transaction of its own, the `inet` one
-//! first, so a kernel that refuses the bridge family keeps the `inet`
-//! table (the refusal is logged); both are removed together.
+//! Each table is replaced, and removed, in a transaction of its own, the
+//! `inet` one first, so a kernel that refuses the bridge family keeps the
+//! `inet` table (the refusal is logged) and still loses it on removal. The
+//! agent removes both only when it is uninstalled (its DaemonSet gone or
+//! being deleted, [`crate::uninstalling`]); a restart or a roll keeps
+//! them, so the kubelet's probes never meet a node without them.
 
 use std::collections::BTreeSet;
 use std::net::IpAddr;
@@ -155,16 +158,47 @@ fn install_with(
     Ok(())
 }
 
-/// The script removing the node's tables (none there is no error).
-fn removal_script() -> String {
-    format!(
-        "table inet {TABLE}\ndelete table inet {TABLE}\ntable bridge {TABLE}\ndelete table bridge {TABLE}\n"
-    )
+/// Puts the node's tables back with `ips` when its `inet` table is gone
+/// (an older agent's late removal, an admin's): whether it did. The
+/// `bridge` table comes and goes with it, and is not looked at on its own
+/// (a kernel without the bridge family never has one).
+pub fn ensure(host: &Netns, ips: &BTreeSet<IpAddr>) -> Result<bool, RulesError> {
+    ensure_with(&|script: &str| nft(host, script), ips)
+}
+
+fn ensure_with(
+    run: &dyn Fn(&str) -> Result<(), RulesError>,
+    ips: &BTreeSet<IpAddr>,
+) -> Result<bool, RulesError> {
+    if run(&format!("list table inet {TABLE}\n")).is_ok() {
+        return Ok(false);
+    }
+    install_with(run, ips).map(|()| true)
+}
+
+/// The script removing the node's `family` table (none there is no error).
+fn removal_script(family: &str) -> String {
+    format!("table {family} {TABLE}\ndelete table {family} {TABLE}\n")
 }
 
 /// Adds or removes one pod's addresses (removing one that is not there is
-/// not an error).
-pub fn update(host: &Netns, ips: &[IpAddr], captured: bool) -> Result<(), RulesError> {
+/// not an error). When that fails (the table is gone), the tables are
+/// installed afresh with `all`, the captured set after this change.
+pub fn update(
+    host: &Netns,
+    ips: &[IpAddr],
+    captured: bool,
+    all: &BTreeSet<IpAddr>,
+) -> Result<(), RulesError> {
+    update_with(&|script: &str| nft(host, script), ips, captured, all)
+}
+
+fn update_with(
+    run: &dyn Fn(&str) -> Result<(), RulesError>,
+    ips: &[IpAddr],
+    captured: bool,
+    all: &BTreeSet<IpAddr>,
+) -> Result<(), RulesError> {
     let set: BTreeSet<IpAddr> = ips.iter().copied().collect();
     let mut script = String::new();
     for (name, v6) in [(SET, false), (SET6, true)] {
@@ -183,12 +217,30 @@ pub fn update(host: &Netns, ips: &[IpAddr], captured: bool) -> Result<(), RulesE
     if script.is_empty() {
         return Ok(());
     }
-    nft(host, &script)
+    match run(&script) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            tracing::warn!(error = %e, "updating the node's probe set failed: installing the node's tables afresh");
+            install_with(run, all)
+        }
+    }
 }
 
-/// Removes the node's table (the agent is uninstalled).
+/// Removes the node's tables (the agent is uninstalled).
 pub fn remove(host: &Netns) -> Result<(), RulesError> {
-    nft(host, &removal_script())
+    remove_with(&|script: &str| nft(host, script))
+}
+
+/// [`remove`] through `run`: each table in a transaction of its own, as
+/// they are installed, so a kernel that refuses the bridge family (it never
+/// had that table) still loses the `inet` one. The `inet` table's failure
+/// is the error; the bridge table's is logged.
+fn remove_with(run: &dyn Fn(&str) -> Result<(), RulesError>) -> Result<(), RulesError> {
+    let inet = run(&removal_script("inet"));
+    if let Err(e) = run(&removal_script("bridge")) {
+        tracing::warn!(error = %e, "cannot remove the node's bridge table");
+    }
+    inet
 }
 
 #[cfg(test)]
@@ -219,6 +271,32 @@ mod tests {
         assert!(
             applied[0].contains(&format!("ip saddr {PROBE_SOURCE} drop")),
             "{applied:?}"
+        );
+    }
+
+    /// Removal mirrors installation: a kernel that refuses the bridge
+    /// family (it never had the bridge table) must not keep the `inet`
+    /// table, with its probe SNAT, once the agent is uninstalled. Failed
+    /// first: both tables went in one transaction, which the bridge
+    /// family's refusal failed whole.
+    #[test]
+    fn a_refused_bridge_family_does_not_keep_the_inet_table_on_removal() {
+        let applied = std::cell::RefCell::new(Vec::<String>::new());
+        let run = |script: &str| {
+            if script.contains("table bridge") {
+                return Err(RulesError::Failed(
+                    "nft".into(),
+                    "Error: Could not process rule: Operation not supported".into(),
+                ));
+            }
+            applied.borrow_mut().push(script.to_string());
+            Ok(())
+        };
+        let r = remove_with(&run);
+        assert!(r.is_ok(), "{r:?}");
+        assert_eq!(
+            *applied.borrow(),
+            [format!("table inet {TABLE}\ndelete table inet {TABLE}\n")]
         );
     }
 
@@ -298,8 +376,8 @@ mod tests {
             "{scripts:?}"
         );
         assert_eq!(
-            removal_script(),
-            "table inet ztunnel-host\ndelete table inet ztunnel-host\ntable bridge ztunnel-host\ndelete table bridge ztunnel-host\n"
+            removal_script("bridge"),
+            "table bridge ztunnel-host\ndelete table bridge ztunnel-host\n"
         );
     }
 
@@ -386,5 +464,50 @@ mod tests {
                 .any(|l| l.trim() == "fib saddr type local drop"),
             "{r}"
         );
+    }
+
+    /// The node's tables gone under a running agent: `ensure` and a failed
+    /// `update` install them afresh with every held address. Failed first:
+    /// nothing put them back.
+    #[test]
+    fn missing_tables_are_installed_afresh() {
+        let tables = std::cell::RefCell::new(Vec::<String>::new());
+        let applied = std::cell::RefCell::new(Vec::<String>::new());
+        let run = |script: &str| {
+            let missing = || {
+                Err(RulesError::Failed(
+                    "nft".into(),
+                    "No such file or directory".into(),
+                ))
+            };
+            if script.starts_with("list table") || script.starts_with("add element") {
+                if tables.borrow().is_empty() {
+                    return missing();
+                }
+                return Ok(());
+            }
+            if script.contains("table inet") {
+                tables.borrow_mut().push("inet".into());
+            }
+            applied.borrow_mut().push(script.to_string());
+            Ok(())
+        };
+        let a: IpAddr = "10.1.1.5".parse().unwrap();
+        let b: IpAddr = "10.1.1.6".parse().unwrap();
+        let all = BTreeSet::from([a, b]);
+        assert!(update_with(&run, &[b], true, &all).is_ok());
+        assert!(
+            applied
+                .borrow()
+                .iter()
+                .any(|s| s.contains("10.1.1.5") && s.contains("10.1.1.6")),
+            "a failed update installs with every held address: {:?}",
+            applied.borrow()
+        );
+        tables.borrow_mut().clear();
+        applied.borrow_mut().clear();
+        assert!(matches!(ensure_with(&run, &all), Ok(true)));
+        assert!(applied.borrow().iter().any(|s| s.contains("table bridge")));
+        assert!(matches!(ensure_with(&run, &all), Ok(false)), "there now");
     }
 }

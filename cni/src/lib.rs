@@ -21,6 +21,7 @@ pub mod install;
 pub mod migrate;
 pub mod orig_src;
 pub mod rules;
+pub mod uninstalling;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

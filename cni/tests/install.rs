@@ -422,21 +422,51 @@ async fn shutdown_keeps_everything_while_the_daemonset_lives() {
 }
 
 #[tokio::test]
-async fn shutdown_uninstalls_when_the_mesh_credentials_are_gone() {
-    // `kubectl delete -k` removes the service account and role with the
-    // DaemonSet: the answer is 401 or 403, and a plugin left behind with a
-    // dead token would fail every new pod on the node.
-    for (code, reason) in [(401, "Unauthorized"), (403, "Forbidden")] {
+async fn shutdown_uninstalls_when_the_mesh_role_is_gone() {
+    // `kubectl delete -k` removes the role with the DaemonSet: the API
+    // server's answer is a 403 Forbidden Status, and a plugin left behind
+    // without it would fail every new pod on the node.
+    let node = Node::new();
+    let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "Forbidden", "message": "no", "code": 403});
+    let (api, _) = fake_api(403, refused).await;
+    let decision = install_then_stop(&node, Some(api)).await;
+    assert!(matches!(decision, Decision::Uninstall(_)), "{decision:?}");
+    assert_uninstalled(&node);
+}
+
+#[tokio::test]
+async fn shutdown_uninstalls_when_the_mesh_service_account_is_gone() {
+    // `kubectl delete -k` (or deleting the namespace) removes the
+    // ServiceAccount before the DaemonSet: the pods' token is refused with
+    // a 401, and a plugin left chained with that dead token would fail every
+    // new pod on the node for good.
+    let node = Node::new();
+    let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
+        "reason": "Unauthorized", "message": "no", "code": 401});
+    let (api, _) = fake_api(401, refused).await;
+    let decision = install_then_stop(&node, Some(api)).await;
+    assert!(matches!(decision, Decision::Uninstall(_)), "{decision:?}");
+    assert_uninstalled(&node);
+}
+
+#[tokio::test]
+async fn shutdown_keeps_everything_on_a_refusal_not_from_kubernetes() {
+    // A 401 or 403 whose body is not a Kubernetes Status (a proxy in front
+    // of the API server) is no uninstall.
+    for (code, body) in [
+        (401, json!("Unauthorized")),
+        (403, json!({"error": "blocked by proxy"})),
+        (403, json!("Forbidden")),
+    ] {
         let node = Node::new();
-        let refused = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure",
-            "reason": reason, "message": "no", "code": code});
-        let (api, _) = fake_api(code, refused).await;
+        let (api, _) = fake_api(code, body.clone()).await;
         let decision = install_then_stop(&node, Some(api)).await;
         assert!(
-            matches!(decision, Decision::Uninstall(_)),
-            "{code}: {decision:?}"
+            matches!(decision, Decision::Keep(_)),
+            "{code} {body}: {decision:?}"
         );
-        assert_uninstalled(&node);
+        assert_in_place(&node);
     }
 }
 

@@ -3,7 +3,7 @@
 //! crate depends on no other crate of the mesh but the wire types.
 //!
 //! Layering (a module only uses those listed before it):
-//! `identity` -> `lab_file` -> `clock` -> `config` -> `tls` -> `ca` ->
+//! `loglimit` -> `identity` -> `lab_file` -> `clock` -> `config` -> `tls` -> `ca` ->
 //! `certs` -> `state` -> `xds` -> `metrics` -> `netns` -> `route` ->
 //! `spin` -> `shards` -> `socket` -> `listen` -> `hbone` -> `zds` -> `admin` -> `logging` ->
 //! `app`.
@@ -19,6 +19,7 @@ pub mod identity;
 pub mod lab_file;
 pub mod listen;
 pub mod logging;
+pub mod loglimit;
 pub mod metrics;
 pub mod netns;
 pub mod route;

@@ -323,6 +323,69 @@ impl Metrics {
     }
 }
 
+/// One shared copy of each distinct [`TcpLabels`] that open connections
+/// hold. A connection keeps its labels from open to close (opened, then
+/// closed and bytes counted under the same set), and a thousand connections
+/// between the same two workloads would otherwise hold a thousand copies of
+/// the same twenty strings (about 1.3 KiB each). Sets no connection holds
+/// any more are dropped as the table grows.
+#[derive(Debug, Default)]
+pub struct LabelSets {
+    inner: std::sync::Mutex<LabelTable>,
+}
+
+#[derive(Debug, Default)]
+struct LabelTable {
+    sets: std::collections::HashSet<std::sync::Arc<TcpLabels>>,
+    /// How many sets were left after the last sweep.
+    after_sweep: usize,
+}
+
+/// The table is swept once it holds twice as many sets as after the last
+/// sweep, and at least this many.
+const LABEL_SWEEP_MIN: usize = 64;
+
+impl LabelSets {
+    /// The shared copy of `labels`.
+    pub fn share(&self, labels: TcpLabels) -> std::sync::Arc<TcpLabels> {
+        let mut t = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(shared) = t.sets.get(&labels) {
+            return shared.clone();
+        }
+        // Swept sets are freed after the lock is let go, so a large sweep
+        // does not hold up other shards' new connections while it frees.
+        let mut swept = Vec::new();
+        if t.sets.len() >= (t.after_sweep * 2).max(LABEL_SWEEP_MIN) {
+            t.sets.retain(|s| {
+                let held = std::sync::Arc::strong_count(s) > 1;
+                if !held {
+                    swept.push(s.clone());
+                }
+                held
+            });
+            t.after_sweep = t.sets.len();
+        }
+        let shared = std::sync::Arc::new(labels);
+        t.sets.insert(shared.clone());
+        drop(t);
+        drop(swept);
+        shared
+    }
+
+    /// How many distinct sets are kept now (held or not yet swept).
+    pub fn len(&self) -> usize {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .sets
+            .len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -379,5 +442,34 @@ mod tests {
              destination_cluster=\"unknown\",request_protocol=\"tcp\",response_flags=\"-\",\
              connection_security_policy=\"mutual_tls\"} 1"
         );
+    }
+
+    fn labels_for(ns: &str) -> TcpLabels {
+        let mut l = TcpLabels::new(Reporter::source, None, None, None, None, None, true);
+        l.peers.source_workload_namespace = ns.into();
+        l
+    }
+
+    #[test]
+    fn equal_label_sets_share_one_copy_and_unheld_ones_are_swept() {
+        let sets = LabelSets::default();
+        let a = sets.share(labels_for("a"));
+        let a2 = sets.share(labels_for("a"));
+        let b = sets.share(labels_for("b"));
+        assert!(std::sync::Arc::ptr_eq(&a, &a2), "one copy of an equal set");
+        assert!(!std::sync::Arc::ptr_eq(&a, &b));
+        assert_eq!(sets.len(), 2);
+        drop((a2, b));
+        // Sets nobody holds go when the table has grown enough to sweep.
+        let held: Vec<_> = (0..LABEL_SWEEP_MIN)
+            .map(|i| sets.share(labels_for(&format!("n{i}"))))
+            .collect();
+        assert_eq!(
+            sets.len(),
+            LABEL_SWEEP_MIN + 1,
+            "b was swept at the sweep; a and the {LABEL_SWEEP_MIN} held stay"
+        );
+        assert!(std::sync::Arc::ptr_eq(&a, &sets.share(labels_for("a"))));
+        drop(held);
     }
 }

@@ -31,6 +31,30 @@ use crate::state::{ProxyState, Update};
 /// The version a refused resource is held under (see `run_stream`).
 pub const NACKED_VERSION: &str = "nacked";
 
+/// Reconnect delays: 200 ms after a stream that was healthy, doubling (with
+/// jitter) to 15 s while streams keep failing.
+pub const RECONNECT: Backoff = Backoff {
+    initial: Duration::from_millis(200),
+    max: Duration::from_secs(15),
+};
+
+/// A stream that lasted this long was healthy: the failures before it are
+/// forgiven.
+pub const HEALTHY: Duration = Duration::from_secs(30);
+
+/// Failures counted after a stream that `lasted` and ended cleanly or not.
+/// A short stream counts as a failure even if it ended cleanly (a
+/// controller that keeps closing streams at once must not be reconnected
+/// to, and resent the mesh, in a hot loop); an error after a healthy
+/// stream counts as the first.
+pub fn failures_after(before: u32, lasted: Duration, clean: bool) -> u32 {
+    match (lasted >= HEALTHY, clean) {
+        (true, true) => 0,
+        (true, false) => 1,
+        (false, _) => before.saturating_add(1),
+    }
+}
+
 /// What a ztunnel subscribes to.
 pub const TYPES: [&str; 2] = [ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL];
 
@@ -196,27 +220,21 @@ impl XdsClient {
 
     /// Runs until `stop`, reconnecting with backoff.
     pub async fn run(self: Arc<Self>, stop: CancellationToken) {
-        let backoff = Backoff {
-            initial: Duration::from_millis(200),
-            max: Duration::from_secs(15),
-        };
         let mut failures = 0u32;
         loop {
+            let started = std::time::Instant::now();
             let result = tokio::select! {
                 _ = stop.cancelled() => return,
                 r = self.session() => r,
             };
+            failures = failures_after(failures, started.elapsed(), result.is_ok());
             match result {
-                Ok(()) => {
-                    failures = 0;
-                    info!("xDS stream ended; reconnecting");
-                }
+                Ok(()) => info!(failures, "xDS stream ended; reconnecting"),
                 Err(e) => {
-                    failures += 1;
-                    warn!(error = %e, failures, "xDS stream failed; keeping the last good state");
+                    warn!(error = %e, failures, "xDS stream failed; keeping the last good state")
                 }
             }
-            let wait = backoff.delay(failures.max(1));
+            let wait = RECONNECT.delay(failures.max(1));
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -330,5 +348,41 @@ impl XdsClient {
             });
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The longest of many draws of the delay before retry `failures`.
+    fn longest_delay(failures: u32) -> Duration {
+        (0..200)
+            .map(|_| RECONNECT.delay(failures.max(1)))
+            .max()
+            .unwrap_or_default()
+    }
+
+    /// A controller that cuts a proxy off at once, again and again (with
+    /// an error status, or even a clean end), is not reconnected to in a
+    /// hot loop: the delay grows. A stream that was healthy for a while
+    /// resets it.
+    #[test]
+    fn repeated_short_streams_back_off() {
+        for clean in [false, true] {
+            let mut failures = 0;
+            for _ in 0..6 {
+                failures = failures_after(failures, Duration::from_millis(50), clean);
+            }
+            assert!(
+                longest_delay(failures) >= Duration::from_secs(3),
+                "clean={clean}: {failures} failures, {:?}",
+                longest_delay(failures)
+            );
+        }
+        let healed = failures_after(6, HEALTHY, true);
+        assert!(longest_delay(healed) <= RECONNECT.initial, "{healed}");
+        let healed = failures_after(6, HEALTHY + Duration::from_secs(1), false);
+        assert!(longest_delay(healed) <= RECONNECT.initial, "{healed}");
     }
 }

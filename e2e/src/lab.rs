@@ -30,7 +30,9 @@ pub use claim::{
     ALL_IDS, BENCH_IDS, ClaimError, DEFAULT_ID, DEMO_IDS, Keeper, Owner, PEOPLE_IDS, TEST_IDS,
     claim, claim_free, namespaces_of, owner_of, record, release, sweep, sweep_unheld,
 };
-pub use control::{LAB_ZTUNNEL_EXTRA, MESH_CONFIG, ztunnel_extra_from_env};
+pub use control::{
+    LAB_DAEMONSET, LAB_DAEMONSET_NAMESPACE, LAB_ZTUNNEL_EXTRA, MESH_CONFIG, ztunnel_extra_from_env,
+};
 pub use forward::forward;
 pub use objects::{
     GATEWAY_NAME_LABEL, INGRESS_CLASS, LOOPBACK_PORTS, WAYPOINT_CLASS, WAYPOINT_REPLICAS,

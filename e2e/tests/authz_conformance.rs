@@ -265,8 +265,12 @@ fn resources(model: &Model, type_url: &str) -> Vec<Resource> {
         .resources(type_url)
         .map(|m| {
             m.values()
-                // The wire form, as a proxy receives it.
-                .filter_map(|r| Resource::decode(r.wire().clone()).ok())
+                // The wire form, as a proxy receives it: one that does
+                // not decode fails the test (never silently left out).
+                .map(|r| {
+                    Resource::decode(r.wire().clone())
+                        .unwrap_or_else(|e| panic!("{type_url} {}: undecodable: {e}", r.name))
+                })
                 .collect()
         })
         .unwrap_or_default()

@@ -538,6 +538,9 @@ fn uninstall(c: &Cluster) {
     c.sh(r#"for ns in $(kubectl get ns -l istio.io/dataplane-mode=ambient -o name | cut -d/ -f2); do
   kubectl label namespace "$ns" istio.io/dataplane-mode- istio.io/use-waypoint-
   kubectl -n "$ns" rollout restart deployment,statefulset,daemonset
+  for w in $(kubectl -n "$ns" get deployment,statefulset,daemonset -o name); do
+    kubectl -n "$ns" rollout status "$w" --timeout=120s
+  done
 done
 kubectl get gateways.gateway.networking.k8s.io -A -o jsonpath='{range .items[?(@.spec.gatewayClassName=="istio-waypoint")]}{.metadata.namespace} {.metadata.name}{"\n"}{end}' \
   | while read -r ns name; do kubectl -n "$ns" delete gateway.gateway.networking.k8s.io "$name"; done
@@ -579,6 +582,30 @@ kubectl get crd gatewayclasses.gateway.networking.k8s.io >/dev/null 2>&1 \
             .keys()
             .all(|k| !k.starts_with("istio-system/"))
     );
+    // No pod was captured when the agents stopped (their namespaces
+    // unenrolled and rolled first): each node's probe tables went with them.
+    for node in &c.state().state.nodes {
+        for family in ["inet", "bridge"] {
+            let listed = std::process::Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &node.netns,
+                    "nft",
+                    "list",
+                    "table",
+                    family,
+                    "ztunnel-host",
+                ])
+                .output()
+                .unwrap();
+            assert!(
+                !listed.status.success(),
+                "{}: the {family} ztunnel-host table was left behind",
+                node.netns
+            );
+        }
+    }
     // The workloads run on, outside the mesh.
     c.sh("kubectl -n shop rollout status deployment/server --timeout=60s\nkubectl -n shop rollout status deployment/client --timeout=60s");
     eventually("the old shop pods gone", 30, || {

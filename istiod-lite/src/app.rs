@@ -131,7 +131,13 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
     };
     let ca = load_ca(&o, client.as_ref()).await?;
 
-    let hub = Hub::new(Model::new(o.model.clone()));
+    // Every Gateway's pods in a cluster are made by the Deployment the
+    // controller creates for it; a folder's are written by hand.
+    let model = ModelConfig {
+        gateway_pods_owned: matches!(o.source, ConfigSource::Kube(_)),
+        ..o.model.clone()
+    };
+    let hub = Hub::new(Model::new(model));
     let issues: Arc<Mutex<Vec<ConfigIssue>>> = Arc::new(Mutex::new(Vec::new()));
     let stop = CancellationToken::new();
     let cluster = start_source(
@@ -154,10 +160,15 @@ pub async fn start(o: Options) -> Result<Running, AppError> {
     let grpc_addr = listener
         .local_addr()
         .map_err(|e| AppError::Start("gRPC listener", e.to_string()))?;
+    let ads = AdsService::new(hub.clone(), authn.clone());
+    tokio::spawn(crate::metrics::log_left_out_every(
+        vec![ads.refusals(), crate::metrics::log_limit().clone()],
+        stop.clone(),
+    ));
     let router = serve(&serving)
         .map_err(|e| AppError::Start("TLS", e.to_string()))?
         .add_service(CaService::new(ca.clone(), authn.clone(), hub.clone()).into_server())
-        .add_service(AdsService::new(hub.clone(), authn).into_server());
+        .add_service(ads.into_server());
     let server = {
         let stop = stop.clone();
         tokio::spawn(async move {

@@ -204,6 +204,8 @@ async fn main() {
             root_namespace,
             mesh,
             cluster_id: a.cluster_id,
+            // Set from the source when the controller starts.
+            gateway_pods_owned: false,
         },
         grpc_addr: a.grpc_addr,
         debug_addr: a.debug_addr,

@@ -253,8 +253,60 @@ pub fn metrics() -> &'static ControlMetrics {
     M.get_or_init(ControlMetrics::new)
 }
 
+/// The controller's limit on log lines a flood could multiply (a refused
+/// CSR, an xDS request refused or cut): each kind at most once per
+/// [`mesh_core::loglimit::EVERY`], the next carrying how many were left
+/// out; [`log_left_out`] writes the counts nothing else has.
+pub fn log_limit() -> &'static std::sync::Arc<mesh_core::loglimit::LogLimit> {
+    static LIMIT: OnceLock<std::sync::Arc<mesh_core::loglimit::LogLimit>> = OnceLock::new();
+    LIMIT.get_or_init(Default::default)
+}
+
+/// Writes a line per kind whose period has passed with lines left out and
+/// none written since; the lines written.
+pub fn log_left_out(limit: &mesh_core::loglimit::LogLimit, now: std::time::Instant) -> usize {
+    let due = limit.due(now);
+    for (kind, left_out) in &due {
+        tracing::warn!(kind, left_out, "log lines left out in the last period");
+    }
+    due.len()
+}
+
+/// Every period until `stop`, writes what `limits` left out.
+pub async fn log_left_out_every(
+    limits: Vec<std::sync::Arc<mesh_core::loglimit::LogLimit>>,
+    stop: tokio_util::sync::CancellationToken,
+) {
+    let mut tick = tokio::time::interval(mesh_core::loglimit::EVERY);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = stop.cancelled() => return,
+        }
+        let now = std::time::Instant::now();
+        for l in &limits {
+            log_left_out(l, now);
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    /// Lines left out and never followed by another are written by the
+    /// periodic task once their period has passed, once.
+    #[test]
+    fn left_out_lines_are_written_once_their_period_has_passed() {
+        let limit = mesh_core::loglimit::LogLimit::default();
+        let now = std::time::Instant::now();
+        for _ in 0..5 {
+            limit.admit("csr refused", now);
+        }
+        let later = now + mesh_core::loglimit::EVERY;
+        assert_eq!(super::log_left_out(&limit, now), 0, "not yet");
+        assert_eq!(super::log_left_out(&limit, later), 1);
+        assert_eq!(super::log_left_out(&limit, later), 0, "once");
+    }
+
     use super::*;
 
     #[test]

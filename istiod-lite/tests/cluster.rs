@@ -55,8 +55,10 @@ struct State {
     rv: u64,
     log: Vec<Seen>,
     faults: Vec<Fault>,
-    /// token -> TokenReview status
+    /// token (or the payload segment of [`sa_jwt`]'s) -> TokenReview status
     reviews: BTreeMap<String, Value>,
+    /// TokenReviews asked for.
+    review_calls: usize,
 }
 
 type Shared = Arc<Mutex<State>>;
@@ -112,10 +114,12 @@ fn selects(selector: &str, labels: &Value) -> bool {
 
 fn handle(st: &mut State, method: &str, path: &str, query: &str, body: &Value) -> (u16, Value) {
     if path == "/apis/authentication.k8s.io/v1/tokenreviews" {
+        st.review_calls += 1;
         let token = body["spec"]["token"].as_str().unwrap_or_default();
         let status = st
             .reviews
             .get(token)
+            .or_else(|| token.split('.').nth(1).and_then(|k| st.reviews.get(k)))
             .cloned()
             .unwrap_or(json!({"authenticated": false, "error": "invalid bearer token"}));
         let mut out = body.clone();
@@ -757,7 +761,10 @@ async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
     use istiod_lite::ca::auth::Authenticator;
     let auth = |token: &str| {
         let mut md = tonic::metadata::MetadataMap::new();
-        md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        md.insert(
+            "authorization",
+            format!("Bearer {}", sa_jwt(token)).parse().unwrap(),
+        );
         md
     };
     let zt = reviewer.authenticate(&auth("zt")).await.unwrap();
@@ -814,6 +821,19 @@ async fn tokens_are_reviewed_for_the_ca_audience_and_bound_to_the_pods_node() {
 }
 
 /// A token shaped as the API server issues them (a JWT), expiring at `exp`.
+/// A token shaped as a service-account token (a JWT), standing for the
+/// review the fake API server keeps under `name` (base64url characters).
+fn sa_jwt(name: &str) -> String {
+    if name.contains('.') {
+        return name.to_string(); // a JWT already
+    }
+    let header = base64(r#"{"alg":"RS256"}"#)
+        .trim_end_matches('=')
+        .replace('+', "-")
+        .replace('/', "_");
+    format!("{header}.{name}.c2ln")
+}
+
 fn jwt(exp: u64) -> String {
     let url = |s: &str| {
         base64(s)
@@ -828,6 +848,66 @@ fn jwt(exp: u64) -> String {
             r#"{{"aud":["istio-ca"],"exp":{exp},"sub":"system:serviceaccount:istio-system:ztunnel"}}"#
         ))
     )
+}
+
+/// A stranger's tokens cost the API server little: however many bogus
+/// ones are refused, a ztunnel's good review stays remembered (refusals are
+/// kept apart, in a cache of their own), and a token not even shaped as a
+/// JWT is refused without a review.
+#[tokio::test]
+async fn bogus_tokens_never_evict_good_reviews_and_malformed_ones_cost_none() {
+    use istiod_lite::ca::auth::Authenticator;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    // A projected token names its expiry (else no review is remembered).
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let zt = jwt(now + 3600);
+    state.lock().unwrap().reviews.insert(
+        zt.clone(),
+        json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+            "username": "system:serviceaccount:istio-system:ztunnel",
+            "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x"],
+                      "authentication.kubernetes.io/pod-uid": ["u-zt"],
+                      "authentication.kubernetes.io/node-name": ["node-1"]}}}),
+    );
+    let client = serve(state.clone(), "a").await;
+    let reviewer = TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        Hub::new(Model::new(ModelConfig::default())),
+    );
+    let auth = |token: &str| {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        md
+    };
+    reviewer.authenticate(&auth(&zt)).await.expect("zt");
+    for i in 0..10_001 {
+        let bogus = sa_jwt(&format!("bogus{i}"));
+        assert!(reviewer.authenticate(&auth(&bogus)).await.is_err());
+    }
+    // The API server no longer vouches for it: only the remembered review does.
+    state.lock().unwrap().reviews.remove(&zt);
+    reviewer
+        .authenticate(&auth(&zt))
+        .await
+        .expect("the good review is still remembered");
+    let before = state.lock().unwrap().review_calls;
+    for bad in ["opaque-token-0123456789", "a.b", "a.b.c.d", "!!.x.y"] {
+        assert!(reviewer.authenticate(&auth(bad)).await.is_err(), "{bad}");
+    }
+    assert_eq!(
+        state.lock().unwrap().review_calls,
+        before,
+        "reviews asked for"
+    );
 }
 
 /// A reviewed token is remembered, but never past its own expiry: once it
@@ -1503,9 +1583,34 @@ async fn the_controller_binary_runs_in_cluster_mode() {
                 pod(ns, name, sa, node, ip),
             );
         }
+        // wp-0 is the waypoint Gateway wp's pod, as its Deployment makes
+        // one (controlled by ReplicaSet wp-<pod-template-hash>, running as
+        // the Gateway's account); fake-0 is merely labelled as one.
         st.objects.insert(
-            "/api/v1/namespaces/shop/pods/wp-0".into(),
-            pod("shop", "wp-0", "wp", "node-1", "10.0.0.7"),
+            "/apis/gateway.networking.k8s.io/v1/namespaces/shop/gateways/wp".into(),
+            yaml("apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {name: wp, namespace: shop, uid: gw-uid-wp, generation: 1}\nspec: {gatewayClassName: istio-waypoint, listeners: [{name: mesh, port: 15008, protocol: HBONE}]}\n"),
+        );
+        for (name, owner, ip) in [
+            (
+                "wp-0",
+                ", ownerReferences: [{apiVersion: apps/v1, kind: ReplicaSet, name: wp-7f9c, uid: u-rs, controller: true}]",
+                "10.0.0.7",
+            ),
+            ("fake-0", "", "10.0.0.8"),
+        ] {
+            st.objects.insert(
+                format!("/api/v1/namespaces/shop/pods/{name}"),
+                yaml(&format!(
+                    "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, uid: u-{name}, labels: {{gateway.networking.k8s.io/gateway-name: wp, pod-template-hash: 7f9c}}{owner}}}\nspec: {{nodeName: node-1, serviceAccountName: wp, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: {ip}}}\n"
+                )),
+            );
+        }
+        st.reviews.insert(
+            "fake".into(),
+            json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+                "username": "system:serviceaccount:shop:wp",
+                "extra": {"authentication.kubernetes.io/pod-name": ["fake-0"],
+                          "authentication.kubernetes.io/pod-uid": ["u-fake-0"]}}}),
         );
         st.reviews.insert(
             "wp".into(),
@@ -1534,7 +1639,7 @@ async fn the_controller_binary_runs_in_cluster_mode() {
             address: format!("https://127.0.0.1:{grpc}"),
             ca_root_pem: root.clone(),
             server_name: "istiod-lite.istio-system.svc".into(),
-            token: Some(token.to_string().into()),
+            token: Some(sa_jwt(token).into()),
             validity: Duration::ZERO,
             request_timeout: Duration::from_secs(5),
         })
@@ -1555,26 +1660,29 @@ async fn the_controller_binary_runs_in_cluster_mode() {
     assert_eq!(cert.identity(), &wp);
     let err = client("wp").fetch_certificate(&web).await.unwrap_err();
     assert!(err.to_string().contains("cannot ask for identity"), "{err}");
-    // ... and may subscribe to config only as its own pod.
-    for (token, proxy_id, allowed) in [
-        ("wp", "ztunnel~node-1", false),
-        ("wp", "waypoint~shop~db-1", false),
-        ("wp", "waypoint~shop~wp-0", true),
+    // ... and may subscribe to config only as its own pod, and only when
+    // that pod is one its Gateway's Deployment made (wp-0 is; fake-0, only
+    // labelled as a Gateway's pod, is refused).
+    for (token, proxy_id, refusal) in [
+        ("wp", "ztunnel~node-1", Some("own waypoint pod")),
+        ("wp", "waypoint~shop~db-1", Some("own waypoint pod")),
+        ("wp", "waypoint~shop~wp-0", None),
+        ("fake", "waypoint~shop~fake-0", Some("Deployment made")),
         // The same rule for an ingress gateway's pod.
-        ("wp", "ingress~shop~db-1", false),
-        ("wp", "ingress~shop~wp-0", true),
-        ("zt", "ztunnel~node-1", true),
+        ("wp", "ingress~shop~db-1", Some("own waypoint pod")),
+        ("wp", "ingress~shop~wp-0", Some("only as a Gateway's pod")),
+        ("zt", "ztunnel~node-1", None),
     ] {
         let got = subscribe(grpc, &root, token, proxy_id).await;
-        match (allowed, got) {
-            (true, Ok(())) => {}
-            (false, Err(s)) => {
+        match (refusal, got) {
+            (None, Ok(())) => {}
+            (Some(why), Err(s)) => {
                 assert_eq!(
                     s.code(),
                     tonic::Code::PermissionDenied,
                     "{token} as {proxy_id}: {s}"
                 );
-                assert!(s.message().contains("own waypoint pod"), "{s}");
+                assert!(s.message().contains(why), "{s}");
             }
             (_, got) => panic!("{token} as {proxy_id}: {got:?}"),
         }
@@ -1613,8 +1721,10 @@ async fn subscribe(
     // The stream stays open after the first request, as a proxy's does.
     let requests = futures::stream::iter([first]).chain(futures::stream::pending());
     let mut req = tonic::Request::new(requests);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", sa_jwt(token)).parse().unwrap(),
+    );
     AggregatedDiscoveryServiceClient::new(channel)
         .delta_aggregated_resources(req)
         .await
@@ -1630,9 +1740,18 @@ async fn only_the_ingress_pods_own_token_gets_its_gateways_keys() {
     mesh_core::tls::install_default_provider();
     let cert = rcgen::generate_simple_self_signed(vec!["shop.example.com".into()]).unwrap();
     let state = Shared::default();
+    // A Gateway's pod as its Deployment makes one: controlled by the
+    // ReplicaSet <gateway>-<pod-template-hash>.
     let pod = |ns: &str, name: &str, sa: &str, labels: &str| {
+        let owner = if labels.contains("pod-template-hash") {
+            format!(
+                ", ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {sa}-5d8f, uid: u-rs, controller: true}}]"
+            )
+        } else {
+            String::new()
+        };
         yaml(&format!(
-            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: u-{name}, labels: {{{labels}}}}}\nspec: {{nodeName: node-1, serviceAccountName: {sa}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.0.0.{}}}\n",
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: {ns}, uid: u-{name}, labels: {{{labels}}}{owner}}}\nspec: {{nodeName: node-1, serviceAccountName: {sa}, containers: [{{name: c, image: x}}]}}\nstatus: {{phase: Running, podIP: 10.0.0.{}}}\n",
             name.len()
         ))
     };
@@ -1656,7 +1775,7 @@ async fn only_the_ingress_pods_own_token_gets_its_gateways_keys() {
                 "shop",
                 "edge-0",
                 "edge",
-                "gateway.networking.k8s.io/gateway-name: edge",
+                "gateway.networking.k8s.io/gateway-name: edge, pod-template-hash: 5d8f",
             ),
             ("shop", "web-1", "web", ""),
         ] {
@@ -1760,8 +1879,10 @@ async fn ingress_keys(
     let requests = futures::stream::iter([first, sub(mesh_proto::ADDRESS_TYPE_URL)])
         .chain(futures::stream::pending());
     let mut req = tonic::Request::new(requests);
-    req.metadata_mut()
-        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    req.metadata_mut().insert(
+        "authorization",
+        format!("Bearer {}", sa_jwt(token)).parse().unwrap(),
+    );
     let mut rx = AggregatedDiscoveryServiceClient::new(channel)
         .delta_aggregated_resources(req)
         .await?
@@ -1786,4 +1907,564 @@ async fn ingress_keys(
             );
         }
     }
+}
+
+/// A new pod may authenticate before the informer has seen it: its token
+/// is refused (the pod is unknown) but that refusal is not remembered, so
+/// once the pod is known its next call is answered.
+#[tokio::test]
+async fn an_unknown_pods_refusal_is_not_remembered() {
+    use istiod_lite::ca::auth::Authenticator;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let url = |s: &str| {
+        base64(s)
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    };
+    let token = format!(
+        "{}.{}.c2ln",
+        url(r#"{"alg":"RS256"}"#),
+        url(&format!(r#"{{"aud":["istio-ca"],"exp":{}}}"#, now + 3600))
+    );
+    // No node-name in the review: the pod's node comes from the model.
+    state.lock().unwrap().reviews.insert(
+        token.clone(),
+        json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+            "username": "system:serviceaccount:shop:wp",
+            "extra": {"authentication.kubernetes.io/pod-name": ["wp-1"],
+                      "authentication.kubernetes.io/pod-uid": ["u-wp-1"]}}}),
+    );
+    let client = serve(state.clone(), "a").await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    let reviewer = TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        hub.clone(),
+    );
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let err = reviewer.authenticate(&md).await.unwrap_err();
+    assert!(err.to_string().contains("wp-1"), "{err}");
+    hub.apply(vec![upsert(yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: wp-1, namespace: shop, uid: u-wp-1}\nspec: {nodeName: node-1, serviceAccountName: wp, containers: [{name: c, image: x}]}\nstatus: {phase: Running, podIP: 10.0.0.9}\n",
+    ))]);
+    let caller = reviewer
+        .authenticate(&md)
+        .await
+        .expect("answered once the pod is known");
+    assert_eq!(caller.node, "node-1");
+}
+
+/// Acceptances are kept least recently used first out: when the cache is
+/// full a new acceptance is still remembered (the one unused longest goes),
+/// and one pod's many tokens keep at most a few entries.
+#[tokio::test]
+async fn acceptances_are_kept_least_recently_used_first_out_and_few_per_pod() {
+    use istiod_lite::ca::auth::Authenticator;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let url = |s: &str| {
+        base64(s)
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    };
+    let token = |n: usize| {
+        format!(
+            "{}.{}.c2ln",
+            url(r#"{"alg":"RS256"}"#),
+            url(&format!(
+                r#"{{"aud":["istio-ca"],"exp":{},"n":{n}}}"#,
+                now + 3600
+            ))
+        )
+    };
+    let review = |pod: &str| {
+        json!({"authenticated": true, "audiences": ["istio-ca"], "user": {
+            "username": "system:serviceaccount:istio-system:ztunnel",
+            "extra": {"authentication.kubernetes.io/pod-name": [pod],
+                      "authentication.kubernetes.io/pod-uid": [format!("u-{pod}")],
+                      "authentication.kubernetes.io/node-name": ["node-1"]}}})
+    };
+    let full = 10_000;
+    {
+        let mut st = state.lock().unwrap();
+        for n in 0..=full {
+            st.reviews.insert(token(n), review(&format!("zt-{n}")));
+        }
+        // One pod's five tokens.
+        for n in full + 1..=full + 5 {
+            st.reviews.insert(token(n), review("zt-many"));
+        }
+    }
+    let client = serve(state.clone(), "a").await;
+    let reviewer = TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        Hub::new(Model::new(ModelConfig::default())),
+    );
+    let auth = |t: String| {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("authorization", format!("Bearer {t}").parse().unwrap());
+        md
+    };
+    let calls = || state.lock().unwrap().review_calls;
+    // One pod's fifth token pushes its first out, not another pod's.
+    for n in full + 1..=full + 5 {
+        reviewer.authenticate(&auth(token(n))).await.expect("many");
+    }
+    let before = calls();
+    reviewer.authenticate(&auth(token(full + 5))).await.unwrap();
+    assert_eq!(calls(), before, "its latest token is remembered");
+    reviewer.authenticate(&auth(token(full + 1))).await.unwrap();
+    assert_eq!(calls(), before + 1, "its first token is reviewed again");
+    // Fill the cache with other pods' acceptances; token 0 stays in use.
+    for n in 0..full {
+        reviewer.authenticate(&auth(token(n))).await.expect("zt");
+        reviewer.authenticate(&auth(token(0))).await.expect("zt-0");
+    }
+    let before = calls();
+    reviewer.authenticate(&auth(token(full))).await.unwrap();
+    reviewer.authenticate(&auth(token(full))).await.unwrap();
+    reviewer.authenticate(&auth(token(0))).await.unwrap();
+    assert_eq!(
+        calls(),
+        before + 1,
+        "a new acceptance is remembered when full, and the one in use is kept"
+    );
+}
+
+/// While every review slot is held by a stalled API server (or a flood of
+/// strangers' tokens), another caller is not queued for good: after a
+/// short wait it is told UNAVAILABLE (and its proxy backs off).
+#[tokio::test]
+async fn a_caller_waits_briefly_for_a_review_slot_then_is_told_unavailable() {
+    use istiod_lite::ca::auth::{AuthError, Authenticator};
+    use istiod_lite::cluster::tokenreview::REVIEWS_AT_ONCE;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    state.lock().unwrap().faults.push(Fault {
+        method: "POST",
+        path_contains: "tokenreviews".into(),
+        body_contains: None,
+        status: 0,
+        times: None,
+    });
+    let client = serve(state.clone(), "a").await;
+    let reviewer = Arc::new(TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        Hub::new(Model::new(ModelConfig::default())),
+    ));
+    let auth = |t: String| {
+        let mut md = tonic::metadata::MetadataMap::new();
+        md.insert("authorization", format!("Bearer {t}").parse().unwrap());
+        md
+    };
+    for i in 0..REVIEWS_AT_ONCE {
+        let r = reviewer.clone();
+        let md = auth(sa_jwt(&format!("flood{i}")));
+        tokio::spawn(async move { r.authenticate(&md).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let answer = tokio::time::timeout(
+        Duration::from_secs(5),
+        reviewer.authenticate(&auth(sa_jwt("legit"))),
+    )
+    .await
+    .expect("answered within a few seconds");
+    assert!(matches!(answer, Err(AuthError::Busy)), "{answer:?}");
+    assert_eq!(AuthError::Busy.status("x").code(), tonic::Code::Unavailable);
+}
+
+/// A JWT whose payload (unverified) names pod `ns/name` with `uid`, as a
+/// projected service-account token's `kubernetes.io` claim does.
+fn pod_jwt(ns: &str, name: &str, uid: &str) -> String {
+    let url = |s: &str| {
+        base64(s)
+            .trim_end_matches('=')
+            .replace('+', "-")
+            .replace('/', "_")
+    };
+    format!(
+        "{}.{}.c2lnbmF0dXJl",
+        url(r#"{"alg":"RS256","kid":"k"}"#),
+        url(&format!(
+            r#"{{"aud":["istio-ca"],"kubernetes.io":{{"namespace":"{ns}","pod":{{"name":"{name}","uid":"{uid}"}}}}}}"#
+        ))
+    )
+}
+
+/// A reviewer against an API server that never answers a TokenReview,
+/// whose model knows pod istio-system/ztunnel-x (uid u-zt).
+async fn stalled_reviewer() -> Arc<TokenReviewer> {
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    state.lock().unwrap().faults.push(Fault {
+        method: "POST",
+        path_contains: "tokenreviews".into(),
+        body_contains: None,
+        status: 0,
+        times: None,
+    });
+    let client = serve(state.clone(), "a").await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    hub.apply(vec![upsert(yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: ztunnel-x, namespace: istio-system, uid: u-zt}\n\
+         spec: {nodeName: node-1, serviceAccountName: ztunnel, containers: [{name: c, image: x}]}\n\
+         status: {phase: Running, podIP: 10.0.0.9}\n",
+    ))]);
+    // Another node's ztunnel, and a plain pod (neither a node agent's nor a
+    // Gateway's).
+    hub.apply(vec![upsert(yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: ztunnel-y, namespace: istio-system, uid: u-zy}\n\
+         spec: {nodeName: node-2, serviceAccountName: ztunnel, containers: [{name: c, image: x}]}\n\
+         status: {phase: Running, podIP: 10.0.0.8}\n",
+    ))]);
+    hub.apply(vec![upsert(yaml(
+        "apiVersion: v1\nkind: Pod\nmetadata: {name: web-1, namespace: shop, uid: u-web}\n\
+         spec: {nodeName: node-1, serviceAccountName: web, containers: [{name: c, image: x}]}\n\
+         status: {phase: Running, podIP: 10.0.0.7}\n",
+    ))]);
+    Arc::new(TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        hub,
+    ))
+}
+
+fn bearer_md(t: &str) -> tonic::metadata::MetadataMap {
+    let mut md = tonic::metadata::MetadataMap::new();
+    md.insert("authorization", format!("Bearer {t}").parse().unwrap());
+    md
+}
+
+/// Strangers' tokens filling every general review slot (here against an
+/// API server that stalls) do not keep out a token whose unverified claims
+/// name a ztunnel's pod the model knows: a share of the slots is kept for
+/// node agents' and Gateways' pods, so
+/// its review is sent (and waits on the API server) instead of being
+/// refused UNAVAILABLE.
+#[tokio::test]
+async fn a_known_pods_token_gets_a_review_slot_while_strangers_hold_the_rest() {
+    use istiod_lite::ca::auth::{AuthError, Authenticator};
+    use istiod_lite::cluster::tokenreview::REVIEWS_AT_ONCE;
+    let reviewer = stalled_reviewer().await;
+    for i in 0..REVIEWS_AT_ONCE {
+        let r = reviewer.clone();
+        let md = bearer_md(&pod_jwt("shop", &format!("stranger-{i}"), "u-x"));
+        tokio::spawn(async move { r.authenticate(&md).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // A stranger more is refused after its brief wait.
+    let stranger = tokio::time::timeout(
+        Duration::from_secs(5),
+        reviewer.authenticate(&bearer_md(&pod_jwt("shop", "stranger-x", "u-x"))),
+    )
+    .await
+    .expect("answered within a few seconds");
+    assert!(matches!(stranger, Err(AuthError::Busy)), "{stranger:?}");
+    // The known pod's token is reviewed: it waits on the API server.
+    let known = tokio::time::timeout(
+        Duration::from_secs(3),
+        reviewer.authenticate_from(
+            &bearer_md(&pod_jwt("istio-system", "ztunnel-x", "u-zt")),
+            Some("10.0.0.9".parse().unwrap()),
+        ),
+    )
+    .await;
+    assert!(known.is_err(), "not sent for review: {known:?}");
+}
+
+/// One address flooding reviews (against an API server that stalls) has
+/// at most a few waiting or in flight: past them it is refused UNAVAILABLE
+/// at once, and the review slots stay free for other addresses.
+#[tokio::test]
+async fn one_address_has_only_a_few_reviews_in_flight() {
+    use istiod_lite::ca::auth::{AuthError, Authenticator};
+    use istiod_lite::cluster::tokenreview::REVIEWS_AT_ONCE;
+    let reviewer = stalled_reviewer().await;
+    let flooder: std::net::IpAddr = "10.9.9.9".parse().unwrap();
+    for i in 0..REVIEWS_AT_ONCE {
+        let r = reviewer.clone();
+        let md = bearer_md(&pod_jwt("shop", &format!("stranger-{i}"), "u-x"));
+        tokio::spawn(async move { r.authenticate_from(&md, Some(flooder)).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let more = tokio::time::timeout(
+        Duration::from_millis(500),
+        reviewer.authenticate_from(
+            &bearer_md(&pod_jwt("shop", "stranger-x", "u-x")),
+            Some(flooder),
+        ),
+    )
+    .await
+    .expect("refused at once");
+    assert!(matches!(more, Err(AuthError::Busy)), "{more:?}");
+    // Another address's token (a stranger's too) is sent for review.
+    let other = tokio::time::timeout(
+        Duration::from_secs(3),
+        reviewer.authenticate_from(
+            &bearer_md(&pod_jwt("shop", "other", "u-y")),
+            Some("10.8.8.8".parse().unwrap()),
+        ),
+    )
+    .await;
+    assert!(other.is_err(), "not sent for review: {other:?}");
+}
+
+/// `pod_jwt` with a signature of its own: a new token (digest) naming the
+/// same pod, as a pod that knows the uid can forge.
+fn forged(ns: &str, name: &str, uid: &str, i: usize) -> String {
+    format!("{}A{i}", pod_jwt(ns, name, uid))
+}
+
+/// Fills the unreserved review slots of a stalled reviewer with strangers.
+async fn fill_unreserved(reviewer: &Arc<TokenReviewer>) {
+    use istiod_lite::ca::auth::Authenticator;
+    use istiod_lite::cluster::tokenreview::{RESERVED_FOR_KNOWN, REVIEWS_AT_ONCE};
+    for i in 0..REVIEWS_AT_ONCE - RESERVED_FOR_KNOWN {
+        let r = reviewer.clone();
+        let md = bearer_md(&pod_jwt("shop", &format!("stranger-{i}"), "u-x"));
+        tokio::spawn(async move { r.authenticate(&md).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+}
+
+/// Whether a token is sent for review (so waits on the stalled API
+/// server) rather than refused within a few seconds.
+async fn sent_for_review(reviewer: &Arc<TokenReviewer>, token: &str, from: &str) -> bool {
+    use istiod_lite::ca::auth::Authenticator;
+    let from: std::net::IpAddr = from.parse().unwrap();
+    tokio::time::timeout(
+        Duration::from_secs(3),
+        reviewer.authenticate_from(&bearer_md(token), Some(from)),
+    )
+    .await
+    .is_err()
+}
+
+/// The reserved slots are for node agents' and Gateways' pods only: a
+/// plain pod the model knows, forging tokens that name itself (each a new
+/// digest), takes none of them, so a ztunnel's token still gets one.
+#[tokio::test]
+async fn a_plain_pods_forged_tokens_take_no_reserved_slot() {
+    use istiod_lite::ca::auth::Authenticator;
+    use istiod_lite::cluster::tokenreview::RESERVED_FOR_KNOWN;
+    let reviewer = stalled_reviewer().await;
+    fill_unreserved(&reviewer).await;
+    for i in 0..RESERVED_FOR_KNOWN {
+        let r = reviewer.clone();
+        let md = bearer_md(&forged("shop", "web-1", "u-web", i));
+        tokio::spawn(async move { r.authenticate(&md).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sent_for_review(
+            &reviewer,
+            &pod_jwt("istio-system", "ztunnel-x", "u-zt"),
+            "10.0.0.9"
+        )
+        .await,
+        "the ztunnel's token found no slot"
+    );
+}
+
+/// One review per claimed pod at a time: forged tokens naming one
+/// ztunnel's pod, even sent from its own address, hold one reserved slot,
+/// so another ztunnel's token gets one of the rest.
+#[tokio::test]
+async fn forged_tokens_naming_one_pod_hold_one_reserved_slot() {
+    use istiod_lite::ca::auth::Authenticator;
+    use istiod_lite::cluster::tokenreview::RESERVED_FOR_KNOWN;
+    let reviewer = stalled_reviewer().await;
+    fill_unreserved(&reviewer).await;
+    for i in 0..RESERVED_FOR_KNOWN {
+        let r = reviewer.clone();
+        let md = bearer_md(&forged("istio-system", "ztunnel-x", "u-zt", i));
+        let from: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+        tokio::spawn(async move { r.authenticate_from(&md, Some(from)).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sent_for_review(
+            &reviewer,
+            &pod_jwt("istio-system", "ztunnel-y", "u-zy"),
+            "10.0.0.8"
+        )
+        .await,
+        "the other ztunnel's token found no slot"
+    );
+}
+
+/// Forged tokens naming a ztunnel's pod, sent from addresses that are not
+/// the pod's, neither take reserved slots nor queue ahead of the pod's own
+/// token: the real ztunnel's token, from its own address, is still sent
+/// for review (not told UNAVAILABLE after waiting behind them).
+#[tokio::test]
+async fn forged_tokens_from_other_addresses_do_not_queue_ahead_of_the_pods_own() {
+    use istiod_lite::ca::auth::Authenticator;
+    let reviewer = stalled_reviewer().await;
+    fill_unreserved(&reviewer).await;
+    for i in 0..12 {
+        let r = reviewer.clone();
+        let md = bearer_md(&forged("istio-system", "ztunnel-x", "u-zt", i));
+        let from: std::net::IpAddr = format!("10.7.0.{i}").parse().unwrap();
+        tokio::spawn(async move { r.authenticate_from(&md, Some(from)).await });
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sent_for_review(
+            &reviewer,
+            &pod_jwt("istio-system", "ztunnel-x", "u-zt"),
+            "10.0.0.9"
+        )
+        .await,
+        "the ztunnel's own token was refused"
+    );
+}
+
+/// A token naming a ztunnel's pod whose one reserved turn is taken (here
+/// by a forged token from the pod's own address) does not wait behind it:
+/// it takes a free unreserved slot at once.
+#[tokio::test]
+async fn a_claimed_pods_second_token_takes_a_free_unreserved_slot() {
+    use istiod_lite::ca::auth::Authenticator;
+    let reviewer = stalled_reviewer().await;
+    let from: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    let r = reviewer.clone();
+    let md = bearer_md(&forged("istio-system", "ztunnel-x", "u-zt", 0));
+    tokio::spawn(async move { r.authenticate_from(&md, Some(from)).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        sent_for_review(
+            &reviewer,
+            &pod_jwt("istio-system", "ztunnel-x", "u-zt"),
+            "10.0.0.9"
+        )
+        .await,
+        "the second token waited behind the first and was refused"
+    );
+}
+
+/// A ztunnel asks for a certificate per local identity at once, all with
+/// its one token: with nothing remembered (a token without `exp` is never
+/// cached), a burst of 8 from its one address all succeed, on one review.
+#[tokio::test]
+async fn a_ztunnels_burst_with_one_token_is_reviewed_once_and_all_succeed() {
+    use istiod_lite::ca::auth::Authenticator;
+    mesh_core::tls::install_default_provider();
+    let state = Shared::default();
+    state.lock().unwrap().reviews.insert(
+        "zt".into(),
+        json!({"authenticated": true, "audiences": ["istio-ca"],
+               "user": {"username": "system:serviceaccount:istio-system:ztunnel",
+                        "extra": {"authentication.kubernetes.io/pod-name": ["ztunnel-x"],
+                                  "authentication.kubernetes.io/pod-uid": ["u-zt"],
+                                  "authentication.kubernetes.io/node-name": ["node-1"]}}}),
+    );
+    let client = serve(state.clone(), "a").await;
+    let reviewer = Arc::new(TokenReviewer::new(
+        client,
+        ReviewConfig {
+            audience: "istio-ca".into(),
+            ztunnel_account: ("istio-system".into(), "ztunnel".into()),
+            trust_domain: "cluster.local".into(),
+        },
+        Hub::new(Model::new(ModelConfig::default())),
+    ));
+    let peer: std::net::IpAddr = "10.0.0.9".parse().unwrap();
+    let burst: Vec<_> = (0..8)
+        .map(|_| {
+            let r = reviewer.clone();
+            tokio::spawn(async move {
+                r.authenticate_from(&bearer_md(&sa_jwt("zt")), Some(peer))
+                    .await
+            })
+        })
+        .collect();
+    for b in burst {
+        let caller = b.await.unwrap().expect("each of the burst succeeds");
+        assert_eq!(caller.node, "node-1");
+    }
+    assert_eq!(
+        state.lock().unwrap().review_calls,
+        1,
+        "one review for the burst"
+    );
+}
+
+/// The xDS server passes each caller's address to the authenticator: one
+/// address opening streams with strangers' tokens has at most a few
+/// reviews in flight, and its next stream is refused UNAVAILABLE at once
+/// (passed no address, it would wait for a free slot instead).
+#[tokio::test]
+async fn xds_passes_the_callers_address_to_the_review_bound() {
+    use istiod_lite::cluster::tokenreview::REVIEWS_PER_PEER;
+    use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    use mesh_proto::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
+    let reviewer = stalled_reviewer().await;
+    let hub = Hub::new(Model::new(ModelConfig::default()));
+    hub.set_ready();
+    let ads = istiod_lite::xds::AdsService::new(hub, reviewer).into_server();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(
+        istiod_lite::ca::with_limits(tonic::transport::Server::builder())
+            .add_service(ads)
+            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener)),
+    );
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let open = |i: usize| {
+        let channel = channel.clone();
+        async move {
+            let (_tx, rx) = tokio::sync::mpsc::channel::<DeltaDiscoveryRequest>(1);
+            let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+            let token = pod_jwt("shop", &format!("stranger-{i}"), "u-x");
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {token}").parse().unwrap());
+            AggregatedDiscoveryServiceClient::new(channel)
+                .delta_aggregated_resources(req)
+                .await
+                .map(|_| ())
+        }
+    };
+    for i in 0..REVIEWS_PER_PEER {
+        tokio::spawn(open(i));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let next = tokio::time::timeout(Duration::from_millis(700), open(99))
+        .await
+        .expect("refused at once");
+    assert_eq!(next.err().map(|s| s.code()), Some(tonic::Code::Unavailable));
 }

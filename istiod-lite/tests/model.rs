@@ -1,6 +1,7 @@
 //! The folder source and the model: what users write in, xDS resources out,
 //! and every bad input reported by name without losing the rest.
 
+use istiod_lite::model::{Model, ModelConfig};
 use mesh_proto::istio::security::{Action, Authorization};
 use mesh_proto::istio::workload::{Address, TunnelProtocol, address};
 use mesh_proto::{ADDRESS_TYPE_URL, AUTHORIZATION_TYPE_URL};
@@ -709,4 +710,53 @@ spec:
     assert_eq!(blocks, vec![(v6("fd00::"), 8), (vec![10, 0, 0, 0], 8)]);
     assert_eq!(m.not_source_ips[0].address, v6("fd00:10:0:1::5"));
     assert_eq!(m.not_source_ips[0].length, 128);
+}
+
+/// In cluster mode a Gateway's pod must be one its Deployment made:
+/// controlled by the ReplicaSet `<gateway>-<pod-template-hash>` and running
+/// as the Gateway's service account. A pod merely labelled is refused.
+#[test]
+fn a_labelled_pod_not_made_by_the_gateways_deployment_is_refused() {
+    let mut m = Model::new(ModelConfig {
+        gateway_pods_owned: true,
+        ..ModelConfig::default()
+    });
+    let pod = |name: &str, sa: &str, owner: &str| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata: {{name: {name}, namespace: shop, labels: {{gateway.networking.k8s.io/gateway-name: wp, pod-template-hash: 7f9c}}{owner}}}\nspec: {{nodeName: n1, serviceAccountName: {sa}, containers: [{{name: c, image: x}}]}}\nstatus: {{podIP: 10.0.0.{}, phase: Running}}\n---\n",
+            name.len()
+        )
+    };
+    let rs = |rs: &str| {
+        format!(
+            ", ownerReferences: [{{apiVersion: apps/v1, kind: ReplicaSet, name: {rs}, uid: u, controller: true}}]"
+        )
+    };
+    let yaml = format!(
+        "apiVersion: gateway.networking.k8s.io/v1\nkind: Gateway\nmetadata: {{name: wp, namespace: shop}}\nspec: {{gatewayClassName: istio-waypoint, listeners: [{{name: mesh, port: 15008, protocol: HBONE}}]}}\n---\n{}{}{}{}",
+        pod("wp-7f9c-a", "wp", &rs("wp-7f9c")),
+        pod("lone", "wp", ""),
+        pod("other-rs", "wp", &rs("web-7f9c")),
+        pod("other-sa", "web", &rs("wp-7f9c")),
+    );
+    m.apply(parse_all(&yaml));
+    assert!(m.waypoint_of_proxy("n1", "waypoint~shop~wp-7f9c-a").is_ok());
+    for p in ["lone", "other-rs"] {
+        let got = m.waypoint_of_proxy("n1", &format!("waypoint~shop~{p}"));
+        let why = got.expect_err(p).to_string();
+        assert!(why.contains("Deployment made"), "{p}: {why}");
+    }
+    let got = m.waypoint_of_proxy("n1", "waypoint~shop~other-sa");
+    let why = got.expect_err("another account").to_string();
+    assert!(why.contains("service account"), "{why}");
+}
+
+fn parse_all(yaml: &str) -> Vec<istiod_lite::config::objects::Change> {
+    use istiod_lite::config::objects::{Change, Object};
+    use serde::Deserialize;
+    serde_yaml::Deserializer::from_str(yaml)
+        .map(|d| serde_json::Value::deserialize(d).unwrap())
+        .filter(|v| !v.is_null())
+        .map(|v| Change::Upsert(Object::parse(v).unwrap().unwrap()))
+        .collect()
 }

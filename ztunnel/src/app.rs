@@ -299,56 +299,10 @@ impl App {
 pub async fn run(cfg: Config) -> Result<(), AppError> {
     let app = App::start(cfg).await?;
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    tokio::spawn(trim_heap());
+    tokio::spawn(crate::memory::keep_lean());
     shutdown_signal()
         .await
         .map_err(|e| start_err("SIGTERM handler", e))?;
     app.shutdown().await;
     Ok(())
-}
-
-/// A bulk flow reads into a fresh buffer of up to 256 KiB per read
-/// (`copy::tcp_to_h2`). With glibc's defaults, a free that leaves more than
-/// the trim threshold on top of an arena hands those pages back at once, so
-/// the next buffer faults them in and zeroes them again: 6% of the ztunnels'
-/// time in scenario 1 went to page faults. Freed memory now stays in the
-/// heap until [`trim_heap`] returns it, and buffers below 4 MiB never get a
-/// mapping of their own. One arena, because `malloc_trim` can give back the
-/// top of the main arena only: with a trim threshold this high, the top of
-/// a per-thread arena would keep a bulk flow's buffers for good (50 MiB in
-/// scenario 6 after the bulk scenarios). Small allocations still come from
-/// each thread's cache without the arena's lock. Called by the binary
-/// before any other thread starts: a thread that has allocated keeps the
-/// arena it got.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-pub fn tune_heap() {
-    // SAFETY: mallopt only changes the allocator's thresholds.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 1);
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 4 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
-    }
-}
-
-/// How often freed heap memory is handed back to the kernel.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-const HEAP_TRIM_INTERVAL: std::time::Duration = std::time::Duration::from_secs(5);
-
-/// glibc keeps what a burst freed (HTTP/2 receive buffers of bulk flows, a
-/// thousand connections' state) in its per-thread arenas for the life of the
-/// process, so a node proxy's RSS would stay at its largest burst
-/// (`just bench`, scenario 6 after the bulk scenarios). Every few seconds the
-/// free pages go back to the kernel; with nothing to free this costs a walk
-/// of the free lists and no syscall.
-#[cfg(all(target_os = "linux", target_env = "gnu"))]
-async fn trim_heap() {
-    let mut tick = tokio::time::interval(HEAP_TRIM_INTERVAL);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tick.tick().await;
-        // SAFETY: malloc_trim only releases the allocator's own free pages.
-        unsafe {
-            libc::malloc_trim(0);
-        }
-    }
 }

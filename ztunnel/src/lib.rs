@@ -3,7 +3,8 @@
 //! `mesh_core`; this crate is the proxy's own data path and wiring.
 //!
 //! Layering (a module only uses those listed before it, and `mesh_core`):
-//! `config` -> `dual_stack` -> `dns` -> `peer_meta` -> `proxy` -> `inpod` -> `admin` -> `app`.
+//! `config` -> `dual_stack` -> `dns` -> `peer_meta` -> `proxy` -> `inpod` -> `admin` -> `memory` ->
+//! `app`.
 
 pub mod admin;
 pub mod app;
@@ -11,5 +12,6 @@ pub mod config;
 pub mod dns;
 pub mod dual_stack;
 pub mod inpod;
+pub mod memory;
 pub mod peer_meta;
 pub mod proxy;

@@ -214,6 +214,36 @@ impl Agent {
     }
 }
 
+impl Agent {
+    /// Puts the node's tables back, with every held pod, whenever they are
+    /// gone (an older agent's late removal after this one installed them,
+    /// an admin's), every [`RESYNC`]; holds off adds and deletes meanwhile.
+    pub(crate) async fn tables_loop(self: Arc<Self>, stop: CancellationToken) {
+        let Some(host) = &self.host else { return };
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = tokio::time::sleep(RESYNC) => {}
+            }
+            let _op = self.ops.lock().await;
+            if stop.is_cancelled() {
+                return; // the stop may have removed them: an uninstall
+            }
+            let pods = self.pods.lock().await;
+            match crate::host::ensure(host, &crate::agent::held_ips(&pods)) {
+                Ok(false) => {}
+                Ok(true) => info!(
+                    pods = pods.len(),
+                    "the node's probe tables were gone: reinstalled"
+                ),
+                Err(e) => {
+                    warn!(error = %e, "reinstalling the node's probe tables failed; retrying")
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeMap;
@@ -300,6 +330,7 @@ mod tests {
                     pinned_dir: dir.join("netns"),
                 },
                 watch: Default::default(),
+                uninstall: Default::default(),
             },
             host: None,
             source,

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use clap::{Parser, Subcommand};
 use mesh_cni::agent::{self, AgentConfig, PodSpec, Request, Watch};
 use mesh_cni::find::Finder;
+use mesh_cni::uninstalling::Check;
 use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, Parser)]
@@ -56,6 +57,14 @@ enum Cmd {
         /// Where the runtime pins pods' netns.
         #[arg(long, default_value = "/var/run/netns")]
         netns_dir: PathBuf,
+        /// The DaemonSet running this agent: when it is gone or being
+        /// deleted at a stop (an uninstall, not a roll), the node's probe
+        /// tables are removed. Unset: a stop always keeps them.
+        #[arg(long)]
+        daemonset: Option<String>,
+        /// The DaemonSet's namespace.
+        #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
+        daemonset_namespace: String,
     },
     /// Capture a pod (what the CNI plugin calls on ADD).
     Add {
@@ -97,7 +106,22 @@ async fn main() {
             host_netns,
             proc_dir,
             netns_dir,
+            daemonset,
+            daemonset_namespace,
         } => {
+            // The lab's objects stand in for the API server here too.
+            let uninstall = match (daemonset, &objects_dir) {
+                (None, _) => Check::None,
+                (Some(daemonset), Some(dir)) => Check::Dir {
+                    dir: dir.clone(),
+                    namespace: daemonset_namespace,
+                    daemonset,
+                },
+                (Some(daemonset), None) => Check::Kube {
+                    namespace: daemonset_namespace,
+                    daemonset,
+                },
+            };
             let watch = match (node, objects_dir) {
                 (Some(node), Some(dir)) => Watch::Dir { node, dir },
                 (Some(node), None) => Watch::Kube { node },
@@ -114,6 +138,7 @@ async fn main() {
                     pinned_dir: netns_dir,
                 },
                 watch,
+                uninstall,
             };
             let stop = CancellationToken::new();
             let s = stop.clone();

@@ -348,7 +348,7 @@ impl Pool {
             addr,
             reason: e.to_string(),
         })?;
-        let tls = tokio::time::timeout(
+        let mut tls = tokio::time::timeout(
             self.inner.handshake_timeout,
             TlsConnector::from(Arc::new(cfg))
                 .connect(ServerName::IpAddress(addr.ip().into()), socket::tls_io(tcp)),
@@ -362,6 +362,7 @@ impl Pool {
             addr,
             reason: handshake_failure(&e),
         })?;
+        socket::tls_write_batch(tls.get_mut().1);
         let id = self.inner.next_id.fetch_add(1, Ordering::Relaxed);
         let gauge = self.inner.metrics.hbone_pool_connections.clone();
         let closed = Arc::new(AtomicBool::new(false));

@@ -140,7 +140,7 @@ impl Server {
                 .map_err(|e| Refused::Handshake(handshake_failure(&e)))
         })
         .await;
-        let tls = match accepted {
+        let mut tls = match accepted {
             Ok(Ok(tls)) => tls,
             Ok(Err(reason)) => return info!(%peer, %local, %reason, "HBONE handshake refused"),
             Err(_) => return info!(%peer, %local, ?timeout, "HBONE handshake timed out"),
@@ -148,6 +148,7 @@ impl Server {
         let Some(src_identity) = peer_identity(tls.get_ref().1) else {
             return warn!(%peer, "HBONE peer has no identity after handshake; closing");
         };
+        crate::socket::tls_write_batch(tls.get_mut().1);
         debug!(%peer, %local, identity = %src_identity, "HBONE connection");
         let max_streams = u32::try_from(self.settings.max_streams).unwrap_or(u32::MAX);
         let result = serve_connection(

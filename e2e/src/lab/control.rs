@@ -19,6 +19,12 @@ pub const MESH_CONFIG: &str = "mesh.yaml";
 /// the `lab` CLI and the benchmark (into [`LabState::ztunnel_extra`]).
 pub const LAB_ZTUNNEL_EXTRA: &str = "LAB_ZTUNNEL_EXTRA";
 
+/// The DaemonSet the lab's node agents belong to (its object is
+/// `config/daemonset-<namespace>-<name>.yaml`: [`Lab::delete`] it, then stop
+/// an agent, and that agent is uninstalled).
+pub const LAB_DAEMONSET: &str = "ztunnel";
+pub const LAB_DAEMONSET_NAMESPACE: &str = "istio-system";
+
 /// [`LAB_ZTUNNEL_EXTRA`]'s value, or nothing.
 pub fn ztunnel_extra_from_env() -> String {
     std::env::var(LAB_ZTUNNEL_EXTRA).unwrap_or_default()
@@ -71,6 +77,14 @@ impl Lab {
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        // The agents' DaemonSet, as the API server would show it: an agent
+        // stopped while it is there is restarting (the node's probe tables
+        // stay); one stopped after it was deleted is uninstalled.
+        self.write_object(
+            &format!("daemonset-{LAB_DAEMONSET_NAMESPACE}-{LAB_DAEMONSET}.yaml"),
+            &serde_json::json!({"apiVersion": "apps/v1", "kind": "DaemonSet",
+                "metadata": {"name": LAB_DAEMONSET, "namespace": LAB_DAEMONSET_NAMESPACE}}),
+        )?;
         for n in self.state.nodes.clone() {
             let zds = self.dir.join(format!("{}-zds.sock", n.name));
             let control = self.dir.join(format!("{}-cni.sock", n.name));
@@ -103,6 +117,10 @@ impl Lab {
                 self.dir.join("config").display().to_string(),
                 "--host-netns".into(),
                 "/proc/self/ns/net".into(),
+                "--daemonset".into(),
+                LAB_DAEMONSET.into(),
+                "--daemonset-namespace".into(),
+                LAB_DAEMONSET_NAMESPACE.into(),
             ]);
             self.start_named(
                 &format!("{}-cni", n.name),

@@ -62,9 +62,17 @@ pub enum AuthError {
     /// caller is refused until it does.
     #[error("the token file {0}")]
     TokenFile(String),
+    /// Not shaped as a service-account token (a JWT: three base64url
+    /// segments, the first a JSON header): refused without asking the API.
+    #[error("the bearer token is not a JWT")]
+    NotJwt,
     /// The API server could not answer (says nothing about the token).
     #[error("TokenReview failed: {0}")]
     ReviewFailed(String),
+    /// Every review slot stayed taken while the caller waited: nothing is
+    /// known of its token; it may retry (UNAVAILABLE).
+    #[error("too many token reviews in flight; retry later")]
+    Busy,
     #[error("the TokenReview came back without a status")]
     NoReviewStatus,
     #[error("token rejected by the API server{}", .0.as_ref().map(|e| format!(": {e}")).unwrap_or_default())]
@@ -114,6 +122,20 @@ pub enum PodError {
     },
 }
 
+impl AuthError {
+    /// The gRPC status refusing a caller for this reason, its message
+    /// starting with `what`: UNAVAILABLE when nothing is known of the
+    /// token yet (the API server could not answer, or every review slot
+    /// was taken), else UNAUTHENTICATED.
+    pub fn status(&self, what: &str) -> tonic::Status {
+        let msg = format!("{what}: {self}");
+        match self {
+            AuthError::Busy | AuthError::ReviewFailed(_) => tonic::Status::unavailable(msg),
+            _ => tonic::Status::unauthenticated(msg),
+        }
+    }
+}
+
 pub trait Authenticator: Send + Sync + 'static {
     /// Why authentication failed is returned for the caller to read.
     /// Asynchronous: the Kubernetes authenticator asks the API server.
@@ -121,6 +143,18 @@ pub trait Authenticator: Send + Sync + 'static {
         &'a self,
         metadata: &'a MetadataMap,
     ) -> BoxFuture<'a, Result<Caller, AuthError>>;
+
+    /// As [`Authenticator::authenticate`], for a request from `peer` (its
+    /// address, when known): an authenticator that spends on each caller
+    /// (a TokenReview) bounds what one address may have in flight.
+    fn authenticate_from<'a>(
+        &'a self,
+        metadata: &'a MetadataMap,
+        peer: Option<std::net::IpAddr>,
+    ) -> BoxFuture<'a, Result<Caller, AuthError>> {
+        let _ = peer;
+        self.authenticate(metadata)
+    }
 }
 
 /// The bearer token of a request, or why there is none.

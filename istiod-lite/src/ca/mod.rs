@@ -16,7 +16,7 @@ use mesh_core::clock::Clock;
 use mesh_core::identity::Identity;
 use mesh_core::tls::TrustRoots;
 
-pub use server::{CaService, ServingCert, serve};
+pub use server::{CaService, MAX_STREAMS_PER_CONNECTION, ServingCert, serve, with_limits};
 pub use store::{CaLoadError, CaSource};
 
 /// Default leaf lifetime.
@@ -72,7 +72,7 @@ impl From<Refusal> for tonic::Status {
     fn from(r: Refusal) -> Self {
         use tonic::Code;
         let code = match &r {
-            Refusal::Unauthenticated(_) => Code::Unauthenticated,
+            Refusal::Unauthenticated(e) => e.status("").code(),
             Refusal::NotOnNode { .. } | Refusal::NotOwnIdentity { .. } => Code::PermissionDenied,
             Refusal::Internal(_) => Code::Internal,
             _ => Code::InvalidArgument,

@@ -49,7 +49,7 @@ impl CaService {
     ) -> Result<(String, Identity, Vec<String>), Refusal> {
         let caller = self
             .authn
-            .authenticate(req.metadata())
+            .authenticate_from(req.metadata(), req.remote_addr().map(|a| a.ip()))
             .await
             .map_err(Refusal::Unauthenticated)?;
         let body = req.get_ref();
@@ -130,7 +130,12 @@ impl IstioCertificateService for CaService {
                 Ok(Response::new(IstioCertificateResponse { cert_chain }))
             }
             Err(refusal) => {
-                warn!(?peer, reason = %refusal, "certificate refused");
+                let now = std::time::Instant::now();
+                if let Some(left_out) =
+                    crate::metrics::log_limit().admit("certificate refused", now)
+                {
+                    warn!(?peer, reason = %refusal, left_out, "certificate refused");
+                }
                 Err(refusal.into())
             }
         }
@@ -170,9 +175,18 @@ impl ServingCert {
     }
 }
 
+/// Streams one connection may have open at once: a proxy needs one ADS
+/// stream, and its certificate requests queue behind the rest.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// The per-connection limits every gRPC server of ours applies.
+pub fn with_limits(server: Server) -> Server {
+    server.max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+}
+
 /// A tonic server builder that serves TLS with `cert`.
 pub fn serve(cert: &ServingCert) -> Result<Server, tonic::transport::Error> {
-    Server::builder()
+    with_limits(Server::builder())
         .tls_config(
             ServerTlsConfig::new()
                 .identity(TonicIdentity::from_pem(&cert.chain_pem, &cert.key_pem)),

@@ -39,6 +39,33 @@ pub fn expiry(token: &str) -> Option<SystemTime> {
     UNIX_EPOCH.checked_add(Duration::from_secs(exp))
 }
 
+/// The pod a projected service-account token's payload names (its
+/// `kubernetes.io` claim: namespace, pod name and uid), read without
+/// checking anything: it only chooses which review slots the token may
+/// wait for, never whether it is good.
+pub fn pod_claim(token: &str) -> Option<(String, String, String)> {
+    let mut parts = token.split('.');
+    let (_, payload, _, None) = (parts.next()?, parts.next()?, parts.next()?, parts.next()) else {
+        return None;
+    };
+    let claims: serde_json::Value = serde_json::from_slice(&base64url(payload)?).ok()?;
+    let k8s = claims.get("kubernetes.io")?;
+    let pod = k8s.get("pod")?;
+    let text = |v: &serde_json::Value, k: &str| v.get(k)?.as_str().map(str::to_string);
+    Some((
+        text(k8s, "namespace")?,
+        text(pod, "name")?,
+        text(pod, "uid")?,
+    ))
+}
+
+/// Whether a base64url segment decodes to a JSON object (a JWT's header).
+pub fn json_object(segment: &str) -> bool {
+    base64url(segment)
+        .and_then(|b| serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(&b).ok())
+        .is_some()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -62,5 +89,21 @@ mod tests {
             assert_eq!(expiry(&bad), None, "{bad}");
         }
         assert_eq!(base64url("aGVsbG8").as_deref(), Some(&b"hello"[..]));
+    }
+
+    #[test]
+    fn a_pod_claim_is_read_from_the_payload_and_nothing_else_passes() {
+        // {"kubernetes.io":{"namespace":"ns","pod":{"name":"p","uid":"u"}}}
+        let payload = "eyJrdWJlcm5ldGVzLmlvIjp7Im5hbWVzcGFjZSI6Im5zIiwicG9kIjp7Im5hbWUiOiJwIiwidWlkIjoidSJ9fX0";
+        let t = format!("aGVhZA.{payload}.c2ln");
+        let want = ("ns".to_string(), "p".to_string(), "u".to_string());
+        assert_eq!(pod_claim(&t), Some(want));
+        for bad in [
+            format!("aGVhZA.{payload}"),
+            "aGVhZA.e30.c2ln".to_string(),
+            "aGVhZA.!!!.c2ln".to_string(),
+        ] {
+            assert_eq!(pod_claim(&bad), None, "{bad}");
+        }
     }
 }

@@ -11,6 +11,7 @@
 
 pub mod ca_secret;
 pub mod conditions;
+pub mod flight;
 pub mod jwt;
 pub mod lease;
 pub mod tokenreview;

@@ -4,6 +4,7 @@
 //! while it talks to the API server.
 
 use std::collections::BTreeSet;
+use std::net::IpAddr;
 
 use gateway_api::apis::standard::gatewayclasses::GatewayClass;
 use gateway_api::apis::standard::gateways::Gateway;
@@ -155,6 +156,30 @@ impl Model {
             return None;
         }
         p.node.clone()
+    }
+
+    /// The node and service account of the pod with that uid, when it is
+    /// known and placed on a node.
+    pub fn pod_node_account(
+        &self,
+        namespace: &str,
+        name: &str,
+        uid: &str,
+    ) -> Option<(String, String)> {
+        let p = self.pods.get(&(namespace.to_string(), name.to_string()))?;
+        if p.uid.as_deref() != Some(uid) {
+            return None;
+        }
+        Some((p.node.clone()?, p.service_account().to_string()))
+    }
+
+    /// Whether `ip` is one of the addresses of the pod with that uid
+    /// (`status.podIPs`; a hostNetwork pod's are its node's).
+    pub fn pod_has_ip(&self, namespace: &str, name: &str, uid: &str, ip: IpAddr) -> bool {
+        let Some(p) = self.pods.get(&(namespace.to_string(), name.to_string())) else {
+            return false;
+        };
+        p.uid.as_deref() == Some(uid) && p.ips.contains(&ip.to_canonical())
     }
 
     /// The node of a running pod and its service account's identity: how

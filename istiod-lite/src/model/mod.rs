@@ -52,6 +52,10 @@ pub const WAYPOINT_CLASS: &str = "istio-waypoint";
 /// Label on a waypoint's pods naming their Gateway (set by Gateway API
 /// implementations on what they deploy).
 pub const GATEWAY_NAME_LABEL: &str = "gateway.networking.k8s.io/gateway-name";
+
+/// The label a Deployment's ReplicaSet gives its pods (and its own name's
+/// suffix).
+pub const POD_TEMPLATE_HASH: &str = "pod-template-hash";
 /// Node.id prefix of a waypoint proxy: `waypoint~<namespace>~<pod>`.
 pub const WAYPOINT_PROXY_PREFIX: &str = "waypoint";
 /// Class of an ingress Gateway (see [`ingress`]).
@@ -71,6 +75,12 @@ pub struct ModelConfig {
     pub cluster_id: String,
     /// Mesh-wide settings (`--mesh-config`): the extension providers.
     pub mesh: crate::config::mesh::MeshConfig,
+    /// A Gateway's pod must be one its Deployment made (cluster mode: the
+    /// controller deploys every Gateway): controlled by a ReplicaSet named
+    /// `<gateway>-<its pod-template-hash>`. A folder's pods are written by
+    /// hand (the lab's carry no owners), so there only the service account
+    /// is checked.
+    pub gateway_pods_owned: bool,
 }
 
 impl Default for ModelConfig {
@@ -81,6 +91,7 @@ impl Default for ModelConfig {
             root_namespace: "istio-system".into(),
             cluster_id: "Kubernetes".into(),
             mesh: Default::default(),
+            gateway_pods_owned: false,
         }
     }
 }
@@ -162,6 +173,24 @@ pub enum ProxyError {
     NoGatewayLabel(String, String),
     #[error("no Gateway {0}/{1}")]
     NoGateway(String, String),
+    #[error(
+        "pod {pod} runs as service account {account:?}, not as its Gateway's {gateway:?} \
+         (the one the controller assigns)"
+    )]
+    NotGatewayAccount {
+        pod: String,
+        account: String,
+        gateway: String,
+    },
+    #[error(
+        "pod {pod} is not one its Gateway's Deployment made (controlled by ReplicaSet \
+         {gateway}-<pod-template-hash>); its controller is {controller:?}"
+    )]
+    NotGatewayOwned {
+        pod: String,
+        gateway: String,
+        controller: Option<(String, String)>,
+    },
     #[error("Gateway {gateway} is of class {class:?}, not {want}")]
     OtherClass {
         gateway: String,
@@ -297,14 +326,15 @@ impl Model {
             .map(|(n, _)| n)
     }
 
-    /// Forgets removals at or before generation `upto` (every connection
+    /// Forgets removals of a type at or before generation `upto(type)` (every connection
     /// has been sent them), and the oldest ones beyond [`REMOVED_KEPT`] per
     /// type (or the type's resource count, if more) even if a connection
     /// still needs them: a connection that stopped reading must not make
     /// the controller keep every name ever removed. Such a connection is
     /// then reset ([`Model::forgotten`]).
-    pub fn prune_removed(&mut self, upto: u64) {
+    pub fn prune_removed(&mut self, upto: impl Fn(&str) -> u64) {
         for (t, m) in self.removed.iter_mut() {
+            let upto = upto(t);
             m.retain(|_, g| *g > upto);
             let live = self.outputs.get(t).map_or(0, |o| o.len());
             let limit = REMOVED_KEPT.max(live);
@@ -352,8 +382,10 @@ impl Model {
     /// The waypoint Gateway (namespace, name) a proxy serves, when it is a
     /// waypoint: its id is `waypoint~<namespace>~<pod>`, that pod runs on
     /// `node` (the node its caller proved) and carries
-    /// `gateway.networking.k8s.io/gateway-name: <gateway>`, and that Gateway
-    /// is of class `istio-waypoint`. Otherwise, why not.
+    /// `gateway.networking.k8s.io/gateway-name: <gateway>`, that Gateway
+    /// is of class `istio-waypoint`, and the pod is one the controller made
+    /// for it (its service account, and in cluster mode its ReplicaSet: see
+    /// [`ModelConfig::gateway_pods_owned`]). Otherwise, why not.
     pub fn waypoint_of_proxy(&self, node: &str, proxy_id: &str) -> Result<NsName, ProxyError> {
         self.gateway_of_proxy(node, proxy_id, WAYPOINT_PROXY_PREFIX, WAYPOINT_CLASS)
     }
@@ -413,7 +445,46 @@ impl Model {
                 want: class.to_string(),
             });
         }
+        self.made_for_gateway(p, ns, pod, gw)?;
         Ok(gw_key)
+    }
+
+    /// Whether a pod labelled as Gateway `gw`'s is one the controller made
+    /// for it: it runs as the service account the controller assigns (the
+    /// Gateway's name) and, in cluster mode, is controlled by a ReplicaSet
+    /// of the Gateway's Deployment (`<gw>-<pod-template-hash>`).
+    fn made_for_gateway(
+        &self,
+        p: &pod::PodView,
+        ns: &str,
+        pod: &str,
+        gw: &str,
+    ) -> Result<(), ProxyError> {
+        if p.service_account() != gw {
+            return Err(ProxyError::NotGatewayAccount {
+                pod: format!("{ns}/{pod}"),
+                account: p.service_account().to_string(),
+                gateway: gw.to_string(),
+            });
+        }
+        if !self.cfg.gateway_pods_owned {
+            return Ok(());
+        }
+        let made = match (p.controller(), p.label(POD_TEMPLATE_HASH)) {
+            (Some(("ReplicaSet", rs)), Some(hash)) => rs
+                .strip_prefix(gw)
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(|h| h == hash),
+            _ => false,
+        };
+        if !made {
+            return Err(ProxyError::NotGatewayOwned {
+                pod: format!("{ns}/{pod}"),
+                gateway: gw.to_string(),
+                controller: p.controller().map(|(k, n)| (k.to_string(), n.to_string())),
+            });
+        }
+        Ok(())
     }
 
     /// The waypoint Gateway (namespace, name) serving a service, by its

@@ -29,6 +29,8 @@ pub struct PodView {
     named_ports: Vec<(String, u32)>,
     /// The workload it belongs to, when an owner names one.
     owner: Option<(String, WorkloadType)>,
+    /// Its managing controller's ownerReference (kind, name), if any.
+    controller: Option<(String, String)>,
 }
 
 impl PodView {
@@ -77,6 +79,13 @@ impl PodView {
                 .filter_map(|p| Some((p.name.clone()?, p.container_port as u32)))
                 .collect(),
             owner: owner(p),
+            controller: p
+                .metadata
+                .owner_references
+                .iter()
+                .flatten()
+                .find(|o| o.controller == Some(true))
+                .map(|o| (o.kind.clone(), o.name.clone())),
         }
     }
 
@@ -103,6 +112,13 @@ impl PodView {
             .iter()
             .find(|(n, _)| n == name)
             .map_or(0, |(_, p)| *p)
+    }
+
+    /// Its managing controller (kind, name), from its ownerReferences.
+    pub fn controller(&self) -> Option<(&str, &str)> {
+        self.controller
+            .as_ref()
+            .map(|(k, n)| (k.as_str(), n.as_str()))
     }
 
     /// The deployment name for a pod owned by a ReplicaSet, the Job's for

@@ -17,10 +17,13 @@ use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use tokio::sync::{broadcast, mpsc};
-use tonic::Streaming;
-use tracing::{debug, info, warn};
+use tokio::sync::broadcast;
+use tonic::Status;
+use tracing::{info, warn};
 
+use super::admit::StreamGuard;
+use super::queue::{QueueError, QueueTx};
+use super::reader::{Cut, Incoming};
 use super::wire::Response;
 use super::{ConnView, Gated, Hub, NackView, PUSH_CHUNK, Pushed, TYPES};
 use crate::ca::auth::Caller;
@@ -56,7 +59,10 @@ impl Default for Held {
 
 /// Names one subscription may list, at least (or twice as many as the
 /// type has resources, if more): a proxy that asks for more is cut off
-/// rather than let it grow the controller's memory without bound.
+/// rather than let it grow the controller's memory without bound. Names a
+/// reconnecting proxy states it holds are bounded by the hub's
+/// high-water mark instead ([`Hub::names_bound`]), checked before the
+/// request is decoded, and trimmed to what is live by the first push.
 pub(super) const NAMES_KEPT: usize = 100_000;
 
 /// A version as a proxy states it.
@@ -245,13 +251,46 @@ fn plan(model: &Model, type_url: &str, sub: &mut Sub, scope: Scope<'_>) -> Resul
 }
 
 pub(super) struct Conn {
+    /// The stream's quota slot; first, so that it is dropped (and sets the
+    /// stream's end status) before `tx`.
+    pub(super) guard: StreamGuard,
     pub(super) hub: Arc<Hub>,
     pub(super) view: Arc<ConnView>,
     /// Who opened the stream, as authenticated.
     pub(super) caller: Caller,
     pub(super) subs: BTreeMap<String, Sub>,
-    pub(super) tx: mpsc::Sender<Response>,
+    pub(super) tx: QueueTx,
     pub(super) nonce: u64,
+}
+
+/// The stream is closed: the proxy is gone, or is cut off for this cause.
+fn too_far_behind(why: &Behind) -> Status {
+    Status::resource_exhausted(format!(
+        "connection too far behind ({why}); reconnect stating what you hold"
+    ))
+}
+
+/// A proxy asked for more names than it may.
+fn too_many_names(asked: usize, limit: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "{asked} names subscribed or held; at most {limit} may be"
+    ))
+}
+
+impl Conn {
+    /// A response could not be queued: the proxy is gone, or has stopped
+    /// reading (then what is queued for it is dropped, and the stream ends).
+    fn unsent(&self, e: QueueError) -> Status {
+        match e {
+            QueueError::Gone => Status::cancelled("the proxy's stream is gone"),
+            QueueError::Stalled(_) => {
+                warn!(node = %self.view.node, proxy = %self.view.proxy_id, reason = %e,
+                    "proxy stopped reading; closing its stream");
+                self.tx.drain();
+                Status::resource_exhausted(format!("{e}; reconnect stating what you hold"))
+            }
+        }
+    }
 }
 
 impl Conn {
@@ -263,7 +302,7 @@ impl Conn {
     /// Sends what differs between the model and what the proxy holds,
     /// within `scope`. `always` sends even an empty response (the answer
     /// to a subscription).
-    async fn push(&mut self, type_url: &str, scope: Scope<'_>, always: bool) -> Result<(), ()> {
+    async fn push(&mut self, type_url: &str, scope: Scope<'_>, always: bool) -> Result<(), Status> {
         let Plan {
             resources,
             mut removed,
@@ -278,21 +317,19 @@ impl Conn {
                 Err(why) => {
                     warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url, reason = %why,
                         "connection too far behind; closing it so the proxy reconnects");
-                    return Err(());
+                    return Err(too_far_behind(&why));
                 }
             };
-            // Published under the model's lock: removals this connection
-            // may still need are kept (see Hub::apply).
-            let synced = self
-                .subs
-                .values()
-                .filter_map(|s| match s.held {
-                    Held::All(g) => Some(g),
-                    Held::Each(_) => None,
-                })
-                .min()
-                .unwrap_or(u64::MAX);
-            self.view.synced.store(synced, Ordering::Relaxed);
+            // Published under the model's lock, per type: removals this
+            // connection may still need are kept (see Hub::apply); a type
+            // that never changes pins no other type's.
+            for (i, t) in TYPES.iter().enumerate() {
+                let synced = match self.subs.get(*t).map(|s| &s.held) {
+                    Some(Held::All(g)) => *g,
+                    _ => u64::MAX,
+                };
+                self.view.synced[i].store(synced, Ordering::Relaxed);
+            }
             p
         };
         // A refused subscriber is never answered; at most it is told to
@@ -342,7 +379,7 @@ impl Conn {
                 nonce,
                 removed,
             };
-            self.tx.send(resp).await.map_err(|_| ())?;
+            self.tx.send(resp).await.map_err(|e| self.unsent(e))?;
             metrics().pushed(type_url);
         }
         Ok(())
@@ -367,17 +404,45 @@ impl Conn {
         }
     }
 
-    /// A first subscription to type `t`: what the proxy says it holds, and
-    /// for a gated type, whether it may have any.
-    fn subscribe(&mut self, t: &str, req: &mut DeltaDiscoveryRequest) {
+    /// Names a proxy may subscribe to, or say it holds, of type `t`.
+    fn names_limit(&self, t: &str) -> usize {
+        NAMES_KEPT.max(2 * self.hub.model().resources(t).map_or(0, |m| m.len()))
+    }
+
+    /// A first subscription to type `t`: what the proxy says it holds (of
+    /// a subscription by name, only the names subscribed to), and for a
+    /// gated type, whether it may have any. However many it states (after
+    /// mass deletions, more than is live), it is served: the first push
+    /// removes every stated name that is not live, so what is kept shrinks
+    /// to what exists; only more than the hub's high-water mark (checked
+    /// on the wire already) is refused, as no proxy can hold that much.
+    fn subscribe(&mut self, t: &str, req: &mut DeltaDiscoveryRequest) -> Result<(), Status> {
+        let stated = req.initial_resource_versions.len();
+        let bound = self.hub.names_bound();
+        if stated > bound {
+            warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t, stated, bound,
+                "first request states more held names than ever existed; closing the stream");
+            return Err(too_many_names(stated, bound));
+        }
+        if stated > self.names_limit(t) {
+            info!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t, stated,
+                "first request states more held names than are live; removing the rest");
+        }
         let gateway = Gated::of(t).map(|g| (g, self.gateway_of(g)));
+        let wildcard = req.resource_names_subscribe.is_empty()
+            || req.resource_names_subscribe.iter().any(|n| n == "*");
+        let by_name: BTreeSet<&str> = req
+            .resource_names_subscribe
+            .iter()
+            .map(String::as_str)
+            .collect();
+        let held = std::mem::take(&mut req.initial_resource_versions)
+            .into_iter()
+            .filter(|(n, _)| wildcard || by_name.contains(n.as_str()))
+            .map(|(n, v)| (Arc::from(n), parse_version(&v)))
+            .collect();
         let sub = self.subs.entry(t.to_string()).or_default();
-        sub.held = Held::Each(
-            std::mem::take(&mut req.initial_resource_versions)
-                .into_iter()
-                .map(|(n, v)| (Arc::from(n), parse_version(&v)))
-                .collect(),
-        );
+        sub.held = Held::Each(held);
         if let Some((gated, gw)) = gateway {
             match &gw {
                 Ok((ns, name)) => {
@@ -403,9 +468,13 @@ impl Conn {
         if req.resource_names_subscribe.is_empty() {
             sub.wildcard = true;
         }
+        Ok(())
     }
 
-    pub(super) async fn on_request(&mut self, mut req: DeltaDiscoveryRequest) -> Result<(), ()> {
+    pub(super) async fn on_request(
+        &mut self,
+        mut req: DeltaDiscoveryRequest,
+    ) -> Result<(), Status> {
         let t = req.type_url.clone();
         if !TYPES.contains(&t.as_str()) {
             warn!(node = %self.view.node, type_url = %t, "subscription to an unknown type ignored");
@@ -416,7 +485,7 @@ impl Conn {
         }
         let first = !self.subs.contains_key(&t);
         if first {
-            self.subscribe(&t, &mut req);
+            self.subscribe(&t, &mut req)?;
         }
         if req.resource_names_unsubscribe.iter().any(|n| n == "*")
             && let Some(sub) = self.subs.get_mut(&t)
@@ -424,12 +493,12 @@ impl Conn {
         {
             warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t, reason = %why,
                 "connection too far behind; closing it so the proxy reconnects");
-            return Err(());
+            return Err(too_far_behind(&why));
         }
         // (An ACK names nothing: no look at the model.)
         let limit = match req.resource_names_subscribe.len() {
             0 => usize::MAX,
-            _ => NAMES_KEPT.max(2 * self.hub.model().resources(&t).map_or(0, |m| m.len())),
+            _ => self.names_limit(&t),
         };
         let Some(sub) = self.subs.get_mut(&t) else {
             return Ok(());
@@ -438,7 +507,10 @@ impl Conn {
             warn!(node = %self.view.node, proxy = %self.view.proxy_id, type_url = %t,
                 subscribed = sub.names.len(), asked = req.resource_names_subscribe.len(), limit,
                 "subscription to too many names; closing the stream");
-            return Err(());
+            return Err(too_many_names(
+                sub.names.len() + req.resource_names_subscribe.len(),
+                limit,
+            ));
         }
         let mut new_names = BTreeSet::new();
         for n in &req.resource_names_subscribe {
@@ -524,8 +596,20 @@ impl Conn {
         changed_types
     }
 
-    async fn on_delta(&mut self, d: &Delta) -> Result<(), ()> {
+    /// The caller may still open this proxy's stream (a Gateway's pod may
+    /// have lost its Gateway): else the stream ends PERMISSION_DENIED.
+    fn still_allowed(&self) -> Result<(), Status> {
+        let model = self.hub.model();
+        crate::access::may_open(&self.caller, &model, &self.view.proxy_id).map_err(|why| {
+            warn!(node = %self.view.node, proxy = %self.view.proxy_id, reason = %why,
+                "xDS stream closed: the caller may no longer open it");
+            Status::permission_denied(why.to_string())
+        })
+    }
+
+    async fn on_delta(&mut self, d: &Delta) -> Result<(), Status> {
         if d.gateway_proxies {
+            self.still_allowed()?;
             for t in self.recheck_gateways() {
                 // A proxy refused until now gets its first answer here.
                 self.push(t, Scope::Everything, false).await?;
@@ -543,48 +627,82 @@ impl Conn {
         Ok(())
     }
 
+    /// Handles the stream's requests and the model's changes until it
+    /// ends. Its reader may cut it at any time, mid-push too (a request
+    /// left waiting too long: `reader`).
     pub(super) async fn run(
         mut self,
-        mut stream: Streaming<DeltaDiscoveryRequest>,
+        (mut incoming, mut cut): (Incoming, Cut),
         mut events: broadcast::Receiver<Arc<Pushed>>,
     ) {
-        loop {
-            let done = tokio::select! {
-                msg = stream.message() => match msg {
-                    Ok(Some(req)) => self.on_request(req).await.is_err(),
-                    Ok(None) => true,
-                    Err(e) => {
-                        debug!(node = %self.view.node, error = %e, "stream error");
-                        true
-                    }
-                },
-                ev = events.recv() => match ev {
-                    Ok(p) => {
-                        let failed = self.on_delta(&p.delta).await.is_err();
-                        if !failed {
-                            metrics().converged(p.since.elapsed());
-                        }
-                        failed
-                    }
-                    Err(broadcast::error::RecvError::Lagged(n)) => {
-                        // Missed some deltas: diff everything instead.
-                        warn!(node = %self.view.node, missed = n, "push lagged; full resync");
-                        let mut failed = false;
-                        self.recheck_gateways();
-                        for t in TYPES {
-                            failed |= self.push(t, Scope::Everything, false).await.is_err();
-                        }
-                        failed
-                    }
-                    Err(broadcast::error::RecvError::Closed) => true,
-                },
+        let end = loop {
+            let step: Result<bool, Status> = tokio::select! {
+                biased;
+                why = cut.wait() => Err(why),
+                step = self.step(&mut incoming, &mut events) => step,
             };
-            if done {
-                break;
+            match step {
+                Ok(false) => {}
+                Ok(true) => break None,
+                Err(s) => break Some(s),
             }
+        };
+        info!(node = %self.view.node, id = self.view.id, status = ?end.as_ref().map(|s| s.code()),
+            "xDS stream closed");
+        // The stream goes before its slot is given back.
+        incoming.stop().await;
+        self.close(end);
+    }
+
+    /// Handles the next request or change: whether the stream ended.
+    async fn step(
+        &mut self,
+        incoming: &mut Incoming,
+        events: &mut broadcast::Receiver<Arc<Pushed>>,
+    ) -> Result<bool, Status> {
+        // Neither first: requests before pushes would let a caller that
+        // always keeps a request waiting starve its own stream's events,
+        // and with them the re-check of its Gateway access (a request
+        // waiting to be taken is bounded by the reader's own deadline).
+        tokio::select! {
+            req = incoming.next() => match req {
+                Some(req) => self.on_request(req).await.map(|()| false),
+                // The reader ended: cleanly, unless it cut the stream
+                // (then its status is sent before its end, and `run`
+                // takes it first).
+                None => Ok(true),
+            },
+            ev = events.recv() => match ev {
+                Ok(p) => {
+                    let r = self.on_delta(&p.delta).await;
+                    if r.is_ok() {
+                        metrics().converged(p.since.elapsed());
+                    }
+                    r.map(|()| false)
+                }
+                Err(broadcast::error::RecvError::Lagged(n)) => {
+                    // Missed some deltas: diff everything instead.
+                    warn!(node = %self.view.node, missed = n, "push lagged; full resync");
+                    self.recheck_gateways();
+                    // Its Gateway may have gone meanwhile.
+                    self.still_allowed()?;
+                    for t in TYPES {
+                        self.push(t, Scope::Everything, false).await?;
+                    }
+                    Ok(false)
+                }
+                Err(broadcast::error::RecvError::Closed) => {
+                    Err(Status::unavailable("the controller is stopping"))
+                }
+            },
         }
-        info!(node = %self.view.node, id = self.view.id, "xDS stream closed");
-        self.hub.forget(self.view.id);
+    }
+
+    /// Ends the stream, with `why` as its status (None: a clean end).
+    pub(super) fn close(self, why: Option<Status>) {
+        self.guard.close(why);
+        // Dropping the guard forgets the connection and gives its slot
+        // back; dropping `tx` lets the response body send the status.
     }
 }
 
@@ -651,7 +769,7 @@ mod tests {
         let Held::All(g) = sub.held else {
             panic!("still a generation")
         };
-        m.prune_removed(g);
+        m.prune_removed(|_| g);
         assert_eq!(m.removed_since(ADDRESS_TYPE_URL, 0).count(), 0);
     }
 
@@ -768,7 +886,7 @@ mod tests {
                 .collect(),
         );
         m.apply(vec![pod("late", "10.0.0.2")]);
-        m.prune_removed(0);
+        m.prune_removed(|_| 0);
         assert!(m.forgotten(ADDRESS_TYPE_URL) > 0);
         // Sending only what is left would leave the removed pods with the
         // proxy for good: the connection is reset instead.

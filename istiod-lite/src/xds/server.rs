@@ -6,10 +6,10 @@
 //! once per connection.
 
 use std::convert::Infallible;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
-use prost::Message;
+use bytes::Buf;
 use tonic::Status;
 use tonic::body::Body;
 use tonic::codec::{DecodeBuf, Decoder, Streaming};
@@ -17,25 +17,36 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::server::NamedService;
 
 use super::AdsService;
+use super::budget::{Counted, Framing, Held, Unread};
+use super::reader::{Charge, Charged, Incoming};
+use super::request::{self, LARGE_TYPES, Limits, MAX_FIRST_REQUEST, MAX_REQUEST};
 use super::wire::ResponseBody;
 
 const METHOD: &str =
     "/envoy.service.discovery.v3.AggregatedDiscoveryService/DeltaAggregatedResources";
 
-/// Largest request accepted (a reconnecting proxy's list of held versions).
-const MAX_REQUEST: usize = 4 * 1024 * 1024;
-
-/// Decodes `DeltaDiscoveryRequest`s.
-struct RequestDecoder;
+/// Decodes `DeltaDiscoveryRequest`s within the stream's [`Limits`]: no
+/// gRPC message over the caller's limit ([`MAX_FIRST_REQUEST`] for a
+/// node's token, else [`MAX_REQUEST`]) is buffered at all, nor one the
+/// shared budget cannot take ([`Counted`]); each is then held to the
+/// stream's current size limit and entry bound before it is decoded
+/// ([`request::decode`]), and its bytes given back to the budget.
+/// A decoded request keeps its bytes taken until its connection task
+/// takes it ([`Charged`]); a refused one gives them back at once.
+struct RequestDecoder {
+    limits: Limits,
+    unread: Arc<Unread>,
+}
 
 impl Decoder for RequestDecoder {
-    type Item = DeltaDiscoveryRequest;
+    type Item = Charged;
     type Error = Status;
 
     fn decode(&mut self, buf: &mut DecodeBuf<'_>) -> Result<Option<Self::Item>, Status> {
-        DeltaDiscoveryRequest::decode(buf)
-            .map(Some)
-            .map_err(|e| Status::internal(format!("undecodable request: {e}")))
+        self.unread.decoded(buf.remaining());
+        let charge = Charge::new(self.limits.clone(), buf.remaining());
+        let req = request::decode(buf, &self.limits)?;
+        Ok(Some(Charged { req, charge }))
     }
 }
 
@@ -81,12 +92,62 @@ async fn serve(ads: AdsService, req: http::Request<Body>) -> http::Response<Body
         return Status::unimplemented(format!("grpc-encoding {enc:?} is not supported"))
             .into_http();
     }
-    let request = tonic::Request::from_http(
-        req.map(|body| Streaming::new_request(RequestDecoder, body, None, Some(MAX_REQUEST))),
+    // Admitted on its headers, before a byte of its body is read.
+    let (parts, body) = req.into_parts();
+    let head = tonic::Request::from_http(http::Request::from_parts(parts, ()));
+    let remote = head.remote_addr();
+    let peer = remote.map(|a| a.to_string());
+    let (caller, guard) = match ads.admit(head.metadata(), remote.map(|a| a.ip())).await {
+        Ok(admitted) => admitted,
+        Err(status) => return status.into_http(),
+    };
+    // Only a node's proxy states all it holds, in its first request of
+    // each type; no other caller's request is ever buffered past 4 MiB.
+    // Each caller's requests in flight are bounded across its streams by
+    // its share, taken on each message's header.
+    let node = caller.only.is_none();
+    // Workload tokens' streams draw from their own pool of the budget: the
+    // rest of it is nodes' alone.
+    let held = Held::new(if node {
+        ads.budget.clone()
+    } else {
+        ads.workloads.clone()
+    });
+    let share = Held::new(guard.share());
+    let limits = Limits::new(ads.hub.names_bound.clone())
+        .with_held(held.clone())
+        .with_share(share.clone());
+    let framing = if node {
+        limits.node_caller();
+        Framing {
+            max: MAX_FIRST_REQUEST,
+            ordinary: MAX_REQUEST,
+            large: LARGE_TYPES.len(),
+        }
+    } else {
+        Framing {
+            max: MAX_REQUEST,
+            ordinary: MAX_REQUEST,
+            large: 0,
+        }
+    };
+    let body = Counted::new(body, held, share, framing).with_entries(ads.hub.names_bound.clone());
+    let unread = body.unread();
+    let stream = Streaming::new_request(
+        RequestDecoder {
+            limits,
+            unread: unread.clone(),
+        },
+        body,
+        None,
+        Some(framing.max),
     );
-    match ads.open(request).await {
-        Ok(rx) => {
-            let mut res = http::Response::new(Body::new(ResponseBody::new(rx)));
+    // Read by a task of its own, so each message's deadline runs in wall
+    // time however long the connection's task is busy.
+    let (incoming, cut) = Incoming::spawn(stream, unread);
+    match ads.open(caller, guard, (incoming, cut), peer).await {
+        Ok((rx, end)) => {
+            let mut res = http::Response::new(Body::new(ResponseBody::new(rx, end)));
             res.headers_mut().insert(
                 http::header::CONTENT_TYPE,
                 http::HeaderValue::from_static("application/grpc"),

@@ -11,9 +11,10 @@ use std::task::{Context, Poll};
 use bytes::{BufMut, Bytes, BytesMut};
 use hyper::body::Frame;
 use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
-use tokio::sync::mpsc;
+use tokio::sync::OwnedSemaphorePermit;
 use tonic::Status;
 
+use super::queue::QueueRx;
 use crate::model::XdsResource;
 
 /// `DeltaDiscoveryResponse` fields.
@@ -140,18 +141,26 @@ impl Encoding {
     }
 }
 
+/// Why a connection's task ended its stream: set before it drops its
+/// sender, read once the responses are all out. Unset: a clean end.
+pub type End = Arc<std::sync::Mutex<Option<Status>>>;
+
 /// The response stream of one connection: responses from its task,
-/// encoded as HTTP/2 asks for data, then the `grpc-status` trailer.
+/// encoded as HTTP/2 asks for data, then the `grpc-status` trailer (the
+/// task's [`End`], so a proxy cut off for cause sees why and backs off).
 pub struct ResponseBody {
-    rx: mpsc::Receiver<Response>,
-    current: Option<Encoding>,
+    rx: QueueRx,
+    end: End,
+    /// The response being encoded, and its share of the queue's bytes.
+    current: Option<(Encoding, OwnedSemaphorePermit)>,
     done: bool,
 }
 
 impl ResponseBody {
-    pub fn new(rx: mpsc::Receiver<Response>) -> ResponseBody {
+    pub fn new(rx: QueueRx, end: End) -> ResponseBody {
         ResponseBody {
             rx,
+            end,
             current: None,
             done: false,
         }
@@ -168,7 +177,7 @@ impl hyper::body::Body for ResponseBody {
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = &mut *self;
         loop {
-            if let Some(e) = this.current.as_mut() {
+            if let Some((e, _)) = this.current.as_mut() {
                 match e.next_chunk() {
                     Some(b) => return Poll::Ready(Some(Ok(Frame::data(b)))),
                     None => this.current = None,
@@ -178,11 +187,19 @@ impl hyper::body::Body for ResponseBody {
                 return Poll::Ready(None);
             }
             match this.rx.poll_recv(cx) {
-                Poll::Ready(Some(r)) => this.current = Some(Encoding::new(r)),
+                Poll::Ready(Some(q)) => {
+                    this.current = Some((Encoding::new(q.response), q.permit));
+                }
                 Poll::Ready(None) => {
                     this.done = true;
+                    let status = this
+                        .end
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .take()
+                        .unwrap_or_else(|| Status::ok(""));
                     let mut trailers = http::HeaderMap::new();
-                    if let Err(s) = Status::ok("").add_header(&mut trailers) {
+                    if let Err(s) = status.add_header(&mut trailers) {
                         return Poll::Ready(Some(Err(s)));
                     }
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers))));

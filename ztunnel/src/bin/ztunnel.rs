@@ -40,7 +40,7 @@ struct Args {
 fn main() {
     // Before the runtime's threads exist (see tune_heap).
     #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    ztunnel::app::tune_heap();
+    ztunnel::memory::tune_heap();
     mesh_core::init_logging();
     let args = Args::parse();
     // The config first: it says how many threads the runtime gets.

@@ -109,7 +109,7 @@ async fn handle_stream(
     // The service the client addressed, when the peer names one this
     // workload backs.
     let service = crate::peer_meta::service_of(&dst, forwarded.as_deref());
-    let labels = TcpLabels::new(
+    let labels = proxy.label_sets.share(TcpLabels::new(
         Reporter::destination,
         src_wl.as_deref(),
         Some(&src_identity),
@@ -119,7 +119,7 @@ async fn handle_stream(
             .as_ref()
             .map(|(a, b, c)| (a.as_str(), b.as_str(), c.as_str())),
         true,
-    );
+    ));
     let tracked = proxy.conns.track(ConnInfo {
         direction: Direction::Inbound,
         protocol: Protocol::Hbone,
@@ -146,6 +146,8 @@ async fn handle_stream(
         });
         return respond.refuse(StatusCode::UNAUTHORIZED);
     }
+    // What only the checks needed is not held for the connection's life.
+    drop((req, forwarded, service, src_wl));
     // Dial first, then answer: 200 means the app accepted the connection.
     let netns = proxy.netns.for_workload(&dst);
     let dialed = super::orig_src::dial_app(&proxy, client, target, netns.as_deref()).await;

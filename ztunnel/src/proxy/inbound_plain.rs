@@ -72,7 +72,7 @@ async fn handle(
     );
     drop(snap);
     let counters = Arc::new(Counters::default());
-    let labels = TcpLabels::new(
+    let labels = proxy.label_sets.share(TcpLabels::new(
         Reporter::destination,
         src_wl.as_deref(),
         None,
@@ -80,7 +80,7 @@ async fn handle(
         Some(&dst.identity),
         None,
         false,
-    );
+    ));
     let tracked = proxy.conns.track(ConnInfo {
         direction: Direction::InboundPlaintext,
         protocol: Protocol::Tcp,

@@ -49,7 +49,7 @@ pub fn served_here(proxy: &Proxy, dst: &Workload, target: IpAddr) -> Option<Opti
 pub struct Delivered {
     pub upstream: TcpStream,
     pub tracked: Tracked,
-    pub labels: TcpLabels,
+    pub labels: Arc<TcpLabels>,
 }
 
 /// The inbound half of a same-node connection: policy, then the dial.
@@ -84,7 +84,7 @@ pub async fn deliver(
     let client = SocketAddr::new(src_ip, peer.port());
     // The identity is the one this ztunnel authenticated the source pod
     // as, exactly what an HBONE peer's certificate would carry.
-    let labels = TcpLabels::new(
+    let labels = proxy.label_sets.share(TcpLabels::new(
         Reporter::destination,
         Some(src),
         Some(&src.identity),
@@ -92,7 +92,7 @@ pub async fn deliver(
         Some(&dst.identity),
         None,
         true,
-    );
+    ));
     let tracked = proxy
         .conns
         .track_linked(conn_info(src, client, dst, target, counters), outbound);

@@ -27,7 +27,7 @@ use mesh_core::hbone::pool::{Pool, PoolSettings};
 use mesh_core::hbone::{Server, ServerSettings, StreamTasks};
 use mesh_core::identity::Identity;
 use mesh_core::listen::accept_until;
-use mesh_core::metrics::{Metrics, ResponseFlags, TcpLabels};
+use mesh_core::metrics::{LabelSets, Metrics, ResponseFlags, TcpLabels};
 use mesh_core::state::ProxyState;
 
 /// Shared by every listener and connection.
@@ -38,6 +38,8 @@ pub struct Proxy {
     pub pool: Pool,
     pub metrics: Arc<Metrics>,
     pub conns: Registry,
+    /// Open connections' metric labels, one copy of each distinct set.
+    pub label_sets: LabelSets,
     /// Cancelled when the proxy stops accepting (drain).
     pub draining: CancellationToken,
     /// Captured pods' network namespaces (node mode).
@@ -85,6 +87,7 @@ impl Proxy {
             pool,
             metrics,
             conns: Registry::default(),
+            label_sets: LabelSets::default(),
             draining,
             netns: Default::default(),
             hbone,
@@ -145,7 +148,7 @@ pub async fn accept_captured<F, Fut>(
 
 /// Records a finished connection: metrics and one access-log line.
 pub struct Finished<'a> {
-    pub labels: TcpLabels,
+    pub labels: Arc<TcpLabels>,
     pub info: &'a conns::ConnInfo,
     pub flags: ResponseFlags,
     pub error: Option<String>,
@@ -161,7 +164,7 @@ impl Proxy {
     /// because policy now denies it is flagged DENY.
     pub fn finish(
         &self,
-        labels: TcpLabels,
+        labels: Arc<TcpLabels>,
         info: &conns::ConnInfo,
         result: Result<(), (ResponseFlags, String)>,
     ) {
@@ -185,16 +188,22 @@ impl Proxy {
 
     pub fn record(&self, f: Finished<'_>) {
         use std::sync::atomic::Ordering;
-        let mut labels = f.labels;
-        labels.response_flags = f.flags;
+        // The shared set, unless this connection ended with flags of its own.
+        let flagged;
+        let labels: &TcpLabels = if f.labels.response_flags == f.flags {
+            &f.labels
+        } else {
+            flagged = TcpLabels {
+                response_flags: f.flags,
+                ..(*f.labels).clone()
+            };
+            &flagged
+        };
         let sent = f.info.counters.sent.load(Ordering::Relaxed);
         let received = f.info.counters.received.load(Ordering::Relaxed);
-        self.metrics.closed.get_or_create(&labels).inc();
-        self.metrics.sent.get_or_create(&labels).inc_by(sent);
-        self.metrics
-            .received
-            .get_or_create(&labels)
-            .inc_by(received);
+        self.metrics.closed.get_or_create(labels).inc();
+        self.metrics.sent.get_or_create(labels).inc_by(sent);
+        self.metrics.received.get_or_create(labels).inc_by(received);
         let duration = SystemTime::now()
             .duration_since(f.info.started)
             .unwrap_or_default();

@@ -250,7 +250,7 @@ async fn handle(
         _ => None,
     };
     let facts = Facts::of(&route, local.is_some(), dst);
-    let labels = facts.labels(&src);
+    let labels = proxy.label_sets.share(facts.labels(&src));
     let tracked = proxy.conns.track(ConnInfo {
         direction: Direction::Outbound,
         protocol: facts.protocol,
@@ -397,7 +397,7 @@ async fn copy_to_end(
     proxy: Arc<Proxy>,
     mut tcp: TcpStream,
     connected: Result<Upstream, (ResponseFlags, String)>,
-    labels: TcpLabels,
+    labels: Arc<TcpLabels>,
     tracked: Tracked,
     counters: Arc<Counters>,
     peer: SocketAddr,
