@@ -19,6 +19,7 @@ fn config(dir: &Path) -> AgentConfig {
         host_netns: None,
         finder: find::Finder::default(),
         watch: Watch::None,
+        uninstall: Default::default(),
     }
 }
 
