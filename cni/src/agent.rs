@@ -15,11 +15,13 @@
 //! become enrolled and releases those that leave ([`crate::agent::reconcile`]), and
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
+mod deleted;
 mod fenced;
 mod holders;
 pub mod reconcile;
 pub mod shutdown;
 mod snapshot;
+mod startup;
 pub mod watch;
 mod ztunnels;
 
@@ -40,6 +42,10 @@ use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::agent::fenced::FencedPods;
+use crate::agent::startup::{
+    bind_fresh, load_state, lock_state, open_pod_netns, owner_only, private_dir, refuse_node_netns,
+    wait_for_other_agent,
+};
 use crate::agent::ztunnels::Ztunnels;
 use crate::rules::{self, Capture};
 use crate::{find, host, migrate};
@@ -97,6 +103,8 @@ pub enum AgentError {
     /// The node's own netns, never a pod's.
     #[error("netns {0} is the node's own, not a pod's")]
     NodeNetns(String),
+    #[error("netns {netns} is already held by pod {uid}")]
+    NetnsHeld { netns: String, uid: String },
     #[error("netns {path}: {source}")]
     Netns {
         path: String,
@@ -158,6 +166,15 @@ pub enum Request {
     /// Look at the watch now and act on it; answers once done, with the
     /// pods captured then (what the lab waits on after changing labels).
     Sync,
+}
+
+/// Who asks for a capture.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Origin {
+    /// The CNI ADD: the kubelet made the sandbox now.
+    Cni,
+    /// The watch: a running pod became enrolled.
+    Watch,
 }
 
 /// How a pod leaves the mesh.
@@ -223,6 +240,9 @@ pub(crate) struct Agent {
     /// Pods fenced ([`crate::agent::fenced`]); taken after `pods` and
     /// the ztunnels' connections.
     pub(crate) fenced: Mutex<crate::agent::fenced::FencedPods>,
+    /// The uids the CNI DEL tore down a moment ago
+    /// ([`crate::agent::deleted`]).
+    pub(crate) deleted: std::sync::Mutex<deleted::Deleted>,
 }
 
 pub(crate) fn info_of(p: &PodSpec) -> WorkloadInfo {
@@ -277,7 +297,12 @@ impl Agent {
 
     pub(crate) async fn add(&self, spec: PodSpec) -> Result<(), AgentError> {
         let netns = open_pod_netns(&self.cfg, &spec.netns)?;
-        self.add_opened(spec, netns).await
+        self.add_opened(spec, netns, Origin::Cni).await
+    }
+
+    /// The uids the CNI DEL tore down (a poisoned lock is still a list).
+    pub(crate) fn deleted(&self) -> std::sync::MutexGuard<'_, deleted::Deleted> {
+        self.deleted.lock().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Captures a pod whose netns is open: an add for a pod already held
@@ -286,17 +311,39 @@ impl Agent {
         &self,
         mut spec: PodSpec,
         netns: Netns,
+        origin: Origin,
     ) -> Result<(), AgentError> {
         refuse_node_netns(&self.cfg, &spec.netns, &netns)?;
         let _op = self.ops.lock().await;
-        if self
-            .pods
-            .lock()
-            .await
-            .get(&spec.uid)
-            .is_some_and(|p| p.netns.id() == netns.id())
+        match origin {
+            // A new sandbox of the pod: a DEL before it is over.
+            Origin::Cni => self.deleted().remove(&spec.uid),
+            // A DEL between the watch's look and this capture wins.
+            Origin::Watch if self.deleted().holds(&spec.uid, std::time::Instant::now()) => {
+                info!(uid = %spec.uid, "not capturing a pod the CNI DEL tore down");
+                return Ok(());
+            }
+            Origin::Watch => {}
+        }
         {
-            return Ok(());
+            let pods = self.pods.lock().await;
+            if let Some(other) = pods
+                .values()
+                .find(|p| p.spec.uid != spec.uid && p.netns.id() == netns.id())
+            {
+                // One netns is one pod: the watch found it by an address
+                // another pod held before.
+                return Err(AgentError::NetnsHeld {
+                    netns: spec.netns.clone(),
+                    uid: other.spec.uid.clone(),
+                });
+            }
+            match pods.get(&spec.uid) {
+                Some(p) if p.netns.id() == netns.id() => return Ok(()),
+                // The CNI's sandbox is the pod's: the watch never moves it.
+                Some(_) if origin == Origin::Watch => return Ok(()),
+                _ => {}
+            }
         }
         if spec.ips.is_empty() {
             spec.ips = find::addresses(&netns).map_err(|source| AgentError::Netns {
@@ -401,6 +448,9 @@ impl Agent {
 
     pub(crate) async fn del(&self, uid: &str, how: Leave) -> Result<(), AgentError> {
         let _op = self.ops.lock().await;
+        if how == Leave::Delete {
+            self.deleted().insert(uid, std::time::Instant::now());
+        }
         let mut pods = self.pods.lock().await;
         let Some(pod) = pods.remove(uid) else {
             return Ok(()); // already gone: deletes are idempotent
@@ -459,160 +509,6 @@ fn open_host(cfg: &AgentConfig, pods: &BTreeMap<String, Pod>) -> Option<Netns> {
     }
 }
 
-fn bind_fresh(path: &Path) -> std::io::Result<()> {
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    Ok(())
-}
-
-/// The agent's run directory (the ZDS socket's; on the node a hostPath the
-/// ztunnel pods share): created when missing and made 0700, so only root
-/// (the agent, the ztunnels, the CNI plugin) reaches the sockets in it. A
-/// shared sticky directory (/tmp) is left alone with a warning; the
-/// sockets themselves are 0600 wherever they are.
-fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new()
-        .recursive(true)
-        .mode(0o700)
-        .create(dir)?;
-    let mode = std::fs::metadata(dir)?.permissions().mode();
-    if mode & 0o1000 != 0 {
-        warn!(dir = %dir.display(), "the agent's sockets are in a shared directory: give it a directory of its own");
-    } else if mode & 0o077 != 0 {
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-    }
-    Ok(())
-}
-
-/// Makes a socket file reachable by its owner (root) only.
-fn owner_only(path: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-}
-
-/// Opens a pod's netns: never the node's own.
-fn open_pod_netns(cfg: &AgentConfig, path: &str) -> Result<Netns, AgentError> {
-    let netns = Netns::open(path).map_err(|source| AgentError::Netns {
-        path: path.to_string(),
-        source,
-    })?;
-    refuse_node_netns(cfg, path, &netns)?;
-    Ok(netns)
-}
-
-/// Refuses the node's netns (the configured one, the init process's, the
-/// agent's own): whoever asks for it (a compromised ztunnel or plugin, a
-/// tampered state file) would have the agent redirect the node's traffic.
-fn refuse_node_netns(cfg: &AgentConfig, path: &str, netns: &Netns) -> Result<(), AgentError> {
-    let node = cfg
-        .host_netns
-        .iter()
-        .map(String::as_str)
-        .chain(["/proc/1/ns/net", "/proc/self/ns/net"]);
-    for n in node {
-        if Netns::open(n).is_ok_and(|h| h.id() == netns.id()) {
-            warn!(netns = path, node = n, "refused: the node's own netns");
-            return Err(AgentError::NodeNetns(path.to_string()));
-        }
-    }
-    Ok(())
-}
-
-/// Pods from before a restart: their netns re-opened and rules re-applied.
-fn load_state(cfg: &AgentConfig) -> BTreeMap<String, Pod> {
-    let mut pods = BTreeMap::new();
-    if let Ok(text) = std::fs::read_to_string(&cfg.state_file) {
-        let specs: Vec<PodSpec> = serde_json::from_str(&text).unwrap_or_default();
-        for mut spec in specs {
-            match open_pod_netns(cfg, &spec.netns) {
-                Ok(netns) => {
-                    // A state file from before addresses were recorded.
-                    if spec.ips.is_empty() {
-                        spec.ips = find::addresses(&netns).unwrap_or_default();
-                    }
-                    let c = Capture {
-                        dns: cfg.dns,
-                        bypass_inbound: spec.bypass_inbound,
-                    };
-                    let no_orig_src = install_rules(&netns, &spec, c).unwrap_or_else(|e| {
-                        warn!(uid = %spec.uid, error = %e, "re-applying rules failed");
-                        Some(e.to_string())
-                    });
-                    // Pods captured by an agent from before the setting.
-                    if let Err(e) = migrate::enable(&netns) {
-                        warn!(uid = %spec.uid, error = %e, "cannot turn on tcp_migrate_req in the pod");
-                    }
-                    let pod = Pod {
-                        spec,
-                        netns,
-                        no_orig_src,
-                    };
-                    pods.insert(pod.spec.uid.clone(), pod);
-                }
-                Err(e) => {
-                    warn!(uid = %spec.uid, netns = %spec.netns, error = %e, "pod from the state file is gone")
-                }
-            }
-        }
-    }
-    pods
-}
-
-/// Waits while another agent answers on the control socket: never two
-/// agents on a node (the first roll from the agent inside the ztunnel pod,
-/// whose sockets have the same paths; a second agent started by hand).
-async fn wait_for_other_agent(control: &Path) {
-    let mut said = false;
-    while UnixStream::connect(control).await.is_ok() {
-        if !said {
-            warn!(control = %control.display(), "another node agent answers on the control socket; waiting until it is gone");
-            said = true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
-
-/// Takes the state file's lock (`<state file>.lock`, an exclusive
-/// `flock`), held for the agent's life: an agent that another one locks
-/// out (one whose control socket it could not reach: another mount, a hung
-/// process) waits here, and never binds the sockets or writes the state.
-async fn lock_state(state_file: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::fd::AsRawFd;
-    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let path = state_file.with_extension("lock");
-    // The directory private first, then the file, root's alone and never
-    // through a link planted at its path.
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        private_dir(dir)?;
-    }
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(&path)?;
-    file.set_permissions(std::fs::Permissions::from_mode(0o600))?;
-    let mut said = false;
-    loop {
-        // SAFETY: flock(2) on a descriptor this function owns.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0 {
-            return Ok(file);
-        }
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() != Some(libc::EWOULDBLOCK) {
-            return Err(e);
-        }
-        if !said {
-            warn!(lock = %path.display(), "another node agent holds the state file; waiting until it is gone");
-            said = true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
-}
-
 /// Runs the agent until `stop`.
 pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<()> {
     // Another agent's sockets are never unlinked under it, nor its state
@@ -652,6 +548,7 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
         pods: Mutex::new(pods),
         ztunnels: Ztunnels::default(),
         fenced: Mutex::new(fenced),
+        deleted: Default::default(),
     });
     tokio::spawn(agent.clone().fence_loop(stop.clone()));
     if agent.source.is_some() {

@@ -27,8 +27,9 @@ mod state;
 mod surge;
 
 pub use claim::{
-    ALL_IDS, BENCH_IDS, ClaimError, DEFAULT_ID, DEMO_IDS, Keeper, Owner, PEOPLE_IDS, TEST_IDS,
-    claim, claim_free, namespaces_of, owner_of, record, release, sweep, sweep_unheld,
+    ALL_IDS, BENCH_IDS, ClaimError, DEFAULT_ID, DEMO_IDS, Keeper, Owner, PEOPLE_IDS, RECORDS,
+    SWEEP_TEST_ID, TEST_IDS, claim, claim_free, namespaces_of, owner_of, record, release, sweep,
+    sweep_unheld,
 };
 pub use control::{
     LAB_DAEMONSET, LAB_DAEMONSET_NAMESPACE, LAB_ZTUNNEL_EXTRA, MESH_CONFIG, ztunnel_extra_from_env,

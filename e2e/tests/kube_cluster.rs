@@ -534,6 +534,41 @@ fn api_restart(c: &Cluster) {
     );
 }
 
+/// What the node agents logged about their stops and captures (the lab's
+/// container logs), for a failed uninstall's message.
+fn agent_stops(dir: &std::path::Path) -> String {
+    let mut out = String::new();
+    let Ok(logs) = std::fs::read_dir(dir.join("logs")) else {
+        return "(no logs directory)".into();
+    };
+    for entry in logs.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if !name.ends_with("-node-agent.log") {
+            continue;
+        }
+        let text = std::fs::read_to_string(entry.path()).unwrap_or_default();
+        out.push_str(&format!("--- {name}\n"));
+        for line in text.lines().filter(|l| {
+            [
+                "started",
+                "captur",
+                "releas",
+                "left the mesh",
+                "uninstall",
+                "stopping",
+                "probe tables",
+                "WARN",
+            ]
+            .iter()
+            .any(|k| l.contains(k))
+        }) {
+            out.push_str(line);
+            out.push('\n');
+        }
+    }
+    out
+}
+
 fn uninstall(c: &Cluster) {
     c.sh(r#"for ns in $(kubectl get ns -l istio.io/dataplane-mode=ambient -o name | cut -d/ -f2); do
   kubectl label namespace "$ns" istio.io/dataplane-mode- istio.io/use-waypoint-
@@ -584,6 +619,10 @@ kubectl get crd gatewayclasses.gateway.networking.k8s.io >/dev/null 2>&1 \
     );
     // No pod was captured when the agents stopped (their namespaces
     // unenrolled and rolled first): each node's probe tables went with them.
+    eprintln!(
+        "the node agents' captures and stops:\n{}",
+        agent_stops(c.dir())
+    );
     for node in &c.state().state.nodes {
         for family in ["inet", "bridge"] {
             let listed = std::process::Command::new("ip")
@@ -601,8 +640,9 @@ kubectl get crd gatewayclasses.gateway.networking.k8s.io >/dev/null 2>&1 \
                 .unwrap();
             assert!(
                 !listed.status.success(),
-                "{}: the {family} ztunnel-host table was left behind",
-                node.netns
+                "{}: the {family} ztunnel-host table was left behind; the node agents said:\n{}",
+                node.netns,
+                agent_stops(c.dir())
             );
         }
     }

@@ -319,9 +319,11 @@ impl Drop for Sweep {
 
 #[test]
 fn a_crashed_tests_lab_is_swept_and_nobody_elses_is() {
-    use e2e::lab::{Keeper, Owner, claim, claim_free, release};
+    use e2e::lab::{Keeper, Owner, SWEEP_TEST_ID, claim, release};
     let tmp = tempfile::tempdir().unwrap();
-    let ours = claim_free(TEST_IDS, &tmp.path().join("a"), Keeper::Process).unwrap();
+    // An id no other test takes: once the record below names a process
+    // that is gone, any lab taking a free id would sweep it and take it.
+    let ours = claim(SWEEP_TEST_ID, &tmp.path().join("a"), Keeper::Process).unwrap();
     let id = ours.id;
     let _sweep = Sweep(id);
     let ns = |tag: &str| format!("lab{id}-{tag}");
@@ -371,13 +373,21 @@ fn a_crashed_tests_lab_is_swept_and_nobody_elses_is() {
         .parse()
         .unwrap();
     gone.wait().unwrap();
-    release(id, &ours.token);
     let crashed = Owner {
         pid: gone.id(),
         start,
         ..ours.clone()
     };
-    assert!(e2e::lab::record(&crashed).unwrap());
+    // Our record becomes the crashed run's in one rename (released first,
+    // the id would be free for a moment).
+    let record = std::path::Path::new(e2e::lab::RECORDS).join(format!("lab{id}.json"));
+    let aside = record.with_extension("crashed");
+    std::fs::write(&aside, serde_json::to_vec(&crashed).unwrap()).unwrap();
+    std::fs::rename(&aside, &record).unwrap();
+    assert_eq!(
+        e2e::lab::owner_of(id).unwrap().map(|o| o.pid),
+        Some(crashed.pid)
+    );
 
     // The next lab of the id sweeps it.
     drop(Guard(Lab::create(&tmp.path().join("c"), id, 1).unwrap()));

@@ -19,7 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 
 use crate::agent::watch::{View, WatchError};
-use crate::agent::{Agent, AgentError, PodSpec};
+use crate::agent::{Agent, AgentError, Origin, PodSpec};
 use crate::enroll::PodView;
 use crate::find::FindError;
 
@@ -131,7 +131,21 @@ impl Agent {
             .values()
             .map(|p| (p.spec.uid.clone(), p.spec.bypass_inbound))
             .collect();
-        let actions = plan(&view, &held, &crate::default_excluded());
+        let now = std::time::Instant::now();
+        let actions: Vec<Action> = {
+            let mut deleted = self.deleted();
+            deleted.forget(now);
+            plan(&view, &held, &crate::default_excluded())
+                .into_iter()
+                .filter(|a| match a {
+                    Action::Capture(p) if deleted.holds(&p.uid, now) => {
+                        debug!(uid = %p.uid, "enrolled to the watch, but its CNI DEL has passed: not captured");
+                        false
+                    }
+                    _ => true,
+                })
+                .collect()
+        };
         if actions.is_empty() {
             return Ok(());
         }
@@ -165,7 +179,11 @@ impl Agent {
                         continue;
                     }
                 };
-                info!(pod = %key, netns = %path, "running pod enrolled: capturing");
+                let ns_mode = view
+                    .namespaces
+                    .get(&p.namespace)
+                    .and_then(|l| l.get(crate::enroll::DATAPLANE_MODE));
+                info!(pod = %key, netns = %path, ?ns_mode, pod_mode = ?p.labels.get(crate::enroll::DATAPLANE_MODE), "running pod enrolled: capturing");
                 let spec = PodSpec {
                     uid: p.uid.clone(),
                     name: p.name.clone(),
@@ -175,7 +193,7 @@ impl Agent {
                     ips: p.ips.clone(),
                     bypass_inbound: p.bypass_inbound(),
                 };
-                if let Err(source) = self.add_opened(spec, netns).await {
+                if let Err(source) = self.add_opened(spec, netns, Origin::Watch).await {
                     failed.push(PodError::Capture { pod: key, source });
                 }
             }
@@ -339,7 +357,115 @@ mod tests {
             pods: Mutex::new(BTreeMap::new()),
             ztunnels: Default::default(),
             fenced: Mutex::new(Default::default()),
+            deleted: Default::default(),
         }
+    }
+
+    /// A pod the CNI DEL tore down is not captured again from a watch that
+    /// still shows it enrolled and running (behind, or relisting): its
+    /// netns is dying, or its address someone else's by now.
+    #[tokio::test]
+    async fn a_pod_the_cni_deleted_is_not_captured_from_a_watch_behind() {
+        use crate::agent::watch::Source;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
+        let objects = dir.path().join("objects");
+        std::fs::create_dir_all(&objects).expect("objects");
+        std::fs::write(
+            objects.join("shop.yaml"),
+            r#"
+apiVersion: v1
+kind: Namespace
+metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
+---
+apiVersion: v1
+kind: Pod
+metadata: {name: web, namespace: shop, uid: u-1}
+spec: {nodeName: node-1, containers: [{name: web, image: x}]}
+status: {podIP: 10.1.1.5}
+"#,
+        )
+        .expect("write");
+        let a = agent(
+            dir.path(),
+            Some(Source::Dir {
+                node: "node-1".into(),
+                dir: objects,
+            }),
+        );
+        a.del("u-1", crate::agent::Leave::Delete)
+            .await
+            .expect("a delete of a pod not held");
+        let r = a.sync().await;
+        assert!(r.is_ok(), "the deleted pod was looked for: {r:?}");
+    }
+
+    fn spec(uid: &str, netns: &str) -> PodSpec {
+        PodSpec {
+            uid: uid.into(),
+            name: uid.into(),
+            namespace: "shop".into(),
+            service_account: "default".into(),
+            netns: netns.into(),
+            ips: vec!["10.1.1.5".parse().unwrap()],
+            bypass_inbound: false,
+        }
+    }
+
+    /// A fresh netns (the node's own is refused as a pod's): its path, and
+    /// an opener.
+    fn pod_netns() -> (String, impl Fn() -> mesh_core::netns::Netns) {
+        let path = crate::agent::tests::fresh_netns();
+        let at = path.clone();
+        (path, move || {
+            mesh_core::netns::Netns::open(&at).expect("the pod's netns")
+        })
+    }
+
+    /// A DEL landing between the watch's look and the capture wins; a CNI
+    /// ADD of the uid (a new sandbox) ends the hold at once.
+    #[tokio::test]
+    async fn a_del_holds_off_the_watchs_capture_and_an_add_ends_the_hold() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = agent(dir.path(), None);
+        let (path, open) = pod_netns();
+        a.del("u-1", crate::agent::Leave::Delete)
+            .await
+            .expect("del");
+        let r = a
+            .add_opened(spec("u-1", &path), open(), Origin::Watch)
+            .await;
+        assert!(r.is_ok(), "{r:?}");
+        assert!(a.pods.lock().await.is_empty());
+        // The CNI ADD goes ahead (to the ztunnel, absent here).
+        let r = a.add_opened(spec("u-1", &path), open(), Origin::Cni).await;
+        assert!(matches!(r, Err(AgentError::NotConnected)), "{r:?}");
+        assert!(!a.deleted().holds("u-1", std::time::Instant::now()));
+    }
+
+    /// One netns is one pod: the watch finding a held pod's netns by an
+    /// address another pod had does not capture it under the other's name.
+    #[tokio::test]
+    async fn a_netns_held_by_another_pod_is_not_captured_again() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a = agent(dir.path(), None);
+        let (path, open) = pod_netns();
+        a.pods.lock().await.insert(
+            "u-old".into(),
+            crate::agent::Pod {
+                spec: spec("u-old", &path),
+                netns: open(),
+                no_orig_src: None,
+            },
+        );
+        for origin in [Origin::Watch, Origin::Cni] {
+            let r = a.add_opened(spec("u-new", &path), open(), origin).await;
+            assert!(
+                matches!(&r, Err(AgentError::NetnsHeld { uid, .. }) if uid == "u-old"),
+                "{origin:?}: {r:?}"
+            );
+        }
+        assert_eq!(a.pods.lock().await.len(), 1);
     }
 
     /// Why a look at the watch did nothing is a variant the loop branches

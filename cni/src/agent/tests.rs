@@ -56,6 +56,7 @@ pub(super) fn agent(dir: &Path, uids: &[&str]) -> Arc<Agent> {
         pods: Mutex::new(pods),
         ztunnels: Ztunnels::default(),
         fenced: Mutex::new(Default::default()),
+        deleted: Default::default(),
     })
 }
 
@@ -363,6 +364,7 @@ async fn the_nodes_own_netns_is_never_captured() {
         pods: Mutex::new(BTreeMap::new()),
         ztunnels: Ztunnels::default(),
         fenced: Mutex::new(Default::default()),
+        deleted: Default::default(),
     });
     let spec = |netns: &str| PodSpec {
         uid: "evil".into(),

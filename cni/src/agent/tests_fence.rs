@@ -76,7 +76,9 @@ async fn a_pod_that_cannot_be_fenced_is_not_captured() {
         bypass_inbound: false,
     };
     let netns = Netns::open(&path).unwrap();
-    let r = agent.add_opened(spec, netns).await;
+    let r = agent
+        .add_opened(spec, netns, crate::agent::Origin::Cni)
+        .await;
     assert!(r.is_err(), "captured unfenced: {r:?}");
     assert!(!agent.pods.lock().await.contains_key("p1"));
     let check = Netns::open(&path).unwrap();

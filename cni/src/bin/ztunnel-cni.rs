@@ -80,7 +80,8 @@ enum Cmd {
         #[arg(long)]
         netns: String,
     },
-    /// Release a pod (CNI DEL, or the namespace left the mesh).
+    /// Release a pod as the CNI DEL does: all its rules go, and for 90 s
+    /// the watch does not capture it again (an `add` can).
     Del {
         #[arg(long)]
         uid: String,

@@ -33,7 +33,10 @@ pub const DEMO_IDS: RangeInclusive<u8> = 100..=109;
 /// The benchmark takes the first free one of these.
 pub const BENCH_IDS: RangeInclusive<u8> = 110..=119;
 /// The tests take the first free one of these.
-pub const TEST_IDS: RangeInclusive<u8> = 120..=150;
+pub const TEST_IDS: RangeInclusive<u8> = 120..=149;
+/// The test of sweeping a crashed run's lab takes this one alone: its
+/// crashed record is debris any lab taking a free id would sweep and take.
+pub const SWEEP_TEST_ID: u8 = 150;
 
 /// Where the records live (per machine, or per rootless lab: its holder has
 /// a /run of its own).
