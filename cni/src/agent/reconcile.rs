@@ -355,8 +355,9 @@ mod tests {
             reconciling: Mutex::new(()),
             ops: Mutex::new(()),
             pods: Mutex::new(BTreeMap::new()),
+            ztunnels: Default::default(),
+            fenced: Mutex::new(Default::default()),
             deleted: Default::default(),
-            ztunnel: Mutex::new(None),
         }
     }
 
@@ -399,20 +400,26 @@ status: {podIP: 10.1.1.5}
         assert!(r.is_ok(), "the deleted pod was looked for: {r:?}");
     }
 
-    fn spec(uid: &str) -> PodSpec {
+    fn spec(uid: &str, netns: &str) -> PodSpec {
         PodSpec {
             uid: uid.into(),
             name: uid.into(),
             namespace: "shop".into(),
             service_account: "default".into(),
-            netns: "/proc/self/ns/net".into(),
+            netns: netns.into(),
             ips: vec!["10.1.1.5".parse().unwrap()],
             bypass_inbound: false,
         }
     }
 
-    fn own_netns() -> mesh_core::netns::Netns {
-        mesh_core::netns::Netns::open("/proc/self/ns/net").expect("own netns")
+    /// A fresh netns (the node's own is refused as a pod's): its path, and
+    /// an opener.
+    fn pod_netns() -> (String, impl Fn() -> mesh_core::netns::Netns) {
+        let path = crate::agent::tests::fresh_netns();
+        let at = path.clone();
+        (path, move || {
+            mesh_core::netns::Netns::open(&at).expect("the pod's netns")
+        })
     }
 
     /// A DEL landing between the watch's look and the capture wins; a CNI
@@ -421,14 +428,17 @@ status: {podIP: 10.1.1.5}
     async fn a_del_holds_off_the_watchs_capture_and_an_add_ends_the_hold() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = agent(dir.path(), None);
+        let (path, open) = pod_netns();
         a.del("u-1", crate::agent::Leave::Delete)
             .await
             .expect("del");
-        let r = a.add_opened(spec("u-1"), own_netns(), Origin::Watch).await;
+        let r = a
+            .add_opened(spec("u-1", &path), open(), Origin::Watch)
+            .await;
         assert!(r.is_ok(), "{r:?}");
         assert!(a.pods.lock().await.is_empty());
         // The CNI ADD goes ahead (to the ztunnel, absent here).
-        let r = a.add_opened(spec("u-1"), own_netns(), Origin::Cni).await;
+        let r = a.add_opened(spec("u-1", &path), open(), Origin::Cni).await;
         assert!(matches!(r, Err(AgentError::NotConnected)), "{r:?}");
         assert!(!a.deleted().holds("u-1", std::time::Instant::now()));
     }
@@ -439,16 +449,17 @@ status: {podIP: 10.1.1.5}
     async fn a_netns_held_by_another_pod_is_not_captured_again() {
         let dir = tempfile::tempdir().expect("tempdir");
         let a = agent(dir.path(), None);
+        let (path, open) = pod_netns();
         a.pods.lock().await.insert(
             "u-old".into(),
             crate::agent::Pod {
-                spec: spec("u-old"),
-                netns: own_netns(),
+                spec: spec("u-old", &path),
+                netns: open(),
                 no_orig_src: None,
             },
         );
         for origin in [Origin::Watch, Origin::Cni] {
-            let r = a.add_opened(spec("u-new"), own_netns(), origin).await;
+            let r = a.add_opened(spec("u-new", &path), open(), origin).await;
             assert!(
                 matches!(&r, Err(AgentError::NetnsHeld { uid, .. }) if uid == "u-old"),
                 "{origin:?}: {r:?}"
