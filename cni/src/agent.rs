@@ -7,15 +7,24 @@
 //! there yet; removal goes the other way. The agent keeps its pods in a state
 //! file, so a restarted agent re-syncs the ztunnel from the same snapshot.
 //!
+//! Every connected ztunnel gets every request ([`crate::agent::ztunnels`]):
+//! during a roll the new ztunnel and the old one are both connected, and a
+//! pod added or released meanwhile reaches both.
+//!
 //! With a watch ([`crate::agent::watch`]) the agent also captures running pods that
 //! become enrolled and releases those that leave ([`crate::agent::reconcile`]), and
 //! keeps the node's probe SNAT ([`crate::host`]) in step with its pods.
 
 mod admit;
 mod deleted;
+mod fenced;
+mod holders;
 pub mod reconcile;
 pub mod shutdown;
+mod snapshot;
+mod startup;
 pub mod watch;
+mod ztunnels;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -23,18 +32,24 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use mesh_proto::istio::workload::zds::{
-    AddWorkload, DelWorkload, SnapshotSent, WorkloadInfo, workload_request::Payload,
+    AddWorkload, DelWorkload, WorkloadInfo, workload_request::Payload,
 };
 use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::sync::Mutex;
-use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+use tokio_seqpacket::UnixSeqpacketListener;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
+use crate::agent::fenced::FencedPods;
+use crate::agent::startup::{
+    bind_fresh, load_state, lock_state, open_pod_netns, owner_only, private_dir, refuse_node_netns,
+    wait_for_other_agent,
+};
+use crate::agent::ztunnels::Ztunnels;
 use crate::rules::{self, Capture};
-use crate::{find, host};
+use crate::{find, host, migrate};
 use mesh_core::netns::Netns;
 use mesh_core::zds;
 
@@ -70,15 +85,25 @@ pub enum Watch {
     Dir { node: String, dir: PathBuf },
 }
 
-/// How long the ztunnel has to ack one request.
-const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+/// How long the ztunnel has to ack one request (or say hello).
+#[cfg(not(test))]
+pub(crate) const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+#[cfg(test)]
+pub(crate) const ZDS_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Why a pod could not be handed over or released, or the agent not
 /// reached: what the CNI plugin (and through it the kubelet) reports.
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
+    #[error(
+        "pod {uid}: its ports are not a ztunnel's ({why}) and its fence cannot go up: not captured"
+    )]
+    Unfenced { uid: String, why: String },
     #[error("the node's ztunnel is not connected")]
     NotConnected,
+    /// The node's own netns, never a pod's.
+    #[error("netns {0} is the node's own, not a pod's")]
+    NodeNetns(String),
     #[error("netns {netns} is already held by pod {uid}")]
     NetnsHeld { netns: String, uid: String },
     #[error("netns {path}: {source}")]
@@ -212,12 +237,16 @@ pub(crate) struct Agent {
     /// add it cancels would leave the pod captured).
     pub(crate) ops: Mutex<()>,
     pub(crate) pods: Mutex<BTreeMap<String, Pod>>,
-    /// The uids the CNI DEL tore down: never captured from the watch.
+    pub(crate) ztunnels: Ztunnels,
+    /// Pods fenced ([`crate::agent::fenced`]); taken after `pods` and
+    /// the ztunnels' connections.
+    pub(crate) fenced: Mutex<crate::agent::fenced::FencedPods>,
+    /// The uids the CNI DEL tore down a moment ago
+    /// ([`crate::agent::deleted`]).
     pub(crate) deleted: std::sync::Mutex<deleted::Deleted>,
-    ztunnel: Mutex<Option<UnixSeqpacket>>,
 }
 
-fn info_of(p: &PodSpec) -> WorkloadInfo {
+pub(crate) fn info_of(p: &PodSpec) -> WorkloadInfo {
     WorkloadInfo {
         name: p.name.clone(),
         namespace: p.namespace.clone(),
@@ -237,28 +266,10 @@ impl Agent {
         }
     }
 
-    /// Sends one request to the connected ztunnel and waits for its ack.
+    /// Sends one request to the connected ztunnels and waits for their
+    /// acks (the newest one's is the answer).
     async fn to_ztunnel(&self, payload: Payload, netns: Option<&Netns>) -> Result<(), AgentError> {
-        let mut slot = self.ztunnel.lock().await;
-        let Some(sock) = slot.as_ref() else {
-            return Err(AgentError::NotConnected);
-        };
-        let fd = netns.map(|n| n.fd().try_clone_to_owned()).transpose()?;
-        // A ztunnel that stops answering must not hold every CNI call: give
-        // up, and drop the connection (a late ack would pair with the wrong
-        // request otherwise).
-        match tokio::time::timeout(ZDS_TIMEOUT, zds::request(sock, payload, fd.as_ref())).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(zds::ZdsError::Protocol(m))) => Err(AgentError::Refused(m)),
-            Ok(Err(e)) => {
-                *slot = None;
-                Err(AgentError::Lost(e))
-            }
-            Err(_) => {
-                *slot = None;
-                Err(AgentError::Timeout(ZDS_TIMEOUT))
-            }
-        }
+        self.ztunnels.request(payload, netns.map(Netns::fd)).await
     }
 
     fn capture_of(&self, spec: &PodSpec) -> Capture {
@@ -286,10 +297,7 @@ impl Agent {
     }
 
     pub(crate) async fn add(&self, spec: PodSpec) -> Result<(), AgentError> {
-        let netns = Netns::open(&spec.netns).map_err(|source| AgentError::Netns {
-            path: spec.netns.clone(),
-            source,
-        })?;
+        let netns = open_pod_netns(&self.cfg, &spec.netns)?;
         self.add_opened(spec, netns, Origin::Cni).await
     }
 
@@ -306,6 +314,7 @@ impl Agent {
         netns: Netns,
         origin: Origin,
     ) -> Result<(), AgentError> {
+        refuse_node_netns(&self.cfg, &spec.netns, &netns)?;
         let _op = self.ops.lock().await;
         if self.admit(&spec, &netns, origin).await? == admit::Admit::Nothing {
             return Ok(());
@@ -320,7 +329,34 @@ impl Agent {
             uid: spec.uid.clone(),
             workload_info: Some(info_of(&spec)),
         });
+        // Before any listener of its could close (a roll).
+        if let Err(e) = migrate::enable(&netns) {
+            warn!(uid = %spec.uid, error = %e, "cannot turn on tcp_migrate_req in the pod: a ztunnel roll may reset connections queued at its switch");
+        }
         self.to_ztunnel(payload, Some(&netns)).await?;
+        // Whose sockets the redirects would land on: a pod that fails is
+        // fenced before its rules go in.
+        let ours = self.ztunnels.ours().await.unwrap_or_default();
+        let outcome = fenced::check(&spec, &netns, self.cfg.dns, &ours);
+        let mut fence = FencedPods::new();
+        fenced::judge(&spec, &netns, outcome, &mut fence);
+        if let Some(f) = fence.get(&spec.uid).filter(|f| !f.up) {
+            // Neither a ztunnel's ports nor a fence: its rules would hand
+            // its connections to whoever holds them. Not captured.
+            let why = f.why.clone();
+            let _ = self
+                .to_ztunnel(
+                    Payload::Del(DelWorkload {
+                        uid: spec.uid.clone(),
+                    }),
+                    None,
+                )
+                .await;
+            return Err(AgentError::Unfenced {
+                uid: spec.uid.clone(),
+                why,
+            });
+        }
         let no_orig_src = match install_rules(&netns, &spec, self.capture_of(&spec)) {
             Ok(n) => n,
             Err(e) => {
@@ -334,6 +370,9 @@ impl Agent {
                         None,
                     )
                     .await;
+                if !fence.is_empty() {
+                    let _ = crate::fence::lift(&netns);
+                }
                 return Err(e.into());
             }
         };
@@ -345,6 +384,7 @@ impl Agent {
             self.deleted().remove(&spec.uid);
         }
         let ips = spec.ips.clone();
+        let uid = spec.uid.clone();
         // The same pod in a new sandbox: its old addresses leave the set.
         let pod = Pod {
             spec,
@@ -361,6 +401,9 @@ impl Agent {
             self.probe_snat(&pods, &gone, false);
         }
         self.persist(&pods).await;
+        let mut fenced = self.fenced.lock().await;
+        fenced.remove(&uid);
+        fenced.extend(fence);
         Ok(())
     }
 
@@ -407,30 +450,15 @@ impl Agent {
         if let Err(e) = removed {
             warn!(uid, error = %e, "removing the pod's rules failed (its netns may be gone)");
         }
+        // After the redirects went: never a moment with them unfenced.
+        if self.fenced.lock().await.remove(uid).is_some()
+            && let Err(e) = crate::fence::lift(&pod.netns)
+        {
+            warn!(uid, error = %e, "lifting the pod's fence failed (its netns may be gone)");
+        }
         self.probe_snat(&pods, &pod.spec.ips, false);
         info!(uid, "pod released");
         self.persist(&pods).await;
-        Ok(())
-    }
-
-    /// A (re)connected ztunnel gets every pod, then SnapshotSent.
-    async fn snapshot(&self, sock: UnixSeqpacket) -> Result<(), zds::ZdsError> {
-        zds::recv_hello(&sock).await?;
-        let _op = self.ops.lock().await;
-        let pods = self.pods.lock().await;
-        for p in pods.values() {
-            let fd = p.netns.fd().try_clone_to_owned()?;
-            let add = Payload::Add(AddWorkload {
-                uid: p.spec.uid.clone(),
-                workload_info: Some(info_of(&p.spec)),
-            });
-            if let Err(e) = zds::request(&sock, add, Some(&fd)).await {
-                warn!(uid = %p.spec.uid, error = %e, "ztunnel refused a pod in the snapshot");
-            }
-        }
-        zds::request(&sock, Payload::SnapshotSent(SnapshotSent {}), None).await?;
-        info!(pods = pods.len(), "snapshot sent to the ztunnel");
-        *self.ztunnel.lock().await = Some(sock);
         Ok(())
     }
 }
@@ -459,51 +487,30 @@ fn open_host(cfg: &AgentConfig, pods: &BTreeMap<String, Pod>) -> Option<Netns> {
     }
 }
 
-fn bind_fresh(path: &Path) -> std::io::Result<()> {
-    if path.exists() {
-        std::fs::remove_file(path)?;
-    }
-    Ok(())
-}
-
 /// Runs the agent until `stop`.
 pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<()> {
-    // Pods from before a restart: re-open their netns and re-apply rules.
-    let mut pods = BTreeMap::new();
-    if let Ok(text) = std::fs::read_to_string(&cfg.state_file) {
-        let specs: Vec<PodSpec> = serde_json::from_str(&text).unwrap_or_default();
-        for mut spec in specs {
-            match Netns::open(&spec.netns) {
-                Ok(netns) => {
-                    // A state file from before addresses were recorded.
-                    if spec.ips.is_empty() {
-                        spec.ips = find::addresses(&netns).unwrap_or_default();
-                    }
-                    let c = Capture {
-                        dns: cfg.dns,
-                        bypass_inbound: spec.bypass_inbound,
-                    };
-                    let no_orig_src = install_rules(&netns, &spec, c).unwrap_or_else(|e| {
-                        warn!(uid = %spec.uid, error = %e, "re-applying rules failed");
-                        Some(e.to_string())
-                    });
-                    let pod = Pod {
-                        spec,
-                        netns,
-                        no_orig_src,
-                    };
-                    pods.insert(pod.spec.uid.clone(), pod);
-                }
-                Err(e) => {
-                    warn!(uid = %spec.uid, netns = %spec.netns, error = %e, "pod from the state file is gone")
-                }
-            }
-        }
+    // Another agent's sockets are never unlinked under it, nor its state
+    // file written.
+    tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        _ = wait_for_other_agent(&cfg.control_socket) => {}
     }
-    bind_fresh(&cfg.zds_socket)?;
-    bind_fresh(&cfg.control_socket)?;
-    let mut zds_listener = UnixSeqpacketListener::bind(&cfg.zds_socket)?;
+    let _state_lock = tokio::select! {
+        _ = stop.cancelled() => return Ok(()),
+        l = lock_state(&cfg.state_file) => l?,
+    };
+    let pods = load_state(&cfg);
+    let fenced = fenced::left_fenced(&pods);
+    for s in [&cfg.zds_socket, &cfg.control_socket] {
+        if let Some(dir) = s.parent().filter(|d| !d.as_os_str().is_empty()) {
+            private_dir(dir)?;
+        }
+        bind_fresh(s)?;
+    }
+    let zds_listener = UnixSeqpacketListener::bind(&cfg.zds_socket)?;
     let control = UnixListener::bind(&cfg.control_socket)?;
+    owner_only(&cfg.zds_socket)?;
+    owner_only(&cfg.control_socket)?;
     let host = open_host(&cfg, &pods);
     let changed = Arc::new(tokio::sync::Notify::new());
     let source = crate::agent::watch::Source::start(&cfg.watch, changed.clone())
@@ -517,9 +524,11 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
         reconciling: Mutex::new(()),
         ops: Mutex::new(()),
         pods: Mutex::new(pods),
+        ztunnels: Ztunnels::default(),
+        fenced: Mutex::new(fenced),
         deleted: Default::default(),
-        ztunnel: Mutex::new(None),
     });
+    tokio::spawn(agent.clone().fence_loop(stop.clone()));
     if agent.source.is_some() {
         tokio::spawn(agent.clone().watch_loop(changed, stop.clone()));
     }
@@ -529,19 +538,35 @@ pub async fn run(cfg: AgentConfig, stop: CancellationToken) -> std::io::Result<(
     // Which DaemonSet this agent runs under, for the stop to judge by.
     let check = agent.cfg.uninstall.clone();
     let seen = tokio::spawn(async move { crate::uninstalling::observe(&check).await });
+    serve(agent.clone(), zds_listener, control, stop).await;
+    // No add or delete between the count and the removal.
+    let _op = agent.ops.lock().await;
+    let captured = agent.pods.lock().await.len();
+    let seen = match seen.is_finished() {
+        true => seen.await.unwrap_or(crate::uninstalling::Seen::Unknown),
+        false => crate::uninstalling::Seen::Unknown,
+    };
+    shutdown::on_stop(agent.host.as_ref(), &agent.cfg.uninstall, &seen, captured).await;
+    Ok(())
+}
+
+/// The agent's loop: ZDS and control connections until `stop`. Nothing in
+/// it waits on a ztunnel: a ztunnel that hangs holds only the requests
+/// that need it, never the accepts.
+async fn serve(
+    agent: Arc<Agent>,
+    mut zds_listener: UnixSeqpacketListener,
+    control: UnixListener,
+    stop: CancellationToken,
+) {
+    // A ztunnel that ended (the old one of a roll, once drained) is
+    // forgotten within a second, not only at the next request; skipped
+    // while a request holds the connections (it prunes them itself).
+    let mut prune = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
         tokio::select! {
-            _ = stop.cancelled() => {
-                // No add or delete between the count and the removal.
-                let _op = agent.ops.lock().await;
-                let captured = agent.pods.lock().await.len();
-                let seen = match seen.is_finished() {
-                    true => seen.await.unwrap_or(crate::uninstalling::Seen::Unknown),
-                    false => crate::uninstalling::Seen::Unknown,
-                };
-                shutdown::on_stop(agent.host.as_ref(), &agent.cfg.uninstall, &seen, captured).await;
-                return Ok(());
-            }
+            _ = stop.cancelled() => return,
+            _ = prune.tick() => agent.ztunnels.try_prune(),
             c = zds_listener.accept() => match c {
                 Ok(sock) => {
                     let agent = agent.clone();
@@ -587,9 +612,17 @@ async fn serve_control(agent: Arc<Agent>, stream: UnixStream) {
             Ok(Request::List) => {
                 // Whether an add would reach a ztunnel now (taken before the
                 // pods, never both at once: adds hold this lock).
-                let connected = agent.ztunnel.lock().await.is_some();
+                let ztunnels = agent.ztunnels.count().await;
+                let unready = agent.ztunnels.pending().await;
                 let pods = agent.pods.lock().await;
-                serde_json::json!({"ok": true, "ztunnel_connected": connected, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>(), "without_original_source": without_orig_src(&pods)})
+                let fenced: BTreeMap<String, String> = agent
+                    .fenced
+                    .lock()
+                    .await
+                    .iter()
+                    .map(|(u, f)| (u.clone(), f.why.clone()))
+                    .collect();
+                serde_json::json!({"ok": true, "ztunnel_connected": ztunnels > 0, "ztunnels": ztunnels, "unready": unready, "fenced": fenced, "pods": pods.values().map(|p| &p.spec).collect::<Vec<_>>(), "without_original_source": without_orig_src(&pods)})
             }
         };
         if w.write_all(format!("{reply}\n").as_bytes()).await.is_err() {
@@ -620,3 +653,8 @@ pub async fn call(control_socket: &Path, req: &Request) -> Result<serde_json::Va
         None => Ok(v),
     }
 }
+
+#[cfg(test)]
+mod tests;
+#[cfg(test)]
+mod tests_fence;

@@ -149,47 +149,7 @@ impl Scan {
 /// The addresses on a netns's interfaces (loopback and link-local left out:
 /// they are no pod's).
 pub fn addresses(netns: &Netns) -> std::io::Result<Vec<IpAddr>> {
-    netns.run(interface_addresses)?
-}
-
-fn interface_addresses() -> std::io::Result<Vec<IpAddr>> {
-    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
-    // SAFETY: getifaddrs(3) fills `head` with a list we free below.
-    if unsafe { libc::getifaddrs(&mut head) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    let mut out = Vec::new();
-    let mut cur = head;
-    while !cur.is_null() {
-        // SAFETY: `cur` is a node of the list getifaddrs returned; its
-        // `ifa_addr`, when set, points at a sockaddr of the family it names.
-        unsafe {
-            let a = (*cur).ifa_addr;
-            if !a.is_null() {
-                match i32::from((*a).sa_family) {
-                    libc::AF_INET => {
-                        let sin = &*(a as *const libc::sockaddr_in);
-                        out.push(IpAddr::from(
-                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
-                        ));
-                    }
-                    libc::AF_INET6 => {
-                        let sin6 = &*(a as *const libc::sockaddr_in6);
-                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
-                    }
-                    _ => {}
-                }
-            }
-            cur = (*cur).ifa_next;
-        }
-    }
-    // SAFETY: frees the list getifaddrs allocated, once.
-    unsafe { libc::freeifaddrs(head) };
-    out.retain(|a| match a {
-        IpAddr::V4(v) => !v.is_loopback() && !v.is_link_local(),
-        IpAddr::V6(v) => !v.is_loopback() && !v.is_unicast_link_local(),
-    });
-    Ok(out)
+    netns.addresses()
 }
 
 /// The defaults on a node: its /proc and the runtime's pinned netns.

@@ -14,9 +14,11 @@
 
 pub mod agent;
 pub mod enroll;
+pub mod fence;
 pub mod find;
 pub mod host;
 pub mod install;
+pub mod migrate;
 pub mod orig_src;
 pub mod rules;
 pub mod uninstalling;

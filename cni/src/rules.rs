@@ -67,22 +67,31 @@ pub fn ruleset(c: Capture, orig_src: bool) -> String {
     } else {
         String::new()
     };
-    let (inbound, input) = if c.bypass_inbound {
+    let (inbound, from_link_local) = if c.bypass_inbound {
         (String::new(), String::new())
     } else {
         (
             format!("    {OPENING} redirect to :{INBOUND_PLAINTEXT_PORT}\n"),
             format!(
-                "  chain input {{
-    type filter hook input priority filter; policy accept;
-    iifname \"lo\" accept
-    ip6 saddr fe80::/10 {OPENING} drop
+                "    ip6 saddr fe80::/10 {OPENING} drop
     ip saddr 169.254.0.0/16 ip saddr != {PROBE_SOURCE} {OPENING} drop
-  }}
 "
             ),
         )
     };
+    // No ztunnel listener is bound at a link-local address (HBONE is not
+    // redirected, and a prerouting REDIRECT lands on one when the pod has
+    // no other address of that family): an opening to one is dropped,
+    // never left to whatever a process of the pod binds there.
+    let input = format!(
+        "  chain input {{
+    type filter hook input priority filter; policy accept;
+    iifname \"lo\" accept
+    ip6 daddr fe80::/10 {OPENING} drop
+    ip daddr 169.254.0.0/16 {OPENING} drop
+{from_link_local}  }}
+"
+    );
     let orig_src = if orig_src {
         crate::orig_src::chains()
     } else {
@@ -120,6 +129,11 @@ pub enum RulesError {
 /// Runs `nft -f -` with `script` inside `netns`.
 pub(crate) fn nft(netns: &Netns, script: &str) -> Result<(), RulesError> {
     run_in(netns, "nft", &["-f", "-"], script).map(drop)
+}
+
+/// Runs `nft -f -` with `script` inside `netns`; what it printed.
+pub(crate) fn nft_output(netns: &Netns, script: &str) -> Result<String, RulesError> {
+    run_in(netns, "nft", &["-f", "-"], script)
 }
 
 /// Runs `program args` inside `netns` with `script` on its stdin; its
@@ -324,6 +338,36 @@ mod tests {
             .filter(|l| l.contains("tcp") && l.contains("redirect"))
         {
             assert!(l.contains("tcp flags & (syn | ack) == syn"), "{l}");
+        }
+    }
+
+    /// A connection redirected to one of the pod's link-local addresses
+    /// (the prerouting REDIRECT's target when the pod has no other IPv6
+    /// address) would find no ztunnel listener there, only whatever a
+    /// process of the pod bound: the pod drops its SYN. Failed first: no
+    /// such rule.
+    #[test]
+    fn openings_to_a_link_local_address_are_dropped_in_the_pod() {
+        // HBONE is not redirected: an opening to a link-local address's
+        // 15008 would stay there, with inbound capture bypassed too.
+        for bypass_inbound in [false, true] {
+            let r = ruleset(
+                Capture {
+                    dns: false,
+                    bypass_inbound,
+                },
+                true,
+            );
+            let input = r.find("hook input").expect("an input chain");
+            let chain = &r[input..];
+            let lo = chain.find("iifname \"lo\" accept").expect("loopback kept");
+            for rule in [
+                "ip6 daddr fe80::/10 tcp flags & (syn | ack) == syn drop",
+                "ip daddr 169.254.0.0/16 tcp flags & (syn | ack) == syn drop",
+            ] {
+                let drop = chain.find(rule).expect(rule);
+                assert!(lo < drop, "{r}");
+            }
         }
     }
 

@@ -223,6 +223,9 @@ pub struct Metrics {
     /// Inbound dials made from the pod's own address although the
     /// app should have seen its client's (see the ztunnel's `orig_src`).
     pub original_source_fallbacks: Family<FallbackLabels, Counter>,
+    /// Pods a ztunnel acked whose listeners it could not bind since (a
+    /// deferred bind that failed): served by nothing of its own.
+    pub pods_unserved: Gauge,
 }
 
 /// Why a dial did not use the client's address.
@@ -256,6 +259,7 @@ impl Default for Metrics {
         let active_connections = Gauge::default();
         let hbone_pool_connections = Gauge::default();
         let original_source_fallbacks = Family::<FallbackLabels, Counter>::default();
+        let pods_unserved = Gauge::default();
         registry.register(
             "istio_tcp_connections_opened",
             "TCP connections opened",
@@ -291,6 +295,11 @@ impl Default for Metrics {
             "Inbound dials from the pod's own address instead of the client's",
             original_source_fallbacks.clone(),
         );
+        registry.register(
+            "ztunnel_pods_unserved",
+            "Captured pods whose listeners this ztunnel could not bind (retried)",
+            pods_unserved.clone(),
+        );
         Metrics {
             registry,
             opened,
@@ -300,6 +309,7 @@ impl Default for Metrics {
             active_connections,
             hbone_pool_connections,
             original_source_fallbacks,
+            pods_unserved,
         }
     }
 }

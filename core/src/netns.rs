@@ -9,6 +9,7 @@
 
 use std::fs::File;
 use std::io;
+use std::net::IpAddr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::sync::OnceLock;
 
@@ -67,6 +68,12 @@ impl Netns {
 
     pub fn fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The addresses on the netns's interfaces, loopback and link-local
+    /// left out (they are no pod's).
+    pub fn addresses(&self) -> io::Result<Vec<IpAddr>> {
+        self.run(interface_addresses)?
     }
 
     /// Runs `f` with the calling thread inside this netns, then returns the
@@ -145,9 +152,89 @@ impl NetnsRegistry {
     }
 }
 
+fn interface_addresses() -> io::Result<Vec<IpAddr>> {
+    let mut head: *mut libc::ifaddrs = std::ptr::null_mut();
+    // SAFETY: getifaddrs(3) fills `head` with a list we free below.
+    if unsafe { libc::getifaddrs(&mut head) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut out = Vec::new();
+    let mut cur = head;
+    while !cur.is_null() {
+        // SAFETY: `cur` is a node of the list getifaddrs returned; its
+        // `ifa_addr`, when set, points at a sockaddr of the family it names.
+        unsafe {
+            let a = (*cur).ifa_addr;
+            if !a.is_null() {
+                match i32::from((*a).sa_family) {
+                    libc::AF_INET => {
+                        let sin = &*(a as *const libc::sockaddr_in);
+                        out.push(IpAddr::from(
+                            u32::from_be(sin.sin_addr.s_addr).to_be_bytes(),
+                        ));
+                    }
+                    libc::AF_INET6 => {
+                        let sin6 = &*(a as *const libc::sockaddr_in6);
+                        out.push(IpAddr::from(sin6.sin6_addr.s6_addr));
+                    }
+                    _ => {}
+                }
+            }
+            cur = (*cur).ifa_next;
+        }
+    }
+    // SAFETY: frees the list getifaddrs allocated, once.
+    unsafe { libc::freeifaddrs(head) };
+    // The calling thread's netns (it runs inside the pod's); unreadable
+    // (no IPv6) is none failed.
+    let failed = std::fs::read_to_string("/proc/thread-self/net/if_inet6")
+        .map(|t| dad_failed(&t))
+        .unwrap_or_default();
+    out.retain(|a| match a {
+        IpAddr::V6(v) if failed.contains(v) => false,
+        IpAddr::V4(v) => !v.is_loopback() && !v.is_link_local(),
+        IpAddr::V6(v) => !v.is_loopback() && !v.is_unicast_link_local(),
+    });
+    Ok(out)
+}
+
+/// The IPv6 addresses of `/proc/net/if_inet6` whose duplicate address
+/// detection failed (IFA_F_DADFAILED): never usable, so no listener is
+/// bound there. A tentative one (DAD still running) is kept: it becomes
+/// usable within a few seconds, and a bind that fails meanwhile is tried
+/// again (or the pod's capture is).
+fn dad_failed(if_inet6: &str) -> Vec<std::net::Ipv6Addr> {
+    const IFA_F_DADFAILED: u32 = 0x08;
+    if_inet6
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            let flags = u32::from_str_radix(f.get(4)?, 16).ok()?;
+            if flags & IFA_F_DADFAILED == 0 {
+                return None;
+            }
+            u128::from_str_radix(f.first()?, 16)
+                .ok()
+                .map(std::net::Ipv6Addr::from)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An IPv6 address whose DAD failed is no pod's (a bind there fails
+    /// forever); one still tentative, or usable, is.
+    #[test]
+    fn an_address_that_failed_dad_is_left_out() {
+        let t = "fd000000000000000000000000000005 02 40 00 c8 eth0
+fd000000000000000000000000000006 02 40 00 c0 eth0
+fd000000000000000000000000000007 02 40 00 80 eth0
+";
+        let failed = dad_failed(t);
+        assert_eq!(failed, ["fd00::5".parse::<std::net::Ipv6Addr>().unwrap()]);
+    }
     use std::sync::Arc;
 
     /// A pod recreated under the same name keeps its own entry when the

@@ -153,7 +153,8 @@ impl Shards {
     /// Binds `addr` once per shard (inside `netns` when given) and serves
     /// each listener on its shard with `serve`; returns the bound address
     /// (port 0 picks one port for all shards). All binds happen before
-    /// anything is served, so a port in use fails the whole set.
+    /// anything is served, so a port in use fails the whole set (a port of
+    /// a SO_REUSEPORT set is in use only to a socket without the option).
     pub fn serve_each<F, Fut>(
         &self,
         addr: SocketAddr,
@@ -164,7 +165,9 @@ impl Shards {
         F: Fn(tokio::net::TcpListener) -> Fut + Send + Sync + 'static,
         Fut: Future<Output = ()> + Send + 'static,
     {
-        let shared = self.len() > 1;
+        // A pod's listeners are always of a SO_REUSEPORT set: the next
+        // ztunnel of a roll binds beside them before this one closes them.
+        let shared = self.len() > 1 || netns.is_some();
         let bind = |addr| {
             let b = || bind(addr, shared);
             match netns {

@@ -12,6 +12,9 @@ use mesh_proto::istio::workload::zds::{
 };
 use prost::Message;
 use tokio_seqpacket::UnixSeqpacket;
+
+/// A ZDS connection.
+pub type Socket = UnixSeqpacket;
 use tokio_seqpacket::ancillary::{AncillaryMessageWriter, OwnedAncillaryMessage};
 
 /// Largest ZDS datagram we accept.
@@ -127,6 +130,15 @@ pub async fn send_ack(sock: &UnixSeqpacket, error: Option<String>) -> Result<(),
 pub async fn recv_hello(sock: &UnixSeqpacket) -> Result<ZdsHello, ZdsError> {
     let (bytes, _) = recv_raw(sock).await?;
     Ok(ZdsHello::decode(bytes.as_slice())?)
+}
+
+/// Agent side: whether the ztunnel hung up, looked at without waiting.
+/// Between requests a ztunnel sends nothing, so anything readable then is
+/// its end of the session (or a message out of turn, which ends it too).
+pub fn hung_up(sock: &UnixSeqpacket) -> bool {
+    let mut buf = [0u8; 1];
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    !sock.poll_peek(&mut cx, &mut buf).is_pending()
 }
 
 /// Agent side: send one request (with the pod's netns for an Add) and wait

@@ -24,6 +24,7 @@ mod pods;
 mod process;
 mod services;
 mod state;
+mod surge;
 
 pub use claim::{
     ALL_IDS, BENCH_IDS, ClaimError, DEFAULT_ID, DEMO_IDS, Keeper, Owner, PEOPLE_IDS, RECORDS,
@@ -44,6 +45,7 @@ pub use state::{
     KubeState, Lab, LabState, NodeState, PodState, ProcState, ServiceState, ipv6_twin,
     ipv6_twin_net,
 };
+pub use surge::SURGE_PORT_OFFSET;
 
 #[cfg(doc)]
 use crate::mesh::binary;

@@ -1,5 +1,5 @@
 //! Live enrollment through a real Kubernetes API server (`just
-//! test-cluster`): the node agent watches as the `ztunnel` ServiceAccount,
+//! test-cluster`): the node agent watches as the `node-agent` ServiceAccount,
 //! with exactly the RBAC of `manifests/install/rbac.yaml`, and captures and
 //! releases a running pod of its node as labels change. Not part of `cargo
 //! test`'s work unless `MESH_CLUSTER_TEST=1` (the recipe sets it, with
@@ -108,7 +108,7 @@ async fn the_agent_follows_labels_on_a_real_api_server() {
         namespace: ns.clone(),
     };
 
-    // The agent's identity: the ztunnel ServiceAccount, the install's RBAC.
+    // The agent's identity: the node-agent ServiceAccount, the install's RBAC.
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
     apply(
         &admin,
@@ -124,7 +124,7 @@ async fn the_agent_follows_labels_on_a_real_api_server() {
     );
     let token = kubectl(
         &admin,
-        &["-n", "istio-system", "create", "token", "ztunnel"],
+        &["-n", "istio-system", "create", "token", "node-agent"],
     );
     let sa = dir.path().join("sa.kubeconfig");
     std::fs::copy(&admin, &sa).unwrap();
@@ -133,13 +133,13 @@ async fn the_agent_follows_labels_on_a_real_api_server() {
         &[
             "config",
             "set-credentials",
-            "ztunnel",
+            "node-agent",
             &format!("--token={}", token.trim()),
         ],
     );
     kubectl(
         &sa,
-        &["config", "set-context", "--current", "--user=ztunnel"],
+        &["config", "set-context", "--current", "--user=node-agent"],
     );
 
     // The pod's netns, holding its IP; another pod's, on another node.

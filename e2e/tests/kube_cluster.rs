@@ -120,6 +120,8 @@ fn the_lab_is_the_kubelet_of_a_real_cluster() {
     waypoint(&c);
     stage("certificates re-issued on a ztunnel rollout");
     certificates(&c);
+    stage("the node agent rolls in place");
+    node_agent_roll(&c);
     stage("controller failover");
     failover(&c);
     stage("a CRD deleted while running");
@@ -143,6 +145,7 @@ fn install(c: &Cluster) {
         "kubectl get crd gateways.gateway.networking.k8s.io >/dev/null 2>&1 \\\n  || kubectl apply -k manifests/gateway-api\n\
          kubectl apply -k manifests/\n\
          kubectl -n istio-system rollout status deployment/istiod-lite --timeout=90s\n\
+         kubectl -n istio-system rollout status daemonset/node-agent --timeout=90s\n\
          kubectl -n istio-system rollout status daemonset/ztunnel --timeout=90s",
     );
     assert!(out.contains("successfully rolled out"), "{out}");
@@ -152,7 +155,7 @@ fn install(c: &Cluster) {
         "-n",
         "istio-system",
         "logs",
-        "daemonset/ztunnel",
+        "daemonset/node-agent",
         "-c",
         "install-cni",
     ]);
@@ -190,7 +193,7 @@ fn enroll(c: &Cluster) {
     });
     // Every shop pod was handed to its node's agent by the CNI plugin.
     let agents: String = c
-        .pods("istio-system", "ztunnel-")
+        .pods("istio-system", "node-agent-")
         .iter()
         .map(|z| c.log(z, "node-agent"))
         .collect();
@@ -344,6 +347,69 @@ fn certificates(c: &Cluster) {
             && after.iter().all(|s| !before.contains(s))
     });
     eprintln!("serials before {before:?}, after {:?}", serials(c));
+}
+
+/// The node agent's own roll (maxUnavailable, no surge): never two agents
+/// on a node, and the pods stay captured and served (no ztunnel releases
+/// one; traffic passes after, through the same ztunnels).
+fn node_agent_roll(c: &Cluster) {
+    let before: Vec<String> = c
+        .pods("istio-system", "node-agent-")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    let ztunnels = c.pods("istio-system", "ztunnel-");
+    let released = |c: &Cluster| -> usize {
+        ztunnels
+            .iter()
+            .map(|z| c.log(z, "ztunnel").matches("pod released").count())
+            .sum()
+    };
+    let released_before = released(c);
+    let most_on_a_node = std::sync::atomic::AtomicUsize::new(0);
+    let done = std::sync::atomic::AtomicBool::new(false);
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(std::sync::atomic::Ordering::SeqCst) {
+                let agents = c.pods("istio-system", "node-agent-");
+                for node in ["node-1", "node-2"] {
+                    let n = agents.iter().filter(|p| p.node == node).count();
+                    most_on_a_node.fetch_max(n, std::sync::atomic::Ordering::SeqCst);
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        c.sh(
+            "kubectl -n istio-system rollout restart daemonset/node-agent\n\
+              kubectl -n istio-system rollout status daemonset/node-agent --timeout=120s",
+        );
+        done.store(true, std::sync::atomic::Ordering::SeqCst);
+    });
+    assert_eq!(
+        most_on_a_node.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "two node agents on a node during their roll"
+    );
+    eventually("the old node agents gone", 30, || {
+        let now = c.pods("istio-system", "node-agent-");
+        now.len() == 2 && now.iter().all(|p| !before.contains(&p.name))
+    });
+    let client = c.pod("shop", "client-", None).expect("the client");
+    eventually("traffic after the node agents' roll", 30, || {
+        c.get(&client, "http://server/", &[])
+            .is_some_and(|a| a.contains("200"))
+    });
+    assert_eq!(released(c), released_before, "a pod was released");
+    // The same ztunnels, each re-synced by its new agent.
+    let same: Vec<String> = c
+        .pods("istio-system", "ztunnel-")
+        .into_iter()
+        .map(|p| p.name)
+        .collect();
+    assert_eq!(
+        same,
+        ztunnels.iter().map(|p| p.name.clone()).collect::<Vec<_>>()
+    );
 }
 
 fn lease_holder(c: &Cluster) -> String {
@@ -513,8 +579,8 @@ fn uninstall(c: &Cluster) {
 done
 kubectl get gateways.gateway.networking.k8s.io -A -o jsonpath='{range .items[?(@.spec.gatewayClassName=="istio-waypoint")]}{.metadata.namespace} {.metadata.name}{"\n"}{end}' \
   | while read -r ns name; do kubectl -n "$ns" delete gateway.gateway.networking.k8s.io "$name"; done
-kubectl -n istio-system delete daemonset ztunnel --cascade=foreground
-kubectl -n istio-system wait --for=delete pod -l app=ztunnel --timeout=120s
+kubectl -n istio-system delete daemonset node-agent --cascade=foreground
+kubectl -n istio-system wait --for=delete pod -l app=node-agent --timeout=120s
 kubectl delete -k manifests/ --ignore-not-found
 kubectl wait --for=delete namespace/istio-system --timeout=120s
 kubectl delete configmap -A -l app.kubernetes.io/managed-by=istiod-lite
@@ -527,7 +593,7 @@ kubectl get crd gatewayclasses.gateway.networking.k8s.io >/dev/null 2>&1 \
     });
     let leftovers = c.sh(
         "kubectl get crd -o name | grep -E 'istio.io|mesh.dev' || true\n\
-         kubectl get clusterrole,clusterrolebinding -o name | grep -E 'istiod-lite|ztunnel' || true\n\
+         kubectl get clusterrole,clusterrolebinding -o name | grep -E 'istiod-lite|ztunnel|node-agent' || true\n\
          kubectl get all,configmap,serviceaccount -A -o name -l gateway.networking.k8s.io/gateway-name || true\n\
          kubectl get configmap -A -o name --field-selector metadata.name=istio-ca-root-cert || true\n\
          kubectl get gatewayclass -o name || true\n\

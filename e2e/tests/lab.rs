@@ -275,7 +275,14 @@ async fn the_mesh_rides_out_controller_and_ztunnel_restarts() {
     .await;
     let log = std::fs::read_to_string(dir.path().join("logs/node-2-ztunnel.log")).unwrap();
     // The node agent restarts: it reloads its pods, the ztunnel re-syncs from
-    // its snapshot, and traffic is unaffected.
+    // its snapshot, and traffic is unaffected, a connection open across the
+    // restart included (neither the pods' rules nor their listeners change).
+    let sock = client_ns
+        .run(tokio::net::TcpSocket::new_v4)
+        .unwrap()
+        .unwrap();
+    let mut across = sock.connect(to.parse().unwrap()).await.unwrap();
+    echo_on(&mut across, b"before-agent-restart").await.unwrap();
     g.0.stop("node-2-cni", false).unwrap();
     g.0.restart("node-2-cni").unwrap();
     eventually(
@@ -291,6 +298,7 @@ async fn the_mesh_rides_out_controller_and_ztunnel_restarts() {
     )
     .await;
     assert!(send(&g.0, "shop/client-0", &to, "after-agent-restart").is_some());
+    echo_on(&mut across, b"across-agent-restart").await.unwrap();
 
     // The restarted ztunnel got its pod from the agent's snapshot.
     assert!(log.contains("ZDS snapshot reconciled pods=1"), "{log}");

@@ -66,6 +66,9 @@ impl Readiness for Ready {
         {
             return Err(NotReady::NoPodSnapshot);
         }
+        // A pod whose listeners cannot be bound is that pod's failure
+        // (logged, `ztunnel_pods_unserved`; the node agent fences it), never
+        // the ztunnel's: its other pods stay served and the roll goes on.
         if !self.proxy.state.has_config() {
             return Err(NotReady::NoConfig);
         }
@@ -114,7 +117,12 @@ pub struct App {
     pub metrics_addr: std::net::SocketAddr,
     pub readiness_addr: std::net::SocketAddr,
     stop_admin: CancellationToken,
+    inpod: Option<Arc<InPod>>,
 }
+
+/// How long a draining ztunnel waits for the node agent's ack of its
+/// notice before it closes the pods' listeners all the same.
+const DRAIN_ACK_WAIT: Duration = Duration::from_secs(5);
 
 fn load_state(cfg: &Config, state: &ProxyState) -> Result<(), AppError> {
     let Some(path) = &cfg.state.local_file else {
@@ -270,12 +278,18 @@ impl App {
             metrics_addr,
             readiness_addr,
             stop_admin,
+            inpod,
         })
     }
 
     /// Stops accepting, drains open connections up to the configured
     /// deadline, closes the rest.
     pub async fn shutdown(self) {
+        // The node agent first: it fences the pods if no other ztunnel
+        // serves them, before their listeners close.
+        if let Some(p) = &self.inpod {
+            p.announce_drain(DRAIN_ACK_WAIT).await;
+        }
         self.proxy.drain(self.proxy.cfg.drain_timeout).await;
         self.stop_admin.cancel();
     }

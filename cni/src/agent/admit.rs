@@ -86,6 +86,12 @@ impl Agent {
         }
         let mut pods = self.pods.lock().await;
         if let Some(old) = pods.remove(uid) {
+            // Its fence is the add's to decide anew.
+            if self.fenced.lock().await.remove(uid).is_some()
+                && let Err(e) = crate::fence::lift(&old.netns)
+            {
+                warn!(uid, error = %e, "lifting the stale pod's fence failed");
+            }
             self.probe_snat(&pods, &old.spec.ips, false);
         }
         self.persist(&pods).await;

@@ -359,8 +359,9 @@ mod tests {
             reconciling: Mutex::new(()),
             ops: Mutex::new(()),
             pods: Mutex::new(BTreeMap::new()),
+            ztunnels: Default::default(),
+            fenced: Mutex::new(Default::default()),
             deleted: Default::default(),
-            ztunnel: Mutex::new(None),
         }
     }
 
@@ -415,22 +416,10 @@ status: {podIP: 10.1.1.5}
         }
     }
 
-    /// A fresh netns held by a parked thread: its path, and an opener.
+    /// A fresh netns (the node's own is refused as a pod's): its path, and
+    /// an opener.
     fn pod_netns() -> (String, impl Fn() -> mesh_core::netns::Netns) {
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            // SAFETY: moves this thread alone into a new netns.
-            let r = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-            // SAFETY: no preconditions.
-            let tid = unsafe { libc::gettid() };
-            tx.send((r, tid)).expect("the test waits");
-            loop {
-                std::thread::park();
-            }
-        });
-        let (r, tid) = rx.recv().expect("the thread answers");
-        assert_eq!(r, 0, "unshare (not root?)");
-        let path = format!("/proc/{}/task/{tid}/ns/net", std::process::id());
+        let path = crate::agent::tests::fresh_netns();
         let at = path.clone();
         (path, move || {
             mesh_core::netns::Netns::open(&at).expect("the pod's netns")

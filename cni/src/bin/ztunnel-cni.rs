@@ -29,7 +29,9 @@ struct Args {
 enum Cmd {
     /// Run the agent.
     Serve {
-        #[arg(long, default_value = "/var/run/ztunnel/ztunnel.sock")]
+        /// In a directory of its own (the ztunnels mount it read only), apart
+        /// from the control socket and the state file.
+        #[arg(long, default_value = "/var/run/ztunnel/zds/ztunnel.sock")]
         zds_socket: PathBuf,
         #[arg(long, default_value = "/var/run/ztunnel/cni-pods.json")]
         state_file: PathBuf,

@@ -1,4 +1,4 @@
-//! `mesh-cni install`: the ztunnel DaemonSet's `install-cni` container.
+//! `mesh-cni install`: the node agent DaemonSet's `install-cni` container.
 //!
 //! It puts the plugin on the node and keeps it there: the binary in the
 //! host's CNI bin dir, a kubeconfig for it (rewritten as the projected
@@ -83,7 +83,7 @@ pub struct Args {
     #[arg(long, default_value = "/var/run/secrets/kubernetes.io/serviceaccount")]
     pub sa_dir: PathBuf,
     /// The DaemonSet whose deletion means uninstall.
-    #[arg(long, default_value = "ztunnel")]
+    #[arg(long, default_value = "node-agent")]
     pub daemonset: String,
     /// The DaemonSet's namespace.
     #[arg(long, env = "POD_NAMESPACE", default_value = "istio-system")]
@@ -399,6 +399,7 @@ mod tests {
             PathBuf::from("/etc/cni/net.d/mesh-cni-kubeconfig")
         );
         assert_eq!(cfg.entry().exclude_namespaces, crate::default_excluded());
+        assert_eq!(cfg.daemonset, "node-agent");
         let args = Args::try_parse_from([
             "install",
             "--kube-host=10.96.0.1",

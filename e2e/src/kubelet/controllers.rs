@@ -449,9 +449,23 @@ async fn daemon_sets(client: &Client, nodes: &[String], pods: &[Pod]) -> Result<
             updated += on.iter().filter(|p| current(p)).count();
             all_settled &= on.iter().all(|p| is_ready(p));
         }
-        // A new template replaces one node's pod at a time (maxUnavailable: 1).
-        if all_settled && let Some(old) = by_node.values().flatten().find(|p| !current(p)) {
-            delete_quietly(&api, &old.name_any()).await?;
+        // A new template replaces one node's pod at a time: with a surge,
+        // the new pod first, the old one deleted once the new one is ready;
+        // without, the old one first (maxUnavailable: 1).
+        if all_settled {
+            match next_replacement(&by_node, surges(ds), current) {
+                Some(Replace::Create(node)) => {
+                    let pod = pod_from_template(
+                        &template,
+                        &format!("{name}-{}", suffix()),
+                        owner_ref(ds),
+                        Some(node),
+                    );
+                    create_quietly(&api, &pod).await?;
+                }
+                Some(Replace::Delete(old)) => delete_quietly(&api, &old).await?,
+                None => {}
+            }
         }
         let status = json!({"status": {
             "desiredNumberScheduled": nodes.len(), "currentNumberScheduled": by_node.len().min(nodes.len()),
@@ -466,4 +480,95 @@ async fn daemon_sets(client: &Client, nodes: &[String], pods: &[Pod]) -> Result<
         .await?;
     }
     Ok(())
+}
+
+/// Whether a DaemonSet rolls with a surge (`maxSurge` set and not zero).
+fn surges(ds: &DaemonSet) -> bool {
+    use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+    let surge = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.update_strategy.as_ref())
+        .and_then(|u| u.rolling_update.as_ref())
+        .and_then(|r| r.max_surge.as_ref());
+    match surge {
+        Some(IntOrString::Int(n)) => *n > 0,
+        Some(IntOrString::String(p)) => p.trim_end_matches('%').parse::<u32>().is_ok_and(|n| n > 0),
+        None => false,
+    }
+}
+
+/// The next step of a rolling update, every pod being ready.
+enum Replace<'a> {
+    /// A new pod on this node, beside its old one (surge).
+    Create(&'a str),
+    /// This old pod goes.
+    Delete(String),
+}
+
+fn next_replacement<'a>(
+    by_node: &BTreeMap<&'a str, Vec<&Pod>>,
+    surge: bool,
+    current: impl Fn(&Pod) -> bool,
+) -> Option<Replace<'a>> {
+    if !surge {
+        let old = by_node.values().flatten().find(|p| !current(p))?;
+        return Some(Replace::Delete(old.name_any()));
+    }
+    // A node with both goes first (its new pod is ready: all are).
+    for on in by_node.values() {
+        if let (Some(old), true) = (
+            on.iter().find(|p| !current(p)),
+            on.iter().any(|p| current(p)),
+        ) {
+            return Some(Replace::Delete(old.name_any()));
+        }
+    }
+    by_node
+        .iter()
+        .find(|(_, on)| on.iter().any(|p| !current(p)))
+        .map(|(node, _)| Replace::Create(node))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pod(name: &str, hash: &str) -> Pod {
+        serde_json::from_value(
+            json!({"metadata": {"name": name, "labels": {"controller-revision-hash": hash}}}),
+        )
+        .unwrap()
+    }
+
+    fn step(by_node: &BTreeMap<&str, Vec<&Pod>>, surge: bool) -> Option<String> {
+        let current = |p: &Pod| {
+            p.labels()
+                .get("controller-revision-hash")
+                .map(String::as_str)
+                == Some("new")
+        };
+        next_replacement(by_node, surge, current).map(|r| match r {
+            Replace::Create(n) => format!("create on {n}"),
+            Replace::Delete(p) => format!("delete {p}"),
+        })
+    }
+
+    #[test]
+    fn a_surge_creates_the_new_pod_before_deleting_the_old_one() {
+        let (a_old, a_new, b_old) = (
+            pod("a-old", "old"),
+            pod("a-new", "new"),
+            pod("b-old", "old"),
+        );
+        let start = BTreeMap::from([("a", vec![&a_old]), ("b", vec![&b_old])]);
+        assert_eq!(step(&start, true).as_deref(), Some("create on a"));
+        assert_eq!(step(&start, false).as_deref(), Some("delete a-old"));
+        let both = BTreeMap::from([("a", vec![&a_old, &a_new]), ("b", vec![&b_old])]);
+        assert_eq!(step(&both, true).as_deref(), Some("delete a-old"));
+        let next = BTreeMap::from([("a", vec![&a_new]), ("b", vec![&b_old])]);
+        assert_eq!(step(&next, true).as_deref(), Some("create on b"));
+        let done = BTreeMap::from([("a", vec![&a_new])]);
+        assert_eq!(step(&done, true), None);
+    }
 }

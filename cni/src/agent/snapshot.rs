@@ -1,0 +1,249 @@
+//! A ztunnel that connects gets every pod the agent holds, then
+//! SnapshotSent, on which it reconciles and becomes ready. SnapshotSent
+//! waits until it has acked every pod of the snapshot: a pod it refused is
+//! sent again with backoff (and reported each time), so a new ztunnel of a
+//! roll is never ready, and the old one never told to go, while it refuses
+//! a pod. An acked pod's ports are then checked ([`super::holders`]): one
+//! that fails is fenced ([`super::fenced`]), which never holds the
+//! ztunnel back; unless the ztunnels fail as a whole (the newest one's
+//! sockets unreadable, or none holds a port of any acked pod): then
+//! nothing is fenced and the pods stay owed, the ztunnel unready
+//! ([`ztunnels_failing`]).
+//!
+//! Every exchange has a deadline ([`ZDS_TIMEOUT`]; the hello too): a stuck
+//! ztunnel is dropped rather than holding the agent's pods from the others.
+//! Only the first pass holds the agent's operations lock; the retries take
+//! it one round at a time.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::OwnedFd;
+use std::sync::Arc;
+use std::time::Duration;
+
+use mesh_proto::istio::workload::zds::{AddWorkload, SnapshotSent, workload_request::Payload};
+use tokio_seqpacket::UnixSeqpacket;
+use tracing::{error, info, warn};
+
+use crate::agent::fenced::{self, FencedPods};
+use crate::agent::holders::{self, Ours};
+use crate::agent::ztunnels::{Sent, ours_of, send};
+use crate::agent::{Agent, AgentError, Pod, ZDS_TIMEOUT, info_of};
+
+/// The longest wait between two rounds of re-sending refused pods.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// The first wait between two rounds.
+const FIRST_BACKOFF: Duration = Duration::from_millis(200);
+
+fn add_of(p: &Pod) -> Result<(Payload, OwnedFd), AgentError> {
+    let fd = p.netns.fd().try_clone_to_owned()?;
+    let add = Payload::Add(AddWorkload {
+        uid: p.spec.uid.clone(),
+        workload_info: Some(info_of(&p.spec)),
+    });
+    Ok((add, fd))
+}
+
+/// What one pass over a snapshot's pods gave.
+struct Pass {
+    /// Acked: their ports are checked next.
+    acked: Vec<String>,
+    /// Refused: sent again.
+    refused: BTreeSet<String>,
+}
+
+/// Sends each of `pods`; a broken connection is an error.
+async fn send_pods<'a>(
+    sock: &UnixSeqpacket,
+    pods: impl Iterator<Item = &'a Pod>,
+) -> Result<Pass, AgentError> {
+    let mut pass = Pass {
+        acked: Vec::new(),
+        refused: BTreeSet::new(),
+    };
+    for p in pods {
+        let (add, fd) = add_of(p)?;
+        match send(sock, add, Some(&fd)).await {
+            Sent::Acked => pass.acked.push(p.spec.uid.clone()),
+            Sent::Refused(m) => {
+                warn!(uid = %p.spec.uid, error = %m, "ztunnel refused a pod of its snapshot; will retry");
+                pass.refused.insert(p.spec.uid.clone());
+            }
+            Sent::Broken(e) => return Err(e),
+        }
+    }
+    Ok(pass)
+}
+
+/// Checks the ports of the pods acked in a pass (the ztunnels' sockets
+/// read once: `ours`), fencing or lifting the fence of each ([`fenced`]):
+/// an ack counts whatever the check finds; a pod that fails it is fenced,
+/// never a reason to hold the ztunnel back.
+fn check_acked(
+    pods: &BTreeMap<String, Pod>,
+    acked: &[String],
+    dns: bool,
+    ours: &Ours,
+    fenced: &mut FencedPods,
+) {
+    for uid in acked {
+        if let Some(p) = pods.get(uid) {
+            fenced::check_and_judge(p, dns, ours, fenced);
+        }
+    }
+}
+
+/// Why the ztunnels, not the acked pods, are failing, if they are (a
+/// circuit breaker): the newest one's sockets cannot be read, or no
+/// connected ztunnel holds a socket on any acked pod's ports. Fencing
+/// every pod for that would take the node's pods down for one ztunnel's
+/// fault (an older one of a roll still serves them); the ztunnel is kept
+/// unready instead.
+fn ztunnels_failing(
+    pods: &BTreeMap<String, Pod>,
+    acked: &[String],
+    dns: bool,
+    ours: &Ours,
+) -> Option<&'static str> {
+    if acked.is_empty() {
+        return None;
+    }
+    if !ours.newest_seen {
+        return Some("the newest ztunnel's sockets cannot be read (its /proc/<pid>/fd)");
+    }
+    let any = acked
+        .iter()
+        .filter_map(|u| pods.get(u))
+        .any(|p| holders::any_ztunnels(&p.netns, dns, ours));
+    (!any).then_some("no connected ztunnel holds a port of any pod it acked")
+}
+
+/// [`check_acked`] unless the ztunnels are failing: then the acked pods
+/// stay owed (sent again), nothing is fenced, and an error is logged.
+fn judge_pass(
+    id: u64,
+    pods: &BTreeMap<String, Pod>,
+    pass: Pass,
+    dns: bool,
+    ours: &Ours,
+    fenced: &mut FencedPods,
+) -> BTreeSet<String> {
+    if let Some(why) = ztunnels_failing(pods, &pass.acked, dns, ours) {
+        error!(
+            ztunnel = id,
+            why,
+            "the ztunnel is failing, not its pods: kept unready (its pods sent again), nothing fenced"
+        );
+        let mut owed = pass.refused;
+        owed.extend(pass.acked);
+        return owed;
+    }
+    check_acked(pods, &pass.acked, dns, ours, fenced);
+    pass.refused
+}
+
+async fn snapshot_sent(sock: &UnixSeqpacket) -> Result<(), AgentError> {
+    match send(sock, Payload::SnapshotSent(SnapshotSent {}), None).await {
+        Sent::Acked => Ok(()),
+        Sent::Refused(m) => Err(AgentError::Refused(m)),
+        Sent::Broken(e) => Err(e),
+    }
+}
+
+impl Agent {
+    /// Serves one ztunnel connection: the snapshot, then the retries of
+    /// what it refused.
+    pub(crate) async fn snapshot(self: Arc<Self>, sock: UnixSeqpacket) -> Result<(), AgentError> {
+        let Some(admitted) = self.ztunnels.admit(&sock).await else {
+            warn!(
+                max = crate::agent::ztunnels::MAX_ZTUNNELS,
+                "a ZDS connection beyond the ztunnels allowed; refused"
+            );
+            return Ok(());
+        };
+        match tokio::time::timeout(ZDS_TIMEOUT, mesh_core::zds::recv_hello(&sock)).await {
+            Ok(r) => r.map_err(AgentError::Lost)?,
+            Err(_) => return Err(AgentError::Timeout(ZDS_TIMEOUT)),
+        };
+        let id = admitted.born.id;
+        {
+            let _op = self.ops.lock().await;
+            let pods = self.pods.lock().await;
+            let pass = send_pods(&sock, pods.values()).await?;
+            let ours = self.ztunnels.ours_with(Some(&admitted)).await;
+            let ours = ours.unwrap_or_default();
+            let mut fenced = self.fenced.lock().await;
+            let pending = judge_pass(id, &pods, pass, self.cfg.dns, &ours, &mut fenced);
+            drop(fenced);
+            if pending.is_empty() {
+                snapshot_sent(&sock).await?;
+                info!(
+                    ztunnel = id,
+                    pods = pods.len(),
+                    "snapshot sent to the ztunnel"
+                );
+            }
+            let complete = pending.is_empty();
+            self.ztunnels.join(admitted, sock, pending).await;
+            if complete {
+                return Ok(());
+            }
+        }
+        self.retry_pending(id).await;
+        Ok(())
+    }
+
+    /// Re-sends the pods ztunnel `id` refused, with backoff, until it has
+    /// them all (then SnapshotSent) or it is gone.
+    async fn retry_pending(&self, id: u64) {
+        let mut wait = FIRST_BACKOFF;
+        for round in 1.. {
+            tokio::time::sleep(wait).await;
+            wait = (wait * 2).min(MAX_BACKOFF);
+            let _op = self.ops.lock().await;
+            let pods = self.pods.lock().await;
+            let mut conns = self.ztunnels.conns.lock().await;
+            let Some(i) = conns.iter().position(|c| c.born.id == id) else {
+                return;
+            };
+            let c = &mut conns[i];
+            // Pods released meanwhile are no longer owed.
+            c.pending.retain(|uid| pods.contains_key(uid));
+            if !c.pending.is_empty() {
+                let owed = c.pending.iter().filter_map(|u| pods.get(u));
+                match send_pods(&c.sock, owed).await {
+                    Ok(pass) => {
+                        let ours = ours_of(&conns, None).unwrap_or_default();
+                        let mut fenced = self.fenced.lock().await;
+                        let owed = judge_pass(id, &pods, pass, self.cfg.dns, &ours, &mut fenced);
+                        conns[i].pending = owed;
+                    }
+                    Err(e) => {
+                        warn!(ztunnel = id, error = %e, "ztunnel lost during its snapshot; forgotten");
+                        conns.remove(i);
+                        return;
+                    }
+                }
+            }
+            let c = &mut conns[i];
+            if c.pending.is_empty() {
+                match snapshot_sent(&c.sock).await {
+                    Ok(()) => {
+                        info!(
+                            ztunnel = id,
+                            pods = pods.len(),
+                            rounds = round,
+                            "snapshot sent to the ztunnel"
+                        );
+                    }
+                    Err(e) => {
+                        warn!(ztunnel = id, error = %e, "ztunnel did not take SnapshotSent; forgotten");
+                        conns.remove(i);
+                    }
+                }
+                return;
+            }
+            warn!(ztunnel = id, round, pending = ?c.pending, "ztunnel still refuses pods of its snapshot: not ready");
+        }
+    }
+}
