@@ -36,6 +36,10 @@ pub enum SyncError {
     /// failure worth a warning.
     #[error("the watch has not listed pods and namespaces yet")]
     NotListed,
+    /// A watch failed and nothing has come from it since: what it shows
+    /// may be from before an outage, so nothing is decided on it.
+    #[error("a watch failed and has not caught up: waiting for it")]
+    Behind,
     #[error(transparent)]
     Watch(#[from] WatchError),
     #[error("netns scan: {0}")]
@@ -121,6 +125,9 @@ impl Agent {
             return Err(SyncError::NoWatch);
         };
         let _one = self.reconciling.lock().await;
+        if source.behind() {
+            return Err(SyncError::Behind);
+        }
         let Some(view) = source.view().await? else {
             return Err(SyncError::NotListed);
         };
@@ -229,7 +236,8 @@ impl Agent {
             }
             match self.sync().await {
                 Ok(()) => {}
-                Err(e @ SyncError::NotListed) => debug!("{e}"),
+                // The watch's own failure is warned of where it happens.
+                Err(e @ (SyncError::NotListed | SyncError::Behind)) => debug!("{e}"),
                 Err(e) => warn!(error = %e, "enrollment not reconciled; retrying"),
             }
         }
@@ -521,6 +529,52 @@ status: {podIP: 10.1.1.5}
             .await;
         assert!(matches!(r, Err(AgentError::NotConnected)), "{r:?}");
         assert!(a.pods.lock().await.is_empty());
+    }
+
+    /// A watch that failed and has shown nothing since is not acted on:
+    /// its store is what it was before (an outage, a 403 while the API
+    /// server's RBAC loads after a restart), and a namespace label removed
+    /// meanwhile would still capture its new pods.
+    #[tokio::test]
+    async fn a_watch_behind_is_not_acted_on() {
+        use crate::agent::watch::Source;
+        use kube::runtime::watcher::Event;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
+        let (pods, mut pw) = kube::runtime::reflector::store();
+        let (namespaces, mut nw) = kube::runtime::reflector::store();
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "web", "namespace": "shop", "uid": "u-1"},
+            "spec": {"nodeName": "node-1", "containers": []},
+            "status": {"podIP": "10.1.1.5"}
+        }))
+        .expect("a pod");
+        let ns: k8s_openapi::api::core::v1::Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "shop", "labels": {"istio.io/dataplane-mode": "ambient"}}
+        }))
+        .expect("a namespace");
+        for e in [Event::Init, Event::InitApply(pod), Event::InitDone] {
+            pw.apply_watcher_event(&e);
+        }
+        for e in [Event::Init, Event::InitApply(ns), Event::InitDone] {
+            nw.apply_watcher_event(&e);
+        }
+        let behind: [std::sync::Arc<std::sync::atomic::AtomicBool>; 2] = Default::default();
+        let a = agent(
+            dir.path(),
+            Some(Source::Kube {
+                node: "node-1".into(),
+                pods,
+                namespaces,
+                behind: behind.clone(),
+            }),
+        );
+        // Current: the enrolled pod is looked for (and not found here).
+        let r = a.sync().await;
+        assert!(matches!(r, Err(SyncError::Pods(_))), "{r:?}");
+        behind[1].store(true, std::sync::atomic::Ordering::Relaxed);
+        let r = a.sync().await;
+        assert!(matches!(r, Err(SyncError::Behind)), "{r:?}");
     }
 
     /// Why a look at the watch did nothing is a variant the loop branches

@@ -8,11 +8,12 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::reflector::{self, Store};
-use kube::runtime::{WatchStreamExt, watcher};
+use kube::runtime::watcher;
 use tokio::sync::Notify;
 use tracing::warn;
 
@@ -84,43 +85,26 @@ impl Source {
         let (pods, pw) = reflector::store::<Pod>();
         let (namespaces, nw) = reflector::store::<Namespace>();
         let on_node = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-        let pod_events =
-            reflector::reflector(pw, watcher(kube::Api::<Pod>::all(client.clone()), on_node))
-                .default_backoff();
-        let ns_events = reflector::reflector(
-            nw,
-            watcher(kube::Api::<Namespace>::all(client), Default::default()),
-        )
-        .default_backoff();
         let behind = [
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(false)),
         ];
-        for (what, mut events, behind) in [
-            (
-                "pods",
-                pod_events.map(|e| e.map(|_| ())).boxed(),
-                behind[0].clone(),
-            ),
-            (
-                "namespaces",
-                ns_events.map(|e| e.map(|_| ())).boxed(),
-                behind[1].clone(),
-            ),
-        ] {
-            let changed = changed.clone();
-            tokio::spawn(async move {
-                while let Some(e) = events.next().await {
-                    // An event after a failure: the watch runs again (a
-                    // relist, or a watch resumed where it stopped).
-                    behind.store(e.is_err(), Ordering::Relaxed);
-                    if let Err(e) = e {
-                        warn!(what, error = %e, "watch failed; retrying");
-                    }
-                    changed.notify_one();
-                }
-            });
-        }
+        tokio::spawn(follow(
+            "pods",
+            kube::Api::<Pod>::all(client.clone()),
+            on_node,
+            pw,
+            behind[0].clone(),
+            changed.clone(),
+        ));
+        tokio::spawn(follow(
+            "namespaces",
+            kube::Api::<Namespace>::all(client),
+            Default::default(),
+            nw,
+            behind[1].clone(),
+            changed,
+        ));
         Ok(Source::Kube {
             node,
             pods,
@@ -185,6 +169,62 @@ impl Source {
 }
 
 use futures::FutureExt;
+
+/// The first wait after a watch fails, and the longest: short, since each
+/// node watches little (its own pods, the namespaces) and a stale view
+/// holds every enrollment change on the node.
+const RETRY_FIRST: Duration = Duration::from_millis(500);
+const RETRY_MAX: Duration = Duration::from_secs(8);
+
+/// Keeps `store` current from a watch of `api`. A failed watch is started
+/// again from a fresh list (never resumed where it stopped, which would
+/// show nothing until the next change), after a wait that doubles up to
+/// [`RETRY_MAX`] (with jitter) and starts over once a list has come in;
+/// `behind` is set from the failure until that list is in (the store is
+/// swapped whole at its end), and `changed` notified on every event.
+async fn follow<K>(
+    what: &'static str,
+    api: kube::Api<K>,
+    config: watcher::Config,
+    mut store: reflector::store::Writer<K>,
+    behind: Arc<AtomicBool>,
+    changed: Arc<Notify>,
+) where
+    K: kube::Resource
+        + Clone
+        + serde::de::DeserializeOwned
+        + std::fmt::Debug
+        + Send
+        + Sync
+        + 'static,
+    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
+{
+    let mut wait = RETRY_FIRST;
+    loop {
+        let mut events = watcher(api.clone(), config.clone()).boxed();
+        while let Some(e) = events.next().await {
+            match e {
+                Ok(e) => {
+                    store.apply_watcher_event(&e);
+                    if !matches!(e, watcher::Event::Init | watcher::Event::InitApply(_)) {
+                        behind.store(false, Ordering::Relaxed);
+                        wait = RETRY_FIRST;
+                    }
+                }
+                Err(e) => {
+                    warn!(what, error = %e, "watch failed; listing again");
+                    behind.store(true, Ordering::Relaxed);
+                    changed.notify_one();
+                    break;
+                }
+            }
+            changed.notify_one();
+        }
+        let jitter = wait.mul_f64(fastrand::f64() * 0.2);
+        tokio::time::sleep(wait + jitter).await;
+        wait = (wait * 2).min(RETRY_MAX);
+    }
+}
 
 /// Reads the Pod and Namespace objects in `dir` (one or more YAML
 /// documents per file; other kinds and unreadable documents are skipped).
