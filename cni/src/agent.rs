@@ -18,6 +18,7 @@
 mod admit;
 mod deleted;
 mod fenced;
+mod follow;
 mod holders;
 pub mod reconcile;
 pub mod shutdown;

@@ -30,6 +30,10 @@ impl Agent {
     ) -> Result<Admit, AgentError> {
         let behind = self.source.as_ref().is_some_and(|s| s.behind());
         if origin == Origin::Watch {
+            if behind {
+                // The watch failed since it looked: decide nothing on it.
+                return Ok(Admit::Nothing);
+            }
             let mut deleted = self.deleted();
             // A DEL between the watch's look and this capture wins.
             if deleted.holds(&spec.uid, Instant::now(), behind) {

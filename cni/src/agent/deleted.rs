@@ -22,8 +22,8 @@ use std::collections::{HashMap, VecDeque};
 use std::time::{Duration, Instant};
 
 /// How long after its DEL a uid is not captured from the watch: longer
-/// than a watch takes to catch up after the API server's return (its
-/// backoff reaches 30 s).
+/// than a watch takes to catch up after the API server's return (a new
+/// list at most 8 s after its failure, and the list itself).
 pub(crate) const KEEP: Duration = Duration::from_secs(90);
 
 /// The most entries kept (a node runs a few hundred pods).

@@ -27,6 +27,9 @@ use crate::find::FindError;
 /// has none; on Kubernetes this retries what failed).
 const RESYNC: Duration = Duration::from_secs(1);
 
+/// How often a watch that stays behind is warned of.
+const BEHIND_TOLD: Duration = Duration::from_secs(60);
+
 /// Why a look at the watch did not bring the node's pods in line.
 #[derive(Debug, thiserror::Error)]
 pub enum SyncError {
@@ -164,6 +167,8 @@ impl Agent {
         let mut wanted: Vec<PodView> = Vec::new();
         for a in actions {
             match a {
+                // The watch failed since it looked: decide nothing on it.
+                _ if source.behind() => return Err(SyncError::Behind),
                 Action::Release(uid) => {
                     info!(uid, "pod left the mesh: releasing");
                     if let Err(source) = self.del(&uid, super::Leave::Release).await {
@@ -228,17 +233,34 @@ impl Agent {
 
     /// Reconciles on every watch event, and every [`RESYNC`] regardless.
     pub(crate) async fn watch_loop(self: Arc<Self>, changed: Arc<Notify>, stop: CancellationToken) {
+        // Since when the watch is behind, and when that was last warned of.
+        let mut behind: Option<(std::time::Instant, std::time::Instant)> = None;
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = changed.notified() => {}
                 _ = tokio::time::sleep(RESYNC) => {}
             }
-            match self.sync().await {
-                Ok(()) => {}
-                // The watch's own failure is warned of where it happens.
-                Err(e @ (SyncError::NotListed | SyncError::Behind)) => debug!("{e}"),
-                Err(e) => warn!(error = %e, "enrollment not reconciled; retrying"),
+            let r = self.sync().await;
+            let now = std::time::Instant::now();
+            match r {
+                Ok(()) => behind = None,
+                Err(SyncError::Behind) => match &mut behind {
+                    None => behind = Some((now, now)),
+                    Some((since, told)) if now.duration_since(*told) >= BEHIND_TOLD => {
+                        *told = now;
+                        warn!(
+                            secs = now.duration_since(*since).as_secs(),
+                            "the watch has not caught up: no pod captured or released from it meanwhile (new pods are still captured by the CNI ADD)"
+                        );
+                    }
+                    Some(_) => {}
+                },
+                Err(e @ SyncError::NotListed) => debug!("{e}"),
+                Err(e) => {
+                    behind = None;
+                    warn!(error = %e, "enrollment not reconciled; retrying")
+                }
             }
         }
     }

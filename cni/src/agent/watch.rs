@@ -8,14 +8,11 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
-use futures::StreamExt;
 use k8s_openapi::api::core::v1::{Namespace, Pod};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
 use tokio::sync::Notify;
-use tracing::warn;
 
 use crate::enroll::PodView;
 
@@ -89,7 +86,7 @@ impl Source {
             Arc::new(AtomicBool::new(false)),
             Arc::new(AtomicBool::new(false)),
         ];
-        tokio::spawn(follow(
+        tokio::spawn(crate::agent::follow::follow(
             "pods",
             kube::Api::<Pod>::all(client.clone()),
             on_node,
@@ -97,7 +94,7 @@ impl Source {
             behind[0].clone(),
             changed.clone(),
         ));
-        tokio::spawn(follow(
+        tokio::spawn(crate::agent::follow::follow(
             "namespaces",
             kube::Api::<Namespace>::all(client),
             Default::default(),
@@ -117,7 +114,7 @@ impl Source {
     /// nothing has come from it since. A folder never is.
     pub fn behind(&self) -> bool {
         match self {
-            Source::Kube { behind, .. } => behind.iter().any(|b| b.load(Ordering::Relaxed)),
+            Source::Kube { behind, .. } => behind.iter().any(|b| b.load(Ordering::Acquire)),
             Source::Dir { .. } => false,
         }
     }
@@ -169,62 +166,6 @@ impl Source {
 }
 
 use futures::FutureExt;
-
-/// The first wait after a watch fails, and the longest: short, since each
-/// node watches little (its own pods, the namespaces) and a stale view
-/// holds every enrollment change on the node.
-const RETRY_FIRST: Duration = Duration::from_millis(500);
-const RETRY_MAX: Duration = Duration::from_secs(8);
-
-/// Keeps `store` current from a watch of `api`. A failed watch is started
-/// again from a fresh list (never resumed where it stopped, which would
-/// show nothing until the next change), after a wait that doubles up to
-/// [`RETRY_MAX`] (with jitter) and starts over once a list has come in;
-/// `behind` is set from the failure until that list is in (the store is
-/// swapped whole at its end), and `changed` notified on every event.
-async fn follow<K>(
-    what: &'static str,
-    api: kube::Api<K>,
-    config: watcher::Config,
-    mut store: reflector::store::Writer<K>,
-    behind: Arc<AtomicBool>,
-    changed: Arc<Notify>,
-) where
-    K: kube::Resource
-        + Clone
-        + serde::de::DeserializeOwned
-        + std::fmt::Debug
-        + Send
-        + Sync
-        + 'static,
-    K::DynamicType: Default + Eq + std::hash::Hash + Clone,
-{
-    let mut wait = RETRY_FIRST;
-    loop {
-        let mut events = watcher(api.clone(), config.clone()).boxed();
-        while let Some(e) = events.next().await {
-            match e {
-                Ok(e) => {
-                    store.apply_watcher_event(&e);
-                    if !matches!(e, watcher::Event::Init | watcher::Event::InitApply(_)) {
-                        behind.store(false, Ordering::Relaxed);
-                        wait = RETRY_FIRST;
-                    }
-                }
-                Err(e) => {
-                    warn!(what, error = %e, "watch failed; listing again");
-                    behind.store(true, Ordering::Relaxed);
-                    changed.notify_one();
-                    break;
-                }
-            }
-            changed.notify_one();
-        }
-        let jitter = wait.mul_f64(fastrand::f64() * 0.2);
-        tokio::time::sleep(wait + jitter).await;
-        wait = (wait * 2).min(RETRY_MAX);
-    }
-}
 
 /// Reads the Pod and Namespace objects in `dir` (one or more YAML
 /// documents per file; other kinds and unreadable documents are skipped).

@@ -38,7 +38,15 @@ impl Lab {
             .join(format!(".lab.json.{}.{n}", std::process::id()));
         let written = serde_json::to_vec_pretty(&self.state)
             .map_err(Error::from)
-            .and_then(|text| Ok(std::fs::write(&tmp, text)?))
+            .and_then(|text| {
+                use std::io::Write;
+                // A new file, never one planted at the name beforehand.
+                let mut f = std::fs::OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .open(&tmp)?;
+                Ok(f.write_all(&text)?)
+            })
             .and_then(|()| Ok(std::fs::rename(&tmp, Self::state_file(&self.dir))?));
         if written.is_err() {
             let _ = std::fs::remove_file(&tmp);
