@@ -680,3 +680,5 @@ pub async fn call(control_socket: &Path, req: &Request) -> Result<serde_json::Va
 mod tests;
 #[cfg(test)]
 mod tests_fence;
+#[cfg(test)]
+mod tests_roll;

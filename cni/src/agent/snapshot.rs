@@ -6,9 +6,9 @@
 //! a pod. An acked pod's ports are then checked ([`super::holders`]): one
 //! that fails is fenced ([`super::fenced`]), which never holds the
 //! ztunnel back; unless the ztunnels fail as a whole (the newest one's
-//! sockets unreadable, or none holds a port of any acked pod): then
-//! nothing is fenced and the pods stay owed, the ztunnel unready
-//! ([`ztunnels_failing`]).
+//! sockets unreadable, or none holds a port of any acked pod whose ports
+//! no other process holds): then nothing is fenced and the pods stay owed,
+//! the ztunnel unready ([`ztunnels_failing`]).
 //!
 //! Every exchange has a deadline ([`ZDS_TIMEOUT`]; the hello too): a stuck
 //! ztunnel is dropped rather than holding the agent's pods from the others.
@@ -25,7 +25,7 @@ use tokio_seqpacket::UnixSeqpacket;
 use tracing::{error, info, warn};
 
 use crate::agent::fenced::{self, FencedPods};
-use crate::agent::holders::{self, Ours};
+use crate::agent::holders::{self, HolderError, Ours};
 use crate::agent::ztunnels::{Sent, ours_of, send};
 use crate::agent::{Agent, AgentError, Pod, ZDS_TIMEOUT, info_of};
 
@@ -75,51 +75,61 @@ async fn send_pods<'a>(
     Ok(pass)
 }
 
-/// Checks the ports of the pods acked in a pass (the ztunnels' sockets
-/// read once: `ours`), fencing or lifting the fence of each ([`fenced`]):
-/// an ack counts whatever the check finds; a pod that fails it is fenced,
-/// never a reason to hold the ztunnel back.
+/// The check of each pod acked in a pass (the ztunnels' sockets read
+/// once: `ours`).
 fn check_acked(
     pods: &BTreeMap<String, Pod>,
     acked: &[String],
     dns: bool,
     ours: &Ours,
-    fenced: &mut FencedPods,
-) {
-    for uid in acked {
-        if let Some(p) = pods.get(uid) {
-            fenced::check_and_judge(p, dns, ours, fenced);
-        }
-    }
+) -> Vec<(String, Result<(), HolderError>)> {
+    acked
+        .iter()
+        .filter_map(|uid| pods.get(uid))
+        .map(|p| {
+            let outcome = fenced::check(&p.spec, &p.netns, dns, ours);
+            (p.spec.uid.clone(), outcome)
+        })
+        .collect()
 }
 
 /// Why the ztunnels, not the acked pods, are failing, if they are (a
 /// circuit breaker): the newest one's sockets cannot be read, or no
-/// connected ztunnel holds a socket on any acked pod's ports. Fencing
-/// every pod for that would take the node's pods down for one ztunnel's
-/// fault (an older one of a roll still serves them); the ztunnel is kept
-/// unready instead.
+/// connected ztunnel holds a socket on the ports of any acked pod that
+/// has no socket of another process's there. Fencing every pod for that
+/// would take the node's pods down for one ztunnel's fault (an older one
+/// of a roll still serves them); the ztunnel is kept unready instead. A
+/// pod whose port a process of its own holds (it bound it in a gap) is
+/// that pod's failure, fenced on its own: it never counts against the
+/// ztunnel, or a node whose every pod is like that (one pod) would never
+/// get a ready ztunnel.
 fn ztunnels_failing(
     pods: &BTreeMap<String, Pod>,
-    acked: &[String],
+    checked: &[(String, Result<(), HolderError>)],
     dns: bool,
     ours: &Ours,
 ) -> Option<&'static str> {
-    if acked.is_empty() {
+    if checked.is_empty() {
         return None;
     }
     if !ours.newest_seen {
         return Some("the newest ztunnel's sockets cannot be read (its /proc/<pid>/fd)");
     }
-    let any = acked
+    let mut servable = checked
         .iter()
-        .filter_map(|u| pods.get(u))
-        .any(|p| holders::any_ztunnels(&p.netns, dns, ours));
+        .filter(|(_, o)| !matches!(o, Err(HolderError::Foreign { .. })))
+        .filter_map(|(u, _)| pods.get(u))
+        .peekable();
+    if servable.peek().is_none() {
+        return None; // each pod's own failure: each is fenced
+    }
+    let any = servable.any(|p| holders::any_ztunnels(&p.netns, dns, ours));
     (!any).then_some("no connected ztunnel holds a port of any pod it acked")
 }
 
-/// [`check_acked`] unless the ztunnels are failing: then the acked pods
-/// stay owed (sent again), nothing is fenced, and an error is logged.
+/// Fences or lifts the fence of each acked pod by its check ([`fenced`])
+/// unless the ztunnels are failing: then the acked pods stay owed (sent
+/// again), nothing is fenced, and an error is logged.
 fn judge_pass(
     id: u64,
     pods: &BTreeMap<String, Pod>,
@@ -128,7 +138,8 @@ fn judge_pass(
     ours: &Ours,
     fenced: &mut FencedPods,
 ) -> BTreeSet<String> {
-    if let Some(why) = ztunnels_failing(pods, &pass.acked, dns, ours) {
+    let checked = check_acked(pods, &pass.acked, dns, ours);
+    if let Some(why) = ztunnels_failing(pods, &checked, dns, ours) {
         error!(
             ztunnel = id,
             why,
@@ -138,7 +149,11 @@ fn judge_pass(
         owed.extend(pass.acked);
         return owed;
     }
-    check_acked(pods, &pass.acked, dns, ours, fenced);
+    for (uid, outcome) in checked {
+        if let Some(p) = pods.get(&uid) {
+            fenced::judge(&p.spec, &p.netns, outcome, fenced);
+        }
+    }
     pass.refused
 }
 
