@@ -71,7 +71,10 @@ async fn a_node_whose_pods_all_have_thieves_still_gets_a_ready_ztunnel() {
     assert_eq!(*log.lock().unwrap(), ["add p1", "snapshot"]);
     let fenced = agent.fenced.lock().await.clone();
     let f = fenced.get("p1").expect("p1 fenced");
-    assert!(f.up && f.why.contains("no connected ztunnel holds"), "{f:?}");
+    assert!(
+        f.up && f.why.contains("no connected ztunnel holds"),
+        "{f:?}"
+    );
     let pods = agent.pods.lock().await;
     assert!(fence::present(&pods["p1"].netns));
 }
@@ -120,7 +123,9 @@ fn draining_ztunnel(
             }
             zds::send_ack(&sock, None).await.expect("acked");
         }
-        zds::send_ack(&sock, Some(NOTICE.into())).await.expect("notice sent");
+        zds::send_ack(&sock, Some(NOTICE.into()))
+            .await
+            .expect("notice sent");
         let sent = std::time::Instant::now();
         while zds::recv_request(&sock).await.is_ok() {}
         let fenced = held.iter().all(|(n, _)| fence::present(n));

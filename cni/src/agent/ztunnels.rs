@@ -167,7 +167,8 @@ impl Ztunnels {
     /// has not acked yet).
     pub(crate) async fn join(&self, a: Admitted, sock: UnixSeqpacket, pending: BTreeSet<String>) {
         let mut conns = self.conns.lock().await;
-        self.joined.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        self.joined
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         conns.push(Conn {
             born: a.born,
             pid: a.pid,
