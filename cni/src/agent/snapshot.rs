@@ -133,9 +133,8 @@ fn ztunnels_failing(
         .filter(|(_, o)| !matches!(o, Err(HolderError::Foreign { .. })))
         .filter_map(|(u, _)| pods.get(u))
         .peekable();
-    if servable.peek().is_none() {
-        return None; // each pod's own failure: each is fenced
-    }
+    // None left: each pod's own failure, each fenced.
+    servable.peek()?;
     let any = servable.any(|p| holders::any_ztunnels(&p.netns, dns, ours));
     (!any).then_some("no connected ztunnel holds a port of any pod it acked")
 }
