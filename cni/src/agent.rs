@@ -102,6 +102,8 @@ pub enum AgentError {
     Unfenced { uid: String, why: String },
     #[error("the node's ztunnel is not connected")]
     NotConnected,
+    #[error("the node's ztunnel is draining: it takes no new pod")]
+    Draining,
     /// The node's own netns, never a pod's.
     #[error("netns {0} is the node's own, not a pod's")]
     NodeNetns(String),
@@ -334,6 +336,8 @@ impl Agent {
         if let Err(e) = migrate::enable(&netns) {
             warn!(uid = %spec.uid, error = %e, "cannot turn on tcp_migrate_req in the pod: a ztunnel roll may reset connections queued at its switch");
         }
+        // A gap from here on may have fenced every pod but this one.
+        let gaps = self.ztunnels.gaps();
         self.to_ztunnel(payload, Some(&netns)).await?;
         // Whose sockets the redirects would land on: a pod that fails is
         // fenced before its rules go in.
@@ -405,6 +409,12 @@ impl Agent {
         let mut fenced = self.fenced.lock().await;
         fenced.remove(&uid);
         fenced.extend(fence);
+        if self.ztunnels.gaps() != gaps
+            && let Some(p) = pods.get(&uid)
+        {
+            let why = "no ztunnel is connected".to_string();
+            fenced::put_up(&p.spec, &p.netns, why, &mut fenced);
+        }
         Ok(())
     }
 
@@ -430,8 +440,9 @@ impl Agent {
         if how == Leave::Delete {
             self.deleted().insert(uid, std::time::Instant::now());
         }
-        let mut pods = self.pods.lock().await;
-        let Some(pod) = pods.remove(uid) else {
+        // Never held across the ztunnels' answer (the fence watch takes
+        // it): the pod is gone from the agent's list first.
+        let Some(pod) = self.pods.lock().await.remove(uid) else {
             return Ok(()); // already gone: deletes are idempotent
         };
         // The ztunnel first: it closes the pod's connections. It may not
@@ -457,6 +468,7 @@ impl Agent {
         {
             warn!(uid, error = %e, "lifting the pod's fence failed (its netns may be gone)");
         }
+        let pods = self.pods.lock().await;
         self.probe_snat(&pods, &pod.spec.ips, false);
         info!(uid, "pod released");
         self.persist(&pods).await;
@@ -659,3 +671,5 @@ pub async fn call(control_socket: &Path, req: &Request) -> Result<serde_json::Va
 mod tests;
 #[cfg(test)]
 mod tests_fence;
+#[cfg(test)]
+mod tests_roll;

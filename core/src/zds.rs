@@ -30,7 +30,15 @@ pub enum ZdsError {
     Decode(#[from] prost::DecodeError),
     #[error("ZDS protocol: {0}")]
     Protocol(String),
+    /// The ztunnel's answer is its drain notice ([`DRAINING`]).
+    #[error("the ztunnel is draining")]
+    Draining,
 }
+
+/// What a draining ztunnel answers (its notice, and any refusal of a pod
+/// for its drain): the agent forgets it and fences its pods if none other
+/// is connected, then closes the connection (its ack).
+pub const DRAINING: &str = "draining: this ztunnel takes no new pod";
 
 /// A request from the agent, with the netns descriptor of an Add.
 #[derive(Debug)]
@@ -155,6 +163,7 @@ pub async fn request(
     let (bytes, _) = recv_raw(sock).await?;
     match WorkloadResponse::decode(bytes.as_slice())?.payload {
         Some(workload_response::Payload::Ack(a)) if a.error.is_empty() => Ok(()),
+        Some(workload_response::Payload::Ack(a)) if a.error == DRAINING => Err(ZdsError::Draining),
         Some(workload_response::Payload::Ack(a)) => {
             Err(ZdsError::Protocol(format!("ztunnel refused: {}", a.error)))
         }

@@ -306,3 +306,44 @@ pub async fn run(cfg: Config) -> Result<(), AppError> {
     app.shutdown().await;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::DRAIN_ACK_WAIT;
+    use serde::Deserialize as _;
+
+    /// The DaemonSet's grace period covers the wait for the node agent's
+    /// ack of the drain notice, then the drain, then a margin: with less
+    /// the kubelet kills a ztunnel whose ack was slow before its drain
+    /// deadline. Failed first: 35 s covered the drain and its margin only.
+    #[test]
+    fn the_grace_period_covers_the_ack_wait_and_the_drain() {
+        let manifest = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../manifests/install/ztunnel.yaml");
+        let text = std::fs::read_to_string(&manifest).expect("the install manifest");
+        let docs: Vec<serde_yaml::Value> = serde_yaml::Deserializer::from_str(&text)
+            .filter_map(|d| serde_yaml::Value::deserialize(d).ok())
+            .collect();
+        let config = docs
+            .iter()
+            .find(|v| v["kind"] == "ConfigMap" && v["metadata"]["name"] == "ztunnel-config")
+            .and_then(|v| v["data"]["config.yaml"].as_str())
+            .expect("the ztunnel's config");
+        let config: serde_yaml::Value = serde_yaml::from_str(config).expect("yaml");
+        let drain: u64 = config["drain_timeout"]
+            .as_str()
+            .and_then(|d| d.strip_suffix('s')?.parse().ok())
+            .expect("drain_timeout in seconds");
+        let grace = docs
+            .iter()
+            .find(|v| v["kind"] == "DaemonSet")
+            .and_then(|d| d["spec"]["template"]["spec"]["terminationGracePeriodSeconds"].as_u64())
+            .expect("the DaemonSet's grace period");
+        let margin = 5;
+        assert!(
+            grace >= DRAIN_ACK_WAIT.as_secs() + drain + margin,
+            "grace {grace} s < ack wait {:?} + drain {drain} s + {margin} s",
+            DRAIN_ACK_WAIT
+        );
+    }
+}

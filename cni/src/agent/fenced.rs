@@ -11,7 +11,8 @@
 //! snapshot or a live capture) and, for every pod, when the last ztunnel
 //! disconnects or announces its drain (the gap of a crash or of a stop
 //! without a next one: seen within [`WATCH`]; a draining ztunnel waits
-//! for its connection to close, which comes after the fence) or none has
+//! for its connection to close, which comes after the fence, and that
+//! round never waits on the agent's operations lock) or none has
 //! connected within [`START_GRACE`] of the agent's start. Every
 //! [`RECHECK`] each fence that is down (it failed to go up, or a process
 //! of the pod's with NET_ADMIN deleted or replaced it) goes up again, and
@@ -159,14 +160,22 @@ pub(crate) fn restore(pods: &BTreeMap<String, Pod>, fenced: &mut FencedPods) {
 }
 
 impl Agent {
-    /// Fences every pod: no ztunnel is connected. Called with no lock held.
-    async fn fence_all(&self) {
-        let _op = self.ops.lock().await;
-        // A ztunnel that joined meanwhile (a snapshot, under this lock)
-        // vouched for what it took.
+    /// Fences every pod: no ztunnel is connected. Called with no lock
+    /// held, and never waits on the operations lock (a long snapshot or
+    /// add holds it, and a draining ztunnel's ack waits on this): the
+    /// pods' lock is never held across a ZDS exchange. An add that
+    /// captures a pod meanwhile sees the gap ([`Ztunnels::gaps`]) and
+    /// fences it itself. True when a ztunnel joined meanwhile (its
+    /// snapshot vouched for what it took): the fenced pods are checked
+    /// again at once.
+    ///
+    /// [`Ztunnels::gaps`]: crate::agent::ztunnels::Ztunnels::gaps
+    async fn fence_all(&self) -> bool {
+        let joined = self.ztunnels.joined();
         if self.ztunnels.count().await > 0 {
-            return;
+            return false;
         }
+        self.ztunnels.gap();
         let pods = self.pods.lock().await;
         let mut fenced = self.fenced.lock().await;
         for p in pods.values() {
@@ -177,6 +186,7 @@ impl Agent {
                 &mut fenced,
             );
         }
+        self.ztunnels.joined() != joined
     }
 
     /// Checks the fenced pods again, with the connected ztunnels' sockets
@@ -202,10 +212,14 @@ impl Agent {
         }
     }
 
-    /// The agent's watch over its fences, until `stop`.
+    /// The agent's watch over its fences, until `stop`. The checks of
+    /// the fenced pods run in a task of their own: they take the
+    /// operations lock, which must never hold up the watch (a draining
+    /// ztunnel's ack waits on it).
     pub(crate) async fn fence_loop(self: Arc<Self>, stop: CancellationToken) {
+        let now = Arc::new(tokio::sync::Notify::new());
+        tokio::spawn(self.clone().recheck_loop(now.clone(), stop.clone()));
         let mut watch = tokio::time::interval(WATCH);
-        let mut recheck = tokio::time::interval(RECHECK);
         // As if one were: none connected within START_GRACE of the start
         // is a gap too (an agent started while no ztunnel runs).
         let mut connected = true;
@@ -214,25 +228,45 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = watch.tick() => {
-                    let now = self.ztunnels.count().await > 0;
-                    let retiring = self.ztunnels.retiring();
-                    // A ztunnel seen: its end is a gap at once.
-                    seen |= now;
-                    let settled = seen || start.elapsed() >= START_GRACE;
-                    if !now && (retiring || connected && settled) {
-                        warn!("no ztunnel connected: every pod fenced until one holds its ports");
-                        self.fence_all().await;
-                    }
-                    // Only now: a draining ztunnel closes its listeners
-                    // once its connection is.
-                    self.ztunnels.release_retired();
-                    if now || settled {
-                        connected = now;
-                    }
-                }
-                _ = recheck.tick() => self.recheck().await,
+                _ = watch.tick() => {}
             }
+            let mut live = self.ztunnels.count().await > 0;
+            // Those forgotten before this look (a drain notice read by a
+            // request too): closed below, once fenced for; any forgotten
+            // later waits for the next look.
+            let retired = self.ztunnels.take_retired();
+            if !retired.is_empty() {
+                live = self.ztunnels.count().await > 0;
+            }
+            // A ztunnel seen: its end is a gap at once.
+            seen |= live;
+            let settled = seen || start.elapsed() >= START_GRACE;
+            if !live && (!retired.is_empty() || connected && settled) {
+                warn!("no ztunnel connected: every pod fenced until one holds its ports");
+                if self.fence_all().await {
+                    now.notify_one();
+                }
+            }
+            // Only now: a draining ztunnel closes its listeners once its
+            // connection is.
+            drop(retired);
+            if live || settled {
+                connected = live;
+            }
+        }
+    }
+
+    /// Checks the fenced pods every [`RECHECK`], and at once when `now`
+    /// is notified, until `stop`.
+    async fn recheck_loop(self: Arc<Self>, now: Arc<tokio::sync::Notify>, stop: CancellationToken) {
+        let mut recheck = tokio::time::interval(RECHECK);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = recheck.tick() => {}
+                _ = now.notified() => {}
+            }
+            self.recheck().await;
         }
     }
 }

@@ -79,7 +79,7 @@ pub(super) type Log = Arc<StdMutex<Vec<String>>>;
 
 /// Binds a pod's listener ports in `netns` as a ztunnel would (this
 /// process holds them: the agent sees them as its ZDS peer's).
-fn bind_pod_ports(netns: &Netns) -> Vec<std::net::TcpListener> {
+pub(super) fn bind_pod_ports(netns: &Netns) -> Vec<std::net::TcpListener> {
     holders::ports(false)
         .into_iter()
         .map(|port| {

@@ -96,6 +96,10 @@ pub(crate) struct Ztunnels {
     /// fenced the pods if none other is connected: closing one is a
     /// draining ztunnel's ack.
     retired: std::sync::Mutex<Vec<UnixSeqpacket>>,
+    /// How many times the fence watch fenced every pod for a gap.
+    gaps: std::sync::atomic::AtomicU64,
+    /// How many ztunnels joined.
+    joined: std::sync::atomic::AtomicU64,
 }
 
 impl Default for Ztunnels {
@@ -105,6 +109,8 @@ impl Default for Ztunnels {
             next: std::sync::atomic::AtomicU64::new(0),
             slots: Arc::new(Semaphore::new(MAX_ZTUNNELS)),
             retired: std::sync::Mutex::new(Vec::new()),
+            gaps: Default::default(),
+            joined: Default::default(),
         }
     }
 }
@@ -122,6 +128,11 @@ pub(crate) enum Sent {
     Refused(String),
     /// Lost or no answer in time: the connection is unusable.
     Broken(AgentError),
+    /// Its drain notice ([`zds::DRAINING`]), whether sent between
+    /// requests or crossing this one: it serves nothing new, and its
+    /// connection is retired (closed once the fence watch has fenced its
+    /// pods if none other is connected).
+    Draining,
 }
 
 /// Sends one request and waits for its ack, at most [`ZDS_TIMEOUT`].
@@ -129,6 +140,7 @@ pub(crate) async fn send(sock: &UnixSeqpacket, payload: Payload, fd: Option<&Own
     match tokio::time::timeout(ZDS_TIMEOUT, zds::request(sock, payload, fd)).await {
         Ok(Ok(())) => Sent::Acked,
         Ok(Err(zds::ZdsError::Protocol(m))) => Sent::Refused(m),
+        Ok(Err(zds::ZdsError::Draining)) => Sent::Draining,
         Ok(Err(e)) => Sent::Broken(AgentError::Lost(e)),
         Err(_) => Sent::Broken(AgentError::Timeout(ZDS_TIMEOUT)),
     }
@@ -155,6 +167,8 @@ impl Ztunnels {
     /// has not acked yet).
     pub(crate) async fn join(&self, a: Admitted, sock: UnixSeqpacket, pending: BTreeSet<String>) {
         let mut conns = self.conns.lock().await;
+        self.joined
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         conns.push(Conn {
             born: a.born,
             pid: a.pid,
@@ -198,21 +212,36 @@ impl Ztunnels {
             .collect()
     }
 
-    /// Forgets the ztunnels that disconnected.
-    pub(crate) fn retiring(&self) -> bool {
-        !self
-            .retired
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .is_empty()
+    /// How many times every pod was fenced for a gap: an add that sees it
+    /// change while it captures a pod fences that pod too (the gap's
+    /// round may have missed it).
+    pub(crate) fn gaps(&self) -> u64 {
+        self.gaps.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Closes the retired connections: a draining ztunnel's ack.
-    pub(crate) fn release_retired(&self) {
+    /// A gap: counted before its round takes the pods.
+    pub(crate) fn gap(&self) {
+        self.gaps.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// How many ztunnels joined.
+    pub(crate) fn joined(&self) -> u64 {
+        self.joined.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Takes the retired connections: closing them (dropped) is a
+    /// draining ztunnel's ack.
+    pub(crate) fn take_retired(&self) -> Vec<UnixSeqpacket> {
+        std::mem::take(&mut *self.retired.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Keeps a connection forgotten (lost, or its ztunnel draining) open
+    /// until the fence watch has looked whether any other is connected.
+    pub(crate) fn retire(&self, sock: UnixSeqpacket) {
         self.retired
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .clear();
+            .push(sock);
     }
 
     pub(crate) async fn prune(&self) {
@@ -247,6 +276,7 @@ impl Ztunnels {
         let fd: Option<OwnedFd> = netns.map(|n| n.try_clone_to_owned()).transpose()?;
         let mut answer = Err(AgentError::NotConnected);
         let mut lost = Vec::new();
+        let mut draining = Vec::new();
         for c in conns.iter() {
             let mut sent = send(&c.sock, payload.clone(), fd.as_ref()).await;
             if c.born == newest {
@@ -264,6 +294,10 @@ impl Ztunnels {
                     lost.push(c.born);
                     Err(e)
                 }
+                Sent::Draining => {
+                    draining.push(c.born);
+                    Err(AgentError::Draining)
+                }
             };
             if c.born == newest {
                 if let Err(e) = &result {
@@ -274,13 +308,17 @@ impl Ztunnels {
                 warn!(ztunnel = c.born.id, error = %e, "an older ztunnel did not take the request");
             }
         }
-        conns.retain(|c| !lost.contains(&c.born));
-        for b in lost {
-            warn!(
-                ztunnel = b.id,
-                connected = conns.len(),
-                "ztunnel lost; forgotten"
-            );
+        let (gone, kept): (Vec<Conn>, Vec<Conn>) = std::mem::take(&mut *conns)
+            .into_iter()
+            .partition(|c| lost.contains(&c.born) || draining.contains(&c.born));
+        *conns = kept;
+        for c in gone {
+            let why = match lost.contains(&c.born) {
+                true => "ztunnel lost; forgotten",
+                false => "ztunnel draining; forgotten",
+            };
+            warn!(ztunnel = c.born.id, connected = conns.len(), "{why}");
+            self.retire(c.sock);
         }
         answer
     }

@@ -75,8 +75,7 @@ impl Notice {
 
     /// Sends the notice on `sock`, then waits until the agent closes it.
     pub(super) async fn announce(&self, sock: &zds::Socket) -> Result<(), ZdsError> {
-        let sent =
-            zds::send_ack(sock, Some("draining: this ztunnel takes no new pod".into())).await;
+        let sent = zds::send_ack(sock, Some(zds::DRAINING.into())).await;
         if sent.is_ok() {
             info!("drain announced to the node agent");
             // Requests that crossed it go unanswered; the end of the
