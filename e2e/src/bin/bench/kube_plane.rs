@@ -128,8 +128,11 @@ impl Plane {
 }
 
 impl Drop for Plane {
+    /// Stops both and removes their data, keeping the logs a failed start
+    /// points to (the next start clears them).
     fn drop(&mut self) {
         self.stop();
-        self.wipe();
+        let _ = std::fs::remove_dir_all(self.dir.join("etcd-data"));
+        let _ = std::fs::remove_dir_all(self.dir.join("apiserver-certs"));
     }
 }
