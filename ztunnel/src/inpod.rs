@@ -53,7 +53,8 @@ enum PodError {
     Addresses(#[source] std::io::Error),
     #[error("the pod has no address to bind its inbound listeners at")]
     NoAddress,
-    #[error("draining: this ztunnel takes no new pod")]
+    /// The agent reads this exact text as the drain notice.
+    #[error("{}", mesh_core::zds::DRAINING)]
     Draining,
     #[error("KeepWorkload for {0}, which this ztunnel does not hold")]
     NotHeld(String),
