@@ -613,22 +613,44 @@ pub trait ChangeSink: Send + Sync + 'static {
 }
 
 /// Applies changes from a source to the hub, batching what arrives within
-/// `window` into one push (a debounce: a burst of events costs one push).
+/// `window` into one push (a burst of events costs one push per window).
+/// The batching is leading-edge once the hub is ready: the first change
+/// after a quiet period (none for a whole window) is applied at once, and
+/// what follows within the window is applied together at its end. Until
+/// the hub is ready every batch waits its window, so the initial lists go
+/// out together.
 /// The hub becomes ready once every kind is settled (listed, or reported
 /// as not served: see [`Sources`]) and what they listed has been applied.
 pub async fn feed(hub: Arc<impl ChangeSink>, w: Watchers, window: Duration) {
     let Watchers { changes: mut rx } = w;
     let sources = hub.sources().clone();
     let mut states = sources.subscribe();
+    // When the last change arrived.
+    let mut last: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             batch = rx.recv() => {
-                let Some(mut batch) = batch else { return };
-                let deadline = tokio::time::Instant::now() + window;
+                let Some(batch) = batch else { return };
+                let now = tokio::time::Instant::now();
+                let quiet = last.is_none_or(|t| now.duration_since(t) >= window);
+                last = Some(now);
+                let lead = hub.is_ready() && quiet;
+                let mut rest = if lead {
+                    hub.apply(batch);
+                    Vec::new()
+                } else {
+                    batch
+                };
+                let deadline = now + window;
+                let mut more_came = false;
                 while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-                    batch.extend(more);
+                    rest.extend(more);
+                    more_came = true;
+                    last = Some(tokio::time::Instant::now());
                 }
-                hub.apply(batch);
+                if !lead || more_came {
+                    hub.apply(rest);
+                }
             }
             r = states.changed() => if r.is_err() { return },
         }
