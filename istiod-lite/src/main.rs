@@ -120,8 +120,8 @@ struct Args {
     #[arg(long = "serving-ip")]
     serving_ips: Vec<IpAddr>,
     /// How often the config folder is checked for changes (and, with
-    /// `--kube`, the window events following a first change are batched
-    /// in; that first change after a quiet window is pushed at once), in
+    /// `--kube`, the batching window: at most one apply per window; a
+    /// non-policy change after a quiet window is pushed at once), in
     /// milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
