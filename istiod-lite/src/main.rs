@@ -119,8 +119,10 @@ struct Args {
     /// IPs for the serving certificate.
     #[arg(long = "serving-ip")]
     serving_ips: Vec<IpAddr>,
-    /// How often the config folder is checked for changes (and how long
-    /// Kubernetes events are batched into one push), in milliseconds.
+    /// How often the config folder is checked for changes (and, with
+    /// `--kube`, the batching window: at most one apply per window; a
+    /// non-policy change after a quiet window is pushed at once), in
+    /// milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,
 }

@@ -37,7 +37,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use super::crds::{AuthorizationPolicy, DestinationRule, PeerAuthentication, TrafficPolicy};
-use super::objects::{Change, Object, ObjectKey, merge_string_data};
+use super::objects::{Change, Kind, Object, ObjectKey, merge_string_data};
 use super::sources::{Backoff, Sources, State};
 
 /// The first wait after a failure, and the longest: after an outage the
@@ -532,8 +532,7 @@ pub fn watch_all_with(
                     tx: tx.clone(),
                     sources: sources.clone(),
                     client: $client.clone(),
-                    widens: super::objects::Kind::from_name($name)
-                        .is_some_and(super::objects::Kind::widens_access),
+                    widens: Kind::from_name($name).is_some_and(Kind::widens_access),
                     grace: options.widening_grace,
                 }
                 .run(),
@@ -612,23 +611,71 @@ pub trait ChangeSink: Send + Sync + 'static {
     fn set_ready(&self);
 }
 
+/// Whether a batch holds a kind that decides access: such a change always
+/// waits its window, so a policy replaced as delete-then-create a few ms
+/// apart (kubectl replace --force, Helm, Argo) goes out as one push, never
+/// as the delete alone (access wider than before and after).
+fn decides_access(batch: &[Change]) -> bool {
+    batch.iter().any(|c| {
+        let kind = match c {
+            Change::Upsert(o) => o.key().kind,
+            Change::Delete(k) => k.kind,
+        };
+        matches!(
+            kind,
+            Kind::AuthorizationPolicy
+                | Kind::PeerAuthentication
+                | Kind::ReferenceGrant
+                | Kind::TrafficPolicy
+        )
+    })
+}
+
 /// Applies changes from a source to the hub, batching what arrives within
-/// `window` into one push (a debounce: a burst of events costs one push).
+/// `window` into one push: at most one apply per window. The batching is
+/// leading-edge once the hub is ready: a change after a quiet period (a
+/// whole window since the last change and since the last apply) is applied
+/// at once, unless it is a policy kind (see `decides_access`), and what
+/// follows within the window is applied together at its end. Until the hub
+/// is ready every batch waits its window, so the initial lists go out
+/// together.
 /// The hub becomes ready once every kind is settled (listed, or reported
 /// as not served: see [`Sources`]) and what they listed has been applied.
 pub async fn feed(hub: Arc<impl ChangeSink>, w: Watchers, window: Duration) {
     let Watchers { changes: mut rx } = w;
     let sources = hub.sources().clone();
     let mut states = sources.subscribe();
+    // When the last change arrived, and when the last apply was made.
+    let mut last: Option<tokio::time::Instant> = None;
+    let mut applied: Option<tokio::time::Instant> = None;
     loop {
         tokio::select! {
             batch = rx.recv() => {
-                let Some(mut batch) = batch else { return };
-                let deadline = tokio::time::Instant::now() + window;
+                let Some(batch) = batch else { return };
+                let now = tokio::time::Instant::now();
+                let quiet = [last, applied]
+                    .iter()
+                    .all(|t| t.is_none_or(|t| now.duration_since(t) >= window));
+                last = Some(now);
+                let lead = hub.is_ready() && quiet && !decides_access(&batch);
+                let mut rest = if lead {
+                    hub.apply(batch);
+                    applied = Some(now);
+                    Vec::new()
+                } else {
+                    batch
+                };
+                let deadline = now + window;
+                let mut more_came = false;
                 while let Ok(Some(more)) = tokio::time::timeout_at(deadline, rx.recv()).await {
-                    batch.extend(more);
+                    rest.extend(more);
+                    more_came = true;
+                    last = Some(tokio::time::Instant::now());
                 }
-                hub.apply(batch);
+                if !lead || more_came {
+                    hub.apply(rest);
+                    applied = Some(tokio::time::Instant::now());
+                }
             }
             r = states.changed() => if r.is_err() { return },
         }
