@@ -121,7 +121,7 @@ struct Args {
     serving_ips: Vec<IpAddr>,
     /// How often the config folder is checked for changes (and, with
     /// `--kube`, the batching window: at most one apply per window; a
-    /// non-policy change after a quiet window is pushed at once), in
+    /// pod or endpoint change after a quiet window is pushed at once), in
     /// milliseconds.
     #[arg(long, default_value_t = 200)]
     poll_ms: u64,

@@ -105,15 +105,20 @@ async fn a_lone_change_is_applied_at_once_and_a_burst_is_coalesced() {
 }
 
 fn policy_delete(name: &str) -> Change {
+    delete(Kind::AuthorizationPolicy, name)
+}
+
+fn delete(kind: Kind, name: &str) -> Change {
     Change::Delete(ObjectKey {
-        kind: Kind::AuthorizationPolicy,
+        kind,
         namespace: "shop".into(),
         name: name.into(),
     })
 }
 
-/// A policy swapped as delete-then-create (kubectl replace --force) must not
-/// have its delete applied alone: a policy change always waits the window,
+/// An object swapped as delete-then-create (kubectl replace --force) must
+/// not have its delete applied alone: a change to any kind but pods and
+/// endpoints always waits the window (a policy, a waypoint's Gateway),
 /// even after a quiet period, while a pod change does not.
 #[tokio::test]
 async fn a_policy_change_always_waits_the_window() {
@@ -130,7 +135,24 @@ async fn a_policy_change_always_waits_the_window() {
     assert!(sent.elapsed() < WINDOW, "checked before the window ended");
     until("the policy delete", WINDOW * 3, || applies(&hub) > before).await;
     assert!(sent.elapsed() >= WINDOW, "held the whole window");
-    let policy_applied = Instant::now();
+    let mut policy_applied = Instant::now();
+
+    // So does any kind but pods and endpoints: a waypoint Gateway (or its
+    // Service) replaced as delete-then-create would, deleted alone, leave
+    // its services with no waypoint and their L7 policies enforced nowhere.
+    for kind in [Kind::Gateway, Kind::Service, Kind::Namespace] {
+        tokio::time::sleep_until(policy_applied + WINDOW + Duration::from_millis(50)).await;
+        let before = applies(&hub);
+        let sent = Instant::now();
+        tx.send(vec![delete(kind, "waypoint")])
+            .await
+            .expect("feed runs");
+        tokio::time::sleep(WINDOW / 5).await;
+        assert_eq!(applies(&hub), before, "the {kind:?} delete waited");
+        assert!(sent.elapsed() < WINDOW, "checked before the window ended");
+        until("the delete", WINDOW * 3, || applies(&hub) > before).await;
+        policy_applied = Instant::now();
+    }
 
     // A pod change after a quiet window goes at once.
     tokio::time::sleep_until(policy_applied + WINDOW + Duration::from_millis(50)).await;

@@ -611,23 +611,20 @@ pub trait ChangeSink: Send + Sync + 'static {
     fn set_ready(&self);
 }
 
-/// Whether a batch holds a kind that decides access: such a change always
-/// waits its window, so a policy replaced as delete-then-create a few ms
-/// apart (kubectl replace --force, Helm, Argo) goes out as one push, never
-/// as the delete alone (access wider than before and after).
-fn decides_access(batch: &[Change]) -> bool {
-    batch.iter().any(|c| {
+/// Whether a batch may go out alone, ahead of its window: only pods and
+/// endpoints, whose lone change never widens access (a delete only narrows
+/// it). Any other kind waits its window, so an object replaced as
+/// delete-then-create a few ms apart (kubectl replace --force, Helm, Argo)
+/// goes out as one push, never as the delete alone: a policy's delete
+/// widens access, and a waypoint Gateway's or its Service's leaves their
+/// services with no waypoint and their L7 policies enforced nowhere.
+fn goes_at_once(batch: &[Change]) -> bool {
+    batch.iter().all(|c| {
         let kind = match c {
             Change::Upsert(o) => o.key().kind,
             Change::Delete(k) => k.kind,
         };
-        matches!(
-            kind,
-            Kind::AuthorizationPolicy
-                | Kind::PeerAuthentication
-                | Kind::ReferenceGrant
-                | Kind::TrafficPolicy
-        )
+        matches!(kind, Kind::Pod | Kind::EndpointSlice)
     })
 }
 
@@ -635,7 +632,7 @@ fn decides_access(batch: &[Change]) -> bool {
 /// `window` into one push: at most one apply per window. The batching is
 /// leading-edge once the hub is ready: a change after a quiet period (a
 /// whole window since the last change and since the last apply) is applied
-/// at once, unless it is a policy kind (see `decides_access`), and what
+/// at once if it is only pods and endpoints (see `goes_at_once`), and what
 /// follows within the window is applied together at its end. Until the hub
 /// is ready every batch waits its window, so the initial lists go out
 /// together.
@@ -657,10 +654,10 @@ pub async fn feed(hub: Arc<impl ChangeSink>, w: Watchers, window: Duration) {
                     .iter()
                     .all(|t| t.is_none_or(|t| now.duration_since(t) >= window));
                 last = Some(now);
-                let lead = hub.is_ready() && quiet && !decides_access(&batch);
+                let lead = hub.is_ready() && quiet && goes_at_once(&batch);
                 let mut rest = if lead {
                     hub.apply(batch);
-                    applied = Some(now);
+                    applied = Some(tokio::time::Instant::now());
                     Vec::new()
                 } else {
                     batch
