@@ -1,11 +1,14 @@
 //! A request is bounded by what decoding it allocates, not only by its
 //! size: an empty name is two bytes on the wire and a `String` (24 bytes
 //! and more) once decoded. One carrying millions of them is refused before
-//! it is decoded (this binary counts every allocation).
+//! it is decoded (this binary counts every allocation, per thread: the
+//! tests run beside each other, and one's vectors of millions were counted
+//! against another's decode).
 
 use std::alloc::{GlobalAlloc, Layout, System};
+use std::cell::Cell;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 
 use istiod_lite::xds::request::{self, Limits, MAX_FIRST_REQUEST, RequestError};
 use mesh_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
@@ -13,11 +16,24 @@ use prost::Message;
 
 struct Counting;
 
-static ALLOCATED: AtomicUsize = AtomicUsize::new(0);
+thread_local! {
+    /// What this thread has allocated (const: no allocation to set it up).
+    static ALLOCATED: Cell<usize> = const { Cell::new(0) };
+}
+
+fn count(n: usize) {
+    // Not during the thread's teardown.
+    let _ = ALLOCATED.try_with(|a| a.set(a.get() + n));
+}
+
+/// What this thread has allocated so far.
+fn allocated() -> usize {
+    ALLOCATED.with(Cell::get)
+}
 
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        ALLOCATED.fetch_add(layout.size(), Ordering::Relaxed);
+        count(layout.size());
         // SAFETY: forwarded as given.
         unsafe { System.alloc(layout) }
     }
@@ -26,7 +42,7 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.dealloc(ptr, layout) }
     }
     unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        ALLOCATED.fetch_add(new_size, Ordering::Relaxed);
+        count(new_size);
         // SAFETY: forwarded as given.
         unsafe { System.realloc(ptr, layout, new_size) }
     }
@@ -52,9 +68,9 @@ fn millions_of_empty_names_are_refused_before_they_are_decoded() {
     assert!(wire.len() < MAX_FIRST_REQUEST, "{} bytes", wire.len());
     let limits = Limits::new(Arc::new(AtomicUsize::new(200_000)));
     limits.node_caller();
-    let before = ALLOCATED.load(Ordering::Relaxed);
+    let before = allocated();
     let got = request::decode(wire.as_slice(), &limits);
-    let allocated = ALLOCATED.load(Ordering::Relaxed) - before;
+    let allocated = allocated() - before;
     // The request's own copy, and nothing per name.
     assert!(
         allocated <= wire.len() + (1 << 20),
@@ -95,9 +111,9 @@ fn with_error_details(copies: usize, inner: &[u8]) -> Vec<u8> {
 /// Decodes `wire` as a workload's request: (result, bytes allocated).
 fn decode_counted(wire: &[u8]) -> (Result<DeltaDiscoveryRequest, RequestError>, usize) {
     let limits = Limits::new(Arc::new(AtomicUsize::new(200_000)));
-    let before = ALLOCATED.load(Ordering::Relaxed);
+    let before = allocated();
     let got = request::decode(wire, &limits);
-    (got, ALLOCATED.load(Ordering::Relaxed) - before)
+    (got, allocated() - before)
 }
 
 /// Prost merges repeated occurrences of a singular message field: sixty
