@@ -275,6 +275,14 @@ impl Agent {
         self.ztunnels.request(payload, netns.map(Netns::fd)).await
     }
 
+    /// Tells the ztunnels a pod is gone (DelWorkload).
+    pub(crate) async fn tell_del(&self, uid: &str) -> Result<(), AgentError> {
+        let del = Payload::Del(DelWorkload {
+            uid: uid.to_string(),
+        });
+        self.to_ztunnel(del, None).await
+    }
+
     fn capture_of(&self, spec: &PodSpec) -> Capture {
         Capture {
             dns: self.cfg.dns,
@@ -349,14 +357,7 @@ impl Agent {
             // Neither a ztunnel's ports nor a fence: its rules would hand
             // its connections to whoever holds them. Not captured.
             let why = f.why.clone();
-            let _ = self
-                .to_ztunnel(
-                    Payload::Del(DelWorkload {
-                        uid: spec.uid.clone(),
-                    }),
-                    None,
-                )
-                .await;
+            let _ = self.tell_del(&spec.uid).await;
             return Err(AgentError::Unfenced {
                 uid: spec.uid.clone(),
                 why,
@@ -367,14 +368,7 @@ impl Agent {
             Err(e) => {
                 // Undo the hand-over: the ztunnel must not hold a pod whose
                 // traffic nothing redirects (and that nobody would release).
-                let _ = self
-                    .to_ztunnel(
-                        Payload::Del(DelWorkload {
-                            uid: spec.uid.clone(),
-                        }),
-                        None,
-                    )
-                    .await;
+                let _ = self.tell_del(&spec.uid).await;
                 if !fence.is_empty() {
                     let _ = crate::fence::lift(&netns);
                 }
@@ -449,10 +443,7 @@ impl Agent {
         // answer (not connected, slow): a released pod keeps the guard, so
         // the replies of a transparent connection still open never leave
         // the pod in cleartext.
-        let del = Payload::Del(DelWorkload {
-            uid: uid.to_string(),
-        });
-        if let Err(e) = self.to_ztunnel(del, None).await {
+        if let Err(e) = self.tell_del(uid).await {
             warn!(uid, error = %e, "the ztunnel did not confirm the pod's removal");
         }
         let removed = match how {

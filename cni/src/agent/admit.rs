@@ -5,7 +5,6 @@
 use std::time::Instant;
 
 use mesh_core::netns::Netns;
-use mesh_proto::istio::workload::zds::{DelWorkload, workload_request::Payload};
 use tracing::{info, warn};
 
 use crate::agent::{Agent, AgentError, Origin, PodSpec};
@@ -82,10 +81,7 @@ impl Agent {
     async fn drop_stale(&self, uid: &str, to: &PodSpec) {
         warn!(stale = uid, uid = %to.uid, netns = %to.netns,
             "the CNI ADD names a netns held for another pod: that entry is stale, dropped");
-        let del = Payload::Del(DelWorkload {
-            uid: uid.to_string(),
-        });
-        if let Err(e) = self.to_ztunnel(del, None).await {
+        if let Err(e) = self.tell_del(uid).await {
             warn!(uid, error = %e, "the ztunnel did not confirm the stale pod's removal");
         }
         let mut pods = self.pods.lock().await;
