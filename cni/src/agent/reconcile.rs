@@ -395,16 +395,9 @@ mod tests {
         }
     }
 
-    /// A pod the CNI DEL tore down is not captured again from a watch that
-    /// still shows it enrolled and running (behind, or relisting): its
-    /// netns is dying, or its address someone else's by now.
-    #[tokio::test]
-    async fn a_pod_the_cni_deleted_is_not_captured_from_a_watch_behind() {
-        use crate::agent::watch::Source;
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
-        let objects = dir.path().join("objects");
-        std::fs::create_dir_all(&objects).expect("objects");
+    /// The `shop` namespace, enrolled, and its pod `web` (uid `u-1`,
+    /// 10.1.1.5) on node-1, as the lab's object folder holds them.
+    fn write_enrolled_web(objects: &std::path::Path) {
         std::fs::write(
             objects.join("shop.yaml"),
             r#"
@@ -420,6 +413,19 @@ status: {podIP: 10.1.1.5}
 "#,
         )
         .expect("write");
+    }
+
+    /// A pod the CNI DEL tore down is not captured again from a watch that
+    /// still shows it enrolled and running (behind, or relisting): its
+    /// netns is dying, or its address someone else's by now.
+    #[tokio::test]
+    async fn a_pod_the_cni_deleted_is_not_captured_from_a_watch_behind() {
+        use crate::agent::watch::Source;
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
+        let objects = dir.path().join("objects");
+        std::fs::create_dir_all(&objects).expect("objects");
+        write_enrolled_web(&objects);
         let a = agent(
             dir.path(),
             Some(Source::Dir {
@@ -486,11 +492,7 @@ status: {podIP: 10.1.1.5}
         std::fs::create_dir_all(dir.path().join("proc")).expect("proc");
         let objects = dir.path().join("objects");
         std::fs::create_dir_all(&objects).expect("objects");
-        std::fs::write(
-            objects.join("shop.yaml"),
-            "apiVersion: v1\nkind: Namespace\nmetadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {name: web, namespace: shop, uid: u-1}\nspec: {nodeName: node-1, containers: []}\nstatus: {podIP: 10.1.1.5}\n",
-        )
-        .expect("write");
+        write_enrolled_web(&objects);
         let a = agent(
             dir.path(),
             Some(Source::Dir {
@@ -635,21 +637,7 @@ status: {podIP: 10.1.1.5}
 
         // An enrolled pod whose netns is nowhere on the node: named.
         std::fs::create_dir_all(&objects).expect("objects");
-        std::fs::write(
-            objects.join("shop.yaml"),
-            r#"
-apiVersion: v1
-kind: Namespace
-metadata: {name: shop, labels: {istio.io/dataplane-mode: ambient}}
----
-apiVersion: v1
-kind: Pod
-metadata: {name: web, namespace: shop, uid: u-1}
-spec: {nodeName: node-1, containers: [{name: web, image: x}]}
-status: {podIP: 10.1.1.5}
-"#,
-        )
-        .expect("write");
+        write_enrolled_web(&objects);
         let r = agent(dir.path(), Some(dir_source(&objects))).sync().await;
         let Err(SyncError::Pods(failed)) = &r else {
             panic!("a pod failure expected: {r:?}")
